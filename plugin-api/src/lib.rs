@@ -1,0 +1,107 @@
+//! The stable-ABI contract between the ferrotune host and its plugins.
+//!
+//! A plugin is a `cdylib` that depends on this crate (plus `tch` and ordinary crates, never
+//! on the host). It implements [`Plugin`] and one kind trait per exported plugin, and ends
+//! its `lib.rs` with one [`export_plugin!`] line:
+//!
+//! ```ignore
+//! use ferrotune_plugin_api::prelude::*;
+//!
+//! pub struct Length { per_char: f64 }
+//! impl Plugin for Length {
+//!     const NAME: &'static str = "length";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     const DESCRIPTION: &'static str = "reward proportional to completion length";
+//!     fn from_config(json: &str) -> PluginResult<Self> { /* parse_config(..) */ }
+//! }
+//! impl Reward for Length {
+//!     fn score(&self, inputs: &[RewardInput]) -> PluginResult<Vec<f64>> { .. }
+//! }
+//! export_plugin!(reward: Length);
+//! ```
+//!
+//! # What crosses the boundary
+//! Only `abi_stable` types: `#[sabi_trait]` objects (the `Ffi*` traits), `RString`, `RVec`,
+//! `RResult`, and `#[repr(C)]` structs. Plugin authors and the host never touch them
+//! directly: each kind has a plain Rust trait (`AdapterMethod`, `Reward`, …) that takes
+//! `tch::Tensor`s and returns [`PluginResult`]; a bridge turns an implementation into the FFI
+//! object (catching panics), and a handle turns an FFI object back into an implementation of
+//! the Rust trait. See [`tensor`] for the one ownership rule of tensors.
+//!
+//! # Compatibility and evolution
+//! Every library carries a [`fingerprint::Manifest`] in a plain C symbol
+//! (`ferrotune_plugin_manifest`) whose layout never changes. The host reads it first and
+//! refuses, naming both sides, a plugin built against another plugin-API series (same major,
+//! and for 0.x the same minor), another libtorch version, tch version or C++ ABI. Only then
+//! does `abi_stable` check the type layouts.
+//!
+//! Within a plugin-API series changes are additive only:
+//! * new capabilities of a kind are advertised through `capabilities()` strings;
+//! * new kinds or new interface versions are new *fields of the root module* after the
+//!   `last_prefix_field`; a host reads them as `Option`s, so older plugins keep loading;
+//! * every `#[sabi_trait]` carries `#[sabi(last_prefix_field)]` on its last method from day
+//!   one, so an older host can load a plugin whose trait gained a trailing method. A host
+//!   whose trait gained a method cannot load older plugins (abi_stable refuses), so adding
+//!   a method to an existing trait bumps the series (0.1 → 0.2) and plugins are rebuilt.
+
+// sabi_trait expands impls inside a const block (abi_stable 0.11).
+#![allow(non_local_definitions)]
+
+pub mod config;
+pub mod error;
+pub mod fingerprint;
+pub mod kinds;
+pub mod module;
+pub mod sample;
+pub mod tensor;
+
+#[doc(hidden)]
+pub mod macros;
+
+pub use config::parse_config;
+pub use error::{guard, ErrorCode, PluginError, PluginResult};
+pub use fingerprint::{BuildFingerprint, Manifest};
+pub use kinds::adapter::{AdapterLayer, AdapterMethod, BaseLinear};
+pub use kinds::dataset::{DataSource, DatasetFormat, SampleReader};
+pub use kinds::memory::{Collectives, MemoryStrategy, ReduceOp, StepReport};
+pub use kinds::objective::{Batch, ForwardFlags, LossOutput, Objective, ObjectiveContext, RewardScores};
+pub use kinds::quantizer::{QuantizedWeight, Quantizer};
+pub use kinds::reward::{Reward, RewardInput};
+pub use kinds::TrainParam;
+pub use module::{PluginInfo, PluginKind, PluginModule, PluginModule_Ref};
+pub use sample::{ImageSource, Message, Sample};
+pub use tensor::{DType, DeviceCode, NamedTensor, OwnedTensor, TensorRef};
+
+/// The version of this crate: the plugin-API version a plugin is built against.
+pub const PLUGIN_API_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Metadata and construction of one exported plugin. Pair it with exactly one kind trait.
+pub trait Plugin: Sized + Send + 'static {
+    /// The name a config uses to select this plugin (`adapter: {plugin: NAME}`).
+    const NAME: &'static str;
+    /// This plugin's own version (usually `env!("CARGO_PKG_VERSION")`).
+    const VERSION: &'static str;
+    /// One line for `ferrotune plugins`.
+    const DESCRIPTION: &'static str;
+    /// Builds the plugin from its configuration, JSON text. Errors name the offending key
+    /// (see [`parse_config`]).
+    fn from_config(config_json: &str) -> PluginResult<Self>;
+}
+
+/// What a plugin's `lib.rs` usually needs.
+pub mod prelude {
+    pub use crate::{
+        export_plugin, parse_config, AdapterLayer, AdapterMethod, BaseLinear, Batch, Collectives,
+        DataSource, DatasetFormat, ForwardFlags, ImageSource, LossOutput, MemoryStrategy, Message,
+        Objective, ObjectiveContext, Plugin, PluginError, PluginResult, QuantizedWeight, Quantizer,
+        ReduceOp, Reward, RewardInput, Sample, SampleReader, StepReport, TrainParam,
+    };
+    pub use tch::{Device, Kind, Tensor};
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use abi_stable;
+    pub use abi_stable::prefix_type::PrefixTypeTrait;
+    pub use abi_stable::std_types::{RResult, RStr, RVec};
+}

@@ -1,0 +1,99 @@
+//! The root module a plugin library exports, and what it says about its plugins.
+#![allow(non_camel_case_types)]
+use abi_stable::library::RootModule;
+use abi_stable::package_version_strings;
+use abi_stable::sabi_types::VersionStrings;
+use abi_stable::std_types::{RResult, RStr, RString, RVec};
+use abi_stable::StableAbi;
+
+use crate::error::PluginError;
+use crate::kinds::adapter::AdapterMethodBox;
+use crate::kinds::dataset::DatasetFormatBox;
+use crate::kinds::memory::MemoryStrategyBox;
+use crate::kinds::objective::ObjectiveBox;
+use crate::kinds::quantizer::QuantizerBox;
+use crate::kinds::reward::RewardBox;
+
+/// The kind of a plugin, as a number so new kinds can be added without breaking the ABI.
+#[repr(transparent)]
+#[derive(StableAbi, Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PluginKind(pub u32);
+
+impl PluginKind {
+    /// How a frozen base layer is adapted (LoRA, DoRA, IA3, …).
+    pub const ADAPTER: Self = Self(1);
+    /// How a frozen base weight is stored and applied (NF4, int8).
+    pub const QUANTIZER: Self = Self(2);
+    /// The loss of one training step (SFT, DPO, GRPO, …).
+    pub const OBJECTIVE: Self = Self(3);
+    /// Scores completions for online objectives.
+    pub const REWARD: Self = Self(4);
+    /// Reads one on-disk format into canonical samples.
+    pub const DATASET: Self = Self(5);
+    /// Where parameters, gradients and optimizer state live; the optimizer step.
+    pub const MEMORY: Self = Self(6);
+
+    pub const ALL: [Self; 6] =
+        [Self::ADAPTER, Self::QUANTIZER, Self::OBJECTIVE, Self::REWARD, Self::DATASET, Self::MEMORY];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ADAPTER => "adapter",
+            Self::QUANTIZER => "quantizer",
+            Self::OBJECTIVE => "objective",
+            Self::REWARD => "reward",
+            Self::DATASET => "dataset",
+            Self::MEMORY => "memory",
+            _ => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == text)
+    }
+}
+
+impl std::fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.name() {
+            "unknown" => write!(f, "unknown kind #{}", self.0),
+            n => f.write_str(n),
+        }
+    }
+}
+
+/// What a library says about one plugin it exports.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct PluginInfo {
+    pub name: RString,
+    pub kind: PluginKind,
+    pub version: RString,
+    pub description: RString,
+}
+
+/// The root module of a plugin library (an abi_stable prefix type: fields may be appended
+/// after `create_memory`; a host reads such later fields as `Option`s).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModule_Ref)))]
+#[sabi(missing_field(panic))]
+pub struct PluginModule {
+    /// The plugins this library exports.
+    pub plugins: extern "C" fn() -> RVec<PluginInfo>,
+    pub create_adapter: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<AdapterMethodBox, PluginError>,
+    pub create_quantizer: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<QuantizerBox, PluginError>,
+    pub create_objective: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<ObjectiveBox, PluginError>,
+    pub create_reward: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<RewardBox, PluginError>,
+    pub create_dataset: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<DatasetFormatBox, PluginError>,
+    #[sabi(last_prefix_field)]
+    pub create_memory: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<MemoryStrategyBox, PluginError>,
+}
+
+impl RootModule for PluginModule_Ref {
+    abi_stable::declare_root_module_statics! {PluginModule_Ref}
+    const BASE_NAME: &'static str = "ferrotune_plugin";
+    const NAME: &'static str = "ferrotune_plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}

@@ -1,0 +1,73 @@
+//! The canonical sample a dataset plugin yields: chat messages with image references.
+//!
+//! It crosses the boundary as JSON text plus a list of binary blobs (images stored inside
+//! the data set, such as StoryReasoning's parquet). Every field but `messages` is optional
+//! with a default, so new fields can be added without breaking older plugins.
+use serde::{Deserialize, Serialize};
+
+/// One conversation turn. `content` holds text with one `<image>` placeholder per image,
+/// in order (the images themselves are in [`Sample::images`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant` (or `tool`).
+    pub role: String,
+    pub content: String,
+    /// Whether this turn's tokens carry labels. `None`: the trainer's default (assistant
+    /// turns only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<bool>,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), train: None }
+    }
+}
+
+/// Where an image comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageSource {
+    /// A file path (already joined to the data set's image folder).
+    Path(String),
+    /// Encoded bytes (PNG, JPEG) at this index of [`Sample::blobs`].
+    Blob(usize),
+}
+
+/// A canonical training sample.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageSource>,
+    /// Preference data: the preferred and the dispreferred final assistant turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Message>,
+    /// KTO: whether the final assistant turn is desirable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<bool>,
+    /// Anything else a data set carries (a reference answer for rewards, metadata).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Encoded images referenced by [`ImageSource::Blob`]; travels beside the JSON.
+    #[serde(skip)]
+    pub blobs: Vec<Vec<u8>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_and_defaults() {
+        let s: Sample = serde_json::from_str(r#"{"messages":[{"role":"user","content":"<image>hi"}],"images":[{"path":"a.png"},{"blob":0}]}"#).unwrap();
+        assert_eq!(s.images, vec![ImageSource::Path("a.png".into()), ImageSource::Blob(0)]);
+        assert!(s.chosen.is_none() && s.extra.is_empty());
+        let back: Sample = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}
