@@ -1,0 +1,13 @@
+//! ferrotune's host: loads plugins through the stable ABI and composes them into runs.
+//!
+//! The host owns model architectures, tokenization, the trainer and the CLI; every PEFT
+//! method, objective, data set format and memory strategy is a plugin (see
+//! `ferrotune-plugin-api`).
+
+pub mod collectives;
+pub mod device;
+pub mod linear;
+pub mod plugins;
+pub mod selfcheck;
+
+pub use ferrotune_plugin_api as api;

@@ -1,0 +1,153 @@
+//! `ferrotune`: the command line.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use ferrotune::plugins::{DirSource, Registry, SearchPath};
+use ferrotune::{device, selfcheck};
+use ferrotune_plugin_api::fingerprint::BuildFingerprint;
+
+#[derive(Parser)]
+#[command(name = "ferrotune", version, about = "Fine-tune LLMs and VLMs on libtorch; every method is a plugin")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Extra directory to search for plugin libraries (repeatable; searched before
+    /// FERROTUNE_PLUGIN_PATH and the default folder next to the executable).
+    #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List plugin libraries on the search path: name, kind, version, file, compatibility.
+    Plugins {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report the libtorch this build uses and whether CUDA is available.
+    Doctor,
+    /// Check the plugin boundary: autograd through a plugin, and a host optimizer step
+    /// seen by the plugin (uses the test-kit plugins).
+    Selfcheck {
+        /// Device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let search = SearchPath::from_env(&cli.global.plugin_dirs);
+    match cli.command {
+        Command::Plugins { json } => {
+            let registry = Registry::discover(&search);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plugins_json(&search, &registry))?);
+            } else {
+                print_plugins(&search, &registry);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor => {
+            for (k, v) in device::doctor_report() {
+                println!("{k:<26} {v}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Selfcheck { device } => {
+            let device = device::resolve(&device)?;
+            let registry = Registry::discover(&search);
+            let report = selfcheck::run(&registry, device)?;
+            for line in report.lines() {
+                println!("{line}");
+            }
+            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+fn print_plugins(search: &SearchPath, registry: &Registry) {
+    let fp = BuildFingerprint::current();
+    println!("host: {fp}; {}", device::runtime_summary());
+    println!("search path:");
+    for (dir, source) in &search.dirs {
+        let src = match source {
+            DirSource::Flag => "--plugin-dir",
+            DirSource::Env => "FERROTUNE_PLUGIN_PATH",
+            DirSource::Default => "default",
+        };
+        println!("  {} ({src}{})", dir.display(), if dir.is_dir() { "" } else { ", missing" });
+    }
+    println!();
+    let mut seen = std::collections::HashSet::new();
+    println!("{:<24} {:<10} {:<8} {:<12} FILE", "NAME", "KIND", "VERSION", "STATUS");
+    for (lib, p) in registry.plugins() {
+        let status = if seen.insert((p.kind, p.name.to_string())) { "ok" } else { "shadowed" };
+        println!("{:<24} {:<10} {:<8} {:<12} {}", p.name, p.kind.to_string(), p.version, status, lib.path.display());
+    }
+    if registry.libraries.is_empty() {
+        println!("(no compatible plugin libraries found)");
+    }
+    if !registry.refused.is_empty() {
+        println!();
+        println!("refused:");
+        for e in &registry.refused {
+            println!("  {e}");
+        }
+    }
+}
+
+fn plugins_json(search: &SearchPath, registry: &Registry) -> serde_json::Value {
+    serde_json::json!({
+        "host": BuildFingerprint::current().to_string(),
+        "search_path": search.dirs.iter().map(|(d, _)| d.display().to_string()).collect::<Vec<_>>(),
+        "plugins": registry.plugins().map(|(lib, p)| serde_json::json!({
+            "name": p.name.as_str(),
+            "kind": p.kind.to_string(),
+            "version": p.version.as_str(),
+            "description": p.description.as_str(),
+            "file": lib.path.display().to_string(),
+            "built_with": lib.fingerprint.to_string(),
+            "compatible": true,
+        })).collect::<Vec<_>>(),
+        "refused": registry.refused.iter().map(|e| serde_json::json!({
+            "file": e.path().display().to_string(),
+            "compatible": false,
+            "reason": e.to_string(),
+        })).collect::<Vec<_>>(),
+    })
+}
