@@ -134,6 +134,10 @@ pub fn load_library(path: &Path) -> Result<PluginLibrary, LoadError> {
     if !path.exists() {
         return Err(LoadError::Missing { path });
     }
+    // Look before loading: dlopen runs a library's initialisers, and some libraries abort
+    // the process when loaded twice (a copy of libc10.so re-registers its flags). Only a
+    // shared object that exports the manifest symbol is ever opened.
+    exports_manifest(&path)?;
     // SAFETY: loading a library runs its initialisers; plugin directories are trusted the
     // way PATH is.
     let lib = unsafe { libloading::Library::new(&path) }
@@ -160,6 +164,29 @@ pub fn load_library(path: &Path) -> Result<PluginLibrary, LoadError> {
     let module = header.init_root_module::<PluginModule_Ref>().map_err(layout_err)?;
     let plugins = (module.plugins())().into_vec();
     Ok(PluginLibrary { path, fingerprint, plugins, module })
+}
+
+/// Checks, without loading it, that `path` is a shared object exporting the manifest symbol.
+fn exports_manifest(path: &Path) -> Result<(), LoadError> {
+    use object::{Object, ObjectKind};
+    let data = std::fs::read(path).map_err(|e| LoadError::NotLoadable { path: path.to_path_buf(), reason: e.to_string() })?;
+    let file = object::File::parse(&*data).map_err(|e| LoadError::NotLoadable {
+        path: path.to_path_buf(),
+        reason: format!("not an object file this platform loads ({e})"),
+    })?;
+    if file.kind() != ObjectKind::Dynamic {
+        return Err(LoadError::NotLoadable { path: path.to_path_buf(), reason: format!("a {:?} object, not a shared library", file.kind()) });
+    }
+    let wanted = &MANIFEST_SYMBOL[..MANIFEST_SYMBOL.len() - 1];
+    let exported = file
+        .exports()
+        .map(|exports| exports.iter().any(|e| e.name() == wanted || e.name().strip_prefix(b"_") == Some(wanted)))
+        .unwrap_or(false);
+    if exported {
+        Ok(())
+    } else {
+        Err(LoadError::NotAPlugin { path: path.to_path_buf() })
+    }
 }
 
 /// abi_stable's layout errors run to hundreds of lines: keep the first meaningful one.

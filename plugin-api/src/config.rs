@@ -39,6 +39,7 @@ mod tests {
         assert!(e.message().contains("unknown field `rr`"), "{e}");
         let e = parse_config::<Cfg>("{}").unwrap_err();
         assert!(e.message().contains("missing field `r`"), "{e}");
-        assert_eq!(parse_config::<Cfg>(r#"{"r": 8}"#).unwrap().r, 8);
+        let ok = parse_config::<Cfg>(r#"{"r": 8, "targets": ["q"]}"#).unwrap();
+        assert_eq!((ok.r, ok.targets), (8, vec!["q".to_string()]));
     }
 }

@@ -1,0 +1,163 @@
+//! Each load failure is an error value a user can act on, and the process keeps running.
+//! Includes plugins built in this test outside the workspace: a compatible third-party
+//! plugin, one against another plugin-API version, one with another libtorch fingerprint.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ferrotune::plugins::{load_library, LoadError, Registry, SearchPath};
+use ferrotune_plugin_api::fingerprint::{BuildFingerprint, Incompatibility};
+use ferrotune_plugin_api::{PluginKind, Reward, RewardInput};
+use ferrotune_tests::*;
+
+#[test]
+fn missing_file() {
+    let e = load_library(Path::new("/no/such/dir/libplugin.so")).unwrap_err();
+    assert!(matches!(e, LoadError::Missing { .. }));
+    assert!(e.to_string().contains("/no/such/dir/libplugin.so: no such file"), "{e}");
+}
+
+#[test]
+fn file_that_is_not_a_library() {
+    let dir = temp_dir("junk");
+    let junk = dir.join("libnotes.so");
+    std::fs::write(&junk, "these are notes, not ELF").unwrap();
+    let e = load_library(&junk).unwrap_err();
+    assert!(matches!(e, LoadError::NotLoadable { .. }), "{e}");
+    assert!(e.to_string().contains("cannot be loaded as a shared library"), "{e}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn shared_library_that_is_not_a_plugin() {
+    // libc10.so is a real shared library (already loaded by this process) without a manifest.
+    let c10 = libtorch_lib().join("libc10.so");
+    let e = load_library(&c10).unwrap_err();
+    assert!(matches!(e, LoadError::NotAPlugin { .. }), "{e}");
+    assert!(e.to_string().contains("not a ferrotune plugin"), "{e}");
+    // The process goes on: real plugins still load afterwards.
+    let lib = load_library(&testkit_library()).unwrap();
+    assert!(lib.plugins.iter().any(|p| p.kind == PluginKind::ADAPTER));
+}
+
+/// The three externally built plugins, built once for all tests of this binary.
+struct External {
+    compatible: PathBuf,
+    other_api: PathBuf,
+    other_libtorch: PathBuf,
+}
+
+fn external() -> &'static External {
+    static BUILT: OnceLock<External> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = repo_root();
+        let work = root.join("target/ext-plugins-work");
+        let target = root.join("target/ext-plugins");
+        let build = |variant: &str, alter: &dyn Fn(&Path)| -> PathBuf {
+            let ws = work.join(variant);
+            let _ = std::fs::remove_dir_all(&ws);
+            copy_dir(&root.join("plugin-api"), &ws.join("plugin-api"));
+            alter(&ws.join("plugin-api"));
+            copy_dir(&root.join("tests/fixtures/external-plugin"), &ws.join("plugin"));
+            let manifest = ws.join("plugin/Cargo.toml");
+            let text = std::fs::read_to_string(&manifest)
+                .unwrap()
+                .replace("@PLUGIN_API@", "../plugin-api")
+                .replace("@BUILD_SUPPORT@", &root.join("build-support").display().to_string());
+            std::fs::write(&manifest, text).unwrap();
+            // The scratch workspace inherits the real workspace's settings and pins.
+            let ws_manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+            let members_start = ws_manifest.find("members = [").unwrap();
+            let members_end = members_start + ws_manifest[members_start..].find(']').unwrap() + 1;
+            let ws_manifest = format!(
+                "{}members = [\"plugin-api\", \"plugin\"]{}",
+                &ws_manifest[..members_start],
+                &ws_manifest[members_end..]
+            );
+            std::fs::write(ws.join("Cargo.toml"), ws_manifest).unwrap();
+            std::fs::copy(root.join("Cargo.lock"), ws.join("Cargo.lock")).unwrap();
+            let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--offline", "-p", "external-reward", "--manifest-path"])
+                .arg(ws.join("Cargo.toml"))
+                .env("CARGO_TARGET_DIR", &target)
+                .output()
+                .expect("run cargo");
+            assert!(out.status.success(), "building the {variant} plugin failed:\n{}", stderr(&out));
+            let built = target.join("debug/libexternal_reward.so");
+            let kept = work.join(format!("libexternal_reward_{variant}.so"));
+            std::fs::copy(&built, &kept).unwrap();
+            kept
+        };
+        let compatible = build("compatible", &|_| {});
+        let other_api = build("other-api", &|api| {
+            let m = api.join("Cargo.toml");
+            let text = std::fs::read_to_string(&m).unwrap().replacen("version = \"0.1.0\"", "version = \"0.2.0\"", 1);
+            std::fs::write(m, text).unwrap();
+        });
+        let other_libtorch = build("other-libtorch", &|api| {
+            let f = api.join("src/fingerprint.rs");
+            let text = std::fs::read_to_string(&f).unwrap().replace("env!(\"FERROTUNE_LIBTORCH_VERSION\")", "\"2.10.0\"");
+            std::fs::write(f, text).unwrap();
+        });
+        External { compatible, other_api, other_libtorch }
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dst = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dst);
+        } else {
+            std::fs::copy(entry.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn third_party_plugin_built_outside_the_workspace_loads_and_runs() {
+    let ext = external();
+    let lib = load_library(&ext.compatible).unwrap();
+    assert_eq!(lib.plugins.len(), 1);
+    assert_eq!(lib.plugins[0].name.as_str(), "external-contains");
+    assert_eq!(lib.fingerprint, BuildFingerprint::current());
+    let mut reg = Registry::discover(&SearchPath::new(&[build_dir()], None, false));
+    reg.add(&ext.compatible).unwrap();
+    let r = reg.reward("external-contains", r#"{"needle": "cat"}"#).unwrap();
+    let inputs: Vec<RewardInput> = ["a cat", "a dog"]
+        .iter()
+        .map(|c| RewardInput { prompt: String::new(), completion: c.to_string(), sample_json: "{}".into() })
+        .collect();
+    assert_eq!(r.score(&inputs).unwrap(), vec![1.0, 0.0]);
+}
+
+#[test]
+fn plugin_built_against_another_plugin_api_is_refused_naming_both_versions() {
+    let e = load_library(&external().other_api).unwrap_err();
+    match &e {
+        LoadError::Incompatible { why: Incompatibility::PluginApi { plugin, host }, .. } => {
+            assert_eq!(plugin, "0.2.0");
+            assert_eq!(host, ferrotune_plugin_api::PLUGIN_API_VERSION);
+        }
+        other => panic!("expected a plugin-API refusal, got: {other}"),
+    }
+    let msg = e.to_string();
+    assert!(msg.contains("0.2.0") && msg.contains("0.1.0") && msg.contains("rebuild"), "{msg}");
+    // The host goes on and still loads good plugins.
+    assert!(load_library(&testkit_library()).is_ok());
+}
+
+#[test]
+fn plugin_with_another_libtorch_fingerprint_is_refused() {
+    let e = load_library(&external().other_libtorch).unwrap_err();
+    match &e {
+        LoadError::Incompatible { why: Incompatibility::Libtorch { plugin, host }, .. } => {
+            assert_eq!(plugin, "2.10.0");
+            assert!(host.starts_with("2.11.0"), "{host}");
+        }
+        other => panic!("expected a libtorch refusal, got: {other}"),
+    }
+    assert!(e.to_string().contains("libtorch 2.10.0"), "{e}");
+}
