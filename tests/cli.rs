@@ -82,3 +82,14 @@ fn every_verb_has_help() {
         assert!(stdout(&out).contains("Usage: ferrotune"), "{verb:?}: {}", stdout(&out));
     }
 }
+
+/// The README's plugin example is the external plugin the load tests really build.
+#[test]
+fn readme_plugin_example_is_the_tested_fixture() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme.find("```rust\n").unwrap() + "```rust\n".len();
+    let example = &readme[start..start + readme[start..].find("```").unwrap()];
+    let fixture = std::fs::read_to_string(repo_root().join("tests/fixtures/external-plugin/src/lib.rs")).unwrap();
+    let fixture_code = &fixture[fixture.find("use ferrotune_plugin_api").unwrap()..];
+    assert_eq!(example, fixture_code, "README.md's plugin example drifted from tests/fixtures/external-plugin/src/lib.rs");
+}

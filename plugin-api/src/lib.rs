@@ -4,20 +4,33 @@
 //! on the host). It implements [`Plugin`] and one kind trait per exported plugin, and ends
 //! its `lib.rs` with one [`export_plugin!`] line:
 //!
-//! ```ignore
+//! ```no_run
 //! use ferrotune_plugin_api::prelude::*;
+//! use serde::Deserialize;
 //!
-//! pub struct Length { per_char: f64 }
+//! #[derive(Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! pub struct Length {
+//!     per_char: f64,
+//! }
+//!
 //! impl Plugin for Length {
 //!     const NAME: &'static str = "length";
-//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     const VERSION: &'static str = "0.1.0";
 //!     const DESCRIPTION: &'static str = "reward proportional to completion length";
-//!     fn from_config(json: &str) -> PluginResult<Self> { /* parse_config(..) */ }
+//!     fn from_config(config_json: &str) -> PluginResult<Self> {
+//!         parse_config(config_json)
+//!     }
 //! }
+//!
 //! impl Reward for Length {
-//!     fn score(&self, inputs: &[RewardInput]) -> PluginResult<Vec<f64>> { .. }
+//!     fn score(&self, inputs: &[RewardInput]) -> PluginResult<Vec<f64>> {
+//!         Ok(inputs.iter().map(|i| i.completion.len() as f64 * self.per_char).collect())
+//!     }
 //! }
+//!
 //! export_plugin!(reward: Length);
+//! # fn main() {}
 //! ```
 //!
 //! # What crosses the boundary

@@ -6,7 +6,7 @@ pub const ROOT_MODULE_LOADER_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_blo
 
 /// Exports the plugins of this library. One line at the end of a plugin's `lib.rs`:
 ///
-/// ```ignore
+/// ```text
 /// export_plugin!(adapter: LowRank, reward: LengthReward);
 /// ```
 ///
@@ -14,7 +14,8 @@ pub const ROOT_MODULE_LOADER_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_blo
 /// `reward`, `dataset`, `memory`; `Type` implements [`Plugin`](crate::Plugin) and that
 /// kind's trait. The macro exports the manifest symbol (`ferrotune_plugin_manifest`) and the
 /// abi_stable root module; every call into the library is guarded, so a panic becomes an
-/// error value. The plugin crate needs no direct dependency on abi_stable.
+/// error value. The plugin crate needs no direct dependency on abi_stable. A complete
+/// example is in the crate documentation.
 #[macro_export]
 macro_rules! export_plugin {
     ($($kind:ident : $ty:ty),+ $(,)?) => {

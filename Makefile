@@ -1,0 +1,57 @@
+# ferrotune: `make demo` runs the main job on bundled defaults, `make test` runs every test.
+# Both set up what they need on a fresh machine (a project-local Python environment with
+# PyPI's torch==2.11.0 for libtorch, the reference stack, then the Rust build).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PYTHON ?= python3
+STAMPS := .stamps
+CARGO  ?= cargo
+
+# tch's build finds libtorch through the environment's python (torch-sys LIBTORCH_USE_PYTORCH).
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
+
+.PHONY: help setup build test demo gpu-bundle clean
+
+help:
+	@echo "make demo        build, list the plugins, run the boundary self-check"
+	@echo "make test        every test (Rust unit + integration, reference stack check)"
+	@echo "make gpu-bundle  release binary + plugins in dist/gpu-check for a CUDA machine"
+
+$(STAMPS)/torch: requirements/torch.txt
+	@mkdir -p $(STAMPS)
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/torch.txt
+	$(VENV)/bin/python -c "import torch; print('torch', torch.__version__)"
+	@touch $@
+
+$(STAMPS)/reference: requirements/reference.txt $(STAMPS)/torch
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/reference.txt -c requirements/torch.txt
+	@touch $@
+
+setup: $(STAMPS)/torch $(STAMPS)/reference
+
+build: $(STAMPS)/torch
+	$(CARGO) build --workspace
+
+test: setup build
+	$(CARGO) test --workspace
+	$(VENV)/bin/python tests/python/check_reference_stack.py
+
+demo: build
+	target/debug/ferrotune plugins
+	@echo
+	target/debug/ferrotune doctor
+	@echo
+	target/debug/ferrotune selfcheck --device cpu
+
+gpu-bundle: $(STAMPS)/torch
+	scripts/gpu-bundle.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf $(STAMPS) dist
