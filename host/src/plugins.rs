@@ -96,6 +96,8 @@ pub enum LoadError {
     NotLoadable { path: PathBuf, reason: String },
     #[error("{path}: not a ferrotune plugin (it exports no `ferrotune_plugin_manifest`; plugins end their lib.rs with `export_plugin!`)")]
     NotAPlugin { path: PathBuf },
+    #[error("{path}: its `ferrotune_plugin_manifest` is unreadable (wrong magic or layout); rebuild it with `export_plugin!` from ferrotune-plugin-api")]
+    BadManifest { path: PathBuf },
     #[error("{path}: refused: {why} (plugin built with {plugin})")]
     Incompatible { path: PathBuf, plugin: BuildFingerprint, why: Incompatibility },
     #[error("{path}: its types do not match this host's plugin-api ({summary}); rebuild the plugin against ferrotune-plugin-api {host_api}")]
@@ -108,6 +110,7 @@ impl LoadError {
             Self::Missing { path }
             | Self::NotLoadable { path, .. }
             | Self::NotAPlugin { path }
+            | Self::BadManifest { path }
             | Self::Incompatible { path, .. }
             | Self::Layout { path, .. } => path,
         }
@@ -147,7 +150,7 @@ pub fn load_library(path: &Path) -> Result<PluginLibrary, LoadError> {
         let manifest = unsafe { lib.get::<extern "C" fn() -> *const Manifest>(MANIFEST_SYMBOL) }
             .map_err(|_| LoadError::NotAPlugin { path: path.clone() })?;
         // SAFETY: the manifest has a frozen C layout with 'static strings.
-        unsafe { BuildFingerprint::from_manifest(manifest()) }.ok_or_else(|| LoadError::NotAPlugin { path: path.clone() })?
+        unsafe { BuildFingerprint::from_manifest(manifest()) }.ok_or_else(|| LoadError::BadManifest { path: path.clone() })?
     };
     let host = BuildFingerprint::current();
     fingerprint
