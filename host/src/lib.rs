@@ -6,7 +6,9 @@
 
 pub mod collectives;
 pub mod device;
+pub mod generate;
 pub mod linear;
+pub mod model;
 pub mod plugins;
 pub mod selfcheck;
 

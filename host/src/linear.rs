@@ -1,7 +1,7 @@
 //! The host's frozen linear layer: the one type every linear layer of a model goes through,
 //! so that adapter and quantizer plugins can wrap it.
 use ferrotune_plugin_api::{BaseLinear, PluginResult};
-use tch::Tensor;
+use tch::{TchError, Tensor};
 
 /// `y = x Wᵀ + b` with a frozen weight `[out, in]`.
 pub struct FrozenLinear {
@@ -14,6 +14,21 @@ impl FrozenLinear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { name: name.into(), weight: weight.set_requires_grad(false), bias: bias.map(|b| b.set_requires_grad(false)) }
     }
+
+    /// `x Wᵀ + b` over the last dimension of `x`; a shape mismatch is an error, not a panic.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_linear(&self.weight, self.bias.as_ref())
+    }
+
+    /// Input width (`in_features`).
+    pub fn in_features(&self) -> i64 {
+        self.weight.size().get(1).copied().unwrap_or(0)
+    }
+
+    /// Output width (`out_features`).
+    pub fn out_features(&self) -> i64 {
+        self.weight.size().first().copied().unwrap_or(0)
+    }
 }
 
 impl BaseLinear for FrozenLinear {
@@ -25,7 +40,7 @@ impl BaseLinear for FrozenLinear {
         Ok(s)
     }
     fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        Ok(FrozenLinear::forward(self, x)?)
     }
     fn weight(&self) -> PluginResult<Tensor> {
         Ok(self.weight.shallow_clone())

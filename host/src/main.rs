@@ -45,6 +45,54 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Write a randomly initialised Llama/Qwen2 model directory (config.json,
+    /// model.safetensors, tokenizer files, generation_config.json) that transformers loads.
+    InitModel(Box<InitModelArgs>),
+}
+
+#[derive(Args)]
+struct InitModelArgs {
+    /// A tokenizer.json, or a folder holding one (tokenizer_config.json and
+    /// special_tokens_map.json next to it are copied too).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// The folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// tiny (hidden 64, 2 layers) or small (hidden 512, 8 layers); the flags below override it.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// qwen2 or llama (mistral also accepted). Default: qwen2.
+    #[arg(long)]
+    arch: Option<String>,
+    #[arg(long)]
+    hidden: Option<i64>,
+    #[arg(long)]
+    layers: Option<i64>,
+    #[arg(long)]
+    heads: Option<i64>,
+    #[arg(long)]
+    kv_heads: Option<i64>,
+    #[arg(long)]
+    intermediate: Option<i64>,
+    /// Default: the tokenizer's vocabulary size, added tokens included.
+    #[arg(long)]
+    vocab: Option<i64>,
+    /// Tie lm_head to the embeddings (true/false). Default: true.
+    #[arg(long)]
+    tie_embeddings: Option<bool>,
+    #[arg(long)]
+    rope_theta: Option<f64>,
+    #[arg(long)]
+    max_position_embeddings: Option<i64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// f32, bf16 or f16. Default: bf16.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Replace a model already in --out.
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() -> ExitCode {
@@ -97,7 +145,51 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::InitModel(args) => {
+            init_model(*args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn init_model(a: InitModelArgs) -> Result<()> {
+    use ferrotune::model::init;
+    let mut o = init::InitOptions::preset(&a.preset, a.tokenizer, a.out)?;
+    if let Some(v) = a.arch {
+        o.arch = init::parse_arch(&v)?;
+    }
+    if let Some(v) = a.dtype {
+        o.dtype = init::parse_dtype(&v)?;
+    }
+    o.hidden_size = a.hidden.unwrap_or(o.hidden_size);
+    o.num_hidden_layers = a.layers.unwrap_or(o.num_hidden_layers);
+    o.num_attention_heads = a.heads.unwrap_or(o.num_attention_heads);
+    o.num_key_value_heads = a.kv_heads.unwrap_or(o.num_key_value_heads);
+    o.intermediate_size = a.intermediate.unwrap_or(o.intermediate_size);
+    o.vocab_size = a.vocab.or(o.vocab_size);
+    o.tie_word_embeddings = a.tie_embeddings.unwrap_or(o.tie_word_embeddings);
+    o.rope_theta = a.rope_theta.unwrap_or(o.rope_theta);
+    o.max_position_embeddings = a.max_position_embeddings.unwrap_or(o.max_position_embeddings);
+    o.seed = a.seed.unwrap_or(o.seed);
+    o.overwrite = a.force;
+    let r = init::write_random_model(&o)?;
+    let c = &r.config;
+    println!(
+        "wrote {} ({} parameters: hidden {}, {} layers, {} heads / {} kv heads, intermediate {}, vocab {}) to {}",
+        c.architecture().hf_name(),
+        r.parameters,
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_kv_heads(),
+        c.intermediate_size,
+        c.vocab_size,
+        r.dir.display()
+    );
+    let id = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+    println!("files: {}", r.files.join(", "));
+    println!("special tokens: bos {}, eos {}, pad {}", id(r.bos_token_id), id(r.eos_token_id), id(r.pad_token_id));
+    Ok(())
 }
 
 fn print_plugins(search: &SearchPath, registry: &Registry) {

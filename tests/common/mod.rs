@@ -74,3 +74,140 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+// ------------------------------------------------------------------ model tests
+
+/// The Python of the reference stack: `$PYTHON`, else the repository's `.venv`, else the main
+/// checkout's `.venv` (`make setup` creates it). Panics with what to do when none exists.
+pub fn python() -> PathBuf {
+    let candidates: Vec<PathBuf> = std::env::var_os("PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([repo_root().join(".venv/bin/python"), PathBuf::from("/work/main/.venv/bin/python")])
+        .collect();
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "no Python with the reference stack (transformers, torch) found; tried {:?}. \
+             Run `make setup` or set PYTHON to a python that has requirements/reference.txt installed",
+            candidates
+        )
+    })
+}
+
+/// Runs `python args...` offline (no Hugging Face hub), panicking with its output on failure.
+pub fn run_python(args: &[&std::ffi::OsStr]) -> Output {
+    let py = python();
+    let out = Command::new(&py)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", py.display()));
+    assert!(
+        out.status.success(),
+        "{} {:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        py.display(),
+        args,
+        out.status,
+        stdout(&out),
+        stderr(&out)
+    );
+    out
+}
+
+/// FNV-1a, for cache keys that stay the same across Rust versions.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// One libtorch thread per test: the model tests run several tests at once on tiny tensors, and
+/// libtorch's default (a thread per core in every test) oversubscribes a small machine.
+pub fn one_torch_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tch::set_num_threads(1));
+}
+
+/// The tiny checkpoints and reference outputs of `tests/python/make_parity_models.py`, built
+/// once into `target/parity-models/<hash>/` and reused while the script and the pinned
+/// reference stack (`requirements/*.txt`) are unchanged.
+pub fn parity_models() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    one_torch_thread();
+    DIR.get_or_init(|| {
+        let script = repo_root().join("tests/python/make_parity_models.py");
+        let mut text = std::fs::read(&script).unwrap_or_else(|e| panic!("cannot read {}: {e}", script.display()));
+        for pins in ["requirements/reference.txt", "requirements/torch.txt"] {
+            text.extend(std::fs::read(repo_root().join(pins)).unwrap_or_default());
+        }
+        let base = repo_root().join("target/parity-models");
+        let dir = base.join(format!("{:016x}", fnv1a(&text)));
+        if dir.join("DONE").is_file() {
+            return dir;
+        }
+        // Outputs of older versions of the script are stale.
+        for old in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = old.file_name().to_string_lossy().into_owned();
+            if name.len() == 16 && name.chars().all(|c| c.is_ascii_hexdigit()) {
+                let _ = std::fs::remove_dir_all(old.path());
+            }
+        }
+        let tmp = base.join(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        run_python(&[script.as_os_str(), tmp.as_os_str()]);
+        assert!(tmp.join("DONE").is_file(), "{} did not finish (no DONE file in {})", script.display(), tmp.display());
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another process built the same folder meanwhile.
+            let _ = std::fs::remove_dir_all(&tmp);
+            assert!(dir.join("DONE").is_file(), "cannot move the parity models into {}", dir.display());
+        }
+        dir
+    })
+    .clone()
+}
+
+/// `max |a - b| / max |b|` over all elements (both converted to f64).
+pub fn relative_error(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    let a = a.to_kind(tch::Kind::Double);
+    let b = b.to_kind(tch::Kind::Double);
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    diff / b.abs().max().double_value(&[]).max(1e-30)
+}
+
+/// Writes a small WordLevel `tokenizer.json` (plus `tokenizer_config.json`) into `dir` and
+/// returns the tokenizer.json path. Ids: `<unk>` 0, `<|endoftext|>` 1 (eos), `<pad>` 2, then
+/// `w0`..`w{words-1}`.
+pub fn write_tiny_tokenizer(dir: &Path, words: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let specials = ["<unk>", "<|endoftext|>", "<pad>"];
+    let mut vocab = serde_json::Map::new();
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), serde_json::json!(i));
+    }
+    for w in 0..words {
+        vocab.insert(format!("w{w}"), serde_json::json!(specials.len() + w));
+    }
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+                               "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&tokenizer).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "bos_token": null, "model_max_length": 2048
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    path
+}

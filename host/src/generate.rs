@@ -1,0 +1,267 @@
+//! Text generation with a KV cache: batches of prompts of different lengths (left padding and an
+//! attention mask), greedy or seeded sampling with transformers' logits warpers
+//! (temperature → top-k → top-p), per-row stopping at any end-of-sequence id, and timings.
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::model::CausalLM;
+
+/// How to pick each new token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// New tokens per prompt at most (the end-of-sequence token, when met, is not counted).
+    pub max_new_tokens: usize,
+    /// 0 = greedy (argmax); otherwise logits are divided by it before sampling (typical 0.6–1.0).
+    pub temperature: f64,
+    /// Keep the `top_k` most likely tokens; 0 = off.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1.0 = off.
+    pub top_p: f64,
+    /// Seed of libtorch's generator (`tch::manual_seed`) when sampling.
+    pub seed: u64,
+    /// A row stops at the first of these ids (which is not returned). Empty = never stop early.
+    pub eos_token_ids: Vec<i64>,
+    /// Fills the left padding of shorter prompts and the rows that have stopped.
+    pub pad_token_id: i64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { max_new_tokens: 64, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, eos_token_ids: Vec::new(), pad_token_id: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding of up to `max_new_tokens` tokens.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self { max_new_tokens, ..Self::default() }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!("sampling: temperature must be 0 (greedy) or positive, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("sampling: top_p must be in (0, 1], got {}", self.top_p);
+        }
+        Ok(())
+    }
+}
+
+/// Where the time of one [`generate_with_stats`] call went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationStats {
+    /// Prompt tokens processed by the prefill (padding excluded).
+    pub prefill_tokens: usize,
+    /// Prefill forward and the choice of the first new token.
+    pub prefill_seconds: f64,
+    /// Tokens produced by the decode steps (after the first), over the rows still running.
+    pub decode_tokens: usize,
+    /// Decode forward passes (one per step, for the whole batch).
+    pub decode_steps: usize,
+    pub decode_seconds: f64,
+}
+
+impl GenerationStats {
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        self.prefill_tokens as f64 / self.prefill_seconds.max(1e-12)
+    }
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_seconds.max(1e-12)
+    }
+}
+
+/// New tokens per prompt, and timings.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<Vec<i64>>,
+    pub stats: GenerationStats,
+}
+
+/// Each prompt's new tokens (end-of-sequence excluded).
+pub fn generate(model: &CausalLM, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Vec<Vec<i64>>> {
+    Ok(generate_with_stats(model, prompts, params)?.tokens)
+}
+
+/// Applies transformers' logits warpers to `[B, V]` logits in generate's order:
+/// `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper` (min_tokens_to_keep 1).
+/// Filtered entries become -inf.
+pub fn warp_logits(logits: &Tensor, temperature: f64, top_k: usize, top_p: f64) -> Result<Tensor> {
+    let mut scores = logits.f_to_kind(Kind::Float)?;
+    if temperature != 1.0 && temperature > 0.0 {
+        scores = scores.f_div_scalar(temperature)?;
+    }
+    let vocab = scores.size().last().copied().unwrap_or(0);
+    if top_k > 0 && (top_k as i64) < vocab {
+        let (values, _) = scores.f_topk(top_k as i64, -1, true, true)?;
+        let kth = values.f_narrow(-1, top_k as i64 - 1, 1)?;
+        scores = scores.f_masked_fill(&scores.f_lt_tensor(&kth)?, f64::NEG_INFINITY)?;
+    }
+    if top_p < 1.0 {
+        let (sorted, indices) = scores.f_sort(-1, false)?;
+        let cumulative = sorted.f_softmax(-1, Kind::Float)?.f_cumsum(-1, Kind::Float)?;
+        let remove_sorted = cumulative.f_le(1.0 - top_p)?;
+        // Always keep the most likely token (the last one in ascending order).
+        let remove_sorted = remove_sorted.f_index_fill(-1, &Tensor::from_slice(&[vocab - 1]).f_to_device(scores.device())?, 0)?;
+        let remove = remove_sorted.f_scatter(-1, &indices, &remove_sorted)?;
+        scores = scores.f_masked_fill(&remove, f64::NEG_INFINITY)?;
+    }
+    Ok(scores)
+}
+
+fn next_tokens(logits: &Tensor, params: &SamplingParams) -> Result<Tensor> {
+    if params.is_greedy() {
+        return Ok(logits.f_argmax(-1, false)?);
+    }
+    let scores = warp_logits(logits, params.temperature, params.top_k, params.top_p)?;
+    let probs = scores.f_softmax(-1, Kind::Float)?;
+    Ok(probs.f_multinomial(1, false)?.f_squeeze_dim(1)?)
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Like [`generate`], with the prefill / decode timings.
+pub fn generate_with_stats(model: &CausalLM, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Generation> {
+    params.validate()?;
+    let cfg = model.config();
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            bail!("prompt {i} is empty: generation needs at least one prompt token");
+        }
+        if (p.len() + params.max_new_tokens) as i64 > cfg.max_position_embeddings {
+            bail!(
+                "prompt {i} has {} tokens; with max_new_tokens {} it needs {} positions but the model's context \
+                 (max_position_embeddings) is {}: shorten the prompt to at most {} tokens or lower max_new_tokens",
+                p.len(),
+                params.max_new_tokens,
+                p.len() + params.max_new_tokens,
+                cfg.max_position_embeddings,
+                (cfg.max_position_embeddings as usize).saturating_sub(params.max_new_tokens)
+            );
+        }
+        if let Some(&t) = p.iter().find(|&&t| t < 0 || t >= cfg.vocab_size) {
+            bail!("prompt {i} holds token id {t}, outside the vocabulary (vocab_size {})", cfg.vocab_size);
+        }
+    }
+    let batch = prompts.len();
+    let mut stats = GenerationStats::default();
+    if batch == 0 || params.max_new_tokens == 0 {
+        return Ok(Generation { tokens: vec![Vec::new(); batch], stats });
+    }
+    let device = model.device();
+    let b = batch as i64;
+    let width = max_len as i64;
+    let mut ids = vec![params.pad_token_id; batch * max_len];
+    let mut mask = vec![0i64; batch * max_len];
+    for (i, p) in prompts.iter().enumerate() {
+        let start = i * max_len + (max_len - p.len());
+        ids[start..start + p.len()].copy_from_slice(p);
+        mask[start..start + p.len()].iter_mut().for_each(|m| *m = 1);
+    }
+    stats.prefill_tokens = prompts.iter().map(Vec::len).sum();
+
+    tch::no_grad(|| -> Result<Generation> {
+        if !params.is_greedy() {
+            tch::manual_seed(params.seed as i64);
+        }
+        let input = Tensor::f_from_slice(&ids)?.f_view([b, width])?.f_to_device(device)?;
+        let mut attention = Tensor::f_from_slice(&mask)?.f_view([b, width])?.f_to_device(device)?;
+        let mut cache = model.new_cache(b);
+        let mut out: Vec<Vec<i64>> = vec![Vec::new(); batch];
+        let mut finished = vec![false; batch];
+
+        let start = Instant::now();
+        let logits = model.forward_last(&input, Some(&attention), Some(&mut cache))?;
+        let mut next = next_tokens(&logits, params)?;
+        synchronize(device);
+        let mut step_tokens: Vec<i64> = Vec::try_from(&next.f_to_device(Device::Cpu)?)?;
+        stats.prefill_seconds = start.elapsed().as_secs_f64();
+
+        let decode_start = Instant::now();
+        for step in 0..params.max_new_tokens {
+            for (row, &tok) in step_tokens.iter().enumerate() {
+                if finished[row] {
+                    continue;
+                }
+                if step > 0 {
+                    stats.decode_tokens += 1;
+                }
+                if params.eos_token_ids.contains(&tok) {
+                    finished[row] = true;
+                } else {
+                    out[row].push(tok);
+                }
+            }
+            if step + 1 == params.max_new_tokens || finished.iter().all(|&f| f) {
+                break;
+            }
+            // Rows that have stopped are fed padding, as transformers does.
+            let fed: Vec<i64> =
+                step_tokens.iter().zip(&finished).map(|(&t, &f)| if f { params.pad_token_id } else { t }).collect();
+            next = Tensor::f_from_slice(&fed)?.f_view([b, 1])?.f_to_device(device)?;
+            attention = Tensor::f_cat(&[&attention, &Tensor::f_ones([b, 1], (Kind::Int64, device))?], 1)?;
+            let logits = model.forward_last(&next, Some(&attention), Some(&mut cache))?;
+            stats.decode_steps += 1;
+            step_tokens = Vec::try_from(&next_tokens(&logits, params)?.f_to_device(Device::Cpu)?)?;
+        }
+        synchronize(device);
+        stats.decode_seconds = decode_start.elapsed().as_secs_f64();
+        Ok(Generation { tokens: out, stats })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: &[f32]) -> Tensor {
+        Tensor::from_slice(v).reshape([1, -1])
+    }
+
+    fn kept(t: &Tensor) -> Vec<bool> {
+        let v: Vec<f32> = Vec::try_from(&t.reshape([-1])).unwrap();
+        v.iter().map(|x| x.is_finite()).collect()
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_largest() {
+        let w = warp_logits(&row(&[1.0, 4.0, 3.0, 2.0]), 1.0, 2, 1.0).unwrap();
+        assert_eq!(kept(&w), vec![false, true, true, false]);
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // probabilities 0.5, 0.25, 0.125, 0.125 (log-space logits)
+        let l = row(&[0.5f32.ln(), 0.25f32.ln(), 0.125f32.ln(), 0.125f32.ln()]);
+        assert_eq!(kept(&warp_logits(&l, 1.0, 0, 0.5).unwrap()), vec![true, false, false, false]);
+        assert_eq!(kept(&warp_logits(&l, 1.0, 0, 0.7).unwrap()), vec![true, true, false, false]);
+        // Never empty: a tiny top_p keeps the most likely token.
+        assert_eq!(kept(&warp_logits(&l, 1.0, 0, 1e-6).unwrap()), vec![true, false, false, false]);
+    }
+
+    #[test]
+    fn temperature_divides() {
+        let w = warp_logits(&row(&[1.0, -2.0]), 0.5, 0, 1.0).unwrap();
+        let v: Vec<f32> = Vec::try_from(&w.reshape([-1])).unwrap();
+        assert_eq!(v, vec![2.0, -4.0]);
+    }
+
+    #[test]
+    fn invalid_params_are_errors() {
+        let p = SamplingParams { top_p: 0.0, ..SamplingParams::greedy(4) };
+        assert!(p.validate().unwrap_err().to_string().contains("top_p"));
+        let p = SamplingParams { temperature: -1.0, ..SamplingParams::greedy(4) };
+        assert!(p.validate().unwrap_err().to_string().contains("temperature"));
+    }
+}

@@ -1,0 +1,444 @@
+//! `init-model`: writes a randomly initialised Hugging Face model directory (config.json,
+//! model.safetensors, the tokenizer files, generation_config.json) that transformers and
+//! [`CausalLM::load`](super::CausalLM::load) both load.
+//!
+//! Weights follow transformers' `_init_weights`: linear weights and embeddings ~ N(0, 0.02)
+//! (`initializer_range`), biases 0, RMSNorm weights 1, the padding token's embedding row 0. The
+//! random numbers come from a seeded generator of our own (SplitMix64 + Box–Muller), so a seed
+//! gives the same model on every machine and libtorch's global generator is left alone.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tch::{Kind, Tensor};
+
+use super::config::{Architecture, LlamaConfig};
+
+/// What to write. Build one with [`InitOptions::preset`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// The folder to write (created; refused when it already holds a model, unless `overwrite`).
+    pub out_dir: PathBuf,
+    /// A `tokenizer.json`, or a folder holding one (its `tokenizer_config.json`,
+    /// `special_tokens_map.json` and `chat_template.jinja` are copied too when present).
+    pub tokenizer: PathBuf,
+    /// `Qwen2` (q/k/v biases) or `Llama` (none); `Mistral` is accepted too.
+    pub arch: Architecture,
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    /// Must divide `num_attention_heads`.
+    pub num_key_value_heads: i64,
+    pub intermediate_size: i64,
+    /// Default: the tokenizer's vocabulary, added tokens included.
+    pub vocab_size: Option<i64>,
+    pub tie_word_embeddings: bool,
+    /// RoPE base (10000 for Llama 2, 1e6 for Qwen2).
+    pub rope_theta: f64,
+    pub max_position_embeddings: i64,
+    pub seed: u64,
+    /// Float or BFloat16 (Half works too): the dtype of model.safetensors.
+    pub dtype: Kind,
+    /// Replace a model already in `out_dir`.
+    pub overwrite: bool,
+}
+
+/// Names of the presets of [`InitOptions::preset`].
+pub const PRESETS: [&str; 2] = ["tiny", "small"];
+
+impl InitOptions {
+    /// `tiny`: hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 176 (tests, seconds).
+    /// `small`: hidden 512, 8 layers, 8 heads, 2 kv heads, intermediate 1408 (benchmarks).
+    /// Both: Qwen2, tied embeddings, rope_theta 1e6, 2048 positions, bf16, seed 0.
+    pub fn preset(name: &str, tokenizer: impl Into<PathBuf>, out_dir: impl Into<PathBuf>) -> Result<Self> {
+        let (hidden, layers, heads, kv, inter) = match name {
+            "tiny" => (64, 2, 4, 2, 176),
+            "small" => (512, 8, 8, 2, 1408),
+            other => bail!("unknown model preset `{other}` (presets: {})", PRESETS.join(", ")),
+        };
+        Ok(Self {
+            out_dir: out_dir.into(),
+            tokenizer: tokenizer.into(),
+            arch: Architecture::Qwen2,
+            hidden_size: hidden,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            intermediate_size: inter,
+            vocab_size: None,
+            tie_word_embeddings: true,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 2048,
+            seed: 0,
+            dtype: Kind::BFloat16,
+            overwrite: false,
+        })
+    }
+}
+
+/// `qwen2`, `llama` or `mistral` (also the Hugging Face class names).
+pub fn parse_arch(name: &str) -> Result<Architecture> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "qwen2" | "qwen2forcausallm" => Architecture::Qwen2,
+        "llama" | "llamaforcausallm" => Architecture::Llama,
+        "mistral" | "mistralforcausallm" => Architecture::Mistral,
+        _ => bail!("unknown architecture `{name}` (qwen2, llama, mistral)"),
+    })
+}
+
+/// `f32`/`float32`, `bf16`/`bfloat16`, `f16`/`float16`.
+pub fn parse_dtype(name: &str) -> Result<Kind> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" | "float" => Kind::Float,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        "f16" | "fp16" | "float16" | "half" => Kind::Half,
+        _ => bail!("unknown dtype `{name}` (f32, bf16, f16)"),
+    })
+}
+
+/// What [`write_random_model`] wrote.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    pub parameters: i64,
+    pub files: Vec<String>,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_id: Option<i64>,
+    pub pad_token_id: Option<i64>,
+}
+
+/// The special tokens of a tokenizer, as ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpecialTokens {
+    pub bos: Option<i64>,
+    pub eos: Option<i64>,
+    pub pad: Option<i64>,
+    /// Largest id + 1, added tokens included.
+    pub vocab_size: i64,
+}
+
+/// Finds `tokenizer.json` from a file or folder path.
+fn tokenizer_json(path: &Path) -> Result<PathBuf> {
+    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+    if !file.is_file() {
+        bail!("tokenizer: {} does not exist (give a tokenizer.json or a folder holding one)", file.display());
+    }
+    Ok(file)
+}
+
+/// Reads the vocabulary size and the bos/eos/pad ids of a tokenizer: names from
+/// `tokenizer_config.json` (else `special_tokens_map.json`) next to it, else well-known special
+/// tokens among the tokenizer's added tokens; ids from the tokenizer itself.
+pub fn special_tokens(tokenizer: &Path) -> Result<SpecialTokens> {
+    let file = tokenizer_json(tokenizer)?;
+    let tok = tokenizers::Tokenizer::from_file(&file)
+        .map_err(|e| anyhow::anyhow!("{} is not a readable tokenizer.json: {e}", file.display()))?;
+    let vocab = tok.get_vocab(true);
+    let vocab_size = vocab.values().map(|&i| i as i64 + 1).max().unwrap_or(0);
+    let folder = file.parent().unwrap_or(Path::new("."));
+    let mut named: HashMap<&str, String> = HashMap::new();
+    for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let p = folder.join(name);
+        if !p.is_file() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{} is not valid JSON", p.display()))?;
+        for key in ["bos", "eos", "pad"] {
+            let content = match v.get(format!("{key}_token")) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+                _ => None,
+            };
+            if let Some(c) = content {
+                named.insert(key, c); // tokenizer_config.json (read second) wins
+            }
+        }
+    }
+    let id_of = |key: &str, fallbacks: &[&str]| -> Option<i64> {
+        if let Some(name) = named.get(key) {
+            return tok.token_to_id(name).map(|i| i as i64);
+        }
+        fallbacks.iter().find_map(|n| tok.token_to_id(n)).map(|i| i as i64)
+    };
+    Ok(SpecialTokens {
+        bos: id_of("bos", &["<|begin_of_text|>", "<s>", "<bos>", "[BOS]"]),
+        eos: id_of("eos", &["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|im_end|>", "<|eot_id|>"]),
+        pad: id_of("pad", &["<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>"]),
+        vocab_size,
+    })
+}
+
+/// SplitMix64: small, fast, and the same sequence everywhere.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+    /// `n` draws of N(0, std²) (Box–Muller).
+    fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            let (u1, u2) = (self.uniform(), self.uniform());
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let theta = 2.0 * std::f64::consts::PI * u2;
+            out.push((r * theta.cos()) as f32);
+            out.push((r * theta.sin()) as f32);
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+fn dtype_name(kind: Kind) -> Result<&'static str> {
+    Ok(match kind {
+        Kind::Float => "float32",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        other => bail!("init-model: dtype {other:?} is not supported (float32, bfloat16 or float16)"),
+    })
+}
+
+/// The config.json of a model described by `opts`.
+fn config_json(opts: &InitOptions, vocab: i64, special: &SpecialTokens) -> Result<Value> {
+    let head_dim = opts.hidden_size / opts.num_attention_heads;
+    let mut c = json!({
+        "architectures": [opts.arch.hf_name()],
+        "model_type": opts.arch.model_type(),
+        "hidden_size": opts.hidden_size,
+        "intermediate_size": opts.intermediate_size,
+        "num_hidden_layers": opts.num_hidden_layers,
+        "num_attention_heads": opts.num_attention_heads,
+        "num_key_value_heads": opts.num_key_value_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": opts.max_position_embeddings,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": opts.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": opts.rope_theta},
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": opts.tie_word_embeddings,
+        "use_cache": true,
+        "vocab_size": vocab,
+        "bos_token_id": special.bos,
+        "eos_token_id": special.eos,
+        "pad_token_id": special.pad,
+        "torch_dtype": dtype_name(opts.dtype)?,
+    });
+    let extra = match opts.arch {
+        Architecture::Llama => json!({"attention_bias": false, "mlp_bias": false, "pretraining_tp": 1}),
+        Architecture::Qwen2 => json!({
+            "use_sliding_window": false, "sliding_window": null, "max_window_layers": opts.num_hidden_layers,
+            "layer_types": vec!["full_attention"; opts.num_hidden_layers.max(0) as usize],
+        }),
+        Architecture::Mistral => json!({"sliding_window": null}),
+    };
+    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    Ok(c)
+}
+
+fn check_options(opts: &InitOptions) -> Result<()> {
+    for (name, v) in [
+        ("hidden", opts.hidden_size),
+        ("layers", opts.num_hidden_layers),
+        ("heads", opts.num_attention_heads),
+        ("kv_heads", opts.num_key_value_heads),
+        ("intermediate", opts.intermediate_size),
+        ("max_position_embeddings", opts.max_position_embeddings),
+    ] {
+        if v <= 0 {
+            bail!("init-model: `{name}` must be positive, got {v}");
+        }
+    }
+    if opts.hidden_size % opts.num_attention_heads != 0 {
+        bail!("init-model: hidden ({}) must be a multiple of heads ({})", opts.hidden_size, opts.num_attention_heads);
+    }
+    if (opts.hidden_size / opts.num_attention_heads) % 2 != 0 {
+        bail!("init-model: hidden / heads must be even (rotary embeddings), got {}", opts.hidden_size / opts.num_attention_heads);
+    }
+    if opts.num_attention_heads % opts.num_key_value_heads != 0 {
+        bail!("init-model: kv_heads ({}) must divide heads ({})", opts.num_key_value_heads, opts.num_attention_heads);
+    }
+    if opts.rope_theta.is_nan() || opts.rope_theta <= 0.0 {
+        bail!("init-model: rope_theta must be positive, got {}", opts.rope_theta);
+    }
+    dtype_name(opts.dtype)?;
+    Ok(())
+}
+
+/// The tensors of a model with `config`, in checkpoint order: `(key, shape, init)`.
+enum Init {
+    Normal,
+    Zeros,
+    Ones,
+}
+
+fn parameter_list(cfg: &LlamaConfig) -> Vec<(String, Vec<i64>, Init)> {
+    let (h, kv, d, hidden, inter, vocab) =
+        (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let mut p = vec![("model.embed_tokens.weight".to_string(), vec![vocab, hidden], Init::Normal)];
+    let linear = |p: &mut Vec<(String, Vec<i64>, Init)>, path: String, out: i64, inp: i64, bias: bool| {
+        p.push((format!("{path}.weight"), vec![out, inp], Init::Normal));
+        if bias {
+            p.push((format!("{path}.bias"), vec![out], Init::Zeros));
+        }
+    };
+    for l in 0..cfg.num_hidden_layers {
+        let a = format!("model.layers.{l}.self_attn");
+        linear(&mut p, format!("{a}.q_proj"), h * d, hidden, cfg.qkv_bias());
+        linear(&mut p, format!("{a}.k_proj"), kv * d, hidden, cfg.qkv_bias());
+        linear(&mut p, format!("{a}.v_proj"), kv * d, hidden, cfg.qkv_bias());
+        linear(&mut p, format!("{a}.o_proj"), hidden, h * d, cfg.o_bias());
+        let m = format!("model.layers.{l}.mlp");
+        linear(&mut p, format!("{m}.gate_proj"), inter, hidden, cfg.mlp_bias());
+        linear(&mut p, format!("{m}.up_proj"), inter, hidden, cfg.mlp_bias());
+        linear(&mut p, format!("{m}.down_proj"), hidden, inter, cfg.mlp_bias());
+        p.push((format!("model.layers.{l}.input_layernorm.weight"), vec![hidden], Init::Ones));
+        p.push((format!("model.layers.{l}.post_attention_layernorm.weight"), vec![hidden], Init::Ones));
+    }
+    p.push(("model.norm.weight".to_string(), vec![hidden], Init::Ones));
+    if !cfg.tie_word_embeddings {
+        linear(&mut p, "lm_head".to_string(), vocab, hidden, false);
+    }
+    p
+}
+
+/// Writes `model.safetensors` (with `{"format": "pt"}` metadata, as transformers writes it).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut buffers: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in tensors {
+        let t = t.f_contiguous()?;
+        let dtype: safetensors::Dtype = t.kind().try_into().with_context(|| format!("tensor `{name}`: dtype {:?}", t.kind()))?;
+        let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, t.numel())?;
+        buffers.push((name.clone(), dtype, t.size().iter().map(|&d| d as usize).collect(), bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(n, dt, shape, bytes)| Ok((n.as_str(), safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| anyhow::anyhow!("cannot build safetensors views: {e}"))?;
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::tensor::serialize_to_file(views, &metadata, path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}
+
+/// Writes a randomly initialised model directory (see the module docs).
+pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
+    check_options(opts)?;
+    let tokenizer_file = tokenizer_json(&opts.tokenizer)?;
+    let special = special_tokens(&tokenizer_file)?;
+    let vocab = opts.vocab_size.unwrap_or(special.vocab_size);
+    if vocab < special.vocab_size {
+        bail!("init-model: vocab_size {vocab} is smaller than the tokenizer's {} tokens ({})", special.vocab_size, tokenizer_file.display());
+    }
+    if vocab <= 0 {
+        bail!("init-model: the tokenizer {} has no tokens", tokenizer_file.display());
+    }
+    let dir = &opts.out_dir;
+    if dir.join("config.json").exists() && !opts.overwrite {
+        bail!("init-model: {} already holds a model (config.json); choose another folder or overwrite", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+
+    let config_value = config_json(opts, vocab, &special)?;
+    let config_text = serde_json::to_string_pretty(&config_value)?;
+    let config = LlamaConfig::from_json(&config_text, &dir.join("config.json"))?;
+
+    let mut rng = SplitMix64(opts.seed);
+    let std = config.initializer_range;
+    let mut tensors = Vec::new();
+    let mut parameters = 0i64;
+    for (key, shape, init) in parameter_list(&config) {
+        let n: i64 = shape.iter().product();
+        parameters += n;
+        let t = match init {
+            Init::Normal => {
+                let mut values = rng.normal(n as usize, std);
+                if key == "model.embed_tokens.weight" {
+                    if let Some(pad) = special.pad.filter(|&p| p < vocab) {
+                        let row = (pad * config.hidden_size) as usize;
+                        values[row..row + config.hidden_size as usize].iter_mut().for_each(|v| *v = 0.0);
+                    }
+                }
+                Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?
+            }
+            Init::Zeros => Tensor::f_zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu))?,
+            Init::Ones => Tensor::f_ones(shape.as_slice(), (Kind::Float, tch::Device::Cpu))?,
+        };
+        tensors.push((key, t.f_to_kind(opts.dtype)?));
+    }
+    // A shard index left by an earlier model would take precedence over nothing, but confuses.
+    let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
+    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    std::fs::write(dir.join("config.json"), config_text + "\n")?;
+
+    let mut generation = serde_json::Map::new();
+    for (k, v) in [("bos_token_id", special.bos), ("eos_token_id", special.eos), ("pad_token_id", special.pad)] {
+        if let Some(v) = v {
+            generation.insert(k.to_string(), json!(v));
+        }
+    }
+    std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&Value::Object(generation))? + "\n")?;
+
+    let mut files = vec!["config.json".to_string(), "model.safetensors".to_string(), "generation_config.json".to_string()];
+    let folder = tokenizer_file.parent().unwrap_or(Path::new("."));
+    std::fs::copy(&tokenizer_file, dir.join("tokenizer.json"))
+        .with_context(|| format!("cannot copy {} into {}", tokenizer_file.display(), dir.display()))?;
+    files.push("tokenizer.json".to_string());
+    for name in ["tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+        let src = folder.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(name)).with_context(|| format!("cannot copy {}", src.display()))?;
+            files.push(name.to_string());
+        }
+    }
+    tracing::info!("wrote a random {} with {parameters} parameters to {}", opts.arch.hf_name(), dir.display());
+    Ok(InitReport {
+        dir: dir.clone(),
+        config,
+        parameters,
+        files,
+        bos_token_id: special.bos,
+        eos_token_id: special.eos,
+        pad_token_id: special.pad,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_draws_have_the_right_moments() {
+        let v = SplitMix64(7).normal(100_000, 0.02);
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!(mean.abs() < 3e-4, "mean {mean}");
+        assert!((var.sqrt() - 0.02).abs() < 3e-4, "std {}", var.sqrt());
+        assert_eq!(SplitMix64(7).normal(5, 1.0), SplitMix64(7).normal(5, 1.0));
+        assert_ne!(SplitMix64(7).normal(5, 1.0), SplitMix64(8).normal(5, 1.0));
+    }
+
+    #[test]
+    fn presets() {
+        let t = InitOptions::preset("tiny", "t.json", "out").unwrap();
+        assert_eq!((t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size), (64, 2, 4, 2, 176));
+        let s = InitOptions::preset("small", "t.json", "out").unwrap();
+        assert_eq!((s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads, s.intermediate_size), (512, 8, 8, 2, 1408));
+        assert!(InitOptions::preset("huge", "t.json", "out").unwrap_err().to_string().contains("tiny, small"));
+        assert_eq!(parse_arch("Llama").unwrap(), Architecture::Llama);
+        assert_eq!(parse_dtype("bf16").unwrap(), Kind::BFloat16);
+        assert!(parse_dtype("int8").unwrap_err().to_string().contains("f32, bf16"));
+    }
+}

@@ -1,0 +1,550 @@
+//! Llama-family decoder-only transformer: Llama 2/3, Qwen2 and Mistral, as transformers runs them.
+//!
+//! Pre-norm blocks (RMSNorm computed in fp32), rotary position embeddings in the
+//! `rotate_half` convention (default, linear and llama3 frequencies), grouped-query attention
+//! through libtorch's scaled-dot-product attention with causal, padding and sliding-window
+//! masks, a SwiGLU MLP, and an lm_head tied to the embeddings or not. Every linear layer is a
+//! [`FrozenLinear`] named by its checkpoint path (`model.layers.0.self_attn.q_proj`).
+//!
+//! Reference: transformers `models/llama/modeling_llama.py` (and the Qwen2 / Mistral copies).
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::config::{LlamaConfig, Rope};
+use super::weights::Weights;
+use crate::linear::FrozenLinear;
+
+/// Past keys and values of every layer, `[batch, kv_heads, past, head_dim]` each, for
+/// incremental decoding. Positions are the columns of the attention mask passed to
+/// [`CausalLM::forward`] (padding included).
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    batch: i64,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, batch: i64) -> Self {
+        Self { layers: (0..num_layers).map(|_| None).collect(), batch }
+    }
+
+    /// How many positions are cached.
+    pub fn seq_len(&self) -> i64 {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.size()[2]).unwrap_or(0)
+    }
+
+    pub fn batch(&self) -> i64 {
+        self.batch
+    }
+
+    /// Forgets every cached position.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+
+    /// Appends this step's keys/values of `layer` and returns all of them.
+    fn update(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let slot = self.layers.get_mut(layer).context("KV cache has fewer layers than the model")?;
+        let (k, v) = match slot.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::f_cat(&[pk, k], 2)?, Tensor::f_cat(&[pv, v], 2)?),
+        };
+        *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        Ok((k, v))
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`, computed in fp32 and cast back.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(w: &mut Weights, key: &str, cfg: &LlamaConfig) -> Result<Self> {
+        Ok(Self { weight: w.take(&format!("{key}.weight"), &[cfg.hidden_size], "hidden_size")?, eps: cfg.rms_norm_eps })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = x.f_to_kind(Kind::Float)?;
+        let variance = h.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, None::<Kind>)?;
+        let h = h.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        Ok(self.weight.f_mul(&h.f_to_kind(x.kind())?)?)
+    }
+}
+
+/// Inverse frequencies of the rotary embedding (fp32, `[head_dim / 2]`), computed with the
+/// same float32 operations as transformers' `ROPE_INIT_FUNCTIONS`.
+pub fn rope_inv_freq(rope: Rope, head_dim: i64) -> Result<Tensor> {
+    let exponents = Tensor::f_arange_start_step(0, head_dim, 2, (Kind::Int64, Device::Cpu))?
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(head_dim)?;
+    let base = |theta: f64| -> Result<Tensor> { Ok(Tensor::f_pow_scalar(theta, &exponents)?.f_reciprocal()?) };
+    Ok(match rope {
+        Rope::Default { theta } => base(theta)?,
+        Rope::Linear { theta, factor } => base(theta)?.f_div_scalar(factor)?,
+        Rope::Llama3 { theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let inv_freq = base(theta)?;
+            let old_len = original_max_position_embeddings as f64;
+            let low_freq_wavelen = old_len / low_freq_factor;
+            let high_freq_wavelen = old_len / high_freq_factor;
+            let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * std::f64::consts::PI)?;
+            // wavelen > low_freq_wavelen: divide by factor; below high_freq_wavelen: keep.
+            let inv_freq_llama = inv_freq.f_div_scalar(factor)?.f_where_self(&wavelen.f_gt(low_freq_wavelen)?, &inv_freq)?;
+            // In between: interpolate with a smooth factor.
+            let smooth = wavelen
+                .f_reciprocal()?
+                .f_mul_scalar(old_len)?
+                .f_sub_scalar(low_freq_factor)?
+                .f_div_scalar(high_freq_factor - low_freq_factor)?;
+            let smoothed = smooth
+                .f_neg()?
+                .f_add_scalar(1.0)?
+                .f_mul(&inv_freq_llama)?
+                .f_div_scalar(factor)?
+                .f_add(&smooth.f_mul(&inv_freq_llama)?)?;
+            let is_medium = wavelen.f_ge(high_freq_wavelen)?.f_logical_and(&wavelen.f_le(low_freq_wavelen)?)?;
+            smoothed.f_where_self(&is_medium, &inv_freq_llama)?
+        }
+    })
+}
+
+/// cos/sin tables of the rotary embedding for given positions.
+struct RotaryEmbedding {
+    inv_freq: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &LlamaConfig, device: Device) -> Result<Self> {
+        Ok(Self { inv_freq: rope_inv_freq(cfg.rope()?, cfg.head_dim())?.f_to_device(device)? })
+    }
+
+    /// `(cos, sin)`, each `[B, 1, T, head_dim]` in `dtype`, for position ids `[B, T]`.
+    fn cos_sin(&self, position_ids: &Tensor, dtype: Kind) -> Result<(Tensor, Tensor)> {
+        let freqs = position_ids.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?.f_mul(&self.inv_freq)?;
+        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
+        let cos = emb.f_cos()?.f_to_kind(dtype)?.f_unsqueeze(1)?;
+        let sin = emb.f_sin()?.f_to_kind(dtype)?.f_unsqueeze(1)?;
+        Ok((cos, sin))
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.size().last().copied().unwrap_or(0) / 2;
+    let x1 = x.f_narrow(-1, 0, half)?;
+    let x2 = x.f_narrow(-1, half, half)?;
+    Ok(Tensor::f_cat(&[x2.f_neg()?, x1], -1)?)
+}
+
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok(x.f_mul(cos)?.f_add(&rotate_half(x)?.f_mul(sin)?)?)
+}
+
+/// The attention pattern of one forward call, shared by the layers of one kind.
+enum Mask {
+    /// Every cached key is visible (a single new token, no padding, no window).
+    All,
+    /// Plain causal from position 0 (no cache, no padding, no window): SDPA's `is_causal`.
+    Causal,
+    /// `[B or 1, 1, T, S]` booleans, true = attend.
+    Explicit(Tensor),
+}
+
+/// Builds the mask for `t` queries at positions `past..past+t` over `past + t` keys.
+/// `key_valid` is `[B, S]` (false = padding). Padding queries attend to themselves only, so
+/// that no row is empty (an empty row would give NaN and poison later layers).
+fn build_mask(key_valid: Option<&Tensor>, past: i64, t: i64, window: Option<i64>, device: Device) -> Result<Mask> {
+    if key_valid.is_none() && window.is_none() {
+        return Ok(if t == 1 { Mask::All } else if past == 0 { Mask::Causal } else { explicit_causal(None, past, t, None, device)? });
+    }
+    explicit_causal(key_valid, past, t, window, device)
+}
+
+fn explicit_causal(key_valid: Option<&Tensor>, past: i64, t: i64, window: Option<i64>, device: Device) -> Result<Mask> {
+    let s = past + t;
+    let q_idx = Tensor::f_arange_start(past, s, (Kind::Int64, device))?.f_unsqueeze(1)?; // [T, 1]
+    let kv_idx = Tensor::f_arange(s, (Kind::Int64, device))?.f_unsqueeze(0)?; // [1, S]
+    let mut allowed = kv_idx.f_le_tensor(&q_idx)?; // [T, S]
+    if let Some(w) = window {
+        allowed = allowed.f_logical_and(&kv_idx.f_gt_tensor(&q_idx.f_sub_scalar(w)?)?)?;
+    }
+    let mut allowed = allowed.f_unsqueeze(0)?; // [1, T, S]
+    if let Some(valid) = key_valid {
+        allowed = allowed.f_logical_and(&valid.f_unsqueeze(1)?)?; // [B, T, S]
+    }
+    let diagonal = kv_idx.f_eq_tensor(&q_idx)?.f_unsqueeze(0)?;
+    Ok(Mask::Explicit(allowed.f_logical_or(&diagonal)?.f_unsqueeze(1)?))
+}
+
+/// `[B, kv_heads, S, D]` -> `[B, heads, S, D]`, each kv head repeated `n_rep` times.
+fn repeat_kv(x: Tensor, n_rep: i64) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv, s, d) = x.size4()?;
+    Ok(x.f_unsqueeze(2)?.f_expand([b, kv, n_rep, s, d], false)?.f_reshape([b, kv * n_rep, s, d])?)
+}
+
+struct Attention {
+    q_proj: FrozenLinear,
+    k_proj: FrozenLinear,
+    v_proj: FrozenLinear,
+    o_proj: FrozenLinear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    sliding_window: Option<i64>,
+}
+
+fn linear(w: &mut Weights, path: &str, out: i64, inp: i64, bias: bool, why: &str) -> Result<FrozenLinear> {
+    let weight = w.take(&format!("{path}.weight"), &[out, inp], why)?;
+    let bias = if bias { Some(w.take(&format!("{path}.bias"), &[out], why)?) } else { None };
+    Ok(FrozenLinear::new(path, weight, bias))
+}
+
+impl Attention {
+    fn new(cfg: &LlamaConfig, w: &mut Weights, path: &str, layer: i64) -> Result<Self> {
+        let (h, kv, d, hidden) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.hidden_size);
+        let qkv_bias = cfg.qkv_bias();
+        Ok(Self {
+            q_proj: linear(w, &format!("{path}.q_proj"), h * d, hidden, qkv_bias, "num_attention_heads × head_dim, hidden_size")?,
+            k_proj: linear(w, &format!("{path}.k_proj"), kv * d, hidden, qkv_bias, "num_key_value_heads × head_dim, hidden_size")?,
+            v_proj: linear(w, &format!("{path}.v_proj"), kv * d, hidden, qkv_bias, "num_key_value_heads × head_dim, hidden_size")?,
+            o_proj: linear(w, &format!("{path}.o_proj"), hidden, h * d, cfg.o_bias(), "hidden_size, num_attention_heads × head_dim")?,
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+            sliding_window: cfg.sliding_window_of_layer(layer),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (b, t, _) = x.size3()?;
+        let heads = |proj: &FrozenLinear, n: i64| -> Result<Tensor> {
+            Ok(proj.forward(x)?.f_view([b, t, n, self.head_dim])?.f_transpose(1, 2)?)
+        };
+        let q = apply_rotary(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
+        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
+        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.update(layer, k, v)?,
+            None => (k, v),
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let y = match mask {
+            // One query per row: fold the heads sharing a kv head into the query length
+            // instead of repeating keys and values (transformers' `pack_gqa`).
+            _ if t == 1 && n_rep > 1 => {
+                let q = q.f_reshape([b, self.num_kv_heads, n_rep, self.head_dim])?;
+                let m = match mask {
+                    Mask::Explicit(m) => Some(m),
+                    _ => None,
+                };
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, m, 0.0, false, scale, false)?
+                    .f_reshape([b, self.num_heads, 1, self.head_dim])?
+            }
+            Mask::All => Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, n_rep > 1)?,
+            Mask::Causal => Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, n_rep > 1)?,
+            Mask::Explicit(m) => {
+                let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?
+            }
+        };
+        let y = y.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
+
+struct Mlp {
+    gate_proj: FrozenLinear,
+    up_proj: FrozenLinear,
+    down_proj: FrozenLinear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlamaConfig, w: &mut Weights, path: &str) -> Result<Self> {
+        let (hidden, inter, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias());
+        Ok(Self {
+            gate_proj: linear(w, &format!("{path}.gate_proj"), inter, hidden, bias, "intermediate_size, hidden_size")?,
+            up_proj: linear(w, &format!("{path}.up_proj"), inter, hidden, bias, "intermediate_size, hidden_size")?,
+            down_proj: linear(w, &format!("{path}.down_proj"), hidden, inter, bias, "hidden_size, intermediate_size")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = self.gate_proj.forward(x)?.f_silu()?.f_mul(&self.up_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&gated)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &LlamaConfig, w: &mut Weights, layer: i64) -> Result<Self> {
+        let path = format!("model.layers.{layer}");
+        Ok(Self {
+            input_layernorm: RmsNorm::new(w, &format!("{path}.input_layernorm"), cfg)?,
+            self_attn: Attention::new(cfg, w, &format!("{path}.self_attn"), layer)?,
+            post_attention_layernorm: RmsNorm::new(w, &format!("{path}.post_attention_layernorm"), cfg)?,
+            mlp: Mlp::new(cfg, w, &format!("{path}.mlp"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let x = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
+        Ok(x.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?)
+    }
+}
+
+/// A Llama / Qwen2 / Mistral causal language model loaded from a Hugging Face directory.
+pub struct CausalLM {
+    config: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: FrozenLinear,
+    rotary: RotaryEmbedding,
+    device: Device,
+    dtype: Kind,
+}
+
+impl CausalLM {
+    /// Loads `dir/config.json` and the safetensors weights (single file or sharded) as
+    /// `dtype` (Float, BFloat16 or Half) on `device`.
+    pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let mut weights = Weights::load(dir, device, dtype)?;
+        let model = Self::from_weights(config, &mut weights, device, dtype)?;
+        let unused = weights.remaining();
+        if !unused.is_empty() {
+            tracing::warn!("{}: {} checkpoint tensor(s) not used by the model: {}", dir.display(), unused.len(), unused.join(", "));
+        }
+        tracing::info!(
+            "loaded {} from {} ({} layers, hidden {}, vocab {}, {dtype:?} on {device:?})",
+            model.config.architecture().hf_name(),
+            dir.display(),
+            model.config.num_hidden_layers,
+            model.config.hidden_size,
+            model.config.vocab_size
+        );
+        Ok(model)
+    }
+
+    /// Builds the model from already loaded weights (taking the tensors it uses).
+    pub fn from_weights(config: LlamaConfig, w: &mut Weights, device: Device, dtype: Kind) -> Result<Self> {
+        let (vocab, hidden) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = w.take("model.embed_tokens.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
+        let layers = (0..config.num_hidden_layers).map(|l| DecoderLayer::new(&config, w, l)).collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(w, "model.norm", &config)?;
+        let lm_head = if config.tie_word_embeddings {
+            // transformers ties the head to the embeddings even when the file also has one.
+            w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
+            FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
+        } else {
+            linear(w, "lm_head", vocab, hidden, false, "vocab_size, hidden_size (tie_word_embeddings is false)")?
+        };
+        let rotary = RotaryEmbedding::new(&config, device)?;
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rotary, device, dtype })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn dtype(&self) -> Kind {
+        self.dtype
+    }
+
+    /// An empty KV cache for `batch` rows.
+    pub fn new_cache(&self, batch: i64) -> KvCache {
+        KvCache::new(self.layers.len(), batch)
+    }
+
+    /// The input embedding matrix `[vocab_size, hidden_size]` (`model.embed_tokens.weight`).
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// Every linear layer with its checkpoint path, in model order (q, k, v, o, gate, up, down
+    /// of each layer, then `lm_head`). With tied embeddings `lm_head` shares the embedding.
+    pub fn linears(&self) -> Vec<(&str, &FrozenLinear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for l in &self.layers {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+                out.push((lin.name.as_str(), lin));
+            }
+        }
+        out.push((self.lm_head.name.as_str(), &self.lm_head));
+        out
+    }
+
+    /// Mutable access to every linear layer, in the order of [`CausalLM::linears`], for
+    /// wrapping them (adapters, quantizers).
+    pub fn linears_mut(&mut self) -> Vec<&mut FrozenLinear> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            let m = &mut l.mlp;
+            out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+
+    /// Logits `[B, T, vocab]` (f32) for `input_ids` `[B, T]` (i64).
+    ///
+    /// `attention_mask` is `[B, past + T]` (1 = token, 0 = padding; left padding for batches
+    /// of different lengths); position ids are `cumsum(mask) - 1` (0 on padding), as
+    /// transformers' `generate` computes them. Without a mask every position is a token.
+    /// With a `cache`, `input_ids` continue the cached positions and are appended to it.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        Ok(self.lm_head.forward(&hidden)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Logits `[B, vocab]` (f32) of the last position only (what decoding needs).
+    pub fn forward_last(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        let t = hidden.size()[1];
+        let last = hidden.f_select(1, t - 1)?;
+        Ok(self.lm_head.forward(&last)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// The final hidden states `[B, T, hidden]` (after the last norm), in the model dtype.
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let size = input_ids.size();
+        let &[b, t] = size.as_slice() else {
+            bail!("input_ids must be [batch, seq] token ids, got shape {size:?}");
+        };
+        if b == 0 || t == 0 {
+            bail!("input_ids is empty (shape {size:?})");
+        }
+        if input_ids.kind() != Kind::Int64 {
+            bail!("input_ids must be int64 token ids, got {:?}", input_ids.kind());
+        }
+        let input_ids = input_ids.f_to_device(self.device)?;
+        let (lo, hi) = (input_ids.f_min()?.f_int64_value(&[])?, input_ids.f_max()?.f_int64_value(&[])?);
+        if lo < 0 || hi >= self.config.vocab_size {
+            bail!("token id {} is outside the vocabulary (vocab_size {})", if lo < 0 { lo } else { hi }, self.config.vocab_size);
+        }
+        let past = match cache.as_deref() {
+            Some(c) => {
+                if c.batch() != b {
+                    bail!("KV cache is for batch {} but input_ids has {b} rows", c.batch());
+                }
+                if c.layers.len() != self.layers.len() {
+                    bail!("KV cache has {} layers, the model {}", c.layers.len(), self.layers.len());
+                }
+                c.seq_len()
+            }
+            None => 0,
+        };
+        let key_valid = match attention_mask {
+            Some(m) => {
+                if m.size() != [b, past + t] {
+                    bail!(
+                        "attention_mask must be [batch, past + seq] = [{b}, {}] (past {past}, seq {t}), got {:?}",
+                        past + t,
+                        m.size()
+                    );
+                }
+                Some(m.f_to_device(self.device)?.f_ne(0)?)
+            }
+            None => None,
+        };
+        let position_ids = match &key_valid {
+            Some(valid) => valid
+                .f_cumsum(-1, Kind::Int64)?
+                .f_sub_scalar(1)?
+                .f_masked_fill(&valid.f_logical_not()?, 0)?
+                .f_narrow(1, past, t)?,
+            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?.f_unsqueeze(0)?.f_expand([b, t], false)?,
+        };
+        let (cos, sin) = self.rotary.cos_sin(&position_ids, self.dtype)?;
+        let full_mask = build_mask(key_valid.as_ref(), past, t, None, self.device)?;
+        let mut sliding_masks: Vec<(i64, Mask)> = Vec::new();
+        for l in &self.layers {
+            if let Some(w) = l.self_attn.sliding_window {
+                if !sliding_masks.iter().any(|(sw, _)| *sw == w) {
+                    sliding_masks.push((w, build_mask(key_valid.as_ref(), past, t, Some(w), self.device)?));
+                }
+            }
+        }
+        let mut x = Tensor::f_embedding(&self.embed_tokens, &input_ids, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = match layer.self_attn.sliding_window {
+                Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,
+                None => &full_mask,
+            };
+            let c = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(&x, &cos, &sin, mask, c).with_context(|| format!("model.layers.{i}"))?;
+        }
+        self.norm.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_inv_freq_closed_form() {
+        let f: Vec<f32> = Vec::try_from(&rope_inv_freq(Rope::Default { theta: 10000.0 }, 8).unwrap()).unwrap();
+        let want: Vec<f32> = (0..4).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 8.0)).collect();
+        for (a, b) in f.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{f:?} vs {want:?}");
+        }
+        let lin: Vec<f32> = Vec::try_from(&rope_inv_freq(Rope::Linear { theta: 10000.0, factor: 4.0 }, 8).unwrap()).unwrap();
+        for (a, b) in lin.iter().zip(&f) {
+            assert_eq!(*a, b / 4.0);
+        }
+    }
+
+    #[test]
+    fn llama3_inv_freq_bands() {
+        // head_dim 16, theta 10000: wavelengths 6.3, 19.9, 62.8, 199, ... With an original
+        // context of 32 (low factor 1, high factor 4): < 8 kept, > 32 divided by 8, between smoothed.
+        let rope = Rope::Llama3 { theta: 10000.0, factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 32 };
+        let got: Vec<f32> = Vec::try_from(&rope_inv_freq(rope, 16).unwrap()).unwrap();
+        let base: Vec<f64> = (0..8).map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / 16.0)).collect();
+        for (i, (g, b)) in got.iter().zip(&base).enumerate() {
+            let wavelen = 2.0 * std::f64::consts::PI / b;
+            let want = if wavelen < 8.0 {
+                *b
+            } else if wavelen > 32.0 {
+                b / 8.0
+            } else {
+                let s = (32.0 / wavelen - 1.0) / 3.0;
+                (1.0 - s) * b / 8.0 + s * b
+            };
+            assert!((*g as f64 - want).abs() <= 1e-6 * want, "band {i}: {g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn mask_padding_rows_never_empty() {
+        let valid = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1]).reshape([2, 4]).ne(0);
+        let Mask::Explicit(m) = build_mask(Some(&valid), 0, 4, Some(2), Device::Cpu).unwrap() else { panic!("explicit") };
+        let m: Vec<i64> = Vec::try_from(&m.to_kind(Kind::Int64).reshape([-1])).unwrap();
+        #[rustfmt::skip]
+        let want = vec![
+            1, 0, 0, 0,  0, 1, 0, 0,  0, 0, 1, 0,  0, 0, 1, 1, // row 0: two pads, then window 2
+            1, 0, 0, 0,  1, 1, 0, 0,  0, 1, 1, 0,  0, 0, 1, 1, // row 1: no padding, window 2
+        ];
+        assert_eq!(m, want);
+    }
+}

@@ -1,0 +1,156 @@
+//! Checkpoint weights of a Hugging Face model directory: `model.safetensors`, or the shards a
+//! `model.safetensors.index.json` lists, read into tensors of one dtype on one device.
+//!
+//! Every failure is an error that names the file (and the tensor key where there is one):
+//! a missing file, a truncated or corrupt one, an index that points at a missing shard, a
+//! tensor that is absent or whose shape disagrees with `config.json`.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::SafeTensors;
+use tch::{Device, Kind, Tensor};
+
+/// The single-file checkpoint name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The tensors of a checkpoint, by key, each remembered with the file it came from.
+pub struct Weights {
+    dir: PathBuf,
+    tensors: HashMap<String, (Tensor, PathBuf)>,
+}
+
+/// The dtypes a model can be loaded in.
+pub fn check_compute_dtype(dtype: Kind) -> Result<()> {
+    match dtype {
+        Kind::Float | Kind::BFloat16 | Kind::Half => Ok(()),
+        other => bail!("unsupported model dtype {other:?}: use float32 (Kind::Float), bfloat16 or float16"),
+    }
+}
+
+/// The files of the checkpoint in `dir`: the single file, else the shards of the index.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(SINGLE_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(INDEX_FILE);
+    if !index.is_file() {
+        let hint = if dir.join("pytorch_model.bin").exists() {
+            " (pytorch_model.bin is not read: re-save the model with safetensors)"
+        } else {
+            ""
+        };
+        bail!("no {SINGLE_FILE} or {INDEX_FILE} in {}{hint}", dir.display());
+    }
+    let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: key `weight_map` (tensor key -> shard file) is missing", index.display()))?;
+    let mut files: Vec<String> = Vec::new();
+    for (key, file) in map {
+        let file = file.as_str().with_context(|| format!("{}: `weight_map.{key}` is not a file name", index.display()))?;
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_string());
+        }
+    }
+    files.sort();
+    let mut paths = Vec::new();
+    for f in files {
+        let p = dir.join(&f);
+        if !p.is_file() {
+            bail!("{} lists shard `{f}`, which is missing from {}", index.display(), dir.display());
+        }
+        paths.push(p);
+    }
+    if paths.is_empty() {
+        bail!("{}: `weight_map` is empty", index.display());
+    }
+    Ok(paths)
+}
+
+impl Weights {
+    /// Reads every tensor of the checkpoint in `dir`, converted to `dtype` on `device`.
+    pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
+        check_compute_dtype(dtype)?;
+        let mut tensors = HashMap::new();
+        for file in checkpoint_files(dir)? {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not a readable safetensors file ({e}): it is truncated or corrupt; re-save or re-download it",
+                    file.display()
+                )
+            })?;
+            for (key, view) in st.tensors() {
+                if key.ends_with("rotary_emb.inv_freq") {
+                    continue; // a buffer some old checkpoints carry; recomputed from config.json
+                }
+                let saved: Kind = view.dtype().try_into().map_err(|_| {
+                    anyhow::anyhow!("tensor `{key}` in {} has dtype {:?}, which is not supported", file.display(), view.dtype())
+                })?;
+                if !matches!(saved, Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
+                    bail!("tensor `{key}` in {} has dtype {saved:?}; model weights must be floating point", file.display());
+                }
+                let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+                let t = Tensor::f_from_data_size(view.data(), &shape, saved)
+                    .and_then(|t| t.f_to_device(device))
+                    .and_then(|t| t.f_to_kind(dtype))
+                    .with_context(|| format!("cannot load tensor `{key}` from {}", file.display()))?;
+                if let Some((_, other)) = tensors.insert(key.clone(), (t, file.clone())) {
+                    bail!("tensor `{key}` is stored twice: in {} and {}", other.display(), file.display());
+                }
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), tensors })
+    }
+
+    /// Takes the tensor `key`, checking that its shape is `shape`. `why` says which
+    /// config.json values imply that shape, for the message.
+    pub fn take(&mut self, key: &str, shape: &[i64], why: &str) -> Result<Tensor> {
+        match self.tensors.remove(key) {
+            Some((t, file)) => {
+                if t.size() != shape {
+                    bail!(
+                        "tensor `{key}` in {} has shape {:?} but {} implies {:?} ({why})",
+                        file.display(),
+                        t.size(),
+                        self.dir.join("config.json").display(),
+                        shape
+                    );
+                }
+                Ok(t)
+            }
+            None => bail!("tensor `{key}` (shape {shape:?}, {why}) is missing from {}", self.source_description()),
+        }
+    }
+
+    /// Takes `key` when present (optional tensors such as an untied lm_head kept by a tied model).
+    pub fn take_if_present(&mut self, key: &str, shape: &[i64], why: &str) -> Result<Option<Tensor>> {
+        if self.tensors.contains_key(key) {
+            self.take(key, shape, why).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Keys not taken yet, sorted.
+    pub fn remaining(&self) -> Vec<String> {
+        let sorted: BTreeMap<&String, ()> = self.tensors.keys().map(|k| (k, ())).collect();
+        sorted.into_keys().cloned().collect()
+    }
+
+    fn source_description(&self) -> String {
+        let single = self.dir.join(SINGLE_FILE);
+        if single.is_file() {
+            single.display().to_string()
+        } else {
+            format!("the shards of {}", self.dir.join(INDEX_FILE).display())
+        }
+    }
+}
