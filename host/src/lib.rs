@@ -4,6 +4,7 @@
 //! method, objective, data set format and memory strategy is a plugin (see
 //! `ferrotune-plugin-api`).
 
+pub mod bench;
 pub mod collectives;
 pub mod device;
 pub mod generate;

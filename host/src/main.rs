@@ -48,6 +48,36 @@ enum Command {
     /// Write a randomly initialised Llama/Qwen2 model directory (config.json,
     /// model.safetensors, tokenizer files, generation_config.json) that transformers loads.
     InitModel(Box<InitModelArgs>),
+    /// Benchmarks that print numbers (see `make bench-generate` for the side-by-side run).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode tokens/s of greedy KV-cache generation on a model directory; prints
+    /// one JSON line with the keys of bench/generate_transformers.py.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// The best of this many runs is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
 }
 
 #[derive(Args)]
@@ -147,6 +177,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::InitModel(args) => {
             init_model(*args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, device, dtype } } => {
+            let device = device::resolve(&device)?;
+            let dtype = ferrotune::model::init::parse_dtype(&dtype)?;
+            let model = ferrotune::model::CausalLM::load(&model, device, dtype)?;
+            let opts = ferrotune::bench::GenerateBench { batch, prompt_len, new_tokens, repeats };
+            let result = ferrotune::bench::bench_generate(&model, &opts)?;
+            println!("{}", serde_json::to_string(&result)?);
             Ok(ExitCode::SUCCESS)
         }
     }
