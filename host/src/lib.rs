@@ -9,5 +9,6 @@ pub mod device;
 pub mod linear;
 pub mod plugins;
 pub mod selfcheck;
+pub mod text;
 
 pub use ferrotune_plugin_api as api;
