@@ -10,6 +10,7 @@ pub mod device;
 pub mod generate;
 pub mod linear;
 pub mod model;
+pub mod pipeline;
 pub mod plugins;
 pub mod selfcheck;
 pub mod text;

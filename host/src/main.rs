@@ -48,11 +48,52 @@ enum Command {
     /// Write a randomly initialised Llama/Qwen2 model directory (config.json,
     /// model.safetensors, tokenizer files, generation_config.json) that transformers loads.
     InitModel(Box<InitModelArgs>),
+    /// Generate text from a model directory (KV cache; greedy or seeded sampling).
+    Generate(Box<GenerateArgs>),
     /// Benchmarks that print numbers (see `make bench-generate` for the side-by-side run).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Render the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// A system turn before the prompt (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Default: generation_config.json's max_new_tokens, else 128.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Argmax decoding (the default unless generation_config.json says do_sample or a
+    /// sampling flag is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print {"text": …, "token_ids": […]} instead of the text.
+    #[arg(long)]
+    json: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Subcommand)]
@@ -177,6 +218,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::InitModel(args) => {
             init_model(*args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate(a) => {
+            let device = device::resolve(&a.device)?;
+            let dtype = ferrotune::model::init::parse_dtype(&a.dtype)?;
+            let generator = ferrotune::pipeline::TextGenerator::load(&a.model, device, dtype)?;
+            let ids = generator.prompt_ids(&a.prompt, a.chat, a.system.as_deref())?;
+            let choice = ferrotune::pipeline::SamplingChoice {
+                greedy: a.greedy,
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                max_new_tokens: a.max_new_tokens,
+                seed: a.seed,
+            };
+            let params = generator.sampling_params(&choice);
+            let out = generator.complete(&[ids], &params)?.remove(0);
+            if a.json {
+                println!("{}", serde_json::json!({"text": out.text, "token_ids": out.token_ids}));
+            } else {
+                println!("{}", out.text);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, device, dtype } } => {

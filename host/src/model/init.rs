@@ -138,7 +138,7 @@ pub fn special_tokens(tokenizer: &Path) -> Result<SpecialTokens> {
     let vocab = tok.get_vocab(true);
     let vocab_size = vocab.values().map(|&i| i as i64 + 1).max().unwrap_or(0);
     let folder = file.parent().unwrap_or(Path::new("."));
-    let mut named: HashMap<&str, String> = HashMap::new();
+    let mut named: HashMap<&str, Option<String>> = HashMap::new();
     for name in ["special_tokens_map.json", "tokenizer_config.json"] {
         let p = folder.join(name);
         if !p.is_file() {
@@ -146,21 +146,26 @@ pub fn special_tokens(tokenizer: &Path) -> Result<SpecialTokens> {
         }
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{} is not valid JSON", p.display()))?;
         for key in ["bos", "eos", "pad"] {
-            let content = match v.get(format!("{key}_token")) {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            // A key that is present decides, even as null (Qwen2 declares `bos_token: null`);
+            // tokenizer_config.json (read second) wins.
+            match v.get(format!("{key}_token")) {
+                Some(Value::String(s)) => named.insert(key, Some(s.clone())),
+                Some(Value::Object(o)) => named.insert(key, o.get("content").and_then(|c| c.as_str()).map(str::to_string)),
+                Some(Value::Null) => named.insert(key, None),
                 _ => None,
             };
-            if let Some(c) = content {
-                named.insert(key, c); // tokenizer_config.json (read second) wins
-            }
         }
     }
+    // Fallback names only match special added tokens, never ordinary vocabulary entries
+    // (Qwen2's BPE vocabulary has a plain `<s>`).
+    let added = tok.get_added_tokens_decoder();
+    let special_id = |name: &str| added.iter().find(|(_, t)| t.special && t.content == name).map(|(&i, _)| i as i64);
     let id_of = |key: &str, fallbacks: &[&str]| -> Option<i64> {
-        if let Some(name) = named.get(key) {
-            return tok.token_to_id(name).map(|i| i as i64);
+        match named.get(key) {
+            Some(Some(name)) => tok.token_to_id(name).map(|i| i as i64),
+            Some(None) => None,
+            None => fallbacks.iter().find_map(|n| special_id(n)),
         }
-        fallbacks.iter().find_map(|n| tok.token_to_id(n)).map(|i| i as i64)
     };
     Ok(SpecialTokens {
         bos: id_of("bos", &["<|begin_of_text|>", "<s>", "<bos>", "[BOS]"]),

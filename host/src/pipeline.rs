@@ -1,0 +1,89 @@
+//! Text in, text out: a model directory's decoder, tokenizer, chat template and generation
+//! defaults together, as `ferrotune generate` (and later `serve`) use them.
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use ferrotune_plugin_api::Message;
+use tch::{Device, Kind};
+
+use crate::generate::{generate, SamplingParams};
+use crate::model::CausalLM;
+use crate::text::{GenerationConfig, Tokenizer};
+
+/// Sampling choices from the command line or a request; `None` = the model directory's
+/// `generation_config.json` default.
+#[derive(Debug, Clone, Default)]
+pub struct SamplingChoice {
+    pub greedy: bool,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+    pub seed: u64,
+}
+
+/// One completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub token_ids: Vec<i64>,
+}
+
+/// A loaded model directory ready to generate text.
+pub struct TextGenerator {
+    pub model: CausalLM,
+    pub tokenizer: Tokenizer,
+    pub generation_config: GenerationConfig,
+}
+
+impl TextGenerator {
+    pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
+        let model = CausalLM::load(dir, device, dtype)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let generation_config = GenerationConfig::from_dir(dir)?.with_tokenizer_defaults(&tokenizer);
+        Ok(Self { model, tokenizer, generation_config })
+    }
+
+    /// Prompt token ids: the plain text with the tokenizer's special tokens, or a chat
+    /// rendered by the model's template with the generation prompt appended.
+    pub fn prompt_ids(&self, prompt: &str, chat: bool, system: Option<&str>) -> Result<Vec<i64>> {
+        if !chat {
+            if system.is_some() {
+                bail!("--system needs --chat (a system prompt only exists in a chat template)");
+            }
+            return self.tokenizer.encode(prompt, true);
+        }
+        if !self.tokenizer.has_chat_template() {
+            bail!("this model's tokenizer_config.json has no chat_template: drop --chat, or use a chat model");
+        }
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", prompt));
+        self.tokenizer.encode_chat(&messages, true).context("rendering the chat template")
+    }
+
+    /// Sampling parameters: the choice where given, else generation_config.json's defaults.
+    pub fn sampling_params(&self, choice: &SamplingChoice) -> SamplingParams {
+        let gc = &self.generation_config;
+        let sample = !choice.greedy && (choice.temperature.is_some() || choice.top_k.is_some() || choice.top_p.is_some() || gc.do_sample);
+        SamplingParams {
+            max_new_tokens: choice.max_new_tokens.or(gc.max_new_tokens).unwrap_or(128),
+            temperature: if sample { choice.temperature.unwrap_or(gc.temperature) } else { 0.0 },
+            top_k: if sample { choice.top_k.unwrap_or(gc.top_k.max(0) as usize) } else { 0 },
+            top_p: if sample { choice.top_p.unwrap_or(gc.top_p) } else { 1.0 },
+            seed: choice.seed,
+            eos_token_ids: gc.eos_token_ids(),
+            pad_token_id: gc.pad_token_id.or_else(|| gc.eos_token_ids().first().copied()).unwrap_or(0),
+        }
+    }
+
+    /// Generates one completion per prompt (ids), decoded without special tokens.
+    pub fn complete(&self, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Vec<Completion>> {
+        generate(&self.model, prompts, params)?
+            .into_iter()
+            .map(|ids| Ok(Completion { text: self.tokenizer.decode(&ids, true)?, token_ids: ids }))
+            .collect()
+    }
+}
