@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod collectives;
+pub mod data;
 pub mod device;
 pub mod generate;
 pub mod linear;

@@ -55,6 +55,43 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Inspect training data as the trainer will see it.
+    Data {
+        #[command(subcommand)]
+        what: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Read samples with a dataset plugin, encode them with the model's chat template and
+    /// print their text with the trained (labelled) tokens wrapped in «…».
+    Preview(Box<DataPreviewArgs>),
+}
+
+#[derive(Args)]
+struct DataPreviewArgs {
+    /// A model (or tokenizer) directory: tokenizer.json, tokenizer_config.json with a chat template.
+    #[arg(long)]
+    model: PathBuf,
+    /// The dataset plugin (`alpaca`, `sharegpt`, …; see `ferrotune plugins`).
+    #[arg(long)]
+    dataset: String,
+    /// A data file or folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// The plugin's configuration, JSON.
+    #[arg(long, default_value = "{}")]
+    config: String,
+    /// How many samples to show.
+    #[arg(long, default_value_t = 3)]
+    n: usize,
+    #[arg(long, default_value_t = 2048)]
+    cutoff_len: usize,
+    #[arg(long)]
+    train_on_prompt: bool,
+    #[arg(long)]
+    mask_history: bool,
 }
 
 #[derive(Args)]
@@ -251,7 +288,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&result)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Data { what: DataCommand::Preview(a) } => {
+            data_preview(&Registry::discover(&search), &a)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn data_preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
+    use ferrotune::data::{encode_sample, load_samples, preview, EncodeOptions};
+    let tok = ferrotune::text::Tokenizer::from_dir(&a.model)?;
+    let samples = load_samples(registry, &a.dataset, &a.config, &a.data, "train")?;
+    let opts = EncodeOptions { cutoff_len: a.cutoff_len, train_on_prompt: a.train_on_prompt, mask_history: a.mask_history };
+    println!("{} samples in {}; showing {}; labelled tokens in «…»", samples.len(), a.data.display(), a.n.min(samples.len()));
+    for (i, s) in samples.iter().take(a.n).enumerate() {
+        let id = s.id.as_deref().unwrap_or("(no id)");
+        match encode_sample(&tok, s, &opts) {
+            Ok(e) => {
+                let truncated = e.truncated_from.map(|n| format!(", truncated from {n}")).unwrap_or_default();
+                println!("=== {i}: {id} ({} tokens, {} labelled{truncated})", e.input_ids.len(), e.num_label_tokens());
+                println!("{}", preview(&tok, &e));
+            }
+            Err(err) => println!("=== {i}: {id}: not trainable: {err:#}"),
+        }
+    }
+    Ok(())
 }
 
 fn init_model(a: InitModelArgs) -> Result<()> {

@@ -73,6 +73,11 @@ impl ChatTemplate {
         Self::new(vec![(DEFAULT_TEMPLATE.to_string(), source.into())], origin)
     }
 
+    /// Where the templates came from (`…/tokenizer_config.json`), for error messages.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
     /// The template names (`["default"]` for a single template).
     pub fn names(&self) -> &[String] {
         &self.names

@@ -1,0 +1,350 @@
+//! A canonical [`Sample`] as token ids and labels, through the model's chat template.
+//!
+//! Labels sit exactly on the tokens a trained turn adds: for an assistant turn, its content
+//! and its end-of-turn token (`<|im_end|>` for ChatML), not the header the generation prompt
+//! writes (`<|im_start|>assistant\n`) and not the template's glue after the end-of-turn token
+//! (ChatML's `\n`, which belongs to the next turn's prefix). They are found by rendering, not
+//! by knowing the template: for turn i, `template(messages[..i], add_generation_prompt)`
+//! tokenized must be a prefix of the whole conversation's ids, and the turn runs from there
+//! to the last end-of-turn token before where `template(messages[..=i])` ends. A template
+//! that renders earlier turns differently once later turns follow (one that strips the
+//! reasoning of earlier assistant turns, say) fails that check and is an error naming it.
+//!
+//! Which turns are trained: assistant turns, unless [`Message::train`] says otherwise
+//! (`Some(false)` excludes a turn, `Some(true)` includes any turn, its header included);
+//! `mask_history` keeps only the last assistant turn by default; `train_on_prompt` labels every
+//! token except turns marked `Some(false)`. Truncation to `cutoff_len` keeps the start and
+//! drops the tail (LLaMA-Factory instead shortens prompt and response in proportion); it is
+//! reported in [`Encoded::truncated_from`], and a sample left without label tokens is an
+//! [`EncodeError::NoLabelTokens`] the trainer can count and skip.
+use std::collections::{BTreeSet, HashMap};
+
+use anyhow::{bail, Result};
+use ferrotune_plugin_api::{Message, Sample};
+use serde_json::Value as Json;
+
+use crate::text::Tokenizer;
+
+/// The label of a token that carries no loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// End-of-turn tokens of common chat templates, used besides the tokenizer's eos token.
+const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>"];
+
+/// How samples become training sequences.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodeOptions {
+    /// The longest sequence kept, in tokens; longer ones lose their tail. Default 2048
+    /// (LLaMA-Factory's `cutoff_len`).
+    pub cutoff_len: usize,
+    /// Label every token, prompts included. Default false.
+    pub train_on_prompt: bool,
+    /// Label only the last assistant turn (turns marked `train: true` still count). Default false.
+    pub mask_history: bool,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        Self { cutoff_len: 2048, train_on_prompt: false, mask_history: false }
+    }
+}
+
+/// One training sequence: ids and labels of equal length (labels not shifted; the loss
+/// shifts, as transformers does).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    pub input_ids: Vec<i64>,
+    /// The id where the token is trained, [`IGNORE_INDEX`] elsewhere.
+    pub labels: Vec<i64>,
+    /// The length before truncation to `cutoff_len`, when it was truncated.
+    pub truncated_from: Option<usize>,
+}
+
+impl Encoded {
+    /// How many tokens carry a label.
+    pub fn num_label_tokens(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// Failures a trainer counts and skips rather than stopping on.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("sample {id}: no label tokens{}; nothing to train on", truncation_note(*.truncated_from, *.cutoff_len))]
+    NoLabelTokens { id: String, truncated_from: Option<usize>, cutoff_len: usize },
+}
+
+fn truncation_note(from: Option<usize>, cutoff_len: usize) -> String {
+    match from {
+        Some(n) => format!(" left after truncating {n} tokens to cutoff_len {cutoff_len} (raise cutoff_len or shorten the prompt)"),
+        None => " (no turn is trained: is there an assistant turn, or are all marked `train: false`?)".into(),
+    }
+}
+
+/// `sample.messages` as ids and labels (see the module doc).
+pub fn encode_sample(tok: &Tokenizer, sample: &Sample, opts: &EncodeOptions) -> Result<Encoded> {
+    encode_messages(tok, &sample.messages, sample, opts)
+}
+
+/// A preference sample as two sequences: the prompt followed by `chosen`, then by
+/// `rejected` (each encoded as [`encode_sample`] does).
+pub fn encode_pair(tok: &Tokenizer, sample: &Sample, opts: &EncodeOptions) -> Result<(Encoded, Encoded)> {
+    let id = sample.id.as_deref().unwrap_or("(no id)");
+    let (Some(chosen), Some(rejected)) = (&sample.chosen, &sample.rejected) else {
+        bail!("sample {id}: not a preference pair (it needs both `chosen` and `rejected`)");
+    };
+    let with = |last: &Message| {
+        let mut messages = sample.messages.clone();
+        messages.push(last.clone());
+        encode_messages(tok, &messages, sample, opts)
+    };
+    Ok((with(chosen)?, with(rejected)?))
+}
+
+fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts: &EncodeOptions) -> Result<Encoded> {
+    let id = sample.id.as_deref().unwrap_or("(no id)");
+    if opts.cutoff_len == 0 {
+        bail!("cutoff_len must be at least 1");
+    }
+    if messages.is_empty() {
+        bail!("sample {id}: no messages");
+    }
+    let template = tok.chat_template().map(|t| t.origin().to_string()).unwrap_or_else(|| "(none)".into());
+    let extra = match sample.extra.get("tools") {
+        Some(tools) => serde_json::json!({ "tools": tools }),
+        None => Json::Null,
+    };
+    let mut renders: HashMap<(usize, bool), Vec<i64>> = HashMap::new();
+    let mut render = |n: usize, generation_prompt: bool| -> Result<Vec<i64>> {
+        if let Some(ids) = renders.get(&(n, generation_prompt)) {
+            return Ok(ids.clone());
+        }
+        let ids = if n == 0 && !generation_prompt {
+            Vec::new()
+        } else {
+            tok.encode(&tok.apply_chat_template_with(&messages[..n], generation_prompt, &extra)?, false)?
+        };
+        renders.insert((n, generation_prompt), ids.clone());
+        Ok(ids)
+    };
+    let full = render(messages.len(), false)?;
+    let prefix_len = |ids: &[i64], turn: usize| -> Result<usize> {
+        if full.starts_with(ids) {
+            Ok(ids.len())
+        } else {
+            bail!(
+                "sample {id}: the chat template ({template}) renders the conversation up to turn {turn} differently when later \
+                 turns follow, so its tokens are not a prefix of the whole conversation and labels cannot be placed; use a \
+                 template that leaves earlier turns unchanged"
+            )
+        }
+    };
+    let end_of_turn: BTreeSet<i64> =
+        tok.eos_token_id().into_iter().chain(END_OF_TURN_TOKENS.iter().filter_map(|t| tok.token_to_id(t))).collect();
+
+    let mut trained = vec![opts.train_on_prompt; full.len()];
+    let last_assistant = messages.iter().rposition(|m| m.role == "assistant");
+    for (i, m) in messages.iter().enumerate() {
+        let assistant = m.role == "assistant";
+        let default = if assistant { !opts.mask_history || Some(i) == last_assistant } else { opts.train_on_prompt };
+        let train = m.train.unwrap_or(default);
+        if train == opts.train_on_prompt {
+            continue; // the turn's tokens already hold that value
+        }
+        if assistant && i == 0 {
+            bail!("sample {id}: turn 0 is an assistant turn; a conversation needs a prompt before the first assistant turn");
+        }
+        // An assistant turn starts after the generation prompt; any other turn with its header.
+        let start = prefix_len(&render(i, assistant)?, i)?;
+        let end = prefix_len(&render(i + 1, false)?, i + 1)?.max(start);
+        let stop = (start..end).rev().find(|&j| end_of_turn.contains(&full[j])).map_or(end, |j| j + 1);
+        trained[start..stop].fill(train);
+    }
+
+    let mut input_ids = full;
+    let mut labels: Vec<i64> = input_ids.iter().zip(&trained).map(|(&t, &on)| if on { t } else { IGNORE_INDEX }).collect();
+    let mut truncated_from = None;
+    if input_ids.len() > opts.cutoff_len {
+        truncated_from = Some(input_ids.len());
+        input_ids.truncate(opts.cutoff_len);
+        labels.truncate(opts.cutoff_len);
+    }
+    let encoded = Encoded { input_ids, labels, truncated_from };
+    if encoded.num_label_tokens() == 0 {
+        return Err(EncodeError::NoLabelTokens { id: id.to_string(), truncated_from, cutoff_len: opts.cutoff_len }.into());
+    }
+    Ok(encoded)
+}
+
+/// The text of `encoded` with every labelled run wrapped in `«…»` (special tokens shown).
+pub fn preview(tok: &Tokenizer, encoded: &Encoded) -> String {
+    let mut out = String::new();
+    let mut start = 0;
+    let n = encoded.input_ids.len();
+    while start < n {
+        let on = encoded.labels[start] != IGNORE_INDEX;
+        let end = (start..n).find(|&j| (encoded.labels[j] != IGNORE_INDEX) != on).unwrap_or(n);
+        let text = tok.decode(&encoded.input_ids[start..end], false).unwrap_or_else(|e| format!("<cannot decode: {e}>"));
+        if on {
+            out.push('«');
+            out.push_str(&text);
+            out.push('»');
+        } else {
+            out.push_str(&text);
+        }
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::ChatTemplate;
+
+    const CHATML: &str =
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}\
+                          {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    const WORDS: &[&str] = &["system", "user", "assistant", "Be", "brief", "hi", "hello", "how", "are", "you", "fine", "thanks", "bye"];
+
+    /// A word-level tokenizer that keeps every whitespace character as a token, with ChatML
+    /// specials (`<|im_end|>` is eos) and a ChatML template.
+    fn tokenizer(tag: &str) -> Tokenizer {
+        let dir = std::env::temp_dir().join(format!("ferrotune-encode-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<unk>"];
+        let mut vocab = serde_json::Map::new();
+        for (i, t) in specials.iter().chain(["\n", " "].iter()).chain(WORDS).enumerate() {
+            vocab.insert(t.to_string(), Json::from(i));
+        }
+        let added: Vec<Json> = specials
+            .iter()
+            .enumerate()
+            .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "\\s"}, "behavior": "Isolated", "invert": false},
+            "post_processor": null, "decoder": {"type": "Fuse"},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+        let config = serde_json::json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML});
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        Tokenizer::from_dir(&dir).unwrap()
+    }
+
+    fn conversation() -> Sample {
+        let m = Message::new;
+        Sample {
+            id: Some("t:1".into()),
+            messages: vec![
+                m("system", "Be brief"),
+                m("user", "hi"),
+                m("assistant", "hello"),
+                m("user", "how are you"),
+                m("assistant", "fine thanks"),
+            ],
+            ..Default::default()
+        }
+    }
+
+    /// The labelled text, one string per labelled run (closed form: read off the preview).
+    fn runs(tok: &Tokenizer, e: &Encoded) -> Vec<String> {
+        let p = preview(tok, e);
+        p.split('«').skip(1).map(|s| s.split('»').next().unwrap().to_string()).collect()
+    }
+
+    #[test]
+    fn labels_assistant_content_and_end_of_turn_only() {
+        let tok = tokenizer("basic");
+        let e = encode_sample(&tok, &conversation(), &EncodeOptions::default()).unwrap();
+        let text = "<|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n\
+                    <|im_start|>user\nhow are you<|im_end|>\n<|im_start|>assistant\nfine thanks<|im_end|>\n";
+        assert_eq!(e.input_ids, tok.encode(text, false).unwrap());
+        assert_eq!(e.input_ids.len(), e.labels.len());
+        assert_eq!(
+            preview(&tok, &e),
+            "<|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n«hello<|im_end|>»\n\
+             <|im_start|>user\nhow are you<|im_end|>\n<|im_start|>assistant\n«fine thanks<|im_end|>»\n"
+        );
+        // Labels equal the ids where set.
+        assert!(e.labels.iter().zip(&e.input_ids).all(|(&l, &t)| l == IGNORE_INDEX || l == t));
+        assert_eq!(e.num_label_tokens(), 2 + 4);
+        assert_eq!(e.truncated_from, None);
+    }
+
+    #[test]
+    fn mask_history_train_flags_and_train_on_prompt() {
+        let tok = tokenizer("flags");
+        let opts = EncodeOptions { mask_history: true, ..Default::default() };
+        assert_eq!(runs(&tok, &encode_sample(&tok, &conversation(), &opts).unwrap()), vec!["fine thanks<|im_end|>"]);
+
+        let mut s = conversation();
+        s.messages[4].train = Some(false);
+        s.messages[1].train = Some(true);
+        let e = encode_sample(&tok, &s, &EncodeOptions::default()).unwrap();
+        assert_eq!(runs(&tok, &e), vec!["<|im_start|>user\nhi<|im_end|>", "hello<|im_end|>"]);
+
+        let all = EncodeOptions { train_on_prompt: true, ..Default::default() };
+        let e = encode_sample(&tok, &conversation(), &all).unwrap();
+        assert_eq!(e.labels, e.input_ids);
+        // train_on_prompt still honours a turn marked `train: false`.
+        let e = encode_sample(&tok, &s, &all).unwrap();
+        let p = preview(&tok, &e);
+        assert!(p.ends_with("<|im_start|>assistant\n»fine thanks<|im_end|>«\n»"), "{p}");
+    }
+
+    #[test]
+    fn truncation_is_reported_and_no_labels_is_an_error() {
+        let tok = tokenizer("trunc");
+        let full = encode_sample(&tok, &conversation(), &EncodeOptions::default()).unwrap();
+        let n = full.input_ids.len();
+        let e = encode_sample(&tok, &conversation(), &EncodeOptions { cutoff_len: n - 2, ..Default::default() }).unwrap();
+        assert_eq!((e.truncated_from, e.input_ids.len()), (Some(n), n - 2));
+        assert_eq!(e.input_ids[..], full.input_ids[..n - 2]);
+        assert_eq!(e.labels[..], full.labels[..n - 2]);
+        // Cut before the first answer: nothing left to train on.
+        let err = encode_sample(&tok, &conversation(), &EncodeOptions { cutoff_len: 12, ..Default::default() }).unwrap_err();
+        match err.downcast_ref::<EncodeError>() {
+            Some(EncodeError::NoLabelTokens { id, truncated_from, cutoff_len }) => {
+                assert_eq!((id.as_str(), *truncated_from, *cutoff_len), ("t:1", Some(n), 12))
+            }
+            None => panic!("expected NoLabelTokens, got {err:#}"),
+        }
+        assert!(err.to_string().contains("truncating"), "{err}");
+        let mut prompt_only = conversation();
+        prompt_only.messages.truncate(2);
+        let err = encode_sample(&tok, &prompt_only, &EncodeOptions::default()).unwrap_err();
+        assert!(matches!(err.downcast_ref::<EncodeError>(), Some(EncodeError::NoLabelTokens { truncated_from: None, .. })), "{err}");
+    }
+
+    #[test]
+    fn templates_that_rewrite_history_are_refused() {
+        let mut tok = tokenizer("rewrite");
+        // Marks the last turn: turn i renders differently once turn i+1 exists.
+        let src = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}{% if loop.last %} bye{% endif %}\
+                   {{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+        tok.set_chat_template(Some(ChatTemplate::single(src, "rewriting-template.jinja").unwrap()));
+        let err = encode_sample(&tok, &conversation(), &EncodeOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("rewriting-template.jinja") && err.contains("not a prefix"), "{err}");
+        let tok = tokenizer("first");
+        let s = Sample { messages: vec![Message::new("assistant", "hi"), Message::new("user", "hello")], ..Default::default() };
+        let err = encode_sample(&tok, &s, &EncodeOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("turn 0 is an assistant turn"), "{err}");
+    }
+
+    #[test]
+    fn pairs_share_the_prompt() {
+        let tok = tokenizer("pair");
+        let mut s = conversation();
+        s.messages.truncate(4);
+        s.chosen = Some(Message::new("assistant", "fine"));
+        s.rejected = Some(Message::new("assistant", "bye"));
+        let (c, r) = encode_pair(&tok, &s, &EncodeOptions::default()).unwrap();
+        assert_eq!(runs(&tok, &c), vec!["hello<|im_end|>", "fine<|im_end|>"]);
+        assert_eq!(runs(&tok, &r), vec!["hello<|im_end|>", "bye<|im_end|>"]);
+        assert_eq!(c.input_ids[..c.input_ids.len() - 3], r.input_ids[..r.input_ids.len() - 3]);
+        assert!(encode_pair(&tok, &conversation(), &EncodeOptions::default()).unwrap_err().to_string().contains("not a preference pair"));
+    }
+}

@@ -1,0 +1,67 @@
+//! `alpaca` and `sharegpt`: LLaMA-Factory's two data set formats (see its `data/README.md`)
+//! read into canonical [`Sample`]s.
+//!
+//! Each plugin's configuration mirrors one entry of LLaMA-Factory's `dataset_info.json`:
+//! `columns` (which row keys hold what), for sharegpt `tags` (turn keys and role names),
+//! `ranking` (preference pairs) and `skip_bad_rows`. Files are JSON arrays or JSON Lines,
+//! told apart by content; a folder means every `.json` / `.jsonl` file in it, by name.
+//! Each sample's `id` is where its row is (`file:line` or `file: record [i]`).
+//!
+//! * alpaca (`alpaca.rs`): instruction + input → user turn, history pairs before it,
+//!   `output` → assistant turn; `chosen`/`rejected` with `ranking`.
+//! * sharegpt (`sharegpt.rs`): alternating turns, observation → `tool`, function call →
+//!   `assistant`; `chosen`/`rejected` turn objects with `ranking`.
+//!
+//! Both: a boolean `kto_tag` → `Sample::label`; `images` → `Sample::images` paths as written.
+//! Bad rows fail with file and line, or with `skip_bad_rows` are counted (`len()` counts the
+//! good rows; one summary line goes to stderr): see `source.rs`.
+use ferrotune_plugin_api::prelude::*;
+
+pub mod alpaca;
+pub mod sharegpt;
+pub mod source;
+
+use alpaca::AlpacaConfig;
+use sharegpt::SharegptConfig;
+
+pub struct Alpaca(AlpacaConfig);
+
+impl Plugin for Alpaca {
+    const NAME: &'static str = "alpaca";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str = "LLaMA-Factory's alpaca format (instruction/input/output, history, ranking, KTO), JSON or JSONL";
+    fn from_config(config_json: &str) -> PluginResult<Self> {
+        let cfg: AlpacaConfig = parse_config(config_json)?;
+        cfg.validate()?;
+        Ok(Self(cfg))
+    }
+}
+
+impl DatasetFormat for Alpaca {
+    fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
+        let (samples, _) = source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
+        Ok(Box::new(source::InMemory(samples)))
+    }
+}
+
+pub struct Sharegpt(SharegptConfig);
+
+impl Plugin for Sharegpt {
+    const NAME: &'static str = "sharegpt";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str = "LLaMA-Factory's sharegpt format (multi-turn, tools, ranking, KTO), JSON or JSONL";
+    fn from_config(config_json: &str) -> PluginResult<Self> {
+        let cfg: SharegptConfig = parse_config(config_json)?;
+        cfg.validate()?;
+        Ok(Self(cfg))
+    }
+}
+
+impl DatasetFormat for Sharegpt {
+    fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
+        let (samples, _) = source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
+        Ok(Box::new(source::InMemory(samples)))
+    }
+}
+
+export_plugin!(dataset: Alpaca, dataset: Sharegpt);

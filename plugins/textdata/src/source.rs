@@ -1,0 +1,305 @@
+//! Reading a data set path (a JSON or JSON Lines file, or a folder of them) into records,
+//! converting each record with a format's row function, and serving the samples.
+//!
+//! A file is a JSON array when its first non-space character is `[`, else JSON Lines (one
+//! object per non-blank line). Every record keeps where it came from (`file:line` for JSON
+//! Lines, `file: record [i]` with a 0-based index for arrays) and that origin becomes the
+//! sample's `id`, so later errors can name the row too.
+//!
+//! Bad rows (not JSON, not an object, a column of the wrong type, broken turn order, an
+//! empty assistant turn) are an error naming the row, unless `skip_bad_rows` is set: then
+//! they are counted, `len()` counts only the good rows, and one summary line (the count and
+//! the first few reasons) goes to stderr when the data set is opened. A file that is not
+//! readable at all (missing, not UTF-8, an array with a syntax error) is always an error.
+use std::path::{Path, PathBuf};
+
+use ferrotune_plugin_api::{DataSource, ImageSource, PluginError, PluginResult, Sample, SampleReader};
+use serde_json::{Map, Value};
+
+/// How many skip reasons the stderr summary quotes.
+const REASONS_SHOWN: usize = 3;
+
+/// One record of a file and where it came from.
+pub struct Record {
+    pub origin: String,
+    /// The parsed JSON, or why the line is not JSON.
+    pub value: Result<Value, String>,
+}
+
+/// What a load skipped (only with `skip_bad_rows`).
+#[derive(Debug, Default, PartialEq)]
+pub struct SkipReport {
+    pub rows: usize,
+    pub skipped: usize,
+    /// `origin: reason` of the first [`REASONS_SHOWN`] skipped rows.
+    pub first_reasons: Vec<String>,
+}
+
+impl SkipReport {
+    /// The one-line summary written to stderr.
+    pub fn summary(&self, format: &str, path: &str) -> String {
+        format!(
+            "textdata: {format}: skipped {} of {} rows of {path} (skip_bad_rows): {}{}",
+            self.skipped,
+            self.rows,
+            self.first_reasons.join("; "),
+            if self.skipped > self.first_reasons.len() { "; …" } else { "" }
+        )
+    }
+}
+
+/// The files a path names: the file itself, or every `.json` / `.jsonl` file of a folder,
+/// sorted by name.
+pub fn files_of(path: &Path) -> PluginResult<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if !path.is_dir() {
+        return Err(PluginError::invalid(format!("{}: no such file or folder", path.display())));
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| PluginError::runtime(format!("{}: {e}", path.display())))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let p = entry.map_err(|e| PluginError::runtime(format!("{}: {e}", path.display())))?.path();
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if p.is_file() && (ext == "json" || ext == "jsonl") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(PluginError::invalid(format!("{}: the folder holds no .json or .jsonl file", path.display())));
+    }
+    Ok(files)
+}
+
+/// The records of one file (see the module doc for the two layouts).
+pub fn read_records(file: &Path) -> PluginResult<Vec<Record>> {
+    let name = file.display().to_string();
+    let bytes = std::fs::read(file).map_err(|e| PluginError::runtime(format!("{name}: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| PluginError::invalid(format!("{name}: not UTF-8 text ({e})")))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    if text.trim_start().starts_with('[') {
+        let values: Vec<Value> = serde_json::from_str(text).map_err(|e| {
+            PluginError::invalid(format!(
+                "{name}:{}:{}: not a valid JSON array: {e} (a file starting with `[` is read as one JSON array; \
+                 JSON Lines files hold one object per line)",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        Ok(values.into_iter().enumerate().map(|(i, v)| Record { origin: format!("{name}: record [{i}]"), value: Ok(v) }).collect())
+    } else {
+        Ok(text
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| Record {
+                origin: format!("{name}:{}", i + 1),
+                value: serde_json::from_str(line).map_err(|e| format!("not valid JSON at column {}: {e}", e.column())),
+            })
+            .collect())
+    }
+}
+
+/// Reads every record under `source.path` and converts each with `convert`. The split name
+/// selects nothing: each path is one split (give an evaluation file as its own path).
+pub fn load(
+    format: &str,
+    source: &DataSource,
+    skip_bad_rows: bool,
+    convert: impl Fn(&Map<String, Value>) -> Result<Sample, String>,
+) -> PluginResult<(Vec<Sample>, SkipReport)> {
+    let mut samples = Vec::new();
+    let mut report = SkipReport::default();
+    for file in files_of(Path::new(&source.path))? {
+        for record in read_records(&file)? {
+            report.rows += 1;
+            let converted = record.value.and_then(|v| match v {
+                Value::Object(row) => convert(&row),
+                other => Err(format!("expected a JSON object, found {}", kind_of(&other))),
+            });
+            match converted {
+                Ok(mut sample) => {
+                    sample.id = Some(record.origin);
+                    samples.push(sample);
+                }
+                Err(reason) if skip_bad_rows => {
+                    report.skipped += 1;
+                    if report.first_reasons.len() < REASONS_SHOWN {
+                        report.first_reasons.push(format!("{}: {reason}", record.origin));
+                    }
+                }
+                Err(reason) => {
+                    return Err(PluginError::invalid(format!(
+                        "{}: {reason} (plugin `{format}`; set `skip_bad_rows: true` to skip bad rows)",
+                        record.origin
+                    )))
+                }
+            }
+        }
+    }
+    if report.skipped > 0 {
+        eprintln!("{}", report.summary(format, &source.path));
+    }
+    if samples.is_empty() {
+        let why = if report.rows == 0 { "it holds no rows".to_string() } else { format!("all {} rows are bad", report.rows) };
+        return Err(PluginError::invalid(format!("{}: no usable sample ({why}; plugin `{format}`)", source.path)));
+    }
+    Ok((samples, report))
+}
+
+/// An opened split: the converted samples, in file order.
+pub struct InMemory(pub Vec<Sample>);
+
+impl SampleReader for InMemory {
+    fn len(&self) -> PluginResult<u64> {
+        Ok(self.0.len() as u64)
+    }
+    fn get(&self, index: u64) -> PluginResult<Sample> {
+        self.0
+            .get(index as usize)
+            .cloned()
+            .ok_or_else(|| PluginError::invalid(format!("sample {index} out of range (0..{})", self.0.len())))
+    }
+}
+
+// ---------------------------------------------------------------- column access
+
+/// "a string", "a number", … for messages.
+pub fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The value of column `col` (`None` when the column is not mapped, absent or null).
+pub fn column<'a>(row: &'a Map<String, Value>, col: Option<&str>) -> Option<&'a Value> {
+    col.and_then(|c| row.get(c)).filter(|v| !v.is_null())
+}
+
+/// A text column; absent and null are `None`.
+pub fn str_column<'a>(row: &'a Map<String, Value>, col: Option<&str>) -> Result<Option<&'a str>, String> {
+    match column(row, col) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(format!("column `{}`: expected a string, found {}", col.unwrap_or_default(), kind_of(other))),
+    }
+}
+
+/// A KTO tag column: a boolean (absent and null are `None`).
+pub fn bool_column(row: &Map<String, Value>, col: Option<&str>) -> Result<Option<bool>, String> {
+    match column(row, col) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(format!("column `{}`: expected true or false, found {}", col.unwrap_or_default(), kind_of(other))),
+    }
+}
+
+/// An images column: one path or a list of paths, kept as written (relative paths stay
+/// relative; the host resolves them). Checked against the `<image>` placeholders of the
+/// turns: one placeholder per image, as LLaMA-Factory requires.
+pub fn images_column(row: &Map<String, Value>, col: Option<&str>, texts: &[&str]) -> Result<Vec<ImageSource>, String> {
+    let name = col.unwrap_or_default();
+    let paths: Vec<String> = match column(row, col) {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str().map(str::to_string).ok_or_else(|| format!("column `{name}[{i}]`: expected a path, found {}", kind_of(v)))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => return Err(format!("column `{name}`: expected a path or a list of paths, found {}", kind_of(other))),
+    };
+    let placeholders: usize = texts.iter().map(|t| t.matches("<image>").count()).sum();
+    if placeholders != paths.len() {
+        return Err(format!(
+            "column `{name}` has {} image(s) but the turns hold {placeholders} `<image>` placeholder(s); write one per image, in order",
+            paths.len()
+        ));
+    }
+    Ok(paths.into_iter().map(ImageSource::Path).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("textdata-source-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn id_sample(row: &Map<String, Value>) -> Result<Sample, String> {
+        match str_column(row, Some("t"))? {
+            Some(t) => Ok(Sample { messages: vec![ferrotune_plugin_api::Message::new("user", t)], ..Default::default() }),
+            None => Err("column `t` is missing".into()),
+        }
+    }
+
+    #[test]
+    fn detects_array_and_lines_and_names_origins() {
+        let d = temp("detect");
+        std::fs::write(d.join("b.json"), "\u{feff}  \n [{\"t\": \"x\"}, {\"t\": \"y\"}]").unwrap();
+        std::fs::write(d.join("a.jsonl"), "{\"t\": \"1\"}\n\n{\"t\": \"2\"}\n").unwrap();
+        std::fs::write(d.join("notes.txt"), "ignored").unwrap();
+        let src = DataSource { path: d.display().to_string(), split: "train".into() };
+        let (samples, report) = load("t", &src, false, id_sample).unwrap();
+        let ids: Vec<String> = samples.iter().map(|s| s.id.clone().unwrap()).collect();
+        let a = d.join("a.jsonl").display().to_string();
+        let b = d.join("b.json").display().to_string();
+        assert_eq!(ids, vec![format!("{a}:1"), format!("{a}:3"), format!("{b}: record [0]"), format!("{b}: record [1]")]);
+        assert_eq!(report, SkipReport { rows: 4, skipped: 0, first_reasons: vec![] });
+    }
+
+    #[test]
+    fn bad_rows_fail_or_are_counted() {
+        let d = temp("bad");
+        let f = d.join("x.jsonl");
+        std::fs::write(&f, "{\"t\": \"1\"}\n{\"t\": 2}\n{oops\n[1]\n{\"t\": \"5\"}\n").unwrap();
+        let src = DataSource { path: f.display().to_string(), split: "train".into() };
+        let e = load("t", &src, false, id_sample).unwrap_err();
+        assert!(e.message().contains(&format!("{}:2: column `t`: expected a string, found a number", f.display())), "{e}");
+        let (samples, report) = load("t", &src, true, id_sample).unwrap();
+        assert_eq!(samples.len(), 2);
+        assert_eq!((report.rows, report.skipped), (5, 3));
+        assert!(report.first_reasons[1].starts_with(&format!("{}:3: not valid JSON", f.display())), "{:?}", report.first_reasons);
+        assert!(report.first_reasons[2].contains("expected a JSON object, found a list"), "{:?}", report.first_reasons);
+        assert!(report.summary("t", "x").starts_with("textdata: t: skipped 3 of 5 rows of x"));
+    }
+
+    #[test]
+    fn broken_arrays_and_empty_sources_are_errors() {
+        let d = temp("broken");
+        let f = d.join("x.json");
+        std::fs::write(&f, "[{\"t\": \"1\"},\n {\"t\": }]").unwrap();
+        let src = DataSource { path: f.display().to_string(), split: "train".into() };
+        let e = load("t", &src, true, id_sample).unwrap_err();
+        assert!(e.message().contains(&format!("{}:2:", f.display())) && e.message().contains("not a valid JSON array"), "{e}");
+        std::fs::write(&f, "  \n").unwrap();
+        let e = load("t", &src, true, id_sample).unwrap_err();
+        assert!(e.message().contains("no usable sample (it holds no rows"), "{e}");
+        let missing = DataSource { path: d.join("nope.json").display().to_string(), split: "train".into() };
+        assert!(load("t", &missing, false, id_sample).unwrap_err().message().contains("no such file or folder"));
+    }
+
+    #[test]
+    fn images_match_placeholders() {
+        let row: Map<String, Value> = serde_json::from_str(r#"{"images": ["a.png", "sub/b.jpg"]}"#).unwrap();
+        let imgs = images_column(&row, Some("images"), &["<image>look", "and <image>"]).unwrap();
+        assert_eq!(imgs, vec![ImageSource::Path("a.png".into()), ImageSource::Path("sub/b.jpg".into())]);
+        let e = images_column(&row, Some("images"), &["<image>"]).unwrap_err();
+        assert!(e.contains("2 image(s) but the turns hold 1"), "{e}");
+        let one: Map<String, Value> = serde_json::from_str(r#"{"images": "a.png"}"#).unwrap();
+        assert_eq!(images_column(&one, Some("images"), &["<image>"]).unwrap().len(), 1);
+    }
+}
