@@ -4,12 +4,15 @@
 //! method, objective, data set format and memory strategy is a plugin (see
 //! `ferrotune-plugin-api`).
 
+pub mod adapters;
+pub mod atomic;
 pub mod bench;
 pub mod collectives;
 pub mod device;
 pub mod generate;
 pub mod linear;
 pub mod model;
+pub mod peft;
 pub mod pipeline;
 pub mod plugins;
 pub mod selfcheck;
