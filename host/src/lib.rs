@@ -4,6 +4,8 @@
 //! method, objective, data set format and memory strategy is a plugin (see
 //! `ferrotune-plugin-api`).
 
+pub mod adapters;
+pub mod atomic;
 pub mod bench;
 pub mod collectives;
 pub mod data;
@@ -11,6 +13,7 @@ pub mod device;
 pub mod generate;
 pub mod linear;
 pub mod model;
+pub mod peft;
 pub mod pipeline;
 pub mod plugins;
 pub mod selfcheck;

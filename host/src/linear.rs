@@ -1,20 +1,24 @@
 //! The host's frozen linear layer: the one type every linear layer of a model goes through,
 //! so that adapter and quantizer plugins can wrap it.
-use ferrotune_plugin_api::{BaseLinear, PluginResult};
+//!
+//! A [`FrozenLinear`] is its frozen base ([`LinearBase`], `y = x Wᵀ + b`) plus adapter layers
+//! from plugins, keyed by adapter name. Each forward pass says which adapter runs
+//! ([`LinearMode`]): one name for the whole model (a layer that has no adapter of that name
+//! runs its base), or none (the base model alone: DPO's reference model). Adapters are handed
+//! the [`LinearBase`], never the `FrozenLinear`, so an adapter cannot recurse into itself.
+use anyhow::{Context, Result};
+use ferrotune_plugin_api::{AdapterLayer, BaseLinear, PluginResult};
 use tch::{TchError, Tensor};
 
-/// `y = x Wᵀ + b` with a frozen weight `[out, in]`.
-pub struct FrozenLinear {
+/// The frozen base of a linear layer: `y = x Wᵀ + b` with a weight `[out, in]`.
+pub struct LinearBase {
+    /// The checkpoint path (`model.layers.0.self_attn.q_proj`).
     pub name: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
 }
 
-impl FrozenLinear {
-    pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { name: name.into(), weight: weight.set_requires_grad(false), bias: bias.map(|b| b.set_requires_grad(false)) }
-    }
-
+impl LinearBase {
     /// `x Wᵀ + b` over the last dimension of `x`; a shape mismatch is an error, not a panic.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         x.f_linear(&self.weight, self.bias.as_ref())
@@ -31,21 +35,117 @@ impl FrozenLinear {
     }
 }
 
-impl BaseLinear for FrozenLinear {
+impl BaseLinear for LinearBase {
     fn name(&self) -> PluginResult<String> {
         Ok(self.name.clone())
     }
     fn shape(&self) -> PluginResult<(i64, i64)> {
-        let s = self.weight.size2()?;
-        Ok(s)
+        Ok(self.weight.size2()?)
     }
     fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
-        Ok(FrozenLinear::forward(self, x)?)
+        Ok(LinearBase::forward(self, x)?)
     }
     fn weight(&self) -> PluginResult<Tensor> {
         Ok(self.weight.shallow_clone())
     }
     fn bias(&self) -> PluginResult<Option<Tensor>> {
         Ok(self.bias.as_ref().map(Tensor::shallow_clone))
+    }
+}
+
+/// How the linear layers run in one forward pass (the same for every layer of the model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearMode<'a> {
+    /// The adapter to run: a layer holding an adapter of this name runs it, the others run
+    /// their base. `None`: every layer runs its base (adapters disabled).
+    pub adapter: Option<&'a str>,
+    /// Training: adapter dropout is on.
+    pub train: bool,
+}
+
+impl LinearMode<'_> {
+    /// Base weights only, evaluation.
+    pub const BASE: LinearMode<'static> = LinearMode { adapter: None, train: false };
+}
+
+/// A frozen linear layer and the adapters that wrap it (see the module docs).
+pub struct FrozenLinear {
+    base: LinearBase,
+    adapters: Vec<(String, Box<dyn AdapterLayer>)>,
+}
+
+impl std::ops::Deref for FrozenLinear {
+    type Target = LinearBase;
+    fn deref(&self) -> &LinearBase {
+        &self.base
+    }
+}
+
+impl FrozenLinear {
+    pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        let base = LinearBase { name: name.into(), weight: weight.set_requires_grad(false), bias: bias.map(|b| b.set_requires_grad(false)) };
+        Self { base, adapters: Vec::new() }
+    }
+
+    /// The frozen base (what adapters receive as their [`BaseLinear`]).
+    pub fn base(&self) -> &LinearBase {
+        &self.base
+    }
+
+    /// `x Wᵀ + b`, through the adapter `mode` selects when this layer has one.
+    pub fn forward(&self, x: &Tensor, mode: LinearMode<'_>) -> Result<Tensor> {
+        match mode.adapter.and_then(|name| self.adapter(name).map(|a| (name, a))) {
+            Some((name, adapter)) => adapter
+                .forward(x, &self.base, mode.train)
+                .with_context(|| format!("adapter `{name}` of `{}`", self.base.name)),
+            None => Ok(self.base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?),
+        }
+    }
+
+    /// This layer's adapter named `name`, if it has one.
+    pub fn adapter(&self, name: &str) -> Option<&dyn AdapterLayer> {
+        self.adapters.iter().find(|(n, _)| n == name).map(|(_, a)| a.as_ref())
+    }
+
+    /// The names of this layer's adapters, in the order they were added.
+    pub fn adapter_names(&self) -> impl Iterator<Item = &str> {
+        self.adapters.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Adds (or replaces) the adapter `name`.
+    pub(crate) fn insert_adapter(&mut self, name: &str, layer: Box<dyn AdapterLayer>) {
+        self.remove_adapter(name);
+        self.adapters.push((name.to_string(), layer));
+    }
+
+    /// Takes the adapter `name` off this layer.
+    pub(crate) fn remove_adapter(&mut self, name: &str) -> Option<Box<dyn AdapterLayer>> {
+        let i = self.adapters.iter().position(|(n, _)| n == name)?;
+        Some(self.adapters.remove(i).1)
+    }
+
+    /// Replaces the base weight by a new tensor (never in place: a tied weight stays intact
+    /// for its other user, which is how a tied `lm_head` gets untied).
+    pub(crate) fn set_base_weight(&mut self, weight: Tensor) {
+        self.base.weight = weight.set_requires_grad(false);
+    }
+}
+
+/// As a [`BaseLinear`], a `FrozenLinear` is its frozen base: its adapters never take part.
+impl BaseLinear for FrozenLinear {
+    fn name(&self) -> PluginResult<String> {
+        self.base.name()
+    }
+    fn shape(&self) -> PluginResult<(i64, i64)> {
+        BaseLinear::shape(&self.base)
+    }
+    fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
+        BaseLinear::forward(&self.base, x)
+    }
+    fn weight(&self) -> PluginResult<Tensor> {
+        BaseLinear::weight(&self.base)
+    }
+    fn bias(&self) -> PluginResult<Option<Tensor>> {
+        BaseLinear::bias(&self.base)
     }
 }

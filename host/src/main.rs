@@ -48,8 +48,12 @@ enum Command {
     /// Write a randomly initialised Llama/Qwen2 model directory (config.json,
     /// model.safetensors, tokenizer files, generation_config.json) that transformers loads.
     InitModel(Box<InitModelArgs>),
-    /// Generate text from a model directory (KV cache; greedy or seeded sampling).
+    /// Generate text from a model directory (KV cache; greedy or seeded sampling), optionally
+    /// through a PEFT adapter directory.
     Generate(Box<GenerateArgs>),
+    /// Merge a PEFT adapter directory into a model and write the merged Hugging Face model
+    /// directory (config, weights, tokenizer files) that transformers loads.
+    Merge(Box<MergeArgs>),
     /// Benchmarks that print numbers (see `make bench-generate` for the side-by-side run).
     Bench {
         #[command(subcommand)]
@@ -99,6 +103,11 @@ struct GenerateArgs {
     /// A Hugging Face model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors, written by
+    /// ferrotune or by peft) applied on top of the model without merging it.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// The text to continue (with --chat: the user turn).
     #[arg(long)]
     prompt: String,
     /// Render the prompt as a user turn with the model's chat template.
@@ -114,12 +123,16 @@ struct GenerateArgs {
     /// sampling flag is given).
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
     greedy: bool,
+    /// Sampling temperature (typical 0.6–1.0); implies sampling.
     #[arg(long)]
     temperature: Option<f64>,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability, in (0, 1].
     #[arg(long)]
     top_p: Option<f64>,
+    /// Keep the k most likely tokens (0 = off).
     #[arg(long)]
     top_k: Option<usize>,
+    /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print {"text": …, "token_ids": […]} instead of the text.
@@ -131,6 +144,27 @@ struct GenerateArgs {
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The base model: a Hugging Face model directory (config.json, safetensors, tokenizer).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The PEFT adapter directory to merge (adapter_config.json + adapter_model.safetensors,
+    /// written by ferrotune or by peft).
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// The merged model directory to write (must not exist or be empty).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// dtype of the written weights: f32 or bf16 (f16 also accepted). Default: each weight's
+    /// dtype in the base model. The merge itself is computed in f32.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Where to compute the merge: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -260,7 +294,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(a) => {
             let device = device::resolve(&a.device)?;
             let dtype = ferrotune::model::init::parse_dtype(&a.dtype)?;
-            let generator = ferrotune::pipeline::TextGenerator::load(&a.model, device, dtype)?;
+            let mut generator = ferrotune::pipeline::TextGenerator::load(&a.model, device, dtype)?;
+            if let Some(dir) = &a.adapter {
+                let report = generator.apply_adapter(dir, &Registry::discover(&search))?;
+                tracing::info!("{}", report.summary());
+            }
             let ids = generator.prompt_ids(&a.prompt, a.chat, a.system.as_deref())?;
             let choice = ferrotune::pipeline::SamplingChoice {
                 greedy: a.greedy,
@@ -277,6 +315,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", out.text);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Merge(a) => {
+            let device = device::resolve(&a.device)?;
+            let dtype = a.dtype.as_deref().map(ferrotune::model::init::parse_dtype).transpose()?;
+            if a.out.exists() && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+                anyhow::bail!("{} already exists and is not empty; choose a new folder for the merged model", a.out.display());
+            }
+            let mut model = ferrotune::model::CausalLM::load(&a.model, device, tch::Kind::Float)?;
+            let report = model.load_peft_adapter(&a.adapter, &Registry::discover(&search))?;
+            let merged = model.merge_adapter()?;
+            model.save_pretrained(&a.out, &a.model, dtype)?;
+            println!(
+                "merged {} ({} module(s){}) into {}: wrote {}",
+                a.adapter.display(),
+                merged.len(),
+                if model.lm_head_is_tied() || !model.config().tie_word_embeddings { "" } else { "; lm_head untied from the embeddings" },
+                a.model.display(),
+                a.out.display()
+            );
+            tracing::info!("{}", report.summary());
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, device, dtype } } => {

@@ -6,8 +6,10 @@ use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::Message;
 use tch::{Device, Kind};
 
+use crate::adapters::AttachReport;
 use crate::generate::{generate, SamplingParams};
 use crate::model::CausalLM;
+use crate::plugins::Registry;
 use crate::text::{GenerationConfig, Tokenizer};
 
 /// Sampling choices from the command line or a request; `None` = the model directory's
@@ -42,6 +44,12 @@ impl TextGenerator {
         let tokenizer = Tokenizer::from_dir(dir)?;
         let generation_config = GenerationConfig::from_dir(dir)?.with_tokenizer_defaults(&tokenizer);
         Ok(Self { model, tokenizer, generation_config })
+    }
+
+    /// Applies the PEFT adapter directory `adapter_dir` (unmerged: it runs beside the base
+    /// weights) with the adapter plugins of `registry`; generation then goes through it.
+    pub fn apply_adapter(&mut self, adapter_dir: &Path, registry: &Registry) -> Result<AttachReport> {
+        self.model.load_peft_adapter(adapter_dir, registry)
     }
 
     /// Prompt token ids: the plain text with the tokenizer's special tokens, or a chat

@@ -7,14 +7,16 @@
 //! [`FrozenLinear`] named by its checkpoint path (`model.layers.0.self_attn.q_proj`).
 //!
 //! Reference: transformers `models/llama/modeling_llama.py` (and the Qwen2 / Mistral copies).
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::config::{LlamaConfig, Rope};
 use super::weights::Weights;
-use crate::linear::FrozenLinear;
+use crate::adapters::AdapterSet;
+use crate::linear::{FrozenLinear, LinearMode};
+use ferrotune_plugin_api::ForwardFlags;
 
 /// Past keys and values of every layer, `[batch, kv_heads, past, head_dim]` each, for
 /// incremental decoding. Positions are the columns of the attention mask passed to
@@ -219,10 +221,10 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>, mode: LinearMode<'_>) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
         let heads = |proj: &FrozenLinear, n: i64| -> Result<Tensor> {
-            Ok(proj.forward(x)?.f_view([b, t, n, self.head_dim])?.f_transpose(1, 2)?)
+            Ok(proj.forward(x, mode)?.f_view([b, t, n, self.head_dim])?.f_transpose(1, 2)?)
         };
         let q = apply_rotary(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
         let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
@@ -253,7 +255,7 @@ impl Attention {
             }
         };
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
-        Ok(self.o_proj.forward(&y)?)
+        self.o_proj.forward(&y, mode)
     }
 }
 
@@ -273,9 +275,9 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = self.gate_proj.forward(x)?.f_silu()?.f_mul(&self.up_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&gated)?)
+    fn forward(&self, x: &Tensor, mode: LinearMode<'_>) -> Result<Tensor> {
+        let gated = self.gate_proj.forward(x, mode)?.f_silu()?.f_mul(&self.up_proj.forward(x, mode)?)?;
+        self.down_proj.forward(&gated, mode)
     }
 }
 
@@ -297,9 +299,9 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
-        let x = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
-        Ok(x.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?)
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>, mode: LinearMode<'_>) -> Result<Tensor> {
+        let x = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache, mode)?)?;
+        Ok(x.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, mode)?)?)
     }
 }
 
@@ -313,6 +315,10 @@ pub struct CausalLM {
     rotary: RotaryEmbedding,
     device: Device,
     dtype: Kind,
+    /// The directory the model was loaded from (`base_model_name_or_path` of saved adapters).
+    source_dir: Option<PathBuf>,
+    /// Adapters attached to the linear layers, by name, and the active one (`adapters.rs`).
+    pub(crate) adapters: AdapterSet,
 }
 
 impl CausalLM {
@@ -321,7 +327,8 @@ impl CausalLM {
     pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
         let mut weights = Weights::load(dir, device, dtype)?;
-        let model = Self::from_weights(config, &mut weights, device, dtype)?;
+        let mut model = Self::from_weights(config, &mut weights, device, dtype)?;
+        model.source_dir = Some(dir.to_path_buf());
         let unused = weights.remaining();
         if !unused.is_empty() {
             tracing::warn!("{}: {} checkpoint tensor(s) not used by the model: {}", dir.display(), unused.len(), unused.join(", "));
@@ -351,7 +358,7 @@ impl CausalLM {
             linear(w, "lm_head", vocab, hidden, false, "vocab_size, hidden_size (tie_word_embeddings is false)")?
         };
         let rotary = RotaryEmbedding::new(&config, device)?;
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rotary, device, dtype })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rotary, device, dtype, source_dir: None, adapters: AdapterSet::default() })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -364,6 +371,54 @@ impl CausalLM {
 
     pub fn dtype(&self) -> Kind {
         self.dtype
+    }
+
+    /// The directory [`CausalLM::load`] read, if the model came from one.
+    pub fn source_dir(&self) -> Option<&Path> {
+        self.source_dir.as_deref()
+    }
+
+    /// Whether `lm_head` still shares the embedding tensor (merging or rewriting an adapted
+    /// head gives it a tensor of its own).
+    pub fn lm_head_is_tied(&self) -> bool {
+        self.lm_head.weight.data_ptr() == self.embed_tokens.data_ptr()
+    }
+
+    /// Every weight under its checkpoint key, in model order (adapters not included: merge them
+    /// first to have them in the weights). A tied `lm_head` is left out, as transformers saves it.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.shallow_clone())];
+        let linear = |out: &mut Vec<(String, Tensor)>, lin: &FrozenLinear| {
+            out.push((format!("{}.weight", lin.name), lin.weight.shallow_clone()));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{}.bias", lin.name), b.shallow_clone()));
+            }
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.shallow_clone()));
+            let a = &l.self_attn;
+            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+                linear(&mut out, lin);
+            }
+            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.shallow_clone()));
+            let m = &l.mlp;
+            for lin in [&m.gate_proj, &m.up_proj, &m.down_proj] {
+                linear(&mut out, lin);
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight.shallow_clone()));
+        if !self.lm_head_is_tied() {
+            linear(&mut out, &self.lm_head);
+        }
+        out
+    }
+
+    /// The [`LinearMode`] of a forward pass: the active adapter unless `flags` has
+    /// `DISABLE_ADAPTER` (the reference model); `train` turns adapter dropout on. (`NO_GRAD` is
+    /// the caller's: wrap the call in `tch::no_grad`.)
+    pub fn mode(&self, flags: ForwardFlags, train: bool) -> LinearMode<'_> {
+        let adapter = if flags.contains(ForwardFlags::DISABLE_ADAPTER) { None } else { self.active_adapter() };
+        LinearMode { adapter, train }
     }
 
     /// An empty KV cache for `batch` rows.
@@ -405,27 +460,51 @@ impl CausalLM {
         out
     }
 
-    /// Logits `[B, T, vocab]` (f32) for `input_ids` `[B, T]` (i64).
+    /// Logits `[B, T, vocab]` (f32) for `input_ids` `[B, T]` (i64), through the active adapter
+    /// (if any) in evaluation mode; [`CausalLM::forward_with`] chooses.
     ///
     /// `attention_mask` is `[B, past + T]` (1 = token, 0 = padding; left padding for batches
     /// of different lengths); position ids are `cumsum(mask) - 1` (0 on padding), as
     /// transformers' `generate` computes them. Without a mask every position is a token.
     /// With a `cache`, `input_ids` continue the cached positions and are appended to it.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
-        Ok(self.lm_head.forward(&hidden)?.f_to_kind(Kind::Float)?)
+        self.forward_with(input_ids, attention_mask, cache, self.mode(ForwardFlags::NONE, false))
     }
 
-    /// Logits `[B, vocab]` (f32) of the last position only (what decoding needs).
+    /// [`CausalLM::forward`] with the adapter and training mode of `mode`.
+    pub fn forward_with(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, mode: LinearMode<'_>) -> Result<Tensor> {
+        let hidden = self.hidden_states_with(input_ids, attention_mask, cache, mode)?;
+        Ok(self.lm_head.forward(&hidden, mode)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Logits `[B, vocab]` (f32) of the last position only (what decoding needs), through the
+    /// active adapter in evaluation mode.
     pub fn forward_last(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask, cache)?;
+        self.forward_last_with(input_ids, attention_mask, cache, self.mode(ForwardFlags::NONE, false))
+    }
+
+    /// [`CausalLM::forward_last`] with the adapter and training mode of `mode`.
+    pub fn forward_last_with(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, mode: LinearMode<'_>) -> Result<Tensor> {
+        let hidden = self.hidden_states_with(input_ids, attention_mask, cache, mode)?;
         let t = hidden.size()[1];
         let last = hidden.f_select(1, t - 1)?;
-        Ok(self.lm_head.forward(&last)?.f_to_kind(Kind::Float)?)
+        Ok(self.lm_head.forward(&last, mode)?.f_to_kind(Kind::Float)?)
     }
 
-    /// The final hidden states `[B, T, hidden]` (after the last norm), in the model dtype.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// The final hidden states `[B, T, hidden]` (after the last norm), in the model dtype,
+    /// through the active adapter in evaluation mode.
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden_states_with(input_ids, attention_mask, cache, self.mode(ForwardFlags::NONE, false))
+    }
+
+    /// [`CausalLM::hidden_states`] with the adapter and training mode of `mode`.
+    pub fn hidden_states_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
         let size = input_ids.size();
         let &[b, t] = size.as_slice() else {
             bail!("input_ids must be [batch, seq] token ids, got shape {size:?}");
@@ -491,7 +570,7 @@ impl CausalLM {
                 None => &full_mask,
             };
             let c = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(&x, &cos, &sin, mask, c).with_context(|| format!("model.layers.{i}"))?;
+            x = layer.forward(&x, &cos, &sin, mask, c, mode).with_context(|| format!("model.layers.{i}"))?;
         }
         self.norm.forward(&x)
     }

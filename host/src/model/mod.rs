@@ -1,8 +1,10 @@
 //! Decoder-only language models read from Hugging Face directories (Llama, Qwen2, Mistral),
-//! their checkpoint loading, and random initialisation of new ones (`init-model`).
+//! their checkpoint loading, saving (`save_pretrained`), and random initialisation of new ones
+//! (`init-model`).
 pub mod config;
 pub mod init;
 pub mod llama;
+pub mod save;
 pub mod weights;
 
 pub use config::{Architecture, LlamaConfig, Rope, SUPPORTED_ARCHITECTURES};

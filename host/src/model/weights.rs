@@ -74,6 +74,41 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// The dtype of every tensor of the checkpoint in `dir`, read from the safetensors headers
+/// only (the tensors themselves are not read).
+pub fn checkpoint_dtypes(dir: &Path) -> Result<HashMap<String, Kind>> {
+    use std::io::Read;
+    let mut out = HashMap::new();
+    for file in checkpoint_files(dir)? {
+        let bad = |why: String| anyhow::anyhow!("{} is not a readable safetensors file ({why})", file.display());
+        let mut f = std::fs::File::open(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return Err(bad(format!("a header of {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+        for (key, info) in header {
+            if key == "__metadata__" {
+                continue;
+            }
+            let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+            let kind = match dtype {
+                "F32" => Kind::Float,
+                "BF16" => Kind::BFloat16,
+                "F16" => Kind::Half,
+                "F64" => Kind::Double,
+                other => return Err(bad(format!("tensor `{key}` has dtype `{other}`, not a floating-point one"))),
+            };
+            out.insert(key, kind);
+        }
+    }
+    Ok(out)
+}
+
 impl Weights {
     /// Reads every tensor of the checkpoint in `dir`, converted to `dtype` on `device`.
     pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
@@ -108,6 +143,12 @@ impl Weights {
             }
         }
         Ok(Self { dir: dir.to_path_buf(), tensors })
+    }
+
+    /// Tensors already in memory, as if read from a checkpoint in `dir` (tests, conversions).
+    pub fn from_tensors(dir: &Path, tensors: Vec<(String, Tensor)>) -> Self {
+        let file = dir.join("(memory)");
+        Self { dir: dir.to_path_buf(), tensors: tensors.into_iter().map(|(k, t)| (k, (t, file.clone()))).collect() }
     }
 
     /// Takes the tensor `key`, checking that its shape is `shape`. `why` says which

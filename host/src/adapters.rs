@@ -1,0 +1,657 @@
+//! Adapters inside the model: attaching an adapter plugin to the linear layers it targets,
+//! its trainable parameters and state dict under peft's names, and merging it into the
+//! weights. PEFT directories are in `peft.rs`, merged model directories in `model/save.rs`.
+//!
+//! A model holds adapters by name (peft's first one is `default`); one is active at a time,
+//! and [`CausalLM::forward`] runs it. [`CausalLM::mode`] with
+//! [`ForwardFlags::DISABLE_ADAPTER`](ferrotune_plugin_api::ForwardFlags) runs the base model
+//! alone (the reference model of DPO) without a second copy of the weights.
+//!
+//! Names are peft's: a trainable tensor or a saved tensor of module `m` is called
+//! `base_model.model.<m>.<name the plugin gives>` (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{bail, Context, Result};
+use ferrotune_plugin_api::{AdapterMethod, TrainParam};
+use serde_json::Value;
+use tch::Tensor;
+
+use crate::model::CausalLM;
+
+/// What peft puts before a module path in parameter and state-dict names.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+/// The name peft gives the first adapter, and the one PEFT directories are loaded as.
+pub const DEFAULT_ADAPTER: &str = "default";
+/// Capability: `merged_weight` / `unmerged_weight` are exact, the adapter can be merged.
+pub const CAP_MERGE: &str = "merge";
+/// Capability: right after `adapt_linear` the host sets the base weight to
+/// `layer.unmerged_weight(W)` (PiSSA, OLoRA: the base becomes the residual).
+pub const CAP_INIT_REWRITES_BASE: &str = "init_rewrites_base";
+
+/// The full peft name of tensor `name` of module `module`.
+pub fn peft_key(module: &str, name: &str) -> String {
+    format!("{PEFT_PREFIX}{module}.{name}")
+}
+
+/// An adapter attached to a model.
+pub(crate) struct AttachedAdapter {
+    name: String,
+    method: Box<dyn AdapterMethod>,
+    /// Checkpoint paths of the adapted linear layers, in model order.
+    modules: Vec<String>,
+    capabilities: Vec<String>,
+}
+
+/// The adapters of a model and the active one.
+#[derive(Default)]
+pub(crate) struct AdapterSet {
+    entries: Vec<AttachedAdapter>,
+    active: Option<String>,
+}
+
+impl AdapterSet {
+    fn get(&self, name: &str) -> Option<&AttachedAdapter> {
+        self.entries.iter().find(|a| a.name == name)
+    }
+}
+
+/// One module's layer of an adapter: (checkpoint path, layer).
+type ModuleAdapter<'a> = (&'a str, &'a dyn ferrotune_plugin_api::AdapterLayer);
+
+/// What [`CausalLM::attach_adapter`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachReport {
+    pub adapter: String,
+    /// Each adapted module (checkpoint path) with its number of trainable values.
+    pub modules: Vec<(String, i64)>,
+    /// Trainable values in all.
+    pub trainable_parameters: i64,
+    /// The base weights the initialisation rewrote (PiSSA/OLoRA); empty otherwise.
+    pub rewritten_base: Vec<String>,
+    /// Whether a tied `lm_head` got a weight of its own (its base was rewritten).
+    pub untied_lm_head: bool,
+    pub capabilities: Vec<String>,
+}
+
+impl AttachReport {
+    /// One line for people: `adapter default: 4 modules, 4,096 trainable parameters`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "adapter `{}`: {} module(s), {} trainable parameters",
+            self.adapter,
+            self.modules.len(),
+            self.trainable_parameters
+        );
+        if !self.rewritten_base.is_empty() {
+            s.push_str(&format!(", base weight of {} module(s) rewritten by the initialisation", self.rewritten_base.len()));
+        }
+        s
+    }
+}
+
+/// `target_modules` as the method's `adapter_config.json` states it, for messages.
+fn stated_targets(method: &dyn AdapterMethod) -> String {
+    method
+        .peft_config()
+        .ok()
+        .and_then(|c| serde_json::from_str::<Value>(&c).ok())
+        .and_then(|c| c.get("target_modules").cloned())
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "(the method states none)".into())
+}
+
+fn few(names: &[String], n: usize) -> String {
+    let mut s = names.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > n {
+        s.push_str(&format!(", … ({} in all)", names.len()));
+    }
+    s
+}
+
+impl CausalLM {
+    /// Attaches adapter `name`: every linear layer whose checkpoint path `method` targets gets
+    /// a layer of it (`lm_head` only when targeted). When the method has the capability
+    /// `init_rewrites_base`, each adapted layer's base weight becomes `unmerged_weight(W)` (a
+    /// tied `lm_head` then gets a weight of its own; the embeddings are left alone). The first
+    /// adapter attached becomes the active one. On any error nothing stays attached.
+    pub fn attach_adapter(&mut self, name: &str, method: Box<dyn AdapterMethod>) -> Result<AttachReport> {
+        self.attach_keeping_originals(name, method).map(|(report, _)| report)
+    }
+
+    /// [`CausalLM::attach_adapter`], also returning the base weights it replaced (by module),
+    /// so that [`CausalLM::detach_fresh_adapter`] can put them back exactly.
+    pub(crate) fn attach_keeping_originals(&mut self, name: &str, method: Box<dyn AdapterMethod>) -> Result<(AttachReport, Vec<(String, Tensor)>)> {
+        if name.is_empty() {
+            bail!("an adapter needs a non-empty name");
+        }
+        if self.adapters.get(name).is_some() {
+            bail!("an adapter named `{name}` is already attached (attached: {})", self.adapter_names().join(", "));
+        }
+        if let Some(saved) = method
+            .peft_config()
+            .ok()
+            .and_then(|c| serde_json::from_str::<Value>(&c).ok())
+            .and_then(|c| c.get("modules_to_save").cloned())
+            .filter(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+        {
+            bail!("adapter `{name}`: `modules_to_save` ({saved}) is not supported by the host yet (fully trained copies of modules); remove it");
+        }
+        let capabilities = method.capabilities();
+        let rewrites = capabilities.iter().any(|c| c == CAP_INIT_REWRITES_BASE);
+        let was_tied = self.lm_head_is_tied();
+        let mut report = AttachReport {
+            adapter: name.to_string(),
+            modules: Vec::new(),
+            trainable_parameters: 0,
+            rewritten_base: Vec::new(),
+            untied_lm_head: false,
+            capabilities: capabilities.clone(),
+        };
+        // Original weights of rewritten layers, to put back if a later layer fails.
+        let mut originals: Vec<(String, Tensor)> = Vec::new();
+        let result = (|| -> Result<()> {
+            for lin in self.linears_mut() {
+                let module = lin.name.clone();
+                if !method.targets(&module).with_context(|| format!("adapter `{name}`: targets(`{module}`)"))? {
+                    continue;
+                }
+                let layer = method.adapt_linear(&module, lin.base()).with_context(|| format!("adapter `{name}`: adapting `{module}`"))?;
+                let params: i64 = layer
+                    .parameters()
+                    .with_context(|| format!("adapter `{name}`: parameters of `{module}`"))?
+                    .iter()
+                    .map(|p| p.tensor.numel() as i64)
+                    .sum();
+                if rewrites {
+                    let rewritten = tch::no_grad(|| layer.unmerged_weight(&lin.weight))
+                        .with_context(|| format!("adapter `{name}`: the initial base weight of `{module}` (unmerged_weight)"))?;
+                    if rewritten.size() != lin.weight.size() {
+                        bail!("adapter `{name}`: unmerged_weight of `{module}` has shape {:?}, the layer {:?}", rewritten.size(), lin.weight.size());
+                    }
+                    originals.push((module.clone(), lin.weight.shallow_clone()));
+                    lin.set_base_weight(rewritten);
+                    report.rewritten_base.push(module.clone());
+                }
+                lin.insert_adapter(name, layer);
+                report.trainable_parameters += params;
+                report.modules.push((module, params));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.strip_adapter_layers(name, originals);
+            return Err(e);
+        }
+        if report.modules.is_empty() {
+            let all: Vec<String> = self.linears().iter().map(|(n, _)| format!("`{n}`")).collect();
+            bail!(
+                "adapter `{name}`: target_modules {} match no linear layer of this model; its linear layers are {}",
+                stated_targets(method.as_ref()),
+                few(&all, 8)
+            );
+        }
+        report.untied_lm_head = was_tied && !self.lm_head_is_tied();
+        if report.untied_lm_head {
+            tracing::info!("adapter `{name}` rewrote the base weight of the tied lm_head: lm_head now has a weight of its own");
+        }
+        tracing::info!("{}", report.summary());
+        let modules = report.modules.iter().map(|(m, _)| m.clone()).collect();
+        self.adapters.entries.push(AttachedAdapter { name: name.to_string(), method, modules, capabilities });
+        if self.adapters.active.is_none() {
+            self.adapters.active = Some(name.to_string());
+        }
+        Ok((report, originals))
+    }
+
+    /// Takes adapter `name` off every layer and puts back the given original base weights.
+    fn strip_adapter_layers(&mut self, name: &str, originals: Vec<(String, Tensor)>) {
+        for lin in self.linears_mut() {
+            lin.remove_adapter(name);
+            if let Some((_, w)) = originals.iter().find(|(m, _)| *m == lin.name) {
+                lin.set_base_weight(w.shallow_clone());
+            }
+        }
+    }
+
+    /// Takes adapter `name` off again (a load that failed after attaching), putting back the
+    /// base weights its initialisation replaced (`originals`, from `attach_keeping_originals`).
+    pub(crate) fn detach_fresh_adapter(&mut self, name: &str, originals: Vec<(String, Tensor)>) {
+        self.strip_adapter_layers(name, originals);
+        self.adapters.entries.retain(|a| a.name != name);
+        if self.adapters.active.as_deref() == Some(name) {
+            self.adapters.active = self.adapters.entries.first().map(|a| a.name.clone());
+        }
+    }
+
+    /// Names of the attached adapters, in the order they were attached.
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.entries.iter().map(|a| a.name.as_str()).collect()
+    }
+
+    /// The adapter [`CausalLM::forward`] runs, if any.
+    pub fn active_adapter(&self) -> Option<&str> {
+        self.adapters.active.as_deref()
+    }
+
+    /// Chooses the adapter [`CausalLM::forward`] runs (`None`: the base model).
+    pub fn set_active_adapter(&mut self, name: Option<&str>) -> Result<()> {
+        if let Some(n) = name {
+            if self.adapters.get(n).is_none() {
+                bail!("no adapter named `{n}` is attached (attached: {})", none_if_empty(&self.adapter_names()));
+            }
+        }
+        self.adapters.active = name.map(str::to_string);
+        Ok(())
+    }
+
+    /// The modules the active adapter adapts (checkpoint paths, model order).
+    pub fn adapted_modules(&self) -> Vec<&str> {
+        self.adapters.active.as_deref().and_then(|n| self.adapters.get(n)).map(|a| a.modules.iter().map(String::as_str).collect()).unwrap_or_default()
+    }
+
+    fn active_entry(&self, what: &str) -> Result<&AttachedAdapter> {
+        let name = self.adapters.active.as_deref().with_context(|| {
+            format!("{what}: no adapter is active (attached: {}); attach one or call set_active_adapter", none_if_empty(&self.adapter_names()))
+        })?;
+        self.adapters.get(name).with_context(|| format!("{what}: the active adapter `{name}` is not attached"))
+    }
+
+    /// The adapter layers of the active adapter with their module paths, in model order.
+    fn active_layers(&self, what: &str) -> Result<(&AttachedAdapter, Vec<ModuleAdapter<'_>>)> {
+        let entry = self.active_entry(what)?;
+        let mut layers = Vec::with_capacity(entry.modules.len());
+        for (module, lin) in self.linears() {
+            if let Some(layer) = lin.adapter(&entry.name) {
+                layers.push((module, layer));
+            }
+        }
+        Ok((entry, layers))
+    }
+
+    /// The active adapter's trainable tensors named `base_model.model.<module>.<name>`, with the
+    /// plugin's learning-rate and weight-decay scales (LoRA+ gives B a larger learning rate).
+    pub fn trainable_parameters(&self) -> Result<Vec<TrainParam>> {
+        let (entry, layers) = self.active_layers("trainable_parameters")?;
+        let mut out = Vec::new();
+        for (module, layer) in layers {
+            let params = layer.parameters().with_context(|| format!("adapter `{}`: parameters of `{module}`", entry.name))?;
+            out.extend(params.into_iter().map(|p| TrainParam { name: peft_key(module, &p.name), ..p }));
+        }
+        Ok(out)
+    }
+
+    /// The active adapter's state under peft's full keys (`base_model.model.<module>.lora_A.weight`),
+    /// detached copies, what `adapter_model.safetensors` holds.
+    pub fn adapter_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let (entry, layers) = self.active_layers("adapter_state_dict")?;
+        let mut out = Vec::new();
+        for (module, layer) in layers {
+            let state = layer.state_dict().with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?;
+            out.extend(state.into_iter().map(|(n, t)| (peft_key(module, &n), t)));
+        }
+        Ok(out)
+    }
+
+    /// Loads a state saved by [`CausalLM::adapter_state_dict`] or by peft into the active
+    /// adapter (values are copied; dtypes and devices are converted). Every key must be there
+    /// with its shape, and no other: missing, unexpected and mis-shaped keys are one error
+    /// that names them.
+    pub fn load_adapter_state_dict(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
+        let (entry, layers) = self.active_layers("load_adapter_state_dict")?;
+        // Expected keys in model order: module index, name relative to the layer, shape.
+        let mut expected: BTreeMap<String, (usize, String, Vec<i64>)> = BTreeMap::new();
+        let mut order = Vec::new();
+        for (i, (module, layer)) in layers.iter().enumerate() {
+            for (n, t) in layer.state_dict().with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))? {
+                let key = peft_key(module, &n);
+                order.push(key.clone());
+                expected.insert(key, (i, n, t.size()));
+            }
+        }
+        let mut unexpected = Vec::new();
+        let mut misshaped = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut groups: Vec<Vec<(String, Tensor)>> = (0..layers.len()).map(|_| Vec::new()).collect();
+        for (key, t) in tensors {
+            match expected.get(&key) {
+                None => unexpected.push(format!("`{key}` {:?}", t.size())),
+                Some((_, _, shape)) if *shape != t.size() => {
+                    misshaped.push((key.clone(), format!("`{key}` is {:?}, this model's is {shape:?}", t.size())));
+                    seen.insert(key);
+                }
+                Some((i, rel, _)) => {
+                    if !seen.insert(key.clone()) {
+                        bail!("adapter state: key `{key}` is given twice");
+                    }
+                    groups[*i].push((rel.clone(), t));
+                }
+            }
+        }
+        let missing: Vec<String> = order.iter().filter(|k| !seen.contains(*k)).map(|k| format!("`{k}`")).collect();
+        unexpected.sort();
+        misshaped.sort_by_key(|(k, _)| order.iter().position(|o| o == k));
+        let misshaped: Vec<String> = misshaped.into_iter().map(|(_, m)| m).collect();
+        if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
+            let mut parts = Vec::new();
+            if !misshaped.is_empty() {
+                parts.push(format!("{} mis-shaped key(s): {}", misshaped.len(), few(&misshaped, 4)));
+            }
+            if !missing.is_empty() {
+                parts.push(format!("{} missing key(s): {}", missing.len(), few(&missing, 4)));
+            }
+            if !unexpected.is_empty() {
+                parts.push(format!("{} unexpected key(s): {}", unexpected.len(), few(&unexpected, 4)));
+            }
+            bail!(
+                "adapter state does not fit adapter `{}` on this model ({} modules adapted): {}{}",
+                entry.name,
+                layers.len(),
+                parts.join("; "),
+                if misshaped.is_empty() { "" } else { " (an adapter made for another model?)" }
+            );
+        }
+        for ((module, layer), group) in layers.iter().zip(groups) {
+            tch::no_grad(|| layer.load_state_dict(group)).with_context(|| format!("adapter `{}`: loading the state of `{module}`", entry.name))?;
+        }
+        Ok(())
+    }
+
+    /// Merges the active adapter into the weights: each adapted layer's base weight becomes
+    /// `merged_weight(W)` and the adapter is dropped (a tied `lm_head` gets a weight of its
+    /// own; the embeddings stay as they are). Returns the merged modules.
+    pub fn merge_adapter(&mut self) -> Result<Vec<String>> {
+        let entry = self.active_entry("merge_adapter")?;
+        let name = entry.name.clone();
+        if !entry.capabilities.iter().any(|c| c == CAP_MERGE) {
+            bail!("adapter `{name}` cannot be merged: its plugin does not declare the `{CAP_MERGE}` capability (it has: {})", none_if_empty(&entry.capabilities));
+        }
+        // Compute every merged weight first, so that a failure leaves the model untouched.
+        let mut merged = Vec::new();
+        for (module, lin) in self.linears() {
+            if let Some(layer) = lin.adapter(&name) {
+                let w = tch::no_grad(|| layer.merged_weight(&lin.weight)).with_context(|| format!("adapter `{name}`: merging `{module}`"))?;
+                if w.size() != lin.weight.size() {
+                    bail!("adapter `{name}`: merged weight of `{module}` has shape {:?}, the layer {:?}", w.size(), lin.weight.size());
+                }
+                merged.push((module.to_string(), w.f_to_kind(lin.weight.kind())?));
+            }
+        }
+        for lin in self.linears_mut() {
+            if let Some(pos) = merged.iter().position(|(m, _)| *m == lin.name) {
+                let (_, w) = merged.swap_remove(pos);
+                lin.set_base_weight(w);
+                lin.remove_adapter(&name);
+            }
+        }
+        let pos = self.adapters.entries.iter().position(|a| a.name == name).expect("active adapter is attached");
+        let entry = self.adapters.entries.remove(pos);
+        self.adapters.active = None;
+        tracing::info!("merged adapter `{name}` into {} module(s)", entry.modules.len());
+        Ok(entry.modules)
+    }
+
+    /// The `adapter_config.json` of the active adapter (the plugin's `peft_config()`).
+    pub fn adapter_peft_config(&self) -> Result<Value> {
+        let entry = self.active_entry("adapter_peft_config")?;
+        let text = entry.method.peft_config().with_context(|| format!("adapter `{}`: peft_config", entry.name))?;
+        serde_json::from_str(&text).with_context(|| format!("adapter `{}`: its peft_config() is not JSON: {text}", entry.name))
+    }
+}
+
+fn none_if_empty<S: AsRef<str>>(names: &[S]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.iter().map(|s| s.as_ref()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::linear::LinearMode;
+    use crate::model::weights::Weights;
+    use crate::model::LlamaConfig;
+    use ferrotune_plugin_api::{AdapterLayer, BaseLinear, ForwardFlags, PluginError, PluginResult};
+    use std::path::Path;
+    use tch::{Device, Kind};
+
+    /// A tiny tied Qwen2 in memory: hidden 8, 1 layer, vocab 16.
+    pub(crate) fn tiny_model(tied: bool) -> CausalLM {
+        let cfg = format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64, "vocab_size": 16,
+               "tie_word_embeddings": {tied}, "rms_norm_eps": 1e-6}}"#
+        );
+        let config = LlamaConfig::from_json(&cfg, Path::new("config.json")).unwrap();
+        tch::manual_seed(7);
+        let o = (Kind::Float, Device::Cpu);
+        let mut t: Vec<(String, Tensor)> = vec![("model.embed_tokens.weight".into(), Tensor::randn([16, 8], o))];
+        let p = "model.layers.0";
+        for (n, s) in [("self_attn.q_proj", [8, 8]), ("self_attn.k_proj", [4, 8]), ("self_attn.v_proj", [4, 8])] {
+            t.push((format!("{p}.{n}.weight"), Tensor::randn(s, o) * 0.3));
+            t.push((format!("{p}.{n}.bias"), Tensor::randn([s[0]], o) * 0.1));
+        }
+        for (n, s) in [("self_attn.o_proj", [8, 8]), ("mlp.gate_proj", [12, 8]), ("mlp.up_proj", [12, 8]), ("mlp.down_proj", [8, 12])] {
+            t.push((format!("{p}.{n}.weight"), Tensor::randn(s, o) * 0.3));
+        }
+        for n in [format!("{p}.input_layernorm.weight"), format!("{p}.post_attention_layernorm.weight"), "model.norm.weight".into()] {
+            t.push((n, Tensor::ones([8], o)));
+        }
+        if !tied {
+            t.push(("lm_head.weight".into(), Tensor::randn([16, 8], o)));
+        }
+        let mut w = Weights::from_tensors(Path::new("memory"), t);
+        CausalLM::from_weights(config, &mut w, Device::Cpu, Kind::Float).unwrap()
+    }
+
+    /// A test adapter: `y = base(x) + x Dᵀ` with a trainable `D` `[out, in]` (zero at init, or
+    /// `W/2` with `halve`, which then rewrites the base to `W/2`: `init_rewrites_base`).
+    pub(crate) struct Additive {
+        pub targets: Vec<String>,
+        pub halve: bool,
+        pub merge: bool,
+    }
+
+    struct AdditiveLayer {
+        d: Tensor,
+    }
+
+    impl AdapterMethod for Additive {
+        fn targets(&self, module: &str) -> PluginResult<bool> {
+            Ok(self.targets.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))))
+        }
+        fn adapt_linear(&self, _module: &str, base: &dyn BaseLinear) -> PluginResult<Box<dyn AdapterLayer>> {
+            let w = base.weight()?;
+            let d = if self.halve { w.f_div_scalar(2.0)? } else { w.f_zeros_like()? };
+            Ok(Box::new(AdditiveLayer { d: d.set_requires_grad(true) }))
+        }
+        fn peft_config(&self) -> PluginResult<String> {
+            Ok(serde_json::json!({"peft_type": "ADDITIVE", "target_modules": self.targets}).to_string())
+        }
+        fn capabilities(&self) -> Vec<String> {
+            let mut c = Vec::new();
+            if self.merge {
+                c.push(CAP_MERGE.to_string());
+            }
+            if self.halve {
+                c.push(CAP_INIT_REWRITES_BASE.to_string());
+            }
+            c
+        }
+    }
+
+    impl AdapterLayer for AdditiveLayer {
+        fn forward(&self, x: &Tensor, base: &dyn BaseLinear, train: bool) -> PluginResult<Tensor> {
+            let x2 = if train { x.f_dropout(0.5, true)? } else { x.shallow_clone() };
+            Ok(base.forward(x)?.f_add(&x2.f_linear::<Tensor>(&self.d, None)?)?)
+        }
+        fn parameters(&self) -> PluginResult<Vec<TrainParam>> {
+            let mut p = TrainParam::new("delta", self.d.shallow_clone());
+            p.lr_scale = 2.0;
+            Ok(vec![p])
+        }
+        fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+            Ok(vec![("delta".into(), self.d.f_detach_copy()?)])
+        }
+        fn load_state_dict(&self, tensors: Vec<(String, Tensor)>) -> PluginResult<()> {
+            for (n, t) in tensors {
+                if n != "delta" {
+                    return Err(PluginError::invalid(format!("unexpected `{n}`")));
+                }
+                self.d.shallow_clone().f_copy_(&t)?;
+            }
+            Ok(())
+        }
+        fn merged_weight(&self, w: &Tensor) -> PluginResult<Tensor> {
+            Ok(w.f_add(&self.d)?)
+        }
+        fn unmerged_weight(&self, w: &Tensor) -> PluginResult<Tensor> {
+            Ok(w.f_sub(&self.d)?)
+        }
+    }
+
+    pub(crate) fn additive(targets: &[&str]) -> Box<Additive> {
+        Box::new(Additive { targets: targets.iter().map(|s| s.to_string()).collect(), halve: false, merge: true })
+    }
+
+    fn ids() -> Tensor {
+        Tensor::from_slice(&[1i64, 5, 9, 3, 12, 0]).view([2, 3])
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// Gives every adapter tensor a non-zero value, through load_adapter_state_dict.
+    fn perturb(m: &mut CausalLM) {
+        let sd: Vec<_> = m.adapter_state_dict().unwrap().into_iter().map(|(k, t)| (k, t.randn_like() * 0.2)).collect();
+        m.load_adapter_state_dict(sd).unwrap();
+    }
+
+    #[test]
+    fn attach_targets_names_and_counts() {
+        let mut m = tiny_model(true);
+        let r = m.attach_adapter("default", additive(&["q_proj", "down_proj"])).unwrap();
+        assert_eq!(r.modules, vec![("model.layers.0.self_attn.q_proj".to_string(), 64), ("model.layers.0.mlp.down_proj".to_string(), 96)]);
+        assert_eq!(r.trainable_parameters, 160);
+        assert_eq!(m.active_adapter(), Some("default"));
+        let p = m.trainable_parameters().unwrap();
+        let names: Vec<_> = p.iter().map(|p| (p.name.as_str(), p.lr_scale)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("base_model.model.model.layers.0.self_attn.q_proj.delta", 2.0),
+                ("base_model.model.model.layers.0.mlp.down_proj.delta", 2.0)
+            ]
+        );
+        assert!(p.iter().all(|p| p.tensor.requires_grad()));
+        let keys: Vec<_> = m.adapter_state_dict().unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec!["base_model.model.model.layers.0.self_attn.q_proj.delta", "base_model.model.model.layers.0.mlp.down_proj.delta"]);
+        let e = m.attach_adapter("default", additive(&["q_proj"])).unwrap_err().to_string();
+        assert!(e.contains("already attached"), "{e}");
+    }
+
+    #[test]
+    fn targets_matching_nothing_name_the_targets_and_some_modules() {
+        let mut m = tiny_model(true);
+        let e = m.attach_adapter("x", additive(&["qkv_proj"])).unwrap_err().to_string();
+        assert!(e.contains(r#"["qkv_proj"]"#) && e.contains("model.layers.0.self_attn.q_proj") && e.contains("lm_head"), "{e}");
+        assert!(m.adapter_names().is_empty() && m.active_adapter().is_none());
+    }
+
+    #[test]
+    fn adapter_changes_the_forward_only_when_enabled() {
+        let mut m = tiny_model(true);
+        let base = m.forward(&ids(), None, None).unwrap();
+        m.attach_adapter("default", additive(&["q_proj", "v_proj", "down_proj", "lm_head"])).unwrap();
+        assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base), 0.0, "D = 0 at init");
+        perturb(&mut m);
+        let adapted = m.forward(&ids(), None, None).unwrap();
+        assert!(max_diff(&adapted, &base) > 1e-3);
+        let reference = m.forward_with(&ids(), None, None, m.mode(ForwardFlags::DISABLE_ADAPTER, false)).unwrap();
+        assert_eq!(max_diff(&reference, &base), 0.0, "DISABLE_ADAPTER runs the base model");
+        assert_eq!(max_diff(&m.forward_with(&ids(), None, None, LinearMode::BASE).unwrap(), &base), 0.0);
+        // the training flag reaches the adapter (dropout)
+        let train = m.forward_with(&ids(), None, None, m.mode(ForwardFlags::NONE, true)).unwrap();
+        assert!(max_diff(&train, &adapted) > 1e-4);
+        // and an inactive adapter is not run
+        m.set_active_adapter(None).unwrap();
+        assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base), 0.0);
+        assert!(m.set_active_adapter(Some("nope")).unwrap_err().to_string().contains("`nope`"));
+        // the tied embedding is untouched by an adapter on lm_head
+        assert!(m.lm_head_is_tied());
+    }
+
+    #[test]
+    fn load_state_errors_name_the_keys() {
+        let mut m = tiny_model(true);
+        m.attach_adapter("default", additive(&["q_proj", "v_proj"])).unwrap();
+        let good = m.adapter_state_dict().unwrap();
+        let q = "base_model.model.model.layers.0.self_attn.q_proj.delta";
+        let v = "base_model.model.model.layers.0.self_attn.v_proj.delta";
+        let mut bad: Vec<_> = good.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        bad[1].1 = Tensor::zeros([5, 8], (Kind::Float, Device::Cpu));
+        let _ = bad.remove(0);
+        bad.push(("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu))));
+        let e = m.load_adapter_state_dict(bad).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{v}` is [5, 8], this model's is [4, 8]")), "{e}");
+        assert!(e.contains(&format!("missing key(s): `{q}`")), "{e}");
+        assert!(e.contains("unexpected key(s): `base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight`"), "{e}");
+        m.load_adapter_state_dict(good).unwrap();
+    }
+
+    #[test]
+    fn merge_equals_the_adapted_forward_and_unties_a_tied_head() {
+        let mut m = tiny_model(true);
+        let embed_before = m.embed_tokens().copy();
+        m.attach_adapter("default", additive(&["q_proj", "up_proj", "lm_head"])).unwrap();
+        perturb(&mut m);
+        let adapted = m.forward(&ids(), None, None).unwrap();
+        let merged = m.merge_adapter().unwrap();
+        assert_eq!(merged.len(), 3);
+        assert!(m.adapter_names().is_empty() && m.active_adapter().is_none());
+        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted) < 1e-5);
+        assert!(!m.lm_head_is_tied(), "the merged head has a weight of its own");
+        assert_eq!(max_diff(m.embed_tokens(), &embed_before), 0.0, "the embeddings are unchanged");
+        let keys: Vec<_> = m.named_weights().into_iter().map(|(k, _)| k).collect();
+        assert!(keys.contains(&"lm_head.weight".to_string()));
+        assert!(m.merge_adapter().unwrap_err().to_string().contains("no adapter is active"));
+    }
+
+    #[test]
+    fn merge_needs_the_capability() {
+        let mut m = tiny_model(false);
+        m.attach_adapter("a", Box::new(Additive { targets: vec!["q_proj".into()], halve: false, merge: false })).unwrap();
+        let e = m.merge_adapter().unwrap_err().to_string();
+        assert!(e.contains("`merge`"), "{e}");
+        assert_eq!(m.adapter_names(), vec!["a"]);
+    }
+
+    #[test]
+    fn init_rewrites_base_keeps_the_function_and_rolls_back_on_error() {
+        let mut m = tiny_model(true);
+        let base = m.forward(&ids(), None, None).unwrap();
+        let q_before = m.linears()[0].1.weight.copy();
+        let r = m.attach_adapter("p", Box::new(Additive { targets: vec!["q_proj".into(), "lm_head".into()], halve: true, merge: true })).unwrap();
+        assert_eq!(r.rewritten_base.len(), 2);
+        assert!(r.untied_lm_head && !m.lm_head_is_tied());
+        assert!(max_diff(&m.linears()[0].1.weight, &(&q_before / 2.0)) < 1e-7, "the base became the residual");
+        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base) < 1e-5, "W_res + D = W");
+        // a failed load takes the fresh adapter off and gives the base weight back
+        let originals = vec![("model.layers.0.self_attn.q_proj".to_string(), q_before.shallow_clone())];
+        m.detach_fresh_adapter("p", originals);
+        assert!(m.adapter_names().is_empty());
+        assert_eq!(max_diff(&m.linears()[0].1.weight, &q_before), 0.0);
+    }
+
+    #[test]
+    fn named_weights_are_checkpoint_keys() {
+        let m = tiny_model(true);
+        let keys: Vec<_> = m.named_weights().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys.len(), 1 + 2 + 3 * 2 + 4 + 1, "{keys:?}");
+        assert!(!keys.contains(&"lm_head.weight".to_string()), "a tied head is not saved");
+        assert!(keys.contains(&"model.layers.0.self_attn.q_proj.bias".to_string()));
+        assert_eq!(tiny_model(false).named_weights().last().unwrap().0, "lm_head.weight");
+    }
+}

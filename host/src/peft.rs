@@ -1,0 +1,355 @@
+//! PEFT adapter directories, as peft 0.21 writes and reads them: `adapter_config.json` (the
+//! method's configuration) and `adapter_model.safetensors` (the adapter's tensors under peft's
+//! keys, `base_model.model.<module>.lora_A.weight`).
+//!
+//! Loading maps a peft configuration onto an adapter plugin through [`PEFT_METHODS`], one row
+//! per `peft_type`: the keys the plugin implements are passed on; the informational keys
+//! ([`INFORMATIONAL_KEYS`]), keys set to null and keys at peft's default value are ignored;
+//! any other key is refused by name. An adapter is never loaded with part of its configuration
+//! silently dropped. Adding a method is one row here plus its plugin.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value};
+use tch::{Device, Tensor};
+
+use crate::adapters::{AttachReport, DEFAULT_ADAPTER};
+use crate::model::CausalLM;
+use crate::plugins::Registry;
+
+/// The configuration file of a PEFT directory.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// The tensors of a PEFT directory.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// Keys every peft configuration carries that describe the file or the run, not the adapter's
+/// function; ignored on load. (`peft_type` picks the plugin.)
+pub const INFORMATIONAL_KEYS: [&str; 7] =
+    ["peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version"];
+
+/// How one peft method maps onto an adapter plugin.
+pub struct PeftMethod {
+    /// peft's `peft_type` (`LORA`).
+    pub peft_type: &'static str,
+    /// The adapter plugin that implements it.
+    pub plugin: &'static str,
+    /// The configuration keys the plugin implements (passed on as they are).
+    pub keys: &'static [&'static str],
+    /// Keys the plugin does not implement, with peft's default value (JSON): accepted and
+    /// ignored at that value, refused at any other. A null value is always ignored (peft's
+    /// "not set").
+    pub defaults: &'static [(&'static str, &'static str)],
+    /// Adjusts the plugin configuration for loading saved weights.
+    pub for_loading: fn(&mut Map<String, Value>),
+}
+
+/// The peft methods ferrotune loads, by `peft_type`.
+pub const PEFT_METHODS: &[PeftMethod] = &[PeftMethod {
+    peft_type: "LORA",
+    plugin: "lora",
+    keys: &[
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "use_rslora",
+        "use_dora",
+        "init_lora_weights",
+        "bias",
+        "fan_in_fan_out",
+        "modules_to_save",
+    ],
+    // peft 0.21.2's LoraConfig defaults that are not null. (Its null-default keys:
+    // exclude_modules, layers_to_transform, layers_pattern, megatron_config,
+    // trainable_token_indices, eva_config, corda_config, lora_ga_config, velora_config,
+    // alora_invocation_tokens, monteclora_config, layer_replication, target_parameters,
+    // use_bdlora, arrow_config, kasa_config.)
+    defaults: &[
+        ("rank_pattern", "{}"),
+        ("alpha_pattern", "{}"),
+        ("megatron_core", "\"megatron.core\""),
+        ("loftq_config", "{}"),
+        ("use_qalora", "false"),
+        ("qalora_group_size", "16"),
+        ("lora_bias", "false"),
+        ("ensure_weight_tying", "false"),
+        ("runtime_config", "{\"ephemeral_gpu_offload\": false}"),
+    ],
+    for_loading: lora_for_loading,
+}];
+
+/// Saved LoRA weights replace the initial ones, so a random initialisation is replaced by the
+/// default (B = 0). PiSSA and OLoRA are kept: they are deterministic functions of W and decide
+/// the residual base weight the saved A and B were trained against (peft re-runs them on load
+/// too).
+fn lora_for_loading(config: &mut Map<String, Value>) {
+    let keep = matches!(config.get("init_lora_weights"), Some(Value::String(s)) if ["pissa", "olora"].contains(&s.to_ascii_lowercase().as_str()));
+    if !keep {
+        config.insert("init_lora_weights".into(), Value::Bool(true));
+    }
+}
+
+/// A peft configuration mapped onto an adapter plugin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginConfig {
+    pub plugin: &'static str,
+    pub config_json: String,
+    /// Keys ignored (informational, null or at peft's default).
+    pub ignored: Vec<String>,
+}
+
+/// Equal JSON values, numbers compared by value (`16` = `16.0`).
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b)),
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w))),
+        _ => a == b,
+    }
+}
+
+/// Maps an `adapter_config.json` (read from `path`, named in errors) onto its plugin's
+/// configuration for loading saved weights (see the module docs).
+pub fn plugin_config(config: &Value, path: &Path) -> Result<PluginConfig> {
+    let obj = config.as_object().with_context(|| format!("{}: expected a JSON object, got {config}", path.display()))?;
+    let supported = || PEFT_METHODS.iter().map(|m| format!("{} (plugin `{}`)", m.peft_type, m.plugin)).collect::<Vec<_>>().join(", ");
+    let peft_type = match obj.get("peft_type") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => bail!("{}: key `peft_type` must be a string, got {other}", path.display()),
+        None => bail!("{}: key `peft_type` is missing; peft writes it (supported: {})", path.display(), supported()),
+    };
+    let method = PEFT_METHODS.iter().find(|m| m.peft_type == peft_type).with_context(|| {
+        format!("{}: key `peft_type` = \"{peft_type}\": no adapter plugin implements it (supported: {})", path.display(), supported())
+    })?;
+    let mut pass = Map::new();
+    let mut ignored = Vec::new();
+    let mut refused = Vec::new();
+    for (key, value) in obj {
+        if INFORMATIONAL_KEYS.contains(&key.as_str()) || value.is_null() {
+            ignored.push(key.clone());
+        } else if method.keys.contains(&key.as_str()) {
+            pass.insert(key.clone(), value.clone());
+        } else if method.defaults.iter().any(|(k, d)| k == key && serde_json::from_str::<Value>(d).is_ok_and(|d| json_eq(&d, value))) {
+            ignored.push(key.clone());
+        } else {
+            refused.push(format!("`{key}` = {value}"));
+        }
+    }
+    if !refused.is_empty() {
+        bail!(
+            "{}: {} not supported by adapter plugin `{}` (peft_type {peft_type}); loading without {} would give a different \
+             adapter than peft's. Supported keys: {}; other keys are accepted only at peft's default value or null",
+            path.display(),
+            if refused.len() == 1 { format!("key {} is", refused[0]) } else { format!("keys {} are", refused.join(", ")) },
+            method.plugin,
+            if refused.len() == 1 { "it" } else { "them" },
+            method.keys.join(", ")
+        );
+    }
+    (method.for_loading)(&mut pass);
+    Ok(PluginConfig { plugin: method.plugin, config_json: Value::Object(pass).to_string(), ignored })
+}
+
+/// The two files of the PEFT directory `dir`, checked to exist; errors say what is there.
+pub fn adapter_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    if !dir.is_dir() {
+        bail!("adapter directory {} does not exist (a PEFT directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})", dir.display());
+    }
+    let holds = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        if names.is_empty() {
+            "nothing".into()
+        } else {
+            names.join(", ")
+        }
+    };
+    let config = dir.join(ADAPTER_CONFIG);
+    if !config.is_file() {
+        bail!("{} has no {ADAPTER_CONFIG}: not a PEFT adapter directory (it holds {})", dir.display(), holds());
+    }
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    if !weights.is_file() {
+        let hint = if dir.join("adapter_model.bin").exists() {
+            " (adapter_model.bin is not read: re-save it with peft's save_pretrained(safe_serialization=True))"
+        } else {
+            ""
+        };
+        bail!("{} has no {ADAPTER_WEIGHTS}{hint}; it holds {}", dir.display(), holds());
+    }
+    Ok((config, weights))
+}
+
+/// Reads and parses `adapter_config.json`.
+pub fn read_adapter_config(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+impl CausalLM {
+    /// Writes the active adapter as a PEFT directory peft loads (`PeftModel.from_pretrained`):
+    /// `adapter_config.json` (the plugin's `peft_config()`, `base_model_name_or_path` set to the
+    /// model directory when known) and `adapter_model.safetensors` (contiguous CPU tensors in
+    /// the adapter's dtype: float32 unless the adapter itself is bf16). Each file is written
+    /// atomically; `dir` is created.
+    pub fn save_peft_adapter(&self, dir: &Path) -> Result<()> {
+        let mut config = self.adapter_peft_config()?;
+        if let (Some(obj), Some(src)) = (config.as_object_mut(), self.source_dir()) {
+            let src = src.canonicalize().unwrap_or_else(|_| src.to_path_buf());
+            obj.insert("base_model_name_or_path".into(), Value::String(src.display().to_string()));
+        }
+        let tensors = self
+            .adapter_state_dict()?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.f_to_device(Device::Cpu)?.f_contiguous()?)))
+            .collect::<Result<Vec<_>>>()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::atomic::write_with(&dir.join(ADAPTER_WEIGHTS), |tmp| crate::model::init::write_safetensors(tmp, &tensors))?;
+        crate::atomic::write(&dir.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&config)? + "\n")?;
+        tracing::info!("saved adapter ({} tensors) to {}", tensors.len(), dir.display());
+        Ok(())
+    }
+
+    /// Loads the PEFT directory `dir` (ours or one peft wrote) as adapter `default` and makes it
+    /// active: the plugin comes from `peft_type` ([`PEFT_METHODS`]), its configuration from
+    /// `adapter_config.json` ([`plugin_config`]; unsupported keys are refused by name), then
+    /// the weights are loaded (missing, unexpected or mis-shaped keys are refused by name). On
+    /// any error the model is left as it was.
+    pub fn load_peft_adapter(&mut self, dir: &Path, registry: &Registry) -> Result<AttachReport> {
+        let (config_path, weights_path) = adapter_files(dir)?;
+        let mapped = plugin_config(&read_adapter_config(&config_path)?, &config_path)?;
+        tracing::debug!("{}: plugin `{}` with {} (ignored keys: {})", config_path.display(), mapped.plugin, mapped.config_json, mapped.ignored.join(", "));
+        let method = registry.adapter(mapped.plugin, &mapped.config_json).with_context(|| format!("{}", config_path.display()))?;
+        let tensors = Tensor::read_safetensors(&weights_path)
+            .with_context(|| format!("{} is not a readable safetensors file", weights_path.display()))?;
+        let before = self.active_adapter().map(str::to_string);
+        let (report, originals) = self
+            .attach_keeping_originals(DEFAULT_ADAPTER, Box::new(method))
+            .with_context(|| format!("attaching the adapter of {}", dir.display()))?;
+        self.set_active_adapter(Some(DEFAULT_ADAPTER))?;
+        if let Err(e) = self.load_adapter_state_dict(tensors) {
+            self.detach_fresh_adapter(DEFAULT_ADAPTER, originals);
+            self.set_active_adapter(before.as_deref())?;
+            return Err(e.context(format!("loading {}", weights_path.display())));
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Result<PluginConfig> {
+        plugin_config(&v, Path::new("a/adapter_config.json"))
+    }
+
+    /// What peft 0.21.2's `LoraConfig(r=4, target_modules=["q_proj", "v_proj"]).to_dict()` holds.
+    fn peft_written() -> Value {
+        json!({
+            "task_type": "CAUSAL_LM", "peft_type": "LORA", "auto_mapping": null, "peft_version": "0.21.2",
+            "base_model_name_or_path": "/m", "revision": null, "inference_mode": true, "r": 4,
+            "target_modules": ["v_proj", "q_proj"], "exclude_modules": null, "lora_alpha": 8, "lora_dropout": 0.0,
+            "fan_in_fan_out": false, "bias": "none", "use_rslora": false, "modules_to_save": null,
+            "init_lora_weights": true, "layers_to_transform": null, "layers_pattern": null, "rank_pattern": {},
+            "alpha_pattern": {}, "megatron_config": null, "megatron_core": "megatron.core",
+            "trainable_token_indices": null, "loftq_config": {}, "eva_config": null, "corda_config": null,
+            "lora_ga_config": null, "use_dora": false, "velora_config": null, "alora_invocation_tokens": null,
+            "use_qalora": false, "qalora_group_size": 16, "monteclora_config": null, "layer_replication": null,
+            "lora_bias": false, "target_parameters": null, "use_bdlora": null, "arrow_config": null,
+            "kasa_config": null, "ensure_weight_tying": false
+        })
+    }
+
+    #[test]
+    fn a_peft_lora_config_maps_onto_the_plugin() {
+        let m = map(peft_written()).unwrap();
+        assert_eq!(m.plugin, "lora");
+        let c: Value = serde_json::from_str(&m.config_json).unwrap();
+        assert_eq!(
+            c,
+            json!({"r": 4, "target_modules": ["v_proj", "q_proj"], "lora_alpha": 8, "lora_dropout": 0.0, "fan_in_fan_out": false,
+                   "bias": "none", "use_rslora": false, "init_lora_weights": true, "use_dora": false})
+        );
+        for k in ["peft_version", "task_type", "rank_pattern", "qalora_group_size", "layers_to_transform", "modules_to_save"] {
+            assert!(m.ignored.contains(&k.to_string()), "{k} ignored");
+        }
+    }
+
+    #[test]
+    fn unsupported_keys_are_refused_by_name() {
+        let mut v = peft_written();
+        v["rank_pattern"] = json!({"q_proj": 8});
+        v["layers_to_transform"] = json!([0]);
+        let e = map(v).unwrap_err().to_string();
+        assert!(e.contains("a/adapter_config.json"), "{e}");
+        assert!(e.contains(r#"keys `layers_to_transform` = [0], `rank_pattern` = {"q_proj":8} are not supported by adapter plugin `lora`"#), "{e}");
+        let mut v = peft_written();
+        v["use_qalora"] = json!(true);
+        assert!(map(v).unwrap_err().to_string().contains("key `use_qalora` = true is"));
+        let mut v = peft_written();
+        v["qalora_group_size"] = json!(16.0);
+        assert!(map(v).is_ok(), "16.0 is peft's default 16");
+        let mut v = peft_written();
+        v["brand_new_key"] = json!(null);
+        assert!(map(v).is_ok(), "null means not set");
+    }
+
+    #[test]
+    fn peft_type_must_name_a_method() {
+        let e = map(json!({"r": 4})).unwrap_err().to_string();
+        assert!(e.contains("`peft_type` is missing") && e.contains("LORA"), "{e}");
+        let e = map(json!({"peft_type": "IA3"})).unwrap_err().to_string();
+        assert!(e.contains("`peft_type` = \"IA3\"") && e.contains("LORA (plugin `lora`)"), "{e}");
+        assert!(map(json!([1])).unwrap_err().to_string().contains("expected a JSON object"));
+    }
+
+    #[test]
+    fn random_inits_become_the_default_and_deterministic_ones_stay() {
+        let init = |v: Value| {
+            let c: Value = serde_json::from_str(&map(json!({"peft_type": "LORA", "init_lora_weights": v})).unwrap().config_json).unwrap();
+            c["init_lora_weights"].clone()
+        };
+        assert_eq!(init(json!(false)), json!(true));
+        assert_eq!(init(json!("gaussian")), json!(true));
+        assert_eq!(init(json!("pissa")), json!("pissa"));
+        assert_eq!(init(json!("olora")), json!("olora"));
+        let c: Value = serde_json::from_str(&map(json!({"peft_type": "LORA"})).unwrap().config_json).unwrap();
+        assert_eq!(c, json!({"init_lora_weights": true}));
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("ferrotune-peft-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(adapter_files(&dir).unwrap_err().to_string().contains("does not exist"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("README.md"), "").unwrap();
+        let e = adapter_files(&dir).unwrap_err().to_string();
+        assert!(e.contains("has no adapter_config.json") && e.contains("README.md"), "{e}");
+        std::fs::write(dir.join(ADAPTER_CONFIG), "{}").unwrap();
+        std::fs::write(dir.join("adapter_model.bin"), "").unwrap();
+        let e = adapter_files(&dir).unwrap_err().to_string();
+        assert!(e.contains("has no adapter_model.safetensors") && e.contains("adapter_model.bin is not read"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn save_writes_peft_keys_and_config() {
+        use crate::adapters::tests::{additive, tiny_model};
+        let mut m = tiny_model(true);
+        m.attach_adapter("default", additive(&["q_proj", "v_proj"])).unwrap();
+        let dir = std::env::temp_dir().join(format!("ferrotune-peft-save-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        m.save_peft_adapter(&dir).unwrap();
+        let config = read_adapter_config(&dir.join(ADAPTER_CONFIG)).unwrap();
+        assert_eq!(config["peft_type"], "ADDITIVE");
+        let saved = Tensor::read_safetensors(dir.join(ADAPTER_WEIGHTS)).unwrap();
+        let keys: Vec<_> = saved.iter().map(|(k, _)| k.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        assert_eq!(keys, vec!["base_model.model.model.layers.0.self_attn.q_proj.delta", "base_model.model.model.layers.0.self_attn.v_proj.delta"]);
+        assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')), "no temporary left");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
