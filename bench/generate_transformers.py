@@ -9,6 +9,9 @@ import os
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -30,17 +33,18 @@ mask = torch.ones_like(ids)
 
 prefill, decode = [], []
 with torch.inference_mode():
-    model(input_ids=ids, attention_mask=mask)  # warm-up
+    model(input_ids=ids, attention_mask=mask, logits_to_keep=1)  # warm-up
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        # logits_to_keep=1: only the last position's logits, as generate() does.
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         t1 = time.perf_counter()
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         m = mask
         for _ in range(N - 1):
             m = torch.cat([m, torch.ones((B, 1), dtype=m.dtype)], dim=1)
-            out = model(input_ids=nxt, attention_mask=m, past_key_values=past, use_cache=True)
+            out = model(input_ids=nxt, attention_mask=m, past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         t2 = time.perf_counter()

@@ -18,5 +18,6 @@ pub mod pipeline;
 pub mod plugins;
 pub mod selfcheck;
 pub mod text;
+pub mod train;
 
 pub use ferrotune_plugin_api as api;

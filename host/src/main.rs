@@ -48,6 +48,15 @@ enum Command {
     /// Write a randomly initialised Llama/Qwen2 model directory (config.json,
     /// model.safetensors, tokenizer files, generation_config.json) that transformers loads.
     InitModel(Box<InitModelArgs>),
+    /// Fine-tune with the plugins a YAML config names (README: config reference).
+    Train {
+        /// The run's YAML config.
+        config: PathBuf,
+        /// Continue exactly from the newest checkpoint-N in output_dir, or from the given
+        /// checkpoint folder.
+        #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
+        resume: Option<String>,
+    },
     /// Generate text from a model directory (KV cache; greedy or seeded sampling), optionally
     /// through a PEFT adapter directory.
     Generate(Box<GenerateArgs>),
@@ -289,6 +298,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::InitModel(args) => {
             init_model(*args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train { config, resume } => {
+            let cfg = ferrotune::train::config::TrainConfig::from_file(&config)?;
+            let registry = Registry::discover(&search);
+            let resume = resume.map(|r| {
+                if r == "latest" { ferrotune::train::Resume::Latest } else { ferrotune::train::Resume::Path(r.into()) }
+            });
+            let summary = ferrotune::train::train(&cfg, &registry, resume)?;
+            eprintln!(
+                "done: {} steps, loss {:.4} -> {:.4}{}; adapter in {}",
+                summary.steps,
+                summary.first_loss.unwrap_or(f64::NAN),
+                summary.last_loss.unwrap_or(f64::NAN),
+                summary.eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+                summary.output_dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(a) => {

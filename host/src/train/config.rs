@@ -1,0 +1,341 @@
+//! The `ferrotune train` configuration (YAML). Every key is documented in the README's config
+//! reference; unknown keys are errors that name them. Plugin sections (`adapter`, `objective`,
+//! `memory`, `data.config`) carry `plugin:` plus that plugin's own keys, which the plugin
+//! validates.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// A plugin section: `plugin: NAME` and the plugin's own configuration.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PluginSection {
+    pub plugin: String,
+    #[serde(flatten)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+impl PluginSection {
+    pub fn config_json(&self) -> String {
+        serde_json::Value::Object(self.config.clone()).to_string()
+    }
+    fn named(plugin: &str) -> Self {
+        Self { plugin: plugin.into(), config: Default::default() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json). Relative paths
+    /// are relative to the config file.
+    pub model: PathBuf,
+    /// Where checkpoints, metrics and the final adapter go.
+    pub output_dir: PathBuf,
+    /// cpu, cuda or cuda:N (default cpu).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Compute dtype of the frozen base: f32 or bf16 (default f32).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Seed of parameter init, shuffling and dropout (default 42).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The adapter plugin and its configuration (e.g. `plugin: lora`, `r: 8`).
+    pub adapter: PluginSection,
+    /// A PEFT adapter directory whose weights start the run instead of the plugin's init
+    /// (continue training an adapter; relative to the config file).
+    #[serde(default)]
+    pub adapter_init: Option<PathBuf>,
+    /// The objective plugin (default `sft`).
+    #[serde(default = "default_objective")]
+    pub objective: PluginSection,
+    /// The memory plugin (default `single`).
+    #[serde(default = "default_memory")]
+    pub memory: PluginSection,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub training: TrainingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// Peak learning rate (default 2e-4; typical LoRA 1e-4 – 5e-4).
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Decoupled weight decay (default 0.0).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW betas (default [0.9, 0.999]).
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    /// AdamW epsilon (default 1e-8).
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this (default 1.0; null = no clipping).
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self { lr: default_lr(), weight_decay: 0.0, betas: default_betas(), eps: default_eps(), max_grad_norm: default_clip() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// constant, linear (to 0) or cosine (to 0) after warm-up (default cosine).
+    #[serde(default = "default_schedule", rename = "type")]
+    pub kind: ScheduleKind,
+    /// Linear warm-up from 0 over this many optimizer steps (default 0).
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Or over this fraction of all steps (used when warmup_steps is 0).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { kind: default_schedule(), warmup_steps: 0, warmup_ratio: 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The dataset plugin (alpaca, sharegpt, …).
+    pub plugin: String,
+    /// The data file or folder (relative to the config file).
+    pub path: PathBuf,
+    /// The plugin's own configuration (column mapping, …).
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Split name passed to the plugin (default train).
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// Longer samples are truncated to this many tokens, and counted (default 1024).
+    #[serde(default = "default_cutoff")]
+    pub cutoff_len: usize,
+    /// Put labels on prompt tokens too (default false: assistant turns only).
+    #[serde(default)]
+    pub train_on_prompt: bool,
+    /// Label only the last assistant turn (default false).
+    #[serde(default)]
+    pub mask_history: bool,
+    /// Fraction of samples held out for eval loss (default 0.0 = no eval).
+    #[serde(default)]
+    pub eval_ratio: f64,
+    /// Shuffle the training order every epoch (default true).
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Passes over the data (default 1). Ignored when max_steps is set.
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (default: epochs decide).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Samples per forward/backward (default 2).
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step (default 1).
+    #[serde(default = "default_one")]
+    pub gradient_accumulation_steps: usize,
+    /// Log a metrics line every N optimizer steps (default 1).
+    #[serde(default = "default_one")]
+    pub logging_steps: usize,
+    /// Eval loss every N optimizer steps (default: only at the end; needs data.eval_ratio).
+    #[serde(default)]
+    pub eval_steps: Option<usize>,
+    /// Write a checkpoint every N optimizer steps (default: none until the end).
+    #[serde(default)]
+    pub save_steps: Option<usize>,
+    /// Keep at most this many checkpoints (default: all).
+    #[serde(default)]
+    pub save_total_limit: Option<usize>,
+    /// Show a progress bar on stderr (default true).
+    #[serde(default = "default_true")]
+    pub progress_bar: bool,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            epochs: default_epochs(),
+            max_steps: None,
+            micro_batch_size: default_micro_batch(),
+            gradient_accumulation_steps: 1,
+            logging_steps: 1,
+            eval_steps: None,
+            save_steps: None,
+            save_total_limit: None,
+            progress_bar: true,
+        }
+    }
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_objective() -> PluginSection {
+    PluginSection::named("sft")
+}
+fn default_memory() -> PluginSection {
+    PluginSection::named("single")
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Cosine
+}
+fn default_split() -> String {
+    "train".into()
+}
+fn default_cutoff() -> usize {
+    1024
+}
+fn default_true() -> bool {
+    true
+}
+fn default_epochs() -> usize {
+    1
+}
+fn default_micro_batch() -> usize {
+    2
+}
+fn default_one() -> usize {
+    1
+}
+
+impl TrainConfig {
+    /// Reads a YAML config; errors name the file and the key path.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg = Self::from_yaml(&text).with_context(|| format!("in {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path].into_iter().chain(cfg.adapter_init.as_mut()) {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." { "(top level)".to_string() } else { path };
+            anyhow::anyhow!("config key `{key}`: {}", e.inner())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let t = &self.training;
+        if t.micro_batch_size == 0 {
+            bail!("config key `training.micro_batch_size`: must be at least 1");
+        }
+        if t.gradient_accumulation_steps == 0 {
+            bail!("config key `training.gradient_accumulation_steps`: must be at least 1");
+        }
+        if t.max_steps.is_none() && t.epochs == 0 {
+            bail!("config key `training.epochs`: must be at least 1 (or set training.max_steps)");
+        }
+        if !(0.0..1.0).contains(&self.data.eval_ratio) {
+            bail!("config key `data.eval_ratio`: must be in [0, 1), got {}", self.data.eval_ratio);
+        }
+        if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
+            bail!("config key `optimizer.lr`: must be positive, got {}", self.optimizer.lr);
+        }
+        if !(0.0..1.0).contains(&self.scheduler.warmup_ratio) {
+            bail!("config key `scheduler.warmup_ratio`: must be in [0, 1), got {}", self.scheduler.warmup_ratio);
+        }
+        if self.data.cutoff_len < 2 {
+            bail!("config key `data.cutoff_len`: must be at least 2");
+        }
+        Ok(())
+    }
+
+    /// The memory plugin's `optimizer_json`.
+    pub fn optimizer_json(&self) -> String {
+        let o = &self.optimizer;
+        serde_json::json!({
+            "betas": o.betas,
+            "eps": o.eps,
+            "weight_decay": o.weight_decay,
+            "max_grad_norm": o.max_grad_norm,
+        })
+        .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "model: m\noutput_dir: out\nadapter: {plugin: lora, r: 8}\ndata: {plugin: alpaca, path: d.json}\n";
+
+    #[test]
+    fn defaults_and_plugin_sections() {
+        let c = TrainConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.adapter.plugin, "lora");
+        assert_eq!(c.adapter.config_json(), r#"{"r":8}"#);
+        assert_eq!(c.objective.plugin, "sft");
+        assert_eq!(c.memory.plugin, "single");
+        assert_eq!(c.scheduler.kind, ScheduleKind::Cosine);
+        assert_eq!(c.training.micro_batch_size, 2);
+        assert!(c.optimizer_json().contains("\"max_grad_norm\":1.0"));
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_named() {
+        let e = TrainConfig::from_yaml(&format!("{MINIMAL}lerning_rate: 1\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `lerning_rate`"), "{e}");
+        let e = TrainConfig::from_yaml(&format!("{MINIMAL}training: {{epochs: 1, micro_batch: 4}}\n")).unwrap_err().to_string();
+        assert!(e.contains("training") && e.contains("micro_batch"), "{e}");
+        let e = TrainConfig::from_yaml(&format!("{MINIMAL}scheduler: {{type: exponential}}\n")).unwrap_err().to_string();
+        assert!(e.contains("scheduler.type") && e.contains("exponential"), "{e}");
+        let e = TrainConfig::from_yaml(&format!("{MINIMAL}training: {{gradient_accumulation_steps: 0}}\n")).unwrap_err().to_string();
+        assert!(e.contains("gradient_accumulation_steps"), "{e}");
+        let e = TrainConfig::from_yaml("model: m\noutput_dir: o\ndata: {plugin: a, path: p}\n").unwrap_err().to_string();
+        assert!(e.contains("missing field `adapter`"), "{e}");
+    }
+}

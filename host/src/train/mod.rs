@@ -1,0 +1,465 @@
+//! `ferrotune train config.yaml`: the recipe that wires the plugins a config names.
+//!
+//! model (host) + adapter plugin → trainable parameters → dataset plugin → chat template,
+//! token ids and label masks (host) → objective plugin (loss) → backward → memory plugin
+//! (clipping, optimizer step) → metrics (JSON lines), checkpoints (atomic), final PEFT
+//! adapter directory.
+//!
+//! Determinism, so that `--resume` continues exactly: the data order of epoch `e` is a
+//! permutation drawn from a generator seeded by `(seed, e)`; libtorch's generator (dropout)
+//! is re-seeded from `(seed, step)` at the start of every optimizer step; the learning-rate
+//! schedule is a function of the step. A checkpoint therefore needs only the adapter, the
+//! optimizer state and the step number.
+pub mod config;
+pub mod schedule;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
+use ferrotune_plugin_api::{Batch, ForwardFlags, MemoryStrategy, Objective, PluginError, PluginResult, RewardInput};
+use tch::Tensor;
+
+use crate::collectives::SingleProcess;
+use crate::data::{self, EncodeOptions, Encoded};
+use crate::model::CausalLM;
+use crate::plugins::Registry;
+use crate::text::Tokenizer;
+use config::TrainConfig;
+use schedule::Schedule;
+
+/// What a finished run reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub train_samples: usize,
+    pub eval_samples: usize,
+    pub truncated_samples: usize,
+    pub skipped_samples: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub trainable_parameters: i64,
+    pub seconds: f64,
+    pub output_dir: PathBuf,
+}
+
+/// Where to resume from.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// The newest `checkpoint-N` in the output directory.
+    Latest,
+    Path(PathBuf),
+}
+
+/// The model as objectives see it.
+struct PolicyContext<'a> {
+    model: &'a CausalLM,
+    tokenizer: &'a Tokenizer,
+    /// Dropout on (training steps) or off (eval, reference passes are the objective's call).
+    train: bool,
+}
+
+impl ObjectiveContext for PolicyContext<'_> {
+    fn forward(&self, inputs: &[(String, Tensor)], flags: ForwardFlags) -> PluginResult<Vec<(String, Tensor)>> {
+        let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let ids = get("input_ids").ok_or_else(|| PluginError::invalid("forward needs `input_ids`"))?;
+        let mask = get("attention_mask");
+        let run = || {
+            self.model
+                .forward_with(ids, mask, None, self.model.mode(flags, self.train))
+                .map_err(|e| PluginError::runtime(format!("{e:#}")))
+        };
+        let logits = if flags.contains(ForwardFlags::NO_GRAD) { tch::no_grad(run)? } else { run()? };
+        Ok(vec![("logits".to_string(), logits)])
+    }
+    fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>> {
+        let opts: serde_json::Value = serde_json::from_str(if options_json.trim().is_empty() { "{}" } else { options_json })
+            .map_err(|e| PluginError::invalid(format!("generation options: {e}")))?;
+        let mut p = crate::generate::SamplingParams::greedy(opts["max_new_tokens"].as_u64().unwrap_or(64) as usize);
+        p.temperature = opts["temperature"].as_f64().unwrap_or(0.0);
+        p.top_k = opts["top_k"].as_u64().unwrap_or(0) as usize;
+        p.top_p = opts["top_p"].as_f64().unwrap_or(1.0);
+        p.seed = opts["seed"].as_u64().unwrap_or(0);
+        p.eos_token_ids = self.tokenizer.eos_token_id().into_iter().collect();
+        p.pad_token_id = self.tokenizer.pad_token_id().or(self.tokenizer.eos_token_id()).unwrap_or(0);
+        crate::generate::generate(self.model, prompts, &p).map_err(|e| PluginError::runtime(format!("{e:#}")))
+    }
+    fn decode(&self, ids: &[i64]) -> PluginResult<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| PluginError::runtime(format!("{e:#}")))
+    }
+    fn rewards(&self, _inputs: &[RewardInput]) -> PluginResult<Vec<RewardScores>> {
+        Err(PluginError::unsupported("this run configures no reward plugins"))
+    }
+}
+
+/// Deterministic generator for data order (SplitMix64).
+fn splitmix(mut x: u64) -> impl FnMut() -> u64 {
+    move || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// A permutation of `0..n` (Fisher–Yates) determined by `seed`.
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut next = splitmix(seed);
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+/// The order in which micro-batches are drawn: epoch after epoch over the training set.
+struct DataOrder {
+    n: usize,
+    micro: usize,
+    seed: u64,
+    shuffle: bool,
+}
+
+impl DataOrder {
+    fn micro_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.micro)
+    }
+    /// Sample indices of global micro-batch `k`, and its epoch.
+    fn micro_batch(&self, k: usize) -> (usize, Vec<usize>) {
+        let per = self.micro_per_epoch();
+        let (epoch, within) = (k / per, k % per);
+        let order = if self.shuffle {
+            permutation(self.n, self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407))
+        } else {
+            (0..self.n).collect()
+        };
+        let start = within * self.micro;
+        (epoch, order[start..(start + self.micro).min(self.n)].to_vec())
+    }
+}
+
+fn on_device(tensors: Vec<(String, Tensor)>, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
+    tensors.into_iter().map(|(n, t)| Ok((n, t.f_to_device(device)?))).collect()
+}
+
+fn label_tokens(e: &Encoded) -> i64 {
+    e.labels.iter().skip(1).filter(|&&l| l != -100).count() as i64
+}
+
+fn step_seed(seed: u64, step: usize) -> i64 {
+    (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7FFF_FFFF_FFFF_FFFF) as i64
+}
+
+/// Runs (or resumes) a training run.
+pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> Result<TrainSummary> {
+    let started = Instant::now();
+    let device = crate::device::resolve(&cfg.device)?;
+    let dtype = crate::model::init::parse_dtype(&cfg.dtype)?;
+    std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
+    tch::manual_seed(cfg.seed as i64);
+
+    let mut model = CausalLM::load(&cfg.model, device, dtype)?;
+    let tokenizer = Tokenizer::from_dir(&cfg.model)?;
+    let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
+    let attach = model.attach_adapter("default", Box::new(method))?;
+    tracing::info!("adapter `{}` on {} modules", cfg.adapter.plugin, attach.modules.len());
+    if let Some(init) = &cfg.adapter_init {
+        let file = init.join("adapter_model.safetensors");
+        let weights = Tensor::read_safetensors(&file).with_context(|| format!("adapter_init: cannot read {}", file.display()))?;
+        model.load_adapter_state_dict(weights).with_context(|| format!("adapter_init {}", init.display()))?;
+    }
+    let params = model.trainable_parameters()?;
+    let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
+
+    // Data: canonical samples → token ids and labels.
+    let samples = data::load_samples(
+        registry,
+        &cfg.data.plugin,
+        &serde_json::Value::Object(cfg.data.config.clone()).to_string(),
+        &cfg.data.path,
+        &cfg.data.split,
+    )?;
+    let opts = EncodeOptions { cutoff_len: cfg.data.cutoff_len, train_on_prompt: cfg.data.train_on_prompt, mask_history: cfg.data.mask_history };
+    let (mut encoded, mut truncated, mut skipped) = (Vec::new(), 0usize, 0usize);
+    for (i, s) in samples.iter().enumerate() {
+        match data::encode_sample(&tokenizer, s, &opts) {
+            Ok(e) if label_tokens(&e) > 0 => {
+                truncated += e.truncated_from.is_some() as usize;
+                encoded.push(e);
+            }
+            Ok(_) => skipped += 1,
+            Err(e) if e.downcast_ref::<data::EncodeError>().is_some() => {
+                skipped += 1;
+                tracing::warn!("sample {i}: {e:#}; skipped");
+            }
+            Err(e) => bail!("sample {i} of {}: {e:#}", cfg.data.path.display()),
+        }
+    }
+    if truncated > 0 {
+        eprintln!("note: {truncated} of {} samples were longer than cutoff_len {} and were truncated", encoded.len(), cfg.data.cutoff_len);
+    }
+    if skipped > 0 {
+        eprintln!("note: {skipped} samples had no label tokens left and were skipped");
+    }
+    // Eval: a seeded random subset; training keeps the file order (shuffled per epoch below).
+    let eval_n = (encoded.len() as f64 * cfg.data.eval_ratio).round() as usize;
+    let mut is_eval = vec![false; encoded.len()];
+    for &i in permutation(encoded.len(), cfg.seed).iter().take(eval_n) {
+        is_eval[i] = true;
+    }
+    let (mut train_set, mut eval_set) = (Vec::new(), Vec::new());
+    for (e, eval) in encoded.into_iter().zip(is_eval) {
+        if eval { eval_set.push(e) } else { train_set.push(e) }
+    }
+    if train_set.is_empty() {
+        bail!("no training samples left in {}", cfg.data.path.display());
+    }
+
+    let t = &cfg.training;
+    let data_order = DataOrder { n: train_set.len(), micro: t.micro_batch_size, seed: cfg.seed, shuffle: cfg.data.shuffle };
+    let accum = t.gradient_accumulation_steps;
+    let total_steps = t.max_steps.unwrap_or_else(|| (t.epochs * data_order.micro_per_epoch()).div_ceil(accum));
+    // With epochs (no max_steps) the last step takes only the micro-batches the epochs have left.
+    let micro_limit = if t.max_steps.is_some() { usize::MAX } else { t.epochs * data_order.micro_per_epoch() };
+    let schedule = Schedule::new(&cfg.scheduler, cfg.optimizer.lr, total_steps);
+    let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
+
+    let mut objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
+    let mut memory = registry.memory(&cfg.memory.plugin, &cfg.memory.config_json())?;
+    memory.setup(params, &cfg.optimizer_json(), device, &SingleProcess)?;
+
+    let mut step = 0usize;
+    if let Some(r) = resume {
+        let dir = match r {
+            Resume::Path(p) => p,
+            Resume::Latest => latest_checkpoint(&cfg.output_dir)?
+                .with_context(|| format!("--resume: no checkpoint-N folder in {}", cfg.output_dir.display()))?,
+        };
+        step = load_checkpoint(&dir, &mut model, &mut memory)?;
+        eprintln!("resumed from {} at step {step}", dir.display());
+    }
+
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.output_dir.join("metrics.jsonl"))
+        .context("cannot open metrics.jsonl")?;
+    let bar = progress_bar(t.progress_bar, total_steps, step);
+    let (mut first_loss, mut last_loss, mut eval_loss) = (None, None, None);
+    let mut last_eval_step = None;
+    while step < total_steps {
+        tch::manual_seed(step_seed(cfg.seed, step));
+        let step_start = Instant::now();
+        let micro: Vec<(usize, Vec<usize>)> =
+            (0..accum).map(|j| step * accum + j).take_while(|&k| k < micro_limit).map(|k| data_order.micro_batch(k)).collect();
+        // (epoch, sample indices) per micro-batch; the epoch is only informative here.
+        let num_items: i64 = micro.iter().flat_map(|(_, idx)| idx.iter().map(|&i| label_tokens(&train_set[i]))).sum();
+        let (mut loss_sum, mut tokens) = (0f64, 0usize);
+        let mut extra: Vec<(String, f64)> = Vec::new();
+        for (_, idx) in &micro {
+            let items: Vec<Encoded> = idx.iter().map(|&i| train_set[i].clone()).collect();
+            tokens += items.iter().map(|e| e.input_ids.len()).sum::<usize>();
+            let batch = Batch {
+                tensors: on_device(data::collate(&items, pad_id), device)?,
+                meta_json: serde_json::json!({ "num_items_in_batch": num_items }).to_string(),
+            };
+            let ctx = PolicyContext { model: &model, tokenizer: &tokenizer, train: true };
+            let out = objective.loss(&batch, &ctx)?;
+            out.loss.f_backward()?;
+            loss_sum += out.loss.f_double_value(&[])?;
+            extra = out.metrics;
+        }
+        let lr = schedule.lr(step);
+        let report = memory.step(lr, &SingleProcess)?;
+        step += 1;
+        first_loss.get_or_insert(loss_sum);
+        last_loss = Some(loss_sum);
+        let mut line = serde_json::json!({
+            "step": step,
+            "epoch": (step * accum) as f64 / data_order.micro_per_epoch() as f64,
+            "loss": loss_sum,
+            "lr": lr,
+            "grad_norm": report.grad_norm,
+            "skipped": report.skipped,
+            "tokens_per_s": tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
+        });
+        for (k, v) in extra.iter().filter(|(k, _)| k != "loss") {
+            line[format!("train/{k}")] = serde_json::json!(v);
+        }
+        if let Some(every) = t.eval_steps {
+            if step % every == 0 && !eval_set.is_empty() {
+                let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, device)?;
+                line["eval_loss"] = serde_json::json!(l);
+                eval_loss = Some(l);
+                last_eval_step = Some(step);
+            }
+        }
+        if step % t.logging_steps == 0 || step == total_steps {
+            writeln!(metrics, "{line}")?;
+            println!("{line}");
+        }
+        if let Some(b) = &bar {
+            b.set_message(format!("loss {loss_sum:.4} lr {lr:.2e}"));
+            b.inc(1);
+        }
+        if t.save_steps.is_some_and(|every| step % every == 0) && step < total_steps {
+            save_checkpoint(&cfg.output_dir, step, &model, &memory, t.save_total_limit)?;
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    if !eval_set.is_empty() && last_eval_step != Some(step) {
+        let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, device)?;
+        writeln!(metrics, "{}", serde_json::json!({"step": step, "eval_loss": l}))?;
+        eval_loss = Some(l);
+    }
+    model.save_peft_adapter(&cfg.output_dir)?;
+    let summary = TrainSummary {
+        steps: step,
+        train_samples: train_set.len(),
+        eval_samples: eval_set.len(),
+        truncated_samples: truncated,
+        skipped_samples: skipped,
+        first_loss,
+        last_loss,
+        eval_loss,
+        trainable_parameters: trainable,
+        seconds: started.elapsed().as_secs_f64(),
+        output_dir: cfg.output_dir.clone(),
+    };
+    std::fs::write(cfg.output_dir.join("train_summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+/// Token-weighted mean loss over the eval set (no graph, dropout off).
+fn evaluate(
+    model: &CausalLM,
+    tokenizer: &Tokenizer,
+    objective: &mut dyn Objective,
+    eval_set: &[Encoded],
+    micro: usize,
+    pad_id: i64,
+    device: tch::Device,
+) -> Result<f64> {
+    let total: i64 = eval_set.iter().map(label_tokens).sum();
+    let mut sum = 0f64;
+    for chunk in eval_set.chunks(micro) {
+        let batch = Batch {
+            tensors: on_device(data::collate(chunk, pad_id), device)?,
+            meta_json: serde_json::json!({ "num_items_in_batch": total }).to_string(),
+        };
+        let ctx = PolicyContext { model, tokenizer, train: false };
+        let out = tch::no_grad(|| objective.loss(&batch, &ctx))?;
+        sum += out.loss.f_double_value(&[])?;
+    }
+    Ok(sum)
+}
+
+fn progress_bar(enabled: bool, total: usize, done: usize) -> Option<indicatif::ProgressBar> {
+    if !enabled {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps (eta {eta}) {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_position(done as u64);
+    Some(bar)
+}
+
+// ------------------------------------------------------------------ checkpoints
+
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+
+/// `checkpoint-N` folders of a run, by step.
+fn checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(found) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok()) {
+            if e.path().join(STATE_FILE).is_file() {
+                found.push((n, e.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(checkpoints(dir)?.pop().map(|(_, p)| p))
+}
+
+/// Writes `checkpoint-{step}` atomically: everything goes to a temporary folder that is
+/// renamed into place only when complete, so a killed run never leaves a half checkpoint.
+fn save_checkpoint(out: &Path, step: usize, model: &CausalLM, memory: &dyn MemoryStrategy, keep: Option<usize>) -> Result<()> {
+    let final_dir = out.join(format!("checkpoint-{step}"));
+    let tmp = out.join(format!(".checkpoint-{step}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    model.save_peft_adapter(&tmp.join("adapter"))?;
+    let state = memory.state_dict()?;
+    let refs: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, tmp.join(OPTIMIZER_FILE))?;
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&serde_json::json!({ "step": step }))?)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    if let Some(keep) = keep {
+        let all = checkpoints(out)?;
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+            std::fs::remove_dir_all(old).ok();
+        }
+    }
+    Ok(())
+}
+
+fn load_checkpoint(dir: &Path, model: &mut CausalLM, memory: &mut dyn MemoryStrategy) -> Result<usize> {
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(STATE_FILE)).with_context(|| format!("{} has no {STATE_FILE}", dir.display()))?,
+    )?;
+    let step = state["step"].as_u64().with_context(|| format!("{}/{STATE_FILE}: no `step`", dir.display()))? as usize;
+    let adapter = Tensor::read_safetensors(dir.join("adapter/adapter_model.safetensors"))
+        .with_context(|| format!("cannot read the adapter of {}", dir.display()))?;
+    model.load_adapter_state_dict(adapter)?;
+    let opt = Tensor::read_safetensors(dir.join(OPTIMIZER_FILE)).with_context(|| format!("cannot read {}/{OPTIMIZER_FILE}", dir.display()))?;
+    memory.load_state_dict(opt)?;
+    Ok(step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_permutation_and_seeded() {
+        let p = permutation(100, 7);
+        let mut s = p.clone();
+        s.sort();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+        assert_eq!(p, permutation(100, 7));
+        assert_ne!(p, permutation(100, 8));
+    }
+
+    #[test]
+    fn data_order_covers_each_epoch_once() {
+        let o = DataOrder { n: 7, micro: 3, seed: 1, shuffle: true };
+        assert_eq!(o.micro_per_epoch(), 3);
+        let mut seen: Vec<usize> = (0..3).flat_map(|k| o.micro_batch(k).1).collect();
+        seen.sort();
+        assert_eq!(seen, (0..7).collect::<Vec<_>>());
+        assert_eq!(o.micro_batch(3).0, 1, "micro-batch 3 starts epoch 1");
+        assert_eq!(o.micro_batch(2).1.len(), 1, "the last micro-batch of an epoch is short");
+    }
+}
