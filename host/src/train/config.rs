@@ -80,11 +80,14 @@ pub struct OptimizerConfig {
     /// Clip the global gradient norm to this (default 1.0; null = no clipping).
     #[serde(default = "default_clip")]
     pub max_grad_norm: Option<f64>,
+    /// AMSGrad variant of AdamW (default false).
+    #[serde(default)]
+    pub amsgrad: bool,
 }
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        Self { lr: default_lr(), weight_decay: 0.0, betas: default_betas(), eps: default_eps(), max_grad_norm: default_clip() }
+        Self { lr: default_lr(), weight_decay: 0.0, betas: default_betas(), eps: default_eps(), max_grad_norm: default_clip(), amsgrad: false }
     }
 }
 
@@ -302,6 +305,7 @@ impl TrainConfig {
             "eps": o.eps,
             "weight_decay": o.weight_decay,
             "max_grad_norm": o.max_grad_norm,
+            "amsgrad": o.amsgrad,
         })
         .to_string()
     }
