@@ -70,18 +70,6 @@ fn method(name: &str) -> ferrotune_plugin_api::kinds::adapter::AdapterMethodHand
     lora_registry().adapter("lora", config(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-/// The Python that runs the peft reference.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PYTHON").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    for p in [repo_root().join(".venv/bin/python"), PathBuf::from("/work/main/.venv/bin/python")] {
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("no Python with the reference stack: set PYTHON, or run `make setup` (creates .venv with torch and peft)");
-}
 
 /// Runs the peft reference once for every test of this file; its folder.
 fn fixture() -> &'static Path {

@@ -16,17 +16,6 @@ use tch::{Device, Kind, Tensor};
 
 // ---------------------------------------------------------------- the Python side
 
-/// The reference interpreter: `$PYTHON`, else the repository's `.venv`, else the main
-/// checkout's. Never skips: a missing interpreter fails the test, saying what to do.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PYTHON") {
-        return PathBuf::from(p);
-    }
-    let candidates = [repo_root().join(".venv/bin/python"), PathBuf::from("/work/main/.venv/bin/python")];
-    candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
-        panic!("no Python for the reference side: set PYTHON, or run `make` to create {}", candidates[0].display())
-    })
-}
 
 /// Runs `optim_reference.py <mode> <dir>`, failing with its output if it fails.
 fn run_reference(mode: &str, dir: &Path) {

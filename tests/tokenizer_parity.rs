@@ -12,7 +12,7 @@ use std::process::Command;
 
 use ferrotune::text::{GenerationConfig, Tokenizer};
 use ferrotune_plugin_api::Message;
-use ferrotune_tests::{repo_root, temp_dir};
+use ferrotune_tests::{python, repo_root, temp_dir};
 use serde_json::Value;
 
 /// The generated Qwen2 tokenizer folder, checked to exist.
@@ -26,28 +26,6 @@ fn qwen2_dir() -> PathBuf {
     dir
 }
 
-/// A Python that imports transformers: the repo's `.venv`, then `$PYTHON`, then
-/// `/work/main/.venv/bin/python`.
-fn python() -> PathBuf {
-    let mut candidates = vec![repo_root().join(".venv/bin/python")];
-    if let Some(p) = std::env::var_os("PYTHON") {
-        candidates.push(PathBuf::from(p));
-    }
-    candidates.push(PathBuf::from("/work/main/.venv/bin/python"));
-    let mut tried = Vec::new();
-    for p in &candidates {
-        let ok = Command::new(p).args(["-c", "import transformers"]).env("HF_HUB_OFFLINE", "1").output().map(|o| o.status.success());
-        match ok {
-            Ok(true) => return p.clone(),
-            Ok(false) => tried.push(format!("{} (cannot import transformers)", p.display())),
-            Err(e) => tried.push(format!("{} ({e})", p.display())),
-        }
-    }
-    panic!(
-        "no Python with transformers for the tokenizer parity test; tried: {}. Run `make setup` or set PYTHON=/path/to/python",
-        tried.join(", ")
-    );
-}
 
 /// transformers' output for the asset folder; variant folders are written under `work`.
 fn reference(dir: &Path, work: &Path) -> Value {
