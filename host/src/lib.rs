@@ -16,6 +16,7 @@ pub mod model;
 pub mod peft;
 pub mod pipeline;
 pub mod plugins;
+pub mod rng;
 pub mod selfcheck;
 pub mod text;
 pub mod train;

@@ -95,26 +95,9 @@ impl ObjectiveContext for PolicyContext<'_> {
     }
 }
 
-/// Deterministic generator for data order (SplitMix64).
-fn splitmix(mut x: u64) -> impl FnMut() -> u64 {
-    move || {
-        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-/// A permutation of `0..n` (Fisher–Yates) determined by `seed`.
+/// A permutation of `0..n` determined by `seed`.
 pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
-    let mut next = splitmix(seed);
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
-    v
+    crate::rng::SplitMix64(seed).permutation(n)
 }
 
 /// The order in which micro-batches are drawn: epoch after epoch over the training set.
