@@ -207,8 +207,10 @@ fn summarise(full: &str) -> String {
 pub enum CreateError {
     #[error("no {kind} plugin named `{name}` is installed (installed {kind} plugins: {available}); see `ferrotune plugins`")]
     Unknown { kind: PluginKind, name: String, available: String },
-    #[error("{kind} plugin `{name}` ({path}): {source}")]
-    Plugin { kind: PluginKind, name: String, path: PathBuf, source: PluginError },
+    /// The plugin's error is part of the message, not a `source()`: an error chain printed with
+    /// `{:#}` would say it twice.
+    #[error("{kind} plugin `{name}` ({path}): {error}")]
+    Plugin { kind: PluginKind, name: String, path: PathBuf, error: PluginError },
 }
 
 /// Every library found on a search path: the loaded ones and the refused ones.
@@ -271,7 +273,7 @@ impl Registry {
         let (lib, _) = self.find(kind, name)?;
         constructor(&lib.module)(name.into(), config_json.into())
             .into_result()
-            .map_err(|source| CreateError::Plugin { kind, name: name.into(), path: lib.path.clone(), source })
+            .map_err(|error| CreateError::Plugin { kind, name: name.into(), path: lib.path.clone(), error })
     }
 
     pub fn adapter(&self, name: &str, config_json: &str) -> Result<AdapterMethodHandle, CreateError> {

@@ -211,3 +211,84 @@ pub fn write_tiny_tokenizer(dir: &Path, words: usize) -> PathBuf {
     std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
     path
 }
+
+// ------------------------------------------------------------------ training tests
+
+/// A ChatML chat template (no default system turn), as Qwen2's without its extras.
+pub const CHATML_TEMPLATE: &str = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}\
+{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Writes a small WordLevel tokenizer with ChatML special tokens and [`CHATML_TEMPLATE`] into
+/// `dir` (`tokenizer.json`, `tokenizer_config.json`), which both ferrotune and transformers'
+/// `AutoTokenizer` load. Ids: `<|endoftext|>` 0 (pad), `<|im_start|>` 1, `<|im_end|>` 2 (eos),
+/// `<unk>` 3, `"\n"` 4, `" "` 5, `system` 6, `user` 7, `assistant` 8, then `w0`..`w{words-1}`.
+/// Every whitespace character is a token of its own.
+pub fn write_chat_tokenizer(dir: &Path, words: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"];
+    let mut vocab = serde_json::Map::new();
+    let plain = ["\n", " ", "system", "user", "assistant"].map(String::from);
+    for (i, t) in specials.iter().map(|s| s.to_string()).chain(plain).chain((0..words).map(|w| format!("w{w}"))).enumerate() {
+        vocab.insert(t, serde_json::json!(i));
+    }
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+                               "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "\\s"}, "behavior": "Isolated", "invert": false},
+        "post_processor": null, "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&tokenizer).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<unk>", "bos_token": null, "model_max_length": 2048, "chat_template": CHATML_TEMPLATE
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    path
+}
+
+/// Writes `rows` alpaca rows as JSON Lines, made of the words `w0`..`w{words-1}` of
+/// [`write_chat_tokenizer`]: an instruction of 2–7 words, an input of 0 or 1–4 words (every
+/// other row has none) and an output of 1–8 words, drawn from a generator seeded by `seed`.
+pub fn write_alpaca_rows(path: &Path, rows: usize, words: usize, seed: u64) {
+    let mut state = seed;
+    let mut next = move |n: u64| {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % n
+    };
+    let mut text = |n: u64| (0..n).map(|_| format!("w{}", next(words as u64))).collect::<Vec<_>>();
+    let mut lines = Vec::new();
+    for i in 0..rows {
+        let instruction = text(2 + (i as u64 * 7 + 3) % 6).join(" ");
+        let input = if i % 2 == 0 { String::new() } else { text(1 + (i as u64 * 5) % 4).join(" ") };
+        let output = text(1 + (i as u64 * 3 + 1) % 8).join(" ");
+        lines.push(serde_json::json!({"instruction": instruction, "input": input, "output": output}).to_string());
+    }
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// `ferrotune init-model --preset tiny --dtype f32 --seed SEED` with `tokenizer` into `out`.
+pub fn init_tiny_model(tokenizer: &Path, out: &Path, seed: u64) {
+    let o = ferrotune(&[
+        "init-model", "--preset", "tiny", "--dtype", "f32", "--seed", &seed.to_string(),
+        "--tokenizer", tokenizer.to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "init-model: {}", stderr(&o));
+}
+
+/// The JSON objects of a JSON Lines file (a metrics file).
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: `{l}`: {e}", path.display())))
+        .collect()
+}

@@ -9,7 +9,8 @@
 //! permutation drawn from a generator seeded by `(seed, e)`; libtorch's generator (dropout)
 //! is re-seeded from `(seed, step)` at the start of every optimizer step; the learning-rate
 //! schedule is a function of the step. A checkpoint therefore needs only the adapter, the
-//! optimizer state and the step number.
+//! optimizer state and the step number. Resuming also cuts `metrics.jsonl` back to the
+//! checkpoint's step, so a killed and resumed run logs each step once, as an uninterrupted one.
 pub mod config;
 pub mod schedule;
 
@@ -143,6 +144,23 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     let started = Instant::now();
     let device = crate::device::resolve(&cfg.device)?;
     let dtype = crate::model::init::parse_dtype(&cfg.dtype)?;
+    // Where to resume from is settled first, so that a missing checkpoint fails before any work.
+    let resume_dir = match resume {
+        None => None,
+        Some(Resume::Path(p)) => Some(p),
+        Some(Resume::Latest) => Some(latest_checkpoint(&cfg.output_dir)?.with_context(|| {
+            format!(
+                "--resume: no checkpoint to resume from: {} holds no checkpoint-N folder (run without --resume to start, \
+                 or name a checkpoint folder: --resume DIR)",
+                cfg.output_dir.display()
+            )
+        })?),
+    };
+    if let Some(dir) = &resume_dir {
+        if !dir.join(STATE_FILE).is_file() {
+            bail!("--resume: {} is not a checkpoint (it has no {STATE_FILE})", dir.display());
+        }
+    }
     std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
     tch::manual_seed(cfg.seed as i64);
 
@@ -200,7 +218,22 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         if eval { eval_set.push(e) } else { train_set.push(e) }
     }
     if train_set.is_empty() {
-        bail!("no training samples left in {}", cfg.data.path.display());
+        if eval_set.is_empty() {
+            bail!(
+                "no training samples left in {}: none of its {} samples has a label token (each skip is logged above): \
+                 check that the samples have non-empty assistant turns, or raise `data.cutoff_len` ({}) if they \
+                 were truncated",
+                cfg.data.path.display(),
+                samples.len(),
+                cfg.data.cutoff_len
+            );
+        }
+        bail!(
+            "no training samples left in {}: `data.eval_ratio` {} puts all {} usable samples in the eval split; lower it",
+            cfg.data.path.display(),
+            cfg.data.eval_ratio,
+            eval_set.len()
+        );
     }
 
     let t = &cfg.training;
@@ -217,21 +250,17 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     memory.setup(params, &cfg.optimizer_json(), device, &SingleProcess)?;
 
     let mut step = 0usize;
-    if let Some(r) = resume {
-        let dir = match r {
-            Resume::Path(p) => p,
-            Resume::Latest => latest_checkpoint(&cfg.output_dir)?
-                .with_context(|| format!("--resume: no checkpoint-N folder in {}", cfg.output_dir.display()))?,
-        };
+    if let Some(dir) = resume_dir {
         step = load_checkpoint(&dir, &mut model, &mut memory)?;
+        rewind_metrics(&cfg.output_dir.join(METRICS_FILE), step)?;
         eprintln!("resumed from {} at step {step}", dir.display());
     }
 
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(cfg.output_dir.join("metrics.jsonl"))
-        .context("cannot open metrics.jsonl")?;
+        .open(cfg.output_dir.join(METRICS_FILE))
+        .with_context(|| format!("cannot open {}", cfg.output_dir.join(METRICS_FILE).display()))?;
     let bar = progress_bar(t.progress_bar, total_steps, step);
     let (mut first_loss, mut last_loss, mut eval_loss) = (None, None, None);
     let mut last_eval_step = None;
@@ -283,7 +312,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
             }
         }
         if step % t.logging_steps == 0 || step == total_steps {
-            writeln!(metrics, "{line}")?;
+            write_metrics_line(&mut metrics, &line)?;
             println!("{line}");
         }
         if let Some(b) = &bar {
@@ -299,7 +328,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     }
     if !eval_set.is_empty() && last_eval_step != Some(step) {
         let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, device)?;
-        writeln!(metrics, "{}", serde_json::json!({"step": step, "eval_loss": l}))?;
+        write_metrics_line(&mut metrics, &serde_json::json!({"step": step, "eval_loss": l}))?;
         eval_loss = Some(l);
     }
     model.save_peft_adapter(&cfg.output_dir)?;
@@ -356,6 +385,30 @@ fn progress_bar(enabled: bool, total: usize, done: usize) -> Option<indicatif::P
     );
     bar.set_position(done as u64);
     Some(bar)
+}
+
+// ------------------------------------------------------------------ metrics
+
+const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Appends one JSON line with a single `write` call: formatting straight into the file would
+/// issue one call per JSON token, and a run killed between two of them leaves a torn line.
+fn write_metrics_line(file: &mut std::fs::File, line: &serde_json::Value) -> Result<()> {
+    file.write_all(format!("{line}\n").as_bytes()).context("cannot append to metrics.jsonl")
+}
+
+/// Cuts `metrics.jsonl` back to what the run had written when it reached `step`: lines of
+/// later steps (written after that checkpoint by the interrupted run) and a torn last line are
+/// dropped, so that a resumed run's file reads as one uninterrupted run.
+fn rewind_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let line_step = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64());
+    let kept: String =
+        text.split_inclusive('\n').filter(|l| l.ends_with('\n') && line_step(l).is_some_and(|s| s as usize <= step)).collect();
+    if kept.len() != text.len() {
+        crate::atomic::write(path, kept)?;
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------ checkpoints
@@ -433,6 +486,21 @@ mod tests {
         assert_eq!(s, (0..100).collect::<Vec<_>>());
         assert_eq!(p, permutation(100, 7));
         assert_ne!(p, permutation(100, 8));
+    }
+
+    #[test]
+    fn rewind_metrics_drops_later_steps_and_a_torn_line() {
+        let dir = std::env::temp_dir().join(format!("ferrotune-rewind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(METRICS_FILE);
+        let lines = ["{\"step\":1,\"loss\":2.0}\n", "{\"step\":2,\"loss\":1.5}\n", "{\"step\":3,\"loss\":1.2}\n"];
+        std::fs::write(&path, lines.concat() + "{\"step\":4,\"lo").unwrap();
+        rewind_metrics(&path, 2).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), lines[..2].concat());
+        rewind_metrics(&path, 2).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), lines[..2].concat(), "nothing to cut: unchanged");
+        rewind_metrics(&dir.join("absent.jsonl"), 2).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
