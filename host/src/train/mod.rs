@@ -96,6 +96,27 @@ impl ObjectiveContext for PolicyContext<'_> {
     }
 }
 
+/// `adapter_init`'s adapter_config.json must describe the adapter this run configures:
+/// weights trained with another scale or method would load (same shapes) and silently train
+/// something else.
+fn check_adapter_init_config(init: &Path, ours: &serde_json::Value) -> Result<()> {
+    let file = init.join("adapter_config.json");
+    let Ok(text) = std::fs::read_to_string(&file) else { return Ok(()) };
+    let theirs: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("adapter_init: {} is not JSON", file.display()))?;
+    let differing: Vec<String> = ["peft_type", "r", "lora_alpha", "use_rslora", "use_dora"]
+        .iter()
+        .filter(|k| {
+            let (a, b) = (&ours[**k], &theirs[**k]);
+            !a.is_null() && !b.is_null() && a.as_f64().zip(b.as_f64()).map_or(a != b, |(x, y)| x != y)
+        })
+        .map(|k| format!("{k}: run {} vs adapter_init {}", ours[*k], theirs[*k]))
+        .collect();
+    if !differing.is_empty() {
+        bail!("adapter_init {} was made with another adapter configuration ({}); make the `adapter` section match it", file.display(), differing.join(", "));
+    }
+    Ok(())
+}
+
 /// A permutation of `0..n` determined by `seed`.
 pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     crate::rng::SplitMix64(seed).permutation(n)
@@ -170,6 +191,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     let attach = model.attach_adapter("default", Box::new(method))?;
     tracing::info!("adapter `{}` on {} modules", cfg.adapter.plugin, attach.modules.len());
     if let Some(init) = &cfg.adapter_init {
+        check_adapter_init_config(init, &model.adapter_peft_config()?)?;
         let file = init.join("adapter_model.safetensors");
         let weights = Tensor::read_safetensors(&file).with_context(|| format!("adapter_init: cannot read {}", file.display()))?;
         model.load_adapter_state_dict(weights).with_context(|| format!("adapter_init {}", init.display()))?;
@@ -512,5 +534,18 @@ mod tests {
         assert_eq!(seen, (0..7).collect::<Vec<_>>());
         assert_eq!(o.micro_batch(3).0, 1, "micro-batch 3 starts epoch 1");
         assert_eq!(o.micro_batch(2).1.len(), 1, "the last micro-batch of an epoch is short");
+    }
+
+    #[test]
+    fn adapter_init_with_another_configuration_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferrotune-adapter-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#).unwrap();
+        let ours = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 8.0, "use_rslora": false});
+        let e = check_adapter_init_config(&dir, &ours).unwrap_err().to_string();
+        assert!(e.contains("r: run 8 vs adapter_init 4") && !e.contains("lora_alpha"), "{e}");
+        let same = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8});
+        check_adapter_init_config(&dir, &same).unwrap();
+        std::fs::remove_dir_all(dir).ok();
     }
 }
