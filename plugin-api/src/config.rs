@@ -12,7 +12,11 @@ pub fn parse_config<T: DeserializeOwned>(config_json: &str) -> PluginResult<T> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let key = if path == "." { "(top level)".to_string() } else { path };
-        PluginError::config(&key, e.inner())
+        // serde_json appends "at line 1 column N" of the JSON text, which the host built from
+        // the user's YAML: a position there means nothing to the user, the key path does.
+        let msg = e.inner().to_string();
+        let msg = msg.find(" at line ").map_or(msg.as_str(), |i| &msg[..i]).to_string();
+        PluginError::config(&key, msg)
     })
 }
 
@@ -39,6 +43,7 @@ mod tests {
         assert!(e.message().contains("unknown field `rr`"), "{e}");
         let e = parse_config::<Cfg>("{}").unwrap_err();
         assert!(e.message().contains("missing field `r`"), "{e}");
+        assert!(!e.message().contains("at line"), "positions in host-built JSON are noise: {e}");
         let ok = parse_config::<Cfg>(r#"{"r": 8, "targets": ["q"]}"#).unwrap();
         assert_eq!((ok.r, ok.targets), (8, vec!["q".to_string()]));
     }
