@@ -4,8 +4,14 @@
 //!   the magnitude perturbed so that the adapter matters) and computes our logits;
 //! * we load directories peft wrote (`save_pretrained`: LoRA r=4 on q_proj/v_proj, DoRA on
 //!   all linear layers, random non-zero B) and compute peft's logits;
-//! * transformers loads the merged directories `ferrotune merge` writes (LoRA, DoRA, and LoRA
-//!   on the tied lm_head, which the merge unties) and computes the unmerged adapter's logits;
+//! * `modules_to_save` both ways: peft loads our directories with a trained copy of the tied
+//!   `lm_head` (also named in target_modules: neither peft nor we adapt it) or of
+//!   `embed_tokens`; we load peft's with copies of both (each its own) and compute peft's
+//!   logits, and peft's logits with the adapter disabled; each copy changes the logits;
+//! * transformers loads the merged directories `ferrotune merge` writes (LoRA, DoRA, LoRA on
+//!   the tied lm_head, and the saved lm_head or embed_tokens copy, all of which untie the head)
+//!   and computes the unmerged adapter's logits;
+//! * `ferrotune train` with `modules_to_save: [lm_head]` trains the copy;
 //! * `ferrotune generate --adapter` gives peft's greedy tokens (real Qwen2 tokenizer);
 //! * PiSSA leaves the logits unchanged at initialisation, the tied lm_head included;
 //! * broken adapter directories are refused with an error naming the file, key or tensor, and
@@ -20,6 +26,7 @@ use std::sync::OnceLock;
 
 use ferrotune::model::CausalLM;
 use ferrotune::plugins::Registry;
+use ferrotune_plugin_api::ForwardFlags;
 use ferrotune_tests::*;
 use tch::{Device, Kind, Tensor};
 
@@ -32,15 +39,23 @@ const OURS: &[(&str, &str)] = &[
     ("dora", r#"{"r": 4, "lora_alpha": 16, "use_dora": true, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]}"#),
     ("pissa", r#"{"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa", "target_modules": ["q_proj", "v_proj"]}"#),
     ("lora_head", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}"#),
+    ("save_head", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"], "modules_to_save": ["lm_head"]}"#),
+    ("save_embed", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]}"#),
 ];
 /// Which of ours peft loads, and which `ferrotune merge` merges for transformers.
-const PEFT_LOADS: [&str; 3] = ["lora", "dora", "pissa"];
-const MERGED: [&str; 3] = ["lora", "dora", "lora_head"];
+const PEFT_LOADS: &[&str] = &["lora", "dora", "pissa", "save_head", "save_embed"];
+const MERGED: &[&str] = &["lora", "dora", "lora_head", "save_head", "save_embed"];
+/// Which merges give the tied lm_head a weight of its own.
+const UNTIED_BY_MERGE: &[&str] = &["lora_head", "save_head", "save_embed"];
 /// Adapters peft writes: `LoraConfig(**config)` keys.
 const PEFT_WRITES: &[(&str, &str)] = &[
     ("lora", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}"#),
     ("dora", r#"{"r": 4, "lora_alpha": 16, "use_dora": true, "target_modules": "all-linear"}"#),
+    ("save_both", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head", "embed_tokens"]}"#),
 ];
+/// peft's saved keys of the copies of `lm_head` and `embed_tokens` (`modules_to_save`).
+const SAVED_HEAD: &str = "base_model.model.lm_head.weight";
+const SAVED_EMBED: &str = "base_model.model.model.embed_tokens.weight";
 const GENERATE_PROMPT: &str = "Once upon a time, in a village by the sea, there lived";
 const GENERATE_TOKENS: usize = 16;
 
@@ -77,7 +92,8 @@ fn attach(model: &mut CausalLM, registry: &Registry, config: &str) -> ferrotune:
 }
 
 /// Moves every adapter tensor away from its initial value (B = 0 would make the test trivial):
-/// A and B by N(0, 0.1²), DoRA's magnitude by a factor 1 + N(0, 0.2²).
+/// A, B and the copies of `modules_to_save` by N(0, 0.1²), DoRA's magnitude by a factor
+/// 1 + N(0, 0.2²).
 fn perturb(model: &mut CausalLM, seed: i64) {
     tch::manual_seed(seed);
     let state: Vec<_> = model
@@ -97,6 +113,42 @@ fn logits(model: &CausalLM) -> Tensor {
     tch::no_grad(|| model.forward(&ids(), None, None)).unwrap()
 }
 
+fn disabled_logits(model: &CausalLM) -> Tensor {
+    tch::no_grad(|| model.forward_with(&ids(), None, None, model.mode(ForwardFlags::DISABLE_ADAPTER, false))).unwrap()
+}
+
+/// The logits of `model`'s adapter with the copy saved under `key` put back to the original
+/// module's weight: how much that one copy matters.
+fn logits_without_copy(model: &mut CausalLM, key: &str) -> Tensor {
+    let original = match key {
+        SAVED_HEAD => model.linears().last().unwrap().1.weight.copy(),
+        SAVED_EMBED => model.embed_tokens().copy(),
+        _ => panic!("no original known for {key}"),
+    };
+    let trained = model.adapter_state_dict().unwrap();
+    let reverted = trained.iter().map(|(k, t)| (k.clone(), if k == key { original.copy() } else { t.copy() })).collect();
+    model.load_adapter_state_dict(reverted).unwrap();
+    let out = logits(model);
+    model.load_adapter_state_dict(trained).unwrap();
+    out
+}
+
+/// Asserts that each copy in `keys` changes `model`'s logits by more than 1e-2.
+fn each_copy_matters(what: &str, model: &mut CausalLM, keys: &[&str]) {
+    let with = logits(model);
+    for key in keys {
+        let d = max_abs_diff(&with, &logits_without_copy(model, key));
+        println!("{what}: the copy {key} changes the logits by {d:.3e}");
+        assert!(d > 1e-2, "{what}: the copy {key} must change the logits for the test to mean anything ({d:e})");
+    }
+}
+
+/// The saved copies' keys a configuration's `modules_to_save` gives (lm_head, embed_tokens).
+fn copy_keys(config: &str) -> Vec<&'static str> {
+    let v: serde_json::Value = serde_json::from_str(config).unwrap();
+    let saved = |m: &str| v["modules_to_save"].as_array().is_some_and(|a| a.iter().any(|x| x == m));
+    [("lm_head", SAVED_HEAD), ("embed_tokens", SAVED_EMBED)].into_iter().filter(|(m, _)| saved(m)).map(|(_, k)| k).collect()
+}
 fn write_logits(path: &Path, t: &Tensor) {
     Tensor::write_safetensors(&[("logits", t)], path).unwrap();
 }
@@ -181,7 +233,7 @@ fn prepare() -> Fixture {
     perturb(&mut model, 200);
     model.save_peft_adapter(&ours_dir(&work, "generate")).unwrap();
 
-    for name in MERGED {
+    for name in MERGED.iter().copied() {
         let out = work.join(format!("merged-{name}"));
         let o = ferrotune(&["merge", "--model", base.to_str().unwrap(), "--adapter", ours_dir(&work, name).to_str().unwrap(), "--out", out.to_str().unwrap()]);
         assert!(o.status.success(), "merge {name}: {}", stderr(&o));
@@ -194,14 +246,15 @@ fn prepare() -> Fixture {
     let plan = serde_json::json!({
         "base": base,
         "ids": ids_json(),
-        "peft_loads": PEFT_LOADS.iter().map(|n| entry("peft-loads", n, ours_dir(&work, n))).collect::<Vec<_>>(),
+        "peft_loads": PEFT_LOADS.iter().copied().map(|n| entry("peft-loads", n, ours_dir(&work, n))).collect::<Vec<_>>(),
         "peft_writes": PEFT_WRITES.iter().enumerate().map(|(i, (n, c))| {
             let mut e = entry("peft-writes", n, work.join(format!("peft-{n}")));
             e["config"] = serde_json::from_str(c).unwrap();
             e["seed"] = serde_json::json!(300 + i);
+            e["out_disabled"] = serde_json::json!(work.join(format!("peft-writes-{n}.disabled.logits.safetensors")));
             e
         }).collect::<Vec<_>>(),
-        "transformers_loads": MERGED.iter().map(|n| entry("transformers-loads", n, work.join(format!("merged-{n}")))).collect::<Vec<_>>(),
+        "transformers_loads": MERGED.iter().copied().map(|n| entry("transformers-loads", n, work.join(format!("merged-{n}")))).collect::<Vec<_>>(),
         "generate": {"base": qwen, "adapter": ours_dir(&work, "generate"), "prompt": GENERATE_PROMPT,
                      "max_new_tokens": GENERATE_TOKENS, "out": work.join("generate.json")},
     });
@@ -217,7 +270,7 @@ fn prepare() -> Fixture {
 #[test]
 fn peft_loads_our_adapter_directories() {
     let f = fixture();
-    for name in PEFT_LOADS {
+    for name in PEFT_LOADS.iter().copied() {
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(ours_dir(&f.work, name).join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(config["peft_type"], "LORA");
@@ -227,6 +280,22 @@ fn peft_loads_our_adapter_directories() {
         check(&format!("peft loads our {name} directory: logits"), &ours, &theirs);
         let base = logits(&load(&f.base));
         assert!(max_abs_diff(&ours, &base) > 1e-2, "{name}: the adapter must change the logits for the test to mean anything");
+        // modules_to_save: the copies are saved under peft's keys, the head is not adapted, and
+        // each copy matters
+        let config = OURS.iter().find(|(n, _)| *n == name).unwrap().1;
+        let copies = copy_keys(config);
+        let saved = Tensor::read_safetensors(ours_dir(&f.work, name).join("adapter_model.safetensors")).unwrap();
+        let keys: Vec<&str> = saved.iter().map(|(k, _)| k.as_str()).collect();
+        for key in [SAVED_HEAD, SAVED_EMBED] {
+            assert_eq!(keys.contains(&key), copies.contains(&key), "{name}: {key} saved iff in modules_to_save: {keys:?}");
+        }
+        assert!(!keys.iter().any(|k| k.contains("lm_head.lora_")), "{name}: a saved module is never adapted: {keys:?}");
+        if !copies.is_empty() {
+            let mut model = load(&f.base);
+            model.load_peft_adapter(&ours_dir(&f.work, name), &lora_registry()).unwrap();
+            check(&format!("our {name} directory loaded back: logits"), &logits(&model), &ours);
+            each_copy_matters(name, &mut model, &copies);
+        }
     }
 }
 
@@ -234,14 +303,24 @@ fn peft_loads_our_adapter_directories() {
 fn we_load_adapter_directories_peft_wrote() {
     let f = fixture();
     let registry = lora_registry();
-    for (name, _) in PEFT_WRITES {
+    for (name, config) in PEFT_WRITES {
         let dir = f.work.join(format!("peft-{name}"));
         let mut model = load(&f.base);
         let report = model.load_peft_adapter(&dir, &registry).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         println!("peft's {name}: {}", report.summary());
         let theirs = read_logits(&f.work.join(format!("peft-writes-{name}.logits.safetensors")));
         check(&format!("we load peft's {name} directory: logits"), &logits(&model), &theirs);
-        assert!(max_abs_diff(&theirs, &logits(&load(&f.base))) > 1e-2, "{name}: the adapter must matter");
+        let base = logits(&load(&f.base));
+        assert!(max_abs_diff(&theirs, &base) > 1e-2, "{name}: the adapter must matter");
+        let theirs_disabled = read_logits(&f.work.join(format!("peft-writes-{name}.disabled.logits.safetensors")));
+        check(&format!("we load peft's {name} directory: adapter disabled"), &disabled_logits(&model), &theirs_disabled);
+        check(&format!("we load peft's {name} directory: adapter disabled vs base"), &disabled_logits(&model), &base);
+        let copies = copy_keys(config);
+        each_copy_matters(&format!("peft's {name}"), &mut model, &copies);
+        if !copies.is_empty() {
+            assert_eq!(model.saved_modules(), vec!["model.embed_tokens", "lm_head"], "{name}");
+            assert!(model.lm_head_is_tied(), "{name}: the originals stay tied; each copy is its own");
+        }
         // and it saves back to the same keys and values
         let out = f.work.join(format!("peft-{name}-resaved"));
         model.save_peft_adapter(&out).unwrap();
@@ -257,7 +336,7 @@ fn we_load_adapter_directories_peft_wrote() {
 #[test]
 fn transformers_loads_our_merged_directories() {
     let f = fixture();
-    for name in MERGED {
+    for name in MERGED.iter().copied() {
         let ours = read_logits(&f.work.join(format!("ours-{name}.logits.safetensors")));
         let theirs = read_logits(&f.work.join(format!("transformers-loads-{name}.logits.safetensors")));
         check(&format!("transformers on our merged {name}: logits vs unmerged"), &ours, &theirs);
@@ -265,8 +344,8 @@ fn transformers_loads_our_merged_directories() {
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
         let tensors = ferrotune::model::save::read_model_tensors(&merged).unwrap();
         let has_head = tensors.iter().any(|(k, _)| k == "lm_head.weight");
-        if name == "lora_head" {
-            assert_eq!(config["tie_word_embeddings"], false, "a merged adapter on the tied head unties it");
+        if UNTIED_BY_MERGE.contains(&name) {
+            assert_eq!(config["tie_word_embeddings"], false, "{name}: a merge that changes the tied head or embedding unties them");
             assert!(has_head);
         } else {
             assert_eq!(config["tie_word_embeddings"], true, "tied embeddings stay tied");
@@ -277,6 +356,52 @@ fn transformers_loads_our_merged_directories() {
         }
         assert!(tensors.iter().all(|(_, t)| t.kind() == Kind::Float), "the source dtype (f32) is kept");
     }
+}
+
+/// `ferrotune train` with `modules_to_save: [lm_head]` on the tied Qwen2 tiny: the head's copy
+/// gets gradients and moves (AdamW without weight decay moves nothing whose gradient is zero),
+/// the tied original does not, and the run's adapter directory holds the copy under peft's key.
+#[test]
+fn training_updates_the_copy_of_a_saved_module() {
+    let f = fixture();
+    let run = f.work.join("train-save-head");
+    let _ = std::fs::remove_dir_all(&run);
+    std::fs::create_dir_all(&run).unwrap();
+    let out = run.join("out");
+    let config = format!(
+        "model: {model}\noutput_dir: {out}\nseed: 3\n\
+         adapter:\n  plugin: lora\n  r: 4\n  lora_alpha: 8\n  target_modules: [q_proj, v_proj]\n  modules_to_save: [lm_head]\n\
+         optimizer:\n  lr: 1.0e-2\n  weight_decay: 0.0\n  max_grad_norm: null\n\
+         scheduler:\n  type: constant\n\
+         data:\n  plugin: alpaca\n  path: {data}\n  cutoff_len: 64\n\
+         training:\n  max_steps: 3\n  micro_batch_size: 2\n  progress_bar: false\n",
+        model = f.qwen.display(),
+        out = out.display(),
+        data = repo_root().join("datasets/alpaca_demo.json").display()
+    );
+    let config_path = run.join("train.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let o = ferrotune(&["train", config_path.to_str().unwrap()]);
+    assert!(o.status.success(), "train: {}\n{}", stdout(&o), stderr(&o));
+
+    let base = load(&f.qwen);
+    assert!(base.lm_head_is_tied());
+    let saved = Tensor::read_safetensors(out.join("adapter_model.safetensors")).unwrap();
+    let head = &saved.iter().find(|(k, _)| k == SAVED_HEAD).unwrap_or_else(|| panic!("no {SAVED_HEAD} in {:?}", saved.iter().map(|x| &x.0).collect::<Vec<_>>())).1;
+    let step = (head - base.embed_tokens()).abs();
+    let moved = step.gt(1e-4).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    println!("train with modules_to_save [lm_head]: {:.1}% of the head's copy moved by > 1e-4 (max {:.3e})", 100.0 * moved, step.max().double_value(&[]));
+    assert!(moved > 0.99, "every row of the head's copy gets a gradient through the softmax; {moved} moved");
+    assert!(saved.iter().any(|(k, _)| k.ends_with("q_proj.lora_B.weight")) && !saved.iter().any(|(k, _)| k.contains("lm_head.lora_")));
+    for line in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(m["grad_norm"].as_f64().is_some_and(|g| g > 0.0), "{line}");
+    }
+    // the trained directory runs the copy; the base stays as it was
+    let mut model = load(&f.qwen);
+    model.load_peft_adapter(&out, &lora_registry()).unwrap();
+    assert!(model.lm_head_is_tied() && max_abs_diff(model.embed_tokens(), base.embed_tokens()) == 0.0);
+    each_copy_matters("trained save_head", &mut model, &[SAVED_HEAD]);
 }
 
 #[test]

@@ -9,13 +9,26 @@
 //!
 //! Names are peft's: a trainable tensor or a saved tensor of module `m` is called
 //! `base_model.model.<m>.<name the plugin gives>` (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+//!
+//! `modules_to_save` (read from the method's `peft_config()`) is the host's, as peft's
+//! `ModulesToSaveWrapper` is peft's: each named module (a linear layer, `lm_head` included, or
+//! `model.embed_tokens`) gets a trainable full copy in the module's dtype, used while the
+//! adapter runs; the original stays for adapter-disabled passes. The copy's tensors are
+//! trained, saved and loaded as `base_model.model.<m>.weight` (and `.bias`), peft's saved
+//! keys, and merging makes the copy the module's weight. A tied `lm_head` and the embedding
+//! each get a copy of their own when both are named, as in peft: the originals stay tied, the
+//! trained copies are two tensors, and a merge unties the head. peft never adapts a saved
+//! module (LoRA leaves it out of its targets, as peft does); a method that targets one anyway
+//! is an error.
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
-use ferrotune_plugin_api::{AdapterMethod, TrainParam};
+use ferrotune_plugin_api::{module_name_matches, AdapterLayer, AdapterMethod, TrainParam};
 use serde_json::Value;
 use tch::Tensor;
 
+use crate::linear::LinearBase;
+use crate::model::llama::EMBED_TOKENS;
 use crate::model::CausalLM;
 
 /// What peft puts before a module path in parameter and state-dict names.
@@ -33,12 +46,18 @@ pub fn peft_key(module: &str, name: &str) -> String {
     format!("{PEFT_PREFIX}{module}.{name}")
 }
 
+/// The key of a PEFT configuration naming the modules trained in full (peft's `modules_to_save`).
+pub const MODULES_TO_SAVE: &str = "modules_to_save";
+
 /// An adapter attached to a model.
 pub(crate) struct AttachedAdapter {
     name: String,
     method: Box<dyn AdapterMethod>,
     /// Checkpoint paths of the adapted linear layers, in model order.
     modules: Vec<String>,
+    /// Checkpoint paths of the modules it keeps a trainable copy of (`modules_to_save`), in
+    /// model order.
+    saved: Vec<String>,
     capabilities: Vec<String>,
 }
 
@@ -55,8 +74,79 @@ impl AdapterSet {
     }
 }
 
-/// One module's layer of an adapter: (checkpoint path, layer).
-type ModuleAdapter<'a> = (&'a str, &'a dyn ferrotune_plugin_api::AdapterLayer);
+/// What an adapter holds at one module.
+enum Part<'a> {
+    /// The plugin's layer on a linear layer.
+    Layer(&'a dyn AdapterLayer),
+    /// A trainable copy of a linear layer (`modules_to_save`).
+    LinearCopy(&'a LinearBase),
+    /// A trainable copy of the embedding matrix (`modules_to_save`).
+    EmbedCopy(&'a Tensor),
+}
+
+impl Part<'_> {
+    /// A copy's tensors (shallow clones), named relative to the module as peft saves them.
+    fn copy_tensors(&self) -> Vec<(&'static str, Tensor)> {
+        match self {
+            Part::Layer(_) => Vec::new(),
+            Part::LinearCopy(c) => std::iter::once(("weight", c.weight.shallow_clone())).chain(c.bias.as_ref().map(|b| ("bias", b.shallow_clone()))).collect(),
+            Part::EmbedCopy(t) => vec![("weight", t.shallow_clone())],
+        }
+    }
+
+    /// Trainable tensors, names relative to the module.
+    fn parameters(&self) -> Result<Vec<TrainParam>> {
+        match self {
+            Part::Layer(layer) => Ok(layer.parameters()?),
+            // weight decay as transformers' Trainer applies it: none on biases.
+            _ => Ok(self
+                .copy_tensors()
+                .into_iter()
+                .map(|(n, t)| TrainParam { weight_decay_scale: if n == "bias" { 0.0 } else { 1.0 }, ..TrainParam::new(n, t) })
+                .collect()),
+        }
+    }
+
+    /// Saved state, names relative to the module (detached copies).
+    fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Part::Layer(layer) => Ok(layer.state_dict()?),
+            _ => self.copy_tensors().into_iter().map(|(n, t)| Ok((n.to_string(), t.f_detach_copy()?))).collect(),
+        }
+    }
+
+    /// Copies a saved state in (the keys were checked against `state_dict`).
+    fn load_state_dict(&self, tensors: Vec<(String, Tensor)>) -> Result<()> {
+        match self {
+            Part::Layer(layer) => Ok(tch::no_grad(|| layer.load_state_dict(tensors))?),
+            _ => {
+                let live = self.copy_tensors();
+                for (n, t) in tensors {
+                    let (_, dst) = live.iter().find(|(m, _)| *m == n).with_context(|| format!("no tensor `{n}` in the copy"))?;
+                    tch::no_grad(|| dst.shallow_clone().f_copy_(&t))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `modules_to_save` of a method's PEFT configuration (absent or null: none).
+fn modules_to_save(name: &str, method: &dyn AdapterMethod) -> Result<Vec<String>> {
+    let config = method.peft_config().with_context(|| format!("adapter `{name}`: peft_config"))?;
+    let config: Value = serde_json::from_str(&config).with_context(|| format!("adapter `{name}`: its peft_config() is not JSON: {config}"))?;
+    match config.get(MODULES_TO_SAVE) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                other => bail!("adapter `{name}`: `{MODULES_TO_SAVE}` must list module names, got {other}"),
+            })
+            .collect(),
+        Some(other) => bail!("adapter `{name}`: `{MODULES_TO_SAVE}` must be a list of module names, got {other}"),
+    }
+}
 
 /// What [`CausalLM::attach_adapter`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +156,8 @@ pub struct AttachReport {
     pub modules: Vec<(String, i64)>,
     /// Trainable values in all.
     pub trainable_parameters: i64,
+    /// Each module kept as a trainable full copy (`modules_to_save`) with its number of values.
+    pub saved_modules: Vec<(String, i64)>,
     /// The base weights the initialisation rewrote (PiSSA/OLoRA); empty otherwise.
     pub rewritten_base: Vec<String>,
     /// Whether a tied `lm_head` got a weight of its own (its base was rewritten).
@@ -82,6 +174,10 @@ impl AttachReport {
             self.modules.len(),
             self.trainable_parameters
         );
+        if !self.saved_modules.is_empty() {
+            let names: Vec<&str> = self.saved_modules.iter().map(|(m, _)| m.as_str()).collect();
+            s.push_str(&format!(", trainable copies of {} (modules_to_save)", names.join(", ")));
+        }
         if !self.rewritten_base.is_empty() {
             s.push_str(&format!(", base weight of {} module(s) rewritten by the initialisation", self.rewritten_base.len()));
         }
@@ -110,7 +206,8 @@ fn few(names: &[String], n: usize) -> String {
 
 impl CausalLM {
     /// Attaches adapter `name`: every linear layer whose checkpoint path `method` targets gets
-    /// a layer of it (`lm_head` only when targeted). When the method has the capability
+    /// a layer of it (`lm_head` only when targeted), and every module its `modules_to_save`
+    /// names a trainable copy (see the module docs). When the method has the capability
     /// `init_rewrites_base`, each adapted layer's base weight becomes `unmerged_weight(W)` (a
     /// tied `lm_head` then gets a weight of its own; the embeddings are left alone). The first
     /// adapter attached becomes the active one. On any error nothing stays attached.
@@ -127,15 +224,7 @@ impl CausalLM {
         if self.adapters.get(name).is_some() {
             bail!("an adapter named `{name}` is already attached (attached: {})", self.adapter_names().join(", "));
         }
-        if let Some(saved) = method
-            .peft_config()
-            .ok()
-            .and_then(|c| serde_json::from_str::<Value>(&c).ok())
-            .and_then(|c| c.get("modules_to_save").cloned())
-            .filter(|v| v.as_array().is_some_and(|a| !a.is_empty()))
-        {
-            bail!("adapter `{name}`: `modules_to_save` ({saved}) is not supported by the host yet (fully trained copies of modules); remove it");
-        }
+        let saved = self.resolve_modules_to_save(name, &modules_to_save(name, method.as_ref())?)?;
         let capabilities = method.capabilities();
         let rewrites = capabilities.iter().any(|c| c == CAP_INIT_REWRITES_BASE);
         let was_tied = self.lm_head_is_tied();
@@ -143,6 +232,7 @@ impl CausalLM {
             adapter: name.to_string(),
             modules: Vec::new(),
             trainable_parameters: 0,
+            saved_modules: Vec::new(),
             rewritten_base: Vec::new(),
             untied_lm_head: false,
             capabilities: capabilities.clone(),
@@ -150,9 +240,27 @@ impl CausalLM {
         // Original weights of rewritten layers, to put back if a later layer fails.
         let mut originals: Vec<(String, Tensor)> = Vec::new();
         let result = (|| -> Result<()> {
+            if saved.iter().any(|m| m == EMBED_TOKENS) {
+                let copy = self.embed_tokens().f_detach_copy()?.set_requires_grad(true);
+                report.saved_modules.push((EMBED_TOKENS.to_string(), copy.numel() as i64));
+                self.embed_copies.push((name.to_string(), copy));
+            }
             for lin in self.linears_mut() {
                 let module = lin.name.clone();
-                if !method.targets(&module).with_context(|| format!("adapter `{name}`: targets(`{module}`)"))? {
+                let targeted = method.targets(&module).with_context(|| format!("adapter `{name}`: targets(`{module}`)"))?;
+                if saved.contains(&module) {
+                    if targeted {
+                        bail!(
+                            "adapter `{name}`: `{module}` is both targeted by the adapter and listed in {MODULES_TO_SAVE}; peft never \
+                             adapts a module it saves in full. Take it out of target_modules or out of {MODULES_TO_SAVE}"
+                        );
+                    }
+                    let copy = lin.insert_copy(name)?;
+                    let values = copy.weight.numel() as i64 + copy.bias.as_ref().map_or(0, |b| b.numel() as i64);
+                    report.saved_modules.push((module, values));
+                    continue;
+                }
+                if !targeted {
                     continue;
                 }
                 let layer = method.adapt_linear(&module, lin.base()).with_context(|| format!("adapter `{name}`: adapting `{module}`"))?;
@@ -183,30 +291,62 @@ impl CausalLM {
             return Err(e);
         }
         if report.modules.is_empty() {
+            self.strip_adapter_layers(name, originals);
             let all: Vec<String> = self.linears().iter().map(|(n, _)| format!("`{n}`")).collect();
             bail!(
-                "adapter `{name}`: target_modules {} match no linear layer of this model; its linear layers are {}",
+                "adapter `{name}`: target_modules {} match no linear layer of this model{}; its linear layers are {}",
                 stated_targets(method.as_ref()),
+                if saved.is_empty() { String::new() } else { format!(" (modules in {MODULES_TO_SAVE} are never adapted: {})", saved.join(", ")) },
                 few(&all, 8)
             );
         }
+        report.trainable_parameters += report.saved_modules.iter().map(|(_, n)| n).sum::<i64>();
         report.untied_lm_head = was_tied && !self.lm_head_is_tied();
         if report.untied_lm_head {
             tracing::info!("adapter `{name}` rewrote the base weight of the tied lm_head: lm_head now has a weight of its own");
         }
         tracing::info!("{}", report.summary());
         let modules = report.modules.iter().map(|(m, _)| m.clone()).collect();
-        self.adapters.entries.push(AttachedAdapter { name: name.to_string(), method, modules, capabilities });
+        self.adapters.entries.push(AttachedAdapter { name: name.to_string(), method, modules, saved, capabilities });
         if self.adapters.active.is_none() {
             self.adapters.active = Some(name.to_string());
         }
         Ok((report, originals))
     }
 
-    /// Takes adapter `name` off every layer and puts back the given original base weights.
+    /// The modules `modules_to_save` names (each entry matches a module path as a target name
+    /// does), in model order. An entry that matches nothing, or a module that is neither a
+    /// linear layer nor the token embedding, is an error.
+    fn resolve_modules_to_save(&self, name: &str, entries: &[String]) -> Result<Vec<String>> {
+        let linears: BTreeSet<&str> = self.linears().into_iter().map(|(n, _)| n).collect();
+        let modules = self.module_names();
+        let mut saved = BTreeSet::new();
+        for entry in entries {
+            let hits: Vec<&(String, &str)> = modules.iter().filter(|(m, _)| module_name_matches(m, entry)).collect();
+            if hits.is_empty() {
+                bail!(
+                    "adapter `{name}`: {MODULES_TO_SAVE} entry `{entry}` matches no module of this model (a module matches when its \
+                     path equals the entry or ends with `.` + it); name a linear layer (`lm_head`, `q_proj`, ...) or `embed_tokens`"
+                );
+            }
+            if let Some((m, what)) = hits.iter().find(|(m, _)| m != EMBED_TOKENS && !linears.contains(m.as_str())) {
+                bail!(
+                    "adapter `{name}`: {MODULES_TO_SAVE} entry `{entry}` names `{m}`, {what}; trainable copies are supported for \
+                     linear layers (`lm_head` included) and `{EMBED_TOKENS}` only"
+                );
+            }
+            saved.extend(hits.into_iter().map(|(m, _)| m.as_str()));
+        }
+        Ok(modules.iter().filter(|(m, _)| saved.contains(m.as_str())).map(|(m, _)| m.clone()).collect())
+    }
+
+    /// Takes adapter `name` off every layer (its copies too) and puts back the given original
+    /// base weights.
     fn strip_adapter_layers(&mut self, name: &str, originals: Vec<(String, Tensor)>) {
+        self.embed_copies.retain(|(n, _)| n != name);
         for lin in self.linears_mut() {
             lin.remove_adapter(name);
+            lin.remove_copy(name);
             if let Some((_, w)) = originals.iter().find(|(m, _)| *m == lin.name) {
                 lin.set_base_weight(w.shallow_clone());
             }
@@ -249,6 +389,12 @@ impl CausalLM {
         self.adapters.active.as_deref().and_then(|n| self.adapters.get(n)).map(|a| a.modules.iter().map(String::as_str).collect()).unwrap_or_default()
     }
 
+    /// The modules the active adapter keeps a trainable copy of (`modules_to_save`; checkpoint
+    /// paths, model order).
+    pub fn saved_modules(&self) -> Vec<&str> {
+        self.adapters.active.as_deref().and_then(|n| self.adapters.get(n)).map(|a| a.saved.iter().map(String::as_str).collect()).unwrap_or_default()
+    }
+
     fn active_entry(&self, what: &str) -> Result<&AttachedAdapter> {
         let name = self.adapters.active.as_deref().with_context(|| {
             format!("{what}: no adapter is active (attached: {}); attach one or call set_active_adapter", none_if_empty(&self.adapter_names()))
@@ -256,37 +402,46 @@ impl CausalLM {
         self.adapters.get(name).with_context(|| format!("{what}: the active adapter `{name}` is not attached"))
     }
 
-    /// The adapter layers of the active adapter with their module paths, in model order.
-    fn active_layers(&self, what: &str) -> Result<(&AttachedAdapter, Vec<ModuleAdapter<'_>>)> {
+    /// What the active adapter holds at each module (plugin layers and copies), with the
+    /// module paths, in model order.
+    fn active_parts(&self, what: &str) -> Result<(&AttachedAdapter, Vec<(&str, Part<'_>)>)> {
         let entry = self.active_entry(what)?;
-        let mut layers = Vec::with_capacity(entry.modules.len());
+        let mut parts = Vec::with_capacity(entry.modules.len() + entry.saved.len());
+        if let Some(copy) = self.embed_tokens_copy(&entry.name) {
+            parts.push((EMBED_TOKENS, Part::EmbedCopy(copy)));
+        }
         for (module, lin) in self.linears() {
             if let Some(layer) = lin.adapter(&entry.name) {
-                layers.push((module, layer));
+                parts.push((module, Part::Layer(layer)));
+            } else if let Some(copy) = lin.copy(&entry.name) {
+                parts.push((module, Part::LinearCopy(copy)));
             }
         }
-        Ok((entry, layers))
+        Ok((entry, parts))
     }
 
     /// The active adapter's trainable tensors named `base_model.model.<module>.<name>`, with the
-    /// plugin's learning-rate and weight-decay scales (LoRA+ gives B a larger learning rate).
+    /// plugin's learning-rate and weight-decay scales (LoRA+ gives B a larger learning rate),
+    /// in model order. The copies of `modules_to_save` are `base_model.model.<module>.weight`
+    /// (and `.bias`, without weight decay), learning rate ×1.
     pub fn trainable_parameters(&self) -> Result<Vec<TrainParam>> {
-        let (entry, layers) = self.active_layers("trainable_parameters")?;
+        let (entry, parts) = self.active_parts("trainable_parameters")?;
         let mut out = Vec::new();
-        for (module, layer) in layers {
-            let params = layer.parameters().with_context(|| format!("adapter `{}`: parameters of `{module}`", entry.name))?;
+        for (module, part) in parts {
+            let params = part.parameters().with_context(|| format!("adapter `{}`: parameters of `{module}`", entry.name))?;
             out.extend(params.into_iter().map(|p| TrainParam { name: peft_key(module, &p.name), ..p }));
         }
         Ok(out)
     }
 
-    /// The active adapter's state under peft's full keys (`base_model.model.<module>.lora_A.weight`),
-    /// detached copies, what `adapter_model.safetensors` holds.
+    /// The active adapter's state under peft's full keys (`base_model.model.<module>.lora_A.weight`;
+    /// `base_model.model.lm_head.weight` for a copy of `lm_head`), detached copies, what
+    /// `adapter_model.safetensors` holds.
     pub fn adapter_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
-        let (entry, layers) = self.active_layers("adapter_state_dict")?;
+        let (entry, parts) = self.active_parts("adapter_state_dict")?;
         let mut out = Vec::new();
-        for (module, layer) in layers {
-            let state = layer.state_dict().with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?;
+        for (module, part) in parts {
+            let state = part.state_dict().with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?;
             out.extend(state.into_iter().map(|(n, t)| (peft_key(module, &n), t)));
         }
         Ok(out)
@@ -297,12 +452,12 @@ impl CausalLM {
     /// with its shape, and no other: missing, unexpected and mis-shaped keys are one error
     /// that names them.
     pub fn load_adapter_state_dict(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
-        let (entry, layers) = self.active_layers("load_adapter_state_dict")?;
-        // Expected keys in model order: module index, name relative to the layer, shape.
+        let (entry, parts) = self.active_parts("load_adapter_state_dict")?;
+        // Expected keys in model order: part index, name relative to the module, shape.
         let mut expected: BTreeMap<String, (usize, String, Vec<i64>)> = BTreeMap::new();
         let mut order = Vec::new();
-        for (i, (module, layer)) in layers.iter().enumerate() {
-            for (n, t) in layer.state_dict().with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))? {
+        for (i, (module, part)) in parts.iter().enumerate() {
+            for (n, t) in part.state_dict().with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))? {
                 let key = peft_key(module, &n);
                 order.push(key.clone());
                 expected.insert(key, (i, n, t.size()));
@@ -311,7 +466,7 @@ impl CausalLM {
         let mut unexpected = Vec::new();
         let mut misshaped = Vec::new();
         let mut seen = BTreeSet::new();
-        let mut groups: Vec<Vec<(String, Tensor)>> = (0..layers.len()).map(|_| Vec::new()).collect();
+        let mut groups: Vec<Vec<(String, Tensor)>> = (0..parts.len()).map(|_| Vec::new()).collect();
         for (key, t) in tensors {
             match expected.get(&key) {
                 None => unexpected.push(format!("`{key}` {:?}", t.size())),
@@ -332,33 +487,36 @@ impl CausalLM {
         misshaped.sort_by_key(|(k, _)| order.iter().position(|o| o == k));
         let misshaped: Vec<String> = misshaped.into_iter().map(|(_, m)| m).collect();
         if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
-            let mut parts = Vec::new();
+            let mut problems = Vec::new();
             if !misshaped.is_empty() {
-                parts.push(format!("{} mis-shaped key(s): {}", misshaped.len(), few(&misshaped, 4)));
+                problems.push(format!("{} mis-shaped key(s): {}", misshaped.len(), few(&misshaped, 4)));
             }
             if !missing.is_empty() {
-                parts.push(format!("{} missing key(s): {}", missing.len(), few(&missing, 4)));
+                problems.push(format!("{} missing key(s): {}", missing.len(), few(&missing, 4)));
             }
             if !unexpected.is_empty() {
-                parts.push(format!("{} unexpected key(s): {}", unexpected.len(), few(&unexpected, 4)));
+                problems.push(format!("{} unexpected key(s): {}", unexpected.len(), few(&unexpected, 4)));
             }
             bail!(
-                "adapter state does not fit adapter `{}` on this model ({} modules adapted): {}{}",
+                "adapter state does not fit adapter `{}` on this model ({} modules adapted, {} saved in full): {}{}",
                 entry.name,
-                layers.len(),
-                parts.join("; "),
+                entry.modules.len(),
+                entry.saved.len(),
+                problems.join("; "),
                 if misshaped.is_empty() { "" } else { " (an adapter made for another model?)" }
             );
         }
-        for ((module, layer), group) in layers.iter().zip(groups) {
-            tch::no_grad(|| layer.load_state_dict(group)).with_context(|| format!("adapter `{}`: loading the state of `{module}`", entry.name))?;
+        for ((module, part), group) in parts.iter().zip(groups) {
+            part.load_state_dict(group).with_context(|| format!("adapter `{}`: loading the state of `{module}`", entry.name))?;
         }
         Ok(())
     }
 
     /// Merges the active adapter into the weights: each adapted layer's base weight becomes
-    /// `merged_weight(W)` and the adapter is dropped (a tied `lm_head` gets a weight of its
-    /// own; the embeddings stay as they are). Returns the merged modules.
+    /// `merged_weight(W)`, each module in `modules_to_save` becomes its trained copy, and the
+    /// adapter is dropped. A tied `lm_head` gets a weight of its own when it or the embedding
+    /// changes this way (the embeddings are otherwise left as they are). Returns the merged
+    /// modules, adapted ones then saved ones.
     pub fn merge_adapter(&mut self) -> Result<Vec<String>> {
         let entry = self.active_entry("merge_adapter")?;
         let name = entry.name.clone();
@@ -382,12 +540,17 @@ impl CausalLM {
                 lin.set_base_weight(w);
                 lin.remove_adapter(&name);
             }
+            lin.merge_copy(&name);
+        }
+        if let Some(pos) = self.embed_copies.iter().position(|(n, _)| *n == name) {
+            let (_, copy) = self.embed_copies.remove(pos);
+            self.set_embed_tokens(copy.detach());
         }
         let pos = self.adapters.entries.iter().position(|a| a.name == name).expect("active adapter is attached");
         let entry = self.adapters.entries.remove(pos);
         self.adapters.active = None;
-        tracing::info!("merged adapter `{name}` into {} module(s)", entry.modules.len());
-        Ok(entry.modules)
+        tracing::info!("merged adapter `{name}` into {} module(s), {} saved module(s) replaced by their copies", entry.modules.len(), entry.saved.len());
+        Ok(entry.modules.into_iter().chain(entry.saved).collect())
     }
 
     /// The `adapter_config.json` of the active adapter (the plugin's `peft_config()`).
@@ -446,11 +609,14 @@ pub(crate) mod tests {
     }
 
     /// A test adapter: `y = base(x) + x Dᵀ` with a trainable `D` `[out, in]` (zero at init, or
-    /// `W/2` with `halve`, which then rewrites the base to `W/2`: `init_rewrites_base`).
+    /// `W/2` with `halve`, which then rewrites the base to `W/2`: `init_rewrites_base`). Its
+    /// `modules_to_save` goes into its peft config as stated; unlike LoRA it does not leave
+    /// those modules out of its targets.
     pub(crate) struct Additive {
         pub targets: Vec<String>,
         pub halve: bool,
         pub merge: bool,
+        pub modules_to_save: Vec<String>,
     }
 
     struct AdditiveLayer {
@@ -467,7 +633,7 @@ pub(crate) mod tests {
             Ok(Box::new(AdditiveLayer { d: d.set_requires_grad(true) }))
         }
         fn peft_config(&self) -> PluginResult<String> {
-            Ok(serde_json::json!({"peft_type": "ADDITIVE", "target_modules": self.targets}).to_string())
+            Ok(serde_json::json!({"peft_type": "ADDITIVE", "target_modules": self.targets, "modules_to_save": self.modules_to_save}).to_string())
         }
         fn capabilities(&self) -> Vec<String> {
             let mut c = Vec::new();
@@ -512,7 +678,13 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn additive(targets: &[&str]) -> Box<Additive> {
-        Box::new(Additive { targets: targets.iter().map(|s| s.to_string()).collect(), halve: false, merge: true })
+        saving(targets, &[])
+    }
+
+    /// [`additive`] with `modules_to_save`.
+    pub(crate) fn saving(targets: &[&str], modules_to_save: &[&str]) -> Box<Additive> {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Box::new(Additive { targets: strings(targets), halve: false, merge: true, modules_to_save: strings(modules_to_save) })
     }
 
     fn ids() -> Tensor {
@@ -622,7 +794,7 @@ pub(crate) mod tests {
     #[test]
     fn merge_needs_the_capability() {
         let mut m = tiny_model(false);
-        m.attach_adapter("a", Box::new(Additive { targets: vec!["q_proj".into()], halve: false, merge: false })).unwrap();
+        m.attach_adapter("a", Box::new(Additive { merge: false, ..*additive(&["q_proj"]) })).unwrap();
         let e = m.merge_adapter().unwrap_err().to_string();
         assert!(e.contains("`merge`"), "{e}");
         assert_eq!(m.adapter_names(), vec!["a"]);
@@ -633,7 +805,7 @@ pub(crate) mod tests {
         let mut m = tiny_model(true);
         let base = m.forward(&ids(), None, None).unwrap();
         let q_before = m.linears()[0].1.weight.copy();
-        let r = m.attach_adapter("p", Box::new(Additive { targets: vec!["q_proj".into(), "lm_head".into()], halve: true, merge: true })).unwrap();
+        let r = m.attach_adapter("p", Box::new(Additive { halve: true, ..*additive(&["q_proj", "lm_head"]) })).unwrap();
         assert_eq!(r.rewritten_base.len(), 2);
         assert!(r.untied_lm_head && !m.lm_head_is_tied());
         assert!(max_diff(&m.linears()[0].1.weight, &(&q_before / 2.0)) < 1e-7, "the base became the residual");
@@ -643,6 +815,124 @@ pub(crate) mod tests {
         m.detach_fresh_adapter("p", originals);
         assert!(m.adapter_names().is_empty());
         assert_eq!(max_diff(&m.linears()[0].1.weight, &q_before), 0.0);
+    }
+
+    fn no_copies_left(m: &CausalLM) -> bool {
+        m.embed_copies.is_empty() && m.linears().iter().all(|(_, l)| l.copy("default").is_none())
+    }
+
+    #[test]
+    fn modules_to_save_train_full_copies_used_only_while_the_adapter_runs() {
+        let mut m = tiny_model(true);
+        let base = m.forward(&ids(), None, None).unwrap();
+        let r = m.attach_adapter("default", saving(&["q_proj"], &["lm_head", "embed_tokens"])).unwrap();
+        assert_eq!(r.saved_modules, vec![("model.embed_tokens".to_string(), 128), ("lm_head".to_string(), 128)]);
+        assert_eq!(r.modules, vec![("model.layers.0.self_attn.q_proj".to_string(), 64)]);
+        assert_eq!(r.trainable_parameters, 64 + 2 * 128);
+        assert_eq!(m.saved_modules(), vec!["model.embed_tokens", "lm_head"]);
+        let p = m.trainable_parameters().unwrap();
+        let names: Vec<_> = p.iter().map(|p| (p.name.as_str(), p.lr_scale, p.weight_decay_scale)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("base_model.model.model.embed_tokens.weight", 1.0, 1.0),
+                ("base_model.model.model.layers.0.self_attn.q_proj.delta", 2.0, 1.0),
+                ("base_model.model.lm_head.weight", 1.0, 1.0)
+            ]
+        );
+        assert!(p.iter().all(|p| p.tensor.requires_grad()));
+        // each a copy of its own: of each other, of the (tied) original
+        let ptrs: BTreeSet<usize> = [&p[0].tensor, &p[2].tensor, m.embed_tokens()].iter().map(|t| t.data_ptr() as usize).collect();
+        assert_eq!(ptrs.len(), 3);
+        assert_eq!(p[0].tensor.kind(), m.embed_tokens().kind(), "the copy keeps the module's dtype");
+        assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base), 0.0, "copies equal the originals at init");
+
+        perturb(&mut m);
+        let adapted = m.forward(&ids(), None, None).unwrap();
+        assert!(max_diff(&adapted, &base) > 1e-3);
+        // closed form: the logits are the hidden states times the copied head
+        let head = m.linears().last().unwrap().1.copy("default").unwrap().weight.shallow_clone();
+        let hidden = m.hidden_states(&ids(), None, None).unwrap();
+        assert!(max_diff(&adapted, &hidden.linear::<Tensor>(&head, None)) < 1e-6);
+        assert!(max_diff(&head, m.embed_tokens()) > 1e-3, "the copy moved, the original did not");
+        let disabled = m.forward_with(&ids(), None, None, m.mode(ForwardFlags::DISABLE_ADAPTER, false)).unwrap();
+        assert_eq!(max_diff(&disabled, &base), 0.0, "DISABLE_ADAPTER runs the originals");
+        assert!(m.lm_head_is_tied());
+
+        // gradients reach the copies
+        m.forward_with(&ids(), None, None, m.mode(ForwardFlags::NONE, false)).unwrap().square().sum(Kind::Float).backward();
+        for p in m.trainable_parameters().unwrap() {
+            assert!(p.tensor.grad().defined() && p.tensor.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{}", p.name);
+        }
+        assert!(!m.embed_tokens().grad().defined(), "the original is frozen");
+
+        // the state round-trips under peft's keys
+        let state = m.adapter_state_dict().unwrap();
+        let keys: Vec<_> = state.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, vec!["base_model.model.model.embed_tokens.weight", "base_model.model.model.layers.0.self_attn.q_proj.delta", "base_model.model.lm_head.weight"]);
+        // (not `perturb`: other tests re-seed the global generator meanwhile)
+        m.load_adapter_state_dict(state.iter().map(|(k, t)| (k.clone(), t + 0.5)).collect()).unwrap();
+        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted) > 1e-3);
+        m.load_adapter_state_dict(state).unwrap();
+        assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted), 0.0);
+
+        // merge: the copies become the weights, the head and the embedding part ways
+        let merged = m.merge_adapter().unwrap();
+        assert_eq!(merged, vec!["model.layers.0.self_attn.q_proj", "model.embed_tokens", "lm_head"]);
+        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted) < 1e-5);
+        assert!(!m.lm_head_is_tied() && no_copies_left(&m));
+        assert_eq!(max_diff(&m.linears().last().unwrap().1.weight, &head), 0.0);
+        assert!(m.named_weights().iter().any(|(k, _)| k == "lm_head.weight"));
+    }
+
+    #[test]
+    fn a_saved_embedding_unties_the_head_on_merge_and_a_saved_linear_keeps_its_bias() {
+        let mut m = tiny_model(true);
+        let embed = m.embed_tokens().copy();
+        m.attach_adapter("default", saving(&["v_proj"], &["embed_tokens", "self_attn.q_proj"])).unwrap();
+        let p = m.trainable_parameters().unwrap();
+        let names: Vec<_> = p.iter().map(|p| (p.name.as_str(), p.weight_decay_scale)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("base_model.model.model.embed_tokens.weight", 1.0),
+                ("base_model.model.model.layers.0.self_attn.q_proj.weight", 1.0),
+                ("base_model.model.model.layers.0.self_attn.q_proj.bias", 0.0),
+                ("base_model.model.model.layers.0.self_attn.v_proj.delta", 1.0)
+            ]
+        );
+        perturb(&mut m);
+        let adapted = m.forward(&ids(), None, None).unwrap();
+        m.merge_adapter().unwrap();
+        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted) < 1e-5);
+        assert!(!m.lm_head_is_tied(), "the head keeps the original embedding");
+        assert_eq!(max_diff(&m.linears().last().unwrap().1.weight, &embed), 0.0);
+        assert!(max_diff(m.embed_tokens(), &embed) > 1e-3);
+    }
+
+    #[test]
+    fn modules_to_save_errors_name_the_entry_and_leave_nothing_attached() {
+        for (saved, targets, want) in [
+            (vec!["norm"], vec!["q_proj"], "names `model.norm`, an RMSNorm"),
+            (vec!["mlp"], vec!["q_proj"], "names `model.layers.0.mlp`, an MLP block"),
+            (vec!["head"], vec!["q_proj"], "entry `head` matches no module"),
+            (vec!["lm_head", "q_proj"], vec!["q_proj"], "`model.layers.0.self_attn.q_proj` is both targeted by the adapter and listed in modules_to_save"),
+            (vec!["lm_head"], vec!["lm_head"], "`lm_head` is both targeted"),
+            (vec!["lm_head"], vec!["qkv_proj"], "modules in modules_to_save are never adapted: lm_head"),
+        ] {
+            let mut m = tiny_model(true);
+            let base = m.forward(&ids(), None, None).unwrap();
+            let e = format!("{:#}", m.attach_adapter("default", saving(&targets, &saved)).unwrap_err());
+            assert!(e.contains(want), "{saved:?}: {e}");
+            assert!(m.adapter_names().is_empty() && no_copies_left(&m), "{saved:?}");
+            assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base), 0.0);
+        }
+        let mut m = tiny_model(false);
+        m.attach_adapter("default", saving(&["q_proj"], &["lm_head"])).unwrap();
+        let mut state = m.adapter_state_dict().unwrap();
+        state[1].1 = Tensor::zeros([15, 8], (Kind::Float, Device::Cpu));
+        let e = m.load_adapter_state_dict(state).unwrap_err().to_string();
+        assert!(e.contains("`base_model.model.lm_head.weight` is [15, 8], this model's is [16, 8]") && e.contains("1 saved in full"), "{e}");
     }
 
     #[test]

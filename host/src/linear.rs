@@ -6,6 +6,10 @@
 //! ([`LinearMode`]): one name for the whole model (a layer that has no adapter of that name
 //! runs its base), or none (the base model alone: DPO's reference model). Adapters are handed
 //! the [`LinearBase`], never the `FrozenLinear`, so an adapter cannot recurse into itself.
+//!
+//! An adapter may instead keep a trainable full copy of the layer (peft's `modules_to_save`):
+//! while that adapter runs, the layer is `x W'ᵀ + b'` with the copy's weight and bias; the
+//! frozen base stays for every other pass.
 use anyhow::{Context, Result};
 use ferrotune_plugin_api::{AdapterLayer, BaseLinear, PluginResult};
 use tch::{TchError, Tensor};
@@ -72,6 +76,8 @@ impl LinearMode<'_> {
 pub struct FrozenLinear {
     base: LinearBase,
     adapters: Vec<(String, Box<dyn AdapterLayer>)>,
+    /// Trainable full copies of the layer (`modules_to_save`), by adapter name.
+    copies: Vec<(String, LinearBase)>,
 }
 
 impl std::ops::Deref for FrozenLinear {
@@ -84,7 +90,7 @@ impl std::ops::Deref for FrozenLinear {
 impl FrozenLinear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
         let base = LinearBase { name: name.into(), weight: weight.set_requires_grad(false), bias: bias.map(|b| b.set_requires_grad(false)) };
-        Self { base, adapters: Vec::new() }
+        Self { base, adapters: Vec::new(), copies: Vec::new() }
     }
 
     /// The frozen base (what adapters receive as their [`BaseLinear`]).
@@ -92,8 +98,12 @@ impl FrozenLinear {
         &self.base
     }
 
-    /// `x Wᵀ + b`, through the adapter `mode` selects when this layer has one.
+    /// `x Wᵀ + b`, through the adapter `mode` selects when this layer has one (or with that
+    /// adapter's copy of the layer when it keeps one).
     pub fn forward(&self, x: &Tensor, mode: LinearMode<'_>) -> Result<Tensor> {
+        if let Some((name, copy)) = mode.adapter.and_then(|name| self.copy(name).map(|c| (name, c))) {
+            return copy.forward(x).with_context(|| format!("adapter `{name}`'s copy of `{}` (modules_to_save)", self.base.name));
+        }
         match mode.adapter.and_then(|name| self.adapter(name).map(|a| (name, a))) {
             Some((name, adapter)) => adapter
                 .forward(x, &self.base, mode.train)
@@ -128,6 +138,37 @@ impl FrozenLinear {
     /// for its other user, which is how a tied `lm_head` gets untied).
     pub(crate) fn set_base_weight(&mut self, weight: Tensor) {
         self.base.weight = weight.set_requires_grad(false);
+    }
+
+    /// Adapter `name`'s trainable copy of this layer (`modules_to_save`), if it keeps one.
+    pub fn copy(&self, name: &str) -> Option<&LinearBase> {
+        self.copies.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+
+    /// Gives adapter `name` a trainable copy of this layer: the base weight and bias copied,
+    /// in their dtype and on their device (as peft's `ModulesToSaveWrapper` deep-copies the
+    /// module). A tied weight is copied too, so the copy never shares storage.
+    pub(crate) fn insert_copy(&mut self, name: &str) -> Result<&LinearBase> {
+        let trainable = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach_copy()?.set_requires_grad(true)) };
+        let copy = LinearBase { name: self.base.name.clone(), weight: trainable(&self.base.weight)?, bias: self.base.bias.as_ref().map(trainable).transpose()? };
+        self.remove_copy(name);
+        self.copies.push((name.to_string(), copy));
+        Ok(&self.copies.last().expect("just pushed").1)
+    }
+
+    /// Takes adapter `name`'s copy off this layer.
+    pub(crate) fn remove_copy(&mut self, name: &str) -> Option<LinearBase> {
+        let i = self.copies.iter().position(|(n, _)| n == name)?;
+        Some(self.copies.remove(i).1)
+    }
+
+    /// Makes adapter `name`'s copy the base (weight and bias) and drops it: the merge of a
+    /// `modules_to_save` module. False when the adapter keeps no copy of this layer.
+    pub(crate) fn merge_copy(&mut self, name: &str) -> bool {
+        let Some(copy) = self.remove_copy(name) else { return false };
+        self.base.weight = copy.weight.detach().set_requires_grad(false);
+        self.base.bias = copy.bias.map(|b| b.detach().set_requires_grad(false));
+        true
     }
 }
 

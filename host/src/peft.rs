@@ -1,6 +1,7 @@
 //! PEFT adapter directories, as peft 0.21 writes and reads them: `adapter_config.json` (the
 //! method's configuration) and `adapter_model.safetensors` (the adapter's tensors under peft's
-//! keys, `base_model.model.<module>.lora_A.weight`).
+//! keys, `base_model.model.<module>.lora_A.weight`, and the modules of `modules_to_save` as
+//! `base_model.model.<module>.weight`).
 //!
 //! Loading maps a peft configuration onto an adapter plugin through [`PEFT_METHODS`], one row
 //! per `peft_type`: the keys the plugin implements are passed on; the informational keys
@@ -191,7 +192,8 @@ impl CausalLM {
     /// Writes the active adapter as a PEFT directory peft loads (`PeftModel.from_pretrained`):
     /// `adapter_config.json` (the plugin's `peft_config()`, `base_model_name_or_path` set to the
     /// model directory when known) and `adapter_model.safetensors` (contiguous CPU tensors in
-    /// the adapter's dtype: float32 unless the adapter itself is bf16). Each file is written
+    /// the adapter's dtype: float32 unless the adapter itself is bf16; the copies of
+    /// `modules_to_save` in the model's dtype, as peft saves them). Each file is written
     /// atomically; `dir` is created.
     pub fn save_peft_adapter(&self, dir: &Path) -> Result<()> {
         let mut config = self.adapter_peft_config()?;
@@ -276,6 +278,11 @@ mod tests {
         for k in ["peft_version", "task_type", "rank_pattern", "qalora_group_size", "layers_to_transform", "modules_to_save"] {
             assert!(m.ignored.contains(&k.to_string()), "{k} ignored");
         }
+        // a list reaches the plugin, whose peft_config() states it for the host (adapters.rs)
+        let mut v = peft_written();
+        v["modules_to_save"] = json!(["lm_head", "embed_tokens"]);
+        let c: Value = serde_json::from_str(&map(v).unwrap().config_json).unwrap();
+        assert_eq!(c["modules_to_save"], json!(["lm_head", "embed_tokens"]));
     }
 
     #[test]

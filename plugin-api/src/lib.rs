@@ -74,7 +74,7 @@ pub mod macros;
 pub use config::parse_config;
 pub use error::{guard, ErrorCode, PluginError, PluginResult};
 pub use fingerprint::{BuildFingerprint, Manifest};
-pub use kinds::adapter::{AdapterLayer, AdapterMethod, BaseLinear};
+pub use kinds::adapter::{module_name_matches, AdapterLayer, AdapterMethod, BaseLinear};
 pub use kinds::dataset::{DataSource, DatasetFormat, SampleReader};
 pub use kinds::memory::{Collectives, MemoryStrategy, ReduceOp, StepReport};
 pub use kinds::objective::{Batch, ForwardFlags, LossOutput, Objective, ObjectiveContext, RewardScores};

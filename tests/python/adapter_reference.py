@@ -7,11 +7,13 @@ WORK_DIR/plan.json, written by the Rust test:
   "peft_loads":   [{"name", "dir", "out"}]   - a PEFT directory ferrotune wrote: peft loads it
                                                onto the base (PeftModel.from_pretrained) and
                                                its logits go to `out`;
-  "peft_writes":  [{"name", "config", "seed", "dir", "out"}]
+  "peft_writes":  [{"name", "config", "seed", "dir", "out", "out_disabled"}]
                                              - peft builds a LoraConfig(**config) adapter on the
-                                               base, perturbs A, B (and DoRA's magnitude) so that
-                                               the adapter matters, saves it to `dir`
-                                               (save_pretrained) and its logits to `out`;
+                                               base, perturbs A, B (DoRA's magnitude, the copies
+                                               of modules_to_save) so that the adapter matters,
+                                               saves it to `dir` (save_pretrained), its logits to
+                                               `out` and those with the adapter disabled to
+                                               `out_disabled`;
   "transformers_loads": [{"name", "dir", "out"}]
                                              - a merged model directory ferrotune wrote:
                                                transformers loads it; logits to `out`;
@@ -59,12 +61,17 @@ def peft_writes(plan, entry):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "modules_to_save" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(entry["dir"])
     save_logits(model, plan["ids"], entry["out"])
-    return f"peft_writes {entry['name']}: saved to {entry['dir']}"
+    with model.disable_adapter():
+        save_logits(model, plan["ids"], entry["out_disabled"])
+    saved = [n for n, _ in model.named_parameters() if "modules_to_save" in n]
+    return f"peft_writes {entry['name']}: saved to {entry['dir']}" + (f" (copies: {', '.join(saved)})" if saved else "")
 
 
 def transformers_loads(plan, entry):

@@ -305,10 +305,16 @@ impl DecoderLayer {
     }
 }
 
+/// The token embedding's checkpoint path (its weight is `model.embed_tokens.weight`).
+pub const EMBED_TOKENS: &str = "model.embed_tokens";
+
 /// A Llama / Qwen2 / Mistral causal language model loaded from a Hugging Face directory.
 pub struct CausalLM {
     config: LlamaConfig,
     embed_tokens: Tensor,
+    /// Trainable copies of the token embedding (`modules_to_save`), by adapter name: the
+    /// input embedding while that adapter runs (`adapters.rs`).
+    pub(crate) embed_copies: Vec<(String, Tensor)>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: FrozenLinear,
@@ -358,7 +364,19 @@ impl CausalLM {
             linear(w, "lm_head", vocab, hidden, false, "vocab_size, hidden_size (tie_word_embeddings is false)")?
         };
         let rotary = RotaryEmbedding::new(&config, device)?;
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rotary, device, dtype, source_dir: None, adapters: AdapterSet::default() })
+        Ok(Self {
+            config,
+            embed_tokens,
+            embed_copies: Vec::new(),
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            device,
+            dtype,
+            source_dir: None,
+            adapters: AdapterSet::default(),
+        })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -379,7 +397,7 @@ impl CausalLM {
     }
 
     /// Whether `lm_head` still shares the embedding tensor (merging or rewriting an adapted
-    /// head gives it a tensor of its own).
+    /// head, or merging a saved copy of either, gives it a tensor of its own).
     pub fn lm_head_is_tied(&self) -> bool {
         self.lm_head.weight.data_ptr() == self.embed_tokens.data_ptr()
     }
@@ -429,6 +447,40 @@ impl CausalLM {
     /// The input embedding matrix `[vocab_size, hidden_size]` (`model.embed_tokens.weight`).
     pub fn embed_tokens(&self) -> &Tensor {
         &self.embed_tokens
+    }
+
+    /// Replaces the embedding matrix by a new tensor (never in place: a tied `lm_head` keeps the
+    /// old one and so gets untied).
+    pub(crate) fn set_embed_tokens(&mut self, weight: Tensor) {
+        self.embed_tokens = weight.set_requires_grad(false);
+    }
+
+    /// Adapter `name`'s trainable copy of the embedding matrix (`modules_to_save`), if any.
+    pub fn embed_tokens_copy(&self, name: &str) -> Option<&Tensor> {
+        self.embed_copies.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Every module path as transformers' `named_modules()` gives it (`model`, `model.layers.0`,
+    /// `model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`, ...), each with what it is.
+    pub fn module_names(&self) -> Vec<(String, &'static str)> {
+        let mut out = vec![("model".to_string(), "the decoder"), (EMBED_TOKENS.to_string(), "the token embedding"), ("model.layers".to_string(), "the list of layers")];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((p.clone(), "a decoder layer"));
+            out.push((format!("{p}.self_attn"), "an attention block"));
+            let a = &l.self_attn;
+            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].map(|lin| (lin.name.clone(), "a linear layer")));
+            out.push((format!("{p}.mlp"), "an MLP block"));
+            let m = &l.mlp;
+            out.extend([&m.gate_proj, &m.up_proj, &m.down_proj].map(|lin| (lin.name.clone(), "a linear layer")));
+            out.push((format!("{p}.mlp.act_fn"), "an activation"));
+            out.push((format!("{p}.input_layernorm"), "an RMSNorm"));
+            out.push((format!("{p}.post_attention_layernorm"), "an RMSNorm"));
+        }
+        out.push(("model.norm".to_string(), "an RMSNorm"));
+        out.push(("model.rotary_emb".to_string(), "the rotary embedding"));
+        out.push((self.lm_head.name.clone(), "a linear layer"));
+        out
     }
 
     /// Every linear layer with its checkpoint path, in model order (q, k, v, o, gate, up, down
@@ -563,7 +615,8 @@ impl CausalLM {
                 }
             }
         }
-        let mut x = Tensor::f_embedding(&self.embed_tokens, &input_ids, -1, false, false)?;
+        let embed = mode.adapter.and_then(|name| self.embed_tokens_copy(name)).unwrap_or(&self.embed_tokens);
+        let mut x = Tensor::f_embedding(embed, &input_ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let mask = match layer.self_attn.sliding_window {
                 Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,

@@ -15,6 +15,13 @@ use crate::error::{guard, PluginError, PluginResult};
 use crate::tensor::{named_from_ffi, named_to_ffi, NamedTensor, OwnedTensor, TensorRef};
 use crate::Plugin;
 
+/// peft's rule for a module name in `target_modules` or `modules_to_save`: the layer's full
+/// checkpoint path equals it or ends with `.` + it (`q_proj` matches
+/// `model.layers.0.self_attn.q_proj`, not `model.layers.0.self_attn.qq_proj`).
+pub fn module_name_matches(module: &str, name: &str) -> bool {
+    module == name || module.strip_suffix(name).is_some_and(|head| head.ends_with('.'))
+}
+
 // ---------------------------------------------------------------- Rust traits
 
 /// The frozen base linear layer, implemented by the host (`y = x Wᵀ + b`).
@@ -253,5 +260,20 @@ impl AdapterLayer for AdapterLayerHandle {
     }
     fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor> {
         self.0.unmerged_weight(TensorRef::new(merged_weight)).into_result().map(OwnedTensor::into_tensor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::module_name_matches;
+
+    #[test]
+    fn module_names_match_whole_dotted_suffixes() {
+        assert!(module_name_matches("lm_head", "lm_head"));
+        assert!(module_name_matches("model.embed_tokens", "embed_tokens"));
+        assert!(module_name_matches("model.layers.0.self_attn.q_proj", "self_attn.q_proj"));
+        assert!(!module_name_matches("lm_head", "head"), "a suffix starts at a dot (peft's plain endswith would match)");
+        assert!(!module_name_matches("model.layers.0.self_attn.qq_proj", "q_proj"));
+        assert!(!module_name_matches("q_proj", "self_attn.q_proj"));
     }
 }

@@ -8,7 +8,7 @@
 //!  "target_modules": "all-linear",       # or ["q_proj", "v_proj"], or a full-match regex
 //!  "use_dora": false, "init_lora_weights": true}
 //! ```
-use ferrotune_plugin_api::{PluginError, PluginResult};
+use ferrotune_plugin_api::{module_name_matches, PluginError, PluginResult};
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
@@ -62,9 +62,10 @@ pub struct LoraConfig {
     /// this many times faster than A. Default none (1×); typical 4–16.
     #[serde(default)]
     pub loraplus_lr_ratio: Option<f64>,
-    /// Modules trained in full and saved beside the adapter (`["lm_head"]`). Recorded in the
-    /// PEFT config; the host makes the copies. As in peft, such a module is never adapted.
-    /// Default none.
+    /// Modules trained in full and saved beside the adapter (`["lm_head"]`, `["embed_tokens"]`;
+    /// names match as `target_modules` names do). Recorded in the PEFT config; the host makes
+    /// the trainable copies (linear layers and the token embedding). As in peft, such a module
+    /// is never adapted, even when `target_modules` names it. Default none.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
     /// Which biases are trained. Only `"none"` (the default) is supported.
@@ -267,9 +268,9 @@ impl LoraConfig {
             return false;
         }
         match &self.target_modules {
-            TargetModules::Names(names) => names.iter().any(|t| name_matches(module, t)),
+            TargetModules::Names(names) => names.iter().any(|t| module_name_matches(module, t)),
             TargetModules::Pattern { anchored, .. } => anchored.is_match(module),
-            TargetModules::AllLinear => !name_matches(module, OUTPUT_HEAD),
+            TargetModules::AllLinear => !module_name_matches(module, OUTPUT_HEAD),
         }
     }
 
@@ -311,11 +312,6 @@ impl LoraConfig {
             "alpha_pattern": {},
         })
     }
-}
-
-/// peft's rule for a module name in a list: equal, or a dotted suffix.
-fn name_matches(module: &str, target: &str) -> bool {
-    module == target || module.ends_with(&format!(".{target}"))
 }
 
 #[cfg(test)]
