@@ -19,7 +19,7 @@
 //! Every logits comparison: max |ours − theirs| ≤ 1e-5.
 //!
 //! Needs `cargo build -p ferrotune -p ferrotune-lora -p ferrotune-testkit` and the reference
-//! stack (`$PYTHON`, `.venv` or /work/main/.venv: torch 2.11, transformers 5, peft 0.21); one
+//! stack (`$PYTHON` or `.venv`: torch 2.11, transformers 5, peft 0.21); one
 //! Python run (`tests/python/adapter_reference.py`) serves every test of this file.
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

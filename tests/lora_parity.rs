@@ -14,8 +14,7 @@
 //! And `target_modules` selects the same layers of a tiny Llama as peft does.
 //!
 //! Needs the plugin built (`cargo build -p ferrotune-testkit -p ferrotune-lora`) and a Python
-//! with torch 2.11 and peft 0.21: `$PYTHON`, else `.venv/bin/python`, else the shared
-//! `/work/main/.venv/bin/python`. A missing reference stack fails the test, never skips it.
+//! with torch 2.11 and peft 0.21: `$PYTHON`, else the repository's `.venv/bin/python`. A missing reference stack fails the test, never skips it.
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -16,7 +16,7 @@
 //! 1e-4 relative (max |diff| / max |peft's|, per tensor).
 //!
 //! Needs `cargo build --workspace` (the CLI, `lora`, `sft`, `single`, `alpaca`) and the
-//! reference stack (`$PYTHON`, `.venv` or /work/main/.venv). One Python run serves every test.
+//! reference stack (`$PYTHON` or `.venv`). One Python run serves every test.
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

@@ -77,13 +77,13 @@ pub fn stderr(o: &Output) -> String {
 
 // ------------------------------------------------------------------ model tests
 
-/// The Python of the reference stack: `$PYTHON`, else the repository's `.venv`, else the main
-/// checkout's `.venv` (`make setup` creates it). Panics with what to do when none exists.
+/// The Python of the reference stack: `$PYTHON`, else the repository's `.venv` (`make setup` creates
+/// it). Panics with what to do when none exists.
 pub fn python() -> PathBuf {
     let candidates: Vec<PathBuf> = std::env::var_os("PYTHON")
         .map(PathBuf::from)
         .into_iter()
-        .chain([repo_root().join(".venv/bin/python"), PathBuf::from("/work/main/.venv/bin/python")])
+        .chain([repo_root().join(".venv/bin/python")])
         .collect();
     candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
         panic!(
