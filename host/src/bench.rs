@@ -5,11 +5,31 @@
 //! side: B prompts of P ids each (id = (7919·(b·P + i) + 13) mod vocab), greedy decoding of N
 //! new tokens with the KV cache and no end-of-sequence stop, best of R repeats after one
 //! warm-up prefill.
-use anyhow::Result;
-use serde::Serialize;
+//!
+//! `bench train` measures LoRA SFT training exactly as `bench/train_transformers.py` does
+//! for transformers + peft: the model of a directory, a `lora` adapter (r, alpha = 2r by
+//! default, every linear layer but `lm_head`, no dropout), the `sft` objective and the `single`
+//! memory plugin (AdamW, weight decay 0, gradient clipping at 1.0, constant learning rate),
+//! all created through the [`Registry`] and driven by the trainer's own
+//! [`optimizer_step`]. Step `s` trains on rows `s·B … s·B + B − 1` of the shared formula
+//! id = (7919·(row·T + i) + 13) mod vocab (row 0… of [`bench_prompts`]), with an all-ones
+//! attention mask and labels = ids. W warm-up steps are run and not timed, then N timed
+//! steps give tokens/s = N·B·T / their wall time (and B·T / the fastest step's, which other
+//! load on the machine disturbs less). Peak RSS is the process's `VmHWM`.
+use std::path::Path;
+use std::time::Instant;
 
+use anyhow::{Context, Result};
+use ferrotune_plugin_api::{Batch, MemoryStrategy};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::collectives::SingleProcess;
 use crate::generate::{generate_with_stats, SamplingParams};
 use crate::model::CausalLM;
+use crate::plugins::Registry;
+use crate::text::Tokenizer;
+use crate::train::{batch_meta, optimizer_step, StepTiming};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -36,9 +56,12 @@ pub struct GenerateBenchResult {
 
 /// The benchmark's prompts (shared formula with the Python side).
 pub fn bench_prompts(batch: usize, prompt_len: usize, vocab: i64) -> Vec<Vec<i64>> {
-    (0..batch)
-        .map(|b| (0..prompt_len).map(|i| (7919 * (b * prompt_len + i) as i64 + 13) % vocab).collect())
-        .collect()
+    bench_rows(0, batch, prompt_len, vocab)
+}
+
+/// Rows `first … first + rows − 1` of the shared formula: id = (7919·(row·len + i) + 13) mod vocab.
+pub fn bench_rows(first: usize, rows: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
+    (first..first + rows).map(|r| (0..len).map(|i| (7919 * (r * len + i) as i64 + 13) % vocab).collect()).collect()
 }
 
 pub fn bench_generate(model: &CausalLM, opts: &GenerateBench) -> Result<GenerateBenchResult> {
@@ -58,14 +81,159 @@ pub fn bench_generate(model: &CausalLM, opts: &GenerateBench) -> Result<Generate
         batch: opts.batch,
         prompt_len: opts.prompt_len,
         new_tokens: opts.new_tokens,
-        dtype: match model.dtype() {
-            tch::Kind::BFloat16 => "bfloat16".into(),
-            tch::Kind::Half => "float16".into(),
-            _ => "float32".into(),
-        },
+        dtype: dtype_name(model.dtype()),
         prefill_tok_s: prefill,
         decode_tok_s: decode,
     })
+}
+
+/// What `bench train` runs.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub batch: usize,
+    pub seq_len: usize,
+    /// Timed optimizer steps.
+    pub steps: usize,
+    /// Untimed optimizer steps before them.
+    pub warmup: usize,
+    /// LoRA rank and alpha.
+    pub rank: i64,
+    pub alpha: f64,
+    pub lr: f64,
+    pub seed: u64,
+}
+
+/// One implementation's result (`bench/train_transformers.py` prints the same keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainBenchResult {
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    pub threads: i32,
+    pub device: String,
+    pub dtype: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub lora_r: i64,
+    pub trainable_params: i64,
+    /// Timed tokens (steps · batch · seq_len) per second of the timed steps' wall time.
+    pub tokens_per_s: f64,
+    /// Tokens per second of the fastest timed step (less sensitive to other load on the machine).
+    pub best_tokens_per_s: f64,
+    /// Mean wall time of a timed step and its parts (forward + loss, backward, clip + optimizer).
+    pub step_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+    /// Loss of the first step (B = 0: the base model's loss, equal on both sides) and the last.
+    pub first_loss: f64,
+    pub last_loss: f64,
+    /// Resident memory once the framework is loaded, before the model (`VmRSS`, MiB).
+    pub base_rss_mb: f64,
+    /// Peak resident memory of the process (`VmHWM`, MiB).
+    pub peak_rss_mb: f64,
+}
+
+/// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`); `None` off Linux.
+pub fn proc_status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
+    line[key.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+fn mib(kib: Option<u64>) -> f64 {
+    kib.map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN)
+}
+
+/// The micro-batch of optimizer step `step`: `input_ids` = `labels` = rows `step·B …` of
+/// [`bench_rows`], `attention_mask` all ones.
+pub fn bench_train_batch(step: usize, batch: usize, seq_len: usize, vocab: i64, device: Device) -> Result<Batch> {
+    let rows = bench_rows(step * batch, batch, seq_len, vocab);
+    let flat: Vec<i64> = rows.concat();
+    let shape = [batch as i64, seq_len as i64];
+    let ids = Tensor::f_from_slice(&flat)?.f_view(shape)?.f_to_device(device)?;
+    let mask = Tensor::f_ones(shape, (Kind::Int64, device))?;
+    let num_items = (batch * seq_len.saturating_sub(1)) as i64;
+    Ok(Batch {
+        tensors: vec![("input_ids".into(), ids.shallow_clone()), ("attention_mask".into(), mask), ("labels".into(), ids)],
+        meta_json: batch_meta(num_items),
+    })
+}
+
+/// Runs `bench train` on the model directory `dir` (see the module docs).
+pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind, opts: &TrainBench) -> Result<TrainBenchResult> {
+    anyhow::ensure!(opts.batch >= 1 && opts.seq_len >= 2 && opts.steps >= 1, "bench train needs batch ≥ 1, seq_len ≥ 2 and steps ≥ 1");
+    let base_rss = proc_status_kib("VmRSS");
+    tch::manual_seed(opts.seed as i64);
+    let mut model = CausalLM::load(dir, device, dtype)?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let lora = serde_json::json!({
+        "r": opts.rank, "lora_alpha": opts.alpha, "lora_dropout": 0.0, "target_modules": "all-linear",
+    });
+    let method = registry.adapter("lora", &lora.to_string())?;
+    model.attach_adapter("default", Box::new(method))?;
+    let params = model.trainable_parameters()?;
+    let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
+    let mut objective = registry.objective("sft", "{}")?;
+    let mut memory = registry.memory("single", "{}")?;
+    let optimizer = serde_json::json!({ "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0 });
+    memory.setup(params, &optimizer.to_string(), device, &SingleProcess)?;
+
+    let vocab = model.config().vocab_size;
+    let (mut first_loss, mut last_loss) = (None, f64::NAN);
+    let mut timing = StepTiming::default();
+    let (mut timed, mut best) = (0f64, f64::INFINITY);
+    for step in 0..opts.warmup + opts.steps {
+        let started = Instant::now();
+        let batch = bench_train_batch(step, opts.batch, opts.seq_len, vocab, device);
+        let out = optimizer_step(&model, &tokenizer, &mut objective, &mut memory, [batch], opts.lr)
+            .with_context(|| format!("bench train: step {step}"))?;
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        first_loss.get_or_insert(out.loss);
+        last_loss = out.loss;
+        if step >= opts.warmup {
+            timed += elapsed;
+            best = best.min(elapsed);
+            timing.forward_s += out.timing.forward_s;
+            timing.backward_s += out.timing.backward_s;
+            timing.optimizer_s += out.timing.optimizer_s;
+        }
+    }
+    let n = opts.steps.max(1) as f64;
+    Ok(TrainBenchResult {
+        implementation: format!("ferrotune {}", env!("CARGO_PKG_VERSION")),
+        threads: tch::get_num_threads(),
+        device: format!("{device:?}").to_lowercase(),
+        dtype: dtype_name(dtype),
+        batch: opts.batch,
+        seq_len: opts.seq_len,
+        steps: opts.steps,
+        warmup: opts.warmup,
+        lora_r: opts.rank,
+        trainable_params: trainable,
+        tokens_per_s: (opts.steps * opts.batch * opts.seq_len) as f64 / timed.max(1e-9),
+        best_tokens_per_s: (opts.batch * opts.seq_len) as f64 / best,
+        step_s: timed / n,
+        forward_s: timing.forward_s / n,
+        backward_s: timing.backward_s / n,
+        optimizer_s: timing.optimizer_s / n,
+        first_loss: first_loss.unwrap_or(f64::NAN),
+        last_loss,
+        base_rss_mb: mib(base_rss),
+        peak_rss_mb: mib(proc_status_kib("VmHWM")),
+    })
+}
+
+fn dtype_name(kind: Kind) -> String {
+    match kind {
+        Kind::BFloat16 => "bfloat16".into(),
+        Kind::Half => "float16".into(),
+        _ => "float32".into(),
+    }
 }
 
 #[cfg(test)]
@@ -76,5 +244,25 @@ mod tests {
     fn prompts_follow_the_shared_formula() {
         let p = bench_prompts(2, 3, 100);
         assert_eq!(p, vec![vec![13, 32, 51], vec![70, 89, 8]]);
+        assert_eq!(bench_rows(1, 1, 3, 100), vec![vec![70, 89, 8]]);
+    }
+
+    #[test]
+    fn train_batches_continue_the_formula_with_labels_equal_to_ids() {
+        let b = bench_train_batch(1, 2, 3, 100, Device::Cpu).unwrap();
+        let ids = Vec::<Vec<i64>>::try_from(b.get("input_ids").unwrap()).unwrap();
+        assert_eq!(ids, bench_rows(2, 2, 3, 100));
+        assert_eq!(Vec::<Vec<i64>>::try_from(b.get("labels").unwrap()).unwrap(), ids);
+        assert_eq!(Vec::<Vec<i64>>::try_from(b.get("attention_mask").unwrap()).unwrap(), vec![vec![1; 3]; 2]);
+        assert_eq!(b.meta_json, r#"{"num_items_in_batch":4}"#);
+    }
+
+    #[test]
+    fn proc_status_fields() {
+        if cfg!(target_os = "linux") {
+            let (rss, hwm) = (proc_status_kib("VmRSS").unwrap(), proc_status_kib("VmHWM").unwrap());
+            assert!(rss > 0 && hwm >= rss, "{rss} {hwm}");
+        }
+        assert_eq!(proc_status_kib("NoSuchField"), None);
     }
 }

@@ -8,6 +8,24 @@ use ferrotune::plugins::{DirSource, Registry, SearchPath};
 use ferrotune::{device, selfcheck};
 use ferrotune_plugin_api::fingerprint::BuildFingerprint;
 
+/// The process's allocator, libtorch's included (the binary exports `malloc`, `free`, … so the
+/// libraries it loads use them too): jemalloc, keeping freed pages for reuse instead of
+/// returning them to the system (no decay purging, as Intel's PyTorch-on-CPU tuning advice has
+/// it). A training step frees and allocates the same large buffers every step (logits-sized,
+/// hundreds of MiB): glibc maps each afresh (page faults, zeroing and unmapping every step) and
+/// its heap keeps more resident; on `make bench-train` glibc was 10–15 % slower with a 30 %
+/// higher peak RSS. `MALLOC_CONF` in the environment still overrides these options.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's compiled-in options (read at its first allocation): never purge freed pages, and
+/// serve large allocations from the ordinary arenas (no eagerly purged "oversize" arena).
+#[cfg(target_os = "linux")]
+#[allow(non_upper_case_globals)]
+#[no_mangle]
+pub static malloc_conf: &[u8; 57] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0\0";
+
 #[derive(Parser)]
 #[command(name = "ferrotune", version, about = "Fine-tune LLMs and VLMs on libtorch; every method is a plugin")]
 struct Cli {
@@ -199,6 +217,46 @@ enum BenchCommand {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// LoRA SFT training tokens/s and peak RSS on a model directory: the `lora` (all linear
+    /// layers, no dropout), `sft` and `single` (AdamW, clipping at 1.0) plugins, the trainer's
+    /// optimizer step, fixed synthetic batches (labels = ids); prints one JSON line with the
+    /// keys of bench/train_transformers.py.
+    Train(Box<BenchTrainArgs>),
+}
+
+#[derive(Args)]
+struct BenchTrainArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed optimizer steps before the timed ones.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    rank: i64,
+    /// LoRA alpha (default 2 × rank).
+    #[arg(long)]
+    alpha: Option<f64>,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Intra-op threads of libtorch (default: libtorch's own choice).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16 (the frozen base; adapters stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Args)]
@@ -370,6 +428,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let model = ferrotune::model::CausalLM::load(&model, device, dtype)?;
             let opts = ferrotune::bench::GenerateBench { batch, prompt_len, new_tokens, repeats };
             let result = ferrotune::bench::bench_generate(&model, &opts)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Train(a) } => {
+            if let Some(n) = a.threads {
+                anyhow::ensure!(n > 0, "--threads must be at least 1");
+                tch::set_num_threads(n);
+            }
+            let device = device::resolve(&a.device)?;
+            let dtype = ferrotune::model::init::parse_dtype(&a.dtype)?;
+            let registry = Registry::discover(&search);
+            let opts = ferrotune::bench::TrainBench {
+                batch: a.batch,
+                seq_len: a.seq_len,
+                steps: a.steps,
+                warmup: a.warmup,
+                rank: a.rank,
+                alpha: a.alpha.unwrap_or(2.0 * a.rank as f64),
+                lr: a.lr,
+                seed: a.seed,
+            };
+            let result = ferrotune::bench::bench_train(&a.model, &registry, device, dtype, &opts)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -593,7 +593,11 @@ impl CausalLM {
                         m.size()
                     );
                 }
-                Some(m.f_to_device(self.device)?.f_ne(0)?)
+                // An all-ones mask is no mask (transformers' `_ignore_causal_mask_sdpa`): SDPA
+                // then runs its causal kernel with GQA instead of an explicit mask over
+                // repeated keys and values. Position ids are the same either way.
+                let valid = m.f_to_device(self.device)?.f_ne(0)?;
+                if valid.f_all()?.f_int64_value(&[])? != 0 { None } else { Some(valid) }
             }
             None => None,
         };

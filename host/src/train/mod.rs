@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
-use ferrotune_plugin_api::{Batch, ForwardFlags, MemoryStrategy, Objective, PluginError, PluginResult, RewardInput};
+use ferrotune_plugin_api::{Batch, ForwardFlags, MemoryStrategy, Objective, PluginError, PluginResult, RewardInput, StepReport};
 use tch::Tensor;
 
 use crate::collectives::SingleProcess;
@@ -146,6 +146,70 @@ impl DataOrder {
         let start = within * self.micro;
         (epoch, order[start..(start + self.micro).min(self.n)].to_vec())
     }
+}
+
+/// What one optimizer step did ([`optimizer_step`]).
+pub struct StepOutcome {
+    /// The sum of the micro-batch losses (with `num_items_in_batch` in the batch metadata:
+    /// the mean token loss of the whole step).
+    pub loss: f64,
+    /// The objective's metrics of the last micro-batch.
+    pub metrics: Vec<(String, f64)>,
+    /// The memory plugin's report (gradient norm, skipped).
+    pub report: StepReport,
+    /// Where the wall time went.
+    pub timing: StepTiming,
+}
+
+/// Seconds spent in one optimizer step: the objective's `loss` calls (batch building, forward
+/// and loss), `backward`, and the memory plugin's `step` (clipping, optimizer update, zeroing
+/// the gradients). On CUDA, asynchronous kernels are counted where something waits for them.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StepTiming {
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+/// The batch metadata of a micro-batch: `num_items_in_batch`, the label tokens of every
+/// micro-batch of the optimizer step (the `sft` objective divides its token sum by it).
+pub fn batch_meta(num_items_in_batch: i64) -> String {
+    serde_json::json!({ "num_items_in_batch": num_items_in_batch }).to_string()
+}
+
+/// One optimizer step, the trainer's inner loop: for each micro-batch `batches` yields (built
+/// lazily, one at a time), the objective's loss through `model` in training mode (adapter
+/// dropout on) and its backward; then the memory plugin's step at learning rate `lr` (which
+/// also zeroes the gradients).
+pub fn optimizer_step(
+    model: &CausalLM,
+    tokenizer: &Tokenizer,
+    objective: &mut dyn Objective,
+    memory: &mut dyn MemoryStrategy,
+    batches: impl IntoIterator<Item = Result<Batch>>,
+    lr: f64,
+) -> Result<StepOutcome> {
+    let mut timing = StepTiming::default();
+    let (mut loss, mut metrics) = (0f64, Vec::new());
+    let mut clock = Instant::now();
+    let lap = |clock: &mut Instant| {
+        let s = clock.elapsed().as_secs_f64();
+        *clock = Instant::now();
+        s
+    };
+    for batch in batches {
+        let batch = batch?;
+        let ctx = PolicyContext { model, tokenizer, train: true };
+        let out = objective.loss(&batch, &ctx)?;
+        timing.forward_s += lap(&mut clock);
+        out.loss.f_backward()?;
+        loss += out.loss.f_double_value(&[])?;
+        metrics = out.metrics;
+        timing.backward_s += lap(&mut clock);
+    }
+    let report = memory.step(lr, &SingleProcess)?;
+    timing.optimizer_s += lap(&mut clock);
+    Ok(StepOutcome { loss, metrics, report, timing })
 }
 
 fn on_device(tensors: Vec<(String, Tensor)>, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
@@ -293,23 +357,15 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
             (0..accum).map(|j| step * accum + j).take_while(|&k| k < micro_limit).map(|k| data_order.micro_batch(k)).collect();
         // (epoch, sample indices) per micro-batch; the epoch is only informative here.
         let num_items: i64 = micro.iter().flat_map(|(_, idx)| idx.iter().map(|&i| label_tokens(&train_set[i]))).sum();
-        let (mut loss_sum, mut tokens) = (0f64, 0usize);
-        let mut extra: Vec<(String, f64)> = Vec::new();
-        for (_, idx) in &micro {
+        let mut tokens = 0usize;
+        let batches = micro.iter().map(|(_, idx)| {
             let items: Vec<Encoded> = idx.iter().map(|&i| train_set[i].clone()).collect();
             tokens += items.iter().map(|e| e.input_ids.len()).sum::<usize>();
-            let batch = Batch {
-                tensors: on_device(data::collate(&items, pad_id), device)?,
-                meta_json: serde_json::json!({ "num_items_in_batch": num_items }).to_string(),
-            };
-            let ctx = PolicyContext { model: &model, tokenizer: &tokenizer, train: true };
-            let out = objective.loss(&batch, &ctx)?;
-            out.loss.f_backward()?;
-            loss_sum += out.loss.f_double_value(&[])?;
-            extra = out.metrics;
-        }
+            Ok(Batch { tensors: on_device(data::collate(&items, pad_id), device)?, meta_json: batch_meta(num_items) })
+        });
         let lr = schedule.lr(step);
-        let report = memory.step(lr, &SingleProcess)?;
+        let StepOutcome { loss: loss_sum, metrics: extra, report, .. } =
+            optimizer_step(&model, &tokenizer, &mut objective, &mut memory, batches, lr)?;
         step += 1;
         first_loss.get_or_insert(loss_sum);
         last_loss = Some(loss_sum);
@@ -386,7 +442,7 @@ fn evaluate(
     for chunk in eval_set.chunks(micro) {
         let batch = Batch {
             tensors: on_device(data::collate(chunk, pad_id), device)?,
-            meta_json: serde_json::json!({ "num_items_in_batch": total }).to_string(),
+            meta_json: batch_meta(total),
         };
         let ctx = PolicyContext { model, tokenizer, train: false };
         let out = tch::no_grad(|| objective.loss(&batch, &ctx))?;
