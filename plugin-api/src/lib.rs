@@ -75,7 +75,7 @@ pub use config::parse_config;
 pub use error::{guard, ErrorCode, PluginError, PluginResult};
 pub use fingerprint::{BuildFingerprint, Manifest};
 pub use kinds::adapter::{module_name_matches, AdapterLayer, AdapterMethod, BaseLinear};
-pub use kinds::dataset::{DataSource, DatasetFormat, SampleReader};
+pub use kinds::dataset::{DataSource, DatasetFormat, SampleList, SampleReader};
 pub use kinds::memory::{Collectives, MemoryStrategy, ReduceOp, StepReport};
 pub use kinds::objective::{Batch, ForwardFlags, LossOutput, Objective, ObjectiveContext, RewardScores};
 pub use kinds::quantizer::{QuantizedWeight, Quantizer};
@@ -107,7 +107,7 @@ pub mod prelude {
         export_plugin, parse_config, AdapterLayer, AdapterMethod, BaseLinear, Batch, Collectives,
         DataSource, DatasetFormat, ForwardFlags, ImageSource, LossOutput, MemoryStrategy, Message,
         Objective, ObjectiveContext, Plugin, PluginError, PluginResult, QuantizedWeight, Quantizer,
-        ReduceOp, Reward, RewardInput, Sample, SampleReader, StepReport, TrainParam,
+        ReduceOp, Reward, RewardInput, Sample, SampleList, SampleReader, StepReport, TrainParam,
     };
     pub use tch::{Device, Kind, Tensor};
 }

@@ -189,14 +189,7 @@ pub fn write_tiny_tokenizer(dir: &Path, words: usize) -> PathBuf {
     for w in 0..words {
         vocab.insert(format!("w{w}"), serde_json::json!(specials.len() + w));
     }
-    let added: Vec<serde_json::Value> = specials
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
-                               "normalized": false, "special": true})
-        })
-        .collect();
+    let added = special_added_tokens(&specials);
     let tokenizer = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -210,6 +203,18 @@ pub fn write_tiny_tokenizer(dir: &Path, words: usize) -> PathBuf {
     });
     std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
     path
+}
+
+/// tokenizer.json `added_tokens` entries for special tokens with ids 0, 1, ….
+fn special_added_tokens(specials: &[&str]) -> Vec<serde_json::Value> {
+    specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+                               "normalized": false, "special": true})
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------ training tests
@@ -231,14 +236,7 @@ pub fn write_chat_tokenizer(dir: &Path, words: usize) -> PathBuf {
     for (i, t) in specials.iter().map(|s| s.to_string()).chain(plain).chain((0..words).map(|w| format!("w{w}"))).enumerate() {
         vocab.insert(t, serde_json::json!(i));
     }
-    let added: Vec<serde_json::Value> = specials
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
-                               "normalized": false, "special": true})
-        })
-        .collect();
+    let added = special_added_tokens(&specials);
     let tokenizer = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "\\s"}, "behavior": "Isolated", "invert": false},

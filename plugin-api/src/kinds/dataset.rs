@@ -27,6 +27,22 @@ pub trait SampleReader: Send {
     fn get(&self, index: u64) -> PluginResult<Sample>;
 }
 
+/// A split held in memory, in order: the reader most formats need once they have parsed a
+/// file.
+pub struct SampleList(pub Vec<Sample>);
+
+impl SampleReader for SampleList {
+    fn len(&self) -> PluginResult<u64> {
+        Ok(self.0.len() as u64)
+    }
+    fn get(&self, index: u64) -> PluginResult<Sample> {
+        self.0
+            .get(index as usize)
+            .cloned()
+            .ok_or_else(|| PluginError::invalid(format!("sample {index} out of range (0..{})", self.0.len())))
+    }
+}
+
 /// A sample on the wire: its JSON and the blobs its images point to.
 #[repr(C)]
 #[derive(StableAbi)]

@@ -308,23 +308,10 @@ impl DatasetFormat for JsonlSamples {
                 .map_err(|e| PluginError::invalid(format!("{}:{}: {e}", source.path, i + 1)))?;
             samples.push(s);
         }
-        Ok(Box::new(InMemory(samples)))
+        Ok(Box::new(SampleList(samples)))
     }
 }
 
-struct InMemory(Vec<Sample>);
-
-impl SampleReader for InMemory {
-    fn len(&self) -> PluginResult<u64> {
-        Ok(self.0.len() as u64)
-    }
-    fn get(&self, index: u64) -> PluginResult<Sample> {
-        self.0
-            .get(index as usize)
-            .cloned()
-            .ok_or_else(|| PluginError::invalid(format!("sample {index} out of range (0..{})", self.0.len())))
-    }
-}
 
 // ---------------------------------------------------------------- memory
 

@@ -40,7 +40,7 @@ impl Plugin for Alpaca {
 impl DatasetFormat for Alpaca {
     fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
         let (samples, _) = source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
-        Ok(Box::new(source::InMemory(samples)))
+        Ok(Box::new(ferrotune_plugin_api::SampleList(samples)))
     }
 }
 
@@ -60,7 +60,7 @@ impl Plugin for Sharegpt {
 impl DatasetFormat for Sharegpt {
     fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
         let (samples, _) = source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
-        Ok(Box::new(source::InMemory(samples)))
+        Ok(Box::new(ferrotune_plugin_api::SampleList(samples)))
     }
 }
 

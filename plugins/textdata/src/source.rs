@@ -13,7 +13,7 @@
 //! readable at all (missing, not UTF-8, an array with a syntax error) is always an error.
 use std::path::{Path, PathBuf};
 
-use ferrotune_plugin_api::{DataSource, ImageSource, PluginError, PluginResult, Sample, SampleReader};
+use ferrotune_plugin_api::{DataSource, ImageSource, PluginError, PluginResult, Sample};
 use serde_json::{Map, Value};
 
 /// How many skip reasons the stderr summary quotes.
@@ -149,20 +149,6 @@ pub fn load(
     Ok((samples, report))
 }
 
-/// An opened split: the converted samples, in file order.
-pub struct InMemory(pub Vec<Sample>);
-
-impl SampleReader for InMemory {
-    fn len(&self) -> PluginResult<u64> {
-        Ok(self.0.len() as u64)
-    }
-    fn get(&self, index: u64) -> PluginResult<Sample> {
-        self.0
-            .get(index as usize)
-            .cloned()
-            .ok_or_else(|| PluginError::invalid(format!("sample {index} out of range (0..{})", self.0.len())))
-    }
-}
 
 // ---------------------------------------------------------------- column access
 
