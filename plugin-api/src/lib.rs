@@ -65,6 +65,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod kinds;
 pub mod module;
+pub mod records;
 pub mod sample;
 pub mod tensor;
 
@@ -82,7 +83,7 @@ pub use kinds::quantizer::{QuantizedWeight, Quantizer};
 pub use kinds::reward::{Reward, RewardInput};
 pub use kinds::TrainParam;
 pub use module::{PluginInfo, PluginKind, PluginModule, PluginModule_Ref};
-pub use sample::{ImageSource, Message, Sample};
+pub use sample::{ImageSource, Message, Sample, IMAGE_PLACEHOLDER};
 pub use tensor::{DType, DeviceCode, NamedTensor, OwnedTensor, TensorRef};
 
 /// The version of this crate: the plugin-API version a plugin is built against.

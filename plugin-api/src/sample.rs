@@ -5,6 +5,10 @@
 //! with a default, so new fields can be added without breaking older plugins.
 use serde::{Deserialize, Serialize};
 
+/// The placeholder a message's text holds for each image, in order (LLaVA's and
+/// LLaMA-Factory's `<image>`); the host expands it into the model's vision tokens.
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
 /// One conversation turn. `content` holds text with one `<image>` placeholder per image,
 /// in order (the images themselves are in [`Sample::images`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

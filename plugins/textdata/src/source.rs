@@ -1,8 +1,8 @@
 //! Reading a data set path (a JSON or JSON Lines file, or a folder of them) into records,
 //! converting each record with a format's row function, and serving the samples.
 //!
-//! A file is a JSON array when its first non-space character is `[`, else JSON Lines (one
-//! object per non-blank line). Every record keeps where it came from (`file:line` for JSON
+//! Files are read by plugin-api's `records` (a JSON array when the first non-space character
+//! is `[`, else JSON Lines). Every record keeps where it came from (`file:line` for JSON
 //! Lines, `file: record [i]` with a 0-based index for arrays) and that origin becomes the
 //! sample's `id`, so later errors can name the row too.
 //!
@@ -11,20 +11,15 @@
 //! they are counted, `len()` counts only the good rows, and one summary line (the count and
 //! the first few reasons) goes to stderr when the data set is opened. A file that is not
 //! readable at all (missing, not UTF-8, an array with a syntax error) is always an error.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use ferrotune_plugin_api::{DataSource, ImageSource, PluginError, PluginResult, Sample};
+pub use ferrotune_plugin_api::records::kind_of;
+use ferrotune_plugin_api::records::{json_files_of, read_records};
+use ferrotune_plugin_api::{DataSource, ImageSource, PluginError, PluginResult, Sample, IMAGE_PLACEHOLDER};
 use serde_json::{Map, Value};
 
 /// How many skip reasons the stderr summary quotes.
 const REASONS_SHOWN: usize = 3;
-
-/// One record of a file and where it came from.
-pub struct Record {
-    pub origin: String,
-    /// The parsed JSON, or why the line is not JSON.
-    pub value: Result<Value, String>,
-}
 
 /// What a load skipped (only with `skip_bad_rows`).
 #[derive(Debug, Default, PartialEq)]
@@ -48,60 +43,6 @@ impl SkipReport {
     }
 }
 
-/// The files a path names: the file itself, or every `.json` / `.jsonl` file of a folder,
-/// sorted by name.
-pub fn files_of(path: &Path) -> PluginResult<Vec<PathBuf>> {
-    if path.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    if !path.is_dir() {
-        return Err(PluginError::invalid(format!("{}: no such file or folder", path.display())));
-    }
-    let entries = std::fs::read_dir(path).map_err(|e| PluginError::runtime(format!("{}: {e}", path.display())))?;
-    let mut files = Vec::new();
-    for entry in entries {
-        let p = entry.map_err(|e| PluginError::runtime(format!("{}: {e}", path.display())))?.path();
-        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if p.is_file() && (ext == "json" || ext == "jsonl") {
-            files.push(p);
-        }
-    }
-    files.sort();
-    if files.is_empty() {
-        return Err(PluginError::invalid(format!("{}: the folder holds no .json or .jsonl file", path.display())));
-    }
-    Ok(files)
-}
-
-/// The records of one file (see the module doc for the two layouts).
-pub fn read_records(file: &Path) -> PluginResult<Vec<Record>> {
-    let name = file.display().to_string();
-    let bytes = std::fs::read(file).map_err(|e| PluginError::runtime(format!("{name}: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| PluginError::invalid(format!("{name}: not UTF-8 text ({e})")))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    if text.trim_start().starts_with('[') {
-        let values: Vec<Value> = serde_json::from_str(text).map_err(|e| {
-            PluginError::invalid(format!(
-                "{name}:{}:{}: not a valid JSON array: {e} (a file starting with `[` is read as one JSON array; \
-                 JSON Lines files hold one object per line)",
-                e.line(),
-                e.column()
-            ))
-        })?;
-        Ok(values.into_iter().enumerate().map(|(i, v)| Record { origin: format!("{name}: record [{i}]"), value: Ok(v) }).collect())
-    } else {
-        Ok(text
-            .lines()
-            .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(i, line)| Record {
-                origin: format!("{name}:{}", i + 1),
-                value: serde_json::from_str(line).map_err(|e| format!("not valid JSON at column {}: {e}", e.column())),
-            })
-            .collect())
-    }
-}
-
 /// Reads every record under `source.path` and converts each with `convert`. The split name
 /// selects nothing: each path is one split (give an evaluation file as its own path).
 pub fn load(
@@ -112,7 +53,7 @@ pub fn load(
 ) -> PluginResult<(Vec<Sample>, SkipReport)> {
     let mut samples = Vec::new();
     let mut report = SkipReport::default();
-    for file in files_of(Path::new(&source.path))? {
+    for file in json_files_of(Path::new(&source.path))? {
         for record in read_records(&file)? {
             report.rows += 1;
             let converted = record.value.and_then(|v| match v {
@@ -151,18 +92,6 @@ pub fn load(
 
 
 // ---------------------------------------------------------------- column access
-
-/// "a string", "a number", … for messages.
-pub fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
 
 /// The value of column `col` (`None` when the column is not mapped, absent or null).
 pub fn column<'a>(row: &'a Map<String, Value>, col: Option<&str>) -> Option<&'a Value> {
@@ -204,7 +133,7 @@ pub fn images_column(row: &Map<String, Value>, col: Option<&str>, texts: &[&str]
             .collect::<Result<_, _>>()?,
         Some(other) => return Err(format!("column `{name}`: expected a path or a list of paths, found {}", kind_of(other))),
     };
-    let placeholders: usize = texts.iter().map(|t| t.matches("<image>").count()).sum();
+    let placeholders: usize = texts.iter().map(|t| t.matches(IMAGE_PLACEHOLDER).count()).sum();
     if placeholders != paths.len() {
         return Err(format!(
             "column `{name}` has {} image(s) but the turns hold {placeholders} `<image>` placeholder(s); write one per image, in order",
@@ -217,6 +146,7 @@ pub fn images_column(row: &Map<String, Value>, col: Option<&str>, texts: &[&str]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn temp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("textdata-source-{tag}-{}", std::process::id()));
