@@ -28,7 +28,6 @@ use serde_json::Value;
 use tch::Tensor;
 
 use crate::linear::LinearBase;
-use crate::model::llama::EMBED_TOKENS;
 use crate::model::CausalLM;
 
 /// What peft puts before a module path in parameter and state-dict names.
@@ -240,9 +239,9 @@ impl CausalLM {
         // Original weights of rewritten layers, to put back if a later layer fails.
         let mut originals: Vec<(String, Tensor)> = Vec::new();
         let result = (|| -> Result<()> {
-            if saved.iter().any(|m| m == EMBED_TOKENS) {
+            if saved.iter().any(|m| m == self.embed_tokens_path()) {
                 let copy = self.embed_tokens().f_detach_copy()?.set_requires_grad(true);
-                report.saved_modules.push((EMBED_TOKENS.to_string(), copy.numel() as i64));
+                report.saved_modules.push((self.embed_tokens_path().to_string(), copy.numel() as i64));
                 self.embed_copies.push((name.to_string(), copy));
             }
             for lin in self.linears_mut() {
@@ -329,10 +328,11 @@ impl CausalLM {
                      path equals the entry or ends with `.` + it); name a linear layer (`lm_head`, `q_proj`, ...) or `embed_tokens`"
                 );
             }
-            if let Some((m, what)) = hits.iter().find(|(m, _)| m != EMBED_TOKENS && !linears.contains(m.as_str())) {
+            if let Some((m, what)) = hits.iter().find(|(m, _)| m != self.embed_tokens_path() && !linears.contains(m.as_str())) {
                 bail!(
                     "adapter `{name}`: {MODULES_TO_SAVE} entry `{entry}` names `{m}`, {what}; trainable copies are supported for \
-                     linear layers (`lm_head` included) and `{EMBED_TOKENS}` only"
+                     linear layers (`lm_head` included) and `{}` only",
+                    self.embed_tokens_path()
                 );
             }
             saved.extend(hits.into_iter().map(|(m, _)| m.as_str()));
@@ -408,7 +408,7 @@ impl CausalLM {
         let entry = self.active_entry(what)?;
         let mut parts = Vec::with_capacity(entry.modules.len() + entry.saved.len());
         if let Some(copy) = self.embed_tokens_copy(&entry.name) {
-            parts.push((EMBED_TOKENS, Part::EmbedCopy(copy)));
+            parts.push((self.embed_tokens_path(), Part::EmbedCopy(copy)));
         }
         for (module, lin) in self.linears() {
             if let Some(layer) = lin.adapter(&entry.name) {

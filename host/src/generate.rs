@@ -1,12 +1,14 @@
 //! Text generation with a KV cache: batches of prompts of different lengths (left padding and an
 //! attention mask), greedy or seeded sampling with transformers' logits warpers
 //! (temperature → top-k → top-p), per-row stopping at any end-of-sequence id, and timings.
+//! Qwen2-VL prompts may carry images ([`generate_mm`]): the prefill embeds them, and decode
+//! steps continue the M-RoPE positions with the deltas the prefill stored in the KV cache.
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::CausalLM;
+use crate::model::{CausalLM, VisionInputs};
 
 /// How to pick each new token.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +91,12 @@ pub fn generate(model: &CausalLM, prompts: &[Vec<i64>], params: &SamplingParams)
     Ok(generate_with_stats(model, prompts, params)?.tokens)
 }
 
+/// [`generate`] with images (Qwen2-VL): `images` belong to the prompts in order (row 0's
+/// images first, each filling the next block of `<|image_pad|>` tokens).
+pub fn generate_mm(model: &CausalLM, prompts: &[Vec<i64>], images: Option<&VisionInputs>, params: &SamplingParams) -> Result<Vec<Vec<i64>>> {
+    Ok(generate_mm_with_stats(model, prompts, images, params)?.tokens)
+}
+
 /// Applies transformers' logits warpers to `[B, V]` logits in generate's order:
 /// `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper` (min_tokens_to_keep 1).
 /// Filtered entries become -inf.
@@ -132,6 +140,16 @@ fn synchronize(device: Device) {
 
 /// Like [`generate`], with the prefill / decode timings.
 pub fn generate_with_stats(model: &CausalLM, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Generation> {
+    generate_mm_with_stats(model, prompts, None, params)
+}
+
+/// Like [`generate_mm`], with the prefill / decode timings.
+pub fn generate_mm_with_stats(
+    model: &CausalLM,
+    prompts: &[Vec<i64>],
+    images: Option<&VisionInputs>,
+    params: &SamplingParams,
+) -> Result<Generation> {
     params.validate()?;
     let cfg = model.config();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -182,7 +200,8 @@ pub fn generate_with_stats(model: &CausalLM, prompts: &[Vec<i64>], params: &Samp
         let mut finished = vec![false; batch];
 
         let start = Instant::now();
-        let logits = model.forward_last(&input, Some(&attention), Some(&mut cache))?;
+        let mode = model.mode(ferrotune_plugin_api::ForwardFlags::NONE, false);
+        let logits = model.forward_last_mm_with(&input, Some(&attention), images, Some(&mut cache), mode)?;
         let mut next = next_tokens(&logits, params)?;
         synchronize(device);
         let mut step_tokens: Vec<i64> = Vec::try_from(&next.f_to_device(Device::Cpu)?)?;

@@ -268,10 +268,12 @@ struct InitModelArgs {
     /// The folder to write.
     #[arg(long)]
     out: PathBuf,
-    /// tiny (hidden 64, 2 layers) or small (hidden 512, 8 layers); the flags below override it.
+    /// tiny (hidden 64, 2 layers), small (hidden 512, 8 layers) or tiny-vl (Qwen2-VL: the tiny
+    /// decoder and a 2-block vision tower); the flags below override it.
     #[arg(long, default_value = "tiny")]
     preset: String,
-    /// qwen2 or llama (mistral also accepted). Default: qwen2.
+    /// qwen2, llama, mistral or qwen2_vl (needs a tokenizer with Qwen2-VL's vision tokens).
+    /// Default: qwen2 (qwen2_vl for the tiny-vl preset).
     #[arg(long)]
     arch: Option<String>,
     #[arg(long)]

@@ -4,13 +4,16 @@
 //!
 //! Both the transformers 5 layout (`rope_parameters` holding `rope_theta` and the scaling) and
 //! the 4.x one (top-level `rope_theta`, `rope_scaling` keyed by `type` or `rope_type`) are read.
+//! A Qwen2-VL `config.json` is read too: its text part (the nested `text_config`, or the older
+//! flat keys) becomes this config; the vision part is [`super::qwen2vl::Qwen2VLConfig`]'s.
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The architectures this decoder implements, by their `architectures` name.
-pub const SUPPORTED_ARCHITECTURES: [&str; 3] = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] =
+    ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen2VLForConditionalGeneration"];
 
 /// Which member of the family a checkpoint is; decides the biases and the sliding window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +24,8 @@ pub enum Architecture {
     Qwen2,
     /// No biases; every layer uses `sliding_window` when it is set.
     Mistral,
+    /// Qwen2-VL: a Qwen2 decoder (under `model.language_model`) with M-RoPE and a vision tower.
+    Qwen2VL,
 }
 
 impl Architecture {
@@ -29,6 +34,7 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2VL => "Qwen2VLForConditionalGeneration",
         }
     }
     pub fn model_type(self) -> &'static str {
@@ -36,6 +42,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
             Architecture::Mistral => "mistral",
+            Architecture::Qwen2VL => "qwen2_vl",
         }
     }
     fn from_hf_name(name: &str) -> Option<Self> {
@@ -43,6 +50,7 @@ impl Architecture {
             "LlamaForCausalLM" => Some(Architecture::Llama),
             "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
             "MistralForCausalLM" => Some(Architecture::Mistral),
+            "Qwen2VLForConditionalGeneration" => Some(Architecture::Qwen2VL),
             _ => None,
         }
     }
@@ -51,6 +59,7 @@ impl Architecture {
             "llama" => Some(Architecture::Llama),
             "qwen2" => Some(Architecture::Qwen2),
             "mistral" => Some(Architecture::Mistral),
+            "qwen2_vl" => Some(Architecture::Qwen2VL),
             _ => None,
         }
     }
@@ -100,6 +109,10 @@ pub struct RopeParameters {
     /// Only 1.0 (the whole head rotated) is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
+    /// Qwen2-VL's M-RoPE: how many of the `head_dim / 2` frequencies follow the temporal, height
+    /// and width position (`[16, 24, 24]` for Qwen2-VL 7B); must sum to `head_dim / 2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mrope_section: Option<Vec<i64>>,
 }
 
 /// The resolved RoPE variant: how `inv_freq` is computed (transformers' `ROPE_INIT_FUNCTIONS`).
@@ -216,7 +229,10 @@ impl LlamaConfig {
             serde_json::from_str(text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         // The architecture first, so that an unsupported model is refused by name rather than
         // by whichever of its keys happens not to parse.
-        architecture_of(&value, path)?;
+        let value = match architecture_of(&value, path)? {
+            Architecture::Qwen2VL => super::qwen2vl::config::text_config_value(&value, path)?,
+            _ => value,
+        };
         let config: LlamaConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
             anyhow::anyhow!("{}: key `{key}`: {}", path.display(), e.inner())
@@ -245,7 +261,7 @@ impl LlamaConfig {
     pub fn qkv_bias(&self) -> bool {
         match self.architecture() {
             Architecture::Llama => self.attention_bias,
-            Architecture::Qwen2 => true,
+            Architecture::Qwen2 | Architecture::Qwen2VL => true,
             Architecture::Mistral => false,
         }
     }
@@ -265,7 +281,7 @@ impl LlamaConfig {
         match self.architecture() {
             Architecture::Llama => None,
             Architecture::Mistral => self.sliding_window,
-            Architecture::Qwen2 => {
+            Architecture::Qwen2 | Architecture::Qwen2VL => {
                 let window = if self.use_sliding_window { self.sliding_window } else { None };
                 let window = window?;
                 let sliding = match &self.layer_types {
@@ -311,7 +327,8 @@ impl LlamaConfig {
             Ok(v)
         };
         Ok(match kind.as_str() {
-            "default" => Rope::Default { theta },
+            // Qwen2-VL's 4.x configs say `mrope`: default frequencies, split by `mrope_section`.
+            "default" | "mrope" => Rope::Default { theta },
             "linear" => Rope::Linear { theta, factor: need("factor", p.factor)? },
             "llama3" => {
                 let low = need("low_freq_factor", p.low_freq_factor)?;
@@ -388,7 +405,7 @@ impl LlamaConfig {
                 bail!("{file}: key `sliding_window` must be positive or null, got {w}");
             }
         }
-        if self.architecture() == Architecture::Qwen2 && self.use_sliding_window && self.sliding_window.is_none() {
+        if matches!(self.architecture(), Architecture::Qwen2 | Architecture::Qwen2VL) && self.use_sliding_window && self.sliding_window.is_none() {
             bail!("{file}: key `use_sliding_window` is true but `sliding_window` is null");
         }
         if let Some(types) = &self.layer_types {
@@ -404,7 +421,23 @@ impl LlamaConfig {
             }
         }
         self.rope_checked(path)?;
+        if self.architecture() == Architecture::Qwen2VL {
+            let (key, _) = self.rope_dict();
+            let section = self.mrope_section();
+            if section.len() != 3 || section.iter().any(|&s| s < 0) || section.iter().sum::<i64>() != self.head_dim() / 2 {
+                bail!(
+                    "{file}: key `{key}.mrope_section` = {section:?} must be 3 non-negative numbers summing to head_dim / 2 = {}",
+                    self.head_dim() / 2
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Qwen2-VL's M-RoPE split of the `head_dim / 2` frequencies over the temporal, height and
+    /// width positions (transformers' default `[16, 24, 24]` when the config has none).
+    pub fn mrope_section(&self) -> Vec<i64> {
+        self.rope_dict().1.mrope_section.unwrap_or_else(|| vec![16, 24, 24])
     }
 }
 

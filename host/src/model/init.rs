@@ -1,9 +1,13 @@
 //! `init-model`: writes a randomly initialised Hugging Face model directory (config.json,
 //! model.safetensors, the tokenizer files, generation_config.json) that transformers and
-//! [`CausalLM::load`](super::CausalLM::load) both load.
+//! [`CausalLM::load`](super::CausalLM::load) both load. A Qwen2-VL model
+//! (`Qwen2VLForConditionalGeneration`) gets transformers 5's nested config.json, its vision
+//! weights (under the keys transformers 5.24's `save_pretrained` writes: `visual.*`,
+//! `model.layers.*`), and Qwen2-VL's standard `preprocessor_config.json`.
 //!
-//! Weights follow transformers' `_init_weights`: linear weights and embeddings ~ N(0, 0.02)
-//! (`initializer_range`), biases 0, RMSNorm weights 1, the padding token's embedding row 0. The
+//! Weights follow transformers' `_init_weights`: linear and convolution weights and embeddings
+//! ~ N(0, 0.02) (`initializer_range`), biases 0, RMSNorm and LayerNorm weights 1 (LayerNorm
+//! biases 0), the padding token's embedding row 0. The
 //! random numbers come from a seeded generator of our own (SplitMix64 + Box–Muller), so a seed
 //! gives the same model on every machine and libtorch's global generator is left alone.
 use std::collections::HashMap;
@@ -14,6 +18,7 @@ use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 use super::config::{Architecture, LlamaConfig};
+use super::qwen2vl::{Qwen2VLConfig, LANGUAGE_MODEL};
 use crate::rng::SplitMix64;
 
 /// What to write. Build one with [`InitOptions::preset`] and adjust fields.
@@ -43,25 +48,62 @@ pub struct InitOptions {
     pub dtype: Kind,
     /// Replace a model already in `out_dir`.
     pub overwrite: bool,
+    /// Qwen2-VL's vision tower and M-RoPE split (used when `arch` is `Qwen2VL`; `None` there
+    /// means [`VisionInitOptions::tiny`] with a split derived from the head size).
+    pub vision: Option<VisionInitOptions>,
+}
+
+/// The vision side of a random Qwen2-VL model (patch 14, temporal patch 2 and merge size 2
+/// are Qwen2-VL's fixed values; the merger's output width is the text `hidden_size`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionInitOptions {
+    /// Vision blocks (32 in Qwen2-VL).
+    pub depth: i64,
+    /// Width of the vision blocks (1280); `embed_dim / num_heads` must be a multiple of 4.
+    pub embed_dim: i64,
+    pub num_heads: i64,
+    /// MLP width = `embed_dim × mlp_ratio` (4).
+    pub mlp_ratio: i64,
+    /// Frequencies per temporal / height / width axis; sums to `head_dim / 2`. `None`: a
+    /// quarter for time, the rest split between height and width (Qwen2-VL's 16/24/24 of 64).
+    pub mrope_section: Option<Vec<i64>>,
+}
+
+impl VisionInitOptions {
+    /// Depth 2, embed_dim 32, 2 heads, mlp_ratio 2 (the `tiny-vl` preset).
+    pub fn tiny() -> Self {
+        Self { depth: 2, embed_dim: 32, num_heads: 2, mlp_ratio: 2, mrope_section: None }
+    }
+}
+
+/// Qwen2-VL's split of `head_dim / 2` rotary frequencies: a quarter temporal, the rest halved
+/// between height and width (`[16, 24, 24]` for head_dim 128, `[2, 3, 3]` for 16).
+pub fn default_mrope_section(head_dim: i64) -> Vec<i64> {
+    let half = head_dim / 2;
+    let t = half / 4;
+    let h = (half - t) / 2;
+    vec![t, h, half - t - h]
 }
 
 /// Names of the presets of [`InitOptions::preset`].
-pub const PRESETS: [&str; 2] = ["tiny", "small"];
+pub const PRESETS: [&str; 3] = ["tiny", "small", "tiny-vl"];
 
 impl InitOptions {
     /// `tiny`: hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 176 (tests, seconds).
     /// `small`: hidden 512, 8 layers, 8 heads, 2 kv heads, intermediate 1408 (benchmarks).
-    /// Both: Qwen2, tied embeddings, rope_theta 1e6, 2048 positions, bf16, seed 0.
+    /// `tiny-vl`: Qwen2-VL with the `tiny` decoder (M-RoPE split [2, 3, 3]) and a vision tower
+    /// of depth 2, embed_dim 32, 2 heads, mlp_ratio 2.
+    /// All: tied embeddings, rope_theta 1e6, 2048 positions, bf16, seed 0; Qwen2 unless VL.
     pub fn preset(name: &str, tokenizer: impl Into<PathBuf>, out_dir: impl Into<PathBuf>) -> Result<Self> {
         let (hidden, layers, heads, kv, inter) = match name {
-            "tiny" => (64, 2, 4, 2, 176),
+            "tiny" | "tiny-vl" => (64, 2, 4, 2, 176),
             "small" => (512, 8, 8, 2, 1408),
             other => bail!("unknown model preset `{other}` (presets: {})", PRESETS.join(", ")),
         };
         Ok(Self {
             out_dir: out_dir.into(),
             tokenizer: tokenizer.into(),
-            arch: Architecture::Qwen2,
+            arch: if name == "tiny-vl" { Architecture::Qwen2VL } else { Architecture::Qwen2 },
             hidden_size: hidden,
             num_hidden_layers: layers,
             num_attention_heads: heads,
@@ -74,17 +116,61 @@ impl InitOptions {
             seed: 0,
             dtype: Kind::BFloat16,
             overwrite: false,
+            vision: (name == "tiny-vl").then(|| VisionInitOptions { mrope_section: Some(vec![2, 3, 3]), ..VisionInitOptions::tiny() }),
         })
     }
 }
 
-/// `qwen2`, `llama` or `mistral` (also the Hugging Face class names).
+/// `qwen2`, `llama`, `mistral` or `qwen2_vl` (also the Hugging Face class names).
 pub fn parse_arch(name: &str) -> Result<Architecture> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "qwen2" | "qwen2forcausallm" => Architecture::Qwen2,
         "llama" | "llamaforcausallm" => Architecture::Llama,
         "mistral" | "mistralforcausallm" => Architecture::Mistral,
-        _ => bail!("unknown architecture `{name}` (qwen2, llama, mistral)"),
+        "qwen2_vl" | "qwen2-vl" | "qwen2vl" | "qwen2vlforconditionalgeneration" => Architecture::Qwen2VL,
+        _ => bail!("unknown architecture `{name}` (qwen2, llama, mistral, qwen2_vl)"),
+    })
+}
+
+/// The ids of Qwen2-VL's vision tokens in a tokenizer: `<|image_pad|>`, `<|video_pad|>`,
+/// `<|vision_start|>`, `<|vision_end|>` (151655, 151656, 151652, 151653 in Qwen2-VL's own).
+pub fn vision_token_ids(tokenizer: &Path) -> Result<[i64; 4]> {
+    let file = tokenizer_json(tokenizer)?;
+    let tok = tokenizers::Tokenizer::from_file(&file)
+        .map_err(|e| anyhow::anyhow!("{} is not a readable tokenizer.json: {e}", file.display()))?;
+    let names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"];
+    let missing: Vec<&str> = names.iter().copied().filter(|n| tok.token_to_id(n).is_none()).collect();
+    if !missing.is_empty() {
+        bail!(
+            "init-model: a Qwen2-VL model needs the vision tokens {} in its tokenizer, but {} lacks {}; \
+             use Qwen2-VL's tokenizer (or add them as special tokens)",
+            names.join(", "),
+            file.display(),
+            missing.join(", ")
+        );
+    }
+    Ok(names.map(|n| tok.token_to_id(n).expect("checked above") as i64))
+}
+
+/// Qwen2-VL's standard `preprocessor_config.json` (Qwen2-VL-7B-Instruct's values).
+pub fn qwen2vl_preprocessor_config() -> Value {
+    json!({
+        "do_convert_rgb": true,
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "max_pixels": 12845056,
+        "min_pixels": 3136,
+        "merge_size": 2,
+        "patch_size": 14,
+        "processor_class": "Qwen2VLProcessor",
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"longest_edge": 12845056, "shortest_edge": 3136},
+        "temporal_patch_size": 2
     })
 }
 
@@ -219,9 +305,67 @@ fn config_json(opts: &InitOptions, vocab: i64, special: &SpecialTokens) -> Resul
             "layer_types": vec!["full_attention"; opts.num_hidden_layers.max(0) as usize],
         }),
         Architecture::Mistral => json!({"sliding_window": null}),
+        Architecture::Qwen2VL => return qwen2vl_config_json(opts, c),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     Ok(c)
+}
+
+/// The vision options of `opts` (its own, else the tiny ones with the default M-RoPE split).
+fn vision_options(opts: &InitOptions) -> VisionInitOptions {
+    let mut v = opts.vision.clone().unwrap_or_else(VisionInitOptions::tiny);
+    if v.mrope_section.is_none() {
+        v.mrope_section = Some(default_mrope_section(opts.hidden_size / opts.num_attention_heads));
+    }
+    v
+}
+
+/// transformers 5's nested Qwen2-VL config.json around the text keys `text` (a Qwen2 config).
+fn qwen2vl_config_json(opts: &InitOptions, text: Value) -> Result<Value> {
+    let v = vision_options(opts);
+    let [image, video, start, end] = vision_token_ids(&opts.tokenizer)?;
+    let mut text = text;
+    let t = text.as_object_mut().expect("an object");
+    for key in ["architectures", "rope_theta", "torch_dtype", "tie_word_embeddings", "head_dim"] {
+        t.remove(key);
+    }
+    t.insert("model_type".into(), json!("qwen2_vl_text"));
+    t.insert("rope_parameters".into(), json!({"rope_type": "default", "rope_theta": opts.rope_theta, "mrope_section": v.mrope_section}));
+    t.extend(
+        json!({
+            "use_sliding_window": false, "sliding_window": null, "max_window_layers": opts.num_hidden_layers,
+            "layer_types": vec!["full_attention"; opts.num_hidden_layers.max(0) as usize],
+        })
+        .as_object()
+        .unwrap()
+        .clone(),
+    );
+    Ok(json!({
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "dtype": dtype_name(opts.dtype)?,
+        "image_token_id": image,
+        "video_token_id": video,
+        "vision_start_token_id": start,
+        "vision_end_token_id": end,
+        "tie_word_embeddings": opts.tie_word_embeddings,
+        "text_config": text,
+        "vision_config": {
+            "model_type": "qwen2_vl_vision",
+            "depth": v.depth,
+            "embed_dim": v.embed_dim,
+            "hidden_size": opts.hidden_size,
+            "hidden_act": "quick_gelu",
+            "mlp_ratio": v.mlp_ratio,
+            "num_heads": v.num_heads,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "initializer_range": 0.02,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"}
+        }
+    }))
 }
 
 fn check_options(opts: &InitOptions) -> Result<()> {
@@ -260,30 +404,54 @@ enum Init {
     Ones,
 }
 
-fn parameter_list(cfg: &LlamaConfig) -> Vec<(String, Vec<i64>, Init)> {
+fn parameter_list(cfg: &LlamaConfig, vl: Option<&Qwen2VLConfig>) -> Vec<(String, Vec<i64>, Init)> {
     let (h, kv, d, hidden, inter, vocab) =
         (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let mut p = vec![("model.embed_tokens.weight".to_string(), vec![vocab, hidden], Init::Normal)];
     let linear = |p: &mut Vec<(String, Vec<i64>, Init)>, path: String, out: i64, inp: i64, bias: bool| {
         p.push((format!("{path}.weight"), vec![out, inp], Init::Normal));
         if bias {
             p.push((format!("{path}.bias"), vec![out], Init::Zeros));
         }
     };
+    let norm = |p: &mut Vec<(String, Vec<i64>, Init)>, path: String, dim: i64| {
+        p.push((format!("{path}.weight"), vec![dim], Init::Ones));
+        p.push((format!("{path}.bias"), vec![dim], Init::Zeros));
+    };
+    let mut p = Vec::new();
+    if let Some(vl) = vl {
+        let v = &vl.vision_config;
+        let (e, mlp, merged) = (v.embed_dim, v.mlp_hidden_dim(), v.embed_dim * v.spatial_merge_size * v.spatial_merge_size);
+        let pe = vec![e, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size];
+        p.push(("model.visual.patch_embed.proj.weight".to_string(), pe, Init::Normal));
+        for b in 0..v.depth {
+            let bp = format!("model.visual.blocks.{b}");
+            norm(&mut p, format!("{bp}.norm1"), e);
+            norm(&mut p, format!("{bp}.norm2"), e);
+            linear(&mut p, format!("{bp}.attn.qkv"), 3 * e, e, true);
+            linear(&mut p, format!("{bp}.attn.proj"), e, e, true);
+            linear(&mut p, format!("{bp}.mlp.fc1"), mlp, e, true);
+            linear(&mut p, format!("{bp}.mlp.fc2"), e, mlp, true);
+        }
+        norm(&mut p, "model.visual.merger.ln_q".to_string(), e);
+        linear(&mut p, "model.visual.merger.mlp.0".to_string(), merged, merged, true);
+        linear(&mut p, "model.visual.merger.mlp.2".to_string(), v.hidden_size, merged, true);
+    }
+    let m = if vl.is_some() { LANGUAGE_MODEL } else { "model" };
+    p.push((format!("{m}.embed_tokens.weight"), vec![vocab, hidden], Init::Normal));
     for l in 0..cfg.num_hidden_layers {
-        let a = format!("model.layers.{l}.self_attn");
+        let a = format!("{m}.layers.{l}.self_attn");
         linear(&mut p, format!("{a}.q_proj"), h * d, hidden, cfg.qkv_bias());
         linear(&mut p, format!("{a}.k_proj"), kv * d, hidden, cfg.qkv_bias());
         linear(&mut p, format!("{a}.v_proj"), kv * d, hidden, cfg.qkv_bias());
         linear(&mut p, format!("{a}.o_proj"), hidden, h * d, cfg.o_bias());
-        let m = format!("model.layers.{l}.mlp");
-        linear(&mut p, format!("{m}.gate_proj"), inter, hidden, cfg.mlp_bias());
-        linear(&mut p, format!("{m}.up_proj"), inter, hidden, cfg.mlp_bias());
-        linear(&mut p, format!("{m}.down_proj"), hidden, inter, cfg.mlp_bias());
-        p.push((format!("model.layers.{l}.input_layernorm.weight"), vec![hidden], Init::Ones));
-        p.push((format!("model.layers.{l}.post_attention_layernorm.weight"), vec![hidden], Init::Ones));
+        let mp = format!("{m}.layers.{l}.mlp");
+        linear(&mut p, format!("{mp}.gate_proj"), inter, hidden, cfg.mlp_bias());
+        linear(&mut p, format!("{mp}.up_proj"), inter, hidden, cfg.mlp_bias());
+        linear(&mut p, format!("{mp}.down_proj"), hidden, inter, cfg.mlp_bias());
+        p.push((format!("{m}.layers.{l}.input_layernorm.weight"), vec![hidden], Init::Ones));
+        p.push((format!("{m}.layers.{l}.post_attention_layernorm.weight"), vec![hidden], Init::Ones));
     }
-    p.push(("model.norm.weight".to_string(), vec![hidden], Init::Ones));
+    p.push((format!("{m}.norm.weight"), vec![hidden], Init::Ones));
     if !cfg.tie_word_embeddings {
         linear(&mut p, "lm_head".to_string(), vocab, hidden, false);
     }
@@ -325,23 +493,30 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
     if dir.join("config.json").exists() && !opts.overwrite {
         bail!("init-model: {} already holds a model (config.json); choose another folder or overwrite", dir.display());
     }
+    if opts.arch == Architecture::Qwen2VL {
+        vision_token_ids(&tokenizer_file)?; // refuse a tokenizer without them before writing anything
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
 
     let config_value = config_json(opts, vocab, &special)?;
     let config_text = serde_json::to_string_pretty(&config_value)?;
     let config = LlamaConfig::from_json(&config_text, &dir.join("config.json"))?;
+    let vl = match opts.arch {
+        Architecture::Qwen2VL => Some(Qwen2VLConfig::from_value(&config_value, &dir.join("config.json"), config.hidden_size)?),
+        _ => None,
+    };
 
     let mut rng = SplitMix64(opts.seed);
     let std = config.initializer_range;
     let mut tensors = Vec::new();
     let mut parameters = 0i64;
-    for (key, shape, init) in parameter_list(&config) {
+    for (key, shape, init) in parameter_list(&config, vl.as_ref()) {
         let n: i64 = shape.iter().product();
         parameters += n;
         let t = match init {
             Init::Normal => {
                 let mut values = rng.normal(n as usize, std);
-                if key == "model.embed_tokens.weight" {
+                if key.ends_with("embed_tokens.weight") {
                     if let Some(pad) = special.pad.filter(|&p| p < vocab) {
                         let row = (pad * config.hidden_size) as usize;
                         values[row..row + config.hidden_size as usize].iter_mut().for_each(|v| *v = 0.0);
@@ -352,6 +527,8 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
             Init::Zeros => Tensor::f_zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu))?,
             Init::Ones => Tensor::f_ones(shape.as_slice(), (Kind::Float, tch::Device::Cpu))?,
         };
+        // Qwen2-VL tensors are written as transformers' save_pretrained writes them.
+        let key = if vl.is_some() { super::qwen2vl::saved_key(&key) } else { key };
         tensors.push((key, t.f_to_kind(opts.dtype)?));
     }
     // A shard index left by an earlier model would take precedence over nothing, but confuses.
@@ -368,6 +545,10 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
     std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&Value::Object(generation))? + "\n")?;
 
     let mut files = vec!["config.json".to_string(), "model.safetensors".to_string(), "generation_config.json".to_string()];
+    if vl.is_some() {
+        std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&qwen2vl_preprocessor_config())? + "\n")?;
+        files.push("preprocessor_config.json".to_string());
+    }
     let folder = tokenizer_file.parent().unwrap_or(Path::new("."));
     std::fs::copy(&tokenizer_file, dir.join("tokenizer.json"))
         .with_context(|| format!("cannot copy {} into {}", tokenizer_file.display(), dir.display()))?;

@@ -1,10 +1,14 @@
-//! Llama-family decoder-only transformer: Llama 2/3, Qwen2 and Mistral, as transformers runs them.
+//! Llama-family decoder-only transformer: Llama 2/3, Qwen2 and Mistral, as transformers runs them,
+//! and Qwen2-VL's decoder (with its vision tower from [`super::qwen2vl`]).
 //!
 //! Pre-norm blocks (RMSNorm computed in fp32), rotary position embeddings in the
 //! `rotate_half` convention (default, linear and llama3 frequencies), grouped-query attention
 //! through libtorch's scaled-dot-product attention with causal, padding and sliding-window
 //! masks, a SwiGLU MLP, and an lm_head tied to the embeddings or not. Every linear layer is a
-//! [`FrozenLinear`] named by its checkpoint path (`model.layers.0.self_attn.q_proj`).
+//! [`FrozenLinear`] named by its checkpoint path (`model.layers.0.self_attn.q_proj`; for
+//! Qwen2-VL `model.language_model.layers.0.self_attn.q_proj` and `model.visual.blocks.0.attn.qkv`).
+//! Qwen2-VL's multimodal rotary embedding (M-RoPE) splits the frequencies over 3-D positions
+//! (`mrope_section`); image embeddings replace the `<|image_pad|>` tokens.
 //!
 //! Reference: transformers `models/llama/modeling_llama.py` (and the Qwen2 / Mistral copies).
 use std::path::{Path, PathBuf};
@@ -12,7 +16,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::config::{LlamaConfig, Rope};
+use super::config::{Architecture, LlamaConfig, Rope};
+use super::qwen2vl::{self, rope_index, Qwen2VLConfig, VisionConfig, VisionInputs, VisionTower, LANGUAGE_MODEL};
 use super::weights::Weights;
 use crate::adapters::AdapterSet;
 use crate::linear::{FrozenLinear, LinearMode};
@@ -21,14 +26,23 @@ use ferrotune_plugin_api::ForwardFlags;
 /// Past keys and values of every layer, `[batch, kv_heads, past, head_dim]` each, for
 /// incremental decoding. Positions are the columns of the attention mask passed to
 /// [`CausalLM::forward`] (padding included).
+///
+/// For Qwen2-VL the prefill also stores each row's M-RoPE delta (transformers' `rope_deltas`):
+/// later steps take position `cumsum(mask) - 1 + delta`.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     batch: i64,
+    rope_deltas: Option<Vec<i64>>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize, batch: i64) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), batch }
+        Self { layers: (0..num_layers).map(|_| None).collect(), batch, rope_deltas: None }
+    }
+
+    /// Qwen2-VL: each row's M-RoPE delta, set by the prefill (`None` before it, or for other models).
+    pub fn rope_deltas(&self) -> Option<&[i64]> {
+        self.rope_deltas.as_deref()
     }
 
     /// How many positions are cached.
@@ -43,6 +57,7 @@ impl KvCache {
     /// Forgets every cached position.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
+        self.rope_deltas = None;
     }
 
     /// Appends this step's keys/values of `layer` and returns all of them.
@@ -115,16 +130,29 @@ pub fn rope_inv_freq(rope: Rope, head_dim: i64) -> Result<Tensor> {
 /// cos/sin tables of the rotary embedding for given positions.
 struct RotaryEmbedding {
     inv_freq: Tensor,
+    /// Qwen2-VL: frequencies per temporal / height / width position (M-RoPE).
+    mrope_section: Option<Vec<i64>>,
 }
 
 impl RotaryEmbedding {
     fn new(cfg: &LlamaConfig, device: Device) -> Result<Self> {
-        Ok(Self { inv_freq: rope_inv_freq(cfg.rope()?, cfg.head_dim())?.f_to_device(device)? })
+        let mrope_section = (cfg.architecture() == Architecture::Qwen2VL).then(|| cfg.mrope_section());
+        Ok(Self { inv_freq: rope_inv_freq(cfg.rope()?, cfg.head_dim())?.f_to_device(device)?, mrope_section })
     }
 
-    /// `(cos, sin)`, each `[B, 1, T, head_dim]` in `dtype`, for position ids `[B, T]`.
+    /// `(cos, sin)`, each `[B, 1, T, head_dim]` in `dtype`, for position ids `[B, T]`, or
+    /// `[3, B, T]` with M-RoPE (frequency chunk `i` of `mrope_section` follows axis `i % 3`, as
+    /// transformers' `Qwen2VLRotaryEmbedding`).
     fn cos_sin(&self, position_ids: &Tensor, dtype: Kind) -> Result<(Tensor, Tensor)> {
-        let freqs = position_ids.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?.f_mul(&self.inv_freq)?;
+        let mut freqs = position_ids.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?.f_mul(&self.inv_freq)?;
+        if let Some(section) = &self.mrope_section {
+            if position_ids.dim() != 3 {
+                bail!("M-RoPE needs [3, batch, seq] position ids, got {:?}", position_ids.size());
+            }
+            let chunks = freqs.f_split_with_sizes(section.as_slice(), -1)?;
+            let picked = chunks.iter().enumerate().map(|(i, c)| c.f_select(0, (i % 3) as i64)).collect::<Result<Vec<_>, _>>()?;
+            freqs = Tensor::f_cat(&picked, -1)?;
+        }
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let cos = emb.f_cos()?.f_to_kind(dtype)?.f_unsqueeze(1)?;
         let sin = emb.f_sin()?.f_to_kind(dtype)?.f_unsqueeze(1)?;
@@ -199,7 +227,8 @@ struct Attention {
     sliding_window: Option<i64>,
 }
 
-fn linear(w: &mut Weights, path: &str, out: i64, inp: i64, bias: bool, why: &str) -> Result<FrozenLinear> {
+/// Takes `{path}.weight` `[out, inp]` (and `{path}.bias`) as a [`FrozenLinear`] named `path`.
+pub(crate) fn linear(w: &mut Weights, path: &str, out: i64, inp: i64, bias: bool, why: &str) -> Result<FrozenLinear> {
     let weight = w.take(&format!("{path}.weight"), &[out, inp], why)?;
     let bias = if bias { Some(w.take(&format!("{path}.bias"), &[out], why)?) } else { None };
     Ok(FrozenLinear::new(path, weight, bias))
@@ -289,8 +318,8 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &LlamaConfig, w: &mut Weights, layer: i64) -> Result<Self> {
-        let path = format!("model.layers.{layer}");
+    fn new(cfg: &LlamaConfig, w: &mut Weights, prefix: &str, layer: i64) -> Result<Self> {
+        let path = format!("{prefix}.layers.{layer}");
         Ok(Self {
             input_layernorm: RmsNorm::new(w, &format!("{path}.input_layernorm"), cfg)?,
             self_attn: Attention::new(cfg, w, &format!("{path}.self_attn"), layer)?,
@@ -305,12 +334,24 @@ impl DecoderLayer {
     }
 }
 
-/// The token embedding's checkpoint path (its weight is `model.embed_tokens.weight`).
+/// The token embedding's checkpoint path (its weight is `model.embed_tokens.weight`) in
+/// Llama-family models; Qwen2-VL's is `model.language_model.embed_tokens`
+/// ([`CausalLM::embed_tokens_path`]).
 pub const EMBED_TOKENS: &str = "model.embed_tokens";
 
-/// A Llama / Qwen2 / Mistral causal language model loaded from a Hugging Face directory.
+/// The decoder's module path: `model` for Llama / Qwen2 / Mistral.
+pub const DECODER: &str = "model";
+
+/// A Llama / Qwen2 / Mistral causal language model loaded from a Hugging Face directory, or a
+/// Qwen2-VL one (the same decoder under `model.language_model`, plus a vision tower).
 pub struct CausalLM {
     config: LlamaConfig,
+    /// The decoder's module path ([`DECODER`] or Qwen2-VL's [`LANGUAGE_MODEL`]).
+    prefix: String,
+    /// `{prefix}.embed_tokens`.
+    embed_path: String,
+    /// Qwen2-VL: the vision tower and its config.
+    vision: Option<(VisionTower, Qwen2VLConfig)>,
     embed_tokens: Tensor,
     /// Trainable copies of the token embedding (`modules_to_save`), by adapter name: the
     /// input embedding while that adapter runs (`adapters.rs`).
@@ -332,8 +373,9 @@ impl CausalLM {
     /// `dtype` (Float, BFloat16 or Half) on `device`.
     pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
+        let vl = Qwen2VLConfig::from_dir(dir, config.hidden_size)?;
         let mut weights = Weights::load(dir, device, dtype)?;
-        let mut model = Self::from_weights(config, &mut weights, device, dtype)?;
+        let mut model = Self::from_weights_with_vision(config, vl, &mut weights, device, dtype)?;
         model.source_dir = Some(dir.to_path_buf());
         let unused = weights.remaining();
         if !unused.is_empty() {
@@ -352,10 +394,34 @@ impl CausalLM {
 
     /// Builds the model from already loaded weights (taking the tensors it uses).
     pub fn from_weights(config: LlamaConfig, w: &mut Weights, device: Device, dtype: Kind) -> Result<Self> {
+        Self::from_weights_with_vision(config, None, w, device, dtype)
+    }
+
+    /// [`CausalLM::from_weights`] for any architecture: a Qwen2-VL `config` needs `vl` (its
+    /// vision config and token ids), the others take `None`. Qwen2-VL checkpoints in the older
+    /// key layout are renamed to transformers 5's first.
+    pub fn from_weights_with_vision(
+        config: LlamaConfig,
+        vl: Option<Qwen2VLConfig>,
+        w: &mut Weights,
+        device: Device,
+        dtype: Kind,
+    ) -> Result<Self> {
+        let is_vl = config.architecture() == Architecture::Qwen2VL;
+        let vision = match (is_vl, vl) {
+            (true, Some(vl)) => {
+                w.rename_keys(qwen2vl::rename_legacy_key)?;
+                Some((VisionTower::new(&vl.vision_config, w, device, dtype)?, vl))
+            }
+            (true, None) => bail!("a Qwen2-VL model needs its vision_config (load it with CausalLM::load)"),
+            (false, Some(_)) => bail!("a vision config was given for a {} model, which has no vision tower", config.architecture().hf_name()),
+            (false, None) => None,
+        };
+        let prefix = if is_vl { LANGUAGE_MODEL } else { DECODER }.to_string();
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = w.take("model.embed_tokens.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
-        let layers = (0..config.num_hidden_layers).map(|l| DecoderLayer::new(&config, w, l)).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(w, "model.norm", &config)?;
+        let embed_tokens = w.take(&format!("{prefix}.embed_tokens.weight"), &[vocab, hidden], "vocab_size, hidden_size")?;
+        let layers = (0..config.num_hidden_layers).map(|l| DecoderLayer::new(&config, w, &prefix, l)).collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(w, &format!("{prefix}.norm"), &config)?;
         let lm_head = if config.tie_word_embeddings {
             // transformers ties the head to the embeddings even when the file also has one.
             w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
@@ -366,6 +432,9 @@ impl CausalLM {
         let rotary = RotaryEmbedding::new(&config, device)?;
         Ok(Self {
             config,
+            embed_path: format!("{prefix}.embed_tokens"),
+            prefix,
+            vision,
             embed_tokens,
             embed_copies: Vec::new(),
             layers,
@@ -379,8 +448,45 @@ impl CausalLM {
         })
     }
 
+    /// The text decoder's config (for Qwen2-VL its `text_config`, flattened).
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Qwen2-VL: the vision tower's config (`None` for text-only models).
+    pub fn vision_config(&self) -> Option<&VisionConfig> {
+        self.vision.as_ref().map(|(_, c)| &c.vision_config)
+    }
+
+    /// Qwen2-VL: the vision config and the image / video / vision-start / vision-end token ids.
+    pub fn qwen2vl_config(&self) -> Option<&Qwen2VLConfig> {
+        self.vision.as_ref().map(|(_, c)| c)
+    }
+
+    /// Qwen2-VL: the `<|image_pad|>` id that image embeddings replace.
+    pub fn image_token_id(&self) -> Option<i64> {
+        self.qwen2vl_config().map(|c| c.image_token_id)
+    }
+
+    /// Qwen2-VL: the `<|vision_start|>` id that opens an image block.
+    pub fn vision_start_token_id(&self) -> Option<i64> {
+        self.qwen2vl_config().map(|c| c.vision_start_token_id)
+    }
+
+    /// Qwen2-VL: how many patches per side the merger joins into one token (2).
+    pub fn spatial_merge_size(&self) -> Option<i64> {
+        self.vision_config().map(|c| c.spatial_merge_size)
+    }
+
+    /// The decoder's module path: `model`, or `model.language_model` for Qwen2-VL.
+    pub fn decoder_path(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The token embedding's module path (`model.embed_tokens`, or
+    /// `model.language_model.embed_tokens` for Qwen2-VL).
+    pub fn embed_tokens_path(&self) -> &str {
+        &self.embed_path
     }
 
     pub fn device(&self) -> Device {
@@ -405,7 +511,9 @@ impl CausalLM {
     /// Every weight under its checkpoint key, in model order (adapters not included: merge them
     /// first to have them in the weights). A tied `lm_head` is left out, as transformers saves it.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.shallow_clone())];
+        let p = &self.prefix;
+        let mut out = self.vision.as_ref().map(|(v, _)| v.named_weights()).unwrap_or_default();
+        out.push((format!("{p}.embed_tokens.weight"), self.embed_tokens.shallow_clone()));
         let linear = |out: &mut Vec<(String, Tensor)>, lin: &FrozenLinear| {
             out.push((format!("{}.weight", lin.name), lin.weight.shallow_clone()));
             if let Some(b) = &lin.bias {
@@ -413,18 +521,18 @@ impl CausalLM {
             }
         };
         for (i, l) in self.layers.iter().enumerate() {
-            out.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.shallow_clone()));
+            out.push((format!("{p}.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.shallow_clone()));
             let a = &l.self_attn;
             for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
                 linear(&mut out, lin);
             }
-            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.shallow_clone()));
+            out.push((format!("{p}.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.shallow_clone()));
             let m = &l.mlp;
             for lin in [&m.gate_proj, &m.up_proj, &m.down_proj] {
                 linear(&mut out, lin);
             }
         }
-        out.push(("model.norm.weight".to_string(), self.norm.weight.shallow_clone()));
+        out.push((format!("{p}.norm.weight"), self.norm.weight.shallow_clone()));
         if !self.lm_head_is_tied() {
             linear(&mut out, &self.lm_head);
         }
@@ -444,7 +552,8 @@ impl CausalLM {
         KvCache::new(self.layers.len(), batch)
     }
 
-    /// The input embedding matrix `[vocab_size, hidden_size]` (`model.embed_tokens.weight`).
+    /// The input embedding matrix `[vocab_size, hidden_size]` (`model.embed_tokens.weight`, or
+    /// Qwen2-VL's `model.language_model.embed_tokens.weight`).
     pub fn embed_tokens(&self) -> &Tensor {
         &self.embed_tokens
     }
@@ -461,11 +570,18 @@ impl CausalLM {
     }
 
     /// Every module path as transformers' `named_modules()` gives it (`model`, `model.layers.0`,
-    /// `model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`, ...), each with what it is.
+    /// `model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`, ...; for Qwen2-VL the vision
+    /// tower's `model.visual.*` first, then `model.language_model.*`), each with what it is.
     pub fn module_names(&self) -> Vec<(String, &'static str)> {
-        let mut out = vec![("model".to_string(), "the decoder"), (EMBED_TOKENS.to_string(), "the token embedding"), ("model.layers".to_string(), "the list of layers")];
+        let d = &self.prefix;
+        let mut out = Vec::new();
+        if let Some((v, _)) = &self.vision {
+            out.push(("model".to_string(), "the multimodal model"));
+            out.extend(v.module_names());
+        }
+        out.extend([(d.clone(), "the decoder"), (self.embed_path.clone(), "the token embedding"), (format!("{d}.layers"), "the list of layers")]);
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
+            let p = format!("{d}.layers.{i}");
             out.push((p.clone(), "a decoder layer"));
             out.push((format!("{p}.self_attn"), "an attention block"));
             let a = &l.self_attn;
@@ -477,16 +593,21 @@ impl CausalLM {
             out.push((format!("{p}.input_layernorm"), "an RMSNorm"));
             out.push((format!("{p}.post_attention_layernorm"), "an RMSNorm"));
         }
-        out.push(("model.norm".to_string(), "an RMSNorm"));
-        out.push(("model.rotary_emb".to_string(), "the rotary embedding"));
+        out.push((format!("{d}.norm"), "an RMSNorm"));
+        out.push((format!("{d}.rotary_emb"), "the rotary embedding"));
         out.push((self.lm_head.name.clone(), "a linear layer"));
         out
     }
 
-    /// Every linear layer with its checkpoint path, in model order (q, k, v, o, gate, up, down
-    /// of each layer, then `lm_head`). With tied embeddings `lm_head` shares the embedding.
+    /// Every linear layer with its checkpoint path, in model order (Qwen2-VL's vision tower
+    /// first: qkv, proj, fc1, fc2 of each block, then the merger's `mlp.0`, `mlp.2`; then q, k,
+    /// v, o, gate, up, down of each layer, then `lm_head`). With tied embeddings `lm_head`
+    /// shares the embedding.
     pub fn linears(&self) -> Vec<(&str, &FrozenLinear)> {
         let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        if let Some((v, _)) = &self.vision {
+            out.extend(v.linears().into_iter().map(|l| (l.name.as_str(), l)));
+        }
         for l in &self.layers {
             let a = &l.self_attn;
             let m = &l.mlp;
@@ -502,6 +623,9 @@ impl CausalLM {
     /// wrapping them (adapters, quantizers).
     pub fn linears_mut(&mut self) -> Vec<&mut FrozenLinear> {
         let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        if let Some((v, _)) = &mut self.vision {
+            out.extend(v.linears_mut());
+        }
         for l in &mut self.layers {
             let a = &mut l.self_attn;
             out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
@@ -525,7 +649,21 @@ impl CausalLM {
 
     /// [`CausalLM::forward`] with the adapter and training mode of `mode`.
     pub fn forward_with(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, mode: LinearMode<'_>) -> Result<Tensor> {
-        let hidden = self.hidden_states_with(input_ids, attention_mask, cache, mode)?;
+        self.forward_mm_with(input_ids, attention_mask, None, cache, mode)
+    }
+
+    /// [`CausalLM::forward_with`] with images (Qwen2-VL): their embeddings replace the
+    /// `<|image_pad|>` tokens in order (row 0's first), and positions are 3-D (M-RoPE). Images
+    /// can only come with the first call on a cache (the prefill).
+    pub fn forward_mm_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        images: Option<&VisionInputs>,
+        cache: Option<&mut KvCache>,
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states_mm_with(input_ids, attention_mask, images, cache, mode)?;
         Ok(self.lm_head.forward(&hidden, mode)?.f_to_kind(Kind::Float)?)
     }
 
@@ -537,7 +675,19 @@ impl CausalLM {
 
     /// [`CausalLM::forward_last`] with the adapter and training mode of `mode`.
     pub fn forward_last_with(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, mode: LinearMode<'_>) -> Result<Tensor> {
-        let hidden = self.hidden_states_with(input_ids, attention_mask, cache, mode)?;
+        self.forward_last_mm_with(input_ids, attention_mask, None, cache, mode)
+    }
+
+    /// [`CausalLM::forward_last_with`] with images (see [`CausalLM::forward_mm_with`]).
+    pub fn forward_last_mm_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        images: Option<&VisionInputs>,
+        cache: Option<&mut KvCache>,
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states_mm_with(input_ids, attention_mask, images, cache, mode)?;
         let t = hidden.size()[1];
         let last = hidden.f_select(1, t - 1)?;
         Ok(self.lm_head.forward(&last, mode)?.f_to_kind(Kind::Float)?)
@@ -554,6 +704,40 @@ impl CausalLM {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
+        self.hidden_states_mm_with(input_ids, attention_mask, None, cache, mode)
+    }
+
+    /// Checks that the `<|image_pad|>` tokens of `input_ids` are as many as the images' merged
+    /// patches, and returns the mask of those tokens.
+    fn image_token_mask(&self, input_ids: &Tensor, images: &VisionInputs, tower: &VisionTower, image_token_id: i64) -> Result<Tensor> {
+        let mask = input_ids.f_eq(image_token_id)?;
+        let per_row: Vec<i64> = Vec::try_from(&mask.f_sum_dim_intlist(1, false, Kind::Int64)?.f_to_device(Device::Cpu)?)?;
+        let tokens: i64 = per_row.iter().sum();
+        let per_image: Vec<i64> = images.image_grid_thw.iter().map(|g| tower.merged_tokens(g)).collect();
+        let patches: i64 = per_image.iter().sum();
+        if tokens != patches {
+            bail!(
+                "input_ids hold {tokens} image tokens (<|image_pad|>, id {image_token_id}; per row {per_row:?}) but the {} image(s) \
+                 give {patches} merged patches (per image {per_image:?}, image_grid_thw {:?} / spatial_merge_size² {}): \
+                 each image needs t·h·w / {} image tokens",
+                images.image_grid_thw.len(),
+                images.image_grid_thw,
+                tower.config().spatial_merge_size.pow(2),
+                tower.config().spatial_merge_size.pow(2)
+            );
+        }
+        Ok(mask)
+    }
+
+    /// [`CausalLM::hidden_states_with`] with images (see [`CausalLM::forward_mm_with`]).
+    pub fn hidden_states_mm_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        images: Option<&VisionInputs>,
         mut cache: Option<&mut KvCache>,
         mode: LinearMode<'_>,
     ) -> Result<Tensor> {
@@ -584,30 +768,67 @@ impl CausalLM {
             }
             None => 0,
         };
+        if let Some(m) = attention_mask {
+            if m.size() != [b, past + t] {
+                bail!(
+                    "attention_mask must be [batch, past + seq] = [{b}, {}] (past {past}, seq {t}), got {:?}",
+                    past + t,
+                    m.size()
+                );
+            }
+        }
+        let images = images.filter(|i| !i.image_grid_thw.is_empty());
+        let image_mask = match (images, &self.vision) {
+            (None, _) => None,
+            (Some(_), None) => bail!(
+                "images were given to a {} model, which has no vision tower (use a Qwen2-VL model)",
+                self.config.architecture().hf_name()
+            ),
+            (Some(_), Some(_)) if past > 0 => {
+                bail!("images can only be given with the first call on a KV cache (the prefill); this cache holds {past} positions")
+            }
+            (Some(img), Some((tower, vl))) => Some(self.image_token_mask(&input_ids, img, tower, vl.image_token_id)?),
+        };
+        // An all-ones mask is no mask (transformers' `_ignore_causal_mask_sdpa`): SDPA then runs
+        // its causal kernel with GQA instead of an explicit mask over repeated keys and values.
+        // Position ids are the same either way.
         let key_valid = match attention_mask {
             Some(m) => {
-                if m.size() != [b, past + t] {
-                    bail!(
-                        "attention_mask must be [batch, past + seq] = [{b}, {}] (past {past}, seq {t}), got {:?}",
-                        past + t,
-                        m.size()
-                    );
-                }
-                // An all-ones mask is no mask (transformers' `_ignore_causal_mask_sdpa`): SDPA
-                // then runs its causal kernel with GQA instead of an explicit mask over
-                // repeated keys and values. Position ids are the same either way.
                 let valid = m.f_to_device(self.device)?.f_ne(0)?;
                 if valid.f_all()?.f_int64_value(&[])? != 0 { None } else { Some(valid) }
             }
             None => None,
         };
-        let position_ids = match &key_valid {
+        let text_positions = match &key_valid {
             Some(valid) => valid
                 .f_cumsum(-1, Kind::Int64)?
                 .f_sub_scalar(1)?
                 .f_masked_fill(&valid.f_logical_not()?, 0)?
                 .f_narrow(1, past, t)?,
             None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?.f_unsqueeze(0)?.f_expand([b, t], false)?,
+        };
+        let position_ids = match &self.vision {
+            None => text_positions,
+            // Qwen2-VL prefill (or no cache): transformers' `get_rope_index`, keeping the deltas.
+            Some((tower, vl)) if past == 0 => {
+                let ids: Vec<i64> = Vec::try_from(&input_ids.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
+                let mask: Option<Vec<i64>> = match attention_mask {
+                    Some(m) => Some(Vec::try_from(&m.f_ne(0)?.f_to_kind(Kind::Int64)?.f_reshape([-1])?.f_to_device(Device::Cpu)?)?),
+                    None => None,
+                };
+                let grids = images.map(|i| i.image_grid_thw.as_slice()).unwrap_or(&[]);
+                let index = rope_index(&ids, b as usize, t as usize, mask.as_deref(), grids, vl.image_token_id, tower.config().spatial_merge_size)?;
+                if let Some(c) = cache.as_deref_mut() {
+                    c.rope_deltas = Some(index.deltas);
+                }
+                Tensor::f_from_slice(&index.positions)?.f_view([3, b, t])?.f_to_device(self.device)?
+            }
+            // Later steps: 1-D positions shifted by each row's delta, on all three axes.
+            Some(_) => {
+                let deltas = cache.as_deref().and_then(|c| c.rope_deltas.clone()).unwrap_or_else(|| vec![0; b as usize]);
+                let deltas = Tensor::f_from_slice(&deltas)?.f_view([b, 1])?.f_to_device(self.device)?;
+                text_positions.f_add(&deltas)?.f_unsqueeze(0)?.f_expand([3, b, t], false)?
+            }
         };
         let (cos, sin) = self.rotary.cos_sin(&position_ids, self.dtype)?;
         let full_mask = build_mask(key_valid.as_ref(), past, t, None, self.device)?;
@@ -621,13 +842,18 @@ impl CausalLM {
         }
         let embed = mode.adapter.and_then(|name| self.embed_tokens_copy(name)).unwrap_or(&self.embed_tokens);
         let mut x = Tensor::f_embedding(embed, &input_ids, -1, false, false)?;
+        if let (Some(img), Some(mask), Some((tower, _))) = (images, &image_mask, &self.vision) {
+            let features = tower.forward(&img.pixel_values, &img.image_grid_thw, mode).context("model.visual")?.f_to_kind(x.kind())?;
+            x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
+        }
+        let prefix = &self.prefix;
         for (i, layer) in self.layers.iter().enumerate() {
             let mask = match layer.self_attn.sliding_window {
                 Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,
                 None => &full_mask,
             };
             let c = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(&x, &cos, &sin, mask, c, mode).with_context(|| format!("model.layers.{i}"))?;
+            x = layer.forward(&x, &cos, &sin, mask, c, mode).with_context(|| format!("{prefix}.layers.{i}"))?;
         }
         self.norm.forward(&x)
     }

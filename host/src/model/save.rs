@@ -5,7 +5,11 @@
 //! tied `lm_head` a weight of its own, and `dtype` updated when the dtype changes);
 //! `model.safetensors` holds every weight under its checkpoint key, each in its dtype in the
 //! source checkpoint unless one is chosen; the tokenizer files and `generation_config.json`
-//! are copied. The folder is built beside the destination and renamed into place at the end.
+//! are copied (and, for Qwen2-VL, the image / video processor configs). A Qwen2-VL model is
+//! written with its vision weights in the key layout transformers 5.24's `save_pretrained`
+//! writes (the original one: `visual.*`, `model.layers.*`), whichever layout the source used.
+//! The folder is built beside the
+//! destination and renamed into place at the end.
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -17,8 +21,9 @@ use super::init::write_safetensors;
 use super::weights::checkpoint_dtypes;
 use super::CausalLM;
 
-/// Files copied from the source directory when present (tokenizer and generation defaults).
-pub const COPIED_FILES: [&str; 9] = [
+/// Files copied from the source directory when present (tokenizer, generation defaults and
+/// Qwen2-VL's processor configs).
+pub const COPIED_FILES: [&str; 13] = [
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -28,6 +33,10 @@ pub const COPIED_FILES: [&str; 9] = [
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
 ];
 
 /// transformers' name of a dtype in `config.json`.
@@ -60,18 +69,28 @@ impl CausalLM {
             &std::fs::read_to_string(&source_config).with_context(|| format!("cannot read {}", source_config.display()))?,
         )
         .with_context(|| format!("{} is not valid JSON", source_config.display()))?;
-        let source_dtypes: HashMap<String, Kind> = checkpoint_dtypes(source_dir)?;
-        let embed_kind = source_dtypes.get("model.embed_tokens.weight").copied().unwrap_or(Kind::Float);
+        let mut source_dtypes: HashMap<String, Kind> = checkpoint_dtypes(source_dir)?;
+        if self.vision_config().is_some() {
+            // An older Qwen2-VL source names its tensors `visual.*`, `model.layers.*`.
+            source_dtypes = source_dtypes.into_iter().map(|(k, v)| (super::qwen2vl::rename_legacy_key(&k).unwrap_or(k), v)).collect();
+        }
+        let embed_kind = source_dtypes.get(&format!("{}.weight", self.embed_tokens_path())).copied().unwrap_or(Kind::Float);
 
         let mut tensors = Vec::new();
+        let is_vl = self.vision_config().is_some();
         for (key, t) in self.named_weights() {
             // lm_head.weight of a head untied by a merge takes the embeddings' dtype.
             let kind = dtype.or_else(|| source_dtypes.get(&key).copied()).unwrap_or(embed_kind);
+            let key = if is_vl { super::qwen2vl::saved_key(&key) } else { key };
             tensors.push((key, t.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(kind)?.f_contiguous()?));
         }
         let obj = config.as_object_mut().with_context(|| format!("{}: expected a JSON object", source_config.display()))?;
         if self.config().tie_word_embeddings && !self.lm_head_is_tied() {
             obj.insert("tie_word_embeddings".into(), Value::Bool(false));
+            // Pre-v5 Qwen2-VL saves may also say so inside text_config, which transformers reads.
+            if let Some(text) = obj.get_mut("text_config").and_then(Value::as_object_mut) {
+                text.insert("tie_word_embeddings".into(), Value::Bool(false));
+            }
         }
         if let Some(kind) = dtype {
             for key in ["dtype", "torch_dtype"] {

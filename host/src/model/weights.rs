@@ -180,6 +180,29 @@ impl Weights {
         }
     }
 
+    /// Renames every key for which `rename` gives a new name (an older checkpoint layout read
+    /// under the current module paths). Two tensors ending up under one key is an error.
+    pub fn rename_keys(&mut self, rename: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let renames: Vec<(String, String)> =
+            self.tensors.keys().filter_map(|k| rename(k).map(|new| (k.clone(), new))).collect();
+        let mut moved = Vec::with_capacity(renames.len());
+        for (old, new) in renames {
+            let entry = self.tensors.remove(&old).expect("key listed above");
+            moved.push((old, new, entry));
+        }
+        for (old, new, (t, file)) in moved {
+            if let Some((_, other)) = self.tensors.get(&new) {
+                bail!(
+                    "tensor `{old}` in {} is `{new}` in the current layout, which {} also holds: the checkpoint mixes two layouts",
+                    file.display(),
+                    other.display()
+                );
+            }
+            self.tensors.insert(new, (t, file));
+        }
+        Ok(())
+    }
+
     /// Keys not taken yet, sorted.
     pub fn remaining(&self) -> Vec<String> {
         let sorted: BTreeMap<&String, ()> = self.tensors.keys().map(|k| (k, ())).collect();

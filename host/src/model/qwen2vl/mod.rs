@@ -1,0 +1,91 @@
+//! Qwen2-VL (`Qwen2VLForConditionalGeneration`): a Qwen2 decoder under `model.language_model`
+//! with 3-D multimodal rotary positions (M-RoPE), and a vision tower under `model.visual` whose
+//! image embeddings replace the `<|image_pad|>` tokens.
+//!
+//! The model itself is a [`CausalLM`](crate::model::CausalLM) with a vision tower, so adapters,
+//! training, merging, saving and generation work on it unchanged; the multimodal entry points
+//! are [`CausalLM::forward_mm_with`](crate::model::CausalLM::forward_mm_with) and friends.
+//! Both checkpoint layouts load: transformers 5's module paths (`model.visual.*`,
+//! `model.language_model.*`) and the original one (`visual.*`, `model.layers.*`,
+//! `model.embed_tokens`, `model.norm`), renamed at load by [`rename_legacy_key`]. Saving writes
+//! the original layout ([`saved_key`]), as transformers 5.24's `save_pretrained` does.
+//!
+//! Reference: transformers `models/qwen2_vl/modeling_qwen2_vl.py`.
+pub mod config;
+pub mod rope_index;
+pub mod vision;
+
+use tch::Tensor;
+
+pub use config::{Qwen2VLConfig, VisionConfig};
+pub use rope_index::{rope_index, RopeIndex};
+pub use vision::VisionTower;
+
+/// The decoder's module path in transformers 5 Qwen2-VL checkpoints.
+pub const LANGUAGE_MODEL: &str = "model.language_model";
+
+/// The images of one forward pass, as Qwen2-VL's image processor gives them.
+pub struct VisionInputs {
+    /// `[sum over images of t·h·w, 3·2·14·14]` f32 (any float dtype; cast to the model's):
+    /// every image's patches, flattened channel-major (`C, T, P, P`), images in order.
+    pub pixel_values: Tensor,
+    /// `[t, h, w]` of each image in patches (`t` = 1 for an image; `h`, `w` multiples of the
+    /// merge size). Image `i` fills the `i`-th block of `<|image_pad|>` tokens, row 0's first.
+    pub image_grid_thw: Vec<[i64; 3]>,
+}
+
+impl VisionInputs {
+    /// Tensors on another device (for a model there).
+    pub fn to_device(&self, device: tch::Device) -> anyhow::Result<Self> {
+        Ok(Self { pixel_values: self.pixel_values.f_to_device(device)?, image_grid_thw: self.image_grid_thw.clone() })
+    }
+}
+
+/// The transformers 5 key of a tensor saved in the older Qwen2-VL layout (`visual.*` →
+/// `model.visual.*`, `model.{layers,embed_tokens,norm}.*` → `model.language_model.*`), `None`
+/// when the key is already in the new layout (or is `lm_head.*`).
+pub fn rename_legacy_key(key: &str) -> Option<String> {
+    if let Some(rest) = key.strip_prefix("visual.") {
+        return Some(format!("model.visual.{rest}"));
+    }
+    for part in ["layers.", "embed_tokens.", "norm."] {
+        if let Some(rest) = key.strip_prefix("model.").filter(|r| r.starts_with(part)) {
+            return Some(format!("{LANGUAGE_MODEL}.{rest}"));
+        }
+    }
+    None
+}
+
+/// The key a tensor is saved under: transformers 5.24's `save_pretrained` writes Qwen2-VL in
+/// its original checkpoint layout (`save_original_format=True`: `visual.*`, `model.layers.*`,
+/// `model.embed_tokens.*`, `model.norm.*`), the inverse of [`rename_legacy_key`]. Module paths
+/// (adapters, `named_weights`) stay transformers 5's.
+pub fn saved_key(key: &str) -> String {
+    if let Some(rest) = key.strip_prefix("model.visual.") {
+        return format!("visual.{rest}");
+    }
+    match key.strip_prefix(LANGUAGE_MODEL).and_then(|r| r.strip_prefix('.')) {
+        Some(rest) => format!("model.{rest}"),
+        None => key.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_keys_map_to_transformers_5_paths() {
+        assert_eq!(rename_legacy_key("visual.blocks.0.attn.qkv.weight").as_deref(), Some("model.visual.blocks.0.attn.qkv.weight"));
+        assert_eq!(rename_legacy_key("model.layers.1.mlp.up_proj.weight").as_deref(), Some("model.language_model.layers.1.mlp.up_proj.weight"));
+        assert_eq!(rename_legacy_key("model.embed_tokens.weight").as_deref(), Some("model.language_model.embed_tokens.weight"));
+        assert_eq!(rename_legacy_key("model.norm.weight").as_deref(), Some("model.language_model.norm.weight"));
+        assert_eq!(rename_legacy_key("model.visual.merger.mlp.0.bias"), None);
+        assert_eq!(rename_legacy_key("model.language_model.norm.weight"), None);
+        assert_eq!(rename_legacy_key("lm_head.weight"), None);
+        for key in ["model.visual.blocks.0.attn.qkv.weight", "model.language_model.layers.1.mlp.up_proj.weight", "model.language_model.norm.weight"] {
+            assert_eq!(rename_legacy_key(&saved_key(key)).as_deref(), Some(key), "round trip");
+        }
+        assert_eq!(saved_key("lm_head.weight"), "lm_head.weight");
+    }
+}
