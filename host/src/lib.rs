@@ -20,5 +20,6 @@ pub mod rng;
 pub mod selfcheck;
 pub mod text;
 pub mod train;
+pub mod vision;
 
 pub use ferrotune_plugin_api as api;
