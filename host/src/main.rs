@@ -1,5 +1,5 @@
 //! `ferrotune`: the command line.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -95,27 +95,42 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DataCommand {
-    /// Read samples with a dataset plugin, encode them with the model's chat template and
-    /// print their text with the trained (labelled) tokens wrapped in «…».
+    /// Show what the model will see: samples encoded with the model's chat template, trained
+    /// (labelled) tokens wrapped in «…», image blocks summarised. From a training config
+    /// (`data preview config.yaml -n 2`), or from --model/--dataset/--data.
     Preview(Box<DataPreviewArgs>),
+    /// Check every row of a training config's data before training: rows a dataset plugin
+    /// refuses, `<image>` placeholders that do not match the images, missing or unreadable
+    /// images, truncation that cuts an image block or drops every label, labels without an
+    /// end-of-turn token, images shrunk to max_pixels. Exit status 1 when a row cannot be used.
+    Check {
+        /// The training config (YAML) whose `model` and `data` sections are checked.
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
 struct DataPreviewArgs {
+    /// A training config (YAML): its model, data section and encoding options.
+    #[arg(value_name = "CONFIG")]
+    config_file: Option<PathBuf>,
     /// A model (or tokenizer) directory: tokenizer.json, tokenizer_config.json with a chat template.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, conflicts_with = "config_file")]
+    model: Option<PathBuf>,
     /// The dataset plugin (`alpaca`, `sharegpt`, …; see `ferrotune plugins`).
-    #[arg(long)]
-    dataset: String,
+    #[arg(long, conflicts_with = "config_file")]
+    dataset: Option<String>,
     /// A data file or folder.
-    #[arg(long)]
-    data: PathBuf,
-    /// The plugin's configuration, JSON.
+    #[arg(long, conflicts_with = "config_file")]
+    data: Option<PathBuf>,
+    /// The plugin's configuration, JSON (with --dataset).
     #[arg(long, default_value = "{}")]
     config: String,
     /// How many samples to show.
-    #[arg(long, default_value_t = 3)]
+    #[arg(short = 'n', long, default_value_t = 3)]
     n: usize,
     #[arg(long, default_value_t = 2048)]
     cutoff_len: usize,
@@ -137,6 +152,11 @@ struct GenerateArgs {
     /// The text to continue (with --chat: the user turn).
     #[arg(long)]
     prompt: String,
+    /// An image for a vision-language model (Qwen2-VL); repeat for several, in order. With
+    /// --chat they open the user turn; without, they fill `<image>` placeholders of the
+    /// prompt (or go before it).
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
     /// Render the prompt as a user turn with the model's chat template.
     #[arg(long)]
     chat: bool,
@@ -385,7 +405,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let report = generator.apply_adapter(dir, &Registry::discover(&search))?;
                 tracing::info!("{}", report.summary());
             }
-            let ids = generator.prompt_ids(&a.prompt, a.chat, a.system.as_deref())?;
+            let prompt = generator.prompt_with_images(&a.prompt, &a.images, a.chat, a.system.as_deref())?;
             let choice = ferrotune::pipeline::SamplingChoice {
                 greedy: a.greedy,
                 temperature: a.temperature,
@@ -395,7 +415,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seed: a.seed,
             };
             let params = generator.sampling_params(&choice);
-            let out = generator.complete(&[ids], &params)?.remove(0);
+            let out = generator.complete_mm(&[prompt.ids], prompt.images.as_ref(), &params)?.remove(0);
             if a.json {
                 println!("{}", serde_json::json!({"text": out.text, "token_ids": out.token_ids}));
             } else {
@@ -411,6 +431,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let mut model = ferrotune::model::CausalLM::load(&a.model, device, tch::Kind::Float)?;
             let report = model.load_peft_adapter(&a.adapter, &Registry::discover(&search))?;
+            let restored = ferrotune::non_lora::load_into(&model, &a.adapter)?;
+            if !restored.is_empty() {
+                println!("restored {} full weight(s) trained beside the adapter ({})", restored.len(), ferrotune::non_lora::NON_LORA_FILE);
+            }
             let merged = model.merge_adapter()?;
             model.save_pretrained(&a.out, &a.model, dtype)?;
             println!(
@@ -459,27 +483,113 @@ fn run(cli: Cli) -> Result<ExitCode> {
             data_preview(&Registry::discover(&search), &a)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Data { what: DataCommand::Check { config, json } } => data_check(&Registry::discover(&search), &config, json),
     }
 }
 
 fn data_preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
-    use ferrotune::data::{encode_sample, load_samples, preview, EncodeOptions};
-    let tok = ferrotune::text::Tokenizer::from_dir(&a.model)?;
-    let samples = load_samples(registry, &a.dataset, &a.config, &a.data, "train")?;
-    let opts = EncodeOptions { cutoff_len: a.cutoff_len, train_on_prompt: a.train_on_prompt, mask_history: a.mask_history };
-    println!("{} samples in {}; showing {}; labelled tokens in «…»", samples.len(), a.data.display(), a.n.min(samples.len()));
-    for (i, s) in samples.iter().take(a.n).enumerate() {
-        let id = s.id.as_deref().unwrap_or("(no id)");
-        match encode_sample(&tok, s, &opts) {
+    use ferrotune::data::{preview, read_rows, EncodeOptions};
+    let (tok, prep, rows, opts, path) = match &a.config_file {
+        Some(config) => {
+            let cfg = ferrotune::train::config::TrainConfig::from_file(config)?;
+            let tok = ferrotune::text::Tokenizer::from_dir(&cfg.model)?;
+            let prep = ferrotune::train::image_prep(&cfg, &tok)?;
+            let config_json = serde_json::Value::Object(cfg.data.config.clone()).to_string();
+            let rows = read_rows(registry, &cfg.data.plugin, &config_json, &cfg.data.path, &cfg.data.split)?;
+            (tok, prep, rows, ferrotune::train::encode_options(&cfg), cfg.data.path.clone())
+        }
+        None => {
+            let (Some(model), Some(dataset), Some(data)) = (&a.model, &a.dataset, &a.data) else {
+                anyhow::bail!("data preview needs a training config, or all of --model, --dataset and --data");
+            };
+            let tok = ferrotune::text::Tokenizer::from_dir(model)?;
+            let prep = ferrotune::data::ImagePrep::for_model_dir(model, &tok).ok().flatten();
+            let rows = read_rows(registry, dataset, &a.config, data, "train")?;
+            let opts = EncodeOptions { cutoff_len: a.cutoff_len, train_on_prompt: a.train_on_prompt, mask_history: a.mask_history };
+            (tok, prep, rows, opts, data.clone())
+        }
+    };
+    println!("{} samples in {}; showing {}; labelled tokens in «…»", rows.len(), path.display(), a.n.min(rows.len()));
+    for (i, row) in rows.into_iter().take(a.n).enumerate() {
+        let sample = match row {
+            Ok(s) => s,
+            Err(e) => {
+                println!("=== {i}: refused by the dataset plugin: {e}");
+                continue;
+            }
+        };
+        let id = sample.id.clone().unwrap_or_else(|| "(no id)".into());
+        match ferrotune::data::encode_multimodal(&tok, prep.as_ref(), sample, &opts) {
             Ok(e) => {
                 let truncated = e.truncated_from.map(|n| format!(", truncated from {n}")).unwrap_or_default();
-                println!("=== {i}: {id} ({} tokens, {} labelled{truncated})", e.input_ids.len(), e.num_label_tokens());
-                println!("{}", preview(&tok, &e));
+                let images = if e.images.is_empty() { String::new() } else { format!(", {} image(s)", e.images.len()) };
+                println!("=== {i}: {id} ({} tokens, {} labelled{truncated}{images})", e.input_ids.len(), e.num_label_tokens());
+                for (k, im) in e.images.iter().enumerate() {
+                    println!("  image {k}: {}", im.describe());
+                }
+                println!("{}", compress_image_pads(&preview(&tok, &e)));
             }
             Err(err) => println!("=== {i}: {id}: not trainable: {err:#}"),
         }
     }
     Ok(())
+}
+
+/// Runs of `<|image_pad|>` shown as `<|image_pad|>×N`.
+fn compress_image_pads(text: &str) -> String {
+    const PAD: &str = "<|image_pad|>";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(PAD) {
+        out.push_str(&rest[..at]);
+        let mut n = 0;
+        rest = &rest[at..];
+        while let Some(r) = rest.strip_prefix(PAD) {
+            n += 1;
+            rest = r;
+        }
+        out.push_str(&format!("{PAD}×{n}"));
+    }
+    out.push_str(rest);
+    out
+}
+
+fn data_check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode> {
+    let cfg = ferrotune::train::config::TrainConfig::from_file(config)?;
+    let tok = ferrotune::text::Tokenizer::from_dir(&cfg.model)?;
+    let prep = ferrotune::train::image_prep(&cfg, &tok)?;
+    let prepared = ferrotune::train::read_data(&cfg, registry, &tok, prep.as_ref())?;
+    let report = ferrotune::data::check::review(&prepared, &tok, cfg.data.path.clone());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for n in &report.notes {
+            println!("row {}: {}: {}", n.row, n.level, n.message);
+        }
+        println!(
+            "{}: {} rows, {} usable, {} with errors, {} warnings; {} images ({} image tokens), {} label tokens, longest {} tokens (cutoff_len {})",
+            report.path.display(),
+            report.rows,
+            report.usable,
+            report.errors,
+            report.warnings,
+            report.images,
+            report.image_tokens,
+            report.label_tokens,
+            report.max_tokens,
+            cfg.data.cutoff_len
+        );
+        if report.errors > 0 {
+            println!(
+                "{}",
+                match cfg.data.on_bad_sample {
+                    ferrotune::train::config::OnBadSample::Stop => "training would stop before its first step (data.on_bad_sample: stop)",
+                    ferrotune::train::config::OnBadSample::Skip => "training would skip these rows (data.on_bad_sample: skip)",
+                }
+            );
+        }
+    }
+    Ok(if report.errors > 0 && cfg.data.on_bad_sample == ferrotune::train::config::OnBadSample::Stop { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn init_model(a: InitModelArgs) -> Result<()> {

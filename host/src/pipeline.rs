@@ -7,8 +7,9 @@ use ferrotune_plugin_api::Message;
 use tch::{Device, Kind};
 
 use crate::adapters::AttachReport;
-use crate::generate::{generate, SamplingParams};
-use crate::model::CausalLM;
+use crate::data::ImagePrep;
+use crate::generate::{generate_mm, SamplingParams};
+use crate::model::{CausalLM, VisionInputs};
 use crate::plugins::Registry;
 use crate::text::{GenerationConfig, Tokenizer};
 
@@ -36,6 +37,14 @@ pub struct TextGenerator {
     pub model: CausalLM,
     pub tokenizer: Tokenizer,
     pub generation_config: GenerationConfig,
+    /// Image settings of a vision-language model (none for a text model).
+    pub images: Option<ImagePrep>,
+}
+
+/// A prompt ready to generate from: token ids and the pixel values of its images.
+pub struct Prompt {
+    pub ids: Vec<i64>,
+    pub images: Option<VisionInputs>,
 }
 
 impl TextGenerator {
@@ -43,13 +52,48 @@ impl TextGenerator {
         let model = CausalLM::load(dir, device, dtype)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let generation_config = GenerationConfig::from_dir(dir)?.with_tokenizer_defaults(&tokenizer);
-        Ok(Self { model, tokenizer, generation_config })
+        let images = ImagePrep::for_model_dir(dir, &tokenizer)?;
+        Ok(Self { model, tokenizer, generation_config, images })
     }
 
     /// Applies the PEFT adapter directory `adapter_dir` (unmerged: it runs beside the base
     /// weights) with the adapter plugins of `registry`; generation then goes through it.
+    /// Full weights trained beside the adapter (`non_lora_state_dict.safetensors`: a VLM's
+    /// merger, say) replace the base model's.
     pub fn apply_adapter(&mut self, adapter_dir: &Path, registry: &Registry) -> Result<AttachReport> {
-        self.model.load_peft_adapter(adapter_dir, registry)
+        let report = self.model.load_peft_adapter(adapter_dir, registry)?;
+        let restored = crate::non_lora::load_into(&self.model, adapter_dir)?;
+        if !restored.is_empty() {
+            tracing::info!("restored {} full weight(s) trained beside the adapter", restored.len());
+        }
+        Ok(report)
+    }
+
+    /// A prompt with images (files, in order): with `chat`, the user turn holds the images
+    /// first, then the text, as Qwen2-VL's own examples do; without, each `<image>` in the
+    /// text is replaced by the next image's block, and images left over go before the text.
+    pub fn prompt_with_images(&self, prompt: &str, image_files: &[std::path::PathBuf], chat: bool, system: Option<&str>) -> Result<Prompt> {
+        if image_files.is_empty() {
+            return Ok(Prompt { ids: self.prompt_ids(prompt, chat, system)?, images: None });
+        }
+        let Some(prep) = &self.images else {
+            bail!("--image needs a vision-language model (Qwen2-VL); this model has no vision tower");
+        };
+        let placeholder = crate::data::images::IMAGE_PLACEHOLDER;
+        let given = if chat { 0 } else { prompt.matches(placeholder).count() };
+        if given > image_files.len() {
+            bail!("the prompt has {given} `{placeholder}` placeholders but only {} --image file(s) were given", image_files.len());
+        }
+        let text = format!("{}{prompt}", placeholder.repeat(image_files.len() - given));
+        let mut sample = ferrotune_plugin_api::Sample {
+            messages: vec![Message::new("user", text)],
+            images: image_files.iter().map(|f| ferrotune_plugin_api::ImageSource::Path(f.display().to_string())).collect(),
+            ..Default::default()
+        };
+        let images = prep.expand(&mut sample)?;
+        let content = sample.messages.remove(0).content;
+        let ids = self.prompt_ids(&content, chat, system)?;
+        Ok(Prompt { ids, images: prep.vision_inputs(&images)? })
     }
 
     /// Prompt token ids: the plain text with the tokenizer's special tokens, or a chat
@@ -89,7 +133,12 @@ impl TextGenerator {
 
     /// Generates one completion per prompt (ids), decoded without special tokens.
     pub fn complete(&self, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Vec<Completion>> {
-        generate(&self.model, prompts, params)?
+        self.complete_mm(prompts, None, params)
+    }
+
+    /// [`TextGenerator::complete`] with the images of the prompts (row 0's first).
+    pub fn complete_mm(&self, prompts: &[Vec<i64>], images: Option<&VisionInputs>, params: &SamplingParams) -> Result<Vec<Completion>> {
+        generate_mm(&self.model, prompts, images, params)?
             .into_iter()
             .map(|ids| Ok(Completion { text: self.tokenizer.decode(&ids, true)?, token_ids: ids }))
             .collect()

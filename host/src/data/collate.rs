@@ -37,8 +37,8 @@ mod tests {
 
     #[test]
     fn right_pads_masks_and_ignores_padding() {
-        let a = Encoded { input_ids: vec![5, 6, 7], labels: vec![-100, 6, 7], truncated_from: None };
-        let b = Encoded { input_ids: vec![8], labels: vec![8], truncated_from: Some(9) };
+        let a = Encoded { input_ids: vec![5, 6, 7], labels: vec![-100, 6, 7], truncated_from: None, images: Vec::new() };
+        let b = Encoded { input_ids: vec![8], labels: vec![8], truncated_from: Some(9), images: Vec::new() };
         let out = collate(&[a, b], 0);
         let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["input_ids", "attention_mask", "labels"]);

@@ -31,6 +31,11 @@ pub const IGNORE_INDEX: i64 = -100;
 /// End-of-turn tokens of common chat templates, used besides the tokenizer's eos token.
 const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>"];
 
+/// The tokenizer's eos and the end-of-turn tokens of common chat templates it knows.
+pub(crate) fn end_of_turn_ids(tok: &Tokenizer) -> BTreeSet<i64> {
+    tok.eos_token_id().into_iter().chain(END_OF_TURN_TOKENS.iter().filter_map(|t| tok.token_to_id(t))).collect()
+}
+
 /// How samples become training sequences.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EncodeOptions {
@@ -58,6 +63,8 @@ pub struct Encoded {
     pub labels: Vec<i64>,
     /// The length before truncation to `cutoff_len`, when it was truncated.
     pub truncated_from: Option<usize>,
+    /// The images whose `<|image_pad|>` blocks the ids hold, in order (vision models).
+    pub images: Vec<super::images::SampleImage>,
 }
 
 impl Encoded {
@@ -72,6 +79,12 @@ impl Encoded {
 pub enum EncodeError {
     #[error("sample {id}: no label tokens{}; nothing to train on", truncation_note(*.truncated_from, *.cutoff_len))]
     NoLabelTokens { id: String, truncated_from: Option<usize>, cutoff_len: usize },
+    /// A row that cannot be used: a bad image, placeholders that do not match the images.
+    #[error("sample {id}: {reason}")]
+    BadSample { id: String, reason: String },
+    /// Truncation to `cutoff_len` would cut an image block (or drop an image).
+    #[error("sample {id}: truncation to cutoff_len {cutoff_len} keeps {kept} of its {total} image tokens, cutting an image block; raise cutoff_len or lower data.image_max_pixels")]
+    ImageBlockCut { id: String, kept: usize, total: usize, cutoff_len: usize },
 }
 
 fn truncation_note(from: Option<usize>, cutoff_len: usize) -> String {
@@ -139,8 +152,7 @@ fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts:
             )
         }
     };
-    let end_of_turn: BTreeSet<i64> =
-        tok.eos_token_id().into_iter().chain(END_OF_TURN_TOKENS.iter().filter_map(|t| tok.token_to_id(t))).collect();
+    let end_of_turn = end_of_turn_ids(tok);
 
     let mut trained = vec![opts.train_on_prompt; full.len()];
     let last_assistant = messages.iter().rposition(|m| m.role == "assistant");
@@ -169,7 +181,7 @@ fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts:
         input_ids.truncate(opts.cutoff_len);
         labels.truncate(opts.cutoff_len);
     }
-    let encoded = Encoded { input_ids, labels, truncated_from };
+    let encoded = Encoded { input_ids, labels, truncated_from, images: Vec::new() };
     if encoded.num_label_tokens() == 0 {
         return Err(EncodeError::NoLabelTokens { id: id.to_string(), truncated_from, cutoff_len: opts.cutoff_len }.into());
     }

@@ -60,6 +60,48 @@ pub struct TrainConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub training: TrainingConfig,
+    /// Vision-language models (Qwen2-VL): which vision weights train, at which learning rates.
+    #[serde(default)]
+    pub vision: VisionTrainConfig,
+}
+
+/// What trains besides the adapter in a vision-language model, as Qwen2-VL-Finetune's
+/// `freeze_vision_tower` / `tune_merger` / `vision_lr` / `merger_lr`. Full weights that train
+/// are saved beside the PEFT adapter (`non_lora_state_dict.safetensors`) and restored by
+/// `generate --adapter` and `merge`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionTrainConfig {
+    /// Keep the vision tower's own weights (patch embed, blocks) frozen (default true). LoRA
+    /// can still target its linear layers (`qkv`, `proj`, `fc1`, `fc2`) through the adapter.
+    #[serde(default = "default_true")]
+    pub freeze_vision_tower: bool,
+    /// Train the PatchMerger (vision → language projection) in full (default false).
+    #[serde(default)]
+    pub tune_merger: bool,
+    /// Learning rate of the vision tower's weights (default: optimizer.lr).
+    #[serde(default)]
+    pub vision_lr: Option<f64>,
+    /// Learning rate of the merger's weights (default: optimizer.lr).
+    #[serde(default)]
+    pub merger_lr: Option<f64>,
+}
+
+impl Default for VisionTrainConfig {
+    fn default() -> Self {
+        Self { freeze_vision_tower: true, tune_merger: false, vision_lr: None, merger_lr: None }
+    }
+}
+
+/// What happens to a sample that cannot be used (a bad image, an `<image>` count that differs
+/// from its images, a row the dataset plugin refuses, an image block cut by truncation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadSample {
+    /// Stop before training, listing every bad row (default).
+    Stop,
+    /// Skip them, count them and list them in the log.
+    Skip,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +189,17 @@ pub struct DataConfig {
     /// Shuffle the training order every epoch (default true).
     #[serde(default = "default_true")]
     pub shuffle: bool,
+    /// Images are resized to at least this many pixels (default: the model's
+    /// preprocessor_config.json, else the data set's own setting, else 56×56).
+    #[serde(default)]
+    pub image_min_pixels: Option<u64>,
+    /// And at most this many (default: as image_min_pixels; Qwen2-VL's 12845056).
+    #[serde(default)]
+    pub image_max_pixels: Option<u64>,
+    /// stop (default) or skip samples that cannot be used; samples that only lose all their
+    /// labels to truncation are always skipped and counted.
+    #[serde(default = "default_on_bad")]
+    pub on_bad_sample: OnBadSample,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,6 +286,9 @@ fn default_split() -> String {
 fn default_cutoff() -> usize {
     1024
 }
+fn default_on_bad() -> OnBadSample {
+    OnBadSample::Stop
+}
 fn default_true() -> bool {
     true
 }
@@ -290,6 +346,16 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.scheduler.warmup_ratio) {
             bail!("config key `scheduler.warmup_ratio`: must be in [0, 1), got {}", self.scheduler.warmup_ratio);
+        }
+        for (key, lr) in [("vision.vision_lr", self.vision.vision_lr), ("vision.merger_lr", self.vision.merger_lr)] {
+            if lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+                bail!("config key `{key}`: must be positive");
+            }
+        }
+        if let (Some(lo), Some(hi)) = (self.data.image_min_pixels, self.data.image_max_pixels) {
+            if lo > hi {
+                bail!("config key `data.image_min_pixels`: {lo} is larger than data.image_max_pixels {hi}");
+            }
         }
         if self.data.cutoff_len < 2 {
             bail!("config key `data.cutoff_len`: must be at least 2");

@@ -25,7 +25,9 @@ use tch::Tensor;
 
 use crate::collectives::SingleProcess;
 use crate::data::{self, EncodeOptions, Encoded};
-use crate::model::CausalLM;
+use crate::data::ImagePrep;
+use crate::model::{CausalLM, VisionInputs};
+use crate::non_lora::{self, vision_parameters};
 use crate::plugins::Registry;
 use crate::text::Tokenizer;
 use config::TrainConfig;
@@ -68,9 +70,17 @@ impl ObjectiveContext for PolicyContext<'_> {
         let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         let ids = get("input_ids").ok_or_else(|| PluginError::invalid("forward needs `input_ids`"))?;
         let mask = get("attention_mask");
+        let images = match (get("pixel_values"), get("image_grid_thw")) {
+            (Some(pv), Some(grid)) => Some(VisionInputs {
+                pixel_values: pv.shallow_clone(),
+                image_grid_thw: data::images::grids_of(grid).map_err(|e| PluginError::invalid(format!("{e:#}")))?,
+            }),
+            (None, None) => None,
+            _ => return Err(PluginError::invalid("forward needs both `pixel_values` and `image_grid_thw`, or neither")),
+        };
         let run = || {
             self.model
-                .forward_with(ids, mask, None, self.model.mode(flags, self.train))
+                .forward_mm_with(ids, mask, images.as_ref(), None, self.model.mode(flags, self.train))
                 .map_err(|e| PluginError::runtime(format!("{e:#}")))
         };
         let logits = if flags.contains(ForwardFlags::NO_GRAD) { tch::no_grad(run)? } else { run()? };
@@ -216,6 +226,58 @@ fn on_device(tensors: Vec<(String, Tensor)>, device: tch::Device) -> Result<Vec<
     tensors.into_iter().map(|(n, t)| Ok((n, t.f_to_device(device)?))).collect()
 }
 
+/// A micro-batch's tensors: ids, mask and labels, and the pixel values of its images.
+fn batch_tensors(items: &[Encoded], pad_id: i64, prep: Option<&ImagePrep>, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = data::collate(items, pad_id);
+    if let Some(p) = prep {
+        tensors.extend(p.batch_tensors(items)?);
+    }
+    on_device(tensors, device)
+}
+
+/// The image settings of a run on a vision model (none for a text model).
+pub fn image_prep(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Option<ImagePrep>> {
+    let mut prep = ImagePrep::for_model_dir(&cfg.model, tok)?;
+    if let Some(p) = prep.as_mut() {
+        p.min_pixels = cfg.data.image_min_pixels;
+        p.max_pixels = cfg.data.image_max_pixels;
+    }
+    Ok(prep)
+}
+
+/// The run's encoding options.
+pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
+    EncodeOptions { cutoff_len: cfg.data.cutoff_len, train_on_prompt: cfg.data.train_on_prompt, mask_history: cfg.data.mask_history }
+}
+
+/// Reads and encodes the run's data as the trainer does, every row kept or reported.
+pub fn read_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>) -> Result<data::Prepared> {
+    let rows = data::read_rows(registry, &cfg.data.plugin, &serde_json::Value::Object(cfg.data.config.clone()).to_string(), &cfg.data.path, &cfg.data.split)?;
+    data::prepare_rows(rows, tok, prep, &encode_options(cfg))
+}
+
+/// Reads and encodes the run's data; with `on_bad_sample: stop`, any unusable row stops the
+/// run before training, listing them all.
+fn prepare_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>) -> Result<data::Prepared> {
+    let prepared = read_data(cfg, registry, tok, prep)?;
+    if !prepared.bad.is_empty() {
+        if cfg.data.on_bad_sample == config::OnBadSample::Stop {
+            bail!(
+                "{} of the {} rows of {} cannot be used (data.on_bad_sample: stop; set it to skip to train without them;                  `ferrotune data check` reports every row):\n{}",
+                prepared.bad.len(),
+                prepared.rows,
+                cfg.data.path.display(),
+                prepared.bad_report(20)
+            );
+        }
+        eprintln!("note: skipping {} unusable rows of {}:\n{}", prepared.bad.len(), cfg.data.path.display(), prepared.bad_report(20));
+    }
+    for (i, why) in &prepared.no_labels {
+        tracing::warn!("sample {i}: {why}; skipped");
+    }
+    Ok(prepared)
+}
+
 fn label_tokens(e: &Encoded) -> i64 {
     e.labels.iter().skip(1).filter(|&&l| l != -100).count() as i64
 }
@@ -261,37 +323,30 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         model.load_adapter_state_dict(weights).with_context(|| format!("adapter_init {}", init.display()))?;
     }
     let params = model.trainable_parameters()?;
-    let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
 
-    // Data: canonical samples → token ids and labels.
-    let samples = data::load_samples(
-        registry,
-        &cfg.data.plugin,
-        &serde_json::Value::Object(cfg.data.config.clone()).to_string(),
-        &cfg.data.path,
-        &cfg.data.split,
-    )?;
-    let opts = EncodeOptions { cutoff_len: cfg.data.cutoff_len, train_on_prompt: cfg.data.train_on_prompt, mask_history: cfg.data.mask_history };
-    let (mut encoded, mut truncated, mut skipped) = (Vec::new(), 0usize, 0usize);
-    for (i, s) in samples.iter().enumerate() {
-        match data::encode_sample(&tokenizer, s, &opts) {
-            Ok(e) if label_tokens(&e) > 0 => {
-                truncated += e.truncated_from.is_some() as usize;
-                encoded.push(e);
-            }
-            Ok(_) => skipped += 1,
-            Err(e) if e.downcast_ref::<data::EncodeError>().is_some() => {
-                skipped += 1;
-                tracing::warn!("sample {i}: {e:#}; skipped");
-            }
-            Err(e) => bail!("sample {i} of {}: {e:#}", cfg.data.path.display()),
-        }
+    // Data: canonical samples → token ids and labels (and images, for a vision model).
+    let prep = image_prep(cfg, &tokenizer)?;
+    let trainable_vision = vision_parameters(&model, &cfg.vision, cfg.optimizer.lr)?;
+    let mut params = params;
+    params.extend(trainable_vision.iter().map(|p| ferrotune_plugin_api::TrainParam {
+        name: p.name.clone(),
+        tensor: p.tensor.shallow_clone(),
+        lr_scale: p.lr_scale,
+        weight_decay_scale: p.weight_decay_scale,
+    }));
+    let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
+    let prepared = prepare_data(cfg, registry, &tokenizer, prep.as_ref())?;
+    let (rows, truncated) = (prepared.rows, prepared.truncated());
+    let mut skipped = prepared.no_labels.len() + prepared.bad.len();
+    let mut encoded = Vec::with_capacity(prepared.encoded.len());
+    for (_, e) in prepared.encoded {
+        if label_tokens(&e) > 0 { encoded.push(e) } else { skipped += 1 }
     }
     if truncated > 0 {
         eprintln!("note: {truncated} of {} samples were longer than cutoff_len {} and were truncated", encoded.len(), cfg.data.cutoff_len);
     }
     if skipped > 0 {
-        eprintln!("note: {skipped} samples had no label tokens left and were skipped");
+        eprintln!("note: {skipped} samples were skipped ({} without label tokens, {} unusable)", skipped - prepared.bad.len(), prepared.bad.len());
     }
     // Eval: a seeded random subset; training keeps the file order (shuffled per epoch below).
     let eval_n = (encoded.len() as f64 * cfg.data.eval_ratio).round() as usize;
@@ -310,7 +365,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
                  check that the samples have non-empty assistant turns, or raise `data.cutoff_len` ({}) if they \
                  were truncated",
                 cfg.data.path.display(),
-                samples.len(),
+                rows,
                 cfg.data.cutoff_len
             );
         }
@@ -361,7 +416,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         let batches = micro.iter().map(|(_, idx)| {
             let items: Vec<Encoded> = idx.iter().map(|&i| train_set[i].clone()).collect();
             tokens += items.iter().map(|e| e.input_ids.len()).sum::<usize>();
-            Ok(Batch { tensors: on_device(data::collate(&items, pad_id), device)?, meta_json: batch_meta(num_items) })
+            Ok(Batch { tensors: batch_tensors(&items, pad_id, prep.as_ref(), device)?, meta_json: batch_meta(num_items) })
         });
         let lr = schedule.lr(step);
         let StepOutcome { loss: loss_sum, metrics: extra, report, .. } =
@@ -383,7 +438,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         }
         if let Some(every) = t.eval_steps {
             if step % every == 0 && !eval_set.is_empty() {
-                let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, device)?;
+                let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, prep.as_ref(), device)?;
                 line["eval_loss"] = serde_json::json!(l);
                 eval_loss = Some(l);
                 last_eval_step = Some(step);
@@ -398,18 +453,24 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
             b.inc(1);
         }
         if t.save_steps.is_some_and(|every| step % every == 0) && step < total_steps {
-            save_checkpoint(&cfg.output_dir, step, &model, &memory, t.save_total_limit)?;
+            save_checkpoint(&cfg.output_dir, step, &model, &trainable_vision, &memory, t.save_total_limit)?;
         }
     }
     if let Some(b) = bar {
         b.finish();
     }
     if !eval_set.is_empty() && last_eval_step != Some(step) {
-        let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, device)?;
+        let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, prep.as_ref(), device)?;
         write_metrics_line(&mut metrics, &serde_json::json!({"step": step, "eval_loss": l}))?;
         eval_loss = Some(l);
     }
     model.save_peft_adapter(&cfg.output_dir)?;
+    non_lora::save(&cfg.output_dir, &trainable_vision)?;
+    drop(metrics);
+    let metrics_file = cfg.output_dir.join(METRICS_FILE);
+    if let Err(e) = crate::plot::write_loss_curve(&metrics_file, &cfg.output_dir.join("loss.png")) {
+        tracing::warn!("no loss curve: {e:#}");
+    }
     let summary = TrainSummary {
         steps: step,
         train_samples: train_set.len(),
@@ -435,13 +496,14 @@ fn evaluate(
     eval_set: &[Encoded],
     micro: usize,
     pad_id: i64,
+    prep: Option<&ImagePrep>,
     device: tch::Device,
 ) -> Result<f64> {
     let total: i64 = eval_set.iter().map(label_tokens).sum();
     let mut sum = 0f64;
     for chunk in eval_set.chunks(micro) {
         let batch = Batch {
-            tensors: on_device(data::collate(chunk, pad_id), device)?,
+            tensors: batch_tensors(chunk, pad_id, prep, device)?,
             meta_json: batch_meta(total),
         };
         let ctx = PolicyContext { model, tokenizer, train: false };
@@ -516,12 +578,20 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
 
 /// Writes `checkpoint-{step}` atomically: everything goes to a temporary folder that is
 /// renamed into place only when complete, so a killed run never leaves a half checkpoint.
-fn save_checkpoint(out: &Path, step: usize, model: &CausalLM, memory: &dyn MemoryStrategy, keep: Option<usize>) -> Result<()> {
+fn save_checkpoint(
+    out: &Path,
+    step: usize,
+    model: &CausalLM,
+    full_weights: &[ferrotune_plugin_api::TrainParam],
+    memory: &dyn MemoryStrategy,
+    keep: Option<usize>,
+) -> Result<()> {
     let final_dir = out.join(format!("checkpoint-{step}"));
     let tmp = out.join(format!(".checkpoint-{step}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     model.save_peft_adapter(&tmp.join("adapter"))?;
+    non_lora::save(&tmp.join("adapter"), full_weights)?;
     let state = memory.state_dict()?;
     let refs: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
     Tensor::write_safetensors(&refs, tmp.join(OPTIMIZER_FILE))?;
@@ -547,6 +617,7 @@ fn load_checkpoint(dir: &Path, model: &mut CausalLM, memory: &mut dyn MemoryStra
     let adapter = Tensor::read_safetensors(dir.join("adapter/adapter_model.safetensors"))
         .with_context(|| format!("cannot read the adapter of {}", dir.display()))?;
     model.load_adapter_state_dict(adapter)?;
+    non_lora::load_into(model, &dir.join("adapter"))?;
     let opt = Tensor::read_safetensors(dir.join(OPTIMIZER_FILE)).with_context(|| format!("cannot read {}/{OPTIMIZER_FILE}", dir.display()))?;
     memory.load_state_dict(opt)?;
     Ok(step)

@@ -1,0 +1,77 @@
+//! `ferrotune data check`: every row of a run's data through the trainer's own pipeline
+//! (dataset plugin, images, chat template, truncation), reported per row before any training.
+use std::path::PathBuf;
+
+use super::encode::end_of_turn_ids;
+use super::{Prepared, IGNORE_INDEX};
+use crate::text::Tokenizer;
+
+/// What is wrong with a row, or worth knowing about it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RowNote {
+    pub row: usize,
+    /// `error`: the row cannot be used; `warning`: it trains, perhaps not as meant.
+    pub level: &'static str,
+    pub message: String,
+}
+
+/// The whole data set's check.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CheckReport {
+    pub path: PathBuf,
+    pub rows: usize,
+    pub usable: usize,
+    pub errors: usize,
+    pub warnings: usize,
+    pub images: usize,
+    pub image_tokens: usize,
+    pub label_tokens: usize,
+    pub max_tokens: usize,
+    pub notes: Vec<RowNote>,
+}
+
+/// Reviews prepared rows: errors for rows that cannot be used (refused by the plugin, bad or
+/// missing images, placeholder counts, cut image blocks, no label left), warnings for
+/// truncation, labels that do not end with an end-of-turn token (the model would not learn to
+/// stop) and images shrunk to fit `max_pixels`.
+pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckReport {
+    let mut r = CheckReport { path, rows: prepared.rows, usable: prepared.encoded.len(), ..Default::default() };
+    let eot = end_of_turn_ids(tok);
+    let eot_names: Vec<String> = eot.iter().filter_map(|&i| tok.id_to_token(i)).collect();
+    let mut notes = Vec::new();
+    for (row, msg) in prepared.bad.iter().chain(&prepared.no_labels) {
+        notes.push(RowNote { row: *row, level: "error", message: msg.clone() });
+    }
+    for (row, e) in &prepared.encoded {
+        let row = *row;
+        let warn = |message: String| RowNote { row, level: "warning", message };
+        r.images += e.images.len();
+        r.image_tokens += e.images.iter().map(|im| im.tokens).sum::<usize>();
+        r.label_tokens += e.num_label_tokens();
+        r.max_tokens = r.max_tokens.max(e.input_ids.len());
+        if let Some(from) = e.truncated_from {
+            notes.push(warn(format!("truncated from {from} to {} tokens", e.input_ids.len())));
+        }
+        let last_label = e.labels.iter().rposition(|&l| l != IGNORE_INDEX);
+        if let Some(j) = last_label {
+            if !eot.is_empty() && !eot.contains(&e.input_ids[j]) {
+                notes.push(warn(format!(
+                    "the labels end without an end-of-turn token ({}): the model will not learn to stop{}",
+                    eot_names.join(", "),
+                    if e.truncated_from.is_some() { " (truncation cut the answer)" } else { "" }
+                )));
+            }
+        }
+        for (k, im) in e.images.iter().enumerate() {
+            let (w, h) = im.original_size;
+            if u64::from(w) * u64::from(h) > im.max_pixels {
+                notes.push(warn(format!("image {k}: {w}×{h} is above max_pixels {}; resized to {}×{}", im.max_pixels, im.resized_size.0, im.resized_size.1)));
+            }
+        }
+    }
+    notes.sort_by_key(|n| (n.row, n.level != "error"));
+    r.errors = notes.iter().filter(|n| n.level == "error").count();
+    r.warnings = notes.len() - r.errors;
+    r.notes = notes;
+    r
+}
