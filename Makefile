@@ -15,10 +15,11 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: help setup build test demo bench-generate bench-train gpu-bundle clean
+.PHONY: demo-text help setup build test demo bench-generate bench-train gpu-bundle clean
 
 help:
-	@echo "make demo        plugins, self-check, then LoRA SFT of a tiny Qwen2 model, generate, merge"
+	@echo "make demo        the story demo: LoRA SFT of a tiny Qwen2-VL on the bundled StoryReasoning sample, generate, merge"
+	@echo "make demo-text   LoRA SFT of a tiny Qwen2 on the bundled alpaca set, generate, merge"
 	@echo "make test        every test (Rust unit + integration, reference stack check)"
 	@echo "make bench-generate  prefill/decode tokens/s, ferrotune next to transformers"
 	@echo "make bench-train  LoRA SFT tokens/s and peak RSS, ferrotune next to transformers + peft"
@@ -56,19 +57,43 @@ test: setup build $(STAMPS)/qwen-tokenizer
 	$(VENV)/bin/python tests/python/check_reference_stack.py
 
 DEMO_MODEL := target/demo/qwen2-tiny
+STORY_MODEL := target/demo/qwen2-vl-tiny
+STORY_RUN := target/demo/story-lora
+# A held-out story of the bundled sample (test split), its frames in order.
+STORY_FRAMES := $(foreach i,1 2 3,--image datasets/story-llava/images/toy-test-008_$(i).png)
+STORY_PROMPT := Create a story based on these images.
 
+# The story demo: a tiny Qwen2-VL (random init, real Qwen2 tokenizer) fine-tuned with LoRA on
+# the bundled StoryReasoning sample; loss curve in $(STORY_RUN)/loss.png; a story for a
+# held-out image sequence without and with the adapter, then from the merged model.
 demo: build $(STAMPS)/qwen-tokenizer
 	target/debug/ferrotune plugins
 	@echo
-	target/debug/ferrotune doctor
-	@echo
 	target/debug/ferrotune selfcheck --device cpu
 	@echo
+	test -f $(STORY_MODEL)/config.json || target/debug/ferrotune init-model --preset tiny-vl --tokenizer $(QWEN_TOKENIZER) --out $(STORY_MODEL)
+	@echo
+	target/debug/ferrotune data check examples/story_lora_demo.yaml
+	@echo
+	target/debug/ferrotune data preview examples/story_lora_demo.yaml -n 1 | head -n 24
+	@echo
+	rm -rf $(STORY_RUN) target/demo/story-merged
+	target/debug/ferrotune train examples/story_lora_demo.yaml
+	@echo "loss curve: $(STORY_RUN)/loss.png (metrics: $(STORY_RUN)/metrics.jsonl)"
+	@echo
+	@echo "--- held-out story, base model (no adapter):"
+	target/debug/ferrotune generate --model $(STORY_MODEL) --chat $(STORY_FRAMES) --prompt "$(STORY_PROMPT)" --max-new-tokens 48 --temperature 0.8 --top-k 40 --seed 7
+	@echo "--- with the story adapter:"
+	target/debug/ferrotune generate --model $(STORY_MODEL) --adapter $(STORY_RUN) --chat $(STORY_FRAMES) --prompt "$(STORY_PROMPT)" --max-new-tokens 48 --temperature 0.8 --top-k 40 --seed 7
+	target/debug/ferrotune merge --model $(STORY_MODEL) --adapter $(STORY_RUN) --out target/demo/story-merged
+	@echo "--- merged model:"
+	target/debug/ferrotune generate --model target/demo/story-merged --chat $(STORY_FRAMES) --prompt "$(STORY_PROMPT)" --max-new-tokens 48 --temperature 0.8 --top-k 40 --seed 7
+
+# The text demo: LoRA SFT of a tiny Qwen2 on the bundled alpaca set.
+demo-text: build $(STAMPS)/qwen-tokenizer
 	test -f $(DEMO_MODEL)/config.json || target/debug/ferrotune init-model --preset tiny --arch qwen2 --tokenizer $(QWEN_TOKENIZER) --out $(DEMO_MODEL)
-	@echo
-	rm -rf target/demo/lora-sft
+	rm -rf target/demo/lora-sft target/demo/merged
 	target/debug/ferrotune train examples/lora_sft_demo.yaml
-	@echo
 	target/debug/ferrotune generate --model $(DEMO_MODEL) --adapter target/demo/lora-sft --chat \
 	  --prompt "What is the capital of France?" --max-new-tokens 16 --json
 	target/debug/ferrotune merge --model $(DEMO_MODEL) --adapter target/demo/lora-sft --out target/demo/merged
