@@ -322,7 +322,7 @@ mod tests {
             Some(EncodeError::NoLabelTokens { id, truncated_from, cutoff_len }) => {
                 assert_eq!((id.as_str(), *truncated_from, *cutoff_len), ("t:1", Some(n), 12))
             }
-            None => panic!("expected NoLabelTokens, got {err:#}"),
+            _ => panic!("expected NoLabelTokens, got {err:#}"),
         }
         assert!(err.to_string().contains("truncating"), "{err}");
         let mut prompt_only = conversation();
