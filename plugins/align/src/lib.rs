@@ -1,0 +1,92 @@
+//! Alignment objectives: `dpo`, `orpo`, `simpo`, `kto` and `grpo`, with TRL 1.16's losses.
+//!
+//! The loss math lives in [`losses`] as plain functions over per-sequence (GRPO: per-token)
+//! log-probabilities; each follows one TRL 1.16 code path line by line, and
+//! `tests/align_loss_parity.rs` checks them, through the loaded plugin, against TRL itself.
+//! The plugins gather the inputs: one policy forward through [`ObjectiveContext::forward`],
+//! and the reference as the same model with [`ForwardFlags::DISABLE_ADAPTER`] (no second
+//! copy of the weights) under `NO_GRAD`, unless the batch carries precomputed reference
+//! log-probabilities. With full fine-tuning (no adapter) the host must supply those.
+//!
+//! # Batch conventions (what the host collates)
+//! Token tensors are int (`i64`), masks 0/1 (any int or bool type), log-probabilities float.
+//! Every other tensor in the batch (`pixel_values`, `image_grid_thw`, …) is passed to the
+//! model's forward unchanged.
+//!
+//! **Preference pairs** (`dpo`, `orpo`, `simpo`): one concatenated batch, the B chosen rows
+//! first, then the B rejected rows in the same pair order (TRL 1.16's
+//! `DataCollatorForPreference`), right-padded to one width T:
+//! * `input_ids` `[2B, T]`: prompt + completion;
+//! * `attention_mask` `[2B, T]`: 1 on real tokens;
+//! * `completion_mask` `[2B, T]`: 1 on completion tokens (the tokens that are scored);
+//! * optional `ref_chosen_logps`, `ref_rejected_logps` `[B]` (dpo only): precomputed
+//!   reference log-probabilities, each the sum over the completion tokens; give both or neither.
+//!
+//! Scored positions: position t scores token t + 1 when `completion_mask[t + 1]` is 1, so a
+//! completion must hold at least one token after position 0. ORPO's NLL term covers every
+//! token with `attention_mask` 1 (prompt and completion) of the chosen rows, as TRL's ORPO.
+//!
+//! **KTO** (`kto`), one row per (prompt, completion), right-padded:
+//! * `input_ids`, `attention_mask`, `completion_mask` `[N, T]` as above;
+//! * `kto_desirable` `[N]`: 1 (or true) for a desirable completion, 0 for an undesirable one
+//!   (TRL's `label`);
+//! * for `loss_type: kto`, the KL batch TRL builds by rotating the completions by one within
+//!   the batch, (x₁, y_N), (x₂, y₁), …, (x_N, y_{N−1}): `KL_input_ids`, `KL_attention_mask`,
+//!   `KL_completion_mask` `[N, T′]`;
+//! * optional `ref_logps`, `ref_KL_logps` `[N]`: precomputed reference log-probabilities.
+//!
+//! **GRPO** (`grpo`), two forms:
+//! * *scored* (TRL 1.16's `_compute_loss` inputs): `prompt_ids`, `prompt_mask` `[B, P]`
+//!   (left-padded), `completion_ids`, `completion_mask` `[B, C]` (right-padded; the mask is 0
+//!   after the first EOS), `advantages` `[B]` (or `[B, C]`), optional `old_per_token_logps`
+//!   `[B, C]` (the sampling policy's; absent = the current policy's, detached: TRL's
+//!   `num_iterations = 1`), optional `ref_per_token_logps` `[B, C]` (absent and `beta ≠ 0`:
+//!   computed with the adapter disabled);
+//! * *prompts only* (no `completion_ids`): `prompt_ids`, `prompt_mask` `[B, P]`; the plugin
+//!   calls [`ObjectiveContext::generate`] for `num_generations` completions per prompt (rows
+//!   grouped per prompt), decodes them, scores them with [`ObjectiveContext::rewards`]
+//!   (each reward's weight as the host reports it), computes the advantages with
+//!   [`losses::group_advantages`] and then the loss as above. Optional metadata: `prompts`
+//!   (B rendered prompt strings; else the prompt ids are decoded), `samples` (B canonical
+//!   samples, handed to the rewards as `sample_json`, where `exact_match` finds its reference
+//!   answer), `pad_token_id` (completion padding, default 0). Completions are taken as
+//!   `generate` returns them (EOS included, nothing after it).
+//!
+//! **Metadata** (JSON object, all optional): `gradient_accumulation_steps` (every loss but
+//! `dapo` is divided by it, as TRL's trainers do), `num_items_in_batch` (`dapo` only: the
+//! completion tokens of the whole optimizer step; default this micro-batch's), `sample_ids`
+//! (named in errors).
+//!
+//! # Guards
+//! Non-finite policy or reference log-probabilities, advantages or precomputed inputs are an
+//! error naming the tensor; a non-finite loss is an error naming the objective and the batch
+//! (its `sample_ids`), so no NaN reaches the optimizer. A completion without tokens is an
+//! error naming the row. Pairs whose chosen and rejected completions are identical are legal
+//! (their DPO gradient is zero) and counted in the metric `pairs/identical`.
+//!
+//! # Metrics
+//! Pairs: `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
+//! `rewards/margins`, `logps/chosen`, `logps/rejected` (+ `nll_loss`, `log_odds_ratio`,
+//! `log_odds_chosen` for ORPO; `nll_loss` for SimPO). KTO: `loss`, `kl`, `rewards/*`,
+//! `logps/*`. GRPO: `loss`, `kl` (beta ≠ 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`,
+//! `clip_ratio/region_mean`, `entropy`; after a rollout also `rewards/<name>/mean`,
+//! `rewards/<name>/std`, `reward`, `reward_std`, `frac_reward_zero_std`,
+//! `completions/mean_length`, `/min_length`, `/max_length`.
+use ferrotune_plugin_api::prelude::*;
+
+pub mod common;
+pub mod dpo;
+pub mod grpo;
+pub mod kto;
+pub mod losses;
+pub mod orpo;
+pub mod pair;
+pub mod simpo;
+
+pub use dpo::Dpo;
+pub use grpo::Grpo;
+pub use kto::Kto;
+pub use orpo::Orpo;
+pub use simpo::Simpo;
+
+export_plugin!(objective: Dpo, objective: Orpo, objective: Simpo, objective: Kto, objective: Grpo);
