@@ -283,7 +283,9 @@ def main():
             "chat_template": [{"name": "default", "template": FEATURE_TEMPLATE}, {"name": "tool_use", "template": TOOL_TEMPLATE}],
         }
     )
-    config["added_tokens_decoder"]["151646"] = {"content": "<|tool_call|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": False}
+    # A new added token takes the next free id (after Qwen2-VL's specials, 151657).
+    next_id = str(max(int(i) for i in config["added_tokens_decoder"]) + 1)
+    config["added_tokens_decoder"][next_id] = {"content": "<|tool_call|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": False}
     variant = write_variant(base, work / "bos-templates", bos_post_processor, config)
     vtok = AutoTokenizer.from_pretrained(variant)
     report["variants"].append(
