@@ -11,38 +11,17 @@ use std::sync::OnceLock;
 use ferrotune::generate::{generate, generate_mm, generate_mm_with_stats, SamplingParams};
 use ferrotune::linear::LinearMode;
 use ferrotune::model::{CausalLM, InitOptions, VisionInputs};
-use ferrotune_tests::{build_dir, fnv1a, one_torch_thread, registry, relative_error, repo_root, run_python, temp_dir};
+use ferrotune_tests::{build_dir, cached_reference, one_torch_thread, registry, relative_error, repo_root, run_python, temp_dir};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
 
-/// The reference outputs, built once into `target/qwen2vl-reference/<hash>/` and reused while the
-/// script and the pinned reference stack are unchanged.
+/// The reference outputs, built once into `target/qwen2vl-reference/<hash>/`.
 fn reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     one_torch_thread();
-    DIR.get_or_init(|| {
-        let script = repo_root().join("tests/python/qwen2vl_reference.py");
-        let mut text = std::fs::read(&script).unwrap();
-        for pins in ["requirements/reference.txt", "requirements/torch.txt"] {
-            text.extend(std::fs::read(repo_root().join(pins)).unwrap_or_default());
-        }
-        let base = repo_root().join("target/qwen2vl-reference");
-        let dir = base.join(format!("{:016x}", fnv1a(&text)));
-        if dir.join("DONE").is_file() {
-            return dir;
-        }
-        let tmp = base.join(format!("tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).unwrap();
-        run_python(&[script.as_os_str(), tmp.as_os_str()]);
-        if std::fs::rename(&tmp, &dir).is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-            assert!(dir.join("DONE").is_file(), "cannot move the reference into {}", dir.display());
-        }
-        dir
-    })
+    DIR.get_or_init(|| cached_reference("qwen2vl_reference.py", "qwen2vl-reference"))
 }
 
 fn json(path: &Path) -> Value {

@@ -503,7 +503,8 @@ fn data_preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
                 anyhow::bail!("data preview needs a training config, or all of --model, --dataset and --data");
             };
             let tok = ferrotune::text::Tokenizer::from_dir(model)?;
-            let prep = ferrotune::data::ImagePrep::for_model_dir(model, &tok).ok().flatten();
+            // --model may be a tokenizer folder alone: then there are no image settings.
+            let prep = if model.join("config.json").is_file() { ferrotune::data::ImagePrep::for_model_dir(model, &tok)? } else { None };
             let rows = read_rows(registry, dataset, &a.config, data, "train")?;
             let opts = EncodeOptions { cutoff_len: a.cutoff_len, train_on_prompt: a.train_on_prompt, mask_history: a.mask_history };
             (tok, prep, rows, opts, data.clone())

@@ -129,42 +129,45 @@ pub fn one_torch_thread() {
 }
 
 /// The tiny checkpoints and reference outputs of `tests/python/make_parity_models.py`, built
-/// once into `target/parity-models/<hash>/` and reused while the script and the pinned
-/// reference stack (`requirements/*.txt`) are unchanged.
+/// once into `target/parity-models/<hash>/` (see [`cached_reference`]).
 pub fn parity_models() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     one_torch_thread();
-    DIR.get_or_init(|| {
-        let script = repo_root().join("tests/python/make_parity_models.py");
-        let mut text = std::fs::read(&script).unwrap_or_else(|e| panic!("cannot read {}: {e}", script.display()));
-        for pins in ["requirements/reference.txt", "requirements/torch.txt"] {
-            text.extend(std::fs::read(repo_root().join(pins)).unwrap_or_default());
+    DIR.get_or_init(|| cached_reference("make_parity_models.py", "parity-models")).clone()
+}
+
+/// Runs the reference script `tests/python/<script> OUT_DIR` once and keeps its outputs in
+/// `target/<cache>/<hash>/`, reused while the script, `reference_common.py` it imports and the
+/// pinned reference stack (`requirements/*.txt`) are unchanged; outputs of older versions are
+/// removed. The script writes a `DONE` file last.
+pub fn cached_reference(script: &str, cache: &str) -> PathBuf {
+    let script = repo_root().join("tests/python").join(script);
+    let mut text = std::fs::read(&script).unwrap_or_else(|e| panic!("cannot read {}: {e}", script.display()));
+    for input in ["tests/python/reference_common.py", "requirements/reference.txt", "requirements/torch.txt"] {
+        text.extend(std::fs::read(repo_root().join(input)).unwrap_or_default());
+    }
+    let base = repo_root().join("target").join(cache);
+    let dir = base.join(format!("{:016x}", fnv1a(&text)));
+    if dir.join("DONE").is_file() {
+        return dir;
+    }
+    for old in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let name = old.file_name().to_string_lossy().into_owned();
+        if name.len() == 16 && name.chars().all(|c| c.is_ascii_hexdigit()) {
+            let _ = std::fs::remove_dir_all(old.path());
         }
-        let base = repo_root().join("target/parity-models");
-        let dir = base.join(format!("{:016x}", fnv1a(&text)));
-        if dir.join("DONE").is_file() {
-            return dir;
-        }
-        // Outputs of older versions of the script are stale.
-        for old in std::fs::read_dir(&base).into_iter().flatten().flatten() {
-            let name = old.file_name().to_string_lossy().into_owned();
-            if name.len() == 16 && name.chars().all(|c| c.is_ascii_hexdigit()) {
-                let _ = std::fs::remove_dir_all(old.path());
-            }
-        }
-        let tmp = base.join(format!("tmp-{}", std::process::id()));
+    }
+    let tmp = base.join(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    run_python(&[script.as_os_str(), tmp.as_os_str()]);
+    assert!(tmp.join("DONE").is_file(), "{} did not finish (no DONE file in {})", script.display(), tmp.display());
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another process built the same folder meanwhile.
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).unwrap();
-        run_python(&[script.as_os_str(), tmp.as_os_str()]);
-        assert!(tmp.join("DONE").is_file(), "{} did not finish (no DONE file in {})", script.display(), tmp.display());
-        if std::fs::rename(&tmp, &dir).is_err() {
-            // Another process built the same folder meanwhile.
-            let _ = std::fs::remove_dir_all(&tmp);
-            assert!(dir.join("DONE").is_file(), "cannot move the parity models into {}", dir.display());
-        }
-        dir
-    })
-    .clone()
+        assert!(dir.join("DONE").is_file(), "cannot move the outputs of {} into {}", script.display(), dir.display());
+    }
+    dir
 }
 
 /// `max |a - b| / max |b|` over all elements (both converted to f64).

@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from reference_common import MarginRecorder, left_pad  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -100,30 +101,8 @@ def position_ids(mask):
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
-def left_pad(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-class MarginRecorder:
-    """A logits processor that records the smallest top-1/top-2 gap of the rows it sees."""
-
-    def __init__(self):
-        self.min_gap = float("inf")
-
-    def __call__(self, input_ids, scores):
-        top2 = scores.float().topk(2, dim=-1).values
-        self.min_gap = min(self.min_gap, float((top2[:, 0] - top2[:, 1]).min()))
-        return scores
-
-
 def generate(model, prompts, **kw):
-    ids, mask = left_pad(prompts)
+    ids, mask = left_pad(prompts, PAD)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=PAD,
                          eos_token_id=None, bos_token_id=None, **kw)
     return [row[ids.shape[1]:].tolist() for row in out]
@@ -137,7 +116,7 @@ def main():
     full_ids = torch.randint(1, VOCAB, (3, 12), generator=g)
     lengths = [10, 4, 7]
     padded_prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
-    padded_ids, padded_mask = left_pad(padded_prompts)
+    padded_ids, padded_mask = left_pad(padded_prompts, PAD)
     single_prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 9)]
     batch_prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 11, 7)]
     inputs = {

@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from reference_common import MarginRecorder, left_pad  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration  # noqa: E402
 
@@ -86,16 +87,6 @@ def prompt(g, parts):
     return ids, grids
 
 
-def left_pad(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
 def mm_kwargs(ids, grids, pixels):
     if not grids:
         return {}
@@ -103,18 +94,8 @@ def mm_kwargs(ids, grids, pixels):
                 mm_token_type_ids=(ids == IMAGE).int())
 
 
-class MarginRecorder:
-    def __init__(self):
-        self.min_gap = float("inf")
-
-    def __call__(self, input_ids, scores):
-        top2 = scores.float().topk(2, dim=-1).values
-        self.min_gap = min(self.min_gap, float((top2[:, 0] - top2[:, 1]).min()))
-        return scores
-
-
 def generate(model, prompts, grids, pixels, recorder):
-    ids, mask = left_pad(prompts)
+    ids, mask = left_pad(prompts, PAD)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                          pad_token_id=PAD, eos_token_id=None, bos_token_id=None, logits_processor=[recorder],
                          **mm_kwargs(ids, grids, pixels))
@@ -168,7 +149,7 @@ def main():
     n0 = sum(patches[: len(grids0)])
     text_rows = [torch.randint(1, 290, (n,), generator=g).tolist() for n in (9, 9)]
     text_prompts = [torch.randint(1, 290, (n,), generator=g).tolist() for n in (4, 10)]
-    ids, mask = left_pad([row0, row1])
+    ids, mask = left_pad([row0, row1], PAD)
     inputs = {
         "vocab_size": VOCAB, "pad_token_id": PAD, "new_tokens": NEW_TOKENS, "image_token_id": IMAGE,
         "mm_ids": ids.tolist(), "mm_mask": mask.tolist(), "grids": grids, "grids_row0": grids0,
