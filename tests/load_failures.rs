@@ -161,3 +161,45 @@ fn plugin_with_another_libtorch_fingerprint_is_refused() {
     }
     assert!(e.to_string().contains("libtorch 2.10.0"), "{e}");
 }
+
+/// The third-party reward, built outside the workspace against plugin-api only, scores GRPO's
+/// completions in a real `ferrotune train` run found through `--plugin-dir` (no host rebuild).
+#[test]
+fn grpo_trains_with_a_reward_plugin_built_outside_the_workspace() {
+    let ext = external();
+    let work = temp_dir("external-reward-grpo");
+    let plugins = work.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(&ext.compatible, plugins.join("libexternal_reward.so")).unwrap();
+    write_chat_tokenizer(&work.join("tokenizer"), 12);
+    let model = work.join("model");
+    init_tiny_model(&work.join("tokenizer"), &model, 2);
+    let rows: Vec<String> =
+        (0..4).map(|i| serde_json::json!({"instruction": format!("w{i} w{}", i + 1), "output": "w3"}).to_string()).collect();
+    std::fs::write(work.join("prompts.jsonl"), rows.join("\n") + "\n").unwrap();
+    let config = work.join("grpo.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: {}\noutput_dir: {}\nadapter: {{plugin: lora, r: 2, target_modules: [q_proj, v_proj]}}\n\
+             objective: {{plugin: grpo, num_generations: 4, max_completion_length: 6, seed: 3}}\n\
+             rewards: [{{plugin: external-contains, needle: w3, weight: 2.0}}]\n\
+             data: {{plugin: alpaca, path: {}}}\ntraining: {{max_steps: 2, micro_batch_size: 2, progress_bar: false}}\n",
+            model.display(),
+            work.join("out").display(),
+            work.join("prompts.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let out = ferrotune(&["train", "--plugin-dir", plugins.to_str().unwrap(), config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics = read_jsonl(&work.join("out/metrics.jsonl"));
+    assert_eq!(metrics.len(), 2);
+    for line in &metrics {
+        let mean = line["train/rewards/external-contains/mean"].as_f64().unwrap_or_else(|| panic!("no external reward metric: {line}"));
+        assert!((0.0..=1.0).contains(&mean), "{line}");
+        // `reward` is the weighted sum: twice the plugin's mean.
+        assert!((line["train/reward"].as_f64().unwrap() - 2.0 * mean).abs() < 1e-9, "{line}");
+    }
+    assert!(work.join("out/adapter_model.safetensors").is_file());
+}

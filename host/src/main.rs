@@ -489,6 +489,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn data_preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
     use ferrotune::data::{preview, read_rows, EncodeOptions};
+    use ferrotune_plugin_api::Objective;
     let (tok, prep, rows, opts, path) = match &a.config_file {
         Some(config) => {
             let cfg = ferrotune::train::config::TrainConfig::from_file(config)?;
@@ -511,6 +512,25 @@ fn data_preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
         }
     };
     println!("{} samples in {}; showing {}; labelled tokens in «…»", rows.len(), path.display(), a.n.min(rows.len()));
+    if let Some(config) = &a.config_file {
+        // Objectives other than SFT: the rows as that objective's batches hold them.
+        let cfg = ferrotune::train::config::TrainConfig::from_file(config)?;
+        let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
+        let layout = ferrotune::train::layout::Layout::from_needs(&cfg.objective.plugin, &objective.needs())?;
+        if layout != ferrotune::train::layout::Layout::Sequences {
+            let rows: Vec<_> = rows.into_iter().take(a.n).collect();
+            let prepared = ferrotune::train::layout::prepare(layout, rows, &tok, prep.as_ref(), &opts)?.into_prepared();
+            println!("objective `{}`: rows as {}", cfg.objective.plugin, layout.name());
+            for (i, e) in &prepared.encoded {
+                println!("=== {i} ({} tokens, {} labelled)", e.input_ids.len(), e.num_label_tokens());
+                println!("{}", compress_image_pads(&preview(&tok, e)));
+            }
+            for (i, why) in prepared.bad.iter().chain(&prepared.no_labels) {
+                println!("=== {i}: not trainable: {why}");
+            }
+            return Ok(());
+        }
+    }
     for (i, row) in rows.into_iter().take(a.n).enumerate() {
         let sample = match row {
             Ok(s) => s,
@@ -568,11 +588,12 @@ fn data_check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode
             println!("row {}: {}: {}", n.row, n.level, n.message);
         }
         println!(
-            "{}: {} rows, {} usable, {} with errors, {} warnings; {} images ({} image tokens), {} label tokens, longest {} tokens (cutoff_len {})",
+            "{}: {} rows, {} usable, {} with errors, {} skipped, {} warnings; {} images ({} image tokens), {} label tokens, longest {} tokens (cutoff_len {})",
             report.path.display(),
             report.rows,
             report.usable,
             report.errors,
+            report.skipped,
             report.warnings,
             report.images,
             report.image_tokens,

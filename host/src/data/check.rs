@@ -10,7 +10,10 @@ use crate::text::Tokenizer;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RowNote {
     pub row: usize,
-    /// `error`: the row cannot be used; `warning`: it trains, perhaps not as meant.
+    /// `error`: the row cannot be used (`data.on_bad_sample` decides); `skipped`: it has
+    /// nothing to learn (no label tokens left, an identical preference pair, a prompt that
+    /// leaves no room for a completion) and is always skipped; `warning`: it trains, perhaps
+    /// not as meant.
     pub level: &'static str,
     pub message: String,
 }
@@ -22,6 +25,7 @@ pub struct CheckReport {
     pub rows: usize,
     pub usable: usize,
     pub errors: usize,
+    pub skipped: usize,
     pub warnings: usize,
     pub images: usize,
     pub image_tokens: usize,
@@ -35,12 +39,17 @@ pub struct CheckReport {
 /// truncation, labels that do not end with an end-of-turn token (the model would not learn to
 /// stop) and images shrunk to fit `max_pixels`.
 pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckReport {
-    let mut r = CheckReport { path, rows: prepared.rows, usable: prepared.encoded.len(), ..Default::default() };
+    // A preference pair is two sequences of one row: count rows.
+    let usable = prepared.encoded.iter().map(|(row, _)| *row).collect::<std::collections::BTreeSet<_>>().len();
+    let mut r = CheckReport { path, rows: prepared.rows, usable, ..Default::default() };
     let eot = end_of_turn_ids(tok);
     let eot_names: Vec<String> = eot.iter().filter_map(|&i| tok.id_to_token(i)).collect();
     let mut notes = Vec::new();
-    for (row, msg) in prepared.bad.iter().chain(&prepared.no_labels) {
+    for (row, msg) in &prepared.bad {
         notes.push(RowNote { row: *row, level: "error", message: msg.clone() });
+    }
+    for (row, msg) in &prepared.no_labels {
+        notes.push(RowNote { row: *row, level: "skipped", message: msg.clone() });
     }
     for (row, e) in &prepared.encoded {
         let row = *row;
@@ -71,7 +80,8 @@ pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckRepor
     }
     notes.sort_by_key(|n| (n.row, n.level != "error"));
     r.errors = notes.iter().filter(|n| n.level == "error").count();
-    r.warnings = notes.len() - r.errors;
+    r.skipped = notes.iter().filter(|n| n.level == "skipped").count();
+    r.warnings = notes.len() - r.errors - r.skipped;
     r.notes = notes;
     r
 }

@@ -63,6 +63,38 @@ pub struct TrainConfig {
     /// Vision-language models (Qwen2-VL): which vision weights train, at which learning rates.
     #[serde(default)]
     pub vision: VisionTrainConfig,
+    /// Reward plugins for objectives that generate (GRPO): each `plugin: NAME` with an
+    /// optional `weight` (default 1.0) and `name` (default the plugin's; names must differ),
+    /// plus the plugin's own keys.
+    #[serde(default)]
+    pub rewards: Vec<RewardSection>,
+}
+
+/// One reward plugin of a run (`rewards:` list).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RewardSection {
+    pub plugin: String,
+    /// Weight of this reward in the sum GRPO's advantages are computed from (default 1.0).
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// The name its metrics are logged under (default: the plugin's name).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RewardSection {
+    pub fn config_json(&self) -> String {
+        serde_json::Value::Object(self.config.clone()).to_string()
+    }
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.plugin)
+    }
+}
+
+fn default_weight() -> f64 {
+    1.0
 }
 
 /// What trains besides the adapter in a vision-language model, as Qwen2-VL-Finetune's
@@ -232,6 +264,12 @@ pub struct TrainingConfig {
     /// Show a progress bar on stderr (default true).
     #[serde(default = "default_true")]
     pub progress_bar: bool,
+    /// Objectives that generate (GRPO): optimizer steps taken on each generation batch
+    /// (TRL's `num_iterations`, μ; default 1). With more than 1, each step's micro-batches
+    /// are generated and scored once and reused for that many consecutive steps, with the
+    /// sampling policy's log-probabilities as `old_per_token_logps`.
+    #[serde(default = "default_one")]
+    pub num_iterations: usize,
 }
 
 impl Default for TrainingConfig {
@@ -246,6 +284,7 @@ impl Default for TrainingConfig {
             save_steps: None,
             save_total_limit: None,
             progress_bar: true,
+            num_iterations: 1,
         }
     }
 }
@@ -359,6 +398,18 @@ impl TrainConfig {
         }
         if self.data.cutoff_len < 2 {
             bail!("config key `data.cutoff_len`: must be at least 2");
+        }
+        if t.num_iterations == 0 {
+            bail!("config key `training.num_iterations`: must be at least 1");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, r) in self.rewards.iter().enumerate() {
+            if !r.weight.is_finite() {
+                bail!("config key `rewards[{i}].weight`: must be a finite number, got {}", r.weight);
+            }
+            if !names.insert(r.display_name()) {
+                bail!("config key `rewards[{i}]`: a second reward named `{}`; give one a `name:`", r.display_name());
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 //! optimizer state and the step number. Resuming also cuts `metrics.jsonl` back to the
 //! checkpoint's step, so a killed and resumed run logs each step once, as an uninterrupted one.
 pub mod config;
+pub mod layout;
 pub mod schedule;
 
 use std::io::Write;
@@ -20,17 +21,19 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
-use ferrotune_plugin_api::{Batch, ForwardFlags, MemoryStrategy, Objective, PluginError, PluginResult, RewardInput, StepReport};
+use ferrotune_plugin_api::{Batch, ForwardFlags, MemoryStrategy, Objective, PluginError, PluginResult, Reward, RewardInput, StepReport};
+use ferrotune_plugin_api::kinds::reward::RewardHandle;
 use tch::Tensor;
 
 use crate::collectives::SingleProcess;
-use crate::data::{self, EncodeOptions, Encoded};
+use crate::data::{self, EncodeOptions};
 use crate::data::ImagePrep;
 use crate::model::{CausalLM, VisionInputs};
 use crate::non_lora::{self, vision_parameters};
 use crate::plugins::Registry;
 use crate::text::Tokenizer;
 use config::TrainConfig;
+use layout::{Item, Layout};
 use schedule::Schedule;
 
 /// What a finished run reports.
@@ -57,12 +60,35 @@ pub enum Resume {
     Path(PathBuf),
 }
 
+/// A reward plugin of the run, with its name and weight.
+pub struct LoadedReward {
+    pub name: String,
+    pub weight: f64,
+    pub handle: RewardHandle,
+}
+
+/// Loads the run's reward plugins (`rewards:`).
+pub fn load_rewards(cfg: &TrainConfig, registry: &Registry) -> Result<Vec<LoadedReward>> {
+    cfg.rewards
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let handle = registry.reward(&r.plugin, &r.config_json()).with_context(|| format!("config key `rewards[{i}]`"))?;
+            Ok(LoadedReward { name: r.display_name().to_string(), weight: r.weight, handle })
+        })
+        .collect()
+}
+
 /// The model as objectives see it.
-struct PolicyContext<'a> {
-    model: &'a CausalLM,
-    tokenizer: &'a Tokenizer,
+pub struct PolicyContext<'a> {
+    pub model: &'a CausalLM,
+    pub tokenizer: &'a Tokenizer,
     /// Dropout on (training steps) or off (eval, reference passes are the objective's call).
-    train: bool,
+    pub train: bool,
+    /// The run's reward plugins (GRPO).
+    pub rewards: &'a [LoadedReward],
+    /// Prompt plus generated tokens stay within this many (`data.cutoff_len`).
+    pub max_len: usize,
 }
 
 impl ObjectiveContext for PolicyContext<'_> {
@@ -90,6 +116,15 @@ impl ObjectiveContext for PolicyContext<'_> {
         let opts: serde_json::Value = serde_json::from_str(if options_json.trim().is_empty() { "{}" } else { options_json })
             .map_err(|e| PluginError::invalid(format!("generation options: {e}")))?;
         let mut p = crate::generate::SamplingParams::greedy(opts["max_new_tokens"].as_u64().unwrap_or(64) as usize);
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let room = self.max_len.saturating_sub(longest);
+        if room == 0 {
+            return Err(PluginError::invalid(format!(
+                "a prompt of {longest} tokens leaves no room for generation within cutoff_len {}",
+                self.max_len
+            )));
+        }
+        p.max_new_tokens = p.max_new_tokens.min(room);
         p.temperature = opts["temperature"].as_f64().unwrap_or(0.0);
         p.top_k = opts["top_k"].as_u64().unwrap_or(0) as usize;
         p.top_p = opts["top_p"].as_f64().unwrap_or(1.0);
@@ -101,8 +136,17 @@ impl ObjectiveContext for PolicyContext<'_> {
     fn decode(&self, ids: &[i64]) -> PluginResult<String> {
         self.tokenizer.decode(ids, true).map_err(|e| PluginError::runtime(format!("{e:#}")))
     }
-    fn rewards(&self, _inputs: &[RewardInput]) -> PluginResult<Vec<RewardScores>> {
-        Err(PluginError::unsupported("this run configures no reward plugins"))
+    fn rewards(&self, inputs: &[RewardInput]) -> PluginResult<Vec<RewardScores>> {
+        if self.rewards.is_empty() {
+            return Err(PluginError::unsupported("this run configures no reward plugins (add a `rewards:` list to the config)"));
+        }
+        self.rewards
+            .iter()
+            .map(|r| {
+                let scores = r.handle.score(inputs).map_err(|e| e.context(format!("reward `{}`", r.name)))?;
+                Ok(RewardScores { name: r.name.clone(), weight: r.weight, scores })
+            })
+            .collect()
     }
 }
 
@@ -187,6 +231,36 @@ pub fn batch_meta(num_items_in_batch: i64) -> String {
     serde_json::json!({ "num_items_in_batch": num_items_in_batch }).to_string()
 }
 
+/// Where a micro-batch sits in the run, for its metadata.
+#[derive(Clone, Copy, Debug)]
+struct MicroPosition {
+    /// Label tokens of the whole optimizer step (sequences only).
+    num_items: i64,
+    gradient_accumulation_steps: usize,
+    /// Index of the micro-batch within its optimizer step.
+    micro_index: usize,
+    /// Generation objectives: which reuse of the generation batch this step is.
+    iteration: usize,
+    num_iterations: usize,
+}
+
+/// The metadata of a micro-batch in `layout`: SFT's `num_items_in_batch` (sequences only:
+/// other objectives count their own items), `gradient_accumulation_steps`, the position of
+/// the micro-batch for objectives that reuse a generation batch, the sample ids, and what
+/// the layout adds.
+fn micro_meta(layout: Layout, at: MicroPosition, sample_ids: Vec<serde_json::Value>, extra: serde_json::Map<String, serde_json::Value>) -> String {
+    let mut meta = extra;
+    if layout == Layout::Sequences {
+        meta.insert("num_items_in_batch".into(), serde_json::json!(at.num_items));
+    }
+    meta.insert("gradient_accumulation_steps".into(), serde_json::json!(at.gradient_accumulation_steps));
+    meta.insert("micro_index".into(), serde_json::json!(at.micro_index));
+    meta.insert("iteration".into(), serde_json::json!(at.iteration));
+    meta.insert("num_iterations".into(), serde_json::json!(at.num_iterations));
+    meta.insert("sample_ids".into(), serde_json::Value::Array(sample_ids));
+    serde_json::Value::Object(meta).to_string()
+}
+
 /// One optimizer step, the trainer's inner loop: for each micro-batch `batches` yields (built
 /// lazily, one at a time), the objective's loss through `model` in training mode (adapter
 /// dropout on) and its backward; then the memory plugin's step at learning rate `lr` (which
@@ -194,6 +268,18 @@ pub fn batch_meta(num_items_in_batch: i64) -> String {
 pub fn optimizer_step(
     model: &CausalLM,
     tokenizer: &Tokenizer,
+    objective: &mut dyn Objective,
+    memory: &mut dyn MemoryStrategy,
+    batches: impl IntoIterator<Item = Result<Batch>>,
+    lr: f64,
+) -> Result<StepOutcome> {
+    let ctx = PolicyContext { model, tokenizer, train: true, rewards: &[], max_len: usize::MAX };
+    optimizer_step_with(&ctx, objective, memory, batches, lr)
+}
+
+/// [`optimizer_step`] with the run's full context (reward plugins, length bound).
+fn optimizer_step_with(
+    ctx: &PolicyContext<'_>,
     objective: &mut dyn Objective,
     memory: &mut dyn MemoryStrategy,
     batches: impl IntoIterator<Item = Result<Batch>>,
@@ -209,8 +295,7 @@ pub fn optimizer_step(
     };
     for batch in batches {
         let batch = batch?;
-        let ctx = PolicyContext { model, tokenizer, train: true };
-        let out = objective.loss(&batch, &ctx)?;
+        let out = objective.loss(&batch, ctx)?;
         timing.forward_s += lap(&mut clock);
         out.loss.f_backward()?;
         loss += out.loss.f_double_value(&[])?;
@@ -224,15 +309,6 @@ pub fn optimizer_step(
 
 fn on_device(tensors: Vec<(String, Tensor)>, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
     tensors.into_iter().map(|(n, t)| Ok((n, t.f_to_device(device)?))).collect()
-}
-
-/// A micro-batch's tensors: ids, mask and labels, and the pixel values of its images.
-fn batch_tensors(items: &[Encoded], pad_id: i64, prep: Option<&ImagePrep>, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
-    let mut tensors = data::collate(items, pad_id);
-    if let Some(p) = prep {
-        tensors.extend(p.batch_tensors(items)?);
-    }
-    on_device(tensors, device)
 }
 
 /// The image settings of a run on a vision model (none for a text model).
@@ -250,36 +326,41 @@ pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
     EncodeOptions { cutoff_len: cfg.data.cutoff_len, train_on_prompt: cfg.data.train_on_prompt, mask_history: cfg.data.mask_history }
 }
 
-/// Reads and encodes the run's data as the trainer does, every row kept or reported.
+/// Reads and encodes the run's data as the trainer does, in the batch layout of the run's
+/// objective, every row kept or reported.
 pub fn read_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>) -> Result<data::Prepared> {
+    let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
+    let layout = Layout::from_needs(&cfg.objective.plugin, &objective.needs())?;
     let rows = data::read_rows(registry, &cfg.data.plugin, &serde_json::Value::Object(cfg.data.config.clone()).to_string(), &cfg.data.path, &cfg.data.split)?;
-    data::prepare_rows(rows, tok, prep, &encode_options(cfg))
+    if layout == Layout::Sequences {
+        return data::prepare_rows(rows, tok, prep, &encode_options(cfg));
+    }
+    Ok(layout::prepare(layout, rows, tok, prep, &encode_options(cfg))?.into_prepared())
 }
 
-/// Reads and encodes the run's data; with `on_bad_sample: stop`, any unusable row stops the
-/// run before training, listing them all.
-fn prepare_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>) -> Result<data::Prepared> {
-    let prepared = read_data(cfg, registry, tok, prep)?;
+/// Reads the run's data and encodes it in the objective's batch layout; with
+/// `on_bad_sample: stop`, any unusable row stops the run before training, listing them all.
+fn prepare_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>, layout: Layout) -> Result<layout::PreparedItems> {
+    let rows = data::read_rows(registry, &cfg.data.plugin, &serde_json::Value::Object(cfg.data.config.clone()).to_string(), &cfg.data.path, &cfg.data.split)?;
+    let prepared = layout::prepare(layout, rows, tok, prep, &encode_options(cfg))?;
     if !prepared.bad.is_empty() {
         if cfg.data.on_bad_sample == config::OnBadSample::Stop {
             bail!(
-                "{} of the {} rows of {} cannot be used (data.on_bad_sample: stop; set it to skip to train without them;                  `ferrotune data check` reports every row):\n{}",
+                "{} of the {} rows of {} cannot be used as {} (data.on_bad_sample: stop; set it to skip to train without them; \
+                 `ferrotune data check` reports every row):\n{}",
                 prepared.bad.len(),
                 prepared.rows,
                 cfg.data.path.display(),
+                layout.name(),
                 prepared.bad_report(20)
             );
         }
         eprintln!("note: skipping {} unusable rows of {}:\n{}", prepared.bad.len(), cfg.data.path.display(), prepared.bad_report(20));
     }
-    for (i, why) in &prepared.no_labels {
-        tracing::warn!("sample {i}: {why}; skipped");
+    for (i, why) in &prepared.skipped {
+        tracing::warn!("row {i}: {why}; skipped");
     }
     Ok(prepared)
-}
-
-fn label_tokens(e: &Encoded) -> i64 {
-    e.labels.iter().skip(1).filter(|&&l| l != -100).count() as i64
 }
 
 fn step_seed(seed: u64, step: usize) -> i64 {
@@ -335,18 +416,39 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         weight_decay_scale: p.weight_decay_scale,
     }));
     let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
-    let prepared = prepare_data(cfg, registry, &tokenizer, prep.as_ref())?;
+
+    // The objective decides the batch layout (and whether the run needs reward plugins).
+    let mut objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
+    let needs = objective.needs();
+    let layout = Layout::from_needs(&cfg.objective.plugin, &needs)?;
+    let wants_rewards = needs.iter().any(|n| n == "rewards");
+    if wants_rewards && cfg.rewards.is_empty() {
+        bail!(
+            "objective `{}` scores its completions with reward plugins, and the config names none: add e.g. \
+             `rewards: [{{plugin: format, pattern: \"...\"}}]` (`ferrotune plugins` lists the reward plugins)",
+            cfg.objective.plugin
+        );
+    }
+    if !wants_rewards && !cfg.rewards.is_empty() {
+        bail!("config key `rewards`: objective `{}` does not use reward plugins; remove the `rewards` list", cfg.objective.plugin);
+    }
+    if cfg.training.num_iterations > 1 && layout != Layout::Prompts {
+        bail!("config key `training.num_iterations`: only objectives that generate (GRPO) reuse a generation batch; `{}` does not", cfg.objective.plugin);
+    }
+    let rewards = load_rewards(cfg, registry)?;
+
+    let prepared = prepare_data(cfg, registry, &tokenizer, prep.as_ref(), layout)?;
     let (rows, truncated) = (prepared.rows, prepared.truncated());
-    let mut skipped = prepared.no_labels.len() + prepared.bad.len();
-    let mut encoded = Vec::with_capacity(prepared.encoded.len());
-    for (_, e) in prepared.encoded {
-        if label_tokens(&e) > 0 { encoded.push(e) } else { skipped += 1 }
+    let mut skipped = prepared.skipped.len() + prepared.bad.len();
+    let mut encoded = Vec::with_capacity(prepared.items.len());
+    for (row, e) in prepared.items {
+        if e.label_tokens() > 0 { encoded.push((row, e)) } else { skipped += 1 }
     }
     if truncated > 0 {
         eprintln!("note: {truncated} of {} samples were longer than cutoff_len {} and were truncated", encoded.len(), cfg.data.cutoff_len);
     }
     if skipped > 0 {
-        eprintln!("note: {skipped} samples were skipped ({} without label tokens, {} unusable)", skipped - prepared.bad.len(), prepared.bad.len());
+        eprintln!("note: {skipped} samples were skipped ({} with nothing to learn, {} unusable)", skipped - prepared.bad.len(), prepared.bad.len());
     }
     // Eval: a seeded random subset; training keeps the file order (shuffled per epoch below).
     let eval_n = (encoded.len() as f64 * cfg.data.eval_ratio).round() as usize;
@@ -361,11 +463,12 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     if train_set.is_empty() {
         if eval_set.is_empty() {
             bail!(
-                "no training samples left in {}: none of its {} samples has a label token (each skip is logged above): \
+                "no training samples left in {}: none of its {} samples {} (each skip is logged above): \
                  check that the samples have non-empty assistant turns, or raise `data.cutoff_len` ({}) if they \
                  were truncated",
                 cfg.data.path.display(),
                 rows,
+                if layout == Layout::Sequences { "has a label token".to_string() } else { format!("can be used as {}", layout.name()) },
                 cfg.data.cutoff_len
             );
         }
@@ -380,13 +483,14 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     let t = &cfg.training;
     let data_order = DataOrder { n: train_set.len(), micro: t.micro_batch_size, seed: cfg.seed, shuffle: cfg.data.shuffle };
     let accum = t.gradient_accumulation_steps;
-    let total_steps = t.max_steps.unwrap_or_else(|| (t.epochs * data_order.micro_per_epoch()).div_ceil(accum));
+    // Generation objectives take `num_iterations` optimizer steps on each generation batch.
+    let mu = t.num_iterations;
+    let total_steps = t.max_steps.unwrap_or_else(|| (t.epochs * data_order.micro_per_epoch()).div_ceil(accum) * mu);
     // With epochs (no max_steps) the last step takes only the micro-batches the epochs have left.
     let micro_limit = if t.max_steps.is_some() { usize::MAX } else { t.epochs * data_order.micro_per_epoch() };
     let schedule = Schedule::new(&cfg.scheduler, cfg.optimizer.lr, total_steps);
     let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
 
-    let mut objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
     let mut memory = registry.memory(&cfg.memory.plugin, &cfg.memory.config_json())?;
     memory.setup(params, &cfg.optimizer_json(), device, &SingleProcess)?;
 
@@ -408,25 +512,30 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     while step < total_steps {
         tch::manual_seed(step_seed(cfg.seed, step));
         let step_start = Instant::now();
+        let (data_step, iteration) = (step / mu, step % mu);
         let micro: Vec<(usize, Vec<usize>)> =
-            (0..accum).map(|j| step * accum + j).take_while(|&k| k < micro_limit).map(|k| data_order.micro_batch(k)).collect();
+            (0..accum).map(|j| data_step * accum + j).take_while(|&k| k < micro_limit).map(|k| data_order.micro_batch(k)).collect();
         // (epoch, sample indices) per micro-batch; the epoch is only informative here.
-        let num_items: i64 = micro.iter().flat_map(|(_, idx)| idx.iter().map(|&i| label_tokens(&train_set[i]))).sum();
+        let num_items: i64 = micro.iter().flat_map(|(_, idx)| idx.iter().map(|&i| train_set[i].1.label_tokens())).sum();
         let mut tokens = 0usize;
-        let batches = micro.iter().map(|(_, idx)| {
-            let items: Vec<Encoded> = idx.iter().map(|&i| train_set[i].clone()).collect();
-            tokens += items.iter().map(|e| e.input_ids.len()).sum::<usize>();
-            Ok(Batch { tensors: batch_tensors(&items, pad_id, prep.as_ref(), device)?, meta_json: batch_meta(num_items) })
+        let micro_count = micro.len();
+        let batches = micro.iter().enumerate().map(|(j, (_, idx))| {
+            let items: Vec<&Item> = idx.iter().map(|&i| &train_set[i].1).collect();
+            tokens += items.iter().map(|e| e.tokens()).sum::<usize>();
+            let at = MicroPosition { num_items, gradient_accumulation_steps: micro_count, micro_index: j, iteration, num_iterations: mu };
+            let ids = idx.iter().map(|&i| serde_json::json!(format!("row {}", train_set[i].0))).collect();
+            let (tensors, extra) = layout::collate(layout, &items, pad_id, prep.as_ref())?;
+            Ok(Batch { tensors: on_device(tensors, device)?, meta_json: micro_meta(layout, at, ids, extra) })
         });
         let lr = schedule.lr(step);
-        let StepOutcome { loss: loss_sum, metrics: extra, report, .. } =
-            optimizer_step(&model, &tokenizer, &mut objective, &mut memory, batches, lr)?;
+        let ctx = PolicyContext { model: &model, tokenizer: &tokenizer, train: true, rewards: &rewards, max_len: cfg.data.cutoff_len };
+        let StepOutcome { loss: loss_sum, metrics: extra, report, .. } = optimizer_step_with(&ctx, &mut objective, &mut memory, batches, lr)?;
         step += 1;
         first_loss.get_or_insert(loss_sum);
         last_loss = Some(loss_sum);
         let mut line = serde_json::json!({
             "step": step,
-            "epoch": (step * accum) as f64 / data_order.micro_per_epoch() as f64,
+            "epoch": ((data_step + 1) * accum) as f64 / data_order.micro_per_epoch() as f64,
             "loss": loss_sum,
             "lr": lr,
             "grad_norm": report.grad_norm,
@@ -438,8 +547,11 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         }
         if let Some(every) = t.eval_steps {
             if step % every == 0 && !eval_set.is_empty() {
-                let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, prep.as_ref(), device)?;
+                let (l, eval_metrics) = evaluate(&ctx_eval(&model, &tokenizer, &rewards, cfg), &mut objective, layout, &eval_set, t.micro_batch_size, pad_id, prep.as_ref(), device)?;
                 line["eval_loss"] = serde_json::json!(l);
+                for (k, v) in eval_metrics {
+                    line[format!("eval/{k}")] = serde_json::json!(v);
+                }
                 eval_loss = Some(l);
                 last_eval_step = Some(step);
             }
@@ -460,8 +572,13 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         b.finish();
     }
     if !eval_set.is_empty() && last_eval_step != Some(step) {
-        let l = evaluate(&model, &tokenizer, &mut objective, &eval_set, t.micro_batch_size, pad_id, prep.as_ref(), device)?;
-        write_metrics_line(&mut metrics, &serde_json::json!({"step": step, "eval_loss": l}))?;
+        let (l, eval_metrics) = evaluate(&ctx_eval(&model, &tokenizer, &rewards, cfg), &mut objective, layout, &eval_set, t.micro_batch_size, pad_id, prep.as_ref(), device)?;
+        let mut line = serde_json::json!({"step": step, "eval_loss": l});
+        for (k, v) in eval_metrics {
+            line[format!("eval/{k}")] = serde_json::json!(v);
+        }
+        write_metrics_line(&mut metrics, &line)?;
+        println!("{line}");
         eval_loss = Some(l);
     }
     model.save_peft_adapter(&cfg.output_dir)?;
@@ -488,29 +605,48 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     Ok(summary)
 }
 
-/// Token-weighted mean loss over the eval set (no graph, dropout off).
+fn ctx_eval<'a>(model: &'a CausalLM, tokenizer: &'a Tokenizer, rewards: &'a [LoadedReward], cfg: &TrainConfig) -> PolicyContext<'a> {
+    PolicyContext { model, tokenizer, train: false, rewards, max_len: cfg.data.cutoff_len }
+}
+
+/// The eval loss (no graph, dropout off) and the mean of the objective's metrics over the
+/// eval set. Sequences: the token-weighted mean loss; other layouts: the row-weighted mean of
+/// the micro-batch losses.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
-    model: &CausalLM,
-    tokenizer: &Tokenizer,
+    ctx: &PolicyContext<'_>,
     objective: &mut dyn Objective,
-    eval_set: &[Encoded],
+    layout: Layout,
+    eval_set: &[(usize, Item)],
     micro: usize,
     pad_id: i64,
     prep: Option<&ImagePrep>,
     device: tch::Device,
-) -> Result<f64> {
-    let total: i64 = eval_set.iter().map(label_tokens).sum();
+) -> Result<(f64, Vec<(String, f64)>)> {
+    let total: i64 = eval_set.iter().map(|(_, e)| e.label_tokens()).sum();
     let mut sum = 0f64;
-    for chunk in eval_set.chunks(micro) {
-        let batch = Batch {
-            tensors: batch_tensors(chunk, pad_id, prep, device)?,
-            meta_json: batch_meta(total),
-        };
-        let ctx = PolicyContext { model, tokenizer, train: false };
-        let out = tch::no_grad(|| objective.loss(&batch, &ctx))?;
-        sum += out.loss.f_double_value(&[])?;
+    let mut metric_sums: Vec<(String, f64, f64)> = Vec::new();
+    for (j, chunk) in eval_set.chunks(micro).enumerate() {
+        let items: Vec<&Item> = chunk.iter().map(|(_, e)| e).collect();
+        let (tensors, extra) = layout::collate(layout, &items, pad_id, prep)?;
+        let at = MicroPosition { num_items: total, gradient_accumulation_steps: 1, micro_index: j, iteration: 0, num_iterations: 1 };
+        let ids = chunk.iter().map(|(row, _)| serde_json::json!(format!("row {row}"))).collect();
+        let batch = Batch { tensors: on_device(tensors, device)?, meta_json: micro_meta(layout, at, ids, extra) };
+        let out = tch::no_grad(|| objective.loss(&batch, ctx))?;
+        let value = out.loss.f_double_value(&[])?;
+        let weight = chunk.len() as f64;
+        sum += if layout == Layout::Sequences { value } else { value * weight / eval_set.len() as f64 };
+        for (k, v) in out.metrics.into_iter().filter(|(k, v)| k != "loss" && v.is_finite()) {
+            match metric_sums.iter_mut().find(|(n, _, _)| *n == k) {
+                Some(m) => {
+                    m.1 += v * weight;
+                    m.2 += weight;
+                }
+                None => metric_sums.push((k, v * weight, weight)),
+            }
+        }
     }
-    Ok(sum)
+    Ok((sum, metric_sums.into_iter().map(|(k, s, w)| (k, s / w)).collect()))
 }
 
 fn progress_bar(enabled: bool, total: usize, done: usize) -> Option<indicatif::ProgressBar> {

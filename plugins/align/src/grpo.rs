@@ -89,6 +89,9 @@ pub struct Grpo {
     params: GrpoParams,
     scale: ScaleRewards,
     generation_calls: Cell<u64>,
+    /// Generation batches kept for the later iterations of `num_iterations` (batch metadata),
+    /// by micro-batch index.
+    rollouts: Vec<(u64, Scored)>,
 }
 
 impl Plugin for Grpo {
@@ -142,11 +145,12 @@ impl Plugin for Grpo {
             delta: cfg.delta,
             max_completion_length: cfg.max_completion_length,
         };
-        Ok(Self { cfg, params, scale, generation_calls: Cell::new(0) })
+        Ok(Self { cfg, params, scale, generation_calls: Cell::new(0), rollouts: Vec::new() })
     }
 }
 
 /// A scored GRPO batch: completions with their advantages (TRL's `_compute_loss` inputs).
+#[derive(Debug)]
 struct Scored {
     prompt_ids: Tensor,
     prompt_mask: Tensor,
@@ -157,6 +161,23 @@ struct Scored {
     reference: Option<Tensor>,
     extra_inputs: Vec<(String, Tensor)>,
     metrics: Vec<(String, f64)>,
+}
+
+impl Scored {
+    fn share(&self) -> Scored {
+        let sh = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
+        Scored {
+            prompt_ids: self.prompt_ids.shallow_clone(),
+            prompt_mask: self.prompt_mask.shallow_clone(),
+            completion_ids: self.completion_ids.shallow_clone(),
+            completion_mask: self.completion_mask.shallow_clone(),
+            advantages: self.advantages.shallow_clone(),
+            old: sh(&self.old),
+            reference: sh(&self.reference),
+            extra_inputs: self.extra_inputs.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+            metrics: self.metrics.clone(),
+        }
+    }
 }
 
 impl Grpo {
@@ -346,7 +367,28 @@ impl Objective for Grpo {
     fn loss(&mut self, batch: &Batch, ctx: &dyn ObjectiveContext) -> PluginResult<LossOutput> {
         let meta = Meta::parse(&batch.meta_json)?;
         let has_completions = batch.tensors.iter().any(|(n, _)| n == "completion_ids");
-        let mut s = if has_completions { self.scored_from_batch(batch)? } else { self.rollout(batch, &meta, ctx)? };
+        // `num_iterations` (TRL's μ): the host sends each prompts batch for μ consecutive
+        // optimizer steps (`iteration` 0..μ, `micro_index` within the step); the first
+        // generates, scores and keeps the rollout with the sampling policy's
+        // log-probabilities, the others reuse it.
+        let key = |k: &str| meta.value.get(k).and_then(|v| v.as_u64());
+        let (iteration, iterations, micro) = (key("iteration").unwrap_or(0), key("num_iterations").unwrap_or(1), key("micro_index").unwrap_or(0));
+        let mut s = if has_completions {
+            self.scored_from_batch(batch)?
+        } else if iteration > 0 {
+            self.rollouts.iter().find(|(m, _)| *m == micro).map(|(_, s)| s.share()).ok_or_else(|| {
+                PluginError::invalid(format!("iteration {iteration} of micro-batch {micro}: no generation batch kept from iteration 0"))
+            })?
+        } else {
+            let mut s = self.rollout(batch, &meta, ctx)?;
+            self.rollouts.retain(|(m, _)| *m != micro);
+            if iterations > 1 {
+                let old = tch::no_grad(|| self.completion_logps(ctx, &s, ForwardFlags::NO_GRAD, false))?.0;
+                s.old = Some(old);
+                self.rollouts.push((micro, s.share()));
+            }
+            s
+        };
         if s.prompt_ids.size()[1] < 1 {
             return Err(PluginError::invalid("GRPO needs at least one prompt token per row"));
         }

@@ -55,7 +55,10 @@
 //! **Metadata** (JSON object, all optional): `gradient_accumulation_steps` (every loss but
 //! `dapo` is divided by it, as TRL's trainers do), `num_items_in_batch` (`dapo` only: the
 //! completion tokens of the whole optimizer step; default this micro-batch's), `sample_ids`
-//! (named in errors).
+//! (named in errors); GRPO's `num_iterations` (μ), `iteration` (0..μ) and `micro_index`
+//! (the micro-batch within its optimizer step): the host sends each prompts batch for μ
+//! consecutive optimizer steps; iteration 0 generates, scores and keeps the rollout with
+//! the sampling policy's log-probabilities (`old_per_token_logps`), later iterations reuse it.
 //!
 //! # Guards
 //! Non-finite policy or reference log-probabilities, advantages or precomputed inputs are an
