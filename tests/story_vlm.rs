@@ -261,3 +261,54 @@ fn bad_rows_are_reported_then_stop_or_skip() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("story") && stderr(&o).contains("nostory.parquet"), "{}", stderr(&o));
 }
+
+/// Qwen2-VL-Finetune's DPO rows (`prompt` with `<image>` placeholders, `chosen`, `rejected`)
+/// through `ferrotune train` with `objective: dpo`: each pair's two rows carry the images
+/// (pixel values for 2B rows), the reference is the same model with the adapter disabled, and
+/// the preference is learnt (train reward accuracy and margin at the end).
+#[test]
+fn multi_image_dpo_trains_on_llava_preference_rows() {
+    let dir = temp_dir("story-dpo");
+    let model = dir.join("model");
+    init_vl(&model);
+    let img = |name: &str| repo_root().join("datasets/story-llava/images").join(name).display().to_string();
+    let rows: Vec<serde_json::Value> = (0..4)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("pair-{i}"),
+                "image": [img(&format!("toy-train-00{i}_1.png")), img(&format!("toy-train-00{i}_2.png"))],
+                "prompt": "<image>\n<image>\nWho is in these frames?",
+                "chosen": "Mira and Tobin walk to the pond.",
+                "rejected": "Nobody is there at all.",
+            })
+        })
+        .collect();
+    std::fs::write(dir.join("dpo.json"), serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    let config = dir.join("dpo.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: {}\noutput_dir: {}\nadapter: {{plugin: lora, r: 8, lora_alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj]}}\n\
+             objective: {{plugin: dpo, beta: 0.1}}\noptimizer: {{lr: 1.0e-2}}\nscheduler: {{type: constant}}\n\
+             data: {{plugin: llava, path: {}, image_max_pixels: 50176}}\n\
+             training: {{max_steps: 6, micro_batch_size: 2, progress_bar: false}}\n",
+            model.display(),
+            dir.join("out").display(),
+            dir.join("dpo.json").display()
+        ),
+    )
+    .unwrap();
+    let o = ferrotune(&["data", "preview", config.to_str().unwrap(), "-n", "1"]);
+    let preview = stdout(&o);
+    assert!(o.status.success() && preview.contains("rows as preference pairs") && preview.matches("<|image_pad|>×").count() == 4, "{preview}");
+    let o = ferrotune(&["train", config.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = read_jsonl(&dir.join("out/metrics.jsonl"));
+    let first = &metrics[0];
+    let last = metrics.last().unwrap();
+    println!("first {first}\nlast {last}");
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4, "policy = reference at step 1: {first}");
+    assert!(last["loss"].as_f64().unwrap() < 0.6, "{last}");
+    assert_eq!(last["train/rewards/accuracies"].as_f64(), Some(1.0), "{last}");
+    assert!(last["train/rewards/margins"].as_f64().unwrap() > 0.0, "{last}");
+}
