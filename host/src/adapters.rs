@@ -39,6 +39,9 @@ pub const CAP_MERGE: &str = "merge";
 /// Capability: right after `adapt_linear` the host sets the base weight to
 /// `layer.unmerged_weight(W)` (PiSSA, OLoRA: the base becomes the residual).
 pub const CAP_INIT_REWRITES_BASE: &str = "init_rewrites_base";
+/// Capability: the adapter's forward is `base.forward(x)` plus a part computed from `x` alone,
+/// so rows of one batch may run different adapters (`serve`'s mixed batches).
+pub const CAP_MIXED_BATCH: &str = "mixed_batch";
 
 /// The full peft name of tensor `name` of module `module`.
 pub fn peft_key(module: &str, name: &str) -> String {
@@ -361,6 +364,27 @@ impl CausalLM {
         if self.adapters.active.as_deref() == Some(name) {
             self.adapters.active = self.adapters.entries.first().map(|a| a.name.clone());
         }
+    }
+
+    /// Takes adapter `name` off the model (its layers and copies; `serve` unloading an
+    /// adapter). An adapter whose initialisation rewrote base weights (PiSSA, OLoRA) is
+    /// refused: the original weights are gone, so it can only be merged or kept.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
+        let Some(entry) = self.adapters.get(name) else {
+            bail!("no adapter named `{name}` is attached (attached: {})", none_if_empty(&self.adapter_names()));
+        };
+        if entry.capabilities.iter().any(|c| c == CAP_INIT_REWRITES_BASE) {
+            bail!("adapter `{name}` rewrote base weights when it was attached ({CAP_INIT_REWRITES_BASE}); it cannot be removed");
+        }
+        self.detach_fresh_adapter(name, Vec::new());
+        Ok(())
+    }
+
+    /// Whether rows running adapter `name` may share a batch with rows of other adapters
+    /// ([`crate::linear::LinearMode::rows`]): its plugin declares [`CAP_MIXED_BATCH`] and it
+    /// keeps no full copies of modules (`modules_to_save`). False for an unknown name.
+    pub fn adapter_mixes(&self, name: &str) -> bool {
+        self.adapters.get(name).is_some_and(|a| a.saved.is_empty() && a.capabilities.iter().any(|c| c == CAP_MIXED_BATCH))
     }
 
     /// Names of the attached adapters, in the order they were attached.

@@ -20,6 +20,7 @@ pub mod plot;
 pub mod plugins;
 pub mod rng;
 pub mod selfcheck;
+pub mod serve;
 pub mod text;
 pub mod train;
 pub mod vision;

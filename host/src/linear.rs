@@ -65,11 +65,49 @@ pub struct LinearMode<'a> {
     pub adapter: Option<&'a str>,
     /// Training: adapter dropout is on.
     pub train: bool,
+    /// One adapter per batch row (dim 0 of the input), for mixed batches (`serve`): the base
+    /// output is computed once for the whole batch, then each adapter adds its part to its
+    /// own rows. Overrides `adapter` in the linear layers (the embedding runs its base); only
+    /// for adapters whose plugin declares `mixed_batch` and that keep no full copies.
+    pub rows: Option<&'a [Option<&'a str>]>,
 }
 
 impl LinearMode<'_> {
     /// Base weights only, evaluation.
-    pub const BASE: LinearMode<'static> = LinearMode { adapter: None, train: false };
+    pub const BASE: LinearMode<'static> = LinearMode { adapter: None, train: false, rows: None };
+}
+
+/// The base layer as an adapter of some rows of a batch sees it: its `forward` returns those
+/// rows of the base output computed once for the whole batch (the adapter calls it with
+/// exactly those rows); weight, bias and shape are the real base's.
+struct RowsOfBase<'a> {
+    base: &'a LinearBase,
+    rows: Tensor,
+}
+
+impl BaseLinear for RowsOfBase<'_> {
+    fn name(&self) -> PluginResult<String> {
+        BaseLinear::name(self.base)
+    }
+    fn shape(&self) -> PluginResult<(i64, i64)> {
+        BaseLinear::shape(self.base)
+    }
+    fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
+        let (want, have) = (x.size(), self.rows.size());
+        if want.first() != have.first() || want[..want.len() - 1] != have[..have.len() - 1] {
+            return Err(ferrotune_plugin_api::PluginError::invalid(format!(
+                "mixed batch: the adapter asked the base of `{}` for input {want:?}, but the precomputed rows are {have:?}",
+                self.base.name
+            )));
+        }
+        Ok(self.rows.shallow_clone())
+    }
+    fn weight(&self) -> PluginResult<Tensor> {
+        BaseLinear::weight(self.base)
+    }
+    fn bias(&self) -> PluginResult<Option<Tensor>> {
+        BaseLinear::bias(self.base)
+    }
 }
 
 /// A frozen linear layer and the adapters that wrap it (see the module docs).
@@ -101,6 +139,9 @@ impl FrozenLinear {
     /// `x Wᵀ + b`, through the adapter `mode` selects when this layer has one (or with that
     /// adapter's copy of the layer when it keeps one).
     pub fn forward(&self, x: &Tensor, mode: LinearMode<'_>) -> Result<Tensor> {
+        if let Some(rows) = mode.rows {
+            return self.forward_rows(x, rows, mode.train);
+        }
         if let Some((name, copy)) = mode.adapter.and_then(|name| self.copy(name).map(|c| (name, c))) {
             return copy.forward(x).with_context(|| format!("adapter `{name}`'s copy of `{}` (modules_to_save)", self.base.name));
         }
@@ -110,6 +151,34 @@ impl FrozenLinear {
                 .with_context(|| format!("adapter `{name}` of `{}`", self.base.name)),
             None => Ok(self.base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?),
         }
+    }
+
+    /// A mixed batch: the base once for all rows, then each adapter this layer holds runs on
+    /// its rows (gathered, the base output handed over as [`RowsOfBase`]) and its result
+    /// replaces those rows. Rows whose adapter this layer lacks keep the base output.
+    fn forward_rows(&self, x: &Tensor, rows: &[Option<&str>], train: bool) -> Result<Tensor> {
+        let batch = x.size().first().copied().unwrap_or(0);
+        if batch != rows.len() as i64 {
+            anyhow::bail!("linear layer `{}`: {} per-row adapters for an input of {batch} rows", self.base.name, rows.len());
+        }
+        let mut out = self.base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?;
+        let mut names: Vec<&str> = rows.iter().flatten().copied().collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            if self.copy(name).is_some() {
+                anyhow::bail!("adapter `{name}` keeps a full copy of `{}` (modules_to_save): it cannot share a mixed batch", self.base.name);
+            }
+            let Some(adapter) = self.adapter(name) else { continue };
+            let idx: Vec<i64> = rows.iter().enumerate().filter(|(_, r)| **r == Some(name)).map(|(i, _)| i as i64).collect();
+            let idx = Tensor::f_from_slice(&idx)?.f_to_device(x.device())?;
+            let base = RowsOfBase { base: &self.base, rows: out.f_index_select(0, &idx)? };
+            let y = adapter
+                .forward(&x.f_index_select(0, &idx)?, &base, train)
+                .with_context(|| format!("adapter `{name}` of `{}` (mixed batch)", self.base.name))?;
+            out = out.f_index_copy(0, &idx, &y.f_to_kind(out.kind())?)?;
+        }
+        Ok(out)
     }
 
     /// This layer's adapter named `name`, if it has one.

@@ -81,6 +81,9 @@ enum Command {
     /// Merge a PEFT adapter directory into a model and write the merged Hugging Face model
     /// directory (config, weights, tokenizer files) that transformers loads.
     Merge(Box<MergeArgs>),
+    /// Serve a model over an OpenAI-compatible HTTP API, with PEFT adapters loaded, unloaded
+    /// and chosen per request (`model` field), batched together (README: serving).
+    Serve(Box<ServeArgs>),
     /// Benchmarks that print numbers (see `make bench-generate` for the side-by-side run).
     Bench {
         #[command(subcommand)]
@@ -214,6 +217,49 @@ struct MergeArgs {
     device: String,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// The base model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// An adapter loaded at start, NAME=DIR (repeatable; a PEFT directory from anywhere).
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    adapters: Vec<String>,
+    /// The only folder the API (`POST /v1/adapters`, `/v1/load_lora_adapter`) may load
+    /// adapters from; without it the API loads none.
+    #[arg(long, value_name = "DIR")]
+    adapter_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 = any free port (the address is printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "FERROTUNE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Requests decoded together at most (more wait in a queue).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Adapters loaded at most; one more evicts the least recently used idle adapter.
+    #[arg(long, default_value_t = 8)]
+    max_adapters: usize,
+    /// The largest `max_tokens` a request may ask for (and the cap of the default).
+    #[arg(long, default_value_t = 1024)]
+    max_tokens_limit: usize,
+    /// The largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// The base model's name in requests and /v1/models (default: the model folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens/s of greedy KV-cache generation on a model directory; prints
@@ -242,6 +288,26 @@ enum BenchCommand {
     /// optimizer step, fixed synthetic batches (labels = ids); prints one JSON line with the
     /// keys of bench/train_transformers.py.
     Train(Box<BenchTrainArgs>),
+    /// Decode tokens/s of one batch of N requests all on one LoRA adapter vs the same N on N
+    /// different adapters (mixed batch, S-LoRA style) vs the base alone; one JSON line.
+    Serve {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: i64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
 }
 
 #[derive(Args)]
@@ -454,6 +520,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let model = ferrotune::model::CausalLM::load(&model, device, dtype)?;
             let opts = ferrotune::bench::GenerateBench { batch, prompt_len, new_tokens, repeats };
             let result = ferrotune::bench::bench_generate(&model, &opts)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(a) => {
+            let adapters = a
+                .adapters
+                .iter()
+                .map(|s| match s.split_once('=') {
+                    Some((n, d)) if !n.is_empty() && !d.is_empty() => Ok((n.to_string(), PathBuf::from(d))),
+                    _ => anyhow::bail!("--adapter `{s}`: expected NAME=DIR"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            ferrotune::serve::serve(ferrotune::serve::ServeOptions {
+                model: a.model,
+                adapters,
+                adapter_dir: a.adapter_dir,
+                host: a.host,
+                port: a.port,
+                api_key: a.api_key,
+                max_batch: a.max_batch,
+                max_adapters: a.max_adapters,
+                max_tokens_limit: a.max_tokens_limit,
+                max_body_bytes: a.max_body_bytes,
+                served_model_name: a.served_model_name,
+                device: device::resolve(&a.device)?,
+                dtype: ferrotune::model::init::parse_dtype(&a.dtype)?,
+                search,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Serve { model, requests, prompt_len, new_tokens, rank, repeats, device, dtype } } => {
+            let device = device::resolve(&device)?;
+            let dtype = ferrotune::model::init::parse_dtype(&dtype)?;
+            let opts = ferrotune::serve::bench::ServeBench { requests, prompt_len, new_tokens, rank, repeats };
+            let result = ferrotune::serve::bench::bench_serve(&model, &Registry::discover(&search), device, dtype, &opts)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -219,6 +219,11 @@ impl CausalLM {
     /// the weights are loaded (missing, unexpected or mis-shaped keys are refused by name). On
     /// any error the model is left as it was.
     pub fn load_peft_adapter(&mut self, dir: &Path, registry: &Registry) -> Result<AttachReport> {
+        self.load_peft_adapter_as(dir, registry, DEFAULT_ADAPTER)
+    }
+
+    /// [`CausalLM::load_peft_adapter`] under the adapter name `name` (`serve` holds many).
+    pub fn load_peft_adapter_as(&mut self, dir: &Path, registry: &Registry, name: &str) -> Result<AttachReport> {
         let (config_path, weights_path) = adapter_files(dir)?;
         let mapped = plugin_config(&read_adapter_config(&config_path)?, &config_path)?;
         tracing::debug!("{}: plugin `{}` with {} (ignored keys: {})", config_path.display(), mapped.plugin, mapped.config_json, mapped.ignored.join(", "));
@@ -227,11 +232,11 @@ impl CausalLM {
             .with_context(|| format!("{} is not a readable safetensors file", weights_path.display()))?;
         let before = self.active_adapter().map(str::to_string);
         let (report, originals) = self
-            .attach_keeping_originals(DEFAULT_ADAPTER, Box::new(method))
+            .attach_keeping_originals(name, Box::new(method))
             .with_context(|| format!("attaching the adapter of {}", dir.display()))?;
-        self.set_active_adapter(Some(DEFAULT_ADAPTER))?;
+        self.set_active_adapter(Some(name))?;
         if let Err(e) = self.load_adapter_state_dict(tensors) {
-            self.detach_fresh_adapter(DEFAULT_ADAPTER, originals);
+            self.detach_fresh_adapter(name, originals);
             self.set_active_adapter(before.as_deref())?;
             return Err(e.context(format!("loading {}", weights_path.display())));
         }

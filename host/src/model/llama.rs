@@ -60,6 +60,68 @@ impl KvCache {
         self.rope_deltas = None;
     }
 
+    /// Continuous batching (`serve`): appends the rows of `other` below this cache's rows. The
+    /// shorter of the two is left-padded with zero positions to the other's length (the caller
+    /// pads its attention mask the same way, with zeros, so those positions are never attended);
+    /// an empty cache simply becomes `other`.
+    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+        if self.batch == 0 {
+            *self = other;
+            return Ok(());
+        }
+        if other.layers.len() != self.layers.len() {
+            bail!("KV caches of {} and {} layers cannot be joined", self.layers.len(), other.layers.len());
+        }
+        let (mine, theirs) = (self.seq_len(), other.seq_len());
+        let width = mine.max(theirs);
+        let pad = |t: Tensor, len: i64| -> Result<Tensor> {
+            if len == width {
+                return Ok(t);
+            }
+            let (b, h, _, d) = t.size4()?;
+            let zeros = Tensor::f_zeros([b, h, width - len, d], (t.kind(), t.device()))?;
+            Ok(Tensor::f_cat(&[zeros, t], 2)?)
+        };
+        for (slot, theirs_slot) in self.layers.iter_mut().zip(other.layers) {
+            let ((k, v), (k2, v2)) = match (slot.take(), theirs_slot) {
+                (Some(a), Some(b)) => (a, b),
+                _ => bail!("KV caches can only be joined after their prefill"),
+            };
+            let k = Tensor::f_cat(&[pad(k, mine)?, pad(k2, theirs)?], 0)?;
+            let v = Tensor::f_cat(&[pad(v, mine)?, pad(v2, theirs)?], 0)?;
+            *slot = Some((k, v));
+        }
+        self.rope_deltas = match (self.rope_deltas.take(), other.rope_deltas) {
+            (None, None) => None,
+            (a, b) => {
+                let mut a = a.unwrap_or_else(|| vec![0; self.batch as usize]);
+                a.extend(b.unwrap_or_else(|| vec![0; other.batch as usize]));
+                Some(a)
+            }
+        };
+        self.batch += other.batch;
+        Ok(())
+    }
+
+    /// Keeps only the rows `keep` (in that order) and the positions from `first` on: retiring
+    /// finished rows of a running batch and dropping the leading columns that are padding in
+    /// every row left.
+    pub fn retain(&mut self, keep: &[i64], first: i64) -> Result<()> {
+        let len = self.seq_len() - first;
+        let idx = Tensor::f_from_slice(keep)?;
+        for slot in self.layers.iter_mut() {
+            if let Some((k, v)) = slot.take() {
+                let idx = idx.f_to_device(k.device())?;
+                *slot = Some((k.f_index_select(0, &idx)?.f_narrow(2, first, len)?, v.f_index_select(0, &idx)?.f_narrow(2, first, len)?));
+            }
+        }
+        if let Some(d) = &mut self.rope_deltas {
+            *d = keep.iter().map(|&i| d[i as usize]).collect();
+        }
+        self.batch = keep.len() as i64;
+        Ok(())
+    }
+
     /// Appends this step's keys/values of `layer` and returns all of them.
     fn update(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let slot = self.layers.get_mut(layer).context("KV cache has fewer layers than the model")?;
@@ -544,7 +606,7 @@ impl CausalLM {
     /// the caller's: wrap the call in `tch::no_grad`.)
     pub fn mode(&self, flags: ForwardFlags, train: bool) -> LinearMode<'_> {
         let adapter = if flags.contains(ForwardFlags::DISABLE_ADAPTER) { None } else { self.active_adapter() };
-        LinearMode { adapter, train }
+        LinearMode { adapter, train, rows: None }
     }
 
     /// An empty KV cache for `batch` rows.
@@ -862,6 +924,32 @@ impl CausalLM {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-layer cache of `rows` × `len` positions whose values name their row and position.
+    fn filled(rows: i64, len: i64, tag: f64) -> KvCache {
+        let mut c = KvCache::new(1, rows);
+        let k = Tensor::arange(rows * len, (Kind::Float, Device::Cpu)).view([rows, 1, len, 1]) + tag;
+        c.update(0, k.shallow_clone(), -k).unwrap();
+        c
+    }
+
+    #[test]
+    fn caches_join_with_left_padding_and_keep_chosen_rows() {
+        let mut a = filled(1, 3, 100.0);
+        a.append_rows(filled(2, 5, 200.0)).unwrap();
+        assert_eq!((a.batch(), a.seq_len()), (3, 5));
+        let k = |c: &KvCache| -> Vec<f32> { Vec::try_from(&c.layers[0].as_ref().unwrap().0.reshape([-1])).unwrap() };
+        assert_eq!(k(&a)[..5], [0.0, 0.0, 100.0, 101.0, 102.0], "the shorter row is left-padded with zeros");
+        assert_eq!(k(&a)[5..10], [200.0, 201.0, 202.0, 203.0, 204.0]);
+        a.retain(&[2, 0], 2).unwrap();
+        assert_eq!((a.batch(), a.seq_len()), (2, 3));
+        assert_eq!(k(&a), [207.0, 208.0, 209.0, 100.0, 101.0, 102.0]);
+        let v: Vec<f32> = Vec::try_from(&a.layers[0].as_ref().unwrap().1.reshape([-1])).unwrap();
+        assert_eq!(v[0], -207.0);
+        let mut empty = KvCache::new(1, 0);
+        empty.append_rows(filled(1, 2, 0.0)).unwrap();
+        assert_eq!((empty.batch(), empty.seq_len()), (1, 2));
+    }
 
     #[test]
     fn default_inv_freq_closed_form() {

@@ -1,0 +1,460 @@
+//! The HTTP side: OpenAI-compatible routes (axum) that turn requests into engine commands and
+//! engine events into JSON responses or server-sent events.
+//!
+//! Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true`),
+//! `GET /v1/models`, `POST /v1/adapters` `{name, path}`, `DELETE /v1/adapters/{name}`, vLLM's
+//! `POST /v1/load_lora_adapter` `{lora_name, lora_path}` and `POST /v1/unload_lora_adapter`
+//! `{lora_name}`, and `GET /health` (no key needed).
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use ferrotune_plugin_api::Message;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::engine::{Command, Event, GenRequest, PromptInput};
+use super::error::ApiError;
+use crate::pipeline::SamplingChoice;
+
+/// What every handler shares.
+pub struct AppState {
+    /// To the engine thread.
+    pub engine: Mutex<Sender<Command>>,
+    /// The loaded adapters' names, kept by the engine.
+    pub listing: Arc<RwLock<Vec<String>>>,
+    pub base_name: String,
+    pub api_key: Option<String>,
+    pub max_tokens_limit: usize,
+    pub created: u64,
+    /// Request ids.
+    pub counter: std::sync::atomic::AtomicU64,
+    pub stats: Arc<super::engine::EngineStats>,
+}
+
+impl AppState {
+    fn send(&self, c: Command) -> Result<(), ApiError> {
+        self.engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(c)
+            .map_err(|_| ApiError::new(503, "server_error", "the engine has stopped (the server is shutting down)"))
+    }
+
+    fn next_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// The router with its limits: body size (`max_body_bytes`) and the API key.
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/adapters", post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
+        .route("/v1/load_lora_adapter", post(vllm_load))
+        .route("/v1/unload_lora_adapter", post(vllm_unload))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .merge(v1)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// `{"status": "ok", "engine": {steps, mixed_steps, max_rows, finished}}`, no key needed.
+async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"status": "ok", "engine": st.stats.json()}))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(404, "not_found_error", format!("no route {} {}", req.method(), req.uri().path()))
+}
+
+/// Refuses requests without `Authorization: Bearer <--api-key>` when a key is set.
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+        if !ok {
+            let what = if given.is_some() { "the API key is wrong" } else { "an API key is required (Authorization: Bearer KEY)" };
+            return ApiError::new(401, "authentication_error", what).code("invalid_api_key").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Parses a JSON body, turning every failure (too large, not JSON, wrong fields) into a
+/// JSON error.
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        let status = r.status().as_u16();
+        let msg = if status == 413 { format!("the request body is too large ({})", r.body_text()) } else { r.body_text() };
+        ApiError::new(status, "invalid_request_error", msg).code(if status == 413 { "request_too_large" } else { "bad_body" })
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")).code("invalid_json"))
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let entry = |id: &str, parent: Option<&str>| json!({"id": id, "object": "model", "created": st.created, "owned_by": "ferrotune", "root": parent.unwrap_or(id), "parent": parent});
+    let mut data = vec![entry(&st.base_name, None)];
+    data.extend(st.listing.read().unwrap_or_else(|p| p.into_inner()).iter().map(|n| entry(n, Some(&st.base_name))));
+    Json(json!({"object": "list", "data": data}))
+}
+
+#[derive(Deserialize)]
+struct LoadBody {
+    name: String,
+    path: String,
+}
+
+#[derive(Deserialize)]
+struct VllmLoad {
+    lora_name: String,
+    lora_path: String,
+}
+
+#[derive(Deserialize)]
+struct VllmUnload {
+    lora_name: String,
+}
+
+async fn engine_reply(st: &AppState, make: impl FnOnce(tokio::sync::oneshot::Sender<Result<Value, ApiError>>) -> Command) -> Response {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if let Err(e) = st.send(make(tx)) {
+        return e.into_response();
+    }
+    match rx.await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError::new(503, "server_error", "the engine stopped before answering").into_response(),
+    }
+}
+
+async fn load_adapter(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match parse::<LoadBody>(body) {
+        Ok(b) => engine_reply(&st, |reply| Command::Load { name: b.name, path: b.path, trusted: false, reply }).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn unload_adapter(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    engine_reply(&st, |reply| Command::Unload { name, reply }).await
+}
+
+async fn vllm_load(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match parse::<VllmLoad>(body) {
+        Ok(b) => engine_reply(&st, |reply| Command::Load { name: b.lora_name, path: b.lora_path, trusted: false, reply }).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn vllm_unload(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match parse::<VllmUnload>(body) {
+        Ok(b) => engine_reply(&st, |reply| Command::Unload { name: b.lora_name, reply }).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Deserialize)]
+struct Sampling {
+    max_tokens: Option<u64>,
+    /// The chat endpoint's newer name for `max_tokens`.
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    /// vLLM's extension; -1 or 0 = off.
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    n: Option<u64>,
+    stop: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    /// vLLM's extension: the generated token ids in each choice.
+    #[serde(default)]
+    return_token_ids: bool,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: Value,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Value,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+impl Sampling {
+    fn choice(&self, limit: usize) -> Result<SamplingChoice, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request("only n = 1 is supported").code("unsupported_parameter"));
+        }
+        let stop_given = match &self.stop {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if stop_given {
+            return Err(ApiError::bad_request("`stop` sequences are not supported; generation stops at the model's end-of-sequence tokens").code("unsupported_parameter"));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if let Some(m) = max_tokens {
+            if m == 0 || m as usize > limit {
+                return Err(ApiError::bad_request(format!("max_tokens must be between 1 and {limit} (--max-tokens-limit), got {m}")).code("max_tokens_out_of_range"));
+            }
+        }
+        if let Some(t) = self.temperature {
+            if !(t >= 0.0 && t.is_finite()) {
+                return Err(ApiError::bad_request(format!("temperature must be 0 (greedy) or positive, got {t}")));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(ApiError::bad_request(format!("top_p must be in (0, 1], got {p}")));
+            }
+        }
+        Ok(SamplingChoice {
+            greedy: self.temperature == Some(0.0),
+            temperature: self.temperature.filter(|&t| t > 0.0),
+            top_k: self.top_k.filter(|&k| k > 0).map(|k| k as usize),
+            top_p: self.top_p,
+            max_new_tokens: max_tokens.map(|m| m as usize),
+            seed: self.seed.unwrap_or(0),
+        })
+    }
+}
+
+async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: CompletionRequest = match parse(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let prompt = match &req.prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        _ => return ApiError::bad_request("`prompt` must be a string (or a list of one string)").into_response(),
+    };
+    run(st, req.model, PromptInput::Text(prompt), req.sampling, false).await
+}
+
+async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: ChatRequest = match parse(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let mut messages = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        let text = match &m.content {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            Value::Array(parts) => {
+                let mut text = String::new();
+                for p in parts {
+                    match p.get("type").and_then(Value::as_str) {
+                        Some("text") => text.push_str(p.get("text").and_then(Value::as_str).unwrap_or_default()),
+                        Some(other) => {
+                            return ApiError::bad_request(format!(
+                                "messages[{i}]: content parts of type `{other}` are not supported by this server (text parts only)"
+                            ))
+                            .code("unsupported_content")
+                            .into_response()
+                        }
+                        None => return ApiError::bad_request(format!("messages[{i}]: a content part has no `type`")).into_response(),
+                    }
+                }
+                text
+            }
+            _ => return ApiError::bad_request(format!("messages[{i}]: `content` must be a string or a list of parts")).into_response(),
+        };
+        messages.push(Message::new(m.role.clone(), text));
+    }
+    if messages.is_empty() {
+        return ApiError::bad_request("`messages` is empty").into_response();
+    }
+    run(st, req.model, PromptInput::Chat(messages), req.sampling, true).await
+}
+
+/// Sends a generation to the engine and answers with its result (JSON) or its stream (SSE).
+async fn run(st: Arc<AppState>, model: String, prompt: PromptInput, sampling: Sampling, chat: bool) -> Response {
+    let choice = match sampling.choice(st.max_tokens_limit) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    if let Err(e) = st.send(Command::Generate(Box::new(GenRequest { model: model.clone(), prompt, choice, events: tx }))) {
+        return e.into_response();
+    }
+    let prompt_tokens = match rx.recv().await {
+        Some(Event::Start { prompt_tokens }) => prompt_tokens,
+        Some(Event::Error(e)) => return e.into_response(),
+        _ => return ApiError::new(500, "server_error", "the engine dropped the request").into_response(),
+    };
+    let id = st.next_id(if chat { "chatcmpl" } else { "cmpl" });
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let shape = Shape { id, created, model, chat, return_token_ids: sampling.return_token_ids };
+    if sampling.stream {
+        let include_usage = sampling.stream_options.unwrap_or_default().include_usage;
+        return stream(shape, prompt_tokens, include_usage, rx);
+    }
+    loop {
+        match rx.recv().await {
+            Some(Event::Token { .. }) | Some(Event::Start { .. }) => {}
+            Some(Event::Done { finish_reason, text, token_ids, prompt_tokens }) => {
+                return Json(shape.full(&text, &token_ids, finish_reason, prompt_tokens)).into_response();
+            }
+            Some(Event::Error(e)) => return e.into_response(),
+            None => return ApiError::new(500, "server_error", "the engine dropped the request").into_response(),
+        }
+    }
+}
+
+/// The response fields of one request.
+struct Shape {
+    id: String,
+    created: u64,
+    model: String,
+    chat: bool,
+    return_token_ids: bool,
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.chat, chunk) {
+            (true, false) => "chat.completion",
+            (true, true) => "chat.completion.chunk",
+            (false, _) => "text_completion",
+        }
+    }
+
+    fn full(&self, text: &str, ids: &[i64], finish: &str, prompt_tokens: usize) -> Value {
+        let mut choice = if self.chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+        };
+        if self.return_token_ids {
+            choice["token_ids"] = json!(ids);
+        }
+        json!({"id": self.id, "object": self.object(false), "created": self.created, "model": self.model,
+               "choices": [choice], "usage": usage(prompt_tokens, ids.len())})
+    }
+
+    fn chunk(&self, delta: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+        let choice = if self.chat {
+            let mut d = json!({});
+            if first {
+                d["role"] = json!("assistant");
+            }
+            if let Some(t) = delta {
+                d["content"] = json!(t);
+            }
+            json!({"index": 0, "delta": d, "finish_reason": finish, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+        };
+        json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
+    }
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Server-sent events: a chunk per piece of text, a last chunk with `finish_reason`, the
+/// usage chunk when asked (`stream_options.include_usage`), then `data: [DONE]`.
+fn stream(shape: Shape, prompt_tokens: usize, include_usage: bool, rx: UnboundedReceiver<Event>) -> Response {
+    struct St {
+        rx: UnboundedReceiver<Event>,
+        shape: Shape,
+        first: bool,
+        done: bool,
+    }
+    let state = St { rx, shape, first: true, done: false };
+    let body = futures_util::stream::unfold(state, move |mut s| async move {
+        if s.done {
+            return None;
+        }
+        loop {
+            let out = match s.rx.recv().await {
+                Some(Event::Token { text, .. }) => {
+                    if text.is_empty() && !(s.first && s.shape.chat) {
+                        continue;
+                    }
+                    let b = sse(&s.shape.chunk(Some(&text), None, s.first));
+                    s.first = false;
+                    b
+                }
+                Some(Event::Done { finish_reason, token_ids, .. }) => {
+                    let mut b = sse(&s.shape.chunk(None, Some(finish_reason), s.first)).to_vec();
+                    if include_usage {
+                        let mut u = s.shape.chunk(None, None, false);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(prompt_tokens, token_ids.len());
+                        b.extend_from_slice(&sse(&u));
+                    }
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                    s.done = true;
+                    Bytes::from(b)
+                }
+                Some(Event::Start { .. }) => continue,
+                Some(Event::Error(e)) => {
+                    s.done = true;
+                    let mut b = sse(&e.body()).to_vec();
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                    Bytes::from(b)
+                }
+                None => {
+                    s.done = true;
+                    let e = ApiError::new(500, "server_error", "the engine dropped the request");
+                    Bytes::from(sse(&e.body()).to_vec())
+                }
+            };
+            return Some((Ok::<Bytes, std::convert::Infallible>(out), s));
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| ApiError::new(500, "server_error", "building the stream").into_response())
+}

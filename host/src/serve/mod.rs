@@ -1,0 +1,133 @@
+//! `ferrotune serve`: an OpenAI-compatible HTTP server over one base model and any number of
+//! PEFT adapters, loaded and unloaded while it runs and chosen per request by the `model`
+//! field, with continuous batching and mixed-adapter batches (S-LoRA style).
+//!
+//! The model lives on one engine thread ([`engine`]); the HTTP side ([`api`], tokio + axum)
+//! talks to it through channels. [`bench`] measures decode throughput of one adapter against
+//! many in one batch.
+pub mod api;
+pub mod bench;
+pub mod engine;
+pub mod error;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind};
+
+use crate::plugins::{Registry, SearchPath};
+use engine::{Command, EngineConfig};
+
+/// The command line of `ferrotune serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub model: PathBuf,
+    /// Adapters loaded at start (`--adapter NAME=DIR`), from anywhere.
+    pub adapters: Vec<(String, PathBuf)>,
+    /// The only folder the API may load adapters from.
+    pub adapter_dir: Option<PathBuf>,
+    pub host: String,
+    /// 0 = any free port (the bound address is printed).
+    pub port: u16,
+    pub api_key: Option<String>,
+    pub max_batch: usize,
+    pub max_adapters: usize,
+    pub max_tokens_limit: usize,
+    pub max_body_bytes: usize,
+    /// The base model's name in requests; default: the model folder's name.
+    pub served_model_name: Option<String>,
+    pub device: Device,
+    pub dtype: Kind,
+    pub search: SearchPath,
+}
+
+/// Waits for ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    eprintln!("ferrotune serve: shutting down after the requests in flight");
+}
+
+/// Runs the server until ctrl-c or SIGTERM, then lets the requests in flight finish.
+/// Prints `ferrotune serve: listening on http://ADDR` on stdout once the model is loaded.
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    let base_name = match &opts.served_model_name {
+        Some(n) => n.clone(),
+        None => opts
+            .model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .with_context(|| format!("model directory {} does not exist", opts.model.display()))?,
+    };
+    let adapter_dir = match &opts.adapter_dir {
+        Some(d) => {
+            let c = d.canonicalize().with_context(|| format!("--adapter-dir {} does not exist", d.display()))?;
+            if !c.is_dir() {
+                bail!("--adapter-dir {} is not a directory", d.display());
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    let cfg = EngineConfig { base_name: base_name.clone(), adapter_dir, max_batch: opts.max_batch, max_adapters: opts.max_adapters, max_tokens_limit: opts.max_tokens_limit };
+    let listing = Arc::new(RwLock::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<Command>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Arc<engine::EngineStats>>>();
+    let engine_thread = {
+        let (listing, opts) = (listing.clone(), opts.clone());
+        std::thread::Builder::new().name("ferrotune-engine".into()).spawn(move || {
+            let registry = Registry::discover(&opts.search);
+            match engine::load_engine(&opts.model, opts.device, opts.dtype, registry, cfg, &opts.adapters, listing) {
+                Ok(e) => {
+                    let _ = ready_tx.send(Ok(e.stats.clone()));
+                    e.run(rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?
+    };
+    let stats = ready_rx.recv().context("the engine thread died while loading the model")??;
+    let state = Arc::new(api::AppState {
+        engine: Mutex::new(tx.clone()),
+        listing,
+        base_name: base_name.clone(),
+        api_key: opts.api_key.clone(),
+        max_tokens_limit: opts.max_tokens_limit,
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        counter: Default::default(),
+        stats,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let served = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
+        let addr = listener.local_addr()?;
+        println!("ferrotune serve: listening on http://{addr} (base model `{base_name}`)");
+        use std::io::Write;
+        std::io::stdout().flush().ok();
+        axum::serve(listener, api::router(state, opts.max_body_bytes)).with_graceful_shutdown(shutdown_signal()).await?;
+        anyhow::Ok(())
+    });
+    let _ = tx.send(Command::Shutdown);
+    drop(tx);
+    let _ = engine_thread.join();
+    served
+}

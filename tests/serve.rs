@@ -1,0 +1,540 @@
+//! `ferrotune serve` end to end: the real binary on a loopback port, spoken to over HTTP.
+//! Outputs are checked against `ferrotune generate` (greedy) and against themselves (streamed
+//! vs not, mixed batch vs alone, base before vs after loading adapters); every refusal is
+//! checked for its status and JSON error; a bounded load test churns adapters under
+//! concurrent clients and prints its numbers.
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ferrotune::model::CausalLM;
+use ferrotune_tests::*;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+/// A tiny chat model and adapters made for it.
+struct Fixture {
+    root: PathBuf,
+    model: PathBuf,
+    /// `--adapter-dir`: a1, a2, a3 (LoRA), dora (not mixable), corrupt, misshaped, link (a
+    /// symlink to a folder outside).
+    adapters: PathBuf,
+    /// A valid adapter outside the adapter folder.
+    outside: PathBuf,
+}
+
+fn lora_registry() -> ferrotune::plugins::Registry {
+    let lib = build_dir().join("libferrotune_lora.so");
+    assert!(lib.exists(), "{} is missing: `cargo build -p ferrotune -p ferrotune-lora -p ferrotune-testkit` first", lib.display());
+    registry()
+}
+
+/// Attaches a LoRA with `config`, moves every tensor by N(0, 0.3²) (B = 0 would leave the base
+/// unchanged) and saves it as a PEFT directory.
+fn make_adapter(model_dir: &Path, out: &Path, config: &str, seed: i64) {
+    let registry = lora_registry();
+    let mut model = CausalLM::load(model_dir, Device::Cpu, Kind::Float).unwrap();
+    tch::manual_seed(seed);
+    model.attach_adapter("default", Box::new(registry.adapter("lora", config).unwrap())).unwrap();
+    let state: Vec<_> = model
+        .adapter_state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let noise = t.randn_like();
+            let t = if k.ends_with("lora_magnitude_vector") { &t * (noise * 0.2 + 1.0) } else { &t + noise * 0.3 };
+            (k, t)
+        })
+        .collect();
+    model.load_adapter_state_dict(state).unwrap();
+    model.save_peft_adapter(out).unwrap();
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let root = temp_dir("serve");
+        let tok = root.join("tok");
+        write_chat_tokenizer(&tok, 40);
+        let model = root.join("tiny");
+        init_tiny_model(&tok.join("tokenizer.json"), &model, 3);
+        let adapters = root.join("adapters");
+        std::fs::create_dir_all(&adapters).unwrap();
+        for (i, name) in ["a1", "a2", "a3"].iter().enumerate() {
+            make_adapter(&model, &adapters.join(name), r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}"#, 10 + i as i64);
+        }
+        make_adapter(&model, &adapters.join("dora"), r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": true}"#, 20);
+        // corrupt: the weights file is not safetensors
+        let corrupt = adapters.join("corrupt");
+        std::fs::create_dir_all(&corrupt).unwrap();
+        std::fs::copy(adapters.join("a1/adapter_config.json"), corrupt.join("adapter_config.json")).unwrap();
+        std::fs::write(corrupt.join("adapter_model.safetensors"), b"this is not a safetensors file").unwrap();
+        // misshaped: one lora_A of rank 5 where the config says 4 (made for another base)
+        let misshaped = adapters.join("misshaped");
+        std::fs::create_dir_all(&misshaped).unwrap();
+        std::fs::copy(adapters.join("a1/adapter_config.json"), misshaped.join("adapter_config.json")).unwrap();
+        let mut tensors = Tensor::read_safetensors(adapters.join("a1/adapter_model.safetensors")).unwrap();
+        let (k, inp) = tensors.iter().find(|(k, _)| k.ends_with("lora_A.weight")).map(|(k, t)| (k.clone(), t.size2().unwrap().1)).unwrap();
+        tensors.retain(|(n, _)| *n != k);
+        tensors.push((k, Tensor::zeros([5, inp], (Kind::Float, Device::Cpu))));
+        Tensor::write_safetensors(&tensors, misshaped.join("adapter_model.safetensors")).unwrap();
+        let outside = root.join("outside/secret");
+        std::fs::create_dir_all(outside.parent().unwrap()).unwrap();
+        make_adapter(&model, &outside, r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}"#, 30);
+        std::os::unix::fs::symlink(&outside, adapters.join("link")).unwrap();
+        Fixture { root, model, adapters, outside }
+    })
+}
+
+/// A running server, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let f = fixture();
+        let mut args = vec!["serve", "--model", f.model.to_str().unwrap(), "--port", "0", "--adapter-dir", f.adapters.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut child = Command::new(ferrotune_bin())
+            .args(&args)
+            .env_remove("LD_LIBRARY_PATH")
+            .env_remove("FERROTUNE_PLUGIN_PATH")
+            .env_remove("FERROTUNE_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no address in `{line}`")).to_string();
+        Server { child, url, _stdout: stdout }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `(status, body)` of a request, errors included.
+fn call(req: ureq::Request, body: Option<&Value>) -> (u16, String) {
+    let r = match body {
+        Some(b) => req.send_string(&b.to_string()),
+        None => req.call(),
+    };
+    match r {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
+fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let (code, text) = call(ureq::post(&format!("{}{path}", s.url)).set("Content-Type", "application/json"), Some(body));
+    (code, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")))
+}
+
+fn post_ok(s: &Server, path: &str, body: &Value) -> Value {
+    let (code, v) = post(s, path, body);
+    assert_eq!(code, 200, "{path} {body}: {v}");
+    v
+}
+
+fn get(s: &Server, path: &str) -> Value {
+    let (code, text) = call(ureq::get(&format!("{}{path}", s.url)), None);
+    assert_eq!(code, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn model_ids(s: &Server) -> Vec<String> {
+    get(s, "/v1/models")["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+}
+
+/// Greedy completion: (token ids, text).
+fn complete(s: &Server, model: &str, prompt: &str, max_tokens: u64) -> (Vec<i64>, String) {
+    let v = post_ok(s, "/v1/completions", &json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": true}));
+    let c = &v["choices"][0];
+    let ids = c["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() as usize, ids.len());
+    (ids, c["text"].as_str().unwrap().to_string())
+}
+
+/// `ferrotune generate --greedy --json` (with the adapter directory if given).
+fn generate(prompt: &str, adapter: Option<&Path>, chat: bool, n: u64) -> (Vec<i64>, String) {
+    let f = fixture();
+    let n = n.to_string();
+    let mut args = vec!["generate", "--model", f.model.to_str().unwrap(), "--prompt", prompt, "--greedy", "--max-new-tokens", &n, "--json"];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a.to_str().unwrap()]);
+    }
+    if chat {
+        args.push("--chat");
+    }
+    let o = ferrotune(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    (v["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(), v["text"].as_str().unwrap().to_string())
+}
+
+/// The `data:` payloads of a server-sent-events body, `[DONE]` last.
+fn sse_events(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+const PROMPT: &str = "w1 w2 w3 w4";
+
+#[test]
+fn adapter_output_equals_generate_streams_match_and_the_base_is_unaffected() {
+    let f = fixture();
+    let a1 = f.adapters.join("a1");
+    let s = Server::start(&["--adapter", &format!("a1={}", a1.display())]);
+    assert_eq!(model_ids(&s), vec!["tiny", "a1"]);
+    let base_before = complete(&s, "tiny", PROMPT, 12);
+
+    // completions through the adapter == `generate --adapter`
+    let ours = complete(&s, "a1", PROMPT, 12);
+    let cli = generate(PROMPT, Some(&a1), false, 12);
+    assert_eq!(ours, cli);
+    assert!(!ours.0.is_empty());
+    assert_ne!(ours.0, base_before.0, "the adapter must change the output for this test to mean anything");
+    assert_eq!(base_before, generate(PROMPT, None, false, 12));
+
+    // chat completions == `generate --chat --adapter`
+    let chat = post_ok(&s, "/v1/chat/completions", &json!({"model": "a1", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10, "temperature": 0, "return_token_ids": true}));
+    let (cli_ids, cli_text) = generate(PROMPT, Some(&a1), true, 10);
+    assert_eq!(chat["choices"][0]["message"]["content"].as_str().unwrap(), cli_text);
+    assert_eq!(chat["choices"][0]["token_ids"], json!(cli_ids));
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["usage"]["total_tokens"], json!(chat["usage"]["prompt_tokens"].as_u64().unwrap() + cli_ids.len() as u64));
+
+    // streamed == non-streamed, for both endpoints
+    let (code, body) = call(
+        ureq::post(&format!("{}/v1/completions", s.url)),
+        Some(&json!({"model": "a1", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})),
+    );
+    assert_eq!(code, 200);
+    let events = sse_events(&body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str())).collect();
+    assert_eq!(text, ours.1);
+    assert!(chunks.len() > 3, "one chunk per token, not one at the end: {body}");
+    let finish = chunks.iter().filter_map(|c| c["choices"].get(0).and_then(|c| c["finish_reason"].as_str())).collect::<Vec<_>>();
+    assert_eq!(finish.len(), 1);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], json!(ours.0.len()));
+    let (_, body) = call(
+        ureq::post(&format!("{}/v1/chat/completions", s.url)),
+        Some(&json!({"model": "a1", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10, "temperature": 0, "stream": true})),
+    );
+    let events = sse_events(&body);
+    let deltas: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(deltas, cli_text);
+
+    // loading more adapters (through both APIs) leaves the base and a1 as they were
+    post_ok(&s, "/v1/adapters", &json!({"name": "a2", "path": "a2"}));
+    post_ok(&s, "/v1/load_lora_adapter", &json!({"lora_name": "a3", "lora_path": f.adapters.join("a3")}));
+    assert_eq!(model_ids(&s), vec!["tiny", "a1", "a2", "a3"]);
+    assert_eq!(complete(&s, "tiny", PROMPT, 12), base_before);
+    assert_eq!(complete(&s, "a1", PROMPT, 12), ours);
+    assert_eq!(complete(&s, "a2", PROMPT, 12), generate(PROMPT, Some(&f.adapters.join("a2")), false, 12));
+    // unloading: gone from the list, requests for it are refused, the others unchanged
+    post_ok(&s, "/v1/unload_lora_adapter", &json!({"lora_name": "a3"}));
+    let (code, v) = call(ureq::delete(&format!("{}/v1/adapters/a2", s.url)), None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(model_ids(&s), vec!["tiny", "a1"]);
+    assert_eq!(post(&s, "/v1/completions", &json!({"model": "a2", "prompt": PROMPT})).0, 404);
+    assert_eq!(complete(&s, "a1", PROMPT, 12), ours);
+    assert_eq!(complete(&s, "tiny", PROMPT, 12), base_before);
+}
+
+#[test]
+fn a_mixed_batch_gives_each_request_what_it_gets_alone() {
+    let f = fixture();
+    let mut args = Vec::new();
+    for n in ["a1", "a2", "a3", "dora"] {
+        args.push("--adapter".to_string());
+        args.push(format!("{n}={}", f.adapters.join(n).display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start(&[&args[..], &["--max-batch", "16"]].concat());
+    let jobs: Vec<(&str, String)> = ["a1", "a2", "a3", "dora", "tiny", "a1", "a2", "a3"]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (*m, format!("w{} w{} w{}", i + 5, 2 * i + 1, 3 * i + 2)))
+        .collect();
+    let alone: Vec<_> = jobs.iter().map(|(m, p)| complete(&s, m, p, 24)).collect();
+    assert_eq!(alone[0], generate(&jobs[0].1, Some(&f.adapters.join("a1")), false, 24));
+    assert_eq!(alone[3], generate(&jobs[3].1, Some(&f.adapters.join("dora")), false, 24), "DoRA (its own batch)");
+    let before = get(&s, "/health")["engine"]["mixed_steps"].as_u64().unwrap();
+    for round in 0..2 {
+        let together: Vec<_> = std::thread::scope(|sc| {
+            let handles: Vec<_> = jobs.iter().map(|(m, p)| sc.spawn(|| complete(&s, m, p, 24))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            assert_eq!(a, b, "round {round}: request {i} ({}) differs in a batch", jobs[i].0);
+        }
+    }
+    let health = get(&s, "/health");
+    let mixed = health["engine"]["mixed_steps"].as_u64().unwrap() - before;
+    println!("engine after the concurrent rounds: {health}");
+    assert!(mixed > 0, "the concurrent requests never shared a mixed batch: {health}");
+    assert!(health["engine"]["max_rows"].as_u64().unwrap() >= 3, "{health}");
+}
+
+#[test]
+fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
+    let f = fixture();
+    let a1 = f.adapters.join("a1");
+    let s = Server::start(&[
+        "--adapter", &format!("a1={}", a1.display()), "--api-key", "sesame", "--max-adapters", "2",
+        "--max-tokens-limit", "32", "--max-body-bytes", "2048",
+    ]);
+    let url = |p: &str| format!("{}{p}", s.url);
+    let authed = |r: ureq::Request| r.set("Authorization", "Bearer sesame").set("Content-Type", "application/json");
+    let req = |path: &str, body: Value| -> (u16, Value) {
+        let (code, text) = call(authed(ureq::post(&url(path))), Some(&body));
+        (code, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")))
+    };
+    let error = |v: &Value| v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message in {v}")).to_string();
+    let serving = || {
+        let (code, v) = req("/v1/completions", json!({"model": "a1", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}));
+        assert_eq!(code, 200, "{v}");
+    };
+
+    // API key
+    let (code, text) = call(ureq::get(&url("/v1/models")), None);
+    assert_eq!(code, 401);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["type"], "authentication_error");
+    let (code, _) = call(ureq::get(&url("/v1/models")).set("Authorization", "Bearer open"), None);
+    assert_eq!(code, 401);
+    let (code, _) = call(authed(ureq::get(&url("/v1/models"))), None);
+    assert_eq!(code, 200);
+    assert_eq!(call(ureq::get(&url("/health")), None).0, 200, "health needs no key");
+
+    // unknown adapter: 404 naming what is loaded
+    let (code, v) = req("/v1/completions", json!({"model": "nope", "prompt": PROMPT}));
+    assert_eq!(code, 404, "{v}");
+    assert_eq!(v["error"]["models"], json!(["tiny", "a1"]));
+    assert!(error(&v).contains("nope") && error(&v).contains("a1"), "{v}");
+
+    // paths outside --adapter-dir: absolute, traversal, symlink
+    for path in [f.outside.to_str().unwrap().to_string(), "../outside/secret".into(), "link".into(), "/etc".into()] {
+        let (code, v) = req("/v1/adapters", json!({"name": "x", "path": path}));
+        assert_eq!(code, 403, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "path_outside_adapter_dir", "{path}: {v}");
+    }
+    // corrupt and mis-shaped adapters, a directory that is no adapter, a missing one
+    let (code, v) = req("/v1/adapters", json!({"name": "bad", "path": "corrupt"}));
+    assert_eq!(code, 400, "{v}");
+    assert!(error(&v).contains("safetensors"), "{v}");
+    serving();
+    let (code, v) = req("/v1/load_lora_adapter", json!({"lora_name": "bad", "lora_path": "misshaped"}));
+    assert_eq!(code, 400, "{v}");
+    assert!(error(&v).contains("mis-shaped") && error(&v).contains("[5, 64]"), "{v}");
+    serving();
+    let (code, v) = req("/v1/adapters", json!({"name": "bad", "path": "."}));
+    assert_eq!(code, 400, "{v}");
+    assert!(error(&v).contains("adapter_config.json"), "{v}");
+    let (code, v) = req("/v1/adapters", json!({"name": "bad", "path": "missing"}));
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = req("/v1/adapters", json!({"name": "a b", "path": "a2"}));
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = req("/v1/adapters", json!({"name": "tiny", "path": "a2"}));
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = req("/v1/adapters", json!({"name": "a1", "path": "a2"}));
+    assert_eq!((code, v["error"]["code"].as_str()), (400, Some("adapter_exists")), "{v}");
+    let (code, v) = req("/v1/unload_lora_adapter", json!({"lora_name": "never"}));
+    assert_eq!(code, 404, "{v}");
+    assert_eq!(get_models(&s), vec!["tiny", "a1"], "failed loads leave nothing behind");
+
+    // limits: max_tokens, body size, JSON, unsupported fields
+    let (code, v) = req("/v1/completions", json!({"model": "a1", "prompt": PROMPT, "max_tokens": 33}));
+    assert_eq!((code, v["error"]["code"].as_str()), (400, Some("max_tokens_out_of_range")), "{v}");
+    let (code, v) = req("/v1/completions", json!({"model": "a1", "prompt": "w1 ".repeat(1000)}));
+    assert_eq!((code, v["error"]["code"].as_str()), (413, Some("request_too_large")), "{v}");
+    let (code, text) = call(authed(ureq::post(&url("/v1/completions"))), None);
+    assert_eq!(code, 400, "{text}");
+    let (code, text) = call(authed(ureq::post(&url("/v1/completions"))).set("Content-Type", "application/json"), Some(&json!("{not json")));
+    assert_eq!(code, 400, "{text}");
+    let (code, v) = req("/v1/completions", json!({"prompt": PROMPT}));
+    assert!(code == 400 && error(&v).contains("model"), "{v}");
+    let (code, v) = req("/v1/completions", json!({"model": "a1", "prompt": PROMPT, "n": 2}));
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = req("/v1/chat/completions", json!({"model": "a1", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}));
+    assert_eq!(code, 400, "{v}");
+    serving();
+
+    // the adapter cap: a third load evicts the least recently used idle adapter
+    req("/v1/adapters", json!({"name": "a2", "path": "a2"}));
+    serving(); // a1 used after a2 was loaded: a2 is now the least recently used
+    let (code, v) = req("/v1/adapters", json!({"name": "a3", "path": "a3"}));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["evicted"], "a2");
+    assert_eq!(get_models(&s), vec!["tiny", "a1", "a3"]);
+    serving();
+}
+
+fn get_models(s: &Server) -> Vec<String> {
+    let (_, text) = call(ureq::get(&format!("{}/v1/models", s.url)).set("Authorization", "Bearer sesame"), None);
+    serde_json::from_str::<Value>(&text).unwrap()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn sigterm_lets_the_requests_in_flight_finish() {
+    let f = fixture();
+    let mut s = Server::start(&["--adapter", &format!("a1={}", f.adapters.join("a1").display())]);
+    let expected = complete(&s, "a1", PROMPT, 30);
+    let body = json!({"model": "a1", "prompt": PROMPT, "max_tokens": 30, "temperature": 0, "stream": true});
+    let resp = ureq::post(&format!("{}/v1/completions", s.url)).send_string(&body.to_string()).unwrap();
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let kill = Command::new("kill").args(["-TERM", &s.pid().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    let events = sse_events(&(first + &rest));
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "the stream was cut: {events:?}");
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str()).map(str::to_string))
+        .collect();
+    assert_eq!(text, expected.1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Bounded load test (about 10 s of traffic): 4 clients cycle over the base and 3 adapters
+/// (plus DoRA, in a batch of its own) while a fifth loads, swaps and unloads adapters in a loop.
+/// No request may fail and each must equal what its adapter gives alone.
+#[test]
+fn load_test_concurrent_clients_with_adapter_churn() {
+    let f = fixture();
+    let mut args = Vec::new();
+    for n in ["a1", "a2", "a3", "dora"] {
+        args.push("--adapter".to_string());
+        args.push(format!("{n}={}", f.adapters.join(n).display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start(&[&args[..], &["--max-batch", "8", "--max-adapters", "6"]].concat());
+    let models = ["a1", "a2", "a3", "tiny", "dora"];
+    let prompts: Vec<String> = (0..3).map(|i| format!("w{} w{} w{}", i + 1, i + 7, i + 13)).collect();
+    let mut reference = std::collections::HashMap::new();
+    for m in models {
+        for p in &prompts {
+            reference.insert((m, p.clone()), complete(&s, m, p, 8));
+        }
+    }
+    let traffic = Duration::from_secs(10);
+    let start = Instant::now();
+    let (latencies, churn) = std::thread::scope(|sc| {
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let (s, reference, prompts) = (&s, &reference, &prompts);
+                sc.spawn(move || {
+                    let mut lat = Vec::new();
+                    let mut i = c;
+                    while start.elapsed() < traffic {
+                        let (m, p) = (models[i % models.len()], &prompts[(i / models.len()) % prompts.len()]);
+                        let t = Instant::now();
+                        let got = complete(s, m, p, 8);
+                        lat.push(t.elapsed().as_secs_f64());
+                        assert_eq!(&got, &reference[&(m, p.clone())], "client {c}: {m} on `{p}`");
+                        i += 1;
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let (s, reference, prompts) = (&s, &reference, &prompts);
+        let churn = sc.spawn(move || {
+            let (mut loads, mut swaps) = (Vec::new(), Vec::new());
+            let mut k = 0;
+            while start.elapsed() < traffic {
+                let t = Instant::now();
+                post_ok(s, "/v1/adapters", &json!({"name": "churn", "path": "a1"}));
+                loads.push(t.elapsed().as_secs_f64());
+                // a request on the freshly loaded adapter gives a1's output
+                let p = &prompts[k % prompts.len()];
+                assert_eq!(complete(s, "churn", p, 8), reference[&("a1", p.clone())], "churn (a1) on `{p}`");
+                // swap: unload, then load another adapter under the same name
+                let t = Instant::now();
+                let (code, v) = call(ureq::delete(&format!("{}/v1/adapters/churn", s.url)), None);
+                assert_eq!(code, 200, "{v}");
+                post_ok(s, "/v1/load_lora_adapter", &json!({"lora_name": "churn", "lora_path": "a2"}));
+                swaps.push(t.elapsed().as_secs_f64());
+                assert_eq!(complete(s, "churn", p, 8), reference[&("a2", p.clone())], "churn (a2) on `{p}`");
+                post_ok(s, "/v1/unload_lora_adapter", &json!({"lora_name": "churn"}));
+                k += 1;
+            }
+            (loads, swaps)
+        });
+        let lat: Vec<f64> = clients.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        (lat, churn.join().unwrap())
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut lat = latencies;
+    lat.sort_by(f64::total_cmp);
+    let (mut loads, mut swaps) = churn;
+    loads.sort_by(f64::total_cmp);
+    swaps.sort_by(f64::total_cmp);
+    assert!(lat.len() >= 8 && !loads.is_empty(), "too little traffic: {} requests, {} loads", lat.len(), loads.len());
+    let health = get(&s, "/health");
+    println!(
+        "load test: {} requests in {elapsed:.1} s = {:.1} req/s, 0 failed; latency p50 {:.0} ms, p99 {:.0} ms; \
+         adapter load p50 {:.1} ms ({} loads), swap p50 {:.1} ms; engine {}",
+        lat.len(),
+        lat.len() as f64 / elapsed,
+        percentile(&lat, 0.5) * 1e3,
+        percentile(&lat, 0.99) * 1e3,
+        percentile(&loads, 0.5) * 1e3,
+        loads.len(),
+        percentile(&swaps, 0.5) * 1e3,
+        health["engine"]
+    );
+    assert!(health["engine"]["mixed_steps"].as_u64().unwrap() > 0, "{health}");
+    assert_eq!(model_ids(&s), vec!["tiny", "a1", "a2", "a3", "dora"]);
+}
+
+#[test]
+fn bench_serve_prints_one_adapter_vs_many() {
+    let f = fixture();
+    let o = ferrotune(&["bench", "serve", "--model", f.model.to_str().unwrap(), "--requests", "4", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    println!("bench serve: {v}");
+    for k in ["base_tokens_per_s", "one_adapter_tokens_per_s", "n_adapters_tokens_per_s", "n_adapters_one_by_one_tokens_per_s"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+    let _ = &f.root;
+}
