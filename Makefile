@@ -48,9 +48,19 @@ $(QWEN_TOKENIZER)/tokenizer.json: scripts/make_qwen_tokenizer.py $(STAMPS)/refer
 $(STAMPS)/qwen-tokenizer: $(QWEN_TOKENIZER)/tokenizer.json
 	@touch $@
 
-setup: $(STAMPS)/torch $(STAMPS)/reference
+# Gloo's headers for the host's c10d layer (multi-rank training): the torch wheel ships gloo's
+# code but not its headers. Headers only; the build never links Debian's libgloo. Without
+# apt-get (or root) the host still builds, and multi-rank runs say how to get them.
+$(STAMPS)/gloo-headers:
+	@mkdir -p $(STAMPS)
+	@if test -f /usr/include/gloo/config.h; then echo "gloo headers: /usr/include/gloo"; \
+	elif command -v apt-get >/dev/null && test "$$(id -u)" = 0; then apt-get install -y -q libgloo-dev || echo "note: apt-get install libgloo-dev failed: building without multi-rank training"; \
+	else echo "note: libgloo-dev not installed (no apt-get or not root): building without multi-rank training"; fi
+	@touch $@
 
-build: $(STAMPS)/torch
+setup: $(STAMPS)/torch $(STAMPS)/reference $(STAMPS)/gloo-headers
+
+build: $(STAMPS)/torch $(STAMPS)/gloo-headers
 	$(CARGO) build --workspace
 
 test: setup build $(STAMPS)/qwen-tokenizer

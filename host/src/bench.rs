@@ -101,6 +101,8 @@ pub struct TrainBench {
     pub alpha: f64,
     pub lr: f64,
     pub seed: u64,
+    /// Recompute each decoder layer in backward (activation checkpointing).
+    pub gradient_checkpointing: bool,
 }
 
 /// One implementation's result (`bench/train_transformers.py` prints the same keys).
@@ -167,6 +169,7 @@ pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
     let base_rss = proc_status_kib("VmRSS");
     tch::manual_seed(opts.seed as i64);
     let mut model = CausalLM::load(dir, device, dtype)?;
+    model.set_gradient_checkpointing(opts.gradient_checkpointing);
     let tokenizer = Tokenizer::from_dir(dir)?;
     let lora = serde_json::json!({
         "r": opts.rank, "lora_alpha": opts.alpha, "lora_dropout": 0.0, "target_modules": "all-linear",

@@ -1,5 +1,15 @@
-//! The process group handed to memory plugins. One process for now; the c10d-backed group
-//! (Gloo/NCCL through a C++ layer) arrives with multi-rank training.
+//! The process group handed to memory plugins: [`SingleProcess`] for a one-rank run, and
+//! [`ProcessGroup`], libtorch's c10d (a `TCPStore` rendezvous and a `ProcessGroupGloo`)
+//! reached through the host's C++ layer (`host/csrc/c10d.cpp`), for runs over several ranks.
+//!
+//! Ranks meet through torchrun's environment variables ([`RankEnv`]): any launcher that sets
+//! `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT` (`ferrotune launch`,
+//! torchrun, SLURM `srun` with a wrapper, mpirun) can start them. The c10d layer is built
+//! only when the gloo headers are installed (`apt-get install libgloo-dev`); without them a
+//! multi-rank run reports how to get it.
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::{Collectives, PluginError, PluginResult, ReduceOp};
 use tch::Tensor;
 
@@ -32,5 +42,312 @@ impl Collectives for SingleProcess {
     }
     fn barrier(&self) -> PluginResult<()> {
         Ok(())
+    }
+}
+
+/// Where this process sits in a multi-process run: torchrun's environment variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+/// Default timeout of the rendezvous and of each collective (`FERROTUNE_DIST_TIMEOUT`
+/// seconds overrides it).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl RankEnv {
+    /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`. `None` when
+    /// `WORLD_SIZE` is unset or 1 (a one-process run); an error names a missing or bad variable.
+    pub fn from_env() -> Result<Option<Self>> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// [`RankEnv::from_env`] over any variable lookup (tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let num = |k: &str| -> Result<Option<usize>> {
+            get(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("environment variable {k}={v:?} is not a non-negative integer"))).transpose()
+        };
+        let world_size = match num("WORLD_SIZE")? {
+            None | Some(1) => return Ok(None),
+            Some(0) => bail!("environment variable WORLD_SIZE=0: a run needs at least one rank"),
+            Some(n) => n,
+        };
+        let rank = num("RANK")?.context("WORLD_SIZE is set but RANK is not (set both, as torchrun does)")?;
+        if rank >= world_size {
+            bail!("RANK={rank} is not below WORLD_SIZE={world_size}");
+        }
+        let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
+        let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let master_port = match get("MASTER_PORT") {
+            Some(p) => p.trim().parse::<u16>().with_context(|| format!("environment variable MASTER_PORT={p:?} is not a port number"))?,
+            None => 29500,
+        };
+        Ok(Some(Self { rank, world_size, local_rank, master_addr, master_port }))
+    }
+}
+
+/// The timeout of rendezvous and collectives: `FERROTUNE_DIST_TIMEOUT` (seconds) or
+/// [`DEFAULT_TIMEOUT`].
+pub fn timeout_from_env() -> Result<Duration> {
+    match std::env::var("FERROTUNE_DIST_TIMEOUT") {
+        Ok(v) => {
+            let s: f64 = v.trim().parse().with_context(|| format!("FERROTUNE_DIST_TIMEOUT={v:?} is not a number of seconds"))?;
+            if !(s > 0.0 && s.is_finite()) {
+                bail!("FERROTUNE_DIST_TIMEOUT={v:?} must be a positive number of seconds");
+            }
+            Ok(Duration::from_secs_f64(s))
+        }
+        Err(_) => Ok(DEFAULT_TIMEOUT),
+    }
+}
+
+/// Whether this build has the c10d Gloo process group.
+pub const HAS_C10D: bool = cfg!(ferrotune_c10d);
+
+/// The error of a multi-rank run on a build without c10d.
+pub const NO_C10D: &str = "this ferrotune was built without c10d Gloo (the gloo headers were missing): \
+     apt-get install libgloo-dev (or `make setup`) and rebuild";
+
+/// libtorch's c10d process group (Gloo, CPU tensors) of this rank.
+pub struct ProcessGroup {
+    #[cfg(ferrotune_c10d)]
+    raw: *mut ffi::RawGroup,
+    rank: usize,
+    world_size: usize,
+}
+
+// The c10d group is used from one thread at a time (`&self` calls are serialised by the
+// training loop); ProcessGroupGloo itself is thread-safe.
+unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProcessGroup(rank {} of {})", self.rank, self.world_size)
+    }
+}
+
+impl ProcessGroup {
+    /// Joins the group described by `env`: rank 0 hosts the TCPStore at
+    /// `MASTER_ADDR:MASTER_PORT`, every rank waits there for the others (up to `timeout`),
+    /// then Gloo connects them. `GLOO_SOCKET_IFNAME` picks the network interface.
+    #[cfg(ferrotune_c10d)]
+    pub fn new(env: &RankEnv, timeout: Duration) -> Result<Self> {
+        let addr = std::ffi::CString::new(env.master_addr.clone()).context("MASTER_ADDR contains a NUL byte")?;
+        let ifname = std::ffi::CString::new(std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default()).context("GLOO_SOCKET_IFNAME contains a NUL byte")?;
+        let (rank, world) = (i32::try_from(env.rank)?, i32::try_from(env.world_size)?);
+        let mut err = std::ptr::null_mut();
+        let raw = unsafe {
+            ffi::ft_pg_new(addr.as_ptr(), env.master_port, rank, world, timeout.as_millis().min(i64::MAX as u128) as i64, ifname.as_ptr(), &mut err)
+        };
+        if raw.is_null() {
+            bail!(
+                "rank {} of {}: cannot join the process group at {}:{} within {:?}: {}",
+                env.rank,
+                env.world_size,
+                env.master_addr,
+                env.master_port,
+                timeout,
+                ffi::take_error(err)
+            );
+        }
+        Ok(Self { raw, rank: env.rank, world_size: env.world_size })
+    }
+
+    #[cfg(not(ferrotune_c10d))]
+    pub fn new(env: &RankEnv, _timeout: Duration) -> Result<Self> {
+        bail!("rank {} of {}: {NO_C10D}", env.rank, env.world_size)
+    }
+
+    /// The group of this process from the environment, if the run has several ranks.
+    pub fn from_env() -> Result<Option<Self>> {
+        match RankEnv::from_env()? {
+            None => Ok(None),
+            Some(env) => Ok(Some(Self::new(&env, timeout_from_env()?)?)),
+        }
+    }
+
+    #[cfg(ferrotune_c10d)]
+    fn check(&self, what: &str, rc: i32, err: *mut std::ffi::c_char) -> PluginResult<()> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(PluginError::runtime(format!("rank {} of {}: {what}: {}", self.rank, self.world_size, ffi::take_error(err))))
+        }
+    }
+
+    #[cfg(not(ferrotune_c10d))]
+    fn unavailable<T>(&self) -> PluginResult<T> {
+        Err(PluginError::unsupported(NO_C10D))
+    }
+}
+
+#[cfg(ferrotune_c10d)]
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        unsafe { ffi::ft_pg_free(self.raw) }
+    }
+}
+
+fn check_op(op: ReduceOp) -> PluginResult<i32> {
+    if op.0 <= 3 {
+        Ok(op.0 as i32)
+    } else {
+        Err(PluginError::invalid(format!("unknown reduce op {}", op.0)))
+    }
+}
+
+#[cfg(ferrotune_c10d)]
+impl Collectives for ProcessGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> PluginResult<()> {
+        let op = check_op(op)?;
+        let mut err = std::ptr::null_mut();
+        let rc = tch::no_grad(|| unsafe { ffi::ft_pg_all_reduce(self.raw, ffi::ptr(tensor), op, &mut err) });
+        self.check("all_reduce", rc, err)
+    }
+    fn broadcast(&self, tensor: &Tensor, root: usize) -> PluginResult<()> {
+        if root >= self.world_size {
+            return Err(PluginError::invalid(format!("broadcast root {root} in a world of {}", self.world_size)));
+        }
+        let mut err = std::ptr::null_mut();
+        let rc = tch::no_grad(|| unsafe { ffi::ft_pg_broadcast(self.raw, ffi::ptr(tensor), root as i32, &mut err) });
+        self.check("broadcast", rc, err)
+    }
+    fn all_gather(&self, tensor: &Tensor) -> PluginResult<Vec<Tensor>> {
+        let mut outs = vec![std::ptr::null_mut(); self.world_size];
+        let mut err = std::ptr::null_mut();
+        let rc = tch::no_grad(|| unsafe { ffi::ft_pg_all_gather(self.raw, ffi::ptr(tensor), outs.as_mut_ptr(), &mut err) });
+        self.check("all_gather", rc, err)?;
+        Ok(outs.into_iter().map(|p| unsafe { Tensor::from_ptr(p as *mut _) }).collect())
+    }
+    fn reduce_scatter(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> PluginResult<()> {
+        let op = check_op(op)?;
+        let mut err = std::ptr::null_mut();
+        let rc = tch::no_grad(|| unsafe { ffi::ft_pg_reduce_scatter(self.raw, ffi::ptr(output), ffi::ptr(input), op, &mut err) });
+        self.check("reduce_scatter", rc, err)
+    }
+    fn barrier(&self) -> PluginResult<()> {
+        let mut err = std::ptr::null_mut();
+        let rc = unsafe { ffi::ft_pg_barrier(self.raw, &mut err) };
+        self.check("barrier", rc, err)
+    }
+}
+
+#[cfg(not(ferrotune_c10d))]
+impl Collectives for ProcessGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+    fn all_reduce(&self, _: &Tensor, op: ReduceOp) -> PluginResult<()> {
+        check_op(op)?;
+        self.unavailable()
+    }
+    fn broadcast(&self, _: &Tensor, _: usize) -> PluginResult<()> {
+        self.unavailable()
+    }
+    fn all_gather(&self, _: &Tensor) -> PluginResult<Vec<Tensor>> {
+        self.unavailable()
+    }
+    fn reduce_scatter(&self, _: &Tensor, _: &Tensor, _: ReduceOp) -> PluginResult<()> {
+        self.unavailable()
+    }
+    fn barrier(&self) -> PluginResult<()> {
+        self.unavailable()
+    }
+}
+
+/// The group of a run: one process, or c10d over several.
+pub enum Group {
+    Single(SingleProcess),
+    C10d(ProcessGroup),
+}
+
+impl Group {
+    /// A c10d group when the environment describes several ranks, else one process.
+    pub fn from_env() -> Result<Self> {
+        Ok(match ProcessGroup::from_env()? {
+            Some(pg) => Group::C10d(pg),
+            None => Group::Single(SingleProcess),
+        })
+    }
+    pub fn as_dyn(&self) -> &dyn Collectives {
+        match self {
+            Group::Single(s) => s,
+            Group::C10d(p) => p,
+        }
+    }
+}
+
+#[cfg(ferrotune_c10d)]
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void};
+
+    /// `struct ft_pg` of c10d.cpp.
+    #[repr(C)]
+    pub struct RawGroup {
+        _private: [u8; 0],
+    }
+
+    extern "C" {
+        pub fn ft_free_error(err: *mut c_char);
+        pub fn ft_pg_new(addr: *const c_char, port: u16, rank: c_int, world: c_int, timeout_ms: i64, ifname: *const c_char, err: *mut *mut c_char) -> *mut RawGroup;
+        pub fn ft_pg_free(pg: *mut RawGroup);
+        pub fn ft_pg_all_reduce(pg: *mut RawGroup, t: *mut c_void, op: c_int, err: *mut *mut c_char) -> c_int;
+        pub fn ft_pg_broadcast(pg: *mut RawGroup, t: *mut c_void, root: c_int, err: *mut *mut c_char) -> c_int;
+        pub fn ft_pg_all_gather(pg: *mut RawGroup, t: *mut c_void, outs: *mut *mut c_void, err: *mut *mut c_char) -> c_int;
+        pub fn ft_pg_reduce_scatter(pg: *mut RawGroup, out: *mut c_void, input: *mut c_void, op: c_int, err: *mut *mut c_char) -> c_int;
+        pub fn ft_pg_barrier(pg: *mut RawGroup, err: *mut *mut c_char) -> c_int;
+    }
+
+    /// The `at::Tensor*` behind a tch tensor (tch's `C_tensor` is a heap `at::Tensor`).
+    pub fn ptr(t: &tch::Tensor) -> *mut c_void {
+        t.as_ptr() as *mut c_void
+    }
+
+    /// Takes the C++ layer's malloc'ed message.
+    pub fn take_error(err: *mut c_char) -> String {
+        if err.is_null() {
+            return "unknown error in the c10d layer".into();
+        }
+        let s = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
+        unsafe { ft_free_error(err) };
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_env_reads_torchrun_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        assert_eq!(RankEnv::from_lookup(env(&[])).unwrap(), None);
+        assert_eq!(RankEnv::from_lookup(env(&[("WORLD_SIZE", "1"), ("RANK", "0")])).unwrap(), None);
+        let e = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234"), ("LOCAL_RANK", "0")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(e, RankEnv { rank: 1, world_size: 2, local_rank: 0, master_addr: "10.0.0.1".into(), master_port: 1234 });
+        let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2")])).unwrap_err().to_string();
+        assert!(err.contains("RANK"), "{err}");
+        let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2"), ("RANK", "2")])).unwrap_err().to_string();
+        assert!(err.contains("RANK=2"), "{err}");
+        let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "two")])).unwrap_err().to_string();
+        assert!(err.contains("WORLD_SIZE"), "{err}");
+        let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "99999")])).unwrap_err().to_string();
+        assert!(err.contains("MASTER_PORT"), "{err}");
     }
 }

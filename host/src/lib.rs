@@ -7,10 +7,12 @@
 pub mod adapters;
 pub mod atomic;
 pub mod bench;
+pub mod checkpoint;
 pub mod collectives;
 pub mod data;
 pub mod device;
 pub mod generate;
+pub mod launch;
 pub mod linear;
 pub mod model;
 pub mod non_lora;

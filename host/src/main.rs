@@ -75,6 +75,10 @@ enum Command {
         #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
         resume: Option<String>,
     },
+    /// Start this node's ranks of a multi-process run with torchrun's environment (RANK,
+    /// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): `launch --nproc 2 train config.yaml`.
+    /// Output lines carry a `[rank i]` prefix; a failing rank stops the others.
+    Launch(Box<LaunchArgs>),
     /// Generate text from a model directory (KV cache; greedy or seeded sampling), optionally
     /// through a PEFT adapter directory.
     Generate(Box<GenerateArgs>),
@@ -311,6 +315,31 @@ enum BenchCommand {
 }
 
 #[derive(Args)]
+struct LaunchArgs {
+    /// Ranks to start on this node.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
+    /// Nodes in the run (each runs `launch` with its --node-rank).
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// This node's index, 0..nnodes.
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Address of node 0 (it hosts the rendezvous store).
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Rendezvous port on node 0 (default: a free port; required with --nnodes > 1).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// Seconds the rendezvous and each collective may take (FERROTUNE_DIST_TIMEOUT; default 300).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// The command each rank runs, e.g. `train config.yaml`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
 struct BenchTrainArgs {
     #[arg(long)]
     model: PathBuf,
@@ -334,6 +363,10 @@ struct BenchTrainArgs {
     lr: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Recompute each decoder layer in backward (activation checkpointing): compare
+    /// peak_rss_mb with and without.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Intra-op threads of libtorch (default: libtorch's own choice).
     #[arg(long)]
     threads: Option<i32>,
@@ -444,6 +477,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::InitModel(args) => {
             init_model(*args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Launch(a) => {
+            let timeout = match a.timeout {
+                Some(t) if t > 0.0 && t.is_finite() => Some(std::time::Duration::from_secs_f64(t)),
+                Some(t) => anyhow::bail!("--timeout must be a positive number of seconds, got {t}"),
+                None => None,
+            };
+            let mut args: Vec<String> = cli.global.plugin_dirs.iter().flat_map(|d| ["--plugin-dir".to_string(), d.display().to_string()]).collect();
+            args.extend(a.command);
+            ferrotune::launch::launch(&ferrotune::launch::LaunchOptions {
+                nproc: a.nproc,
+                nnodes: a.nnodes,
+                node_rank: a.node_rank,
+                master_addr: a.master_addr,
+                master_port: a.master_port,
+                args,
+                timeout,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Train { config, resume } => {
@@ -575,6 +627,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 alpha: a.alpha.unwrap_or(2.0 * a.rank as f64),
                 lr: a.lr,
                 seed: a.seed,
+                gradient_checkpointing: a.gradient_checkpointing,
             };
             let result = ferrotune::bench::bench_train(&a.model, &registry, device, dtype, &opts)?;
             println!("{}", serde_json::to_string(&result)?);

@@ -65,6 +65,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod kinds;
 pub mod module;
+pub mod optim;
 pub mod records;
 pub mod sample;
 pub mod tensor;

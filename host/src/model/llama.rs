@@ -246,6 +246,16 @@ enum Mask {
 /// Builds the mask for `t` queries at positions `past..past+t` over `past + t` keys.
 /// `key_valid` is `[B, S]` (false = padding). Padding queries attend to themselves only, so
 /// that no row is empty (an empty row would give NaN and poison later layers).
+impl Mask {
+    fn shallow_clone(&self) -> Self {
+        match self {
+            Mask::All => Mask::All,
+            Mask::Causal => Mask::Causal,
+            Mask::Explicit(t) => Mask::Explicit(t.shallow_clone()),
+        }
+    }
+}
+
 fn build_mask(key_valid: Option<&Tensor>, past: i64, t: i64, window: Option<i64>, device: Device) -> Result<Mask> {
     if key_valid.is_none() && window.is_none() {
         return Ok(if t == 1 { Mask::All } else if past == 0 { Mask::Causal } else { explicit_causal(None, past, t, None, device)? });
@@ -394,6 +404,24 @@ impl DecoderLayer {
         let x = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache, mode)?)?;
         Ok(x.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, mode)?)?)
     }
+
+    /// [`DecoderLayer::forward`] without a cache as a checkpointed block
+    /// ([`crate::checkpoint`]): only `x` is kept, the layer is recomputed in backward.
+    fn forward_checkpointed(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, mode: LinearMode<'_>) -> Result<Tensor> {
+        // The block's output needs a grad-requiring input to join the graph (the embedding
+        // of the first layer is frozen): as transformers' `enable_input_require_grads`.
+        let x = if x.requires_grad() { x.shallow_clone() } else { x.f_detach()?.set_requires_grad(true) };
+        let layer = self as *const DecoderLayer as usize;
+        let (cos, sin, mask) = (cos.shallow_clone(), sin.shallow_clone(), mask.shallow_clone());
+        // Per-row adapters (serve) never train: a checkpointed block runs one adapter.
+        let (adapter, train) = (mode.adapter.map(str::to_string), mode.train);
+        crate::checkpoint::checkpoint(&[&x], move |xs| {
+            // SAFETY: the model outlives the autograd graphs of its forward passes (see
+            // `CausalLM::set_gradient_checkpointing`), so the layer is alive in backward.
+            let layer = unsafe { &*(layer as *const DecoderLayer) };
+            layer.forward(&xs[0], &cos, &sin, &mask, None, LinearMode { adapter: adapter.as_deref(), train, rows: None })
+        })
+    }
 }
 
 /// The token embedding's checkpoint path (its weight is `model.embed_tokens.weight`) in
@@ -428,6 +456,8 @@ pub struct CausalLM {
     source_dir: Option<PathBuf>,
     /// Adapters attached to the linear layers, by name, and the active one (`adapters.rs`).
     pub(crate) adapters: AdapterSet,
+    /// Recompute each decoder layer in backward (`set_gradient_checkpointing`).
+    gradient_checkpointing: bool,
 }
 
 impl CausalLM {
@@ -507,7 +537,16 @@ impl CausalLM {
             dtype,
             source_dir: None,
             adapters: AdapterSet::default(),
+            gradient_checkpointing: false,
         })
+    }
+
+    /// Activation checkpointing: forward passes that record gradients and use no KV cache
+    /// keep only each decoder layer's input and recompute the layer in backward
+    /// (`training.gradient_checkpointing`). The vision tower is not checkpointed. The model
+    /// must outlive the graphs of its forward passes (call backward before dropping it).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// The text decoder's config (for Qwen2-VL its `text_config`, flattened).
@@ -914,8 +953,12 @@ impl CausalLM {
                 Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,
                 None => &full_mask,
             };
-            let c = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(&x, &cos, &sin, mask, c, mode).with_context(|| format!("{prefix}.layers.{i}"))?;
+            x = if self.gradient_checkpointing && cache.is_none() && crate::checkpoint::grad_enabled() {
+                layer.forward_checkpointed(&x, &cos, &sin, mask, mode)
+            } else {
+                layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)), mode)
+            }
+            .with_context(|| format!("{prefix}.layers.{i}"))?;
         }
         self.norm.forward(&x)
     }

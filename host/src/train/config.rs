@@ -270,6 +270,10 @@ pub struct TrainingConfig {
     /// sampling policy's log-probabilities as `old_per_token_logps`.
     #[serde(default = "default_one")]
     pub num_iterations: usize,
+    /// Recompute each decoder layer in backward instead of keeping its activations
+    /// (activation checkpointing; default false): less memory for about one more forward.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingConfig {
@@ -285,6 +289,7 @@ impl Default for TrainingConfig {
             save_total_limit: None,
             progress_bar: true,
             num_iterations: 1,
+            gradient_checkpointing: false,
         }
     }
 }

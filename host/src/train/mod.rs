@@ -25,7 +25,8 @@ use ferrotune_plugin_api::{Batch, ForwardFlags, MemoryStrategy, Objective, Plugi
 use ferrotune_plugin_api::kinds::reward::RewardHandle;
 use tch::Tensor;
 
-use crate::collectives::SingleProcess;
+use crate::collectives::{Group, SingleProcess};
+use ferrotune_plugin_api::Collectives;
 use crate::data::{self, EncodeOptions};
 use crate::data::ImagePrep;
 use crate::model::{CausalLM, VisionInputs};
@@ -274,16 +275,21 @@ pub fn optimizer_step(
     lr: f64,
 ) -> Result<StepOutcome> {
     let ctx = PolicyContext { model, tokenizer, train: true, rewards: &[], max_len: usize::MAX };
-    optimizer_step_with(&ctx, objective, memory, batches, lr)
+    optimizer_step_with(&ctx, objective, memory, batches, lr, &SingleProcess, 1.0)
 }
 
-/// [`optimizer_step`] with the run's full context (reward plugins, length bound).
+/// [`optimizer_step`] with the run's full context (reward plugins, length bound), its process
+/// group, and the factor each micro-batch loss is multiplied by before its backward (the world
+/// size for a sequence loss divided by the global token count: the memory plugin averages
+/// gradients over the ranks). The reported loss is this rank's, unscaled.
 fn optimizer_step_with(
     ctx: &PolicyContext<'_>,
     objective: &mut dyn Objective,
     memory: &mut dyn MemoryStrategy,
     batches: impl IntoIterator<Item = Result<Batch>>,
     lr: f64,
+    comm: &dyn Collectives,
+    loss_scale: f64,
 ) -> Result<StepOutcome> {
     let mut timing = StepTiming::default();
     let (mut loss, mut metrics) = (0f64, Vec::new());
@@ -297,12 +303,12 @@ fn optimizer_step_with(
         let batch = batch?;
         let out = objective.loss(&batch, ctx)?;
         timing.forward_s += lap(&mut clock);
-        out.loss.f_backward()?;
+        if loss_scale == 1.0 { out.loss.f_backward()? } else { out.loss.f_mul_scalar(loss_scale)?.f_backward()? }
         loss += out.loss.f_double_value(&[])?;
         metrics = out.metrics;
         timing.backward_s += lap(&mut clock);
     }
-    let report = memory.step(lr, &SingleProcess)?;
+    let report = memory.step(lr, comm)?;
     timing.optimizer_s += lap(&mut clock);
     Ok(StepOutcome { loss, metrics, report, timing })
 }
@@ -363,6 +369,41 @@ fn prepare_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: O
     Ok(prepared)
 }
 
+/// Rank `rank`'s share of a global micro-batch: its `per_rank` samples in order (fewer, or
+/// none, at the short end of an epoch).
+///
+/// The global batch of an optimizer step is `micro_batch_size × gradient_accumulation_steps ×
+/// world_size` samples: global micro-batch k of the data order holds `micro_batch_size ×
+/// world_size` samples and rank r takes samples `r·mbs .. (r+1)·mbs` of it. A run on N ranks
+/// therefore trains on the same samples per step as one process with `micro_batch_size × N`
+/// (and, when the data size divides, as one with `gradient_accumulation_steps × N`). A
+/// sequence loss is divided by the label tokens of the whole global step and scaled by the
+/// world size before its backward, so the averaged gradient is the one-process gradient.
+pub fn rank_share(global: &[usize], rank: usize, per_rank: usize) -> &[usize] {
+    let start = (rank * per_rank).min(global.len());
+    &global[start..(start + per_rank).min(global.len())]
+}
+
+/// The loss of a step over all ranks: the sum of the ranks' shares for a sequence loss
+/// (each is divided by the global token count), else the mean of the ranks' losses.
+fn global_loss(comm: &dyn Collectives, local: f64, layout: Layout) -> Result<f64> {
+    if comm.world_size() == 1 {
+        return Ok(local);
+    }
+    let t = Tensor::from_slice(&[local]);
+    let op = if layout == Layout::Sequences { ferrotune_plugin_api::ReduceOp::SUM } else { ferrotune_plugin_api::ReduceOp::AVG };
+    comm.all_reduce(&t, op)?;
+    Ok(t.f_double_value(&[0])?)
+}
+
+/// Bytes of optimizer state this rank holds, printed by launched runs (`WORLD_SIZE` set)
+/// for the memory benchmark.
+fn report_state_bytes(memory: &dyn MemoryStrategy) -> Option<usize> {
+    std::env::var_os("WORLD_SIZE")?;
+    let state = memory.state_dict().ok()?;
+    Some(state.iter().filter(|(n, _)| n != "step").map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum())
+}
+
 fn step_seed(seed: u64, step: usize) -> i64 {
     (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7FFF_FFFF_FFFF_FFFF) as i64
 }
@@ -370,6 +411,10 @@ fn step_seed(seed: u64, step: usize) -> i64 {
 /// Runs (or resumes) a training run.
 pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> Result<TrainSummary> {
     let started = Instant::now();
+    // Several ranks (RANK/WORLD_SIZE set by `ferrotune launch` or torchrun): c10d group.
+    let group = Group::from_env()?;
+    let comm = group.as_dyn();
+    let (rank, world) = (comm.rank(), comm.world_size());
     let device = crate::device::resolve(&cfg.device)?;
     let dtype = crate::model::init::parse_dtype(&cfg.dtype)?;
     // Where to resume from is settled first, so that a missing checkpoint fails before any work.
@@ -393,6 +438,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     tch::manual_seed(cfg.seed as i64);
 
     let mut model = CausalLM::load(&cfg.model, device, dtype)?;
+    model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
     let tokenizer = Tokenizer::from_dir(&cfg.model)?;
     let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
     let attach = model.attach_adapter("default", Box::new(method))?;
@@ -481,7 +527,10 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     }
 
     let t = &cfg.training;
-    let data_order = DataOrder { n: train_set.len(), micro: t.micro_batch_size, seed: cfg.seed, shuffle: cfg.data.shuffle };
+    // Several ranks: global micro-batch k holds micro_batch_size × world samples and rank r
+    // takes its r-th contiguous share, so a step sees the same samples as one process with
+    // micro_batch_size × world (see `rank_share`).
+    let data_order = DataOrder { n: train_set.len(), micro: t.micro_batch_size * world, seed: cfg.seed, shuffle: cfg.data.shuffle };
     let accum = t.gradient_accumulation_steps;
     // Generation objectives take `num_iterations` optimizer steps on each generation batch.
     let mu = t.num_iterations;
@@ -492,21 +541,31 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
 
     let mut memory = registry.memory(&cfg.memory.plugin, &cfg.memory.config_json())?;
-    memory.setup(params, &cfg.optimizer_json(), device, &SingleProcess)?;
+    memory.setup(params, &cfg.optimizer_json(), device, comm)?;
 
     let mut step = 0usize;
     if let Some(dir) = resume_dir {
-        step = load_checkpoint(&dir, &mut model, &mut memory)?;
-        rewind_metrics(&cfg.output_dir.join(METRICS_FILE), step)?;
+        step = load_checkpoint(&dir, &mut model, &mut memory, comm)?;
+        if rank == 0 {
+            rewind_metrics(&cfg.output_dir.join(METRICS_FILE), step)?;
+        }
         eprintln!("resumed from {} at step {step}", dir.display());
     }
 
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cfg.output_dir.join(METRICS_FILE))
-        .with_context(|| format!("cannot open {}", cfg.output_dir.join(METRICS_FILE).display()))?;
-    let bar = progress_bar(t.progress_bar, total_steps, step);
+    // Only rank 0 writes metrics, checkpoints' shared files and the adapter.
+    let mut metrics = if rank == 0 {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(cfg.output_dir.join(METRICS_FILE))
+                .with_context(|| format!("cannot open {}", cfg.output_dir.join(METRICS_FILE).display()))?,
+        )
+    } else {
+        None
+    };
+    let bar = if rank == 0 { progress_bar(t.progress_bar, total_steps, step) } else { None };
+    let loss_scale = if layout == Layout::Sequences { world as f64 } else { 1.0 };
     let (mut first_loss, mut last_loss, mut eval_loss) = (None, None, None);
     let mut last_eval_step = None;
     while step < total_steps {
@@ -519,6 +578,8 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         let num_items: i64 = micro.iter().flat_map(|(_, idx)| idx.iter().map(|&i| train_set[i].1.label_tokens())).sum();
         let mut tokens = 0usize;
         let micro_count = micro.len();
+        let micro: Vec<(usize, Vec<usize>)> =
+            micro.into_iter().map(|(e, idx)| (e, rank_share(&idx, rank, t.micro_batch_size).to_vec())).filter(|(_, idx)| !idx.is_empty()).collect();
         let batches = micro.iter().enumerate().map(|(j, (_, idx))| {
             let items: Vec<&Item> = idx.iter().map(|&i| &train_set[i].1).collect();
             tokens += items.iter().map(|e| e.tokens()).sum::<usize>();
@@ -529,7 +590,9 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         });
         let lr = schedule.lr(step);
         let ctx = PolicyContext { model: &model, tokenizer: &tokenizer, train: true, rewards: &rewards, max_len: cfg.data.cutoff_len };
-        let StepOutcome { loss: loss_sum, metrics: extra, report, .. } = optimizer_step_with(&ctx, &mut objective, &mut memory, batches, lr)?;
+        let StepOutcome { loss: local_loss, metrics: extra, report, .. } =
+            optimizer_step_with(&ctx, &mut objective, &mut memory, batches, lr, comm, loss_scale)?;
+        let loss_sum = global_loss(comm, local_loss, layout)?;
         step += 1;
         first_loss.get_or_insert(loss_sum);
         last_loss = Some(loss_sum);
@@ -556,8 +619,8 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
                 last_eval_step = Some(step);
             }
         }
-        if step % t.logging_steps == 0 || step == total_steps {
-            write_metrics_line(&mut metrics, &line)?;
+        if let Some(metrics) = metrics.as_mut().filter(|_| step % t.logging_steps == 0 || step == total_steps) {
+            write_metrics_line(metrics, &line)?;
             println!("{line}");
         }
         if let Some(b) = &bar {
@@ -565,7 +628,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
             b.inc(1);
         }
         if t.save_steps.is_some_and(|every| step % every == 0) && step < total_steps {
-            save_checkpoint(&cfg.output_dir, step, &model, &trainable_vision, &memory, t.save_total_limit)?;
+            save_checkpoint(&cfg.output_dir, step, &model, &trainable_vision, &memory, t.save_total_limit, comm)?;
         }
     }
     if let Some(b) = bar {
@@ -577,9 +640,30 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         for (k, v) in eval_metrics {
             line[format!("eval/{k}")] = serde_json::json!(v);
         }
-        write_metrics_line(&mut metrics, &line)?;
-        println!("{line}");
+        if let Some(metrics) = metrics.as_mut() {
+            write_metrics_line(metrics, &line)?;
+            println!("{line}");
+        }
         eval_loss = Some(l);
+    }
+    if let Some(b) = report_state_bytes(&memory) {
+        eprintln!("rank {rank} of {world}: optimizer state {b} bytes");
+    }
+    if rank != 0 {
+        comm.barrier()?;
+        return Ok(TrainSummary {
+            steps: step,
+            train_samples: train_set.len(),
+            eval_samples: eval_set.len(),
+            truncated_samples: truncated,
+            skipped_samples: skipped,
+            first_loss,
+            last_loss,
+            eval_loss,
+            trainable_parameters: trainable,
+            seconds: started.elapsed().as_secs_f64(),
+            output_dir: cfg.output_dir.clone(),
+        });
     }
     model.save_peft_adapter(&cfg.output_dir)?;
     non_lora::save(&cfg.output_dir, &trainable_vision)?;
@@ -602,6 +686,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         output_dir: cfg.output_dir.clone(),
     };
     std::fs::write(cfg.output_dir.join("train_summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    comm.barrier()?;
     Ok(summary)
 }
 
@@ -712,8 +797,22 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(checkpoints(dir)?.pop().map(|(_, p)| p))
 }
 
+/// The optimizer-state file of `rank`: one file for a one-process run, one per rank
+/// (`optimizer-rank{r}.safetensors`) for a sharded one.
+fn optimizer_file(rank: usize, world: usize) -> String {
+    if world == 1 {
+        OPTIMIZER_FILE.to_string()
+    } else {
+        format!("optimizer-rank{rank}.safetensors")
+    }
+}
+
 /// Writes `checkpoint-{step}` atomically: everything goes to a temporary folder that is
 /// renamed into place only when complete, so a killed run never leaves a half checkpoint.
+/// With several ranks each writes its optimizer shard into rank 0's temporary folder (a
+/// folder all ranks see: the same machine or a shared file system) between barriers, and
+/// rank 0 writes the adapter and renames the folder.
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     out: &Path,
     step: usize,
@@ -721,17 +820,27 @@ fn save_checkpoint(
     full_weights: &[ferrotune_plugin_api::TrainParam],
     memory: &dyn MemoryStrategy,
     keep: Option<usize>,
+    comm: &dyn Collectives,
 ) -> Result<()> {
+    let (rank, world) = (comm.rank(), comm.world_size());
     let final_dir = out.join(format!("checkpoint-{step}"));
     let tmp = out.join(format!(".checkpoint-{step}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    model.save_peft_adapter(&tmp.join("adapter"))?;
-    non_lora::save(&tmp.join("adapter"), full_weights)?;
+    if rank == 0 {
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+    }
+    comm.barrier()?;
     let state = memory.state_dict()?;
     let refs: Vec<(&str, &Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&refs, tmp.join(OPTIMIZER_FILE))?;
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&serde_json::json!({ "step": step }))?)?;
+    Tensor::write_safetensors(&refs, tmp.join(optimizer_file(rank, world)))
+        .with_context(|| format!("rank {rank}: cannot write its optimizer state into {}", tmp.display()))?;
+    comm.barrier()?;
+    if rank != 0 {
+        return Ok(comm.barrier()?);
+    }
+    model.save_peft_adapter(&tmp.join("adapter"))?;
+    non_lora::save(&tmp.join("adapter"), full_weights)?;
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&serde_json::json!({ "step": step, "world_size": world }))?)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
@@ -742,10 +851,11 @@ fn save_checkpoint(
             std::fs::remove_dir_all(old).ok();
         }
     }
+    comm.barrier()?;
     Ok(())
 }
 
-fn load_checkpoint(dir: &Path, model: &mut CausalLM, memory: &mut dyn MemoryStrategy) -> Result<usize> {
+fn load_checkpoint(dir: &Path, model: &mut CausalLM, memory: &mut dyn MemoryStrategy, comm: &dyn Collectives) -> Result<usize> {
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(STATE_FILE)).with_context(|| format!("{} has no {STATE_FILE}", dir.display()))?,
     )?;
@@ -754,7 +864,16 @@ fn load_checkpoint(dir: &Path, model: &mut CausalLM, memory: &mut dyn MemoryStra
         .with_context(|| format!("cannot read the adapter of {}", dir.display()))?;
     model.load_adapter_state_dict(adapter)?;
     non_lora::load_into(model, &dir.join("adapter"))?;
-    let opt = Tensor::read_safetensors(dir.join(OPTIMIZER_FILE)).with_context(|| format!("cannot read {}/{OPTIMIZER_FILE}", dir.display()))?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let saved_world = state["world_size"].as_u64().unwrap_or(1) as usize;
+    if saved_world != world {
+        bail!(
+            "{} was saved by a run on {saved_world} rank(s) and this run has {world}: a sharded checkpoint resumes with the same world size",
+            dir.display()
+        );
+    }
+    let file = optimizer_file(rank, world);
+    let opt = Tensor::read_safetensors(dir.join(&file)).with_context(|| format!("cannot read {}/{file}", dir.display()))?;
     memory.load_state_dict(opt)?;
     Ok(step)
 }
@@ -786,6 +905,21 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), lines[..2].concat(), "nothing to cut: unchanged");
         rewind_metrics(&dir.join("absent.jsonl"), 2).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two ranks' shares of each global micro-batch are disjoint and cover it in order: the
+    /// samples a one-process run with micro_batch_size × 2 sees.
+    #[test]
+    fn rank_shares_partition_the_global_micro_batch() {
+        let global = [7, 3, 9, 1, 4];
+        assert_eq!(rank_share(&global, 0, 3), [7, 3, 9]);
+        assert_eq!(rank_share(&global, 1, 3), [1, 4]);
+        assert!(rank_share(&global, 2, 3).is_empty());
+        let o = DataOrder { n: 11, micro: 4, seed: 3, shuffle: true };
+        for k in 0..6 {
+            let (_, idx) = o.micro_batch(k);
+            assert_eq!([rank_share(&idx, 0, 2), rank_share(&idx, 1, 2)].concat(), idx);
+        }
     }
 
     #[test]

@@ -26,63 +26,8 @@
 use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
-/// The run's `optimizer:` section.
-#[derive(Deserialize, Debug, Clone, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AdamWConfig {
-    /// (β1, β2), the decay rates of the first and second moment. Default [0.9, 0.999];
-    /// each in [0, 1); β2 0.95–0.999 is typical for LLMs.
-    #[serde(default = "default_betas")]
-    pub betas: (f64, f64),
-    /// Added to the denominator for stability. Default 1e-8; must be ≥ 0.
-    #[serde(default = "default_eps")]
-    pub eps: f64,
-    /// Decoupled weight decay, scaled per parameter by `weight_decay_scale`. Default 0.01
-    /// (torch's); typical 0.0–0.1; must be ≥ 0.
-    #[serde(default = "default_weight_decay")]
-    pub weight_decay: f64,
-    /// Use the maximum of past second moments (AMSGrad). Default false.
-    #[serde(default)]
-    pub amsgrad: bool,
-    /// Clip gradients to this global L2 norm before the step; null/absent: no clipping.
-    /// Typical 1.0 (transformers' default); must be > 0.
-    #[serde(default)]
-    pub max_grad_norm: Option<f64>,
-}
-
-fn default_betas() -> (f64, f64) {
-    (0.9, 0.999)
-}
-fn default_eps() -> f64 {
-    1e-8
-}
-fn default_weight_decay() -> f64 {
-    0.01
-}
-
-impl AdamWConfig {
-    pub fn parse(optimizer_json: &str) -> PluginResult<Self> {
-        let cfg: Self = parse_config(optimizer_json)?;
-        let (b1, b2) = cfg.betas;
-        for (i, b) in [b1, b2].into_iter().enumerate() {
-            if !(0.0..1.0).contains(&b) {
-                return Err(PluginError::config(&format!("betas[{i}]"), format!("must lie in [0, 1), got {b}")));
-            }
-        }
-        if !(cfg.eps >= 0.0 && cfg.eps.is_finite()) {
-            return Err(PluginError::config("eps", format!("must be finite and ≥ 0, got {}", cfg.eps)));
-        }
-        if !(cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite()) {
-            return Err(PluginError::config("weight_decay", format!("must be finite and ≥ 0, got {}", cfg.weight_decay)));
-        }
-        if let Some(m) = cfg.max_grad_norm {
-            if !(m > 0.0 && m.is_finite()) {
-                return Err(PluginError::config("max_grad_norm", format!("must be finite and > 0 (omit it to disable clipping), got {m}")));
-            }
-        }
-        Ok(cfg)
-    }
-}
+pub use ferrotune_plugin_api::optim::AdamWConfig;
+use ferrotune_plugin_api::optim::{adamw_update, clip_coef, global_norm, state_kind, AdamWMoments};
 
 /// One trainable parameter and its AdamW state.
 struct Slot {
@@ -118,15 +63,6 @@ impl Slot {
             Moment::ExpAvgSq => Some(&self.exp_avg_sq),
             Moment::MaxExpAvgSq => self.max_exp_avg_sq.as_ref(),
         }
-    }
-}
-
-/// The dtype optimizer state is kept in for a parameter of kind `k`.
-fn state_kind(k: Kind) -> Kind {
-    if k == Kind::Double {
-        Kind::Double
-    } else {
-        Kind::Float
     }
 }
 
@@ -169,56 +105,10 @@ impl Single {
         }
     }
 
-    /// Global L2 norm of the gradients, as `clip_grad_norm_`: the norm of the per-tensor norms.
-    fn total_norm(grads: &[Option<Tensor>]) -> PluginResult<Option<Tensor>> {
-        let norms = grads
-            .iter()
-            .flatten()
-            .map(|g| if g.kind() == state_kind(g.kind()) { g.f_norm() } else { g.f_to_kind(Kind::Float)?.f_norm() })
-            .collect::<Result<Vec<_>, _>>()?;
-        if norms.is_empty() {
-            return Ok(None);
-        }
-        let kind = if norms.iter().any(|n| n.kind() == Kind::Double) { Kind::Double } else { Kind::Float };
-        let norms = norms.iter().map(|n| n.f_to_kind(kind)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(Tensor::f_stack(&norms, 0)?.f_norm()?))
-    }
-
     /// The AdamW update of one parameter with (clipped) gradient `grad` in the state dtype.
     fn update(cfg: &AdamWConfig, slot: &mut Slot, grad: &Tensor, lr: f64, step: i64) -> PluginResult<()> {
-        let (beta1, beta2) = cfg.betas;
-        let lr = lr * slot.param.lr_scale;
-        let weight_decay = cfg.weight_decay * slot.param.weight_decay_scale;
-        let param = &mut slot.param.tensor;
-        let in_place = param.kind() == slot.exp_avg.kind();
-        let mut work = if in_place { param.shallow_clone() } else { param.f_to_kind(slot.exp_avg.kind())? };
-        if weight_decay != 0.0 {
-            let _ = work.f_mul_scalar_(1.0 - lr * weight_decay)?;
-        }
-        let _ = slot.exp_avg.f_lerp_(grad, 1.0 - beta1)?;
-        // torch: exp_avg_sq.mul_(β2).addcmul_(g, g, value=1 − β2); its kernel computes
-        // (value·g)·g, the product below, so the result is the same to the bit.
-        let _ = slot.exp_avg_sq.f_mul_scalar_(beta2)?.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, grad)?;
-        let step = step as f64;
-        let bias_correction1 = 1.0 - beta1.powf(step);
-        let bias_correction2 = 1.0 - beta2.powf(step);
-        let step_size = lr / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.powf(0.5);
-        let second = match &mut slot.max_exp_avg_sq {
-            Some(max) => {
-                // torch.maximum(max, v, out=max)
-                let _ = max.f_maximum_out(max, &slot.exp_avg_sq)?;
-                max.shallow_clone()
-            }
-            None => slot.exp_avg_sq.shallow_clone(),
-        };
-        let denom = second.f_sqrt()?.f_div_scalar(bias_correction2_sqrt)?.f_add_scalar(cfg.eps)?;
-        // torch: p.addcdiv_(m, denom, value=−step_size), computed as p + (value·m)/denom.
-        let _ = work.f_addcdiv_(&slot.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
-        if !in_place {
-            param.f_copy_(&work)?;
-        }
-        Ok(())
+        let moments = AdamWMoments { exp_avg: &mut slot.exp_avg, exp_avg_sq: &mut slot.exp_avg_sq, max_exp_avg_sq: slot.max_exp_avg_sq.as_mut() };
+        adamw_update(cfg, &slot.param.tensor, slot.param.lr_scale, slot.param.weight_decay_scale, moments, grad, lr, step)
     }
 }
 
@@ -274,7 +164,7 @@ impl MemoryStrategy for Single {
                 g.defined().then_some(g)
             })
             .collect();
-        let Some(total_norm) = tch::no_grad(|| Self::total_norm(&grads))? else {
+        let Some(total_norm) = tch::no_grad(|| global_norm(&grads))? else {
             return Ok(StepReport { grad_norm: 0.0, skipped: true, metrics: vec![("no_gradients".into(), 1.0)] });
         };
         let grad_norm = total_norm.f_double_value(&[])?;
@@ -288,7 +178,7 @@ impl MemoryStrategy for Single {
             // tensor arithmetic (Python's `float / tensor` is `tensor.reciprocal() * float`).
             let clip_coef = match self.cfg.max_grad_norm {
                 Some(max_norm) => {
-                    let coef = total_norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+                    let coef = clip_coef(&total_norm, max_norm)?;
                     metrics.push(("clip_coef".into(), coef.f_double_value(&[])?));
                     Some(coef)
                 }

@@ -1,0 +1,142 @@
+// Activation checkpointing for ferrotune: the reentrant checkpoint of
+// torch.utils.checkpoint (use_reentrant=True) as a torch::autograd::Function whose body is a
+// Rust callback (host/src/checkpoint.rs).
+//
+// forward: runs the callback without grad (the autograd Function forward runs under
+// no-grad), saves only its inputs and the CPU generator state. backward: restores that
+// generator state (same dropout masks), re-runs the callback with grad on detached inputs,
+// and back-propagates the incoming gradient through the recomputed graph; parameters used
+// inside the callback get their gradients accumulated there, the inputs' gradients are
+// returned. Every C++ exception is caught at the extern "C" boundary.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+extern "C" {
+// Runs the checkpointed block on `n` inputs (new tensors the callee owns) and stores a new
+// output tensor in *out; non-zero with a malloc'ed message in *err on failure.
+typedef int (*ft_ckpt_fn)(void* ctx, at::Tensor** inputs, size_t n, at::Tensor** out, char** err);
+typedef void (*ft_ckpt_drop)(void* ctx);
+}
+
+namespace {
+
+char* dup_message(const std::string& s) {
+  char* p = static_cast<char*>(std::malloc(s.size() + 1));
+  if (p) std::memcpy(p, s.c_str(), s.size() + 1);
+  return p;
+}
+
+struct Block : torch::CustomClassHolder {
+  ft_ckpt_fn fn;
+  void* ctx;
+  ft_ckpt_drop drop;
+  Block(ft_ckpt_fn f, void* c, ft_ckpt_drop d) : fn(f), ctx(c), drop(d) {}
+  ~Block() override {
+    if (drop) drop(ctx);
+  }
+  at::Tensor call(const torch::autograd::variable_list& inputs) {
+    std::vector<at::Tensor*> ptrs;
+    for (const auto& t : inputs) ptrs.push_back(new at::Tensor(t));
+    at::Tensor* out = nullptr;
+    char* err = nullptr;
+    int rc = fn(ctx, ptrs.data(), ptrs.size(), &out, &err);
+    if (rc != 0 || out == nullptr) {
+      std::string msg = err ? err : "checkpointed block failed";
+      std::free(err);
+      throw std::runtime_error(msg);
+    }
+    at::Tensor result = *out;
+    delete out;
+    return result;
+  }
+};
+
+at::Tensor cpu_rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_cpu_rng_state(const at::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+struct Checkpoint : public torch::autograd::Function<Checkpoint> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                at::TensorList input_list,
+                                                c10::intrusive_ptr<Block> block) {
+    // A TensorList argument (not a std::vector) is what autograd counts as tensor inputs.
+    torch::autograd::variable_list inputs(input_list.begin(), input_list.end());
+    ctx->saved_data["rng"] = cpu_rng_state();
+    ctx->saved_data["block"] = c10::IValue::make_capsule(block);
+    ctx->save_for_backward(inputs);
+    return {block->call(inputs)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto saved = ctx->get_saved_variables();
+    auto block = c10::static_intrusive_pointer_cast<Block>(ctx->saved_data["block"].toCapsule());
+    torch::autograd::variable_list detached;
+    for (const auto& x : saved) {
+      auto d = x.detach();
+      d.requires_grad_(x.requires_grad());
+      detached.push_back(d);
+    }
+    at::Tensor now = cpu_rng_state();
+    set_cpu_rng_state(ctx->saved_data["rng"].toTensor());
+    at::Tensor out;
+    try {
+      at::AutoGradMode grad(true);
+      out = block->call(detached);
+    } catch (...) {
+      set_cpu_rng_state(now);
+      throw;
+    }
+    set_cpu_rng_state(now);
+    if (out.requires_grad()) {
+      torch::autograd::backward({out}, {grad_out[0]});
+    }
+    torch::autograd::variable_list grads;
+    for (const auto& d : detached) grads.push_back(d.requires_grad() ? d.grad() : at::Tensor());
+    grads.push_back(at::Tensor());  // the block argument
+    return grads;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Whether autograd records operations on this thread (torch.is_grad_enabled()).
+int ft_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+
+// Applies `fn` to `inputs` as a checkpointed block; a new output tensor, or null with *err.
+// `drop(ctx)` is called once when the block is no longer needed (graph freed or call failed).
+at::Tensor* ft_checkpoint(ft_ckpt_fn fn, void* ctx, ft_ckpt_drop drop, at::Tensor** inputs, size_t n, char** err) {
+  try {
+    auto block = c10::make_intrusive<Block>(fn, ctx, drop);
+    torch::autograd::variable_list in;
+    for (size_t i = 0; i < n; ++i) in.push_back(*inputs[i]);
+    auto out = Checkpoint::apply(at::TensorList(in), block);
+    return new at::Tensor(out[0]);
+  } catch (const c10::Error& e) {
+    *err = dup_message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    *err = dup_message(e.what());
+  } catch (...) {
+    *err = dup_message("unknown C++ exception in activation checkpointing");
+  }
+  return nullptr;
+}
+
+}  // extern "C"

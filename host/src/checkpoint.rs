@@ -1,0 +1,150 @@
+//! Activation checkpointing (`training.gradient_checkpointing`): a block of the forward pass
+//! (one decoder layer) runs without keeping its activations and is recomputed in backward.
+//!
+//! tch has no checkpoint API, so this is torch.utils.checkpoint's reentrant variant written
+//! as a `torch::autograd::Function` in the host's C++ layer (`host/csrc/checkpoint.cpp`),
+//! whose body calls back into Rust. The CPU generator state is saved with the inputs and
+//! restored for the recomputation, so dropout draws the same masks (on CUDA the generator
+//! is not restored: checkpointing with adapter dropout on a GPU recomputes other masks).
+//!
+//! As in torch's reentrant checkpoint, parameters used inside the block receive their
+//! gradients from the recomputation; the block's output requires grad only if one of its
+//! inputs does (the caller makes the first layer's input require grad).
+use std::ffi::{c_char, c_void};
+
+use anyhow::{bail, Result};
+use tch::Tensor;
+
+type BlockFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+extern "C" {
+    fn ft_grad_enabled() -> i32;
+    fn ft_checkpoint(
+        f: unsafe extern "C" fn(*mut c_void, *mut *mut c_void, usize, *mut *mut c_void, *mut *mut c_char) -> i32,
+        ctx: *mut c_void,
+        drop: unsafe extern "C" fn(*mut c_void),
+        inputs: *const *mut c_void,
+        n: usize,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+}
+
+fn c_message(s: &str) -> *mut c_char {
+    let bytes = s.replace('\0', " ");
+    unsafe {
+        let p = libc_malloc(bytes.len() + 1) as *mut u8;
+        if !p.is_null() {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+            *p.add(bytes.len()) = 0;
+        }
+        p as *mut c_char
+    }
+}
+
+extern "C" {
+    #[link_name = "malloc"]
+    fn libc_malloc(n: usize) -> *mut c_void;
+    #[link_name = "free"]
+    fn libc_free(p: *mut c_void);
+}
+
+unsafe extern "C" fn call_block(ctx: *mut c_void, inputs: *mut *mut c_void, n: usize, out: *mut *mut c_void, err: *mut *mut c_char) -> i32 {
+    let block = &*(ctx as *const Box<BlockFn>);
+    let inputs: Vec<Tensor> = (0..n).map(|i| Tensor::from_ptr(*inputs.add(i) as *mut _)).collect();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block(&inputs))) {
+        Ok(Ok(mut t)) => {
+            let p = t.as_mut_ptr() as *mut c_void;
+            std::mem::forget(t);
+            *out = p;
+            0
+        }
+        Ok(Err(e)) => {
+            *err = c_message(&format!("{e:#}"));
+            1
+        }
+        Err(_) => {
+            *err = c_message("panic in a checkpointed block");
+            1
+        }
+    }
+}
+
+unsafe extern "C" fn drop_block(ctx: *mut c_void) {
+    drop(Box::from_raw(ctx as *mut Box<BlockFn>));
+}
+
+/// Whether autograd records operations on this thread (`torch.is_grad_enabled()`): outside
+/// `no_grad`, checkpointing has something to save.
+pub fn grad_enabled() -> bool {
+    unsafe { ft_grad_enabled() != 0 }
+}
+
+/// Runs `block(inputs)` as a checkpointed block: the forward keeps only `inputs`, and the
+/// backward recomputes `block` with grad enabled. `block` must be deterministic given the
+/// inputs and the CPU generator state, and may be called again during backward: it must stay
+/// valid for as long as the graph that uses its output ('static; capture shallow clones).
+pub fn checkpoint(inputs: &[&Tensor], block: impl Fn(&[Tensor]) -> Result<Tensor> + 'static) -> Result<Tensor> {
+    let boxed: Box<BlockFn> = Box::new(block);
+    let ctx = Box::into_raw(Box::new(boxed)) as *mut c_void;
+    let ptrs: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut err: *mut c_char = std::ptr::null_mut();
+    let out = unsafe { ft_checkpoint(call_block, ctx, drop_block, ptrs.as_ptr(), ptrs.len(), &mut err) };
+    if out.is_null() {
+        let msg = if err.is_null() {
+            "activation checkpointing failed".to_string()
+        } else {
+            let s = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
+            unsafe { libc_free(err as *mut c_void) };
+            s
+        };
+        bail!("{msg}");
+    }
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// Gradients through a checkpointed block equal those of the plain computation, for the
+    /// input and for a parameter captured by the block.
+    #[test]
+    fn gradients_match_the_plain_graph() {
+        tch::manual_seed(0);
+        let w = Tensor::randn([4, 4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let x0 = Tensor::randn([3, 4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let f = |x: &Tensor, w: &Tensor| x.matmul(w).tanh().matmul(w).sin();
+        f(&x0, &w).sum(Kind::Double).backward();
+        let (gx, gw) = (x0.grad().copy(), w.grad().copy());
+        let _ = x0.grad().zero_();
+        let _ = w.grad().zero_();
+        let wc = w.shallow_clone();
+        let y = checkpoint(&[&x0], move |xs| Ok(f(&xs[0], &wc))).unwrap();
+        assert!(y.requires_grad());
+        y.sum(Kind::Double).backward();
+        assert!(f64::try_from((x0.grad() - gx).abs().max()).unwrap() < 1e-12);
+        assert!(f64::try_from((w.grad() - gw).abs().max()).unwrap() < 1e-12);
+    }
+
+    /// Dropout inside the block draws the same mask in the recomputation.
+    #[test]
+    fn dropout_mask_is_replayed() {
+        let x = Tensor::ones([1000], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let y = checkpoint(&[&x], |xs| Ok(xs[0].dropout(0.5, true))).unwrap();
+        y.sum(Kind::Float).backward();
+        // d(dropout(x))/dx is the mask scaled by 2: the same positions as the forward's zeros.
+        let fwd_zero = y.eq(0.0);
+        let grad_zero = x.grad().eq(0.0);
+        assert!(fwd_zero.equal(&grad_zero));
+        let kept = i64::try_from(fwd_zero.logical_not().sum(Kind::Int64)).unwrap();
+        assert!(kept > 300 && kept < 700, "{kept}");
+    }
+
+    #[test]
+    fn errors_come_back_as_values() {
+        let x = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let e = checkpoint(&[&x], |_| bail!("block says no")).unwrap_err().to_string();
+        assert!(e.contains("block says no"), "{e}");
+    }
+}

@@ -1,0 +1,317 @@
+//! Multi-rank training over libtorch c10d (Gloo on CPU, 2 ranks on loopback).
+//!
+//! * `c10d_collectives_two_ranks`: this test binary re-runs itself as 2 ranks
+//!   (`c10d_rank_worker`); each checks all-reduce (sum, avg, max, a non-contiguous tensor),
+//!   all-gather, reduce-scatter, broadcast and barrier against closed-form values.
+//! * `ddp_and_zero_match_one_process`: one process with micro_batch_size 4 (memory `single`)
+//!   against `ferrotune launch --nproc 2` with micro_batch_size 2 under `ddp` and `zero`
+//!   stages 1, 2, 3 (same global batch): per-step losses within 1e-5 over 10 steps, and the
+//!   final adapters close.
+//! * `killed_rank_stops_launch_and_resume_completes`: SIGKILL of rank 1 mid-run makes launch
+//!   exit non-zero naming the rank, fast; `--resume` from the last sharded checkpoint (zero-2,
+//!   one optimizer file per rank) finishes with the adapter of an uninterrupted run.
+//!
+//! Needs `cargo build --workspace` (the CLI, `lora`, `sft`, `single`, `dist`, `alpaca`
+//! plugins) and a build with c10d (libgloo-dev installed); no Python.
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ferrotune::collectives::{ProcessGroup, RankEnv, HAS_C10D};
+use ferrotune_plugin_api::{Collectives, ReduceOp};
+use ferrotune_tests::*;
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+const WORDS: usize = 40;
+
+fn vals(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+/// One rank of `c10d_collectives_two_ranks` (does nothing unless started by it).
+#[test]
+fn c10d_rank_worker() {
+    if std::env::var_os("FERROTUNE_TEST_C10D_WORKER").is_none() {
+        return;
+    }
+    let env = RankEnv::from_env().unwrap().expect("WORLD_SIZE > 1");
+    let pg = ProcessGroup::new(&env, Duration::from_secs(30)).unwrap();
+    let (r, w) = (pg.rank() as f64, pg.world_size() as f64);
+    assert_eq!(w, 2.0);
+    let sum_ranks = w * (w - 1.0) / 2.0;
+
+    let t = Tensor::from_slice(&[r + 1.0, 2.0 * (r + 1.0)]);
+    pg.all_reduce(&t, ReduceOp::SUM).unwrap();
+    assert_eq!(vals(&t), [sum_ranks + w, 2.0 * (sum_ranks + w)]);
+    let t = Tensor::from_slice(&[r + 1.0]).to_kind(Kind::Float);
+    pg.all_reduce(&t, ReduceOp::AVG).unwrap();
+    assert_eq!(vals(&t), [(sum_ranks + w) / w]);
+    let t = Tensor::from_slice(&[r, -r]);
+    pg.all_reduce(&t, ReduceOp::MAX).unwrap();
+    assert_eq!(vals(&t), [w - 1.0, 0.0]);
+    // A transposed (non-contiguous) view is reduced in place.
+    let base = (Tensor::arange(6, (Kind::Double, Device::Cpu)) + r).view([2, 3]);
+    let view = base.tr();
+    pg.all_reduce(&view, ReduceOp::SUM).unwrap();
+    let expect: Vec<f64> = (0..6).map(|i| w * i as f64 + sum_ranks).collect();
+    assert_eq!(vals(&base), expect);
+
+    let g = pg.all_gather(&Tensor::from_slice(&[r, r * 10.0, 7.0])).unwrap();
+    assert_eq!(g.len(), 2);
+    for (i, t) in g.iter().enumerate() {
+        assert_eq!(vals(t), [i as f64, i as f64 * 10.0, 7.0]);
+    }
+
+    // input_j = arange(4) + 10·rank_j; rank i receives the summed chunk i.
+    let input = Tensor::arange(4, (Kind::Double, Device::Cpu)) + 10.0 * r;
+    let out = Tensor::zeros([2], (Kind::Double, Device::Cpu));
+    pg.reduce_scatter(&out, &input, ReduceOp::SUM).unwrap();
+    let chunk: Vec<f64> = (0..2).map(|k| w * (2.0 * r + k as f64) + 10.0 * sum_ranks).collect();
+    assert_eq!(vals(&out), chunk);
+    let e = pg.reduce_scatter(&out, &Tensor::zeros([3], (Kind::Double, Device::Cpu)), ReduceOp::SUM).unwrap_err();
+    assert!(e.message().contains("multiple of the world size"), "{e}");
+
+    let b = Tensor::from_slice(&[r, r + 0.5]);
+    pg.broadcast(&b, 1).unwrap();
+    assert_eq!(vals(&b), [1.0, 1.5]);
+    pg.barrier().unwrap();
+    println!("rank {} ok", pg.rank());
+}
+
+#[test]
+fn c10d_collectives_two_ranks() {
+    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    let port = ferrotune::launch::free_port().unwrap().to_string();
+    let exe = std::env::current_exe().unwrap();
+    let started = Instant::now();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(&exe)
+                .args(["--exact", "c10d_rank_worker", "--nocapture", "--test-threads", "1"])
+                .env("FERROTUNE_TEST_C10D_WORKER", "1")
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .output_spawn()
+        })
+        .collect();
+    for (rank, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && out.contains(&format!("rank {rank} ok")), "rank {rank}:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+trait SpawnPiped {
+    fn output_spawn(&mut self) -> std::process::Child;
+}
+impl SpawnPiped for Command {
+    fn output_spawn(&mut self) -> std::process::Child {
+        self.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+}
+
+// ------------------------------------------------------------------ training
+
+struct Fixture {
+    work: PathBuf,
+    model: PathBuf,
+    data: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let work = temp_dir("dist");
+        write_chat_tokenizer(&work.join("tokenizer"), WORDS);
+        let model = work.join("model");
+        init_tiny_model(&work.join("tokenizer"), &model, 9);
+        let data = work.join("alpaca.jsonl");
+        write_alpaca_rows(&data, 16, WORDS, 5);
+        Fixture { work, model, data }
+    })
+}
+
+/// A run config: `micro` samples per rank and micro-batch, 2 micro-batches per step.
+fn config(f: &Fixture, name: &str, micro: usize, memory: &str, steps: usize, save: Option<usize>) -> PathBuf {
+    let save = save.map(|s| format!(", save_steps: {s}")).unwrap_or_default();
+    let yaml = format!(
+        "model: {model}\noutput_dir: {out}\nseed: 17\n\
+         adapter: {{plugin: lora, r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: all-linear}}\n\
+         optimizer: {{lr: 1.0e-3, weight_decay: 0.01, max_grad_norm: 1.0}}\n\
+         scheduler: {{type: cosine, warmup_steps: 2}}\n\
+         memory: {memory}\n\
+         data: {{plugin: alpaca, path: {data}}}\n\
+         training: {{max_steps: {steps}, micro_batch_size: {micro}, gradient_accumulation_steps: 2, progress_bar: false{save}}}\n",
+        model = f.model.display(),
+        out = f.work.join(name).display(),
+        data = f.data.display(),
+    );
+    let path = f.work.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn launch(nproc: usize, args: &[&str]) -> std::process::Output {
+    let n = nproc.to_string();
+    let mut all = vec!["launch", "--nproc", &n, "--timeout", "60"];
+    all.extend_from_slice(args);
+    ferrotune(&all)
+}
+
+fn step_lines(dir: &Path) -> Vec<Value> {
+    read_jsonl(&dir.join("metrics.jsonl")).into_iter().filter(|l| l.get("loss").is_some()).collect()
+}
+
+fn adapter(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut t = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+fn max_adapter_diff(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (adapter(a), adapter(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            f64::try_from((ta - tb).abs().max()).unwrap()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn ddp_and_zero_match_one_process() {
+    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    let f = fixture();
+    const STEPS: usize = 10;
+    let one = train_one(f, "one", STEPS);
+    let reference = step_lines(&one);
+    assert_eq!(reference.len(), STEPS);
+    let mut state_bytes = Vec::new();
+    for (name, memory) in [
+        ("ddp", "{plugin: ddp, bucket_mb: 0.001}"),
+        ("zero1", "{plugin: zero, stage: 1}"),
+        ("zero2", "{plugin: zero, stage: 2}"),
+        ("zero3", "{plugin: zero, stage: 3, offload_optimizer: cpu}"),
+    ] {
+        let cfg = config(f, name, 2, memory, STEPS, None);
+        let o = launch(2, &["train", cfg.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}:\n{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains("[rank 1]") && err.contains("[rank 0]"), "{err}");
+        let bytes: Vec<u64> = (0..2).map(|r| state_bytes_of(&err, r)).collect();
+        println!("{name}: optimizer state bytes per rank {bytes:?}");
+        state_bytes.push((name, bytes));
+        let lines = step_lines(&f.work.join(name));
+        assert_eq!(lines.len(), STEPS, "{name}: only rank 0 writes metrics");
+        let mut worst = 0f64;
+        for (a, b) in reference.iter().zip(&lines) {
+            let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            worst = worst.max((la - lb).abs());
+            let (ga, gb) = (a["grad_norm"].as_f64().unwrap(), b["grad_norm"].as_f64().unwrap());
+            assert!((ga - gb).abs() <= 1e-4 * ga.abs().max(1.0), "{name} step {}: grad_norm {ga} vs {gb}", a["step"]);
+        }
+        let adapter_diff = max_adapter_diff(&one, &f.work.join(name));
+        println!("{name}: max |loss - one process| over {STEPS} steps = {worst:.2e}, max |adapter - one process| = {adapter_diff:.2e}");
+        assert!(worst <= 1e-5, "{name}: per-step losses differ from one process by up to {worst}");
+        assert!(adapter_diff <= 1e-5, "{name}: final adapter differs from one process by up to {adapter_diff}");
+        assert!(reference.first().unwrap()["loss"].as_f64().unwrap() > reference.last().unwrap()["loss"].as_f64().unwrap());
+    }
+    // ddp keeps the whole state on each rank: the one-process state (the adapter's size twice,
+    // fp32 exp_avg and exp_avg_sq). ZeRO splits it: the ranks' shards sum to it, each about half.
+    let adapter_bytes: u64 = adapter(&one).iter().map(|(_, t)| (t.numel() * 4) as u64).sum();
+    let full = 2 * adapter_bytes;
+    assert_eq!(state_bytes[0].1, [full, full], "ddp");
+    for (name, b) in &state_bytes[1..] {
+        assert_eq!(b[0] + b[1], full, "{name}");
+        assert!(b.iter().all(|&x| (x as f64) < 0.6 * full as f64), "{name}: {b:?} of {full}");
+    }
+}
+
+/// `rank r of 2: optimizer state N bytes`, which every rank of a launched run prints at the end.
+fn state_bytes_of(stderr: &str, rank: usize) -> u64 {
+    let key = format!("rank {rank} of 2: optimizer state ");
+    let line = stderr.lines().find_map(|l| l.split_once(&key).map(|(_, rest)| rest.to_string())).unwrap_or_else(|| panic!("no `{key}` in\n{stderr}"));
+    line.trim_end_matches(" bytes").parse().unwrap()
+}
+
+/// The one-process reference: micro_batch_size 4 = 2 per rank × 2 ranks.
+fn train_one(f: &Fixture, name: &str, steps: usize) -> PathBuf {
+    let cfg = config(f, name, 4, "{plugin: single}", steps, None);
+    let o = ferrotune(&["train", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    f.work.join(name)
+}
+
+#[test]
+fn killed_rank_stops_launch_and_resume_completes() {
+    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    let f = fixture();
+    const STEPS: usize = 40;
+    let memory = "{plugin: zero, stage: 2}";
+    let full = config(f, "full", 2, memory, STEPS, Some(4));
+    let o = launch(2, &["train", full.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = f.work.join("full/checkpoint-4");
+    assert!(ck.join("optimizer-rank0.safetensors").is_file() && ck.join("optimizer-rank1.safetensors").is_file(), "sharded checkpoint");
+    // Each rank's shard holds only the state of the parameters it owns: about half.
+    let shard = |r: usize| Tensor::read_safetensors(ck.join(format!("optimizer-rank{r}.safetensors"))).unwrap().len();
+    assert!(shard(0) > 1 && shard(1) > 1);
+
+    let cfg = config(f, "killed", 2, memory, STEPS, Some(4));
+    let mut child = Command::new(ferrotune_bin())
+        .args(["launch", "--nproc", "2", "--timeout", "20", "train", cfg.to_str().unwrap()])
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("FERROTUNE_PLUGIN_PATH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in err.lines().map_while(Result::ok) {
+            if let Some(pid) = line.strip_prefix("[launch] rank 1 pid ") {
+                tx.send(pid.trim().parse::<i32>().unwrap()).unwrap();
+            }
+            all.push(line);
+        }
+        all.join("\n")
+    });
+    let pid = rx.recv_timeout(Duration::from_secs(30)).expect("launch prints the ranks' pids");
+    let first = f.work.join("killed/checkpoint-4");
+    let t0 = Instant::now();
+    while !first.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint-4");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed_at = Instant::now();
+    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    let elapsed = killed_at.elapsed();
+    let err = reader.join().unwrap();
+    println!("launch exited {:?} {:.2} s after rank 1 was killed", status.code(), elapsed.as_secs_f64());
+    assert!(!status.success(), "launch must fail when a rank dies:\n{err}");
+    assert!(err.contains("rank 1 of 2 failed (signal 9)"), "{err}");
+    assert!(elapsed < Duration::from_secs(20), "launch took {elapsed:?} to notice");
+    assert!(!f.work.join("killed/adapter_model.safetensors").exists(), "the run did not finish");
+
+    let o = launch(2, &["train", cfg.to_str().unwrap(), "--resume"]);
+    assert!(o.status.success(), "resume:\n{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    let diff = max_adapter_diff(&f.work.join("full"), &f.work.join("killed"));
+    println!("resumed run vs uninterrupted: max |adapter diff| = {diff:.2e}");
+    assert!(diff <= 1e-6, "{diff}");
+
+    // Another world size cannot resume a sharded checkpoint.
+    let o = ferrotune(&["train", cfg.to_str().unwrap(), "--resume", ck.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("same world size"), "{}", stderr(&o));
+}
