@@ -54,9 +54,11 @@ $(STAMPS)/qwen-tokenizer: $(QWEN_TOKENIZER)/tokenizer.json
 $(STAMPS)/gloo-headers:
 	@mkdir -p $(STAMPS)
 	@if test -f /usr/include/gloo/config.h; then echo "gloo headers: /usr/include/gloo"; \
-	elif command -v apt-get >/dev/null && test "$$(id -u)" = 0; then apt-get install -y -q libgloo-dev || echo "note: apt-get install libgloo-dev failed: building without multi-rank training"; \
+	elif command -v apt-get >/dev/null && test "$$(id -u)" = 0; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev; } \
+	  || echo "note: apt-get install libgloo-dev failed: building without multi-rank training"; \
 	else echo "note: libgloo-dev not installed (no apt-get or not root): building without multi-rank training"; fi
-	@touch $@
+	@if test -f /usr/include/gloo/config.h; then touch $@; fi
 
 setup: $(STAMPS)/torch $(STAMPS)/reference $(STAMPS)/gloo-headers
 
