@@ -52,6 +52,15 @@ pub fn read_rows(registry: &Registry, plugin: &str, config_json: &str, path: &Pa
     Ok((0..n).map(|i| reader.get(i).map_err(|e| e.to_string())).collect())
 }
 
+/// Rows with a reason, one per line (at most `limit`, then a count).
+pub fn rows_report(rows: &[(usize, String)], limit: usize) -> String {
+    let mut lines: Vec<String> = rows.iter().take(limit).map(|(i, e)| format!("  row {i}: {e}")).collect();
+    if rows.len() > limit {
+        lines.push(format!("  … and {} more", rows.len() - limit));
+    }
+    lines.join("\n")
+}
+
 /// Rows turned into training sequences, with what could not be used, by row index.
 #[derive(Debug, Default)]
 pub struct Prepared {
@@ -71,11 +80,7 @@ impl Prepared {
 
     /// The bad rows, one per line (at most `limit`, then a count).
     pub fn bad_report(&self, limit: usize) -> String {
-        let mut lines: Vec<String> = self.bad.iter().take(limit).map(|(i, e)| format!("  row {i}: {e}")).collect();
-        if self.bad.len() > limit {
-            lines.push(format!("  … and {} more", self.bad.len() - limit));
-        }
-        lines.join("\n")
+        rows_report(&self.bad, limit)
     }
 }
 

@@ -135,11 +135,7 @@ impl PreparedItems {
 
     /// The bad rows, one per line (at most `limit`, then a count).
     pub fn bad_report(&self, limit: usize) -> String {
-        let mut lines: Vec<String> = self.bad.iter().take(limit).map(|(i, e)| format!("  row {i}: {e}")).collect();
-        if self.bad.len() > limit {
-            lines.push(format!("  … and {} more", self.bad.len() - limit));
-        }
-        lines.join("\n")
+        data::rows_report(&self.bad, limit)
     }
 }
 

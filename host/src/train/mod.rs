@@ -649,29 +649,6 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     if let Some(b) = report_state_bytes(&memory) {
         eprintln!("rank {rank} of {world}: optimizer state {b} bytes");
     }
-    if rank != 0 {
-        comm.barrier()?;
-        return Ok(TrainSummary {
-            steps: step,
-            train_samples: train_set.len(),
-            eval_samples: eval_set.len(),
-            truncated_samples: truncated,
-            skipped_samples: skipped,
-            first_loss,
-            last_loss,
-            eval_loss,
-            trainable_parameters: trainable,
-            seconds: started.elapsed().as_secs_f64(),
-            output_dir: cfg.output_dir.clone(),
-        });
-    }
-    model.save_peft_adapter(&cfg.output_dir)?;
-    non_lora::save(&cfg.output_dir, &trainable_vision)?;
-    drop(metrics);
-    let metrics_file = cfg.output_dir.join(METRICS_FILE);
-    if let Err(e) = crate::plot::write_loss_curve(&metrics_file, &cfg.output_dir.join("loss.png")) {
-        tracing::warn!("no loss curve: {e:#}");
-    }
     let summary = TrainSummary {
         steps: step,
         train_samples: train_set.len(),
@@ -685,6 +662,17 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         seconds: started.elapsed().as_secs_f64(),
         output_dir: cfg.output_dir.clone(),
     };
+    if rank != 0 {
+        comm.barrier()?;
+        return Ok(summary);
+    }
+    model.save_peft_adapter(&cfg.output_dir)?;
+    non_lora::save(&cfg.output_dir, &trainable_vision)?;
+    drop(metrics);
+    let metrics_file = cfg.output_dir.join(METRICS_FILE);
+    if let Err(e) = crate::plot::write_loss_curve(&metrics_file, &cfg.output_dir.join("loss.png")) {
+        tracing::warn!("no loss curve: {e:#}");
+    }
     std::fs::write(cfg.output_dir.join("train_summary.json"), serde_json::to_string_pretty(&summary)?)?;
     comm.barrier()?;
     Ok(summary)
