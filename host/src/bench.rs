@@ -16,6 +16,14 @@
 //! attention mask and labels = ids. W warm-up steps are run and not timed, then N timed
 //! steps give tokens/s = N·B·T / their wall time (and B·T / the fastest step's, which other
 //! load on the machine disturbs less). Peak RSS is the process's `VmHWM`.
+//!
+//! With `quantization` (`bench train --quantization '{"plugin": "nf4"}'`, QLoRA) the base
+//! weights the adapter targets are stored by that quantizer plugin before the adapter is
+//! attached (`crate::quant::attach_quantized`, as `train` does), and the result adds the
+//! packed and bf16 bytes of those weights. With `memory_phases` the result splits memory into
+//! set-up (load, quantize, attach, optimizer: its peak and the RSS after it) and training (the
+//! peak of the steps alone: `VmHWM` is reset through `/proc/self/clear_refs` after set-up).
+//! `make bench-quant` runs fp32 LoRA, bf16 LoRA and QLoRA each in its own process.
 use std::path::Path;
 use std::time::Instant;
 
@@ -103,6 +111,10 @@ pub struct TrainBench {
     pub seed: u64,
     /// Recompute each decoder layer in backward (activation checkpointing).
     pub gradient_checkpointing: bool,
+    /// Quantize the adapted base weights (QLoRA); None: a dense base.
+    pub quantization: Option<crate::quant::QuantizationConfig>,
+    /// Report set-up and training memory separately (see the module docs).
+    pub memory_phases: bool,
 }
 
 /// One implementation's result (`bench/train_transformers.py` prints the same keys).
@@ -135,6 +147,22 @@ pub struct TrainBenchResult {
     pub base_rss_mb: f64,
     /// Peak resident memory of the process (`VmHWM`, MiB).
     pub peak_rss_mb: f64,
+    /// The quantizer plugin (QLoRA runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
+    /// Bytes the quantized base weights take packed, and the same weights in bf16.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packed_base_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bf16_base_bytes: Option<u64>,
+    /// `memory_phases`: peak RSS of the set-up, RSS right after it, and peak RSS of the
+    /// training steps alone (MiB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_peak_rss_mb: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_rss_mb: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_peak_rss_mb: Option<f64>,
 }
 
 /// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`); `None` off Linux.
@@ -142,6 +170,12 @@ pub fn proc_status_kib(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
     line[key.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Resets the process's peak RSS (`VmHWM`) to its current RSS (Linux ≥ 4.0: writing 5 to
+/// `/proc/self/clear_refs`).
+fn reset_peak_rss() -> Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS (/proc/self/clear_refs)")
 }
 
 fn mib(kib: Option<u64>) -> f64 {
@@ -175,13 +209,20 @@ pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
         "r": opts.rank, "lora_alpha": opts.alpha, "lora_dropout": 0.0, "target_modules": "all-linear",
     });
     let method = registry.adapter("lora", &lora.to_string())?;
-    model.attach_adapter("default", Box::new(method))?;
+    let (_, quantized) = crate::quant::attach_quantized(&mut model, "default", Box::new(method), opts.quantization.as_ref(), registry)?;
     let params = model.trainable_parameters()?;
     let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
     let mut objective = registry.objective("sft", "{}")?;
     let mut memory = registry.memory("single", "{}")?;
     let optimizer = serde_json::json!({ "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0 });
     memory.setup(params, &optimizer.to_string(), device, &SingleProcess)?;
+    let setup = if opts.memory_phases {
+        let phases = (mib(proc_status_kib("VmHWM")), mib(proc_status_kib("VmRSS")));
+        reset_peak_rss()?;
+        Some(phases)
+    } else {
+        None
+    };
 
     let vocab = model.config().vocab_size;
     let (mut first_loss, mut last_loss) = (None, f64::NAN);
@@ -227,7 +268,13 @@ pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
         first_loss: first_loss.unwrap_or(f64::NAN),
         last_loss,
         base_rss_mb: mib(base_rss),
-        peak_rss_mb: mib(proc_status_kib("VmHWM")),
+        peak_rss_mb: mib(proc_status_kib("VmHWM")).max(setup.map_or(0.0, |s| s.0)),
+        quantization: quantized.as_ref().map(|r| r.quantization.plugin.clone()),
+        packed_base_bytes: quantized.as_ref().map(|r| r.packed_bytes),
+        bf16_base_bytes: quantized.as_ref().map(|r| r.bf16_bytes),
+        setup_peak_rss_mb: setup.map(|s| s.0),
+        setup_rss_mb: setup.map(|s| s.1),
+        train_peak_rss_mb: setup.map(|_| mib(proc_status_kib("VmHWM"))),
     })
 }
 

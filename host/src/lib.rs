@@ -20,6 +20,7 @@ pub mod peft;
 pub mod pipeline;
 pub mod plot;
 pub mod plugins;
+pub mod quant;
 pub mod rng;
 pub mod selfcheck;
 pub mod serve;

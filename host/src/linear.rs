@@ -11,21 +11,67 @@
 //! while that adapter runs, the layer is `x W'ᵀ + b'` with the copy's weight and bias; the
 //! frozen base stays for every other pass.
 use anyhow::{Context, Result};
-use ferrotune_plugin_api::{AdapterLayer, BaseLinear, PluginResult};
+use ferrotune_plugin_api::{AdapterLayer, BaseLinear, PluginResult, QuantizedWeight, Quantizer};
 use tch::{TchError, Tensor};
 
 /// The frozen base of a linear layer: `y = x Wᵀ + b` with a weight `[out, in]`.
+///
+/// The weight is dense, or stored packed by a quantizer plugin (`quantized`, QLoRA): then
+/// `weight` is only a placeholder with W's shape, dtype and device and no storage (an
+/// expanded zero), `forward` runs the quantizer's `linear`, and [`LinearBase::dense_weight`]
+/// (what adapters get as `BaseLinear::weight`) dequantizes.
 pub struct LinearBase {
     /// The checkpoint path (`model.layers.0.self_attn.q_proj`).
     pub name: String,
+    /// The dense weight; a placeholder when `quantized` holds it (see the type's docs).
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The weight as a quantizer plugin stores it.
+    pub quantized: Option<Box<dyn QuantizedWeight>>,
 }
 
 impl LinearBase {
     /// `x Wᵀ + b` over the last dimension of `x`; a shape mismatch is an error, not a panic.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        x.f_linear(&self.weight, self.bias.as_ref())
+        match &self.quantized {
+            Some(q) => {
+                let y = q.linear(x).map_err(|e| TchError::Torch(format!("quantized weight of `{}`: {e}", self.name)))?;
+                match &self.bias {
+                    Some(b) => y.f_add(b),
+                    None => Ok(y),
+                }
+            }
+            None => x.f_linear(&self.weight, self.bias.as_ref()),
+        }
+    }
+
+    /// The dense weight `[out, in]` in the layer's dtype (dequantized when stored quantized).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.quantized {
+            Some(q) => Ok(q.dequantize(self.weight.kind()).with_context(|| format!("dequantizing `{}`", self.name))?),
+            None => Ok(self.weight.shallow_clone()),
+        }
+    }
+
+    /// Stores the weight through `quantizer` and drops the dense tensor. Returns the packed
+    /// bytes.
+    pub fn quantize_with(&mut self, quantizer: &dyn Quantizer) -> Result<u64> {
+        let dense = self.dense_weight()?;
+        let q = quantizer.quantize(&self.name, &dense).with_context(|| format!("quantizing `{}`", self.name))?;
+        let bytes = q.storage_bytes().with_context(|| format!("size of quantized `{}`", self.name))?;
+        let placeholder = Tensor::f_zeros([], (dense.kind(), dense.device()))?.f_expand(dense.size(), false)?;
+        self.weight = placeholder;
+        self.quantized = Some(q);
+        Ok(bytes)
+    }
+
+    /// Makes a quantized weight dense again (its dequantized values); a dense one is left.
+    pub fn dequantize_in_place(&mut self) -> Result<()> {
+        if self.quantized.is_some() {
+            self.weight = self.dense_weight()?.set_requires_grad(false);
+            self.quantized = None;
+        }
+        Ok(())
     }
 
     /// Input width (`in_features`).
@@ -50,7 +96,7 @@ impl BaseLinear for LinearBase {
         Ok(LinearBase::forward(self, x)?)
     }
     fn weight(&self) -> PluginResult<Tensor> {
-        Ok(self.weight.shallow_clone())
+        self.dense_weight().map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
     }
     fn bias(&self) -> PluginResult<Option<Tensor>> {
         Ok(self.bias.as_ref().map(Tensor::shallow_clone))
@@ -127,7 +173,7 @@ impl std::ops::Deref for FrozenLinear {
 
 impl FrozenLinear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
-        let base = LinearBase { name: name.into(), weight: weight.set_requires_grad(false), bias: bias.map(|b| b.set_requires_grad(false)) };
+        let base = LinearBase { name: name.into(), weight: weight.set_requires_grad(false), bias: bias.map(|b| b.set_requires_grad(false)), quantized: None };
         Self { base, adapters: Vec::new(), copies: Vec::new() }
     }
 
@@ -207,6 +253,12 @@ impl FrozenLinear {
     /// for its other user, which is how a tied `lm_head` gets untied).
     pub(crate) fn set_base_weight(&mut self, weight: Tensor) {
         self.base.weight = weight.set_requires_grad(false);
+        self.base.quantized = None;
+    }
+
+    /// The frozen base, mutable (quantizing it).
+    pub(crate) fn base_mut(&mut self) -> &mut LinearBase {
+        &mut self.base
     }
 
     /// Adapter `name`'s trainable copy of this layer (`modules_to_save`), if it keeps one.
@@ -219,7 +271,12 @@ impl FrozenLinear {
     /// module). A tied weight is copied too, so the copy never shares storage.
     pub(crate) fn insert_copy(&mut self, name: &str) -> Result<&LinearBase> {
         let trainable = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach_copy()?.set_requires_grad(true)) };
-        let copy = LinearBase { name: self.base.name.clone(), weight: trainable(&self.base.weight)?, bias: self.base.bias.as_ref().map(trainable).transpose()? };
+        let copy = LinearBase {
+            name: self.base.name.clone(),
+            weight: trainable(&self.base.dense_weight()?)?,
+            bias: self.base.bias.as_ref().map(trainable).transpose()?,
+            quantized: None,
+        };
         self.remove_copy(name);
         self.copies.push((name.to_string(), copy));
         Ok(&self.copies.last().expect("just pushed").1)
@@ -236,6 +293,7 @@ impl FrozenLinear {
     pub(crate) fn merge_copy(&mut self, name: &str) -> bool {
         let Some(copy) = self.remove_copy(name) else { return false };
         self.base.weight = copy.weight.detach().set_requires_grad(false);
+        self.base.quantized = None;
         self.base.bias = copy.bias.map(|b| b.detach().set_requires_grad(false));
         true
     }

@@ -2,7 +2,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferrotune::plugins::{DirSource, Registry, SearchPath};
 use ferrotune::{device, selfcheck};
@@ -219,6 +219,12 @@ struct MergeArgs {
     /// Where to compute the merge: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// For an adapter trained on a quantized base (its folder has quantization.json): merge
+    /// into the `original` full-precision weights or the `dequantized` ones it was trained
+    /// against (default). Either way the max/mean absolute logit difference of the merged
+    /// model against the adapter-applied quantized model on a probe batch is printed.
+    #[arg(long, value_enum)]
+    merge_base: Option<ferrotune::quant::MergeBase>,
 }
 
 #[derive(Args)]
@@ -376,6 +382,14 @@ struct BenchTrainArgs {
     /// f32 or bf16 (the frozen base; adapters stay f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// QLoRA: a `quantization:` section as JSON (`{"plugin": "nf4"}`; the plugin's keys and
+    /// `skip_modules` as in a run config). Adds the packed and bf16 bytes of the quantized base.
+    #[arg(long)]
+    quantization: Option<String>,
+    /// Report the set-up's peak RSS, the RSS after it and the training steps' own peak
+    /// (`make bench-quant` runs with it).
+    #[arg(long)]
+    memory_phases: bool,
 }
 
 #[derive(Args)]
@@ -548,12 +562,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 anyhow::bail!("{} already exists and is not empty; choose a new folder for the merged model", a.out.display());
             }
             let mut model = ferrotune::model::CausalLM::load(&a.model, device, tch::Kind::Float)?;
-            let report = model.load_peft_adapter(&a.adapter, &Registry::discover(&search))?;
+            let registry = Registry::discover(&search);
+            let report = model.load_peft_adapter(&a.adapter, &registry)?;
             let restored = ferrotune::non_lora::load_into(&model, &a.adapter)?;
             if !restored.is_empty() {
                 println!("restored {} full weight(s) trained beside the adapter ({})", restored.len(), ferrotune::non_lora::NON_LORA_FILE);
             }
-            let merged = model.merge_adapter()?;
+            let merged = match ferrotune::quant::read_record(&a.adapter)? {
+                None => {
+                    if a.merge_base.is_some() {
+                        anyhow::bail!("--merge-base: {} has no {}: its run did not quantize the base", a.adapter.display(), ferrotune::quant::QUANTIZATION_FILE);
+                    }
+                    model.merge_adapter()?
+                }
+                Some(record) => {
+                    let originals = ferrotune::quant::dense_weights_of(&model, &record);
+                    ferrotune::quant::apply_record(&mut model, &a.adapter, &registry)?;
+                    let modules = model.adapted_modules().into_iter().chain(model.saved_modules()).map(str::to_string).collect();
+                    let error = ferrotune::quant::merge_quantized(&mut model, originals, a.merge_base.unwrap_or(ferrotune::quant::MergeBase::Dequantized))?;
+                    println!(
+                        "quantized run ({} on {} modules): merged into the {} base; logits vs the adapter-applied quantized model on {} probe tokens: max |diff| {:.3e}, mean |diff| {:.3e}",
+                        record.quantization.plugin,
+                        record.modules.len(),
+                        error.merge_base,
+                        error.probe_tokens,
+                        error.max_abs_logit_diff,
+                        error.mean_abs_logit_diff
+                    );
+                    println!("{}", serde_json::json!({"merge_error": error}));
+                    modules
+                }
+            };
             model.save_pretrained(&a.out, &a.model, dtype)?;
             println!(
                 "merged {} ({} module(s){}) into {}: wrote {}",
@@ -628,6 +667,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 lr: a.lr,
                 seed: a.seed,
                 gradient_checkpointing: a.gradient_checkpointing,
+                quantization: a
+                    .quantization
+                    .as_deref()
+                    .map(|j| serde_json::from_str(j).with_context(|| format!("--quantization: `{j}` is not a quantization section")))
+                    .transpose()?,
+                memory_phases: a.memory_phases,
             };
             let result = ferrotune::bench::bench_train(&a.model, &registry, device, dtype, &opts)?;
             println!("{}", serde_json::to_string(&result)?);

@@ -36,8 +36,8 @@ pub struct PeftMethod {
     pub plugin: &'static str,
     /// The configuration keys the plugin implements (passed on as they are).
     pub keys: &'static [&'static str],
-    /// Keys the plugin does not implement, with peft's default value (JSON): accepted and
-    /// ignored at that value, refused at any other. A null value is always ignored (peft's
+    /// Keys with peft's default value (JSON), ignored at that value. A key the plugin does
+    /// not implement is refused at any other value. A null value is always ignored (peft's
     /// "not set").
     pub defaults: &'static [(&'static str, &'static str)],
     /// Adjusts the plugin configuration for loading saved weights.
@@ -59,6 +59,7 @@ pub const PEFT_METHODS: &[PeftMethod] = &[PeftMethod {
         "bias",
         "fan_in_fan_out",
         "modules_to_save",
+        "loftq_config",
     ],
     // peft 0.21.2's LoraConfig defaults that are not null. (Its null-default keys:
     // exclude_modules, layers_to_transform, layers_pattern, megatron_config,
@@ -69,6 +70,7 @@ pub const PEFT_METHODS: &[PeftMethod] = &[PeftMethod {
         ("rank_pattern", "{}"),
         ("alpha_pattern", "{}"),
         ("megatron_core", "\"megatron.core\""),
+        // implemented (LoftQ), and ignored at its default
         ("loftq_config", "{}"),
         ("use_qalora", "false"),
         ("qalora_group_size", "16"),
@@ -80,11 +82,11 @@ pub const PEFT_METHODS: &[PeftMethod] = &[PeftMethod {
 }];
 
 /// Saved LoRA weights replace the initial ones, so a random initialisation is replaced by the
-/// default (B = 0). PiSSA and OLoRA are kept: they are deterministic functions of W and decide
+/// default (B = 0). PiSSA, OLoRA and LoftQ are kept: they are deterministic functions of W and decide
 /// the residual base weight the saved A and B were trained against (peft re-runs them on load
 /// too).
 fn lora_for_loading(config: &mut Map<String, Value>) {
-    let keep = matches!(config.get("init_lora_weights"), Some(Value::String(s)) if ["pissa", "olora"].contains(&s.to_ascii_lowercase().as_str()));
+    let keep = matches!(config.get("init_lora_weights"), Some(Value::String(s)) if ["pissa", "olora", "loftq"].contains(&s.to_ascii_lowercase().as_str()));
     if !keep {
         config.insert("init_lora_weights".into(), Value::Bool(true));
     }
@@ -126,12 +128,11 @@ pub fn plugin_config(config: &Value, path: &Path) -> Result<PluginConfig> {
     let mut ignored = Vec::new();
     let mut refused = Vec::new();
     for (key, value) in obj {
-        if INFORMATIONAL_KEYS.contains(&key.as_str()) || value.is_null() {
+        let at_default = || method.defaults.iter().any(|(k, d)| k == key && serde_json::from_str::<Value>(d).is_ok_and(|d| json_eq(&d, value)));
+        if INFORMATIONAL_KEYS.contains(&key.as_str()) || value.is_null() || at_default() {
             ignored.push(key.clone());
         } else if method.keys.contains(&key.as_str()) {
             pass.insert(key.clone(), value.clone());
-        } else if method.defaults.iter().any(|(k, d)| k == key && serde_json::from_str::<Value>(d).is_ok_and(|d| json_eq(&d, value))) {
-            ignored.push(key.clone());
         } else {
             refused.push(format!("`{key}` = {value}"));
         }

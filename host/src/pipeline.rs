@@ -62,6 +62,7 @@ impl TextGenerator {
     /// merger, say) replace the base model's.
     pub fn apply_adapter(&mut self, adapter_dir: &Path, registry: &Registry) -> Result<AttachReport> {
         let report = self.model.load_peft_adapter(adapter_dir, registry)?;
+        crate::quant::apply_record(&mut self.model, adapter_dir, registry)?;
         let restored = crate::non_lora::load_into(&self.model, adapter_dir)?;
         if !restored.is_empty() {
             tracing::info!("restored {} full weight(s) trained beside the adapter", restored.len());

@@ -60,6 +60,7 @@
 // sabi_trait expands impls inside a const block (abi_stable 0.11).
 #![allow(non_local_definitions)]
 
+pub mod blockwise;
 pub mod config;
 pub mod error;
 pub mod fingerprint;

@@ -58,6 +58,9 @@ impl CausalLM {
         if let Some(name) = self.adapter_names().first() {
             bail!("save_pretrained: adapter `{name}` is still attached; merge it (merge_adapter) or save it as a PEFT directory (save_peft_adapter)");
         }
+        if let Some((name, _)) = self.linears().into_iter().find(|(_, l)| l.quantized.is_some()) {
+            bail!("save_pretrained: `{name}` is stored quantized; make the weights dense first (crate::quant::dequantize_all)");
+        }
         if let Some(kind) = dtype {
             super::weights::check_compute_dtype(kind)?;
         }

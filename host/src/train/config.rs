@@ -43,6 +43,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// The adapter plugin and its configuration (e.g. `plugin: lora`, `r: 8`).
     pub adapter: PluginSection,
+    /// Quantized base weights (QLoRA): `plugin: nf4|int8`, the plugin's keys and
+    /// `skip_modules` (see `crate::quant`). Default none (dense base).
+    #[serde(default)]
+    pub quantization: Option<crate::quant::QuantizationConfig>,
     /// A PEFT adapter directory whose weights start the run instead of the plugin's init
     /// (continue training an adapter; relative to the config file).
     #[serde(default)]

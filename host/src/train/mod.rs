@@ -441,7 +441,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
     let tokenizer = Tokenizer::from_dir(&cfg.model)?;
     let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
-    let attach = model.attach_adapter("default", Box::new(method))?;
+    let (attach, quantized) = crate::quant::attach_quantized(&mut model, "default", Box::new(method), cfg.quantization.as_ref(), registry)?;
     tracing::info!("adapter `{}` on {} modules", cfg.adapter.plugin, attach.modules.len());
     if let Some(init) = &cfg.adapter_init {
         check_adapter_init_config(init, &model.adapter_peft_config()?)?;
@@ -668,6 +668,9 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     }
     model.save_peft_adapter(&cfg.output_dir)?;
     non_lora::save(&cfg.output_dir, &trainable_vision)?;
+    if let Some(record) = &quantized {
+        crate::quant::write_record(&cfg.output_dir, record)?;
+    }
     drop(metrics);
     let metrics_file = cfg.output_dir.join(METRICS_FILE);
     if let Err(e) = crate::plot::write_loss_curve(&metrics_file, &cfg.output_dir.join("loss.png")) {

@@ -62,6 +62,11 @@ pub struct LoraConfig {
     /// this many times faster than A. Default none (1×); typical 4–16.
     #[serde(default)]
     pub loraplus_lr_ratio: Option<f64>,
+    /// LoftQ's settings (peft's `LoftQConfig`), used with `init_lora_weights: loftq`:
+    /// `loftq_bits` (4: NF4, the only one supported) and `loftq_iter` (alternating
+    /// quantize/SVD steps, default 1; more lower ‖W − (Q + B·A)‖). Default `{}` = both defaults.
+    #[serde(default)]
+    pub loftq_config: LoftqConfig,
     /// Modules trained in full and saved beside the adapter (`["lm_head"]`, `["embed_tokens"]`;
     /// names match as `target_modules` names do). Recorded in the PEFT config; the host makes
     /// the trainable copies (linear layers and the token embedding). As in peft, such a module
@@ -78,6 +83,32 @@ pub struct LoraConfig {
     /// `modules_to_save` compiled (filled by `from_json`).
     #[serde(skip)]
     saved_modules: Vec<Regex>,
+}
+
+/// peft's `LoftQConfig`.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoftqConfig {
+    /// Bits of the quantized base: 4 (NF4). Default 4.
+    #[serde(default = "default_loftq_bits")]
+    pub loftq_bits: i64,
+    /// Alternating quantize / SVD iterations. Default 1; typical 1–5.
+    #[serde(default = "default_loftq_iter")]
+    pub loftq_iter: i64,
+}
+
+impl Default for LoftqConfig {
+    fn default() -> Self {
+        Self { loftq_bits: default_loftq_bits(), loftq_iter: default_loftq_iter() }
+    }
+}
+
+fn default_loftq_bits() -> i64 {
+    4
+}
+
+fn default_loftq_iter() -> i64 {
+    1
 }
 
 fn default_r() -> i64 {
@@ -146,12 +177,16 @@ pub enum InitLoraWeights {
     Pissa,
     /// `"olora"`: W = QR; A = R[:r], B = Q[:, :r]; the base weight becomes W − scale·B·A.
     Olora,
+    /// `"loftq"`: LoftQ (https://arxiv.org/abs/2310.08659), peft's `loftq_init`: alternately
+    /// NF4-quantize and take the rank-r SVD of the residual (`loftq_config.loftq_iter` times);
+    /// A = R, B = L with W ≈ Q + B·A, and the base weight becomes Q.
+    Loftq,
 }
 
 impl InitLoraWeights {
     /// Whether this initialisation rewrites the base weight (to W − scale·B·A).
     pub fn rewrites_base(self) -> bool {
-        matches!(self, Self::Pissa | Self::Olora)
+        matches!(self, Self::Pissa | Self::Olora | Self::Loftq)
     }
 
     /// The value peft's `LoraConfig.init_lora_weights` takes for it.
@@ -162,6 +197,7 @@ impl InitLoraWeights {
             Self::Gaussian => json!("gaussian"),
             Self::Pissa => json!("pissa"),
             Self::Olora => json!("olora"),
+            Self::Loftq => json!("loftq"),
         }
     }
 }
@@ -177,15 +213,16 @@ fn deserialize_init<'de, D: Deserializer<'de>>(d: D) -> Result<InitLoraWeights, 
             "gaussian" => Ok(InitLoraWeights::Gaussian),
             "pissa" => Ok(InitLoraWeights::Pissa),
             "olora" => Ok(InitLoraWeights::Olora),
+            "loftq" => Ok(InitLoraWeights::Loftq),
             other if other.starts_with("pissa_niter_") => Err(D::Error::custom(format!(
                 "`{s}` (randomised SVD) is not supported; use \"pissa\" (exact SVD)"
             ))),
             _ => Err(D::Error::custom(format!(
-                "`{s}` is not supported; use true, false, \"gaussian\", \"pissa\" or \"olora\""
+                "`{s}` is not supported; use true, false, \"gaussian\", \"pissa\", \"olora\" or \"loftq\""
             ))),
         },
         other => Err(D::Error::custom(format!(
-            "expected true, false, \"gaussian\", \"pissa\" or \"olora\", got {other}"
+            "expected true, false, \"gaussian\", \"pissa\", \"olora\" or \"loftq\", got {other}"
         ))),
     }
 }
@@ -225,6 +262,17 @@ impl LoraConfig {
                 "fan_in_fan_out",
                 "only false is supported: the host's linear layers store their weight as [out, in]",
             ));
+        }
+        if self.init_lora_weights == InitLoraWeights::Loftq {
+            if self.loftq_config.loftq_bits != 4 {
+                return Err(PluginError::config("loftq_config.loftq_bits", format!("only 4 (NF4) is supported, got {}", self.loftq_config.loftq_bits)));
+            }
+            if self.loftq_config.loftq_iter < 1 {
+                return Err(PluginError::config("loftq_config.loftq_iter", format!("must be at least 1, got {}", self.loftq_config.loftq_iter)));
+            }
+            if self.use_dora {
+                return Err(PluginError::config("use_dora", "DoRA with init_lora_weights \"loftq\" is not supported"));
+            }
         }
         if let TargetModules::Names(names) = &self.target_modules {
             if names.is_empty() {
@@ -308,6 +356,11 @@ impl LoraConfig {
             "modules_to_save": if self.modules_to_save.is_empty() { Value::Null } else { json!(self.modules_to_save) },
             "layers_to_transform": null,
             "layers_pattern": null,
+            "loftq_config": if self.init_lora_weights == InitLoraWeights::Loftq {
+                json!({"loftq_bits": self.loftq_config.loftq_bits, "loftq_iter": self.loftq_config.loftq_iter})
+            } else {
+                json!({})
+            },
             "rank_pattern": {},
             "alpha_pattern": {},
         })
@@ -345,7 +398,6 @@ mod tests {
             (r#"{"target_modules": ["q_proj", 3]}"#, "`target_modules`"),
             (r#"{"target_modules": "q_proj("}"#, "`target_modules`"),
             (r#"{"target_modules": 7}"#, "`target_modules`"),
-            (r#"{"init_lora_weights": "loftq"}"#, "`init_lora_weights`"),
             (r#"{"init_lora_weights": "pissa_niter_4"}"#, "`init_lora_weights`"),
             (r#"{"init_lora_weights": 1}"#, "`init_lora_weights`"),
             (r#"{"bias": "all"}"#, "`bias`"),

@@ -2,6 +2,7 @@
 //! `reset_lora_parameters`, `pissa_init` and `olora_init` compute them. The base-weight side
 //! of PiSSA and OLoRA (W becomes W − scale·B·A) is the layer's `unmerged_weight`; see
 //! `lib.rs` (`INIT_REWRITES_BASE`).
+use ferrotune_plugin_api::blockwise::{nf4_round_trip, NF4_BLOCKSIZE};
 use ferrotune_plugin_api::{PluginError, PluginResult};
 use tch::{Kind, Tensor};
 
@@ -32,6 +33,9 @@ pub fn initial_factors(init: InitLoraWeights, weight: &Tensor, r: i64, scaling: 
             let root = sr.f_sqrt()?.f_diag(0)?;
             (root.f_matmul(&uhr)?, vr.f_matmul(&root)?)
         }
+        InitLoraWeights::Loftq => {
+            return Err(PluginError::invalid("LoftQ factors come from `loftq` (they come with the quantized base weight)"));
+        }
         InitLoraWeights::Olora => {
             check_rank(r, out_f, in_f, "olora")?;
             let (q, rr) = Tensor::f_linalg_qr(&weight.f_to_kind(Kind::Float)?, "reduced")?;
@@ -39,6 +43,46 @@ pub fn initial_factors(init: InitLoraWeights, weight: &Tensor, r: i64, scaling: 
         }
     };
     Ok((a.f_to_kind(kind)?, b.f_to_kind(kind)?))
+}
+
+/// LoftQ (peft's `loftq_init` with 4 bits): `(A, B, Q)` with Q the NF4-quantized base (as
+/// bitsandbytes' `Params4bit(compress_statistics=False, quant_type="nf4")`, block 64, then
+/// dequantized) and B·A the rank-r SVD of `W − Q`, so that `Q + B·A ≈ W`. Each of the `iters`
+/// rounds quantizes `W − B·A` of the round before (the first quantizes W). As in peft, A and B
+/// are not divided by the adapter's scale: `Q + scale·B·A ≈ W` holds for `lora_alpha = r`.
+/// A and B come back in `kind`, Q in W's dtype. The quantizer math is
+/// `ferrotune_plugin_api::blockwise`, the one the `nf4` quantizer plugin stores weights with.
+pub fn loftq(weight: &Tensor, r: i64, iters: i64, kind: Kind) -> PluginResult<(Tensor, Tensor, Tensor)> {
+    let (out_f, in_f) = weight.size2()?;
+    check_rank(r, out_f, in_f, "loftq")?;
+    let w = weight.f_to_kind(Kind::Float)?;
+    let mut res = w.shallow_clone();
+    let mut factors = None;
+    let mut q = None;
+    for i in 0..iters.max(1) {
+        let dequantized = nf4_round_trip(&res, NF4_BLOCKSIZE)?;
+        let (l, rr) = low_rank(&w.f_sub(&dequantized)?, r)?;
+        q = Some(dequantized);
+        if i + 1 == iters.max(1) {
+            factors = Some((rr, l));
+            break;
+        }
+        res = w.f_sub(&l.f_matmul(&rr)?)?;
+    }
+    let ((a, b), q) = (factors.expect("at least one round"), q.expect("at least one round"));
+    Ok((a.f_to_kind(kind)?, b.f_to_kind(kind)?, q.f_to_kind(weight.kind())?))
+}
+
+/// peft's `_low_rank_decomposition`: `L = U·√diag(S)[:, :r]`, `R = √diag(S)[:r, :]·Vh`, with
+/// the same ops in the same order.
+fn low_rank(weight: &Tensor, r: i64) -> PluginResult<(Tensor, Tensor)> {
+    // torch.svd is linalg_svd(full_matrices=False) with V = Vhᴴ: the same numbers and layout.
+    let (u, s, v) = weight.f_svd(true, true)?;
+    let vh = v.f_tr()?;
+    let d = s.f_diag(0)?;
+    let l = u.f_matmul(&d.f_narrow(1, 0, r)?.f_sqrt()?)?;
+    let rr = d.f_narrow(0, 0, r)?.f_sqrt()?.f_matmul(&vh)?;
+    Ok((l, rr))
 }
 
 /// `nn.init.kaiming_uniform_(w, a=√5)`, `nn.Linear`'s default: U(−1/√fan_in, 1/√fan_in).
@@ -107,6 +151,19 @@ mod tests {
         assert!((resid_top - s.double_value(&[3])).abs() < 1e-4);
         let e = initial_factors(InitLoraWeights::Pissa, &w, 13, 2.0, Kind::Float).unwrap_err();
         assert!(e.message().contains("`r`"), "{e}");
+    }
+
+    #[test]
+    fn loftq_error_falls_with_iterations_and_beats_plain_quantization() {
+        tch::manual_seed(5);
+        let w = Tensor::randn([32, 128], (Kind::Float, Device::Cpu));
+        let err = |iters| {
+            let (a, b, q) = loftq(&w, 4, iters, Kind::Float).unwrap();
+            (&w - &q - b.matmul(&a)).norm().double_value(&[])
+        };
+        let plain = (&w - nf4_round_trip(&w, 64).unwrap()).norm().double_value(&[]);
+        let (e1, e3) = (err(1), err(3));
+        assert!(e1 < plain && e3 < e1, "quantized only {plain}, 1 iteration {e1}, 3 iterations {e3}");
     }
 
     #[test]

@@ -5,7 +5,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::LoraConfig;
 use crate::dora::{DoraMagnitude, LORA_MAGNITUDE};
-use crate::init::initial_factors;
+use crate::config::InitLoraWeights;
+use crate::init::{initial_factors, loftq};
 
 /// A `[r, in]`: the down projection.
 pub const LORA_A: &str = "lora_A.weight";
@@ -27,6 +28,10 @@ pub struct LoraLayer {
     dropout: f64,
     b_lr_scale: f64,
     variant: Variant,
+    /// LoftQ's quantized base weight Q, handed to the host by the first `unmerged_weight`
+    /// (the `init_rewrites_base` contract: right after `adapt_linear` the host sets the base
+    /// weight to `unmerged_weight(W)`, which for LoftQ is Q, not W − scale·B·A).
+    loftq_base: std::sync::Mutex<Option<Tensor>>,
 }
 
 /// The dtype of the trainable tensors: float32 for a half-precision base, as peft's default
@@ -50,8 +55,14 @@ impl LoraLayer {
             )));
         }
         let scaling = cfg.scaling();
-        let (a, b) = initial_factors(cfg.init_lora_weights, &weight, cfg.r, scaling, adapter_kind(weight.kind()))
-            .map_err(|e| e.context(format!("layer `{module}`")))?;
+        let context = |e: PluginError| e.context(format!("layer `{module}`"));
+        let (a, b, loftq_base) = if cfg.init_lora_weights == InitLoraWeights::Loftq {
+            let (a, b, q) = tch::no_grad(|| loftq(&weight, cfg.r, cfg.loftq_config.loftq_iter, adapter_kind(weight.kind()))).map_err(context)?;
+            (a, b, Some(q))
+        } else {
+            let (a, b) = initial_factors(cfg.init_lora_weights, &weight, cfg.r, scaling, adapter_kind(weight.kind())).map_err(context)?;
+            (a, b, None)
+        };
         let mut layer = Self {
             a: a.set_requires_grad(true),
             b: b.set_requires_grad(true),
@@ -59,6 +70,7 @@ impl LoraLayer {
             dropout: cfg.lora_dropout,
             b_lr_scale: cfg.b_lr_scale(),
             variant: Variant::Plain,
+            loftq_base: std::sync::Mutex::new(loftq_base),
         };
         if cfg.use_dora {
             let delta = layer.delta_weight()?;
@@ -167,6 +179,9 @@ impl AdapterLayer for LoraLayer {
     }
 
     fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor> {
+        if let Some(q) = self.loftq_base.lock().map_err(|_| PluginError::runtime("LoftQ state poisoned"))?.take() {
+            return Ok(q.f_to_kind(merged_weight.kind())?);
+        }
         let delta = self.delta_weight()?;
         let unmerged = match &self.variant {
             Variant::Plain => tch::no_grad(|| merged_weight.f_sub(&delta))?,
