@@ -98,7 +98,11 @@ struct Server {
 impl Server {
     fn start(extra: &[&str]) -> Server {
         let f = fixture();
-        let mut args = vec!["serve", "--model", f.model.to_str().unwrap(), "--port", "0", "--adapter-dir", f.adapters.to_str().unwrap()];
+        Server::start_on(&f.model, &f.adapters, extra)
+    }
+
+    fn start_on(model: &Path, adapter_dir: &Path, extra: &[&str]) -> Server {
+        let mut args = vec!["serve", "--model", model.to_str().unwrap(), "--port", "0", "--adapter-dir", adapter_dir.to_str().unwrap()];
         args.extend_from_slice(extra);
         let mut child = Command::new(ferrotune_bin())
             .args(&args)
@@ -537,4 +541,254 @@ fn bench_serve_prints_one_adapter_vs_many() {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
     }
     let _ = &f.root;
+}
+
+/// A `data:` URL of encoded image bytes.
+fn data_url(mime: &str, bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// A small PNG (w×h, a colour gradient) encoded in memory.
+fn png_bytes(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 40) as u8, (y * 40) as u8, 128]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// The text of the first choice (completion or chat).
+fn choice_text(v: &Value) -> String {
+    let c = &v["choices"][0];
+    c["text"].as_str().or_else(|| c["message"]["content"].as_str()).unwrap_or_else(|| panic!("no text in {v}")).to_string()
+}
+
+/// The text of a streamed body: the deltas (chat) or texts (completions) of its chunks, in order.
+fn streamed_text(body: &str) -> (String, Vec<String>) {
+    let events = sse_events(body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let pieces: Vec<String> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            let ch = c["choices"].get(0)?;
+            ch["text"].as_str().or_else(|| ch["delta"]["content"].as_str()).map(str::to_string)
+        })
+        .collect();
+    (pieces.concat(), pieces)
+}
+
+#[test]
+fn stop_sequences_end_the_text_before_them_streamed_or_not() {
+    let s = Server::start(&[]);
+    let full = post_ok(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0}));
+    let text = choice_text(&full);
+    assert_eq!(full["choices"][0]["finish_reason"], "length");
+    assert!(text.len() > 8, "the base must produce some text for this test: `{text}`");
+    // a stop taken from the second half of the output; it may occur earlier too
+    let k = (text.len() / 2..text.len() - 2).find(|&k| text.is_char_boundary(k) && text.is_char_boundary(k + 2)).unwrap();
+    let stop = text[k..k + 2].to_string();
+    let expected = text[..text.find(&stop).unwrap()].to_string();
+    for (endpoint, body) in [
+        ("/v1/completions", json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": stop})),
+        ("/v1/completions", json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": ["never-said", stop.clone()]})),
+    ] {
+        let v = post_ok(&s, endpoint, &body);
+        assert_eq!(choice_text(&v), expected, "{body}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (code, raw) = call(ureq::post(&format!("{}{endpoint}", s.url)), Some(&streamed));
+        assert_eq!(code, 200, "{raw}");
+        let (joined, pieces) = streamed_text(&raw);
+        // the pieces add up to the text before the stop: nothing past it was ever sent
+        assert_eq!(joined, expected, "streamed pieces {pieces:?}");
+        assert!(raw.contains("\"finish_reason\":\"stop\""), "{raw}");
+    }
+    // a stop never produced: the whole text, `length`
+    let v = post_ok(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": "never-said"}));
+    assert_eq!((choice_text(&v), v["choices"][0]["finish_reason"].as_str()), (text.clone(), Some("length")));
+    // the chat endpoint too
+    let msgs = json!([{"role": "user", "content": PROMPT}]);
+    let chat = post_ok(&s, "/v1/chat/completions", &json!({"model": "tiny", "messages": msgs, "max_tokens": 16, "temperature": 0}));
+    let chat_text = choice_text(&chat);
+    let k = (chat_text.len() / 2..chat_text.len().saturating_sub(1)).find(|&k| chat_text.is_char_boundary(k) && chat_text.is_char_boundary(k + 1)).unwrap();
+    let stop = chat_text[k..k + 1].to_string();
+    let expected = chat_text[..chat_text.find(&stop).unwrap()].to_string();
+    let body = json!({"model": "tiny", "messages": msgs, "max_tokens": 16, "temperature": 0, "stop": [stop], "stream": true});
+    let (_, raw) = call(ureq::post(&format!("{}/v1/chat/completions", s.url)), Some(&body));
+    assert_eq!(streamed_text(&raw).0, expected);
+    // bad stops
+    for stop in [json!(["a", "b", "c", "d", "e"]), json!(""), json!([1]), json!({"x": 1})] {
+        let (code, v) = post(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "stop": stop}));
+        assert_eq!((code, v["error"]["code"].as_str()), (400, Some("invalid_stop")), "{stop}: {v}");
+    }
+}
+
+#[test]
+fn a_seeded_request_samples_the_same_text_alone_and_in_a_busy_batch() {
+    let f = fixture();
+    let s = Server::start(&["--adapter", &format!("a1={}", f.adapters.join("a1").display()), "--max-batch", "16"]);
+    let seeded = |seed: u64| json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 1.0, "seed": seed, "return_token_ids": true});
+    let ids = |v: &Value| v["choices"][0]["token_ids"].clone();
+    let alone = post_ok(&s, "/v1/completions", &seeded(7));
+    assert_eq!(ids(&post_ok(&s, "/v1/completions", &seeded(7))), ids(&alone), "the same seed twice alone");
+    let other = post_ok(&s, "/v1/completions", &seeded(8));
+    assert_ne!(ids(&other), ids(&alone), "another seed must sample other tokens for this test to mean anything");
+    let greedy = post_ok(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": true}));
+    assert_ne!(ids(&greedy), ids(&alone), "sampling must differ from greedy here");
+    for round in 0..2 {
+        let busy: Vec<Value> = std::thread::scope(|sc| {
+            let mut handles = Vec::new();
+            for i in 0..6 {
+                let body = match i % 3 {
+                    0 => json!({"model": "a1", "prompt": format!("w{} w3", i + 2), "max_tokens": 20, "temperature": 1.0}),
+                    1 => json!({"model": "tiny", "prompt": "w9 w8", "max_tokens": 30, "temperature": 0.8, "seed": 100 + i}),
+                    _ => json!({"model": "a1", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}),
+                };
+                let s = &s;
+                handles.push(sc.spawn(move || post_ok(s, "/v1/completions", &body)));
+            }
+            handles.push(sc.spawn(|| post_ok(&s, "/v1/completions", &seeded(7))));
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ids(busy.last().unwrap()), ids(&alone), "round {round}: the seeded request in a busy batch");
+    }
+    assert!(get(&s, "/health")["engine"]["max_rows"].as_u64().unwrap() >= 3);
+}
+
+/// A tiny random Qwen2-VL with the Qwen2 tokenizer, a LoRA for it, and two story images.
+struct VlFixture {
+    model: PathBuf,
+    adapters: PathBuf,
+    images: Vec<PathBuf>,
+}
+
+fn vl_fixture() -> &'static VlFixture {
+    static F: OnceLock<VlFixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let root = temp_dir("serve-vl");
+        let model = root.join("tiny-vl");
+        let tok = repo_root().join("assets/qwen2-tokenizer");
+        assert!(tok.join("tokenizer.json").is_file(), "{} is missing: `make test` generates it", tok.display());
+        let o = ferrotune(&["init-model", "--preset", "tiny-vl", "--dtype", "f32", "--seed", "3", "--tokenizer", tok.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+        assert!(o.status.success(), "init-model: {}", stderr(&o));
+        let adapters = root.join("adapters");
+        make_adapter(&model, &adapters.join("vl"), r#"{"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}"#, 40);
+        let images = ["toy-test-008_1.png", "toy-test-008_2.png"].iter().map(|f| repo_root().join("datasets/story-llava/images").join(f)).collect();
+        VlFixture { model, adapters, images }
+    })
+}
+
+/// `ferrotune generate --chat --image ... --greedy --json` on the VL fixture.
+fn generate_vl(prompt: &str, images: &[PathBuf], adapter: Option<&Path>, n: u64) -> (Vec<i64>, String) {
+    let f = vl_fixture();
+    let n = n.to_string();
+    let mut args = vec!["generate", "--model", f.model.to_str().unwrap(), "--chat", "--prompt", prompt, "--greedy", "--max-new-tokens", &n, "--json"];
+    for im in images {
+        args.extend(["--image", im.to_str().unwrap()]);
+    }
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a.to_str().unwrap()]);
+    }
+    let o = ferrotune(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    (v["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(), v["text"].as_str().unwrap().to_string())
+}
+
+/// A greedy chat request with image parts (data URLs of `images`) then the text.
+fn image_chat(model: &str, images: &[PathBuf], prompt: &str, n: u64) -> Value {
+    let mut parts: Vec<Value> = images.iter().map(|p| json!({"type": "image_url", "image_url": {"url": data_url("image/png", &std::fs::read(p).unwrap())}})).collect();
+    parts.push(json!({"type": "text", "text": prompt}));
+    json!({"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": n, "temperature": 0, "return_token_ids": true})
+}
+
+fn ids_text(v: &Value) -> (Vec<i64>, String) {
+    (v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(), choice_text(v))
+}
+
+const VL_PROMPT: &str = "Describe the story.";
+
+#[test]
+fn image_parts_equal_generate_with_images_alone_and_beside_text_rows() {
+    let f = vl_fixture();
+    let vl = f.adapters.join("vl");
+    let s = Server::start_on(&f.model, &f.adapters, &["--adapter", &format!("vl={}", vl.display()), "--max-batch", "8"]);
+    let base = post_ok(&s, "/v1/chat/completions", &image_chat("tiny-vl", &f.images, VL_PROMPT, 10));
+    assert_eq!(ids_text(&base), generate_vl(VL_PROMPT, &f.images, None, 10), "base model, 2 images");
+    let adapted = post_ok(&s, "/v1/chat/completions", &image_chat("vl", &f.images, VL_PROMPT, 10));
+    let cli = generate_vl(VL_PROMPT, &f.images, Some(&vl), 10);
+    assert_eq!(ids_text(&adapted), cli, "adapter, 2 images");
+    assert_ne!(ids_text(&adapted), ids_text(&base), "the adapter must change the output for this test to mean anything");
+    let swapped = [f.images[1].clone(), f.images[0].clone()];
+    let adapted_swapped = post_ok(&s, "/v1/chat/completions", &image_chat("vl", &swapped, VL_PROMPT, 10));
+    assert_eq!(ids_text(&adapted_swapped), generate_vl(VL_PROMPT, &swapped, Some(&vl), 10), "adapter, images swapped");
+    assert_ne!(ids_text(&adapted_swapped), ids_text(&adapted), "the images must change the output for this test to mean anything");
+    // the image tokens are in the prompt: 2 images give more prompt tokens than none
+    let text_only = post_ok(&s, "/v1/chat/completions", &json!({"model": "vl", "messages": [{"role": "user", "content": VL_PROMPT}], "max_tokens": 10, "temperature": 0, "return_token_ids": true}));
+    assert!(base["usage"]["prompt_tokens"].as_u64().unwrap() > text_only["usage"]["prompt_tokens"].as_u64().unwrap() + 8, "{base} vs {text_only}");
+    assert_eq!(ids_text(&text_only), generate_vl(VL_PROMPT, &[], Some(&vl), 10));
+    // together in one batch (images rows with their own M-RoPE deltas beside text rows)
+    let jobs = vec![
+        image_chat("vl", &f.images, VL_PROMPT, 10),
+        json!({"model": "vl", "messages": [{"role": "user", "content": VL_PROMPT}], "max_tokens": 10, "temperature": 0, "return_token_ids": true}),
+        image_chat("tiny-vl", &f.images, VL_PROMPT, 10),
+        image_chat("vl", &swapped, VL_PROMPT, 10),
+    ];
+    let expected = [&adapted, &text_only, &base, &adapted_swapped];
+    let before = get(&s, "/health")["engine"]["max_rows"].as_u64().unwrap();
+    for round in 0..2 {
+        let together: Vec<Value> = std::thread::scope(|sc| {
+            let hs: Vec<_> = jobs.iter().map(|b| sc.spawn(|| post_ok(&s, "/v1/chat/completions", b))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, (t, e)) in together.iter().zip(expected).enumerate() {
+            assert_eq!(ids_text(t), ids_text(e), "round {round}: request {i} differs in a batch");
+        }
+    }
+    let health = get(&s, "/health");
+    println!("engine after the image batches: {health} (max rows before: {before})");
+    assert!(health["engine"]["max_rows"].as_u64().unwrap() >= 2, "{health}");
+}
+
+#[test]
+fn bad_image_parts_are_refused_with_json_errors() {
+    let f = vl_fixture();
+    let s = Server::start_on(&f.model, &f.adapters, &["--max-images", "2", "--max-body-bytes", "12288", "--image-max-pixels", "3136"]);
+    let png = std::fs::read(&f.images[0]).unwrap();
+    let with_url = |url: String| json!({"model": "tiny-vl", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}], "max_tokens": 2});
+    let refused = |body: Value, status: u16, code: &str| {
+        let (got, v) = post(&s, "/v1/chat/completions", &body);
+        assert_eq!((got, v["error"]["code"].as_str()), (status, Some(code)), "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    };
+    refused(with_url("https://example.com/cat.png".into()), 400, "remote_image_url");
+    refused(with_url("http://127.0.0.1/cat.png".into()), 400, "remote_image_url");
+    refused(with_url("data:image/png;base64,@@not base64@@".into()), 400, "invalid_image");
+    refused(with_url(data_url("image/png", b"these bytes are no image at all")), 400, "invalid_image");
+    refused(with_url(data_url("image/png", &png[..png.len() / 2])), 400, "invalid_image");
+    refused(with_url(data_url("image/gif", &png)), 400, "unsupported_image_type");
+    refused(with_url(format!("data:image/png,{}", "x")), 400, "invalid_image");
+    refused(with_url("file:///etc/passwd".into()), 400, "invalid_image");
+    refused(json!({"model": "tiny-vl", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400, "invalid_image");
+    let three: Vec<Value> = (0..3).map(|_| json!({"type": "image_url", "image_url": {"url": data_url("image/png", &png)}})).collect();
+    refused(json!({"model": "tiny-vl", "messages": [{"role": "user", "content": three}]}), 400, "too_many_images");
+    // just over the limit: a larger body may still be on its way when the server answers 413
+    // and closes, which the client then sees as a broken pipe
+    let big = [png_bytes(20, 20), vec![0u8; 9_500]].concat();
+    refused(with_url(data_url("image/png", &big)), 413, "request_too_large");
+    // still serving, and a good image works: 200×200 resized to 56×56 (--image-max-pixels
+    // 3136) is 4×4 patches of 14, 2×2 merged tokens, between <|vision_start|> and <|vision_end|>
+    let ok = post_ok(&s, "/v1/chat/completions", &with_url(data_url("image/png", &png_bytes(200, 200))));
+    assert_eq!(ok["choices"][0]["finish_reason"].as_str().map(|r| r == "length" || r == "stop"), Some(true), "{ok}");
+    let text_only = post_ok(&s, "/v1/chat/completions", &json!({"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+    let tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(tokens(&ok), tokens(&text_only) + 2 + 4, "{ok}");
+
+    // a text-only model refuses image parts
+    let t = Server::start(&[]);
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url("image/png", &png_bytes(8, 8))}}, {"type": "text", "text": PROMPT}]}]});
+    let (code, v) = post(&t, "/v1/chat/completions", &body);
+    assert_eq!((code, v["error"]["code"].as_str()), (400, Some("images_not_supported")), "{v}");
 }

@@ -259,6 +259,15 @@ struct ServeArgs {
     /// The largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
+    /// Image content parts (base64 data URLs) a chat request may hold at most (a
+    /// vision-language model; each image is resized within its preprocessor_config.json
+    /// min_pixels..max_pixels). Images count against --max-body-bytes.
+    #[arg(long, default_value_t = 8)]
+    max_images: usize,
+    /// Resize every image to at most this many pixels (default: the model's
+    /// preprocessor_config.json max_pixels, 12845056 for Qwen2-VL: up to 16384 tokens an image).
+    #[arg(long)]
+    image_max_pixels: Option<u64>,
     /// The base model's name in requests and /v1/models (default: the model folder's name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -634,6 +643,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_adapters: a.max_adapters,
                 max_tokens_limit: a.max_tokens_limit,
                 max_body_bytes: a.max_body_bytes,
+                max_images: a.max_images,
+                image_max_pixels: a.image_max_pixels,
                 served_model_name: a.served_model_name,
                 device: device::resolve(&a.device)?,
                 dtype: ferrotune::model::init::parse_dtype(&a.dtype)?,

@@ -972,7 +972,7 @@ mod tests {
     fn filled(rows: i64, len: i64, tag: f64) -> KvCache {
         let mut c = KvCache::new(1, rows);
         let k = Tensor::arange(rows * len, (Kind::Float, Device::Cpu)).view([rows, 1, len, 1]) + tag;
-        c.update(0, k.shallow_clone(), -k).unwrap();
+        let _ = c.update(0, k.shallow_clone(), -k).unwrap();
         c
     }
 

@@ -5,6 +5,9 @@
 //! `GET /v1/models`, `POST /v1/adapters` `{name, path}`, `DELETE /v1/adapters/{name}`, vLLM's
 //! `POST /v1/load_lora_adapter` `{lora_name, lora_path}` and `POST /v1/unload_lora_adapter`
 //! `{lora_name}`, and `GET /health` (no key needed).
+//!
+//! Chat messages may hold OpenAI's `image_url` content parts as base64 `data:` URLs (PNG, JPEG,
+//! WebP) for a vision-language model; each becomes an `<image>` placeholder where it stands.
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,7 +25,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::engine::{Command, Event, GenRequest, PromptInput};
+use super::engine::{Command, Event, GenRequest, PromptInput, MAX_STOP_SEQUENCES};
+use crate::data::images::IMAGE_PLACEHOLDER;
 use super::error::ApiError;
 use crate::pipeline::SamplingChoice;
 
@@ -35,6 +39,8 @@ pub struct AppState {
     pub base_name: String,
     pub api_key: Option<String>,
     pub max_tokens_limit: usize,
+    /// Image content parts a chat request may hold at most.
+    pub max_images: usize,
     pub created: u64,
     /// Request ids.
     pub counter: std::sync::atomic::AtomicU64,
@@ -220,17 +226,30 @@ struct ChatRequest {
 }
 
 impl Sampling {
+    /// `stop`: null, a string, or a list of up to [`MAX_STOP_SEQUENCES`] non-empty strings.
+    fn stop_sequences(&self) -> Result<Vec<String>, ApiError> {
+        let bad = |m: String| ApiError::bad_request(m).code("invalid_stop");
+        let list = match &self.stop {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("`stop` must hold strings, got {v}"))))
+                .collect::<Result<_, _>>()?,
+            Some(v) => return Err(bad(format!("`stop` must be a string or a list of strings, got {v}"))),
+        };
+        if list.len() > MAX_STOP_SEQUENCES {
+            return Err(bad(format!("`stop` holds {} sequences; at most {MAX_STOP_SEQUENCES} are allowed", list.len())));
+        }
+        if list.iter().any(String::is_empty) {
+            return Err(bad("`stop` sequences must not be empty".into()));
+        }
+        Ok(list)
+    }
+
     fn choice(&self, limit: usize) -> Result<SamplingChoice, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request("only n = 1 is supported").code("unsupported_parameter"));
-        }
-        let stop_given = match &self.stop {
-            None | Some(Value::Null) => false,
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(_) => true,
-        };
-        if stop_given {
-            return Err(ApiError::bad_request("`stop` sequences are not supported; generation stops at the model's end-of-sequence tokens").code("unsupported_parameter"));
         }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
@@ -269,7 +288,7 @@ async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesR
         Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
         _ => return ApiError::bad_request("`prompt` must be a string (or a list of one string)").into_response(),
     };
-    run(st, req.model, PromptInput::Text(prompt), req.sampling, false).await
+    run(st, req.model, PromptInput::Text(prompt), Vec::new(), req.sampling, false).await
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -278,6 +297,7 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, B
         Err(e) => return e.into_response(),
     };
     let mut messages = Vec::new();
+    let mut images = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         let text = match &m.content {
             Value::String(s) => s.clone(),
@@ -287,9 +307,22 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, B
                 for p in parts {
                     match p.get("type").and_then(Value::as_str) {
                         Some("text") => text.push_str(p.get("text").and_then(Value::as_str).unwrap_or_default()),
+                        Some("image_url") => {
+                            if images.len() == st.max_images {
+                                return ApiError::bad_request(format!("the request has more than {} images (--max-images)", st.max_images))
+                                    .code("too_many_images")
+                                    .into_response();
+                            }
+                            let url = p.get("image_url").and_then(|u| u.get("url").and_then(Value::as_str).or_else(|| u.as_str()));
+                            match image_from_url(url) {
+                                Ok(bytes) => images.push(bytes),
+                                Err(e) => return ApiError { message: format!("messages[{i}]: {}", e.message), ..e }.into_response(),
+                            }
+                            text.push_str(IMAGE_PLACEHOLDER);
+                        }
                         Some(other) => {
                             return ApiError::bad_request(format!(
-                                "messages[{i}]: content parts of type `{other}` are not supported by this server (text parts only)"
+                                "messages[{i}]: content parts of type `{other}` are not supported by this server (text and image_url parts only)"
                             ))
                             .code("unsupported_content")
                             .into_response()
@@ -306,17 +339,54 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, B
     if messages.is_empty() {
         return ApiError::bad_request("`messages` is empty").into_response();
     }
-    run(st, req.model, PromptInput::Chat(messages), req.sampling, true).await
+    run(st, req.model, PromptInput::Chat(messages), images, req.sampling, true).await
+}
+
+/// The image types an `image_url` data URL may carry.
+const IMAGE_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/jpg", "image/webp"];
+
+/// The encoded bytes of an `image_url` part: a base64 `data:` URL of a PNG, JPEG or WebP image.
+/// Remote URLs are refused: the server fetches nothing.
+fn image_from_url(url: Option<&str>) -> Result<Vec<u8>, ApiError> {
+    let Some(url) = url else {
+        return Err(ApiError::bad_request("an image_url part needs `image_url.url` (a data:image/...;base64,... URL)").code("invalid_image"));
+    };
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Err(ApiError::bad_request("remote image URLs are not fetched by this server; send the image inline as a data URL (data:image/png;base64,...)")
+            .code("remote_image_url"));
+    }
+    let Some(rest) = url.strip_prefix("data:") else {
+        let shown: String = url.chars().take(32).collect();
+        return Err(ApiError::bad_request(format!("unsupported image URL `{shown}`: send the image as a data URL (data:image/png;base64,...)")).code("invalid_image"));
+    };
+    let Some((meta, data)) = rest.split_once(',') else {
+        return Err(ApiError::bad_request("the image data URL has no `,` before its data").code("invalid_image"));
+    };
+    let mut fields = meta.split(';');
+    let mime = fields.next().unwrap_or_default().trim().to_ascii_lowercase();
+    if !IMAGE_TYPES.contains(&mime.as_str()) {
+        return Err(ApiError::bad_request(format!("image type `{mime}` is not supported; send PNG, JPEG or WebP (data:image/png;base64,...)")).code("unsupported_image_type"));
+    }
+    if !fields.any(|f| f.trim().eq_ignore_ascii_case("base64")) {
+        return Err(ApiError::bad_request("the image data URL must be base64 (data:image/png;base64,...)").code("invalid_image"));
+    }
+    use base64::Engine as _;
+    let compact: Vec<u8> = data.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(&compact)
+        .map_err(|e| ApiError::bad_request(format!("the image data is not valid base64: {e}")).code("invalid_image"))
 }
 
 /// Sends a generation to the engine and answers with its result (JSON) or its stream (SSE).
-async fn run(st: Arc<AppState>, model: String, prompt: PromptInput, sampling: Sampling, chat: bool) -> Response {
-    let choice = match sampling.choice(st.max_tokens_limit) {
+async fn run(st: Arc<AppState>, model: String, prompt: PromptInput, images: Vec<Vec<u8>>, sampling: Sampling, chat: bool) -> Response {
+    let (choice, stop) = match sampling.choice(st.max_tokens_limit).and_then(|c| Ok((c, sampling.stop_sequences()?))) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    if let Err(e) = st.send(Command::Generate(Box::new(GenRequest { model: model.clone(), prompt, choice, events: tx }))) {
+    let request = GenRequest { model: model.clone(), prompt, choice, seed: sampling.seed, stop, images, events: tx };
+    if let Err(e) = st.send(Command::Generate(Box::new(request))) {
         return e.into_response();
     }
     let prompt_tokens = match rx.recv().await {

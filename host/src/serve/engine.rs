@@ -8,6 +8,11 @@
 //! plugin declares `mixed_batch` and it keeps no full module copies; any other adapter gets a
 //! batch of its own, and the running batches take their steps in turn.
 //!
+//! A request's images (Qwen2-VL) go through its own prefill; its M-RoPE deltas stay in the
+//! batch's [`KvCache`] beside its row. Each row samples with its own generator ([`RowRng`]), so
+//! a seeded request does not depend on its neighbours, and checks its stop sequences as its
+//! text grows, streaming only text that cannot be the start of one.
+//!
 //! A row keeps the adapter it started with: adapters are attached under an internal name
 //! (`name@N`), so an unload (or a reload under the same name) only takes the public name
 //! away; the attached layers stay until the last row using them finishes.
@@ -19,7 +24,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferrotune_plugin_api::Message;
+use ferrotune_plugin_api::{ImageSource, Message, Sample};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -27,7 +32,7 @@ use super::error::ApiError;
 use crate::adapters::CAP_INIT_REWRITES_BASE;
 use crate::generate::{warp_logits, SamplingParams};
 use crate::linear::LinearMode;
-use crate::model::{CausalLM, KvCache};
+use crate::model::{CausalLM, KvCache, VisionInputs};
 use crate::pipeline::{SamplingChoice, TextGenerator};
 use crate::plugins::Registry;
 
@@ -67,7 +72,13 @@ pub struct EngineConfig {
     pub max_adapters: usize,
     /// `max_tokens` at most (a request without one gets the model's default, capped by this).
     pub max_tokens_limit: usize,
+    /// A vision-language model's images are resized to at most this many pixels (default: its
+    /// `preprocessor_config.json` `max_pixels`).
+    pub image_max_pixels: Option<u64>,
 }
+
+/// Stop sequences a request may give at most (as OpenAI).
+pub const MAX_STOP_SEQUENCES: usize = 4;
 
 /// The prompt of a request.
 #[derive(Debug, Clone)]
@@ -86,6 +97,14 @@ pub struct GenRequest {
     /// Sampling (`max_new_tokens` is the request's `max_tokens`); unset fields take the
     /// model's `generation_config.json` defaults.
     pub choice: SamplingChoice,
+    /// The request's `seed`: its sampled tokens then come from a generator of its own, so the
+    /// same request gives the same text whatever else runs in the batch. `None`: a random seed.
+    pub seed: Option<u64>,
+    /// Stop sequences: generation ends before the first of them, which is not returned.
+    pub stop: Vec<String>,
+    /// Encoded images (PNG, JPEG, WebP) of a chat prompt, in the order of the `<image>`
+    /// placeholders in its messages (a vision-language model only).
+    pub images: Vec<Vec<u8>>,
     /// Where the engine reports: [`Event::Start`] or [`Event::Error`] first.
     pub events: tokio::sync::mpsc::UnboundedSender<Event>,
 }
@@ -97,7 +116,8 @@ pub enum Event {
     Start { prompt_tokens: usize },
     /// One new token and the text it adds (may be empty while a character is incomplete).
     Token { id: i64, text: String },
-    /// Finished: `stop` (an end-of-sequence token) or `length` (`max_tokens`); the full text.
+    /// Finished: `stop` (an end-of-sequence token or a stop sequence) or `length`
+    /// (`max_tokens`); the full text (without the stop sequence).
     Done { finish_reason: &'static str, text: String, token_ids: Vec<i64>, prompt_tokens: usize },
     Error(ApiError),
 }
@@ -125,13 +145,26 @@ struct Slot {
     last_used: u64,
 }
 
+/// A request ready to prefill.
+struct Admitted {
+    ids: Vec<i64>,
+    internal: Option<String>,
+    params: SamplingParams,
+    rng: RowRng,
+    vision: Option<VisionInputs>,
+}
+
 /// One running request.
 struct Row {
     internal: Option<String>,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     params: SamplingParams,
+    /// The row's own sampling generator (unused by greedy rows).
+    rng: RowRng,
+    stop: Vec<String>,
     prompt_tokens: usize,
     generated: Vec<i64>,
+    /// The text streamed so far.
     sent: String,
     /// The token to feed at the next step.
     last: i64,
@@ -164,18 +197,79 @@ pub struct Engine {
     pub stats: Arc<EngineStats>,
 }
 
+/// One row's random numbers (SplitMix64): a request's draws depend on its seed and its step
+/// alone, never on the other rows of the batch or on libtorch's global generator.
+#[derive(Debug, Clone)]
+pub struct RowRng(u64);
+
+impl RowRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// A generator with a seed nobody chose (a request without `seed`).
+    pub fn unseeded() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        Self(h.finish())
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    pub fn next_unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Draws one token from `probs` `[1, V]` by inverse CDF at `u` in (0, 1]: the first token
+/// whose cumulative probability reaches `u` (never a token of probability 0).
+pub fn draw_token(probs: &Tensor, u: f64) -> Result<i64> {
+    let cdf = probs.f_to_kind(Kind::Double)?.f_cumsum(-1, Kind::Double)?;
+    let v = cdf.size2()?.1;
+    let total = cdf.f_double_value(&[0, v - 1])?;
+    let below = cdf.f_lt(u * total)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    Ok(below.min(v - 1))
+}
+
 /// Picks each row's next token from `[B, V]` logits: argmax for greedy rows, transformers'
-/// warpers then a multinomial draw for the others.
-fn pick_tokens(logits: &Tensor, params: &[&SamplingParams]) -> Result<Vec<i64>> {
+/// warpers then a draw with the row's own generator for the others.
+fn pick_tokens(logits: &Tensor, rows: &mut [(&SamplingParams, &mut RowRng)]) -> Result<Vec<i64>> {
     let mut out: Vec<i64> = Vec::try_from(&logits.f_argmax(-1, false)?.f_to_device(Device::Cpu)?)?;
-    for (i, p) in params.iter().enumerate() {
+    for (i, (p, rng)) in rows.iter_mut().enumerate() {
         if !p.is_greedy() {
             let row = logits.f_narrow(0, i as i64, 1)?;
             let probs = warp_logits(&row, p.temperature, p.top_k, p.top_p)?.f_softmax(-1, Kind::Float)?;
-            out[i] = probs.f_multinomial(1, false)?.f_int64_value(&[0, 0])?;
+            out[i] = draw_token(&probs, rng.next_unit())?;
         }
     }
     Ok(out)
+}
+
+/// The byte offset where the first stop sequence found in `text` starts.
+pub fn find_stop(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// How many bytes at the end of `text` might be the start of a stop sequence, and so must not
+/// be streamed yet.
+pub fn stop_hold_back(text: &str, stop: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stop {
+        for (k, _) in s.char_indices().skip(1) {
+            if k > hold && text.ends_with(&s[..k]) {
+                hold = k;
+            }
+        }
+    }
+    hold
 }
 
 /// The linear-layer mode of a step over rows running `names` (internal adapter names, `None` =
@@ -474,22 +568,47 @@ impl Engine {
     fn admit(&mut self) {
         while self.running_rows() < self.cfg.max_batch {
             let Some(req) = self.pending.pop_front() else { break };
-            let (ids, internal, params) = match self.start(&req) {
+            let admitted = match self.start(&req) {
                 Ok(x) => x,
                 Err(e) => {
                     let _ = req.events.send(Event::Error(e));
                     continue;
                 }
             };
-            if let Err(e) = self.prefill(*req, ids, internal.clone(), params) {
+            let internal = admitted.internal.clone();
+            if let Err(e) = self.prefill(*req, admitted) {
                 tracing::warn!("prefill failed: {e:#}");
                 self.release(internal.as_deref());
             }
         }
     }
 
-    /// Resolves the adapter and tokenizes the prompt; reports [`Event::Start`].
-    fn start(&mut self, req: &GenRequest) -> Result<(Vec<i64>, Option<String>, SamplingParams), ApiError> {
+    /// A chat prompt with images: each `<image>` placeholder becomes the image's block of
+    /// vision tokens (as `ferrotune generate --chat --image` does); the pixel values beside.
+    fn chat_with_images(&self, messages: &[Message], images: &[Vec<u8>]) -> Result<(Vec<i64>, Option<VisionInputs>), ApiError> {
+        let Some(prep) = &self.gen.images else {
+            return Err(ApiError::bad_request(format!(
+                "model `{}` has no vision tower: image content parts need a vision-language model (Qwen2-VL)",
+                self.cfg.base_name
+            ))
+            .code("images_not_supported"));
+        };
+        let mut sample = Sample {
+            id: Some("request".into()),
+            messages: messages.to_vec(),
+            images: (0..images.len()).map(ImageSource::Blob).collect(),
+            blobs: images.to_vec(),
+            ..Default::default()
+        };
+        let invalid = |e: String| ApiError::bad_request(e).code("invalid_image");
+        let sized = prep.expand(&mut sample).map_err(|e| invalid(e.to_string()))?;
+        let ids = self.gen.tokenizer.encode_chat(&sample.messages, true).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}")))?;
+        let vision = prep.vision_inputs(&sized).map_err(|e| invalid(format!("{e:#}")))?;
+        Ok((ids, vision))
+    }
+
+    /// Resolves the adapter, tokenizes the prompt and prepares its images; reports [`Event::Start`].
+    fn start(&mut self, req: &GenRequest) -> Result<Admitted, ApiError> {
         let internal = if req.model == self.cfg.base_name {
             None
         } else {
@@ -498,16 +617,20 @@ impl Engine {
                 None => return Err(self.unknown(&req.model)),
             }
         };
-        let ids = match &req.prompt {
-            PromptInput::Text(t) => self.gen.tokenizer.encode(t, true),
+        let tokenize = |e: anyhow::Error| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}"));
+        let (ids, vision) = match &req.prompt {
+            PromptInput::Text(t) => (self.gen.tokenizer.encode(t, true).map_err(tokenize)?, None),
             PromptInput::Chat(m) => {
                 if !self.gen.tokenizer.has_chat_template() {
                     return Err(ApiError::bad_request("this model's tokenizer has no chat_template: use /v1/completions"));
                 }
-                self.gen.tokenizer.encode_chat(m, true)
+                if req.images.is_empty() {
+                    (self.gen.tokenizer.encode_chat(m, true).map_err(tokenize)?, None)
+                } else {
+                    self.chat_with_images(m, &req.images)?
+                }
             }
-        }
-        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}")))?;
+        };
         let mut params = self.gen.sampling_params(&req.choice);
         params.max_new_tokens = params.max_new_tokens.min(self.cfg.max_tokens_limit).max(1);
         let cfg = self.gen.model.config();
@@ -531,12 +654,14 @@ impl Engine {
             s.last_used = self.tick;
         }
         let _ = req.events.send(Event::Start { prompt_tokens: ids.len() });
-        Ok((ids, internal, params))
+        let rng = req.seed.map_or_else(RowRng::unseeded, RowRng::new);
+        Ok(Admitted { ids, internal, params, rng, vision })
     }
 
     /// Runs one request's prompt alone, reports its first token and joins it to a batch.
-    fn prefill(&mut self, req: GenRequest, ids: Vec<i64>, internal: Option<String>, params: SamplingParams) -> Result<()> {
-        let mixes = internal.as_deref().map_or(true, |i| self.adapters.iter().any(|s| s.internal == i && s.mixes));
+    fn prefill(&mut self, req: GenRequest, admitted: Admitted) -> Result<()> {
+        let Admitted { ids, internal, params, mut rng, vision } = admitted;
+        let mixes = internal.as_deref().is_none_or(|i| self.adapters.iter().any(|s| s.internal == i && s.mixes));
         let model = &self.gen.model;
         let device = model.device();
         let result = tch::no_grad(|| -> Result<(KvCache, Tensor, i64)> {
@@ -545,8 +670,8 @@ impl Engine {
             let mask = Tensor::f_ones([1, l], (Kind::Int64, device))?;
             let mut cache = model.new_cache(1);
             let mode = LinearMode { adapter: internal.as_deref(), train: false, rows: None };
-            let logits = model.forward_last_with(&input, Some(&mask), Some(&mut cache), mode)?;
-            let tok = pick_tokens(&logits, &[&params])?[0];
+            let logits = model.forward_last_mm_with(&input, Some(&mask), vision.as_ref(), Some(&mut cache), mode)?;
+            let tok = pick_tokens(&logits, &mut [(&params, &mut rng)])?[0];
             Ok((cache, mask, tok))
         });
         let (cache, mask, tok) = match result {
@@ -556,7 +681,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        let mut row = Row { internal, events: req.events, params, prompt_tokens: ids.len(), generated: Vec::new(), sent: String::new(), last: tok };
+        let mut row = Row { internal, events: req.events, params, rng, stop: req.stop, prompt_tokens: ids.len(), generated: Vec::new(), sent: String::new(), last: tok };
         if self.accept(&mut row, tok) {
             self.release(row.internal.as_deref());
             return Ok(());
@@ -581,8 +706,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Takes token `tok` for `row`: streams its text; true when the row is finished
-    /// (end-of-sequence, `max_tokens`, or the client went away).
+    /// Takes token `tok` for `row`: streams the text that is final (not an incomplete
+    /// character, not what may be the start of a stop sequence); true when the row is finished
+    /// (end-of-sequence, a stop sequence, `max_tokens`, or the client went away).
     fn accept(&self, row: &mut Row, tok: i64) -> bool {
         let finish = if row.params.eos_token_ids.contains(&tok) {
             Some("stop")
@@ -590,19 +716,30 @@ impl Engine {
             row.generated.push(tok);
             row.last = tok;
             let text = self.gen.tokenizer.decode(&row.generated, true).unwrap_or_default();
+            let finish = if find_stop(&text, &row.stop).is_some() {
+                Some("stop")
+            } else {
+                (row.generated.len() >= row.params.max_new_tokens).then_some("length")
+            };
             let mut delta = String::new();
-            if text.starts_with(row.sent.as_str()) && !text.ends_with('\u{FFFD}') {
-                delta = text[row.sent.len()..].to_string();
-                row.sent = text;
+            if finish.is_none() && !text.ends_with('\u{FFFD}') {
+                let ready = text.len() - stop_hold_back(&text, &row.stop);
+                if text.is_char_boundary(ready) && ready > row.sent.len() && text[..ready].starts_with(row.sent.as_str()) {
+                    delta = text[row.sent.len()..ready].to_string();
+                    row.sent = text[..ready].to_string();
+                }
             }
             if row.events.send(Event::Token { id: tok, text: delta }).is_err() {
                 return true; // the client is gone
             }
-            (row.generated.len() >= row.params.max_new_tokens).then_some("length")
+            finish
         };
         match finish {
             Some(reason) => {
-                let text = self.gen.tokenizer.decode(&row.generated, true).unwrap_or_default();
+                let mut text = self.gen.tokenizer.decode(&row.generated, true).unwrap_or_default();
+                if let Some(cut) = find_stop(&text, &row.stop) {
+                    text.truncate(cut);
+                }
                 if text.len() > row.sent.len() && text.starts_with(row.sent.as_str()) {
                     let _ = row.events.send(Event::Token { id: -1, text: text[row.sent.len()..].to_string() });
                 }
@@ -647,8 +784,8 @@ impl Engine {
             }
             let mask = batch.mask.as_mut().context("a running batch has a mask")?;
             let logits = decode_step(&self.gen.model, &mut batch.cache, mask, &tokens, &names)?;
-            let params: Vec<&SamplingParams> = batch.rows.iter().map(|r| &r.params).collect();
-            pick_tokens(&logits, &params)
+            let mut rows: Vec<(&SamplingParams, &mut RowRng)> = batch.rows.iter_mut().map(|r| (&r.params, &mut r.rng)).collect();
+            pick_tokens(&logits, &mut rows)
         });
         let picks = match result {
             Ok(p) => p,
@@ -693,7 +830,14 @@ pub fn load_engine(model_dir: &Path, device: Device, dtype: Kind, registry: Regi
     if cfg.max_batch == 0 || cfg.max_adapters == 0 {
         bail!("--max-batch and --max-adapters must be at least 1");
     }
-    let gen = TextGenerator::load(model_dir, device, dtype)?;
+    let mut gen = TextGenerator::load(model_dir, device, dtype)?;
+    if let Some(max) = cfg.image_max_pixels {
+        match &mut gen.images {
+            Some(prep) if max >= prep.processor.min_pixels => prep.max_pixels = Some(max),
+            Some(prep) => bail!("--image-max-pixels {max} is below the model's min_pixels {}", prep.processor.min_pixels),
+            None => bail!("--image-max-pixels needs a vision-language model; {} has no vision tower", model_dir.display()),
+        }
+    }
     let mut engine = Engine::new(gen, registry, cfg, listing);
     for (name, dir) in adapters {
         engine
@@ -702,4 +846,57 @@ pub fn load_engine(model_dir: &Path, device: Device, dtype: Kind, registry: Regi
     }
     engine.publish();
     Ok(engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stops(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn the_first_stop_sequence_in_the_text_wins() {
+        let s = stops(&["cd", "b"]);
+        assert_eq!(find_stop("abcd", &s), Some(1));
+        assert_eq!(find_stop("xcdb", &s), Some(1));
+        assert_eq!(find_stop("xyz", &s), None);
+        assert_eq!(find_stop("xyz", &[]), None);
+    }
+
+    #[test]
+    fn text_that_may_start_a_stop_sequence_is_held_back() {
+        let s = stops(&["END", "é!"]);
+        assert_eq!(stop_hold_back("abc E", &s), 1);
+        assert_eq!(stop_hold_back("abc EN", &s), 2);
+        assert_eq!(stop_hold_back("abc ENx", &s), 0);
+        assert_eq!(stop_hold_back("café", &s), "é".len(), "whole characters only");
+        assert_eq!(stop_hold_back("abc", &[]), 0);
+    }
+
+    #[test]
+    fn a_row_generator_depends_on_its_seed_alone() {
+        let draws = |seed| {
+            let mut r = RowRng::new(seed);
+            (0..8).map(|_| r.next_unit()).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
+        assert!(draws(7).iter().all(|&u| u > 0.0 && u <= 1.0));
+    }
+
+    #[test]
+    fn inverse_cdf_draws_follow_the_probabilities_and_skip_zeros() {
+        let probs = Tensor::from_slice(&[0.0f32, 0.25, 0.0, 0.75]).view([1, 4]);
+        assert_eq!(draw_token(&probs, 1e-9).unwrap(), 1);
+        assert_eq!(draw_token(&probs, 0.25).unwrap(), 1);
+        assert_eq!(draw_token(&probs, 0.2500001).unwrap(), 3);
+        assert_eq!(draw_token(&probs, 1.0).unwrap(), 3);
+        // frequencies over many draws: closed form 1/4, 3/4
+        let mut rng = RowRng::new(1);
+        let n = 4000;
+        let ones = (0..n).filter(|_| draw_token(&probs, rng.next_unit()).unwrap() == 1).count();
+        assert!((ones as f64 / n as f64 - 0.25).abs() < 0.03, "{ones} of {n}");
+    }
 }

@@ -35,6 +35,10 @@ pub struct ServeOptions {
     pub max_adapters: usize,
     pub max_tokens_limit: usize,
     pub max_body_bytes: usize,
+    /// Image content parts a chat request may hold at most.
+    pub max_images: usize,
+    /// Pixels an image is resized to at most (default: the model's preprocessor_config.json).
+    pub image_max_pixels: Option<u64>,
     /// The base model's name in requests; default: the model folder's name.
     pub served_model_name: Option<String>,
     pub device: Device,
@@ -84,7 +88,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         }
         None => None,
     };
-    let cfg = EngineConfig { base_name: base_name.clone(), adapter_dir, max_batch: opts.max_batch, max_adapters: opts.max_adapters, max_tokens_limit: opts.max_tokens_limit };
+    let cfg = EngineConfig { base_name: base_name.clone(), adapter_dir, max_batch: opts.max_batch, max_adapters: opts.max_adapters, max_tokens_limit: opts.max_tokens_limit, image_max_pixels: opts.image_max_pixels };
     let listing = Arc::new(RwLock::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Arc<engine::EngineStats>>>();
@@ -110,6 +114,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         base_name: base_name.clone(),
         api_key: opts.api_key.clone(),
         max_tokens_limit: opts.max_tokens_limit,
+        max_images: opts.max_images,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         counter: Default::default(),
         stats,
