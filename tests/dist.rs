@@ -7,12 +7,23 @@
 //!   against `ferrotune launch --nproc 2` with micro_batch_size 2 under `ddp` and `zero`
 //!   stages 1, 2, 3 (same global batch): per-step losses within 1e-5 over 10 steps, and the
 //!   final adapters close.
+//! * `zero3_shards_frozen_weights_and_merges`: `zero` stage 3 shards the frozen decoder
+//!   weights (with and without activation checkpointing, shards offloaded to the CPU): per-step
+//!   losses and the final adapter equal one process within 1e-5, the frozen decoder bytes per
+//!   rank halve from 1 to 2 ranks, and `ferrotune merge` of the 2-rank adapter gives the
+//!   merged model of the one-process adapter.
+//! * `qwen2vl_ranks_without_images_in_their_batch`: a tiny Qwen2-VL with the PatchMerger
+//!   trained in full, on LLaVA rows alternating image / text-only so that rank 1 never sees an
+//!   image (its merger has no gradient, which the reduction must count as zeros): `ddp` and
+//!   `zero` stage 2 on 2 ranks finish (no rank hangs) with the per-step losses, the adapter
+//!   and the merger of one process within 1e-5.
 //! * `killed_rank_stops_launch_and_resume_completes`: SIGKILL of rank 1 mid-run makes launch
 //!   exit non-zero naming the rank, fast; `--resume` from the last sharded checkpoint (zero-2,
 //!   one optimizer file per rank) finishes with the adapter of an uninterrupted run.
 //!
-//! Needs `cargo build --workspace` (the CLI, `lora`, `sft`, `single`, `dist`, `alpaca`
-//! plugins) and a build with c10d (libgloo-dev installed); no Python.
+//! Needs `cargo build --workspace` (the CLI, `lora`, `sft`, `single`, `dist`, `alpaca`,
+//! `llava` plugins), `assets/qwen2-tokenizer` (the Qwen2-VL test) and a build with c10d
+//! (libgloo-dev installed); no Python.
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -233,6 +244,176 @@ fn ddp_and_zero_match_one_process() {
         assert_eq!(b[0] + b[1], full, "{name}");
         assert!(b.iter().all(|&x| (x as f64) < 0.6 * full as f64), "{name}: {b:?} of {full}");
     }
+}
+
+/// `rank r of w: memory {json}`, which every rank of a launched run prints at the end.
+fn memory_report(stderr: &str, rank: usize, world: usize) -> Value {
+    let key = format!("rank {rank} of {world}: memory ");
+    let line = stderr.lines().find_map(|l| l.split_once(&key).map(|(_, rest)| rest.to_string())).unwrap_or_else(|| panic!("no `{key}` in\n{stderr}"));
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Max |a - b| over the tensors of every safetensors file of two model directories.
+fn max_weights_diff(a: &Path, b: &Path) -> f64 {
+    let load = |d: &Path| {
+        let mut all = Vec::new();
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                all.extend(Tensor::read_safetensors(&p).unwrap());
+            }
+        }
+        all.sort_by(|x, y| x.0.cmp(&y.0));
+        all
+    };
+    let (a, b) = (load(a), load(b));
+    assert!(!a.is_empty() && a.len() == b.len(), "{} vs {} tensors", a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            f64::try_from((ta.to_kind(Kind::Double) - tb.to_kind(Kind::Double)).abs().max()).unwrap()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn zero3_shards_frozen_weights_and_merges() {
+    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    let f = fixture();
+    const STEPS: usize = 6;
+    let one = train_one(f, "z3-one", STEPS);
+    let reference = step_lines(&one);
+    let memory = "{plugin: zero, stage: 3, offload_param: cpu}";
+    let mut decoder_bytes = Vec::new();
+    for (name, nproc, checkpointing) in [("z3-1rank", 1, false), ("z3-2ranks", 2, false), ("z3-2ranks-ckpt", 2, true)] {
+        let cfg = config(f, name, 4 / nproc, memory, STEPS, None);
+        if checkpointing {
+            let yaml = std::fs::read_to_string(&cfg).unwrap().replace("progress_bar: false", "progress_bar: false, gradient_checkpointing: true");
+            std::fs::write(&cfg, yaml).unwrap();
+        }
+        let o = launch(nproc, &["train", cfg.to_str().unwrap()]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{name}:\n{err}");
+        let reports: Vec<Value> = (0..nproc).map(|r| memory_report(&err, r, nproc)).collect();
+        println!("{name}: per rank {reports:?}");
+        decoder_bytes.push(reports.iter().map(|r| r["frozen_decoder_linears"].as_u64().unwrap()).collect::<Vec<_>>());
+        let lines = step_lines(&f.work.join(name));
+        assert_eq!(lines.len(), STEPS);
+        let worst = reference.iter().zip(&lines).map(|(a, b)| (a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs()).fold(0.0, f64::max);
+        let adapter_diff = max_adapter_diff(&one, &f.work.join(name));
+        println!("{name}: max |loss - one process| = {worst:.2e}, max |adapter - one process| = {adapter_diff:.2e}");
+        assert!(worst <= 1e-5, "{name}: per-step losses differ from one process by up to {worst}");
+        assert!(adapter_diff <= 1e-5, "{name}: final adapter differs from one process by up to {adapter_diff}");
+    }
+    // One rank keeps every decoder weight; two ranks each keep half of each (plus at most one
+    // padding element per layer).
+    let full = decoder_bytes[0][0];
+    for b in &decoder_bytes[1..] {
+        for &x in b {
+            assert!(x >= full / 2 && x <= full / 2 + full / 100, "2 ranks: {x} bytes of frozen decoder weights per rank, one rank {full}");
+        }
+    }
+    println!("frozen decoder linear bytes per rank: 1 rank {full}, 2 ranks {:?}", &decoder_bytes[1]);
+
+    // The adapter rank 0 wrote is the whole adapter: merging it gives the one-process merge.
+    let merged = |name: &str| {
+        let out = f.work.join(format!("{name}-merged"));
+        let o = ferrotune(&["merge", "--model", f.model.to_str().unwrap(), "--adapter", f.work.join(name).to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "merge {name}:\n{}", stderr(&o));
+        out
+    };
+    let (a, b) = (merged("z3-one"), merged("z3-2ranks"));
+    let diff = max_weights_diff(&a, &b);
+    let moved = max_weights_diff(&a, &f.model);
+    println!("merged zero-3 adapter vs merged one-process adapter: max diff {diff:.2e} (merge moved weights by up to {moved:.2e})");
+    assert!(moved > 1e-4, "the merge changed nothing");
+    assert!(diff <= 1e-5, "{diff}");
+}
+
+#[test]
+fn qwen2vl_ranks_without_images_in_their_batch() {
+    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    let work = temp_dir("dist-vl");
+    let tokenizer = repo_root().join("assets/qwen2-tokenizer");
+    assert!(tokenizer.join("tokenizer.json").is_file(), "{} is missing: `make test` generates it", tokenizer.display());
+    let model = work.join("model");
+    let o = ferrotune(&["init-model", "--preset", "tiny-vl", "--dtype", "f32", "--seed", "3", "--tokenizer", tokenizer.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    assert!(o.status.success(), "init-model: {}", stderr(&o));
+    // Unshuffled, one row per rank and micro-batch: global micro-batch k is rows 2k (an
+    // image: rank 0) and 2k+1 (text only: rank 1).
+    let images = repo_root().join("datasets/story-llava/images");
+    let rows: Vec<Value> = (0..8)
+        .map(|i| {
+            let answer = ["A green giant walks by the pines.", "The small creature follows, curious.", "They stop at the river.", "Night falls over the hills."][i % 4];
+            if i % 2 == 0 {
+                serde_json::json!({"id": format!("img-{i}"), "image": images.join(format!("toy-train-00{}_1.png", i / 2)).display().to_string(),
+                    "conversations": [{"from": "human", "value": "<image>\nWhat happens here?"}, {"from": "gpt", "value": answer}]})
+            } else {
+                serde_json::json!({"id": format!("text-{i}"), "conversations": [{"from": "human", "value": format!("Tell me part {i} of the story.")}, {"from": "gpt", "value": answer}]})
+            }
+        })
+        .collect();
+    let data = work.join("mixed.json");
+    std::fs::write(&data, serde_json::to_string(&rows).unwrap()).unwrap();
+    const STEPS: usize = 4;
+    let config = |name: &str, micro: usize, memory: &str| {
+        let path = work.join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "model: {model}\noutput_dir: {out}\nseed: 5\n\
+                 adapter: {{plugin: lora, r: 8, lora_alpha: 16, lora_dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}\n\
+                 vision: {{tune_merger: true, merger_lr: 1.0e-3}}\n\
+                 optimizer: {{lr: 1.0e-3}}\nscheduler: {{type: constant}}\nmemory: {memory}\n\
+                 data: {{plugin: llava, path: {data}, shuffle: false, cutoff_len: 512, image_max_pixels: 50176}}\n\
+                 training: {{max_steps: {STEPS}, micro_batch_size: {micro}, gradient_accumulation_steps: 2, progress_bar: false}}\n",
+                model = model.display(),
+                out = work.join(name).display(),
+                data = data.display(),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let one = config("one", 2, "{plugin: single}");
+    let o = ferrotune(&["train", one.to_str().unwrap()]);
+    assert!(o.status.success(), "one process: {}", stderr(&o));
+    let reference = step_lines(&work.join("one"));
+    assert_eq!(reference.len(), STEPS);
+    let merger = |name: &str| {
+        let mut t = Tensor::read_safetensors(work.join(name).join("non_lora_state_dict.safetensors")).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let base = merger("one");
+    assert!(!base.is_empty());
+    for (name, memory) in [("ddp", "{plugin: ddp}"), ("zero2", "{plugin: zero, stage: 2}")] {
+        let cfg = config(name, 1, memory);
+        let started = Instant::now();
+        let o = launch(2, &["train", cfg.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let lines = step_lines(&work.join(name));
+        assert_eq!(lines.len(), STEPS);
+        let worst = reference.iter().zip(&lines).map(|(a, b)| (a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs()).fold(0.0, f64::max);
+        let adapter_diff = max_adapter_diff(&work.join("one"), &work.join(name));
+        let got = merger(name);
+        assert_eq!(got.len(), base.len());
+        let merger_diff = base.iter().zip(&got).map(|((na, a), (nb, b))| {
+            assert_eq!(na, nb);
+            f64::try_from((a - b).abs().max()).unwrap()
+        }).fold(0.0, f64::max);
+        println!(
+            "qwen2-vl {name} on 2 ranks ({:.1} s): max |loss - one process| {worst:.2e}, adapter {adapter_diff:.2e}, merger {merger_diff:.2e}",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(worst <= 1e-5 && adapter_diff <= 1e-5 && merger_diff <= 1e-5, "{name}: loss {worst}, adapter {adapter_diff}, merger {merger_diff}");
+    }
+    // The merger did train (a test of zeros-for-missing-gradients needs a gradient somewhere).
+    let model_weights = Tensor::read_safetensors(model.join("model.safetensors")).unwrap();
+    let (_, before) = model_weights.iter().find(|(n, _)| n.ends_with("merger.mlp.0.weight")).unwrap();
+    let (_, after) = base.iter().find(|(n, _)| n.ends_with("merger.mlp.0.weight")).unwrap();
+    assert!(f64::try_from((before - after).abs().max()).unwrap() > 1e-5, "the merger did not move");
 }
 
 /// `rank r of 2: optimizer state N bytes`, which every rank of a launched run prints at the end.

@@ -291,6 +291,32 @@ impl Group {
     }
 }
 
+/// A group is its process group (so that an `Arc<Group>` can be handed to the sharded
+/// linear layers of ZeRO stage 3).
+impl Collectives for Group {
+    fn rank(&self) -> usize {
+        self.as_dyn().rank()
+    }
+    fn world_size(&self) -> usize {
+        self.as_dyn().world_size()
+    }
+    fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> PluginResult<()> {
+        self.as_dyn().all_reduce(tensor, op)
+    }
+    fn broadcast(&self, tensor: &Tensor, root: usize) -> PluginResult<()> {
+        self.as_dyn().broadcast(tensor, root)
+    }
+    fn all_gather(&self, tensor: &Tensor) -> PluginResult<Vec<Tensor>> {
+        self.as_dyn().all_gather(tensor)
+    }
+    fn reduce_scatter(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> PluginResult<()> {
+        self.as_dyn().reduce_scatter(output, input, op)
+    }
+    fn barrier(&self) -> PluginResult<()> {
+        self.as_dyn().barrier()
+    }
+}
+
 #[cfg(ferrotune_c10d)]
 mod ffi {
     use std::ffi::{c_char, c_int, c_void};

@@ -7,6 +7,7 @@
 pub mod adapters;
 pub mod atomic;
 pub mod bench;
+pub mod bench_memory;
 pub mod checkpoint;
 pub mod collectives;
 pub mod data;

@@ -10,9 +10,19 @@
 //! An adapter may instead keep a trainable full copy of the layer (peft's `modules_to_save`):
 //! while that adapter runs, the layer is `x W'ᵀ + b'` with the copy's weight and bias; the
 //! frozen base stays for every other pass.
+//!
+//! Under ZeRO stage 3 a layer's frozen weight may be sharded ([`FrozenLinear::shard_weight`]):
+//! the rank keeps 1/world of the flattened (padded) weight and each forward all-gathers the
+//! whole weight through the run's process group, uses it and drops it. The gathered weight
+//! is frozen, but `x Wᵀ` saves `W` for the input gradient, so without activation
+//! checkpointing it lives until that layer's backward; with `gradient_checkpointing` the
+//! decoder layer's forward runs without a graph and its recompute in backward gathers again,
+//! so a gathered weight lives only within its own layer's forward and backward.
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
-use ferrotune_plugin_api::{AdapterLayer, BaseLinear, PluginResult, QuantizedWeight, Quantizer};
-use tch::{TchError, Tensor};
+use ferrotune_plugin_api::{AdapterLayer, BaseLinear, Collectives, PluginResult, QuantizedWeight, Quantizer};
+use tch::{Device, TchError, Tensor};
 
 /// The frozen base of a linear layer: `y = x Wᵀ + b` with a weight `[out, in]`.
 ///
@@ -156,9 +166,31 @@ impl BaseLinear for RowsOfBase<'_> {
     }
 }
 
+/// This rank's share of a sharded frozen weight (ZeRO stage 3; see the module docs).
+struct WeightShard {
+    /// Elements `rank·len .. (rank+1)·len` of the flattened weight, zero-padded at the end.
+    shard: Tensor,
+    /// The weight's device (the shard may be offloaded to the CPU).
+    device: Device,
+    numel: i64,
+    group: Arc<dyn Collectives + Send + Sync>,
+}
+
+impl WeightShard {
+    /// The whole weight `[out, in]` on its device, gathered from every rank (all ranks must
+    /// call this in the same order: every rank runs the same layers).
+    fn gather(&self, shape: &[i64]) -> Result<Tensor> {
+        let parts = self.group.all_gather(&self.shard)?;
+        Ok(Tensor::f_cat(&parts, 0)?.f_narrow(0, 0, self.numel)?.f_view(shape)?.f_to_device(self.device)?)
+    }
+}
+
 /// A frozen linear layer and the adapters that wrap it (see the module docs).
 pub struct FrozenLinear {
     base: LinearBase,
+    /// Set by [`FrozenLinear::shard_weight`]: `base.weight` is then a zero-strided stand-in
+    /// with the right shape and no storage of its own.
+    shard: Option<WeightShard>,
     adapters: Vec<(String, Box<dyn AdapterLayer>)>,
     /// Trainable full copies of the layer (`modules_to_save`), by adapter name.
     copies: Vec<(String, LinearBase)>,
@@ -174,7 +206,47 @@ impl std::ops::Deref for FrozenLinear {
 impl FrozenLinear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
         let base = LinearBase { name: name.into(), weight: weight.set_requires_grad(false), bias: bias.map(|b| b.set_requires_grad(false)), quantized: None };
-        Self { base, adapters: Vec::new(), copies: Vec::new() }
+        Self { base, shard: None, adapters: Vec::new(), copies: Vec::new() }
+    }
+
+    /// Keeps only this rank's 1/world of the base weight (flattened, zero-padded to a multiple
+    /// of world), in CPU memory when `offload` (a no-op for a model on the CPU); every later
+    /// forward gathers the whole weight through `group`. Done once, after adapters are
+    /// attached (they read the weight's shape, not its values). With one rank nothing changes.
+    pub fn shard_weight(&mut self, group: Arc<dyn Collectives + Send + Sync>, offload: bool) -> Result<()> {
+        let world = group.world_size() as i64;
+        // A quantized base is already packed (and small): it stays whole on every rank.
+        if world <= 1 || self.shard.is_some() || self.base.quantized.is_some() {
+            return Ok(());
+        }
+        let w = &self.base.weight;
+        let (numel, device) = (w.numel() as i64, w.device());
+        let len = (numel + world - 1) / world;
+        let flat = w.f_flatten(0, -1)?.f_constant_pad_nd([0, len * world - numel])?;
+        let shard_device = if offload { Device::Cpu } else { device };
+        let shard = flat.f_narrow(0, group.rank() as i64 * len, len)?.f_to_device(shard_device)?.f_contiguous()?.f_detach_copy()?;
+        let stand_in = Tensor::f_zeros([1, 1], (w.kind(), device))?.f_expand(w.size(), false)?;
+        self.base.weight = stand_in;
+        self.shard = Some(WeightShard { shard, device, numel, group });
+        Ok(())
+    }
+
+    /// Bytes of the base weight (or of its shard) and bias this rank holds.
+    pub fn resident_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let weight = match &self.shard {
+            Some(s) => bytes(&s.shard),
+            None => bytes(&self.base.weight),
+        };
+        weight + self.base.bias.as_ref().map(bytes).unwrap_or(0)
+    }
+
+    /// The base for one forward: itself, or, when sharded, a base holding the gathered weight
+    /// (dropped when the caller drops it and autograd no longer needs it).
+    fn gathered(&self) -> Result<Option<LinearBase>> {
+        let Some(s) = &self.shard else { return Ok(None) };
+        let weight = s.gather(&self.base.weight.size()).with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
+        Ok(Some(LinearBase { name: self.base.name.clone(), weight, bias: self.base.bias.as_ref().map(Tensor::shallow_clone), quantized: None }))
     }
 
     /// The frozen base (what adapters receive as their [`BaseLinear`]).
@@ -191,11 +263,13 @@ impl FrozenLinear {
         if let Some((name, copy)) = mode.adapter.and_then(|name| self.copy(name).map(|c| (name, c))) {
             return copy.forward(x).with_context(|| format!("adapter `{name}`'s copy of `{}` (modules_to_save)", self.base.name));
         }
+        let gathered = self.gathered()?;
+        let base = gathered.as_ref().unwrap_or(&self.base);
         match mode.adapter.and_then(|name| self.adapter(name).map(|a| (name, a))) {
             Some((name, adapter)) => adapter
-                .forward(x, &self.base, mode.train)
+                .forward(x, base, mode.train)
                 .with_context(|| format!("adapter `{name}` of `{}`", self.base.name)),
-            None => Ok(self.base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?),
+            None => Ok(base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?),
         }
     }
 
@@ -207,7 +281,9 @@ impl FrozenLinear {
         if batch != rows.len() as i64 {
             anyhow::bail!("linear layer `{}`: {} per-row adapters for an input of {batch} rows", self.base.name, rows.len());
         }
-        let mut out = self.base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?;
+        let gathered = self.gathered()?;
+        let whole = gathered.as_ref().unwrap_or(&self.base);
+        let mut out = whole.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?;
         let mut names: Vec<&str> = rows.iter().flatten().copied().collect();
         names.sort_unstable();
         names.dedup();
@@ -218,7 +294,7 @@ impl FrozenLinear {
             let Some(adapter) = self.adapter(name) else { continue };
             let idx: Vec<i64> = rows.iter().enumerate().filter(|(_, r)| **r == Some(name)).map(|(i, _)| i as i64).collect();
             let idx = Tensor::f_from_slice(&idx)?.f_to_device(x.device())?;
-            let base = RowsOfBase { base: &self.base, rows: out.f_index_select(0, &idx)? };
+            let base = RowsOfBase { base: whole, rows: out.f_index_select(0, &idx)? };
             let y = adapter
                 .forward(&x.f_index_select(0, &idx)?, &base, train)
                 .with_context(|| format!("adapter `{name}` of `{}` (mixed batch)", self.base.name))?;
@@ -252,6 +328,7 @@ impl FrozenLinear {
     /// Replaces the base weight by a new tensor (never in place: a tied weight stays intact
     /// for its other user, which is how a tied `lm_head` gets untied).
     pub(crate) fn set_base_weight(&mut self, weight: Tensor) {
+        self.shard = None;
         self.base.weight = weight.set_requires_grad(false);
         self.base.quantized = None;
     }
@@ -270,6 +347,9 @@ impl FrozenLinear {
     /// in their dtype and on their device (as peft's `ModulesToSaveWrapper` deep-copies the
     /// module). A tied weight is copied too, so the copy never shares storage.
     pub(crate) fn insert_copy(&mut self, name: &str) -> Result<&LinearBase> {
+        if self.shard.is_some() {
+            anyhow::bail!("`{}`: cannot copy a sharded weight (modules_to_save is set up before ZeRO-3 sharding)", self.base.name);
+        }
         let trainable = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach_copy()?.set_requires_grad(true)) };
         let copy = LinearBase {
             name: self.base.name.clone(),
@@ -292,6 +372,7 @@ impl FrozenLinear {
     /// `modules_to_save` module. False when the adapter keeps no copy of this layer.
     pub(crate) fn merge_copy(&mut self, name: &str) -> bool {
         let Some(copy) = self.remove_copy(name) else { return false };
+        self.shard = None;
         self.base.weight = copy.weight.detach().set_requires_grad(false);
         self.base.quantized = None;
         self.base.bias = copy.bias.map(|b| b.detach().set_requires_grad(false));
@@ -315,5 +396,65 @@ impl BaseLinear for FrozenLinear {
     }
     fn bias(&self) -> PluginResult<Option<Tensor>> {
         BaseLinear::bias(&self.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrotune_plugin_api::ReduceOp;
+    use tch::Kind;
+
+    /// Rank `rank` of a 2-rank group whose other rank holds `other` (its shard): all-gather
+    /// returns the shards in rank order.
+    struct TwoRanks {
+        rank: usize,
+        other: std::sync::Mutex<Tensor>,
+    }
+
+    impl Collectives for TwoRanks {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce(&self, _: &Tensor, _: ReduceOp) -> PluginResult<()> {
+            unreachable!()
+        }
+        fn broadcast(&self, _: &Tensor, _: usize) -> PluginResult<()> {
+            unreachable!()
+        }
+        fn all_gather(&self, t: &Tensor) -> PluginResult<Vec<Tensor>> {
+            let (mine, other) = (t.shallow_clone(), self.other.lock().unwrap().shallow_clone());
+            Ok(if self.rank == 0 { vec![mine, other] } else { vec![other, mine] })
+        }
+        fn reduce_scatter(&self, _: &Tensor, _: &Tensor, _: ReduceOp) -> PluginResult<()> {
+            unreachable!()
+        }
+        fn barrier(&self) -> PluginResult<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_sharded_weight_keeps_half_and_gathers_the_whole_for_forward() {
+        // 5 × 3 = 15 elements: rank 0 keeps 0..8, rank 1 keeps 8..15 and one padding zero.
+        let w = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([5], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 4, 3], (Kind::Float, Device::Cpu));
+        let whole = FrozenLinear::new("l", w.copy(), Some(b.copy()));
+        let expected = whole.forward(&x, LinearMode::BASE).unwrap();
+        let flat = w.flatten(0, -1);
+        let shard1 = Tensor::cat(&[flat.narrow(0, 8, 7), Tensor::zeros([1], (Kind::Float, Device::Cpu))], 0);
+        let mut lin = FrozenLinear::new("l", w.copy(), Some(b.copy()));
+        lin.shard_weight(Arc::new(TwoRanks { rank: 0, other: shard1.into() }), false).unwrap();
+        assert_eq!(lin.resident_bytes(), (8 + 5) * 4, "half the weight (8 of 16 padded elements) and the bias");
+        assert_eq!((lin.in_features(), lin.out_features()), (3, 5));
+        let got = lin.forward(&x, LinearMode::BASE).unwrap();
+        assert_eq!(f64::try_from((got - expected).abs().max()).unwrap(), 0.0);
+        // A stand-in of the right shape, with one element of storage.
+        assert_eq!(lin.weight.size(), [5, 3]);
+        assert_eq!(lin.weight.stride(), [0, 0]);
     }
 }

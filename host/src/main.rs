@@ -307,6 +307,35 @@ enum BenchCommand {
     /// optimizer step, fixed synthetic batches (labels = ids); prints one JSON line with the
     /// keys of bench/train_transformers.py.
     Train(Box<BenchTrainArgs>),
+    /// Per-rank memory of ddp and zero stages 1-3 on 1 and 2 ranks (optimizer state,
+    /// trainable and frozen parameter bytes, peak RSS), then peak RSS of one long-sequence
+    /// step with and without activation checkpointing; one JSON line per measurement.
+    Memory {
+        /// A model directory with its tokenizer (`make bench-memory` writes one).
+        #[arg(long)]
+        model: PathBuf,
+        /// Where configs, synthetic data and run outputs go.
+        #[arg(long, default_value = "target/bench/memory")]
+        work: PathBuf,
+        /// Optimizer steps of each launched run.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        micro_batch_size: usize,
+        /// Rank counts to launch, comma-separated.
+        #[arg(long, default_value = "1,2", value_delimiter = ',')]
+        ranks: Vec<usize>,
+        /// The model of the activation-checkpointing step (default: --model); any vocabulary
+        /// (its ids are synthetic), a small one keeps the logits from dominating.
+        #[arg(long)]
+        ckpt_model: Option<PathBuf>,
+        /// Rows of the activation-checkpointing step.
+        #[arg(long, default_value_t = 2)]
+        ckpt_batch: usize,
+        /// Tokens per row of the activation-checkpointing step.
+        #[arg(long, default_value_t = 2048)]
+        ckpt_seq_len: usize,
+    },
     /// Decode tokens/s of one batch of N requests all on one LoRA adapter vs the same N on N
     /// different adapters (mixed batch, S-LoRA style) vs the base alone; one JSON line.
     Serve {
@@ -687,6 +716,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let result = ferrotune::bench::bench_train(&a.model, &registry, device, dtype, &opts)?;
             println!("{}", serde_json::to_string(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what: BenchCommand::Memory { model, work, steps, micro_batch_size, ranks, ckpt_model, ckpt_batch, ckpt_seq_len } } => {
+            let exe = std::env::current_exe().context("cannot find this ferrotune binary")?;
+            let plugin_args = cli.global.plugin_dirs.iter().flat_map(|d| ["--plugin-dir".to_string(), d.display().to_string()]).collect();
+            let opts = ferrotune::bench_memory::MemoryBench { model, work, steps, micro_batch_size, ranks, ckpt_model, ckpt_batch, ckpt_seq_len, plugin_args };
+            ferrotune::bench_memory::bench_memory(&exe, &opts, |line| println!("{line}"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Data { what: DataCommand::Preview(a) } => {

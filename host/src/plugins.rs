@@ -294,6 +294,16 @@ impl Registry {
     pub fn memory(&self, name: &str, config_json: &str) -> Result<MemoryStrategyHandle, CreateError> {
         self.create(PluginKind::MEMORY, name, config_json, |m| m.create_memory()).map(MemoryStrategyHandle)
     }
+    /// The capabilities of memory plugin `name` under `config_json` (none for a library built
+    /// before the root module had `memory_capabilities`).
+    pub fn memory_capabilities(&self, name: &str, config_json: &str) -> Result<Vec<String>, CreateError> {
+        let (lib, _) = self.find(PluginKind::MEMORY, name)?;
+        let Some(f) = lib.module.memory_capabilities() else { return Ok(Vec::new()) };
+        f(name.into(), config_json.into())
+            .into_result()
+            .map(|v| v.into_iter().map(|s| s.into_string()).collect())
+            .map_err(|error| CreateError::Plugin { kind: PluginKind::MEMORY, name: name.into(), path: lib.path.clone(), error })
+    }
 }
 
 #[cfg(test)]

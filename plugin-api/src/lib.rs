@@ -119,5 +119,5 @@ pub mod prelude {
 pub mod __private {
     pub use abi_stable;
     pub use abi_stable::prefix_type::PrefixTypeTrait;
-    pub use abi_stable::std_types::{RResult, RStr, RVec};
+    pub use abi_stable::std_types::{RResult, RStr, RString, RVec};
 }

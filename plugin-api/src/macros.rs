@@ -61,6 +61,10 @@ macro_rules! export_plugin {
                 $( $crate::export_plugin!(@create memory, $kind, $ty, name, cfg); )+
                 $crate::macros::not_found($crate::PluginKind::MEMORY, name)
             }
+            pub extern "C" fn memory_capabilities(name: RStr<'_>, cfg: RStr<'_>) -> RResult<RVec<$crate::__private::RString>, PluginError> {
+                $( $crate::export_plugin!(@caps $kind, $ty, name, cfg); )+
+                $crate::macros::not_found($crate::PluginKind::MEMORY, name)
+            }
 
             pub fn root_module() -> $crate::PluginModule_Ref {
                 $crate::__private::PrefixTypeTrait::leak_into_prefix($crate::PluginModule {
@@ -71,6 +75,7 @@ macro_rules! export_plugin {
                     create_reward,
                     create_dataset,
                     create_memory,
+                    memory_capabilities,
                 })
             }
 
@@ -120,6 +125,11 @@ macro_rules! export_plugin {
         if $name.as_str() == <$ty as $crate::Plugin>::NAME { return $crate::kinds::memory::create::<$ty>($cfg); }
     };
     (@create $want:ident, $kind:ident, $ty:ty, $name:ident, $cfg:ident) => {};
+
+    (@caps memory, $ty:ty, $name:ident, $cfg:ident) => {
+        if $name.as_str() == <$ty as $crate::Plugin>::NAME { return $crate::kinds::memory::capabilities::<$ty>($cfg); }
+    };
+    (@caps $kind:ident, $ty:ty, $name:ident, $cfg:ident) => {};
 }
 
 use abi_stable::std_types::{RResult, RStr};

@@ -73,7 +73,8 @@ pub struct PluginInfo {
 }
 
 /// The root module of a plugin library (an abi_stable prefix type: fields may be appended
-/// after `create_memory`; a host reads such later fields as `Option`s).
+/// after `create_memory`; a host reads such later fields as `Option`s: a plugin built before
+/// a field was added simply lacks it).
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(StableAbi)]
@@ -89,6 +90,10 @@ pub struct PluginModule {
     pub create_dataset: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<DatasetFormatBox, PluginError>,
     #[sabi(last_prefix_field)]
     pub create_memory: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<MemoryStrategyBox, PluginError>,
+    /// The capabilities of memory plugin `name` configured by the JSON (appended after the
+    /// prefix: `None` for libraries built before it, which then report none).
+    #[sabi(missing_field(option))]
+    pub memory_capabilities: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<RVec<RString>, PluginError>,
 }
 
 impl RootModule for PluginModule_Ref {

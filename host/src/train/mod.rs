@@ -27,6 +27,7 @@ use tch::Tensor;
 
 use crate::collectives::{Group, SingleProcess};
 use ferrotune_plugin_api::Collectives;
+use ferrotune_plugin_api::kinds::memory::{OFFLOAD_PARAMS_CPU, SHARD_FROZEN_PARAMS};
 use crate::data::{self, EncodeOptions};
 use crate::data::ImagePrep;
 use crate::model::{CausalLM, VisionInputs};
@@ -404,6 +405,49 @@ fn report_state_bytes(memory: &dyn MemoryStrategy) -> Option<usize> {
     Some(state.iter().filter(|(n, _)| n != "step").map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum())
 }
 
+/// ZeRO stage 3 gathers each layer's weight with a collective, so every rank must run the
+/// same forwards: refuse what would let one rank run fewer (a rank left without samples at
+/// the short end of an epoch, per-rank generation of different lengths).
+fn check_shardable(layout: Layout, samples: usize, micro: usize, world: usize, plugin: &str) -> Result<()> {
+    if layout == Layout::Prompts {
+        bail!("memory `{plugin}` shards the frozen weights (stage 3), which generation objectives do not support yet (ranks generate different lengths); use stage 2");
+    }
+    let rem = samples % (micro * world);
+    if rem != 0 && rem <= micro * (world - 1) {
+        bail!(
+            "memory `{plugin}` shards the frozen weights (stage 3), so every rank must run every micro-batch, but the last global micro-batch \
+             of an epoch holds {rem} of {samples} samples and leaves rank {} without any; make the sample count a multiple of \
+             training.micro_batch_size × ranks ({}) or drop that many rows",
+            rem.div_ceil(micro),
+            micro * world
+        );
+    }
+    Ok(())
+}
+
+/// Shards the frozen weight of every decoder linear layer (q, k, v, o, gate, up, down of each
+/// layer; not the embedding, `lm_head` or a vision tower) over the ranks of `group`.
+fn shard_decoder_weights(model: &mut CausalLM, group: std::sync::Arc<Group>, offload: bool) -> Result<()> {
+    let prefix = format!("{}.layers.", model.decoder_path());
+    let group: std::sync::Arc<dyn Collectives + Send + Sync> = group;
+    for lin in model.linears_mut().into_iter().filter(|l| l.name.starts_with(&prefix)) {
+        lin.shard_weight(group.clone(), offload).with_context(|| format!("sharding `{}`", lin.name))?;
+    }
+    Ok(())
+}
+
+/// Bytes of frozen weights this rank holds: all of them, and those of the decoder's linear
+/// layers (what ZeRO stage 3 shards).
+fn frozen_resident_bytes(model: &CausalLM) -> (usize, usize) {
+    let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+    let prefix = format!("{}.layers.", model.decoder_path());
+    let decoder: Vec<_> = model.linears().into_iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, l)| l).collect();
+    let listed: usize = model.named_weights().iter().filter(|(_, t)| !t.requires_grad()).map(|(_, t)| bytes(t)).sum();
+    let stand_ins: usize = decoder.iter().map(|l| bytes(&l.weight) + l.bias.as_ref().map(bytes).unwrap_or(0)).sum();
+    let resident: usize = decoder.iter().map(|l| l.resident_bytes()).sum();
+    ((listed + resident).saturating_sub(stand_ins), resident)
+}
+
 fn step_seed(seed: u64, step: usize) -> i64 {
     (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7FFF_FFFF_FFFF_FFFF) as i64
 }
@@ -412,7 +456,7 @@ fn step_seed(seed: u64, step: usize) -> i64 {
 pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> Result<TrainSummary> {
     let started = Instant::now();
     // Several ranks (RANK/WORLD_SIZE set by `ferrotune launch` or torchrun): c10d group.
-    let group = Group::from_env()?;
+    let group = std::sync::Arc::new(Group::from_env()?);
     let comm = group.as_dyn();
     let (rank, world) = (comm.rank(), comm.world_size());
     let device = crate::device::resolve(&cfg.device)?;
@@ -462,6 +506,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         weight_decay_scale: p.weight_decay_scale,
     }));
     let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
+    let trainable_bytes: usize = params.iter().map(|p| p.tensor.numel() * p.tensor.kind().elt_size_in_bytes()).sum();
 
     // The objective decides the batch layout (and whether the run needs reward plugins).
     let mut objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
@@ -542,6 +587,12 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
 
     let mut memory = registry.memory(&cfg.memory.plugin, &cfg.memory.config_json())?;
     memory.setup(params, &cfg.optimizer_json(), device, comm)?;
+    let capabilities = registry.memory_capabilities(&cfg.memory.plugin, &cfg.memory.config_json())?;
+    if capabilities.iter().any(|c| c == SHARD_FROZEN_PARAMS) && world > 1 {
+        check_shardable(layout, train_set.len(), t.micro_batch_size, world, &cfg.memory.plugin)?;
+        let offload = capabilities.iter().any(|c| c == OFFLOAD_PARAMS_CPU);
+        shard_decoder_weights(&mut model, group.clone(), offload)?;
+    }
 
     let mut step = 0usize;
     if let Some(dir) = resume_dir {
@@ -648,6 +699,15 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     }
     if let Some(b) = report_state_bytes(&memory) {
         eprintln!("rank {rank} of {world}: optimizer state {b} bytes");
+        let (frozen, decoder) = frozen_resident_bytes(&model);
+        let report = serde_json::json!({
+            "optimizer_state": b,
+            "trainable": trainable_bytes,
+            "frozen": frozen,
+            "frozen_decoder_linears": decoder,
+            "peak_rss": crate::bench::proc_status_kib("VmHWM").map(|k| k * 1024),
+        });
+        eprintln!("rank {rank} of {world}: memory {report}");
     }
     let summary = TrainSummary {
         steps: step,
@@ -872,6 +932,20 @@ fn load_checkpoint(dir: &Path, model: &mut CausalLM, memory: &mut dyn MemoryStra
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage3_refuses_what_would_leave_a_rank_without_forwards() {
+        // 2 per rank on 2 ranks: 16 samples split evenly; 14 end with 2 (rank 1 gets none);
+        // 15 end with 3 (rank 1 gets one: the same number of forwards).
+        assert!(check_shardable(Layout::Sequences, 16, 2, 2, "zero").is_ok());
+        let e = check_shardable(Layout::Sequences, 14, 2, 2, "zero").unwrap_err().to_string();
+        assert!(e.contains("leaves rank 1 without any") && e.contains("micro_batch_size"), "{e}");
+        assert!(check_shardable(Layout::Sequences, 15, 2, 2, "zero").is_ok());
+        let e = check_shardable(Layout::Sequences, 13, 2, 4, "zero").unwrap_err().to_string();
+        assert!(e.contains("rank 3"), "{e}");
+        let e = check_shardable(Layout::Prompts, 16, 2, 2, "zero").unwrap_err().to_string();
+        assert!(e.contains("generation"), "{e}");
+    }
 
     #[test]
     fn permutation_is_a_permutation_and_seeded() {

@@ -1,6 +1,11 @@
 //! Memory plugins: where parameters, gradients and optimizer state live, and the optimizer
 //! step (single device, DDP, ZeRO, offload). Collectives are the host's: a plugin never
 //! links c10d, it calls the [`Collectives`] handle the host passes in.
+//!
+//! A strategy that needs the host to do more than the trait's calls (ZeRO stage 3: shard the
+//! frozen weights, which plugins never see) says so in [`MemoryStrategy::capabilities`]. The
+//! host reads them through the root module's `memory_capabilities` field, appended after the
+//! prefix, so libraries built before it keep loading and report none.
 use abi_stable::sabi_trait;
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::sabi_types::RRef;
@@ -59,6 +64,27 @@ pub trait MemoryStrategy: Send + 'static {
     /// Optimizer state for checkpoints.
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>>;
     fn load_state_dict(&mut self, state: Vec<(String, Tensor)>) -> PluginResult<()>;
+    /// What this configured strategy asks of the host beyond the trait (see
+    /// [`SHARD_FROZEN_PARAMS`], [`OFFLOAD_PARAMS_CPU`]). Read by the host through the root
+    /// module's `memory_capabilities` field, so plugins built before it report none.
+    fn capabilities(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Capability: the host keeps 1/world of each frozen decoder linear weight per rank and
+/// all-gathers a layer's weight just before its forward (ZeRO stage 3).
+pub const SHARD_FROZEN_PARAMS: &str = "shard_frozen_params";
+/// Capability: the host keeps those shards in CPU memory (a no-op when training on CPU).
+pub const OFFLOAD_PARAMS_CPU: &str = "offload_params_cpu";
+
+/// Plugin side of the root module's `memory_capabilities`: the capabilities of plugin `T`
+/// configured by `config_json`.
+pub fn capabilities<T: Plugin + MemoryStrategy>(config_json: RStr<'_>) -> RResult<RVec<RString>, PluginError> {
+    guard(|| {
+        let m = T::from_config(config_json.as_str()).map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
+        Ok(m.capabilities().into_iter().map(RString::from).collect())
+    })
 }
 
 // ---------------------------------------------------------------- FFI

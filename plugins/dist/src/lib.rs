@@ -16,10 +16,14 @@
 //! * `stage: 2`: as stage 1, but gradients are reduce-scattered: each rank receives only
 //!   the averaged gradients of the parameters it owns, and the global norm for clipping is
 //!   the all-reduced sum of the owners' squared norms.
-//! * `stage: 3`: the stage-2 step. Sharding the parameters themselves (dropping the
-//!   non-owned trainable parameters and the frozen base weights between uses and gathering
-//!   a layer just before its forward) needs the host to call the plugin around each layer;
-//!   the plugin API has no such hook yet, so stage 3 does not reduce parameter memory yet.
+//! * `stage: 3`: the stage-2 step, plus the frozen base weights sharded: the plugin reports
+//!   the capability `shard_frozen_params` and the host then keeps 1/N of each frozen decoder
+//!   linear weight per rank (flattened, padded), all-gathering a layer's weight just before
+//!   its forward and dropping it after (see the host's `linear` module for how long the
+//!   gathered weight lives in backward). `offload_param: cpu` (stage 3 only) asks the host to
+//!   keep those shards in CPU memory (a no-op when training on the CPU). The trainable
+//!   adapter parameters stay whole on every rank (their optimizer state and gradients are
+//!   sharded as in stage 2), so the adapter rank 0 saves is always complete.
 //! * `offload_optimizer: cpu` (both plugins): the optimizer state lives in CPU memory and
 //!   the update runs there; the gradient is copied to the CPU and the updated parameter
 //!   copied back.
@@ -62,8 +66,8 @@ struct DdpConfig {
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 struct ZeroConfig {
-    /// 1: shard optimizer state; 2: also gradients; 3: the stage-2 step (see the crate docs
-    /// for what stage 3 does not shard yet). Default 1.
+    /// 1: shard optimizer state; 2: also gradients; 3: also the frozen base weights (the
+    /// host shards them, see the crate docs). Default 1.
     #[serde(default = "default_stage")]
     stage: u8,
     /// Largest gradient bucket of one all-reduce (stage 1), in MiB. Default 25; > 0.
@@ -72,6 +76,9 @@ struct ZeroConfig {
     /// `cpu`: keep the optimizer state in CPU memory. Default none.
     #[serde(default)]
     offload_optimizer: Offload,
+    /// Stage 3 only: `cpu` keeps the shards of the frozen weights in CPU memory. Default none.
+    #[serde(default)]
+    offload_param: Offload,
 }
 
 fn default_bucket_mb() -> f64 {
@@ -532,10 +539,11 @@ impl MemoryStrategy for Sharded {
 }
 
 /// `ddp`: gradients averaged with bucketed all-reduces; every rank keeps every state.
-pub struct Ddp(Sharded);
+pub struct Ddp(Sharded, Vec<String>);
 
-/// `zero`: optimizer state (stage 1), gradients (stage 2) sharded by parameter ownership.
-pub struct Zero(Sharded);
+/// `zero`: optimizer state (stage 1), gradients (stage 2) sharded by parameter ownership;
+/// stage 3 also has the host shard the frozen base weights (the capabilities it reports).
+pub struct Zero(Sharded, Vec<String>);
 
 impl Plugin for Ddp {
     const NAME: &'static str = "ddp";
@@ -543,20 +551,30 @@ impl Plugin for Ddp {
     const DESCRIPTION: &'static str = "data parallel: bucketed gradient all-reduce (mean), AdamW on every rank; offload_optimizer: cpu";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let c: DdpConfig = parse_config(config_json)?;
-        Ok(Self(Sharded::new(Self::NAME, Mode::Ddp, c.bucket_mb, c.offload_optimizer)?))
+        Ok(Self(Sharded::new(Self::NAME, Mode::Ddp, c.bucket_mb, c.offload_optimizer)?, Vec::new()))
     }
 }
 
 impl Plugin for Zero {
     const NAME: &'static str = "zero";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "ZeRO: stage 1 shards optimizer state, 2 also gradients (3: the stage-2 step, parameters not sharded yet); offload_optimizer: cpu";
+    const DESCRIPTION: &'static str = "ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also the frozen base weights; offload_optimizer / offload_param: cpu";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let c: ZeroConfig = parse_config(config_json)?;
         if !(1..=3).contains(&c.stage) {
             return Err(PluginError::config("stage", format!("must be 1, 2 or 3, got {}", c.stage)));
         }
-        Ok(Self(Sharded::new(Self::NAME, Mode::Zero(c.stage), c.bucket_mb, c.offload_optimizer)?))
+        if c.offload_param != Offload::None && c.stage != 3 {
+            return Err(PluginError::config("offload_param", format!("only stage 3 shards parameters; got stage {}", c.stage)));
+        }
+        let mut caps = Vec::new();
+        if c.stage == 3 {
+            caps.push(ferrotune_plugin_api::kinds::memory::SHARD_FROZEN_PARAMS.to_string());
+            if c.offload_param == Offload::Cpu {
+                caps.push(ferrotune_plugin_api::kinds::memory::OFFLOAD_PARAMS_CPU.to_string());
+            }
+        }
+        Ok(Self(Sharded::new(Self::NAME, Mode::Zero(c.stage), c.bucket_mb, c.offload_optimizer)?, caps))
     }
 }
 
@@ -577,6 +595,9 @@ macro_rules! delegate_memory {
             }
             fn load_state_dict(&mut self, state: Vec<(String, Tensor)>) -> PluginResult<()> {
                 self.0.load_state_dict(state)
+            }
+            fn capabilities(&self) -> Vec<String> {
+                self.1.clone()
             }
         }
     };
@@ -608,5 +629,10 @@ mod tests {
         let e = Zero::from_config(r#"{"offload_optimizer": "nvme"}"#).err().unwrap();
         assert!(e.message().contains("offload_optimizer"), "{e}");
         assert!(Zero::from_config(r#"{"stage": 2, "offload_optimizer": "cpu"}"#).is_ok());
+        let e = Zero::from_config(r#"{"stage": 2, "offload_param": "cpu"}"#).err().unwrap();
+        assert!(e.message().contains("offload_param"), "{e}");
+        assert!(Zero::from_config(r#"{"stage": 2}"#).unwrap().capabilities().is_empty());
+        let z = Zero::from_config(r#"{"stage": 3, "offload_param": "cpu"}"#).unwrap();
+        assert_eq!(z.capabilities(), ["shard_frozen_params", "offload_params_cpu"]);
     }
 }
