@@ -129,23 +129,11 @@ impl SpawnPiped for Command {
 
 // ------------------------------------------------------------------ training
 
-struct Fixture {
-    work: PathBuf,
-    model: PathBuf,
-    data: PathBuf,
-}
+type Fixture = TextFixture;
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let work = temp_dir("dist");
-        write_chat_tokenizer(&work.join("tokenizer"), WORDS);
-        let model = work.join("model");
-        init_tiny_model(&work.join("tokenizer"), &model, 9);
-        let data = work.join("alpaca.jsonl");
-        write_alpaca_rows(&data, 16, WORDS, 5);
-        Fixture { work, model, data }
-    })
+    F.get_or_init(|| text_fixture("dist", WORDS, 9, 16, 5))
 }
 
 /// A run config: `micro` samples per rank and micro-batch, 2 micro-batches per step.

@@ -23,23 +23,11 @@ use serde_json::Value;
 
 const WORDS: usize = 20;
 
-struct Fixture {
-    work: PathBuf,
-    model: PathBuf,
-    data: PathBuf,
-}
+type Fixture = TextFixture;
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let work = temp_dir("quant-train");
-        write_chat_tokenizer(&work.join("tokenizer"), WORDS);
-        let model = work.join("model");
-        init_tiny_model(&work.join("tokenizer"), &model, 1);
-        let data = work.join("alpaca.jsonl");
-        write_alpaca_rows(&data, 8, WORDS, 1);
-        Fixture { work, model, data }
-    })
+    F.get_or_init(|| text_fixture("quant-train", WORDS, 1, 8, 1))
 }
 
 /// Trains `name` with the quantization section `quantization` (YAML flow mapping); returns

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use ferrotune::generate::{generate, generate_mm, generate_mm_with_stats, SamplingParams};
 use ferrotune::linear::LinearMode;
 use ferrotune::model::{CausalLM, InitOptions, VisionInputs};
-use ferrotune_tests::{build_dir, cached_reference, one_torch_thread, registry, relative_error, repo_root, run_python, temp_dir};
+use ferrotune_tests::{build_dir, cached_reference, one_torch_thread, registry, relative_error, run_python, temp_dir};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 

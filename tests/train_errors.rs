@@ -10,23 +10,11 @@ use ferrotune_tests::*;
 
 const WORDS: usize = 20;
 
-struct Fixture {
-    work: PathBuf,
-    model: PathBuf,
-    data: PathBuf,
-}
+type Fixture = TextFixture;
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let work = temp_dir("train-errors");
-        write_chat_tokenizer(&work.join("tokenizer"), WORDS);
-        let model = work.join("model");
-        init_tiny_model(&work.join("tokenizer"), &model, 1);
-        let data = work.join("alpaca.jsonl");
-        write_alpaca_rows(&data, 4, WORDS, 1);
-        Fixture { work, model, data }
-    })
+    F.get_or_init(|| text_fixture("train-errors", WORDS, 1, 4, 1))
 }
 
 /// A config that trains (2 steps); `edit` changes its text.

@@ -285,6 +285,25 @@ pub fn init_tiny_model(tokenizer: &Path, out: &Path, seed: u64) {
     assert!(o.status.success(), "init-model: {}", stderr(&o));
 }
 
+/// What most training tests start from: a work folder holding a chat tokenizer of `words`
+/// words ([`write_chat_tokenizer`]), a tiny model initialised with `model_seed`
+/// ([`init_tiny_model`]) and `rows` alpaca rows drawn with `data_seed` ([`write_alpaca_rows`]).
+pub struct TextFixture {
+    pub work: PathBuf,
+    pub model: PathBuf,
+    pub data: PathBuf,
+}
+
+pub fn text_fixture(tag: &str, words: usize, model_seed: u64, rows: usize, data_seed: u64) -> TextFixture {
+    let work = temp_dir(tag);
+    write_chat_tokenizer(&work.join("tokenizer"), words);
+    let model = work.join("model");
+    init_tiny_model(&work.join("tokenizer"), &model, model_seed);
+    let data = work.join("alpaca.jsonl");
+    write_alpaca_rows(&data, rows, words, data_seed);
+    TextFixture { work, model, data }
+}
+
 /// The JSON objects of a JSON Lines file (a metrics file).
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
