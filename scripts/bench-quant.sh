@@ -27,21 +27,7 @@ else
 fi
 bin=target/$profile/ferrotune
 tok=target/bench/wordlevel-$vocab
-if [ ! -f "$tok/tokenizer.json" ]; then
-  python - "$tok" "$vocab" <<'PY'
-import json, os, sys
-from tokenizers import Tokenizer, models, pre_tokenizers
-out, n = sys.argv[1], int(sys.argv[2])
-vocab = {f"t{i}": i for i in range(n - 1)} | {"<|endoftext|>": n - 1}
-tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-tok.pre_tokenizer = pre_tokenizers.Whitespace()
-tok.add_special_tokens(["<|endoftext|>"])
-os.makedirs(out, exist_ok=True)
-tok.save(os.path.join(out, "tokenizer.json"))
-json.dump({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None},
-          open(os.path.join(out, "tokenizer_config.json"), "w"))
-PY
-fi
+[ -f "$tok/tokenizer.json" ] || python scripts/wordlevel-tokenizer.py "$tok" "$vocab"
 model=${MODEL:-target/bench/qwen2-quant-h$hidden-l$layers-a$heads-kv$kv-i$inter-v$vocab}
 if [ ! -f "$model/config.json" ]; then
   "$bin" init-model --arch qwen2 --hidden "$hidden" --layers "$layers" --heads "$heads" --kv-heads "$kv" \

@@ -95,6 +95,15 @@ pub fn clip_coef(total_norm: &Tensor, max_norm: f64) -> PluginResult<Tensor> {
     Ok(total_norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?)
 }
 
+/// The step's clipping coefficient when `max_grad_norm` is set (logged as `clip_coef` in
+/// `metrics`), none otherwise.
+pub fn clip_coef_for(total_norm: &Tensor, max_grad_norm: Option<f64>, metrics: &mut Vec<(String, f64)>) -> PluginResult<Option<Tensor>> {
+    let Some(max_norm) = max_grad_norm else { return Ok(None) };
+    let coef = clip_coef(total_norm, max_norm)?;
+    metrics.push(("clip_coef".into(), coef.f_double_value(&[])?));
+    Ok(Some(coef))
+}
+
 /// One parameter's AdamW moments.
 pub struct AdamWMoments<'a> {
     pub exp_avg: &'a mut Tensor,

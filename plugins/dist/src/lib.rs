@@ -35,7 +35,7 @@
 //! State dict: `step` and, for each parameter this rank keeps state for,
 //! `<param>.exp_avg`, `<param>.exp_avg_sq` (`<param>.max_exp_avg_sq` with amsgrad): a sharded
 //! checkpoint is one such file per rank, loadable with the same world size.
-use ferrotune_plugin_api::optim::{adamw_update, clip_coef, global_norm, state_kind, AdamWConfig, AdamWMoments};
+use ferrotune_plugin_api::optim::{adamw_update, clip_coef_for, global_norm, state_kind, AdamWConfig, AdamWMoments};
 use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
@@ -419,14 +419,7 @@ impl MemoryStrategy for Sharded {
         }
         let mut metrics = Vec::new();
         tch::no_grad(|| -> PluginResult<()> {
-            let coef = match self.cfg.max_grad_norm {
-                Some(max_norm) => {
-                    let c = clip_coef(&total_norm, max_norm)?;
-                    metrics.push(("clip_coef".into(), c.f_double_value(&[])?));
-                    Some(c)
-                }
-                None => None,
-            };
+            let coef = clip_coef_for(&total_norm, self.cfg.max_grad_norm, &mut metrics)?;
             self.step += 1;
             let step = self.step;
             for (slot, grad) in self.slots.iter_mut().zip(&mine) {

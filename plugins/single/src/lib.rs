@@ -27,7 +27,7 @@ use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
 pub use ferrotune_plugin_api::optim::AdamWConfig;
-use ferrotune_plugin_api::optim::{adamw_update, clip_coef, global_norm, state_kind, AdamWMoments};
+use ferrotune_plugin_api::optim::{adamw_update, clip_coef_for, global_norm, state_kind, AdamWMoments};
 
 /// One trainable parameter and its AdamW state.
 struct Slot {
@@ -174,16 +174,8 @@ impl MemoryStrategy for Single {
         }
         let mut metrics = Vec::new();
         tch::no_grad(|| -> PluginResult<()> {
-            // clip_grad_norm_: coef = max_norm / (total_norm + 1e-6), clamped to 1, as fp32
-            // tensor arithmetic (Python's `float / tensor` is `tensor.reciprocal() * float`).
-            let clip_coef = match self.cfg.max_grad_norm {
-                Some(max_norm) => {
-                    let coef = clip_coef(&total_norm, max_norm)?;
-                    metrics.push(("clip_coef".into(), coef.f_double_value(&[])?));
-                    Some(coef)
-                }
-                None => None,
-            };
+            // clip_grad_norm_'s coefficient, as torch computes it (see `optim::clip_coef`).
+            let clip_coef = clip_coef_for(&total_norm, self.cfg.max_grad_norm, &mut metrics)?;
             self.step += 1;
             for (slot, grad) in self.slots.iter_mut().zip(&grads) {
                 let Some(grad) = grad else { continue };
