@@ -92,21 +92,9 @@ fn attach(model: &mut CausalLM, registry: &Registry, config: &str) -> ferrotune:
 }
 
 /// Moves every adapter tensor away from its initial value (B = 0 would make the test trivial):
-/// A, B and the copies of `modules_to_save` by N(0, 0.1²), DoRA's magnitude by a factor
-/// 1 + N(0, 0.2²).
+/// A, B and the copies of `modules_to_save` by N(0, 0.1²), DoRA's magnitude by 1 + N(0, 0.2²).
 fn perturb(model: &mut CausalLM, seed: i64) {
-    tch::manual_seed(seed);
-    let state: Vec<_> = model
-        .adapter_state_dict()
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| {
-            let noise = t.randn_like();
-            let t = if k.ends_with("lora_magnitude_vector") { &t * (noise * 0.2 + 1.0) } else { &t + noise * 0.1 };
-            (k, t)
-        })
-        .collect();
-    model.load_adapter_state_dict(state).unwrap();
+    perturb_adapter(model, seed, 0.1);
 }
 
 fn logits(model: &CausalLM) -> Tensor {

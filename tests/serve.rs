@@ -38,17 +38,7 @@ fn make_adapter(model_dir: &Path, out: &Path, config: &str, seed: i64) {
     let mut model = CausalLM::load(model_dir, Device::Cpu, Kind::Float).unwrap();
     tch::manual_seed(seed);
     model.attach_adapter("default", Box::new(registry.adapter("lora", config).unwrap())).unwrap();
-    let state: Vec<_> = model
-        .adapter_state_dict()
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| {
-            let noise = t.randn_like();
-            let t = if k.ends_with("lora_magnitude_vector") { &t * (noise * 0.2 + 1.0) } else { &t + noise * 0.3 };
-            (k, t)
-        })
-        .collect();
-    model.load_adapter_state_dict(state).unwrap();
+    perturb_adapter(&mut model, seed, 0.3);
     model.save_peft_adapter(out).unwrap();
 }
 
@@ -267,14 +257,15 @@ fn adapter_output_equals_generate_streams_match_and_the_base_is_unaffected() {
     assert_eq!(complete(&s, "tiny", PROMPT, 12), base_before);
 }
 
+/// `--adapter NAME=DIR` for the fixture's adapters a1, a2, a3 and dora.
+fn adapter_args(f: &Fixture) -> Vec<String> {
+    ["a1", "a2", "a3", "dora"].iter().flat_map(|n| ["--adapter".to_string(), format!("{n}={}", f.adapters.join(n).display())]).collect()
+}
+
 #[test]
 fn a_mixed_batch_gives_each_request_what_it_gets_alone() {
     let f = fixture();
-    let mut args = Vec::new();
-    for n in ["a1", "a2", "a3", "dora"] {
-        args.push("--adapter".to_string());
-        args.push(format!("{n}={}", f.adapters.join(n).display()));
-    }
+    let args = adapter_args(f);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let s = Server::start(&[&args[..], &["--max-batch", "16"]].concat());
     let jobs: Vec<(&str, String)> = ["a1", "a2", "a3", "dora", "tiny", "a1", "a2", "a3"]
@@ -444,11 +435,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[test]
 fn load_test_concurrent_clients_with_adapter_churn() {
     let f = fixture();
-    let mut args = Vec::new();
-    for n in ["a1", "a2", "a3", "dora"] {
-        args.push("--adapter".to_string());
-        args.push(format!("{n}={}", f.adapters.join(n).display()));
-    }
+    let args = adapter_args(f);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let s = Server::start(&[&args[..], &["--max-batch", "8", "--max-adapters", "6"]].concat());
     let models = ["a1", "a2", "a3", "tiny", "dora"];

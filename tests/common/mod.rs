@@ -312,3 +312,21 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: `{l}`: {e}", path.display())))
         .collect()
 }
+
+/// Moves every adapter tensor of `model` away from its initial value (B = 0 would leave the
+/// base unchanged, and a test comparing adapter outputs trivial): by N(0, `scale`²), DoRA's
+/// magnitude by a factor 1 + N(0, 0.2²); drawn from libtorch's generator seeded with `seed`.
+pub fn perturb_adapter(model: &mut ferrotune::model::CausalLM, seed: i64, scale: f64) {
+    tch::manual_seed(seed);
+    let state: Vec<_> = model
+        .adapter_state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let noise = t.randn_like();
+            let t = if k.ends_with("lora_magnitude_vector") { &t * (noise * 0.2 + 1.0) } else { &t + noise * scale };
+            (k, t)
+        })
+        .collect();
+    model.load_adapter_state_dict(state).unwrap();
+}
