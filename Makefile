@@ -31,12 +31,12 @@ help:
 $(STAMPS)/torch: requirements/torch.txt
 	@mkdir -p $(STAMPS)
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/torch.txt
+	$(VENV)/bin/python -m pip install --quiet --no-cache-dir --disable-pip-version-check -r requirements/torch.txt
 	$(VENV)/bin/python -c "import torch; print('torch', torch.__version__)"
 	@touch $@
 
 $(STAMPS)/reference: requirements/reference.txt $(STAMPS)/torch
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/reference.txt -c requirements/torch.txt
+	$(VENV)/bin/python -m pip install --quiet --no-cache-dir --disable-pip-version-check -r requirements/reference.txt -c requirements/torch.txt
 	@touch $@
 
 # The Qwen2 tokenizer the text tests compare with transformers, generated from the BPE ranks
