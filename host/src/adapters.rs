@@ -265,7 +265,9 @@ impl CausalLM {
                 if !targeted {
                     continue;
                 }
-                let layer = method.adapt_linear(&module, lin.base()).with_context(|| format!("adapter `{name}`: adapting `{module}`"))?;
+                let layer = lin
+                    .with_full_base(|base| method.adapt_linear(&module, base))?
+                    .with_context(|| format!("adapter `{name}`: adapting `{module}`"))?;
                 let params: i64 = layer
                     .parameters()
                     .with_context(|| format!("adapter `{name}`: parameters of `{module}`"))?
@@ -280,7 +282,7 @@ impl CausalLM {
                         bail!("adapter `{name}`: unmerged_weight of `{module}` has shape {:?}, the layer {:?}", rewritten.size(), lin.weight.size());
                     }
                     originals.push((module.clone(), dense));
-                    lin.set_base_weight(rewritten);
+                    lin.set_base_weight(rewritten)?;
                     report.rewritten_base.push(module.clone());
                 }
                 lin.insert_adapter(name, layer);
@@ -352,7 +354,9 @@ impl CausalLM {
             lin.remove_adapter(name);
             lin.remove_copy(name);
             if let Some((_, w)) = originals.iter().find(|(m, _)| *m == lin.name) {
-                lin.set_base_weight(w.shallow_clone());
+                if let Err(e) = lin.set_base_weight(w.shallow_clone()) {
+                    tracing::warn!("putting back the base weight of `{}`: {e:#}", lin.name);
+                }
             }
         }
     }
@@ -563,7 +567,7 @@ impl CausalLM {
         for lin in self.linears_mut() {
             if let Some(pos) = merged.iter().position(|(m, _)| *m == lin.name) {
                 let (_, w) = merged.swap_remove(pos);
-                lin.set_base_weight(w);
+                lin.set_base_weight(w)?;
                 lin.remove_adapter(&name);
             }
             lin.merge_copy(&name);

@@ -3,9 +3,9 @@
 //!
 //! tch has no checkpoint API, so this is torch.utils.checkpoint's reentrant variant written
 //! as a `torch::autograd::Function` in the host's C++ layer (`host/csrc/checkpoint.cpp`),
-//! whose body calls back into Rust. The CPU generator state is saved with the inputs and
-//! restored for the recomputation, so dropout draws the same masks (on CUDA the generator
-//! is not restored: checkpointing with adapter dropout on a GPU recomputes other masks).
+//! whose body calls back into Rust. The CPU generator state, and that of every CUDA device
+//! an input is on, is saved with the inputs and restored for the recomputation, so dropout
+//! draws the same masks (the CUDA part is compiled here but runs only on a GPU machine).
 //!
 //! As in torch's reentrant checkpoint, parameters used inside the block receive their
 //! gradients from the recomputation; the block's output requires grad only if one of its

@@ -13,11 +13,10 @@
 //!
 //! Under ZeRO stage 3 a layer's frozen weight may be sharded ([`FrozenLinear::shard_weight`]):
 //! the rank keeps 1/world of the flattened (padded) weight and each forward all-gathers the
-//! whole weight through the run's process group, uses it and drops it. The gathered weight
-//! is frozen, but `x Wᵀ` saves `W` for the input gradient, so without activation
-//! checkpointing it lives until that layer's backward; with `gradient_checkpointing` the
-//! decoder layer's forward runs without a graph and its recompute in backward gathers again,
-//! so a gathered weight lives only within its own layer's forward and backward.
+//! whole weight through the run's process group, uses it and drops it. `x Wᵀ` would save the
+//! gathered `W` for the input gradient until the layer's backward, so when the input requires
+//! grad the product runs as a checkpointed block that gathers `W` again in backward
+//! ([`ShardedBase`]): a rank holds one gathered weight at a time, forward or backward.
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -172,6 +171,8 @@ struct WeightShard {
     shard: Tensor,
     /// The weight's device (the shard may be offloaded to the CPU).
     device: Device,
+    /// Whether the shard was put in CPU memory (`offload_param`).
+    offload: bool,
     numel: i64,
     group: Arc<dyn Collectives + Send + Sync>,
 }
@@ -182,6 +183,57 @@ impl WeightShard {
     fn gather(&self, shape: &[i64]) -> Result<Tensor> {
         let parts = self.group.all_gather(&self.shard)?;
         Ok(Tensor::f_cat(&parts, 0)?.f_narrow(0, 0, self.numel)?.f_view(shape)?.f_to_device(self.device)?)
+    }
+
+    /// The same shard (shared storage), for a closure that outlives the borrow.
+    fn share(&self) -> WeightShard {
+        WeightShard { shard: self.shard.shallow_clone(), device: self.device, offload: self.offload, numel: self.numel, group: self.group.clone() }
+    }
+}
+
+/// A sharded base as adapters see it during a forward pass (ZeRO stage 3). Its `forward`
+/// gathers the weight for the product and lets it go: when the input requires grad, autograd
+/// would keep the gathered weight until this layer's backward (`x Wᵀ` saves `W` for the
+/// input gradient), so the product then runs as a checkpointed block ([`crate::checkpoint`])
+/// that keeps only `x` and gathers `W` again in backward, as DeepSpeed's stage 3 re-fetches
+/// parameters for backward. A rank thus holds at most one gathered layer weight at a time.
+/// `weight()` (DoRA's norm) gathers too, and what an adapter builds from it is the adapter's.
+struct ShardedBase<'a> {
+    base: &'a LinearBase,
+    shard: &'a WeightShard,
+}
+
+impl ShardedBase<'_> {
+    fn linear(&self, x: &Tensor) -> Result<Tensor> {
+        let (shard, shape, bias) = (self.shard.share(), self.base.weight.size(), self.base.bias.as_ref().map(Tensor::shallow_clone));
+        let name = self.base.name.clone();
+        let run = move |x: &Tensor| -> Result<Tensor> {
+            let w = shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{name}`"))?;
+            Ok(x.f_linear(&w, bias.as_ref()).with_context(|| format!("linear layer `{name}`"))?)
+        };
+        if x.requires_grad() && crate::checkpoint::grad_enabled() {
+            crate::checkpoint::checkpoint(&[x], move |xs| run(&xs[0]))
+        } else {
+            run(x)
+        }
+    }
+}
+
+impl BaseLinear for ShardedBase<'_> {
+    fn name(&self) -> PluginResult<String> {
+        BaseLinear::name(self.base)
+    }
+    fn shape(&self) -> PluginResult<(i64, i64)> {
+        BaseLinear::shape(self.base)
+    }
+    fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
+        self.linear(x).map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
+    }
+    fn weight(&self) -> PluginResult<Tensor> {
+        self.shard.gather(&self.base.weight.size()).map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
+    }
+    fn bias(&self) -> PluginResult<Option<Tensor>> {
+        BaseLinear::bias(self.base)
     }
 }
 
@@ -211,8 +263,10 @@ impl FrozenLinear {
 
     /// Keeps only this rank's 1/world of the base weight (flattened, zero-padded to a multiple
     /// of world), in CPU memory when `offload` (a no-op for a model on the CPU); every later
-    /// forward gathers the whole weight through `group`. Done once, after adapters are
-    /// attached (they read the weight's shape, not its values). With one rank nothing changes.
+    /// forward gathers the whole weight through `group`, and so do the readers of its values
+    /// ([`FrozenLinear::dense_weight`], [`FrozenLinear::with_full_base`]: adapter
+    /// initialisations, `modules_to_save` copies, merges); a new base weight
+    /// ([`FrozenLinear::set_base_weight`]) is sharded again. With one rank nothing changes.
     pub fn shard_weight(&mut self, group: Arc<dyn Collectives + Send + Sync>, offload: bool) -> Result<()> {
         let world = group.world_size() as i64;
         // A quantized base is already packed (and small): it stays whole on every rank.
@@ -227,16 +281,50 @@ impl FrozenLinear {
         let shard = flat.f_narrow(0, group.rank() as i64 * len, len)?.f_to_device(shard_device)?.f_contiguous()?.f_detach_copy()?;
         let stand_in = Tensor::f_zeros([1, 1], (w.kind(), device))?.f_expand(w.size(), false)?;
         self.base.weight = stand_in;
-        self.shard = Some(WeightShard { shard, device, numel, group });
+        self.shard = Some(WeightShard { shard, device, offload, numel, group });
         Ok(())
     }
 
-    /// Bytes of the base weight (or of its shard) and bias this rank holds.
+    /// Whether the base weight is sharded over ranks (ZeRO stage 3).
+    pub fn is_sharded(&self) -> bool {
+        self.shard.is_some()
+    }
+
+    /// Puts the whole weight back on this rank (gathered from every rank: all ranks must call
+    /// it for the same layers in the same order). A no-op for a weight that is not sharded.
+    pub fn unshard(&mut self) -> Result<()> {
+        if let Some(gathered) = self.gathered()? {
+            self.shard = None;
+            self.base.weight = gathered.weight.set_requires_grad(false);
+        }
+        Ok(())
+    }
+
+    /// The dense weight `[out, in]` (gathered when sharded, dequantized when quantized).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match self.gathered()? {
+            Some(base) => Ok(base.weight),
+            None => self.base.dense_weight(),
+        }
+    }
+
+    /// Runs `f` on the base with its whole weight: the base itself, or, when sharded, a base
+    /// holding the gathered weight for the duration of `f` (what adapters read at attach).
+    pub fn with_full_base<R>(&self, f: impl FnOnce(&LinearBase) -> R) -> Result<R> {
+        Ok(match self.gathered()? {
+            Some(base) => f(&base),
+            None => f(&self.base),
+        })
+    }
+
+    /// Bytes of the base weight (its shard, or its packed form) and bias this rank holds.
     pub fn resident_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        let weight = match &self.shard {
-            Some(s) => bytes(&s.shard),
-            None => bytes(&self.base.weight),
+        let weight = match (&self.shard, &self.base.quantized) {
+            (Some(s), _) => bytes(&s.shard),
+            // The placeholder has no storage: the packed bytes are what the layer holds.
+            (None, Some(q)) => q.storage_bytes().map(|b| b as usize).unwrap_or_else(|_| bytes(&self.base.weight)),
+            (None, None) => bytes(&self.base.weight),
         };
         weight + self.base.bias.as_ref().map(bytes).unwrap_or(0)
     }
@@ -263,13 +351,16 @@ impl FrozenLinear {
         if let Some((name, copy)) = mode.adapter.and_then(|name| self.copy(name).map(|c| (name, c))) {
             return copy.forward(x).with_context(|| format!("adapter `{name}`'s copy of `{}` (modules_to_save)", self.base.name));
         }
-        let gathered = self.gathered()?;
-        let base = gathered.as_ref().unwrap_or(&self.base);
-        match mode.adapter.and_then(|name| self.adapter(name).map(|a| (name, a))) {
-            Some((name, adapter)) => adapter
-                .forward(x, base, mode.train)
+        let adapter = mode.adapter.and_then(|name| self.adapter(name).map(|a| (name, a)));
+        match (&self.shard, adapter) {
+            (Some(shard), Some((name, adapter))) => adapter
+                .forward(x, &ShardedBase { base: &self.base, shard }, mode.train)
                 .with_context(|| format!("adapter `{name}` of `{}`", self.base.name)),
-            None => Ok(base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?),
+            (Some(shard), None) => ShardedBase { base: &self.base, shard }.linear(x),
+            (None, Some((name, adapter))) => {
+                adapter.forward(x, &self.base, mode.train).with_context(|| format!("adapter `{name}` of `{}`", self.base.name))
+            }
+            (None, None) => Ok(self.base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?),
         }
     }
 
@@ -326,11 +417,16 @@ impl FrozenLinear {
     }
 
     /// Replaces the base weight by a new tensor (never in place: a tied weight stays intact
-    /// for its other user, which is how a tied `lm_head` gets untied).
-    pub(crate) fn set_base_weight(&mut self, weight: Tensor) {
-        self.shard = None;
+    /// for its other user, which is how a tied `lm_head` gets untied). A sharded layer keeps
+    /// only its shard of the new weight.
+    pub(crate) fn set_base_weight(&mut self, weight: Tensor) -> Result<()> {
+        let shard = self.shard.take();
         self.base.weight = weight.set_requires_grad(false);
         self.base.quantized = None;
+        match shard {
+            Some(s) => self.shard_weight(s.group, s.offload),
+            None => Ok(()),
+        }
     }
 
     /// The frozen base, mutable (quantizing it).
@@ -347,13 +443,10 @@ impl FrozenLinear {
     /// in their dtype and on their device (as peft's `ModulesToSaveWrapper` deep-copies the
     /// module). A tied weight is copied too, so the copy never shares storage.
     pub(crate) fn insert_copy(&mut self, name: &str) -> Result<&LinearBase> {
-        if self.shard.is_some() {
-            anyhow::bail!("`{}`: cannot copy a sharded weight (modules_to_save is set up before ZeRO-3 sharding)", self.base.name);
-        }
         let trainable = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach_copy()?.set_requires_grad(true)) };
         let copy = LinearBase {
             name: self.base.name.clone(),
-            weight: trainable(&self.base.dense_weight()?)?,
+            weight: trainable(&self.dense_weight()?)?,
             bias: self.base.bias.as_ref().map(trainable).transpose()?,
             quantized: None,
         };
@@ -410,6 +503,7 @@ mod tests {
     struct TwoRanks {
         rank: usize,
         other: std::sync::Mutex<Tensor>,
+        gathers: std::sync::atomic::AtomicUsize,
     }
 
     impl Collectives for TwoRanks {
@@ -426,6 +520,7 @@ mod tests {
             unreachable!()
         }
         fn all_gather(&self, t: &Tensor) -> PluginResult<Vec<Tensor>> {
+            self.gathers.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (mine, other) = (t.shallow_clone(), self.other.lock().unwrap().shallow_clone());
             Ok(if self.rank == 0 { vec![mine, other] } else { vec![other, mine] })
         }
@@ -448,7 +543,7 @@ mod tests {
         let flat = w.flatten(0, -1);
         let shard1 = Tensor::cat(&[flat.narrow(0, 8, 7), Tensor::zeros([1], (Kind::Float, Device::Cpu))], 0);
         let mut lin = FrozenLinear::new("l", w.copy(), Some(b.copy()));
-        lin.shard_weight(Arc::new(TwoRanks { rank: 0, other: shard1.into() }), false).unwrap();
+        lin.shard_weight(Arc::new(TwoRanks { rank: 0, other: shard1.into(), gathers: 0.into() }), false).unwrap();
         assert_eq!(lin.resident_bytes(), (8 + 5) * 4, "half the weight (8 of 16 padded elements) and the bias");
         assert_eq!((lin.in_features(), lin.out_features()), (3, 5));
         let got = lin.forward(&x, LinearMode::BASE).unwrap();
@@ -456,5 +551,58 @@ mod tests {
         // A stand-in of the right shape, with one element of storage.
         assert_eq!(lin.weight.size(), [5, 3]);
         assert_eq!(lin.weight.stride(), [0, 0]);
+    }
+
+    /// A 2-rank shard pair of `w` for rank 0: its layer, and rank 1's shard behind the mock.
+    fn sharded_rank0(w: &Tensor) -> (FrozenLinear, Arc<TwoRanks>) {
+        let flat = w.flatten(0, -1);
+        let n = flat.size()[0];
+        let len = (n + 1) / 2;
+        let shard1 = Tensor::cat(&[flat.narrow(0, len, n - len), Tensor::zeros([2 * len - n], (Kind::Float, Device::Cpu))], 0);
+        let group = Arc::new(TwoRanks { rank: 0, other: shard1.into(), gathers: 0.into() });
+        let mut lin = FrozenLinear::new("l", w.copy(), None);
+        lin.shard_weight(group.clone(), false).unwrap();
+        (lin, group)
+    }
+
+    #[test]
+    fn readers_of_a_sharded_weight_see_the_whole_and_a_new_weight_is_sharded_again() {
+        let w = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let (mut lin, group) = sharded_rank0(&w);
+        let max_diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
+        assert_eq!(max_diff(&lin.dense_weight().unwrap(), &w), 0.0, "dense_weight gathers");
+        assert_eq!(max_diff(&lin.with_full_base(|b| b.weight.copy()).unwrap(), &w), 0.0, "the base adapters see at attach");
+        let copy = lin.insert_copy("a").unwrap();
+        assert_eq!(max_diff(&copy.weight, &w), 0.0, "modules_to_save copies the gathered weight");
+        // A rewritten base (PiSSA's residual) keeps only rank 0's half: rank 1 holds its half.
+        let w2 = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let flat2 = w2.flatten(0, -1);
+        *group.other.lock().unwrap() = Tensor::cat(&[flat2.narrow(0, 8, 7), Tensor::zeros([1], (Kind::Float, Device::Cpu))], 0);
+        lin.set_base_weight(w2.copy()).unwrap();
+        assert!(lin.is_sharded());
+        assert_eq!(lin.resident_bytes(), 8 * 4);
+        assert_eq!(max_diff(&lin.dense_weight().unwrap(), &w2), 0.0);
+        lin.unshard().unwrap();
+        assert!(!lin.is_sharded());
+        assert_eq!(lin.resident_bytes(), 15 * 4);
+        assert_eq!(max_diff(&lin.weight, &w2), 0.0, "unshard puts the whole weight back");
+    }
+
+    /// With an input that requires grad, the sharded product keeps only the input: backward
+    /// gathers the weight again (two gathers in all), and the input gradient is the plain one.
+    #[test]
+    fn a_sharded_product_gathers_again_in_backward_instead_of_keeping_the_weight() {
+        let w = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let whole = FrozenLinear::new("l", w.copy(), None);
+        whole.forward(&x, LinearMode::BASE).unwrap().sum(Kind::Float).backward();
+        let expected = x.grad().copy();
+        let _ = x.grad().zero_();
+        let (lin, group) = sharded_rank0(&w);
+        let y = lin.forward(&x, LinearMode::BASE).unwrap();
+        assert_eq!(group.gathers.load(std::sync::atomic::Ordering::SeqCst), 1);
+        y.sum(Kind::Float).backward();
+        assert_eq!(group.gathers.load(std::sync::atomic::Ordering::SeqCst), 2, "backward gathers the weight again");
+        assert_eq!(f64::try_from((x.grad() - expected).abs().max()).unwrap(), 0.0);
     }
 }

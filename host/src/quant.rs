@@ -93,6 +93,8 @@ fn quantize_layers(model: &mut CausalLM, cfg: &QuantizationConfig, registry: &Re
         if lin.quantized.is_some() || cfg.skips(&name) || !select(&name)? {
             continue;
         }
+        // A ZeRO-3 shard is gathered first: the packed weight stays whole on every rank.
+        lin.unshard()?;
         record.packed_bytes += lin.base_mut().quantize_with(quantizer.as_ref())?;
         record.bf16_bytes += 2 * lin.weight.numel() as u64;
         record.modules.push(name);
@@ -231,7 +233,7 @@ pub fn merge_quantized(model: &mut CausalLM, originals: Vec<(String, Tensor)>, b
             for lin in model.linears_mut() {
                 if lin.quantized.is_some() {
                     let (_, w) = originals.iter().find(|(m, _)| *m == lin.name).with_context(|| format!("no original weight of `{}`", lin.name))?;
-                    lin.set_base_weight(w.shallow_clone());
+                    lin.set_base_weight(w.shallow_clone())?;
                 }
             }
         }

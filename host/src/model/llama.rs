@@ -400,6 +400,12 @@ impl DecoderLayer {
         })
     }
 
+    /// The layer's seven linear layers (q, k, v, o, gate, up, down).
+    fn linears_mut(&mut self) -> [&mut FrozenLinear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
+
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>, mode: LinearMode<'_>) -> Result<Tensor> {
         let x = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache, mode)?)?;
         Ok(x.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, mode)?)?)
@@ -464,10 +470,18 @@ impl CausalLM {
     /// Loads `dir/config.json` and the safetensors weights (single file or sharded) as
     /// `dtype` (Float, BFloat16 or Half) on `device`.
     pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
+        Self::load_with(dir, device, dtype, &mut |_| Ok(()))
+    }
+
+    /// [`CausalLM::load`], handing each decoder-layer linear layer (q, k, v, o, gate, up,
+    /// down; not `lm_head` or a vision tower's) to `on_decoder_linear` as soon as it is built,
+    /// before the next layer is read: ZeRO stage 3 shards the weight there, so a rank never
+    /// holds more than its shards plus one layer's weights.
+    pub fn load_with(dir: &Path, device: Device, dtype: Kind, on_decoder_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
         let vl = Qwen2VLConfig::from_dir(dir, config.hidden_size)?;
         let mut weights = Weights::load(dir, device, dtype)?;
-        let mut model = Self::from_weights_with_vision(config, vl, &mut weights, device, dtype)?;
+        let mut model = Self::build(config, vl, &mut weights, device, dtype, on_decoder_linear)?;
         model.source_dir = Some(dir.to_path_buf());
         let unused = weights.remaining();
         if !unused.is_empty() {
@@ -499,6 +513,17 @@ impl CausalLM {
         device: Device,
         dtype: Kind,
     ) -> Result<Self> {
+        Self::build(config, vl, w, device, dtype, &mut |_| Ok(()))
+    }
+
+    fn build(
+        config: LlamaConfig,
+        vl: Option<Qwen2VLConfig>,
+        w: &mut Weights,
+        device: Device,
+        dtype: Kind,
+        on_decoder_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>,
+    ) -> Result<Self> {
         let is_vl = config.architecture() == Architecture::Qwen2VL;
         let vision = match (is_vl, vl) {
             (true, Some(vl)) => {
@@ -512,7 +537,14 @@ impl CausalLM {
         let prefix = if is_vl { LANGUAGE_MODEL } else { DECODER }.to_string();
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.take(&format!("{prefix}.embed_tokens.weight"), &[vocab, hidden], "vocab_size, hidden_size")?;
-        let layers = (0..config.num_hidden_layers).map(|l| DecoderLayer::new(&config, w, &prefix, l)).collect::<Result<Vec<_>>>()?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
+        for l in 0..config.num_hidden_layers {
+            let mut layer = DecoderLayer::new(&config, w, &prefix, l)?;
+            for lin in layer.linears_mut() {
+                on_decoder_linear(lin)?;
+            }
+            layers.push(layer);
+        }
         let norm = RmsNorm::new(w, &format!("{prefix}.norm"), &config)?;
         let lm_head = if config.tie_word_embeddings {
             // transformers ties the head to the embeddings even when the file also has one.
@@ -728,10 +760,7 @@ impl CausalLM {
             out.extend(v.linears_mut());
         }
         for l in &mut self.layers {
-            let a = &mut l.self_attn;
-            out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
-            let m = &mut l.mlp;
-            out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+            out.extend(l.linears_mut());
         }
         out.push(&mut self.lm_head);
         out

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use safetensors::SafeTensors;
 use tch::{Device, Kind, Tensor};
 
 /// The single-file checkpoint name.
@@ -19,7 +18,10 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The tensors of a checkpoint, by key, each remembered with the file it came from.
 pub struct Weights {
     dir: PathBuf,
-    tensors: HashMap<String, (Tensor, PathBuf)>,
+    /// What file tensors become when taken.
+    device: Device,
+    dtype: Kind,
+    tensors: HashMap<String, (Stored, PathBuf)>,
 }
 
 /// The dtypes a model can be loaded in.
@@ -74,101 +76,158 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// The dtype of every tensor of the checkpoint in `dir`, read from the safetensors headers
-/// only (the tensors themselves are not read).
-pub fn checkpoint_dtypes(dir: &Path) -> Result<HashMap<String, Kind>> {
+/// One tensor of a safetensors file, as its header describes it.
+struct HeaderEntry {
+    key: String,
+    saved: Kind,
+    shape: Vec<i64>,
+    /// Byte range in the file (header included).
+    begin: u64,
+    end: u64,
+}
+
+fn saved_kind(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "F32" => Kind::Float,
+        "BF16" => Kind::BFloat16,
+        "F16" => Kind::Half,
+        "F64" => Kind::Double,
+        _ => return None,
+    })
+}
+
+/// Reads and checks the header of the safetensors `file` (not its tensors): every entry a
+/// floating-point tensor whose byte range holds exactly its elements and lies inside the
+/// file, so that a truncated or corrupt file fails here, before any tensor is read.
+fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
     use std::io::Read;
-    let mut out = HashMap::new();
-    for file in checkpoint_files(dir)? {
-        let bad = |why: String| anyhow::anyhow!("{} is not a readable safetensors file ({why})", file.display());
-        let mut f = std::fs::File::open(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
-        let len = u64::from_le_bytes(len);
-        if len > 100 << 20 {
-            return Err(bad(format!("a header of {len} bytes")));
+    let bad = |why: String| {
+        anyhow::anyhow!("{} is not a readable safetensors file ({why}): it is truncated or corrupt; re-save or re-download it", file.display())
+    };
+    let mut f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let file_len = f.metadata().with_context(|| format!("cannot read {}", file.display()))?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("its header length: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 || 8 + len > file_len {
+        return Err(bad(format!("a header of {len} bytes in a file of {file_len}")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let data_start = 8 + len;
+    let mut out = Vec::with_capacity(header.len());
+    for (key, info) in header {
+        if key == "__metadata__" {
+            continue;
         }
-        let mut header = vec![0u8; len as usize];
-        f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
-        for (key, info) in header {
-            if key == "__metadata__" {
-                continue;
-            }
-            let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
-            let kind = match dtype {
-                "F32" => Kind::Float,
-                "BF16" => Kind::BFloat16,
-                "F16" => Kind::Half,
-                "F64" => Kind::Double,
-                other => return Err(bad(format!("tensor `{key}` has dtype `{other}`, not a floating-point one"))),
-            };
-            out.insert(key, kind);
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let saved = saved_kind(dtype).ok_or_else(|| bad(format!("tensor `{key}` has dtype `{dtype}`, not a floating-point one")))?;
+        let shape: Option<Vec<i64>> = info.get("shape").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as i64)).collect());
+        let shape = shape.ok_or_else(|| bad(format!("tensor `{key}` has no valid `shape`")))?;
+        let offsets: Option<Vec<u64>> = info.get("data_offsets").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64()).collect());
+        let (begin, end) = match offsets.as_deref() {
+            Some([b, e]) if b <= e => (data_start + b, data_start + e),
+            _ => return Err(bad(format!("tensor `{key}` has no valid `data_offsets`"))),
+        };
+        let bytes = shape.iter().product::<i64>() as u64 * saved.elt_size_in_bytes() as u64;
+        if end - begin != bytes {
+            return Err(bad(format!("tensor `{key}` of shape {shape:?} ({dtype}) spans {} bytes, not {bytes}", end - begin)));
         }
+        if end > file_len {
+            return Err(bad(format!("tensor `{key}` ends at byte {end} of a file of {file_len}")));
+        }
+        out.push(HeaderEntry { key, saved, shape, begin, end });
     }
     Ok(out)
 }
 
+/// The dtype of every tensor of the checkpoint in `dir`, read from the safetensors headers
+/// only (the tensors themselves are not read).
+pub fn checkpoint_dtypes(dir: &Path) -> Result<HashMap<String, Kind>> {
+    let mut out = HashMap::new();
+    for file in checkpoint_files(dir)? {
+        out.extend(read_header(&file)?.into_iter().map(|e| (e.key, e.saved)));
+    }
+    Ok(out)
+}
+
+/// Where a tensor of [`Weights`] is: already in memory, or still in its file.
+enum Stored {
+    Memory(Tensor),
+    File { saved: Kind, shape: Vec<i64>, begin: u64, end: u64 },
+}
+
 impl Weights {
-    /// Reads every tensor of the checkpoint in `dir`, converted to `dtype` on `device`.
+    /// The checkpoint in `dir`, to be read as `dtype` on `device`. Only the headers are read
+    /// here (and checked: a truncated or corrupt file fails now); each tensor is read from
+    /// its file when the model takes it, so loading never holds a file's bytes and all its
+    /// tensors at once, and a layer that keeps only part of a weight (a ZeRO-3 shard, a
+    /// packed quantized weight) lets the rest go before the next layer is read.
     pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
         check_compute_dtype(dtype)?;
         let mut tensors = HashMap::new();
         for file in checkpoint_files(dir)? {
-            let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} is not a readable safetensors file ({e}): it is truncated or corrupt; re-save or re-download it",
-                    file.display()
-                )
-            })?;
-            for (key, view) in st.tensors() {
-                if key.ends_with("rotary_emb.inv_freq") {
+            for e in read_header(&file)? {
+                if e.key.ends_with("rotary_emb.inv_freq") {
                     continue; // a buffer some old checkpoints carry; recomputed from config.json
                 }
-                let saved: Kind = view.dtype().try_into().map_err(|_| {
-                    anyhow::anyhow!("tensor `{key}` in {} has dtype {:?}, which is not supported", file.display(), view.dtype())
-                })?;
-                if !matches!(saved, Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
-                    bail!("tensor `{key}` in {} has dtype {saved:?}; model weights must be floating point", file.display());
-                }
-                let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-                let t = Tensor::f_from_data_size(view.data(), &shape, saved)
-                    .and_then(|t| t.f_to_device(device))
-                    .and_then(|t| t.f_to_kind(dtype))
-                    .with_context(|| format!("cannot load tensor `{key}` from {}", file.display()))?;
-                if let Some((_, other)) = tensors.insert(key.clone(), (t, file.clone())) {
-                    bail!("tensor `{key}` is stored twice: in {} and {}", other.display(), file.display());
+                let stored = Stored::File { saved: e.saved, shape: e.shape, begin: e.begin, end: e.end };
+                if let Some((_, other)) = tensors.insert(e.key.clone(), (stored, file.clone())) {
+                    bail!("tensor `{}` is stored twice: in {} and {}", e.key, other.display(), file.display());
                 }
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), tensors })
+        Ok(Self { dir: dir.to_path_buf(), device, dtype, tensors })
     }
 
     /// Tensors already in memory, as if read from a checkpoint in `dir` (tests, conversions).
     pub fn from_tensors(dir: &Path, tensors: Vec<(String, Tensor)>) -> Self {
         let file = dir.join("(memory)");
-        Self { dir: dir.to_path_buf(), tensors: tensors.into_iter().map(|(k, t)| (k, (t, file.clone()))).collect() }
+        let tensors = tensors.into_iter().map(|(k, t)| (k, (Stored::Memory(t), file.clone()))).collect();
+        Self { dir: dir.to_path_buf(), device: Device::Cpu, dtype: Kind::Float, tensors }
     }
 
     /// Takes the tensor `key`, checking that its shape is `shape`. `why` says which
     /// config.json values imply that shape, for the message.
     pub fn take(&mut self, key: &str, shape: &[i64], why: &str) -> Result<Tensor> {
         match self.tensors.remove(key) {
-            Some((t, file)) => {
-                if t.size() != shape {
+            Some((stored, file)) => {
+                let size = match &stored {
+                    Stored::Memory(t) => t.size(),
+                    Stored::File { shape, .. } => shape.clone(),
+                };
+                if size != shape {
                     bail!(
                         "tensor `{key}` in {} has shape {:?} but {} implies {:?} ({why})",
                         file.display(),
-                        t.size(),
+                        size,
                         self.dir.join("config.json").display(),
                         shape
                     );
                 }
-                Ok(t)
+                self.read(key, stored, &file)
             }
             None => bail!("tensor `{key}` (shape {shape:?}, {why}) is missing from {}", self.source_description()),
         }
+    }
+
+    /// The tensor itself: in memory already, or read from its byte range of `file`.
+    fn read(&self, key: &str, stored: Stored, file: &Path) -> Result<Tensor> {
+        use std::os::unix::fs::FileExt;
+        let (saved, shape, begin, end) = match stored {
+            Stored::Memory(t) => return Ok(t),
+            Stored::File { saved, shape, begin, end } => (saved, shape, begin, end),
+        };
+        let context = || format!("cannot load tensor `{key}` from {}", file.display());
+        let f = std::fs::File::open(file).with_context(context)?;
+        let mut bytes = vec![0u8; (end - begin) as usize];
+        f.read_exact_at(&mut bytes, begin).with_context(context)?;
+        let t = Tensor::f_from_data_size(&bytes, &shape, saved)
+            .and_then(|t| t.f_to_device(self.device))
+            .and_then(|t| t.f_to_kind(self.dtype))
+            .with_context(context)?;
+        Ok(t)
     }
 
     /// Takes `key` when present (optional tensors such as an untied lm_head kept by a tied model).

@@ -481,7 +481,18 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
     tch::manual_seed(cfg.seed as i64);
 
-    let mut model = CausalLM::load(&cfg.model, device, dtype)?;
+    // ZeRO stage 3 over several ranks: each decoder linear layer is sharded as soon as it is
+    // read, so a rank never holds the whole model (see `CausalLM::load_with`).
+    let capabilities = registry.memory_capabilities(&cfg.memory.plugin, &cfg.memory.config_json())?;
+    let shard_params = capabilities.iter().any(|c| c == SHARD_FROZEN_PARAMS) && world > 1;
+    let offload_params = capabilities.iter().any(|c| c == OFFLOAD_PARAMS_CPU);
+    let shard_group: std::sync::Arc<dyn Collectives + Send + Sync> = group.clone();
+    let mut model = CausalLM::load_with(&cfg.model, device, dtype, &mut |lin| {
+        if shard_params {
+            lin.shard_weight(shard_group.clone(), offload_params).with_context(|| format!("sharding `{}`", lin.name))?;
+        }
+        Ok(())
+    })?;
     model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
     let tokenizer = Tokenizer::from_dir(&cfg.model)?;
     let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
@@ -587,11 +598,10 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
 
     let mut memory = registry.memory(&cfg.memory.plugin, &cfg.memory.config_json())?;
     memory.setup(params, &cfg.optimizer_json(), device, comm)?;
-    let capabilities = registry.memory_capabilities(&cfg.memory.plugin, &cfg.memory.config_json())?;
-    if capabilities.iter().any(|c| c == SHARD_FROZEN_PARAMS) && world > 1 {
+    if shard_params {
         check_shardable(layout, train_set.len(), t.micro_batch_size, world, &cfg.memory.plugin)?;
-        let offload = capabilities.iter().any(|c| c == OFFLOAD_PARAMS_CPU);
-        shard_decoder_weights(&mut model, group.clone(), offload)?;
+        // Layers whose base was rewritten or quantized after loading: shard what is whole.
+        shard_decoder_weights(&mut model, group.clone(), offload_params)?;
     }
 
     let mut step = 0usize;
