@@ -209,7 +209,7 @@ pub struct StepOutcome {
     /// The sum of the micro-batch losses (with `num_items_in_batch` in the batch metadata:
     /// the mean token loss of the whole step).
     pub loss: f64,
-    /// The objective's metrics of the last micro-batch.
+    /// The objective's metrics over the step's micro-batches (see [`MetricOp`]).
     pub metrics: Vec<(String, f64)>,
     /// The memory plugin's report (gradient norm, skipped).
     pub report: StepReport,
@@ -293,7 +293,7 @@ fn optimizer_step_with(
     loss_scale: f64,
 ) -> Result<StepOutcome> {
     let mut timing = StepTiming::default();
-    let (mut loss, mut metrics) = (0f64, Vec::new());
+    let (mut loss, mut micro_metrics) = (0f64, Vec::new());
     let mut clock = Instant::now();
     let lap = |clock: &mut Instant| {
         let s = clock.elapsed().as_secs_f64();
@@ -306,12 +306,86 @@ fn optimizer_step_with(
         timing.forward_s += lap(&mut clock);
         if loss_scale == 1.0 { out.loss.f_backward()? } else { out.loss.f_mul_scalar(loss_scale)?.f_backward()? }
         loss += out.loss.f_double_value(&[])?;
-        metrics = out.metrics;
+        micro_metrics.push(out.metrics);
         timing.backward_s += lap(&mut clock);
     }
+    let metrics = combine_metrics(&micro_metrics);
     let report = memory.step(lr, comm)?;
     timing.optimizer_s += lap(&mut clock);
     Ok(StepOutcome { loss, metrics, report, timing })
+}
+
+/// How a metric of several micro-batches or ranks becomes one value, by its name's last
+/// part: `min…` / `…_min` the minimum, `max…` / `…_max` the maximum, anything else the mean
+/// (as trl gathers its metrics over processes, then takes the mean, min or max).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricOp {
+    Mean,
+    Min,
+    Max,
+}
+
+impl MetricOp {
+    fn of(name: &str) -> Self {
+        let last = name.rsplit('/').next().unwrap_or(name);
+        if last.starts_with("min") || last.ends_with("_min") {
+            MetricOp::Min
+        } else if last.starts_with("max") || last.ends_with("_max") {
+            MetricOp::Max
+        } else {
+            MetricOp::Mean
+        }
+    }
+}
+
+/// The step's metrics from those of its micro-batches (each micro-batch counts once; a
+/// metric some micro-batches lack is combined over those that have it).
+fn combine_metrics(micro: &[Vec<(String, f64)>]) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64, usize)> = Vec::new();
+    for (k, v) in micro.iter().flatten() {
+        match out.iter_mut().find(|(n, _, _)| n == k) {
+            Some(m) => {
+                m.1 = match MetricOp::of(k) {
+                    MetricOp::Mean => m.1 + v,
+                    MetricOp::Min => m.1.min(*v),
+                    MetricOp::Max => m.1.max(*v),
+                };
+                m.2 += 1;
+            }
+            None => out.push((k.clone(), *v, 1)),
+        }
+    }
+    out.into_iter().map(|(k, v, n)| if MetricOp::of(&k) == MetricOp::Mean { (k, v / n as f64) } else { (k, v) }).collect()
+}
+
+/// The step's metrics over all ranks: each rank's value combined by [`MetricOp`]. Ranks run
+/// the same objective, so they report the same metric names; if their lists differ anyway,
+/// each rank keeps its own values (rank 0's are logged) and a warning says so.
+fn reduce_metrics(comm: &dyn Collectives, metrics: Vec<(String, f64)>) -> Result<Vec<(String, f64)>> {
+    use ferrotune_plugin_api::ReduceOp;
+    if comm.world_size() == 1 {
+        return Ok(metrics);
+    }
+    let n = metrics.len() as f64;
+    let counts = Tensor::from_slice(&[n, -n]);
+    comm.all_reduce(&counts, ReduceOp::MAX)?;
+    if counts.f_double_value(&[0])? != -counts.f_double_value(&[1])? {
+        tracing::warn!("ranks report different objective metrics this step; logging rank 0's");
+        return Ok(metrics);
+    }
+    let mut out = metrics;
+    for (op, reduce) in [(MetricOp::Mean, ReduceOp::AVG), (MetricOp::Min, ReduceOp::MIN), (MetricOp::Max, ReduceOp::MAX)] {
+        let idx: Vec<usize> = (0..out.len()).filter(|&i| MetricOp::of(&out[i].0) == op).collect();
+        if idx.is_empty() {
+            continue;
+        }
+        let values = Tensor::from_slice(&idx.iter().map(|&i| out[i].1).collect::<Vec<f64>>());
+        comm.all_reduce(&values, reduce)?;
+        for (j, &i) in idx.iter().enumerate() {
+            out[i].1 = values.f_double_value(&[j as i64])?;
+        }
+    }
+    Ok(out)
 }
 
 fn on_device(tensors: Vec<(String, Tensor)>, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
@@ -654,6 +728,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
         let StepOutcome { loss: local_loss, metrics: extra, report, .. } =
             optimizer_step_with(&ctx, &mut objective, &mut memory, batches, lr, comm, loss_scale)?;
         let loss_sum = global_loss(comm, local_loss, layout)?;
+        let extra = reduce_metrics(comm, extra)?;
         step += 1;
         first_loss.get_or_insert(loss_sum);
         last_loss = Some(loss_sum);
@@ -942,6 +1017,21 @@ fn load_checkpoint(dir: &Path, model: &mut CausalLM, memory: &mut dyn MemoryStra
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_combine_by_mean_min_or_max_over_micro_batches() {
+        assert_eq!(MetricOp::of("completions/min_length"), MetricOp::Min);
+        assert_eq!(MetricOp::of("clip_ratio/region_max"), MetricOp::Max);
+        assert_eq!(MetricOp::of("rewards/margins"), MetricOp::Mean);
+        assert_eq!(MetricOp::of("rewards/maximal_thing_mean"), MetricOp::Max, "a name starting with max is a maximum");
+        let m = |v: &[(&str, f64)]| v.iter().map(|(k, x)| (k.to_string(), *x)).collect::<Vec<_>>();
+        let got = combine_metrics(&[
+            m(&[("a", 1.0), ("completions/min_length", 4.0), ("completions/max_length", 9.0)]),
+            m(&[("a", 3.0), ("completions/min_length", 2.0), ("completions/max_length", 7.0), ("b", 5.0)]),
+        ]);
+        assert_eq!(got, m(&[("a", 2.0), ("completions/min_length", 2.0), ("completions/max_length", 9.0), ("b", 5.0)]));
+        assert_eq!(reduce_metrics(&crate::collectives::SingleProcess, got.clone()).unwrap(), got);
+    }
 
     #[test]
     fn stage3_refuses_what_would_leave_a_rank_without_forwards() {
