@@ -7,6 +7,10 @@
 #   3. greedy story generation with the adapter on cuda vs cpu (token ids compared)
 #   4. DPO and GRPO (reward plugin, sampling on the device) on cuda, a few steps
 #   5. generate throughput on cuda, f32 and bf16, on the `small` preset
+#   6. c10d NCCL: `dist-check` (every collective through ProcessGroupNCCL on the one GPU; a
+#      launched world of one still uses the real group), a 2-rank Gloo dist-check on cpu, and
+#      a 1-rank `zero` stage 3 LoRA SFT with FERROTUNE_DIST_BACKEND=nccl (sharded weights
+#      all-gathered by NCCL); NCCL refuses two ranks on one GPU, hence --nproc 1
 set -uo pipefail
 DEV=${DEV:-cuda}   # DEV=cpu tries the script on a machine without a GPU
 OUT=${OUT:-dist/gpu-out}
@@ -65,6 +69,26 @@ step init-small "$FT" init-model --preset small --tokenizer assets/qwen2-tokeniz
 for dt in f32 bf16; do
   step "bench-$dt" "$FT" bench generate --model "$W/small" --device $DEV --dtype $dt --batch 8 --prompt-len 128 --new-tokens 64 --repeats 3
 done
+NB=nccl; [ "$DEV" = cpu ] && NB=gloo   # DEV=cpu: the same steps on Gloo
+step dist-$NB "$FT" launch --nproc 1 --timeout 120 dist-check --backend $NB --device $DEV
+step dist-gloo-2 "$FT" launch --nproc 2 --timeout 120 dist-check --backend gloo --device cpu --numel 1048576
+cat > "$W/alpaca.jsonl" <<'J'
+{"instruction": "Name a colour.", "output": "Blue."}
+{"instruction": "Name a number.", "output": "Seven."}
+{"instruction": "Name an animal.", "output": "A cat."}
+{"instruction": "Name a fruit.", "output": "An apple."}
+J
+cat > "$W/zero3.yaml" <<Y
+model: $W/text
+output_dir: $W/zero3
+device: $DEV
+adapter: {plugin: lora, r: 8, target_modules: all-linear}
+optimizer: {lr: 5.0e-3, max_grad_norm: 1.0}
+memory: {plugin: zero, stage: 3}
+data: {plugin: alpaca, path: $W/alpaca.jsonl}
+training: {max_steps: 4, micro_batch_size: 2, progress_bar: false}
+Y
+FERROTUNE_DIST_BACKEND=$NB step zero3-$NB "$FT" launch --nproc 1 --timeout 120 train "$W/zero3.yaml"
 cp "$W"/*/train_summary.json "$OUT/" 2>/dev/null
-for d in story-$DEV story-cpu dpo grpo; do cp "$W/$d/train_summary.json" "$OUT/$d-summary.json" 2>/dev/null; cp "$W/$d/metrics.jsonl" "$OUT/$d-metrics.jsonl" 2>/dev/null; done
+for d in story-$DEV story-cpu dpo grpo zero3; do cp "$W/$d/train_summary.json" "$OUT/$d-summary.json" 2>/dev/null; cp "$W/$d/metrics.jsonl" "$OUT/$d-metrics.jsonl" 2>/dev/null; done
 echo done

@@ -24,6 +24,29 @@ pub fn resolve(text: &str) -> anyhow::Result<Device> {
     Ok(device)
 }
 
+/// The device of this rank of a run: [`resolve`], except that a plain `cuda` (no index) in a
+/// launched run means `cuda:LOCAL_RANK`, one GPU per local rank as torchrun users expect
+/// (`torch.cuda.set_device(local_rank)`). An explicit `cuda:N` is kept as written.
+pub fn resolve_for_rank(text: &str) -> anyhow::Result<Device> {
+    let local_rank = crate::collectives::RankEnv::from_lookup_keeping(|k| std::env::var(k).ok(), true)?.map(|e| e.local_rank);
+    resolve_for_local_rank(text, local_rank)
+}
+
+/// [`resolve_for_rank`] for a given `LOCAL_RANK` (`None`: not launched).
+pub fn resolve_for_local_rank(text: &str, local_rank: Option<usize>) -> anyhow::Result<Device> {
+    match local_rank {
+        Some(r) if is_plain_cuda(text) => {
+            resolve(&format!("cuda:{r}")).map_err(|e| anyhow::anyhow!("device `{text}` of the rank with LOCAL_RANK={r} means cuda:{r}: {e:#}"))
+        }
+        _ => resolve(text),
+    }
+}
+
+/// Whether `text` names CUDA without a device index (`cuda`, `gpu`).
+pub fn is_plain_cuda(text: &str) -> bool {
+    matches!(text.trim().to_ascii_lowercase().as_str(), "cuda" | "gpu")
+}
+
 /// Whether the binary was linked against libtorch_cuda (the build found a CUDA libtorch).
 pub fn cuda_linked() -> bool {
     cfg!(ferrotune_cuda_linked)
@@ -77,6 +100,25 @@ mod tests {
         if !tch::Cuda::is_available() {
             let e = resolve("cuda").unwrap_err().to_string();
             assert!(e.contains("CUDA is not available"), "{e}");
+        }
+    }
+
+    #[test]
+    fn plain_cuda_means_the_local_rank_gpu() {
+        assert!(is_plain_cuda(" CUDA ") && is_plain_cuda("gpu"));
+        assert!(!is_plain_cuda("cuda:0") && !is_plain_cuda("cpu"));
+        assert_eq!(resolve_for_local_rank("cpu", Some(3)).unwrap(), Device::Cpu);
+        if tch::Cuda::is_available() {
+            let n = tch::Cuda::device_count() as usize;
+            assert_eq!(resolve_for_local_rank("cuda", Some(n - 1)).unwrap(), Device::Cuda(n - 1));
+            assert_eq!(resolve_for_local_rank("cuda:0", Some(n - 1)).unwrap(), Device::Cuda(0));
+            let e = resolve_for_local_rank("cuda", Some(n)).unwrap_err().to_string();
+            assert!(e.contains(&format!("LOCAL_RANK={n} means cuda:{n}")), "{e}");
+        } else {
+            let e = resolve_for_local_rank("cuda", Some(1)).unwrap_err().to_string();
+            assert!(e.contains("LOCAL_RANK=1 means cuda:1") && e.contains("CUDA is not available"), "{e}");
+            let e = resolve_for_local_rank("cuda", None).unwrap_err().to_string();
+            assert!(!e.contains("LOCAL_RANK"), "{e}");
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod collectives;
 pub mod data;
 pub mod device;
+pub mod dist_check;
 pub mod generate;
 pub mod launch;
 pub mod linear;

@@ -63,6 +63,12 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Check the distributed process group: join it (under `ferrotune launch --nproc N`, or
+    /// alone as a world of one that still uses the real backend), run every collective
+    /// (all_reduce sum/avg/max/min, broadcast, all_gather, reduce_scatter, barrier) on tensors
+    /// with known results, time an all-reduce, and print one JSON line per rank. Exit status 1
+    /// when a check fails. `launch --nproc 1 dist-check --backend nccl` checks NCCL on one GPU.
+    DistCheck(DistCheckArgs),
     /// Write a randomly initialised Llama/Qwen2 model directory (config.json,
     /// model.safetensors, tokenizer files, generation_config.json) that transformers loads.
     InitModel(Box<InitModelArgs>),
@@ -98,6 +104,22 @@ enum Command {
         #[command(subcommand)]
         what: DataCommand,
     },
+}
+
+#[derive(Args)]
+struct DistCheckArgs {
+    /// gloo or nccl (default: FERROTUNE_DIST_BACKEND, else nccl for a CUDA device, gloo for cpu).
+    #[arg(long)]
+    backend: Option<String>,
+    /// cpu, cuda (= cuda:LOCAL_RANK) or cuda:N (default: cuda with --backend nccl, else cpu).
+    #[arg(long)]
+    device: Option<String>,
+    /// f32 elements of the timed all-reduce.
+    #[arg(long, default_value_t = 1 << 22)]
+    numel: usize,
+    /// Timed all-reduce repetitions.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
 }
 
 #[derive(Subcommand)]
@@ -526,6 +548,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{line}");
             }
             Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::DistCheck(a) => {
+            let report = ferrotune::dist_check::run(&ferrotune::dist_check::CheckOptions {
+                backend: a.backend,
+                device: a.device,
+                numel: a.numel,
+                iters: a.iters,
+            })?;
+            println!("{}", serde_json::to_string(&report.json)?);
+            Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::InitModel(args) => {
             init_model(*args)?;

@@ -529,11 +529,13 @@ fn step_seed(seed: u64, step: usize) -> i64 {
 /// Runs (or resumes) a training run.
 pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> Result<TrainSummary> {
     let started = Instant::now();
-    // Several ranks (RANK/WORLD_SIZE set by `ferrotune launch` or torchrun): c10d group.
-    let group = std::sync::Arc::new(Group::from_env()?);
+    // A plain `cuda` means cuda:LOCAL_RANK in a launched run.
+    let device = crate::device::resolve_for_rank(&cfg.device)?;
+    // Several ranks (RANK/WORLD_SIZE set by `ferrotune launch` or torchrun): c10d group,
+    // NCCL for a CUDA device, Gloo for CPU (FERROTUNE_DIST_BACKEND overrides).
+    let group = std::sync::Arc::new(Group::from_env_for(device)?);
     let comm = group.as_dyn();
     let (rank, world) = (comm.rank(), comm.world_size());
-    let device = crate::device::resolve(&cfg.device)?;
     let dtype = crate::model::init::parse_dtype(&cfg.dtype)?;
     // Where to resume from is settled first, so that a missing checkpoint fails before any work.
     let resume_dir = match resume {
