@@ -15,8 +15,10 @@
 //! * `qwen2vl_ranks_without_images_in_their_batch`: a tiny Qwen2-VL with the PatchMerger
 //!   trained in full, on LLaVA rows alternating image / text-only so that rank 1 never sees an
 //!   image (its merger has no gradient, which the reduction must count as zeros): `ddp` and
-//!   `zero` stage 2 on 2 ranks finish (no rank hangs) with the per-step losses, the adapter
-//!   and the merger of one process within 1e-5.
+//!   `zero` stages 1, 2, 3 on 2 ranks finish (no rank hangs) with the per-step losses, the
+//!   adapter and the merger of one process within 1e-5.
+//! * `zero3_sharded_at_load_serves_adapters_that_read_the_base`: DoRA, PiSSA and int8 QLoRA
+//!   under zero-3 (weights sharded as the model is read) equal one process.
 //! * `killed_rank_stops_launch_and_resume_completes`: SIGKILL of rank 1 mid-run makes launch
 //!   exit non-zero naming the rank, fast; `--resume` from the last sharded checkpoint (zero-2,
 //!   one optimizer file per rank) finishes with the adapter of an uninterrupted run.
@@ -376,7 +378,12 @@ fn qwen2vl_ranks_without_images_in_their_batch() {
     };
     let base = merger("one");
     assert!(!base.is_empty());
-    for (name, memory) in [("ddp", "{plugin: ddp}"), ("zero2", "{plugin: zero, stage: 2}")] {
+    for (name, memory) in [
+        ("ddp", "{plugin: ddp}"),
+        ("zero1", "{plugin: zero, stage: 1}"),
+        ("zero2", "{plugin: zero, stage: 2}"),
+        ("zero3", "{plugin: zero, stage: 3}"),
+    ] {
         let cfg = config(name, 1, memory);
         let started = Instant::now();
         let o = launch(2, &["train", cfg.to_str().unwrap()]);

@@ -192,11 +192,12 @@ impl WeightShard {
 }
 
 /// A sharded base as adapters see it during a forward pass (ZeRO stage 3). Its `forward`
-/// gathers the weight for the product and lets it go: when the input requires grad, autograd
-/// would keep the gathered weight until this layer's backward (`x Wᵀ` saves `W` for the
-/// input gradient), so the product then runs as a checkpointed block ([`crate::checkpoint`])
-/// that keeps only `x` and gathers `W` again in backward, as DeepSpeed's stage 3 re-fetches
-/// parameters for backward. A rank thus holds at most one gathered layer weight at a time.
+/// gathers the weight for the product and lets it go: in a forward that records gradients,
+/// autograd would keep the gathered weight until this layer's backward (`x Wᵀ` saves `W` for
+/// the input gradient), so the product then runs as a checkpointed block
+/// ([`crate::checkpoint`]) that keeps only `x` and gathers `W` again in backward, as
+/// DeepSpeed's stage 3 re-fetches parameters for backward. A rank thus holds at most one
+/// gathered layer weight at a time, and every rank makes the same gathers in the same order.
 /// `weight()` (DoRA's norm) gathers too, and what an adapter builds from it is the adapter's.
 struct ShardedBase<'a> {
     base: &'a LinearBase,
@@ -211,8 +212,13 @@ impl ShardedBase<'_> {
             let w = shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{name}`"))?;
             Ok(x.f_linear(&w, bias.as_ref()).with_context(|| format!("linear layer `{name}`"))?)
         };
-        if x.requires_grad() && crate::checkpoint::grad_enabled() {
-            crate::checkpoint::checkpoint(&[x], move |xs| run(&xs[0]))
+        if crate::checkpoint::grad_enabled() {
+            // Every rank must gather in backward for every layer, whatever its data: an input
+            // that does not require grad (frozen embeddings on a rank whose batch has no
+            // image, while another's carries the trainable merger's output) becomes a leaf
+            // that does, so that no rank skips a backward gather the others make.
+            let x = if x.requires_grad() { x.shallow_clone() } else { x.f_detach()?.set_requires_grad(true) };
+            crate::checkpoint::checkpoint(&[&x], move |xs| run(&xs[0]))
         } else {
             run(x)
         }
