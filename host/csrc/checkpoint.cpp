@@ -38,6 +38,9 @@ struct Block : torch::CustomClassHolder {
   ft_ckpt_fn fn;
   void* ctx;
   ft_ckpt_drop drop;
+  // A frozen tensor the block's user needs besides its inputs (the bias of a re-gathered
+  // linear layer; not an autograd input, so it may be undefined).
+  at::Tensor extra;
   Block(ft_ckpt_fn f, void* c, ft_ckpt_drop d) : fn(f), ctx(c), drop(d) {}
   ~Block() override {
     if (drop) drop(ctx);
@@ -154,9 +157,48 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
   }
 };
 
+// A linear layer whose frozen weight is gathered on demand (ZeRO-3): forward gathers W and
+// returns x Wᵀ + b, saving nothing but the gather callback; backward gathers W again and
+// returns grad_y W as the input gradient (W and b are frozen: no other gradient). Unlike a
+// checkpointed block, backward does not recompute the product.
+struct RegatherLinear : public torch::autograd::Function<RegatherLinear> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
+                                                c10::intrusive_ptr<Block> gather) {
+    at::Tensor w = gather->call({});
+    ctx->saved_data["gather"] = c10::IValue::make_capsule(gather);
+    const at::Tensor& bias = gather->extra;
+    return {at::linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto gather = c10::static_intrusive_pointer_cast<Block>(ctx->saved_data["gather"].toCapsule());
+    at::Tensor w = gather->call({});
+    return {grad_out[0].matmul(w.to(grad_out[0].scalar_type())), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 extern "C" {
+
+// x Wᵀ + b with W from `fn` (called with no inputs) in forward and again in backward; a new
+// output tensor, or null with *err. `bias` may be null.
+at::Tensor* ft_regather_linear(ft_ckpt_fn fn, void* ctx, ft_ckpt_drop drop, at::Tensor* x, at::Tensor* bias, char** err) {
+  try {
+    auto gather = c10::make_intrusive<Block>(fn, ctx, drop);
+    if (bias) gather->extra = *bias;
+    auto out = RegatherLinear::apply(*x, gather);
+    return new at::Tensor(out[0]);
+  } catch (const c10::Error& e) {
+    *err = dup_message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    *err = dup_message(e.what());
+  } catch (...) {
+    *err = dup_message("unknown C++ exception in a re-gathered linear layer");
+  }
+  return nullptr;
+}
 
 // Whether autograd records operations on this thread (torch.is_grad_enabled()).
 int ft_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }

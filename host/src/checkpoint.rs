@@ -27,6 +27,14 @@ extern "C" {
         n: usize,
         err: *mut *mut c_char,
     ) -> *mut c_void;
+    fn ft_regather_linear(
+        f: unsafe extern "C" fn(*mut c_void, *mut *mut c_void, usize, *mut *mut c_void, *mut *mut c_char) -> i32,
+        ctx: *mut c_void,
+        drop: unsafe extern "C" fn(*mut c_void),
+        x: *mut c_void,
+        bias: *mut c_void,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
 }
 
 fn c_message(s: &str) -> *mut c_char {
@@ -89,9 +97,28 @@ pub fn checkpoint(inputs: &[&Tensor], block: impl Fn(&[Tensor]) -> Result<Tensor
     let ptrs: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
     let mut err: *mut c_char = std::ptr::null_mut();
     let out = unsafe { ft_checkpoint(call_block, ctx, drop_block, ptrs.as_ptr(), ptrs.len(), &mut err) };
+    take_output(out, err, "activation checkpointing failed")
+}
+
+/// `x Wᵀ + b` for a frozen `W` that `gather` produces (ZeRO-3: all-gathered from the ranks'
+/// shards), called once in forward and once more in backward, where the input gradient is
+/// `grad_y W`. Nothing is saved for backward (not `W`, not `x`), and the product is not
+/// recomputed. The output requires grad when `x` does. `gather` must stay valid for as long
+/// as the graph that uses the output ('static; capture shallow clones).
+pub fn regather_linear(x: &Tensor, bias: Option<&Tensor>, gather: impl Fn() -> Result<Tensor> + 'static) -> Result<Tensor> {
+    let boxed: Box<BlockFn> = Box::new(move |_: &[Tensor]| gather());
+    let ctx = Box::into_raw(Box::new(boxed)) as *mut c_void;
+    let bias = bias.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut c_void);
+    let mut err: *mut c_char = std::ptr::null_mut();
+    let out = unsafe { ft_regather_linear(call_block, ctx, drop_block, x.as_ptr() as *mut c_void, bias, &mut err) };
+    take_output(out, err, "re-gathered linear layer failed")
+}
+
+/// The tensor a C++ entry point returned, or its error message (freed here).
+fn take_output(out: *mut c_void, err: *mut c_char, fallback: &str) -> Result<Tensor> {
     if out.is_null() {
         let msg = if err.is_null() {
-            "activation checkpointing failed".to_string()
+            fallback.to_string()
         } else {
             let s = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
             unsafe { libc_free(err as *mut c_void) };
@@ -106,6 +133,35 @@ pub fn checkpoint(inputs: &[&Tensor], block: impl Fn(&[Tensor]) -> Result<Tensor
 mod tests {
     use super::*;
     use tch::{Device, Kind};
+
+    /// A re-gathered linear layer gives the plain product and input gradient, calls its
+    /// gather once in forward and once in backward, and lets gradients reach what comes before.
+    #[test]
+    fn regathered_linear_matches_the_plain_layer() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let w = Tensor::randn([5, 3], (Kind::Double, Device::Cpu));
+        let b = Tensor::randn([5], (Kind::Double, Device::Cpu));
+        let p = Tensor::randn([3], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let x0 = Tensor::randn([2, 4, 3], (Kind::Double, Device::Cpu));
+        let f = |y: &Tensor| y.tanh().sum(Kind::Double);
+        f(&(&x0 * &p).linear(&w, Some(&b))).backward();
+        let expected = p.grad().copy();
+        let _ = p.grad().zero_();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (wc, c) = (w.shallow_clone(), calls.clone());
+        let y = regather_linear(&(&x0 * &p), Some(&b), move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok(wc.copy())
+        })
+        .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let plain = (&x0 * &p).linear(&w, Some(&b));
+        assert!(f64::try_from((&y - plain).abs().max()).unwrap() < 1e-12);
+        f(&y).backward();
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "backward gathers again");
+        assert!(f64::try_from((p.grad() - expected).abs().max()).unwrap() < 1e-12);
+    }
 
     /// Gradients through a checkpointed block equal those of the plain computation, for the
     /// input and for a parameter captured by the block.

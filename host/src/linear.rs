@@ -15,7 +15,7 @@
 //! the rank keeps 1/world of the flattened (padded) weight and each forward all-gathers the
 //! whole weight through the run's process group, uses it and drops it. `x Wᵀ` would save the
 //! gathered `W` for the input gradient until the layer's backward, so when the input requires
-//! grad the product runs as a checkpointed block that gathers `W` again in backward
+//! grad the product runs as an autograd function that gathers `W` again in backward
 //! ([`ShardedBase`]): a rank holds one gathered weight at a time, forward or backward.
 use std::sync::Arc;
 
@@ -194,9 +194,9 @@ impl WeightShard {
 /// A sharded base as adapters see it during a forward pass (ZeRO stage 3). Its `forward`
 /// gathers the weight for the product and lets it go: in a forward that records gradients,
 /// autograd would keep the gathered weight until this layer's backward (`x Wᵀ` saves `W` for
-/// the input gradient), so the product then runs as a checkpointed block
-/// ([`crate::checkpoint`]) that keeps only `x` and gathers `W` again in backward, as
-/// DeepSpeed's stage 3 re-fetches parameters for backward. A rank thus holds at most one
+/// the input gradient), so the product then runs as a C++ autograd function
+/// ([`crate::checkpoint::regather_linear`]) that saves nothing and gathers `W` again in
+/// backward for `grad_y W`, as DeepSpeed's stage 3 re-fetches parameters for backward. A rank thus holds at most one
 /// gathered layer weight at a time, and every rank makes the same gathers in the same order.
 /// `weight()` (DoRA's norm) gathers too, and what an adapter builds from it is the adapter's.
 struct ShardedBase<'a> {
@@ -206,22 +206,20 @@ struct ShardedBase<'a> {
 
 impl ShardedBase<'_> {
     fn linear(&self, x: &Tensor) -> Result<Tensor> {
-        let (shard, shape, bias) = (self.shard.share(), self.base.weight.size(), self.base.bias.as_ref().map(Tensor::shallow_clone));
-        let name = self.base.name.clone();
-        let run = move |x: &Tensor| -> Result<Tensor> {
-            let w = shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{name}`"))?;
-            Ok(x.f_linear(&w, bias.as_ref()).with_context(|| format!("linear layer `{name}`"))?)
-        };
-        if crate::checkpoint::grad_enabled() {
-            // Every rank must gather in backward for every layer, whatever its data: an input
-            // that does not require grad (frozen embeddings on a rank whose batch has no
-            // image, while another's carries the trainable merger's output) becomes a leaf
-            // that does, so that no rank skips a backward gather the others make.
-            let x = if x.requires_grad() { x.shallow_clone() } else { x.f_detach()?.set_requires_grad(true) };
-            crate::checkpoint::checkpoint(&[&x], move |xs| run(&xs[0]))
-        } else {
-            run(x)
+        let shape = self.base.weight.size();
+        let context = || format!("linear layer `{}`", self.base.name);
+        if !crate::checkpoint::grad_enabled() {
+            let w = self.shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
+            return Ok(x.f_linear(&w, self.base.bias.as_ref()).with_context(context)?);
         }
+        // Every rank must gather in backward for every layer, whatever its data: an input that
+        // does not require grad (frozen embeddings on a rank whose batch has no image, while
+        // another's carries the trainable merger's output) becomes a leaf that does, so that
+        // no rank skips a backward gather the others make.
+        let x = if x.requires_grad() { x.shallow_clone() } else { x.f_detach()?.set_requires_grad(true) };
+        let (shard, name) = (self.shard.share(), self.base.name.clone());
+        let gather = move || shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{name}`"));
+        crate::checkpoint::regather_linear(&x, self.base.bias.as_ref(), gather).with_context(context)
     }
 }
 
