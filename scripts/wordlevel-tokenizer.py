@@ -1,13 +1,18 @@
 """A word-level tokenizer of exactly N tokens (`t0` … `t{N-2}` and `<|endoftext|>`), for
 benchmark models whose ids are synthetic: `python scripts/wordlevel-tokenizer.py OUT N [--chat]`.
-With --chat the tokenizer gets a plain chat template, so that text data sets can be used as
-well (every word is then `<|endoftext|>`: only lengths matter, as in the memory benchmark)."""
-import json, os, sys
-from tokenizers import Tokenizer, models, pre_tokenizers
+With --chat it reads text as well: every printable ASCII character and the newline is a
+token of its own (the first ids; `t…` fill the rest), anything else is `<unk>`, and the
+tokenizer gets a plain chat template, so that text data sets train on real ids (the memory
+benchmark's launched runs)."""
+import json, os, string, sys
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 out, n, chat = sys.argv[1], int(sys.argv[2]), "--chat" in sys.argv[3:]
-vocab = {f"t{i}": i for i in range(n - 1)} | {"<|endoftext|>": n - 1}
-tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-tok.pre_tokenizer = pre_tokenizers.Whitespace()
+words = (list(string.printable[:95]) + ["\n", "<unk>"]) if chat else []
+vocab = {w: i for i, w in enumerate(words)}
+vocab |= {f"t{i}": i for i in range(len(words), n - 1)} | {"<|endoftext|>": n - 1}
+assert len(vocab) == n, (len(vocab), n)
+tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>" if chat else "<|endoftext|>"))
+tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated") if chat else pre_tokenizers.Whitespace()
 tok.add_special_tokens(["<|endoftext|>"])
 os.makedirs(out, exist_ok=True)
 tok.save(os.path.join(out, "tokenizer.json"))
