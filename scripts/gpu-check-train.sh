@@ -9,8 +9,9 @@
 #   5. generate throughput on cuda, f32 and bf16, on the `small` preset
 #   6. c10d NCCL: `dist-check` (every collective through ProcessGroupNCCL on the one GPU; a
 #      launched world of one still uses the real group), a 2-rank Gloo dist-check on cpu, and
-#      a 1-rank `zero` stage 3 LoRA SFT with FERROTUNE_DIST_BACKEND=nccl (sharded weights
-#      all-gathered by NCCL); NCCL refuses two ranks on one GPU, hence --nproc 1
+#      a 1-rank `zero` stage 3 LoRA SFT with FERROTUNE_DIST_BACKEND=nccl (the stage's gradient
+#      reduce-scatter and parameter all-gather of CUDA tensors through NCCL; a world of one
+#      keeps the frozen weights whole); NCCL refuses two ranks on one GPU, hence --nproc 1
 #   7. activation checkpointing with LoRA dropout on the device: losses and grad norms equal
 #      to the run without it (the recompute replays the CUDA generator's dropout masks)
 set -uo pipefail
