@@ -202,13 +202,14 @@ pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
     anyhow::ensure!(opts.batch >= 1 && opts.seq_len >= 2 && opts.steps >= 1, "bench train needs batch ≥ 1, seq_len ≥ 2 and steps ≥ 1");
     let base_rss = proc_status_kib("VmRSS");
     tch::manual_seed(opts.seed as i64);
-    let mut model = CausalLM::load(dir, device, dtype)?;
-    model.set_gradient_checkpointing(opts.gradient_checkpointing);
-    let tokenizer = Tokenizer::from_dir(dir)?;
     let lora = serde_json::json!({
         "r": opts.rank, "lora_alpha": opts.alpha, "lora_dropout": 0.0, "target_modules": "all-linear",
     });
     let method = registry.adapter("lora", &lora.to_string())?;
+    // As `train` loads: a QLoRA run quantizes each target layer as it is read.
+    let mut model = crate::quant::load_for_adapter(dir, device, dtype, opts.quantization.as_ref(), registry, &method, &mut |_| Ok(()))?;
+    model.set_gradient_checkpointing(opts.gradient_checkpointing);
+    let tokenizer = Tokenizer::from_dir(dir)?;
     let (_, quantized) = crate::quant::attach_quantized(&mut model, "default", Box::new(method), opts.quantization.as_ref(), registry)?;
     let params = model.trainable_parameters()?;
     let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();

@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
 use crate::adapters::{AttachReport, CAP_INIT_REWRITES_BASE};
+use crate::linear::FrozenLinear;
 use crate::model::CausalLM;
 use crate::plugins::Registry;
 
@@ -93,11 +94,15 @@ fn quantize_layers(model: &mut CausalLM, cfg: &QuantizationConfig, registry: &Re
         if lin.quantized.is_some() || cfg.skips(&name) || !select(&name)? {
             continue;
         }
-        // A ZeRO-3 shard is gathered first: the packed weight stays whole on every rank.
-        lin.unshard()?;
-        record.packed_bytes += lin.base_mut().quantize_with(quantizer.as_ref())?;
-        record.bf16_bytes += 2 * lin.weight.numel() as u64;
-        record.modules.push(name);
+        quantize_one(lin, quantizer.as_ref())?;
+    }
+    // The record covers every quantized layer, those quantized while loading included.
+    for (name, lin) in model.linears() {
+        if let Some(q) = &lin.quantized {
+            record.packed_bytes += q.storage_bytes().with_context(|| format!("size of quantized `{name}`"))?;
+            record.bf16_bytes += 2 * lin.weight.numel() as u64;
+            record.modules.push(name.to_string());
+        }
     }
     if record.modules.is_empty() {
         bail!(
@@ -113,6 +118,63 @@ fn quantize_layers(model: &mut CausalLM, cfg: &QuantizationConfig, registry: &Re
         record.ratio_to_bf16()
     );
     Ok(record)
+}
+
+/// Stores one layer's base with `quantizer` (a ZeRO-3 shard is gathered first: the packed
+/// weight stays whole on every rank).
+fn quantize_one(lin: &mut FrozenLinear, quantizer: &dyn Quantizer) -> Result<()> {
+    lin.unshard()?;
+    lin.base_mut().quantize_with(quantizer)?;
+    Ok(())
+}
+
+/// Quantization while the model loads (`CausalLM::load_with`): the returned hook quantizes
+/// each layer that [`attach_quantized`] would quantize before attaching `method` (its targets
+/// that `cfg` does not skip) as soon as the layer is read, and says whether it did, so that
+/// loading never holds more than the packed layers plus one dense one. `None` without `cfg`,
+/// or when `method`'s initialisation rewrites the base (PiSSA, OLoRA, LoftQ), which must see
+/// the full-precision weight: those layers are quantized after the attach, as before.
+pub fn quantize_while_loading<'a>(
+    cfg: Option<&QuantizationConfig>,
+    registry: &Registry,
+    method: &'a dyn AdapterMethod,
+) -> Result<Option<impl FnMut(&mut FrozenLinear) -> Result<bool> + 'a>> {
+    let Some(cfg) = cfg else { return Ok(None) };
+    if method.capabilities().iter().any(|c| c == CAP_INIT_REWRITES_BASE) {
+        return Ok(None);
+    }
+    let quantizer = cfg.quantizer(registry)?;
+    let cfg = cfg.clone();
+    Ok(Some(move |lin: &mut FrozenLinear| -> Result<bool> {
+        if lin.quantized.is_some() || cfg.skips(&lin.name) || !method.targets(&lin.name)? {
+            return Ok(false);
+        }
+        quantize_one(lin, quantizer.as_ref())?;
+        Ok(true)
+    }))
+}
+
+/// [`CausalLM::load_with`] for a run that attaches `method` with quantization `cfg`: each
+/// decoder linear layer is quantized as it is read when [`quantize_while_loading`] picks it,
+/// and handed to `other` otherwise (ZeRO-3 sharding, or nothing).
+pub fn load_for_adapter(
+    dir: &Path,
+    device: tch::Device,
+    dtype: Kind,
+    cfg: Option<&QuantizationConfig>,
+    registry: &Registry,
+    method: &dyn AdapterMethod,
+    other: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>,
+) -> Result<CausalLM> {
+    let mut quantize = quantize_while_loading(cfg, registry, method)?;
+    CausalLM::load_with(dir, device, dtype, &mut |lin| {
+        if let Some(quantize) = quantize.as_mut() {
+            if quantize(lin).with_context(|| format!("quantizing `{}`", lin.name))? {
+                return Ok(());
+            }
+        }
+        other(lin)
+    })
 }
 
 /// Attaches adapter `name` to `model` with the base weights of its targets quantized as `cfg`

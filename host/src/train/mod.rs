@@ -563,7 +563,10 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     let shard_params = capabilities.iter().any(|c| c == SHARD_FROZEN_PARAMS) && world > 1;
     let offload_params = capabilities.iter().any(|c| c == OFFLOAD_PARAMS_CPU);
     let shard_group: std::sync::Arc<dyn Collectives + Send + Sync> = group.clone();
-    let mut model = CausalLM::load_with(&cfg.model, device, dtype, &mut |lin| {
+    // QLoRA: the adapter's targets are quantized as they are read, too (see
+    // `quant::quantize_while_loading`); a quantized layer stays whole, the others are sharded.
+    let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
+    let mut model = crate::quant::load_for_adapter(&cfg.model, device, dtype, cfg.quantization.as_ref(), registry, &method, &mut |lin| {
         if shard_params {
             lin.shard_weight(shard_group.clone(), offload_params).with_context(|| format!("sharding `{}`", lin.name))?;
         }
@@ -571,7 +574,6 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     })?;
     model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
     let tokenizer = Tokenizer::from_dir(&cfg.model)?;
-    let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
     let (attach, quantized) = crate::quant::attach_quantized(&mut model, "default", Box::new(method), cfg.quantization.as_ref(), registry)?;
     tracing::info!("adapter `{}` on {} modules", cfg.adapter.plugin, attach.modules.len());
     if let Some(init) = &cfg.adapter_init {
