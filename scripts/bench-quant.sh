@@ -11,8 +11,8 @@
 # libtorch threads (default nproc).
 # Memory is measured with jemalloc returning freed pages at once (MALLOC_CONF below; the
 # binary's own setting keeps them for reuse), so that the RSS after set-up shows what the model
-# holds, not what loading it once took. `setup peak` includes loading the checkpoint (the
-# QLoRA run loads the bf16 weights before quantizing them layer by layer).
+# holds, not what loading it once took. `setup peak` includes loading the checkpoint (tensors
+# are read one at a time; the QLoRA run packs each target layer as soon as it is read).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LIBTORCH_USE_PYTORCH=1 PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
