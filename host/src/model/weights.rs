@@ -122,7 +122,9 @@ fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
             continue;
         }
         let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
-        let saved = saved_kind(dtype).ok_or_else(|| bad(format!("tensor `{key}` has dtype `{dtype}`, not a floating-point one")))?;
+        let Some(saved) = saved_kind(dtype) else {
+            bail!("tensor `{key}` in {} has dtype `{dtype}`; model weights must be floating point (F32, BF16, F16 or F64)", file.display());
+        };
         let shape: Option<Vec<i64>> = info.get("shape").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as i64)).collect());
         let shape = shape.ok_or_else(|| bad(format!("tensor `{key}` has no valid `shape`")))?;
         let offsets: Option<Vec<u64>> = info.get("data_offsets").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64()).collect());
