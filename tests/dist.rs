@@ -473,6 +473,51 @@ fn zero3_sharded_at_load_serves_adapters_that_read_the_base() {
     }
 }
 
+/// An untied `lm_head` is sharded under zero-3 too (the tied one is the embedding, which stays
+/// whole): 2 ranks equal one process, and rank 1 holds half of the decoder weights and of the
+/// head.
+#[test]
+fn zero3_shards_an_untied_lm_head() {
+    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    let f = fixture();
+    let model = f.work.join("model-untied");
+    if !model.join("config.json").is_file() {
+        let tok = f.model.to_str().unwrap();
+        let o = ferrotune(&["init-model", "--preset", "tiny", "--dtype", "f32", "--seed", "4", "--tie-embeddings", "false", "--tokenizer", tok, "--out", model.to_str().unwrap()]);
+        assert!(o.status.success(), "init-model: {}", stderr(&o));
+    }
+    const STEPS: usize = 4;
+    let run = |name: &str, nproc: usize, memory: &str| {
+        let cfg = config(f, name, 4 / nproc, memory, STEPS, None);
+        let yaml = std::fs::read_to_string(&cfg).unwrap().replace(&format!("model: {}", f.model.display()), &format!("model: {}", model.display()));
+        std::fs::write(&cfg, yaml).unwrap();
+        let o = if nproc == 1 { ferrotune(&["train", cfg.to_str().unwrap()]) } else { launch(nproc, &["train", cfg.to_str().unwrap()]) };
+        assert!(o.status.success(), "{name}:\n{}", stderr(&o));
+        (f.work.join(name), stderr(&o))
+    };
+    let (one, _) = run("untied-one", 1, "{plugin: single}");
+    let (two, err) = run("untied-z3", 2, "{plugin: zero, stage: 3}");
+    let (a, b) = (step_lines(&one), step_lines(&two));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs()).fold(0.0, f64::max);
+    let adapter_diff = max_adapter_diff(&one, &two);
+    let report = memory_report(&err, 1, 2);
+    // Every frozen tensor whole, less half of each sharded weight (padding: one element each).
+    let (mut all, mut sharded, mut layers) = (0u64, 0u64, 0u64);
+    for (k, t) in Tensor::read_safetensors(model.join("model.safetensors")).unwrap() {
+        let bytes = (t.numel() * 4) as u64;
+        all += bytes;
+        if (k.contains(".layers.") && k.contains("_proj.") && k.ends_with(".weight")) || k == "lm_head.weight" {
+            sharded += bytes;
+            layers += 1;
+        }
+    }
+    let held = report["frozen"].as_u64().unwrap();
+    let expected = all - sharded / 2;
+    println!("untied lm_head under zero-3: max |loss - one process| {worst:.2e}, adapter {adapter_diff:.2e}; rank 1 holds {held} frozen bytes of {all} (expected {expected})");
+    assert!(worst <= 1e-5 && adapter_diff <= 1e-5, "losses differ by {worst}, adapters by {adapter_diff}");
+    assert!(held >= expected && held <= expected + 4 * layers, "rank 1 holds {held} frozen bytes, expected {expected}");
+}
+
 /// `rank r of 2: optimizer state N bytes`, which every rank of a launched run prints at the end.
 fn state_bytes_of(stderr: &str, rank: usize) -> u64 {
     let key = format!("rank {rank} of 2: optimizer state ");

@@ -474,14 +474,15 @@ impl CausalLM {
     }
 
     /// [`CausalLM::load`], handing each decoder-layer linear layer (q, k, v, o, gate, up,
-    /// down; not `lm_head` or a vision tower's) to `on_decoder_linear` as soon as it is built,
-    /// before the next layer is read: ZeRO stage 3 shards the weight there, so a rank never
-    /// holds more than its shards plus one layer's weights.
-    pub fn load_with(dir: &Path, device: Device, dtype: Kind, on_decoder_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>) -> Result<Self> {
+    /// down) and an untied `lm_head` (not a tied one, which is the embedding, nor a vision
+    /// tower's layers) to `on_linear` as soon as it is built, before the next layer is read:
+    /// ZeRO stage 3 shards the weight there and QLoRA packs it, so loading never holds more
+    /// than what those keep plus one layer's weights.
+    pub fn load_with(dir: &Path, device: Device, dtype: Kind, on_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
         let vl = Qwen2VLConfig::from_dir(dir, config.hidden_size)?;
         let mut weights = Weights::load(dir, device, dtype)?;
-        let mut model = Self::build(config, vl, &mut weights, device, dtype, on_decoder_linear)?;
+        let mut model = Self::build(config, vl, &mut weights, device, dtype, on_linear)?;
         model.source_dir = Some(dir.to_path_buf());
         let unused = weights.remaining();
         if !unused.is_empty() {
@@ -522,7 +523,7 @@ impl CausalLM {
         w: &mut Weights,
         device: Device,
         dtype: Kind,
-        on_decoder_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>,
+        on_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>,
     ) -> Result<Self> {
         let is_vl = config.architecture() == Architecture::Qwen2VL;
         let vision = match (is_vl, vl) {
@@ -541,7 +542,7 @@ impl CausalLM {
         for l in 0..config.num_hidden_layers {
             let mut layer = DecoderLayer::new(&config, w, &prefix, l)?;
             for lin in layer.linears_mut() {
-                on_decoder_linear(lin)?;
+                on_linear(lin)?;
             }
             layers.push(layer);
         }
@@ -551,7 +552,9 @@ impl CausalLM {
             w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
             FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
         } else {
-            linear(w, "lm_head", vocab, hidden, false, "vocab_size, hidden_size (tie_word_embeddings is false)")?
+            let mut head = linear(w, "lm_head", vocab, hidden, false, "vocab_size, hidden_size (tie_word_embeddings is false)")?;
+            on_linear(&mut head)?;
+            head
         };
         let rotary = RotaryEmbedding::new(&config, device)?;
         Ok(Self {

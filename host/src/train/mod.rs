@@ -499,27 +499,35 @@ fn check_shardable(layout: Layout, samples: usize, micro: usize, world: usize, p
     Ok(())
 }
 
-/// Shards the frozen weight of every decoder linear layer (q, k, v, o, gate, up, down of each
-/// layer; not the embedding, `lm_head` or a vision tower) over the ranks of `group`.
-fn shard_decoder_weights(model: &mut CausalLM, group: std::sync::Arc<Group>, offload: bool) -> Result<()> {
-    let prefix = format!("{}.layers.", model.decoder_path());
+/// The linear layers ZeRO stage 3 shards: every decoder linear layer (q, k, v, o, gate, up,
+/// down of each layer) and an untied `lm_head`; not a tied `lm_head` (the embedding, which
+/// stays whole) or a vision tower.
+fn shardable(model: &CausalLM, name: &str) -> bool {
+    name.starts_with(&format!("{}.layers.", model.decoder_path())) || (name == "lm_head" && !model.lm_head_is_tied())
+}
+
+/// Shards the frozen weight of every [`shardable`] layer over the ranks of `group` (those
+/// already sharded while loading are left as they are).
+fn shard_frozen_weights(model: &mut CausalLM, group: std::sync::Arc<Group>, offload: bool) -> Result<()> {
     let group: std::sync::Arc<dyn Collectives + Send + Sync> = group;
-    for lin in model.linears_mut().into_iter().filter(|l| l.name.starts_with(&prefix)) {
+    let names: Vec<String> = model.linears().into_iter().map(|(n, _)| n.to_string()).filter(|n| shardable(model, n)).collect();
+    for lin in model.linears_mut().into_iter().filter(|l| names.contains(&l.name)) {
         lin.shard_weight(group.clone(), offload).with_context(|| format!("sharding `{}`", lin.name))?;
     }
     Ok(())
 }
 
 /// Bytes of frozen weights this rank holds: all of them, and those of the decoder's linear
-/// layers (what ZeRO stage 3 shards).
+/// layers (most of what ZeRO stage 3 shards).
 fn frozen_resident_bytes(model: &CausalLM) -> (usize, usize) {
     let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
     let prefix = format!("{}.layers.", model.decoder_path());
-    let decoder: Vec<_> = model.linears().into_iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, l)| l).collect();
+    let linears: Vec<_> = model.linears().into_iter().filter(|(n, _)| shardable(model, n)).collect();
     let listed: usize = model.named_weights().iter().filter(|(_, t)| !t.requires_grad()).map(|(_, t)| bytes(t)).sum();
-    let stand_ins: usize = decoder.iter().map(|l| bytes(&l.weight) + l.bias.as_ref().map(bytes).unwrap_or(0)).sum();
-    let resident: usize = decoder.iter().map(|l| l.resident_bytes()).sum();
-    ((listed + resident).saturating_sub(stand_ins), resident)
+    let stand_ins: usize = linears.iter().map(|(_, l)| bytes(&l.weight) + l.bias.as_ref().map(bytes).unwrap_or(0)).sum();
+    let resident: usize = linears.iter().map(|(_, l)| l.resident_bytes()).sum();
+    let decoder: usize = linears.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, l)| l.resident_bytes()).sum();
+    ((listed + resident).saturating_sub(stand_ins), decoder)
 }
 
 fn step_seed(seed: u64, step: usize) -> i64 {
@@ -679,7 +687,7 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     if shard_params {
         check_shardable(layout, train_set.len(), t.micro_batch_size, world, &cfg.memory.plugin)?;
         // Layers whose base was rewritten or quantized after loading: shard what is whole.
-        shard_decoder_weights(&mut model, group.clone(), offload_params)?;
+        shard_frozen_weights(&mut model, group.clone(), offload_params)?;
     }
 
     let mut step = 0usize;
