@@ -223,13 +223,18 @@ impl Weights {
         };
         let context = || format!("cannot load tensor `{key}` from {}", file.display());
         let f = std::fs::File::open(file).with_context(context)?;
-        let mut bytes = vec![0u8; (end - begin) as usize];
-        f.read_exact_at(&mut bytes, begin).with_context(context)?;
-        let t = Tensor::f_from_data_size(&bytes, &shape, saved)
-            .and_then(|t| t.f_to_device(self.device))
-            .and_then(|t| t.f_to_kind(self.dtype))
-            .with_context(context)?;
-        Ok(t)
+        // Read straight into the tensor's storage: no second copy of the bytes, which for the
+        // largest tensor (the embedding) would add its size to the loading peak.
+        let t = Tensor::f_empty(&shape, (saved, Device::Cpu)).with_context(context)?;
+        let len = (end - begin) as usize;
+        if len > 0 {
+            anyhow::ensure!(t.numel() * saved.elt_size_in_bytes() == len, "tensor `{key}`: {len} bytes for shape {shape:?} of {saved:?}");
+            // SAFETY: `t` is a new contiguous CPU tensor of exactly `len` bytes (checked just
+            // above), not shared with anything yet; every byte is written before it is read.
+            let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) };
+            f.read_exact_at(buf, begin).with_context(context)?;
+        }
+        Ok(t.f_to_device(self.device).and_then(|t| t.f_to_kind(self.dtype)).with_context(context)?)
     }
 
     /// Takes `key` when present (optional tensors such as an untied lm_head kept by a tied model).
