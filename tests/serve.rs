@@ -342,7 +342,9 @@ fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
     serving();
     let (code, v) = req("/v1/load_lora_adapter", json!({"lora_name": "bad", "lora_path": "misshaped"}));
     assert_eq!(code, 400, "{v}");
-    assert!(error(&v).contains("mis-shaped") && error(&v).contains("[5, 64]"), "{v}");
+    // The fixture's rank-5 lora_A is whichever the file listed first (q_proj's is [5, 64],
+    // down_proj's [5, 176]): the message names it with its shape.
+    assert!(error(&v).contains("1 mis-shaped key(s)") && error(&v).contains("lora_A.weight` is [5, "), "{v}");
     serving();
     let (code, v) = req("/v1/adapters", json!({"name": "bad", "path": "."}));
     assert_eq!(code, 400, "{v}");
