@@ -73,6 +73,17 @@ pub fn state_kind(k: Kind) -> Kind {
     }
 }
 
+/// Zeroes the gradient of every tensor that has one (a memory plugin's `zero_grad`).
+pub fn zero_grads<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> PluginResult<()> {
+    for t in tensors {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.f_zero_()?;
+        }
+    }
+    Ok(())
+}
+
 /// Global L2 norm of the gradients, as `clip_grad_norm_`: the norm of the per-tensor norms.
 /// `None` when no parameter has a gradient.
 pub fn global_norm(grads: &[Option<Tensor>]) -> PluginResult<Option<Tensor>> {

@@ -35,6 +35,7 @@ use crate::linear::LinearMode;
 use crate::model::{CausalLM, KvCache, VisionInputs};
 use crate::pipeline::{SamplingChoice, TextGenerator};
 use crate::plugins::Registry;
+use crate::rng::SplitMix64;
 
 /// Counters the engine keeps and `/health` shows.
 #[derive(Debug, Default)]
@@ -197,14 +198,14 @@ pub struct Engine {
     pub stats: Arc<EngineStats>,
 }
 
-/// One row's random numbers (SplitMix64): a request's draws depend on its seed and its step
-/// alone, never on the other rows of the batch or on libtorch's global generator.
+/// One row's random numbers ([`SplitMix64`]): a request's draws depend on its seed and its
+/// step alone, never on the other rows of the batch or on libtorch's global generator.
 #[derive(Debug, Clone)]
-pub struct RowRng(u64);
+pub struct RowRng(SplitMix64);
 
 impl RowRng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(SplitMix64(seed))
     }
 
     /// A generator with a seed nobody chose (a request without `seed`).
@@ -212,20 +213,12 @@ impl RowRng {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-        Self(h.finish())
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        Self::new(h.finish())
     }
 
     /// Uniform in (0, 1].
     pub fn next_unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
 }
 

@@ -444,13 +444,7 @@ impl MemoryStrategy for Sharded {
     }
 
     fn zero_grad(&mut self) -> PluginResult<()> {
-        for s in &self.slots {
-            let mut g = s.param.tensor.grad();
-            if g.defined() {
-                let _ = g.f_zero_()?;
-            }
-        }
-        Ok(())
+        ferrotune_plugin_api::optim::zero_grads(self.slots.iter().map(|s| &s.param.tensor))
     }
 
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {

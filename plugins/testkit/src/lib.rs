@@ -388,13 +388,7 @@ impl MemoryStrategy for Sgd {
         Ok(StepReport { grad_norm: norm, skipped: false, metrics: vec![("clip_coef".into(), clip_coef)] })
     }
     fn zero_grad(&mut self) -> PluginResult<()> {
-        for p in &self.params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.f_zero_()?;
-            }
-        }
-        Ok(())
+        ferrotune_plugin_api::optim::zero_grads(self.params.iter().map(|p| &p.tensor))
     }
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
         Ok(Vec::new()) // SGD without momentum has no state.
