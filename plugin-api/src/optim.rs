@@ -1,9 +1,13 @@
 //! AdamW as `torch.optim.AdamW` (`foreach=False, fused=False`), shared by the memory plugins
-//! (`single`, `ddp`, `zero`): the config of the run's `optimizer:` section, the per-parameter
-//! update and `clip_grad_norm_`'s global norm. See the `single` plugin for the formulas.
+//! (`single`, `ddp`, `zero`): the config of the run's `optimizer:` section, the checks of the
+//! parameters at setup, the per-parameter update, `clip_grad_norm_`'s global norm and the
+//! step that clips the gradients and updates every parameter. See the `single` plugin for
+//! the formulas.
 use serde::Deserialize;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use crate::kinds::memory::StepReport;
+use crate::kinds::TrainParam;
 use crate::{parse_config, PluginError, PluginResult};
 
 /// The run's `optimizer:` section.
@@ -62,6 +66,31 @@ impl AdamWConfig {
         }
         Ok(cfg)
     }
+}
+
+/// What a memory plugin's `setup` checks of its parameters, each in turn: its name not
+/// listed before, a floating-point tensor on the run's `device` (`device_hint` ends that
+/// error), `lr_scale` and `weight_decay_scale` finite and ≥ 0.
+pub fn check_params(params: &[TrainParam], device: Device, device_hint: &str) -> PluginResult<()> {
+    let mut seen = std::collections::HashSet::new();
+    for p in params {
+        let t = &p.tensor;
+        if !seen.insert(p.name.clone()) {
+            return Err(PluginError::invalid(format!("parameter `{}` is listed twice", p.name)));
+        }
+        if !t.is_floating_point() {
+            return Err(PluginError::invalid(format!("parameter `{}` is {:?}, not floating point", p.name, t.kind())));
+        }
+        if t.device() != device {
+            return Err(PluginError::invalid(format!("parameter `{}` is on {:?}, the run's device is {device:?}{device_hint}", p.name, t.device())));
+        }
+        for (key, v) in [("lr_scale", p.lr_scale), ("weight_decay_scale", p.weight_decay_scale)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(PluginError::invalid(format!("parameter `{}`: {key} must be finite and ≥ 0, got {v}", p.name)));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The dtype optimizer state is kept in for a parameter of kind `k`: fp32, fp64 for fp64.
@@ -169,4 +198,47 @@ pub fn adamw_update(
         param.shallow_clone().f_copy_(&work)?;
     }
     Ok(())
+}
+
+/// One parameter's part in an [`adamw_step`]: the parameter, its AdamW moments and its
+/// gradient (reduced over the ranks as the plugin does it; any dtype and device).
+pub struct AdamWParam<'a> {
+    pub param: &'a TrainParam,
+    pub moments: AdamWMoments<'a>,
+    pub grad: &'a Tensor,
+}
+
+/// A memory plugin's optimizer step once its gradients are reduced, `total_norm` being their
+/// global L2 norm ([`global_norm`]). A non-finite norm skips the step: the report says
+/// `skipped`, the step counter `step` stays and nothing is updated. Otherwise, without
+/// autograd: the clipping coefficient ([`clip_coef_for`], logged in the report's metrics),
+/// `step` advanced by one, then for each of `params` its gradient copied to its state's
+/// device and dtype, multiplied by the coefficient, and the [`adamw_update`]. Zeroing the
+/// gradients, after either outcome, is the caller's.
+pub fn adamw_step<'a>(
+    cfg: &AdamWConfig,
+    total_norm: &Tensor,
+    lr: f64,
+    step: &mut i64,
+    params: impl IntoIterator<Item = AdamWParam<'a>>,
+) -> PluginResult<StepReport> {
+    let grad_norm = total_norm.f_double_value(&[])?;
+    if !grad_norm.is_finite() {
+        return Ok(StepReport { grad_norm, skipped: true, metrics: vec![] });
+    }
+    let mut metrics = Vec::new();
+    tch::no_grad(|| -> PluginResult<()> {
+        // clip_grad_norm_'s coefficient, as torch computes it (see `clip_coef`).
+        let coef = clip_coef_for(total_norm, cfg.max_grad_norm, &mut metrics)?;
+        *step += 1;
+        for AdamWParam { param, moments, grad } in params {
+            let mut g = grad.f_to_device(moments.exp_avg.device())?.f_to_kind(moments.exp_avg.kind())?;
+            if let Some(coef) = &coef {
+                g = g.f_mul(&coef.f_to_device(g.device())?.f_to_kind(g.kind())?)?;
+            }
+            adamw_update(cfg, &param.tensor, param.lr_scale, param.weight_decay_scale, moments, &g, lr, *step)?;
+        }
+        Ok(())
+    })?;
+    Ok(StepReport { grad_norm, skipped: false, metrics })
 }

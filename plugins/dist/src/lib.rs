@@ -35,7 +35,7 @@
 //! State dict: `step` and, for each parameter this rank keeps state for,
 //! `<param>.exp_avg`, `<param>.exp_avg_sq` (`<param>.max_exp_avg_sq` with amsgrad): a sharded
 //! checkpoint is one such file per rank, loadable with the same world size.
-use ferrotune_plugin_api::optim::{adamw_update, clip_coef_for, global_norm, state_kind, AdamWConfig, AdamWMoments};
+use ferrotune_plugin_api::optim::{adamw_step, check_params, global_norm, state_kind, AdamWConfig, AdamWMoments, AdamWParam};
 use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
@@ -328,24 +328,7 @@ impl Sharded {
 impl MemoryStrategy for Sharded {
     fn setup(&mut self, params: Vec<TrainParam>, optimizer_json: &str, device: Device, comm: &dyn Collectives) -> PluginResult<()> {
         let cfg = AdamWConfig::parse(optimizer_json)?;
-        let mut seen = std::collections::HashSet::new();
-        for p in &params {
-            let t = &p.tensor;
-            if !seen.insert(p.name.clone()) {
-                return Err(PluginError::invalid(format!("parameter `{}` is listed twice", p.name)));
-            }
-            if !t.is_floating_point() {
-                return Err(PluginError::invalid(format!("parameter `{}` is {:?}, not floating point", p.name, t.kind())));
-            }
-            if t.device() != device {
-                return Err(PluginError::invalid(format!("parameter `{}` is on {:?}, the run's device is {device:?}", p.name, t.device())));
-            }
-            for (key, v) in [("lr_scale", p.lr_scale), ("weight_decay_scale", p.weight_decay_scale)] {
-                if !(v >= 0.0 && v.is_finite()) {
-                    return Err(PluginError::invalid(format!("parameter `{}`: {key} must be finite and ≥ 0, got {v}", p.name)));
-                }
-            }
-        }
+        check_params(&params, device, "")?;
         if params.is_empty() {
             return Err(PluginError::invalid(format!("the `{}` memory plugin got no trainable parameters", self.name)));
         }
@@ -412,35 +395,24 @@ impl MemoryStrategy for Sharded {
                 Ok((mine, norm))
             }
         })?;
-        let grad_norm = total_norm.f_double_value(&[])?;
-        if !grad_norm.is_finite() {
+        // This rank updates the parameters it has a gradient and state for.
+        let params = self.slots.iter_mut().zip(&mine).filter_map(|(slot, grad)| {
+            let (Some(grad), Some([a, b, c])) = (grad, slot.state.as_mut()) else { return None };
+            let (Some(exp_avg), Some(exp_avg_sq)) = (a.as_mut(), b.as_mut()) else { return None };
+            let moments = AdamWMoments { exp_avg, exp_avg_sq, max_exp_avg_sq: c.as_mut() };
+            Some(AdamWParam { param: &slot.param, moments, grad })
+        });
+        let mut report = adamw_step(&self.cfg, &total_norm, lr, &mut self.step, params)?;
+        if report.skipped {
             self.zero_grad()?;
-            return Ok(StepReport { grad_norm, skipped: true, metrics: vec![] });
+            return Ok(report);
         }
-        let mut metrics = Vec::new();
-        tch::no_grad(|| -> PluginResult<()> {
-            let coef = clip_coef_for(&total_norm, self.cfg.max_grad_norm, &mut metrics)?;
-            self.step += 1;
-            let step = self.step;
-            for (slot, grad) in self.slots.iter_mut().zip(&mine) {
-                let (Some(grad), Some(state)) = (grad, slot.state.as_mut()) else { continue };
-                let [a, b, c] = state;
-                let (Some(exp_avg), Some(exp_avg_sq)) = (a.as_mut(), b.as_mut()) else { continue };
-                let mut g = grad.f_to_device(exp_avg.device())?.f_to_kind(exp_avg.kind())?;
-                if let Some(coef) = &coef {
-                    g = g.f_mul(&coef.f_to_device(g.device())?.f_to_kind(g.kind())?)?;
-                }
-                let moments = AdamWMoments { exp_avg, exp_avg_sq, max_exp_avg_sq: c.as_mut() };
-                adamw_update(&self.cfg, &slot.param.tensor, slot.param.lr_scale, slot.param.weight_decay_scale, moments, &g, lr, step)?;
-            }
-            Ok(())
-        })?;
         if matches!(self.mode, Mode::Zero(_)) && self.world > 1 {
             self.gather_params(comm)?;
         }
         self.zero_grad()?;
-        metrics.push(("optimizer_state_bytes".into(), self.state_bytes() as f64));
-        Ok(StepReport { grad_norm, skipped: false, metrics })
+        report.metrics.push(("optimizer_state_bytes".into(), self.state_bytes() as f64));
+        Ok(report)
     }
 
     fn zero_grad(&mut self) -> PluginResult<()> {

@@ -27,7 +27,7 @@ use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
 pub use ferrotune_plugin_api::optim::AdamWConfig;
-use ferrotune_plugin_api::optim::{adamw_update, clip_coef_for, global_norm, state_kind, AdamWMoments};
+use ferrotune_plugin_api::optim::{adamw_step, check_params, global_norm, state_kind, AdamWMoments, AdamWParam};
 
 /// One trainable parameter and its AdamW state.
 struct Slot {
@@ -104,40 +104,16 @@ impl Single {
             Err(PluginError::invalid("the `single` memory plugin was not set up: call setup first"))
         }
     }
-
-    /// The AdamW update of one parameter with (clipped) gradient `grad` in the state dtype.
-    fn update(cfg: &AdamWConfig, slot: &mut Slot, grad: &Tensor, lr: f64, step: i64) -> PluginResult<()> {
-        let moments = AdamWMoments { exp_avg: &mut slot.exp_avg, exp_avg_sq: &mut slot.exp_avg_sq, max_exp_avg_sq: slot.max_exp_avg_sq.as_mut() };
-        adamw_update(cfg, &slot.param.tensor, slot.param.lr_scale, slot.param.weight_decay_scale, moments, grad, lr, step)
-    }
 }
 
 impl MemoryStrategy for Single {
     fn setup(&mut self, params: Vec<TrainParam>, optimizer_json: &str, device: Device, comm: &dyn Collectives) -> PluginResult<()> {
         single_rank(comm)?;
         let cfg = AdamWConfig::parse(optimizer_json)?;
-        let mut seen = std::collections::HashSet::new();
+        check_params(&params, device, ": the `single` plugin keeps everything on one device")?;
         let mut slots = Vec::with_capacity(params.len());
         for p in params {
             let t = &p.tensor;
-            if !seen.insert(p.name.clone()) {
-                return Err(PluginError::invalid(format!("parameter `{}` is listed twice", p.name)));
-            }
-            if !t.is_floating_point() {
-                return Err(PluginError::invalid(format!("parameter `{}` is {:?}, not floating point", p.name, t.kind())));
-            }
-            if t.device() != device {
-                return Err(PluginError::invalid(format!(
-                    "parameter `{}` is on {:?}, the run's device is {device:?}: the `single` plugin keeps everything on one device",
-                    p.name,
-                    t.device()
-                )));
-            }
-            for (key, v) in [("lr_scale", p.lr_scale), ("weight_decay_scale", p.weight_decay_scale)] {
-                if !(v >= 0.0 && v.is_finite()) {
-                    return Err(PluginError::invalid(format!("parameter `{}`: {key} must be finite and ≥ 0, got {v}", p.name)));
-                }
-            }
             let zeros = || Tensor::f_zeros(t.size(), (state_kind(t.kind()), t.device()));
             slots.push(Slot {
                 exp_avg: zeros()?,
@@ -167,28 +143,15 @@ impl MemoryStrategy for Single {
         let Some(total_norm) = tch::no_grad(|| global_norm(&grads))? else {
             return Ok(StepReport { grad_norm: 0.0, skipped: true, metrics: vec![("no_gradients".into(), 1.0)] });
         };
-        let grad_norm = total_norm.f_double_value(&[])?;
-        if !grad_norm.is_finite() {
-            self.zero_grad()?;
-            return Ok(StepReport { grad_norm, skipped: true, metrics: vec![] });
-        }
-        let mut metrics = Vec::new();
-        tch::no_grad(|| -> PluginResult<()> {
-            // clip_grad_norm_'s coefficient, as torch computes it (see `optim::clip_coef`).
-            let clip_coef = clip_coef_for(&total_norm, self.cfg.max_grad_norm, &mut metrics)?;
-            self.step += 1;
-            for (slot, grad) in self.slots.iter_mut().zip(&grads) {
-                let Some(grad) = grad else { continue };
-                let mut grad = if grad.kind() == slot.exp_avg.kind() { grad.shallow_clone() } else { grad.f_to_kind(slot.exp_avg.kind())? };
-                if let Some(coef) = &clip_coef {
-                    let _ = grad.f_mul_(&coef.f_to_kind(grad.kind())?)?;
-                }
-                Self::update(&self.cfg, slot, &grad, lr, self.step)?;
-            }
-            Ok(())
-        })?;
+        // Parameters without a gradient at this step are left alone.
+        let params = self.slots.iter_mut().zip(&grads).filter_map(|(slot, grad)| {
+            let Slot { param, exp_avg, exp_avg_sq, max_exp_avg_sq } = slot;
+            let moments = AdamWMoments { exp_avg, exp_avg_sq, max_exp_avg_sq: max_exp_avg_sq.as_mut() };
+            Some(AdamWParam { param, moments, grad: grad.as_ref()? })
+        });
+        let report = adamw_step(&self.cfg, &total_norm, lr, &mut self.step, params)?;
         self.zero_grad()?;
-        Ok(StepReport { grad_norm, skipped: false, metrics })
+        Ok(report)
     }
 
     fn zero_grad(&mut self) -> PluginResult<()> {

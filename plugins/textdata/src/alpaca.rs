@@ -10,7 +10,8 @@ use ferrotune_plugin_api::{Message, PluginError, PluginResult, Sample};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::source::{bool_column, column, images_column, kind_of, str_column};
+use crate::columns::{check_pair_columns, pair_and_label, with_messages};
+use crate::source::{column, kind_of, str_column};
 
 /// `{"columns": {…}, "ranking": false, "skip_bad_rows": false}`.
 #[derive(Debug, Deserialize)]
@@ -75,11 +76,7 @@ impl AlpacaConfig {
             return Err(PluginError::config("columns.prompt", "`prompt` and `query` cannot both be null: the user turn needs one"));
         }
         if self.ranking {
-            for (key, col) in [("columns.chosen", &c.chosen), ("columns.rejected", &c.rejected)] {
-                if col.is_none() {
-                    return Err(PluginError::config(key, "`ranking: true` needs this column"));
-                }
-            }
+            check_pair_columns(&c.chosen, &c.rejected)?;
         } else if c.response.is_none() {
             return Err(PluginError::config("columns.response", "needs a column unless `ranking: true`"));
         }
@@ -122,27 +119,19 @@ impl AlpacaConfig {
         }
         messages.push(Message::new("user", parts.join("\n")));
 
-        let response = |col: &Option<String>| -> Result<Message, String> {
-            let name = col.as_deref().unwrap_or_default();
-            match str_column(row, col.as_deref())? {
+        let response = |col: Option<&str>| -> Result<Message, String> {
+            let name = col.unwrap_or_default();
+            match str_column(row, col)? {
                 None => Err(format!("column `{name}` is missing")),
                 Some("") => Err(format!("empty assistant turn (column `{name}`)")),
                 Some(text) => Ok(Message::new("assistant", text)),
             }
         };
-        let mut sample = Sample::default();
-        if self.ranking {
-            sample.chosen = Some(response(&c.chosen)?);
-            sample.rejected = Some(response(&c.rejected)?);
-        } else {
-            messages.push(response(&c.response)?);
+        if !self.ranking {
+            messages.push(response(c.response.as_deref())?);
         }
-        sample.label = bool_column(row, c.kto_tag.as_deref())?;
-        // The placeholders are in the prompt turns (a preference pair shares them).
-        let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-        sample.images = images_column(row, c.images.as_deref(), &texts)?;
-        sample.messages = messages;
-        Ok(sample)
+        let sample = pair_and_label(row, self.ranking, [c.chosen.as_deref(), c.rejected.as_deref()], c.kto_tag.as_deref(), response)?;
+        with_messages(row, c.images.as_deref(), sample, messages)
     }
 }
 

@@ -12,12 +12,14 @@
 //! * sharegpt (`sharegpt.rs`): alternating turns, observation → `tool`, function call →
 //!   `assistant`; `chosen`/`rejected` turn objects with `ranking`.
 //!
-//! Both: a boolean `kto_tag` → `Sample::label`; `images` → `Sample::images` paths as written.
+//! Both (`columns.rs`): a boolean `kto_tag` → `Sample::label`; `images` → `Sample::images`
+//! paths as written; `ranking` needs the `chosen` and `rejected` columns.
 //! Bad rows fail with file and line, or with `skip_bad_rows` are counted (`len()` counts the
 //! good rows; one summary line goes to stderr): see `source.rs`.
 use ferrotune_plugin_api::prelude::*;
 
 pub mod alpaca;
+pub mod columns;
 pub mod sharegpt;
 pub mod source;
 

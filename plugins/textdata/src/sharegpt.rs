@@ -13,7 +13,8 @@ use ferrotune_plugin_api::{Message, PluginError, PluginResult, Sample};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::source::{bool_column, column, images_column, kind_of, str_column};
+use crate::columns::{check_pair_columns, pair_and_label, with_messages};
+use crate::source::{column, kind_of, str_column};
 
 /// `{"columns": {…}, "tags": {…}, "ranking": false, "skip_bad_rows": false}`.
 #[derive(Debug, Deserialize)]
@@ -122,11 +123,7 @@ impl SharegptConfig {
             }
         }
         if self.ranking {
-            for (key, col) in [("columns.chosen", &self.columns.chosen), ("columns.rejected", &self.columns.rejected)] {
-                if col.is_none() {
-                    return Err(PluginError::config(key, "`ranking: true` needs this column"));
-                }
-            }
+            check_pair_columns(&self.columns.chosen, &self.columns.rejected)?;
         }
         Ok(())
     }
@@ -221,24 +218,19 @@ impl SharegptConfig {
             return Err(format!("column `{col}`: with `ranking`, the turns end with the prompt's {} turn", self.expected(false)));
         }
 
-        let mut sample = Sample::default();
-        if self.ranking {
-            let candidate = |name: &Option<String>| -> Result<Message, String> {
-                let name = name.as_deref().unwrap_or_default();
-                let v = column(row, Some(name)).ok_or_else(|| format!("column `{name}` is missing"))?;
-                let (tag, content) = self.turn(v, &format!("column `{name}`"))?;
-                let role = self
-                    .role_at(tag, true)
-                    .ok_or_else(|| format!("column `{name}`: role `{tag}` where {} was expected", self.expected(true)))?;
-                if content.is_empty() {
-                    return Err(format!("column `{name}`: empty assistant turn"));
-                }
-                Ok(Message::new(role, content))
-            };
-            sample.chosen = Some(candidate(&c.chosen)?);
-            sample.rejected = Some(candidate(&c.rejected)?);
-        }
-        sample.label = bool_column(row, c.kto_tag.as_deref())?;
+        let candidate = |name: Option<&str>| -> Result<Message, String> {
+            let name = name.unwrap_or_default();
+            let v = column(row, Some(name)).ok_or_else(|| format!("column `{name}` is missing"))?;
+            let (tag, content) = self.turn(v, &format!("column `{name}`"))?;
+            let role = self
+                .role_at(tag, true)
+                .ok_or_else(|| format!("column `{name}`: role `{tag}` where {} was expected", self.expected(true)))?;
+            if content.is_empty() {
+                return Err(format!("column `{name}`: empty assistant turn"));
+            }
+            Ok(Message::new(role, content))
+        };
+        let mut sample = pair_and_label(row, self.ranking, [c.chosen.as_deref(), c.rejected.as_deref()], c.kto_tag.as_deref(), candidate)?;
         if let Some(tools) = column(row, c.tools.as_deref()) {
             let name = c.tools.as_deref().unwrap_or_default();
             let value = match tools {
@@ -250,10 +242,7 @@ impl SharegptConfig {
                 sample.extra.insert("tools".into(), v);
             }
         }
-        let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-        sample.images = images_column(row, c.images.as_deref(), &texts)?;
-        sample.messages = messages;
-        Ok(sample)
+        with_messages(row, c.images.as_deref(), sample, messages)
     }
 }
 

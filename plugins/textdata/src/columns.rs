@@ -1,0 +1,45 @@
+//! The columns alpaca and sharegpt rows have in common, checked and read the same way by
+//! both: the `chosen` / `rejected` preference pair of `ranking`, the boolean `kto_tag` and
+//! the `images` column.
+use ferrotune_plugin_api::{Message, PluginError, PluginResult, Sample};
+use serde_json::{Map, Value};
+
+use crate::source::{bool_column, images_column};
+
+/// With `ranking: true`: `columns.chosen` and `columns.rejected` must name a column each.
+pub fn check_pair_columns(chosen: &Option<String>, rejected: &Option<String>) -> PluginResult<()> {
+    for (key, col) in [("columns.chosen", chosen), ("columns.rejected", rejected)] {
+        if col.is_none() {
+            return Err(PluginError::config(key, "`ranking: true` needs this column"));
+        }
+    }
+    Ok(())
+}
+
+/// A row's sample before its conversation: with `ranking`, the candidate responses that
+/// `candidate` reads from the `chosen` column, then the `rejected` one; the KTO tag of the
+/// `kto_tag` column as [`Sample::label`].
+pub fn pair_and_label(
+    row: &Map<String, Value>,
+    ranking: bool,
+    [chosen, rejected]: [Option<&str>; 2],
+    kto_tag: Option<&str>,
+    candidate: impl Fn(Option<&str>) -> Result<Message, String>,
+) -> Result<Sample, String> {
+    let mut sample = Sample::default();
+    if ranking {
+        sample.chosen = Some(candidate(chosen)?);
+        sample.rejected = Some(candidate(rejected)?);
+    }
+    sample.label = bool_column(row, kto_tag)?;
+    Ok(sample)
+}
+
+/// `sample` with its conversation `messages` and the paths of the `images` column, one per
+/// `<image>` placeholder in those turns (a preference pair shares the prompt's images).
+pub fn with_messages(row: &Map<String, Value>, images: Option<&str>, mut sample: Sample, messages: Vec<Message>) -> Result<Sample, String> {
+    let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+    sample.images = images_column(row, images, &texts)?;
+    sample.messages = messages;
+    Ok(sample)
+}
