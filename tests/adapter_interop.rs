@@ -16,11 +16,14 @@
 //! * PiSSA leaves the logits unchanged at initialisation, the tied lm_head included;
 //! * broken adapter directories are refused with an error naming the file, key or tensor, and
 //!   leave the model as it was.
+//!
 //! Every logits comparison: max |ours − theirs| ≤ 1e-5.
 //!
 //! Needs `cargo build -p ferrotune -p ferrotune-lora -p ferrotune-testkit` and the reference
 //! stack (`$PYTHON` or `.venv`: torch 2.11, transformers 5, peft 0.21); one
 //! Python run (`tests/python/adapter_reference.py`) serves every test of this file.
+use ferrotune::peft::PeftModel;
+use ferrotune::model::ForwardArgs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -82,32 +85,32 @@ fn lora_registry() -> Registry {
     registry()
 }
 
-fn load(dir: &Path) -> CausalLM {
-    CausalLM::load(dir, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+fn load(dir: &Path) -> PeftModel {
+    CausalLM::load(dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
 }
 
-fn attach(model: &mut CausalLM, registry: &Registry, config: &str) -> ferrotune::adapters::AttachReport {
+fn attach(model: &mut PeftModel, registry: &Registry, config: &str) -> ferrotune::peft::adapters::AttachReport {
     let method = registry.adapter("lora", config).unwrap_or_else(|e| panic!("{config}: {e}"));
     model.attach_adapter("default", Box::new(method)).unwrap_or_else(|e| panic!("{config}: {e:#}"))
 }
 
 /// Moves every adapter tensor away from its initial value (B = 0 would make the test trivial):
 /// A, B and the copies of `modules_to_save` by N(0, 0.1²), DoRA's magnitude by 1 + N(0, 0.2²).
-fn perturb(model: &mut CausalLM, seed: i64) {
+fn perturb(model: &mut PeftModel, seed: i64) {
     perturb_adapter(model, seed, 0.1);
 }
 
-fn logits(model: &CausalLM) -> Tensor {
-    tch::no_grad(|| model.forward(&ids(), None, None)).unwrap()
+fn logits(model: &PeftModel) -> Tensor {
+    tch::no_grad(|| model.forward(ForwardArgs::ids(&ids()))).unwrap()
 }
 
-fn disabled_logits(model: &CausalLM) -> Tensor {
-    tch::no_grad(|| model.forward_with(&ids(), None, None, model.mode(ForwardFlags::DISABLE_ADAPTER, false))).unwrap()
+fn disabled_logits(model: &PeftModel) -> Tensor {
+    tch::no_grad(|| model.forward(ForwardArgs::ids(&ids()).mode(model.mode(ForwardFlags::DISABLE_ADAPTER, false)))).unwrap()
 }
 
 /// The logits of `model`'s adapter with the copy saved under `key` put back to the original
 /// module's weight: how much that one copy matters.
-fn logits_without_copy(model: &mut CausalLM, key: &str) -> Tensor {
+fn logits_without_copy(model: &mut PeftModel, key: &str) -> Tensor {
     let original = match key {
         SAVED_HEAD => model.linears().last().unwrap().1.weight.copy(),
         SAVED_EMBED => model.embed_tokens().copy(),
@@ -122,7 +125,7 @@ fn logits_without_copy(model: &mut CausalLM, key: &str) -> Tensor {
 }
 
 /// Asserts that each copy in `keys` changes `model`'s logits by more than 1e-2.
-fn each_copy_matters(what: &str, model: &mut CausalLM, keys: &[&str]) {
+fn each_copy_matters(what: &str, model: &mut PeftModel, keys: &[&str]) {
     let with = logits(model);
     for key in keys {
         let d = max_abs_diff(&with, &logits_without_copy(model, key));
@@ -221,7 +224,7 @@ fn prepare() -> Fixture {
     perturb(&mut model, 200);
     model.save_peft_adapter(&ours_dir(&work, "generate")).unwrap();
 
-    for name in MERGED.iter().copied() {
+    for &name in MERGED {
         let out = work.join(format!("merged-{name}"));
         let o = ferrotune(&["merge", "--model", base.to_str().unwrap(), "--adapter", ours_dir(&work, name).to_str().unwrap(), "--out", out.to_str().unwrap()]);
         assert!(o.status.success(), "merge {name}: {}", stderr(&o));
@@ -324,7 +327,7 @@ fn we_load_adapter_directories_peft_wrote() {
 #[test]
 fn transformers_loads_our_merged_directories() {
     let f = fixture();
-    for name in MERGED.iter().copied() {
+    for &name in MERGED {
         let ours = read_logits(&f.work.join(format!("ours-{name}.logits.safetensors")));
         let theirs = read_logits(&f.work.join(format!("transformers-loads-{name}.logits.safetensors")));
         check(&format!("transformers on our merged {name}: logits vs unmerged"), &ours, &theirs);
@@ -415,7 +418,7 @@ fn pissa_keeps_the_function_at_init() {
     let mut model = load(&f.base);
     let before = logits(&model);
     let q = "model.layers.0.self_attn.q_proj";
-    let weight = |m: &CausalLM, name: &str| m.linears().into_iter().find(|(n, _)| *n == name).unwrap().1.weight.copy();
+    let weight = |m: &PeftModel, name: &str| m.linears().into_iter().find(|(n, _)| *n == name).unwrap().1.weight.copy();
     let q_before = weight(&model, q);
     let report = attach(&mut model, &registry, r#"{"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa", "target_modules": ["q_proj", "v_proj", "lm_head"]}"#);
     assert_eq!(report.rewritten_base.len(), 5);

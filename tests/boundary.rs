@@ -1,5 +1,5 @@
 //! Autograd across the boundary, with the built test-kit library really loaded.
-use ferrotune::linear::FrozenLinear;
+use ferrotune::model::linear::FrozenLinear;
 use ferrotune::selfcheck;
 use ferrotune_plugin_api::AdapterMethod;
 use ferrotune_tests::*;

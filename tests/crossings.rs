@@ -1,6 +1,6 @@
 //! 100,000 tensor crossings must not grow the process's memory (its own binary, so no
 //! other test disturbs the measurement).
-use ferrotune::linear::FrozenLinear;
+use ferrotune::model::linear::FrozenLinear;
 use ferrotune_plugin_api::AdapterMethod;
 use ferrotune_tests::*;
 use tch::{Device, Kind, Tensor};

@@ -32,7 +32,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use ferrotune::collectives::{ProcessGroup, RankEnv, HAS_C10D};
+use ferrotune::dist::collectives::{ProcessGroup, RankEnv, HAS_C10D};
 use ferrotune_plugin_api::{Collectives, ReduceOp};
 use ferrotune_tests::*;
 use serde_json::Value;
@@ -96,8 +96,8 @@ fn c10d_rank_worker() {
 
 #[test]
 fn c10d_collectives_two_ranks() {
-    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
-    let port = ferrotune::launch::free_port().unwrap().to_string();
+    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    let port = ferrotune::dist::launch::free_port().unwrap().to_string();
     let exe = std::env::current_exe().unwrap();
     let started = Instant::now();
     let children: Vec<_> = (0..2)
@@ -189,7 +189,7 @@ fn max_adapter_diff(a: &Path, b: &Path) -> f64 {
 
 #[test]
 fn ddp_and_zero_match_one_process() {
-    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
     let f = fixture();
     const STEPS: usize = 10;
     let one = train_one(f, "one", STEPS);
@@ -269,7 +269,7 @@ fn max_weights_diff(a: &Path, b: &Path) -> f64 {
 
 #[test]
 fn zero3_shards_frozen_weights_and_merges() {
-    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
     let f = fixture();
     const STEPS: usize = 6;
     let one = train_one(f, "z3-one", STEPS);
@@ -323,7 +323,7 @@ fn zero3_shards_frozen_weights_and_merges() {
 
 #[test]
 fn qwen2vl_ranks_without_images_in_their_batch() {
-    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
     let work = temp_dir("dist-vl");
     let tokenizer = repo_root().join("assets/qwen2-tokenizer");
     assert!(tokenizer.join("tokenizer.json").is_file(), "{} is missing: `make test` generates it", tokenizer.display());
@@ -426,7 +426,7 @@ fn config_with_adapter(f: &Fixture, name: &str, micro: usize, memory: &str, step
 /// Each gives the per-step losses and adapter of one process within 1e-5 on 2 ranks.
 #[test]
 fn zero3_sharded_at_load_serves_adapters_that_read_the_base() {
-    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
     let f = fixture();
     const STEPS: usize = 4;
     let lora = "plugin: lora, r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: all-linear";
@@ -478,7 +478,7 @@ fn zero3_sharded_at_load_serves_adapters_that_read_the_base() {
 /// head.
 #[test]
 fn zero3_shards_an_untied_lm_head() {
-    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
     let f = fixture();
     let model = f.work.join("model-untied");
     if !model.join("config.json").is_file() {
@@ -535,7 +535,7 @@ fn train_one(f: &Fixture, name: &str, steps: usize) -> PathBuf {
 
 #[test]
 fn killed_rank_stops_launch_and_resume_completes() {
-    assert!(HAS_C10D, "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
     let f = fixture();
     const STEPS: usize = 40;
     let memory = "{plugin: zero, stage: 2}";
@@ -597,4 +597,11 @@ fn killed_rank_stops_launch_and_resume_completes() {
     // Another world size cannot resume a sharded checkpoint.
     let o = ferrotune(&["train", cfg.to_str().unwrap(), "--resume", ck.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("same world size"), "{}", stderr(&o));
+}
+
+/// Fails the test with `why` on a build without the c10d layer (this build's constant).
+fn require_c10d(why: &str) {
+    if !HAS_C10D {
+        panic!("{why}");
+    }
 }

@@ -13,7 +13,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ferrotune::collectives::{HAS_C10D, HAS_NCCL};
+use ferrotune::dist::collectives::{HAS_C10D, HAS_NCCL};
 use ferrotune_tests::*;
 use serde_json::Value;
 

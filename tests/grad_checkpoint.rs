@@ -4,6 +4,8 @@
 //! prints the peak memory of a long-sequence step with and without it (lower with it).
 //!
 //! Needs `cargo build --workspace` (the CLI and the `lora` plugin); no Python.
+use ferrotune::peft::PeftModel;
+use ferrotune::model::ForwardArgs;
 use ferrotune::model::CausalLM;
 use ferrotune_plugin_api::ForwardFlags;
 use ferrotune_tests::*;
@@ -11,9 +13,9 @@ use tch::{Device, Kind, Tensor};
 
 const WORDS: usize = 40;
 
-fn loss_and_grads(model: &CausalLM, ids: &Tensor, mask: &Tensor) -> (f64, Vec<(String, Tensor)>) {
+fn loss_and_grads(model: &PeftModel, ids: &Tensor, mask: &Tensor) -> (f64, Vec<(String, Tensor)>) {
     tch::manual_seed(5);
-    let logits = model.forward_with(ids, Some(mask), None, model.mode(ForwardFlags::NONE, true)).unwrap();
+    let logits = model.forward(ForwardArgs::ids(ids).mask(Some(mask)).mode(model.mode(ForwardFlags::NONE, true))).unwrap();
     let v = logits.size()[2];
     let loss = logits.narrow(1, 0, ids.size()[1] - 1).reshape([-1, v]).cross_entropy_for_logits(&ids.narrow(1, 1, ids.size()[1] - 1).reshape([-1]));
     loss.backward();
@@ -37,7 +39,7 @@ fn same_loss_and_gradients_with_checkpointing() {
     write_chat_tokenizer(&work.join("tokenizer"), WORDS);
     let dir = work.join("model");
     init_tiny_model(&work.join("tokenizer"), &dir, 3);
-    let mut model = CausalLM::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let mut model = CausalLM::load(&dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap();
     let registry = registry();
     let method = registry.adapter("lora", r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.2, "target_modules": "all-linear"}"#).unwrap();
     model.attach_adapter("default", Box::new(method)).unwrap();
@@ -68,7 +70,7 @@ fn same_loss_and_gradients_with_checkpointing() {
     assert!(worst <= 1e-6, "{worst}");
     assert_eq!(nonzero, plain.len(), "every LoRA parameter gets a gradient");
     // Under no_grad (eval, generation) checkpointing is bypassed and the logits agree.
-    let eval = |m: &CausalLM| tch::no_grad(|| m.forward_with(&ids, Some(&mask), None, m.mode(ForwardFlags::NONE, false)).unwrap());
+    let eval = |m: &PeftModel| tch::no_grad(|| m.forward(ForwardArgs::ids(&ids).mask(Some(&mask)).mode(m.mode(ForwardFlags::NONE, false))).unwrap());
     let a = eval(&model);
     model.set_gradient_checkpointing(false);
     assert!(f64::try_from((a - eval(&model)).abs().max()).unwrap() == 0.0);

@@ -1,6 +1,6 @@
 //! Every plugin kind across the real boundary, against a computation done in the host,
 //! plus configuration errors and panics contained as error values.
-use ferrotune::collectives::SingleProcess;
+use ferrotune::dist::collectives::SingleProcess;
 use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
 use ferrotune_plugin_api::{
     Batch, DataSource, DatasetFormat, ErrorCode, ForwardFlags, ImageSource, MemoryStrategy, Objective, PluginResult,

@@ -11,6 +11,7 @@
 //! * our `merged_weight` against `merge_and_unload`, and the unmerge round trip;
 //! * peft loads the PEFT directory the plugin writes (`PeftModel.from_pretrained`, which also
 //!   loads its `adapter_config.json` through `LoraConfig`) and computes our output.
+//!
 //! And `target_modules` selects the same layers of a tiny Llama as peft does.
 //!
 //! Needs the plugin built (`cargo build -p ferrotune-testkit -p ferrotune-lora`) and a Python
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use ferrotune::linear::FrozenLinear;
+use ferrotune::model::linear::FrozenLinear;
 use ferrotune_plugin_api::{AdapterLayer, AdapterMethod};
 use ferrotune_tests::*;
 use tch::{Device, Kind, Tensor};

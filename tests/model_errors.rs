@@ -1,10 +1,11 @@
 //! Broken model directories and bad requests are errors that say what is wrong, never panics:
 //! a missing, truncated or corrupt checkpoint, a missing shard or tensor, a tensor whose shape
 //! disagrees with config.json, an unsupported architecture, a prompt longer than the context.
+use ferrotune::model::ForwardArgs;
 use std::path::{Path, PathBuf};
 
 use ferrotune::generate::{generate, SamplingParams};
-use ferrotune::model::init::write_safetensors;
+use ferrotune::util::safetensors::write as write_safetensors;
 use ferrotune::model::{write_random_model, CausalLM, InitOptions};
 use ferrotune_tests::{temp_dir, write_tiny_tokenizer};
 use tch::{Device, Kind, Tensor};
@@ -38,7 +39,7 @@ fn assert_mentions(message: &str, parts: &[&str]) {
 fn a_good_directory_loads() {
     let dir = tiny_model("errors-good");
     let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).unwrap();
-    let logits = model.forward(&Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]), None, None).unwrap();
+    let logits = model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]))).unwrap();
     assert_eq!(logits.size(), [1, 3, 43]);
 }
 
@@ -143,7 +144,7 @@ fn unsupported_rope_type_names_the_key() {
 #[test]
 fn prompt_longer_than_the_context() {
     let dir = tiny_model("errors-context");
-    let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).map(ferrotune::peft::PeftModel::new).unwrap();
     let prompts = vec![vec![5i64; 10], vec![6i64; 60]];
     let e = generate(&model, &prompts, &SamplingParams::greedy(8)).unwrap_err().to_string();
     assert_mentions(&e, &["prompt 1 has 60 tokens", "max_new_tokens 8", "max_position_embeddings", "64"]);
@@ -155,16 +156,16 @@ fn prompt_longer_than_the_context() {
 #[test]
 fn bad_inputs_are_errors() {
     let dir = tiny_model("errors-inputs");
-    let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).map(ferrotune::peft::PeftModel::new).unwrap();
     let ids = Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]);
-    let e = model.forward(&ids, Some(&Tensor::ones([1, 2], (Kind::Int64, Device::Cpu))), None).unwrap_err().to_string();
+    let e = model.forward(ForwardArgs::ids(&ids).mask(Some(&Tensor::ones([1, 2], (Kind::Int64, Device::Cpu))))).unwrap_err().to_string();
     assert_mentions(&e, &["attention_mask", "[1, 3]"]);
-    let e = model.forward(&Tensor::from_slice(&[3i64, 400]).view([1, 2]), None, None).unwrap_err().to_string();
+    let e = model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 400]).view([1, 2]))).unwrap_err().to_string();
     assert_mentions(&e, &["token id 400", "vocab_size 43"]);
-    let e = model.forward(&Tensor::from_slice(&[3i64, 4]), None, None).unwrap_err().to_string();
+    let e = model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4]))).unwrap_err().to_string();
     assert_mentions(&e, &["[batch, seq]"]);
     let mut cache = model.new_cache(2);
-    let e = model.forward(&ids, None, Some(&mut cache)).unwrap_err().to_string();
+    let e = model.forward(ForwardArgs::ids(&ids).cache(Some(&mut cache))).unwrap_err().to_string();
     assert_mentions(&e, &["batch 2", "1 rows"]);
     let e = generate(&model, &[vec![]], &SamplingParams::greedy(4)).unwrap_err().to_string();
     assert_mentions(&e, &["prompt 0 is empty"]);

@@ -4,6 +4,8 @@
 //! config.json), compared on fp32 logits (no padding and left padding), greedy generations
 //! (single prompts and a left-padded batch), seeded sampling and the logits warpers; and a
 //! directory written by `write_random_model` loaded by transformers.
+use ferrotune::peft::PeftModel;
+use ferrotune::model::ForwardArgs;
 use std::path::{Path, PathBuf};
 
 use ferrotune::generate::{generate, generate_with_stats, warp_logits, SamplingParams};
@@ -35,8 +37,8 @@ fn reference_logits(dir: &Path, case: &str) -> (Tensor, Tensor) {
     (get("full"), get("padded"))
 }
 
-fn load(dir: &Path, case: &str) -> CausalLM {
-    CausalLM::load(&dir.join(case), Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{case}: {e:#}"))
+fn load(dir: &Path, case: &str) -> PeftModel {
+    CausalLM::load(&dir.join(case), Device::Cpu, Kind::Float).map(PeftModel::new).unwrap_or_else(|e| panic!("{case}: {e:#}"))
 }
 
 /// Logits at the positions where `mask` is 1, flattened.
@@ -55,10 +57,10 @@ fn logits_match_transformers() {
     for case in CASES {
         let model = load(&dir, case);
         let (want_full, want_padded) = reference_logits(&dir, case);
-        let full = model.forward(&full_ids, None, None).unwrap();
+        let full = model.forward(ForwardArgs::ids(&full_ids)).unwrap();
         assert_eq!(full.kind(), Kind::Float);
         let err_full = relative_error(&full, &want_full);
-        let padded = model.forward(&padded_ids, Some(&padded_mask), None).unwrap();
+        let padded = model.forward(ForwardArgs::ids(&padded_ids).mask(Some(&padded_mask))).unwrap();
         let err_padded = relative_error(&unpadded(&padded, &padded_mask), &unpadded(&want_padded, &padded_mask));
         assert!(padded.isfinite().all().int64_value(&[]) == 1, "{case}: padding rows must stay finite");
         eprintln!("{case}: max relative logit error {err_full:.2e} (no padding), {err_padded:.2e} (left padding)");
@@ -82,16 +84,16 @@ fn kv_cache_steps_match_the_full_forward() {
         let mut parts = Vec::new();
         let mut start = 0;
         for len in [5, 1, 2, 1, 3] {
-            parts.push(model.forward(&full_ids.narrow(1, start, len), None, Some(&mut cache)).unwrap());
+            parts.push(model.forward(ForwardArgs::ids(&full_ids.narrow(1, start, len)).cache(Some(&mut cache))).unwrap());
             start += len;
         }
         assert_eq!(cache.seq_len(), 12);
         let err = relative_error(&Tensor::cat(&parts, 1), &want_full);
         // Left padding: prefix of 6 columns, then one token at a time with the growing mask.
         let mut cache = model.new_cache(3);
-        let mut parts = vec![model.forward(&padded_ids.narrow(1, 0, 6), Some(&padded_mask.narrow(1, 0, 6)), Some(&mut cache)).unwrap()];
+        let mut parts = vec![model.forward(ForwardArgs::ids(&padded_ids.narrow(1, 0, 6)).mask(Some(&padded_mask.narrow(1, 0, 6))).cache(Some(&mut cache))).unwrap()];
         for t in 6..padded_ids.size()[1] {
-            parts.push(model.forward(&padded_ids.narrow(1, t, 1), Some(&padded_mask.narrow(1, 0, t + 1)), Some(&mut cache)).unwrap());
+            parts.push(model.forward(ForwardArgs::ids(&padded_ids.narrow(1, t, 1)).mask(Some(&padded_mask.narrow(1, 0, t + 1))).cache(Some(&mut cache))).unwrap());
         }
         let got = Tensor::cat(&parts, 1);
         let err_padded = relative_error(&unpadded(&got, &padded_mask), &unpadded(&want_padded, &padded_mask));
@@ -203,8 +205,8 @@ fn bf16_weights_and_compute() {
     let full_ids = tensor2(&ids(&inputs["full_ids"]));
     let case = "llama-gqa-sharded-bf16";
     let (want, _) = reference_logits(&dir, case);
-    let model = CausalLM::load(&dir.join(case), Device::Cpu, Kind::BFloat16).unwrap();
-    let got = model.forward(&full_ids, None, None).unwrap();
+    let model = CausalLM::load(&dir.join(case), Device::Cpu, Kind::BFloat16).map(PeftModel::new).unwrap();
+    let got = model.forward(ForwardArgs::ids(&full_ids)).unwrap();
     assert_eq!(got.kind(), Kind::Float, "logits are returned as f32");
     let err = relative_error(&got, &want);
     eprintln!("{case}: bf16 compute vs transformers fp32: relative error {err:.2e}");
@@ -284,14 +286,14 @@ save_file({"ids": ids, "logits": logits}, sys.argv[2])
 
         let tensors = Tensor::read_safetensors(&out_path).unwrap();
         let get = |name: &str| tensors.iter().find(|(n, _)| n == name).unwrap().1.shallow_clone();
-        let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).unwrap();
-        let err = relative_error(&model.forward(&get("ids"), None, None).unwrap(), &get("logits"));
+        let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap();
+        let err = relative_error(&model.forward(ForwardArgs::ids(&get("ids"))).unwrap(), &get("logits"));
         eprintln!("{tag}: init-model directory in transformers vs ferrotune: relative logit error {err:.2e}");
         assert!(err <= TOLERANCE, "{tag}: {err}");
         // The seed decides the weights.
         let again = {
             let (_, r) = write_init_model(&format!("{tag}-again"), arch, tie, dtype);
-            CausalLM::load(&r.dir, Device::Cpu, Kind::Float).unwrap()
+            CausalLM::load(&r.dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap()
         };
         assert!(again.embed_tokens().equal(model.embed_tokens()), "same seed, same weights");
         // Transformers' init: N(0, 0.02) weights, the pad row of the embedding zero.

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ferrotune::collectives::SingleProcess;
+use ferrotune::dist::collectives::SingleProcess;
 use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
 use ferrotune_plugin_api::{
     Batch, Collectives, ErrorCode, ForwardFlags, MemoryStrategy, Objective, PluginResult, ReduceOp, RewardInput,

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ferrotune::linear::FrozenLinear;
+use ferrotune::model::linear::FrozenLinear;
 use ferrotune_plugin_api::{AdapterMethod, QuantizedWeight, Quantizer};
 use ferrotune_tests::*;
 use tch::{Kind, Tensor};

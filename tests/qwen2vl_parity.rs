@@ -5,11 +5,13 @@
 //! greedy generations (batch of 1 and 2 with images, a padded text-only batch); both key layouts
 //! and both config layouts; the error for a wrong image-token count; `init-model --preset tiny-vl` loaded by
 //! transformers; a merged save; and LoRA's targets and adapter keys against peft's.
+use ferrotune::peft::PeftModel;
+use ferrotune::model::ForwardArgs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ferrotune::generate::{generate, generate_mm, generate_mm_with_stats, SamplingParams};
-use ferrotune::linear::LinearMode;
+use ferrotune::model::linear::LinearMode;
 use ferrotune::model::{CausalLM, InitOptions, VisionInputs};
 use ferrotune_tests::{build_dir, cached_reference, one_torch_thread, registry, relative_error, run_python, temp_dir};
 use serde_json::Value;
@@ -46,8 +48,8 @@ fn read(path: &Path, name: &str) -> Tensor {
     tensors.into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} not in {}", path.display())).1
 }
 
-fn load(dir: &Path) -> CausalLM {
-    CausalLM::load(dir, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+fn load(dir: &Path) -> PeftModel {
+    CausalLM::load(dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
 }
 
 /// Logits at the positions where `mask` is 1, flattened.
@@ -85,7 +87,7 @@ fn multimodal_logits_match_transformers_in_both_layouts() {
         let model = load(&dir.join(layout));
         assert_eq!(model.image_token_id(), Some(295), "{layout}: image_token_id comes from config.json");
         assert_eq!((model.vision_start_token_id(), model.spatial_merge_size()), (Some(292), Some(2)));
-        let got = tch::no_grad(|| model.forward_mm_with(&b.ids, Some(&b.mask), Some(&b.images), None, LinearMode::BASE)).unwrap();
+        let got = tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE))).unwrap();
         let (g, w) = (unpadded(&got, &b.mask), unpadded(&want, &b.mask));
         let (abs, rel) = (max_abs(&g, &w), relative_error(&g, &w));
         eprintln!("{layout}: 2 rows, 5 images, left padding: max abs logit diff {abs:.2e}, max rel {rel:.2e}");
@@ -109,19 +111,19 @@ fn kv_cache_prefill_then_steps_match_the_full_forward() {
     let mut cache = model.new_cache(2);
     let mode = LinearMode::BASE;
     let mut parts = vec![tch::no_grad(|| {
-        model.forward_mm_with(&b.ids.narrow(1, 0, prefix), Some(&b.mask.narrow(1, 0, prefix)), Some(&b.images), Some(&mut cache), mode)
+        model.forward(ForwardArgs::ids(&b.ids.narrow(1, 0, prefix)).mask(Some(&b.mask.narrow(1, 0, prefix))).images(Some(&b.images)).cache(Some(&mut cache)).mode(mode))
     })
     .unwrap()];
     assert!(cache.rope_deltas().is_some_and(|d| d.iter().any(|&x| x != 0)), "images shift the positions");
     for s in prefix..t {
-        parts.push(tch::no_grad(|| model.forward_mm_with(&b.ids.narrow(1, s, 1), Some(&b.mask.narrow(1, 0, s + 1)), None, Some(&mut cache), mode)).unwrap());
+        parts.push(tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids.narrow(1, s, 1)).mask(Some(&b.mask.narrow(1, 0, s + 1))).cache(Some(&mut cache)).mode(mode))).unwrap());
     }
     let got = Tensor::cat(&parts, 1);
     let rel = relative_error(&unpadded(&got, &b.mask), &unpadded(&want, &b.mask));
     eprintln!("prefill + 3 cached steps vs transformers: max rel {rel:.2e}");
     assert!(rel <= TOLERANCE, "{rel:e}");
     // Images after the prefill are refused.
-    let e = model.forward_mm_with(&b.ids.narrow(1, 0, 1), None, Some(&b.images), Some(&mut cache), mode).unwrap_err();
+    let e = model.forward(ForwardArgs::ids(&b.ids.narrow(1, 0, 1)).images(Some(&b.images)).cache(Some(&mut cache)).mode(mode)).unwrap_err();
     assert!(format!("{e:#}").contains("prefill"), "{e:#}");
 }
 
@@ -130,7 +132,7 @@ fn text_only_input_matches_transformers() {
     let dir = reference();
     let inputs = json(&dir.join("inputs.json"));
     let model = load(&dir.join("vl"));
-    let got = tch::no_grad(|| model.forward(&tensor2(&rows(&inputs["text_ids"])), None, None)).unwrap();
+    let got = tch::no_grad(|| model.forward(ForwardArgs::ids(&tensor2(&rows(&inputs["text_ids"]))))).unwrap();
     let want = read(&dir.join("logits.safetensors"), "text");
     let rel = relative_error(&got, &want);
     eprintln!("text-only logits: max abs {:.2e}, max rel {rel:.2e}", max_abs(&got, &want));
@@ -175,15 +177,15 @@ fn wrong_image_token_count_is_a_clear_error() {
     let ids = b.ids.copy();
     let t = ids.size()[1];
     let _ = ids.get(1).narrow(0, t - 1, 1).fill_(295);
-    let e = format!("{:#}", model.forward_mm_with(&ids, Some(&b.mask), Some(&b.images), None, LinearMode::BASE).unwrap_err());
+    let e = format!("{:#}", model.forward(ForwardArgs::ids(&ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE)).unwrap_err());
     assert!(e.contains("19 image tokens") && e.contains("18 merged patches") && e.contains("[6, 1, 6, 1, 4]"), "{e}");
     // Too few images for the blocks.
     let fewer = VisionInputs { pixel_values: b.images.pixel_values.narrow(0, 0, 28), image_grid_thw: b.images.image_grid_thw[..2].to_vec() };
-    let e = format!("{:#}", model.forward_mm_with(&b.ids, Some(&b.mask), Some(&fewer), None, LinearMode::BASE).unwrap_err());
+    let e = format!("{:#}", model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&fewer)).mode(LinearMode::BASE)).unwrap_err());
     assert!(e.contains("18 image tokens") && e.contains("7 merged patches"), "{e}");
     // pixel_values that disagree with the grids.
     let bad = VisionInputs { pixel_values: b.images.pixel_values.narrow(0, 0, 70), image_grid_thw: b.images.image_grid_thw.clone() };
-    let e = format!("{:#}", model.forward_mm_with(&b.ids, Some(&b.mask), Some(&bad), None, LinearMode::BASE).unwrap_err());
+    let e = format!("{:#}", model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&bad)).mode(LinearMode::BASE)).unwrap_err());
     assert!(e.contains("pixel_values") && e.contains("[72, 1176]"), "{e}");
 }
 
@@ -196,7 +198,7 @@ fn images_for_a_text_model_are_an_error() {
     ferrotune::model::write_random_model(&opts).unwrap();
     let model = load(&root.join("m"));
     let images = VisionInputs { pixel_values: Tensor::zeros([4, 1176], (Kind::Float, Device::Cpu)), image_grid_thw: vec![[1, 2, 2]] };
-    let e = format!("{:#}", model.forward_mm_with(&Tensor::from_slice(&[3i64, 4]).view([1, 2]), None, Some(&images), None, LinearMode::BASE).unwrap_err());
+    let e = format!("{:#}", model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4]).view([1, 2])).images(Some(&images)).mode(LinearMode::BASE)).unwrap_err());
     assert!(e.contains("no vision tower"), "{e}");
     std::fs::remove_dir_all(root).ok();
 }
@@ -250,7 +252,7 @@ fn init_model_tiny_vl_loads_in_transformers_with_the_same_logits_and_saves_merge
     let ids = Tensor::from_slice(&[7i64, 8, 2, 5, 5, 5, 5, 3, 9, 10]).view([1, 10]);
     tch::manual_seed(0);
     let images = VisionInputs { pixel_values: Tensor::randn([16, 1176], (Kind::Float, Device::Cpu)), image_grid_thw: vec![[1, 4, 4]] };
-    let ours = tch::no_grad(|| model.forward_mm_with(&ids, None, Some(&images), None, LinearMode::BASE)).unwrap();
+    let ours = tch::no_grad(|| model.forward(ForwardArgs::ids(&ids).images(Some(&images)).mode(LinearMode::BASE))).unwrap();
     let io = root.join("io.safetensors");
     Tensor::write_safetensors(&[("ids", &ids), ("pixel_values", &images.pixel_values), ("grid", &Tensor::from_slice(&[1i64, 4, 4]).view([1, 3]))], &io).unwrap();
     let script = r#"
@@ -278,7 +280,7 @@ save_file({"logits": out.contiguous()}, sys.argv[3])
     let keys: Vec<String> = ferrotune::model::save::read_model_tensors(&root.join("saved")).unwrap().into_iter().map(|(k, _)| k).collect();
     // The layout transformers 5.24's save_pretrained writes (its original format).
     assert!(keys.iter().any(|k| k == "visual.patch_embed.proj.weight") && keys.iter().any(|k| k == "model.norm.weight"), "{keys:?}");
-    let again = tch::no_grad(|| load(&root.join("saved")).forward_mm_with(&ids, None, Some(&images), None, LinearMode::BASE)).unwrap();
+    let again = tch::no_grad(|| load(&root.join("saved")).forward(ForwardArgs::ids(&ids).images(Some(&images)).mode(LinearMode::BASE))).unwrap();
     assert_eq!(max_abs(&again, &ours), 0.0);
     std::fs::remove_dir_all(root).ok();
 }
@@ -296,8 +298,8 @@ fn saving_writes_the_keys_transformers_saves() {
     want.sort();
     assert_eq!(saved, want, "the keys transformers 5.24 saves");
     let b = batch();
-    let a = tch::no_grad(|| load(&root.join("out")).forward_mm_with(&b.ids, Some(&b.mask), Some(&b.images), None, LinearMode::BASE)).unwrap();
-    let c = tch::no_grad(|| model.forward_mm_with(&b.ids, Some(&b.mask), Some(&b.images), None, LinearMode::BASE)).unwrap();
+    let a = tch::no_grad(|| load(&root.join("out")).forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE))).unwrap();
+    let c = tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE))).unwrap();
     assert_eq!(max_abs(&a, &c), 0.0);
     std::fs::remove_dir_all(root).ok();
 }
@@ -324,8 +326,8 @@ fn lora_targets_and_adapter_keys_match_peft() {
         }
         // The adapted model still runs with images (B = 0: the base logits).
         let b = batch();
-        let base = tch::no_grad(|| model.forward_mm_with(&b.ids, Some(&b.mask), Some(&b.images), None, LinearMode::BASE)).unwrap();
-        let adapted = tch::no_grad(|| model.forward_mm_with(&b.ids, Some(&b.mask), Some(&b.images), None, model.mode(ferrotune_plugin_api::ForwardFlags::NONE, false))).unwrap();
+        let base = tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE))).unwrap();
+        let adapted = tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(model.mode(ferrotune_plugin_api::ForwardFlags::NONE, false)))).unwrap();
         assert!(max_abs(&base, &adapted) < 1e-6, "{tag}: LoRA starts as the identity");
     }
 }

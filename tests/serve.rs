@@ -3,6 +3,7 @@
 //! vs not, mixed batch vs alone, base before vs after loading adapters); every refusal is
 //! checked for its status and JSON error; a bounded load test churns adapters under
 //! concurrent clients and prints its numbers.
+use ferrotune::peft::PeftModel;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -35,7 +36,7 @@ fn lora_registry() -> ferrotune::plugins::Registry {
 /// unchanged) and saves it as a PEFT directory.
 fn make_adapter(model_dir: &Path, out: &Path, config: &str, seed: i64) {
     let registry = lora_registry();
-    let mut model = CausalLM::load(model_dir, Device::Cpu, Kind::Float).unwrap();
+    let mut model = CausalLM::load(model_dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap();
     tch::manual_seed(seed);
     model.attach_adapter("default", Box::new(registry.adapter("lora", config).unwrap())).unwrap();
     perturb_adapter(&mut model, seed, 0.3);
@@ -719,7 +720,7 @@ fn image_parts_equal_generate_with_images_alone_and_beside_text_rows() {
     assert!(base["usage"]["prompt_tokens"].as_u64().unwrap() > text_only["usage"]["prompt_tokens"].as_u64().unwrap() + 8, "{base} vs {text_only}");
     assert_eq!(ids_text(&text_only), generate_vl(VL_PROMPT, &[], Some(&vl), 10));
     // together in one batch (images rows with their own M-RoPE deltas beside text rows)
-    let jobs = vec![
+    let jobs = [
         image_chat("vl", &f.images, VL_PROMPT, 10),
         json!({"model": "vl", "messages": [{"role": "user", "content": VL_PROMPT}], "max_tokens": 10, "temperature": 0, "return_token_ids": true}),
         image_chat("tiny-vl", &f.images, VL_PROMPT, 10),

@@ -12,10 +12,11 @@
 //!
 //! Needs the workspace build (`ferrotune`, plugins `lora`, `sft`, `single`, `storyreasoning`,
 //! `llava`), `assets/qwen2-tokenizer` and the reference stack.
+use ferrotune::model::ForwardArgs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ferrotune::pipeline::TextGenerator;
+use ferrotune::generate::pipeline::TextGenerator;
 use ferrotune_plugin_api::ForwardFlags;
 use ferrotune_tests::*;
 use tch::{Device, Kind, Tensor};
@@ -114,7 +115,7 @@ fn peft_and_merge_agree_with_ours_on_a_two_image_prompt() {
     let images = prompt.images.as_ref().expect("two images");
     assert_eq!(images.image_grid_thw.len(), 2);
     let ids = Tensor::from_slice(&prompt.ids).view([1, -1]);
-    let ours = tch::no_grad(|| g.model.forward_mm_with(&ids, None, Some(images), None, g.model.mode(ForwardFlags::NONE, false))).unwrap();
+    let ours = tch::no_grad(|| g.model.forward(ForwardArgs::ids(&ids).images(Some(images)).mode(g.model.mode(ForwardFlags::NONE, false)))).unwrap();
     let grid = Tensor::from_slice(&images.image_grid_thw.iter().flatten().copied().collect::<Vec<i64>>()).view([-1, 3]);
     let inputs = dir.join("inputs.safetensors");
     Tensor::write_safetensors(&[("input_ids", &ids), ("pixel_values", &images.pixel_values), ("image_grid_thw", &grid)], &inputs).unwrap();

@@ -24,14 +24,6 @@ pub fn resolve(text: &str) -> anyhow::Result<Device> {
     Ok(device)
 }
 
-/// The device of this rank of a run: [`resolve`], except that a plain `cuda` (no index) in a
-/// launched run means `cuda:LOCAL_RANK`, one GPU per local rank as torchrun users expect
-/// (`torch.cuda.set_device(local_rank)`). An explicit `cuda:N` is kept as written.
-pub fn resolve_for_rank(text: &str) -> anyhow::Result<Device> {
-    let local_rank = crate::collectives::RankEnv::from_lookup_keeping(|k| std::env::var(k).ok(), true)?.map(|e| e.local_rank);
-    resolve_for_local_rank(text, local_rank)
-}
-
 /// [`resolve_for_rank`] for a given `LOCAL_RANK` (`None`: not launched).
 pub fn resolve_for_local_rank(text: &str, local_rank: Option<usize>) -> anyhow::Result<Device> {
     match local_rank {

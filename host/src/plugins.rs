@@ -328,7 +328,7 @@ mod tests {
         let e = load_library(&junk).unwrap_err();
         assert!(matches!(e, LoadError::NotLoadable { .. }), "{e}");
         assert!(e.to_string().contains("libjunk.so"));
-        let reg = Registry::discover(&SearchPath::new(&[dir.clone()], None, false));
+        let reg = Registry::discover(&SearchPath::new(std::slice::from_ref(&dir), None, false));
         assert!(reg.libraries.is_empty());
         assert_eq!(reg.refused.len(), 1);
         let e = reg.find(PluginKind::ADAPTER, "lora").unwrap_err().to_string();

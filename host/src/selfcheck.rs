@@ -10,7 +10,7 @@ use ferrotune_plugin_api::tensor::device_name;
 use ferrotune_plugin_api::{AdapterLayer, AdapterMethod};
 use tch::{Device, Kind, Tensor};
 
-use crate::linear::FrozenLinear;
+use crate::model::linear::FrozenLinear;
 use crate::plugins::Registry;
 
 pub const ADAPTER: &str = "testkit-lowrank";

@@ -39,7 +39,7 @@ pub static BUILD_MANIFEST: Manifest = Manifest {
     manifest_layout: MANIFEST_LAYOUT,
     cxx11_abi: CXX11_ABI as u32,
     api_version: concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char,
-    tch_version: "0.24.0\0".as_ptr() as *const c_char,
+    tch_version: c"0.24.0".as_ptr(),
     libtorch_version: concat!(env!("FERROTUNE_LIBTORCH_VERSION"), "\0").as_ptr() as *const c_char,
 };
 

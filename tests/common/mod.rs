@@ -316,7 +316,7 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
 /// Moves every adapter tensor of `model` away from its initial value (B = 0 would leave the
 /// base unchanged, and a test comparing adapter outputs trivial): by N(0, `scale`²), DoRA's
 /// magnitude by a factor 1 + N(0, 0.2²); drawn from libtorch's generator seeded with `seed`.
-pub fn perturb_adapter(model: &mut ferrotune::model::CausalLM, seed: i64, scale: f64) {
+pub fn perturb_adapter(model: &mut ferrotune::peft::PeftModel, seed: i64, scale: f64) {
     tch::manual_seed(seed);
     let state: Vec<_> = model
         .adapter_state_dict()

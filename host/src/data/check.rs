@@ -40,7 +40,8 @@ pub struct CheckReport {
 /// stop) and images shrunk to fit `max_pixels`.
 pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckReport {
     // A preference pair is two sequences of one row: count rows.
-    let usable = prepared.encoded.iter().map(|(row, _)| *row).collect::<std::collections::BTreeSet<_>>().len();
+    let sequences = prepared.sequences();
+    let usable = sequences.iter().map(|(row, _)| *row).collect::<std::collections::BTreeSet<_>>().len();
     let mut r = CheckReport { path, rows: prepared.rows, usable, ..Default::default() };
     let eot = end_of_turn_ids(tok);
     let eot_names: Vec<String> = eot.iter().filter_map(|&i| tok.id_to_token(i)).collect();
@@ -48,10 +49,10 @@ pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckRepor
     for (row, msg) in &prepared.bad {
         notes.push(RowNote { row: *row, level: "error", message: msg.clone() });
     }
-    for (row, msg) in &prepared.no_labels {
+    for (row, msg) in &prepared.skipped {
         notes.push(RowNote { row: *row, level: "skipped", message: msg.clone() });
     }
-    for (row, e) in &prepared.encoded {
+    for (row, e) in &sequences {
         let row = *row;
         let warn = |message: String| RowNote { row, level: "warning", message };
         r.images += e.images.len();

@@ -18,6 +18,9 @@
 //! reported in [`Encoded::truncated_from`], and a sample left without label tokens is an
 //! [`EncodeError::NoLabelTokens`] the trainer can count and skip.
 use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use ferrotune_plugin_api::{Message, Sample};
@@ -64,7 +67,7 @@ pub struct Encoded {
     /// The length before truncation to `cutoff_len`, when it was truncated.
     pub truncated_from: Option<usize>,
     /// The images whose `<|image_pad|>` blocks the ids hold, in order (vision models).
-    pub images: Vec<super::images::SampleImage>,
+    pub images: Vec<SampleImage>,
 }
 
 impl Encoded {
@@ -207,6 +210,46 @@ pub fn preview(tok: &Tokenizer, encoded: &Encoded) -> String {
         start = end;
     }
     out
+}
+
+/// Where an image's bytes are.
+#[derive(Clone, PartialEq)]
+pub enum ImageData {
+    File(PathBuf),
+    /// Encoded bytes stored in the data set (StoryReasoning's parquet).
+    Bytes(Arc<Vec<u8>>),
+}
+
+impl fmt::Debug for ImageData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::Bytes(b) => write!(f, "<{} bytes>", b.len()),
+        }
+    }
+}
+
+/// One image of an encoded sample: its bytes, and how it will be resized and patched.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleImage {
+    pub data: ImageData,
+    /// The processor settings of this image (pixel bounds may come from the sample).
+    pub min_pixels: u64,
+    pub max_pixels: u64,
+    pub original_size: (u32, u32),
+    pub resized_size: (u32, u32),
+    pub grid_thw: [i64; 3],
+    /// Its `<|image_pad|>` count in the text.
+    pub tokens: usize,
+}
+
+impl SampleImage {
+    /// `W×H → W'×H', grid t×h×w, N tokens`.
+    pub fn describe(&self) -> String {
+        let ((w, h), (rw, rh)) = (self.original_size, self.resized_size);
+        let [t, gh, gw] = self.grid_thw;
+        format!("{w}×{h} → {rw}×{rh}, grid {t}×{gh}×{gw}, {} tokens", self.tokens)
+    }
 }
 
 #[cfg(test)]

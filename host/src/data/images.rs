@@ -6,7 +6,6 @@
 //! N the image's merged patch count (`grid_t · grid_h · grid_w / merge²`) after `smart_resize`
 //! — what transformers' Qwen2-VL processor writes into the text, and what Qwen2-VL-Finetune
 //! does with LLaVA's `<image>`. Image-pad tokens never carry labels.
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::{ImageSource, Sample};
 use tch::Tensor;
 
+pub use super::encode::{ImageData, SampleImage};
 use super::encode::{encode_sample, EncodeError, EncodeOptions, Encoded, IGNORE_INDEX};
 use crate::model::VisionInputs;
 use crate::text::Tokenizer;
@@ -24,46 +24,6 @@ pub const IMAGE_PLACEHOLDER: &str = "<image>";
 const VISION_START: &str = "<|vision_start|>";
 const VISION_END: &str = "<|vision_end|>";
 const IMAGE_PAD: &str = "<|image_pad|>";
-
-/// Where an image's bytes are.
-#[derive(Clone, PartialEq)]
-pub enum ImageData {
-    File(PathBuf),
-    /// Encoded bytes stored in the data set (StoryReasoning's parquet).
-    Bytes(Arc<Vec<u8>>),
-}
-
-impl fmt::Debug for ImageData {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::File(p) => write!(f, "{}", p.display()),
-            Self::Bytes(b) => write!(f, "<{} bytes>", b.len()),
-        }
-    }
-}
-
-/// One image of an encoded sample: its bytes, and how it will be resized and patched.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SampleImage {
-    pub data: ImageData,
-    /// The processor settings of this image (pixel bounds may come from the sample).
-    pub min_pixels: u64,
-    pub max_pixels: u64,
-    pub original_size: (u32, u32),
-    pub resized_size: (u32, u32),
-    pub grid_thw: [i64; 3],
-    /// Its `<|image_pad|>` count in the text.
-    pub tokens: usize,
-}
-
-impl SampleImage {
-    /// `W×H → W'×H', grid t×h×w, N tokens`.
-    pub fn describe(&self) -> String {
-        let ((w, h), (rw, rh)) = (self.original_size, self.resized_size);
-        let [t, gh, gw] = self.grid_thw;
-        format!("{w}×{h} → {rw}×{rh}, grid {t}×{gh}×{gw}, {} tokens", self.tokens)
-    }
-}
 
 /// A sample's image that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{Architecture, LlamaConfig};
 use super::qwen2vl::{Qwen2VLConfig, LANGUAGE_MODEL};
-use crate::rng::SplitMix64;
+use crate::util::rng::SplitMix64;
 
 /// What to write. Build one with [`InitOptions::preset`] and adjust fields.
 #[derive(Debug, Clone)]
@@ -458,23 +458,41 @@ fn parameter_list(cfg: &LlamaConfig, vl: Option<&Qwen2VLConfig>) -> Vec<(String,
     p
 }
 
-/// Writes `model.safetensors` (with `{"format": "pt"}` metadata, as transformers writes it).
-pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut buffers: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, t) in tensors {
-        let t = t.f_contiguous()?;
-        let dtype: safetensors::Dtype = t.kind().try_into().with_context(|| format!("tensor `{name}`: dtype {:?}", t.kind()))?;
-        let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, t.numel())?;
-        buffers.push((name.clone(), dtype, t.size().iter().map(|&d| d as usize).collect(), bytes));
+/// Every tensor of the new model, drawn from one seeded generator in checkpoint order (the
+/// padding token's embedding row zero), with the number of parameters.
+fn random_tensors(
+    opts: &InitOptions,
+    config: &LlamaConfig,
+    vl: Option<&Qwen2VLConfig>,
+    special: &SpecialTokens,
+    vocab: i64,
+) -> Result<(Vec<(String, Tensor)>, i64)> {
+    let mut rng = SplitMix64(opts.seed);
+    let std = config.initializer_range;
+    let mut tensors = Vec::new();
+    let mut parameters = 0i64;
+    for (key, shape, init) in parameter_list(config, vl) {
+        let n: i64 = shape.iter().product();
+        parameters += n;
+        let t = match init {
+            Init::Normal => {
+                let mut values = rng.normal(n as usize, std);
+                if key.ends_with("embed_tokens.weight") {
+                    if let Some(pad) = special.pad.filter(|&p| p < vocab) {
+                        let row = (pad * config.hidden_size) as usize;
+                        values[row..row + config.hidden_size as usize].iter_mut().for_each(|v| *v = 0.0);
+                    }
+                }
+                Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?
+            }
+            Init::Zeros => Tensor::f_zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu))?,
+            Init::Ones => Tensor::f_ones(shape.as_slice(), (Kind::Float, tch::Device::Cpu))?,
+        };
+        // Qwen2-VL tensors are written as transformers' save_pretrained writes them.
+        let key = if vl.is_some() { super::qwen2vl::saved_key(&key) } else { key };
+        tensors.push((key, t.f_to_kind(opts.dtype)?));
     }
-    let views = buffers
-        .iter()
-        .map(|(n, dt, shape, bytes)| Ok((n.as_str(), safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .map_err(|e| anyhow::anyhow!("cannot build safetensors views: {e}"))?;
-    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::tensor::serialize_to_file(views, &metadata, path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    Ok((tensors, parameters))
 }
 
 /// Writes a randomly initialised model directory (see the module docs).
@@ -506,34 +524,10 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
         _ => None,
     };
 
-    let mut rng = SplitMix64(opts.seed);
-    let std = config.initializer_range;
-    let mut tensors = Vec::new();
-    let mut parameters = 0i64;
-    for (key, shape, init) in parameter_list(&config, vl.as_ref()) {
-        let n: i64 = shape.iter().product();
-        parameters += n;
-        let t = match init {
-            Init::Normal => {
-                let mut values = rng.normal(n as usize, std);
-                if key.ends_with("embed_tokens.weight") {
-                    if let Some(pad) = special.pad.filter(|&p| p < vocab) {
-                        let row = (pad * config.hidden_size) as usize;
-                        values[row..row + config.hidden_size as usize].iter_mut().for_each(|v| *v = 0.0);
-                    }
-                }
-                Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?
-            }
-            Init::Zeros => Tensor::f_zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu))?,
-            Init::Ones => Tensor::f_ones(shape.as_slice(), (Kind::Float, tch::Device::Cpu))?,
-        };
-        // Qwen2-VL tensors are written as transformers' save_pretrained writes them.
-        let key = if vl.is_some() { super::qwen2vl::saved_key(&key) } else { key };
-        tensors.push((key, t.f_to_kind(opts.dtype)?));
-    }
+    let (tensors, parameters) = random_tensors(opts, &config, vl.as_ref(), &special, vocab)?;
     // A shard index left by an earlier model would take precedence over nothing, but confuses.
     let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
-    write_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    crate::util::safetensors::write(&dir.join("model.safetensors"), &tensors)?;
     std::fs::write(dir.join("config.json"), config_text + "\n")?;
 
     let mut generation = serde_json::Map::new();

@@ -19,9 +19,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::{Architecture, LlamaConfig, Rope};
 use super::qwen2vl::{self, rope_index, Qwen2VLConfig, VisionConfig, VisionInputs, VisionTower, LANGUAGE_MODEL};
 use super::weights::Weights;
-use crate::adapters::AdapterSet;
-use crate::linear::{FrozenLinear, LinearMode};
-use ferrotune_plugin_api::ForwardFlags;
+use crate::model::linear::{FrozenLinear, LinearMode};
 
 /// Past keys and values of every layer, `[batch, kv_heads, past, head_dim]` each, for
 /// incremental decoding. Positions are the columns of the attention mask passed to
@@ -412,7 +410,7 @@ impl DecoderLayer {
     }
 
     /// [`DecoderLayer::forward`] without a cache as a checkpointed block
-    /// ([`crate::checkpoint`]): only `x` is kept, the layer is recomputed in backward.
+    /// ([`crate::model::checkpoint`]): only `x` is kept, the layer is recomputed in backward.
     fn forward_checkpointed(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, mode: LinearMode<'_>) -> Result<Tensor> {
         // The block's output needs a grad-requiring input to join the graph (the embedding
         // of the first layer is frozen): as transformers' `enable_input_require_grads`.
@@ -421,7 +419,7 @@ impl DecoderLayer {
         let (cos, sin, mask) = (cos.shallow_clone(), sin.shallow_clone(), mask.shallow_clone());
         // Per-row adapters (serve) never train: a checkpointed block runs one adapter.
         let (adapter, train) = (mode.adapter.map(str::to_string), mode.train);
-        crate::checkpoint::checkpoint(&[&x], move |xs| {
+        crate::model::checkpoint::checkpoint(&[&x], move |xs| {
             // SAFETY: the model outlives the autograd graphs of its forward passes (see
             // `CausalLM::set_gradient_checkpointing`), so the layer is alive in backward.
             let layer = unsafe { &*(layer as *const DecoderLayer) };
@@ -449,9 +447,6 @@ pub struct CausalLM {
     /// Qwen2-VL: the vision tower and its config.
     vision: Option<(VisionTower, Qwen2VLConfig)>,
     embed_tokens: Tensor,
-    /// Trainable copies of the token embedding (`modules_to_save`), by adapter name: the
-    /// input embedding while that adapter runs (`adapters.rs`).
-    pub(crate) embed_copies: Vec<(String, Tensor)>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: FrozenLinear,
@@ -460,8 +455,6 @@ pub struct CausalLM {
     dtype: Kind,
     /// The directory the model was loaded from (`base_model_name_or_path` of saved adapters).
     source_dir: Option<PathBuf>,
-    /// Adapters attached to the linear layers, by name, and the active one (`adapters.rs`).
-    pub(crate) adapters: AdapterSet,
     /// Recompute each decoder layer in backward (`set_gradient_checkpointing`).
     gradient_checkpointing: bool,
 }
@@ -563,7 +556,6 @@ impl CausalLM {
             prefix,
             vision,
             embed_tokens,
-            embed_copies: Vec::new(),
             layers,
             norm,
             lm_head,
@@ -571,7 +563,6 @@ impl CausalLM {
             device,
             dtype,
             source_dir: None,
-            adapters: AdapterSet::default(),
             gradient_checkpointing: false,
         })
     }
@@ -675,12 +666,10 @@ impl CausalLM {
         out
     }
 
-    /// The [`LinearMode`] of a forward pass: the active adapter unless `flags` has
-    /// `DISABLE_ADAPTER` (the reference model); `train` turns adapter dropout on. (`NO_GRAD` is
-    /// the caller's: wrap the call in `tch::no_grad`.)
-    pub fn mode(&self, flags: ForwardFlags, train: bool) -> LinearMode<'_> {
-        let adapter = if flags.contains(ForwardFlags::DISABLE_ADAPTER) { None } else { self.active_adapter() };
-        LinearMode { adapter, train, rows: None }
+    /// The [`LinearMode`] of a forward pass of the base model alone (no adapter); `train`
+    /// turns dropout on. [`crate::peft::PeftModel::mode`] picks an adapter.
+    pub fn base_mode(&self, train: bool) -> LinearMode<'static> {
+        LinearMode { adapter: None, train, rows: None }
     }
 
     /// An empty KV cache for `batch` rows.
@@ -698,11 +687,6 @@ impl CausalLM {
     /// old one and so gets untied).
     pub(crate) fn set_embed_tokens(&mut self, weight: Tensor) {
         self.embed_tokens = weight.set_requires_grad(false);
-    }
-
-    /// Adapter `name`'s trainable copy of the embedding matrix (`modules_to_save`), if any.
-    pub fn embed_tokens_copy(&self, name: &str) -> Option<&Tensor> {
-        self.embed_copies.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
 
     /// Every module path as transformers' `named_modules()` gives it (`model`, `model.layers.0`,
@@ -769,78 +753,203 @@ impl CausalLM {
         out
     }
 
-    /// Logits `[B, T, vocab]` (f32) for `input_ids` `[B, T]` (i64), through the active adapter
-    /// (if any) in evaluation mode; [`CausalLM::forward_with`] chooses.
+    /// The one forward pass: logits, last-position logits or final hidden states (see
+    /// [`ForwardArgs`]) for token ids or input embeddings.
     ///
     /// `attention_mask` is `[B, past + T]` (1 = token, 0 = padding; left padding for batches
-    /// of different lengths); position ids are `cumsum(mask) - 1` (0 on padding), as
-    /// transformers' `generate` computes them. Without a mask every position is a token.
-    /// With a `cache`, `input_ids` continue the cached positions and are appended to it.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.forward_with(input_ids, attention_mask, cache, self.mode(ForwardFlags::NONE, false))
+    /// of different lengths); position ids default to `cumsum(mask) - 1` (0 on padding), as
+    /// transformers' `generate` computes them, and for Qwen2-VL to the 3-D M-RoPE positions of
+    /// `get_rope_index` (the prefill stores each row's delta in the cache). Without a mask every
+    /// position is a token. With a `cache`, the input continues the cached positions and is
+    /// appended to it. Images (Qwen2-VL) replace the `<|image_pad|>` tokens in order (row 0's
+    /// first) and can only come with the first call on a cache (the prefill).
+    pub fn forward(&self, args: ForwardArgs<'_>) -> Result<Tensor> {
+        let ForwardArgs { input, attention_mask, position_ids, images, mut cache, mode, embed_tokens, output } = args;
+        let mode = mode.unwrap_or(LinearMode::BASE);
+        let (b, t, input_ids) = match input {
+            Input::Ids(ids) => {
+                let (b, t) = self.check_ids(ids)?;
+                (b, t, Some(ids.f_to_device(self.device)?))
+            }
+            Input::Embeds(e) => {
+                let size = e.size();
+                let &[b, t, h] = size.as_slice() else {
+                    bail!("inputs_embeds must be [batch, seq, hidden_size], got shape {size:?}");
+                };
+                if b == 0 || t == 0 || h != self.config.hidden_size {
+                    bail!("inputs_embeds must be [batch, seq, hidden_size = {}] and not empty, got {size:?}", self.config.hidden_size);
+                }
+                (b, t, None)
+            }
+        };
+        let past = self.cached_positions(cache.as_deref(), b)?;
+        if let Some(m) = attention_mask {
+            if m.size() != [b, past + t] {
+                bail!("attention_mask must be [batch, past + seq] = [{b}, {}] (past {past}, seq {t}), got {:?}", past + t, m.size());
+            }
+        }
+        let images = images.filter(|i| !i.image_grid_thw.is_empty());
+        let image_mask = match (images, &self.vision, &input_ids) {
+            (None, _, _) => None,
+            (Some(_), None, _) => bail!(
+                "images were given to a {} model, which has no vision tower (use a Qwen2-VL model)",
+                self.config.architecture().hf_name()
+            ),
+            (Some(_), Some(_), _) if past > 0 => {
+                bail!("images can only be given with the first call on a KV cache (the prefill); this cache holds {past} positions")
+            }
+            (Some(_), Some(_), None) => bail!("images need input_ids (their <|image_pad|> tokens), not inputs_embeds"),
+            (Some(img), Some((tower, vl)), Some(ids)) => Some(self.image_token_mask(ids, img, tower, vl.image_token_id)?),
+        };
+        // An all-ones mask is no mask (transformers' `_ignore_causal_mask_sdpa`): SDPA then runs
+        // its causal kernel with GQA instead of an explicit mask over repeated keys and values.
+        // Position ids are the same either way.
+        let key_valid = match attention_mask {
+            Some(m) => {
+                let valid = m.f_to_device(self.device)?.f_ne(0)?;
+                if valid.f_all()?.f_int64_value(&[])? != 0 { None } else { Some(valid) }
+            }
+            None => None,
+        };
+        let position_ids = match position_ids {
+            Some(p) => {
+                if p.size() != [b, t] && p.size() != [3, b, t] {
+                    bail!("position_ids must be [batch, seq] or M-RoPE's [3, batch, seq] = [3, {b}, {t}], got {:?}", p.size());
+                }
+                let p = p.f_to_device(self.device)?;
+                if self.vision.is_some() && p.dim() == 2 { p.f_unsqueeze(0)?.f_expand([3, b, t], false)? } else { p }
+            }
+            None => self.default_positions(input_ids.as_ref(), attention_mask, key_valid.as_ref(), images, past, (b, t), cache.as_deref_mut())?,
+        };
+        let mut x = match (input, &input_ids) {
+            (_, Some(ids)) => Tensor::f_embedding(embed_tokens.unwrap_or(&self.embed_tokens), ids, -1, false, false)?,
+            (Input::Embeds(e), None) => e.f_to_device(self.device)?.f_to_kind(self.dtype)?,
+            (Input::Ids(_), None) => unreachable!("ids were moved to the device above"),
+        };
+        if let (Some(img), Some(mask), Some((tower, _))) = (images, &image_mask, &self.vision) {
+            let features = tower.forward(&img.pixel_values, &img.image_grid_thw, mode).context("model.visual")?.f_to_kind(x.kind())?;
+            x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
+        }
+        let hidden = self.decode(x, &position_ids, key_valid.as_ref(), past, cache, mode)?;
+        match output {
+            Output::Hidden => Ok(hidden),
+            Output::Logits => Ok(self.lm_head.forward(&hidden, mode)?.f_to_kind(Kind::Float)?),
+            Output::LastLogits => {
+                let last = hidden.f_select(1, t - 1)?;
+                Ok(self.lm_head.forward(&last, mode)?.f_to_kind(Kind::Float)?)
+            }
+        }
     }
 
-    /// [`CausalLM::forward`] with the adapter and training mode of `mode`.
-    pub fn forward_with(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, mode: LinearMode<'_>) -> Result<Tensor> {
-        self.forward_mm_with(input_ids, attention_mask, None, cache, mode)
+    /// Checks token ids: `[batch, seq]`, not empty, int64, inside the vocabulary.
+    fn check_ids(&self, input_ids: &Tensor) -> Result<(i64, i64)> {
+        let size = input_ids.size();
+        let &[b, t] = size.as_slice() else {
+            bail!("input_ids must be [batch, seq] token ids, got shape {size:?}");
+        };
+        if b == 0 || t == 0 {
+            bail!("input_ids is empty (shape {size:?})");
+        }
+        if input_ids.kind() != Kind::Int64 {
+            bail!("input_ids must be int64 token ids, got {:?}", input_ids.kind());
+        }
+        let (lo, hi) = (input_ids.f_min()?.f_int64_value(&[])?, input_ids.f_max()?.f_int64_value(&[])?);
+        if lo < 0 || hi >= self.config.vocab_size {
+            bail!("token id {} is outside the vocabulary (vocab_size {})", if lo < 0 { lo } else { hi }, self.config.vocab_size);
+        }
+        Ok((b, t))
     }
 
-    /// [`CausalLM::forward_with`] with images (Qwen2-VL): their embeddings replace the
-    /// `<|image_pad|>` tokens in order (row 0's first), and positions are 3-D (M-RoPE). Images
-    /// can only come with the first call on a cache (the prefill).
-    pub fn forward_mm_with(
+    /// How many positions `cache` holds (0 without one), after checking it fits `b` rows.
+    fn cached_positions(&self, cache: Option<&KvCache>, b: i64) -> Result<i64> {
+        let Some(c) = cache else { return Ok(0) };
+        if c.batch() != b {
+            bail!("KV cache is for batch {} but input_ids has {b} rows", c.batch());
+        }
+        if c.layers.len() != self.layers.len() {
+            bail!("KV cache has {} layers, the model {}", c.layers.len(), self.layers.len());
+        }
+        Ok(c.seq_len())
+    }
+
+    /// Position ids when the caller gives none: `cumsum(mask) - 1` (or `past..past + t`); for
+    /// Qwen2-VL the 3-D M-RoPE positions of transformers' `get_rope_index` at the prefill
+    /// (keeping each row's delta in the cache) and the 1-D positions shifted by that delta later.
+    #[allow(clippy::too_many_arguments)]
+    fn default_positions(
         &self,
-        input_ids: &Tensor,
+        input_ids: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
+        key_valid: Option<&Tensor>,
         images: Option<&VisionInputs>,
+        past: i64,
+        (b, t): (i64, i64),
         cache: Option<&mut KvCache>,
-        mode: LinearMode<'_>,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states_mm_with(input_ids, attention_mask, images, cache, mode)?;
-        Ok(self.lm_head.forward(&hidden, mode)?.f_to_kind(Kind::Float)?)
+        let text_positions = match key_valid {
+            Some(valid) => valid.f_cumsum(-1, Kind::Int64)?.f_sub_scalar(1)?.f_masked_fill(&valid.f_logical_not()?, 0)?.f_narrow(1, past, t)?,
+            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?.f_unsqueeze(0)?.f_expand([b, t], false)?,
+        };
+        Ok(match (&self.vision, input_ids) {
+            (None, _) => text_positions,
+            // Qwen2-VL prefill (or no cache): transformers' `get_rope_index`, keeping the deltas.
+            (Some((tower, vl)), Some(input_ids)) if past == 0 => {
+                let ids: Vec<i64> = Vec::try_from(&input_ids.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
+                let mask: Option<Vec<i64>> = match attention_mask {
+                    Some(m) => Some(Vec::try_from(&m.f_ne(0)?.f_to_kind(Kind::Int64)?.f_reshape([-1])?.f_to_device(Device::Cpu)?)?),
+                    None => None,
+                };
+                let grids = images.map(|i| i.image_grid_thw.as_slice()).unwrap_or(&[]);
+                let index = rope_index(&ids, b as usize, t as usize, mask.as_deref(), grids, vl.image_token_id, tower.config().spatial_merge_size)?;
+                if let Some(c) = cache {
+                    c.rope_deltas = Some(index.deltas);
+                }
+                Tensor::f_from_slice(&index.positions)?.f_view([3, b, t])?.f_to_device(self.device)?
+            }
+            // Later steps (or embeddings in): 1-D positions shifted by each row's delta, on all three axes.
+            (Some(_), _) => {
+                let deltas = cache.as_deref().and_then(|c| c.rope_deltas.clone()).unwrap_or_else(|| vec![0; b as usize]);
+                let deltas = Tensor::f_from_slice(&deltas)?.f_view([b, 1])?.f_to_device(self.device)?;
+                text_positions.f_add(&deltas)?.f_unsqueeze(0)?.f_expand([3, b, t], false)?
+            }
+        })
     }
 
-    /// Logits `[B, vocab]` (f32) of the last position only (what decoding needs), through the
-    /// active adapter in evaluation mode.
-    pub fn forward_last(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.forward_last_with(input_ids, attention_mask, cache, self.mode(ForwardFlags::NONE, false))
-    }
-
-    /// [`CausalLM::forward_last`] with the adapter and training mode of `mode`.
-    pub fn forward_last_with(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>, mode: LinearMode<'_>) -> Result<Tensor> {
-        self.forward_last_mm_with(input_ids, attention_mask, None, cache, mode)
-    }
-
-    /// [`CausalLM::forward_last_with`] with images (see [`CausalLM::forward_mm_with`]).
-    pub fn forward_last_mm_with(
+    /// The decoder layers and the final norm over input embeddings `x` `[B, T, hidden]`.
+    fn decode(
         &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        images: Option<&VisionInputs>,
-        cache: Option<&mut KvCache>,
+        mut x: Tensor,
+        position_ids: &Tensor,
+        key_valid: Option<&Tensor>,
+        past: i64,
+        mut cache: Option<&mut KvCache>,
         mode: LinearMode<'_>,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states_mm_with(input_ids, attention_mask, images, cache, mode)?;
-        let t = hidden.size()[1];
-        let last = hidden.f_select(1, t - 1)?;
-        Ok(self.lm_head.forward(&last, mode)?.f_to_kind(Kind::Float)?)
-    }
-
-    /// The final hidden states `[B, T, hidden]` (after the last norm), in the model dtype,
-    /// through the active adapter in evaluation mode.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.hidden_states_with(input_ids, attention_mask, cache, self.mode(ForwardFlags::NONE, false))
-    }
-
-    /// [`CausalLM::hidden_states`] with the adapter and training mode of `mode`.
-    pub fn hidden_states_with(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-        mode: LinearMode<'_>,
-    ) -> Result<Tensor> {
-        self.hidden_states_mm_with(input_ids, attention_mask, None, cache, mode)
+        let t = x.size()[1];
+        let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
+        let full_mask = build_mask(key_valid, past, t, None, self.device)?;
+        let mut sliding_masks: Vec<(i64, Mask)> = Vec::new();
+        for l in &self.layers {
+            if let Some(w) = l.self_attn.sliding_window {
+                if !sliding_masks.iter().any(|(sw, _)| *sw == w) {
+                    sliding_masks.push((w, build_mask(key_valid, past, t, Some(w), self.device)?));
+                }
+            }
+        }
+        let prefix = &self.prefix;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = match layer.self_attn.sliding_window {
+                Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,
+                None => &full_mask,
+            };
+            x = if self.gradient_checkpointing && cache.is_none() && crate::model::checkpoint::grad_enabled() {
+                layer.forward_checkpointed(&x, &cos, &sin, mask, mode)
+            } else {
+                layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)), mode)
+            }
+            .with_context(|| format!("{prefix}.layers.{i}"))?;
+        }
+        self.norm.forward(&x)
     }
 
     /// Checks that the `<|image_pad|>` tokens of `input_ids` are as many as the images' merged
@@ -864,135 +973,90 @@ impl CausalLM {
         }
         Ok(mask)
     }
+}
 
-    /// [`CausalLM::hidden_states_with`] with images (see [`CausalLM::forward_mm_with`]).
-    pub fn hidden_states_mm_with(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        images: Option<&VisionInputs>,
-        mut cache: Option<&mut KvCache>,
-        mode: LinearMode<'_>,
-    ) -> Result<Tensor> {
-        let size = input_ids.size();
-        let &[b, t] = size.as_slice() else {
-            bail!("input_ids must be [batch, seq] token ids, got shape {size:?}");
-        };
-        if b == 0 || t == 0 {
-            bail!("input_ids is empty (shape {size:?})");
-        }
-        if input_ids.kind() != Kind::Int64 {
-            bail!("input_ids must be int64 token ids, got {:?}", input_ids.kind());
-        }
-        let input_ids = input_ids.f_to_device(self.device)?;
-        let (lo, hi) = (input_ids.f_min()?.f_int64_value(&[])?, input_ids.f_max()?.f_int64_value(&[])?);
-        if lo < 0 || hi >= self.config.vocab_size {
-            bail!("token id {} is outside the vocabulary (vocab_size {})", if lo < 0 { lo } else { hi }, self.config.vocab_size);
-        }
-        let past = match cache.as_deref() {
-            Some(c) => {
-                if c.batch() != b {
-                    bail!("KV cache is for batch {} but input_ids has {b} rows", c.batch());
-                }
-                if c.layers.len() != self.layers.len() {
-                    bail!("KV cache has {} layers, the model {}", c.layers.len(), self.layers.len());
-                }
-                c.seq_len()
-            }
-            None => 0,
-        };
-        if let Some(m) = attention_mask {
-            if m.size() != [b, past + t] {
-                bail!(
-                    "attention_mask must be [batch, past + seq] = [{b}, {}] (past {past}, seq {t}), got {:?}",
-                    past + t,
-                    m.size()
-                );
-            }
-        }
-        let images = images.filter(|i| !i.image_grid_thw.is_empty());
-        let image_mask = match (images, &self.vision) {
-            (None, _) => None,
-            (Some(_), None) => bail!(
-                "images were given to a {} model, which has no vision tower (use a Qwen2-VL model)",
-                self.config.architecture().hf_name()
-            ),
-            (Some(_), Some(_)) if past > 0 => {
-                bail!("images can only be given with the first call on a KV cache (the prefill); this cache holds {past} positions")
-            }
-            (Some(img), Some((tower, vl))) => Some(self.image_token_mask(&input_ids, img, tower, vl.image_token_id)?),
-        };
-        // An all-ones mask is no mask (transformers' `_ignore_causal_mask_sdpa`): SDPA then runs
-        // its causal kernel with GQA instead of an explicit mask over repeated keys and values.
-        // Position ids are the same either way.
-        let key_valid = match attention_mask {
-            Some(m) => {
-                let valid = m.f_to_device(self.device)?.f_ne(0)?;
-                if valid.f_all()?.f_int64_value(&[])? != 0 { None } else { Some(valid) }
-            }
-            None => None,
-        };
-        let text_positions = match &key_valid {
-            Some(valid) => valid
-                .f_cumsum(-1, Kind::Int64)?
-                .f_sub_scalar(1)?
-                .f_masked_fill(&valid.f_logical_not()?, 0)?
-                .f_narrow(1, past, t)?,
-            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?.f_unsqueeze(0)?.f_expand([b, t], false)?,
-        };
-        let position_ids = match &self.vision {
-            None => text_positions,
-            // Qwen2-VL prefill (or no cache): transformers' `get_rope_index`, keeping the deltas.
-            Some((tower, vl)) if past == 0 => {
-                let ids: Vec<i64> = Vec::try_from(&input_ids.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
-                let mask: Option<Vec<i64>> = match attention_mask {
-                    Some(m) => Some(Vec::try_from(&m.f_ne(0)?.f_to_kind(Kind::Int64)?.f_reshape([-1])?.f_to_device(Device::Cpu)?)?),
-                    None => None,
-                };
-                let grids = images.map(|i| i.image_grid_thw.as_slice()).unwrap_or(&[]);
-                let index = rope_index(&ids, b as usize, t as usize, mask.as_deref(), grids, vl.image_token_id, tower.config().spatial_merge_size)?;
-                if let Some(c) = cache.as_deref_mut() {
-                    c.rope_deltas = Some(index.deltas);
-                }
-                Tensor::f_from_slice(&index.positions)?.f_view([3, b, t])?.f_to_device(self.device)?
-            }
-            // Later steps: 1-D positions shifted by each row's delta, on all three axes.
-            Some(_) => {
-                let deltas = cache.as_deref().and_then(|c| c.rope_deltas.clone()).unwrap_or_else(|| vec![0; b as usize]);
-                let deltas = Tensor::f_from_slice(&deltas)?.f_view([b, 1])?.f_to_device(self.device)?;
-                text_positions.f_add(&deltas)?.f_unsqueeze(0)?.f_expand([3, b, t], false)?
-            }
-        };
-        let (cos, sin) = self.rotary.cos_sin(&position_ids, self.dtype)?;
-        let full_mask = build_mask(key_valid.as_ref(), past, t, None, self.device)?;
-        let mut sliding_masks: Vec<(i64, Mask)> = Vec::new();
-        for l in &self.layers {
-            if let Some(w) = l.self_attn.sliding_window {
-                if !sliding_masks.iter().any(|(sw, _)| *sw == w) {
-                    sliding_masks.push((w, build_mask(key_valid.as_ref(), past, t, Some(w), self.device)?));
-                }
-            }
-        }
-        let embed = mode.adapter.and_then(|name| self.embed_tokens_copy(name)).unwrap_or(&self.embed_tokens);
-        let mut x = Tensor::f_embedding(embed, &input_ids, -1, false, false)?;
-        if let (Some(img), Some(mask), Some((tower, _))) = (images, &image_mask, &self.vision) {
-            let features = tower.forward(&img.pixel_values, &img.image_grid_thw, mode).context("model.visual")?.f_to_kind(x.kind())?;
-            x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
-        }
-        let prefix = &self.prefix;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mask = match layer.self_attn.sliding_window {
-                Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,
-                None => &full_mask,
-            };
-            x = if self.gradient_checkpointing && cache.is_none() && crate::checkpoint::grad_enabled() {
-                layer.forward_checkpointed(&x, &cos, &sin, mask, mode)
-            } else {
-                layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)), mode)
-            }
-            .with_context(|| format!("{prefix}.layers.{i}"))?;
-        }
-        self.norm.forward(&x)
+/// What a forward pass returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Output {
+    /// Logits `[B, T, vocab]` in f32.
+    #[default]
+    Logits,
+    /// Logits `[B, vocab]` (f32) of the last position only (what decoding needs).
+    LastLogits,
+    /// The final hidden states `[B, T, hidden]` (after the last norm), in the model dtype.
+    Hidden,
+}
+
+/// What a forward pass reads: token ids `[B, T]` (i64), or input embeddings `[B, T, hidden]`.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    Ids(&'a Tensor),
+    Embeds(&'a Tensor),
+}
+
+/// The arguments of [`CausalLM::forward`]: built from the input, then set with the builder
+/// methods (`ForwardArgs::ids(&ids).mask(Some(&m)).cache(Some(&mut c)).last()`).
+pub struct ForwardArgs<'a> {
+    pub input: Input<'a>,
+    /// `[B, past + T]`, 1 = token, 0 = padding (`None`: every position is a token).
+    pub attention_mask: Option<&'a Tensor>,
+    /// `[B, T]`, or `[3, B, T]` for Qwen2-VL's M-RoPE (`None`: computed from the mask).
+    pub position_ids: Option<&'a Tensor>,
+    /// Qwen2-VL: the images whose embeddings replace the `<|image_pad|>` tokens.
+    pub images: Option<&'a VisionInputs>,
+    pub cache: Option<&'a mut KvCache>,
+    /// The adapter and training mode of the linear layers (`None`: evaluation, through the
+    /// active adapter of a [`crate::peft::PeftModel`], or the base model of a bare `CausalLM`).
+    pub mode: Option<LinearMode<'a>>,
+    /// The token embedding to look ids up in instead of the model's (an adapter's trainable
+    /// copy, set by [`crate::peft::PeftModel::forward`]).
+    pub embed_tokens: Option<&'a Tensor>,
+    pub output: Output,
+}
+
+impl<'a> ForwardArgs<'a> {
+    fn from_input(input: Input<'a>) -> Self {
+        Self { input, attention_mask: None, position_ids: None, images: None, cache: None, mode: None, embed_tokens: None, output: Output::Logits }
+    }
+
+    /// A pass over token ids `[B, T]`.
+    pub fn ids(input_ids: &'a Tensor) -> Self {
+        Self::from_input(Input::Ids(input_ids))
+    }
+
+    /// A pass over input embeddings `[B, T, hidden]`.
+    pub fn embeds(inputs_embeds: &'a Tensor) -> Self {
+        Self::from_input(Input::Embeds(inputs_embeds))
+    }
+
+    pub fn mask(self, attention_mask: Option<&'a Tensor>) -> Self {
+        Self { attention_mask, ..self }
+    }
+
+    pub fn positions(self, position_ids: Option<&'a Tensor>) -> Self {
+        Self { position_ids, ..self }
+    }
+
+    pub fn images(self, images: Option<&'a VisionInputs>) -> Self {
+        Self { images, ..self }
+    }
+
+    pub fn cache(self, cache: Option<&'a mut KvCache>) -> Self {
+        Self { cache, ..self }
+    }
+
+    pub fn mode(self, mode: LinearMode<'a>) -> Self {
+        Self { mode: Some(mode), ..self }
+    }
+
+    /// Return the last position's logits `[B, vocab]`.
+    pub fn last(self) -> Self {
+        Self { output: Output::LastLogits, ..self }
+    }
+
+    /// Return the final hidden states `[B, T, hidden]`.
+    pub fn hidden(self) -> Self {
+        Self { output: Output::Hidden, ..self }
     }
 }
 

@@ -1,5 +1,5 @@
 //! Writing a model as a Hugging Face directory transformers loads (`save_pretrained`): after
-//! [`CausalLM::merge_adapter`](super::CausalLM::merge_adapter) this is the merged model.
+//! [`PeftModel::merge_adapter`](crate::peft::PeftModel::merge_adapter) this is the merged model.
 //!
 //! `config.json` is the source's (with `tie_word_embeddings` set to false when a merge gave a
 //! tied `lm_head` a weight of its own, and `dtype` updated when the dtype changes);
@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::init::write_safetensors;
+use crate::util::safetensors;
 use super::weights::checkpoint_dtypes;
 use super::CausalLM;
 
@@ -55,11 +55,12 @@ impl CausalLM {
     /// `source_dir` (the directory it was loaded from). `dtype` = None keeps each tensor's
     /// source dtype. `out_dir` must not exist or be empty.
     pub fn save_pretrained(&self, out_dir: &Path, source_dir: &Path, dtype: Option<Kind>) -> Result<()> {
-        if let Some(name) = self.adapter_names().first() {
+        let attached = self.linears().into_iter().find_map(|(_, l)| l.adapter_names().chain(l.copy_names()).next().map(str::to_string));
+        if let Some(name) = attached {
             bail!("save_pretrained: adapter `{name}` is still attached; merge it (merge_adapter) or save it as a PEFT directory (save_peft_adapter)");
         }
         if let Some((name, _)) = self.linears().into_iter().find(|(_, l)| l.quantized.is_some()) {
-            bail!("save_pretrained: `{name}` is stored quantized; make the weights dense first (crate::quant::dequantize_all)");
+            bail!("save_pretrained: `{name}` is stored quantized; make the weights dense first (dequantize them)");
         }
         if let Some(kind) = dtype {
             super::weights::check_compute_dtype(kind)?;
@@ -105,11 +106,11 @@ impl CausalLM {
 
         let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-        let staging = crate::atomic::temp_path(out_dir);
+        let staging = crate::util::atomic::temp_path(out_dir);
         let _ = std::fs::remove_dir_all(&staging);
         let result = (|| -> Result<()> {
             std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-            write_safetensors(&staging.join("model.safetensors"), &tensors)?;
+            safetensors::write(&staging.join("model.safetensors"), &tensors)?;
             std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
             for name in COPIED_FILES {
                 let src = source_dir.join(name);
@@ -133,13 +134,12 @@ impl CausalLM {
 
 /// The tensors of a saved model directory by key (what tests and tools compare).
 pub fn read_model_tensors(dir: &Path) -> Result<Vec<(String, Tensor)>> {
-    let path = dir.join(super::weights::SINGLE_FILE);
-    Tensor::read_safetensors(&path).with_context(|| format!("cannot read {}", path.display()))
+    safetensors::read(&dir.join(super::weights::SINGLE_FILE))
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::adapters::tests::{additive, tiny_model};
+    use crate::peft::adapters::tests::{additive, tiny_model};
     use tch::Kind;
 
     #[test]
@@ -156,7 +156,7 @@ mod tests {
         std::fs::write(src.join("config.json"), cfg).unwrap();
         std::fs::write(src.join("tokenizer.json"), "{}").unwrap();
         let bf16: Vec<_> = m.named_weights().into_iter().map(|(k, t)| (k, t.to_kind(Kind::BFloat16))).collect();
-        super::write_safetensors(&src.join("model.safetensors"), &bf16).unwrap();
+        crate::util::safetensors::write(&src.join("model.safetensors"), &bf16).unwrap();
 
         m.attach_adapter("default", additive(&["q_proj", "lm_head"])).unwrap();
         assert!(m.save_pretrained(&root.join("x"), &src, None).unwrap_err().to_string().contains("merge it"));

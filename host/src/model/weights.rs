@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::util::safetensors::{self, HeaderEntry};
+
 /// The single-file checkpoint name.
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint.
@@ -76,72 +78,19 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// One tensor of a safetensors file, as its header describes it.
-struct HeaderEntry {
-    key: String,
-    saved: Kind,
-    shape: Vec<i64>,
-    /// Byte range in the file (header included).
-    begin: u64,
-    end: u64,
-}
-
-fn saved_kind(dtype: &str) -> Option<Kind> {
-    Some(match dtype {
-        "F32" => Kind::Float,
-        "BF16" => Kind::BFloat16,
-        "F16" => Kind::Half,
-        "F64" => Kind::Double,
-        _ => return None,
-    })
-}
-
-/// Reads and checks the header of the safetensors `file` (not its tensors): every entry a
-/// floating-point tensor whose byte range holds exactly its elements and lies inside the
-/// file, so that a truncated or corrupt file fails here, before any tensor is read.
+/// The header of a checkpoint file, every entry checked to be a floating-point tensor
+/// (see [`safetensors::read_header`]).
 fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
-    use std::io::Read;
-    let bad = |why: String| {
-        anyhow::anyhow!("{} is not a readable safetensors file ({why}): it is truncated or corrupt; re-save or re-download it", file.display())
-    };
-    let mut f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let file_len = f.metadata().with_context(|| format!("cannot read {}", file.display()))?.len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| bad(format!("its header length: {e}")))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 || 8 + len > file_len {
-        return Err(bad(format!("a header of {len} bytes in a file of {file_len}")));
+    let entries = safetensors::read_header(file)?;
+    if let Some(e) = entries.iter().find(|e| !matches!(e.kind, Some(Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double))) {
+        bail!(
+            "tensor `{}` in {} has dtype `{}`; model weights must be floating point (F32, BF16, F16 or F64)",
+            e.key,
+            file.display(),
+            e.dtype_name
+        );
     }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
-    let data_start = 8 + len;
-    let mut out = Vec::with_capacity(header.len());
-    for (key, info) in header {
-        if key == "__metadata__" {
-            continue;
-        }
-        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
-        let Some(saved) = saved_kind(dtype) else {
-            bail!("tensor `{key}` in {} has dtype `{dtype}`; model weights must be floating point (F32, BF16, F16 or F64)", file.display());
-        };
-        let shape: Option<Vec<i64>> = info.get("shape").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as i64)).collect());
-        let shape = shape.ok_or_else(|| bad(format!("tensor `{key}` has no valid `shape`")))?;
-        let offsets: Option<Vec<u64>> = info.get("data_offsets").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64()).collect());
-        let (begin, end) = match offsets.as_deref() {
-            Some([b, e]) if b <= e => (data_start + b, data_start + e),
-            _ => return Err(bad(format!("tensor `{key}` has no valid `data_offsets`"))),
-        };
-        let bytes = shape.iter().product::<i64>() as u64 * saved.elt_size_in_bytes() as u64;
-        if end - begin != bytes {
-            return Err(bad(format!("tensor `{key}` of shape {shape:?} ({dtype}) spans {} bytes, not {bytes}", end - begin)));
-        }
-        if end > file_len {
-            return Err(bad(format!("tensor `{key}` ends at byte {end} of a file of {file_len}")));
-        }
-        out.push(HeaderEntry { key, saved, shape, begin, end });
-    }
-    Ok(out)
+    Ok(entries)
 }
 
 /// The dtype of every tensor of the checkpoint in `dir`, read from the safetensors headers
@@ -149,7 +98,7 @@ fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
 pub fn checkpoint_dtypes(dir: &Path) -> Result<HashMap<String, Kind>> {
     let mut out = HashMap::new();
     for file in checkpoint_files(dir)? {
-        out.extend(read_header(&file)?.into_iter().map(|e| (e.key, e.saved)));
+        out.extend(read_header(&file)?.into_iter().filter_map(|e| Some((e.key, e.kind?))));
     }
     Ok(out)
 }
@@ -157,7 +106,7 @@ pub fn checkpoint_dtypes(dir: &Path) -> Result<HashMap<String, Kind>> {
 /// Where a tensor of [`Weights`] is: already in memory, or still in its file.
 enum Stored {
     Memory(Tensor),
-    File { saved: Kind, shape: Vec<i64>, begin: u64, end: u64 },
+    File(HeaderEntry),
 }
 
 impl Weights {
@@ -174,9 +123,9 @@ impl Weights {
                 if e.key.ends_with("rotary_emb.inv_freq") {
                     continue; // a buffer some old checkpoints carry; recomputed from config.json
                 }
-                let stored = Stored::File { saved: e.saved, shape: e.shape, begin: e.begin, end: e.end };
-                if let Some((_, other)) = tensors.insert(e.key.clone(), (stored, file.clone())) {
-                    bail!("tensor `{}` is stored twice: in {} and {}", e.key, other.display(), file.display());
+                let key = e.key.clone();
+                if let Some((_, other)) = tensors.insert(key.clone(), (Stored::File(e), file.clone())) {
+                    bail!("tensor `{key}` is stored twice: in {} and {}", other.display(), file.display());
                 }
             }
         }
@@ -197,7 +146,7 @@ impl Weights {
             Some((stored, file)) => {
                 let size = match &stored {
                     Stored::Memory(t) => t.size(),
-                    Stored::File { shape, .. } => shape.clone(),
+                    Stored::File(e) => e.shape.clone(),
                 };
                 if size != shape {
                     bail!(
@@ -216,25 +165,14 @@ impl Weights {
 
     /// The tensor itself: in memory already, or read from its byte range of `file`.
     fn read(&self, key: &str, stored: Stored, file: &Path) -> Result<Tensor> {
-        use std::os::unix::fs::FileExt;
-        let (saved, shape, begin, end) = match stored {
+        let entry = match stored {
             Stored::Memory(t) => return Ok(t),
-            Stored::File { saved, shape, begin, end } => (saved, shape, begin, end),
+            Stored::File(entry) => entry,
         };
-        let context = || format!("cannot load tensor `{key}` from {}", file.display());
-        let f = std::fs::File::open(file).with_context(context)?;
-        // Read straight into the tensor's storage: no second copy of the bytes, which for the
-        // largest tensor (the embedding) would add its size to the loading peak.
-        let t = Tensor::f_empty(&shape, (saved, Device::Cpu)).with_context(context)?;
-        let len = (end - begin) as usize;
-        if len > 0 {
-            anyhow::ensure!(t.numel() * saved.elt_size_in_bytes() == len, "tensor `{key}`: {len} bytes for shape {shape:?} of {saved:?}");
-            // SAFETY: `t` is a new contiguous CPU tensor of exactly `len` bytes (checked just
-            // above), not shared with anything yet; every byte is written before it is read.
-            let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) };
-            f.read_exact_at(buf, begin).with_context(context)?;
-        }
-        Ok(t.f_to_device(self.device).and_then(|t| t.f_to_kind(self.dtype)).with_context(context)?)
+        let t = safetensors::read_tensor(file, &entry)?;
+        t.f_to_device(self.device)
+            .and_then(|t| t.f_to_kind(self.dtype))
+            .with_context(|| format!("cannot load tensor `{key}` from {}", file.display()))
     }
 
     /// Takes `key` when present (optional tensors such as an untied lm_head kept by a tied model).

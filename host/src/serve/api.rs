@@ -28,7 +28,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::engine::{Command, Event, GenRequest, PromptInput, MAX_STOP_SEQUENCES};
 use crate::data::images::IMAGE_PLACEHOLDER;
 use super::error::ApiError;
-use crate::pipeline::SamplingChoice;
+use crate::generate::pipeline::SamplingChoice;
 
 /// What every handler shares.
 pub struct AppState {

@@ -9,8 +9,9 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use super::engine::{decode_step, join_rows};
-use crate::linear::LinearMode;
-use crate::model::CausalLM;
+use crate::model::linear::LinearMode;
+use crate::model::{CausalLM, ForwardArgs};
+use crate::peft::PeftModel;
 use crate::plugins::Registry;
 
 /// What `bench serve` runs.
@@ -52,7 +53,7 @@ pub struct ServeBenchResult {
 
 /// Prefills each row alone (as the engine admits requests), joins them, then times
 /// `new_tokens` greedy decode steps with the rows' adapters. Returns decode tokens/s.
-fn time_decode(model: &CausalLM, prompts: &[Vec<i64>], names: &[Option<&str>], new_tokens: usize) -> Result<f64> {
+fn time_decode(model: &PeftModel, prompts: &[Vec<i64>], names: &[Option<&str>], new_tokens: usize) -> Result<f64> {
     tch::no_grad(|| {
         let device = model.device();
         let mut cache = model.new_cache(0);
@@ -64,7 +65,7 @@ fn time_decode(model: &CausalLM, prompts: &[Vec<i64>], names: &[Option<&str>], n
             let m = Tensor::f_ones([1, l], (Kind::Int64, device))?;
             let mut c = model.new_cache(1);
             let mode = LinearMode { adapter: *name, train: false, rows: None };
-            let logits = model.forward_last_with(&input, Some(&m), Some(&mut c), mode)?;
+            let logits = model.forward(ForwardArgs::ids(&input).mask(Some(&m)).cache(Some(&mut c)).mode(mode).last())?;
             tokens.push(logits.f_argmax(-1, false)?.f_int64_value(&[0])?);
             join_rows(&mut cache, &mut mask, c, m)?;
         }
@@ -86,7 +87,7 @@ fn time_decode(model: &CausalLM, prompts: &[Vec<i64>], names: &[Option<&str>], n
 pub fn bench_serve(dir: &Path, registry: &Registry, device: Device, dtype: Kind, opts: &ServeBench) -> Result<ServeBenchResult> {
     anyhow::ensure!(opts.requests >= 1 && opts.prompt_len >= 1 && opts.new_tokens >= 1, "bench serve needs requests, prompt_len and new_tokens ≥ 1");
     tch::manual_seed(0);
-    let mut model = CausalLM::load(dir, device, dtype)?;
+    let mut model = PeftModel::new(CausalLM::load(dir, device, dtype)?);
     let names: Vec<String> = (0..opts.requests).map(|i| format!("a{i}")).collect();
     let lora = serde_json::json!({"r": opts.rank, "lora_alpha": 2 * opts.rank, "target_modules": "all-linear"}).to_string();
     for name in &names {

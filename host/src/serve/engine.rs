@@ -29,13 +29,14 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::error::ApiError;
-use crate::adapters::CAP_INIT_REWRITES_BASE;
+use crate::peft::adapters::CAP_INIT_REWRITES_BASE;
 use crate::generate::{warp_logits, SamplingParams};
-use crate::linear::LinearMode;
-use crate::model::{CausalLM, KvCache, VisionInputs};
-use crate::pipeline::{SamplingChoice, TextGenerator};
+use crate::model::linear::LinearMode;
+use crate::model::{ForwardArgs, KvCache, VisionInputs};
+use crate::peft::PeftModel;
+use crate::generate::pipeline::{SamplingChoice, TextGenerator};
 use crate::plugins::Registry;
-use crate::rng::SplitMix64;
+use crate::util::rng::SplitMix64;
 
 /// Counters the engine keeps and `/health` shows.
 #[derive(Debug, Default)]
@@ -276,12 +277,12 @@ pub fn rows_mode<'a>(names: &'a [Option<&'a str>]) -> LinearMode<'a> {
 
 /// One decode step: feeds `tokens` (one per row) after the cached positions, extends `mask`
 /// by one column, and returns the logits `[B, V]` of the new position.
-pub fn decode_step(model: &CausalLM, cache: &mut KvCache, mask: &mut Tensor, tokens: &[i64], names: &[Option<&str>]) -> Result<Tensor> {
+pub fn decode_step(model: &PeftModel, cache: &mut KvCache, mask: &mut Tensor, tokens: &[i64], names: &[Option<&str>]) -> Result<Tensor> {
     let b = tokens.len() as i64;
     let device = model.device();
     let input = Tensor::f_from_slice(tokens)?.f_view([b, 1])?.f_to_device(device)?;
     *mask = Tensor::f_cat(&[&*mask, &Tensor::f_ones([b, 1], (Kind::Int64, device))?], 1)?;
-    model.forward_last_with(&input, Some(mask), Some(cache), rows_mode(names))
+    model.forward(ForwardArgs::ids(&input).mask(Some(mask)).cache(Some(cache)).mode(rows_mode(names)).last())
 }
 
 /// Left-pads a `[B, S]` mask with zeros to `width` columns.
@@ -333,7 +334,7 @@ impl Engine {
         }
     }
 
-    pub fn model(&self) -> &CausalLM {
+    pub fn model(&self) -> &PeftModel {
         &self.gen.model
     }
 
@@ -488,11 +489,11 @@ impl Engine {
     /// Refuses adapters that would change the shared base model: full weights trained beside
     /// the adapter, or an initialisation that rewrites base weights (PiSSA, OLoRA).
     fn check_adapter(&self, dir: &Path) -> Result<(), ApiError> {
-        if dir.join(crate::non_lora::NON_LORA_FILE).exists() {
+        if dir.join(crate::peft::non_lora::NON_LORA_FILE).exists() {
             return Err(ApiError::bad_request(format!(
                 "{} holds {}: full weights that replace the base model's, which a server shared by many adapters cannot do; merge it instead",
                 dir.display(),
-                crate::non_lora::NON_LORA_FILE
+                crate::peft::non_lora::NON_LORA_FILE
             ))
             .code("invalid_adapter"));
         }
@@ -663,7 +664,7 @@ impl Engine {
             let mask = Tensor::f_ones([1, l], (Kind::Int64, device))?;
             let mut cache = model.new_cache(1);
             let mode = LinearMode { adapter: internal.as_deref(), train: false, rows: None };
-            let logits = model.forward_last_mm_with(&input, Some(&mask), vision.as_ref(), Some(&mut cache), mode)?;
+            let logits = model.forward(ForwardArgs::ids(&input).mask(Some(&mask)).images(vision.as_ref()).cache(Some(&mut cache)).mode(mode).last())?;
             let tok = pick_tokens(&logits, &mut [(&params, &mut rng)])?[0];
             Ok((cache, mask, tok))
         });

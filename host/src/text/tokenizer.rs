@@ -161,66 +161,8 @@ impl TokenizerConfig {
             }
         }
 
-        match obj.get("added_tokens_decoder") {
-            None | Some(Json::Null) => {}
-            Some(Json::Object(entries)) => {
-                for (id, v) in entries {
-                    let key = format!("added_tokens_decoder.{id}");
-                    let id: u32 =
-                        id.parse().map_err(|_| anyhow!("{f}: key `{key}`: the key must be a token id (a non-negative integer)"))?;
-                    let o = v.as_object().ok_or_else(|| anyhow!("{f}: key `{key}`: expected an object, found {}", kind(v)))?;
-                    let content = match o.get("content") {
-                        Some(Json::String(s)) => s.clone(),
-                        other => bail!(
-                            "{f}: key `{key}.content`: expected a string, found {}",
-                            other.map(kind).unwrap_or_else(|| "nothing".into())
-                        ),
-                    };
-                    let b = |name: &str, default: bool| -> Result<bool> {
-                        match o.get(name) {
-                            None | Some(Json::Null) => Ok(default),
-                            Some(Json::Bool(b)) => Ok(*b),
-                            Some(other) => bail!("{f}: key `{key}.{name}`: expected true or false, found {}", kind(other)),
-                        }
-                    };
-                    let special = b("special", false)?;
-                    let spec = AddedTokenSpec {
-                        content,
-                        special,
-                        lstrip: b("lstrip", false)?,
-                        rstrip: b("rstrip", false)?,
-                        single_word: b("single_word", false)?,
-                        normalized: b("normalized", !special)?,
-                    };
-                    cfg.added_tokens.insert(id, spec);
-                }
-            }
-            Some(other) => bail!("{f}: key `added_tokens_decoder`: expected an object of id -> token, found {}", kind(other)),
-        }
-
-        cfg.chat_templates = match obj.get("chat_template") {
-            None | Some(Json::Null) => None,
-            Some(Json::String(s)) => Some(vec![(super::chat_template::DEFAULT_TEMPLATE.to_string(), s.clone())]),
-            Some(Json::Array(items)) => {
-                let mut list = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    let name = item.get("name").and_then(Json::as_str);
-                    let template = item.get("template").and_then(Json::as_str);
-                    match (name, template) {
-                        (Some(n), Some(t)) => list.push((n.to_string(), t.to_string())),
-                        _ => bail!(
-                            "{f}: key `chat_template[{i}]`: expected an object with string \"name\" and \"template\", found {}",
-                            kind(item)
-                        ),
-                    }
-                }
-                Some(list)
-            }
-            Some(other) => bail!(
-                "{f}: key `chat_template`: expected a template string or a list of {{\"name\", \"template\"}} objects, found {}",
-                kind(other)
-            ),
-        };
+        cfg.added_tokens = parse_added_tokens(obj, file)?;
+        cfg.chat_templates = parse_chat_templates(obj, file)?;
 
         cfg.add_bos_token = flag("add_bos_token")?;
         cfg.add_eos_token = flag("add_eos_token")?;
@@ -228,6 +170,78 @@ impl TokenizerConfig {
         cfg.split_special_tokens = flag("split_special_tokens")?.unwrap_or(false);
         Ok(cfg)
     }
+}
+
+/// `added_tokens_decoder` of a `tokenizer_config.json`: token id → how the token is matched.
+fn parse_added_tokens(obj: &serde_json::Map<String, Json>, file: &Path) -> Result<BTreeMap<u32, AddedTokenSpec>> {
+    let f = file.display();
+    let mut out = BTreeMap::new();
+    match obj.get("added_tokens_decoder") {
+        None | Some(Json::Null) => {}
+        Some(Json::Object(entries)) => {
+            for (id, v) in entries {
+                let key = format!("added_tokens_decoder.{id}");
+                let id: u32 =
+                    id.parse().map_err(|_| anyhow!("{f}: key `{key}`: the key must be a token id (a non-negative integer)"))?;
+                let o = v.as_object().ok_or_else(|| anyhow!("{f}: key `{key}`: expected an object, found {}", kind(v)))?;
+                let content = match o.get("content") {
+                    Some(Json::String(s)) => s.clone(),
+                    other => bail!(
+                        "{f}: key `{key}.content`: expected a string, found {}",
+                        other.map(kind).unwrap_or_else(|| "nothing".into())
+                    ),
+                };
+                let b = |name: &str, default: bool| -> Result<bool> {
+                    match o.get(name) {
+                        None | Some(Json::Null) => Ok(default),
+                        Some(Json::Bool(b)) => Ok(*b),
+                        Some(other) => bail!("{f}: key `{key}.{name}`: expected true or false, found {}", kind(other)),
+                    }
+                };
+                let special = b("special", false)?;
+                let spec = AddedTokenSpec {
+                    content,
+                    special,
+                    lstrip: b("lstrip", false)?,
+                    rstrip: b("rstrip", false)?,
+                    single_word: b("single_word", false)?,
+                    normalized: b("normalized", !special)?,
+                };
+                out.insert(id, spec);
+            }
+        }
+        Some(other) => bail!("{f}: key `added_tokens_decoder`: expected an object of id -> token, found {}", kind(other)),
+    }
+    Ok(out)
+}
+
+/// `chat_template` of a `tokenizer_config.json`: one template, or a list of named ones.
+fn parse_chat_templates(obj: &serde_json::Map<String, Json>, file: &Path) -> Result<Option<Vec<(String, String)>>> {
+    let f = file.display();
+    let templates = match obj.get("chat_template") {
+        None | Some(Json::Null) => None,
+        Some(Json::String(s)) => Some(vec![(super::chat_template::DEFAULT_TEMPLATE.to_string(), s.clone())]),
+        Some(Json::Array(items)) => {
+            let mut list = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let name = item.get("name").and_then(Json::as_str);
+                let template = item.get("template").and_then(Json::as_str);
+                match (name, template) {
+                    (Some(n), Some(t)) => list.push((n.to_string(), t.to_string())),
+                    _ => bail!(
+                        "{f}: key `chat_template[{i}]`: expected an object with string \"name\" and \"template\", found {}",
+                        kind(item)
+                    ),
+                }
+            }
+            Some(list)
+        }
+        Some(other) => bail!(
+            "{f}: key `chat_template`: expected a template string or a list of {{\"name\", \"template\"}} objects, found {}",
+            kind(other)
+        ),
+    };
+    Ok(templates)
 }
 
 /// A tokenizer loaded from `tokenizer.json` (+ `tokenizer_config.json`).

@@ -44,9 +44,9 @@ pub struct TrainConfig {
     /// The adapter plugin and its configuration (e.g. `plugin: lora`, `r: 8`).
     pub adapter: PluginSection,
     /// Quantized base weights (QLoRA): `plugin: nf4|int8`, the plugin's keys and
-    /// `skip_modules` (see `crate::quant`). Default none (dense base).
+    /// `skip_modules` (see `crate::peft::quant`). Default none (dense base).
     #[serde(default)]
-    pub quantization: Option<crate::quant::QuantizationConfig>,
+    pub quantization: Option<crate::peft::quant::QuantizationConfig>,
     /// A PEFT adapter directory whose weights start the run instead of the plugin's init
     /// (continue training an adapter; relative to the config file).
     #[serde(default)]

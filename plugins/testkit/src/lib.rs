@@ -116,10 +116,10 @@ impl AdapterLayer for LowRankLayer {
         Ok(())
     }
     fn merged_weight(&self, base_weight: &Tensor) -> PluginResult<Tensor> {
-        Ok(tch::no_grad(|| -> PluginResult<Tensor> { Ok(base_weight.f_add(&self.delta()?.f_to_kind(base_weight.kind())?)?) })?)
+        tch::no_grad(|| -> PluginResult<Tensor> { Ok(base_weight.f_add(&self.delta()?.f_to_kind(base_weight.kind())?)?) })
     }
     fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor> {
-        Ok(tch::no_grad(|| -> PluginResult<Tensor> { Ok(merged_weight.f_sub(&self.delta()?.f_to_kind(merged_weight.kind())?)?) })?)
+        tch::no_grad(|| -> PluginResult<Tensor> { Ok(merged_weight.f_sub(&self.delta()?.f_to_kind(merged_weight.kind())?)?) })
     }
 }
 

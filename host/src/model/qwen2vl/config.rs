@@ -267,7 +267,7 @@ pub fn text_config_value(value: &Value, path: &Path) -> Result<Value> {
     if !has_theta {
         text.insert("rope_theta".into(), json!(1_000_000.0));
     }
-    if !text.get("rms_norm_eps").is_some_and(|v| !v.is_null()) {
+    if text.get("rms_norm_eps").is_none_or(|v| v.is_null()) {
         text.insert("rms_norm_eps".into(), json!(1e-5));
     }
     // transformers 5 reads `tie_word_embeddings` at the top level, falling back to a true one

@@ -38,7 +38,7 @@ pub fn rope_index(
     let mut images = image_grid_thw.iter().enumerate();
     for row in 0..batch {
         let valid: Vec<usize> =
-            (0..seq).filter(|&j| attention_mask.map_or(true, |mask| mask[row * seq + j] != 0)).collect();
+            (0..seq).filter(|&j| attention_mask.is_none_or(|mask| mask[row * seq + j] != 0)).collect();
         let mut put = |k: usize, t: i64, h: i64, w: i64| {
             let j = row * seq + valid[k];
             positions[j] = t;

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::config::VisionConfig;
-use crate::linear::{FrozenLinear, LinearMode};
+use crate::model::linear::{FrozenLinear, LinearMode};
 use crate::model::llama::linear;
 use crate::model::weights::Weights;
 

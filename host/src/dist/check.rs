@@ -14,7 +14,7 @@ use ferrotune_plugin_api::{Collectives, ReduceOp};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-use crate::collectives::{timeout_from_env, Backend, ProcessGroup, RankEnv, BACKEND_VAR};
+use crate::dist::collectives::{timeout_from_env, Backend, ProcessGroup, RankEnv, BACKEND_VAR};
 
 /// What `dist-check` runs.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ pub struct CheckReport {
 pub fn run(opts: &CheckOptions) -> Result<CheckReport> {
     let env = match RankEnv::from_lookup_keeping(|k| std::env::var(k).ok(), true)? {
         Some(env) => env,
-        None => RankEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: crate::launch::free_port()? },
+        None => RankEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: crate::dist::launch::free_port()? },
     };
     let requested = opts.backend.clone().or_else(|| std::env::var(BACKEND_VAR).ok()).filter(|b| !b.trim().is_empty());
     let requested_backend = requested.as_deref().map(Backend::parse).transpose().with_context(|| format!("--backend / {BACKEND_VAR}"))?;
@@ -64,6 +64,32 @@ pub fn run(opts: &CheckOptions) -> Result<CheckReport> {
     let setup_ms = ms(started.elapsed());
     let device = crate::device::resolve(&device_name(parsed))?;
 
+    let (checks, mut passed) = run_checks(&pg, &env, device);
+    let bench = match bench_all_reduce(&pg, opts, device, env.world_size as f64) {
+        Ok(v) => v,
+        Err(e) => {
+            passed = false;
+            json!({"error": format!("{e:#}")})
+        }
+    };
+    let json = json!({
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "local_rank": env.local_rank,
+        "backend": backend.name(),
+        "device": device_name(device),
+        "tensor_backend": pg.backend_for(device),
+        "setup_ms": setup_ms,
+        "checks": checks,
+        "all_reduce_bench": bench,
+        "ok": passed,
+    });
+    Ok(CheckReport { json, passed })
+}
+
+/// Every collective on tensors whose results have a closed form: each check's outcome and
+/// time by name, and whether all passed.
+fn run_checks(pg: &ProcessGroup, env: &RankEnv, device: Device) -> (serde_json::Map<String, Value>, bool) {
     let (r, w) = (env.rank as f64, env.world_size as f64);
     let mut checks = serde_json::Map::new();
     let mut passed = true;
@@ -138,50 +164,32 @@ pub fn run(opts: &CheckOptions) -> Result<CheckReport> {
     check("reduce_scatter_sum", &mut || scatter(ReduceOp::SUM, false));
     check("reduce_scatter_avg", &mut || scatter(ReduceOp::AVG, true));
     check("barrier", &mut || Ok(pg.barrier()?));
+    (checks, passed)
+}
 
-    // Throughput: all-reduce (sum) of `numel` f32, after one warm-up.
-    let bench = (|| -> Result<Value> {
-        let numel = i64::try_from(opts.numel.max(1))?;
-        let t = Tensor::f_ones([numel], opt)?;
+/// Throughput: all-reduce (sum) of `numel` f32, after one warm-up.
+fn bench_all_reduce(pg: &ProcessGroup, opts: &CheckOptions, device: Device, w: f64) -> Result<Value> {
+    let opt = (Kind::Float, device);
+    let numel = i64::try_from(opts.numel.max(1))?;
+    let t = Tensor::f_ones([numel], opt)?;
+    pg.all_reduce(&t, ReduceOp::SUM)?;
+    sync(device)?;
+    let t0 = Instant::now();
+    for _ in 0..opts.iters.max(1) {
         pg.all_reduce(&t, ReduceOp::SUM)?;
-        sync(device)?;
-        let t0 = Instant::now();
-        for _ in 0..opts.iters.max(1) {
-            pg.all_reduce(&t, ReduceOp::SUM)?;
-        }
-        sync(device)?;
-        let per = t0.elapsed().as_secs_f64() / opts.iters.max(1) as f64;
-        let bytes = numel as f64 * 4.0;
-        let algbw = bytes / per / 1e9;
-        Ok(json!({
-            "numel": numel,
-            "iters": opts.iters.max(1),
-            "ms_per_iter": per * 1e3,
-            "algbw_gb_s": algbw,
-            // NCCL's bus bandwidth convention for all-reduce: algbw * 2(w-1)/w.
-            "busbw_gb_s": algbw * 2.0 * (w - 1.0) / w,
-        }))
-    })();
-    let bench = match bench {
-        Ok(v) => v,
-        Err(e) => {
-            passed = false;
-            json!({"error": format!("{e:#}")})
-        }
-    };
-    let json = json!({
-        "rank": env.rank,
-        "world_size": env.world_size,
-        "local_rank": env.local_rank,
-        "backend": backend.name(),
-        "device": device_name(device),
-        "tensor_backend": pg.backend_for(device),
-        "setup_ms": setup_ms,
-        "checks": checks,
-        "all_reduce_bench": bench,
-        "ok": passed,
-    });
-    Ok(CheckReport { json, passed })
+    }
+    sync(device)?;
+    let per = t0.elapsed().as_secs_f64() / opts.iters.max(1) as f64;
+    let bytes = numel as f64 * 4.0;
+    let algbw = bytes / per / 1e9;
+    Ok(json!({
+        "numel": numel,
+        "iters": opts.iters.max(1),
+        "ms_per_iter": per * 1e3,
+        "algbw_gb_s": algbw,
+        // NCCL's bus bandwidth convention for all-reduce: algbw * 2(w-1)/w.
+        "busbw_gb_s": algbw * 2.0 * (w - 1.0) / w,
+    }))
 }
 
 /// Exact equality (the checks use small integers and halves, exact in f32).

@@ -6,10 +6,11 @@ use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::Message;
 use tch::{Device, Kind};
 
-use crate::adapters::AttachReport;
+use crate::peft::adapters::AttachReport;
 use crate::data::ImagePrep;
 use crate::generate::{generate_mm, SamplingParams};
 use crate::model::{CausalLM, VisionInputs};
+use crate::peft::PeftModel;
 use crate::plugins::Registry;
 use crate::text::{GenerationConfig, Tokenizer};
 
@@ -34,7 +35,7 @@ pub struct Completion {
 
 /// A loaded model directory ready to generate text.
 pub struct TextGenerator {
-    pub model: CausalLM,
+    pub model: PeftModel,
     pub tokenizer: Tokenizer,
     pub generation_config: GenerationConfig,
     /// Image settings of a vision-language model (none for a text model).
@@ -49,7 +50,7 @@ pub struct Prompt {
 
 impl TextGenerator {
     pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
-        let model = CausalLM::load(dir, device, dtype)?;
+        let model = PeftModel::new(CausalLM::load(dir, device, dtype)?);
         let tokenizer = Tokenizer::from_dir(dir)?;
         let generation_config = GenerationConfig::from_dir(dir)?.with_tokenizer_defaults(&tokenizer);
         let images = ImagePrep::for_model_dir(dir, &tokenizer)?;
@@ -62,8 +63,8 @@ impl TextGenerator {
     /// merger, say) replace the base model's.
     pub fn apply_adapter(&mut self, adapter_dir: &Path, registry: &Registry) -> Result<AttachReport> {
         let report = self.model.load_peft_adapter(adapter_dir, registry)?;
-        crate::quant::apply_record(&mut self.model, adapter_dir, registry)?;
-        let restored = crate::non_lora::load_into(&self.model, adapter_dir)?;
+        crate::peft::quant::apply_record(&mut self.model, adapter_dir, registry)?;
+        let restored = crate::peft::non_lora::load_into(&self.model, adapter_dir)?;
         if !restored.is_empty() {
             tracing::info!("restored {} full weight(s) trained beside the adapter", restored.len());
         }

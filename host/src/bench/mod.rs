@@ -10,8 +10,8 @@
 //! for transformers + peft: the model of a directory, a `lora` adapter (r, alpha = 2r by
 //! default, every linear layer but `lm_head`, no dropout), the `sft` objective and the `single`
 //! memory plugin (AdamW, weight decay 0, gradient clipping at 1.0, constant learning rate),
-//! all created through the [`Registry`] and driven by the trainer's own
-//! [`optimizer_step`]. Step `s` trains on rows `s·B … s·B + B − 1` of the shared formula
+//! set up by the trainer's own [`Run::setup_on_items`] and driven by the same [`Run::step`]
+//! that `ferrotune train` runs (see [`bench_config`]). Step `s` trains on rows `s·B … s·B + B − 1` of the shared formula
 //! id = (7919·(row·T + i) + 13) mod vocab (row 0… of [`bench_prompts`]), with an all-ones
 //! attention mask and labels = ids. W warm-up steps are run and not timed, then N timed
 //! steps give tokens/s = N·B·T / their wall time (and B·T / the fastest step's, which other
@@ -19,25 +19,27 @@
 //!
 //! With `quantization` (`bench train --quantization '{"plugin": "nf4"}'`, QLoRA) the base
 //! weights the adapter targets are stored by that quantizer plugin before the adapter is
-//! attached (`crate::quant::attach_quantized`, as `train` does), and the result adds the
+//! attached (`crate::peft::quant::attach_quantized`, as `train` does), and the result adds the
 //! packed and bf16 bytes of those weights. With `memory_phases` the result splits memory into
 //! set-up (load, quantize, attach, optimizer: its peak and the RSS after it) and training (the
 //! peak of the steps alone: `VmHWM` is reset through `/proc/self/clear_refs` after set-up).
 //! `make bench-quant` runs fp32 LoRA, bf16 LoRA and QLoRA each in its own process.
+pub mod memory;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use ferrotune_plugin_api::{Batch, MemoryStrategy};
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
-use crate::collectives::SingleProcess;
 use crate::generate::{generate_with_stats, SamplingParams};
-use crate::model::CausalLM;
+use crate::peft::PeftModel;
 use crate::plugins::Registry;
-use crate::text::Tokenizer;
-use crate::train::{batch_meta, optimizer_step, StepTiming};
+use crate::util::procfs::{mib, proc_status_kib, reset_peak_rss};
+use crate::data::layout::Item;
+use crate::data::Encoded;
+use crate::train::config::TrainConfig;
+use crate::train::{Run, StepTiming};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -72,7 +74,7 @@ pub fn bench_rows(first: usize, rows: usize, len: usize, vocab: i64) -> Vec<Vec<
     (first..first + rows).map(|r| (0..len).map(|i| (7919 * (r * len + i) as i64 + 13) % vocab).collect()).collect()
 }
 
-pub fn bench_generate(model: &CausalLM, opts: &GenerateBench) -> Result<GenerateBenchResult> {
+pub fn bench_generate(model: &PeftModel, opts: &GenerateBench) -> Result<GenerateBenchResult> {
     let prompts = bench_prompts(opts.batch, opts.prompt_len, model.config().vocab_size);
     let params = SamplingParams::greedy(opts.new_tokens);
     // Warm-up: one prefill (lazy libtorch initialisation, allocator pools).
@@ -112,7 +114,7 @@ pub struct TrainBench {
     /// Recompute each decoder layer in backward (activation checkpointing).
     pub gradient_checkpointing: bool,
     /// Quantize the adapted base weights (QLoRA); None: a dense base.
-    pub quantization: Option<crate::quant::QuantizationConfig>,
+    pub quantization: Option<crate::peft::quant::QuantizationConfig>,
     /// Report set-up and training memory separately (see the module docs).
     pub memory_phases: bool,
 }
@@ -165,58 +167,54 @@ pub struct TrainBenchResult {
     pub train_peak_rss_mb: Option<f64>,
 }
 
-/// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`); `None` off Linux.
-pub fn proc_status_kib(key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
-    line[key.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()
+/// The encoded rows `bench train` trains on: `rows` rows of [`bench_rows`] (from row 0) of
+/// `seq_len` ids each, labels = ids, as training items in order.
+pub fn bench_train_items(rows: usize, seq_len: usize, vocab: i64) -> Vec<(usize, Item)> {
+    bench_rows(0, rows, seq_len, vocab)
+        .into_iter()
+        .enumerate()
+        .map(|(i, ids)| (i, Item::Seq(Encoded { labels: ids.clone(), input_ids: ids, truncated_from: None, images: Vec::new() })))
+        .collect()
 }
 
-/// Resets the process's peak RSS (`VmHWM`) to its current RSS (Linux ≥ 4.0: writing 5 to
-/// `/proc/self/clear_refs`).
-fn reset_peak_rss() -> Result<()> {
-    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS (/proc/self/clear_refs)")
-}
-
-fn mib(kib: Option<u64>) -> f64 {
-    kib.map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN)
-}
-
-/// The micro-batch of optimizer step `step`: `input_ids` = `labels` = rows `step·B …` of
-/// [`bench_rows`], `attention_mask` all ones.
-pub fn bench_train_batch(step: usize, batch: usize, seq_len: usize, vocab: i64, device: Device) -> Result<Batch> {
-    let rows = bench_rows(step * batch, batch, seq_len, vocab);
-    let flat: Vec<i64> = rows.concat();
-    let shape = [batch as i64, seq_len as i64];
-    let ids = Tensor::f_from_slice(&flat)?.f_view(shape)?.f_to_device(device)?;
-    let mask = Tensor::f_ones(shape, (Kind::Int64, device))?;
-    let num_items = (batch * seq_len.saturating_sub(1)) as i64;
-    Ok(Batch {
-        tensors: vec![("input_ids".into(), ids.shallow_clone()), ("attention_mask".into(), mask), ("labels".into(), ids)],
-        meta_json: batch_meta(num_items),
-    })
+/// The run `bench train` sets up: the model of `dir` with a `lora` adapter on every linear
+/// layer but `lm_head` (no dropout), `sft`, the `single` memory plugin with AdamW (weight
+/// decay 0, clipping at 1.0) at a constant learning rate, one micro-batch of `batch` rows a
+/// step, the rows in order.
+fn bench_config(dir: &Path, device: Device, dtype: Kind, opts: &TrainBench) -> Result<TrainConfig> {
+    let config = serde_json::json!({
+        "model": dir,
+        "output_dir": dir.join("bench-train-unused"),
+        "device": ferrotune_plugin_api::tensor::device_name(device),
+        "dtype": dtype_name(dtype),
+        "seed": opts.seed,
+        "adapter": {"plugin": "lora", "r": opts.rank, "lora_alpha": opts.alpha, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "objective": {"plugin": "sft"},
+        "memory": {"plugin": "single"},
+        "optimizer": {"lr": opts.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0},
+        "scheduler": {"type": "constant"},
+        "data": {"plugin": "synthetic", "path": "(bench rows)", "shuffle": false, "cutoff_len": opts.seq_len.max(2)},
+        "training": {
+            "max_steps": opts.warmup + opts.steps,
+            "micro_batch_size": opts.batch,
+            "progress_bar": false,
+            "gradient_checkpointing": opts.gradient_checkpointing,
+        },
+    });
+    let mut cfg = TrainConfig::from_yaml(&serde_yaml::to_string(&config)?)?;
+    cfg.quantization = opts.quantization.clone();
+    Ok(cfg)
 }
 
 /// Runs `bench train` on the model directory `dir` (see the module docs).
 pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind, opts: &TrainBench) -> Result<TrainBenchResult> {
     anyhow::ensure!(opts.batch >= 1 && opts.seq_len >= 2 && opts.steps >= 1, "bench train needs batch ≥ 1, seq_len ≥ 2 and steps ≥ 1");
     let base_rss = proc_status_kib("VmRSS");
-    tch::manual_seed(opts.seed as i64);
-    let lora = serde_json::json!({
-        "r": opts.rank, "lora_alpha": opts.alpha, "lora_dropout": 0.0, "target_modules": "all-linear",
-    });
-    let method = registry.adapter("lora", &lora.to_string())?;
-    // As `train` loads: a QLoRA run quantizes each target layer as it is read.
-    let mut model = crate::quant::load_for_adapter(dir, device, dtype, opts.quantization.as_ref(), registry, &method, &mut |_| Ok(()))?;
-    model.set_gradient_checkpointing(opts.gradient_checkpointing);
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let (_, quantized) = crate::quant::attach_quantized(&mut model, "default", Box::new(method), opts.quantization.as_ref(), registry)?;
-    let params = model.trainable_parameters()?;
-    let trainable: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
-    let mut objective = registry.objective("sft", "{}")?;
-    let mut memory = registry.memory("single", "{}")?;
-    let optimizer = serde_json::json!({ "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0 });
-    memory.setup(params, &optimizer.to_string(), device, &SingleProcess)?;
+    let cfg = bench_config(dir, device, dtype, opts)?;
+    let vocab = crate::model::LlamaConfig::from_dir(dir)?.vocab_size;
+    let items = bench_train_items((opts.warmup + opts.steps) * opts.batch, opts.seq_len, vocab);
+    // As `train` sets up: a QLoRA run quantizes each target layer as it is read.
+    let mut run = Run::setup_on_items(&cfg, registry, items)?;
     let setup = if opts.memory_phases {
         let phases = (mib(proc_status_kib("VmHWM")), mib(proc_status_kib("VmRSS")));
         reset_peak_rss()?;
@@ -225,15 +223,12 @@ pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
         None
     };
 
-    let vocab = model.config().vocab_size;
     let (mut first_loss, mut last_loss) = (None, f64::NAN);
     let mut timing = StepTiming::default();
     let (mut timed, mut best) = (0f64, f64::INFINITY);
     for step in 0..opts.warmup + opts.steps {
         let started = Instant::now();
-        let batch = bench_train_batch(step, opts.batch, opts.seq_len, vocab, device);
-        let out = optimizer_step(&model, &tokenizer, &mut objective, &mut memory, [batch], opts.lr)
-            .with_context(|| format!("bench train: step {step}"))?;
+        let out = run.step().with_context(|| format!("bench train: step {step}"))?;
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
         }
@@ -249,6 +244,7 @@ pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
         }
     }
     let n = opts.steps.max(1) as f64;
+    let quantized = run.quantized.as_ref();
     Ok(TrainBenchResult {
         implementation: format!("ferrotune {}", env!("CARGO_PKG_VERSION")),
         threads: tch::get_num_threads(),
@@ -259,7 +255,7 @@ pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
         steps: opts.steps,
         warmup: opts.warmup,
         lora_r: opts.rank,
-        trainable_params: trainable,
+        trainable_params: run.trainable_parameters,
         tokens_per_s: (opts.steps * opts.batch * opts.seq_len) as f64 / timed.max(1e-9),
         best_tokens_per_s: (opts.batch * opts.seq_len) as f64 / best,
         step_s: timed / n,
@@ -270,9 +266,9 @@ pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
         last_loss,
         base_rss_mb: mib(base_rss),
         peak_rss_mb: mib(proc_status_kib("VmHWM")).max(setup.map_or(0.0, |s| s.0)),
-        quantization: quantized.as_ref().map(|r| r.quantization.plugin.clone()),
-        packed_base_bytes: quantized.as_ref().map(|r| r.packed_bytes),
-        bf16_base_bytes: quantized.as_ref().map(|r| r.bf16_bytes),
+        quantization: quantized.map(|r| r.quantization.plugin.clone()),
+        packed_base_bytes: quantized.map(|r| r.packed_bytes),
+        bf16_base_bytes: quantized.map(|r| r.bf16_bytes),
         setup_peak_rss_mb: setup.map(|s| s.0),
         setup_rss_mb: setup.map(|s| s.1),
         train_peak_rss_mb: setup.map(|_| mib(proc_status_kib("VmHWM"))),
@@ -299,21 +295,11 @@ mod tests {
     }
 
     #[test]
-    fn train_batches_continue_the_formula_with_labels_equal_to_ids() {
-        let b = bench_train_batch(1, 2, 3, 100, Device::Cpu).unwrap();
-        let ids = Vec::<Vec<i64>>::try_from(b.get("input_ids").unwrap()).unwrap();
-        assert_eq!(ids, bench_rows(2, 2, 3, 100));
-        assert_eq!(Vec::<Vec<i64>>::try_from(b.get("labels").unwrap()).unwrap(), ids);
-        assert_eq!(Vec::<Vec<i64>>::try_from(b.get("attention_mask").unwrap()).unwrap(), vec![vec![1; 3]; 2]);
-        assert_eq!(b.meta_json, r#"{"num_items_in_batch":4}"#);
-    }
-
-    #[test]
-    fn proc_status_fields() {
-        if cfg!(target_os = "linux") {
-            let (rss, hwm) = (proc_status_kib("VmRSS").unwrap(), proc_status_kib("VmHWM").unwrap());
-            assert!(rss > 0 && hwm >= rss, "{rss} {hwm}");
-        }
-        assert_eq!(proc_status_kib("NoSuchField"), None);
+    fn train_items_continue_the_formula_with_labels_equal_to_ids() {
+        let items = bench_train_items(4, 3, 100);
+        let Item::Seq(e) = &items[2].1 else { panic!("a sequence") };
+        assert_eq!(e.input_ids, bench_rows(2, 1, 3, 100)[0]);
+        assert_eq!(e.labels, e.input_ids);
+        assert_eq!(items.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1, 2, 3]);
     }
 }

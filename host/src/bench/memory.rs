@@ -92,7 +92,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Runs the benchmark with the binary `exe` (this ferrotune), calling `emit` with each JSON
 /// line as it is measured.
 pub fn bench_memory(exe: &Path, opts: &MemoryBench, mut emit: impl FnMut(&Value)) -> Result<Vec<Value>> {
-    if let Some(&n) = opts.ranks.iter().find(|&&n| n == 0 || ROWS % (n * opts.micro_batch_size) != 0) {
+    if let Some(&n) = opts.ranks.iter().find(|&&n| n == 0 || !ROWS.is_multiple_of(n * opts.micro_batch_size)) {
         bail!("--ranks {n} with --micro-batch-size {}: the {ROWS} synthetic rows must split evenly over the ranks", opts.micro_batch_size);
     }
     std::fs::create_dir_all(&opts.work).with_context(|| format!("cannot create {}", opts.work.display()))?;

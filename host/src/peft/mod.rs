@@ -8,14 +8,20 @@
 //! ([`INFORMATIONAL_KEYS`]), keys set to null and keys at peft's default value are ignored;
 //! any other key is refused by name. An adapter is never loaded with part of its configuration
 //! silently dropped. Adding a method is one row here plus its plugin.
+pub mod adapters;
+pub mod merge;
+mod model;
+pub mod non_lora;
+pub mod quant;
+
+pub use model::PeftModel;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
-use tch::{Device, Tensor};
+use tch::Device;
 
-use crate::adapters::{AttachReport, DEFAULT_ADAPTER};
-use crate::model::CausalLM;
+use crate::peft::adapters::{AttachReport, DEFAULT_ADAPTER};
 use crate::plugins::Registry;
 
 /// The configuration file of a PEFT directory.
@@ -189,7 +195,7 @@ pub fn read_adapter_config(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-impl CausalLM {
+impl PeftModel {
     /// Writes the active adapter as a PEFT directory peft loads (`PeftModel.from_pretrained`):
     /// `adapter_config.json` (the plugin's `peft_config()`, `base_model_name_or_path` set to the
     /// model directory when known) and `adapter_model.safetensors` (contiguous CPU tensors in
@@ -208,8 +214,8 @@ impl CausalLM {
             .map(|(k, t)| Ok((k, t.f_to_device(Device::Cpu)?.f_contiguous()?)))
             .collect::<Result<Vec<_>>>()?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        crate::atomic::write_with(&dir.join(ADAPTER_WEIGHTS), |tmp| crate::model::init::write_safetensors(tmp, &tensors))?;
-        crate::atomic::write(&dir.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&config)? + "\n")?;
+        crate::util::atomic::write_with(&dir.join(ADAPTER_WEIGHTS), |tmp| crate::util::safetensors::write(tmp, &tensors))?;
+        crate::util::atomic::write(&dir.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&config)? + "\n")?;
         tracing::info!("saved adapter ({} tensors) to {}", tensors.len(), dir.display());
         Ok(())
     }
@@ -229,8 +235,7 @@ impl CausalLM {
         let mapped = plugin_config(&read_adapter_config(&config_path)?, &config_path)?;
         tracing::debug!("{}: plugin `{}` with {} (ignored keys: {})", config_path.display(), mapped.plugin, mapped.config_json, mapped.ignored.join(", "));
         let method = registry.adapter(mapped.plugin, &mapped.config_json).with_context(|| format!("{}", config_path.display()))?;
-        let tensors = Tensor::read_safetensors(&weights_path)
-            .with_context(|| format!("{} is not a readable safetensors file", weights_path.display()))?;
+        let tensors = crate::util::safetensors::read(&weights_path)?;
         let before = self.active_adapter().map(str::to_string);
         let (report, originals) = self
             .attach_keeping_originals(name, Box::new(method))
@@ -351,7 +356,7 @@ mod tests {
 
     #[test]
     fn save_writes_peft_keys_and_config() {
-        use crate::adapters::tests::{additive, tiny_model};
+        use crate::peft::adapters::tests::{additive, tiny_model};
         let mut m = tiny_model(true);
         m.attach_adapter("default", additive(&["q_proj", "v_proj"])).unwrap();
         let dir = std::env::temp_dir().join(format!("ferrotune-peft-save-{}", std::process::id()));
@@ -359,7 +364,7 @@ mod tests {
         m.save_peft_adapter(&dir).unwrap();
         let config = read_adapter_config(&dir.join(ADAPTER_CONFIG)).unwrap();
         assert_eq!(config["peft_type"], "ADDITIVE");
-        let saved = Tensor::read_safetensors(dir.join(ADAPTER_WEIGHTS)).unwrap();
+        let saved = crate::util::safetensors::read(&dir.join(ADAPTER_WEIGHTS)).unwrap();
         let keys: Vec<_> = saved.iter().map(|(k, _)| k.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         assert_eq!(keys, vec!["base_model.model.model.layers.0.self_attn.q_proj.delta", "base_model.model.model.layers.0.self_attn.v_proj.delta"]);
         assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')), "no temporary left");

@@ -549,7 +549,7 @@ mod tests {
     /// NCCL request refused with its reason on a machine without a GPU.
     #[test]
     fn group_for_a_run_picks_single_or_c10d() {
-        let port = crate::launch::free_port().unwrap().to_string();
+        let port = crate::dist::launch::free_port().unwrap().to_string();
         let vars = move |pairs: Vec<(&'static str, String)>| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
         let single = Group::from_lookup_for(Device::Cpu, vars(vec![("WORLD_SIZE", "1".into()), ("RANK", "0".into())])).unwrap();
         assert!(matches!(single, Group::Single(_)));
@@ -582,7 +582,7 @@ mod tests {
         if tch::Cuda::is_available() {
             return;
         }
-        let env = RankEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: crate::launch::free_port().unwrap() };
+        let env = RankEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: crate::dist::launch::free_port().unwrap() };
         let t0 = std::time::Instant::now();
         let e = format!("{:#}", ProcessGroup::join(&env, Duration::from_secs(30), Backend::Nccl, 0).expect_err("no GPU here"));
         assert!(e.contains("cannot join the nccl process group") && e.contains("ProcessGroupNCCL needs a CUDA GPU"), "{e}");

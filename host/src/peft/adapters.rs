@@ -27,8 +27,8 @@ use ferrotune_plugin_api::{module_name_matches, AdapterLayer, AdapterMethod, Tra
 use serde_json::Value;
 use tch::Tensor;
 
-use crate::linear::LinearBase;
-use crate::model::CausalLM;
+use crate::model::linear::LinearBase;
+use super::PeftModel;
 
 /// What peft puts before a module path in parameter and state-dict names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -206,7 +206,7 @@ fn few(names: &[String], n: usize) -> String {
     s
 }
 
-impl CausalLM {
+impl PeftModel {
     /// Attaches adapter `name`: every linear layer whose checkpoint path `method` targets gets
     /// a layer of it (`lm_head` only when targeted), and every module its `modules_to_save`
     /// names a trainable copy (see the module docs). When the method has the capability
@@ -386,7 +386,7 @@ impl CausalLM {
     }
 
     /// Whether rows running adapter `name` may share a batch with rows of other adapters
-    /// ([`crate::linear::LinearMode::rows`]): its plugin declares [`CAP_MIXED_BATCH`] and it
+    /// ([`crate::model::linear::LinearMode::rows`]): its plugin declares [`CAP_MIXED_BATCH`] and it
     /// keeps no full copies of modules (`modules_to_save`). False for an unknown name.
     pub fn adapter_mixes(&self, name: &str) -> bool {
         self.adapters.get(name).is_some_and(|a| a.saved.is_empty() && a.capabilities.iter().any(|c| c == CAP_MIXED_BATCH))
@@ -602,15 +602,15 @@ fn none_if_empty<S: AsRef<str>>(names: &[S]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::linear::LinearMode;
+    use crate::model::linear::LinearMode;
     use crate::model::weights::Weights;
-    use crate::model::LlamaConfig;
+    use crate::model::{CausalLM, ForwardArgs, LlamaConfig};
     use ferrotune_plugin_api::{AdapterLayer, BaseLinear, ForwardFlags, PluginError, PluginResult};
     use std::path::Path;
     use tch::{Device, Kind};
 
     /// A tiny tied Qwen2 in memory: hidden 8, 1 layer, vocab 16.
-    pub(crate) fn tiny_model(tied: bool) -> CausalLM {
+    pub(crate) fn tiny_model(tied: bool) -> PeftModel {
         let cfg = format!(
             r#"{{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 1,
                "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64, "vocab_size": 16,
@@ -635,7 +635,7 @@ pub(crate) mod tests {
             t.push(("lm_head.weight".into(), Tensor::randn([16, 8], o)));
         }
         let mut w = Weights::from_tensors(Path::new("memory"), t);
-        CausalLM::from_weights(config, &mut w, Device::Cpu, Kind::Float).unwrap()
+        PeftModel::new(CausalLM::from_weights(config, &mut w, Device::Cpu, Kind::Float).unwrap())
     }
 
     /// A test adapter: `y = base(x) + x Dᵀ` with a trainable `D` `[out, in]` (zero at init, or
@@ -726,7 +726,7 @@ pub(crate) mod tests {
     }
 
     /// Gives every adapter tensor a non-zero value, through load_adapter_state_dict.
-    fn perturb(m: &mut CausalLM) {
+    fn perturb(m: &mut PeftModel) {
         let sd: Vec<_> = m.adapter_state_dict().unwrap().into_iter().map(|(k, t)| (k, t.randn_like() * 0.2)).collect();
         m.load_adapter_state_dict(sd).unwrap();
     }
@@ -765,21 +765,21 @@ pub(crate) mod tests {
     #[test]
     fn adapter_changes_the_forward_only_when_enabled() {
         let mut m = tiny_model(true);
-        let base = m.forward(&ids(), None, None).unwrap();
+        let base = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         m.attach_adapter("default", additive(&["q_proj", "v_proj", "down_proj", "lm_head"])).unwrap();
-        assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base), 0.0, "D = 0 at init");
+        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base), 0.0, "D = 0 at init");
         perturb(&mut m);
-        let adapted = m.forward(&ids(), None, None).unwrap();
+        let adapted = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         assert!(max_diff(&adapted, &base) > 1e-3);
-        let reference = m.forward_with(&ids(), None, None, m.mode(ForwardFlags::DISABLE_ADAPTER, false)).unwrap();
+        let reference = m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::DISABLE_ADAPTER, false))).unwrap();
         assert_eq!(max_diff(&reference, &base), 0.0, "DISABLE_ADAPTER runs the base model");
-        assert_eq!(max_diff(&m.forward_with(&ids(), None, None, LinearMode::BASE).unwrap(), &base), 0.0);
+        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(LinearMode::BASE)).unwrap(), &base), 0.0);
         // the training flag reaches the adapter (dropout)
-        let train = m.forward_with(&ids(), None, None, m.mode(ForwardFlags::NONE, true)).unwrap();
+        let train = m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::NONE, true))).unwrap();
         assert!(max_diff(&train, &adapted) > 1e-4);
         // and an inactive adapter is not run
         m.set_active_adapter(None).unwrap();
-        assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base), 0.0);
+        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base), 0.0);
         assert!(m.set_active_adapter(Some("nope")).unwrap_err().to_string().contains("`nope`"));
         // the tied embedding is untouched by an adapter on lm_head
         assert!(m.lm_head_is_tied());
@@ -809,11 +809,11 @@ pub(crate) mod tests {
         let embed_before = m.embed_tokens().copy();
         m.attach_adapter("default", additive(&["q_proj", "up_proj", "lm_head"])).unwrap();
         perturb(&mut m);
-        let adapted = m.forward(&ids(), None, None).unwrap();
+        let adapted = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         let merged = m.merge_adapter().unwrap();
         assert_eq!(merged.len(), 3);
         assert!(m.adapter_names().is_empty() && m.active_adapter().is_none());
-        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted) < 1e-5);
+        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted) < 1e-5);
         assert!(!m.lm_head_is_tied(), "the merged head has a weight of its own");
         assert_eq!(max_diff(m.embed_tokens(), &embed_before), 0.0, "the embeddings are unchanged");
         let keys: Vec<_> = m.named_weights().into_iter().map(|(k, _)| k).collect();
@@ -833,13 +833,13 @@ pub(crate) mod tests {
     #[test]
     fn init_rewrites_base_keeps_the_function_and_rolls_back_on_error() {
         let mut m = tiny_model(true);
-        let base = m.forward(&ids(), None, None).unwrap();
+        let base = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         let q_before = m.linears()[0].1.weight.copy();
         let r = m.attach_adapter("p", Box::new(Additive { halve: true, ..*additive(&["q_proj", "lm_head"]) })).unwrap();
         assert_eq!(r.rewritten_base.len(), 2);
         assert!(r.untied_lm_head && !m.lm_head_is_tied());
         assert!(max_diff(&m.linears()[0].1.weight, &(&q_before / 2.0)) < 1e-7, "the base became the residual");
-        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base) < 1e-5, "W_res + D = W");
+        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base) < 1e-5, "W_res + D = W");
         // a failed load takes the fresh adapter off and gives the base weight back
         let originals = vec![("model.layers.0.self_attn.q_proj".to_string(), q_before.shallow_clone())];
         m.detach_fresh_adapter("p", originals);
@@ -847,14 +847,14 @@ pub(crate) mod tests {
         assert_eq!(max_diff(&m.linears()[0].1.weight, &q_before), 0.0);
     }
 
-    fn no_copies_left(m: &CausalLM) -> bool {
+    fn no_copies_left(m: &PeftModel) -> bool {
         m.embed_copies.is_empty() && m.linears().iter().all(|(_, l)| l.copy("default").is_none())
     }
 
     #[test]
     fn modules_to_save_train_full_copies_used_only_while_the_adapter_runs() {
         let mut m = tiny_model(true);
-        let base = m.forward(&ids(), None, None).unwrap();
+        let base = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         let r = m.attach_adapter("default", saving(&["q_proj"], &["lm_head", "embed_tokens"])).unwrap();
         assert_eq!(r.saved_modules, vec![("model.embed_tokens".to_string(), 128), ("lm_head".to_string(), 128)]);
         assert_eq!(r.modules, vec![("model.layers.0.self_attn.q_proj".to_string(), 64)]);
@@ -875,22 +875,22 @@ pub(crate) mod tests {
         let ptrs: BTreeSet<usize> = [&p[0].tensor, &p[2].tensor, m.embed_tokens()].iter().map(|t| t.data_ptr() as usize).collect();
         assert_eq!(ptrs.len(), 3);
         assert_eq!(p[0].tensor.kind(), m.embed_tokens().kind(), "the copy keeps the module's dtype");
-        assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base), 0.0, "copies equal the originals at init");
+        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base), 0.0, "copies equal the originals at init");
 
         perturb(&mut m);
-        let adapted = m.forward(&ids(), None, None).unwrap();
+        let adapted = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         assert!(max_diff(&adapted, &base) > 1e-3);
         // closed form: the logits are the hidden states times the copied head
         let head = m.linears().last().unwrap().1.copy("default").unwrap().weight.shallow_clone();
-        let hidden = m.hidden_states(&ids(), None, None).unwrap();
+        let hidden = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode()).hidden()).unwrap();
         assert!(max_diff(&adapted, &hidden.linear::<Tensor>(&head, None)) < 1e-6);
         assert!(max_diff(&head, m.embed_tokens()) > 1e-3, "the copy moved, the original did not");
-        let disabled = m.forward_with(&ids(), None, None, m.mode(ForwardFlags::DISABLE_ADAPTER, false)).unwrap();
+        let disabled = m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::DISABLE_ADAPTER, false))).unwrap();
         assert_eq!(max_diff(&disabled, &base), 0.0, "DISABLE_ADAPTER runs the originals");
         assert!(m.lm_head_is_tied());
 
         // gradients reach the copies
-        m.forward_with(&ids(), None, None, m.mode(ForwardFlags::NONE, false)).unwrap().square().sum(Kind::Float).backward();
+        m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::NONE, false))).unwrap().square().sum(Kind::Float).backward();
         for p in m.trainable_parameters().unwrap() {
             assert!(p.tensor.grad().defined() && p.tensor.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{}", p.name);
         }
@@ -902,14 +902,14 @@ pub(crate) mod tests {
         assert_eq!(keys, vec!["base_model.model.model.embed_tokens.weight", "base_model.model.model.layers.0.self_attn.q_proj.delta", "base_model.model.lm_head.weight"]);
         // (not `perturb`: other tests re-seed the global generator meanwhile)
         m.load_adapter_state_dict(state.iter().map(|(k, t)| (k.clone(), t + 0.5)).collect()).unwrap();
-        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted) > 1e-3);
+        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted) > 1e-3);
         m.load_adapter_state_dict(state).unwrap();
-        assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted), 0.0);
+        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted), 0.0);
 
         // merge: the copies become the weights, the head and the embedding part ways
         let merged = m.merge_adapter().unwrap();
         assert_eq!(merged, vec!["model.layers.0.self_attn.q_proj", "model.embed_tokens", "lm_head"]);
-        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted) < 1e-5);
+        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted) < 1e-5);
         assert!(!m.lm_head_is_tied() && no_copies_left(&m));
         assert_eq!(max_diff(&m.linears().last().unwrap().1.weight, &head), 0.0);
         assert!(m.named_weights().iter().any(|(k, _)| k == "lm_head.weight"));
@@ -932,9 +932,9 @@ pub(crate) mod tests {
             ]
         );
         perturb(&mut m);
-        let adapted = m.forward(&ids(), None, None).unwrap();
+        let adapted = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         m.merge_adapter().unwrap();
-        assert!(max_diff(&m.forward(&ids(), None, None).unwrap(), &adapted) < 1e-5);
+        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted) < 1e-5);
         assert!(!m.lm_head_is_tied(), "the head keeps the original embedding");
         assert_eq!(max_diff(&m.linears().last().unwrap().1.weight, &embed), 0.0);
         assert!(max_diff(m.embed_tokens(), &embed) > 1e-3);
@@ -951,11 +951,11 @@ pub(crate) mod tests {
             (vec!["lm_head"], vec!["qkv_proj"], "modules in modules_to_save are never adapted: lm_head"),
         ] {
             let mut m = tiny_model(true);
-            let base = m.forward(&ids(), None, None).unwrap();
+            let base = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
             let e = format!("{:#}", m.attach_adapter("default", saving(&targets, &saved)).unwrap_err());
             assert!(e.contains(want), "{saved:?}: {e}");
             assert!(m.adapter_names().is_empty() && no_copies_left(&m), "{saved:?}");
-            assert_eq!(max_diff(&m.forward(&ids(), None, None).unwrap(), &base), 0.0);
+            assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base), 0.0);
         }
         let mut m = tiny_model(false);
         m.attach_adapter("default", saving(&["q_proj"], &["lm_head"])).unwrap();

@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
-use crate::adapters::{AttachReport, CAP_INIT_REWRITES_BASE};
-use crate::linear::FrozenLinear;
-use crate::model::CausalLM;
+use crate::peft::adapters::{AttachReport, CAP_INIT_REWRITES_BASE};
+use crate::model::linear::FrozenLinear;
+use super::PeftModel;
+use crate::model::{CausalLM, ForwardArgs};
 use crate::plugins::Registry;
 
 /// The record of a quantized run, beside its adapter.
@@ -180,7 +181,7 @@ pub fn load_for_adapter(
 /// Attaches adapter `name` to `model` with the base weights of its targets quantized as `cfg`
 /// says (see the module docs for the order); without `cfg`, a plain attach.
 pub fn attach_quantized(
-    model: &mut CausalLM,
+    model: &mut PeftModel,
     name: &str,
     method: Box<dyn AdapterMethod>,
     cfg: Option<&QuantizationConfig>,
@@ -286,9 +287,9 @@ fn probe_ids(vocab: i64, device: tch::Device) -> Result<Tensor> {
 /// measures the logits of the adapter-applied quantized model on a probe batch, puts the
 /// chosen base in place (`originals`: the full-precision base weights by module, taken before
 /// quantizing), merges, and measures the merged model's logits on the same batch.
-pub fn merge_quantized(model: &mut CausalLM, originals: Vec<(String, Tensor)>, base: MergeBase) -> Result<MergeError> {
+pub fn merge_quantized(model: &mut PeftModel, originals: Vec<(String, Tensor)>, base: MergeBase) -> Result<MergeError> {
     let probe = probe_ids(model.config().vocab_size, model.device())?;
-    let quantized_logits = tch::no_grad(|| model.forward(&probe, None, None))?;
+    let quantized_logits = tch::no_grad(|| model.forward(ForwardArgs::ids(&probe).mode(model.eval_mode())))?;
     match base {
         MergeBase::Dequantized => dequantize_all(model)?,
         MergeBase::Original => {
@@ -301,7 +302,7 @@ pub fn merge_quantized(model: &mut CausalLM, originals: Vec<(String, Tensor)>, b
         }
     }
     model.merge_adapter()?;
-    let merged_logits = tch::no_grad(|| model.forward(&probe, None, None))?;
+    let merged_logits = tch::no_grad(|| model.forward(ForwardArgs::ids(&probe).mode(model.eval_mode())))?;
     let diff = merged_logits.f_sub(&quantized_logits)?.f_abs()?;
     Ok(MergeError {
         merge_base: format!("{base:?}").to_lowercase(),

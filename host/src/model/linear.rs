@@ -195,7 +195,7 @@ impl WeightShard {
 /// gathers the weight for the product and lets it go: in a forward that records gradients,
 /// autograd would keep the gathered weight until this layer's backward (`x Wᵀ` saves `W` for
 /// the input gradient), so the product then runs as a C++ autograd function
-/// ([`crate::checkpoint::regather_linear`]) that saves nothing and gathers `W` again in
+/// ([`crate::model::checkpoint::regather_linear`]) that saves nothing and gathers `W` again in
 /// backward for `grad_y W`, as DeepSpeed's stage 3 re-fetches parameters for backward. A rank thus holds at most one
 /// gathered layer weight at a time, and every rank makes the same gathers in the same order.
 /// `weight()` (DoRA's norm) gathers too, and what an adapter builds from it is the adapter's.
@@ -208,9 +208,9 @@ impl ShardedBase<'_> {
     fn linear(&self, x: &Tensor) -> Result<Tensor> {
         let shape = self.base.weight.size();
         let context = || format!("linear layer `{}`", self.base.name);
-        if !crate::checkpoint::grad_enabled() {
+        if !crate::model::checkpoint::grad_enabled() {
             let w = self.shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
-            return Ok(x.f_linear(&w, self.base.bias.as_ref()).with_context(context)?);
+            return x.f_linear(&w, self.base.bias.as_ref()).with_context(context);
         }
         // Every rank must gather in backward for every layer, whatever its data: an input that
         // does not require grad (frozen embeddings on a rank whose batch has no image, while
@@ -219,7 +219,7 @@ impl ShardedBase<'_> {
         let x = if x.requires_grad() { x.shallow_clone() } else { x.f_detach()?.set_requires_grad(true) };
         let (shard, name) = (self.shard.share(), self.base.name.clone());
         let gather = move || shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{name}`"));
-        crate::checkpoint::regather_linear(&x, self.base.bias.as_ref(), gather).with_context(context)
+        crate::model::checkpoint::regather_linear(&x, self.base.bias.as_ref(), gather).with_context(context)
     }
 }
 
@@ -436,6 +436,11 @@ impl FrozenLinear {
     /// The frozen base, mutable (quantizing it).
     pub(crate) fn base_mut(&mut self) -> &mut LinearBase {
         &mut self.base
+    }
+
+    /// The adapters that keep a trainable copy of this layer (`modules_to_save`).
+    pub fn copy_names(&self) -> impl Iterator<Item = &str> {
+        self.copies.iter().map(|(n, _)| n.as_str())
     }
 
     /// Adapter `name`'s trainable copy of this layer (`modules_to_save`), if it keeps one.

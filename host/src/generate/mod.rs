@@ -3,12 +3,14 @@
 //! (temperature → top-k → top-p), per-row stopping at any end-of-sequence id, and timings.
 //! Qwen2-VL prompts may carry images ([`generate_mm`]): the prefill embeds them, and decode
 //! steps continue the M-RoPE positions with the deltas the prefill stored in the KV cache.
+pub mod pipeline;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{CausalLM, VisionInputs};
+use crate::model::{ForwardArgs, VisionInputs};
+use crate::peft::PeftModel;
 
 /// How to pick each new token.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,13 +89,13 @@ pub struct Generation {
 }
 
 /// Each prompt's new tokens (end-of-sequence excluded).
-pub fn generate(model: &CausalLM, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Vec<Vec<i64>>> {
+pub fn generate(model: &PeftModel, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Vec<Vec<i64>>> {
     Ok(generate_with_stats(model, prompts, params)?.tokens)
 }
 
 /// [`generate`] with images (Qwen2-VL): `images` belong to the prompts in order (row 0's
 /// images first, each filling the next block of `<|image_pad|>` tokens).
-pub fn generate_mm(model: &CausalLM, prompts: &[Vec<i64>], images: Option<&VisionInputs>, params: &SamplingParams) -> Result<Vec<Vec<i64>>> {
+pub fn generate_mm(model: &PeftModel, prompts: &[Vec<i64>], images: Option<&VisionInputs>, params: &SamplingParams) -> Result<Vec<Vec<i64>>> {
     Ok(generate_mm_with_stats(model, prompts, images, params)?.tokens)
 }
 
@@ -139,13 +141,13 @@ fn synchronize(device: Device) {
 }
 
 /// Like [`generate`], with the prefill / decode timings.
-pub fn generate_with_stats(model: &CausalLM, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Generation> {
+pub fn generate_with_stats(model: &PeftModel, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Generation> {
     generate_mm_with_stats(model, prompts, None, params)
 }
 
 /// Like [`generate_mm`], with the prefill / decode timings.
 pub fn generate_mm_with_stats(
-    model: &CausalLM,
+    model: &PeftModel,
     prompts: &[Vec<i64>],
     images: Option<&VisionInputs>,
     params: &SamplingParams,
@@ -201,7 +203,7 @@ pub fn generate_mm_with_stats(
 
         let start = Instant::now();
         let mode = model.mode(ferrotune_plugin_api::ForwardFlags::NONE, false);
-        let logits = model.forward_last_mm_with(&input, Some(&attention), images, Some(&mut cache), mode)?;
+        let logits = model.forward(ForwardArgs::ids(&input).mask(Some(&attention)).images(images).cache(Some(&mut cache)).mode(mode).last())?;
         let mut next = next_tokens(&logits, params)?;
         synchronize(device);
         let mut step_tokens: Vec<i64> = Vec::try_from(&next.f_to_device(Device::Cpu)?)?;
@@ -230,7 +232,7 @@ pub fn generate_mm_with_stats(
                 step_tokens.iter().zip(&finished).map(|(&t, &f)| if f { params.pad_token_id } else { t }).collect();
             next = Tensor::f_from_slice(&fed)?.f_view([b, 1])?.f_to_device(device)?;
             attention = Tensor::f_cat(&[&attention, &Tensor::f_ones([b, 1], (Kind::Int64, device))?], 1)?;
-            let logits = model.forward_last(&next, Some(&attention), Some(&mut cache))?;
+            let logits = model.forward(ForwardArgs::ids(&next).mask(Some(&attention)).cache(Some(&mut cache)).mode(model.eval_mode()).last())?;
             stats.decode_steps += 1;
             step_tokens = Vec::try_from(&next_tokens(&logits, params)?.f_to_device(Device::Cpu)?)?;
         }

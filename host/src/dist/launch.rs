@@ -65,7 +65,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
     let mut children: Vec<(usize, Child)> = Vec::new();
     let tails: Vec<Arc<Mutex<VecDeque<String>>>> = (0..opts.nproc).map(|_| Arc::new(Mutex::new(VecDeque::new()))).collect();
     let mut readers = Vec::new();
-    for local in 0..opts.nproc {
+    for (local, tail) in tails.iter().enumerate() {
         let rank = opts.node_rank * opts.nproc + local;
         let mut cmd = Command::new(&exe);
         cmd.args(&opts.args)
@@ -93,7 +93,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
         readers.push(std::thread::spawn(move || forward_lines(out, rank, false, None)));
-        let tail = tails[local].clone();
+        let tail = tail.clone();
         readers.push(std::thread::spawn(move || forward_lines(err, rank, true, Some(tail))));
         children.push((rank, child));
     }

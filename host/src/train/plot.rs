@@ -17,8 +17,11 @@ const GRID: Rgb<u8> = Rgb([225, 225, 225]);
 const TRAIN: Rgb<u8> = Rgb([31, 119, 180]);
 const EVAL: Rgb<u8> = Rgb([255, 127, 14]);
 
+/// `(step, loss)` points of a curve.
+pub type Points = Vec<(f64, f64)>;
+
 /// Points `(step, loss)` of the training and eval losses in a metrics.jsonl text.
-pub fn losses(metrics_jsonl: &str) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+pub fn losses(metrics_jsonl: &str) -> (Points, Points) {
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for line in metrics_jsonl.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };

@@ -1,0 +1,82 @@
+//! The PEFT model: a [`CausalLM`] wrapped with the adapters attached to it, as peft's
+//! `PeftModel` wraps a transformers model. The decoder holds no adapter state; this wrapper
+//! owns the adapter sets (which adapter is active, what each one adapted, the trainable
+//! copies of the token embedding), attaching and detaching them (`adapters.rs`), their PEFT
+//! state dicts and directories (`mod.rs`) and merging them into the weights.
+//!
+//! Each adapted linear layer keeps its base and the plugin's layer, as peft's `LoraLayer`
+//! keeps its `base_layer`; [`PeftModel::forward`] runs the active adapter through them.
+//! Everything else of the model is reached through `Deref` (peft's `__getattr__`).
+use std::ops::{Deref, DerefMut};
+
+use anyhow::Result;
+use ferrotune_plugin_api::ForwardFlags;
+use tch::Tensor;
+
+use super::adapters::AdapterSet;
+use crate::model::linear::LinearMode;
+use crate::model::{CausalLM, ForwardArgs};
+
+/// A model and its adapters.
+pub struct PeftModel {
+    pub(crate) base: CausalLM,
+    /// Adapters attached to the linear layers, by name, and the active one.
+    pub(crate) adapters: AdapterSet,
+    /// Trainable copies of the token embedding (`modules_to_save`), by adapter name: the
+    /// input embedding while that adapter runs.
+    pub(crate) embed_copies: Vec<(String, Tensor)>,
+}
+
+impl PeftModel {
+    /// Wraps `base` with no adapter attached.
+    pub fn new(base: CausalLM) -> Self {
+        Self { base, adapters: AdapterSet::default(), embed_copies: Vec::new() }
+    }
+
+    /// The wrapped model.
+    pub fn base_model(&self) -> &CausalLM {
+        &self.base
+    }
+
+    /// The [`LinearMode`] of a forward pass: the active adapter unless `flags` has
+    /// `DISABLE_ADAPTER` (the reference model); `train` turns adapter dropout on. (`NO_GRAD` is
+    /// the caller's: wrap the call in `tch::no_grad`.)
+    pub fn mode(&self, flags: ForwardFlags, train: bool) -> LinearMode<'_> {
+        let adapter = if flags.contains(ForwardFlags::DISABLE_ADAPTER) { None } else { self.active_adapter() };
+        LinearMode { adapter, train, rows: None }
+    }
+
+    /// The mode of an evaluation pass through the active adapter.
+    pub fn eval_mode(&self) -> LinearMode<'_> {
+        self.mode(ForwardFlags::NONE, false)
+    }
+
+    /// Adapter `name`'s trainable copy of the embedding matrix (`modules_to_save`), if any.
+    pub fn embed_tokens_copy(&self, name: &str) -> Option<&Tensor> {
+        self.embed_copies.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// [`CausalLM::forward`] through the active adapter in evaluation mode unless `args.mode`
+    /// says otherwise, with the token embedding of the adapter that runs (its
+    /// `modules_to_save` copy, if it keeps one).
+    pub fn forward<'a>(&'a self, mut args: ForwardArgs<'a>) -> Result<Tensor> {
+        let mode = *args.mode.get_or_insert_with(|| self.eval_mode());
+        if args.embed_tokens.is_none() {
+            args.embed_tokens = mode.adapter.and_then(|name| self.embed_tokens_copy(name));
+        }
+        self.base.forward(args)
+    }
+}
+
+impl Deref for PeftModel {
+    type Target = CausalLM;
+    fn deref(&self) -> &CausalLM {
+        &self.base
+    }
+}
+
+impl DerefMut for PeftModel {
+    fn deref_mut(&mut self) -> &mut CausalLM {
+        &mut self.base
+    }
+}

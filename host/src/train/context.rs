@@ -1,0 +1,104 @@
+//! The policy model as objective plugins see it ([`PolicyContext`]: forward, generate,
+//! decode, rewards), and the run's reward plugins.
+use anyhow::{Context, Result};
+use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
+use ferrotune_plugin_api::kinds::reward::RewardHandle;
+use ferrotune_plugin_api::{ForwardFlags, PluginError, PluginResult, Reward, RewardInput};
+use tch::Tensor;
+
+use super::config::TrainConfig;
+use crate::data;
+use crate::model::{ForwardArgs, VisionInputs};
+use crate::peft::PeftModel;
+use crate::plugins::Registry;
+use crate::text::Tokenizer;
+
+/// A reward plugin of the run, with its name and weight.
+pub struct LoadedReward {
+    pub name: String,
+    pub weight: f64,
+    pub handle: RewardHandle,
+}
+
+/// Loads the run's reward plugins (`rewards:`).
+pub fn load_rewards(cfg: &TrainConfig, registry: &Registry) -> Result<Vec<LoadedReward>> {
+    cfg.rewards
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let handle = registry.reward(&r.plugin, &r.config_json()).with_context(|| format!("config key `rewards[{i}]`"))?;
+            Ok(LoadedReward { name: r.display_name().to_string(), weight: r.weight, handle })
+        })
+        .collect()
+}
+
+/// The model as objectives see it.
+pub struct PolicyContext<'a> {
+    pub model: &'a PeftModel,
+    pub tokenizer: &'a Tokenizer,
+    /// Dropout on (training steps) or off (eval, reference passes are the objective's call).
+    pub train: bool,
+    /// The run's reward plugins (GRPO).
+    pub rewards: &'a [LoadedReward],
+    /// Prompt plus generated tokens stay within this many (`data.cutoff_len`).
+    pub max_len: usize,
+}
+
+impl ObjectiveContext for PolicyContext<'_> {
+    fn forward(&self, inputs: &[(String, Tensor)], flags: ForwardFlags) -> PluginResult<Vec<(String, Tensor)>> {
+        let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let ids = get("input_ids").ok_or_else(|| PluginError::invalid("forward needs `input_ids`"))?;
+        let mask = get("attention_mask");
+        let images = match (get("pixel_values"), get("image_grid_thw")) {
+            (Some(pv), Some(grid)) => Some(VisionInputs {
+                pixel_values: pv.shallow_clone(),
+                image_grid_thw: data::images::grids_of(grid).map_err(|e| PluginError::invalid(format!("{e:#}")))?,
+            }),
+            (None, None) => None,
+            _ => return Err(PluginError::invalid("forward needs both `pixel_values` and `image_grid_thw`, or neither")),
+        };
+        let run = || {
+            self.model
+                .forward(ForwardArgs::ids(ids).mask(mask).images(images.as_ref()).mode(self.model.mode(flags, self.train)))
+                .map_err(|e| PluginError::runtime(format!("{e:#}")))
+        };
+        let logits = if flags.contains(ForwardFlags::NO_GRAD) { tch::no_grad(run)? } else { run()? };
+        Ok(vec![("logits".to_string(), logits)])
+    }
+    fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>> {
+        let opts: serde_json::Value = serde_json::from_str(if options_json.trim().is_empty() { "{}" } else { options_json })
+            .map_err(|e| PluginError::invalid(format!("generation options: {e}")))?;
+        let mut p = crate::generate::SamplingParams::greedy(opts["max_new_tokens"].as_u64().unwrap_or(64) as usize);
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let room = self.max_len.saturating_sub(longest);
+        if room == 0 {
+            return Err(PluginError::invalid(format!(
+                "a prompt of {longest} tokens leaves no room for generation within cutoff_len {}",
+                self.max_len
+            )));
+        }
+        p.max_new_tokens = p.max_new_tokens.min(room);
+        p.temperature = opts["temperature"].as_f64().unwrap_or(0.0);
+        p.top_k = opts["top_k"].as_u64().unwrap_or(0) as usize;
+        p.top_p = opts["top_p"].as_f64().unwrap_or(1.0);
+        p.seed = opts["seed"].as_u64().unwrap_or(0);
+        p.eos_token_ids = self.tokenizer.eos_token_id().into_iter().collect();
+        p.pad_token_id = self.tokenizer.pad_token_id().or(self.tokenizer.eos_token_id()).unwrap_or(0);
+        crate::generate::generate(self.model, prompts, &p).map_err(|e| PluginError::runtime(format!("{e:#}")))
+    }
+    fn decode(&self, ids: &[i64]) -> PluginResult<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| PluginError::runtime(format!("{e:#}")))
+    }
+    fn rewards(&self, inputs: &[RewardInput]) -> PluginResult<Vec<RewardScores>> {
+        if self.rewards.is_empty() {
+            return Err(PluginError::unsupported("this run configures no reward plugins (add a `rewards:` list to the config)"));
+        }
+        self.rewards
+            .iter()
+            .map(|r| {
+                let scores = r.handle.score(inputs).map_err(|e| e.context(format!("reward `{}`", r.name)))?;
+                Ok(RewardScores { name: r.name.clone(), weight: r.weight, scores })
+            })
+            .collect()
+    }
+}

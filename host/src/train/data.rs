@@ -1,0 +1,213 @@
+//! The run's data: read through the dataset plugin, encoded in the objective's batch layout,
+//! split into train and eval sets, and drawn in a seeded order shared by every rank.
+use anyhow::{bail, Result};
+use ferrotune_plugin_api::Objective;
+
+use super::config::{self, TrainConfig};
+use crate::data::layout::{self, Item, Layout, Prepared};
+use crate::data::{self, EncodeOptions, ImagePrep};
+use crate::plugins::Registry;
+use crate::text::Tokenizer;
+
+/// A permutation of `0..n` determined by `seed`.
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    crate::util::rng::SplitMix64(seed).permutation(n)
+}
+
+/// The order in which micro-batches are drawn: epoch after epoch over the training set.
+pub(crate) struct DataOrder {
+    pub n: usize,
+    pub micro: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+}
+
+impl DataOrder {
+    pub fn micro_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.micro)
+    }
+    /// Sample indices of global micro-batch `k`, and its epoch.
+    pub fn micro_batch(&self, k: usize) -> (usize, Vec<usize>) {
+        let per = self.micro_per_epoch();
+        let (epoch, within) = (k / per, k % per);
+        let order = if self.shuffle {
+            permutation(self.n, self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407))
+        } else {
+            (0..self.n).collect()
+        };
+        let start = within * self.micro;
+        (epoch, order[start..(start + self.micro).min(self.n)].to_vec())
+    }
+}
+
+/// The image settings of a run on a vision model (none for a text model).
+pub fn image_prep(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Option<ImagePrep>> {
+    let mut prep = ImagePrep::for_model_dir(&cfg.model, tok)?;
+    if let Some(p) = prep.as_mut() {
+        p.min_pixels = cfg.data.image_min_pixels;
+        p.max_pixels = cfg.data.image_max_pixels;
+    }
+    Ok(prep)
+}
+
+/// The run's encoding options.
+pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
+    EncodeOptions { cutoff_len: cfg.data.cutoff_len, train_on_prompt: cfg.data.train_on_prompt, mask_history: cfg.data.mask_history }
+}
+
+/// Reads and encodes the run's data as the trainer does, in the batch layout of the run's
+/// objective, every row kept or reported.
+pub fn read_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>) -> Result<Prepared> {
+    let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
+    let layout = Layout::from_needs(&cfg.objective.plugin, &objective.needs())?;
+    let rows = data::read_rows(registry, &cfg.data.plugin, &serde_json::Value::Object(cfg.data.config.clone()).to_string(), &cfg.data.path, &cfg.data.split)?;
+    layout::prepare(layout, rows, tok, prep, &encode_options(cfg))
+}
+
+/// Reads the run's data and encodes it in the objective's batch layout; with
+/// `on_bad_sample: stop`, any unusable row stops the run before training, listing them all.
+pub(crate) fn prepare_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>, layout: Layout) -> Result<Prepared> {
+    let rows = data::read_rows(registry, &cfg.data.plugin, &serde_json::Value::Object(cfg.data.config.clone()).to_string(), &cfg.data.path, &cfg.data.split)?;
+    let prepared = layout::prepare(layout, rows, tok, prep, &encode_options(cfg))?;
+    if !prepared.bad.is_empty() {
+        if cfg.data.on_bad_sample == config::OnBadSample::Stop {
+            bail!(
+                "{} of the {} rows of {} cannot be used as {} (data.on_bad_sample: stop; set it to skip to train without them; \
+                 `ferrotune data check` reports every row):\n{}",
+                prepared.bad.len(),
+                prepared.rows,
+                cfg.data.path.display(),
+                layout.name(),
+                prepared.bad_report(20)
+            );
+        }
+        eprintln!("note: skipping {} unusable rows of {}:\n{}", prepared.bad.len(), cfg.data.path.display(), prepared.bad_report(20));
+    }
+    for (i, why) in &prepared.skipped {
+        tracing::warn!("row {i}: {why}; skipped");
+    }
+    Ok(prepared)
+}
+
+/// Rank `rank`'s share of a global micro-batch: its `per_rank` samples in order (fewer, or
+/// none, at the short end of an epoch).
+///
+/// The global batch of an optimizer step is `micro_batch_size × gradient_accumulation_steps ×
+/// world_size` samples: global micro-batch k of the data order holds `micro_batch_size ×
+/// world_size` samples and rank r takes samples `r·mbs .. (r+1)·mbs` of it. A run on N ranks
+/// therefore trains on the same samples per step as one process with `micro_batch_size × N`
+/// (and, when the data size divides, as one with `gradient_accumulation_steps × N`). A
+/// sequence loss is divided by the label tokens of the whole global step and scaled by the
+/// world size before its backward, so the averaged gradient is the one-process gradient.
+pub fn rank_share(global: &[usize], rank: usize, per_rank: usize) -> &[usize] {
+    let start = (rank * per_rank).min(global.len());
+    &global[start..(start + per_rank).min(global.len())]
+}
+
+
+/// A run's samples: the training set and the held-out eval set (row index and item each),
+/// and what was left out of both.
+pub struct RunData {
+    pub train: Vec<(usize, Item)>,
+    pub eval: Vec<(usize, Item)>,
+    /// Rows the data set holds.
+    pub rows: usize,
+    pub truncated: usize,
+    pub skipped: usize,
+}
+
+impl RunData {
+    /// Rows already encoded, all of them for training.
+    pub fn given(train: Vec<(usize, Item)>) -> Self {
+        Self { rows: train.len(), train, eval: Vec::new(), truncated: 0, skipped: 0 }
+    }
+
+    /// The usable rows of `prepared` (those with a label), split into train and eval by
+    /// `data.eval_ratio`: a seeded random subset is held out, training keeps the file order
+    /// (shuffled per epoch by [`DataOrder`]). Notes on stderr count what was truncated or
+    /// skipped; a run with no training sample left is an error that says why.
+    pub fn split(cfg: &TrainConfig, prepared: Prepared, layout: Layout) -> Result<Self> {
+        let (rows, truncated) = (prepared.rows, prepared.truncated());
+        let mut skipped = prepared.skipped.len() + prepared.bad.len();
+        let mut encoded = Vec::with_capacity(prepared.items.len());
+        for (row, e) in prepared.items {
+            if e.label_tokens() > 0 { encoded.push((row, e)) } else { skipped += 1 }
+        }
+        if truncated > 0 {
+            eprintln!("note: {truncated} of {} samples were longer than cutoff_len {} and were truncated", encoded.len(), cfg.data.cutoff_len);
+        }
+        if skipped > 0 {
+            eprintln!("note: {skipped} samples were skipped ({} with nothing to learn, {} unusable)", skipped - prepared.bad.len(), prepared.bad.len());
+        }
+        let eval_n = (encoded.len() as f64 * cfg.data.eval_ratio).round() as usize;
+        let mut is_eval = vec![false; encoded.len()];
+        for &i in permutation(encoded.len(), cfg.seed).iter().take(eval_n) {
+            is_eval[i] = true;
+        }
+        let (mut train, mut eval) = (Vec::new(), Vec::new());
+        for (e, held_out) in encoded.into_iter().zip(is_eval) {
+            if held_out { eval.push(e) } else { train.push(e) }
+        }
+        if train.is_empty() {
+            if eval.is_empty() {
+                bail!(
+                    "no training samples left in {}: none of its {} samples {} (each skip is logged above): \
+                     check that the samples have non-empty assistant turns, or raise `data.cutoff_len` ({}) if they \
+                     were truncated",
+                    cfg.data.path.display(),
+                    rows,
+                    if layout == Layout::Sequences { "has a label token".to_string() } else { format!("can be used as {}", layout.name()) },
+                    cfg.data.cutoff_len
+                );
+            }
+            bail!(
+                "no training samples left in {}: `data.eval_ratio` {} puts all {} usable samples in the eval split; lower it",
+                cfg.data.path.display(),
+                cfg.data.eval_ratio,
+                eval.len()
+            );
+        }
+        Ok(Self { train, eval, rows, truncated, skipped })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_permutation_and_seeded() {
+        let p = permutation(100, 7);
+        let mut s = p.clone();
+        s.sort();
+        assert_eq!(s, (0..100).collect::<Vec<_>>());
+        assert_eq!(p, permutation(100, 7));
+        assert_ne!(p, permutation(100, 8));
+    }
+
+    /// Two ranks' shares of each global micro-batch are disjoint and cover it in order: the
+    /// samples a one-process run with micro_batch_size × 2 sees.
+    #[test]
+    fn rank_shares_partition_the_global_micro_batch() {
+        let global = [7, 3, 9, 1, 4];
+        assert_eq!(rank_share(&global, 0, 3), [7, 3, 9]);
+        assert_eq!(rank_share(&global, 1, 3), [1, 4]);
+        assert!(rank_share(&global, 2, 3).is_empty());
+        let o = DataOrder { n: 11, micro: 4, seed: 3, shuffle: true };
+        for k in 0..6 {
+            let (_, idx) = o.micro_batch(k);
+            assert_eq!([rank_share(&idx, 0, 2), rank_share(&idx, 1, 2)].concat(), idx);
+        }
+    }
+
+    #[test]
+    fn data_order_covers_each_epoch_once() {
+        let o = DataOrder { n: 7, micro: 3, seed: 1, shuffle: true };
+        assert_eq!(o.micro_per_epoch(), 3);
+        let mut seen: Vec<usize> = (0..3).flat_map(|k| o.micro_batch(k).1).collect();
+        seen.sort();
+        assert_eq!(seen, (0..7).collect::<Vec<_>>());
+        assert_eq!(o.micro_batch(3).0, 1, "micro-batch 3 starts epoch 1");
+        assert_eq!(o.micro_batch(2).1.len(), 1, "the last micro-batch of an epoch is short");
+    }
+}

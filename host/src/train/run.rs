@@ -1,0 +1,597 @@
+//! A training run as a recipe, the shape torchtune's recipes have: [`Run::setup`] wires what
+//! the config names (model and adapter, data, objective, memory plugin, resume), [`Run::step`]
+//! takes one optimizer step, [`Run::evaluate`] computes the eval loss,
+//! [`Run::save_checkpoint`] writes a checkpoint and [`Run::finish`] the adapter directory.
+//! `train()` drives it with logging and checkpoints; `bench train` drives the same
+//! [`Run::step`] on synthetic rows, so a benchmark measures the real path.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ferrotune_plugin_api::kinds::memory::{MemoryStrategyHandle, OFFLOAD_PARAMS_CPU, SHARD_FROZEN_PARAMS};
+use ferrotune_plugin_api::kinds::objective::ObjectiveHandle;
+use ferrotune_plugin_api::{Batch, Collectives, MemoryStrategy, Objective, StepReport, TrainParam};
+use tch::{Device, Tensor};
+
+use super::checkpoint::{self, STATE_FILE};
+use super::config::TrainConfig;
+use super::context::{load_rewards, LoadedReward, PolicyContext};
+use super::data::{image_prep, prepare_data, rank_share, DataOrder, RunData};
+use super::schedule::Schedule;
+use super::step::{global_loss, micro_meta, on_device, optimizer_step_with, reduce_metrics, MicroPosition, StepTiming};
+use super::{Resume, TrainSummary};
+use crate::data::layout::{Item, Layout};
+use crate::data::ImagePrep;
+use crate::dist::collectives::Group;
+use super::vision::vision_parameters;
+use crate::peft::non_lora;
+use crate::peft::quant::{self, QuantizationRecord};
+use crate::peft::PeftModel;
+use crate::plugins::Registry;
+use crate::text::Tokenizer;
+
+/// A run between its setup and its end: the model with its adapter, the data, the objective
+/// and memory plugins, and how far it has come.
+pub struct Run<'c> {
+    pub cfg: &'c TrainConfig,
+    group: Arc<Group>,
+    pub device: Device,
+    pub model: PeftModel,
+    pub tokenizer: Tokenizer,
+    objective: ObjectiveHandle,
+    memory: MemoryStrategyHandle,
+    rewards: Vec<LoadedReward>,
+    pub layout: Layout,
+    prep: Option<ImagePrep>,
+    pub data: RunData,
+    order: DataOrder,
+    schedule: Schedule,
+    pad_id: i64,
+    /// Optimizer steps of the whole run.
+    pub total_steps: usize,
+    /// With epochs (no max_steps): the global micro-batches the epochs hold.
+    micro_limit: usize,
+    /// Each micro-batch loss is multiplied by this before its backward (see `optimizer_step_with`).
+    loss_scale: f64,
+    /// Full weights of a vision model trained beside the adapter.
+    trainable_vision: Vec<TrainParam>,
+    /// The quantized base (QLoRA), if any.
+    pub quantized: Option<QuantizationRecord>,
+    /// Trainable values, and their bytes.
+    pub trainable_parameters: i64,
+    trainable_bytes: usize,
+    /// Optimizer steps taken (after a resume: counted from the run's start).
+    pub step: usize,
+    started: Instant,
+}
+
+/// Metrics by name.
+pub type Metrics = Vec<(String, f64)>;
+
+/// What one [`Run::step`] did.
+pub struct StepResult {
+    /// The step just taken (1 for the first).
+    pub step: usize,
+    pub epoch: f64,
+    /// The step's loss over all ranks.
+    pub loss: f64,
+    pub lr: f64,
+    /// The objective's metrics over micro-batches and ranks.
+    pub metrics: Vec<(String, f64)>,
+    pub report: StepReport,
+    pub timing: StepTiming,
+    /// Tokens this rank's forward passes saw.
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+impl StepResult {
+    /// The step's line of `metrics.jsonl`.
+    pub fn json(&self) -> serde_json::Value {
+        let mut line = serde_json::json!({
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "lr": self.lr,
+            "grad_norm": self.report.grad_norm,
+            "skipped": self.report.skipped,
+            "tokens_per_s": self.tokens as f64 / self.seconds.max(1e-9),
+        });
+        for (k, v) in self.metrics.iter().filter(|(k, _)| k != "loss") {
+            line[format!("train/{k}")] = serde_json::json!(v);
+        }
+        line
+    }
+}
+
+/// The losses a driver saw, for the run's summary.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Losses {
+    pub first: Option<f64>,
+    pub last: Option<f64>,
+    pub eval: Option<f64>,
+}
+
+/// The model a run trains: loaded (quantized, sharded) and with its adapter attached.
+struct LoadedModel {
+    model: PeftModel,
+    quantized: Option<QuantizationRecord>,
+    shard_params: bool,
+    offload_params: bool,
+}
+
+impl<'c> Run<'c> {
+    /// Sets up (or resumes) the run `cfg` describes, reading its data through the dataset
+    /// plugin; creates the output directory.
+    pub fn setup(cfg: &'c TrainConfig, registry: &Registry, resume: Option<Resume>) -> Result<Self> {
+        Self::build(cfg, registry, resume, None)
+    }
+
+    /// Sets up a run on rows already encoded (`bench train`'s synthetic ones) instead of the
+    /// config's data set; nothing is written.
+    pub fn setup_on_items(cfg: &'c TrainConfig, registry: &Registry, items: Vec<(usize, Item)>) -> Result<Self> {
+        Self::build(cfg, registry, None, Some(items))
+    }
+
+    fn build(cfg: &'c TrainConfig, registry: &Registry, resume: Option<Resume>, items: Option<Vec<(usize, Item)>>) -> Result<Self> {
+        let started = Instant::now();
+        // A plain `cuda` means cuda:LOCAL_RANK in a launched run.
+        let device = crate::dist::resolve_for_rank(&cfg.device)?;
+        // Several ranks (RANK/WORLD_SIZE set by `ferrotune launch` or torchrun): c10d group,
+        // NCCL for a CUDA device, Gloo for CPU (FERROTUNE_DIST_BACKEND overrides).
+        let group = Arc::new(Group::from_env_for(device)?);
+        let world = group.as_dyn().world_size();
+        // Where to resume from is settled first, so that a missing checkpoint fails before any work.
+        let resume_dir = resume_dir(cfg, resume)?;
+        if items.is_none() {
+            std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
+        }
+        tch::manual_seed(cfg.seed as i64);
+        let LoadedModel { mut model, quantized, shard_params, offload_params } = load_model(cfg, registry, device, &group)?;
+        let tokenizer = Tokenizer::from_dir(&cfg.model)?;
+        let (params, trainable_vision) = parameters(&model, cfg)?;
+        let trainable_parameters: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
+        let trainable_bytes: usize = params.iter().map(|p| p.tensor.numel() * p.tensor.kind().elt_size_in_bytes()).sum();
+
+        // Data: canonical samples → token ids and labels (and images, for a vision model).
+        let prep = image_prep(cfg, &tokenizer)?;
+
+        let (objective, layout, rewards) = objective_and_rewards(cfg, registry)?;
+        let data = match items {
+            Some(items) => RunData::given(items),
+            None => RunData::split(cfg, prepare_data(cfg, registry, &tokenizer, prep.as_ref(), layout)?, layout)?,
+        };
+
+        let t = &cfg.training;
+        // Several ranks: global micro-batch k holds micro_batch_size × world samples and rank r
+        // takes its r-th contiguous share, so a step sees the same samples as one process with
+        // micro_batch_size × world (see `rank_share`).
+        let order = DataOrder { n: data.train.len(), micro: t.micro_batch_size * world, seed: cfg.seed, shuffle: cfg.data.shuffle };
+        let (accum, mu) = (t.gradient_accumulation_steps, t.num_iterations);
+        // Generation objectives take `num_iterations` optimizer steps on each generation batch.
+        let total_steps = t.max_steps.unwrap_or_else(|| (t.epochs * order.micro_per_epoch()).div_ceil(accum) * mu);
+        // With epochs (no max_steps) the last step takes only the micro-batches the epochs have left.
+        let micro_limit = if t.max_steps.is_some() { usize::MAX } else { t.epochs * order.micro_per_epoch() };
+        let schedule = Schedule::new(&cfg.scheduler, cfg.optimizer.lr, total_steps);
+        let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
+
+        let mut memory = registry.memory(&cfg.memory.plugin, &cfg.memory.config_json())?;
+        memory.setup(params, &cfg.optimizer_json(), device, group.as_dyn())?;
+        if shard_params {
+            check_shardable(layout, data.train.len(), t.micro_batch_size, world, &cfg.memory.plugin)?;
+            // Layers whose base was rewritten or quantized after loading: shard what is whole.
+            shard_frozen_weights(&mut model, group.clone(), offload_params)?;
+        }
+        let mut run = Self {
+            cfg,
+            group,
+            device,
+            model,
+            tokenizer,
+            objective,
+            memory,
+            rewards,
+            layout,
+            prep,
+            data,
+            order,
+            schedule,
+            pad_id,
+            total_steps,
+            micro_limit,
+            loss_scale: if layout == Layout::Sequences { world as f64 } else { 1.0 },
+            trainable_vision,
+            quantized,
+            trainable_parameters,
+            trainable_bytes,
+            step: 0,
+            started,
+        };
+        if let Some(dir) = resume_dir {
+            run.step = checkpoint::load_checkpoint(&dir, &mut run.model, &mut run.memory, run.group.as_dyn())?;
+            if run.rank() == 0 {
+                checkpoint::rewind_metrics(&cfg.output_dir.join(checkpoint::METRICS_FILE), run.step)?;
+            }
+            eprintln!("resumed from {} at step {}", dir.display(), run.step);
+        }
+        Ok(run)
+    }
+
+    /// This process's rank, and the number of ranks.
+    pub fn rank(&self) -> usize {
+        self.group.as_dyn().rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.group.as_dyn().world_size()
+    }
+
+    /// Whether every step of the run has been taken.
+    pub fn done(&self) -> bool {
+        self.step >= self.total_steps
+    }
+
+    /// Takes the next optimizer step: builds this rank's share of each micro-batch (lazily,
+    /// one at a time), runs the objective and backward through the shared inner loop, steps the
+    /// optimizer, and combines the loss and metrics over the ranks.
+    pub fn step(&mut self) -> Result<StepResult> {
+        let t = &self.cfg.training;
+        tch::manual_seed(step_seed(self.cfg.seed, self.step));
+        let started = Instant::now();
+        let (accum, mu) = (t.gradient_accumulation_steps, t.num_iterations);
+        let (data_step, iteration) = (self.step / mu, self.step % mu);
+        // (epoch, sample indices) per micro-batch; the epoch is only informative here.
+        let micro: Vec<(usize, Vec<usize>)> = (0..accum)
+            .map(|j| data_step * accum + j)
+            .take_while(|&k| k < self.micro_limit)
+            .map(|k| self.order.micro_batch(k))
+            .collect();
+        let train = &self.data.train;
+        let num_items: i64 = micro.iter().flat_map(|(_, idx)| idx.iter().map(|&i| train[i].1.label_tokens())).sum();
+        let micro_count = micro.len();
+        let rank = self.rank();
+        let micro: Vec<Vec<usize>> =
+            micro.into_iter().map(|(_, idx)| rank_share(&idx, rank, t.micro_batch_size).to_vec()).filter(|idx| !idx.is_empty()).collect();
+        let mut tokens = 0usize;
+        let (layout, pad_id, prep, device) = (self.layout, self.pad_id, self.prep.as_ref(), self.device);
+        let batches = micro.iter().enumerate().map(|(j, idx)| {
+            let items: Vec<&Item> = idx.iter().map(|&i| &train[i].1).collect();
+            tokens += items.iter().map(|e| e.tokens()).sum::<usize>();
+            let at = MicroPosition { num_items, gradient_accumulation_steps: micro_count, micro_index: j, iteration, num_iterations: mu };
+            let ids = idx.iter().map(|&i| serde_json::json!(format!("row {}", train[i].0))).collect();
+            let (tensors, extra) = crate::data::collate(layout, &items, pad_id, prep)?;
+            Ok(Batch { tensors: on_device(tensors, device)?, meta_json: micro_meta(layout, at, ids, extra) })
+        });
+        let lr = self.schedule.lr(self.step);
+        let comm = self.group.as_dyn();
+        let ctx = PolicyContext { model: &self.model, tokenizer: &self.tokenizer, train: true, rewards: &self.rewards, max_len: self.cfg.data.cutoff_len };
+        let out = optimizer_step_with(&ctx, &mut self.objective, &mut self.memory, batches, lr, comm, self.loss_scale)?;
+        let loss = global_loss(comm, out.loss, layout)?;
+        let metrics = reduce_metrics(comm, out.metrics)?;
+        self.step += 1;
+        Ok(StepResult {
+            step: self.step,
+            epoch: ((data_step + 1) * accum) as f64 / self.order.micro_per_epoch() as f64,
+            loss,
+            lr,
+            metrics,
+            report: out.report,
+            timing: out.timing,
+            tokens,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The eval loss and the objective's metrics over the eval set (no graph, dropout off);
+    /// `None` without an eval set.
+    pub fn evaluate(&mut self) -> Result<Option<(f64, Metrics)>> {
+        if self.data.eval.is_empty() {
+            return Ok(None);
+        }
+        let ctx = PolicyContext { model: &self.model, tokenizer: &self.tokenizer, train: false, rewards: &self.rewards, max_len: self.cfg.data.cutoff_len };
+        let micro = self.cfg.training.micro_batch_size;
+        let prep = self.prep.as_ref();
+        evaluate(&ctx, &mut self.objective, self.layout, &self.data.eval, micro, self.pad_id, prep, self.device).map(Some)
+    }
+
+    /// Writes `checkpoint-{step}` (every rank takes part).
+    pub fn save_checkpoint(&self) -> Result<()> {
+        let t = &self.cfg.training;
+        let comm = self.group.as_dyn();
+        checkpoint::save_checkpoint(&self.cfg.output_dir, self.step, &self.model, &self.trainable_vision, &self.memory, t.save_total_limit, comm)
+    }
+
+    /// Ends the run: rank 0 writes the PEFT adapter directory (with the full weights trained
+    /// beside it and the quantization record), the loss curve and `train_summary.json` into
+    /// the output directory. The driver must have closed `metrics.jsonl`.
+    pub fn finish(self, losses: Losses) -> Result<TrainSummary> {
+        let (rank, world) = (self.rank(), self.world_size());
+        if let Some(b) = report_state_bytes(&self.memory) {
+            eprintln!("rank {rank} of {world}: optimizer state {b} bytes");
+            let (frozen, decoder) = frozen_resident_bytes(&self.model);
+            let report = serde_json::json!({
+                "optimizer_state": b,
+                "trainable": self.trainable_bytes,
+                "frozen": frozen,
+                "frozen_decoder_linears": decoder,
+                "peak_rss": crate::util::procfs::proc_status_kib("VmHWM").map(|k| k * 1024),
+            });
+            eprintln!("rank {rank} of {world}: memory {report}");
+        }
+        let out = &self.cfg.output_dir;
+        let summary = TrainSummary {
+            steps: self.step,
+            train_samples: self.data.train.len(),
+            eval_samples: self.data.eval.len(),
+            truncated_samples: self.data.truncated,
+            skipped_samples: self.data.skipped,
+            first_loss: losses.first,
+            last_loss: losses.last,
+            eval_loss: losses.eval,
+            trainable_parameters: self.trainable_parameters,
+            seconds: self.started.elapsed().as_secs_f64(),
+            output_dir: out.clone(),
+        };
+        let comm = self.group.as_dyn();
+        if rank != 0 {
+            comm.barrier()?;
+            return Ok(summary);
+        }
+        self.model.save_peft_adapter(out)?;
+        non_lora::save(out, &self.trainable_vision)?;
+        if let Some(record) = &self.quantized {
+            quant::write_record(out, record)?;
+        }
+        let metrics_file = out.join(checkpoint::METRICS_FILE);
+        if let Err(e) = super::plot::write_loss_curve(&metrics_file, &out.join("loss.png")) {
+            tracing::warn!("no loss curve: {e:#}");
+        }
+        std::fs::write(out.join("train_summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        comm.barrier()?;
+        Ok(summary)
+    }
+}
+
+/// The checkpoint `--resume` names, checked to be one.
+fn resume_dir(cfg: &TrainConfig, resume: Option<Resume>) -> Result<Option<PathBuf>> {
+    let dir = match resume {
+        None => return Ok(None),
+        Some(Resume::Path(p)) => p,
+        Some(Resume::Latest) => checkpoint::latest_checkpoint(&cfg.output_dir)?.with_context(|| {
+            format!(
+                "--resume: no checkpoint to resume from: {} holds no checkpoint-N folder (run without --resume to start, \
+                 or name a checkpoint folder: --resume DIR)",
+                cfg.output_dir.display()
+            )
+        })?,
+    };
+    if !dir.join(STATE_FILE).is_file() {
+        bail!("--resume: {} is not a checkpoint (it has no {STATE_FILE})", dir.display());
+    }
+    Ok(Some(dir))
+}
+
+/// Loads the model and attaches the run's adapter: ZeRO stage 3 over several ranks shards
+/// each decoder linear layer as soon as it is read, so a rank never holds the whole model
+/// (see `CausalLM::load_with`); QLoRA quantizes the adapter's targets as they are read, too
+/// (a quantized layer stays whole, the others are sharded). `adapter_init` weights replace
+/// the plugin's initialisation.
+fn load_model(cfg: &TrainConfig, registry: &Registry, device: Device, group: &Arc<Group>) -> Result<LoadedModel> {
+    let dtype = crate::model::init::parse_dtype(&cfg.dtype)?;
+    let capabilities = registry.memory_capabilities(&cfg.memory.plugin, &cfg.memory.config_json())?;
+    let shard_params = capabilities.iter().any(|c| c == SHARD_FROZEN_PARAMS) && group.as_dyn().world_size() > 1;
+    let offload_params = capabilities.iter().any(|c| c == OFFLOAD_PARAMS_CPU);
+    let shard_group: Arc<dyn Collectives + Send + Sync> = group.clone();
+    let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
+    let base = quant::load_for_adapter(&cfg.model, device, dtype, cfg.quantization.as_ref(), registry, &method, &mut |lin| {
+        if shard_params {
+            lin.shard_weight(shard_group.clone(), offload_params).with_context(|| format!("sharding `{}`", lin.name))?;
+        }
+        Ok(())
+    })?;
+    let mut model = PeftModel::new(base);
+    model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
+    let (attach, quantized) = quant::attach_quantized(&mut model, "default", Box::new(method), cfg.quantization.as_ref(), registry)?;
+    tracing::info!("adapter `{}` on {} modules", cfg.adapter.plugin, attach.modules.len());
+    if let Some(init) = &cfg.adapter_init {
+        check_adapter_init_config(init, &model.adapter_peft_config()?)?;
+        let file = init.join("adapter_model.safetensors");
+        let weights = crate::util::safetensors::read(&file).with_context(|| format!("adapter_init: cannot read {}", file.display()))?;
+        model.load_adapter_state_dict(weights).with_context(|| format!("adapter_init {}", init.display()))?;
+    }
+    Ok(LoadedModel { model, quantized, shard_params, offload_params })
+}
+
+/// What the memory plugin trains: the adapter's parameters, then the vision weights the
+/// config trains in full (also returned alone: they are saved beside the adapter).
+fn parameters(model: &PeftModel, cfg: &TrainConfig) -> Result<(Vec<TrainParam>, Vec<TrainParam>)> {
+    let mut params = model.trainable_parameters()?;
+    let vision = vision_parameters(model, &cfg.vision, cfg.optimizer.lr)?;
+    params.extend(vision.iter().map(|p| TrainParam {
+        name: p.name.clone(),
+        tensor: p.tensor.shallow_clone(),
+        lr_scale: p.lr_scale,
+        weight_decay_scale: p.weight_decay_scale,
+    }));
+    Ok((params, vision))
+}
+
+/// The objective, the batch layout it asks for, and the reward plugins (which only objectives
+/// that score completions take, and which they need).
+fn objective_and_rewards(cfg: &TrainConfig, registry: &Registry) -> Result<(ObjectiveHandle, Layout, Vec<LoadedReward>)> {
+    let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
+    let needs = objective.needs();
+    let layout = Layout::from_needs(&cfg.objective.plugin, &needs)?;
+    let wants_rewards = needs.iter().any(|n| n == "rewards");
+    if wants_rewards && cfg.rewards.is_empty() {
+        bail!(
+            "objective `{}` scores its completions with reward plugins, and the config names none: add e.g. \
+             `rewards: [{{plugin: format, pattern: \"...\"}}]` (`ferrotune plugins` lists the reward plugins)",
+            cfg.objective.plugin
+        );
+    }
+    if !wants_rewards && !cfg.rewards.is_empty() {
+        bail!("config key `rewards`: objective `{}` does not use reward plugins; remove the `rewards` list", cfg.objective.plugin);
+    }
+    if cfg.training.num_iterations > 1 && layout != Layout::Prompts {
+        bail!("config key `training.num_iterations`: only objectives that generate (GRPO) reuse a generation batch; `{}` does not", cfg.objective.plugin);
+    }
+    Ok((objective, layout, load_rewards(cfg, registry)?))
+}
+
+/// The eval loss (no graph, dropout off) and the mean of the objective's metrics over the
+/// eval set. Sequences: the token-weighted mean loss; other layouts: the row-weighted mean of
+/// the micro-batch losses.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    ctx: &PolicyContext<'_>,
+    objective: &mut dyn Objective,
+    layout: Layout,
+    eval_set: &[(usize, Item)],
+    micro: usize,
+    pad_id: i64,
+    prep: Option<&ImagePrep>,
+    device: tch::Device,
+) -> Result<(f64, Vec<(String, f64)>)> {
+    let total: i64 = eval_set.iter().map(|(_, e)| e.label_tokens()).sum();
+    let mut sum = 0f64;
+    let mut metric_sums: Vec<(String, f64, f64)> = Vec::new();
+    for (j, chunk) in eval_set.chunks(micro).enumerate() {
+        let items: Vec<&Item> = chunk.iter().map(|(_, e)| e).collect();
+        let (tensors, extra) = crate::data::collate(layout, &items, pad_id, prep)?;
+        let at = MicroPosition { num_items: total, gradient_accumulation_steps: 1, micro_index: j, iteration: 0, num_iterations: 1 };
+        let ids = chunk.iter().map(|(row, _)| serde_json::json!(format!("row {row}"))).collect();
+        let batch = Batch { tensors: on_device(tensors, device)?, meta_json: micro_meta(layout, at, ids, extra) };
+        let out = tch::no_grad(|| objective.loss(&batch, ctx))?;
+        let value = out.loss.f_double_value(&[])?;
+        let weight = chunk.len() as f64;
+        sum += if layout == Layout::Sequences { value } else { value * weight / eval_set.len() as f64 };
+        for (k, v) in out.metrics.into_iter().filter(|(k, v)| k != "loss" && v.is_finite()) {
+            match metric_sums.iter_mut().find(|(n, _, _)| *n == k) {
+                Some(m) => {
+                    m.1 += v * weight;
+                    m.2 += weight;
+                }
+                None => metric_sums.push((k, v * weight, weight)),
+            }
+        }
+    }
+    Ok((sum, metric_sums.into_iter().map(|(k, s, w)| (k, s / w)).collect()))
+}
+
+/// `adapter_init`'s adapter_config.json must describe the adapter this run configures:
+/// weights trained with another scale or method would load (same shapes) and silently train
+/// something else.
+fn check_adapter_init_config(init: &Path, ours: &serde_json::Value) -> Result<()> {
+    let file = init.join("adapter_config.json");
+    let Ok(text) = std::fs::read_to_string(&file) else { return Ok(()) };
+    let theirs: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("adapter_init: {} is not JSON", file.display()))?;
+    let differing: Vec<String> = ["peft_type", "r", "lora_alpha", "use_rslora", "use_dora"]
+        .iter()
+        .filter(|k| {
+            let (a, b) = (&ours[**k], &theirs[**k]);
+            !a.is_null() && !b.is_null() && a.as_f64().zip(b.as_f64()).map_or(a != b, |(x, y)| x != y)
+        })
+        .map(|k| format!("{k}: run {} vs adapter_init {}", ours[*k], theirs[*k]))
+        .collect();
+    if !differing.is_empty() {
+        bail!("adapter_init {} was made with another adapter configuration ({}); make the `adapter` section match it", file.display(), differing.join(", "));
+    }
+    Ok(())
+}
+
+/// Bytes of optimizer state this rank holds, printed by launched runs (`WORLD_SIZE` set)
+/// for the memory benchmark.
+fn report_state_bytes(memory: &dyn MemoryStrategy) -> Option<usize> {
+    std::env::var_os("WORLD_SIZE")?;
+    let state = memory.state_dict().ok()?;
+    Some(state.iter().filter(|(n, _)| n != "step").map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum())
+}
+
+/// ZeRO stage 3 gathers each layer's weight with a collective, so every rank must run the
+/// same forwards: refuse what would let one rank run fewer (a rank left without samples at
+/// the short end of an epoch, per-rank generation of different lengths).
+fn check_shardable(layout: Layout, samples: usize, micro: usize, world: usize, plugin: &str) -> Result<()> {
+    if layout == Layout::Prompts {
+        bail!("memory `{plugin}` shards the frozen weights (stage 3), which generation objectives do not support yet (ranks generate different lengths); use stage 2");
+    }
+    let rem = samples % (micro * world);
+    if rem != 0 && rem <= micro * (world - 1) {
+        bail!(
+            "memory `{plugin}` shards the frozen weights (stage 3), so every rank must run every micro-batch, but the last global micro-batch \
+             of an epoch holds {rem} of {samples} samples and leaves rank {} without any; make the sample count a multiple of \
+             training.micro_batch_size × ranks ({}) or drop that many rows",
+            rem.div_ceil(micro),
+            micro * world
+        );
+    }
+    Ok(())
+}
+
+/// The linear layers ZeRO stage 3 shards: every decoder linear layer (q, k, v, o, gate, up,
+/// down of each layer) and an untied `lm_head`; not a tied `lm_head` (the embedding, which
+/// stays whole) or a vision tower.
+fn shardable(model: &PeftModel, name: &str) -> bool {
+    name.starts_with(&format!("{}.layers.", model.decoder_path())) || (name == "lm_head" && !model.lm_head_is_tied())
+}
+
+/// Shards the frozen weight of every [`shardable`] layer over the ranks of `group` (those
+/// already sharded while loading are left as they are).
+fn shard_frozen_weights(model: &mut PeftModel, group: Arc<Group>, offload: bool) -> Result<()> {
+    let group: Arc<dyn Collectives + Send + Sync> = group;
+    let names: Vec<String> = model.linears().into_iter().map(|(n, _)| n.to_string()).filter(|n| shardable(model, n)).collect();
+    for lin in model.linears_mut().into_iter().filter(|l| names.contains(&l.name)) {
+        lin.shard_weight(group.clone(), offload).with_context(|| format!("sharding `{}`", lin.name))?;
+    }
+    Ok(())
+}
+
+/// Bytes of frozen weights this rank holds: all of them, and those of the decoder's linear
+/// layers (most of what ZeRO stage 3 shards).
+fn frozen_resident_bytes(model: &PeftModel) -> (usize, usize) {
+    let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+    let prefix = format!("{}.layers.", model.decoder_path());
+    let linears: Vec<_> = model.linears().into_iter().filter(|(n, _)| shardable(model, n)).collect();
+    let listed: usize = model.named_weights().iter().filter(|(_, t)| !t.requires_grad()).map(|(_, t)| bytes(t)).sum();
+    let stand_ins: usize = linears.iter().map(|(_, l)| bytes(&l.weight) + l.bias.as_ref().map(bytes).unwrap_or(0)).sum();
+    let resident: usize = linears.iter().map(|(_, l)| l.resident_bytes()).sum();
+    let decoder: usize = linears.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, l)| l.resident_bytes()).sum();
+    ((listed + resident).saturating_sub(stand_ins), decoder)
+}
+
+fn step_seed(seed: u64, step: usize) -> i64 {
+    (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7FFF_FFFF_FFFF_FFFF) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage3_refuses_what_would_leave_a_rank_without_forwards() {
+        // 2 per rank on 2 ranks: 16 samples split evenly; 14 end with 2 (rank 1 gets none);
+        // 15 end with 3 (rank 1 gets one: the same number of forwards).
+        assert!(check_shardable(Layout::Sequences, 16, 2, 2, "zero").is_ok());
+        let e = check_shardable(Layout::Sequences, 14, 2, 2, "zero").unwrap_err().to_string();
+        assert!(e.contains("leaves rank 1 without any") && e.contains("micro_batch_size"), "{e}");
+        assert!(check_shardable(Layout::Sequences, 15, 2, 2, "zero").is_ok());
+        let e = check_shardable(Layout::Sequences, 13, 2, 4, "zero").unwrap_err().to_string();
+        assert!(e.contains("rank 3"), "{e}");
+        let e = check_shardable(Layout::Prompts, 16, 2, 2, "zero").unwrap_err().to_string();
+        assert!(e.contains("generation"), "{e}");
+    }
+
+    #[test]
+    fn adapter_init_with_another_configuration_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferrotune-adapter-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#).unwrap();
+        let ours = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 8.0, "use_rslora": false});
+        let e = check_adapter_init_config(&dir, &ours).unwrap_err().to_string();
+        assert!(e.contains("r: run 8 vs adapter_init 4") && !e.contains("lora_alpha"), "{e}");
+        let same = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8});
+        check_adapter_init_config(&dir, &same).unwrap();
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

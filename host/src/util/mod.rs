@@ -1,0 +1,6 @@
+//! Small pieces every part of the host uses: atomic file writes, a seeded generator, this
+//! process's memory figures, and the safetensors reader and writer.
+pub mod atomic;
+pub mod procfs;
+pub mod rng;
+pub mod safetensors;
