@@ -19,10 +19,15 @@ fn native_layer(libtorch_lib: &std::path::Path) {
     let Some(root) = libtorch_lib.parent() else { return };
     let include = root.join("include");
     if !include.join("torch").is_dir() {
-        println!("cargo:warning=libtorch headers not found under {}: no C++ layer", include.display());
+        println!(
+            "cargo:warning=libtorch headers not found under {}: no C++ layer",
+            include.display()
+        );
         return;
     }
-    let gloo = std::env::var("FERROTUNE_GLOO_INCLUDE").map(std::path::PathBuf::from).unwrap_or_else(|_| "/usr/include".into());
+    let gloo = std::env::var("FERROTUNE_GLOO_INCLUDE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| "/usr/include".into());
     let with_c10d = gloo.join("gloo/config.h").is_file();
     let mut build = cc::Build::new();
     build
@@ -74,18 +79,25 @@ fn native_layer(libtorch_lib: &std::path::Path) {
 /// `nvidia-cuda-cccl` wheels (pinned in requirements/torch.txt) that install into the same
 /// folder. `FERROTUNE_CUDA_INCLUDE` and `FERROTUNE_NCCL_INCLUDE` (`:`-separated lists of
 /// folders) replace those defaults, e.g. `/usr/local/cuda/include` of a CUDA toolkit.
-fn nccl_headers(libtorch_lib: &std::path::Path, torch_include: &std::path::Path) -> Result<Vec<std::path::PathBuf>, String> {
+fn nccl_headers(
+    libtorch_lib: &std::path::Path,
+    torch_include: &std::path::Path,
+) -> Result<Vec<std::path::PathBuf>, String> {
     use std::path::PathBuf;
     println!("cargo:rerun-if-env-changed=FERROTUNE_CUDA_INCLUDE");
     println!("cargo:rerun-if-env-changed=FERROTUNE_NCCL_INCLUDE");
     if !ferrotune_build::cuda_libtorch(libtorch_lib) {
-        return Err(format!("{} is not a CUDA libtorch (no libtorch_cuda.so)", libtorch_lib.display()));
+        return Err(format!(
+            "{} is not a CUDA libtorch (no libtorch_cuda.so)",
+            libtorch_lib.display()
+        ));
     }
     if !torch_include.join("torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp").is_file() {
         return Err("this libtorch has no ProcessGroupNCCL.hpp".into());
     }
     // lib/ -> torch/ -> site-packages/
-    let site = libtorch_lib.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or_default();
+    let site =
+        libtorch_lib.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or_default();
     let dirs = |var: &str, default: PathBuf| -> Vec<PathBuf> {
         match std::env::var(var) {
             Ok(v) if !v.trim().is_empty() => std::env::split_paths(&v).collect(),
@@ -99,7 +111,8 @@ fn nccl_headers(libtorch_lib: &std::path::Path, torch_include: &std::path::Path)
         println!("cargo:rerun-if-changed={}", d.display());
     }
     let find = |set: &[PathBuf], file: &str| set.iter().any(|d| d.join(file).is_file());
-    let show = |set: &[PathBuf]| set.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":");
+    let show =
+        |set: &[PathBuf]| set.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":");
     let mut missing = Vec::new();
     for f in ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"] {
         if !find(&cuda, f) {

@@ -29,7 +29,9 @@ fn probe(lib: &Path) -> (String, String) {
                     .map(|v| v.trim().trim_matches(|c| c == '\'' || c == '"').to_string())
             })
         })
-        .or_else(|| std::fs::read_to_string(root.join("build-version")).ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string(root.join("build-version")).ok().map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".to_string());
     let mut abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
     if std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {

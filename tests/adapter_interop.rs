@@ -22,8 +22,8 @@
 //! Needs `cargo build -p ferrotune -p ferrotune-lora -p ferrotune-testkit` and the reference
 //! stack (`$PYTHON` or `.venv`: torch 2.11, transformers 5, peft 0.21); one
 //! Python run (`tests/python/adapter_reference.py`) serves every test of this file.
-use ferrotune::peft::PeftModel;
 use ferrotune::model::ForwardArgs;
+use ferrotune::peft::PeftModel;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -39,11 +39,26 @@ const TOL: f64 = 1e-5;
 /// Adapters we write (plugin `lora` configurations), on the `base` model.
 const OURS: &[(&str, &str)] = &[
     ("lora", r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}"#),
-    ("dora", r#"{"r": 4, "lora_alpha": 16, "use_dora": true, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]}"#),
-    ("pissa", r#"{"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa", "target_modules": ["q_proj", "v_proj"]}"#),
-    ("lora_head", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}"#),
-    ("save_head", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"], "modules_to_save": ["lm_head"]}"#),
-    ("save_embed", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]}"#),
+    (
+        "dora",
+        r#"{"r": 4, "lora_alpha": 16, "use_dora": true, "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]}"#,
+    ),
+    (
+        "pissa",
+        r#"{"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa", "target_modules": ["q_proj", "v_proj"]}"#,
+    ),
+    (
+        "lora_head",
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}"#,
+    ),
+    (
+        "save_head",
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"], "modules_to_save": ["lm_head"]}"#,
+    ),
+    (
+        "save_embed",
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]}"#,
+    ),
 ];
 /// Which of ours peft loads, and which `ferrotune merge` merges for transformers.
 const PEFT_LOADS: &[&str] = &["lora", "dora", "pissa", "save_head", "save_embed"];
@@ -54,7 +69,10 @@ const UNTIED_BY_MERGE: &[&str] = &["lora_head", "save_head", "save_embed"];
 const PEFT_WRITES: &[(&str, &str)] = &[
     ("lora", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}"#),
     ("dora", r#"{"r": 4, "lora_alpha": 16, "use_dora": true, "target_modules": "all-linear"}"#),
-    ("save_both", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head", "embed_tokens"]}"#),
+    (
+        "save_both",
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head", "embed_tokens"]}"#,
+    ),
 ];
 /// peft's saved keys of the copies of `lm_head` and `embed_tokens` (`modules_to_save`).
 const SAVED_HEAD: &str = "base_model.model.lm_head.weight";
@@ -71,7 +89,8 @@ struct Fixture {
 }
 
 fn ids() -> Tensor {
-    Tensor::from_slice(&[3i64, 17, 42, 99, 150, 7, 64, 201, 5, 5, 120, 33, 2, 180, 11, 90]).view([2, 8])
+    Tensor::from_slice(&[3i64, 17, 42, 99, 150, 7, 64, 201, 5, 5, 120, 33, 2, 180, 11, 90])
+        .view([2, 8])
 }
 
 fn ids_json() -> serde_json::Value {
@@ -81,15 +100,25 @@ fn ids_json() -> serde_json::Value {
 
 fn lora_registry() -> Registry {
     let lib = build_dir().join("libferrotune_lora.so");
-    assert!(lib.exists(), "{} is missing: `cargo build -p ferrotune -p ferrotune-lora -p ferrotune-testkit` first", lib.display());
+    assert!(
+        lib.exists(),
+        "{} is missing: `cargo build -p ferrotune -p ferrotune-lora -p ferrotune-testkit` first",
+        lib.display()
+    );
     registry()
 }
 
 fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+    CausalLM::load(dir, Device::Cpu, Kind::Float)
+        .map(PeftModel::new)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
 }
 
-fn attach(model: &mut PeftModel, registry: &Registry, config: &str) -> ferrotune::peft::adapters::AttachReport {
+fn attach(
+    model: &mut PeftModel,
+    registry: &Registry,
+    config: &str,
+) -> ferrotune::peft::adapters::AttachReport {
     let method = registry.adapter("lora", config).unwrap_or_else(|e| panic!("{config}: {e}"));
     model.attach_adapter("default", Box::new(method)).unwrap_or_else(|e| panic!("{config}: {e:#}"))
 }
@@ -105,7 +134,12 @@ fn logits(model: &PeftModel) -> Tensor {
 }
 
 fn disabled_logits(model: &PeftModel) -> Tensor {
-    tch::no_grad(|| model.forward(ForwardArgs::ids(&ids()).mode(model.mode(ForwardFlags::DISABLE_ADAPTER, false)))).unwrap()
+    tch::no_grad(|| {
+        model.forward(
+            ForwardArgs::ids(&ids()).mode(model.mode(ForwardFlags::DISABLE_ADAPTER, false)),
+        )
+    })
+    .unwrap()
 }
 
 /// The logits of `model`'s adapter with the copy saved under `key` put back to the original
@@ -117,7 +151,10 @@ fn logits_without_copy(model: &mut PeftModel, key: &str) -> Tensor {
         _ => panic!("no original known for {key}"),
     };
     let trained = model.adapter_state_dict().unwrap();
-    let reverted = trained.iter().map(|(k, t)| (k.clone(), if k == key { original.copy() } else { t.copy() })).collect();
+    let reverted = trained
+        .iter()
+        .map(|(k, t)| (k.clone(), if k == key { original.copy() } else { t.copy() }))
+        .collect();
     model.load_adapter_state_dict(reverted).unwrap();
     let out = logits(model);
     model.load_adapter_state_dict(trained).unwrap();
@@ -130,7 +167,10 @@ fn each_copy_matters(what: &str, model: &mut PeftModel, keys: &[&str]) {
     for key in keys {
         let d = max_abs_diff(&with, &logits_without_copy(model, key));
         println!("{what}: the copy {key} changes the logits by {d:.3e}");
-        assert!(d > 1e-2, "{what}: the copy {key} must change the logits for the test to mean anything ({d:e})");
+        assert!(
+            d > 1e-2,
+            "{what}: the copy {key} must change the logits for the test to mean anything ({d:e})"
+        );
     }
 }
 
@@ -138,14 +178,19 @@ fn each_copy_matters(what: &str, model: &mut PeftModel, keys: &[&str]) {
 fn copy_keys(config: &str) -> Vec<&'static str> {
     let v: serde_json::Value = serde_json::from_str(config).unwrap();
     let saved = |m: &str| v["modules_to_save"].as_array().is_some_and(|a| a.iter().any(|x| x == m));
-    [("lm_head", SAVED_HEAD), ("embed_tokens", SAVED_EMBED)].into_iter().filter(|(m, _)| saved(m)).map(|(_, k)| k).collect()
+    [("lm_head", SAVED_HEAD), ("embed_tokens", SAVED_EMBED)]
+        .into_iter()
+        .filter(|(m, _)| saved(m))
+        .map(|(_, k)| k)
+        .collect()
 }
 fn write_logits(path: &Path, t: &Tensor) {
     Tensor::write_safetensors(&[("logits", t)], path).unwrap();
 }
 
 fn read_logits(path: &Path) -> Tensor {
-    let mut v = Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut v =
+        Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     v.remove(v.iter().position(|(n, _)| n == "logits").expect("a `logits` tensor")).1
 }
 
@@ -162,7 +207,17 @@ fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
 }
 
 fn init_model(tokenizer: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec!["init-model", "--preset", "tiny", "--dtype", "f32", "--tokenizer", tokenizer.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut args = vec![
+        "init-model",
+        "--preset",
+        "tiny",
+        "--dtype",
+        "f32",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let o = ferrotune(&args);
     assert!(o.status.success(), "init-model: {}", stderr(&o));
@@ -170,7 +225,11 @@ fn init_model(tokenizer: &Path, out: &Path, extra: &[&str]) {
 
 fn qwen_tokenizer() -> PathBuf {
     let dir = repo_root().join("assets/qwen2-tokenizer");
-    assert!(dir.join("tokenizer.json").is_file(), "{} is missing: run `make .stamps/qwen-tokenizer` (make test does)", dir.display());
+    assert!(
+        dir.join("tokenizer.json").is_file(),
+        "{} is missing: run `make .stamps/qwen-tokenizer` (make test does)",
+        dir.display()
+    );
     dir
 }
 
@@ -226,14 +285,20 @@ fn prepare() -> Fixture {
 
     for &name in MERGED {
         let out = work.join(format!("merged-{name}"));
-        let o = ferrotune(&["merge", "--model", base.to_str().unwrap(), "--adapter", ours_dir(&work, name).to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let o = ferrotune(&[
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            ours_dir(&work, name).to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "merge {name}: {}", stderr(&o));
         println!("{}", stdout(&o).trim());
     }
 
-    let entry = |kind: &str, name: &str, dir: PathBuf| {
-        serde_json::json!({"name": name, "dir": dir, "out": work.join(format!("{kind}-{name}.logits.safetensors"))})
-    };
+    let entry = |kind: &str, name: &str, dir: PathBuf| serde_json::json!({"name": name, "dir": dir, "out": work.join(format!("{kind}-{name}.logits.safetensors"))});
     let plan = serde_json::json!({
         "base": base,
         "ids": ids_json(),
@@ -262,25 +327,42 @@ fn prepare() -> Fixture {
 fn peft_loads_our_adapter_directories() {
     let f = fixture();
     for name in PEFT_LOADS.iter().copied() {
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(ours_dir(&f.work, name).join("adapter_config.json")).unwrap()).unwrap();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(ours_dir(&f.work, name).join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(config["peft_type"], "LORA");
-        assert!(config["base_model_name_or_path"].as_str().is_some_and(|p| p.ends_with("base")), "{config}");
+        assert!(
+            config["base_model_name_or_path"].as_str().is_some_and(|p| p.ends_with("base")),
+            "{config}"
+        );
         let ours = read_logits(&f.work.join(format!("ours-{name}.logits.safetensors")));
         let theirs = read_logits(&f.work.join(format!("peft-loads-{name}.logits.safetensors")));
         check(&format!("peft loads our {name} directory: logits"), &ours, &theirs);
         let base = logits(&load(&f.base));
-        assert!(max_abs_diff(&ours, &base) > 1e-2, "{name}: the adapter must change the logits for the test to mean anything");
+        assert!(
+            max_abs_diff(&ours, &base) > 1e-2,
+            "{name}: the adapter must change the logits for the test to mean anything"
+        );
         // modules_to_save: the copies are saved under peft's keys, the head is not adapted, and
         // each copy matters
         let config = OURS.iter().find(|(n, _)| *n == name).unwrap().1;
         let copies = copy_keys(config);
-        let saved = Tensor::read_safetensors(ours_dir(&f.work, name).join("adapter_model.safetensors")).unwrap();
+        let saved =
+            Tensor::read_safetensors(ours_dir(&f.work, name).join("adapter_model.safetensors"))
+                .unwrap();
         let keys: Vec<&str> = saved.iter().map(|(k, _)| k.as_str()).collect();
         for key in [SAVED_HEAD, SAVED_EMBED] {
-            assert_eq!(keys.contains(&key), copies.contains(&key), "{name}: {key} saved iff in modules_to_save: {keys:?}");
+            assert_eq!(
+                keys.contains(&key),
+                copies.contains(&key),
+                "{name}: {key} saved iff in modules_to_save: {keys:?}"
+            );
         }
-        assert!(!keys.iter().any(|k| k.contains("lm_head.lora_")), "{name}: a saved module is never adapted: {keys:?}");
+        assert!(
+            !keys.iter().any(|k| k.contains("lm_head.lora_")),
+            "{name}: a saved module is never adapted: {keys:?}"
+        );
         if !copies.is_empty() {
             let mut model = load(&f.base);
             model.load_peft_adapter(&ours_dir(&f.work, name), &lora_registry()).unwrap();
@@ -297,20 +379,33 @@ fn we_load_adapter_directories_peft_wrote() {
     for (name, config) in PEFT_WRITES {
         let dir = f.work.join(format!("peft-{name}"));
         let mut model = load(&f.base);
-        let report = model.load_peft_adapter(&dir, &registry).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let report =
+            model.load_peft_adapter(&dir, &registry).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         println!("peft's {name}: {}", report.summary());
         let theirs = read_logits(&f.work.join(format!("peft-writes-{name}.logits.safetensors")));
         check(&format!("we load peft's {name} directory: logits"), &logits(&model), &theirs);
         let base = logits(&load(&f.base));
         assert!(max_abs_diff(&theirs, &base) > 1e-2, "{name}: the adapter must matter");
-        let theirs_disabled = read_logits(&f.work.join(format!("peft-writes-{name}.disabled.logits.safetensors")));
-        check(&format!("we load peft's {name} directory: adapter disabled"), &disabled_logits(&model), &theirs_disabled);
-        check(&format!("we load peft's {name} directory: adapter disabled vs base"), &disabled_logits(&model), &base);
+        let theirs_disabled =
+            read_logits(&f.work.join(format!("peft-writes-{name}.disabled.logits.safetensors")));
+        check(
+            &format!("we load peft's {name} directory: adapter disabled"),
+            &disabled_logits(&model),
+            &theirs_disabled,
+        );
+        check(
+            &format!("we load peft's {name} directory: adapter disabled vs base"),
+            &disabled_logits(&model),
+            &base,
+        );
         let copies = copy_keys(config);
         each_copy_matters(&format!("peft's {name}"), &mut model, &copies);
         if !copies.is_empty() {
             assert_eq!(model.saved_modules(), vec!["model.embed_tokens", "lm_head"], "{name}");
-            assert!(model.lm_head_is_tied(), "{name}: the originals stay tied; each copy is its own");
+            assert!(
+                model.lm_head_is_tied(),
+                "{name}: the originals stay tied; each copy is its own"
+            );
         }
         // and it saves back to the same keys and values
         let out = f.work.join(format!("peft-{name}-resaved"));
@@ -319,7 +414,11 @@ fn we_load_adapter_directories_peft_wrote() {
         let mut b = Tensor::read_safetensors(out.join("adapter_model.safetensors")).unwrap();
         a.sort_by(|x, y| x.0.cmp(&y.0));
         b.sort_by(|x, y| x.0.cmp(&y.0));
-        assert_eq!(a.iter().map(|x| &x.0).collect::<Vec<_>>(), b.iter().map(|x| &x.0).collect::<Vec<_>>(), "{name}: keys");
+        assert_eq!(
+            a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+            b.iter().map(|x| &x.0).collect::<Vec<_>>(),
+            "{name}: keys"
+        );
         assert!(a.iter().zip(&b).all(|(x, y)| x.1.equal(&y.1)), "{name}: values");
     }
 }
@@ -329,14 +428,20 @@ fn transformers_loads_our_merged_directories() {
     let f = fixture();
     for &name in MERGED {
         let ours = read_logits(&f.work.join(format!("ours-{name}.logits.safetensors")));
-        let theirs = read_logits(&f.work.join(format!("transformers-loads-{name}.logits.safetensors")));
+        let theirs =
+            read_logits(&f.work.join(format!("transformers-loads-{name}.logits.safetensors")));
         check(&format!("transformers on our merged {name}: logits vs unmerged"), &ours, &theirs);
         let merged = f.work.join(format!("merged-{name}"));
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+                .unwrap();
         let tensors = ferrotune::model::save::read_model_tensors(&merged).unwrap();
         let has_head = tensors.iter().any(|(k, _)| k == "lm_head.weight");
         if UNTIED_BY_MERGE.contains(&name) {
-            assert_eq!(config["tie_word_embeddings"], false, "{name}: a merge that changes the tied head or embedding unties them");
+            assert_eq!(
+                config["tie_word_embeddings"], false,
+                "{name}: a merge that changes the tied head or embedding unties them"
+            );
             assert!(has_head);
         } else {
             assert_eq!(config["tie_word_embeddings"], true, "tied embeddings stay tied");
@@ -345,7 +450,10 @@ fn transformers_loads_our_merged_directories() {
         for file in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
             assert!(merged.join(file).is_file(), "{name}: {file} copied");
         }
-        assert!(tensors.iter().all(|(_, t)| t.kind() == Kind::Float), "the source dtype (f32) is kept");
+        assert!(
+            tensors.iter().all(|(_, t)| t.kind() == Kind::Float),
+            "the source dtype (f32) is kept"
+        );
     }
 }
 
@@ -378,12 +486,24 @@ fn training_updates_the_copy_of_a_saved_module() {
     let base = load(&f.qwen);
     assert!(base.lm_head_is_tied());
     let saved = Tensor::read_safetensors(out.join("adapter_model.safetensors")).unwrap();
-    let head = &saved.iter().find(|(k, _)| k == SAVED_HEAD).unwrap_or_else(|| panic!("no {SAVED_HEAD} in {:?}", saved.iter().map(|x| &x.0).collect::<Vec<_>>())).1;
+    let head = &saved
+        .iter()
+        .find(|(k, _)| k == SAVED_HEAD)
+        .unwrap_or_else(|| {
+            panic!("no {SAVED_HEAD} in {:?}", saved.iter().map(|x| &x.0).collect::<Vec<_>>())
+        })
+        .1;
     let step = (head - base.embed_tokens()).abs();
     let moved = step.gt(1e-4).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
     println!("train with modules_to_save [lm_head]: {:.1}% of the head's copy moved by > 1e-4 (max {:.3e})", 100.0 * moved, step.max().double_value(&[]));
-    assert!(moved > 0.99, "every row of the head's copy gets a gradient through the softmax; {moved} moved");
-    assert!(saved.iter().any(|(k, _)| k.ends_with("q_proj.lora_B.weight")) && !saved.iter().any(|(k, _)| k.contains("lm_head.lora_")));
+    assert!(
+        moved > 0.99,
+        "every row of the head's copy gets a gradient through the softmax; {moved} moved"
+    );
+    assert!(
+        saved.iter().any(|(k, _)| k.ends_with("q_proj.lora_B.weight"))
+            && !saved.iter().any(|(k, _)| k.contains("lm_head.lora_"))
+    );
     for line in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
         let m: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(m["grad_norm"].as_f64().is_some_and(|g| g > 0.0), "{line}");
@@ -391,7 +511,9 @@ fn training_updates_the_copy_of_a_saved_module() {
     // the trained directory runs the copy; the base stays as it was
     let mut model = load(&f.qwen);
     model.load_peft_adapter(&out, &lora_registry()).unwrap();
-    assert!(model.lm_head_is_tied() && max_abs_diff(model.embed_tokens(), base.embed_tokens()) == 0.0);
+    assert!(
+        model.lm_head_is_tied() && max_abs_diff(model.embed_tokens(), base.embed_tokens()) == 0.0
+    );
     each_copy_matters("trained save_head", &mut model, &[SAVED_HEAD]);
 }
 
@@ -399,16 +521,37 @@ fn training_updates_the_copy_of_a_saved_module() {
 fn generate_with_adapter_equals_peft() {
     let f = fixture();
     let out = ferrotune(&[
-        "generate", "--model", f.qwen.to_str().unwrap(), "--adapter", ours_dir(&f.work, "generate").to_str().unwrap(),
-        "--prompt", GENERATE_PROMPT, "--max-new-tokens", &GENERATE_TOKENS.to_string(), "--greedy", "--json",
+        "generate",
+        "--model",
+        f.qwen.to_str().unwrap(),
+        "--adapter",
+        ours_dir(&f.work, "generate").to_str().unwrap(),
+        "--prompt",
+        GENERATE_PROMPT,
+        "--max-new-tokens",
+        &GENERATE_TOKENS.to_string(),
+        "--greedy",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let ours: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
-    let theirs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f.work.join("generate.json")).unwrap()).unwrap();
-    println!("generate --adapter: ours {}\n                    peft {}", ours["token_ids"], theirs["token_ids"]);
+    let theirs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.work.join("generate.json")).unwrap())
+            .unwrap();
+    println!(
+        "generate --adapter: ours {}\n                    peft {}",
+        ours["token_ids"], theirs["token_ids"]
+    );
     assert_eq!(ours["token_ids"], theirs["token_ids"]);
-    assert_eq!(ours["token_ids"].as_array().unwrap().len(), GENERATE_TOKENS, "a random model should not stop early");
-    assert_ne!(theirs["token_ids"], theirs["base_token_ids"], "the adapter must change the generation");
+    assert_eq!(
+        ours["token_ids"].as_array().unwrap().len(),
+        GENERATE_TOKENS,
+        "a random model should not stop early"
+    );
+    assert_ne!(
+        theirs["token_ids"], theirs["base_token_ids"],
+        "the adapter must change the generation"
+    );
 }
 
 #[test]
@@ -418,12 +561,21 @@ fn pissa_keeps_the_function_at_init() {
     let mut model = load(&f.base);
     let before = logits(&model);
     let q = "model.layers.0.self_attn.q_proj";
-    let weight = |m: &PeftModel, name: &str| m.linears().into_iter().find(|(n, _)| *n == name).unwrap().1.weight.copy();
+    let weight = |m: &PeftModel, name: &str| {
+        m.linears().into_iter().find(|(n, _)| *n == name).unwrap().1.weight.copy()
+    };
     let q_before = weight(&model, q);
-    let report = attach(&mut model, &registry, r#"{"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa", "target_modules": ["q_proj", "v_proj", "lm_head"]}"#);
+    let report = attach(
+        &mut model,
+        &registry,
+        r#"{"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa", "target_modules": ["q_proj", "v_proj", "lm_head"]}"#,
+    );
     assert_eq!(report.rewritten_base.len(), 5);
     assert!(report.untied_lm_head && !model.lm_head_is_tied());
-    assert!(max_abs_diff(&weight(&model, q), &q_before) > 1e-3, "the base weight became the residual");
+    assert!(
+        max_abs_diff(&weight(&model, q), &q_before) > 1e-3,
+        "the base weight became the residual"
+    );
     check("PiSSA at init (W_res + BA = W): logits", &logits(&model), &before);
 
     // A trained PiSSA directory loads onto the original model as peft loads it (the
@@ -431,7 +583,11 @@ fn pissa_keeps_the_function_at_init() {
     // checks that against peft; here: our own round trip.
     let mut again = load(&f.base);
     again.load_peft_adapter(&ours_dir(&f.work, "pissa"), &registry).unwrap();
-    check("PiSSA directory, saved and loaded back: logits", &logits(&again), &read_logits(&f.work.join("ours-pissa.logits.safetensors")));
+    check(
+        "PiSSA directory, saved and loaded back: logits",
+        &logits(&again),
+        &read_logits(&f.work.join("ours-pissa.logits.safetensors")),
+    );
 }
 
 #[test]
@@ -443,39 +599,61 @@ fn broken_adapter_directories_are_refused_by_name() {
     let dir = f.work.join("broken");
     let _ = std::fs::remove_dir_all(&dir);
     let good = ours_dir(&f.work, "lora");
-    let mut err = |d: &Path| format!("{:#}", model.load_peft_adapter(d, &registry).expect_err("must fail"));
+    let mut err =
+        |d: &Path| format!("{:#}", model.load_peft_adapter(d, &registry).expect_err("must fail"));
 
     let e = err(&dir);
     assert!(e.contains("does not exist") && e.contains("broken"), "{e}");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(good.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(good.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors"))
+        .unwrap();
     let e = err(&dir);
-    assert!(e.contains("has no adapter_config.json") && e.contains("adapter_model.safetensors"), "{e}");
+    assert!(
+        e.contains("has no adapter_config.json") && e.contains("adapter_model.safetensors"),
+        "{e}"
+    );
 
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(good.join("adapter_config.json")).unwrap()).unwrap();
-    let write_config = |v: &serde_json::Value| std::fs::write(dir.join("adapter_config.json"), v.to_string()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let write_config = |v: &serde_json::Value| {
+        std::fs::write(dir.join("adapter_config.json"), v.to_string()).unwrap()
+    };
     std::fs::remove_file(dir.join("adapter_model.safetensors")).unwrap();
     write_config(&config);
     let e = err(&dir);
     assert!(e.contains("has no adapter_model.safetensors"), "{e}");
-    std::fs::copy(good.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(good.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors"))
+        .unwrap();
 
     let mut v = config.clone();
     v["peft_type"] = "IA3".into();
     write_config(&v);
     let e = err(&dir);
-    assert!(e.contains("`peft_type` = \"IA3\"") && e.contains("adapter_config.json") && e.contains("LORA"), "{e}");
+    assert!(
+        e.contains("`peft_type` = \"IA3\"")
+            && e.contains("adapter_config.json")
+            && e.contains("LORA"),
+        "{e}"
+    );
 
     let mut v = config.clone();
     v["layers_to_transform"] = serde_json::json!([0]);
     write_config(&v);
     let e = err(&dir);
-    assert!(e.contains("key `layers_to_transform` = [0] is not supported by adapter plugin `lora`"), "{e}");
+    assert!(
+        e.contains("key `layers_to_transform` = [0] is not supported by adapter plugin `lora`"),
+        "{e}"
+    );
 
     // An adapter made for another model (hidden 32): the shapes say so, by key.
     let other = f.work.join("other-model");
     if !other.join("config.json").exists() {
-        init_model(&f.work.join("tokenizer"), &other, &["--hidden", "32", "--heads", "4", "--kv-heads", "2", "--intermediate", "64"]);
+        init_model(
+            &f.work.join("tokenizer"),
+            &other,
+            &["--hidden", "32", "--heads", "4", "--kv-heads", "2", "--intermediate", "64"],
+        );
     }
     for (name, config) in [("lora", OURS[0].1), ("pissa", OURS[2].1)] {
         let mut small = load(&other);
@@ -490,7 +668,11 @@ fn broken_adapter_directories_are_refused_by_name() {
     }
     drop(err);
     assert!(model.adapter_names().is_empty(), "a failed load leaves no adapter attached");
-    assert_eq!(max_abs_diff(&logits(&model), &before), 0.0, "a failed load leaves the model as it was (PiSSA's residual undone)");
+    assert_eq!(
+        max_abs_diff(&logits(&model), &before),
+        0.0,
+        "a failed load leaves the model as it was (PiSSA's residual undone)"
+    );
 }
 
 #[test]
@@ -499,18 +681,49 @@ fn merge_cli_dtype_help_and_errors() {
     let out_dir = f.work.join("merged-bf16");
     let _ = std::fs::remove_dir_all(&out_dir);
     let o = ferrotune(&[
-        "merge", "--model", f.base.to_str().unwrap(), "--adapter", ours_dir(&f.work, "dora").to_str().unwrap(),
-        "--out", out_dir.to_str().unwrap(), "--dtype", "bf16",
+        "merge",
+        "--model",
+        f.base.to_str().unwrap(),
+        "--adapter",
+        ours_dir(&f.work, "dora").to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--dtype",
+        "bf16",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let dtypes = ferrotune::model::weights::checkpoint_dtypes(&out_dir).unwrap();
     assert!(!dtypes.is_empty() && dtypes.values().all(|k| *k == Kind::BFloat16), "{dtypes:?}");
-    let o = ferrotune(&["merge", "--model", f.base.to_str().unwrap(), "--adapter", ours_dir(&f.work, "dora").to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+    let o = ferrotune(&[
+        "merge",
+        "--model",
+        f.base.to_str().unwrap(),
+        "--adapter",
+        ours_dir(&f.work, "dora").to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("not empty"), "{}", stderr(&o));
 
-    let o = ferrotune(&["merge", "--model", f.base.to_str().unwrap(), "--adapter", "/no/such/adapter", "--out", f.work.join("x").to_str().unwrap()]);
+    let o = ferrotune(&[
+        "merge",
+        "--model",
+        f.base.to_str().unwrap(),
+        "--adapter",
+        "/no/such/adapter",
+        "--out",
+        f.work.join("x").to_str().unwrap(),
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("/no/such/adapter"), "{}", stderr(&o));
-    let o = ferrotune(&["generate", "--model", f.base.to_str().unwrap(), "--adapter", "/no/such/adapter", "--prompt", "w1"]);
+    let o = ferrotune(&[
+        "generate",
+        "--model",
+        f.base.to_str().unwrap(),
+        "--adapter",
+        "/no/such/adapter",
+        "--prompt",
+        "w1",
+    ]);
     assert!(!o.status.success() && stderr(&o).contains("/no/such/adapter"), "{}", stderr(&o));
 
     let help = stdout(&ferrotune(&["merge", "--help"]));

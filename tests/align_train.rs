@@ -34,7 +34,8 @@ fn fixture() -> &'static Fixture {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0 =
+            self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (self.0 >> 33) % n
     }
     fn words(&mut self, n: usize, from: u64, to: u64) -> String {
@@ -55,7 +56,8 @@ fn preference_rows(n: usize, seed: u64) -> Vec<Value> {
 }
 
 fn write_rows(path: &Path, rows: &[Value]) -> PathBuf {
-    std::fs::write(path, rows.iter().map(Value::to_string).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    std::fs::write(path, rows.iter().map(Value::to_string).collect::<Vec<_>>().join("\n") + "\n")
+        .unwrap();
     path.to_path_buf()
 }
 
@@ -105,17 +107,32 @@ fn dpo_raises_held_out_reward_accuracy() {
     let m = metrics(f, "dpo");
     let evals: Vec<(u64, f64, f64)> = m
         .iter()
-        .filter_map(|l| Some((l["step"].as_u64()?, l["eval/rewards/accuracies"].as_f64()?, l["eval/rewards/margins"].as_f64()?)))
+        .filter_map(|l| {
+            Some((
+                l["step"].as_u64()?,
+                l["eval/rewards/accuracies"].as_f64()?,
+                l["eval/rewards/margins"].as_f64()?,
+            ))
+        })
         .collect();
     println!("held-out (step, reward accuracy, margin): {evals:?}");
     let train_losses: Vec<f64> = m.iter().filter_map(|l| l["loss"].as_f64()).collect();
-    println!("train loss first {:.4} last {:.4} ({} steps)", train_losses[0], train_losses[train_losses.len() - 1], train_losses.len());
+    println!(
+        "train loss first {:.4} last {:.4} ({} steps)",
+        train_losses[0],
+        train_losses[train_losses.len() - 1],
+        train_losses.len()
+    );
     // 16 held-out pairs; at step 0 the policy equals the reference (accuracy 0: no reward
     // is strictly larger), chance is 0.5.
     let (_, last_acc, last_margin) = *evals.last().expect("eval metrics logged");
     assert!(last_acc >= 0.85, "held-out reward accuracy {last_acc} (want ≥ 0.85)");
     assert!(last_margin > 0.0, "held-out margin {last_margin}");
-    assert!((train_losses[0] - std::f64::consts::LN_2).abs() < 1e-3, "the first DPO loss is ln 2 (policy = reference): {}", train_losses[0]);
+    assert!(
+        (train_losses[0] - std::f64::consts::LN_2).abs() < 1e-3,
+        "the first DPO loss is ln 2 (policy = reference): {}",
+        train_losses[0]
+    );
     assert!(train_losses[train_losses.len() - 1] < 0.5, "{train_losses:?}");
     assert!(f.work.join("dpo/adapter_model.safetensors").is_file());
 }
@@ -155,15 +172,26 @@ fn orpo_simpo_and_kto_train_on_the_hosts_batches() {
         let (first, last) = (mean(&losses[..3]), mean(&losses[losses.len() - 3..]));
         println!("{name}: mean loss of the first 3 steps {first:.4}, of the last 3 {last:.4}; last line {}", m.last().unwrap());
         assert!(last < first, "{name}: loss did not fall: {losses:?}");
-        assert!(m.last().unwrap().get("train/rewards/chosen").is_some() || name == "simpo", "{name}: {}", m.last().unwrap());
+        assert!(
+            m.last().unwrap().get("train/rewards/chosen").is_some() || name == "simpo",
+            "{name}: {}",
+            m.last().unwrap()
+        );
     }
 }
 
 /// GRPO on a toy task: 16 prompts; `rewards` decides what is good (the tests reward the word
 /// `w3` in the completion).
-fn grpo_config(f: &Fixture, name: &str, rewards: &str, max_completion_length: usize, training: &str) -> PathBuf {
+fn grpo_config(
+    f: &Fixture,
+    name: &str,
+    rewards: &str,
+    max_completion_length: usize,
+    training: &str,
+) -> PathBuf {
     let mut g = Lcg(3);
-    let rows: Vec<Value> = (0..16).map(|_| json!({"instruction": g.words(3, 0, 24), "output": "w3"})).collect();
+    let rows: Vec<Value> =
+        (0..16).map(|_| json!({"instruction": g.words(3, 0, 24), "output": "w3"})).collect();
     let data = write_rows(&f.work.join(format!("{name}-prompts.jsonl")), &rows);
     config(
         f,
@@ -191,9 +219,15 @@ fn grpo_raises_the_mean_reward() {
     let (out, err) = train(&cfg);
     assert!(out.status.success(), "{err}");
     let m = metrics(f, "grpo");
-    let rewards: Vec<f64> = m.iter().filter_map(|l| l["train/rewards/has_w3/mean"].as_f64()).collect();
+    let rewards: Vec<f64> =
+        m.iter().filter_map(|l| l["train/rewards/has_w3/mean"].as_f64()).collect();
     assert_eq!(rewards.len(), 60, "a reward metric per step: {:?}", m.last());
-    for key in ["train/reward_std", "train/completions/mean_length", "train/clip_ratio/region_mean", "train/entropy"] {
+    for key in [
+        "train/reward_std",
+        "train/completions/mean_length",
+        "train/clip_ratio/region_mean",
+        "train/entropy",
+    ] {
         assert!(m.last().unwrap().get(key).is_some(), "{key} missing: {}", m.last().unwrap());
     }
     // num_iterations 2: steps 2k and 2k+1 share a generation batch, so their rewards agree.
@@ -219,11 +253,20 @@ fn bad_alignment_inputs_are_clear_errors_or_counted_skips() {
     };
     let (out, err) = train(&config(f, "identical", &body(&data, "{plugin: dpo}")));
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("1 samples were skipped") && err.contains("`chosen` and `rejected` are identical"), "{err}");
+    assert!(
+        err.contains("1 samples were skipped")
+            && err.contains("`chosen` and `rejected` are identical"),
+        "{err}"
+    );
     // `data check` reports it as skipped, not as an error that would stop the run.
     let check = ferrotune(&["data", "check", f.work.join("identical.yaml").to_str().unwrap()]);
     let report = stdout(&check);
-    assert!(check.status.success() && report.contains("4 rows, 3 usable, 0 with errors, 1 skipped") && report.contains("row 1: skipped:"), "{report}");
+    assert!(
+        check.status.success()
+            && report.contains("4 rows, 3 usable, 0 with errors, 1 skipped")
+            && report.contains("row 1: skipped:"),
+        "{report}"
+    );
 
     // A pair without `rejected`: the data plugin names the column and the row.
     let mut rows = preference_rows(3, 17);
@@ -231,17 +274,24 @@ fn bad_alignment_inputs_are_clear_errors_or_counted_skips() {
     let data = write_rows(&f.work.join("no-rejected.jsonl"), &rows);
     let (out, err) = train(&config(f, "no-rejected", &body(&data, "{plugin: dpo}")));
     assert!(!out.status.success());
-    assert!(err.contains("column `rejected` is missing") && err.contains("no-rejected.jsonl:3"), "{err}");
+    assert!(
+        err.contains("column `rejected` is missing") && err.contains("no-rejected.jsonl:3"),
+        "{err}"
+    );
 
     // SFT rows (no pairs) given to DPO: the host says what the objective needs.
-    let sft = write_rows(&f.work.join("sft.jsonl"), &[json!({"instruction": "w1 w2", "output": "w3"})]);
+    let sft =
+        write_rows(&f.work.join("sft.jsonl"), &[json!({"instruction": "w1 w2", "output": "w3"})]);
     let (out, err) = train(&config(
         f,
         "sft-for-dpo",
         &format!("objective: {{plugin: dpo}}\ndata: {{plugin: alpaca, path: {}}}\ntraining: {{max_steps: 1, progress_bar: false}}\n", sft.display()),
     ));
     assert!(!out.status.success());
-    assert!(err.contains("as preference pairs") && err.contains("needs `chosen` and `rejected`"), "{err}");
+    assert!(
+        err.contains("as preference pairs") && err.contains("needs `chosen` and `rejected`"),
+        "{err}"
+    );
 
     // KTO rows without a label.
     let (out, err) = train(&config(
@@ -253,30 +303,54 @@ fn bad_alignment_inputs_are_clear_errors_or_counted_skips() {
     assert!(err.contains("KTO needs each row's desirability"), "{err}");
 
     // Rewards that answer NaN or the wrong number of scores stop the run, naming the reward.
-    for (mode, says) in [("nan", "non-finite score"), ("wrong_count", "returned 17 scores for 16 completions")] {
+    for (mode, says) in
+        [("nan", "non-finite score"), ("wrong_count", "returned 17 scores for 16 completions")]
+    {
         let name = format!("grpo-{mode}");
-        let cfg = grpo_config(f, &name, &format!("[{{plugin: testkit-misbehaving, mode: {mode}}}]"), 4, "{max_steps: 1, micro_batch_size: 2, progress_bar: false}");
+        let cfg = grpo_config(
+            f,
+            &name,
+            &format!("[{{plugin: testkit-misbehaving, mode: {mode}}}]"),
+            4,
+            "{max_steps: 1, micro_batch_size: 2, progress_bar: false}",
+        );
         let (out, err) = train(&cfg);
         assert!(!out.status.success(), "{mode}: must fail");
-        assert!(err.contains("reward `testkit-misbehaving`") && err.contains(says), "{mode}: {err}");
+        assert!(
+            err.contains("reward `testkit-misbehaving`") && err.contains(says),
+            "{mode}: {err}"
+        );
         assert!(!f.work.join(&name).join("adapter_model.safetensors").exists());
     }
 
     // Prompts that leave no room for a completion within cutoff_len are skipped and counted;
     // when none is left, the run says so.
-    let cfg = grpo_config(f, "grpo-no-room", "[{plugin: format, pattern: w3}]", 4, "{max_steps: 1, progress_bar: false}");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("{plugin: alpaca,", "{plugin: alpaca, cutoff_len: 8,");
+    let cfg = grpo_config(
+        f,
+        "grpo-no-room",
+        "[{plugin: format, pattern: w3}]",
+        4,
+        "{max_steps: 1, progress_bar: false}",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("{plugin: alpaca,", "{plugin: alpaca, cutoff_len: 8,");
     std::fs::write(&cfg, text).unwrap();
     let (out, err) = train(&cfg);
     assert!(!out.status.success());
-    assert!(err.contains("leaves no room for a completion within cutoff_len 8") && err.contains("none of its 16 samples can be used as prompts"), "{err}");
+    assert!(
+        err.contains("leaves no room for a completion within cutoff_len 8")
+            && err.contains("none of its 16 samples can be used as prompts"),
+        "{err}"
+    );
 
     // GRPO without rewards, and rewards for an objective that does not use them.
     let cfg = grpo_config(f, "grpo-no-rewards", "[]", 4, "{max_steps: 1, progress_bar: false}");
     let (out, err) = train(&cfg);
     assert!(!out.status.success());
     assert!(err.contains("objective `grpo` scores its completions with reward plugins, and the config names none"), "{err}");
-    let mut text = body(&write_rows(&f.work.join("prefs-r.jsonl"), &preference_rows(2, 1)), "{plugin: dpo}");
+    let mut text =
+        body(&write_rows(&f.work.join("prefs-r.jsonl"), &preference_rows(2, 1)), "{plugin: dpo}");
     text.push_str("rewards: [{plugin: format, pattern: w3}]\n");
     let (out, err) = train(&config(f, "dpo-with-rewards", &text));
     assert!(!out.status.success());
@@ -285,7 +359,15 @@ fn bad_alignment_inputs_are_clear_errors_or_counted_skips() {
 
 /// `ferrotune launch --nproc 2 train CONFIG`.
 fn launch2(config: &Path) -> (std::process::Output, String) {
-    let out = ferrotune(&["launch", "--nproc", "2", "--timeout", "120", "train", config.to_str().unwrap()]);
+    let out = ferrotune(&[
+        "launch",
+        "--nproc",
+        "2",
+        "--timeout",
+        "120",
+        "train",
+        config.to_str().unwrap(),
+    ]);
     let err = stderr(&out);
     (out, err)
 }
@@ -315,8 +397,16 @@ fn dpo_and_grpo_on_two_ranks() {
     assert!(out.status.success(), "{err}");
     let (out, err) = launch2(&dpo("dpo-ddp", 2, "{plugin: ddp}"));
     assert!(out.status.success(), "{err}");
-    let series = |name: &str, key: &str| -> Vec<f64> { metrics(f, name).iter().filter_map(|l| l[key].as_f64()).collect() };
-    for key in ["loss", "grad_norm", "train/rewards/accuracies", "train/rewards/margins", "train/logps/chosen"] {
+    let series = |name: &str, key: &str| -> Vec<f64> {
+        metrics(f, name).iter().filter_map(|l| l[key].as_f64()).collect()
+    };
+    for key in [
+        "loss",
+        "grad_norm",
+        "train/rewards/accuracies",
+        "train/rewards/margins",
+        "train/logps/chosen",
+    ] {
         let (a, b) = (series("dpo-one", key), series("dpo-ddp", key));
         assert_eq!((a.len(), b.len()), (5, 5), "{key}: {a:?} vs {b:?}");
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
@@ -335,7 +425,10 @@ fn dpo_and_grpo_on_two_ranks() {
     std::fs::write(&cfg, format!("{yaml}memory: {{plugin: zero, stage: 2}}\n")).unwrap();
     let (out, err) = launch2(&cfg);
     assert!(out.status.success(), "{err}");
-    let rewards: Vec<f64> = metrics(f, "grpo-ranks").iter().filter_map(|l| l["train/rewards/has_w3/mean"].as_f64()).collect();
+    let rewards: Vec<f64> = metrics(f, "grpo-ranks")
+        .iter()
+        .filter_map(|l| l["train/rewards/has_w3/mean"].as_f64())
+        .collect();
     println!("GRPO on 2 ranks, mean reward per step: {rewards:?}");
     assert_eq!(rewards.len(), 3);
     assert!(rewards.iter().all(|r| r.is_finite() && (0.0..=1.0).contains(r)));

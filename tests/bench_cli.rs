@@ -11,22 +11,52 @@ fn bench_train_matches_the_reference_script_on_a_tiny_model() {
     let dir = temp_dir("bench-train");
     let model = dir.join("qwen2-tiny");
     let tokenizer = repo_root().join("assets/qwen2-tokenizer");
-    assert!(tokenizer.join("tokenizer.json").is_file(), "{} is missing: run `make .stamps/qwen-tokenizer`", tokenizer.display());
+    assert!(
+        tokenizer.join("tokenizer.json").is_file(),
+        "{} is missing: run `make .stamps/qwen-tokenizer`",
+        tokenizer.display()
+    );
     let out = ferrotune(&[
-        "init-model", "--preset", "tiny", "--arch", "qwen2", "--dtype", "f32", "--seed", "5",
-        "--tokenizer", tokenizer.to_str().unwrap(), "--out", model.to_str().unwrap(),
+        "init-model",
+        "--preset",
+        "tiny",
+        "--arch",
+        "qwen2",
+        "--dtype",
+        "f32",
+        "--seed",
+        "5",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let args = ["--batch", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--rank", "4", "--threads", "1"];
+    let args = [
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rank",
+        "4",
+        "--threads",
+        "1",
+    ];
     let mut ours_args = vec!["bench", "train", "--model", model.to_str().unwrap()];
     ours_args.extend(args);
     let out = ferrotune(&ours_args);
     assert!(out.status.success(), "{}", stderr(&out));
     let ours: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let script = repo_root().join("bench/train_transformers.py");
-    let mut py_args: Vec<&OsStr> = vec![script.as_os_str(), OsStr::new("--model"), model.as_os_str()];
+    let mut py_args: Vec<&OsStr> =
+        vec![script.as_os_str(), OsStr::new("--model"), model.as_os_str()];
     py_args.extend(args.iter().map(OsStr::new));
-    let theirs: serde_json::Value = serde_json::from_str(stdout(&run_python(&py_args)).trim()).unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_str(stdout(&run_python(&py_args)).trim()).unwrap();
 
     let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&ours), keys(&theirs), "ours {ours}\ntheirs {theirs}");

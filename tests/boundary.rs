@@ -37,7 +37,8 @@ fn gradient_reaches_host_inputs_through_plugin() {
         let sd = layer.state_dict().unwrap();
         (sd[0].1.shallow_clone(), sd[1].1.shallow_clone())
     };
-    let expected = Tensor::ones([1, 4], (Kind::Float, Device::Cpu)) + b.matmul(&a).sum_dim_intlist(0, true, Kind::Float);
+    let expected = Tensor::ones([1, 4], (Kind::Float, Device::Cpu))
+        + b.matmul(&a).sum_dim_intlist(0, true, Kind::Float);
     let diff = (x.grad() - expected).abs().max().double_value(&[]);
     assert!(diff < 1e-6, "input gradient differs by {diff}");
 }

@@ -15,8 +15,14 @@ fn plugins_lists_the_test_plugins_with_kinds() {
         ("testkit-jsonl", "dataset"),
         ("testkit-sgd", "memory"),
     ] {
-        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not listed:\n{text}"));
-        assert!(line.contains(kind) && line.contains("ok") && line.contains("libferrotune_testkit.so"), "{line}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{text}"));
+        assert!(
+            line.contains(kind) && line.contains("ok") && line.contains("libferrotune_testkit.so"),
+            "{line}"
+        );
     }
     assert!(text.contains("libtorch 2.11.0"), "{text}");
 }
@@ -31,11 +37,18 @@ fn plugins_json_and_refusals_explained() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     let refused = v["refused"].as_array().unwrap();
     let reason = |file: &str| {
-        refused.iter().find(|r| r["file"].as_str().unwrap().ends_with(file)).map(|r| r["reason"].as_str().unwrap().to_string())
+        refused
+            .iter()
+            .find(|r| r["file"].as_str().unwrap().ends_with(file))
+            .map(|r| r["reason"].as_str().unwrap().to_string())
     };
     assert!(reason("libbroken.so").unwrap().contains("cannot be loaded as a shared library"));
     assert!(reason("libc10.so").unwrap().contains("not a ferrotune plugin"));
-    assert!(v["plugins"].as_array().unwrap().iter().any(|p| p["name"] == "testkit-sgd" && p["kind"] == "memory"));
+    assert!(v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "testkit-sgd" && p["kind"] == "memory"));
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -52,9 +65,15 @@ fn plugin_path_variable_is_searched() {
     let text = stdout(&out);
     assert!(text.contains("FERROTUNE_PLUGIN_PATH"), "{text}");
     // The copy comes first on the search path, so the build folder's copy is shadowed.
-    let line = text.lines().find(|l| l.starts_with("testkit-lowrank") && l.contains("libcopied_testkit.so")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("testkit-lowrank") && l.contains("libcopied_testkit.so"))
+        .unwrap();
     assert!(line.contains(" ok "), "{line}");
-    assert!(text.lines().any(|l| l.starts_with("testkit-lowrank") && l.contains("shadowed")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("testkit-lowrank") && l.contains("shadowed")),
+        "{text}"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -76,7 +95,12 @@ fn selfcheck_and_doctor_run() {
 
 #[test]
 fn every_verb_has_help() {
-    for verb in [vec!["--help"], vec!["plugins", "--help"], vec!["doctor", "--help"], vec!["selfcheck", "--help"]] {
+    for verb in [
+        vec!["--help"],
+        vec!["plugins", "--help"],
+        vec!["doctor", "--help"],
+        vec!["selfcheck", "--help"],
+    ] {
         let out = ferrotune(&verb);
         assert!(out.status.success(), "{verb:?}");
         assert!(stdout(&out).contains("Usage: ferrotune"), "{verb:?}: {}", stdout(&out));
@@ -89,7 +113,12 @@ fn readme_plugin_example_is_the_tested_fixture() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let start = readme.find("```rust\n").unwrap() + "```rust\n".len();
     let example = &readme[start..start + readme[start..].find("```").unwrap()];
-    let fixture = std::fs::read_to_string(repo_root().join("tests/fixtures/external-plugin/src/lib.rs")).unwrap();
+    let fixture =
+        std::fs::read_to_string(repo_root().join("tests/fixtures/external-plugin/src/lib.rs"))
+            .unwrap();
     let fixture_code = &fixture[fixture.find("use ferrotune_plugin_api").unwrap()..];
-    assert_eq!(example, fixture_code, "README.md's plugin example drifted from tests/fixtures/external-plugin/src/lib.rs");
+    assert_eq!(
+        example, fixture_code,
+        "README.md's plugin example drifted from tests/fixtures/external-plugin/src/lib.rs"
+    );
 }

@@ -9,7 +9,8 @@ use tch::{Device, Kind, Tensor};
 fn hundred_thousand_crossings_do_not_grow_rss() {
     let reg = registry();
     let method = reg.adapter("testkit-lowrank", r#"{"rank": 2}"#).unwrap();
-    let base = FrozenLinear::new("o_proj", Tensor::randn([16, 16], (Kind::Float, Device::Cpu)), None);
+    let base =
+        FrozenLinear::new("o_proj", Tensor::randn([16, 16], (Kind::Float, Device::Cpu)), None);
     let layer = method.adapt_linear("o_proj", &base).unwrap();
     let x = Tensor::randn([4, 16], (Kind::Float, Device::Cpu));
     // Each forward crosses 4 tensors: x in, x out to the host's base layer, its result
@@ -29,7 +30,12 @@ fn hundred_thousand_crossings_do_not_grow_rss() {
     round(17_000);
     let after = rss_bytes();
     let growth = after as i64 - before as i64;
-    println!("crossings: {crossings}, RSS before {} KiB, after {} KiB, growth {} KiB", before / 1024, after / 1024, growth / 1024);
+    println!(
+        "crossings: {crossings}, RSS before {} KiB, after {} KiB, growth {} KiB",
+        before / 1024,
+        after / 1024,
+        growth / 1024
+    );
     assert!(crossings >= 100_000);
     // A leaked handle keeps its tensor alive: >= 100 bytes each, > 10 MB over this loop.
     assert!(growth < 4 * 1024 * 1024, "RSS grew by {growth} bytes over {crossings} crossings");

@@ -84,7 +84,9 @@ fn c10d_rank_worker() {
     pg.reduce_scatter(&out, &input, ReduceOp::SUM).unwrap();
     let chunk: Vec<f64> = (0..2).map(|k| w * (2.0 * r + k as f64) + 10.0 * sum_ranks).collect();
     assert_eq!(vals(&out), chunk);
-    let e = pg.reduce_scatter(&out, &Tensor::zeros([3], (Kind::Double, Device::Cpu)), ReduceOp::SUM).unwrap_err();
+    let e = pg
+        .reduce_scatter(&out, &Tensor::zeros([3], (Kind::Double, Device::Cpu)), ReduceOp::SUM)
+        .unwrap_err();
     assert!(e.message().contains("multiple of the world size"), "{e}");
 
     let b = Tensor::from_slice(&[r, r + 0.5]);
@@ -96,7 +98,9 @@ fn c10d_rank_worker() {
 
 #[test]
 fn c10d_collectives_two_ranks() {
-    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d(
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild",
+    );
     let port = ferrotune::dist::launch::free_port().unwrap().to_string();
     let exe = std::env::current_exe().unwrap();
     let started = Instant::now();
@@ -115,7 +119,11 @@ fn c10d_collectives_two_ranks() {
     for (rank, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success() && out.contains(&format!("rank {rank} ok")), "rank {rank}:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success() && out.contains(&format!("rank {rank} ok")),
+            "rank {rank}:\n{out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     assert!(started.elapsed() < Duration::from_secs(60));
 }
@@ -139,7 +147,14 @@ fn fixture() -> &'static Fixture {
 }
 
 /// A run config: `micro` samples per rank and micro-batch, 2 micro-batches per step.
-fn config(f: &Fixture, name: &str, micro: usize, memory: &str, steps: usize, save: Option<usize>) -> PathBuf {
+fn config(
+    f: &Fixture,
+    name: &str,
+    micro: usize,
+    memory: &str,
+    steps: usize,
+    save: Option<usize>,
+) -> PathBuf {
     let save = save.map(|s| format!(", save_steps: {s}")).unwrap_or_default();
     let yaml = format!(
         "model: {model}\noutput_dir: {out}\nseed: 17\n\
@@ -189,7 +204,9 @@ fn max_adapter_diff(a: &Path, b: &Path) -> f64 {
 
 #[test]
 fn ddp_and_zero_match_one_process() {
-    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d(
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild",
+    );
     let f = fixture();
     const STEPS: usize = 10;
     let one = train_one(f, "one", STEPS);
@@ -217,13 +234,23 @@ fn ddp_and_zero_match_one_process() {
             let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
             worst = worst.max((la - lb).abs());
             let (ga, gb) = (a["grad_norm"].as_f64().unwrap(), b["grad_norm"].as_f64().unwrap());
-            assert!((ga - gb).abs() <= 1e-4 * ga.abs().max(1.0), "{name} step {}: grad_norm {ga} vs {gb}", a["step"]);
+            assert!(
+                (ga - gb).abs() <= 1e-4 * ga.abs().max(1.0),
+                "{name} step {}: grad_norm {ga} vs {gb}",
+                a["step"]
+            );
         }
         let adapter_diff = max_adapter_diff(&one, &f.work.join(name));
         println!("{name}: max |loss - one process| over {STEPS} steps = {worst:.2e}, max |adapter - one process| = {adapter_diff:.2e}");
         assert!(worst <= 1e-5, "{name}: per-step losses differ from one process by up to {worst}");
-        assert!(adapter_diff <= 1e-5, "{name}: final adapter differs from one process by up to {adapter_diff}");
-        assert!(reference.first().unwrap()["loss"].as_f64().unwrap() > reference.last().unwrap()["loss"].as_f64().unwrap());
+        assert!(
+            adapter_diff <= 1e-5,
+            "{name}: final adapter differs from one process by up to {adapter_diff}"
+        );
+        assert!(
+            reference.first().unwrap()["loss"].as_f64().unwrap()
+                > reference.last().unwrap()["loss"].as_f64().unwrap()
+        );
     }
     // ddp keeps the whole state on each rank: the one-process state (the adapter's size twice,
     // fp32 exp_avg and exp_avg_sq). ZeRO splits it: the ranks' shards sum to it, each about half.
@@ -239,7 +266,10 @@ fn ddp_and_zero_match_one_process() {
 /// `rank r of w: memory {json}`, which every rank of a launched run prints at the end.
 fn memory_report(stderr: &str, rank: usize, world: usize) -> Value {
     let key = format!("rank {rank} of {world}: memory ");
-    let line = stderr.lines().find_map(|l| l.split_once(&key).map(|(_, rest)| rest.to_string())).unwrap_or_else(|| panic!("no `{key}` in\n{stderr}"));
+    let line = stderr
+        .lines()
+        .find_map(|l| l.split_once(&key).map(|(_, rest)| rest.to_string()))
+        .unwrap_or_else(|| panic!("no `{key}` in\n{stderr}"));
     serde_json::from_str(&line).unwrap()
 }
 
@@ -262,24 +292,32 @@ fn max_weights_diff(a: &Path, b: &Path) -> f64 {
         .zip(&b)
         .map(|((na, ta), (nb, tb))| {
             assert_eq!(na, nb);
-            f64::try_from((ta.to_kind(Kind::Double) - tb.to_kind(Kind::Double)).abs().max()).unwrap()
+            f64::try_from((ta.to_kind(Kind::Double) - tb.to_kind(Kind::Double)).abs().max())
+                .unwrap()
         })
         .fold(0.0, f64::max)
 }
 
 #[test]
 fn zero3_shards_frozen_weights_and_merges() {
-    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d(
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild",
+    );
     let f = fixture();
     const STEPS: usize = 6;
     let one = train_one(f, "z3-one", STEPS);
     let reference = step_lines(&one);
     let memory = "{plugin: zero, stage: 3, offload_param: cpu}";
     let mut decoder_bytes = Vec::new();
-    for (name, nproc, checkpointing) in [("z3-1rank", 1, false), ("z3-2ranks", 2, false), ("z3-2ranks-ckpt", 2, true)] {
+    for (name, nproc, checkpointing) in
+        [("z3-1rank", 1, false), ("z3-2ranks", 2, false), ("z3-2ranks-ckpt", 2, true)]
+    {
         let cfg = config(f, name, 4 / nproc, memory, STEPS, None);
         if checkpointing {
-            let yaml = std::fs::read_to_string(&cfg).unwrap().replace("progress_bar: false", "progress_bar: false, gradient_checkpointing: true");
+            let yaml = std::fs::read_to_string(&cfg).unwrap().replace(
+                "progress_bar: false",
+                "progress_bar: false, gradient_checkpointing: true",
+            );
             std::fs::write(&cfg, yaml).unwrap();
         }
         let o = launch(nproc, &["train", cfg.to_str().unwrap()]);
@@ -287,29 +325,55 @@ fn zero3_shards_frozen_weights_and_merges() {
         assert!(o.status.success(), "{name}:\n{err}");
         let reports: Vec<Value> = (0..nproc).map(|r| memory_report(&err, r, nproc)).collect();
         println!("{name}: per rank {reports:?}");
-        decoder_bytes.push(reports.iter().map(|r| r["frozen_decoder_linears"].as_u64().unwrap()).collect::<Vec<_>>());
+        decoder_bytes.push(
+            reports
+                .iter()
+                .map(|r| r["frozen_decoder_linears"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+        );
         let lines = step_lines(&f.work.join(name));
         assert_eq!(lines.len(), STEPS);
-        let worst = reference.iter().zip(&lines).map(|(a, b)| (a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs()).fold(0.0, f64::max);
+        let worst = reference
+            .iter()
+            .zip(&lines)
+            .map(|(a, b)| (a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
         let adapter_diff = max_adapter_diff(&one, &f.work.join(name));
         println!("{name}: max |loss - one process| = {worst:.2e}, max |adapter - one process| = {adapter_diff:.2e}");
         assert!(worst <= 1e-5, "{name}: per-step losses differ from one process by up to {worst}");
-        assert!(adapter_diff <= 1e-5, "{name}: final adapter differs from one process by up to {adapter_diff}");
+        assert!(
+            adapter_diff <= 1e-5,
+            "{name}: final adapter differs from one process by up to {adapter_diff}"
+        );
     }
     // One rank keeps every decoder weight; two ranks each keep half of each (plus at most one
     // padding element per layer).
     let full = decoder_bytes[0][0];
     for b in &decoder_bytes[1..] {
         for &x in b {
-            assert!(x >= full / 2 && x <= full / 2 + full / 100, "2 ranks: {x} bytes of frozen decoder weights per rank, one rank {full}");
+            assert!(
+                x >= full / 2 && x <= full / 2 + full / 100,
+                "2 ranks: {x} bytes of frozen decoder weights per rank, one rank {full}"
+            );
         }
     }
-    println!("frozen decoder linear bytes per rank: 1 rank {full}, 2 ranks {:?}", &decoder_bytes[1]);
+    println!(
+        "frozen decoder linear bytes per rank: 1 rank {full}, 2 ranks {:?}",
+        &decoder_bytes[1]
+    );
 
     // The adapter rank 0 wrote is the whole adapter: merging it gives the one-process merge.
     let merged = |name: &str| {
         let out = f.work.join(format!("{name}-merged"));
-        let o = ferrotune(&["merge", "--model", f.model.to_str().unwrap(), "--adapter", f.work.join(name).to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let o = ferrotune(&[
+            "merge",
+            "--model",
+            f.model.to_str().unwrap(),
+            "--adapter",
+            f.work.join(name).to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "merge {name}:\n{}", stderr(&o));
         out
     };
@@ -323,12 +387,30 @@ fn zero3_shards_frozen_weights_and_merges() {
 
 #[test]
 fn qwen2vl_ranks_without_images_in_their_batch() {
-    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d(
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild",
+    );
     let work = temp_dir("dist-vl");
     let tokenizer = repo_root().join("assets/qwen2-tokenizer");
-    assert!(tokenizer.join("tokenizer.json").is_file(), "{} is missing: `make test` generates it", tokenizer.display());
+    assert!(
+        tokenizer.join("tokenizer.json").is_file(),
+        "{} is missing: `make test` generates it",
+        tokenizer.display()
+    );
     let model = work.join("model");
-    let o = ferrotune(&["init-model", "--preset", "tiny-vl", "--dtype", "f32", "--seed", "3", "--tokenizer", tokenizer.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    let o = ferrotune(&[
+        "init-model",
+        "--preset",
+        "tiny-vl",
+        "--dtype",
+        "f32",
+        "--seed",
+        "3",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "init-model: {}", stderr(&o));
     // Unshuffled, one row per rank and micro-batch: global micro-batch k is rows 2k (an
     // image: rank 0) and 2k+1 (text only: rank 1).
@@ -372,7 +454,9 @@ fn qwen2vl_ranks_without_images_in_their_batch() {
     let reference = step_lines(&work.join("one"));
     assert_eq!(reference.len(), STEPS);
     let merger = |name: &str| {
-        let mut t = Tensor::read_safetensors(work.join(name).join("non_lora_state_dict.safetensors")).unwrap();
+        let mut t =
+            Tensor::read_safetensors(work.join(name).join("non_lora_state_dict.safetensors"))
+                .unwrap();
         t.sort_by(|a, b| a.0.cmp(&b.0));
         t
     };
@@ -390,29 +474,48 @@ fn qwen2vl_ranks_without_images_in_their_batch() {
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         let lines = step_lines(&work.join(name));
         assert_eq!(lines.len(), STEPS);
-        let worst = reference.iter().zip(&lines).map(|(a, b)| (a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs()).fold(0.0, f64::max);
+        let worst = reference
+            .iter()
+            .zip(&lines)
+            .map(|(a, b)| (a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
         let adapter_diff = max_adapter_diff(&work.join("one"), &work.join(name));
         let got = merger(name);
         assert_eq!(got.len(), base.len());
-        let merger_diff = base.iter().zip(&got).map(|((na, a), (nb, b))| {
-            assert_eq!(na, nb);
-            f64::try_from((a - b).abs().max()).unwrap()
-        }).fold(0.0, f64::max);
+        let merger_diff = base
+            .iter()
+            .zip(&got)
+            .map(|((na, a), (nb, b))| {
+                assert_eq!(na, nb);
+                f64::try_from((a - b).abs().max()).unwrap()
+            })
+            .fold(0.0, f64::max);
         println!(
             "qwen2-vl {name} on 2 ranks ({:.1} s): max |loss - one process| {worst:.2e}, adapter {adapter_diff:.2e}, merger {merger_diff:.2e}",
             started.elapsed().as_secs_f64()
         );
-        assert!(worst <= 1e-5 && adapter_diff <= 1e-5 && merger_diff <= 1e-5, "{name}: loss {worst}, adapter {adapter_diff}, merger {merger_diff}");
+        assert!(
+            worst <= 1e-5 && adapter_diff <= 1e-5 && merger_diff <= 1e-5,
+            "{name}: loss {worst}, adapter {adapter_diff}, merger {merger_diff}"
+        );
     }
     // The merger did train (a test of zeros-for-missing-gradients needs a gradient somewhere).
     let model_weights = Tensor::read_safetensors(model.join("model.safetensors")).unwrap();
-    let (_, before) = model_weights.iter().find(|(n, _)| n.ends_with("merger.mlp.0.weight")).unwrap();
+    let (_, before) =
+        model_weights.iter().find(|(n, _)| n.ends_with("merger.mlp.0.weight")).unwrap();
     let (_, after) = base.iter().find(|(n, _)| n.ends_with("merger.mlp.0.weight")).unwrap();
     assert!(f64::try_from((before - after).abs().max()).unwrap() > 1e-5, "the merger did not move");
 }
 
 /// [`config`] with the adapter line replaced by `adapter` (the rest unchanged).
-fn config_with_adapter(f: &Fixture, name: &str, micro: usize, memory: &str, steps: usize, adapter: &str) -> PathBuf {
+fn config_with_adapter(
+    f: &Fixture,
+    name: &str,
+    micro: usize,
+    memory: &str,
+    steps: usize,
+    adapter: &str,
+) -> PathBuf {
     let cfg = config(f, name, micro, memory, steps, None);
     let yaml = std::fs::read_to_string(&cfg).unwrap();
     let line = yaml.lines().find(|l| l.starts_with("adapter:")).unwrap().to_string();
@@ -426,7 +529,9 @@ fn config_with_adapter(f: &Fixture, name: &str, micro: usize, memory: &str, step
 /// Each gives the per-step losses and adapter of one process within 1e-5 on 2 ranks.
 #[test]
 fn zero3_sharded_at_load_serves_adapters_that_read_the_base() {
-    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d(
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild",
+    );
     let f = fixture();
     const STEPS: usize = 4;
     let lora = "plugin: lora, r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: all-linear";
@@ -442,7 +547,11 @@ fn zero3_sharded_at_load_serves_adapters_that_read_the_base() {
                 let yaml = std::fs::read_to_string(&cfg).unwrap();
                 std::fs::write(&cfg, format!("{yaml}{quant}")).unwrap();
             }
-            let o = if nproc == 1 { ferrotune(&["train", cfg.to_str().unwrap()]) } else { launch(nproc, &["train", cfg.to_str().unwrap()]) };
+            let o = if nproc == 1 {
+                ferrotune(&["train", cfg.to_str().unwrap()])
+            } else {
+                launch(nproc, &["train", cfg.to_str().unwrap()])
+            };
             assert!(o.status.success(), "{run_name}:\n{}", stderr(&o));
             (f.work.join(&run_name), stderr(&o))
         };
@@ -450,11 +559,18 @@ fn zero3_sharded_at_load_serves_adapters_that_read_the_base() {
         let (two, err) = run("2ranks", 2, "{plugin: zero, stage: 3}");
         let (a, b) = (step_lines(&one), step_lines(&two));
         assert_eq!((a.len(), b.len()), (STEPS, STEPS));
-        let worst = a.iter().zip(&b).map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs()).fold(0.0, f64::max);
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
         let adapter_diff = max_adapter_diff(&one, &two);
         let report = memory_report(&err, 1, 2);
         println!("{name}: max |loss - one process| = {worst:.2e}, max |adapter - one process| = {adapter_diff:.2e}, rank 1 {report}");
-        assert!(worst <= 1e-5 && adapter_diff <= 1e-5, "{name}: losses differ by {worst}, adapters by {adapter_diff}");
+        assert!(
+            worst <= 1e-5 && adapter_diff <= 1e-5,
+            "{name}: losses differ by {worst}, adapters by {adapter_diff}"
+        );
         if quant.is_empty() {
             // Half of each decoder weight (PiSSA's rewritten residual too) and every bias.
             let (mut weights, mut biases) = (0u64, 0u64);
@@ -468,7 +584,10 @@ fn zero3_sharded_at_load_serves_adapters_that_read_the_base() {
             }
             let held = report["frozen_decoder_linears"].as_u64().unwrap();
             let expected = weights / 2 + biases;
-            assert!(held >= expected && held <= expected + weights / 100, "{name}: rank 1 holds {held} bytes of decoder linears, half is {expected}");
+            assert!(
+                held >= expected && held <= expected + weights / 100,
+                "{name}: rank 1 holds {held} bytes of decoder linears, half is {expected}"
+            );
         }
     }
 }
@@ -478,27 +597,54 @@ fn zero3_sharded_at_load_serves_adapters_that_read_the_base() {
 /// head.
 #[test]
 fn zero3_shards_an_untied_lm_head() {
-    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d(
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild",
+    );
     let f = fixture();
     let model = f.work.join("model-untied");
     if !model.join("config.json").is_file() {
         let tok = f.model.to_str().unwrap();
-        let o = ferrotune(&["init-model", "--preset", "tiny", "--dtype", "f32", "--seed", "4", "--tie-embeddings", "false", "--tokenizer", tok, "--out", model.to_str().unwrap()]);
+        let o = ferrotune(&[
+            "init-model",
+            "--preset",
+            "tiny",
+            "--dtype",
+            "f32",
+            "--seed",
+            "4",
+            "--tie-embeddings",
+            "false",
+            "--tokenizer",
+            tok,
+            "--out",
+            model.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "init-model: {}", stderr(&o));
     }
     const STEPS: usize = 4;
     let run = |name: &str, nproc: usize, memory: &str| {
         let cfg = config(f, name, 4 / nproc, memory, STEPS, None);
-        let yaml = std::fs::read_to_string(&cfg).unwrap().replace(&format!("model: {}", f.model.display()), &format!("model: {}", model.display()));
+        let yaml = std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("model: {}", f.model.display()),
+            &format!("model: {}", model.display()),
+        );
         std::fs::write(&cfg, yaml).unwrap();
-        let o = if nproc == 1 { ferrotune(&["train", cfg.to_str().unwrap()]) } else { launch(nproc, &["train", cfg.to_str().unwrap()]) };
+        let o = if nproc == 1 {
+            ferrotune(&["train", cfg.to_str().unwrap()])
+        } else {
+            launch(nproc, &["train", cfg.to_str().unwrap()])
+        };
         assert!(o.status.success(), "{name}:\n{}", stderr(&o));
         (f.work.join(name), stderr(&o))
     };
     let (one, _) = run("untied-one", 1, "{plugin: single}");
     let (two, err) = run("untied-z3", 2, "{plugin: zero, stage: 3}");
     let (a, b) = (step_lines(&one), step_lines(&two));
-    let worst = a.iter().zip(&b).map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs()).fold(0.0, f64::max);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x["loss"].as_f64().unwrap() - y["loss"].as_f64().unwrap()).abs())
+        .fold(0.0, f64::max);
     let adapter_diff = max_adapter_diff(&one, &two);
     let report = memory_report(&err, 1, 2);
     // Every frozen tensor whole, less half of each sharded weight (padding: one element each).
@@ -506,7 +652,9 @@ fn zero3_shards_an_untied_lm_head() {
     for (k, t) in Tensor::read_safetensors(model.join("model.safetensors")).unwrap() {
         let bytes = (t.numel() * 4) as u64;
         all += bytes;
-        if (k.contains(".layers.") && k.contains("_proj.") && k.ends_with(".weight")) || k == "lm_head.weight" {
+        if (k.contains(".layers.") && k.contains("_proj.") && k.ends_with(".weight"))
+            || k == "lm_head.weight"
+        {
             sharded += bytes;
             layers += 1;
         }
@@ -514,14 +662,23 @@ fn zero3_shards_an_untied_lm_head() {
     let held = report["frozen"].as_u64().unwrap();
     let expected = all - sharded / 2;
     println!("untied lm_head under zero-3: max |loss - one process| {worst:.2e}, adapter {adapter_diff:.2e}; rank 1 holds {held} frozen bytes of {all} (expected {expected})");
-    assert!(worst <= 1e-5 && adapter_diff <= 1e-5, "losses differ by {worst}, adapters by {adapter_diff}");
-    assert!(held >= expected && held <= expected + 4 * layers, "rank 1 holds {held} frozen bytes, expected {expected}");
+    assert!(
+        worst <= 1e-5 && adapter_diff <= 1e-5,
+        "losses differ by {worst}, adapters by {adapter_diff}"
+    );
+    assert!(
+        held >= expected && held <= expected + 4 * layers,
+        "rank 1 holds {held} frozen bytes, expected {expected}"
+    );
 }
 
 /// `rank r of 2: optimizer state N bytes`, which every rank of a launched run prints at the end.
 fn state_bytes_of(stderr: &str, rank: usize) -> u64 {
     let key = format!("rank {rank} of 2: optimizer state ");
-    let line = stderr.lines().find_map(|l| l.split_once(&key).map(|(_, rest)| rest.to_string())).unwrap_or_else(|| panic!("no `{key}` in\n{stderr}"));
+    let line = stderr
+        .lines()
+        .find_map(|l| l.split_once(&key).map(|(_, rest)| rest.to_string()))
+        .unwrap_or_else(|| panic!("no `{key}` in\n{stderr}"));
     line.trim_end_matches(" bytes").parse().unwrap()
 }
 
@@ -535,7 +692,9 @@ fn train_one(f: &Fixture, name: &str, steps: usize) -> PathBuf {
 
 #[test]
 fn killed_rank_stops_launch_and_resume_completes() {
-    require_c10d("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    require_c10d(
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild",
+    );
     let f = fixture();
     const STEPS: usize = 40;
     let memory = "{plugin: zero, stage: 2}";
@@ -543,9 +702,15 @@ fn killed_rank_stops_launch_and_resume_completes() {
     let o = launch(2, &["train", full.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ck = f.work.join("full/checkpoint-4");
-    assert!(ck.join("optimizer-rank0.safetensors").is_file() && ck.join("optimizer-rank1.safetensors").is_file(), "sharded checkpoint");
+    assert!(
+        ck.join("optimizer-rank0.safetensors").is_file()
+            && ck.join("optimizer-rank1.safetensors").is_file(),
+        "sharded checkpoint"
+    );
     // Each rank's shard holds only the state of the parameters it owns: about half.
-    let shard = |r: usize| Tensor::read_safetensors(ck.join(format!("optimizer-rank{r}.safetensors"))).unwrap().len();
+    let shard = |r: usize| {
+        Tensor::read_safetensors(ck.join(format!("optimizer-rank{r}.safetensors"))).unwrap().len()
+    };
     assert!(shard(0) > 1 && shard(1) > 1);
 
     let cfg = config(f, "killed", 2, memory, STEPS, Some(4));
@@ -581,7 +746,11 @@ fn killed_rank_stops_launch_and_resume_completes() {
     let status = child.wait().unwrap();
     let elapsed = killed_at.elapsed();
     let err = reader.join().unwrap();
-    println!("launch exited {:?} {:.2} s after rank 1 was killed", status.code(), elapsed.as_secs_f64());
+    println!(
+        "launch exited {:?} {:.2} s after rank 1 was killed",
+        status.code(),
+        elapsed.as_secs_f64()
+    );
     assert!(!status.success(), "launch must fail when a rank dies:\n{err}");
     assert!(err.contains("rank 1 of 2 failed (signal 9)"), "{err}");
     assert!(elapsed < Duration::from_secs(20), "launch took {elapsed:?} to notice");

@@ -35,7 +35,11 @@ const CHECKS: [&str; 11] = [
 fn run_bounded(args: &[&str], envs: &[(&str, &str)], limit: Duration) -> (Output, Duration) {
     let start = Instant::now();
     let mut cmd = Command::new(ferrotune_bin());
-    cmd.args(args).env_remove("LD_LIBRARY_PATH").env_remove("FERROTUNE_DIST_BACKEND").stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("FERROTUNE_DIST_BACKEND")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -90,7 +94,20 @@ fn gloo_two_ranks_pass_every_check() {
         eprintln!("skipped: this build has no c10d (install libgloo-dev and rebuild)");
         return;
     }
-    let args = ["launch", "--nproc", "2", "--timeout", "60", "dist-check", "--backend", "gloo", "--numel", "65536", "--iters", "3"];
+    let args = [
+        "launch",
+        "--nproc",
+        "2",
+        "--timeout",
+        "60",
+        "dist-check",
+        "--backend",
+        "gloo",
+        "--numel",
+        "65536",
+        "--iters",
+        "3",
+    ];
     let (o, took) = run_bounded(&args, &[], Duration::from_secs(120));
     assert!(o.status.success(), "dist-check failed:\n{}\n{}", stdout(&o), stderr(&o));
     let lines = rank_lines(&stdout(&o));
@@ -100,7 +117,11 @@ fn gloo_two_ranks_pass_every_check() {
         assert_eq!(line["local_rank"], r as u64, "{line}");
         assert_all_passed(line, 2);
     }
-    println!("2 gloo ranks checked in {:.2} s: {}", took.as_secs_f64(), lines[0]["all_reduce_bench"]);
+    println!(
+        "2 gloo ranks checked in {:.2} s: {}",
+        took.as_secs_f64(),
+        lines[0]["all_reduce_bench"]
+    );
 }
 
 #[test]
@@ -109,7 +130,11 @@ fn world_of_one_still_joins_the_group() {
         eprintln!("skipped: this build has no c10d");
         return;
     }
-    let (o, _) = run_bounded(&["dist-check", "--numel", "65536", "--iters", "2"], &[], Duration::from_secs(60));
+    let (o, _) = run_bounded(
+        &["dist-check", "--numel", "65536", "--iters", "2"],
+        &[],
+        Duration::from_secs(60),
+    );
     assert!(o.status.success(), "dist-check failed:\n{}\n{}", stdout(&o), stderr(&o));
     let lines = rank_lines(&stdout(&o));
     assert_eq!(lines.len(), 1, "{}", stdout(&o));
@@ -129,7 +154,11 @@ fn nccl_without_a_gpu_fails_clearly() {
         "NCCL backend requested: this ferrotune was built without c10d NCCL"
     };
     // By flag, two ranks: every rank says why, launch names the failed rank, nobody waits.
-    let (o, took) = run_bounded(&["launch", "--nproc", "2", "--timeout", "60", "dist-check", "--backend", "nccl"], &[], Duration::from_secs(60));
+    let (o, took) = run_bounded(
+        &["launch", "--nproc", "2", "--timeout", "60", "dist-check", "--backend", "nccl"],
+        &[],
+        Duration::from_secs(60),
+    );
     let err = stderr(&o);
     assert!(!o.status.success(), "an NCCL request without a GPU must fail:\n{err}");
     assert!(err.contains(&format!("rank 0 of 2: {why}")), "{err}");
@@ -137,11 +166,20 @@ fn nccl_without_a_gpu_fails_clearly() {
     assert!(took < Duration::from_secs(30), "took {took:?}");
     assert!(rank_lines(&stdout(&o)).is_empty(), "{}", stdout(&o));
     // By environment, one launched rank (a real group of one is asked for).
-    let (o, _) = run_bounded(&["launch", "--nproc", "1", "dist-check", "--device", "cpu"], &[("FERROTUNE_DIST_BACKEND", "nccl")], Duration::from_secs(60));
+    let (o, _) = run_bounded(
+        &["launch", "--nproc", "1", "dist-check", "--device", "cpu"],
+        &[("FERROTUNE_DIST_BACKEND", "nccl")],
+        Duration::from_secs(60),
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains(&format!("rank 0 of 1: {why}")), "{}", stderr(&o));
     // An unknown backend names the variable and the choices.
-    let (o, _) = run_bounded(&["dist-check"], &[("FERROTUNE_DIST_BACKEND", "mpi")], Duration::from_secs(60));
+    let (o, _) =
+        run_bounded(&["dist-check"], &[("FERROTUNE_DIST_BACKEND", "mpi")], Duration::from_secs(60));
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("unknown distributed backend `mpi`: use gloo or nccl"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown distributed backend `mpi`: use gloo or nccl"),
+        "{}",
+        stderr(&o)
+    );
 }

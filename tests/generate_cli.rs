@@ -7,7 +7,11 @@ use ferrotune_tests::*;
 
 fn qwen_tokenizer() -> std::path::PathBuf {
     let dir = repo_root().join("assets/qwen2-tokenizer");
-    assert!(dir.join("tokenizer.json").is_file(), "{} is missing: run `make .stamps/qwen-tokenizer` (make test does)", dir.display());
+    assert!(
+        dir.join("tokenizer.json").is_file(),
+        "{} is missing: run `make .stamps/qwen-tokenizer` (make test does)",
+        dir.display()
+    );
     dir
 }
 
@@ -31,24 +35,57 @@ fn generate_cli_equals_transformers_on_an_init_model_directory() {
     let dir = temp_dir("generate-cli");
     let model = dir.join("qwen2-tiny");
     let out = ferrotune(&[
-        "init-model", "--preset", "tiny", "--arch", "qwen2", "--seed", "11",
-        "--tokenizer", qwen_tokenizer().to_str().unwrap(), "--out", model.to_str().unwrap(),
+        "init-model",
+        "--preset",
+        "tiny",
+        "--arch",
+        "qwen2",
+        "--seed",
+        "11",
+        "--tokenizer",
+        qwen_tokenizer().to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let (system, prompt, n) = ("You are a storyteller.", "Tell the story of frame 1: a girl (char1) finds a key — 🔑, ключ.", "20");
+    let (system, prompt, n) = (
+        "You are a storyteller.",
+        "Tell the story of frame 1: a girl (char1) finds a key — 🔑, ключ.",
+        "20",
+    );
     let out = ferrotune(&[
-        "generate", "--model", model.to_str().unwrap(), "--chat", "--system", system, "--prompt", prompt,
-        "--max-new-tokens", n, "--greedy", "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--system",
+        system,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        n,
+        "--greedy",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let ours: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let script = dir.join("reference.py");
     std::fs::write(&script, REFERENCE).unwrap();
-    let reference = run_python(&[script.as_os_str(), model.as_os_str(), OsStr::new(system), OsStr::new(prompt), OsStr::new(n)]);
+    let reference = run_python(&[
+        script.as_os_str(),
+        model.as_os_str(),
+        OsStr::new(system),
+        OsStr::new(prompt),
+        OsStr::new(n),
+    ]);
     let theirs: serde_json::Value = serde_json::from_str(stdout(&reference).trim()).unwrap();
     assert_eq!(ours["token_ids"], theirs["token_ids"], "ours {ours}\ntheirs {theirs}");
     assert_eq!(ours["text"], theirs["text"]);
-    assert_eq!(ours["token_ids"].as_array().unwrap().len(), 20, "a random model should not hit eos in 20 steps");
+    assert_eq!(
+        ours["token_ids"].as_array().unwrap().len(),
+        20,
+        "a random model should not hit eos in 20 steps"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -57,7 +94,16 @@ fn generate_cli_errors_are_clear() {
     let out = ferrotune(&["generate", "--model", "/no/such/model", "--prompt", "hi"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("/no/such/model"), "{}", stderr(&out));
-    let out = ferrotune(&["generate", "--model", "/tmp", "--prompt", "hi", "--greedy", "--temperature", "0.7"]);
+    let out = ferrotune(&[
+        "generate",
+        "--model",
+        "/tmp",
+        "--prompt",
+        "hi",
+        "--greedy",
+        "--temperature",
+        "0.7",
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot be used with"), "{}", stderr(&out));
 }

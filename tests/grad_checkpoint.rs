@@ -4,9 +4,9 @@
 //! prints the peak memory of a long-sequence step with and without it (lower with it).
 //!
 //! Needs `cargo build --workspace` (the CLI and the `lora` plugin); no Python.
-use ferrotune::peft::PeftModel;
-use ferrotune::model::ForwardArgs;
 use ferrotune::model::CausalLM;
+use ferrotune::model::ForwardArgs;
+use ferrotune::peft::PeftModel;
 use ferrotune_plugin_api::ForwardFlags;
 use ferrotune_tests::*;
 use tch::{Device, Kind, Tensor};
@@ -15,9 +15,14 @@ const WORDS: usize = 40;
 
 fn loss_and_grads(model: &PeftModel, ids: &Tensor, mask: &Tensor) -> (f64, Vec<(String, Tensor)>) {
     tch::manual_seed(5);
-    let logits = model.forward(ForwardArgs::ids(ids).mask(Some(mask)).mode(model.mode(ForwardFlags::NONE, true))).unwrap();
+    let logits = model
+        .forward(ForwardArgs::ids(ids).mask(Some(mask)).mode(model.mode(ForwardFlags::NONE, true)))
+        .unwrap();
     let v = logits.size()[2];
-    let loss = logits.narrow(1, 0, ids.size()[1] - 1).reshape([-1, v]).cross_entropy_for_logits(&ids.narrow(1, 1, ids.size()[1] - 1).reshape([-1]));
+    let loss = logits
+        .narrow(1, 0, ids.size()[1] - 1)
+        .reshape([-1, v])
+        .cross_entropy_for_logits(&ids.narrow(1, 1, ids.size()[1] - 1).reshape([-1]));
     loss.backward();
     let grads = model
         .trainable_parameters()
@@ -41,11 +46,20 @@ fn same_loss_and_gradients_with_checkpointing() {
     init_tiny_model(&work.join("tokenizer"), &dir, 3);
     let mut model = CausalLM::load(&dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap();
     let registry = registry();
-    let method = registry.adapter("lora", r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.2, "target_modules": "all-linear"}"#).unwrap();
+    let method = registry
+        .adapter(
+            "lora",
+            r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.2, "target_modules": "all-linear"}"#,
+        )
+        .unwrap();
     model.attach_adapter("default", Box::new(method)).unwrap();
     tch::manual_seed(1);
     for p in model.trainable_parameters().unwrap() {
-        tch::no_grad(|| p.tensor.shallow_clone().copy_(&(Tensor::randn(p.tensor.size(), (Kind::Float, Device::Cpu)) * 0.1)));
+        tch::no_grad(|| {
+            p.tensor
+                .shallow_clone()
+                .copy_(&(Tensor::randn(p.tensor.size(), (Kind::Float, Device::Cpu)) * 0.1))
+        });
     }
     let vocab = model.config().vocab_size;
     let ids = Tensor::randint(vocab, [2, 24], (Kind::Int64, Device::Cpu));
@@ -65,12 +79,22 @@ fn same_loss_and_gradients_with_checkpointing() {
             nonzero += 1;
         }
     }
-    println!("loss {plain_loss} vs {ckpt_loss}; max |grad diff| {worst:.2e} over {} parameters", plain.len());
+    println!(
+        "loss {plain_loss} vs {ckpt_loss}; max |grad diff| {worst:.2e} over {} parameters",
+        plain.len()
+    );
     assert!((plain_loss - ckpt_loss).abs() <= 1e-6, "{plain_loss} vs {ckpt_loss}");
     assert!(worst <= 1e-6, "{worst}");
     assert_eq!(nonzero, plain.len(), "every LoRA parameter gets a gradient");
     // Under no_grad (eval, generation) checkpointing is bypassed and the logits agree.
-    let eval = |m: &PeftModel| tch::no_grad(|| m.forward(ForwardArgs::ids(&ids).mask(Some(&mask)).mode(m.mode(ForwardFlags::NONE, false))).unwrap());
+    let eval = |m: &PeftModel| {
+        tch::no_grad(|| {
+            m.forward(
+                ForwardArgs::ids(&ids).mask(Some(&mask)).mode(m.mode(ForwardFlags::NONE, false)),
+            )
+            .unwrap()
+        })
+    };
     let a = eval(&model);
     model.set_gradient_checkpointing(false);
     assert!(f64::try_from((a - eval(&model)).abs().max()).unwrap() == 0.0);
@@ -83,13 +107,31 @@ fn checkpointing_lowers_peak_memory_of_a_long_step() {
     let dir = work.join("model");
     init_tiny_model(&work.join("tokenizer"), &dir, 3);
     let run = |ckpt: bool| -> f64 {
-        let mut args = vec!["bench", "train", "--model", dir.to_str().unwrap(), "--batch", "2", "--seq-len", "4096", "--steps", "1", "--warmup", "0", "--rank", "4", "--threads", "1"];
+        let mut args = vec![
+            "bench",
+            "train",
+            "--model",
+            dir.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--seq-len",
+            "4096",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rank",
+            "4",
+            "--threads",
+            "1",
+        ];
         if ckpt {
             args.push("--gradient-checkpointing");
         }
         let o = ferrotune(&args);
         assert!(o.status.success(), "{}", stderr(&o));
-        let v: serde_json::Value = serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
         v["peak_rss_mb"].as_f64().unwrap() - v["base_rss_mb"].as_f64().unwrap()
     };
     let (without, with) = (run(false), run(true));

@@ -12,7 +12,8 @@
 use std::path::PathBuf;
 
 use ferrotune::vision::{
-    decode_image, load_image, process_image, resize_bicubic, smart_resize, stack_images, to_rgb8, ImageProcessorConfig,
+    decode_image, load_image, process_image, resize_bicubic, smart_resize, stack_images, to_rgb8,
+    ImageProcessorConfig,
 };
 use ferrotune_tests::{one_torch_thread, repo_root, run_python, temp_dir};
 use image::RgbImage;
@@ -28,7 +29,8 @@ fn reference() -> (PathBuf, Value, Vec<(String, Tensor)>) {
         let dir = temp_dir("image-reference");
         let script = repo_root().join("tests/python/image_reference.py");
         run_python(&[script.as_os_str(), dir.as_os_str()]);
-        let manifest: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let manifest: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
         (dir, manifest)
     });
     let tensors = Tensor::read_safetensors(dir.join("reference.safetensors")).unwrap();
@@ -36,7 +38,11 @@ fn reference() -> (PathBuf, Value, Vec<(String, Tensor)>) {
 }
 
 fn tensor<'a>(tensors: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
-    &tensors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("reference has no tensor {name}")).1
+    &tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("reference has no tensor {name}"))
+        .1
 }
 
 fn rgb_tensor(img: &RgbImage) -> Tensor {
@@ -77,25 +83,36 @@ fn every_stage_matches_transformers() {
         let name = case["name"].as_str().unwrap();
         let file = dir.join(case["file"].as_str().unwrap());
         let is_jpeg = file.extension().is_some_and(|e| e == "jpg");
-        let cfg = ImageProcessorConfig::from_dir(&dir.join(case["config"].as_str().unwrap())).unwrap();
+        let cfg =
+            ImageProcessorConfig::from_dir(&dir.join(case["config"].as_str().unwrap())).unwrap();
         let img = load_image(&file).unwrap();
 
         // 1. Decode + convert_to_rgb.
         let ours_rgb = to_rgb8(&img).unwrap();
-        let (rgb_max, rgb_mean) = diff(&rgb_tensor(&ours_rgb), tensor(tensors, &format!("{name}.rgb")));
+        let (rgb_max, rgb_mean) =
+            diff(&rgb_tensor(&ours_rgb), tensor(tensors, &format!("{name}.rgb")));
 
         // 2. Sizes, from the original size alone.
         let original = pair(&case["original"]);
         let resized = pair(&case["resized"]);
-        let grid: Vec<i64> = case["grid"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-        assert_eq!(smart_resize(original.0, original.1, cfg.factor(), cfg.min_pixels, cfg.max_pixels).unwrap(), resized, "{name}");
+        let grid: Vec<i64> =
+            case["grid"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert_eq!(
+            smart_resize(original.0, original.1, cfg.factor(), cfg.min_pixels, cfg.max_pixels)
+                .unwrap(),
+            resized,
+            "{name}"
+        );
 
         // 3. The resize alone, on Pillow's RGB bytes: must be Pillow's bytes.
         let pil_rgb = rgb_image(tensor(tensors, &format!("{name}.rgb")));
         let ours_resized = resize_bicubic(&pil_rgb, resized.1, resized.0).unwrap();
-        let (rs_max, _) = diff(&rgb_tensor(&ours_resized), tensor(tensors, &format!("{name}.resized")));
+        let (rs_max, _) =
+            diff(&rgb_tensor(&ours_resized), tensor(tensors, &format!("{name}.resized")));
         if rs_max != 0.0 {
-            failures.push(format!("{name}: bicubic resize differs from Pillow by up to {rs_max} (must be 0)"));
+            failures.push(format!(
+                "{name}: bicubic resize differs from Pillow by up to {rs_max} (must be 0)"
+            ));
         }
 
         // 4. The whole pipeline.
@@ -103,9 +120,16 @@ fn every_stage_matches_transformers() {
         assert_eq!(out.original_size, original, "{name}: original (height, width)");
         assert_eq!(out.resized_size, resized, "{name}: resized (height, width)");
         assert_eq!(out.grid_thw.to_vec(), grid, "{name}: image_grid_thw");
-        assert_eq!(Vec::<i64>::try_from(tensor(tensors, &format!("{name}.grid")).flatten(0, -1)).unwrap(), grid);
-        assert_eq!(out.num_image_tokens(cfg.merge_size), (grid[0] * grid[1] * grid[2] / 4) as usize);
-        let (pv_max, pv_mean) = diff(&out.pixel_values, tensor(tensors, &format!("{name}.pixel_values")));
+        assert_eq!(
+            Vec::<i64>::try_from(tensor(tensors, &format!("{name}.grid")).flatten(0, -1)).unwrap(),
+            grid
+        );
+        assert_eq!(
+            out.num_image_tokens(cfg.merge_size),
+            (grid[0] * grid[1] * grid[2] / 4) as usize
+        );
+        let (pv_max, pv_mean) =
+            diff(&out.pixel_values, tensor(tensors, &format!("{name}.pixel_values")));
         report.push(format!(
             "{name:>14}: {}x{} -> {}x{}  decode max {rgb_max} mean {rgb_mean:.5}  resize max {rs_max}  \
              pixel_values max {pv_max:.3e} mean {pv_mean:.3e}",
@@ -116,14 +140,20 @@ fn every_stage_matches_transformers() {
             // decode max 4 / mean 0.365 levels, pixel_values max 0.058 / mean 0.0060; the bound
             // leaves ~1.5x room. The resize itself is checked exactly above on Pillow's bytes.
             if rgb_max > 6.0 || rgb_mean > 0.55 || pv_max > 0.09 || pv_mean > 0.009 {
-                failures.push(format!("{name}: JPEG decode/pixel differences above the measured bound"));
+                failures.push(format!(
+                    "{name}: JPEG decode/pixel differences above the measured bound"
+                ));
             }
         } else {
             if rgb_max != 0.0 {
-                failures.push(format!("{name}: decoded RGB differs from Pillow + convert_to_rgb by up to {rgb_max}"));
+                failures.push(format!(
+                    "{name}: decoded RGB differs from Pillow + convert_to_rgb by up to {rgb_max}"
+                ));
             }
             if pv_max > 1e-6 {
-                failures.push(format!("{name}: pixel_values differ by up to {pv_max} (must be <= 1e-6)"));
+                failures.push(format!(
+                    "{name}: pixel_values differ by up to {pv_max} (must be <= 1e-6)"
+                ));
             }
         }
         if name.starts_with("exact_") {
@@ -140,23 +170,29 @@ fn a_wrong_filter_would_be_caught() {
     // this difference, or the parity test could not tell the filters apart.
     let (_, _, tensors) = &reference();
     let pil_rgb = rgb_image(tensor(tensors, "rgb_333x517.rgb"));
-    let bilinear = image::imageops::resize(&pil_rgb, 504, 336, image::imageops::FilterType::Triangle);
+    let bilinear =
+        image::imageops::resize(&pil_rgb, 504, 336, image::imageops::FilterType::Triangle);
     let (max, mean) = diff(&rgb_tensor(&bilinear), tensor(tensors, "rgb_333x517.resized"));
     println!("bilinear vs Pillow bicubic: max {max} mean {mean:.3} (uint8 grid)");
-    assert!(max >= 10.0 && mean > 0.5, "a wrong filter should differ visibly: max {max} mean {mean}");
+    assert!(
+        max >= 10.0 && mean > 0.5,
+        "a wrong filter should differ visibly: max {max} mean {mean}"
+    );
 }
 
 #[test]
 fn stacked_batch_matches_one_transformers_call() {
     let (dir, manifest, tensors) = &reference();
     let cfg = ImageProcessorConfig::from_dir(&dir.join("model")).unwrap();
-    let names: Vec<&str> = manifest["batch"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        manifest["batch"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     let cases = manifest["cases"].as_array().unwrap();
     let processed: Vec<_> = names
         .iter()
         .map(|n| {
             let case = cases.iter().find(|c| c["name"] == *n).unwrap();
-            process_image(&load_image(&dir.join(case["file"].as_str().unwrap())).unwrap(), &cfg).unwrap()
+            process_image(&load_image(&dir.join(case["file"].as_str().unwrap())).unwrap(), &cfg)
+                .unwrap()
         })
         .collect();
     let (pixel_values, grids) = stack_images(&processed).unwrap();
@@ -190,12 +226,17 @@ fn corrupt_missing_and_degenerate_images_are_clear_errors() {
 
     // A real PNG cut in half: the file is named and the data called corrupt.
     let good = dir.join("good.png");
-    RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 3, y as u8 * 3, 7])).save(&good).unwrap();
+    RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 3, y as u8 * 3, 7]))
+        .save(&good)
+        .unwrap();
     let bytes = std::fs::read(&good).unwrap();
     let cut = dir.join("cut.png");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let err = format!("{:#}", load_image(&cut).unwrap_err());
-    assert!(err.contains("cut.png") && (err.contains("corrupt") || err.contains("cannot decode")), "{err}");
+    assert!(
+        err.contains("cut.png") && (err.contains("corrupt") || err.contains("cannot decode")),
+        "{err}"
+    );
     // A JPEG start-of-image marker followed by garbage.
     let jpg = dir.join("bad.jpg");
     let mut jpeg = b"\xff\xd8\xff\xdb\x00\x43".to_vec();
@@ -208,7 +249,8 @@ fn corrupt_missing_and_degenerate_images_are_clear_errors() {
     let cfg = ImageProcessorConfig::default();
     let empty = image::DynamicImage::ImageRgb8(RgbImage::new(0, 0));
     assert!(format!("{:#}", process_image(&empty, &cfg).unwrap_err()).contains("no pixels"));
-    let sliver = image::DynamicImage::ImageRgb8(RgbImage::from_pixel(1000, 4, image::Rgb([0, 0, 0])));
+    let sliver =
+        image::DynamicImage::ImageRgb8(RgbImage::from_pixel(1000, 4, image::Rgb([0, 0, 0])));
     let err = format!("{:#}", process_image(&sliver, &cfg).unwrap_err());
     assert!(err.contains("aspect ratio"), "{err}");
 }

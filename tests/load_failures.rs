@@ -82,7 +82,11 @@ fn external() -> &'static External {
                 .env("CARGO_TARGET_DIR", &target)
                 .output()
                 .expect("run cargo");
-            assert!(out.status.success(), "building the {variant} plugin failed:\n{}", stderr(&out));
+            assert!(
+                out.status.success(),
+                "building the {variant} plugin failed:\n{}",
+                stderr(&out)
+            );
             let built = target.join("debug/libexternal_reward.so");
             let kept = work.join(format!("libexternal_reward_{variant}.so"));
             std::fs::copy(&built, &kept).unwrap();
@@ -91,12 +95,18 @@ fn external() -> &'static External {
         let compatible = build("compatible", &|_| {});
         let other_api = build("other-api", &|api| {
             let m = api.join("Cargo.toml");
-            let text = std::fs::read_to_string(&m).unwrap().replacen("version = \"0.1.0\"", "version = \"0.2.0\"", 1);
+            let text = std::fs::read_to_string(&m).unwrap().replacen(
+                "version = \"0.1.0\"",
+                "version = \"0.2.0\"",
+                1,
+            );
             std::fs::write(m, text).unwrap();
         });
         let other_libtorch = build("other-libtorch", &|api| {
             let f = api.join("src/fingerprint.rs");
-            let text = std::fs::read_to_string(&f).unwrap().replace("env!(\"FERROTUNE_LIBTORCH_VERSION\")", "\"2.10.0\"");
+            let text = std::fs::read_to_string(&f)
+                .unwrap()
+                .replace("env!(\"FERROTUNE_LIBTORCH_VERSION\")", "\"2.10.0\"");
             std::fs::write(f, text).unwrap();
         });
         External { compatible, other_api, other_libtorch }
@@ -128,7 +138,11 @@ fn third_party_plugin_built_outside_the_workspace_loads_and_runs() {
     let r = reg.reward("external-contains", r#"{"needle": "cat"}"#).unwrap();
     let inputs: Vec<RewardInput> = ["a cat", "a dog"]
         .iter()
-        .map(|c| RewardInput { prompt: String::new(), completion: c.to_string(), sample_json: "{}".into() })
+        .map(|c| RewardInput {
+            prompt: String::new(),
+            completion: c.to_string(),
+            sample_json: "{}".into(),
+        })
         .collect();
     assert_eq!(r.score(&inputs).unwrap(), vec![1.0, 0.0]);
 }
@@ -174,8 +188,12 @@ fn grpo_trains_with_a_reward_plugin_built_outside_the_workspace() {
     write_chat_tokenizer(&work.join("tokenizer"), 12);
     let model = work.join("model");
     init_tiny_model(&work.join("tokenizer"), &model, 2);
-    let rows: Vec<String> =
-        (0..4).map(|i| serde_json::json!({"instruction": format!("w{i} w{}", i + 1), "output": "w3"}).to_string()).collect();
+    let rows: Vec<String> = (0..4)
+        .map(|i| {
+            serde_json::json!({"instruction": format!("w{i} w{}", i + 1), "output": "w3"})
+                .to_string()
+        })
+        .collect();
     std::fs::write(work.join("prompts.jsonl"), rows.join("\n") + "\n").unwrap();
     let config = work.join("grpo.yaml");
     std::fs::write(
@@ -191,12 +209,15 @@ fn grpo_trains_with_a_reward_plugin_built_outside_the_workspace() {
         ),
     )
     .unwrap();
-    let out = ferrotune(&["train", "--plugin-dir", plugins.to_str().unwrap(), config.to_str().unwrap()]);
+    let out =
+        ferrotune(&["train", "--plugin-dir", plugins.to_str().unwrap(), config.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let metrics = read_jsonl(&work.join("out/metrics.jsonl"));
     assert_eq!(metrics.len(), 2);
     for line in &metrics {
-        let mean = line["train/rewards/external-contains/mean"].as_f64().unwrap_or_else(|| panic!("no external reward metric: {line}"));
+        let mean = line["train/rewards/external-contains/mean"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no external reward metric: {line}"));
         assert!((0.0..=1.0).contains(&mean), "{line}");
         // `reward` is the weighted sum: twice the plugin's mean.
         assert!((line["train/reward"].as_f64().unwrap() - 2.0 * mean).abs() < 1e-9, "{line}");

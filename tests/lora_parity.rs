@@ -40,10 +40,22 @@ const VARIANTS: &[(&str, &str)] = &[
     ("lora", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"]}"#),
     ("rslora", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"], "use_rslora": true}"#),
     ("dora", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"], "use_dora": true}"#),
-    ("pissa", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"], "init_lora_weights": "pissa"}"#),
-    ("pissa_dora", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"], "init_lora_weights": "pissa", "use_dora": true}"#),
-    ("olora", r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"], "init_lora_weights": "olora"}"#),
-    ("gaussian", r#"{"r": 4, "lora_alpha": 16, "target_modules": ["proj"], "init_lora_weights": "gaussian"}"#),
+    (
+        "pissa",
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"], "init_lora_weights": "pissa"}"#,
+    ),
+    (
+        "pissa_dora",
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"], "init_lora_weights": "pissa", "use_dora": true}"#,
+    ),
+    (
+        "olora",
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["proj"], "init_lora_weights": "olora"}"#,
+    ),
+    (
+        "gaussian",
+        r#"{"r": 4, "lora_alpha": 16, "target_modules": ["proj"], "init_lora_weights": "gaussian"}"#,
+    ),
 ];
 
 /// (name, plugin config) of each `target_modules` form checked against peft on a tiny Llama.
@@ -51,7 +63,10 @@ const TARGETS: &[(&str, &str)] = &[
     ("names", r#"{"target_modules": ["q_proj", "v_proj"]}"#),
     ("all_linear", r#"{"target_modules": "all-linear"}"#),
     ("regex", r#"{"target_modules": ".*\\.layers\\.1\\..*_proj"}"#),
-    ("modules_to_save", r#"{"target_modules": ["down_proj", "lm_head"], "modules_to_save": ["lm_head"]}"#),
+    (
+        "modules_to_save",
+        r#"{"target_modules": ["down_proj", "lm_head"], "modules_to_save": ["lm_head"]}"#,
+    ),
 ];
 
 fn config(name: &str) -> &'static str {
@@ -62,14 +77,17 @@ fn config(name: &str) -> &'static str {
 
 fn lora_registry() -> ferrotune::plugins::Registry {
     let lib = build_dir().join("libferrotune_lora.so");
-    assert!(lib.exists(), "{} is missing: `cargo build -p ferrotune-testkit -p ferrotune-lora` first", lib.display());
+    assert!(
+        lib.exists(),
+        "{} is missing: `cargo build -p ferrotune-testkit -p ferrotune-lora` first",
+        lib.display()
+    );
     registry()
 }
 
 fn method(name: &str) -> ferrotune_plugin_api::kinds::adapter::AdapterMethodHandle {
     lora_registry().adapter("lora", config(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
-
 
 /// Runs the peft reference once for every test of this file; its folder.
 fn fixture() -> &'static Path {
@@ -92,8 +110,11 @@ fn prepare() -> Result<PathBuf, String> {
     for (name, _) in TARGETS {
         let dir = work.join(format!("targets-{name}"));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join("adapter_config.json"), method(name).peft_config().map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            method(name).peft_config().map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
         targets.push(serde_json::json!({"name": name, "dir": dir}));
     }
     let plan = serde_json::json!({"parity": parity, "targets": targets});
@@ -110,7 +131,14 @@ fn prepare() -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot run {}: {e}", py.display()))?;
     println!("{}", stdout(&out));
     if !out.status.success() {
-        return Err(format!("{} {} exited with {}\n{}{}", py.display(), script.display(), out.status, stdout(&out), stderr(&out)));
+        return Err(format!(
+            "{} {} exited with {}\n{}{}",
+            py.display(),
+            script.display(),
+            out.status,
+            stdout(&out),
+            stderr(&out)
+        ));
     }
     Ok(work)
 }
@@ -122,23 +150,41 @@ fn write_our_peft_dir(name: &str, dir: &Path, seed: i64) -> Result<(), String> {
     let ours = dir.join("ours");
     std::fs::create_dir_all(&ours).map_err(|e| e.to_string())?;
     let method = method(name);
-    std::fs::write(ours.join("adapter_config.json"), method.peft_config().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    std::fs::write(
+        ours.join("adapter_config.json"),
+        method.peft_config().map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     tch::manual_seed(seed);
     let o = (Kind::Float, Device::Cpu);
-    let (w, bias, x) = (Tensor::randn([16, 24], o), Tensor::randn([16], o), Tensor::randn([4, 24], o));
+    let (w, bias, x) =
+        (Tensor::randn([16, 24], o), Tensor::randn([16], o), Tensor::randn([4, 24], o));
     let base = FrozenLinear::new(MODULE, w.copy(), Some(bias.copy()));
     let layer = method.adapt_linear(MODULE, &base).map_err(|e| e.to_string())?;
-    let state: Vec<(String, Tensor)> = layer.state_dict().map_err(|e| e.to_string())?.into_iter().map(|(n, t)| {
-        let noise = t.randn_like() * 0.2;
-        let t = if n == "lora_magnitude_vector" { &t * (noise + 1.0) } else { &t + noise };
-        (format!("{PEFT_PREFIX}{n}"), t)
-    }).collect();
-    Tensor::write_safetensors(&state, ours.join("adapter_model.safetensors")).map_err(|e| e.to_string())?;
-    Tensor::write_safetensors(&[("w_orig", w), ("bias", bias), ("x", x)], dir.join("ours_io.safetensors")).map_err(|e| e.to_string())
+    let state: Vec<(String, Tensor)> = layer
+        .state_dict()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(n, t)| {
+            let noise = t.randn_like() * 0.2;
+            let t = if n == "lora_magnitude_vector" { &t * (noise + 1.0) } else { &t + noise };
+            (format!("{PEFT_PREFIX}{n}"), t)
+        })
+        .collect();
+    Tensor::write_safetensors(&state, ours.join("adapter_model.safetensors"))
+        .map_err(|e| e.to_string())?;
+    Tensor::write_safetensors(
+        &[("w_orig", w), ("bias", bias), ("x", x)],
+        dir.join("ours_io.safetensors"),
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 /// peft's saved tensors with the module prefix taken off.
@@ -146,7 +192,9 @@ fn strip_prefix(saved: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
     let mut v: Vec<_> = saved
         .into_iter()
         .map(|(k, t)| {
-            let rel = k.strip_prefix(PEFT_PREFIX).unwrap_or_else(|| panic!("peft key `{k}` lacks the prefix `{PEFT_PREFIX}`"));
+            let rel = k
+                .strip_prefix(PEFT_PREFIX)
+                .unwrap_or_else(|| panic!("peft key `{k}` lacks the prefix `{PEFT_PREFIX}`"));
             (rel.to_string(), t)
         })
         .collect();
@@ -168,14 +216,23 @@ impl Report {
     }
     fn diff(&mut self, what: &str, ours: &Tensor, theirs: &Tensor) {
         assert_eq!(ours.size(), theirs.size(), "{}: {what}: shapes differ", self.variant);
-        let d = (ours.to_kind(Kind::Double) - theirs.to_kind(Kind::Double)).abs().max().double_value(&[]);
+        let d = (ours.to_kind(Kind::Double) - theirs.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
         self.rows.push((what.to_string(), d));
     }
     fn finish(self) {
         let mut failed = Vec::new();
         for (what, d) in &self.rows {
             let ok = *d <= TOL;
-            println!("{:<12} {:<44} max |diff| {:.3e} {}", self.variant, what, d, if ok { "ok" } else { "FAIL" });
+            println!(
+                "{:<12} {:<44} max |diff| {:.3e} {}",
+                self.variant,
+                what,
+                d,
+                if ok { "ok" } else { "FAIL" }
+            );
             if !ok {
                 failed.push(format!("{what}: {d:.3e}"));
             }
@@ -185,7 +242,12 @@ impl Report {
 }
 
 fn grad_of(layer: &dyn AdapterLayer, name: &str) -> Tensor {
-    let p = layer.parameters().unwrap().into_iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no parameter `{name}`"));
+    let p = layer
+        .parameters()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no parameter `{name}`"));
     let g = p.tensor.grad();
     assert!(g.defined(), "`{name}` got no gradient");
     g
@@ -204,12 +266,20 @@ fn check_variant(variant: &'static str) {
     let base0 = FrozenLinear::new(MODULE, t("w_orig"), Some(t("bias")));
     let layer0 = method.adapt_linear(MODULE, &base0).unwrap();
     let init: HashMap<_, _> = layer0.state_dict().unwrap().into_iter().collect();
-    report.diff("init: B·A (sign-free)", &init["lora_B.weight"].matmul(&init["lora_A.weight"]), &t("init_B").matmul(&t("init_A")));
+    report.diff(
+        "init: B·A (sign-free)",
+        &init["lora_B.weight"].matmul(&init["lora_A.weight"]),
+        &t("init_B").matmul(&t("init_A")),
+    );
     if rewrites {
         let residual = layer0.unmerged_weight(&base0.weight).unwrap();
         report.diff("init: residual base weight", &residual, &t("w_base"));
     } else {
-        assert_eq!(init["lora_B.weight"].abs().max().double_value(&[]), 0.0, "{variant}: B starts at zero");
+        assert_eq!(
+            init["lora_B.weight"].abs().max().double_value(&[]),
+            0.0,
+            "{variant}: B starts at zero"
+        );
         assert!(t("w_base").equal(&t("w_orig")), "{variant}: peft left the base weight alone");
     }
     if dora {
@@ -239,7 +309,11 @@ fn check_variant(variant: &'static str) {
     report.diff("grad A", &grad_of(layer.as_ref(), "lora_A.weight"), &t("grad_A"));
     report.diff("grad B", &grad_of(layer.as_ref(), "lora_B.weight"), &t("grad_B"));
     if dora {
-        report.diff("grad magnitude", &grad_of(layer.as_ref(), "lora_magnitude_vector"), &t("grad_m"));
+        report.diff(
+            "grad magnitude",
+            &grad_of(layer.as_ref(), "lora_magnitude_vector"),
+            &t("grad_m"),
+        );
     }
     report.diff("grad x", &x.grad(), &t("grad_x"));
 
@@ -266,7 +340,10 @@ fn check_variant(variant: &'static str) {
     let y_ours = tch::no_grad(|| ours.forward(&io["x"], &base_ours, false)).unwrap();
     report.diff("our dir in peft: forward", &y_ours, &t("ours_y"));
 
-    println!("{variant:<12} peft keys: {}", peft_keys.iter().map(|k| format!("{PEFT_PREFIX}{k}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "{variant:<12} peft keys: {}",
+        peft_keys.iter().map(|k| format!("{PEFT_PREFIX}{k}")).collect::<Vec<_>>().join(", ")
+    );
     report.finish();
 }
 
@@ -311,7 +388,9 @@ fn gaussian_init_matches_peft() {
 /// agreed on the wrong one): peft's recorded scale, and the doubling against plain LoRA.
 #[test]
 fn scales_are_alpha_over_r_and_over_root_r() {
-    let scale = |v: &str| read(&fixture().join(v).join("reference.safetensors"))["scaling"].double_value(&[0]);
+    let scale = |v: &str| {
+        read(&fixture().join(v).join("reference.safetensors"))["scaling"].double_value(&[0])
+    };
     assert_eq!(scale("lora"), 2.0);
     assert_eq!(scale("rslora"), 4.0);
     assert_eq!(scale("gaussian"), 4.0);
@@ -320,14 +399,35 @@ fn scales_are_alpha_over_r_and_over_root_r() {
 #[test]
 fn target_modules_select_what_peft_selects() {
     for (name, _) in TARGETS {
-        let text = std::fs::read_to_string(fixture().join(format!("targets-{name}")).join("targets.json")).unwrap();
+        let text =
+            std::fs::read_to_string(fixture().join(format!("targets-{name}")).join("targets.json"))
+                .unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let list = |k: &str| v[k].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<Vec<_>>();
+        let list = |k: &str| {
+            v[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
         let (linear, targeted) = (list("linear"), list("targeted"));
         let method = method(name);
-        let ours: BTreeSet<_> = linear.iter().filter(|n| method.targets(n).unwrap()).cloned().collect();
-        assert_eq!(ours, targeted.into_iter().collect::<BTreeSet<_>>(), "{name}: targeted layers, ours vs peft's");
-        assert!(!ours.is_empty() && ours.len() < linear.len(), "{name}: a test that selects nothing or everything proves little");
-        println!("{name:<16} {} of {} linear layers, as peft: {}", ours.len(), linear.len(), ours.into_iter().collect::<Vec<_>>().join(", "));
+        let ours: BTreeSet<_> =
+            linear.iter().filter(|n| method.targets(n).unwrap()).cloned().collect();
+        assert_eq!(
+            ours,
+            targeted.into_iter().collect::<BTreeSet<_>>(),
+            "{name}: targeted layers, ours vs peft's"
+        );
+        assert!(
+            !ours.is_empty() && ours.len() < linear.len(),
+            "{name}: a test that selects nothing or everything proves little"
+        );
+        println!(
+            "{name:<16} {} of {} linear layers, as peft: {}",
+            ours.len(),
+            linear.len(),
+            ours.into_iter().collect::<Vec<_>>().join(", ")
+        );
     }
 }

@@ -5,8 +5,8 @@ use ferrotune::model::ForwardArgs;
 use std::path::{Path, PathBuf};
 
 use ferrotune::generate::{generate, SamplingParams};
-use ferrotune::util::safetensors::write as write_safetensors;
 use ferrotune::model::{write_random_model, CausalLM, InitOptions};
+use ferrotune::util::safetensors::write as write_safetensors;
 use ferrotune_tests::{temp_dir, write_tiny_tokenizer};
 use tch::{Device, Kind, Tensor};
 
@@ -15,7 +15,8 @@ fn tiny_model(tag: &str) -> PathBuf {
     ferrotune_tests::one_torch_thread();
     let root = temp_dir(tag);
     write_tiny_tokenizer(&root.join("tok"), 40);
-    let mut opts = InitOptions::preset("tiny", root.join("tok/tokenizer.json"), root.join("model")).unwrap();
+    let mut opts =
+        InitOptions::preset("tiny", root.join("tok/tokenizer.json"), root.join("model")).unwrap();
     opts.dtype = Kind::Float;
     opts.max_position_embeddings = 64;
     write_random_model(&opts).unwrap().dir
@@ -39,7 +40,8 @@ fn assert_mentions(message: &str, parts: &[&str]) {
 fn a_good_directory_loads() {
     let dir = tiny_model("errors-good");
     let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).unwrap();
-    let logits = model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]))).unwrap();
+    let logits =
+        model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]))).unwrap();
     assert_eq!(logits.size(), [1, 3, 43]);
 }
 
@@ -48,7 +50,10 @@ fn missing_safetensors() {
     let dir = tiny_model("errors-missing");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     let e = load_error(&dir);
-    assert_mentions(&e, &["no model.safetensors or model.safetensors.index.json", &dir.display().to_string()]);
+    assert_mentions(
+        &e,
+        &["no model.safetensors or model.safetensors.index.json", &dir.display().to_string()],
+    );
 }
 
 #[test]
@@ -83,12 +88,21 @@ fn corrupt_safetensors() {
 fn shape_disagrees_with_config() {
     let dir = tiny_model("errors-shape");
     let config = dir.join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"intermediate_size\": 176", "\"intermediate_size\": 128");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"intermediate_size\": 176", "\"intermediate_size\": 128");
     std::fs::write(&config, text).unwrap();
     let e = load_error(&dir);
     assert_mentions(
         &e,
-        &["model.layers.0.mlp.gate_proj.weight", "[176, 64]", "[128, 64]", "model.safetensors", "config.json", "intermediate_size"],
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[176, 64]",
+            "[128, 64]",
+            "model.safetensors",
+            "config.json",
+            "intermediate_size",
+        ],
     );
 }
 
@@ -102,18 +116,25 @@ fn missing_tensor() {
         .filter(|(n, _)| n != "model.layers.1.self_attn.k_proj.bias")
         .collect();
     write_safetensors(&file, &tensors).unwrap();
-    assert_mentions(&load_error(&dir), &["model.layers.1.self_attn.k_proj.bias", "missing", "model.safetensors"]);
+    assert_mentions(
+        &load_error(&dir),
+        &["model.layers.1.self_attn.k_proj.bias", "missing", "model.safetensors"],
+    );
 }
 
 #[test]
 fn sharded_index_with_a_missing_shard() {
     let dir = tiny_model("errors-shard");
-    std::fs::rename(dir.join("model.safetensors"), dir.join("model-00001-of-00002.safetensors")).unwrap();
+    std::fs::rename(dir.join("model.safetensors"), dir.join("model-00001-of-00002.safetensors"))
+        .unwrap();
     let index = serde_json::json!({"metadata": {}, "weight_map": {
         "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
         "model.norm.weight": "model-00002-of-00002.safetensors"}});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    assert_mentions(&load_error(&dir), &["model.safetensors.index.json", "model-00002-of-00002.safetensors", "missing"]);
+    assert_mentions(
+        &load_error(&dir),
+        &["model.safetensors.index.json", "model-00002-of-00002.safetensors", "missing"],
+    );
     // With the index pointing at the one shard that holds everything, the model loads.
     let index = serde_json::json!({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
@@ -124,11 +145,16 @@ fn sharded_index_with_a_missing_shard() {
 fn unsupported_architecture() {
     let dir = tiny_model("errors-arch");
     let config = dir.join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("Qwen2ForCausalLM", "GPT2LMHeadModel");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("Qwen2ForCausalLM", "GPT2LMHeadModel");
     std::fs::write(&config, text).unwrap();
     assert_mentions(
         &load_error(&dir),
-        &["unsupported architecture `GPT2LMHeadModel`", &config.display().to_string(), "supported: LlamaForCausalLM"],
+        &[
+            "unsupported architecture `GPT2LMHeadModel`",
+            &config.display().to_string(),
+            "supported: LlamaForCausalLM",
+        ],
     );
 }
 
@@ -136,7 +162,9 @@ fn unsupported_architecture() {
 fn unsupported_rope_type_names_the_key() {
     let dir = tiny_model("errors-rope");
     let config = dir.join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
     std::fs::write(&config, text).unwrap();
     assert_mentions(&load_error(&dir), &["rope_parameters.rope_type", "yarn", "config.json"]);
 }
@@ -144,10 +172,15 @@ fn unsupported_rope_type_names_the_key() {
 #[test]
 fn prompt_longer_than_the_context() {
     let dir = tiny_model("errors-context");
-    let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).map(ferrotune::peft::PeftModel::new).unwrap();
+    let model = CausalLM::load(&dir, Device::Cpu, Kind::Float)
+        .map(ferrotune::peft::PeftModel::new)
+        .unwrap();
     let prompts = vec![vec![5i64; 10], vec![6i64; 60]];
     let e = generate(&model, &prompts, &SamplingParams::greedy(8)).unwrap_err().to_string();
-    assert_mentions(&e, &["prompt 1 has 60 tokens", "max_new_tokens 8", "max_position_embeddings", "64"]);
+    assert_mentions(
+        &e,
+        &["prompt 1 has 60 tokens", "max_new_tokens 8", "max_position_embeddings", "64"],
+    );
     // Fits exactly: 56 + 8 = 64.
     let ok = generate(&model, &[vec![6i64; 56]], &SamplingParams::greedy(8)).unwrap();
     assert_eq!(ok[0].len(), 8);
@@ -156,13 +189,24 @@ fn prompt_longer_than_the_context() {
 #[test]
 fn bad_inputs_are_errors() {
     let dir = tiny_model("errors-inputs");
-    let model = CausalLM::load(&dir, Device::Cpu, Kind::Float).map(ferrotune::peft::PeftModel::new).unwrap();
+    let model = CausalLM::load(&dir, Device::Cpu, Kind::Float)
+        .map(ferrotune::peft::PeftModel::new)
+        .unwrap();
     let ids = Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]);
-    let e = model.forward(ForwardArgs::ids(&ids).mask(Some(&Tensor::ones([1, 2], (Kind::Int64, Device::Cpu))))).unwrap_err().to_string();
+    let e = model
+        .forward(
+            ForwardArgs::ids(&ids).mask(Some(&Tensor::ones([1, 2], (Kind::Int64, Device::Cpu)))),
+        )
+        .unwrap_err()
+        .to_string();
     assert_mentions(&e, &["attention_mask", "[1, 3]"]);
-    let e = model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 400]).view([1, 2]))).unwrap_err().to_string();
+    let e = model
+        .forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 400]).view([1, 2])))
+        .unwrap_err()
+        .to_string();
     assert_mentions(&e, &["token id 400", "vocab_size 43"]);
-    let e = model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4]))).unwrap_err().to_string();
+    let e =
+        model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4]))).unwrap_err().to_string();
     assert_mentions(&e, &["[batch, seq]"]);
     let mut cache = model.new_cache(2);
     let e = model.forward(ForwardArgs::ids(&ids).cache(Some(&mut cache))).unwrap_err().to_string();
@@ -181,16 +225,28 @@ fn init_model_refuses_bad_options() {
     let tok = write_tiny_tokenizer(&root.join("tok"), 10);
     let mut opts = InitOptions::preset("tiny", &tok, root.join("m")).unwrap();
     opts.vocab_size = Some(5);
-    assert_mentions(&write_random_model(&opts).unwrap_err().to_string(), &["vocab_size 5", "13 tokens"]);
+    assert_mentions(
+        &write_random_model(&opts).unwrap_err().to_string(),
+        &["vocab_size 5", "13 tokens"],
+    );
     opts.vocab_size = None;
     opts.num_key_value_heads = 3;
-    assert_mentions(&write_random_model(&opts).unwrap_err().to_string(), &["kv_heads (3) must divide heads (4)"]);
+    assert_mentions(
+        &write_random_model(&opts).unwrap_err().to_string(),
+        &["kv_heads (3) must divide heads (4)"],
+    );
     opts.num_key_value_heads = 2;
     opts.tokenizer = root.join("nowhere");
-    assert_mentions(&write_random_model(&opts).unwrap_err().to_string(), &["nowhere", "does not exist"]);
+    assert_mentions(
+        &write_random_model(&opts).unwrap_err().to_string(),
+        &["nowhere", "does not exist"],
+    );
     opts.tokenizer = tok;
     write_random_model(&opts).unwrap();
-    assert_mentions(&write_random_model(&opts).unwrap_err().to_string(), &["already holds a model"]);
+    assert_mentions(
+        &write_random_model(&opts).unwrap_err().to_string(),
+        &["already holds a model"],
+    );
     opts.overwrite = true;
     write_random_model(&opts).unwrap();
 }

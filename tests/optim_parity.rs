@@ -8,14 +8,13 @@ use std::process::Command;
 use ferrotune::dist::collectives::SingleProcess;
 use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
 use ferrotune_plugin_api::{
-    Batch, Collectives, ErrorCode, ForwardFlags, MemoryStrategy, Objective, PluginResult, ReduceOp, RewardInput,
-    TrainParam,
+    Batch, Collectives, ErrorCode, ForwardFlags, MemoryStrategy, Objective, PluginResult, ReduceOp,
+    RewardInput, TrainParam,
 };
 use ferrotune_tests::*;
 use tch::{Device, Kind, Tensor};
 
 // ---------------------------------------------------------------- the Python side
-
 
 /// Runs `optim_reference.py <mode> <dir>`, failing with its output if it fails.
 fn run_reference(mode: &str, dir: &Path) {
@@ -71,7 +70,10 @@ impl Rng {
     fn normal(&mut self, shape: &[i64]) -> Tensor {
         let n: i64 = shape.iter().product();
         let v: Vec<f32> = (0..n)
-            .map(|_| ((-2.0 * self.uniform().ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()) as f32)
+            .map(|_| {
+                ((-2.0 * self.uniform().ln()).sqrt()
+                    * (std::f64::consts::TAU * self.uniform()).cos()) as f32
+            })
             .collect();
         Tensor::from_slice(&v).view(shape)
     }
@@ -94,8 +96,18 @@ struct ParamSpec {
 
 /// A LoRA+-style mix: a B matrix with 16× the learning rate, a bias without weight decay.
 const PARAMS: [ParamSpec; 4] = [
-    ParamSpec { name: "layers.0.q_proj.lora_A.weight", shape: &[4, 16], lr_scale: 1.0, weight_decay_scale: 1.0 },
-    ParamSpec { name: "layers.0.q_proj.lora_B.weight", shape: &[16, 4], lr_scale: 16.0, weight_decay_scale: 1.0 },
+    ParamSpec {
+        name: "layers.0.q_proj.lora_A.weight",
+        shape: &[4, 16],
+        lr_scale: 1.0,
+        weight_decay_scale: 1.0,
+    },
+    ParamSpec {
+        name: "layers.0.q_proj.lora_B.weight",
+        shape: &[16, 4],
+        lr_scale: 16.0,
+        weight_decay_scale: 1.0,
+    },
     ParamSpec { name: "layers.0.bias", shape: &[16], lr_scale: 1.0, weight_decay_scale: 0.0 },
     ParamSpec { name: "head.weight", shape: &[5, 3], lr_scale: 1.0, weight_decay_scale: 1.0 },
 ];
@@ -146,7 +158,12 @@ fn train_params(params: &[Tensor]) -> Vec<TrainParam> {
 
 /// Gives each parameter the gradient `grad` through autograd: d/dp Σ p·g = g exactly.
 fn backward_with(params: &[Tensor], grads: &[Tensor]) {
-    let loss = params.iter().zip(grads).map(|(p, g)| (p * g).sum(Kind::Float)).reduce(|a, b| a + b).unwrap();
+    let loss = params
+        .iter()
+        .zip(grads)
+        .map(|(p, g)| (p * g).sum(Kind::Float))
+        .reduce(|a, b| a + b)
+        .unwrap();
     loss.backward();
 }
 
@@ -166,8 +183,20 @@ struct Run {
     final_state: Vec<(String, Tensor)>,
 }
 
-fn run_plugin(mem: &mut impl MemoryStrategy, params: &[Tensor], grads: &[Vec<Tensor>], from: i64, save: Option<&Path>) -> Run {
-    let mut run = Run { params_after: Vec::new(), norms: Vec::new(), clipped_steps: 0, checkpoint: None, final_state: Vec::new() };
+fn run_plugin(
+    mem: &mut impl MemoryStrategy,
+    params: &[Tensor],
+    grads: &[Vec<Tensor>],
+    from: i64,
+    save: Option<&Path>,
+) -> Run {
+    let mut run = Run {
+        params_after: Vec::new(),
+        norms: Vec::new(),
+        clipped_steps: 0,
+        checkpoint: None,
+        final_state: Vec::new(),
+    };
     for s in from..=STEPS {
         backward_with(params, &grads[(s - 1) as usize]);
         let report = mem.step(linear_lr(s), &SingleProcess).unwrap();
@@ -177,12 +206,21 @@ fn run_plugin(mem: &mut impl MemoryStrategy, params: &[Tensor], grads: &[Vec<Ten
         }
         run.norms.push(report.grad_norm);
         for p in params {
-            assert_eq!(p.grad().abs().sum(Kind::Float).double_value(&[]), 0.0, "step zeroes gradients");
+            assert_eq!(
+                p.grad().abs().sum(Kind::Float).double_value(&[]),
+                0.0,
+                "step zeroes gradients"
+            );
         }
         run.params_after.push(params.iter().map(|p| p.detach().copy()).collect());
         if let (Some(path), true) = (save, s == RESUME_AFTER) {
             let mut ckpt = mem.state_dict().unwrap();
-            ckpt.extend(PARAMS.iter().zip(params).map(|(spec, p)| (format!("model.{}", spec.name), p.detach().copy())));
+            ckpt.extend(
+                PARAMS
+                    .iter()
+                    .zip(params)
+                    .map(|(spec, p)| (format!("model.{}", spec.name), p.detach().copy())),
+            );
             Tensor::write_safetensors(&ckpt, path).unwrap();
             run.checkpoint = Some(path.to_path_buf());
         }
@@ -196,10 +234,18 @@ fn check_adamw(tag: &str, optimizer_json: &str) {
     let (init, grads) = adamw_inputs();
 
     // The reference run.
-    let mut inputs: Vec<(String, Tensor)> =
-        PARAMS.iter().zip(&init).map(|(p, t)| (format!("init.{}", p.name), t.shallow_clone())).collect();
+    let mut inputs: Vec<(String, Tensor)> = PARAMS
+        .iter()
+        .zip(&init)
+        .map(|(p, t)| (format!("init.{}", p.name), t.shallow_clone()))
+        .collect();
     for (s, gs) in grads.iter().enumerate() {
-        inputs.extend(PARAMS.iter().zip(gs).map(|(p, g)| (format!("grad.{}.{}", s + 1, p.name), g.shallow_clone())));
+        inputs.extend(
+            PARAMS
+                .iter()
+                .zip(gs)
+                .map(|(p, g)| (format!("grad.{}.{}", s + 1, p.name), g.shallow_clone())),
+        );
     }
     Tensor::write_safetensors(&inputs, dir.join("adamw_in.safetensors")).unwrap();
     let spec = serde_json::json!({
@@ -233,7 +279,11 @@ fn check_adamw(tag: &str, optimizer_json: &str) {
     for (s, n) in full.norms.iter().enumerate() {
         let expected = ref_norms.double_value(&[s as i64]);
         let d = (n - expected).abs();
-        assert!(d <= 1e-6 * expected.max(1.0), "[{tag}] step {}: grad norm {n}, torch {expected}", s + 1);
+        assert!(
+            d <= 1e-6 * expected.max(1.0),
+            "[{tag}] step {}: grad norm {n}, torch {expected}",
+            s + 1
+        );
         max_norm_diff = max_norm_diff.max(d);
     }
     let clipping = optimizer_json.contains("max_grad_norm");
@@ -252,11 +302,16 @@ fn check_adamw(tag: &str, optimizer_json: &str) {
 
     // Resumed from the checkpoint after step 10 into fresh tensors and a fresh plugin.
     let ckpt = read_safetensors(full.checkpoint.as_ref().unwrap());
-    let resumed: Vec<Tensor> =
-        PARAMS.iter().map(|p| get(&ckpt, &format!("model.{}", p.name)).copy().set_requires_grad(true)).collect();
+    let resumed: Vec<Tensor> = PARAMS
+        .iter()
+        .map(|p| get(&ckpt, &format!("model.{}", p.name)).copy().set_requires_grad(true))
+        .collect();
     let mut mem2 = memory(optimizer_json, &resumed);
-    let state: Vec<(String, Tensor)> =
-        ckpt.iter().filter(|(n, _)| !n.starts_with("model.")).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+    let state: Vec<(String, Tensor)> = ckpt
+        .iter()
+        .filter(|(n, _)| !n.starts_with("model."))
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
     mem2.load_state_dict(state).unwrap();
     let rest = run_plugin(&mut mem2, &resumed, &grads, RESUME_AFTER + 1, None);
     for (k, after) in rest.params_after.iter().enumerate() {
@@ -275,7 +330,10 @@ fn check_adamw(tag: &str, optimizer_json: &str) {
         assert_eq!(n1, n2);
         assert!(t1.equal(t2), "[{tag}] resumed optimizer state `{n1}` differs");
     }
-    eprintln!("adamw [{tag}]: resumed after step {RESUME_AFTER}: steps {}..={STEPS} bit-identical", RESUME_AFTER + 1);
+    eprintln!(
+        "adamw [{tag}]: resumed after step {RESUME_AFTER}: steps {}..={STEPS} bit-identical",
+        RESUME_AFTER + 1
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -291,7 +349,10 @@ fn adamw_matches_torch_with_clipping() {
 
 #[test]
 fn adamw_matches_torch_with_amsgrad() {
-    check_adamw("amsgrad", r#"{"amsgrad": true, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}"#);
+    check_adamw(
+        "amsgrad",
+        r#"{"amsgrad": true, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}"#,
+    );
 }
 
 #[test]
@@ -332,7 +393,9 @@ fn single_errors_cross_the_boundary_and_name_the_problem() {
     let p = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let tp = || vec![TrainParam::new("w", p.shallow_clone())];
     let mut m = reg.memory("single", "{}").unwrap();
-    let e = m.setup(tp(), r#"{"betas": [0.9, 0.999], "lr": 0.1}"#, Device::Cpu, &SingleProcess).unwrap_err();
+    let e = m
+        .setup(tp(), r#"{"betas": [0.9, 0.999], "lr": 0.1}"#, Device::Cpu, &SingleProcess)
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::CONFIG);
     assert!(e.message().contains("unknown field `lr`"), "{e}");
     let e = m.setup(tp(), r#"{"max_grad_norm": -1}"#, Device::Cpu, &SingleProcess).unwrap_err();
@@ -341,7 +404,12 @@ fn single_errors_cross_the_boundary_and_name_the_problem() {
     assert_eq!(e.code, ErrorCode::UNSUPPORTED);
     assert!(e.message().contains("use the ddp or zero plugin"), "{e}");
     m.setup(tp(), "{}", Device::Cpu, &SingleProcess).unwrap();
-    let e = m.load_state_dict(vec![("w.momentum".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu)))]).unwrap_err();
+    let e = m
+        .load_state_dict(vec![(
+            "w.momentum".into(),
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        )])
+        .unwrap_err();
     assert!(e.message().contains("`w.momentum`"), "{e}");
     let e = m
         .load_state_dict(vec![
@@ -368,10 +436,18 @@ struct FixedLogits {
 }
 
 impl ObjectiveContext for FixedLogits {
-    fn forward(&self, inputs: &[(String, Tensor)], flags: ForwardFlags) -> PluginResult<Vec<(String, Tensor)>> {
+    fn forward(
+        &self,
+        inputs: &[(String, Tensor)],
+        flags: ForwardFlags,
+    ) -> PluginResult<Vec<(String, Tensor)>> {
         assert_eq!(flags, ForwardFlags::NONE);
         let names: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["input_ids", "attention_mask"], "every batch tensor but `labels` reaches the model");
+        assert_eq!(
+            names,
+            ["input_ids", "attention_mask"],
+            "every batch tensor but `labels` reaches the model"
+        );
         Ok(vec![("logits".into(), self.logits.shallow_clone())])
     }
     fn generate(&self, _: &[Vec<i64>], _: &str) -> PluginResult<Vec<Vec<i64>>> {
@@ -394,11 +470,36 @@ struct SftCase {
 
 const SFT_CASES: [SftCase; 6] = [
     SftCase { name: "fp32_mean", kind: Kind::Float, num_items_extra: None, label_smoothing: 0.0 },
-    SftCase { name: "fp32_num_items", kind: Kind::Float, num_items_extra: Some(29), label_smoothing: 0.0 },
-    SftCase { name: "fp32_smooth_mean", kind: Kind::Float, num_items_extra: None, label_smoothing: 0.1 },
-    SftCase { name: "fp32_smooth_num_items", kind: Kind::Float, num_items_extra: Some(29), label_smoothing: 0.1 },
-    SftCase { name: "bf16_mean", kind: Kind::BFloat16, num_items_extra: None, label_smoothing: 0.0 },
-    SftCase { name: "bf16_num_items", kind: Kind::BFloat16, num_items_extra: Some(7), label_smoothing: 0.0 },
+    SftCase {
+        name: "fp32_num_items",
+        kind: Kind::Float,
+        num_items_extra: Some(29),
+        label_smoothing: 0.0,
+    },
+    SftCase {
+        name: "fp32_smooth_mean",
+        kind: Kind::Float,
+        num_items_extra: None,
+        label_smoothing: 0.1,
+    },
+    SftCase {
+        name: "fp32_smooth_num_items",
+        kind: Kind::Float,
+        num_items_extra: Some(29),
+        label_smoothing: 0.1,
+    },
+    SftCase {
+        name: "bf16_mean",
+        kind: Kind::BFloat16,
+        num_items_extra: None,
+        label_smoothing: 0.0,
+    },
+    SftCase {
+        name: "bf16_num_items",
+        kind: Kind::BFloat16,
+        num_items_extra: Some(7),
+        label_smoothing: 0.0,
+    },
 ];
 
 /// Labels `[B, T]` in `[0, V)` with −100 over a 4-token prompt, in random gaps (1 in 4) and
@@ -438,17 +539,23 @@ fn sft_matches_transformers_for_causal_lm_loss() {
         expected_counts.push((count, num_items));
     }
     Tensor::write_safetensors(&inputs, dir.join("sft_in.safetensors")).unwrap();
-    std::fs::write(dir.join("sft_in.json"), serde_json::json!({ "cases": cases }).to_string()).unwrap();
+    std::fs::write(dir.join("sft_in.json"), serde_json::json!({ "cases": cases }).to_string())
+        .unwrap();
     run_reference("sft", &dir);
     let reference = read_safetensors(&dir.join("sft_out.safetensors"));
 
     let reg = registry();
     for (c, (count, num_items)) in SFT_CASES.iter().zip(expected_counts) {
-        let logits = get(&inputs, &format!("{}.logits", c.name)).detach().copy().set_requires_grad(true);
+        let logits =
+            get(&inputs, &format!("{}.logits", c.name)).detach().copy().set_requires_grad(true);
         let labels = get(&inputs, &format!("{}.labels", c.name)).shallow_clone();
-        let mut obj = reg.objective("sft", &format!(r#"{{"label_smoothing": {}}}"#, c.label_smoothing)).unwrap();
+        let mut obj = reg
+            .objective("sft", &format!(r#"{{"label_smoothing": {}}}"#, c.label_smoothing))
+            .unwrap();
         let meta = match num_items {
-            Some(n) => serde_json::json!({ "num_items_in_batch": n, "sample_ids": [0, 1, 2] }).to_string(),
+            Some(n) => {
+                serde_json::json!({ "num_items_in_batch": n, "sample_ids": [0, 1, 2] }).to_string()
+            }
             None => "{}".to_string(),
         };
         let batch = Batch {
@@ -460,9 +567,15 @@ fn sft_matches_transformers_for_causal_lm_loss() {
             meta_json: meta,
         };
         let out = obj.loss(&batch, &FixedLogits { logits: logits.shallow_clone() }).unwrap();
-        assert_eq!(out.num_items, count, "[{}] num_items is this micro-batch's label tokens", c.name);
+        assert_eq!(
+            out.num_items, count,
+            "[{}] num_items is this micro-batch's label tokens",
+            c.name
+        );
         assert_eq!(out.loss.kind(), Kind::Float, "[{}] loss in fp32", c.name);
-        let metric = |k: &str| out.metrics.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("no metric `{k}`")).1;
+        let metric = |k: &str| {
+            out.metrics.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("no metric `{k}`")).1
+        };
         assert_eq!(metric("num_label_tokens"), count as f64);
         let acc = metric("mean_token_accuracy");
         assert!((0.0..=1.0).contains(&acc));
@@ -515,13 +628,22 @@ fn sft_token_accuracy_and_missing_keys() {
     let acc = out.metrics.iter().find(|(n, _)| n == "mean_token_accuracy").unwrap().1;
     assert_eq!(acc, correct as f64 / total as f64);
 
-    let no_labels = Batch { tensors: vec![("input_ids".into(), Tensor::zeros([b, t], (Kind::Int64, Device::Cpu)))], meta_json: String::new() };
+    let no_labels = Batch {
+        tensors: vec![("input_ids".into(), Tensor::zeros([b, t], (Kind::Int64, Device::Cpu)))],
+        meta_json: String::new(),
+    };
     let e = obj.loss(&no_labels, &ctx).unwrap_err();
     assert!(e.message().contains("`labels`") && e.message().contains("input_ids"), "{e}");
-    let no_ids = Batch { tensors: vec![("labels".into(), labels.shallow_clone())], meta_json: String::new() };
+    let no_ids = Batch {
+        tensors: vec![("labels".into(), labels.shallow_clone())],
+        meta_json: String::new(),
+    };
     let e = obj.loss(&no_ids, &ctx).unwrap_err();
     assert!(e.message().contains("`input_ids`"), "{e}");
-    let bad_meta = Batch { tensors: batch.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), meta_json: r#"{"num_items_in_batch": "many"}"#.into() };
+    let bad_meta = Batch {
+        tensors: batch.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+        meta_json: r#"{"num_items_in_batch": "many"}"#.into(),
+    };
     let e = obj.loss(&bad_meta, &ctx).unwrap_err();
     assert!(e.message().contains("`num_items_in_batch`"), "{e}");
     let e = registry().objective("sft", r#"{"label_smoothing": 2}"#).err().unwrap().to_string();

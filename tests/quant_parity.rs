@@ -31,7 +31,10 @@ fn reference() -> &'static Path {
 
 fn read(file: &str) -> HashMap<String, Tensor> {
     let path = reference().join(file);
-    Tensor::read_safetensors(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
@@ -70,26 +73,57 @@ fn nf4_state_and_dequantized_values_equal_bitsandbytes() {
         // plain absmax
         let q = quantize("nf4", r#"{"double_quant": false}"#, w);
         let s = state(q.as_ref());
-        assert_identical(&format!("{case}: packed codes"), get(&s, "weight"), get(&want, &format!("{case}.packed")));
-        assert_identical(&format!("{case}: absmax"), get(&s, "weight.absmax"), get(&want, &format!("{case}.absmax")));
+        assert_identical(
+            &format!("{case}: packed codes"),
+            get(&s, "weight"),
+            get(&want, &format!("{case}.packed")),
+        );
+        assert_identical(
+            &format!("{case}: absmax"),
+            get(&s, "weight.absmax"),
+            get(&want, &format!("{case}.absmax")),
+        );
         let deq = q.dequantize(w.kind()).unwrap();
         assert_eq!(deq.kind(), w.kind());
         assert_eq!(deq.size(), w.size());
-        assert_identical(&format!("{case}: dequantized"), &deq, get(&want, &format!("{case}.dequant")));
+        assert_identical(
+            &format!("{case}: dequantized"),
+            &deq,
+            get(&want, &format!("{case}.dequant")),
+        );
 
         // double quantization (the default)
         let q = quantize("nf4", "{}", w);
         let s = state(q.as_ref());
-        assert_identical(&format!("{case}: packed codes (double quant)"), get(&s, "weight"), get(&want, &format!("{case}.packed")));
-        for (ours, theirs) in [("weight.absmax", "dq.absmax"), ("weight.nested_absmax", "dq.nested_absmax"), ("weight.nested_offset", "dq.offset")] {
-            assert_identical(&format!("{case}: {ours}"), get(&s, ours), get(&want, &format!("{case}.{theirs}")));
+        assert_identical(
+            &format!("{case}: packed codes (double quant)"),
+            get(&s, "weight"),
+            get(&want, &format!("{case}.packed")),
+        );
+        for (ours, theirs) in [
+            ("weight.absmax", "dq.absmax"),
+            ("weight.nested_absmax", "dq.nested_absmax"),
+            ("weight.nested_offset", "dq.offset"),
+        ] {
+            assert_identical(
+                &format!("{case}: {ours}"),
+                get(&s, ours),
+                get(&want, &format!("{case}.{theirs}")),
+            );
         }
         let deq = q.dequantize(w.kind()).unwrap();
-        assert_identical(&format!("{case}: dequantized (double quant)"), &deq, get(&want, &format!("{case}.dq.dequant")));
+        assert_identical(
+            &format!("{case}: dequantized (double quant)"),
+            &deq,
+            get(&want, &format!("{case}.dq.dequant")),
+        );
         // 4 bits a value plus 8-bit constants: about half a byte a value
         let bytes = q.storage_bytes().unwrap();
         let n = w.numel() as f64;
-        assert!((bytes as f64) < n / 2.0 + n / 64.0 + 3.0 * 4.0 + 4.0 * (n / 64.0 / 256.0).ceil() + 1.0, "{case}: {bytes} bytes for {n} values");
+        assert!(
+            (bytes as f64) < n / 2.0 + n / 64.0 + 3.0 * 4.0 + 4.0 * (n / 64.0 / 256.0).ceil() + 1.0,
+            "{case}: {bytes} bytes for {n} values"
+        );
     }
 }
 
@@ -134,13 +168,22 @@ fn loftq_error_falls_with_iterations_and_equals_peft() {
         let peft = get(&want, &format!("err{k}")).double_value(&[0]);
         let rel = (ours - peft).abs() / peft;
         println!("loftq iter {k}: ours {ours:.6} peft {peft:.6} (relative {rel:.2e})");
-        assert!(rel < 1e-4, "iteration {k}: ||W - (Q + BA)|| {ours} vs peft's {peft} (relative {rel:e})");
-        let ba_rel = relative_error(&b.matmul(a), &get(&want, &format!("b{k}")).matmul(get(&want, &format!("a{k}"))));
+        assert!(
+            rel < 1e-4,
+            "iteration {k}: ||W - (Q + BA)|| {ours} vs peft's {peft} (relative {rel:e})"
+        );
+        let ba_rel = relative_error(
+            &b.matmul(a),
+            &get(&want, &format!("b{k}")).matmul(get(&want, &format!("a{k}"))),
+        );
         assert!(ba_rel < 1e-3, "iteration {k}: B·A differs from peft's by {ba_rel:e} relative");
         if k == 1 {
             assert_identical("LoftQ Q after one iteration vs peft's", &q, get(&want, "q1"));
         }
         errors.push(ours);
     }
-    assert!(errors[1] < errors[0] && errors[2] < errors[1], "the error does not fall with iterations: {errors:?}");
+    assert!(
+        errors[1] < errors[0] && errors[2] < errors[1],
+        "the error does not fall with iterations: {errors:?}"
+    );
 }

@@ -61,7 +61,10 @@ fn train_with(f: &Fixture, name: &str, quantization: &str, extra_lora: &str) -> 
 }
 
 fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 /// (first, last) training loss of a run.
@@ -78,12 +81,22 @@ fn modules(record: &Value) -> Vec<String> {
 fn merge(f: &Fixture, run: &Path, base: &str) -> (PathBuf, Value) {
     let out = f.work.join(format!("merged-{base}"));
     let o = ferrotune(&[
-        "merge", "--model", f.model.to_str().unwrap(), "--adapter", run.to_str().unwrap(),
-        "--out", out.to_str().unwrap(), "--merge-base", base,
+        "merge",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--adapter",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--merge-base",
+        base,
     ]);
     assert!(o.status.success(), "merge --merge-base {base}: {}", stderr(&o));
     let text = stdout(&o);
-    let line = text.lines().find(|l| l.starts_with("{\"merge_error\"")).unwrap_or_else(|| panic!("no merge_error line:\n{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("{\"merge_error\""))
+        .unwrap_or_else(|| panic!("no merge_error line:\n{text}"));
     let v: Value = serde_json::from_str(line).unwrap();
     (out, v["merge_error"].clone())
 }
@@ -100,40 +113,70 @@ fn nf4_qlora_trains_loads_in_peft_and_merges_with_its_error() {
     let quantized = modules(&record);
     // all-linear: 7 projections in each of the tiny model's layers; lm_head is skipped
     assert!(!quantized.is_empty() && quantized.len().is_multiple_of(7), "{quantized:?}");
-    assert!(quantized.iter().all(|m| m.contains(".layers.") && !m.contains("lm_head")), "{quantized:?}");
+    assert!(
+        quantized.iter().all(|m| m.contains(".layers.") && !m.contains("lm_head")),
+        "{quantized:?}"
+    );
     let ratio = record["packed_bytes"].as_f64().unwrap() / record["bf16_bytes"].as_f64().unwrap();
     println!("nf4: {} modules, packed {:.3}× bf16", quantized.len(), ratio);
     assert!(ratio <= 0.30, "packed/bf16 = {ratio}");
 
     let (merged, dequantized) = merge(f, &run, "dequantized");
     let (_, original) = merge(f, &run, "original");
-    let (dq_max, orig_max) = (dequantized["max_abs_logit_diff"].as_f64().unwrap(), original["max_abs_logit_diff"].as_f64().unwrap());
+    let (dq_max, orig_max) = (
+        dequantized["max_abs_logit_diff"].as_f64().unwrap(),
+        original["max_abs_logit_diff"].as_f64().unwrap(),
+    );
     println!("merge error (max |logit diff|): dequantized {dq_max:.3e}, original {orig_max:.3e}");
     assert!(dq_max < 1e-4, "merging into the dequantized base changes the logits by {dq_max}");
-    assert!(orig_max > 10.0 * dq_max.max(1e-6), "the original base should reintroduce the quantization error: {orig_max} vs {dq_max}");
+    assert!(
+        orig_max > 10.0 * dq_max.max(1e-6),
+        "the original base should reintroduce the quantization error: {orig_max} vs {dq_max}"
+    );
 
     // `generate --adapter` rebuilds the quantized base from quantization.json: the merged
     // model's greedy tokens
     let generate = |extra: &[&str]| -> Value {
-        let mut args = vec!["generate", "--prompt", "w1 w2 w3 w4", "--greedy", "--max-new-tokens", "8", "--json"];
+        let mut args = vec![
+            "generate",
+            "--prompt",
+            "w1 w2 w3 w4",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ];
         args.extend_from_slice(extra);
         let o = ferrotune(&args);
         assert!(o.status.success(), "generate {extra:?}: {}", stderr(&o));
         serde_json::from_str(stdout(&o).trim()).unwrap()
     };
-    let adapted = generate(&["--model", f.model.to_str().unwrap(), "--adapter", run.to_str().unwrap()]);
+    let adapted =
+        generate(&["--model", f.model.to_str().unwrap(), "--adapter", run.to_str().unwrap()]);
     let from_merged = generate(&["--model", merged.to_str().unwrap()]);
-    assert_eq!(adapted["token_ids"], from_merged["token_ids"], "generate --adapter {adapted} vs the merged model {from_merged}");
+    assert_eq!(
+        adapted["token_ids"], from_merged["token_ids"],
+        "generate --adapter {adapted} vs the merged model {from_merged}"
+    );
 
     let report = f.work.join("peft-check.json");
     let script = repo_root().join("tests/python/qlora_peft_check.py");
-    run_python(&[script.as_os_str(), f.model.as_os_str(), run.as_os_str(), merged.as_os_str(), report.as_os_str()]);
+    run_python(&[
+        script.as_os_str(),
+        f.model.as_os_str(),
+        run.as_os_str(),
+        merged.as_os_str(),
+        report.as_os_str(),
+    ]);
     let check = json(&report);
     println!("peft on the NF4 base: {check}");
     assert!(check["lora_tensors"].as_u64().unwrap() as usize == 2 * quantized.len(), "{check}");
     assert_eq!(check["lora_max_diff"].as_f64().unwrap(), 0.0, "{check}");
     let diff = check["max_logit_diff"].as_f64().unwrap();
-    assert!(diff < 1e-4, "peft (bitsandbytes NF4 base + our adapter) vs our dequantized merge: {diff}");
+    assert!(
+        diff < 1e-4,
+        "peft (bitsandbytes NF4 base + our adapter) vs our dequantized merge: {diff}"
+    );
 }
 
 #[test]
@@ -154,10 +197,23 @@ fn qwen2vl_nf4_quantizes_the_language_model_not_the_vision_tower() {
     let dir = temp_dir("quant-vl");
     let model = dir.join("model");
     let tokenizer = repo_root().join("assets/qwen2-tokenizer");
-    assert!(tokenizer.join("tokenizer.json").is_file(), "{} is missing: `make test` generates it", tokenizer.display());
+    assert!(
+        tokenizer.join("tokenizer.json").is_file(),
+        "{} is missing: `make test` generates it",
+        tokenizer.display()
+    );
     let o = ferrotune(&[
-        "init-model", "--preset", "tiny-vl", "--dtype", "f32", "--seed", "3",
-        "--tokenizer", tokenizer.to_str().unwrap(), "--out", model.to_str().unwrap(),
+        "init-model",
+        "--preset",
+        "tiny-vl",
+        "--dtype",
+        "f32",
+        "--seed",
+        "3",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "init-model: {}", stderr(&o));
     let run = dir.join("run");
@@ -184,11 +240,21 @@ fn qwen2vl_nf4_quantizes_the_language_model_not_the_vision_tower() {
     let record = json(&run.join("quantization.json"));
     let quantized = modules(&record);
     println!("Qwen2-VL nf4: {} modules quantized", quantized.len());
-    assert!(quantized.iter().any(|m| m.ends_with("mlp.down_proj")) && quantized.iter().any(|m| m.ends_with("self_attn.q_proj")), "{quantized:?}");
-    assert!(quantized.iter().all(|m| !m.contains("visual")), "vision tower quantized: {quantized:?}");
+    assert!(
+        quantized.iter().any(|m| m.ends_with("mlp.down_proj"))
+            && quantized.iter().any(|m| m.ends_with("self_attn.q_proj")),
+        "{quantized:?}"
+    );
+    assert!(
+        quantized.iter().all(|m| !m.contains("visual")),
+        "vision tower quantized: {quantized:?}"
+    );
     // the adapter did reach the vision tower: its LoRA weights are saved
     let adapter = tch::Tensor::read_safetensors(run.join("adapter_model.safetensors")).unwrap();
-    assert!(adapter.iter().any(|(n, _)| n.contains("visual") && n.contains("lora_A")), "the adapter should target the vision tower too");
+    assert!(
+        adapter.iter().any(|(n, _)| n.contains("visual") && n.contains("lora_A")),
+        "the adapter should target the vision tower too"
+    );
     let (first, last) = losses(&run);
     println!("Qwen2-VL nf4: loss {first:.4} -> {last:.4}");
     assert!(first.is_finite() && last.is_finite() && summary_steps(&run) == 2);
@@ -202,29 +268,68 @@ fn summary_steps(run: &Path) -> u64 {
 fn bench_train_reports_the_packed_base_and_memory_phases() {
     let f = fixture();
     let run = |extra: &[&str]| -> Value {
-        let mut args = vec!["bench", "train", "--model", f.model.to_str().unwrap(), "--batch", "1", "--seq-len", "16", "--steps", "1", "--warmup", "0", "--rank", "2", "--threads", "1"];
+        let mut args = vec![
+            "bench",
+            "train",
+            "--model",
+            f.model.to_str().unwrap(),
+            "--batch",
+            "1",
+            "--seq-len",
+            "16",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rank",
+            "2",
+            "--threads",
+            "1",
+        ];
         args.extend_from_slice(extra);
         let o = ferrotune(&args);
         assert!(o.status.success(), "bench train {extra:?}: {}", stderr(&o));
         serde_json::from_str(stdout(&o).trim()).unwrap()
     };
     let plain = run(&[]);
-    assert!(plain.get("packed_base_bytes").is_none() && plain.get("train_peak_rss_mb").is_none(), "{plain}");
+    assert!(
+        plain.get("packed_base_bytes").is_none() && plain.get("train_peak_rss_mb").is_none(),
+        "{plain}"
+    );
     let q = run(&["--quantization", r#"{"plugin": "nf4"}"#, "--memory-phases"]);
     println!("bench train nf4: {q}");
     assert_eq!(q["quantization"], "nf4");
     let ratio = q["packed_base_bytes"].as_f64().unwrap() / q["bf16_base_bytes"].as_f64().unwrap();
     assert!(ratio > 0.2 && ratio <= 0.30, "{ratio}");
-    let (setup_peak, train_peak, peak) = (q["setup_peak_rss_mb"].as_f64().unwrap(), q["train_peak_rss_mb"].as_f64().unwrap(), q["peak_rss_mb"].as_f64().unwrap());
-    assert!(setup_peak > 0.0 && train_peak > 0.0 && peak >= setup_peak.max(train_peak) - 1e-9, "{q}");
-    let e = ferrotune(&["bench", "train", "--model", f.model.to_str().unwrap(), "--quantization", "{plugin: nf4"]);
+    let (setup_peak, train_peak, peak) = (
+        q["setup_peak_rss_mb"].as_f64().unwrap(),
+        q["train_peak_rss_mb"].as_f64().unwrap(),
+        q["peak_rss_mb"].as_f64().unwrap(),
+    );
+    assert!(
+        setup_peak > 0.0 && train_peak > 0.0 && peak >= setup_peak.max(train_peak) - 1e-9,
+        "{q}"
+    );
+    let e = ferrotune(&[
+        "bench",
+        "train",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--quantization",
+        "{plugin: nf4",
+    ]);
     assert!(!e.status.success() && stderr(&e).contains("--quantization"), "{}", stderr(&e));
 }
 
 #[test]
 fn loftq_qlora_stores_q_exactly_and_trains() {
     let f = fixture();
-    let run = train_with(f, "loftq", "{plugin: nf4, double_quant: false}", ", init_lora_weights: loftq, loftq_config: {loftq_iter: 2}");
+    let run = train_with(
+        f,
+        "loftq",
+        "{plugin: nf4, double_quant: false}",
+        ", init_lora_weights: loftq, loftq_config: {loftq_iter: 2}",
+    );
     let record = json(&run.join("quantization.json"));
     assert_eq!(record["requantization_max_error"].as_f64(), Some(0.0), "{record}");
     let config = json(&run.join("adapter_config.json"));

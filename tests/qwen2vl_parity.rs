@@ -5,15 +5,17 @@
 //! greedy generations (batch of 1 and 2 with images, a padded text-only batch); both key layouts
 //! and both config layouts; the error for a wrong image-token count; `init-model --preset tiny-vl` loaded by
 //! transformers; a merged save; and LoRA's targets and adapter keys against peft's.
-use ferrotune::peft::PeftModel;
 use ferrotune::model::ForwardArgs;
+use ferrotune::peft::PeftModel;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ferrotune::generate::{generate, generate_mm, generate_mm_with_stats, SamplingParams};
 use ferrotune::model::linear::LinearMode;
 use ferrotune::model::{CausalLM, InitOptions, VisionInputs};
-use ferrotune_tests::{build_dir, cached_reference, one_torch_thread, registry, relative_error, run_python, temp_dir};
+use ferrotune_tests::{
+    build_dir, cached_reference, one_torch_thread, registry, relative_error, run_python, temp_dir,
+};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -27,7 +29,10 @@ fn reference() -> &'static Path {
 }
 
 fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 fn rows(v: &Value) -> Vec<Vec<i64>> {
@@ -45,11 +50,17 @@ fn tensor2(rows: &[Vec<i64>]) -> Tensor {
 
 fn read(path: &Path, name: &str) -> Tensor {
     let tensors = Tensor::read_safetensors(path).unwrap();
-    tensors.into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} not in {}", path.display())).1
+    tensors
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
+        .1
 }
 
 fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+    CausalLM::load(dir, Device::Cpu, Kind::Float)
+        .map(PeftModel::new)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
 }
 
 /// Logits at the positions where `mask` is 1, flattened.
@@ -73,7 +84,10 @@ fn batch() -> Batch {
     Batch {
         ids: tensor2(&rows(&inputs["mm_ids"])),
         mask: tensor2(&rows(&inputs["mm_mask"])),
-        images: VisionInputs { pixel_values: read(&dir.join("pixels.safetensors"), "pixel_values"), image_grid_thw: grids(&inputs["grids"]) },
+        images: VisionInputs {
+            pixel_values: read(&dir.join("pixels.safetensors"), "pixel_values"),
+            image_grid_thw: grids(&inputs["grids"]),
+        },
     }
 }
 
@@ -85,9 +99,24 @@ fn multimodal_logits_match_transformers_in_both_layouts() {
     let mut outs = Vec::new();
     for layout in ["vl", "vl-hf", "vl-old"] {
         let model = load(&dir.join(layout));
-        assert_eq!(model.image_token_id(), Some(295), "{layout}: image_token_id comes from config.json");
-        assert_eq!((model.vision_start_token_id(), model.spatial_merge_size()), (Some(292), Some(2)));
-        let got = tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE))).unwrap();
+        assert_eq!(
+            model.image_token_id(),
+            Some(295),
+            "{layout}: image_token_id comes from config.json"
+        );
+        assert_eq!(
+            (model.vision_start_token_id(), model.spatial_merge_size()),
+            (Some(292), Some(2))
+        );
+        let got = tch::no_grad(|| {
+            model.forward(
+                ForwardArgs::ids(&b.ids)
+                    .mask(Some(&b.mask))
+                    .images(Some(&b.images))
+                    .mode(LinearMode::BASE),
+            )
+        })
+        .unwrap();
         let (g, w) = (unpadded(&got, &b.mask), unpadded(&want, &b.mask));
         let (abs, rel) = (max_abs(&g, &w), relative_error(&g, &w));
         eprintln!("{layout}: 2 rows, 5 images, left padding: max abs logit diff {abs:.2e}, max rel {rel:.2e}");
@@ -111,19 +140,45 @@ fn kv_cache_prefill_then_steps_match_the_full_forward() {
     let mut cache = model.new_cache(2);
     let mode = LinearMode::BASE;
     let mut parts = vec![tch::no_grad(|| {
-        model.forward(ForwardArgs::ids(&b.ids.narrow(1, 0, prefix)).mask(Some(&b.mask.narrow(1, 0, prefix))).images(Some(&b.images)).cache(Some(&mut cache)).mode(mode))
+        model.forward(
+            ForwardArgs::ids(&b.ids.narrow(1, 0, prefix))
+                .mask(Some(&b.mask.narrow(1, 0, prefix)))
+                .images(Some(&b.images))
+                .cache(Some(&mut cache))
+                .mode(mode),
+        )
     })
     .unwrap()];
-    assert!(cache.rope_deltas().is_some_and(|d| d.iter().any(|&x| x != 0)), "images shift the positions");
+    assert!(
+        cache.rope_deltas().is_some_and(|d| d.iter().any(|&x| x != 0)),
+        "images shift the positions"
+    );
     for s in prefix..t {
-        parts.push(tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids.narrow(1, s, 1)).mask(Some(&b.mask.narrow(1, 0, s + 1))).cache(Some(&mut cache)).mode(mode))).unwrap());
+        parts.push(
+            tch::no_grad(|| {
+                model.forward(
+                    ForwardArgs::ids(&b.ids.narrow(1, s, 1))
+                        .mask(Some(&b.mask.narrow(1, 0, s + 1)))
+                        .cache(Some(&mut cache))
+                        .mode(mode),
+                )
+            })
+            .unwrap(),
+        );
     }
     let got = Tensor::cat(&parts, 1);
     let rel = relative_error(&unpadded(&got, &b.mask), &unpadded(&want, &b.mask));
     eprintln!("prefill + 3 cached steps vs transformers: max rel {rel:.2e}");
     assert!(rel <= TOLERANCE, "{rel:e}");
     // Images after the prefill are refused.
-    let e = model.forward(ForwardArgs::ids(&b.ids.narrow(1, 0, 1)).images(Some(&b.images)).cache(Some(&mut cache)).mode(mode)).unwrap_err();
+    let e = model
+        .forward(
+            ForwardArgs::ids(&b.ids.narrow(1, 0, 1))
+                .images(Some(&b.images))
+                .cache(Some(&mut cache))
+                .mode(mode),
+        )
+        .unwrap_err();
     assert!(format!("{e:#}").contains("prefill"), "{e:#}");
 }
 
@@ -132,7 +187,9 @@ fn text_only_input_matches_transformers() {
     let dir = reference();
     let inputs = json(&dir.join("inputs.json"));
     let model = load(&dir.join("vl"));
-    let got = tch::no_grad(|| model.forward(ForwardArgs::ids(&tensor2(&rows(&inputs["text_ids"]))))).unwrap();
+    let got =
+        tch::no_grad(|| model.forward(ForwardArgs::ids(&tensor2(&rows(&inputs["text_ids"])))))
+            .unwrap();
     let want = read(&dir.join("logits.safetensors"), "text");
     let rel = relative_error(&got, &want);
     eprintln!("text-only logits: max abs {:.2e}, max rel {rel:.2e}", max_abs(&got, &want));
@@ -146,12 +203,18 @@ fn greedy_generation_matches_transformers() {
     let want = json(&dir.join("generations.json"));
     let model = load(&dir.join("vl"));
     let new_tokens = inputs["new_tokens"].as_u64().unwrap() as usize;
-    let params = SamplingParams { pad_token_id: inputs["pad_token_id"].as_i64().unwrap(), ..SamplingParams::greedy(new_tokens) };
+    let params = SamplingParams {
+        pad_token_id: inputs["pad_token_id"].as_i64().unwrap(),
+        ..SamplingParams::greedy(new_tokens)
+    };
     let prompts = rows(&inputs["prompts"]);
     let b = batch();
 
     let n0 = inputs["patches_row0"].as_i64().unwrap();
-    let single = VisionInputs { pixel_values: b.images.pixel_values.narrow(0, 0, n0), image_grid_thw: grids(&inputs["grids_row0"]) };
+    let single = VisionInputs {
+        pixel_values: b.images.pixel_values.narrow(0, 0, n0),
+        image_grid_thw: grids(&inputs["grids_row0"]),
+    };
     let got = generate_mm(&model, &prompts[..1], Some(&single), &params).unwrap();
     assert_eq!(got, rows(&want["single"]), "batch of 1 with 2 images");
 
@@ -177,15 +240,56 @@ fn wrong_image_token_count_is_a_clear_error() {
     let ids = b.ids.copy();
     let t = ids.size()[1];
     let _ = ids.get(1).narrow(0, t - 1, 1).fill_(295);
-    let e = format!("{:#}", model.forward(ForwardArgs::ids(&ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE)).unwrap_err());
-    assert!(e.contains("19 image tokens") && e.contains("18 merged patches") && e.contains("[6, 1, 6, 1, 4]"), "{e}");
+    let e = format!(
+        "{:#}",
+        model
+            .forward(
+                ForwardArgs::ids(&ids)
+                    .mask(Some(&b.mask))
+                    .images(Some(&b.images))
+                    .mode(LinearMode::BASE)
+            )
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("19 image tokens")
+            && e.contains("18 merged patches")
+            && e.contains("[6, 1, 6, 1, 4]"),
+        "{e}"
+    );
     // Too few images for the blocks.
-    let fewer = VisionInputs { pixel_values: b.images.pixel_values.narrow(0, 0, 28), image_grid_thw: b.images.image_grid_thw[..2].to_vec() };
-    let e = format!("{:#}", model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&fewer)).mode(LinearMode::BASE)).unwrap_err());
+    let fewer = VisionInputs {
+        pixel_values: b.images.pixel_values.narrow(0, 0, 28),
+        image_grid_thw: b.images.image_grid_thw[..2].to_vec(),
+    };
+    let e = format!(
+        "{:#}",
+        model
+            .forward(
+                ForwardArgs::ids(&b.ids)
+                    .mask(Some(&b.mask))
+                    .images(Some(&fewer))
+                    .mode(LinearMode::BASE)
+            )
+            .unwrap_err()
+    );
     assert!(e.contains("18 image tokens") && e.contains("7 merged patches"), "{e}");
     // pixel_values that disagree with the grids.
-    let bad = VisionInputs { pixel_values: b.images.pixel_values.narrow(0, 0, 70), image_grid_thw: b.images.image_grid_thw.clone() };
-    let e = format!("{:#}", model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&bad)).mode(LinearMode::BASE)).unwrap_err());
+    let bad = VisionInputs {
+        pixel_values: b.images.pixel_values.narrow(0, 0, 70),
+        image_grid_thw: b.images.image_grid_thw.clone(),
+    };
+    let e = format!(
+        "{:#}",
+        model
+            .forward(
+                ForwardArgs::ids(&b.ids)
+                    .mask(Some(&b.mask))
+                    .images(Some(&bad))
+                    .mode(LinearMode::BASE)
+            )
+            .unwrap_err()
+    );
     assert!(e.contains("pixel_values") && e.contains("[72, 1176]"), "{e}");
 }
 
@@ -197,8 +301,20 @@ fn images_for_a_text_model_are_an_error() {
     opts.dtype = Kind::Float;
     ferrotune::model::write_random_model(&opts).unwrap();
     let model = load(&root.join("m"));
-    let images = VisionInputs { pixel_values: Tensor::zeros([4, 1176], (Kind::Float, Device::Cpu)), image_grid_thw: vec![[1, 2, 2]] };
-    let e = format!("{:#}", model.forward(ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4]).view([1, 2])).images(Some(&images)).mode(LinearMode::BASE)).unwrap_err());
+    let images = VisionInputs {
+        pixel_values: Tensor::zeros([4, 1176], (Kind::Float, Device::Cpu)),
+        image_grid_thw: vec![[1, 2, 2]],
+    };
+    let e = format!(
+        "{:#}",
+        model
+            .forward(
+                ForwardArgs::ids(&Tensor::from_slice(&[3i64, 4]).view([1, 2]))
+                    .images(Some(&images))
+                    .mode(LinearMode::BASE)
+            )
+            .unwrap_err()
+    );
     assert!(e.contains("no vision tower"), "{e}");
     std::fs::remove_dir_all(root).ok();
 }
@@ -206,9 +322,19 @@ fn images_for_a_text_model_are_an_error() {
 /// A WordLevel tokenizer holding Qwen2-VL's vision tokens as special added tokens.
 fn write_vl_tokenizer(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let specials = ["<unk>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"];
+    let specials = [
+        "<unk>",
+        "<|endoftext|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ];
     let mut vocab = serde_json::Map::new();
-    for (i, s) in specials.iter().map(|s| s.to_string()).chain((0..40).map(|w| format!("w{w}"))).enumerate() {
+    for (i, s) in
+        specials.iter().map(|s| s.to_string()).chain((0..40).map(|w| format!("w{w}"))).enumerate()
+    {
         vocab.insert(s, serde_json::json!(i));
     }
     let added: Vec<Value> = specials
@@ -233,7 +359,11 @@ fn init_model_tiny_vl_loads_in_transformers_with_the_same_logits_and_saves_merge
     let tok = write_vl_tokenizer(&root.join("tok"));
     // A tokenizer without the vision tokens is refused by name.
     let plain = ferrotune_tests::write_tiny_tokenizer(&root.join("plain"), 10);
-    let e = ferrotune::model::write_random_model(&InitOptions::preset("tiny-vl", &plain, root.join("bad")).unwrap()).unwrap_err().to_string();
+    let e = ferrotune::model::write_random_model(
+        &InitOptions::preset("tiny-vl", &plain, root.join("bad")).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("<|image_pad|>") && e.contains("lacks"), "{e}");
     assert!(!root.join("bad").exists(), "nothing is written for a refused tokenizer");
 
@@ -242,19 +372,50 @@ fn init_model_tiny_vl_loads_in_transformers_with_the_same_logits_and_saves_merge
     opts.seed = 3;
     ferrotune::model::write_random_model(&opts).unwrap();
     let cfg = json(&root.join("m/config.json"));
-    assert_eq!((cfg["image_token_id"].as_i64(), cfg["vision_start_token_id"].as_i64(), cfg["video_token_id"].as_i64()), (Some(5), Some(2), Some(6)));
-    assert_eq!(cfg["text_config"]["rope_parameters"]["mrope_section"], serde_json::json!([2, 3, 3]));
+    assert_eq!(
+        (
+            cfg["image_token_id"].as_i64(),
+            cfg["vision_start_token_id"].as_i64(),
+            cfg["video_token_id"].as_i64()
+        ),
+        (Some(5), Some(2), Some(6))
+    );
+    assert_eq!(
+        cfg["text_config"]["rope_parameters"]["mrope_section"],
+        serde_json::json!([2, 3, 3])
+    );
     let pre = json(&root.join("m/preprocessor_config.json"));
-    assert_eq!((pre["min_pixels"].as_i64(), pre["max_pixels"].as_i64(), pre["image_processor_type"].as_str()), (Some(3136), Some(12845056), Some("Qwen2VLImageProcessor")));
+    assert_eq!(
+        (
+            pre["min_pixels"].as_i64(),
+            pre["max_pixels"].as_i64(),
+            pre["image_processor_type"].as_str()
+        ),
+        (Some(3136), Some(12845056), Some("Qwen2VLImageProcessor"))
+    );
 
     let model = load(&root.join("m"));
     // One image [1, 4, 4] (4 tokens) between text; pixel values from a seeded generator.
     let ids = Tensor::from_slice(&[7i64, 8, 2, 5, 5, 5, 5, 3, 9, 10]).view([1, 10]);
     tch::manual_seed(0);
-    let images = VisionInputs { pixel_values: Tensor::randn([16, 1176], (Kind::Float, Device::Cpu)), image_grid_thw: vec![[1, 4, 4]] };
-    let ours = tch::no_grad(|| model.forward(ForwardArgs::ids(&ids).images(Some(&images)).mode(LinearMode::BASE))).unwrap();
+    let images = VisionInputs {
+        pixel_values: Tensor::randn([16, 1176], (Kind::Float, Device::Cpu)),
+        image_grid_thw: vec![[1, 4, 4]],
+    };
+    let ours = tch::no_grad(|| {
+        model.forward(ForwardArgs::ids(&ids).images(Some(&images)).mode(LinearMode::BASE))
+    })
+    .unwrap();
     let io = root.join("io.safetensors");
-    Tensor::write_safetensors(&[("ids", &ids), ("pixel_values", &images.pixel_values), ("grid", &Tensor::from_slice(&[1i64, 4, 4]).view([1, 3]))], &io).unwrap();
+    Tensor::write_safetensors(
+        &[
+            ("ids", &ids),
+            ("pixel_values", &images.pixel_values),
+            ("grid", &Tensor::from_slice(&[1i64, 4, 4]).view([1, 3])),
+        ],
+        &io,
+    )
+    .unwrap();
     let script = r#"
 import sys, torch
 from safetensors.torch import load_file, save_file
@@ -277,10 +438,22 @@ save_file({"logits": out.contiguous()}, sys.argv[3])
     // save_pretrained writes the vision weights and the processor config; it reloads equal.
     model.save_pretrained(&root.join("saved"), &root.join("m"), None).unwrap();
     assert!(root.join("saved/preprocessor_config.json").is_file());
-    let keys: Vec<String> = ferrotune::model::save::read_model_tensors(&root.join("saved")).unwrap().into_iter().map(|(k, _)| k).collect();
+    let keys: Vec<String> = ferrotune::model::save::read_model_tensors(&root.join("saved"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
     // The layout transformers 5.24's save_pretrained writes (its original format).
-    assert!(keys.iter().any(|k| k == "visual.patch_embed.proj.weight") && keys.iter().any(|k| k == "model.norm.weight"), "{keys:?}");
-    let again = tch::no_grad(|| load(&root.join("saved")).forward(ForwardArgs::ids(&ids).images(Some(&images)).mode(LinearMode::BASE))).unwrap();
+    assert!(
+        keys.iter().any(|k| k == "visual.patch_embed.proj.weight")
+            && keys.iter().any(|k| k == "model.norm.weight"),
+        "{keys:?}"
+    );
+    let again = tch::no_grad(|| {
+        load(&root.join("saved"))
+            .forward(ForwardArgs::ids(&ids).images(Some(&images)).mode(LinearMode::BASE))
+    })
+    .unwrap();
     assert_eq!(max_abs(&again, &ours), 0.0);
     std::fs::remove_dir_all(root).ok();
 }
@@ -292,14 +465,38 @@ fn saving_writes_the_keys_transformers_saves() {
     let model = load(&dir.join("vl"));
     let root = temp_dir("vl-save-old");
     model.save_pretrained(&root.join("out"), &dir.join("vl"), None).unwrap();
-    let mut saved: Vec<String> = ferrotune::model::save::read_model_tensors(&root.join("out")).unwrap().into_iter().map(|(k, _)| k).collect();
-    let mut want: Vec<String> = ferrotune::model::save::read_model_tensors(&dir.join("vl-hf")).unwrap().into_iter().map(|(k, _)| k).collect();
+    let mut saved: Vec<String> = ferrotune::model::save::read_model_tensors(&root.join("out"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let mut want: Vec<String> = ferrotune::model::save::read_model_tensors(&dir.join("vl-hf"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
     saved.sort();
     want.sort();
     assert_eq!(saved, want, "the keys transformers 5.24 saves");
     let b = batch();
-    let a = tch::no_grad(|| load(&root.join("out")).forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE))).unwrap();
-    let c = tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE))).unwrap();
+    let a = tch::no_grad(|| {
+        load(&root.join("out")).forward(
+            ForwardArgs::ids(&b.ids)
+                .mask(Some(&b.mask))
+                .images(Some(&b.images))
+                .mode(LinearMode::BASE),
+        )
+    })
+    .unwrap();
+    let c = tch::no_grad(|| {
+        model.forward(
+            ForwardArgs::ids(&b.ids)
+                .mask(Some(&b.mask))
+                .images(Some(&b.images))
+                .mode(LinearMode::BASE),
+        )
+    })
+    .unwrap();
     assert_eq!(max_abs(&a, &c), 0.0);
     std::fs::remove_dir_all(root).ok();
 }
@@ -307,27 +504,55 @@ fn saving_writes_the_keys_transformers_saves() {
 #[test]
 fn lora_targets_and_adapter_keys_match_peft() {
     let lib = build_dir().join("libferrotune_lora.so");
-    assert!(lib.exists(), "{} is missing: `cargo build -p ferrotune-lora -p ferrotune-testkit` first", lib.display());
+    assert!(
+        lib.exists(),
+        "{} is missing: `cargo build -p ferrotune-lora -p ferrotune-testkit` first",
+        lib.display()
+    );
     let dir = reference();
     let peft = json(&dir.join("peft.json"));
     let reg = registry();
-    for (tag, config) in [("q_v", r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}"#), ("qkv", r#"{"r": 2, "lora_alpha": 4, "target_modules": ["qkv"]}"#)] {
+    for (tag, config) in [
+        ("q_v", r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}"#),
+        ("qkv", r#"{"r": 2, "lora_alpha": 4, "target_modules": ["qkv"]}"#),
+    ] {
         let mut model = load(&dir.join("vl"));
         let method = reg.adapter("lora", config).unwrap_or_else(|e| panic!("{config}: {e}"));
-        let report = model.attach_adapter("default", Box::new(method)).unwrap_or_else(|e| panic!("{config}: {e:#}"));
-        let mut keys: Vec<String> = model.adapter_state_dict().unwrap().into_iter().map(|(k, _)| k).collect();
+        let report = model
+            .attach_adapter("default", Box::new(method))
+            .unwrap_or_else(|e| panic!("{config}: {e:#}"));
+        let mut keys: Vec<String> =
+            model.adapter_state_dict().unwrap().into_iter().map(|(k, _)| k).collect();
         keys.sort();
         let want: Vec<String> = serde_json::from_value(peft[tag].clone()).unwrap();
         assert_eq!(keys, want, "{tag}: adapter keys, ours vs peft's");
         let vision = report.modules.iter().filter(|(m, _)| m.starts_with("model.visual.")).count();
         match tag {
             "q_v" => assert_eq!(vision, 0, "q_proj/v_proj are language-model layers only"),
-            _ => assert_eq!((vision, report.modules.len()), (2, 2), "qkv is the vision attention's"),
+            _ => {
+                assert_eq!((vision, report.modules.len()), (2, 2), "qkv is the vision attention's")
+            }
         }
         // The adapted model still runs with images (B = 0: the base logits).
         let b = batch();
-        let base = tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(LinearMode::BASE))).unwrap();
-        let adapted = tch::no_grad(|| model.forward(ForwardArgs::ids(&b.ids).mask(Some(&b.mask)).images(Some(&b.images)).mode(model.mode(ferrotune_plugin_api::ForwardFlags::NONE, false)))).unwrap();
+        let base = tch::no_grad(|| {
+            model.forward(
+                ForwardArgs::ids(&b.ids)
+                    .mask(Some(&b.mask))
+                    .images(Some(&b.images))
+                    .mode(LinearMode::BASE),
+            )
+        })
+        .unwrap();
+        let adapted = tch::no_grad(|| {
+            model.forward(
+                ForwardArgs::ids(&b.ids)
+                    .mask(Some(&b.mask))
+                    .images(Some(&b.images))
+                    .mode(model.mode(ferrotune_plugin_api::ForwardFlags::NONE, false)),
+            )
+        })
+        .unwrap();
         assert!(max_abs(&base, &adapted) < 1e-6, "{tag}: LoRA starts as the identity");
     }
 }

@@ -11,10 +11,20 @@ fn input(completion: &str, sample: &str) -> RewardInput {
 
 #[test]
 fn format_reward_scores_shape() {
-    let r = registry().reward("format", r#"{"pattern": "<think>.*?</think>\\s*<answer>.*?</answer>"}"#).unwrap();
-    let got = r.score(&[input("<think>2+2</think>\n<answer>4</answer>", "{}"), input("4", "{}"), input("<answer>4</answer>", "{}")]).unwrap();
+    let r = registry()
+        .reward("format", r#"{"pattern": "<think>.*?</think>\\s*<answer>.*?</answer>"}"#)
+        .unwrap();
+    let got = r
+        .score(&[
+            input("<think>2+2</think>\n<answer>4</answer>", "{}"),
+            input("4", "{}"),
+            input("<answer>4</answer>", "{}"),
+        ])
+        .unwrap();
     assert_eq!(got, vec![1.0, 0.0, 0.0]);
-    let r = registry().reward("format", r#"{"required_tags": ["think", "answer"], "partial": true}"#).unwrap();
+    let r = registry()
+        .reward("format", r#"{"required_tags": ["think", "answer"], "partial": true}"#)
+        .unwrap();
     assert_eq!(r.score(&[input("<think>x</think>", "{}")]).unwrap(), vec![0.5]);
     let e = registry().reward("format", r#"{"pattern": "(("}"#).err().unwrap().to_string();
     assert!(e.contains("`pattern`") && e.contains("format"), "{e}");
@@ -24,7 +34,14 @@ fn format_reward_scores_shape() {
 fn exact_match_reads_the_reference_column() {
     let r = registry().reward("exact_match", r#"{"answer_key": "solution"}"#).unwrap();
     let s = r#"{"messages": [{"role": "user", "content": "2+2?"}], "extra": {"solution": "4"}}"#;
-    let got = r.score(&[input("<answer>4</answer>", s), input("<answer> 4. </answer>", s), input("<answer>5</answer>", s), input("4", s)]).unwrap();
+    let got = r
+        .score(&[
+            input("<answer>4</answer>", s),
+            input("<answer> 4. </answer>", s),
+            input("<answer>5</answer>", s),
+            input("4", s),
+        ])
+        .unwrap();
     assert_eq!(got, vec![1.0, 1.0, 0.0, 0.0]);
     let e = r.score(&[input("<answer>4</answer>", r#"{"messages": []}"#)]).unwrap_err();
     assert!(e.message().contains("extra.solution"), "{e}");
@@ -33,16 +50,29 @@ fn exact_match_reads_the_reference_column() {
 #[test]
 fn length_reward_target_and_penalty() {
     let r = registry().reward("length", r#"{"mode": "target", "target": 4}"#).unwrap();
-    assert_eq!(r.score(&[input("a b c d", "{}"), input("a b", "{}"), input("", "{}")]).unwrap(), vec![1.0, 0.5, 0.0]);
-    let r = registry().reward("length", r#"{"mode": "penalty", "max_length": 6, "soft_cache": 2}"#).unwrap();
-    assert_eq!(r.score(&[input("a b c d", "{}"), input("a b c d e", "{}"), input("a b c d e f g", "{}")]).unwrap(), vec![0.0, -0.5, -1.0]);
+    assert_eq!(
+        r.score(&[input("a b c d", "{}"), input("a b", "{}"), input("", "{}")]).unwrap(),
+        vec![1.0, 0.5, 0.0]
+    );
+    let r = registry()
+        .reward("length", r#"{"mode": "penalty", "max_length": 6, "soft_cache": 2}"#)
+        .unwrap();
+    assert_eq!(
+        r.score(&[input("a b c d", "{}"), input("a b c d e", "{}"), input("a b c d e f g", "{}")])
+            .unwrap(),
+        vec![0.0, -0.5, -1.0]
+    );
 }
 
 /// The assistant answer of the bundled StoryReasoning sample (Qwen2-VL-Finetune JSON).
 fn bundled_story() -> String {
-    let text = std::fs::read_to_string(repo_root().join("datasets/story-llava/train.json")).unwrap();
+    let text =
+        std::fs::read_to_string(repo_root().join("datasets/story-llava/train.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v[0]["conversations"].as_array().unwrap().iter().find(|m| m["from"] == "gpt").unwrap()["value"].as_str().unwrap().to_string()
+    v[0]["conversations"].as_array().unwrap().iter().find(|m| m["from"] == "gpt").unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -59,7 +89,16 @@ fn story_grounding_scores_good_and_bad_grounding() {
         format!("{}| char3 |{}", &good[..last], &good[last + "| char1 |".len()..])
     };
     let no_think = good.replace("<think>", "").replace("</think>", "");
-    let scores = r.score(&[input(&good, "{}"), input(&unclosed, "{}"), input(&undeclared, "{}"), input(&renamed, "{}"), input(&no_think, "{}"), input("A story.", "{}")]).unwrap();
+    let scores = r
+        .score(&[
+            input(&good, "{}"),
+            input(&unclosed, "{}"),
+            input(&undeclared, "{}"),
+            input(&renamed, "{}"),
+            input(&no_think, "{}"),
+            input("A story.", "{}"),
+        ])
+        .unwrap();
     assert_eq!(scores[0], 1.0, "the data set's own answer is perfectly grounded");
     assert_eq!(scores[1], 0.75, "unclosed <gdo>");
     assert!(scores[2] > 0.75 && scores[2] < 1.0, "one undeclared id: {}", scores[2]);
@@ -67,16 +106,27 @@ fn story_grounding_scores_good_and_bad_grounding() {
     assert!(scores[4] <= 0.25, "no think tables: {}", scores[4]);
     assert_eq!(scores[5], 0.0);
     let strict = registry().reward("story_grounding", r#"{"strict": true}"#).unwrap();
-    assert_eq!(strict.score(&[input(&good, "{}"), input(&undeclared, "{}")]).unwrap(), vec![1.0, 0.0]);
+    assert_eq!(
+        strict.score(&[input(&good, "{}"), input(&undeclared, "{}")]).unwrap(),
+        vec![1.0, 0.0]
+    );
 }
 
 #[test]
 fn host_refuses_nan_and_wrong_counts() {
     let reg = registry();
     let inputs = vec![input("a", "{}"), input("b", "{}")];
-    let e = reg.reward("testkit-misbehaving", r#"{"mode": "nan"}"#).unwrap().score(&inputs).unwrap_err();
+    let e = reg
+        .reward("testkit-misbehaving", r#"{"mode": "nan"}"#)
+        .unwrap()
+        .score(&inputs)
+        .unwrap_err();
     assert!(e.message().contains("non-finite"), "{e}");
-    let e = reg.reward("testkit-misbehaving", r#"{"mode": "wrong_count"}"#).unwrap().score(&inputs).unwrap_err();
+    let e = reg
+        .reward("testkit-misbehaving", r#"{"mode": "wrong_count"}"#)
+        .unwrap()
+        .score(&inputs)
+        .unwrap_err();
     assert!(e.message().contains("3 scores for 2 completions"), "{e}");
     // Every reward of this crate answers one finite score per input, even for empty text.
     let empty = vec![input("", r#"{"extra": {"answer": "x"}}"#); 3];

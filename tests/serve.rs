@@ -28,7 +28,11 @@ struct Fixture {
 
 fn lora_registry() -> ferrotune::plugins::Registry {
     let lib = build_dir().join("libferrotune_lora.so");
-    assert!(lib.exists(), "{} is missing: `cargo build -p ferrotune -p ferrotune-lora -p ferrotune-testkit` first", lib.display());
+    assert!(
+        lib.exists(),
+        "{} is missing: `cargo build -p ferrotune -p ferrotune-lora -p ferrotune-testkit` first",
+        lib.display()
+    );
     registry()
 }
 
@@ -36,7 +40,8 @@ fn lora_registry() -> ferrotune::plugins::Registry {
 /// unchanged) and saves it as a PEFT directory.
 fn make_adapter(model_dir: &Path, out: &Path, config: &str, seed: i64) {
     let registry = lora_registry();
-    let mut model = CausalLM::load(model_dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap();
+    let mut model =
+        CausalLM::load(model_dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap();
     tch::manual_seed(seed);
     model.attach_adapter("default", Box::new(registry.adapter("lora", config).unwrap())).unwrap();
     perturb_adapter(&mut model, seed, 0.3);
@@ -93,7 +98,15 @@ impl Server {
     }
 
     fn start_on(model: &Path, adapter_dir: &Path, extra: &[&str]) -> Server {
-        let mut args = vec!["serve", "--model", model.to_str().unwrap(), "--port", "0", "--adapter-dir", adapter_dir.to_str().unwrap()];
+        let mut args = vec![
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--adapter-dir",
+            adapter_dir.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let mut child = Command::new(ferrotune_bin())
             .args(&args)
@@ -107,7 +120,11 @@ impl Server {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no address in `{line}`")).to_string();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in `{line}`"))
+            .to_string();
         Server { child, url, _stdout: stdout }
     }
 
@@ -137,7 +154,10 @@ fn call(req: ureq::Request, body: Option<&Value>) -> (u16, String) {
 }
 
 fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let (code, text) = call(ureq::post(&format!("{}{path}", s.url)).set("Content-Type", "application/json"), Some(body));
+    let (code, text) = call(
+        ureq::post(&format!("{}{path}", s.url)).set("Content-Type", "application/json"),
+        Some(body),
+    );
     (code, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")))
 }
 
@@ -154,14 +174,24 @@ fn get(s: &Server, path: &str) -> Value {
 }
 
 fn model_ids(s: &Server) -> Vec<String> {
-    get(s, "/v1/models")["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+    get(s, "/v1/models")["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Greedy completion: (token ids, text).
 fn complete(s: &Server, model: &str, prompt: &str, max_tokens: u64) -> (Vec<i64>, String) {
-    let v = post_ok(s, "/v1/completions", &json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": true}));
+    let v = post_ok(
+        s,
+        "/v1/completions",
+        &json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": true}),
+    );
     let c = &v["choices"][0];
-    let ids = c["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
+    let ids =
+        c["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>();
     assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() as usize, ids.len());
     (ids, c["text"].as_str().unwrap().to_string())
 }
@@ -170,7 +200,17 @@ fn complete(s: &Server, model: &str, prompt: &str, max_tokens: u64) -> (Vec<i64>
 fn generate(prompt: &str, adapter: Option<&Path>, chat: bool, n: u64) -> (Vec<i64>, String) {
     let f = fixture();
     let n = n.to_string();
-    let mut args = vec!["generate", "--model", f.model.to_str().unwrap(), "--prompt", prompt, "--greedy", "--max-new-tokens", &n, "--json"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--greedy",
+        "--max-new-tokens",
+        &n,
+        "--json",
+    ];
     if let Some(a) = adapter {
         args.extend(["--adapter", a.to_str().unwrap()]);
     }
@@ -180,7 +220,10 @@ fn generate(prompt: &str, adapter: Option<&Path>, chat: bool, n: u64) -> (Vec<i6
     let o = ferrotune(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    (v["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(), v["text"].as_str().unwrap().to_string())
+    (
+        v["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(),
+        v["text"].as_str().unwrap().to_string(),
+    )
 }
 
 /// The `data:` payloads of a server-sent-events body, `[DONE]` last.
@@ -203,35 +246,56 @@ fn adapter_output_equals_generate_streams_match_and_the_base_is_unaffected() {
     let cli = generate(PROMPT, Some(&a1), false, 12);
     assert_eq!(ours, cli);
     assert!(!ours.0.is_empty());
-    assert_ne!(ours.0, base_before.0, "the adapter must change the output for this test to mean anything");
+    assert_ne!(
+        ours.0, base_before.0,
+        "the adapter must change the output for this test to mean anything"
+    );
     assert_eq!(base_before, generate(PROMPT, None, false, 12));
 
     // chat completions == `generate --chat --adapter`
-    let chat = post_ok(&s, "/v1/chat/completions", &json!({"model": "a1", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10, "temperature": 0, "return_token_ids": true}));
+    let chat = post_ok(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "a1", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10, "temperature": 0, "return_token_ids": true}),
+    );
     let (cli_ids, cli_text) = generate(PROMPT, Some(&a1), true, 10);
     assert_eq!(chat["choices"][0]["message"]["content"].as_str().unwrap(), cli_text);
     assert_eq!(chat["choices"][0]["token_ids"], json!(cli_ids));
     assert_eq!(chat["object"], "chat.completion");
-    assert_eq!(chat["usage"]["total_tokens"], json!(chat["usage"]["prompt_tokens"].as_u64().unwrap() + cli_ids.len() as u64));
+    assert_eq!(
+        chat["usage"]["total_tokens"],
+        json!(chat["usage"]["prompt_tokens"].as_u64().unwrap() + cli_ids.len() as u64)
+    );
 
     // streamed == non-streamed, for both endpoints
     let (code, body) = call(
         ureq::post(&format!("{}/v1/completions", s.url)),
-        Some(&json!({"model": "a1", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})),
+        Some(
+            &json!({"model": "a1", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
     );
     assert_eq!(code, 200);
     let events = sse_events(&body);
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-    let text: String = chunks.iter().filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str())).collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str()))
+        .collect();
     assert_eq!(text, ours.1);
     assert!(chunks.len() > 3, "one chunk per token, not one at the end: {body}");
-    let finish = chunks.iter().filter_map(|c| c["choices"].get(0).and_then(|c| c["finish_reason"].as_str())).collect::<Vec<_>>();
+    let finish = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0).and_then(|c| c["finish_reason"].as_str()))
+        .collect::<Vec<_>>();
     assert_eq!(finish.len(), 1);
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], json!(ours.0.len()));
     let (_, body) = call(
         ureq::post(&format!("{}/v1/chat/completions", s.url)),
-        Some(&json!({"model": "a1", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10, "temperature": 0, "stream": true})),
+        Some(
+            &json!({"model": "a1", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 10, "temperature": 0, "stream": true}),
+        ),
     );
     let events = sse_events(&body);
     let deltas: String = events[..events.len() - 1]
@@ -243,11 +307,18 @@ fn adapter_output_equals_generate_streams_match_and_the_base_is_unaffected() {
 
     // loading more adapters (through both APIs) leaves the base and a1 as they were
     post_ok(&s, "/v1/adapters", &json!({"name": "a2", "path": "a2"}));
-    post_ok(&s, "/v1/load_lora_adapter", &json!({"lora_name": "a3", "lora_path": f.adapters.join("a3")}));
+    post_ok(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "a3", "lora_path": f.adapters.join("a3")}),
+    );
     assert_eq!(model_ids(&s), vec!["tiny", "a1", "a2", "a3"]);
     assert_eq!(complete(&s, "tiny", PROMPT, 12), base_before);
     assert_eq!(complete(&s, "a1", PROMPT, 12), ours);
-    assert_eq!(complete(&s, "a2", PROMPT, 12), generate(PROMPT, Some(&f.adapters.join("a2")), false, 12));
+    assert_eq!(
+        complete(&s, "a2", PROMPT, 12),
+        generate(PROMPT, Some(&f.adapters.join("a2")), false, 12)
+    );
     // unloading: gone from the list, requests for it are refused, the others unchanged
     post_ok(&s, "/v1/unload_lora_adapter", &json!({"lora_name": "a3"}));
     let (code, v) = call(ureq::delete(&format!("{}/v1/adapters/a2", s.url)), None);
@@ -260,7 +331,10 @@ fn adapter_output_equals_generate_streams_match_and_the_base_is_unaffected() {
 
 /// `--adapter NAME=DIR` for the fixture's adapters a1, a2, a3 and dora.
 fn adapter_args(f: &Fixture) -> Vec<String> {
-    ["a1", "a2", "a3", "dora"].iter().flat_map(|n| ["--adapter".to_string(), format!("{n}={}", f.adapters.join(n).display())]).collect()
+    ["a1", "a2", "a3", "dora"]
+        .iter()
+        .flat_map(|n| ["--adapter".to_string(), format!("{n}={}", f.adapters.join(n).display())])
+        .collect()
 }
 
 #[test]
@@ -276,11 +350,16 @@ fn a_mixed_batch_gives_each_request_what_it_gets_alone() {
         .collect();
     let alone: Vec<_> = jobs.iter().map(|(m, p)| complete(&s, m, p, 24)).collect();
     assert_eq!(alone[0], generate(&jobs[0].1, Some(&f.adapters.join("a1")), false, 24));
-    assert_eq!(alone[3], generate(&jobs[3].1, Some(&f.adapters.join("dora")), false, 24), "DoRA (its own batch)");
+    assert_eq!(
+        alone[3],
+        generate(&jobs[3].1, Some(&f.adapters.join("dora")), false, 24),
+        "DoRA (its own batch)"
+    );
     let before = get(&s, "/health")["engine"]["mixed_steps"].as_u64().unwrap();
     for round in 0..2 {
         let together: Vec<_> = std::thread::scope(|sc| {
-            let handles: Vec<_> = jobs.iter().map(|(m, p)| sc.spawn(|| complete(&s, m, p, 24))).collect();
+            let handles: Vec<_> =
+                jobs.iter().map(|(m, p)| sc.spawn(|| complete(&s, m, p, 24))).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
@@ -299,25 +378,46 @@ fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
     let f = fixture();
     let a1 = f.adapters.join("a1");
     let s = Server::start(&[
-        "--adapter", &format!("a1={}", a1.display()), "--api-key", "sesame", "--max-adapters", "2",
-        "--max-tokens-limit", "32", "--max-body-bytes", "2048",
+        "--adapter",
+        &format!("a1={}", a1.display()),
+        "--api-key",
+        "sesame",
+        "--max-adapters",
+        "2",
+        "--max-tokens-limit",
+        "32",
+        "--max-body-bytes",
+        "2048",
     ]);
     let url = |p: &str| format!("{}{p}", s.url);
-    let authed = |r: ureq::Request| r.set("Authorization", "Bearer sesame").set("Content-Type", "application/json");
+    let authed = |r: ureq::Request| {
+        r.set("Authorization", "Bearer sesame").set("Content-Type", "application/json")
+    };
     let req = |path: &str, body: Value| -> (u16, Value) {
         let (code, text) = call(authed(ureq::post(&url(path))), Some(&body));
         (code, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")))
     };
-    let error = |v: &Value| v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message in {v}")).to_string();
+    let error = |v: &Value| {
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message in {v}"))
+            .to_string()
+    };
     let serving = || {
-        let (code, v) = req("/v1/completions", json!({"model": "a1", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}));
+        let (code, v) = req(
+            "/v1/completions",
+            json!({"model": "a1", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}),
+        );
         assert_eq!(code, 200, "{v}");
     };
 
     // API key
     let (code, text) = call(ureq::get(&url("/v1/models")), None);
     assert_eq!(code, 401);
-    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["type"], "authentication_error");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"]["type"],
+        "authentication_error"
+    );
     let (code, _) = call(ureq::get(&url("/v1/models")).set("Authorization", "Bearer open"), None);
     assert_eq!(code, 401);
     let (code, _) = call(authed(ureq::get(&url("/v1/models"))), None);
@@ -331,7 +431,12 @@ fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
     assert!(error(&v).contains("nope") && error(&v).contains("a1"), "{v}");
 
     // paths outside --adapter-dir: absolute, traversal, symlink
-    for path in [f.outside.to_str().unwrap().to_string(), "../outside/secret".into(), "link".into(), "/etc".into()] {
+    for path in [
+        f.outside.to_str().unwrap().to_string(),
+        "../outside/secret".into(),
+        "link".into(),
+        "/etc".into(),
+    ] {
         let (code, v) = req("/v1/adapters", json!({"name": "x", "path": path}));
         assert_eq!(code, 403, "{path}: {v}");
         assert_eq!(v["error"]["code"], "path_outside_adapter_dir", "{path}: {v}");
@@ -341,11 +446,15 @@ fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
     assert_eq!(code, 400, "{v}");
     assert!(error(&v).contains("safetensors"), "{v}");
     serving();
-    let (code, v) = req("/v1/load_lora_adapter", json!({"lora_name": "bad", "lora_path": "misshaped"}));
+    let (code, v) =
+        req("/v1/load_lora_adapter", json!({"lora_name": "bad", "lora_path": "misshaped"}));
     assert_eq!(code, 400, "{v}");
     // The fixture's rank-5 lora_A is whichever the file listed first (q_proj's is [5, 64],
     // down_proj's [5, 176]): the message names it with its shape.
-    assert!(error(&v).contains("1 mis-shaped key(s)") && error(&v).contains("lora_A.weight` is [5, "), "{v}");
+    assert!(
+        error(&v).contains("1 mis-shaped key(s)") && error(&v).contains("lora_A.weight` is [5, "),
+        "{v}"
+    );
     serving();
     let (code, v) = req("/v1/adapters", json!({"name": "bad", "path": "."}));
     assert_eq!(code, 400, "{v}");
@@ -363,19 +472,26 @@ fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
     assert_eq!(get_models(&s), vec!["tiny", "a1"], "failed loads leave nothing behind");
 
     // limits: max_tokens, body size, JSON, unsupported fields
-    let (code, v) = req("/v1/completions", json!({"model": "a1", "prompt": PROMPT, "max_tokens": 33}));
+    let (code, v) =
+        req("/v1/completions", json!({"model": "a1", "prompt": PROMPT, "max_tokens": 33}));
     assert_eq!((code, v["error"]["code"].as_str()), (400, Some("max_tokens_out_of_range")), "{v}");
     let (code, v) = req("/v1/completions", json!({"model": "a1", "prompt": "w1 ".repeat(1000)}));
     assert_eq!((code, v["error"]["code"].as_str()), (413, Some("request_too_large")), "{v}");
     let (code, text) = call(authed(ureq::post(&url("/v1/completions"))), None);
     assert_eq!(code, 400, "{text}");
-    let (code, text) = call(authed(ureq::post(&url("/v1/completions"))).set("Content-Type", "application/json"), Some(&json!("{not json")));
+    let (code, text) = call(
+        authed(ureq::post(&url("/v1/completions"))).set("Content-Type", "application/json"),
+        Some(&json!("{not json")),
+    );
     assert_eq!(code, 400, "{text}");
     let (code, v) = req("/v1/completions", json!({"prompt": PROMPT}));
     assert!(code == 400 && error(&v).contains("model"), "{v}");
     let (code, v) = req("/v1/completions", json!({"model": "a1", "prompt": PROMPT, "n": 2}));
     assert_eq!(code, 400, "{v}");
-    let (code, v) = req("/v1/chat/completions", json!({"model": "a1", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}));
+    let (code, v) = req(
+        "/v1/chat/completions",
+        json!({"model": "a1", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
+    );
     assert_eq!(code, 400, "{v}");
     serving();
 
@@ -390,8 +506,16 @@ fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
 }
 
 fn get_models(s: &Server) -> Vec<String> {
-    let (_, text) = call(ureq::get(&format!("{}/v1/models", s.url)).set("Authorization", "Bearer sesame"), None);
-    serde_json::from_str::<Value>(&text).unwrap()["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+    let (_, text) = call(
+        ureq::get(&format!("{}/v1/models", s.url)).set("Authorization", "Bearer sesame"),
+        None,
+    );
+    serde_json::from_str::<Value>(&text).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -400,7 +524,8 @@ fn sigterm_lets_the_requests_in_flight_finish() {
     let mut s = Server::start(&["--adapter", &format!("a1={}", f.adapters.join("a1").display())]);
     let expected = complete(&s, "a1", PROMPT, 30);
     let body = json!({"model": "a1", "prompt": PROMPT, "max_tokens": 30, "temperature": 0, "stream": true});
-    let resp = ureq::post(&format!("{}/v1/completions", s.url)).send_string(&body.to_string()).unwrap();
+    let resp =
+        ureq::post(&format!("{}/v1/completions", s.url)).send_string(&body.to_string()).unwrap();
     let mut reader = BufReader::new(resp.into_reader());
     let mut first = String::new();
     reader.read_line(&mut first).unwrap();
@@ -442,7 +567,8 @@ fn load_test_concurrent_clients_with_adapter_churn() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let s = Server::start(&[&args[..], &["--max-batch", "8", "--max-adapters", "6"]].concat());
     let models = ["a1", "a2", "a3", "tiny", "dora"];
-    let prompts: Vec<String> = (0..3).map(|i| format!("w{} w{} w{}", i + 1, i + 7, i + 13)).collect();
+    let prompts: Vec<String> =
+        (0..3).map(|i| format!("w{} w{} w{}", i + 1, i + 7, i + 13)).collect();
     let mut reference = std::collections::HashMap::new();
     for m in models {
         for p in &prompts {
@@ -459,7 +585,10 @@ fn load_test_concurrent_clients_with_adapter_churn() {
                     let mut lat = Vec::new();
                     let mut i = c;
                     while start.elapsed() < traffic {
-                        let (m, p) = (models[i % models.len()], &prompts[(i / models.len()) % prompts.len()]);
+                        let (m, p) = (
+                            models[i % models.len()],
+                            &prompts[(i / models.len()) % prompts.len()],
+                        );
                         let t = Instant::now();
                         let got = complete(s, m, p, 8);
                         lat.push(t.elapsed().as_secs_f64());
@@ -480,14 +609,26 @@ fn load_test_concurrent_clients_with_adapter_churn() {
                 loads.push(t.elapsed().as_secs_f64());
                 // a request on the freshly loaded adapter gives a1's output
                 let p = &prompts[k % prompts.len()];
-                assert_eq!(complete(s, "churn", p, 8), reference[&("a1", p.clone())], "churn (a1) on `{p}`");
+                assert_eq!(
+                    complete(s, "churn", p, 8),
+                    reference[&("a1", p.clone())],
+                    "churn (a1) on `{p}`"
+                );
                 // swap: unload, then load another adapter under the same name
                 let t = Instant::now();
                 let (code, v) = call(ureq::delete(&format!("{}/v1/adapters/churn", s.url)), None);
                 assert_eq!(code, 200, "{v}");
-                post_ok(s, "/v1/load_lora_adapter", &json!({"lora_name": "churn", "lora_path": "a2"}));
+                post_ok(
+                    s,
+                    "/v1/load_lora_adapter",
+                    &json!({"lora_name": "churn", "lora_path": "a2"}),
+                );
                 swaps.push(t.elapsed().as_secs_f64());
-                assert_eq!(complete(s, "churn", p, 8), reference[&("a2", p.clone())], "churn (a2) on `{p}`");
+                assert_eq!(
+                    complete(s, "churn", p, 8),
+                    reference[&("a2", p.clone())],
+                    "churn (a2) on `{p}`"
+                );
                 post_ok(s, "/v1/unload_lora_adapter", &json!({"lora_name": "churn"}));
                 k += 1;
             }
@@ -502,7 +643,12 @@ fn load_test_concurrent_clients_with_adapter_churn() {
     let (mut loads, mut swaps) = churn;
     loads.sort_by(f64::total_cmp);
     swaps.sort_by(f64::total_cmp);
-    assert!(lat.len() >= 8 && !loads.is_empty(), "too little traffic: {} requests, {} loads", lat.len(), loads.len());
+    assert!(
+        lat.len() >= 8 && !loads.is_empty(),
+        "too little traffic: {} requests, {} loads",
+        lat.len(),
+        loads.len()
+    );
     let health = get(&s, "/health");
     println!(
         "load test: {} requests in {elapsed:.1} s = {:.1} req/s, 0 failed; latency p50 {:.0} ms, p99 {:.0} ms; \
@@ -523,11 +669,29 @@ fn load_test_concurrent_clients_with_adapter_churn() {
 #[test]
 fn bench_serve_prints_one_adapter_vs_many() {
     let f = fixture();
-    let o = ferrotune(&["bench", "serve", "--model", f.model.to_str().unwrap(), "--requests", "4", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1"]);
+    let o = ferrotune(&[
+        "bench",
+        "serve",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--requests",
+        "4",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     println!("bench serve: {v}");
-    for k in ["base_tokens_per_s", "one_adapter_tokens_per_s", "n_adapters_tokens_per_s", "n_adapters_one_by_one_tokens_per_s"] {
+    for k in [
+        "base_tokens_per_s",
+        "one_adapter_tokens_per_s",
+        "n_adapters_tokens_per_s",
+        "n_adapters_one_by_one_tokens_per_s",
+    ] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
     }
     let _ = &f.root;
@@ -541,7 +705,8 @@ fn data_url(mime: &str, bytes: &[u8]) -> String {
 
 /// A small PNG (w×h, a colour gradient) encoded in memory.
 fn png_bytes(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 40) as u8, (y * 40) as u8, 128]));
+    let img =
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 40) as u8, (y * 40) as u8, 128]));
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
@@ -550,7 +715,11 @@ fn png_bytes(w: u32, h: u32) -> Vec<u8> {
 /// The text of the first choice (completion or chat).
 fn choice_text(v: &Value) -> String {
     let c = &v["choices"][0];
-    c["text"].as_str().or_else(|| c["message"]["content"].as_str()).unwrap_or_else(|| panic!("no text in {v}")).to_string()
+    c["text"]
+        .as_str()
+        .or_else(|| c["message"]["content"].as_str())
+        .unwrap_or_else(|| panic!("no text in {v}"))
+        .to_string()
 }
 
 /// The text of a streamed body: the deltas (chat) or texts (completions) of its chunks, in order.
@@ -571,17 +740,29 @@ fn streamed_text(body: &str) -> (String, Vec<String>) {
 #[test]
 fn stop_sequences_end_the_text_before_them_streamed_or_not() {
     let s = Server::start(&[]);
-    let full = post_ok(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0}));
+    let full = post_ok(
+        &s,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0}),
+    );
     let text = choice_text(&full);
     assert_eq!(full["choices"][0]["finish_reason"], "length");
     assert!(text.len() > 8, "the base must produce some text for this test: `{text}`");
     // a stop taken from the second half of the output; it may occur earlier too
-    let k = (text.len() / 2..text.len() - 2).find(|&k| text.is_char_boundary(k) && text.is_char_boundary(k + 2)).unwrap();
+    let k = (text.len() / 2..text.len() - 2)
+        .find(|&k| text.is_char_boundary(k) && text.is_char_boundary(k + 2))
+        .unwrap();
     let stop = text[k..k + 2].to_string();
     let expected = text[..text.find(&stop).unwrap()].to_string();
     for (endpoint, body) in [
-        ("/v1/completions", json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": stop})),
-        ("/v1/completions", json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": ["never-said", stop.clone()]})),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": stop}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": ["never-said", stop.clone()]}),
+        ),
     ] {
         let v = post_ok(&s, endpoint, &body);
         assert_eq!(choice_text(&v), expected, "{body}");
@@ -596,13 +777,26 @@ fn stop_sequences_end_the_text_before_them_streamed_or_not() {
         assert!(raw.contains("\"finish_reason\":\"stop\""), "{raw}");
     }
     // a stop never produced: the whole text, `length`
-    let v = post_ok(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": "never-said"}));
-    assert_eq!((choice_text(&v), v["choices"][0]["finish_reason"].as_str()), (text.clone(), Some("length")));
+    let v = post_ok(
+        &s,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": "never-said"}),
+    );
+    assert_eq!(
+        (choice_text(&v), v["choices"][0]["finish_reason"].as_str()),
+        (text.clone(), Some("length"))
+    );
     // the chat endpoint too
     let msgs = json!([{"role": "user", "content": PROMPT}]);
-    let chat = post_ok(&s, "/v1/chat/completions", &json!({"model": "tiny", "messages": msgs, "max_tokens": 16, "temperature": 0}));
+    let chat = post_ok(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "tiny", "messages": msgs, "max_tokens": 16, "temperature": 0}),
+    );
     let chat_text = choice_text(&chat);
-    let k = (chat_text.len() / 2..chat_text.len().saturating_sub(1)).find(|&k| chat_text.is_char_boundary(k) && chat_text.is_char_boundary(k + 1)).unwrap();
+    let k = (chat_text.len() / 2..chat_text.len().saturating_sub(1))
+        .find(|&k| chat_text.is_char_boundary(k) && chat_text.is_char_boundary(k + 1))
+        .unwrap();
     let stop = chat_text[k..k + 1].to_string();
     let expected = chat_text[..chat_text.find(&stop).unwrap()].to_string();
     let body = json!({"model": "tiny", "messages": msgs, "max_tokens": 16, "temperature": 0, "stop": [stop], "stream": true});
@@ -610,7 +804,8 @@ fn stop_sequences_end_the_text_before_them_streamed_or_not() {
     assert_eq!(streamed_text(&raw).0, expected);
     // bad stops
     for stop in [json!(["a", "b", "c", "d", "e"]), json!(""), json!([1]), json!({"x": 1})] {
-        let (code, v) = post(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "stop": stop}));
+        let (code, v) =
+            post(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "stop": stop}));
         assert_eq!((code, v["error"]["code"].as_str()), (400, Some("invalid_stop")), "{stop}: {v}");
     }
 }
@@ -618,23 +813,46 @@ fn stop_sequences_end_the_text_before_them_streamed_or_not() {
 #[test]
 fn a_seeded_request_samples_the_same_text_alone_and_in_a_busy_batch() {
     let f = fixture();
-    let s = Server::start(&["--adapter", &format!("a1={}", f.adapters.join("a1").display()), "--max-batch", "16"]);
+    let s = Server::start(&[
+        "--adapter",
+        &format!("a1={}", f.adapters.join("a1").display()),
+        "--max-batch",
+        "16",
+    ]);
     let seeded = |seed: u64| json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 1.0, "seed": seed, "return_token_ids": true});
     let ids = |v: &Value| v["choices"][0]["token_ids"].clone();
     let alone = post_ok(&s, "/v1/completions", &seeded(7));
-    assert_eq!(ids(&post_ok(&s, "/v1/completions", &seeded(7))), ids(&alone), "the same seed twice alone");
+    assert_eq!(
+        ids(&post_ok(&s, "/v1/completions", &seeded(7))),
+        ids(&alone),
+        "the same seed twice alone"
+    );
     let other = post_ok(&s, "/v1/completions", &seeded(8));
-    assert_ne!(ids(&other), ids(&alone), "another seed must sample other tokens for this test to mean anything");
-    let greedy = post_ok(&s, "/v1/completions", &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": true}));
+    assert_ne!(
+        ids(&other),
+        ids(&alone),
+        "another seed must sample other tokens for this test to mean anything"
+    );
+    let greedy = post_ok(
+        &s,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "return_token_ids": true}),
+    );
     assert_ne!(ids(&greedy), ids(&alone), "sampling must differ from greedy here");
     for round in 0..2 {
         let busy: Vec<Value> = std::thread::scope(|sc| {
             let mut handles = Vec::new();
             for i in 0..6 {
                 let body = match i % 3 {
-                    0 => json!({"model": "a1", "prompt": format!("w{} w3", i + 2), "max_tokens": 20, "temperature": 1.0}),
-                    1 => json!({"model": "tiny", "prompt": "w9 w8", "max_tokens": 30, "temperature": 0.8, "seed": 100 + i}),
-                    _ => json!({"model": "a1", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}),
+                    0 => {
+                        json!({"model": "a1", "prompt": format!("w{} w3", i + 2), "max_tokens": 20, "temperature": 1.0})
+                    }
+                    1 => {
+                        json!({"model": "tiny", "prompt": "w9 w8", "max_tokens": 30, "temperature": 0.8, "seed": 100 + i})
+                    }
+                    _ => {
+                        json!({"model": "a1", "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
+                    }
                 };
                 let s = &s;
                 handles.push(sc.spawn(move || post_ok(s, "/v1/completions", &body)));
@@ -642,7 +860,11 @@ fn a_seeded_request_samples_the_same_text_alone_and_in_a_busy_batch() {
             handles.push(sc.spawn(|| post_ok(&s, "/v1/completions", &seeded(7))));
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        assert_eq!(ids(busy.last().unwrap()), ids(&alone), "round {round}: the seeded request in a busy batch");
+        assert_eq!(
+            ids(busy.last().unwrap()),
+            ids(&alone),
+            "round {round}: the seeded request in a busy batch"
+        );
     }
     assert!(get(&s, "/health")["engine"]["max_rows"].as_u64().unwrap() >= 3);
 }
@@ -671,10 +893,26 @@ fn vl_fixture() -> &'static VlFixture {
 }
 
 /// `ferrotune generate --chat --image ... --greedy --json` on the VL fixture.
-fn generate_vl(prompt: &str, images: &[PathBuf], adapter: Option<&Path>, n: u64) -> (Vec<i64>, String) {
+fn generate_vl(
+    prompt: &str,
+    images: &[PathBuf],
+    adapter: Option<&Path>,
+    n: u64,
+) -> (Vec<i64>, String) {
     let f = vl_fixture();
     let n = n.to_string();
-    let mut args = vec!["generate", "--model", f.model.to_str().unwrap(), "--chat", "--prompt", prompt, "--greedy", "--max-new-tokens", &n, "--json"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        prompt,
+        "--greedy",
+        "--max-new-tokens",
+        &n,
+        "--json",
+    ];
     for im in images {
         args.extend(["--image", im.to_str().unwrap()]);
     }
@@ -684,7 +922,10 @@ fn generate_vl(prompt: &str, images: &[PathBuf], adapter: Option<&Path>, n: u64)
     let o = ferrotune(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    (v["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(), v["text"].as_str().unwrap().to_string())
+    (
+        v["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(),
+        v["text"].as_str().unwrap().to_string(),
+    )
 }
 
 /// A greedy chat request with image parts (data URLs of `images`) then the text.
@@ -695,7 +936,15 @@ fn image_chat(model: &str, images: &[PathBuf], prompt: &str, n: u64) -> Value {
 }
 
 fn ids_text(v: &Value) -> (Vec<i64>, String) {
-    (v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect(), choice_text(v))
+    (
+        v["choices"][0]["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_i64().unwrap())
+            .collect(),
+        choice_text(v),
+    )
 }
 
 const VL_PROMPT: &str = "Describe the story.";
@@ -704,20 +953,50 @@ const VL_PROMPT: &str = "Describe the story.";
 fn image_parts_equal_generate_with_images_alone_and_beside_text_rows() {
     let f = vl_fixture();
     let vl = f.adapters.join("vl");
-    let s = Server::start_on(&f.model, &f.adapters, &["--adapter", &format!("vl={}", vl.display()), "--max-batch", "8"]);
-    let base = post_ok(&s, "/v1/chat/completions", &image_chat("tiny-vl", &f.images, VL_PROMPT, 10));
-    assert_eq!(ids_text(&base), generate_vl(VL_PROMPT, &f.images, None, 10), "base model, 2 images");
+    let s = Server::start_on(
+        &f.model,
+        &f.adapters,
+        &["--adapter", &format!("vl={}", vl.display()), "--max-batch", "8"],
+    );
+    let base =
+        post_ok(&s, "/v1/chat/completions", &image_chat("tiny-vl", &f.images, VL_PROMPT, 10));
+    assert_eq!(
+        ids_text(&base),
+        generate_vl(VL_PROMPT, &f.images, None, 10),
+        "base model, 2 images"
+    );
     let adapted = post_ok(&s, "/v1/chat/completions", &image_chat("vl", &f.images, VL_PROMPT, 10));
     let cli = generate_vl(VL_PROMPT, &f.images, Some(&vl), 10);
     assert_eq!(ids_text(&adapted), cli, "adapter, 2 images");
-    assert_ne!(ids_text(&adapted), ids_text(&base), "the adapter must change the output for this test to mean anything");
+    assert_ne!(
+        ids_text(&adapted),
+        ids_text(&base),
+        "the adapter must change the output for this test to mean anything"
+    );
     let swapped = [f.images[1].clone(), f.images[0].clone()];
-    let adapted_swapped = post_ok(&s, "/v1/chat/completions", &image_chat("vl", &swapped, VL_PROMPT, 10));
-    assert_eq!(ids_text(&adapted_swapped), generate_vl(VL_PROMPT, &swapped, Some(&vl), 10), "adapter, images swapped");
-    assert_ne!(ids_text(&adapted_swapped), ids_text(&adapted), "the images must change the output for this test to mean anything");
+    let adapted_swapped =
+        post_ok(&s, "/v1/chat/completions", &image_chat("vl", &swapped, VL_PROMPT, 10));
+    assert_eq!(
+        ids_text(&adapted_swapped),
+        generate_vl(VL_PROMPT, &swapped, Some(&vl), 10),
+        "adapter, images swapped"
+    );
+    assert_ne!(
+        ids_text(&adapted_swapped),
+        ids_text(&adapted),
+        "the images must change the output for this test to mean anything"
+    );
     // the image tokens are in the prompt: 2 images give more prompt tokens than none
-    let text_only = post_ok(&s, "/v1/chat/completions", &json!({"model": "vl", "messages": [{"role": "user", "content": VL_PROMPT}], "max_tokens": 10, "temperature": 0, "return_token_ids": true}));
-    assert!(base["usage"]["prompt_tokens"].as_u64().unwrap() > text_only["usage"]["prompt_tokens"].as_u64().unwrap() + 8, "{base} vs {text_only}");
+    let text_only = post_ok(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "vl", "messages": [{"role": "user", "content": VL_PROMPT}], "max_tokens": 10, "temperature": 0, "return_token_ids": true}),
+    );
+    assert!(
+        base["usage"]["prompt_tokens"].as_u64().unwrap()
+            > text_only["usage"]["prompt_tokens"].as_u64().unwrap() + 8,
+        "{base} vs {text_only}"
+    );
     assert_eq!(ids_text(&text_only), generate_vl(VL_PROMPT, &[], Some(&vl), 10));
     // together in one batch (images rows with their own M-RoPE deltas beside text rows)
     let jobs = [
@@ -730,7 +1009,8 @@ fn image_parts_equal_generate_with_images_alone_and_beside_text_rows() {
     let before = get(&s, "/health")["engine"]["max_rows"].as_u64().unwrap();
     for round in 0..2 {
         let together: Vec<Value> = std::thread::scope(|sc| {
-            let hs: Vec<_> = jobs.iter().map(|b| sc.spawn(|| post_ok(&s, "/v1/chat/completions", b))).collect();
+            let hs: Vec<_> =
+                jobs.iter().map(|b| sc.spawn(|| post_ok(&s, "/v1/chat/completions", b))).collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (i, (t, e)) in together.iter().zip(expected).enumerate() {
@@ -745,7 +1025,11 @@ fn image_parts_equal_generate_with_images_alone_and_beside_text_rows() {
 #[test]
 fn bad_image_parts_are_refused_with_json_errors() {
     let f = vl_fixture();
-    let s = Server::start_on(&f.model, &f.adapters, &["--max-images", "2", "--max-body-bytes", "12288", "--image-max-pixels", "3136"]);
+    let s = Server::start_on(
+        &f.model,
+        &f.adapters,
+        &["--max-images", "2", "--max-body-bytes", "12288", "--image-max-pixels", "3136"],
+    );
     let png = std::fs::read(&f.images[0]).unwrap();
     let with_url = |url: String| json!({"model": "tiny-vl", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}], "max_tokens": 2});
     let refused = |body: Value, status: u16, code: &str| {
@@ -756,23 +1040,46 @@ fn bad_image_parts_are_refused_with_json_errors() {
     refused(with_url("https://example.com/cat.png".into()), 400, "remote_image_url");
     refused(with_url("http://127.0.0.1/cat.png".into()), 400, "remote_image_url");
     refused(with_url("data:image/png;base64,@@not base64@@".into()), 400, "invalid_image");
-    refused(with_url(data_url("image/png", b"these bytes are no image at all")), 400, "invalid_image");
+    refused(
+        with_url(data_url("image/png", b"these bytes are no image at all")),
+        400,
+        "invalid_image",
+    );
     refused(with_url(data_url("image/png", &png[..png.len() / 2])), 400, "invalid_image");
     refused(with_url(data_url("image/gif", &png)), 400, "unsupported_image_type");
     refused(with_url(format!("data:image/png,{}", "x")), 400, "invalid_image");
     refused(with_url("file:///etc/passwd".into()), 400, "invalid_image");
-    refused(json!({"model": "tiny-vl", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400, "invalid_image");
-    let three: Vec<Value> = (0..3).map(|_| json!({"type": "image_url", "image_url": {"url": data_url("image/png", &png)}})).collect();
-    refused(json!({"model": "tiny-vl", "messages": [{"role": "user", "content": three}]}), 400, "too_many_images");
+    refused(
+        json!({"model": "tiny-vl", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        400,
+        "invalid_image",
+    );
+    let three: Vec<Value> = (0..3)
+        .map(|_| json!({"type": "image_url", "image_url": {"url": data_url("image/png", &png)}}))
+        .collect();
+    refused(
+        json!({"model": "tiny-vl", "messages": [{"role": "user", "content": three}]}),
+        400,
+        "too_many_images",
+    );
     // just over the limit: a larger body may still be on its way when the server answers 413
     // and closes, which the client then sees as a broken pipe
     let big = [png_bytes(20, 20), vec![0u8; 9_500]].concat();
     refused(with_url(data_url("image/png", &big)), 413, "request_too_large");
     // still serving, and a good image works: 200×200 resized to 56×56 (--image-max-pixels
     // 3136) is 4×4 patches of 14, 2×2 merged tokens, between <|vision_start|> and <|vision_end|>
-    let ok = post_ok(&s, "/v1/chat/completions", &with_url(data_url("image/png", &png_bytes(200, 200))));
-    assert_eq!(ok["choices"][0]["finish_reason"].as_str().map(|r| r == "length" || r == "stop"), Some(true), "{ok}");
-    let text_only = post_ok(&s, "/v1/chat/completions", &json!({"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+    let ok =
+        post_ok(&s, "/v1/chat/completions", &with_url(data_url("image/png", &png_bytes(200, 200))));
+    assert_eq!(
+        ok["choices"][0]["finish_reason"].as_str().map(|r| r == "length" || r == "stop"),
+        Some(true),
+        "{ok}"
+    );
+    let text_only = post_ok(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "tiny-vl", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
     let tokens = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(tokens(&ok), tokens(&text_only) + 2 + 4, "{ok}");
 

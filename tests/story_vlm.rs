@@ -26,19 +26,35 @@ const NEW_TOKENS: usize = 12;
 
 fn tokenizer_dir() -> PathBuf {
     let d = repo_root().join("assets/qwen2-tokenizer");
-    assert!(d.join("tokenizer.json").is_file(), "{} is missing: `make test` generates it", d.display());
+    assert!(
+        d.join("tokenizer.json").is_file(),
+        "{} is missing: `make test` generates it",
+        d.display()
+    );
     d
 }
 
 fn story_images() -> Vec<PathBuf> {
-    ["toy-test-008_1.png", "toy-test-008_2.png"].iter().map(|f| repo_root().join("datasets/story-llava/images").join(f)).collect()
+    ["toy-test-008_1.png", "toy-test-008_2.png"]
+        .iter()
+        .map(|f| repo_root().join("datasets/story-llava/images").join(f))
+        .collect()
 }
 
 /// A tiny random Qwen2-VL (float32) with the real Qwen2 tokenizer.
 fn init_vl(out: &Path) {
     let o = ferrotune(&[
-        "init-model", "--preset", "tiny-vl", "--dtype", "f32", "--seed", "3",
-        "--tokenizer", tokenizer_dir().to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "init-model",
+        "--preset",
+        "tiny-vl",
+        "--dtype",
+        "f32",
+        "--seed",
+        "3",
+        "--tokenizer",
+        tokenizer_dir().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "init-model: {}", stderr(&o));
 }
@@ -82,21 +98,40 @@ fn trained() -> &'static Trained {
 #[test]
 fn story_lora_sft_halves_the_loss_and_saves_merger_and_curve() {
     let t = trained();
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.adapter.join("train_summary.json")).unwrap()).unwrap();
-    let (first, last) = (summary["first_loss"].as_f64().unwrap(), summary["last_loss"].as_f64().unwrap());
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.adapter.join("train_summary.json")).unwrap(),
+    )
+    .unwrap();
+    let (first, last) =
+        (summary["first_loss"].as_f64().unwrap(), summary["last_loss"].as_f64().unwrap());
     println!("story LoRA SFT: loss {first:.4} -> {last:.4} in {} steps", summary["steps"]);
     assert!(last <= first / 2.0, "loss {first} -> {last}: not halved");
     let png = std::fs::read(t.adapter.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    let non_lora = Tensor::read_safetensors(t.adapter.join("non_lora_state_dict.safetensors")).unwrap();
+    let non_lora =
+        Tensor::read_safetensors(t.adapter.join("non_lora_state_dict.safetensors")).unwrap();
     let names: Vec<&str> = non_lora.iter().map(|(n, _)| n.as_str()).collect();
-    assert!(names.iter().all(|n| n.starts_with("base_model.model.model.visual.merger.")), "{names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with("base_model.model.model.visual.merger.")),
+        "{names:?}"
+    );
     assert_eq!(names.len(), 6, "merger: ln_q weight/bias, mlp.0 and mlp.2 weight/bias: {names:?}");
     // The merger moved away from its initial weights.
     let base = Tensor::read_safetensors(t.model.join("model.safetensors")).unwrap();
-    let (_, before) = base.iter().find(|(n, _)| n.ends_with("merger.mlp.0.weight")).expect("merger weight in the base");
+    let (_, before) = base
+        .iter()
+        .find(|(n, _)| n.ends_with("merger.mlp.0.weight"))
+        .expect("merger weight in the base");
     let (_, after) = non_lora.iter().find(|(n, _)| n.ends_with("merger.mlp.0.weight")).unwrap();
-    assert!(before.to_kind(Kind::Float).ne_tensor(after).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]) > 0.5);
+    assert!(
+        before
+            .to_kind(Kind::Float)
+            .ne_tensor(after)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[])
+            > 0.5
+    );
 }
 
 #[test]
@@ -105,7 +140,15 @@ fn peft_and_merge_agree_with_ours_on_a_two_image_prompt() {
     let t = trained();
     let dir = temp_dir("story-peft");
     let merged = dir.join("merged");
-    let o = ferrotune(&["merge", "--model", t.model.to_str().unwrap(), "--adapter", t.adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    let o = ferrotune(&[
+        "merge",
+        "--model",
+        t.model.to_str().unwrap(),
+        "--adapter",
+        t.adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "merge: {}", stderr(&o));
     assert!(stdout(&o).contains("restored 6 full weight(s)"), "{}", stdout(&o));
 
@@ -115,10 +158,23 @@ fn peft_and_merge_agree_with_ours_on_a_two_image_prompt() {
     let images = prompt.images.as_ref().expect("two images");
     assert_eq!(images.image_grid_thw.len(), 2);
     let ids = Tensor::from_slice(&prompt.ids).view([1, -1]);
-    let ours = tch::no_grad(|| g.model.forward(ForwardArgs::ids(&ids).images(Some(images)).mode(g.model.mode(ForwardFlags::NONE, false)))).unwrap();
-    let grid = Tensor::from_slice(&images.image_grid_thw.iter().flatten().copied().collect::<Vec<i64>>()).view([-1, 3]);
+    let ours = tch::no_grad(|| {
+        g.model.forward(
+            ForwardArgs::ids(&ids)
+                .images(Some(images))
+                .mode(g.model.mode(ForwardFlags::NONE, false)),
+        )
+    })
+    .unwrap();
+    let grid =
+        Tensor::from_slice(&images.image_grid_thw.iter().flatten().copied().collect::<Vec<i64>>())
+            .view([-1, 3]);
     let inputs = dir.join("inputs.safetensors");
-    Tensor::write_safetensors(&[("input_ids", &ids), ("pixel_values", &images.pixel_values), ("image_grid_thw", &grid)], &inputs).unwrap();
+    Tensor::write_safetensors(
+        &[("input_ids", &ids), ("pixel_values", &images.pixel_values), ("image_grid_thw", &grid)],
+        &inputs,
+    )
+    .unwrap();
     let out = dir.join("reference.safetensors");
     run_python(&[
         repo_root().join("tests/python/story_peft_reference.py").as_os_str(),
@@ -130,15 +186,27 @@ fn peft_and_merge_agree_with_ours_on_a_two_image_prompt() {
         NEW_TOKENS.to_string().as_ref(),
     ]);
     let reference = Tensor::read_safetensors(&out).unwrap();
-    let get = |name: &str| reference.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).unwrap();
+    let get = |name: &str| {
+        reference.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).unwrap()
+    };
     let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
-    let (peft_diff, merged_diff) = (diff(&ours, &get("logits")), diff(&ours, &get("merged_logits")));
+    let (peft_diff, merged_diff) =
+        (diff(&ours, &get("logits")), diff(&ours, &get("merged_logits")));
     println!("two-image story prompt ({} tokens): |ours - peft| {peft_diff:.2e}, |ours - merged| {merged_diff:.2e}", prompt.ids.len());
     assert!(peft_diff <= 1e-4, "peft logits differ by {peft_diff}");
     assert!(merged_diff <= 1e-4, "merged logits differ by {merged_diff}");
 
     // `generate --image … --chat` gives peft's greedy tokens.
-    let mut args = vec!["generate", "--model", t.model.to_str().unwrap(), "--adapter", t.adapter.to_str().unwrap(), "--chat", "--greedy", "--json"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        t.model.to_str().unwrap(),
+        "--adapter",
+        t.adapter.to_str().unwrap(),
+        "--chat",
+        "--greedy",
+        "--json",
+    ];
     let files: Vec<String> = story_images().iter().map(|p| p.display().to_string()).collect();
     for f in &files {
         args.extend(["--image", f.as_str()]);
@@ -148,7 +216,8 @@ fn peft_and_merge_agree_with_ours_on_a_two_image_prompt() {
     let o = ferrotune(&args);
     assert!(o.status.success(), "generate: {}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    let ours: Vec<i64> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+    let ours: Vec<i64> =
+        v["token_ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
     let theirs: Vec<i64> = Vec::try_from(&get("tokens").view([-1])).unwrap();
     assert_eq!(ours, theirs[..ours.len()], "greedy tokens: ours {ours:?} vs peft {theirs:?}");
     assert!(!ours.is_empty());
@@ -160,17 +229,31 @@ fn images_need_a_vision_model() {
     let model = dir.join("m");
     init_tiny_model(&tokenizer_dir(), &model, 1);
     let f = story_images()[0].display().to_string();
-    let o = ferrotune(&["generate", "--model", model.to_str().unwrap(), "--image", &f, "--prompt", "hi", "--max-new-tokens", "2"]);
+    let o = ferrotune(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        &f,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("needs a vision-language model"), "{}", stderr(&o));
 }
 
 /// A LLaVA-format data set with one good row and one of each problem.
 fn broken_llava(dir: &Path) -> PathBuf {
-    let img = |name: &str| repo_root().join("datasets/story-llava/images").join(name).display().to_string();
+    let img = |name: &str| {
+        repo_root().join("datasets/story-llava/images").join(name).display().to_string()
+    };
     std::fs::write(dir.join("corrupt.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
     // 800×600: above the max_pixels of the config below.
-    let big = image::RgbImage::from_fn(800, 600, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+    let big = image::RgbImage::from_fn(800, 600, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+    });
     big.save(dir.join("big.png")).unwrap();
     let turn = |from: &str, value: &str| serde_json::json!({"from": from, "value": value});
     let rows = serde_json::json!([
@@ -235,14 +318,20 @@ fn bad_rows_are_reported_then_stop_or_skip() {
     let o = ferrotune(&["train", stop.to_str().unwrap()]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("3 of the 5 rows") && err.contains("row 2:") && err.contains("on_bad_sample"), "{err}");
+    assert!(
+        err.contains("3 of the 5 rows") && err.contains("row 2:") && err.contains("on_bad_sample"),
+        "{err}"
+    );
     assert!(!dir.join("out-stop/adapter_model.safetensors").exists());
 
     let skip = write_config(&dir, &model, "llava", &data, "skip");
     let o = ferrotune(&["train", skip.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("skipping 3 unusable rows"), "{}", stderr(&o));
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out-skip/train_summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("out-skip/train_summary.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(summary["train_samples"], 2);
     assert_eq!(summary["skipped_samples"], 3);
 
@@ -260,7 +349,11 @@ fn bad_rows_are_reported_then_stop_or_skip() {
     let cfg = write_config(&dir, &model, "storyreasoning", &parquet, "stop");
     let o = ferrotune(&["data", "check", cfg.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("story") && stderr(&o).contains("nostory.parquet"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("story") && stderr(&o).contains("nostory.parquet"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Qwen2-VL-Finetune's DPO rows (`prompt` with `<image>` placeholders, `chosen`, `rejected`)
@@ -272,7 +365,9 @@ fn multi_image_dpo_trains_on_llava_preference_rows() {
     let dir = temp_dir("story-dpo");
     let model = dir.join("model");
     init_vl(&model);
-    let img = |name: &str| repo_root().join("datasets/story-llava/images").join(name).display().to_string();
+    let img = |name: &str| {
+        repo_root().join("datasets/story-llava/images").join(name).display().to_string()
+    };
     let rows: Vec<serde_json::Value> = (0..4)
         .map(|i| {
             serde_json::json!({
@@ -301,14 +396,22 @@ fn multi_image_dpo_trains_on_llava_preference_rows() {
     .unwrap();
     let o = ferrotune(&["data", "preview", config.to_str().unwrap(), "-n", "1"]);
     let preview = stdout(&o);
-    assert!(o.status.success() && preview.contains("rows as preference pairs") && preview.matches("<|image_pad|>×").count() == 4, "{preview}");
+    assert!(
+        o.status.success()
+            && preview.contains("rows as preference pairs")
+            && preview.matches("<|image_pad|>×").count() == 4,
+        "{preview}"
+    );
     let o = ferrotune(&["train", config.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let metrics = read_jsonl(&dir.join("out/metrics.jsonl"));
     let first = &metrics[0];
     let last = metrics.last().unwrap();
     println!("first {first}\nlast {last}");
-    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4, "policy = reference at step 1: {first}");
+    assert!(
+        (first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4,
+        "policy = reference at step 1: {first}"
+    );
     assert!(last["loss"].as_f64().unwrap() < 0.6, "{last}");
     assert_eq!(last["train/rewards/accuracies"].as_f64(), Some(1.0), "{last}");
     assert!(last["train/rewards/margins"].as_f64().unwrap() > 0.0, "{last}");

@@ -26,13 +26,22 @@ fn qwen2_dir() -> PathBuf {
     dir
 }
 
-
 /// transformers' output for the asset folder; variant folders are written under `work`.
 fn reference(dir: &Path, work: &Path) -> Value {
     let script = repo_root().join("tests/python/tokenizer_reference.py");
-    let out =
-        Command::new(python()).arg(&script).arg(dir).arg(work).env("HF_HUB_OFFLINE", "1").output().expect("run tokenizer_reference.py");
-    assert!(out.status.success(), "{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(dir)
+        .arg(work)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run tokenizer_reference.py");
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("tokenizer_reference.py prints JSON")
 }
 
@@ -41,7 +50,11 @@ fn ids(v: &Value) -> Vec<i64> {
 }
 
 fn messages(v: &Value) -> Vec<Message> {
-    v.as_array().unwrap().iter().map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect()
 }
 
 /// Collects mismatches so that one run reports all of them.
@@ -53,16 +66,26 @@ struct Diff {
 }
 
 impl Diff {
-    fn eq<T: PartialEq + std::fmt::Debug>(&mut self, what: impl std::fmt::Display, ours: T, theirs: T) {
+    fn eq<T: PartialEq + std::fmt::Debug>(
+        &mut self,
+        what: impl std::fmt::Display,
+        ours: T,
+        theirs: T,
+    ) {
         if ours != theirs {
-            self.failures.push(format!("{what}:\n    ferrotune:    {ours:?}\n    transformers: {theirs:?}"));
+            self.failures
+                .push(format!("{what}:\n    ferrotune:    {ours:?}\n    transformers: {theirs:?}"));
         }
     }
 }
 
 fn compare_summary(d: &mut Diff, tag: &str, tok: &Tokenizer, s: &Value) {
     d.eq(format!("{tag}: len(tokenizer)"), tok.vocab_size() as i64, s["len"].as_i64().unwrap());
-    d.eq(format!("{tag}: tokenizer.vocab_size"), tok.base_vocab_size() as i64, s["vocab_size"].as_i64().unwrap());
+    d.eq(
+        format!("{tag}: tokenizer.vocab_size"),
+        tok.base_vocab_size() as i64,
+        s["vocab_size"].as_i64().unwrap(),
+    );
     d.eq(format!("{tag}: eos_token_id"), tok.eos_token_id(), s["eos_token_id"].as_i64());
     d.eq(format!("{tag}: pad_token_id"), tok.pad_token_id(), s["pad_token_id"].as_i64());
     d.eq(format!("{tag}: bos_token_id"), tok.bos_token_id(), s["bos_token_id"].as_i64());
@@ -83,8 +106,16 @@ fn compare_texts(d: &mut Diff, tag: &str, tok: &Tokenizer, texts: &Value) {
         d.eq(format!("{tag}: encode({short:?}, add_special_tokens=false)"), &got, &want);
         d.eq(format!("{tag}: encode_batch[{i}]"), &batch[i], &want);
         let want_special = ids(&t["ids_with_special_tokens"]);
-        d.eq(format!("{tag}: encode({short:?}, add_special_tokens=true)"), &tok.encode(text, true).unwrap(), &want_special);
-        d.eq(format!("{tag}: decode(ids of {short:?})"), tok.decode(&want, false).unwrap().as_str(), t["decoded"].as_str().unwrap());
+        d.eq(
+            format!("{tag}: encode({short:?}, add_special_tokens=true)"),
+            &tok.encode(text, true).unwrap(),
+            &want_special,
+        );
+        d.eq(
+            format!("{tag}: decode(ids of {short:?})"),
+            tok.decode(&want, false).unwrap().as_str(),
+            t["decoded"].as_str().unwrap(),
+        );
         d.eq(
             format!("{tag}: decode(ids+special of {short:?}, skip_special_tokens=true)"),
             tok.decode(&want_special, true).unwrap().as_str(),
@@ -107,7 +138,9 @@ fn compare_conversations(d: &mut Diff, tag: &str, tok: &Tokenizer, conversations
         let ours = tok.apply_chat_template_with(&msgs, gen, &c["extra"]);
         if let Some(err) = c.get("error").and_then(Value::as_str) {
             match ours {
-                Ok(text) => d.failures.push(format!("{tag}/{name}: transformers raised {err:?}, ferrotune rendered {text:?}")),
+                Ok(text) => d.failures.push(format!(
+                    "{tag}/{name}: transformers raised {err:?}, ferrotune rendered {text:?}"
+                )),
                 Err(e) => {
                     let e = format!("{e:#}");
                     if !e.contains(err) {
@@ -120,10 +153,18 @@ fn compare_conversations(d: &mut Diff, tag: &str, tok: &Tokenizer, conversations
             match ours {
                 Ok(text) => {
                     d.eq(format!("{tag}/{name}: rendered chat"), text.as_str(), rendered);
-                    d.eq(format!("{tag}/{name}: chat ids"), tok.encode(&text, false).unwrap(), ids(&c["ids"]));
+                    d.eq(
+                        format!("{tag}/{name}: chat ids"),
+                        tok.encode(&text, false).unwrap(),
+                        ids(&c["ids"]),
+                    );
                     let has_extra = c["extra"].as_object().is_some_and(|e| !e.is_empty());
                     if !has_extra {
-                        d.eq(format!("{tag}/{name}: encode_chat"), tok.encode_chat(&msgs, gen).unwrap(), ids(&c["ids"]));
+                        d.eq(
+                            format!("{tag}/{name}: encode_chat"),
+                            tok.encode_chat(&msgs, gen).unwrap(),
+                            ids(&c["ids"]),
+                        );
                     }
                     d.eq(
                         format!("{tag}/{name}: decode(chat ids)"),
@@ -131,7 +172,9 @@ fn compare_conversations(d: &mut Diff, tag: &str, tok: &Tokenizer, conversations
                         c["decoded"].as_str().unwrap(),
                     );
                 }
-                Err(e) => d.failures.push(format!("{tag}/{name}: transformers rendered, ferrotune failed: {e:#}")),
+                Err(e) => d
+                    .failures
+                    .push(format!("{tag}/{name}: transformers rendered, ferrotune failed: {e:#}")),
             }
         }
         d.conversations += 1;
@@ -153,7 +196,8 @@ fn qwen2_tokenizer_matches_transformers() {
 
     for v in reference["variants"].as_array().unwrap() {
         let name = v["name"].as_str().unwrap();
-        let vtok = Tokenizer::from_dir(Path::new(v["dir"].as_str().unwrap())).unwrap_or_else(|e| panic!("load variant {name}: {e:#}"));
+        let vtok = Tokenizer::from_dir(Path::new(v["dir"].as_str().unwrap()))
+            .unwrap_or_else(|e| panic!("load variant {name}: {e:#}"));
         compare_summary(&mut d, name, &vtok, &v["summary"]);
         compare_texts(&mut d, name, &vtok, &v["texts"]);
         compare_conversations(&mut d, name, &vtok, &v["conversations"]);
@@ -170,14 +214,38 @@ fn qwen2_tokenizer_matches_transformers() {
             v => vec![v.as_i64().unwrap()],
         };
         d.eq(format!("generation/{name}: eos_token_ids"), ours.eos_token_ids(), eos);
-        d.eq(format!("generation/{name}: pad_token_id"), ours.pad_token_id, t["pad_token_id"].as_i64());
-        d.eq(format!("generation/{name}: bos_token_id"), ours.bos_token_id, t["bos_token_id"].as_i64());
-        d.eq(format!("generation/{name}: do_sample"), ours.do_sample, t["do_sample"].as_bool().unwrap());
-        d.eq(format!("generation/{name}: temperature"), ours.temperature, t["temperature"].as_f64().unwrap());
+        d.eq(
+            format!("generation/{name}: pad_token_id"),
+            ours.pad_token_id,
+            t["pad_token_id"].as_i64(),
+        );
+        d.eq(
+            format!("generation/{name}: bos_token_id"),
+            ours.bos_token_id,
+            t["bos_token_id"].as_i64(),
+        );
+        d.eq(
+            format!("generation/{name}: do_sample"),
+            ours.do_sample,
+            t["do_sample"].as_bool().unwrap(),
+        );
+        d.eq(
+            format!("generation/{name}: temperature"),
+            ours.temperature,
+            t["temperature"].as_f64().unwrap(),
+        );
         d.eq(format!("generation/{name}: top_p"), ours.top_p, t["top_p"].as_f64().unwrap());
         d.eq(format!("generation/{name}: top_k"), ours.top_k, t["top_k"].as_i64().unwrap());
-        d.eq(format!("generation/{name}: repetition_penalty"), ours.repetition_penalty, t["repetition_penalty"].as_f64().unwrap());
-        d.eq(format!("generation/{name}: max_new_tokens"), ours.max_new_tokens.map(|n| n as u64), t["max_new_tokens"].as_u64());
+        d.eq(
+            format!("generation/{name}: repetition_penalty"),
+            ours.repetition_penalty,
+            t["repetition_penalty"].as_f64().unwrap(),
+        );
+        d.eq(
+            format!("generation/{name}: max_new_tokens"),
+            ours.max_new_tokens.map(|n| n as u64),
+            t["max_new_tokens"].as_u64(),
+        );
         gen_configs += 1;
     }
 
@@ -188,8 +256,16 @@ fn qwen2_tokenizer_matches_transformers() {
         gen_configs,
         d.failures.len()
     );
-    assert!(d.texts >= 75 && d.conversations >= 15 && gen_configs == 3, "the reference produced too little to compare");
-    assert!(d.failures.is_empty(), "{} mismatches with transformers:\n{}", d.failures.len(), d.failures.join("\n"));
+    assert!(
+        d.texts >= 75 && d.conversations >= 15 && gen_configs == 3,
+        "the reference produced too little to compare"
+    );
+    assert!(
+        d.failures.is_empty(),
+        "{} mismatches with transformers:\n{}",
+        d.failures.len(),
+        d.failures.join("\n")
+    );
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -203,7 +279,8 @@ fn eos_ids_merge_generation_config_then_tokenizer() {
     assert_eq!(gen.pad_token_id, Some(151643));
     // A generation_config.json list wins over the tokenizer.
     let work = temp_dir("genconf-merge");
-    std::fs::write(work.join("generation_config.json"), r#"{"eos_token_id": [151645, 151643]}"#).unwrap();
+    std::fs::write(work.join("generation_config.json"), r#"{"eos_token_id": [151645, 151643]}"#)
+        .unwrap();
     let gen = GenerationConfig::from_dir(&work).unwrap().with_tokenizer_defaults(&tok);
     assert_eq!(gen.eos_token_ids(), vec![151645, 151643]);
 }
@@ -213,11 +290,19 @@ fn raise_exception_in_a_template_is_an_error_value() {
     let work = temp_dir("raise-exception");
     std::fs::copy(qwen2_dir().join("tokenizer.json"), work.join("tokenizer.json")).unwrap();
     let template = "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('tool turns are not supported') }}{% endif %}{{ m.content }}{% endfor %}";
-    std::fs::write(work.join("tokenizer_config.json"), serde_json::json!({"chat_template": template}).to_string()).unwrap();
+    std::fs::write(
+        work.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template}).to_string(),
+    )
+    .unwrap();
     let tok = Tokenizer::from_dir(&work).unwrap();
     assert_eq!(tok.apply_chat_template(&[Message::new("user", "ok")], false).unwrap(), "ok");
-    let err = format!("{:#}", tok.apply_chat_template(&[Message::new("tool", "x")], false).unwrap_err());
-    assert!(err.contains("tool turns are not supported") && err.contains("tokenizer_config.json"), "{err}");
+    let err =
+        format!("{:#}", tok.apply_chat_template(&[Message::new("tool", "x")], false).unwrap_err());
+    assert!(
+        err.contains("tool turns are not supported") && err.contains("tokenizer_config.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -237,5 +322,9 @@ fn malformed_tokenizer_config_names_file_and_key() {
     assert!(err.contains(&config.display().to_string()) && err.contains("`eos_token`"), "{err}");
     std::fs::write(&config, r#"{"added_tokens_decoder": {"151643": {"content": 7}}}"#).unwrap();
     let err = format!("{:#}", Tokenizer::from_dir(&work).unwrap_err());
-    assert!(err.contains(&config.display().to_string()) && err.contains("`added_tokens_decoder.151643.content`"), "{err}");
+    assert!(
+        err.contains(&config.display().to_string())
+            && err.contains("`added_tokens_decoder.151643.content`"),
+        "{err}"
+    );
 }

@@ -35,10 +35,26 @@ const WORDS: usize = 40;
 /// (name, LoraConfig keys shared by the plugin and peft, whether the run starts from peft's
 /// saved initial adapter).
 const VARIANTS: &[(&str, &str, bool)] = &[
-    ("lora", r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}"#, true),
-    ("rslora", r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "use_rslora": true}"#, true),
-    ("dora", r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "use_dora": true}"#, true),
-    ("pissa", r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "init_lora_weights": "pissa"}"#, false),
+    (
+        "lora",
+        r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}"#,
+        true,
+    ),
+    (
+        "rslora",
+        r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "use_rslora": true}"#,
+        true,
+    ),
+    (
+        "dora",
+        r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "use_dora": true}"#,
+        true,
+    ),
+    (
+        "pissa",
+        r#"{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "init_lora_weights": "pissa"}"#,
+        false,
+    ),
 ];
 
 struct Fixture {
@@ -91,7 +107,11 @@ fn prepare() -> Fixture {
 fn write_config(f: &Fixture, name: &str, adapter: &str, from_init: bool) -> PathBuf {
     let mut adapter: Value = serde_json::from_str(adapter).unwrap();
     adapter["plugin"] = json!("lora");
-    let init = if from_init { format!("adapter_init: {}\n", f.work.join(format!("init-{name}")).display()) } else { String::new() };
+    let init = if from_init {
+        format!("adapter_init: {}\n", f.work.join(format!("init-{name}")).display())
+    } else {
+        String::new()
+    };
     let yaml = format!(
         "model: {model}\noutput_dir: {out}\ndevice: cpu\ndtype: f32\nseed: 42\n\
          adapter: {adapter}\n{init}\
@@ -122,14 +142,18 @@ fn check_variant(name: &str) {
     assert!(out.status.success(), "{name}: train failed:\n{}", stderr(&out));
 
     let ours: Vec<Value> = read_jsonl(&f.work.join(format!("ours-{name}/metrics.jsonl")));
-    let theirs: Value = serde_json::from_str(&std::fs::read_to_string(f.work.join(format!("peft-{name}/metrics.json"))).unwrap()).unwrap();
+    let theirs: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.work.join(format!("peft-{name}/metrics.json"))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(ours.len(), STEPS, "{name}: one metrics line per step");
     let (mut loss_diff, mut norm_diff) = (0f64, 0f64);
     for (i, line) in ours.iter().enumerate() {
         assert_eq!(line["step"], json!(i + 1));
         let (l, tl) = (line["loss"].as_f64().unwrap(), theirs["loss"][i].as_f64().unwrap());
         let (lr, tlr) = (line["lr"].as_f64().unwrap(), theirs["lr"][i].as_f64().unwrap());
-        let (gn, tgn) = (line["grad_norm"].as_f64().unwrap(), theirs["grad_norm"][i].as_f64().unwrap());
+        let (gn, tgn) =
+            (line["grad_norm"].as_f64().unwrap(), theirs["grad_norm"][i].as_f64().unwrap());
         println!("{name} step {:>2}: loss {l:.7} vs {tl:.7} (|diff| {:.1e}), lr {lr:.3e}, grad norm {gn:.5} vs {tgn:.5}", i + 1, (l - tl).abs());
         assert!((lr - tlr).abs() <= 1e-12, "{name} step {}: lr {lr} vs transformers' {tlr}", i + 1);
         assert!((l - tl).abs() <= LOSS_TOL, "{name} step {}: loss {l} vs peft's {tl}", i + 1);
@@ -138,10 +162,19 @@ fn check_variant(name: &str) {
     }
     let first = theirs["loss"][0].as_f64().unwrap();
     let last = theirs["loss"][STEPS - 1].as_f64().unwrap();
-    assert!((first - last).abs() > 1e-3, "{name}: the loss must move over the run for the test to mean anything ({first} -> {last})");
+    assert!(
+        (first - last).abs() > 1e-3,
+        "{name}: the loss must move over the run for the test to mean anything ({first} -> {last})"
+    );
 
-    let ours = sorted(Tensor::read_safetensors(f.work.join(format!("ours-{name}/adapter_model.safetensors"))).unwrap());
-    let theirs = sorted(Tensor::read_safetensors(f.work.join(format!("peft-{name}/adapter_model.safetensors"))).unwrap());
+    let ours = sorted(
+        Tensor::read_safetensors(f.work.join(format!("ours-{name}/adapter_model.safetensors")))
+            .unwrap(),
+    );
+    let theirs = sorted(
+        Tensor::read_safetensors(f.work.join(format!("peft-{name}/adapter_model.safetensors")))
+            .unwrap(),
+    );
     let keys = |v: &[(String, Tensor)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
     assert_eq!(keys(&ours), keys(&theirs), "{name}: adapter keys");
     let mut weight_diff = 0f64;
@@ -160,9 +193,12 @@ fn check_variant(name: &str) {
 #[test]
 fn encoded_samples_equal_the_python_encoding() {
     let f = fixture();
-    let theirs: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(f.work.join("encoded.json")).unwrap()).unwrap();
+    let theirs: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(f.work.join("encoded.json")).unwrap())
+            .unwrap();
     let registry = registry();
-    let samples = ferrotune::data::load_samples(&registry, "alpaca", "{}", &f.data, "train").unwrap();
+    let samples =
+        ferrotune::data::load_samples(&registry, "alpaca", "{}", &f.data, "train").unwrap();
     let tok = ferrotune::text::Tokenizer::from_dir(&f.model).unwrap();
     assert_eq!(samples.len(), theirs.len());
     for (i, (s, t)) in samples.iter().zip(&theirs).enumerate() {
@@ -172,7 +208,11 @@ fn encoded_samples_equal_the_python_encoding() {
     }
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         let read = |dir: &str| std::fs::read(f.work.join(dir).join(file)).unwrap();
-        assert_eq!(read("model"), read("tokenizer"), "Python reads {file} from the tokenizer folder, the trainer from the model's copy");
+        assert_eq!(
+            read("model"),
+            read("tokenizer"),
+            "Python reads {file} from the tokenizer folder, the trainer from the model's copy"
+        );
     }
     let pad = |p: &Path| ferrotune::text::Tokenizer::from_dir(p).unwrap().pad_token_id();
     assert_eq!(pad(&f.model), Some(0), "right padding with `<|endoftext|>`, as Python pads");

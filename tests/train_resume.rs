@@ -97,11 +97,20 @@ fn bytes(p: &Path) -> Vec<u8> {
 }
 
 /// Files every checkpoint folder holds.
-const CHECKPOINT_FILES: [&str; 4] = ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors", "trainer_state.json"];
+const CHECKPOINT_FILES: [&str; 4] = [
+    "adapter/adapter_model.safetensors",
+    "adapter/adapter_config.json",
+    "optimizer.safetensors",
+    "trainer_state.json",
+];
 
 fn assert_complete(checkpoint: &Path) {
     for file in CHECKPOINT_FILES {
-        assert!(checkpoint.join(file).is_file(), "{} was visible without its {file}", checkpoint.display());
+        assert!(
+            checkpoint.join(file).is_file(),
+            "{} was visible without its {file}",
+            checkpoint.display()
+        );
     }
 }
 
@@ -140,14 +149,20 @@ fn a_killed_run_resumes_bit_identically() {
                 std::fs::read_to_string(f.work.join("b-first.stderr")).unwrap_or_default()
             );
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint-{KILL_AT} after 300 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint-{KILL_AT} after 300 s"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     let status = child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "run B must die by SIGKILL, not finish ({status})");
     assert_complete(&target);
-    assert!(!b_dir.join("adapter_model.safetensors").exists(), "run B finished before the kill: nothing to resume");
+    assert!(
+        !b_dir.join("adapter_model.safetensors").exists(),
+        "run B finished before the kill: nothing to resume"
+    );
     let later = format!("checkpoint-{}", KILL_AT + SAVE_STEPS);
     assert!(!b_dir.join(&later).exists(), "run B wrote {later} before the kill: the kill came too late to test resuming from {KILL_AT}");
     println!("run B killed at checkpoint-{KILL_AT} after {:.2} s", started.elapsed().as_secs_f64());
@@ -156,38 +171,70 @@ fn a_killed_run_resumes_bit_identically() {
     // checkpoint to resume from.
     let half = b_dir.join(format!(".checkpoint-{}.tmp", KILL_AT + SAVE_STEPS));
     std::fs::create_dir_all(half.join("adapter")).unwrap();
-    std::fs::write(half.join("trainer_state.json"), format!("{{\"step\": {}}}", KILL_AT + SAVE_STEPS)).unwrap();
+    std::fs::write(
+        half.join("trainer_state.json"),
+        format!("{{\"step\": {}}}", KILL_AT + SAVE_STEPS),
+    )
+    .unwrap();
     std::fs::write(half.join("optimizer.safetensors"), b"torn").unwrap();
 
     let resumed = train(&config, &["--resume"]);
     assert!(resumed.status.success(), "resume failed:\n{}", stderr(&resumed));
     let expected = format!("resumed from {} at step {KILL_AT}", target.display());
-    assert!(stderr(&resumed).contains(&expected), "expected `{expected}` in:\n{}", stderr(&resumed));
+    assert!(
+        stderr(&resumed).contains(&expected),
+        "expected `{expected}` in:\n{}",
+        stderr(&resumed)
+    );
 
     // Weights: the final adapter and every later checkpoint, byte for byte.
     let final_file = "adapter_model.safetensors";
-    assert!(bytes(&a_dir.join(final_file)) == bytes(&b_dir.join(final_file)), "final adapters differ");
+    assert!(
+        bytes(&a_dir.join(final_file)) == bytes(&b_dir.join(final_file)),
+        "final adapters differ"
+    );
     for n in (KILL_AT + SAVE_STEPS..STEPS).step_by(SAVE_STEPS) {
         for file in ["adapter/adapter_model.safetensors", "optimizer.safetensors"] {
             let p = format!("checkpoint-{n}/{file}");
             assert!(bytes(&a_dir.join(&p)) == bytes(&b_dir.join(&p)), "{p} differs");
         }
     }
-    println!("final adapter_model.safetensors of A and B: byte-identical ({} bytes)", bytes(&a_dir.join(final_file)).len());
+    println!(
+        "final adapter_model.safetensors of A and B: byte-identical ({} bytes)",
+        bytes(&a_dir.join(final_file)).len()
+    );
 
     // Metrics: the resumed run logs steps 9..24 exactly as A did, and B's metrics file reads
     // as one run (the killed run's lines after the checkpoint are cut).
     let a = steps(&read_jsonl(&a_dir.join("metrics.jsonl")));
     assert_eq!(a.len(), STEPS);
-    let after: Vec<Value> = stdout(&resumed).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(after.first().map(|l| l["step"].as_u64().unwrap()), Some(KILL_AT as u64 + 1), "the resumed run starts at step {}", KILL_AT + 1);
-    assert_eq!(after.iter().map(key).collect::<Vec<_>>(), a[KILL_AT..].iter().map(key).collect::<Vec<_>>(), "losses after the resume");
+    let after: Vec<Value> =
+        stdout(&resumed).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        after.first().map(|l| l["step"].as_u64().unwrap()),
+        Some(KILL_AT as u64 + 1),
+        "the resumed run starts at step {}",
+        KILL_AT + 1
+    );
+    assert_eq!(
+        after.iter().map(key).collect::<Vec<_>>(),
+        a[KILL_AT..].iter().map(key).collect::<Vec<_>>(),
+        "losses after the resume"
+    );
     let b_lines = read_jsonl(&b_dir.join("metrics.jsonl"));
-    assert_eq!(b_lines.iter().map(key).collect::<Vec<_>>(), a.iter().map(key).collect::<Vec<_>>(), "B's metrics.jsonl: one line per step, as A's");
+    assert_eq!(
+        b_lines.iter().map(key).collect::<Vec<_>>(),
+        a.iter().map(key).collect::<Vec<_>>(),
+        "B's metrics.jsonl: one line per step, as A's"
+    );
     for l in &after {
-        println!("step {:>2}: loss {} (A: {})", l["step"], l["loss"], a[l["step"].as_u64().unwrap() as usize - 1]["loss"]);
+        println!(
+            "step {:>2}: loss {} (A: {})",
+            l["step"],
+            l["loss"],
+            a[l["step"].as_u64().unwrap() as usize - 1]["loss"]
+        );
     }
-
 }
 
 /// The random stream matters in these runs: without dropout the same run ends elsewhere, so the
@@ -212,9 +259,16 @@ fn resume_from_a_named_checkpoint() {
     let checkpoint = a_dir.join("checkpoint-4");
     let out = train(&config, &["--resume", checkpoint.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains(&format!("resumed from {} at step 4", checkpoint.display())), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("resumed from {} at step 4", checkpoint.display())),
+        "{}",
+        stderr(&out)
+    );
     let file = "adapter_model.safetensors";
-    assert!(bytes(&a_dir.join(file)) == bytes(&f.work.join("c").join(file)), "resuming from A's checkpoint-4 must end where A ended");
+    assert!(
+        bytes(&a_dir.join(file)) == bytes(&f.work.join("c").join(file)),
+        "resuming from A's checkpoint-4 must end where A ended"
+    );
 }
 
 #[test]
@@ -224,7 +278,10 @@ fn resume_without_a_checkpoint_is_an_error() {
     let out = train(&config, &["--resume"]);
     assert!(!out.status.success(), "--resume with nothing to resume from must fail");
     let e = stderr(&out);
-    assert!(e.contains("no checkpoint") && e.contains(&f.work.join("d").display().to_string()), "{e}");
+    assert!(
+        e.contains("no checkpoint") && e.contains(&f.work.join("d").display().to_string()),
+        "{e}"
+    );
     assert!(!f.work.join("d").join("adapter_model.safetensors").exists(), "no training happened");
 
     let missing = f.work.join("d/checkpoint-3");

@@ -22,7 +22,11 @@ const USER_PROMPT: &str = "Create a story based on these images.";
 
 fn vlmdata() -> Registry {
     let lib = build_dir().join("libferrotune_vlmdata.so");
-    assert!(lib.exists(), "{} is missing: build it first with `cargo build -p ferrotune-vlmdata`", lib.display());
+    assert!(
+        lib.exists(),
+        "{} is missing: build it first with `cargo build -p ferrotune-vlmdata`",
+        lib.display()
+    );
     registry()
 }
 
@@ -39,7 +43,10 @@ fn load(reg: &Registry, plugin: &str, config: &str, path: &Path, split: &str) ->
 }
 
 fn load_err(reg: &Registry, plugin: &str, config: &str, path: &Path, split: &str) -> String {
-    format!("{:#}", load_samples(reg, plugin, config, path, split).expect_err("the load should fail"))
+    format!(
+        "{:#}",
+        load_samples(reg, plugin, config, path, split).expect_err("the load should fail")
+    )
 }
 
 /// pyarrow's rows of a parquet file (see story_reference.py).
@@ -74,17 +81,43 @@ fn storyreasoning_rows_equal_pyarrow() {
             assert_eq!(s.id.as_deref(), Some(id));
             assert_eq!(s.extra["story_id"], w["story_id"], "{id}");
             assert_eq!(s.extra["frame_count"], w["frame_count"], "{id}");
-            let frames: Vec<Vec<u8>> = w["images_hex"].as_array().unwrap().iter().map(|h| unhex(h.as_str().unwrap())).collect();
-            assert_eq!(frames.len() as i64, w["frame_count"].as_i64().unwrap(), "{id}: the sample data's frame_count");
+            let frames: Vec<Vec<u8>> = w["images_hex"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| unhex(h.as_str().unwrap()))
+                .collect();
+            assert_eq!(
+                frames.len() as i64,
+                w["frame_count"].as_i64().unwrap(),
+                "{id}: the sample data's frame_count"
+            );
             assert_eq!(s.blobs, frames, "{id}: frame bytes");
-            assert_eq!(s.images, (0..frames.len()).map(ImageSource::Blob).collect::<Vec<_>>(), "{id}");
+            assert_eq!(
+                s.images,
+                (0..frames.len()).map(ImageSource::Blob).collect::<Vec<_>>(),
+                "{id}"
+            );
             let roles: Vec<&str> = s.messages.iter().map(|m| m.role.as_str()).collect();
             assert_eq!(roles, ["system", "user", "assistant"], "{id}");
-            assert!(s.messages[0].content.contains("<think></think>"), "{id}: {}", s.messages[0].content);
-            assert_eq!(s.messages[1].content, format!("{USER_PROMPT}{}", "<image>".repeat(frames.len())), "{id}");
-            let (cot, story) = (w["chain_of_thought"].as_str().unwrap(), w["story"].as_str().unwrap());
+            assert!(
+                s.messages[0].content.contains("<think></think>"),
+                "{id}: {}",
+                s.messages[0].content
+            );
+            assert_eq!(
+                s.messages[1].content,
+                format!("{USER_PROMPT}{}", "<image>".repeat(frames.len())),
+                "{id}"
+            );
+            let (cot, story) =
+                (w["chain_of_thought"].as_str().unwrap(), w["story"].as_str().unwrap());
             assert_eq!(s.messages[2].content, answer(cot, story), "{id}");
-            assert!(story.contains(&format!("<gdi image{}>", frames.len())) && cot.contains("| char1 |"), "{id}: sample data format");
+            assert!(
+                story.contains(&format!("<gdi image{}>", frames.len()))
+                    && cot.contains("| char1 |"),
+                "{id}: sample data format"
+            );
             compared += 1;
         }
     }
@@ -106,14 +139,24 @@ fn storyreasoning_options_trim_and_pass_on() {
         assert_eq!(t.messages[1].content, "<image><image>", "{id}");
         assert_eq!(t.blobs[..], f.blobs[..2], "{id}: the first two frames");
         assert_eq!(t.images, vec![ImageSource::Blob(0), ImageSource::Blob(1)]);
-        let (cot, story) = (w["trimmed"]["chain_of_thought"].as_str().unwrap(), w["trimmed"]["story"].as_str().unwrap());
+        let (cot, story) = (
+            w["trimmed"]["chain_of_thought"].as_str().unwrap(),
+            w["trimmed"]["story"].as_str().unwrap(),
+        );
         assert_eq!(t.messages[2].content, answer(cot, story), "{id}");
-        assert!(!t.messages[2].content.contains("## Image 3") && !t.messages[2].content.contains("<gdi image3>"), "{id}");
+        assert!(
+            !t.messages[2].content.contains("## Image 3")
+                && !t.messages[2].content.contains("<gdi image3>"),
+            "{id}"
+        );
         assert!(t.messages[2].content.contains("## Narrative Structure"), "{id}");
         cut += usize::from(f.blobs.len() > 2);
         // frame_count stays the data set's; the pixel bounds go to the host's image processor.
         assert_eq!(t.extra["frame_count"], f.extra["frame_count"]);
-        assert_eq!((t.extra["image_min_pixels"].as_u64(), t.extra["image_max_pixels"].as_u64()), (Some(3136), Some(50176)));
+        assert_eq!(
+            (t.extra["image_min_pixels"].as_u64(), t.extra["image_max_pixels"].as_u64()),
+            (Some(3136), Some(50176))
+        );
     }
     assert_eq!(cut, 8, "every train story has more than 2 frames");
     // A bound at or above the frame count changes nothing.
@@ -134,8 +177,11 @@ fn llava_copy_reads_like_the_parquet() {
             assert_eq!(l.messages, s.messages, "{:?}", l.id);
             assert_eq!(l.images.len(), s.blobs.len());
             for (k, (image, blob)) in l.images.iter().zip(&s.blobs).enumerate() {
-                let ImageSource::Path(p) = image else { panic!("{:?}: a path image, found {image:?}", l.id) };
-                let want = llava_dir().join(format!("images/{}_{}.png", s.id.as_deref().unwrap(), k + 1));
+                let ImageSource::Path(p) = image else {
+                    panic!("{:?}: a path image, found {image:?}", l.id)
+                };
+                let want =
+                    llava_dir().join(format!("images/{}_{}.png", s.id.as_deref().unwrap(), k + 1));
                 assert_eq!(Path::new(p), want, "joined to the JSON file's folder");
                 assert_eq!(&std::fs::read(p).unwrap(), blob, "{p}");
             }
@@ -143,7 +189,11 @@ fn llava_copy_reads_like_the_parquet() {
     }
     // `image_folder` replaces the JSON file's folder.
     let moved = load(&reg, "llava", r#"{"image_folder": "/elsewhere"}"#, &llava_dir(), "test");
-    assert!(matches!(&moved[0].images[0], ImageSource::Path(p) if p.starts_with("/elsewhere/images/")), "{:?}", moved[0].images);
+    assert!(
+        matches!(&moved[0].images[0], ImageSource::Path(p) if p.starts_with("/elsewhere/images/")),
+        "{:?}",
+        moved[0].images
+    );
 }
 
 #[test]
@@ -161,7 +211,8 @@ fn llava_bad_rows_fail_when_read_naming_row_id_and_counts() {
     std::fs::write(&f, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
     // The file opens; each row is checked when asked for, so the host can stop or skip.
     let format = reg.dataset("llava", "{}").unwrap();
-    let reader = format.open(&DataSource { path: f.display().to_string(), split: "train".into() }).unwrap();
+    let reader =
+        format.open(&DataSource { path: f.display().to_string(), split: "train".into() }).unwrap();
     assert_eq!(reader.len().unwrap(), 3);
     let ok = reader.get(0).unwrap();
     assert_eq!((ok.id.as_deref(), ok.messages[0].content.as_str()), (Some("ok"), "<image>What?"));
@@ -169,7 +220,10 @@ fn llava_bad_rows_fail_when_read_naming_row_id_and_counts() {
     assert!(e.contains(&format!("{}: record [1] (id `two-for-three`)", f.display())), "{e}");
     assert!(e.contains("2 image(s) in `image` but 3 `<image>` placeholder(s)"), "{e}");
     let e = reader.get(2).unwrap_err().to_string();
-    assert!(e.contains(&format!("{}: record [2] (id `no-turns`): no `conversations` key", f.display())), "{e}");
+    assert!(
+        e.contains(&format!("{}: record [2] (id `no-turns`): no `conversations` key", f.display())),
+        "{e}"
+    );
     // A folder without the split's file says which names it looked for.
     let e = load_err(&reg, "llava", "{}", &dir, "test");
     assert!(e.contains("no test.json or test.jsonl for split `test`"), "{e}");
@@ -183,18 +237,28 @@ fn storyreasoning_bad_sources_are_clear() {
     let broken = dir.join("train.parquet");
     let script = repo_root().join("tests/python/story_reference.py");
     let src = parquet_dir().join("train.parquet");
-    run_python(&[script.as_os_str(), "drop-column".as_ref(), src.as_os_str(), broken.as_os_str(), "chain_of_thought".as_ref()]);
+    run_python(&[
+        script.as_os_str(),
+        "drop-column".as_ref(),
+        src.as_os_str(),
+        broken.as_os_str(),
+        "chain_of_thought".as_ref(),
+    ]);
     let e = load_err(&reg, "storyreasoning", "{}", &broken, "train");
     assert!(e.contains(&format!("{}: no column `chain_of_thought`", broken.display())), "{e}");
     assert!(e.contains("this file has story_id, images, frame_count, story"), "{e}");
     // A split that is not there: the folder, the names looked for, and the splits found.
     let e = load_err(&reg, "storyreasoning", "{}", &dir, "validation");
-    assert!(e.contains(&format!("{}: no parquet file for split `validation`", dir.display())), "{e}");
+    assert!(
+        e.contains(&format!("{}: no parquet file for split `validation`", dir.display())),
+        "{e}"
+    );
     assert!(e.contains("splits found: train"), "{e}");
     // The Hugging Face layout: data/{split}-00000-of-00001.parquet.
     let hf = dir.join("hub");
     std::fs::create_dir_all(hf.join("data")).unwrap();
-    std::fs::copy(parquet_dir().join("test.parquet"), hf.join("data/test-00000-of-00001.parquet")).unwrap();
+    std::fs::copy(parquet_dir().join("test.parquet"), hf.join("data/test-00000-of-00001.parquet"))
+        .unwrap();
     assert_eq!(load(&reg, "storyreasoning", "{}", &hf, "test").len(), 2);
     // Not parquet at all.
     let junk = dir.join("junk.parquet");
@@ -206,12 +270,24 @@ fn storyreasoning_bad_sources_are_clear() {
 #[test]
 fn unknown_config_keys_are_named() {
     let reg = vlmdata();
-    let e = reg.dataset("storyreasoning", r#"{"max_frames": 4}"#).err().expect("unknown key").to_string();
+    let e = reg
+        .dataset("storyreasoning", r#"{"max_frames": 4}"#)
+        .err()
+        .expect("unknown key")
+        .to_string();
     assert!(e.contains("unknown field `max_frames`"), "{e}");
-    let e = reg.dataset("storyreasoning", r#"{"max_images": 0}"#).err().expect("zero frames").to_string();
+    let e = reg
+        .dataset("storyreasoning", r#"{"max_images": 0}"#)
+        .err()
+        .expect("zero frames")
+        .to_string();
     assert!(e.contains("config key `max_images`"), "{e}");
     let e = reg.dataset("llava", r#"{"image_dir": "x"}"#).err().expect("unknown key").to_string();
     assert!(e.contains("unknown field `image_dir`"), "{e}");
-    let e = reg.dataset("llava", r#"{"columns": {"images": "imgs"}}"#).err().expect("unknown column key").to_string();
+    let e = reg
+        .dataset("llava", r#"{"columns": {"images": "imgs"}}"#)
+        .err()
+        .expect("unknown column key")
+        .to_string();
     assert!(e.contains("unknown field `images`") && e.contains("columns"), "{e}");
 }

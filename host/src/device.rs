@@ -27,9 +27,9 @@ pub fn resolve(text: &str) -> anyhow::Result<Device> {
 /// [`resolve_for_rank`] for a given `LOCAL_RANK` (`None`: not launched).
 pub fn resolve_for_local_rank(text: &str, local_rank: Option<usize>) -> anyhow::Result<Device> {
     match local_rank {
-        Some(r) if is_plain_cuda(text) => {
-            resolve(&format!("cuda:{r}")).map_err(|e| anyhow::anyhow!("device `{text}` of the rank with LOCAL_RANK={r} means cuda:{r}: {e:#}"))
-        }
+        Some(r) if is_plain_cuda(text) => resolve(&format!("cuda:{r}")).map_err(|e| {
+            anyhow::anyhow!("device `{text}` of the rank with LOCAL_RANK={r} means cuda:{r}: {e:#}")
+        }),
         _ => resolve(text),
     }
 }
@@ -47,7 +47,11 @@ pub fn cuda_linked() -> bool {
 /// One line: CUDA availability and device count.
 pub fn runtime_summary() -> String {
     if tch::Cuda::is_available() {
-        format!("CUDA available, {} device(s), cuDNN {}", tch::Cuda::device_count(), if tch::Cuda::cudnn_is_available() { "yes" } else { "no" })
+        format!(
+            "CUDA available, {} device(s), cuDNN {}",
+            tch::Cuda::device_count(),
+            if tch::Cuda::cudnn_is_available() { "yes" } else { "no" }
+        )
     } else {
         "CUDA not available".to_string()
     }
@@ -63,7 +67,10 @@ pub fn doctor_report() -> Vec<(String, String)> {
         ("libtorch (built against)".to_string(), fp.libtorch_version.clone()),
         ("libtorch dir (build)".to_string(), env!("FERROTUNE_BUILD_LIBTORCH_DIR").to_string()),
         ("C++11 ABI".to_string(), if fp.cxx11_abi { "on".into() } else { "off".into() }),
-        ("libtorch_cuda linked".to_string(), if cuda_linked() { "yes".into() } else { "no".into() }),
+        (
+            "libtorch_cuda linked".to_string(),
+            if cuda_linked() { "yes".into() } else { "no".into() },
+        ),
         ("CUDA".to_string(), runtime_summary()),
     ];
     if let Some(lib) = loaded_libtorch_path() {
@@ -77,7 +84,9 @@ pub fn doctor_report() -> Vec<(String, String)> {
 /// Where the dynamic loader found libtorch_cpu.so (LD_LIBRARY_PATH wins over RUNPATH).
 fn loaded_libtorch_path() -> Option<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|l| l.split_whitespace().last().filter(|p| p.ends_with("libtorch_cpu.so")).map(str::to_string))
+    maps.lines().find_map(|l| {
+        l.split_whitespace().last().filter(|p| p.ends_with("libtorch_cpu.so")).map(str::to_string)
+    })
 }
 
 #[cfg(test)]
@@ -108,7 +117,10 @@ mod tests {
             assert!(e.contains(&format!("LOCAL_RANK={n} means cuda:{n}")), "{e}");
         } else {
             let e = resolve_for_local_rank("cuda", Some(1)).unwrap_err().to_string();
-            assert!(e.contains("LOCAL_RANK=1 means cuda:1") && e.contains("CUDA is not available"), "{e}");
+            assert!(
+                e.contains("LOCAL_RANK=1 means cuda:1") && e.contains("CUDA is not available"),
+                "{e}"
+            );
             let e = resolve_for_local_rank("cuda", None).unwrap_err().to_string();
             assert!(!e.contains("LOCAL_RANK"), "{e}");
         }

@@ -43,12 +43,19 @@ pub struct SearchPath {
 
 impl SearchPath {
     pub fn new(flag_dirs: &[PathBuf], env_value: Option<&str>, include_defaults: bool) -> Self {
-        let mut dirs: Vec<(PathBuf, DirSource)> = flag_dirs.iter().map(|d| (d.clone(), DirSource::Flag)).collect();
+        let mut dirs: Vec<(PathBuf, DirSource)> =
+            flag_dirs.iter().map(|d| (d.clone(), DirSource::Flag)).collect();
         if let Some(v) = env_value {
-            dirs.extend(std::env::split_paths(v).filter(|p| !p.as_os_str().is_empty()).map(|p| (p, DirSource::Env)));
+            dirs.extend(
+                std::env::split_paths(v)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(|p| (p, DirSource::Env)),
+            );
         }
         if include_defaults {
-            if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+            if let Some(exe_dir) =
+                std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf))
+            {
                 dirs.push((exe_dir.join("plugins"), DirSource::Default));
                 dirs.push((exe_dir, DirSource::Default));
             }
@@ -127,7 +134,10 @@ pub struct PluginLibrary {
 
 impl std::fmt::Debug for PluginLibrary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginLibrary").field("path", &self.path).field("plugins", &self.plugins).finish()
+        f.debug_struct("PluginLibrary")
+            .field("path", &self.path)
+            .field("plugins", &self.plugins)
+            .finish()
     }
 }
 
@@ -150,18 +160,25 @@ pub fn load_library(path: &Path) -> Result<PluginLibrary, LoadError> {
         let manifest = unsafe { lib.get::<extern "C" fn() -> *const Manifest>(MANIFEST_SYMBOL) }
             .map_err(|_| LoadError::NotAPlugin { path: path.clone() })?;
         // SAFETY: the manifest has a frozen C layout with 'static strings.
-        unsafe { BuildFingerprint::from_manifest(manifest()) }.ok_or_else(|| LoadError::BadManifest { path: path.clone() })?
+        unsafe { BuildFingerprint::from_manifest(manifest()) }
+            .ok_or_else(|| LoadError::BadManifest { path: path.clone() })?
     };
     let host = BuildFingerprint::current();
-    fingerprint
-        .check_compatible_with(&host)
-        .map_err(|why| LoadError::Incompatible { path: path.clone(), plugin: fingerprint.clone(), why })?;
+    fingerprint.check_compatible_with(&host).map_err(|why| LoadError::Incompatible {
+        path: path.clone(),
+        plugin: fingerprint.clone(),
+        why,
+    })?;
     // Keep the library loaded for the life of the process.
     std::mem::forget(lib);
     let layout_err = |e: LibraryError| {
         let full = e.to_string();
         tracing::debug!(path = %path.display(), "abi_stable's full report:\n{full}");
-        LoadError::Layout { path: path.clone(), summary: summarise(&full), host_api: host.api_version.clone() }
+        LoadError::Layout {
+            path: path.clone(),
+            summary: summarise(&full),
+            host_api: host.api_version.clone(),
+        }
     };
     let header = lib_header_from_path(&path).map_err(layout_err)?;
     let module = header.init_root_module::<PluginModule_Ref>().map_err(layout_err)?;
@@ -172,18 +189,26 @@ pub fn load_library(path: &Path) -> Result<PluginLibrary, LoadError> {
 /// Checks, without loading it, that `path` is a shared object exporting the manifest symbol.
 fn exports_manifest(path: &Path) -> Result<(), LoadError> {
     use object::{Object, ObjectKind};
-    let data = std::fs::read(path).map_err(|e| LoadError::NotLoadable { path: path.to_path_buf(), reason: e.to_string() })?;
+    let data = std::fs::read(path)
+        .map_err(|e| LoadError::NotLoadable { path: path.to_path_buf(), reason: e.to_string() })?;
     let file = object::File::parse(&*data).map_err(|e| LoadError::NotLoadable {
         path: path.to_path_buf(),
         reason: format!("not an object file this platform loads ({e})"),
     })?;
     if file.kind() != ObjectKind::Dynamic {
-        return Err(LoadError::NotLoadable { path: path.to_path_buf(), reason: format!("a {:?} object, not a shared library", file.kind()) });
+        return Err(LoadError::NotLoadable {
+            path: path.to_path_buf(),
+            reason: format!("a {:?} object, not a shared library", file.kind()),
+        });
     }
     let wanted = &MANIFEST_SYMBOL[..MANIFEST_SYMBOL.len() - 1];
     let exported = file
         .exports()
-        .map(|exports| exports.iter().any(|e| e.name() == wanted || e.name().strip_prefix(b"_") == Some(wanted)))
+        .map(|exports| {
+            exports
+                .iter()
+                .any(|e| e.name() == wanted || e.name().strip_prefix(b"_") == Some(wanted))
+        })
         .unwrap_or(false);
     if exported {
         Ok(())
@@ -252,13 +277,25 @@ impl Registry {
     }
 
     /// The first library exporting plugin `name` of `kind` (later ones are shadowed).
-    pub fn find(&self, kind: PluginKind, name: &str) -> Result<(&PluginLibrary, &PluginInfo), CreateError> {
+    pub fn find(
+        &self,
+        kind: PluginKind,
+        name: &str,
+    ) -> Result<(&PluginLibrary, &PluginInfo), CreateError> {
         self.plugins().find(|(_, p)| p.kind == kind && p.name.as_str() == name).ok_or_else(|| {
-            let names: BTreeSet<&str> = self.plugins().filter(|(_, p)| p.kind == kind).map(|(_, p)| p.name.as_str()).collect();
+            let names: BTreeSet<&str> = self
+                .plugins()
+                .filter(|(_, p)| p.kind == kind)
+                .map(|(_, p)| p.name.as_str())
+                .collect();
             CreateError::Unknown {
                 kind,
                 name: name.to_string(),
-                available: if names.is_empty() { "none".into() } else { names.into_iter().collect::<Vec<_>>().join(", ") },
+                available: if names.is_empty() {
+                    "none".into()
+                } else {
+                    names.into_iter().collect::<Vec<_>>().join(", ")
+                },
             }
         })
     }
@@ -268,41 +305,70 @@ impl Registry {
         kind: PluginKind,
         name: &str,
         config_json: &str,
-        constructor: impl FnOnce(&PluginModule_Ref) -> extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<T, PluginError>,
+        constructor: impl FnOnce(
+            &PluginModule_Ref,
+        )
+            -> extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<T, PluginError>,
     ) -> Result<T, CreateError> {
         let (lib, _) = self.find(kind, name)?;
-        constructor(&lib.module)(name.into(), config_json.into())
-            .into_result()
-            .map_err(|error| CreateError::Plugin { kind, name: name.into(), path: lib.path.clone(), error })
+        constructor(&lib.module)(name.into(), config_json.into()).into_result().map_err(|error| {
+            CreateError::Plugin { kind, name: name.into(), path: lib.path.clone(), error }
+        })
     }
 
-    pub fn adapter(&self, name: &str, config_json: &str) -> Result<AdapterMethodHandle, CreateError> {
-        self.create(PluginKind::ADAPTER, name, config_json, |m| m.create_adapter()).map(AdapterMethodHandle)
+    pub fn adapter(
+        &self,
+        name: &str,
+        config_json: &str,
+    ) -> Result<AdapterMethodHandle, CreateError> {
+        self.create(PluginKind::ADAPTER, name, config_json, |m| m.create_adapter())
+            .map(AdapterMethodHandle)
     }
     pub fn quantizer(&self, name: &str, config_json: &str) -> Result<QuantizerHandle, CreateError> {
-        self.create(PluginKind::QUANTIZER, name, config_json, |m| m.create_quantizer()).map(QuantizerHandle)
+        self.create(PluginKind::QUANTIZER, name, config_json, |m| m.create_quantizer())
+            .map(QuantizerHandle)
     }
     pub fn objective(&self, name: &str, config_json: &str) -> Result<ObjectiveHandle, CreateError> {
-        self.create(PluginKind::OBJECTIVE, name, config_json, |m| m.create_objective()).map(ObjectiveHandle)
+        self.create(PluginKind::OBJECTIVE, name, config_json, |m| m.create_objective())
+            .map(ObjectiveHandle)
     }
     pub fn reward(&self, name: &str, config_json: &str) -> Result<RewardHandle, CreateError> {
         self.create(PluginKind::REWARD, name, config_json, |m| m.create_reward()).map(RewardHandle)
     }
-    pub fn dataset(&self, name: &str, config_json: &str) -> Result<DatasetFormatHandle, CreateError> {
-        self.create(PluginKind::DATASET, name, config_json, |m| m.create_dataset()).map(DatasetFormatHandle)
+    pub fn dataset(
+        &self,
+        name: &str,
+        config_json: &str,
+    ) -> Result<DatasetFormatHandle, CreateError> {
+        self.create(PluginKind::DATASET, name, config_json, |m| m.create_dataset())
+            .map(DatasetFormatHandle)
     }
-    pub fn memory(&self, name: &str, config_json: &str) -> Result<MemoryStrategyHandle, CreateError> {
-        self.create(PluginKind::MEMORY, name, config_json, |m| m.create_memory()).map(MemoryStrategyHandle)
+    pub fn memory(
+        &self,
+        name: &str,
+        config_json: &str,
+    ) -> Result<MemoryStrategyHandle, CreateError> {
+        self.create(PluginKind::MEMORY, name, config_json, |m| m.create_memory())
+            .map(MemoryStrategyHandle)
     }
     /// The capabilities of memory plugin `name` under `config_json` (none for a library built
     /// before the root module had `memory_capabilities`).
-    pub fn memory_capabilities(&self, name: &str, config_json: &str) -> Result<Vec<String>, CreateError> {
+    pub fn memory_capabilities(
+        &self,
+        name: &str,
+        config_json: &str,
+    ) -> Result<Vec<String>, CreateError> {
         let (lib, _) = self.find(PluginKind::MEMORY, name)?;
         let Some(f) = lib.module.memory_capabilities() else { return Ok(Vec::new()) };
         f(name.into(), config_json.into())
             .into_result()
             .map(|v| v.into_iter().map(|s| s.into_string()).collect())
-            .map_err(|error| CreateError::Plugin { kind: PluginKind::MEMORY, name: name.into(), path: lib.path.clone(), error })
+            .map_err(|error| CreateError::Plugin {
+                kind: PluginKind::MEMORY,
+                name: name.into(),
+                path: lib.path.clone(),
+                error,
+            })
     }
 }
 
@@ -314,7 +380,10 @@ mod tests {
     fn search_path_order_and_env_splitting() {
         let sp = SearchPath::new(&[PathBuf::from("/a")], Some("/b::/c"), false);
         let dirs: Vec<_> = sp.dirs.iter().map(|(d, s)| (d.to_str().unwrap(), s.clone())).collect();
-        assert_eq!(dirs, vec![("/a", DirSource::Flag), ("/b", DirSource::Env), ("/c", DirSource::Env)]);
+        assert_eq!(
+            dirs,
+            vec![("/a", DirSource::Flag), ("/b", DirSource::Env), ("/c", DirSource::Env)]
+        );
     }
 
     #[test]

@@ -36,13 +36,23 @@ impl Report {
     /// Differences allowed: none on CPU (same kernels, same order); CUDA may pick kernels
     /// per call, so a float32 rounding-level tolerance there.
     pub fn tolerance(&self) -> f64 {
-        if self.device == Device::Cpu { 0.0 } else { 1e-5 }
+        if self.device == Device::Cpu {
+            0.0
+        } else {
+            1e-5
+        }
     }
     pub fn passed(&self) -> bool {
         let t = self.tolerance();
-        [self.output_diff, self.grad_a_diff, self.grad_b_diff, self.step_diff, self.output_after_step_diff]
-            .iter()
-            .all(|d| d.is_finite() && *d <= t)
+        [
+            self.output_diff,
+            self.grad_a_diff,
+            self.grad_b_diff,
+            self.step_diff,
+            self.output_after_step_diff,
+        ]
+        .iter()
+        .all(|d| d.is_finite() && *d <= t)
             && self.step_size > 0.0
     }
     pub fn lines(&self) -> Vec<String> {
@@ -52,10 +62,16 @@ impl Report {
             format!("output   max |plugin - host|    {:e}", self.output_diff),
             format!("grad A   max |plugin - host|    {:e}", self.grad_a_diff),
             format!("grad B   max |plugin - host|    {:e}", self.grad_b_diff),
-            format!("host SGD step seen by plugin    max |diff| {:e} (step size {:e})", self.step_diff, self.step_size),
+            format!(
+                "host SGD step seen by plugin    max |diff| {:e} (step size {:e})",
+                self.step_diff, self.step_size
+            ),
             format!("output after step               max |diff| {:e}", self.output_after_step_diff),
             format!("tolerance                       {:e}", self.tolerance()),
-            format!("result                          {}", if self.passed() { "PASS" } else { "FAIL" }),
+            format!(
+                "result                          {}",
+                if self.passed() { "PASS" } else { "FAIL" }
+            ),
         ]
     }
 }
@@ -80,7 +96,11 @@ pub fn run(registry: &Registry, device: Device) -> Result<Report> {
     let method = registry.adapter(ADAPTER, &format!(r#"{{"rank": {rank}, "alpha": {alpha}}}"#))?;
     tch::manual_seed(1234);
     let opts = (Kind::Float, device);
-    let base = FrozenLinear::new("model.layers.0.mlp.down_proj", Tensor::f_randn([8, 16], opts)?, Some(Tensor::f_randn([8], opts)?));
+    let base = FrozenLinear::new(
+        "model.layers.0.mlp.down_proj",
+        Tensor::f_randn([8, 16], opts)?,
+        Some(Tensor::f_randn([8], opts)?),
+    );
     let layer = method.adapt_linear(&base.name, &base)?;
     let x = Tensor::f_randn([3, 5, 16], opts)?;
 
@@ -94,7 +114,8 @@ pub fn run(registry: &Registry, device: Device) -> Result<Report> {
     let a2 = a.detach().copy().set_requires_grad(true);
     let b2 = b.detach().copy().set_requires_grad(true);
     let host_forward = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
-        Ok(x.f_linear(&base.weight, base.bias.as_ref())?.f_add(&(x.f_matmul(&a.tr())?.f_matmul(&b.tr())? * scale))?)
+        Ok(x.f_linear(&base.weight, base.bias.as_ref())?
+            .f_add(&(x.f_matmul(&a.tr())?.f_matmul(&b.tr())? * scale))?)
     };
     let y2 = host_forward(&a2, &b2)?;
     y2.f_pow_tensor_scalar(2)?.f_mean(Kind::Float)?.backward();
@@ -126,5 +147,13 @@ pub fn run(registry: &Registry, device: Device) -> Result<Report> {
     let y_after = tch::no_grad(|| layer.forward(&x, &base, false))?;
     let y2_after = tch::no_grad(|| host_forward(&a2, &b2))?;
     let output_after_step_diff = max_abs_diff(&y_after, &y2_after)?;
-    Ok(Report { device, output_diff, grad_a_diff, grad_b_diff, step_diff, output_after_step_diff, step_size })
+    Ok(Report {
+        device,
+        output_diff,
+        grad_a_diff,
+        grad_b_diff,
+        step_diff,
+        output_after_step_diff,
+        step_size,
+    })
 }

@@ -61,7 +61,8 @@ pub fn dynamic_map(device: Device) -> PluginResult<Tensor> {
     for i in 0..7i32 {
         let items = (1i64 << i) + 1;
         let bounds = Tensor::f_linspace(0.1, 1.0, items, (Kind::Float, Device::Cpu))?;
-        let means = (bounds.f_narrow(0, 0, items - 1)? + bounds.f_narrow(0, 1, items - 1)?).f_div_scalar(2.0)?;
+        let means = (bounds.f_narrow(0, 0, items - 1)? + bounds.f_narrow(0, 1, items - 1)?)
+            .f_div_scalar(2.0)?;
         let scale = 10f64.powi(i - 6);
         parts.push(means.f_mul_scalar(scale)?);
         parts.push(means.f_mul_scalar(-scale)?);
@@ -81,7 +82,11 @@ fn midpoints(code: &Tensor) -> PluginResult<Tensor> {
 /// `code` (sorted): `(codes u8 [n], absmax f32 [ceil(n / blocksize)])`. bitsandbytes'
 /// `quantize_blockwise` / `quantize_4bit` arithmetic: full blocks scale by `x · (1/absmax)`,
 /// a last partial block by `x / absmax`; an all-zero block keeps absmax 0.
-pub fn quantize_blockwise(values: &Tensor, code: &Tensor, blocksize: i64) -> PluginResult<(Tensor, Tensor)> {
+pub fn quantize_blockwise(
+    values: &Tensor,
+    code: &Tensor,
+    blocksize: i64,
+) -> PluginResult<(Tensor, Tensor)> {
     let flat = values.f_reshape([-1])?.f_to_kind(Kind::Float)?;
     let n = flat.size1()?;
     let full = n - n % blocksize;
@@ -107,7 +112,12 @@ pub fn quantize_blockwise(values: &Tensor, code: &Tensor, blocksize: i64) -> Plu
 }
 
 /// The inverse of [`quantize_blockwise`]: `code[codes] · absmax` per block, f32 `[n]`.
-pub fn dequantize_blockwise(codes: &Tensor, absmax: &Tensor, code: &Tensor, blocksize: i64) -> PluginResult<Tensor> {
+pub fn dequantize_blockwise(
+    codes: &Tensor,
+    absmax: &Tensor,
+    code: &Tensor,
+    blocksize: i64,
+) -> PluginResult<Tensor> {
     let n = codes.size1()?;
     let values = code.f_index_select(0, &codes.f_to_kind(Kind::Int64)?)?;
     let blocks = (n + blocksize - 1) / blocksize;
@@ -120,7 +130,14 @@ pub fn dequantize_blockwise(codes: &Tensor, absmax: &Tensor, code: &Tensor, bloc
 /// `pad`, the code of 0.0 in NF4).
 pub fn pack_nibbles(codes: &Tensor, pad: u8) -> PluginResult<Tensor> {
     let n = codes.size1()?;
-    let codes = if n % 2 == 1 { Tensor::f_cat(&[codes.shallow_clone(), Tensor::f_from_slice(&[pad])?.f_to(codes.device())?], 0)? } else { codes.shallow_clone() };
+    let codes = if n % 2 == 1 {
+        Tensor::f_cat(
+            &[codes.shallow_clone(), Tensor::f_from_slice(&[pad])?.f_to(codes.device())?],
+            0,
+        )?
+    } else {
+        codes.shallow_clone()
+    };
     let pairs = codes.f_reshape([-1, 2])?;
     let hi = pairs.f_select(1, 0)?.f_bitwise_left_shift_tensor_scalar(4)?;
     let lo = pairs.f_select(1, 1)?;
@@ -140,7 +157,11 @@ pub enum Absmax {
     Plain(Tensor),
     /// bitsandbytes' nested state: 8-bit codes of `absmax − offset` (dynamic map, blocks of
     /// 256), their per-256 absmax and the offset (the mean of the constants).
-    Double { codes: Tensor, absmax2: Tensor, offset: Tensor },
+    Double {
+        codes: Tensor,
+        absmax2: Tensor,
+        offset: Tensor,
+    },
 }
 
 /// An NF4-quantized tensor: packed codes and absmax constants (bitsandbytes' `Params4bit`
@@ -164,7 +185,11 @@ impl Nf4Tensor {
         let packed = pack_nibbles(&codes, 7)?;
         let absmax = if double_quant {
             let offset = absmax.f_mean(Kind::Float)?;
-            let (codes, absmax2) = quantize_blockwise(&absmax.f_sub(&offset)?, &dynamic_map(weight.device())?, DOUBLE_QUANT_BLOCKSIZE)?;
+            let (codes, absmax2) = quantize_blockwise(
+                &absmax.f_sub(&offset)?,
+                &dynamic_map(weight.device())?,
+                DOUBLE_QUANT_BLOCKSIZE,
+            )?;
             Absmax::Double { codes, absmax2, offset }
         } else {
             Absmax::Plain(absmax)
@@ -178,7 +203,8 @@ impl Nf4Tensor {
             Absmax::Plain(a) => Ok(a.shallow_clone()),
             Absmax::Double { codes, absmax2, offset } => {
                 let map = dynamic_map(codes.device())?;
-                Ok(dequantize_blockwise(codes, absmax2, &map, DOUBLE_QUANT_BLOCKSIZE)?.f_add(offset)?)
+                Ok(dequantize_blockwise(codes, absmax2, &map, DOUBLE_QUANT_BLOCKSIZE)?
+                    .f_add(offset)?)
             }
         }
     }
@@ -195,7 +221,8 @@ impl Nf4Tensor {
     /// The dense tensor in `kind` (computed in f32, then cast, as bitsandbytes does).
     pub fn dequantize(&self, kind: Kind) -> PluginResult<Tensor> {
         let code = nf4_code(self.packed.device())?;
-        let flat = dequantize_blockwise(&self.codes()?, &self.absmax_f32()?, &code, self.blocksize)?;
+        let flat =
+            dequantize_blockwise(&self.codes()?, &self.absmax_f32()?, &code, self.blocksize)?;
         Ok(flat.f_reshape(self.shape.as_slice())?.f_to_kind(kind)?)
     }
 
@@ -205,7 +232,9 @@ impl Nf4Tensor {
         bytes(&self.packed)
             + match &self.absmax {
                 Absmax::Plain(a) => bytes(a),
-                Absmax::Double { codes, absmax2, offset } => bytes(codes) + bytes(absmax2) + bytes(offset),
+                Absmax::Double { codes, absmax2, offset } => {
+                    bytes(codes) + bytes(absmax2) + bytes(offset)
+                }
             }
     }
 }
@@ -248,7 +277,13 @@ mod tests {
         assert_eq!(codes, want);
         assert_eq!(max_diff(&q.dequantize(Kind::Float).unwrap(), &w), 0.0);
         let odd = Tensor::from_slice(&[1u8, 15, 0, 7, 9]);
-        assert_eq!(max_diff(&unpack_nibbles(&pack_nibbles(&odd, 7).unwrap(), 5).unwrap().to_kind(Kind::Float), &odd.to_kind(Kind::Float)), 0.0);
+        assert_eq!(
+            max_diff(
+                &unpack_nibbles(&pack_nibbles(&odd, 7).unwrap(), 5).unwrap().to_kind(Kind::Float),
+                &odd.to_kind(Kind::Float)
+            ),
+            0.0
+        );
         let packed: Vec<u8> = Vec::try_from(&pack_nibbles(&odd, 7).unwrap()).unwrap();
         assert_eq!(packed, vec![0x1F, 0x07, 0x97]);
     }
@@ -263,11 +298,18 @@ mod tests {
             assert_eq!(absmax.size(), vec![(48 * 200 + 63) / 64]);
             let err = (q.dequantize(Kind::Float).unwrap() - &w).abs().max().double_value(&[]);
             // widest gap 1 − 0.7230; absmax ≤ max |w|; double quant adds a little
-            let bound = (1.0 - 0.7229568) / 2.0 * w.abs().max().double_value(&[]) * if dq { 1.02 } else { 1.0 } + 1e-6;
+            let bound = (1.0 - 0.7229568) / 2.0
+                * w.abs().max().double_value(&[])
+                * if dq { 1.02 } else { 1.0 }
+                + 1e-6;
             assert!(err <= bound, "double_quant {dq}: {err} > {bound}");
         }
         let q = Nf4Tensor::quantize(&w, 64, true).unwrap();
-        assert!(q.storage_bytes() < (48 * 200 / 2 + 48 * 200 / 64 * 2) as u64, "{}", q.storage_bytes());
+        assert!(
+            q.storage_bytes() < (48 * 200 / 2 + 48 * 200 / 64 * 2) as u64,
+            "{}",
+            q.storage_bytes()
+        );
     }
 
     #[test]

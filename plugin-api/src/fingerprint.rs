@@ -113,7 +113,10 @@ impl BuildFingerprint {
             });
         }
         if self.tch_version != host.tch_version {
-            return Err(Incompatibility::Tch { plugin: self.tch_version.clone(), host: host.tch_version.clone() });
+            return Err(Incompatibility::Tch {
+                plugin: self.tch_version.clone(),
+                host: host.tch_version.clone(),
+            });
         }
         if self.cxx11_abi != host.cxx11_abi {
             return Err(Incompatibility::CxxAbi { plugin: self.cxx11_abi, host: host.cxx11_abi });

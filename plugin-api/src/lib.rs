@@ -80,7 +80,9 @@ pub use fingerprint::{BuildFingerprint, Manifest};
 pub use kinds::adapter::{module_name_matches, AdapterLayer, AdapterMethod, BaseLinear};
 pub use kinds::dataset::{DataSource, DatasetFormat, SampleList, SampleReader};
 pub use kinds::memory::{Collectives, MemoryStrategy, ReduceOp, StepReport};
-pub use kinds::objective::{Batch, ForwardFlags, LossOutput, Objective, ObjectiveContext, RewardScores};
+pub use kinds::objective::{
+    Batch, ForwardFlags, LossOutput, Objective, ObjectiveContext, RewardScores,
+};
 pub use kinds::quantizer::{QuantizedWeight, Quantizer};
 pub use kinds::reward::{Reward, RewardInput};
 pub use kinds::TrainParam;

@@ -148,7 +148,10 @@ pub fn info<T: Plugin>(kind: PluginKind) -> PluginInfo {
 
 #[doc(hidden)]
 pub fn not_found<T>(kind: PluginKind, name: RStr<'_>) -> RResult<T, PluginError> {
-    RResult::RErr(PluginError::new(ErrorCode::NOT_FOUND, format!("this library exports no {kind} plugin named `{name}`")))
+    RResult::RErr(PluginError::new(
+        ErrorCode::NOT_FOUND,
+        format!("this library exports no {kind} plugin named `{name}`"),
+    ))
 }
 
 #[cfg(test)]

@@ -33,8 +33,14 @@ impl PluginKind {
     /// Where parameters, gradients and optimizer state live; the optimizer step.
     pub const MEMORY: Self = Self(6);
 
-    pub const ALL: [Self; 6] =
-        [Self::ADAPTER, Self::QUANTIZER, Self::OBJECTIVE, Self::REWARD, Self::DATASET, Self::MEMORY];
+    pub const ALL: [Self; 6] = [
+        Self::ADAPTER,
+        Self::QUANTIZER,
+        Self::OBJECTIVE,
+        Self::REWARD,
+        Self::DATASET,
+        Self::MEMORY,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -93,7 +99,8 @@ pub struct PluginModule {
     /// The capabilities of memory plugin `name` configured by the JSON (appended after the
     /// prefix: `None` for libraries built before it, which then report none).
     #[sabi(missing_field(option))]
-    pub memory_capabilities: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<RVec<RString>, PluginError>,
+    pub memory_capabilities:
+        extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<RVec<RString>, PluginError>,
 }
 
 impl RootModule for PluginModule_Ref {

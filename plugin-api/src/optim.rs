@@ -50,18 +50,30 @@ impl AdamWConfig {
         let (b1, b2) = cfg.betas;
         for (i, b) in [b1, b2].into_iter().enumerate() {
             if !(0.0..1.0).contains(&b) {
-                return Err(PluginError::config(&format!("betas[{i}]"), format!("must lie in [0, 1), got {b}")));
+                return Err(PluginError::config(
+                    &format!("betas[{i}]"),
+                    format!("must lie in [0, 1), got {b}"),
+                ));
             }
         }
         if !(cfg.eps >= 0.0 && cfg.eps.is_finite()) {
-            return Err(PluginError::config("eps", format!("must be finite and ≥ 0, got {}", cfg.eps)));
+            return Err(PluginError::config(
+                "eps",
+                format!("must be finite and ≥ 0, got {}", cfg.eps),
+            ));
         }
         if !(cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite()) {
-            return Err(PluginError::config("weight_decay", format!("must be finite and ≥ 0, got {}", cfg.weight_decay)));
+            return Err(PluginError::config(
+                "weight_decay",
+                format!("must be finite and ≥ 0, got {}", cfg.weight_decay),
+            ));
         }
         if let Some(m) = cfg.max_grad_norm {
             if !(m > 0.0 && m.is_finite()) {
-                return Err(PluginError::config("max_grad_norm", format!("must be finite and > 0 (omit it to disable clipping), got {m}")));
+                return Err(PluginError::config(
+                    "max_grad_norm",
+                    format!("must be finite and > 0 (omit it to disable clipping), got {m}"),
+                ));
             }
         }
         Ok(cfg)
@@ -79,14 +91,25 @@ pub fn check_params(params: &[TrainParam], device: Device, device_hint: &str) ->
             return Err(PluginError::invalid(format!("parameter `{}` is listed twice", p.name)));
         }
         if !t.is_floating_point() {
-            return Err(PluginError::invalid(format!("parameter `{}` is {:?}, not floating point", p.name, t.kind())));
+            return Err(PluginError::invalid(format!(
+                "parameter `{}` is {:?}, not floating point",
+                p.name,
+                t.kind()
+            )));
         }
         if t.device() != device {
-            return Err(PluginError::invalid(format!("parameter `{}` is on {:?}, the run's device is {device:?}{device_hint}", p.name, t.device())));
+            return Err(PluginError::invalid(format!(
+                "parameter `{}` is on {:?}, the run's device is {device:?}{device_hint}",
+                p.name,
+                t.device()
+            )));
         }
         for (key, v) in [("lr_scale", p.lr_scale), ("weight_decay_scale", p.weight_decay_scale)] {
             if !(v >= 0.0 && v.is_finite()) {
-                return Err(PluginError::invalid(format!("parameter `{}`: {key} must be finite and ≥ 0, got {v}", p.name)));
+                return Err(PluginError::invalid(format!(
+                    "parameter `{}`: {key} must be finite and ≥ 0, got {v}",
+                    p.name
+                )));
             }
         }
     }
@@ -119,12 +142,19 @@ pub fn global_norm(grads: &[Option<Tensor>]) -> PluginResult<Option<Tensor>> {
     let norms = grads
         .iter()
         .flatten()
-        .map(|g| if g.kind() == state_kind(g.kind()) { g.f_norm() } else { g.f_to_kind(Kind::Float)?.f_norm() })
+        .map(|g| {
+            if g.kind() == state_kind(g.kind()) {
+                g.f_norm()
+            } else {
+                g.f_to_kind(Kind::Float)?.f_norm()
+            }
+        })
         .collect::<Result<Vec<_>, _>>()?;
     if norms.is_empty() {
         return Ok(None);
     }
-    let kind = if norms.iter().any(|n| n.kind() == Kind::Double) { Kind::Double } else { Kind::Float };
+    let kind =
+        if norms.iter().any(|n| n.kind() == Kind::Double) { Kind::Double } else { Kind::Float };
     let norms = norms.iter().map(|n| n.f_to_kind(kind)).collect::<Result<Vec<_>, _>>()?;
     Ok(Some(Tensor::f_stack(&norms, 0)?.f_norm()?))
 }
@@ -137,7 +167,11 @@ pub fn clip_coef(total_norm: &Tensor, max_norm: f64) -> PluginResult<Tensor> {
 
 /// The step's clipping coefficient when `max_grad_norm` is set (logged as `clip_coef` in
 /// `metrics`), none otherwise.
-pub fn clip_coef_for(total_norm: &Tensor, max_grad_norm: Option<f64>, metrics: &mut Vec<(String, f64)>) -> PluginResult<Option<Tensor>> {
+pub fn clip_coef_for(
+    total_norm: &Tensor,
+    max_grad_norm: Option<f64>,
+    metrics: &mut Vec<(String, f64)>,
+) -> PluginResult<Option<Tensor>> {
     let Some(max_norm) = max_grad_norm else { return Ok(None) };
     let coef = clip_coef(total_norm, max_norm)?;
     metrics.push(("clip_coef".into(), coef.f_double_value(&[])?));
@@ -170,14 +204,19 @@ pub fn adamw_update(
     let lr = lr * lr_scale;
     let weight_decay = cfg.weight_decay * weight_decay_scale;
     let in_place = param.kind() == m.exp_avg.kind() && param.device() == m.exp_avg.device();
-    let mut work = if in_place { param.shallow_clone() } else { param.f_to_device(m.exp_avg.device())?.f_to_kind(m.exp_avg.kind())? };
+    let mut work = if in_place {
+        param.shallow_clone()
+    } else {
+        param.f_to_device(m.exp_avg.device())?.f_to_kind(m.exp_avg.kind())?
+    };
     if weight_decay != 0.0 {
         let _ = work.f_mul_scalar_(1.0 - lr * weight_decay)?;
     }
     let _ = m.exp_avg.f_lerp_(grad, 1.0 - beta1)?;
     // torch: exp_avg_sq.mul_(β2).addcmul_(g, g, value=1 − β2); its kernel computes
     // (value·g)·g, the product below, so the result is the same to the bit.
-    let _ = m.exp_avg_sq.f_mul_scalar_(beta2)?.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, grad)?;
+    let _ =
+        m.exp_avg_sq.f_mul_scalar_(beta2)?.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, grad)?;
     let step = step as f64;
     let bias_correction1 = 1.0 - beta1.powf(step);
     let bias_correction2 = 1.0 - beta2.powf(step);
@@ -232,11 +271,21 @@ pub fn adamw_step<'a>(
         let coef = clip_coef_for(total_norm, cfg.max_grad_norm, &mut metrics)?;
         *step += 1;
         for AdamWParam { param, moments, grad } in params {
-            let mut g = grad.f_to_device(moments.exp_avg.device())?.f_to_kind(moments.exp_avg.kind())?;
+            let mut g =
+                grad.f_to_device(moments.exp_avg.device())?.f_to_kind(moments.exp_avg.kind())?;
             if let Some(coef) = &coef {
                 g = g.f_mul(&coef.f_to_device(g.device())?.f_to_kind(g.kind())?)?;
             }
-            adamw_update(cfg, &param.tensor, param.lr_scale, param.weight_decay_scale, moments, &g, lr, *step)?;
+            adamw_update(
+                cfg,
+                &param.tensor,
+                param.lr_scale,
+                param.weight_decay_scale,
+                moments,
+                &g,
+                lr,
+                *step,
+            )?;
         }
         Ok(())
     })?;

@@ -31,7 +31,8 @@ pub fn json_files_of(path: &Path) -> PluginResult<Vec<PathBuf>> {
     if !path.is_dir() {
         return Err(PluginError::invalid(format!("{}: no such file or folder", path.display())));
     }
-    let entries = std::fs::read_dir(path).map_err(|e| PluginError::runtime(format!("{}: {e}", path.display())))?;
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| PluginError::runtime(format!("{}: {e}", path.display())))?;
     let mut files = Vec::new();
     for entry in entries {
         let p = entry.map_err(|e| PluginError::runtime(format!("{}: {e}", path.display())))?.path();
@@ -42,7 +43,10 @@ pub fn json_files_of(path: &Path) -> PluginResult<Vec<PathBuf>> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(PluginError::invalid(format!("{}: the folder holds no .json or .jsonl file", path.display())));
+        return Err(PluginError::invalid(format!(
+            "{}: the folder holds no .json or .jsonl file",
+            path.display()
+        )));
     }
     Ok(files)
 }
@@ -51,7 +55,8 @@ pub fn json_files_of(path: &Path) -> PluginResult<Vec<PathBuf>> {
 pub fn read_records(file: &Path) -> PluginResult<Vec<Record>> {
     let name = file.display().to_string();
     let bytes = std::fs::read(file).map_err(|e| PluginError::runtime(format!("{name}: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| PluginError::invalid(format!("{name}: not UTF-8 text ({e})")))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| PluginError::invalid(format!("{name}: not UTF-8 text ({e})")))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     if text.trim_start().starts_with('[') {
         let values: Vec<Value> = serde_json::from_str(text).map_err(|e| {
@@ -62,7 +67,11 @@ pub fn read_records(file: &Path) -> PluginResult<Vec<Record>> {
                 e.column()
             ))
         })?;
-        Ok(values.into_iter().enumerate().map(|(i, v)| Record { origin: format!("{name}: record [{i}]"), value: Ok(v) }).collect())
+        Ok(values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| Record { origin: format!("{name}: record [{i}]"), value: Ok(v) })
+            .collect())
     } else {
         Ok(text
             .lines()
@@ -70,7 +79,8 @@ pub fn read_records(file: &Path) -> PluginResult<Vec<Record>> {
             .filter(|(_, line)| !line.trim().is_empty())
             .map(|(i, line)| Record {
                 origin: format!("{name}:{}", i + 1),
-                value: serde_json::from_str(line).map_err(|e| format!("not valid JSON at column {}: {e}", e.column())),
+                value: serde_json::from_str(line)
+                    .map_err(|e| format!("not valid JSON at column {}: {e}", e.column())),
             })
             .collect())
     }
@@ -109,7 +119,13 @@ mod tests {
         assert_eq!(array[1].origin, format!("{}: record [1]", files[1].display()));
         assert_eq!(kind_of(array[1].value.as_ref().unwrap()), "a number");
         std::fs::write(d.join("b.json"), "[{\"t\": }]").unwrap();
-        assert!(read_records(&files[1]).unwrap_err().message().contains(":1:8: not a valid JSON array"));
-        assert!(json_files_of(&d.join("nope")).unwrap_err().message().contains("no such file or folder"));
+        assert!(read_records(&files[1])
+            .unwrap_err()
+            .message()
+            .contains(":1:8: not a valid JSON array"));
+        assert!(json_files_of(&d.join("nope"))
+            .unwrap_err()
+            .message()
+            .contains("no such file or folder"));
     }
 }

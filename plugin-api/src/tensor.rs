@@ -234,7 +234,9 @@ pub fn parse_device(text: &str) -> PluginResult<Device> {
         "mps" => Ok(Device::Mps),
         _ => match t.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => Ok(Device::Cuda(i)),
-            _ => Err(PluginError::invalid(format!("unknown device `{text}`: use cpu, cuda or cuda:N"))),
+            _ => Err(PluginError::invalid(format!(
+                "unknown device `{text}`: use cpu, cuda or cuda:N"
+            ))),
         },
     }
 }

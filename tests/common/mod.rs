@@ -25,7 +25,11 @@ pub fn libtorch_lib() -> PathBuf {
 /// The test-kit plugin library, checked to exist.
 pub fn testkit_library() -> PathBuf {
     let p = build_dir().join("libferrotune_testkit.so");
-    assert!(p.exists(), "{} is missing: build the workspace first (`cargo build --workspace`; `make test` does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`; `make test` does)",
+        p.display()
+    );
     p
 }
 
@@ -38,7 +42,11 @@ pub fn registry() -> Registry {
 /// The `ferrotune` binary of this build.
 pub fn ferrotune_bin() -> PathBuf {
     let p = build_dir().join("ferrotune");
-    assert!(p.exists(), "{} is missing: build the workspace first (`cargo build --workspace`)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`)",
+        p.display()
+    );
     p
 }
 
@@ -118,7 +126,9 @@ pub fn run_python(args: &[&std::ffi::OsStr]) -> Output {
 
 /// FNV-1a, for cache keys that stay the same across Rust versions.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// One libtorch thread per test: the model tests run several tests at once on tiny tensors, and
@@ -142,8 +152,11 @@ pub fn parity_models() -> PathBuf {
 /// removed. The script writes a `DONE` file last.
 pub fn cached_reference(script: &str, cache: &str) -> PathBuf {
     let script = repo_root().join("tests/python").join(script);
-    let mut text = std::fs::read(&script).unwrap_or_else(|e| panic!("cannot read {}: {e}", script.display()));
-    for input in ["tests/python/reference_common.py", "requirements/reference.txt", "requirements/torch.txt"] {
+    let mut text =
+        std::fs::read(&script).unwrap_or_else(|e| panic!("cannot read {}: {e}", script.display()));
+    for input in
+        ["tests/python/reference_common.py", "requirements/reference.txt", "requirements/torch.txt"]
+    {
         text.extend(std::fs::read(repo_root().join(input)).unwrap_or_default());
     }
     let base = repo_root().join("target").join(cache);
@@ -161,11 +174,21 @@ pub fn cached_reference(script: &str, cache: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
     run_python(&[script.as_os_str(), tmp.as_os_str()]);
-    assert!(tmp.join("DONE").is_file(), "{} did not finish (no DONE file in {})", script.display(), tmp.display());
+    assert!(
+        tmp.join("DONE").is_file(),
+        "{} did not finish (no DONE file in {})",
+        script.display(),
+        tmp.display()
+    );
     if std::fs::rename(&tmp, &dir).is_err() {
         // Another process built the same folder meanwhile.
         let _ = std::fs::remove_dir_all(&tmp);
-        assert!(dir.join("DONE").is_file(), "cannot move the outputs of {} into {}", script.display(), dir.display());
+        assert!(
+            dir.join("DONE").is_file(),
+            "cannot move the outputs of {} into {}",
+            script.display(),
+            dir.display()
+        );
     }
     dir
 }
@@ -204,7 +227,11 @@ pub fn write_tiny_tokenizer(dir: &Path, words: usize) -> PathBuf {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "<pad>",
         "unk_token": "<unk>", "bos_token": null, "model_max_length": 2048
     });
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
     path
 }
 
@@ -236,7 +263,13 @@ pub fn write_chat_tokenizer(dir: &Path, words: usize) -> PathBuf {
     let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"];
     let mut vocab = serde_json::Map::new();
     let plain = ["\n", " ", "system", "user", "assistant"].map(String::from);
-    for (i, t) in specials.iter().map(|s| s.to_string()).chain(plain).chain((0..words).map(|w| format!("w{w}"))).enumerate() {
+    for (i, t) in specials
+        .iter()
+        .map(|s| s.to_string())
+        .chain(plain)
+        .chain((0..words).map(|w| format!("w{w}")))
+        .enumerate()
+    {
         vocab.insert(t, serde_json::json!(i));
     }
     let added = special_added_tokens(&specials);
@@ -252,7 +285,11 @@ pub fn write_chat_tokenizer(dir: &Path, words: usize) -> PathBuf {
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "unk_token": "<unk>", "bos_token": null, "model_max_length": 2048, "chat_template": CHATML_TEMPLATE
     });
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
     path
 }
 
@@ -262,7 +299,8 @@ pub fn write_chat_tokenizer(dir: &Path, words: usize) -> PathBuf {
 pub fn write_alpaca_rows(path: &Path, rows: usize, words: usize, seed: u64) {
     let mut state = seed;
     let mut next = move |n: u64| {
-        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        state =
+            state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (state >> 33) % n
     };
     let mut text = |n: u64| (0..n).map(|_| format!("w{}", next(words as u64))).collect::<Vec<_>>();
@@ -271,7 +309,10 @@ pub fn write_alpaca_rows(path: &Path, rows: usize, words: usize, seed: u64) {
         let instruction = text(2 + (i as u64 * 7 + 3) % 6).join(" ");
         let input = if i % 2 == 0 { String::new() } else { text(1 + (i as u64 * 5) % 4).join(" ") };
         let output = text(1 + (i as u64 * 3 + 1) % 8).join(" ");
-        lines.push(serde_json::json!({"instruction": instruction, "input": input, "output": output}).to_string());
+        lines.push(
+            serde_json::json!({"instruction": instruction, "input": input, "output": output})
+                .to_string(),
+        );
     }
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
@@ -279,8 +320,17 @@ pub fn write_alpaca_rows(path: &Path, rows: usize, words: usize, seed: u64) {
 /// `ferrotune init-model --preset tiny --dtype f32 --seed SEED` with `tokenizer` into `out`.
 pub fn init_tiny_model(tokenizer: &Path, out: &Path, seed: u64) {
     let o = ferrotune(&[
-        "init-model", "--preset", "tiny", "--dtype", "f32", "--seed", &seed.to_string(),
-        "--tokenizer", tokenizer.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "init-model",
+        "--preset",
+        "tiny",
+        "--dtype",
+        "f32",
+        "--seed",
+        &seed.to_string(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "init-model: {}", stderr(&o));
 }
@@ -294,7 +344,13 @@ pub struct TextFixture {
     pub data: PathBuf,
 }
 
-pub fn text_fixture(tag: &str, words: usize, model_seed: u64, rows: usize, data_seed: u64) -> TextFixture {
+pub fn text_fixture(
+    tag: &str,
+    words: usize,
+    model_seed: u64,
+    rows: usize,
+    data_seed: u64,
+) -> TextFixture {
     let work = temp_dir(tag);
     write_chat_tokenizer(&work.join("tokenizer"), words);
     let model = work.join("model");
@@ -309,7 +365,9 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: `{l}`: {e}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: `{l}`: {e}", path.display()))
+        })
         .collect()
 }
 
@@ -324,7 +382,11 @@ pub fn perturb_adapter(model: &mut ferrotune::peft::PeftModel, seed: i64, scale:
         .into_iter()
         .map(|(k, t)| {
             let noise = t.randn_like();
-            let t = if k.ends_with("lora_magnitude_vector") { &t * (noise * 0.2 + 1.0) } else { &t + noise * scale };
+            let t = if k.ends_with("lora_magnitude_vector") {
+                &t * (noise * 0.2 + 1.0)
+            } else {
+                &t + noise * scale
+            };
             (k, t)
         })
         .collect();

@@ -51,10 +51,14 @@ pub struct MemoryBench {
 const ROWS: usize = 48;
 
 fn write_rows(path: &Path) -> Result<()> {
-    let words = ["river", "stone", "light", "garden", "window", "quiet", "morning", "paper", "green", "sound"];
+    let words = [
+        "river", "stone", "light", "garden", "window", "quiet", "morning", "paper", "green",
+        "sound",
+    ];
     let mut text = String::new();
     for i in 0..ROWS {
-        let output: Vec<&str> = (0..24 + i % 7).map(|j| words[(i * 7 + j * 3) % words.len()]).collect();
+        let output: Vec<&str> =
+            (0..24 + i % 7).map(|j| words[(i * 7 + j * 3) % words.len()]).collect();
         let row = json!({"instruction": format!("Describe scene number {i}."), "input": "", "output": output.join(" ")});
         text.push_str(&row.to_string());
         text.push('\n');
@@ -67,8 +71,12 @@ pub fn memory_reports(stderr: &str, world: usize) -> Result<Vec<Value>> {
     (0..world)
         .map(|rank| {
             let key = format!("rank {rank} of {world}: memory ");
-            let line = stderr.lines().find_map(|l| l.split_once(&key).map(|(_, rest)| rest)).with_context(|| format!("no `{key}` line in the run's output"))?;
-            serde_json::from_str(line).with_context(|| format!("rank {rank}: bad memory report `{line}`"))
+            let line = stderr
+                .lines()
+                .find_map(|l| l.split_once(&key).map(|(_, rest)| rest))
+                .with_context(|| format!("no `{key}` line in the run's output"))?;
+            serde_json::from_str(line)
+                .with_context(|| format!("rank {rank}: bad memory report `{line}`"))
         })
         .collect()
 }
@@ -79,8 +87,14 @@ fn tail(text: &str) -> String {
 }
 
 fn run(exe: &Path, args: &[String]) -> Result<(String, String)> {
-    let o = Command::new(exe).args(args).output().with_context(|| format!("cannot run {}", exe.display()))?;
-    let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
+    let o = Command::new(exe)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
     if !o.status.success() {
         bail!("`{} {}` failed ({}):\n{}", exe.display(), args.join(" "), o.status, tail(&err));
     }
@@ -91,14 +105,23 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// Runs the benchmark with the binary `exe` (this ferrotune), calling `emit` with each JSON
 /// line as it is measured.
-pub fn bench_memory(exe: &Path, opts: &MemoryBench, mut emit: impl FnMut(&Value)) -> Result<Vec<Value>> {
-    if let Some(&n) = opts.ranks.iter().find(|&&n| n == 0 || !ROWS.is_multiple_of(n * opts.micro_batch_size)) {
+pub fn bench_memory(
+    exe: &Path,
+    opts: &MemoryBench,
+    mut emit: impl FnMut(&Value),
+) -> Result<Vec<Value>> {
+    if let Some(&n) =
+        opts.ranks.iter().find(|&&n| n == 0 || !ROWS.is_multiple_of(n * opts.micro_batch_size))
+    {
         bail!("--ranks {n} with --micro-batch-size {}: the {ROWS} synthetic rows must split evenly over the ranks", opts.micro_batch_size);
     }
-    std::fs::create_dir_all(&opts.work).with_context(|| format!("cannot create {}", opts.work.display()))?;
+    std::fs::create_dir_all(&opts.work)
+        .with_context(|| format!("cannot create {}", opts.work.display()))?;
     // The configs name absolute paths (a config's relative paths are relative to its folder).
-    let work = std::fs::canonicalize(&opts.work).with_context(|| format!("cannot resolve {}", opts.work.display()))?;
-    let model = std::fs::canonicalize(&opts.model).with_context(|| format!("--model {}", opts.model.display()))?;
+    let work = std::fs::canonicalize(&opts.work)
+        .with_context(|| format!("cannot resolve {}", opts.work.display()))?;
+    let model = std::fs::canonicalize(&opts.model)
+        .with_context(|| format!("--model {}", opts.model.display()))?;
     let data = work.join("rows.jsonl");
     write_rows(&data)?;
     let mut out = Vec::new();
@@ -106,7 +129,8 @@ pub fn bench_memory(exe: &Path, opts: &MemoryBench, mut emit: impl FnMut(&Value)
         for (name, memory) in STRATEGIES {
             let dir = work.join(format!("{name}-{n}"));
             if dir.exists() {
-                std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("cannot clear {}", dir.display()))?;
             }
             let yaml = format!(
                 "model: {model}\noutput_dir: {out}\nseed: 1\n\
@@ -121,7 +145,8 @@ pub fn bench_memory(exe: &Path, opts: &MemoryBench, mut emit: impl FnMut(&Value)
                 mbs = opts.micro_batch_size,
             );
             let cfg = work.join(format!("{name}-{n}.yaml"));
-            std::fs::write(&cfg, yaml).with_context(|| format!("cannot write {}", cfg.display()))?;
+            std::fs::write(&cfg, yaml)
+                .with_context(|| format!("cannot write {}", cfg.display()))?;
             let mut args = vec!["launch".to_string(), "--nproc".into(), n.to_string()];
             args.extend(opts.plugin_args.iter().cloned());
             args.extend(["train".to_string(), cfg.display().to_string()]);
@@ -146,13 +171,26 @@ pub fn bench_memory(exe: &Path, opts: &MemoryBench, mut emit: impl FnMut(&Value)
         let mut args = vec!["bench".to_string(), "train".into()];
         args.extend(opts.plugin_args.iter().cloned());
         args.extend(
-            ["--model", &opts.ckpt_model.as_ref().unwrap_or(&opts.model).display().to_string(), "--batch", &opts.ckpt_batch.to_string(), "--seq-len", &opts.ckpt_seq_len.to_string(), "--steps", "1", "--warmup", "0"]
-                .map(String::from),
+            [
+                "--model",
+                &opts.ckpt_model.as_ref().unwrap_or(&opts.model).display().to_string(),
+                "--batch",
+                &opts.ckpt_batch.to_string(),
+                "--seq-len",
+                &opts.ckpt_seq_len.to_string(),
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+            ]
+            .map(String::from),
         );
         if on {
             args.push("--gradient-checkpointing".into());
         }
-        let (stdout, _) = run(exe, &args).with_context(|| format!("bench train, activation checkpointing {}", if on { "on" } else { "off" }))?;
+        let (stdout, _) = run(exe, &args).with_context(|| {
+            format!("bench train, activation checkpointing {}", if on { "on" } else { "off" })
+        })?;
         let result: Value = stdout
             .lines()
             .rev()

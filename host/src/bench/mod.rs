@@ -32,14 +32,14 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tch::{Device, Kind};
 
+use crate::data::layout::Item;
+use crate::data::Encoded;
 use crate::generate::{generate_with_stats, SamplingParams};
 use crate::peft::PeftModel;
 use crate::plugins::Registry;
-use crate::util::procfs::{mib, proc_status_kib, reset_peak_rss};
-use crate::data::layout::Item;
-use crate::data::Encoded;
 use crate::train::config::TrainConfig;
 use crate::train::{Run, StepTiming};
+use crate::util::procfs::{mib, proc_status_kib, reset_peak_rss};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -71,7 +71,9 @@ pub fn bench_prompts(batch: usize, prompt_len: usize, vocab: i64) -> Vec<Vec<i64
 
 /// Rows `first … first + rows − 1` of the shared formula: id = (7919·(row·len + i) + 13) mod vocab.
 pub fn bench_rows(first: usize, rows: usize, len: usize, vocab: i64) -> Vec<Vec<i64>> {
-    (first..first + rows).map(|r| (0..len).map(|i| (7919 * (r * len + i) as i64 + 13) % vocab).collect()).collect()
+    (first..first + rows)
+        .map(|r| (0..len).map(|i| (7919 * (r * len + i) as i64 + 13) % vocab).collect())
+        .collect()
 }
 
 pub fn bench_generate(model: &PeftModel, opts: &GenerateBench) -> Result<GenerateBenchResult> {
@@ -173,7 +175,17 @@ pub fn bench_train_items(rows: usize, seq_len: usize, vocab: i64) -> Vec<(usize,
     bench_rows(0, rows, seq_len, vocab)
         .into_iter()
         .enumerate()
-        .map(|(i, ids)| (i, Item::Seq(Encoded { labels: ids.clone(), input_ids: ids, truncated_from: None, images: Vec::new() })))
+        .map(|(i, ids)| {
+            (
+                i,
+                Item::Seq(Encoded {
+                    labels: ids.clone(),
+                    input_ids: ids,
+                    truncated_from: None,
+                    images: Vec::new(),
+                }),
+            )
+        })
         .collect()
 }
 
@@ -207,8 +219,17 @@ fn bench_config(dir: &Path, device: Device, dtype: Kind, opts: &TrainBench) -> R
 }
 
 /// Runs `bench train` on the model directory `dir` (see the module docs).
-pub fn bench_train(dir: &Path, registry: &Registry, device: Device, dtype: Kind, opts: &TrainBench) -> Result<TrainBenchResult> {
-    anyhow::ensure!(opts.batch >= 1 && opts.seq_len >= 2 && opts.steps >= 1, "bench train needs batch ≥ 1, seq_len ≥ 2 and steps ≥ 1");
+pub fn bench_train(
+    dir: &Path,
+    registry: &Registry,
+    device: Device,
+    dtype: Kind,
+    opts: &TrainBench,
+) -> Result<TrainBenchResult> {
+    anyhow::ensure!(
+        opts.batch >= 1 && opts.seq_len >= 2 && opts.steps >= 1,
+        "bench train needs batch ≥ 1, seq_len ≥ 2 and steps ≥ 1"
+    );
     let base_rss = proc_status_kib("VmRSS");
     let cfg = bench_config(dir, device, dtype, opts)?;
     let vocab = crate::model::LlamaConfig::from_dir(dir)?.vocab_size;

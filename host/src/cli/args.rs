@@ -35,7 +35,11 @@ pub fn parse_dtype(text: &str) -> Result<Kind> {
 }
 
 #[derive(Parser)]
-#[command(name = "ferrotune", version, about = "Fine-tune LLMs and VLMs on libtorch; every method is a plugin")]
+#[command(
+    name = "ferrotune",
+    version,
+    about = "Fine-tune LLMs and VLMs on libtorch; every method is a plugin"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -395,7 +399,12 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub timeout: Option<f64>,
     /// The command each rank runs, e.g. `train config.yaml`.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "COMMAND")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "COMMAND"
+    )]
     pub command: Vec<String>,
 }
 

@@ -16,33 +16,59 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
             let tok = crate::text::Tokenizer::from_dir(&cfg.model)?;
             let prep = crate::train::image_prep(&cfg, &tok)?;
             let config_json = serde_json::Value::Object(cfg.data.config.clone()).to_string();
-            let rows = read_rows(registry, &cfg.data.plugin, &config_json, &cfg.data.path, &cfg.data.split)?;
+            let rows = read_rows(
+                registry,
+                &cfg.data.plugin,
+                &config_json,
+                &cfg.data.path,
+                &cfg.data.split,
+            )?;
             (tok, prep, rows, crate::train::encode_options(&cfg), cfg.data.path.clone())
         }
         None => {
             let (Some(model), Some(dataset), Some(data)) = (&a.model, &a.dataset, &a.data) else {
-                anyhow::bail!("data preview needs a training config, or all of --model, --dataset and --data");
+                anyhow::bail!(
+                    "data preview needs a training config, or all of --model, --dataset and --data"
+                );
             };
             let tok = crate::text::Tokenizer::from_dir(model)?;
             // --model may be a tokenizer folder alone: then there are no image settings.
-            let prep = if model.join("config.json").is_file() { crate::data::ImagePrep::for_model_dir(model, &tok)? } else { None };
+            let prep = if model.join("config.json").is_file() {
+                crate::data::ImagePrep::for_model_dir(model, &tok)?
+            } else {
+                None
+            };
             let rows = read_rows(registry, dataset, &a.config, data, "train")?;
-            let opts = EncodeOptions { cutoff_len: a.cutoff_len, train_on_prompt: a.train_on_prompt, mask_history: a.mask_history };
+            let opts = EncodeOptions {
+                cutoff_len: a.cutoff_len,
+                train_on_prompt: a.train_on_prompt,
+                mask_history: a.mask_history,
+            };
             (tok, prep, rows, opts, data.clone())
         }
     };
-    println!("{} samples in {}; showing {}; labelled tokens in «…»", rows.len(), path.display(), a.n.min(rows.len()));
+    println!(
+        "{} samples in {}; showing {}; labelled tokens in «…»",
+        rows.len(),
+        path.display(),
+        a.n.min(rows.len())
+    );
     if let Some(config) = &a.config_file {
         // Objectives other than SFT: the rows as that objective's batches hold them.
         let cfg = crate::train::config::TrainConfig::from_file(config)?;
         let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
-        let layout = crate::data::layout::Layout::from_needs(&cfg.objective.plugin, &objective.needs())?;
+        let layout =
+            crate::data::layout::Layout::from_needs(&cfg.objective.plugin, &objective.needs())?;
         if layout != crate::data::layout::Layout::Sequences {
             let rows: Vec<_> = rows.into_iter().take(a.n).collect();
             let prepared = crate::data::layout::prepare(layout, rows, &tok, prep.as_ref(), &opts)?;
             println!("objective `{}`: rows as {}", cfg.objective.plugin, layout.name());
             for (i, e) in &prepared.sequences() {
-                println!("=== {i} ({} tokens, {} labelled)", e.input_ids.len(), e.num_label_tokens());
+                println!(
+                    "=== {i} ({} tokens, {} labelled)",
+                    e.input_ids.len(),
+                    e.num_label_tokens()
+                );
                 println!("{}", compress_image_pads(&preview(&tok, e)));
             }
             for (i, why) in prepared.bad.iter().chain(&prepared.skipped) {
@@ -62,9 +88,18 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
         let id = sample.id.clone().unwrap_or_else(|| "(no id)".into());
         match crate::data::encode_multimodal(&tok, prep.as_ref(), sample, &opts) {
             Ok(e) => {
-                let truncated = e.truncated_from.map(|n| format!(", truncated from {n}")).unwrap_or_default();
-                let images = if e.images.is_empty() { String::new() } else { format!(", {} image(s)", e.images.len()) };
-                println!("=== {i}: {id} ({} tokens, {} labelled{truncated}{images})", e.input_ids.len(), e.num_label_tokens());
+                let truncated =
+                    e.truncated_from.map(|n| format!(", truncated from {n}")).unwrap_or_default();
+                let images = if e.images.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} image(s)", e.images.len())
+                };
+                println!(
+                    "=== {i}: {id} ({} tokens, {} labelled{truncated}{images})",
+                    e.input_ids.len(),
+                    e.num_label_tokens()
+                );
                 for (k, im) in e.images.iter().enumerate() {
                     println!("  image {k}: {}", im.describe());
                 }
@@ -125,11 +160,17 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
             println!(
                 "{}",
                 match cfg.data.on_bad_sample {
-                    crate::train::config::OnBadSample::Stop => "training would stop before its first step (data.on_bad_sample: stop)",
-                    crate::train::config::OnBadSample::Skip => "training would skip these rows (data.on_bad_sample: skip)",
+                    crate::train::config::OnBadSample::Stop =>
+                        "training would stop before its first step (data.on_bad_sample: stop)",
+                    crate::train::config::OnBadSample::Skip =>
+                        "training would skip these rows (data.on_bad_sample: skip)",
                 }
             );
         }
     }
-    Ok(if report.errors > 0 && cfg.data.on_bad_sample == crate::train::config::OnBadSample::Stop { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if report.errors > 0 && cfg.data.on_bad_sample == crate::train::config::OnBadSample::Stop {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

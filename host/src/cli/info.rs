@@ -42,7 +42,12 @@ pub fn init_model(a: InitModelArgs) -> Result<()> {
     );
     let id = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
     println!("files: {}", r.files.join(", "));
-    println!("special tokens: bos {}, eos {}, pad {}", id(r.bos_token_id), id(r.eos_token_id), id(r.pad_token_id));
+    println!(
+        "special tokens: bos {}, eos {}, pad {}",
+        id(r.bos_token_id),
+        id(r.eos_token_id),
+        id(r.pad_token_id)
+    );
     Ok(())
 }
 
@@ -63,7 +68,14 @@ pub fn print_plugins(search: &SearchPath, registry: &Registry) {
     println!("{:<24} {:<10} {:<8} {:<12} FILE", "NAME", "KIND", "VERSION", "STATUS");
     for (lib, p) in registry.plugins() {
         let status = if seen.insert((p.kind, p.name.to_string())) { "ok" } else { "shadowed" };
-        println!("{:<24} {:<10} {:<8} {:<12} {}", p.name, p.kind.to_string(), p.version, status, lib.path.display());
+        println!(
+            "{:<24} {:<10} {:<8} {:<12} {}",
+            p.name,
+            p.kind.to_string(),
+            p.version,
+            status,
+            lib.path.display()
+        );
     }
     if registry.libraries.is_empty() {
         println!("(no compatible plugin libraries found)");

@@ -11,19 +11,29 @@ use anyhow::{bail, Context, Result};
 
 use crate::plugins::{Registry, SearchPath};
 use crate::{device, selfcheck};
-use args::{BenchCommand, BenchTrainArgs, Cli, Command, DataCommand, GenerateArgs, LaunchArgs, MergeArgs, ServeArgs};
+use args::{
+    BenchCommand, BenchTrainArgs, Cli, Command, DataCommand, GenerateArgs, LaunchArgs, MergeArgs,
+    ServeArgs,
+};
 
 /// Runs one command line; `Ok` carries the exit status of a command that can fail a check.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let search = SearchPath::from_env(&cli.global.plugin_dirs);
     let plugin_args = || -> Vec<String> {
-        cli.global.plugin_dirs.iter().flat_map(|d| ["--plugin-dir".to_string(), d.display().to_string()]).collect()
+        cli.global
+            .plugin_dirs
+            .iter()
+            .flat_map(|d| ["--plugin-dir".to_string(), d.display().to_string()])
+            .collect()
     };
     match cli.command {
         Command::Plugins { json } => {
             let registry = Registry::discover(&search);
             if json {
-                println!("{}", serde_json::to_string_pretty(&info::plugins_json(&search, &registry))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info::plugins_json(&search, &registry))?
+                );
             } else {
                 info::print_plugins(&search, &registry);
             }
@@ -42,7 +52,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
         }
         Command::DistCheck(a) => {
-            let opts = crate::dist::check::CheckOptions { backend: a.backend, device: a.device, numel: a.numel, iters: a.iters };
+            let opts = crate::dist::check::CheckOptions {
+                backend: a.backend,
+                device: a.device,
+                numel: a.numel,
+                iters: a.iters,
+            };
             let report = crate::dist::check::run(&opts)?;
             println!("{}", serde_json::to_string(&report.json)?);
             return Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE });
@@ -54,7 +69,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Merge(a) => merge(&a, &search)?,
         Command::Serve(a) => serve(*a, search)?,
         Command::Bench { what } => bench(what, &search, plugin_args())?,
-        Command::Data { what: DataCommand::Preview(a) } => data::preview(&Registry::discover(&search), &a)?,
+        Command::Data { what: DataCommand::Preview(a) } => {
+            data::preview(&Registry::discover(&search), &a)?
+        }
         Command::Data { what: DataCommand::Check { config, json } } => {
             return data::check(&Registry::discover(&search), &config, json);
         }
@@ -83,7 +100,13 @@ fn launch(a: LaunchArgs, mut args: Vec<String>) -> Result<()> {
 fn train(config: &std::path::Path, resume: Option<String>, search: &SearchPath) -> Result<()> {
     let cfg = crate::train::config::TrainConfig::from_file(config)?;
     let registry = Registry::discover(search);
-    let resume = resume.map(|r| if r == "latest" { crate::train::Resume::Latest } else { crate::train::Resume::Path(r.into()) });
+    let resume = resume.map(|r| {
+        if r == "latest" {
+            crate::train::Resume::Latest
+        } else {
+            crate::train::Resume::Path(r.into())
+        }
+    });
     let summary = crate::train::train(&cfg, &registry, resume)?;
     eprintln!(
         "done: {} steps, loss {:.4} -> {:.4}{}; adapter in {}",
@@ -97,7 +120,8 @@ fn train(config: &std::path::Path, resume: Option<String>, search: &SearchPath) 
 }
 
 fn generate(a: &GenerateArgs, search: &SearchPath) -> Result<()> {
-    let mut generator = crate::generate::pipeline::TextGenerator::load(&a.model, a.dev.device()?, a.dev.dtype()?)?;
+    let mut generator =
+        crate::generate::pipeline::TextGenerator::load(&a.model, a.dev.device()?, a.dev.dtype()?)?;
     if let Some(dir) = &a.adapter {
         let report = generator.apply_adapter(dir, &Registry::discover(search))?;
         tracing::info!("{}", report.summary());
@@ -133,7 +157,11 @@ fn merge(a: &MergeArgs, search: &SearchPath) -> Result<()> {
     };
     let report = merge::merge(&opts, &Registry::discover(search))?;
     if !report.restored.is_empty() {
-        println!("restored {} full weight(s) trained beside the adapter ({})", report.restored.len(), non_lora::NON_LORA_FILE);
+        println!(
+            "restored {} full weight(s) trained beside the adapter ({})",
+            report.restored.len(),
+            non_lora::NON_LORA_FILE
+        );
     }
     if let Some((record, error)) = &report.quantized {
         println!(
@@ -191,19 +219,49 @@ fn serve(a: ServeArgs, search: SearchPath) -> Result<()> {
 fn bench(what: BenchCommand, search: &SearchPath, plugin_args: Vec<String>) -> Result<()> {
     let result = match what {
         BenchCommand::Generate { model, batch, prompt_len, new_tokens, repeats, dev } => {
-            let model = crate::peft::PeftModel::new(crate::model::CausalLM::load(&model, dev.device()?, dev.dtype()?)?);
+            let model = crate::peft::PeftModel::new(crate::model::CausalLM::load(
+                &model,
+                dev.device()?,
+                dev.dtype()?,
+            )?);
             let opts = crate::bench::GenerateBench { batch, prompt_len, new_tokens, repeats };
             serde_json::to_string(&crate::bench::bench_generate(&model, &opts)?)?
         }
         BenchCommand::Serve { model, requests, prompt_len, new_tokens, rank, repeats, dev } => {
-            let opts = crate::serve::bench::ServeBench { requests, prompt_len, new_tokens, rank, repeats };
-            let result = crate::serve::bench::bench_serve(&model, &Registry::discover(search), dev.device()?, dev.dtype()?, &opts)?;
+            let opts =
+                crate::serve::bench::ServeBench { requests, prompt_len, new_tokens, rank, repeats };
+            let result = crate::serve::bench::bench_serve(
+                &model,
+                &Registry::discover(search),
+                dev.device()?,
+                dev.dtype()?,
+                &opts,
+            )?;
             serde_json::to_string(&result)?
         }
         BenchCommand::Train(a) => bench_train(&a, search)?,
-        BenchCommand::Memory { model, work, steps, micro_batch_size, ranks, ckpt_model, ckpt_batch, ckpt_seq_len } => {
+        BenchCommand::Memory {
+            model,
+            work,
+            steps,
+            micro_batch_size,
+            ranks,
+            ckpt_model,
+            ckpt_batch,
+            ckpt_seq_len,
+        } => {
             let exe = std::env::current_exe().context("cannot find this ferrotune binary")?;
-            let opts = crate::bench::memory::MemoryBench { model, work, steps, micro_batch_size, ranks, ckpt_model, ckpt_batch, ckpt_seq_len, plugin_args };
+            let opts = crate::bench::memory::MemoryBench {
+                model,
+                work,
+                steps,
+                micro_batch_size,
+                ranks,
+                ckpt_model,
+                ckpt_batch,
+                ckpt_seq_len,
+                plugin_args,
+            };
             crate::bench::memory::bench_memory(&exe, &opts, |line| println!("{line}"))?;
             return Ok(());
         }
@@ -230,10 +288,19 @@ fn bench_train(a: &BenchTrainArgs, search: &SearchPath) -> Result<String> {
         quantization: a
             .quantization
             .as_deref()
-            .map(|j| serde_json::from_str(j).with_context(|| format!("--quantization: `{j}` is not a quantization section")))
+            .map(|j| {
+                serde_json::from_str(j)
+                    .with_context(|| format!("--quantization: `{j}` is not a quantization section"))
+            })
             .transpose()?,
         memory_phases: a.memory_phases,
     };
-    let result = crate::bench::bench_train(&a.model, &Registry::discover(search), a.dev.device()?, a.dev.dtype()?, &opts)?;
+    let result = crate::bench::bench_train(
+        &a.model,
+        &Registry::discover(search),
+        a.dev.device()?,
+        a.dev.dtype()?,
+        &opts,
+    )?;
     Ok(serde_json::to_string(&result)?)
 }

@@ -41,7 +41,8 @@ pub struct CheckReport {
 pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckReport {
     // A preference pair is two sequences of one row: count rows.
     let sequences = prepared.sequences();
-    let usable = sequences.iter().map(|(row, _)| *row).collect::<std::collections::BTreeSet<_>>().len();
+    let usable =
+        sequences.iter().map(|(row, _)| *row).collect::<std::collections::BTreeSet<_>>().len();
     let mut r = CheckReport { path, rows: prepared.rows, usable, ..Default::default() };
     let eot = end_of_turn_ids(tok);
     let eot_names: Vec<String> = eot.iter().filter_map(|&i| tok.id_to_token(i)).collect();
@@ -75,7 +76,10 @@ pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckRepor
         for (k, im) in e.images.iter().enumerate() {
             let (w, h) = im.original_size;
             if u64::from(w) * u64::from(h) > im.max_pixels {
-                notes.push(warn(format!("image {k}: {w}×{h} is above max_pixels {}; resized to {}×{}", im.max_pixels, im.resized_size.0, im.resized_size.1)));
+                notes.push(warn(format!(
+                    "image {k}: {w}×{h} is above max_pixels {}; resized to {}×{}",
+                    im.max_pixels, im.resized_size.0, im.resized_size.1
+                )));
             }
         }
     }

@@ -13,7 +13,8 @@ use super::layout::{Item, Layout};
 fn right_padded(rows: &[(Vec<i64>, Vec<bool>)], pad_id: i64) -> (Tensor, Tensor, Tensor) {
     let width = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0).max(1);
     let n = rows.len();
-    let (mut ids, mut mask, mut comp) = (vec![pad_id; n * width], vec![0i64; n * width], vec![0i64; n * width]);
+    let (mut ids, mut mask, mut comp) =
+        (vec![pad_id; n * width], vec![0i64; n * width], vec![0i64; n * width]);
     for (r, (row_ids, scored)) in rows.iter().enumerate() {
         let at = r * width;
         ids[at..at + row_ids.len()].copy_from_slice(row_ids);
@@ -23,7 +24,11 @@ fn right_padded(rows: &[(Vec<i64>, Vec<bool>)], pad_id: i64) -> (Tensor, Tensor,
         }
     }
     let shape = [n as i64, width as i64];
-    (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape), Tensor::from_slice(&comp).view(shape))
+    (
+        Tensor::from_slice(&ids).view(shape),
+        Tensor::from_slice(&mask).view(shape),
+        Tensor::from_slice(&comp).view(shape),
+    )
 }
 
 fn scored(e: &Encoded) -> (Vec<i64>, Vec<bool>) {
@@ -33,7 +38,8 @@ fn scored(e: &Encoded) -> (Vec<i64>, Vec<bool>) {
 /// KTO rows (`input_ids`, masks, `kto_desirable`) and the KL rows: prompt i with the
 /// completion of row i − 1 (row 0 with the last row's).
 fn kto_tensors(items: &[&Item], encs: &[&Encoded], pad_id: i64) -> NamedTensors {
-    let desirable: Vec<i64> = items.iter().map(|i| matches!(i, Item::Kto { desirable: true, .. }) as i64).collect();
+    let desirable: Vec<i64> =
+        items.iter().map(|i| matches!(i, Item::Kto { desirable: true, .. }) as i64).collect();
     let rows: Vec<_> = encs.iter().map(|e| scored(e)).collect();
     let (ids, mask, comp) = right_padded(&rows, pad_id);
     // KL rows: prompt i with the completion of row i − 1 (row 0 with the last row's).
@@ -63,11 +69,17 @@ fn kto_tensors(items: &[&Item], encs: &[&Encoded], pad_id: i64) -> NamedTensors 
 
 /// Left-padded `prompt_ids` / `prompt_mask`, with the rendered prompts, the samples and the
 /// pad id in the metadata.
-fn prompt_tensors(items: &[&Item], pad_id: i64, meta: &mut Map<String, Value>) -> Result<NamedTensors> {
+fn prompt_tensors(
+    items: &[&Item],
+    pad_id: i64,
+    meta: &mut Map<String, Value>,
+) -> Result<NamedTensors> {
     let mut prompts = Vec::new();
     let (mut texts, mut samples) = (Vec::new(), Vec::new());
     for item in items {
-        let Item::Prompt { ids, text, sample } = item else { bail!("internal: a row of another layout in a prompts batch") };
+        let Item::Prompt { ids, text, sample } = item else {
+            bail!("internal: a row of another layout in a prompts batch")
+        };
         prompts.push(ids);
         texts.push(Value::String(text.clone()));
         samples.push(sample.clone());
@@ -84,7 +96,10 @@ fn prompt_tensors(items: &[&Item], pad_id: i64, meta: &mut Map<String, Value>) -
     meta.insert("prompts".into(), Value::Array(texts));
     meta.insert("samples".into(), Value::Array(samples));
     meta.insert("pad_token_id".into(), json!(pad_id));
-    Ok(vec![("prompt_ids".into(), Tensor::from_slice(&ids).view(shape)), ("prompt_mask".into(), Tensor::from_slice(&mask).view(shape))])
+    Ok(vec![
+        ("prompt_ids".into(), Tensor::from_slice(&ids).view(shape)),
+        ("prompt_mask".into(), Tensor::from_slice(&mask).view(shape)),
+    ])
 }
 
 /// Where a sequence's completion (its first labelled token) starts.
@@ -97,15 +112,38 @@ pub type NamedTensors = Vec<(String, Tensor)>;
 
 /// A micro-batch of `items` (all of `layout`): its tensors (on the CPU) and the metadata
 /// entries the layout adds.
-pub fn collate(layout: Layout, items: &[&Item], pad_id: i64, prep: Option<&ImagePrep>) -> Result<(NamedTensors, Map<String, Value>)> {
+pub fn collate(
+    layout: Layout,
+    items: &[&Item],
+    pad_id: i64,
+    prep: Option<&ImagePrep>,
+) -> Result<(NamedTensors, Map<String, Value>)> {
     let mut meta = Map::new();
     let seqs = |f: &dyn Fn(&Item) -> Option<&Encoded>| -> Result<Vec<&Encoded>> {
-        items.iter().map(|i| f(i).ok_or_else(|| anyhow::anyhow!("internal: a row of another layout in a {} batch", layout.name()))).collect()
+        items
+            .iter()
+            .map(|i| {
+                f(i).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "internal: a row of another layout in a {} batch",
+                        layout.name()
+                    )
+                })
+            })
+            .collect()
     };
     let images = |encs: &[&Encoded]| -> Result<Vec<(String, Tensor)>> {
         match prep {
             Some(p) => {
-                let owned: Vec<Encoded> = encs.iter().map(|e| Encoded { input_ids: Vec::new(), labels: Vec::new(), truncated_from: None, images: e.images.clone() }).collect();
+                let owned: Vec<Encoded> = encs
+                    .iter()
+                    .map(|e| Encoded {
+                        input_ids: Vec::new(),
+                        labels: Vec::new(),
+                        truncated_from: None,
+                        images: e.images.clone(),
+                    })
+                    .collect();
                 p.batch_tensors(&owned)
             }
             None => Ok(Vec::new()),
@@ -114,19 +152,28 @@ pub fn collate(layout: Layout, items: &[&Item], pad_id: i64, prep: Option<&Image
     let mut tensors = Vec::new();
     match layout {
         Layout::Sequences => {
-            let encs: Vec<Encoded> = seqs(&|i| if let Item::Seq(e) = i { Some(e) } else { None })?.into_iter().cloned().collect();
+            let encs: Vec<Encoded> = seqs(&|i| if let Item::Seq(e) = i { Some(e) } else { None })?
+                .into_iter()
+                .cloned()
+                .collect();
             tensors = pad_sequences(&encs, pad_id);
             if let Some(p) = prep {
                 tensors.extend(p.batch_tensors(&encs)?);
             }
         }
         Layout::Pairs => {
-            let chosen = seqs(&|i| if let Item::Pair { chosen, .. } = i { Some(chosen) } else { None })?;
-            let rejected = seqs(&|i| if let Item::Pair { rejected, .. } = i { Some(rejected) } else { None })?;
+            let chosen =
+                seqs(&|i| if let Item::Pair { chosen, .. } = i { Some(chosen) } else { None })?;
+            let rejected =
+                seqs(&|i| if let Item::Pair { rejected, .. } = i { Some(rejected) } else { None })?;
             let all: Vec<&Encoded> = chosen.iter().chain(rejected.iter()).copied().collect();
             let rows: Vec<_> = all.iter().map(|e| scored(e)).collect();
             let (ids, mask, comp) = right_padded(&rows, pad_id);
-            tensors.extend([("input_ids".into(), ids), ("attention_mask".into(), mask), ("completion_mask".into(), comp)]);
+            tensors.extend([
+                ("input_ids".into(), ids),
+                ("attention_mask".into(), mask),
+                ("completion_mask".into(), comp),
+            ]);
             tensors.extend(images(&all)?);
         }
         Layout::Kto => {
@@ -172,7 +219,11 @@ mod tests {
     }
 
     fn enc(ids: &[i64], labelled_from: usize) -> Encoded {
-        let labels = ids.iter().enumerate().map(|(i, &t)| if i >= labelled_from { t } else { IGNORE_INDEX }).collect();
+        let labels = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| if i >= labelled_from { t } else { IGNORE_INDEX })
+            .collect();
         Encoded { input_ids: ids.to_vec(), labels, truncated_from: None, images: Vec::new() }
     }
 
@@ -182,8 +233,18 @@ mod tests {
 
     #[test]
     fn right_pads_masks_and_ignores_padding() {
-        let a = Encoded { input_ids: vec![5, 6, 7], labels: vec![-100, 6, 7], truncated_from: None, images: Vec::new() };
-        let b = Encoded { input_ids: vec![8], labels: vec![8], truncated_from: Some(9), images: Vec::new() };
+        let a = Encoded {
+            input_ids: vec![5, 6, 7],
+            labels: vec![-100, 6, 7],
+            truncated_from: None,
+            images: Vec::new(),
+        };
+        let b = Encoded {
+            input_ids: vec![8],
+            labels: vec![8],
+            truncated_from: Some(9),
+            images: Vec::new(),
+        };
         let out = pad_sequences(&[a, b], 0);
         let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["input_ids", "attention_mask", "labels"]);
@@ -199,9 +260,18 @@ mod tests {
         let a = Item::Pair { chosen: enc(&[5, 6, 7], 2), rejected: enc(&[5, 6, 8, 9], 2) };
         let b = Item::Pair { chosen: enc(&[3, 4], 1), rejected: enc(&[3, 9], 1) };
         let (t, _) = collate(Layout::Pairs, &[&a, &b], 0, None).unwrap();
-        assert_eq!(rows(get(&t, "input_ids")), vec![vec![5, 6, 7, 0], vec![3, 4, 0, 0], vec![5, 6, 8, 9], vec![3, 9, 0, 0]]);
-        assert_eq!(rows(get(&t, "attention_mask")), vec![vec![1, 1, 1, 0], vec![1, 1, 0, 0], vec![1, 1, 1, 1], vec![1, 1, 0, 0]]);
-        assert_eq!(rows(get(&t, "completion_mask")), vec![vec![0, 0, 1, 0], vec![0, 1, 0, 0], vec![0, 0, 1, 1], vec![0, 1, 0, 0]]);
+        assert_eq!(
+            rows(get(&t, "input_ids")),
+            vec![vec![5, 6, 7, 0], vec![3, 4, 0, 0], vec![5, 6, 8, 9], vec![3, 9, 0, 0]]
+        );
+        assert_eq!(
+            rows(get(&t, "attention_mask")),
+            vec![vec![1, 1, 1, 0], vec![1, 1, 0, 0], vec![1, 1, 1, 1], vec![1, 1, 0, 0]]
+        );
+        assert_eq!(
+            rows(get(&t, "completion_mask")),
+            vec![vec![0, 0, 1, 0], vec![0, 1, 0, 0], vec![0, 0, 1, 1], vec![0, 1, 0, 0]]
+        );
     }
 
     #[test]
@@ -217,7 +287,11 @@ mod tests {
 
     #[test]
     fn prompts_are_left_padded_with_texts_and_samples_in_meta() {
-        let p = |ids: &[i64], t: &str| Item::Prompt { ids: ids.to_vec(), text: t.into(), sample: json!({"id": t}) };
+        let p = |ids: &[i64], t: &str| Item::Prompt {
+            ids: ids.to_vec(),
+            text: t.into(),
+            sample: json!({"id": t}),
+        };
         let (a, b) = (p(&[4, 5, 6], "a"), p(&[7], "b"));
         let (t, meta) = collate(Layout::Prompts, &[&a, &b], 9, None).unwrap();
         assert_eq!(rows(get(&t, "prompt_ids")), vec![vec![4, 5, 6], vec![9, 9, 7]]);

@@ -32,11 +32,15 @@ use crate::text::Tokenizer;
 pub const IGNORE_INDEX: i64 = -100;
 
 /// End-of-turn tokens of common chat templates, used besides the tokenizer's eos token.
-const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>"];
+const END_OF_TURN_TOKENS: &[&str] =
+    &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>"];
 
 /// The tokenizer's eos and the end-of-turn tokens of common chat templates it knows.
 pub(crate) fn end_of_turn_ids(tok: &Tokenizer) -> BTreeSet<i64> {
-    tok.eos_token_id().into_iter().chain(END_OF_TURN_TOKENS.iter().filter_map(|t| tok.token_to_id(t))).collect()
+    tok.eos_token_id()
+        .into_iter()
+        .chain(END_OF_TURN_TOKENS.iter().filter_map(|t| tok.token_to_id(t)))
+        .collect()
 }
 
 /// How samples become training sequences.
@@ -104,7 +108,11 @@ pub fn encode_sample(tok: &Tokenizer, sample: &Sample, opts: &EncodeOptions) -> 
 
 /// A preference sample as two sequences: the prompt followed by `chosen`, then by
 /// `rejected` (each encoded as [`encode_sample`] does).
-pub fn encode_pair(tok: &Tokenizer, sample: &Sample, opts: &EncodeOptions) -> Result<(Encoded, Encoded)> {
+pub fn encode_pair(
+    tok: &Tokenizer,
+    sample: &Sample,
+    opts: &EncodeOptions,
+) -> Result<(Encoded, Encoded)> {
     let id = sample.id.as_deref().unwrap_or("(no id)");
     let (Some(chosen), Some(rejected)) = (&sample.chosen, &sample.rejected) else {
         bail!("sample {id}: not a preference pair (it needs both `chosen` and `rejected`)");
@@ -117,7 +125,12 @@ pub fn encode_pair(tok: &Tokenizer, sample: &Sample, opts: &EncodeOptions) -> Re
     Ok((with(chosen)?, with(rejected)?))
 }
 
-fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts: &EncodeOptions) -> Result<Encoded> {
+fn encode_messages(
+    tok: &Tokenizer,
+    messages: &[Message],
+    sample: &Sample,
+    opts: &EncodeOptions,
+) -> Result<Encoded> {
     let id = sample.id.as_deref().unwrap_or("(no id)");
     if opts.cutoff_len == 0 {
         bail!("cutoff_len must be at least 1");
@@ -125,7 +138,8 @@ fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts:
     if messages.is_empty() {
         bail!("sample {id}: no messages");
     }
-    let template = tok.chat_template().map(|t| t.origin().to_string()).unwrap_or_else(|| "(none)".into());
+    let template =
+        tok.chat_template().map(|t| t.origin().to_string()).unwrap_or_else(|| "(none)".into());
     let extra = match sample.extra.get("tools") {
         Some(tools) => serde_json::json!({ "tools": tools }),
         None => Json::Null,
@@ -138,7 +152,10 @@ fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts:
         let ids = if n == 0 && !generation_prompt {
             Vec::new()
         } else {
-            tok.encode(&tok.apply_chat_template_with(&messages[..n], generation_prompt, &extra)?, false)?
+            tok.encode(
+                &tok.apply_chat_template_with(&messages[..n], generation_prompt, &extra)?,
+                false,
+            )?
         };
         renders.insert((n, generation_prompt), ids.clone());
         Ok(ids)
@@ -161,7 +178,11 @@ fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts:
     let last_assistant = messages.iter().rposition(|m| m.role == "assistant");
     for (i, m) in messages.iter().enumerate() {
         let assistant = m.role == "assistant";
-        let default = if assistant { !opts.mask_history || Some(i) == last_assistant } else { opts.train_on_prompt };
+        let default = if assistant {
+            !opts.mask_history || Some(i) == last_assistant
+        } else {
+            opts.train_on_prompt
+        };
         let train = m.train.unwrap_or(default);
         if train == opts.train_on_prompt {
             continue; // the turn's tokens already hold that value
@@ -172,12 +193,14 @@ fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts:
         // An assistant turn starts after the generation prompt; any other turn with its header.
         let start = prefix_len(&render(i, assistant)?, i)?;
         let end = prefix_len(&render(i + 1, false)?, i + 1)?.max(start);
-        let stop = (start..end).rev().find(|&j| end_of_turn.contains(&full[j])).map_or(end, |j| j + 1);
+        let stop =
+            (start..end).rev().find(|&j| end_of_turn.contains(&full[j])).map_or(end, |j| j + 1);
         trained[start..stop].fill(train);
     }
 
     let mut input_ids = full;
-    let mut labels: Vec<i64> = input_ids.iter().zip(&trained).map(|(&t, &on)| if on { t } else { IGNORE_INDEX }).collect();
+    let mut labels: Vec<i64> =
+        input_ids.iter().zip(&trained).map(|(&t, &on)| if on { t } else { IGNORE_INDEX }).collect();
     let mut truncated_from = None;
     if input_ids.len() > opts.cutoff_len {
         truncated_from = Some(input_ids.len());
@@ -186,7 +209,12 @@ fn encode_messages(tok: &Tokenizer, messages: &[Message], sample: &Sample, opts:
     }
     let encoded = Encoded { input_ids, labels, truncated_from, images: Vec::new() };
     if encoded.num_label_tokens() == 0 {
-        return Err(EncodeError::NoLabelTokens { id: id.to_string(), truncated_from, cutoff_len: opts.cutoff_len }.into());
+        return Err(EncodeError::NoLabelTokens {
+            id: id.to_string(),
+            truncated_from,
+            cutoff_len: opts.cutoff_len,
+        }
+        .into());
     }
     Ok(encoded)
 }
@@ -199,7 +227,9 @@ pub fn preview(tok: &Tokenizer, encoded: &Encoded) -> String {
     while start < n {
         let on = encoded.labels[start] != IGNORE_INDEX;
         let end = (start..n).find(|&j| (encoded.labels[j] != IGNORE_INDEX) != on).unwrap_or(n);
-        let text = tok.decode(&encoded.input_ids[start..end], false).unwrap_or_else(|e| format!("<cannot decode: {e}>"));
+        let text = tok
+            .decode(&encoded.input_ids[start..end], false)
+            .unwrap_or_else(|e| format!("<cannot decode: {e}>"));
         if on {
             out.push('«');
             out.push_str(&text);
@@ -260,12 +290,27 @@ mod tests {
     const CHATML: &str =
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}\
                           {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-    const WORDS: &[&str] = &["system", "user", "assistant", "Be", "brief", "hi", "hello", "how", "are", "you", "fine", "thanks", "bye"];
+    const WORDS: &[&str] = &[
+        "system",
+        "user",
+        "assistant",
+        "Be",
+        "brief",
+        "hi",
+        "hello",
+        "how",
+        "are",
+        "you",
+        "fine",
+        "thanks",
+        "bye",
+    ];
 
     /// A word-level tokenizer that keeps every whitespace character as a token, with ChatML
     /// specials (`<|im_end|>` is eos) and a ChatML template.
     fn tokenizer(tag: &str) -> Tokenizer {
-        let dir = std::env::temp_dir().join(format!("ferrotune-encode-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-encode-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<unk>"];
         let mut vocab = serde_json::Map::new();
@@ -333,7 +378,10 @@ mod tests {
     fn mask_history_train_flags_and_train_on_prompt() {
         let tok = tokenizer("flags");
         let opts = EncodeOptions { mask_history: true, ..Default::default() };
-        assert_eq!(runs(&tok, &encode_sample(&tok, &conversation(), &opts).unwrap()), vec!["fine thanks<|im_end|>"]);
+        assert_eq!(
+            runs(&tok, &encode_sample(&tok, &conversation(), &opts).unwrap()),
+            vec!["fine thanks<|im_end|>"]
+        );
 
         let mut s = conversation();
         s.messages[4].train = Some(false);
@@ -355,12 +403,22 @@ mod tests {
         let tok = tokenizer("trunc");
         let full = encode_sample(&tok, &conversation(), &EncodeOptions::default()).unwrap();
         let n = full.input_ids.len();
-        let e = encode_sample(&tok, &conversation(), &EncodeOptions { cutoff_len: n - 2, ..Default::default() }).unwrap();
+        let e = encode_sample(
+            &tok,
+            &conversation(),
+            &EncodeOptions { cutoff_len: n - 2, ..Default::default() },
+        )
+        .unwrap();
         assert_eq!((e.truncated_from, e.input_ids.len()), (Some(n), n - 2));
         assert_eq!(e.input_ids[..], full.input_ids[..n - 2]);
         assert_eq!(e.labels[..], full.labels[..n - 2]);
         // Cut before the first answer: nothing left to train on.
-        let err = encode_sample(&tok, &conversation(), &EncodeOptions { cutoff_len: 12, ..Default::default() }).unwrap_err();
+        let err = encode_sample(
+            &tok,
+            &conversation(),
+            &EncodeOptions { cutoff_len: 12, ..Default::default() },
+        )
+        .unwrap_err();
         match err.downcast_ref::<EncodeError>() {
             Some(EncodeError::NoLabelTokens { id, truncated_from, cutoff_len }) => {
                 assert_eq!((id.as_str(), *truncated_from, *cutoff_len), ("t:1", Some(n), 12))
@@ -371,7 +429,13 @@ mod tests {
         let mut prompt_only = conversation();
         prompt_only.messages.truncate(2);
         let err = encode_sample(&tok, &prompt_only, &EncodeOptions::default()).unwrap_err();
-        assert!(matches!(err.downcast_ref::<EncodeError>(), Some(EncodeError::NoLabelTokens { truncated_from: None, .. })), "{err}");
+        assert!(
+            matches!(
+                err.downcast_ref::<EncodeError>(),
+                Some(EncodeError::NoLabelTokens { truncated_from: None, .. })
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -381,10 +445,15 @@ mod tests {
         let src = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}{% if loop.last %} bye{% endif %}\
                    {{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
         tok.set_chat_template(Some(ChatTemplate::single(src, "rewriting-template.jinja").unwrap()));
-        let err = encode_sample(&tok, &conversation(), &EncodeOptions::default()).unwrap_err().to_string();
+        let err = encode_sample(&tok, &conversation(), &EncodeOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rewriting-template.jinja") && err.contains("not a prefix"), "{err}");
         let tok = tokenizer("first");
-        let s = Sample { messages: vec![Message::new("assistant", "hi"), Message::new("user", "hello")], ..Default::default() };
+        let s = Sample {
+            messages: vec![Message::new("assistant", "hi"), Message::new("user", "hello")],
+            ..Default::default()
+        };
         let err = encode_sample(&tok, &s, &EncodeOptions::default()).unwrap_err().to_string();
         assert!(err.contains("turn 0 is an assistant turn"), "{err}");
     }
@@ -400,6 +469,9 @@ mod tests {
         assert_eq!(runs(&tok, &c), vec!["hello<|im_end|>", "fine<|im_end|>"]);
         assert_eq!(runs(&tok, &r), vec!["hello<|im_end|>", "bye<|im_end|>"]);
         assert_eq!(c.input_ids[..c.input_ids.len() - 3], r.input_ids[..r.input_ids.len() - 3]);
-        assert!(encode_pair(&tok, &conversation(), &EncodeOptions::default()).unwrap_err().to_string().contains("not a preference pair"));
+        assert!(encode_pair(&tok, &conversation(), &EncodeOptions::default())
+            .unwrap_err()
+            .to_string()
+            .contains("not a preference pair"));
     }
 }

@@ -13,11 +13,13 @@ use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::{ImageSource, Sample};
 use tch::Tensor;
 
-pub use super::encode::{ImageData, SampleImage};
 use super::encode::{encode_sample, EncodeError, EncodeOptions, Encoded, IGNORE_INDEX};
+pub use super::encode::{ImageData, SampleImage};
 use crate::model::VisionInputs;
 use crate::text::Tokenizer;
-use crate::vision::{decode_image, load_image, process_image, smart_resize, stack_images, ImageProcessorConfig};
+use crate::vision::{
+    decode_image, load_image, process_image, smart_resize, stack_images, ImageProcessorConfig,
+};
 
 /// The placeholder dataset plugins write, one per image.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
@@ -50,26 +52,40 @@ impl ImagePrep {
     /// tokenizer must know Qwen2-VL's vision tokens, with the ids the model's config names.
     pub fn for_model_dir(model_dir: &Path, tok: &Tokenizer) -> Result<Option<Self>> {
         let file = model_dir.join("config.json");
-        let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
         if config.get("vision_config").is_none() {
             return Ok(None);
         }
-        let image_token_id = config["image_token_id"]
-            .as_i64()
-            .with_context(|| format!("{}: a vision model needs `image_token_id`", file.display()))?;
+        let image_token_id = config["image_token_id"].as_i64().with_context(|| {
+            format!("{}: a vision model needs `image_token_id`", file.display())
+        })?;
         for token in [VISION_START, IMAGE_PAD, VISION_END] {
             if tok.token_to_id(token).is_none() {
-                bail!("the tokenizer of {} has no {token} token, which Qwen2-VL's image blocks need", model_dir.display());
+                bail!(
+                    "the tokenizer of {} has no {token} token, which Qwen2-VL's image blocks need",
+                    model_dir.display()
+                );
             }
         }
         let pad = tok.token_to_id(IMAGE_PAD).unwrap_or(-1);
         if pad != image_token_id {
-            bail!("{}: image_token_id is {image_token_id} but the tokenizer's {IMAGE_PAD} is {pad}", file.display());
+            bail!(
+                "{}: image_token_id is {image_token_id} but the tokenizer's {IMAGE_PAD} is {pad}",
+                file.display()
+            );
         }
         let processor = ImageProcessorConfig::from_dir(model_dir)?;
         let merge_size = processor.merge_size;
-        Ok(Some(Self { processor, min_pixels: None, max_pixels: None, merge_size, image_pad_id: image_token_id }))
+        Ok(Some(Self {
+            processor,
+            min_pixels: None,
+            max_pixels: None,
+            merge_size,
+            image_pad_id: image_token_id,
+        }))
     }
 
     pub fn image_pad_id(&self) -> i64 {
@@ -81,8 +97,12 @@ impl ImagePrep {
     fn bounds(&self, sample: &Sample) -> (u64, u64) {
         let from_sample = |key: &str| sample.extra.get(key).and_then(|v| v.as_u64());
         (
-            self.min_pixels.or_else(|| from_sample("image_min_pixels")).unwrap_or(self.processor.min_pixels),
-            self.max_pixels.or_else(|| from_sample("image_max_pixels")).unwrap_or(self.processor.max_pixels),
+            self.min_pixels
+                .or_else(|| from_sample("image_min_pixels"))
+                .unwrap_or(self.processor.min_pixels),
+            self.max_pixels
+                .or_else(|| from_sample("image_max_pixels"))
+                .unwrap_or(self.processor.max_pixels),
         )
     }
 
@@ -90,24 +110,43 @@ impl ImagePrep {
     pub fn sample_images(&self, sample: &mut Sample) -> Result<Vec<SampleImage>, BadImage> {
         let (min_pixels, max_pixels) = self.bounds(sample);
         let factor = self.processor.patch_size * self.merge_size;
-        let blobs: Vec<Arc<Vec<u8>>> = std::mem::take(&mut sample.blobs).into_iter().map(Arc::new).collect();
+        let blobs: Vec<Arc<Vec<u8>>> =
+            std::mem::take(&mut sample.blobs).into_iter().map(Arc::new).collect();
         let mut out = Vec::with_capacity(sample.images.len());
         for (index, source) in sample.images.iter().enumerate() {
             let (data, what) = match source {
                 ImageSource::Path(p) => (ImageData::File(PathBuf::from(p)), p.clone()),
                 ImageSource::Blob(i) => match blobs.get(*i) {
-                    Some(b) => (ImageData::Bytes(b.clone()), format!("embedded, {} bytes", b.len())),
-                    None => return Err(BadImage { index, what: format!("blob {i}"), reason: format!("the sample has only {} blobs", blobs.len()) }),
+                    Some(b) => {
+                        (ImageData::Bytes(b.clone()), format!("embedded, {} bytes", b.len()))
+                    }
+                    None => {
+                        return Err(BadImage {
+                            index,
+                            what: format!("blob {i}"),
+                            reason: format!("the sample has only {} blobs", blobs.len()),
+                        })
+                    }
                 },
             };
             let bad = |reason: String| BadImage { index, what: what.clone(), reason };
             let img = decode(&data).map_err(|e| bad(format!("{e:#}")))?;
             let (w, h) = (img.width(), img.height());
-            let (rh, rw) = smart_resize(h, w, factor, min_pixels, max_pixels).map_err(|e| bad(format!("{e:#}")))?;
+            let (rh, rw) = smart_resize(h, w, factor, min_pixels, max_pixels)
+                .map_err(|e| bad(format!("{e:#}")))?;
             let p = self.processor.patch_size as i64;
             let grid_thw = [1, rh as i64 / p, rw as i64 / p];
-            let tokens = (grid_thw[0] * grid_thw[1] * grid_thw[2]) as usize / (self.merge_size * self.merge_size) as usize;
-            out.push(SampleImage { data, min_pixels, max_pixels, original_size: (w, h), resized_size: (rw, rh), grid_thw, tokens });
+            let tokens = (grid_thw[0] * grid_thw[1] * grid_thw[2]) as usize
+                / (self.merge_size * self.merge_size) as usize;
+            out.push(SampleImage {
+                data,
+                min_pixels,
+                max_pixels,
+                original_size: (w, h),
+                resized_size: (rw, rh),
+                grid_thw,
+                tokens,
+            });
         }
         Ok(out)
     }
@@ -116,14 +155,17 @@ impl ImagePrep {
     /// images, and writes each image's block of vision tokens in place of its placeholder.
     pub fn expand(&self, sample: &mut Sample) -> Result<Vec<SampleImage>, EncodeError> {
         let id = sample.id.clone().unwrap_or_else(|| "(no id)".into());
-        let placeholders: usize = sample.messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum();
+        let placeholders: usize =
+            sample.messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum();
         if placeholders != sample.images.len() {
             return Err(EncodeError::BadSample {
                 id,
                 reason: format!("its text has {placeholders} `{IMAGE_PLACEHOLDER}` placeholder(s) but it has {} image(s)", sample.images.len()),
             });
         }
-        let images = self.sample_images(sample).map_err(|e| EncodeError::BadSample { id, reason: e.to_string() })?;
+        let images = self
+            .sample_images(sample)
+            .map_err(|e| EncodeError::BadSample { id, reason: e.to_string() })?;
         let mut next = images.iter();
         for m in &mut sample.messages {
             if m.content.contains(IMAGE_PLACEHOLDER) {
@@ -134,14 +176,24 @@ impl ImagePrep {
     }
 
     /// `pixel_values` and grids of `images`, in order, for the model's forward.
-    pub fn vision_inputs<'a>(&self, images: impl IntoIterator<Item = &'a SampleImage>) -> Result<Option<VisionInputs>> {
+    pub fn vision_inputs<'a>(
+        &self,
+        images: impl IntoIterator<Item = &'a SampleImage>,
+    ) -> Result<Option<VisionInputs>> {
         let mut processed = Vec::new();
         for (i, im) in images.into_iter().enumerate() {
             let img = decode(&im.data).with_context(|| format!("image {i} ({:?})", im.data))?;
-            let cfg = self.processor.clone().with_pixels(Some(im.min_pixels), Some(im.max_pixels))?;
-            let p = process_image(&img, &cfg).with_context(|| format!("image {i} ({:?})", im.data))?;
+            let cfg =
+                self.processor.clone().with_pixels(Some(im.min_pixels), Some(im.max_pixels))?;
+            let p =
+                process_image(&img, &cfg).with_context(|| format!("image {i} ({:?})", im.data))?;
             if p.grid_thw != im.grid_thw {
-                bail!("image {i} ({:?}) changed since it was checked: grid {:?}, expected {:?}", im.data, p.grid_thw, im.grid_thw);
+                bail!(
+                    "image {i} ({:?}) changed since it was checked: grid {:?}, expected {:?}",
+                    im.data,
+                    p.grid_thw,
+                    im.grid_thw
+                );
             }
             processed.push(p);
         }
@@ -157,13 +209,19 @@ impl ImagePrep {
     pub fn batch_tensors(&self, batch: &[Encoded]) -> Result<Vec<(String, Tensor)>> {
         match self.vision_inputs(batch.iter().flat_map(|e| e.images.iter()))? {
             None => Ok(Vec::new()),
-            Some(v) => Ok(vec![("pixel_values".into(), v.pixel_values), ("image_grid_thw".into(), grid_tensor(&v.image_grid_thw))]),
+            Some(v) => Ok(vec![
+                ("pixel_values".into(), v.pixel_values),
+                ("image_grid_thw".into(), grid_tensor(&v.image_grid_thw)),
+            ]),
         }
     }
 }
 
 /// `text` with each `<image>` replaced by the next image's vision-token block.
-fn expand_placeholders<'a>(text: &str, images: &mut impl Iterator<Item = &'a SampleImage>) -> String {
+fn expand_placeholders<'a>(
+    text: &str,
+    images: &mut impl Iterator<Item = &'a SampleImage>,
+) -> String {
     let mut out = String::with_capacity(text.len());
     for (k, part) in text.split(IMAGE_PLACEHOLDER).enumerate() {
         if k > 0 {
@@ -203,7 +261,12 @@ fn decode(data: &ImageData) -> Result<image::DynamicImage> {
 /// Encodes a sample of any model: text-only samples as [`encode_sample`]; samples with images
 /// through `prep` (an error when the model has no vision tower). Row-level problems are
 /// [`EncodeError`]s the trainer stops on or skips, as configured.
-pub fn encode_multimodal(tok: &Tokenizer, prep: Option<&ImagePrep>, mut sample: Sample, opts: &EncodeOptions) -> Result<Encoded> {
+pub fn encode_multimodal(
+    tok: &Tokenizer,
+    prep: Option<&ImagePrep>,
+    mut sample: Sample,
+    opts: &EncodeOptions,
+) -> Result<Encoded> {
     let id = sample.id.clone().unwrap_or_else(|| "(no id)".into());
     let Some(prep) = prep else {
         if !sample.images.is_empty() {
@@ -228,7 +291,11 @@ pub fn encode_multimodal(tok: &Tokenizer, prep: Option<&ImagePrep>, mut sample: 
         bail!(EncodeError::ImageBlockCut { id, kept, total, cutoff_len: opts.cutoff_len });
     }
     if encoded.num_label_tokens() == 0 {
-        bail!(EncodeError::NoLabelTokens { id, truncated_from: encoded.truncated_from, cutoff_len: opts.cutoff_len });
+        bail!(EncodeError::NoLabelTokens {
+            id,
+            truncated_from: encoded.truncated_from,
+            cutoff_len: opts.cutoff_len
+        });
     }
     encoded.images = images;
     Ok(encoded)

@@ -22,7 +22,9 @@ use ferrotune_plugin_api::Sample;
 use serde_json::Value;
 
 use crate::data::images::IMAGE_PLACEHOLDER;
-use crate::data::{self, encode_multimodal, EncodeError, EncodeOptions, Encoded, ImagePrep, IGNORE_INDEX};
+use crate::data::{
+    self, encode_multimodal, EncodeError, EncodeOptions, Encoded, ImagePrep, IGNORE_INDEX,
+};
 use crate::text::Tokenizer;
 
 /// The batch layout of a run.
@@ -38,11 +40,15 @@ impl Layout {
     /// The layout an objective's `needs()` asks for (several data needs at once are an error).
     pub fn from_needs(objective: &str, needs: &[String]) -> Result<Self> {
         let has = |n: &str| needs.iter().any(|x| x == n);
-        let chosen: Vec<Layout> = [("preference_pairs", Layout::Pairs), ("kto_labels", Layout::Kto), ("generation", Layout::Prompts)]
-            .into_iter()
-            .filter(|(n, _)| has(n))
-            .map(|(_, l)| l)
-            .collect();
+        let chosen: Vec<Layout> = [
+            ("preference_pairs", Layout::Pairs),
+            ("kto_labels", Layout::Kto),
+            ("generation", Layout::Prompts),
+        ]
+        .into_iter()
+        .filter(|(n, _)| has(n))
+        .map(|(_, l)| l)
+        .collect();
         match chosen.as_slice() {
             [] => Ok(Layout::Sequences),
             [one] => Ok(*one),
@@ -81,7 +87,8 @@ impl Item {
 
     /// Tokens that carry the loss (SFT's `num_items_in_batch`).
     pub fn label_tokens(&self) -> i64 {
-        let n = |e: &Encoded| e.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count() as i64;
+        let n =
+            |e: &Encoded| e.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count() as i64;
         match self {
             Item::Seq(e) | Item::Kto { seq: e, .. } => n(e),
             Item::Pair { chosen, rejected } => n(chosen) + n(rejected),
@@ -92,7 +99,9 @@ impl Item {
     pub fn truncated(&self) -> bool {
         match self {
             Item::Seq(e) | Item::Kto { seq: e, .. } => e.truncated_from.is_some(),
-            Item::Pair { chosen, rejected } => chosen.truncated_from.is_some() || rejected.truncated_from.is_some(),
+            Item::Pair { chosen, rejected } => {
+                chosen.truncated_from.is_some() || rejected.truncated_from.is_some()
+            }
             Item::Prompt { .. } => false,
         }
     }
@@ -117,10 +126,20 @@ impl Prepared {
         for (row, item) in &self.items {
             match item {
                 Item::Seq(e) | Item::Kto { seq: e, .. } => out.push((*row, e.clone())),
-                Item::Pair { chosen, rejected } => out.extend([(*row, chosen.clone()), (*row, rejected.clone())]),
+                Item::Pair { chosen, rejected } => {
+                    out.extend([(*row, chosen.clone()), (*row, rejected.clone())])
+                }
                 Item::Prompt { ids, .. } => {
                     let labels = vec![IGNORE_INDEX; ids.len()];
-                    out.push((*row, Encoded { input_ids: ids.clone(), labels, truncated_from: None, images: Vec::new() }))
+                    out.push((
+                        *row,
+                        Encoded {
+                            input_ids: ids.clone(),
+                            labels,
+                            truncated_from: None,
+                            images: Vec::new(),
+                        },
+                    ))
                 }
             }
         }
@@ -157,9 +176,17 @@ enum Outcome {
     Skip(String),
 }
 
-fn encode_row(layout: Layout, tok: &Tokenizer, prep: Option<&ImagePrep>, sample: Sample, opts: &EncodeOptions) -> Result<Outcome> {
+fn encode_row(
+    layout: Layout,
+    tok: &Tokenizer,
+    prep: Option<&ImagePrep>,
+    sample: Sample,
+    opts: &EncodeOptions,
+) -> Result<Outcome> {
     match layout {
-        Layout::Sequences => Ok(Outcome::Use(Item::Seq(encode_multimodal(tok, prep, sample, opts)?))),
+        Layout::Sequences => {
+            Ok(Outcome::Use(Item::Seq(encode_multimodal(tok, prep, sample, opts)?)))
+        }
         Layout::Pairs => {
             let (chosen, rejected) = match (&sample.chosen, &sample.rejected) {
                 (Some(c), Some(r)) => (c.clone(), r.clone()),
@@ -167,7 +194,10 @@ fn encode_row(layout: Layout, tok: &Tokenizer, prep: Option<&ImagePrep>, sample:
                 (_, None) => return Err(bad(&sample, "a preference objective needs `chosen` and `rejected`; this row has no `rejected`")),
             };
             if chosen.content == rejected.content {
-                return Ok(Outcome::Skip(format!("sample {}: `chosen` and `rejected` are identical, nothing to learn", sample_id(&sample))));
+                return Ok(Outcome::Skip(format!(
+                    "sample {}: `chosen` and `rejected` are identical, nothing to learn",
+                    sample_id(&sample)
+                )));
             }
             let opts = final_turn_only(opts);
             let with = |last| {
@@ -184,12 +214,20 @@ fn encode_row(layout: Layout, tok: &Tokenizer, prep: Option<&ImagePrep>, sample:
                 return Err(bad(&sample, "KTO needs each row's desirability (`kto_tag`: true or false); this row has none"));
             };
             if sample.messages.last().map(|m| m.role.as_str()) != Some("assistant") {
-                return Err(bad(&sample, "a KTO row ends with the assistant turn it labels; this one does not"));
+                return Err(bad(
+                    &sample,
+                    "a KTO row ends with the assistant turn it labels; this one does not",
+                ));
             }
-            Ok(Outcome::Use(Item::Kto { seq: encode_multimodal(tok, prep, sample, &final_turn_only(opts))?, desirable }))
+            Ok(Outcome::Use(Item::Kto {
+                seq: encode_multimodal(tok, prep, sample, &final_turn_only(opts))?,
+                desirable,
+            }))
         }
         Layout::Prompts => {
-            if !sample.images.is_empty() || sample.messages.iter().any(|m| m.content.contains(IMAGE_PLACEHOLDER)) {
+            if !sample.images.is_empty()
+                || sample.messages.iter().any(|m| m.content.contains(IMAGE_PLACEHOLDER))
+            {
                 return Err(bad(&sample, "generation objectives (GRPO) take text prompts only in this version; this row has images"));
             }
             let mut messages = sample.messages.clone();
@@ -219,7 +257,13 @@ fn encode_row(layout: Layout, tok: &Tokenizer, prep: Option<&ImagePrep>, sample:
 }
 
 /// Encodes every row in `layout`; errors that are not about one row stop.
-pub fn prepare(layout: Layout, rows: Vec<Result<Sample, String>>, tok: &Tokenizer, prep: Option<&ImagePrep>, opts: &EncodeOptions) -> Result<Prepared> {
+pub fn prepare(
+    layout: Layout,
+    rows: Vec<Result<Sample, String>>,
+    tok: &Tokenizer,
+    prep: Option<&ImagePrep>,
+    opts: &EncodeOptions,
+) -> Result<Prepared> {
     let mut out = Prepared { rows: rows.len(), ..Default::default() };
     for (i, row) in rows.into_iter().enumerate() {
         let sample = match row {
@@ -250,12 +294,18 @@ mod tests {
     fn layout_follows_needs() {
         let n = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(Layout::from_needs("sft", &n(&[])).unwrap(), Layout::Sequences);
-        assert_eq!(Layout::from_needs("dpo", &n(&["preference_pairs", "reference"])).unwrap(), Layout::Pairs);
-        assert_eq!(Layout::from_needs("kto", &n(&["kto_labels", "reference"])).unwrap(), Layout::Kto);
-        assert_eq!(Layout::from_needs("grpo", &n(&["generation", "rewards"])).unwrap(), Layout::Prompts);
+        assert_eq!(
+            Layout::from_needs("dpo", &n(&["preference_pairs", "reference"])).unwrap(),
+            Layout::Pairs
+        );
+        assert_eq!(
+            Layout::from_needs("kto", &n(&["kto_labels", "reference"])).unwrap(),
+            Layout::Kto
+        );
+        assert_eq!(
+            Layout::from_needs("grpo", &n(&["generation", "rewards"])).unwrap(),
+            Layout::Prompts
+        );
         assert!(Layout::from_needs("x", &n(&["generation", "preference_pairs"])).is_err());
     }
-
-
-
 }

@@ -31,15 +31,24 @@ use ferrotune_plugin_api::{DataSource, DatasetFormat, Sample};
 use crate::plugins::Registry;
 
 pub use collate::collate;
-pub use layout::{Item, Layout, Prepared};
-pub use encode::{encode_pair, encode_sample, preview, EncodeError, EncodeOptions, Encoded, IGNORE_INDEX};
+pub use encode::{
+    encode_pair, encode_sample, preview, EncodeError, EncodeOptions, Encoded, IGNORE_INDEX,
+};
 pub use images::{encode_multimodal, ImagePrep, SampleImage};
+pub use layout::{Item, Layout, Prepared};
 
 /// Every sample of `path` read by dataset plugin `plugin` configured with `config_json`.
-pub fn load_samples(registry: &Registry, plugin: &str, config_json: &str, path: &Path, split: &str) -> Result<Vec<Sample>> {
+pub fn load_samples(
+    registry: &Registry,
+    plugin: &str,
+    config_json: &str,
+    path: &Path,
+    split: &str,
+) -> Result<Vec<Sample>> {
     let format = registry.dataset(plugin, config_json)?;
     let source = DataSource { path: path.display().to_string(), split: split.to_string() };
-    let what = || format!("reading {} (split `{split}`) with dataset plugin `{plugin}`", path.display());
+    let what =
+        || format!("reading {} (split `{split}`) with dataset plugin `{plugin}`", path.display());
     let reader = format.open(&source).with_context(what)?;
     let n = reader.len().with_context(what)?;
     (0..n).map(|i| reader.get(i).with_context(what)).collect()
@@ -48,10 +57,17 @@ pub fn load_samples(registry: &Registry, plugin: &str, config_json: &str, path: 
 /// Every row of `path` read by dataset plugin `plugin`: a sample, or why the plugin refused
 /// that row (its message names the file and record). Failing to open the data (a missing
 /// file or column) is an error.
-pub fn read_rows(registry: &Registry, plugin: &str, config_json: &str, path: &Path, split: &str) -> Result<Vec<Result<Sample, String>>> {
+pub fn read_rows(
+    registry: &Registry,
+    plugin: &str,
+    config_json: &str,
+    path: &Path,
+    split: &str,
+) -> Result<Vec<Result<Sample, String>>> {
     let format = registry.dataset(plugin, config_json)?;
     let source = DataSource { path: path.display().to_string(), split: split.to_string() };
-    let what = || format!("reading {} (split `{split}`) with dataset plugin `{plugin}`", path.display());
+    let what =
+        || format!("reading {} (split `{split}`) with dataset plugin `{plugin}`", path.display());
     let reader = format.open(&source).with_context(what)?;
     let n = reader.len().with_context(what)?;
     Ok((0..n).map(|i| reader.get(i).map_err(|e| e.to_string())).collect())
@@ -59,7 +75,8 @@ pub fn read_rows(registry: &Registry, plugin: &str, config_json: &str, path: &Pa
 
 /// Rows with a reason, one per line (at most `limit`, then a count).
 pub fn rows_report(rows: &[(usize, String)], limit: usize) -> String {
-    let mut lines: Vec<String> = rows.iter().take(limit).map(|(i, e)| format!("  row {i}: {e}")).collect();
+    let mut lines: Vec<String> =
+        rows.iter().take(limit).map(|(i, e)| format!("  row {i}: {e}")).collect();
     if rows.len() > limit {
         lines.push(format!("  … and {} more", rows.len() - limit));
     }

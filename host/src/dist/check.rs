@@ -42,15 +42,37 @@ pub struct CheckReport {
 pub fn run(opts: &CheckOptions) -> Result<CheckReport> {
     let env = match RankEnv::from_lookup_keeping(|k| std::env::var(k).ok(), true)? {
         Some(env) => env,
-        None => RankEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: crate::dist::launch::free_port()? },
+        None => RankEnv {
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: crate::dist::launch::free_port()?,
+        },
     };
-    let requested = opts.backend.clone().or_else(|| std::env::var(BACKEND_VAR).ok()).filter(|b| !b.trim().is_empty());
-    let requested_backend = requested.as_deref().map(Backend::parse).transpose().with_context(|| format!("--backend / {BACKEND_VAR}"))?;
-    let device_text = opts.device.clone().unwrap_or_else(|| if requested_backend == Some(Backend::Nccl) { "cuda".into() } else { "cpu".into() });
+    let requested = opts
+        .backend
+        .clone()
+        .or_else(|| std::env::var(BACKEND_VAR).ok())
+        .filter(|b| !b.trim().is_empty());
+    let requested_backend = requested
+        .as_deref()
+        .map(Backend::parse)
+        .transpose()
+        .with_context(|| format!("--backend / {BACKEND_VAR}"))?;
+    let device_text = opts.device.clone().unwrap_or_else(|| {
+        if requested_backend == Some(Backend::Nccl) {
+            "cuda".into()
+        } else {
+            "cpu".into()
+        }
+    });
     // The device is parsed now and checked after the group is made, so that an NCCL request
     // on a machine without a GPU reports the NCCL error rather than only the device's.
     let parsed = match parse_device(&device_text).map_err(|e| anyhow::anyhow!("{}", e.message()))? {
-        Device::Cuda(_) if crate::device::is_plain_cuda(&device_text) => Device::Cuda(env.local_rank),
+        Device::Cuda(_) if crate::device::is_plain_cuda(&device_text) => {
+            Device::Cuda(env.local_rank)
+        }
         d => d,
     };
     let backend = Backend::for_device(parsed, requested.as_deref())?;
@@ -89,7 +111,11 @@ pub fn run(opts: &CheckOptions) -> Result<CheckReport> {
 
 /// Every collective on tensors whose results have a closed form: each check's outcome and
 /// time by name, and whether all passed.
-fn run_checks(pg: &ProcessGroup, env: &RankEnv, device: Device) -> (serde_json::Map<String, Value>, bool) {
+fn run_checks(
+    pg: &ProcessGroup,
+    env: &RankEnv,
+    device: Device,
+) -> (serde_json::Map<String, Value>, bool) {
     let (r, w) = (env.rank as f64, env.world_size as f64);
     let mut checks = serde_json::Map::new();
     let mut passed = true;
@@ -115,15 +141,23 @@ fn run_checks(pg: &ProcessGroup, env: &RankEnv, device: Device) -> (serde_json::
         pg.all_reduce(&t, op)?;
         same(&t, &want(i()?)?)
     };
-    check("all_reduce_sum", &mut || reduce(ReduceOp::SUM, &|i| Ok(i.f_mul_scalar(w)?.f_add_scalar(w * (w - 1.0) / 2.0)?)));
-    check("all_reduce_avg", &mut || reduce(ReduceOp::AVG, &|i| Ok(i.f_add_scalar((w - 1.0) / 2.0)?)));
+    check("all_reduce_sum", &mut || {
+        reduce(ReduceOp::SUM, &|i| Ok(i.f_mul_scalar(w)?.f_add_scalar(w * (w - 1.0) / 2.0)?))
+    });
+    check("all_reduce_avg", &mut || {
+        reduce(ReduceOp::AVG, &|i| Ok(i.f_add_scalar((w - 1.0) / 2.0)?))
+    });
     check("all_reduce_max", &mut || reduce(ReduceOp::MAX, &|i| Ok(i.f_add_scalar(w - 1.0)?)));
     check("all_reduce_min", &mut || reduce(ReduceOp::MIN, &|i| Ok(i)));
     check("all_reduce_noncontiguous", &mut || {
         // A transposed view: reduced through a contiguous copy and written back.
         let t = ramp(2 * CHECK_NUMEL)?.f_view([2, CHECK_NUMEL])?.f_transpose(0, 1)?;
         pg.all_reduce(&t, ReduceOp::SUM)?;
-        let want = Tensor::f_arange(2 * CHECK_NUMEL, opt)?.f_view([2, CHECK_NUMEL])?.f_transpose(0, 1)?.f_mul_scalar(w)?.f_add_scalar(w * (w - 1.0) / 2.0)?;
+        let want = Tensor::f_arange(2 * CHECK_NUMEL, opt)?
+            .f_view([2, CHECK_NUMEL])?
+            .f_transpose(0, 1)?
+            .f_mul_scalar(w)?
+            .f_add_scalar(w * (w - 1.0) / 2.0)?;
         same(&t, &want)
     });
     check("all_reduce_cpu_tensor", &mut || {
@@ -145,7 +179,11 @@ fn run_checks(pg: &ProcessGroup, env: &RankEnv, device: Device) -> (serde_json::
         }
         for (k, p) in parts.iter().enumerate() {
             if p.device() != device {
-                bail!("part {k} is on {}, the input on {}", device_name(p.device()), device_name(device));
+                bail!(
+                    "part {k} is on {}, the input on {}",
+                    device_name(p.device()),
+                    device_name(device)
+                );
             }
             same(p, &i()?.f_add_scalar(k as f64)?).with_context(|| format!("part {k}"))?;
         }
@@ -158,7 +196,11 @@ fn run_checks(pg: &ProcessGroup, env: &RankEnv, device: Device) -> (serde_json::
         pg.reduce_scatter(&out, &input, op)?;
         // This rank's chunk holds j = rank*m + k; the sum over ranks is w*j + w(w-1)/2.
         let j = i()?.f_add_scalar(r * m as f64)?;
-        let want = if avg { j.f_add_scalar((w - 1.0) / 2.0)? } else { j.f_mul_scalar(w)?.f_add_scalar(w * (w - 1.0) / 2.0)? };
+        let want = if avg {
+            j.f_add_scalar((w - 1.0) / 2.0)?
+        } else {
+            j.f_mul_scalar(w)?.f_add_scalar(w * (w - 1.0) / 2.0)?
+        };
         same(&out, &want)
     };
     check("reduce_scatter_sum", &mut || scatter(ReduceOp::SUM, false));
@@ -168,7 +210,12 @@ fn run_checks(pg: &ProcessGroup, env: &RankEnv, device: Device) -> (serde_json::
 }
 
 /// Throughput: all-reduce (sum) of `numel` f32, after one warm-up.
-fn bench_all_reduce(pg: &ProcessGroup, opts: &CheckOptions, device: Device, w: f64) -> Result<Value> {
+fn bench_all_reduce(
+    pg: &ProcessGroup,
+    opts: &CheckOptions,
+    device: Device,
+    w: f64,
+) -> Result<Value> {
     let opt = (Kind::Float, device);
     let numel = i64::try_from(opts.numel.max(1))?;
     let t = Tensor::f_ones([numel], opt)?;
@@ -201,8 +248,15 @@ fn same(got: &Tensor, want: &Tensor) -> Result<()> {
     let want = want.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?;
     let diff = got.f_sub(&want)?.f_abs()?.f_max()?.f_double_value(&[])?;
     if diff != 0.0 {
-        let first = |t: &Tensor| Vec::<f64>::try_from(t.flatten(0, -1).narrow(0, 0, t.numel().min(4) as i64)).unwrap_or_default();
-        bail!("max |got - expected| = {diff} (first values {:?}, expected {:?})", first(&got), first(&want));
+        let first = |t: &Tensor| {
+            Vec::<f64>::try_from(t.flatten(0, -1).narrow(0, 0, t.numel().min(4) as i64))
+                .unwrap_or_default()
+        };
+        bail!(
+            "max |got - expected| = {diff} (first values {:?}, expected {:?})",
+            first(&got),
+            first(&want)
+        );
     }
     Ok(())
 }

@@ -78,9 +78,18 @@ impl RankEnv {
 
     /// Like [`RankEnv::from_lookup`]; with `keep_single`, a launched world of one rank
     /// (`WORLD_SIZE=1`) is kept as a group of one instead of `None`.
-    pub fn from_lookup_keeping(get: impl Fn(&str) -> Option<String>, keep_single: bool) -> Result<Option<Self>> {
+    pub fn from_lookup_keeping(
+        get: impl Fn(&str) -> Option<String>,
+        keep_single: bool,
+    ) -> Result<Option<Self>> {
         let num = |k: &str| -> Result<Option<usize>> {
-            get(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("environment variable {k}={v:?} is not a non-negative integer"))).transpose()
+            get(k)
+                .map(|v| {
+                    v.trim().parse::<usize>().with_context(|| {
+                        format!("environment variable {k}={v:?} is not a non-negative integer")
+                    })
+                })
+                .transpose()
         };
         let world_size = match num("WORLD_SIZE")? {
             None => return Ok(None),
@@ -88,14 +97,17 @@ impl RankEnv {
             Some(0) => bail!("environment variable WORLD_SIZE=0: a run needs at least one rank"),
             Some(n) => n,
         };
-        let rank = num("RANK")?.context("WORLD_SIZE is set but RANK is not (set both, as torchrun does)")?;
+        let rank = num("RANK")?
+            .context("WORLD_SIZE is set but RANK is not (set both, as torchrun does)")?;
         if rank >= world_size {
             bail!("RANK={rank} is not below WORLD_SIZE={world_size}");
         }
         let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
         let master_addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let master_port = match get("MASTER_PORT") {
-            Some(p) => p.trim().parse::<u16>().with_context(|| format!("environment variable MASTER_PORT={p:?} is not a port number"))?,
+            Some(p) => p.trim().parse::<u16>().with_context(|| {
+                format!("environment variable MASTER_PORT={p:?} is not a port number")
+            })?,
             None => 29500,
         };
         Ok(Some(Self { rank, world_size, local_rank, master_addr, master_port }))
@@ -107,7 +119,9 @@ impl RankEnv {
 pub fn timeout_from_env() -> Result<Duration> {
     match std::env::var("FERROTUNE_DIST_TIMEOUT") {
         Ok(v) => {
-            let s: f64 = v.trim().parse().with_context(|| format!("FERROTUNE_DIST_TIMEOUT={v:?} is not a number of seconds"))?;
+            let s: f64 = v.trim().parse().with_context(|| {
+                format!("FERROTUNE_DIST_TIMEOUT={v:?} is not a number of seconds")
+            })?;
             if !(s > 0.0 && s.is_finite()) {
                 bail!("FERROTUNE_DIST_TIMEOUT={v:?} must be a positive number of seconds");
             }
@@ -125,11 +139,13 @@ pub const HAS_C10D: bool = cfg!(ferrotune_c10d);
 pub const HAS_NCCL: bool = cfg!(ferrotune_nccl);
 
 /// The error of a multi-rank run on a build without c10d.
-pub const NO_C10D: &str = "this ferrotune was built without c10d Gloo (the gloo headers were missing): \
+pub const NO_C10D: &str =
+    "this ferrotune was built without c10d Gloo (the gloo headers were missing): \
      apt-get install libgloo-dev (or `make setup`) and rebuild";
 
 /// The error of an NCCL request on a build without it.
-pub const NO_NCCL: &str = "this ferrotune was built without c10d NCCL (at build time the libtorch was not a CUDA \
+pub const NO_NCCL: &str =
+    "this ferrotune was built without c10d NCCL (at build time the libtorch was not a CUDA \
      build, or the CUDA/NCCL headers were missing: `make setup` installs them; the build prints \
      `building c10d without NCCL: <why>`); use FERROTUNE_DIST_BACKEND=gloo, or rebuild";
 
@@ -189,7 +205,13 @@ unsafe impl Sync for ProcessGroup {}
 
 impl std::fmt::Debug for ProcessGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ProcessGroup({}, rank {} of {})", self.backend.name(), self.rank, self.world_size)
+        write!(
+            f,
+            "ProcessGroup({}, rank {} of {})",
+            self.backend.name(),
+            self.rank,
+            self.world_size
+        )
     }
 }
 
@@ -205,7 +227,12 @@ impl ProcessGroup {
     /// [`Backend::Nccl`], NCCL on CUDA device `cuda_device` (default: `LOCAL_RANK`), which
     /// becomes this thread's current CUDA device. NCCL's communicator is connected here, so
     /// that two ranks on one GPU or a missing GPU fail now, not in the first collective.
-    pub fn with_backend(env: &RankEnv, timeout: Duration, backend: Backend, cuda_device: Option<usize>) -> Result<Self> {
+    pub fn with_backend(
+        env: &RankEnv,
+        timeout: Duration,
+        backend: Backend,
+        cuda_device: Option<usize>,
+    ) -> Result<Self> {
         let who = format!("rank {} of {}", env.rank, env.world_size);
         if !HAS_C10D {
             bail!("{who}: {NO_C10D}");
@@ -227,17 +254,46 @@ impl ProcessGroup {
 
     /// The C++ side of [`ProcessGroup::with_backend`], without its availability checks.
     #[cfg(ferrotune_c10d)]
-    fn join(env: &RankEnv, timeout: Duration, backend: Backend, cuda_device: usize) -> Result<Self> {
-        let addr = std::ffi::CString::new(env.master_addr.clone()).context("MASTER_ADDR contains a NUL byte")?;
-        let ifname = std::ffi::CString::new(std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default()).context("GLOO_SOCKET_IFNAME contains a NUL byte")?;
+    fn join(
+        env: &RankEnv,
+        timeout: Duration,
+        backend: Backend,
+        cuda_device: usize,
+    ) -> Result<Self> {
+        let addr = std::ffi::CString::new(env.master_addr.clone())
+            .context("MASTER_ADDR contains a NUL byte")?;
+        let ifname =
+            std::ffi::CString::new(std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default())
+                .context("GLOO_SOCKET_IFNAME contains a NUL byte")?;
         let (rank, world) = (i32::try_from(env.rank)?, i32::try_from(env.world_size)?);
         let timeout_ms = timeout.as_millis().min(i64::MAX as u128) as i64;
         let mut err = std::ptr::null_mut();
         let raw = match backend {
-            Backend::Gloo => unsafe { ffi::ft_pg_new(addr.as_ptr(), env.master_port, rank, world, timeout_ms, ifname.as_ptr(), &mut err) },
+            Backend::Gloo => unsafe {
+                ffi::ft_pg_new(
+                    addr.as_ptr(),
+                    env.master_port,
+                    rank,
+                    world,
+                    timeout_ms,
+                    ifname.as_ptr(),
+                    &mut err,
+                )
+            },
             Backend::Nccl => {
                 let device = i32::try_from(cuda_device).context("CUDA device index")?;
-                unsafe { ffi::ft_pg_new_nccl(addr.as_ptr(), env.master_port, rank, world, timeout_ms, ifname.as_ptr(), device, &mut err) }
+                unsafe {
+                    ffi::ft_pg_new_nccl(
+                        addr.as_ptr(),
+                        env.master_port,
+                        rank,
+                        world,
+                        timeout_ms,
+                        ifname.as_ptr(),
+                        device,
+                        &mut err,
+                    )
+                }
             }
         };
         if raw.is_null() {
@@ -256,7 +312,12 @@ impl ProcessGroup {
     }
 
     #[cfg(not(ferrotune_c10d))]
-    fn join(env: &RankEnv, _timeout: Duration, _backend: Backend, _cuda_device: usize) -> Result<Self> {
+    fn join(
+        env: &RankEnv,
+        _timeout: Duration,
+        _backend: Backend,
+        _cuda_device: usize,
+    ) -> Result<Self> {
         bail!("rank {} of {}: {NO_C10D}", env.rank, env.world_size)
     }
 
@@ -288,7 +349,12 @@ impl ProcessGroup {
         if rc == 0 {
             Ok(())
         } else {
-            Err(PluginError::runtime(format!("rank {} of {}: {what}: {}", self.rank, self.world_size, ffi::take_error(err))))
+            Err(PluginError::runtime(format!(
+                "rank {} of {}: {what}: {}",
+                self.rank,
+                self.world_size,
+                ffi::take_error(err)
+            )))
         }
     }
 
@@ -324,28 +390,39 @@ impl Collectives for ProcessGroup {
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> PluginResult<()> {
         let op = check_op(op)?;
         let mut err = std::ptr::null_mut();
-        let rc = tch::no_grad(|| unsafe { ffi::ft_pg_all_reduce(self.raw, ffi::ptr(tensor), op, &mut err) });
+        let rc = tch::no_grad(|| unsafe {
+            ffi::ft_pg_all_reduce(self.raw, ffi::ptr(tensor), op, &mut err)
+        });
         self.check("all_reduce", rc, err)
     }
     fn broadcast(&self, tensor: &Tensor, root: usize) -> PluginResult<()> {
         if root >= self.world_size {
-            return Err(PluginError::invalid(format!("broadcast root {root} in a world of {}", self.world_size)));
+            return Err(PluginError::invalid(format!(
+                "broadcast root {root} in a world of {}",
+                self.world_size
+            )));
         }
         let mut err = std::ptr::null_mut();
-        let rc = tch::no_grad(|| unsafe { ffi::ft_pg_broadcast(self.raw, ffi::ptr(tensor), root as i32, &mut err) });
+        let rc = tch::no_grad(|| unsafe {
+            ffi::ft_pg_broadcast(self.raw, ffi::ptr(tensor), root as i32, &mut err)
+        });
         self.check("broadcast", rc, err)
     }
     fn all_gather(&self, tensor: &Tensor) -> PluginResult<Vec<Tensor>> {
         let mut outs = vec![std::ptr::null_mut(); self.world_size];
         let mut err = std::ptr::null_mut();
-        let rc = tch::no_grad(|| unsafe { ffi::ft_pg_all_gather(self.raw, ffi::ptr(tensor), outs.as_mut_ptr(), &mut err) });
+        let rc = tch::no_grad(|| unsafe {
+            ffi::ft_pg_all_gather(self.raw, ffi::ptr(tensor), outs.as_mut_ptr(), &mut err)
+        });
         self.check("all_gather", rc, err)?;
         Ok(outs.into_iter().map(|p| unsafe { Tensor::from_ptr(p as *mut _) }).collect())
     }
     fn reduce_scatter(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> PluginResult<()> {
         let op = check_op(op)?;
         let mut err = std::ptr::null_mut();
-        let rc = tch::no_grad(|| unsafe { ffi::ft_pg_reduce_scatter(self.raw, ffi::ptr(output), ffi::ptr(input), op, &mut err) });
+        let rc = tch::no_grad(|| unsafe {
+            ffi::ft_pg_reduce_scatter(self.raw, ffi::ptr(output), ffi::ptr(input), op, &mut err)
+        });
         self.check("reduce_scatter", rc, err)
     }
     fn barrier(&self) -> PluginResult<()> {
@@ -415,7 +492,12 @@ impl Group {
             Device::Cuda(i) => Some(i),
             _ => None,
         };
-        Ok(Group::C10d(ProcessGroup::with_backend(&env, timeout_from_env()?, backend, cuda_device)?))
+        Ok(Group::C10d(ProcessGroup::with_backend(
+            &env,
+            timeout_from_env()?,
+            backend,
+            cuda_device,
+        )?))
     }
     pub fn as_dyn(&self) -> &dyn Collectives {
         match self {
@@ -463,7 +545,15 @@ mod ffi {
 
     extern "C" {
         pub fn ft_free_error(err: *mut c_char);
-        pub fn ft_pg_new(addr: *const c_char, port: u16, rank: c_int, world: c_int, timeout_ms: i64, ifname: *const c_char, err: *mut *mut c_char) -> *mut RawGroup;
+        pub fn ft_pg_new(
+            addr: *const c_char,
+            port: u16,
+            rank: c_int,
+            world: c_int,
+            timeout_ms: i64,
+            ifname: *const c_char,
+            err: *mut *mut c_char,
+        ) -> *mut RawGroup;
         pub fn ft_pg_new_nccl(
             addr: *const c_char,
             port: u16,
@@ -475,10 +565,31 @@ mod ffi {
             err: *mut *mut c_char,
         ) -> *mut RawGroup;
         pub fn ft_pg_free(pg: *mut RawGroup);
-        pub fn ft_pg_all_reduce(pg: *mut RawGroup, t: *mut c_void, op: c_int, err: *mut *mut c_char) -> c_int;
-        pub fn ft_pg_broadcast(pg: *mut RawGroup, t: *mut c_void, root: c_int, err: *mut *mut c_char) -> c_int;
-        pub fn ft_pg_all_gather(pg: *mut RawGroup, t: *mut c_void, outs: *mut *mut c_void, err: *mut *mut c_char) -> c_int;
-        pub fn ft_pg_reduce_scatter(pg: *mut RawGroup, out: *mut c_void, input: *mut c_void, op: c_int, err: *mut *mut c_char) -> c_int;
+        pub fn ft_pg_all_reduce(
+            pg: *mut RawGroup,
+            t: *mut c_void,
+            op: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn ft_pg_broadcast(
+            pg: *mut RawGroup,
+            t: *mut c_void,
+            root: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn ft_pg_all_gather(
+            pg: *mut RawGroup,
+            t: *mut c_void,
+            outs: *mut *mut c_void,
+            err: *mut *mut c_char,
+        ) -> c_int;
+        pub fn ft_pg_reduce_scatter(
+            pg: *mut RawGroup,
+            out: *mut c_void,
+            input: *mut c_void,
+            op: c_int,
+            err: *mut *mut c_char,
+        ) -> c_int;
         pub fn ft_pg_barrier(pg: *mut RawGroup, err: *mut *mut c_char) -> c_int;
     }
 
@@ -504,20 +615,45 @@ mod tests {
 
     #[test]
     fn rank_env_reads_torchrun_variables() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
         assert_eq!(RankEnv::from_lookup(env(&[])).unwrap(), None);
         assert_eq!(RankEnv::from_lookup(env(&[("WORLD_SIZE", "1"), ("RANK", "0")])).unwrap(), None);
-        let e = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234"), ("LOCAL_RANK", "0")]))
-            .unwrap()
-            .unwrap();
-        assert_eq!(e, RankEnv { rank: 1, world_size: 2, local_rank: 0, master_addr: "10.0.0.1".into(), master_port: 1234 });
+        let e = RankEnv::from_lookup(env(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "1234"),
+            ("LOCAL_RANK", "0"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            e,
+            RankEnv {
+                rank: 1,
+                world_size: 2,
+                local_rank: 0,
+                master_addr: "10.0.0.1".into(),
+                master_port: 1234
+            }
+        );
         let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2")])).unwrap_err().to_string();
         assert!(err.contains("RANK"), "{err}");
-        let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2"), ("RANK", "2")])).unwrap_err().to_string();
+        let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2"), ("RANK", "2")]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("RANK=2"), "{err}");
         let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "two")])).unwrap_err().to_string();
         assert!(err.contains("WORLD_SIZE"), "{err}");
-        let err = RankEnv::from_lookup(env(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "99999")])).unwrap_err().to_string();
+        let err = RankEnv::from_lookup(env(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_PORT", "99999"),
+        ]))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("MASTER_PORT"), "{err}");
     }
 
@@ -542,7 +678,10 @@ mod tests {
         assert_eq!(Backend::for_device(Device::Cuda(0), Some("gloo")).unwrap(), Backend::Gloo);
         assert_eq!(Backend::for_device(Device::Cpu, Some(" NCCL ")).unwrap(), Backend::Nccl);
         let e = format!("{:#}", Backend::for_device(Device::Cpu, Some("mpi")).unwrap_err());
-        assert!(e.contains("FERROTUNE_DIST_BACKEND=\"mpi\"") && e.contains("use gloo or nccl"), "{e}");
+        assert!(
+            e.contains("FERROTUNE_DIST_BACKEND=\"mpi\"") && e.contains("use gloo or nccl"),
+            "{e}"
+        );
     }
 
     /// The group of a run from its environment: one process, a forced world of one, or an
@@ -550,13 +689,24 @@ mod tests {
     #[test]
     fn group_for_a_run_picks_single_or_c10d() {
         let port = crate::dist::launch::free_port().unwrap().to_string();
-        let vars = move |pairs: Vec<(&'static str, String)>| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
-        let single = Group::from_lookup_for(Device::Cpu, vars(vec![("WORLD_SIZE", "1".into()), ("RANK", "0".into())])).unwrap();
+        let vars = move |pairs: Vec<(&'static str, String)>| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        };
+        let single = Group::from_lookup_for(
+            Device::Cpu,
+            vars(vec![("WORLD_SIZE", "1".into()), ("RANK", "0".into())]),
+        )
+        .unwrap();
         assert!(matches!(single, Group::Single(_)));
         if !HAS_C10D {
             return;
         }
-        let forced = vars(vec![("WORLD_SIZE", "1".into()), ("RANK", "0".into()), ("MASTER_PORT", port), (BACKEND_VAR, "gloo".into())]);
+        let forced = vars(vec![
+            ("WORLD_SIZE", "1".into()),
+            ("RANK", "0".into()),
+            ("MASTER_PORT", port),
+            (BACKEND_VAR, "gloo".into()),
+        ]);
         match Group::from_lookup_for(Device::Cpu, forced).unwrap() {
             Group::C10d(pg) => {
                 assert_eq!((pg.backend(), pg.world_size()), (Backend::Gloo, 1));
@@ -564,12 +714,27 @@ mod tests {
                 pg.all_reduce(&t, ReduceOp::AVG).unwrap();
                 assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.0, 2.0]);
             }
-            Group::Single(_) => panic!("FERROTUNE_DIST_BACKEND with WORLD_SIZE=1 must give a real group"),
+            Group::Single(_) => {
+                panic!("FERROTUNE_DIST_BACKEND with WORLD_SIZE=1 must give a real group")
+            }
         }
         if !tch::Cuda::is_available() {
-            let nccl = vars(vec![("WORLD_SIZE", "1".into()), ("RANK", "0".into()), (BACKEND_VAR, "nccl".into())]);
-            let e = format!("{:#}", Group::from_lookup_for(Device::Cpu, nccl).err().expect("NCCL without a GPU must fail"));
-            let why = if HAS_NCCL { "NCCL backend requested but CUDA is not available here" } else { "built without c10d NCCL" };
+            let nccl = vars(vec![
+                ("WORLD_SIZE", "1".into()),
+                ("RANK", "0".into()),
+                (BACKEND_VAR, "nccl".into()),
+            ]);
+            let e = format!(
+                "{:#}",
+                Group::from_lookup_for(Device::Cpu, nccl)
+                    .err()
+                    .expect("NCCL without a GPU must fail")
+            );
+            let why = if HAS_NCCL {
+                "NCCL backend requested but CUDA is not available here"
+            } else {
+                "built without c10d NCCL"
+            };
             assert!(e.contains("rank 0 of 1") && e.contains(why), "{e}");
         }
     }
@@ -582,10 +747,24 @@ mod tests {
         if tch::Cuda::is_available() {
             return;
         }
-        let env = RankEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: crate::dist::launch::free_port().unwrap() };
+        let env = RankEnv {
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: crate::dist::launch::free_port().unwrap(),
+        };
         let t0 = std::time::Instant::now();
-        let e = format!("{:#}", ProcessGroup::join(&env, Duration::from_secs(30), Backend::Nccl, 0).expect_err("no GPU here"));
-        assert!(e.contains("cannot join the nccl process group") && e.contains("ProcessGroupNCCL needs a CUDA GPU"), "{e}");
+        let e = format!(
+            "{:#}",
+            ProcessGroup::join(&env, Duration::from_secs(30), Backend::Nccl, 0)
+                .expect_err("no GPU here")
+        );
+        assert!(
+            e.contains("cannot join the nccl process group")
+                && e.contains("ProcessGroupNCCL needs a CUDA GPU"),
+            "{e}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
     }
 }

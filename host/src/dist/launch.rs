@@ -40,7 +40,8 @@ const KEEP_LINES: usize = 20;
 
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free local port for MASTER_PORT")?;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot find a free local port for MASTER_PORT")?;
     Ok(l.local_addr()?.port())
 }
 
@@ -58,12 +59,15 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
     let master_port = match opts.master_port {
         Some(p) => p,
         None if opts.nnodes == 1 => free_port()?,
-        None => bail!("--master-port is required with --nnodes > 1 (every node must use the same one)"),
+        None => {
+            bail!("--master-port is required with --nnodes > 1 (every node must use the same one)")
+        }
     };
     let world = opts.nproc * opts.nnodes;
     let exe = std::env::current_exe().context("cannot locate the ferrotune executable")?;
     let mut children: Vec<(usize, Child)> = Vec::new();
-    let tails: Vec<Arc<Mutex<VecDeque<String>>>> = (0..opts.nproc).map(|_| Arc::new(Mutex::new(VecDeque::new()))).collect();
+    let tails: Vec<Arc<Mutex<VecDeque<String>>>> =
+        (0..opts.nproc).map(|_| Arc::new(Mutex::new(VecDeque::new()))).collect();
     let mut readers = Vec::new();
     for (local, tail) in tails.iter().enumerate() {
         let rank = opts.node_rank * opts.nproc + local;
@@ -86,7 +90,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
             Ok(c) => c,
             Err(e) => {
                 stop_all(&mut children);
-                return Err(e).with_context(|| format!("cannot start rank {rank} ({})", exe.display()));
+                return Err(e)
+                    .with_context(|| format!("cannot start rank {rank} ({})", exe.display()));
             }
         };
         eprintln!("[launch] rank {rank} pid {}", child.id());
@@ -126,7 +131,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
         stop_all(&mut children);
         // The failed rank's pipes are closed: its last lines are in.
         let _ = std::io::stderr().flush();
-        let tail: Vec<String> = tails[i].lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
+        let tail: Vec<String> =
+            tails[i].lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
         let how = match status.code() {
             Some(c) => format!("exit status {c}"),
             None => {
@@ -137,7 +143,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<()> {
         tracing::debug!("stopped the other ranks in {:?}", started.elapsed());
         bail!(
             "rank {rank} of {world} failed ({how}); the other ranks of this node were stopped{}",
-            if tail.is_empty() { String::new() } else { format!(". Its last error lines:\n{}", tail.join("\n")) }
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(". Its last error lines:\n{}", tail.join("\n"))
+            }
         );
     }
     for r in readers {
@@ -160,7 +170,12 @@ fn stop_all(children: &mut [(usize, Child)]) {
 
 /// Copies a rank's output line by line with a `[rank i]` prefix, keeping the last lines of
 /// stderr in `tail`.
-fn forward_lines(from: impl std::io::Read, rank: usize, is_err: bool, tail: Option<Arc<Mutex<VecDeque<String>>>>) {
+fn forward_lines(
+    from: impl std::io::Read,
+    rank: usize,
+    is_err: bool,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) {
     let reader = BufReader::new(from);
     for line in reader.split(b'\n') {
         let Ok(line) = line else { break };

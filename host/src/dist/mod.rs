@@ -10,6 +10,7 @@ use tch::Device;
 /// launched run means `cuda:LOCAL_RANK`, one GPU per local rank as torchrun users expect
 /// (`torch.cuda.set_device(local_rank)`). An explicit `cuda:N` is kept as written.
 pub fn resolve_for_rank(text: &str) -> anyhow::Result<Device> {
-    let local_rank = collectives::RankEnv::from_lookup_keeping(|k| std::env::var(k).ok(), true)?.map(|e| e.local_rank);
+    let local_rank = collectives::RankEnv::from_lookup_keeping(|k| std::env::var(k).ok(), true)?
+        .map(|e| e.local_rank);
     crate::device::resolve_for_local_rank(text, local_rank)
 }

@@ -33,7 +33,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { max_new_tokens: 64, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, eos_token_ids: Vec::new(), pad_token_id: 0 }
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            eos_token_ids: Vec::new(),
+            pad_token_id: 0,
+        }
     }
 }
 
@@ -89,13 +97,22 @@ pub struct Generation {
 }
 
 /// Each prompt's new tokens (end-of-sequence excluded).
-pub fn generate(model: &PeftModel, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Vec<Vec<i64>>> {
+pub fn generate(
+    model: &PeftModel,
+    prompts: &[Vec<i64>],
+    params: &SamplingParams,
+) -> Result<Vec<Vec<i64>>> {
     Ok(generate_with_stats(model, prompts, params)?.tokens)
 }
 
 /// [`generate`] with images (Qwen2-VL): `images` belong to the prompts in order (row 0's
 /// images first, each filling the next block of `<|image_pad|>` tokens).
-pub fn generate_mm(model: &PeftModel, prompts: &[Vec<i64>], images: Option<&VisionInputs>, params: &SamplingParams) -> Result<Vec<Vec<i64>>> {
+pub fn generate_mm(
+    model: &PeftModel,
+    prompts: &[Vec<i64>],
+    images: Option<&VisionInputs>,
+    params: &SamplingParams,
+) -> Result<Vec<Vec<i64>>> {
     Ok(generate_mm_with_stats(model, prompts, images, params)?.tokens)
 }
 
@@ -118,7 +135,11 @@ pub fn warp_logits(logits: &Tensor, temperature: f64, top_k: usize, top_p: f64) 
         let cumulative = sorted.f_softmax(-1, Kind::Float)?.f_cumsum(-1, Kind::Float)?;
         let remove_sorted = cumulative.f_le(1.0 - top_p)?;
         // Always keep the most likely token (the last one in ascending order).
-        let remove_sorted = remove_sorted.f_index_fill(-1, &Tensor::from_slice(&[vocab - 1]).f_to_device(scores.device())?, 0)?;
+        let remove_sorted = remove_sorted.f_index_fill(
+            -1,
+            &Tensor::from_slice(&[vocab - 1]).f_to_device(scores.device())?,
+            0,
+        )?;
         let remove = remove_sorted.f_scatter(-1, &indices, &remove_sorted)?;
         scores = scores.f_masked_fill(&remove, f64::NEG_INFINITY)?;
     }
@@ -141,7 +162,11 @@ fn synchronize(device: Device) {
 }
 
 /// Like [`generate`], with the prefill / decode timings.
-pub fn generate_with_stats(model: &PeftModel, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Generation> {
+pub fn generate_with_stats(
+    model: &PeftModel,
+    prompts: &[Vec<i64>],
+    params: &SamplingParams,
+) -> Result<Generation> {
     generate_mm_with_stats(model, prompts, None, params)
 }
 
@@ -171,7 +196,10 @@ pub fn generate_mm_with_stats(
             );
         }
         if let Some(&t) = p.iter().find(|&&t| t < 0 || t >= cfg.vocab_size) {
-            bail!("prompt {i} holds token id {t}, outside the vocabulary (vocab_size {})", cfg.vocab_size);
+            bail!(
+                "prompt {i} holds token id {t}, outside the vocabulary (vocab_size {})",
+                cfg.vocab_size
+            );
         }
     }
     let batch = prompts.len();
@@ -203,7 +231,14 @@ pub fn generate_mm_with_stats(
 
         let start = Instant::now();
         let mode = model.mode(ferrotune_plugin_api::ForwardFlags::NONE, false);
-        let logits = model.forward(ForwardArgs::ids(&input).mask(Some(&attention)).images(images).cache(Some(&mut cache)).mode(mode).last())?;
+        let logits = model.forward(
+            ForwardArgs::ids(&input)
+                .mask(Some(&attention))
+                .images(images)
+                .cache(Some(&mut cache))
+                .mode(mode)
+                .last(),
+        )?;
         let mut next = next_tokens(&logits, params)?;
         synchronize(device);
         let mut step_tokens: Vec<i64> = Vec::try_from(&next.f_to_device(Device::Cpu)?)?;
@@ -228,11 +263,21 @@ pub fn generate_mm_with_stats(
                 break;
             }
             // Rows that have stopped are fed padding, as transformers does.
-            let fed: Vec<i64> =
-                step_tokens.iter().zip(&finished).map(|(&t, &f)| if f { params.pad_token_id } else { t }).collect();
+            let fed: Vec<i64> = step_tokens
+                .iter()
+                .zip(&finished)
+                .map(|(&t, &f)| if f { params.pad_token_id } else { t })
+                .collect();
             next = Tensor::f_from_slice(&fed)?.f_view([b, 1])?.f_to_device(device)?;
-            attention = Tensor::f_cat(&[&attention, &Tensor::f_ones([b, 1], (Kind::Int64, device))?], 1)?;
-            let logits = model.forward(ForwardArgs::ids(&next).mask(Some(&attention)).cache(Some(&mut cache)).mode(model.eval_mode()).last())?;
+            attention =
+                Tensor::f_cat(&[&attention, &Tensor::f_ones([b, 1], (Kind::Int64, device))?], 1)?;
+            let logits = model.forward(
+                ForwardArgs::ids(&next)
+                    .mask(Some(&attention))
+                    .cache(Some(&mut cache))
+                    .mode(model.eval_mode())
+                    .last(),
+            )?;
             stats.decode_steps += 1;
             step_tokens = Vec::try_from(&next_tokens(&logits, params)?.f_to_device(Device::Cpu)?)?;
         }

@@ -6,10 +6,10 @@ use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::Message;
 use tch::{Device, Kind};
 
-use crate::peft::adapters::AttachReport;
 use crate::data::ImagePrep;
 use crate::generate::{generate_mm, SamplingParams};
 use crate::model::{CausalLM, VisionInputs};
+use crate::peft::adapters::AttachReport;
 use crate::peft::PeftModel;
 use crate::plugins::Registry;
 use crate::text::{GenerationConfig, Tokenizer};
@@ -52,7 +52,8 @@ impl TextGenerator {
     pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
         let model = PeftModel::new(CausalLM::load(dir, device, dtype)?);
         let tokenizer = Tokenizer::from_dir(dir)?;
-        let generation_config = GenerationConfig::from_dir(dir)?.with_tokenizer_defaults(&tokenizer);
+        let generation_config =
+            GenerationConfig::from_dir(dir)?.with_tokenizer_defaults(&tokenizer);
         let images = ImagePrep::for_model_dir(dir, &tokenizer)?;
         Ok(Self { model, tokenizer, generation_config, images })
     }
@@ -61,7 +62,11 @@ impl TextGenerator {
     /// weights) with the adapter plugins of `registry`; generation then goes through it.
     /// Full weights trained beside the adapter (`non_lora_state_dict.safetensors`: a VLM's
     /// merger, say) replace the base model's.
-    pub fn apply_adapter(&mut self, adapter_dir: &Path, registry: &Registry) -> Result<AttachReport> {
+    pub fn apply_adapter(
+        &mut self,
+        adapter_dir: &Path,
+        registry: &Registry,
+    ) -> Result<AttachReport> {
         let report = self.model.load_peft_adapter(adapter_dir, registry)?;
         crate::peft::quant::apply_record(&mut self.model, adapter_dir, registry)?;
         let restored = crate::peft::non_lora::load_into(&self.model, adapter_dir)?;
@@ -74,12 +79,20 @@ impl TextGenerator {
     /// A prompt with images (files, in order): with `chat`, the user turn holds the images
     /// first, then the text, as Qwen2-VL's own examples do; without, each `<image>` in the
     /// text is replaced by the next image's block, and images left over go before the text.
-    pub fn prompt_with_images(&self, prompt: &str, image_files: &[std::path::PathBuf], chat: bool, system: Option<&str>) -> Result<Prompt> {
+    pub fn prompt_with_images(
+        &self,
+        prompt: &str,
+        image_files: &[std::path::PathBuf],
+        chat: bool,
+        system: Option<&str>,
+    ) -> Result<Prompt> {
         if image_files.is_empty() {
             return Ok(Prompt { ids: self.prompt_ids(prompt, chat, system)?, images: None });
         }
         let Some(prep) = &self.images else {
-            bail!("--image needs a vision-language model (Qwen2-VL); this model has no vision tower");
+            bail!(
+                "--image needs a vision-language model (Qwen2-VL); this model has no vision tower"
+            );
         };
         let placeholder = crate::data::images::IMAGE_PLACEHOLDER;
         let given = if chat { 0 } else { prompt.matches(placeholder).count() };
@@ -89,7 +102,10 @@ impl TextGenerator {
         let text = format!("{}{prompt}", placeholder.repeat(image_files.len() - given));
         let mut sample = ferrotune_plugin_api::Sample {
             messages: vec![Message::new("user", text)],
-            images: image_files.iter().map(|f| ferrotune_plugin_api::ImageSource::Path(f.display().to_string())).collect(),
+            images: image_files
+                .iter()
+                .map(|f| ferrotune_plugin_api::ImageSource::Path(f.display().to_string()))
+                .collect(),
             ..Default::default()
         };
         let images = prep.expand(&mut sample)?;
@@ -121,7 +137,11 @@ impl TextGenerator {
     /// Sampling parameters: the choice where given, else generation_config.json's defaults.
     pub fn sampling_params(&self, choice: &SamplingChoice) -> SamplingParams {
         let gc = &self.generation_config;
-        let sample = !choice.greedy && (choice.temperature.is_some() || choice.top_k.is_some() || choice.top_p.is_some() || gc.do_sample);
+        let sample = !choice.greedy
+            && (choice.temperature.is_some()
+                || choice.top_k.is_some()
+                || choice.top_p.is_some()
+                || gc.do_sample);
         SamplingParams {
             max_new_tokens: choice.max_new_tokens.or(gc.max_new_tokens).unwrap_or(128),
             temperature: if sample { choice.temperature.unwrap_or(gc.temperature) } else { 0.0 },
@@ -129,17 +149,29 @@ impl TextGenerator {
             top_p: if sample { choice.top_p.unwrap_or(gc.top_p) } else { 1.0 },
             seed: choice.seed,
             eos_token_ids: gc.eos_token_ids(),
-            pad_token_id: gc.pad_token_id.or_else(|| gc.eos_token_ids().first().copied()).unwrap_or(0),
+            pad_token_id: gc
+                .pad_token_id
+                .or_else(|| gc.eos_token_ids().first().copied())
+                .unwrap_or(0),
         }
     }
 
     /// Generates one completion per prompt (ids), decoded without special tokens.
-    pub fn complete(&self, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Vec<Completion>> {
+    pub fn complete(
+        &self,
+        prompts: &[Vec<i64>],
+        params: &SamplingParams,
+    ) -> Result<Vec<Completion>> {
         self.complete_mm(prompts, None, params)
     }
 
     /// [`TextGenerator::complete`] with the images of the prompts (row 0's first).
-    pub fn complete_mm(&self, prompts: &[Vec<i64>], images: Option<&VisionInputs>, params: &SamplingParams) -> Result<Vec<Completion>> {
+    pub fn complete_mm(
+        &self,
+        prompts: &[Vec<i64>],
+        images: Option<&VisionInputs>,
+        params: &SamplingParams,
+    ) -> Result<Vec<Completion>> {
         generate_mm(&self.model, prompts, images, params)?
             .into_iter()
             .map(|ids| Ok(Completion { text: self.tokenizer.decode(&ids, true)?, token_ids: ids }))

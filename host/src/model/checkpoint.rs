@@ -20,7 +20,13 @@ type BlockFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
 extern "C" {
     fn ft_grad_enabled() -> i32;
     fn ft_checkpoint(
-        f: unsafe extern "C" fn(*mut c_void, *mut *mut c_void, usize, *mut *mut c_void, *mut *mut c_char) -> i32,
+        f: unsafe extern "C" fn(
+            *mut c_void,
+            *mut *mut c_void,
+            usize,
+            *mut *mut c_void,
+            *mut *mut c_char,
+        ) -> i32,
         ctx: *mut c_void,
         drop: unsafe extern "C" fn(*mut c_void),
         inputs: *const *mut c_void,
@@ -28,7 +34,13 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn ft_regather_linear(
-        f: unsafe extern "C" fn(*mut c_void, *mut *mut c_void, usize, *mut *mut c_void, *mut *mut c_char) -> i32,
+        f: unsafe extern "C" fn(
+            *mut c_void,
+            *mut *mut c_void,
+            usize,
+            *mut *mut c_void,
+            *mut *mut c_char,
+        ) -> i32,
         ctx: *mut c_void,
         drop: unsafe extern "C" fn(*mut c_void),
         x: *mut c_void,
@@ -56,7 +68,13 @@ extern "C" {
     fn libc_free(p: *mut c_void);
 }
 
-unsafe extern "C" fn call_block(ctx: *mut c_void, inputs: *mut *mut c_void, n: usize, out: *mut *mut c_void, err: *mut *mut c_char) -> i32 {
+unsafe extern "C" fn call_block(
+    ctx: *mut c_void,
+    inputs: *mut *mut c_void,
+    n: usize,
+    out: *mut *mut c_void,
+    err: *mut *mut c_char,
+) -> i32 {
     let block = &*(ctx as *const Box<BlockFn>);
     let inputs: Vec<Tensor> = (0..n).map(|i| Tensor::from_ptr(*inputs.add(i) as *mut _)).collect();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| block(&inputs))) {
@@ -91,12 +109,16 @@ pub fn grad_enabled() -> bool {
 /// backward recomputes `block` with grad enabled. `block` must be deterministic given the
 /// inputs and the CPU generator state, and may be called again during backward: it must stay
 /// valid for as long as the graph that uses its output ('static; capture shallow clones).
-pub fn checkpoint(inputs: &[&Tensor], block: impl Fn(&[Tensor]) -> Result<Tensor> + 'static) -> Result<Tensor> {
+pub fn checkpoint(
+    inputs: &[&Tensor],
+    block: impl Fn(&[Tensor]) -> Result<Tensor> + 'static,
+) -> Result<Tensor> {
     let boxed: Box<BlockFn> = Box::new(block);
     let ctx = Box::into_raw(Box::new(boxed)) as *mut c_void;
     let ptrs: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
     let mut err: *mut c_char = std::ptr::null_mut();
-    let out = unsafe { ft_checkpoint(call_block, ctx, drop_block, ptrs.as_ptr(), ptrs.len(), &mut err) };
+    let out =
+        unsafe { ft_checkpoint(call_block, ctx, drop_block, ptrs.as_ptr(), ptrs.len(), &mut err) };
     take_output(out, err, "activation checkpointing failed")
 }
 
@@ -105,12 +127,18 @@ pub fn checkpoint(inputs: &[&Tensor], block: impl Fn(&[Tensor]) -> Result<Tensor
 /// `grad_y W`. Nothing is saved for backward (not `W`, not `x`), and the product is not
 /// recomputed. The output requires grad when `x` does. `gather` must stay valid for as long
 /// as the graph that uses the output ('static; capture shallow clones).
-pub fn regather_linear(x: &Tensor, bias: Option<&Tensor>, gather: impl Fn() -> Result<Tensor> + 'static) -> Result<Tensor> {
+pub fn regather_linear(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    gather: impl Fn() -> Result<Tensor> + 'static,
+) -> Result<Tensor> {
     let boxed: Box<BlockFn> = Box::new(move |_: &[Tensor]| gather());
     let ctx = Box::into_raw(Box::new(boxed)) as *mut c_void;
     let bias = bias.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut c_void);
     let mut err: *mut c_char = std::ptr::null_mut();
-    let out = unsafe { ft_regather_linear(call_block, ctx, drop_block, x.as_ptr() as *mut c_void, bias, &mut err) };
+    let out = unsafe {
+        ft_regather_linear(call_block, ctx, drop_block, x.as_ptr() as *mut c_void, bias, &mut err)
+    };
     take_output(out, err, "re-gathered linear layer failed")
 }
 
@@ -200,7 +228,10 @@ mod tests {
             assert!(kept > 300 && kept < 700, "{kept}");
             fwd_zero.equal(&grad_zero)
         };
-        assert!((0..5).any(|_| attempt()), "the recomputed dropout mask differs from the forward's in 5 attempts");
+        assert!(
+            (0..5).any(|_| attempt()),
+            "the recomputed dropout mask differs from the forward's in 5 attempts"
+        );
     }
 
     #[test]

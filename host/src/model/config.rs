@@ -12,8 +12,12 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The architectures this decoder implements, by their `architectures` name.
-pub const SUPPORTED_ARCHITECTURES: [&str; 4] =
-    ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen2VLForConditionalGeneration"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] = [
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2VLForConditionalGeneration",
+];
 
 /// Which member of the family a checkpoint is; decides the biases and the sliding window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,9 +122,20 @@ pub struct RopeParameters {
 /// The resolved RoPE variant: how `inv_freq` is computed (transformers' `ROPE_INIT_FUNCTIONS`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rope {
-    Default { theta: f64 },
-    Linear { theta: f64, factor: f64 },
-    Llama3 { theta: f64, factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: i64 },
+    Default {
+        theta: f64,
+    },
+    Linear {
+        theta: f64,
+        factor: f64,
+    },
+    Llama3 {
+        theta: f64,
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: i64,
+    },
 }
 
 /// A Llama-family `config.json`. Field names are the Hugging Face keys; keys this decoder
@@ -218,15 +233,19 @@ impl LlamaConfig {
 
     /// Reads and checks a `config.json`; errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}: a Hugging Face model directory needs a config.json", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read {}: a Hugging Face model directory needs a config.json",
+                path.display()
+            )
+        })?;
         Self::from_json(&text, path)
     }
 
     /// Parses `config.json` text; `path` is only used in messages.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         // The architecture first, so that an unsupported model is refused by name rather than
         // by whichever of its keys happens not to parse.
         let value = match architecture_of(&value, path)? {
@@ -243,10 +262,18 @@ impl LlamaConfig {
 
     /// Which architecture this is (from `architectures`, else `model_type`).
     pub fn architecture(&self) -> Architecture {
-        if let Some(a) = self.architectures.as_ref().and_then(|a| a.first()).and_then(|a| Architecture::from_hf_name(a)) {
+        if let Some(a) = self
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first())
+            .and_then(|a| Architecture::from_hf_name(a))
+        {
             return a;
         }
-        self.model_type.as_deref().and_then(Architecture::from_model_type).unwrap_or(Architecture::Llama)
+        self.model_type
+            .as_deref()
+            .and_then(Architecture::from_model_type)
+            .unwrap_or(Architecture::Llama)
     }
 
     pub fn num_kv_heads(&self) -> i64 {
@@ -285,7 +312,9 @@ impl LlamaConfig {
                 let window = if self.use_sliding_window { self.sliding_window } else { None };
                 let window = window?;
                 let sliding = match &self.layer_types {
-                    Some(types) => types.get(layer as usize).map(|t| t == "sliding_attention").unwrap_or(false),
+                    Some(types) => {
+                        types.get(layer as usize).map(|t| t == "sliding_attention").unwrap_or(false)
+                    }
                     None => layer >= self.max_window_layers.unwrap_or(28),
                 };
                 sliding.then_some(window)
@@ -315,12 +344,17 @@ impl LlamaConfig {
         }
         if let Some(f) = p.partial_rotary_factor {
             if f != 1.0 {
-                bail!("{}: key `{key}.partial_rotary_factor` = {f} is not supported (only 1.0)", path.display());
+                bail!(
+                    "{}: key `{key}.partial_rotary_factor` = {f} is not supported (only 1.0)",
+                    path.display()
+                );
             }
         }
         let kind = p.rope_type.clone().or(p.type_.clone()).unwrap_or_else(|| "default".to_string());
         let need = |name: &str, v: Option<f64>| -> Result<f64> {
-            let v = v.with_context(|| format!("{}: key `{key}.{name}` is required for rope_type `{kind}`", path.display()))?;
+            let v = v.with_context(|| {
+                format!("{}: key `{key}.{name}` is required for rope_type `{kind}`", path.display())
+            })?;
             if v.is_nan() || v <= 0.0 {
                 bail!("{}: key `{key}.{name}` must be positive, got {v}", path.display());
             }
@@ -392,10 +426,16 @@ impl LlamaConfig {
             );
         }
         if self.head_dim() % 2 != 0 {
-            bail!("{file}: key `head_dim` must be even for rotary embeddings, got {}", self.head_dim());
+            bail!(
+                "{file}: key `head_dim` must be even for rotary embeddings, got {}",
+                self.head_dim()
+            );
         }
         if self.hidden_act != "silu" {
-            bail!("{file}: key `hidden_act` = `{}` is not supported (only `silu`)", self.hidden_act);
+            bail!(
+                "{file}: key `hidden_act` = `{}` is not supported (only `silu`)",
+                self.hidden_act
+            );
         }
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             bail!("{file}: key `rms_norm_eps` must be positive, got {}", self.rms_norm_eps);
@@ -405,7 +445,10 @@ impl LlamaConfig {
                 bail!("{file}: key `sliding_window` must be positive or null, got {w}");
             }
         }
-        if matches!(self.architecture(), Architecture::Qwen2 | Architecture::Qwen2VL) && self.use_sliding_window && self.sliding_window.is_none() {
+        if matches!(self.architecture(), Architecture::Qwen2 | Architecture::Qwen2VL)
+            && self.use_sliding_window
+            && self.sliding_window.is_none()
+        {
             bail!("{file}: key `use_sliding_window` is true but `sliding_window` is null");
         }
         if let Some(types) = &self.layer_types {
@@ -416,7 +459,9 @@ impl LlamaConfig {
                     self.num_hidden_layers
                 );
             }
-            if let Some(t) = types.iter().find(|t| *t != "full_attention" && *t != "sliding_attention") {
+            if let Some(t) =
+                types.iter().find(|t| *t != "full_attention" && *t != "sliding_attention")
+            {
                 bail!("{file}: key `layer_types` holds `{t}` (supported: full_attention, sliding_attention)");
             }
         }
@@ -424,7 +469,10 @@ impl LlamaConfig {
         if self.architecture() == Architecture::Qwen2VL {
             let (key, _) = self.rope_dict();
             let section = self.mrope_section();
-            if section.len() != 3 || section.iter().any(|&s| s < 0) || section.iter().sum::<i64>() != self.head_dim() / 2 {
+            if section.len() != 3
+                || section.iter().any(|&s| s < 0)
+                || section.iter().sum::<i64>() != self.head_dim() / 2
+            {
                 bail!(
                     "{file}: key `{key}.mrope_section` = {section:?} must be 3 non-negative numbers summing to head_dim / 2 = {}",
                     self.head_dim() / 2
@@ -445,18 +493,31 @@ impl LlamaConfig {
 fn architecture_of(value: &serde_json::Value, path: &Path) -> Result<Architecture> {
     let supported = SUPPORTED_ARCHITECTURES.join(", ");
     if let Some(archs) = value.get("architectures").filter(|a| !a.is_null()) {
-        let names: Vec<&str> = archs.as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+        let names: Vec<&str> = archs
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
         let Some(first) = names.first() else {
             bail!("{}: key `architectures` must be a non-empty list of names (supported: {supported})", path.display());
         };
-        return Architecture::from_hf_name(first)
-            .with_context(|| format!("unsupported architecture `{first}` in {}; supported: {supported}", path.display()));
+        return Architecture::from_hf_name(first).with_context(|| {
+            format!(
+                "unsupported architecture `{first}` in {}; supported: {supported}",
+                path.display()
+            )
+        });
     }
     match value.get("model_type").and_then(|m| m.as_str()) {
         Some(m) => Architecture::from_model_type(m).with_context(|| {
-            format!("unsupported architecture (model_type `{m}`) in {}; supported: {supported}", path.display())
+            format!(
+                "unsupported architecture (model_type `{m}`) in {}; supported: {supported}",
+                path.display()
+            )
         }),
-        None => bail!("{}: neither `architectures` nor `model_type` is set (supported: {supported})", path.display()),
+        None => bail!(
+            "{}: neither `architectures` nor `model_type` is set (supported: {supported})",
+            path.display()
+        ),
     }
 }
 
@@ -485,7 +546,9 @@ mod tests {
 
     #[test]
     fn old_and_new_rope_layouts_agree() {
-        let old = parse(r#", "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 4.0}"#).unwrap();
+        let old =
+            parse(r#", "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 4.0}"#)
+                .unwrap();
         let new = parse(r#", "rope_parameters": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}"#).unwrap();
         assert_eq!(old.rope().unwrap(), Rope::Linear { theta: 500000.0, factor: 4.0 });
         assert_eq!(old.rope().unwrap(), new.rope().unwrap());
@@ -507,8 +570,15 @@ mod tests {
 
     #[test]
     fn errors_name_file_and_key() {
-        let e = parse(r#", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}"#).unwrap_err().to_string();
-        assert!(e.contains("m/config.json") && e.contains("rope_parameters.rope_type") && e.contains("yarn"), "{e}");
+        let e = parse(r#", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m/config.json")
+                && e.contains("rope_parameters.rope_type")
+                && e.contains("yarn"),
+            "{e}"
+        );
         let e = parse(r#", "num_key_value_heads": 3"#).unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
         let e = parse(r#", "rms_norm_eps": "small""#).unwrap_err().to_string();
@@ -523,9 +593,12 @@ mod tests {
 
     #[test]
     fn unsupported_architecture_is_refused_by_name() {
-        let e = LlamaConfig::from_json(r#"{"architectures": ["GPT2LMHeadModel"], "n_embd": 8}"#, Path::new("d/config.json"))
-            .unwrap_err()
-            .to_string();
+        let e = LlamaConfig::from_json(
+            r#"{"architectures": ["GPT2LMHeadModel"], "n_embd": 8}"#,
+            Path::new("d/config.json"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unsupported architecture `GPT2LMHeadModel` in d/config.json; supported: LlamaForCausalLM"), "{e}");
     }
 
@@ -540,10 +613,18 @@ mod tests {
             LlamaConfig::from_json(&text, Path::new("q/config.json")).unwrap()
         };
         let off = q("");
-        assert_eq!((0..3).map(|l| off.sliding_window_of_layer(l)).collect::<Vec<_>>(), vec![None, None, None]);
+        assert_eq!(
+            (0..3).map(|l| off.sliding_window_of_layer(l)).collect::<Vec<_>>(),
+            vec![None, None, None]
+        );
         let on = q(r#", "use_sliding_window": true, "max_window_layers": 1"#);
-        assert_eq!((0..3).map(|l| on.sliding_window_of_layer(l)).collect::<Vec<_>>(), vec![None, Some(16), Some(16)]);
-        let typed = q(r#", "use_sliding_window": true, "layer_types": ["sliding_attention", "full_attention", "full_attention"]"#);
+        assert_eq!(
+            (0..3).map(|l| on.sliding_window_of_layer(l)).collect::<Vec<_>>(),
+            vec![None, Some(16), Some(16)]
+        );
+        let typed = q(
+            r#", "use_sliding_window": true, "layer_types": ["sliding_attention", "full_attention", "full_attention"]"#,
+        );
         assert_eq!(typed.sliding_window_of_layer(0), Some(16));
         assert_eq!(typed.sliding_window_of_layer(1), None);
         assert!(on.qkv_bias() && !on.o_bias());

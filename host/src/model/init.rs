@@ -94,7 +94,11 @@ impl InitOptions {
     /// `tiny-vl`: Qwen2-VL with the `tiny` decoder (M-RoPE split [2, 3, 3]) and a vision tower
     /// of depth 2, embed_dim 32, 2 heads, mlp_ratio 2.
     /// All: tied embeddings, rope_theta 1e6, 2048 positions, bf16, seed 0; Qwen2 unless VL.
-    pub fn preset(name: &str, tokenizer: impl Into<PathBuf>, out_dir: impl Into<PathBuf>) -> Result<Self> {
+    pub fn preset(
+        name: &str,
+        tokenizer: impl Into<PathBuf>,
+        out_dir: impl Into<PathBuf>,
+    ) -> Result<Self> {
         let (hidden, layers, heads, kv, inter) = match name {
             "tiny" | "tiny-vl" => (64, 2, 4, 2, 176),
             "small" => (512, 8, 8, 2, 1408),
@@ -116,7 +120,10 @@ impl InitOptions {
             seed: 0,
             dtype: Kind::BFloat16,
             overwrite: false,
-            vision: (name == "tiny-vl").then(|| VisionInitOptions { mrope_section: Some(vec![2, 3, 3]), ..VisionInitOptions::tiny() }),
+            vision: (name == "tiny-vl").then(|| VisionInitOptions {
+                mrope_section: Some(vec![2, 3, 3]),
+                ..VisionInitOptions::tiny()
+            }),
         })
     }
 }
@@ -127,7 +134,9 @@ pub fn parse_arch(name: &str) -> Result<Architecture> {
         "qwen2" | "qwen2forcausallm" => Architecture::Qwen2,
         "llama" | "llamaforcausallm" => Architecture::Llama,
         "mistral" | "mistralforcausallm" => Architecture::Mistral,
-        "qwen2_vl" | "qwen2-vl" | "qwen2vl" | "qwen2vlforconditionalgeneration" => Architecture::Qwen2VL,
+        "qwen2_vl" | "qwen2-vl" | "qwen2vl" | "qwen2vlforconditionalgeneration" => {
+            Architecture::Qwen2VL
+        }
         _ => bail!("unknown architecture `{name}` (qwen2, llama, mistral, qwen2_vl)"),
     })
 }
@@ -139,7 +148,8 @@ pub fn vision_token_ids(tokenizer: &Path) -> Result<[i64; 4]> {
     let tok = tokenizers::Tokenizer::from_file(&file)
         .map_err(|e| anyhow::anyhow!("{} is not a readable tokenizer.json: {e}", file.display()))?;
     let names = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"];
-    let missing: Vec<&str> = names.iter().copied().filter(|n| tok.token_to_id(n).is_none()).collect();
+    let missing: Vec<&str> =
+        names.iter().copied().filter(|n| tok.token_to_id(n).is_none()).collect();
     if !missing.is_empty() {
         bail!(
             "init-model: a Qwen2-VL model needs the vision tokens {} in its tokenizer, but {} lacks {}; \
@@ -210,7 +220,10 @@ pub struct SpecialTokens {
 fn tokenizer_json(path: &Path) -> Result<PathBuf> {
     let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
     if !file.is_file() {
-        bail!("tokenizer: {} does not exist (give a tokenizer.json or a folder holding one)", file.display());
+        bail!(
+            "tokenizer: {} does not exist (give a tokenizer.json or a folder holding one)",
+            file.display()
+        );
     }
     Ok(file)
 }
@@ -231,13 +244,16 @@ pub fn special_tokens(tokenizer: &Path) -> Result<SpecialTokens> {
         if !p.is_file() {
             continue;
         }
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?).with_context(|| format!("{} is not valid JSON", p.display()))?;
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)
+            .with_context(|| format!("{} is not valid JSON", p.display()))?;
         for key in ["bos", "eos", "pad"] {
             // A key that is present decides, even as null (Qwen2 declares `bos_token: null`);
             // tokenizer_config.json (read second) wins.
             match v.get(format!("{key}_token")) {
                 Some(Value::String(s)) => named.insert(key, Some(s.clone())),
-                Some(Value::Object(o)) => named.insert(key, o.get("content").and_then(|c| c.as_str()).map(str::to_string)),
+                Some(Value::Object(o)) => {
+                    named.insert(key, o.get("content").and_then(|c| c.as_str()).map(str::to_string))
+                }
                 Some(Value::Null) => named.insert(key, None),
                 _ => None,
             };
@@ -246,7 +262,9 @@ pub fn special_tokens(tokenizer: &Path) -> Result<SpecialTokens> {
     // Fallback names only match special added tokens, never ordinary vocabulary entries
     // (Qwen2's BPE vocabulary has a plain `<s>`).
     let added = tok.get_added_tokens_decoder();
-    let special_id = |name: &str| added.iter().find(|(_, t)| t.special && t.content == name).map(|(&i, _)| i as i64);
+    let special_id = |name: &str| {
+        added.iter().find(|(_, t)| t.special && t.content == name).map(|(&i, _)| i as i64)
+    };
     let id_of = |key: &str, fallbacks: &[&str]| -> Option<i64> {
         match named.get(key) {
             Some(Some(name)) => tok.token_to_id(name).map(|i| i as i64),
@@ -256,7 +274,18 @@ pub fn special_tokens(tokenizer: &Path) -> Result<SpecialTokens> {
     };
     Ok(SpecialTokens {
         bos: id_of("bos", &["<|begin_of_text|>", "<s>", "<bos>", "[BOS]"]),
-        eos: id_of("eos", &["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|im_end|>", "<|eot_id|>"]),
+        eos: id_of(
+            "eos",
+            &[
+                "<|endoftext|>",
+                "<|end_of_text|>",
+                "</s>",
+                "<eos>",
+                "[EOS]",
+                "<|im_end|>",
+                "<|eot_id|>",
+            ],
+        ),
         pad: id_of("pad", &["<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>"]),
         vocab_size,
     })
@@ -267,7 +296,9 @@ fn dtype_name(kind: Kind) -> Result<&'static str> {
         Kind::Float => "float32",
         Kind::BFloat16 => "bfloat16",
         Kind::Half => "float16",
-        other => bail!("init-model: dtype {other:?} is not supported (float32, bfloat16 or float16)"),
+        other => {
+            bail!("init-model: dtype {other:?} is not supported (float32, bfloat16 or float16)")
+        }
     })
 }
 
@@ -299,7 +330,9 @@ fn config_json(opts: &InitOptions, vocab: i64, special: &SpecialTokens) -> Resul
         "torch_dtype": dtype_name(opts.dtype)?,
     });
     let extra = match opts.arch {
-        Architecture::Llama => json!({"attention_bias": false, "mlp_bias": false, "pretraining_tp": 1}),
+        Architecture::Llama => {
+            json!({"attention_bias": false, "mlp_bias": false, "pretraining_tp": 1})
+        }
         Architecture::Qwen2 => json!({
             "use_sliding_window": false, "sliding_window": null, "max_window_layers": opts.num_hidden_layers,
             "layer_types": vec!["full_attention"; opts.num_hidden_layers.max(0) as usize],
@@ -382,13 +415,24 @@ fn check_options(opts: &InitOptions) -> Result<()> {
         }
     }
     if opts.hidden_size % opts.num_attention_heads != 0 {
-        bail!("init-model: hidden ({}) must be a multiple of heads ({})", opts.hidden_size, opts.num_attention_heads);
+        bail!(
+            "init-model: hidden ({}) must be a multiple of heads ({})",
+            opts.hidden_size,
+            opts.num_attention_heads
+        );
     }
     if (opts.hidden_size / opts.num_attention_heads) % 2 != 0 {
-        bail!("init-model: hidden / heads must be even (rotary embeddings), got {}", opts.hidden_size / opts.num_attention_heads);
+        bail!(
+            "init-model: hidden / heads must be even (rotary embeddings), got {}",
+            opts.hidden_size / opts.num_attention_heads
+        );
     }
     if opts.num_attention_heads % opts.num_key_value_heads != 0 {
-        bail!("init-model: kv_heads ({}) must divide heads ({})", opts.num_key_value_heads, opts.num_attention_heads);
+        bail!(
+            "init-model: kv_heads ({}) must divide heads ({})",
+            opts.num_key_value_heads,
+            opts.num_attention_heads
+        );
     }
     if opts.rope_theta.is_nan() || opts.rope_theta <= 0.0 {
         bail!("init-model: rope_theta must be positive, got {}", opts.rope_theta);
@@ -405,14 +449,21 @@ enum Init {
 }
 
 fn parameter_list(cfg: &LlamaConfig, vl: Option<&Qwen2VLConfig>) -> Vec<(String, Vec<i64>, Init)> {
-    let (h, kv, d, hidden, inter, vocab) =
-        (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let linear = |p: &mut Vec<(String, Vec<i64>, Init)>, path: String, out: i64, inp: i64, bias: bool| {
-        p.push((format!("{path}.weight"), vec![out, inp], Init::Normal));
-        if bias {
-            p.push((format!("{path}.bias"), vec![out], Init::Zeros));
-        }
-    };
+    let (h, kv, d, hidden, inter, vocab) = (
+        cfg.num_attention_heads,
+        cfg.num_kv_heads(),
+        cfg.head_dim(),
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    );
+    let linear =
+        |p: &mut Vec<(String, Vec<i64>, Init)>, path: String, out: i64, inp: i64, bias: bool| {
+            p.push((format!("{path}.weight"), vec![out, inp], Init::Normal));
+            if bias {
+                p.push((format!("{path}.bias"), vec![out], Init::Zeros));
+            }
+        };
     let norm = |p: &mut Vec<(String, Vec<i64>, Init)>, path: String, dim: i64| {
         p.push((format!("{path}.weight"), vec![dim], Init::Ones));
         p.push((format!("{path}.bias"), vec![dim], Init::Zeros));
@@ -420,7 +471,11 @@ fn parameter_list(cfg: &LlamaConfig, vl: Option<&Qwen2VLConfig>) -> Vec<(String,
     let mut p = Vec::new();
     if let Some(vl) = vl {
         let v = &vl.vision_config;
-        let (e, mlp, merged) = (v.embed_dim, v.mlp_hidden_dim(), v.embed_dim * v.spatial_merge_size * v.spatial_merge_size);
+        let (e, mlp, merged) = (
+            v.embed_dim,
+            v.mlp_hidden_dim(),
+            v.embed_dim * v.spatial_merge_size * v.spatial_merge_size,
+        );
         let pe = vec![e, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size];
         p.push(("model.visual.patch_embed.proj.weight".to_string(), pe, Init::Normal));
         for b in 0..v.depth {
@@ -449,7 +504,11 @@ fn parameter_list(cfg: &LlamaConfig, vl: Option<&Qwen2VLConfig>) -> Vec<(String,
         linear(&mut p, format!("{mp}.up_proj"), inter, hidden, cfg.mlp_bias());
         linear(&mut p, format!("{mp}.down_proj"), hidden, inter, cfg.mlp_bias());
         p.push((format!("{m}.layers.{l}.input_layernorm.weight"), vec![hidden], Init::Ones));
-        p.push((format!("{m}.layers.{l}.post_attention_layernorm.weight"), vec![hidden], Init::Ones));
+        p.push((
+            format!("{m}.layers.{l}.post_attention_layernorm.weight"),
+            vec![hidden],
+            Init::Ones,
+        ));
     }
     p.push((format!("{m}.norm.weight"), vec![hidden], Init::Ones));
     if !cfg.tie_word_embeddings {
@@ -480,7 +539,9 @@ fn random_tensors(
                 if key.ends_with("embed_tokens.weight") {
                     if let Some(pad) = special.pad.filter(|&p| p < vocab) {
                         let row = (pad * config.hidden_size) as usize;
-                        values[row..row + config.hidden_size as usize].iter_mut().for_each(|v| *v = 0.0);
+                        values[row..row + config.hidden_size as usize]
+                            .iter_mut()
+                            .for_each(|v| *v = 0.0);
                     }
                 }
                 Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?
@@ -502,7 +563,11 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
     let special = special_tokens(&tokenizer_file)?;
     let vocab = opts.vocab_size.unwrap_or(special.vocab_size);
     if vocab < special.vocab_size {
-        bail!("init-model: vocab_size {vocab} is smaller than the tokenizer's {} tokens ({})", special.vocab_size, tokenizer_file.display());
+        bail!(
+            "init-model: vocab_size {vocab} is smaller than the tokenizer's {} tokens ({})",
+            special.vocab_size,
+            tokenizer_file.display()
+        );
     }
     if vocab <= 0 {
         bail!("init-model: the tokenizer {} has no tokens", tokenizer_file.display());
@@ -520,7 +585,11 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
     let config_text = serde_json::to_string_pretty(&config_value)?;
     let config = LlamaConfig::from_json(&config_text, &dir.join("config.json"))?;
     let vl = match opts.arch {
-        Architecture::Qwen2VL => Some(Qwen2VLConfig::from_value(&config_value, &dir.join("config.json"), config.hidden_size)?),
+        Architecture::Qwen2VL => Some(Qwen2VLConfig::from_value(
+            &config_value,
+            &dir.join("config.json"),
+            config.hidden_size,
+        )?),
         _ => None,
     };
 
@@ -531,30 +600,50 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
     std::fs::write(dir.join("config.json"), config_text + "\n")?;
 
     let mut generation = serde_json::Map::new();
-    for (k, v) in [("bos_token_id", special.bos), ("eos_token_id", special.eos), ("pad_token_id", special.pad)] {
+    for (k, v) in [
+        ("bos_token_id", special.bos),
+        ("eos_token_id", special.eos),
+        ("pad_token_id", special.pad),
+    ] {
         if let Some(v) = v {
             generation.insert(k.to_string(), json!(v));
         }
     }
-    std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&Value::Object(generation))? + "\n")?;
+    std::fs::write(
+        dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&Value::Object(generation))? + "\n",
+    )?;
 
-    let mut files = vec!["config.json".to_string(), "model.safetensors".to_string(), "generation_config.json".to_string()];
+    let mut files = vec![
+        "config.json".to_string(),
+        "model.safetensors".to_string(),
+        "generation_config.json".to_string(),
+    ];
     if vl.is_some() {
-        std::fs::write(dir.join("preprocessor_config.json"), serde_json::to_string_pretty(&qwen2vl_preprocessor_config())? + "\n")?;
+        std::fs::write(
+            dir.join("preprocessor_config.json"),
+            serde_json::to_string_pretty(&qwen2vl_preprocessor_config())? + "\n",
+        )?;
         files.push("preprocessor_config.json".to_string());
     }
     let folder = tokenizer_file.parent().unwrap_or(Path::new("."));
-    std::fs::copy(&tokenizer_file, dir.join("tokenizer.json"))
-        .with_context(|| format!("cannot copy {} into {}", tokenizer_file.display(), dir.display()))?;
+    std::fs::copy(&tokenizer_file, dir.join("tokenizer.json")).with_context(|| {
+        format!("cannot copy {} into {}", tokenizer_file.display(), dir.display())
+    })?;
     files.push("tokenizer.json".to_string());
     for name in ["tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
         let src = folder.join(name);
         if src.is_file() {
-            std::fs::copy(&src, dir.join(name)).with_context(|| format!("cannot copy {}", src.display()))?;
+            std::fs::copy(&src, dir.join(name))
+                .with_context(|| format!("cannot copy {}", src.display()))?;
             files.push(name.to_string());
         }
     }
-    tracing::info!("wrote a random {} with {parameters} parameters to {}", opts.arch.hf_name(), dir.display());
+    tracing::info!(
+        "wrote a random {} with {parameters} parameters to {}",
+        opts.arch.hf_name(),
+        dir.display()
+    );
     Ok(InitReport {
         dir: dir.clone(),
         config,
@@ -584,10 +673,31 @@ mod tests {
     #[test]
     fn presets() {
         let t = InitOptions::preset("tiny", "t.json", "out").unwrap();
-        assert_eq!((t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size), (64, 2, 4, 2, 176));
+        assert_eq!(
+            (
+                t.hidden_size,
+                t.num_hidden_layers,
+                t.num_attention_heads,
+                t.num_key_value_heads,
+                t.intermediate_size
+            ),
+            (64, 2, 4, 2, 176)
+        );
         let s = InitOptions::preset("small", "t.json", "out").unwrap();
-        assert_eq!((s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads, s.intermediate_size), (512, 8, 8, 2, 1408));
-        assert!(InitOptions::preset("huge", "t.json", "out").unwrap_err().to_string().contains("tiny, small"));
+        assert_eq!(
+            (
+                s.hidden_size,
+                s.num_hidden_layers,
+                s.num_attention_heads,
+                s.num_key_value_heads,
+                s.intermediate_size
+            ),
+            (512, 8, 8, 2, 1408)
+        );
+        assert!(InitOptions::preset("huge", "t.json", "out")
+            .unwrap_err()
+            .to_string()
+            .contains("tiny, small"));
         assert_eq!(parse_arch("Llama").unwrap(), Architecture::Llama);
         assert_eq!(parse_dtype("bf16").unwrap(), Kind::BFloat16);
         assert!(parse_dtype("int8").unwrap_err().to_string().contains("f32, bf16"));

@@ -20,7 +20,9 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use ferrotune_plugin_api::{AdapterLayer, BaseLinear, Collectives, PluginResult, QuantizedWeight, Quantizer};
+use ferrotune_plugin_api::{
+    AdapterLayer, BaseLinear, Collectives, PluginResult, QuantizedWeight, Quantizer,
+};
 use tch::{Device, TchError, Tensor};
 
 /// The frozen base of a linear layer: `y = x Wᵀ + b` with a weight `[out, in]`.
@@ -44,7 +46,9 @@ impl LinearBase {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         match &self.quantized {
             Some(q) => {
-                let y = q.linear(x).map_err(|e| TchError::Torch(format!("quantized weight of `{}`: {e}", self.name)))?;
+                let y = q.linear(x).map_err(|e| {
+                    TchError::Torch(format!("quantized weight of `{}`: {e}", self.name))
+                })?;
                 match &self.bias {
                     Some(b) => y.f_add(b),
                     None => Ok(y),
@@ -57,7 +61,9 @@ impl LinearBase {
     /// The dense weight `[out, in]` in the layer's dtype (dequantized when stored quantized).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.quantized {
-            Some(q) => Ok(q.dequantize(self.weight.kind()).with_context(|| format!("dequantizing `{}`", self.name))?),
+            Some(q) => Ok(q
+                .dequantize(self.weight.kind())
+                .with_context(|| format!("dequantizing `{}`", self.name))?),
             None => Ok(self.weight.shallow_clone()),
         }
     }
@@ -66,9 +72,13 @@ impl LinearBase {
     /// bytes.
     pub fn quantize_with(&mut self, quantizer: &dyn Quantizer) -> Result<u64> {
         let dense = self.dense_weight()?;
-        let q = quantizer.quantize(&self.name, &dense).with_context(|| format!("quantizing `{}`", self.name))?;
-        let bytes = q.storage_bytes().with_context(|| format!("size of quantized `{}`", self.name))?;
-        let placeholder = Tensor::f_zeros([], (dense.kind(), dense.device()))?.f_expand(dense.size(), false)?;
+        let q = quantizer
+            .quantize(&self.name, &dense)
+            .with_context(|| format!("quantizing `{}`", self.name))?;
+        let bytes =
+            q.storage_bytes().with_context(|| format!("size of quantized `{}`", self.name))?;
+        let placeholder =
+            Tensor::f_zeros([], (dense.kind(), dense.device()))?.f_expand(dense.size(), false)?;
         self.weight = placeholder;
         self.quantized = Some(q);
         Ok(bytes)
@@ -105,7 +115,8 @@ impl BaseLinear for LinearBase {
         Ok(LinearBase::forward(self, x)?)
     }
     fn weight(&self) -> PluginResult<Tensor> {
-        self.dense_weight().map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
+        self.dense_weight()
+            .map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
     }
     fn bias(&self) -> PluginResult<Option<Tensor>> {
         Ok(self.bias.as_ref().map(Tensor::shallow_clone))
@@ -182,12 +193,21 @@ impl WeightShard {
     /// call this in the same order: every rank runs the same layers).
     fn gather(&self, shape: &[i64]) -> Result<Tensor> {
         let parts = self.group.all_gather(&self.shard)?;
-        Ok(Tensor::f_cat(&parts, 0)?.f_narrow(0, 0, self.numel)?.f_view(shape)?.f_to_device(self.device)?)
+        Ok(Tensor::f_cat(&parts, 0)?
+            .f_narrow(0, 0, self.numel)?
+            .f_view(shape)?
+            .f_to_device(self.device)?)
     }
 
     /// The same shard (shared storage), for a closure that outlives the borrow.
     fn share(&self) -> WeightShard {
-        WeightShard { shard: self.shard.shallow_clone(), device: self.device, offload: self.offload, numel: self.numel, group: self.group.clone() }
+        WeightShard {
+            shard: self.shard.shallow_clone(),
+            device: self.device,
+            offload: self.offload,
+            numel: self.numel,
+            group: self.group.clone(),
+        }
     }
 }
 
@@ -209,17 +229,29 @@ impl ShardedBase<'_> {
         let shape = self.base.weight.size();
         let context = || format!("linear layer `{}`", self.base.name);
         if !crate::model::checkpoint::grad_enabled() {
-            let w = self.shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
+            let w = self
+                .shard
+                .gather(&shape)
+                .with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
             return x.f_linear(&w, self.base.bias.as_ref()).with_context(context);
         }
         // Every rank must gather in backward for every layer, whatever its data: an input that
         // does not require grad (frozen embeddings on a rank whose batch has no image, while
         // another's carries the trainable merger's output) becomes a leaf that does, so that
         // no rank skips a backward gather the others make.
-        let x = if x.requires_grad() { x.shallow_clone() } else { x.f_detach()?.set_requires_grad(true) };
+        let x = if x.requires_grad() {
+            x.shallow_clone()
+        } else {
+            x.f_detach()?.set_requires_grad(true)
+        };
         let (shard, name) = (self.shard.share(), self.base.name.clone());
-        let gather = move || shard.gather(&shape).with_context(|| format!("gathering the sharded weight of `{name}`"));
-        crate::model::checkpoint::regather_linear(&x, self.base.bias.as_ref(), gather).with_context(context)
+        let gather = move || {
+            shard
+                .gather(&shape)
+                .with_context(|| format!("gathering the sharded weight of `{name}`"))
+        };
+        crate::model::checkpoint::regather_linear(&x, self.base.bias.as_ref(), gather)
+            .with_context(context)
     }
 }
 
@@ -234,7 +266,9 @@ impl BaseLinear for ShardedBase<'_> {
         self.linear(x).map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
     }
     fn weight(&self) -> PluginResult<Tensor> {
-        self.shard.gather(&self.base.weight.size()).map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
+        self.shard
+            .gather(&self.base.weight.size())
+            .map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
     }
     fn bias(&self) -> PluginResult<Option<Tensor>> {
         BaseLinear::bias(self.base)
@@ -261,7 +295,12 @@ impl std::ops::Deref for FrozenLinear {
 
 impl FrozenLinear {
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
-        let base = LinearBase { name: name.into(), weight: weight.set_requires_grad(false), bias: bias.map(|b| b.set_requires_grad(false)), quantized: None };
+        let base = LinearBase {
+            name: name.into(),
+            weight: weight.set_requires_grad(false),
+            bias: bias.map(|b| b.set_requires_grad(false)),
+            quantized: None,
+        };
         Self { base, shard: None, adapters: Vec::new(), copies: Vec::new() }
     }
 
@@ -271,7 +310,11 @@ impl FrozenLinear {
     /// ([`FrozenLinear::dense_weight`], [`FrozenLinear::with_full_base`]: adapter
     /// initialisations, `modules_to_save` copies, merges); a new base weight
     /// ([`FrozenLinear::set_base_weight`]) is sharded again. With one rank nothing changes.
-    pub fn shard_weight(&mut self, group: Arc<dyn Collectives + Send + Sync>, offload: bool) -> Result<()> {
+    pub fn shard_weight(
+        &mut self,
+        group: Arc<dyn Collectives + Send + Sync>,
+        offload: bool,
+    ) -> Result<()> {
         let world = group.world_size() as i64;
         // A quantized base is already packed (and small): it stays whole on every rank.
         if world <= 1 || self.shard.is_some() || self.base.quantized.is_some() {
@@ -282,7 +325,11 @@ impl FrozenLinear {
         let len = (numel + world - 1) / world;
         let flat = w.f_flatten(0, -1)?.f_constant_pad_nd([0, len * world - numel])?;
         let shard_device = if offload { Device::Cpu } else { device };
-        let shard = flat.f_narrow(0, group.rank() as i64 * len, len)?.f_to_device(shard_device)?.f_contiguous()?.f_detach_copy()?;
+        let shard = flat
+            .f_narrow(0, group.rank() as i64 * len, len)?
+            .f_to_device(shard_device)?
+            .f_contiguous()?
+            .f_detach_copy()?;
         let stand_in = Tensor::f_zeros([1, 1], (w.kind(), device))?.f_expand(w.size(), false)?;
         self.base.weight = stand_in;
         self.shard = Some(WeightShard { shard, device, offload, numel, group });
@@ -327,7 +374,9 @@ impl FrozenLinear {
         let weight = match (&self.shard, &self.base.quantized) {
             (Some(s), _) => bytes(&s.shard),
             // The placeholder has no storage: the packed bytes are what the layer holds.
-            (None, Some(q)) => q.storage_bytes().map(|b| b as usize).unwrap_or_else(|_| bytes(&self.base.weight)),
+            (None, Some(q)) => {
+                q.storage_bytes().map(|b| b as usize).unwrap_or_else(|_| bytes(&self.base.weight))
+            }
             (None, None) => bytes(&self.base.weight),
         };
         weight + self.base.bias.as_ref().map(bytes).unwrap_or(0)
@@ -337,8 +386,15 @@ impl FrozenLinear {
     /// (dropped when the caller drops it and autograd no longer needs it).
     fn gathered(&self) -> Result<Option<LinearBase>> {
         let Some(s) = &self.shard else { return Ok(None) };
-        let weight = s.gather(&self.base.weight.size()).with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
-        Ok(Some(LinearBase { name: self.base.name.clone(), weight, bias: self.base.bias.as_ref().map(Tensor::shallow_clone), quantized: None }))
+        let weight = s
+            .gather(&self.base.weight.size())
+            .with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
+        Ok(Some(LinearBase {
+            name: self.base.name.clone(),
+            weight,
+            bias: self.base.bias.as_ref().map(Tensor::shallow_clone),
+            quantized: None,
+        }))
     }
 
     /// The frozen base (what adapters receive as their [`BaseLinear`]).
@@ -352,8 +408,11 @@ impl FrozenLinear {
         if let Some(rows) = mode.rows {
             return self.forward_rows(x, rows, mode.train);
         }
-        if let Some((name, copy)) = mode.adapter.and_then(|name| self.copy(name).map(|c| (name, c))) {
-            return copy.forward(x).with_context(|| format!("adapter `{name}`'s copy of `{}` (modules_to_save)", self.base.name));
+        if let Some((name, copy)) = mode.adapter.and_then(|name| self.copy(name).map(|c| (name, c)))
+        {
+            return copy.forward(x).with_context(|| {
+                format!("adapter `{name}`'s copy of `{}` (modules_to_save)", self.base.name)
+            });
         }
         let adapter = mode.adapter.and_then(|name| self.adapter(name).map(|a| (name, a)));
         match (&self.shard, adapter) {
@@ -361,10 +420,13 @@ impl FrozenLinear {
                 .forward(x, &ShardedBase { base: &self.base, shard }, mode.train)
                 .with_context(|| format!("adapter `{name}` of `{}`", self.base.name)),
             (Some(shard), None) => ShardedBase { base: &self.base, shard }.linear(x),
-            (None, Some((name, adapter))) => {
-                adapter.forward(x, &self.base, mode.train).with_context(|| format!("adapter `{name}` of `{}`", self.base.name))
-            }
-            (None, None) => Ok(self.base.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?),
+            (None, Some((name, adapter))) => adapter
+                .forward(x, &self.base, mode.train)
+                .with_context(|| format!("adapter `{name}` of `{}`", self.base.name)),
+            (None, None) => Ok(self
+                .base
+                .forward(x)
+                .with_context(|| format!("linear layer `{}`", self.base.name))?),
         }
     }
 
@@ -374,11 +436,16 @@ impl FrozenLinear {
     fn forward_rows(&self, x: &Tensor, rows: &[Option<&str>], train: bool) -> Result<Tensor> {
         let batch = x.size().first().copied().unwrap_or(0);
         if batch != rows.len() as i64 {
-            anyhow::bail!("linear layer `{}`: {} per-row adapters for an input of {batch} rows", self.base.name, rows.len());
+            anyhow::bail!(
+                "linear layer `{}`: {} per-row adapters for an input of {batch} rows",
+                self.base.name,
+                rows.len()
+            );
         }
         let gathered = self.gathered()?;
         let whole = gathered.as_ref().unwrap_or(&self.base);
-        let mut out = whole.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?;
+        let mut out =
+            whole.forward(x).with_context(|| format!("linear layer `{}`", self.base.name))?;
         let mut names: Vec<&str> = rows.iter().flatten().copied().collect();
         names.sort_unstable();
         names.dedup();
@@ -387,12 +454,18 @@ impl FrozenLinear {
                 anyhow::bail!("adapter `{name}` keeps a full copy of `{}` (modules_to_save): it cannot share a mixed batch", self.base.name);
             }
             let Some(adapter) = self.adapter(name) else { continue };
-            let idx: Vec<i64> = rows.iter().enumerate().filter(|(_, r)| **r == Some(name)).map(|(i, _)| i as i64).collect();
+            let idx: Vec<i64> = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| **r == Some(name))
+                .map(|(i, _)| i as i64)
+                .collect();
             let idx = Tensor::f_from_slice(&idx)?.f_to_device(x.device())?;
             let base = RowsOfBase { base: whole, rows: out.f_index_select(0, &idx)? };
-            let y = adapter
-                .forward(&x.f_index_select(0, &idx)?, &base, train)
-                .with_context(|| format!("adapter `{name}` of `{}` (mixed batch)", self.base.name))?;
+            let y =
+                adapter.forward(&x.f_index_select(0, &idx)?, &base, train).with_context(|| {
+                    format!("adapter `{name}` of `{}` (mixed batch)", self.base.name)
+                })?;
             out = out.f_index_copy(0, &idx, &y.f_to_kind(out.kind())?)?;
         }
         Ok(out)
@@ -452,7 +525,8 @@ impl FrozenLinear {
     /// in their dtype and on their device (as peft's `ModulesToSaveWrapper` deep-copies the
     /// module). A tied weight is copied too, so the copy never shares storage.
     pub(crate) fn insert_copy(&mut self, name: &str) -> Result<&LinearBase> {
-        let trainable = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach_copy()?.set_requires_grad(true)) };
+        let trainable =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach_copy()?.set_requires_grad(true)) };
         let copy = LinearBase {
             name: self.base.name.clone(),
             weight: trainable(&self.dense_weight()?)?,
@@ -550,10 +624,19 @@ mod tests {
         let whole = FrozenLinear::new("l", w.copy(), Some(b.copy()));
         let expected = whole.forward(&x, LinearMode::BASE).unwrap();
         let flat = w.flatten(0, -1);
-        let shard1 = Tensor::cat(&[flat.narrow(0, 8, 7), Tensor::zeros([1], (Kind::Float, Device::Cpu))], 0);
+        let shard1 =
+            Tensor::cat(&[flat.narrow(0, 8, 7), Tensor::zeros([1], (Kind::Float, Device::Cpu))], 0);
         let mut lin = FrozenLinear::new("l", w.copy(), Some(b.copy()));
-        lin.shard_weight(Arc::new(TwoRanks { rank: 0, other: shard1.into(), gathers: 0.into() }), false).unwrap();
-        assert_eq!(lin.resident_bytes(), (8 + 5) * 4, "half the weight (8 of 16 padded elements) and the bias");
+        lin.shard_weight(
+            Arc::new(TwoRanks { rank: 0, other: shard1.into(), gathers: 0.into() }),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            lin.resident_bytes(),
+            (8 + 5) * 4,
+            "half the weight (8 of 16 padded elements) and the bias"
+        );
         assert_eq!((lin.in_features(), lin.out_features()), (3, 5));
         let got = lin.forward(&x, LinearMode::BASE).unwrap();
         assert_eq!(f64::try_from((got - expected).abs().max()).unwrap(), 0.0);
@@ -567,7 +650,13 @@ mod tests {
         let flat = w.flatten(0, -1);
         let n = flat.size()[0];
         let len = (n + 1) / 2;
-        let shard1 = Tensor::cat(&[flat.narrow(0, len, n - len), Tensor::zeros([2 * len - n], (Kind::Float, Device::Cpu))], 0);
+        let shard1 = Tensor::cat(
+            &[
+                flat.narrow(0, len, n - len),
+                Tensor::zeros([2 * len - n], (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
         let group = Arc::new(TwoRanks { rank: 0, other: shard1.into(), gathers: 0.into() });
         let mut lin = FrozenLinear::new("l", w.copy(), None);
         lin.shard_weight(group.clone(), false).unwrap();
@@ -580,13 +669,20 @@ mod tests {
         let (mut lin, group) = sharded_rank0(&w);
         let max_diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
         assert_eq!(max_diff(&lin.dense_weight().unwrap(), &w), 0.0, "dense_weight gathers");
-        assert_eq!(max_diff(&lin.with_full_base(|b| b.weight.copy()).unwrap(), &w), 0.0, "the base adapters see at attach");
+        assert_eq!(
+            max_diff(&lin.with_full_base(|b| b.weight.copy()).unwrap(), &w),
+            0.0,
+            "the base adapters see at attach"
+        );
         let copy = lin.insert_copy("a").unwrap();
         assert_eq!(max_diff(&copy.weight, &w), 0.0, "modules_to_save copies the gathered weight");
         // A rewritten base (PiSSA's residual) keeps only rank 0's half: rank 1 holds its half.
         let w2 = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
         let flat2 = w2.flatten(0, -1);
-        *group.other.lock().unwrap() = Tensor::cat(&[flat2.narrow(0, 8, 7), Tensor::zeros([1], (Kind::Float, Device::Cpu))], 0);
+        *group.other.lock().unwrap() = Tensor::cat(
+            &[flat2.narrow(0, 8, 7), Tensor::zeros([1], (Kind::Float, Device::Cpu))],
+            0,
+        );
         lin.set_base_weight(w2.copy()).unwrap();
         assert!(lin.is_sharded());
         assert_eq!(lin.resident_bytes(), 8 * 4);
@@ -611,7 +707,11 @@ mod tests {
         let y = lin.forward(&x, LinearMode::BASE).unwrap();
         assert_eq!(group.gathers.load(std::sync::atomic::Ordering::SeqCst), 1);
         y.sum(Kind::Float).backward();
-        assert_eq!(group.gathers.load(std::sync::atomic::Ordering::SeqCst), 2, "backward gathers the weight again");
+        assert_eq!(
+            group.gathers.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "backward gathers the weight again"
+        );
         assert_eq!(f64::try_from((x.grad() - expected).abs().max()).unwrap(), 0.0);
     }
 }

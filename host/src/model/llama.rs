@@ -17,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Architecture, LlamaConfig, Rope};
-use super::qwen2vl::{self, rope_index, Qwen2VLConfig, VisionConfig, VisionInputs, VisionTower, LANGUAGE_MODEL};
+use super::qwen2vl::{
+    self, rope_index, Qwen2VLConfig, VisionConfig, VisionInputs, VisionTower, LANGUAGE_MODEL,
+};
 use super::weights::Weights;
 use crate::model::linear::{FrozenLinear, LinearMode};
 
@@ -68,7 +70,11 @@ impl KvCache {
             return Ok(());
         }
         if other.layers.len() != self.layers.len() {
-            bail!("KV caches of {} and {} layers cannot be joined", self.layers.len(), other.layers.len());
+            bail!(
+                "KV caches of {} and {} layers cannot be joined",
+                self.layers.len(),
+                other.layers.len()
+            );
         }
         let (mine, theirs) = (self.seq_len(), other.seq_len());
         let width = mine.max(theirs);
@@ -110,7 +116,10 @@ impl KvCache {
         for slot in self.layers.iter_mut() {
             if let Some((k, v)) = slot.take() {
                 let idx = idx.f_to_device(k.device())?;
-                *slot = Some((k.f_index_select(0, &idx)?.f_narrow(2, first, len)?, v.f_index_select(0, &idx)?.f_narrow(2, first, len)?));
+                *slot = Some((
+                    k.f_index_select(0, &idx)?.f_narrow(2, first, len)?,
+                    v.f_index_select(0, &idx)?.f_narrow(2, first, len)?,
+                ));
             }
         }
         if let Some(d) = &mut self.rope_deltas {
@@ -122,7 +131,8 @@ impl KvCache {
 
     /// Appends this step's keys/values of `layer` and returns all of them.
     fn update(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let slot = self.layers.get_mut(layer).context("KV cache has fewer layers than the model")?;
+        let slot =
+            self.layers.get_mut(layer).context("KV cache has fewer layers than the model")?;
         let (k, v) = match slot.take() {
             None => (k, v),
             Some((pk, pv)) => (Tensor::f_cat(&[pk, k], 2)?, Tensor::f_cat(&[pv, v], 2)?),
@@ -140,7 +150,10 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn new(w: &mut Weights, key: &str, cfg: &LlamaConfig) -> Result<Self> {
-        Ok(Self { weight: w.take(&format!("{key}.weight"), &[cfg.hidden_size], "hidden_size")?, eps: cfg.rms_norm_eps })
+        Ok(Self {
+            weight: w.take(&format!("{key}.weight"), &[cfg.hidden_size], "hidden_size")?,
+            eps: cfg.rms_norm_eps,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -157,18 +170,28 @@ pub fn rope_inv_freq(rope: Rope, head_dim: i64) -> Result<Tensor> {
     let exponents = Tensor::f_arange_start_step(0, head_dim, 2, (Kind::Int64, Device::Cpu))?
         .f_to_kind(Kind::Float)?
         .f_div_scalar(head_dim)?;
-    let base = |theta: f64| -> Result<Tensor> { Ok(Tensor::f_pow_scalar(theta, &exponents)?.f_reciprocal()?) };
+    let base = |theta: f64| -> Result<Tensor> {
+        Ok(Tensor::f_pow_scalar(theta, &exponents)?.f_reciprocal()?)
+    };
     Ok(match rope {
         Rope::Default { theta } => base(theta)?,
         Rope::Linear { theta, factor } => base(theta)?.f_div_scalar(factor)?,
-        Rope::Llama3 { theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        Rope::Llama3 {
+            theta,
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let inv_freq = base(theta)?;
             let old_len = original_max_position_embeddings as f64;
             let low_freq_wavelen = old_len / low_freq_factor;
             let high_freq_wavelen = old_len / high_freq_factor;
             let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * std::f64::consts::PI)?;
             // wavelen > low_freq_wavelen: divide by factor; below high_freq_wavelen: keep.
-            let inv_freq_llama = inv_freq.f_div_scalar(factor)?.f_where_self(&wavelen.f_gt(low_freq_wavelen)?, &inv_freq)?;
+            let inv_freq_llama = inv_freq
+                .f_div_scalar(factor)?
+                .f_where_self(&wavelen.f_gt(low_freq_wavelen)?, &inv_freq)?;
             // In between: interpolate with a smooth factor.
             let smooth = wavelen
                 .f_reciprocal()?
@@ -181,7 +204,8 @@ pub fn rope_inv_freq(rope: Rope, head_dim: i64) -> Result<Tensor> {
                 .f_mul(&inv_freq_llama)?
                 .f_div_scalar(factor)?
                 .f_add(&smooth.f_mul(&inv_freq_llama)?)?;
-            let is_medium = wavelen.f_ge(high_freq_wavelen)?.f_logical_and(&wavelen.f_le(low_freq_wavelen)?)?;
+            let is_medium =
+                wavelen.f_ge(high_freq_wavelen)?.f_logical_and(&wavelen.f_le(low_freq_wavelen)?)?;
             smoothed.f_where_self(&is_medium, &inv_freq_llama)?
         }
     })
@@ -196,21 +220,30 @@ struct RotaryEmbedding {
 
 impl RotaryEmbedding {
     fn new(cfg: &LlamaConfig, device: Device) -> Result<Self> {
-        let mrope_section = (cfg.architecture() == Architecture::Qwen2VL).then(|| cfg.mrope_section());
-        Ok(Self { inv_freq: rope_inv_freq(cfg.rope()?, cfg.head_dim())?.f_to_device(device)?, mrope_section })
+        let mrope_section =
+            (cfg.architecture() == Architecture::Qwen2VL).then(|| cfg.mrope_section());
+        Ok(Self {
+            inv_freq: rope_inv_freq(cfg.rope()?, cfg.head_dim())?.f_to_device(device)?,
+            mrope_section,
+        })
     }
 
     /// `(cos, sin)`, each `[B, 1, T, head_dim]` in `dtype`, for position ids `[B, T]`, or
     /// `[3, B, T]` with M-RoPE (frequency chunk `i` of `mrope_section` follows axis `i % 3`, as
     /// transformers' `Qwen2VLRotaryEmbedding`).
     fn cos_sin(&self, position_ids: &Tensor, dtype: Kind) -> Result<(Tensor, Tensor)> {
-        let mut freqs = position_ids.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?.f_mul(&self.inv_freq)?;
+        let mut freqs =
+            position_ids.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?.f_mul(&self.inv_freq)?;
         if let Some(section) = &self.mrope_section {
             if position_ids.dim() != 3 {
                 bail!("M-RoPE needs [3, batch, seq] position ids, got {:?}", position_ids.size());
             }
             let chunks = freqs.f_split_with_sizes(section.as_slice(), -1)?;
-            let picked = chunks.iter().enumerate().map(|(i, c)| c.f_select(0, (i % 3) as i64)).collect::<Result<Vec<_>, _>>()?;
+            let picked = chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.f_select(0, (i % 3) as i64))
+                .collect::<Result<Vec<_>, _>>()?;
             freqs = Tensor::f_cat(&picked, -1)?;
         }
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
@@ -254,14 +287,32 @@ impl Mask {
     }
 }
 
-fn build_mask(key_valid: Option<&Tensor>, past: i64, t: i64, window: Option<i64>, device: Device) -> Result<Mask> {
+fn build_mask(
+    key_valid: Option<&Tensor>,
+    past: i64,
+    t: i64,
+    window: Option<i64>,
+    device: Device,
+) -> Result<Mask> {
     if key_valid.is_none() && window.is_none() {
-        return Ok(if t == 1 { Mask::All } else if past == 0 { Mask::Causal } else { explicit_causal(None, past, t, None, device)? });
+        return Ok(if t == 1 {
+            Mask::All
+        } else if past == 0 {
+            Mask::Causal
+        } else {
+            explicit_causal(None, past, t, None, device)?
+        });
     }
     explicit_causal(key_valid, past, t, window, device)
 }
 
-fn explicit_causal(key_valid: Option<&Tensor>, past: i64, t: i64, window: Option<i64>, device: Device) -> Result<Mask> {
+fn explicit_causal(
+    key_valid: Option<&Tensor>,
+    past: i64,
+    t: i64,
+    window: Option<i64>,
+    device: Device,
+) -> Result<Mask> {
     let s = past + t;
     let q_idx = Tensor::f_arange_start(past, s, (Kind::Int64, device))?.f_unsqueeze(1)?; // [T, 1]
     let kv_idx = Tensor::f_arange(s, (Kind::Int64, device))?.f_unsqueeze(0)?; // [1, S]
@@ -298,7 +349,14 @@ struct Attention {
 }
 
 /// Takes `{path}.weight` `[out, inp]` (and `{path}.bias`) as a [`FrozenLinear`] named `path`.
-pub(crate) fn linear(w: &mut Weights, path: &str, out: i64, inp: i64, bias: bool, why: &str) -> Result<FrozenLinear> {
+pub(crate) fn linear(
+    w: &mut Weights,
+    path: &str,
+    out: i64,
+    inp: i64,
+    bias: bool,
+    why: &str,
+) -> Result<FrozenLinear> {
     let weight = w.take(&format!("{path}.weight"), &[out, inp], why)?;
     let bias = if bias { Some(w.take(&format!("{path}.bias"), &[out], why)?) } else { None };
     Ok(FrozenLinear::new(path, weight, bias))
@@ -306,13 +364,42 @@ pub(crate) fn linear(w: &mut Weights, path: &str, out: i64, inp: i64, bias: bool
 
 impl Attention {
     fn new(cfg: &LlamaConfig, w: &mut Weights, path: &str, layer: i64) -> Result<Self> {
-        let (h, kv, d, hidden) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.hidden_size);
+        let (h, kv, d, hidden) =
+            (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.hidden_size);
         let qkv_bias = cfg.qkv_bias();
         Ok(Self {
-            q_proj: linear(w, &format!("{path}.q_proj"), h * d, hidden, qkv_bias, "num_attention_heads × head_dim, hidden_size")?,
-            k_proj: linear(w, &format!("{path}.k_proj"), kv * d, hidden, qkv_bias, "num_key_value_heads × head_dim, hidden_size")?,
-            v_proj: linear(w, &format!("{path}.v_proj"), kv * d, hidden, qkv_bias, "num_key_value_heads × head_dim, hidden_size")?,
-            o_proj: linear(w, &format!("{path}.o_proj"), hidden, h * d, cfg.o_bias(), "hidden_size, num_attention_heads × head_dim")?,
+            q_proj: linear(
+                w,
+                &format!("{path}.q_proj"),
+                h * d,
+                hidden,
+                qkv_bias,
+                "num_attention_heads × head_dim, hidden_size",
+            )?,
+            k_proj: linear(
+                w,
+                &format!("{path}.k_proj"),
+                kv * d,
+                hidden,
+                qkv_bias,
+                "num_key_value_heads × head_dim, hidden_size",
+            )?,
+            v_proj: linear(
+                w,
+                &format!("{path}.v_proj"),
+                kv * d,
+                hidden,
+                qkv_bias,
+                "num_key_value_heads × head_dim, hidden_size",
+            )?,
+            o_proj: linear(
+                w,
+                &format!("{path}.o_proj"),
+                hidden,
+                h * d,
+                cfg.o_bias(),
+                "hidden_size, num_attention_heads × head_dim",
+            )?,
             num_heads: h,
             num_kv_heads: kv,
             head_dim: d,
@@ -320,7 +407,15 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>, mode: LinearMode<'_>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Mask,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
         let heads = |proj: &FrozenLinear, n: i64| -> Result<Tensor> {
             Ok(proj.forward(x, mode)?.f_view([b, t, n, self.head_dim])?.f_transpose(1, 2)?)
@@ -346,11 +441,38 @@ impl Attention {
                 Tensor::f_scaled_dot_product_attention(&q, &k, &v, m, 0.0, false, scale, false)?
                     .f_reshape([b, self.num_heads, 1, self.head_dim])?
             }
-            Mask::All => Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, n_rep > 1)?,
-            Mask::Causal => Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, n_rep > 1)?,
+            Mask::All => Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                false,
+                scale,
+                n_rep > 1,
+            )?,
+            Mask::Causal => Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                true,
+                scale,
+                n_rep > 1,
+            )?,
             Mask::Explicit(m) => {
                 let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?
+                Tensor::f_scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    Some(m),
+                    0.0,
+                    false,
+                    scale,
+                    false,
+                )?
             }
         };
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
@@ -368,14 +490,36 @@ impl Mlp {
     fn new(cfg: &LlamaConfig, w: &mut Weights, path: &str) -> Result<Self> {
         let (hidden, inter, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias());
         Ok(Self {
-            gate_proj: linear(w, &format!("{path}.gate_proj"), inter, hidden, bias, "intermediate_size, hidden_size")?,
-            up_proj: linear(w, &format!("{path}.up_proj"), inter, hidden, bias, "intermediate_size, hidden_size")?,
-            down_proj: linear(w, &format!("{path}.down_proj"), hidden, inter, bias, "hidden_size, intermediate_size")?,
+            gate_proj: linear(
+                w,
+                &format!("{path}.gate_proj"),
+                inter,
+                hidden,
+                bias,
+                "intermediate_size, hidden_size",
+            )?,
+            up_proj: linear(
+                w,
+                &format!("{path}.up_proj"),
+                inter,
+                hidden,
+                bias,
+                "intermediate_size, hidden_size",
+            )?,
+            down_proj: linear(
+                w,
+                &format!("{path}.down_proj"),
+                hidden,
+                inter,
+                bias,
+                "hidden_size, intermediate_size",
+            )?,
         })
     }
 
     fn forward(&self, x: &Tensor, mode: LinearMode<'_>) -> Result<Tensor> {
-        let gated = self.gate_proj.forward(x, mode)?.f_silu()?.f_mul(&self.up_proj.forward(x, mode)?)?;
+        let gated =
+            self.gate_proj.forward(x, mode)?.f_silu()?.f_mul(&self.up_proj.forward(x, mode)?)?;
         self.down_proj.forward(&gated, mode)
     }
 }
@@ -393,7 +537,11 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: RmsNorm::new(w, &format!("{path}.input_layernorm"), cfg)?,
             self_attn: Attention::new(cfg, w, &format!("{path}.self_attn"), layer)?,
-            post_attention_layernorm: RmsNorm::new(w, &format!("{path}.post_attention_layernorm"), cfg)?,
+            post_attention_layernorm: RmsNorm::new(
+                w,
+                &format!("{path}.post_attention_layernorm"),
+                cfg,
+            )?,
             mlp: Mlp::new(cfg, w, &format!("{path}.mlp"))?,
         })
     }
@@ -401,20 +549,54 @@ impl DecoderLayer {
     /// The layer's seven linear layers (q, k, v, o, gate, up, down).
     fn linears_mut(&mut self) -> [&mut FrozenLinear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, cache: Option<(&mut KvCache, usize)>, mode: LinearMode<'_>) -> Result<Tensor> {
-        let x = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache, mode)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Mask,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
+        let x = x.f_add(&self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            cos,
+            sin,
+            mask,
+            cache,
+            mode,
+        )?)?;
         Ok(x.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, mode)?)?)
     }
 
     /// [`DecoderLayer::forward`] without a cache as a checkpointed block
     /// ([`crate::model::checkpoint`]): only `x` is kept, the layer is recomputed in backward.
-    fn forward_checkpointed(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask, mode: LinearMode<'_>) -> Result<Tensor> {
+    fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Mask,
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
         // The block's output needs a grad-requiring input to join the graph (the embedding
         // of the first layer is frozen): as transformers' `enable_input_require_grads`.
-        let x = if x.requires_grad() { x.shallow_clone() } else { x.f_detach()?.set_requires_grad(true) };
+        let x = if x.requires_grad() {
+            x.shallow_clone()
+        } else {
+            x.f_detach()?.set_requires_grad(true)
+        };
         let layer = self as *const DecoderLayer as usize;
         let (cos, sin, mask) = (cos.shallow_clone(), sin.shallow_clone(), mask.shallow_clone());
         // Per-row adapters (serve) never train: a checkpointed block runs one adapter.
@@ -423,7 +605,14 @@ impl DecoderLayer {
             // SAFETY: the model outlives the autograd graphs of its forward passes (see
             // `CausalLM::set_gradient_checkpointing`), so the layer is alive in backward.
             let layer = unsafe { &*(layer as *const DecoderLayer) };
-            layer.forward(&xs[0], &cos, &sin, &mask, None, LinearMode { adapter: adapter.as_deref(), train, rows: None })
+            layer.forward(
+                &xs[0],
+                &cos,
+                &sin,
+                &mask,
+                None,
+                LinearMode { adapter: adapter.as_deref(), train, rows: None },
+            )
         })
     }
 }
@@ -471,7 +660,12 @@ impl CausalLM {
     /// tower's layers) to `on_linear` as soon as it is built, before the next layer is read:
     /// ZeRO stage 3 shards the weight there and QLoRA packs it, so loading never holds more
     /// than what those keep plus one layer's weights.
-    pub fn load_with(dir: &Path, device: Device, dtype: Kind, on_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>) -> Result<Self> {
+    pub fn load_with(
+        dir: &Path,
+        device: Device,
+        dtype: Kind,
+        on_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>,
+    ) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
         let vl = Qwen2VLConfig::from_dir(dir, config.hidden_size)?;
         let mut weights = Weights::load(dir, device, dtype)?;
@@ -479,7 +673,12 @@ impl CausalLM {
         model.source_dir = Some(dir.to_path_buf());
         let unused = weights.remaining();
         if !unused.is_empty() {
-            tracing::warn!("{}: {} checkpoint tensor(s) not used by the model: {}", dir.display(), unused.len(), unused.join(", "));
+            tracing::warn!(
+                "{}: {} checkpoint tensor(s) not used by the model: {}",
+                dir.display(),
+                unused.len(),
+                unused.join(", ")
+            );
         }
         tracing::info!(
             "loaded {} from {} ({} layers, hidden {}, vocab {}, {dtype:?} on {device:?})",
@@ -493,7 +692,12 @@ impl CausalLM {
     }
 
     /// Builds the model from already loaded weights (taking the tensors it uses).
-    pub fn from_weights(config: LlamaConfig, w: &mut Weights, device: Device, dtype: Kind) -> Result<Self> {
+    pub fn from_weights(
+        config: LlamaConfig,
+        w: &mut Weights,
+        device: Device,
+        dtype: Kind,
+    ) -> Result<Self> {
         Self::from_weights_with_vision(config, None, w, device, dtype)
     }
 
@@ -524,13 +728,22 @@ impl CausalLM {
                 w.rename_keys(qwen2vl::rename_legacy_key)?;
                 Some((VisionTower::new(&vl.vision_config, w, device, dtype)?, vl))
             }
-            (true, None) => bail!("a Qwen2-VL model needs its vision_config (load it with CausalLM::load)"),
-            (false, Some(_)) => bail!("a vision config was given for a {} model, which has no vision tower", config.architecture().hf_name()),
+            (true, None) => {
+                bail!("a Qwen2-VL model needs its vision_config (load it with CausalLM::load)")
+            }
+            (false, Some(_)) => bail!(
+                "a vision config was given for a {} model, which has no vision tower",
+                config.architecture().hf_name()
+            ),
             (false, None) => None,
         };
         let prefix = if is_vl { LANGUAGE_MODEL } else { DECODER }.to_string();
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = w.take(&format!("{prefix}.embed_tokens.weight"), &[vocab, hidden], "vocab_size, hidden_size")?;
+        let embed_tokens = w.take(
+            &format!("{prefix}.embed_tokens.weight"),
+            &[vocab, hidden],
+            "vocab_size, hidden_size",
+        )?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
         for l in 0..config.num_hidden_layers {
             let mut layer = DecoderLayer::new(&config, w, &prefix, l)?;
@@ -545,7 +758,14 @@ impl CausalLM {
             w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
             FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
         } else {
-            let mut head = linear(w, "lm_head", vocab, hidden, false, "vocab_size, hidden_size (tie_word_embeddings is false)")?;
+            let mut head = linear(
+                w,
+                "lm_head",
+                vocab,
+                hidden,
+                false,
+                "vocab_size, hidden_size (tie_word_embeddings is false)",
+            )?;
             on_linear(&mut head)?;
             head
         };
@@ -648,12 +868,18 @@ impl CausalLM {
             }
         };
         for (i, l) in self.layers.iter().enumerate() {
-            out.push((format!("{p}.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.shallow_clone()));
+            out.push((
+                format!("{p}.layers.{i}.input_layernorm.weight"),
+                l.input_layernorm.weight.shallow_clone(),
+            ));
             let a = &l.self_attn;
             for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
                 linear(&mut out, lin);
             }
-            out.push((format!("{p}.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.shallow_clone()));
+            out.push((
+                format!("{p}.layers.{i}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight.shallow_clone(),
+            ));
             let m = &l.mlp;
             for lin in [&m.gate_proj, &m.up_proj, &m.down_proj] {
                 linear(&mut out, lin);
@@ -699,16 +925,26 @@ impl CausalLM {
             out.push(("model".to_string(), "the multimodal model"));
             out.extend(v.module_names());
         }
-        out.extend([(d.clone(), "the decoder"), (self.embed_path.clone(), "the token embedding"), (format!("{d}.layers"), "the list of layers")]);
+        out.extend([
+            (d.clone(), "the decoder"),
+            (self.embed_path.clone(), "the token embedding"),
+            (format!("{d}.layers"), "the list of layers"),
+        ]);
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("{d}.layers.{i}");
             out.push((p.clone(), "a decoder layer"));
             out.push((format!("{p}.self_attn"), "an attention block"));
             let a = &l.self_attn;
-            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].map(|lin| (lin.name.clone(), "a linear layer")));
+            out.extend(
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+                    .map(|lin| (lin.name.clone(), "a linear layer")),
+            );
             out.push((format!("{p}.mlp"), "an MLP block"));
             let m = &l.mlp;
-            out.extend([&m.gate_proj, &m.up_proj, &m.down_proj].map(|lin| (lin.name.clone(), "a linear layer")));
+            out.extend(
+                [&m.gate_proj, &m.up_proj, &m.down_proj]
+                    .map(|lin| (lin.name.clone(), "a linear layer")),
+            );
             out.push((format!("{p}.mlp.act_fn"), "an activation"));
             out.push((format!("{p}.input_layernorm"), "an RMSNorm"));
             out.push((format!("{p}.post_attention_layernorm"), "an RMSNorm"));
@@ -731,7 +967,9 @@ impl CausalLM {
         for l in &self.layers {
             let a = &l.self_attn;
             let m = &l.mlp;
-            for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj] {
+            for lin in
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+            {
                 out.push((lin.name.as_str(), lin));
             }
         }
@@ -764,7 +1002,16 @@ impl CausalLM {
     /// appended to it. Images (Qwen2-VL) replace the `<|image_pad|>` tokens in order (row 0's
     /// first) and can only come with the first call on a cache (the prefill).
     pub fn forward(&self, args: ForwardArgs<'_>) -> Result<Tensor> {
-        let ForwardArgs { input, attention_mask, position_ids, images, mut cache, mode, embed_tokens, output } = args;
+        let ForwardArgs {
+            input,
+            attention_mask,
+            position_ids,
+            images,
+            mut cache,
+            mode,
+            embed_tokens,
+            output,
+        } = args;
         let mode = mode.unwrap_or(LinearMode::BASE);
         let (b, t, input_ids) = match input {
             Input::Ids(ids) => {
@@ -798,8 +1045,12 @@ impl CausalLM {
             (Some(_), Some(_), _) if past > 0 => {
                 bail!("images can only be given with the first call on a KV cache (the prefill); this cache holds {past} positions")
             }
-            (Some(_), Some(_), None) => bail!("images need input_ids (their <|image_pad|> tokens), not inputs_embeds"),
-            (Some(img), Some((tower, vl)), Some(ids)) => Some(self.image_token_mask(ids, img, tower, vl.image_token_id)?),
+            (Some(_), Some(_), None) => {
+                bail!("images need input_ids (their <|image_pad|> tokens), not inputs_embeds")
+            }
+            (Some(img), Some((tower, vl)), Some(ids)) => {
+                Some(self.image_token_mask(ids, img, tower, vl.image_token_id)?)
+            }
         };
         // An all-ones mask is no mask (transformers' `_ignore_causal_mask_sdpa`): SDPA then runs
         // its causal kernel with GQA instead of an explicit mask over repeated keys and values.
@@ -807,7 +1058,11 @@ impl CausalLM {
         let key_valid = match attention_mask {
             Some(m) => {
                 let valid = m.f_to_device(self.device)?.f_ne(0)?;
-                if valid.f_all()?.f_int64_value(&[])? != 0 { None } else { Some(valid) }
+                if valid.f_all()?.f_int64_value(&[])? != 0 {
+                    None
+                } else {
+                    Some(valid)
+                }
             }
             None => None,
         };
@@ -817,17 +1072,38 @@ impl CausalLM {
                     bail!("position_ids must be [batch, seq] or M-RoPE's [3, batch, seq] = [3, {b}, {t}], got {:?}", p.size());
                 }
                 let p = p.f_to_device(self.device)?;
-                if self.vision.is_some() && p.dim() == 2 { p.f_unsqueeze(0)?.f_expand([3, b, t], false)? } else { p }
+                if self.vision.is_some() && p.dim() == 2 {
+                    p.f_unsqueeze(0)?.f_expand([3, b, t], false)?
+                } else {
+                    p
+                }
             }
-            None => self.default_positions(input_ids.as_ref(), attention_mask, key_valid.as_ref(), images, past, (b, t), cache.as_deref_mut())?,
+            None => self.default_positions(
+                input_ids.as_ref(),
+                attention_mask,
+                key_valid.as_ref(),
+                images,
+                past,
+                (b, t),
+                cache.as_deref_mut(),
+            )?,
         };
         let mut x = match (input, &input_ids) {
-            (_, Some(ids)) => Tensor::f_embedding(embed_tokens.unwrap_or(&self.embed_tokens), ids, -1, false, false)?,
+            (_, Some(ids)) => Tensor::f_embedding(
+                embed_tokens.unwrap_or(&self.embed_tokens),
+                ids,
+                -1,
+                false,
+                false,
+            )?,
             (Input::Embeds(e), None) => e.f_to_device(self.device)?.f_to_kind(self.dtype)?,
             (Input::Ids(_), None) => unreachable!("ids were moved to the device above"),
         };
         if let (Some(img), Some(mask), Some((tower, _))) = (images, &image_mask, &self.vision) {
-            let features = tower.forward(&img.pixel_values, &img.image_grid_thw, mode).context("model.visual")?.f_to_kind(x.kind())?;
+            let features = tower
+                .forward(&img.pixel_values, &img.image_grid_thw, mode)
+                .context("model.visual")?
+                .f_to_kind(x.kind())?;
             x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
         }
         let hidden = self.decode(x, &position_ids, key_valid.as_ref(), past, cache, mode)?;
@@ -853,9 +1129,14 @@ impl CausalLM {
         if input_ids.kind() != Kind::Int64 {
             bail!("input_ids must be int64 token ids, got {:?}", input_ids.kind());
         }
-        let (lo, hi) = (input_ids.f_min()?.f_int64_value(&[])?, input_ids.f_max()?.f_int64_value(&[])?);
+        let (lo, hi) =
+            (input_ids.f_min()?.f_int64_value(&[])?, input_ids.f_max()?.f_int64_value(&[])?);
         if lo < 0 || hi >= self.config.vocab_size {
-            bail!("token id {} is outside the vocabulary (vocab_size {})", if lo < 0 { lo } else { hi }, self.config.vocab_size);
+            bail!(
+                "token id {} is outside the vocabulary (vocab_size {})",
+                if lo < 0 { lo } else { hi },
+                self.config.vocab_size
+            );
         }
         Ok((b, t))
     }
@@ -887,29 +1168,55 @@ impl CausalLM {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let text_positions = match key_valid {
-            Some(valid) => valid.f_cumsum(-1, Kind::Int64)?.f_sub_scalar(1)?.f_masked_fill(&valid.f_logical_not()?, 0)?.f_narrow(1, past, t)?,
-            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?.f_unsqueeze(0)?.f_expand([b, t], false)?,
+            Some(valid) => valid
+                .f_cumsum(-1, Kind::Int64)?
+                .f_sub_scalar(1)?
+                .f_masked_fill(&valid.f_logical_not()?, 0)?
+                .f_narrow(1, past, t)?,
+            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?
+                .f_unsqueeze(0)?
+                .f_expand([b, t], false)?,
         };
         Ok(match (&self.vision, input_ids) {
             (None, _) => text_positions,
             // Qwen2-VL prefill (or no cache): transformers' `get_rope_index`, keeping the deltas.
             (Some((tower, vl)), Some(input_ids)) if past == 0 => {
-                let ids: Vec<i64> = Vec::try_from(&input_ids.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
+                let ids: Vec<i64> =
+                    Vec::try_from(&input_ids.f_reshape([-1])?.f_to_device(Device::Cpu)?)?;
                 let mask: Option<Vec<i64>> = match attention_mask {
-                    Some(m) => Some(Vec::try_from(&m.f_ne(0)?.f_to_kind(Kind::Int64)?.f_reshape([-1])?.f_to_device(Device::Cpu)?)?),
+                    Some(m) => Some(Vec::try_from(
+                        &m.f_ne(0)?
+                            .f_to_kind(Kind::Int64)?
+                            .f_reshape([-1])?
+                            .f_to_device(Device::Cpu)?,
+                    )?),
                     None => None,
                 };
                 let grids = images.map(|i| i.image_grid_thw.as_slice()).unwrap_or(&[]);
-                let index = rope_index(&ids, b as usize, t as usize, mask.as_deref(), grids, vl.image_token_id, tower.config().spatial_merge_size)?;
+                let index = rope_index(
+                    &ids,
+                    b as usize,
+                    t as usize,
+                    mask.as_deref(),
+                    grids,
+                    vl.image_token_id,
+                    tower.config().spatial_merge_size,
+                )?;
                 if let Some(c) = cache {
                     c.rope_deltas = Some(index.deltas);
                 }
-                Tensor::f_from_slice(&index.positions)?.f_view([3, b, t])?.f_to_device(self.device)?
+                Tensor::f_from_slice(&index.positions)?
+                    .f_view([3, b, t])?
+                    .f_to_device(self.device)?
             }
             // Later steps (or embeddings in): 1-D positions shifted by each row's delta, on all three axes.
             (Some(_), _) => {
-                let deltas = cache.as_deref().and_then(|c| c.rope_deltas.clone()).unwrap_or_else(|| vec![0; b as usize]);
-                let deltas = Tensor::f_from_slice(&deltas)?.f_view([b, 1])?.f_to_device(self.device)?;
+                let deltas = cache
+                    .as_deref()
+                    .and_then(|c| c.rope_deltas.clone())
+                    .unwrap_or_else(|| vec![0; b as usize]);
+                let deltas =
+                    Tensor::f_from_slice(&deltas)?.f_view([b, 1])?.f_to_device(self.device)?;
                 text_positions.f_add(&deltas)?.f_unsqueeze(0)?.f_expand([3, b, t], false)?
             }
         })
@@ -942,7 +1249,10 @@ impl CausalLM {
                 Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,
                 None => &full_mask,
             };
-            x = if self.gradient_checkpointing && cache.is_none() && crate::model::checkpoint::grad_enabled() {
+            x = if self.gradient_checkpointing
+                && cache.is_none()
+                && crate::model::checkpoint::grad_enabled()
+            {
                 layer.forward_checkpointed(&x, &cos, &sin, mask, mode)
             } else {
                 layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)), mode)
@@ -954,11 +1264,20 @@ impl CausalLM {
 
     /// Checks that the `<|image_pad|>` tokens of `input_ids` are as many as the images' merged
     /// patches, and returns the mask of those tokens.
-    fn image_token_mask(&self, input_ids: &Tensor, images: &VisionInputs, tower: &VisionTower, image_token_id: i64) -> Result<Tensor> {
+    fn image_token_mask(
+        &self,
+        input_ids: &Tensor,
+        images: &VisionInputs,
+        tower: &VisionTower,
+        image_token_id: i64,
+    ) -> Result<Tensor> {
         let mask = input_ids.f_eq(image_token_id)?;
-        let per_row: Vec<i64> = Vec::try_from(&mask.f_sum_dim_intlist(1, false, Kind::Int64)?.f_to_device(Device::Cpu)?)?;
+        let per_row: Vec<i64> = Vec::try_from(
+            &mask.f_sum_dim_intlist(1, false, Kind::Int64)?.f_to_device(Device::Cpu)?,
+        )?;
         let tokens: i64 = per_row.iter().sum();
-        let per_image: Vec<i64> = images.image_grid_thw.iter().map(|g| tower.merged_tokens(g)).collect();
+        let per_image: Vec<i64> =
+            images.image_grid_thw.iter().map(|g| tower.merged_tokens(g)).collect();
         let patches: i64 = per_image.iter().sum();
         if tokens != patches {
             bail!(
@@ -1016,7 +1335,16 @@ pub struct ForwardArgs<'a> {
 
 impl<'a> ForwardArgs<'a> {
     fn from_input(input: Input<'a>) -> Self {
-        Self { input, attention_mask: None, position_ids: None, images: None, cache: None, mode: None, embed_tokens: None, output: Output::Logits }
+        Self {
+            input,
+            attention_mask: None,
+            position_ids: None,
+            images: None,
+            cache: None,
+            mode: None,
+            embed_tokens: None,
+            output: Output::Logits,
+        }
     }
 
     /// A pass over token ids `[B, T]`.
@@ -1067,7 +1395,8 @@ mod tests {
     /// A one-layer cache of `rows` × `len` positions whose values name their row and position.
     fn filled(rows: i64, len: i64, tag: f64) -> KvCache {
         let mut c = KvCache::new(1, rows);
-        let k = Tensor::arange(rows * len, (Kind::Float, Device::Cpu)).view([rows, 1, len, 1]) + tag;
+        let k =
+            Tensor::arange(rows * len, (Kind::Float, Device::Cpu)).view([rows, 1, len, 1]) + tag;
         let _ = c.update(0, k.shallow_clone(), -k).unwrap();
         c
     }
@@ -1077,8 +1406,14 @@ mod tests {
         let mut a = filled(1, 3, 100.0);
         a.append_rows(filled(2, 5, 200.0)).unwrap();
         assert_eq!((a.batch(), a.seq_len()), (3, 5));
-        let k = |c: &KvCache| -> Vec<f32> { Vec::try_from(&c.layers[0].as_ref().unwrap().0.reshape([-1])).unwrap() };
-        assert_eq!(k(&a)[..5], [0.0, 0.0, 100.0, 101.0, 102.0], "the shorter row is left-padded with zeros");
+        let k = |c: &KvCache| -> Vec<f32> {
+            Vec::try_from(&c.layers[0].as_ref().unwrap().0.reshape([-1])).unwrap()
+        };
+        assert_eq!(
+            k(&a)[..5],
+            [0.0, 0.0, 100.0, 101.0, 102.0],
+            "the shorter row is left-padded with zeros"
+        );
         assert_eq!(k(&a)[5..10], [200.0, 201.0, 202.0, 203.0, 204.0]);
         a.retain(&[2, 0], 2).unwrap();
         assert_eq!((a.batch(), a.seq_len()), (2, 3));
@@ -1092,12 +1427,15 @@ mod tests {
 
     #[test]
     fn default_inv_freq_closed_form() {
-        let f: Vec<f32> = Vec::try_from(&rope_inv_freq(Rope::Default { theta: 10000.0 }, 8).unwrap()).unwrap();
+        let f: Vec<f32> =
+            Vec::try_from(&rope_inv_freq(Rope::Default { theta: 10000.0 }, 8).unwrap()).unwrap();
         let want: Vec<f32> = (0..4).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 8.0)).collect();
         for (a, b) in f.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-6 * b.abs(), "{f:?} vs {want:?}");
         }
-        let lin: Vec<f32> = Vec::try_from(&rope_inv_freq(Rope::Linear { theta: 10000.0, factor: 4.0 }, 8).unwrap()).unwrap();
+        let lin: Vec<f32> =
+            Vec::try_from(&rope_inv_freq(Rope::Linear { theta: 10000.0, factor: 4.0 }, 8).unwrap())
+                .unwrap();
         for (a, b) in lin.iter().zip(&f) {
             assert_eq!(*a, b / 4.0);
         }
@@ -1107,7 +1445,13 @@ mod tests {
     fn llama3_inv_freq_bands() {
         // head_dim 16, theta 10000: wavelengths 6.3, 19.9, 62.8, 199, ... With an original
         // context of 32 (low factor 1, high factor 4): < 8 kept, > 32 divided by 8, between smoothed.
-        let rope = Rope::Llama3 { theta: 10000.0, factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 32 };
+        let rope = Rope::Llama3 {
+            theta: 10000.0,
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32,
+        };
         let got: Vec<f32> = Vec::try_from(&rope_inv_freq(rope, 16).unwrap()).unwrap();
         let base: Vec<f64> = (0..8).map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / 16.0)).collect();
         for (i, (g, b)) in got.iter().zip(&base).enumerate() {
@@ -1127,7 +1471,10 @@ mod tests {
     #[test]
     fn mask_padding_rows_never_empty() {
         let valid = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1]).reshape([2, 4]).ne(0);
-        let Mask::Explicit(m) = build_mask(Some(&valid), 0, 4, Some(2), Device::Cpu).unwrap() else { panic!("explicit") };
+        let Mask::Explicit(m) = build_mask(Some(&valid), 0, 4, Some(2), Device::Cpu).unwrap()
+        else {
+            panic!("explicit")
+        };
         let m: Vec<i64> = Vec::try_from(&m.to_kind(Kind::Int64).reshape([-1])).unwrap();
         #[rustfmt::skip]
         let want = vec![

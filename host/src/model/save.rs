@@ -17,9 +17,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::util::safetensors;
 use super::weights::checkpoint_dtypes;
 use super::CausalLM;
+use crate::util::safetensors;
 
 /// Files copied from the source directory when present (tokenizer, generation defaults and
 /// Qwen2-VL's processor configs).
@@ -54,8 +54,16 @@ impl CausalLM {
     /// directory `out_dir`, taking `config.json`, the dtypes and the tokenizer files from
     /// `source_dir` (the directory it was loaded from). `dtype` = None keeps each tensor's
     /// source dtype. `out_dir` must not exist or be empty.
-    pub fn save_pretrained(&self, out_dir: &Path, source_dir: &Path, dtype: Option<Kind>) -> Result<()> {
-        let attached = self.linears().into_iter().find_map(|(_, l)| l.adapter_names().chain(l.copy_names()).next().map(str::to_string));
+    pub fn save_pretrained(
+        &self,
+        out_dir: &Path,
+        source_dir: &Path,
+        dtype: Option<Kind>,
+    ) -> Result<()> {
+        let attached = self
+            .linears()
+            .into_iter()
+            .find_map(|(_, l)| l.adapter_names().chain(l.copy_names()).next().map(str::to_string));
         if let Some(name) = attached {
             bail!("save_pretrained: adapter `{name}` is still attached; merge it (merge_adapter) or save it as a PEFT directory (save_peft_adapter)");
         }
@@ -65,20 +73,32 @@ impl CausalLM {
         if let Some(kind) = dtype {
             super::weights::check_compute_dtype(kind)?;
         }
-        if out_dir.exists() && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
-            bail!("{} already exists and is not empty; choose a new folder for the model", out_dir.display());
+        if out_dir.exists()
+            && std::fs::read_dir(out_dir).map(|mut d| d.next().is_some()).unwrap_or(true)
+        {
+            bail!(
+                "{} already exists and is not empty; choose a new folder for the model",
+                out_dir.display()
+            );
         }
         let source_config = source_dir.join("config.json");
         let mut config: Value = serde_json::from_str(
-            &std::fs::read_to_string(&source_config).with_context(|| format!("cannot read {}", source_config.display()))?,
+            &std::fs::read_to_string(&source_config)
+                .with_context(|| format!("cannot read {}", source_config.display()))?,
         )
         .with_context(|| format!("{} is not valid JSON", source_config.display()))?;
         let mut source_dtypes: HashMap<String, Kind> = checkpoint_dtypes(source_dir)?;
         if self.vision_config().is_some() {
             // An older Qwen2-VL source names its tensors `visual.*`, `model.layers.*`.
-            source_dtypes = source_dtypes.into_iter().map(|(k, v)| (super::qwen2vl::rename_legacy_key(&k).unwrap_or(k), v)).collect();
+            source_dtypes = source_dtypes
+                .into_iter()
+                .map(|(k, v)| (super::qwen2vl::rename_legacy_key(&k).unwrap_or(k), v))
+                .collect();
         }
-        let embed_kind = source_dtypes.get(&format!("{}.weight", self.embed_tokens_path())).copied().unwrap_or(Kind::Float);
+        let embed_kind = source_dtypes
+            .get(&format!("{}.weight", self.embed_tokens_path()))
+            .copied()
+            .unwrap_or(Kind::Float);
 
         let mut tensors = Vec::new();
         let is_vl = self.vision_config().is_some();
@@ -86,9 +106,14 @@ impl CausalLM {
             // lm_head.weight of a head untied by a merge takes the embeddings' dtype.
             let kind = dtype.or_else(|| source_dtypes.get(&key).copied()).unwrap_or(embed_kind);
             let key = if is_vl { super::qwen2vl::saved_key(&key) } else { key };
-            tensors.push((key, t.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(kind)?.f_contiguous()?));
+            tensors.push((
+                key,
+                t.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(kind)?.f_contiguous()?,
+            ));
         }
-        let obj = config.as_object_mut().with_context(|| format!("{}: expected a JSON object", source_config.display()))?;
+        let obj = config
+            .as_object_mut()
+            .with_context(|| format!("{}: expected a JSON object", source_config.display()))?;
         if self.config().tie_word_embeddings && !self.lm_head_is_tied() {
             obj.insert("tie_word_embeddings".into(), Value::Bool(false));
             // Pre-v5 Qwen2-VL saves may also say so inside text_config, which transformers reads.
@@ -104,24 +129,35 @@ impl CausalLM {
             }
         }
 
-        let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        let parent =
+            out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
         let staging = crate::util::atomic::temp_path(out_dir);
         let _ = std::fs::remove_dir_all(&staging);
         let result = (|| -> Result<()> {
-            std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+            std::fs::create_dir_all(&staging)
+                .with_context(|| format!("cannot create {}", staging.display()))?;
             safetensors::write(&staging.join("model.safetensors"), &tensors)?;
-            std::fs::write(staging.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+            std::fs::write(
+                staging.join("config.json"),
+                serde_json::to_string_pretty(&config)? + "\n",
+            )?;
             for name in COPIED_FILES {
                 let src = source_dir.join(name);
                 if src.is_file() {
-                    std::fs::copy(&src, staging.join(name)).with_context(|| format!("cannot copy {}", src.display()))?;
+                    std::fs::copy(&src, staging.join(name))
+                        .with_context(|| format!("cannot copy {}", src.display()))?;
                 }
             }
             if out_dir.exists() {
-                std::fs::remove_dir(out_dir).with_context(|| format!("cannot replace the empty folder {}", out_dir.display()))?;
+                std::fs::remove_dir(out_dir).with_context(|| {
+                    format!("cannot replace the empty folder {}", out_dir.display())
+                })?;
             }
-            std::fs::rename(&staging, out_dir).with_context(|| format!("cannot move {} to {}", staging.display(), out_dir.display()))
+            std::fs::rename(&staging, out_dir).with_context(|| {
+                format!("cannot move {} to {}", staging.display(), out_dir.display())
+            })
         })();
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&staging);
@@ -155,12 +191,18 @@ mod tests {
                "tie_word_embeddings": true, "rms_norm_eps": 1e-6, "dtype": "bfloat16"}"#;
         std::fs::write(src.join("config.json"), cfg).unwrap();
         std::fs::write(src.join("tokenizer.json"), "{}").unwrap();
-        let bf16: Vec<_> = m.named_weights().into_iter().map(|(k, t)| (k, t.to_kind(Kind::BFloat16))).collect();
+        let bf16: Vec<_> =
+            m.named_weights().into_iter().map(|(k, t)| (k, t.to_kind(Kind::BFloat16))).collect();
         crate::util::safetensors::write(&src.join("model.safetensors"), &bf16).unwrap();
 
         m.attach_adapter("default", additive(&["q_proj", "lm_head"])).unwrap();
-        assert!(m.save_pretrained(&root.join("x"), &src, None).unwrap_err().to_string().contains("merge it"));
-        let sd: Vec<_> = m.adapter_state_dict().unwrap().into_iter().map(|(k, t)| (k, t.randn_like())).collect();
+        assert!(m
+            .save_pretrained(&root.join("x"), &src, None)
+            .unwrap_err()
+            .to_string()
+            .contains("merge it"));
+        let sd: Vec<_> =
+            m.adapter_state_dict().unwrap().into_iter().map(|(k, t)| (k, t.randn_like())).collect();
         m.load_adapter_state_dict(sd).unwrap();
         m.merge_adapter().unwrap();
 
@@ -169,7 +211,9 @@ mod tests {
         let saved = super::read_model_tensors(&out).unwrap();
         assert!(saved.iter().all(|(_, t)| t.kind() == Kind::BFloat16), "source dtype kept");
         assert!(saved.iter().any(|(k, _)| k == "lm_head.weight"), "the untied head is saved");
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(config["tie_word_embeddings"], false);
         assert!(out.join("tokenizer.json").is_file());
         assert!(m.save_pretrained(&out, &src, None).unwrap_err().to_string().contains("not empty"));
@@ -178,10 +222,21 @@ mod tests {
         m.save_pretrained(&out32, &src, Some(Kind::Float)).unwrap();
         let saved = super::read_model_tensors(&out32).unwrap();
         assert!(saved.iter().all(|(_, t)| t.kind() == Kind::Float));
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out32.join("config.json")).unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out32.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(config["dtype"], "float32");
-        let q = saved.iter().find(|(k, _)| k == "model.layers.0.self_attn.q_proj.weight").unwrap().1.shallow_clone();
-        assert_eq!((q - &m.linears()[0].1.weight).abs().max().double_value(&[]), 0.0, "the merged weight is what is saved");
+        let q = saved
+            .iter()
+            .find(|(k, _)| k == "model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .1
+            .shallow_clone();
+        assert_eq!(
+            (q - &m.linears()[0].1.weight).abs().max().double_value(&[]),
+            0.0,
+            "the merged weight is what is saved"
+        );
         std::fs::remove_dir_all(root).ok();
     }
 }

@@ -30,7 +30,9 @@ pub struct Weights {
 pub fn check_compute_dtype(dtype: Kind) -> Result<()> {
     match dtype {
         Kind::Float | Kind::BFloat16 | Kind::Half => Ok(()),
-        other => bail!("unsupported model dtype {other:?}: use float32 (Kind::Float), bfloat16 or float16"),
+        other => bail!(
+            "unsupported model dtype {other:?}: use float32 (Kind::Float), bfloat16 or float16"
+        ),
     }
 }
 
@@ -49,16 +51,18 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         };
         bail!("no {SINGLE_FILE} or {INDEX_FILE} in {}{hint}", dir.display());
     }
-    let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .with_context(|| format!("{}: key `weight_map` (tensor key -> shard file) is missing", index.display()))?;
+    let text = std::fs::read_to_string(&index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).with_context(|| {
+        format!("{}: key `weight_map` (tensor key -> shard file) is missing", index.display())
+    })?;
     let mut files: Vec<String> = Vec::new();
     for (key, file) in map {
-        let file = file.as_str().with_context(|| format!("{}: `weight_map.{key}` is not a file name", index.display()))?;
+        let file = file.as_str().with_context(|| {
+            format!("{}: `weight_map.{key}` is not a file name", index.display())
+        })?;
         if !files.iter().any(|f| f == file) {
             files.push(file.to_string());
         }
@@ -82,7 +86,10 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// (see [`safetensors::read_header`]).
 fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
     let entries = safetensors::read_header(file)?;
-    if let Some(e) = entries.iter().find(|e| !matches!(e.kind, Some(Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double))) {
+    if let Some(e) = entries
+        .iter()
+        .find(|e| !matches!(e.kind, Some(Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double)))
+    {
         bail!(
             "tensor `{}` in {} has dtype `{}`; model weights must be floating point (F32, BF16, F16 or F64)",
             e.key,
@@ -124,8 +131,14 @@ impl Weights {
                     continue; // a buffer some old checkpoints carry; recomputed from config.json
                 }
                 let key = e.key.clone();
-                if let Some((_, other)) = tensors.insert(key.clone(), (Stored::File(e), file.clone())) {
-                    bail!("tensor `{key}` is stored twice: in {} and {}", other.display(), file.display());
+                if let Some((_, other)) =
+                    tensors.insert(key.clone(), (Stored::File(e), file.clone()))
+                {
+                    bail!(
+                        "tensor `{key}` is stored twice: in {} and {}",
+                        other.display(),
+                        file.display()
+                    );
                 }
             }
         }
@@ -135,7 +148,8 @@ impl Weights {
     /// Tensors already in memory, as if read from a checkpoint in `dir` (tests, conversions).
     pub fn from_tensors(dir: &Path, tensors: Vec<(String, Tensor)>) -> Self {
         let file = dir.join("(memory)");
-        let tensors = tensors.into_iter().map(|(k, t)| (k, (Stored::Memory(t), file.clone()))).collect();
+        let tensors =
+            tensors.into_iter().map(|(k, t)| (k, (Stored::Memory(t), file.clone()))).collect();
         Self { dir: dir.to_path_buf(), device: Device::Cpu, dtype: Kind::Float, tensors }
     }
 
@@ -159,7 +173,10 @@ impl Weights {
                 }
                 self.read(key, stored, &file)
             }
-            None => bail!("tensor `{key}` (shape {shape:?}, {why}) is missing from {}", self.source_description()),
+            None => bail!(
+                "tensor `{key}` (shape {shape:?}, {why}) is missing from {}",
+                self.source_description()
+            ),
         }
     }
 
@@ -176,7 +193,12 @@ impl Weights {
     }
 
     /// Takes `key` when present (optional tensors such as an untied lm_head kept by a tied model).
-    pub fn take_if_present(&mut self, key: &str, shape: &[i64], why: &str) -> Result<Option<Tensor>> {
+    pub fn take_if_present(
+        &mut self,
+        key: &str,
+        shape: &[i64],
+        why: &str,
+    ) -> Result<Option<Tensor>> {
         if self.tensors.contains_key(key) {
             self.take(key, shape, why).map(Some)
         } else {

@@ -27,8 +27,8 @@ use ferrotune_plugin_api::{module_name_matches, AdapterLayer, AdapterMethod, Tra
 use serde_json::Value;
 use tch::Tensor;
 
-use crate::model::linear::LinearBase;
 use super::PeftModel;
+use crate::model::linear::LinearBase;
 
 /// What peft puts before a module path in parameter and state-dict names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -91,7 +91,9 @@ impl Part<'_> {
     fn copy_tensors(&self) -> Vec<(&'static str, Tensor)> {
         match self {
             Part::Layer(_) => Vec::new(),
-            Part::LinearCopy(c) => std::iter::once(("weight", c.weight.shallow_clone())).chain(c.bias.as_ref().map(|b| ("bias", b.shallow_clone()))).collect(),
+            Part::LinearCopy(c) => std::iter::once(("weight", c.weight.shallow_clone()))
+                .chain(c.bias.as_ref().map(|b| ("bias", b.shallow_clone())))
+                .collect(),
             Part::EmbedCopy(t) => vec![("weight", t.shallow_clone())],
         }
     }
@@ -104,7 +106,10 @@ impl Part<'_> {
             _ => Ok(self
                 .copy_tensors()
                 .into_iter()
-                .map(|(n, t)| TrainParam { weight_decay_scale: if n == "bias" { 0.0 } else { 1.0 }, ..TrainParam::new(n, t) })
+                .map(|(n, t)| TrainParam {
+                    weight_decay_scale: if n == "bias" { 0.0 } else { 1.0 },
+                    ..TrainParam::new(n, t)
+                })
                 .collect()),
         }
     }
@@ -113,7 +118,11 @@ impl Part<'_> {
     fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
         match self {
             Part::Layer(layer) => Ok(layer.state_dict()?),
-            _ => self.copy_tensors().into_iter().map(|(n, t)| Ok((n.to_string(), t.f_detach_copy()?))).collect(),
+            _ => self
+                .copy_tensors()
+                .into_iter()
+                .map(|(n, t)| Ok((n.to_string(), t.f_detach_copy()?)))
+                .collect(),
         }
     }
 
@@ -124,7 +133,10 @@ impl Part<'_> {
             _ => {
                 let live = self.copy_tensors();
                 for (n, t) in tensors {
-                    let (_, dst) = live.iter().find(|(m, _)| *m == n).with_context(|| format!("no tensor `{n}` in the copy"))?;
+                    let (_, dst) = live
+                        .iter()
+                        .find(|(m, _)| *m == n)
+                        .with_context(|| format!("no tensor `{n}` in the copy"))?;
                     tch::no_grad(|| dst.shallow_clone().f_copy_(&t))?;
                 }
                 Ok(())
@@ -136,17 +148,22 @@ impl Part<'_> {
 /// `modules_to_save` of a method's PEFT configuration (absent or null: none).
 fn modules_to_save(name: &str, method: &dyn AdapterMethod) -> Result<Vec<String>> {
     let config = method.peft_config().with_context(|| format!("adapter `{name}`: peft_config"))?;
-    let config: Value = serde_json::from_str(&config).with_context(|| format!("adapter `{name}`: its peft_config() is not JSON: {config}"))?;
+    let config: Value = serde_json::from_str(&config)
+        .with_context(|| format!("adapter `{name}`: its peft_config() is not JSON: {config}"))?;
     match config.get(MODULES_TO_SAVE) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| match v {
                 Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                other => bail!("adapter `{name}`: `{MODULES_TO_SAVE}` must list module names, got {other}"),
+                other => bail!(
+                    "adapter `{name}`: `{MODULES_TO_SAVE}` must list module names, got {other}"
+                ),
             })
             .collect(),
-        Some(other) => bail!("adapter `{name}`: `{MODULES_TO_SAVE}` must be a list of module names, got {other}"),
+        Some(other) => bail!(
+            "adapter `{name}`: `{MODULES_TO_SAVE}` must be a list of module names, got {other}"
+        ),
     }
 }
 
@@ -181,7 +198,10 @@ impl AttachReport {
             s.push_str(&format!(", trainable copies of {} (modules_to_save)", names.join(", ")));
         }
         if !self.rewritten_base.is_empty() {
-            s.push_str(&format!(", base weight of {} module(s) rewritten by the initialisation", self.rewritten_base.len()));
+            s.push_str(&format!(
+                ", base weight of {} module(s) rewritten by the initialisation",
+                self.rewritten_base.len()
+            ));
         }
         s
     }
@@ -213,18 +233,29 @@ impl PeftModel {
     /// `init_rewrites_base`, each adapted layer's base weight becomes `unmerged_weight(W)` (a
     /// tied `lm_head` then gets a weight of its own; the embeddings are left alone). The first
     /// adapter attached becomes the active one. On any error nothing stays attached.
-    pub fn attach_adapter(&mut self, name: &str, method: Box<dyn AdapterMethod>) -> Result<AttachReport> {
+    pub fn attach_adapter(
+        &mut self,
+        name: &str,
+        method: Box<dyn AdapterMethod>,
+    ) -> Result<AttachReport> {
         self.attach_keeping_originals(name, method).map(|(report, _)| report)
     }
 
     /// [`CausalLM::attach_adapter`], also returning the base weights it replaced (by module),
     /// so that [`CausalLM::detach_fresh_adapter`] can put them back exactly.
-    pub(crate) fn attach_keeping_originals(&mut self, name: &str, method: Box<dyn AdapterMethod>) -> Result<(AttachReport, Vec<(String, Tensor)>)> {
+    pub(crate) fn attach_keeping_originals(
+        &mut self,
+        name: &str,
+        method: Box<dyn AdapterMethod>,
+    ) -> Result<(AttachReport, Vec<(String, Tensor)>)> {
         if name.is_empty() {
             bail!("an adapter needs a non-empty name");
         }
         if self.adapters.get(name).is_some() {
-            bail!("an adapter named `{name}` is already attached (attached: {})", self.adapter_names().join(", "));
+            bail!(
+                "an adapter named `{name}` is already attached (attached: {})",
+                self.adapter_names().join(", ")
+            );
         }
         let saved = self.resolve_modules_to_save(name, &modules_to_save(name, method.as_ref())?)?;
         let capabilities = method.capabilities();
@@ -244,12 +275,16 @@ impl PeftModel {
         let result = (|| -> Result<()> {
             if saved.iter().any(|m| m == self.embed_tokens_path()) {
                 let copy = self.embed_tokens().f_detach_copy()?.set_requires_grad(true);
-                report.saved_modules.push((self.embed_tokens_path().to_string(), copy.numel() as i64));
+                report
+                    .saved_modules
+                    .push((self.embed_tokens_path().to_string(), copy.numel() as i64));
                 self.embed_copies.push((name.to_string(), copy));
             }
             for lin in self.linears_mut() {
                 let module = lin.name.clone();
-                let targeted = method.targets(&module).with_context(|| format!("adapter `{name}`: targets(`{module}`)"))?;
+                let targeted = method
+                    .targets(&module)
+                    .with_context(|| format!("adapter `{name}`: targets(`{module}`)"))?;
                 if saved.contains(&module) {
                     if targeted {
                         bail!(
@@ -258,7 +293,8 @@ impl PeftModel {
                         );
                     }
                     let copy = lin.insert_copy(name)?;
-                    let values = copy.weight.numel() as i64 + copy.bias.as_ref().map_or(0, |b| b.numel() as i64);
+                    let values = copy.weight.numel() as i64
+                        + copy.bias.as_ref().map_or(0, |b| b.numel() as i64);
                     report.saved_modules.push((module, values));
                     continue;
                 }
@@ -312,7 +348,13 @@ impl PeftModel {
         }
         tracing::info!("{}", report.summary());
         let modules = report.modules.iter().map(|(m, _)| m.clone()).collect();
-        self.adapters.entries.push(AttachedAdapter { name: name.to_string(), method, modules, saved, capabilities });
+        self.adapters.entries.push(AttachedAdapter {
+            name: name.to_string(),
+            method,
+            modules,
+            saved,
+            capabilities,
+        });
         if self.adapters.active.is_none() {
             self.adapters.active = Some(name.to_string());
         }
@@ -327,14 +369,18 @@ impl PeftModel {
         let modules = self.module_names();
         let mut saved = BTreeSet::new();
         for entry in entries {
-            let hits: Vec<&(String, &str)> = modules.iter().filter(|(m, _)| module_name_matches(m, entry)).collect();
+            let hits: Vec<&(String, &str)> =
+                modules.iter().filter(|(m, _)| module_name_matches(m, entry)).collect();
             if hits.is_empty() {
                 bail!(
                     "adapter `{name}`: {MODULES_TO_SAVE} entry `{entry}` matches no module of this model (a module matches when its \
                      path equals the entry or ends with `.` + it); name a linear layer (`lm_head`, `q_proj`, ...) or `embed_tokens`"
                 );
             }
-            if let Some((m, what)) = hits.iter().find(|(m, _)| m != self.embed_tokens_path() && !linears.contains(m.as_str())) {
+            if let Some((m, what)) = hits
+                .iter()
+                .find(|(m, _)| m != self.embed_tokens_path() && !linears.contains(m.as_str()))
+            {
                 bail!(
                     "adapter `{name}`: {MODULES_TO_SAVE} entry `{entry}` names `{m}`, {what}; trainable copies are supported for \
                      linear layers (`lm_head` included) and `{}` only",
@@ -343,7 +389,11 @@ impl PeftModel {
             }
             saved.extend(hits.into_iter().map(|(m, _)| m.as_str()));
         }
-        Ok(modules.iter().filter(|(m, _)| saved.contains(m.as_str())).map(|(m, _)| m.clone()).collect())
+        Ok(modules
+            .iter()
+            .filter(|(m, _)| saved.contains(m.as_str()))
+            .map(|(m, _)| m.clone())
+            .collect())
     }
 
     /// Takes adapter `name` off every layer (its copies too) and puts back the given original
@@ -376,7 +426,10 @@ impl PeftModel {
     /// refused: the original weights are gone, so it can only be merged or kept.
     pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
         let Some(entry) = self.adapters.get(name) else {
-            bail!("no adapter named `{name}` is attached (attached: {})", none_if_empty(&self.adapter_names()));
+            bail!(
+                "no adapter named `{name}` is attached (attached: {})",
+                none_if_empty(&self.adapter_names())
+            );
         };
         if entry.capabilities.iter().any(|c| c == CAP_INIT_REWRITES_BASE) {
             bail!("adapter `{name}` rewrote base weights when it was attached ({CAP_INIT_REWRITES_BASE}); it cannot be removed");
@@ -389,7 +442,9 @@ impl PeftModel {
     /// ([`crate::model::linear::LinearMode::rows`]): its plugin declares [`CAP_MIXED_BATCH`] and it
     /// keeps no full copies of modules (`modules_to_save`). False for an unknown name.
     pub fn adapter_mixes(&self, name: &str) -> bool {
-        self.adapters.get(name).is_some_and(|a| a.saved.is_empty() && a.capabilities.iter().any(|c| c == CAP_MIXED_BATCH))
+        self.adapters.get(name).is_some_and(|a| {
+            a.saved.is_empty() && a.capabilities.iter().any(|c| c == CAP_MIXED_BATCH)
+        })
     }
 
     /// Names of the attached adapters, in the order they were attached.
@@ -406,7 +461,10 @@ impl PeftModel {
     pub fn set_active_adapter(&mut self, name: Option<&str>) -> Result<()> {
         if let Some(n) = name {
             if self.adapters.get(n).is_none() {
-                bail!("no adapter named `{n}` is attached (attached: {})", none_if_empty(&self.adapter_names()));
+                bail!(
+                    "no adapter named `{n}` is attached (attached: {})",
+                    none_if_empty(&self.adapter_names())
+                );
             }
         }
         self.adapters.active = name.map(str::to_string);
@@ -415,20 +473,32 @@ impl PeftModel {
 
     /// The modules the active adapter adapts (checkpoint paths, model order).
     pub fn adapted_modules(&self) -> Vec<&str> {
-        self.adapters.active.as_deref().and_then(|n| self.adapters.get(n)).map(|a| a.modules.iter().map(String::as_str).collect()).unwrap_or_default()
+        self.adapters
+            .active
+            .as_deref()
+            .and_then(|n| self.adapters.get(n))
+            .map(|a| a.modules.iter().map(String::as_str).collect())
+            .unwrap_or_default()
     }
 
     /// The modules the active adapter keeps a trainable copy of (`modules_to_save`; checkpoint
     /// paths, model order).
     pub fn saved_modules(&self) -> Vec<&str> {
-        self.adapters.active.as_deref().and_then(|n| self.adapters.get(n)).map(|a| a.saved.iter().map(String::as_str).collect()).unwrap_or_default()
+        self.adapters
+            .active
+            .as_deref()
+            .and_then(|n| self.adapters.get(n))
+            .map(|a| a.saved.iter().map(String::as_str).collect())
+            .unwrap_or_default()
     }
 
     fn active_entry(&self, what: &str) -> Result<&AttachedAdapter> {
         let name = self.adapters.active.as_deref().with_context(|| {
             format!("{what}: no adapter is active (attached: {}); attach one or call set_active_adapter", none_if_empty(&self.adapter_names()))
         })?;
-        self.adapters.get(name).with_context(|| format!("{what}: the active adapter `{name}` is not attached"))
+        self.adapters
+            .get(name)
+            .with_context(|| format!("{what}: the active adapter `{name}` is not attached"))
     }
 
     /// What the active adapter holds at each module (plugin layers and copies), with the
@@ -457,8 +527,12 @@ impl PeftModel {
         let (entry, parts) = self.active_parts("trainable_parameters")?;
         let mut out = Vec::new();
         for (module, part) in parts {
-            let params = part.parameters().with_context(|| format!("adapter `{}`: parameters of `{module}`", entry.name))?;
-            out.extend(params.into_iter().map(|p| TrainParam { name: peft_key(module, &p.name), ..p }));
+            let params = part
+                .parameters()
+                .with_context(|| format!("adapter `{}`: parameters of `{module}`", entry.name))?;
+            out.extend(
+                params.into_iter().map(|p| TrainParam { name: peft_key(module, &p.name), ..p }),
+            );
         }
         Ok(out)
     }
@@ -470,7 +544,9 @@ impl PeftModel {
         let (entry, parts) = self.active_parts("adapter_state_dict")?;
         let mut out = Vec::new();
         for (module, part) in parts {
-            let state = part.state_dict().with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?;
+            let state = part
+                .state_dict()
+                .with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?;
             out.extend(state.into_iter().map(|(n, t)| (peft_key(module, &n), t)));
         }
         Ok(out)
@@ -486,7 +562,10 @@ impl PeftModel {
         let mut expected: BTreeMap<String, (usize, String, Vec<i64>)> = BTreeMap::new();
         let mut order = Vec::new();
         for (i, (module, part)) in parts.iter().enumerate() {
-            for (n, t) in part.state_dict().with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))? {
+            for (n, t) in part
+                .state_dict()
+                .with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?
+            {
                 let key = peft_key(module, &n);
                 order.push(key.clone());
                 expected.insert(key, (i, n, t.size()));
@@ -500,7 +579,10 @@ impl PeftModel {
             match expected.get(&key) {
                 None => unexpected.push(format!("`{key}` {:?}", t.size())),
                 Some((_, _, shape)) if *shape != t.size() => {
-                    misshaped.push((key.clone(), format!("`{key}` is {:?}, this model's is {shape:?}", t.size())));
+                    misshaped.push((
+                        key.clone(),
+                        format!("`{key}` is {:?}, this model's is {shape:?}", t.size()),
+                    ));
                     seen.insert(key);
                 }
                 Some((i, rel, _)) => {
@@ -511,20 +593,29 @@ impl PeftModel {
                 }
             }
         }
-        let missing: Vec<String> = order.iter().filter(|k| !seen.contains(*k)).map(|k| format!("`{k}`")).collect();
+        let missing: Vec<String> =
+            order.iter().filter(|k| !seen.contains(*k)).map(|k| format!("`{k}`")).collect();
         unexpected.sort();
         misshaped.sort_by_key(|(k, _)| order.iter().position(|o| o == k));
         let misshaped: Vec<String> = misshaped.into_iter().map(|(_, m)| m).collect();
         if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
             let mut problems = Vec::new();
             if !misshaped.is_empty() {
-                problems.push(format!("{} mis-shaped key(s): {}", misshaped.len(), few(&misshaped, 4)));
+                problems.push(format!(
+                    "{} mis-shaped key(s): {}",
+                    misshaped.len(),
+                    few(&misshaped, 4)
+                ));
             }
             if !missing.is_empty() {
                 problems.push(format!("{} missing key(s): {}", missing.len(), few(&missing, 4)));
             }
             if !unexpected.is_empty() {
-                problems.push(format!("{} unexpected key(s): {}", unexpected.len(), few(&unexpected, 4)));
+                problems.push(format!(
+                    "{} unexpected key(s): {}",
+                    unexpected.len(),
+                    few(&unexpected, 4)
+                ));
             }
             bail!(
                 "adapter state does not fit adapter `{}` on this model ({} modules adapted, {} saved in full): {}{}",
@@ -536,7 +627,9 @@ impl PeftModel {
             );
         }
         for ((module, part), group) in parts.iter().zip(groups) {
-            part.load_state_dict(group).with_context(|| format!("adapter `{}`: loading the state of `{module}`", entry.name))?;
+            part.load_state_dict(group).with_context(|| {
+                format!("adapter `{}`: loading the state of `{module}`", entry.name)
+            })?;
         }
         Ok(())
     }
@@ -557,7 +650,8 @@ impl PeftModel {
         for (module, lin) in self.linears() {
             if let Some(layer) = lin.adapter(&name) {
                 let dense = lin.dense_weight()?;
-                let w = tch::no_grad(|| layer.merged_weight(&dense)).with_context(|| format!("adapter `{name}`: merging `{module}`"))?;
+                let w = tch::no_grad(|| layer.merged_weight(&dense))
+                    .with_context(|| format!("adapter `{name}`: merging `{module}`"))?;
                 if w.size() != lin.weight.size() {
                     bail!("adapter `{name}`: merged weight of `{module}` has shape {:?}, the layer {:?}", w.size(), lin.weight.size());
                 }
@@ -576,7 +670,12 @@ impl PeftModel {
             let (_, copy) = self.embed_copies.remove(pos);
             self.set_embed_tokens(copy.detach());
         }
-        let pos = self.adapters.entries.iter().position(|a| a.name == name).expect("active adapter is attached");
+        let pos = self
+            .adapters
+            .entries
+            .iter()
+            .position(|a| a.name == name)
+            .expect("active adapter is attached");
         let entry = self.adapters.entries.remove(pos);
         self.adapters.active = None;
         tracing::info!("merged adapter `{name}` into {} module(s), {} saved module(s) replaced by their copies", entry.modules.len(), entry.saved.len());
@@ -586,8 +685,13 @@ impl PeftModel {
     /// The `adapter_config.json` of the active adapter (the plugin's `peft_config()`).
     pub fn adapter_peft_config(&self) -> Result<Value> {
         let entry = self.active_entry("adapter_peft_config")?;
-        let text = entry.method.peft_config().with_context(|| format!("adapter `{}`: peft_config", entry.name))?;
-        serde_json::from_str(&text).with_context(|| format!("adapter `{}`: its peft_config() is not JSON: {text}", entry.name))
+        let text = entry
+            .method
+            .peft_config()
+            .with_context(|| format!("adapter `{}`: peft_config", entry.name))?;
+        serde_json::from_str(&text).with_context(|| {
+            format!("adapter `{}`: its peft_config() is not JSON: {text}", entry.name)
+        })
     }
 }
 
@@ -619,16 +723,30 @@ pub(crate) mod tests {
         let config = LlamaConfig::from_json(&cfg, Path::new("config.json")).unwrap();
         tch::manual_seed(7);
         let o = (Kind::Float, Device::Cpu);
-        let mut t: Vec<(String, Tensor)> = vec![("model.embed_tokens.weight".into(), Tensor::randn([16, 8], o))];
+        let mut t: Vec<(String, Tensor)> =
+            vec![("model.embed_tokens.weight".into(), Tensor::randn([16, 8], o))];
         let p = "model.layers.0";
-        for (n, s) in [("self_attn.q_proj", [8, 8]), ("self_attn.k_proj", [4, 8]), ("self_attn.v_proj", [4, 8])] {
+        for (n, s) in [
+            ("self_attn.q_proj", [8, 8]),
+            ("self_attn.k_proj", [4, 8]),
+            ("self_attn.v_proj", [4, 8]),
+        ] {
             t.push((format!("{p}.{n}.weight"), Tensor::randn(s, o) * 0.3));
             t.push((format!("{p}.{n}.bias"), Tensor::randn([s[0]], o) * 0.1));
         }
-        for (n, s) in [("self_attn.o_proj", [8, 8]), ("mlp.gate_proj", [12, 8]), ("mlp.up_proj", [12, 8]), ("mlp.down_proj", [8, 12])] {
+        for (n, s) in [
+            ("self_attn.o_proj", [8, 8]),
+            ("mlp.gate_proj", [12, 8]),
+            ("mlp.up_proj", [12, 8]),
+            ("mlp.down_proj", [8, 12]),
+        ] {
             t.push((format!("{p}.{n}.weight"), Tensor::randn(s, o) * 0.3));
         }
-        for n in [format!("{p}.input_layernorm.weight"), format!("{p}.post_attention_layernorm.weight"), "model.norm.weight".into()] {
+        for n in [
+            format!("{p}.input_layernorm.weight"),
+            format!("{p}.post_attention_layernorm.weight"),
+            "model.norm.weight".into(),
+        ] {
             t.push((n, Tensor::ones([8], o)));
         }
         if !tied {
@@ -657,7 +775,11 @@ pub(crate) mod tests {
         fn targets(&self, module: &str) -> PluginResult<bool> {
             Ok(self.targets.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))))
         }
-        fn adapt_linear(&self, _module: &str, base: &dyn BaseLinear) -> PluginResult<Box<dyn AdapterLayer>> {
+        fn adapt_linear(
+            &self,
+            _module: &str,
+            base: &dyn BaseLinear,
+        ) -> PluginResult<Box<dyn AdapterLayer>> {
             let w = base.weight()?;
             let d = if self.halve { w.f_div_scalar(2.0)? } else { w.f_zeros_like()? };
             Ok(Box::new(AdditiveLayer { d: d.set_requires_grad(true) }))
@@ -714,7 +836,12 @@ pub(crate) mod tests {
     /// [`additive`] with `modules_to_save`.
     pub(crate) fn saving(targets: &[&str], modules_to_save: &[&str]) -> Box<Additive> {
         let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
-        Box::new(Additive { targets: strings(targets), halve: false, merge: true, modules_to_save: strings(modules_to_save) })
+        Box::new(Additive {
+            targets: strings(targets),
+            halve: false,
+            merge: true,
+            modules_to_save: strings(modules_to_save),
+        })
     }
 
     fn ids() -> Tensor {
@@ -727,7 +854,12 @@ pub(crate) mod tests {
 
     /// Gives every adapter tensor a non-zero value, through load_adapter_state_dict.
     fn perturb(m: &mut PeftModel) {
-        let sd: Vec<_> = m.adapter_state_dict().unwrap().into_iter().map(|(k, t)| (k, t.randn_like() * 0.2)).collect();
+        let sd: Vec<_> = m
+            .adapter_state_dict()
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.randn_like() * 0.2))
+            .collect();
         m.load_adapter_state_dict(sd).unwrap();
     }
 
@@ -735,7 +867,13 @@ pub(crate) mod tests {
     fn attach_targets_names_and_counts() {
         let mut m = tiny_model(true);
         let r = m.attach_adapter("default", additive(&["q_proj", "down_proj"])).unwrap();
-        assert_eq!(r.modules, vec![("model.layers.0.self_attn.q_proj".to_string(), 64), ("model.layers.0.mlp.down_proj".to_string(), 96)]);
+        assert_eq!(
+            r.modules,
+            vec![
+                ("model.layers.0.self_attn.q_proj".to_string(), 64),
+                ("model.layers.0.mlp.down_proj".to_string(), 96)
+            ]
+        );
         assert_eq!(r.trainable_parameters, 160);
         assert_eq!(m.active_adapter(), Some("default"));
         let p = m.trainable_parameters().unwrap();
@@ -749,7 +887,13 @@ pub(crate) mod tests {
         );
         assert!(p.iter().all(|p| p.tensor.requires_grad()));
         let keys: Vec<_> = m.adapter_state_dict().unwrap().into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, vec!["base_model.model.model.layers.0.self_attn.q_proj.delta", "base_model.model.model.layers.0.mlp.down_proj.delta"]);
+        assert_eq!(
+            keys,
+            vec![
+                "base_model.model.model.layers.0.self_attn.q_proj.delta",
+                "base_model.model.model.layers.0.mlp.down_proj.delta"
+            ]
+        );
         let e = m.attach_adapter("default", additive(&["q_proj"])).unwrap_err().to_string();
         assert!(e.contains("already attached"), "{e}");
     }
@@ -758,7 +902,12 @@ pub(crate) mod tests {
     fn targets_matching_nothing_name_the_targets_and_some_modules() {
         let mut m = tiny_model(true);
         let e = m.attach_adapter("x", additive(&["qkv_proj"])).unwrap_err().to_string();
-        assert!(e.contains(r#"["qkv_proj"]"#) && e.contains("model.layers.0.self_attn.q_proj") && e.contains("lm_head"), "{e}");
+        assert!(
+            e.contains(r#"["qkv_proj"]"#)
+                && e.contains("model.layers.0.self_attn.q_proj")
+                && e.contains("lm_head"),
+            "{e}"
+        );
         assert!(m.adapter_names().is_empty() && m.active_adapter().is_none());
     }
 
@@ -766,20 +915,34 @@ pub(crate) mod tests {
     fn adapter_changes_the_forward_only_when_enabled() {
         let mut m = tiny_model(true);
         let base = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
-        m.attach_adapter("default", additive(&["q_proj", "v_proj", "down_proj", "lm_head"])).unwrap();
-        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base), 0.0, "D = 0 at init");
+        m.attach_adapter("default", additive(&["q_proj", "v_proj", "down_proj", "lm_head"]))
+            .unwrap();
+        assert_eq!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base),
+            0.0,
+            "D = 0 at init"
+        );
         perturb(&mut m);
         let adapted = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         assert!(max_diff(&adapted, &base) > 1e-3);
-        let reference = m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::DISABLE_ADAPTER, false))).unwrap();
+        let reference = m
+            .forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::DISABLE_ADAPTER, false)))
+            .unwrap();
         assert_eq!(max_diff(&reference, &base), 0.0, "DISABLE_ADAPTER runs the base model");
-        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(LinearMode::BASE)).unwrap(), &base), 0.0);
+        assert_eq!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(LinearMode::BASE)).unwrap(), &base),
+            0.0
+        );
         // the training flag reaches the adapter (dropout)
-        let train = m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::NONE, true))).unwrap();
+        let train =
+            m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::NONE, true))).unwrap();
         assert!(max_diff(&train, &adapted) > 1e-4);
         // and an inactive adapter is not run
         m.set_active_adapter(None).unwrap();
-        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base), 0.0);
+        assert_eq!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base),
+            0.0
+        );
         assert!(m.set_active_adapter(Some("nope")).unwrap_err().to_string().contains("`nope`"));
         // the tied embedding is untouched by an adapter on lm_head
         assert!(m.lm_head_is_tied());
@@ -795,7 +958,10 @@ pub(crate) mod tests {
         let mut bad: Vec<_> = good.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
         bad[1].1 = Tensor::zeros([5, 8], (Kind::Float, Device::Cpu));
         let _ = bad.remove(0);
-        bad.push(("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu))));
+        bad.push((
+            "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        ));
         let e = m.load_adapter_state_dict(bad).unwrap_err().to_string();
         assert!(e.contains(&format!("`{v}` is [5, 8], this model's is [4, 8]")), "{e}");
         assert!(e.contains(&format!("missing key(s): `{q}`")), "{e}");
@@ -813,7 +979,10 @@ pub(crate) mod tests {
         let merged = m.merge_adapter().unwrap();
         assert_eq!(merged.len(), 3);
         assert!(m.adapter_names().is_empty() && m.active_adapter().is_none());
-        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted) < 1e-5);
+        assert!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted)
+                < 1e-5
+        );
         assert!(!m.lm_head_is_tied(), "the merged head has a weight of its own");
         assert_eq!(max_diff(m.embed_tokens(), &embed_before), 0.0, "the embeddings are unchanged");
         let keys: Vec<_> = m.named_weights().into_iter().map(|(k, _)| k).collect();
@@ -824,7 +993,8 @@ pub(crate) mod tests {
     #[test]
     fn merge_needs_the_capability() {
         let mut m = tiny_model(false);
-        m.attach_adapter("a", Box::new(Additive { merge: false, ..*additive(&["q_proj"]) })).unwrap();
+        m.attach_adapter("a", Box::new(Additive { merge: false, ..*additive(&["q_proj"]) }))
+            .unwrap();
         let e = m.merge_adapter().unwrap_err().to_string();
         assert!(e.contains("`merge`"), "{e}");
         assert_eq!(m.adapter_names(), vec!["a"]);
@@ -835,13 +1005,26 @@ pub(crate) mod tests {
         let mut m = tiny_model(true);
         let base = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         let q_before = m.linears()[0].1.weight.copy();
-        let r = m.attach_adapter("p", Box::new(Additive { halve: true, ..*additive(&["q_proj", "lm_head"]) })).unwrap();
+        let r = m
+            .attach_adapter(
+                "p",
+                Box::new(Additive { halve: true, ..*additive(&["q_proj", "lm_head"]) }),
+            )
+            .unwrap();
         assert_eq!(r.rewritten_base.len(), 2);
         assert!(r.untied_lm_head && !m.lm_head_is_tied());
-        assert!(max_diff(&m.linears()[0].1.weight, &(&q_before / 2.0)) < 1e-7, "the base became the residual");
-        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base) < 1e-5, "W_res + D = W");
+        assert!(
+            max_diff(&m.linears()[0].1.weight, &(&q_before / 2.0)) < 1e-7,
+            "the base became the residual"
+        );
+        assert!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base)
+                < 1e-5,
+            "W_res + D = W"
+        );
         // a failed load takes the fresh adapter off and gives the base weight back
-        let originals = vec![("model.layers.0.self_attn.q_proj".to_string(), q_before.shallow_clone())];
+        let originals =
+            vec![("model.layers.0.self_attn.q_proj".to_string(), q_before.shallow_clone())];
         m.detach_fresh_adapter("p", originals);
         assert!(m.adapter_names().is_empty());
         assert_eq!(max_diff(&m.linears()[0].1.weight, &q_before), 0.0);
@@ -855,13 +1038,18 @@ pub(crate) mod tests {
     fn modules_to_save_train_full_copies_used_only_while_the_adapter_runs() {
         let mut m = tiny_model(true);
         let base = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
-        let r = m.attach_adapter("default", saving(&["q_proj"], &["lm_head", "embed_tokens"])).unwrap();
-        assert_eq!(r.saved_modules, vec![("model.embed_tokens".to_string(), 128), ("lm_head".to_string(), 128)]);
+        let r =
+            m.attach_adapter("default", saving(&["q_proj"], &["lm_head", "embed_tokens"])).unwrap();
+        assert_eq!(
+            r.saved_modules,
+            vec![("model.embed_tokens".to_string(), 128), ("lm_head".to_string(), 128)]
+        );
         assert_eq!(r.modules, vec![("model.layers.0.self_attn.q_proj".to_string(), 64)]);
         assert_eq!(r.trainable_parameters, 64 + 2 * 128);
         assert_eq!(m.saved_modules(), vec!["model.embed_tokens", "lm_head"]);
         let p = m.trainable_parameters().unwrap();
-        let names: Vec<_> = p.iter().map(|p| (p.name.as_str(), p.lr_scale, p.weight_decay_scale)).collect();
+        let names: Vec<_> =
+            p.iter().map(|p| (p.name.as_str(), p.lr_scale, p.weight_decay_scale)).collect();
         assert_eq!(
             names,
             vec![
@@ -872,10 +1060,21 @@ pub(crate) mod tests {
         );
         assert!(p.iter().all(|p| p.tensor.requires_grad()));
         // each a copy of its own: of each other, of the (tied) original
-        let ptrs: BTreeSet<usize> = [&p[0].tensor, &p[2].tensor, m.embed_tokens()].iter().map(|t| t.data_ptr() as usize).collect();
+        let ptrs: BTreeSet<usize> = [&p[0].tensor, &p[2].tensor, m.embed_tokens()]
+            .iter()
+            .map(|t| t.data_ptr() as usize)
+            .collect();
         assert_eq!(ptrs.len(), 3);
-        assert_eq!(p[0].tensor.kind(), m.embed_tokens().kind(), "the copy keeps the module's dtype");
-        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base), 0.0, "copies equal the originals at init");
+        assert_eq!(
+            p[0].tensor.kind(),
+            m.embed_tokens().kind(),
+            "the copy keeps the module's dtype"
+        );
+        assert_eq!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &base),
+            0.0,
+            "copies equal the originals at init"
+        );
 
         perturb(&mut m);
         let adapted = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
@@ -885,31 +1084,62 @@ pub(crate) mod tests {
         let hidden = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode()).hidden()).unwrap();
         assert!(max_diff(&adapted, &hidden.linear::<Tensor>(&head, None)) < 1e-6);
         assert!(max_diff(&head, m.embed_tokens()) > 1e-3, "the copy moved, the original did not");
-        let disabled = m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::DISABLE_ADAPTER, false))).unwrap();
+        let disabled = m
+            .forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::DISABLE_ADAPTER, false)))
+            .unwrap();
         assert_eq!(max_diff(&disabled, &base), 0.0, "DISABLE_ADAPTER runs the originals");
         assert!(m.lm_head_is_tied());
 
         // gradients reach the copies
-        m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::NONE, false))).unwrap().square().sum(Kind::Float).backward();
+        m.forward(ForwardArgs::ids(&ids()).mode(m.mode(ForwardFlags::NONE, false)))
+            .unwrap()
+            .square()
+            .sum(Kind::Float)
+            .backward();
         for p in m.trainable_parameters().unwrap() {
-            assert!(p.tensor.grad().defined() && p.tensor.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{}", p.name);
+            assert!(
+                p.tensor.grad().defined()
+                    && p.tensor.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                "{}",
+                p.name
+            );
         }
         assert!(!m.embed_tokens().grad().defined(), "the original is frozen");
 
         // the state round-trips under peft's keys
         let state = m.adapter_state_dict().unwrap();
         let keys: Vec<_> = state.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, vec!["base_model.model.model.embed_tokens.weight", "base_model.model.model.layers.0.self_attn.q_proj.delta", "base_model.model.lm_head.weight"]);
+        assert_eq!(
+            keys,
+            vec![
+                "base_model.model.model.embed_tokens.weight",
+                "base_model.model.model.layers.0.self_attn.q_proj.delta",
+                "base_model.model.lm_head.weight"
+            ]
+        );
         // (not `perturb`: other tests re-seed the global generator meanwhile)
-        m.load_adapter_state_dict(state.iter().map(|(k, t)| (k.clone(), t + 0.5)).collect()).unwrap();
-        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted) > 1e-3);
+        m.load_adapter_state_dict(state.iter().map(|(k, t)| (k.clone(), t + 0.5)).collect())
+            .unwrap();
+        assert!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted)
+                > 1e-3
+        );
         m.load_adapter_state_dict(state).unwrap();
-        assert_eq!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted), 0.0);
+        assert_eq!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted),
+            0.0
+        );
 
         // merge: the copies become the weights, the head and the embedding part ways
         let merged = m.merge_adapter().unwrap();
-        assert_eq!(merged, vec!["model.layers.0.self_attn.q_proj", "model.embed_tokens", "lm_head"]);
-        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted) < 1e-5);
+        assert_eq!(
+            merged,
+            vec!["model.layers.0.self_attn.q_proj", "model.embed_tokens", "lm_head"]
+        );
+        assert!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted)
+                < 1e-5
+        );
         assert!(!m.lm_head_is_tied() && no_copies_left(&m));
         assert_eq!(max_diff(&m.linears().last().unwrap().1.weight, &head), 0.0);
         assert!(m.named_weights().iter().any(|(k, _)| k == "lm_head.weight"));
@@ -919,7 +1149,8 @@ pub(crate) mod tests {
     fn a_saved_embedding_unties_the_head_on_merge_and_a_saved_linear_keeps_its_bias() {
         let mut m = tiny_model(true);
         let embed = m.embed_tokens().copy();
-        m.attach_adapter("default", saving(&["v_proj"], &["embed_tokens", "self_attn.q_proj"])).unwrap();
+        m.attach_adapter("default", saving(&["v_proj"], &["embed_tokens", "self_attn.q_proj"]))
+            .unwrap();
         let p = m.trainable_parameters().unwrap();
         let names: Vec<_> = p.iter().map(|p| (p.name.as_str(), p.weight_decay_scale)).collect();
         assert_eq!(
@@ -934,7 +1165,10 @@ pub(crate) mod tests {
         perturb(&mut m);
         let adapted = m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap();
         m.merge_adapter().unwrap();
-        assert!(max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted) < 1e-5);
+        assert!(
+            max_diff(&m.forward(ForwardArgs::ids(&ids()).mode(m.eval_mode())).unwrap(), &adapted)
+                < 1e-5
+        );
         assert!(!m.lm_head_is_tied(), "the head keeps the original embedding");
         assert_eq!(max_diff(&m.linears().last().unwrap().1.weight, &embed), 0.0);
         assert!(max_diff(m.embed_tokens(), &embed) > 1e-3);
@@ -962,7 +1196,11 @@ pub(crate) mod tests {
         let mut state = m.adapter_state_dict().unwrap();
         state[1].1 = Tensor::zeros([15, 8], (Kind::Float, Device::Cpu));
         let e = m.load_adapter_state_dict(state).unwrap_err().to_string();
-        assert!(e.contains("`base_model.model.lm_head.weight` is [15, 8], this model's is [16, 8]") && e.contains("1 saved in full"), "{e}");
+        assert!(
+            e.contains("`base_model.model.lm_head.weight` is [15, 8], this model's is [16, 8]")
+                && e.contains("1 saved in full"),
+            "{e}"
+        );
     }
 
     #[test]

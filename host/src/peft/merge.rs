@@ -46,7 +46,10 @@ pub struct MergeReport {
 pub fn merge(opts: &MergeOptions, registry: &Registry) -> Result<MergeReport> {
     let out = &opts.out;
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        bail!("{} already exists and is not empty; choose a new folder for the merged model", out.display());
+        bail!(
+            "{} already exists and is not empty; choose a new folder for the merged model",
+            out.display()
+        );
     }
     let mut model = PeftModel::new(CausalLM::load(&opts.model, opts.device, Kind::Float)?);
     let attach = model.load_peft_adapter(&opts.adapter, registry)?;
@@ -65,8 +68,17 @@ pub fn merge(opts: &MergeOptions, registry: &Registry) -> Result<MergeReport> {
         Some(record) => {
             let originals = quant::dense_weights_of(&model, &record);
             quant::apply_record(&mut model, &opts.adapter, registry)?;
-            let modules = model.adapted_modules().into_iter().chain(model.saved_modules()).map(str::to_string).collect();
-            let error = quant::merge_quantized(&mut model, originals, opts.merge_base.unwrap_or(MergeBase::Dequantized))?;
+            let modules = model
+                .adapted_modules()
+                .into_iter()
+                .chain(model.saved_modules())
+                .map(str::to_string)
+                .collect();
+            let error = quant::merge_quantized(
+                &mut model,
+                originals,
+                opts.merge_base.unwrap_or(MergeBase::Dequantized),
+            )?;
             (modules, Some((record, error)))
         }
     };
@@ -74,4 +86,3 @@ pub fn merge(opts: &MergeOptions, registry: &Registry) -> Result<MergeReport> {
     let untied_lm_head = !model.lm_head_is_tied() && model.config().tie_word_embeddings;
     Ok(MergeReport { attach, restored, merged, untied_lm_head, quantized })
 }
-

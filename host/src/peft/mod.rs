@@ -31,8 +31,15 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// Keys every peft configuration carries that describe the file or the run, not the adapter's
 /// function; ignored on load. (`peft_type` picks the plugin.)
-pub const INFORMATIONAL_KEYS: [&str; 7] =
-    ["peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version"];
+pub const INFORMATIONAL_KEYS: [&str; 7] = [
+    "peft_type",
+    "base_model_name_or_path",
+    "revision",
+    "task_type",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+];
 
 /// How one peft method maps onto an adapter plugin.
 pub struct PeftMethod {
@@ -111,8 +118,12 @@ pub struct PluginConfig {
 fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b)),
-        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w))),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+        }
         _ => a == b,
     }
 }
@@ -120,12 +131,24 @@ fn json_eq(a: &Value, b: &Value) -> bool {
 /// Maps an `adapter_config.json` (read from `path`, named in errors) onto its plugin's
 /// configuration for loading saved weights (see the module docs).
 pub fn plugin_config(config: &Value, path: &Path) -> Result<PluginConfig> {
-    let obj = config.as_object().with_context(|| format!("{}: expected a JSON object, got {config}", path.display()))?;
-    let supported = || PEFT_METHODS.iter().map(|m| format!("{} (plugin `{}`)", m.peft_type, m.plugin)).collect::<Vec<_>>().join(", ");
+    let obj = config
+        .as_object()
+        .with_context(|| format!("{}: expected a JSON object, got {config}", path.display()))?;
+    let supported = || {
+        PEFT_METHODS
+            .iter()
+            .map(|m| format!("{} (plugin `{}`)", m.peft_type, m.plugin))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let peft_type = match obj.get("peft_type") {
         Some(Value::String(s)) => s.as_str(),
         Some(other) => bail!("{}: key `peft_type` must be a string, got {other}", path.display()),
-        None => bail!("{}: key `peft_type` is missing; peft writes it (supported: {})", path.display(), supported()),
+        None => bail!(
+            "{}: key `peft_type` is missing; peft writes it (supported: {})",
+            path.display(),
+            supported()
+        ),
     };
     let method = PEFT_METHODS.iter().find(|m| m.peft_type == peft_type).with_context(|| {
         format!("{}: key `peft_type` = \"{peft_type}\": no adapter plugin implements it (supported: {})", path.display(), supported())
@@ -134,7 +157,11 @@ pub fn plugin_config(config: &Value, path: &Path) -> Result<PluginConfig> {
     let mut ignored = Vec::new();
     let mut refused = Vec::new();
     for (key, value) in obj {
-        let at_default = || method.defaults.iter().any(|(k, d)| k == key && serde_json::from_str::<Value>(d).is_ok_and(|d| json_eq(&d, value)));
+        let at_default = || {
+            method.defaults.iter().any(|(k, d)| {
+                k == key && serde_json::from_str::<Value>(d).is_ok_and(|d| json_eq(&d, value))
+            })
+        };
         if INFORMATIONAL_KEYS.contains(&key.as_str()) || value.is_null() || at_default() {
             ignored.push(key.clone());
         } else if method.keys.contains(&key.as_str()) {
@@ -155,7 +182,11 @@ pub fn plugin_config(config: &Value, path: &Path) -> Result<PluginConfig> {
         );
     }
     (method.for_loading)(&mut pass);
-    Ok(PluginConfig { plugin: method.plugin, config_json: Value::Object(pass).to_string(), ignored })
+    Ok(PluginConfig {
+        plugin: method.plugin,
+        config_json: Value::Object(pass).to_string(),
+        ignored,
+    })
 }
 
 /// The two files of the PEFT directory `dir`, checked to exist; errors say what is there.
@@ -164,8 +195,12 @@ pub fn adapter_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         bail!("adapter directory {} does not exist (a PEFT directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})", dir.display());
     }
     let holds = || {
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         if names.is_empty() {
             "nothing".into()
@@ -175,7 +210,11 @@ pub fn adapter_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     };
     let config = dir.join(ADAPTER_CONFIG);
     if !config.is_file() {
-        bail!("{} has no {ADAPTER_CONFIG}: not a PEFT adapter directory (it holds {})", dir.display(), holds());
+        bail!(
+            "{} has no {ADAPTER_CONFIG}: not a PEFT adapter directory (it holds {})",
+            dir.display(),
+            holds()
+        );
     }
     let weights = dir.join(ADAPTER_WEIGHTS);
     if !weights.is_file() {
@@ -191,7 +230,8 @@ pub fn adapter_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
 
 /// Reads and parses `adapter_config.json`.
 pub fn read_adapter_config(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
@@ -214,8 +254,13 @@ impl PeftModel {
             .map(|(k, t)| Ok((k, t.f_to_device(Device::Cpu)?.f_contiguous()?)))
             .collect::<Result<Vec<_>>>()?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        crate::util::atomic::write_with(&dir.join(ADAPTER_WEIGHTS), |tmp| crate::util::safetensors::write(tmp, &tensors))?;
-        crate::util::atomic::write(&dir.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&config)? + "\n")?;
+        crate::util::atomic::write_with(&dir.join(ADAPTER_WEIGHTS), |tmp| {
+            crate::util::safetensors::write(tmp, &tensors)
+        })?;
+        crate::util::atomic::write(
+            &dir.join(ADAPTER_CONFIG),
+            serde_json::to_string_pretty(&config)? + "\n",
+        )?;
         tracing::info!("saved adapter ({} tensors) to {}", tensors.len(), dir.display());
         Ok(())
     }
@@ -230,11 +275,24 @@ impl PeftModel {
     }
 
     /// [`CausalLM::load_peft_adapter`] under the adapter name `name` (`serve` holds many).
-    pub fn load_peft_adapter_as(&mut self, dir: &Path, registry: &Registry, name: &str) -> Result<AttachReport> {
+    pub fn load_peft_adapter_as(
+        &mut self,
+        dir: &Path,
+        registry: &Registry,
+        name: &str,
+    ) -> Result<AttachReport> {
         let (config_path, weights_path) = adapter_files(dir)?;
         let mapped = plugin_config(&read_adapter_config(&config_path)?, &config_path)?;
-        tracing::debug!("{}: plugin `{}` with {} (ignored keys: {})", config_path.display(), mapped.plugin, mapped.config_json, mapped.ignored.join(", "));
-        let method = registry.adapter(mapped.plugin, &mapped.config_json).with_context(|| format!("{}", config_path.display()))?;
+        tracing::debug!(
+            "{}: plugin `{}` with {} (ignored keys: {})",
+            config_path.display(),
+            mapped.plugin,
+            mapped.config_json,
+            mapped.ignored.join(", ")
+        );
+        let method = registry
+            .adapter(mapped.plugin, &mapped.config_json)
+            .with_context(|| format!("{}", config_path.display()))?;
         let tensors = crate::util::safetensors::read(&weights_path)?;
         let before = self.active_adapter().map(str::to_string);
         let (report, originals) = self
@@ -286,7 +344,14 @@ mod tests {
             json!({"r": 4, "target_modules": ["v_proj", "q_proj"], "lora_alpha": 8, "lora_dropout": 0.0, "fan_in_fan_out": false,
                    "bias": "none", "use_rslora": false, "init_lora_weights": true, "use_dora": false})
         );
-        for k in ["peft_version", "task_type", "rank_pattern", "qalora_group_size", "layers_to_transform", "modules_to_save"] {
+        for k in [
+            "peft_version",
+            "task_type",
+            "rank_pattern",
+            "qalora_group_size",
+            "layers_to_transform",
+            "modules_to_save",
+        ] {
             assert!(m.ignored.contains(&k.to_string()), "{k} ignored");
         }
         // a list reaches the plugin, whose peft_config() states it for the host (adapters.rs)
@@ -327,14 +392,18 @@ mod tests {
     #[test]
     fn random_inits_become_the_default_and_deterministic_ones_stay() {
         let init = |v: Value| {
-            let c: Value = serde_json::from_str(&map(json!({"peft_type": "LORA", "init_lora_weights": v})).unwrap().config_json).unwrap();
+            let c: Value = serde_json::from_str(
+                &map(json!({"peft_type": "LORA", "init_lora_weights": v})).unwrap().config_json,
+            )
+            .unwrap();
             c["init_lora_weights"].clone()
         };
         assert_eq!(init(json!(false)), json!(true));
         assert_eq!(init(json!("gaussian")), json!(true));
         assert_eq!(init(json!("pissa")), json!("pissa"));
         assert_eq!(init(json!("olora")), json!("olora"));
-        let c: Value = serde_json::from_str(&map(json!({"peft_type": "LORA"})).unwrap().config_json).unwrap();
+        let c: Value =
+            serde_json::from_str(&map(json!({"peft_type": "LORA"})).unwrap().config_json).unwrap();
         assert_eq!(c, json!({"init_lora_weights": true}));
     }
 
@@ -350,7 +419,11 @@ mod tests {
         std::fs::write(dir.join(ADAPTER_CONFIG), "{}").unwrap();
         std::fs::write(dir.join("adapter_model.bin"), "").unwrap();
         let e = adapter_files(&dir).unwrap_err().to_string();
-        assert!(e.contains("has no adapter_model.safetensors") && e.contains("adapter_model.bin is not read"), "{e}");
+        assert!(
+            e.contains("has no adapter_model.safetensors")
+                && e.contains("adapter_model.bin is not read"),
+            "{e}"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -365,9 +438,27 @@ mod tests {
         let config = read_adapter_config(&dir.join(ADAPTER_CONFIG)).unwrap();
         assert_eq!(config["peft_type"], "ADDITIVE");
         let saved = crate::util::safetensors::read(&dir.join(ADAPTER_WEIGHTS)).unwrap();
-        let keys: Vec<_> = saved.iter().map(|(k, _)| k.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        assert_eq!(keys, vec!["base_model.model.model.layers.0.self_attn.q_proj.delta", "base_model.model.model.layers.0.self_attn.v_proj.delta"]);
-        assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')), "no temporary left");
+        let keys: Vec<_> = saved
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                "base_model.model.model.layers.0.self_attn.q_proj.delta",
+                "base_model.model.model.layers.0.self_attn.v_proj.delta"
+            ]
+        );
+        assert!(
+            std::fs::read_dir(&dir).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')),
+            "no temporary left"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -42,7 +42,11 @@ impl PeftModel {
     /// `DISABLE_ADAPTER` (the reference model); `train` turns adapter dropout on. (`NO_GRAD` is
     /// the caller's: wrap the call in `tch::no_grad`.)
     pub fn mode(&self, flags: ForwardFlags, train: bool) -> LinearMode<'_> {
-        let adapter = if flags.contains(ForwardFlags::DISABLE_ADAPTER) { None } else { self.active_adapter() };
+        let adapter = if flags.contains(ForwardFlags::DISABLE_ADAPTER) {
+            None
+        } else {
+            self.active_adapter()
+        };
         LinearMode { adapter, train, rows: None }
     }
 

@@ -23,9 +23,13 @@ pub fn save(dir: &Path, params: &[TrainParam]) -> Result<()> {
     if params.is_empty() {
         return Ok(());
     }
-    let named: Vec<(String, Tensor)> = params.iter().map(|p| (format!("{PEFT_PREFIX}{}", p.name), p.tensor.shallow_clone())).collect();
+    let named: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|p| (format!("{PEFT_PREFIX}{}", p.name), p.tensor.shallow_clone()))
+        .collect();
     let file = dir.join(NON_LORA_FILE);
-    crate::util::safetensors::write(&file, &named).with_context(|| format!("cannot write {}", file.display()))
+    crate::util::safetensors::write(&file, &named)
+        .with_context(|| format!("cannot write {}", file.display()))
 }
 
 /// Copies the weights of `dir/non_lora_state_dict.safetensors` (if the file exists) into the
@@ -41,12 +45,22 @@ pub fn load_into(model: &CausalLM, dir: &Path) -> Result<Vec<String>> {
     for (name, value) in tensors {
         let key = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name);
         let Some((_, dst)) = weights.iter().find(|(k, _)| k == key) else {
-            bail!("{}: `{name}` is not a weight of this model (was it trained on another base?)", file.display());
+            bail!(
+                "{}: `{name}` is not a weight of this model (was it trained on another base?)",
+                file.display()
+            );
         };
         if dst.size() != value.size() {
-            bail!("{}: `{name}` has shape {:?} but the model's is {:?}", file.display(), value.size(), dst.size());
+            bail!(
+                "{}: `{name}` has shape {:?} but the model's is {:?}",
+                file.display(),
+                value.size(),
+                dst.size()
+            );
         }
-        tch::no_grad(|| dst.shallow_clone().f_copy_(&value.f_to_device(dst.device())?.f_to_kind(dst.kind())?))?;
+        tch::no_grad(|| {
+            dst.shallow_clone().f_copy_(&value.f_to_device(dst.device())?.f_to_kind(dst.kind())?)
+        })?;
         restored.push(key.to_string());
     }
     Ok(restored)

@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tch::{Kind, Tensor};
 
-use crate::peft::adapters::{AttachReport, CAP_INIT_REWRITES_BASE};
-use crate::model::linear::FrozenLinear;
 use super::PeftModel;
+use crate::model::linear::FrozenLinear;
 use crate::model::{CausalLM, ForwardArgs};
+use crate::peft::adapters::{AttachReport, CAP_INIT_REWRITES_BASE};
 use crate::plugins::Registry;
 
 /// The record of a quantized run, beside its adapter.
@@ -59,7 +59,9 @@ impl QuantizationConfig {
 
     fn quantizer(&self, registry: &Registry) -> Result<Box<dyn Quantizer>> {
         let json = Value::Object(self.config.clone()).to_string();
-        let q = registry.quantizer(&self.plugin, &json).with_context(|| format!("quantization: plugin `{}`", self.plugin))?;
+        let q = registry
+            .quantizer(&self.plugin, &json)
+            .with_context(|| format!("quantization: plugin `{}`", self.plugin))?;
         Ok(Box::new(q))
     }
 }
@@ -87,9 +89,20 @@ impl QuantizationRecord {
 }
 
 /// Quantizes the linear layers `select` picks (and `cfg` does not skip). Returns the record.
-fn quantize_layers(model: &mut CausalLM, cfg: &QuantizationConfig, registry: &Registry, select: &dyn Fn(&str) -> Result<bool>) -> Result<QuantizationRecord> {
+fn quantize_layers(
+    model: &mut CausalLM,
+    cfg: &QuantizationConfig,
+    registry: &Registry,
+    select: &dyn Fn(&str) -> Result<bool>,
+) -> Result<QuantizationRecord> {
     let quantizer = cfg.quantizer(registry)?;
-    let mut record = QuantizationRecord { quantization: cfg.clone(), modules: Vec::new(), packed_bytes: 0, bf16_bytes: 0, requantization_max_error: None };
+    let mut record = QuantizationRecord {
+        quantization: cfg.clone(),
+        modules: Vec::new(),
+        packed_bytes: 0,
+        bf16_bytes: 0,
+        requantization_max_error: None,
+    };
     for lin in model.linears_mut() {
         let name = lin.name.clone();
         if lin.quantized.is_some() || cfg.skips(&name) || !select(&name)? {
@@ -100,7 +113,8 @@ fn quantize_layers(model: &mut CausalLM, cfg: &QuantizationConfig, registry: &Re
     // The record covers every quantized layer, those quantized while loading included.
     for (name, lin) in model.linears() {
         if let Some(q) = &lin.quantized {
-            record.packed_bytes += q.storage_bytes().with_context(|| format!("size of quantized `{name}`"))?;
+            record.packed_bytes +=
+                q.storage_bytes().with_context(|| format!("size of quantized `{name}`"))?;
             record.bf16_bytes += 2 * lin.weight.numel() as u64;
             record.modules.push(name.to_string());
         }
@@ -201,10 +215,13 @@ pub fn attach_quantized(
         .filter(|(m, _)| report.rewritten_base.iter().any(|r| r == m))
         .map(|(m, l)| (m.to_string(), l.weight.shallow_clone()))
         .collect();
-    let mut record = quantize_layers(model, cfg, registry, &|m| Ok(report.modules.iter().any(|(r, _)| r == m)))?;
+    let mut record =
+        quantize_layers(model, cfg, registry, &|m| Ok(report.modules.iter().any(|(r, _)| r == m)))?;
     let mut worst = 0f64;
     for (m, lin) in model.linears() {
-        if let (Some((_, before)), Some(_)) = (rewritten.iter().find(|(r, _)| r == m), &lin.quantized) {
+        if let (Some((_, before)), Some(_)) =
+            (rewritten.iter().find(|(r, _)| r == m), &lin.quantized)
+        {
             let after = lin.dense_weight()?;
             worst = worst.max(after.f_sub(before)?.f_abs()?.f_max()?.f_double_value(&[])?);
         }
@@ -223,7 +240,8 @@ pub fn attach_quantized(
 /// Writes `quantization.json` into `dir`.
 pub fn write_record(dir: &Path, record: &QuantizationRecord) -> Result<()> {
     let path = dir.join(QUANTIZATION_FILE);
-    std::fs::write(&path, serde_json::to_string_pretty(record)?).with_context(|| format!("cannot write {}", path.display()))
+    std::fs::write(&path, serde_json::to_string_pretty(record)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The `quantization.json` of an adapter directory, if it has one.
@@ -232,20 +250,35 @@ pub fn read_record(dir: &Path) -> Result<Option<QuantizationRecord>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not a quantization record", path.display()))?))
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Some(
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a quantization record", path.display()))?,
+    ))
 }
 
 /// For a model that just loaded the adapter of `dir`: quantizes the modules the run quantized
 /// when `dir` has a `quantization.json` (the adapter was trained on that base). Returns the
 /// record, None for an adapter of an unquantized run.
-pub fn apply_record(model: &mut CausalLM, dir: &Path, registry: &Registry) -> Result<Option<QuantizationRecord>> {
+pub fn apply_record(
+    model: &mut CausalLM,
+    dir: &Path,
+    registry: &Registry,
+) -> Result<Option<QuantizationRecord>> {
     let Some(saved) = read_record(dir)? else { return Ok(None) };
     let wanted = saved.modules.clone();
-    let record = quantize_layers(model, &saved.quantization, registry, &|m| Ok(wanted.iter().any(|w| w == m)))
-        .with_context(|| format!("rebuilding the quantized base of {}", dir.display()))?;
+    let record = quantize_layers(model, &saved.quantization, registry, &|m| {
+        Ok(wanted.iter().any(|w| w == m))
+    })
+    .with_context(|| format!("rebuilding the quantized base of {}", dir.display()))?;
     if record.modules != saved.modules {
-        bail!("{}: the run quantized {} module(s), this model has {} of them", dir.display(), saved.modules.len(), record.modules.len());
+        bail!(
+            "{}: the run quantized {} module(s), this model has {} of them",
+            dir.display(),
+            saved.modules.len(),
+            record.modules.len()
+        );
     }
     Ok(Some(record))
 }
@@ -287,22 +320,31 @@ fn probe_ids(vocab: i64, device: tch::Device) -> Result<Tensor> {
 /// measures the logits of the adapter-applied quantized model on a probe batch, puts the
 /// chosen base in place (`originals`: the full-precision base weights by module, taken before
 /// quantizing), merges, and measures the merged model's logits on the same batch.
-pub fn merge_quantized(model: &mut PeftModel, originals: Vec<(String, Tensor)>, base: MergeBase) -> Result<MergeError> {
+pub fn merge_quantized(
+    model: &mut PeftModel,
+    originals: Vec<(String, Tensor)>,
+    base: MergeBase,
+) -> Result<MergeError> {
     let probe = probe_ids(model.config().vocab_size, model.device())?;
-    let quantized_logits = tch::no_grad(|| model.forward(ForwardArgs::ids(&probe).mode(model.eval_mode())))?;
+    let quantized_logits =
+        tch::no_grad(|| model.forward(ForwardArgs::ids(&probe).mode(model.eval_mode())))?;
     match base {
         MergeBase::Dequantized => dequantize_all(model)?,
         MergeBase::Original => {
             for lin in model.linears_mut() {
                 if lin.quantized.is_some() {
-                    let (_, w) = originals.iter().find(|(m, _)| *m == lin.name).with_context(|| format!("no original weight of `{}`", lin.name))?;
+                    let (_, w) = originals
+                        .iter()
+                        .find(|(m, _)| *m == lin.name)
+                        .with_context(|| format!("no original weight of `{}`", lin.name))?;
                     lin.set_base_weight(w.shallow_clone())?;
                 }
             }
         }
     }
     model.merge_adapter()?;
-    let merged_logits = tch::no_grad(|| model.forward(ForwardArgs::ids(&probe).mode(model.eval_mode())))?;
+    let merged_logits =
+        tch::no_grad(|| model.forward(ForwardArgs::ids(&probe).mode(model.eval_mode())))?;
     let diff = merged_logits.f_sub(&quantized_logits)?.f_abs()?;
     Ok(MergeError {
         merge_base: format!("{base:?}").to_lowercase(),
@@ -315,7 +357,12 @@ pub fn merge_quantized(model: &mut PeftModel, originals: Vec<(String, Tensor)>, 
 /// The full-precision weights of the modules a record quantized (shallow clones), taken
 /// before [`apply_record`].
 pub fn dense_weights_of(model: &CausalLM, record: &QuantizationRecord) -> Vec<(String, Tensor)> {
-    model.linears().into_iter().filter(|(m, _)| record.modules.iter().any(|r| r == m)).map(|(m, l)| (m.to_string(), l.weight.shallow_clone())).collect()
+    model
+        .linears()
+        .into_iter()
+        .filter(|(m, _)| record.modules.iter().any(|r| r == m))
+        .map(|(m, l)| (m.to_string(), l.weight.shallow_clone()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -324,12 +371,15 @@ mod tests {
 
     #[test]
     fn skip_modules_match_path_segments() {
-        let cfg: QuantizationConfig = serde_json::from_str(r#"{"plugin": "nf4", "double_quant": true}"#).unwrap();
+        let cfg: QuantizationConfig =
+            serde_json::from_str(r#"{"plugin": "nf4", "double_quant": true}"#).unwrap();
         assert_eq!(cfg.skip_modules, vec!["visual", "lm_head"]);
         assert_eq!(cfg.config.get("double_quant"), Some(&Value::Bool(true)));
         assert!(cfg.skips("model.visual.blocks.0.attn.qkv") && cfg.skips("lm_head"));
         assert!(!cfg.skips("model.layers.0.self_attn.q_proj") && !cfg.skips("model.visualx.q"));
-        let cfg: QuantizationConfig = serde_json::from_str(r#"{"plugin": "nf4", "skip_modules": ["mlp.down_proj"]}"#).unwrap();
+        let cfg: QuantizationConfig =
+            serde_json::from_str(r#"{"plugin": "nf4", "skip_modules": ["mlp.down_proj"]}"#)
+                .unwrap();
         assert!(cfg.skips("model.layers.3.mlp.down_proj") && !cfg.skips("lm_head"));
     }
 }

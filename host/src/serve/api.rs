@@ -26,8 +26,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::engine::{Command, Event, GenRequest, PromptInput, MAX_STOP_SEQUENCES};
-use crate::data::images::IMAGE_PLACEHOLDER;
 use super::error::ApiError;
+use crate::data::images::IMAGE_PLACEHOLDER;
 use crate::generate::pipeline::SamplingChoice;
 
 /// What every handler shares.
@@ -49,11 +49,13 @@ pub struct AppState {
 
 impl AppState {
     fn send(&self, c: Command) -> Result<(), ApiError> {
-        self.engine
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(c)
-            .map_err(|_| ApiError::new(503, "server_error", "the engine has stopped (the server is shutting down)"))
+        self.engine.lock().unwrap_or_else(|p| p.into_inner()).send(c).map_err(|_| {
+            ApiError::new(
+                503,
+                "server_error",
+                "the engine has stopped (the server is shutting down)",
+            )
+        })
     }
 
     fn next_id(&self, prefix: &str) -> String {
@@ -92,11 +94,24 @@ async fn not_found(req: Request) -> ApiError {
 /// Refuses requests without `Authorization: Bearer <--api-key>` when a key is set.
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        let ok = given.is_some_and(|g| g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| {
+            g.len() == key.len()
+                && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        });
         if !ok {
-            let what = if given.is_some() { "the API key is wrong" } else { "an API key is required (Authorization: Bearer KEY)" };
-            return ApiError::new(401, "authentication_error", what).code("invalid_api_key").into_response();
+            let what = if given.is_some() {
+                "the API key is wrong"
+            } else {
+                "an API key is required (Authorization: Bearer KEY)"
+            };
+            return ApiError::new(401, "authentication_error", what)
+                .code("invalid_api_key")
+                .into_response();
         }
     }
     next.run(req).await
@@ -104,20 +119,38 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
 
 /// Parses a JSON body, turning every failure (too large, not JSON, wrong fields) into a
 /// JSON error.
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| {
         let status = r.status().as_u16();
-        let msg = if status == 413 { format!("the request body is too large ({})", r.body_text()) } else { r.body_text() };
-        ApiError::new(status, "invalid_request_error", msg).code(if status == 413 { "request_too_large" } else { "bad_body" })
+        let msg = if status == 413 {
+            format!("the request body is too large ({})", r.body_text())
+        } else {
+            r.body_text()
+        };
+        ApiError::new(status, "invalid_request_error", msg).code(if status == 413 {
+            "request_too_large"
+        } else {
+            "bad_body"
+        })
     })?;
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")).code("invalid_json"))
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        ApiError::bad_request(format!("invalid request body: {e}")).code("invalid_json")
+    })
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     let entry = |id: &str, parent: Option<&str>| json!({"id": id, "object": "model", "created": st.created, "owned_by": "ferrotune", "root": parent.unwrap_or(id), "parent": parent});
     let mut data = vec![entry(&st.base_name, None)];
-    data.extend(st.listing.read().unwrap_or_else(|p| p.into_inner()).iter().map(|n| entry(n, Some(&st.base_name))));
+    data.extend(
+        st.listing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|n| entry(n, Some(&st.base_name))),
+    );
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -138,7 +171,10 @@ struct VllmUnload {
     lora_name: String,
 }
 
-async fn engine_reply(st: &AppState, make: impl FnOnce(tokio::sync::oneshot::Sender<Result<Value, ApiError>>) -> Command) -> Response {
+async fn engine_reply(
+    st: &AppState,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<Result<Value, ApiError>>) -> Command,
+) -> Response {
     let (tx, rx) = tokio::sync::oneshot::channel();
     if let Err(e) = st.send(make(tx)) {
         return e.into_response();
@@ -146,13 +182,25 @@ async fn engine_reply(st: &AppState, make: impl FnOnce(tokio::sync::oneshot::Sen
     match rx.await {
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(e)) => e.into_response(),
-        Err(_) => ApiError::new(503, "server_error", "the engine stopped before answering").into_response(),
+        Err(_) => ApiError::new(503, "server_error", "the engine stopped before answering")
+            .into_response(),
     }
 }
 
-async fn load_adapter(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn load_adapter(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match parse::<LoadBody>(body) {
-        Ok(b) => engine_reply(&st, |reply| Command::Load { name: b.name, path: b.path, trusted: false, reply }).await,
+        Ok(b) => {
+            engine_reply(&st, |reply| Command::Load {
+                name: b.name,
+                path: b.path,
+                trusted: false,
+                reply,
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -161,14 +209,28 @@ async fn unload_adapter(State(st): State<Arc<AppState>>, Path(name): Path<String
     engine_reply(&st, |reply| Command::Unload { name, reply }).await
 }
 
-async fn vllm_load(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn vllm_load(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match parse::<VllmLoad>(body) {
-        Ok(b) => engine_reply(&st, |reply| Command::Load { name: b.lora_name, path: b.lora_path, trusted: false, reply }).await,
+        Ok(b) => {
+            engine_reply(&st, |reply| Command::Load {
+                name: b.lora_name,
+                path: b.lora_path,
+                trusted: false,
+                reply,
+            })
+            .await
+        }
         Err(e) => e.into_response(),
     }
 }
 
-async fn vllm_unload(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn vllm_unload(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match parse::<VllmUnload>(body) {
         Ok(b) => engine_reply(&st, |reply| Command::Unload { name: b.lora_name, reply }).await,
         Err(e) => e.into_response(),
@@ -234,12 +296,21 @@ impl Sampling {
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("`stop` must hold strings, got {v}"))))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(format!("`stop` must hold strings, got {v}")))
+                })
                 .collect::<Result<_, _>>()?,
-            Some(v) => return Err(bad(format!("`stop` must be a string or a list of strings, got {v}"))),
+            Some(v) => {
+                return Err(bad(format!("`stop` must be a string or a list of strings, got {v}")))
+            }
         };
         if list.len() > MAX_STOP_SEQUENCES {
-            return Err(bad(format!("`stop` holds {} sequences; at most {MAX_STOP_SEQUENCES} are allowed", list.len())));
+            return Err(bad(format!(
+                "`stop` holds {} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
+                list.len()
+            )));
         }
         if list.iter().any(String::is_empty) {
             return Err(bad("`stop` sequences must not be empty".into()));
@@ -249,17 +320,24 @@ impl Sampling {
 
     fn choice(&self, limit: usize) -> Result<SamplingChoice, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad_request("only n = 1 is supported").code("unsupported_parameter"));
+            return Err(
+                ApiError::bad_request("only n = 1 is supported").code("unsupported_parameter")
+            );
         }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
             if m == 0 || m as usize > limit {
-                return Err(ApiError::bad_request(format!("max_tokens must be between 1 and {limit} (--max-tokens-limit), got {m}")).code("max_tokens_out_of_range"));
+                return Err(ApiError::bad_request(format!(
+                    "max_tokens must be between 1 and {limit} (--max-tokens-limit), got {m}"
+                ))
+                .code("max_tokens_out_of_range"));
             }
         }
         if let Some(t) = self.temperature {
             if !(t >= 0.0 && t.is_finite()) {
-                return Err(ApiError::bad_request(format!("temperature must be 0 (greedy) or positive, got {t}")));
+                return Err(ApiError::bad_request(format!(
+                    "temperature must be 0 (greedy) or positive, got {t}"
+                )));
             }
         }
         if let Some(p) = self.top_p {
@@ -278,20 +356,31 @@ impl Sampling {
     }
 }
 
-async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let req: CompletionRequest = match parse(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
     let prompt = match &req.prompt {
         Value::String(s) => s.clone(),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        _ => return ApiError::bad_request("`prompt` must be a string (or a list of one string)").into_response(),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => {
+            return ApiError::bad_request("`prompt` must be a string (or a list of one string)")
+                .into_response()
+        }
     };
     run(st, req.model, PromptInput::Text(prompt), Vec::new(), req.sampling, false).await
 }
 
-async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let req: ChatRequest = match parse(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -332,7 +421,12 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, B
                 }
                 text
             }
-            _ => return ApiError::bad_request(format!("messages[{i}]: `content` must be a string or a list of parts")).into_response(),
+            _ => {
+                return ApiError::bad_request(format!(
+                    "messages[{i}]: `content` must be a string or a list of parts"
+                ))
+                .into_response()
+            }
         };
         messages.push(Message::new(m.role.clone(), text));
     }
@@ -349,7 +443,10 @@ const IMAGE_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/jpg", "image/w
 /// Remote URLs are refused: the server fetches nothing.
 fn image_from_url(url: Option<&str>) -> Result<Vec<u8>, ApiError> {
     let Some(url) = url else {
-        return Err(ApiError::bad_request("an image_url part needs `image_url.url` (a data:image/...;base64,... URL)").code("invalid_image"));
+        return Err(ApiError::bad_request(
+            "an image_url part needs `image_url.url` (a data:image/...;base64,... URL)",
+        )
+        .code("invalid_image"));
     };
     let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
@@ -361,7 +458,8 @@ fn image_from_url(url: Option<&str>) -> Result<Vec<u8>, ApiError> {
         return Err(ApiError::bad_request(format!("unsupported image URL `{shown}`: send the image as a data URL (data:image/png;base64,...)")).code("invalid_image"));
     };
     let Some((meta, data)) = rest.split_once(',') else {
-        return Err(ApiError::bad_request("the image data URL has no `,` before its data").code("invalid_image"));
+        return Err(ApiError::bad_request("the image data URL has no `,` before its data")
+            .code("invalid_image"));
     };
     let mut fields = meta.split(';');
     let mime = fields.next().unwrap_or_default().trim().to_ascii_lowercase();
@@ -369,30 +467,55 @@ fn image_from_url(url: Option<&str>) -> Result<Vec<u8>, ApiError> {
         return Err(ApiError::bad_request(format!("image type `{mime}` is not supported; send PNG, JPEG or WebP (data:image/png;base64,...)")).code("unsupported_image_type"));
     }
     if !fields.any(|f| f.trim().eq_ignore_ascii_case("base64")) {
-        return Err(ApiError::bad_request("the image data URL must be base64 (data:image/png;base64,...)").code("invalid_image"));
+        return Err(ApiError::bad_request(
+            "the image data URL must be base64 (data:image/png;base64,...)",
+        )
+        .code("invalid_image"));
     }
     use base64::Engine as _;
     let compact: Vec<u8> = data.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(&compact)
-        .map_err(|e| ApiError::bad_request(format!("the image data is not valid base64: {e}")).code("invalid_image"))
+    base64::engine::general_purpose::STANDARD.decode(&compact).map_err(|e| {
+        ApiError::bad_request(format!("the image data is not valid base64: {e}"))
+            .code("invalid_image")
+    })
 }
 
 /// Sends a generation to the engine and answers with its result (JSON) or its stream (SSE).
-async fn run(st: Arc<AppState>, model: String, prompt: PromptInput, images: Vec<Vec<u8>>, sampling: Sampling, chat: bool) -> Response {
-    let (choice, stop) = match sampling.choice(st.max_tokens_limit).and_then(|c| Ok((c, sampling.stop_sequences()?))) {
+async fn run(
+    st: Arc<AppState>,
+    model: String,
+    prompt: PromptInput,
+    images: Vec<Vec<u8>>,
+    sampling: Sampling,
+    chat: bool,
+) -> Response {
+    let (choice, stop) = match sampling
+        .choice(st.max_tokens_limit)
+        .and_then(|c| Ok((c, sampling.stop_sequences()?)))
+    {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let request = GenRequest { model: model.clone(), prompt, choice, seed: sampling.seed, stop, images, events: tx };
+    let request = GenRequest {
+        model: model.clone(),
+        prompt,
+        choice,
+        seed: sampling.seed,
+        stop,
+        images,
+        events: tx,
+    };
     if let Err(e) = st.send(Command::Generate(Box::new(request))) {
         return e.into_response();
     }
     let prompt_tokens = match rx.recv().await {
         Some(Event::Start { prompt_tokens }) => prompt_tokens,
         Some(Event::Error(e)) => return e.into_response(),
-        _ => return ApiError::new(500, "server_error", "the engine dropped the request").into_response(),
+        _ => {
+            return ApiError::new(500, "server_error", "the engine dropped the request")
+                .into_response()
+        }
     };
     let id = st.next_id(if chat { "chatcmpl" } else { "cmpl" });
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -405,10 +528,14 @@ async fn run(st: Arc<AppState>, model: String, prompt: PromptInput, images: Vec<
         match rx.recv().await {
             Some(Event::Token { .. }) | Some(Event::Start { .. }) => {}
             Some(Event::Done { finish_reason, text, token_ids, prompt_tokens }) => {
-                return Json(shape.full(&text, &token_ids, finish_reason, prompt_tokens)).into_response();
+                return Json(shape.full(&text, &token_ids, finish_reason, prompt_tokens))
+                    .into_response();
             }
             Some(Event::Error(e)) => return e.into_response(),
-            None => return ApiError::new(500, "server_error", "the engine dropped the request").into_response(),
+            None => {
+                return ApiError::new(500, "server_error", "the engine dropped the request")
+                    .into_response()
+            }
         }
     }
 }
@@ -471,7 +598,12 @@ fn sse(v: &Value) -> Bytes {
 
 /// Server-sent events: a chunk per piece of text, a last chunk with `finish_reason`, the
 /// usage chunk when asked (`stream_options.include_usage`), then `data: [DONE]`.
-fn stream(shape: Shape, prompt_tokens: usize, include_usage: bool, rx: UnboundedReceiver<Event>) -> Response {
+fn stream(
+    shape: Shape,
+    prompt_tokens: usize,
+    include_usage: bool,
+    rx: UnboundedReceiver<Event>,
+) -> Response {
     struct St {
         rx: UnboundedReceiver<Event>,
         shape: Shape,
@@ -526,5 +658,7 @@ fn stream(shape: Shape, prompt_tokens: usize, include_usage: bool, rx: Unbounded
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
-        .unwrap_or_else(|_| ApiError::new(500, "server_error", "building the stream").into_response())
+        .unwrap_or_else(|_| {
+            ApiError::new(500, "server_error", "building the stream").into_response()
+        })
 }

@@ -53,7 +53,12 @@ pub struct ServeBenchResult {
 
 /// Prefills each row alone (as the engine admits requests), joins them, then times
 /// `new_tokens` greedy decode steps with the rows' adapters. Returns decode tokens/s.
-fn time_decode(model: &PeftModel, prompts: &[Vec<i64>], names: &[Option<&str>], new_tokens: usize) -> Result<f64> {
+fn time_decode(
+    model: &PeftModel,
+    prompts: &[Vec<i64>],
+    names: &[Option<&str>],
+    new_tokens: usize,
+) -> Result<f64> {
     tch::no_grad(|| {
         let device = model.device();
         let mut cache = model.new_cache(0);
@@ -65,7 +70,9 @@ fn time_decode(model: &PeftModel, prompts: &[Vec<i64>], names: &[Option<&str>], 
             let m = Tensor::f_ones([1, l], (Kind::Int64, device))?;
             let mut c = model.new_cache(1);
             let mode = LinearMode { adapter: *name, train: false, rows: None };
-            let logits = model.forward(ForwardArgs::ids(&input).mask(Some(&m)).cache(Some(&mut c)).mode(mode).last())?;
+            let logits = model.forward(
+                ForwardArgs::ids(&input).mask(Some(&m)).cache(Some(&mut c)).mode(mode).last(),
+            )?;
             tokens.push(logits.f_argmax(-1, false)?.f_int64_value(&[0])?);
             join_rows(&mut cache, &mut mask, c, m)?;
         }
@@ -84,8 +91,17 @@ fn time_decode(model: &PeftModel, prompts: &[Vec<i64>], names: &[Option<&str>], 
 
 /// Runs `bench serve` on the model directory `dir`: attaches `requests` LoRA adapters with
 /// random non-zero factors, then measures the three batches.
-pub fn bench_serve(dir: &Path, registry: &Registry, device: Device, dtype: Kind, opts: &ServeBench) -> Result<ServeBenchResult> {
-    anyhow::ensure!(opts.requests >= 1 && opts.prompt_len >= 1 && opts.new_tokens >= 1, "bench serve needs requests, prompt_len and new_tokens ≥ 1");
+pub fn bench_serve(
+    dir: &Path,
+    registry: &Registry,
+    device: Device,
+    dtype: Kind,
+    opts: &ServeBench,
+) -> Result<ServeBenchResult> {
+    anyhow::ensure!(
+        opts.requests >= 1 && opts.prompt_len >= 1 && opts.new_tokens >= 1,
+        "bench serve needs requests, prompt_len and new_tokens ≥ 1"
+    );
     tch::manual_seed(0);
     let mut model = PeftModel::new(CausalLM::load(dir, device, dtype)?);
     let names: Vec<String> = (0..opts.requests).map(|i| format!("a{i}")).collect();
@@ -93,12 +109,18 @@ pub fn bench_serve(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
     for name in &names {
         model.attach_adapter(name, Box::new(registry.adapter("lora", &lora)?))?;
         model.set_active_adapter(Some(name))?;
-        let state = model.adapter_state_dict()?.into_iter().map(|(k, t)| (k, t.randn_like() * 0.05)).collect();
+        let state = model
+            .adapter_state_dict()?
+            .into_iter()
+            .map(|(k, t)| (k, t.randn_like() * 0.05))
+            .collect();
         model.load_adapter_state_dict(state)?;
     }
     let vocab = model.config().vocab_size;
     let prompts: Vec<Vec<i64>> = (0..opts.requests)
-        .map(|r| (0..opts.prompt_len).map(|i| ((r * 7919 + i * 104_729) as i64 + 3) % vocab).collect())
+        .map(|r| {
+            (0..opts.prompt_len).map(|i| ((r * 7919 + i * 104_729) as i64 + 3) % vocab).collect()
+        })
         .collect();
     let base: Vec<Option<&str>> = vec![None; opts.requests];
     let one: Vec<Option<&str>> = vec![Some(names[0].as_str()); opts.requests];
@@ -117,7 +139,13 @@ pub fn bench_serve(dir: &Path, registry: &Registry, device: Device, dtype: Kind,
     for _ in 0..opts.repeats.max(1) {
         let mut secs = 0.0;
         for (p, name) in prompts.iter().zip(&many) {
-            secs += opts.new_tokens as f64 / time_decode(&model, std::slice::from_ref(p), std::slice::from_ref(name), opts.new_tokens)?;
+            secs += opts.new_tokens as f64
+                / time_decode(
+                    &model,
+                    std::slice::from_ref(p),
+                    std::slice::from_ref(name),
+                    opts.new_tokens,
+                )?;
         }
         one_by_one = one_by_one.max((opts.requests * opts.new_tokens) as f64 / secs);
     }

@@ -18,8 +18,8 @@
 //! away; the attached layers stay until the last row using them finishes.
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -29,12 +29,12 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::error::ApiError;
-use crate::peft::adapters::CAP_INIT_REWRITES_BASE;
+use crate::generate::pipeline::{SamplingChoice, TextGenerator};
 use crate::generate::{warp_logits, SamplingParams};
 use crate::model::linear::LinearMode;
 use crate::model::{ForwardArgs, KvCache, VisionInputs};
+use crate::peft::adapters::CAP_INIT_REWRITES_BASE;
 use crate::peft::PeftModel;
-use crate::generate::pipeline::{SamplingChoice, TextGenerator};
 use crate::plugins::Registry;
 use crate::util::rng::SplitMix64;
 
@@ -115,12 +115,22 @@ pub struct GenRequest {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// Admitted: the prompt is tokenized and the adapter resolved.
-    Start { prompt_tokens: usize },
+    Start {
+        prompt_tokens: usize,
+    },
     /// One new token and the text it adds (may be empty while a character is incomplete).
-    Token { id: i64, text: String },
+    Token {
+        id: i64,
+        text: String,
+    },
     /// Finished: `stop` (an end-of-sequence token or a stop sequence) or `length`
     /// (`max_tokens`); the full text (without the stop sequence).
-    Done { finish_reason: &'static str, text: String, token_ids: Vec<i64>, prompt_tokens: usize },
+    Done {
+        finish_reason: &'static str,
+        text: String,
+        token_ids: Vec<i64>,
+        prompt_tokens: usize,
+    },
     Error(ApiError),
 }
 
@@ -129,8 +139,16 @@ pub enum Command {
     Generate(Box<GenRequest>),
     /// Load the PEFT directory `path` as adapter `name`; `trusted`: from the command line, not
     /// bound to `--adapter-dir`.
-    Load { name: String, path: String, trusted: bool, reply: tokio::sync::oneshot::Sender<Result<Value, ApiError>> },
-    Unload { name: String, reply: tokio::sync::oneshot::Sender<Result<Value, ApiError>> },
+    Load {
+        name: String,
+        path: String,
+        trusted: bool,
+        reply: tokio::sync::oneshot::Sender<Result<Value, ApiError>>,
+    },
+    Unload {
+        name: String,
+        reply: tokio::sync::oneshot::Sender<Result<Value, ApiError>>,
+    },
     /// Finish the running requests, then stop.
     Shutdown,
 }
@@ -213,7 +231,11 @@ impl RowRng {
     pub fn unseeded() -> Self {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
         Self::new(h.finish())
     }
 
@@ -240,7 +262,8 @@ fn pick_tokens(logits: &Tensor, rows: &mut [(&SamplingParams, &mut RowRng)]) -> 
     for (i, (p, rng)) in rows.iter_mut().enumerate() {
         if !p.is_greedy() {
             let row = logits.f_narrow(0, i as i64, 1)?;
-            let probs = warp_logits(&row, p.temperature, p.top_k, p.top_p)?.f_softmax(-1, Kind::Float)?;
+            let probs =
+                warp_logits(&row, p.temperature, p.top_k, p.top_p)?.f_softmax(-1, Kind::Float)?;
             out[i] = draw_token(&probs, rng.next_unit())?;
         }
     }
@@ -270,19 +293,29 @@ pub fn stop_hold_back(text: &str, stop: &[String]) -> usize {
 /// base): one adapter for all rows when they agree, per-row adapters otherwise.
 pub fn rows_mode<'a>(names: &'a [Option<&'a str>]) -> LinearMode<'a> {
     match names.first() {
-        Some(first) if names.iter().all(|n| n == first) => LinearMode { adapter: *first, train: false, rows: None },
+        Some(first) if names.iter().all(|n| n == first) => {
+            LinearMode { adapter: *first, train: false, rows: None }
+        }
         _ => LinearMode { adapter: None, train: false, rows: Some(names) },
     }
 }
 
 /// One decode step: feeds `tokens` (one per row) after the cached positions, extends `mask`
 /// by one column, and returns the logits `[B, V]` of the new position.
-pub fn decode_step(model: &PeftModel, cache: &mut KvCache, mask: &mut Tensor, tokens: &[i64], names: &[Option<&str>]) -> Result<Tensor> {
+pub fn decode_step(
+    model: &PeftModel,
+    cache: &mut KvCache,
+    mask: &mut Tensor,
+    tokens: &[i64],
+    names: &[Option<&str>],
+) -> Result<Tensor> {
     let b = tokens.len() as i64;
     let device = model.device();
     let input = Tensor::f_from_slice(tokens)?.f_view([b, 1])?.f_to_device(device)?;
     *mask = Tensor::f_cat(&[&*mask, &Tensor::f_ones([b, 1], (Kind::Int64, device))?], 1)?;
-    model.forward(ForwardArgs::ids(&input).mask(Some(mask)).cache(Some(cache)).mode(rows_mode(names)).last())
+    model.forward(
+        ForwardArgs::ids(&input).mask(Some(mask)).cache(Some(cache)).mode(rows_mode(names)).last(),
+    )
 }
 
 /// Left-pads a `[B, S]` mask with zeros to `width` columns.
@@ -295,7 +328,12 @@ fn pad_mask(mask: Tensor, width: i64) -> Result<Tensor> {
 }
 
 /// Joins a prefilled single row (its cache and mask) into a batch.
-pub fn join_rows(cache: &mut KvCache, mask: &mut Option<Tensor>, new_cache: KvCache, new_mask: Tensor) -> Result<()> {
+pub fn join_rows(
+    cache: &mut KvCache,
+    mask: &mut Option<Tensor>,
+    new_cache: KvCache,
+    new_mask: Tensor,
+) -> Result<()> {
     let width = cache.seq_len().max(new_cache.seq_len());
     cache.append_rows(new_cache)?;
     *mask = Some(match mask.take() {
@@ -318,7 +356,12 @@ pub fn retain_rows(cache: &mut KvCache, mask: &mut Tensor, keep: &[i64]) -> Resu
 }
 
 impl Engine {
-    pub fn new(gen: TextGenerator, registry: Registry, cfg: EngineConfig, listing: Arc<RwLock<Vec<String>>>) -> Self {
+    pub fn new(
+        gen: TextGenerator,
+        registry: Registry,
+        cfg: EngineConfig,
+        listing: Arc<RwLock<Vec<String>>>,
+    ) -> Self {
         Self {
             gen,
             registry,
@@ -390,34 +433,57 @@ impl Engine {
 
     /// Loads adapter `name` from `path`, checking the path, the adapter and the cap first.
     pub fn load(&mut self, name: &str, path: &str, trusted: bool) -> Result<Value, ApiError> {
-        if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+        if name.is_empty()
+            || name.len() > 128
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
             return Err(ApiError::bad_request(format!(
                 "adapter name `{name}` is not allowed: use 1 to 128 characters among letters, digits, `-`, `_`, `.`, `:`"
             )));
         }
         if name == self.cfg.base_name {
-            return Err(ApiError::bad_request(format!("`{name}` is the base model's name; choose another adapter name")));
+            return Err(ApiError::bad_request(format!(
+                "`{name}` is the base model's name; choose another adapter name"
+            )));
         }
         if self.adapters.iter().any(|s| s.public == name) {
-            return Err(ApiError::bad_request(format!("an adapter named `{name}` is already loaded; unload it first")).code("adapter_exists"));
+            return Err(ApiError::bad_request(format!(
+                "an adapter named `{name}` is already loaded; unload it first"
+            ))
+            .code("adapter_exists"));
         }
         let dir = self.checked_dir(path, trusted)?;
         self.check_adapter(&dir)?;
         self.serial += 1;
         let internal = format!("{name}@{}", self.serial);
         let start = Instant::now();
-        let report = self
-            .gen
-            .model
-            .load_peft_adapter_as(&dir, &self.registry, &internal)
-            .map_err(|e| ApiError::bad_request(format!("adapter `{name}` from {path} cannot be loaded: {e:#}")).code("invalid_adapter"))?;
+        let report =
+            self.gen.model.load_peft_adapter_as(&dir, &self.registry, &internal).map_err(|e| {
+                ApiError::bad_request(format!(
+                    "adapter `{name}` from {path} cannot be loaded: {e:#}"
+                ))
+                .code("invalid_adapter")
+            })?;
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
         let mixes = self.gen.model.adapter_mixes(&internal);
         self.tick += 1;
-        self.adapters.push(Slot { public: name.to_string(), internal: internal.clone(), path: dir.clone(), mixes, in_use: 0, last_used: self.tick });
+        self.adapters.push(Slot {
+            public: name.to_string(),
+            internal: internal.clone(),
+            path: dir.clone(),
+            mixes,
+            in_use: 0,
+            last_used: self.tick,
+        });
         let mut evicted = None;
         if self.adapters.len() > self.cfg.max_adapters {
-            let lru = self.adapters.iter().enumerate().filter(|(_, s)| s.in_use == 0 && s.internal != internal).min_by_key(|(_, s)| s.last_used).map(|(i, _)| i);
+            let lru = self
+                .adapters
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.in_use == 0 && s.internal != internal)
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(i, _)| i);
             match lru {
                 Some(i) => {
                     let slot = self.adapters.remove(i);
@@ -437,7 +503,11 @@ impl Engine {
             }
         }
         self.publish();
-        tracing::info!("loaded adapter `{name}` from {} in {load_ms:.1} ms{}", dir.display(), evicted.as_ref().map(|e| format!(", evicted `{e}`")).unwrap_or_default());
+        tracing::info!(
+            "loaded adapter `{name}` from {} in {load_ms:.1} ms{}",
+            dir.display(),
+            evicted.as_ref().map(|e| format!(", evicted `{e}`")).unwrap_or_default()
+        );
         Ok(json!({
             "name": name, "path": dir.display().to_string(), "modules": report.modules.len(),
             "mixed_batch": mixes, "load_ms": load_ms, "evicted": evicted,
@@ -450,10 +520,12 @@ impl Engine {
         let root = match (&self.cfg.adapter_dir, trusted) {
             (_, true) => None,
             (Some(r), false) => Some(r.as_path()),
-            (None, false) => {
-                return Err(ApiError::new(403, "permission_error", "loading adapters through the API is off: start the server with --adapter-dir DIR")
-                    .code("adapter_dir_not_set"))
-            }
+            (None, false) => return Err(ApiError::new(
+                403,
+                "permission_error",
+                "loading adapters through the API is off: start the server with --adapter-dir DIR",
+            )
+            .code("adapter_dir_not_set")),
         };
         if path.is_empty() {
             return Err(ApiError::bad_request("the adapter path is empty"));
@@ -463,23 +535,46 @@ impl Engine {
             Some(r) if given.is_relative() => r.join(given),
             _ => given.to_path_buf(),
         };
-        let outside = || ApiError::new(403, "permission_error", format!("adapter path `{path}` is outside the adapter directory (--adapter-dir)")).code("path_outside_adapter_dir");
+        let outside = || {
+            ApiError::new(
+                403,
+                "permission_error",
+                format!("adapter path `{path}` is outside the adapter directory (--adapter-dir)"),
+            )
+            .code("path_outside_adapter_dir")
+        };
         let dir = match joined.canonicalize() {
             Ok(d) => d,
             // Do not tell whether a path outside the adapter directory exists.
             Err(_) if root.is_some_and(|r| !lexically_inside(&joined, r)) => return Err(outside()),
-            Err(e) => return Err(ApiError::new(404, "not_found_error", format!("adapter path `{path}` does not exist ({e})")).code("adapter_path_not_found")),
+            Err(e) => {
+                return Err(ApiError::new(
+                    404,
+                    "not_found_error",
+                    format!("adapter path `{path}` does not exist ({e})"),
+                )
+                .code("adapter_path_not_found"))
+            }
         };
         if let Some(r) = root {
             if !dir.starts_with(r) {
                 return Err(outside());
             }
         }
-        let (config, weights) = crate::peft::adapter_files(&dir).map_err(|e| ApiError::bad_request(format!("{e:#}")).code("invalid_adapter"))?;
+        let (config, weights) = crate::peft::adapter_files(&dir)
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")).code("invalid_adapter"))?;
         if let Some(r) = root {
             for f in [&config, &weights] {
                 if !f.canonicalize().is_ok_and(|c| c.starts_with(r)) {
-                    return Err(ApiError::new(403, "permission_error", format!("{} links outside the adapter directory (--adapter-dir)", f.display())).code("path_outside_adapter_dir"));
+                    return Err(ApiError::new(
+                        403,
+                        "permission_error",
+                        format!(
+                            "{} links outside the adapter directory (--adapter-dir)",
+                            f.display()
+                        ),
+                    )
+                    .code("path_outside_adapter_dir"));
                 }
             }
         }
@@ -498,9 +593,17 @@ impl Engine {
             .code("invalid_adapter"));
         }
         let config_path = dir.join(crate::peft::ADAPTER_CONFIG);
-        let invalid = |e: anyhow::Error| ApiError::bad_request(format!("{e:#}")).code("invalid_adapter");
-        let mapped = crate::peft::plugin_config(&crate::peft::read_adapter_config(&config_path).map_err(invalid)?, &config_path).map_err(invalid)?;
-        let method = self.registry.adapter(mapped.plugin, &mapped.config_json).map_err(|e| invalid(anyhow::anyhow!("{}: {e}", config_path.display())))?;
+        let invalid =
+            |e: anyhow::Error| ApiError::bad_request(format!("{e:#}")).code("invalid_adapter");
+        let mapped = crate::peft::plugin_config(
+            &crate::peft::read_adapter_config(&config_path).map_err(invalid)?,
+            &config_path,
+        )
+        .map_err(invalid)?;
+        let method = self
+            .registry
+            .adapter(mapped.plugin, &mapped.config_json)
+            .map_err(|e| invalid(anyhow::anyhow!("{}: {e}", config_path.display())))?;
         use ferrotune_plugin_api::AdapterMethod;
         if method.capabilities().iter().any(|c| c == CAP_INIT_REWRITES_BASE) {
             return Err(ApiError::bad_request(format!(
@@ -532,16 +635,32 @@ impl Engine {
         let (running, path) = (slot.in_use, slot.path.clone());
         self.drop_slot(slot);
         self.publish();
-        tracing::info!("unloaded adapter `{name}`{}", if running > 0 { format!(" ({running} running request(s) finish on it first)") } else { String::new() });
-        Ok(json!({"name": name, "path": path.display().to_string(), "unloaded": true, "running_requests": running}))
+        tracing::info!(
+            "unloaded adapter `{name}`{}",
+            if running > 0 {
+                format!(" ({running} running request(s) finish on it first)")
+            } else {
+                String::new()
+            }
+        );
+        Ok(
+            json!({"name": name, "path": path.display().to_string(), "unloaded": true, "running_requests": running}),
+        )
     }
 
     fn unknown(&self, name: &str) -> ApiError {
         let mut names = vec![self.cfg.base_name.clone()];
         names.extend(self.loaded_names());
-        ApiError::new(404, "not_found_error", format!("model `{name}` is neither the base model nor a loaded adapter; loaded: {}", names.join(", ")))
-            .code("model_not_found")
-            .with_names(names)
+        ApiError::new(
+            404,
+            "not_found_error",
+            format!(
+                "model `{name}` is neither the base model nor a loaded adapter; loaded: {}",
+                names.join(", ")
+            ),
+        )
+        .code("model_not_found")
+        .with_names(names)
     }
 
     /// Marks one row of adapter `internal` finished; a retiring adapter is detached with its last row.
@@ -579,7 +698,11 @@ impl Engine {
 
     /// A chat prompt with images: each `<image>` placeholder becomes the image's block of
     /// vision tokens (as `ferrotune generate --chat --image` does); the pixel values beside.
-    fn chat_with_images(&self, messages: &[Message], images: &[Vec<u8>]) -> Result<(Vec<i64>, Option<VisionInputs>), ApiError> {
+    fn chat_with_images(
+        &self,
+        messages: &[Message],
+        images: &[Vec<u8>],
+    ) -> Result<(Vec<i64>, Option<VisionInputs>), ApiError> {
         let Some(prep) = &self.gen.images else {
             return Err(ApiError::bad_request(format!(
                 "model `{}` has no vision tower: image content parts need a vision-language model (Qwen2-VL)",
@@ -596,7 +719,11 @@ impl Engine {
         };
         let invalid = |e: String| ApiError::bad_request(e).code("invalid_image");
         let sized = prep.expand(&mut sample).map_err(|e| invalid(e.to_string()))?;
-        let ids = self.gen.tokenizer.encode_chat(&sample.messages, true).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}")))?;
+        let ids = self
+            .gen
+            .tokenizer
+            .encode_chat(&sample.messages, true)
+            .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}")))?;
         let vision = prep.vision_inputs(&sized).map_err(|e| invalid(format!("{e:#}")))?;
         Ok((ids, vision))
     }
@@ -611,12 +738,15 @@ impl Engine {
                 None => return Err(self.unknown(&req.model)),
             }
         };
-        let tokenize = |e: anyhow::Error| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}"));
+        let tokenize =
+            |e: anyhow::Error| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}"));
         let (ids, vision) = match &req.prompt {
             PromptInput::Text(t) => (self.gen.tokenizer.encode(t, true).map_err(tokenize)?, None),
             PromptInput::Chat(m) => {
                 if !self.gen.tokenizer.has_chat_template() {
-                    return Err(ApiError::bad_request("this model's tokenizer has no chat_template: use /v1/completions"));
+                    return Err(ApiError::bad_request(
+                        "this model's tokenizer has no chat_template: use /v1/completions",
+                    ));
                 }
                 if req.images.is_empty() {
                     (self.gen.tokenizer.encode_chat(m, true).map_err(tokenize)?, None)
@@ -655,7 +785,9 @@ impl Engine {
     /// Runs one request's prompt alone, reports its first token and joins it to a batch.
     fn prefill(&mut self, req: GenRequest, admitted: Admitted) -> Result<()> {
         let Admitted { ids, internal, params, mut rng, vision } = admitted;
-        let mixes = internal.as_deref().is_none_or(|i| self.adapters.iter().any(|s| s.internal == i && s.mixes));
+        let mixes = internal
+            .as_deref()
+            .is_none_or(|i| self.adapters.iter().any(|s| s.internal == i && s.mixes));
         let model = &self.gen.model;
         let device = model.device();
         let result = tch::no_grad(|| -> Result<(KvCache, Tensor, i64)> {
@@ -664,18 +796,39 @@ impl Engine {
             let mask = Tensor::f_ones([1, l], (Kind::Int64, device))?;
             let mut cache = model.new_cache(1);
             let mode = LinearMode { adapter: internal.as_deref(), train: false, rows: None };
-            let logits = model.forward(ForwardArgs::ids(&input).mask(Some(&mask)).images(vision.as_ref()).cache(Some(&mut cache)).mode(mode).last())?;
+            let logits = model.forward(
+                ForwardArgs::ids(&input)
+                    .mask(Some(&mask))
+                    .images(vision.as_ref())
+                    .cache(Some(&mut cache))
+                    .mode(mode)
+                    .last(),
+            )?;
             let tok = pick_tokens(&logits, &mut [(&params, &mut rng)])?[0];
             Ok((cache, mask, tok))
         });
         let (cache, mask, tok) = match result {
             Ok(x) => x,
             Err(e) => {
-                let _ = req.events.send(Event::Error(ApiError::new(500, "server_error", format!("prefill: {e:#}"))));
+                let _ = req.events.send(Event::Error(ApiError::new(
+                    500,
+                    "server_error",
+                    format!("prefill: {e:#}"),
+                )));
                 return Err(e);
             }
         };
-        let mut row = Row { internal, events: req.events, params, rng, stop: req.stop, prompt_tokens: ids.len(), generated: Vec::new(), sent: String::new(), last: tok };
+        let mut row = Row {
+            internal,
+            events: req.events,
+            params,
+            rng,
+            stop: req.stop,
+            prompt_tokens: ids.len(),
+            generated: Vec::new(),
+            sent: String::new(),
+            last: tok,
+        };
         if self.accept(&mut row, tok) {
             self.release(row.internal.as_deref());
             return Ok(());
@@ -691,7 +844,11 @@ impl Engine {
         };
         let batch = &mut self.batches[bi];
         if let Err(e) = join_rows(&mut batch.cache, &mut batch.mask, cache, mask) {
-            let _ = row.events.send(Event::Error(ApiError::new(500, "server_error", format!("joining the batch: {e:#}"))));
+            let _ = row.events.send(Event::Error(ApiError::new(
+                500,
+                "server_error",
+                format!("joining the batch: {e:#}"),
+            )));
             let internal = row.internal.clone();
             self.release(internal.as_deref());
             return Err(e);
@@ -718,7 +875,10 @@ impl Engine {
             let mut delta = String::new();
             if finish.is_none() && !text.ends_with('\u{FFFD}') {
                 let ready = text.len() - stop_hold_back(&text, &row.stop);
-                if text.is_char_boundary(ready) && ready > row.sent.len() && text[..ready].starts_with(row.sent.as_str()) {
+                if text.is_char_boundary(ready)
+                    && ready > row.sent.len()
+                    && text[..ready].starts_with(row.sent.as_str())
+                {
                     delta = text[row.sent.len()..ready].to_string();
                     row.sent = text[..ready].to_string();
                 }
@@ -735,10 +895,17 @@ impl Engine {
                     text.truncate(cut);
                 }
                 if text.len() > row.sent.len() && text.starts_with(row.sent.as_str()) {
-                    let _ = row.events.send(Event::Token { id: -1, text: text[row.sent.len()..].to_string() });
+                    let _ = row
+                        .events
+                        .send(Event::Token { id: -1, text: text[row.sent.len()..].to_string() });
                 }
                 self.stats.finished.fetch_add(1, Ordering::Relaxed);
-                let _ = row.events.send(Event::Done { finish_reason: reason, text, token_ids: row.generated.clone(), prompt_tokens: row.prompt_tokens });
+                let _ = row.events.send(Event::Done {
+                    finish_reason: reason,
+                    text,
+                    token_ids: row.generated.clone(),
+                    prompt_tokens: row.prompt_tokens,
+                });
                 true
             }
             None => false,
@@ -753,7 +920,11 @@ impl Engine {
                 tracing::error!("decode step failed: {e:#}");
                 let batch = self.batches.remove(i);
                 for row in batch.rows {
-                    let _ = row.events.send(Event::Error(ApiError::new(500, "server_error", format!("decode step: {e:#}"))));
+                    let _ = row.events.send(Event::Error(ApiError::new(
+                        500,
+                        "server_error",
+                        format!("decode step: {e:#}"),
+                    )));
                     self.release(row.internal.as_deref());
                 }
                 continue;
@@ -767,10 +938,14 @@ impl Engine {
     }
 
     fn step(&mut self, bi: usize) -> Result<()> {
-        let mut batch = std::mem::replace(&mut self.batches[bi], Batch { key: None, rows: Vec::new(), cache: KvCache::new(0, 0), mask: None });
+        let mut batch = std::mem::replace(
+            &mut self.batches[bi],
+            Batch { key: None, rows: Vec::new(), cache: KvCache::new(0, 0), mask: None },
+        );
         let result = tch::no_grad(|| -> Result<Vec<i64>> {
             let tokens: Vec<i64> = batch.rows.iter().map(|r| r.last).collect();
-            let names: Vec<Option<&str>> = batch.rows.iter().map(|r| r.internal.as_deref()).collect();
+            let names: Vec<Option<&str>> =
+                batch.rows.iter().map(|r| r.internal.as_deref()).collect();
             self.stats.steps.fetch_add(1, Ordering::Relaxed);
             self.stats.max_rows.fetch_max(names.len() as u64, Ordering::Relaxed);
             if rows_mode(&names).rows.is_some() {
@@ -778,7 +953,8 @@ impl Engine {
             }
             let mask = batch.mask.as_mut().context("a running batch has a mask")?;
             let logits = decode_step(&self.gen.model, &mut batch.cache, mask, &tokens, &names)?;
-            let mut rows: Vec<(&SamplingParams, &mut RowRng)> = batch.rows.iter_mut().map(|r| (&r.params, &mut r.rng)).collect();
+            let mut rows: Vec<(&SamplingParams, &mut RowRng)> =
+                batch.rows.iter_mut().map(|r| (&r.params, &mut r.rng)).collect();
             pick_tokens(&logits, &mut rows)
         });
         let picks = match result {
@@ -816,11 +992,20 @@ impl Engine {
 
 /// Whether `path` (not yet existing) lies under `root` by its components alone (no `..`).
 fn lexically_inside(path: &Path, root: &Path) -> bool {
-    !path.components().any(|c| matches!(c, std::path::Component::ParentDir)) && path.starts_with(root)
+    !path.components().any(|c| matches!(c, std::path::Component::ParentDir))
+        && path.starts_with(root)
 }
 
 /// Loads the model and adapters of the command line, for the engine thread.
-pub fn load_engine(model_dir: &Path, device: Device, dtype: Kind, registry: Registry, cfg: EngineConfig, adapters: &[(String, PathBuf)], listing: Arc<RwLock<Vec<String>>>) -> Result<Engine> {
+pub fn load_engine(
+    model_dir: &Path,
+    device: Device,
+    dtype: Kind,
+    registry: Registry,
+    cfg: EngineConfig,
+    adapters: &[(String, PathBuf)],
+    listing: Arc<RwLock<Vec<String>>>,
+) -> Result<Engine> {
     if cfg.max_batch == 0 || cfg.max_adapters == 0 {
         bail!("--max-batch and --max-adapters must be at least 1");
     }
@@ -828,8 +1013,14 @@ pub fn load_engine(model_dir: &Path, device: Device, dtype: Kind, registry: Regi
     if let Some(max) = cfg.image_max_pixels {
         match &mut gen.images {
             Some(prep) if max >= prep.processor.min_pixels => prep.max_pixels = Some(max),
-            Some(prep) => bail!("--image-max-pixels {max} is below the model's min_pixels {}", prep.processor.min_pixels),
-            None => bail!("--image-max-pixels needs a vision-language model; {} has no vision tower", model_dir.display()),
+            Some(prep) => bail!(
+                "--image-max-pixels {max} is below the model's min_pixels {}",
+                prep.processor.min_pixels
+            ),
+            None => bail!(
+                "--image-max-pixels needs a vision-language model; {} has no vision tower",
+                model_dir.display()
+            ),
         }
     }
     let mut engine = Engine::new(gen, registry, cfg, listing);

@@ -80,7 +80,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     };
     let adapter_dir = match &opts.adapter_dir {
         Some(d) => {
-            let c = d.canonicalize().with_context(|| format!("--adapter-dir {} does not exist", d.display()))?;
+            let c = d
+                .canonicalize()
+                .with_context(|| format!("--adapter-dir {} does not exist", d.display()))?;
             if !c.is_dir() {
                 bail!("--adapter-dir {} is not a directory", d.display());
             }
@@ -88,7 +90,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         }
         None => None,
     };
-    let cfg = EngineConfig { base_name: base_name.clone(), adapter_dir, max_batch: opts.max_batch, max_adapters: opts.max_adapters, max_tokens_limit: opts.max_tokens_limit, image_max_pixels: opts.image_max_pixels };
+    let cfg = EngineConfig {
+        base_name: base_name.clone(),
+        adapter_dir,
+        max_batch: opts.max_batch,
+        max_adapters: opts.max_adapters,
+        max_tokens_limit: opts.max_tokens_limit,
+        image_max_pixels: opts.image_max_pixels,
+    };
     let listing = Arc::new(RwLock::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Arc<engine::EngineStats>>>();
@@ -96,7 +105,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         let (listing, opts) = (listing.clone(), opts.clone());
         std::thread::Builder::new().name("ferrotune-engine".into()).spawn(move || {
             let registry = Registry::discover(&opts.search);
-            match engine::load_engine(&opts.model, opts.device, opts.dtype, registry, cfg, &opts.adapters, listing) {
+            match engine::load_engine(
+                &opts.model,
+                opts.device,
+                opts.dtype,
+                registry,
+                cfg,
+                &opts.adapters,
+                listing,
+            ) {
                 Ok(e) => {
                     let _ = ready_tx.send(Ok(e.stats.clone()));
                     e.run(rx);
@@ -115,11 +132,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         api_key: opts.api_key.clone(),
         max_tokens_limit: opts.max_tokens_limit,
         max_images: opts.max_images,
-        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         counter: Default::default(),
         stats,
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
             .await
@@ -128,7 +149,9 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         println!("ferrotune serve: listening on http://{addr} (base model `{base_name}`)");
         use std::io::Write;
         std::io::stdout().flush().ok();
-        axum::serve(listener, api::router(state, opts.max_body_bytes)).with_graceful_shutdown(shutdown_signal()).await?;
+        axum::serve(listener, api::router(state, opts.max_body_bytes))
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
         anyhow::Ok(())
     });
     let _ = tx.send(Command::Shutdown);

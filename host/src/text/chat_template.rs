@@ -41,7 +41,10 @@ pub struct ChatTemplate {
 
 impl fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChatTemplate").field("names", &self.names).field("origin", &self.origin).finish()
+        f.debug_struct("ChatTemplate")
+            .field("names", &self.names)
+            .field("origin", &self.origin)
+            .finish()
     }
 }
 
@@ -60,8 +63,9 @@ impl ChatTemplate {
             if names.contains(&name) {
                 bail!("{origin}: chat template `{name}` is given twice");
             }
-            env.add_template_owned(name.clone(), source.clone())
-                .map_err(|e| anyhow!("{origin}: chat template `{name}` does not compile: {}", describe(&e)))?;
+            env.add_template_owned(name.clone(), source.clone()).map_err(|e| {
+                anyhow!("{origin}: chat template `{name}` does not compile: {}", describe(&e))
+            })?;
             names.push(name);
             sources.push(source);
         }
@@ -94,20 +98,33 @@ impl ChatTemplate {
         if self.names.len() == 1 {
             return Ok(&self.names[0]);
         }
-        for wanted in [with_tools.then_some(TOOL_USE_TEMPLATE), Some(DEFAULT_TEMPLATE)].into_iter().flatten() {
+        for wanted in
+            [with_tools.then_some(TOOL_USE_TEMPLATE), Some(DEFAULT_TEMPLATE)].into_iter().flatten()
+        {
             if let Some(n) = self.names.iter().find(|n| n.as_str() == wanted) {
                 return Ok(n);
             }
         }
-        bail!("{}: several chat templates ({}) and none named `default`", self.origin, self.names.join(", "))
+        bail!(
+            "{}: several chat templates ({}) and none named `default`",
+            self.origin,
+            self.names.join(", ")
+        )
     }
 
     /// Renders the selected template with `messages` (a list of message objects),
     /// `add_generation_prompt`, and `variables` (special tokens and extras; an object).
     /// `tools` and `documents` are `none` unless `variables` sets them, as in transformers.
-    pub fn render(&self, messages: Value, add_generation_prompt: bool, variables: BTreeMap<String, Value>) -> Result<String> {
+    pub fn render(
+        &self,
+        messages: Value,
+        add_generation_prompt: bool,
+        variables: BTreeMap<String, Value>,
+    ) -> Result<String> {
         if messages.len() == Some(0) {
-            bail!("cannot apply a chat template to an empty conversation; give at least one message");
+            bail!(
+                "cannot apply a chat template to an empty conversation; give at least one message"
+            );
         }
         let with_tools = variables.get("tools").is_some_and(|t| !t.is_none() && !t.is_undefined());
         let name = self.select(with_tools)?;
@@ -116,8 +133,13 @@ impl ChatTemplate {
         ctx.entry("documents".into()).or_insert(Value::from(()));
         ctx.insert("messages".into(), messages);
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
-        let template = self.env.get_template(name).map_err(|e| anyhow!("{}: {}", self.origin, describe(&e)))?;
-        template.render(Value::from(ctx)).map_err(|e| anyhow!("{}: chat template `{name}` failed: {}", self.origin, describe(&e)))
+        let template = self
+            .env
+            .get_template(name)
+            .map_err(|e| anyhow!("{}: {}", self.origin, describe(&e)))?;
+        template.render(Value::from(ctx)).map_err(|e| {
+            anyhow!("{}: chat template `{name}` failed: {}", self.origin, describe(&e))
+        })
     }
 }
 
@@ -130,7 +152,9 @@ fn jinja_environment() -> Environment<'static> {
     env.set_undefined_behavior(UndefinedBehavior::Lenient);
     env.set_auto_escape_callback(|_| AutoEscape::None);
     env.set_unknown_method_callback(python_method);
-    env.set_formatter(|out, _state, value| out.write_str(&pyformat::to_python_str(value)).map_err(Error::from));
+    env.set_formatter(|out, _state, value| {
+        out.write_str(&pyformat::to_python_str(value)).map_err(Error::from)
+    });
     env.add_filter("tojson", tojson);
     env.add_filter("capitalize", |s: &str| pyformat::python_capitalize(s));
     env.add_function("raise_exception", raise_exception);
@@ -141,10 +165,19 @@ fn jinja_environment() -> Environment<'static> {
 /// Python methods on template values (`.strip()`, `.split()`, `.items()` …) from
 /// minijinja-contrib's `pycompat`, with `str.title()` and `str.capitalize()` following
 /// Python's Unicode title case (pycompat upper-cases: `'ß'` → `'SS'`, Python gives `'Ss'`).
-fn python_method(state: &minijinja::State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
+fn python_method(
+    state: &minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
     if let (Some(s), "title" | "capitalize") = (value.as_str(), method) {
         let () = minijinja::value::from_args(args)?;
-        return Ok(Value::from(if method == "title" { pyformat::python_title(s) } else { pyformat::python_capitalize(s) }));
+        return Ok(Value::from(if method == "title" {
+            pyformat::python_title(s)
+        } else {
+            pyformat::python_capitalize(s)
+        }));
     }
     minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
@@ -168,14 +201,18 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 /// (transformers uses the local time zone; servers and containers run in UTC).
 fn strftime_now(format: String) -> Result<Value, Error> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    pyformat::strftime_utc(&format, now).map(Value::from).map_err(|e| Error::new(ErrorKind::InvalidOperation, e))
+    pyformat::strftime_utc(&format, now)
+        .map(Value::from)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e))
 }
 
 /// A minijinja error as one line: its message and the template line it happened at.
 fn describe(e: &Error) -> String {
     let what = match e.kind() {
         // `raise_exception` messages are the template author's words; show them as they are.
-        ErrorKind::InvalidOperation => e.detail().map(str::to_string).unwrap_or_else(|| e.to_string()),
+        ErrorKind::InvalidOperation => {
+            e.detail().map(str::to_string).unwrap_or_else(|| e.to_string())
+        }
         _ => {
             let mut s = e.kind().to_string();
             if let Some(d) = e.detail() {
@@ -193,24 +230,41 @@ fn describe(e: &Error) -> String {
 
 /// Converts an extra-variables JSON value (an object, or null for none) into template
 /// variables; `what` names the argument for errors.
-pub(crate) fn variables_from_json(extra: &serde_json::Value, what: &str) -> Result<BTreeMap<String, Value>> {
+pub(crate) fn variables_from_json(
+    extra: &serde_json::Value,
+    what: &str,
+) -> Result<BTreeMap<String, Value>> {
     match extra {
         serde_json::Value::Null => Ok(BTreeMap::new()),
-        serde_json::Value::Object(map) => Ok(map.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect()),
-        other => Err(anyhow!("{what} must be a JSON object of template variables, got {}", json_kind(other))),
+        serde_json::Value::Object(map) => {
+            Ok(map.iter().map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect())
+        }
+        other => Err(anyhow!(
+            "{what} must be a JSON object of template variables, got {}",
+            json_kind(other)
+        )),
     }
 }
 
 /// Messages as transformers hands them to the template: a list of objects whose `None`
 /// values are dropped, with `reasoning_content`/`thinking`/`reasoning` aliased to each other.
 pub(crate) fn messages_from_json(messages: &serde_json::Value) -> Result<Value> {
-    let list = messages.as_array().ok_or_else(|| anyhow!("messages must be a JSON array, got {}", json_kind(messages)))?;
+    let list = messages
+        .as_array()
+        .ok_or_else(|| anyhow!("messages must be a JSON array, got {}", json_kind(messages)))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let obj = m.as_object().ok_or_else(|| anyhow!("message {i} must be a JSON object, got {}", json_kind(m)))?;
-        let mut msg: BTreeMap<String, Value> =
-            obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), Value::from_serialize(v))).collect();
-        let reasoning = ["reasoning_content", "thinking", "reasoning"].iter().find_map(|k| obj.get(*k).filter(|v| !v.is_null()));
+        let obj = m
+            .as_object()
+            .ok_or_else(|| anyhow!("message {i} must be a JSON object, got {}", json_kind(m)))?;
+        let mut msg: BTreeMap<String, Value> = obj
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), Value::from_serialize(v)))
+            .collect();
+        let reasoning = ["reasoning_content", "thinking", "reasoning"]
+            .iter()
+            .find_map(|k| obj.get(*k).filter(|v| !v.is_null()));
         if let Some(r) = reasoning {
             msg.entry("thinking".into()).or_insert_with(|| Value::from_serialize(r));
             msg.insert("reasoning_content".into(), Value::from_serialize(r));
@@ -235,7 +289,12 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 mod tests {
     use super::*;
 
-    fn render(src: &str, messages: serde_json::Value, gen: bool, extra: serde_json::Value) -> Result<String> {
+    fn render(
+        src: &str,
+        messages: serde_json::Value,
+        gen: bool,
+        extra: serde_json::Value,
+    ) -> Result<String> {
         let t = ChatTemplate::single(src, "test")?;
         t.render(messages_from_json(&messages)?, gen, variables_from_json(&extra, "extra")?)
     }
@@ -263,7 +322,10 @@ mod tests {
     fn python_string_methods_and_tojson() {
         let src =
             "{{ messages[0].content.strip().split(',')|tojson }} {{ messages[0].content.startswith('  a') }} {{ {'k': 'é<'}|tojson }}";
-        assert_eq!(render(src, user("  a,b "), false, serde_json::Value::Null).unwrap(), r#"["a", "b"] True {"k": "é<"}"#);
+        assert_eq!(
+            render(src, user("  a,b "), false, serde_json::Value::Null).unwrap(),
+            r#"["a", "b"] True {"k": "é<"}"#
+        );
     }
 
     #[test]
@@ -276,32 +338,47 @@ mod tests {
     #[test]
     fn undefined_attribute_of_undefined_is_an_error() {
         // Jinja2's default Undefined prints as "" but fails on attribute access.
-        assert_eq!(render("[{{ nothing }}]", user("hi"), false, serde_json::Value::Null).unwrap(), "[]");
+        assert_eq!(
+            render("[{{ nothing }}]", user("hi"), false, serde_json::Value::Null).unwrap(),
+            "[]"
+        );
         assert!(render("{{ nothing.field }}", user("hi"), false, serde_json::Value::Null).is_err());
     }
 
     #[test]
     fn syntax_error_names_origin_and_template() {
-        let err = ChatTemplate::single("{% for %}", "dir/tokenizer_config.json").unwrap_err().to_string();
+        let err =
+            ChatTemplate::single("{% for %}", "dir/tokenizer_config.json").unwrap_err().to_string();
         assert!(err.contains("dir/tokenizer_config.json") && err.contains("`default`"), "{err}");
     }
 
     #[test]
     fn named_templates_are_selected_like_transformers() {
-        let t = ChatTemplate::new(vec![("rag".into(), "R".into()), ("default".into(), "D".into()), ("tool_use".into(), "T".into())], "cfg")
-            .unwrap();
+        let t = ChatTemplate::new(
+            vec![
+                ("rag".into(), "R".into()),
+                ("default".into(), "D".into()),
+                ("tool_use".into(), "T".into()),
+            ],
+            "cfg",
+        )
+        .unwrap();
         assert_eq!(t.select(false).unwrap(), "default");
         assert_eq!(t.select(true).unwrap(), "tool_use");
         let msgs = messages_from_json(&user("x")).unwrap();
-        let tools = variables_from_json(&serde_json::json!({"tools": [{"name": "f"}]}), "extra").unwrap();
+        let tools =
+            variables_from_json(&serde_json::json!({"tools": [{"name": "f"}]}), "extra").unwrap();
         assert_eq!(t.render(msgs, false, tools).unwrap(), "T");
-        let no_default = ChatTemplate::new(vec![("a".into(), "A".into()), ("b".into(), "B".into())], "cfg").unwrap();
+        let no_default =
+            ChatTemplate::new(vec![("a".into(), "A".into()), ("b".into(), "B".into())], "cfg")
+                .unwrap();
         assert!(no_default.select(false).unwrap_err().to_string().contains("none named `default`"));
     }
 
     #[test]
     fn messages_drop_none_and_alias_reasoning() {
-        let msgs = serde_json::json!([{"role": "assistant", "content": null, "reasoning": "because"}]);
+        let msgs =
+            serde_json::json!([{"role": "assistant", "content": null, "reasoning": "because"}]);
         let out = render(
             "{{ messages[0].content is defined }} {{ messages[0].reasoning_content }} {{ messages[0].thinking }}",
             msgs,
@@ -313,13 +390,20 @@ mod tests {
 
     #[test]
     fn empty_conversation_and_bad_extras_are_errors() {
-        assert!(render("x", serde_json::json!([]), false, serde_json::Value::Null).unwrap_err().to_string().contains("empty conversation"));
-        assert!(variables_from_json(&serde_json::json!([1]), "extra").unwrap_err().to_string().contains("extra must be a JSON object"));
+        assert!(render("x", serde_json::json!([]), false, serde_json::Value::Null)
+            .unwrap_err()
+            .to_string()
+            .contains("empty conversation"));
+        assert!(variables_from_json(&serde_json::json!([1]), "extra")
+            .unwrap_err()
+            .to_string()
+            .contains("extra must be a JSON object"));
     }
 
     #[test]
     fn strftime_now_formats_the_current_year() {
-        let year = render("{{ strftime_now('%Y') }}", user("x"), false, serde_json::Value::Null).unwrap();
+        let year =
+            render("{{ strftime_now('%Y') }}", user("x"), false, serde_json::Value::Null).unwrap();
         let y: i64 = year.parse().unwrap();
         assert!((2024..3000).contains(&y), "{year}");
     }

@@ -84,17 +84,24 @@ impl GenerationConfig {
     /// Parses a `generation_config.json` document; `file` names it in errors.
     pub fn from_json(json: &Json, file: &Path) -> Result<Self> {
         let f = file.display();
-        let obj = json.as_object().ok_or_else(|| anyhow!("{f}: expected a JSON object at the top level"))?;
+        let obj = json
+            .as_object()
+            .ok_or_else(|| anyhow!("{f}: expected a JSON object at the top level"))?;
         let mut cfg = Self::default();
         cfg.read_token_ids(json, file)?;
         let number = |key: &str| -> Result<Option<f64>> {
             match obj.get(key) {
                 None | Some(Json::Null) => Ok(None),
-                Some(v) => v.as_f64().map(Some).ok_or_else(|| anyhow!("{f}: key `{key}`: expected a number, found {v}")),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| anyhow!("{f}: key `{key}`: expected a number, found {v}")),
             }
         };
         if let Some(v) = obj.get("do_sample").filter(|v| !v.is_null()) {
-            cfg.do_sample = v.as_bool().ok_or_else(|| anyhow!("{f}: key `do_sample`: expected true or false, found {v}"))?;
+            cfg.do_sample = v.as_bool().ok_or_else(|| {
+                anyhow!("{f}: key `do_sample`: expected true or false, found {v}")
+            })?;
         }
         if let Some(t) = number("temperature")? {
             if !(t >= 0.0 && t.is_finite()) {
@@ -115,11 +122,19 @@ impl GenerationConfig {
             cfg.repetition_penalty = r;
         }
         if let Some(v) = obj.get("top_k").filter(|v| !v.is_null()) {
-            cfg.top_k = v.as_i64().filter(|k| *k >= 0).ok_or_else(|| anyhow!("{f}: key `top_k`: expected an integer >= 0, found {v}"))?;
+            cfg.top_k = v
+                .as_i64()
+                .filter(|k| *k >= 0)
+                .ok_or_else(|| anyhow!("{f}: key `top_k`: expected an integer >= 0, found {v}"))?;
         }
         if let Some(v) = obj.get("max_new_tokens").filter(|v| !v.is_null()) {
-            let n = v.as_u64().ok_or_else(|| anyhow!("{f}: key `max_new_tokens`: expected an integer >= 0 or null, found {v}"))?;
-            cfg.max_new_tokens = Some(usize::try_from(n).map_err(|_| anyhow!("{f}: key `max_new_tokens`: {n} is too large"))?);
+            let n = v.as_u64().ok_or_else(|| {
+                anyhow!("{f}: key `max_new_tokens`: expected an integer >= 0 or null, found {v}")
+            })?;
+            cfg.max_new_tokens = Some(
+                usize::try_from(n)
+                    .map_err(|_| anyhow!("{f}: key `max_new_tokens`: {n} is too large"))?,
+            );
         }
         Ok(cfg)
     }
@@ -128,16 +143,24 @@ impl GenerationConfig {
     fn read_token_ids(&mut self, json: &Json, file: &Path) -> Result<()> {
         let f = file.display();
         let id = |key: &str, v: &Json| -> Result<i64> {
-            v.as_i64().filter(|i| *i >= 0).ok_or_else(|| anyhow!("{f}: key `{key}`: expected a token id (an integer >= 0), found {v}"))
+            v.as_i64().filter(|i| *i >= 0).ok_or_else(|| {
+                anyhow!("{f}: key `{key}`: expected a token id (an integer >= 0), found {v}")
+            })
         };
         match json.get("eos_token_id") {
             None | Some(Json::Null) => {}
             Some(Json::Array(items)) => {
-                self.eos_token_id = items.iter().enumerate().map(|(i, v)| id(&format!("eos_token_id[{i}]"), v)).collect::<Result<_>>()?;
+                self.eos_token_id = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| id(&format!("eos_token_id[{i}]"), v))
+                    .collect::<Result<_>>()?;
             }
             Some(v) => self.eos_token_id = vec![id("eos_token_id", v)?],
         }
-        for (key, slot) in [("pad_token_id", &mut self.pad_token_id), ("bos_token_id", &mut self.bos_token_id)] {
+        for (key, slot) in
+            [("pad_token_id", &mut self.pad_token_id), ("bos_token_id", &mut self.bos_token_id)]
+        {
             match json.get(key) {
                 None | Some(Json::Null) => {}
                 Some(v) => *slot = Some(id(key, v)?),
@@ -166,7 +189,8 @@ impl GenerationConfig {
 }
 
 fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))
 }
 
@@ -175,7 +199,8 @@ mod tests {
     use super::*;
 
     fn dir_with(tag: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("ferrotune-genconf-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-genconf-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         for (name, text) in files {
@@ -190,21 +215,31 @@ mod tests {
         let text = r#"{"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true,
             "eos_token_id": [151645, 151643], "repetition_penalty": 1.05, "temperature": 0.7,
             "top_p": 0.8, "top_k": 20, "transformers_version": "4.37.0"}"#;
-        let cfg = GenerationConfig::from_dir(&dir_with("qwen", &[(GENERATION_CONFIG_FILE, text)])).unwrap();
+        let cfg = GenerationConfig::from_dir(&dir_with("qwen", &[(GENERATION_CONFIG_FILE, text)]))
+            .unwrap();
         assert_eq!(cfg.eos_token_ids(), vec![151645, 151643]);
         assert_eq!((cfg.pad_token_id, cfg.bos_token_id), (Some(151643), Some(151643)));
         assert!(cfg.do_sample);
-        assert_eq!((cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty), (0.7, 0.8, 20, 1.05));
+        assert_eq!(
+            (cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty),
+            (0.7, 0.8, 20, 1.05)
+        );
         assert_eq!(cfg.max_new_tokens, None);
     }
 
     #[test]
     fn eos_as_a_single_int_and_defaults() {
-        let cfg = GenerationConfig::from_dir(&dir_with("int", &[(GENERATION_CONFIG_FILE, r#"{"eos_token_id": 2, "max_new_tokens": 64}"#)]))
-            .unwrap();
+        let cfg = GenerationConfig::from_dir(&dir_with(
+            "int",
+            &[(GENERATION_CONFIG_FILE, r#"{"eos_token_id": 2, "max_new_tokens": 64}"#)],
+        ))
+        .unwrap();
         assert_eq!(cfg.eos_token_ids(), vec![2]);
         assert_eq!(cfg.max_new_tokens, Some(64));
-        assert_eq!((cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty), (false, 1.0, 1.0, 50, 1.0));
+        assert_eq!(
+            (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty),
+            (false, 1.0, 1.0, 50, 1.0)
+        );
     }
 
     #[test]
@@ -215,7 +250,10 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((cfg.eos_token_ids(), cfg.bos_token_id), (vec![7], Some(1)));
-        assert_eq!(GenerationConfig::from_dir(&dir_with("empty", &[])).unwrap(), GenerationConfig::default());
+        assert_eq!(
+            GenerationConfig::from_dir(&dir_with("empty", &[])).unwrap(),
+            GenerationConfig::default()
+        );
     }
 
     #[test]
@@ -230,7 +268,10 @@ mod tests {
             (r#"{"max_new_tokens": -5}"#, "`max_new_tokens`"),
             (r#"{"repetition_penalty": 0}"#, "`repetition_penalty`"),
         ] {
-            let err = GenerationConfig::from_dir(&dir_with("bad", &[(GENERATION_CONFIG_FILE, text)])).unwrap_err().to_string();
+            let err =
+                GenerationConfig::from_dir(&dir_with("bad", &[(GENERATION_CONFIG_FILE, text)]))
+                    .unwrap_err()
+                    .to_string();
             assert!(err.contains(GENERATION_CONFIG_FILE) && err.contains(key), "{text}: {err}");
         }
     }

@@ -21,4 +21,7 @@ mod tokenizer;
 
 pub use chat_template::{ChatTemplate, DEFAULT_TEMPLATE, TOOL_USE_TEMPLATE};
 pub use generation_config::{GenerationConfig, GENERATION_CONFIG_FILE, MODEL_CONFIG_FILE};
-pub use tokenizer::{SpecialTokens, Tokenizer, CHAT_TEMPLATES_DIR, CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
+pub use tokenizer::{
+    SpecialTokens, Tokenizer, CHAT_TEMPLATES_DIR, CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+};

@@ -29,7 +29,13 @@ pub struct JsonOptions {
 
 impl Default for JsonOptions {
     fn default() -> Self {
-        Self { ensure_ascii: false, indent: None, item_separator: ", ".into(), key_separator: ": ".into(), sort_keys: false }
+        Self {
+            ensure_ascii: false,
+            indent: None,
+            item_separator: ", ".into(),
+            key_separator: ": ".into(),
+            sort_keys: false,
+        }
     }
 }
 
@@ -45,9 +51,14 @@ impl JsonOptions {
             o.indent = match v.kind() {
                 ValueKind::None | ValueKind::Undefined => None,
                 ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
-                ValueKind::Number if v.is_integer() => Some(" ".repeat(v.as_i64().unwrap_or(0).max(0) as usize)),
+                ValueKind::Number if v.is_integer() => {
+                    Some(" ".repeat(v.as_i64().unwrap_or(0).max(0) as usize))
+                }
                 _ => {
-                    return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson: indent must be an integer or a string, got {v}")))
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("tojson: indent must be an integer or a string, got {v}"),
+                    ))
                 }
             };
             if o.indent.is_some() {
@@ -58,12 +69,26 @@ impl JsonOptions {
             if !v.is_none() {
                 let parts: Vec<String> = v
                     .try_iter()
-                    .map_err(|_| Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings"))?
+                    .map_err(|_| {
+                        Error::new(
+                            ErrorKind::InvalidOperation,
+                            "tojson: separators must be a pair of strings",
+                        )
+                    })?
                     .map(|s| s.as_str().map(str::to_string))
                     .collect::<Option<_>>()
-                    .ok_or_else(|| Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings"))?;
-                let [item, key] = <[String; 2]>::try_from(parts)
-                    .map_err(|_| Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings"))?;
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::InvalidOperation,
+                            "tojson: separators must be a pair of strings",
+                        )
+                    })?;
+                let [item, key] = <[String; 2]>::try_from(parts).map_err(|_| {
+                    Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be a pair of strings",
+                    )
+                })?;
                 o.item_separator = item;
                 o.key_separator = key;
             }
@@ -96,7 +121,9 @@ fn write_json(out: &mut String, value: &Value, o: &JsonOptions, depth: usize) ->
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&number_repr(value, true)),
-        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), o.ensure_ascii),
+        ValueKind::String => {
+            write_json_string(out, value.as_str().unwrap_or_default(), o.ensure_ascii)
+        }
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -154,7 +181,10 @@ fn write_json(out: &mut String, value: &Value, o: &JsonOptions, depth: usize) ->
 
 fn not_serializable(value: &Value, what: &str) -> Error {
     let sep = if what.is_empty() { "" } else { " " };
-    Error::new(ErrorKind::InvalidOperation, format!("tojson: a value of type {} is not JSON serializable{sep}{what}", value.kind()))
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("tojson: a value of type {} is not JSON serializable{sep}{what}", value.kind()),
+    )
 }
 
 /// A JSON string literal as CPython's `json` encoder writes it.
@@ -199,7 +229,9 @@ pub fn python_repr(value: &Value) -> String {
         ValueKind::Number => number_repr(value, false),
         ValueKind::String => string_repr(value.as_str().unwrap_or_default()),
         ValueKind::Seq => match value.try_iter() {
-            Ok(items) => format!("[{}]", items.map(|v| python_repr(&v)).collect::<Vec<_>>().join(", ")),
+            Ok(items) => {
+                format!("[{}]", items.map(|v| python_repr(&v)).collect::<Vec<_>>().join(", "))
+            }
             Err(_) => value.to_string(),
         },
         ValueKind::Map => match value.try_iter() {
@@ -286,7 +318,8 @@ pub fn float_repr(f: f64, json: bool) -> String {
         };
         format!("{sign}{body}")
     } else {
-        let mantissa = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
+        let mantissa =
+            if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{mantissa}e{esign}{:02}", exp.abs())
     }
@@ -341,9 +374,22 @@ fn titlecase(c: char) -> String {
 /// the codes chat templates use (`%Y %y %m %d %e %H %I %M %S %p %j %a %A %b %B %h %Z %z %%`)
 /// and glibc's `-` flag (`%-d`); any other code is an error that names it.
 pub fn strftime_utc(format: &str, unix_seconds: i64) -> Result<String, String> {
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const DAYS: [&str; 7] =
+        ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let days = unix_seconds.div_euclid(86_400);
     let secs = unix_seconds.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -435,13 +481,28 @@ mod tests {
     fn json_dumps_matches_python() {
         let v = serde_json::json!({"a": [1, 2.5, null, true], "b": "x\"y\\z\n\u{1}é🦀", "c": {}, "d": []});
         let d = JsonOptions::default();
-        assert_eq!(json(v.clone(), &d), r#"{"a": [1, 2.5, null, true], "b": "x\"y\\z\n\u0001é🦀", "c": {}, "d": []}"#);
+        assert_eq!(
+            json(v.clone(), &d),
+            r#"{"a": [1, 2.5, null, true], "b": "x\"y\\z\n\u0001é🦀", "c": {}, "d": []}"#
+        );
         let ascii = JsonOptions { ensure_ascii: true, ..d.clone() };
         assert_eq!(json(serde_json::json!("é🦀"), &ascii), r#""\u00e9\ud83e\udd80""#);
-        let indented = JsonOptions { indent: Some("  ".into()), item_separator: ",".into(), ..d.clone() };
-        assert_eq!(json(serde_json::json!({"a": [1, 2], "b": {}}), &indented), "{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": {}\n}");
-        let compact = JsonOptions { item_separator: ",".into(), key_separator: ":".into(), sort_keys: true, ..d };
-        assert_eq!(json(serde_json::json!({"b": 1, "a": [1, 2]}), &compact), r#"{"a":[1,2],"b":1}"#);
+        let indented =
+            JsonOptions { indent: Some("  ".into()), item_separator: ",".into(), ..d.clone() };
+        assert_eq!(
+            json(serde_json::json!({"a": [1, 2], "b": {}}), &indented),
+            "{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": {}\n}"
+        );
+        let compact = JsonOptions {
+            item_separator: ",".into(),
+            key_separator: ":".into(),
+            sort_keys: true,
+            ..d
+        };
+        assert_eq!(
+            json(serde_json::json!({"b": 1, "a": [1, 2]}), &compact),
+            r#"{"a":[1,2],"b":1}"#
+        );
     }
 
     #[test]
@@ -467,7 +528,8 @@ mod tests {
 
     #[test]
     fn python_str_of_values() {
-        let v = Value::from_serialize(serde_json::json!([1, "it's", "a", null, true, 0.5, {"k": "v"}]));
+        let v =
+            Value::from_serialize(serde_json::json!([1, "it's", "a", null, true, 0.5, {"k": "v"}]));
         assert_eq!(to_python_str(&v), r#"[1, "it's", 'a', None, True, 0.5, {'k': 'v'}]"#);
         assert_eq!(to_python_str(&Value::from(false)), "False");
         assert_eq!(to_python_str(&Value::from("plain")), "plain");
@@ -477,7 +539,10 @@ mod tests {
     /// Expected strings are CPython's `str.title()` / `str.capitalize()`.
     #[test]
     fn title_and_capitalize_match_python() {
-        assert_eq!(python_title("what is 'ß'.upper()? they're 3rd ǆemal ﬁne"), "What Is 'Ss'.Upper()? They'Re 3Rd ǅemal Fine");
+        assert_eq!(
+            python_title("what is 'ß'.upper()? they're 3rd ǆemal ﬁne"),
+            "What Is 'Ss'.Upper()? They'Re 3Rd ǅemal Fine"
+        );
         assert_eq!(python_capitalize("ßTRASSE Straße"), "Sstrasse straße");
         assert_eq!(python_capitalize(""), "");
     }
@@ -489,7 +554,10 @@ mod tests {
             "1970-01-01 00:00:00 Thu Thursday Jan January 001 AM 12"
         );
         // 2000-02-29 13:05:09 UTC, a leap day.
-        assert_eq!(strftime_utc("%d %b %Y, %-d/%-m/%y %e %H%%", 951_829_509).unwrap(), "29 Feb 2000, 29/2/00 29 13%");
+        assert_eq!(
+            strftime_utc("%d %b %Y, %-d/%-m/%y %e %H%%", 951_829_509).unwrap(),
+            "29 Feb 2000, 29/2/00 29 13%"
+        );
         assert_eq!(strftime_utc("%j %A", 951_829_509).unwrap(), "060 Tuesday");
         // 1969-12-31 23:59:59, before the epoch.
         assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", -1).unwrap(), "1969-12-31 23:59:59");

@@ -44,7 +44,15 @@ pub struct SpecialTokens {
 }
 
 impl SpecialTokens {
-    const KEYS: [&'static str; 7] = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+    const KEYS: [&'static str; 7] = [
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "sep_token",
+        "pad_token",
+        "cls_token",
+        "mask_token",
+    ];
 
     fn slot(&mut self, key: &str) -> &mut Option<String> {
         match key {
@@ -60,7 +68,15 @@ impl SpecialTokens {
 
     /// `(key, token)` for every token that is set, in transformers' order.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        let all = [&self.bos_token, &self.eos_token, &self.unk_token, &self.sep_token, &self.pad_token, &self.cls_token, &self.mask_token];
+        let all = [
+            &self.bos_token,
+            &self.eos_token,
+            &self.unk_token,
+            &self.sep_token,
+            &self.pad_token,
+            &self.cls_token,
+            &self.mask_token,
+        ];
         Self::KEYS.into_iter().zip(all).filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
     }
 }
@@ -108,7 +124,9 @@ fn kind(v: &Json) -> String {
 impl TokenizerConfig {
     fn parse(json: &Json, file: &Path) -> Result<Self> {
         let f = file.display();
-        let obj = json.as_object().ok_or_else(|| anyhow!("{f}: expected a JSON object at the top level, found {}", kind(json)))?;
+        let obj = json.as_object().ok_or_else(|| {
+            anyhow!("{f}: expected a JSON object at the top level, found {}", kind(json))
+        })?;
         let mut cfg = TokenizerConfig::default();
 
         let token = |key: &str, v: &Json| -> Result<Option<String>> {
@@ -129,7 +147,9 @@ impl TokenizerConfig {
             match obj.get(key) {
                 None | Some(Json::Null) => Ok(None),
                 Some(Json::Bool(b)) => Ok(Some(*b)),
-                Some(other) => bail!("{f}: key `{key}`: expected true, false or null, found {}", kind(other)),
+                Some(other) => {
+                    bail!("{f}: key `{key}`: expected true, false or null, found {}", kind(other))
+                }
             }
         };
 
@@ -173,7 +193,10 @@ impl TokenizerConfig {
 }
 
 /// `added_tokens_decoder` of a `tokenizer_config.json`: token id → how the token is matched.
-fn parse_added_tokens(obj: &serde_json::Map<String, Json>, file: &Path) -> Result<BTreeMap<u32, AddedTokenSpec>> {
+fn parse_added_tokens(
+    obj: &serde_json::Map<String, Json>,
+    file: &Path,
+) -> Result<BTreeMap<u32, AddedTokenSpec>> {
     let f = file.display();
     let mut out = BTreeMap::new();
     match obj.get("added_tokens_decoder") {
@@ -181,9 +204,12 @@ fn parse_added_tokens(obj: &serde_json::Map<String, Json>, file: &Path) -> Resul
         Some(Json::Object(entries)) => {
             for (id, v) in entries {
                 let key = format!("added_tokens_decoder.{id}");
-                let id: u32 =
-                    id.parse().map_err(|_| anyhow!("{f}: key `{key}`: the key must be a token id (a non-negative integer)"))?;
-                let o = v.as_object().ok_or_else(|| anyhow!("{f}: key `{key}`: expected an object, found {}", kind(v)))?;
+                let id: u32 = id.parse().map_err(|_| {
+                    anyhow!("{f}: key `{key}`: the key must be a token id (a non-negative integer)")
+                })?;
+                let o = v.as_object().ok_or_else(|| {
+                    anyhow!("{f}: key `{key}`: expected an object, found {}", kind(v))
+                })?;
                 let content = match o.get("content") {
                     Some(Json::String(s)) => s.clone(),
                     other => bail!(
@@ -195,7 +221,10 @@ fn parse_added_tokens(obj: &serde_json::Map<String, Json>, file: &Path) -> Resul
                     match o.get(name) {
                         None | Some(Json::Null) => Ok(default),
                         Some(Json::Bool(b)) => Ok(*b),
-                        Some(other) => bail!("{f}: key `{key}.{name}`: expected true or false, found {}", kind(other)),
+                        Some(other) => bail!(
+                            "{f}: key `{key}.{name}`: expected true or false, found {}",
+                            kind(other)
+                        ),
                     }
                 };
                 let special = b("special", false)?;
@@ -210,13 +239,19 @@ fn parse_added_tokens(obj: &serde_json::Map<String, Json>, file: &Path) -> Resul
                 out.insert(id, spec);
             }
         }
-        Some(other) => bail!("{f}: key `added_tokens_decoder`: expected an object of id -> token, found {}", kind(other)),
+        Some(other) => bail!(
+            "{f}: key `added_tokens_decoder`: expected an object of id -> token, found {}",
+            kind(other)
+        ),
     }
     Ok(out)
 }
 
 /// `chat_template` of a `tokenizer_config.json`: one template, or a list of named ones.
-fn parse_chat_templates(obj: &serde_json::Map<String, Json>, file: &Path) -> Result<Option<Vec<(String, String)>>> {
+fn parse_chat_templates(
+    obj: &serde_json::Map<String, Json>,
+    file: &Path,
+) -> Result<Option<Vec<(String, String)>>> {
     let f = file.display();
     let templates = match obj.get("chat_template") {
         None | Some(Json::Null) => None,
@@ -275,10 +310,16 @@ impl Tokenizer {
     /// priority over the config's `chat_template`, as in transformers).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            bail!("{} is not a folder: expected a model folder holding {TOKENIZER_FILE}", dir.display());
+            bail!(
+                "{} is not a folder: expected a model folder holding {TOKENIZER_FILE}",
+                dir.display()
+            );
         }
         let config = dir.join(TOKENIZER_CONFIG_FILE);
-        let mut tok = Self::from_files(&dir.join(TOKENIZER_FILE), config.is_file().then_some(config.as_path()))?;
+        let mut tok = Self::from_files(
+            &dir.join(TOKENIZER_FILE),
+            config.is_file().then_some(config.as_path()),
+        )?;
         if let Some(t) = read_template_files(dir)? {
             tok.chat_template = Some(t);
         }
@@ -288,23 +329,34 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` and optionally its `tokenizer_config.json`.
     pub fn from_files(tokenizer_json: &Path, tokenizer_config_json: Option<&Path>) -> Result<Self> {
         if !tokenizer_json.is_file() {
-            bail!("{} does not exist: a model folder needs a Hugging Face {TOKENIZER_FILE}", tokenizer_json.display());
+            bail!(
+                "{} does not exist: a model folder needs a Hugging Face {TOKENIZER_FILE}",
+                tokenizer_json.display()
+            );
         }
-        let mut inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| anyhow!("{}: not a valid {TOKENIZER_FILE}: {e}", tokenizer_json.display()))?;
+        let mut inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
+            anyhow!("{}: not a valid {TOKENIZER_FILE}: {e}", tokenizer_json.display())
+        })?;
         inner.with_padding(None);
-        inner.with_truncation(None).map_err(|e| anyhow!("{}: cannot turn truncation off: {e}", tokenizer_json.display()))?;
+        inner.with_truncation(None).map_err(|e| {
+            anyhow!("{}: cannot turn truncation off: {e}", tokenizer_json.display())
+        })?;
 
         let config = match tokenizer_config_json {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                let json: Json = serde_json::from_str(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let json: Json = serde_json::from_str(&text)
+                    .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
                 TokenizerConfig::parse(&json, path)?
             }
             None => TokenizerConfig::default(),
         };
         let chat_template = match (&config.chat_templates, tokenizer_config_json) {
-            (Some(list), Some(path)) => Some(ChatTemplate::new(list.clone(), format!("{} (key `chat_template`)", path.display()))?),
+            (Some(list), Some(path)) => Some(ChatTemplate::new(
+                list.clone(),
+                format!("{} (key `chat_template`)", path.display()),
+            )?),
             _ => None,
         };
 
@@ -328,20 +380,26 @@ impl Tokenizer {
     /// its tokens (a BOS for Llama-style tokenizers; nothing for Qwen2). Special tokens
     /// written in the text are recognised unless `split_special_tokens` is set.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
-        let enc = self
-            .inner
-            .encode_fast(text, add_special_tokens)
-            .map_err(|e| anyhow!("{}: cannot encode a text of {} bytes: {e}", self.origin.display(), text.len()))?;
+        let enc = self.inner.encode_fast(text, add_special_tokens).map_err(|e| {
+            anyhow!("{}: cannot encode a text of {} bytes: {e}", self.origin.display(), text.len())
+        })?;
         Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
     /// [`encode`](Self::encode) for several texts (in parallel).
-    pub fn encode_batch<S: AsRef<str> + Sync>(&self, texts: &[S], add_special_tokens: bool) -> Result<Vec<Vec<i64>>> {
+    pub fn encode_batch<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        add_special_tokens: bool,
+    ) -> Result<Vec<Vec<i64>>> {
         let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let encs = self
-            .inner
-            .encode_batch_fast(inputs, add_special_tokens)
-            .map_err(|e| anyhow!("{}: cannot encode a batch of {} texts: {e}", self.origin.display(), texts.len()))?;
+        let encs = self.inner.encode_batch_fast(inputs, add_special_tokens).map_err(|e| {
+            anyhow!(
+                "{}: cannot encode a batch of {} texts: {e}",
+                self.origin.display(),
+                texts.len()
+            )
+        })?;
         Ok(encs.iter().map(|e| e.get_ids().iter().map(|&i| i64::from(i)).collect()).collect())
     }
 
@@ -351,15 +409,22 @@ impl Tokenizer {
         let ids: Vec<u32> = ids
             .iter()
             .enumerate()
-            .map(|(i, &id)| u32::try_from(id).map_err(|_| anyhow!("cannot decode token id {id} at position {i}: ids are 0..{}", u32::MAX)))
+            .map(|(i, &id)| {
+                u32::try_from(id).map_err(|_| {
+                    anyhow!("cannot decode token id {id} at position {i}: ids are 0..{}", u32::MAX)
+                })
+            })
             .collect::<Result<_>>()?;
-        let text = self
-            .inner
-            .decode(&ids, skip_special_tokens)
-            .map_err(|e| anyhow!("{}: cannot decode {} ids: {e}", self.origin.display(), ids.len()))?;
+        let text = self.inner.decode(&ids, skip_special_tokens).map_err(|e| {
+            anyhow!("{}: cannot decode {} ids: {e}", self.origin.display(), ids.len())
+        })?;
         // transformers skips this clean-up for BPE models even when the config asks for it.
         let is_bpe = matches!(self.inner.get_model(), ModelWrapper::BPE(_));
-        Ok(if self.clean_up_tokenization_spaces && !is_bpe { clean_up_tokenization(&text) } else { text })
+        Ok(if self.clean_up_tokenization_spaces && !is_bpe {
+            clean_up_tokenization(&text)
+        } else {
+            text
+        })
     }
 
     /// The id of a token (vocabulary entry or added token).
@@ -439,21 +504,40 @@ impl Tokenizer {
 
     /// The prompt text of a conversation: transformers'
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=…)`.
-    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         self.apply_chat_template_with(messages, add_generation_prompt, &Json::Null)
     }
 
     /// [`apply_chat_template`](Self::apply_chat_template) with extra template variables
     /// (a JSON object such as `{"tools": […], "enable_thinking": false}`, or null). They
     /// override the special-token variables, as transformers' keyword arguments do.
-    pub fn apply_chat_template_with(&self, messages: &[Message], add_generation_prompt: bool, extra: &Json) -> Result<String> {
-        let messages = Json::Array(messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect());
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        extra: &Json,
+    ) -> Result<String> {
+        let messages = Json::Array(
+            messages
+                .iter()
+                .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                .collect(),
+        );
         self.apply_chat_template_json(&messages, add_generation_prompt, extra)
     }
 
     /// The same for messages given as JSON (tool calls, content blocks with images): a list
     /// of objects; keys whose value is null are dropped, as transformers does.
-    pub fn apply_chat_template_json(&self, messages: &Json, add_generation_prompt: bool, extra: &Json) -> Result<String> {
+    pub fn apply_chat_template_json(
+        &self,
+        messages: &Json,
+        add_generation_prompt: bool,
+        extra: &Json,
+    ) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             anyhow!(
                 "{}: this tokenizer has no chat template (no `chat_template` in {TOKENIZER_CONFIG_FILE} and no {CHAT_TEMPLATE_FILE}); give one or use a model with one",
@@ -474,7 +558,11 @@ impl Tokenizer {
     /// Token ids of a conversation: the rendered prompt encoded without adding special
     /// tokens (the template writes them), as transformers' `apply_chat_template(…,
     /// tokenize=True)` does.
-    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<i64>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<i64>> {
         self.encode(&self.apply_chat_template(messages, add_generation_prompt)?, false)
     }
 
@@ -489,17 +577,26 @@ impl Tokenizer {
 /// special token already in the base vocabulary keeps its id but becomes an added special
 /// token (matched whole in text, skipped by `skip_special_tokens`), as in transformers.
 fn add_missing_tokens(inner: &mut tokenizers::Tokenizer, config: &TokenizerConfig) {
-    let mut added: HashSet<String> = inner.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
-    let named: HashSet<&str> = config.special.iter().map(|(_, t)| t).chain(config.named_extra.iter().map(|(_, t)| t.as_str())).collect();
+    let mut added: HashSet<String> =
+        inner.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
+    let named: HashSet<&str> = config
+        .special
+        .iter()
+        .map(|(_, t)| t)
+        .chain(config.named_extra.iter().map(|(_, t)| t.as_str()))
+        .collect();
     for (&id, spec) in &config.added_tokens {
         if added.contains(&spec.content) {
             continue;
         }
-        let token = AddedToken::from(spec.content.clone(), spec.special || named.contains(spec.content.as_str()))
-            .lstrip(spec.lstrip)
-            .rstrip(spec.rstrip)
-            .single_word(spec.single_word)
-            .normalized(spec.normalized);
+        let token = AddedToken::from(
+            spec.content.clone(),
+            spec.special || named.contains(spec.content.as_str()),
+        )
+        .lstrip(spec.lstrip)
+        .rstrip(spec.rstrip)
+        .single_word(spec.single_word)
+        .normalized(spec.normalized);
         inner.add_tokens(&[token]);
         added.insert(spec.content.clone());
         let got = inner.token_to_id(&spec.content);
@@ -508,7 +605,8 @@ fn add_missing_tokens(inner: &mut tokenizers::Tokenizer, config: &TokenizerConfi
         }
     }
     let specials = config.special.iter().map(|(_, t)| t.to_string());
-    let extras = config.named_extra.iter().map(|(_, t)| t.clone()).chain(config.extra.iter().cloned());
+    let extras =
+        config.named_extra.iter().map(|(_, t)| t.clone()).chain(config.extra.iter().cloned());
     for t in specials.chain(extras) {
         if added.insert(t.clone()) {
             inner.add_tokens(&[AddedToken::from(t, true)]);
@@ -521,7 +619,8 @@ fn read_template_files(dir: &Path) -> Result<Option<ChatTemplate>> {
     let mut templates = Vec::new();
     let single = dir.join(CHAT_TEMPLATE_FILE);
     if single.is_file() {
-        let text = std::fs::read_to_string(&single).with_context(|| format!("reading {}", single.display()))?;
+        let text = std::fs::read_to_string(&single)
+            .with_context(|| format!("reading {}", single.display()))?;
         templates.push((super::chat_template::DEFAULT_TEMPLATE.to_string(), text));
     }
     let folder = dir.join(CHAT_TEMPLATES_DIR);
@@ -534,14 +633,19 @@ fn read_template_files(dir: &Path) -> Result<Option<ChatTemplate>> {
         files.sort();
         for p in files {
             let name = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
             templates.push((name, text));
         }
     }
     if templates.is_empty() {
         return Ok(None);
     }
-    ChatTemplate::new(templates, format!("{} ({CHAT_TEMPLATE_FILE}, {CHAT_TEMPLATES_DIR}/)", dir.display())).map(Some)
+    ChatTemplate::new(
+        templates,
+        format!("{} ({CHAT_TEMPLATE_FILE}, {CHAT_TEMPLATES_DIR}/)", dir.display()),
+    )
+    .map(Some)
 }
 
 /// transformers' `clean_up_tokenization` (spaces before punctuation and contractions).
@@ -570,8 +674,17 @@ mod tests {
         for (i, c) in "abcdehilnorstwxyĠ!,".chars().enumerate() {
             vocab.insert(c.to_string(), Json::from(i));
         }
-        let merges =
-            [("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"), ("Ġwor", "l"), ("Ġworl", "d")];
+        let merges = [
+            ("h", "e"),
+            ("he", "l"),
+            ("hel", "l"),
+            ("hell", "o"),
+            ("Ġ", "w"),
+            ("o", "r"),
+            ("Ġw", "or"),
+            ("Ġwor", "l"),
+            ("Ġworl", "d"),
+        ];
         let mut next = vocab.len();
         for (a, b) in merges {
             vocab.insert(format!("{a}{b}"), Json::from(next));
@@ -640,7 +753,10 @@ mod tests {
         assert_eq!(tok.encode("hello world", false).unwrap(), vec![hello, world]);
         // The post-processor adds <s>; truncation from tokenizer.json (max 2) is off.
         assert_eq!(tok.encode("hello world", true).unwrap(), vec![bos, hello, world]);
-        assert_eq!(tok.encode_batch(&["hello", "hello world"], false).unwrap(), vec![vec![hello], vec![hello, world]]);
+        assert_eq!(
+            tok.encode_batch(&["hello", "hello world"], false).unwrap(),
+            vec![vec![hello], vec![hello, world]]
+        );
         let end = tok.eos_token_id().unwrap();
         assert_eq!(tok.encode("hello<|end|>", false).unwrap(), vec![hello, end]);
         assert_eq!(tok.decode(&[bos, hello, world, end], false).unwrap(), "<s>hello world<|end|>");
@@ -677,11 +793,18 @@ mod tests {
         let tok = Tokenizer::from_dir(&dir).unwrap();
         assert!(tok.has_chat_template());
         let msgs = [Message::new("user", "hello"), Message::new("assistant", "world")];
-        assert_eq!(tok.apply_chat_template(&msgs, true).unwrap(), "<s><|user|>hello<|end|><|assistant|>world<|end|><|assistant|>");
-        let with_tools = tok.apply_chat_template_with(&msgs, false, &serde_json::json!({"tools": [{}, {}]})).unwrap();
+        assert_eq!(
+            tok.apply_chat_template(&msgs, true).unwrap(),
+            "<s><|user|>hello<|end|><|assistant|>world<|end|><|assistant|>"
+        );
+        let with_tools = tok
+            .apply_chat_template_with(&msgs, false, &serde_json::json!({"tools": [{}, {}]}))
+            .unwrap();
         assert_eq!(with_tools, "2 tools");
         // Extra variables override the special tokens.
-        let out = tok.apply_chat_template_with(&msgs[..1], false, &serde_json::json!({"bos_token": "B"})).unwrap();
+        let out = tok
+            .apply_chat_template_with(&msgs[..1], false, &serde_json::json!({"bos_token": "B"}))
+            .unwrap();
         assert!(out.starts_with("B<|user|>"), "{out}");
         let ids = tok.encode_chat(&msgs[..1], false).unwrap();
         assert_eq!(ids[0], tok.bos_token_id().unwrap());
@@ -690,9 +813,13 @@ mod tests {
     #[test]
     fn chat_template_jinja_file_takes_priority() {
         let dir = write_dir("jinja", Some(config()));
-        std::fs::write(dir.join(CHAT_TEMPLATE_FILE), "from file: {{ messages[0].content }}\n").unwrap();
+        std::fs::write(dir.join(CHAT_TEMPLATE_FILE), "from file: {{ messages[0].content }}\n")
+            .unwrap();
         let tok = Tokenizer::from_dir(&dir).unwrap();
-        assert_eq!(tok.apply_chat_template(&[Message::new("user", "x")], false).unwrap(), "from file: x");
+        assert_eq!(
+            tok.apply_chat_template(&[Message::new("user", "x")], false).unwrap(),
+            "from file: x"
+        );
     }
 
     #[test]
@@ -701,7 +828,8 @@ mod tests {
         let tok = Tokenizer::from_dir(&dir).unwrap();
         assert!(!tok.has_chat_template());
         assert_eq!(tok.eos_token_id(), None);
-        let err = tok.apply_chat_template(&[Message::new("user", "x")], false).unwrap_err().to_string();
+        let err =
+            tok.apply_chat_template(&[Message::new("user", "x")], false).unwrap_err().to_string();
         assert!(err.contains("no chat template"), "{err}");
     }
 
@@ -720,10 +848,19 @@ mod tests {
             (serde_json::json!({"bos_token": {"special": true}}), "`bos_token`"),
             (serde_json::json!({"chat_template": 3}), "`chat_template`"),
             (serde_json::json!({"chat_template": [{"name": "default"}]}), "`chat_template[0]`"),
-            (serde_json::json!({"added_tokens_decoder": {"x": {"content": "a"}}}), "`added_tokens_decoder.x`"),
-            (serde_json::json!({"added_tokens_decoder": {"7": {"content": "a", "special": "yes"}}}), "`added_tokens_decoder.7.special`"),
+            (
+                serde_json::json!({"added_tokens_decoder": {"x": {"content": "a"}}}),
+                "`added_tokens_decoder.x`",
+            ),
+            (
+                serde_json::json!({"added_tokens_decoder": {"7": {"content": "a", "special": "yes"}}}),
+                "`added_tokens_decoder.7.special`",
+            ),
             (serde_json::json!({"add_bos_token": "true"}), "`add_bos_token`"),
-            (serde_json::json!({"additional_special_tokens": "<x>"}), "`additional_special_tokens`"),
+            (
+                serde_json::json!({"additional_special_tokens": "<x>"}),
+                "`additional_special_tokens`",
+            ),
             (serde_json::json!({"chat_template": "{% if %}"}), "`chat_template`"),
         ] {
             let dir = write_dir("bad", Some(bad.clone()));
@@ -746,6 +883,9 @@ mod tests {
 
     #[test]
     fn clean_up_matches_transformers() {
-        assert_eq!(clean_up_tokenization("a , b . c ! d ? it 's I 'm we 're do n't"), "a, b. c! d? it's I'm we're don't");
+        assert_eq!(
+            clean_up_tokenization("a , b . c ! d ? it 's I 'm we 're do n't"),
+            "a, b. c! d? it's I'm we're don't"
+        );
     }
 }

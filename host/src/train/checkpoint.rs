@@ -25,9 +25,13 @@ pub(crate) fn write_metrics_line(file: &mut std::fs::File, line: &serde_json::Va
 /// dropped, so that a resumed run's file reads as one uninterrupted run.
 pub(crate) fn rewind_metrics(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let line_step = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64());
-    let kept: String =
-        text.split_inclusive('\n').filter(|l| l.ends_with('\n') && line_step(l).is_some_and(|s| s as usize <= step)).collect();
+    let line_step = |l: &str| {
+        serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64())
+    };
+    let kept: String = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && line_step(l).is_some_and(|s| s as usize <= step))
+        .collect();
     if kept.len() != text.len() {
         crate::util::atomic::write(path, kept)?;
     }
@@ -93,19 +97,24 @@ pub(crate) fn save_checkpoint(
     }
     comm.barrier()?;
     let state = memory.state_dict()?;
-    safetensors::write(&tmp.join(optimizer_file(rank, world)), &state)
-        .with_context(|| format!("rank {rank}: cannot write its optimizer state into {}", tmp.display()))?;
+    safetensors::write(&tmp.join(optimizer_file(rank, world)), &state).with_context(|| {
+        format!("rank {rank}: cannot write its optimizer state into {}", tmp.display())
+    })?;
     comm.barrier()?;
     if rank != 0 {
         return Ok(comm.barrier()?);
     }
     model.save_peft_adapter(&tmp.join("adapter"))?;
     non_lora::save(&tmp.join("adapter"), full_weights)?;
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(&serde_json::json!({ "step": step, "world_size": world }))?)?;
+    std::fs::write(
+        tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(&serde_json::json!({ "step": step, "world_size": world }))?,
+    )?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
     if let Some(keep) = keep {
         let all = checkpoints(out)?;
         for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
@@ -116,11 +125,20 @@ pub(crate) fn save_checkpoint(
     Ok(())
 }
 
-pub(crate) fn load_checkpoint(dir: &Path, model: &mut PeftModel, memory: &mut dyn MemoryStrategy, comm: &dyn Collectives) -> Result<usize> {
+pub(crate) fn load_checkpoint(
+    dir: &Path,
+    model: &mut PeftModel,
+    memory: &mut dyn MemoryStrategy,
+    comm: &dyn Collectives,
+) -> Result<usize> {
     let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join(STATE_FILE)).with_context(|| format!("{} has no {STATE_FILE}", dir.display()))?,
+        &std::fs::read_to_string(dir.join(STATE_FILE))
+            .with_context(|| format!("{} has no {STATE_FILE}", dir.display()))?,
     )?;
-    let step = state["step"].as_u64().with_context(|| format!("{}/{STATE_FILE}: no `step`", dir.display()))? as usize;
+    let step = state["step"]
+        .as_u64()
+        .with_context(|| format!("{}/{STATE_FILE}: no `step`", dir.display()))?
+        as usize;
     let adapter = safetensors::read(&dir.join("adapter/adapter_model.safetensors"))
         .with_context(|| format!("cannot read the adapter of {}", dir.display()))?;
     model.load_adapter_state_dict(adapter)?;
@@ -134,7 +152,8 @@ pub(crate) fn load_checkpoint(dir: &Path, model: &mut PeftModel, memory: &mut dy
         );
     }
     let file = optimizer_file(rank, world);
-    let opt = safetensors::read(&dir.join(&file)).with_context(|| format!("cannot read {}/{file}", dir.display()))?;
+    let opt = safetensors::read(&dir.join(&file))
+        .with_context(|| format!("cannot read {}/{file}", dir.display()))?;
     memory.load_state_dict(opt)?;
     Ok(step)
 }
@@ -148,12 +167,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferrotune-rewind-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(METRICS_FILE);
-        let lines = ["{\"step\":1,\"loss\":2.0}\n", "{\"step\":2,\"loss\":1.5}\n", "{\"step\":3,\"loss\":1.2}\n"];
+        let lines = [
+            "{\"step\":1,\"loss\":2.0}\n",
+            "{\"step\":2,\"loss\":1.5}\n",
+            "{\"step\":3,\"loss\":1.2}\n",
+        ];
         std::fs::write(&path, lines.concat() + "{\"step\":4,\"lo").unwrap();
         rewind_metrics(&path, 2).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), lines[..2].concat());
         rewind_metrics(&path, 2).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), lines[..2].concat(), "nothing to cut: unchanged");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            lines[..2].concat(),
+            "nothing to cut: unchanged"
+        );
         rewind_metrics(&dir.join("absent.jsonl"), 2).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -165,7 +165,14 @@ pub struct OptimizerConfig {
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        Self { lr: default_lr(), weight_decay: 0.0, betas: default_betas(), eps: default_eps(), max_grad_norm: default_clip(), amsgrad: false }
+        Self {
+            lr: default_lr(),
+            weight_decay: 0.0,
+            betas: default_betas(),
+            eps: default_eps(),
+            max_grad_norm: default_clip(),
+            amsgrad: false,
+        }
     }
 }
 
@@ -353,10 +360,14 @@ fn default_one() -> usize {
 impl TrainConfig {
     /// Reads a YAML config; errors name the file and the key path.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
         let mut cfg = Self::from_yaml(&text).with_context(|| format!("in {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path].into_iter().chain(cfg.adapter_init.as_mut()) {
+        for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path]
+            .into_iter()
+            .chain(cfg.adapter_init.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -393,9 +404,15 @@ impl TrainConfig {
             bail!("config key `optimizer.lr`: must be positive, got {}", self.optimizer.lr);
         }
         if !(0.0..1.0).contains(&self.scheduler.warmup_ratio) {
-            bail!("config key `scheduler.warmup_ratio`: must be in [0, 1), got {}", self.scheduler.warmup_ratio);
+            bail!(
+                "config key `scheduler.warmup_ratio`: must be in [0, 1), got {}",
+                self.scheduler.warmup_ratio
+            );
         }
-        for (key, lr) in [("vision.vision_lr", self.vision.vision_lr), ("vision.merger_lr", self.vision.merger_lr)] {
+        for (key, lr) in [
+            ("vision.vision_lr", self.vision.vision_lr),
+            ("vision.merger_lr", self.vision.merger_lr),
+        ] {
             if lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
                 bail!("config key `{key}`: must be positive");
             }
@@ -414,10 +431,16 @@ impl TrainConfig {
         let mut names = std::collections::BTreeSet::new();
         for (i, r) in self.rewards.iter().enumerate() {
             if !r.weight.is_finite() {
-                bail!("config key `rewards[{i}].weight`: must be a finite number, got {}", r.weight);
+                bail!(
+                    "config key `rewards[{i}].weight`: must be a finite number, got {}",
+                    r.weight
+                );
             }
             if !names.insert(r.display_name()) {
-                bail!("config key `rewards[{i}]`: a second reward named `{}`; give one a `name:`", r.display_name());
+                bail!(
+                    "config key `rewards[{i}]`: a second reward named `{}`; give one a `name:`",
+                    r.display_name()
+                );
             }
         }
         Ok(())
@@ -457,15 +480,27 @@ mod tests {
 
     #[test]
     fn unknown_and_bad_keys_are_named() {
-        let e = TrainConfig::from_yaml(&format!("{MINIMAL}lerning_rate: 1\n")).unwrap_err().to_string();
+        let e =
+            TrainConfig::from_yaml(&format!("{MINIMAL}lerning_rate: 1\n")).unwrap_err().to_string();
         assert!(e.contains("unknown field `lerning_rate`"), "{e}");
-        let e = TrainConfig::from_yaml(&format!("{MINIMAL}training: {{epochs: 1, micro_batch: 4}}\n")).unwrap_err().to_string();
+        let e =
+            TrainConfig::from_yaml(&format!("{MINIMAL}training: {{epochs: 1, micro_batch: 4}}\n"))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("training") && e.contains("micro_batch"), "{e}");
-        let e = TrainConfig::from_yaml(&format!("{MINIMAL}scheduler: {{type: exponential}}\n")).unwrap_err().to_string();
+        let e = TrainConfig::from_yaml(&format!("{MINIMAL}scheduler: {{type: exponential}}\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("scheduler.type") && e.contains("exponential"), "{e}");
-        let e = TrainConfig::from_yaml(&format!("{MINIMAL}training: {{gradient_accumulation_steps: 0}}\n")).unwrap_err().to_string();
+        let e = TrainConfig::from_yaml(&format!(
+            "{MINIMAL}training: {{gradient_accumulation_steps: 0}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("gradient_accumulation_steps"), "{e}");
-        let e = TrainConfig::from_yaml("model: m\noutput_dir: o\ndata: {plugin: a, path: p}\n").unwrap_err().to_string();
+        let e = TrainConfig::from_yaml("model: m\noutput_dir: o\ndata: {plugin: a, path: p}\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing field `adapter`"), "{e}");
     }
 }

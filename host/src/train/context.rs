@@ -26,7 +26,9 @@ pub fn load_rewards(cfg: &TrainConfig, registry: &Registry) -> Result<Vec<Loaded
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let handle = registry.reward(&r.plugin, &r.config_json()).with_context(|| format!("config key `rewards[{i}]`"))?;
+            let handle = registry
+                .reward(&r.plugin, &r.config_json())
+                .with_context(|| format!("config key `rewards[{i}]`"))?;
             Ok(LoadedReward { name: r.display_name().to_string(), weight: r.weight, handle })
         })
         .collect()
@@ -45,30 +47,49 @@ pub struct PolicyContext<'a> {
 }
 
 impl ObjectiveContext for PolicyContext<'_> {
-    fn forward(&self, inputs: &[(String, Tensor)], flags: ForwardFlags) -> PluginResult<Vec<(String, Tensor)>> {
+    fn forward(
+        &self,
+        inputs: &[(String, Tensor)],
+        flags: ForwardFlags,
+    ) -> PluginResult<Vec<(String, Tensor)>> {
         let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
-        let ids = get("input_ids").ok_or_else(|| PluginError::invalid("forward needs `input_ids`"))?;
+        let ids =
+            get("input_ids").ok_or_else(|| PluginError::invalid("forward needs `input_ids`"))?;
         let mask = get("attention_mask");
         let images = match (get("pixel_values"), get("image_grid_thw")) {
             (Some(pv), Some(grid)) => Some(VisionInputs {
                 pixel_values: pv.shallow_clone(),
-                image_grid_thw: data::images::grids_of(grid).map_err(|e| PluginError::invalid(format!("{e:#}")))?,
+                image_grid_thw: data::images::grids_of(grid)
+                    .map_err(|e| PluginError::invalid(format!("{e:#}")))?,
             }),
             (None, None) => None,
-            _ => return Err(PluginError::invalid("forward needs both `pixel_values` and `image_grid_thw`, or neither")),
+            _ => {
+                return Err(PluginError::invalid(
+                    "forward needs both `pixel_values` and `image_grid_thw`, or neither",
+                ))
+            }
         };
         let run = || {
             self.model
-                .forward(ForwardArgs::ids(ids).mask(mask).images(images.as_ref()).mode(self.model.mode(flags, self.train)))
+                .forward(
+                    ForwardArgs::ids(ids)
+                        .mask(mask)
+                        .images(images.as_ref())
+                        .mode(self.model.mode(flags, self.train)),
+                )
                 .map_err(|e| PluginError::runtime(format!("{e:#}")))
         };
-        let logits = if flags.contains(ForwardFlags::NO_GRAD) { tch::no_grad(run)? } else { run()? };
+        let logits =
+            if flags.contains(ForwardFlags::NO_GRAD) { tch::no_grad(run)? } else { run()? };
         Ok(vec![("logits".to_string(), logits)])
     }
     fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>> {
-        let opts: serde_json::Value = serde_json::from_str(if options_json.trim().is_empty() { "{}" } else { options_json })
-            .map_err(|e| PluginError::invalid(format!("generation options: {e}")))?;
-        let mut p = crate::generate::SamplingParams::greedy(opts["max_new_tokens"].as_u64().unwrap_or(64) as usize);
+        let opts: serde_json::Value =
+            serde_json::from_str(if options_json.trim().is_empty() { "{}" } else { options_json })
+                .map_err(|e| PluginError::invalid(format!("generation options: {e}")))?;
+        let mut p = crate::generate::SamplingParams::greedy(
+            opts["max_new_tokens"].as_u64().unwrap_or(64) as usize,
+        );
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let room = self.max_len.saturating_sub(longest);
         if room == 0 {
@@ -83,20 +104,27 @@ impl ObjectiveContext for PolicyContext<'_> {
         p.top_p = opts["top_p"].as_f64().unwrap_or(1.0);
         p.seed = opts["seed"].as_u64().unwrap_or(0);
         p.eos_token_ids = self.tokenizer.eos_token_id().into_iter().collect();
-        p.pad_token_id = self.tokenizer.pad_token_id().or(self.tokenizer.eos_token_id()).unwrap_or(0);
-        crate::generate::generate(self.model, prompts, &p).map_err(|e| PluginError::runtime(format!("{e:#}")))
+        p.pad_token_id =
+            self.tokenizer.pad_token_id().or(self.tokenizer.eos_token_id()).unwrap_or(0);
+        crate::generate::generate(self.model, prompts, &p)
+            .map_err(|e| PluginError::runtime(format!("{e:#}")))
     }
     fn decode(&self, ids: &[i64]) -> PluginResult<String> {
         self.tokenizer.decode(ids, true).map_err(|e| PluginError::runtime(format!("{e:#}")))
     }
     fn rewards(&self, inputs: &[RewardInput]) -> PluginResult<Vec<RewardScores>> {
         if self.rewards.is_empty() {
-            return Err(PluginError::unsupported("this run configures no reward plugins (add a `rewards:` list to the config)"));
+            return Err(PluginError::unsupported(
+                "this run configures no reward plugins (add a `rewards:` list to the config)",
+            ));
         }
         self.rewards
             .iter()
             .map(|r| {
-                let scores = r.handle.score(inputs).map_err(|e| e.context(format!("reward `{}`", r.name)))?;
+                let scores = r
+                    .handle
+                    .score(inputs)
+                    .map_err(|e| e.context(format!("reward `{}`", r.name)))?;
                 Ok(RewardScores { name: r.name.clone(), weight: r.weight, scores })
             })
             .collect()

@@ -52,22 +52,49 @@ pub fn image_prep(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Option<ImagePrep
 
 /// The run's encoding options.
 pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
-    EncodeOptions { cutoff_len: cfg.data.cutoff_len, train_on_prompt: cfg.data.train_on_prompt, mask_history: cfg.data.mask_history }
+    EncodeOptions {
+        cutoff_len: cfg.data.cutoff_len,
+        train_on_prompt: cfg.data.train_on_prompt,
+        mask_history: cfg.data.mask_history,
+    }
 }
 
 /// Reads and encodes the run's data as the trainer does, in the batch layout of the run's
 /// objective, every row kept or reported.
-pub fn read_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>) -> Result<Prepared> {
+pub fn read_data(
+    cfg: &TrainConfig,
+    registry: &Registry,
+    tok: &Tokenizer,
+    prep: Option<&ImagePrep>,
+) -> Result<Prepared> {
     let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
     let layout = Layout::from_needs(&cfg.objective.plugin, &objective.needs())?;
-    let rows = data::read_rows(registry, &cfg.data.plugin, &serde_json::Value::Object(cfg.data.config.clone()).to_string(), &cfg.data.path, &cfg.data.split)?;
+    let rows = data::read_rows(
+        registry,
+        &cfg.data.plugin,
+        &serde_json::Value::Object(cfg.data.config.clone()).to_string(),
+        &cfg.data.path,
+        &cfg.data.split,
+    )?;
     layout::prepare(layout, rows, tok, prep, &encode_options(cfg))
 }
 
 /// Reads the run's data and encodes it in the objective's batch layout; with
 /// `on_bad_sample: stop`, any unusable row stops the run before training, listing them all.
-pub(crate) fn prepare_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokenizer, prep: Option<&ImagePrep>, layout: Layout) -> Result<Prepared> {
-    let rows = data::read_rows(registry, &cfg.data.plugin, &serde_json::Value::Object(cfg.data.config.clone()).to_string(), &cfg.data.path, &cfg.data.split)?;
+pub(crate) fn prepare_data(
+    cfg: &TrainConfig,
+    registry: &Registry,
+    tok: &Tokenizer,
+    prep: Option<&ImagePrep>,
+    layout: Layout,
+) -> Result<Prepared> {
+    let rows = data::read_rows(
+        registry,
+        &cfg.data.plugin,
+        &serde_json::Value::Object(cfg.data.config.clone()).to_string(),
+        &cfg.data.path,
+        &cfg.data.split,
+    )?;
     let prepared = layout::prepare(layout, rows, tok, prep, &encode_options(cfg))?;
     if !prepared.bad.is_empty() {
         if cfg.data.on_bad_sample == config::OnBadSample::Stop {
@@ -81,7 +108,12 @@ pub(crate) fn prepare_data(cfg: &TrainConfig, registry: &Registry, tok: &Tokeniz
                 prepared.bad_report(20)
             );
         }
-        eprintln!("note: skipping {} unusable rows of {}:\n{}", prepared.bad.len(), cfg.data.path.display(), prepared.bad_report(20));
+        eprintln!(
+            "note: skipping {} unusable rows of {}:\n{}",
+            prepared.bad.len(),
+            cfg.data.path.display(),
+            prepared.bad_report(20)
+        );
     }
     for (i, why) in &prepared.skipped {
         tracing::warn!("row {i}: {why}; skipped");
@@ -103,7 +135,6 @@ pub fn rank_share(global: &[usize], rank: usize, per_rank: usize) -> &[usize] {
     let start = (rank * per_rank).min(global.len());
     &global[start..(start + per_rank).min(global.len())]
 }
-
 
 /// A run's samples: the training set and the held-out eval set (row index and item each),
 /// and what was left out of both.
@@ -131,13 +162,25 @@ impl RunData {
         let mut skipped = prepared.skipped.len() + prepared.bad.len();
         let mut encoded = Vec::with_capacity(prepared.items.len());
         for (row, e) in prepared.items {
-            if e.label_tokens() > 0 { encoded.push((row, e)) } else { skipped += 1 }
+            if e.label_tokens() > 0 {
+                encoded.push((row, e))
+            } else {
+                skipped += 1
+            }
         }
         if truncated > 0 {
-            eprintln!("note: {truncated} of {} samples were longer than cutoff_len {} and were truncated", encoded.len(), cfg.data.cutoff_len);
+            eprintln!(
+                "note: {truncated} of {} samples were longer than cutoff_len {} and were truncated",
+                encoded.len(),
+                cfg.data.cutoff_len
+            );
         }
         if skipped > 0 {
-            eprintln!("note: {skipped} samples were skipped ({} with nothing to learn, {} unusable)", skipped - prepared.bad.len(), prepared.bad.len());
+            eprintln!(
+                "note: {skipped} samples were skipped ({} with nothing to learn, {} unusable)",
+                skipped - prepared.bad.len(),
+                prepared.bad.len()
+            );
         }
         let eval_n = (encoded.len() as f64 * cfg.data.eval_ratio).round() as usize;
         let mut is_eval = vec![false; encoded.len()];
@@ -146,7 +189,11 @@ impl RunData {
         }
         let (mut train, mut eval) = (Vec::new(), Vec::new());
         for (e, held_out) in encoded.into_iter().zip(is_eval) {
-            if held_out { eval.push(e) } else { train.push(e) }
+            if held_out {
+                eval.push(e)
+            } else {
+                train.push(e)
+            }
         }
         if train.is_empty() {
             if eval.is_empty() {

@@ -61,7 +61,11 @@ pub enum Resume {
 /// Runs (or resumes) a training run: [`Run::setup`], then [`Run::step`] until the last step
 /// with a metrics line per logging step, [`Run::evaluate`] every `eval_steps` and at the end,
 /// a checkpoint every `save_steps`, and [`Run::finish`]. Only rank 0 writes metrics.
-pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> Result<TrainSummary> {
+pub fn train(
+    cfg: &TrainConfig,
+    registry: &Registry,
+    resume: Option<Resume>,
+) -> Result<TrainSummary> {
     let mut run = Run::setup(cfg, registry, resume)?;
     let t = &cfg.training;
     let mut metrics = if run.rank() == 0 {
@@ -71,7 +75,11 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
     } else {
         None
     };
-    let bar = if run.rank() == 0 { progress_bar(t.progress_bar, run.total_steps, run.step) } else { None };
+    let bar = if run.rank() == 0 {
+        progress_bar(t.progress_bar, run.total_steps, run.step)
+    } else {
+        None
+    };
     let mut losses = Losses::default();
     let mut last_eval_step = None;
     while !run.done() {
@@ -86,7 +94,9 @@ pub fn train(cfg: &TrainConfig, registry: &Registry, resume: Option<Resume>) -> 
                 last_eval_step = Some(s.step);
             }
         }
-        if let Some(metrics) = metrics.as_mut().filter(|_| s.step % t.logging_steps == 0 || s.step == run.total_steps) {
+        if let Some(metrics) =
+            metrics.as_mut().filter(|_| s.step % t.logging_steps == 0 || s.step == run.total_steps)
+        {
             write_metrics_line(metrics, &line)?;
             println!("{line}");
         }
@@ -130,9 +140,11 @@ fn progress_bar(enabled: bool, total: usize, done: usize) -> Option<indicatif::P
     }
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps (eta {eta}) {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps (eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_position(done as u64);
     Some(bar)

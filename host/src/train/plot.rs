@@ -38,14 +38,16 @@ pub fn losses(metrics_jsonl: &str) -> (Points, Points) {
 
 /// Draws the losses of `metrics` (a metrics.jsonl file) into the PNG file `out`.
 pub fn write_loss_curve(metrics: &Path, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("cannot read {}", metrics.display()))?;
     let (train, eval) = losses(&text);
     if train.is_empty() && eval.is_empty() {
         bail!("{} has no loss values to plot", metrics.display());
     }
     let img = render(&train, &eval);
     let tmp = out.with_extension("png.tmp");
-    img.save_with_format(&tmp, image::ImageFormat::Png).with_context(|| format!("cannot write {}", tmp.display()))?;
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))
 }
 
@@ -54,7 +56,8 @@ pub fn render(train: &[(f64, f64)], eval: &[(f64, f64)]) -> RgbImage {
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
     let all = train.iter().chain(eval);
     let max_step = all.clone().map(|p| p.0).fold(1.0f64, f64::max);
-    let (mut lo, mut hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (mut lo, mut hi) =
+        all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     if !(hi > lo) {
         (lo, hi) = (lo - 0.5, hi + 0.5);
     }
@@ -66,7 +69,12 @@ pub fn render(train: &[(f64, f64)], eval: &[(f64, f64)]) -> RgbImage {
         line(&mut img, (LEFT as f64, gy as f64), ((W - RIGHT) as f64, gy as f64), GRID);
     }
     line(&mut img, (LEFT as f64, TOP as f64), (LEFT as f64, (H - BOTTOM) as f64), AXIS);
-    line(&mut img, (LEFT as f64, (H - BOTTOM) as f64), ((W - RIGHT) as f64, (H - BOTTOM) as f64), AXIS);
+    line(
+        &mut img,
+        (LEFT as f64, (H - BOTTOM) as f64),
+        ((W - RIGHT) as f64, (H - BOTTOM) as f64),
+        AXIS,
+    );
     for pair in train.windows(2) {
         line(&mut img, (x(pair[0].0), y(pair[0].1)), (x(pair[1].0), y(pair[1].1)), TRAIN);
     }
@@ -95,7 +103,8 @@ fn line(img: &mut RgbImage, a: (f64, f64), b: (f64, f64), c: Rgb<u8>) {
     let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as i64).max(1);
     for i in 0..=n {
         let t = i as f64 / n as f64;
-        let (px, py) = ((a.0 + (b.0 - a.0) * t).round() as i64, (a.1 + (b.1 - a.1) * t).round() as i64);
+        let (px, py) =
+            ((a.0 + (b.0 - a.0) * t).round() as i64, (a.1 + (b.1 - a.1) * t).round() as i64);
         put(img, px, py, c);
         put(img, px, py + 1, c);
     }
@@ -132,7 +141,12 @@ fn text(img: &mut RgbImage, x0: u32, y0: u32, s: &str, c: Rgb<u8>) {
             for rx in 0..3 {
                 if bits & (4 >> rx) != 0 {
                     for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
-                        put(img, (x0 + k as u32 * 8 + rx * 2 + dx) as i64, (y0 + ry as u32 * 2 + dy) as i64, c);
+                        put(
+                            img,
+                            (x0 + k as u32 * 8 + rx * 2 + dx) as i64,
+                            (y0 + ry as u32 * 2 + dy) as i64,
+                            c,
+                        );
                     }
                 }
             }
@@ -152,7 +166,8 @@ mod tests {
         assert_eq!(eval, vec![(2.0, 2.5)]);
         let img = render(&train, &eval);
         // The line starts high on the left and ends low on the right.
-        let blue_rows = |x: u32| (0..H).filter(|&y| *img.get_pixel(x, y) == TRAIN).collect::<Vec<_>>();
+        let blue_rows =
+            |x: u32| (0..H).filter(|&y| *img.get_pixel(x, y) == TRAIN).collect::<Vec<_>>();
         let start = blue_rows(LEFT + (W - LEFT - RIGHT) / 3 + 1);
         let end = blue_rows(W - RIGHT - 1);
         assert!(!start.is_empty() && !end.is_empty());

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ferrotune_plugin_api::kinds::memory::{MemoryStrategyHandle, OFFLOAD_PARAMS_CPU, SHARD_FROZEN_PARAMS};
+use ferrotune_plugin_api::kinds::memory::{
+    MemoryStrategyHandle, OFFLOAD_PARAMS_CPU, SHARD_FROZEN_PARAMS,
+};
 use ferrotune_plugin_api::kinds::objective::ObjectiveHandle;
 use ferrotune_plugin_api::{Batch, Collectives, MemoryStrategy, Objective, StepReport, TrainParam};
 use tch::{Device, Tensor};
@@ -19,12 +21,15 @@ use super::config::TrainConfig;
 use super::context::{load_rewards, LoadedReward, PolicyContext};
 use super::data::{image_prep, prepare_data, rank_share, DataOrder, RunData};
 use super::schedule::Schedule;
-use super::step::{global_loss, micro_meta, on_device, optimizer_step_with, reduce_metrics, MicroPosition, StepTiming};
+use super::step::{
+    global_loss, micro_meta, on_device, optimizer_step_with, reduce_metrics, MicroPosition,
+    StepTiming,
+};
+use super::vision::vision_parameters;
 use super::{Resume, TrainSummary};
 use crate::data::layout::{Item, Layout};
 use crate::data::ImagePrep;
 use crate::dist::collectives::Group;
-use super::vision::vision_parameters;
 use crate::peft::non_lora;
 use crate::peft::quant::{self, QuantizationRecord};
 use crate::peft::PeftModel;
@@ -124,17 +129,30 @@ struct LoadedModel {
 impl<'c> Run<'c> {
     /// Sets up (or resumes) the run `cfg` describes, reading its data through the dataset
     /// plugin; creates the output directory.
-    pub fn setup(cfg: &'c TrainConfig, registry: &Registry, resume: Option<Resume>) -> Result<Self> {
+    pub fn setup(
+        cfg: &'c TrainConfig,
+        registry: &Registry,
+        resume: Option<Resume>,
+    ) -> Result<Self> {
         Self::build(cfg, registry, resume, None)
     }
 
     /// Sets up a run on rows already encoded (`bench train`'s synthetic ones) instead of the
     /// config's data set; nothing is written.
-    pub fn setup_on_items(cfg: &'c TrainConfig, registry: &Registry, items: Vec<(usize, Item)>) -> Result<Self> {
+    pub fn setup_on_items(
+        cfg: &'c TrainConfig,
+        registry: &Registry,
+        items: Vec<(usize, Item)>,
+    ) -> Result<Self> {
         Self::build(cfg, registry, None, Some(items))
     }
 
-    fn build(cfg: &'c TrainConfig, registry: &Registry, resume: Option<Resume>, items: Option<Vec<(usize, Item)>>) -> Result<Self> {
+    fn build(
+        cfg: &'c TrainConfig,
+        registry: &Registry,
+        resume: Option<Resume>,
+        items: Option<Vec<(usize, Item)>>,
+    ) -> Result<Self> {
         let started = Instant::now();
         // A plain `cuda` means cuda:LOCAL_RANK in a launched run.
         let device = crate::dist::resolve_for_rank(&cfg.device)?;
@@ -145,14 +163,17 @@ impl<'c> Run<'c> {
         // Where to resume from is settled first, so that a missing checkpoint fails before any work.
         let resume_dir = resume_dir(cfg, resume)?;
         if items.is_none() {
-            std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
+            std::fs::create_dir_all(&cfg.output_dir)
+                .with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
         }
         tch::manual_seed(cfg.seed as i64);
-        let LoadedModel { mut model, quantized, shard_params, offload_params } = load_model(cfg, registry, device, &group)?;
+        let LoadedModel { mut model, quantized, shard_params, offload_params } =
+            load_model(cfg, registry, device, &group)?;
         let tokenizer = Tokenizer::from_dir(&cfg.model)?;
         let (params, trainable_vision) = parameters(&model, cfg)?;
         let trainable_parameters: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
-        let trainable_bytes: usize = params.iter().map(|p| p.tensor.numel() * p.tensor.kind().elt_size_in_bytes()).sum();
+        let trainable_bytes: usize =
+            params.iter().map(|p| p.tensor.numel() * p.tensor.kind().elt_size_in_bytes()).sum();
 
         // Data: canonical samples → token ids and labels (and images, for a vision model).
         let prep = image_prep(cfg, &tokenizer)?;
@@ -160,26 +181,44 @@ impl<'c> Run<'c> {
         let (objective, layout, rewards) = objective_and_rewards(cfg, registry)?;
         let data = match items {
             Some(items) => RunData::given(items),
-            None => RunData::split(cfg, prepare_data(cfg, registry, &tokenizer, prep.as_ref(), layout)?, layout)?,
+            None => RunData::split(
+                cfg,
+                prepare_data(cfg, registry, &tokenizer, prep.as_ref(), layout)?,
+                layout,
+            )?,
         };
 
         let t = &cfg.training;
         // Several ranks: global micro-batch k holds micro_batch_size × world samples and rank r
         // takes its r-th contiguous share, so a step sees the same samples as one process with
         // micro_batch_size × world (see `rank_share`).
-        let order = DataOrder { n: data.train.len(), micro: t.micro_batch_size * world, seed: cfg.seed, shuffle: cfg.data.shuffle };
+        let order = DataOrder {
+            n: data.train.len(),
+            micro: t.micro_batch_size * world,
+            seed: cfg.seed,
+            shuffle: cfg.data.shuffle,
+        };
         let (accum, mu) = (t.gradient_accumulation_steps, t.num_iterations);
         // Generation objectives take `num_iterations` optimizer steps on each generation batch.
-        let total_steps = t.max_steps.unwrap_or_else(|| (t.epochs * order.micro_per_epoch()).div_ceil(accum) * mu);
+        let total_steps = t
+            .max_steps
+            .unwrap_or_else(|| (t.epochs * order.micro_per_epoch()).div_ceil(accum) * mu);
         // With epochs (no max_steps) the last step takes only the micro-batches the epochs have left.
-        let micro_limit = if t.max_steps.is_some() { usize::MAX } else { t.epochs * order.micro_per_epoch() };
+        let micro_limit =
+            if t.max_steps.is_some() { usize::MAX } else { t.epochs * order.micro_per_epoch() };
         let schedule = Schedule::new(&cfg.scheduler, cfg.optimizer.lr, total_steps);
         let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
 
         let mut memory = registry.memory(&cfg.memory.plugin, &cfg.memory.config_json())?;
         memory.setup(params, &cfg.optimizer_json(), device, group.as_dyn())?;
         if shard_params {
-            check_shardable(layout, data.train.len(), t.micro_batch_size, world, &cfg.memory.plugin)?;
+            check_shardable(
+                layout,
+                data.train.len(),
+                t.micro_batch_size,
+                world,
+                &cfg.memory.plugin,
+            )?;
             // Layers whose base was rewritten or quantized after loading: shard what is whole.
             shard_frozen_weights(&mut model, group.clone(), offload_params)?;
         }
@@ -209,9 +248,17 @@ impl<'c> Run<'c> {
             started,
         };
         if let Some(dir) = resume_dir {
-            run.step = checkpoint::load_checkpoint(&dir, &mut run.model, &mut run.memory, run.group.as_dyn())?;
+            run.step = checkpoint::load_checkpoint(
+                &dir,
+                &mut run.model,
+                &mut run.memory,
+                run.group.as_dyn(),
+            )?;
             if run.rank() == 0 {
-                checkpoint::rewind_metrics(&cfg.output_dir.join(checkpoint::METRICS_FILE), run.step)?;
+                checkpoint::rewind_metrics(
+                    &cfg.output_dir.join(checkpoint::METRICS_FILE),
+                    run.step,
+                )?;
             }
             eprintln!("resumed from {} at step {}", dir.display(), run.step);
         }
@@ -248,25 +295,54 @@ impl<'c> Run<'c> {
             .map(|k| self.order.micro_batch(k))
             .collect();
         let train = &self.data.train;
-        let num_items: i64 = micro.iter().flat_map(|(_, idx)| idx.iter().map(|&i| train[i].1.label_tokens())).sum();
+        let num_items: i64 =
+            micro.iter().flat_map(|(_, idx)| idx.iter().map(|&i| train[i].1.label_tokens())).sum();
         let micro_count = micro.len();
         let rank = self.rank();
-        let micro: Vec<Vec<usize>> =
-            micro.into_iter().map(|(_, idx)| rank_share(&idx, rank, t.micro_batch_size).to_vec()).filter(|idx| !idx.is_empty()).collect();
+        let micro: Vec<Vec<usize>> = micro
+            .into_iter()
+            .map(|(_, idx)| rank_share(&idx, rank, t.micro_batch_size).to_vec())
+            .filter(|idx| !idx.is_empty())
+            .collect();
         let mut tokens = 0usize;
-        let (layout, pad_id, prep, device) = (self.layout, self.pad_id, self.prep.as_ref(), self.device);
+        let (layout, pad_id, prep, device) =
+            (self.layout, self.pad_id, self.prep.as_ref(), self.device);
         let batches = micro.iter().enumerate().map(|(j, idx)| {
             let items: Vec<&Item> = idx.iter().map(|&i| &train[i].1).collect();
             tokens += items.iter().map(|e| e.tokens()).sum::<usize>();
-            let at = MicroPosition { num_items, gradient_accumulation_steps: micro_count, micro_index: j, iteration, num_iterations: mu };
-            let ids = idx.iter().map(|&i| serde_json::json!(format!("row {}", train[i].0))).collect();
+            let at = MicroPosition {
+                num_items,
+                gradient_accumulation_steps: micro_count,
+                micro_index: j,
+                iteration,
+                num_iterations: mu,
+            };
+            let ids =
+                idx.iter().map(|&i| serde_json::json!(format!("row {}", train[i].0))).collect();
             let (tensors, extra) = crate::data::collate(layout, &items, pad_id, prep)?;
-            Ok(Batch { tensors: on_device(tensors, device)?, meta_json: micro_meta(layout, at, ids, extra) })
+            Ok(Batch {
+                tensors: on_device(tensors, device)?,
+                meta_json: micro_meta(layout, at, ids, extra),
+            })
         });
         let lr = self.schedule.lr(self.step);
         let comm = self.group.as_dyn();
-        let ctx = PolicyContext { model: &self.model, tokenizer: &self.tokenizer, train: true, rewards: &self.rewards, max_len: self.cfg.data.cutoff_len };
-        let out = optimizer_step_with(&ctx, &mut self.objective, &mut self.memory, batches, lr, comm, self.loss_scale)?;
+        let ctx = PolicyContext {
+            model: &self.model,
+            tokenizer: &self.tokenizer,
+            train: true,
+            rewards: &self.rewards,
+            max_len: self.cfg.data.cutoff_len,
+        };
+        let out = optimizer_step_with(
+            &ctx,
+            &mut self.objective,
+            &mut self.memory,
+            batches,
+            lr,
+            comm,
+            self.loss_scale,
+        )?;
         let loss = global_loss(comm, out.loss, layout)?;
         let metrics = reduce_metrics(comm, out.metrics)?;
         self.step += 1;
@@ -289,17 +365,41 @@ impl<'c> Run<'c> {
         if self.data.eval.is_empty() {
             return Ok(None);
         }
-        let ctx = PolicyContext { model: &self.model, tokenizer: &self.tokenizer, train: false, rewards: &self.rewards, max_len: self.cfg.data.cutoff_len };
+        let ctx = PolicyContext {
+            model: &self.model,
+            tokenizer: &self.tokenizer,
+            train: false,
+            rewards: &self.rewards,
+            max_len: self.cfg.data.cutoff_len,
+        };
         let micro = self.cfg.training.micro_batch_size;
         let prep = self.prep.as_ref();
-        evaluate(&ctx, &mut self.objective, self.layout, &self.data.eval, micro, self.pad_id, prep, self.device).map(Some)
+        evaluate(
+            &ctx,
+            &mut self.objective,
+            self.layout,
+            &self.data.eval,
+            micro,
+            self.pad_id,
+            prep,
+            self.device,
+        )
+        .map(Some)
     }
 
     /// Writes `checkpoint-{step}` (every rank takes part).
     pub fn save_checkpoint(&self) -> Result<()> {
         let t = &self.cfg.training;
         let comm = self.group.as_dyn();
-        checkpoint::save_checkpoint(&self.cfg.output_dir, self.step, &self.model, &self.trainable_vision, &self.memory, t.save_total_limit, comm)
+        checkpoint::save_checkpoint(
+            &self.cfg.output_dir,
+            self.step,
+            &self.model,
+            &self.trainable_vision,
+            &self.memory,
+            t.save_total_limit,
+            comm,
+        )
     }
 
     /// Ends the run: rank 0 writes the PEFT adapter directory (with the full weights trained
@@ -377,28 +477,53 @@ fn resume_dir(cfg: &TrainConfig, resume: Option<Resume>) -> Result<Option<PathBu
 /// (see `CausalLM::load_with`); QLoRA quantizes the adapter's targets as they are read, too
 /// (a quantized layer stays whole, the others are sharded). `adapter_init` weights replace
 /// the plugin's initialisation.
-fn load_model(cfg: &TrainConfig, registry: &Registry, device: Device, group: &Arc<Group>) -> Result<LoadedModel> {
+fn load_model(
+    cfg: &TrainConfig,
+    registry: &Registry,
+    device: Device,
+    group: &Arc<Group>,
+) -> Result<LoadedModel> {
     let dtype = crate::model::init::parse_dtype(&cfg.dtype)?;
-    let capabilities = registry.memory_capabilities(&cfg.memory.plugin, &cfg.memory.config_json())?;
-    let shard_params = capabilities.iter().any(|c| c == SHARD_FROZEN_PARAMS) && group.as_dyn().world_size() > 1;
+    let capabilities =
+        registry.memory_capabilities(&cfg.memory.plugin, &cfg.memory.config_json())?;
+    let shard_params =
+        capabilities.iter().any(|c| c == SHARD_FROZEN_PARAMS) && group.as_dyn().world_size() > 1;
     let offload_params = capabilities.iter().any(|c| c == OFFLOAD_PARAMS_CPU);
     let shard_group: Arc<dyn Collectives + Send + Sync> = group.clone();
     let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
-    let base = quant::load_for_adapter(&cfg.model, device, dtype, cfg.quantization.as_ref(), registry, &method, &mut |lin| {
-        if shard_params {
-            lin.shard_weight(shard_group.clone(), offload_params).with_context(|| format!("sharding `{}`", lin.name))?;
-        }
-        Ok(())
-    })?;
+    let base = quant::load_for_adapter(
+        &cfg.model,
+        device,
+        dtype,
+        cfg.quantization.as_ref(),
+        registry,
+        &method,
+        &mut |lin| {
+            if shard_params {
+                lin.shard_weight(shard_group.clone(), offload_params)
+                    .with_context(|| format!("sharding `{}`", lin.name))?;
+            }
+            Ok(())
+        },
+    )?;
     let mut model = PeftModel::new(base);
     model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
-    let (attach, quantized) = quant::attach_quantized(&mut model, "default", Box::new(method), cfg.quantization.as_ref(), registry)?;
+    let (attach, quantized) = quant::attach_quantized(
+        &mut model,
+        "default",
+        Box::new(method),
+        cfg.quantization.as_ref(),
+        registry,
+    )?;
     tracing::info!("adapter `{}` on {} modules", cfg.adapter.plugin, attach.modules.len());
     if let Some(init) = &cfg.adapter_init {
         check_adapter_init_config(init, &model.adapter_peft_config()?)?;
         let file = init.join("adapter_model.safetensors");
-        let weights = crate::util::safetensors::read(&file).with_context(|| format!("adapter_init: cannot read {}", file.display()))?;
-        model.load_adapter_state_dict(weights).with_context(|| format!("adapter_init {}", init.display()))?;
+        let weights = crate::util::safetensors::read(&file)
+            .with_context(|| format!("adapter_init: cannot read {}", file.display()))?;
+        model
+            .load_adapter_state_dict(weights)
+            .with_context(|| format!("adapter_init {}", init.display()))?;
     }
     Ok(LoadedModel { model, quantized, shard_params, offload_params })
 }
@@ -419,7 +544,10 @@ fn parameters(model: &PeftModel, cfg: &TrainConfig) -> Result<(Vec<TrainParam>, 
 
 /// The objective, the batch layout it asks for, and the reward plugins (which only objectives
 /// that score completions take, and which they need).
-fn objective_and_rewards(cfg: &TrainConfig, registry: &Registry) -> Result<(ObjectiveHandle, Layout, Vec<LoadedReward>)> {
+fn objective_and_rewards(
+    cfg: &TrainConfig,
+    registry: &Registry,
+) -> Result<(ObjectiveHandle, Layout, Vec<LoadedReward>)> {
     let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
     let needs = objective.needs();
     let layout = Layout::from_needs(&cfg.objective.plugin, &needs)?;
@@ -460,13 +588,26 @@ fn evaluate(
     for (j, chunk) in eval_set.chunks(micro).enumerate() {
         let items: Vec<&Item> = chunk.iter().map(|(_, e)| e).collect();
         let (tensors, extra) = crate::data::collate(layout, &items, pad_id, prep)?;
-        let at = MicroPosition { num_items: total, gradient_accumulation_steps: 1, micro_index: j, iteration: 0, num_iterations: 1 };
+        let at = MicroPosition {
+            num_items: total,
+            gradient_accumulation_steps: 1,
+            micro_index: j,
+            iteration: 0,
+            num_iterations: 1,
+        };
         let ids = chunk.iter().map(|(row, _)| serde_json::json!(format!("row {row}"))).collect();
-        let batch = Batch { tensors: on_device(tensors, device)?, meta_json: micro_meta(layout, at, ids, extra) };
+        let batch = Batch {
+            tensors: on_device(tensors, device)?,
+            meta_json: micro_meta(layout, at, ids, extra),
+        };
         let out = tch::no_grad(|| objective.loss(&batch, ctx))?;
         let value = out.loss.f_double_value(&[])?;
         let weight = chunk.len() as f64;
-        sum += if layout == Layout::Sequences { value } else { value * weight / eval_set.len() as f64 };
+        sum += if layout == Layout::Sequences {
+            value
+        } else {
+            value * weight / eval_set.len() as f64
+        };
         for (k, v) in out.metrics.into_iter().filter(|(k, v)| k != "loss" && v.is_finite()) {
             match metric_sums.iter_mut().find(|(n, _, _)| *n == k) {
                 Some(m) => {
@@ -486,12 +627,15 @@ fn evaluate(
 fn check_adapter_init_config(init: &Path, ours: &serde_json::Value) -> Result<()> {
     let file = init.join("adapter_config.json");
     let Ok(text) = std::fs::read_to_string(&file) else { return Ok(()) };
-    let theirs: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("adapter_init: {} is not JSON", file.display()))?;
+    let theirs: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("adapter_init: {} is not JSON", file.display()))?;
     let differing: Vec<String> = ["peft_type", "r", "lora_alpha", "use_rslora", "use_dora"]
         .iter()
         .filter(|k| {
             let (a, b) = (&ours[**k], &theirs[**k]);
-            !a.is_null() && !b.is_null() && a.as_f64().zip(b.as_f64()).map_or(a != b, |(x, y)| x != y)
+            !a.is_null()
+                && !b.is_null()
+                && a.as_f64().zip(b.as_f64()).map_or(a != b, |(x, y)| x != y)
         })
         .map(|k| format!("{k}: run {} vs adapter_init {}", ours[*k], theirs[*k]))
         .collect();
@@ -506,13 +650,25 @@ fn check_adapter_init_config(init: &Path, ours: &serde_json::Value) -> Result<()
 fn report_state_bytes(memory: &dyn MemoryStrategy) -> Option<usize> {
     std::env::var_os("WORLD_SIZE")?;
     let state = memory.state_dict().ok()?;
-    Some(state.iter().filter(|(n, _)| n != "step").map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum())
+    Some(
+        state
+            .iter()
+            .filter(|(n, _)| n != "step")
+            .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+            .sum(),
+    )
 }
 
 /// ZeRO stage 3 gathers each layer's weight with a collective, so every rank must run the
 /// same forwards: refuse what would let one rank run fewer (a rank left without samples at
 /// the short end of an epoch, per-rank generation of different lengths).
-fn check_shardable(layout: Layout, samples: usize, micro: usize, world: usize, plugin: &str) -> Result<()> {
+fn check_shardable(
+    layout: Layout,
+    samples: usize,
+    micro: usize,
+    world: usize,
+    plugin: &str,
+) -> Result<()> {
     if layout == Layout::Prompts {
         bail!("memory `{plugin}` shards the frozen weights (stage 3), which generation objectives do not support yet (ranks generate different lengths); use stage 2");
     }
@@ -533,16 +689,23 @@ fn check_shardable(layout: Layout, samples: usize, micro: usize, world: usize, p
 /// down of each layer) and an untied `lm_head`; not a tied `lm_head` (the embedding, which
 /// stays whole) or a vision tower.
 fn shardable(model: &PeftModel, name: &str) -> bool {
-    name.starts_with(&format!("{}.layers.", model.decoder_path())) || (name == "lm_head" && !model.lm_head_is_tied())
+    name.starts_with(&format!("{}.layers.", model.decoder_path()))
+        || (name == "lm_head" && !model.lm_head_is_tied())
 }
 
 /// Shards the frozen weight of every [`shardable`] layer over the ranks of `group` (those
 /// already sharded while loading are left as they are).
 fn shard_frozen_weights(model: &mut PeftModel, group: Arc<Group>, offload: bool) -> Result<()> {
     let group: Arc<dyn Collectives + Send + Sync> = group;
-    let names: Vec<String> = model.linears().into_iter().map(|(n, _)| n.to_string()).filter(|n| shardable(model, n)).collect();
+    let names: Vec<String> = model
+        .linears()
+        .into_iter()
+        .map(|(n, _)| n.to_string())
+        .filter(|n| shardable(model, n))
+        .collect();
     for lin in model.linears_mut().into_iter().filter(|l| names.contains(&l.name)) {
-        lin.shard_weight(group.clone(), offload).with_context(|| format!("sharding `{}`", lin.name))?;
+        lin.shard_weight(group.clone(), offload)
+            .with_context(|| format!("sharding `{}`", lin.name))?;
     }
     Ok(())
 }
@@ -552,11 +715,24 @@ fn shard_frozen_weights(model: &mut PeftModel, group: Arc<Group>, offload: bool)
 fn frozen_resident_bytes(model: &PeftModel) -> (usize, usize) {
     let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
     let prefix = format!("{}.layers.", model.decoder_path());
-    let linears: Vec<_> = model.linears().into_iter().filter(|(n, _)| shardable(model, n)).collect();
-    let listed: usize = model.named_weights().iter().filter(|(_, t)| !t.requires_grad()).map(|(_, t)| bytes(t)).sum();
-    let stand_ins: usize = linears.iter().map(|(_, l)| bytes(&l.weight) + l.bias.as_ref().map(bytes).unwrap_or(0)).sum();
+    let linears: Vec<_> =
+        model.linears().into_iter().filter(|(n, _)| shardable(model, n)).collect();
+    let listed: usize = model
+        .named_weights()
+        .iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .map(|(_, t)| bytes(t))
+        .sum();
+    let stand_ins: usize = linears
+        .iter()
+        .map(|(_, l)| bytes(&l.weight) + l.bias.as_ref().map(bytes).unwrap_or(0))
+        .sum();
     let resident: usize = linears.iter().map(|(_, l)| l.resident_bytes()).sum();
-    let decoder: usize = linears.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, l)| l.resident_bytes()).sum();
+    let decoder: usize = linears
+        .iter()
+        .filter(|(n, _)| n.starts_with(&prefix))
+        .map(|(_, l)| l.resident_bytes())
+        .sum();
     ((listed + resident).saturating_sub(stand_ins), decoder)
 }
 
@@ -584,9 +760,14 @@ mod tests {
 
     #[test]
     fn adapter_init_with_another_configuration_is_refused() {
-        let dir = std::env::temp_dir().join(format!("ferrotune-adapter-init-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-adapter-init-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#).unwrap();
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8}"#,
+        )
+        .unwrap();
         let ours = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 8.0, "use_rslora": false});
         let e = check_adapter_init_config(&dir, &ours).unwrap_err().to_string();
         assert!(e.contains("r: run 8 vs adapter_init 4") && !e.contains("lora_alpha"), "{e}");

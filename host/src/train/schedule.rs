@@ -13,8 +13,11 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn new(cfg: &SchedulerConfig, peak_lr: f64, total_steps: usize) -> Self {
-        let warmup_steps =
-            if cfg.warmup_steps > 0 { cfg.warmup_steps } else { (cfg.warmup_ratio * total_steps as f64).ceil() as usize };
+        let warmup_steps = if cfg.warmup_steps > 0 {
+            cfg.warmup_steps
+        } else {
+            (cfg.warmup_ratio * total_steps as f64).ceil() as usize
+        };
         Self { kind: cfg.kind, peak_lr, warmup_steps, total_steps }
     }
 
@@ -28,8 +31,12 @@ impl Schedule {
         let progress = (step - self.warmup_steps) as f64 / decay_steps;
         let factor = match self.kind {
             ScheduleKind::Constant => 1.0,
-            ScheduleKind::Linear => ((self.total_steps.saturating_sub(step)) as f64 / decay_steps).max(0.0),
-            ScheduleKind::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            ScheduleKind::Linear => {
+                ((self.total_steps.saturating_sub(step)) as f64 / decay_steps).max(0.0)
+            }
+            ScheduleKind::Cosine => {
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
         };
         self.peak_lr * factor
     }
@@ -40,7 +47,11 @@ mod tests {
     use super::*;
 
     fn sched(kind: ScheduleKind, warmup: usize, total: usize) -> Schedule {
-        Schedule::new(&SchedulerConfig { kind, warmup_steps: warmup, warmup_ratio: 0.0 }, 1.0, total)
+        Schedule::new(
+            &SchedulerConfig { kind, warmup_steps: warmup, warmup_ratio: 0.0 },
+            1.0,
+            total,
+        )
     }
 
     #[test]
@@ -58,7 +69,11 @@ mod tests {
         assert!((c.lr(1) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())).abs() < 1e-12);
         let k = sched(ScheduleKind::Constant, 3, 10);
         assert_eq!((k.lr(0), k.lr(3), k.lr(9)), (0.0, 1.0, 1.0));
-        let r = Schedule::new(&SchedulerConfig { kind: ScheduleKind::Linear, warmup_steps: 0, warmup_ratio: 0.1 }, 1.0, 25);
+        let r = Schedule::new(
+            &SchedulerConfig { kind: ScheduleKind::Linear, warmup_steps: 0, warmup_ratio: 0.1 },
+            1.0,
+            25,
+        );
         assert_eq!(r.warmup_steps, 3);
     }
 }

@@ -59,12 +59,20 @@ pub(crate) struct MicroPosition {
 /// other objectives count their own items), `gradient_accumulation_steps`, the position of
 /// the micro-batch for objectives that reuse a generation batch, the sample ids, and what
 /// the layout adds.
-pub(crate) fn micro_meta(layout: Layout, at: MicroPosition, sample_ids: Vec<serde_json::Value>, extra: serde_json::Map<String, serde_json::Value>) -> String {
+pub(crate) fn micro_meta(
+    layout: Layout,
+    at: MicroPosition,
+    sample_ids: Vec<serde_json::Value>,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> String {
     let mut meta = extra;
     if layout == Layout::Sequences {
         meta.insert("num_items_in_batch".into(), serde_json::json!(at.num_items));
     }
-    meta.insert("gradient_accumulation_steps".into(), serde_json::json!(at.gradient_accumulation_steps));
+    meta.insert(
+        "gradient_accumulation_steps".into(),
+        serde_json::json!(at.gradient_accumulation_steps),
+    );
     meta.insert("micro_index".into(), serde_json::json!(at.micro_index));
     meta.insert("iteration".into(), serde_json::json!(at.iteration));
     meta.insert("num_iterations".into(), serde_json::json!(at.num_iterations));
@@ -113,7 +121,11 @@ pub(crate) fn optimizer_step_with(
         let batch = batch?;
         let out = objective.loss(&batch, ctx)?;
         timing.forward_s += lap(&mut clock);
-        if loss_scale == 1.0 { out.loss.f_backward()? } else { out.loss.f_mul_scalar(loss_scale)?.f_backward()? }
+        if loss_scale == 1.0 {
+            out.loss.f_backward()?
+        } else {
+            out.loss.f_mul_scalar(loss_scale)?.f_backward()?
+        }
         loss += out.loss.f_double_value(&[])?;
         micro_metrics.push(out.metrics);
         timing.backward_s += lap(&mut clock);
@@ -164,13 +176,20 @@ fn combine_metrics(micro: &[Vec<(String, f64)>]) -> Vec<(String, f64)> {
             None => out.push((k.clone(), *v, 1)),
         }
     }
-    out.into_iter().map(|(k, v, n)| if MetricOp::of(&k) == MetricOp::Mean { (k, v / n as f64) } else { (k, v) }).collect()
+    out.into_iter()
+        .map(
+            |(k, v, n)| if MetricOp::of(&k) == MetricOp::Mean { (k, v / n as f64) } else { (k, v) },
+        )
+        .collect()
 }
 
 /// The step's metrics over all ranks: each rank's value combined by [`MetricOp`]. Ranks run
 /// the same objective, so they report the same metric names; if their lists differ anyway,
 /// each rank keeps its own values (rank 0's are logged) and a warning says so.
-pub(crate) fn reduce_metrics(comm: &dyn Collectives, metrics: Vec<(String, f64)>) -> Result<Vec<(String, f64)>> {
+pub(crate) fn reduce_metrics(
+    comm: &dyn Collectives,
+    metrics: Vec<(String, f64)>,
+) -> Result<Vec<(String, f64)>> {
     use ferrotune_plugin_api::ReduceOp;
     if comm.world_size() == 1 {
         return Ok(metrics);
@@ -183,7 +202,11 @@ pub(crate) fn reduce_metrics(comm: &dyn Collectives, metrics: Vec<(String, f64)>
         return Ok(metrics);
     }
     let mut out = metrics;
-    for (op, reduce) in [(MetricOp::Mean, ReduceOp::AVG), (MetricOp::Min, ReduceOp::MIN), (MetricOp::Max, ReduceOp::MAX)] {
+    for (op, reduce) in [
+        (MetricOp::Mean, ReduceOp::AVG),
+        (MetricOp::Min, ReduceOp::MIN),
+        (MetricOp::Max, ReduceOp::MAX),
+    ] {
         let idx: Vec<usize> = (0..out.len()).filter(|&i| MetricOp::of(&out[i].0) == op).collect();
         if idx.is_empty() {
             continue;
@@ -197,7 +220,10 @@ pub(crate) fn reduce_metrics(comm: &dyn Collectives, metrics: Vec<(String, f64)>
     Ok(out)
 }
 
-pub(crate) fn on_device(tensors: Vec<(String, Tensor)>, device: tch::Device) -> Result<Vec<(String, Tensor)>> {
+pub(crate) fn on_device(
+    tensors: Vec<(String, Tensor)>,
+    device: tch::Device,
+) -> Result<Vec<(String, Tensor)>> {
     tensors.into_iter().map(|(n, t)| Ok((n, t.f_to_device(device)?))).collect()
 }
 
@@ -208,7 +234,11 @@ pub(crate) fn global_loss(comm: &dyn Collectives, local: f64, layout: Layout) ->
         return Ok(local);
     }
     let t = Tensor::from_slice(&[local]);
-    let op = if layout == Layout::Sequences { ferrotune_plugin_api::ReduceOp::SUM } else { ferrotune_plugin_api::ReduceOp::AVG };
+    let op = if layout == Layout::Sequences {
+        ferrotune_plugin_api::ReduceOp::SUM
+    } else {
+        ferrotune_plugin_api::ReduceOp::AVG
+    };
     comm.all_reduce(&t, op)?;
     Ok(t.f_double_value(&[0])?)
 }
@@ -222,13 +252,33 @@ mod tests {
         assert_eq!(MetricOp::of("completions/min_length"), MetricOp::Min);
         assert_eq!(MetricOp::of("clip_ratio/region_max"), MetricOp::Max);
         assert_eq!(MetricOp::of("rewards/margins"), MetricOp::Mean);
-        assert_eq!(MetricOp::of("rewards/maximal_thing_mean"), MetricOp::Max, "a name starting with max is a maximum");
+        assert_eq!(
+            MetricOp::of("rewards/maximal_thing_mean"),
+            MetricOp::Max,
+            "a name starting with max is a maximum"
+        );
         let m = |v: &[(&str, f64)]| v.iter().map(|(k, x)| (k.to_string(), *x)).collect::<Vec<_>>();
         let got = combine_metrics(&[
             m(&[("a", 1.0), ("completions/min_length", 4.0), ("completions/max_length", 9.0)]),
-            m(&[("a", 3.0), ("completions/min_length", 2.0), ("completions/max_length", 7.0), ("b", 5.0)]),
+            m(&[
+                ("a", 3.0),
+                ("completions/min_length", 2.0),
+                ("completions/max_length", 7.0),
+                ("b", 5.0),
+            ]),
         ]);
-        assert_eq!(got, m(&[("a", 2.0), ("completions/min_length", 2.0), ("completions/max_length", 9.0), ("b", 5.0)]));
-        assert_eq!(reduce_metrics(&crate::dist::collectives::SingleProcess, got.clone()).unwrap(), got);
+        assert_eq!(
+            got,
+            m(&[
+                ("a", 2.0),
+                ("completions/min_length", 2.0),
+                ("completions/max_length", 9.0),
+                ("b", 5.0)
+            ])
+        );
+        assert_eq!(
+            reduce_metrics(&crate::dist::collectives::SingleProcess, got.clone()).unwrap(),
+            got
+        );
     }
 }

@@ -11,14 +11,29 @@ use crate::peft::PeftModel;
 /// The vision weights `cfg` trains in full, as trainable parameters (named by checkpoint key,
 /// `requires_grad` switched on) with their learning-rate scales relative to `lr`. Empty for a
 /// text-only model or a fully frozen vision side.
-pub fn vision_parameters(model: &PeftModel, cfg: &VisionTrainConfig, lr: f64) -> Result<Vec<TrainParam>> {
+pub fn vision_parameters(
+    model: &PeftModel,
+    cfg: &VisionTrainConfig,
+    lr: f64,
+) -> Result<Vec<TrainParam>> {
     if model.vision_config().is_none() {
-        if !cfg.freeze_vision_tower || cfg.tune_merger || cfg.vision_lr.is_some() || cfg.merger_lr.is_some() {
-            bail!("config section `vision` trains vision weights, but the model has no vision tower");
+        if !cfg.freeze_vision_tower
+            || cfg.tune_merger
+            || cfg.vision_lr.is_some()
+            || cfg.merger_lr.is_some()
+        {
+            bail!(
+                "config section `vision` trains vision weights, but the model has no vision tower"
+            );
         }
         return Ok(Vec::new());
     }
-    let lora_on_tower: Vec<String> = model.adapted_modules().into_iter().filter(|m| m.starts_with(VISUAL)).map(str::to_string).collect();
+    let lora_on_tower: Vec<String> = model
+        .adapted_modules()
+        .into_iter()
+        .filter(|m| m.starts_with(VISUAL))
+        .map(str::to_string)
+        .collect();
     if !cfg.freeze_vision_tower && !lora_on_tower.is_empty() {
         bail!(
             "vision.freeze_vision_tower is false and the adapter also targets vision layers ({} …): train the tower in full or with LoRA, not both",

@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 
 /// A temporary name next to `path` (`.name.tmp-<pid>`), on the same file system.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+    let name =
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -15,7 +16,8 @@ pub fn temp_path(path: &Path) -> PathBuf {
 pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_path(path);
     let result = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -25,13 +27,18 @@ pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resul
 
 /// Writes `bytes` to `path` atomically.
 pub fn write(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
-    write_with(path, |tmp| std::fs::write(tmp, bytes.as_ref()).with_context(|| format!("cannot write {}", tmp.display())))
+    write_with(path, |tmp| {
+        std::fs::write(tmp, bytes.as_ref())
+            .with_context(|| format!("cannot write {}", tmp.display()))
+    })
 }
 
 /// Copies `from` to `to` atomically.
 pub fn copy(from: &Path, to: &Path) -> Result<()> {
     write_with(to, |tmp| {
-        std::fs::copy(from, tmp).map(|_| ()).with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))
+        std::fs::copy(from, tmp)
+            .map(|_| ())
+            .with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))
     })
 }
 

@@ -12,7 +12,8 @@ pub fn proc_status_kib(key: &str) -> Option<u64> {
 /// Resets the process's peak RSS (`VmHWM`) to its current RSS (Linux ≥ 4.0: writing 5 to
 /// `/proc/self/clear_refs`).
 pub fn reset_peak_rss() -> Result<()> {
-    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak RSS (/proc/self/clear_refs)")
+    std::fs::write("/proc/self/clear_refs", "5")
+        .context("cannot reset the peak RSS (/proc/self/clear_refs)")
 }
 
 /// KiB as MiB (NaN when the figure is unknown).

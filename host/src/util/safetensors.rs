@@ -52,7 +52,8 @@ fn unreadable(file: &Path, why: impl std::fmt::Display) -> anyhow::Error {
 /// Reads and checks the header of `file` (not its tensors): every entry's byte range holds
 /// exactly its elements and lies inside the file. Entries come sorted by key.
 pub fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
-    let mut f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
     let file_len = f.metadata().with_context(|| format!("cannot read {}", file.display()))?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| unreadable(file, format!("its header length: {e}")))?;
@@ -62,7 +63,8 @@ pub fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).map_err(|e| unreadable(file, e))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| unreadable(file, e))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| unreadable(file, e))?;
     let data_start = 8 + len;
     let mut out = Vec::with_capacity(header.len());
     for (key, info) in header {
@@ -71,14 +73,21 @@ pub fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
         }
         let dtype_name = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("").to_string();
         let kind = kind_of(&dtype_name);
-        let shape: Option<Vec<i64>> =
-            info.get("shape").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as i64)).collect());
-        let shape = shape.ok_or_else(|| unreadable(file, format!("tensor `{key}` has no valid `shape`")))?;
-        let offsets: Option<Vec<u64>> =
-            info.get("data_offsets").and_then(|s| s.as_array()).and_then(|a| a.iter().map(|d| d.as_u64()).collect());
+        let shape: Option<Vec<i64>> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as i64)).collect());
+        let shape = shape
+            .ok_or_else(|| unreadable(file, format!("tensor `{key}` has no valid `shape`")))?;
+        let offsets: Option<Vec<u64>> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect());
         let (begin, end) = match offsets.as_deref() {
             Some([b, e]) if b <= e => (data_start + b, data_start + e),
-            _ => return Err(unreadable(file, format!("tensor `{key}` has no valid `data_offsets`"))),
+            _ => {
+                return Err(unreadable(file, format!("tensor `{key}` has no valid `data_offsets`")))
+            }
         };
         if let Some(kind) = kind {
             let bytes = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
@@ -87,7 +96,10 @@ pub fn read_header(file: &Path) -> Result<Vec<HeaderEntry>> {
             }
         }
         if end > file_len {
-            return Err(unreadable(file, format!("tensor `{key}` ends at byte {end} of a file of {file_len}")));
+            return Err(unreadable(
+                file,
+                format!("tensor `{key}` ends at byte {end} of a file of {file_len}"),
+            ));
         }
         out.push(HeaderEntry { key, dtype_name, kind, shape, begin, end });
     }
@@ -100,7 +112,11 @@ pub fn read_tensor(file: &Path, entry: &HeaderEntry) -> Result<Tensor> {
     let key = &entry.key;
     let context = || format!("cannot load tensor `{key}` from {}", file.display());
     let Some(kind) = entry.kind else {
-        bail!("tensor `{key}` in {} has dtype `{}`, which libtorch cannot hold", file.display(), entry.dtype_name);
+        bail!(
+            "tensor `{key}` in {} has dtype `{}`, which libtorch cannot hold",
+            file.display(),
+            entry.dtype_name
+        );
     };
     let f = std::fs::File::open(file).with_context(context)?;
     // Read straight into the tensor's storage: no second copy of the bytes, which for the
@@ -108,7 +124,11 @@ pub fn read_tensor(file: &Path, entry: &HeaderEntry) -> Result<Tensor> {
     let t = Tensor::f_empty(&entry.shape, (kind, Device::Cpu)).with_context(context)?;
     let len = (entry.end - entry.begin) as usize;
     if len > 0 {
-        anyhow::ensure!(t.numel() * kind.elt_size_in_bytes() == len, "tensor `{key}`: {len} bytes for shape {:?} of {kind:?}", entry.shape);
+        anyhow::ensure!(
+            t.numel() * kind.elt_size_in_bytes() == len,
+            "tensor `{key}`: {len} bytes for shape {:?} of {kind:?}",
+            entry.shape
+        );
         // SAFETY: `t` is a new contiguous CPU tensor of exactly `len` bytes (checked just
         // above), not shared with anything yet; every byte is written before it is read.
         let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) };
@@ -128,18 +148,24 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut buffers: Vec<(String, ::safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t) in tensors {
         let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
-        let dtype: ::safetensors::Dtype = t.kind().try_into().with_context(|| format!("tensor `{name}`: dtype {:?}", t.kind()))?;
+        let dtype: ::safetensors::Dtype = t
+            .kind()
+            .try_into()
+            .with_context(|| format!("tensor `{name}`: dtype {:?}", t.kind()))?;
         let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut bytes, t.numel())?;
         buffers.push((name.clone(), dtype, t.size().iter().map(|&d| d as usize).collect(), bytes));
     }
     let views = buffers
         .iter()
-        .map(|(n, dt, shape, bytes)| Ok((n.as_str(), ::safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)?)))
+        .map(|(n, dt, shape, bytes)| {
+            Ok((n.as_str(), ::safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)?))
+        })
         .collect::<Result<Vec<_>, ::safetensors::SafeTensorError>>()
         .map_err(|e| anyhow!("cannot build safetensors views: {e}"))?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    ::safetensors::tensor::serialize_to_file(views, &metadata, path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
+    ::safetensors::tensor::serialize_to_file(views, &metadata, path)
+        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -152,14 +178,21 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.safetensors");
         let tensors = vec![
-            ("b".to_string(), Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]).transpose(0, 1)),
+            (
+                "b".to_string(),
+                Tensor::arange(6, (Kind::Float, Device::Cpu)).view([2, 3]).transpose(0, 1),
+            ),
             ("a".to_string(), Tensor::from_slice(&[1i64, -2, 3])),
             ("c".to_string(), Tensor::ones([4], (Kind::BFloat16, Device::Cpu))),
             ("s".to_string(), Tensor::from(2.5f64)),
         ];
         write(&path, &tensors).unwrap();
         let back = read(&path).unwrap();
-        assert_eq!(back.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "s"], "sorted by key");
+        assert_eq!(
+            back.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c", "s"],
+            "sorted by key"
+        );
         for (k, t) in &back {
             let (_, want) = tensors.iter().find(|(n, _)| n == k).unwrap();
             assert_eq!((t.kind(), t.size()), (want.kind(), want.size()), "{k}");

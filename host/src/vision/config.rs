@@ -90,9 +90,13 @@ impl ImageProcessorConfig {
     /// `max_pixels`, which win over `size` as in transformers. Keys not listed on the fields
     /// (`image_processor_type`, `processor_class`, ...) are ignored.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let json: Json = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let obj = json.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: Json = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let obj = json
+            .as_object()
+            .with_context(|| format!("{}: expected a JSON object", path.display()))?;
         Self::from_json(obj).with_context(|| format!("in {}", path.display()))
     }
 
@@ -111,7 +115,9 @@ impl ImageProcessorConfig {
             ("do_convert_rgb", &mut cfg.do_convert_rgb),
         ] {
             if let Some(v) = present(obj, key) {
-                *field = v.as_bool().with_context(|| format!("key `{key}` must be true or false, got {v}"))?;
+                *field = v
+                    .as_bool()
+                    .with_context(|| format!("key `{key}` must be true or false, got {v}"))?;
             }
         }
         for (key, field) in [
@@ -127,7 +133,9 @@ impl ImageProcessorConfig {
             }
         }
         if let Some(v) = present(obj, "rescale_factor") {
-            cfg.rescale_factor = v.as_f64().with_context(|| format!("key `rescale_factor` must be a number, got {v}"))?;
+            cfg.rescale_factor = v
+                .as_f64()
+                .with_context(|| format!("key `rescale_factor` must be a number, got {v}"))?;
         }
         if let Some(v) = present(obj, "image_mean") {
             cfg.image_mean = per_channel("image_mean", v)?;
@@ -145,7 +153,9 @@ impl ImageProcessorConfig {
         let mut min_pixels = Some(cfg.min_pixels);
         let mut max_pixels = Some(cfg.max_pixels);
         if let Some(size) = present(obj, "size") {
-            let size = size.as_object().with_context(|| format!("key `size` must be an object, got {size}"))?;
+            let size = size
+                .as_object()
+                .with_context(|| format!("key `size` must be an object, got {size}"))?;
             min_pixels = pixels(size, "size.shortest_edge", "shortest_edge")?;
             max_pixels = pixels(size, "size.longest_edge", "longest_edge")?;
         }
@@ -227,7 +237,10 @@ fn present<'a>(obj: &'a Map<String, Json>, key: &str) -> Option<&'a Json> {
 fn pixels(obj: &Map<String, Json>, name: &str, key: &str) -> Result<Option<u64>> {
     match present(obj, key) {
         None => Ok(None),
-        Some(v) => v.as_u64().map(Some).with_context(|| format!("key `{name}` must be a non-negative integer, got {v}")),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .with_context(|| format!("key `{name}` must be a non-negative integer, got {v}")),
     }
 }
 
@@ -240,7 +253,8 @@ fn per_channel(key: &str, v: &Json) -> Result<[f32; 3]> {
         .as_array()
         .and_then(|a| a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect())
         .with_context(|| format!("key `{key}` must be a number or a list of 3 numbers, got {v}"))?;
-    <[f32; 3]>::try_from(list.as_slice()).map_err(|_| anyhow::anyhow!("key `{key}` must have 3 values (R, G, B), got {v}"))
+    <[f32; 3]>::try_from(list.as_slice())
+        .map_err(|_| anyhow::anyhow!("key `{key}` must have 3 values (R, G, B), got {v}"))
 }
 
 #[cfg(test)]
@@ -256,9 +270,15 @@ mod tests {
     fn defaults_are_transformers_class_defaults() {
         let cfg = ImageProcessorConfig::default();
         assert_eq!((cfg.min_pixels, cfg.max_pixels), (3136, 1_003_520));
-        assert_eq!((cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size, cfg.factor()), (14, 2, 2, 28));
+        assert_eq!(
+            (cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size, cfg.factor()),
+            (14, 2, 2, 28)
+        );
         assert_eq!(parse(json!({})).unwrap(), cfg);
-        assert_eq!(ImageProcessorConfig::from_dir(Path::new("/nonexistent-model-dir")).unwrap(), cfg);
+        assert_eq!(
+            ImageProcessorConfig::from_dir(Path::new("/nonexistent-model-dir")).unwrap(),
+            cfg
+        );
     }
 
     #[test]
@@ -272,7 +292,10 @@ mod tests {
         let cfg = parse(json!({"size": {"shortest_edge": 100, "longest_edge": 200000}})).unwrap();
         assert_eq!((cfg.min_pixels, cfg.max_pixels), (100, 200_000));
         // The top-level keys win over `size`.
-        let cfg = parse(json!({"size": {"shortest_edge": 100, "longest_edge": 200000}, "min_pixels": 999})).unwrap();
+        let cfg = parse(
+            json!({"size": {"shortest_edge": 100, "longest_edge": 200000}, "min_pixels": 999}),
+        )
+        .unwrap();
         assert_eq!((cfg.min_pixels, cfg.max_pixels), (999, 200_000));
     }
 

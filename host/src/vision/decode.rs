@@ -18,20 +18,24 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
     if bytes.is_empty() {
         bail!("cannot decode an image from 0 bytes");
     }
-    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().context("cannot read the image header")?;
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .context("cannot read the image header")?;
     let Some(format) = reader.format() else {
         bail!(
             "unrecognised image format (first bytes {:02x?}); supported: PNG, JPEG, WebP, GIF",
             &bytes[..bytes.len().min(8)]
         );
     };
-    let mut decoder = reader.into_decoder().with_context(|| format!("cannot decode the {format:?} image"))?;
+    let mut decoder =
+        reader.into_decoder().with_context(|| format!("cannot decode the {format:?} image"))?;
     let orientation = decoder.orientation().ok();
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
         bail!("the {format:?} image is {w}x{h} pixels (width x height): it has no pixels");
     }
-    let mut img = DynamicImage::from_decoder(decoder).with_context(|| format!("corrupt or truncated {format:?} image data"))?;
+    let mut img = DynamicImage::from_decoder(decoder)
+        .with_context(|| format!("corrupt or truncated {format:?} image data"))?;
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
@@ -40,7 +44,8 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
 
 /// Reads and decodes the image file at `path` (see [`decode_image`]).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read image file {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read image file {}", path.display()))?;
     decode_image(&bytes).with_context(|| format!("cannot decode image file {}", path.display()))
 }
 
@@ -55,13 +60,17 @@ pub fn to_rgb8(img: &DynamicImage) -> Result<RgbImage> {
     let mut out = Vec::with_capacity(pixels * 3);
     match img {
         DynamicImage::ImageRgb8(i) => return Ok(i.clone()),
-        DynamicImage::ImageLuma8(i) => i.as_raw().iter().for_each(|&v| out.extend_from_slice(&[v, v, v])),
-        DynamicImage::ImageLumaA8(i) => {
-            i.as_raw().chunks_exact(2).for_each(|p| out.extend_from_slice(&over_white([p[0], p[0], p[0]], p[1])))
+        DynamicImage::ImageLuma8(i) => {
+            i.as_raw().iter().for_each(|&v| out.extend_from_slice(&[v, v, v]))
         }
-        DynamicImage::ImageRgba8(i) => {
-            i.as_raw().chunks_exact(4).for_each(|p| out.extend_from_slice(&over_white([p[0], p[1], p[2]], p[3])))
-        }
+        DynamicImage::ImageLumaA8(i) => i
+            .as_raw()
+            .chunks_exact(2)
+            .for_each(|p| out.extend_from_slice(&over_white([p[0], p[0], p[0]], p[1]))),
+        DynamicImage::ImageRgba8(i) => i
+            .as_raw()
+            .chunks_exact(4)
+            .for_each(|p| out.extend_from_slice(&over_white([p[0], p[1], p[2]], p[3]))),
         // Pillow opens 16-bit PNGs of these kinds with the `;16B` raw modes: the high byte.
         DynamicImage::ImageRgb16(i) => i.as_raw().iter().for_each(|&v| out.push((v >> 8) as u8)),
         DynamicImage::ImageRgba16(i) => i.as_raw().chunks_exact(4).for_each(|p| {
@@ -74,7 +83,9 @@ pub fn to_rgb8(img: &DynamicImage) -> Result<RgbImage> {
         }),
         // Pillow's mode `I;16`: `convert("RGB")` clips each value at 255 (it does not scale).
         DynamicImage::ImageLuma16(i) => {
-            tracing::warn!("16-bit greyscale image: clipped at 255 as Pillow does (most of it turns white)");
+            tracing::warn!(
+                "16-bit greyscale image: clipped at 255 as Pillow does (most of it turns white)"
+            );
             i.as_raw().iter().for_each(|&v| {
                 let v = v.min(255) as u8;
                 out.extend_from_slice(&[v, v, v])
@@ -83,10 +94,13 @@ pub fn to_rgb8(img: &DynamicImage) -> Result<RgbImage> {
         other => {
             // Float images (not produced by the enabled decoders): plain conversion.
             let rgba = other.to_rgba8();
-            rgba.as_raw().chunks_exact(4).for_each(|p| out.extend_from_slice(&over_white([p[0], p[1], p[2]], p[3])))
+            rgba.as_raw()
+                .chunks_exact(4)
+                .for_each(|p| out.extend_from_slice(&over_white([p[0], p[1], p[2]], p[3])))
         }
     }
-    RgbImage::from_raw(w, h, out).ok_or_else(|| anyhow!("internal error: RGB buffer has the wrong length"))
+    RgbImage::from_raw(w, h, out)
+        .ok_or_else(|| anyhow!("internal error: RGB buffer has the wrong length"))
 }
 
 /// One pixel with straight alpha `a` over opaque white: Pillow's `alpha_composite` with an
@@ -127,11 +141,16 @@ mod tests {
 
     #[test]
     fn grey_and_alpha_become_rgb() {
-        let grey = DynamicImage::ImageLuma8(image::GrayImage::from_raw(2, 1, vec![7, 250]).unwrap());
+        let grey =
+            DynamicImage::ImageLuma8(image::GrayImage::from_raw(2, 1, vec![7, 250]).unwrap());
         assert_eq!(to_rgb8(&grey).unwrap().as_raw(), &vec![7, 7, 7, 250, 250, 250]);
-        let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_raw(1, 1, vec![0, 100, 200, 128]).unwrap());
+        let rgba = DynamicImage::ImageRgba8(
+            image::RgbaImage::from_raw(1, 1, vec![0, 100, 200, 128]).unwrap(),
+        );
         assert_eq!(to_rgb8(&rgba).unwrap().as_raw(), &vec![127, 177, 227]);
-        let g16 = DynamicImage::ImageLuma16(image::ImageBuffer::from_raw(2, 1, vec![200u16, 1000]).unwrap());
+        let g16 = DynamicImage::ImageLuma16(
+            image::ImageBuffer::from_raw(2, 1, vec![200u16, 1000]).unwrap(),
+        );
         assert_eq!(to_rgb8(&g16).unwrap().as_raw(), &vec![200, 200, 200, 255, 255, 255]);
     }
 

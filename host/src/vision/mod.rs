@@ -23,7 +23,9 @@ mod decode;
 mod processor;
 mod resize;
 
-pub use config::{ImageProcessorConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_CONFIG_FILE};
+pub use config::{
+    ImageProcessorConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_CONFIG_FILE,
+};
 pub use decode::{decode_image, load_image, to_rgb8};
 pub use processor::{process_image, stack_images, ProcessedImage};
 pub use resize::{resize_bicubic, smart_resize, MAX_ASPECT_RATIO};

@@ -57,8 +57,14 @@ pub fn process_image(img: &DynamicImage, cfg: &ImageProcessorConfig) -> Result<P
     let (p, m, t) = (cfg.patch_size as i64, cfg.merge_size as i64, cfg.temporal_patch_size as i64);
     let (grid_h, grid_w) = (rh as i64 / p, rw as i64 / p);
     let chw = Tensor::from_slice(&normalized_chw(&rgb, cfg));
-    let pixel_values = patchify(&chw, 3, grid_h, grid_w, p, m, t).context("cannot lay out the image patches")?;
-    Ok(ProcessedImage { pixel_values, grid_thw: [1, grid_h, grid_w], original_size: (height, width), resized_size: (rh, rw) })
+    let pixel_values =
+        patchify(&chw, 3, grid_h, grid_w, p, m, t).context("cannot lay out the image patches")?;
+    Ok(ProcessedImage {
+        pixel_values,
+        grid_thw: [1, grid_h, grid_w],
+        original_size: (height, width),
+        resized_size: (rh, rw),
+    })
 }
 
 /// The 8-bit RGB image transformers would resize.
@@ -83,7 +89,8 @@ fn normalized_chw(rgb: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
     let table: Vec<[f32; 256]> = (0..3)
         .map(|c| {
             std::array::from_fn(|v| {
-                let mut x = if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
+                let mut x =
+                    if cfg.do_rescale { (v as f64 * cfg.rescale_factor) as f32 } else { v as f32 };
                 if cfg.do_normalize {
                     x = (x - cfg.image_mean[c]) / cfg.image_std[c];
                 }
@@ -104,7 +111,15 @@ fn normalized_chw(rgb: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
 /// transformers' `patchify`: `[C, H, W]` -> `[C, gh/m, m, p, gw/m, m, p]` -> permute to
 /// `[gh/m, gw/m, m, m, C, p, p]` -> repeat a frame axis after C to `t` ->
 /// `[gh * gw, C * t * p * p]`.
-fn patchify(chw: &Tensor, c: i64, grid_h: i64, grid_w: i64, p: i64, m: i64, t: i64) -> Result<Tensor> {
+fn patchify(
+    chw: &Tensor,
+    c: i64,
+    grid_h: i64,
+    grid_w: i64,
+    p: i64,
+    m: i64,
+    t: i64,
+) -> Result<Tensor> {
     let patches = chw
         .f_view(&[c, grid_h / m, m, p, grid_w / m, m, p][..])?
         .f_permute(&[1, 4, 2, 5, 0, 3, 6][..])?
@@ -160,7 +175,9 @@ mod tests {
         // 4x8 image, patch 2, merge 2, 2 frames: grid 2x4, windows of 2x2 patches.
         // Channel c of pixel (y, x) holds 100 * c + 10 * y + x (distinct, exact in f32).
         let (h, w) = (4u32, 8u32);
-        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb(std::array::from_fn(|c| (100 * c as u32 + 10 * y + x) as u8)));
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb(std::array::from_fn(|c| (100 * c as u32 + 10 * y + x) as u8))
+        });
         let out = process_image(&DynamicImage::ImageRgb8(img), &raw_cfg(2, 2, 2)).unwrap();
         assert_eq!(out.grid_thw, [1, 2, 4]);
         assert_eq!(out.pixel_values.size(), vec![8, 3 * 2 * 2 * 2]);
@@ -181,7 +198,11 @@ mod tests {
                                         let y = (wy * 2 + my) * 2 + py;
                                         let x = (wx * 2 + mx) * 2 + px;
                                         let want = (100 * c + 10 * y + x) as f32;
-                                        assert_eq!(values[row * 24 + col], want, "row {row} col {col}");
+                                        assert_eq!(
+                                            values[row * 24 + col],
+                                            want,
+                                            "row {row} col {col}"
+                                        );
                                     }
                                 }
                             }
@@ -194,7 +215,13 @@ mod tests {
 
     #[test]
     fn rescale_and_normalize_follow_numpy_precision() {
-        let cfg = ImageProcessorConfig { do_resize: false, patch_size: 1, merge_size: 1, temporal_patch_size: 1, ..Default::default() };
+        let cfg = ImageProcessorConfig {
+            do_resize: false,
+            patch_size: 1,
+            merge_size: 1,
+            temporal_patch_size: 1,
+            ..Default::default()
+        };
         let img = RgbImage::from_pixel(1, 1, image::Rgb([0, 128, 255]));
         let out = process_image(&DynamicImage::ImageRgb8(img), &cfg).unwrap();
         let v: Vec<f32> = Vec::try_from(out.pixel_values.flatten(0, -1)).unwrap();
@@ -221,23 +248,42 @@ mod tests {
     #[test]
     fn stacking_keeps_order_and_rejects_mismatches() {
         let cfg = raw_cfg(2, 2, 2);
-        let a = process_image(&DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 4, image::Rgb([1, 1, 1]))), &cfg).unwrap();
-        let b = process_image(&DynamicImage::ImageRgb8(RgbImage::from_pixel(8, 4, image::Rgb([2, 2, 2]))), &cfg).unwrap();
+        let a = process_image(
+            &DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 4, image::Rgb([1, 1, 1]))),
+            &cfg,
+        )
+        .unwrap();
+        let b = process_image(
+            &DynamicImage::ImageRgb8(RgbImage::from_pixel(8, 4, image::Rgb([2, 2, 2]))),
+            &cfg,
+        )
+        .unwrap();
         let (pv, grids) = stack_images(&[a, b]).unwrap();
         assert_eq!(pv.size(), vec![12, 24]);
         assert_eq!(grids, vec![[1, 2, 2], [1, 2, 4]]);
         assert_eq!(pv.double_value(&[3, 0]), 1.0);
         assert_eq!(pv.double_value(&[4, 0]), 2.0);
         assert!(stack_images(&[]).is_err());
-        let c = process_image(&DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 4, image::Rgb([1, 1, 1]))), &cfg).unwrap();
-        let d = process_image(&DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 4, image::Rgb([1, 1, 1]))), &raw_cfg(2, 2, 1)).unwrap();
+        let c = process_image(
+            &DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 4, image::Rgb([1, 1, 1]))),
+            &cfg,
+        )
+        .unwrap();
+        let d = process_image(
+            &DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 4, image::Rgb([1, 1, 1]))),
+            &raw_cfg(2, 2, 1),
+        )
+        .unwrap();
         assert!(stack_images(&[c, d]).unwrap_err().to_string().contains("cannot be stacked"));
     }
 
     #[test]
     fn unresized_sizes_must_fit_the_grid_and_rgb_is_required_without_conversion() {
         let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(6, 4, image::Rgb([0, 0, 0])));
-        assert!(process_image(&img, &raw_cfg(2, 2, 2)).unwrap_err().to_string().contains("multiple"));
+        assert!(process_image(&img, &raw_cfg(2, 2, 2))
+            .unwrap_err()
+            .to_string()
+            .contains("multiple"));
         let grey = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 4, image::Luma([3])));
         let cfg = ImageProcessorConfig { do_convert_rgb: false, ..raw_cfg(2, 2, 2) };
         assert!(process_image(&grey, &cfg).unwrap_err().to_string().contains("do_convert_rgb"));

@@ -25,7 +25,13 @@ pub const MAX_ASPECT_RATIO: f64 = 200.0;
 /// and ceil. Errors: a zero side or factor, an aspect ratio above 200 (transformers raises the
 /// same), and a result with a zero side (possible only with `min_pixels` 0, where transformers
 /// would fail later).
-pub fn smart_resize(height: u32, width: u32, factor: u32, min_pixels: u64, max_pixels: u64) -> Result<(u32, u32)> {
+pub fn smart_resize(
+    height: u32,
+    width: u32,
+    factor: u32,
+    min_pixels: u64,
+    max_pixels: u64,
+) -> Result<(u32, u32)> {
     if height == 0 || width == 0 {
         bail!("image has a zero side ({height}x{width} pixels, height x width): nothing to resize");
     }
@@ -59,7 +65,9 @@ pub fn smart_resize(height: u32, width: u32, factor: u32, min_pixels: u64, max_p
         );
     }
     let side = |v: u64| -> Result<u32> {
-        u32::try_from(v).map_err(|_| anyhow::anyhow!("resized side {v} does not fit in 32 bits: lower min_pixels"))
+        u32::try_from(v).map_err(|_| {
+            anyhow::anyhow!("resized side {v} does not fit in 32 bits: lower min_pixels")
+        })
     };
     Ok((side(h_bar)?, side(w_bar)?))
 }
@@ -104,13 +112,17 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
         let n = xmax.saturating_sub(xmin);
-        let mut k: Vec<f64> = (0..n).map(|x| bicubic_filter((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
+        let mut k: Vec<f64> =
+            (0..n).map(|x| bicubic_filter((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
         let ww: f64 = k.iter().sum();
         if ww != 0.0 {
             k.iter_mut().for_each(|w| *w /= ww);
         }
         let one = (1u32 << PRECISION_BITS) as f64;
-        let fixed = k.iter().map(|&w| if w < 0.0 { (-0.5 + w * one) as i32 } else { (0.5 + w * one) as i32 }).collect();
+        let fixed = k
+            .iter()
+            .map(|&w| if w < 0.0 { (-0.5 + w * one) as i32 } else { (0.5 + w * one) as i32 })
+            .collect();
         start.push(xmin);
         weights.push(fixed);
     }
@@ -160,14 +172,22 @@ impl Pass {
 /// Horizontal pass: `w` x `h` -> `out_w` x `h`.
 fn horizontal(src: &[u8], w: usize, h: usize, out_w: usize) -> Vec<u8> {
     let mut dst = vec![0u8; out_w * h * 3];
-    Pass { lines: h, len_in: w, len_out: out_w, line_stride: (w * 3, out_w * 3), pixel_stride: (3, 3) }.run(src, &mut dst);
+    Pass {
+        lines: h,
+        len_in: w,
+        len_out: out_w,
+        line_stride: (w * 3, out_w * 3),
+        pixel_stride: (3, 3),
+    }
+    .run(src, &mut dst);
     dst
 }
 
 /// Vertical pass: `w` x `h` -> `w` x `out_h`.
 fn vertical(src: &[u8], w: usize, h: usize, out_h: usize) -> Vec<u8> {
     let mut dst = vec![0u8; w * out_h * 3];
-    Pass { lines: w, len_in: h, len_out: out_h, line_stride: (3, 3), pixel_stride: (w * 3, w * 3) }.run(src, &mut dst);
+    Pass { lines: w, len_in: h, len_out: out_h, line_stride: (3, 3), pixel_stride: (w * 3, w * 3) }
+        .run(src, &mut dst);
     dst
 }
 
@@ -189,7 +209,9 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> Result<RgbImag
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
     if in_w == 0 || in_h == 0 || out_w == 0 || out_h == 0 {
-        bail!("cannot resize a {in_w}x{in_h} image to {out_w}x{out_h} (width x height): a side is 0");
+        bail!(
+            "cannot resize a {in_w}x{in_h} image to {out_w}x{out_h} (width x height): a side is 0"
+        );
     }
     let src = img.as_raw();
     let data = match (out_w != in_w, out_h != in_h) {
@@ -201,7 +223,8 @@ pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> Result<RgbImag
         }
         (true, true) => vertical(&horizontal(src, in_w, in_h, out_w), out_w, in_h, out_h),
     };
-    RgbImage::from_raw(width, height, data).ok_or_else(|| anyhow::anyhow!("internal error: resized buffer has the wrong length"))
+    RgbImage::from_raw(width, height, data)
+        .ok_or_else(|| anyhow::anyhow!("internal error: resized buffer has the wrong length"))
 }
 
 #[cfg(test)]
@@ -283,7 +306,9 @@ mod tests {
             assert_eq!(out.dimensions(), (w, h));
             assert!(out.pixels().all(|p| p.0 == [12, 200, 255]), "{w}x{h}");
         }
-        let noisy = RgbImage::from_fn(9, 7, |x, y| image::Rgb([(x * 29 + y * 7) as u8, (x * y) as u8, 255 - x as u8]));
+        let noisy = RgbImage::from_fn(9, 7, |x, y| {
+            image::Rgb([(x * 29 + y * 7) as u8, (x * y) as u8, 255 - x as u8])
+        });
         assert_eq!(resize_bicubic(&noisy, 9, 7).unwrap(), noisy);
     }
 
@@ -301,7 +326,9 @@ mod tests {
     #[test]
     fn resize_matches_pillow_on_one_row() {
         // Reference bytes from Pillow 13: `Image.fromarray(a).resize((w, 1), Image.BICUBIC)`.
-        let row = |vals: &[u8]| RgbImage::from_fn(vals.len() as u32, 1, |x, _| image::Rgb([vals[x as usize]; 3]));
+        let row = |vals: &[u8]| {
+            RgbImage::from_fn(vals.len() as u32, 1, |x, _| image::Rgb([vals[x as usize]; 3]))
+        };
         let first = |img: &RgbImage| img.pixels().map(|p| p.0[0]).collect::<Vec<u8>>();
         // Downscale by 2 of a step edge (support widened to 4, negative lobes clipped).
         let out = resize_bicubic(&row(&[0, 0, 0, 0, 255, 255, 255, 255]), 4, 1).unwrap();

@@ -10,7 +10,9 @@ use abi_stable::sabi_types::RRef;
 use abi_stable::std_types::{RBox, ROption, RResult, RStr, RString, RVec};
 use tch::Tensor;
 
-use super::{params_from_ffi, params_to_ffi, strings_from_ffi, strings_to_ffi, FfiTrainParam, TrainParam};
+use super::{
+    params_from_ffi, params_to_ffi, strings_from_ffi, strings_to_ffi, FfiTrainParam, TrainParam,
+};
 use crate::error::{guard, PluginError, PluginResult};
 use crate::tensor::{named_from_ffi, named_to_ffi, NamedTensor, OwnedTensor, TensorRef};
 use crate::Plugin;
@@ -44,7 +46,11 @@ pub trait AdapterMethod: Send + 'static {
     fn targets(&self, module: &str) -> PluginResult<bool>;
     /// Builds the adapter for one targeted linear layer. Trainable tensors are created on
     /// the base weight's device.
-    fn adapt_linear(&self, module: &str, base: &dyn BaseLinear) -> PluginResult<Box<dyn AdapterLayer>>;
+    fn adapt_linear(
+        &self,
+        module: &str,
+        base: &dyn BaseLinear,
+    ) -> PluginResult<Box<dyn AdapterLayer>>;
     /// The `adapter_config.json` a PEFT directory carries for this method.
     fn peft_config(&self) -> PluginResult<String>;
     /// Capability tags, e.g. `mixed_batch` (rows of one batch may use different adapters).
@@ -89,7 +95,11 @@ pub type BaseLinearRef<'a> = FfiBaseLinear_TO<'a, RRef<'a, ()>>;
 #[sabi_trait]
 pub trait FfiAdapterMethod: Send {
     fn targets(&self, module: RStr<'_>) -> RResult<bool, PluginError>;
-    fn adapt_linear(&self, module: RStr<'_>, base: BaseLinearRef<'_>) -> RResult<AdapterLayerBox, PluginError>;
+    fn adapt_linear(
+        &self,
+        module: RStr<'_>,
+        base: BaseLinearRef<'_>,
+    ) -> RResult<AdapterLayerBox, PluginError>;
     fn peft_config(&self) -> RResult<RString, PluginError>;
     #[sabi(last_prefix_field)]
     fn capabilities(&self) -> RVec<RString>;
@@ -99,7 +109,12 @@ pub type AdapterMethodBox = FfiAdapterMethod_TO<'static, RBox<()>>;
 
 #[sabi_trait]
 pub trait FfiAdapterLayer: Send {
-    fn forward(&self, x: TensorRef<'_>, base: BaseLinearRef<'_>, flags: u32) -> RResult<OwnedTensor, PluginError>;
+    fn forward(
+        &self,
+        x: TensorRef<'_>,
+        base: BaseLinearRef<'_>,
+        flags: u32,
+    ) -> RResult<OwnedTensor, PluginError>;
     fn parameters(&self) -> RResult<RVec<FfiTrainParam>, PluginError>;
     fn state_dict(&self) -> RResult<RVec<NamedTensor>, PluginError>;
     fn load_state_dict(&self, tensors: RVec<NamedTensor>) -> RResult<(), PluginError>;
@@ -145,7 +160,11 @@ impl<T: AdapterMethod> FfiAdapterMethod for AdapterMethodBridge<T> {
     fn targets(&self, module: RStr<'_>) -> RResult<bool, PluginError> {
         guard(|| self.0.targets(module.as_str()))
     }
-    fn adapt_linear(&self, module: RStr<'_>, base: BaseLinearRef<'_>) -> RResult<AdapterLayerBox, PluginError> {
+    fn adapt_linear(
+        &self,
+        module: RStr<'_>,
+        base: BaseLinearRef<'_>,
+    ) -> RResult<AdapterLayerBox, PluginError> {
         guard(|| {
             let base = BaseLinearHandle(base);
             let layer = self.0.adapt_linear(module.as_str(), &base)?;
@@ -163,7 +182,12 @@ impl<T: AdapterMethod> FfiAdapterMethod for AdapterMethodBridge<T> {
 struct AdapterLayerBridge(Box<dyn AdapterLayer>);
 
 impl FfiAdapterLayer for AdapterLayerBridge {
-    fn forward(&self, x: TensorRef<'_>, base: BaseLinearRef<'_>, flags: u32) -> RResult<OwnedTensor, PluginError> {
+    fn forward(
+        &self,
+        x: TensorRef<'_>,
+        base: BaseLinearRef<'_>,
+        flags: u32,
+    ) -> RResult<OwnedTensor, PluginError> {
         guard(|| {
             let base = BaseLinearHandle(base);
             self.0.forward(&x.borrow(), &base, flags & FORWARD_TRAIN != 0).map(OwnedTensor::new)
@@ -187,9 +211,12 @@ impl FfiAdapterLayer for AdapterLayerBridge {
 }
 
 /// Plugin side of `export_plugin!`: builds the FFI object for adapter method `T`.
-pub fn create<T: Plugin + AdapterMethod>(config_json: RStr<'_>) -> RResult<AdapterMethodBox, PluginError> {
+pub fn create<T: Plugin + AdapterMethod>(
+    config_json: RStr<'_>,
+) -> RResult<AdapterMethodBox, PluginError> {
     guard(|| {
-        let method = T::from_config(config_json.as_str()).map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
+        let method = T::from_config(config_json.as_str())
+            .map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
         Ok(FfiAdapterMethod_TO::from_value(AdapterMethodBridge(method), TD_Opaque))
     })
 }
@@ -224,8 +251,13 @@ impl AdapterMethod for AdapterMethodHandle {
     fn targets(&self, module: &str) -> PluginResult<bool> {
         self.0.targets(module.into()).into_result()
     }
-    fn adapt_linear(&self, module: &str, base: &dyn BaseLinear) -> PluginResult<Box<dyn AdapterLayer>> {
-        let layer = with_base_linear(base, |b| self.0.adapt_linear(module.into(), b)).into_result()?;
+    fn adapt_linear(
+        &self,
+        module: &str,
+        base: &dyn BaseLinear,
+    ) -> PluginResult<Box<dyn AdapterLayer>> {
+        let layer =
+            with_base_linear(base, |b| self.0.adapt_linear(module.into(), b)).into_result()?;
         Ok(Box::new(AdapterLayerHandle(layer)))
     }
     fn peft_config(&self) -> PluginResult<String> {
@@ -256,10 +288,16 @@ impl AdapterLayer for AdapterLayerHandle {
         self.0.load_state_dict(named_to_ffi(tensors)).into_result()
     }
     fn merged_weight(&self, base_weight: &Tensor) -> PluginResult<Tensor> {
-        self.0.merged_weight(TensorRef::new(base_weight)).into_result().map(OwnedTensor::into_tensor)
+        self.0
+            .merged_weight(TensorRef::new(base_weight))
+            .into_result()
+            .map(OwnedTensor::into_tensor)
     }
     fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor> {
-        self.0.unmerged_weight(TensorRef::new(merged_weight)).into_result().map(OwnedTensor::into_tensor)
+        self.0
+            .unmerged_weight(TensorRef::new(merged_weight))
+            .into_result()
+            .map(OwnedTensor::into_tensor)
     }
 }
 
@@ -272,7 +310,10 @@ mod tests {
         assert!(module_name_matches("lm_head", "lm_head"));
         assert!(module_name_matches("model.embed_tokens", "embed_tokens"));
         assert!(module_name_matches("model.layers.0.self_attn.q_proj", "self_attn.q_proj"));
-        assert!(!module_name_matches("lm_head", "head"), "a suffix starts at a dot (peft's plain endswith would match)");
+        assert!(
+            !module_name_matches("lm_head", "head"),
+            "a suffix starts at a dot (peft's plain endswith would match)"
+        );
         assert!(!module_name_matches("model.layers.0.self_attn.qq_proj", "q_proj"));
         assert!(!module_name_matches("q_proj", "self_attn.q_proj"));
     }

@@ -36,10 +36,9 @@ impl SampleReader for SampleList {
         Ok(self.0.len() as u64)
     }
     fn get(&self, index: u64) -> PluginResult<Sample> {
-        self.0
-            .get(index as usize)
-            .cloned()
-            .ok_or_else(|| PluginError::invalid(format!("sample {index} out of range (0..{})", self.0.len())))
+        self.0.get(index as usize).cloned().ok_or_else(|| {
+            PluginError::invalid(format!("sample {index} out of range (0..{})", self.0.len()))
+        })
     }
 }
 
@@ -53,7 +52,8 @@ pub struct FfiSample {
 
 impl FfiSample {
     pub fn from_sample(s: Sample) -> PluginResult<Self> {
-        let json = serde_json::to_string(&s).map_err(|e| PluginError::runtime(format!("sample to JSON: {e}")))?;
+        let json = serde_json::to_string(&s)
+            .map_err(|e| PluginError::runtime(format!("sample to JSON: {e}")))?;
         Ok(Self { json: json.into(), blobs: s.blobs.into_iter().map(RVec::from).collect() })
     }
     pub fn into_sample(self) -> PluginResult<Sample> {
@@ -86,7 +86,8 @@ struct DatasetFormatBridge<T>(T);
 impl<T: DatasetFormat> FfiDatasetFormat for DatasetFormatBridge<T> {
     fn open(&self, path: RStr<'_>, split: RStr<'_>) -> RResult<SampleReaderBox, PluginError> {
         guard(|| {
-            let source = DataSource { path: path.as_str().to_string(), split: split.as_str().to_string() };
+            let source =
+                DataSource { path: path.as_str().to_string(), split: split.as_str().to_string() };
             let reader = self.0.open(&source)?;
             Ok(FfiSampleReader_TO::from_value(SampleReaderBridge(reader), TD_Opaque))
         })
@@ -105,9 +106,12 @@ impl FfiSampleReader for SampleReaderBridge {
 }
 
 /// Plugin side of `export_plugin!`.
-pub fn create<T: Plugin + DatasetFormat>(config_json: RStr<'_>) -> RResult<DatasetFormatBox, PluginError> {
+pub fn create<T: Plugin + DatasetFormat>(
+    config_json: RStr<'_>,
+) -> RResult<DatasetFormatBox, PluginError> {
     guard(|| {
-        let d = T::from_config(config_json.as_str()).map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
+        let d = T::from_config(config_json.as_str())
+            .map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
         Ok(FfiDatasetFormat_TO::from_value(DatasetFormatBridge(d), TD_Opaque))
     })
 }
@@ -117,7 +121,8 @@ pub struct DatasetFormatHandle(pub DatasetFormatBox);
 
 impl DatasetFormat for DatasetFormatHandle {
     fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
-        let r = self.0.open(source.path.as_str().into(), source.split.as_str().into()).into_result()?;
+        let r =
+            self.0.open(source.path.as_str().into(), source.split.as_str().into()).into_result()?;
         Ok(Box::new(SampleReaderHandle(r)))
     }
 }

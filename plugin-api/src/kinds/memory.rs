@@ -15,7 +15,9 @@ use tch::{Device, Tensor};
 
 use super::{params_from_ffi, params_to_ffi, FfiTrainParam, TrainParam};
 use crate::error::{guard, PluginError, PluginResult};
-use crate::tensor::{named_from_ffi, named_to_ffi, DeviceCode, NamedTensor, OwnedTensor, TensorRef};
+use crate::tensor::{
+    named_from_ffi, named_to_ffi, DeviceCode, NamedTensor, OwnedTensor, TensorRef,
+};
 use crate::Plugin;
 
 /// A reduction for collectives.
@@ -57,7 +59,13 @@ pub struct StepReport {
 pub trait MemoryStrategy: Send + 'static {
     /// Takes ownership of the trainable parameters' optimisation; `optimizer_json` is the
     /// run's `optimizer:` section (AdamW betas, weight decay, clipping).
-    fn setup(&mut self, params: Vec<TrainParam>, optimizer_json: &str, device: Device, comm: &dyn Collectives) -> PluginResult<()>;
+    fn setup(
+        &mut self,
+        params: Vec<TrainParam>,
+        optimizer_json: &str,
+        device: Device,
+        comm: &dyn Collectives,
+    ) -> PluginResult<()>;
     /// Reduces gradients, clips, steps the optimizer at learning rate `lr`, zeroes grads.
     fn step(&mut self, lr: f64, comm: &dyn Collectives) -> PluginResult<StepReport>;
     fn zero_grad(&mut self) -> PluginResult<()>;
@@ -80,9 +88,12 @@ pub const OFFLOAD_PARAMS_CPU: &str = "offload_params_cpu";
 
 /// Plugin side of the root module's `memory_capabilities`: the capabilities of plugin `T`
 /// configured by `config_json`.
-pub fn capabilities<T: Plugin + MemoryStrategy>(config_json: RStr<'_>) -> RResult<RVec<RString>, PluginError> {
+pub fn capabilities<T: Plugin + MemoryStrategy>(
+    config_json: RStr<'_>,
+) -> RResult<RVec<RString>, PluginError> {
     guard(|| {
-        let m = T::from_config(config_json.as_str()).map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
+        let m = T::from_config(config_json.as_str())
+            .map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
         Ok(m.capabilities().into_iter().map(RString::from).collect())
     })
 }
@@ -96,7 +107,12 @@ pub trait FfiCollectives {
     fn all_reduce(&self, tensor: TensorRef<'_>, op: ReduceOp) -> RResult<(), PluginError>;
     fn broadcast(&self, tensor: TensorRef<'_>, root: u64) -> RResult<(), PluginError>;
     fn all_gather(&self, tensor: TensorRef<'_>) -> RResult<RVec<OwnedTensor>, PluginError>;
-    fn reduce_scatter(&self, output: TensorRef<'_>, input: TensorRef<'_>, op: ReduceOp) -> RResult<(), PluginError>;
+    fn reduce_scatter(
+        &self,
+        output: TensorRef<'_>,
+        input: TensorRef<'_>,
+        op: ReduceOp,
+    ) -> RResult<(), PluginError>;
     #[sabi(last_prefix_field)]
     fn barrier(&self) -> RResult<(), PluginError>;
 }
@@ -153,9 +169,16 @@ impl FfiCollectives for CollectivesBridge<'_> {
         guard(|| self.inner.broadcast(&tensor.borrow(), root as usize))
     }
     fn all_gather(&self, tensor: TensorRef<'_>) -> RResult<RVec<OwnedTensor>, PluginError> {
-        guard(|| Ok(self.inner.all_gather(&tensor.borrow())?.into_iter().map(OwnedTensor::new).collect()))
+        guard(|| {
+            Ok(self.inner.all_gather(&tensor.borrow())?.into_iter().map(OwnedTensor::new).collect())
+        })
     }
-    fn reduce_scatter(&self, output: TensorRef<'_>, input: TensorRef<'_>, op: ReduceOp) -> RResult<(), PluginError> {
+    fn reduce_scatter(
+        &self,
+        output: TensorRef<'_>,
+        input: TensorRef<'_>,
+        op: ReduceOp,
+    ) -> RResult<(), PluginError> {
         guard(|| self.inner.reduce_scatter(&output.borrow(), &input.borrow(), op))
     }
     fn barrier(&self) -> RResult<(), PluginError> {
@@ -164,7 +187,11 @@ impl FfiCollectives for CollectivesBridge<'_> {
 }
 
 fn with_collectives<R>(comm: &dyn Collectives, f: impl FnOnce(CollectivesRef<'_>) -> R) -> R {
-    let bridge = CollectivesBridge { inner: comm, rank: comm.rank() as u64, world_size: comm.world_size() as u64 };
+    let bridge = CollectivesBridge {
+        inner: comm,
+        rank: comm.rank() as u64,
+        world_size: comm.world_size() as u64,
+    };
     f(FfiCollectives_TO::from_ptr(&bridge, TD_Opaque))
 }
 
@@ -188,7 +215,12 @@ impl<T: MemoryStrategy> FfiMemoryStrategy for MemoryBridge<T> {
     ) -> RResult<(), PluginError> {
         guard(|| {
             let comm = CollectivesHandle(comm);
-            self.0.setup(params_from_ffi(params), optimizer_json.as_str(), device.to_device()?, &comm)
+            self.0.setup(
+                params_from_ffi(params),
+                optimizer_json.as_str(),
+                device.to_device()?,
+                &comm,
+            )
         })
     }
     fn step(&mut self, lr: f64, comm: CollectivesRef<'_>) -> RResult<FfiStepReport, PluginError> {
@@ -209,9 +241,12 @@ impl<T: MemoryStrategy> FfiMemoryStrategy for MemoryBridge<T> {
 }
 
 /// Plugin side of `export_plugin!`.
-pub fn create<T: Plugin + MemoryStrategy>(config_json: RStr<'_>) -> RResult<MemoryStrategyBox, PluginError> {
+pub fn create<T: Plugin + MemoryStrategy>(
+    config_json: RStr<'_>,
+) -> RResult<MemoryStrategyBox, PluginError> {
     guard(|| {
-        let m = T::from_config(config_json.as_str()).map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
+        let m = T::from_config(config_json.as_str())
+            .map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
         Ok(FfiMemoryStrategy_TO::from_value(MemoryBridge(m), TD_Opaque))
     })
 }
@@ -235,7 +270,13 @@ impl Collectives for CollectivesHandle<'_> {
         self.0.broadcast(TensorRef::new(tensor), root as u64).into_result()
     }
     fn all_gather(&self, tensor: &Tensor) -> PluginResult<Vec<Tensor>> {
-        Ok(self.0.all_gather(TensorRef::new(tensor)).into_result()?.into_iter().map(OwnedTensor::into_tensor).collect())
+        Ok(self
+            .0
+            .all_gather(TensorRef::new(tensor))
+            .into_result()?
+            .into_iter()
+            .map(OwnedTensor::into_tensor)
+            .collect())
     }
     fn reduce_scatter(&self, output: &Tensor, input: &Tensor, op: ReduceOp) -> PluginResult<()> {
         self.0.reduce_scatter(TensorRef::new(output), TensorRef::new(input), op).into_result()
@@ -249,9 +290,18 @@ impl Collectives for CollectivesHandle<'_> {
 pub struct MemoryStrategyHandle(pub MemoryStrategyBox);
 
 impl MemoryStrategy for MemoryStrategyHandle {
-    fn setup(&mut self, params: Vec<TrainParam>, optimizer_json: &str, device: Device, comm: &dyn Collectives) -> PluginResult<()> {
+    fn setup(
+        &mut self,
+        params: Vec<TrainParam>,
+        optimizer_json: &str,
+        device: Device,
+        comm: &dyn Collectives,
+    ) -> PluginResult<()> {
         let code = DeviceCode::from_device(device);
-        with_collectives(comm, |c| self.0.setup(params_to_ffi(params), optimizer_json.into(), code, c)).into_result()
+        with_collectives(comm, |c| {
+            self.0.setup(params_to_ffi(params), optimizer_json.into(), code, c)
+        })
+        .into_result()
     }
     fn step(&mut self, lr: f64, comm: &dyn Collectives) -> PluginResult<StepReport> {
         let r = with_collectives(comm, |c| self.0.step(lr, c)).into_result()?;

@@ -26,7 +26,10 @@ impl Batch {
     pub fn get(&self, name: &str) -> PluginResult<&Tensor> {
         self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| {
             let have: Vec<&str> = self.tensors.iter().map(|(n, _)| n.as_str()).collect();
-            PluginError::invalid(format!("batch has no tensor `{name}` (it has: {})", have.join(", ")))
+            PluginError::invalid(format!(
+                "batch has no tensor `{name}` (it has: {})",
+                have.join(", ")
+            ))
         })
     }
 }
@@ -77,7 +80,11 @@ pub struct RewardScores {
 /// The host's side of a training step, offered to objectives.
 pub trait ObjectiveContext {
     /// Runs the policy on named inputs; returns named outputs (`logits`, …).
-    fn forward(&self, inputs: &[(String, Tensor)], flags: ForwardFlags) -> PluginResult<Vec<(String, Tensor)>>;
+    fn forward(
+        &self,
+        inputs: &[(String, Tensor)],
+        flags: ForwardFlags,
+    ) -> PluginResult<Vec<(String, Tensor)>>;
     /// Generates completions (token ids, prompt excluded) for prompts given as token ids;
     /// `options_json` holds sampling options (`max_new_tokens`, `temperature`, …).
     fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>>;
@@ -124,8 +131,16 @@ pub struct FfiRewardScores {
 
 #[sabi_trait]
 pub trait FfiObjectiveContext {
-    fn forward(&self, inputs: RVec<NamedTensor>, flags: ForwardFlags) -> RResult<RVec<NamedTensor>, PluginError>;
-    fn generate(&self, prompts: RVec<RVec<i64>>, options_json: RStr<'_>) -> RResult<RVec<RVec<i64>>, PluginError>;
+    fn forward(
+        &self,
+        inputs: RVec<NamedTensor>,
+        flags: ForwardFlags,
+    ) -> RResult<RVec<NamedTensor>, PluginError>;
+    fn generate(
+        &self,
+        prompts: RVec<RVec<i64>>,
+        options_json: RStr<'_>,
+    ) -> RResult<RVec<RVec<i64>>, PluginError>;
     fn decode(&self, ids: RVec<i64>) -> RResult<RString, PluginError>;
     #[sabi(last_prefix_field)]
     fn rewards(&self, inputs: RVec<FfiRewardInput>) -> RResult<RVec<FfiRewardScores>, PluginError>;
@@ -137,7 +152,11 @@ pub type ObjectiveContextRef<'a> = FfiObjectiveContext_TO<'a, RRef<'a, ()>>;
 pub trait FfiObjective: Send {
     fn needs(&self) -> RVec<RString>;
     #[sabi(last_prefix_field)]
-    fn loss(&mut self, batch: &FfiBatch, ctx: ObjectiveContextRef<'_>) -> RResult<FfiLossOutput, PluginError>;
+    fn loss(
+        &mut self,
+        batch: &FfiBatch,
+        ctx: ObjectiveContextRef<'_>,
+    ) -> RResult<FfiLossOutput, PluginError>;
 }
 
 pub type ObjectiveBox = FfiObjective_TO<'static, RBox<()>>;
@@ -147,13 +166,21 @@ pub type ObjectiveBox = FfiObjective_TO<'static, RBox<()>>;
 struct ObjectiveContextBridge<'a>(&'a dyn ObjectiveContext);
 
 impl FfiObjectiveContext for ObjectiveContextBridge<'_> {
-    fn forward(&self, inputs: RVec<NamedTensor>, flags: ForwardFlags) -> RResult<RVec<NamedTensor>, PluginError> {
+    fn forward(
+        &self,
+        inputs: RVec<NamedTensor>,
+        flags: ForwardFlags,
+    ) -> RResult<RVec<NamedTensor>, PluginError> {
         guard(|| {
             let out = self.0.forward(&named_from_ffi(inputs), flags)?;
             Ok(crate::tensor::named_to_ffi(out))
         })
     }
-    fn generate(&self, prompts: RVec<RVec<i64>>, options_json: RStr<'_>) -> RResult<RVec<RVec<i64>>, PluginError> {
+    fn generate(
+        &self,
+        prompts: RVec<RVec<i64>>,
+        options_json: RStr<'_>,
+    ) -> RResult<RVec<RVec<i64>>, PluginError> {
         guard(|| {
             let prompts: Vec<Vec<i64>> = prompts.into_iter().map(RVec::into_vec).collect();
             let out = self.0.generate(&prompts, options_json.as_str())?;
@@ -168,7 +195,11 @@ impl FfiObjectiveContext for ObjectiveContextBridge<'_> {
             let out = self.0.rewards(&inputs_from_ffi(inputs))?;
             Ok(out
                 .into_iter()
-                .map(|r| FfiRewardScores { name: r.name.into(), weight: r.weight, scores: r.scores.into() })
+                .map(|r| FfiRewardScores {
+                    name: r.name.into(),
+                    weight: r.weight,
+                    scores: r.scores.into(),
+                })
                 .collect())
         })
     }
@@ -180,13 +211,22 @@ impl<T: Objective> FfiObjective for ObjectiveBridge<T> {
     fn needs(&self) -> RVec<RString> {
         guard(|| Ok(strings_to_ffi(self.0.needs()))).unwrap_or_default()
     }
-    fn loss(&mut self, batch: &FfiBatch, ctx: ObjectiveContextRef<'_>) -> RResult<FfiLossOutput, PluginError> {
+    fn loss(
+        &mut self,
+        batch: &FfiBatch,
+        ctx: ObjectiveContextRef<'_>,
+    ) -> RResult<FfiLossOutput, PluginError> {
         guard(|| {
             let batch = Batch {
                 tensors: batch
                     .tensors
                     .iter()
-                    .map(|n| (n.name.to_string(), crate::tensor::TensorRef::from_owned(&n.tensor).to_tensor()))
+                    .map(|n| {
+                        (
+                            n.name.to_string(),
+                            crate::tensor::TensorRef::from_owned(&n.tensor).to_tensor(),
+                        )
+                    })
                     .collect(),
                 meta_json: batch.meta_json.to_string(),
             };
@@ -195,7 +235,11 @@ impl<T: Objective> FfiObjective for ObjectiveBridge<T> {
             Ok(FfiLossOutput {
                 loss: OwnedTensor::new(out.loss),
                 num_items: out.num_items,
-                metrics: out.metrics.into_iter().map(|(k, v)| Tuple2(RString::from(k), v)).collect(),
+                metrics: out
+                    .metrics
+                    .into_iter()
+                    .map(|(k, v)| Tuple2(RString::from(k), v))
+                    .collect(),
             })
         })
     }
@@ -204,7 +248,8 @@ impl<T: Objective> FfiObjective for ObjectiveBridge<T> {
 /// Plugin side of `export_plugin!`.
 pub fn create<T: Plugin + Objective>(config_json: RStr<'_>) -> RResult<ObjectiveBox, PluginError> {
     guard(|| {
-        let o = T::from_config(config_json.as_str()).map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
+        let o = T::from_config(config_json.as_str())
+            .map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
         Ok(FfiObjective_TO::from_value(ObjectiveBridge(o), TD_Opaque))
     })
 }
@@ -215,7 +260,11 @@ pub fn create<T: Plugin + Objective>(config_json: RStr<'_>) -> RResult<Objective
 pub struct ObjectiveContextHandle<'a>(pub ObjectiveContextRef<'a>);
 
 impl ObjectiveContext for ObjectiveContextHandle<'_> {
-    fn forward(&self, inputs: &[(String, Tensor)], flags: ForwardFlags) -> PluginResult<Vec<(String, Tensor)>> {
+    fn forward(
+        &self,
+        inputs: &[(String, Tensor)],
+        flags: ForwardFlags,
+    ) -> PluginResult<Vec<(String, Tensor)>> {
         self.0.forward(named_refs_to_ffi(inputs), flags).into_result().map(named_from_ffi)
     }
     fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>> {
@@ -230,7 +279,11 @@ impl ObjectiveContext for ObjectiveContextHandle<'_> {
         let out = self.0.rewards(inputs_to_ffi(inputs)).into_result()?;
         Ok(out
             .into_iter()
-            .map(|r| RewardScores { name: r.name.into_string(), weight: r.weight, scores: r.scores.into_vec() })
+            .map(|r| RewardScores {
+                name: r.name.into_string(),
+                weight: r.weight,
+                scores: r.scores.into_vec(),
+            })
             .collect())
     }
 }
@@ -243,7 +296,10 @@ impl Objective for ObjectiveHandle {
         strings_from_ffi(self.0.needs())
     }
     fn loss(&mut self, batch: &Batch, ctx: &dyn ObjectiveContext) -> PluginResult<LossOutput> {
-        let ffi_batch = FfiBatch { tensors: named_refs_to_ffi(&batch.tensors), meta_json: batch.meta_json.as_str().into() };
+        let ffi_batch = FfiBatch {
+            tensors: named_refs_to_ffi(&batch.tensors),
+            meta_json: batch.meta_json.as_str().into(),
+        };
         let bridge = ObjectiveContextBridge(ctx);
         let ctx_ref = FfiObjectiveContext_TO::from_ptr(&bridge, TD_Opaque);
         let out = self.0.loss(&ffi_batch, ctx_ref).into_result()?;

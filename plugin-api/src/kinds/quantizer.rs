@@ -38,7 +38,11 @@ pub trait QuantizedWeight: Send {
 
 #[sabi_trait]
 pub trait FfiQuantizer: Send {
-    fn quantize(&self, module: RStr<'_>, weight: TensorRef<'_>) -> RResult<QuantizedWeightBox, PluginError>;
+    fn quantize(
+        &self,
+        module: RStr<'_>,
+        weight: TensorRef<'_>,
+    ) -> RResult<QuantizedWeightBox, PluginError>;
     #[sabi(last_prefix_field)]
     fn capabilities(&self) -> RVec<abi_stable::std_types::RString>;
 }
@@ -60,7 +64,11 @@ pub type QuantizedWeightBox = FfiQuantizedWeight_TO<'static, RBox<()>>;
 struct QuantizerBridge<T>(T);
 
 impl<T: Quantizer> FfiQuantizer for QuantizerBridge<T> {
-    fn quantize(&self, module: RStr<'_>, weight: TensorRef<'_>) -> RResult<QuantizedWeightBox, PluginError> {
+    fn quantize(
+        &self,
+        module: RStr<'_>,
+        weight: TensorRef<'_>,
+    ) -> RResult<QuantizedWeightBox, PluginError> {
         guard(|| {
             let q = self.0.quantize(module.as_str(), &weight.borrow())?;
             Ok(FfiQuantizedWeight_TO::from_value(QuantizedWeightBridge(q), TD_Opaque))
@@ -94,7 +102,8 @@ impl FfiQuantizedWeight for QuantizedWeightBridge {
 /// Plugin side of `export_plugin!`.
 pub fn create<T: Plugin + Quantizer>(config_json: RStr<'_>) -> RResult<QuantizerBox, PluginError> {
     guard(|| {
-        let q = T::from_config(config_json.as_str()).map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
+        let q = T::from_config(config_json.as_str())
+            .map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
         Ok(FfiQuantizer_TO::from_value(QuantizerBridge(q), TD_Opaque))
     })
 }

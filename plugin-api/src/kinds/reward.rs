@@ -71,7 +71,8 @@ impl<T: Reward> FfiReward for RewardBridge<T> {
 /// Plugin side of `export_plugin!`.
 pub fn create<T: Plugin + Reward>(config_json: RStr<'_>) -> RResult<RewardBox, PluginError> {
     guard(|| {
-        let r = T::from_config(config_json.as_str()).map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
+        let r = T::from_config(config_json.as_str())
+            .map_err(|e| e.context(format!("plugin `{}`", T::NAME)))?;
         Ok(FfiReward_TO::from_value(RewardBridge(r), TD_Opaque))
     })
 }
@@ -91,7 +92,10 @@ impl Reward for RewardHandle {
             )));
         }
         if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
-            return Err(PluginError::invalid(format!("reward returned a non-finite score ({}) for completion {i}", scores[i])));
+            return Err(PluginError::invalid(format!(
+                "reward returned a non-finite score ({}) for completion {i}",
+                scores[i]
+            )));
         }
         Ok(scores)
     }

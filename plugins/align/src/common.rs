@@ -29,7 +29,9 @@ impl Meta {
         let value: serde_json::Value = if meta_json.trim().is_empty() {
             serde_json::Value::Object(Default::default())
         } else {
-            serde_json::from_str(meta_json).map_err(|e| PluginError::invalid(format!("batch metadata is not valid JSON: {e}")))?
+            serde_json::from_str(meta_json).map_err(|e| {
+                PluginError::invalid(format!("batch metadata is not valid JSON: {e}"))
+            })?
         };
         let int = |key: &str| -> PluginResult<Option<i64>> {
             match value.get(key) {
@@ -39,12 +41,18 @@ impl Meta {
                     .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
                     .filter(|n| *n >= 0)
                     .map(Some)
-                    .ok_or_else(|| PluginError::invalid(format!("batch metadata `{key}` must be a non-negative integer, got {v}"))),
+                    .ok_or_else(|| {
+                        PluginError::invalid(format!(
+                            "batch metadata `{key}` must be a non-negative integer, got {v}"
+                        ))
+                    }),
             }
         };
         let ga = int(GRAD_ACCUM_KEY)?.unwrap_or(1);
         if ga < 1 {
-            return Err(PluginError::invalid(format!("batch metadata `{GRAD_ACCUM_KEY}` must be at least 1, got {ga}")));
+            return Err(PluginError::invalid(format!(
+                "batch metadata `{GRAD_ACCUM_KEY}` must be at least 1, got {ga}"
+            )));
         }
         let num_items_in_batch = int(NUM_ITEMS_KEY)?;
         let sample_ids = value.get("sample_ids").map(|v| v.to_string());
@@ -62,7 +70,12 @@ impl Meta {
 
 /// The model inputs of `batch`: every tensor whose name is not in `exclude`.
 pub fn model_inputs(batch: &Batch, exclude: &[&str]) -> Vec<(String, Tensor)> {
-    batch.tensors.iter().filter(|(n, _)| !exclude.contains(&n.as_str())).map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    batch
+        .tensors
+        .iter()
+        .filter(|(n, _)| !exclude.contains(&n.as_str()))
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect()
 }
 
 /// Replaces (or adds) the named input.
@@ -72,7 +85,11 @@ pub fn set_input(inputs: &mut Vec<(String, Tensor)>, name: &str, t: Tensor) {
 }
 
 /// Runs the model and returns its `logits` (`[B, T, V]`).
-pub fn forward_logits(ctx: &dyn ObjectiveContext, inputs: &[(String, Tensor)], flags: ForwardFlags) -> PluginResult<Tensor> {
+pub fn forward_logits(
+    ctx: &dyn ObjectiveContext,
+    inputs: &[(String, Tensor)],
+    flags: ForwardFlags,
+) -> PluginResult<Tensor> {
     let outputs = ctx.forward(inputs, flags)?;
     outputs
         .into_iter()
@@ -101,10 +118,17 @@ pub fn token_logps(logits: &Tensor, targets: &Tensor, temperature: f64) -> Plugi
 
 /// Next-token log-probabilities of a whole sequence: `out[b, t] = log p(ids[b, t+1] | ids[b, ..=t])`,
 /// `[B, T]` → `[B, T − 1]` (TRL's fused LM head `log_probs`, before masking).
-pub fn next_token_logps(logits: &Tensor, input_ids: &Tensor, temperature: f64) -> PluginResult<Tensor> {
-    let (b, t, _) = logits
-        .size3()
-        .map_err(|_| PluginError::invalid(format!("model `logits` must be [batch, seq, vocab], got {:?}", logits.size())))?;
+pub fn next_token_logps(
+    logits: &Tensor,
+    input_ids: &Tensor,
+    temperature: f64,
+) -> PluginResult<Tensor> {
+    let (b, t, _) = logits.size3().map_err(|_| {
+        PluginError::invalid(format!(
+            "model `logits` must be [batch, seq, vocab], got {:?}",
+            logits.size()
+        ))
+    })?;
     if input_ids.size() != [b, t] {
         return Err(PluginError::invalid(format!(
             "the model's logits {:?} do not match `input_ids` {:?}",
@@ -113,7 +137,9 @@ pub fn next_token_logps(logits: &Tensor, input_ids: &Tensor, temperature: f64) -
         )));
     }
     if t < 2 {
-        return Err(PluginError::invalid(format!("sequences of {t} token(s) have no next token to score")));
+        return Err(PluginError::invalid(format!(
+            "sequences of {t} token(s) have no next token to score"
+        )));
     }
     token_logps(&logits.f_narrow(1, 0, t - 1)?, &input_ids.f_narrow(1, 1, t - 1)?, temperature)
 }
@@ -121,7 +147,11 @@ pub fn next_token_logps(logits: &Tensor, input_ids: &Tensor, temperature: f64) -
 /// `Σ_t x[b, t]` over positions where `mask` is set (masked positions contribute 0 even if
 /// they hold ±inf), `[B, T]` → `[B]`.
 pub fn masked_sum(x: &Tensor, mask: &Tensor) -> PluginResult<Tensor> {
-    Ok(x.f_where_scalarother(mask, 0.0)?.f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?)
+    Ok(x.f_where_scalarother(mask, 0.0)?.f_sum_dim_intlist(
+        [-1i64].as_slice(),
+        false,
+        None::<Kind>,
+    )?)
 }
 
 /// A 0/1 mask tensor as bool, on `device`.
@@ -130,7 +160,12 @@ pub fn bool_mask(t: &Tensor, device: Device) -> PluginResult<Tensor> {
 }
 
 /// The named tensor, checked to be `[rows, cols]` (`cols` `None`: any width).
-pub fn get_2d<'a>(batch: &'a Batch, name: &str, rows: Option<i64>, cols: Option<i64>) -> PluginResult<&'a Tensor> {
+pub fn get_2d<'a>(
+    batch: &'a Batch,
+    name: &str,
+    rows: Option<i64>,
+    cols: Option<i64>,
+) -> PluginResult<&'a Tensor> {
     let t = batch.get(name)?;
     let fits = |want: Option<i64>, got: i64| want.is_none_or(|w| w == got);
     let ok = t.dim() == 2 && fits(rows, t.size()[0]) && fits(cols, t.size()[1]);
@@ -146,10 +181,19 @@ pub fn get_2d<'a>(batch: &'a Batch, name: &str, rows: Option<i64>, cols: Option<
 }
 
 /// The optional named tensor, checked to be 1-D of `len` and converted to `kind` on `device`.
-pub fn get_1d_opt(batch: &Batch, name: &str, len: i64, kind: Kind, device: Device) -> PluginResult<Option<Tensor>> {
+pub fn get_1d_opt(
+    batch: &Batch,
+    name: &str,
+    len: i64,
+    kind: Kind,
+    device: Device,
+) -> PluginResult<Option<Tensor>> {
     let Some((_, t)) = batch.tensors.iter().find(|(n, _)| n == name) else { return Ok(None) };
     if t.size() != [len] {
-        return Err(PluginError::invalid(format!("batch `{name}` has shape {:?}, expected [{len}]", t.size())));
+        return Err(PluginError::invalid(format!(
+            "batch `{name}` has shape {:?}, expected [{len}]",
+            t.size()
+        )));
     }
     let t = t.f_to_device(device)?.f_to_kind(kind)?;
     ensure_finite(name, &t)?;

@@ -2,7 +2,10 @@
 use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
-use crate::common::{check_loss, check_range, ensure_finite, forward_logits, get_1d_opt, mean_f64, next_token_logps, Meta, OneOrMany};
+use crate::common::{
+    check_loss, check_range, ensure_finite, forward_logits, get_1d_opt, mean_f64, next_token_logps,
+    Meta, OneOrMany,
+};
 use crate::losses::{dpo_loss, DpoLossType, DpoParams};
 use crate::pair::{halves, pair_forward, reward_metrics};
 
@@ -57,11 +60,17 @@ impl Plugin for Dpo {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: DpoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta <= 0.0 {
-            return Err(PluginError::config("beta", format!("must be a positive number, got {}", cfg.beta)));
+            return Err(PluginError::config(
+                "beta",
+                format!("must be a positive number, got {}", cfg.beta),
+            ));
         }
         check_range("label_smoothing", cfg.label_smoothing, 0.0, 1.0)?;
         if !cfg.discopop_tau.is_finite() || cfg.discopop_tau <= 0.0 {
-            return Err(PluginError::config("discopop_tau", format!("must be positive, got {}", cfg.discopop_tau)));
+            return Err(PluginError::config(
+                "discopop_tau",
+                format!("must be positive, got {}", cfg.discopop_tau),
+            ));
         }
         let names = cfg.loss_type.to_vec();
         if names.is_empty() {
@@ -71,30 +80,53 @@ impl Plugin for Dpo {
         if weights.len() != names.len() {
             return Err(PluginError::config(
                 "loss_weights",
-                format!("{} weights for {} loss types; give one weight per loss type", weights.len(), names.len()),
+                format!(
+                    "{} weights for {} loss types; give one weight per loss type",
+                    weights.len(),
+                    names.len()
+                ),
             ));
         }
         let mut loss_types = Vec::new();
         for (name, w) in names.iter().zip(weights) {
             let kind = DpoLossType::parse(name).ok_or_else(|| {
                 let all: Vec<&str> = DpoLossType::ALL.iter().map(|(n, _)| *n).collect();
-                PluginError::config("loss_type", format!("unknown loss type `{name}`; one of {}", all.join(", ")))
+                PluginError::config(
+                    "loss_type",
+                    format!("unknown loss type `{name}`; one of {}", all.join(", ")),
+                )
             })?;
             if !w.is_finite() {
-                return Err(PluginError::config("loss_weights", format!("must be finite, got {w}")));
+                return Err(PluginError::config(
+                    "loss_weights",
+                    format!("must be finite, got {w}"),
+                ));
             }
             if kind == DpoLossType::Robust && cfg.label_smoothing >= 0.5 {
-                return Err(PluginError::config("label_smoothing", format!("`robust` needs it in [0, 0.5), got {}", cfg.label_smoothing)));
-            }
-            if kind == DpoLossType::ExoPair && (cfg.label_smoothing <= 0.0 || cfg.label_smoothing >= 1.0) {
                 return Err(PluginError::config(
                     "label_smoothing",
-                    format!("`exo_pair` needs it in (0, 1) (TRL suggests 1e-3), got {}", cfg.label_smoothing),
+                    format!("`robust` needs it in [0, 0.5), got {}", cfg.label_smoothing),
+                ));
+            }
+            if kind == DpoLossType::ExoPair
+                && (cfg.label_smoothing <= 0.0 || cfg.label_smoothing >= 1.0)
+            {
+                return Err(PluginError::config(
+                    "label_smoothing",
+                    format!(
+                        "`exo_pair` needs it in (0, 1) (TRL suggests 1e-3), got {}",
+                        cfg.label_smoothing
+                    ),
                 ));
             }
             loss_types.push((kind, w));
         }
-        let params = DpoParams { beta: cfg.beta, loss_types, label_smoothing: cfg.label_smoothing, discopop_tau: cfg.discopop_tau };
+        let params = DpoParams {
+            beta: cfg.beta,
+            loss_types,
+            label_smoothing: cfg.label_smoothing,
+            discopop_tau: cfg.discopop_tau,
+        };
         Ok(Self { cfg, params })
     }
 }
@@ -138,7 +170,15 @@ impl Objective for Dpo {
         };
         let chosen_len = pf.lengths.f_narrow(0, 0, pf.pairs)?;
         let rejected_len = pf.lengths.f_narrow(0, pf.pairs, pf.pairs)?;
-        let out = dpo_loss(&self.params, &chosen, &rejected, &ref_chosen, &ref_rejected, &chosen_len, &rejected_len)?;
+        let out = dpo_loss(
+            &self.params,
+            &chosen,
+            &rejected,
+            &ref_chosen,
+            &ref_rejected,
+            &chosen_len,
+            &rejected_len,
+        )?;
         let loss = out.loss.f_div_scalar(meta.gradient_accumulation_steps as f64)?;
         let value = check_loss(Self::NAME, &loss, &meta, 2 * pf.pairs)?;
         let mut metrics = vec![("loss".to_string(), value)];

@@ -6,7 +6,9 @@ use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 use std::cell::Cell;
 
-use crate::common::{bool_mask, check_loss, ensure_finite, forward_logits, get_2d, model_inputs, token_logps, Meta};
+use crate::common::{
+    bool_mask, check_loss, ensure_finite, forward_logits, get_2d, model_inputs, token_logps, Meta,
+};
 use crate::losses::{group_advantages, grpo_loss, GrpoLossType, GrpoParams, ScaleRewards};
 
 /// Tensor names of the GRPO batch that are not model inputs.
@@ -101,33 +103,60 @@ impl Plugin for Grpo {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: GrpoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta < 0.0 {
-            return Err(PluginError::config("beta", format!("must be a non-negative number, got {}", cfg.beta)));
+            return Err(PluginError::config(
+                "beta",
+                format!("must be a non-negative number, got {}", cfg.beta),
+            ));
         }
         let epsilon_high = cfg.epsilon_high.unwrap_or(cfg.epsilon);
         for (key, v) in [("epsilon", cfg.epsilon), ("epsilon_high", epsilon_high)] {
             if !v.is_finite() || v < 0.0 {
-                return Err(PluginError::config(key, format!("must be a non-negative number, got {v}")));
+                return Err(PluginError::config(
+                    key,
+                    format!("must be a non-negative number, got {v}"),
+                ));
             }
         }
         if let Some(d) = cfg.delta {
             if !d.is_finite() || d <= 1.0 {
-                return Err(PluginError::config("delta", format!("must exceed 1 (usually 1 + epsilon or more), got {d}")));
+                return Err(PluginError::config(
+                    "delta",
+                    format!("must exceed 1 (usually 1 + epsilon or more), got {d}"),
+                ));
             }
         }
         let loss_type = GrpoLossType::parse(&cfg.loss_type).ok_or_else(|| {
-            PluginError::config("loss_type", format!("unknown loss type `{}`; one of grpo, dapo, dr_grpo, bnpo", cfg.loss_type))
+            PluginError::config(
+                "loss_type",
+                format!("unknown loss type `{}`; one of grpo, dapo, dr_grpo, bnpo", cfg.loss_type),
+            )
         })?;
         if cfg.num_generations < 2 {
-            return Err(PluginError::config("num_generations", format!("GRPO needs at least 2 completions per prompt, got {}", cfg.num_generations)));
+            return Err(PluginError::config(
+                "num_generations",
+                format!(
+                    "GRPO needs at least 2 completions per prompt, got {}",
+                    cfg.num_generations
+                ),
+            ));
         }
         if cfg.max_completion_length < 1 {
-            return Err(PluginError::config("max_completion_length", format!("must be at least 1, got {}", cfg.max_completion_length)));
+            return Err(PluginError::config(
+                "max_completion_length",
+                format!("must be at least 1, got {}", cfg.max_completion_length),
+            ));
         }
         if !cfg.temperature.is_finite() || cfg.temperature <= 0.0 {
-            return Err(PluginError::config("temperature", format!("must be positive, got {}", cfg.temperature)));
+            return Err(PluginError::config(
+                "temperature",
+                format!("must be positive, got {}", cfg.temperature),
+            ));
         }
         if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
-            return Err(PluginError::config("top_p", format!("must lie in (0, 1], got {}", cfg.top_p)));
+            return Err(PluginError::config(
+                "top_p",
+                format!("must lie in (0, 1], got {}", cfg.top_p),
+            ));
         }
         let scale = match &cfg.scale_rewards {
             serde_json::Value::Bool(true) => ScaleRewards::Group,
@@ -135,7 +164,12 @@ impl Plugin for Grpo {
             serde_json::Value::String(s) if s == "group" => ScaleRewards::Group,
             serde_json::Value::String(s) if s == "batch" => ScaleRewards::Batch,
             serde_json::Value::String(s) if s == "none" => ScaleRewards::None,
-            other => return Err(PluginError::config("scale_rewards", format!("one of group, batch, none, true, false; got {other}"))),
+            other => {
+                return Err(PluginError::config(
+                    "scale_rewards",
+                    format!("one of group, batch, none, true, false; got {other}"),
+                ))
+            }
         };
         let params = GrpoParams {
             loss_type,
@@ -174,7 +208,11 @@ impl Scored {
             advantages: self.advantages.shallow_clone(),
             old: sh(&self.old),
             reference: sh(&self.reference),
-            extra_inputs: self.extra_inputs.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+            extra_inputs: self
+                .extra_inputs
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
             metrics: self.metrics.clone(),
         }
     }
@@ -192,14 +230,30 @@ impl Grpo {
     ) -> PluginResult<(Tensor, Option<Tensor>)> {
         let p = s.prompt_ids.size()[1];
         let c = s.completion_ids.size()[1];
-        let mut inputs: Vec<(String, Tensor)> = s.extra_inputs.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        let ids = Tensor::f_cat(&[s.prompt_ids.shallow_clone(), s.completion_ids.f_to_device(s.prompt_ids.device())?], 1)?;
-        let mask = Tensor::f_cat(&[s.prompt_mask.shallow_clone(), s.completion_mask.f_to_device(s.prompt_mask.device())?.f_to_kind(s.prompt_mask.kind())?], 1)?;
+        let mut inputs: Vec<(String, Tensor)> =
+            s.extra_inputs.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let ids = Tensor::f_cat(
+            &[s.prompt_ids.shallow_clone(), s.completion_ids.f_to_device(s.prompt_ids.device())?],
+            1,
+        )?;
+        let mask = Tensor::f_cat(
+            &[
+                s.prompt_mask.shallow_clone(),
+                s.completion_mask
+                    .f_to_device(s.prompt_mask.device())?
+                    .f_to_kind(s.prompt_mask.kind())?,
+            ],
+            1,
+        )?;
         inputs.push(("input_ids".into(), ids));
         inputs.push(("attention_mask".into(), mask));
         let logits = forward_logits(ctx, &inputs, flags)?;
         if logits.dim() != 3 || logits.size()[1] != p + c {
-            return Err(PluginError::invalid(format!("the model's logits {:?} do not cover the {} prompt + completion positions", logits.size(), p + c)));
+            return Err(PluginError::invalid(format!(
+                "the model's logits {:?} do not cover the {} prompt + completion positions",
+                logits.size(),
+                p + c
+            )));
         }
         let logits = logits.f_narrow(1, p - 1, c)?;
         let lp = token_logps(&logits, &s.completion_ids, self.cfg.temperature)?;
@@ -209,7 +263,11 @@ impl Grpo {
             Some(tch::no_grad(|| -> PluginResult<Tensor> {
                 let l = logits.f_to_kind(Kind::Float)?.f_div_scalar(self.cfg.temperature)?;
                 let logp = l.f_log_softmax(-1, None::<Kind>)?;
-                Ok(logp.f_exp()?.f_mul(&logp)?.f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?.f_neg()?)
+                Ok(logp
+                    .f_exp()?
+                    .f_mul(&logp)?
+                    .f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?
+                    .f_neg()?)
             })?)
         } else {
             None
@@ -227,7 +285,10 @@ impl Grpo {
         let completion_mask = get_2d(batch, "completion_mask", Some(b), Some(c))?;
         let advantages = batch.get("advantages")?;
         if advantages.size() != [b] && advantages.size() != [b, c] {
-            return Err(PluginError::invalid(format!("batch `advantages` has shape {:?}, expected [{b}] or [{b}, {c}]", advantages.size())));
+            return Err(PluginError::invalid(format!(
+                "batch `advantages` has shape {:?}, expected [{b}] or [{b}, {c}]",
+                advantages.size()
+            )));
         }
         ensure_finite("batch `advantages`", advantages)?;
         let opt = |name: &str| -> PluginResult<Option<Tensor>> {
@@ -254,7 +315,12 @@ impl Grpo {
 
     /// The batch holds prompts only: sample `num_generations` completions per prompt, score
     /// them with the run's reward plugins and compute the advantages.
-    fn rollout(&self, batch: &Batch, meta: &Meta, ctx: &dyn ObjectiveContext) -> PluginResult<Scored> {
+    fn rollout(
+        &self,
+        batch: &Batch,
+        meta: &Meta,
+        ctx: &dyn ObjectiveContext,
+    ) -> PluginResult<Scored> {
         let prompt_ids = get_2d(batch, "prompt_ids", None, None)?;
         let (b, p) = (prompt_ids.size()[0], prompt_ids.size()[1]);
         let prompt_mask = get_2d(batch, "prompt_mask", Some(b), Some(p))?;
@@ -265,7 +331,8 @@ impl Grpo {
         for row in 0..b {
             let ids = Vec::<i64>::try_from(&ids_cpu.get(row))?;
             let m = Vec::<bool>::try_from(&mask_cpu.get(row))?;
-            let kept: Vec<i64> = ids.into_iter().zip(m).filter(|(_, k)| *k).map(|(i, _)| i).collect();
+            let kept: Vec<i64> =
+                ids.into_iter().zip(m).filter(|(_, k)| *k).map(|(i, _)| i).collect();
             for _ in 0..g {
                 prompts.push(kept.clone());
             }
@@ -281,17 +348,26 @@ impl Grpo {
         });
         let completions = ctx.generate(&prompts, &options.to_string())?;
         if completions.len() != prompts.len() {
-            return Err(PluginError::invalid(format!("generate returned {} completions for {} prompts", completions.len(), prompts.len())));
+            return Err(PluginError::invalid(format!(
+                "generate returned {} completions for {} prompts",
+                completions.len(),
+                prompts.len()
+            )));
         }
         // Reward inputs: the rendered prompt and the canonical sample of each row, from the
         // metadata when the host put them there.
-        let texts = |key: &str| -> Option<Vec<serde_json::Value>> { meta.value.get(key).and_then(|v| v.as_array()).cloned() };
+        let texts = |key: &str| -> Option<Vec<serde_json::Value>> {
+            meta.value.get(key).and_then(|v| v.as_array()).cloned()
+        };
         let prompt_texts = texts("prompts");
         let samples = texts("samples");
         for (key, v) in [("prompts", &prompt_texts), ("samples", &samples)] {
             if let Some(v) = v {
                 if v.len() as i64 != b {
-                    return Err(PluginError::invalid(format!("batch metadata `{key}` has {} entries for {b} prompts", v.len())));
+                    return Err(PluginError::invalid(format!(
+                        "batch metadata `{key}` has {} entries for {b} prompts",
+                        v.len()
+                    )));
                 }
             }
         }
@@ -299,17 +375,21 @@ impl Grpo {
         for (i, comp) in completions.iter().enumerate() {
             let row = i / g as usize;
             let prompt = match &prompt_texts {
-                Some(v) => v[row].as_str().map(str::to_string).unwrap_or_else(|| v[row].to_string()),
+                Some(v) => {
+                    v[row].as_str().map(str::to_string).unwrap_or_else(|| v[row].to_string())
+                }
                 None => ctx.decode(&prompts[i])?,
             };
-            let sample_json = samples.as_ref().map_or_else(|| "{}".to_string(), |v| v[row].to_string());
+            let sample_json =
+                samples.as_ref().map_or_else(|| "{}".to_string(), |v| v[row].to_string());
             inputs.push(RewardInput { prompt, completion: ctx.decode(comp)?, sample_json });
         }
         let scores = ctx.rewards(&inputs)?;
         let names: Vec<String> = scores.iter().map(|s| s.name.clone()).collect();
         let weights: Vec<f64> = scores.iter().map(|s| s.weight).collect();
         let per_func: Vec<Vec<f64>> = scores.into_iter().map(|s| s.scores).collect();
-        let adv = group_advantages(&per_func, &names, &weights, self.cfg.num_generations, self.scale)?;
+        let adv =
+            group_advantages(&per_func, &names, &weights, self.cfg.num_generations, self.scale)?;
         let c = completions.iter().map(Vec::len).max().unwrap_or(0).max(1) as i64;
         let n = completions.len() as i64;
         let pad = meta.value.get("pad_token_id").and_then(|v| v.as_i64()).unwrap_or(0);
@@ -324,9 +404,16 @@ impl Grpo {
         let device = prompt_ids.device();
         let lengths: Vec<f64> = completions.iter().map(|c| c.len() as f64).collect();
         let mut metrics = adv.metrics;
-        metrics.push(("completions/mean_length".into(), lengths.iter().sum::<f64>() / lengths.len().max(1) as f64));
-        metrics.push(("completions/min_length".into(), lengths.iter().cloned().fold(f64::INFINITY, f64::min)));
-        metrics.push(("completions/max_length".into(), lengths.iter().cloned().fold(0.0, f64::max)));
+        metrics.push((
+            "completions/mean_length".into(),
+            lengths.iter().sum::<f64>() / lengths.len().max(1) as f64,
+        ));
+        metrics.push((
+            "completions/min_length".into(),
+            lengths.iter().cloned().fold(f64::INFINITY, f64::min),
+        ));
+        metrics
+            .push(("completions/max_length".into(), lengths.iter().cloned().fold(0.0, f64::max)));
         // Other model inputs (pixel_values, …) belong to the prompts; each prompt's rows repeat.
         let extra_inputs = model_inputs(batch, &GRPO_NON_MODEL_KEYS)
             .into_iter()
@@ -372,7 +459,11 @@ impl Objective for Grpo {
         // generates, scores and keeps the rollout with the sampling policy's
         // log-probabilities, the others reuse it.
         let key = |k: &str| meta.value.get(k).and_then(|v| v.as_u64());
-        let (iteration, iterations, micro) = (key("iteration").unwrap_or(0), key("num_iterations").unwrap_or(1), key("micro_index").unwrap_or(0));
+        let (iteration, iterations, micro) = (
+            key("iteration").unwrap_or(0),
+            key("num_iterations").unwrap_or(1),
+            key("micro_index").unwrap_or(0),
+        );
         let mut s = if has_completions {
             self.scored_from_batch(batch)?
         } else if iteration > 0 {
@@ -383,7 +474,9 @@ impl Objective for Grpo {
             let mut s = self.rollout(batch, &meta, ctx)?;
             self.rollouts.retain(|(m, _)| *m != micro);
             if iterations > 1 {
-                let old = tch::no_grad(|| self.completion_logps(ctx, &s, ForwardFlags::NO_GRAD, false))?.0;
+                let old =
+                    tch::no_grad(|| self.completion_logps(ctx, &s, ForwardFlags::NO_GRAD, false))?
+                        .0;
                 s.old = Some(old);
                 self.rollouts.push((micro, s.share()));
             }
@@ -397,7 +490,9 @@ impl Objective for Grpo {
         let mask = bool_mask(&s.completion_mask, device)?;
         ensure_finite("the policy's completion log-probabilities", &per_token.f_detach()?)?;
         // Masked positions are 0 in TRL's log-probabilities whatever the batch holds there.
-        let clean = |t: Tensor| -> PluginResult<Tensor> { Ok(t.f_to_device(device)?.f_to_kind(kind)?.f_where_scalarother(&mask, 0.0)?) };
+        let clean = |t: Tensor| -> PluginResult<Tensor> {
+            Ok(t.f_to_device(device)?.f_to_kind(kind)?.f_where_scalarother(&mask, 0.0)?)
+        };
         let old = s.old.take().map(clean).transpose()?;
         if let Some(o) = &old {
             ensure_finite("batch `old_per_token_logps` (completion positions)", o)?;
@@ -418,7 +513,9 @@ impl Objective for Grpo {
         let advantages = s.advantages.f_to_device(device)?.f_to_kind(kind)?;
         let tokens = s.completion_mask.f_ne(0)?.f_sum(Kind::Int64)?.int64_value(&[]);
         let dapo_normalizer = meta.num_items_in_batch.unwrap_or(tokens) as f64;
-        if self.params.loss_type == GrpoLossType::Dapo && meta.num_items_in_batch.is_some_and(|n| n < tokens) {
+        if self.params.loss_type == GrpoLossType::Dapo
+            && meta.num_items_in_batch.is_some_and(|n| n < tokens)
+        {
             return Err(PluginError::invalid(format!(
                 "batch metadata `num_items_in_batch` = {dapo_normalizer} is smaller than this micro-batch's {tokens} completion tokens"
             )));
@@ -440,7 +537,8 @@ impl Objective for Grpo {
         metrics.extend(out.metrics);
         if let Some(e) = entropy {
             let m = mask.f_to_kind(Kind::Double)?;
-            let sum = e.f_to_kind(Kind::Double)?.f_mul(&m)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            let sum =
+                e.f_to_kind(Kind::Double)?.f_mul(&m)?.f_sum(Kind::Double)?.f_double_value(&[])?;
             metrics.push(("entropy".into(), sum / (tokens.max(1) as f64)));
         }
         let num_items = match self.params.loss_type {

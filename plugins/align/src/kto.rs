@@ -5,8 +5,8 @@ use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
 use crate::common::{
-    bool_mask, check_loss, ensure_finite, forward_logits, get_1d_opt, get_2d, masked_sum, mean_f64, model_inputs,
-    next_token_logps, set_input, Meta,
+    bool_mask, check_loss, ensure_finite, forward_logits, get_1d_opt, get_2d, masked_sum, mean_f64,
+    model_inputs, next_token_logps, set_input, Meta,
 };
 use crate::losses::{kto_loss, KtoLossType, KtoParams};
 
@@ -63,19 +63,38 @@ impl Plugin for Kto {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: KtoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta <= 0.0 {
-            return Err(PluginError::config("beta", format!("must be a positive number, got {}", cfg.beta)));
+            return Err(PluginError::config(
+                "beta",
+                format!("must be a positive number, got {}", cfg.beta),
+            ));
         }
-        for (key, w) in [("desirable_weight", cfg.desirable_weight), ("undesirable_weight", cfg.undesirable_weight)] {
+        for (key, w) in [
+            ("desirable_weight", cfg.desirable_weight),
+            ("undesirable_weight", cfg.undesirable_weight),
+        ] {
             if !w.is_finite() || w < 0.0 {
-                return Err(PluginError::config(key, format!("must be a non-negative number, got {w}")));
+                return Err(PluginError::config(
+                    key,
+                    format!("must be a non-negative number, got {w}"),
+                ));
             }
         }
         let loss_type = match cfg.loss_type.as_str() {
             "kto" => KtoLossType::Kto,
             "apo_zero_unpaired" => KtoLossType::ApoZeroUnpaired,
-            other => return Err(PluginError::config("loss_type", format!("unknown loss type `{other}`; one of kto, apo_zero_unpaired"))),
+            other => {
+                return Err(PluginError::config(
+                    "loss_type",
+                    format!("unknown loss type `{other}`; one of kto, apo_zero_unpaired"),
+                ))
+            }
         };
-        let params = KtoParams { beta: cfg.beta, loss_type, desirable_weight: cfg.desirable_weight, undesirable_weight: cfg.undesirable_weight };
+        let params = KtoParams {
+            beta: cfg.beta,
+            loss_type,
+            desirable_weight: cfg.desirable_weight,
+            undesirable_weight: cfg.undesirable_weight,
+        };
         Ok(Self { cfg, params })
     }
 }
@@ -107,9 +126,17 @@ impl Objective for Kto {
         get_2d(batch, "attention_mask", Some(n), Some(t))?;
         let desirable = batch.get("kto_desirable")?;
         if desirable.size() != [n] {
-            return Err(PluginError::invalid(format!("batch `kto_desirable` has shape {:?}, expected [{n}]", desirable.size())));
+            return Err(PluginError::invalid(format!(
+                "batch `kto_desirable` has shape {:?}, expected [{n}]",
+                desirable.size()
+            )));
         }
-        let empty = completion_mask.f_narrow(1, 1, t - 1)?.f_ne(0)?.f_any_dim(-1, false)?.f_logical_not()?.f_nonzero()?;
+        let empty = completion_mask
+            .f_narrow(1, 1, t - 1)?
+            .f_ne(0)?
+            .f_any_dim(-1, false)?
+            .f_logical_not()?
+            .f_nonzero()?;
         if empty.size()[0] > 0 {
             return Err(PluginError::invalid(format!(
                 "row {}: the completion has no tokens after the first position (`completion_mask`)",
@@ -125,7 +152,8 @@ impl Objective for Kto {
             let kl_t = kl_ids.size()[1];
             let kl_mask = get_2d(batch, "KL_attention_mask", Some(n), Some(kl_t))?;
             let kl_completion = get_2d(batch, "KL_completion_mask", Some(n), Some(kl_t))?;
-            let mut v = inputs.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
+            let mut v =
+                inputs.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
             set_input(&mut v, "input_ids", kl_ids.shallow_clone());
             set_input(&mut v, "attention_mask", kl_mask.shallow_clone());
             Some((v, kl_ids.shallow_clone(), kl_completion.shallow_clone()))
@@ -133,7 +161,9 @@ impl Objective for Kto {
             None
         };
         let kl_policy = match &kl_inputs {
-            Some((v, kl_ids, kl_c)) => Some(tch::no_grad(|| completion_logps(ctx, v, kl_ids, kl_c, ForwardFlags::NO_GRAD))?),
+            Some((v, kl_ids, kl_c)) => Some(tch::no_grad(|| {
+                completion_logps(ctx, v, kl_ids, kl_c, ForwardFlags::NO_GRAD)
+            })?),
             None => None,
         };
         let logps = completion_logps(ctx, &inputs, ids, completion_mask, ForwardFlags::NONE)?;
@@ -145,12 +175,16 @@ impl Objective for Kto {
         let reference = ForwardFlags::DISABLE_ADAPTER | ForwardFlags::NO_GRAD;
         let ref_logps = match pre {
             Some(r) => r,
-            None => tch::no_grad(|| completion_logps(ctx, &inputs, ids, completion_mask, reference))?,
+            None => {
+                tch::no_grad(|| completion_logps(ctx, &inputs, ids, completion_mask, reference))?
+            }
         };
         let ref_kl = match (&kl_inputs, pre_kl) {
             (None, _) => None,
             (Some(_), Some(r)) => Some(r),
-            (Some((v, kl_ids, kl_c)), None) => Some(tch::no_grad(|| completion_logps(ctx, v, kl_ids, kl_c, reference))?),
+            (Some((v, kl_ids, kl_c)), None) => {
+                Some(tch::no_grad(|| completion_logps(ctx, v, kl_ids, kl_c, reference))?)
+            }
         };
         ensure_finite("the reference's completion log-probabilities", &ref_logps)?;
         if let (Some(p), Some(r)) = (&kl_policy, &ref_kl) {
@@ -172,7 +206,10 @@ impl Objective for Kto {
             metrics.push(("logps/rejected".into(), mean_f64(&out.rejected_logps)?));
         }
         if nc > 0 && nr > 0 {
-            metrics.push(("rewards/margins".into(), mean_f64(&out.chosen_rewards)? - mean_f64(&out.rejected_rewards)?));
+            metrics.push((
+                "rewards/margins".into(),
+                mean_f64(&out.chosen_rewards)? - mean_f64(&out.rejected_rewards)?,
+            ));
         }
         metrics.push(("count/desirable".into(), nc as f64));
         metrics.push(("count/undesirable".into(), nr as f64));

@@ -95,19 +95,25 @@ pub fn dpo_loss(
     };
     let smoothed = |d: &Tensor| -> PluginResult<Tensor> {
         let bd = d.f_mul_scalar(b)?;
-        Ok(ls(&bd)?.f_neg()?.f_mul_scalar(1.0 - eps)?.f_sub(&ls(&bd.f_neg()?)?.f_mul_scalar(eps)?)?)
+        Ok(ls(&bd)?
+            .f_neg()?
+            .f_mul_scalar(1.0 - eps)?
+            .f_sub(&ls(&bd.f_neg()?)?.f_mul_scalar(eps)?)?)
     };
     let mut loss: Option<Tensor> = None;
     for &(kind, weight) in &p.loss_types {
         let per_seq = match kind {
             DpoLossType::Sigmoid => ls(&bd)?.f_neg()?,
             DpoLossType::Hinge => bd.f_neg()?.f_add_scalar(1.0)?.f_relu()?,
-            DpoLossType::Ipo => avg_delta()?.f_sub_scalar(1.0 / (2.0 * b))?.f_pow_tensor_scalar(2)?,
+            DpoLossType::Ipo => {
+                avg_delta()?.f_sub_scalar(1.0 / (2.0 * b))?.f_pow_tensor_scalar(2)?
+            }
             DpoLossType::ExoPair => {
                 let (qw, log_qw) = (bd.f_sigmoid()?, ls(&bd)?);
                 let (ql, log_ql) = (bd.f_neg()?.f_sigmoid()?, ls(&bd.f_neg()?)?);
                 let (log_pw, log_pl) = ((-eps).ln_1p(), eps.ln());
-                qw.f_mul(&log_qw.f_sub_scalar(log_pw)?)?.f_add(&ql.f_mul(&log_ql.f_sub_scalar(log_pl)?)?)?
+                qw.f_mul(&log_qw.f_sub_scalar(log_pw)?)?
+                    .f_add(&ql.f_mul(&log_ql.f_sub_scalar(log_pl)?)?)?
             }
             DpoLossType::NcaPair => {
                 let (cr, rr) = (cl.f_mul_scalar(b)?, rl.f_mul_scalar(b)?);
@@ -145,14 +151,18 @@ pub fn dpo_loss(
             }
             DpoLossType::ApoDown => {
                 let chosen = cl.f_mul_scalar(b)?.f_sigmoid()?;
-                chosen.f_add(&cl.f_sub(&rl)?.f_mul_scalar(b)?.f_sigmoid()?.f_neg()?.f_add_scalar(1.0)?)?
+                chosen.f_add(
+                    &cl.f_sub(&rl)?.f_mul_scalar(b)?.f_sigmoid()?.f_neg()?.f_add_scalar(1.0)?,
+                )?
             }
             DpoLossType::Discopop => {
                 let logits = delta.f_mul_scalar(b)?;
                 let modulation = logits.f_div_scalar(p.discopop_tau)?.f_sigmoid()?;
                 let logistic = ls(&logits)?.f_neg()?;
                 let exp = logits.f_neg()?.f_exp()?;
-                logistic.f_mul(&modulation.f_neg()?.f_add_scalar(1.0)?)?.f_add(&exp.f_mul(&modulation)?)?
+                logistic
+                    .f_mul(&modulation.f_neg()?.f_add_scalar(1.0)?)?
+                    .f_add(&exp.f_mul(&modulation)?)?
             }
             DpoLossType::SigmoidNorm => ls(&avg_delta()?.f_mul_scalar(b)?)?.f_neg()?,
         };
@@ -163,7 +173,11 @@ pub fn dpo_loss(
         });
     }
     let loss = loss.ok_or_else(|| PluginError::invalid("DPO needs at least one loss type"))?;
-    Ok(PairLoss { loss, chosen_rewards: cl.f_mul_scalar(b)?.f_detach()?, rejected_rewards: rl.f_mul_scalar(b)?.f_detach()? })
+    Ok(PairLoss {
+        loss,
+        chosen_rewards: cl.f_mul_scalar(b)?.f_detach()?,
+        rejected_rewards: rl.f_mul_scalar(b)?.f_detach()?,
+    })
 }
 
 // ---------------------------------------------------------------- ORPO
@@ -188,7 +202,11 @@ pub struct OddsRatio {
     pub log_odds_chosen: Tensor,
 }
 
-pub fn odds_ratio_loss(beta: f64, chosen_logps: &Tensor, rejected_logps: &Tensor) -> PluginResult<OddsRatio> {
+pub fn odds_ratio_loss(
+    beta: f64,
+    chosen_logps: &Tensor,
+    rejected_logps: &Tensor,
+) -> PluginResult<OddsRatio> {
     let c = chosen_logps.f_to_kind(Kind::Float)?;
     let r = rejected_logps.f_to_kind(Kind::Float)?;
     let log_odds = c.f_sub(&r)?.f_sub(&log1mexp(&c)?.f_sub(&log1mexp(&r)?)?)?;
@@ -243,7 +261,10 @@ pub fn cpo_losses(
     let logits = chosen_logps.f_sub(rejected_logps)?;
     let smoothed = |l: &Tensor| -> PluginResult<Tensor> {
         let bl = l.f_mul_scalar(beta)?;
-        Ok(ls(&bl)?.f_neg()?.f_mul_scalar(1.0 - label_smoothing)?.f_sub(&ls(&bl.f_neg()?)?.f_mul_scalar(label_smoothing)?)?)
+        Ok(ls(&bl)?
+            .f_neg()?
+            .f_mul_scalar(1.0 - label_smoothing)?
+            .f_sub(&ls(&bl.f_neg()?)?.f_mul_scalar(label_smoothing)?)?)
     };
     let losses = match kind {
         CpoLossType::Simpo => smoothed(&logits.f_sub_scalar(simpo_gamma / beta)?)?,
@@ -305,7 +326,9 @@ pub fn kto_loss(
     let ref_chosen = ref_logps.f_index_select(0, &chosen_idx)?;
     let ref_rejected = ref_logps.f_index_select(0, &rejected_idx)?;
     let kl = match kl_logps {
-        Some((policy, reference)) => policy.f_sub(reference)?.f_mean(None::<Kind>)?.f_detach()?.f_clamp_min(0.0)?,
+        Some((policy, reference)) => {
+            policy.f_sub(reference)?.f_mean(None::<Kind>)?.f_detach()?.f_clamp_min(0.0)?
+        }
         None => Tensor::f_zeros([1], (logps.kind(), logps.device()))?,
     };
     let b = p.beta;
@@ -322,7 +345,10 @@ pub fn kto_loss(
         ),
     };
     let losses = Tensor::f_cat(
-        &[chosen_losses.f_mul_scalar(p.desirable_weight)?, rejected_losses.f_mul_scalar(p.undesirable_weight)?],
+        &[
+            chosen_losses.f_mul_scalar(p.desirable_weight)?,
+            rejected_losses.f_mul_scalar(p.undesirable_weight)?,
+        ],
         0,
     )?;
     let kl_value = kl.f_sum(Kind::Double)?.f_double_value(&[])?;
@@ -398,7 +424,8 @@ pub fn grpo_loss(
     grad_accum: f64,
     dapo_normalizer: f64,
 ) -> PluginResult<GrpoLoss> {
-    let advantages = if advantages.dim() == 1 { advantages.f_unsqueeze(1)? } else { advantages.shallow_clone() };
+    let advantages =
+        if advantages.dim() == 1 { advantages.f_unsqueeze(1)? } else { advantages.shallow_clone() };
     let mask = mask.f_to_kind(per_token_logps.kind())?;
     let old = match old_per_token_logps {
         Some(o) => o.shallow_clone(),
@@ -407,7 +434,9 @@ pub fn grpo_loss(
     let log_ratio = per_token_logps.f_sub(&old)?;
     let coef_1 = log_ratio.f_exp()?;
     let per_token_kl = if p.beta != 0.0 {
-        let r = ref_per_token_logps.ok_or_else(|| PluginError::invalid("GRPO with beta ≠ 0 needs the reference log-probabilities"))?;
+        let r = ref_per_token_logps.ok_or_else(|| {
+            PluginError::invalid("GRPO with beta ≠ 0 needs the reference log-probabilities")
+        })?;
         let d = r.f_sub(per_token_logps)?;
         Some(d.f_exp()?.f_sub(&d)?.f_sub_scalar(1.0)?)
     } else {
@@ -429,19 +458,31 @@ pub fn grpo_loss(
     let loss = match p.loss_type {
         GrpoLossType::Grpo => masked
             .f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?
-            .f_div(&mask.f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?.f_clamp_min(1.0)?)?
+            .f_div(
+                &mask
+                    .f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?
+                    .f_clamp_min(1.0)?,
+            )?
             .f_mean(None::<Kind>)?
             .f_div_scalar(grad_accum)?,
-        GrpoLossType::Bnpo => masked.f_sum(None::<Kind>)?.f_div(&mask.f_sum(None::<Kind>)?.f_clamp_min(1.0)?)?.f_div_scalar(grad_accum)?,
-        GrpoLossType::DrGrpo => {
-            masked.f_sum(None::<Kind>)?.f_div_scalar((rows * p.max_completion_length) as f64)?.f_div_scalar(grad_accum)?
-        }
+        GrpoLossType::Bnpo => masked
+            .f_sum(None::<Kind>)?
+            .f_div(&mask.f_sum(None::<Kind>)?.f_clamp_min(1.0)?)?
+            .f_div_scalar(grad_accum)?,
+        GrpoLossType::DrGrpo => masked
+            .f_sum(None::<Kind>)?
+            .f_div_scalar((rows * p.max_completion_length) as f64)?
+            .f_div_scalar(grad_accum)?,
         GrpoLossType::Dapo => masked.f_sum(None::<Kind>)?.f_div_scalar(dapo_normalizer.max(1.0))?,
     };
     // Metrics, as TRL's `global_masked_mean` on one process.
     let tokens = mask.f_sum(Kind::Double)?.f_double_value(&[])?.max(1.0);
     let masked_mean = |x: &Tensor| -> PluginResult<f64> {
-        Ok(x.f_to_kind(Kind::Double)?.f_mul(&mask.f_to_kind(Kind::Double)?)?.f_sum(Kind::Double)?.f_double_value(&[])? / tokens)
+        Ok(x.f_to_kind(Kind::Double)?
+            .f_mul(&mask.f_to_kind(Kind::Double)?)?
+            .f_sum(Kind::Double)?
+            .f_double_value(&[])?
+            / tokens)
     };
     let mut metrics = Vec::new();
     if let Some(kl) = &per_token_kl {
@@ -513,17 +554,27 @@ pub fn group_advantages(
     }
     let n = rewards_per_func[0].len();
     if n == 0 || num_generations == 0 || !n.is_multiple_of(num_generations) {
-        return Err(PluginError::invalid(format!("{n} completions do not form groups of num_generations = {num_generations}")));
+        return Err(PluginError::invalid(format!(
+            "{n} completions do not form groups of num_generations = {num_generations}"
+        )));
     }
     for (f, r) in rewards_per_func.iter().enumerate() {
         if r.len() != n {
-            return Err(PluginError::invalid(format!("reward `{}` gave {} scores for {n} completions", names[f], r.len())));
+            return Err(PluginError::invalid(format!(
+                "reward `{}` gave {} scores for {n} completions",
+                names[f],
+                r.len()
+            )));
         }
         if let Some(i) = r.iter().position(|v| !v.is_finite()) {
-            return Err(PluginError::invalid(format!("reward `{}` gave a non-finite score ({}) for completion {i}", names[f], r[i])));
+            return Err(PluginError::invalid(format!(
+                "reward `{}` gave a non-finite score ({}) for completion {i}",
+                names[f], r[i]
+            )));
         }
     }
-    let rewards: Vec<f64> = (0..n).map(|i| rewards_per_func.iter().zip(weights).map(|(r, w)| r[i] * w).sum()).collect();
+    let rewards: Vec<f64> =
+        (0..n).map(|i| rewards_per_func.iter().zip(weights).map(|(r, w)| r[i] * w).sum()).collect();
     let g = num_generations;
     let mut advantages = vec![0.0; n];
     let batch_std = if n > 1 { std_unbiased(&rewards) } else { 0.0 };
@@ -552,7 +603,8 @@ pub fn group_advantages(
     let mut metrics = Vec::new();
     for (f, r) in rewards_per_func.iter().enumerate() {
         metrics.push((format!("rewards/{}/mean", names[f]), r.iter().sum::<f64>() / n as f64));
-        metrics.push((format!("rewards/{}/std", names[f]), if n > 1 { std_unbiased(r) } else { 0.0 }));
+        metrics
+            .push((format!("rewards/{}/std", names[f]), if n > 1 { std_unbiased(r) } else { 0.0 }));
     }
     metrics.push(("reward".to_string(), rewards.iter().sum::<f64>() / n as f64));
     metrics.push(("reward_std".to_string(), batch_std));
@@ -576,17 +628,30 @@ mod tests {
         // Weighted sums: [2, 4, 2, 2]; group means 3 and 2; group stds √2 and 0.
         let g = group_advantages(&per_func, &names, &[1.0, 0.5], 2, ScaleRewards::Group).unwrap();
         let s2 = 2f64.sqrt();
-        assert!(close(g.advantages[0], -1.0 / (s2 + 1e-4)) && close(g.advantages[1], 1.0 / (s2 + 1e-4)));
+        assert!(
+            close(g.advantages[0], -1.0 / (s2 + 1e-4)) && close(g.advantages[1], 1.0 / (s2 + 1e-4))
+        );
         assert_eq!(&g.advantages[2..], &[0.0, 0.0]);
         let m = |k: &str| g.metrics.iter().find(|(n, _)| n == k).unwrap().1;
-        assert!(close(m("reward"), 2.5) && close(m("frac_reward_zero_std"), 0.5) && close(m("rewards/a/mean"), 2.0));
+        assert!(
+            close(m("reward"), 2.5)
+                && close(m("frac_reward_zero_std"), 0.5)
+                && close(m("rewards/a/mean"), 2.0)
+        );
         let n = group_advantages(&per_func, &names, &[1.0, 0.5], 2, ScaleRewards::None).unwrap();
         assert_eq!(n.advantages, vec![-1.0, 1.0, 0.0, 0.0]);
         // Batch std of [2, 4, 2, 2]: mean 2.5, Σ(x − m)² = 3, unbiased var 1.
         let b = group_advantages(&per_func, &names, &[1.0, 0.5], 2, ScaleRewards::Batch).unwrap();
         assert!(close(b.advantages[1], 1.0 / (1.0 + 1e-4)));
         assert!(group_advantages(&per_func, &names, &[1.0, 0.5], 3, ScaleRewards::Group).is_err());
-        assert!(group_advantages(&[vec![1.0, f64::NAN]], &names[..1], &[1.0], 2, ScaleRewards::Group).is_err());
+        assert!(group_advantages(
+            &[vec![1.0, f64::NAN]],
+            &names[..1],
+            &[1.0],
+            2,
+            ScaleRewards::Group
+        )
+        .is_err());
     }
 
     #[test]
@@ -602,7 +667,12 @@ mod tests {
     /// Sigmoid DPO at a zero margin is ln 2; its rewards are β times the log-ratios.
     #[test]
     fn dpo_closed_form() {
-        let p = DpoParams { beta: 0.5, loss_types: vec![(DpoLossType::Sigmoid, 1.0)], label_smoothing: 0.0, discopop_tau: 0.05 };
+        let p = DpoParams {
+            beta: 0.5,
+            loss_types: vec![(DpoLossType::Sigmoid, 1.0)],
+            label_smoothing: 0.0,
+            discopop_tau: 0.05,
+        };
         let c = Tensor::from_slice(&[-3.0f64, -1.0]);
         let r = Tensor::from_slice(&[-4.0f64, -2.0]);
         let zero = Tensor::from_slice(&[0.0f64, 0.0]);

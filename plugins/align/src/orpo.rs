@@ -27,11 +27,15 @@ pub struct Orpo {
 impl Plugin for Orpo {
     const NAME: &'static str = "orpo";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "ORPO: SFT loss plus an odds-ratio preference term, no reference model (TRL's ORPOTrainer)";
+    const DESCRIPTION: &'static str =
+        "ORPO: SFT loss plus an odds-ratio preference term, no reference model (TRL's ORPOTrainer)";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: OrpoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta < 0.0 {
-            return Err(PluginError::config("beta", format!("must be a non-negative number, got {}", cfg.beta)));
+            return Err(PluginError::config(
+                "beta",
+                format!("must be a non-negative number, got {}", cfg.beta),
+            ));
         }
         Ok(Self { cfg })
     }
@@ -51,9 +55,15 @@ impl Objective for Orpo {
         // ORPO's NLL covers the prompt too: every real (attention-mask) token of the chosen rows.
         let nll = pf.chosen_nll(&pf.attention)?;
         let or = odds_ratio_loss(self.cfg.beta, &chosen, &rejected)?;
-        let loss = nll.f_sub(&or.losses.f_mean(None::<Kind>)?)?.f_div_scalar(meta.gradient_accumulation_steps as f64)?;
+        let loss = nll
+            .f_sub(&or.losses.f_mean(None::<Kind>)?)?
+            .f_div_scalar(meta.gradient_accumulation_steps as f64)?;
         let value = check_loss(Self::NAME, &loss, &meta, 2 * pf.pairs)?;
-        let pair = PairLoss { loss: loss.shallow_clone(), chosen_rewards: or.chosen_rewards, rejected_rewards: or.rejected_rewards };
+        let pair = PairLoss {
+            loss: loss.shallow_clone(),
+            chosen_rewards: or.chosen_rewards,
+            rejected_rewards: or.rejected_rewards,
+        };
         let mut metrics = vec![("loss".to_string(), value)];
         metrics.extend(reward_metrics(&pair)?);
         metrics.push(("logps/chosen".into(), mean_f64(&chosen.f_detach()?)?));

@@ -6,7 +6,8 @@ use crate::common::{bool_mask, forward_logits, get_2d, masked_sum, mean_f64, nex
 use crate::losses::PairLoss;
 
 /// Tensor names of the pair batch that are not model inputs.
-pub const PAIR_NON_MODEL_KEYS: [&str; 3] = ["completion_mask", "ref_chosen_logps", "ref_rejected_logps"];
+pub const PAIR_NON_MODEL_KEYS: [&str; 3] =
+    ["completion_mask", "ref_chosen_logps", "ref_rejected_logps"];
 
 /// One forward over a pair batch.
 pub struct PairForward {
@@ -27,7 +28,11 @@ pub struct PairForward {
 }
 
 /// Checks the pair batch, runs the policy once over it and returns the per-token log-probabilities.
-pub fn pair_forward(batch: &Batch, ctx: &dyn ObjectiveContext, temperature: f64) -> PluginResult<PairForward> {
+pub fn pair_forward(
+    batch: &Batch,
+    ctx: &dyn ObjectiveContext,
+    temperature: f64,
+) -> PluginResult<PairForward> {
     let ids = get_2d(batch, "input_ids", None, None)?;
     let (rows, t) = (ids.size()[0], ids.size()[1]);
     if rows == 0 || rows % 2 != 0 {
@@ -47,13 +52,18 @@ pub fn pair_forward(batch: &Batch, ctx: &dyn ObjectiveContext, temperature: f64)
     let empty = per_row.f_eq(0)?.f_nonzero()?;
     if empty.size()[0] > 0 {
         let row = empty.int64_value(&[0, 0]);
-        let (side, pair) = if row < rows / 2 { ("chosen", row) } else { ("rejected", row - rows / 2) };
+        let (side, pair) =
+            if row < rows / 2 { ("chosen", row) } else { ("rejected", row - rows / 2) };
         return Err(PluginError::invalid(format!(
             "pair {pair}: the {side} completion has no tokens after the first position (`completion_mask` row {row}); \
              its log-probability is undefined"
         )));
     }
-    let lengths = completion_mask.f_to_device(device)?.f_ne(0)?.f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Int64)?;
+    let lengths = completion_mask.f_to_device(device)?.f_ne(0)?.f_sum_dim_intlist(
+        [-1i64].as_slice(),
+        false,
+        Kind::Int64,
+    )?;
     let identical_pairs = tch::no_grad(|| -> PluginResult<i64> {
         let cm = completion_mask.f_ne(0)?;
         let tokens = ids.f_where_scalarother(&cm, -1)?;
@@ -61,7 +71,15 @@ pub fn pair_forward(batch: &Batch, ctx: &dyn ObjectiveContext, temperature: f64)
         let same = halves[0].f_eq_tensor(&halves[1])?.f_all_dim(-1, false)?;
         Ok(same.f_sum(Kind::Int64)?.int64_value(&[]))
     })?;
-    Ok(PairForward { per_token, completion, attention, lengths, pairs: rows / 2, identical_pairs, inputs })
+    Ok(PairForward {
+        per_token,
+        completion,
+        attention,
+        lengths,
+        pairs: rows / 2,
+        identical_pairs,
+        inputs,
+    })
 }
 
 impl PairForward {

@@ -54,17 +54,29 @@ impl Plugin for Simpo {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: SimpoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta <= 0.0 {
-            return Err(PluginError::config("beta", format!("must be a positive number, got {}", cfg.beta)));
+            return Err(PluginError::config(
+                "beta",
+                format!("must be a positive number, got {}", cfg.beta),
+            ));
         }
         if !cfg.simpo_gamma.is_finite() {
-            return Err(PluginError::config("simpo_gamma", format!("must be finite, got {}", cfg.simpo_gamma)));
+            return Err(PluginError::config(
+                "simpo_gamma",
+                format!("must be finite, got {}", cfg.simpo_gamma),
+            ));
         }
         check_range("label_smoothing", cfg.label_smoothing, 0.0, 0.5)?;
         if !cfg.cpo_alpha.is_finite() || cfg.cpo_alpha < 0.0 {
-            return Err(PluginError::config("cpo_alpha", format!("must be a non-negative number, got {}", cfg.cpo_alpha)));
+            return Err(PluginError::config(
+                "cpo_alpha",
+                format!("must be a non-negative number, got {}", cfg.cpo_alpha),
+            ));
         }
         let kind = CpoLossType::parse(&cfg.loss_type).ok_or_else(|| {
-            PluginError::config("loss_type", format!("unknown loss type `{}`; one of simpo, sigmoid, hinge, ipo", cfg.loss_type))
+            PluginError::config(
+                "loss_type",
+                format!("unknown loss type `{}`; one of simpo, sigmoid, hinge, ipo", cfg.loss_type),
+            )
         })?;
         Ok(Self { cfg, kind })
     }
@@ -78,11 +90,16 @@ impl Objective for Simpo {
     fn loss(&mut self, batch: &Batch, ctx: &dyn ObjectiveContext) -> PluginResult<LossOutput> {
         let meta = Meta::parse(&batch.meta_json)?;
         let pf = pair_forward(batch, ctx, 1.0)?;
-        let logps = if self.kind.length_normalized() { pf.mean_logps(&pf.per_token)? } else { pf.sum_logps(&pf.per_token)? };
+        let logps = if self.kind.length_normalized() {
+            pf.mean_logps(&pf.per_token)?
+        } else {
+            pf.sum_logps(&pf.per_token)?
+        };
         ensure_finite("the policy's completion log-probabilities", &logps.f_detach()?)?;
         let (chosen, rejected) = halves(&logps)?;
         let c = &self.cfg;
-        let out = cpo_losses(self.kind, c.beta, c.simpo_gamma, c.label_smoothing, &chosen, &rejected)?;
+        let out =
+            cpo_losses(self.kind, c.beta, c.simpo_gamma, c.label_smoothing, &chosen, &rejected)?;
         let mut loss = out.loss.f_mean(None::<Kind>)?;
         let nll = if c.cpo_alpha != 0.0 { Some(pf.chosen_nll(&pf.completion)?) } else { None };
         if let Some(nll) = &nll {

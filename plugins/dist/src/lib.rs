@@ -35,7 +35,9 @@
 //! State dict: `step` and, for each parameter this rank keeps state for,
 //! `<param>.exp_avg`, `<param>.exp_avg_sq` (`<param>.max_exp_avg_sq` with amsgrad): a sharded
 //! checkpoint is one such file per rank, loadable with the same world size.
-use ferrotune_plugin_api::optim::{adamw_step, check_params, global_norm, state_kind, AdamWConfig, AdamWMoments, AdamWParam};
+use ferrotune_plugin_api::optim::{
+    adamw_step, check_params, global_norm, state_kind, AdamWConfig, AdamWMoments, AdamWParam,
+};
 use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
@@ -145,7 +147,10 @@ impl Sharded {
 
     fn ensure_ready(&self, comm: Option<&dyn Collectives>) -> PluginResult<()> {
         if !self.ready {
-            return Err(PluginError::invalid(format!("the `{}` memory plugin was not set up: call setup first", self.name)));
+            return Err(PluginError::invalid(format!(
+                "the `{}` memory plugin was not set up: call setup first",
+                self.name
+            )));
         }
         if let Some(c) = comm {
             if (c.rank(), c.world_size()) != (self.rank, self.world) {
@@ -168,7 +173,13 @@ impl Sharded {
 
     /// Bytes of optimizer state this rank holds.
     pub fn state_bytes(&self) -> usize {
-        self.slots.iter().filter_map(|s| s.state.as_ref()).flatten().flatten().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum()
+        self.slots
+            .iter()
+            .filter_map(|s| s.state.as_ref())
+            .flatten()
+            .flatten()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
     }
 
     /// Owner of each parameter: largest first onto the least-loaded rank (ties: the lower
@@ -193,7 +204,11 @@ impl Sharded {
             .iter()
             .map(|s| {
                 let g = s.param.tensor.grad();
-                Ok(if g.defined() { g.f_detach()?.f_contiguous()? } else { s.param.tensor.f_zeros_like()? })
+                Ok(if g.defined() {
+                    g.f_detach()?.f_contiguous()?
+                } else {
+                    s.param.tensor.f_zeros_like()?
+                })
             })
             .collect()
     }
@@ -206,11 +221,19 @@ impl Sharded {
             let kind = grads[start].kind();
             let mut end = start;
             let mut bytes = 0;
-            while end < grads.len() && grads[end].kind() == kind && (end == start || bytes + grads[end].numel() * kind.elt_size_in_bytes() <= self.bucket_numel_bytes) {
+            while end < grads.len()
+                && grads[end].kind() == kind
+                && (end == start
+                    || bytes + grads[end].numel() * kind.elt_size_in_bytes()
+                        <= self.bucket_numel_bytes)
+            {
                 bytes += grads[end].numel() * kind.elt_size_in_bytes();
                 end += 1;
             }
-            let flats = grads[start..end].iter().map(|g| g.f_reshape([-1])).collect::<Result<Vec<_>, _>>()?;
+            let flats = grads[start..end]
+                .iter()
+                .map(|g| g.f_reshape([-1]))
+                .collect::<Result<Vec<_>, _>>()?;
             let bucket = Tensor::f_cat(&flats, 0)?;
             comm.all_reduce(&bucket, ReduceOp::AVG)?;
             let mut at = 0i64;
@@ -225,7 +248,14 @@ impl Sharded {
     }
 
     /// Flat concatenation of `tensors[i]` for the parameters of `rank`, zero-padded to `len`.
-    fn segment(&self, tensors: &[Tensor], rank: usize, len: i64, kind: Kind, device: Device) -> PluginResult<Tensor> {
+    fn segment(
+        &self,
+        tensors: &[Tensor],
+        rank: usize,
+        len: i64,
+        kind: Kind,
+        device: Device,
+    ) -> PluginResult<Tensor> {
         let mut parts = Vec::new();
         let mut n = 0i64;
         for (s, t) in self.slots.iter().zip(tensors) {
@@ -260,10 +290,16 @@ impl Sharded {
 
     /// Stage 2/3: reduce-scatters the gradients; the averaged gradient of each owned
     /// parameter (others: `None`).
-    fn reduce_scatter_grads(&self, grads: &[Tensor], comm: &dyn Collectives) -> PluginResult<Vec<Option<Tensor>>> {
+    fn reduce_scatter_grads(
+        &self,
+        grads: &[Tensor],
+        comm: &dyn Collectives,
+    ) -> PluginResult<Vec<Option<Tensor>>> {
         let (len, kind) = (self.segment_len(), self.flat_kind());
         let device = self.slots[0].param.tensor.device();
-        let segments = (0..self.world).map(|r| self.segment(grads, r, len, kind, device)).collect::<PluginResult<Vec<_>>>()?;
+        let segments = (0..self.world)
+            .map(|r| self.segment(grads, r, len, kind, device))
+            .collect::<PluginResult<Vec<_>>>()?;
         let input = Tensor::f_cat(&segments, 0)?;
         let out = Tensor::f_zeros([len], (kind, device))?;
         comm.reduce_scatter(&out, &input, ReduceOp::AVG)?;
@@ -285,19 +321,27 @@ impl Sharded {
     /// padded per-rank segments).
     fn gather_params(&self, comm: &dyn Collectives) -> PluginResult<()> {
         let (len, kind) = (self.segment_len(), self.flat_kind());
-        let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.tensor.shallow_clone()).collect();
+        let params: Vec<Tensor> =
+            self.slots.iter().map(|s| s.param.tensor.shallow_clone()).collect();
         let device = params[0].device();
         let local = tch::no_grad(|| self.segment(&params, self.rank, len, kind, device))?;
         let gathered = comm.all_gather(&local)?;
         if gathered.len() != self.world {
-            return Err(PluginError::runtime(format!("all_gather returned {} tensors for {} ranks", gathered.len(), self.world)));
+            return Err(PluginError::runtime(format!(
+                "all_gather returned {} tensors for {} ranks",
+                gathered.len(),
+                self.world
+            )));
         }
         let mut at = vec![0i64; self.world];
         tch::no_grad(|| -> PluginResult<()> {
             for (s, p) in self.slots.iter().zip(&params) {
                 let n = p.numel() as i64;
                 if s.owner != self.rank {
-                    let src = gathered[s.owner].f_to_device(device)?.f_narrow(0, at[s.owner], n)?.f_view_as(p)?;
+                    let src = gathered[s.owner]
+                        .f_to_device(device)?
+                        .f_narrow(0, at[s.owner], n)?
+                        .f_view_as(p)?;
                     p.shallow_clone().f_copy_(&src)?;
                 }
                 at[s.owner] += n;
@@ -326,11 +370,20 @@ impl Sharded {
 }
 
 impl MemoryStrategy for Sharded {
-    fn setup(&mut self, params: Vec<TrainParam>, optimizer_json: &str, device: Device, comm: &dyn Collectives) -> PluginResult<()> {
+    fn setup(
+        &mut self,
+        params: Vec<TrainParam>,
+        optimizer_json: &str,
+        device: Device,
+        comm: &dyn Collectives,
+    ) -> PluginResult<()> {
         let cfg = AdamWConfig::parse(optimizer_json)?;
         check_params(&params, device, "")?;
         if params.is_empty() {
-            return Err(PluginError::invalid(format!("the `{}` memory plugin got no trainable parameters", self.name)));
+            return Err(PluginError::invalid(format!(
+                "the `{}` memory plugin got no trainable parameters",
+                self.name
+            )));
         }
         let (rank, world) = (comm.rank(), comm.world_size());
         let numels: Vec<usize> = params.iter().map(|p| p.tensor.numel()).collect();
@@ -340,8 +393,14 @@ impl MemoryStrategy for Sharded {
         for (p, owner) in params.into_iter().zip(owners) {
             let keep = self.mode == Mode::Ddp || owner == rank;
             let state = if keep {
-                let zeros = || Tensor::f_zeros(p.tensor.size(), (state_kind(p.tensor.kind()), state_device));
-                Some([Some(zeros()?), Some(zeros()?), if cfg.amsgrad { Some(zeros()?) } else { None }])
+                let zeros = || {
+                    Tensor::f_zeros(p.tensor.size(), (state_kind(p.tensor.kind()), state_device))
+                };
+                Some([
+                    Some(zeros()?),
+                    Some(zeros()?),
+                    if cfg.amsgrad { Some(zeros()?) } else { None },
+                ])
             } else {
                 None
             };
@@ -369,32 +428,43 @@ impl MemoryStrategy for Sharded {
     fn step(&mut self, lr: f64, comm: &dyn Collectives) -> PluginResult<StepReport> {
         self.ensure_ready(Some(comm))?;
         if !(lr >= 0.0 && lr.is_finite()) {
-            return Err(PluginError::invalid(format!("learning rate must be finite and ≥ 0, got {lr}")));
+            return Err(PluginError::invalid(format!(
+                "learning rate must be finite and ≥ 0, got {lr}"
+            )));
         }
         let grads = tch::no_grad(|| self.local_grads())?;
         let reduce_scatter = matches!(self.mode, Mode::Zero(2 | 3)) && self.world > 1;
         // The gradients this rank updates with, and the global norm.
-        let (mine, total_norm): (Vec<Option<Tensor>>, Tensor) = tch::no_grad(|| -> PluginResult<_> {
-            if reduce_scatter {
-                let mine = self.reduce_scatter_grads(&grads, comm)?;
-                let sq = match global_norm(&mine)? {
-                    Some(n) => n.f_square()?.f_to_kind(Kind::Double)?,
-                    None => Tensor::f_zeros([], (Kind::Double, Device::Cpu))?,
-                };
-                let sq = sq.f_to_device(Device::Cpu)?.f_reshape([1])?;
-                comm.all_reduce(&sq, ReduceOp::SUM)?;
-                let kind = if self.flat_kind() == Kind::Double { Kind::Double } else { Kind::Float };
-                Ok((mine, sq.f_sqrt()?.f_reshape([])?.f_to_kind(kind)?))
-            } else {
-                if self.world > 1 {
-                    self.all_reduce_buckets(&grads, comm)?;
+        let (mine, total_norm): (Vec<Option<Tensor>>, Tensor) =
+            tch::no_grad(|| -> PluginResult<_> {
+                if reduce_scatter {
+                    let mine = self.reduce_scatter_grads(&grads, comm)?;
+                    let sq = match global_norm(&mine)? {
+                        Some(n) => n.f_square()?.f_to_kind(Kind::Double)?,
+                        None => Tensor::f_zeros([], (Kind::Double, Device::Cpu))?,
+                    };
+                    let sq = sq.f_to_device(Device::Cpu)?.f_reshape([1])?;
+                    comm.all_reduce(&sq, ReduceOp::SUM)?;
+                    let kind =
+                        if self.flat_kind() == Kind::Double { Kind::Double } else { Kind::Float };
+                    Ok((mine, sq.f_sqrt()?.f_reshape([])?.f_to_kind(kind)?))
+                } else {
+                    if self.world > 1 {
+                        self.all_reduce_buckets(&grads, comm)?;
+                    }
+                    let all: Vec<Option<Tensor>> =
+                        grads.iter().map(|g| Some(g.shallow_clone())).collect();
+                    let norm =
+                        global_norm(&all)?.ok_or_else(|| PluginError::runtime("no gradients"))?;
+                    let mine = self
+                        .slots
+                        .iter()
+                        .zip(all)
+                        .map(|(s, g)| if self.owns(s) { g } else { None })
+                        .collect();
+                    Ok((mine, norm))
                 }
-                let all: Vec<Option<Tensor>> = grads.iter().map(|g| Some(g.shallow_clone())).collect();
-                let norm = global_norm(&all)?.ok_or_else(|| PluginError::runtime("no gradients"))?;
-                let mine = self.slots.iter().zip(all).map(|(s, g)| if self.owns(s) { g } else { None }).collect();
-                Ok((mine, norm))
-            }
-        })?;
+            })?;
         // This rank updates the parameters it has a gradient and state for.
         let params = self.slots.iter_mut().zip(&mine).filter_map(|(slot, grad)| {
             let (Some(grad), Some([a, b, c])) = (grad, slot.state.as_mut()) else { return None };
@@ -436,12 +506,15 @@ impl MemoryStrategy for Sharded {
     fn load_state_dict(&mut self, state: Vec<(String, Tensor)>) -> PluginResult<()> {
         self.ensure_ready(None)?;
         let mut step = None;
-        let mut found: Vec<[Option<Tensor>; 3]> = self.slots.iter().map(|_| [None, None, None]).collect();
+        let mut found: Vec<[Option<Tensor>; 3]> =
+            self.slots.iter().map(|_| [None, None, None]).collect();
         for (name, t) in state {
             if name == "step" {
                 let v = t.f_to_kind(Kind::Double)?.f_double_value(&[])?;
                 if !(t.numel() == 1 && v >= 0.0 && v.fract() == 0.0 && v < 9.0e15) {
-                    return Err(PluginError::invalid(format!("optimizer state `step` must be a non-negative integer scalar, got {v}")));
+                    return Err(PluginError::invalid(format!(
+                        "optimizer state `step` must be a non-negative integer scalar, got {v}"
+                    )));
                 }
                 step = Some(v as i64);
                 continue;
@@ -465,7 +538,9 @@ impl MemoryStrategy for Sharded {
                 )));
             }
             if found[i][m].replace(t).is_some() {
-                return Err(PluginError::invalid(format!("optimizer state `{name}` appears twice")));
+                return Err(PluginError::invalid(format!(
+                    "optimizer state `{name}` appears twice"
+                )));
             }
         }
         let step = step.ok_or_else(|| PluginError::invalid("optimizer state has no `step`"))?;
@@ -521,10 +596,16 @@ impl Plugin for Zero {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let c: ZeroConfig = parse_config(config_json)?;
         if !(1..=3).contains(&c.stage) {
-            return Err(PluginError::config("stage", format!("must be 1, 2 or 3, got {}", c.stage)));
+            return Err(PluginError::config(
+                "stage",
+                format!("must be 1, 2 or 3, got {}", c.stage),
+            ));
         }
         if c.offload_param != Offload::None && c.stage != 3 {
-            return Err(PluginError::config("offload_param", format!("only stage 3 shards parameters; got stage {}", c.stage)));
+            return Err(PluginError::config(
+                "offload_param",
+                format!("only stage 3 shards parameters; got stage {}", c.stage),
+            ));
         }
         let mut caps = Vec::new();
         if c.stage == 3 {
@@ -533,14 +614,23 @@ impl Plugin for Zero {
                 caps.push(ferrotune_plugin_api::kinds::memory::OFFLOAD_PARAMS_CPU.to_string());
             }
         }
-        Ok(Self(Sharded::new(Self::NAME, Mode::Zero(c.stage), c.bucket_mb, c.offload_optimizer)?, caps))
+        Ok(Self(
+            Sharded::new(Self::NAME, Mode::Zero(c.stage), c.bucket_mb, c.offload_optimizer)?,
+            caps,
+        ))
     }
 }
 
 macro_rules! delegate_memory {
     ($t:ty) => {
         impl MemoryStrategy for $t {
-            fn setup(&mut self, params: Vec<TrainParam>, optimizer_json: &str, device: Device, comm: &dyn Collectives) -> PluginResult<()> {
+            fn setup(
+                &mut self,
+                params: Vec<TrainParam>,
+                optimizer_json: &str,
+                device: Device,
+                comm: &dyn Collectives,
+            ) -> PluginResult<()> {
                 self.0.setup(params, optimizer_json, device, comm)
             }
             fn step(&mut self, lr: f64, comm: &dyn Collectives) -> PluginResult<StepReport> {
@@ -573,7 +663,13 @@ mod tests {
     #[test]
     fn owners_balance_and_agree() {
         let o = Sharded::owners(&[8, 8, 4, 4, 2, 2], 2);
-        let load = |r| o.iter().zip([8, 8, 4, 4, 2, 2]).filter(|(a, _)| **a == r).map(|(_, n)| n).sum::<usize>();
+        let load = |r| {
+            o.iter()
+                .zip([8, 8, 4, 4, 2, 2])
+                .filter(|(a, _)| **a == r)
+                .map(|(_, n)| n)
+                .sum::<usize>()
+        };
         assert_eq!((load(0), load(1)), (14, 14));
         assert_eq!(o, Sharded::owners(&[8, 8, 4, 4, 2, 2], 2));
         assert!(Sharded::owners(&[3, 1], 1).iter().all(|&r| r == 0));

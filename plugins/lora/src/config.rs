@@ -152,7 +152,9 @@ fn deserialize_target_modules<'de, D: Deserializer<'de>>(d: D) -> Result<TargetM
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) if !s.is_empty() => Ok(s),
-                other => Err(D::Error::custom(format!("item {i} must be a non-empty module name, got {other}"))),
+                other => Err(D::Error::custom(format!(
+                    "item {i} must be a non-empty module name, got {other}"
+                ))),
             })
             .collect::<Result<Vec<_>, _>>()
             .map(TargetModules::Names),
@@ -241,14 +243,23 @@ impl LoraConfig {
             return Err(PluginError::config("r", format!("must be at least 1, got {}", self.r)));
         }
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return Err(PluginError::config("lora_alpha", format!("must be a positive number, got {}", self.lora_alpha)));
+            return Err(PluginError::config(
+                "lora_alpha",
+                format!("must be a positive number, got {}", self.lora_alpha),
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(PluginError::config("lora_dropout", format!("must be in [0, 1), got {}", self.lora_dropout)));
+            return Err(PluginError::config(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            ));
         }
         if let Some(ratio) = self.loraplus_lr_ratio {
             if !(ratio.is_finite() && ratio > 0.0) {
-                return Err(PluginError::config("loraplus_lr_ratio", format!("must be a positive number, got {ratio}")));
+                return Err(PluginError::config(
+                    "loraplus_lr_ratio",
+                    format!("must be a positive number, got {ratio}"),
+                ));
             }
         }
         if self.bias != "none" {
@@ -265,18 +276,30 @@ impl LoraConfig {
         }
         if self.init_lora_weights == InitLoraWeights::Loftq {
             if self.loftq_config.loftq_bits != 4 {
-                return Err(PluginError::config("loftq_config.loftq_bits", format!("only 4 (NF4) is supported, got {}", self.loftq_config.loftq_bits)));
+                return Err(PluginError::config(
+                    "loftq_config.loftq_bits",
+                    format!("only 4 (NF4) is supported, got {}", self.loftq_config.loftq_bits),
+                ));
             }
             if self.loftq_config.loftq_iter < 1 {
-                return Err(PluginError::config("loftq_config.loftq_iter", format!("must be at least 1, got {}", self.loftq_config.loftq_iter)));
+                return Err(PluginError::config(
+                    "loftq_config.loftq_iter",
+                    format!("must be at least 1, got {}", self.loftq_config.loftq_iter),
+                ));
             }
             if self.use_dora {
-                return Err(PluginError::config("use_dora", "DoRA with init_lora_weights \"loftq\" is not supported"));
+                return Err(PluginError::config(
+                    "use_dora",
+                    "DoRA with init_lora_weights \"loftq\" is not supported",
+                ));
             }
         }
         if let TargetModules::Names(names) = &self.target_modules {
             if names.is_empty() {
-                return Err(PluginError::config("target_modules", "is empty: name at least one module, or use \"all-linear\""));
+                return Err(PluginError::config(
+                    "target_modules",
+                    "is empty: name at least one module, or use \"all-linear\"",
+                ));
             }
         }
         self.saved_module_patterns()?;
@@ -303,8 +326,12 @@ impl LoraConfig {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                Regex::new(&format!(r"^(?:.*\.)?(?:{m})(?:\..*)?$"))
-                    .map_err(|e| PluginError::config(&format!("modules_to_save[{i}]"), format!("`{m}` is not a valid pattern: {e}")))
+                Regex::new(&format!(r"^(?:.*\.)?(?:{m})(?:\..*)?$")).map_err(|e| {
+                    PluginError::config(
+                        &format!("modules_to_save[{i}]"),
+                        format!("`{m}` is not a valid pattern: {e}"),
+                    )
+                })
             })
             .collect()
     }
@@ -383,7 +410,10 @@ mod tests {
         assert!(!c.use_rslora && !c.use_dora && !c.fan_in_fan_out);
         assert_eq!(c.bias, "none");
         assert_eq!(c.scaling(), 1.0);
-        assert!(c.targets("model.layers.0.self_attn.q_proj") && !c.targets("model.layers.0.self_attn.k_proj"));
+        assert!(
+            c.targets("model.layers.0.self_attn.q_proj")
+                && !c.targets("model.layers.0.self_attn.k_proj")
+        );
     }
 
     #[test]
@@ -418,7 +448,8 @@ mod tests {
     #[test]
     fn rslora_scales_by_root_r() {
         let plain = LoraConfig::from_json(r#"{"r": 16, "lora_alpha": 32}"#).unwrap();
-        let rs = LoraConfig::from_json(r#"{"r": 16, "lora_alpha": 32, "use_rslora": true}"#).unwrap();
+        let rs =
+            LoraConfig::from_json(r#"{"r": 16, "lora_alpha": 32, "use_rslora": true}"#).unwrap();
         assert_eq!(plain.scaling(), 2.0);
         assert_eq!(rs.scaling(), 8.0);
         let rs = LoraConfig::from_json(r#"{"r": 2, "lora_alpha": 1, "use_rslora": true}"#).unwrap();
@@ -450,7 +481,8 @@ mod tests {
 
     #[test]
     fn regex_targets_must_match_the_full_name() {
-        let c = LoraConfig::from_json(r#"{"target_modules": ".*layers\\.[01]\\..*(q|v)_proj"}"#).unwrap();
+        let c = LoraConfig::from_json(r#"{"target_modules": ".*layers\\.[01]\\..*(q|v)_proj"}"#)
+            .unwrap();
         assert!(c.targets("model.layers.0.self_attn.q_proj"));
         assert!(c.targets("model.layers.1.self_attn.v_proj"));
         assert!(!c.targets("model.layers.2.self_attn.q_proj"));
@@ -465,7 +497,10 @@ mod tests {
 
     #[test]
     fn modules_to_save_are_never_adapted() {
-        let c = LoraConfig::from_json(r#"{"target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]}"#).unwrap();
+        let c = LoraConfig::from_json(
+            r#"{"target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]}"#,
+        )
+        .unwrap();
         assert!(!c.targets("lm_head"));
         assert!(c.targets("model.layers.0.self_attn.q_proj"));
         assert_eq!(c.peft_config()["modules_to_save"], json!(["lm_head"]));
@@ -490,9 +525,20 @@ mod tests {
         assert_eq!(p["init_lora_weights"], "pissa");
         assert_eq!(p["bias"], "none");
         assert_eq!(p["fan_in_fan_out"], false);
-        assert!(p["modules_to_save"].is_null() && p["base_model_name_or_path"].is_null() && p["revision"].is_null());
+        assert!(
+            p["modules_to_save"].is_null()
+                && p["base_model_name_or_path"].is_null()
+                && p["revision"].is_null()
+        );
         assert!(p.get("loraplus_lr_ratio").is_none(), "an optimizer setting, not a LoraConfig key");
-        assert_eq!(LoraConfig::from_json(r#"{"init_lora_weights": "default"}"#).unwrap().peft_config()["init_lora_weights"], true);
-        assert_eq!(LoraConfig::from_json(r#"{"lora_alpha": 2.5}"#).unwrap().peft_config()["lora_alpha"], json!(2.5));
+        assert_eq!(
+            LoraConfig::from_json(r#"{"init_lora_weights": "default"}"#).unwrap().peft_config()
+                ["init_lora_weights"],
+            true
+        );
+        assert_eq!(
+            LoraConfig::from_json(r#"{"lora_alpha": 2.5}"#).unwrap().peft_config()["lora_alpha"],
+            json!(2.5)
+        );
     }
 }

@@ -20,7 +20,9 @@ pub struct DoraMagnitude {
 
 /// `‖W + ΔW‖` per output row, detached. `delta` is the scaled update `scale·B·A`.
 pub fn weight_norm(weight: &Tensor, delta: &Tensor) -> PluginResult<Tensor> {
-    let norm = tch::no_grad(|| weight.f_add(delta)?.f_linalg_norm(2.0, [1i64].as_slice(), false, None::<tch::Kind>))?;
+    let norm = tch::no_grad(|| {
+        weight.f_add(delta)?.f_linalg_norm(2.0, [1i64].as_slice(), false, None::<tch::Kind>)
+    })?;
     Ok(norm.f_to_kind(weight.kind())?.f_detach()?)
 }
 
@@ -64,7 +66,8 @@ impl DoraMagnitude {
             },
             None => x.f_linear::<Tensor>(&weight, None)?,
         };
-        let dora = (&mag_norm_scale - 1.0).f_mul(&base_result)? + mag_norm_scale.f_mul(lora_result)? * scaling;
+        let dora = (&mag_norm_scale - 1.0).f_mul(&base_result)?
+            + mag_norm_scale.f_mul(lora_result)? * scaling;
         Ok(dora)
     }
 
@@ -78,7 +81,12 @@ impl DoraMagnitude {
 
     /// Inverse of `merge`: `merged / (m / ‖W + ΔW‖) − ΔW`, with the norm the merge recorded.
     pub fn unmerge(&self, merged: &Tensor, delta: &Tensor) -> PluginResult<Tensor> {
-        let norm = self.merge_norm.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(Tensor::shallow_clone);
+        let norm = self
+            .merge_norm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Tensor::shallow_clone);
         let norm = norm.ok_or_else(|| {
             PluginError::invalid(
                 "DoRA: unmerged_weight needs the weight norm of the unmerged weight, which only merged_weight records; \

@@ -12,12 +12,22 @@ use crate::config::InitLoraWeights;
 ///
 /// `scaling` is the adapter's scale: PiSSA divides the singular values by it so that
 /// `scaling · B·A` is the principal part of W.
-pub fn initial_factors(init: InitLoraWeights, weight: &Tensor, r: i64, scaling: f64, kind: Kind) -> PluginResult<(Tensor, Tensor)> {
+pub fn initial_factors(
+    init: InitLoraWeights,
+    weight: &Tensor,
+    r: i64,
+    scaling: f64,
+    kind: Kind,
+) -> PluginResult<(Tensor, Tensor)> {
     let (out_f, in_f) = weight.size2()?;
     let opts = (kind, weight.device());
     let (a, b) = match init {
-        InitLoraWeights::Default => (kaiming_uniform([r, in_f], opts)?, Tensor::f_zeros([out_f, r], opts)?),
-        InitLoraWeights::Random => (kaiming_uniform([r, in_f], opts)?, kaiming_uniform([out_f, r], opts)?),
+        InitLoraWeights::Default => {
+            (kaiming_uniform([r, in_f], opts)?, Tensor::f_zeros([out_f, r], opts)?)
+        }
+        InitLoraWeights::Random => {
+            (kaiming_uniform([r, in_f], opts)?, kaiming_uniform([out_f, r], opts)?)
+        }
         InitLoraWeights::Gaussian => {
             let mut a = Tensor::f_empty([r, in_f], opts)?;
             let _ = a.f_normal_(0.0, 1.0 / r as f64)?;
@@ -34,7 +44,9 @@ pub fn initial_factors(init: InitLoraWeights, weight: &Tensor, r: i64, scaling: 
             (root.f_matmul(&uhr)?, vr.f_matmul(&root)?)
         }
         InitLoraWeights::Loftq => {
-            return Err(PluginError::invalid("LoftQ factors come from `loftq` (they come with the quantized base weight)"));
+            return Err(PluginError::invalid(
+                "LoftQ factors come from `loftq` (they come with the quantized base weight)",
+            ));
         }
         InitLoraWeights::Olora => {
             check_rank(r, out_f, in_f, "olora")?;
@@ -52,7 +64,12 @@ pub fn initial_factors(init: InitLoraWeights, weight: &Tensor, r: i64, scaling: 
 /// are not divided by the adapter's scale: `Q + scale·B·A ≈ W` holds for `lora_alpha = r`.
 /// A and B come back in `kind`, Q in W's dtype. The quantizer math is
 /// `ferrotune_plugin_api::blockwise`, the one the `nf4` quantizer plugin stores weights with.
-pub fn loftq(weight: &Tensor, r: i64, iters: i64, kind: Kind) -> PluginResult<(Tensor, Tensor, Tensor)> {
+pub fn loftq(
+    weight: &Tensor,
+    r: i64,
+    iters: i64,
+    kind: Kind,
+) -> PluginResult<(Tensor, Tensor, Tensor)> {
     let (out_f, in_f) = weight.size2()?;
     check_rank(r, out_f, in_f, "loftq")?;
     let w = weight.f_to_kind(Kind::Float)?;
@@ -163,7 +180,10 @@ mod tests {
         };
         let plain = (&w - nf4_round_trip(&w, 64).unwrap()).norm().double_value(&[]);
         let (e1, e3) = (err(1), err(3));
-        assert!(e1 < plain && e3 < e1, "quantized only {plain}, 1 iteration {e1}, 3 iterations {e3}");
+        assert!(
+            e1 < plain && e3 < e1,
+            "quantized only {plain}, 1 iteration {e1}, 3 iterations {e3}"
+        );
     }
 
     #[test]
@@ -175,7 +195,8 @@ mod tests {
         assert!(gram.abs().max().double_value(&[]) < 1e-5);
         assert!(a.tril(-1).abs().max().double_value(&[]) == 0.0, "R is upper triangular");
         // W[:, :4] lies in span(Q[:, :4]) and equals Q[:, :4]·R[:4, :4]
-        let first = (b.matmul(&a).narrow(1, 0, 4) - w.narrow(1, 0, 4)).abs().max().double_value(&[]);
+        let first =
+            (b.matmul(&a).narrow(1, 0, 4) - w.narrow(1, 0, 4)).abs().max().double_value(&[]);
         assert!(first < 1e-5, "{first}");
     }
 }

@@ -3,9 +3,9 @@
 use ferrotune_plugin_api::{AdapterLayer, BaseLinear, PluginError, PluginResult, TrainParam};
 use tch::{Kind, Tensor};
 
+use crate::config::InitLoraWeights;
 use crate::config::LoraConfig;
 use crate::dora::{DoraMagnitude, LORA_MAGNITUDE};
-use crate::config::InitLoraWeights;
 use crate::init::{initial_factors, loftq};
 
 /// A `[r, in]`: the down projection.
@@ -57,10 +57,20 @@ impl LoraLayer {
         let scaling = cfg.scaling();
         let context = |e: PluginError| e.context(format!("layer `{module}`"));
         let (a, b, loftq_base) = if cfg.init_lora_weights == InitLoraWeights::Loftq {
-            let (a, b, q) = tch::no_grad(|| loftq(&weight, cfg.r, cfg.loftq_config.loftq_iter, adapter_kind(weight.kind()))).map_err(context)?;
+            let (a, b, q) = tch::no_grad(|| {
+                loftq(&weight, cfg.r, cfg.loftq_config.loftq_iter, adapter_kind(weight.kind()))
+            })
+            .map_err(context)?;
             (a, b, Some(q))
         } else {
-            let (a, b) = initial_factors(cfg.init_lora_weights, &weight, cfg.r, scaling, adapter_kind(weight.kind())).map_err(context)?;
+            let (a, b) = initial_factors(
+                cfg.init_lora_weights,
+                &weight,
+                cfg.r,
+                scaling,
+                adapter_kind(weight.kind()),
+            )
+            .map_err(context)?;
             (a, b, None)
         };
         let mut layer = Self {
@@ -77,7 +87,8 @@ impl LoraLayer {
             let weight = weight.f_to_kind(delta.kind())?;
             // The magnitude starts at the norm of the weight the layer will really see: the
             // residual when the init rewrites the base weight.
-            let base_weight = if cfg.init_lora_weights.rewrites_base() { weight.f_sub(&delta)? } else { weight };
+            let base_weight =
+                if cfg.init_lora_weights.rewrites_base() { weight.f_sub(&delta)? } else { weight };
             let dora = DoraMagnitude::new(&base_weight, &delta)?;
             if cfg.init_lora_weights.rewrites_base() {
                 // The original W is the merged weight of (residual, adapter): let
@@ -116,7 +127,15 @@ impl AdapterLayer for LoraLayer {
             Variant::Dora(dora) => {
                 let lora_weight = tch::no_grad(|| self.b.f_matmul(&self.a))?;
                 let base_result = if dropped { None } else { Some(result.shallow_clone()) };
-                let extra = dora.forward(&x, &lora_result, &base.weight()?, base.bias()?, base_result, &lora_weight, self.scaling)?;
+                let extra = dora.forward(
+                    &x,
+                    &lora_result,
+                    &base.weight()?,
+                    base.bias()?,
+                    base_result,
+                    &lora_weight,
+                    self.scaling,
+                )?;
                 result.f_add(&extra)?
             }
         };
@@ -140,7 +159,10 @@ impl AdapterLayer for LoraLayer {
     }
 
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
-        self.named_tensors().into_iter().map(|(name, t)| Ok((name.to_string(), t.f_detach_copy()?))).collect()
+        self.named_tensors()
+            .into_iter()
+            .map(|(name, t)| Ok((name.to_string(), t.f_detach_copy()?)))
+            .collect()
     }
 
     fn load_state_dict(&self, tensors: Vec<(String, Tensor)>) -> PluginResult<()> {
@@ -149,16 +171,28 @@ impl AdapterLayer for LoraLayer {
         let mut seen = Vec::new();
         for (name, t) in &tensors {
             let Some((_, dst)) = live.iter().find(|(n, _)| n == name) else {
-                return Err(PluginError::invalid(format!("unexpected tensor `{name}` in LoRA state (expected {})", expected())));
+                return Err(PluginError::invalid(format!(
+                    "unexpected tensor `{name}` in LoRA state (expected {})",
+                    expected()
+                )));
             };
             if dst.size() != t.size() {
-                return Err(PluginError::invalid(format!("`{name}`: shape {:?}, expected {:?}", t.size(), dst.size())));
+                return Err(PluginError::invalid(format!(
+                    "`{name}`: shape {:?}, expected {:?}",
+                    t.size(),
+                    dst.size()
+                )));
             }
             seen.push(name.as_str());
         }
-        let missing: Vec<_> = live.iter().filter(|(n, _)| !seen.contains(n)).map(|(n, _)| format!("`{n}`")).collect();
+        let missing: Vec<_> =
+            live.iter().filter(|(n, _)| !seen.contains(n)).map(|(n, _)| format!("`{n}`")).collect();
         if !missing.is_empty() {
-            return Err(PluginError::invalid(format!("LoRA state lacks {} (expected {})", missing.join(", "), expected())));
+            return Err(PluginError::invalid(format!(
+                "LoRA state lacks {} (expected {})",
+                missing.join(", "),
+                expected()
+            )));
         }
         tch::no_grad(|| -> PluginResult<()> {
             for (name, t) in &tensors {
@@ -179,7 +213,9 @@ impl AdapterLayer for LoraLayer {
     }
 
     fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor> {
-        if let Some(q) = self.loftq_base.lock().map_err(|_| PluginError::runtime("LoftQ state poisoned"))?.take() {
+        if let Some(q) =
+            self.loftq_base.lock().map_err(|_| PluginError::runtime("LoftQ state poisoned"))?.take()
+        {
             return Ok(q.f_to_kind(merged_weight.kind())?);
         }
         let delta = self.delta_weight()?;
@@ -240,7 +276,12 @@ mod tests {
 
     /// Gives B (and the magnitude) non-trivial values, as after some training.
     fn perturb(l: &LoraLayer) {
-        let sd: Vec<_> = l.state_dict().unwrap().into_iter().map(|(n, t)| (n, &t + t.randn_like() * 0.3)).collect();
+        let sd: Vec<_> = l
+            .state_dict()
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, &t + t.randn_like() * 0.3))
+            .collect();
         l.load_state_dict(sd).unwrap();
     }
 
@@ -254,7 +295,8 @@ mod tests {
         assert_eq!(max_diff(&l.forward(&x, &base, true).unwrap(), &base.forward(&x).unwrap()), 0.0);
         perturb(&l);
         let y = l.forward(&x, &base, false).unwrap();
-        let expected = x.linear(&base.w, base.b.as_ref()) + x.matmul(&l.a.tr()).matmul(&l.b.tr()) * 3.0;
+        let expected =
+            x.linear(&base.w, base.b.as_ref()) + x.matmul(&l.a.tr()).matmul(&l.b.tr()) * 3.0;
         assert!(max_diff(&y, &expected) < 1e-5);
         let merged = l.merged_weight(&base.w).unwrap();
         assert!(max_diff(&y, &x.linear(&merged, base.b.as_ref())) < 1e-5);
@@ -267,7 +309,10 @@ mod tests {
         let base = base(6, 5);
         let l = layer(r#"{"r": 2, "lora_alpha": 4, "use_dora": true}"#, &base);
         let Variant::Dora(d) = &l.variant else { panic!("DoRA expected") };
-        assert!(max_diff(&d.magnitude, &row_norms(&base.w)) < 1e-6, "m starts at the row norms of W");
+        assert!(
+            max_diff(&d.magnitude, &row_norms(&base.w)) < 1e-6,
+            "m starts at the row norms of W"
+        );
         let x = Tensor::randn([3, 5], (Kind::Float, Device::Cpu));
         assert!(max_diff(&l.forward(&x, &base, false).unwrap(), &base.forward(&x).unwrap()) < 1e-5);
         assert!(l.unmerged_weight(&base.w).is_err(), "unmerge before merge has no norm to use");
@@ -302,7 +347,12 @@ mod tests {
         tch::manual_seed(13);
         let base = base(6, 5);
         let l = layer(r#"{"r": 2, "use_dora": true, "loraplus_lr_ratio": 16}"#, &base);
-        let p: Vec<_> = l.parameters().unwrap().into_iter().map(|p| (p.name, p.lr_scale, p.tensor.requires_grad())).collect();
+        let p: Vec<_> = l
+            .parameters()
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name, p.lr_scale, p.tensor.requires_grad()))
+            .collect();
         assert_eq!(
             p,
             vec![
@@ -312,7 +362,14 @@ mod tests {
             ]
         );
         let sd: Vec<_> = l.state_dict().unwrap().into_iter().map(|(n, t)| (n, t.size())).collect();
-        assert_eq!(sd, vec![("lora_A.weight".into(), vec![2, 5]), ("lora_B.weight".into(), vec![6, 2]), ("lora_magnitude_vector".into(), vec![6])]);
+        assert_eq!(
+            sd,
+            vec![
+                ("lora_A.weight".into(), vec![2, 5]),
+                ("lora_B.weight".into(), vec![6, 2]),
+                ("lora_magnitude_vector".into(), vec![6])
+            ]
+        );
     }
 
     #[test]
@@ -321,7 +378,12 @@ mod tests {
         let base = base(6, 5);
         let l = layer(r#"{"r": 2}"#, &base);
         let o = (Kind::Float, Device::Cpu);
-        let good = || vec![("lora_A.weight".to_string(), Tensor::ones([2, 5], o)), ("lora_B.weight".to_string(), Tensor::ones([6, 2], o))];
+        let good = || {
+            vec![
+                ("lora_A.weight".to_string(), Tensor::ones([2, 5], o)),
+                ("lora_B.weight".to_string(), Tensor::ones([6, 2], o)),
+            ]
+        };
         let mut bad = good();
         bad[1].1 = Tensor::ones([2, 6], o);
         let e = l.load_state_dict(bad).unwrap_err();

@@ -46,7 +46,8 @@ pub struct Lora {
 impl Plugin for Lora {
     const NAME: &'static str = "lora";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "LoRA with rsLoRA, DoRA, PiSSA/OLoRA/gaussian inits and LoRA+ (peft-compatible)";
+    const DESCRIPTION: &'static str =
+        "LoRA with rsLoRA, DoRA, PiSSA/OLoRA/gaussian inits and LoRA+ (peft-compatible)";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         Ok(Self { cfg: LoraConfig::from_json(config_json)? })
     }
@@ -56,11 +57,16 @@ impl AdapterMethod for Lora {
     fn targets(&self, module: &str) -> PluginResult<bool> {
         Ok(self.cfg.targets(module))
     }
-    fn adapt_linear(&self, module: &str, base: &dyn BaseLinear) -> PluginResult<Box<dyn AdapterLayer>> {
+    fn adapt_linear(
+        &self,
+        module: &str,
+        base: &dyn BaseLinear,
+    ) -> PluginResult<Box<dyn AdapterLayer>> {
         Ok(Box::new(LoraLayer::new(&self.cfg, module, base)?))
     }
     fn peft_config(&self) -> PluginResult<String> {
-        serde_json::to_string_pretty(&self.cfg.peft_config()).map_err(|e| PluginError::runtime(e.to_string()))
+        serde_json::to_string_pretty(&self.cfg.peft_config())
+            .map_err(|e| PluginError::runtime(e.to_string()))
     }
     fn capabilities(&self) -> Vec<String> {
         let mut caps = vec![MERGE.to_string()];
@@ -85,8 +91,14 @@ mod tests {
         let caps = |json: &str| Lora::from_config(json).unwrap().capabilities();
         assert_eq!(caps("{}"), vec![MERGE, MIXED_BATCH]);
         assert_eq!(caps(r#"{"use_dora": true}"#), vec![MERGE]);
-        assert_eq!(caps(r#"{"init_lora_weights": "pissa"}"#), vec![MERGE, MIXED_BATCH, INIT_REWRITES_BASE]);
-        assert_eq!(caps(r#"{"init_lora_weights": "olora", "use_dora": true}"#), vec![MERGE, INIT_REWRITES_BASE]);
+        assert_eq!(
+            caps(r#"{"init_lora_weights": "pissa"}"#),
+            vec![MERGE, MIXED_BATCH, INIT_REWRITES_BASE]
+        );
+        assert_eq!(
+            caps(r#"{"init_lora_weights": "olora", "use_dora": true}"#),
+            vec![MERGE, INIT_REWRITES_BASE]
+        );
     }
 
     #[test]

@@ -34,7 +34,11 @@ fn kind_of(scalar_type: c_int) -> Option<Kind> {
     }
 }
 
-extern "C" fn dequant_cb<T: Dequantize>(ctx: *const c_void, scalar_type: c_int, out: *mut *mut c_void) -> c_int {
+extern "C" fn dequant_cb<T: Dequantize>(
+    ctx: *const c_void,
+    scalar_type: c_int,
+    out: *mut *mut c_void,
+) -> c_int {
     let result = std::panic::catch_unwind(|| {
         // SAFETY: ctx is an `Arc<T>` reference taken by `linear`, alive until `release_cb`.
         let source = unsafe { &*(ctx as *const T) };
@@ -71,7 +75,17 @@ pub fn linear<T: Dequantize>(x: &Tensor, source: &Arc<T>) -> PluginResult<Tensor
     let mut err = [0 as c_char; 512];
     // SAFETY: `x` is a live tensor for the call; ctx carries one Arc reference the C++ side
     // releases; the callbacks match the typedefs in csrc/dequant_linear.cpp.
-    let rc = unsafe { ferrotune_dequant_linear(x.as_ptr() as *const c_void, ctx, dequant_cb::<T>, release_cb::<T>, &mut out, err.as_mut_ptr(), err.len()) };
+    let rc = unsafe {
+        ferrotune_dequant_linear(
+            x.as_ptr() as *const c_void,
+            ctx,
+            dequant_cb::<T>,
+            release_cb::<T>,
+            &mut out,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
     if rc != 0 || out.is_null() {
         // SAFETY: the C++ side wrote a NUL-terminated message.
         let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();

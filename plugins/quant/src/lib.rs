@@ -51,9 +51,15 @@ impl ComputeDtype {
 
 /// `x Wᵀ` in the compute dtype (x cast to it and the result cast back, as bitsandbytes'
 /// `Linear4bit` does).
-fn linear_in<T: Dequantize>(x: &Tensor, stored: &Arc<T>, compute: Option<ComputeDtype>) -> PluginResult<Tensor> {
+fn linear_in<T: Dequantize>(
+    x: &Tensor,
+    stored: &Arc<T>,
+    compute: Option<ComputeDtype>,
+) -> PluginResult<Tensor> {
     match compute.map(ComputeDtype::kind) {
-        Some(kind) if kind != x.kind() => Ok(dequant_linear::linear(&x.f_to_kind(kind)?, stored)?.f_to_kind(x.kind())?),
+        Some(kind) if kind != x.kind() => {
+            Ok(dequant_linear::linear(&x.f_to_kind(kind)?, stored)?.f_to_kind(x.kind())?)
+        }
         _ => dequant_linear::linear(x, stored),
     }
 }
@@ -61,7 +67,9 @@ fn linear_in<T: Dequantize>(x: &Tensor, stored: &Arc<T>, compute: Option<Compute
 fn shape2(weight: &Tensor, plugin: &str) -> PluginResult<(i64, i64)> {
     match weight.size().as_slice() {
         [o, i] => Ok((*o, *i)),
-        other => Err(PluginError::invalid(format!("{plugin}: expected a [out, in] weight, got shape {other:?}"))),
+        other => Err(PluginError::invalid(format!(
+            "{plugin}: expected a [out, in] weight, got shape {other:?}"
+        ))),
     }
 }
 
@@ -97,11 +105,15 @@ fn default_blocksize() -> i64 {
 impl Plugin for Nf4 {
     const NAME: &'static str = "nf4";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "QLoRA NormalFloat4, block 64, double quantization (bitsandbytes layout)";
+    const DESCRIPTION: &'static str =
+        "QLoRA NormalFloat4, block 64, double quantization (bitsandbytes layout)";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: Self = parse_config(config_json)?;
         if !(32..=4096).contains(&cfg.blocksize) || cfg.blocksize.count_ones() != 1 {
-            return Err(PluginError::config("blocksize", format!("must be a power of two in 32…4096, got {}", cfg.blocksize)));
+            return Err(PluginError::config(
+                "blocksize",
+                format!("must be a power of two in 32…4096, got {}", cfg.blocksize),
+            ));
         }
         Ok(cfg)
     }
@@ -157,7 +169,10 @@ impl QuantizedWeight for Nf4Weight {
             Absmax::Double { codes, absmax2, offset } => {
                 out.push(("weight.absmax".into(), codes.shallow_clone()));
                 out.push(("weight.nested_absmax".into(), absmax2.shallow_clone()));
-                out.push(("weight.nested_quant_map".into(), ferrotune_plugin_api::blockwise::dynamic_map(device)?));
+                out.push((
+                    "weight.nested_quant_map".into(),
+                    ferrotune_plugin_api::blockwise::dynamic_map(device)?,
+                ));
                 out.push(("weight.nested_offset".into(), offset.shallow_clone()));
             }
         }
@@ -182,7 +197,8 @@ pub struct Int8 {
 impl Plugin for Int8 {
     const NAME: &'static str = "int8";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "int8 weights with one absmax per row (bitsandbytes' vector-wise quantization)";
+    const DESCRIPTION: &'static str =
+        "int8 weights with one absmax per row (bitsandbytes' vector-wise quantization)";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         parse_config(config_json)
     }
@@ -206,7 +222,11 @@ impl Int8Stored {
         let w = weight.f_detach()?.f_to_kind(Kind::Float)?;
         let scb = w.f_abs()?.f_amax([1i64].as_slice(), false)?;
         // an all-zero row stays zero (bitsandbytes would divide by zero)
-        let scale = scb.f_clamp_min(f32::MIN_POSITIVE as f64)?.f_reciprocal()?.f_mul_scalar(127.0)?.f_unsqueeze(1)?;
+        let scale = scb
+            .f_clamp_min(f32::MIN_POSITIVE as f64)?
+            .f_reciprocal()?
+            .f_mul_scalar(127.0)?
+            .f_unsqueeze(1)?;
         let q = w.f_mul(&scale)?.f_round()?.f_to_kind(Kind::Int8)?;
         Ok(Self { q, scb })
     }
@@ -214,7 +234,11 @@ impl Int8Stored {
 
 impl Dequantize for Int8Stored {
     fn dequantize(&self, kind: Kind) -> PluginResult<Tensor> {
-        let w = self.q.f_to_kind(Kind::Float)?.f_mul(&self.scb.f_unsqueeze(1)?)?.f_mul_scalar(INV_127)?;
+        let w = self
+            .q
+            .f_to_kind(Kind::Float)?
+            .f_mul(&self.scb.f_unsqueeze(1)?)?
+            .f_mul_scalar(INV_127)?;
         Ok(w.f_to_kind(kind)?)
     }
 }
@@ -244,7 +268,10 @@ impl QuantizedWeight for Int8Weight {
     }
     /// bitsandbytes' names: `weight` (int8) and `SCB` (the row absmax).
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
-        Ok(vec![("weight".into(), self.stored.q.shallow_clone()), ("SCB".into(), self.stored.scb.shallow_clone())])
+        Ok(vec![
+            ("weight".into(), self.stored.q.shallow_clone()),
+            ("SCB".into(), self.stored.scb.shallow_clone()),
+        ])
     }
     fn storage_bytes(&self) -> PluginResult<u64> {
         Ok(bytes(&self.stored.q) + bytes(&self.stored.scb))
@@ -275,7 +302,10 @@ mod tests {
     fn linear_and_its_input_gradient_equal_the_dense_dequantized_weight() {
         tch::manual_seed(0);
         let w = Tensor::randn([24, 64], (Kind::Float, Device::Cpu));
-        for q in [Nf4::from_config("{}").unwrap().quantize("m", &w).unwrap(), Int8::from_config("{}").unwrap().quantize("m", &w).unwrap()] {
+        for q in [
+            Nf4::from_config("{}").unwrap().quantize("m", &w).unwrap(),
+            Int8::from_config("{}").unwrap().quantize("m", &w).unwrap(),
+        ] {
             let dense = q.dequantize(Kind::Float).unwrap();
             let x = Tensor::randn([3, 5, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
             let y = q.linear(&x).unwrap();
@@ -295,7 +325,9 @@ mod tests {
     #[test]
     fn int8_round_trip_error_is_at_most_half_a_step_per_row() {
         tch::manual_seed(1);
-        let w = Tensor::randn([32, 100], (Kind::Float, Device::Cpu)) * Tensor::rand([32, 1], (Kind::Float, Device::Cpu)) * 3.0;
+        let w = Tensor::randn([32, 100], (Kind::Float, Device::Cpu))
+            * Tensor::rand([32, 1], (Kind::Float, Device::Cpu))
+            * 3.0;
         let q = Int8::from_config("{}").unwrap().quantize("m", &w).unwrap();
         let err = (q.dequantize(Kind::Float).unwrap() - &w).abs();
         let step = w.abs().amax([1i64].as_slice(), true) / 127.0;

@@ -54,7 +54,8 @@ pub struct ExactMatch {
 impl Plugin for ExactMatch {
     const NAME: &'static str = "exact_match";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "reward 1 when the completion's answer equals the sample's reference answer";
+    const DESCRIPTION: &'static str =
+        "reward 1 when the completion's answer equals the sample's reference answer";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: ExactMatchConfig = parse_config(config_json)?;
         let extract = match cfg.extract.as_str() {
@@ -62,14 +63,29 @@ impl Plugin for ExactMatch {
             "boxed" => Extract::Boxed,
             "whole" => Extract::Whole,
             "regex" => {
-                let p = cfg.extract_pattern.as_deref().ok_or_else(|| PluginError::config("extract_pattern", "required with `extract: regex`"))?;
-                let r = Regex::new(&format!("(?s){p}")).map_err(|e| PluginError::config("extract_pattern", format!("not a valid regular expression: {e}")))?;
+                let p = cfg.extract_pattern.as_deref().ok_or_else(|| {
+                    PluginError::config("extract_pattern", "required with `extract: regex`")
+                })?;
+                let r = Regex::new(&format!("(?s){p}")).map_err(|e| {
+                    PluginError::config(
+                        "extract_pattern",
+                        format!("not a valid regular expression: {e}"),
+                    )
+                })?;
                 if r.captures_len() < 2 {
-                    return Err(PluginError::config("extract_pattern", "needs a capture group: the answer is group 1"));
+                    return Err(PluginError::config(
+                        "extract_pattern",
+                        "needs a capture group: the answer is group 1",
+                    ));
                 }
                 Extract::Regex(r)
             }
-            other => return Err(PluginError::config("extract", format!("`{other}`: use answer_tag, boxed, regex or whole"))),
+            other => {
+                return Err(PluginError::config(
+                    "extract",
+                    format!("`{other}`: use answer_tag, boxed, regex or whole"),
+                ))
+            }
         };
         if cfg.answer_key.is_empty() {
             return Err(PluginError::config("answer_key", "must not be empty"));
@@ -107,7 +123,11 @@ impl ExactMatch {
                 let start = completion[..end].rfind("<answer>")? + "<answer>".len();
                 Some(completion[start..end].to_string())
             }
-            Extract::Regex(r) => r.captures_iter(completion).last().and_then(|c| c.get(1)).map(|m| m.as_str().to_string()),
+            Extract::Regex(r) => r
+                .captures_iter(completion)
+                .last()
+                .and_then(|c| c.get(1))
+                .map(|m| m.as_str().to_string()),
         }
     }
 
@@ -130,8 +150,9 @@ impl ExactMatch {
 
     /// The reference answer of one sample, or an error naming the key.
     fn reference(&self, sample_json: &str, index: usize) -> PluginResult<String> {
-        let v: serde_json::Value = serde_json::from_str(sample_json)
-            .map_err(|e| PluginError::invalid(format!("completion {index}: its sample is not valid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(sample_json).map_err(|e| {
+            PluginError::invalid(format!("completion {index}: its sample is not valid JSON: {e}"))
+        })?;
         let found = v.get("extra").and_then(|e| e.get(&self.key)).or_else(|| v.get(&self.key));
         match found {
             Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -166,31 +187,70 @@ mod tests {
     use super::*;
 
     fn input(completion: &str, sample: &str) -> RewardInput {
-        RewardInput { prompt: String::new(), completion: completion.into(), sample_json: sample.into() }
+        RewardInput {
+            prompt: String::new(),
+            completion: completion.into(),
+            sample_json: sample.into(),
+        }
     }
 
     #[test]
     fn extracts_and_compares() {
         let m = ExactMatch::from_config("{}").unwrap();
         let s = r#"{"messages": [], "extra": {"answer": "Paris"}}"#;
-        let got = m.score(&[input("<think>x</think><answer> paris. </answer>", s), input("<answer>Lyon</answer>", s), input("Paris", s)]).unwrap();
+        let got = m
+            .score(&[
+                input("<think>x</think><answer> paris. </answer>", s),
+                input("<answer>Lyon</answer>", s),
+                input("Paris", s),
+            ])
+            .unwrap();
         assert_eq!(got, vec![1.0, 0.0, 0.0]);
-        let m = ExactMatch::from_config(r#"{"extract": "boxed", "answer_key": "solution"}"#).unwrap();
+        let m =
+            ExactMatch::from_config(r#"{"extract": "boxed", "answer_key": "solution"}"#).unwrap();
         let s = r#"{"messages": [], "extra": {"solution": 1200}}"#;
-        assert_eq!(m.score(&[input("so \\boxed{1,200.0}", s), input("\\boxed{\\frac{1}{2}}", s)]).unwrap(), vec![1.0, 0.0]);
+        assert_eq!(
+            m.score(&[input("so \\boxed{1,200.0}", s), input("\\boxed{\\frac{1}{2}}", s)]).unwrap(),
+            vec![1.0, 0.0]
+        );
         assert_eq!(last_boxed("a \\boxed{\\frac{1}{2}} b").as_deref(), Some("\\frac{1}{2}"));
-        let m = ExactMatch::from_config(r#"{"extract": "regex", "extract_pattern": "answer is (\\w+)", "normalize": false}"#).unwrap();
+        let m = ExactMatch::from_config(
+            r#"{"extract": "regex", "extract_pattern": "answer is (\\w+)", "normalize": false}"#,
+        )
+        .unwrap();
         let s = r#"{"messages": [], "answer": "B"}"#;
-        assert_eq!(m.score(&[input("the answer is A, no, the answer is B", s), input("the answer is b", s)]).unwrap(), vec![1.0, 0.0]);
+        assert_eq!(
+            m.score(&[
+                input("the answer is A, no, the answer is B", s),
+                input("the answer is b", s)
+            ])
+            .unwrap(),
+            vec![1.0, 0.0]
+        );
     }
 
     #[test]
     fn missing_reference_and_config_errors() {
         let m = ExactMatch::from_config("{}").unwrap();
         let e = m.score(&[input("<answer>1</answer>", r#"{"messages": []}"#)]).unwrap_err();
-        assert!(e.message().contains("completion 0") && e.message().contains("extra.answer"), "{e}");
-        assert!(ExactMatch::from_config(r#"{"extract": "regex"}"#).err().unwrap().message().contains("`extract_pattern`"));
-        assert!(ExactMatch::from_config(r#"{"extract": "regex", "extract_pattern": "\\d+"}"#).err().unwrap().message().contains("capture group"));
-        assert!(ExactMatch::from_config(r#"{"extract": "last"}"#).err().unwrap().message().contains("`extract`"));
+        assert!(
+            e.message().contains("completion 0") && e.message().contains("extra.answer"),
+            "{e}"
+        );
+        assert!(ExactMatch::from_config(r#"{"extract": "regex"}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("`extract_pattern`"));
+        assert!(ExactMatch::from_config(r#"{"extract": "regex", "extract_pattern": "\\d+"}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("capture group"));
+        assert!(ExactMatch::from_config(r#"{"extract": "last"}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("`extract`"));
     }
 }

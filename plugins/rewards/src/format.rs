@@ -40,22 +40,33 @@ pub struct Format {
 impl Plugin for Format {
     const NAME: &'static str = "format";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "reward 1 when the completion matches a regex and holds the required tag pairs";
+    const DESCRIPTION: &'static str =
+        "reward 1 when the completion matches a regex and holds the required tag pairs";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: FormatConfig = parse_config(config_json)?;
         if cfg.pattern.is_none() && cfg.required_tags.is_empty() {
-            return Err(PluginError::config("pattern", "give a `pattern`, `required_tags`, or both"));
+            return Err(PluginError::config(
+                "pattern",
+                "give a `pattern`, `required_tags`, or both",
+            ));
         }
         let regex = match &cfg.pattern {
             None => None,
             Some(p) => {
-                let anchored = if cfg.full_match { format!("(?s)^(?:{p})$") } else { format!("(?s){p}") };
-                Some(Regex::new(&anchored).map_err(|e| PluginError::config("pattern", format!("not a valid regular expression: {e}")))?)
+                let anchored =
+                    if cfg.full_match { format!("(?s)^(?:{p})$") } else { format!("(?s){p}") };
+                Some(Regex::new(&anchored).map_err(|e| {
+                    PluginError::config("pattern", format!("not a valid regular expression: {e}"))
+                })?)
             }
         };
         for t in &cfg.required_tags {
-            if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err(PluginError::config("required_tags", format!("`{t}` is not a tag name (letters, digits, _ and -)")));
+            if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(PluginError::config(
+                    "required_tags",
+                    format!("`{t}` is not a tag name (letters, digits, _ and -)"),
+                ));
             }
         }
         Ok(Self { regex, tags: cfg.required_tags, partial: cfg.partial })
@@ -100,10 +111,12 @@ mod tests {
 
     #[test]
     fn pattern_tags_and_partial() {
-        let f = Format::from_config(r#"{"pattern": "<think>.*?</think>\\s*<answer>.*?</answer>"}"#).unwrap();
+        let f = Format::from_config(r#"{"pattern": "<think>.*?</think>\\s*<answer>.*?</answer>"}"#)
+            .unwrap();
         assert_eq!(f.score_one("<think>a\nb</think>\n<answer>4</answer>"), 1.0);
         assert_eq!(f.score_one("x <think>a</think><answer>4</answer>"), 0.0, "full match");
-        let f = Format::from_config(r#"{"required_tags": ["think", "answer"], "partial": true}"#).unwrap();
+        let f = Format::from_config(r#"{"required_tags": ["think", "answer"], "partial": true}"#)
+            .unwrap();
         assert_eq!(f.score_one("<think>a</think><answer>4</answer>"), 1.0);
         assert_eq!(f.score_one("<think>a</think> 4"), 0.5);
         assert_eq!(f.score_one("</think>a<think> <answer>1</answer><answer>2</answer>"), 0.0);
@@ -114,8 +127,20 @@ mod tests {
     #[test]
     fn config_errors_name_the_key() {
         assert!(Format::from_config("{}").err().unwrap().message().contains("`pattern`"));
-        assert!(Format::from_config(r#"{"pattern": "(("}"#).err().unwrap().message().contains("regular expression"));
-        assert!(Format::from_config(r#"{"required_tags": ["a b"]}"#).err().unwrap().message().contains("`required_tags`"));
-        assert!(Format::from_config(r#"{"pattern": "a", "patern": 1}"#).err().unwrap().message().contains("unknown field"));
+        assert!(Format::from_config(r#"{"pattern": "(("}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("regular expression"));
+        assert!(Format::from_config(r#"{"required_tags": ["a b"]}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("`required_tags`"));
+        assert!(Format::from_config(r#"{"pattern": "a", "patern": 1}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("unknown field"));
     }
 }

@@ -48,18 +48,23 @@ pub struct Length {
 impl Plugin for Length {
     const NAME: &'static str = "length";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "reward for closeness to a target length, or DAPO's soft overlong penalty";
+    const DESCRIPTION: &'static str =
+        "reward for closeness to a target length, or DAPO's soft overlong penalty";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: LengthConfig = parse_config(config_json)?;
         let words = match cfg.unit.as_str() {
             "words" => true,
             "chars" => false,
-            other => return Err(PluginError::config("unit", format!("`{other}`: use words or chars"))),
+            other => {
+                return Err(PluginError::config("unit", format!("`{other}`: use words or chars")))
+            }
         };
         let positive = |key: &str, v: Option<f64>| -> PluginResult<f64> {
             match v {
                 Some(v) if v.is_finite() && v > 0.0 => Ok(v),
-                Some(v) => Err(PluginError::config(key, format!("must be a positive number, got {v}"))),
+                Some(v) => {
+                    Err(PluginError::config(key, format!("must be a positive number, got {v}")))
+                }
                 None => Err(PluginError::config(key, format!("required in `{}` mode", cfg.mode))),
             }
         };
@@ -71,12 +76,23 @@ impl Plugin for Length {
             }
             "penalty" => {
                 let max_length = positive("max_length", cfg.max_length)?;
-                if !cfg.soft_cache.is_finite() || cfg.soft_cache < 0.0 || cfg.soft_cache > max_length {
-                    return Err(PluginError::config("soft_cache", format!("must lie in [0, max_length], got {}", cfg.soft_cache)));
+                if !cfg.soft_cache.is_finite()
+                    || cfg.soft_cache < 0.0
+                    || cfg.soft_cache > max_length
+                {
+                    return Err(PluginError::config(
+                        "soft_cache",
+                        format!("must lie in [0, max_length], got {}", cfg.soft_cache),
+                    ));
                 }
                 Mode::Penalty { max_length, soft_cache: cfg.soft_cache }
             }
-            other => return Err(PluginError::config("mode", format!("`{other}`: use target or penalty"))),
+            other => {
+                return Err(PluginError::config(
+                    "mode",
+                    format!("`{other}`: use target or penalty"),
+                ))
+            }
         };
         Ok(Self { mode, words })
     }
@@ -125,7 +141,10 @@ mod tests {
         assert_eq!(l.score_len(4.0), 1.0);
         assert_eq!(l.score_len(6.0), 0.5);
         assert_eq!(l.score_len(9.0), 0.0);
-        let l = Length::from_config(r#"{"mode": "penalty", "unit": "chars", "max_length": 10, "soft_cache": 4}"#).unwrap();
+        let l = Length::from_config(
+            r#"{"mode": "penalty", "unit": "chars", "max_length": 10, "soft_cache": 4}"#,
+        )
+        .unwrap();
         assert_eq!(l.measure("héllo"), 5.0);
         assert_eq!(l.score_len(6.0), 0.0);
         assert_eq!(l.score_len(8.0), -0.5);
@@ -137,9 +156,25 @@ mod tests {
 
     #[test]
     fn config_errors_name_the_key() {
-        assert!(Length::from_config(r#"{"mode": "target"}"#).err().unwrap().message().contains("`target`"));
-        assert!(Length::from_config(r#"{"mode": "penalty", "max_length": 3, "soft_cache": 5}"#).err().unwrap().message().contains("`soft_cache`"));
-        assert!(Length::from_config(r#"{"mode": "x"}"#).err().unwrap().message().contains("`mode`"));
-        assert!(Length::from_config(r#"{"mode": "target", "target": 3, "unit": "tokens"}"#).err().unwrap().message().contains("`unit`"));
+        assert!(Length::from_config(r#"{"mode": "target"}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("`target`"));
+        assert!(Length::from_config(r#"{"mode": "penalty", "max_length": 3, "soft_cache": 5}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("`soft_cache`"));
+        assert!(Length::from_config(r#"{"mode": "x"}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("`mode`"));
+        assert!(Length::from_config(r#"{"mode": "target", "target": 3, "unit": "tokens"}"#)
+            .err()
+            .unwrap()
+            .message()
+            .contains("`unit`"));
     }
 }

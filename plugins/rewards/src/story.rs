@@ -45,7 +45,9 @@ impl Plugin for StoryGrounding {
     const DESCRIPTION: &'static str = "reward for StoryReasoning grounding: well-formed gdi/gdo/gda/gdl tags, ids declared and consistent";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: StoryGroundingConfig = parse_config(config_json)?;
-        let re = |p: &str| Regex::new(p).map_err(|e| PluginError::runtime(format!("internal regex {p}: {e}")));
+        let re = |p: &str| {
+            Regex::new(p).map_err(|e| PluginError::runtime(format!("internal regex {p}: {e}")))
+        };
         Ok(Self {
             strict: cfg.strict,
             tag: re(r"<(/?)(gdi|gdo|gda|gdl)\b([^>]*)>")?,
@@ -69,7 +71,9 @@ impl GroundingChecks {
         (self.think + self.well_formed + self.declared_ids + self.consistent_ids) / 4.0
     }
     pub fn all_pass(&self) -> bool {
-        [self.think, self.well_formed, self.declared_ids, self.consistent_ids].iter().all(|v| *v == 1.0)
+        [self.think, self.well_formed, self.declared_ids, self.consistent_ids]
+            .iter()
+            .all(|v| *v == 1.0)
     }
 }
 
@@ -84,7 +88,8 @@ fn table_rows(think: &str, id: &Regex) -> Vec<(String, String)> {
             }
             let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
             let first = cells.first()?;
-            id.is_match(first).then(|| (first.to_string(), cells.get(1).map_or(String::new(), |s| s.to_string())))
+            id.is_match(first)
+                .then(|| (first.to_string(), cells.get(1).map_or(String::new(), |s| s.to_string())))
         })
         .collect()
 }
@@ -103,7 +108,8 @@ impl StoryGrounding {
             ("", completion)
         };
         let rows = table_rows(think_text, &self.id);
-        let think = if think_ok && !rows.is_empty() && !self.tag.is_match(think_text) { 1.0 } else { 0.0 };
+        let think =
+            if think_ok && !rows.is_empty() && !self.tag.is_match(think_text) { 1.0 } else { 0.0 };
 
         // Grounding tags of the story.
         let mut well_formed = true;
@@ -129,7 +135,10 @@ impl StoryGrounding {
                     _ => well_formed = false,
                 }
             } else {
-                if stack != ["gdi"] || attrs.is_empty() || !attrs.iter().all(|a| self.id.is_match(a)) {
+                if stack != ["gdi"]
+                    || attrs.is_empty()
+                    || !attrs.iter().all(|a| self.id.is_match(a))
+                {
                     well_formed = false;
                 }
                 referenced.extend(attrs.iter().map(|a| a.to_string()));
@@ -144,7 +153,8 @@ impl StoryGrounding {
         let declared_ids = if referenced.is_empty() {
             0.0
         } else {
-            referenced.iter().filter(|r| declared.contains(r.as_str())).count() as f64 / referenced.len() as f64
+            referenced.iter().filter(|r| declared.contains(r.as_str())).count() as f64
+                / referenced.len() as f64
         };
 
         // One id per character name, one name per id, across every frame's table.
@@ -158,10 +168,18 @@ impl StoryGrounding {
         let consistent_ids = if ids_of.is_empty() {
             0.0
         } else {
-            let good = ids_of.values().filter(|ids| ids.len() == 1 && ids.iter().all(|id| names_of[id].len() == 1)).count();
+            let good = ids_of
+                .values()
+                .filter(|ids| ids.len() == 1 && ids.iter().all(|id| names_of[id].len() == 1))
+                .count();
             good as f64 / ids_of.len() as f64
         };
-        GroundingChecks { think, well_formed: if well_formed { 1.0 } else { 0.0 }, declared_ids, consistent_ids }
+        GroundingChecks {
+            think,
+            well_formed: if well_formed { 1.0 } else { 0.0 },
+            declared_ids,
+            consistent_ids,
+        }
     }
 }
 
@@ -198,7 +216,15 @@ mod tests {
     #[test]
     fn good_story_scores_one() {
         let c = sg().checks(GOOD);
-        assert_eq!(c, GroundingChecks { think: 1.0, well_formed: 1.0, declared_ids: 1.0, consistent_ids: 1.0 });
+        assert_eq!(
+            c,
+            GroundingChecks {
+                think: 1.0,
+                well_formed: 1.0,
+                declared_ids: 1.0,
+                consistent_ids: 1.0
+            }
+        );
     }
 
     #[test]
@@ -218,10 +244,17 @@ mod tests {
         assert_eq!(c.well_formed, 1.0);
         assert_eq!(c.declared_ids, 0.75, "{c:?}");
         // Grum is char1 in frame 1 and char3 in frame 2: Grum inconsistent, Pip fine.
-        let c = s.checks(&GOOD.replace("| char1 | Grum | giant |\n</think>", "| char3 | Grum | giant |\n</think>"));
+        let c =
+            s.checks(&GOOD.replace(
+                "| char1 | Grum | giant |\n</think>",
+                "| char3 | Grum | giant |\n</think>",
+            ));
         assert!((c.consistent_ids - 0.5).abs() < 1e-12, "{c:?}");
         // Two names (Grum, Bob) for char1: both inconsistent, Pip fine.
-        let c = s.checks(&GOOD.replace("| char1 | Grum | giant |\n</think>", "| char1 | Bob | giant |\n</think>"));
+        let c = s.checks(
+            &GOOD
+                .replace("| char1 | Grum | giant |\n</think>", "| char1 | Bob | giant |\n</think>"),
+        );
         assert!((c.consistent_ids - 1.0 / 3.0).abs() < 1e-12, "{c:?}");
         // No think block at all.
         let c = s.checks(&GOOD.replace("<think>", ""));
@@ -233,7 +266,10 @@ mod tests {
     fn strict_mode_is_all_or_nothing() {
         let s = StoryGrounding::from_config(r#"{"strict": true}"#).unwrap();
         let inputs = [GOOD.to_string(), GOOD.replace("</gdi>\n<gdi image2>", "<gdi image2>")];
-        let inputs: Vec<RewardInput> = inputs.iter().map(|c| RewardInput { completion: c.clone(), ..Default::default() }).collect();
+        let inputs: Vec<RewardInput> = inputs
+            .iter()
+            .map(|c| RewardInput { completion: c.clone(), ..Default::default() })
+            .collect();
         assert_eq!(s.score(&inputs).unwrap(), vec![1.0, 0.0]);
         assert!(StoryGrounding::from_config(r#"{"strict": 1}"#).is_err());
     }

@@ -46,11 +46,15 @@ pub struct Sft {
 impl Plugin for Sft {
     const NAME: &'static str = "sft";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "supervised fine-tuning: masked next-token cross-entropy (transformers' ForCausalLMLoss)";
+    const DESCRIPTION: &'static str =
+        "supervised fine-tuning: masked next-token cross-entropy (transformers' ForCausalLMLoss)";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: SftConfig = parse_config(config_json)?;
         if !(0.0..=1.0).contains(&cfg.label_smoothing) {
-            return Err(PluginError::config("label_smoothing", format!("must lie in [0, 1], got {}", cfg.label_smoothing)));
+            return Err(PluginError::config(
+                "label_smoothing",
+                format!("must lie in [0, 1], got {}", cfg.label_smoothing),
+            ));
         }
         Ok(Self { cfg })
     }
@@ -72,9 +76,13 @@ pub fn num_items_in_batch(meta_json: &str) -> PluginResult<Option<i64>> {
         .as_u64()
         .or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
         .ok_or_else(|| {
-            PluginError::invalid(format!("batch metadata `{NUM_ITEMS_KEY}` must be a non-negative integer, got {value}"))
+            PluginError::invalid(format!(
+                "batch metadata `{NUM_ITEMS_KEY}` must be a non-negative integer, got {value}"
+            ))
         })?;
-    i64::try_from(n).map(Some).map_err(|_| PluginError::invalid(format!("batch metadata `{NUM_ITEMS_KEY}` too large: {n}")))
+    i64::try_from(n).map(Some).map_err(|_| {
+        PluginError::invalid(format!("batch metadata `{NUM_ITEMS_KEY}` too large: {n}"))
+    })
 }
 
 /// The loss of one micro-batch and what is logged about it.
@@ -86,11 +94,19 @@ pub struct TokenLoss {
 
 impl Sft {
     /// The loss of `logits` (`[B, T, V]`, any float dtype) against `labels` (`[B, T]`).
-    pub fn token_loss(&self, logits: &Tensor, labels: &Tensor, num_items_in_batch: Option<i64>) -> PluginResult<TokenLoss> {
+    pub fn token_loss(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        num_items_in_batch: Option<i64>,
+    ) -> PluginResult<TokenLoss> {
         let ignore = self.cfg.ignore_index;
-        let (b, t, v) = logits
-            .size3()
-            .map_err(|_| PluginError::invalid(format!("model `logits` must be [batch, seq, vocab], got {:?}", logits.size())))?;
+        let (b, t, v) = logits.size3().map_err(|_| {
+            PluginError::invalid(format!(
+                "model `logits` must be [batch, seq, vocab], got {:?}",
+                logits.size()
+            ))
+        })?;
         if labels.size() != [b, t] {
             return Err(PluginError::invalid(format!(
                 "batch `labels` has shape {:?}, the model's `logits` {:?}: expected labels [{b}, {t}]",
@@ -98,26 +114,42 @@ impl Sft {
                 logits.size()
             )));
         }
-        if !matches!(labels.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
-            return Err(PluginError::invalid(format!("batch `labels` must be integer token ids, got {:?}", labels.kind())));
+        if !matches!(
+            labels.kind(),
+            Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+        ) {
+            return Err(PluginError::invalid(format!(
+                "batch `labels` must be integer token ids, got {:?}",
+                labels.kind()
+            )));
         }
         let labels = labels.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
         // Position t predicts label t + 1. As ForCausalLMLoss: pad the labels on the right
         // with ignore_index and shift them, keeping all T logit positions (the last one has
         // no target), so no copy of the logits is needed and the sums run in torch's order.
         let pad = Tensor::f_full([b, 1], ignore, (Kind::Int64, labels.device()))?;
-        let targets = Tensor::f_cat(&[labels.f_narrow(1, 1, t - 1)?, pad], 1)?.f_reshape([b * t])?;
+        let targets =
+            Tensor::f_cat(&[labels.f_narrow(1, 1, t - 1)?, pad], 1)?.f_reshape([b * t])?;
         let logits = logits.f_reshape([b * t, v])?;
         let mask = targets.f_ne(ignore)?;
         let num_label_tokens = mask.f_sum(Kind::Int64)?.int64_value(&[]);
-        let out_of_range = targets.f_ge(v)?.f_logical_or(&targets.f_lt(0)?)?.f_logical_and(&mask)?;
+        let out_of_range =
+            targets.f_ge(v)?.f_logical_or(&targets.f_lt(0)?)?.f_logical_and(&mask)?;
         if out_of_range.f_any()?.int64_value(&[]) != 0 {
             return Err(PluginError::invalid(format!(
                 "batch `labels` holds ids outside the vocabulary [0, {v}) (other than ignore_index {ignore})"
             )));
         }
         let logits32 = logits.f_to_kind(Kind::Float)?;
-        let ce = |reduction| logits32.f_cross_entropy_loss::<Tensor>(&targets, None, reduction, ignore, self.cfg.label_smoothing);
+        let ce = |reduction| {
+            logits32.f_cross_entropy_loss::<Tensor>(
+                &targets,
+                None,
+                reduction,
+                ignore,
+                self.cfg.label_smoothing,
+            )
+        };
         let loss = match num_items_in_batch {
             Some(n) => {
                 if n < num_label_tokens {
@@ -148,15 +180,25 @@ impl Objective for Sft {
         let labels = batch.get("labels")?;
         batch.get("input_ids")?;
         let num_items = num_items_in_batch(&batch.meta_json)?;
-        let inputs: Vec<(String, Tensor)> =
-            batch.tensors.iter().filter(|(n, _)| n != "labels").map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let inputs: Vec<(String, Tensor)> = batch
+            .tensors
+            .iter()
+            .filter(|(n, _)| n != "labels")
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
         let outputs = ctx.forward(&inputs, ForwardFlags::NONE)?;
-        let logits = outputs.into_iter().find(|(n, _)| n == "logits").map(|(_, t)| t).ok_or_else(|| {
-            PluginError::invalid("the model's forward returned no `logits`")
-        })?;
+        let logits = outputs
+            .into_iter()
+            .find(|(n, _)| n == "logits")
+            .map(|(_, t)| t)
+            .ok_or_else(|| PluginError::invalid("the model's forward returned no `logits`"))?;
         let out = self.token_loss(&logits, labels, num_items)?;
         let value = out.loss.f_double_value(&[])?;
-        let accuracy = if out.num_label_tokens > 0 { out.correct_tokens as f64 / out.num_label_tokens as f64 } else { 0.0 };
+        let accuracy = if out.num_label_tokens > 0 {
+            out.correct_tokens as f64 / out.num_label_tokens as f64
+        } else {
+            0.0
+        };
         Ok(LossOutput {
             loss: out.loss,
             num_items: out.num_label_tokens,
@@ -195,7 +237,10 @@ mod tests {
         assert_eq!(num_items_in_batch("").unwrap(), None);
         assert_eq!(num_items_in_batch("{}").unwrap(), None);
         assert_eq!(num_items_in_batch(r#"{"num_items_in_batch": null}"#).unwrap(), None);
-        assert_eq!(num_items_in_batch(r#"{"num_items_in_batch": 12, "ids": [1]}"#).unwrap(), Some(12));
+        assert_eq!(
+            num_items_in_batch(r#"{"num_items_in_batch": 12, "ids": [1]}"#).unwrap(),
+            Some(12)
+        );
         assert_eq!(num_items_in_batch(r#"{"num_items_in_batch": 12.0}"#).unwrap(), Some(12));
         let e = num_items_in_batch(r#"{"num_items_in_batch": -3}"#).unwrap_err();
         assert!(e.message().contains("`num_items_in_batch`"), "{e}");
@@ -226,7 +271,11 @@ mod tests {
         let smooth = (lse - a + (v - 1) as f64 * lse) / v as f64;
         let expected = (1.0 - eps) * (lse - a) + eps * smooth;
         let out = sft(r#"{"label_smoothing": 0.1}"#).token_loss(&logits, &labels, None).unwrap();
-        assert!((out.loss.double_value(&[]) - expected).abs() < 1e-6, "{} vs {expected}", out.loss.double_value(&[]));
+        assert!(
+            (out.loss.double_value(&[]) - expected).abs() < 1e-6,
+            "{} vs {expected}",
+            out.loss.double_value(&[])
+        );
         assert_eq!(out.correct_tokens, 1);
     }
 
@@ -234,24 +283,35 @@ mod tests {
     #[test]
     fn accuracy_breaks_ties_as_argmax() {
         // Rows [0, 1, 1] and [3, 0, 3]: predictions 1 and 0; targets (labels shifted) 1 and 2.
-        let logits = Tensor::from_slice(&[0f32, 1.0, 1.0, 3.0, 0.0, 3.0, 0.0, 0.0, 0.0]).view([1, 3, 3]);
+        let logits =
+            Tensor::from_slice(&[0f32, 1.0, 1.0, 3.0, 0.0, 3.0, 0.0, 0.0, 0.0]).view([1, 3, 3]);
         let labels = Tensor::from_slice(&[-100i64, 1, 2]).view([1, 3]);
         let out = sft("{}").token_loss(&logits, &labels, None).unwrap();
-        assert_eq!(Vec::<i64>::try_from(&logits.argmax(-1, false).reshape([-1])).unwrap(), vec![1, 0, 0]);
+        assert_eq!(
+            Vec::<i64>::try_from(&logits.argmax(-1, false).reshape([-1])).unwrap(),
+            vec![1, 0, 0]
+        );
         assert_eq!((out.num_label_tokens, out.correct_tokens), (2, 1));
     }
 
     #[test]
     fn shape_and_count_errors() {
         let logits = Tensor::zeros([2, 3, 4], (Kind::Float, Device::Cpu));
-        let e = sft("{}").token_loss(&logits, &Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu)), None).err().unwrap();
+        let e = sft("{}")
+            .token_loss(&logits, &Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu)), None)
+            .err()
+            .unwrap();
         assert!(e.message().contains("`labels`") && e.message().contains("[2, 3]"), "{e}");
         let labels = Tensor::from_slice(&[0i64, 1, 9, 0, 1, 2]).view([2, 3]);
         let e = sft("{}").token_loss(&logits, &labels, None).err().unwrap();
         assert!(e.message().contains("outside the vocabulary"), "{e}");
         let labels = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2]).view([2, 3]);
         let e = sft("{}").token_loss(&logits, &labels, Some(3)).err().unwrap();
-        assert!(e.message().contains("`num_items_in_batch` = 3") && e.message().contains("4 label tokens"), "{e}");
+        assert!(
+            e.message().contains("`num_items_in_batch` = 3")
+                && e.message().contains("4 label tokens"),
+            "{e}"
+        );
     }
 
     #[test]

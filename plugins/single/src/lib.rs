@@ -27,7 +27,9 @@ use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
 pub use ferrotune_plugin_api::optim::AdamWConfig;
-use ferrotune_plugin_api::optim::{adamw_step, check_params, global_norm, state_kind, AdamWMoments, AdamWParam};
+use ferrotune_plugin_api::optim::{
+    adamw_step, check_params, global_norm, state_kind, AdamWMoments, AdamWParam,
+};
 
 /// One trainable parameter and its AdamW state.
 struct Slot {
@@ -77,7 +79,8 @@ pub struct Single {
 impl Plugin for Single {
     const NAME: &'static str = "single";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "one device: torch-exact AdamW (amsgrad, LoRA+ lr scales) with global-norm clipping";
+    const DESCRIPTION: &'static str =
+        "one device: torch-exact AdamW (amsgrad, LoRA+ lr scales) with global-norm clipping";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -107,7 +110,13 @@ impl Single {
 }
 
 impl MemoryStrategy for Single {
-    fn setup(&mut self, params: Vec<TrainParam>, optimizer_json: &str, device: Device, comm: &dyn Collectives) -> PluginResult<()> {
+    fn setup(
+        &mut self,
+        params: Vec<TrainParam>,
+        optimizer_json: &str,
+        device: Device,
+        comm: &dyn Collectives,
+    ) -> PluginResult<()> {
         single_rank(comm)?;
         let cfg = AdamWConfig::parse(optimizer_json)?;
         check_params(&params, device, ": the `single` plugin keeps everything on one device")?;
@@ -130,7 +139,9 @@ impl MemoryStrategy for Single {
         self.ensure_ready()?;
         single_rank(comm)?;
         if !(lr >= 0.0 && lr.is_finite()) {
-            return Err(PluginError::invalid(format!("learning rate must be finite and ≥ 0, got {lr}")));
+            return Err(PluginError::invalid(format!(
+                "learning rate must be finite and ≥ 0, got {lr}"
+            )));
         }
         let grads: Vec<Option<Tensor>> = self
             .slots
@@ -141,12 +152,17 @@ impl MemoryStrategy for Single {
             })
             .collect();
         let Some(total_norm) = tch::no_grad(|| global_norm(&grads))? else {
-            return Ok(StepReport { grad_norm: 0.0, skipped: true, metrics: vec![("no_gradients".into(), 1.0)] });
+            return Ok(StepReport {
+                grad_norm: 0.0,
+                skipped: true,
+                metrics: vec![("no_gradients".into(), 1.0)],
+            });
         };
         // Parameters without a gradient at this step are left alone.
         let params = self.slots.iter_mut().zip(&grads).filter_map(|(slot, grad)| {
             let Slot { param, exp_avg, exp_avg_sq, max_exp_avg_sq } = slot;
-            let moments = AdamWMoments { exp_avg, exp_avg_sq, max_exp_avg_sq: max_exp_avg_sq.as_mut() };
+            let moments =
+                AdamWMoments { exp_avg, exp_avg_sq, max_exp_avg_sq: max_exp_avg_sq.as_mut() };
             Some(AdamWParam { param, moments, grad: grad.as_ref()? })
         });
         let report = adamw_step(&self.cfg, &total_norm, lr, &mut self.step, params)?;
@@ -175,15 +191,21 @@ impl MemoryStrategy for Single {
         self.ensure_ready()?;
         // Validate everything first, so a bad checkpoint leaves the state untouched.
         let mut step = None;
-        let mut found: Vec<[Option<Tensor>; 3]> = self.slots.iter().map(|_| [None, None, None]).collect();
+        let mut found: Vec<[Option<Tensor>; 3]> =
+            self.slots.iter().map(|_| [None, None, None]).collect();
         for (name, t) in state {
             if name == "step" {
                 if t.numel() != 1 {
-                    return Err(PluginError::invalid(format!("optimizer state `step` must be a scalar, got shape {:?}", t.size())));
+                    return Err(PluginError::invalid(format!(
+                        "optimizer state `step` must be a scalar, got shape {:?}",
+                        t.size()
+                    )));
                 }
                 let v = t.f_to_kind(Kind::Double)?.f_double_value(&[])?;
                 if !(v >= 0.0 && v.fract() == 0.0 && v < 9.0e15) {
-                    return Err(PluginError::invalid(format!("optimizer state `step` must be a non-negative integer, got {v}")));
+                    return Err(PluginError::invalid(format!(
+                        "optimizer state `step` must be a non-negative integer, got {v}"
+                    )));
                 }
                 step = Some(v as i64);
                 continue;
@@ -194,7 +216,11 @@ impl MemoryStrategy for Single {
                 s.moment(m).map(|_| (i, m))
             });
             let Some((i, m)) = target else {
-                let hint = if name.ends_with(".max_exp_avg_sq") && !self.cfg.amsgrad { " (amsgrad state, but `amsgrad` is off)" } else { "" };
+                let hint = if name.ends_with(".max_exp_avg_sq") && !self.cfg.amsgrad {
+                    " (amsgrad state, but `amsgrad` is off)"
+                } else {
+                    ""
+                };
                 return Err(PluginError::invalid(format!(
                     "unknown optimizer state `{name}`{hint}: expected `step` and `<param>.exp_avg`, `<param>.exp_avg_sq`{} for the {} parameters of this run",
                     if self.cfg.amsgrad { ", `<param>.max_exp_avg_sq`" } else { "" },
@@ -203,20 +229,32 @@ impl MemoryStrategy for Single {
             };
             let expected = self.slots[i].param.tensor.size();
             if t.size() != expected {
-                return Err(PluginError::invalid(format!("optimizer state `{name}` has shape {:?}, the parameter {expected:?}", t.size())));
+                return Err(PluginError::invalid(format!(
+                    "optimizer state `{name}` has shape {:?}, the parameter {expected:?}",
+                    t.size()
+                )));
             }
             if !t.is_floating_point() {
-                return Err(PluginError::invalid(format!("optimizer state `{name}` is {:?}, not floating point", t.kind())));
+                return Err(PluginError::invalid(format!(
+                    "optimizer state `{name}` is {:?}, not floating point",
+                    t.kind()
+                )));
             }
             if found[i][m as usize].replace(t).is_some() {
-                return Err(PluginError::invalid(format!("optimizer state `{name}` appears twice")));
+                return Err(PluginError::invalid(format!(
+                    "optimizer state `{name}` appears twice"
+                )));
             }
         }
         let step = step.ok_or_else(|| PluginError::invalid("optimizer state has no `step`"))?;
         for (s, f) in self.slots.iter().zip(&found) {
             for m in Moment::ALL {
                 if s.moment(m).is_some() && f[m as usize].is_none() {
-                    return Err(PluginError::invalid(format!("optimizer state has no `{}.{}`", s.param.name, m.suffix())));
+                    return Err(PluginError::invalid(format!(
+                        "optimizer state has no `{}.{}`",
+                        s.param.name,
+                        m.suffix()
+                    )));
                 }
             }
         }
@@ -280,7 +318,16 @@ mod tests {
     #[test]
     fn config_defaults_and_errors_name_the_key() {
         let cfg = AdamWConfig::parse("").unwrap();
-        assert_eq!(cfg, AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, amsgrad: false, max_grad_norm: None });
+        assert_eq!(
+            cfg,
+            AdamWConfig {
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                weight_decay: 0.01,
+                amsgrad: false,
+                max_grad_norm: None
+            }
+        );
         let e = AdamWConfig::parse(r#"{"beta": [0.9, 0.99]}"#).unwrap_err();
         assert!(e.message().contains("unknown field `beta`"), "{e}");
         let e = AdamWConfig::parse(r#"{"betas": [0.9, 1.0]}"#).unwrap_err();
@@ -303,7 +350,10 @@ mod tests {
     fn refuses_several_ranks() {
         let mut s = Single::from_config("{}").unwrap();
         let e = s.setup(vec![param("p", &[1.0])], "{}", Device::Cpu, &World(2)).unwrap_err();
-        assert!(e.message().contains("use the ddp or zero plugin") && e.message().contains("2 ranks"), "{e}");
+        assert!(
+            e.message().contains("use the ddp or zero plugin") && e.message().contains("2 ranks"),
+            "{e}"
+        );
         assert!(s.step(0.1, &World(1)).unwrap_err().message().contains("not set up"));
     }
 
@@ -311,7 +361,8 @@ mod tests {
     /// p ← p(1 − lr·wd) − lr·g/(|g| + eps).
     #[test]
     fn first_step_is_sign_descent_with_decay() {
-        let mut s = ready(r#"{"weight_decay": 0.1, "eps": 0}"#, vec![param("p", &[1.0, -2.0, 3.0])]);
+        let mut s =
+            ready(r#"{"weight_decay": 0.1, "eps": 0}"#, vec![param("p", &[1.0, -2.0, 3.0])]);
         let p = s.slots[0].param.tensor.shallow_clone();
         (&p * Tensor::from_slice(&[0.5f32, -4.0, 0.0])).sum(Kind::Float).backward();
         let r = s.step(0.01, &World(1)).unwrap();
@@ -340,30 +391,57 @@ mod tests {
     fn bf16_parameter_keeps_fp32_state() {
         let t = Tensor::from_slice(&[1.0f32, -1.0]).to_kind(Kind::BFloat16).set_requires_grad(true);
         let mut s = ready("{}", vec![TrainParam::new("p", t.shallow_clone())]);
-        (&t * Tensor::from_slice(&[1.0f32, 2.0]).to_kind(Kind::BFloat16)).sum(Kind::Float).backward();
+        (&t * Tensor::from_slice(&[1.0f32, 2.0]).to_kind(Kind::BFloat16))
+            .sum(Kind::Float)
+            .backward();
         s.step(0.1, &World(1)).unwrap();
         assert_eq!(t.kind(), Kind::BFloat16);
         let state = s.state_dict().unwrap();
         assert!(state.iter().filter(|(n, _)| n != "step").all(|(_, t)| t.kind() == Kind::Float));
-        assert!((t.double_value(&[0]) - (1.0 - 0.1 * 0.01 - 0.1)).abs() < 1e-2, "{}", t.double_value(&[0]));
+        assert!(
+            (t.double_value(&[0]) - (1.0 - 0.1 * 0.01 - 0.1)).abs() < 1e-2,
+            "{}",
+            t.double_value(&[0])
+        );
     }
 
     #[test]
     fn load_state_dict_names_bad_entries() {
-        let mut s = ready(r#"{"amsgrad": true}"#, vec![param("a", &[1.0, 2.0]), param("b", &[3.0])]);
+        let mut s =
+            ready(r#"{"amsgrad": true}"#, vec![param("a", &[1.0, 2.0]), param("b", &[3.0])]);
         let good = s.state_dict().unwrap();
         let names: Vec<&str> = good.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["step", "a.exp_avg", "a.exp_avg_sq", "a.max_exp_avg_sq", "b.exp_avg", "b.exp_avg_sq", "b.max_exp_avg_sq"]);
+        assert_eq!(
+            names,
+            [
+                "step",
+                "a.exp_avg",
+                "a.exp_avg_sq",
+                "a.max_exp_avg_sq",
+                "b.exp_avg",
+                "b.exp_avg_sq",
+                "b.max_exp_avg_sq"
+            ]
+        );
         type State = Vec<(String, Tensor)>;
         let with = |f: &dyn Fn(&mut State)| {
             let mut st: State = good.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
             f(&mut st);
             st
         };
-        let e = s.load_state_dict(with(&|st| st.push(("c.exp_avg".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu)))))).unwrap_err();
+        let e = s
+            .load_state_dict(with(&|st| {
+                st.push(("c.exp_avg".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu))))
+            }))
+            .unwrap_err();
         assert!(e.message().contains("unknown optimizer state `c.exp_avg`"), "{e}");
-        let e = s.load_state_dict(with(&|st| st[1].1 = Tensor::zeros([3], (Kind::Float, Device::Cpu)))).unwrap_err();
-        assert!(e.message().contains("`a.exp_avg` has shape [3]") && e.message().contains("[2]"), "{e}");
+        let e = s
+            .load_state_dict(with(&|st| st[1].1 = Tensor::zeros([3], (Kind::Float, Device::Cpu))))
+            .unwrap_err();
+        assert!(
+            e.message().contains("`a.exp_avg` has shape [3]") && e.message().contains("[2]"),
+            "{e}"
+        );
         let e = s.load_state_dict(with(&|st| drop(st.remove(6)))).unwrap_err();
         assert!(e.message().contains("no `b.max_exp_avg_sq`"), "{e}");
         let e = s.load_state_dict(with(&|st| drop(st.remove(0)))).unwrap_err();
@@ -374,6 +452,9 @@ mod tests {
         assert_eq!(s.step, 7);
         let mut plain = ready("{}", vec![param("a", &[1.0, 2.0]), param("b", &[3.0])]);
         let e = plain.load_state_dict(good).unwrap_err();
-        assert!(e.message().contains("`a.max_exp_avg_sq`") && e.message().contains("`amsgrad` is off"), "{e}");
+        assert!(
+            e.message().contains("`a.max_exp_avg_sq`") && e.message().contains("`amsgrad` is off"),
+            "{e}"
+        );
     }
 }

@@ -37,7 +37,10 @@ impl Plugin for LowRank {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: LowRankConfig = parse_config(config_json)?;
         if cfg.rank < 1 {
-            return Err(PluginError::config("rank", format!("must be at least 1, got {}", cfg.rank)));
+            return Err(PluginError::config(
+                "rank",
+                format!("must be at least 1, got {}", cfg.rank),
+            ));
         }
         Ok(Self { cfg })
     }
@@ -45,14 +48,20 @@ impl Plugin for LowRank {
 
 impl AdapterMethod for LowRank {
     fn targets(&self, module: &str) -> PluginResult<bool> {
-        Ok(self.cfg.target_modules.is_empty() || self.cfg.target_modules.iter().any(|t| module.ends_with(t.as_str())))
+        Ok(self.cfg.target_modules.is_empty()
+            || self.cfg.target_modules.iter().any(|t| module.ends_with(t.as_str())))
     }
-    fn adapt_linear(&self, _module: &str, base: &dyn BaseLinear) -> PluginResult<Box<dyn AdapterLayer>> {
+    fn adapt_linear(
+        &self,
+        _module: &str,
+        base: &dyn BaseLinear,
+    ) -> PluginResult<Box<dyn AdapterLayer>> {
         let w = base.weight()?;
         let (out_f, in_f) = base.shape()?;
         let opts = (w.kind(), w.device());
         let r = self.cfg.rank;
-        let a = (Tensor::f_randn([r, in_f], opts)? * (1.0 / (in_f as f64).sqrt())).set_requires_grad(true);
+        let a = (Tensor::f_randn([r, in_f], opts)? * (1.0 / (in_f as f64).sqrt()))
+            .set_requires_grad(true);
         let b = (Tensor::f_randn([out_f, r], opts)? * 0.1).set_requires_grad(true);
         let scale = self.cfg.alpha.unwrap_or(r as f64) / r as f64;
         Ok(Box::new(LowRankLayer { a, b, scale }))
@@ -106,20 +115,32 @@ impl AdapterLayer for LowRankLayer {
             let dst = match name.as_str() {
                 "lowrank_A.weight" => &self.a,
                 "lowrank_B.weight" => &self.b,
-                other => return Err(PluginError::invalid(format!("unexpected tensor `{other}` in adapter state"))),
+                other => {
+                    return Err(PluginError::invalid(format!(
+                        "unexpected tensor `{other}` in adapter state"
+                    )))
+                }
             };
             if dst.size() != t.size() {
-                return Err(PluginError::invalid(format!("`{name}`: shape {:?}, expected {:?}", t.size(), dst.size())));
+                return Err(PluginError::invalid(format!(
+                    "`{name}`: shape {:?}, expected {:?}",
+                    t.size(),
+                    dst.size()
+                )));
             }
             tch::no_grad(|| dst.shallow_clone().f_copy_(&t))?;
         }
         Ok(())
     }
     fn merged_weight(&self, base_weight: &Tensor) -> PluginResult<Tensor> {
-        tch::no_grad(|| -> PluginResult<Tensor> { Ok(base_weight.f_add(&self.delta()?.f_to_kind(base_weight.kind())?)?) })
+        tch::no_grad(|| -> PluginResult<Tensor> {
+            Ok(base_weight.f_add(&self.delta()?.f_to_kind(base_weight.kind())?)?)
+        })
     }
     fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor> {
-        tch::no_grad(|| -> PluginResult<Tensor> { Ok(merged_weight.f_sub(&self.delta()?.f_to_kind(merged_weight.kind())?)?) })
+        tch::no_grad(|| -> PluginResult<Tensor> {
+            Ok(merged_weight.f_sub(&self.delta()?.f_to_kind(merged_weight.kind())?)?)
+        })
     }
 }
 
@@ -186,7 +207,8 @@ impl Objective for MaskedCrossEntropy {
     fn loss(&mut self, batch: &Batch, ctx: &dyn ObjectiveContext) -> PluginResult<LossOutput> {
         let input_ids = batch.get("input_ids")?;
         let labels = batch.get("labels")?;
-        let out = ctx.forward(&[("input_ids".to_string(), input_ids.shallow_clone())], ForwardFlags::NONE)?;
+        let out = ctx
+            .forward(&[("input_ids".to_string(), input_ids.shallow_clone())], ForwardFlags::NONE)?;
         let logits = out
             .into_iter()
             .find(|(n, _)| n == "logits")
@@ -196,7 +218,12 @@ impl Objective for MaskedCrossEntropy {
         let shifted = logits.f_narrow(1, 0, t - 1)?.f_reshape([b * (t - 1), v])?;
         let targets = labels.f_narrow(1, 1, t - 1)?.f_reshape([b * (t - 1)])?;
         let num_items = targets.f_ne(-100)?.f_sum(Kind::Int64)?.int64_value(&[]);
-        let loss_sum = shifted.f_log_softmax(-1, Kind::Float)?.f_nll_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100)?;
+        let loss_sum = shifted.f_log_softmax(-1, Kind::Float)?.f_nll_loss::<Tensor>(
+            &targets,
+            None,
+            tch::Reduction::Sum,
+            -100,
+        )?;
         let loss = loss_sum / (num_items.max(1) as f64);
         let value = loss.double_value(&[]);
         Ok(LossOutput { loss, num_items, metrics: vec![("loss".into(), value)] })
@@ -247,7 +274,8 @@ pub struct Misbehaving {
 impl Plugin for Misbehaving {
     const NAME: &'static str = "testkit-misbehaving";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "test reward that panics or answers wrongly, for boundary tests";
+    const DESCRIPTION: &'static str =
+        "test reward that panics or answers wrongly, for boundary tests";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -300,7 +328,8 @@ impl DatasetFormat for JsonlSamples {
             .map_err(|e| PluginError::invalid(format!("{}: {e}", source.path)))?;
         let mut samples = Vec::new();
         for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|e| PluginError::runtime(format!("{}:{}: {e}", source.path, i + 1)))?;
+            let line =
+                line.map_err(|e| PluginError::runtime(format!("{}:{}: {e}", source.path, i + 1)))?;
             if line.trim().is_empty() {
                 continue;
             }
@@ -311,7 +340,6 @@ impl DatasetFormat for JsonlSamples {
         Ok(Box::new(SampleList(samples)))
     }
 }
-
 
 // ---------------------------------------------------------------- memory
 
@@ -342,7 +370,13 @@ struct SgdOptions {
 }
 
 impl MemoryStrategy for Sgd {
-    fn setup(&mut self, params: Vec<TrainParam>, optimizer_json: &str, _device: Device, _comm: &dyn Collectives) -> PluginResult<()> {
+    fn setup(
+        &mut self,
+        params: Vec<TrainParam>,
+        optimizer_json: &str,
+        _device: Device,
+        _comm: &dyn Collectives,
+    ) -> PluginResult<()> {
         let opts: SgdOptions = parse_config(optimizer_json)?;
         self.params = params;
         self.clip = opts.max_grad_norm;
@@ -350,10 +384,14 @@ impl MemoryStrategy for Sgd {
         Ok(())
     }
     fn step(&mut self, lr: f64, comm: &dyn Collectives) -> PluginResult<StepReport> {
-        let grads: Vec<Option<Tensor>> = self.params.iter().map(|p| {
-            let g = p.tensor.grad();
-            g.defined().then_some(g)
-        }).collect();
+        let grads: Vec<Option<Tensor>> = self
+            .params
+            .iter()
+            .map(|p| {
+                let g = p.tensor.grad();
+                g.defined().then_some(g)
+            })
+            .collect();
         if comm.world_size() > 1 {
             for g in grads.iter().flatten() {
                 comm.all_reduce(g, ReduceOp::AVG)?;
@@ -378,14 +416,19 @@ impl MemoryStrategy for Sgd {
                 let plr = lr * p.lr_scale;
                 let mut t = p.tensor.shallow_clone();
                 if self.weight_decay != 0.0 {
-                    let _ = t.f_mul_scalar_(1.0 - plr * self.weight_decay * p.weight_decay_scale)?;
+                    let _ =
+                        t.f_mul_scalar_(1.0 - plr * self.weight_decay * p.weight_decay_scale)?;
                 }
                 let _ = t.f_sub_(&(g * (plr * clip_coef)))?;
             }
             Ok(())
         })?;
         self.zero_grad()?;
-        Ok(StepReport { grad_norm: norm, skipped: false, metrics: vec![("clip_coef".into(), clip_coef)] })
+        Ok(StepReport {
+            grad_norm: norm,
+            skipped: false,
+            metrics: vec![("clip_coef".into(), clip_coef)],
+        })
     }
     fn zero_grad(&mut self) -> PluginResult<()> {
         ferrotune_plugin_api::optim::zero_grads(self.params.iter().map(|p| &p.tensor))

@@ -73,12 +73,18 @@ impl AlpacaConfig {
     pub fn validate(&self) -> PluginResult<()> {
         let c = &self.columns;
         if c.prompt.is_none() && c.query.is_none() {
-            return Err(PluginError::config("columns.prompt", "`prompt` and `query` cannot both be null: the user turn needs one"));
+            return Err(PluginError::config(
+                "columns.prompt",
+                "`prompt` and `query` cannot both be null: the user turn needs one",
+            ));
         }
         if self.ranking {
             check_pair_columns(&c.chosen, &c.rejected)?;
         } else if c.response.is_none() {
-            return Err(PluginError::config("columns.response", "needs a column unless `ranking: true`"));
+            return Err(PluginError::config(
+                "columns.response",
+                "needs a column unless `ranking: true`",
+            ));
         }
         Ok(())
     }
@@ -92,9 +98,12 @@ impl AlpacaConfig {
         }
         if let Some(history) = column(row, c.history.as_deref()) {
             let name = c.history.as_deref().unwrap_or_default();
-            let pairs = history
-                .as_array()
-                .ok_or_else(|| format!("column `{name}`: expected a list of [user, assistant] pairs, found {}", kind_of(history)))?;
+            let pairs = history.as_array().ok_or_else(|| {
+                format!(
+                    "column `{name}`: expected a list of [user, assistant] pairs, found {}",
+                    kind_of(history)
+                )
+            })?;
             for (i, pair) in pairs.iter().enumerate() {
                 match pair.as_array().map(Vec::as_slice) {
                     Some([Value::String(user), Value::String(assistant)]) => {
@@ -104,17 +113,23 @@ impl AlpacaConfig {
                         messages.push(Message::new("user", user.as_str()));
                         messages.push(Message::new("assistant", assistant.as_str()));
                     }
-                    _ => return Err(format!("column `{name}[{i}]`: expected a pair of strings [user, assistant]")),
+                    _ => {
+                        return Err(format!(
+                            "column `{name}[{i}]`: expected a pair of strings [user, assistant]"
+                        ))
+                    }
                 }
             }
         }
-        let parts: Vec<&str> = [str_column(row, c.prompt.as_deref())?, str_column(row, c.query.as_deref())?]
-            .into_iter()
-            .flatten()
-            .filter(|s| !s.is_empty())
-            .collect();
+        let parts: Vec<&str> =
+            [str_column(row, c.prompt.as_deref())?, str_column(row, c.query.as_deref())?]
+                .into_iter()
+                .flatten()
+                .filter(|s| !s.is_empty())
+                .collect();
         if parts.is_empty() {
-            let cols: Vec<&str> = [c.prompt.as_deref(), c.query.as_deref()].into_iter().flatten().collect();
+            let cols: Vec<&str> =
+                [c.prompt.as_deref(), c.query.as_deref()].into_iter().flatten().collect();
             return Err(format!("empty prompt: no text in column(s) `{}`", cols.join("`, `")));
         }
         messages.push(Message::new("user", parts.join("\n")));
@@ -130,7 +145,13 @@ impl AlpacaConfig {
         if !self.ranking {
             messages.push(response(c.response.as_deref())?);
         }
-        let sample = pair_and_label(row, self.ranking, [c.chosen.as_deref(), c.rejected.as_deref()], c.kto_tag.as_deref(), response)?;
+        let sample = pair_and_label(
+            row,
+            self.ranking,
+            [c.chosen.as_deref(), c.rejected.as_deref()],
+            c.kto_tag.as_deref(),
+            response,
+        )?;
         with_messages(row, c.images.as_deref(), sample, messages)
     }
 }
@@ -167,7 +188,9 @@ mod tests {
         assert_eq!(roles_contents(&s), want.map(|(r, c)| (r.to_string(), c.to_string())));
         assert_eq!((s.chosen.as_ref(), s.label), (None, None));
         // An empty input adds no newline; an instruction-less row uses the input alone.
-        let s = cfg.convert(&row(r#"{"instruction": "Name a colour.", "input": "", "output": "Red."}"#)).unwrap();
+        let s = cfg
+            .convert(&row(r#"{"instruction": "Name a colour.", "input": "", "output": "Red."}"#))
+            .unwrap();
         assert_eq!(s.messages[0].content, "Name a colour.");
         let s = cfg.convert(&row(r#"{"input": "only input", "output": "ok"}"#)).unwrap();
         assert_eq!(s.messages[0].content, "only input");
@@ -181,8 +204,13 @@ mod tests {
         assert_eq!(s.chosen, Some(Message::new("assistant", "A")));
         assert_eq!(s.rejected, Some(Message::new("assistant", "B")));
         assert_eq!(s.images, vec![ImageSource::Path("x.png".into())]);
-        let cfg: AlpacaConfig = parse_config(r#"{"columns": {"prompt": "q", "query": null, "response": "a", "kto_tag": "good"}}"#).unwrap();
-        let s = cfg.convert(&row(r#"{"q": "Is it?", "input": "ignored", "a": "Yes", "good": false}"#)).unwrap();
+        let cfg: AlpacaConfig = parse_config(
+            r#"{"columns": {"prompt": "q", "query": null, "response": "a", "kto_tag": "good"}}"#,
+        )
+        .unwrap();
+        let s = cfg
+            .convert(&row(r#"{"q": "Is it?", "input": "ignored", "a": "Yes", "good": false}"#))
+            .unwrap();
         assert_eq!(roles_contents(&s)[0].1, "Is it?");
         assert_eq!(s.label, Some(false));
     }
@@ -191,25 +219,40 @@ mod tests {
     fn bad_rows_say_why() {
         let cfg: AlpacaConfig = parse_config("{}").unwrap();
         let err = |j: &str| cfg.convert(&row(j)).unwrap_err();
-        assert_eq!(err(r#"{"instruction": "x", "output": ""}"#), "empty assistant turn (column `output`)");
+        assert_eq!(
+            err(r#"{"instruction": "x", "output": ""}"#),
+            "empty assistant turn (column `output`)"
+        );
         assert_eq!(err(r#"{"instruction": "x"}"#), "column `output` is missing");
-        assert_eq!(err(r#"{"instruction": "", "input": "", "output": "y"}"#), "empty prompt: no text in column(s) `instruction`, `input`");
-        assert_eq!(err(r#"{"instruction": 3, "output": "y"}"#), "column `instruction`: expected a string, found a number");
-        assert!(err(r#"{"instruction": "x", "output": "y", "history": [["a"]]}"#).contains("`history[0]`: expected a pair"));
+        assert_eq!(
+            err(r#"{"instruction": "", "input": "", "output": "y"}"#),
+            "empty prompt: no text in column(s) `instruction`, `input`"
+        );
+        assert_eq!(
+            err(r#"{"instruction": 3, "output": "y"}"#),
+            "column `instruction`: expected a string, found a number"
+        );
+        assert!(err(r#"{"instruction": "x", "output": "y", "history": [["a"]]}"#)
+            .contains("`history[0]`: expected a pair"));
         assert_eq!(
             err(r#"{"instruction": "x", "output": "y", "kto_tag": "yes"}"#),
             "column `kto_tag`: expected true or false, found a string"
         );
-        assert!(err(r#"{"instruction": "x", "output": "y", "images": ["a.png"]}"#).contains("1 image(s) but the turns hold 0"));
+        assert!(err(r#"{"instruction": "x", "output": "y", "images": ["a.png"]}"#)
+            .contains("1 image(s) but the turns hold 0"));
     }
 
     #[test]
     fn config_errors_name_the_key() {
         let e = parse_config::<AlpacaConfig>(r#"{"columns": {"promt": "q"}}"#).unwrap_err();
-        assert!(e.message().contains("unknown field `promt`") && e.message().contains("columns"), "{e}");
+        assert!(
+            e.message().contains("unknown field `promt`") && e.message().contains("columns"),
+            "{e}"
+        );
         let e = parse_config::<AlpacaConfig>(r#"{"skip_bad_row": true}"#).unwrap_err();
         assert!(e.message().contains("unknown field `skip_bad_row`"), "{e}");
-        let cfg: AlpacaConfig = parse_config(r#"{"ranking": true, "columns": {"rejected": null}}"#).unwrap();
+        let cfg: AlpacaConfig =
+            parse_config(r#"{"ranking": true, "columns": {"rejected": null}}"#).unwrap();
         assert!(cfg.validate().unwrap_err().message().contains("`columns.rejected`"));
     }
 }

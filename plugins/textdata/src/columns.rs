@@ -37,7 +37,12 @@ pub fn pair_and_label(
 
 /// `sample` with its conversation `messages` and the paths of the `images` column, one per
 /// `<image>` placeholder in those turns (a preference pair shares the prompt's images).
-pub fn with_messages(row: &Map<String, Value>, images: Option<&str>, mut sample: Sample, messages: Vec<Message>) -> Result<Sample, String> {
+pub fn with_messages(
+    row: &Map<String, Value>,
+    images: Option<&str>,
+    mut sample: Sample,
+    messages: Vec<Message>,
+) -> Result<Sample, String> {
     let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
     sample.images = images_column(row, images, &texts)?;
     sample.messages = messages;

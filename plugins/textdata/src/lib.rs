@@ -41,7 +41,8 @@ impl Plugin for Alpaca {
 
 impl DatasetFormat for Alpaca {
     fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
-        let (samples, _) = source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
+        let (samples, _) =
+            source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
         Ok(Box::new(ferrotune_plugin_api::SampleList(samples)))
     }
 }
@@ -51,7 +52,8 @@ pub struct Sharegpt(SharegptConfig);
 impl Plugin for Sharegpt {
     const NAME: &'static str = "sharegpt";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "LLaMA-Factory's sharegpt format (multi-turn, tools, ranking, KTO), JSON or JSONL";
+    const DESCRIPTION: &'static str =
+        "LLaMA-Factory's sharegpt format (multi-turn, tools, ranking, KTO), JSON or JSONL";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: SharegptConfig = parse_config(config_json)?;
         cfg.validate()?;
@@ -61,7 +63,8 @@ impl Plugin for Sharegpt {
 
 impl DatasetFormat for Sharegpt {
     fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
-        let (samples, _) = source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
+        let (samples, _) =
+            source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
         Ok(Box::new(ferrotune_plugin_api::SampleList(samples)))
     }
 }

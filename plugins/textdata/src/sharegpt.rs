@@ -118,7 +118,10 @@ impl SharegptConfig {
         for (i, (key, tag)) in named.iter().enumerate() {
             if let Some(tag) = tag {
                 if let Some((other, _)) = named[..i].iter().find(|(_, t)| *t == Some(*tag)) {
-                    return Err(PluginError::config(key, format!("`{tag}` is already the value of `{other}`; role tags must differ")));
+                    return Err(PluginError::config(
+                        key,
+                        format!("`{tag}` is already the value of `{other}`; role tags must differ"),
+                    ));
                 }
             }
         }
@@ -143,7 +146,11 @@ impl SharegptConfig {
 
     fn expected(&self, assistant_position: bool) -> String {
         let t = &self.tags;
-        let (main, alt) = if assistant_position { (&t.assistant_tag, &t.function_tag) } else { (&t.user_tag, &t.observation_tag) };
+        let (main, alt) = if assistant_position {
+            (&t.assistant_tag, &t.function_tag)
+        } else {
+            (&t.user_tag, &t.observation_tag)
+        };
         match alt {
             Some(alt) => format!("`{main}` or `{alt}`"),
             None => format!("`{main}`"),
@@ -153,10 +160,14 @@ impl SharegptConfig {
     /// A turn object's (role tag, content).
     fn turn<'a>(&self, turn: &'a Value, what: &str) -> Result<(&'a str, &'a str), String> {
         let t = &self.tags;
-        let obj = turn.as_object().ok_or_else(|| format!("{what}: expected a turn object, found {}", kind_of(turn)))?;
+        let obj = turn
+            .as_object()
+            .ok_or_else(|| format!("{what}: expected a turn object, found {}", kind_of(turn)))?;
         let field = |key: &str| match obj.get(key) {
             Some(Value::String(s)) => Ok(s.as_str()),
-            Some(other) => Err(format!("{what}: `{key}` should be a string, found {}", kind_of(other))),
+            Some(other) => {
+                Err(format!("{what}: `{key}` should be a string, found {}", kind_of(other)))
+            }
             None => Err(format!("{what}: no `{key}` key")),
         };
         Ok((field(&t.role_tag)?, field(&t.content_tag)?))
@@ -168,7 +179,12 @@ impl SharegptConfig {
         let col = &c.messages;
         let turns = match row.get(col) {
             Some(Value::Array(turns)) => turns.as_slice(),
-            Some(other) => return Err(format!("column `{col}`: expected a list of turns, found {}", kind_of(other))),
+            Some(other) => {
+                return Err(format!(
+                    "column `{col}`: expected a list of turns, found {}",
+                    kind_of(other)
+                ))
+            }
             None => return Err(format!("column `{col}` is missing")),
         };
         let mut messages = Vec::new();
@@ -215,27 +231,39 @@ impl SharegptConfig {
             ));
         }
         if self.ranking && n % 2 == 0 {
-            return Err(format!("column `{col}`: with `ranking`, the turns end with the prompt's {} turn", self.expected(false)));
+            return Err(format!(
+                "column `{col}`: with `ranking`, the turns end with the prompt's {} turn",
+                self.expected(false)
+            ));
         }
 
         let candidate = |name: Option<&str>| -> Result<Message, String> {
             let name = name.unwrap_or_default();
             let v = column(row, Some(name)).ok_or_else(|| format!("column `{name}` is missing"))?;
             let (tag, content) = self.turn(v, &format!("column `{name}`"))?;
-            let role = self
-                .role_at(tag, true)
-                .ok_or_else(|| format!("column `{name}`: role `{tag}` where {} was expected", self.expected(true)))?;
+            let role = self.role_at(tag, true).ok_or_else(|| {
+                format!("column `{name}`: role `{tag}` where {} was expected", self.expected(true))
+            })?;
             if content.is_empty() {
                 return Err(format!("column `{name}`: empty assistant turn"));
             }
             Ok(Message::new(role, content))
         };
-        let mut sample = pair_and_label(row, self.ranking, [c.chosen.as_deref(), c.rejected.as_deref()], c.kto_tag.as_deref(), candidate)?;
+        let mut sample = pair_and_label(
+            row,
+            self.ranking,
+            [c.chosen.as_deref(), c.rejected.as_deref()],
+            c.kto_tag.as_deref(),
+            candidate,
+        )?;
         if let Some(tools) = column(row, c.tools.as_deref()) {
             let name = c.tools.as_deref().unwrap_or_default();
             let value = match tools {
                 Value::String(s) if s.trim().is_empty() => None,
-                Value::String(s) => Some(serde_json::from_str(s).map_err(|e| format!("column `{name}`: not JSON text ({e})"))?),
+                Value::String(s) => Some(
+                    serde_json::from_str(s)
+                        .map_err(|e| format!("column `{name}`: not JSON text ({e})"))?,
+                ),
                 other => Some(other.clone()),
             };
             if let Some(v) = value {
@@ -298,7 +326,10 @@ mod tests {
                     "rejected": {"role": "assistant", "content": "bad"}}"#))
             .unwrap();
         assert_eq!(pairs(&s), vec![("user", "q")]);
-        assert_eq!((s.chosen.unwrap().content, s.rejected.unwrap().content), ("good".to_string(), "bad".to_string()));
+        assert_eq!(
+            (s.chosen.unwrap().content, s.rejected.unwrap().content),
+            ("good".to_string(), "bad".to_string())
+        );
         let cfg: SharegptConfig = parse_config("{}").unwrap();
         let s = cfg
             .convert(&row(r#"{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "kto_tag": true}"#))
@@ -310,16 +341,36 @@ mod tests {
     fn bad_turns_say_which() {
         let cfg: SharegptConfig = parse_config("{}").unwrap();
         let err = |j: &str| cfg.convert(&row(j)).unwrap_err();
-        let e = err(r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}"#);
-        assert!(e.starts_with("`conversations[1]`: role `human` where `gpt` or `function_call` was expected"), "{e}");
-        let e = err(r#"{"conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "b"}]}"#);
-        assert!(e.starts_with("`conversations[1]`: role `gpt` where `human` or `observation` was expected"), "{e}");
+        let e = err(
+            r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}"#,
+        );
+        assert!(
+            e.starts_with(
+                "`conversations[1]`: role `human` where `gpt` or `function_call` was expected"
+            ),
+            "{e}"
+        );
+        let e = err(
+            r#"{"conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "b"}]}"#,
+        );
+        assert!(
+            e.starts_with(
+                "`conversations[1]`: role `gpt` where `human` or `observation` was expected"
+            ),
+            "{e}"
+        );
         assert_eq!(
-            err(r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]}"#),
+            err(
+                r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]}"#
+            ),
             "`conversations[1]`: empty assistant turn"
         );
-        assert!(err(r#"{"conversations": [{"from": "human", "value": "a"}]}"#).contains("ends with a `human` or `observation` turn"));
-        assert_eq!(err(r#"{"conversations": [{"from": "human"}]}"#), "`conversations[0]`: no `value` key");
+        assert!(err(r#"{"conversations": [{"from": "human", "value": "a"}]}"#)
+            .contains("ends with a `human` or `observation` turn"));
+        assert_eq!(
+            err(r#"{"conversations": [{"from": "human"}]}"#),
+            "`conversations[0]`: no `value` key"
+        );
         assert_eq!(err(r#"{"conversations": []}"#), "column `conversations`: no turns");
         assert_eq!(err(r#"{"turns": []}"#), "column `conversations` is missing");
         assert!(err(r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "tools": "[oops"}"#)
@@ -329,9 +380,17 @@ mod tests {
     #[test]
     fn config_errors_name_the_key() {
         let e = parse_config::<SharegptConfig>(r#"{"tags": {"role": "from"}}"#).unwrap_err();
-        assert!(e.message().contains("unknown field `role`") && e.message().contains("tags"), "{e}");
+        assert!(
+            e.message().contains("unknown field `role`") && e.message().contains("tags"),
+            "{e}"
+        );
         let cfg: SharegptConfig = parse_config(r#"{"tags": {"assistant_tag": "human"}}"#).unwrap();
         let e = cfg.validate().unwrap_err();
-        assert!(e.message().contains("config key `tags.assistant_tag`: `human` is already the value of `tags.user_tag`"), "{e}");
+        assert!(
+            e.message().contains(
+                "config key `tags.assistant_tag`: `human` is already the value of `tags.user_tag`"
+            ),
+            "{e}"
+        );
     }
 }

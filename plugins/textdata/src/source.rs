@@ -15,7 +15,9 @@ use std::path::Path;
 
 pub use ferrotune_plugin_api::records::kind_of;
 use ferrotune_plugin_api::records::{json_files_of, read_records};
-use ferrotune_plugin_api::{DataSource, ImageSource, PluginError, PluginResult, Sample, IMAGE_PLACEHOLDER};
+use ferrotune_plugin_api::{
+    DataSource, ImageSource, PluginError, PluginResult, Sample, IMAGE_PLACEHOLDER,
+};
 use serde_json::{Map, Value};
 
 /// How many skip reasons the stderr summary quotes.
@@ -73,9 +75,9 @@ pub fn load(
                 }
                 Err(reason) => {
                     return Err(PluginError::invalid(format!(
-                        "{}: {reason} (plugin `{format}`; set `skip_bad_rows: true` to skip bad rows)",
-                        record.origin
-                    )))
+                    "{}: {reason} (plugin `{format}`; set `skip_bad_rows: true` to skip bad rows)",
+                    record.origin
+                )))
                 }
             }
         }
@@ -84,12 +86,18 @@ pub fn load(
         eprintln!("{}", report.summary(format, &source.path));
     }
     if samples.is_empty() {
-        let why = if report.rows == 0 { "it holds no rows".to_string() } else { format!("all {} rows are bad", report.rows) };
-        return Err(PluginError::invalid(format!("{}: no usable sample ({why}; plugin `{format}`)", source.path)));
+        let why = if report.rows == 0 {
+            "it holds no rows".to_string()
+        } else {
+            format!("all {} rows are bad", report.rows)
+        };
+        return Err(PluginError::invalid(format!(
+            "{}: no usable sample ({why}; plugin `{format}`)",
+            source.path
+        )));
     }
     Ok((samples, report))
 }
-
 
 // ---------------------------------------------------------------- column access
 
@@ -99,11 +107,18 @@ pub fn column<'a>(row: &'a Map<String, Value>, col: Option<&str>) -> Option<&'a 
 }
 
 /// A text column; absent and null are `None`.
-pub fn str_column<'a>(row: &'a Map<String, Value>, col: Option<&str>) -> Result<Option<&'a str>, String> {
+pub fn str_column<'a>(
+    row: &'a Map<String, Value>,
+    col: Option<&str>,
+) -> Result<Option<&'a str>, String> {
     match column(row, col) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(format!("column `{}`: expected a string, found {}", col.unwrap_or_default(), kind_of(other))),
+        Some(other) => Err(format!(
+            "column `{}`: expected a string, found {}",
+            col.unwrap_or_default(),
+            kind_of(other)
+        )),
     }
 }
 
@@ -112,14 +127,22 @@ pub fn bool_column(row: &Map<String, Value>, col: Option<&str>) -> Result<Option
     match column(row, col) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(format!("column `{}`: expected true or false, found {}", col.unwrap_or_default(), kind_of(other))),
+        Some(other) => Err(format!(
+            "column `{}`: expected true or false, found {}",
+            col.unwrap_or_default(),
+            kind_of(other)
+        )),
     }
 }
 
 /// An images column: one path or a list of paths, kept as written (relative paths stay
 /// relative; the host resolves them). Checked against the `<image>` placeholders of the
 /// turns: one placeholder per image, as LLaMA-Factory requires.
-pub fn images_column(row: &Map<String, Value>, col: Option<&str>, texts: &[&str]) -> Result<Vec<ImageSource>, String> {
+pub fn images_column(
+    row: &Map<String, Value>,
+    col: Option<&str>,
+    texts: &[&str],
+) -> Result<Vec<ImageSource>, String> {
     let name = col.unwrap_or_default();
     let paths: Vec<String> = match column(row, col) {
         None => Vec::new(),
@@ -128,10 +151,17 @@ pub fn images_column(row: &Map<String, Value>, col: Option<&str>, texts: &[&str]
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                v.as_str().map(str::to_string).ok_or_else(|| format!("column `{name}[{i}]`: expected a path, found {}", kind_of(v)))
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    format!("column `{name}[{i}]`: expected a path, found {}", kind_of(v))
+                })
             })
             .collect::<Result<_, _>>()?,
-        Some(other) => return Err(format!("column `{name}`: expected a path or a list of paths, found {}", kind_of(other))),
+        Some(other) => {
+            return Err(format!(
+                "column `{name}`: expected a path or a list of paths, found {}",
+                kind_of(other)
+            ))
+        }
     };
     let placeholders: usize = texts.iter().map(|t| t.matches(IMAGE_PLACEHOLDER).count()).sum();
     if placeholders != paths.len() {
@@ -157,7 +187,10 @@ mod tests {
 
     fn id_sample(row: &Map<String, Value>) -> Result<Sample, String> {
         match str_column(row, Some("t"))? {
-            Some(t) => Ok(Sample { messages: vec![ferrotune_plugin_api::Message::new("user", t)], ..Default::default() }),
+            Some(t) => Ok(Sample {
+                messages: vec![ferrotune_plugin_api::Message::new("user", t)],
+                ..Default::default()
+            }),
             None => Err("column `t` is missing".into()),
         }
     }
@@ -173,7 +206,15 @@ mod tests {
         let ids: Vec<String> = samples.iter().map(|s| s.id.clone().unwrap()).collect();
         let a = d.join("a.jsonl").display().to_string();
         let b = d.join("b.json").display().to_string();
-        assert_eq!(ids, vec![format!("{a}:1"), format!("{a}:3"), format!("{b}: record [0]"), format!("{b}: record [1]")]);
+        assert_eq!(
+            ids,
+            vec![
+                format!("{a}:1"),
+                format!("{a}:3"),
+                format!("{b}: record [0]"),
+                format!("{b}: record [1]")
+            ]
+        );
         assert_eq!(report, SkipReport { rows: 4, skipped: 0, first_reasons: vec![] });
     }
 
@@ -184,12 +225,26 @@ mod tests {
         std::fs::write(&f, "{\"t\": \"1\"}\n{\"t\": 2}\n{oops\n[1]\n{\"t\": \"5\"}\n").unwrap();
         let src = DataSource { path: f.display().to_string(), split: "train".into() };
         let e = load("t", &src, false, id_sample).unwrap_err();
-        assert!(e.message().contains(&format!("{}:2: column `t`: expected a string, found a number", f.display())), "{e}");
+        assert!(
+            e.message().contains(&format!(
+                "{}:2: column `t`: expected a string, found a number",
+                f.display()
+            )),
+            "{e}"
+        );
         let (samples, report) = load("t", &src, true, id_sample).unwrap();
         assert_eq!(samples.len(), 2);
         assert_eq!((report.rows, report.skipped), (5, 3));
-        assert!(report.first_reasons[1].starts_with(&format!("{}:3: not valid JSON", f.display())), "{:?}", report.first_reasons);
-        assert!(report.first_reasons[2].contains("expected a JSON object, found a list"), "{:?}", report.first_reasons);
+        assert!(
+            report.first_reasons[1].starts_with(&format!("{}:3: not valid JSON", f.display())),
+            "{:?}",
+            report.first_reasons
+        );
+        assert!(
+            report.first_reasons[2].contains("expected a JSON object, found a list"),
+            "{:?}",
+            report.first_reasons
+        );
         assert!(report.summary("t", "x").starts_with("textdata: t: skipped 3 of 5 rows of x"));
     }
 
@@ -200,19 +255,31 @@ mod tests {
         std::fs::write(&f, "[{\"t\": \"1\"},\n {\"t\": }]").unwrap();
         let src = DataSource { path: f.display().to_string(), split: "train".into() };
         let e = load("t", &src, true, id_sample).unwrap_err();
-        assert!(e.message().contains(&format!("{}:2:", f.display())) && e.message().contains("not a valid JSON array"), "{e}");
+        assert!(
+            e.message().contains(&format!("{}:2:", f.display()))
+                && e.message().contains("not a valid JSON array"),
+            "{e}"
+        );
         std::fs::write(&f, "  \n").unwrap();
         let e = load("t", &src, true, id_sample).unwrap_err();
         assert!(e.message().contains("no usable sample (it holds no rows"), "{e}");
-        let missing = DataSource { path: d.join("nope.json").display().to_string(), split: "train".into() };
-        assert!(load("t", &missing, false, id_sample).unwrap_err().message().contains("no such file or folder"));
+        let missing =
+            DataSource { path: d.join("nope.json").display().to_string(), split: "train".into() };
+        assert!(load("t", &missing, false, id_sample)
+            .unwrap_err()
+            .message()
+            .contains("no such file or folder"));
     }
 
     #[test]
     fn images_match_placeholders() {
-        let row: Map<String, Value> = serde_json::from_str(r#"{"images": ["a.png", "sub/b.jpg"]}"#).unwrap();
+        let row: Map<String, Value> =
+            serde_json::from_str(r#"{"images": ["a.png", "sub/b.jpg"]}"#).unwrap();
         let imgs = images_column(&row, Some("images"), &["<image>look", "and <image>"]).unwrap();
-        assert_eq!(imgs, vec![ImageSource::Path("a.png".into()), ImageSource::Path("sub/b.jpg".into())]);
+        assert_eq!(
+            imgs,
+            vec![ImageSource::Path("a.png".into()), ImageSource::Path("sub/b.jpg".into())]
+        );
         let e = images_column(&row, Some("images"), &["<image>"]).unwrap_err();
         assert!(e.contains("2 image(s) but the turns hold 1"), "{e}");
         let one: Map<String, Value> = serde_json::from_str(r#"{"images": "a.png"}"#).unwrap();

@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 
 use ferrotune_plugin_api::records::{kind_of, read_records, Record};
 use ferrotune_plugin_api::{
-    DataSource, ImageSource, Message, PluginError, PluginResult, Sample, SampleReader, IMAGE_PLACEHOLDER,
+    DataSource, ImageSource, Message, PluginError, PluginResult, Sample, SampleReader,
+    IMAGE_PLACEHOLDER,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -90,7 +91,10 @@ impl LlavaConfig {
     pub fn validate(&self) -> PluginResult<()> {
         if let (Some(lo), Some(hi)) = (self.image_min_pixels, self.image_max_pixels) {
             if lo > hi {
-                return Err(PluginError::config("image_min_pixels", format!("{lo} is above image_max_pixels {hi}")));
+                return Err(PluginError::config(
+                    "image_min_pixels",
+                    format!("{lo} is above image_max_pixels {hi}"),
+                ));
             }
         }
         Ok(())
@@ -108,16 +112,26 @@ impl LlavaConfig {
         if dpo {
             sample.messages = match (present(row, &c.prompt), present(row, &c.conversations)) {
                 (Some(Value::String(p)), _) => vec![Message::new("user", self.text(p))],
-                (Some(other), _) => return Err(format!("`{}`: expected a string, found {}", c.prompt, kind_of(other))),
+                (Some(other), _) => {
+                    return Err(format!(
+                        "`{}`: expected a string, found {}",
+                        c.prompt,
+                        kind_of(other)
+                    ))
+                }
                 (None, Some(turns)) => self.turns(turns, true)?,
                 (None, None) => {
-                    return Err(format!("a DPO row (it has `{}`/`{}`) needs `{}` or `{}`", c.chosen, c.rejected, c.prompt, c.conversations))
+                    return Err(format!(
+                        "a DPO row (it has `{}`/`{}`) needs `{}` or `{}`",
+                        c.chosen, c.rejected, c.prompt, c.conversations
+                    ))
                 }
             };
             sample.chosen = Some(self.answer(row, &c.chosen)?);
             sample.rejected = Some(self.answer(row, &c.rejected)?);
         } else {
-            let turns = present(row, &c.conversations).ok_or_else(|| format!("no `{}` key", c.conversations))?;
+            let turns = present(row, &c.conversations)
+                .ok_or_else(|| format!("no `{}` key", c.conversations))?;
             sample.messages = self.turns(turns, false)?;
         }
 
@@ -127,11 +141,22 @@ impl LlavaConfig {
             Some(Value::Array(items)) => items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| v.as_str().ok_or_else(|| format!("`{}[{i}]`: expected a path, found {}", c.image, kind_of(v))))
+                .map(|(i, v)| {
+                    v.as_str().ok_or_else(|| {
+                        format!("`{}[{i}]`: expected a path, found {}", c.image, kind_of(v))
+                    })
+                })
                 .collect::<Result<_, _>>()?,
-            Some(other) => return Err(format!("`{}`: expected a path or a list of paths, found {}", c.image, kind_of(other))),
+            Some(other) => {
+                return Err(format!(
+                    "`{}`: expected a path or a list of paths, found {}",
+                    c.image,
+                    kind_of(other)
+                ))
+            }
         };
-        let placeholders: usize = sample.messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum();
+        let placeholders: usize =
+            sample.messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum();
         if placeholders != paths.len() {
             return Err(format!(
                 "{} image(s) in `{}` but {placeholders} `{IMAGE_PLACEHOLDER}` placeholder(s) in the turns; \
@@ -140,8 +165,12 @@ impl LlavaConfig {
                 c.image
             ));
         }
-        sample.images = paths.into_iter().map(|p| ImageSource::Path(join_image(image_base, p))).collect();
-        for (key, value) in [("image_min_pixels", self.image_min_pixels), ("image_max_pixels", self.image_max_pixels)] {
+        sample.images =
+            paths.into_iter().map(|p| ImageSource::Path(join_image(image_base, p))).collect();
+        for (key, value) in [
+            ("image_min_pixels", self.image_min_pixels),
+            ("image_max_pixels", self.image_max_pixels),
+        ] {
             if let Some(v) = value {
                 sample.extra.insert(key.into(), v.into());
             }
@@ -162,14 +191,17 @@ impl LlavaConfig {
     /// assistant turn (or, for a DPO prompt, with a user turn).
     fn turns(&self, turns: &Value, prompt_only: bool) -> Result<Vec<Message>, String> {
         let col = &self.columns.conversations;
-        let list = turns.as_array().ok_or_else(|| format!("`{col}`: expected a list of turns, found {}", kind_of(turns)))?;
+        let list = turns.as_array().ok_or_else(|| {
+            format!("`{col}`: expected a list of turns, found {}", kind_of(turns))
+        })?;
         if list.is_empty() {
             return Err(format!("`{col}`: no turns"));
         }
         let mut messages = Vec::with_capacity(list.len());
         for (i, turn) in list.iter().enumerate() {
             let (role, value) = parse_turn(turn).map_err(|e| format!("`{col}[{i}]`: {e}"))?;
-            let position = i - usize::from(messages.first().is_some_and(|m: &Message| m.role == "system"));
+            let position =
+                i - usize::from(messages.first().is_some_and(|m: &Message| m.role == "system"));
             let expected = if position % 2 == 0 { "user" } else { "assistant" };
             if !(role == expected || (role == "system" && i == 0)) {
                 return Err(format!("`{col}[{i}]`: a `{role}` turn where a `{expected}` turn was expected (turns alternate human, gpt after an optional first system turn)"));
@@ -182,7 +214,9 @@ impl LlavaConfig {
         let last = messages.last().map(|m| m.role.as_str()).unwrap_or_default();
         match (prompt_only, last) {
             (false, "assistant") | (true, "user") => Ok(messages),
-            (false, _) => Err(format!("`{col}`: ends with a `{last}` turn; a conversation ends with a gpt turn")),
+            (false, _) => Err(format!(
+                "`{col}`: ends with a `{last}` turn; a conversation ends with a gpt turn"
+            )),
             (true, _) => Err(format!("`{col}`: a DPO prompt ends with a human turn, not `{last}`")),
         }
     }
@@ -190,10 +224,22 @@ impl LlavaConfig {
     /// A DPO answer: a string, or a turn object.
     fn answer(&self, row: &Map<String, Value>, col: &str) -> Result<Message, String> {
         let text = match present(row, col) {
-            None => return Err(format!("a DPO row needs both `{}` and `{}`; `{col}` is missing", self.columns.chosen, self.columns.rejected)),
+            None => {
+                return Err(format!(
+                    "a DPO row needs both `{}` and `{}`; `{col}` is missing",
+                    self.columns.chosen, self.columns.rejected
+                ))
+            }
             Some(Value::String(s)) => s.as_str(),
-            Some(turn @ Value::Object(_)) => parse_turn(turn).map_err(|e| format!("`{col}`: {e}"))?.1,
-            Some(other) => return Err(format!("`{col}`: expected a string or a turn, found {}", kind_of(other))),
+            Some(turn @ Value::Object(_)) => {
+                parse_turn(turn).map_err(|e| format!("`{col}`: {e}"))?.1
+            }
+            Some(other) => {
+                return Err(format!(
+                    "`{col}`: expected a string or a turn, found {}",
+                    kind_of(other)
+                ))
+            }
         };
         if text.trim().is_empty() {
             return Err(format!("`{col}`: empty answer"));
@@ -209,14 +255,18 @@ fn present<'a>(row: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 
 /// `{from, value}` or `{role, content}` → (canonical role, text).
 fn parse_turn(turn: &Value) -> Result<(&'static str, &str), String> {
-    let obj = turn.as_object().ok_or_else(|| format!("expected a turn object, found {}", kind_of(turn)))?;
+    let obj = turn
+        .as_object()
+        .ok_or_else(|| format!("expected a turn object, found {}", kind_of(turn)))?;
     let field = |keys: [&str; 2]| -> Result<&Value, String> {
         keys.iter()
             .find_map(|k| obj.get(*k))
             .ok_or_else(|| format!("no `{}` (or `{}`) key", keys[0], keys[1]))
     };
     let from = field(["from", "role"])?;
-    let from = from.as_str().ok_or_else(|| format!("the role should be a string, found {}", kind_of(from)))?;
+    let from = from
+        .as_str()
+        .ok_or_else(|| format!("the role should be a string, found {}", kind_of(from)))?;
     let role = match from {
         "human" | "user" => "user",
         "gpt" | "assistant" => "assistant",
@@ -224,7 +274,9 @@ fn parse_turn(turn: &Value) -> Result<(&'static str, &str), String> {
         other => return Err(format!("unknown role `{other}` (expected human, gpt or system; user and assistant are read too)")),
     };
     let value = field(["value", "content"])?;
-    let value = value.as_str().ok_or_else(|| format!("the text should be a string, found {}", kind_of(value)))?;
+    let value = value
+        .as_str()
+        .ok_or_else(|| format!("the text should be a string, found {}", kind_of(value)))?;
     Ok((role, value))
 }
 
@@ -305,11 +357,21 @@ impl SampleReader for LlavaReader {
 
     fn get(&self, index: u64) -> PluginResult<Sample> {
         let record = self.records.get(index as usize).ok_or_else(|| {
-            PluginError::invalid(format!("{}: row {index} out of range (0..{})", self.file.display(), self.records.len()))
+            PluginError::invalid(format!(
+                "{}: row {index} out of range (0..{})",
+                self.file.display(),
+                self.records.len()
+            ))
         })?;
         let row = match &record.value {
             Ok(Value::Object(row)) => row,
-            Ok(other) => return Err(PluginError::invalid(format!("{}: expected a JSON object, found {}", record.origin, kind_of(other)))),
+            Ok(other) => {
+                return Err(PluginError::invalid(format!(
+                    "{}: expected a JSON object, found {}",
+                    record.origin,
+                    kind_of(other)
+                )))
+            }
             Err(why) => return Err(PluginError::invalid(format!("{}: {why}", record.origin))),
         };
         let id = match present(row, &self.cfg.columns.id) {
@@ -346,11 +408,24 @@ mod tests {
                 Path::new("/data"),
             )
             .unwrap();
-        let turns: Vec<(&str, &str)> = s.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-        assert_eq!(turns, [("user", "<image><image>Compare."), ("assistant", "Same."), ("user", "Sure?"), ("assistant", "Yes.")]);
-        assert_eq!(s.images, vec![ImageSource::Path("/data/x.png".into()), ImageSource::Path("/abs/y.png".into())]);
+        let turns: Vec<(&str, &str)> =
+            s.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+        assert_eq!(
+            turns,
+            [
+                ("user", "<image><image>Compare."),
+                ("assistant", "Same."),
+                ("user", "Sure?"),
+                ("assistant", "Yes.")
+            ]
+        );
+        assert_eq!(
+            s.images,
+            vec![ImageSource::Path("/data/x.png".into()), ImageSource::Path("/abs/y.png".into())]
+        );
         // Text-only rows, system turns, role/content turns, kept newlines.
-        let cfg: LlavaConfig = parse_config(r#"{"strip_image_newlines": false, "image_max_pixels": 50176}"#).unwrap();
+        let cfg: LlavaConfig =
+            parse_config(r#"{"strip_image_newlines": false, "image_max_pixels": 50176}"#).unwrap();
         let s = cfg
             .convert(
                 &row(r#"{"image": "c.png", "conversations": [{"role": "system", "content": "Be brief."},
@@ -372,7 +447,10 @@ mod tests {
             .convert(&row(r#"{"image": "a.png", "prompt": "<image>\nWhich?", "chosen": "Left.", "rejected": "Right."}"#), Path::new(""))
             .unwrap();
         assert_eq!(s.messages, vec![Message::new("user", "<image>Which?")]);
-        assert_eq!((s.chosen.unwrap().content, s.rejected.unwrap().content), ("Left.".into(), "Right.".into()));
+        assert_eq!(
+            (s.chosen.unwrap().content, s.rejected.unwrap().content),
+            ("Left.".into(), "Right.".into())
+        );
         let e = cfg.convert(&row(r#"{"prompt": "q", "chosen": "a"}"#), Path::new("")).unwrap_err();
         assert!(e.contains("`rejected` is missing"), "{e}");
     }
@@ -394,16 +472,22 @@ mod tests {
     fn bad_rows_say_why() {
         let cfg: LlavaConfig = parse_config("{}").unwrap();
         let err = |j: &str| cfg.convert(&row(j), Path::new("")).unwrap_err();
-        let e = err(r#"{"image": ["a", "b"], "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}"#);
+        let e = err(
+            r#"{"image": ["a", "b"], "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}"#,
+        );
         assert!(e.starts_with("2 image(s) in `image` but 1 `<image>` placeholder(s)"), "{e}");
         assert_eq!(err(r#"{"id": "q"}"#), "no `conversations` key");
         let e = err(r#"{"conversations": [{"from": "gpt", "value": "x"}]}"#);
-        assert!(e.contains("`conversations[0]`: a `assistant` turn where a `user` turn was expected"), "{e}");
+        assert!(
+            e.contains("`conversations[0]`: a `assistant` turn where a `user` turn was expected"),
+            "{e}"
+        );
         let e = err(r#"{"conversations": [{"from": "human", "value": "x"}]}"#);
         assert!(e.contains("ends with a `user` turn"), "{e}");
         let e = err(r#"{"conversations": [{"from": "bot", "value": "x"}]}"#);
         assert!(e.contains("unknown role `bot`"), "{e}");
-        assert!(err(r#"{"video": "v.mp4", "conversations": []}"#).contains("`video` rows are not supported"));
+        assert!(err(r#"{"video": "v.mp4", "conversations": []}"#)
+            .contains("`video` rows are not supported"));
         let e = parse_config::<LlavaConfig>(r#"{"image_dir": "x"}"#).unwrap_err();
         assert!(e.message().contains("unknown field `image_dir`"), "{e}");
     }

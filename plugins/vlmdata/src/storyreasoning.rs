@@ -25,7 +25,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use ferrotune_plugin_api::{DataSource, ImageSource, Message, PluginError, PluginResult, Sample, SampleReader, IMAGE_PLACEHOLDER};
+use ferrotune_plugin_api::{
+    DataSource, ImageSource, Message, PluginError, PluginResult, Sample, SampleReader,
+    IMAGE_PLACEHOLDER,
+};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, Row};
 use parquet::schema::types::Type;
@@ -74,7 +77,10 @@ impl StoryReasoningConfig {
         }
         if let (Some(lo), Some(hi)) = (self.min_pixels, self.max_pixels) {
             if lo > hi {
-                return Err(PluginError::config("min_pixels", format!("{lo} is above max_pixels {hi}")));
+                return Err(PluginError::config(
+                    "min_pixels",
+                    format!("{lo} is above max_pixels {hi}"),
+                ));
             }
         }
         Ok(())
@@ -94,8 +100,14 @@ impl StoryReasoningConfig {
             sample.messages.push(Message::new("system", system));
         }
         let prompt = self.user_prompt.as_deref().unwrap_or(DEFAULT_USER_PROMPT);
-        sample.messages.push(Message::new("user", format!("{prompt}{}", IMAGE_PLACEHOLDER.repeat(images.len()))));
-        sample.messages.push(Message::new("assistant", format!("<think>\n{chain_of_thought}\n</think>\n{story}")));
+        sample.messages.push(Message::new(
+            "user",
+            format!("{prompt}{}", IMAGE_PLACEHOLDER.repeat(images.len())),
+        ));
+        sample.messages.push(Message::new(
+            "assistant",
+            format!("<think>\n{chain_of_thought}\n</think>\n{story}"),
+        ));
         for image in images {
             match image {
                 FrameImage::Bytes(bytes) => {
@@ -107,7 +119,9 @@ impl StoryReasoningConfig {
         }
         sample.extra.insert("story_id".into(), story_id.into());
         sample.extra.insert("frame_count".into(), frame_count.into());
-        for (key, value) in [("image_min_pixels", self.min_pixels), ("image_max_pixels", self.max_pixels)] {
+        for (key, value) in
+            [("image_min_pixels", self.min_pixels), ("image_max_pixels", self.max_pixels)]
+        {
             if let Some(v) = value {
                 sample.extra.insert(key.into(), v.into());
             }
@@ -136,7 +150,12 @@ pub struct StoryRow {
 
 /// The position of the first `{prefix}{K}` with `K > keep` whose number ends at a character
 /// for which `ends` holds (or at the end of the text).
-fn first_section_after(text: &str, prefix: &str, keep: usize, ends: impl Fn(char) -> bool) -> Option<usize> {
+fn first_section_after(
+    text: &str,
+    prefix: &str,
+    keep: usize,
+    ends: impl Fn(char) -> bool,
+) -> Option<usize> {
     let mut from = 0;
     while let Some(found) = text[from..].find(prefix) {
         let start = from + found;
@@ -210,7 +229,11 @@ fn split_files(source: &DataSource) -> PluginResult<Vec<PathBuf>> {
         found.extend(sub);
     }
     if found.is_empty() {
-        let seen = if splits_seen.is_empty() { "no parquet files at all".to_string() } else { format!("splits found: {}", splits_seen.join(", ")) };
+        let seen = if splits_seen.is_empty() {
+            "no parquet files at all".to_string()
+        } else {
+            format!("splits found: {}", splits_seen.join(", "))
+        };
         return Err(PluginError::invalid(format!(
             "{}: no parquet file for split `{split}` (looked for {split}.parquet, {split}-*.parquet and {split}/*.parquet, \
              here and under data/); {seen}",
@@ -231,7 +254,9 @@ impl StoryFile {
     fn open(path: &Path) -> PluginResult<(Self, Vec<usize>)> {
         let name = path.display();
         let file = File::open(path).map_err(|e| PluginError::runtime(format!("{name}: {e}")))?;
-        let reader = SerializedFileReader::new(file).map_err(|e| PluginError::invalid(format!("{name}: not a readable parquet file: {e}")))?;
+        let reader = SerializedFileReader::new(file).map_err(|e| {
+            PluginError::invalid(format!("{name}: not a readable parquet file: {e}"))
+        })?;
         let schema = reader.metadata().file_metadata().schema();
         let mut fields = Vec::with_capacity(COLUMNS.len());
         for column in COLUMNS {
@@ -257,7 +282,11 @@ impl StoryFile {
     fn read_group(&self, group: usize) -> PluginResult<Vec<Result<StoryRow, String>>> {
         let name = self.path.display();
         let fail = |e: parquet::errors::ParquetError| {
-            let hint = if e.to_string().contains("codec") { " (this build reads snappy-compressed and uncompressed parquet)" } else { "" };
+            let hint = if e.to_string().contains("codec") {
+                " (this build reads snappy-compressed and uncompressed parquet)"
+            } else {
+                ""
+            };
             PluginError::runtime(format!("{name}: row group {group}: {e}{hint}"))
         };
         let reader = self.reader.get_row_group(group).map_err(fail)?;
@@ -269,7 +298,13 @@ impl StoryFile {
 
 /// A row of the projected columns as a [`StoryRow`].
 fn decode_row(row: Row, base: &Path) -> Result<StoryRow, String> {
-    let mut out = StoryRow { story_id: String::new(), images: Vec::new(), frame_count: 0, chain_of_thought: String::new(), story: String::new() };
+    let mut out = StoryRow {
+        story_id: String::new(),
+        images: Vec::new(),
+        frame_count: 0,
+        chain_of_thought: String::new(),
+        story: String::new(),
+    };
     for (name, field) in row.into_columns() {
         let text = |field: Field| match field {
             Field::Str(s) => Ok(s),
@@ -288,15 +323,24 @@ fn decode_row(row: Row, base: &Path) -> Result<StoryRow, String> {
                     Field::UByte(v) => v.into(),
                     Field::UShort(v) => v.into(),
                     Field::UInt(v) => v.into(),
-                    other => return Err(format!("column `frame_count`: expected an integer, found {other:?}")),
+                    other => {
+                        return Err(format!(
+                            "column `frame_count`: expected an integer, found {other:?}"
+                        ))
+                    }
                 }
             }
             "images" => {
                 let Field::ListInternal(list) = field else {
-                    return Err(format!("column `images`: expected a list of images, found {field:?}"));
+                    return Err(format!(
+                        "column `images`: expected a list of images, found {field:?}"
+                    ));
                 };
                 for (k, element) in list.elements().iter().enumerate() {
-                    out.images.push(decode_image(element, base).map_err(|e| format!("column `images[{k}]`: {e}"))?);
+                    out.images.push(
+                        decode_image(element, base)
+                            .map_err(|e| format!("column `images[{k}]`: {e}"))?,
+                    );
                 }
             }
             _ => {}
@@ -313,12 +357,15 @@ fn decode_image(element: &Field, base: &Path) -> Result<FrameImage, String> {
     let mut path = None;
     for (name, value) in image.get_column_iter() {
         match (name.as_str(), value) {
-            ("bytes", Field::Bytes(b)) if !b.data().is_empty() => return Ok(FrameImage::Bytes(b.data().to_vec())),
+            ("bytes", Field::Bytes(b)) if !b.data().is_empty() => {
+                return Ok(FrameImage::Bytes(b.data().to_vec()))
+            }
             ("path", Field::Str(p)) if !p.is_empty() => path = Some(p.clone()),
             _ => {}
         }
     }
-    path.map(|p| FrameImage::Path(base.join(p).to_string_lossy().into_owned())).ok_or_else(|| "neither `bytes` nor `path`".into())
+    path.map(|p| FrameImage::Path(base.join(p).to_string_lossy().into_owned()))
+        .ok_or_else(|| "neither `bytes` nor `path`".into())
 }
 
 // ---------------------------------------------------------------- reader
@@ -351,13 +398,21 @@ impl StoryReader {
         for path in split_files(source)? {
             let (file, groups) = StoryFile::open(&path)?;
             for (group, rows) in groups.into_iter().enumerate() {
-                slots.push(GroupSlot { file: files.len(), group, first_row: total, rows: rows as u64 });
+                slots.push(GroupSlot {
+                    file: files.len(),
+                    group,
+                    first_row: total,
+                    rows: rows as u64,
+                });
                 total += rows as u64;
             }
             files.push(file);
         }
         if total == 0 {
-            return Err(PluginError::invalid(format!("{} (split `{}`): holds no rows", source.path, source.split)));
+            return Err(PluginError::invalid(format!(
+                "{} (split `{}`): holds no rows",
+                source.path, source.split
+            )));
         }
         Ok(Self { cfg: cfg.clone(), files, slots, total, cache: Mutex::new(None) })
     }
@@ -383,17 +438,24 @@ impl SampleReader for StoryReader {
 
     fn get(&self, index: u64) -> PluginResult<Sample> {
         if index >= self.total {
-            return Err(PluginError::invalid(format!("sample {index} out of range (0..{})", self.total)));
+            return Err(PluginError::invalid(format!(
+                "sample {index} out of range (0..{})",
+                self.total
+            )));
         }
         let slot = self.slots.partition_point(|s| s.first_row + s.rows <= index);
         let s = &self.slots[slot];
         let rows = self.group(slot)?;
         let within = (index - s.first_row) as usize;
         let file = &self.files[s.file].path;
-        let row_in_file = within as u64 + self.slots[..slot].iter().filter(|o| o.file == s.file).map(|o| o.rows).sum::<u64>();
+        let row_in_file = within as u64
+            + self.slots[..slot].iter().filter(|o| o.file == s.file).map(|o| o.rows).sum::<u64>();
         match rows.get(within) {
             Some(Ok(row)) => Ok(self.cfg.sample(row.clone())),
-            Some(Err(why)) => Err(PluginError::invalid(format!("{}: row {row_in_file}: {why} (plugin `storyreasoning`)", file.display()))),
+            Some(Err(why)) => Err(PluginError::invalid(format!(
+                "{}: row {row_in_file}: {why} (plugin `storyreasoning`)",
+                file.display()
+            ))),
             None => Err(PluginError::runtime(format!(
                 "{}: row group {} has {} rows, its footer says {}",
                 file.display(),
@@ -417,13 +479,31 @@ mod tests {
     #[test]
     fn trimming_keeps_the_first_frames_sections() {
         let cot = trim_cot(COT, 1);
-        assert!(cot.starts_with("## Image 1\n") && !cot.contains("## Image 2") && !cot.contains("## Image 10"), "{cot}");
-        assert!(cot.ends_with("| char1 | Mira |\n\n\n## Narrative Structure\n\n| Introduction | Images 1-2 |"), "{cot}");
+        assert!(
+            cot.starts_with("## Image 1\n")
+                && !cot.contains("## Image 2")
+                && !cot.contains("## Image 10"),
+            "{cot}"
+        );
+        assert!(
+            cot.ends_with(
+                "| char1 | Mira |\n\n\n## Narrative Structure\n\n| Introduction | Images 1-2 |"
+            ),
+            "{cot}"
+        );
         // `## Image 1` must not match `## Image 10`.
         let cot = trim_cot(COT, 2);
-        assert!(cot.contains("## Image 2") && !cot.contains("## Image 10") && cot.contains("## Narrative Structure"), "{cot}");
+        assert!(
+            cot.contains("## Image 2")
+                && !cot.contains("## Image 10")
+                && cot.contains("## Narrative Structure"),
+            "{cot}"
+        );
         assert_eq!(trim_cot(COT, 10), COT);
-        assert_eq!(trim_story(STORY, 1), "<gdi image1>\n<gdo char1>Mira</gdo> <gda char1>waves</gda>.\n</gdi>");
+        assert_eq!(
+            trim_story(STORY, 1),
+            "<gdi image1>\n<gdo char1>Mira</gdo> <gda char1>waves</gda>.\n</gdi>"
+        );
         assert!(trim_story(STORY, 2).ends_with("She runs.\n</gdi>"));
         assert_eq!(trim_story(STORY, 10), STORY);
     }
@@ -432,7 +512,11 @@ mod tests {
     fn sample_shape_and_options() {
         let row = StoryRow {
             story_id: "s1".into(),
-            images: vec![FrameImage::Bytes(vec![1]), FrameImage::Bytes(vec![2]), FrameImage::Path("/f/3.png".into())],
+            images: vec![
+                FrameImage::Bytes(vec![1]),
+                FrameImage::Bytes(vec![2]),
+                FrameImage::Path("/f/3.png".into()),
+            ],
             frame_count: 3,
             chain_of_thought: COT.into(),
             story: STORY.into(),
@@ -443,17 +527,32 @@ mod tests {
         assert_eq!(s.messages[0].content, DEFAULT_SYSTEM_PROMPT);
         assert_eq!(s.messages[1].content, format!("{DEFAULT_USER_PROMPT}<image><image><image>"));
         assert_eq!(s.messages[2].content, format!("<think>\n{COT}\n</think>\n{STORY}"));
-        assert_eq!(s.images, vec![ImageSource::Blob(0), ImageSource::Blob(1), ImageSource::Path("/f/3.png".into())]);
+        assert_eq!(
+            s.images,
+            vec![ImageSource::Blob(0), ImageSource::Blob(1), ImageSource::Path("/f/3.png".into())]
+        );
         assert_eq!(s.blobs, vec![vec![1], vec![2]]);
-        assert_eq!((s.extra["story_id"].as_str(), s.extra["frame_count"].as_i64()), (Some("s1"), Some(3)));
+        assert_eq!(
+            (s.extra["story_id"].as_str(), s.extra["frame_count"].as_i64()),
+            (Some("s1"), Some(3))
+        );
         let cfg: StoryReasoningConfig =
             parse_config(r#"{"max_images": 1, "min_pixels": 3136, "max_pixels": 50176, "system_prompt": "", "user_prompt": "Go."}"#).unwrap();
         let s = cfg.sample(row);
         assert_eq!(s.messages.len(), 2);
         assert_eq!(s.messages[0].content, "Go.<image>");
-        assert_eq!(s.messages[1].content, format!("<think>\n{}\n</think>\n{}", trim_cot(COT, 1), trim_story(STORY, 1)));
+        assert_eq!(
+            s.messages[1].content,
+            format!("<think>\n{}\n</think>\n{}", trim_cot(COT, 1), trim_story(STORY, 1))
+        );
         assert_eq!((s.images.len(), s.blobs.len()), (1, 1));
-        assert_eq!((s.extra["image_min_pixels"].as_u64(), s.extra["image_max_pixels"].as_u64()), (Some(3136), Some(50176)));
-        assert!(parse_config::<StoryReasoningConfig>(r#"{"max_images": 0}"#).unwrap().validate().is_err());
+        assert_eq!(
+            (s.extra["image_min_pixels"].as_u64(), s.extra["image_max_pixels"].as_u64()),
+            (Some(3136), Some(50176))
+        );
+        assert!(parse_config::<StoryReasoningConfig>(r#"{"max_images": 0}"#)
+            .unwrap()
+            .validate()
+            .is_err());
     }
 }

@@ -173,7 +173,11 @@ impl VisionConfig {
             );
         }
         if !VISION_ACTIVATIONS.contains(&self.hidden_act.as_str()) {
-            bail!("{file}: key `vision_config.hidden_act` = `{}` is not supported ({})", self.hidden_act, VISION_ACTIVATIONS.join(", "));
+            bail!(
+                "{file}: key `vision_config.hidden_act` = `{}` is not supported ({})",
+                self.hidden_act,
+                VISION_ACTIVATIONS.join(", ")
+            );
         }
         if let Some(t) = self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
             if t != "axial" && t != "default" {
@@ -207,7 +211,9 @@ impl Qwen2VLConfig {
     /// decoder's `hidden_size`, which the merger's output must equal. `path` is for messages.
     pub fn from_value(value: &Value, path: &Path, text_hidden: i64) -> Result<Self> {
         let mut v = value.clone();
-        let obj = v.as_object_mut().with_context(|| format!("{}: expected a JSON object", path.display()))?;
+        let obj = v
+            .as_object_mut()
+            .with_context(|| format!("{}: expected a JSON object", path.display()))?;
         if !obj.get("vision_config").is_some_and(Value::is_object) {
             bail!("{}: key `vision_config` (an object) is required for Qwen2-VL", path.display());
         }
@@ -222,8 +228,10 @@ impl Qwen2VLConfig {
     /// Reads the Qwen2-VL part of `dir/config.json`, `None` for other architectures.
     pub fn from_dir(dir: &Path, text_hidden: i64) -> Result<Option<Self>> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let value: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         if !is_qwen2vl(&value) {
             return Ok(None);
         }
@@ -233,7 +241,12 @@ impl Qwen2VLConfig {
 
 /// Whether a parsed `config.json` is a Qwen2-VL one (by `architectures`, else `model_type`).
 pub fn is_qwen2vl(value: &Value) -> bool {
-    match value.get("architectures").and_then(|a| a.as_array()).and_then(|a| a.first()).and_then(|a| a.as_str()) {
+    match value
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str())
+    {
         Some(a) => a == "Qwen2VLForConditionalGeneration",
         None => value.get("model_type").and_then(|m| m.as_str()) == Some("qwen2_vl"),
     }
@@ -244,7 +257,8 @@ pub fn is_qwen2vl(value: &Value) -> bool {
 /// defaults (`rms_norm_eps` 1e-5, `rope_theta` 1e6), the top-level `tie_word_embeddings` and
 /// dtype, and `architectures` / `model_type` naming Qwen2-VL.
 pub fn text_config_value(value: &Value, path: &Path) -> Result<Value> {
-    let top = value.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
+    let top =
+        value.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
     let mut text = match top.get("text_config") {
         Some(Value::Object(t)) => t.clone(),
         Some(Value::Null) | None => {
@@ -263,7 +277,9 @@ pub fn text_config_value(value: &Value, path: &Path) -> Result<Value> {
         }
     }
     let has_theta = text.get("rope_theta").is_some_and(|v| !v.is_null())
-        || ["rope_parameters", "rope_scaling"].iter().any(|k| text.get(*k).and_then(|r| r.get("rope_theta")).is_some_and(|v| !v.is_null()));
+        || ["rope_parameters", "rope_scaling"]
+            .iter()
+            .any(|k| text.get(*k).and_then(|r| r.get("rope_theta")).is_some_and(|v| !v.is_null()));
     if !has_theta {
         text.insert("rope_theta".into(), json!(1_000_000.0));
     }
@@ -310,7 +326,8 @@ mod tests {
     #[test]
     fn nested_and_flat_layouts_agree() {
         let p = Path::new("vl/config.json");
-        let (a, b) = (LlamaConfig::from_json(NESTED, p).unwrap(), LlamaConfig::from_json(FLAT, p).unwrap());
+        let (a, b) =
+            (LlamaConfig::from_json(NESTED, p).unwrap(), LlamaConfig::from_json(FLAT, p).unwrap());
         for c in [&a, &b] {
             assert_eq!(c.architecture(), crate::model::Architecture::Qwen2VL);
             assert_eq!((c.hidden_size, c.head_dim(), c.rms_norm_eps), (64, 16, 1e-5));
@@ -330,12 +347,21 @@ mod tests {
     #[test]
     fn bad_values_name_the_key() {
         let p = Path::new("vl/config.json");
-        let e = LlamaConfig::from_json(&NESTED.replace("[2, 3, 3]", "[2, 3, 4]"), p).unwrap_err().to_string();
+        let e = LlamaConfig::from_json(&NESTED.replace("[2, 3, 3]", "[2, 3, 4]"), p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mrope_section") && e.contains("head_dim / 2 = 8"), "{e}");
-        let v: Value = serde_json::from_str(&NESTED.replace(r#""hidden_size": 64, "num_heads""#, r#""hidden_size": 32, "num_heads""#)).unwrap();
+        let v: Value = serde_json::from_str(
+            &NESTED
+                .replace(r#""hidden_size": 64, "num_heads""#, r#""hidden_size": 32, "num_heads""#),
+        )
+        .unwrap();
         let e = Qwen2VLConfig::from_value(&v, p, 64).unwrap_err().to_string();
         assert!(e.contains("vision_config.hidden_size") && e.contains("64"), "{e}");
-        let v: Value = serde_json::from_str(&NESTED.replace(r#""depth": 2"#, r#""depth": 2, "hidden_act": "relu""#)).unwrap();
+        let v: Value = serde_json::from_str(
+            &NESTED.replace(r#""depth": 2"#, r#""depth": 2, "hidden_act": "relu""#),
+        )
+        .unwrap();
         let e = Qwen2VLConfig::from_value(&v, p, 64).unwrap_err().to_string();
         assert!(e.contains("vision_config.hidden_act") && e.contains("relu"), "{e}");
     }

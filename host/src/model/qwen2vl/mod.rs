@@ -37,7 +37,10 @@ pub struct VisionInputs {
 impl VisionInputs {
     /// Tensors on another device (for a model there).
     pub fn to_device(&self, device: tch::Device) -> anyhow::Result<Self> {
-        Ok(Self { pixel_values: self.pixel_values.f_to_device(device)?, image_grid_thw: self.image_grid_thw.clone() })
+        Ok(Self {
+            pixel_values: self.pixel_values.f_to_device(device)?,
+            image_grid_thw: self.image_grid_thw.clone(),
+        })
     }
 }
 
@@ -76,14 +79,30 @@ mod tests {
 
     #[test]
     fn legacy_keys_map_to_transformers_5_paths() {
-        assert_eq!(rename_legacy_key("visual.blocks.0.attn.qkv.weight").as_deref(), Some("model.visual.blocks.0.attn.qkv.weight"));
-        assert_eq!(rename_legacy_key("model.layers.1.mlp.up_proj.weight").as_deref(), Some("model.language_model.layers.1.mlp.up_proj.weight"));
-        assert_eq!(rename_legacy_key("model.embed_tokens.weight").as_deref(), Some("model.language_model.embed_tokens.weight"));
-        assert_eq!(rename_legacy_key("model.norm.weight").as_deref(), Some("model.language_model.norm.weight"));
+        assert_eq!(
+            rename_legacy_key("visual.blocks.0.attn.qkv.weight").as_deref(),
+            Some("model.visual.blocks.0.attn.qkv.weight")
+        );
+        assert_eq!(
+            rename_legacy_key("model.layers.1.mlp.up_proj.weight").as_deref(),
+            Some("model.language_model.layers.1.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            rename_legacy_key("model.embed_tokens.weight").as_deref(),
+            Some("model.language_model.embed_tokens.weight")
+        );
+        assert_eq!(
+            rename_legacy_key("model.norm.weight").as_deref(),
+            Some("model.language_model.norm.weight")
+        );
         assert_eq!(rename_legacy_key("model.visual.merger.mlp.0.bias"), None);
         assert_eq!(rename_legacy_key("model.language_model.norm.weight"), None);
         assert_eq!(rename_legacy_key("lm_head.weight"), None);
-        for key in ["model.visual.blocks.0.attn.qkv.weight", "model.language_model.layers.1.mlp.up_proj.weight", "model.language_model.norm.weight"] {
+        for key in [
+            "model.visual.blocks.0.attn.qkv.weight",
+            "model.language_model.layers.1.mlp.up_proj.weight",
+            "model.language_model.norm.weight",
+        ] {
             assert_eq!(rename_legacy_key(&saved_key(key)).as_deref(), Some(key), "round trip");
         }
         assert_eq!(saved_key("lm_head.weight"), "lm_head.weight");

@@ -30,15 +30,19 @@ pub fn rope_index(
     spatial_merge_size: i64,
 ) -> Result<RopeIndex> {
     if input_ids.len() != batch * seq || attention_mask.is_some_and(|m| m.len() != batch * seq) {
-        bail!("rope_index: input_ids / attention_mask must have batch × seq = {} entries", batch * seq);
+        bail!(
+            "rope_index: input_ids / attention_mask must have batch × seq = {} entries",
+            batch * seq
+        );
     }
     let m = spatial_merge_size;
     let mut positions = vec![0i64; 3 * batch * seq];
     let mut deltas = Vec::with_capacity(batch);
     let mut images = image_grid_thw.iter().enumerate();
     for row in 0..batch {
-        let valid: Vec<usize> =
-            (0..seq).filter(|&j| attention_mask.is_none_or(|mask| mask[row * seq + j] != 0)).collect();
+        let valid: Vec<usize> = (0..seq)
+            .filter(|&j| attention_mask.is_none_or(|mask| mask[row * seq + j] != 0))
+            .collect();
         let mut put = |k: usize, t: i64, h: i64, w: i64| {
             let j = row * seq + valid[k];
             positions[j] = t;
@@ -55,14 +59,20 @@ pub fn rope_index(
                 continue;
             }
             let Some((i, &[t, h, w])) = images.next() else {
-                bail!("row {row} has more image blocks than the {} image(s) given in image_grid_thw", image_grid_thw.len());
+                bail!(
+                    "row {row} has more image blocks than the {} image(s) given in image_grid_thw",
+                    image_grid_thw.len()
+                );
             };
             if t <= 0 || h <= 0 || w <= 0 || h % m != 0 || w % m != 0 {
                 bail!("image {i}: grid [t, h, w] = [{t}, {h}, {w}] must be positive with h and w multiples of spatial_merge_size {m}");
             }
             let (gh, gw) = (h / m, w / m);
             let n = (t * gh * gw) as usize;
-            let run = valid[k..].iter().take_while(|&&j| input_ids[row * seq + j] == image_token_id).count();
+            let run = valid[k..]
+                .iter()
+                .take_while(|&&j| input_ids[row * seq + j] == image_token_id)
+                .count();
             if run < n {
                 bail!("image {i} (grid [{t}, {h}, {w}]) needs {n} consecutive image tokens but row {row} has a block of {run}");
             }
@@ -83,7 +93,10 @@ pub fn rope_index(
     }
     let used = images.next().map(|(i, _)| i).unwrap_or(image_grid_thw.len());
     if used < image_grid_thw.len() {
-        bail!("{} image(s) given in image_grid_thw but input_ids hold only {used} image block(s)", image_grid_thw.len());
+        bail!(
+            "{} image(s) given in image_grid_thw but input_ids hold only {used} image block(s)",
+            image_grid_thw.len()
+        );
     }
     Ok(RopeIndex { positions, deltas })
 }
@@ -103,9 +116,12 @@ mod tests {
             0, 0, 1, 2, 3, I, I, I, I, I, I, 4, 5,
             1, I, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
         ];
-        let mask = [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, /**/ 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
+        let mask = [
+            0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, /**/ 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+        ];
         let r = rope_index(&ids, 2, 13, Some(&mask), &[[1, 4, 6], [1, 2, 2]], I, 2).unwrap();
-        let axis = |a: usize, row: usize| r.positions[a * 26 + row * 13..a * 26 + row * 13 + 13].to_vec();
+        let axis =
+            |a: usize, row: usize| r.positions[a * 26 + row * 13..a * 26 + row * 13 + 13].to_vec();
         // Text 0, 1, 2; the image starts at 3: t 3; h 3 3 3 4 4 4; w 3 4 5 3 4 5; then 3 + 6/2 = 6.
         assert_eq!(axis(0, 0), vec![0, 0, 0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7]);
         assert_eq!(axis(1, 0), vec![0, 0, 0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7]);
@@ -130,7 +146,9 @@ mod tests {
     fn mismatches_are_errors() {
         let e = rope_index(&[1, I, I, 2], 1, 4, None, &[[1, 4, 4]], I, 2).unwrap_err().to_string();
         assert!(e.contains("needs 4") && e.contains("block of 2"), "{e}");
-        let e = rope_index(&[1, I, 2, 2], 1, 4, None, &[[1, 2, 2], [1, 2, 2]], I, 2).unwrap_err().to_string();
+        let e = rope_index(&[1, I, 2, 2], 1, 4, None, &[[1, 2, 2], [1, 2, 2]], I, 2)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2 image(s)") && e.contains("only 1"), "{e}");
         let e = rope_index(&[1, I, 2, I], 1, 4, None, &[[1, 2, 2]], I, 2).unwrap_err().to_string();
         assert!(e.contains("more image blocks"), "{e}");

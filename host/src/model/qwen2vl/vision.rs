@@ -30,11 +30,21 @@ pub(crate) struct LayerNorm {
 
 impl LayerNorm {
     fn new(w: &mut Weights, path: &str, dim: i64, why: &str) -> Result<Self> {
-        Ok(Self { weight: w.take(&format!("{path}.weight"), &[dim], why)?, bias: w.take(&format!("{path}.bias"), &[dim], why)?, name: path.into() })
+        Ok(Self {
+            weight: w.take(&format!("{path}.weight"), &[dim], why)?,
+            bias: w.take(&format!("{path}.bias"), &[dim], why)?,
+            name: path.into(),
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), 1e-6, false)?)
+        Ok(x.f_layer_norm(
+            [self.weight.size()[0]],
+            Some(&self.weight),
+            Some(&self.bias),
+            1e-6,
+            false,
+        )?)
     }
 }
 
@@ -112,23 +122,68 @@ impl VisionTower {
             blocks.push(VisionBlock {
                 norm1: LayerNorm::new(w, &format!("{p}.norm1"), e, "vision_config.embed_dim")?,
                 norm2: LayerNorm::new(w, &format!("{p}.norm2"), e, "vision_config.embed_dim")?,
-                qkv: linear(w, &format!("{p}.attn.qkv"), 3 * e, e, true, "3 × vision_config.embed_dim, embed_dim")?,
-                proj: linear(w, &format!("{p}.attn.proj"), e, e, true, "vision_config.embed_dim, embed_dim")?,
-                fc1: linear(w, &format!("{p}.mlp.fc1"), mlp, e, true, "embed_dim × mlp_ratio, embed_dim")?,
-                fc2: linear(w, &format!("{p}.mlp.fc2"), e, mlp, true, "embed_dim, embed_dim × mlp_ratio")?,
+                qkv: linear(
+                    w,
+                    &format!("{p}.attn.qkv"),
+                    3 * e,
+                    e,
+                    true,
+                    "3 × vision_config.embed_dim, embed_dim",
+                )?,
+                proj: linear(
+                    w,
+                    &format!("{p}.attn.proj"),
+                    e,
+                    e,
+                    true,
+                    "vision_config.embed_dim, embed_dim",
+                )?,
+                fc1: linear(
+                    w,
+                    &format!("{p}.mlp.fc1"),
+                    mlp,
+                    e,
+                    true,
+                    "embed_dim × mlp_ratio, embed_dim",
+                )?,
+                fc2: linear(
+                    w,
+                    &format!("{p}.mlp.fc2"),
+                    e,
+                    mlp,
+                    true,
+                    "embed_dim, embed_dim × mlp_ratio",
+                )?,
             });
         }
         let merged = e * cfg.spatial_merge_size * cfg.spatial_merge_size;
         let m = format!("{VISUAL}.merger");
         let ln_q = LayerNorm::new(w, &format!("{m}.ln_q"), e, "vision_config.embed_dim")?;
-        let merger_fc1 = linear(w, &format!("{m}.mlp.0"), merged, merged, true, "embed_dim × spatial_merge_size², same")?;
-        let merger_fc2 = linear(w, &format!("{m}.mlp.2"), cfg.hidden_size, merged, true, "hidden_size, embed_dim × spatial_merge_size²")?;
+        let merger_fc1 = linear(
+            w,
+            &format!("{m}.mlp.0"),
+            merged,
+            merged,
+            true,
+            "embed_dim × spatial_merge_size², same",
+        )?;
+        let merger_fc2 = linear(
+            w,
+            &format!("{m}.mlp.2"),
+            cfg.hidden_size,
+            merged,
+            true,
+            "hidden_size, embed_dim × spatial_merge_size²",
+        )?;
         // transformers' `compute_axial_rope_parameters`: head_dim / 4 frequencies of base theta
         // over head_dim / 2, shared by the height and width axes.
         let spatial = cfg.head_dim() / 2;
-        let exponents =
-            Tensor::f_arange_start_step(0, spatial, 2, (Kind::Int64, Device::Cpu))?.f_to_kind(Kind::Float)?.f_div_scalar(spatial)?;
-        let inv_freq = Tensor::f_pow_scalar(cfg.rope_theta(), &exponents)?.f_reciprocal()?.f_to_device(device)?;
+        let exponents = Tensor::f_arange_start_step(0, spatial, 2, (Kind::Int64, Device::Cpu))?
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(spatial)?;
+        let inv_freq = Tensor::f_pow_scalar(cfg.rope_theta(), &exponents)?
+            .f_reciprocal()?
+            .f_to_device(device)?;
         Ok(Self {
             cfg: cfg.clone(),
             patch_embed,
@@ -154,7 +209,8 @@ impl VisionTower {
 
     /// Every weight under its checkpoint key, in transformers' order.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(format!("{VISUAL}.patch_embed.proj.weight"), self.patch_embed.shallow_clone())];
+        let mut out =
+            vec![(format!("{VISUAL}.patch_embed.proj.weight"), self.patch_embed.shallow_clone())];
         let norm = |out: &mut Vec<(String, Tensor)>, n: &LayerNorm| {
             out.push((format!("{}.weight", n.name), n.weight.shallow_clone()));
             out.push((format!("{}.bias", n.name), n.bias.shallow_clone()));
@@ -180,7 +236,8 @@ impl VisionTower {
 
     /// The linear layers in model order (blocks' qkv, proj, fc1, fc2, then the merger's).
     pub fn linears(&self) -> Vec<&FrozenLinear> {
-        let mut out: Vec<&FrozenLinear> = self.blocks.iter().flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2]).collect();
+        let mut out: Vec<&FrozenLinear> =
+            self.blocks.iter().flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2]).collect();
         out.extend([&self.merger_fc1, &self.merger_fc2]);
         out
     }
@@ -246,7 +303,12 @@ impl VisionTower {
     }
 
     /// Image embeddings `[sum t·h·w / m², hidden_size]` (model dtype), the images in order.
-    pub fn forward(&self, pixel_values: &Tensor, grids: &[[i64; 3]], mode: LinearMode<'_>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        pixel_values: &Tensor,
+        grids: &[[i64; 3]],
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
         self.check_inputs(pixel_values, grids)?;
         let c = &self.cfg;
         let device = self.patch_embed.device();
@@ -259,7 +321,9 @@ impl VisionTower {
             c.patch_size,
         ])?;
         let stride = [c.temporal_patch_size, c.patch_size, c.patch_size];
-        let mut x = x.f_conv3d(&self.patch_embed, None::<Tensor>, stride, [0, 0, 0], [1, 1, 1], 1)?.f_view([-1, e])?;
+        let mut x = x
+            .f_conv3d(&self.patch_embed, None::<Tensor>, stride, [0, 0, 0], [1, 1, 1], 1)?
+            .f_view([-1, e])?;
         let n = x.size()[0];
 
         // (h, w) of every patch, block-major over m × m merge blocks (`get_vision_position_ids`),
@@ -297,7 +361,11 @@ impl VisionTower {
         for (i, b) in self.blocks.iter().enumerate() {
             let block = || -> Result<Tensor> {
                 let h = b.norm1.forward(&x)?;
-                let qkv = b.qkv.forward(&h, mode)?.f_reshape([n, 3, heads, hd])?.f_permute([1, 0, 2, 3])?;
+                let qkv = b
+                    .qkv
+                    .forward(&h, mode)?
+                    .f_reshape([n, 3, heads, hd])?
+                    .f_permute([1, 0, 2, 3])?;
                 let q = rope(&qkv.f_select(0, 0)?)?.f_transpose(0, 1)?.f_unsqueeze(0)?; // [1, heads, N, hd]
                 let k = rope(&qkv.f_select(0, 1)?)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
                 let v = qkv.f_select(0, 2)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
@@ -305,7 +373,16 @@ impl VisionTower {
                 let mut start = 0;
                 for &len in &frames {
                     let part = |t: &Tensor| t.f_narrow(2, start, len);
-                    let y = Tensor::f_scaled_dot_product_attention(&part(&q)?, &part(&k)?, &part(&v)?, None::<Tensor>, 0.0, false, scale, false)?;
+                    let y = Tensor::f_scaled_dot_product_attention(
+                        &part(&q)?,
+                        &part(&k)?,
+                        &part(&v)?,
+                        None::<Tensor>,
+                        0.0,
+                        false,
+                        scale,
+                        false,
+                    )?;
                     outs.push(y.f_transpose(1, 2)?); // [1, len, heads, hd]
                     start += len;
                 }
