@@ -20,7 +20,7 @@ export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 help:
 	@echo "make demo        the story demo: LoRA SFT of a tiny Qwen2-VL on the bundled StoryReasoning sample, generate, merge"
 	@echo "make demo-text   LoRA SFT of a tiny Qwen2 on the bundled alpaca set, generate, merge"
-	@echo "make test        every test (Rust unit + integration, reference stack check)"
+	@echo "make test        cargo fmt --check, clippy -D warnings, every test (Rust unit + integration, reference stack check)"
 	@echo "make bench-generate  prefill/decode tokens/s, ferrotune next to transformers"
 	@echo "make bench-train  LoRA SFT tokens/s and peak RSS, ferrotune next to transformers + peft"
 	@echo "make bench-memory  per-rank memory of ddp / zero 1-3 on 1 and 2 ranks, activation checkpointing on/off"
@@ -67,7 +67,10 @@ setup: $(STAMPS)/torch $(STAMPS)/reference $(STAMPS)/gloo-headers
 build: $(STAMPS)/torch $(STAMPS)/gloo-headers
 	$(CARGO) build --workspace
 
+# Format and lint gates first (rustfmt.toml; [workspace.lints.clippy] in Cargo.toml), then every test.
 test: setup build $(STAMPS)/qwen-tokenizer
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
 	$(VENV)/bin/python tests/python/check_reference_stack.py
 
