@@ -153,7 +153,7 @@ fn nccl_without_a_gpu_fails_clearly() {
     } else {
         "NCCL backend requested: this ferrotune was built without c10d NCCL"
     };
-    // By flag, two ranks: every rank says why, launch names the failed rank, nobody waits.
+    // By flag, two ranks: the failing rank says why, launch names it, nobody waits.
     let (o, took) = run_bounded(
         &["launch", "--nproc", "2", "--timeout", "60", "dist-check", "--backend", "nccl"],
         &[],
@@ -161,7 +161,8 @@ fn nccl_without_a_gpu_fails_clearly() {
     );
     let err = stderr(&o);
     assert!(!o.status.success(), "an NCCL request without a GPU must fail:\n{err}");
-    assert!(err.contains(&format!("rank 0 of 2: {why}")), "{err}");
+    // The first rank to fail stops the other, which may not have printed yet: either names why.
+    assert!((0..2).any(|r| err.contains(&format!("rank {r} of 2: {why}"))), "{err}");
     assert!(err.contains("failed (exit status 1)"), "{err}");
     assert!(took < Duration::from_secs(30), "took {took:?}");
     assert!(rank_lines(&stdout(&o)).is_empty(), "{}", stdout(&o));

@@ -625,16 +625,15 @@ pub const EMBED_TOKENS: &str = "model.embed_tokens";
 /// The decoder's module path: `model` for Llama / Qwen2 / Mistral.
 pub const DECODER: &str = "model";
 
-/// A Llama / Qwen2 / Mistral causal language model loaded from a Hugging Face directory, or a
-/// Qwen2-VL one (the same decoder under `model.language_model`, plus a vision tower).
-pub struct CausalLM {
+/// The text decoder: token embedding, decoder layers, final norm, `lm_head` and the rotary
+/// embedding. It turns input embeddings into hidden states ([`Decoder::decode`]) and those
+/// into logits ([`Decoder::head`]); it knows nothing of images or adapters.
+pub struct Decoder {
     config: LlamaConfig,
     /// The decoder's module path ([`DECODER`] or Qwen2-VL's [`LANGUAGE_MODEL`]).
     prefix: String,
     /// `{prefix}.embed_tokens`.
     embed_path: String,
-    /// Qwen2-VL: the vision tower and its config.
-    vision: Option<(VisionTower, Qwen2VLConfig)>,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -642,10 +641,124 @@ pub struct CausalLM {
     rotary: RotaryEmbedding,
     device: Device,
     dtype: Kind,
-    /// The directory the model was loaded from (`base_model_name_or_path` of saved adapters).
-    source_dir: Option<PathBuf>,
     /// Recompute each decoder layer in backward (`set_gradient_checkpointing`).
     gradient_checkpointing: bool,
+}
+
+/// A Llama / Qwen2 / Mistral causal language model loaded from a Hugging Face directory, or a
+/// Qwen2-VL one: a composition, as candle's LLaVA is, of a vision tower (with its merger) that
+/// turns images into embeddings and the same [`Decoder`] (under `model.language_model`).
+pub struct CausalLM {
+    decoder: Decoder,
+    /// Qwen2-VL: the vision tower and its config.
+    vision: Option<(VisionTower, Qwen2VLConfig)>,
+    /// The directory the model was loaded from (`base_model_name_or_path` of saved adapters).
+    source_dir: Option<PathBuf>,
+}
+
+impl Decoder {
+    /// Builds the decoder under module path `prefix` from `w`, handing each decoder-layer
+    /// linear layer and an untied `lm_head` to `on_linear` as soon as it is built.
+    fn new(
+        config: LlamaConfig,
+        w: &mut Weights,
+        prefix: &str,
+        device: Device,
+        dtype: Kind,
+        on_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>,
+    ) -> Result<Self> {
+        let prefix = prefix.to_string();
+        let (vocab, hidden) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = w.take(
+            &format!("{prefix}.embed_tokens.weight"),
+            &[vocab, hidden],
+            "vocab_size, hidden_size",
+        )?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
+        for l in 0..config.num_hidden_layers {
+            let mut layer = DecoderLayer::new(&config, w, &prefix, l)?;
+            for lin in layer.linears_mut() {
+                on_linear(lin)?;
+            }
+            layers.push(layer);
+        }
+        let norm = RmsNorm::new(w, &format!("{prefix}.norm"), &config)?;
+        let lm_head = if config.tie_word_embeddings {
+            // transformers ties the head to the embeddings even when the file also has one.
+            w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
+            FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
+        } else {
+            let mut head = linear(
+                w,
+                "lm_head",
+                vocab,
+                hidden,
+                false,
+                "vocab_size, hidden_size (tie_word_embeddings is false)",
+            )?;
+            on_linear(&mut head)?;
+            head
+        };
+        let rotary = RotaryEmbedding::new(&config, device)?;
+        Ok(Self {
+            config,
+            embed_path: format!("{prefix}.embed_tokens"),
+            prefix,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            device,
+            dtype,
+            gradient_checkpointing: false,
+        })
+    }
+
+    /// The decoder layers and the final norm over input embeddings `x` `[B, T, hidden]`.
+    fn decode(
+        &self,
+        mut x: Tensor,
+        position_ids: &Tensor,
+        key_valid: Option<&Tensor>,
+        past: i64,
+        mut cache: Option<&mut KvCache>,
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
+        let t = x.size()[1];
+        let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
+        let full_mask = build_mask(key_valid, past, t, None, self.device)?;
+        let mut sliding_masks: Vec<(i64, Mask)> = Vec::new();
+        for l in &self.layers {
+            if let Some(w) = l.self_attn.sliding_window {
+                if !sliding_masks.iter().any(|(sw, _)| *sw == w) {
+                    sliding_masks.push((w, build_mask(key_valid, past, t, Some(w), self.device)?));
+                }
+            }
+        }
+        let prefix = &self.prefix;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = match layer.self_attn.sliding_window {
+                Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,
+                None => &full_mask,
+            };
+            x = if self.gradient_checkpointing
+                && cache.is_none()
+                && crate::model::checkpoint::grad_enabled()
+            {
+                layer.forward_checkpointed(&x, &cos, &sin, mask, mode)
+            } else {
+                layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)), mode)
+            }
+            .with_context(|| format!("{prefix}.layers.{i}"))?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits (f32) of hidden states: `lm_head` through `mode`.
+    fn head(&self, hidden: &Tensor, mode: LinearMode<'_>) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden, mode)?.f_to_kind(Kind::Float)?)
+    }
 }
 
 impl CausalLM {
@@ -682,11 +795,11 @@ impl CausalLM {
         }
         tracing::info!(
             "loaded {} from {} ({} layers, hidden {}, vocab {}, {dtype:?} on {device:?})",
-            model.config.architecture().hf_name(),
+            model.decoder.config.architecture().hf_name(),
             dir.display(),
-            model.config.num_hidden_layers,
-            model.config.hidden_size,
-            model.config.vocab_size
+            model.decoder.config.num_hidden_layers,
+            model.decoder.config.hidden_size,
+            model.decoder.config.vocab_size
         );
         Ok(model)
     }
@@ -737,54 +850,9 @@ impl CausalLM {
             ),
             (false, None) => None,
         };
-        let prefix = if is_vl { LANGUAGE_MODEL } else { DECODER }.to_string();
-        let (vocab, hidden) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = w.take(
-            &format!("{prefix}.embed_tokens.weight"),
-            &[vocab, hidden],
-            "vocab_size, hidden_size",
-        )?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
-        for l in 0..config.num_hidden_layers {
-            let mut layer = DecoderLayer::new(&config, w, &prefix, l)?;
-            for lin in layer.linears_mut() {
-                on_linear(lin)?;
-            }
-            layers.push(layer);
-        }
-        let norm = RmsNorm::new(w, &format!("{prefix}.norm"), &config)?;
-        let lm_head = if config.tie_word_embeddings {
-            // transformers ties the head to the embeddings even when the file also has one.
-            w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
-            FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
-        } else {
-            let mut head = linear(
-                w,
-                "lm_head",
-                vocab,
-                hidden,
-                false,
-                "vocab_size, hidden_size (tie_word_embeddings is false)",
-            )?;
-            on_linear(&mut head)?;
-            head
-        };
-        let rotary = RotaryEmbedding::new(&config, device)?;
-        Ok(Self {
-            config,
-            embed_path: format!("{prefix}.embed_tokens"),
-            prefix,
-            vision,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rotary,
-            device,
-            dtype,
-            source_dir: None,
-            gradient_checkpointing: false,
-        })
+        let prefix = if is_vl { LANGUAGE_MODEL } else { DECODER };
+        let decoder = Decoder::new(config, w, prefix, device, dtype, on_linear)?;
+        Ok(Self { decoder, vision, source_dir: None })
     }
 
     /// Activation checkpointing: forward passes that record gradients and use no KV cache
@@ -792,12 +860,12 @@ impl CausalLM {
     /// (`training.gradient_checkpointing`). The vision tower is not checkpointed. The model
     /// must outlive the graphs of its forward passes (call backward before dropping it).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.gradient_checkpointing = on;
+        self.decoder.gradient_checkpointing = on;
     }
 
     /// The text decoder's config (for Qwen2-VL its `text_config`, flattened).
     pub fn config(&self) -> &LlamaConfig {
-        &self.config
+        &self.decoder.config
     }
 
     /// Qwen2-VL: the vision tower's config (`None` for text-only models).
@@ -827,21 +895,21 @@ impl CausalLM {
 
     /// The decoder's module path: `model`, or `model.language_model` for Qwen2-VL.
     pub fn decoder_path(&self) -> &str {
-        &self.prefix
+        &self.decoder.prefix
     }
 
     /// The token embedding's module path (`model.embed_tokens`, or
     /// `model.language_model.embed_tokens` for Qwen2-VL).
     pub fn embed_tokens_path(&self) -> &str {
-        &self.embed_path
+        &self.decoder.embed_path
     }
 
     pub fn device(&self) -> Device {
-        self.device
+        self.decoder.device
     }
 
     pub fn dtype(&self) -> Kind {
-        self.dtype
+        self.decoder.dtype
     }
 
     /// The directory [`CausalLM::load`] read, if the model came from one.
@@ -852,22 +920,22 @@ impl CausalLM {
     /// Whether `lm_head` still shares the embedding tensor (merging or rewriting an adapted
     /// head, or merging a saved copy of either, gives it a tensor of its own).
     pub fn lm_head_is_tied(&self) -> bool {
-        self.lm_head.weight.data_ptr() == self.embed_tokens.data_ptr()
+        self.decoder.lm_head.weight.data_ptr() == self.decoder.embed_tokens.data_ptr()
     }
 
     /// Every weight under its checkpoint key, in model order (adapters not included: merge them
     /// first to have them in the weights). A tied `lm_head` is left out, as transformers saves it.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let p = &self.prefix;
+        let p = &self.decoder.prefix;
         let mut out = self.vision.as_ref().map(|(v, _)| v.named_weights()).unwrap_or_default();
-        out.push((format!("{p}.embed_tokens.weight"), self.embed_tokens.shallow_clone()));
+        out.push((format!("{p}.embed_tokens.weight"), self.decoder.embed_tokens.shallow_clone()));
         let linear = |out: &mut Vec<(String, Tensor)>, lin: &FrozenLinear| {
             out.push((format!("{}.weight", lin.name), lin.weight.shallow_clone()));
             if let Some(b) = &lin.bias {
                 out.push((format!("{}.bias", lin.name), b.shallow_clone()));
             }
         };
-        for (i, l) in self.layers.iter().enumerate() {
+        for (i, l) in self.decoder.layers.iter().enumerate() {
             out.push((
                 format!("{p}.layers.{i}.input_layernorm.weight"),
                 l.input_layernorm.weight.shallow_clone(),
@@ -885,9 +953,9 @@ impl CausalLM {
                 linear(&mut out, lin);
             }
         }
-        out.push((format!("{p}.norm.weight"), self.norm.weight.shallow_clone()));
+        out.push((format!("{p}.norm.weight"), self.decoder.norm.weight.shallow_clone()));
         if !self.lm_head_is_tied() {
-            linear(&mut out, &self.lm_head);
+            linear(&mut out, &self.decoder.lm_head);
         }
         out
     }
@@ -900,26 +968,26 @@ impl CausalLM {
 
     /// An empty KV cache for `batch` rows.
     pub fn new_cache(&self, batch: i64) -> KvCache {
-        KvCache::new(self.layers.len(), batch)
+        KvCache::new(self.decoder.layers.len(), batch)
     }
 
     /// The input embedding matrix `[vocab_size, hidden_size]` (`model.embed_tokens.weight`, or
     /// Qwen2-VL's `model.language_model.embed_tokens.weight`).
     pub fn embed_tokens(&self) -> &Tensor {
-        &self.embed_tokens
+        &self.decoder.embed_tokens
     }
 
     /// Replaces the embedding matrix by a new tensor (never in place: a tied `lm_head` keeps the
     /// old one and so gets untied).
     pub(crate) fn set_embed_tokens(&mut self, weight: Tensor) {
-        self.embed_tokens = weight.set_requires_grad(false);
+        self.decoder.embed_tokens = weight.set_requires_grad(false);
     }
 
     /// Every module path as transformers' `named_modules()` gives it (`model`, `model.layers.0`,
     /// `model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`, ...; for Qwen2-VL the vision
     /// tower's `model.visual.*` first, then `model.language_model.*`), each with what it is.
     pub fn module_names(&self) -> Vec<(String, &'static str)> {
-        let d = &self.prefix;
+        let d = &self.decoder.prefix;
         let mut out = Vec::new();
         if let Some((v, _)) = &self.vision {
             out.push(("model".to_string(), "the multimodal model"));
@@ -927,10 +995,10 @@ impl CausalLM {
         }
         out.extend([
             (d.clone(), "the decoder"),
-            (self.embed_path.clone(), "the token embedding"),
+            (self.decoder.embed_path.clone(), "the token embedding"),
             (format!("{d}.layers"), "the list of layers"),
         ]);
-        for (i, l) in self.layers.iter().enumerate() {
+        for (i, l) in self.decoder.layers.iter().enumerate() {
             let p = format!("{d}.layers.{i}");
             out.push((p.clone(), "a decoder layer"));
             out.push((format!("{p}.self_attn"), "an attention block"));
@@ -951,7 +1019,7 @@ impl CausalLM {
         }
         out.push((format!("{d}.norm"), "an RMSNorm"));
         out.push((format!("{d}.rotary_emb"), "the rotary embedding"));
-        out.push((self.lm_head.name.clone(), "a linear layer"));
+        out.push((self.decoder.lm_head.name.clone(), "a linear layer"));
         out
     }
 
@@ -960,11 +1028,11 @@ impl CausalLM {
     /// v, o, gate, up, down of each layer, then `lm_head`). With tied embeddings `lm_head`
     /// shares the embedding.
     pub fn linears(&self) -> Vec<(&str, &FrozenLinear)> {
-        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        let mut out = Vec::with_capacity(self.decoder.layers.len() * 7 + 1);
         if let Some((v, _)) = &self.vision {
             out.extend(v.linears().into_iter().map(|l| (l.name.as_str(), l)));
         }
-        for l in &self.layers {
+        for l in &self.decoder.layers {
             let a = &l.self_attn;
             let m = &l.mlp;
             for lin in
@@ -973,21 +1041,21 @@ impl CausalLM {
                 out.push((lin.name.as_str(), lin));
             }
         }
-        out.push((self.lm_head.name.as_str(), &self.lm_head));
+        out.push((self.decoder.lm_head.name.as_str(), &self.decoder.lm_head));
         out
     }
 
     /// Mutable access to every linear layer, in the order of [`CausalLM::linears`], for
     /// wrapping them (adapters, quantizers).
     pub fn linears_mut(&mut self) -> Vec<&mut FrozenLinear> {
-        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        let mut out = Vec::with_capacity(self.decoder.layers.len() * 7 + 1);
         if let Some((v, _)) = &mut self.vision {
             out.extend(v.linears_mut());
         }
-        for l in &mut self.layers {
+        for l in &mut self.decoder.layers {
             out.extend(l.linears_mut());
         }
-        out.push(&mut self.lm_head);
+        out.push(&mut self.decoder.lm_head);
         out
     }
 
@@ -1016,15 +1084,15 @@ impl CausalLM {
         let (b, t, input_ids) = match input {
             Input::Ids(ids) => {
                 let (b, t) = self.check_ids(ids)?;
-                (b, t, Some(ids.f_to_device(self.device)?))
+                (b, t, Some(ids.f_to_device(self.decoder.device)?))
             }
             Input::Embeds(e) => {
                 let size = e.size();
                 let &[b, t, h] = size.as_slice() else {
                     bail!("inputs_embeds must be [batch, seq, hidden_size], got shape {size:?}");
                 };
-                if b == 0 || t == 0 || h != self.config.hidden_size {
-                    bail!("inputs_embeds must be [batch, seq, hidden_size = {}] and not empty, got {size:?}", self.config.hidden_size);
+                if b == 0 || t == 0 || h != self.decoder.config.hidden_size {
+                    bail!("inputs_embeds must be [batch, seq, hidden_size = {}] and not empty, got {size:?}", self.decoder.config.hidden_size);
                 }
                 (b, t, None)
             }
@@ -1040,7 +1108,7 @@ impl CausalLM {
             (None, _, _) => None,
             (Some(_), None, _) => bail!(
                 "images were given to a {} model, which has no vision tower (use a Qwen2-VL model)",
-                self.config.architecture().hf_name()
+                self.decoder.config.architecture().hf_name()
             ),
             (Some(_), Some(_), _) if past > 0 => {
                 bail!("images can only be given with the first call on a KV cache (the prefill); this cache holds {past} positions")
@@ -1057,7 +1125,7 @@ impl CausalLM {
         // Position ids are the same either way.
         let key_valid = match attention_mask {
             Some(m) => {
-                let valid = m.f_to_device(self.device)?.f_ne(0)?;
+                let valid = m.f_to_device(self.decoder.device)?.f_ne(0)?;
                 if valid.f_all()?.f_int64_value(&[])? != 0 {
                     None
                 } else {
@@ -1071,7 +1139,7 @@ impl CausalLM {
                 if p.size() != [b, t] && p.size() != [3, b, t] {
                     bail!("position_ids must be [batch, seq] or M-RoPE's [3, batch, seq] = [3, {b}, {t}], got {:?}", p.size());
                 }
-                let p = p.f_to_device(self.device)?;
+                let p = p.f_to_device(self.decoder.device)?;
                 if self.vision.is_some() && p.dim() == 2 {
                     p.f_unsqueeze(0)?.f_expand([3, b, t], false)?
                 } else {
@@ -1090,13 +1158,15 @@ impl CausalLM {
         };
         let mut x = match (input, &input_ids) {
             (_, Some(ids)) => Tensor::f_embedding(
-                embed_tokens.unwrap_or(&self.embed_tokens),
+                embed_tokens.unwrap_or(&self.decoder.embed_tokens),
                 ids,
                 -1,
                 false,
                 false,
             )?,
-            (Input::Embeds(e), None) => e.f_to_device(self.device)?.f_to_kind(self.dtype)?,
+            (Input::Embeds(e), None) => {
+                e.f_to_device(self.decoder.device)?.f_to_kind(self.decoder.dtype)?
+            }
             (Input::Ids(_), None) => unreachable!("ids were moved to the device above"),
         };
         if let (Some(img), Some(mask), Some((tower, _))) = (images, &image_mask, &self.vision) {
@@ -1106,13 +1176,14 @@ impl CausalLM {
                 .f_to_kind(x.kind())?;
             x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
         }
-        let hidden = self.decode(x, &position_ids, key_valid.as_ref(), past, cache, mode)?;
+        let hidden =
+            self.decoder.decode(x, &position_ids, key_valid.as_ref(), past, cache, mode)?;
         match output {
             Output::Hidden => Ok(hidden),
-            Output::Logits => Ok(self.lm_head.forward(&hidden, mode)?.f_to_kind(Kind::Float)?),
+            Output::Logits => self.decoder.head(&hidden, mode),
             Output::LastLogits => {
                 let last = hidden.f_select(1, t - 1)?;
-                Ok(self.lm_head.forward(&last, mode)?.f_to_kind(Kind::Float)?)
+                self.decoder.head(&last, mode)
             }
         }
     }
@@ -1131,11 +1202,11 @@ impl CausalLM {
         }
         let (lo, hi) =
             (input_ids.f_min()?.f_int64_value(&[])?, input_ids.f_max()?.f_int64_value(&[])?);
-        if lo < 0 || hi >= self.config.vocab_size {
+        if lo < 0 || hi >= self.decoder.config.vocab_size {
             bail!(
                 "token id {} is outside the vocabulary (vocab_size {})",
                 if lo < 0 { lo } else { hi },
-                self.config.vocab_size
+                self.decoder.config.vocab_size
             );
         }
         Ok((b, t))
@@ -1147,8 +1218,12 @@ impl CausalLM {
         if c.batch() != b {
             bail!("KV cache is for batch {} but input_ids has {b} rows", c.batch());
         }
-        if c.layers.len() != self.layers.len() {
-            bail!("KV cache has {} layers, the model {}", c.layers.len(), self.layers.len());
+        if c.layers.len() != self.decoder.layers.len() {
+            bail!(
+                "KV cache has {} layers, the model {}",
+                c.layers.len(),
+                self.decoder.layers.len()
+            );
         }
         Ok(c.seq_len())
     }
@@ -1173,7 +1248,7 @@ impl CausalLM {
                 .f_sub_scalar(1)?
                 .f_masked_fill(&valid.f_logical_not()?, 0)?
                 .f_narrow(1, past, t)?,
-            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.device))?
+            None => Tensor::f_arange_start(past, past + t, (Kind::Int64, self.decoder.device))?
                 .f_unsqueeze(0)?
                 .f_expand([b, t], false)?,
         };
@@ -1207,7 +1282,7 @@ impl CausalLM {
                 }
                 Tensor::f_from_slice(&index.positions)?
                     .f_view([3, b, t])?
-                    .f_to_device(self.device)?
+                    .f_to_device(self.decoder.device)?
             }
             // Later steps (or embeddings in): 1-D positions shifted by each row's delta, on all three axes.
             (Some(_), _) => {
@@ -1215,51 +1290,12 @@ impl CausalLM {
                     .as_deref()
                     .and_then(|c| c.rope_deltas.clone())
                     .unwrap_or_else(|| vec![0; b as usize]);
-                let deltas =
-                    Tensor::f_from_slice(&deltas)?.f_view([b, 1])?.f_to_device(self.device)?;
+                let deltas = Tensor::f_from_slice(&deltas)?
+                    .f_view([b, 1])?
+                    .f_to_device(self.decoder.device)?;
                 text_positions.f_add(&deltas)?.f_unsqueeze(0)?.f_expand([3, b, t], false)?
             }
         })
-    }
-
-    /// The decoder layers and the final norm over input embeddings `x` `[B, T, hidden]`.
-    fn decode(
-        &self,
-        mut x: Tensor,
-        position_ids: &Tensor,
-        key_valid: Option<&Tensor>,
-        past: i64,
-        mut cache: Option<&mut KvCache>,
-        mode: LinearMode<'_>,
-    ) -> Result<Tensor> {
-        let t = x.size()[1];
-        let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
-        let full_mask = build_mask(key_valid, past, t, None, self.device)?;
-        let mut sliding_masks: Vec<(i64, Mask)> = Vec::new();
-        for l in &self.layers {
-            if let Some(w) = l.self_attn.sliding_window {
-                if !sliding_masks.iter().any(|(sw, _)| *sw == w) {
-                    sliding_masks.push((w, build_mask(key_valid, past, t, Some(w), self.device)?));
-                }
-            }
-        }
-        let prefix = &self.prefix;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mask = match layer.self_attn.sliding_window {
-                Some(w) => &sliding_masks.iter().find(|(sw, _)| *sw == w).expect("built above").1,
-                None => &full_mask,
-            };
-            x = if self.gradient_checkpointing
-                && cache.is_none()
-                && crate::model::checkpoint::grad_enabled()
-            {
-                layer.forward_checkpointed(&x, &cos, &sin, mask, mode)
-            } else {
-                layer.forward(&x, &cos, &sin, mask, cache.as_deref_mut().map(|c| (c, i)), mode)
-            }
-            .with_context(|| format!("{prefix}.layers.{i}"))?;
-        }
-        self.norm.forward(&x)
     }
 
     /// Checks that the `<|image_pad|>` tokens of `input_ids` are as many as the images' merged
