@@ -1,9 +1,10 @@
 //! Adapters inside the model: attaching an adapter plugin to the linear layers it targets,
 //! its trainable parameters and state dict under peft's names, and merging it into the
-//! weights. PEFT directories are in `peft.rs`, merged model directories in `model/save.rs`.
+//! weights. PEFT directories are in `peft/mod.rs`, merged model directories in `model/save.rs`;
+//! the adapters live in [`PeftModel`] (`peft/model.rs`).
 //!
 //! A model holds adapters by name (peft's first one is `default`); one is active at a time,
-//! and [`CausalLM::forward`] runs it. [`CausalLM::mode`] with
+//! and [`PeftModel::forward`] runs it. [`PeftModel::mode`] with
 //! [`ForwardFlags::DISABLE_ADAPTER`](ferrotune_plugin_api::ForwardFlags) runs the base model
 //! alone (the reference model of DPO) without a second copy of the weights.
 //!
@@ -167,7 +168,7 @@ fn modules_to_save(name: &str, method: &dyn AdapterMethod) -> Result<Vec<String>
     }
 }
 
-/// What [`CausalLM::attach_adapter`] did.
+/// What [`PeftModel::attach_adapter`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttachReport {
     pub adapter: String,
@@ -241,8 +242,8 @@ impl PeftModel {
         self.attach_keeping_originals(name, method).map(|(report, _)| report)
     }
 
-    /// [`CausalLM::attach_adapter`], also returning the base weights it replaced (by module),
-    /// so that [`CausalLM::detach_fresh_adapter`] can put them back exactly.
+    /// [`PeftModel::attach_adapter`], also returning the base weights it replaced (by module),
+    /// so that [`PeftModel::detach_fresh_adapter`] can put them back exactly.
     pub(crate) fn attach_keeping_originals(
         &mut self,
         name: &str,
@@ -452,12 +453,12 @@ impl PeftModel {
         self.adapters.entries.iter().map(|a| a.name.as_str()).collect()
     }
 
-    /// The adapter [`CausalLM::forward`] runs, if any.
+    /// The adapter [`PeftModel::forward`] runs, if any.
     pub fn active_adapter(&self) -> Option<&str> {
         self.adapters.active.as_deref()
     }
 
-    /// Chooses the adapter [`CausalLM::forward`] runs (`None`: the base model).
+    /// Chooses the adapter [`PeftModel::forward`] runs (`None`: the base model).
     pub fn set_active_adapter(&mut self, name: Option<&str>) -> Result<()> {
         if let Some(n) = name {
             if self.adapters.get(n).is_none() {
@@ -552,7 +553,7 @@ impl PeftModel {
         Ok(out)
     }
 
-    /// Loads a state saved by [`CausalLM::adapter_state_dict`] or by peft into the active
+    /// Loads a state saved by [`PeftModel::adapter_state_dict`] or by peft into the active
     /// adapter (values are copied; dtypes and devices are converted). Every key must be there
     /// with its shape, and no other: missing, unexpected and mis-shaped keys are one error
     /// that names them.

@@ -274,7 +274,7 @@ impl PeftModel {
         self.load_peft_adapter_as(dir, registry, DEFAULT_ADAPTER)
     }
 
-    /// [`CausalLM::load_peft_adapter`] under the adapter name `name` (`serve` holds many).
+    /// [`PeftModel::load_peft_adapter`] under the adapter name `name` (`serve` holds many).
     pub fn load_peft_adapter_as(
         &mut self,
         dir: &Path,

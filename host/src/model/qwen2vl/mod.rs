@@ -4,7 +4,7 @@
 //!
 //! The model itself is a [`CausalLM`](crate::model::CausalLM) with a vision tower, so adapters,
 //! training, merging, saving and generation work on it unchanged; the multimodal entry points
-//! are [`CausalLM::forward_mm_with`](crate::model::CausalLM::forward_mm_with) and friends.
+//! are [`CausalLM::forward`](crate::model::CausalLM::forward) with [`ForwardArgs::images`](crate::model::ForwardArgs::images).
 //! Both checkpoint layouts load: transformers 5's module paths (`model.visual.*`,
 //! `model.language_model.*`) and the original one (`visual.*`, `model.layers.*`,
 //! `model.embed_tokens`, `model.norm`), renamed at load by [`rename_legacy_key`]. Saving writes
