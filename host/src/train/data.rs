@@ -1,7 +1,7 @@
 //! The run's data: read through the dataset plugin, encoded in the objective's batch layout,
 //! split into train and eval sets, and drawn in a seeded order shared by every rank.
 use anyhow::{bail, Result};
-use ferrotune_plugin_api::Objective;
+use ferrotune_plugin_api::{Objective, Sample};
 
 use super::config::{self, TrainConfig};
 use crate::data::layout::{self, Item, Layout, Prepared};
@@ -59,6 +59,12 @@ pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
     }
 }
 
+/// Every row of the run's data set, read by its dataset plugin (see [`data::read_rows`]).
+fn config_rows(cfg: &TrainConfig, registry: &Registry) -> Result<Vec<Result<Sample, String>>> {
+    let config = serde_json::Value::Object(cfg.data.config.clone()).to_string();
+    data::read_rows(registry, &cfg.data.plugin, &config, &cfg.data.path, &cfg.data.split)
+}
+
 /// Reads and encodes the run's data as the trainer does, in the batch layout of the run's
 /// objective, every row kept or reported.
 pub fn read_data(
@@ -69,13 +75,7 @@ pub fn read_data(
 ) -> Result<Prepared> {
     let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
     let layout = Layout::from_needs(&cfg.objective.plugin, &objective.needs())?;
-    let rows = data::read_rows(
-        registry,
-        &cfg.data.plugin,
-        &serde_json::Value::Object(cfg.data.config.clone()).to_string(),
-        &cfg.data.path,
-        &cfg.data.split,
-    )?;
+    let rows = config_rows(cfg, registry)?;
     layout::prepare(layout, rows, tok, prep, &encode_options(cfg))
 }
 
@@ -88,13 +88,7 @@ pub(crate) fn prepare_data(
     prep: Option<&ImagePrep>,
     layout: Layout,
 ) -> Result<Prepared> {
-    let rows = data::read_rows(
-        registry,
-        &cfg.data.plugin,
-        &serde_json::Value::Object(cfg.data.config.clone()).to_string(),
-        &cfg.data.path,
-        &cfg.data.split,
-    )?;
+    let rows = config_rows(cfg, registry)?;
     let prepared = layout::prepare(layout, rows, tok, prep, &encode_options(cfg))?;
     if !prepared.bad.is_empty() {
         if cfg.data.on_bad_sample == config::OnBadSample::Stop {
