@@ -25,13 +25,8 @@ impl DeviceArgs {
 
     /// The dtype of the model's weights.
     pub fn dtype(&self) -> Result<Kind> {
-        parse_dtype(&self.dtype)
+        crate::model::init::parse_dtype(&self.dtype)
     }
-}
-
-/// A `--dtype` value (`f32`, `bf16`, `f16`).
-pub fn parse_dtype(text: &str) -> Result<Kind> {
-    crate::model::init::parse_dtype(text)
 }
 
 #[derive(Parser)]

@@ -152,7 +152,7 @@ fn merge(a: &MergeArgs, search: &SearchPath) -> Result<()> {
         adapter: a.adapter.clone(),
         out: a.out.clone(),
         device: device::resolve(&a.device)?,
-        dtype: a.dtype.as_deref().map(args::parse_dtype).transpose()?,
+        dtype: a.dtype.as_deref().map(crate::model::init::parse_dtype).transpose()?,
         merge_base: a.merge_base,
     };
     let report = merge::merge(&opts, &Registry::discover(search))?;

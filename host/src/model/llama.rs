@@ -960,12 +960,6 @@ impl CausalLM {
         out
     }
 
-    /// The [`LinearMode`] of a forward pass of the base model alone (no adapter); `train`
-    /// turns dropout on. [`crate::peft::PeftModel::mode`] picks an adapter.
-    pub fn base_mode(&self, train: bool) -> LinearMode<'static> {
-        LinearMode { adapter: None, train, rows: None }
-    }
-
     /// An empty KV cache for `batch` rows.
     pub fn new_cache(&self, batch: i64) -> KvCache {
         KvCache::new(self.decoder.layers.len(), batch)
@@ -1459,6 +1453,36 @@ mod tests {
         let mut empty = KvCache::new(1, 0);
         empty.append_rows(filled(1, 2, 0.0)).unwrap();
         assert_eq!((empty.batch(), empty.seq_len()), (1, 2));
+    }
+
+    /// The embeddings-in path and caller-given position ids reach the same decoder as ids do:
+    /// looked-up embeddings give the ids' logits, the mask's own positions give the default
+    /// ones, other positions change the result, and a mis-shaped position tensor is refused.
+    #[test]
+    fn embeddings_in_and_explicit_positions_match_the_ids_path() {
+        let m = crate::peft::adapters::tests::tiny_model(false);
+        let ids = Tensor::from_slice(&[1i64, 5, 3, 7, 2, 9]).view([2, 3]);
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        let want = CausalLM::forward(&m, ForwardArgs::ids(&ids)).unwrap();
+        let embeds = Tensor::embedding(m.embed_tokens(), &ids, -1, false, false);
+        let got = CausalLM::forward(&m, ForwardArgs::embeds(&embeds)).unwrap();
+        assert_eq!(diff(&got, &want), 0.0, "embeddings in = ids in");
+
+        let mask = Tensor::from_slice(&[0i64, 1, 1, 1, 1, 1]).view([2, 3]);
+        let default = CausalLM::forward(&m, ForwardArgs::ids(&ids).mask(Some(&mask))).unwrap();
+        let pos = Tensor::from_slice(&[0i64, 0, 1, 0, 1, 2]).view([2, 3]);
+        let given =
+            CausalLM::forward(&m, ForwardArgs::ids(&ids).mask(Some(&mask)).positions(Some(&pos)));
+        assert_eq!(diff(&given.unwrap(), &default), 0.0, "the mask's positions, given explicitly");
+        let spread = Tensor::from_slice(&[0i64, 0, 3, 0, 2, 5]).view([2, 3]);
+        let other = CausalLM::forward(
+            &m,
+            ForwardArgs::ids(&ids).mask(Some(&mask)).positions(Some(&spread)),
+        );
+        assert!(diff(&other.unwrap(), &default) > 1e-4, "other positions change the logits");
+        let e = CausalLM::forward(&m, ForwardArgs::ids(&ids).positions(Some(&pos.view([6]))))
+            .unwrap_err();
+        assert!(e.to_string().contains("position_ids must be"), "{e}");
     }
 
     #[test]

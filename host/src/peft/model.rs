@@ -33,11 +33,6 @@ impl PeftModel {
         Self { base, adapters: AdapterSet::default(), embed_copies: Vec::new() }
     }
 
-    /// The wrapped model.
-    pub fn base_model(&self) -> &CausalLM {
-        &self.base
-    }
-
     /// The [`LinearMode`] of a forward pass: the active adapter unless `flags` has
     /// `DISABLE_ADAPTER` (the reference model); `train` turns adapter dropout on. (`NO_GRAD` is
     /// the caller's: wrap the call in `tch::no_grad`.)

@@ -14,10 +14,6 @@ use crate::model::CausalLM;
 pub const NON_LORA_FILE: &str = "non_lora_state_dict.safetensors";
 const PEFT_PREFIX: &str = "base_model.model.";
 
-/// The merger's weights are those under this prefix; the rest of `model.visual.` is the tower.
-pub const MERGER: &str = "model.visual.merger.";
-pub const VISUAL: &str = "model.visual.";
-
 /// Writes `params` (if any) to `dir/non_lora_state_dict.safetensors`.
 pub fn save(dir: &Path, params: &[TrainParam]) -> Result<()> {
     if params.is_empty() {

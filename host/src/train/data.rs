@@ -135,8 +135,6 @@ pub fn rank_share(global: &[usize], rank: usize, per_rank: usize) -> &[usize] {
 pub struct RunData {
     pub train: Vec<(usize, Item)>,
     pub eval: Vec<(usize, Item)>,
-    /// Rows the data set holds.
-    pub rows: usize,
     pub truncated: usize,
     pub skipped: usize,
 }
@@ -144,7 +142,7 @@ pub struct RunData {
 impl RunData {
     /// Rows already encoded, all of them for training.
     pub fn given(train: Vec<(usize, Item)>) -> Self {
-        Self { rows: train.len(), train, eval: Vec::new(), truncated: 0, skipped: 0 }
+        Self { train, eval: Vec::new(), truncated: 0, skipped: 0 }
     }
 
     /// The usable rows of `prepared` (those with a label), split into train and eval by
@@ -208,7 +206,7 @@ impl RunData {
                 eval.len()
             );
         }
-        Ok(Self { train, eval, rows, truncated, skipped })
+        Ok(Self { train, eval, truncated, skipped })
     }
 }
 

@@ -5,8 +5,11 @@ use anyhow::{bail, Result};
 use ferrotune_plugin_api::TrainParam;
 
 use super::config::VisionTrainConfig;
-use crate::peft::non_lora::{MERGER, VISUAL};
 use crate::peft::PeftModel;
+
+/// The merger's weights are those under this prefix; the rest of `model.visual.` is the tower.
+const MERGER: &str = "model.visual.merger.";
+const VISUAL: &str = "model.visual.";
 
 /// The vision weights `cfg` trains in full, as trainable parameters (named by checkpoint key,
 /// `requires_grad` switched on) with their learning-rate scales relative to `lr`. Empty for a
