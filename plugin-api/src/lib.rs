@@ -81,7 +81,8 @@ pub use kinds::adapter::{module_name_matches, AdapterLayer, AdapterMethod, BaseL
 pub use kinds::dataset::{DataSource, DatasetFormat, SampleList, SampleReader};
 pub use kinds::memory::{Collectives, MemoryStrategy, ReduceOp, StepReport};
 pub use kinds::objective::{
-    Batch, ForwardFlags, LossOutput, Objective, ObjectiveContext, RewardScores,
+    logps_from_logits, next_token_targets, target_logps, Batch, ForwardFlags, LossOutput,
+    Objective, ObjectiveContext, RewardScores, TargetLogps, TARGET_IDS, TARGET_TEMPERATURE,
 };
 pub use kinds::quantizer::{QuantizedWeight, Quantizer};
 pub use kinds::reward::{Reward, RewardInput};

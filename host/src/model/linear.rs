@@ -430,6 +430,19 @@ impl FrozenLinear {
         }
     }
 
+    /// The dense frozen weight and bias that `forward` in `mode` multiplies by, when that is
+    /// all it does: no adapter or trainable copy runs in `mode`, the weight is neither
+    /// quantized nor sharded, and it takes no gradient. `None` otherwise.
+    pub fn plain_weight(&self, mode: LinearMode<'_>) -> Option<(&Tensor, Option<&Tensor>)> {
+        let adapted = mode.rows.is_some()
+            || mode.adapter.is_some_and(|n| self.adapter(n).is_some() || self.copy(n).is_some());
+        let plain = !adapted
+            && self.shard.is_none()
+            && self.base.quantized.is_none()
+            && !self.base.weight.requires_grad();
+        plain.then_some((&self.base.weight, self.base.bias.as_ref()))
+    }
+
     /// A mixed batch: the base once for all rows, then each adapter this layer holds runs on
     /// its rows (gathered, the base output handed over as [`RowsOfBase`]) and its result
     /// replaces those rows. Rows whose adapter this layer lacks keep the base output.

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+use super::attention::{attend, build_mask, packed_segments, right_padded, Mask, Segments};
 use super::config::{Architecture, LlamaConfig, Rope};
 use super::qwen2vl::{
     self, rope_index, Qwen2VLConfig, VisionConfig, VisionInputs, VisionTower, LANGUAGE_MODEL,
@@ -264,79 +265,6 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(x.f_mul(cos)?.f_add(&rotate_half(x)?.f_mul(sin)?)?)
 }
 
-/// The attention pattern of one forward call, shared by the layers of one kind.
-enum Mask {
-    /// Every cached key is visible (a single new token, no padding, no window).
-    All,
-    /// Plain causal from position 0 (no cache, no padding, no window): SDPA's `is_causal`.
-    Causal,
-    /// `[B or 1, 1, T, S]` booleans, true = attend.
-    Explicit(Tensor),
-}
-
-/// Builds the mask for `t` queries at positions `past..past+t` over `past + t` keys.
-/// `key_valid` is `[B, S]` (false = padding). Padding queries attend to themselves only, so
-/// that no row is empty (an empty row would give NaN and poison later layers).
-impl Mask {
-    fn shallow_clone(&self) -> Self {
-        match self {
-            Mask::All => Mask::All,
-            Mask::Causal => Mask::Causal,
-            Mask::Explicit(t) => Mask::Explicit(t.shallow_clone()),
-        }
-    }
-}
-
-fn build_mask(
-    key_valid: Option<&Tensor>,
-    past: i64,
-    t: i64,
-    window: Option<i64>,
-    device: Device,
-) -> Result<Mask> {
-    if key_valid.is_none() && window.is_none() {
-        return Ok(if t == 1 {
-            Mask::All
-        } else if past == 0 {
-            Mask::Causal
-        } else {
-            explicit_causal(None, past, t, None, device)?
-        });
-    }
-    explicit_causal(key_valid, past, t, window, device)
-}
-
-fn explicit_causal(
-    key_valid: Option<&Tensor>,
-    past: i64,
-    t: i64,
-    window: Option<i64>,
-    device: Device,
-) -> Result<Mask> {
-    let s = past + t;
-    let q_idx = Tensor::f_arange_start(past, s, (Kind::Int64, device))?.f_unsqueeze(1)?; // [T, 1]
-    let kv_idx = Tensor::f_arange(s, (Kind::Int64, device))?.f_unsqueeze(0)?; // [1, S]
-    let mut allowed = kv_idx.f_le_tensor(&q_idx)?; // [T, S]
-    if let Some(w) = window {
-        allowed = allowed.f_logical_and(&kv_idx.f_gt_tensor(&q_idx.f_sub_scalar(w)?)?)?;
-    }
-    let mut allowed = allowed.f_unsqueeze(0)?; // [1, T, S]
-    if let Some(valid) = key_valid {
-        allowed = allowed.f_logical_and(&valid.f_unsqueeze(1)?)?; // [B, T, S]
-    }
-    let diagonal = kv_idx.f_eq_tensor(&q_idx)?.f_unsqueeze(0)?;
-    Ok(Mask::Explicit(allowed.f_logical_or(&diagonal)?.f_unsqueeze(1)?))
-}
-
-/// `[B, kv_heads, S, D]` -> `[B, heads, S, D]`, each kv head repeated `n_rep` times.
-fn repeat_kv(x: Tensor, n_rep: i64) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv, s, d) = x.size4()?;
-    Ok(x.f_unsqueeze(2)?.f_expand([b, kv, n_rep, s, d], false)?.f_reshape([b, kv * n_rep, s, d])?)
-}
-
 struct Attention {
     q_proj: FrozenLinear,
     k_proj: FrozenLinear,
@@ -428,53 +356,7 @@ impl Attention {
             None => (k, v),
         };
         let scale = (self.head_dim as f64).powf(-0.5);
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let y = match mask {
-            // One query per row: fold the heads sharing a kv head into the query length
-            // instead of repeating keys and values (transformers' `pack_gqa`).
-            _ if t == 1 && n_rep > 1 => {
-                let q = q.f_reshape([b, self.num_kv_heads, n_rep, self.head_dim])?;
-                let m = match mask {
-                    Mask::Explicit(m) => Some(m),
-                    _ => None,
-                };
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, m, 0.0, false, scale, false)?
-                    .f_reshape([b, self.num_heads, 1, self.head_dim])?
-            }
-            Mask::All => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                false,
-                scale,
-                n_rep > 1,
-            )?,
-            Mask::Causal => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                true,
-                scale,
-                n_rep > 1,
-            )?,
-            Mask::Explicit(m) => {
-                let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
-                Tensor::f_scaled_dot_product_attention(
-                    &q,
-                    &k,
-                    &v,
-                    Some(m),
-                    0.0,
-                    false,
-                    scale,
-                    false,
-                )?
-            }
-        };
+        let y = attend(&q, &k, &v, mask, scale)?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&y, mode)
     }
@@ -721,18 +603,20 @@ impl Decoder {
         mut x: Tensor,
         position_ids: &Tensor,
         key_valid: Option<&Tensor>,
+        segments: Option<&Segments>,
         past: i64,
         mut cache: Option<&mut KvCache>,
         mode: LinearMode<'_>,
     ) -> Result<Tensor> {
         let t = x.size()[1];
         let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
-        let full_mask = build_mask(key_valid, past, t, None, self.device)?;
+        let full_mask = build_mask(key_valid, past, t, None, segments, self.device)?;
         let mut sliding_masks: Vec<(i64, Mask)> = Vec::new();
         for l in &self.layers {
             if let Some(w) = l.self_attn.sliding_window {
                 if !sliding_masks.iter().any(|(sw, _)| *sw == w) {
-                    sliding_masks.push((w, build_mask(key_valid, past, t, Some(w), self.device)?));
+                    sliding_masks
+                        .push((w, build_mask(key_valid, past, t, Some(w), segments, self.device)?));
                 }
             }
         }
@@ -965,6 +849,11 @@ impl CausalLM {
         KvCache::new(self.decoder.layers.len(), batch)
     }
 
+    /// The output head (`lm_head`, tied to the embeddings or not).
+    pub fn lm_head(&self) -> &FrozenLinear {
+        &self.decoder.lm_head
+    }
+
     /// The input embedding matrix `[vocab_size, hidden_size]` (`model.embed_tokens.weight`, or
     /// Qwen2-VL's `model.language_model.embed_tokens.weight`).
     pub fn embed_tokens(&self) -> &Tensor {
@@ -1128,6 +1017,7 @@ impl CausalLM {
             }
             None => None,
         };
+        let position_ids_given = position_ids.is_some();
         let position_ids = match position_ids {
             Some(p) => {
                 if p.size() != [b, t] && p.size() != [3, b, t] {
@@ -1170,8 +1060,33 @@ impl CausalLM {
                 .f_to_kind(x.kind())?;
             x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
         }
-        let hidden =
-            self.decoder.decode(x, &position_ids, key_valid.as_ref(), past, cache, mode)?;
+        // Masks: none for a right-padded batch without a cache, per sample for packed rows
+        // (see `model::attention`).
+        let fresh = past == 0 && cache.is_none();
+        let mask_valid = match key_valid {
+            Some(v) if fresh && right_padded(&v)? => None,
+            other => other,
+        };
+        let segments = match (position_ids_given, &mask_valid) {
+            (true, None) if fresh => {
+                let text = if position_ids.dim() == 3 {
+                    position_ids.f_select(0, 0)?
+                } else {
+                    position_ids.shallow_clone()
+                };
+                packed_segments(&text)?
+            }
+            _ => None,
+        };
+        let hidden = self.decoder.decode(
+            x,
+            &position_ids,
+            mask_valid.as_ref(),
+            segments.as_ref(),
+            past,
+            cache,
+            mode,
+        )?;
         match output {
             Output::Hidden => Ok(hidden),
             Output::Logits => self.decoder.head(&hidden, mode),
@@ -1526,21 +1441,5 @@ mod tests {
             };
             assert!((*g as f64 - want).abs() <= 1e-6 * want, "band {i}: {g} vs {want}");
         }
-    }
-
-    #[test]
-    fn mask_padding_rows_never_empty() {
-        let valid = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1]).reshape([2, 4]).ne(0);
-        let Mask::Explicit(m) = build_mask(Some(&valid), 0, 4, Some(2), Device::Cpu).unwrap()
-        else {
-            panic!("explicit")
-        };
-        let m: Vec<i64> = Vec::try_from(&m.to_kind(Kind::Int64).reshape([-1])).unwrap();
-        #[rustfmt::skip]
-        let want = vec![
-            1, 0, 0, 0,  0, 1, 0, 0,  0, 0, 1, 0,  0, 0, 1, 1, // row 0: two pads, then window 2
-            1, 0, 0, 0,  1, 1, 0, 0,  0, 1, 1, 0,  0, 0, 1, 1, // row 1: no padding, window 2
-        ];
-        assert_eq!(m, want);
     }
 }

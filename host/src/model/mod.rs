@@ -1,6 +1,7 @@
 //! Decoder-only language models read from Hugging Face directories (Llama, Qwen2, Mistral, and
 //! Qwen2-VL with its vision tower), their checkpoint loading, saving (`save_pretrained`), and random initialisation of new ones
 //! (`init-model`).
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod init;
@@ -8,6 +9,7 @@ pub mod linear;
 pub mod llama;
 pub mod qwen2vl;
 pub mod save;
+pub mod target;
 pub mod weights;
 
 pub use config::{Architecture, LlamaConfig, Rope, SUPPORTED_ARCHITECTURES};

@@ -3,11 +3,14 @@
 use anyhow::{Context, Result};
 use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
 use ferrotune_plugin_api::kinds::reward::RewardHandle;
-use ferrotune_plugin_api::{ForwardFlags, PluginError, PluginResult, Reward, RewardInput};
+use ferrotune_plugin_api::{
+    ForwardFlags, PluginError, PluginResult, Reward, RewardInput, TARGET_IDS, TARGET_TEMPERATURE,
+};
 use tch::Tensor;
 
 use super::config::TrainConfig;
 use crate::data;
+use crate::model::target::{target_logps, TargetOptions};
 use crate::model::{ForwardArgs, VisionInputs};
 use crate::peft::PeftModel;
 use crate::plugins::Registry;
@@ -69,19 +72,38 @@ impl ObjectiveContext for PolicyContext<'_> {
                 ))
             }
         };
-        let run = || {
-            self.model
-                .forward(
-                    ForwardArgs::ids(ids)
-                        .mask(mask)
-                        .images(images.as_ref())
-                        .mode(self.model.mode(flags, self.train)),
-                )
-                .map_err(|e| PluginError::runtime(format!("{e:#}")))
+        let targets = if flags.contains(ForwardFlags::TARGET_LOGPS) {
+            let ids = get(TARGET_IDS).ok_or_else(|| {
+                PluginError::invalid(format!("forward with TARGET_LOGPS needs `{TARGET_IDS}`"))
+            })?;
+            let temperature = match get(TARGET_TEMPERATURE) {
+                Some(t) => t.f_double_value(&[]).map_err(|e| {
+                    PluginError::invalid(format!("`{TARGET_TEMPERATURE}` must be a scalar: {e}"))
+                })?,
+                None => 1.0,
+            };
+            let entropy = flags.contains(ForwardFlags::TARGET_ENTROPY);
+            Some((ids, TargetOptions { temperature, entropy }))
+        } else {
+            None
         };
-        let logits =
-            if flags.contains(ForwardFlags::NO_GRAD) { tch::no_grad(run)? } else { run()? };
-        Ok(vec![("logits".to_string(), logits)])
+        let mode = self.model.mode(flags, self.train);
+        let run = || -> anyhow::Result<Vec<(String, Tensor)>> {
+            let args = ForwardArgs::ids(ids).mask(mask).images(images.as_ref()).mode(mode);
+            let Some((target_ids, opts)) = &targets else {
+                return Ok(vec![("logits".to_string(), self.model.forward(args)?)]);
+            };
+            let hidden = self.model.forward(args.hidden())?;
+            let out = target_logps(self.model.lm_head(), mode, &hidden, target_ids, *opts)?;
+            let mut named = vec![
+                ("target_logps".to_string(), out.logps),
+                ("target_correct".to_string(), out.correct),
+            ];
+            named.extend(out.entropy.map(|e| ("target_entropy".to_string(), e)));
+            Ok(named)
+        };
+        let out = if flags.contains(ForwardFlags::NO_GRAD) { tch::no_grad(run) } else { run() };
+        out.map_err(|e| PluginError::runtime(format!("{e:#}")))
     }
     fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>> {
         let opts: serde_json::Value =

@@ -57,6 +57,13 @@ impl ForwardFlags {
     pub const DISABLE_ADAPTER: Self = Self(1);
     /// Do not record a graph.
     pub const NO_GRAD: Self = Self(2);
+    /// Return the log-probabilities of given target tokens instead of the logits (see
+    /// [`target_logps`]): the host computes them from the last hidden state and the head in
+    /// chunks of target positions, so the `[B, T, V]` logits are never built.
+    pub const TARGET_LOGPS: Self = Self(4);
+    /// With `TARGET_LOGPS`: also return `target_entropy`, the entropy of each target
+    /// position's distribution (no graph).
+    pub const TARGET_ENTROPY: Self = Self(8);
     pub fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
     }
@@ -67,6 +74,135 @@ impl std::ops::BitOr for ForwardFlags {
     fn bitor(self, rhs: Self) -> Self {
         Self(self.0 | rhs.0)
     }
+}
+
+/// Input name of the target tokens for [`ForwardFlags::TARGET_LOGPS`]: `[B, T]` integers,
+/// `target_ids[b, t]` the token position `t` is scored on (the *next* token for a causal
+/// model's usual loss); negative = no target there.
+pub const TARGET_IDS: &str = "target_ids";
+/// Optional input with `TARGET_LOGPS`: a scalar tensor `τ`; log-probabilities are of
+/// `logits / τ` (TRL's sampling temperature). Default 1.
+pub const TARGET_TEMPERATURE: &str = "target_temperature";
+
+/// What [`target_logps`] returns; every tensor is `[B, T]`.
+#[derive(Debug)]
+pub struct TargetLogps {
+    /// `log softmax(logits[b, t] / τ)[target_ids[b, t]]` in fp32 (fp64 logits stay fp64), 0
+    /// where there is no target; with a graph to the trainable parameters unless `NO_GRAD`.
+    pub logps: Tensor,
+    /// Whether the target is the argmax (the first maximal logit), false where no target.
+    pub correct: Tensor,
+    /// The entropy of `softmax(logits / τ)` (with `TARGET_ENTROPY`), 0 where no target.
+    pub entropy: Option<Tensor>,
+}
+
+/// Runs the policy and returns the log-probabilities of `target_ids` ([`TARGET_IDS`]) under
+/// `logits / temperature`. The host computes them in chunks of target positions without the
+/// full logits (`TARGET_LOGPS`); a host that predates the flag answers with `logits`, and
+/// they are computed here from those, so the result is the same either way.
+pub fn target_logps(
+    ctx: &dyn ObjectiveContext,
+    inputs: &[(String, Tensor)],
+    target_ids: &Tensor,
+    temperature: f64,
+    flags: ForwardFlags,
+) -> PluginResult<TargetLogps> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(PluginError::invalid(format!(
+            "target log-probabilities need a positive temperature, got {temperature}"
+        )));
+    }
+    let mut all: Vec<(String, Tensor)> = inputs
+        .iter()
+        .filter(|(n, _)| n != TARGET_IDS && n != TARGET_TEMPERATURE)
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    all.push((TARGET_IDS.to_string(), target_ids.shallow_clone()));
+    if temperature != 1.0 {
+        all.push((TARGET_TEMPERATURE.to_string(), Tensor::from(temperature)));
+    }
+    let mut out = ctx.forward(&all, flags | ForwardFlags::TARGET_LOGPS)?;
+    let mut take = |name: &str| -> Option<Tensor> {
+        out.iter().position(|(n, _)| n == name).map(|i| out.swap_remove(i).1)
+    };
+    if let (Some(logps), Some(correct)) = (take("target_logps"), take("target_correct")) {
+        let entropy = take("target_entropy");
+        if flags.contains(ForwardFlags::TARGET_ENTROPY) && entropy.is_none() {
+            return Err(PluginError::invalid("the host returned no `target_entropy`"));
+        }
+        return Ok(TargetLogps { logps, correct, entropy });
+    }
+    let logits = take("logits").ok_or_else(|| {
+        PluginError::invalid("the model's forward returned neither `target_logps` nor `logits`")
+    })?;
+    logps_from_logits(&logits, target_ids, temperature, flags)
+}
+
+/// [`TargetLogps`] from full `[B, T, V]` logits (what a host computes in chunks).
+pub fn logps_from_logits(
+    logits: &Tensor,
+    target_ids: &Tensor,
+    temperature: f64,
+    flags: ForwardFlags,
+) -> PluginResult<TargetLogps> {
+    let (b, t, v) = logits.size3().map_err(|_| {
+        PluginError::invalid(format!(
+            "model `logits` must be [batch, seq, vocab], got {:?}",
+            logits.size()
+        ))
+    })?;
+    if target_ids.size() != [b, t] {
+        return Err(PluginError::invalid(format!(
+            "`{TARGET_IDS}` has shape {:?}, the model's logits {:?}: expected [{b}, {t}]",
+            target_ids.size(),
+            logits.size()
+        )));
+    }
+    let targets = target_ids.f_to_device(logits.device())?.f_to_kind(tch::Kind::Int64)?;
+    let valid = targets.f_ge(0)?;
+    if targets.f_ge(v)?.f_any()?.int64_value(&[]) != 0 {
+        return Err(PluginError::invalid(format!(
+            "`{TARGET_IDS}` holds ids outside the vocabulary [0, {v})"
+        )));
+    }
+    let safe = targets.f_clamp_min(0)?.f_unsqueeze(-1)?;
+    let logits = match logits.kind() {
+        tch::Kind::Double => logits.shallow_clone(),
+        _ => logits.f_to_kind(tch::Kind::Float)?,
+    };
+    let logits = if temperature != 1.0 { logits.f_div_scalar(temperature)? } else { logits };
+    let lp = logits.f_log_softmax(-1, None::<tch::Kind>)?;
+    let logps =
+        lp.f_gather(-1, &safe, false)?.f_squeeze_dim(-1)?.f_where_scalarother(&valid, 0.0)?;
+    let (correct, entropy) = tch::no_grad(|| -> PluginResult<(Tensor, Option<Tensor>)> {
+        let (_, argmax) = logits.f_max_dim(-1, false)?;
+        let correct = argmax.f_eq_tensor(&targets)?.f_logical_and(&valid)?;
+        let entropy = if flags.contains(ForwardFlags::TARGET_ENTROPY) {
+            let h = lp.f_exp()?.f_mul(&lp)?.f_sum_dim_intlist(
+                [-1i64].as_slice(),
+                false,
+                None::<tch::Kind>,
+            )?;
+            Some(h.f_neg()?.f_where_scalarother(&valid, 0.0)?)
+        } else {
+            None
+        };
+        Ok((correct, entropy))
+    })?;
+    Ok(TargetLogps { logps, correct, entropy })
+}
+
+/// `target_ids` for next-token scoring: `labels` shifted left by one (position `t` is scored
+/// on `labels[t + 1]`), the last position without a target; labels equal to `ignore_index`
+/// become −1 (no target).
+pub fn next_token_targets(labels: &Tensor, ignore_index: i64) -> PluginResult<Tensor> {
+    let (b, t) = labels.size2().map_err(|_| {
+        PluginError::invalid(format!("`labels` must be [batch, seq], got {:?}", labels.size()))
+    })?;
+    let labels = labels.f_to_kind(tch::Kind::Int64)?;
+    let labels = labels.f_masked_fill(&labels.f_eq(ignore_index)?, -1)?;
+    let pad = Tensor::f_full([b, 1], -1, (tch::Kind::Int64, labels.device()))?;
+    Ok(Tensor::f_cat(&[labels.f_narrow(1, 1, t - 1)?, pad], 1)?)
 }
 
 /// The scores of one reward plugin for a list of completions.

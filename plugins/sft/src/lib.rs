@@ -16,6 +16,7 @@
 //! Metrics: `loss`, `num_label_tokens`, `mean_token_accuracy` (TRL's name: the fraction of
 //! label tokens whose argmax prediction is right).
 use ferrotune_plugin_api::prelude::*;
+use ferrotune_plugin_api::{next_token_targets, target_logps};
 use serde::Deserialize;
 
 /// Configuration (`objective: {plugin: sft, ...}`).
@@ -30,6 +31,13 @@ pub struct SftConfig {
     /// the value transformers' collators write.
     #[serde(default = "default_ignore_index")]
     pub ignore_index: i64,
+    /// Compute the loss from the model's full `[B, T, V]` logits, as transformers'
+    /// `ForCausalLMLoss` does (bit-for-bit its result), instead of asking the host for the
+    /// label tokens' log-probabilities, which it computes in chunks of label positions
+    /// without the full logits (equal within fp32 rounding, far less memory). Default false;
+    /// label smoothing always takes the full logits.
+    #[serde(default)]
+    pub full_logits: bool,
 }
 
 fn default_ignore_index() -> i64 {
@@ -114,16 +122,7 @@ impl Sft {
                 logits.size()
             )));
         }
-        if !matches!(
-            labels.kind(),
-            Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
-        ) {
-            return Err(PluginError::invalid(format!(
-                "batch `labels` must be integer token ids, got {:?}",
-                labels.kind()
-            )));
-        }
-        let labels = labels.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
+        let labels = check_labels(labels)?.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
         // Position t predicts label t + 1. As ForCausalLMLoss: pad the labels on the right
         // with ignore_index and shift them, keeping all T logit positions (the last one has
         // no target), so no copy of the logits is needed and the sums run in torch's order.
@@ -151,15 +150,8 @@ impl Sft {
             )
         };
         let loss = match num_items_in_batch {
-            Some(n) => {
-                if n < num_label_tokens {
-                    return Err(PluginError::invalid(format!(
-                        "batch metadata `{NUM_ITEMS_KEY}` = {n} is smaller than this micro-batch's {num_label_tokens} label tokens \
-                         (it must count the label tokens of every micro-batch of the step)"
-                    )));
-                }
-                ce(tch::Reduction::Sum)?.f_div_scalar(n.max(1) as f64)?
-            }
+            Some(n) => ce(tch::Reduction::Sum)?
+                .f_div_scalar(check_num_items(n, num_label_tokens)? as f64)?,
             // torch's mean over zero tokens is 0/0 = NaN; an all-prompt micro-batch gives 0.
             None if num_label_tokens == 0 => ce(tch::Reduction::Sum)?,
             None => ce(tch::Reduction::Mean)?,
@@ -175,6 +167,65 @@ impl Sft {
     }
 }
 
+impl Sft {
+    /// The loss from the label tokens' log-probabilities, which the host computes in chunks
+    /// without the full logits ([`target_logps`]); the same reduction as [`Sft::token_loss`].
+    pub fn chunked_loss(
+        &self,
+        ctx: &dyn ObjectiveContext,
+        inputs: &[(String, Tensor)],
+        labels: &Tensor,
+        num_items_in_batch: Option<i64>,
+    ) -> PluginResult<TokenLoss> {
+        let ignore = self.cfg.ignore_index;
+        let labels = check_labels(labels)?.f_to_kind(Kind::Int64)?;
+        let bad = labels.f_lt(0)?.f_logical_and(&labels.f_ne(ignore)?)?;
+        if bad.f_any()?.int64_value(&[]) != 0 {
+            return Err(PluginError::invalid(format!(
+                "batch `labels` holds negative ids other than ignore_index {ignore}"
+            )));
+        }
+        let targets = next_token_targets(&labels, ignore)?;
+        let out = target_logps(ctx, inputs, &targets, 1.0, ForwardFlags::NONE)?;
+        let num_label_tokens = targets.f_ge(0)?.f_sum(Kind::Int64)?.int64_value(&[]);
+        let divisor = match num_items_in_batch {
+            Some(n) => check_num_items(n, num_label_tokens)?,
+            None => num_label_tokens.max(1),
+        };
+        let loss = out.logps.f_sum(Kind::Float)?.f_neg()?.f_div_scalar(divisor as f64)?;
+        let correct_tokens = out.correct.f_sum(Kind::Int64)?.int64_value(&[]);
+        Ok(TokenLoss { loss, num_label_tokens, correct_tokens })
+    }
+}
+
+/// `labels` must be `[B, T]` integer ids.
+fn check_labels(labels: &Tensor) -> PluginResult<&Tensor> {
+    if labels.dim() != 2 {
+        return Err(PluginError::invalid(format!(
+            "batch `labels` must be [batch, seq], got {:?}",
+            labels.size()
+        )));
+    }
+    if !matches!(labels.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+        return Err(PluginError::invalid(format!(
+            "batch `labels` must be integer token ids, got {:?}",
+            labels.kind()
+        )));
+    }
+    Ok(labels)
+}
+
+/// `num_items_in_batch` must count at least this micro-batch's label tokens.
+fn check_num_items(n: i64, num_label_tokens: i64) -> PluginResult<i64> {
+    if n < num_label_tokens {
+        return Err(PluginError::invalid(format!(
+            "batch metadata `{NUM_ITEMS_KEY}` = {n} is smaller than this micro-batch's {num_label_tokens} label tokens \
+             (it must count the label tokens of every micro-batch of the step)"
+        )));
+    }
+    Ok(n.max(1))
+}
+
 impl Objective for Sft {
     fn loss(&mut self, batch: &Batch, ctx: &dyn ObjectiveContext) -> PluginResult<LossOutput> {
         let labels = batch.get("labels")?;
@@ -186,13 +237,16 @@ impl Objective for Sft {
             .filter(|(n, _)| n != "labels")
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect();
-        let outputs = ctx.forward(&inputs, ForwardFlags::NONE)?;
-        let logits = outputs
-            .into_iter()
-            .find(|(n, _)| n == "logits")
-            .map(|(_, t)| t)
-            .ok_or_else(|| PluginError::invalid("the model's forward returned no `logits`"))?;
-        let out = self.token_loss(&logits, labels, num_items)?;
+        let out = if self.cfg.full_logits || self.cfg.label_smoothing > 0.0 {
+            let outputs = ctx.forward(&inputs, ForwardFlags::NONE)?;
+            let logits =
+                outputs.into_iter().find(|(n, _)| n == "logits").map(|(_, t)| t).ok_or_else(
+                    || PluginError::invalid("the model's forward returned no `logits`"),
+                )?;
+            self.token_loss(&logits, labels, num_items)?
+        } else {
+            self.chunked_loss(ctx, &inputs, labels, num_items)?
+        };
         let value = out.loss.f_double_value(&[])?;
         let accuracy = if out.num_label_tokens > 0 {
             out.correct_tokens as f64 / out.num_label_tokens as f64
@@ -223,7 +277,10 @@ mod tests {
 
     #[test]
     fn config_defaults_and_errors_name_the_key() {
-        assert_eq!(sft("").cfg, SftConfig { label_smoothing: 0.0, ignore_index: -100 });
+        assert_eq!(
+            sft("").cfg,
+            SftConfig { label_smoothing: 0.0, ignore_index: -100, full_logits: false }
+        );
         let e = Sft::from_config(r#"{"label_smoothing": 1.5}"#).err().unwrap();
         assert!(e.message().contains("`label_smoothing`") && e.message().contains("[0, 1]"), "{e}");
         let e = Sft::from_config(r#"{"label_smothing": 0.1}"#).err().unwrap();
