@@ -444,6 +444,13 @@ pub struct BenchTrainArgs {
     /// (`make bench-quant` runs with it).
     #[arg(long)]
     pub memory_phases: bool,
+    /// Variable-length rows: a file of token counts (row r gets the r-th, cycling; cut at
+    /// --seq-len), e.g. host/src/bench/alpaca_lengths.txt.
+    #[arg(long)]
+    pub lengths: Option<PathBuf>,
+    /// Pack rows (the trainer's `data.packing: true`).
+    #[arg(long)]
+    pub packing: bool,
 }
 
 #[derive(Args)]

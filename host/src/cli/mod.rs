@@ -294,6 +294,8 @@ fn bench_train(a: &BenchTrainArgs, search: &SearchPath) -> Result<String> {
             })
             .transpose()?,
         memory_phases: a.memory_phases,
+        lengths: a.lengths.as_deref().map(crate::bench::read_lengths).transpose()?,
+        packing: a.packing,
     };
     let result = crate::bench::bench_train(
         &a.model,
