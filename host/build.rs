@@ -38,7 +38,8 @@ fn native_layer(libtorch_lib: &std::path::Path) {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
-        .file("csrc/checkpoint.cpp");
+        .file("csrc/checkpoint.cpp")
+        .file("csrc/attention.cpp");
     let mut with_nccl = false;
     if with_c10d {
         build.define("USE_C10D_GLOO", None).include(&gloo).file("csrc/c10d.cpp");

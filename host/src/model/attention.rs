@@ -187,8 +187,65 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Re
     })
 }
 
-/// Causal attention inside each packed sample: one SDPA call per sample.
+/// Causal attention inside each packed sample: on CUDA in half precision libtorch's
+/// variable-length flash kernel over every sample at once, elsewhere one SDPA call per
+/// sample.
 fn segment_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rows: &[Vec<(i64, i64)>],
+    scale: f64,
+) -> Result<Tensor> {
+    let d = q.size()[3];
+    let flash = q.device().is_cuda()
+        && matches!(q.kind(), Kind::BFloat16 | Kind::Half)
+        && d % 8 == 0
+        && d <= 256;
+    if flash {
+        varlen_attention(q, k, v, rows, scale)
+    } else {
+        per_segment_attention(q, k, v, rows, scale)
+    }
+}
+
+/// The flash path of [`segment_attention`]: rows flattened to `[B·T, heads, D]`, the
+/// samples' cumulative lengths in int32.
+fn varlen_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rows: &[Vec<(i64, i64)>],
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, heads, t, d) = q.size4()?;
+    let mut cu = vec![0i32];
+    let mut total = 0i64;
+    for segs in rows {
+        for &(_, len) in segs {
+            total += len;
+            cu.push(i32::try_from(total)?);
+        }
+    }
+    let max_len = rows.iter().flatten().map(|&(_, len)| len).max().unwrap_or(1);
+    let flat = |x: &Tensor| -> Result<Tensor> {
+        let h = x.size()[1];
+        Ok(x.f_transpose(1, 2)?.f_contiguous()?.f_reshape([b * t, h, d])?)
+    };
+    let cu = Tensor::f_from_slice(&cu)?.f_to_device(q.device())?;
+    let y = super::checkpoint::varlen_flash_attention(
+        &flat(q)?,
+        &flat(k)?,
+        &flat(v)?,
+        &cu,
+        max_len,
+        scale,
+    )?;
+    Ok(y.f_reshape([b, t, heads, d])?.f_transpose(1, 2)?)
+}
+
+/// The portable path of [`segment_attention`]: one causal SDPA call per sample.
+fn per_segment_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

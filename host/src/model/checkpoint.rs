@@ -19,6 +19,15 @@ type BlockFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
 
 extern "C" {
     fn ft_grad_enabled() -> i32;
+    fn ft_varlen_attention(
+        q: *mut c_void,
+        k: *mut c_void,
+        v: *mut c_void,
+        cu_seqlens: *mut c_void,
+        max_len: i64,
+        scale: f64,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
     fn ft_checkpoint(
         f: unsafe extern "C" fn(
             *mut c_void,
@@ -140,6 +149,26 @@ pub fn regather_linear(
         ft_regather_linear(call_block, ctx, drop_block, x.as_ptr() as *mut c_void, bias, &mut err)
     };
     take_output(out, err, "re-gathered linear layer failed")
+}
+
+/// Causal attention over packed samples on CUDA (host/csrc/attention.cpp): `q`
+/// `[total, heads, d]`, `k`, `v` `[total, kv_heads, d]` in bf16 or f16, `cu_seqlens` the
+/// int32 cumulative sample lengths `[n + 1]` on the same device; libtorch's variable-length
+/// FlashAttention-2 kernel, differentiable.
+pub fn varlen_flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &Tensor,
+    max_len: i64,
+    scale: f64,
+) -> Result<Tensor> {
+    let ptr = |t: &Tensor| t.as_ptr() as *mut c_void;
+    let mut err: *mut c_char = std::ptr::null_mut();
+    let out = unsafe {
+        ft_varlen_attention(ptr(q), ptr(k), ptr(v), ptr(cu_seqlens), max_len, scale, &mut err)
+    };
+    take_output(out, err, "variable-length flash attention failed")
 }
 
 /// The tensor a C++ entry point returned, or its error message (freed here).
