@@ -105,6 +105,35 @@ impl LoraLayer {
         Ok(tch::no_grad(|| self.b.f_matmul(&self.a))?.f_detach()? * self.scaling)
     }
 
+    /// Whether the plain update runs in the base output's dtype `kind`: a half-precision
+    /// base over fp32 adapters, as peft under bf16/fp16 autocast (its `F.linear` casts the
+    /// fp32 adapter weights to the autocast dtype). DoRA keeps its fp32 path (its weight
+    /// norm is fp32 in peft too).
+    fn computes_in(&self, kind: Kind) -> bool {
+        matches!(kind, Kind::Half | Kind::BFloat16) && self.a.kind() != kind
+    }
+
+    /// `base_out + scale · (x Aᵀ) Bᵀ` in `base_out`'s dtype: A and B cast from their fp32
+    /// master copies (gradients flow back through the casts and stay fp32), the second
+    /// product and the sum in one `addmm` over the flattened leading dims. The scale is
+    /// folded into B before its cast (tch binds `addmm` without `alpha`), which rounds
+    /// `scale · B` once instead of rounding `(x Aᵀ) Bᵀ` and its scaled copy.
+    fn add_low_precision(
+        &self,
+        x: &Tensor,
+        base_out: &Tensor,
+        dropped: bool,
+    ) -> PluginResult<Tensor> {
+        let kind = base_out.kind();
+        let x = x.f_to_kind(kind)?;
+        let x = if dropped { x.f_dropout(self.dropout, true)? } else { x };
+        let (r, out) = (self.a.size()[0], self.b.size()[0]);
+        let xa = x.f_linear::<Tensor>(&self.a.f_to_kind(kind)?, None)?.f_reshape([-1, r])?;
+        let scaled_bt = self.b.f_mul_scalar(self.scaling)?.f_to_kind(kind)?.f_tr()?;
+        let y = base_out.f_reshape([-1, out])?.f_addmm(&xa, &scaled_bt)?;
+        Ok(y.f_reshape(base_out.size())?)
+    }
+
     fn named_tensors(&self) -> Vec<(&'static str, &Tensor)> {
         let mut v = vec![(LORA_A, &self.a), (LORA_B, &self.b)];
         if let Variant::Dora(d) = &self.variant {
@@ -118,8 +147,11 @@ impl AdapterLayer for LoraLayer {
     fn forward(&self, x: &Tensor, base: &dyn BaseLinear, train: bool) -> PluginResult<Tensor> {
         let result = base.forward(x)?;
         let out_kind = result.kind();
-        let x = x.f_to_kind(self.a.kind())?;
         let dropped = train && self.dropout > 0.0;
+        if matches!(self.variant, Variant::Plain) && self.computes_in(out_kind) {
+            return self.add_low_precision(x, &result, dropped);
+        }
+        let x = x.f_to_kind(self.a.kind())?;
         let x = if dropped { x.f_dropout(self.dropout, true)? } else { x };
         let lora_result = x.f_linear::<Tensor>(&self.a, None)?.f_linear::<Tensor>(&self.b, None)?;
         let y = match &self.variant {
@@ -409,5 +441,51 @@ mod tests {
         let x = Tensor::randn([3, 5], (Kind::BFloat16, Device::Cpu));
         assert_eq!(l.forward(&x, &base, false).unwrap().kind(), Kind::BFloat16);
         assert_eq!(l.merged_weight(&base.w).unwrap().kind(), Kind::BFloat16);
+    }
+
+    /// A bf16 base computes the update in bf16 (the output is bf16) from the fp32 A and B,
+    /// within bf16 rounding of the same layer computed in fp32, and the gradients reaching
+    /// A and B are fp32 and match the fp32 ones to bf16 precision.
+    #[test]
+    fn bf16_base_computes_in_bf16_with_fp32_adapters() {
+        tch::manual_seed(16);
+        let fp32 = base(6, 5);
+        let bf16 = Base {
+            w: fp32.w.to_kind(Kind::BFloat16),
+            b: fp32.b.as_ref().map(|b| b.to_kind(Kind::BFloat16)),
+        };
+        let l = layer(r#"{"r": 2, "lora_alpha": 6}"#, &bf16);
+        perturb(&l);
+        // the same fp32 computation, from the bf16-rounded base weights
+        let exact = Base {
+            w: bf16.w.to_kind(Kind::Float),
+            b: bf16.b.as_ref().map(|b| b.to_kind(Kind::Float)),
+        };
+        let x = Tensor::randn([2, 3, 5], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let grads = |y: &Tensor| {
+            l.a.shallow_clone().zero_grad();
+            l.b.shallow_clone().zero_grad();
+            (y.to_kind(Kind::Float) * y.to_kind(Kind::Float).ones_like().cumsum(-1, Kind::Float))
+                .sum(Kind::Float)
+                .backward();
+            (l.a.grad().copy(), l.b.grad().copy())
+        };
+        let y = l.forward(&x, &bf16, true).unwrap();
+        assert_eq!(y.kind(), Kind::BFloat16);
+        assert_eq!(y.size(), [2, 3, 6]);
+        let (ga, gb) = grads(&y);
+        assert_eq!((ga.kind(), gb.kind()), (Kind::Float, Kind::Float));
+        let want = l.forward(&x.to_kind(Kind::Float), &exact, true).unwrap();
+        assert_eq!(want.kind(), Kind::Float, "the fp32 path is unchanged");
+        let (wa, wb) = grads(&want);
+        // bf16 keeps 8 significant bits: a few roundings of values of size ~|y| each
+        let close = |got: &Tensor, want: &Tensor| {
+            let tol = 3.0 * 2f64.powi(-8) * want.abs().max().double_value(&[]);
+            let d = max_diff(&got.to_kind(Kind::Float), want);
+            assert!(d <= tol && d > 0.0, "max diff {d:e}, bf16 tolerance {tol:e}");
+        };
+        close(&y, &want);
+        close(&ga, &wa);
+        close(&gb, &wb);
     }
 }
