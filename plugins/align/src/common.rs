@@ -1,7 +1,8 @@
 //! What every alignment objective shares: reading the batch and its metadata, running the
-//! policy (or the reference) and turning logits into per-token log-probabilities, and the
+//! policy (or the reference) for the per-token log-probabilities of the scored tokens, and the
 //! checks that keep a NaN from reaching the optimizer.
 use ferrotune_plugin_api::prelude::*;
+use ferrotune_plugin_api::{next_token_targets, target_logps};
 use serde::Deserialize;
 
 /// Batch-metadata key: how many micro-batches make up the optimizer step. Per-micro-batch
@@ -84,64 +85,43 @@ pub fn set_input(inputs: &mut Vec<(String, Tensor)>, name: &str, t: Tensor) {
     inputs.push((name.to_string(), t));
 }
 
-/// Runs the model and returns its `logits` (`[B, T, V]`).
-pub fn forward_logits(
-    ctx: &dyn ObjectiveContext,
-    inputs: &[(String, Tensor)],
-    flags: ForwardFlags,
-) -> PluginResult<Tensor> {
-    let outputs = ctx.forward(inputs, flags)?;
-    outputs
-        .into_iter()
-        .find(|(n, _)| n == "logits")
-        .map(|(_, t)| t)
-        .ok_or_else(|| PluginError::invalid("the model's forward returned no `logits`"))
-}
-
-/// `log softmax(logits / temperature)` at `targets`, per position: `[B, L, V]`, `[B, L]` →
-/// `[B, L]`. Half-precision logits are upcast to fp32 (fp64 stays fp64), as TRL's
-/// `selective_log_softmax` does.
-pub fn token_logps(logits: &Tensor, targets: &Tensor, temperature: f64) -> PluginResult<Tensor> {
-    let logits = match logits.kind() {
-        Kind::Double => logits.shallow_clone(),
-        _ => logits.f_to_kind(Kind::Float)?,
-    };
-    let logits = if temperature != 1.0 { logits.f_div_scalar(temperature)? } else { logits };
-    let v = logits.size().last().copied().unwrap_or(0);
-    let targets = targets.f_to_device(logits.device())?.f_to_kind(Kind::Int64)?;
-    // Masked positions may hold any id (padding, -100): clamp into the vocabulary, the
-    // caller masks them out.
-    let safe = targets.f_clamp(0, (v - 1).max(0))?;
-    let lp = logits.f_log_softmax(-1, None::<Kind>)?;
-    Ok(lp.f_gather(-1, &safe.f_unsqueeze(-1)?, false)?.f_squeeze_dim(-1)?)
-}
-
-/// Next-token log-probabilities of a whole sequence: `out[b, t] = log p(ids[b, t+1] | ids[b, ..=t])`,
-/// `[B, T]` → `[B, T − 1]` (TRL's fused LM head `log_probs`, before masking).
-pub fn next_token_logps(
-    logits: &Tensor,
-    input_ids: &Tensor,
-    temperature: f64,
-) -> PluginResult<Tensor> {
-    let (b, t, _) = logits.size3().map_err(|_| {
-        PluginError::invalid(format!(
-            "model `logits` must be [batch, seq, vocab], got {:?}",
-            logits.size()
-        ))
-    })?;
-    if input_ids.size() != [b, t] {
-        return Err(PluginError::invalid(format!(
-            "the model's logits {:?} do not match `input_ids` {:?}",
-            logits.size(),
-            input_ids.size()
-        )));
-    }
+/// `target_ids` (`[B, T]`) scoring the next token where `scored` is set: position t is
+/// scored on `ids[b, t + 1]` when `scored[b, t + 1]` is non-zero, and has no target (−1)
+/// elsewhere and at the last position, so prompt and padding positions never reach the head.
+pub fn next_token_targets_where(ids: &Tensor, scored: &Tensor) -> PluginResult<Tensor> {
+    let t = ids.size().get(1).copied().unwrap_or(0);
     if t < 2 {
         return Err(PluginError::invalid(format!(
             "sequences of {t} token(s) have no next token to score"
         )));
     }
-    token_logps(&logits.f_narrow(1, 0, t - 1)?, &input_ids.f_narrow(1, 1, t - 1)?, temperature)
+    let keep = scored.f_to_device(ids.device())?.f_ne(0)?;
+    let labels = ids.f_to_kind(Kind::Int64)?.f_where_scalarother(&keep, -1)?;
+    next_token_targets(&labels, -1)
+}
+
+/// Runs the model on `inputs` for the log-probabilities of `targets` (`[B, T]`, from
+/// [`next_token_targets_where`]) under `logits / temperature`, and returns them without the
+/// last position: `out[b, t] = log p(ids[b, t+1] | ids[b, ..=t])` where position t has a
+/// target, 0 elsewhere, `[B, T − 1]` (TRL's fused LM head `log_probs`, masked). The host
+/// computes them without the `[B, T, V]` logits; fp32 (fp64 logits stay fp64), as TRL's
+/// `selective_log_softmax`.
+pub fn next_token_logps(
+    ctx: &dyn ObjectiveContext,
+    inputs: &[(String, Tensor)],
+    targets: &Tensor,
+    temperature: f64,
+    flags: ForwardFlags,
+) -> PluginResult<Tensor> {
+    let (b, t) = targets.size2()?;
+    let logps = target_logps(ctx, inputs, targets, temperature, flags)?.logps;
+    if logps.size() != [b, t] {
+        return Err(PluginError::invalid(format!(
+            "the model's target log-probabilities {:?} do not match `input_ids` [{b}, {t}]",
+            logps.size()
+        )));
+    }
+    Ok(logps.f_narrow(1, 0, t - 1)?)
 }
 
 /// `Σ_t x[b, t]` over positions where `mask` is set (masked positions contribute 0 even if

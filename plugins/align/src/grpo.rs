@@ -3,12 +3,11 @@
 //! group-relative advantages, and trained with a clipped policy-gradient loss (plus a k3 KL
 //! to the reference when `beta ≠ 0`).
 use ferrotune_plugin_api::prelude::*;
+use ferrotune_plugin_api::target_logps;
 use serde::Deserialize;
 use std::cell::Cell;
 
-use crate::common::{
-    bool_mask, check_loss, ensure_finite, forward_logits, get_2d, model_inputs, token_logps, Meta,
-};
+use crate::common::{bool_mask, check_loss, ensure_finite, get_2d, model_inputs, Meta};
 use crate::losses::{group_advantages, grpo_loss, GrpoLossType, GrpoParams, ScaleRewards};
 
 /// Tensor names of the GRPO batch that are not model inputs.
@@ -220,7 +219,8 @@ impl Scored {
 
 impl Grpo {
     /// Per-token log-probabilities of the completions (`[B, C]`, 0 at masked positions as
-    /// TRL's fused head) and, when asked, the per-token entropies.
+    /// TRL's fused head) and, when asked, the per-token entropies (0 at masked positions),
+    /// under `logits / temperature`. Only the completion positions reach the model's head.
     fn completion_logps(
         &self,
         ctx: &dyn ObjectiveContext,
@@ -230,6 +230,9 @@ impl Grpo {
     ) -> PluginResult<(Tensor, Option<Tensor>)> {
         let p = s.prompt_ids.size()[1];
         let c = s.completion_ids.size()[1];
+        if p < 1 {
+            return Err(PluginError::invalid("GRPO needs at least one prompt token per row"));
+        }
         let mut inputs: Vec<(String, Tensor)> =
             s.extra_inputs.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         let ids = Tensor::f_cat(
@@ -245,32 +248,32 @@ impl Grpo {
             ],
             1,
         )?;
+        // Position P − 1 + j scores completion token j; only the completion tokens are targets.
+        let device = ids.device();
+        let keep = bool_mask(&s.completion_mask, device)?;
+        let completion = s
+            .completion_ids
+            .f_to_device(device)?
+            .f_to_kind(Kind::Int64)?
+            .f_where_scalarother(&keep, -1)?;
+        let b = completion.size()[0];
+        let none = |n: i64| Tensor::f_full([b, n], -1, (Kind::Int64, device));
+        let targets = Tensor::f_cat(&[none(p - 1)?, completion, none(1)?], 1)?;
         inputs.push(("input_ids".into(), ids));
         inputs.push(("attention_mask".into(), mask));
-        let logits = forward_logits(ctx, &inputs, flags)?;
-        if logits.dim() != 3 || logits.size()[1] != p + c {
+        let flags = if entropy { flags | ForwardFlags::TARGET_ENTROPY } else { flags };
+        let out = target_logps(ctx, &inputs, &targets, self.cfg.temperature, flags)?;
+        if out.logps.size() != [b, p + c] {
             return Err(PluginError::invalid(format!(
-                "the model's logits {:?} do not cover the {} prompt + completion positions",
-                logits.size(),
+                "the model's target log-probabilities {:?} do not cover the {} prompt + completion positions",
+                out.logps.size(),
                 p + c
             )));
         }
-        let logits = logits.f_narrow(1, p - 1, c)?;
-        let lp = token_logps(&logits, &s.completion_ids, self.cfg.temperature)?;
-        let m = bool_mask(&s.completion_mask, lp.device())?;
-        let lp = lp.f_where_scalarother(&m, 0.0)?;
-        let ent = if entropy {
-            Some(tch::no_grad(|| -> PluginResult<Tensor> {
-                let l = logits.f_to_kind(Kind::Float)?.f_div_scalar(self.cfg.temperature)?;
-                let logp = l.f_log_softmax(-1, None::<Kind>)?;
-                Ok(logp
-                    .f_exp()?
-                    .f_mul(&logp)?
-                    .f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)?
-                    .f_neg()?)
-            })?)
-        } else {
-            None
+        let lp = out.logps.f_narrow(1, p - 1, c)?;
+        let ent = match out.entropy {
+            Some(e) if entropy => Some(e.f_narrow(1, p - 1, c)?),
+            _ => None,
         };
         Ok((lp, ent))
     }

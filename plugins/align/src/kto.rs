@@ -5,8 +5,8 @@ use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
 use crate::common::{
-    bool_mask, check_loss, ensure_finite, forward_logits, get_1d_opt, get_2d, masked_sum, mean_f64,
-    model_inputs, next_token_logps, set_input, Meta,
+    bool_mask, check_loss, ensure_finite, get_1d_opt, get_2d, masked_sum, mean_f64, model_inputs,
+    next_token_logps, next_token_targets_where, set_input, Meta,
 };
 use crate::losses::{kto_loss, KtoLossType, KtoParams};
 
@@ -99,7 +99,8 @@ impl Plugin for Kto {
     }
 }
 
-/// Summed completion log-probabilities of `ids` rows under the model run on `inputs`.
+/// Summed completion log-probabilities of `ids` rows under the model run on `inputs` (only the
+/// completion positions reach the model's head).
 fn completion_logps(
     ctx: &dyn ObjectiveContext,
     inputs: &[(String, Tensor)],
@@ -107,8 +108,8 @@ fn completion_logps(
     completion_mask: &Tensor,
     flags: ForwardFlags,
 ) -> PluginResult<Tensor> {
-    let logits = forward_logits(ctx, inputs, flags)?;
-    let per_token = next_token_logps(&logits, ids, 1.0)?;
+    let targets = next_token_targets_where(ids, completion_mask)?;
+    let per_token = next_token_logps(ctx, inputs, &targets, 1.0, flags)?;
     let t = ids.size()[1];
     masked_sum(&per_token, &bool_mask(&completion_mask.f_narrow(1, 1, t - 1)?, per_token.device())?)
 }

@@ -3,10 +3,13 @@
 //! The loss math lives in [`losses`] as plain functions over per-sequence (GRPO: per-token)
 //! log-probabilities; each follows one TRL 1.16 code path line by line, and
 //! `tests/align_loss_parity.rs` checks them, through the loaded plugin, against TRL itself.
-//! The plugins gather the inputs: one policy forward through [`ObjectiveContext::forward`],
-//! and the reference as the same model with [`ForwardFlags::DISABLE_ADAPTER`] (no second
-//! copy of the weights) under `NO_GRAD`, unless the batch carries precomputed reference
-//! log-probabilities. With full fine-tuning (no adapter) the host must supply those.
+//! The plugins gather the inputs: one policy forward through [`ObjectiveContext::forward`]
+//! asking for the log-probabilities of the scored tokens alone
+//! ([`ferrotune_plugin_api::target_logps`]: the host computes them in chunks from the last
+//! hidden state, never the `[B, T, V]` logits; prompt and padding positions have no target and
+//! never reach the head), and the reference as the same model with
+//! [`ForwardFlags::DISABLE_ADAPTER`] (no second copy of the weights) under `NO_GRAD`, unless
+//! the batch carries precomputed reference log-probabilities. With full fine-tuning (no adapter) the host must supply those.
 //!
 //! # Batch conventions (what the host collates)
 //! Token tensors are int (`i64`), masks 0/1 (any int or bool type), log-probabilities float.

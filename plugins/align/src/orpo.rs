@@ -48,7 +48,8 @@ impl Objective for Orpo {
 
     fn loss(&mut self, batch: &Batch, ctx: &dyn ObjectiveContext) -> PluginResult<LossOutput> {
         let meta = Meta::parse(&batch.meta_json)?;
-        let pf = pair_forward(batch, ctx, 1.0)?;
+        // The chosen rows' prompt tokens are scored too, for the NLL term.
+        let pf = pair_forward(batch, ctx, 1.0, true)?;
         let logps = pf.mean_logps(&pf.per_token)?;
         ensure_finite("the policy's mean completion log-probabilities", &logps.f_detach()?)?;
         let (chosen, rejected) = halves(&logps)?;

@@ -2,7 +2,9 @@
 //! chosen rows first (TRL 1.16's `DataCollatorForPreference` layout), one forward for both.
 use ferrotune_plugin_api::prelude::*;
 
-use crate::common::{bool_mask, forward_logits, get_2d, masked_sum, mean_f64, next_token_logps};
+use crate::common::{
+    bool_mask, get_2d, masked_sum, mean_f64, next_token_logps, next_token_targets_where,
+};
 use crate::losses::PairLoss;
 
 /// Tensor names of the pair batch that are not model inputs.
@@ -11,8 +13,12 @@ pub const PAIR_NON_MODEL_KEYS: [&str; 3] =
 
 /// One forward over a pair batch.
 pub struct PairForward {
-    /// `log p(input_ids[:, t+1])` at each position, `[2B, T − 1]`, with a graph.
+    /// `log p(input_ids[:, t+1])` at each scored position (0 elsewhere), `[2B, T − 1]`, with a
+    /// graph.
     pub per_token: Tensor,
+    /// The `target_ids` of the completion tokens alone (`[2B, T]`, −1 elsewhere), for a
+    /// reference pass.
+    pub completion_targets: Tensor,
     /// `completion_mask[:, 1:]` as bool: the positions whose next token is a completion token.
     pub completion: Tensor,
     /// `attention_mask[:, 1:]` as bool: the positions whose next token is real (prompt or completion).
@@ -27,11 +33,15 @@ pub struct PairForward {
     pub inputs: Vec<(String, Tensor)>,
 }
 
-/// Checks the pair batch, runs the policy once over it and returns the per-token log-probabilities.
+/// Checks the pair batch, runs the policy once over it and returns the per-token
+/// log-probabilities of the completion tokens; with `chosen_prompt`, also of every real
+/// (`attention_mask`) token of the chosen rows (ORPO's NLL). Only those positions reach the
+/// model's head.
 pub fn pair_forward(
     batch: &Batch,
     ctx: &dyn ObjectiveContext,
     temperature: f64,
+    chosen_prompt: bool,
 ) -> PluginResult<PairForward> {
     let ids = get_2d(batch, "input_ids", None, None)?;
     let (rows, t) = (ids.size()[0], ids.size()[1]);
@@ -43,8 +53,19 @@ pub fn pair_forward(
     let completion_mask = get_2d(batch, "completion_mask", Some(rows), Some(t))?;
     let attention_mask = get_2d(batch, "attention_mask", Some(rows), Some(t))?;
     let inputs = crate::common::model_inputs(batch, &PAIR_NON_MODEL_KEYS);
-    let logits = forward_logits(ctx, &inputs, ForwardFlags::NONE)?;
-    let per_token = next_token_logps(&logits, ids, temperature)?;
+    let completion_targets = next_token_targets_where(ids, completion_mask)?;
+    let targets = if chosen_prompt {
+        let device = ids.device();
+        let chosen_rows =
+            Tensor::f_arange(rows, (Kind::Int64, device))?.f_lt(rows / 2)?.f_unsqueeze(-1)?;
+        let scored = bool_mask(attention_mask, device)?
+            .f_logical_and(&chosen_rows)?
+            .f_logical_or(&bool_mask(completion_mask, device)?)?;
+        next_token_targets_where(ids, &scored)?
+    } else {
+        completion_targets.shallow_clone()
+    };
+    let per_token = next_token_logps(ctx, &inputs, &targets, temperature, ForwardFlags::NONE)?;
     let device = per_token.device();
     let completion = bool_mask(&completion_mask.f_narrow(1, 1, t - 1)?, device)?;
     let attention = bool_mask(&attention_mask.f_narrow(1, 1, t - 1)?, device)?;
@@ -73,6 +94,7 @@ pub fn pair_forward(
     })?;
     Ok(PairForward {
         per_token,
+        completion_targets,
         completion,
         attention,
         lengths,

@@ -89,7 +89,7 @@ impl Objective for Simpo {
 
     fn loss(&mut self, batch: &Batch, ctx: &dyn ObjectiveContext) -> PluginResult<LossOutput> {
         let meta = Meta::parse(&batch.meta_json)?;
-        let pf = pair_forward(batch, ctx, 1.0)?;
+        let pf = pair_forward(batch, ctx, 1.0, false)?;
         let logps = if self.kind.length_normalized() {
             pf.mean_logps(&pf.per_token)?
         } else {
