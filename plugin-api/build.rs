@@ -1,5 +1,6 @@
 //! Records the build fingerprint (libtorch version, C++ ABI flag) that every plugin carries,
-//! and re-exports the libtorch directory to dependents.
+//! re-exports the libtorch directory to dependents, and compiles `csrc/optim.cpp` (the fused
+//! AdamW and `_foreach` kernels tch does not bind) against the headers beside that `lib/`.
 use std::path::Path;
 use std::process::Command;
 
@@ -15,6 +16,28 @@ fn main() {
     let (version, abi) = probe(Path::new(&lib));
     println!("cargo:rustc-env=FERROTUNE_LIBTORCH_VERSION={version}");
     println!("cargo:rustc-env=FERROTUNE_CXX11_ABI={abi}");
+    compile_optim(Path::new(&lib), &abi);
+}
+
+/// `csrc/optim.cpp`, linked into every crate that calls `optim`'s multi-tensor steps.
+fn compile_optim(lib: &Path, abi: &str) {
+    println!("cargo:rerun-if-changed=csrc/optim.cpp");
+    let include = lib.parent().unwrap_or(Path::new(".")).join("include");
+    assert!(
+        include.join("ATen/ATen.h").is_file(),
+        "libtorch headers not found under {}: build with LIBTORCH_USE_PYTORCH=1 (or LIBTORCH)",
+        include.display()
+    );
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/optim.cpp")
+        .include(&include)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi)
+        .warnings(false)
+        .extra_warnings(false)
+        .flag_if_supported("-Wno-unused-parameter")
+        .compile("ferrotune_optim");
 }
 
 /// (libtorch version, "1"/"0" C++11 ABI) of the libtorch in `lib` (its `lib/` folder).

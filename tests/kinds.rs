@@ -208,7 +208,7 @@ fn memory_plugin_steps_host_parameters() {
     }
     let got_q = q.double_value(&[0]);
     assert!((got_q - (0.5 - 0.2 * coef * 4.0)).abs() < 1e-6);
-    assert_eq!(p.grad().abs().sum(Kind::Float).double_value(&[]), 0.0, "step zeroes gradients");
+    assert!(!p.grad().defined(), "step drops the gradients (grad = None)");
     let e = mem
         .load_state_dict(vec![("momentum".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu)))])
         .unwrap_err();

@@ -206,11 +206,7 @@ fn run_plugin(
         }
         run.norms.push(report.grad_norm);
         for p in params {
-            assert_eq!(
-                p.grad().abs().sum(Kind::Float).double_value(&[]),
-                0.0,
-                "step zeroes gradients"
-            );
+            assert!(!p.grad().defined(), "step drops the gradients (grad = None)");
         }
         run.params_after.push(params.iter().map(|p| p.detach().copy()).collect());
         if let (Some(path), true) = (save, s == RESUME_AFTER) {
@@ -270,7 +266,8 @@ fn check_adamw(tag: &str, optimizer_json: &str) {
         for (i, p) in PARAMS.iter().enumerate() {
             let expected = get(&reference, &format!("param.{s}.{}", p.name));
             let d = max_abs_diff(&full.params_after[(s - 1) as usize][i], expected);
-            assert!(d <= 1e-6, "[{tag}] step {s}, `{}`: max |plugin - torch| = {d:e}", p.name);
+            // the same `_fused_adamw_` kernel on the same inputs: bit-identical
+            assert!(d == 0.0, "[{tag}] step {s}, `{}`: max |plugin - torch| = {d:e}", p.name);
             max_diff = max_diff.max(d);
         }
     }

@@ -1,14 +1,18 @@
-//! AdamW as `torch.optim.AdamW` (`foreach=False, fused=False`), shared by the memory plugins
-//! (`single`, `ddp`, `zero`): the config of the run's `optimizer:` section, the checks of the
-//! parameters at setup, the per-parameter update, `clip_grad_norm_`'s global norm and the
-//! step that clips the gradients and updates every parameter. See the `single` plugin for
-//! the formulas.
+//! AdamW as `torch.optim.AdamW(fused=True)`, shared by the memory plugins (`single`, `ddp`,
+//! `zero`): the config of the run's `optimizer:` section, the checks of the parameters at
+//! setup, `clip_grad_norm_(foreach=True)`'s global norm, and the step that clips the
+//! gradients and updates every parameter with libtorch's fused multi-tensor kernel
+//! (`_fused_adamw_`, bound through `csrc/optim.cpp` since tch has no binding for it), the
+//! per-tensor update ([`adamw_update`], `fused=False`'s kernels) only where the fused one
+//! cannot run. See the `single` plugin for the formulas.
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::kinds::memory::StepReport;
 use crate::kinds::TrainParam;
 use crate::{parse_config, PluginError, PluginResult};
+
+mod multi_tensor;
 
 /// The run's `optimizer:` section.
 #[derive(Deserialize, Debug, Clone, PartialEq)]
@@ -125,37 +129,36 @@ pub fn state_kind(k: Kind) -> Kind {
     }
 }
 
-/// Zeroes the gradient of every tensor that has one (a memory plugin's `zero_grad`).
+/// Drops the gradient of every tensor (a memory plugin's `zero_grad`), as torch's
+/// `zero_grad(set_to_none=True)`: no memory is written, and the next backward allocates
+/// fresh gradients instead of accumulating into zeroed ones.
 pub fn zero_grads<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> PluginResult<()> {
     for t in tensors {
-        let mut g = t.grad();
-        if g.defined() {
-            let _ = g.f_zero_()?;
+        if t.grad().defined() {
+            multi_tensor::set_grad_none(t)?;
         }
     }
     Ok(())
 }
 
-/// Global L2 norm of the gradients, as `clip_grad_norm_`: the norm of the per-tensor norms.
-/// `None` when no parameter has a gradient.
+/// Global L2 norm of the gradients, as `clip_grad_norm_(foreach=True)`: one
+/// `_foreach_norm` per norm dtype (fp64 gradients in fp64, others in fp32), then the norm
+/// of the stacked per-tensor norms. `None` when no parameter has a gradient.
 pub fn global_norm(grads: &[Option<Tensor>]) -> PluginResult<Option<Tensor>> {
-    let norms = grads
-        .iter()
-        .flatten()
-        .map(|g| {
-            if g.kind() == state_kind(g.kind()) {
-                g.f_norm()
-            } else {
-                g.f_to_kind(Kind::Float)?.f_norm()
+    let (doubles, others): (Vec<&Tensor>, Vec<&Tensor>) =
+        grads.iter().flatten().partition(|g| g.kind() == Kind::Double);
+    let kind = if doubles.is_empty() { Kind::Float } else { Kind::Double };
+    let mut norms = Vec::with_capacity(doubles.len() + others.len());
+    for (group, norm_kind) in [(others, Kind::Float), (doubles, Kind::Double)] {
+        if !group.is_empty() {
+            for n in multi_tensor::foreach_norm(&group, norm_kind)? {
+                norms.push(n.f_to_kind(kind)?);
             }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+        }
+    }
     if norms.is_empty() {
         return Ok(None);
     }
-    let kind =
-        if norms.iter().any(|n| n.kind() == Kind::Double) { Kind::Double } else { Kind::Float };
-    let norms = norms.iter().map(|n| n.f_to_kind(kind)).collect::<Result<Vec<_>, _>>()?;
     Ok(Some(Tensor::f_stack(&norms, 0)?.f_norm()?))
 }
 
@@ -165,17 +168,19 @@ pub fn clip_coef(total_norm: &Tensor, max_norm: f64) -> PluginResult<Tensor> {
     Ok(total_norm.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?)
 }
 
-/// The step's clipping coefficient when `max_grad_norm` is set (logged as `clip_coef` in
-/// `metrics`), none otherwise.
-pub fn clip_coef_for(
+/// The step's one read-back to the host: the global norm and, when clipping, the clipping
+/// coefficient, copied together.
+fn read_norm_and_coef(
     total_norm: &Tensor,
-    max_grad_norm: Option<f64>,
-    metrics: &mut Vec<(String, f64)>,
-) -> PluginResult<Option<Tensor>> {
-    let Some(max_norm) = max_grad_norm else { return Ok(None) };
-    let coef = clip_coef(total_norm, max_norm)?;
-    metrics.push(("clip_coef".into(), coef.f_double_value(&[])?));
-    Ok(Some(coef))
+    coef: Option<&Tensor>,
+) -> PluginResult<(f64, Option<f64>)> {
+    let mut parts = vec![total_norm.f_to_kind(Kind::Double)?.f_reshape([1])?];
+    if let Some(c) = coef {
+        parts.push(c.f_to_kind(Kind::Double)?.f_reshape([1])?);
+    }
+    let host = Tensor::f_cat(&parts, 0)?.f_to_device(Device::Cpu)?;
+    let values = Vec::<f64>::try_from(&host).map_err(|e| PluginError::runtime(e.to_string()))?;
+    Ok((values[0], values.get(1).copied()))
 }
 
 /// One parameter's AdamW moments.
@@ -248,12 +253,13 @@ pub struct AdamWParam<'a> {
 }
 
 /// A memory plugin's optimizer step once its gradients are reduced, `total_norm` being their
-/// global L2 norm ([`global_norm`]). A non-finite norm skips the step: the report says
-/// `skipped`, the step counter `step` stays and nothing is updated. Otherwise, without
-/// autograd: the clipping coefficient ([`clip_coef_for`], logged in the report's metrics),
-/// `step` advanced by one, then for each of `params` its gradient copied to its state's
-/// device and dtype, multiplied by the coefficient, and the [`adamw_update`]. Zeroing the
-/// gradients, after either outcome, is the caller's.
+/// global L2 norm ([`global_norm`]). One read-back to the host, of the norm and the clipping
+/// coefficient ([`clip_coef`], logged as `clip_coef` in the report's metrics). A non-finite
+/// norm skips the step: the report says `skipped`, the step counter `step` stays and
+/// nothing is updated. Otherwise, without autograd: `step` advanced by one, the gradients
+/// copied to their state's device and dtype and multiplied by the coefficient
+/// (`_foreach_mul_`), then the update of [`update_params`]. Dropping the gradients, after
+/// either outcome, is the caller's ([`zero_grads`]).
 pub fn adamw_step<'a>(
     cfg: &AdamWConfig,
     total_norm: &Tensor,
@@ -261,33 +267,165 @@ pub fn adamw_step<'a>(
     step: &mut i64,
     params: impl IntoIterator<Item = AdamWParam<'a>>,
 ) -> PluginResult<StepReport> {
-    let grad_norm = total_norm.f_double_value(&[])?;
+    let coef = cfg.max_grad_norm.map(|m| clip_coef(total_norm, m)).transpose()?;
+    let (grad_norm, coef_value) = read_norm_and_coef(total_norm, coef.as_ref())?;
     if !grad_norm.is_finite() {
         return Ok(StepReport { grad_norm, skipped: true, metrics: vec![] });
     }
-    let mut metrics = Vec::new();
-    tch::no_grad(|| -> PluginResult<()> {
-        // clip_grad_norm_'s coefficient, as torch computes it (see `clip_coef`).
-        let coef = clip_coef_for(total_norm, cfg.max_grad_norm, &mut metrics)?;
-        *step += 1;
-        for AdamWParam { param, moments, grad } in params {
-            let mut g =
-                grad.f_to_device(moments.exp_avg.device())?.f_to_kind(moments.exp_avg.kind())?;
-            if let Some(coef) = &coef {
-                g = g.f_mul(&coef.f_to_device(g.device())?.f_to_kind(g.kind())?)?;
-            }
-            adamw_update(
-                cfg,
-                &param.tensor,
-                param.lr_scale,
-                param.weight_decay_scale,
-                moments,
-                &g,
-                lr,
-                *step,
-            )?;
+    let metrics = coef_value.map(|c| vec![("clip_coef".to_string(), c)]).unwrap_or_default();
+    *step += 1;
+    let mut work = params.into_iter().map(Work::new).collect::<PluginResult<Vec<_>>>()?;
+    tch::no_grad(|| update_params(cfg, &mut work, coef.as_ref(), lr, *step))?;
+    Ok(StepReport { grad_norm, skipped: false, metrics })
+}
+
+/// One parameter during a step: what the update writes (the parameter itself, or its copy
+/// in the state's dtype and device) and its gradient there.
+struct Work<'a> {
+    param: &'a TrainParam,
+    target: Tensor,
+    /// Whether `target` is a copy, written back after the update.
+    copied: bool,
+    grad: Tensor,
+    moments: AdamWMoments<'a>,
+}
+
+impl<'a> Work<'a> {
+    fn new(p: AdamWParam<'a>) -> PluginResult<Self> {
+        let (kind, device) = (p.moments.exp_avg.kind(), p.moments.exp_avg.device());
+        let t = &p.param.tensor;
+        let copied = t.kind() != kind || t.device() != device;
+        let target = if copied {
+            t.f_detach()?.f_to_device(device)?.f_to_kind(kind)?
+        } else {
+            t.shallow_clone()
+        };
+        let grad = p.grad.f_detach()?.f_to_device(device)?.f_to_kind(kind)?.f_contiguous()?;
+        Ok(Self { param: p.param, target, copied, grad, moments: p.moments })
+    }
+
+    /// The parameters one fused call can take together: same hyper-parameters, dtype and
+    /// device (`_fused_adamw_` takes one of each per call, as torch's param groups).
+    fn group_key(&self) -> (u64, u64, Kind, Device) {
+        let p = self.param;
+        (
+            p.lr_scale.to_bits(),
+            p.weight_decay_scale.to_bits(),
+            self.target.kind(),
+            self.target.device(),
+        )
+    }
+
+    /// The fused kernel walks raw storage: every tensor it writes must be contiguous.
+    fn fusable(&self) -> bool {
+        let m = &self.moments;
+        self.target.is_contiguous()
+            && m.exp_avg.is_contiguous()
+            && m.exp_avg_sq.is_contiguous()
+            && m.max_exp_avg_sq.as_ref().is_none_or(|t| t.is_contiguous())
+    }
+
+    /// The reborrowed moments, for the per-tensor update.
+    fn moments(&mut self) -> AdamWMoments<'_> {
+        let m = &mut self.moments;
+        AdamWMoments {
+            exp_avg: &mut *m.exp_avg,
+            exp_avg_sq: &mut *m.exp_avg_sq,
+            max_exp_avg_sq: m.max_exp_avg_sq.as_deref_mut(),
+        }
+    }
+
+    /// Writes an updated copy back into the parameter (CPU offload, low-precision weights).
+    fn copy_back(&self) -> PluginResult<()> {
+        if self.copied {
+            self.param.tensor.shallow_clone().f_copy_(&self.target)?;
         }
         Ok(())
-    })?;
-    Ok(StepReport { grad_norm, skipped: false, metrics })
+    }
+}
+
+/// Clips (one `_foreach_mul_` per gradient dtype and device) and updates every parameter:
+/// one `torch._fused_adamw_` per group of [`Work::group_key`], as
+/// `torch.optim.AdamW(fused=True)` does per param group. A group the fused kernel cannot
+/// take (a non-contiguous tensor, a device without the kernel: CPU, CUDA and MPS have it)
+/// falls back to the per-tensor [`adamw_update`]. There is no `_foreach_` AdamW tier in
+/// between: the work tensors are always in the state's fp32/fp64, which the fused kernel
+/// takes on every device that has one, and a device without it has no `_foreach_` kernels
+/// either (both come from the same backend registrations).
+fn update_params(
+    cfg: &AdamWConfig,
+    work: &mut [Work<'_>],
+    coef: Option<&Tensor>,
+    lr: f64,
+    step: i64,
+) -> PluginResult<()> {
+    let mut groups: Vec<((u64, u64, Kind, Device), Vec<usize>)> = Vec::new();
+    for (i, w) in work.iter().enumerate() {
+        match groups.iter_mut().find(|(k, _)| *k == w.group_key()) {
+            Some((_, idx)) => idx.push(i),
+            None => groups.push((w.group_key(), vec![i])),
+        }
+    }
+    for (_, idx) in &groups {
+        if let Some(coef) = coef {
+            let grads: Vec<&Tensor> = idx.iter().map(|&i| &work[i].grad).collect();
+            let c = coef.f_to_device(grads[0].device())?.f_to_kind(grads[0].kind())?;
+            multi_tensor::foreach_mul_(&grads, &c)?;
+        }
+        update_group(cfg, work, idx, lr, step)?;
+    }
+    work.iter().try_for_each(Work::copy_back)
+}
+
+/// The tensor lists of one fused call over the parameters `idx` of `work`.
+fn fused_lists<'w>(work: &'w [Work<'_>], idx: &[usize]) -> multi_tensor::FusedAdamW<'w> {
+    let mut t = multi_tensor::FusedAdamW {
+        params: Vec::with_capacity(idx.len()),
+        grads: Vec::with_capacity(idx.len()),
+        exp_avgs: Vec::with_capacity(idx.len()),
+        exp_avg_sqs: Vec::with_capacity(idx.len()),
+        max_exp_avg_sqs: Vec::new(),
+    };
+    for w in idx.iter().map(|&i| &work[i]) {
+        t.params.push(&w.target);
+        t.grads.push(&w.grad);
+        t.exp_avgs.push(&*w.moments.exp_avg);
+        t.exp_avg_sqs.push(&*w.moments.exp_avg_sq);
+        t.max_exp_avg_sqs.extend(w.moments.max_exp_avg_sq.as_deref());
+    }
+    t
+}
+
+/// The AdamW update of the parameters `idx` of `work`, one group of [`update_params`].
+fn update_group(
+    cfg: &AdamWConfig,
+    work: &mut [Work<'_>],
+    idx: &[usize],
+    lr: f64,
+    step: i64,
+) -> PluginResult<()> {
+    let first = &work[idx[0]];
+    let (lr_scale, wd_scale) = (first.param.lr_scale, first.param.weight_decay_scale);
+    if idx.iter().all(|&i| work[i].fusable()) {
+        let step_t = Tensor::f_full([], step as f64, (Kind::Float, first.target.device()))?;
+        let hyper = multi_tensor::AdamWHyper {
+            lr: lr * lr_scale,
+            betas: cfg.betas,
+            weight_decay: cfg.weight_decay * wd_scale,
+            eps: cfg.eps,
+            step: &step_t,
+        };
+        let tensors = fused_lists(work, idx);
+        // The kernel checks the dtype and device before touching any tensor: on an error,
+        // nothing is updated and the per-tensor path below runs instead.
+        if multi_tensor::fused_adamw(&tensors, &hyper).is_ok() {
+            return Ok(());
+        }
+    }
+    for &i in idx {
+        let w = &mut work[i];
+        let (target, grad) = (w.target.shallow_clone(), w.grad.shallow_clone());
+        adamw_update(cfg, &target, lr_scale, wd_scale, w.moments(), &grad, lr, step)?;
+    }
+    Ok(())
 }

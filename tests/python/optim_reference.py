@@ -1,4 +1,4 @@
-"""Reference side of tests/optim_parity.rs: torch.optim.AdamW + clip_grad_norm_, and
+"""Reference side of tests/optim_parity.rs: torch.optim.AdamW(fused=True) + clip_grad_norm_, and
 transformers' ForCausalLMLoss, on inputs the Rust test wrote. Tensors travel as
 safetensors files in DIR, options as JSON.
 
@@ -40,7 +40,7 @@ def adamw(d: pathlib.Path) -> None:
     ]
     optimizer = torch.optim.AdamW(
         param_groups, lr=spec["lrs"][0], betas=betas, eps=eps, weight_decay=weight_decay,
-        amsgrad=amsgrad, foreach=False, fused=False,
+        amsgrad=amsgrad, fused=True,  # the plugin runs the same `_fused_adamw_` kernel
     )
     out = {}
     norms = []
