@@ -20,8 +20,8 @@ use tch::Kind;
 use crate::generate::{generate_with_stats, SamplingParams};
 use crate::peft::PeftModel;
 pub use train::{
-    bench_train, bench_train_items, read_lengths, varlen_train_items, TrainBench, TrainBenchError,
-    TrainBenchResult,
+    bench_train, bench_train_items, read_lengths, varlen_train_items, BenchSource, TrainBench,
+    TrainBenchError, TrainBenchResult,
 };
 
 /// What to run.

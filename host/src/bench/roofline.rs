@@ -110,7 +110,7 @@ mod tests {
     #[test]
     fn shape_counts_the_decoder_linear_weights() {
         let cfg = LlamaConfig::from_json(
-            r#"{"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+            r#"{"model_type": "qwen2", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
                 "rms_norm_eps": 1e-6, "max_position_embeddings": 64}"#,
             std::path::Path::new("config.json"),

@@ -64,6 +64,18 @@ pub struct TrainBench {
     pub packing: bool,
 }
 
+/// What `bench train` trains on.
+#[derive(Debug, Clone)]
+pub enum BenchSource {
+    /// Synthetic rows (see the module docs) on the model of this directory.
+    Model(std::path::PathBuf),
+    /// A run config's own model and data set (e.g. the story demo's Qwen2-VL and
+    /// StoryReasoning sample), with its device and dtype; the bench sets `max_steps`
+    /// (warm-up + steps), one micro-batch of `batch` samples a step, no shuffling, no
+    /// progress bar, and `data.packing: true` with `packing`.
+    Config(std::path::PathBuf),
+}
+
 /// Why `bench train` cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainBenchError {
@@ -196,15 +208,49 @@ fn bench_config(dir: &Path, device: Device, dtype: Kind, opts: &TrainBench) -> R
     if opts.packing {
         config["data"]["packing"] = serde_json::json!(true);
     }
-    let parsed = TrainConfig::from_yaml(&serde_yaml::to_string(&config)?);
-    let mut cfg = match parsed {
-        Err(e) if opts.packing && format!("{e:#}").contains("packing") => {
-            return Err(TrainBenchError::PackingUnsupported(format!("{e:#}")).into())
-        }
-        other => other?,
-    };
+    let mut cfg = parse_bench_config(&serde_yaml::to_string(&config)?, opts.packing)?;
     cfg.quantization = opts.quantization.clone();
     Ok(cfg)
+}
+
+/// The run config of `path` with the bench's overrides (see [`BenchSource::Config`]);
+/// relative paths are resolved against the file's folder, as `train` does.
+fn bench_config_file(path: &Path, opts: &TrainBench) -> Result<TrainConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("bench train --config: cannot read {}", path.display()))?;
+    let mut value: serde_yaml::Value = serde_yaml::from_str(&text)
+        .with_context(|| format!("bench train --config {}: not YAML", path.display()))?;
+    let overrides = [
+        ("training", "max_steps", serde_yaml::Value::from((opts.warmup + opts.steps) as u64)),
+        ("training", "micro_batch_size", serde_yaml::Value::from(opts.batch as u64)),
+        ("training", "gradient_accumulation_steps", serde_yaml::Value::from(1u64)),
+        ("training", "progress_bar", serde_yaml::Value::from(false)),
+        ("data", "shuffle", serde_yaml::Value::from(false)),
+    ];
+    let packing = opts.packing.then(|| ("data", "packing", serde_yaml::Value::from(true)));
+    for (section, key, v) in overrides.into_iter().chain(packing) {
+        value[section][key] = v;
+    }
+    let mut cfg = parse_bench_config(&serde_yaml::to_string(&value)?, opts.packing)
+        .with_context(|| format!("in {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path] {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(cfg)
+}
+
+/// A bench config's YAML as a [`TrainConfig`]; with `packing`, a build whose trainer rejects
+/// `data.packing` is named as such.
+fn parse_bench_config(yaml: &str, packing: bool) -> Result<TrainConfig> {
+    match TrainConfig::from_yaml(yaml) {
+        Err(e) if packing && format!("{e:#}").contains("packing") => {
+            Err(TrainBenchError::PackingUnsupported(format!("{e:#}")).into())
+        }
+        other => other,
+    }
 }
 
 /// The items of the whole bench (warm-up and timed steps).
@@ -278,9 +324,10 @@ impl Timed {
     }
 }
 
-/// Runs `bench train` on the model directory `dir` (see the module docs).
+/// Runs `bench train` on `source` (see the module docs); `device` and `dtype` apply to
+/// synthetic rows (a config names its own).
 pub fn bench_train(
-    dir: &Path,
+    source: &BenchSource,
     registry: &Registry,
     device: Device,
     dtype: Kind,
@@ -290,13 +337,22 @@ pub fn bench_train(
         return Err(TrainBenchError::Shape.into());
     }
     let base_rss = proc_status_kib("VmRSS");
-    let cfg = bench_config(dir, device, dtype, opts)?;
-    let model_cfg = crate::model::LlamaConfig::from_dir(dir)?;
-    let items = bench_items(opts, model_cfg.vocab_size)?;
+    let (cfg, items) = match source {
+        BenchSource::Model(dir) => {
+            let vocab = crate::model::LlamaConfig::from_dir(dir)?.vocab_size;
+            (bench_config(dir, device, dtype, opts)?, Some(bench_items(opts, vocab)?))
+        }
+        BenchSource::Config(path) => (bench_config_file(path, opts)?, None),
+    };
+    let (device, dtype) =
+        (crate::device::resolve(&cfg.device)?, crate::model::init::parse_dtype(&cfg.dtype)?);
     // As `train` sets up: a QLoRA run quantizes each target layer as it is read.
-    let mut run = Run::setup_on_items(&cfg, registry, items.clone())?;
-    let flop_model = FlopModel::new(ModelShape::of(&model_cfg), run.trainable_parameters, &items);
-    drop(items);
+    let mut run = match items {
+        Some(items) => Run::setup_on_items(&cfg, registry, items)?,
+        None => Run::setup(&cfg, registry, None)?,
+    };
+    let shape = ModelShape::of(&crate::model::LlamaConfig::from_dir(&cfg.model)?);
+    let flop_model = FlopModel::new(shape, run.trainable_parameters, &run.data.train);
     let setup = if opts.memory_phases {
         let phases = (mib(proc_status_kib("VmHWM")), mib(proc_status_kib("VmRSS")));
         reset_peak_rss()?;
@@ -335,7 +391,7 @@ pub fn bench_train(
         device: format!("{device:?}").to_lowercase(),
         dtype: dtype_name(dtype),
         batch: opts.batch,
-        seq_len: opts.seq_len,
+        seq_len: cfg.data.cutoff_len,
         steps: opts.steps,
         warmup: opts.warmup,
         lora_r: opts.rank,

@@ -405,8 +405,13 @@ pub struct LaunchArgs {
 
 #[derive(Args)]
 pub struct BenchTrainArgs {
+    /// The model directory synthetic rows train on.
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    pub model: Option<PathBuf>,
+    /// Instead of --model: a run config whose model, data set, device and dtype the bench
+    /// trains on (max_steps, micro-batch --batch and packing set by the bench).
     #[arg(long)]
-    pub model: PathBuf,
+    pub config: Option<PathBuf>,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
     #[arg(long, default_value_t = 512)]

@@ -297,8 +297,13 @@ fn bench_train(a: &BenchTrainArgs, search: &SearchPath) -> Result<String> {
         lengths: a.lengths.as_deref().map(crate::bench::read_lengths).transpose()?,
         packing: a.packing,
     };
+    let source = match (&a.model, &a.config) {
+        (_, Some(config)) => crate::bench::BenchSource::Config(config.clone()),
+        (Some(model), None) => crate::bench::BenchSource::Model(model.clone()),
+        (None, None) => anyhow::bail!("bench train needs --model or --config"),
+    };
     let result = crate::bench::bench_train(
-        &a.model,
+        &source,
         &Registry::discover(search),
         a.dev.device()?,
         a.dev.dtype()?,
