@@ -5,8 +5,10 @@ use serde_json::{json, Map, Value};
 use tch::Tensor;
 
 use super::encode::{Encoded, IGNORE_INDEX};
-use super::images::ImagePrep;
+use super::images::{ImagePrep, SampleImage};
 use super::layout::{Item, Layout};
+use super::pack::Packed;
+use crate::model::qwen2vl::rope_index;
 
 /// Rows right-padded to one width: ids, attention mask and completion mask (the labelled
 /// tokens), each int64 `[rows, T]`.
@@ -151,12 +153,15 @@ pub fn collate(
     };
     let mut tensors = Vec::new();
     match layout {
+        Layout::Sequences if items.iter().any(|i| matches!(i, Item::Packed(_))) => {
+            tensors = packed_tensors(items, pad_id, prep)?
+        }
         Layout::Sequences => {
             let encs: Vec<Encoded> = seqs(&|i| if let Item::Seq(e) = i { Some(e) } else { None })?
                 .into_iter()
                 .cloned()
                 .collect();
-            tensors = pad_sequences(&encs, pad_id);
+            tensors = pad_sequences(&encs.iter().collect::<Vec<_>>(), pad_id);
             if let Some(p) = prep {
                 tensors.extend(p.batch_tensors(&encs)?);
             }
@@ -186,10 +191,101 @@ pub fn collate(
     Ok((tensors, meta))
 }
 
+/// A micro-batch of packed rows (`data.packing`; a plain sequence is a row of one sample):
+/// `input_ids` and `labels` right-padded to the longest row as [`pad_sequences`] pads them,
+/// `position_ids` restarting at 0 at every sample (see [`packed_positions`]), no
+/// `attention_mask`, and the rows' images in order.
+fn packed_tensors(items: &[&Item], pad_id: i64, prep: Option<&ImagePrep>) -> Result<NamedTensors> {
+    let mut rows = Vec::with_capacity(items.len());
+    for item in items {
+        rows.push(match item {
+            Item::Packed(Packed { seq, segments, .. }) => (seq, segments.clone()),
+            Item::Seq(e) => (e, vec![e.input_ids.len()]),
+            _ => bail!("internal: a row of another layout in a packed batch"),
+        });
+    }
+    let encs: Vec<&Encoded> = rows.iter().map(|(e, _)| *e).collect();
+    let mut tensors = pad_sequences(&encs, pad_id);
+    tensors.retain(|(n, _)| n != "attention_mask");
+    let mrope = prep
+        .filter(|_| encs.iter().any(|e| !e.images.is_empty()))
+        .map(|p| (p.image_pad_id(), p.processor.merge_size as i64));
+    tensors.push(("position_ids".into(), packed_positions(&rows, mrope)?));
+    if let Some(p) = prep {
+        let owned: Vec<Encoded> = encs.into_iter().cloned().collect();
+        tensors.extend(p.batch_tensors(&owned)?);
+    }
+    Ok(tensors)
+}
+
+/// `position_ids` of packed rows (each a sequence and its samples' lengths), right-padded to
+/// the longest: each sample counts from 0, and so does the padding after the last one. With
+/// `mrope` (Qwen2-VL's image token id and merge size) `[3, rows, T]`, each sample's own
+/// M-RoPE positions (transformers' `get_rope_index` of that sample alone), else `[rows, T]`.
+fn packed_positions(rows: &[(&Encoded, Vec<usize>)], mrope: Option<(i64, i64)>) -> Result<Tensor> {
+    let width = rows.iter().map(|(e, _)| e.input_ids.len()).max().unwrap_or(0);
+    let (axes, plane) = (if mrope.is_some() { 3 } else { 1 }, rows.len() * width);
+    let mut out = vec![0i64; axes * plane];
+    for (r, (e, segments)) in rows.iter().enumerate() {
+        let mut images = e.images.iter();
+        let mut start = 0;
+        let padding = width - e.input_ids.len();
+        for (k, &len) in segments.iter().chain([&padding]).enumerate() {
+            let at = r * width + start;
+            if k == segments.len() {
+                for a in 0..axes {
+                    out[a * plane + at..][..len].iter_mut().zip(0..).for_each(|(p, i)| *p = i);
+                }
+                break;
+            }
+            let ids = e.input_ids.get(start..start + len).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "internal: packed row {r}'s segments overrun its {} tokens",
+                    e.input_ids.len()
+                )
+            })?;
+            let pos = segment_positions(ids, &mut images, mrope)
+                .map_err(|err| err.context(format!("packed row {r}, sample {k}")))?;
+            for a in 0..axes {
+                out[a * plane + at..][..len].copy_from_slice(&pos[a * len..(a + 1) * len]);
+            }
+            start += len;
+        }
+    }
+    let shape: Vec<i64> = if mrope.is_some() {
+        vec![3, rows.len() as i64, width as i64]
+    } else {
+        vec![rows.len() as i64, width as i64]
+    };
+    Ok(Tensor::from_slice(&out).view(shape.as_slice()))
+}
+
+/// One sample's positions, axis-major (`0..len`, or its three M-RoPE axes), taking the images
+/// its image tokens hold from `images`.
+fn segment_positions<'a>(
+    ids: &[i64],
+    images: &mut impl Iterator<Item = &'a SampleImage>,
+    mrope: Option<(i64, i64)>,
+) -> Result<Vec<i64>> {
+    let Some((image_id, merge)) = mrope else {
+        return Ok((0..ids.len() as i64).collect());
+    };
+    let mut missing = ids.iter().filter(|&&t| t == image_id).count();
+    let mut grids = Vec::new();
+    while missing > 0 {
+        let Some(im) = images.next().filter(|im| im.tokens <= missing) else {
+            bail!("its image tokens do not match its images' token counts");
+        };
+        missing -= im.tokens;
+        grids.push(im.grid_thw);
+    }
+    Ok(rope_index(ids, 1, ids.len(), None, &grids, image_id, merge)?.positions)
+}
+
 /// `input_ids`, `attention_mask` and `labels`, each int64 `[B, T]` with `T` the longest
 /// sequence; shorter rows are padded on the right with `pad_id` (mask 0, label −100). Ready
 /// for `ferrotune_plugin_api::Batch::tensors`. An empty batch gives `[0, 0]` tensors.
-fn pad_sequences(batch: &[Encoded], pad_id: i64) -> Vec<(String, Tensor)> {
+fn pad_sequences(batch: &[&Encoded], pad_id: i64) -> Vec<(String, Tensor)> {
     let rows = batch.len();
     let width = batch.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
     let mut ids = vec![pad_id; rows * width];
@@ -245,7 +341,7 @@ mod tests {
             truncated_from: Some(9),
             images: Vec::new(),
         };
-        let out = pad_sequences(&[a, b], 0);
+        let out = pad_sequences(&[&a, &b], 0);
         let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["input_ids", "attention_mask", "labels"]);
         assert!(out.iter().all(|(_, t)| t.size() == [2, 3] && t.kind() == tch::Kind::Int64));
@@ -299,6 +395,97 @@ mod tests {
         assert_eq!(meta["prompts"], json!(["a", "b"]));
         assert_eq!(meta["samples"][1]["id"], json!("b"));
         assert_eq!(meta["pad_token_id"], json!(9));
+    }
+
+    fn packed(parts: &[Encoded]) -> Item {
+        let items = parts.iter().enumerate().map(|(r, e)| (r, Item::Seq(e.clone()))).collect();
+        // One bin holds them all: a capacity of their total length, longest first.
+        let cap = parts.iter().map(|e| e.input_ids.len()).sum();
+        let (mut rows, _) = super::super::pack::pack_sequences(items, cap, 0).unwrap();
+        rows.remove(0).1
+    }
+
+    /// Positions restart at every sample and on the padding, each sample's first token and
+    /// the padding are unlabelled, and a packed batch has no attention mask.
+    #[test]
+    fn packed_rows_restart_positions_and_unlabel_sample_starts() {
+        let a = packed(&[enc(&[11, 12, 13], 1), enc(&[21, 22], 0)]);
+        let b = packed(&[enc(&[31, 32], 0)]);
+        let (t, meta) = collate(Layout::Sequences, &[&a, &b], 0, None).unwrap();
+        let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["input_ids", "labels", "position_ids"]);
+        assert_eq!(
+            rows(get(&t, "input_ids")),
+            vec![vec![11, 12, 13, 21, 22], vec![31, 32, 0, 0, 0]]
+        );
+        assert_eq!(
+            rows(get(&t, "labels")),
+            vec![vec![-100, 12, 13, -100, 22], vec![-100, 32, -100, -100, -100]]
+        );
+        assert_eq!(rows(get(&t, "position_ids")), vec![vec![0, 1, 2, 0, 1], vec![0, 1, 0, 1, 2]]);
+        assert!(meta.is_empty());
+    }
+
+    fn image(grid_thw: [i64; 3]) -> SampleImage {
+        SampleImage {
+            data: super::super::encode::ImageData::Bytes(Default::default()),
+            min_pixels: 0,
+            max_pixels: 0,
+            original_size: (0, 0),
+            resized_size: (0, 0),
+            grid_thw,
+            tokens: (grid_thw.iter().product::<i64>() / 4) as usize,
+        }
+    }
+
+    /// The M-RoPE positions of each sample of a packed row are those the model computes for
+    /// the sample collated alone (`get_rope_index` over its unpacked batch), and the padding
+    /// counts from 0 on all three axes.
+    #[test]
+    fn packed_mrope_positions_are_each_samples_own() {
+        const I: i64 = 9;
+        let with_images = |ids: &[i64], grids: &[[i64; 3]]| Encoded {
+            images: grids.iter().map(|&g| image(g)).collect(),
+            ..enc(ids, 0)
+        };
+        // 1×4×6 → 6 tokens, 1×2×2 → 1 token, 1×4×4 → 4 tokens (merge 2).
+        let samples = [
+            with_images(&[1, 2, 5, I, I, I, I, I, I, 6, 3], &[[1, 4, 6]]),
+            with_images(&[4, 5, I, 6, 7, 5, I, I, I, I, 6], &[[1, 2, 2], [1, 4, 4]]),
+            with_images(&[8, 8, 8], &[]),
+        ];
+        let row = packed(&samples);
+        let short = packed(&samples[2..]);
+        let Item::Packed(p) = &row else { panic!("a packed row") };
+        let (e, segs) = (&p.seq, p.segments.clone());
+        let other = match &short {
+            Item::Packed(q) => (&q.seq, q.segments.clone()),
+            _ => panic!("a packed row"),
+        };
+        let pos = packed_positions(&[(e, segs.clone()), other], Some((I, 2))).unwrap();
+        let width = e.input_ids.len() as i64;
+        assert_eq!(pos.size(), [3, 2, width]);
+        let mut start = 0;
+        for (&len, &row_index) in segs.iter().zip(&p.rows) {
+            let alone = &samples[row_index];
+            let batch = pad_sequences(&[alone], 0);
+            let ids: Vec<i64> = Vec::try_from(&batch[0].1.view([-1])).unwrap();
+            let mask: Vec<i64> = Vec::try_from(&batch[1].1.view([-1])).unwrap();
+            let grids: Vec<[i64; 3]> = alone.images.iter().map(|im| im.grid_thw).collect();
+            let want = rope_index(&ids, 1, ids.len(), Some(&mask), &grids, I, 2).unwrap();
+            let got = pos.narrow(1, 0, 1).narrow(2, start, len as i64).reshape([-1]);
+            assert_eq!(Vec::<i64>::try_from(&got).unwrap(), want.positions, "sample {row_index}");
+            start += len as i64;
+        }
+        let padding = pos.select(1, 1).narrow(1, 3, width - 3);
+        let expected: Vec<i64> = (0..width - 3).collect();
+        for axis in 0..3 {
+            assert_eq!(Vec::<i64>::try_from(&padding.select(0, axis)).unwrap(), expected);
+        }
+        let mut bad = e.clone();
+        bad.images.pop();
+        let err = packed_positions(&[(&bad, segs)], Some((I, 2))).unwrap_err();
+        assert!(format!("{err:#}").contains("packed row 0"), "{err:#}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use ferrotune_plugin_api::Sample;
 use serde_json::Value;
 
 use crate::data::images::IMAGE_PLACEHOLDER;
+use crate::data::pack::Packed;
 use crate::data::{
     self, encode_multimodal, EncodeError, EncodeOptions, Encoded, ImagePrep, IGNORE_INDEX,
 };
@@ -70,16 +71,30 @@ impl Layout {
 #[derive(Clone, Debug)]
 pub enum Item {
     Seq(Encoded),
-    Pair { chosen: Encoded, rejected: Encoded },
-    Kto { seq: Encoded, desirable: bool },
-    Prompt { ids: Vec<i64>, text: String, sample: Value },
+    /// Several sequences in one row (`data.packing`).
+    Packed(Packed),
+    Pair {
+        chosen: Encoded,
+        rejected: Encoded,
+    },
+    Kto {
+        seq: Encoded,
+        desirable: bool,
+    },
+    Prompt {
+        ids: Vec<i64>,
+        text: String,
+        sample: Value,
+    },
 }
 
 impl Item {
     /// Tokens the forward pass sees (prompt tokens for a prompt).
     pub fn tokens(&self) -> usize {
         match self {
-            Item::Seq(e) | Item::Kto { seq: e, .. } => e.input_ids.len(),
+            Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => {
+                e.input_ids.len()
+            }
             Item::Pair { chosen, rejected } => chosen.input_ids.len() + rejected.input_ids.len(),
             Item::Prompt { ids, .. } => ids.len(),
         }
@@ -90,7 +105,7 @@ impl Item {
         let n =
             |e: &Encoded| e.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count() as i64;
         match self {
-            Item::Seq(e) | Item::Kto { seq: e, .. } => n(e),
+            Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => n(e),
             Item::Pair { chosen, rejected } => n(chosen) + n(rejected),
             Item::Prompt { .. } => 1,
         }
@@ -98,7 +113,9 @@ impl Item {
 
     pub fn truncated(&self) -> bool {
         match self {
-            Item::Seq(e) | Item::Kto { seq: e, .. } => e.truncated_from.is_some(),
+            Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => {
+                e.truncated_from.is_some()
+            }
             Item::Pair { chosen, rejected } => {
                 chosen.truncated_from.is_some() || rejected.truncated_from.is_some()
             }
@@ -125,7 +142,9 @@ impl Prepared {
         let mut out = Vec::new();
         for (row, item) in &self.items {
             match item {
-                Item::Seq(e) | Item::Kto { seq: e, .. } => out.push((*row, e.clone())),
+                Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => {
+                    out.push((*row, e.clone()))
+                }
                 Item::Pair { chosen, rejected } => {
                     out.extend([(*row, chosen.clone()), (*row, rejected.clone())])
                 }

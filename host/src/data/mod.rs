@@ -22,6 +22,7 @@ mod collate;
 mod encode;
 pub mod images;
 pub mod layout;
+pub mod pack;
 
 use std::path::Path;
 

@@ -243,6 +243,18 @@ pub struct DataConfig {
     /// labels to truncation are always skipped and counted.
     #[serde(default = "default_on_bad")]
     pub on_bad_sample: OnBadSample,
+    /// Pack several training samples into each row of at most `cutoff_len` tokens (default
+    /// false; LLaMA-Factory's `neat_packing`): samples never attend to one another, and
+    /// `training.micro_batch_size` counts packed rows. Sequence objectives (SFT) only; the
+    /// eval split stays unpacked.
+    #[serde(default)]
+    pub packing: bool,
+    /// Draw micro-batches of similar length (default false; transformers'
+    /// `group_by_length`): each epoch's seeded order is cut into megabatches of up to 50
+    /// optimizer steps' samples, each sorted longest first, the longest sample's first. Not
+    /// with `packing`.
+    #[serde(default)]
+    pub group_by_length: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -425,6 +437,9 @@ impl TrainConfig {
         if self.data.cutoff_len < 2 {
             bail!("config key `data.cutoff_len`: must be at least 2");
         }
+        if self.data.packing && self.data.group_by_length {
+            bail!("config keys `data.packing` and `data.group_by_length`: choose one (packed rows are already of similar length)");
+        }
         if t.num_iterations == 0 {
             bail!("config key `training.num_iterations`: must be at least 1");
         }
@@ -502,5 +517,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing field `adapter`"), "{e}");
+    }
+
+    #[test]
+    fn packing_and_length_grouping_exclude_each_other() {
+        let c = TrainConfig::from_yaml(MINIMAL).unwrap();
+        assert!(!c.data.packing && !c.data.group_by_length);
+        let both = MINIMAL.replace("d.json}", "d.json, packing: true, group_by_length: true}");
+        let e = TrainConfig::from_yaml(&both).unwrap_err().to_string();
+        assert!(e.contains("data.packing") && e.contains("data.group_by_length"), "{e}");
+        let one = MINIMAL.replace("d.json}", "d.json, packing: true}");
+        assert!(TrainConfig::from_yaml(&one).unwrap().data.packing);
     }
 }
