@@ -89,7 +89,11 @@ impl ObjectiveContext for PolicyContext<'_> {
         };
         let mode = self.model.mode(flags, self.train);
         let run = || -> anyhow::Result<Vec<(String, Tensor)>> {
-            let args = ForwardArgs::ids(ids).mask(mask).images(images.as_ref()).mode(mode);
+            let args = ForwardArgs::ids(ids)
+                .mask(mask)
+                .positions(get("position_ids"))
+                .images(images.as_ref())
+                .mode(mode);
             let Some((target_ids, opts)) = &targets else {
                 return Ok(vec![("logits".to_string(), self.model.forward(args)?)]);
             };

@@ -5,6 +5,7 @@ use ferrotune_plugin_api::{Objective, Sample};
 
 use super::config::{self, TrainConfig};
 use crate::data::layout::{self, Item, Layout, Prepared};
+use crate::data::pack::{pack_sequences, PackStats};
 use crate::data::{self, EncodeOptions, ImagePrep};
 use crate::plugins::Registry;
 use crate::text::Tokenizer;
@@ -14,27 +15,65 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     crate::util::rng::SplitMix64(seed).permutation(n)
 }
 
+/// Samples in an order of length groups (transformers' `get_length_grouped_indices`): the
+/// permutation drawn from `seed` cut into megabatches of `megabatch` samples, each sorted
+/// longest first (ties in drawn order), and the megabatch holding the longest sample swapped
+/// to the front, so that the first step shows the run's peak memory.
+pub fn length_grouped(lengths: &[usize], megabatch: usize, seed: u64) -> Vec<usize> {
+    let mut megabatches: Vec<Vec<usize>> = permutation(lengths.len(), seed)
+        .chunks(megabatch.max(1))
+        .map(|m| {
+            let mut m = m.to_vec();
+            m.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+            m
+        })
+        .collect();
+    let longest =
+        (0..megabatches.len()).max_by_key(|&k| (lengths[megabatches[k][0]], std::cmp::Reverse(k)));
+    if let Some(k) = longest {
+        megabatches.swap(0, k);
+    }
+    megabatches.concat()
+}
+
+/// The megabatch of [`length_grouped`] for `n` samples drawn `batch` per optimizer step
+/// (micro-batch × accumulation × ranks): 50 steps' samples, fewer when that leaves under four
+/// megabatches (transformers' `mega_batch_mult`), at least one step's.
+pub fn megabatch_size(n: usize, batch: usize) -> usize {
+    batch * (n / (batch * 4).max(1)).clamp(1, 50)
+}
+
 /// The order in which micro-batches are drawn: epoch after epoch over the training set.
 pub(crate) struct DataOrder {
     pub n: usize,
     pub micro: usize,
     pub seed: u64,
     pub shuffle: bool,
+    /// `data.group_by_length`: each sample's length and the megabatch size (see
+    /// [`length_grouped`]; it draws its own seeded order whatever `shuffle` says).
+    pub by_length: Option<(Vec<usize>, usize)>,
 }
 
 impl DataOrder {
     pub fn micro_per_epoch(&self) -> usize {
         self.n.div_ceil(self.micro)
     }
+
+    /// Every sample of epoch `epoch`, in the order they are drawn.
+    fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        let seed = self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+        match &self.by_length {
+            Some((lengths, megabatch)) => length_grouped(lengths, *megabatch, seed),
+            None if self.shuffle => permutation(self.n, seed),
+            None => (0..self.n).collect(),
+        }
+    }
+
     /// Sample indices of global micro-batch `k`, and its epoch.
     pub fn micro_batch(&self, k: usize) -> (usize, Vec<usize>) {
         let per = self.micro_per_epoch();
         let (epoch, within) = (k / per, k % per);
-        let order = if self.shuffle {
-            permutation(self.n, self.seed ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407))
-        } else {
-            (0..self.n).collect()
-        };
+        let order = self.epoch_order(epoch);
         let start = within * self.micro;
         (epoch, order[start..(start + self.micro).min(self.n)].to_vec())
     }
@@ -137,12 +176,33 @@ pub struct RunData {
     pub eval: Vec<(usize, Item)>,
     pub truncated: usize,
     pub skipped: usize,
+    /// How the training samples were packed into `train`'s rows (`data.packing`).
+    pub packing: Option<PackStats>,
 }
 
 impl RunData {
     /// Rows already encoded, all of them for training.
     pub fn given(train: Vec<(usize, Item)>) -> Self {
-        Self { train, eval: Vec::new(), truncated: 0, skipped: 0 }
+        Self { train, eval: Vec::new(), truncated: 0, skipped: 0, packing: None }
+    }
+
+    /// Training samples (packed or not).
+    pub fn train_samples(&self) -> usize {
+        self.packing.map_or(self.train.len(), |p| p.samples)
+    }
+
+    /// With `data.packing`, packs the training samples into rows of at most
+    /// `data.cutoff_len` tokens in an order drawn from the run's seed (see
+    /// [`crate::data::pack`]); the eval set stays unpacked. Returns what packing did.
+    pub fn pack(&mut self, cfg: &TrainConfig) -> Result<Option<PackStats>> {
+        if !cfg.data.packing {
+            return Ok(None);
+        }
+        let (rows, stats) =
+            pack_sequences(std::mem::take(&mut self.train), cfg.data.cutoff_len, cfg.seed)?;
+        self.train = rows;
+        self.packing = Some(stats);
+        Ok(Some(stats))
     }
 
     /// The usable rows of `prepared` (those with a label), split into train and eval by
@@ -206,7 +266,7 @@ impl RunData {
                 eval.len()
             );
         }
-        Ok(Self { train, eval, truncated, skipped })
+        Ok(Self { train, eval, truncated, skipped, packing: None })
     }
 }
 
@@ -232,7 +292,7 @@ mod tests {
         assert_eq!(rank_share(&global, 0, 3), [7, 3, 9]);
         assert_eq!(rank_share(&global, 1, 3), [1, 4]);
         assert!(rank_share(&global, 2, 3).is_empty());
-        let o = DataOrder { n: 11, micro: 4, seed: 3, shuffle: true };
+        let o = DataOrder { n: 11, micro: 4, seed: 3, shuffle: true, by_length: None };
         for k in 0..6 {
             let (_, idx) = o.micro_batch(k);
             assert_eq!([rank_share(&idx, 0, 2), rank_share(&idx, 1, 2)].concat(), idx);
@@ -241,12 +301,43 @@ mod tests {
 
     #[test]
     fn data_order_covers_each_epoch_once() {
-        let o = DataOrder { n: 7, micro: 3, seed: 1, shuffle: true };
+        let o = DataOrder { n: 7, micro: 3, seed: 1, shuffle: true, by_length: None };
         assert_eq!(o.micro_per_epoch(), 3);
         let mut seen: Vec<usize> = (0..3).flat_map(|k| o.micro_batch(k).1).collect();
         seen.sort();
         assert_eq!(seen, (0..7).collect::<Vec<_>>());
         assert_eq!(o.micro_batch(3).0, 1, "micro-batch 3 starts epoch 1");
         assert_eq!(o.micro_batch(2).1.len(), 1, "the last micro-batch of an epoch is short");
+    }
+
+    /// Each epoch is a permutation of the samples, cut into megabatches each sorted longest
+    /// first, the longest sample first of all; the order is seeded and differs per epoch.
+    #[test]
+    fn length_grouped_order_sorts_each_megabatch() {
+        let lengths: Vec<usize> = (0..37).map(|i| (i * 17) % 23 + 1).collect();
+        assert_eq!(megabatch_size(37, 2), 8);
+        assert_eq!(megabatch_size(10_000, 4), 200);
+        assert_eq!(megabatch_size(3, 4), 4);
+        let o = DataOrder {
+            n: 37,
+            micro: 2,
+            seed: 9,
+            shuffle: false,
+            by_length: Some((lengths.clone(), 8)),
+        };
+        let epoch = |e: usize| -> Vec<usize> {
+            (e * 19..(e + 1) * 19).flat_map(|k| o.micro_batch(k).1).collect()
+        };
+        let first = epoch(0);
+        let mut sorted = first.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..37).collect::<Vec<_>>());
+        for m in first.chunks(8) {
+            assert!(m.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]), "{m:?}");
+        }
+        assert_eq!(lengths[first[0]], *lengths.iter().max().unwrap());
+        assert_eq!(first, epoch(0), "deterministic");
+        assert_ne!(first, epoch(1), "another order each epoch");
+        assert_eq!(length_grouped(&lengths, 8, 9), first);
     }
 }

@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 use super::checkpoint::{self, STATE_FILE};
 use super::config::TrainConfig;
 use super::context::{load_rewards, LoadedReward, PolicyContext};
-use super::data::{image_prep, prepare_data, rank_share, DataOrder, RunData};
+use super::data::{image_prep, megabatch_size, prepare_data, rank_share, DataOrder, RunData};
 use super::schedule::Schedule;
 use super::step::{
     global_loss, micro_meta, on_device, optimizer_step_with, reduce_metrics, MicroPosition,
@@ -179,7 +179,7 @@ impl<'c> Run<'c> {
         let prep = image_prep(cfg, &tokenizer)?;
 
         let (objective, layout, rewards) = objective_and_rewards(cfg, registry)?;
-        let data = match items {
+        let mut data = match items {
             Some(items) => RunData::given(items),
             None => RunData::split(
                 cfg,
@@ -187,6 +187,11 @@ impl<'c> Run<'c> {
                 layout,
             )?,
         };
+        if let Some(stats) = data.pack(cfg)? {
+            if group.as_dyn().rank() == 0 {
+                eprintln!("packing: {}", stats.describe());
+            }
+        }
 
         let t = &cfg.training;
         // Several ranks: global micro-batch k holds micro_batch_size × world samples and rank r
@@ -197,6 +202,11 @@ impl<'c> Run<'c> {
             micro: t.micro_batch_size * world,
             seed: cfg.seed,
             shuffle: cfg.data.shuffle,
+            by_length: cfg.data.group_by_length.then(|| {
+                let batch = t.micro_batch_size * world * t.gradient_accumulation_steps;
+                let lengths: Vec<usize> = data.train.iter().map(|(_, i)| i.tokens()).collect();
+                (lengths, megabatch_size(data.train.len(), batch))
+            }),
         };
         let (accum, mu) = (t.gradient_accumulation_steps, t.num_iterations);
         // Generation objectives take `num_iterations` optimizer steps on each generation batch.
@@ -317,8 +327,7 @@ impl<'c> Run<'c> {
                 iteration,
                 num_iterations: mu,
             };
-            let ids =
-                idx.iter().map(|&i| serde_json::json!(format!("row {}", train[i].0))).collect();
+            let ids = idx.iter().map(|&i| item_id(train[i].0, &train[i].1)).collect();
             let (tensors, extra) = crate::data::collate(layout, &items, pad_id, prep)?;
             Ok(Batch {
                 tensors: on_device(tensors, device)?,
@@ -422,7 +431,7 @@ impl<'c> Run<'c> {
         let out = &self.cfg.output_dir;
         let summary = TrainSummary {
             steps: self.step,
-            train_samples: self.data.train.len(),
+            train_samples: self.data.train_samples(),
             eval_samples: self.data.eval.len(),
             truncated_samples: self.data.truncated,
             skipped_samples: self.data.skipped,
@@ -562,10 +571,23 @@ fn objective_and_rewards(
     if !wants_rewards && !cfg.rewards.is_empty() {
         bail!("config key `rewards`: objective `{}` does not use reward plugins; remove the `rewards` list", cfg.objective.plugin);
     }
+    check_packing(cfg.data.packing, &cfg.objective.plugin, layout)?;
     if cfg.training.num_iterations > 1 && layout != Layout::Prompts {
         bail!("config key `training.num_iterations`: only objectives that generate (GRPO) reuse a generation batch; `{}` does not", cfg.objective.plugin);
     }
     Ok((objective, layout, load_rewards(cfg, registry)?))
+}
+
+/// `data.packing` packs sequences (SFT) only: other layouts are refused, naming the objective.
+fn check_packing(packing: bool, objective: &str, layout: Layout) -> Result<()> {
+    if packing && layout != Layout::Sequences {
+        bail!(
+            "config key `data.packing`: objective `{objective}` trains on {}, and only sequence objectives (sft) \
+             pack samples; remove data.packing",
+            layout.name()
+        );
+    }
+    Ok(())
 }
 
 /// The eval loss (no graph, dropout off) and the mean of the objective's metrics over the
@@ -736,6 +758,18 @@ fn frozen_resident_bytes(model: &PeftModel) -> (usize, usize) {
     ((listed + resident).saturating_sub(stand_ins), decoder)
 }
 
+/// How a training row is named in the batch metadata: `row N`, or `rows A+B+…` packed.
+fn item_id(row: usize, item: &Item) -> serde_json::Value {
+    let name = match item {
+        Item::Packed(p) => {
+            let rows: Vec<String> = p.rows.iter().map(|r| r.to_string()).collect();
+            format!("rows {}", rows.join("+"))
+        }
+        _ => format!("row {row}"),
+    };
+    serde_json::json!(name)
+}
+
 fn step_seed(seed: u64, step: usize) -> i64 {
     (seed.wrapping_mul(1_000_003).wrapping_add(step as u64) & 0x7FFF_FFFF_FFFF_FFFF) as i64
 }
@@ -756,6 +790,14 @@ mod tests {
         assert!(e.contains("rank 3"), "{e}");
         let e = check_shardable(Layout::Prompts, 16, 2, 2, "zero").unwrap_err().to_string();
         assert!(e.contains("generation"), "{e}");
+    }
+
+    #[test]
+    fn packing_is_refused_for_other_layouts() {
+        check_packing(true, "sft", Layout::Sequences).unwrap();
+        check_packing(false, "dpo", Layout::Pairs).unwrap();
+        let e = check_packing(true, "dpo", Layout::Pairs).unwrap_err().to_string();
+        assert!(e.contains("data.packing") && e.contains("`dpo`"), "{e}");
     }
 
     #[test]
