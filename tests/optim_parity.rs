@@ -438,13 +438,16 @@ impl ObjectiveContext for FixedLogits {
         inputs: &[(String, Tensor)],
         flags: ForwardFlags,
     ) -> PluginResult<Vec<(String, Tensor)>> {
-        assert_eq!(flags, ForwardFlags::NONE);
+        // The chunked path asks for target log-probabilities; a host that answers with the
+        // logits is served by the plugin-API helper (the same computation the host chunks).
+        assert!(flags == ForwardFlags::NONE || flags == ForwardFlags::TARGET_LOGPS, "{flags:?}");
         let names: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            ["input_ids", "attention_mask"],
-            "every batch tensor but `labels` reaches the model"
-        );
+        let expected: &[&str] = if flags == ForwardFlags::NONE {
+            &["input_ids", "attention_mask"]
+        } else {
+            &["input_ids", "attention_mask", "target_ids"]
+        };
+        assert_eq!(names, expected, "every batch tensor but `labels` reaches the model");
         Ok(vec![("logits".into(), self.logits.shallow_clone())])
     }
     fn generate(&self, _: &[Vec<i64>], _: &str) -> PluginResult<Vec<Vec<i64>>> {
@@ -542,13 +545,15 @@ fn sft_matches_transformers_for_causal_lm_loss() {
     let reference = read_safetensors(&dir.join("sft_out.safetensors"));
 
     let reg = registry();
-    for (c, (count, num_items)) in SFT_CASES.iter().zip(expected_counts) {
+    // Both paths: target log-probabilities (the default) and the full logits.
+    let runs = SFT_CASES.iter().zip(expected_counts).flat_map(|c| [(c, false), (c, true)]);
+    for ((c, (count, num_items)), full_logits) in runs {
         let logits =
             get(&inputs, &format!("{}.logits", c.name)).detach().copy().set_requires_grad(true);
         let labels = get(&inputs, &format!("{}.labels", c.name)).shallow_clone();
-        let mut obj = reg
-            .objective("sft", &format!(r#"{{"label_smoothing": {}}}"#, c.label_smoothing))
-            .unwrap();
+        let config =
+            serde_json::json!({"label_smoothing": c.label_smoothing, "full_logits": full_logits});
+        let mut obj = reg.objective("sft", &config.to_string()).unwrap();
         let meta = match num_items {
             Some(n) => {
                 serde_json::json!({ "num_items_in_batch": n, "sample_ids": [0, 1, 2] }).to_string()
@@ -591,7 +596,7 @@ fn sft_matches_transformers_for_causal_lm_loss() {
         assert!(grad_diff <= 1e-6, "[{}] max |dL/dlogits - transformers| = {grad_diff:e}", c.name);
         assert!(grad.abs().sum(Kind::Double).double_value(&[]) > 0.0);
         eprintln!(
-            "sft [{}] ({} label tokens, num_items_in_batch {num_items:?}, smoothing {}): \
+            "sft [{}] ({} label tokens, num_items_in_batch {num_items:?}, smoothing {}, full_logits {full_logits}): \
              |loss - transformers| = {loss_diff:e}, max |grad - transformers| = {grad_diff:e}",
             c.name, count, c.label_smoothing
         );
