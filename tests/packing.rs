@@ -3,7 +3,7 @@
 //!   the `sft` loss and the LoRA gradients of the same samples run one at a time, summed
 //!   (within 1e-5 in fp32): samples never see one another and no label crosses a boundary;
 //! * `ferrotune train` with packing trains the tiny model (finite, falling loss) and reports
-//!   the packing at start-up.
+//!   the packing at start-up, with the same figures `data check` gives.
 //!
 //! Needs `cargo build --workspace` (the CLI and the `lora`, `sft`, `single`, `alpaca`
 //! plugins); no Python.
@@ -123,6 +123,10 @@ fn training_with_packing_lowers_the_loss() {
     );
     let config = f.work.join("train.yaml");
     std::fs::write(&config, yaml).unwrap();
+    let check = ferrotune(&["data", "check", config.to_str().unwrap()]);
+    assert!(check.status.success(), "data check failed:\n{}", stderr(&check));
+    let report = stdout(&check);
+    assert!(report.contains("packing (data.packing): 24 samples →"), "{report}");
     let o = ferrotune(&["train", config.to_str().unwrap()]);
     assert!(o.status.success(), "train failed:\n{}", stderr(&o));
     let log = stderr(&o);

@@ -135,7 +135,10 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
     let tok = crate::text::Tokenizer::from_dir(&cfg.model)?;
     let prep = crate::train::image_prep(&cfg, &tok)?;
     let prepared = crate::train::read_data(&cfg, registry, &tok, prep.as_ref())?;
-    let report = crate::data::check::review(&prepared, &tok, cfg.data.path.clone());
+    let mut report = crate::data::check::review(&prepared, &tok, cfg.data.path.clone());
+    if cfg.data.packing {
+        report.packing = Some(crate::data::check::packing(&prepared, cfg.data.cutoff_len)?);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -156,6 +159,9 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
             report.max_tokens,
             cfg.data.cutoff_len
         );
+        if let Some(p) = &report.packing {
+            println!("packing (data.packing): {}", p.describe());
+        }
         if report.errors > 0 {
             println!(
                 "{}",

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use super::encode::end_of_turn_ids;
+use super::pack::{pack_stats, PackStats};
 use super::{Prepared, IGNORE_INDEX};
 use crate::text::Tokenizer;
 
@@ -31,6 +32,9 @@ pub struct CheckReport {
     pub image_tokens: usize,
     pub label_tokens: usize,
     pub max_tokens: usize,
+    /// With `data.packing`: the usable samples packed into rows of `cutoff_len` tokens
+    /// (before the eval split takes its share).
+    pub packing: Option<PackStats>,
     pub notes: Vec<RowNote>,
 }
 
@@ -89,4 +93,16 @@ pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckRepor
     r.warnings = notes.len() - r.errors - r.skipped;
     r.notes = notes;
     r
+}
+
+/// How `data.packing` would pack the rows of `prepared` that train (those with a label token)
+/// into rows of `cutoff_len` tokens.
+pub fn packing(prepared: &Prepared, cutoff_len: usize) -> anyhow::Result<PackStats> {
+    let lengths: Vec<usize> = prepared
+        .items
+        .iter()
+        .filter(|(_, i)| i.label_tokens() > 0)
+        .map(|(_, i)| i.tokens())
+        .collect();
+    Ok(pack_stats(&lengths, cutoff_len)?.0)
 }

@@ -27,7 +27,7 @@ pub struct Packed {
 }
 
 /// What packing did: samples into rows of at most `capacity` tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PackStats {
     pub samples: usize,
     pub rows: usize,
@@ -116,6 +116,19 @@ pub fn first_fit_decreasing(lengths: &[usize], capacity: usize) -> Result<Vec<Ve
     Ok(bins)
 }
 
+/// What packing sequences of `lengths` into rows of `capacity` tokens gives, and the rows
+/// (see [`first_fit_decreasing`]).
+pub fn pack_stats(lengths: &[usize], capacity: usize) -> Result<(PackStats, Vec<Vec<usize>>)> {
+    let bins = first_fit_decreasing(lengths, capacity)?;
+    let stats = PackStats {
+        samples: lengths.len(),
+        rows: bins.len(),
+        tokens: lengths.iter().sum(),
+        capacity,
+    };
+    Ok((stats, bins))
+}
+
 /// One packed row of `samples` (row index and sequence each), in order.
 fn packed_row(samples: Vec<(usize, Encoded)>) -> Packed {
     let mut seq = Encoded {
@@ -154,13 +167,7 @@ pub fn pack_sequences(
         seqs.push(Some((row, e)));
     }
     let lengths: Vec<usize> = seqs.iter().flatten().map(|(_, e)| e.input_ids.len()).collect();
-    let bins = first_fit_decreasing(&lengths, capacity)?;
-    let stats = PackStats {
-        samples: lengths.len(),
-        rows: bins.len(),
-        tokens: lengths.iter().sum(),
-        capacity,
-    };
+    let (stats, bins) = pack_stats(&lengths, capacity)?;
     let mut packed: Vec<Packed> = bins
         .iter()
         .map(|bin| packed_row(bin.iter().filter_map(|&i| seqs[i].take()).collect()))
