@@ -12,8 +12,10 @@
 #   bf16       the same with --dtype bf16 (ours: bf16 base, fp32 adapter and optimizer state;
 #              the peer: fp32 weights under torch.autocast(bfloat16), as Trainer's bf16=True)
 #   varlen     rows of the alpaca set's token lengths (host/src/bench/alpaca_lengths.txt, cut at
-#              1024), 4 a step: LABEL tokens/s of ours padded, ours packed (--packing: the
-#              trainer's data.packing; "n/a" while this build has none) and the peer padding-free
+#              1024): LABEL tokens/s of ours padded (4 rows a step, right-padded), ours packed
+#              (--packing: the trainer's data.packing, 4 packed rows of ≤ 1024 a step; "n/a" if
+#              this build has none) and the peer padding-free (DataCollatorWithFlattening of
+#              4 × k rows a step, k = ⌈1024 / mean length⌉: the same tokens a step as ours packed)
 #   longvocab  one 1 × 4096 step (after 1 warm-up) on hidden 512, 4 layers, vocab 151,936:
 #              peak RSS (and tok/s) ours vs peer, and ours vs today's (TODAY_LONGVOCAB_MB)
 #   vlm        ours only: the story demo's tiny Qwen2-VL on the StoryReasoning sample
@@ -98,8 +100,13 @@ for row in $ROWS; do
       pair "$row" "ours $ours $a" "theirs $theirs $a" ;;
     varlen)
       model "$ref_model" "$hidden" "$layers" "$heads" "$kv" "$inter" "$vocab"
-      a="--model $ref_model --batch ${varlen[0]} --seq-len ${varlen[1]} $timing --lengths host/src/bench/alpaca_lengths.txt"
-      pair varlen "padded $ours $a" "packed $ours $a --packing" "theirs $theirs $a --packing" ;;
+      lengths=host/src/bench/alpaca_lengths.txt
+      a="--model $ref_model --seq-len ${varlen[1]} $timing --lengths $lengths"
+      # Packed steps hold batch rows of up to cutoff tokens, k = ⌈cutoff / mean length⌉ rows each
+      # (bench::rows_per_packed_row): the peer flattens batch × k rows a step, the same tokens.
+      k=$(python -c 'import sys; l=[min(int(w), int(sys.argv[2])) for s in open(sys.argv[1]) if not s.lstrip().startswith("#") for w in s.split()]; print(max(1, -(-int(sys.argv[2]) * len(l) // sum(l))))' "$lengths" "${varlen[1]}")
+      pair varlen "padded $ours $a --batch ${varlen[0]}" "packed $ours $a --batch ${varlen[0]} --packing" \
+        "theirs $theirs $a --batch $((varlen[0] * k)) --packing" ;;
     longvocab)
       m=target/bench/qwen2-train-h${lv[0]}-l${lv[1]}-a8-kv2-i1408-v151936
       model "$m" "${lv[0]}" "${lv[1]}" 8 2 1408 151936

@@ -253,14 +253,30 @@ fn parse_bench_config(yaml: &str, packing: bool) -> Result<TrainConfig> {
     }
 }
 
-/// The items of the whole bench (warm-up and timed steps).
+/// The items of the whole bench: (warm-up + steps) · batch rows, and with `packing` of
+/// variable-length rows [`rows_per_packed_row`] times as many (`batch` then counts packed rows
+/// of up to `seq_len` tokens, so a step takes about that many rows).
 fn bench_items(opts: &TrainBench, vocab: i64) -> Result<Vec<(usize, Item)>> {
     let rows = (opts.warmup + opts.steps) * opts.batch;
     match &opts.lengths {
         None => Ok(bench_train_items(rows, opts.seq_len, vocab)),
         Some(l) if l.is_empty() || l.iter().any(|&n| n < 2) => Err(TrainBenchError::Lengths.into()),
+        Some(l) if opts.packing => Ok(varlen_train_items(
+            rows * rows_per_packed_row(l, opts.seq_len),
+            l,
+            opts.seq_len,
+            vocab,
+        )),
         Some(l) => Ok(varlen_train_items(rows, l, opts.seq_len, vocab)),
     }
+}
+
+/// How many rows of `lengths` (cut at `cutoff`) fill one packed row of `cutoff` tokens, by
+/// their mean: ⌈cutoff / mean⌉ (`scripts/bench-train.sh` gives the peer's flattened steps
+/// batch × this many rows, the same tokens a step).
+pub fn rows_per_packed_row(lengths: &[usize], cutoff: usize) -> usize {
+    let total: usize = lengths.iter().map(|&n| n.min(cutoff)).sum();
+    (cutoff * lengths.len()).div_ceil(total.max(1)).max(1)
 }
 
 /// The timed steps' totals.
@@ -472,6 +488,13 @@ mod tests {
         assert_eq!(e.input_ids[..], bench_rows(2, 1, 16, 1000)[0][..5]);
         assert_eq!(e.labels[0], IGNORE_INDEX);
         assert_eq!(e.labels[1], e.input_ids[1]);
+    }
+
+    #[test]
+    fn packed_rows_take_cutoff_over_the_mean_length_rows() {
+        // Mean of [100, 300] = 200: ⌈1024 / 200⌉ = 6; cut at 150: mean 125, ⌈150 / 125⌉ = 2.
+        assert_eq!(rows_per_packed_row(&[100, 300], 1024), 6);
+        assert_eq!(rows_per_packed_row(&[100, 300], 150), 2);
     }
 
     #[test]
