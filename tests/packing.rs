@@ -4,9 +4,7 @@
 //!   (within 1e-5 in fp32): samples never see one another and no label crosses a boundary;
 //! * `ferrotune train` with packing trains the tiny model (finite, falling loss) and reports
 //!   the packing at start-up, with the same figures `data check` gives.
-//!
-//! * the same for Qwen2-VL samples with images (M-RoPE positions per sample), ignored until
-//!   the model's packed attention reads M-RoPE positions.
+//! * the same for Qwen2-VL samples with images (M-RoPE positions per sample).
 //!
 //! Needs `cargo build --workspace` (the CLI and the `lora`, `sft`, `single`, `alpaca`,
 //! `llava` plugins) and `assets/qwen2-tokenizer`; no Python.
@@ -137,8 +135,6 @@ fn a_packed_batch_equals_its_samples_run_alone() {
 /// Qwen2-VL: samples with images (and one without) packed into a row, each with its own
 /// M-RoPE positions and its images in order.
 #[test]
-#[ignore = "needs packed attention for M-RoPE positions in model/llama.rs (segments from the temporal axis, \
-            where an image block's positions do not count up by one)"]
 fn a_packed_vlm_batch_equals_its_samples_run_alone() {
     let dir = temp_dir("packing-vlm");
     let model_dir = dir.join("model");

@@ -109,39 +109,61 @@ pub fn right_padded(valid: &Tensor) -> Result<bool> {
     Ok(rises.f_any()?.f_int64_value(&[])? == 0)
 }
 
-/// The samples of packed rows, from position ids `[B, T]` that restart at 0 inside a row
-/// (`None` when no row restarts: one sample per row). Positions must then count up by one
-/// within each sample.
+/// The samples of packed rows, from position ids `[B, T]` (or Qwen2-VL's M-RoPE `[3, B, T]`)
+/// that restart at 0 inside a row (`None` when no row restarts: one sample per row). 1-D
+/// positions must count up by one within each sample; M-RoPE positions stand still inside an
+/// image, and a sample starts where all three are 0.
 pub fn packed_segments(position_ids: &Tensor) -> Result<Option<Segments>> {
-    let (b, t) = position_ids.size2()?;
+    let size = position_ids.size();
+    let (b, t) = (size[size.len() - 2], size[size.len() - 1]);
     if t < 2 {
         return Ok(None);
     }
-    let restarts = position_ids.f_narrow(1, 1, t - 1)?.f_eq(0)?;
-    if restarts.f_any()?.f_int64_value(&[])? == 0 {
+    let starts = match position_ids.dim() {
+        3 => position_ids.f_eq(0)?.f_all_dim(0, false)?,
+        _ => position_ids.f_eq(0)?,
+    };
+    if starts.f_narrow(1, 1, t - 1)?.f_any()?.f_int64_value(&[])? == 0 {
         return Ok(None);
     }
-    let pos: Vec<i64> = Vec::try_from(&position_ids.f_to_device(Device::Cpu)?.f_reshape([-1])?)?;
+    let starts: Vec<bool> = Vec::try_from(&starts.f_to_device(Device::Cpu)?.f_reshape([-1])?)?;
+    let text: Option<Vec<i64>> = match position_ids.dim() {
+        3 => None,
+        _ => Some(Vec::try_from(&position_ids.f_to_device(Device::Cpu)?.f_reshape([-1])?)?),
+    };
+    let t = t as usize;
     let mut rows = Vec::with_capacity(b as usize);
-    for (r, row) in pos.chunks(t as usize).enumerate() {
+    for r in 0..b as usize {
+        let row_starts = &starts[r * t..(r + 1) * t];
+        if let Some(pos) = &text {
+            check_counts_up(r, &pos[r * t..(r + 1) * t])?;
+        }
         let mut segs = Vec::new();
         let mut start = 0usize;
-        for i in 1..=row.len() {
-            if i == row.len() || row[i] == 0 {
+        for i in 1..=t {
+            if i == t || row_starts[i] {
                 segs.push((start as i64, (i - start) as i64));
                 start = i;
-            } else if row[i] != row[i - 1] + 1 {
-                bail!(
-                    "packed row {r}: position ids must count up by one within a sample and restart at 0 at the next, \
-                     got {} then {} at column {i}",
-                    row[i - 1],
-                    row[i]
-                );
             }
         }
         rows.push(segs);
     }
     Ok(Some(Arc::new(rows)))
+}
+
+/// 1-D positions of packed row `r`: each either restarts at 0 or follows its predecessor.
+fn check_counts_up(r: usize, row: &[i64]) -> Result<()> {
+    for i in 1..row.len() {
+        if row[i] != 0 && row[i] != row[i - 1] + 1 {
+            bail!(
+                "packed row {r}: position ids must count up by one within a sample and restart at 0 at the next, \
+                 got {} then {} at column {i}",
+                row[i - 1],
+                row[i]
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `[B, kv_heads, S, D]` -> `[B, heads, S, D]`, each kv head repeated `n_rep` times.
@@ -308,6 +330,15 @@ mod tests {
         assert_eq!(*segs, vec![vec![(0, 3), (3, 2), (5, 1)], vec![(0, 6)]]);
         let plain = Tensor::arange(6, (Kind::Int64, Device::Cpu)).reshape([1, 6]);
         assert!(packed_segments(&plain).unwrap().is_none());
+        // M-RoPE: positions stand still inside an image; a sample starts where all three are 0.
+        let mrope = Tensor::from_slice(&[
+            0i64, 1, 1, 1, 0, 1, // temporal
+            0, 1, 1, 2, 0, 1, // height
+            0, 1, 2, 1, 0, 1, // width
+        ])
+        .reshape([3, 1, 6]);
+        let segs = packed_segments(&mrope).unwrap().unwrap();
+        assert_eq!(*segs, vec![vec![(0, 4), (4, 2)]]);
         let bad = Tensor::from_slice(&[0i64, 1, 3, 0]).reshape([1, 4]);
         let e = packed_segments(&bad).unwrap_err().to_string();
         assert!(e.contains("count up by one"), "{e}");

@@ -1074,14 +1074,7 @@ impl CausalLM {
             other => other,
         };
         let segments = match (position_ids_given, &mask_valid) {
-            (true, None) if fresh => {
-                let text = if position_ids.dim() == 3 {
-                    position_ids.f_select(0, 0)?
-                } else {
-                    position_ids.shallow_clone()
-                };
-                packed_segments(&text)?
-            }
+            (true, None) if fresh => packed_segments(&position_ids)?,
             _ => None,
         };
         let hidden = self.decoder.decode(
