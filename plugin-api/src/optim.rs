@@ -306,7 +306,7 @@ impl<'a> Work<'a> {
 
     /// The parameters one fused call can take together: same hyper-parameters, dtype and
     /// device (`_fused_adamw_` takes one of each per call, as torch's param groups).
-    fn group_key(&self) -> (u64, u64, Kind, Device) {
+    fn group_key(&self) -> GroupKey {
         let p = self.param;
         (
             p.lr_scale.to_bits(),
@@ -352,6 +352,10 @@ impl<'a> Work<'a> {
 /// between: the work tensors are always in the state's fp32/fp64, which the fused kernel
 /// takes on every device that has one, and a device without it has no `_foreach_` kernels
 /// either (both come from the same backend registrations).
+/// What parameters share one fused call: learning-rate and weight-decay scales (as bits),
+/// dtype, device.
+type GroupKey = (u64, u64, Kind, Device);
+
 fn update_params(
     cfg: &AdamWConfig,
     work: &mut [Work<'_>],
@@ -359,7 +363,7 @@ fn update_params(
     lr: f64,
     step: i64,
 ) -> PluginResult<()> {
-    let mut groups: Vec<((u64, u64, Kind, Device), Vec<usize>)> = Vec::new();
+    let mut groups: Vec<(GroupKey, Vec<usize>)> = Vec::new();
     for (i, w) in work.iter().enumerate() {
         match groups.iter_mut().find(|(k, _)| *k == w.group_key()) {
             Some((_, idx)) => idx.push(i),

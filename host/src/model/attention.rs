@@ -40,18 +40,22 @@ impl Mask {
     }
 }
 
+/// What decides the attention pattern of a forward call.
+#[derive(Clone, Copy)]
+pub struct Pattern<'a> {
+    /// `[B, S]`, false = padding that must be masked.
+    pub key_valid: Option<&'a Tensor>,
+    /// Packed rows (no padding, no cache).
+    pub segments: Option<&'a Segments>,
+    /// Cached positions before the `t` queries.
+    pub past: i64,
+}
+
 /// Builds the mask for `t` queries at positions `past..past+t` over `past + t` keys.
-/// `key_valid` is `[B, S]` (false = padding). Padding queries attend to themselves only, so
-/// that no row is empty (an empty row would give NaN and poison later layers). `segments`:
-/// packed rows (no padding, no cache).
-pub fn build_mask(
-    key_valid: Option<&Tensor>,
-    past: i64,
-    t: i64,
-    window: Option<i64>,
-    segments: Option<&Segments>,
-    device: Device,
-) -> Result<Mask> {
+/// Padding queries attend to themselves only, so that no row is empty (an empty row would
+/// give NaN and poison later layers).
+pub fn build_mask(p: Pattern<'_>, t: i64, window: Option<i64>, device: Device) -> Result<Mask> {
+    let Pattern { key_valid, segments, past } = p;
     if let Some(segs) = segments {
         let longest = segs.iter().flatten().map(|&(_, len)| len).max().unwrap_or(0);
         return match window {
@@ -140,12 +144,13 @@ pub fn packed_segments(position_ids: &Tensor) -> Result<Option<Segments>> {
         }
         let mut segs = Vec::new();
         let mut start = 0usize;
-        for i in 1..=t {
-            if i == t || row_starts[i] {
+        for (i, &restart) in row_starts.iter().enumerate().skip(1) {
+            if restart {
                 segs.push((start as i64, (i - start) as i64));
                 start = i;
             }
         }
+        segs.push((start as i64, (t - start) as i64));
         rows.push(segs);
     }
     Ok(Some(Arc::new(rows)))
@@ -204,7 +209,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask, scale: f64) -> Re
         Mask::Explicit(m) => {
             let (k, v) =
                 (repeat_kv(k.shallow_clone(), n_rep)?, repeat_kv(v.shallow_clone(), n_rep)?);
-            Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?
+            Tensor::f_scaled_dot_product_attention(q, &k, &v, Some(m), 0.0, false, scale, false)?
         }
     })
 }
@@ -302,8 +307,13 @@ mod tests {
     #[test]
     fn mask_padding_rows_never_empty() {
         let valid = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1]).reshape([2, 4]).ne(0);
-        let Mask::Explicit(m) = build_mask(Some(&valid), 0, 4, Some(2), None, Device::Cpu).unwrap()
-        else {
+        let Mask::Explicit(m) = build_mask(
+            Pattern { key_valid: Some(&valid), segments: None, past: 0 },
+            4,
+            Some(2),
+            Device::Cpu,
+        )
+        .unwrap() else {
             panic!("explicit")
         };
         let m: Vec<i64> = Vec::try_from(&m.to_kind(Kind::Int64).reshape([-1])).unwrap();

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::attention::{attend, build_mask, packed_segments, right_padded, Mask, Segments};
+use super::attention::{attend, build_mask, packed_segments, right_padded, Mask, Pattern};
 use super::config::{Architecture, LlamaConfig, Rope};
 use super::qwen2vl::{
     self, rope_index, Qwen2VLConfig, VisionConfig, VisionInputs, VisionTower, LANGUAGE_MODEL,
@@ -608,21 +608,18 @@ impl Decoder {
         &self,
         mut x: Tensor,
         position_ids: &Tensor,
-        key_valid: Option<&Tensor>,
-        segments: Option<&Segments>,
-        past: i64,
+        pattern: Pattern<'_>,
         mut cache: Option<&mut KvCache>,
         mode: LinearMode<'_>,
     ) -> Result<Tensor> {
         let t = x.size()[1];
         let (cos, sin) = self.rotary.cos_sin(position_ids, self.dtype)?;
-        let full_mask = build_mask(key_valid, past, t, None, segments, self.device)?;
+        let full_mask = build_mask(pattern, t, None, self.device)?;
         let mut sliding_masks: Vec<(i64, Mask)> = Vec::new();
         for l in &self.layers {
             if let Some(w) = l.self_attn.sliding_window {
                 if !sliding_masks.iter().any(|(sw, _)| *sw == w) {
-                    sliding_masks
-                        .push((w, build_mask(key_valid, past, t, Some(w), segments, self.device)?));
+                    sliding_masks.push((w, build_mask(pattern, t, Some(w), self.device)?));
                 }
             }
         }
@@ -1077,15 +1074,8 @@ impl CausalLM {
             (true, None) if fresh => packed_segments(&position_ids)?,
             _ => None,
         };
-        let hidden = self.decoder.decode(
-            x,
-            &position_ids,
-            mask_valid.as_ref(),
-            segments.as_ref(),
-            past,
-            cache,
-            mode,
-        )?;
+        let pattern = Pattern { key_valid: mask_valid.as_ref(), segments: segments.as_ref(), past };
+        let hidden = self.decoder.decode(x, &position_ids, pattern, cache, mode)?;
         match output {
             Output::Hidden => Ok(hidden),
             Output::Logits => self.decoder.head(&hidden, mode),
