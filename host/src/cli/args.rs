@@ -321,8 +321,9 @@ pub enum BenchCommand {
     },
     /// LoRA SFT training tokens/s and peak RSS on a model directory: the `lora` (all linear
     /// layers, no dropout), `sft` and `single` (AdamW, clipping at 1.0) plugins, the trainer's
-    /// optimizer step, fixed synthetic batches (labels = ids); prints one JSON line with the
-    /// keys of bench/train_transformers.py.
+    /// optimizer step, fixed synthetic batches (labels = ids but the first quarter of each
+    /// row, −100 as prompt tokens); prints one JSON line with the keys of
+    /// bench/train_transformers.py.
     Train(Box<BenchTrainArgs>),
     /// Per-rank memory of ddp and zero stages 1-3 on 1 and 2 ranks (optimizer state,
     /// trainable and frozen parameter bytes, peak RSS), then peak RSS of one long-sequence
