@@ -16,6 +16,7 @@
 //! a quantized head) the target positions go through the head with autograd, still without
 //! the positions that have no target.
 use anyhow::{bail, Result};
+use ferrotune_plugin_api::{logps_from_logits, ForwardFlags};
 use tch::{Kind, Tensor};
 
 use super::checkpoint::grad_enabled;
@@ -197,7 +198,7 @@ fn chunk_stats(
 }
 
 /// A head that is not a plain frozen product: the selected positions through it, with
-/// autograd.
+/// autograd, scored as objectives score full logits ([`logps_from_logits`]).
 fn through_head(
     head: &FrozenLinear,
     mode: LinearMode<'_>,
@@ -205,31 +206,16 @@ fn through_head(
     tg: &Tensor,
     opts: TargetOptions,
 ) -> Result<Selected> {
-    let mut logits = head.forward(hs, mode)?;
-    logits = match logits.kind() {
-        Kind::Double => logits,
-        _ => logits.f_to_kind(Kind::Float)?,
-    };
-    if opts.temperature != 1.0 {
-        logits = logits.f_div_scalar(opts.temperature)?;
-    }
-    let lp = logits.f_log_softmax(-1, None::<Kind>)?;
-    let logps = lp.f_gather(-1, &tg.f_unsqueeze(-1)?, false)?.f_squeeze_dim(-1)?;
-    let (correct, entropy) = tch::no_grad(|| -> Result<(Tensor, Option<Tensor>)> {
-        let (_, argmax) = logits.f_max_dim(-1, false)?;
-        let entropy = if opts.entropy {
-            let s = lp.f_exp()?.f_mul(&lp)?.f_sum_dim_intlist(
-                [-1i64].as_slice(),
-                false,
-                None::<Kind>,
-            )?;
-            Some(s.f_neg()?)
-        } else {
-            None
-        };
-        Ok((argmax.f_eq_tensor(tg)?, entropy))
-    })?;
-    Ok(Selected { logps, correct, entropy })
+    let logits = head.forward(hs, mode)?.f_unsqueeze(0)?;
+    let flags = if opts.entropy { ForwardFlags::TARGET_ENTROPY } else { ForwardFlags::NONE };
+    let out = logps_from_logits(&logits, &tg.f_unsqueeze(0)?, opts.temperature, flags)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let row = |t: Tensor| t.f_squeeze_dim(0);
+    Ok(Selected {
+        logps: row(out.logps)?,
+        correct: row(out.correct)?,
+        entropy: out.entropy.map(row).transpose()?,
+    })
 }
 
 #[cfg(test)]

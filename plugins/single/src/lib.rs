@@ -13,12 +13,13 @@
 //! p ← p − step_size · m / denom
 //! ```
 //!
-//! The fused kernel evaluates these formulas per element in one pass (the unfused
-//! `foreach=False` path runs one libtorch kernel per line); the two agree to the last bits
-//! (tests/optim_parity.rs bounds the difference to torch by 1e-6). Optimizer state is fp32
-//! for fp16/bf16/fp32 parameters (fp64 for fp64 ones); a low-precision parameter is updated
-//! in an fp32 copy and rounded back. A non-finite global gradient norm skips the step (and
-//! the step counter). After every step the gradients are dropped (`grad = None`). A parameter without a gradient at a step is left alone; the bias correction
+//! The fused kernel evaluates these formulas per element in one pass, so fp32 results are
+//! bit-identical to `AdamW(fused=True)` on the same device (tests/optim_parity.rs; torch's
+//! unfused path differs from it in the last bits). Optimizer state is fp32 for
+//! fp16/bf16/fp32 parameters (fp64 for fp64 ones); a low-precision parameter is updated in
+//! an fp32 copy and rounded back. A non-finite global gradient norm skips the step (and the
+//! step counter). After every step the gradients are dropped (`grad = None`). A parameter
+//! without a gradient at a step is left alone; the bias correction
 //! uses the run's step count (torch counts per parameter: the two differ only for a
 //! parameter that misses some steps' gradients entirely).
 //!
