@@ -136,18 +136,7 @@ pub fn collate(
     };
     let images = |encs: &[&Encoded]| -> Result<Vec<(String, Tensor)>> {
         match prep {
-            Some(p) => {
-                let owned: Vec<Encoded> = encs
-                    .iter()
-                    .map(|e| Encoded {
-                        input_ids: Vec::new(),
-                        labels: Vec::new(),
-                        truncated_from: None,
-                        images: e.images.clone(),
-                    })
-                    .collect();
-                p.batch_tensors(&owned)
-            }
+            Some(p) => p.batch_tensors(encs),
             None => Ok(Vec::new()),
         }
     };
@@ -157,11 +146,8 @@ pub fn collate(
             tensors = packed_tensors(items, pad_id, prep)?
         }
         Layout::Sequences => {
-            let encs: Vec<Encoded> = seqs(&|i| if let Item::Seq(e) = i { Some(e) } else { None })?
-                .into_iter()
-                .cloned()
-                .collect();
-            tensors = pad_sequences(&encs.iter().collect::<Vec<_>>(), pad_id);
+            let encs = seqs(&|i| if let Item::Seq(e) = i { Some(e) } else { None })?;
+            tensors = pad_sequences(&encs, pad_id);
             if let Some(p) = prep {
                 tensors.extend(p.batch_tensors(&encs)?);
             }
@@ -212,8 +198,7 @@ fn packed_tensors(items: &[&Item], pad_id: i64, prep: Option<&ImagePrep>) -> Res
         .map(|p| (p.image_pad_id(), p.processor.merge_size as i64));
     tensors.push(("position_ids".into(), packed_positions(&rows, mrope)?));
     if let Some(p) = prep {
-        let owned: Vec<Encoded> = encs.into_iter().cloned().collect();
-        tensors.extend(p.batch_tensors(&owned)?);
+        tensors.extend(p.batch_tensors(&encs)?);
     }
     Ok(tensors)
 }

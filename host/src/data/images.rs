@@ -206,7 +206,7 @@ impl ImagePrep {
 
     /// The batch tensors `pixel_values` `[patches, C·T·P·P]` and `image_grid_thw` `[n, 3]`
     /// (int64) of a batch's images, none when it has no image.
-    pub fn batch_tensors(&self, batch: &[Encoded]) -> Result<Vec<(String, Tensor)>> {
+    pub fn batch_tensors(&self, batch: &[&Encoded]) -> Result<Vec<(String, Tensor)>> {
         match self.vision_inputs(batch.iter().flat_map(|e| e.images.iter()))? {
             None => Ok(Vec::new()),
             Some(v) => Ok(vec![
