@@ -239,6 +239,10 @@ pub struct DataConfig {
     /// And at most this many (default: as image_min_pixels; Qwen2-VL's 12845056).
     #[serde(default)]
     pub image_max_pixels: Option<u64>,
+    /// Images larger than this many pixels (width × height, read from the file's header before
+    /// anything is decoded) are refused as bad samples (default: 4 × the model's max_pixels).
+    #[serde(default)]
+    pub max_image_pixels: Option<u64>,
     /// stop (default) or skip samples that cannot be used; samples that only lose all their
     /// labels to truncation are always skipped and counted.
     #[serde(default = "default_on_bad")]

@@ -1,0 +1,1 @@
+//! Bad-input cases: adapters. Filled in by the hardening work.

@@ -1,0 +1,1 @@
+//! Bad-input cases: data. Filled in by the hardening work.

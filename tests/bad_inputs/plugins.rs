@@ -1,0 +1,1 @@
+//! Bad-input cases: plugins. Filled in by the hardening work.

@@ -1,0 +1,1 @@
+//! Bad-input cases: serve. Filled in by the hardening work.

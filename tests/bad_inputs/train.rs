@@ -1,0 +1,1 @@
+//! Bad-input cases: train. Filled in by the hardening work.
