@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use ferrotune::vision::{
     decode_image, load_image, process_image, resize_bicubic, smart_resize, stack_images, to_rgb8,
-    ImageProcessorConfig,
+    ImageProcessorConfig, DEFAULT_MAX_IMAGE_PIXELS,
 };
 use ferrotune_tests::{one_torch_thread, repo_root, run_python, temp_dir};
 use image::RgbImage;
@@ -85,7 +85,7 @@ fn every_stage_matches_transformers() {
         let is_jpeg = file.extension().is_some_and(|e| e == "jpg");
         let cfg =
             ImageProcessorConfig::from_dir(&dir.join(case["config"].as_str().unwrap())).unwrap();
-        let img = load_image(&file).unwrap();
+        let img = load_image(&file, DEFAULT_MAX_IMAGE_PIXELS).unwrap();
 
         // 1. Decode + convert_to_rgb.
         let ours_rgb = to_rgb8(&img).unwrap();
@@ -191,8 +191,12 @@ fn stacked_batch_matches_one_transformers_call() {
         .iter()
         .map(|n| {
             let case = cases.iter().find(|c| c["name"] == *n).unwrap();
-            process_image(&load_image(&dir.join(case["file"].as_str().unwrap())).unwrap(), &cfg)
-                .unwrap()
+            process_image(
+                &load_image(&dir.join(case["file"].as_str().unwrap()), DEFAULT_MAX_IMAGE_PIXELS)
+                    .unwrap(),
+                &cfg,
+            )
+            .unwrap()
         })
         .collect();
     let (pixel_values, grids) = stack_images(&processed).unwrap();
@@ -217,11 +221,14 @@ fn corrupt_missing_and_degenerate_images_are_clear_errors() {
     let dir = temp_dir("image-errors");
     // Missing file: the path is named.
     let missing = dir.join("no-such-image.png");
-    let err = format!("{:#}", load_image(&missing).unwrap_err());
+    let err = format!("{:#}", load_image(&missing, DEFAULT_MAX_IMAGE_PIXELS).unwrap_err());
     assert!(err.contains("no-such-image.png") && err.contains("cannot read"), "{err}");
 
     // Not an image at all.
-    let err = format!("{:#}", decode_image(b"GIF? no, plain text").unwrap_err());
+    let err = format!(
+        "{:#}",
+        decode_image(b"GIF? no, plain text", DEFAULT_MAX_IMAGE_PIXELS).unwrap_err()
+    );
     assert!(err.contains("unrecognised image format"), "{err}");
 
     // A real PNG cut in half: the file is named and the data called corrupt.
@@ -232,7 +239,7 @@ fn corrupt_missing_and_degenerate_images_are_clear_errors() {
     let bytes = std::fs::read(&good).unwrap();
     let cut = dir.join("cut.png");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let err = format!("{:#}", load_image(&cut).unwrap_err());
+    let err = format!("{:#}", load_image(&cut, DEFAULT_MAX_IMAGE_PIXELS).unwrap_err());
     assert!(
         err.contains("cut.png") && (err.contains("corrupt") || err.contains("cannot decode")),
         "{err}"
@@ -242,7 +249,7 @@ fn corrupt_missing_and_degenerate_images_are_clear_errors() {
     let mut jpeg = b"\xff\xd8\xff\xdb\x00\x43".to_vec();
     jpeg.extend_from_slice(&[0x55; 40]);
     std::fs::write(&jpg, &jpeg).unwrap();
-    let err = format!("{:#}", load_image(&jpg).unwrap_err());
+    let err = format!("{:#}", load_image(&jpg, DEFAULT_MAX_IMAGE_PIXELS).unwrap_err());
     assert!(err.contains("bad.jpg"), "{err}");
 
     // Degenerate images: no pixels, and an aspect ratio transformers refuses.

@@ -18,7 +18,8 @@ pub use super::encode::{ImageData, SampleImage};
 use crate::model::VisionInputs;
 use crate::text::Tokenizer;
 use crate::vision::{
-    decode_image, load_image, process_image, smart_resize, stack_images, ImageProcessorConfig,
+    decode_image, load_image, pixel_cap_for, process_image, smart_resize, stack_images,
+    ImageProcessorConfig,
 };
 
 /// The placeholder dataset plugins write, one per image.
@@ -42,6 +43,9 @@ pub struct ImagePrep {
     /// Overrides from the run's config (`data.image_min_pixels` / `image_max_pixels`).
     pub min_pixels: Option<u64>,
     pub max_pixels: Option<u64>,
+    /// Images above this many pixels (from their header) are refused before decoding
+    /// (`data.max_image_pixels`; default 4 × the max_pixels they are resized to).
+    pub max_image_pixels: Option<u64>,
     merge_size: u32,
     image_pad_id: i64,
 }
@@ -83,6 +87,7 @@ impl ImagePrep {
             processor,
             min_pixels: None,
             max_pixels: None,
+            max_image_pixels: None,
             merge_size,
             image_pad_id: image_token_id,
         }))
@@ -104,6 +109,11 @@ impl ImagePrep {
                 .or_else(|| from_sample("image_max_pixels"))
                 .unwrap_or(self.processor.max_pixels),
         )
+    }
+
+    /// The most pixels an image resized to at most `max_pixels` may have before decoding.
+    fn decode_cap(&self, max_pixels: u64) -> u64 {
+        self.max_image_pixels.unwrap_or_else(|| pixel_cap_for(max_pixels))
     }
 
     /// Finds, decodes and sizes every image of `sample` (consuming its blobs).
@@ -130,7 +140,8 @@ impl ImagePrep {
                 },
             };
             let bad = |reason: String| BadImage { index, what: what.clone(), reason };
-            let img = decode(&data).map_err(|e| bad(format!("{e:#}")))?;
+            let img =
+                decode(&data, self.decode_cap(max_pixels)).map_err(|e| bad(format!("{e:#}")))?;
             let (w, h) = (img.width(), img.height());
             let (rh, rw) = smart_resize(h, w, factor, min_pixels, max_pixels)
                 .map_err(|e| bad(format!("{e:#}")))?;
@@ -182,7 +193,8 @@ impl ImagePrep {
     ) -> Result<Option<VisionInputs>> {
         let mut processed = Vec::new();
         for (i, im) in images.into_iter().enumerate() {
-            let img = decode(&im.data).with_context(|| format!("image {i} ({:?})", im.data))?;
+            let img = decode(&im.data, self.decode_cap(im.max_pixels))
+                .with_context(|| format!("image {i} ({:?})", im.data))?;
             let cfg =
                 self.processor.clone().with_pixels(Some(im.min_pixels), Some(im.max_pixels))?;
             let p =
@@ -251,10 +263,10 @@ pub fn grids_of(t: &Tensor) -> Result<Vec<[i64; 3]>> {
     Ok(flat.chunks(3).map(|c| [c[0], c[1], c[2]]).collect())
 }
 
-fn decode(data: &ImageData) -> Result<image::DynamicImage> {
+fn decode(data: &ImageData, max_pixels: u64) -> Result<image::DynamicImage> {
     match data {
-        ImageData::File(p) => load_image(p),
-        ImageData::Bytes(b) => decode_image(b),
+        ImageData::File(p) => load_image(p, max_pixels),
+        ImageData::Bytes(b) => decode_image(b, max_pixels),
     }
 }
 

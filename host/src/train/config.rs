@@ -433,6 +433,9 @@ impl TrainConfig {
                 bail!("config key `{key}`: must be positive");
             }
         }
+        if self.data.max_image_pixels == Some(0) {
+            bail!("config key `data.max_image_pixels`: must be at least 1 (the most pixels, width x height, an image file may have)");
+        }
         if let (Some(lo), Some(hi)) = (self.data.image_min_pixels, self.data.image_max_pixels) {
             if lo > hi {
                 bail!("config key `data.image_min_pixels`: {lo} is larger than data.image_max_pixels {hi}");

@@ -85,6 +85,7 @@ pub fn image_prep(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Option<ImagePrep
     if let Some(p) = prep.as_mut() {
         p.min_pixels = cfg.data.image_min_pixels;
         p.max_pixels = cfg.data.image_max_pixels;
+        p.max_image_pixels = cfg.data.max_image_pixels;
     }
     Ok(prep)
 }

@@ -11,9 +11,11 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! use ferrotune::vision::{load_image, process_image, stack_images, ImageProcessorConfig};
+//! use ferrotune::vision::{
+//!     load_image, process_image, stack_images, ImageProcessorConfig, DEFAULT_MAX_IMAGE_PIXELS,
+//! };
 //! let cfg = ImageProcessorConfig::from_dir(std::path::Path::new("models/qwen2-vl"))?;
-//! let a = process_image(&load_image("cat.jpg".as_ref())?, &cfg)?;
+//! let a = process_image(&load_image("cat.jpg".as_ref(), DEFAULT_MAX_IMAGE_PIXELS)?, &cfg)?;
 //! let tokens = a.num_image_tokens(cfg.merge_size); // <|image_pad|> tokens in the prompt
 //! let (pixel_values, image_grid_thw) = stack_images(&[a])?;
 //! # let _ = (tokens, pixel_values, image_grid_thw); Ok(()) }
@@ -26,6 +28,9 @@ mod resize;
 pub use config::{
     ImageProcessorConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_CONFIG_FILE,
 };
-pub use decode::{decode_image, load_image, to_rgb8};
+pub use decode::{
+    decode_image, image_dimensions, load_image, pixel_cap_for, to_rgb8, ImageTooLarge,
+    DEFAULT_MAX_IMAGE_PIXELS,
+};
 pub use processor::{process_image, stack_images, ProcessedImage};
 pub use resize::{resize_bicubic, smart_resize, MAX_ASPECT_RATIO};
