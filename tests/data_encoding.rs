@@ -439,7 +439,9 @@ fn preference_kto_and_images_cross_the_boundary() {
         ("A cat.".into(), "A dog.".into())
     );
     assert_eq!(s.label, Some(true));
-    assert_eq!(s.images, vec![ImageSource::Path("imgs/cat.png".into())]);
+    // Relative image paths are joined to the data file's folder.
+    let want = f.parent().unwrap().join("imgs/cat.png").display().to_string();
+    assert_eq!(s.images, vec![ImageSource::Path(want)]);
     let e = load_err(&reg, "sharegpt", "{}", &f);
     assert!(e.contains("ends with a `human` or `observation` turn"), "{e}");
 }

@@ -187,13 +187,26 @@ fn llava_copy_reads_like_the_parquet() {
             }
         }
     }
-    // `image_folder` replaces the JSON file's folder.
-    let moved = load(&reg, "llava", r#"{"image_folder": "/elsewhere"}"#, &llava_dir(), "test");
+    // An absolute `image_folder` replaces the JSON file's folder.
+    let elsewhere = temp_dir("vlm-llava-image-folder");
+    let cfg = json!({ "image_folder": elsewhere }).to_string();
+    let moved = load(&reg, "llava", &cfg, &llava_dir(), "test");
     assert!(
-        matches!(&moved[0].images[0], ImageSource::Path(p) if p.starts_with("/elsewhere/images/")),
+        matches!(&moved[0].images[0], ImageSource::Path(p) if Path::new(p).starts_with(elsewhere.join("images"))),
         "{:?}",
         moved[0].images
     );
+    // A relative one is joined to the JSON file's folder, whatever the working directory.
+    let up = load(&reg, "llava", r#"{"image_folder": ".."}"#, &llava_dir(), "test");
+    assert!(
+        matches!(&up[0].images[0], ImageSource::Path(p) if Path::new(p).starts_with(llava_dir().join("../images"))),
+        "{:?}",
+        up[0].images
+    );
+    // One that does not exist is refused by name.
+    let err =
+        load_err(&reg, "llava", r#"{"image_folder": "no-such-folder"}"#, &llava_dir(), "test");
+    assert!(err.contains("image_folder") && err.contains("no-such-folder"), "{err}");
 }
 
 #[test]

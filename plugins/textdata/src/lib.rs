@@ -13,7 +13,7 @@
 //!   `assistant`; `chosen`/`rejected` turn objects with `ranking`.
 //!
 //! Both (`columns.rs`): a boolean `kto_tag` → `Sample::label`; `images` → `Sample::images`
-//! paths as written; `ranking` needs the `chosen` and `rejected` columns.
+//! paths, relative ones joined to the data file's folder; `ranking` needs the `chosen` and `rejected` columns.
 //! Bad rows fail with file and line, or with `skip_bad_rows` are counted (`len()` counts the
 //! good rows; one summary line goes to stderr): see `source.rs`.
 use ferrotune_plugin_api::prelude::*;

@@ -65,6 +65,7 @@ pub fn load(
             match converted {
                 Ok(mut sample) => {
                     sample.id = Some(record.origin);
+                    resolve_images(&mut sample, file.parent().unwrap_or(Path::new("")));
                     samples.push(sample);
                 }
                 Err(reason) if skip_bad_rows => {
@@ -135,8 +136,22 @@ pub fn bool_column(row: &Map<String, Value>, col: Option<&str>) -> Result<Option
     }
 }
 
-/// An images column: one path or a list of paths, kept as written (relative paths stay
-/// relative; the host resolves them). Checked against the `<image>` placeholders of the
+/// Relative image paths of `sample` joined to `base`, the folder of the data file the row
+/// comes from (LLaMA-Factory's `media_dir` default, the data set folder); absolute paths and
+/// URLs as written.
+pub fn resolve_images(sample: &mut Sample, base: &Path) {
+    for image in &mut sample.images {
+        if let ImageSource::Path(p) = image {
+            let lower = p.get(..8).unwrap_or(p).to_ascii_lowercase();
+            if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+                *p = base.join(&*p).to_string_lossy().into_owned();
+            }
+        }
+    }
+}
+
+/// An images column: one path or a list of paths, as written (`load` joins relative paths to
+/// the data file's folder). Checked against the `<image>` placeholders of the
 /// turns: one placeholder per image, as LLaMA-Factory requires.
 pub fn images_column(
     row: &Map<String, Value>,

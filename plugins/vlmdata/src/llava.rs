@@ -33,7 +33,8 @@ use serde_json::{Map, Value};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlavaConfig {
-    /// Folder that relative image paths are joined to (Qwen2-VL-Finetune's `--image_folder`).
+    /// Folder that relative image paths are joined to (Qwen2-VL-Finetune's `--image_folder`);
+    /// itself relative to the data file's folder unless absolute.
     /// Default: the folder of the JSON file.
     #[serde(default)]
     pub image_folder: Option<String>,
@@ -342,10 +343,20 @@ impl LlavaReader {
         if records.is_empty() {
             return Err(PluginError::invalid(format!("{}: holds no rows", file.display())));
         }
+        let file_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        // A relative image_folder is relative to the data file's folder, as relative image
+        // paths are: the run works the same from any working directory.
         let image_base = match &cfg.image_folder {
-            Some(folder) => PathBuf::from(folder),
-            None => file.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Some(folder) => file_dir.join(folder),
+            None => file_dir,
         };
+        if cfg.image_folder.is_some() && !image_base.is_dir() {
+            return Err(PluginError::invalid(format!(
+                "{}: image_folder {} is not a folder (a relative `image_folder` is joined to the data file's folder)",
+                file.display(),
+                image_base.display(),
+            )));
+        }
         Ok(Self { cfg: cfg.clone(), file, image_base, records })
     }
 }
