@@ -22,7 +22,8 @@ pub struct AdamWConfig {
     /// each in [0, 1); β2 0.95–0.999 is typical for LLMs.
     #[serde(default = "default_betas")]
     pub betas: (f64, f64),
-    /// Added to the denominator for stability. Default 1e-8; must be ≥ 0.
+    /// Added to the denominator for stability. Default 1e-8; must be > 0 (0 turns a zero
+    /// gradient entry into 0/0 = NaN).
     #[serde(default = "default_eps")]
     pub eps: f64,
     /// Decoupled weight decay, scaled per parameter by `weight_decay_scale`. Default 0.01
@@ -60,10 +61,12 @@ impl AdamWConfig {
                 ));
             }
         }
-        if !(cfg.eps >= 0.0 && cfg.eps.is_finite()) {
+        // eps = 0 divides 0 by 0 wherever a gradient entry is 0 (a frozen row, an unused token):
+        // NaN in the parameters from the first step on.
+        if !(cfg.eps > 0.0 && cfg.eps.is_finite()) {
             return Err(PluginError::config(
-                "eps",
-                format!("must be finite and ≥ 0, got {}", cfg.eps),
+                "optimizer.eps",
+                format!("must be positive and finite (typical 1e-8), got {}", cfg.eps),
             ));
         }
         if !(cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite()) {

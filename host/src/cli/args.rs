@@ -87,6 +87,11 @@ pub enum Command {
         /// checkpoint folder.
         #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "CHECKPOINT")]
         resume: Option<String>,
+        /// Start a new run in an output_dir that holds an earlier run (checkpoints, adapter,
+        /// metrics.jsonl), deleting that run's files first (`training.overwrite_output_dir`).
+        /// Without it such a run is refused. Ignored with --resume.
+        #[arg(long)]
+        overwrite_output_dir: bool,
     },
     /// Start this node's ranks of a multi-process run with torchrun's environment (RANK,
     /// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): `launch --nproc 2 train config.yaml`.

@@ -64,7 +64,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::InitModel(a) => info::init_model(*a)?,
         Command::Launch(a) => launch(*a, plugin_args())?,
-        Command::Train { config, resume } => train(&config, resume, &search)?,
+        Command::Train { config, resume, overwrite_output_dir } => {
+            train(&config, resume, overwrite_output_dir, &search)?
+        }
         Command::Generate(a) => generate(&a, &search)?,
         Command::Merge(a) => merge(&a, &search)?,
         Command::Serve(a) => serve(*a, search)?,
@@ -97,8 +99,14 @@ fn launch(a: LaunchArgs, mut args: Vec<String>) -> Result<()> {
     })
 }
 
-fn train(config: &std::path::Path, resume: Option<String>, search: &SearchPath) -> Result<()> {
-    let cfg = crate::train::config::TrainConfig::from_file(config)?;
+fn train(
+    config: &std::path::Path,
+    resume: Option<String>,
+    overwrite_output_dir: bool,
+    search: &SearchPath,
+) -> Result<()> {
+    let mut cfg = crate::train::config::TrainConfig::from_file(config)?;
+    cfg.training.overwrite_output_dir |= overwrite_output_dir;
     let registry = Registry::discover(search);
     let resume = resume.map(|r| {
         if r == "latest" {

@@ -1,14 +1,18 @@
-//! Checkpoints of a run (`checkpoint-N`: the adapter, the optimizer state of every rank and
-//! the step, written atomically) and its `metrics.jsonl`, which a resumed run cuts back to
-//! the checkpoint's step.
+//! Checkpoints of a run (`checkpoint-N`: the adapter, the optimizer state of every rank, the
+//! step and what the run was — its training config and data fingerprint —, written
+//! atomically), its `metrics.jsonl`, which a resumed run cuts back to the checkpoint's step,
+//! and the output folder's bookkeeping: which files are an earlier run's, and which are
+//! leftovers of a killed one.
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::{Collectives, MemoryStrategy, TrainParam};
+use serde_json::Value;
 
-use crate::peft::{non_lora, PeftModel};
-use crate::util::safetensors;
+use crate::peft::{non_lora, quant, PeftModel, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::util::{atomic, safetensors};
 
 // ------------------------------------------------------------------ metrics
 
@@ -34,6 +38,139 @@ pub(crate) fn rewind_metrics(path: &Path, step: usize) -> Result<()> {
         .collect();
     if kept.len() != text.len() {
         crate::util::atomic::write(path, kept)?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ the output folder
+
+/// Files a run writes at the top of its output folder, besides its `checkpoint-N` folders.
+const RUN_FILES: [&str; 7] = [
+    METRICS_FILE,
+    ADAPTER_WEIGHTS,
+    ADAPTER_CONFIG,
+    non_lora::NON_LORA_FILE,
+    quant::QUANTIZATION_FILE,
+    "train_summary.json",
+    "loss.png",
+];
+
+/// What an earlier run left in `out`: its `checkpoint-N` folders and the files of
+/// [`RUN_FILES`] (an empty `metrics.jsonl` aside), sorted; other files (a config kept beside
+/// the run, notes) are not a run's.
+pub fn earlier_run_files(out: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Vec::new() };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let empty = e.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
+            (RUN_FILES.contains(&name.as_str()) && !(name == METRICS_FILE && empty))
+                || name.strip_prefix("checkpoint-").is_some_and(|n| n.parse::<usize>().is_ok())
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Deletes what [`earlier_run_files`] lists (`--overwrite-output-dir`); returns their names.
+pub fn remove_earlier_run(out: &Path) -> Result<Vec<String>> {
+    let files = earlier_run_files(out);
+    for f in &files {
+        let removed = if f.is_dir() { std::fs::remove_dir_all(f) } else { std::fs::remove_file(f) };
+        removed
+            .with_context(|| format!("--overwrite-output-dir: cannot remove {}", f.display()))?;
+    }
+    Ok(files.iter().map(|f| file_name(f)).collect())
+}
+
+/// Removes what a killed run left half-written in `out`: `.checkpoint-N.tmp` folders and the
+/// temporaries of atomic writes whose process is gone; returns their names.
+pub fn remove_stale_temporaries(out: &Path) -> Result<Vec<String>> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(Vec::new()) };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let checkpoint_tmp = name
+            .strip_prefix(".checkpoint-")
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !(checkpoint_tmp || atomic::is_stale_temp(&name)) {
+            continue;
+        }
+        let p = e.path();
+        let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        r.with_context(|| format!("cannot remove the leftover {}", p.display()))?;
+        removed.push(name);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+// ------------------------------------------------------------------ what a run was
+
+/// What a checkpoint records of the run that wrote it and `--resume` compares with the run
+/// resuming: the config keys that change training (`TrainConfig::training_record`) and the
+/// data's fingerprint (`data.fingerprint`, `data.train_samples`, `data.eval_samples`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Provenance(pub BTreeMap<String, Value>);
+
+impl Provenance {
+    fn json(&self) -> Value {
+        Value::Object(self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    /// `key: recorded vs current` for every key whose value differs (absent on one side:
+    /// `(absent)`).
+    pub fn differences(&self, recorded: &serde_json::Map<String, Value>) -> Vec<String> {
+        let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), |v| v.to_string());
+        let keys: std::collections::BTreeSet<&String> =
+            self.0.keys().chain(recorded.keys()).collect();
+        keys.into_iter()
+            .filter(|k| !same_value(self.0.get(*k), recorded.get(*k)))
+            .map(|k| format!("{k}: {} vs {}", show(recorded.get(k)), show(self.0.get(k))))
+            .collect()
+    }
+}
+
+/// Equal values, numbers compared as numbers (2 and 2.0 are the same learning rate).
+fn same_value(a: Option<&Value>, b: Option<&Value>) -> bool {
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => x.as_f64() == y.as_f64(),
+        (a, b) => a == b,
+    }
+}
+
+/// `--resume` from `dir`: the checkpoint's recorded run must be this one (same training keys,
+/// same data), else the error lists what differs. A checkpoint written before checkpoints
+/// recorded their run is resumed with a warning.
+pub fn check_resume(dir: &Path, current: &Provenance) -> Result<()> {
+    let file = dir.join(STATE_FILE);
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", file.display()))?;
+    let Some(recorded) = state.get("run").and_then(Value::as_object) else {
+        eprintln!(
+            "warning: {} records no config or data fingerprint (an older checkpoint): resuming unchecked",
+            file.display()
+        );
+        return Ok(());
+    };
+    let differ = current.differences(recorded);
+    if !differ.is_empty() {
+        bail!(
+            "--resume: {} was written by another run (its config or data differ; checkpoint vs now): {}. \
+             Resume with that run's config and data, or start a new run (--overwrite-output-dir, or another output_dir)",
+            dir.display(),
+            differ.join("; ")
+        );
     }
     Ok(())
 }
@@ -77,7 +214,9 @@ fn optimizer_file(rank: usize, world: usize) -> String {
 /// renamed into place only when complete, so a killed run never leaves a half checkpoint.
 /// With several ranks each writes its optimizer shard into rank 0's temporary folder (a
 /// folder all ranks see: the same machine or a shared file system) between barriers, and
-/// rank 0 writes the adapter and renames the folder.
+/// rank 0 writes the adapter and renames the folder. A write that fails (disk full) removes
+/// rank 0's temporary folder before the error returns. `run` is recorded in
+/// `trainer_state.json` for `--resume` to compare ([`check_resume`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn save_checkpoint(
     out: &Path,
@@ -86,15 +225,20 @@ pub(crate) fn save_checkpoint(
     full_weights: &[TrainParam],
     memory: &dyn MemoryStrategy,
     keep: Option<usize>,
+    run: Option<&Provenance>,
     comm: &dyn Collectives,
 ) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let final_dir = out.join(format!("checkpoint-{step}"));
     let tmp = out.join(format!(".checkpoint-{step}.tmp"));
-    if rank == 0 {
+    let guard = if rank == 0 {
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-    }
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        Some(atomic::TempGuard::new(tmp.clone()))
+    } else {
+        None
+    };
     comm.barrier()?;
     let state = memory.state_dict()?;
     safetensors::write(&tmp.join(optimizer_file(rank, world)), &state).with_context(|| {
@@ -106,18 +250,22 @@ pub(crate) fn save_checkpoint(
     }
     model.save_peft_adapter(&tmp.join("adapter"))?;
     non_lora::save(&tmp.join("adapter"), full_weights)?;
-    std::fs::write(
-        tmp.join(STATE_FILE),
-        serde_json::to_string_pretty(&serde_json::json!({ "step": step, "world_size": world }))?,
-    )?;
+    let mut state = serde_json::json!({ "step": step, "world_size": world });
+    if let Some(run) = run {
+        state["run"] = run.json();
+    }
+    let state_file = tmp.join(STATE_FILE);
+    std::fs::write(&state_file, serde_json::to_string_pretty(&state)?)
+        .with_context(|| format!("cannot write {}", state_file.display()))?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    guard.map(atomic::TempGuard::keep);
     if let Some(keep) = keep {
         let all = checkpoints(out)?;
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
             std::fs::remove_dir_all(old).ok();
         }
     }

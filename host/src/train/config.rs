@@ -35,7 +35,8 @@ pub struct TrainConfig {
     /// cpu, cuda or cuda:N (default cpu).
     #[serde(default = "default_device")]
     pub device: String,
-    /// Compute dtype of the frozen base: f32 or bf16 (default f32).
+    /// Compute dtype of the frozen base: f32 or bf16 (default f32). f16 is refused: training
+    /// in it needs loss scaling, which the trainer does not do.
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// Seed of parameter init, shuffling and dropout (default 42).
@@ -127,6 +128,18 @@ impl Default for VisionTrainConfig {
     fn default() -> Self {
         Self { freeze_vision_tower: true, tune_merger: false, vision_lr: None, merger_lr: None }
     }
+}
+
+/// What happens when a step's loss or gradient norm is NaN or infinite (the memory plugin has
+/// skipped that step: nothing was updated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Stop with exit status 1 after `training.max_nonfinite_steps` such steps in a row,
+    /// naming the step and what was not finite (default).
+    Stop,
+    /// Keep skipping them; the end of the run says how many were skipped.
+    Skip,
 }
 
 /// What happens to a sample that cannot be used (a bad image, an `<image>` count that differs
@@ -285,9 +298,23 @@ pub struct TrainingConfig {
     /// Write a checkpoint every N optimizer steps (default: none until the end).
     #[serde(default)]
     pub save_steps: Option<usize>,
-    /// Keep at most this many checkpoints (default: all).
+    /// Keep at most this many checkpoints, at least 1 (default: all).
     #[serde(default)]
     pub save_total_limit: Option<usize>,
+    /// A step whose loss or gradient norm is NaN/Inf is skipped (nothing updated); `stop`
+    /// (default) ends the run with exit status 1 after `max_nonfinite_steps` of them in a row,
+    /// `skip` keeps going and reports how many were skipped.
+    #[serde(default = "default_on_nonfinite")]
+    pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite: stop`: how many skipped steps in a row end the run (default 3,
+    /// at least 1; 1 stops at the first).
+    #[serde(default = "default_max_nonfinite")]
+    pub max_nonfinite_steps: usize,
+    /// Start a new run (no `--resume`) in an output_dir that holds an earlier run's files
+    /// (checkpoints, adapter, metrics.jsonl), deleting them first (default false: refused;
+    /// also `train --overwrite-output-dir`). Other files there are left alone.
+    #[serde(default)]
+    pub overwrite_output_dir: bool,
     /// Show a progress bar on stderr (default true).
     #[serde(default = "default_true")]
     pub progress_bar: bool,
@@ -314,6 +341,9 @@ impl Default for TrainingConfig {
             eval_steps: None,
             save_steps: None,
             save_total_limit: None,
+            on_nonfinite: default_on_nonfinite(),
+            max_nonfinite_steps: default_max_nonfinite(),
+            overwrite_output_dir: false,
             progress_bar: true,
             num_iterations: 1,
             gradient_checkpointing: false,
@@ -360,6 +390,12 @@ fn default_cutoff() -> usize {
 fn default_on_bad() -> OnBadSample {
     OnBadSample::Stop
 }
+fn default_on_nonfinite() -> OnNonFinite {
+    OnNonFinite::Stop
+}
+fn default_max_nonfinite() -> usize {
+    3
+}
 fn default_true() -> bool {
     true
 }
@@ -378,7 +414,7 @@ impl TrainConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut cfg = Self::from_yaml(&text).with_context(|| format!("in {}", path.display()))?;
+        let mut cfg = Self::parse(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path]
             .into_iter()
@@ -392,23 +428,70 @@ impl TrainConfig {
     }
 
     pub fn from_yaml(text: &str) -> Result<Self> {
+        Self::parse(text, "config")
+    }
+
+    /// Parses and validates `text`, read from `file`: a YAML syntax error is named by the
+    /// file, line and column; anything else by the config key (after `in FILE:`).
+    fn parse(text: &str, file: &str) -> Result<Self> {
         let de = serde_yaml::Deserializer::from_str(text);
-        let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+        let parsed: Result<Self> = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
+            if path == "?" || path.is_empty() {
+                // No key reached: the text is not YAML (serde_yaml's message ends with the place).
+                let inner = e.into_inner();
+                return match inner.location() {
+                    Some(l) => anyhow::anyhow!(
+                        "{file} line {} column {}: {}",
+                        l.line(),
+                        l.column(),
+                        yaml_message(&inner)
+                    ),
+                    None => anyhow::anyhow!("{file}: {inner}"),
+                };
+            }
             let key = if path == "." { "(top level)".to_string() } else { path };
-            anyhow::anyhow!("config key `{key}`: {}", e.inner())
-        })?;
-        cfg.validate()?;
+            anyhow::anyhow!("in {file}: config key `{key}`: {}", e.inner())
+        });
+        let cfg = parsed?;
+        cfg.validate().with_context(|| format!("in {file}"))?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<()> {
         let t = &self.training;
-        if t.micro_batch_size == 0 {
-            bail!("config key `training.micro_batch_size`: must be at least 1");
+        // Every step count the trainer divides by (or takes a remainder of) is at least 1.
+        for (key, n) in [
+            ("training.micro_batch_size", Some(t.micro_batch_size)),
+            ("training.gradient_accumulation_steps", Some(t.gradient_accumulation_steps)),
+            ("training.logging_steps", Some(t.logging_steps)),
+            ("training.eval_steps", t.eval_steps),
+            ("training.save_steps", t.save_steps),
+            ("training.save_total_limit", t.save_total_limit),
+            ("training.max_steps", t.max_steps),
+            ("training.max_nonfinite_steps", Some(t.max_nonfinite_steps)),
+        ] {
+            if n == Some(0) {
+                bail!(
+                    "config key `{key}`: must be at least 1, got 0 (omit the key for its default)"
+                );
+            }
         }
-        if t.gradient_accumulation_steps == 0 {
-            bail!("config key `training.gradient_accumulation_steps`: must be at least 1");
+        if !matches!(
+            self.dtype.to_ascii_lowercase().as_str(),
+            "f32" | "fp32" | "float32" | "float" | "bf16" | "bfloat16"
+        ) {
+            bail!(
+                "config key `dtype`: `{}` is not supported for training; use f32 or bf16 (f16 would need loss scaling)",
+                self.dtype
+            );
+        }
+        let o = &self.optimizer;
+        if !(o.eps > 0.0 && o.eps.is_finite()) {
+            bail!(
+                "config key `optimizer.eps`: must be positive and finite (typical 1e-8), got {}",
+                o.eps
+            );
         }
         if t.max_steps.is_none() && t.epochs == 0 {
             bail!("config key `training.epochs`: must be at least 1 (or set training.max_steps)");
@@ -416,7 +499,7 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.data.eval_ratio) {
             bail!("config key `data.eval_ratio`: must be in [0, 1), got {}", self.data.eval_ratio);
         }
-        if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
             bail!("config key `optimizer.lr`: must be positive, got {}", self.optimizer.lr);
         }
         if !(0.0..1.0).contains(&self.scheduler.warmup_ratio) {
@@ -468,6 +551,62 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The keys that change what a run trains, flattened to `section.key` → value: what a
+    /// checkpoint records and `--resume` compares (not logging, saving, evaluation cadence,
+    /// the device, the progress bar or gradient checkpointing, which change no number).
+    /// Paths are made absolute where they exist, so that the same config run from another
+    /// folder records the same.
+    pub fn training_record(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        use serde_json::json;
+        let path = |p: &Path| {
+            json!(std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.to_path_buf())
+                .display()
+                .to_string())
+        };
+        // A plugin section as written: `plugin` and the plugin's keys (`adapter.r`).
+        let section = |s: &PluginSection| {
+            let mut m = s.config.clone();
+            m.insert("plugin".into(), json!(s.plugin));
+            serde_json::Value::Object(m)
+        };
+        let (o, sc, d, t, v) =
+            (&self.optimizer, &self.scheduler, &self.data, &self.training, &self.vision);
+        let schedule = match sc.kind {
+            ScheduleKind::Constant => "constant",
+            ScheduleKind::Linear => "linear",
+            ScheduleKind::Cosine => "cosine",
+        };
+        let record = json!({
+            "model": path(&self.model),
+            "dtype": self.dtype.to_ascii_lowercase(),
+            "seed": self.seed,
+            "adapter": section(&self.adapter),
+            "quantization": self.quantization,
+            "adapter_init": self.adapter_init.as_deref().map(path),
+            "objective": section(&self.objective),
+            "memory": section(&self.memory),
+            "optimizer": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": o.betas, "eps": o.eps,
+                          "max_grad_norm": o.max_grad_norm, "amsgrad": o.amsgrad},
+            "scheduler": {"type": schedule, "warmup_steps": sc.warmup_steps, "warmup_ratio": sc.warmup_ratio},
+            "data": {"plugin": d.plugin, "path": path(&d.path), "config": d.config, "split": d.split,
+                     "cutoff_len": d.cutoff_len, "train_on_prompt": d.train_on_prompt,
+                     "mask_history": d.mask_history, "eval_ratio": d.eval_ratio, "shuffle": d.shuffle,
+                     "image_min_pixels": d.image_min_pixels, "image_max_pixels": d.image_max_pixels,
+                     "packing": d.packing, "group_by_length": d.group_by_length},
+            "training": {"epochs": t.epochs, "max_steps": t.max_steps, "micro_batch_size": t.micro_batch_size,
+                         "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                         "num_iterations": t.num_iterations},
+            "vision": {"freeze_vision_tower": v.freeze_vision_tower, "tune_merger": v.tune_merger,
+                       "vision_lr": v.vision_lr, "merger_lr": v.merger_lr},
+            "rewards": self.rewards.iter().map(|r| json!({"plugin": r.plugin, "weight": r.weight,
+                        "name": r.name, "config": r.config})).collect::<Vec<_>>(),
+        });
+        let mut flat = std::collections::BTreeMap::new();
+        flatten("", &record, &mut flat);
+        flat
+    }
+
     /// The memory plugin's `optimizer_json`.
     pub fn optimizer_json(&self) -> String {
         let o = &self.optimizer;
@@ -479,6 +618,34 @@ impl TrainConfig {
             "amsgrad": o.amsgrad,
         })
         .to_string()
+    }
+}
+
+/// serde_yaml's message without the " at line L column C" it ends with (said before it).
+fn yaml_message(e: &serde_yaml::Error) -> String {
+    let m = e.to_string();
+    match m.rfind(" at line ") {
+        Some(i) if m[i..].contains(" column ") => m[..i].to_string(),
+        _ => m,
+    }
+}
+
+/// `{"a": {"b": 1}}` → `a.b: 1`; a plugin section's own keys are leaves too (`adapter.r`).
+fn flatten(
+    prefix: &str,
+    v: &serde_json::Value,
+    out: &mut std::collections::BTreeMap<String, serde_json::Value>,
+) {
+    match v {
+        serde_json::Value::Object(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_string(), v.clone());
+        }
     }
 }
 
@@ -535,5 +702,65 @@ mod tests {
         assert!(e.contains("data.packing") && e.contains("data.group_by_length"), "{e}");
         let one = MINIMAL.replace("d.json}", "d.json, packing: true}");
         assert!(TrainConfig::from_yaml(&one).unwrap().data.packing);
+    }
+
+    #[test]
+    fn zero_step_counts_f16_and_zero_eps_are_refused_by_key() {
+        for key in [
+            "logging_steps",
+            "save_steps",
+            "eval_steps",
+            "save_total_limit",
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "max_nonfinite_steps",
+        ] {
+            let e = TrainConfig::from_yaml(&format!("{MINIMAL}training: {{{key}: 0}}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`training.{key}`")) && e.contains("at least 1"), "{e}");
+        }
+        let e = TrainConfig::from_yaml(&format!("{MINIMAL}dtype: f16\n")).unwrap_err().to_string();
+        assert!(e.contains("`dtype`") && e.contains("f32 or bf16"), "{e}");
+        assert!(TrainConfig::from_yaml(&format!("{MINIMAL}dtype: bf16\n")).is_ok());
+        let e = TrainConfig::from_yaml(&format!("{MINIMAL}optimizer: {{eps: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`optimizer.eps`") && e.contains("positive"), "{e}");
+        let c = TrainConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.training.on_nonfinite, OnNonFinite::Stop);
+        assert_eq!(c.training.max_nonfinite_steps, 3);
+        assert!(!c.training.overwrite_output_dir);
+    }
+
+    #[test]
+    fn yaml_syntax_errors_name_the_line_and_column() {
+        let e =
+            TrainConfig::parse("model: m\noutput_dir: [out\n", "cfg.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("cfg.yaml line ") && e.contains(" column "), "{e}");
+        assert!(!e.contains("config key") && !e.contains(" at line "), "{e}");
+        let e = TrainConfig::parse("model: m\n  bad: : x\n", "cfg.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("cfg.yaml line 2 column "), "{e}");
+        // A key error still names the key (and the file).
+        let e =
+            TrainConfig::parse(&format!("{MINIMAL}seed: x\n"), "cfg.yaml").unwrap_err().to_string();
+        assert!(e.contains("in cfg.yaml: config key `seed`"), "{e}");
+    }
+
+    #[test]
+    fn the_training_record_holds_what_changes_training_only() {
+        let a = TrainConfig::from_yaml(MINIMAL).unwrap().training_record();
+        assert_eq!(a["adapter.r"], serde_json::json!(8));
+        assert_eq!(a["optimizer.lr"], serde_json::json!(2e-4));
+        assert_eq!(a["data.cutoff_len"], serde_json::json!(1024));
+        let cadence = format!(
+            "{MINIMAL}training: {{logging_steps: 5, save_steps: 3, progress_bar: false}}\n"
+        );
+        assert_eq!(TrainConfig::from_yaml(&cadence).unwrap().training_record(), a);
+        let lr = MINIMAL.replace("r: 8}", "r: 4}");
+        let b = TrainConfig::from_yaml(&lr).unwrap().training_record();
+        let differ: Vec<_> = a.keys().filter(|k| a[*k] != b[*k]).collect();
+        assert_eq!(differ, ["adapter.r"]);
     }
 }

@@ -271,6 +271,76 @@ impl RunData {
     }
 }
 
+/// The data's fingerprint that a checkpoint records and `--resume` compares: a 64-bit FNV-1a
+/// hash of the bytes of the data file (of every file under a data folder, with its relative
+/// name, in name order) and of each encoded sample's row, token count and label-token count,
+/// and the train and eval sample counts (`data.fingerprint`, `data.train_samples`,
+/// `data.eval_samples`). Another file or an edited row changes it, and so does a tokenizer or
+/// chat template that changes a sample's token count.
+pub fn data_fingerprint(
+    path: &std::path::Path,
+    data: &RunData,
+) -> Result<Vec<(String, serde_json::Value)>> {
+    let mut h = Fnv64::default();
+    let mut files = Vec::new();
+    list_files(path, &mut files)?;
+    files.sort();
+    for f in &files {
+        h.bytes(f.strip_prefix(path).unwrap_or(f).to_string_lossy().as_bytes());
+        let mut file = std::fs::File::open(f)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+            if n == 0 {
+                break;
+            }
+            h.bytes(&buf[..n]);
+        }
+    }
+    for (row, item) in data.train.iter().chain(&data.eval) {
+        for n in [*row, item.tokens(), item.label_tokens() as usize] {
+            h.bytes(&(n as u64).to_le_bytes());
+        }
+    }
+    Ok(vec![
+        ("data.fingerprint".into(), serde_json::json!(format!("fnv1a64:{:016x}", h.0))),
+        ("data.train_samples".into(), serde_json::json!(data.train.len())),
+        ("data.eval_samples".into(), serde_json::json!(data.eval.len())),
+    ])
+}
+
+fn list_files(p: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    if p.is_dir() {
+        let entries = std::fs::read_dir(p)
+            .map_err(|e| anyhow::anyhow!("cannot list {}: {e}", p.display()))?;
+        for e in entries.flatten() {
+            list_files(&e.path(), out)?;
+        }
+    } else if p.is_file() {
+        out.push(p.to_path_buf());
+    }
+    Ok(())
+}
+
+/// 64-bit FNV-1a.
+struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,5 +410,24 @@ mod tests {
         assert_eq!(first, epoch(0), "deterministic");
         assert_ne!(first, epoch(1), "another order each epoch");
         assert_eq!(length_grouped(&lengths, 8, 9), first);
+    }
+
+    #[test]
+    fn the_data_fingerprint_follows_every_byte_of_the_data() {
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-fingerprint-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let (a, b) = (dir.join("a.jsonl"), dir.join("sub/b.jsonl"));
+        std::fs::write(&a, "{\"x\": 1}\n").unwrap();
+        std::fs::write(&b, "{\"x\": 2}\n").unwrap();
+        let data = RunData::given(Vec::new());
+        let print = |p: &std::path::Path| data_fingerprint(p, &data).unwrap()[0].1.clone();
+        let (file, folder) = (print(&a), print(&dir));
+        assert_ne!(file, folder);
+        assert_eq!(print(&dir), folder, "the same bytes: the same fingerprint");
+        std::fs::write(&b, "{\"x\": 3}\n").unwrap();
+        assert_ne!(print(&dir), folder, "a byte of a file in the folder changed");
+        assert_eq!(print(&a), file);
+        std::fs::remove_dir_all(dir).ok();
     }
 }

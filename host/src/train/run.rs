@@ -16,10 +16,12 @@ use ferrotune_plugin_api::kinds::objective::ObjectiveHandle;
 use ferrotune_plugin_api::{Batch, Collectives, MemoryStrategy, Objective, StepReport, TrainParam};
 use tch::{Device, Tensor};
 
-use super::checkpoint::{self, STATE_FILE};
+use super::checkpoint::{self, Provenance, STATE_FILE};
 use super::config::TrainConfig;
 use super::context::{load_rewards, LoadedReward, PolicyContext};
-use super::data::{image_prep, megabatch_size, prepare_data, rank_share, DataOrder, RunData};
+use super::data::{
+    data_fingerprint, image_prep, megabatch_size, prepare_data, rank_share, DataOrder, RunData,
+};
 use super::schedule::Schedule;
 use super::step::{
     global_loss, micro_meta, on_device, optimizer_step_with, reduce_metrics, MicroPosition,
@@ -68,6 +70,9 @@ pub struct Run<'c> {
     trainable_bytes: usize,
     /// Optimizer steps taken (after a resume: counted from the run's start).
     pub step: usize,
+    /// What the run is (training config keys, data fingerprint), recorded in its checkpoints;
+    /// none for `bench train`'s rows.
+    provenance: Option<Provenance>,
     started: Instant,
 }
 
@@ -113,9 +118,12 @@ impl StepResult {
 /// The losses a driver saw, for the run's summary.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Losses {
+    /// The first and last finite step losses.
     pub first: Option<f64>,
     pub last: Option<f64>,
     pub eval: Option<f64>,
+    /// Steps skipped because their loss or gradient norm was not finite.
+    pub nonfinite_steps: usize,
 }
 
 /// The model a run trains: loaded (quantized, sharded) and with its adapter attached.
@@ -128,7 +136,9 @@ struct LoadedModel {
 
 impl<'c> Run<'c> {
     /// Sets up (or resumes) the run `cfg` describes, reading its data through the dataset
-    /// plugin; creates the output directory.
+    /// plugin. A resumed run's checkpoint must record this run's config and data
+    /// ([`checkpoint::check_resume`]). Nothing is written: the driver creates the output
+    /// directory once this succeeded.
     pub fn setup(
         cfg: &'c TrainConfig,
         registry: &Registry,
@@ -162,10 +172,7 @@ impl<'c> Run<'c> {
         let world = group.as_dyn().world_size();
         // Where to resume from is settled first, so that a missing checkpoint fails before any work.
         let resume_dir = resume_dir(cfg, resume)?;
-        if items.is_none() {
-            std::fs::create_dir_all(&cfg.output_dir)
-                .with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
-        }
+        let from_config = items.is_none();
         tch::manual_seed(cfg.seed as i64);
         let LoadedModel { mut model, quantized, shard_params, offload_params } =
             load_model(cfg, registry, device, &group)?;
@@ -187,6 +194,16 @@ impl<'c> Run<'c> {
                 layout,
             )?,
         };
+        let provenance = if from_config {
+            let mut record = cfg.training_record();
+            record.extend(data_fingerprint(&cfg.data.path, &data)?);
+            Some(Provenance(record))
+        } else {
+            None
+        };
+        if let (Some(dir), Some(p)) = (&resume_dir, &provenance) {
+            checkpoint::check_resume(dir, p)?;
+        }
         if let Some(stats) = data.pack(cfg)? {
             if group.as_dyn().rank() == 0 {
                 eprintln!("packing: {}", stats.describe());
@@ -255,6 +272,7 @@ impl<'c> Run<'c> {
             trainable_parameters,
             trainable_bytes,
             step: 0,
+            provenance,
             started,
         };
         if let Some(dir) = resume_dir {
@@ -264,12 +282,6 @@ impl<'c> Run<'c> {
                 &mut run.memory,
                 run.group.as_dyn(),
             )?;
-            if run.rank() == 0 {
-                checkpoint::rewind_metrics(
-                    &cfg.output_dir.join(checkpoint::METRICS_FILE),
-                    run.step,
-                )?;
-            }
             eprintln!("resumed from {} at step {}", dir.display(), run.step);
         }
         Ok(run)
@@ -396,8 +408,10 @@ impl<'c> Run<'c> {
         .map(Some)
     }
 
-    /// Writes `checkpoint-{step}` (every rank takes part).
+    /// Writes `checkpoint-{step}` (every rank takes part); refused if a trained value is not
+    /// finite.
     pub fn save_checkpoint(&self) -> Result<()> {
+        self.check_finite()?;
         let t = &self.cfg.training;
         let comm = self.group.as_dyn();
         checkpoint::save_checkpoint(
@@ -407,8 +421,27 @@ impl<'c> Run<'c> {
             &self.trainable_vision,
             &self.memory,
             t.save_total_limit,
+            self.provenance.as_ref(),
             comm,
         )
+    }
+
+    /// Every trained value (adapter, full vision weights) is finite; else the error names the
+    /// tensor and the step, so that nothing non-finite is saved.
+    pub fn check_finite(&self) -> Result<()> {
+        let adapter = self.model.trainable_parameters()?;
+        for p in adapter.iter().chain(&self.trainable_vision) {
+            let finite = tch::no_grad(|| p.tensor.f_isfinite()?.f_all())?.f_int64_value(&[])?;
+            if finite == 0 {
+                bail!(
+                    "after step {}: trained tensor `{}` holds NaN or infinite values; nothing was saved \
+                     (lower optimizer.lr, set optimizer.max_grad_norm, check the model's weights)",
+                    self.step,
+                    p.name
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Ends the run: rank 0 writes the PEFT adapter directory (with the full weights trained
@@ -438,10 +471,13 @@ impl<'c> Run<'c> {
             first_loss: losses.first,
             last_loss: losses.last,
             eval_loss: losses.eval,
+            nonfinite_steps: losses.nonfinite_steps,
             trainable_parameters: self.trainable_parameters,
             seconds: self.started.elapsed().as_secs_f64(),
             output_dir: out.clone(),
         };
+        // Every rank holds the same trained values: each refuses alike, none waits for another.
+        self.check_finite()?;
         let comm = self.group.as_dyn();
         if rank != 0 {
             comm.barrier()?;

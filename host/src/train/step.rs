@@ -3,10 +3,11 @@
 //! combined over micro-batches and ranks.
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use ferrotune_plugin_api::{Batch, Collectives, MemoryStrategy, Objective, StepReport};
 use tch::Tensor;
 
+use super::config::OnNonFinite;
 use super::context::PolicyContext;
 use crate::data::layout::Layout;
 use crate::dist::collectives::SingleProcess;
@@ -243,6 +244,62 @@ pub(crate) fn global_loss(comm: &dyn Collectives, local: f64, layout: Layout) ->
     Ok(t.f_double_value(&[0])?)
 }
 
+/// `training.on_nonfinite`: counts the steps whose loss or gradient norm is NaN or infinite
+/// (the memory plugin skipped them: nothing was updated) and, with `stop`, ends the run after
+/// `limit` of them in a row.
+pub(crate) struct NonFiniteSteps {
+    policy: OnNonFinite,
+    limit: usize,
+    streak: usize,
+    /// Such steps of the whole run.
+    pub total: usize,
+}
+
+impl NonFiniteSteps {
+    pub fn new(policy: OnNonFinite, limit: usize) -> Self {
+        Self { policy, limit: limit.max(1), streak: 0, total: 0 }
+    }
+
+    /// Step `step` had `loss` and reported `report`; an error (with `stop`) names the step,
+    /// what was not finite, and the keys that decide.
+    pub fn observe(&mut self, step: usize, loss: f64, report: &StepReport) -> Result<()> {
+        let mut what = Vec::new();
+        if !loss.is_finite() {
+            what.push(format!("loss {loss}"));
+        }
+        if !report.grad_norm.is_finite() {
+            what.push(format!("gradient norm {}", report.grad_norm));
+        } else if report.skipped {
+            what.push("gradients (the memory plugin skipped the step)".to_string());
+        }
+        if what.is_empty() {
+            self.streak = 0;
+            return Ok(());
+        }
+        self.streak += 1;
+        self.total += 1;
+        let what = what.join(" and ");
+        if self.policy == OnNonFinite::Skip {
+            tracing::warn!("step {step}: {what}; skipped (training.on_nonfinite: skip)");
+            return Ok(());
+        }
+        if self.streak >= self.limit {
+            bail!(
+                "step {step}: {what}, {} step(s) in a row (training.max_nonfinite_steps: {}); every such step was skipped \
+                 and nothing was saved from them. The model's weights or the data produce NaN/Inf (check the model, lower \
+                 optimizer.lr, use dtype f32), or set training.on_nonfinite: skip to keep going",
+                self.streak,
+                self.limit
+            );
+        }
+        eprintln!(
+            "step {step}: {what}; step skipped ({} of training.max_nonfinite_steps: {} in a row)",
+            self.streak, self.limit
+        );
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +337,27 @@ mod tests {
             reduce_metrics(&crate::dist::collectives::SingleProcess, got.clone()).unwrap(),
             got
         );
+    }
+
+    #[test]
+    fn nonfinite_steps_stop_after_the_limit_in_a_row_or_are_counted() {
+        let ok = StepReport { grad_norm: 1.0, skipped: false, metrics: vec![] };
+        let bad = StepReport { grad_norm: f64::NAN, skipped: true, metrics: vec![] };
+        let mut g = NonFiniteSteps::new(OnNonFinite::Stop, 2);
+        g.observe(1, f64::NAN, &bad).unwrap();
+        g.observe(2, 1.0, &ok).unwrap();
+        g.observe(3, 1.0, &bad).unwrap();
+        let e = g.observe(4, f64::INFINITY, &bad).unwrap_err().to_string();
+        assert!(e.starts_with("step 4: loss inf and gradient norm NaN, 2 step(s) in a row"), "{e}");
+        assert!(e.contains("training.on_nonfinite"), "{e}");
+        assert_eq!(g.total, 3);
+        let mut g = NonFiniteSteps::new(OnNonFinite::Skip, 1);
+        for step in 1..=5 {
+            g.observe(step, f64::NAN, &bad).unwrap();
+        }
+        assert_eq!(g.total, 5);
+        let mut g = NonFiniteSteps::new(OnNonFinite::Stop, 1);
+        let e = g.observe(7, 2.0, &bad).unwrap_err().to_string();
+        assert!(e.starts_with("step 7: gradient norm NaN"), "{e}");
     }
 }

@@ -337,7 +337,9 @@ mod tests {
         let e = AdamWConfig::parse(r#"{"betas": [0.9]}"#).unwrap_err();
         assert!(e.message().contains("`betas`"), "{e}");
         let e = AdamWConfig::parse(r#"{"eps": -1}"#).unwrap_err();
-        assert!(e.message().contains("`eps`"), "{e}");
+        assert!(e.message().contains("`optimizer.eps`"), "{e}");
+        let e = AdamWConfig::parse(r#"{"eps": 0}"#).unwrap_err();
+        assert!(e.message().contains("`optimizer.eps`") && e.message().contains("positive"), "{e}");
         let e = AdamWConfig::parse(r#"{"weight_decay": -0.1}"#).unwrap_err();
         assert!(e.message().contains("`weight_decay`"), "{e}");
         let e = AdamWConfig::parse(r#"{"max_grad_norm": 0}"#).unwrap_err();
@@ -363,17 +365,19 @@ mod tests {
     /// p ← p(1 − lr·wd) − lr·g/(|g| + eps).
     #[test]
     fn first_step_is_sign_descent_with_decay() {
+        // eps must be positive; 1e-30 leaves |g| + eps = |g| in f32 for these gradients.
         let mut s =
-            ready(r#"{"weight_decay": 0.1, "eps": 0}"#, vec![param("p", &[1.0, -2.0, 3.0])]);
+            ready(r#"{"weight_decay": 0.1, "eps": 1e-30}"#, vec![param("p", &[1.0, -2.0, 3.0])]);
         let p = s.slots[0].param.tensor.shallow_clone();
         (&p * Tensor::from_slice(&[0.5f32, -4.0, 0.0])).sum(Kind::Float).backward();
         let r = s.step(0.01, &World(1)).unwrap();
         assert!((r.grad_norm - (0.25f64 + 16.0).sqrt()).abs() < 1e-6);
         let got = Vec::<f32>::try_from(&p).unwrap();
         let decay = 1.0 - 0.01 * 0.1;
-        // g = 0 with eps = 0 is 0/0: torch gives NaN too; check the two others.
         assert!((got[0] as f64 - (1.0 * decay - 0.01)).abs() < 1e-6, "{got:?}");
         assert!((got[1] as f64 - (-2.0 * decay + 0.01)).abs() < 1e-6, "{got:?}");
+        // g = 0: m̂ = 0, so only the decay moves it (with eps = 0 this was 0/0 = NaN).
+        assert!((got[2] as f64 - 3.0 * decay).abs() < 1e-6, "{got:?}");
         assert!(!p.grad().defined(), "the step drops the gradients");
     }
 
