@@ -22,7 +22,31 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[no_mangle]
 pub static malloc_conf: &[u8; 57] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0\0";
 
+/// Exit status of a command whose stdout was closed under it (`ferrotune data check | head`):
+/// 128 + SIGPIPE, what a Unix tool killed by SIGPIPE reports.
+const CLOSED_STDOUT: i32 = 141;
+
+/// A closed stdout ends the command quietly: `println!` panics on EPIPE (Rust ignores SIGPIPE
+/// so that sockets get errors instead), and that panic is turned into a quiet exit with
+/// status 141 instead of a panic message and status 101. Other panics keep the default hook.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(CLOSED_STDOUT);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
     match ferrotune::cli::run(cli) {

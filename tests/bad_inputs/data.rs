@@ -1,1 +1,291 @@
-//! Bad-input cases: data. Filled in by the hardening work.
+//! Bad-input cases: training data and the data commands.
+//!
+//! | input | answer |
+//! | --- | --- |
+//! | a decompression-bomb PNG (20000 × 20000 grey, ~400 KB) in a data row | `data check` and `train` refuse the row from its header, naming row, file and size, in seconds, without decoding it |
+//! | `data.max_image_pixels: 0` | refused, naming the key |
+//! | relative image paths, run from another working directory | joined to the data file's folder (alpaca/sharegpt `images`, llava `image_folder`) |
+//! | `ferrotune … \| head` (stdout closed early) | quiet exit, status 141, no panic |
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use ferrotune_tests::*;
+
+fn tokenizer_dir() -> PathBuf {
+    let d = repo_root().join("assets/qwen2-tokenizer");
+    assert!(d.join("tokenizer.json").is_file(), "{} is missing: `make test` makes it", d.display());
+    d
+}
+
+/// A tiny random Qwen2-VL with the real Qwen2 tokenizer, made once for this file's cases.
+fn vl_model() -> &'static Path {
+    static MODEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MODEL.get_or_init(|| {
+        let out = temp_dir("bad-data-vl").join("model");
+        let tok = tokenizer_dir();
+        let o = ferrotune(&[
+            "init-model",
+            "--preset",
+            "tiny-vl",
+            "--dtype",
+            "f32",
+            "--seed",
+            "5",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "init-model: {}", stderr(&o));
+        out
+    })
+}
+
+/// A valid PNG of `w` × `h` black 8-bit grey pixels whose zlib stream is one deflate block of
+/// zero rows repeated (each block byte-aligned by a sync flush, so repeating it is valid): a
+/// decompression bomb of `w·h` bytes decoded, a few hundred KB on disk.
+fn bomb_png(w: u32, h: u32) -> Vec<u8> {
+    const ROWS_PER_BLOCK: u32 = 50;
+    assert_eq!(h % ROWS_PER_BLOCK, 0);
+    let raw = vec![0u8; (w as usize + 1) * ROWS_PER_BLOCK as usize];
+    let mut c = flate2::Compress::new(flate2::Compression::best(), false);
+    let mut block = Vec::with_capacity(raw.len() / 100 + 1024);
+    c.compress_vec(&raw, &mut block, flate2::FlushCompress::Sync).unwrap();
+    assert_eq!(c.total_in() as usize, raw.len(), "the output buffer was too small");
+    let mut zlib = vec![0x78, 0xda];
+    for _ in 0..h / ROWS_PER_BLOCK {
+        zlib.extend_from_slice(&block);
+    }
+    zlib.extend_from_slice(&[0x03, 0x00]); // a final, empty, fixed-Huffman block
+                                           // Adler-32 of n zero bytes: a = 1, b = n (mod 65521).
+    let n = (w as u64 + 1) * h as u64;
+    let adler = ((n % 65521) << 16) | 1;
+    zlib.extend_from_slice(&(adler as u32).to_be_bytes());
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &zlib);
+    chunk(b"IEND", &[]);
+    out
+}
+
+/// What a run of the CLI did, with its own peak RSS (wait4's rusage of that child alone).
+struct Measured {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    peak_rss_mb: f64,
+    secs: f64,
+}
+
+fn measured(args: &[&str], cwd: Option<&Path>) -> Measured {
+    let start = Instant::now();
+    let mut cmd = Command::new(ferrotune_bin());
+    cmd.args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("FERROTUNE_PLUGIN_PATH")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd.spawn().expect("run ferrotune");
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).ok();
+        s
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut err, &mut stderr).ok();
+    let stdout = reader.join().unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Measured {
+        code,
+        stdout,
+        stderr,
+        peak_rss_mb: usage.ru_maxrss as f64 / 1024.0,
+        secs: start.elapsed().as_secs_f64(),
+    }
+}
+
+fn llava_config(dir: &Path, data: &Path, extra_data: &str) -> PathBuf {
+    let config = dir.join("train.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: {}\noutput_dir: {}\nadapter: {{plugin: lora, r: 4, target_modules: [q_proj, v_proj]}}\n\
+             data: {{plugin: llava, path: {}, image_max_pixels: 200704{extra_data}}}\n\
+             training: {{max_steps: 1, micro_batch_size: 1, progress_bar: false}}\n",
+            vl_model().display(),
+            dir.join("out").display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn llava_rows(dir: &Path, images: &[&str]) -> PathBuf {
+    let turn = |from: &str, value: &str| serde_json::json!({"from": from, "value": value});
+    let rows: Vec<_> = images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            serde_json::json!({"id": format!("row{i}"), "image": img,
+                "conversations": [turn("human", "<image>\nWhat is it?"), turn("gpt", "A frame.")]})
+        })
+        .collect();
+    let data = dir.join("data.json");
+    std::fs::write(&data, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    data
+}
+
+fn small_png(path: &Path) {
+    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+    img.save(path).unwrap();
+}
+
+#[test]
+fn a_decompression_bomb_in_the_data_is_refused_from_its_header() {
+    let dir = temp_dir("bad-data-bomb");
+    let bomb = bomb_png(20_000, 20_000);
+    // It is a real bomb: 400 MB of pixels in a few hundred KB that an image decoder accepts.
+    assert!(bomb.len() < 1_500_000, "{} bytes", bomb.len());
+    std::fs::write(dir.join("bomb.png"), &bomb).unwrap();
+    small_png(&dir.join("ok.png"));
+    let data = llava_rows(&dir, &["ok.png", "bomb.png"]);
+    let config = llava_config(&dir, &data, "");
+
+    let check = measured(&["data", "check", config.to_str().unwrap()], None);
+    assert_eq!(check.code, Some(1), "{}\n{}", check.stdout, check.stderr);
+    for want in ["row 1: error:", "bomb.png", "20000x20000", "above the limit of 1048576 pixels"] {
+        assert!(check.stdout.contains(want), "`{want}` not in:\n{}", check.stdout);
+    }
+    assert!(!check.stdout.contains("row 0: error"), "{}", check.stdout);
+
+    let train = measured(&["train", config.to_str().unwrap()], None);
+    assert_eq!(train.code, Some(1), "{}", train.stderr);
+    assert!(
+        train.stderr.contains("row 1:")
+            && train.stderr.contains("bomb.png")
+            && train.stderr.contains("data.max_image_pixels"),
+        "{}",
+        train.stderr
+    );
+    assert!(!dir.join("out/adapter_model.safetensors").exists());
+    eprintln!(
+        "bomb: data check {:.1} s, peak RSS {:.0} MB; train {:.1} s, peak RSS {:.0} MB",
+        check.secs, check.peak_rss_mb, train.secs, train.peak_rss_mb
+    );
+    // Decoding it would take 400 MB (grey) to 1.6 GB (RGBA): neither run comes near.
+    for m in [&check, &train] {
+        assert!(m.peak_rss_mb < 900.0, "peak RSS {:.0} MB", m.peak_rss_mb);
+        assert!(m.secs < 60.0, "{:.1} s", m.secs);
+    }
+
+    // The cap is a config key: the small image (3072 pixels) passes 4096 and fails 1000.
+    let low = llava_config(&dir, &llava_rows(&dir, &["ok.png"]), ", max_image_pixels: 1000");
+    let o = measured(&["data", "check", low.to_str().unwrap()], None);
+    assert_eq!(o.code, Some(1), "{}", o.stdout);
+    assert!(o.stdout.contains("64x48") && o.stdout.contains("limit of 1000"), "{}", o.stdout);
+    let zero = llava_config(&dir, &llava_rows(&dir, &["ok.png"]), ", max_image_pixels: 0");
+    let o = measured(&["data", "check", zero.to_str().unwrap()], None);
+    assert_eq!(o.code, Some(1));
+    assert!(o.stderr.contains("data.max_image_pixels"), "{}", o.stderr);
+    let fine = llava_config(&dir, &llava_rows(&dir, &["ok.png"]), ", max_image_pixels: 4096");
+    let o = measured(&["data", "check", fine.to_str().unwrap()], None);
+    assert_eq!(o.code, Some(0), "{}\n{}", o.stdout, o.stderr);
+}
+
+#[test]
+fn relative_image_paths_are_joined_to_the_data_files_folder() {
+    let dir = temp_dir("bad-data-paths");
+    let data_dir = dir.join("data");
+    std::fs::create_dir_all(data_dir.join("mllm_demo_data")).unwrap();
+    std::fs::create_dir_all(data_dir.join("frames")).unwrap();
+    small_png(&data_dir.join("mllm_demo_data/1.png"));
+    small_png(&data_dir.join("frames/1.png"));
+    // LLaMA-Factory's mllm_demo.json shape: sharegpt `messages` with an `images` column.
+    let rows = serde_json::json!([{
+        "messages": [
+            {"role": "user", "content": "<image>Who are they?"},
+            {"role": "assistant", "content": "Two players."}
+        ],
+        "images": ["mllm_demo_data/1.png"]
+    }]);
+    let mllm = data_dir.join("mllm_demo.json");
+    std::fs::write(&mllm, rows.to_string()).unwrap();
+    let sharegpt = dir.join("sharegpt.yaml");
+    std::fs::write(
+        &sharegpt,
+        format!(
+            "model: {}\noutput_dir: {}\nadapter: {{plugin: lora, r: 4}}\n\
+             data: {{plugin: sharegpt, path: {}, image_max_pixels: 200704, config: {{tags: {{role_tag: role, content_tag: content, user_tag: user, assistant_tag: assistant}}, columns: {{messages: messages, images: images}}}}}}\n\
+             training: {{max_steps: 1, micro_batch_size: 1, progress_bar: false}}\n",
+            vl_model().display(),
+            dir.join("out").display(),
+            mllm.display()
+        ),
+    )
+    .unwrap();
+    // Run from a folder that holds none of the images.
+    let elsewhere = temp_dir("bad-data-paths-cwd");
+    let o = measured(&["data", "check", sharegpt.to_str().unwrap()], Some(&elsewhere));
+    assert_eq!(o.code, Some(0), "{}\n{}", o.stdout, o.stderr);
+
+    // llava: a relative image_folder is joined to the data file's folder too.
+    let data = llava_rows(&data_dir, &["1.png"]);
+    let config = llava_config(&dir, &data, ", config: {image_folder: frames}");
+    let o = measured(&["data", "check", config.to_str().unwrap()], Some(&elsewhere));
+    assert_eq!(o.code, Some(0), "{}\n{}", o.stdout, o.stderr);
+    let config = llava_config(&dir, &data, ", config: {image_folder: no-such-frames}");
+    let o = measured(&["data", "check", config.to_str().unwrap()], Some(&elsewhere));
+    assert_eq!(o.code, Some(1));
+    assert!(
+        o.stderr.contains("image_folder") && o.stderr.contains("no-such-frames"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = temp_dir("bad-data-pipe");
+    small_png(&dir.join("ok.png"));
+    let config = llava_config(&dir, &llava_rows(&dir, &["ok.png", "ok.png", "ok.png"]), "");
+    for args in [vec!["data", "check", config.to_str().unwrap()], vec!["plugins"]] {
+        let mut child = Command::new(ferrotune_bin())
+            .args(&args)
+            .env_remove("LD_LIBRARY_PATH")
+            .env_remove("FERROTUNE_PLUGIN_PATH")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head -0`: the reader goes away before anything is printed.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {:?}\n{err}", out.status);
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}
