@@ -9,7 +9,8 @@
 //! written with its vision weights in the key layout transformers 5.24's `save_pretrained`
 //! writes (the original one: `visual.*`, `model.layers.*`), whichever layout the source used.
 //! The folder is built beside the
-//! destination and renamed into place at the end.
+//! destination and renamed into place at the end; a weight holding NaN or Inf is refused by
+//! name before anything is written.
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -111,6 +112,9 @@ impl CausalLM {
                 t.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(kind)?.f_contiguous()?,
             ));
         }
+        // A NaN or Inf weight (a diverged adapter merged in, or an overflow of the chosen
+        // dtype) is refused by name before anything is written.
+        crate::peft::refuse_non_finite(&tensors, &out_dir.join(super::weights::SINGLE_FILE))?;
         let obj = config
             .as_object_mut()
             .with_context(|| format!("{}: expected a JSON object", source_config.display()))?;

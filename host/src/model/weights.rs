@@ -3,7 +3,8 @@
 //!
 //! Every failure is an error that names the file (and the tensor key where there is one):
 //! a missing file, a truncated or corrupt one, an index that points at a missing shard, a
-//! tensor that is absent or whose shape disagrees with `config.json`.
+//! tensor that is absent or whose shape disagrees with `config.json`, or one that holds NaN or
+//! Inf (each tensor is checked as it is read, in bounded chunks).
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -186,10 +187,29 @@ impl Weights {
             Stored::Memory(t) => return Ok(t),
             Stored::File(entry) => entry,
         };
-        let t = safetensors::read_tensor(file, &entry)?;
-        t.f_to_device(self.device)
+        let stored = safetensors::read_tensor(file, &entry)?;
+        let t = stored
+            .f_to_device(self.device)
             .and_then(|t| t.f_to_kind(self.dtype))
-            .with_context(|| format!("cannot load tensor `{key}` from {}", file.display()))
+            .with_context(|| format!("cannot load tensor `{key}` from {}", file.display()))?;
+        // One finiteness pass per tensor as it loads: a NaN weight makes every output NaN.
+        if let Some(counts) = safetensors::non_finite_counts(&t)? {
+            let why = if safetensors::non_finite_counts(&stored)?.is_some() {
+                "the checkpoint is corrupt or was saved from a diverged run; re-download or re-save it"
+                    .to_string()
+            } else {
+                format!(
+                    "its values overflow {:?}: load the model in a wider dtype (float32 or bfloat16)",
+                    self.dtype
+                )
+            };
+            bail!(
+                "tensor `{key}` in {} {}: refusing to load a model with non-finite weights ({why})",
+                file.display(),
+                safetensors::describe_non_finite(counts, t.numel())
+            );
+        }
+        Ok(t)
     }
 
     /// Takes `key` when present (optional tensors such as an untied lm_head kept by a tied model).
@@ -242,5 +262,43 @@ impl Weights {
         } else {
             format!("the shards of {}", self.dir.join(INDEX_FILE).display())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_finite_weight_is_refused_by_key_and_file_as_it_is_read() {
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-weights-nan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        let _ = bad.get(1).get(2).fill_(f64::NAN);
+        let big = Tensor::from_slice(&[1.0f32, 1e30]).view([1, 2]);
+        safetensors::write(
+            &dir.join(SINGLE_FILE),
+            &[
+                ("good".into(), Tensor::ones([2], (Kind::Float, Device::Cpu))),
+                ("bad".into(), bad),
+                ("big".into(), big),
+            ],
+        )
+        .unwrap();
+        let mut w = Weights::load(&dir, Device::Cpu, Kind::Float).unwrap();
+        assert!(w.take("good", &[2], "test").is_ok());
+        let e = w.take("bad", &[2, 3], "test").unwrap_err().to_string();
+        assert!(
+            e.contains("tensor `bad`")
+                && e.contains("model.safetensors")
+                && e.contains("holds 1 NaN and 0 infinite value(s) of 6"),
+            "{e}"
+        );
+        assert!(w.take("big", &[1, 2], "test").is_ok(), "finite in float32");
+        let mut w = Weights::load(&dir, Device::Cpu, Kind::Half).unwrap();
+        let e = w.take("big", &[1, 2], "test").unwrap_err().to_string();
+        assert!(e.contains("tensor `big`") && e.contains("overflow Half"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -227,6 +227,162 @@ fn few(names: &[String], n: usize) -> String {
     s
 }
 
+/// What keeps the tensors `given` from being exactly the state `expected` (keys in model
+/// order, with shapes): mis-shaped, missing and unexpected keys, one line naming them, or
+/// `None` when they fit. A key given twice is an error.
+fn state_mismatch(
+    expected: &[(String, Vec<i64>)],
+    given: &[(String, Vec<i64>)],
+) -> Result<Option<String>> {
+    let shapes: BTreeMap<&str, &Vec<i64>> = expected.iter().map(|(k, s)| (k.as_str(), s)).collect();
+    let mut unexpected = Vec::new();
+    let mut misshaped = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (key, size) in given {
+        if !seen.insert(key.as_str()) {
+            bail!("adapter state: key `{key}` is given twice");
+        }
+        match shapes.get(key.as_str()) {
+            None => unexpected.push(format!("`{key}` {size:?}")),
+            Some(shape) if *shape != size => misshaped
+                .push((key.as_str(), format!("`{key}` is {size:?}, this model's is {shape:?}"))),
+            Some(_) => {}
+        }
+    }
+    let missing: Vec<String> = expected
+        .iter()
+        .filter(|(k, _)| !seen.contains(k.as_str()))
+        .map(|(k, _)| format!("`{k}`"))
+        .collect();
+    unexpected.sort();
+    misshaped.sort_by_key(|(k, _)| expected.iter().position(|(o, _)| o == k));
+    let misshaped: Vec<String> = misshaped.into_iter().map(|(_, m)| m).collect();
+    if missing.is_empty() && unexpected.is_empty() && misshaped.is_empty() {
+        return Ok(None);
+    }
+    let mut problems = Vec::new();
+    if !misshaped.is_empty() {
+        problems.push(format!("{} mis-shaped key(s): {}", misshaped.len(), few(&misshaped, 4)));
+    }
+    if !missing.is_empty() {
+        problems.push(format!("{} missing key(s): {}", missing.len(), few(&missing, 4)));
+    }
+    if !unexpected.is_empty() {
+        problems.push(format!("{} unexpected key(s): {}", unexpected.len(), few(&unexpected, 4)));
+    }
+    let hint = if misshaped.is_empty() { "" } else { " (an adapter made for another model?)" };
+    Ok(Some(format!("{}{hint}", problems.join("; "))))
+}
+
+/// The tensors a saved adapter must hold for one adapted layer `[out, in]`, names relative to
+/// the layer; an error names the configuration key that does not fit the layer. (A method's
+/// row in [`crate::peft::PEFT_METHODS`].)
+pub type LayerTensors =
+    fn(config: &Value, module: &str, out: i64, inp: i64) -> Result<Vec<(String, Vec<i64>)>, String>;
+
+impl PeftModel {
+    /// Checks a saved adapter against this model before anything of it is allocated: the
+    /// configuration of `method` (its `peft_config()`, read from `config_file`) against the
+    /// model's modules (each `target_modules` name matches a linear layer, each adapted layer
+    /// fits the configuration as `layer_tensors` says: LoRA's `r` within the layer's widths),
+    /// and the header of `weights_file` (`header`: names, dtypes and shapes only) against what
+    /// the configuration and the model imply, the copies of `modules_to_save` included. Errors
+    /// name the file and the key or tensor at fault.
+    pub(crate) fn check_saved_adapter(
+        &self,
+        name: &str,
+        method: &dyn AdapterMethod,
+        layer_tensors: LayerTensors,
+        shape_keys: &[&str],
+        config_file: &std::path::Path,
+        weights_file: &std::path::Path,
+        header: &[crate::util::safetensors::HeaderEntry],
+    ) -> Result<()> {
+        let (cf, wf) = (config_file.display(), weights_file.display());
+        let text =
+            method.peft_config().with_context(|| format!("{cf}: adapter `{name}`: peft_config"))?;
+        let config: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{cf}: the plugin's peft_config() is not JSON: {text}"))?;
+        let saved = self
+            .resolve_modules_to_save(name, &modules_to_save(name, method)?)
+            .with_context(|| format!("{cf}: key `{MODULES_TO_SAVE}`"))?;
+        let linears = self.linears();
+        if let Some(Value::Array(names)) = config.get("target_modules") {
+            for entry in names.iter().filter_map(Value::as_str) {
+                if !linears.iter().any(|(m, _)| module_name_matches(m, entry)) {
+                    let all: Vec<String> = linears.iter().map(|(n, _)| format!("`{n}`")).collect();
+                    bail!(
+                        "{cf}: key `target_modules` names `{entry}`, which matches no linear layer of this model (an adapter made \
+                         for another architecture?); its linear layers are {}",
+                        few(&all, 8)
+                    );
+                }
+            }
+        }
+        let mut expected: Vec<(String, Vec<i64>)> = Vec::new();
+        if saved.iter().any(|m| m == self.embed_tokens_path()) {
+            expected
+                .push((peft_key(self.embed_tokens_path(), "weight"), self.embed_tokens().size()));
+        }
+        let mut adapted = 0;
+        for (module, lin) in &linears {
+            let targeted = method
+                .targets(module)
+                .with_context(|| format!("adapter `{name}`: targets(`{module}`)"))?;
+            let (out, inp) = (lin.out_features(), lin.in_features());
+            if saved.iter().any(|m| m == module) {
+                if targeted {
+                    bail!(
+                        "{cf}: `{module}` is both targeted (`target_modules`) and listed in `{MODULES_TO_SAVE}`; peft never adapts \
+                         a module it saves in full"
+                    );
+                }
+                expected.push((peft_key(module, "weight"), vec![out, inp]));
+                if lin.bias.is_some() {
+                    expected.push((peft_key(module, "bias"), vec![out]));
+                }
+            } else if targeted {
+                adapted += 1;
+                let tensors = layer_tensors(&config, module, out, inp)
+                    .map_err(|e| anyhow::anyhow!("{cf}: {e}"))?;
+                expected.extend(tensors.into_iter().map(|(n, s)| (peft_key(module, &n), s)));
+            }
+        }
+        if adapted == 0 {
+            let all: Vec<String> = linears.iter().map(|(n, _)| format!("`{n}`")).collect();
+            bail!(
+                "{cf}: key `target_modules` = {} matches no linear layer of this model; its linear layers are {}",
+                config.get("target_modules").map_or("(none)".to_string(), Value::to_string),
+                few(&all, 8)
+            );
+        }
+        if let Some(e) =
+            header.iter().find(|e| !e.kind.is_some_and(crate::util::safetensors::is_float))
+        {
+            bail!(
+                "{wf}: tensor `{}` has dtype `{}`; adapter tensors are floating point (F32, BF16, F16 or F64)",
+                e.key,
+                e.dtype_name
+            );
+        }
+        let given: Vec<(String, Vec<i64>)> =
+            header.iter().map(|e| (e.key.clone(), e.shape.clone())).collect();
+        if let Some(problems) = state_mismatch(&expected, &given)? {
+            let keys: Vec<String> = shape_keys
+                .iter()
+                .filter_map(|k| config.get(*k).map(|v| format!("`{k}` = {v}")))
+                .collect();
+            bail!(
+                "loading {wf}: adapter state does not fit adapter `{name}` on this model ({adapted} modules adapted, {} saved in \
+                 full): {problems}. The expected shapes follow from the model's layers{} in {cf}",
+                saved.len(),
+                if keys.is_empty() { String::new() } else { format!(" and {}", keys.join(", ")) }
+            );
+        }
+        Ok(())
+    }
+}
+
 impl PeftModel {
     /// Attaches adapter `name`: every linear layer whose checkpoint path `method` targets gets
     /// a layer of it (`lm_head` only when targeted), and every module its `modules_to_save`
@@ -572,60 +728,22 @@ impl PeftModel {
                 expected.insert(key, (i, n, t.size()));
             }
         }
-        let mut unexpected = Vec::new();
-        let mut misshaped = Vec::new();
-        let mut seen = BTreeSet::new();
-        let mut groups: Vec<Vec<(String, Tensor)>> = (0..parts.len()).map(|_| Vec::new()).collect();
-        for (key, t) in tensors {
-            match expected.get(&key) {
-                None => unexpected.push(format!("`{key}` {:?}", t.size())),
-                Some((_, _, shape)) if *shape != t.size() => {
-                    misshaped.push((
-                        key.clone(),
-                        format!("`{key}` is {:?}, this model's is {shape:?}", t.size()),
-                    ));
-                    seen.insert(key);
-                }
-                Some((i, rel, _)) => {
-                    if !seen.insert(key.clone()) {
-                        bail!("adapter state: key `{key}` is given twice");
-                    }
-                    groups[*i].push((rel.clone(), t));
-                }
-            }
-        }
-        let missing: Vec<String> =
-            order.iter().filter(|k| !seen.contains(*k)).map(|k| format!("`{k}`")).collect();
-        unexpected.sort();
-        misshaped.sort_by_key(|(k, _)| order.iter().position(|o| o == k));
-        let misshaped: Vec<String> = misshaped.into_iter().map(|(_, m)| m).collect();
-        if !(missing.is_empty() && unexpected.is_empty() && misshaped.is_empty()) {
-            let mut problems = Vec::new();
-            if !misshaped.is_empty() {
-                problems.push(format!(
-                    "{} mis-shaped key(s): {}",
-                    misshaped.len(),
-                    few(&misshaped, 4)
-                ));
-            }
-            if !missing.is_empty() {
-                problems.push(format!("{} missing key(s): {}", missing.len(), few(&missing, 4)));
-            }
-            if !unexpected.is_empty() {
-                problems.push(format!(
-                    "{} unexpected key(s): {}",
-                    unexpected.len(),
-                    few(&unexpected, 4)
-                ));
-            }
+        let given: Vec<(String, Vec<i64>)> =
+            tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
+        let expected_list: Vec<(String, Vec<i64>)> =
+            order.iter().map(|k| (k.clone(), expected[k].2.clone())).collect();
+        if let Some(problems) = state_mismatch(&expected_list, &given)? {
             bail!(
-                "adapter state does not fit adapter `{}` on this model ({} modules adapted, {} saved in full): {}{}",
+                "adapter state does not fit adapter `{}` on this model ({} modules adapted, {} saved in full): {problems}",
                 entry.name,
                 entry.modules.len(),
                 entry.saved.len(),
-                problems.join("; "),
-                if misshaped.is_empty() { "" } else { " (an adapter made for another model?)" }
             );
+        }
+        let mut groups: Vec<Vec<(String, Tensor)>> = (0..parts.len()).map(|_| Vec::new()).collect();
+        for (key, t) in tensors {
+            let (i, rel, _) = &expected[&key];
+            groups[*i].push((rel.clone(), t));
         }
         for ((module, part), group) in parts.iter().zip(groups) {
             part.load_state_dict(group).with_context(|| {

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use tch::Device;
 
-use crate::peft::adapters::{AttachReport, DEFAULT_ADAPTER};
+use crate::peft::adapters::{AttachReport, LayerTensors, DEFAULT_ADAPTER};
 use crate::plugins::Registry;
 
 /// The configuration file of a PEFT directory.
@@ -55,6 +55,12 @@ pub struct PeftMethod {
     pub defaults: &'static [(&'static str, &'static str)],
     /// Adjusts the plugin configuration for loading saved weights.
     pub for_loading: fn(&mut Map<String, Value>),
+    /// The tensors a saved adapter holds for one adapted layer, from the plugin's
+    /// `peft_config()` and the layer's `[out, in]`: checked against the file's header before
+    /// anything is allocated (the rank within the layer's widths, every shape).
+    pub layer_tensors: LayerTensors,
+    /// The configuration keys the shapes follow from (named when they disagree).
+    pub shape_keys: &'static [&'static str],
 }
 
 /// The peft methods ferrotune loads, by `peft_type`.
@@ -92,7 +98,37 @@ pub const PEFT_METHODS: &[PeftMethod] = &[PeftMethod {
         ("runtime_config", "{\"ephemeral_gpu_offload\": false}"),
     ],
     for_loading: lora_for_loading,
+    layer_tensors: lora_layer_tensors,
+    shape_keys: &["r", "use_dora"],
 }];
+
+/// A LoRA layer's saved tensors (the `lora` plugin's names, peft's keys): `lora_A.weight`
+/// `[r, in]`, `lora_B.weight` `[out, r]`, and DoRA's `lora_magnitude_vector` `[out]`. `r` must
+/// be between 1 and min(out, in): a larger rank adds nothing a rank of min(out, in) cannot
+/// express, and an absurd one would be allocated before the weights could disagree.
+fn lora_layer_tensors(
+    config: &Value,
+    module: &str,
+    out: i64,
+    inp: i64,
+) -> std::result::Result<Vec<(String, Vec<i64>)>, String> {
+    let r = config
+        .get("r")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| format!("key `r` must be an integer, got {:?}", config.get("r")))?;
+    if r < 1 || r > out.min(inp) {
+        return Err(format!(
+            "key `r` = {r} does not fit `{module}` ([{out}, {inp}]): the rank must be between 1 and min(out, in) = {}",
+            out.min(inp)
+        ));
+    }
+    let mut tensors =
+        vec![("lora_A.weight".to_string(), vec![r, inp]), ("lora_B.weight".into(), vec![out, r])];
+    if config.get("use_dora") == Some(&Value::Bool(true)) {
+        tensors.push(("lora_magnitude_vector".into(), vec![out]));
+    }
+    Ok(tensors)
+}
 
 /// Saved LoRA weights replace the initial ones, so a random initialisation is replaced by the
 /// default (B = 0). PiSSA, OLoRA and LoftQ are kept: they are deterministic functions of W and decide
@@ -228,6 +264,35 @@ pub fn adapter_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((config, weights))
 }
 
+/// Refuses to write `tensors` to `file` when one holds NaN or Inf, naming each such tensor
+/// (up to four) with its counts. Checked before anything is written.
+pub fn refuse_non_finite(tensors: &[(String, tch::Tensor)], file: &Path) -> Result<()> {
+    let mut bad = Vec::new();
+    for (key, t) in tensors {
+        if let Some(counts) = crate::util::safetensors::non_finite_counts(t)? {
+            bad.push(format!(
+                "`{key}` {}",
+                crate::util::safetensors::describe_non_finite(counts, t.numel())
+            ));
+        }
+    }
+    if !bad.is_empty() {
+        let shown = bad.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+        let more = if bad.len() > 4 {
+            format!(", … ({} tensors in all)", bad.len())
+        } else {
+            String::new()
+        };
+        bail!(
+            "refusing to write {}: {} tensor(s) hold non-finite values: {shown}{more}; nothing was written (the run \
+             diverged: lower the learning rate, check optimizer.eps and the data)",
+            file.display(),
+            bad.len()
+        );
+    }
+    Ok(())
+}
+
 /// Reads and parses `adapter_config.json`.
 pub fn read_adapter_config(path: &Path) -> Result<Value> {
     let text =
@@ -240,8 +305,9 @@ impl PeftModel {
     /// `adapter_config.json` (the plugin's `peft_config()`, `base_model_name_or_path` set to the
     /// model directory when known) and `adapter_model.safetensors` (contiguous CPU tensors in
     /// the adapter's dtype: float32 unless the adapter itself is bf16; the copies of
-    /// `modules_to_save` in the model's dtype, as peft saves them). Each file is written
-    /// atomically; `dir` is created.
+    /// `modules_to_save` in the model's dtype, as peft saves them). A tensor holding NaN or Inf
+    /// is refused by name before anything is written. Each file is written atomically; `dir`
+    /// is created (and removed again when a write fails).
     pub fn save_peft_adapter(&self, dir: &Path) -> Result<()> {
         let mut config = self.adapter_peft_config()?;
         if let (Some(obj), Some(src)) = (config.as_object_mut(), self.source_dir()) {
@@ -253,14 +319,25 @@ impl PeftModel {
             .into_iter()
             .map(|(k, t)| Ok((k, t.f_to_device(Device::Cpu)?.f_contiguous()?)))
             .collect::<Result<Vec<_>>>()?;
+        refuse_non_finite(&tensors, &dir.join(ADAPTER_WEIGHTS))?;
+        let created = !dir.exists();
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        crate::util::atomic::write_with(&dir.join(ADAPTER_WEIGHTS), |tmp| {
+        let written = crate::util::atomic::write_with(&dir.join(ADAPTER_WEIGHTS), |tmp| {
             crate::util::safetensors::write(tmp, &tensors)
-        })?;
-        crate::util::atomic::write(
-            &dir.join(ADAPTER_CONFIG),
-            serde_json::to_string_pretty(&config)? + "\n",
-        )?;
+        })
+        .and_then(|()| {
+            crate::util::atomic::write(
+                &dir.join(ADAPTER_CONFIG),
+                serde_json::to_string_pretty(&config)? + "\n",
+            )
+        });
+        if let Err(e) = written {
+            if created {
+                // Nothing half-written stays behind: the folder was ours.
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(e);
+        }
         tracing::info!("saved adapter ({} tensors) to {}", tensors.len(), dir.display());
         Ok(())
     }
@@ -293,7 +370,37 @@ impl PeftModel {
         let method = registry
             .adapter(mapped.plugin, &mapped.config_json)
             .with_context(|| format!("{}", config_path.display()))?;
-        let tensors = crate::util::safetensors::read(&weights_path)?;
+        let row = PEFT_METHODS
+            .iter()
+            .find(|m| m.plugin == mapped.plugin)
+            .expect("plugin_config maps onto a row of PEFT_METHODS");
+        // Everything is checked against the model before a byte of the weights is read or an
+        // adapter tensor is created: the configuration, then the header's names, dtypes, shapes.
+        let header = crate::util::safetensors::read_header(&weights_path)?;
+        self.check_saved_adapter(
+            name,
+            &method,
+            row.layer_tensors,
+            row.shape_keys,
+            &config_path,
+            &weights_path,
+            &header,
+        )?;
+        let tensors = header
+            .iter()
+            .map(|e| {
+                let t = crate::util::safetensors::read_tensor(&weights_path, e)?;
+                if let Some(counts) = crate::util::safetensors::non_finite_counts(&t)? {
+                    bail!(
+                        "tensor `{}` in {} {}: refusing a non-finite adapter (saved from a diverged run?)",
+                        e.key,
+                        weights_path.display(),
+                        crate::util::safetensors::describe_non_finite(counts, t.numel())
+                    );
+                }
+                Ok((e.key.clone(), t))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let before = self.active_adapter().map(str::to_string);
         let (report, originals) = self
             .attach_keeping_originals(name, Box::new(method))
@@ -425,6 +532,36 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_non_finite_adapter_is_never_saved() {
+        use crate::peft::adapters::tests::{additive, tiny_model};
+        let mut m = tiny_model(true);
+        m.attach_adapter("default", additive(&["q_proj", "v_proj"])).unwrap();
+        let state: Vec<_> = m
+            .adapter_state_dict()
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| {
+                if k.contains("v_proj") {
+                    let _ = t.get(0).get(1).fill_(f64::NAN);
+                    let _ = t.get(2).get(3).fill_(f64::INFINITY);
+                }
+                (k, t)
+            })
+            .collect();
+        m.load_adapter_state_dict(state).unwrap();
+        let dir = std::env::temp_dir().join(format!("ferrotune-peft-nan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = m.save_peft_adapter(&dir.join("adapter")).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter_model.safetensors")
+                && e.contains("`base_model.model.model.layers.0.self_attn.v_proj.delta` holds 1 NaN and 1 infinite value(s) of 32")
+                && !e.contains("q_proj"),
+            "{e}"
+        );
+        assert!(!dir.exists(), "nothing written, not even the folder");
     }
 
     #[test]

@@ -14,7 +14,8 @@ use crate::model::CausalLM;
 pub const NON_LORA_FILE: &str = "non_lora_state_dict.safetensors";
 const PEFT_PREFIX: &str = "base_model.model.";
 
-/// Writes `params` (if any) to `dir/non_lora_state_dict.safetensors`.
+/// Writes `params` (if any) to `dir/non_lora_state_dict.safetensors`, atomically; a tensor
+/// holding NaN or Inf is refused by name before anything is written.
 pub fn save(dir: &Path, params: &[TrainParam]) -> Result<()> {
     if params.is_empty() {
         return Ok(());
@@ -24,7 +25,8 @@ pub fn save(dir: &Path, params: &[TrainParam]) -> Result<()> {
         .map(|p| (format!("{PEFT_PREFIX}{}", p.name), p.tensor.shallow_clone()))
         .collect();
     let file = dir.join(NON_LORA_FILE);
-    crate::util::safetensors::write(&file, &named)
+    super::refuse_non_finite(&named, &file)?;
+    crate::util::atomic::write_with(&file, |tmp| crate::util::safetensors::write(tmp, &named))
         .with_context(|| format!("cannot write {}", file.display()))
 }
 
@@ -37,10 +39,11 @@ pub fn load_into(model: &CausalLM, dir: &Path) -> Result<Vec<String>> {
     }
     let tensors = crate::util::safetensors::read(&file)?;
     let weights = model.named_weights();
-    let mut restored = Vec::with_capacity(tensors.len());
+    // Every tensor is checked before any is copied: a refused file leaves the model as it was.
+    let mut checked = Vec::with_capacity(tensors.len());
     for (name, value) in tensors {
-        let key = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name);
-        let Some((_, dst)) = weights.iter().find(|(k, _)| k == key) else {
+        let key = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_string();
+        let Some((_, dst)) = weights.iter().find(|(k, _)| *k == key) else {
             bail!(
                 "{}: `{name}` is not a weight of this model (was it trained on another base?)",
                 file.display()
@@ -54,10 +57,21 @@ pub fn load_into(model: &CausalLM, dir: &Path) -> Result<Vec<String>> {
                 dst.size()
             );
         }
+        if let Some(counts) = crate::util::safetensors::non_finite_counts(&value)? {
+            bail!(
+                "{}: `{name}` {}: refusing non-finite weights (saved from a diverged run?)",
+                file.display(),
+                crate::util::safetensors::describe_non_finite(counts, value.numel())
+            );
+        }
+        checked.push((key, dst.shallow_clone(), value));
+    }
+    let mut restored = Vec::with_capacity(checked.len());
+    for (key, dst, value) in checked {
         tch::no_grad(|| {
             dst.shallow_clone().f_copy_(&value.f_to_device(dst.device())?.f_to_kind(dst.kind())?)
         })?;
-        restored.push(key.to_string());
+        restored.push(key);
     }
     Ok(restored)
 }

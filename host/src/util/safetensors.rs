@@ -5,6 +5,10 @@
 //! so a truncated or corrupt file fails before any tensor is read) and then reads each tensor
 //! from its byte range straight into the tensor's storage, one at a time. Writing adds
 //! `{"format": "pt"}` metadata, as transformers writes it.
+//!
+//! [`non_finite_counts`] is the one finiteness check of what is read or written (model
+//! weights as they load, adapters as they load and save, merged models as they save): one
+//! pass in bounded chunks, so a check never doubles a tensor's memory.
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -168,6 +172,54 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
 
+/// Elements one step of [`non_finite_counts`] scans: its temporary flags take at most this
+/// many bytes (16 MiB), whatever the tensor's size.
+const FINITE_CHUNK: i64 = 1 << 24;
+
+/// Whether `kind` is a floating-point kind (the only ones that can hold NaN or Inf).
+pub fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
+}
+
+/// `(NaN count, ±Inf count)` of a floating-point tensor, or `None` when every value is finite
+/// (always for other kinds). One `isfinite` pass over slices of the first dimension of at most
+/// [`FINITE_CHUNK`] elements (no copy of the tensor, any layout); the counts are computed only
+/// when something is not finite.
+pub fn non_finite_counts(t: &Tensor) -> Result<Option<(i64, i64)>> {
+    if !is_float(t.kind()) || t.numel() == 0 {
+        return Ok(None);
+    }
+    let all_finite =
+        |t: &Tensor| -> Result<bool> { Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0) };
+    let finite = if t.dim() == 0 {
+        all_finite(t)?
+    } else {
+        let rows = t.size()[0];
+        let per_row = (t.numel() as i64 / rows.max(1)).max(1);
+        let step = (FINITE_CHUNK / per_row).max(1);
+        let mut start = 0;
+        let mut finite = true;
+        while finite && start < rows {
+            let n = step.min(rows - start);
+            finite = all_finite(&t.f_narrow(0, start, n)?)?;
+            start += n;
+        }
+        finite
+    };
+    if finite {
+        return Ok(None);
+    }
+    let count =
+        |flags: Tensor| -> Result<i64> { Ok(flags.f_sum(Kind::Int64)?.f_int64_value(&[])?) };
+    Ok(Some((count(t.f_isnan()?)?, count(t.f_isinf()?)?)))
+}
+
+/// `holds 3 NaN and 1 infinite value(s) of 64`: the counts of [`non_finite_counts`], for
+/// messages.
+pub fn describe_non_finite((nan, inf): (i64, i64), numel: usize) -> String {
+    format!("holds {nan} NaN and {inf} infinite value(s) of {numel}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +255,24 @@ mod tests {
         let e = read(&path).unwrap_err().to_string();
         assert!(e.contains("t.safetensors") && e.contains("truncated or corrupt"), "{e}");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn non_finite_values_are_counted_in_any_layout_and_size() {
+        let o = (Kind::Float, Device::Cpu);
+        assert_eq!(non_finite_counts(&Tensor::ones([3, 4], o)).unwrap(), None);
+        assert_eq!(non_finite_counts(&Tensor::from_slice(&[1i64, 2])).unwrap(), None, "not float");
+        assert_eq!(non_finite_counts(&Tensor::from(f64::NAN)).unwrap(), Some((1, 0)), "0-dim");
+        // a transposed view, the bad values in the last column (the last chunk of rows)
+        let t = Tensor::zeros([5, 3], o);
+        let _ = t.get(4).get(2).fill_(f64::NAN);
+        let _ = t.get(0).get(2).fill_(f64::NEG_INFINITY);
+        assert_eq!(non_finite_counts(&t.transpose(0, 1)).unwrap(), Some((1, 1)));
+        // more rows than one chunk holds: the last row is scanned too
+        let big = Tensor::zeros([FINITE_CHUNK / 2 + 1, 2], (Kind::BFloat16, Device::Cpu));
+        assert_eq!(non_finite_counts(&big).unwrap(), None);
+        let _ = big.get(FINITE_CHUNK / 2).get(1).fill_(f64::INFINITY);
+        assert_eq!(non_finite_counts(&big).unwrap(), Some((0, 1)));
+        assert_eq!(describe_non_finite((2, 1), 6), "holds 2 NaN and 1 infinite value(s) of 6");
     }
 }

@@ -43,11 +43,29 @@ fn adapter_kind(base: Kind) -> Kind {
     }
 }
 
+/// Refuses a rank `r` outside 1..=min(out, in) of the layer `module` (`shape` = `(out, in)`):
+/// a larger rank adds nothing min(out, in) cannot express, and A `[r, in]` and B `[out, r]`
+/// of an absurd one would exhaust memory before anything else could refuse it.
+pub fn check_rank(r: i64, module: &str, (out, inp): (i64, i64)) -> PluginResult<()> {
+    if r < 1 || r > out.min(inp) {
+        return Err(PluginError::config(
+            "r",
+            format!(
+                "{r} does not fit `{module}` ([{out}, {inp}]): the rank must be between 1 and min(out, in) = {}",
+                out.min(inp)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl LoraLayer {
     /// Builds the adapter of `base` (`module` names it in errors).
+    /// `r` is checked against the layer's widths first, before anything is allocated.
     pub fn new(cfg: &LoraConfig, module: &str, base: &dyn BaseLinear) -> PluginResult<Self> {
-        let weight = base.weight()?;
         let shape = base.shape()?;
+        check_rank(cfg.r, module, shape)?;
+        let weight = base.weight()?;
         if weight.size() != [shape.0, shape.1] {
             return Err(PluginError::invalid(format!(
                 "`{module}`: base weight has shape {:?}, the layer reports {shape:?}",
@@ -304,6 +322,54 @@ mod tests {
 
     fn layer(json: &str, base: &Base) -> LoraLayer {
         LoraLayer::new(&LoraConfig::from_json(json).unwrap(), "layer", base).unwrap()
+    }
+
+    /// A layer that reports its shape and refuses to hand out its weight: what `new` may touch
+    /// before it has checked `r`.
+    struct ShapeOnly(i64, i64);
+
+    impl BaseLinear for ShapeOnly {
+        fn name(&self) -> PluginResult<String> {
+            Ok("layer".into())
+        }
+        fn shape(&self) -> PluginResult<(i64, i64)> {
+            Ok((self.0, self.1))
+        }
+        fn forward(&self, _: &Tensor) -> PluginResult<Tensor> {
+            Err(PluginError::runtime("forward called before r was checked"))
+        }
+        fn weight(&self) -> PluginResult<Tensor> {
+            Err(PluginError::runtime("weight read before r was checked"))
+        }
+        fn bias(&self) -> PluginResult<Option<Tensor>> {
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn a_rank_beyond_the_layer_is_refused_by_name_before_anything_is_allocated() {
+        for (json, fits) in [
+            (r#"{"r": 1000000000}"#, false),
+            (r#"{"r": 7}"#, false),
+            (r#"{"r": 6, "init_lora_weights": "gaussian"}"#, true),
+        ] {
+            let cfg = LoraConfig::from_json(json).unwrap();
+            let e = LoraLayer::new(&cfg, "model.layers.0.mlp.down_proj", &ShapeOnly(6, 9))
+                .err()
+                .unwrap();
+            if fits {
+                assert!(e.message().contains("weight read before r was checked"), "{json}: {e}");
+            } else {
+                assert_eq!(e.code, ferrotune_plugin_api::ErrorCode::CONFIG, "{json}");
+                assert!(
+                    e.message().contains("`r`")
+                        && e.message().contains("`model.layers.0.mlp.down_proj` ([6, 9])")
+                        && e.message().contains("min(out, in) = 6"),
+                    "{json}: {e}"
+                );
+            }
+        }
+        assert_eq!(layer(r#"{"r": 5}"#, &base(5, 8)).state_dict().unwrap()[1].1.size(), [5, 5]);
     }
 
     /// Gives B (and the magnitude) non-trivial values, as after some training.
