@@ -5,6 +5,13 @@
 //! announced by `manifest_layout`). The host reads it before anything else, so a plugin
 //! built against another plugin-API or libtorch is refused with both versions named,
 //! rather than with abi_stable's layout diff or a crash.
+//!
+//! The host does not trust the manifest: it reads the 12-byte head (magic, then layout)
+//! only once the pointer is known to lie in the library's readable memory, refuses a
+//! layout newer than its own [`MANIFEST_LAYOUT`] by number, and reads exactly
+//! [`manifest_size`] bytes for a layout it knows. The layout number doubles as the size
+//! field: every layout has one fixed size, so a separate size field would say nothing more
+//! (and a host never reads a newer layout's prefix).
 use std::ffi::{c_char, CStr};
 
 /// "FERROTUN" in ASCII: marks a ferrotune manifest.
@@ -17,6 +24,18 @@ pub const TCH_VERSION: &str = "0.24.0";
 pub const LIBTORCH_VERSION: &str = env!("FERROTUNE_LIBTORCH_VERSION");
 /// Whether libtorch (and so tch's C++ shim) uses the C++11 std::string ABI.
 pub const CXX11_ABI: bool = matches!(env!("FERROTUNE_CXX11_ABI").as_bytes(), b"1");
+
+/// Bytes of every layout's head: `magic` (u64) then `manifest_layout` (u32).
+pub const MANIFEST_HEAD_SIZE: usize = 12;
+
+/// The size in bytes of a manifest of layout `layout`; `None` for a layout this build does
+/// not know (0, or newer than [`MANIFEST_LAYOUT`]). Append a line here with each new layout.
+pub const fn manifest_size(layout: u32) -> Option<usize> {
+    match layout {
+        1 => Some(std::mem::size_of::<Manifest>()),
+        _ => None,
+    }
+}
 
 /// The frozen C layout of a library's manifest.
 #[repr(C)]
@@ -72,13 +91,14 @@ impl BuildFingerprint {
         unsafe { Self::from_manifest(&BUILD_MANIFEST) }.expect("own manifest is valid")
     }
 
-    /// Reads a manifest. `None` when the magic or layout is not one this code knows.
+    /// Reads a trusted manifest (this build's own). `None` when the magic or layout is not one
+    /// this code knows. The host reads a plugin's manifest through its own checks instead.
     ///
     /// # Safety
     /// `m` must point to a live `Manifest` whose string pointers are NUL-terminated.
     pub unsafe fn from_manifest(m: *const Manifest) -> Option<Self> {
         let m = m.as_ref()?;
-        if m.magic != MANIFEST_MAGIC || m.manifest_layout < 1 {
+        if m.magic != MANIFEST_MAGIC || manifest_size(m.manifest_layout).is_none() {
             return None;
         }
         let s = |p: *const c_char| {
@@ -207,6 +227,17 @@ mod tests {
         let mut p = host.clone();
         p.cxx11_abi = !p.cxx11_abi;
         assert!(p.check_compatible_with(&host).is_err());
+    }
+
+    #[test]
+    fn layout_sizes() {
+        assert_eq!(manifest_size(0), None);
+        assert_eq!(manifest_size(MANIFEST_LAYOUT), Some(std::mem::size_of::<Manifest>()));
+        assert_eq!(manifest_size(MANIFEST_LAYOUT + 1), None);
+        // Layout 1 is frozen: 8 + 4 + 4 + three pointers.
+        assert_eq!(manifest_size(1), Some(16 + 3 * std::mem::size_of::<usize>()));
+        assert_eq!(std::mem::offset_of!(Manifest, api_version), 16);
+        assert!(MANIFEST_HEAD_SIZE <= std::mem::offset_of!(Manifest, cxx11_abi));
     }
 
     #[test]
