@@ -224,3 +224,62 @@ fn grpo_trains_with_a_reward_plugin_built_outside_the_workspace() {
     }
     assert!(work.join("out/adapter_model.safetensors").is_file());
 }
+
+#[path = "fixtures/hostile_plugins/mod.rs"]
+mod hostile;
+
+/// Libraries whose manifest symbol is data, returns null, wild or garbage pointers, holds bad
+/// strings, a future layout or is truncated: each is refused by name and reason, in this
+/// process (a crash would end the test binary), and good plugins still load afterwards.
+#[test]
+fn hostile_manifests_are_refused_without_reading_them() {
+    let dir = temp_dir("hostile-manifests");
+    for (path, why) in hostile::build_all(&dir) {
+        let e = load_library(&path).expect_err("a hostile library must be refused");
+        let msg = e.to_string();
+        assert!(msg.starts_with(&format!("{}: ", path.display())), "{msg}");
+        assert!(msg.contains(why), "expected `{why}` in: {msg}");
+        assert_eq!(e.path(), path);
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let expected = match name {
+            "libhostile_future.so" => matches!(e, LoadError::FutureManifest { layout: 99, .. }),
+            "libhostile_data.so" | "libhostile_header_is_function.so" => {
+                matches!(e, LoadError::Symbol { .. })
+            }
+            _ => matches!(e, LoadError::BadManifest { .. }),
+        };
+        assert!(expected, "{name}: unexpected kind of refusal: {e:?}");
+    }
+    // A registry over the folder refuses all of them and goes on.
+    let reg = Registry::discover(&SearchPath::new(std::slice::from_ref(&dir), None, false));
+    assert!(reg.libraries.is_empty());
+    assert_eq!(reg.refused.len(), hostile::CASES.len());
+    let lib = load_library(&testkit_library()).unwrap();
+    assert!(lib.plugins.iter().any(|p| p.kind == PluginKind::ADAPTER));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// abi_stable's own symbol errors are reworded: never "Could load symbol".
+#[test]
+fn missing_abi_stable_header_is_named_as_a_symbol_that_cannot_be_loaded() {
+    let dir = temp_dir("no-header");
+    let src = dir.join("noheader.c");
+    std::fs::write(&src, "const void *ferrotune_plugin_manifest(void) { return 0; }\n").unwrap();
+    let lib = dir.join("libnoheader.so");
+    let out = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = load_library(&lib).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, LoadError::Symbol { .. }), "{msg}");
+    assert!(
+        msg.contains(&format!("{}: cannot load symbol `_1as_0lib_1header", lib.display())),
+        "{msg}"
+    );
+    assert!(!msg.contains("Could load"), "{msg}");
+    std::fs::remove_dir_all(dir).ok();
+}
