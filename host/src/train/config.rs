@@ -450,8 +450,11 @@ impl TrainConfig {
                     None => anyhow::anyhow!("{file}: {inner}"),
                 };
             }
-            let key = if path == "." { "(top level)".to_string() } else { path };
-            anyhow::anyhow!("in {file}: config key `{key}`: {}", e.inner())
+            // serde_yaml starts its message with the same path: say it once.
+            let message = e.inner().to_string();
+            let message = message.strip_prefix(&format!("{path}: ")).unwrap_or(&message);
+            let key = if path == "." { "(top level)".to_string() } else { path.clone() };
+            anyhow::anyhow!("in {file}: config key `{key}`: {message}")
         });
         let cfg = parsed?;
         cfg.validate().with_context(|| format!("in {file}"))?;
@@ -745,7 +748,7 @@ mod tests {
         // A key error still names the key (and the file).
         let e =
             TrainConfig::parse(&format!("{MINIMAL}seed: x\n"), "cfg.yaml").unwrap_err().to_string();
-        assert!(e.contains("in cfg.yaml: config key `seed`"), "{e}");
+        assert!(e.contains("in cfg.yaml: config key `seed`: invalid type"), "{e}");
     }
 
     #[test]
