@@ -457,7 +457,7 @@ impl TrainConfig {
             anyhow::anyhow!("in {file}: config key `{key}`: {message}")
         });
         let cfg = parsed?;
-        cfg.validate().with_context(|| format!("in {file}"))?;
+        cfg.validate().map_err(|e| anyhow::anyhow!("in {file}: {e:#}"))?;
         Ok(cfg)
     }
 
@@ -739,9 +739,10 @@ mod tests {
 
     #[test]
     fn yaml_syntax_errors_name_the_line_and_column() {
-        let e =
-            TrainConfig::parse("model: m\noutput_dir: [out\n", "cfg.yaml").unwrap_err().to_string();
-        assert!(e.starts_with("cfg.yaml line ") && e.contains(" column "), "{e}");
+        let e = TrainConfig::parse("model: m\noutput_dir: o\noptimizer: {lr: 1}}\n", "cfg.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("cfg.yaml line 3 column "), "{e}");
         assert!(!e.contains("config key") && !e.contains(" at line "), "{e}");
         let e = TrainConfig::parse("model: m\n  bad: : x\n", "cfg.yaml").unwrap_err().to_string();
         assert!(e.starts_with("cfg.yaml line 2 column "), "{e}");
