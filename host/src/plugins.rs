@@ -934,6 +934,88 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 
+    /// A manifest in a buffer standing for a library's memory: `readable` bytes of it.
+    fn check(m: &Manifest, readable: usize) -> Result<BuildFingerprint, ManifestFault> {
+        let at = m as *const Manifest as usize;
+        let image =
+            mapped::Image { bias: 0, name: "test".into(), readable: vec![at..at + readable] };
+        validate_manifest(m, &image)
+    }
+
+    #[test]
+    fn manifest_is_read_only_within_the_library() {
+        let whole = std::mem::size_of::<Manifest>();
+        let own = || Manifest { ..ferrotune_plugin_api::fingerprint::BUILD_MANIFEST };
+        // The build's own manifest reads back when its strings lie in the image too.
+        let own_strings = |m: &Manifest| {
+            let at = m as *const Manifest as usize;
+            let mut ranges = vec![at..at + whole];
+            for p in [m.api_version, m.tch_version, m.libtorch_version] {
+                ranges.push(p as usize..p as usize + 64);
+            }
+            mapped::Image { bias: 0, name: "test".into(), readable: ranges }
+        };
+        let m = own();
+        assert_eq!(validate_manifest(&m, &own_strings(&m)), Ok(BuildFingerprint::current()));
+        // ...but not when they lie outside it.
+        let e = check(&m, whole).unwrap_err();
+        assert!(
+            matches!(&e, ManifestFault::Bad(s) if s.contains("field `api_version` points to")),
+            "{e:?}"
+        );
+        // Truncated: the head is read, the rest is not.
+        let e = check(&m, whole - 1).unwrap_err();
+        assert!(
+            matches!(&e, ManifestFault::Bad(s) if s.contains(&format!("only {} of its {whole} bytes", whole - 1))),
+            "{e:?}"
+        );
+        let e = check(&m, MANIFEST_HEAD_SIZE - 1).unwrap_err();
+        assert!(matches!(&e, ManifestFault::Bad(s) if s.contains("truncated")), "{e:?}");
+        // A future layout is refused by number with only its head readable.
+        let future = Manifest { manifest_layout: MANIFEST_LAYOUT + 1, ..own() };
+        assert_eq!(
+            check(&future, MANIFEST_HEAD_SIZE),
+            Err(ManifestFault::Future(MANIFEST_LAYOUT + 1))
+        );
+        let zero = Manifest { manifest_layout: 0, ..own() };
+        assert!(
+            matches!(check(&zero, whole), Err(ManifestFault::Bad(s)) if s.contains("layout 0"))
+        );
+        let magic = Manifest { magic: 7, ..own() };
+        assert!(
+            matches!(check(&magic, whole), Err(ManifestFault::Bad(s)) if s.contains("wrong magic"))
+        );
+        let abi = Manifest { cxx11_abi: 2, ..own() };
+        assert!(
+            matches!(check(&abi, whole), Err(ManifestFault::Bad(s)) if s.contains("cxx11_abi"))
+        );
+        let null = Manifest { tch_version: std::ptr::null(), ..own() };
+        let mut image = own_strings(&null);
+        image.readable.retain(|r| r.start != 0);
+        assert!(
+            matches!(validate_manifest(&null, &image), Err(ManifestFault::Bad(s)) if s.contains("`tch_version` is a null pointer"))
+        );
+        // A pointer outside the image is never dereferenced (this one is not even mapped).
+        let image = mapped::Image { bias: 0, name: "test".into(), readable: vec![] };
+        let e = validate_manifest(0x7ff0_dead_bee0 as *const Manifest, &image).unwrap_err();
+        assert!(
+            matches!(&e, ManifestFault::Bad(s) if s.contains("outside the library's loaded memory")),
+            "{e:?}"
+        );
+    }
+
+    /// This test binary's own code is found in its loaded image, with readable segments.
+    #[test]
+    fn loaded_image_holds_own_code() {
+        if !mapped::SUPPORTED {
+            return;
+        }
+        let f: fn() = loaded_image_holds_own_code;
+        let image = mapped::Image::containing_code(f as usize).expect("own code is loaded");
+        assert!(image.readable_from(f as usize).is_some_and(|n| n > 0));
+        assert!(mapped::Image::containing_code(0x10).is_none());
+    }
+
     #[test]
     fn summary_is_short() {
         let long = format!("Incompatible layout\n{}", "detail line\n".repeat(500));
