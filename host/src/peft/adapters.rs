@@ -284,7 +284,8 @@ impl PeftModel {
     /// Checks a saved adapter against this model before anything of it is allocated: the
     /// configuration of `method` (its `peft_config()`, read from `config_file`) against the
     /// model's modules (each `target_modules` name matches a linear layer, each adapted layer
-    /// fits the configuration as `layer_tensors` says: LoRA's `r` within the layer's widths),
+    /// fits the configuration as the method's `row.layer_tensors` says: LoRA's `r` within the
+    /// layer's widths),
     /// and the header of `weights_file` (`header`: names, dtypes and shapes only) against what
     /// the configuration and the model imply, the copies of `modules_to_save` included. Errors
     /// name the file and the key or tensor at fault.
@@ -292,8 +293,7 @@ impl PeftModel {
         &self,
         name: &str,
         method: &dyn AdapterMethod,
-        layer_tensors: LayerTensors,
-        shape_keys: &[&str],
+        row: &super::PeftMethod,
         config_file: &std::path::Path,
         weights_file: &std::path::Path,
         header: &[crate::util::safetensors::HeaderEntry],
@@ -343,7 +343,7 @@ impl PeftModel {
                 }
             } else if targeted {
                 adapted += 1;
-                let tensors = layer_tensors(&config, module, out, inp)
+                let tensors = (row.layer_tensors)(&config, module, out, inp)
                     .map_err(|e| anyhow::anyhow!("{cf}: {e}"))?;
                 expected.extend(tensors.into_iter().map(|(n, s)| (peft_key(module, &n), s)));
             }
@@ -368,7 +368,8 @@ impl PeftModel {
         let given: Vec<(String, Vec<i64>)> =
             header.iter().map(|e| (e.key.clone(), e.shape.clone())).collect();
         if let Some(problems) = state_mismatch(&expected, &given)? {
-            let keys: Vec<String> = shape_keys
+            let keys: Vec<String> = row
+                .shape_keys
                 .iter()
                 .filter_map(|k| config.get(*k).map(|v| format!("`{k}` = {v}")))
                 .collect();

@@ -377,15 +377,7 @@ impl PeftModel {
         // Everything is checked against the model before a byte of the weights is read or an
         // adapter tensor is created: the configuration, then the header's names, dtypes, shapes.
         let header = crate::util::safetensors::read_header(&weights_path)?;
-        self.check_saved_adapter(
-            name,
-            &method,
-            row.layer_tensors,
-            row.shape_keys,
-            &config_path,
-            &weights_path,
-            &header,
-        )?;
+        self.check_saved_adapter(name, &method, row, &config_path, &weights_path, &header)?;
         let tensors = header
             .iter()
             .map(|e| {
