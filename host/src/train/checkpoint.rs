@@ -262,7 +262,9 @@ pub(crate) fn save_checkpoint(
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
-    guard.map(atomic::TempGuard::keep);
+    if let Some(g) = guard {
+        g.keep();
+    }
     if let Some(keep) = keep {
         let all = checkpoints(out)?;
         for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
@@ -331,5 +333,53 @@ mod tests {
         );
         rewind_metrics(&dir.join("absent.jsonl"), 2).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn provenance_differences_name_key_old_and_new() {
+        let now = Provenance(BTreeMap::from([
+            ("optimizer.lr".to_string(), serde_json::json!(0.002)),
+            ("seed".to_string(), serde_json::json!(42)),
+            ("data.train_samples".to_string(), serde_json::json!(5)),
+        ]));
+        let recorded = serde_json::json!({"optimizer.lr": 0.001, "seed": 42.0, "adapter.r": 2});
+        let d = now.differences(recorded.as_object().unwrap());
+        assert_eq!(
+            d,
+            [
+                "adapter.r: 2 vs (absent)",
+                "data.train_samples: (absent) vs 5",
+                "optimizer.lr: 0.001 vs 0.002"
+            ],
+            "42 and 42.0 are the same seed"
+        );
+        assert!(now.differences(now.json().as_object().unwrap()).is_empty());
+    }
+
+    #[test]
+    fn earlier_runs_and_leftovers_are_told_apart_from_other_files() {
+        let dir = std::env::temp_dir().join(format!("ferrotune-outdir-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("checkpoint-4")).unwrap();
+        std::fs::create_dir_all(dir.join(".checkpoint-6.tmp")).unwrap();
+        std::fs::write(dir.join(METRICS_FILE), "").unwrap();
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        std::fs::write(dir.join(".metrics.jsonl.tmp-99999999"), "{").unwrap();
+        let names = |v: Vec<PathBuf>| v.iter().map(|p| file_name(p)).collect::<Vec<_>>();
+        assert_eq!(
+            names(earlier_run_files(&dir)),
+            ["checkpoint-4"],
+            "an empty metrics file is no run"
+        );
+        std::fs::write(dir.join(METRICS_FILE), "{\"step\":1}\n").unwrap();
+        assert_eq!(names(earlier_run_files(&dir)), ["checkpoint-4", METRICS_FILE]);
+        assert_eq!(
+            remove_stale_temporaries(&dir).unwrap(),
+            [".checkpoint-6.tmp", ".metrics.jsonl.tmp-99999999"]
+        );
+        assert_eq!(remove_earlier_run(&dir).unwrap(), ["checkpoint-4", METRICS_FILE]);
+        let left: Vec<_> =
+            std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["notes.txt"]);
+        std::fs::remove_dir_all(dir).ok();
     }
 }
