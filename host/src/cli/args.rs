@@ -280,9 +280,14 @@ pub struct ServeArgs {
     /// Requests decoded together at most (more wait in a queue).
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
-    /// Adapters loaded at most; one more evicts the least recently used idle adapter.
+    /// Adapters loaded at most; one more evicts the least recently used adapter that has no
+    /// running or queued request and was not loaded or used within --adapter-grace-secs; when
+    /// none can go, the load is refused with 429 `adapter_capacity`.
     #[arg(long, default_value_t = 8)]
     pub max_adapters: usize,
+    /// Seconds after its load or last use during which an adapter is never evicted.
+    #[arg(long, default_value_t = 10)]
+    pub adapter_grace_secs: u64,
     /// The largest `max_tokens` a request may ask for (and the cap of the default).
     #[arg(long, default_value_t = 1024)]
     pub max_tokens_limit: usize,
@@ -298,6 +303,24 @@ pub struct ServeArgs {
     /// preprocessor_config.json max_pixels, 12845056 for Qwen2-VL: up to 16384 tokens an image).
     #[arg(long)]
     pub image_max_pixels: Option<u64>,
+    /// Refuse images whose header announces more pixels (width × height), before decoding
+    /// (default: 4 × the pixels images are resized to, at least 1048576; 64000000 when
+    /// unknown).
+    #[arg(long)]
+    pub max_image_pixels: Option<u64>,
+    /// Images decoded and resized at once, beside the model (default: the CPU count, at most 4).
+    #[arg(long)]
+    pub image_workers: Option<usize>,
+    /// Seconds one image may take to be decoded and resized, waiting for a worker included.
+    #[arg(long, default_value_t = 30)]
+    pub image_timeout_secs: u64,
+    /// Open connections at most; beyond, a connection still waiting for its request headers
+    /// is closed to make room, else the new one gets 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a connection has to send its request headers before it is closed.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_secs: u64,
     /// The base model's name in requests and /v1/models (default: the model folder's name).
     #[arg(long)]
     pub served_model_name: Option<String>,

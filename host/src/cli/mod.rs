@@ -213,10 +213,20 @@ fn serve(a: ServeArgs, search: SearchPath) -> Result<()> {
         api_key: a.api_key,
         max_batch: a.max_batch,
         max_adapters: a.max_adapters,
+        adapter_grace: std::time::Duration::from_secs(a.adapter_grace_secs),
         max_tokens_limit: a.max_tokens_limit,
         max_body_bytes: a.max_body_bytes,
         max_images: a.max_images,
         image_max_pixels: a.image_max_pixels,
+        max_image_pixels: a.max_image_pixels,
+        image_workers: a.image_workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
+        }),
+        image_timeout: std::time::Duration::from_secs(a.image_timeout_secs),
+        connections: crate::serve::listener::ConnLimits {
+            max_connections: a.max_connections,
+            header_timeout: std::time::Duration::from_secs(a.header_timeout_secs),
+        },
         served_model_name: a.served_model_name,
         device: a.dev.device()?,
         dtype: a.dev.dtype()?,

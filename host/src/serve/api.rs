@@ -8,9 +8,14 @@
 //!
 //! Chat messages may hold OpenAI's `image_url` content parts as base64 `data:` URLs (PNG, JPEG,
 //! WebP) for a vision-language model; each becomes an `<image>` placeholder where it stands.
+//! Images are checked here: width × height from the header against `--max-image-pixels` before
+//! anything is decoded, then decoded, resized and cut into patches in a bounded pool of blocking
+//! workers (`--image-workers`) within a time budget (`--image-timeout-secs`), so that the engine
+//! thread, which every running request shares, only tokenizes and runs the model. Refusals name
+//! the request field at fault (`messages[0].content[1].image_url`).
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -20,15 +25,18 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use ferrotune_plugin_api::Message;
+use ferrotune_plugin_api::{ImageSource, Message, Sample};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::engine::{Command, Event, GenRequest, PromptInput, MAX_STOP_SEQUENCES};
 use super::error::ApiError;
-use crate::data::images::IMAGE_PLACEHOLDER;
+use crate::data::images::{ImagePrep, IMAGE_PLACEHOLDER};
+use crate::data::EncodeError;
 use crate::generate::pipeline::SamplingChoice;
+use crate::model::VisionInputs;
+use crate::vision::{image_dimensions, ImageTooLarge, DEFAULT_MAX_IMAGE_PIXELS};
 
 /// What every handler shares.
 pub struct AppState {
@@ -41,6 +49,13 @@ pub struct AppState {
     pub max_tokens_limit: usize,
     /// Image content parts a chat request may hold at most.
     pub max_images: usize,
+    /// A vision-language model's image settings (`None`: image parts are refused).
+    pub images: Option<Arc<ImagePrep>>,
+    /// One permit per image being decoded and resized (`--image-workers`).
+    pub image_pool: Arc<tokio::sync::Semaphore>,
+    pub image_workers: usize,
+    /// The time one image may take, waiting for a permit included (`--image-timeout-secs`).
+    pub image_timeout: Duration,
     pub created: u64,
     /// Request ids.
     pub counter: std::sync::atomic::AtomicU64,
@@ -374,7 +389,7 @@ async fn completions(
                 .into_response()
         }
     };
-    run(st, req.model, PromptInput::Text(prompt), Vec::new(), req.sampling, false).await
+    run(st, req.model, PromptInput::Text(prompt), None, req.sampling, false).await
 }
 
 async fn chat_completions(
@@ -393,37 +408,38 @@ async fn chat_completions(
             Value::Null => String::new(),
             Value::Array(parts) => {
                 let mut text = String::new();
-                for p in parts {
+                for (j, p) in parts.iter().enumerate() {
                     match p.get("type").and_then(Value::as_str) {
                         Some("text") => text.push_str(p.get("text").and_then(Value::as_str).unwrap_or_default()),
                         Some("image_url") => {
+                            let field = format!("messages[{i}].content[{j}].image_url");
                             if images.len() == st.max_images {
-                                return ApiError::bad_request(format!("the request has more than {} images (--max-images)", st.max_images))
+                                return ApiError::bad_request(format!("{field}: the request has more than {} images (--max-images)", st.max_images))
                                     .code("too_many_images")
                                     .into_response();
                             }
                             let url = p.get("image_url").and_then(|u| u.get("url").and_then(Value::as_str).or_else(|| u.as_str()));
                             match image_from_url(url) {
-                                Ok(bytes) => images.push(bytes),
-                                Err(e) => return ApiError { message: format!("messages[{i}]: {}", e.message), ..e }.into_response(),
+                                Ok(bytes) => images.push(RequestImage { field, bytes }),
+                                Err(e) => return ApiError { message: format!("{field}: {}", e.message), ..e }.into_response(),
                             }
                             text.push_str(IMAGE_PLACEHOLDER);
                         }
                         Some(other) => {
                             return ApiError::bad_request(format!(
-                                "messages[{i}]: content parts of type `{other}` are not supported by this server (text and image_url parts only)"
+                                "messages[{i}].content[{j}]: content parts of type `{other}` are not supported by this server (text and image_url parts only)"
                             ))
                             .code("unsupported_content")
                             .into_response()
                         }
-                        None => return ApiError::bad_request(format!("messages[{i}]: a content part has no `type`")).into_response(),
+                        None => return ApiError::bad_request(format!("messages[{i}].content[{j}]: a content part has no `type`")).into_response(),
                     }
                 }
                 text
             }
             _ => {
                 return ApiError::bad_request(format!(
-                    "messages[{i}]: `content` must be a string or a list of parts"
+                    "messages[{i}].content: must be a string or a list of parts"
                 ))
                 .into_response()
             }
@@ -433,7 +449,163 @@ async fn chat_completions(
     if messages.is_empty() {
         return ApiError::bad_request("`messages` is empty").into_response();
     }
-    run(st, req.model, PromptInput::Chat(messages), images, req.sampling, true).await
+    let vision = if images.is_empty() {
+        None
+    } else {
+        match prepare_images(&st, &mut messages, images).await {
+            Ok(v) => Some(v),
+            Err(e) => return e.into_response(),
+        }
+    };
+    run(st, req.model, PromptInput::Chat(messages), vision, req.sampling, true).await
+}
+
+/// An image content part of a chat request: the field it came from and its encoded bytes.
+struct RequestImage {
+    /// `messages[i].content[j].image_url`.
+    field: String,
+    bytes: Vec<u8>,
+}
+
+/// One image ready for the model: its block of vision tokens (the text that replaces its
+/// `<image>` placeholder), its patches `[patches, C·T·P·P]` and its grid.
+struct PreparedImage {
+    block: String,
+    pixel_values: tch::Tensor,
+    grid: [i64; 3],
+}
+
+/// Checks every image's size from its header, then decodes, resizes and patchifies the images
+/// in the worker pool (each within the time budget), and writes each one's block of vision
+/// tokens in place of its `<image>` placeholder in `messages`.
+async fn prepare_images(
+    st: &AppState,
+    messages: &mut [Message],
+    images: Vec<RequestImage>,
+) -> Result<VisionInputs, ApiError> {
+    let Some(prep) = st.images.clone() else {
+        return Err(ApiError::bad_request(format!(
+            "{}: model `{}` has no vision tower: image content parts need a vision-language model (Qwen2-VL)",
+            images[0].field, st.base_name
+        ))
+        .code("images_not_supported"));
+    };
+    let placeholders: usize =
+        messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum();
+    if placeholders != images.len() {
+        return Err(ApiError::bad_request(format!(
+            "messages: the text holds `{IMAGE_PLACEHOLDER}` {} time(s) besides the {} image part(s); `{IMAGE_PLACEHOLDER}` is reserved for image parts",
+            placeholders - images.len(),
+            images.len()
+        ))
+        .code("invalid_image"));
+    }
+    let cap = prep.max_image_pixels.unwrap_or(DEFAULT_MAX_IMAGE_PIXELS);
+    for im in &images {
+        let (width, height) = image_dimensions(&im.bytes).map_err(|e| {
+            ApiError::bad_request(format!("{}: cannot read the image header: {e:#}", im.field))
+                .code("invalid_image")
+        })?;
+        if u64::from(width) * u64::from(height) > cap {
+            let too_large = ImageTooLarge { width, height, limit: cap };
+            return Err(
+                ApiError::bad_request(format!("{}: {too_large}", im.field)).code("image_too_large")
+            );
+        }
+    }
+    let (budget, workers) = (st.image_timeout, st.image_workers);
+    let jobs = images.into_iter().map(|im| {
+        let (prep, pool) = (prep.clone(), st.image_pool.clone());
+        async move {
+            let started = Instant::now();
+            let field = im.field;
+            let busy = || {
+                ApiError::new(
+                    503,
+                    "server_error",
+                    format!(
+                        "{field}: every image worker (--image-workers {}) stayed busy for {} s; retry later",
+                        workers,
+                        budget.as_secs_f64()
+                    ),
+                )
+                .code("image_workers_busy")
+                .retry_after(1)
+            };
+            let permit = match tokio::time::timeout(budget, pool.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(busy()),
+            };
+            let bytes = im.bytes;
+            let task = tokio::task::spawn_blocking(move || {
+                let _permit = permit; // held until the work is done, even past the budget
+                prepare_image(&prep, bytes)
+            });
+            match tokio::time::timeout(budget.saturating_sub(started.elapsed()), task).await {
+                Ok(Ok(Ok(p))) => Ok(p),
+                Ok(Ok(Err(reason))) => {
+                    Err(ApiError::bad_request(format!("{field}: {reason}")).code("invalid_image"))
+                }
+                Ok(Err(e)) => Err(ApiError::new(
+                    500,
+                    "server_error",
+                    format!("{field}: preparing the image failed: {e}"),
+                )),
+                Err(_) => Err(ApiError::bad_request(format!(
+                    "{field}: decoding and resizing the image took longer than {} s (--image-timeout-secs); send a smaller image",
+                    budget.as_secs_f64()
+                ))
+                .code("image_timeout")),
+            }
+        }
+    });
+    let prepared =
+        futures_util::future::join_all(jobs).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut blocks = prepared.iter().map(|p| p.block.as_str());
+    for m in messages.iter_mut() {
+        if m.content.contains(IMAGE_PLACEHOLDER) {
+            let mut out = String::new();
+            for (k, part) in m.content.split(IMAGE_PLACEHOLDER).enumerate() {
+                if k > 0 {
+                    out.push_str(blocks.next().unwrap_or_default());
+                }
+                out.push_str(part);
+            }
+            m.content = out;
+        }
+    }
+    let tensors: Vec<&tch::Tensor> = prepared.iter().map(|p| &p.pixel_values).collect();
+    let pixel_values = tch::Tensor::f_cat(&tensors, 0).map_err(|e| {
+        ApiError::new(500, "server_error", format!("stacking the images' patches: {e}"))
+    })?;
+    Ok(VisionInputs { pixel_values, image_grid_thw: prepared.iter().map(|p| p.grid).collect() })
+}
+
+/// Decodes, resizes and patchifies one image (on a blocking worker); the error is the reason,
+/// for people.
+fn prepare_image(prep: &ImagePrep, bytes: Vec<u8>) -> Result<PreparedImage, String> {
+    let mut sample = Sample {
+        id: Some("request".into()),
+        messages: vec![Message::new("user".to_string(), IMAGE_PLACEHOLDER.to_string())],
+        images: vec![ImageSource::Blob(0)],
+        blobs: vec![bytes],
+        ..Default::default()
+    };
+    let sized = prep.expand(&mut sample).map_err(|e| match e {
+        // "image 0 (embedded, N bytes): why" → "why"
+        EncodeError::BadSample { reason, .. } => match reason.split_once("): ") {
+            Some((head, why)) if head.starts_with("image 0 (") => why.to_string(),
+            _ => reason,
+        },
+        other => other.to_string(),
+    })?;
+    let vision = prep
+        .vision_inputs(&sized)
+        .map_err(|e| format!("{e:#}"))?
+        .ok_or_else(|| "the image gave no patches".to_string())?;
+    let grid = *vision.image_grid_thw.first().ok_or_else(|| "the image has no grid".to_string())?;
+    let block = std::mem::take(&mut sample.messages[0].content);
+    Ok(PreparedImage { block, pixel_values: vision.pixel_values, grid })
 }
 
 /// The image types an `image_url` data URL may carry.
@@ -485,7 +657,7 @@ async fn run(
     st: Arc<AppState>,
     model: String,
     prompt: PromptInput,
-    images: Vec<Vec<u8>>,
+    vision: Option<VisionInputs>,
     sampling: Sampling,
     chat: bool,
 ) -> Response {
@@ -503,7 +675,7 @@ async fn run(
         choice,
         seed: sampling.seed,
         stop,
-        images,
+        vision,
         events: tx,
     };
     if let Err(e) = st.send(Command::Generate(Box::new(request))) {

@@ -8,7 +8,8 @@
 //! plugin declares `mixed_batch` and it keeps no full module copies; any other adapter gets a
 //! batch of its own, and the running batches take their steps in turn.
 //!
-//! A request's images (Qwen2-VL) go through its own prefill; its M-RoPE deltas stay in the
+//! A request's images (Qwen2-VL) arrive decoded, resized and patchified by the HTTP side (off
+//! this thread, [`super::api`]); they go through the request's own prefill; its M-RoPE deltas stay in the
 //! batch's [`KvCache`] beside its row. Each row samples with its own generator ([`RowRng`]), so
 //! a seeded request does not depend on its neighbours, and checks its stop sequences as its
 //! text grows, streaming only text that cannot be the start of one.
@@ -24,11 +25,12 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferrotune_plugin_api::{ImageSource, Message, Sample};
+use ferrotune_plugin_api::Message;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use super::error::ApiError;
+use crate::data::images::ImagePrep;
 use crate::generate::pipeline::{SamplingChoice, TextGenerator};
 use crate::generate::{warp_logits, SamplingParams};
 use crate::model::linear::LinearMode;
@@ -70,13 +72,20 @@ pub struct EngineConfig {
     pub adapter_dir: Option<PathBuf>,
     /// Rows decoded together at most, over all running batches.
     pub max_batch: usize,
-    /// Adapters loaded at most; loading one more evicts the least recently used idle one.
+    /// Adapters loaded at most; loading one more evicts the least recently used adapter that
+    /// has no running or queued request and was neither loaded nor used within
+    /// `adapter_grace`; when none can go, the load is refused (429 `adapter_capacity`).
     pub max_adapters: usize,
+    /// How long an adapter stays safe from eviction after it was loaded or last used.
+    pub adapter_grace: Duration,
     /// `max_tokens` at most (a request without one gets the model's default, capped by this).
     pub max_tokens_limit: usize,
     /// A vision-language model's images are resized to at most this many pixels (default: its
     /// `preprocessor_config.json` `max_pixels`).
     pub image_max_pixels: Option<u64>,
+    /// Images whose header announces more pixels are refused before decoding (default:
+    /// [`pixel_cap_for`](crate::vision::pixel_cap_for) the resize bound, 4 × it).
+    pub max_image_pixels: Option<u64>,
 }
 
 /// Stop sequences a request may give at most (as OpenAI).
@@ -104,9 +113,10 @@ pub struct GenRequest {
     pub seed: Option<u64>,
     /// Stop sequences: generation ends before the first of them, which is not returned.
     pub stop: Vec<String>,
-    /// Encoded images (PNG, JPEG, WebP) of a chat prompt, in the order of the `<image>`
-    /// placeholders in its messages (a vision-language model only).
-    pub images: Vec<Vec<u8>>,
+    /// The pixel values and grids of a chat prompt's images, prepared off the engine thread;
+    /// its messages already hold each image's block of vision tokens (a vision-language
+    /// model only).
+    pub vision: Option<VisionInputs>,
     /// Where the engine reports: [`Event::Start`] or [`Event::Error`] first.
     pub events: tokio::sync::mpsc::UnboundedSender<Event>,
 }
@@ -163,6 +173,8 @@ struct Slot {
     /// Rows running on it.
     in_use: usize,
     last_used: u64,
+    /// When it was loaded or last given a request.
+    touched: Instant,
 }
 
 /// A request ready to prefill.
@@ -203,6 +215,9 @@ struct Batch {
 /// The engine's state (lives on its own thread).
 pub struct Engine {
     gen: TextGenerator,
+    /// A vision-language model's image settings, shared with the HTTP side, which prepares
+    /// images off this thread.
+    pub images: Option<Arc<ImagePrep>>,
     registry: Registry,
     cfg: EngineConfig,
     adapters: Vec<Slot>,
@@ -357,13 +372,15 @@ pub fn retain_rows(cache: &mut KvCache, mask: &mut Tensor, keep: &[i64]) -> Resu
 
 impl Engine {
     pub fn new(
-        gen: TextGenerator,
+        mut gen: TextGenerator,
         registry: Registry,
         cfg: EngineConfig,
         listing: Arc<RwLock<Vec<String>>>,
     ) -> Self {
+        let images = gen.images.take().map(Arc::new);
         Self {
             gen,
+            images,
             registry,
             cfg,
             adapters: Vec::new(),
@@ -454,6 +471,12 @@ impl Engine {
         }
         let dir = self.checked_dir(path, trusted)?;
         self.check_adapter(&dir)?;
+        // Decide what makes room before reading a byte of weights.
+        let victim = if self.adapters.len() >= self.cfg.max_adapters {
+            Some(self.eviction_victim(name)?)
+        } else {
+            None
+        };
         self.serial += 1;
         let internal = format!("{name}@{}", self.serial);
         let start = Instant::now();
@@ -469,39 +492,20 @@ impl Engine {
         self.tick += 1;
         self.adapters.push(Slot {
             public: name.to_string(),
-            internal: internal.clone(),
+            internal,
             path: dir.clone(),
             mixes,
             in_use: 0,
             last_used: self.tick,
+            touched: Instant::now(),
         });
-        let mut evicted = None;
-        if self.adapters.len() > self.cfg.max_adapters {
-            let lru = self
-                .adapters
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.in_use == 0 && s.internal != internal)
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(i, _)| i);
-            match lru {
-                Some(i) => {
-                    let slot = self.adapters.remove(i);
-                    evicted = Some(slot.public.clone());
-                    self.drop_slot(slot);
-                }
-                None => {
-                    let slot = self.adapters.pop().expect("just pushed");
-                    self.drop_slot(slot);
-                    return Err(ApiError::new(
-                        503,
-                        "server_error",
-                        format!("cannot load `{name}`: all {} loaded adapters are serving requests (--max-adapters); retry later", self.cfg.max_adapters),
-                    )
-                    .code("adapter_capacity"));
-                }
-            }
-        }
+        let evicted = victim.and_then(|v| {
+            let i = self.adapters.iter().position(|s| s.internal == v)?;
+            let slot = self.adapters.remove(i);
+            let public = slot.public.clone();
+            self.drop_slot(slot);
+            Some(public)
+        });
         self.publish();
         tracing::info!(
             "loaded adapter `{name}` from {} in {load_ms:.1} ms{}",
@@ -512,6 +516,56 @@ impl Engine {
             "name": name, "path": dir.display().to_string(), "modules": report.modules.len(),
             "mixed_batch": mixes, "load_ms": load_ms, "evicted": evicted,
         }))
+    }
+
+    /// Requests waiting in the queue for adapter `public`.
+    fn queued_for(&self, public: &str) -> usize {
+        self.pending.iter().filter(|r| r.model == public).count()
+    }
+
+    /// The internal name of the adapter a load of `name` may evict: the least recently used one
+    /// with no running or queued request that was neither loaded nor used within the grace
+    /// period. When there is none, the refusal (429 `adapter_capacity`) says why each stays.
+    fn eviction_victim(&self, name: &str) -> Result<String, ApiError> {
+        let grace = self.cfg.adapter_grace;
+        let mut reasons = Vec::new();
+        let mut retry_after = grace;
+        let mut best: Option<&Slot> = None;
+        for s in &self.adapters {
+            let queued = self.queued_for(&s.public);
+            let idle_for = s.touched.elapsed();
+            if s.in_use > 0 || queued > 0 {
+                reasons.push(format!(
+                    "`{}` has {} running and {queued} queued request(s)",
+                    s.public, s.in_use
+                ));
+            } else if idle_for < grace {
+                retry_after = retry_after.min(grace - idle_for);
+                reasons.push(format!(
+                    "`{}` was loaded or used {:.1} s ago",
+                    s.public,
+                    idle_for.as_secs_f64()
+                ));
+            } else if best.is_none_or(|b| s.last_used < b.last_used) {
+                best = Some(s);
+            }
+        }
+        if let Some(b) = best {
+            return Ok(b.internal.clone());
+        }
+        Err(ApiError::new(
+            429,
+            "rate_limit_error",
+            format!(
+                "cannot load `{name}`: {} adapters are loaded (--max-adapters {}) and none can be evicted: {}; adapters with running or queued requests, or loaded or used in the last {} s (--adapter-grace-secs), are kept. Retry later, or unload one (DELETE /v1/adapters/NAME)",
+                self.adapters.len(),
+                self.cfg.max_adapters,
+                reasons.join("; "),
+                grace.as_secs_f64()
+            ),
+        )
+        .code("adapter_capacity")
+        .retry_after(retry_after.as_secs().max(1)))
     }
 
     /// The canonical adapter directory `path` names: inside `--adapter-dir` unless `trusted`,
@@ -668,6 +722,7 @@ impl Engine {
         let Some(internal) = internal else { return };
         if let Some(s) = self.adapters.iter_mut().find(|s| s.internal == internal) {
             s.in_use = s.in_use.saturating_sub(1);
+            s.touched = Instant::now();
         } else if let Some(i) = self.retiring.iter().position(|s| s.internal == internal) {
             self.retiring[i].in_use -= 1;
             if self.retiring[i].in_use == 0 {
@@ -680,8 +735,8 @@ impl Engine {
     /// Prefills pending requests while the batch has room and joins them to their batch.
     fn admit(&mut self) {
         while self.running_rows() < self.cfg.max_batch {
-            let Some(req) = self.pending.pop_front() else { break };
-            let admitted = match self.start(&req) {
+            let Some(mut req) = self.pending.pop_front() else { break };
+            let admitted = match self.start(&mut req) {
                 Ok(x) => x,
                 Err(e) => {
                     let _ = req.events.send(Event::Error(e));
@@ -696,40 +751,9 @@ impl Engine {
         }
     }
 
-    /// A chat prompt with images: each `<image>` placeholder becomes the image's block of
-    /// vision tokens (as `ferrotune generate --chat --image` does); the pixel values beside.
-    fn chat_with_images(
-        &self,
-        messages: &[Message],
-        images: &[Vec<u8>],
-    ) -> Result<(Vec<i64>, Option<VisionInputs>), ApiError> {
-        let Some(prep) = &self.gen.images else {
-            return Err(ApiError::bad_request(format!(
-                "model `{}` has no vision tower: image content parts need a vision-language model (Qwen2-VL)",
-                self.cfg.base_name
-            ))
-            .code("images_not_supported"));
-        };
-        let mut sample = Sample {
-            id: Some("request".into()),
-            messages: messages.to_vec(),
-            images: (0..images.len()).map(ImageSource::Blob).collect(),
-            blobs: images.to_vec(),
-            ..Default::default()
-        };
-        let invalid = |e: String| ApiError::bad_request(e).code("invalid_image");
-        let sized = prep.expand(&mut sample).map_err(|e| invalid(e.to_string()))?;
-        let ids = self
-            .gen
-            .tokenizer
-            .encode_chat(&sample.messages, true)
-            .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}")))?;
-        let vision = prep.vision_inputs(&sized).map_err(|e| invalid(format!("{e:#}")))?;
-        Ok((ids, vision))
-    }
-
-    /// Resolves the adapter, tokenizes the prompt and prepares its images; reports [`Event::Start`].
-    fn start(&mut self, req: &GenRequest) -> Result<Admitted, ApiError> {
+    /// Resolves the adapter and tokenizes the prompt (its images are prepared already);
+    /// reports [`Event::Start`].
+    fn start(&mut self, req: &mut GenRequest) -> Result<Admitted, ApiError> {
         let internal = if req.model == self.cfg.base_name {
             None
         } else {
@@ -748,11 +772,7 @@ impl Engine {
                         "this model's tokenizer has no chat_template: use /v1/completions",
                     ));
                 }
-                if req.images.is_empty() {
-                    (self.gen.tokenizer.encode_chat(m, true).map_err(tokenize)?, None)
-                } else {
-                    self.chat_with_images(m, &req.images)?
-                }
+                (self.gen.tokenizer.encode_chat(m, true).map_err(tokenize)?, req.vision.take())
             }
         };
         let mut params = self.gen.sampling_params(&req.choice);
@@ -776,6 +796,7 @@ impl Engine {
             let s = self.adapters.iter_mut().find(|s| &s.internal == i).expect("found above");
             s.in_use += 1;
             s.last_used = self.tick;
+            s.touched = Instant::now();
         }
         let _ = req.events.send(Event::Start { prompt_tokens: ids.len() });
         let rng = req.seed.map_or_else(RowRng::unseeded, RowRng::new);
@@ -1009,6 +1030,13 @@ pub fn load_engine(
     if cfg.max_batch == 0 || cfg.max_adapters == 0 {
         bail!("--max-batch and --max-adapters must be at least 1");
     }
+    if adapters.len() > cfg.max_adapters {
+        bail!(
+            "{} adapters are given with --adapter but --max-adapters is {}: raise --max-adapters",
+            adapters.len(),
+            cfg.max_adapters
+        );
+    }
     let mut gen = TextGenerator::load(model_dir, device, dtype)?;
     if let Some(max) = cfg.image_max_pixels {
         match &mut gen.images {
@@ -1022,6 +1050,21 @@ pub fn load_engine(
                 model_dir.display()
             ),
         }
+    }
+    match (&mut gen.images, cfg.max_image_pixels) {
+        (Some(prep), cap) => {
+            let resized_to = prep.max_pixels.unwrap_or(prep.processor.max_pixels);
+            let cap = cap.unwrap_or_else(|| crate::vision::pixel_cap_for(resized_to));
+            if cap == 0 {
+                bail!("--max-image-pixels must be at least 1");
+            }
+            prep.max_image_pixels = Some(cap);
+        }
+        (None, Some(_)) => bail!(
+            "--max-image-pixels needs a vision-language model; {} has no vision tower",
+            model_dir.display()
+        ),
+        (None, None) => {}
     }
     let mut engine = Engine::new(gen, registry, cfg, listing);
     for (name, dir) in adapters {

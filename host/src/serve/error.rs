@@ -1,6 +1,6 @@
 //! The server's refusals, as OpenAI shapes them: an HTTP status and
 //! `{"error": {"message", "type", "code"}}` (plus `models`, the loaded names, on a 404 for an
-//! unknown model).
+//! unknown model), with a `Retry-After` header when waiting helps.
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -11,17 +11,19 @@ use serde_json::json;
 pub struct ApiError {
     pub status: u16,
     /// `invalid_request_error`, `authentication_error`, `permission_error`, `not_found_error`,
-    /// `server_error`.
+    /// `rate_limit_error`, `server_error`.
     pub kind: &'static str,
     pub message: String,
     pub code: Option<&'static str>,
     /// The names a request may use, when it named an unknown one.
     pub names: Option<Vec<String>>,
+    /// Seconds after which a retry may succeed (the `Retry-After` header).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, message: message.into(), code: None, names: None }
+        Self { status, kind, message: message.into(), code: None, names: None, retry_after: None }
     }
 
     /// 400 `invalid_request_error`.
@@ -31,6 +33,11 @@ impl ApiError {
 
     pub fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
         self
     }
 
@@ -58,6 +65,10 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        response
     }
 }

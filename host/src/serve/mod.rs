@@ -3,15 +3,19 @@
 //! field, with continuous batching and mixed-adapter batches (S-LoRA style).
 //!
 //! The model lives on one engine thread ([`engine`]); the HTTP side ([`api`], tokio + axum)
-//! talks to it through channels. [`bench`] measures decode throughput of one adapter against
+//! talks to it through channels, and decodes and resizes images itself, in a bounded pool, so
+//! that the engine only tokenizes and runs the model. [`listener`] caps open connections and
+//! times out requests whose headers do not arrive. [`bench`] measures decode throughput of one adapter against
 //! many in one batch.
 pub mod api;
 pub mod bench;
 pub mod engine;
 pub mod error;
+pub mod listener;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind};
@@ -33,12 +37,23 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     pub max_batch: usize,
     pub max_adapters: usize,
+    /// An adapter loaded or used this recently is never evicted to make room.
+    pub adapter_grace: Duration,
     pub max_tokens_limit: usize,
     pub max_body_bytes: usize,
     /// Image content parts a chat request may hold at most.
     pub max_images: usize,
     /// Pixels an image is resized to at most (default: the model's preprocessor_config.json).
     pub image_max_pixels: Option<u64>,
+    /// Images whose header announces more pixels are refused before decoding (default: 4 ×
+    /// the pixels images are resized to, at least 1 MP).
+    pub max_image_pixels: Option<u64>,
+    /// Images decoded and resized at once, off the engine thread.
+    pub image_workers: usize,
+    /// The time one image may take to be decoded and resized, waiting for a worker included.
+    pub image_timeout: Duration,
+    /// Open connections at most, and the time one has to send its request headers.
+    pub connections: listener::ConnLimits,
     /// The base model's name in requests; default: the model folder's name.
     pub served_model_name: Option<String>,
     pub device: Device,
@@ -95,12 +110,21 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         adapter_dir,
         max_batch: opts.max_batch,
         max_adapters: opts.max_adapters,
+        adapter_grace: opts.adapter_grace,
         max_tokens_limit: opts.max_tokens_limit,
         image_max_pixels: opts.image_max_pixels,
+        max_image_pixels: opts.max_image_pixels,
     };
+    if opts.image_workers == 0 || opts.image_timeout.is_zero() {
+        bail!("--image-workers and --image-timeout-secs must be at least 1");
+    }
+    if opts.connections.max_connections == 0 || opts.connections.header_timeout.is_zero() {
+        bail!("--max-connections and --header-timeout-secs must be at least 1");
+    }
     let listing = Arc::new(RwLock::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel::<Command>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Arc<engine::EngineStats>>>();
+    type Ready = (Arc<engine::EngineStats>, Option<Arc<crate::data::images::ImagePrep>>);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Ready>>();
     let engine_thread = {
         let (listing, opts) = (listing.clone(), opts.clone());
         std::thread::Builder::new().name("ferrotune-engine".into()).spawn(move || {
@@ -115,7 +139,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 listing,
             ) {
                 Ok(e) => {
-                    let _ = ready_tx.send(Ok(e.stats.clone()));
+                    let _ = ready_tx.send(Ok((e.stats.clone(), e.images.clone())));
                     e.run(rx);
                 }
                 Err(e) => {
@@ -124,7 +148,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             }
         })?
     };
-    let stats = ready_rx.recv().context("the engine thread died while loading the model")??;
+    let (stats, images) =
+        ready_rx.recv().context("the engine thread died while loading the model")??;
     let state = Arc::new(api::AppState {
         engine: Mutex::new(tx.clone()),
         listing,
@@ -132,6 +157,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         api_key: opts.api_key.clone(),
         max_tokens_limit: opts.max_tokens_limit,
         max_images: opts.max_images,
+        images,
+        image_pool: Arc::new(tokio::sync::Semaphore::new(opts.image_workers)),
+        image_workers: opts.image_workers,
+        image_timeout: opts.image_timeout,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -149,6 +178,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         println!("ferrotune serve: listening on http://{addr} (base model `{base_name}`)");
         use std::io::Write;
         std::io::stdout().flush().ok();
+        let listener = listener::GuardedListener::new(listener, opts.connections);
         axum::serve(listener, api::router(state, opts.max_body_bytes))
             .with_graceful_shutdown(shutdown_signal())
             .await?;
