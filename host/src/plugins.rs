@@ -937,8 +937,11 @@ mod tests {
     /// A manifest in a buffer standing for a library's memory: `readable` bytes of it.
     fn check(m: &Manifest, readable: usize) -> Result<BuildFingerprint, ManifestFault> {
         let at = m as *const Manifest as usize;
-        let image =
-            mapped::Image { bias: 0, name: "test".into(), readable: vec![at..at + readable] };
+        let image = mapped::Image {
+            bias: 0,
+            name: "test".into(),
+            readable: std::iter::once(at..at + readable).collect(),
+        };
         validate_manifest(m, &image)
     }
 
@@ -949,7 +952,7 @@ mod tests {
         // The build's own manifest reads back when its strings lie in the image too.
         let own_strings = |m: &Manifest| {
             let at = m as *const Manifest as usize;
-            let mut ranges = vec![at..at + whole];
+            let mut ranges: Vec<_> = std::iter::once(at..at + whole).collect();
             for p in [m.api_version, m.tch_version, m.libtorch_version] {
                 ranges.push(p as usize..p as usize + 64);
             }
