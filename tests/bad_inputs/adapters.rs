@@ -187,6 +187,11 @@ fn the_good_adapter_loads_merges_and_generates() {
     let o = generate(&f.model, &f.adapter);
     assert_eq!(o.status, Some(0), "{}", o.stderr);
     assert!(!o.stdout.trim().is_empty());
+    println!(
+        "generate --adapter with the good adapter: {:.2} s, peak RSS {:.0} MiB",
+        o.wall.as_secs_f64(),
+        o.peak_rss as f64 / (1 << 20) as f64
+    );
     let (o, out) = merge(&f.adapter);
     assert_eq!(o.status, Some(0), "{}", o.stderr);
     assert!(out.join("model.safetensors").is_file());
@@ -295,5 +300,16 @@ fn an_adapter_tensor_of_another_dtype_is_refused_by_name() {
         "generate --adapter",
         &generate(&fixture().model, &dir),
         &[weights.to_str().unwrap(), V_PROJ_B, "`I64`"],
+    );
+}
+
+#[test]
+fn a_lora_alpha_that_is_not_positive_is_refused_by_key() {
+    let dir = adapter_with_config("alpha-zero", |c| c["lora_alpha"] = 0.into());
+    let config = dir.join("adapter_config.json");
+    assert_refused(
+        "generate --adapter",
+        &generate(&fixture().model, &dir),
+        &[config.to_str().unwrap(), "`lora_alpha`", "positive"],
     );
 }

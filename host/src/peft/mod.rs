@@ -7,7 +7,9 @@
 //! per `peft_type`: the keys the plugin implements are passed on; the informational keys
 //! ([`INFORMATIONAL_KEYS`]), keys set to null and keys at peft's default value are ignored;
 //! any other key is refused by name. An adapter is never loaded with part of its configuration
-//! silently dropped. Adding a method is one row here plus its plugin.
+//! silently dropped. Adding a method is one row here plus its plugin (the row also says which
+//! tensors a saved adapter holds per layer, so a directory is checked against the model from
+//! its config and safetensors header before anything is allocated).
 pub mod adapters;
 pub mod merge;
 mod model;
@@ -344,9 +346,13 @@ impl PeftModel {
 
     /// Loads the PEFT directory `dir` (ours or one peft wrote) as adapter `default` and makes it
     /// active: the plugin comes from `peft_type` ([`PEFT_METHODS`]), its configuration from
-    /// `adapter_config.json` ([`plugin_config`]; unsupported keys are refused by name), then
-    /// the weights are loaded (missing, unexpected or mis-shaped keys are refused by name). On
-    /// any error the model is left as it was.
+    /// `adapter_config.json` ([`plugin_config`]; unsupported keys are refused by name). Before
+    /// a byte of the weights is read or an adapter tensor created, the configuration is checked
+    /// against the model (LoRA's `r` within each targeted layer's widths, every
+    /// `target_modules` name matching a layer) and the safetensors header against what the
+    /// configuration implies (missing, unexpected, mis-shaped or non-float tensors are refused
+    /// by name); then each tensor is read and refused by name if it holds NaN or Inf. On any
+    /// error the model is left as it was.
     pub fn load_peft_adapter(&mut self, dir: &Path, registry: &Registry) -> Result<AttachReport> {
         self.load_peft_adapter_as(dir, registry, DEFAULT_ADAPTER)
     }
