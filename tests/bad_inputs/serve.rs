@@ -1,1 +1,537 @@
-//! Bad-input cases: serve. Filled in by the hardening work.
+//! Bad-input cases: `serve` under a hostile client, each beside well-behaved ones. The real
+//! binary on a loopback port; every case measures what the other clients see.
+//!
+//! - a pixel bomb (a 20000 × 20000 greyscale PNG, ~390 KB) while three clients stream: a 400
+//!   `image_too_large` naming `messages[0].content[0].image_url` within seconds, the streams'
+//!   time within a bound of an unloaded run, the server's peak RSS barely moved;
+//! - 2000 half-open connections against `--max-connections 64`: `/health` still answers, and
+//!   the half-open connections are closed after `--header-timeout-secs`;
+//! - adapter churn at `--max-adapters 2`: an adapter with a queued request is never evicted, a
+//!   load with nothing evictable is refused with 429 `adapter_capacity` saying why, and no
+//!   request gets 404.
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferrotune::model::CausalLM;
+use ferrotune::peft::PeftModel;
+use ferrotune_tests::*;
+use serde_json::{json, Value};
+use tch::{Device, Kind};
+
+/// A running `ferrotune serve`, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    addr: String,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(ferrotune_bin())
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
+            .args(extra)
+            .env_remove("LD_LIBRARY_PATH")
+            .env_remove("FERROTUNE_PLUGIN_PATH")
+            .env_remove("FERROTUNE_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in `{line}`"))
+            .to_string();
+        let addr = url.trim_start_matches("http://").to_string();
+        Server { child, url, addr, _stdout: stdout }
+    }
+
+    /// `(VmRSS, VmHWM)` of the server in bytes: resident now, and at its peak.
+    fn rss(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `(status, JSON body, Retry-After)` of a POST.
+fn post(url: &str, body: &Value) -> (u16, Value, Option<String>) {
+    let r = ureq::post(url).set("Content-Type", "application/json").send_string(&body.to_string());
+    let (code, resp) = match r {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(code, r)) => (code, r),
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let retry = resp.header("retry-after").map(str::to_string);
+    let text = resp.into_string().unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({code}): {text}")),
+        retry,
+    )
+}
+
+/// A streamed completion: `(seconds to the end, chunks)`; panics unless it ends in `[DONE]`.
+fn stream_completion(url: &str, body: &Value) -> (f64, usize) {
+    let start = Instant::now();
+    let resp = ureq::post(&format!("{url}/v1/completions"))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap_or_else(|e| panic!("stream: {e}"));
+    let mut chunks = 0;
+    let mut done = false;
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.unwrap();
+        if line == "data: [DONE]" {
+            done = true;
+        } else if line.starts_with("data: ") {
+            assert!(!line.contains("\"error\""), "{line}");
+            chunks += 1;
+        }
+    }
+    assert!(done, "the stream ended without [DONE]");
+    (start.elapsed().as_secs_f64(), chunks)
+}
+
+/// A `data:` URL of `bytes`.
+fn data_url(mime: &str, bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// A valid `w`×`h` 8-bit greyscale PNG of zeros, small on the wire: its one IDAT is a zlib
+/// stream of a single dynamic-Huffman deflate block in which a copy of 258 zeros costs 2 bits
+/// (`w`·`h` = 400 M pixels → ~390 KB), the shape of a decompression bomb.
+fn zero_png(w: u32, h: u32) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        bit: u32,
+    }
+    impl Bits {
+        /// `n` bits of `v`, least significant first (deflate's header fields and extra bits).
+        fn put(&mut self, v: u32, n: u32) {
+            for i in 0..n {
+                if self.bit == 0 {
+                    self.out.push(0);
+                }
+                let last = self.out.len() - 1;
+                self.out[last] |= (((v >> i) & 1) as u8) << self.bit;
+                self.bit = (self.bit + 1) % 8;
+            }
+        }
+        /// A Huffman code of `n` bits, most significant first.
+        fn code(&mut self, c: u32, n: u32) {
+            for i in (0..n).rev() {
+                self.put((c >> i) & 1, 1);
+            }
+        }
+    }
+    let raw = u64::from(h) * (u64::from(w) + 1); // a filter byte (0) before each row
+    let mut b = Bits { out: Vec::new(), bit: 0 };
+    b.put(1, 1); // BFINAL
+    b.put(2, 2); // dynamic Huffman
+    b.put(29, 5); // HLIT: 286 literal/length codes
+    b.put(1, 5); // HDIST: 2 distance codes (1 and 2 back), a complete code
+    b.put(14, 4); // HCLEN: 18 code-length codes
+                  // code-length code lengths in deflate's order 16 17 18 0 8 7 9 6 10 5 11 4 12 3 13 2 14 1:
+                  // 18 (runs of zeros) → 1 bit, lengths 1 and 2 → 2 bits
+    for len in [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2] {
+        b.put(len, 3);
+    }
+    // canonical codes: 18 = 0, 1 = 10, 2 = 11; 18 takes a run length - 11 in 7 bits
+    let zeros = |b: &mut Bits, n: u32| {
+        b.code(0, 1);
+        b.put(n - 11, 7);
+    };
+    // literal/length lengths: 0 → 2, 1..=255 → 0, 256 → 2, 257..=284 → 0, 285 → 1;
+    // distances 0 and 1 → 1
+    b.code(0b11, 2);
+    zeros(&mut b, 138);
+    zeros(&mut b, 117);
+    b.code(0b11, 2);
+    zeros(&mut b, 28);
+    for _ in 0..3 {
+        b.code(0b10, 2);
+    }
+    // canonical codes: 285 = 0, literal 0 = 10, end of block = 11; distance 0 (1 back) = 0
+    b.code(0b10, 2);
+    let copies = (raw - 1) / 258;
+    for _ in 0..copies {
+        b.code(0, 1);
+        b.code(0, 1);
+    }
+    for _ in 0..(raw - 1) % 258 {
+        b.code(0b10, 2);
+    }
+    b.code(0b11, 2);
+    let mut zlib = vec![0x78, 0x01];
+    zlib.extend_from_slice(&b.out);
+    let adler = ((raw % 65521) << 16) | 1; // a stays 1 and b sums it over every zero byte
+    zlib.extend_from_slice(&(adler as u32).to_be_bytes());
+
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        png.extend_from_slice(kind);
+        png.extend_from_slice(data);
+        png.extend_from_slice(&crc.sum().to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &zlib);
+    chunk(b"IEND", &[]);
+    png
+}
+
+#[test]
+fn the_bomb_png_is_a_real_image() {
+    // the same writer at a size that decodes quickly: every pixel 0, the size as announced
+    for (w, h) in [(300, 200), (1031, 3)] {
+        let img = image::load_from_memory(&zero_png(w, h)).unwrap().into_luma8();
+        assert_eq!(img.dimensions(), (w, h));
+        assert!(img.as_raw().iter().all(|&p| p == 0));
+    }
+    let bomb = zero_png(20_000, 20_000);
+    assert!(bomb.len() < 400_000, "{} bytes", bomb.len());
+}
+
+/// A tiny random Qwen2-VL with the Qwen2 tokenizer.
+fn vl_model() -> &'static PathBuf {
+    static M: OnceLock<PathBuf> = OnceLock::new();
+    M.get_or_init(|| {
+        let model = temp_dir("bad-serve-vl").join("tiny-vl");
+        let tok = repo_root().join("assets/qwen2-tokenizer");
+        assert!(tok.join("tokenizer.json").is_file(), "{} is missing", tok.display());
+        let o = ferrotune(&[
+            "init-model",
+            "--preset",
+            "tiny-vl",
+            "--dtype",
+            "f32",
+            "--seed",
+            "3",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--out",
+            model.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "init-model: {}", stderr(&o));
+        model
+    })
+}
+
+/// Three clients streaming at once: the longest time to `[DONE]`.
+fn three_streams(url: &str, tokens: u64) -> f64 {
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let url = url.to_string();
+            std::thread::spawn(move || {
+                let body = json!({"model": "tiny-vl", "prompt": format!("client {i} says"), "max_tokens": tokens,
+                                  "temperature": 0.8, "seed": i, "stream": true});
+                stream_completion(&url, &body)
+            })
+        })
+        .collect();
+    let mut longest: f64 = 0.0;
+    for c in clients {
+        let (secs, chunks) = c.join().unwrap();
+        assert!(chunks >= 2, "a stream of {chunks} chunks measures nothing");
+        longest = longest.max(secs);
+    }
+    longest
+}
+
+#[test]
+fn a_pixel_bomb_is_refused_from_its_header_while_other_clients_stream_on() {
+    let s = Server::start(vl_model(), &["--max-batch", "8"]);
+    let tokens = 128;
+    three_streams(&s.url, 4); // warm-up
+    let unloaded = three_streams(&s.url, tokens);
+    let (rss_before, peak_before) = s.rss();
+
+    let bomb = zero_png(20_000, 20_000);
+    let body = json!({"model": "tiny-vl", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url("image/png", &bomb)}},
+        {"type": "text", "text": "what is this?"}]}]});
+    let url = s.url.clone();
+    let streams = std::thread::spawn(move || three_streams(&url, tokens));
+    std::thread::sleep(Duration::from_millis(100)); // the streams are running
+    let start = Instant::now();
+    let (code, v, _) = post(&format!("{}/v1/chat/completions", s.url), &body);
+    let bomb_secs = start.elapsed().as_secs_f64();
+    let loaded = streams.join().unwrap();
+    let (rss_after, peak_after) = s.rss();
+    println!(
+        "pixel bomb ({} bytes): {code} in {bomb_secs:.3} s; 3 streams of {tokens} tokens: {unloaded:.2} s unloaded, {loaded:.2} s beside the bomb; server RSS {} MB → {} MB, peak {} MB → {} MB",
+        bomb.len(),
+        rss_before >> 20,
+        rss_after >> 20,
+        peak_before >> 20,
+        peak_after >> 20
+    );
+    assert_eq!((code, v["error"]["code"].as_str()), (400, Some("image_too_large")), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("messages[0].content[0].image_url") && msg.contains("20000x20000"),
+        "{msg}"
+    );
+    assert!(bomb_secs < 3.0, "the bomb took {bomb_secs:.2} s to be refused");
+    assert!(
+        loaded <= 3.0 * unloaded + 2.0,
+        "the streams took {loaded:.2} s beside the bomb, {unloaded:.2} s alone"
+    );
+    let grown = peak_after.saturating_sub(peak_before.max(rss_before));
+    assert!(grown < 500 << 20, "the server's peak RSS grew by {} MB", grown >> 20);
+    // and a small image still works
+    let small = image::GrayImage::from_pixel(64, 48, image::Luma([200]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    small.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let body = json!({"model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url("image/png", png.get_ref())}},
+        {"type": "text", "text": "what is this?"}]}]});
+    let (code, v, _) = post(&format!("{}/v1/chat/completions", s.url), &body);
+    assert_eq!(code, 200, "{v}");
+}
+
+/// Raises this process's open-file limit to its hard limit (the server started after inherits it).
+fn more_files() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        r.rlim_cur as u64
+    }
+}
+
+/// Whether the server still holds `sock` open (reads would block), draining what it sent.
+fn still_open(mut sock: &TcpStream) -> bool {
+    sock.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// `/health` over a fresh connection, retried while the server refuses for room: seconds to a 200.
+fn health_within(s: &Server, limit: Duration) -> Option<f64> {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(r) = agent.get(&format!("{}/health", s.url)).call() {
+            if r.status() == 200 && r.into_string().unwrap().contains("\"ok\"") {
+                return Some(start.elapsed().as_secs_f64());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn text_model() -> &'static TextFixture {
+    static F: OnceLock<TextFixture> = OnceLock::new();
+    F.get_or_init(|| text_fixture("bad-serve", 40, 3, 1, 1))
+}
+
+#[test]
+fn half_open_connections_neither_lock_out_health_nor_stay_open() {
+    let files = more_files();
+    let flood = 2000.min(files.saturating_sub(200) as usize);
+    assert!(flood >= 500, "an open-file limit of {files} leaves too few connections");
+    let f = text_model();
+    let s = Server::start(&f.model, &["--max-connections", "64", "--header-timeout-secs", "2"]);
+    let alone = health_within(&s, Duration::from_secs(5)).expect("/health unloaded");
+
+    let opened = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let flooding = {
+        let (addr, opened) = (s.addr.parse().unwrap(), opened.clone());
+        std::thread::spawn(move || {
+            for _ in 0..flood {
+                if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    opened.lock().unwrap().push(c);
+                }
+            }
+        })
+    };
+    while opened.lock().unwrap().len() < flood / 4 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let during = health_within(&s, Duration::from_secs(5));
+    flooding.join().unwrap();
+    let flood_end = Instant::now();
+    let after = health_within(&s, Duration::from_secs(5));
+    let socks = std::mem::take(&mut *opened.lock().unwrap());
+    let open_mid = socks.iter().filter(|c| still_open(c)).count();
+    let mid_at = flood_end.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2) + Duration::from_millis(1500));
+    let open_late = socks.iter().filter(|c| still_open(c)).count();
+    println!(
+        "{} half-open connections (limit 64, header timeout 2 s): /health in {alone:.3} s alone, {during:?} s during the flood, {after:?} s after it; {open_mid} still open {mid_at:.2} s after the flood, {open_late} 3.5 s after",
+        socks.len()
+    );
+    assert!(socks.len() >= flood * 9 / 10, "only {} of {flood} connects succeeded", socks.len());
+    let during = during.expect("/health never answered during the flood");
+    assert!(during < 2.0, "/health took {during:.2} s during the flood");
+    let after = after.expect("/health never answered after the flood");
+    assert!(after < 1.0, "/health took {after:.2} s after the flood");
+    assert!(open_mid <= 64 + 8, "{open_mid} connections held open past --max-connections 64");
+    assert!(open_mid > 0, "some connections should wait for their header timeout");
+    assert_eq!(open_late, 0, "half-open connections outlived the 2 s header timeout");
+    // a slow client that sends part of its headers and stops is closed too
+    let mut slow = TcpStream::connect(&s.addr).unwrap();
+    std::io::Write::write_all(&mut slow, b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!still_open(&slow), "a connection with unfinished headers stayed open");
+    assert!(health_within(&s, Duration::from_secs(1)).is_some());
+}
+
+/// Three copies of one LoRA adapter (a, b, c) and a fourth (d), in an adapter folder.
+fn adapter_dir() -> &'static PathBuf {
+    static D: OnceLock<PathBuf> = OnceLock::new();
+    D.get_or_init(|| {
+        let f = text_model();
+        let dir = f.work.join("adapters");
+        let mut model = PeftModel::new(CausalLM::load(&f.model, Device::Cpu, Kind::Float).unwrap());
+        let lora = r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}"#;
+        model
+            .attach_adapter("default", Box::new(registry().adapter("lora", lora).unwrap()))
+            .unwrap();
+        perturb_adapter(&mut model, 5, 0.1);
+        for name in ["a", "b", "c", "d"] {
+            model.save_peft_adapter(&dir.join(name)).unwrap();
+        }
+        dir
+    })
+}
+
+#[test]
+fn eviction_spares_adapters_with_queued_or_recent_requests_and_a_full_server_says_429() {
+    let f = text_model();
+    let dir = adapter_dir();
+    let grace = 2.0;
+    let s = Server::start(
+        &f.model,
+        &[
+            "--adapter-dir",
+            dir.to_str().unwrap(),
+            "--max-adapters",
+            "2",
+            "--adapter-grace-secs",
+            "2",
+            "--max-batch",
+            "1",
+            "--max-tokens-limit",
+            "1500",
+        ],
+    );
+    let load =
+        |name: &str| post(&format!("{}/v1/adapters", s.url), &json!({"name": name, "path": name}));
+    let long =
+        json!({"model": "model", "prompt": "w1 w2 w3", "max_tokens": 1500, "temperature": 0});
+    // the base model's long request, to size the wait below
+    let start = Instant::now();
+    let (code, v, _) = post(&format!("{}/v1/completions", s.url), &long);
+    let base_secs = start.elapsed().as_secs_f64();
+    assert_eq!((code, v["choices"][0]["finish_reason"].as_str()), (200, Some("length")), "{v}");
+    println!("a base request of 1500 tokens alone: {base_secs:.2} s");
+
+    assert_eq!(load("a").0, 200);
+    assert_eq!(load("b").0, 200);
+    // two clients keep the one batch row busy with the base model
+    let stop = Arc::new(AtomicBool::new(false));
+    let holders: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, stop, long) = (s.url.clone(), stop.clone(), long.clone());
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    codes.push(post(&format!("{url}/v1/completions"), &long).0);
+                }
+                codes
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(grace + 0.5)); // a and b are no longer recent
+                                                              // a request for a waits in the queue behind them; a is the least recently used adapter
+    let queued = {
+        let url = s.url.clone();
+        std::thread::spawn(move || {
+            post(
+                &format!("{url}/v1/completions"),
+                &json!({"model": "a", "prompt": "w1", "max_tokens": 4}),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let (code, v, _) = load("c");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["evicted"], json!("b"), "a has a queued request: b must go, not a: {v}");
+    // a (queued or running or just used) and c (just loaded): nothing can go
+    let (code, v, retry) = load("d");
+    let msg = v["error"]["message"].as_str().unwrap_or_default().to_string();
+    println!("the fourth load: {code} {msg} (Retry-After {retry:?})");
+    assert_eq!((code, v["error"]["code"].as_str()), (429, Some("adapter_capacity")), "{v}");
+    assert!(
+        msg.contains("2 adapters are loaded")
+            && msg.contains("`a` ")
+            && msg.contains("`c` was loaded or used"),
+        "{msg}"
+    );
+    assert!(
+        retry.as_ref().is_some_and(|r| r.parse::<u64>().is_ok_and(|r| (1..=2).contains(&r))),
+        "{retry:?}"
+    );
+    let (code, v, _) = queued.join().unwrap();
+    assert_eq!(code, 200, "the queued request for a: {v}");
+    stop.store(true, Ordering::Relaxed);
+    for h in holders {
+        let codes = h.join().unwrap();
+        assert!(codes.iter().all(|&c| c == 200), "{codes:?}");
+    }
+    let models =
+        ureq::get(&format!("{}/v1/models", s.url)).call().unwrap().into_json::<Value>().unwrap();
+    let ids: Vec<&str> =
+        models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, ["model", "a", "c"]);
+    // once nothing is busy or recent, the least recently used adapter makes room again
+    std::thread::sleep(Duration::from_secs_f64(grace + 0.3));
+    let (code, v, _) = load("d");
+    assert_eq!(code, 200, "{v}");
+    assert!(v["evicted"] == json!("a") || v["evicted"] == json!("c"), "{v}");
+}

@@ -90,6 +90,9 @@ pub struct GuardedListener {
     inner: TcpListener,
     limits: ConnLimits,
     table: Arc<Table>,
+    /// Connections refused since the last warning, and when it was logged.
+    refused: u64,
+    last_warning: Option<Instant>,
 }
 
 /// The answer to a connection beyond the cap when none can make room.
@@ -103,27 +106,37 @@ fn busy_response() -> String {
 
 impl GuardedListener {
     pub fn new(inner: TcpListener, limits: ConnLimits) -> Self {
-        Self { inner, limits, table: Arc::default() }
+        Self { inner, limits, table: Arc::default(), refused: 0, last_warning: None }
     }
 
     /// Registers `stream`, making room first; `None`: no room, refused.
-    fn admit(&self, stream: TcpStream) -> Option<Guarded> {
+    fn admit(&mut self, stream: TcpStream) -> Option<Guarded> {
         let mut conns = self.table.conns.lock().unwrap_or_else(|p| p.into_inner());
         if conns.len() >= self.limits.max_connections {
             let victim = conns
-                .values()
-                .filter_map(|c| c.idle_since(self.limits.header_timeout).map(|t| (t, c)))
+                .iter()
+                .filter_map(|(id, c)| c.idle_since(self.limits.header_timeout).map(|t| (t, *id)))
                 .min_by_key(|(t, _)| *t)
-                .map(|(_, c)| c.clone());
+                .map(|(_, id)| id);
             match victim {
-                Some(v) => v.close(),
+                // Out of the table at once, so that it makes room for one newcomer only.
+                Some(id) => {
+                    if let Some(v) = conns.remove(&id) {
+                        v.close();
+                    }
+                }
                 None => {
-                    drop(conns);
                     let _ = stream.try_write(busy_response().as_bytes());
-                    tracing::warn!(
-                        "refused a connection: {} open (--max-connections), all busy",
-                        self.limits.max_connections
-                    );
+                    self.refused += 1;
+                    if self.last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(
+                            "refused {} connection(s) since the last warning: {} open (--max-connections), none only waiting for headers",
+                            self.refused,
+                            conns.len()
+                        );
+                        self.refused = 0;
+                        self.last_warning = Some(Instant::now());
+                    }
                     return None;
                 }
             }
