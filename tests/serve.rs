@@ -384,6 +384,8 @@ fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
         "sesame",
         "--max-adapters",
         "2",
+        "--adapter-grace-secs",
+        "0",
         "--max-tokens-limit",
         "32",
         "--max-body-bytes",
@@ -495,7 +497,8 @@ fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
     assert_eq!(code, 400, "{v}");
     serving();
 
-    // the adapter cap: a third load evicts the least recently used idle adapter
+    // the adapter cap: a third load evicts the least recently used idle adapter (no grace
+    // period here, --adapter-grace-secs 0; tests/bad_inputs/serve.rs covers the grace)
     req("/v1/adapters", json!({"name": "a2", "path": "a2"}));
     serving(); // a1 used after a2 was loaded: a2 is now the least recently used
     let (code, v) = req("/v1/adapters", json!({"name": "a3", "path": "a3"}));

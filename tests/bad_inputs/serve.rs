@@ -331,7 +331,7 @@ fn more_files() -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
         r.rlim_cur = r.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        r.rlim_cur as u64
+        r.rlim_cur
     }
 }
 
