@@ -95,8 +95,9 @@ fn post(url: &str, body: &Value) -> (u16, Value, Option<String>) {
     )
 }
 
-/// A streamed completion: `(seconds to the end, chunks)`; panics unless it ends in `[DONE]`.
-fn stream_completion(url: &str, body: &Value) -> (f64, usize) {
+/// A streamed completion: `(seconds to the end, chunks, longest wait between two chunks)`;
+/// panics unless it ends in `[DONE]`.
+fn stream_completion(url: &str, body: &Value) -> (f64, usize, f64) {
     let start = Instant::now();
     let resp = ureq::post(&format!("{url}/v1/completions"))
         .set("Content-Type", "application/json")
@@ -104,8 +105,13 @@ fn stream_completion(url: &str, body: &Value) -> (f64, usize) {
         .unwrap_or_else(|e| panic!("stream: {e}"));
     let mut chunks = 0;
     let mut done = false;
+    let (mut last, mut gap) = (None::<Instant>, 0f64);
     for line in BufReader::new(resp.into_reader()).lines() {
         let line = line.unwrap();
+        if let Some(t) = last {
+            gap = gap.max(t.elapsed().as_secs_f64());
+        }
+        last = Some(Instant::now());
         if line == "data: [DONE]" {
             done = true;
         } else if line.starts_with("data: ") {
@@ -114,7 +120,7 @@ fn stream_completion(url: &str, body: &Value) -> (f64, usize) {
         }
     }
     assert!(done, "the stream ended without [DONE]");
-    (start.elapsed().as_secs_f64(), chunks)
+    (start.elapsed().as_secs_f64(), chunks, gap)
 }
 
 /// A `data:` URL of `bytes`.
@@ -250,8 +256,9 @@ fn vl_model() -> &'static PathBuf {
     })
 }
 
-/// Three clients streaming at once: the longest time to `[DONE]`.
-fn three_streams(url: &str, tokens: u64) -> f64 {
+/// Three clients streaming at once: the longest time to `[DONE]` and the longest wait
+/// between two chunks.
+fn three_streams(url: &str, tokens: u64) -> (f64, f64) {
     let clients: Vec<_> = (0..3)
         .map(|i| {
             let url = url.to_string();
@@ -262,13 +269,14 @@ fn three_streams(url: &str, tokens: u64) -> f64 {
             })
         })
         .collect();
-    let mut longest: f64 = 0.0;
+    let (mut longest, mut gap) = (0f64, 0f64);
     for c in clients {
-        let (secs, chunks) = c.join().unwrap();
+        let (secs, chunks, g) = c.join().unwrap();
         assert!(chunks >= 2, "a stream of {chunks} chunks measures nothing");
         longest = longest.max(secs);
+        gap = gap.max(g);
     }
-    longest
+    (longest, gap)
 }
 
 #[test]
@@ -276,7 +284,7 @@ fn a_pixel_bomb_is_refused_from_its_header_while_other_clients_stream_on() {
     let s = Server::start(vl_model(), &["--max-batch", "8"]);
     let tokens = 128;
     three_streams(&s.url, 4); // warm-up
-    let unloaded = three_streams(&s.url, tokens);
+    let (unloaded, _) = three_streams(&s.url, tokens);
     let (rss_before, peak_before) = s.rss();
 
     let bomb = zero_png(20_000, 20_000);
@@ -289,7 +297,7 @@ fn a_pixel_bomb_is_refused_from_its_header_while_other_clients_stream_on() {
     let start = Instant::now();
     let (code, v, _) = post(&format!("{}/v1/chat/completions", s.url), &body);
     let bomb_secs = start.elapsed().as_secs_f64();
-    let loaded = streams.join().unwrap();
+    let (loaded, _) = streams.join().unwrap();
     let (rss_after, peak_after) = s.rss();
     println!(
         "pixel bomb ({} bytes): {code} in {bomb_secs:.3} s; 3 streams of {tokens} tokens: {unloaded:.2} s unloaded, {loaded:.2} s beside the bomb; server RSS {} MB → {} MB, peak {} MB → {} MB",
@@ -534,4 +542,56 @@ fn eviction_spares_adapters_with_queued_or_recent_requests_and_a_full_server_say
     let (code, v, _) = load("d");
     assert_eq!(code, 200, "{v}");
     assert!(v["evicted"] == json!("a") || v["evicted"] == json!("c"), "{v}");
+}
+
+#[test]
+fn a_large_allowed_image_is_decoded_beside_the_running_streams() {
+    // 25 MP, under --max-image-pixels: decoded and shrunk to 112×112 in the image pool
+    let s = Server::start(
+        vl_model(),
+        &[
+            "--max-batch",
+            "8",
+            "--image-max-pixels",
+            "12544",
+            "--max-image-pixels",
+            "30000000",
+            "--image-timeout-secs",
+            "60",
+        ],
+    );
+    let tokens = 128;
+    three_streams(&s.url, 4); // warm-up
+    let (unloaded, unloaded_gap) = three_streams(&s.url, tokens);
+    let big = zero_png(5000, 5000);
+    let body = json!({"model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url("image/png", &big)}},
+        {"type": "text", "text": "what is this?"}]}]});
+    let url = s.url.clone();
+    let image = std::thread::spawn(move || {
+        let start = Instant::now();
+        let (code, v, _) = post(&format!("{url}/v1/chat/completions"), &body);
+        (code, v, start.elapsed().as_secs_f64())
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let mut rounds = Vec::new();
+    while !image.is_finished() || rounds.is_empty() {
+        rounds.push(three_streams(&s.url, tokens));
+    }
+    let (code, v, image_secs) = image.join().unwrap();
+    let loaded = rounds.iter().map(|r| r.0).fold(0f64, f64::max);
+    let loaded_gap = rounds.iter().map(|r| r.1).fold(0f64, f64::max);
+    println!(
+        "a 5000×5000 image: {code} in {image_secs:.2} s; 3 streams of {tokens} tokens: {unloaded:.2} s (longest gap {unloaded_gap:.3} s) unloaded, at most {loaded:.2} s (gap {loaded_gap:.3} s) in {} rounds beside the image",
+        rounds.len()
+    );
+    assert_eq!(code, 200, "{v}");
+    // On the engine thread the image would stop every stream for as long as it takes.
+    assert!(image_secs > 1.0, "an image decoded in {image_secs:.2} s measures nothing");
+    assert!(
+        loaded_gap < (image_secs / 2.0).max(3.0 * unloaded_gap + 0.3),
+        "a stream waited {loaded_gap:.2} s between two chunks while the image took {image_secs:.2} s"
+    );
+    // The streams' total time is printed, not bounded: the decoder shares the CPU cores with
+    // the model, so the streams slow down (1.5 → 5 s on 2 busy cores), but they never stop.
 }
