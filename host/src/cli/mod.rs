@@ -219,9 +219,9 @@ fn serve(a: ServeArgs, search: SearchPath) -> Result<()> {
         max_images: a.max_images,
         image_max_pixels: a.image_max_pixels,
         max_image_pixels: a.max_image_pixels,
-        image_workers: a.image_workers.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
-        }),
+        image_workers: a
+            .image_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().min(4))),
         image_timeout: std::time::Duration::from_secs(a.image_timeout_secs),
         connections: crate::serve::listener::ConnLimits {
             max_connections: a.max_connections,
