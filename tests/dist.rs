@@ -391,27 +391,8 @@ fn qwen2vl_ranks_without_images_in_their_batch() {
         "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild",
     );
     let work = temp_dir("dist-vl");
-    let tokenizer = repo_root().join("assets/qwen2-tokenizer");
-    assert!(
-        tokenizer.join("tokenizer.json").is_file(),
-        "{} is missing: `make test` generates it",
-        tokenizer.display()
-    );
     let model = work.join("model");
-    let o = ferrotune(&[
-        "init-model",
-        "--preset",
-        "tiny-vl",
-        "--dtype",
-        "f32",
-        "--seed",
-        "3",
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "init-model: {}", stderr(&o));
+    init_tiny_vl_model(&model, 3);
     // Unshuffled, one row per rank and micro-batch: global micro-batch k is rows 2k (an
     // image: rank 0) and 2k+1 (text only: rank 1).
     let images = repo_root().join("datasets/story-llava/images");

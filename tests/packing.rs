@@ -138,20 +138,7 @@ fn a_packed_batch_equals_its_samples_run_alone() {
 fn a_packed_vlm_batch_equals_its_samples_run_alone() {
     let dir = temp_dir("packing-vlm");
     let model_dir = dir.join("model");
-    let o = ferrotune(&[
-        "init-model",
-        "--preset",
-        "tiny-vl",
-        "--dtype",
-        "f32",
-        "--seed",
-        "3",
-        "--tokenizer",
-        repo_root().join("assets/qwen2-tokenizer").to_str().unwrap(),
-        "--out",
-        model_dir.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "init-model: {}", stderr(&o));
+    init_tiny_vl_model(&model_dir, 3);
     let img = |n: &str| repo_root().join("datasets/story-llava/images").join(n);
     let turn = |from: &str, value: &str| serde_json::json!({"from": from, "value": value});
     let rows = serde_json::json!([

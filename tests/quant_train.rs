@@ -196,26 +196,7 @@ fn int8_qlora_trains() {
 fn qwen2vl_nf4_quantizes_the_language_model_not_the_vision_tower() {
     let dir = temp_dir("quant-vl");
     let model = dir.join("model");
-    let tokenizer = repo_root().join("assets/qwen2-tokenizer");
-    assert!(
-        tokenizer.join("tokenizer.json").is_file(),
-        "{} is missing: `make test` generates it",
-        tokenizer.display()
-    );
-    let o = ferrotune(&[
-        "init-model",
-        "--preset",
-        "tiny-vl",
-        "--dtype",
-        "f32",
-        "--seed",
-        "3",
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "init-model: {}", stderr(&o));
+    init_tiny_vl_model(&model, 3);
     let run = dir.join("run");
     let config = dir.join("train.yaml");
     // the adapter targets vision-tower layers too (qkv, fc1, fc2): skip_modules keeps them dense

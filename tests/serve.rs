@@ -6,7 +6,7 @@
 use ferrotune::peft::PeftModel;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -84,60 +84,16 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-/// A running server, killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    _stdout: BufReader<ChildStdout>,
+/// A server over the fixture's model, API loads from its adapter folder.
+fn start(extra: &[&str]) -> Server {
+    let f = fixture();
+    start_on(&f.model, &f.adapters, extra)
 }
 
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let f = fixture();
-        Server::start_on(&f.model, &f.adapters, extra)
-    }
-
-    fn start_on(model: &Path, adapter_dir: &Path, extra: &[&str]) -> Server {
-        let mut args = vec![
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--port",
-            "0",
-            "--adapter-dir",
-            adapter_dir.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let mut child = Command::new(ferrotune_bin())
-            .args(&args)
-            .env_remove("LD_LIBRARY_PATH")
-            .env_remove("FERROTUNE_PLUGIN_PATH")
-            .env_remove("FERROTUNE_API_KEY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in `{line}`"))
-            .to_string();
-        Server { child, url, _stdout: stdout }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_on(model: &Path, adapter_dir: &Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--adapter-dir", adapter_dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Server::start(model, &args)
 }
 
 /// `(status, body)` of a request, errors included.
@@ -237,7 +193,7 @@ const PROMPT: &str = "w1 w2 w3 w4";
 fn adapter_output_equals_generate_streams_match_and_the_base_is_unaffected() {
     let f = fixture();
     let a1 = f.adapters.join("a1");
-    let s = Server::start(&["--adapter", &format!("a1={}", a1.display())]);
+    let s = start(&["--adapter", &format!("a1={}", a1.display())]);
     assert_eq!(model_ids(&s), vec!["tiny", "a1"]);
     let base_before = complete(&s, "tiny", PROMPT, 12);
 
@@ -342,7 +298,7 @@ fn a_mixed_batch_gives_each_request_what_it_gets_alone() {
     let f = fixture();
     let args = adapter_args(f);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let s = Server::start(&[&args[..], &["--max-batch", "16"]].concat());
+    let s = start(&[&args[..], &["--max-batch", "16"]].concat());
     let jobs: Vec<(&str, String)> = ["a1", "a2", "a3", "dora", "tiny", "a1", "a2", "a3"]
         .iter()
         .enumerate()
@@ -377,7 +333,7 @@ fn a_mixed_batch_gives_each_request_what_it_gets_alone() {
 fn bad_inputs_are_refused_with_json_errors_and_the_server_keeps_serving() {
     let f = fixture();
     let a1 = f.adapters.join("a1");
-    let s = Server::start(&[
+    let s = start(&[
         "--adapter",
         &format!("a1={}", a1.display()),
         "--api-key",
@@ -524,7 +480,7 @@ fn get_models(s: &Server) -> Vec<String> {
 #[test]
 fn sigterm_lets_the_requests_in_flight_finish() {
     let f = fixture();
-    let mut s = Server::start(&["--adapter", &format!("a1={}", f.adapters.join("a1").display())]);
+    let mut s = start(&["--adapter", &format!("a1={}", f.adapters.join("a1").display())]);
     let expected = complete(&s, "a1", PROMPT, 30);
     let body = json!({"model": "a1", "prompt": PROMPT, "max_tokens": 30, "temperature": 0, "stream": true});
     let resp =
@@ -568,7 +524,7 @@ fn load_test_concurrent_clients_with_adapter_churn() {
     let f = fixture();
     let args = adapter_args(f);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let s = Server::start(&[&args[..], &["--max-batch", "8", "--max-adapters", "6"]].concat());
+    let s = start(&[&args[..], &["--max-batch", "8", "--max-adapters", "6"]].concat());
     let models = ["a1", "a2", "a3", "tiny", "dora"];
     let prompts: Vec<String> =
         (0..3).map(|i| format!("w{} w{} w{}", i + 1, i + 7, i + 13)).collect();
@@ -742,7 +698,7 @@ fn streamed_text(body: &str) -> (String, Vec<String>) {
 
 #[test]
 fn stop_sequences_end_the_text_before_them_streamed_or_not() {
-    let s = Server::start(&[]);
+    let s = start(&[]);
     let full = post_ok(
         &s,
         "/v1/completions",
@@ -816,7 +772,7 @@ fn stop_sequences_end_the_text_before_them_streamed_or_not() {
 #[test]
 fn a_seeded_request_samples_the_same_text_alone_and_in_a_busy_batch() {
     let f = fixture();
-    let s = Server::start(&[
+    let s = start(&[
         "--adapter",
         &format!("a1={}", f.adapters.join("a1").display()),
         "--max-batch",
@@ -884,10 +840,7 @@ fn vl_fixture() -> &'static VlFixture {
     F.get_or_init(|| {
         let root = temp_dir("serve-vl");
         let model = root.join("tiny-vl");
-        let tok = repo_root().join("assets/qwen2-tokenizer");
-        assert!(tok.join("tokenizer.json").is_file(), "{} is missing: `make test` generates it", tok.display());
-        let o = ferrotune(&["init-model", "--preset", "tiny-vl", "--dtype", "f32", "--seed", "3", "--tokenizer", tok.to_str().unwrap(), "--out", model.to_str().unwrap()]);
-        assert!(o.status.success(), "init-model: {}", stderr(&o));
+        init_tiny_vl_model(&model, 3);
         let adapters = root.join("adapters");
         make_adapter(&model, &adapters.join("vl"), r#"{"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}"#, 40);
         let images = ["toy-test-008_1.png", "toy-test-008_2.png"].iter().map(|f| repo_root().join("datasets/story-llava/images").join(f)).collect();
@@ -956,7 +909,7 @@ const VL_PROMPT: &str = "Describe the story.";
 fn image_parts_equal_generate_with_images_alone_and_beside_text_rows() {
     let f = vl_fixture();
     let vl = f.adapters.join("vl");
-    let s = Server::start_on(
+    let s = start_on(
         &f.model,
         &f.adapters,
         &["--adapter", &format!("vl={}", vl.display()), "--max-batch", "8"],
@@ -1028,7 +981,7 @@ fn image_parts_equal_generate_with_images_alone_and_beside_text_rows() {
 #[test]
 fn bad_image_parts_are_refused_with_json_errors() {
     let f = vl_fixture();
-    let s = Server::start_on(
+    let s = start_on(
         &f.model,
         &f.adapters,
         &["--max-images", "2", "--max-body-bytes", "12288", "--image-max-pixels", "3136"],
@@ -1087,7 +1040,7 @@ fn bad_image_parts_are_refused_with_json_errors() {
     assert_eq!(tokens(&ok), tokens(&text_only) + 2 + 4, "{ok}");
 
     // a text-only model refuses image parts
-    let t = Server::start(&[]);
+    let t = start(&[]);
     let body = json!({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url("image/png", &png_bytes(8, 8))}}, {"type": "text", "text": PROMPT}]}]});
     let (code, v) = post(&t, "/v1/chat/completions", &body);
     assert_eq!((code, v["error"]["code"].as_str()), (400, Some("images_not_supported")), "{v}");

@@ -24,39 +24,11 @@ use tch::{Device, Kind, Tensor};
 const PROMPT: &str = "Create a story based on these images.";
 const NEW_TOKENS: usize = 12;
 
-fn tokenizer_dir() -> PathBuf {
-    let d = repo_root().join("assets/qwen2-tokenizer");
-    assert!(
-        d.join("tokenizer.json").is_file(),
-        "{} is missing: `make test` generates it",
-        d.display()
-    );
-    d
-}
-
 fn story_images() -> Vec<PathBuf> {
     ["toy-test-008_1.png", "toy-test-008_2.png"]
         .iter()
         .map(|f| repo_root().join("datasets/story-llava/images").join(f))
         .collect()
-}
-
-/// A tiny random Qwen2-VL (float32) with the real Qwen2 tokenizer.
-fn init_vl(out: &Path) {
-    let o = ferrotune(&[
-        "init-model",
-        "--preset",
-        "tiny-vl",
-        "--dtype",
-        "f32",
-        "--seed",
-        "3",
-        "--tokenizer",
-        tokenizer_dir().to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "init-model: {}", stderr(&o));
 }
 
 struct Trained {
@@ -70,7 +42,7 @@ fn trained() -> &'static Trained {
     RUN.get_or_init(|| {
         let dir = temp_dir("story-train");
         let model = dir.join("model");
-        init_vl(&model);
+        init_tiny_vl_model(&model, 3);
         let adapter = dir.join("run");
         let config = dir.join("train.yaml");
         std::fs::write(
@@ -227,7 +199,7 @@ fn peft_and_merge_agree_with_ours_on_a_two_image_prompt() {
 fn images_need_a_vision_model() {
     let dir = temp_dir("story-textonly");
     let model = dir.join("m");
-    init_tiny_model(&tokenizer_dir(), &model, 1);
+    init_tiny_model(&qwen2_tokenizer(), &model, 1);
     let f = story_images()[0].display().to_string();
     let o = ferrotune(&[
         "generate",
@@ -294,7 +266,7 @@ fn write_config(dir: &Path, model: &Path, plugin: &str, data: &Path, on_bad: &st
 fn bad_rows_are_reported_then_stop_or_skip() {
     let dir = temp_dir("story-bad");
     let model = dir.join("model");
-    init_vl(&model);
+    init_tiny_vl_model(&model, 3);
     let data = broken_llava(&dir);
     let stop = write_config(&dir, &model, "llava", &data, "stop");
     let o = ferrotune(&["data", "check", stop.to_str().unwrap()]);
@@ -364,7 +336,7 @@ fn bad_rows_are_reported_then_stop_or_skip() {
 fn multi_image_dpo_trains_on_llava_preference_rows() {
     let dir = temp_dir("story-dpo");
     let model = dir.join("model");
-    init_vl(&model);
+    init_tiny_vl_model(&model, 3);
     let img = |name: &str| {
         repo_root().join("datasets/story-llava/images").join(name).display().to_string()
     };

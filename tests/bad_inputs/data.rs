@@ -12,73 +12,14 @@ use std::time::Instant;
 
 use ferrotune_tests::*;
 
-fn tokenizer_dir() -> PathBuf {
-    let d = repo_root().join("assets/qwen2-tokenizer");
-    assert!(d.join("tokenizer.json").is_file(), "{} is missing: `make test` makes it", d.display());
-    d
-}
-
 /// A tiny random Qwen2-VL with the real Qwen2 tokenizer, made once for this file's cases.
 fn vl_model() -> &'static Path {
     static MODEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     MODEL.get_or_init(|| {
         let out = temp_dir("bad-data-vl").join("model");
-        let tok = tokenizer_dir();
-        let o = ferrotune(&[
-            "init-model",
-            "--preset",
-            "tiny-vl",
-            "--dtype",
-            "f32",
-            "--seed",
-            "5",
-            "--tokenizer",
-            tok.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "init-model: {}", stderr(&o));
+        init_tiny_vl_model(&out, 5);
         out
     })
-}
-
-/// A valid PNG of `w` × `h` black 8-bit grey pixels whose zlib stream is one deflate block of
-/// zero rows repeated (each block byte-aligned by a sync flush, so repeating it is valid): a
-/// decompression bomb of `w·h` bytes decoded, a few hundred KB on disk.
-fn bomb_png(w: u32, h: u32) -> Vec<u8> {
-    const ROWS_PER_BLOCK: u32 = 50;
-    assert_eq!(h % ROWS_PER_BLOCK, 0);
-    let raw = vec![0u8; (w as usize + 1) * ROWS_PER_BLOCK as usize];
-    let mut c = flate2::Compress::new(flate2::Compression::best(), false);
-    let mut block = Vec::with_capacity(raw.len() / 100 + 1024);
-    c.compress_vec(&raw, &mut block, flate2::FlushCompress::Sync).unwrap();
-    assert_eq!(c.total_in() as usize, raw.len(), "the output buffer was too small");
-    let mut zlib = vec![0x78, 0xda];
-    for _ in 0..h / ROWS_PER_BLOCK {
-        zlib.extend_from_slice(&block);
-    }
-    zlib.extend_from_slice(&[0x03, 0x00]); // a final, empty, fixed-Huffman block
-                                           // Adler-32 of n zero bytes: a = 1, b = n (mod 65521).
-    let n = (w as u64 + 1) * h as u64;
-    let adler = ((n % 65521) << 16) | 1;
-    zlib.extend_from_slice(&(adler as u32).to_be_bytes());
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut crc = flate2::Crc::new();
-        crc.update(kind);
-        crc.update(data);
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        out.extend_from_slice(&crc.sum().to_be_bytes());
-    };
-    let mut ihdr = w.to_be_bytes().to_vec();
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &zlib);
-    chunk(b"IEND", &[]);
-    out
 }
 
 /// What a run of the CLI did, with its own peak RSS (wait4's rusage of that child alone).
@@ -169,7 +110,7 @@ fn small_png(path: &Path) {
 #[test]
 fn a_decompression_bomb_in_the_data_is_refused_from_its_header() {
     let dir = temp_dir("bad-data-bomb");
-    let bomb = bomb_png(20_000, 20_000);
+    let bomb = zero_png(20_000, 20_000);
     // It is a real bomb: 400 MB of pixels in a few hundred KB that an image decoder accepts.
     assert!(bomb.len() < 1_500_000, "{} bytes", bomb.len());
     std::fs::write(dir.join("bomb.png"), &bomb).unwrap();

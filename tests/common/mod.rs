@@ -5,6 +5,9 @@ use std::process::{Command, Output};
 
 use ferrotune::plugins::{Registry, SearchPath};
 
+pub mod server;
+pub use server::Server;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -333,6 +336,126 @@ pub fn init_tiny_model(tokenizer: &Path, out: &Path, seed: u64) {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "init-model: {}", stderr(&o));
+}
+
+/// The real Qwen2 tokenizer the set-up generates (`assets/qwen2-tokenizer`).
+pub fn qwen2_tokenizer() -> PathBuf {
+    let d = repo_root().join("assets/qwen2-tokenizer");
+    assert!(
+        d.join("tokenizer.json").is_file(),
+        "{} is missing: `make test` generates it",
+        d.display()
+    );
+    d
+}
+
+/// `ferrotune init-model --preset tiny-vl --dtype f32 --seed SEED` with the real Qwen2
+/// tokenizer into `out`: a tiny random Qwen2-VL.
+pub fn init_tiny_vl_model(out: &Path, seed: u64) {
+    let o = ferrotune(&[
+        "init-model",
+        "--preset",
+        "tiny-vl",
+        "--dtype",
+        "f32",
+        "--seed",
+        &seed.to_string(),
+        "--tokenizer",
+        qwen2_tokenizer().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "init-model: {}", stderr(&o));
+}
+
+/// A valid `w`×`h` 8-bit greyscale PNG of zeros, small on the wire: its one IDAT is a zlib
+/// stream of a single dynamic-Huffman deflate block in which a copy of 258 zeros costs 2 bits
+/// (`w`·`h` = 400 M pixels → ~390 KB), the shape of a decompression bomb.
+pub fn zero_png(w: u32, h: u32) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        bit: u32,
+    }
+    impl Bits {
+        /// `n` bits of `v`, least significant first (deflate's header fields and extra bits).
+        fn put(&mut self, v: u32, n: u32) {
+            for i in 0..n {
+                if self.bit == 0 {
+                    self.out.push(0);
+                }
+                let last = self.out.len() - 1;
+                self.out[last] |= (((v >> i) & 1) as u8) << self.bit;
+                self.bit = (self.bit + 1) % 8;
+            }
+        }
+        /// A Huffman code of `n` bits, most significant first.
+        fn code(&mut self, c: u32, n: u32) {
+            for i in (0..n).rev() {
+                self.put((c >> i) & 1, 1);
+            }
+        }
+    }
+    let raw = u64::from(h) * (u64::from(w) + 1); // a filter byte (0) before each row
+    let mut b = Bits { out: Vec::new(), bit: 0 };
+    b.put(1, 1); // BFINAL
+    b.put(2, 2); // dynamic Huffman
+    b.put(29, 5); // HLIT: 286 literal/length codes
+    b.put(1, 5); // HDIST: 2 distance codes (1 and 2 back), a complete code
+    b.put(14, 4); // HCLEN: 18 code-length codes
+                  // code-length code lengths in deflate's order 16 17 18 0 8 7 9 6 10 5 11 4 12 3 13 2 14 1:
+                  // 18 (runs of zeros) → 1 bit, lengths 1 and 2 → 2 bits
+    for len in [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2] {
+        b.put(len, 3);
+    }
+    // canonical codes: 18 = 0, 1 = 10, 2 = 11; 18 takes a run length - 11 in 7 bits
+    let zeros = |b: &mut Bits, n: u32| {
+        b.code(0, 1);
+        b.put(n - 11, 7);
+    };
+    // literal/length lengths: 0 → 2, 1..=255 → 0, 256 → 2, 257..=284 → 0, 285 → 1;
+    // distances 0 and 1 → 1
+    b.code(0b11, 2);
+    zeros(&mut b, 138);
+    zeros(&mut b, 117);
+    b.code(0b11, 2);
+    zeros(&mut b, 28);
+    for _ in 0..3 {
+        b.code(0b10, 2);
+    }
+    // canonical codes: 285 = 0, literal 0 = 10, end of block = 11; distance 0 (1 back) = 0
+    b.code(0b10, 2);
+    let copies = (raw - 1) / 258;
+    for _ in 0..copies {
+        b.code(0, 1);
+        b.code(0, 1);
+    }
+    for _ in 0..(raw - 1) % 258 {
+        b.code(0b10, 2);
+    }
+    b.code(0b11, 2);
+    let mut zlib = vec![0x78, 0x01];
+    zlib.extend_from_slice(&b.out);
+    let adler = ((raw % 65521) << 16) | 1; // a stays 1 and b sums it over every zero byte
+    zlib.extend_from_slice(&(adler as u32).to_be_bytes());
+
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        png.extend_from_slice(kind);
+        png.extend_from_slice(data);
+        png.extend_from_slice(&crc.sum().to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &zlib);
+    chunk(b"IEND", &[]);
+    png
 }
 
 /// What most training tests start from: a work folder holding a chat tokenizer of `words`
