@@ -388,3 +388,35 @@ fn multi_image_dpo_trains_on_llava_preference_rows() {
     assert_eq!(last["train/rewards/accuracies"].as_f64(), Some(1.0), "{last}");
     assert!(last["train/rewards/margins"].as_f64().unwrap() > 0.0, "{last}");
 }
+
+/// `serve`'s one-decode path (`expand_with_pixels`) gives the text and pixels of the
+/// trainer's two passes (`expand` when the data set is loaded, `vision_inputs` per batch).
+#[test]
+fn one_decode_gives_the_tokens_and_pixels_of_two() {
+    let model = &trained().model;
+    let tok = ferrotune::text::Tokenizer::from_dir(model).unwrap();
+    let prep = ferrotune::data::ImagePrep::for_model_dir(model, &tok).unwrap().unwrap();
+    let sample = || ferrotune_plugin_api::Sample {
+        messages: vec![ferrotune_plugin_api::Message::new("user", "<image>\n<image>\nTell.")],
+        images: story_images()
+            .iter()
+            .map(|p| ferrotune_plugin_api::ImageSource::Path(p.display().to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let mut twice = sample();
+    let sized = prep.expand(&mut twice).unwrap();
+    let two = prep.vision_inputs(&sized).unwrap().unwrap();
+    let mut once = sample();
+    let (sized_once, one) = prep.expand_with_pixels(&mut once).unwrap();
+    let one = one.unwrap();
+    assert_eq!(once.messages, twice.messages);
+    assert!(once.messages[0].content.contains("<|image_pad|>"));
+    assert_eq!(
+        sized_once.iter().map(|s| s.grid_thw).collect::<Vec<_>>(),
+        sized.iter().map(|s| s.grid_thw).collect::<Vec<_>>()
+    );
+    assert_eq!(one.image_grid_thw, two.image_grid_thw);
+    assert_eq!(one.pixel_values.size(), two.pixel_values.size());
+    assert!(one.pixel_values.equal(&two.pixel_values));
+}

@@ -19,7 +19,7 @@ use crate::model::VisionInputs;
 use crate::text::Tokenizer;
 use crate::vision::{
     decode_image, load_image, pixel_cap_for, process_image, smart_resize, stack_images,
-    ImageProcessorConfig,
+    ImageProcessorConfig, ProcessedImage,
 };
 
 /// The placeholder dataset plugins write, one per image.
@@ -118,6 +118,16 @@ impl ImagePrep {
 
     /// Finds, decodes and sizes every image of `sample` (consuming its blobs).
     pub fn sample_images(&self, sample: &mut Sample) -> Result<Vec<SampleImage>, BadImage> {
+        self.sized_images(sample, |_, _| Ok(()))
+    }
+
+    /// [`Self::sample_images`], handing each decoded image to `decoded` beside its sizes (one
+    /// decode for callers that need the pixels at once, such as `serve`).
+    fn sized_images(
+        &self,
+        sample: &mut Sample,
+        mut decoded: impl FnMut(image::DynamicImage, &SampleImage) -> Result<()>,
+    ) -> Result<Vec<SampleImage>, BadImage> {
         let (min_pixels, max_pixels) = self.bounds(sample);
         let factor = self.processor.patch_size * self.merge_size;
         let blobs: Vec<Arc<Vec<u8>>> =
@@ -149,7 +159,7 @@ impl ImagePrep {
             let grid_thw = [1, rh as i64 / p, rw as i64 / p];
             let tokens = (grid_thw[0] * grid_thw[1] * grid_thw[2]) as usize
                 / (self.merge_size * self.merge_size) as usize;
-            out.push(SampleImage {
+            let sized = SampleImage {
                 data,
                 min_pixels,
                 max_pixels,
@@ -157,7 +167,9 @@ impl ImagePrep {
                 resized_size: (rw, rh),
                 grid_thw,
                 tokens,
-            });
+            };
+            decoded(img, &sized).map_err(|e| bad(format!("{e:#}")))?;
+            out.push(sized);
         }
         Ok(out)
     }
@@ -165,6 +177,35 @@ impl ImagePrep {
     /// Checks that `sample` has one `<image>` placeholder per image, finds and sizes its
     /// images, and writes each image's block of vision tokens in place of its placeholder.
     pub fn expand(&self, sample: &mut Sample) -> Result<Vec<SampleImage>, EncodeError> {
+        self.expand_with(sample, |_, _| Ok(()))
+    }
+
+    /// [`Self::expand`] and the images' `pixel_values` and grids from the same decode: what a
+    /// request needs at once (`serve`), where the trainer sizes images when the data set is
+    /// loaded and decodes them again only when their batch is built.
+    pub fn expand_with_pixels(
+        &self,
+        sample: &mut Sample,
+    ) -> Result<(Vec<SampleImage>, Option<VisionInputs>), EncodeError> {
+        let mut processed = Vec::with_capacity(sample.images.len());
+        let images = self.expand_with(sample, |img, im| {
+            processed.push(self.process(&img, im)?);
+            Ok(())
+        })?;
+        if processed.is_empty() {
+            return Ok((images, None));
+        }
+        let id = sample.id.clone().unwrap_or_else(|| "(no id)".into());
+        let (pixel_values, image_grid_thw) = stack_images(&processed)
+            .map_err(|e| EncodeError::BadSample { id, reason: format!("{e:#}") })?;
+        Ok((images, Some(VisionInputs { pixel_values, image_grid_thw })))
+    }
+
+    fn expand_with(
+        &self,
+        sample: &mut Sample,
+        decoded: impl FnMut(image::DynamicImage, &SampleImage) -> Result<()>,
+    ) -> Result<Vec<SampleImage>, EncodeError> {
         let id = sample.id.clone().unwrap_or_else(|| "(no id)".into());
         let placeholders: usize =
             sample.messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum();
@@ -175,7 +216,7 @@ impl ImagePrep {
             });
         }
         let images = self
-            .sample_images(sample)
+            .sized_images(sample, decoded)
             .map_err(|e| EncodeError::BadSample { id, reason: e.to_string() })?;
         let mut next = images.iter();
         for m in &mut sample.messages {
@@ -184,6 +225,21 @@ impl ImagePrep {
             }
         }
         Ok(images)
+    }
+
+    /// The patches of `img`, decoded from `im`, resized within `im`'s bounds to the grid it was
+    /// sized to.
+    fn process(&self, img: &image::DynamicImage, im: &SampleImage) -> Result<ProcessedImage> {
+        let cfg = self.processor.clone().with_pixels(Some(im.min_pixels), Some(im.max_pixels))?;
+        let p = process_image(img, &cfg)?;
+        if p.grid_thw != im.grid_thw {
+            bail!(
+                "the image changed since it was checked: grid {:?}, expected {:?}",
+                p.grid_thw,
+                im.grid_thw
+            );
+        }
+        Ok(p)
     }
 
     /// `pixel_values` and grids of `images`, in order, for the model's forward.
@@ -195,19 +251,9 @@ impl ImagePrep {
         for (i, im) in images.into_iter().enumerate() {
             let img = decode(&im.data, self.decode_cap(im.max_pixels))
                 .with_context(|| format!("image {i} ({:?})", im.data))?;
-            let cfg =
-                self.processor.clone().with_pixels(Some(im.min_pixels), Some(im.max_pixels))?;
-            let p =
-                process_image(&img, &cfg).with_context(|| format!("image {i} ({:?})", im.data))?;
-            if p.grid_thw != im.grid_thw {
-                bail!(
-                    "image {i} ({:?}) changed since it was checked: grid {:?}, expected {:?}",
-                    im.data,
-                    p.grid_thw,
-                    im.grid_thw
-                );
-            }
-            processed.push(p);
+            processed.push(
+                self.process(&img, im).with_context(|| format!("image {i} ({:?})", im.data))?,
+            );
         }
         if processed.is_empty() {
             return Ok(None);

@@ -591,7 +591,7 @@ fn prepare_image(prep: &ImagePrep, bytes: Vec<u8>) -> Result<PreparedImage, Stri
         blobs: vec![bytes],
         ..Default::default()
     };
-    let sized = prep.expand(&mut sample).map_err(|e| match e {
+    let (_, vision) = prep.expand_with_pixels(&mut sample).map_err(|e| match e {
         // "image 0 (embedded, N bytes): why" → "why"
         EncodeError::BadSample { reason, .. } => match reason.split_once("): ") {
             Some((head, why)) if head.starts_with("image 0 (") => why.to_string(),
@@ -599,10 +599,7 @@ fn prepare_image(prep: &ImagePrep, bytes: Vec<u8>) -> Result<PreparedImage, Stri
         },
         other => other.to_string(),
     })?;
-    let vision = prep
-        .vision_inputs(&sized)
-        .map_err(|e| format!("{e:#}"))?
-        .ok_or_else(|| "the image gave no patches".to_string())?;
+    let vision = vision.ok_or_else(|| "the image gave no patches".to_string())?;
     let grid = *vision.image_grid_thw.first().ok_or_else(|| "the image has no grid".to_string())?;
     let block = std::mem::take(&mut sample.messages[0].content);
     Ok(PreparedImage { block, pixel_values: vision.pixel_values, grid })
