@@ -2,7 +2,7 @@
 //!
 //! | input | answer |
 //! | --- | --- |
-//! | a decompression-bomb PNG (20000 × 20000 grey, ~400 KB) in a data row | `data check` and `train` refuse the row from its header, naming row, file and size, in seconds, without decoding it |
+//! | a decompression-bomb PNG (20000 × 20000 grey, ~400 KB) in a data row or `generate --image` | `data check`, `train` and `generate` refuse it from its header, naming row, file and size, in seconds, without decoding it |
 //! | `data.max_image_pixels: 0` | refused, naming the key |
 //! | relative image paths, run from another working directory | joined to the data file's folder (alpaca/sharegpt `images`, llava `image_folder`) |
 //! | `ferrotune … \| head` (stdout closed early) | quiet exit, status 141, no panic |
@@ -144,6 +144,24 @@ fn a_decompression_bomb_in_the_data_is_refused_from_its_header() {
         assert!(m.peak_rss_mb < 900.0, "peak RSS {:.0} MB", m.peak_rss_mb);
         assert!(m.secs < 60.0, "{:.1} s", m.secs);
     }
+
+    // `generate --image` takes the same cap (`--max-image-pixels`).
+    let model = vl_model().to_str().unwrap();
+    let bomb_file = dir.join("bomb.png");
+    let gen = |image: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model, "--chat", "--prompt", "hi"];
+        args.extend(["--max-new-tokens", "1", "--image", image.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        measured(&args, None)
+    };
+    let o = gen(&bomb_file, &[]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("bomb.png") && o.stderr.contains("20000x20000"), "{}", o.stderr);
+    assert!(o.peak_rss_mb < 900.0, "generate: peak RSS {:.0} MB", o.peak_rss_mb);
+    let o = gen(&dir.join("ok.png"), &["--max-image-pixels", "1000"]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("ok.png") && o.stderr.contains("limit of 1000"), "{}", o.stderr);
+    assert_eq!(gen(&dir.join("ok.png"), &[]).code, Some(0));
 
     // The cap is a config key: the small image (3072 pixels) passes 4096 and fails 1000.
     let low = llava_config(&dir, &llava_rows(&dir, &["ok.png"]), ", max_image_pixels: 1000");

@@ -198,6 +198,10 @@ pub struct GenerateArgs {
     /// prompt (or go before it).
     #[arg(long = "image", value_name = "FILE")]
     pub images: Vec<PathBuf>,
+    /// Refuse --image files whose header announces more pixels (width × height), before
+    /// decoding (default: 4 × the model's max_pixels, at least 1048576).
+    #[arg(long, value_name = "N")]
+    pub max_image_pixels: Option<u64>,
     /// Render the prompt as a user turn with the model's chat template.
     #[arg(long)]
     pub chat: bool,

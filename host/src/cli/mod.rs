@@ -134,6 +134,16 @@ fn generate(a: &GenerateArgs, search: &SearchPath) -> Result<()> {
         let report = generator.apply_adapter(dir, &Registry::discover(search))?;
         tracing::info!("{}", report.summary());
     }
+    if let Some(max) = a.max_image_pixels {
+        match generator.images.as_mut() {
+            Some(prep) if max >= 1 => prep.max_image_pixels = Some(max),
+            Some(_) => bail!("--max-image-pixels must be at least 1"),
+            None => bail!(
+                "--max-image-pixels needs a vision-language model; {} has no vision tower",
+                a.model.display()
+            ),
+        }
+    }
     let prompt = generator.prompt_with_images(&a.prompt, &a.images, a.chat, a.system.as_deref())?;
     let choice = crate::generate::pipeline::SamplingChoice {
         greedy: a.greedy,

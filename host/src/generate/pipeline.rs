@@ -108,10 +108,10 @@ impl TextGenerator {
                 .collect(),
             ..Default::default()
         };
-        let images = prep.expand(&mut sample)?;
+        let (_, images) = prep.expand_with_pixels(&mut sample)?;
         let content = sample.messages.remove(0).content;
         let ids = self.prompt_ids(&content, chat, system)?;
-        Ok(Prompt { ids, images: prep.vision_inputs(&images)? })
+        Ok(Prompt { ids, images })
     }
 
     /// Prompt token ids: the plain text with the tokenizer's special tokens, or a chat
