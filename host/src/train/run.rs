@@ -431,13 +431,13 @@ impl<'c> Run<'c> {
     pub fn check_finite(&self) -> Result<()> {
         let adapter = self.model.trainable_parameters()?;
         for p in adapter.iter().chain(&self.trainable_vision) {
-            let finite = tch::no_grad(|| p.tensor.f_isfinite()?.f_all())?.f_int64_value(&[])?;
-            if finite == 0 {
+            if let Some(counts) = crate::util::safetensors::non_finite_counts(&p.tensor)? {
                 bail!(
-                    "after step {}: trained tensor `{}` holds NaN or infinite values; nothing was saved \
+                    "after step {}: trained tensor `{}` holds {}; nothing was saved \
                      (lower optimizer.lr, set optimizer.max_grad_norm, check the model's weights)",
                     self.step,
-                    p.name
+                    p.name,
+                    crate::util::safetensors::describe_non_finite(counts, p.tensor.numel())
                 );
             }
         }
