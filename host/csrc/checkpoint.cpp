@@ -8,6 +8,10 @@
 // and back-propagates the incoming gradient through the recomputed graph; parameters used
 // inside the callback get their gradients accumulated there, the inputs' gradients are
 // returned. Every C++ exception is caught at the extern "C" boundary.
+//
+// The same Block callbacks drive the ZeRO-3 autograd functions below: a linear layer whose
+// frozen weight is gathered on demand (RegatherLinear), one whose trainable weight is
+// partitioned (PartitionedLinear) and a partitioned tensor made whole (GatherPartitioned).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -178,9 +182,109 @@ struct RegatherLinear : public torch::autograd::Function<RegatherLinear> {
   }
 };
 
+// A linear layer whose TRAINABLE weight is partitioned over the ranks (ZeRO-3): the autograd
+// inputs are x and this rank's shard of the flattened weight (a leaf); `gather` (no inputs)
+// returns the whole weight W, `scatter` (one input, dL/dW) returns the shard's gradient
+// (reduce-scattered over the ranks). forward gathers W and returns x Wᵀ, saving only x;
+// backward gathers W again for grad_x = grad_y W and hands grad_yᵀ x to `scatter`. The bias,
+// if any, is added outside by ordinary autograd.
+//
+// Every rank must make the same collectives in the same order, whatever its data: backward
+// always gathers (even where x needs no gradient, which may differ between ranks whose
+// graphs differ upstream) and always scatters when the shard needs a gradient.
+struct PartitionedLinear : public torch::autograd::Function<PartitionedLinear> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
+                                                at::Tensor shard, c10::intrusive_ptr<Block> gather,
+                                                c10::intrusive_ptr<Block> scatter) {
+    (void)shard;  // an autograd input only: its gradient comes from `scatter`
+    at::Tensor w = gather->call({});
+    ctx->saved_data["gather"] = c10::IValue::make_capsule(gather);
+    ctx->saved_data["scatter"] = c10::IValue::make_capsule(scatter);
+    ctx->save_for_backward({x});
+    return {at::linear(x, w.to(x.scalar_type()))};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto gather = c10::static_intrusive_pointer_cast<Block>(ctx->saved_data["gather"].toCapsule());
+    auto scatter = c10::static_intrusive_pointer_cast<Block>(ctx->saved_data["scatter"].toCapsule());
+    at::Tensor x = ctx->get_saved_variables()[0];
+    const at::Tensor& g = grad_out[0];
+    at::Tensor grad_x, grad_shard;
+    {
+      at::Tensor w = gather->call({});
+      if (ctx->needs_input_grad(0)) grad_x = g.matmul(w.to(g.scalar_type()));
+    }  // the gathered weight is freed before the weight gradient is formed
+    if (ctx->needs_input_grad(1)) {
+      at::Tensor g2 = g.reshape({-1, g.size(-1)});
+      at::Tensor x2 = x.reshape({-1, x.size(-1)}).to(g.scalar_type());
+      grad_shard = scatter->call({g2.t().mm(x2)});
+    }
+    return {grad_x, grad_shard, at::Tensor(), at::Tensor()};
+  }
+};
+
+// A partitioned tensor made whole (the token embedding under ZeRO-3): forward returns what
+// `gather` gives, saving nothing; backward hands the whole tensor's gradient to `scatter`,
+// whose result (this rank's shard of the reduce-scattered gradient) is the shard's gradient.
+struct GatherPartitioned : public torch::autograd::Function<GatherPartitioned> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::Tensor shard,
+                                                c10::intrusive_ptr<Block> gather,
+                                                c10::intrusive_ptr<Block> scatter) {
+    (void)shard;
+    ctx->saved_data["scatter"] = c10::IValue::make_capsule(scatter);
+    return {gather->call({})};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto scatter = c10::static_intrusive_pointer_cast<Block>(ctx->saved_data["scatter"].toCapsule());
+    at::Tensor grad_shard;
+    if (ctx->needs_input_grad(0)) grad_shard = scatter->call({grad_out[0]});
+    return {grad_shard, at::Tensor(), at::Tensor()};
+  }
+};
+
+template <typename F>
+at::Tensor* guarded_output(char** err, const char* what, F&& f) {
+  try {
+    return new at::Tensor(f());
+  } catch (const c10::Error& e) {
+    *err = dup_message(e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    *err = dup_message(e.what());
+  } catch (...) {
+    *err = dup_message(std::string("unknown C++ exception in ") + what);
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 extern "C" {
+
+// x Wᵀ for a trainable W partitioned over the ranks (PartitionedLinear): `gfn` gathers W,
+// `sfn` turns dL/dW into the shard's gradient. `shard` must be the leaf that receives that
+// gradient. A new output tensor, or null with *err; each `drop(ctx)` is called once when its
+// callback is no longer needed.
+at::Tensor* ft_partitioned_linear(ft_ckpt_fn gfn, void* gctx, ft_ckpt_drop gdrop, ft_ckpt_fn sfn, void* sctx,
+                                  ft_ckpt_drop sdrop, at::Tensor* x, at::Tensor* shard, char** err) {
+  return guarded_output(err, "a partitioned linear layer", [&] {
+    auto gather = c10::make_intrusive<Block>(gfn, gctx, gdrop);
+    auto scatter = c10::make_intrusive<Block>(sfn, sctx, sdrop);
+    return PartitionedLinear::apply(*x, *shard, gather, scatter)[0];
+  });
+}
+
+// The whole tensor of a partition (GatherPartitioned); as ft_partitioned_linear otherwise.
+at::Tensor* ft_gather_partitioned(ft_ckpt_fn gfn, void* gctx, ft_ckpt_drop gdrop, ft_ckpt_fn sfn, void* sctx,
+                                  ft_ckpt_drop sdrop, at::Tensor* shard, char** err) {
+  return guarded_output(err, "gathering a partitioned tensor", [&] {
+    auto gather = c10::make_intrusive<Block>(gfn, gctx, gdrop);
+    auto scatter = c10::make_intrusive<Block>(sfn, sctx, sdrop);
+    return GatherPartitioned::apply(*shard, gather, scatter)[0];
+  });
+}
 
 // x Wᵀ + b with W from `fn` (called with no inputs) in forward and again in backward; a new
 // output tensor, or null with *err. `bias` may be null.

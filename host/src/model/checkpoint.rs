@@ -10,6 +10,12 @@
 //! As in torch's reentrant checkpoint, parameters used inside the block receive their
 //! gradients from the recomputation; the block's output requires grad only if one of its
 //! inputs does (the caller makes the first layer's input require grad).
+//!
+//! The same C++ layer holds ZeRO stage 3's autograd functions, whose bodies also call back
+//! into Rust (the gathers and reduce-scatters of [`crate::model::partition`]): a linear layer
+//! with a frozen weight gathered again in backward ([`regather_linear`]), one with a
+//! trainable partitioned weight ([`partitioned_linear`]), and a partitioned tensor made whole
+//! ([`gather_partitioned`]).
 use std::ffi::{c_char, c_void};
 
 use anyhow::{bail, Result};
@@ -29,13 +35,7 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn ft_checkpoint(
-        f: unsafe extern "C" fn(
-            *mut c_void,
-            *mut *mut c_void,
-            usize,
-            *mut *mut c_void,
-            *mut *mut c_char,
-        ) -> i32,
+        f: BlockCallback,
         ctx: *mut c_void,
         drop: unsafe extern "C" fn(*mut c_void),
         inputs: *const *mut c_void,
@@ -43,19 +43,48 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> *mut c_void;
     fn ft_regather_linear(
-        f: unsafe extern "C" fn(
-            *mut c_void,
-            *mut *mut c_void,
-            usize,
-            *mut *mut c_void,
-            *mut *mut c_char,
-        ) -> i32,
+        f: BlockCallback,
         ctx: *mut c_void,
         drop: unsafe extern "C" fn(*mut c_void),
         x: *mut c_void,
         bias: *mut c_void,
         err: *mut *mut c_char,
     ) -> *mut c_void;
+    fn ft_partitioned_linear(
+        gather: BlockCallback,
+        gather_ctx: *mut c_void,
+        gather_drop: unsafe extern "C" fn(*mut c_void),
+        scatter: BlockCallback,
+        scatter_ctx: *mut c_void,
+        scatter_drop: unsafe extern "C" fn(*mut c_void),
+        x: *mut c_void,
+        shard: *mut c_void,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn ft_gather_partitioned(
+        gather: BlockCallback,
+        gather_ctx: *mut c_void,
+        gather_drop: unsafe extern "C" fn(*mut c_void),
+        scatter: BlockCallback,
+        scatter_ctx: *mut c_void,
+        scatter_drop: unsafe extern "C" fn(*mut c_void),
+        shard: *mut c_void,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+}
+
+/// What the C++ layer calls back into: a [`BlockFn`] behind `ctx` on `n` inputs.
+type BlockCallback = unsafe extern "C" fn(
+    *mut c_void,
+    *mut *mut c_void,
+    usize,
+    *mut *mut c_void,
+    *mut *mut c_char,
+) -> i32;
+
+/// A Rust closure as the `ctx` of a C++ callback; `drop_block` frees it.
+fn block_ctx(block: Box<BlockFn>) -> *mut c_void {
+    Box::into_raw(Box::new(block)) as *mut c_void
 }
 
 fn c_message(s: &str) -> *mut c_char {
@@ -122,8 +151,7 @@ pub fn checkpoint(
     inputs: &[&Tensor],
     block: impl Fn(&[Tensor]) -> Result<Tensor> + 'static,
 ) -> Result<Tensor> {
-    let boxed: Box<BlockFn> = Box::new(block);
-    let ctx = Box::into_raw(Box::new(boxed)) as *mut c_void;
+    let ctx = block_ctx(Box::new(block));
     let ptrs: Vec<*mut c_void> = inputs.iter().map(|t| t.as_ptr() as *mut c_void).collect();
     let mut err: *mut c_char = std::ptr::null_mut();
     let out =
@@ -141,14 +169,88 @@ pub fn regather_linear(
     bias: Option<&Tensor>,
     gather: impl Fn() -> Result<Tensor> + 'static,
 ) -> Result<Tensor> {
-    let boxed: Box<BlockFn> = Box::new(move |_: &[Tensor]| gather());
-    let ctx = Box::into_raw(Box::new(boxed)) as *mut c_void;
+    let ctx = block_ctx(Box::new(move |_: &[Tensor]| gather()));
     let bias = bias.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut c_void);
     let mut err: *mut c_char = std::ptr::null_mut();
     let out = unsafe {
         ft_regather_linear(call_block, ctx, drop_block, x.as_ptr() as *mut c_void, bias, &mut err)
     };
     take_output(out, err, "re-gathered linear layer failed")
+}
+
+/// `x Wᵀ` for a TRAINABLE weight `W` partitioned over the ranks (ZeRO stage 3): `shard` is
+/// this rank's part, a leaf that requires grad; `gather` returns the whole `W` `[out, in]` and
+/// is called once in forward and once more in backward (for `grad_x = grad_y W`); `scatter`
+/// receives `dL/dW = grad_yᵀ x` `[out, in]` in backward and returns the shard's gradient
+/// (same shape, dtype and device as `shard`: the reduce-scatter of every rank's `dL/dW`),
+/// which autograd accumulates into `shard.grad()`. Only `x` is saved for backward, never `W`.
+///
+/// Backward always calls `gather` (even when `x` needs no gradient, so that no rank skips a
+/// collective the others make) and calls `scatter` when `shard` requires grad. Add a bias
+/// outside. Under `no_grad` gather and multiply instead: this records a graph. Both closures
+/// must stay valid for as long as the graph that uses the output ('static).
+pub fn partitioned_linear(
+    x: &Tensor,
+    shard: &Tensor,
+    gather: impl Fn() -> Result<Tensor> + 'static,
+    scatter: impl Fn(&Tensor) -> Result<Tensor> + 'static,
+) -> Result<Tensor> {
+    let (gather, scatter) = partition_callbacks(gather, scatter);
+    let mut err: *mut c_char = std::ptr::null_mut();
+    let out = unsafe {
+        ft_partitioned_linear(
+            call_block,
+            gather,
+            drop_block,
+            call_block,
+            scatter,
+            drop_block,
+            x.as_ptr() as *mut c_void,
+            shard.as_ptr() as *mut c_void,
+            &mut err,
+        )
+    };
+    take_output(out, err, "partitioned linear layer failed")
+}
+
+/// The whole tensor of a partition (ZeRO stage 3), differentiably: `gather` builds it from
+/// `shard` (this rank's part, a leaf that requires grad) in forward; in backward `scatter`
+/// turns the whole tensor's gradient into the shard's (as in [`partitioned_linear`]). Nothing
+/// is saved: once the caller's ops are done with the whole tensor it is freed (an embedding
+/// lookup keeps only its indices for backward).
+pub fn gather_partitioned(
+    shard: &Tensor,
+    gather: impl Fn() -> Result<Tensor> + 'static,
+    scatter: impl Fn(&Tensor) -> Result<Tensor> + 'static,
+) -> Result<Tensor> {
+    let (gather, scatter) = partition_callbacks(gather, scatter);
+    let mut err: *mut c_char = std::ptr::null_mut();
+    let out = unsafe {
+        ft_gather_partitioned(
+            call_block,
+            gather,
+            drop_block,
+            call_block,
+            scatter,
+            drop_block,
+            shard.as_ptr() as *mut c_void,
+            &mut err,
+        )
+    };
+    take_output(out, err, "gathering a partitioned tensor failed")
+}
+
+/// The gather (no inputs) and scatter (one input) closures as C++ callback contexts.
+fn partition_callbacks(
+    gather: impl Fn() -> Result<Tensor> + 'static,
+    scatter: impl Fn(&Tensor) -> Result<Tensor> + 'static,
+) -> (*mut c_void, *mut c_void) {
+    let gather: Box<BlockFn> = Box::new(move |_: &[Tensor]| gather());
+    let scatter: Box<BlockFn> = Box::new(move |xs: &[Tensor]| match xs {
+        [grad] => scatter(grad),
+        _ => bail!("a partition's scatter takes one gradient, got {}", xs.len()),
+    });
+    (block_ctx(gather), block_ctx(scatter))
 }
 
 /// Causal attention over packed samples on CUDA (host/csrc/attention.cpp): `q`
@@ -268,5 +370,133 @@ mod tests {
         let x = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let e = checkpoint(&[&x], |_| bail!("block says no")).unwrap_err().to_string();
         assert!(e.contains("block says no"), "{e}");
+    }
+
+    /// The partitioned product against the plain one: output and input gradient equal, the
+    /// weight gradient `grad_yᵀ x` is what `scatter` receives and what it returns is the
+    /// shard's gradient; `gather` runs once in forward and once in backward, `scatter` once.
+    #[test]
+    fn partitioned_linear_matches_the_plain_layer() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let o = (Kind::Double, Device::Cpu);
+        let w = Tensor::randn([5, 3], o);
+        let x = Tensor::randn([2, 4, 3], o).set_requires_grad(true);
+        let dy = Tensor::randn([2, 4, 5], o);
+        let wr = w.copy().set_requires_grad(true);
+        let want = x.linear::<Tensor>(&wr, None);
+        (&want * &dy).sum(Kind::Double).backward();
+        let (want_gx, want_gw) = (x.grad().copy(), wr.grad().copy());
+        let _ = x.grad().zero_();
+
+        // A stand-in "shard": the scatter hands back the first 4 elements of dL/dW, twice.
+        let shard = Tensor::zeros([4], o).set_requires_grad(true);
+        let seen: Rc<RefCell<Vec<Tensor>>> = Rc::default();
+        let gathers = Rc::new(RefCell::new(0));
+        let (wc, g, s) = (w.shallow_clone(), gathers.clone(), seen.clone());
+        let y = partitioned_linear(
+            &x,
+            &shard,
+            move || {
+                *g.borrow_mut() += 1;
+                Ok(wc.copy())
+            },
+            move |grad| {
+                s.borrow_mut().push(grad.copy());
+                Ok(grad.reshape([-1]).narrow(0, 0, 4) * 2.0)
+            },
+        )
+        .unwrap();
+        assert_eq!(*gathers.borrow(), 1);
+        assert!(f64::try_from((&y - &want).abs().max()).unwrap() < 1e-12);
+        (&y * &dy).sum(Kind::Double).backward();
+        assert_eq!(*gathers.borrow(), 2, "backward gathers again");
+        assert_eq!(seen.borrow().len(), 1, "one scatter");
+        assert!(f64::try_from((&seen.borrow()[0] - &want_gw).abs().max()).unwrap() < 1e-12);
+        assert!(f64::try_from((x.grad() - want_gx).abs().max()).unwrap() < 1e-12);
+        let want_shard = want_gw.reshape([-1]).narrow(0, 0, 4) * 2.0;
+        assert!(f64::try_from((shard.grad() - want_shard).abs().max()).unwrap() < 1e-12);
+    }
+
+    /// An input that needs no gradient gets none, but backward still gathers (every rank
+    /// makes the same collectives) and the shard still gets its gradient.
+    #[test]
+    fn partitioned_linear_gathers_in_backward_without_an_input_gradient() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let o = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([2, 3], o);
+        let x = Tensor::randn([4, 3], o);
+        let shard = Tensor::zeros([6], o).set_requires_grad(true);
+        let gathers = Arc::new(AtomicUsize::new(0));
+        let (wc, g) = (w.shallow_clone(), gathers.clone());
+        let y = partitioned_linear(
+            &x,
+            &shard,
+            move || {
+                g.fetch_add(1, Ordering::SeqCst);
+                Ok(wc.copy())
+            },
+            |grad| Ok(grad.reshape([-1])),
+        )
+        .unwrap();
+        assert!(y.requires_grad());
+        y.sum(Kind::Float).backward();
+        assert_eq!(gathers.load(Ordering::SeqCst), 2);
+        assert!(!x.grad().defined());
+        let want = x.sum_dim_intlist([0i64].as_slice(), false, None::<Kind>).repeat([2]);
+        assert!(f64::try_from((shard.grad() - want).abs().max()).unwrap() < 1e-6);
+    }
+
+    /// The gathered embedding matrix: the lookup's output equals the plain lookup, the
+    /// scatter receives the plain embedding gradient (dense) and the shard gets its result;
+    /// the gather is not repeated in backward. Two uses (a tied head) accumulate.
+    #[test]
+    fn gathered_embedding_scatters_its_gradient() {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        let o = (Kind::Double, Device::Cpu);
+        let w = Tensor::randn([6, 4], o);
+        let ids = Tensor::from_slice(&[1i64, 3, 3, 5]).view([2, 2]);
+        let dy = Tensor::randn([2, 2, 4], o);
+        let wr = w.copy().set_requires_grad(true);
+        (Tensor::embedding(&wr, &ids, -1, false, false) * &dy).sum(Kind::Double).backward();
+        let want_gw = wr.grad().copy();
+
+        let shard = Tensor::zeros([24], o).set_requires_grad(true);
+        let calls = Rc::new(RefCell::new((0, 0)));
+        let gather_scatter = || {
+            let (c1, c2, wc) = (calls.clone(), calls.clone(), w.shallow_clone());
+            gather_partitioned(
+                &shard,
+                move || {
+                    c1.borrow_mut().0 += 1;
+                    Ok(wc.copy())
+                },
+                move |grad| {
+                    c2.borrow_mut().1 += 1;
+                    Ok(grad.reshape([-1]))
+                },
+            )
+            .unwrap()
+        };
+        let whole = gather_scatter();
+        assert!(whole.requires_grad());
+        assert_eq!(f64::try_from((&whole - &w).abs().max()).unwrap(), 0.0);
+        let y = Tensor::embedding(&whole, &ids, -1, false, false);
+        drop(whole);
+        (y * &dy).sum(Kind::Double).backward();
+        assert_eq!(*calls.borrow(), (1, 1));
+        let got = shard.grad().copy();
+        assert!(f64::try_from((&got - want_gw.reshape([-1])).abs().max()).unwrap() < 1e-12);
+        // A second use of the same shard (a tied lm_head) adds its gradient.
+        let head = gather_scatter();
+        let x = Tensor::randn([3, 4], o);
+        x.linear::<Tensor>(&head, None).sum(Kind::Double).backward();
+        let head_gw = x.sum_dim_intlist([0i64].as_slice(), false, None::<Kind>).repeat([6]);
+        assert!(f64::try_from((shard.grad() - got - head_gw).abs().max()).unwrap() < 1e-12);
+        assert_eq!(*calls.borrow(), (2, 2));
+        let no_grad = tch::no_grad(gather_scatter);
+        assert!(!no_grad.requires_grad(), "under no_grad a plain tensor");
     }
 }

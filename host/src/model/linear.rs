@@ -17,13 +17,20 @@
 //! gathered `W` for the input gradient until the layer's backward, so when the input requires
 //! grad the product runs as an autograd function that gathers `W` again in backward
 //! ([`ShardedBase`]): a rank holds one gathered weight at a time, forward or backward.
+//!
+//! In full fine-tuning the base weight itself trains (`requires_grad`). Under ZeRO stage 3
+//! such a weight is partitioned ([`FrozenLinear::partition_weight`]): the rank's shard is the
+//! trainable leaf, and the same forward also reduce-scatters the weight's gradient into it in
+//! backward (see [`crate::model::partition`]).
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::{
     AdapterLayer, BaseLinear, Collectives, PluginResult, QuantizedWeight, Quantizer,
 };
-use tch::{Device, TchError, Tensor};
+use tch::{TchError, Tensor};
+
+use super::partition::{stand_in, WeightShard};
 
 /// The frozen base of a linear layer: `y = x Wᵀ + b` with a weight `[out, in]`.
 ///
@@ -176,49 +183,16 @@ impl BaseLinear for RowsOfBase<'_> {
     }
 }
 
-/// This rank's share of a sharded frozen weight (ZeRO stage 3; see the module docs).
-struct WeightShard {
-    /// Elements `rank·len .. (rank+1)·len` of the flattened weight, zero-padded at the end.
-    shard: Tensor,
-    /// The weight's device (the shard may be offloaded to the CPU).
-    device: Device,
-    /// Whether the shard was put in CPU memory (`offload_param`).
-    offload: bool,
-    numel: i64,
-    group: Arc<dyn Collectives + Send + Sync>,
-}
-
-impl WeightShard {
-    /// The whole weight `[out, in]` on its device, gathered from every rank (all ranks must
-    /// call this in the same order: every rank runs the same layers).
-    fn gather(&self, shape: &[i64]) -> Result<Tensor> {
-        let parts = self.group.all_gather(&self.shard)?;
-        Ok(Tensor::f_cat(&parts, 0)?
-            .f_narrow(0, 0, self.numel)?
-            .f_view(shape)?
-            .f_to_device(self.device)?)
-    }
-
-    /// The same shard (shared storage), for a closure that outlives the borrow.
-    fn share(&self) -> WeightShard {
-        WeightShard {
-            shard: self.shard.shallow_clone(),
-            device: self.device,
-            offload: self.offload,
-            numel: self.numel,
-            group: self.group.clone(),
-        }
-    }
-}
-
 /// A sharded base as adapters see it during a forward pass (ZeRO stage 3). Its `forward`
-/// gathers the weight for the product and lets it go: in a forward that records gradients,
-/// autograd would keep the gathered weight until this layer's backward (`x Wᵀ` saves `W` for
-/// the input gradient), so the product then runs as a C++ autograd function
-/// ([`crate::model::checkpoint::regather_linear`]) that saves nothing and gathers `W` again in
-/// backward for `grad_y W`, as DeepSpeed's stage 3 re-fetches parameters for backward. A rank thus holds at most one
-/// gathered layer weight at a time, and every rank makes the same gathers in the same order.
-/// `weight()` (DoRA's norm) gathers too, and what an adapter builds from it is the adapter's.
+/// gathers the weight for the product and lets it go ([`WeightShard::linear`]): in a forward
+/// that records gradients, autograd would keep the gathered weight until this layer's backward
+/// (`x Wᵀ` saves `W` for the input gradient), so the product then runs as a C++ autograd
+/// function that saves no weight and gathers `W` again in backward for `grad_y W`, as
+/// DeepSpeed's stage 3 re-fetches parameters for backward; for a partitioned (trainable)
+/// weight that backward also reduce-scatters the weight's gradient into its shard. A rank thus
+/// holds at most one gathered layer weight at a time, and every rank makes the same gathers in
+/// the same order. `weight()` (DoRA's norm) gathers too, and what an adapter builds from it is
+/// the adapter's.
 struct ShardedBase<'a> {
     base: &'a LinearBase,
     shard: &'a WeightShard,
@@ -226,32 +200,9 @@ struct ShardedBase<'a> {
 
 impl ShardedBase<'_> {
     fn linear(&self, x: &Tensor) -> Result<Tensor> {
-        let shape = self.base.weight.size();
-        let context = || format!("linear layer `{}`", self.base.name);
-        if !crate::model::checkpoint::grad_enabled() {
-            let w = self
-                .shard
-                .gather(&shape)
-                .with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
-            return x.f_linear(&w, self.base.bias.as_ref()).with_context(context);
-        }
-        // Every rank must gather in backward for every layer, whatever its data: an input that
-        // does not require grad (frozen embeddings on a rank whose batch has no image, while
-        // another's carries the trainable merger's output) becomes a leaf that does, so that
-        // no rank skips a backward gather the others make.
-        let x = if x.requires_grad() {
-            x.shallow_clone()
-        } else {
-            x.f_detach()?.set_requires_grad(true)
-        };
-        let (shard, name) = (self.shard.share(), self.base.name.clone());
-        let gather = move || {
-            shard
-                .gather(&shape)
-                .with_context(|| format!("gathering the sharded weight of `{name}`"))
-        };
-        crate::model::checkpoint::regather_linear(&x, self.base.bias.as_ref(), gather)
-            .with_context(context)
+        self.shard
+            .linear(x, self.base.bias.as_ref())
+            .with_context(|| format!("linear layer `{}`", self.base.name))
     }
 }
 
@@ -267,7 +218,7 @@ impl BaseLinear for ShardedBase<'_> {
     }
     fn weight(&self) -> PluginResult<Tensor> {
         self.shard
-            .gather(&self.base.weight.size())
+            .gather()
             .map_err(|e| ferrotune_plugin_api::PluginError::runtime(format!("{e:#}")))
     }
     fn bias(&self) -> PluginResult<Option<Tensor>> {
@@ -310,30 +261,85 @@ impl FrozenLinear {
     /// ([`FrozenLinear::dense_weight`], [`FrozenLinear::with_full_base`]: adapter
     /// initialisations, `modules_to_save` copies, merges); a new base weight
     /// ([`FrozenLinear::set_base_weight`]) is sharded again. With one rank nothing changes.
+    /// A trainable weight is partitioned instead ([`FrozenLinear::partition_weight`]).
     pub fn shard_weight(
         &mut self,
         group: Arc<dyn Collectives + Send + Sync>,
         offload: bool,
     ) -> Result<()> {
-        let world = group.world_size() as i64;
         // A quantized base is already packed (and small): it stays whole on every rank.
-        if world <= 1 || self.shard.is_some() || self.base.quantized.is_some() {
+        if group.world_size() <= 1 || self.shard.is_some() || self.base.quantized.is_some() {
             return Ok(());
         }
-        let w = &self.base.weight;
-        let (numel, device) = (w.numel() as i64, w.device());
-        let len = (numel + world - 1) / world;
-        let flat = w.f_flatten(0, -1)?.f_constant_pad_nd([0, len * world - numel])?;
-        let shard_device = if offload { Device::Cpu } else { device };
-        let shard = flat
-            .f_narrow(0, group.rank() as i64 * len, len)?
-            .f_to_device(shard_device)?
-            .f_contiguous()?
-            .f_detach_copy()?;
-        let stand_in = Tensor::f_zeros([1, 1], (w.kind(), device))?.f_expand(w.size(), false)?;
-        self.base.weight = stand_in;
-        self.shard = Some(WeightShard { shard, device, offload, numel, group });
+        let name = format!("{}.weight", self.base.name);
+        let shard = WeightShard::new(name, &self.base.weight, group, offload, false)?;
+        self.base.weight = stand_in(&self.base.weight)?;
+        self.shard = Some(shard);
         Ok(())
+    }
+
+    /// Partitions the TRAINABLE base weight over the ranks of `group` (ZeRO stage 3 for full
+    /// fine-tuning; see [`crate::model::partition`]): this rank keeps elements
+    /// `rank·len .. (rank+1)·len` of the flattened weight zero-padded to `len·world`
+    /// (`len = ⌈numel / world⌉`), in CPU memory when `offload`, as a 1-D leaf that requires
+    /// grad ([`FrozenLinear::weight_shard`]): the tensor the optimizer steps, in place of the
+    /// weight. `weight` becomes a zero-strided stand-in (its shape, no storage, no grad).
+    /// Forward gathers the whole weight and keeps only its input; backward gathers it again
+    /// and reduce-scatters (average over ranks) the weight's gradient into the shard's. The
+    /// bias stays whole and trains as before. Every rank must partition the same layers.
+    ///
+    /// The weight must require grad, and not be quantized. A frozen weight already sharded
+    /// ([`FrozenLinear::shard_weight`]) whose stand-in has since been made to require grad
+    /// becomes partitioned without a gather. With one rank, or when already partitioned,
+    /// nothing changes.
+    pub fn partition_weight(
+        &mut self,
+        group: Arc<dyn Collectives + Send + Sync>,
+        offload: bool,
+    ) -> Result<()> {
+        let name = format!("{}.weight", self.base.name);
+        if group.world_size() <= 1 || self.is_partitioned() {
+            return Ok(());
+        }
+        if !self.base.weight.requires_grad() {
+            bail!("`{name}` does not require grad: only trainable weights are partitioned (a frozen one is sharded)");
+        }
+        if self.base.quantized.is_some() {
+            bail!("`{name}` is quantized: a quantized weight cannot train, so it cannot be partitioned");
+        }
+        let stand_in = stand_in(&self.base.weight)?;
+        match &mut self.shard {
+            Some(frozen) => frozen.make_trainable(offload)?,
+            None => {
+                self.shard = Some(WeightShard::new(name, &self.base.weight, group, offload, true)?)
+            }
+        }
+        self.base.weight = stand_in;
+        Ok(())
+    }
+
+    /// The trainable leaf of a partitioned weight ([`FrozenLinear::partition_weight`]): the
+    /// 1-D shard whose gradient is this rank's part of the averaged weight gradient. `None`
+    /// when the weight is whole or a frozen shard.
+    pub fn weight_shard(&self) -> Option<&Tensor> {
+        self.shard.as_ref().filter(|s| s.is_trainable()).map(WeightShard::tensor)
+    }
+
+    /// Whether the base weight is a trainable weight partitioned over ranks.
+    pub fn is_partitioned(&self) -> bool {
+        self.shard.as_ref().is_some_and(WeightShard::is_trainable)
+    }
+
+    /// The shard of a sharded or partitioned weight.
+    pub(crate) fn shard(&self) -> Option<&WeightShard> {
+        self.shard.as_ref()
+    }
+
+    /// Makes this layer use `shard` (shared with another user: a tied `lm_head` and the
+    /// embedding), with `stand_in` as its weight.
+    pub(crate) fn set_shard(&mut self, shard: WeightShard, stand_in: Tensor) {
+        self.base.weight = stand_in;
+        self.shard = Some(shard);
     }
 
     /// Whether the base weight is sharded over ranks (ZeRO stage 3).
@@ -343,15 +349,19 @@ impl FrozenLinear {
 
     /// Puts the whole weight back on this rank (gathered from every rank: all ranks must call
     /// it for the same layers in the same order). A no-op for a weight that is not sharded.
+    /// A partitioned weight comes back trainable (a new leaf: its shard's gradient is not
+    /// carried over).
     pub fn unshard(&mut self) -> Result<()> {
+        let trainable = self.is_partitioned();
         if let Some(gathered) = self.gathered()? {
             self.shard = None;
-            self.base.weight = gathered.weight.set_requires_grad(false);
+            self.base.weight = gathered.weight.set_requires_grad(trainable);
         }
         Ok(())
     }
 
-    /// The dense weight `[out, in]` (gathered when sharded, dequantized when quantized).
+    /// The dense weight `[out, in]` (gathered when sharded or partitioned, outside autograd;
+    /// dequantized when quantized).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match self.gathered()? {
             Some(base) => Ok(base.weight),
@@ -368,11 +378,12 @@ impl FrozenLinear {
         })
     }
 
-    /// Bytes of the base weight (its shard, or its packed form) and bias this rank holds.
+    /// Bytes of the base weight (its shard when sharded or partitioned, its packed form when
+    /// quantized) and bias this rank holds. A tied `lm_head` counts the embedding it shares.
     pub fn resident_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         let weight = match (&self.shard, &self.base.quantized) {
-            (Some(s), _) => bytes(&s.shard),
+            (Some(s), _) => s.resident_bytes(),
             // The placeholder has no storage: the packed bytes are what the layer holds.
             (None, Some(q)) => {
                 q.storage_bytes().map(|b| b as usize).unwrap_or_else(|_| bytes(&self.base.weight))
@@ -386,9 +397,7 @@ impl FrozenLinear {
     /// (dropped when the caller drops it and autograd no longer needs it).
     fn gathered(&self) -> Result<Option<LinearBase>> {
         let Some(s) = &self.shard else { return Ok(None) };
-        let weight = s
-            .gather(&self.base.weight.size())
-            .with_context(|| format!("gathering the sharded weight of `{}`", self.base.name))?;
+        let weight = s.gather()?;
         Ok(Some(LinearBase {
             name: self.base.name.clone(),
             weight,
@@ -514,7 +523,7 @@ impl FrozenLinear {
         self.base.weight = weight.set_requires_grad(false);
         self.base.quantized = None;
         match shard {
-            Some(s) => self.shard_weight(s.group, s.offload),
+            Some(s) => self.shard_weight(s.group().clone(), s.offload()),
             None => Ok(()),
         }
     }
@@ -592,14 +601,36 @@ impl BaseLinear for FrozenLinear {
 mod tests {
     use super::*;
     use ferrotune_plugin_api::ReduceOp;
-    use tch::Kind;
+    use tch::{Device, Kind};
 
     /// Rank `rank` of a 2-rank group whose other rank holds `other` (its shard): all-gather
-    /// returns the shards in rank order.
+    /// returns the shards in rank order. Reduce-scatter (average) combines this rank's input
+    /// with the other rank's contribution `other_grad` (the same as this rank's when `None`:
+    /// both ranks saw the same data) and keeps this rank's chunk.
     struct TwoRanks {
         rank: usize,
         other: std::sync::Mutex<Tensor>,
+        other_grad: std::sync::Mutex<Option<Tensor>>,
         gathers: std::sync::atomic::AtomicUsize,
+        scatters: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TwoRanks {
+        fn new(rank: usize, other: Tensor) -> Self {
+            Self {
+                rank,
+                other: other.into(),
+                other_grad: None.into(),
+                gathers: 0.into(),
+                scatters: 0.into(),
+            }
+        }
+
+        /// (all-gathers, reduce-scatters) so far.
+        fn counts(&self) -> (usize, usize) {
+            use std::sync::atomic::Ordering::SeqCst;
+            (self.gathers.load(SeqCst), self.scatters.load(SeqCst))
+        }
     }
 
     impl Collectives for TwoRanks {
@@ -620,8 +651,21 @@ mod tests {
             let (mine, other) = (t.shallow_clone(), self.other.lock().unwrap().shallow_clone());
             Ok(if self.rank == 0 { vec![mine, other] } else { vec![other, mine] })
         }
-        fn reduce_scatter(&self, _: &Tensor, _: &Tensor, _: ReduceOp) -> PluginResult<()> {
-            unreachable!()
+        fn reduce_scatter(
+            &self,
+            output: &Tensor,
+            input: &Tensor,
+            op: ReduceOp,
+        ) -> PluginResult<()> {
+            assert_eq!(op, ReduceOp::AVG, "gradients are averaged over ranks");
+            self.scatters.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let other = self.other_grad.lock().unwrap().as_ref().map(Tensor::shallow_clone);
+            let other = other.unwrap_or_else(|| input.shallow_clone());
+            assert_eq!(other.size(), input.size(), "both ranks reduce the same padded length");
+            let len = input.size()[0] / 2;
+            let mine = ((input + other) / 2.0).narrow(0, self.rank as i64 * len, len);
+            tch::no_grad(|| output.shallow_clone().copy_(&mine));
+            Ok(())
         }
         fn barrier(&self) -> PluginResult<()> {
             Ok(())
@@ -640,11 +684,7 @@ mod tests {
         let shard1 =
             Tensor::cat(&[flat.narrow(0, 8, 7), Tensor::zeros([1], (Kind::Float, Device::Cpu))], 0);
         let mut lin = FrozenLinear::new("l", w.copy(), Some(b.copy()));
-        lin.shard_weight(
-            Arc::new(TwoRanks { rank: 0, other: shard1.into(), gathers: 0.into() }),
-            false,
-        )
-        .unwrap();
+        lin.shard_weight(Arc::new(TwoRanks::new(0, shard1)), false).unwrap();
         assert_eq!(
             lin.resident_bytes(),
             (8 + 5) * 4,
@@ -670,7 +710,7 @@ mod tests {
             ],
             0,
         );
-        let group = Arc::new(TwoRanks { rank: 0, other: shard1.into(), gathers: 0.into() });
+        let group = Arc::new(TwoRanks::new(0, shard1));
         let mut lin = FrozenLinear::new("l", w.copy(), None);
         lin.shard_weight(group.clone(), false).unwrap();
         (lin, group)
@@ -726,5 +766,166 @@ mod tests {
             "backward gathers the weight again"
         );
         assert_eq!(f64::try_from((x.grad() - expected).abs().max()).unwrap(), 0.0);
+    }
+
+    /// Rank `rank`'s half of `t` flattened and zero-padded to an even length.
+    fn half(t: &Tensor, rank: i64) -> Tensor {
+        let flat = t.flatten(0, -1);
+        let n = flat.size()[0];
+        let len = (n + 1) / 2;
+        let padded = Tensor::cat(&[flat, Tensor::zeros([2 * len - n], (t.kind(), t.device()))], 0);
+        padded.narrow(0, rank * len, len)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        f64::try_from((a - b).abs().max()).unwrap()
+    }
+
+    /// A trainable layer `w`, `b` as rank `rank` of two partitions it, the other rank's shard
+    /// behind the mock.
+    fn partitioned(w: &Tensor, b: &Tensor, rank: i64) -> (FrozenLinear, Arc<TwoRanks>) {
+        let group = Arc::new(TwoRanks::new(rank as usize, half(w, 1 - rank)));
+        let mut lin = FrozenLinear::new("l", w.copy(), Some(b.copy()));
+        let _ = lin.weight.shallow_clone().set_requires_grad(true);
+        let _ = lin.bias.as_ref().unwrap().shallow_clone().set_requires_grad(true);
+        lin.partition_weight(group.clone(), false).unwrap();
+        (lin, group)
+    }
+
+    /// On each rank, a partitioned trainable layer gives the whole layer's output, input
+    /// gradient and bias gradient; its shard receives its half of the average of both ranks'
+    /// weight gradients; it gathers once in forward and once in backward, and reduce-scatters
+    /// once.
+    #[test]
+    fn a_partitioned_weight_trains_like_the_whole_one() {
+        let o = (Kind::Double, Device::Cpu);
+        let (w, b) = (Tensor::randn([5, 3], o), Tensor::randn([5], o));
+        let x = Tensor::randn([2, 4, 3], o).set_requires_grad(true);
+        let dy = Tensor::randn([2, 4, 5], o);
+        // The whole layer on this rank's data, and the other rank's weight gradient.
+        let (wr, br) = (w.copy().set_requires_grad(true), b.copy().set_requires_grad(true));
+        let want_y = x.linear(&wr, Some(&br));
+        (&want_y * &dy).sum(Kind::Double).backward();
+        let (want_gx, want_gb) = (x.grad().copy(), br.grad().copy());
+        let _ = x.grad().zero_();
+        let other_gw = Tensor::randn([5, 3], o);
+        let mean_gw = (wr.grad() + &other_gw) / 2.0;
+        for rank in [0, 1] {
+            let (lin, group) = partitioned(&w, &b, rank);
+            // The mock's other contribution is the padded flat gradient of the other rank.
+            let flat = other_gw.flatten(0, -1);
+            *group.other_grad.lock().unwrap() =
+                Some(Tensor::cat(&[flat, Tensor::zeros([1], o)], 0));
+            assert!(lin.is_partitioned() && lin.is_sharded());
+            let shard = lin.weight_shard().unwrap().shallow_clone();
+            assert_eq!(max_diff(&shard, &half(&w, rank)), 0.0, "rank {rank} keeps its half");
+            assert!(shard.requires_grad() && shard.is_leaf());
+            assert_eq!((lin.weight.size(), lin.weight.stride()), (vec![5, 3], vec![0, 0]));
+            assert!(!lin.weight.requires_grad(), "the stand-in takes no gradient");
+            assert_eq!(lin.resident_bytes(), (8 + 5) * 8, "half the weight and the bias");
+
+            let y = lin.forward(&x, LinearMode::BASE).unwrap();
+            assert_eq!(group.counts(), (1, 0), "forward gathers once");
+            assert!(max_diff(&y, &want_y) < 1e-12);
+            (&y * &dy).sum(Kind::Double).backward();
+            assert_eq!(group.counts(), (2, 1), "backward gathers again and reduce-scatters");
+            assert!(max_diff(&x.grad(), &want_gx) < 1e-12, "rank {rank}: input gradient");
+            assert!(max_diff(&lin.bias.as_ref().unwrap().grad(), &want_gb) < 1e-12);
+            assert!(
+                max_diff(&shard.grad(), &half(&mean_gw, rank)) < 1e-12,
+                "rank {rank}: its half of the averaged weight gradient"
+            );
+            let _ = x.grad().zero_();
+        }
+    }
+
+    /// Without grad (evaluation) a partitioned layer is one gather and a product; an input
+    /// that needs no gradient still gets the weight's gradient; the readers of the weight see
+    /// the whole.
+    #[test]
+    fn a_partitioned_weight_without_grad_or_input_gradient() {
+        let o = (Kind::Float, Device::Cpu);
+        let (w, b) = (Tensor::randn([5, 3], o), Tensor::randn([5], o));
+        let x = Tensor::randn([4, 3], o);
+        let (lin, group) = partitioned(&w, &b, 0);
+        let y = tch::no_grad(|| lin.forward(&x, LinearMode::BASE)).unwrap();
+        assert!(!y.requires_grad());
+        assert_eq!(group.counts(), (1, 0));
+        assert!(max_diff(&y, &x.linear(&w, Some(&b))) < 1e-6);
+        assert_eq!(max_diff(&lin.dense_weight().unwrap(), &w), 0.0);
+
+        let y = lin.forward(&x, LinearMode::BASE).unwrap();
+        y.sum(Kind::Float).backward();
+        assert_eq!(group.counts(), (4, 1), "gathers: dense_weight, forward, backward");
+        // d sum(x Wᵀ) / dW = 1ᵀ x: every row of the gradient is x's column sums.
+        let gw = x
+            .sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)
+            .unsqueeze(0)
+            .expand([5, 3], false);
+        let shard = lin.weight_shard().unwrap();
+        assert!(max_diff(&shard.grad(), &half(&gw, 0)) < 1e-5);
+    }
+
+    /// A frozen shard whose stand-in was made to require grad becomes partitioned with the
+    /// same values; a weight that needs no gradient is refused; one rank changes nothing.
+    #[test]
+    fn partitioning_refuses_frozen_weights_and_converts_frozen_shards() {
+        let o = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([5, 3], o);
+        let (mut lin, group) = sharded_rank0(&w);
+        assert!(lin.weight_shard().is_none() && !lin.is_partitioned());
+        let e = lin.partition_weight(group.clone(), false).unwrap_err().to_string();
+        assert!(e.contains("does not require grad"), "{e}");
+        let _ = lin.weight.shallow_clone().set_requires_grad(true);
+        lin.partition_weight(group.clone(), false).unwrap();
+        assert_eq!(group.counts(), (0, 0), "no gather");
+        assert_eq!(max_diff(lin.weight_shard().unwrap(), &half(&w, 0)), 0.0);
+        assert!(lin.weight_shard().unwrap().requires_grad() && !lin.weight.requires_grad());
+
+        let group1 = crate::model::partition::tests::ThreadGroup::ranks(1).remove(0);
+        let mut whole = FrozenLinear::new("l", w.copy(), None);
+        let _ = whole.weight.shallow_clone().set_requires_grad(true);
+        whole.partition_weight(group1, false).unwrap();
+        assert!(!whole.is_sharded() && whole.weight.requires_grad(), "one rank: unchanged");
+    }
+
+    /// Under gradient checkpointing the layer's forward runs without grad and its
+    /// recomputation in backward records the graph: the gradients are those of the plain
+    /// pass, with one more gather (forward, recomputation, backward) and one reduce-scatter.
+    #[test]
+    fn a_checkpointed_partitioned_layer_gets_the_same_gradients() {
+        let o = (Kind::Double, Device::Cpu);
+        let (w, b) = (Tensor::randn([5, 3], o), Tensor::randn([5], o));
+        let x = Tensor::randn([2, 4, 3], o).set_requires_grad(true);
+        let f = |y: Tensor| y.tanh().sum(Kind::Double);
+        let run = |checkpointed: bool| {
+            let (lin, group) = partitioned(&w, &b, 1);
+            let lin = std::rc::Rc::new(lin);
+            let y = if checkpointed {
+                let l = lin.clone();
+                crate::model::checkpoint::checkpoint(&[&x], move |xs| {
+                    l.forward(&xs[0], LinearMode::BASE)
+                })
+                .unwrap()
+            } else {
+                lin.forward(&x, LinearMode::BASE).unwrap()
+            };
+            f(y).backward();
+            let grads = (
+                x.grad().copy(),
+                lin.weight_shard().unwrap().grad().copy(),
+                lin.bias.as_ref().unwrap().grad().copy(),
+            );
+            let _ = x.grad().zero_();
+            (grads, group.counts())
+        };
+        let (plain, plain_counts) = run(false);
+        let (ckpt, ckpt_counts) = run(true);
+        assert_eq!(plain_counts, (2, 1));
+        assert_eq!(ckpt_counts, (3, 1), "forward, recomputation, backward");
+        assert!(max_diff(&plain.0, &ckpt.0) < 1e-12, "input gradient");
+        assert!(max_diff(&plain.1, &ckpt.1) < 1e-12, "shard gradient");
+        assert!(max_diff(&plain.2, &ckpt.2) < 1e-12, "bias gradient");
+        assert!(plain.1.abs().sum(Kind::Double).double_value(&[]) > 0.0);
     }
 }

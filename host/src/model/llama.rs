@@ -18,6 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::attention::{attend, build_mask, packed_segments, right_padded, Mask, Pattern};
 use super::config::{Architecture, LlamaConfig, Rope};
+use super::partition::{stand_in, Group, WeightShard};
 use super::qwen2vl::{
     self, rope_index, Qwen2VLConfig, VisionConfig, VisionInputs, VisionTower, LANGUAGE_MODEL,
 };
@@ -522,7 +523,11 @@ pub struct Decoder {
     prefix: String,
     /// `{prefix}.embed_tokens`.
     embed_path: String,
+    /// The embedding matrix; a stand-in when `embed_shard` holds it.
     embed_tokens: Tensor,
+    /// The embedding when partitioned over ranks ([`CausalLM::partition_trainable`]); a tied
+    /// `lm_head` shares it.
+    embed_shard: Option<WeightShard>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: FrozenLinear,
@@ -593,6 +598,7 @@ impl Decoder {
             embed_path: format!("{prefix}.embed_tokens"),
             prefix,
             embed_tokens,
+            embed_shard: None,
             layers,
             norm,
             lm_head,
@@ -640,6 +646,16 @@ impl Decoder {
             .with_context(|| format!("{prefix}.layers.{i}"))?;
         }
         self.norm.forward(&x)
+    }
+
+    /// The embeddings of token ids `[B, T]`, from the embedding matrix made whole for the
+    /// lookup when it is partitioned (the lookup keeps only the ids for backward, so the whole
+    /// matrix is freed right after).
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match &self.embed_shard {
+            Some(shard) => Tensor::f_embedding(&shard.gather_for_use()?, ids, -1, false, false)?,
+            None => Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?,
+        })
     }
 
     /// Logits (f32) of hidden states: `lm_head` through `mode`.
@@ -812,20 +828,49 @@ impl CausalLM {
 
     /// Every weight under its checkpoint key, in model order (adapters not included: merge them
     /// first to have them in the weights). A tied `lm_head` is left out, as transformers saves it.
+    ///
+    /// A weight kept as a shard (ZeRO stage 3: frozen-sharded, or partitioned by
+    /// [`CausalLM::partition_trainable`]) is listed as its stand-in: its shape, dtype and
+    /// device, zero-strided, without its values and not requiring grad. Its values are in
+    /// [`CausalLM::gathered_weights`], its trainable leaf in what `partition_trainable` returns.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        self.held_weights().into_iter().map(|(k, t, _)| (k, t)).collect()
+    }
+
+    /// [`CausalLM::named_weights`], each with its shard when it is kept as one.
+    fn held_weights(&self) -> Vec<(String, Tensor, Option<&WeightShard>)> {
         let p = &self.decoder.prefix;
-        let mut out = self.vision.as_ref().map(|(v, _)| v.named_weights()).unwrap_or_default();
-        out.push((format!("{p}.embed_tokens.weight"), self.decoder.embed_tokens.shallow_clone()));
-        let linear = |out: &mut Vec<(String, Tensor)>, lin: &FrozenLinear| {
-            out.push((format!("{}.weight", lin.name), lin.weight.shallow_clone()));
-            if let Some(b) = &lin.bias {
-                out.push((format!("{}.bias", lin.name), b.shallow_clone()));
+        let mut out: Vec<(String, Tensor, Option<&WeightShard>)> = Vec::new();
+        if let Some((v, _)) = &self.vision {
+            // The tower is never partitioned, but a frozen shard there would be found.
+            let linears = v.linears();
+            for (k, t) in v.named_weights() {
+                let shard = linears
+                    .iter()
+                    .find(|l| k.strip_suffix(".weight") == Some(l.name.as_str()))
+                    .and_then(|l| l.shard());
+                out.push((k, t, shard));
             }
-        };
+        }
+        out.push((
+            format!("{p}.embed_tokens.weight"),
+            self.decoder.embed_tokens.shallow_clone(),
+            self.decoder.embed_shard.as_ref(),
+        ));
+        fn linear<'a>(
+            out: &mut Vec<(String, Tensor, Option<&'a WeightShard>)>,
+            lin: &'a FrozenLinear,
+        ) {
+            out.push((format!("{}.weight", lin.name), lin.weight.shallow_clone(), lin.shard()));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{}.bias", lin.name), b.shallow_clone(), None));
+            }
+        }
         for (i, l) in self.decoder.layers.iter().enumerate() {
             out.push((
                 format!("{p}.layers.{i}.input_layernorm.weight"),
                 l.input_layernorm.weight.shallow_clone(),
+                None,
             ));
             let a = &l.self_attn;
             for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
@@ -834,17 +879,150 @@ impl CausalLM {
             out.push((
                 format!("{p}.layers.{i}.post_attention_layernorm.weight"),
                 l.post_attention_layernorm.weight.shallow_clone(),
+                None,
             ));
             let m = &l.mlp;
             for lin in [&m.gate_proj, &m.up_proj, &m.down_proj] {
                 linear(&mut out, lin);
             }
         }
-        out.push((format!("{p}.norm.weight"), self.decoder.norm.weight.shallow_clone()));
+        out.push((format!("{p}.norm.weight"), self.decoder.norm.weight.shallow_clone(), None));
         if !self.lm_head_is_tied() {
             linear(&mut out, &self.decoder.lm_head);
         }
         out
+    }
+
+    /// ZeRO stage 3 for full fine-tuning: partitions over the ranks of `group` every large
+    /// weight that currently requires grad (see [`crate::model::partition`]): each decoder
+    /// layer's linear weights (`{decoder}.layers.N.*_proj.weight`), an untied `lm_head.weight`
+    /// and the token embedding `{decoder}.embed_tokens.weight`, which a tied `lm_head` keeps
+    /// sharing (one shard leaf; the gradients of both uses accumulate into it). Each rank keeps
+    /// 1/world of each, in CPU memory when `offload`; the model's tensor becomes a stand-in (see
+    /// [`CausalLM::named_weights`]). Not partitioned: 1-D tensors (biases, norms: they stay
+    /// whole on every rank and the memory plugin reduces their gradients as in stage 2), frozen
+    /// weights, and the vision tower and merger (a rank whose batch has no image skips them, so
+    /// their gathers would deadlock the ranks that run them).
+    ///
+    /// Returns every partitioned weight's checkpoint key and its shard, the 1-D leaf that
+    /// requires grad (what the optimizer steps instead of the weight; the trainable tensors
+    /// taken from `named_weights()` before this call are no longer used by the model), in
+    /// model order, those partitioned by an earlier call included. Every rank must call it with
+    /// the same trainable weights. With one rank nothing is partitioned and the list is empty.
+    ///
+    /// Collective order: every forward gathers each partitioned weight where it is used (layer
+    /// order), and backward gathers it again and reduce-scatters its gradient in autograd's
+    /// order, the same on every rank when every rank runs the same forwards.
+    pub fn partition_trainable(
+        &mut self,
+        group: Group,
+        offload: bool,
+    ) -> Result<Vec<(String, Tensor)>> {
+        if group.world_size() <= 1 {
+            return Ok(Vec::new());
+        }
+        let tied = self.lm_head_is_tied();
+        let d = &mut self.decoder;
+        if d.embed_shard.is_none() && d.embed_tokens.requires_grad() && d.embed_tokens.dim() == 2 {
+            let key = format!("{}.weight", d.embed_path);
+            let shard = WeightShard::new(key, &d.embed_tokens, group.clone(), offload, true)?;
+            let stand_in = stand_in(&d.embed_tokens)?;
+            if tied {
+                // The same stand-in keeps `lm_head_is_tied` true.
+                d.lm_head.set_shard(shard.share(), stand_in.shallow_clone());
+            }
+            d.embed_tokens = stand_in;
+            d.embed_shard = Some(shard);
+        }
+        let mut linears: Vec<&mut FrozenLinear> =
+            d.layers.iter_mut().flat_map(|l| l.linears_mut()).collect();
+        if !tied {
+            linears.push(&mut d.lm_head);
+        }
+        for lin in linears {
+            if lin.weight.requires_grad() && lin.weight.dim() == 2 {
+                lin.partition_weight(group.clone(), offload)
+                    .with_context(|| format!("partitioning `{}.weight`", lin.name))?;
+            }
+        }
+        Ok(self
+            .held_weights()
+            .into_iter()
+            .filter_map(|(k, _, s)| {
+                s.filter(|s| s.is_trainable()).map(|s| (k, s.tensor().shallow_clone()))
+            })
+            .collect())
+    }
+
+    /// Whether the weight under checkpoint key `key` is partitioned over ranks
+    /// ([`CausalLM::partition_trainable`]). A tied `lm_head.weight` is the embedding's.
+    pub fn is_partitioned(&self, key: &str) -> bool {
+        let key = if key == "lm_head.weight" && self.lm_head_is_tied() {
+            format!("{}.weight", self.decoder.embed_path)
+        } else {
+            key.to_string()
+        };
+        self.held_weights()
+            .iter()
+            .any(|(k, _, s)| *k == key && s.is_some_and(WeightShard::is_trainable))
+    }
+
+    /// [`CausalLM::named_weights`] with every weight kept as a shard (partitioned, or a frozen
+    /// shard) gathered whole, outside autograd; the other tensors as they are. Gathering is a
+    /// collective: every rank must call this, at the same point. Holds the whole model at once
+    /// on the model's device; [`CausalLM::visit_gathered_weights`] holds one weight at a time.
+    pub fn gathered_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        self.visit_gathered_weights(&mut |key, t| {
+            out.push((key.to_string(), t));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Hands each of [`CausalLM::gathered_weights`] to `f` in turn, in model order, the whole
+    /// weight dropped when `f` lets it go (rank 0 saves or copies it to the CPU, the other
+    /// ranks drop it). Every rank must call this and gather the same weights: an error from
+    /// `f` on one rank leaves the others waiting in their next gather.
+    pub fn visit_gathered_weights(
+        &self,
+        f: &mut dyn FnMut(&str, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        for (key, t, shard) in self.held_weights() {
+            let t = match shard {
+                Some(s) => s.gather()?,
+                None => t,
+            };
+            f(&key, t)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of weights this rank holds: every tensor of [`CausalLM::named_weights`] (a tied
+    /// `lm_head` once), a sharded or partitioned weight counted as its shard and a quantized
+    /// one as its packed form ([`FrozenLinear::resident_bytes`]).
+    pub fn resident_weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let linears = self.linears();
+        let layer_keys: std::collections::HashSet<String> =
+            linears.iter().map(|(n, _)| format!("{n}.weight")).collect();
+        let linear_bytes: usize = linears
+            .iter()
+            .filter(|(n, _)| *n != "lm_head" || !self.lm_head_is_tied())
+            .map(|(_, l)| l.resident_bytes())
+            .sum();
+        let biases: std::collections::HashSet<String> = linears
+            .iter()
+            .filter(|(_, l)| l.bias.is_some())
+            .map(|(n, _)| format!("{n}.bias"))
+            .collect();
+        let others: usize = self
+            .held_weights()
+            .iter()
+            .filter(|(k, _, _)| !layer_keys.contains(k) && !biases.contains(k))
+            .map(|(_, t, s)| s.map_or_else(|| bytes(t), WeightShard::resident_bytes))
+            .sum();
+        linear_bytes + others
     }
 
     /// An empty KV cache for `batch` rows.
@@ -858,15 +1036,17 @@ impl CausalLM {
     }
 
     /// The input embedding matrix `[vocab_size, hidden_size]` (`model.embed_tokens.weight`, or
-    /// Qwen2-VL's `model.language_model.embed_tokens.weight`).
+    /// Qwen2-VL's `model.language_model.embed_tokens.weight`); a stand-in without values when
+    /// partitioned ([`CausalLM::partition_trainable`]).
     pub fn embed_tokens(&self) -> &Tensor {
         &self.decoder.embed_tokens
     }
 
     /// Replaces the embedding matrix by a new tensor (never in place: a tied `lm_head` keeps the
-    /// old one and so gets untied).
+    /// old one, or the old one's shard, and so gets untied).
     pub(crate) fn set_embed_tokens(&mut self, weight: Tensor) {
         self.decoder.embed_tokens = weight.set_requires_grad(false);
+        self.decoder.embed_shard = None;
     }
 
     /// Every module path as transformers' `named_modules()` gives it (`model`, `model.layers.0`,
@@ -1044,13 +1224,10 @@ impl CausalLM {
             )?,
         };
         let mut x = match (input, &input_ids) {
-            (_, Some(ids)) => Tensor::f_embedding(
-                embed_tokens.unwrap_or(&self.decoder.embed_tokens),
-                ids,
-                -1,
-                false,
-                false,
-            )?,
+            (_, Some(ids)) => match embed_tokens {
+                Some(e) => Tensor::f_embedding(e, ids, -1, false, false)?,
+                None => self.decoder.embed(ids).context(self.decoder.embed_path.clone())?,
+            },
             (Input::Embeds(e), None) => {
                 e.f_to_device(self.decoder.device)?.f_to_kind(self.decoder.dtype)?
             }
@@ -1430,5 +1607,245 @@ mod tests {
             };
             assert!((*g as f64 - want).abs() <= 1e-6 * want, "band {i}: {g} vs {want}");
         }
+    }
+
+    /// A 2-layer Qwen2 (q, k, v biases) of random weights, its head tied or not.
+    fn tiny_weights(tied: bool) -> (LlamaConfig, Vec<(String, Tensor)>) {
+        let cfg = format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64, "vocab_size": 16,
+               "tie_word_embeddings": {tied}, "rms_norm_eps": 1e-6}}"#
+        );
+        let config = LlamaConfig::from_json(&cfg, Path::new("config.json")).unwrap();
+        let o = (Kind::Float, Device::Cpu);
+        let mut t = vec![("model.embed_tokens.weight".to_string(), Tensor::randn([16, 8], o))];
+        for l in 0..2 {
+            let p = format!("model.layers.{l}");
+            for (n, s, bias) in [
+                ("self_attn.q_proj", [8, 8], true),
+                ("self_attn.k_proj", [4, 8], true),
+                ("self_attn.v_proj", [4, 8], true),
+                ("self_attn.o_proj", [8, 8], false),
+                ("mlp.gate_proj", [12, 8], false),
+                ("mlp.up_proj", [12, 8], false),
+                ("mlp.down_proj", [8, 12], false),
+            ] {
+                t.push((format!("{p}.{n}.weight"), Tensor::randn(s, o) * 0.3));
+                if bias {
+                    t.push((format!("{p}.{n}.bias"), Tensor::randn([s[0]], o) * 0.1));
+                }
+            }
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                t.push((format!("{p}.{n}.weight"), Tensor::rand([8], o) + 0.5));
+            }
+        }
+        t.push(("model.norm.weight".into(), Tensor::rand([8], o) + 0.5));
+        if !tied {
+            t.push(("lm_head.weight".into(), Tensor::randn([16, 8], o)));
+        }
+        (config, t)
+    }
+
+    /// The model of `weights` (copies) with every weight trainable, as full fine-tuning sets it.
+    fn trainable_model(cfg: &LlamaConfig, weights: &[(String, Tensor)]) -> CausalLM {
+        let copies = weights.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        let mut w = Weights::from_tensors(Path::new("memory"), copies);
+        let m = CausalLM::from_weights(cfg.clone(), &mut w, Device::Cpu, Kind::Float).unwrap();
+        for (_, t) in m.named_weights() {
+            let _ = t.set_requires_grad(true);
+        }
+        m
+    }
+
+    /// Next-token cross-entropy of `ids`.
+    fn lm_loss(m: &CausalLM, ids: &Tensor) -> Tensor {
+        let logits = m.forward(ForwardArgs::ids(ids)).unwrap();
+        let (_, t, v) = logits.size3().unwrap();
+        logits
+            .narrow(1, 0, t - 1)
+            .reshape([-1, v])
+            .cross_entropy_for_logits(&ids.narrow(1, 1, t - 1).reshape([-1]))
+    }
+
+    /// What one rank of the 2-rank run reports.
+    struct RankRun {
+        loss: f64,
+        /// Partitioned keys and their shards' gradients, in the returned order.
+        shard_grads: Vec<(String, Tensor)>,
+        /// Gradients of the trainable tensors kept whole (biases, norms).
+        whole_grads: Vec<(String, Tensor)>,
+        gathered: Vec<(String, Tensor)>,
+        /// (all-gathers, reduce-scatters) of the training step.
+        counts: (usize, usize),
+        /// Resident weight bytes before and after partitioning.
+        resident: (usize, usize),
+        tied_after: bool,
+        stand_ins: bool,
+    }
+
+    /// Full fine-tuning with every large weight partitioned over two real ranks (a thread
+    /// each), each on its own batch, against one process training on both batches (loss the
+    /// mean of the two): each rank's shard gradient is its part of the whole gradient, the
+    /// average of the two ranks' gradients of the tensors kept whole is theirs, and the
+    /// gathered weights are the model's. Tied and untied heads, with and without gradient
+    /// checkpointing; the collectives counted: one gather per weight in forward and one in
+    /// backward (plus one in the recomputation), one reduce-scatter per use.
+    #[test]
+    fn partitioned_full_fine_tuning_on_two_ranks_matches_one_process() {
+        use crate::model::partition::tests::ThreadGroup;
+        let batches = [
+            Tensor::from_slice(&[1i64, 5, 3, 7, 2, 9]).view([1, 6]),
+            Tensor::from_slice(&[4i64, 4, 8, 1, 0, 15, 2, 11, 6, 13]).view([2, 5]),
+        ];
+        for (tied, checkpointing) in [(false, false), (true, false), (false, true), (true, true)] {
+            let what = format!("tied {tied}, checkpointing {checkpointing}");
+            let (cfg, weights) = tiny_weights(tied);
+            let reference = trainable_model(&cfg, &weights);
+            let ref_losses: Vec<Tensor> = batches.iter().map(|b| lm_loss(&reference, b)).collect();
+            ((&ref_losses[0] + &ref_losses[1]) / 2.0).backward();
+            let ref_grads: std::collections::HashMap<String, Tensor> =
+                reference.named_weights().into_iter().map(|(k, t)| (k, t.grad().copy())).collect();
+
+            let runs: Vec<RankRun> = ThreadGroup::ranks(2)
+                .into_iter()
+                .zip(batches.iter().map(|b| b.copy()))
+                .map(|(group, ids)| {
+                    let (cfg, weights) = (
+                        cfg.clone(),
+                        weights.iter().map(|(k, t)| (k.clone(), t.copy())).collect::<Vec<_>>(),
+                    );
+                    std::thread::spawn(move || {
+                        let mut m = trainable_model(&cfg, &weights);
+                        m.set_gradient_checkpointing(checkpointing);
+                        let before = m.resident_weight_bytes();
+                        let shards = m.partition_trainable(group.clone(), false).unwrap();
+                        let stand_ins = shards.iter().all(|(k, _)| {
+                            m.is_partitioned(k)
+                                && m.named_weights().iter().any(|(n, t)| {
+                                    n == k
+                                        && !t.requires_grad()
+                                        && t.stride().iter().all(|&s| s == 0)
+                                })
+                        });
+                        let whole: Vec<(String, Tensor)> = m
+                            .named_weights()
+                            .into_iter()
+                            .filter(|(_, t)| t.requires_grad())
+                            .collect();
+                        let loss = lm_loss(&m, &ids);
+                        loss.backward();
+                        let counts = *group.counts.lock().unwrap();
+                        RankRun {
+                            loss: loss.double_value(&[]),
+                            shard_grads: shards
+                                .iter()
+                                .map(|(k, s)| (k.clone(), s.grad().copy()))
+                                .collect(),
+                            whole_grads: whole
+                                .iter()
+                                .map(|(k, t)| (k.clone(), t.grad().copy()))
+                                .collect(),
+                            gathered: m.gathered_weights().unwrap(),
+                            counts,
+                            resident: (before, m.resident_weight_bytes()),
+                            tied_after: m.lm_head_is_tied(),
+                            stand_ins,
+                        }
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect();
+
+            let mut expected_keys = vec!["model.embed_tokens.weight".to_string()];
+            for l in 0..2 {
+                for n in [
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                ] {
+                    expected_keys.push(format!("model.layers.{l}.{n}.weight"));
+                }
+            }
+            if !tied {
+                expected_keys.push("lm_head.weight".into());
+            }
+            let numel = |k: &str| weights.iter().find(|(n, _)| n == k).unwrap().1.numel() as i64;
+            let saved: i64 = expected_keys.iter().map(|k| numel(k) - (numel(k) + 1) / 2).sum();
+            let gathers = 1 + 14 + 1 + 14 + 1 + if checkpointing { 14 } else { 0 };
+            for (rank, run) in runs.iter().enumerate() {
+                let keys: Vec<&String> = run.shard_grads.iter().map(|(k, _)| k).collect();
+                assert_eq!(
+                    keys,
+                    expected_keys.iter().collect::<Vec<_>>(),
+                    "{what}: partitioned, in model order"
+                );
+                assert!(run.stand_ins, "{what}: named_weights lists stand-ins");
+                assert_eq!(run.tied_after, tied, "{what}: the head stays tied");
+                assert!(
+                    (run.loss - ref_losses[rank].double_value(&[])).abs() < 1e-5,
+                    "{what}: rank {rank}'s loss"
+                );
+                assert_eq!(run.counts, (gathers, 16), "{what}: rank {rank}'s collectives");
+                assert_eq!(
+                    run.resident.0 - run.resident.1,
+                    saved as usize * 4,
+                    "{what}: resident bytes"
+                );
+                for (k, g) in &run.shard_grads {
+                    let want = {
+                        let flat = ref_grads[k].reshape([-1]);
+                        let n = flat.size()[0];
+                        let len = (n + 1) / 2;
+                        Tensor::cat(
+                            &[flat, Tensor::zeros([2 * len - n], (Kind::Float, Device::Cpu))],
+                            0,
+                        )
+                        .narrow(0, rank as i64 * len, len)
+                    };
+                    let diff = f64::try_from((g - want).abs().max()).unwrap();
+                    assert!(
+                        diff < 1e-5,
+                        "{what}: rank {rank}'s shard gradient of {k} is off by {diff}"
+                    );
+                }
+                let names: Vec<String> =
+                    reference.named_weights().into_iter().map(|(k, _)| k).collect();
+                let gathered: Vec<String> = run.gathered.iter().map(|(k, _)| k.clone()).collect();
+                assert_eq!(gathered, names, "{what}: gathered_weights follows named_weights");
+                for (k, t) in &run.gathered {
+                    let w = &weights.iter().find(|(n, _)| n == k).unwrap().1;
+                    let diff = f64::try_from((t - w).abs().max()).unwrap();
+                    assert_eq!(diff, 0.0, "{what}: gathered {k}");
+                }
+            }
+            assert_eq!(runs[0].whole_grads.len(), 2 * 2 + 3 * 2 + 1, "norms and biases stay whole");
+            for ((k, g0), (_, g1)) in runs[0].whole_grads.iter().zip(&runs[1].whole_grads) {
+                let diff = f64::try_from(((g0 + g1) / 2.0 - &ref_grads[k]).abs().max()).unwrap();
+                assert!(diff < 1e-5, "{what}: averaged gradient of {k} is off by {diff}");
+            }
+        }
+    }
+
+    /// With one rank nothing is partitioned; a frozen weight is never partitioned.
+    #[test]
+    fn one_rank_or_frozen_weights_are_not_partitioned() {
+        use crate::model::partition::tests::ThreadGroup;
+        let (cfg, weights) = tiny_weights(true);
+        let mut m = trainable_model(&cfg, &weights);
+        assert!(m.partition_trainable(ThreadGroup::ranks(1).remove(0), false).unwrap().is_empty());
+        assert!(m.named_weights().iter().all(|(_, t)| t.requires_grad()));
+        let mut w = Weights::from_tensors(Path::new("memory"), weights);
+        let mut frozen = CausalLM::from_weights(cfg, &mut w, Device::Cpu, Kind::Float).unwrap();
+        let bytes = frozen.resident_weight_bytes();
+        let group = ThreadGroup::ranks(2).remove(0);
+        assert!(frozen.partition_trainable(group, false).unwrap().is_empty());
+        assert_eq!(frozen.resident_weight_bytes(), bytes);
+        assert!(!frozen.is_partitioned("model.embed_tokens.weight"));
     }
 }
