@@ -229,8 +229,9 @@ impl BaseLinear for ShardedBase<'_> {
 /// A frozen linear layer and the adapters that wrap it (see the module docs).
 pub struct FrozenLinear {
     base: LinearBase,
-    /// Set by [`FrozenLinear::shard_weight`]: `base.weight` is then a zero-strided stand-in
-    /// with the right shape and no storage of its own.
+    /// Set by [`FrozenLinear::shard_weight`] (a frozen shard) or
+    /// [`FrozenLinear::partition_weight`] (a trainable one): `base.weight` is then a
+    /// zero-strided stand-in with the right shape and no storage of its own.
     shard: Option<WeightShard>,
     adapters: Vec<(String, Box<dyn AdapterLayer>)>,
     /// Trainable full copies of the layer (`modules_to_save`), by adapter name.
