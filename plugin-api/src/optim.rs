@@ -5,6 +5,10 @@
 //! (`_fused_adamw_`, bound through `csrc/optim.cpp` since tch has no binding for it), the
 //! per-tensor update ([`adamw_update`], `fused=False`'s kernels) only where the fused one
 //! cannot run. See the `single` plugin for the formulas.
+//!
+//! A bf16/f16 parameter keeps a persistent fp32 master copy next to its moments
+//! ([`AdamWState`]): the update runs on the master, and the parameter receives it rounded.
+//! fp32 and fp64 parameters are updated in place, bit-identical to torch.
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
@@ -13,6 +17,15 @@ use crate::kinds::TrainParam;
 use crate::{parse_config, PluginError, PluginResult};
 
 mod multi_tensor;
+mod state;
+
+pub use state::{load_state, needs_master, parse_step, AdamWState, StateEntry, StateSlot};
+
+/// The key of `optimizer_json` through which the host names the parameters it partitions
+/// over the ranks, passed only to a memory plugin reporting
+/// [`SHARD_TRAINABLE_PARAMS`](crate::kinds::memory::SHARD_TRAINABLE_PARAMS): a list of
+/// parameter names ([`split_partitioned`]).
+pub const PARTITIONED_KEY: &str = "partitioned";
 
 /// The run's `optimizer:` section.
 #[derive(Deserialize, Debug, Clone, PartialEq)]
@@ -85,6 +98,26 @@ impl AdamWConfig {
         }
         Ok(cfg)
     }
+}
+
+/// `optimizer_json` as a plugin reporting
+/// [`SHARD_TRAINABLE_PARAMS`](crate::kinds::memory::SHARD_TRAINABLE_PARAMS) receives it: the
+/// run's `optimizer:` section ([`AdamWConfig::parse`]) and the names listed under
+/// [`PARTITIONED_KEY`] (none when the key is absent), the key removed before the config is
+/// parsed (the config denies unknown keys).
+pub fn split_partitioned(optimizer_json: &str) -> PluginResult<(AdamWConfig, Vec<String>)> {
+    let text = if optimizer_json.trim().is_empty() { "{}" } else { optimizer_json };
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str(text) else {
+        // Not a JSON object: the config parser says what is wrong with it.
+        return Ok((AdamWConfig::parse(optimizer_json)?, Vec::new()));
+    };
+    let names = match map.remove(PARTITIONED_KEY) {
+        None => Vec::new(),
+        Some(v) => serde_json::from_value::<Vec<String>>(v).map_err(|e| {
+            PluginError::config(PARTITIONED_KEY, format!("must be a list of parameter names: {e}"))
+        })?,
+    };
+    Ok((AdamWConfig::parse(&serde_json::Value::Object(map).to_string())?, names))
 }
 
 /// What a memory plugin's `setup` checks of its parameters, each in turn: its name not
@@ -186,16 +219,21 @@ fn read_norm_and_coef(
     Ok((values[0], values.get(1).copied()))
 }
 
-/// One parameter's AdamW moments.
+/// One parameter's AdamW state, borrowed for a step (owned: [`AdamWState`]).
 pub struct AdamWMoments<'a> {
     pub exp_avg: &'a mut Tensor,
     pub exp_avg_sq: &'a mut Tensor,
     pub max_exp_avg_sq: Option<&'a mut Tensor>,
+    /// The fp32 master copy of a bf16/f16 parameter, in the moments' dtype and on their
+    /// device: when present the update runs on it and the parameter then receives
+    /// `master.to(param.dtype)`.
+    pub master: Option<&'a mut Tensor>,
 }
 
 /// The AdamW update of `param` with gradient `grad` (already clipped, in the state's dtype
 /// and on the state's device) at optimizer step `step` (1-based). The arithmetic runs where
-/// the state lives: a parameter of another dtype or device (CPU offload) is copied there,
+/// the state lives: on the master copy when there is one (the parameter receives it
+/// rounded), else a parameter of another dtype or device (CPU offload) is copied there,
 /// updated, and copied back.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_update(
@@ -211,11 +249,16 @@ pub fn adamw_update(
     let (beta1, beta2) = cfg.betas;
     let lr = lr * lr_scale;
     let weight_decay = cfg.weight_decay * weight_decay_scale;
-    let in_place = param.kind() == m.exp_avg.kind() && param.device() == m.exp_avg.device();
-    let mut work = if in_place {
-        param.shallow_clone()
-    } else {
-        param.f_to_device(m.exp_avg.device())?.f_to_kind(m.exp_avg.kind())?
+    let in_place = m.master.is_none()
+        && param.kind() == m.exp_avg.kind()
+        && param.device() == m.exp_avg.device();
+    let mut work = match m.master.as_deref() {
+        Some(master) => {
+            check_master(master, m.exp_avg)?;
+            master.shallow_clone()
+        }
+        None if in_place => param.shallow_clone(),
+        None => param.f_to_device(m.exp_avg.device())?.f_to_kind(m.exp_avg.kind())?,
     };
     if weight_decay != 0.0 {
         let _ = work.f_mul_scalar_(1.0 - lr * weight_decay)?;
@@ -247,7 +290,21 @@ pub fn adamw_update(
     Ok(())
 }
 
-/// One parameter's part in an [`adamw_step`]: the parameter, its AdamW moments and its
+/// A master copy must live where the moments do, in their dtype: the update runs there.
+fn check_master(master: &Tensor, exp_avg: &Tensor) -> PluginResult<()> {
+    if (master.kind(), master.device()) != (exp_avg.kind(), exp_avg.device()) {
+        return Err(PluginError::invalid(format!(
+            "AdamW master copy is {:?} on {:?}, its moments {:?} on {:?}",
+            master.kind(),
+            master.device(),
+            exp_avg.kind(),
+            exp_avg.device()
+        )));
+    }
+    Ok(())
+}
+
+/// One parameter's part in an [`adamw_step`]: the parameter, its AdamW state and its
 /// gradient (reduced over the ranks as the plugin does it; any dtype and device).
 pub struct AdamWParam<'a> {
     pub param: &'a TrainParam,
@@ -282,12 +339,13 @@ pub fn adamw_step<'a>(
     Ok(StepReport { grad_norm, skipped: false, metrics })
 }
 
-/// One parameter during a step: what the update writes (the parameter itself, or its copy
-/// in the state's dtype and device) and its gradient there.
+/// One parameter during a step: what the update writes (the parameter itself, its master
+/// copy, or a temporary copy in the state's dtype and device) and its gradient there.
 struct Work<'a> {
     param: &'a TrainParam,
     target: Tensor,
-    /// Whether `target` is a copy, written back after the update.
+    /// Whether `target` is not the parameter (a master or a copy): the parameter receives it
+    /// after the update.
     copied: bool,
     grad: Tensor,
     moments: AdamWMoments<'a>,
@@ -297,11 +355,15 @@ impl<'a> Work<'a> {
     fn new(p: AdamWParam<'a>) -> PluginResult<Self> {
         let (kind, device) = (p.moments.exp_avg.kind(), p.moments.exp_avg.device());
         let t = &p.param.tensor;
-        let copied = t.kind() != kind || t.device() != device;
-        let target = if copied {
-            t.f_detach()?.f_to_device(device)?.f_to_kind(kind)?
-        } else {
-            t.shallow_clone()
+        let (target, copied) = match p.moments.master.as_deref() {
+            Some(master) => {
+                check_master(master, p.moments.exp_avg)?;
+                (master.shallow_clone(), true)
+            }
+            None if t.kind() != kind || t.device() != device => {
+                (t.f_detach()?.f_to_device(device)?.f_to_kind(kind)?, true)
+            }
+            None => (t.shallow_clone(), false),
         };
         let grad = p.grad.f_detach()?.f_to_device(device)?.f_to_kind(kind)?.f_contiguous()?;
         Ok(Self { param: p.param, target, copied, grad, moments: p.moments })
@@ -328,17 +390,20 @@ impl<'a> Work<'a> {
             && m.max_exp_avg_sq.as_ref().is_none_or(|t| t.is_contiguous())
     }
 
-    /// The reborrowed moments, for the per-tensor update.
+    /// The reborrowed moments, for the per-tensor update of `target` (already the master
+    /// where there is one, so none is passed on).
     fn moments(&mut self) -> AdamWMoments<'_> {
         let m = &mut self.moments;
         AdamWMoments {
             exp_avg: &mut *m.exp_avg,
             exp_avg_sq: &mut *m.exp_avg_sq,
             max_exp_avg_sq: m.max_exp_avg_sq.as_deref_mut(),
+            master: None,
         }
     }
 
-    /// Writes an updated copy back into the parameter (CPU offload, low-precision weights).
+    /// Writes the updated master or copy into the parameter (rounded to its dtype, moved to
+    /// its device: low-precision weights, CPU offload).
     fn copy_back(&self) -> PluginResult<()> {
         if self.copied {
             self.param.tensor.shallow_clone().f_copy_(&self.target)?;
@@ -435,4 +500,48 @@ fn update_group(
         adamw_update(cfg, &target, lr_scale, wd_scale, w.moments(), &grad, lr, step)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-tensor update (the fallback of devices without the fused kernel) with a
+    /// master: the master follows an fp32 parameter updated alone bit for bit, and the bf16
+    /// parameter is the master rounded after each step.
+    #[test]
+    fn per_tensor_update_runs_on_the_master() {
+        let cfg = AdamWConfig::parse(r#"{"weight_decay": 0.1, "amsgrad": true}"#).unwrap();
+        let init = Tensor::from_slice(&[1.0f32, -1.0, 0.75]).to_kind(Kind::BFloat16);
+        let low = init.copy();
+        let fp32 = init.to_kind(Kind::Float);
+        let mut low_state = AdamWState::new(&low, true, Device::Cpu).unwrap();
+        let mut fp32_state = AdamWState::new(&fp32, true, Device::Cpu).unwrap();
+        assert!(fp32_state.master.is_none());
+        for step in 1..=4 {
+            let g = Tensor::from_slice(&[0.3f32, -0.2, 0.05]) * step as f64;
+            adamw_update(&cfg, &low, 1.0, 1.0, low_state.moments(), &g, 1e-5, step).unwrap();
+            adamw_update(&cfg, &fp32, 1.0, 1.0, fp32_state.moments(), &g, 1e-5, step).unwrap();
+            let master = low_state.master.as_ref().unwrap();
+            assert!(master.equal(&fp32), "step {step}");
+            assert!(low.equal(&master.to_kind(Kind::BFloat16)), "step {step}");
+        }
+        assert!(!fp32.equal(&init.to_kind(Kind::Float)), "the updates accumulated");
+        assert!(low.equal(&init), "each update is below bf16's precision near 1");
+    }
+
+    #[test]
+    fn split_partitioned_strips_the_host_key() {
+        let (cfg, names) =
+            split_partitioned(r#"{"weight_decay": 0.0, "partitioned": ["a.w", "b.w"]}"#).unwrap();
+        assert_eq!((cfg.weight_decay, names), (0.0, vec!["a.w".to_string(), "b.w".to_string()]));
+        let (cfg, names) = split_partitioned("").unwrap();
+        assert_eq!((cfg, names), (AdamWConfig::parse("{}").unwrap(), vec![]));
+        let e = split_partitioned(r#"{"partitioned": [1]}"#).unwrap_err();
+        assert!(e.message().contains("`partitioned`"), "{e}");
+        let e = split_partitioned(r#"{"partitioned": [], "eps": 0}"#).unwrap_err();
+        assert!(e.message().contains("`optimizer.eps`"), "{e}");
+        let e = split_partitioned("[1]").unwrap_err();
+        assert!(e.message().contains("invalid type"), "{e}");
+    }
 }

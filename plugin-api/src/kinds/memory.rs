@@ -85,6 +85,28 @@ pub trait MemoryStrategy: Send + 'static {
 pub const SHARD_FROZEN_PARAMS: &str = "shard_frozen_params";
 /// Capability: the host keeps those shards in CPU memory (a no-op when training on CPU).
 pub const OFFLOAD_PARAMS_CPU: &str = "offload_params_cpu";
+/// Capability: the host may partition trainable weights over the ranks itself (full
+/// fine-tuning under ZeRO stage 3). The contract, only with a plugin reporting it:
+///
+/// * The host adds `"partitioned": ["name", ...]` to the `optimizer_json` of
+///   [`MemoryStrategy::setup`] ([`PARTITIONED_KEY`](crate::optim::PARTITIONED_KEY); never
+///   to other plugins, whose AdamW config refuses unknown keys). The plugin strips it before
+///   parsing the AdamW config ([`split_partitioned`](crate::optim::split_partitioned)).
+/// * Each named [`TrainParam`] is this rank's flat 1-D shard of a weight the host
+///   partitions: every rank's shard of that weight has the same length, the last rank's
+///   padded with zeros at its end. A name that is no parameter, or a parameter that is not
+///   1-D, is refused by name.
+/// * Its `.grad` arrives already averaged over the ranks (the host reduce-scatters in
+///   backward); an undefined gradient counts as zeros. The plugin does not reduce it.
+/// * Every rank keeps the optimizer state of its own shard (fp32 master included for
+///   bf16/f16) and updates it; zero padding stays zero (zero gradient and weight).
+/// * The global norm for clipping is the square root of the sum over the ranks of the
+///   squared norms of the shards' gradients and of the other parameters' reduced gradients.
+/// * Nothing is gathered after the step: the host gathers a weight when it needs it.
+/// * Parameters not listed are handled as without the capability. State-dict names stay
+///   `<name>.exp_avg` etc. (this rank's shard: a checkpoint per rank, resumable with the
+///   same world size).
+pub const SHARD_TRAINABLE_PARAMS: &str = "shard_trainable_params";
 
 /// Plugin side of the root module's `memory_capabilities`: the capabilities of plugin `T`
 /// configured by `config_json`.

@@ -16,58 +16,29 @@
 //! The fused kernel evaluates these formulas per element in one pass, so fp32 results are
 //! bit-identical to `AdamW(fused=True)` on the same device (tests/optim_parity.rs; torch's
 //! unfused path differs from it in the last bits). Optimizer state is fp32 for
-//! fp16/bf16/fp32 parameters (fp64 for fp64 ones); a low-precision parameter is updated in
-//! an fp32 copy and rounded back. A non-finite global gradient norm skips the step (and the
+//! fp16/bf16/fp32 parameters (fp64 for fp64 ones). A bf16/f16 parameter also keeps fp32
+//! master weights, made from its values at setup (DeepSpeed's bf16 mode): the update runs on
+//! the master and the parameter receives `master.to(dtype)`, so updates below the
+//! parameter's precision accumulate in the master instead of being lost. A non-finite global gradient norm skips the step (and the
 //! step counter). After every step the gradients are dropped (`grad = None`). A parameter
 //! without a gradient at a step is left alone; the bias correction
 //! uses the run's step count (torch counts per parameter: the two differ only for a
 //! parameter that misses some steps' gradients entirely).
 //!
-//! State dict: `step` (int64 scalar), `<param>.exp_avg`, `<param>.exp_avg_sq`, and with
-//! amsgrad `<param>.max_exp_avg_sq`.
+//! State dict: `step` (int64 scalar), `<param>.exp_avg`, `<param>.exp_avg_sq`, with
+//! amsgrad `<param>.max_exp_avg_sq`, and for a bf16/f16 parameter `<param>.master`.
 use ferrotune_plugin_api::prelude::*;
 use serde::Deserialize;
 
 pub use ferrotune_plugin_api::optim::AdamWConfig;
 use ferrotune_plugin_api::optim::{
-    adamw_step, check_params, global_norm, state_kind, AdamWMoments, AdamWParam,
+    adamw_step, check_params, global_norm, load_state, AdamWParam, AdamWState, StateSlot,
 };
 
 /// One trainable parameter and its AdamW state.
 struct Slot {
     param: TrainParam,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Option<Tensor>,
-}
-
-/// Which state tensor a state-dict name refers to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Moment {
-    ExpAvg,
-    ExpAvgSq,
-    MaxExpAvgSq,
-}
-
-impl Moment {
-    const ALL: [Moment; 3] = [Moment::ExpAvg, Moment::ExpAvgSq, Moment::MaxExpAvgSq];
-    fn suffix(self) -> &'static str {
-        match self {
-            Moment::ExpAvg => "exp_avg",
-            Moment::ExpAvgSq => "exp_avg_sq",
-            Moment::MaxExpAvgSq => "max_exp_avg_sq",
-        }
-    }
-}
-
-impl Slot {
-    fn moment(&self, m: Moment) -> Option<&Tensor> {
-        match m {
-            Moment::ExpAvg => Some(&self.exp_avg),
-            Moment::ExpAvgSq => Some(&self.exp_avg_sq),
-            Moment::MaxExpAvgSq => self.max_exp_avg_sq.as_ref(),
-        }
-    }
+    state: AdamWState,
 }
 
 pub struct Single {
@@ -122,17 +93,13 @@ impl MemoryStrategy for Single {
         single_rank(comm)?;
         let cfg = AdamWConfig::parse(optimizer_json)?;
         check_params(&params, device, ": the `single` plugin keeps everything on one device")?;
-        let mut slots = Vec::with_capacity(params.len());
-        for p in params {
-            let t = &p.tensor;
-            let zeros = || Tensor::f_zeros(t.size(), (state_kind(t.kind()), t.device()));
-            slots.push(Slot {
-                exp_avg: zeros()?,
-                exp_avg_sq: zeros()?,
-                max_exp_avg_sq: if cfg.amsgrad { Some(zeros()?) } else { None },
-                param: p,
-            });
-        }
+        let slots = params
+            .into_iter()
+            .map(|p| {
+                let state = AdamWState::new(&p.tensor, cfg.amsgrad, device)?;
+                Ok(Slot { param: p, state })
+            })
+            .collect::<PluginResult<Vec<_>>>()?;
         *self = Self { cfg, slots, step: 0, ready: true };
         Ok(())
     }
@@ -162,10 +129,8 @@ impl MemoryStrategy for Single {
         };
         // Parameters without a gradient at this step are left alone.
         let params = self.slots.iter_mut().zip(&grads).filter_map(|(slot, grad)| {
-            let Slot { param, exp_avg, exp_avg_sq, max_exp_avg_sq } = slot;
-            let moments =
-                AdamWMoments { exp_avg, exp_avg_sq, max_exp_avg_sq: max_exp_avg_sq.as_mut() };
-            Some(AdamWParam { param, moments, grad: grad.as_ref()? })
+            let grad = grad.as_ref()?;
+            Some(AdamWParam { param: &slot.param, moments: slot.state.moments(), grad })
         });
         let report = adamw_step(&self.cfg, &total_norm, lr, &mut self.step, params)?;
         self.zero_grad()?;
@@ -180,97 +145,37 @@ impl MemoryStrategy for Single {
         self.ensure_ready()?;
         let mut out = vec![("step".to_string(), Tensor::from(self.step))];
         for s in &self.slots {
-            for m in Moment::ALL {
-                if let Some(t) = s.moment(m) {
-                    out.push((format!("{}.{}", s.param.name, m.suffix()), t.f_detach_copy()?));
-                }
-            }
+            out.extend(s.state.named(&s.param.name)?);
         }
         Ok(out)
     }
 
     fn load_state_dict(&mut self, state: Vec<(String, Tensor)>) -> PluginResult<()> {
         self.ensure_ready()?;
-        // Validate everything first, so a bad checkpoint leaves the state untouched.
-        let mut step = None;
-        let mut found: Vec<[Option<Tensor>; 3]> =
-            self.slots.iter().map(|_| [None, None, None]).collect();
-        for (name, t) in state {
-            if name == "step" {
-                if t.numel() != 1 {
-                    return Err(PluginError::invalid(format!(
-                        "optimizer state `step` must be a scalar, got shape {:?}",
-                        t.size()
-                    )));
-                }
-                let v = t.f_to_kind(Kind::Double)?.f_double_value(&[])?;
-                if !(v >= 0.0 && v.fract() == 0.0 && v < 9.0e15) {
-                    return Err(PluginError::invalid(format!(
-                        "optimizer state `step` must be a non-negative integer, got {v}"
-                    )));
-                }
-                step = Some(v as i64);
-                continue;
-            }
-            let target = self.slots.iter().enumerate().find_map(|(i, s)| {
-                let rest = name.strip_prefix(s.param.name.as_str())?.strip_prefix('.')?;
-                let m = Moment::ALL.into_iter().find(|m| m.suffix() == rest)?;
-                s.moment(m).map(|_| (i, m))
-            });
-            let Some((i, m)) = target else {
-                let hint = if name.ends_with(".max_exp_avg_sq") && !self.cfg.amsgrad {
-                    " (amsgrad state, but `amsgrad` is off)"
-                } else {
-                    ""
-                };
-                return Err(PluginError::invalid(format!(
-                    "unknown optimizer state `{name}`{hint}: expected `step` and `<param>.exp_avg`, `<param>.exp_avg_sq`{} for the {} parameters of this run",
-                    if self.cfg.amsgrad { ", `<param>.max_exp_avg_sq`" } else { "" },
-                    self.slots.len()
-                )));
+        let (amsgrad, count) = (self.cfg.amsgrad, self.slots.len());
+        let unknown = |name: &str| {
+            let hint = if name.ends_with(".max_exp_avg_sq") && !amsgrad {
+                " (amsgrad state, but `amsgrad` is off)"
+            } else if name.ends_with(".master") {
+                " (fp32 master weights are kept only for bf16/f16 parameters)"
+            } else {
+                ""
             };
-            let expected = self.slots[i].param.tensor.size();
-            if t.size() != expected {
-                return Err(PluginError::invalid(format!(
-                    "optimizer state `{name}` has shape {:?}, the parameter {expected:?}",
-                    t.size()
-                )));
-            }
-            if !t.is_floating_point() {
-                return Err(PluginError::invalid(format!(
-                    "optimizer state `{name}` is {:?}, not floating point",
-                    t.kind()
-                )));
-            }
-            if found[i][m as usize].replace(t).is_some() {
-                return Err(PluginError::invalid(format!(
-                    "optimizer state `{name}` appears twice"
-                )));
-            }
-        }
-        let step = step.ok_or_else(|| PluginError::invalid("optimizer state has no `step`"))?;
-        for (s, f) in self.slots.iter().zip(&found) {
-            for m in Moment::ALL {
-                if s.moment(m).is_some() && f[m as usize].is_none() {
-                    return Err(PluginError::invalid(format!(
-                        "optimizer state has no `{}.{}`",
-                        s.param.name,
-                        m.suffix()
-                    )));
-                }
-            }
-        }
-        tch::no_grad(|| -> PluginResult<()> {
-            for (s, f) in self.slots.iter_mut().zip(found) {
-                for (m, t) in Moment::ALL.into_iter().zip(f) {
-                    if let (Some(dst), Some(src)) = (s.moment(m), t) {
-                        dst.shallow_clone().f_copy_(&src)?;
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        self.step = step;
+            PluginError::invalid(format!(
+                "unknown optimizer state `{name}`{hint}: expected `step` and `<param>.exp_avg`, `<param>.exp_avg_sq`{}, `<param>.master` (bf16/f16 only) for the {count} parameters of this run",
+                if amsgrad { ", `<param>.max_exp_avg_sq`" } else { "" },
+            ))
+        };
+        let mut slots: Vec<StateSlot<'_>> = self
+            .slots
+            .iter_mut()
+            .map(|s| StateSlot {
+                name: &s.param.name,
+                shape: s.param.tensor.size(),
+                state: Some(&mut s.state),
+            })
+            .collect();
+        self.step = load_state(state, &mut slots, &unknown, "")?;
         Ok(())
     }
 }
@@ -409,6 +314,125 @@ mod tests {
             "{}",
             t.double_value(&[0])
         );
+    }
+
+    /// Steps `plugins` (each holding one parameter) with the gradients `grads[step]`, each
+    /// converted to its parameter's dtype, calling `after` after every step.
+    fn train(
+        plugins: &mut [&mut Single],
+        grads: &[Vec<f32>],
+        lr: f64,
+        after: &dyn Fn(&[&mut Single]),
+    ) {
+        for g in grads {
+            for s in plugins.iter_mut() {
+                let p = s.slots[0].param.tensor.shallow_clone();
+                (&p * Tensor::from_slice(g).to_kind(p.kind())).sum(Kind::Float).backward();
+                assert!(!s.step(lr, &World(1)).unwrap().skipped);
+            }
+            after(plugins);
+        }
+    }
+
+    fn master_of(s: &Single) -> Tensor {
+        s.slots[0].state.master.as_ref().expect("a master").shallow_clone()
+    }
+
+    /// Gradients whose bf16 and f16 roundings differ from themselves, varying per step.
+    fn tiny_update_grads() -> Vec<Vec<f32>> {
+        (0..6)
+            .map(|k| (0..4).map(|i| ((i * 7 + k * 3) % 11) as f32 * 0.137 - 0.6).collect())
+            .collect()
+    }
+
+    /// lr 1e-5 on weights near 1: each step moves a weight by ~1e-5, far below bf16's half
+    /// ulp there (2^-9): rounding the parameter after each step, as before masters, lost
+    /// every update. The master keeps them, equals an fp32 parameter trained alone on the
+    /// same (fp32-converted) gradients bit for bit, and the parameter is always the master
+    /// rounded.
+    #[test]
+    fn low_precision_parameter_trains_an_fp32_master() {
+        let init = [1.0f32, -1.0, 0.75, 1.5];
+        for kind in [Kind::BFloat16, Kind::Half] {
+            let cfg = r#"{"weight_decay": 0.1, "max_grad_norm": 0.5}"#;
+            let t = Tensor::from_slice(&init).to_kind(kind).set_requires_grad(true);
+            let mut low = ready(cfg, vec![TrainParam::new("p", t.shallow_clone())]);
+            // The reference gets the low-precision gradients converted to fp32.
+            let grads: Vec<Vec<f32>> = tiny_update_grads()
+                .iter()
+                .map(|g| {
+                    Vec::<f32>::try_from(Tensor::from_slice(g).to_kind(kind).to_kind(Kind::Float))
+                        .unwrap()
+                })
+                .collect();
+            let init_low = Vec::<f32>::try_from(t.to_kind(Kind::Float)).unwrap();
+            let mut reference = ready(cfg, vec![param("p", &init_low)]);
+            assert_eq!(Vec::<f32>::try_from(&master_of(&low)).unwrap(), init_low);
+            train(&mut [&mut low, &mut reference], &grads, 1e-5, &|ss| {
+                let (low, reference) = (&ss[0], &ss[1]);
+                let master = master_of(low);
+                assert_eq!(master.kind(), Kind::Float);
+                assert!(
+                    master.equal(&reference.slots[0].param.tensor),
+                    "{kind:?}: master != fp32 run"
+                );
+                assert!(t.equal(&master.to_kind(kind)), "{kind:?}: param != master rounded");
+            });
+            let master = Vec::<f32>::try_from(&master_of(&low)).unwrap();
+            assert!(master.iter().zip(&init_low).all(|(m, i)| m != i), "{kind:?}: {master:?}");
+            // bf16/f16 alone would have lost every update: the rounded master is the start.
+            assert_eq!(Vec::<f32>::try_from(t.to_kind(Kind::Float)).unwrap(), init_low, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn master_survives_a_state_dict_round_trip() {
+        let grads = tiny_update_grads();
+        let new = || {
+            let t = Tensor::from_slice(&[1.0f32, -1.0, 0.75, 1.5]).to_kind(Kind::BFloat16);
+            ready("{}", vec![TrainParam::new("w", t.set_requires_grad(true)), param("b", &[0.5])])
+        };
+        let mut a = new();
+        train(&mut [&mut a], &grads[..3], 1e-5, &|_| {});
+        let state = a.state_dict().unwrap();
+        let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["step", "w.exp_avg", "w.exp_avg_sq", "w.master", "b.exp_avg", "b.exp_avg_sq"]
+        );
+        // A fresh plugin, its parameter given the checkpoint's (rounded) weights as the host
+        // does, then the optimizer state: both continue identically.
+        let mut b = new();
+        tch::no_grad(|| b.slots[0].param.tensor.shallow_clone().copy_(&a.slots[0].param.tensor));
+        assert!(!master_of(&b).equal(&master_of(&a)), "the steps moved the master");
+        b.load_state_dict(state.iter().map(|(n, t)| (n.clone(), t.copy())).collect()).unwrap();
+        assert!(master_of(&b).equal(&master_of(&a)));
+        train(&mut [&mut a, &mut b], &grads[3..], 1e-5, &|ss| {
+            assert!(master_of(ss[0]).equal(&master_of(ss[1])));
+            assert!(ss[0].slots[0].param.tensor.equal(&ss[1].slots[0].param.tensor));
+        });
+
+        let without: Vec<_> = state
+            .iter()
+            .filter(|(n, _)| n != "w.master")
+            .map(|(n, t)| (n.clone(), t.copy()))
+            .collect();
+        let e = b.load_state_dict(without).unwrap_err();
+        assert!(
+            e.message().contains("no `w.master`") && e.message().contains("master weights"),
+            "{e}"
+        );
+        let mut extra: Vec<_> = state.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        extra.push(("b.master".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu))));
+        let e = b.load_state_dict(extra).unwrap_err();
+        assert!(
+            e.message().contains("`b.master`") && e.message().contains("only for bf16/f16"),
+            "{e}"
+        );
+        let mut bad: Vec<_> = state.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        bad[3].1 = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        let e = b.load_state_dict(bad).unwrap_err();
+        assert!(e.message().contains("`w.master` has shape [3]"), "{e}");
     }
 
     #[test]
