@@ -23,6 +23,19 @@ pub const STRATEGIES: [(&str, &str); 4] = [
     ("zero-3", "{plugin: zero, stage: 3}"),
 ];
 
+/// The strategies of the full fine-tuning table (`--finetuning full`).
+pub const FULL_STRATEGIES: [(&str, &str); 6] = [
+    ("ddp", "{plugin: ddp}"),
+    ("zero-1", "{plugin: zero, stage: 1}"),
+    ("zero-2", "{plugin: zero, stage: 2}"),
+    ("zero-3", "{plugin: zero, stage: 3}"),
+    ("zero-3+offload_optimizer", "{plugin: zero, stage: 3, offload_optimizer: cpu}"),
+    (
+        "zero-3+offload_optimizer+offload_param",
+        "{plugin: zero, stage: 3, offload_optimizer: cpu, offload_param: cpu}",
+    ),
+];
+
 /// What `bench memory` runs.
 #[derive(Debug, Clone)]
 pub struct MemoryBench {
@@ -44,6 +57,11 @@ pub struct MemoryBench {
     pub ckpt_seq_len: usize,
     /// `--plugin-dir DIR` pairs forwarded to every child command.
     pub plugin_args: Vec<String>,
+    /// The full fine-tuning table: every weight trains ([`FULL_STRATEGIES`]), no
+    /// activation-checkpointing step.
+    pub full: bool,
+    /// Launched runs use `training.gradient_checkpointing`.
+    pub gradient_checkpointing: bool,
 }
 
 /// Synthetic alpaca rows: a multiple of every `micro_batch_size × ranks` the bench uses, so
@@ -125,24 +143,30 @@ pub fn bench_memory(
     let data = work.join("rows.jsonl");
     write_rows(&data)?;
     let mut out = Vec::new();
+    let strategies: &[(&str, &str)] = if opts.full { &FULL_STRATEGIES } else { &STRATEGIES };
+    let trains = if opts.full {
+        "finetuning: full"
+    } else {
+        "adapter: {plugin: lora, r: 16, lora_alpha: 32, lora_dropout: 0.0, target_modules: all-linear}"
+    };
     for &n in &opts.ranks {
-        for (name, memory) in STRATEGIES {
+        for &(name, memory) in strategies {
             let dir = work.join(format!("{name}-{n}"));
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)
                     .with_context(|| format!("cannot clear {}", dir.display()))?;
             }
             let yaml = format!(
-                "model: {model}\noutput_dir: {out}\nseed: 1\n\
-                 adapter: {{plugin: lora, r: 16, lora_alpha: 32, lora_dropout: 0.0, target_modules: all-linear}}\n\
+                "model: {model}\noutput_dir: {out}\nseed: 1\n{trains}\n\
                  optimizer: {{lr: 1.0e-4}}\nmemory: {memory}\n\
                  data: {{plugin: alpaca, path: {data}}}\n\
-                 training: {{max_steps: {steps}, micro_batch_size: {mbs}, gradient_accumulation_steps: 1, progress_bar: false}}\n",
+                 training: {{max_steps: {steps}, micro_batch_size: {mbs}, gradient_accumulation_steps: 1, progress_bar: false, gradient_checkpointing: {ckpt}}}\n",
                 model = model.display(),
                 out = dir.display(),
                 data = data.display(),
                 steps = opts.steps,
                 mbs = opts.micro_batch_size,
+                ckpt = opts.gradient_checkpointing,
             );
             let cfg = work.join(format!("{name}-{n}.yaml"));
             std::fs::write(&cfg, yaml)
@@ -152,22 +176,37 @@ pub fn bench_memory(
             args.extend(["train".to_string(), cfg.display().to_string()]);
             let (_, err) = run(exe, &args).with_context(|| format!("{name} on {n} rank(s)"))?;
             for (rank, r) in memory_reports(&err, n)?.into_iter().enumerate() {
-                let line = json!({
-                    "strategy": name,
-                    "ranks": n,
-                    "rank": rank,
-                    "optimizer_state_bytes": r["optimizer_state"],
-                    "trainable_param_bytes": r["trainable"],
-                    "frozen_param_bytes": r["frozen"],
-                    "frozen_decoder_linear_bytes": r["frozen_decoder_linears"],
-                    "peak_rss_mb": r["peak_rss"].as_f64().map(|b| (b / MIB * 10.0).round() / 10.0),
-                });
+                let peak_rss_mb = r["peak_rss"].as_f64().map(|b| (b / MIB * 10.0).round() / 10.0);
+                let line = if opts.full {
+                    json!({
+                        "finetuning": "full",
+                        "strategy": name,
+                        "ranks": n,
+                        "rank": rank,
+                        "param_bytes": r["params"],
+                        "gradient_bytes": r["gradients"],
+                        "optimizer_state_bytes": r["optimizer_state"],
+                        "peak_rss_mb": peak_rss_mb,
+                    })
+                } else {
+                    json!({
+                        "strategy": name,
+                        "ranks": n,
+                        "rank": rank,
+                        "optimizer_state_bytes": r["optimizer_state"],
+                        "trainable_param_bytes": r["trainable"],
+                        "frozen_param_bytes": r["frozen"],
+                        "frozen_decoder_linear_bytes": r["frozen_decoder_linears"],
+                        "peak_rss_mb": peak_rss_mb,
+                    })
+                };
                 emit(&line);
                 out.push(line);
             }
         }
     }
-    for on in [false, true] {
+    let ckpt_steps: &[bool] = if opts.full { &[] } else { &[false, true] };
+    for &on in ckpt_steps {
         let mut args = vec!["bench".to_string(), "train".into()];
         args.extend(opts.plugin_args.iter().cloned());
         args.extend(

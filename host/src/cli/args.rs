@@ -385,6 +385,15 @@ pub enum BenchCommand {
         /// Tokens per row of the activation-checkpointing step.
         #[arg(long, default_value_t = 2048)]
         ckpt_seq_len: usize,
+        /// `full`: the full fine-tuning table instead (every weight trains; ddp, zero 1/2/3,
+        /// zero-3 with offload_optimizer, and with offload_param too; per rank parameter,
+        /// gradient and optimizer-state bytes and peak RSS); no activation-checkpointing step.
+        #[arg(long, default_value = "adapter")]
+        finetuning: String,
+        /// Launched runs recompute each decoder layer in backward (what lets ZeRO-3 hold one
+        /// gathered layer at a time).
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
     /// Decode tokens/s of one batch of N requests all on one LoRA adapter vs the same N on N
     /// different adapters (mixed batch, S-LoRA style) vs the base alone; one JSON line.

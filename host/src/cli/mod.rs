@@ -117,11 +117,15 @@ fn train(
     });
     let summary = crate::train::train(&cfg, &registry, resume)?;
     eprintln!(
-        "done: {} steps, loss {:.4} -> {:.4}{}; adapter in {}",
+        "done: {} steps, loss {:.4} -> {:.4}{}; {} in {}",
         summary.steps,
         summary.first_loss.unwrap_or(f64::NAN),
         summary.last_loss.unwrap_or(f64::NAN),
         summary.eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+        match cfg.finetuning() {
+            crate::train::config::Finetuning::Adapter => "adapter",
+            _ => "model",
+        },
         summary.output_dir.display()
     );
     Ok(())
@@ -277,6 +281,8 @@ fn bench(what: BenchCommand, search: &SearchPath, plugin_args: Vec<String>) -> R
             ckpt_model,
             ckpt_batch,
             ckpt_seq_len,
+            finetuning,
+            gradient_checkpointing,
         } => {
             let exe = std::env::current_exe().context("cannot find this ferrotune binary")?;
             let opts = crate::bench::memory::MemoryBench {
@@ -289,6 +295,12 @@ fn bench(what: BenchCommand, search: &SearchPath, plugin_args: Vec<String>) -> R
                 ckpt_batch,
                 ckpt_seq_len,
                 plugin_args,
+                full: match finetuning.as_str() {
+                    "adapter" => false,
+                    "full" => true,
+                    other => anyhow::bail!("--finetuning `{other}`: adapter or full"),
+                },
+                gradient_checkpointing,
             };
             crate::bench::memory::bench_memory(&exe, &opts, |line| println!("{line}"))?;
             return Ok(());

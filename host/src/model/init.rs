@@ -86,13 +86,15 @@ pub fn default_mrope_section(head_dim: i64) -> Vec<i64> {
 }
 
 /// Names of the presets of [`InitOptions::preset`].
-pub const PRESETS: [&str; 3] = ["tiny", "small", "tiny-vl"];
+pub const PRESETS: [&str; 4] = ["tiny", "small", "tiny-vl", "qwen2-0.5b"];
 
 impl InitOptions {
     /// `tiny`: hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 176 (tests, seconds).
     /// `small`: hidden 512, 8 layers, 8 heads, 2 kv heads, intermediate 1408 (benchmarks).
     /// `tiny-vl`: Qwen2-VL with the `tiny` decoder (M-RoPE split [2, 3, 3]) and a vision tower
     /// of depth 2, embed_dim 32, 2 heads, mlp_ratio 2.
+    /// `qwen2-0.5b`: Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 kv heads,
+    /// intermediate 4864; ~494M parameters with Qwen's 151k vocabulary), for memory benchmarks.
     /// All: tied embeddings, rope_theta 1e6, 2048 positions, bf16, seed 0; Qwen2 unless VL.
     pub fn preset(
         name: &str,
@@ -102,6 +104,7 @@ impl InitOptions {
         let (hidden, layers, heads, kv, inter) = match name {
             "tiny" | "tiny-vl" => (64, 2, 4, 2, 176),
             "small" => (512, 8, 8, 2, 1408),
+            "qwen2-0.5b" => (896, 24, 14, 2, 4864),
             other => bail!("unknown model preset `{other}` (presets: {})", PRESETS.join(", ")),
         };
         Ok(Self {

@@ -45,8 +45,11 @@ pub(crate) fn rewind_metrics(path: &Path, step: usize) -> Result<()> {
 // ------------------------------------------------------------------ the output folder
 
 /// Files a run writes at the top of its output folder, besides its `checkpoint-N` folders.
-const RUN_FILES: [&str; 7] = [
+const RUN_FILES: [&str; 10] = [
     METRICS_FILE,
+    "config.json",
+    crate::model::weights::SINGLE_FILE,
+    crate::model::weights::INDEX_FILE,
     ADAPTER_WEIGHTS,
     ADAPTER_CONFIG,
     non_lora::NON_LORA_FILE,
@@ -66,6 +69,7 @@ pub fn earlier_run_files(out: &Path) -> Vec<PathBuf> {
             let name = e.file_name().to_string_lossy().into_owned();
             let empty = e.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
             (RUN_FILES.contains(&name.as_str()) && !(name == METRICS_FILE && empty))
+                || is_weight_shard(&name)
                 || name.strip_prefix("checkpoint-").is_some_and(|n| n.parse::<usize>().is_ok())
         })
         .map(|e| e.path())
@@ -106,6 +110,14 @@ pub fn remove_stale_temporaries(out: &Path) -> Result<Vec<String>> {
     }
     removed.sort();
     Ok(removed)
+}
+
+/// `model-00001-of-00003.safetensors`: a shard of a model saved by a full fine-tuning run.
+fn is_weight_shard(name: &str) -> bool {
+    name.strip_prefix("model-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+        .and_then(|r| r.split_once("-of-"))
+        .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok())
 }
 
 fn file_name(p: &Path) -> String {
@@ -223,6 +235,7 @@ pub(crate) fn save_checkpoint(
     step: usize,
     model: &PeftModel,
     full_weights: &[TrainParam],
+    partitioned: bool,
     memory: &dyn MemoryStrategy,
     keep: Option<usize>,
     run: Option<&Provenance>,
@@ -244,12 +257,24 @@ pub(crate) fn save_checkpoint(
     safetensors::write(&tmp.join(optimizer_file(rank, world)), &state).with_context(|| {
         format!("rank {rank}: cannot write its optimizer state into {}", tmp.display())
     })?;
+    let adapter = model.active_adapter().is_some();
+    if !adapter && (partitioned || rank == 0) {
+        // Full or freeze fine-tuning: the trained weights themselves, each rank its shards when
+        // they are partitioned (ZeRO stage 3), else rank 0 all of them.
+        let named: Vec<(String, tch::Tensor)> =
+            full_weights.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        safetensors::write(&tmp.join(weights_file(rank, partitioned)), &named).with_context(
+            || format!("rank {rank}: cannot write its trained weights into {}", tmp.display()),
+        )?;
+    }
     comm.barrier()?;
     if rank != 0 {
         return Ok(comm.barrier()?);
     }
-    model.save_peft_adapter(&tmp.join("adapter"))?;
-    non_lora::save(&tmp.join("adapter"), full_weights)?;
+    if adapter {
+        model.save_peft_adapter(&tmp.join("adapter"))?;
+        non_lora::save(&tmp.join("adapter"), full_weights)?;
+    }
     let mut state = serde_json::json!({ "step": step, "world_size": world });
     if let Some(run) = run {
         state["run"] = run.json();
@@ -275,9 +300,67 @@ pub(crate) fn save_checkpoint(
     Ok(())
 }
 
+/// The file of a full or freeze run's trained weights in a checkpoint: one for the run, or
+/// one per rank when they are partitioned.
+fn weights_file(rank: usize, partitioned: bool) -> String {
+    if partitioned {
+        format!("weights-rank{rank}.safetensors")
+    } else {
+        "weights.safetensors".to_string()
+    }
+}
+
+/// Copies a checkpoint's trained weights into `params` (every one must be there, with its
+/// shape, finite; nothing else may be); nothing is copied unless all are.
+fn load_full_weights(file: &Path, params: &[TrainParam]) -> Result<()> {
+    let saved = safetensors::read(file)
+        .with_context(|| format!("cannot read the trained weights {}", file.display()))?;
+    let mut by_name: BTreeMap<String, tch::Tensor> = saved.into_iter().collect();
+    let mut pairs = Vec::with_capacity(params.len());
+    for p in params {
+        let Some(t) = by_name.remove(&p.name) else {
+            bail!(
+                "{} has no `{}`: it was saved by a run that trains other weights",
+                file.display(),
+                p.name
+            );
+        };
+        if t.size() != p.tensor.size() {
+            bail!(
+                "{}: `{}` has shape {:?}, this run's {:?}",
+                file.display(),
+                p.name,
+                t.size(),
+                p.tensor.size()
+            );
+        }
+        if let Some(counts) = safetensors::non_finite_counts(&t)? {
+            bail!(
+                "{}: `{}` {}: refusing non-finite weights",
+                file.display(),
+                p.name,
+                safetensors::describe_non_finite(counts, t.numel())
+            );
+        }
+        pairs.push((p.tensor.shallow_clone(), t));
+    }
+    if let Some(extra) = by_name.keys().next() {
+        bail!("{}: `{extra}` is not a weight this run trains", file.display());
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (dst, src) in pairs {
+            let mut dst = dst;
+            dst.f_copy_(&src.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
+        }
+        Ok(())
+    })
+}
+
 pub(crate) fn load_checkpoint(
     dir: &Path,
     model: &mut PeftModel,
+    full_weights: &[TrainParam],
+    partitioned: bool,
     memory: &mut dyn MemoryStrategy,
     comm: &dyn Collectives,
 ) -> Result<usize> {
@@ -289,11 +372,15 @@ pub(crate) fn load_checkpoint(
         .as_u64()
         .with_context(|| format!("{}/{STATE_FILE}: no `step`", dir.display()))?
         as usize;
-    let adapter = safetensors::read(&dir.join("adapter/adapter_model.safetensors"))
-        .with_context(|| format!("cannot read the adapter of {}", dir.display()))?;
-    model.load_adapter_state_dict(adapter)?;
-    non_lora::load_into(model, &dir.join("adapter"))?;
     let (rank, world) = (comm.rank(), comm.world_size());
+    if model.active_adapter().is_some() {
+        let adapter = safetensors::read(&dir.join("adapter/adapter_model.safetensors"))
+            .with_context(|| format!("cannot read the adapter of {}", dir.display()))?;
+        model.load_adapter_state_dict(adapter)?;
+        non_lora::load_into(model, &dir.join("adapter"))?;
+    } else {
+        load_full_weights(&dir.join(weights_file(rank, partitioned)), full_weights)?;
+    }
     let saved_world = state["world_size"].as_u64().unwrap_or(1) as usize;
     if saved_world != world {
         bail!(

@@ -42,8 +42,18 @@ pub struct TrainConfig {
     /// Seed of parameter init, shuffling and dropout (default 42).
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// The adapter plugin and its configuration (e.g. `plugin: lora`, `r: 8`).
-    pub adapter: PluginSection,
+    /// What trains: `adapter` (the `adapter:` section's plugin; the default when that section
+    /// is given), `full` (every weight) or `freeze` (the decoder layers and modules `freeze:`
+    /// names), as LLaMA-Factory's `finetuning_type`. Full and freeze take no `adapter:`.
+    #[serde(default)]
+    pub finetuning: Option<Finetuning>,
+    /// `finetuning: freeze`: which layers and modules train.
+    #[serde(default)]
+    pub freeze: Option<FreezeConfig>,
+    /// The adapter plugin and its configuration (e.g. `plugin: lora`, `r: 8`); required with
+    /// `finetuning: adapter`, refused with full or freeze.
+    #[serde(default)]
+    pub adapter: Option<PluginSection>,
     /// Quantized base weights (QLoRA): `plugin: nf4|int8`, the plugin's keys and
     /// `skip_modules` (see `crate::peft::quant`). Default none (dense base).
     #[serde(default)]
@@ -73,6 +83,92 @@ pub struct TrainConfig {
     /// plus the plugin's own keys.
     #[serde(default)]
     pub rewards: Vec<RewardSection>,
+}
+
+/// What a run trains (`finetuning:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finetuning {
+    /// An adapter plugin's tensors (LoRA, …) on the frozen base.
+    Adapter,
+    /// Every weight of the model (for a vision-language model, the vision tower and merger
+    /// too unless `vision:` freezes them).
+    Full,
+    /// The weights `freeze:` selects; the rest stays frozen.
+    Freeze,
+}
+
+impl Finetuning {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Adapter => "adapter",
+            Self::Full => "full",
+            Self::Freeze => "freeze",
+        }
+    }
+}
+
+/// `finetuning: freeze`, with LLaMA-Factory's keys (`freeze_trainable_layers`,
+/// `freeze_trainable_modules`, `freeze_extra_modules`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeConfig {
+    /// The last N decoder layers train (default 2); a negative number: the first N.
+    #[serde(default = "default_trainable_layers")]
+    pub trainable_layers: i64,
+    /// Within those layers, the modules that train, by module-name suffix (`mlp`, `self_attn`,
+    /// `q_proj`, `mlp.down_proj`, `input_layernorm`); `all` (default) trains whole layers. A
+    /// list, or one comma-separated string as LLaMA-Factory writes it.
+    #[serde(default = "default_all_modules")]
+    pub trainable_modules: ModuleList,
+    /// Modules outside the decoder layers that train too, by their last path segment
+    /// (`embed_tokens`, `norm`, `lm_head`). Default none.
+    #[serde(default)]
+    pub extra_modules: ModuleList,
+}
+
+impl Default for FreezeConfig {
+    fn default() -> Self {
+        Self {
+            trainable_layers: default_trainable_layers(),
+            trainable_modules: default_all_modules(),
+            extra_modules: ModuleList::default(),
+        }
+    }
+}
+
+fn default_trainable_layers() -> i64 {
+    2
+}
+fn default_all_modules() -> ModuleList {
+    ModuleList(vec!["all".into()])
+}
+
+/// Module names: a YAML list, or one comma-separated string (`mlp,self_attn`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModuleList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for ModuleList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        let names: Vec<String> = match Raw::deserialize(d)? {
+            Raw::One(s) => s.split(',').map(|p| p.trim().to_string()).collect(),
+            Raw::Many(v) => v.into_iter().map(|p| p.trim().to_string()).collect(),
+        };
+        Ok(Self(names.into_iter().filter(|n: &String| !n.is_empty()).collect()))
+    }
+}
+
+impl ModuleList {
+    /// Whether it says `all`.
+    pub fn is_all(&self) -> bool {
+        self.0.iter().any(|n| n == "all")
+    }
 }
 
 /// One reward plugin of a run (`rewards:` list).
@@ -106,16 +202,22 @@ fn default_weight() -> f64 {
 /// `freeze_vision_tower` / `tune_merger` / `vision_lr` / `merger_lr`. Full weights that train
 /// are saved beside the PEFT adapter (`non_lora_state_dict.safetensors`) and restored by
 /// `generate --adapter` and `merge`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VisionTrainConfig {
-    /// Keep the vision tower's own weights (patch embed, blocks) frozen (default true). LoRA
-    /// can still target its linear layers (`qkv`, `proj`, `fc1`, `fc2`) through the adapter.
-    #[serde(default = "default_true")]
-    pub freeze_vision_tower: bool,
-    /// Train the PatchMerger (vision → language projection) in full (default false).
+    /// Keep the vision tower's own weights (patch embed, blocks) frozen (default true, with
+    /// `finetuning: full` false). LoRA can still target its linear layers (`qkv`, `proj`,
+    /// `fc1`, `fc2`) through the adapter.
     #[serde(default)]
-    pub tune_merger: bool,
+    pub freeze_vision_tower: Option<bool>,
+    /// Train the PatchMerger (vision → language projection) in full (default false, with
+    /// `finetuning: full` true).
+    #[serde(default)]
+    pub tune_merger: Option<bool>,
+    /// Keep the language model's weights frozen (default false): with `finetuning: full` only
+    /// the vision side trains; with an adapter, only the adapter does (as always).
+    #[serde(default)]
+    pub freeze_llm: bool,
     /// Learning rate of the vision tower's weights (default: optimizer.lr).
     #[serde(default)]
     pub vision_lr: Option<f64>,
@@ -124,9 +226,14 @@ pub struct VisionTrainConfig {
     pub merger_lr: Option<f64>,
 }
 
-impl Default for VisionTrainConfig {
-    fn default() -> Self {
-        Self { freeze_vision_tower: true, tune_merger: false, vision_lr: None, merger_lr: None }
+impl VisionTrainConfig {
+    /// `freeze_vision_tower` as set, else the mode's default (frozen unless full).
+    pub fn tower_frozen(&self, mode: Finetuning) -> bool {
+        self.freeze_vision_tower.unwrap_or(mode != Finetuning::Full)
+    }
+    /// `tune_merger` as set, else the mode's default (trained with full).
+    pub fn merger_trained(&self, mode: Finetuning) -> bool {
+        self.tune_merger.unwrap_or(mode == Finetuning::Full)
     }
 }
 
@@ -328,6 +435,22 @@ pub struct TrainingConfig {
     /// (activation checkpointing; default false): less memory for about one more forward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// `finetuning: full | freeze`: the largest weight file of the saved model before it is
+    /// split into shards with an index (`"5GB"`, `"500MB"`, bytes); default transformers'
+    /// (50GB).
+    #[serde(default)]
+    pub max_shard_size: Option<String>,
+}
+
+impl TrainingConfig {
+    /// `max_shard_size` in bytes.
+    pub fn max_shard_bytes(&self) -> Result<u64> {
+        match &self.max_shard_size {
+            None => Ok(crate::model::save::DEFAULT_MAX_SHARD_BYTES),
+            Some(s) => crate::model::save::parse_size(s)
+                .with_context(|| "config key `training.max_shard_size`".to_string()),
+        }
+    }
 }
 
 impl Default for TrainingConfig {
@@ -347,6 +470,7 @@ impl Default for TrainingConfig {
             progress_bar: true,
             num_iterations: 1,
             gradient_checkpointing: false,
+            max_shard_size: None,
         }
     }
 }
@@ -461,7 +585,72 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// What the run trains: `finetuning:` as set, else an adapter.
+    pub fn finetuning(&self) -> Finetuning {
+        self.finetuning.unwrap_or(Finetuning::Adapter)
+    }
+
+    /// The `adapter:` section (validated to be there with `finetuning: adapter`).
+    pub fn adapter_section(&self) -> Result<&PluginSection> {
+        self.adapter.as_ref().with_context(|| {
+            format!("finetuning: {} trains without an adapter", self.finetuning().name())
+        })
+    }
+
+    /// `freeze:` as set, else its defaults.
+    pub fn freeze_config(&self) -> FreezeConfig {
+        self.freeze.clone().unwrap_or_default()
+    }
+
+    fn validate_finetuning(&self) -> Result<()> {
+        let mode = self.finetuning();
+        match (mode, &self.adapter) {
+            (Finetuning::Adapter, None) => bail!(
+                "config key `adapter`: missing: name an adapter plugin (`adapter: {{plugin: lora, r: 8}}`), \
+                 or train the model's own weights with `finetuning: full` or `finetuning: freeze`"
+            ),
+            (Finetuning::Full | Finetuning::Freeze, Some(a)) => bail!(
+                "config key `adapter`: finetuning: {} trains the model's own weights and takes no adapter (`{}`); \
+                 remove the adapter section, or set finetuning: adapter",
+                mode.name(),
+                a.plugin
+            ),
+            _ => {}
+        }
+        if self.freeze.is_some() && mode != Finetuning::Freeze {
+            bail!(
+                "config key `freeze`: only read with finetuning: freeze (this run is finetuning: {})",
+                mode.name()
+            );
+        }
+        if mode != Finetuning::Adapter {
+            if self.quantization.is_some() {
+                bail!("config key `quantization`: quantized weights cannot train; with finetuning: {} remove it (QLoRA trains an adapter on a quantized base)", mode.name());
+            }
+            if self.adapter_init.is_some() {
+                bail!(
+                    "config key `adapter_init`: finetuning: {} has no adapter to start from",
+                    mode.name()
+                );
+            }
+        }
+        if let Some(f) = &self.freeze {
+            if f.trainable_layers == 0 {
+                bail!("config key `freeze.trainable_layers`: must not be 0 (the last N layers train; a negative number: the first N)");
+            }
+            if f.trainable_modules.0.is_empty() {
+                bail!("config key `freeze.trainable_modules`: names no module (`all`, or module names such as mlp, self_attn)");
+            }
+            if self.vision.freeze_llm {
+                bail!("config key `vision.freeze_llm`: finetuning: freeze trains decoder layers, which freeze_llm freezes; use finetuning: full with freeze_llm to train the vision side only");
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<()> {
+        self.validate_finetuning()?;
+        self.training.max_shard_bytes()?;
         let t = &self.training;
         // Every step count the trainer divides by (or takes a remainder of) is at least 1.
         for (key, n) in [
@@ -584,7 +773,10 @@ impl TrainConfig {
             "model": path(&self.model),
             "dtype": self.dtype.to_ascii_lowercase(),
             "seed": self.seed,
-            "adapter": section(&self.adapter),
+            "finetuning": self.finetuning().name(),
+            "freeze": self.freeze.as_ref().map(|f| json!({"trainable_layers": f.trainable_layers,
+                        "trainable_modules": f.trainable_modules.0, "extra_modules": f.extra_modules.0})),
+            "adapter": self.adapter.as_ref().map(section),
             "quantization": self.quantization,
             "adapter_init": self.adapter_init.as_deref().map(path),
             "objective": section(&self.objective),
@@ -600,7 +792,8 @@ impl TrainConfig {
             "training": {"epochs": t.epochs, "max_steps": t.max_steps, "micro_batch_size": t.micro_batch_size,
                          "gradient_accumulation_steps": t.gradient_accumulation_steps,
                          "num_iterations": t.num_iterations},
-            "vision": {"freeze_vision_tower": v.freeze_vision_tower, "tune_merger": v.tune_merger,
+            "vision": {"freeze_vision_tower": v.tower_frozen(self.finetuning()),
+                       "tune_merger": v.merger_trained(self.finetuning()), "freeze_llm": v.freeze_llm,
                        "vision_lr": v.vision_lr, "merger_lr": v.merger_lr},
             "rewards": self.rewards.iter().map(|r| json!({"plugin": r.plugin, "weight": r.weight,
                         "name": r.name, "config": r.config})).collect::<Vec<_>>(),
@@ -661,8 +854,10 @@ mod tests {
     #[test]
     fn defaults_and_plugin_sections() {
         let c = TrainConfig::from_yaml(MINIMAL).unwrap();
-        assert_eq!(c.adapter.plugin, "lora");
-        assert_eq!(c.adapter.config_json(), r#"{"r":8}"#);
+        let a = c.adapter.as_ref().unwrap();
+        assert_eq!(a.plugin, "lora");
+        assert_eq!(a.config_json(), r#"{"r":8}"#);
+        assert_eq!(c.finetuning(), Finetuning::Adapter);
         assert_eq!(c.objective.plugin, "sft");
         assert_eq!(c.memory.plugin, "single");
         assert_eq!(c.scheduler.kind, ScheduleKind::Cosine);
@@ -693,7 +888,58 @@ mod tests {
         let e = TrainConfig::from_yaml("model: m\noutput_dir: o\ndata: {plugin: a, path: p}\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("missing field `adapter`"), "{e}");
+        assert!(
+            e.contains("config key `adapter`: missing") && e.contains("finetuning: full"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn finetuning_modes_and_their_keys() {
+        const FULL: &str =
+            "model: m\noutput_dir: out\nfinetuning: full\ndata: {plugin: alpaca, path: d.json}\n";
+        let c = TrainConfig::from_yaml(FULL).unwrap();
+        assert_eq!(c.finetuning(), Finetuning::Full);
+        assert!(c.adapter.is_none());
+        assert!(
+            !c.vision.tower_frozen(Finetuning::Full) && c.vision.merger_trained(Finetuning::Full)
+        );
+        assert!(c.vision.tower_frozen(Finetuning::Adapter));
+        let e = TrainConfig::from_yaml(&format!("{FULL}adapter: {{plugin: lora}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config key `adapter`") && e.contains("finetuning: full"), "{e}");
+        let e = TrainConfig::from_yaml(&format!("{FULL}freeze: {{trainable_layers: 1}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config key `freeze`"), "{e}");
+        let e = TrainConfig::from_yaml(&format!("{FULL}quantization: {{plugin: nf4}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config key `quantization`"), "{e}");
+        let freeze = FULL.replace("full", "freeze");
+        let f = TrainConfig::from_yaml(&freeze).unwrap().freeze_config();
+        assert_eq!((f.trainable_layers, f.trainable_modules.is_all()), (2, true));
+        let f = TrainConfig::from_yaml(&format!(
+            "{freeze}freeze: {{trainable_layers: -1, trainable_modules: 'mlp, self_attn', extra_modules: [norm]}}\n"
+        ))
+        .unwrap()
+        .freeze_config();
+        assert_eq!(f.trainable_modules.0, ["mlp", "self_attn"]);
+        assert_eq!(
+            (f.trainable_layers, f.extra_modules.0.as_slice()),
+            (-1, ["norm".to_string()].as_slice())
+        );
+        let e = TrainConfig::from_yaml(&format!("{freeze}freeze: {{trainable_layers: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config key `freeze.trainable_layers`"), "{e}");
+        let e = TrainConfig::from_yaml(&format!("{freeze}finetuning: bogus\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("finetuning"), "{e}");
+        let r = TrainConfig::from_yaml(FULL).unwrap().training_record();
+        assert_eq!(r["finetuning"], serde_json::json!("full"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod plot;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod trainable;
 pub mod vision;
 
 use anyhow::{Context, Result};

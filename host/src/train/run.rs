@@ -10,14 +10,15 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::kinds::memory::{
-    MemoryStrategyHandle, OFFLOAD_PARAMS_CPU, SHARD_FROZEN_PARAMS,
+    MemoryStrategyHandle, OFFLOAD_PARAMS_CPU, SHARD_FROZEN_PARAMS, SHARD_TRAINABLE_PARAMS,
 };
+
 use ferrotune_plugin_api::kinds::objective::ObjectiveHandle;
 use ferrotune_plugin_api::{Batch, Collectives, MemoryStrategy, Objective, StepReport, TrainParam};
 use tch::{Device, Tensor};
 
 use super::checkpoint::{self, Provenance, STATE_FILE};
-use super::config::TrainConfig;
+use super::config::{Finetuning, TrainConfig};
 use super::context::{load_rewards, LoadedReward, PolicyContext};
 use super::data::{
     data_fingerprint, image_prep, megabatch_size, prepare_data, rank_share, DataOrder, RunData,
@@ -27,6 +28,7 @@ use super::step::{
     global_loss, micro_meta, on_device, optimizer_step_with, reduce_metrics, MicroPosition,
     StepTiming,
 };
+use super::trainable::full_weight_parameters;
 use super::vision::vision_parameters;
 use super::{Resume, TrainSummary};
 use crate::data::layout::{Item, Layout};
@@ -61,8 +63,12 @@ pub struct Run<'c> {
     micro_limit: usize,
     /// Each micro-batch loss is multiplied by this before its backward (see `optimizer_step_with`).
     loss_scale: f64,
-    /// Full weights of a vision model trained beside the adapter.
-    trainable_vision: Vec<TrainParam>,
+    /// The model's own weights this run trains: a vision model's trained beside the adapter,
+    /// or every trained weight with `finetuning: full | freeze` (this rank's shards of the
+    /// partitioned ones under ZeRO stage 3).
+    full_weights: Vec<TrainParam>,
+    /// Names of `full_weights` that are this rank's shard of a partitioned weight.
+    partitioned: Vec<String>,
     /// The quantized base (QLoRA), if any.
     pub quantized: Option<QuantizationRecord>,
     /// Trainable values, and their bytes.
@@ -132,6 +138,8 @@ struct LoadedModel {
     quantized: Option<QuantizationRecord>,
     shard_params: bool,
     offload_params: bool,
+    /// The memory plugin's capabilities.
+    capabilities: Vec<String>,
 }
 
 impl<'c> Run<'c> {
@@ -174,10 +182,26 @@ impl<'c> Run<'c> {
         let resume_dir = resume_dir(cfg, resume)?;
         let from_config = items.is_none();
         tch::manual_seed(cfg.seed as i64);
-        let LoadedModel { mut model, quantized, shard_params, offload_params } =
+        let LoadedModel { mut model, quantized, shard_params, offload_params, capabilities } =
             load_model(cfg, registry, device, &group)?;
         let tokenizer = Tokenizer::from_dir(&cfg.model)?;
-        let (params, trainable_vision) = parameters(&model, cfg)?;
+        let (mut params, mut full_weights) = parameters(&model, cfg)?;
+        // ZeRO stage 3 with the model's own weights training: each rank keeps its shard of
+        // every large trained weight, which the memory plugin then steps (see
+        // `partition_full_weights`).
+        let partitioned = if shard_params && cfg.finetuning() != Finetuning::Adapter {
+            partition_full_weights(
+                &mut model,
+                &mut params,
+                &mut full_weights,
+                group.clone(),
+                offload_params,
+                &capabilities,
+                &cfg.memory.plugin,
+            )?
+        } else {
+            Vec::new()
+        };
         let trainable_parameters: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
         let trainable_bytes: usize =
             params.iter().map(|p| p.tensor.numel() * p.tensor.kind().elt_size_in_bytes()).sum();
@@ -237,7 +261,12 @@ impl<'c> Run<'c> {
         let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
 
         let mut memory = registry.memory(&cfg.memory.plugin, &cfg.memory.config_json())?;
-        memory.setup(params, &cfg.optimizer_json(), device, group.as_dyn())?;
+        let mut optimizer_json: serde_json::Value = serde_json::from_str(&cfg.optimizer_json())?;
+        if !partitioned.is_empty() {
+            // Only plugins that report `shard_trainable_params` are given this key.
+            optimizer_json["partitioned"] = serde_json::json!(partitioned);
+        }
+        memory.setup(params, &optimizer_json.to_string(), device, group.as_dyn())?;
         if shard_params {
             check_shardable(
                 layout,
@@ -267,7 +296,8 @@ impl<'c> Run<'c> {
             total_steps,
             micro_limit,
             loss_scale: if layout == Layout::Sequences { world as f64 } else { 1.0 },
-            trainable_vision,
+            full_weights,
+            partitioned,
             quantized,
             trainable_parameters,
             trainable_bytes,
@@ -279,6 +309,8 @@ impl<'c> Run<'c> {
             run.step = checkpoint::load_checkpoint(
                 &dir,
                 &mut run.model,
+                &run.full_weights,
+                !run.partitioned.is_empty(),
                 &mut run.memory,
                 run.group.as_dyn(),
             )?;
@@ -418,7 +450,8 @@ impl<'c> Run<'c> {
             &self.cfg.output_dir,
             self.step,
             &self.model,
-            &self.trainable_vision,
+            &self.full_weights,
+            !self.partitioned.is_empty(),
             &self.memory,
             t.save_total_limit,
             self.provenance.as_ref(),
@@ -429,8 +462,11 @@ impl<'c> Run<'c> {
     /// Every trained value (adapter, full vision weights) is finite; else the error names the
     /// tensor and the step, so that nothing non-finite is saved.
     pub fn check_finite(&self) -> Result<()> {
-        let adapter = self.model.trainable_parameters()?;
-        for p in adapter.iter().chain(&self.trainable_vision) {
+        let adapter = match self.model.active_adapter() {
+            Some(_) => self.model.trainable_parameters()?,
+            None => Vec::new(),
+        };
+        for p in adapter.iter().chain(&self.full_weights) {
             if let Some(counts) = crate::util::safetensors::non_finite_counts(&p.tensor)? {
                 bail!(
                     "after step {}: trained tensor `{}` holds {}; nothing was saved \
@@ -476,15 +512,36 @@ impl<'c> Run<'c> {
             seconds: self.started.elapsed().as_secs_f64(),
             output_dir: out.clone(),
         };
-        // Every rank holds the same trained values: each refuses alike, none waits for another.
+        // Every rank holds the same trained values (or its shards of them): each refuses
+        // alike, none waits for another.
         self.check_finite()?;
         let comm = self.group.as_dyn();
+        let full = self.cfg.finetuning() != Finetuning::Adapter;
+        // Partitioned weights are gathered by every rank (a collective) for rank 0 to write.
+        let gathered = if full && !self.partitioned.is_empty() {
+            // One weight at a time; only rank 0 keeps them (DeepSpeed's
+            // `stage3_gather_16bit_weights_on_model_save`).
+            let mut all = Vec::new();
+            self.model.visit_gathered_weights(&mut |key, t| {
+                if rank == 0 {
+                    all.push((key.to_string(), t));
+                }
+                Ok(())
+            })?;
+            Some(all)
+        } else {
+            None
+        };
         if rank != 0 {
             comm.barrier()?;
             return Ok(summary);
         }
-        self.model.save_peft_adapter(out)?;
-        non_lora::save(out, &self.trainable_vision)?;
+        if full {
+            self.save_model_dir(out, gathered)?;
+        } else {
+            self.model.save_peft_adapter(out)?;
+            non_lora::save(out, &self.full_weights)?;
+        }
         if let Some(record) = &self.quantized {
             quant::write_record(out, record)?;
         }
@@ -495,6 +552,23 @@ impl<'c> Run<'c> {
         std::fs::write(out.join("train_summary.json"), serde_json::to_string_pretty(&summary)?)?;
         comm.barrier()?;
         Ok(summary)
+    }
+}
+
+impl Run<'_> {
+    /// Writes the trained model as a Hugging Face directory into `out` (full and freeze
+    /// fine-tuning): `weights` gathered from the ranks' shards, or the model's own.
+    fn save_model_dir(&self, out: &Path, weights: Option<Vec<(String, Tensor)>>) -> Result<()> {
+        let source = self.model.source_dir().context("the model was not loaded from a folder")?;
+        let opts = crate::model::save::SaveOptions {
+            dtype: Some(self.model.dtype()),
+            max_shard_bytes: self.cfg.training.max_shard_bytes()?,
+            into_existing: true,
+        };
+        self.model
+            .save_pretrained_with(weights, out, source, &opts)
+            .with_context(|| format!("writing the trained model into {}", out.display()))?;
+        Ok(())
     }
 }
 
@@ -535,7 +609,22 @@ fn load_model(
         capabilities.iter().any(|c| c == SHARD_FROZEN_PARAMS) && group.as_dyn().world_size() > 1;
     let offload_params = capabilities.iter().any(|c| c == OFFLOAD_PARAMS_CPU);
     let shard_group: Arc<dyn Collectives + Send + Sync> = group.clone();
-    let method = registry.adapter(&cfg.adapter.plugin, &cfg.adapter.config_json())?;
+    if cfg.finetuning() != Finetuning::Adapter {
+        // The model's own weights train: which ones is known once it is built, so it loads
+        // whole and stage 3 partitions it afterwards (`Run::build`).
+        let base = crate::model::CausalLM::load_with(&cfg.model, device, dtype, &mut |_| Ok(()))?;
+        let mut model = PeftModel::new(base);
+        model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
+        return Ok(LoadedModel {
+            model,
+            quantized: None,
+            shard_params,
+            offload_params,
+            capabilities,
+        });
+    }
+    let adapter = cfg.adapter_section()?;
+    let method = registry.adapter(&adapter.plugin, &adapter.config_json())?;
     let base = quant::load_for_adapter(
         &cfg.model,
         device,
@@ -560,7 +649,7 @@ fn load_model(
         cfg.quantization.as_ref(),
         registry,
     )?;
-    tracing::info!("adapter `{}` on {} modules", cfg.adapter.plugin, attach.modules.len());
+    tracing::info!("adapter `{}` on {} modules", adapter.plugin, attach.modules.len());
     if let Some(init) = &cfg.adapter_init {
         check_adapter_init_config(init, &model.adapter_peft_config()?)?;
         let file = init.join("adapter_model.safetensors");
@@ -570,20 +659,26 @@ fn load_model(
             .load_adapter_state_dict(weights)
             .with_context(|| format!("adapter_init {}", init.display()))?;
     }
-    Ok(LoadedModel { model, quantized, shard_params, offload_params })
+    Ok(LoadedModel { model, quantized, shard_params, offload_params, capabilities })
 }
 
 /// What the memory plugin trains: the adapter's parameters, then the vision weights the
-/// config trains in full (also returned alone: they are saved beside the adapter).
+/// config trains in full (also returned alone: they are saved beside the adapter); with
+/// `finetuning: full | freeze`, the model's weights the config selects (both lists).
 fn parameters(model: &PeftModel, cfg: &TrainConfig) -> Result<(Vec<TrainParam>, Vec<TrainParam>)> {
-    let mut params = model.trainable_parameters()?;
-    let vision = vision_parameters(model, &cfg.vision, cfg.optimizer.lr)?;
-    params.extend(vision.iter().map(|p| TrainParam {
+    let copy = |p: &TrainParam| TrainParam {
         name: p.name.clone(),
         tensor: p.tensor.shallow_clone(),
         lr_scale: p.lr_scale,
         weight_decay_scale: p.weight_decay_scale,
-    }));
+    };
+    if cfg.finetuning() != Finetuning::Adapter {
+        let full = full_weight_parameters(model, cfg)?;
+        return Ok((full.iter().map(copy).collect(), full));
+    }
+    let mut params = model.trainable_parameters()?;
+    let vision = vision_parameters(model, &cfg.vision, cfg.optimizer.lr)?;
+    params.extend(vision.iter().map(copy));
     Ok((params, vision))
 }
 
@@ -596,6 +691,15 @@ fn objective_and_rewards(
     let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
     let needs = objective.needs();
     let layout = Layout::from_needs(&cfg.objective.plugin, &needs)?;
+    if cfg.finetuning() != Finetuning::Adapter && needs.iter().any(|n| n == "reference") {
+        bail!(
+            "objective `{}` compares the policy with a frozen reference model, which ferrotune takes from the base with the adapter \
+             disabled; finetuning: {} trains the base itself and keeps no frozen copy yet: train it with an adapter (finetuning: adapter), \
+             or use a reference-free objective (sft, orpo, simpo)",
+            cfg.objective.plugin,
+            cfg.finetuning().name()
+        );
+    }
     let wants_rewards = needs.iter().any(|n| n == "rewards");
     if wants_rewards && cfg.rewards.is_empty() {
         bail!(
@@ -749,6 +853,43 @@ fn check_shardable(
 fn shardable(model: &PeftModel, name: &str) -> bool {
     name.starts_with(&format!("{}.layers.", model.decoder_path()))
         || (name == "lm_head" && !model.lm_head_is_tied())
+}
+
+/// ZeRO stage 3 of the model's own weights (`finetuning: full | freeze`): every large trained
+/// weight (decoder linear weights, an untied `lm_head`, the embedding and a tied head with it)
+/// is partitioned over the ranks of `group` ([`crate::model::CausalLM::partition_trainable`]),
+/// and its entry in `params` and `full_weights` becomes this rank's 1-D shard, keeping the
+/// entry's learning-rate and weight-decay scales (decided on the whole weight). Small trained
+/// tensors (norms, biases) and the vision side stay whole. Returns the partitioned names, for
+/// the memory plugin, which must report `shard_trainable_params`.
+fn partition_full_weights(
+    model: &mut PeftModel,
+    params: &mut [TrainParam],
+    full_weights: &mut [TrainParam],
+    group: Arc<Group>,
+    offload: bool,
+    capabilities: &[String],
+    plugin: &str,
+) -> Result<Vec<String>> {
+    if !capabilities.iter().any(|c| c == SHARD_TRAINABLE_PARAMS) {
+        bail!(
+            "memory `{plugin}` shards the model's weights (stage 3) but cannot step trained weights the host partitions \
+             (it does not report `{SHARD_TRAINABLE_PARAMS}`): update the plugin, or use stage 1 or 2 with finetuning: full / freeze"
+        );
+    }
+    let group: Arc<dyn Collectives + Send + Sync> = group;
+    let shards = model.partition_trainable(group, offload)?;
+    let mut names = Vec::with_capacity(shards.len());
+    for (key, leaf) in shards {
+        for list in [&mut *params, &mut *full_weights] {
+            let p = list.iter_mut().find(|p| p.name == key).with_context(|| {
+                format!("partitioned weight `{key}` is not one this run trains")
+            })?;
+            p.tensor = leaf.shallow_clone();
+        }
+        names.push(key);
+    }
+    Ok(names)
 }
 
 /// Shards the frozen weight of every [`shardable`] layer over the ranks of `group` (those

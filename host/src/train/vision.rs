@@ -4,12 +4,9 @@
 use anyhow::{bail, Result};
 use ferrotune_plugin_api::TrainParam;
 
-use super::config::VisionTrainConfig;
+use super::config::{Finetuning, VisionTrainConfig};
+use super::trainable::{part_of, train_param, Part, VISUAL};
 use crate::peft::PeftModel;
-
-/// The merger's weights are those under this prefix; the rest of `model.visual.` is the tower.
-const MERGER: &str = "model.visual.merger.";
-const VISUAL: &str = "model.visual.";
 
 /// The vision weights `cfg` trains in full, as trainable parameters (named by checkpoint key,
 /// `requires_grad` switched on) with their learning-rate scales relative to `lr`. Empty for a
@@ -20,8 +17,9 @@ pub fn vision_parameters(
     lr: f64,
 ) -> Result<Vec<TrainParam>> {
     if model.vision_config().is_none() {
-        if !cfg.freeze_vision_tower
-            || cfg.tune_merger
+        if !cfg.tower_frozen(Finetuning::Adapter)
+            || cfg.merger_trained(Finetuning::Adapter)
+            || cfg.freeze_llm
             || cfg.vision_lr.is_some()
             || cfg.merger_lr.is_some()
         {
@@ -37,7 +35,9 @@ pub fn vision_parameters(
         .filter(|m| m.starts_with(VISUAL))
         .map(str::to_string)
         .collect();
-    if !cfg.freeze_vision_tower && !lora_on_tower.is_empty() {
+    let (tower_frozen, merger_trained) =
+        (cfg.tower_frozen(Finetuning::Adapter), cfg.merger_trained(Finetuning::Adapter));
+    if !tower_frozen && !lora_on_tower.is_empty() {
         bail!(
             "vision.freeze_vision_tower is false and the adapter also targets vision layers ({} …): train the tower in full or with LoRA, not both",
             lora_on_tower[0]
@@ -45,21 +45,14 @@ pub fn vision_parameters(
     }
     let mut out = Vec::new();
     for (key, t) in model.named_weights() {
-        let (train, group_lr) = if key.starts_with(MERGER) {
-            (cfg.tune_merger, cfg.merger_lr)
-        } else if key.starts_with(VISUAL) {
-            (!cfg.freeze_vision_tower, cfg.vision_lr)
-        } else {
-            (false, None)
+        let (train, group_lr) = match part_of(&key) {
+            Part::Merger => (merger_trained, cfg.merger_lr),
+            Part::Tower => (!tower_frozen, cfg.vision_lr),
+            Part::Language => (false, None),
         };
-        if !train {
-            continue;
+        if train {
+            out.push(train_param(&key, &t, group_lr, lr));
         }
-        let no_decay = t.dim() == 1; // biases and norms, as transformers' Trainer groups them
-        let mut p = TrainParam::new(key, t.set_requires_grad(true));
-        p.lr_scale = group_lr.map_or(1.0, |g| g / lr);
-        p.weight_decay_scale = if no_decay { 0.0 } else { 1.0 };
-        out.push(p);
     }
     Ok(out)
 }
