@@ -69,6 +69,9 @@ pub struct Run<'c> {
     full_weights: Vec<TrainParam>,
     /// Names of `full_weights` that are this rank's shard of a partitioned weight.
     partitioned: Vec<String>,
+    /// Bytes of reduced gradients the memory plugin held at its last step (its
+    /// `gradient_bytes` metric, if it reports one), for the memory report.
+    gradient_bytes: Option<f64>,
     /// The quantized base (QLoRA), if any.
     pub quantized: Option<QuantizationRecord>,
     /// Trainable values, and their bytes.
@@ -202,9 +205,10 @@ impl<'c> Run<'c> {
         } else {
             Vec::new()
         };
-        let trainable_parameters: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
+        // What this rank holds (its shards of partitioned weights).
         let trainable_bytes: usize =
             params.iter().map(|p| p.tensor.numel() * p.tensor.kind().elt_size_in_bytes()).sum();
+        let trainable_parameters: i64 = params.iter().map(|p| p.tensor.numel() as i64).sum();
 
         // Data: canonical samples → token ids and labels (and images, for a vision model).
         let prep = image_prep(cfg, &tokenizer)?;
@@ -298,6 +302,7 @@ impl<'c> Run<'c> {
             loss_scale: if layout == Layout::Sequences { world as f64 } else { 1.0 },
             full_weights,
             partitioned,
+            gradient_bytes: None,
             quantized,
             trainable_parameters,
             trainable_bytes,
@@ -396,6 +401,9 @@ impl<'c> Run<'c> {
             comm,
             self.loss_scale,
         )?;
+        if let Some((_, b)) = out.report.metrics.iter().find(|(k, _)| k == "gradient_bytes") {
+            self.gradient_bytes = Some(*b);
+        }
         let loss = global_loss(comm, out.loss, layout)?;
         let metrics = reduce_metrics(comm, out.metrics)?;
         self.step += 1;
@@ -493,6 +501,8 @@ impl<'c> Run<'c> {
                 "trainable": self.trainable_bytes,
                 "frozen": frozen,
                 "frozen_decoder_linears": decoder,
+                "params": self.model.resident_weight_bytes(),
+                "gradients": self.gradient_bytes,
                 "peak_rss": crate::util::procfs::proc_status_kib("VmHWM").map(|k| k * 1024),
             });
             eprintln!("rank {rank} of {world}: memory {report}");
@@ -914,12 +924,15 @@ fn shard_frozen_weights(model: &mut PeftModel, group: Arc<Group>, offload: bool)
 fn frozen_resident_bytes(model: &PeftModel) -> (usize, usize) {
     let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
     let prefix = format!("{}.layers.", model.decoder_path());
-    let linears: Vec<_> =
-        model.linears().into_iter().filter(|(n, _)| shardable(model, n)).collect();
+    let linears: Vec<_> = model
+        .linears()
+        .into_iter()
+        .filter(|(n, l)| shardable(model, n) && !l.is_partitioned())
+        .collect();
     let listed: usize = model
         .named_weights()
         .iter()
-        .filter(|(_, t)| !t.requires_grad())
+        .filter(|(k, t)| !t.requires_grad() && !model.is_partitioned(k))
         .map(|(_, t)| bytes(t))
         .sum();
     let stand_ins: usize = linears
@@ -929,7 +942,7 @@ fn frozen_resident_bytes(model: &PeftModel) -> (usize, usize) {
     let resident: usize = linears.iter().map(|(_, l)| l.resident_bytes()).sum();
     let decoder: usize = linears
         .iter()
-        .filter(|(n, _)| n.starts_with(&prefix))
+        .filter(|(n, l)| n.starts_with(&prefix) && !l.weight.requires_grad())
         .map(|(_, l)| l.resident_bytes())
         .sum();
     ((listed + resident).saturating_sub(stand_ins), decoder)

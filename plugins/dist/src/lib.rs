@@ -558,6 +558,15 @@ impl MemoryStrategy for Sharded {
                     Ok((mine, norm))
                 }
             })?;
+        // Bytes of the reduced gradients this rank holds for its update: every gradient under
+        // ddp and stage 1 (all-reduced whole), its own under stages 2 and 3 (reduce-scattered;
+        // a partitioned shard's own). The local gradients the backward produced before the
+        // reduction are not counted (whole under stage 2, shard-sized under stage 3).
+        let gradient_bytes: usize = if reduce_scatter {
+            mine.iter().flatten().map(|g| g.numel() * g.kind().elt_size_in_bytes()).sum()
+        } else {
+            grads.iter().map(|g| g.numel() * g.kind().elt_size_in_bytes()).sum()
+        };
         // This rank updates the parameters it has a gradient and state for.
         let params = self.slots.iter_mut().zip(&mine).filter_map(|(slot, grad)| {
             let (Some(grad), Some(state)) = (grad, slot.state.as_mut()) else { return None };
@@ -573,6 +582,7 @@ impl MemoryStrategy for Sharded {
         }
         self.zero_grad()?;
         report.metrics.push(("optimizer_state_bytes".into(), self.state_bytes() as f64));
+        report.metrics.push(("gradient_bytes".into(), gradient_bytes as f64));
         Ok(report)
     }
 

@@ -1,0 +1,256 @@
+//! Full fine-tuning (`finetuning: full`) over several ranks, against one process: the same
+//! global batch (one process with micro_batch_size 4, `memory: single`; two ranks of
+//! `ferrotune launch --nproc 2` with 2 each) under `ddp`, `zero` stages 1, 2, 3 and stage 3
+//! with `offload_optimizer` / `offload_param`, and stage 3 with activation checkpointing.
+//!
+//! * `full_weights_on_two_ranks_equal_one_process`: per-step losses within 1e-5 and the saved
+//!   model (output_dir's model.safetensors, gathered from the shards under stage 3) within
+//!   1e-6 of one process; per rank at 2 ranks, as DeepSpeed's table: the optimizer state
+//!   halves from stage 1, the gradients from stage 2, the parameters from stage 3.
+//! * `zero3_killed_rank_resumes_to_the_unbroken_run`: SIGKILL of rank 1 after a checkpoint
+//!   under zero-3 (each rank's shards of the weights and of the optimizer state in the
+//!   checkpoint), then `--resume`: the final model equals the uninterrupted run's.
+//!
+//! Needs `cargo build --workspace` (the CLI, `sft`, `single`, `dist`, `alpaca`) and a build
+//! with c10d (libgloo-dev); no Python.
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ferrotune::dist::collectives::HAS_C10D;
+use ferrotune_tests::*;
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+const WORDS: usize = 40;
+
+fn fixture() -> &'static TextFixture {
+    static F: OnceLock<TextFixture> = OnceLock::new();
+    F.get_or_init(|| text_fixture("full-dist", WORDS, 9, 16, 5))
+}
+
+/// A full fine-tuning config: `micro` samples per rank and micro-batch, 2 micro-batches per
+/// step, clipping, a cosine schedule with warm-up.
+fn config(name: &str, micro: usize, memory: &str, steps: usize, extra: &str) -> PathBuf {
+    let f = fixture();
+    let yaml = format!(
+        "model: {model}\noutput_dir: {out}\nseed: 17\nfinetuning: full\n\
+         optimizer: {{lr: 1.0e-3, weight_decay: 0.01, max_grad_norm: 1.0}}\n\
+         scheduler: {{type: cosine, warmup_steps: 2}}\n\
+         memory: {memory}\n\
+         data: {{plugin: alpaca, path: {data}}}\n\
+         training: {{max_steps: {steps}, micro_batch_size: {micro}, gradient_accumulation_steps: 2, progress_bar: false{extra}}}\n",
+        model = f.model.display(),
+        out = f.work.join(name).display(),
+        data = f.data.display(),
+    );
+    let path = f.work.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn launch(nproc: usize, args: &[&str]) -> std::process::Output {
+    let n = nproc.to_string();
+    let mut all = vec!["launch", "--nproc", &n, "--timeout", "60"];
+    all.extend_from_slice(args);
+    ferrotune(&all)
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    read_jsonl(&dir.join("metrics.jsonl"))
+        .into_iter()
+        .filter_map(|l| l.get("loss").and_then(Value::as_f64))
+        .collect()
+}
+
+/// The saved model's tensors, by key.
+fn model_tensors(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut t = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+/// Max |a − b| over the saved tensors of two runs: (all but the key biases, the key biases).
+///
+/// A key bias adds the same `q·b_k` to every score of a query's row, which softmax ignores:
+/// its true gradient is exactly zero and what backward computes is rounding noise, which
+/// depends on the order of the gradient reduction; AdamW normalises that noise into updates
+/// of up to `lr` size. Those tensors are compared apart, with a looser bound.
+fn max_model_diff(a: &Path, b: &Path) -> (f64, f64) {
+    let (a, b) = (model_tensors(a), model_tensors(b));
+    assert!(!a.is_empty() && a.len() == b.len(), "{} vs {} tensors", a.len(), b.len());
+    let (mut rest, mut key_bias) = (0f64, 0f64);
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        let d = f64::try_from((ta.to_kind(Kind::Double) - tb.to_kind(Kind::Double)).abs().max())
+            .unwrap();
+        if na.ends_with("k_proj.bias") {
+            key_bias = key_bias.max(d);
+        } else {
+            rest = rest.max(d);
+        }
+    }
+    (rest, key_bias)
+}
+
+/// `rank r of w: memory {json}`, which every rank of a launched run prints at the end.
+fn memory_report(stderr: &str, rank: usize, world: usize) -> Value {
+    let key = format!("rank {rank} of {world}: memory ");
+    let line = stderr
+        .lines()
+        .find_map(|l| l.split_once(&key).map(|(_, rest)| rest.to_string()))
+        .unwrap_or_else(|| panic!("no `{key}` in\n{stderr}"));
+    serde_json::from_str(&line).unwrap()
+}
+
+fn require_c10d() {
+    assert!(
+        HAS_C10D,
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild"
+    );
+}
+
+#[test]
+fn full_weights_on_two_ranks_equal_one_process() {
+    require_c10d();
+    const STEPS: usize = 6;
+    let f = fixture();
+    let one = config("one", 4, "{plugin: single}", STEPS, "");
+    let o = ferrotune(&["train", one.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let one = f.work.join("one");
+    let reference = losses(&one);
+    assert_eq!(reference.len(), STEPS);
+    assert!(reference[0] > reference[STEPS - 1], "training lowers the loss: {reference:?}");
+    let mut reports: Vec<(&str, [Value; 2])> = Vec::new();
+    for (name, memory, extra) in [
+        ("ddp", "{plugin: ddp, bucket_mb: 0.01}", ""),
+        ("zero1", "{plugin: zero, stage: 1}", ""),
+        ("zero2", "{plugin: zero, stage: 2}", ""),
+        ("zero3", "{plugin: zero, stage: 3}", ""),
+        ("zero3-offload-opt", "{plugin: zero, stage: 3, offload_optimizer: cpu}", ""),
+        (
+            "zero3-offload-all",
+            "{plugin: zero, stage: 3, offload_optimizer: cpu, offload_param: cpu}",
+            "",
+        ),
+        ("zero3-ckpt", "{plugin: zero, stage: 3}", ", gradient_checkpointing: true"),
+    ] {
+        let cfg = config(name, 2, memory, STEPS, extra);
+        let o = launch(2, &["train", cfg.to_str().unwrap()]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{name}:\n{err}");
+        let got = losses(&f.work.join(name));
+        assert_eq!(got.len(), STEPS, "{name}");
+        let worst = reference.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let (weights, key_bias) = max_model_diff(&one, &f.work.join(name));
+        println!("{name}: max |loss - one process| = {worst:.2e}, max |weight - one process| = {weights:.2e} (key biases {key_bias:.2e})");
+        assert!(worst <= 1e-5, "{name}: losses differ by {worst}");
+        assert!(weights <= 1e-6, "{name}: final weights differ by {weights}");
+        assert!(key_bias <= 1e-5, "{name}: key biases differ by {key_bias}");
+        reports.push((name, [memory_report(&err, 0, 2), memory_report(&err, 1, 2)]));
+    }
+    let bytes = |name: &str, key: &str| -> [f64; 2] {
+        let (_, r) = reports.iter().find(|(n, _)| *n == name).unwrap();
+        [0, 1].map(|i| r[i][key].as_f64().unwrap_or_else(|| panic!("{name}: no {key}")))
+    };
+    for name in ["ddp", "zero1", "zero2", "zero3", "zero3-offload-opt"] {
+        println!(
+            "{name}: per rank params {:?}, gradients {:?}, optimizer state {:?}",
+            bytes(name, "params"),
+            bytes(name, "gradients"),
+            bytes(name, "optimizer_state")
+        );
+    }
+    let half = |name: &str, key: &str| {
+        let (full, got) = (bytes("ddp", key), bytes(name, key));
+        for r in 0..2 {
+            assert!(
+                got[r] <= 0.6 * full[r],
+                "{name}: rank {r} {key} {} bytes, ddp's {}",
+                got[r],
+                full[r]
+            );
+        }
+    };
+    let same =
+        |name: &str, key: &str| assert_eq!(bytes(name, key), bytes("ddp", key), "{name} {key}");
+    // Stage 1 shards the optimizer state; 2 also the gradients; 3 also the parameters.
+    half("zero1", "optimizer_state");
+    same("zero1", "gradients");
+    same("zero1", "params");
+    half("zero2", "optimizer_state");
+    half("zero2", "gradients");
+    same("zero2", "params");
+    for z3 in ["zero3", "zero3-offload-opt", "zero3-offload-all", "zero3-ckpt"] {
+        half(z3, "optimizer_state");
+        half(z3, "gradients");
+        half(z3, "params");
+    }
+}
+
+#[test]
+fn zero3_killed_rank_resumes_to_the_unbroken_run() {
+    require_c10d();
+    const STEPS: usize = 12;
+    let f = fixture();
+    let memory = "{plugin: zero, stage: 3}";
+    let unbroken = config("unbroken", 2, memory, STEPS, ", save_steps: 4");
+    let o = launch(2, &["train", unbroken.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = f.work.join("unbroken/checkpoint-4");
+    for file in [
+        "weights-rank0.safetensors",
+        "weights-rank1.safetensors",
+        "optimizer-rank0.safetensors",
+        "optimizer-rank1.safetensors",
+    ] {
+        assert!(ck.join(file).is_file(), "checkpoint-4 has no {file}");
+    }
+
+    let cfg = config("killed", 2, memory, STEPS, ", save_steps: 4");
+    let mut child = Command::new(ferrotune_bin())
+        .args(["launch", "--nproc", "2", "--timeout", "20", "train", cfg.to_str().unwrap()])
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("FERROTUNE_PLUGIN_PATH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in err.lines().map_while(Result::ok) {
+            if let Some(pid) = line.strip_prefix("[launch] rank 1 pid ") {
+                tx.send(pid.trim().parse::<i32>().unwrap()).unwrap();
+            }
+            all.push(line);
+        }
+        all.join("\n")
+    });
+    let pid = rx.recv_timeout(Duration::from_secs(30)).expect("launch prints the ranks' pids");
+    let first = f.work.join("killed/checkpoint-4");
+    let t0 = Instant::now();
+    while !first.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint-4");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    let err = reader.join().unwrap();
+    assert!(!status.success(), "launch must fail when a rank dies:\n{err}");
+    assert!(!f.work.join("killed/model.safetensors").exists(), "the run did not finish");
+
+    let o = launch(2, &["train", cfg.to_str().unwrap(), "--resume"]);
+    assert!(o.status.success(), "resume:\n{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed from"), "{}", stderr(&o));
+    let (diff, key_bias) = max_model_diff(&f.work.join("unbroken"), &f.work.join("killed"));
+    let diff = diff.max(key_bias);
+    let (a, b) = (losses(&f.work.join("unbroken")), losses(&f.work.join("killed")));
+    println!("resumed zero-3 run vs uninterrupted: max |weight diff| = {diff:.2e}; losses {a:?} vs {b:?}");
+    assert_eq!(a.len(), b.len());
+    assert!(diff <= 1e-6, "{diff}");
+}
