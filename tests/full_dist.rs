@@ -106,10 +106,11 @@ fn memory_report(stderr: &str, rank: usize, world: usize) -> Value {
 }
 
 fn require_c10d() {
-    assert!(
-        HAS_C10D,
-        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild"
-    );
+    if !HAS_C10D {
+        panic!(
+            "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild"
+        );
+    }
 }
 
 #[test]
