@@ -453,6 +453,27 @@ impl FrozenLinear {
         plain.then_some((&self.base.weight, self.base.bias.as_ref()))
     }
 
+    /// The trained weight and bias that `forward` in `mode` multiplies by, when that is all it
+    /// does with a weight that takes a gradient (full fine-tuning): no adapter or copy runs in
+    /// `mode`, the weight is not quantized, and it requires grad or is a trainable partition
+    /// (ZeRO-3: gathered whole, its backward reduce-scattering the gradient into the shard).
+    /// `None` otherwise.
+    pub fn trained_weight(&self, mode: LinearMode<'_>) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let adapted = mode.rows.is_some()
+            || mode.adapter.is_some_and(|n| self.adapter(n).is_some() || self.copy(n).is_some());
+        if adapted || self.base.quantized.is_some() {
+            return Ok(None);
+        }
+        let bias = self.base.bias.as_ref().map(Tensor::shallow_clone);
+        let weight = match &self.shard {
+            Some(s) if s.is_trainable() => s.gather_for_use()?,
+            Some(_) => return Ok(None),
+            None if self.base.weight.requires_grad() => self.base.weight.shallow_clone(),
+            None => return Ok(None),
+        };
+        Ok(Some((weight, bias)))
+    }
+
     /// A mixed batch: the base once for all rows, then each adapter this layer holds runs on
     /// its rows (gathered, the base output handed over as [`RowsOfBase`]) and its result
     /// replaces those rows. Rows whose adapter this layer lacks keep the base output.

@@ -12,9 +12,15 @@
 //! DPO's sigmoid of sums, GRPO's clipped ratios). Nothing of a chunk is kept for backward.
 //!
 //! That needs a head whose weight takes no gradient and is a plain product
-//! ([`FrozenLinear::plain_weight`]); otherwise (an adapter or a trainable copy on `lm_head`,
-//! a quantized head) the target positions go through the head with autograd, still without
-//! the positions that have no target.
+//! ([`FrozenLinear::plain_weight`]). A head whose weight trains (full fine-tuning,
+//! [`FrozenLinear::trained_weight`]) is chunked too: each chunk is an activation-checkpointed
+//! block over (its hidden states, W): its forward keeps nothing, and its backward recomputes
+//! that chunk's logits and back-propagates through them, so the weight's gradient is
+//! accumulated chunk by chunk and at most one chunk's logits exist at a time, in forward or
+//! backward (one more head product per chunk than plain autograd; the weight's gradient is
+//! exact). Otherwise (an adapter or a trainable copy on `lm_head`, a quantized head) the
+//! target positions go through the head with autograd, still without the positions that have
+//! no target.
 use anyhow::{bail, Result};
 use ferrotune_plugin_api::{logps_from_logits, ForwardFlags};
 use tch::{Kind, Tensor};
@@ -67,7 +73,16 @@ pub fn target_logps(
     let tg = flat.f_index_select(0, &idx)?;
     let sel = match head.plain_weight(mode) {
         Some((w, bias)) => chunked(&hs, w, bias, &tg, opts)?,
-        None => through_head(head, mode, &hs, &tg, opts)?,
+        None => match head.trained_weight(mode)? {
+            Some((w, bias)) if grad_enabled() => {
+                chunked_trained(&hs, &w, bias.as_ref(), &tg, opts)?
+            }
+            // Without a graph a trained weight is a plain product.
+            Some((w, bias)) => {
+                chunked(&hs, &w.f_detach()?, bias.map(|b| b.detach()).as_ref(), &tg, opts)?
+            }
+            None => through_head(head, mode, &hs, &tg, opts)?,
+        },
     };
     let scatter = |x: &Tensor, kind: Kind| -> Result<Tensor> {
         let zeros = Tensor::f_zeros([b * t], (kind, hidden.device()))?;
@@ -141,6 +156,62 @@ fn chunked(
         logps: lp,
         correct: cat(&correct, Kind::Bool)?,
         entropy: if opts.entropy { Some(cat(&entropy, Kind::Float)?) } else { None },
+    })
+}
+
+/// A head whose weight trains, with a graph: each chunk of positions is a checkpointed block
+/// of `(hidden, W[, b])` (module docs) returning `[n, 3]`: log-probability, entropy (zeros
+/// unless asked) and argmax hit (no gradient).
+fn chunked_trained(
+    hs: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    tg: &Tensor,
+    opts: TargetOptions,
+) -> Result<Selected> {
+    let n = hs.size()[0];
+    let vocab = w.size()[0];
+    let rows = (CHUNK_ELEMENTS / vocab.max(1)).clamp(16, 4096);
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        let h = hs.f_narrow(0, start, len)?;
+        let targets = tg.f_narrow(0, start, len)?.f_unsqueeze(-1)?;
+        let mut inputs = vec![&h, w];
+        inputs.extend(bias);
+        let block = move |x: &[Tensor]| -> Result<Tensor> {
+            let mut logits = x[0].f_linear(&x[1], x.get(2))?.f_to_kind(Kind::Float)?;
+            if opts.temperature != 1.0 {
+                logits = logits.f_div_scalar(opts.temperature)?;
+            }
+            let lse = logits.f_logsumexp([-1i64].as_slice(), true)?;
+            let logp = logits.f_gather(-1, &targets, false)?.f_sub(&lse)?;
+            let entropy = if opts.entropy {
+                let p = logits.f_sub(&lse)?.f_exp()?;
+                lse.f_sub(&p.f_mul(&logits)?.f_sum_dim_intlist(
+                    [-1i64].as_slice(),
+                    true,
+                    None::<Kind>,
+                )?)?
+            } else {
+                logp.f_zeros_like()?
+            };
+            let hit = logits.f_argmax(-1, true)?.f_eq_tensor(&targets)?.f_to_kind(Kind::Float)?;
+            Ok(Tensor::f_cat(&[logp, entropy, hit], -1)?)
+        };
+        parts.push(super::checkpoint::checkpoint(&inputs, block)?);
+        start += len;
+    }
+    let all = if parts.is_empty() {
+        Tensor::f_zeros([0, 3], (Kind::Float, hs.device()))?
+    } else {
+        Tensor::f_cat(&parts, 0)?
+    };
+    Ok(Selected {
+        logps: all.f_select(1, 0)?,
+        correct: all.f_select(1, 2)?.f_detach()?.f_gt(0.5)?,
+        entropy: if opts.entropy { Some(all.f_select(1, 1)?) } else { None },
     })
 }
 
@@ -311,9 +382,53 @@ mod tests {
         assert!(format!("{e}").contains("target_ids must be"), "{e}");
     }
 
-    /// A head that takes gradients goes through autograd and matches too.
+    /// A head whose weight trains is chunked (checkpointed blocks): values, entropies, hits,
+    /// and the gradients of both the hidden states and the weight equal plain autograd over
+    /// the full logits, over several chunks.
     #[test]
-    fn trainable_head_takes_the_autograd_path() {
+    fn a_trained_head_is_chunked_with_the_weight_gradient() {
+        tch::manual_seed(6);
+        let (b, t, h, v) = (2i64, 40i64, 8i64, 300_000i64);
+        let w = Tensor::randn([v, h], (Kind::Float, Device::Cpu)).f_mul_scalar(0.3).unwrap();
+        let mut head = FrozenLinear::new("lm_head", w.shallow_clone(), None);
+        let trained = w.copy().set_requires_grad(true);
+        head.base_mut().weight = trained.shallow_clone();
+        let hidden = Tensor::randn([b, t, h], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let targets = Tensor::randint(v, [b, t], (Kind::Int64, Device::Cpu));
+        let _ = targets.narrow(1, 0, 5).fill_(-100);
+        let opts = TargetOptions { temperature: 0.8, entropy: true };
+        let out = target_logps(&head, LinearMode::BASE, &hidden, &targets, opts).unwrap();
+        let w2 = w.copy().set_requires_grad(true);
+        let (want, want_ent) = reference(&w2, &hidden, &targets, 0.8);
+        assert!(max_diff(&out.logps, &want) < 1e-5, "{}", max_diff(&out.logps, &want));
+        assert!(max_diff(out.entropy.as_ref().unwrap(), &want_ent) < 1e-4);
+        let hits = hidden
+            .linear::<Tensor>(&w, None)
+            .argmax(-1, false)
+            .eq_tensor(&targets)
+            .logical_and(&targets.ge(0));
+        assert!(out.correct.equal(&hits));
+        let loss = |lp: &Tensor, e: &Tensor| {
+            (lp.sum_dim_intlist([-1i64].as_slice(), false, Kind::Float).sigmoid()
+                + e.sum(Kind::Float) * 0.01)
+                .sum(Kind::Float)
+        };
+        let ours = Tensor::run_backward(
+            &[loss(&out.logps, out.entropy.as_ref().unwrap())],
+            &[&hidden, &trained],
+            false,
+            false,
+        );
+        let theirs = Tensor::run_backward(&[loss(&want, &want_ent)], &[&hidden, &w2], false, false);
+        for (i, what) in ["hidden", "weight"].iter().enumerate() {
+            let d = max_diff(&ours[i], &theirs[i]);
+            assert!(d < 1e-5, "{what} gradient differs by {d}");
+        }
+    }
+
+    /// A head whose weight takes gradients keeps a graph (one chunk) and matches too.
+    #[test]
+    fn a_trained_head_keeps_a_graph() {
         tch::manual_seed(5);
         let w = Tensor::randn([50, 4], (Kind::Float, Device::Cpu));
         let mut head = FrozenLinear::new("lm_head", w.shallow_clone(), None);
