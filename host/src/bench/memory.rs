@@ -144,6 +144,8 @@ pub fn bench_memory(
     write_rows(&data)?;
     let mut out = Vec::new();
     let strategies: &[(&str, &str)] = if opts.full { &FULL_STRATEGIES } else { &STRATEGIES };
+    // Full fine-tuning writes the model at the end: in shards of 200 MB, so that the write
+    // buffers one shard, not the whole model, and peak RSS measures the training.
     let trains = if opts.full {
         "finetuning: full"
     } else {
@@ -160,13 +162,14 @@ pub fn bench_memory(
                 "model: {model}\noutput_dir: {out}\nseed: 1\n{trains}\n\
                  optimizer: {{lr: 1.0e-4}}\nmemory: {memory}\n\
                  data: {{plugin: alpaca, path: {data}}}\n\
-                 training: {{max_steps: {steps}, micro_batch_size: {mbs}, gradient_accumulation_steps: 1, progress_bar: false, gradient_checkpointing: {ckpt}}}\n",
+                 training: {{max_steps: {steps}, micro_batch_size: {mbs}, gradient_accumulation_steps: 1, progress_bar: false, gradient_checkpointing: {ckpt}{shards}}}\n",
                 model = model.display(),
                 out = dir.display(),
                 data = data.display(),
                 steps = opts.steps,
                 mbs = opts.micro_batch_size,
                 ckpt = opts.gradient_checkpointing,
+                shards = if opts.full { ", max_shard_size: 200MB" } else { "" },
             );
             let cfg = work.join(format!("{name}-{n}.yaml"));
             std::fs::write(&cfg, yaml)

@@ -69,7 +69,9 @@ pub trait MemoryStrategy: Send + 'static {
     /// Reduces gradients, clips, steps the optimizer at learning rate `lr`, zeroes grads.
     fn step(&mut self, lr: f64, comm: &dyn Collectives) -> PluginResult<StepReport>;
     fn zero_grad(&mut self) -> PluginResult<()>;
-    /// Optimizer state for checkpoints.
+    /// Optimizer state for checkpoints. The tensors may share storage with the live state
+    /// (the shipped plugins do: no copy of 8–12 bytes per parameter): read or write them
+    /// before the next step.
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>>;
     fn load_state_dict(&mut self, state: Vec<(String, Tensor)>) -> PluginResult<()>;
     /// What this configured strategy asks of the host beyond the trait (see

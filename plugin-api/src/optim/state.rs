@@ -99,12 +99,14 @@ impl AdamWState {
             .sum()
     }
 
-    /// `(<param>.<suffix>, copy)` of every tensor held, in [`StateEntry::ALL`] order.
+    /// `(<param>.<suffix>, tensor)` of every tensor held, in [`StateEntry::ALL`] order. The
+    /// tensors share storage with the live state (no copy: the state of a full fine-tuning run
+    /// is 12 bytes per parameter): a caller writes or reads them before the next step.
     pub fn named(&self, param: &str) -> PluginResult<Vec<(String, Tensor)>> {
         StateEntry::ALL
             .into_iter()
             .filter_map(|e| Some((e, self.get(e)?)))
-            .map(|(e, t)| Ok((format!("{param}.{}", e.suffix()), t.f_detach_copy()?)))
+            .map(|(e, t)| Ok((format!("{param}.{}", e.suffix()), t.f_detach()?)))
             .collect()
     }
 }
