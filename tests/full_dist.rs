@@ -255,3 +255,70 @@ fn zero3_killed_rank_resumes_to_the_unbroken_run() {
     assert_eq!(a.len(), b.len());
     assert!(diff <= 1e-6, "{diff}");
 }
+
+/// `dtype: bf16` full fine-tuning (one process, `single`): the weights stay bf16, the
+/// optimizer keeps an fp32 master of each beside its fp32 moments and the weight is the
+/// master rounded to bf16 (checked on a checkpoint: `weights.safetensors` against
+/// `optimizer.safetensors`' `<name>.master`); the saved model is bf16; a run resumed from that
+/// checkpoint ends bit-identical to the unbroken one.
+#[test]
+fn bf16_full_finetuning_keeps_fp32_masters_and_resumes_exactly() {
+    const STEPS: usize = 6;
+    let f = fixture();
+    let extra = ", save_steps: 3";
+    let bf16 = |name: &str| {
+        let cfg = config(name, 2, "{plugin: single}", STEPS, extra);
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, format!("dtype: bf16\n{text}")).unwrap();
+        cfg
+    };
+    let cfg = bf16("bf16");
+    let o = ferrotune(&["train", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = f.work.join("bf16");
+    let got = losses(&dir);
+    assert!(got[0] > got[STEPS - 1], "bf16 training lowers the loss: {got:?}");
+    let ck = dir.join("checkpoint-3");
+    let weights = Tensor::read_safetensors(ck.join("weights.safetensors")).unwrap();
+    let state = Tensor::read_safetensors(ck.join("optimizer.safetensors")).unwrap();
+    for (name, w) in &weights {
+        assert_eq!(w.kind(), Kind::BFloat16, "{name}");
+        let master = |suffix: &str| {
+            state
+                .iter()
+                .find(|(k, _)| *k == format!("{name}.{suffix}"))
+                .unwrap_or_else(|| panic!("no {name}.{suffix} in the optimizer state"))
+                .1
+                .shallow_clone()
+        };
+        let m = master("master");
+        assert_eq!(m.kind(), Kind::Float, "{name}.master");
+        assert_eq!(master("exp_avg").kind(), Kind::Float, "{name}.exp_avg");
+        assert!(m.to_kind(Kind::BFloat16).equal(w), "{name} is not its master rounded to bf16");
+    }
+    for (name, t) in model_tensors(&dir) {
+        assert_eq!(t.kind(), Kind::BFloat16, "saved {name}");
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let dtype = config["dtype"].as_str().or(config["torch_dtype"].as_str());
+    assert_eq!(dtype, Some("bfloat16"), "{config}");
+
+    let resumed = bf16("bf16-resumed");
+    let o = ferrotune(&["train", resumed.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let second = f.work.join("bf16-resumed");
+    std::fs::remove_file(second.join("model.safetensors")).unwrap();
+    let o = ferrotune(&[
+        "train",
+        resumed.to_str().unwrap(),
+        "--resume",
+        second.join("checkpoint-3").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (model_tensors(&dir), model_tensors(&second));
+    for ((na, ta), (_, tb)) in a.iter().zip(&b) {
+        assert!(ta.equal(tb), "{na}: the resumed bf16 run differs from the unbroken one");
+    }
+    assert_eq!(losses(&dir), losses(&second));
+}

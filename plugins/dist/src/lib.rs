@@ -267,28 +267,58 @@ impl Sharded {
         Ok(())
     }
 
-    /// Flat concatenation of `tensors[i]` for the parameters `rank` owns, zero-padded to
-    /// `len`.
-    fn segment(
-        &self,
+    /// Where rank `rank`'s owned whole parameters lie in its flat segment: (slot, start in
+    /// the segment, elements), in slot order (the segment is their concatenation, zero-padded
+    /// to [`Sharded::segment_len`]).
+    fn layout(&self, rank: usize) -> Vec<(usize, i64, i64)> {
+        let mut at = 0i64;
+        let mut out = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.owner == Some(rank) {
+                let n = s.param.tensor.numel() as i64;
+                out.push((i, at, n));
+                at += n;
+            }
+        }
+        out
+    }
+
+    /// The parts of a segment laid out as `layout` that fall in the window `[a, b)`: (slot,
+    /// start in the parameter's flat view, start in the window, elements).
+    fn window_pieces(layout: &[(usize, i64, i64)], a: i64, b: i64) -> Vec<(usize, i64, i64, i64)> {
+        layout
+            .iter()
+            .filter_map(|&(slot, start, n)| {
+                let (lo, hi) = (start.max(a), (start + n).min(b));
+                (lo < hi).then_some((slot, lo - start, lo - a, hi - lo))
+            })
+            .collect()
+    }
+
+    /// Rank `rank`'s segment of `tensors` (one per slot) restricted to the window `[a, b)`,
+    /// as one flat tensor of `b − a` elements of `kind` (zeros past its parameters).
+    fn window(
         tensors: &[Tensor],
-        rank: usize,
-        len: i64,
+        pieces: &[(usize, i64, i64, i64)],
+        width: i64,
         kind: Kind,
         device: Device,
     ) -> PluginResult<Tensor> {
-        let mut parts = Vec::new();
+        let mut parts = Vec::with_capacity(pieces.len() + 1);
         let mut n = 0i64;
-        for (s, t) in self.slots.iter().zip(tensors) {
-            if s.owner == Some(rank) {
-                parts.push(t.f_to_kind(kind)?.f_reshape([-1])?);
-                n += t.numel() as i64;
-            }
+        for &(slot, from, _, len) in pieces {
+            parts.push(tensors[slot].f_reshape([-1])?.f_narrow(0, from, len)?.f_to_kind(kind)?);
+            n += len;
         }
-        if n < len {
-            parts.push(Tensor::f_zeros([len - n], (kind, device))?);
+        if n < width {
+            parts.push(Tensor::f_zeros([width - n], (kind, device))?);
         }
         Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// Elements of one reduce-scatter / all-gather window per rank: `bucket_mb` of `kind`.
+    fn window_width(&self, kind: Kind, len: i64) -> i64 {
+        ((self.bucket_numel_bytes / kind.elt_size_in_bytes()) as i64).clamp(1, len.max(1))
     }
 
     /// The longest per-rank segment, in elements.
@@ -348,27 +378,45 @@ impl Sharded {
         }
         let (len, kind) = (self.segment_len(), self.flat_kind());
         let device = self.slots[0].param.tensor.device();
-        let segments = (0..self.world)
-            .map(|r| self.segment(grads, r, len, kind, device))
-            .collect::<PluginResult<Vec<_>>>()?;
-        let input = Tensor::f_cat(&segments, 0)?;
-        let out = Tensor::f_zeros([len], (kind, device))?;
-        comm.reduce_scatter(&out, &input, ReduceOp::AVG)?;
-        let mut at = 0i64;
-        for (i, s) in self.slots.iter().enumerate() {
-            if s.owner == Some(self.rank) {
-                let g = &grads[i];
-                let n = g.numel() as i64;
-                mine[i] = Some(out.f_narrow(0, at, n)?.f_view_as(g)?.f_to_kind(g.kind())?);
-                at += n;
+        let layouts: Vec<_> = (0..self.world).map(|r| self.layout(r)).collect();
+        // This rank's averaged gradients, flat, filled window by window.
+        let mut flat: Vec<Option<Tensor>> = self.slots.iter().map(|_| None).collect();
+        for &(slot, _, n) in &layouts[self.rank] {
+            flat[slot] = Some(Tensor::f_zeros([n], (kind, device))?);
+        }
+        // Windows of `bucket_mb` per rank: the transient buffers are world × window, not a
+        // second copy of every gradient.
+        let width = self.window_width(kind, len);
+        let mut a = 0i64;
+        while a < len {
+            let b = (a + width).min(len);
+            let pieces: Vec<_> = layouts.iter().map(|l| Self::window_pieces(l, a, b)).collect();
+            let parts = pieces
+                .iter()
+                .map(|p| Self::window(grads, p, b - a, kind, device))
+                .collect::<PluginResult<Vec<_>>>()?;
+            let input = Tensor::f_cat(&parts, 0)?;
+            drop(parts);
+            let out = Tensor::f_zeros([b - a], (kind, device))?;
+            comm.reduce_scatter(&out, &input, ReduceOp::AVG)?;
+            for &(slot, from, at, n) in &pieces[self.rank] {
+                if let Some(f) = &flat[slot] {
+                    f.f_narrow(0, from, n)?.f_copy_(&out.f_narrow(0, at, n)?)?;
+                }
+            }
+            a = b;
+        }
+        for (i, f) in flat.into_iter().enumerate() {
+            if let Some(f) = f {
+                mine[i] = Some(f.f_view_as(&grads[i])?.f_to_kind(grads[i].kind())?);
             }
         }
         Ok(mine)
     }
 
-    /// ZeRO: every rank receives the updated whole parameters of every owner (one
-    /// all-gather of padded per-rank segments). Partitioned shards stay: the host gathers
-    /// those weights when it needs them.
+    /// ZeRO: every rank receives the updated whole parameters of every owner (all-gathers of
+    /// the padded per-rank segments, a window of `bucket_mb` per rank at a time). Partitioned
+    /// shards stay: the host gathers those weights when it needs them.
     fn gather_params(&self, comm: &dyn Collectives) -> PluginResult<()> {
         if self.whole().next().is_none() {
             return Ok(());
@@ -377,28 +425,34 @@ impl Sharded {
         let params: Vec<Tensor> =
             self.slots.iter().map(|s| s.param.tensor.shallow_clone()).collect();
         let device = params[0].device();
-        let local = tch::no_grad(|| self.segment(&params, self.rank, len, kind, device))?;
-        let gathered = comm.all_gather(&local)?;
-        if gathered.len() != self.world {
-            return Err(PluginError::runtime(format!(
-                "all_gather returned {} tensors for {} ranks",
-                gathered.len(),
-                self.world
-            )));
-        }
-        let mut at = vec![0i64; self.world];
+        let layouts: Vec<_> = (0..self.world).map(|r| self.layout(r)).collect();
+        let width = self.window_width(kind, len);
         tch::no_grad(|| -> PluginResult<()> {
-            for (s, p) in self.slots.iter().zip(&params) {
-                let Some(owner) = s.owner else { continue };
-                let n = p.numel() as i64;
-                if owner != self.rank {
-                    let src = gathered[owner]
-                        .f_to_device(device)?
-                        .f_narrow(0, at[owner], n)?
-                        .f_view_as(p)?;
-                    p.shallow_clone().f_copy_(&src)?;
+            let mut a = 0i64;
+            while a < len {
+                let b = (a + width).min(len);
+                let pieces: Vec<_> = layouts.iter().map(|l| Self::window_pieces(l, a, b)).collect();
+                let local = Self::window(&params, &pieces[self.rank], b - a, kind, device)?;
+                let gathered = comm.all_gather(&local)?;
+                if gathered.len() != self.world {
+                    return Err(PluginError::runtime(format!(
+                        "all_gather returned {} tensors for {} ranks",
+                        gathered.len(),
+                        self.world
+                    )));
                 }
-                at[owner] += n;
+                for (owner, part) in gathered.iter().enumerate() {
+                    if owner == self.rank {
+                        continue;
+                    }
+                    let part = part.f_to_device(device)?;
+                    for &(slot, from, at, n) in &pieces[owner] {
+                        let p = &params[slot];
+                        let src = part.f_narrow(0, at, n)?.f_to_kind(p.kind())?;
+                        p.f_view([-1])?.f_narrow(0, from, n)?.f_copy_(&src)?;
+                    }
+                }
+                a = b;
             }
             Ok(())
         })
@@ -944,6 +998,7 @@ mod tests {
     }
 
     /// Two ranks, `w` partitioned: each rank its shard (gradient averaged by the "host"),
+    /// reductions in windows of 2 elements,
     /// `b` and `c` whole with local gradients. Rank 1 starts with other `b` values and
     /// receives rank 0's at setup (its owner, rank 1, makes the master from those). Also
     /// returns each rank's state-dict names and last `optimizer_state_bytes`.
@@ -959,7 +1014,9 @@ mod tests {
                 TrainParam::new("b", b.shallow_clone()),
                 TrainParam::new("c", c.shallow_clone()),
             ];
-            let mut z = zero3();
+            // Windows of 2 elements (8 bytes of fp32): the reduce-scatter and the all-gather of
+            // the 5-element segments run in 3 windows, and still equal one process.
+            let mut z = Zero::from_config(r#"{"stage": 3, "bucket_mb": 0.0000077}"#).unwrap();
             z.setup(params, &cfg, Device::Cpu, comm).unwrap();
             let mut bytes = 0.0;
             let snaps = (0..STEPS)
