@@ -322,3 +322,72 @@ fn bf16_full_finetuning_keeps_fp32_masters_and_resumes_exactly() {
     }
     assert_eq!(losses(&dir), losses(&second));
 }
+
+/// DPO with `finetuning: full`: the reference is a frozen copy of the base (the policy itself
+/// trains), so step 1's loss is exactly ln 2 (policy = reference), the margin then grows; on
+/// 2 ranks under zero-3 (the reference's decoder weights sharded too) the losses equal one
+/// process.
+#[test]
+fn dpo_full_finetuning_compares_with_a_frozen_reference() {
+    require_c10d();
+    const STEPS: usize = 4;
+    let f = fixture();
+    let pairs = f.work.join("pairs.jsonl");
+    let words: Vec<String> = (0..WORDS).map(|i| format!("w{i}")).collect();
+    let vocab = std::fs::read_to_string(f.work.join("tokenizer/tokenizer.json")).unwrap();
+    // Words the fixture's tokenizer knows (its vocabulary is the first WORDS words).
+    let known: Vec<&String> =
+        words.iter().filter(|w| vocab.contains(&format!("\"{w}\""))).collect();
+    let word = |i: usize| known[i % known.len()].as_str();
+    let rows: String = (0..8)
+        .map(|i| {
+            serde_json::json!({
+                "instruction": format!("{} {}", word(i), word(i + 1)),
+                "input": "",
+                "chosen": format!("{} {} {}", word(i + 2), word(i + 3), word(i + 4)),
+                "rejected": format!("{} {}", word(i + 5), word(i + 5)),
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&pairs, rows).unwrap();
+    let run = |name: &str, micro: usize, memory: &str| {
+        let yaml = format!(
+            "model: {model}\noutput_dir: {out}\nseed: 5\nfinetuning: full\n\
+             objective: {{plugin: dpo, beta: 0.1}}\n\
+             optimizer: {{lr: 1.0e-3}}\nscheduler: {{type: constant}}\nmemory: {memory}\n\
+             data: {{plugin: alpaca, path: {data}, config: {{ranking: true}}, shuffle: false}}\n\
+             training: {{max_steps: {STEPS}, micro_batch_size: {micro}, progress_bar: false}}\n",
+            model = f.model.display(),
+            out = f.work.join(name).display(),
+            data = pairs.display(),
+        );
+        let cfg = f.work.join(format!("{name}.yaml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let o = if micro == 4 {
+            ferrotune(&["train", cfg.to_str().unwrap()])
+        } else {
+            launch(2, &["train", cfg.to_str().unwrap()])
+        };
+        assert!(o.status.success(), "{name}:\n{}", stderr(&o));
+        read_jsonl(&f.work.join(name).join("metrics.jsonl"))
+            .into_iter()
+            .filter(|l| l.get("loss").is_some())
+            .collect::<Vec<Value>>()
+    };
+    let one = run("dpo-one", 4, "{plugin: single}");
+    let loss = |l: &Value| l["loss"].as_f64().unwrap();
+    assert_eq!(one.len(), STEPS);
+    assert!((loss(&one[0]) - std::f64::consts::LN_2).abs() < 1e-6, "step 1: {}", one[0]);
+    assert!(loss(&one[STEPS - 1]) < loss(&one[0]) - 1e-3, "{one:?}");
+    let margin = one[STEPS - 1]["train/rewards/margins"].as_f64().unwrap();
+    assert!(margin > 0.0, "the chosen answers gain on the rejected ones: {margin}");
+    let two = run("dpo-zero3", 2, "{plugin: zero, stage: 3}");
+    let worst = one.iter().zip(&two).map(|(a, b)| (loss(a) - loss(b)).abs()).fold(0.0, f64::max);
+    println!(
+        "dpo full: losses {:?}; zero-3 on 2 ranks within {worst:.2e}",
+        one.iter().map(loss).collect::<Vec<_>>()
+    );
+    assert!(worst <= 1e-5, "{worst}");
+}

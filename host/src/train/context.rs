@@ -47,6 +47,10 @@ pub struct PolicyContext<'a> {
     pub rewards: &'a [LoadedReward],
     /// Prompt plus generated tokens stay within this many (`data.cutoff_len`).
     pub max_len: usize,
+    /// The frozen reference model of a run whose own weights train (`finetuning: full |
+    /// freeze`): a pass with `DISABLE_ADAPTER` runs it. `None`: the policy with its adapter
+    /// disabled is the reference (an adapter run).
+    pub reference: Option<&'a PeftModel>,
 }
 
 impl ObjectiveContext for PolicyContext<'_> {
@@ -87,7 +91,12 @@ impl ObjectiveContext for PolicyContext<'_> {
         } else {
             None
         };
-        let mode = self.model.mode(flags, self.train);
+        // The reference pass: a frozen copy when the run trains the model's own weights.
+        let model = match self.reference {
+            Some(reference) if flags.contains(ForwardFlags::DISABLE_ADAPTER) => reference,
+            _ => self.model,
+        };
+        let mode = model.mode(flags, self.train);
         let run = || -> anyhow::Result<Vec<(String, Tensor)>> {
             let args = ForwardArgs::ids(ids)
                 .mask(mask)
@@ -95,10 +104,10 @@ impl ObjectiveContext for PolicyContext<'_> {
                 .images(images.as_ref())
                 .mode(mode);
             let Some((target_ids, opts)) = &targets else {
-                return Ok(vec![("logits".to_string(), self.model.forward(args)?)]);
+                return Ok(vec![("logits".to_string(), model.forward(args)?)]);
             };
-            let hidden = self.model.forward(args.hidden())?;
-            let out = target_logps(self.model.lm_head(), mode, &hidden, target_ids, *opts)?;
+            let hidden = model.forward(args.hidden())?;
+            let out = target_logps(model.lm_head(), mode, &hidden, target_ids, *opts)?;
             let mut named = vec![
                 ("target_logps".to_string(), out.logps),
                 ("target_correct".to_string(), out.correct),

@@ -51,6 +51,8 @@ pub struct Run<'c> {
     objective: ObjectiveHandle,
     memory: MemoryStrategyHandle,
     rewards: Vec<LoadedReward>,
+    /// Full / freeze runs of an objective that needs a reference: the frozen base.
+    reference: Option<PeftModel>,
     pub layout: Layout,
     prep: Option<ImagePrep>,
     pub data: RunData,
@@ -214,6 +216,22 @@ impl<'c> Run<'c> {
         let prep = image_prep(cfg, &tokenizer)?;
 
         let (objective, layout, rewards) = objective_and_rewards(cfg, registry)?;
+        // An objective that compares with a reference (DPO, KTO, GRPO's KL) gets the base with
+        // its adapter disabled; when the base itself trains, a frozen copy of it, as
+        // LLaMA-Factory's `ref_model` (stage 3 shards its decoder weights too).
+        let reference = if cfg.finetuning() != Finetuning::Adapter
+            && objective.needs().iter().any(|n| n == "reference")
+        {
+            let base = crate::model::CausalLM::load(&cfg.model, device, model.dtype())
+                .context("loading the frozen reference model")?;
+            let mut reference = PeftModel::new(base);
+            if shard_params {
+                shard_frozen_weights(&mut reference, group.clone(), offload_params)?;
+            }
+            Some(reference)
+        } else {
+            None
+        };
         let mut data = match items {
             Some(items) => RunData::given(items),
             None => RunData::split(
@@ -291,6 +309,7 @@ impl<'c> Run<'c> {
             objective,
             memory,
             rewards,
+            reference,
             layout,
             prep,
             data,
@@ -391,6 +410,7 @@ impl<'c> Run<'c> {
             train: true,
             rewards: &self.rewards,
             max_len: self.cfg.data.cutoff_len,
+            reference: self.reference.as_ref(),
         };
         let out = optimizer_step_with(
             &ctx,
@@ -432,6 +452,7 @@ impl<'c> Run<'c> {
             train: false,
             rewards: &self.rewards,
             max_len: self.cfg.data.cutoff_len,
+            reference: self.reference.as_ref(),
         };
         let micro = self.cfg.training.micro_batch_size;
         let prep = self.prep.as_ref();
@@ -701,15 +722,6 @@ fn objective_and_rewards(
     let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
     let needs = objective.needs();
     let layout = Layout::from_needs(&cfg.objective.plugin, &needs)?;
-    if cfg.finetuning() != Finetuning::Adapter && needs.iter().any(|n| n == "reference") {
-        bail!(
-            "objective `{}` compares the policy with a frozen reference model, which ferrotune takes from the base with the adapter \
-             disabled; finetuning: {} trains the base itself and keeps no frozen copy yet: train it with an adapter (finetuning: adapter), \
-             or use a reference-free objective (sft, orpo, simpo)",
-            cfg.objective.plugin,
-            cfg.finetuning().name()
-        );
-    }
     let wants_rewards = needs.iter().any(|n| n == "rewards");
     if wants_rewards && cfg.rewards.is_empty() {
         bail!(

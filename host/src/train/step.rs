@@ -93,7 +93,14 @@ pub fn optimizer_step(
     batches: impl IntoIterator<Item = Result<Batch>>,
     lr: f64,
 ) -> Result<StepOutcome> {
-    let ctx = PolicyContext { model, tokenizer, train: true, rewards: &[], max_len: usize::MAX };
+    let ctx = PolicyContext {
+        model,
+        tokenizer,
+        train: true,
+        rewards: &[],
+        max_len: usize::MAX,
+        reference: None,
+    };
     optimizer_step_with(&ctx, objective, memory, batches, lr, &SingleProcess, 1.0)
 }
 
