@@ -94,6 +94,7 @@ fn assert_packed_equals_alone(
         train: true,
         rewards: &[],
         max_len: capacity,
+        reference: None,
     };
     let num_items: i64 = samples.iter().map(|(_, i)| i.label_tokens()).sum();
     let (rows, stats) = pack_sequences(samples.clone(), capacity, 3).unwrap();
