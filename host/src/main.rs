@@ -45,8 +45,81 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
+#[cfg(target_os = "linux")]
+mod jemalloc_ctl {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+    use std::ptr::null_mut;
+
+    extern "C" {
+        fn mallctl(
+            name: *const c_char,
+            oldp: *mut c_void,
+            oldlenp: *mut usize,
+            newp: *mut c_void,
+            newlen: usize,
+        ) -> c_int;
+    }
+
+    /// How long freed pages stay before they go back, once [`decay_at_once`] ran: long enough
+    /// for a step's buffers, which are freed and reallocated within milliseconds, to be
+    /// reused; short enough that one-off peaks do not add up.
+    const DECAY_MS: isize = 1000;
+
+    /// Writes `value` to the jemalloc control `name`; a failure changes nothing.
+    fn write<T>(name: &CStr, mut value: T) {
+        // SAFETY: a NUL-terminated name and a value of the control's type and size.
+        unsafe {
+            mallctl(
+                name.as_ptr(),
+                null_mut(),
+                null_mut(),
+                (&mut value as *mut T).cast(),
+                std::mem::size_of::<T>(),
+            );
+        }
+    }
+
+    /// Returns the free pages of every arena to the system (`arena.<all>.purge`;
+    /// MALLCTL_ARENAS_ALL is 4096), for `ferrotune::util::alloc::release_free_memory`.
+    pub fn purge() {
+        // SAFETY: a NUL-terminated name and no old/new values, as the purge takes them.
+        unsafe {
+            mallctl(c"arena.4096.purge".as_ptr(), null_mut(), null_mut(), null_mut(), 0);
+        }
+    }
+
+    /// Purges freed pages at once from now on: decay times 0 for every existing arena and
+    /// for arenas made later, for `ferrotune::util::alloc::return_freed_memory`.
+    pub fn decay_at_once() {
+        let mut narenas: u32 = 0;
+        let mut len = std::mem::size_of::<u32>();
+        // SAFETY: `arenas.narenas` is an unsigned int read into `narenas`.
+        let read = unsafe {
+            mallctl(
+                c"arenas.narenas".as_ptr(),
+                (&mut narenas as *mut u32).cast(),
+                &mut len,
+                null_mut(),
+                0,
+            )
+        };
+        let narenas = if read == 0 { narenas } else { 0 };
+        for i in 0..narenas {
+            for kind in ["dirty", "muzzy"] {
+                if let Ok(name) = std::ffi::CString::new(format!("arena.{i}.{kind}_decay_ms")) {
+                    write::<isize>(&name, DECAY_MS);
+                }
+            }
+        }
+        write::<isize>(c"arenas.dirty_decay_ms", DECAY_MS);
+        write::<isize>(c"arenas.muzzy_decay_ms", DECAY_MS);
+    }
+}
+
 fn main() -> ExitCode {
     quiet_on_closed_stdout();
+    #[cfg(target_os = "linux")]
+    ferrotune::util::alloc::set_hooks(jemalloc_ctl::purge, jemalloc_ctl::decay_at_once);
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
     match ferrotune::cli::run(cli) {

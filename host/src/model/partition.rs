@@ -141,14 +141,29 @@ impl WeightShard {
     /// The whole weight on its device, gathered from every rank (a collective: see the module
     /// docs), outside autograd. An offloaded shard is copied to the device first, so that the
     /// gather runs there.
+    ///
+    /// The whole weight is written into one tensor as the parts arrive, `GATHER_WINDOW`
+    /// elements per rank at a time, so the gather holds the weight and one window of parts,
+    /// not every rank's part and then their concatenation (twice an embedding's size).
     pub fn gather(&self) -> Result<Tensor> {
         tch::no_grad(|| -> Result<Tensor> {
             let local = self.shard.f_detach()?.f_to_device(self.device)?;
-            let parts = self.group.all_gather(&local)?;
-            Ok(Tensor::f_cat(&parts, 0)?
-                .f_narrow(0, 0, self.numel)?
-                .f_reshape(self.shape.as_slice())?
-                .f_to_device(self.device)?)
+            let len = local.size()[0];
+            let world = self.group.world_size() as i64;
+            let out = Tensor::f_empty([len * world], (local.kind(), self.device))?;
+            let mut at = 0i64;
+            while at < len {
+                let w = GATHER_WINDOW.min(len - at);
+                let parts = self.group.all_gather(&local.f_narrow(0, at, w)?)?;
+                if parts.len() as i64 != world {
+                    bail!("all_gather returned {} parts for {world} ranks", parts.len());
+                }
+                for (r, part) in parts.iter().enumerate() {
+                    out.f_narrow(0, r as i64 * len + at, w)?.f_copy_(part)?;
+                }
+                at += w;
+            }
+            Ok(out.f_narrow(0, 0, self.numel)?.f_view(self.shape.as_slice())?)
         })
         .with_context(|| format!("gathering the partitioned weight `{}`", self.name))
     }
@@ -237,6 +252,9 @@ impl WeightShard {
         }
     }
 }
+
+/// Elements per rank and all-gather call of [`WeightShard::gather`] (32 MiB of fp32).
+const GATHER_WINDOW: i64 = 1 << 23;
 
 /// Elements per rank: `⌈numel / world⌉`.
 pub fn shard_len(numel: i64, world: i64) -> i64 {

@@ -87,6 +87,10 @@ pub trait MemoryStrategy: Send + 'static {
 pub const SHARD_FROZEN_PARAMS: &str = "shard_frozen_params";
 /// Capability: the host keeps those shards in CPU memory (a no-op when training on CPU).
 pub const OFFLOAD_PARAMS_CPU: &str = "offload_params_cpu";
+/// Capability (informational): the optimizer state lives in host memory
+/// (`offload_optimizer: cpu`). The host then treats host memory as the scarce resource: its
+/// allocator gives freed pages back within a second instead of keeping them for reuse.
+pub const OFFLOAD_OPTIMIZER_CPU: &str = "offload_optimizer_cpu";
 /// Capability: the host may partition trainable weights over the ranks itself (full
 /// fine-tuning under ZeRO stage 3). The contract, only with a plugin reporting it:
 ///

@@ -51,7 +51,7 @@
 //! rank's shard): a sharded checkpoint is one such file per rank, loadable with the same
 //! world size.
 use ferrotune_plugin_api::kinds::memory::{
-    OFFLOAD_PARAMS_CPU, SHARD_FROZEN_PARAMS, SHARD_TRAINABLE_PARAMS,
+    OFFLOAD_OPTIMIZER_CPU, OFFLOAD_PARAMS_CPU, SHARD_FROZEN_PARAMS, SHARD_TRAINABLE_PARAMS,
 };
 use ferrotune_plugin_api::optim::{
     adamw_step, check_params, global_norm, load_state, split_partitioned, AdamWConfig, AdamWParam,
@@ -691,7 +691,12 @@ impl Plugin for Ddp {
     const DESCRIPTION: &'static str = "data parallel: bucketed gradient all-reduce (mean), AdamW on every rank; offload_optimizer: cpu";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let c: DdpConfig = parse_config(config_json)?;
-        Ok(Self(Sharded::new(Self::NAME, Mode::Ddp, c.bucket_mb, c.offload_optimizer)?, Vec::new()))
+        let caps = if c.offload_optimizer == Offload::Cpu {
+            vec![OFFLOAD_OPTIMIZER_CPU.to_string()]
+        } else {
+            Vec::new()
+        };
+        Ok(Self(Sharded::new(Self::NAME, Mode::Ddp, c.bucket_mb, c.offload_optimizer)?, caps))
     }
 }
 
@@ -720,6 +725,9 @@ impl Plugin for Zero {
             if c.offload_param == Offload::Cpu {
                 caps.push(OFFLOAD_PARAMS_CPU.to_string());
             }
+        }
+        if c.offload_optimizer == Offload::Cpu {
+            caps.push(OFFLOAD_OPTIMIZER_CPU.to_string());
         }
         Ok(Self(
             Sharded::new(Self::NAME, Mode::Zero(c.stage), c.bucket_mb, c.offload_optimizer)?,
@@ -1243,5 +1251,10 @@ mod tests {
         );
         let z = Zero::from_config(r#"{"stage": 3}"#).unwrap();
         assert_eq!(z.capabilities(), ["shard_frozen_params", "shard_trainable_params"]);
+        let z = Zero::from_config(r#"{"stage": 1, "offload_optimizer": "cpu"}"#).unwrap();
+        assert_eq!(z.capabilities(), ["offload_optimizer_cpu"]);
+        let d = Ddp::from_config(r#"{"offload_optimizer": "cpu"}"#).unwrap();
+        assert_eq!(d.capabilities(), ["offload_optimizer_cpu"]);
+        assert!(Ddp::from_config("{}").unwrap().capabilities().is_empty());
     }
 }
