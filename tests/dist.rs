@@ -26,7 +26,6 @@
 //! Needs `cargo build --workspace` (the CLI, `lora`, `sft`, `single`, `dist`, `alpaca`,
 //! `llava` plugins), `assets/qwen2-tokenizer` (the Qwen2-VL test) and a build with c10d
 //! (libgloo-dev installed); no Python.
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -695,38 +694,9 @@ fn killed_rank_stops_launch_and_resume_completes() {
     assert!(shard(0) > 1 && shard(1) > 1);
 
     let cfg = config(f, "killed", 2, memory, STEPS, Some(4));
-    let mut child = Command::new(ferrotune_bin())
-        .args(["launch", "--nproc", "2", "--timeout", "20", "train", cfg.to_str().unwrap()])
-        .env_remove("LD_LIBRARY_PATH")
-        .env_remove("FERROTUNE_PLUGIN_PATH")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for line in err.lines().map_while(Result::ok) {
-            if let Some(pid) = line.strip_prefix("[launch] rank 1 pid ") {
-                tx.send(pid.trim().parse::<i32>().unwrap()).unwrap();
-            }
-            all.push(line);
-        }
-        all.join("\n")
-    });
-    let pid = rx.recv_timeout(Duration::from_secs(30)).expect("launch prints the ranks' pids");
-    let first = f.work.join("killed/checkpoint-4");
-    let t0 = Instant::now();
-    while !first.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint-4");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let killed_at = Instant::now();
-    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
-    let status = child.wait().unwrap();
-    let elapsed = killed_at.elapsed();
-    let err = reader.join().unwrap();
+    let killed =
+        launch_and_kill_rank1(&cfg, &f.work.join("killed/checkpoint-4"), Duration::from_secs(60));
+    let (status, elapsed, err) = (killed.status, killed.exit_after_kill, killed.stderr);
     println!(
         "launch exited {:?} {:.2} s after rank 1 was killed",
         status.code(),

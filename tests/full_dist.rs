@@ -13,11 +13,9 @@
 //!
 //! Needs `cargo build --workspace` (the CLI, `sft`, `single`, `dist`, `alpaca`) and a build
 //! with c10d (libgloo-dev); no Python.
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferrotune::dist::collectives::HAS_C10D;
 use ferrotune_tests::*;
@@ -212,36 +210,9 @@ fn zero3_killed_rank_resumes_to_the_unbroken_run() {
     }
 
     let cfg = config("killed", 2, memory, STEPS, ", save_steps: 4");
-    let mut child = Command::new(ferrotune_bin())
-        .args(["launch", "--nproc", "2", "--timeout", "20", "train", cfg.to_str().unwrap()])
-        .env_remove("LD_LIBRARY_PATH")
-        .env_remove("FERROTUNE_PLUGIN_PATH")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for line in err.lines().map_while(Result::ok) {
-            if let Some(pid) = line.strip_prefix("[launch] rank 1 pid ") {
-                tx.send(pid.trim().parse::<i32>().unwrap()).unwrap();
-            }
-            all.push(line);
-        }
-        all.join("\n")
-    });
-    let pid = rx.recv_timeout(Duration::from_secs(30)).expect("launch prints the ranks' pids");
-    let first = f.work.join("killed/checkpoint-4");
-    let t0 = Instant::now();
-    while !first.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint-4");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
-    let status = child.wait().unwrap();
-    let err = reader.join().unwrap();
+    let killed =
+        launch_and_kill_rank1(&cfg, &f.work.join("killed/checkpoint-4"), Duration::from_secs(120));
+    let (status, err) = (killed.status, killed.stderr);
     assert!(!status.success(), "launch must fail when a rank dies:\n{err}");
     assert!(!f.work.join("killed/model.safetensors").exists(), "the run did not finish");
 

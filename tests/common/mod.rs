@@ -515,3 +515,54 @@ pub fn perturb_adapter(model: &mut ferrotune::peft::PeftModel, seed: i64, scale:
         .collect();
     model.load_adapter_state_dict(state).unwrap();
 }
+
+/// What [`launch_and_kill_rank1`] saw: launch's exit status, its stderr, and how long launch
+/// took to exit after rank 1 was killed.
+pub struct KilledLaunch {
+    pub status: std::process::ExitStatus,
+    pub stderr: String,
+    pub exit_after_kill: std::time::Duration,
+}
+
+/// Runs `ferrotune launch --nproc 2 --timeout 20 train CONFIG`, waits until `checkpoint`
+/// exists (at most `wait`), then SIGKILLs rank 1 and waits for launch to exit.
+pub fn launch_and_kill_rank1(
+    config: &Path,
+    checkpoint: &Path,
+    wait: std::time::Duration,
+) -> KilledLaunch {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(ferrotune_bin())
+        .args(["launch", "--nproc", "2", "--timeout", "20", "train", config.to_str().unwrap()])
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("FERROTUNE_PLUGIN_PATH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in err.lines().map_while(Result::ok) {
+            if let Some(pid) = line.strip_prefix("[launch] rank 1 pid ") {
+                tx.send(pid.trim().parse::<i32>().unwrap()).unwrap();
+            }
+            all.push(line);
+        }
+        all.join("\n")
+    });
+    let pid = rx.recv_timeout(Duration::from_secs(30)).expect("launch prints the ranks' pids");
+    let t0 = Instant::now();
+    while !checkpoint.exists() {
+        assert!(t0.elapsed() < wait, "no {}", checkpoint.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed_at = Instant::now();
+    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    let exit_after_kill = killed_at.elapsed();
+    KilledLaunch { status, stderr: reader.join().unwrap(), exit_after_kill }
+}
