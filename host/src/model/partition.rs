@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::{Collectives, ReduceOp};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{gather_partitioned, grad_enabled, partitioned_linear, regather_linear};
 
@@ -200,6 +200,72 @@ impl WeightShard {
         gather_partitioned(&self.shard, move || g.gather(), move |grad| s.scatter_grad(grad))
     }
 
+    /// Rows `ids` (any shape, int64) of a partitioned `[rows, width]` matrix (the token
+    /// embedding), as `embedding(W, ids)`. With a graph (a trainable shard) the backward never
+    /// builds the dense `[rows, width]` gradient that `embedding`'s backward would (an
+    /// embedding's size, then reduce-scattered): every rank's ids and row gradients are
+    /// all-gathered (ranks may hold different token counts: padded to the largest with id −1)
+    /// and each rank adds those that fall in its own elements of the flattened matrix, divided
+    /// by the world size (the mean, as the reduce-scatter). The forward gathers the whole
+    /// matrix, takes the rows and drops it.
+    pub fn lookup_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        if !(self.is_trainable() && grad_enabled()) {
+            return Ok(Tensor::f_embedding(&self.gather()?, ids, -1, false, false)?);
+        }
+        let (g, s) = (self.share(), self.share());
+        let (ids_fwd, ids_bwd) = (ids.shallow_clone(), ids.shallow_clone());
+        gather_partitioned(
+            &self.shard,
+            move || Ok(Tensor::f_embedding(&g.gather()?, &ids_fwd, -1, false, false)?),
+            move |grad| s.scatter_rows(&ids_bwd, grad),
+        )
+    }
+
+    /// [`WeightShard::lookup_rows`]'s backward: this rank's shard gradient from the rows'
+    /// gradient `grad` (`[*ids.shape, width]`) of every rank.
+    fn scatter_rows(&self, ids: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        tch::no_grad(|| -> Result<Tensor> {
+            let [rows, width] = self.shape[..] else {
+                bail!("a row lookup of `{}`, which is not a matrix", self.name);
+            };
+            let world = self.group.world_size() as i64;
+            let rank = self.group.rank() as i64;
+            let len = shard_len(self.numel, world);
+            let kind = self.shard.kind();
+            let device = grad.device();
+            let ids = ids.f_reshape([-1])?.f_to_kind(Kind::Int64)?.f_to_device(device)?;
+            let grad = grad.f_reshape([-1, width])?.f_to_kind(kind)?;
+            // The largest token count of any rank; the others pad to it.
+            let n = ids.size()[0];
+            let most = Tensor::from_slice(&[n]);
+            self.group.all_reduce(&most, ReduceOp::MAX)?;
+            let most = most.f_int64_value(&[0])?;
+            let ids =
+                Tensor::f_cat(&[ids, Tensor::f_full([most - n], -1, (Kind::Int64, device))?], 0)?;
+            let grad = grad.f_constant_pad_nd([0, 0, 0, most - n])?;
+            let all_ids = self.group.all_gather(&ids)?;
+            let all_grads = self.group.all_gather(&grad)?;
+            // This rank's elements [lo, hi) of the flattened matrix, in whole rows.
+            let lo = (rank * len).min(self.numel);
+            let hi = (lo + len).min(self.numel);
+            let (row_lo, row_hi) = (lo / width, ((hi + width - 1) / width).min(rows));
+            let mut block = Tensor::f_zeros([(row_hi - row_lo).max(0), width], (kind, device))?;
+            for (ids, grad) in all_ids.iter().zip(&all_grads) {
+                let ids = ids.f_to_device(device)?;
+                let keep = ids.f_ge(row_lo)?.f_logical_and(&ids.f_lt(row_hi)?)?;
+                let at = keep.f_nonzero()?.f_squeeze_dim(-1)?;
+                let rows_here = ids.f_index_select(0, &at)?.f_sub_scalar(row_lo)?;
+                let grads_here = grad.f_to_device(device)?.f_index_select(0, &at)?;
+                let _ = block.f_index_add_(0, &rows_here, &grads_here)?;
+            }
+            let mine = block.f_reshape([-1])?.f_narrow(0, lo - row_lo * width, hi - lo)?;
+            let mine =
+                if hi - lo < len { mine.f_constant_pad_nd([0, len - (hi - lo)])? } else { mine };
+            Ok(mine.f_div_scalar(world as f64)?.f_to_device(self.shard.device())?)
+        })
+        .with_context(|| format!("reduce-scattering the row gradients of `{}`", self.name))
+    }
+
     /// `x Wᵀ + b` (see the module docs): gather and multiply without grad; with grad, a
     /// trainable weight runs [`partitioned_linear`] and a frozen one [`regather_linear`]; a
     /// bias that requires grad is added by ordinary autograd.
@@ -276,7 +342,6 @@ pub(crate) mod tests {
     use std::time::Duration;
 
     use ferrotune_plugin_api::{PluginError, PluginResult};
-    use tch::Kind;
 
     use super::*;
 
@@ -355,8 +420,16 @@ pub(crate) mod tests {
         fn world_size(&self) -> usize {
             self.shared.world
         }
-        fn all_reduce(&self, _: &Tensor, _: ReduceOp) -> PluginResult<()> {
-            unreachable!("not used by partitioned weights")
+        /// MAX only (a row lookup's token counts), through an exchange.
+        fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> PluginResult<()> {
+            assert_eq!(op, ReduceOp::MAX);
+            let all = self.shared.exchange(self.rank, t)?;
+            let mut max = all[0].shallow_clone();
+            for other in &all[1..] {
+                max = max.maximum(other);
+            }
+            t.shallow_clone().copy_(&max);
+            Ok(())
         }
         fn broadcast(&self, _: &Tensor, _: usize) -> PluginResult<()> {
             unreachable!("not used by partitioned weights")
