@@ -225,6 +225,10 @@ fn zero3_killed_rank_resumes_to_the_unbroken_run() {
     println!("resumed zero-3 run vs uninterrupted: max |weight diff| = {diff:.2e}; losses {a:?} vs {b:?}");
     assert_eq!(a.len(), b.len());
     assert!(diff <= 1e-6, "{diff}");
+
+    // One process cannot resume the 2-rank shards: refused by the world size, before reading.
+    let o = ferrotune(&["train", cfg.to_str().unwrap(), "--resume", ck.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("same world size"), "{}", stderr(&o));
 }
 
 /// `dtype: bf16` full fine-tuning (one process, `single`): the weights stay bf16, the

@@ -373,6 +373,13 @@ pub(crate) fn load_checkpoint(
         .with_context(|| format!("{}/{STATE_FILE}: no `step`", dir.display()))?
         as usize;
     let (rank, world) = (comm.rank(), comm.world_size());
+    let saved_world = state["world_size"].as_u64().unwrap_or(1) as usize;
+    if saved_world != world {
+        bail!(
+            "{} was saved by a run on {saved_world} rank(s) and this run has {world}: a sharded checkpoint resumes with the same world size",
+            dir.display()
+        );
+    }
     if model.active_adapter().is_some() {
         let adapter = safetensors::read(&dir.join("adapter/adapter_model.safetensors"))
             .with_context(|| format!("cannot read the adapter of {}", dir.display()))?;
@@ -380,13 +387,6 @@ pub(crate) fn load_checkpoint(
         non_lora::load_into(model, &dir.join("adapter"))?;
     } else {
         load_full_weights(&dir.join(weights_file(rank, partitioned)), full_weights)?;
-    }
-    let saved_world = state["world_size"].as_u64().unwrap_or(1) as usize;
-    if saved_world != world {
-        bail!(
-            "{} was saved by a run on {saved_world} rank(s) and this run has {world}: a sharded checkpoint resumes with the same world size",
-            dir.display()
-        );
     }
     let file = optimizer_file(rank, world);
     let opt = safetensors::read(&dir.join(&file))
