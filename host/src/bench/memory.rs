@@ -178,6 +178,12 @@ pub fn bench_memory(
             args.extend(opts.plugin_args.iter().cloned());
             args.extend(["train".to_string(), cfg.display().to_string()]);
             let (_, err) = run(exe, &args).with_context(|| format!("{name} on {n} rank(s)"))?;
+            if opts.full {
+                // Each full run wrote its model (2 GB at 0.5B parameters): only the figures
+                // are kept, or a table of 12 runs would fill the disk.
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("cannot remove {}", dir.display()))?;
+            }
             for (rank, r) in memory_reports(&err, n)?.into_iter().enumerate() {
                 let peak_rss_mb = r["peak_rss"].as_f64().map(|b| (b / MIB * 10.0).round() / 10.0);
                 let line = if opts.full {
