@@ -32,6 +32,11 @@ use super::linear::{FrozenLinear, LinearMode};
 /// Qwen2's 151,936.
 const CHUNK_ELEMENTS: i64 = 1 << 24;
 
+/// Target positions per chunk for a head of `vocab` outputs.
+fn chunk_rows(vocab: i64) -> i64 {
+    (CHUNK_ELEMENTS / vocab.max(1)).clamp(16, 4096)
+}
+
 /// Target log-probabilities, argmax hits and entropies, each `[B, T]`.
 pub struct TargetOutputs {
     pub logps: Tensor,
@@ -118,7 +123,7 @@ fn chunked(
     let n = hs.size()[0];
     let vocab = w.size()[0];
     let want_grad = hs.requires_grad() && grad_enabled();
-    let rows = (CHUNK_ELEMENTS / vocab.max(1)).clamp(16, 4096);
+    let rows = chunk_rows(vocab);
     let (mut logps, mut correct, mut entropy, mut grads) = (vec![], vec![], vec![], vec![]);
     tch::no_grad(|| -> Result<()> {
         let mut start = 0;
@@ -171,7 +176,7 @@ fn chunked_trained(
 ) -> Result<Selected> {
     let n = hs.size()[0];
     let vocab = w.size()[0];
-    let rows = (CHUNK_ELEMENTS / vocab.max(1)).clamp(16, 4096);
+    let rows = chunk_rows(vocab);
     let mut parts = Vec::new();
     let mut start = 0;
     while start < n {

@@ -345,7 +345,7 @@ impl<'c> Run<'c> {
         // read while resuming): give that memory back before training starts. A run that
         // offloads to host memory makes it the scarce resource: from now on freed pages go
         // back within a second (on the 0.5B full fine-tuning benchmark: peak RSS −9 %, step
-        // time +30–40 % on CPU, where every step's buffers are then faulted in afresh).
+        // time about 1.6× on CPU, where every step's buffers are then faulted in afresh).
         if capabilities.iter().any(|c| c == OFFLOAD_OPTIMIZER_CPU || c == OFFLOAD_PARAMS_CPU) {
             crate::util::alloc::return_freed_memory();
         } else {
