@@ -84,10 +84,10 @@ fn batch() -> Batch {
     Batch {
         ids: tensor2(&rows(&inputs["mm_ids"])),
         mask: tensor2(&rows(&inputs["mm_mask"])),
-        images: VisionInputs {
-            pixel_values: read(&dir.join("pixels.safetensors"), "pixel_values"),
-            image_grid_thw: grids(&inputs["grids"]),
-        },
+        images: VisionInputs::images(
+            read(&dir.join("pixels.safetensors"), "pixel_values"),
+            grids(&inputs["grids"]),
+        ),
     }
 }
 
@@ -211,10 +211,8 @@ fn greedy_generation_matches_transformers() {
     let b = batch();
 
     let n0 = inputs["patches_row0"].as_i64().unwrap();
-    let single = VisionInputs {
-        pixel_values: b.images.pixel_values.narrow(0, 0, n0),
-        image_grid_thw: grids(&inputs["grids_row0"]),
-    };
+    let single =
+        VisionInputs::images(b.images.pixel_values.narrow(0, 0, n0), grids(&inputs["grids_row0"]));
     let got = generate_mm(&model, &prompts[..1], Some(&single), &params).unwrap();
     assert_eq!(got, rows(&want["single"]), "batch of 1 with 2 images");
 
@@ -258,10 +256,10 @@ fn wrong_image_token_count_is_a_clear_error() {
         "{e}"
     );
     // Too few images for the blocks.
-    let fewer = VisionInputs {
-        pixel_values: b.images.pixel_values.narrow(0, 0, 28),
-        image_grid_thw: b.images.image_grid_thw[..2].to_vec(),
-    };
+    let fewer = VisionInputs::images(
+        b.images.pixel_values.narrow(0, 0, 28),
+        b.images.image_grid_thw[..2].to_vec(),
+    );
     let e = format!(
         "{:#}",
         model
@@ -275,10 +273,10 @@ fn wrong_image_token_count_is_a_clear_error() {
     );
     assert!(e.contains("18 image tokens") && e.contains("7 merged patches"), "{e}");
     // pixel_values that disagree with the grids.
-    let bad = VisionInputs {
-        pixel_values: b.images.pixel_values.narrow(0, 0, 70),
-        image_grid_thw: b.images.image_grid_thw.clone(),
-    };
+    let bad = VisionInputs::images(
+        b.images.pixel_values.narrow(0, 0, 70),
+        b.images.image_grid_thw.clone(),
+    );
     let e = format!(
         "{:#}",
         model
@@ -301,10 +299,8 @@ fn images_for_a_text_model_are_an_error() {
     opts.dtype = Kind::Float;
     ferrotune::model::write_random_model(&opts).unwrap();
     let model = load(&root.join("m"));
-    let images = VisionInputs {
-        pixel_values: Tensor::zeros([4, 1176], (Kind::Float, Device::Cpu)),
-        image_grid_thw: vec![[1, 2, 2]],
-    };
+    let images =
+        VisionInputs::images(Tensor::zeros([4, 1176], (Kind::Float, Device::Cpu)), vec![[1, 2, 2]]);
     let e = format!(
         "{:#}",
         model
@@ -398,10 +394,10 @@ fn init_model_tiny_vl_loads_in_transformers_with_the_same_logits_and_saves_merge
     // One image [1, 4, 4] (4 tokens) between text; pixel values from a seeded generator.
     let ids = Tensor::from_slice(&[7i64, 8, 2, 5, 5, 5, 5, 3, 9, 10]).view([1, 10]);
     tch::manual_seed(0);
-    let images = VisionInputs {
-        pixel_values: Tensor::randn([16, 1176], (Kind::Float, Device::Cpu)),
-        image_grid_thw: vec![[1, 4, 4]],
-    };
+    let images = VisionInputs::images(
+        Tensor::randn([16, 1176], (Kind::Float, Device::Cpu)),
+        vec![[1, 4, 4]],
+    );
     let ours = tch::no_grad(|| {
         model.forward(ForwardArgs::ids(&ids).images(Some(&images)).mode(LinearMode::BASE))
     })

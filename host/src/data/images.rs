@@ -198,7 +198,7 @@ impl ImagePrep {
         let id = sample.id.clone().unwrap_or_else(|| "(no id)".into());
         let (pixel_values, image_grid_thw) = stack_images(&processed)
             .map_err(|e| EncodeError::BadSample { id, reason: format!("{e:#}") })?;
-        Ok((images, Some(VisionInputs { pixel_values, image_grid_thw })))
+        Ok((images, Some(VisionInputs::images(pixel_values, image_grid_thw))))
     }
 
     fn expand_with(
@@ -259,7 +259,7 @@ impl ImagePrep {
             return Ok(None);
         }
         let (pixel_values, image_grid_thw) = stack_images(&processed)?;
-        Ok(Some(VisionInputs { pixel_values, image_grid_thw }))
+        Ok(Some(VisionInputs::images(pixel_values, image_grid_thw)))
     }
 
     /// The batch tensors `pixel_values` `[patches, C·T·P·P]` and `image_grid_thw` `[n, 3]`

@@ -16,4 +16,4 @@ pub mod weights;
 pub use config::{Architecture, LlamaConfig, Rope, SUPPORTED_ARCHITECTURES};
 pub use init::{write_random_model, InitOptions, InitReport};
 pub use llama::{CausalLM, ForwardArgs, Input, KvCache, Output};
-pub use qwen2vl::{Qwen2VLConfig, VisionConfig, VisionInputs};
+pub use qwen2vl::{Qwen2VLConfig, VideoInputs, VisionConfig, VisionInputs};

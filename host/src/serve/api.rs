@@ -578,7 +578,7 @@ async fn prepare_images(
     let pixel_values = tch::Tensor::f_cat(&tensors, 0).map_err(|e| {
         ApiError::new(500, "server_error", format!("stacking the images' patches: {e}"))
     })?;
-    Ok(VisionInputs { pixel_values, image_grid_thw: prepared.iter().map(|p| p.grid).collect() })
+    Ok(VisionInputs::images(pixel_values, prepared.iter().map(|p| p.grid).collect()))
 }
 
 /// Decodes, resizes and patchifies one image (on a blocking worker); the error is the reason,

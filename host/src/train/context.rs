@@ -11,7 +11,7 @@ use tch::Tensor;
 use super::config::TrainConfig;
 use crate::data;
 use crate::model::target::{target_logps, TargetOptions};
-use crate::model::{ForwardArgs, VisionInputs};
+use crate::model::{ForwardArgs, VideoInputs, VisionInputs};
 use crate::peft::PeftModel;
 use crate::plugins::Registry;
 use crate::text::Tokenizer;
@@ -63,19 +63,7 @@ impl ObjectiveContext for PolicyContext<'_> {
         let ids =
             get("input_ids").ok_or_else(|| PluginError::invalid("forward needs `input_ids`"))?;
         let mask = get("attention_mask");
-        let images = match (get("pixel_values"), get("image_grid_thw")) {
-            (Some(pv), Some(grid)) => Some(VisionInputs {
-                pixel_values: pv.shallow_clone(),
-                image_grid_thw: data::images::grids_of(grid)
-                    .map_err(|e| PluginError::invalid(format!("{e:#}")))?,
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(PluginError::invalid(
-                    "forward needs both `pixel_values` and `image_grid_thw`, or neither",
-                ))
-            }
-        };
+        let images = vision_inputs(&get).map_err(|e| PluginError::invalid(format!("{e:#}")))?;
         let targets = if flags.contains(ForwardFlags::TARGET_LOGPS) {
             let ids = get(TARGET_IDS).ok_or_else(|| {
                 PluginError::invalid(format!("forward with TARGET_LOGPS needs `{TARGET_IDS}`"))
@@ -164,4 +152,44 @@ impl ObjectiveContext for PolicyContext<'_> {
             })
             .collect()
     }
+}
+
+/// The images and videos among a forward's named inputs (`pixel_values` + `image_grid_thw`,
+/// `pixel_values_videos` + `video_grid_thw` [+ `second_per_grid_ts`]), `None` without any.
+pub fn vision_inputs<'t>(
+    get: &dyn Fn(&str) -> Option<&'t Tensor>,
+) -> anyhow::Result<Option<VisionInputs>> {
+    let images = match (get("pixel_values"), get("image_grid_thw")) {
+        (Some(pv), Some(grid)) => Some((pv.shallow_clone(), data::images::grids_of(grid)?)),
+        (None, None) => None,
+        _ => anyhow::bail!("forward needs both `pixel_values` and `image_grid_thw`, or neither"),
+    };
+    let videos = match (get("pixel_values_videos"), get("video_grid_thw")) {
+        (Some(pv), Some(grid)) => Some(VideoInputs {
+            pixel_values: pv.shallow_clone(),
+            grid_thw: data::images::grids_of(grid)?,
+            second_per_grid_ts: match get("second_per_grid_ts") {
+                Some(t) => Vec::<f64>::try_from(&t.f_to_kind(tch::Kind::Double)?.f_reshape([-1])?)?,
+                None => Vec::new(),
+            },
+        }),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "forward needs both `pixel_values_videos` and `video_grid_thw`, or neither"
+        ),
+    };
+    Ok(match (images, videos) {
+        (None, None) => None,
+        (images, videos) => {
+            let (pixel_values, image_grid_thw) = match images {
+                Some(i) => i,
+                None => {
+                    let width = videos.as_ref().map_or(0, |v| v.pixel_values.size()[1]);
+                    let like = videos.as_ref().map(|v| &v.pixel_values).unwrap();
+                    (Tensor::f_zeros([0, width], (like.kind(), like.device()))?, Vec::new())
+                }
+            };
+            Some(VisionInputs { pixel_values, image_grid_thw, videos })
+        }
+    })
 }

@@ -24,22 +24,58 @@ pub use vision::VisionTower;
 /// The decoder's module path in transformers 5 Qwen2-VL checkpoints.
 pub const LANGUAGE_MODEL: &str = "model.language_model";
 
-/// The images of one forward pass, as Qwen2-VL's image processor gives them.
+/// The images and videos of one forward pass, as Qwen2-VL's image and video processors give them.
 pub struct VisionInputs {
     /// `[sum over images of t·h·w, 3·2·14·14]` f32 (any float dtype; cast to the model's):
-    /// every image's patches, flattened channel-major (`C, T, P, P`), images in order.
+    /// every image's patches, flattened channel-major (`C, T, P, P`), images in order. May be
+    /// `[0, D]` with an empty `image_grid_thw` when the pass has videos only.
     pub pixel_values: Tensor,
     /// `[t, h, w]` of each image in patches (`t` = 1 for an image; `h`, `w` multiples of the
     /// merge size). Image `i` fills the `i`-th block of `<|image_pad|>` tokens, row 0's first.
     pub image_grid_thw: Vec<[i64; 3]>,
+    /// The videos of the pass (`None`: none), filling the `<|video_pad|>` blocks in order.
+    pub videos: Option<VideoInputs>,
+}
+
+/// The videos of one forward pass (transformers' `pixel_values_videos`, `video_grid_thw`,
+/// `second_per_grid_ts`).
+pub struct VideoInputs {
+    /// `[sum over videos of t·h·w, 3·2·14·14]`: every video's patches, as for images.
+    pub pixel_values: Tensor,
+    /// `[t, h, w]` of each video in patches (`t` = frames / temporal_patch_size).
+    pub grid_thw: Vec<[i64; 3]>,
+    /// Seconds per temporal patch of each video (`temporal_patch_size / fps`); Qwen2.5-VL's
+    /// temporal M-RoPE scales time positions by it (Qwen2-VL ignores it). Empty: 1.0 each.
+    pub second_per_grid_ts: Vec<f64>,
+}
+
+impl VideoInputs {
+    pub fn to_device(&self, device: tch::Device) -> anyhow::Result<Self> {
+        Ok(Self {
+            pixel_values: self.pixel_values.f_to_device(device)?,
+            grid_thw: self.grid_thw.clone(),
+            second_per_grid_ts: self.second_per_grid_ts.clone(),
+        })
+    }
 }
 
 impl VisionInputs {
+    /// Images only.
+    pub fn images(pixel_values: Tensor, image_grid_thw: Vec<[i64; 3]>) -> Self {
+        Self { pixel_values, image_grid_thw, videos: None }
+    }
+
+    /// Whether the pass has no image and no video.
+    pub fn is_empty(&self) -> bool {
+        self.image_grid_thw.is_empty() && self.videos.as_ref().is_none_or(|v| v.grid_thw.is_empty())
+    }
+
     /// Tensors on another device (for a model there).
     pub fn to_device(&self, device: tch::Device) -> anyhow::Result<Self> {
         Ok(Self {
             pixel_values: self.pixel_values.f_to_device(device)?,
             image_grid_thw: self.image_grid_thw.clone(),
+            videos: self.videos.as_ref().map(|v| v.to_device(device)).transpose()?,
         })
     }
 }
