@@ -205,6 +205,191 @@ pub fn next_token_targets(labels: &Tensor, ignore_index: i64) -> PluginResult<Te
     Ok(Tensor::f_cat(&[labels.f_narrow(1, 1, t - 1)?, pad], 1)?)
 }
 
+/// Batch-metadata key of a prompts batch whose prompts hold images: how many of the batch's
+/// images each prompt row holds, in row order (`pixel_values` are the patches of every image
+/// of the batch, concatenated; `image_grid_thw` one row per image).
+pub const IMAGES_PER_PROMPT: &str = "images_per_prompt";
+/// As [`IMAGES_PER_PROMPT`] for videos (`pixel_values_videos`, `video_grid_thw`,
+/// `second_per_grid_ts` one entry per video).
+pub const VIDEOS_PER_PROMPT: &str = "videos_per_prompt";
+/// Generation-option key (`ObjectiveContext::generate`'s `options_json`): for each prompt
+/// given, the row of the current batch it comes from; the host then generates with that
+/// row's images and videos (the batch's vision inputs, [`select_prompt_rows`]). Prompts of a
+/// batch with images need it: token ids alone cannot carry the pixels.
+pub const PROMPT_ROWS: &str = "prompt_rows";
+
+/// The per-prompt counts under `key` ([`IMAGES_PER_PROMPT`], [`VIDEOS_PER_PROMPT`]) of a
+/// batch's metadata: `None` when absent, an error naming the key when malformed.
+pub fn vision_counts(meta: &serde_json::Value, key: &str) -> PluginResult<Option<Vec<usize>>> {
+    match meta.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Array(v)) => v
+            .iter()
+            .map(|n| n.as_u64().map(|n| n as usize))
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(|| {
+                PluginError::invalid(format!(
+                    "batch metadata `{key}` must be a list of counts, got {}",
+                    serde_json::Value::Array(v.clone())
+                ))
+            }),
+        Some(other) => Err(PluginError::invalid(format!(
+            "batch metadata `{key}` must be a list of counts, got {other}"
+        ))),
+    }
+}
+
+/// The model inputs of a prompts batch (one row per prompt, plus the vision tensors whose rows
+/// are images' patches) for the prompt rows `rows`, in that order (rows may repeat: GRPO's
+/// `num_generations` copies of each prompt). `pixel_values` / `image_grid_thw` follow each
+/// row's block of images ([`IMAGES_PER_PROMPT`]: `images_per_prompt[r]` images of
+/// `grid_t·grid_h·grid_w` patches each), `pixel_values_videos` / `video_grid_thw` /
+/// `second_per_grid_ts` its block of videos; every other tensor has one row per prompt. Vision
+/// tensors the chosen rows have nothing of are left out.
+pub fn select_prompt_rows(
+    inputs: &[(String, Tensor)],
+    prompts: usize,
+    images_per_prompt: Option<&[usize]>,
+    videos_per_prompt: Option<&[usize]>,
+    rows: &[usize],
+) -> PluginResult<Vec<(String, Tensor)>> {
+    let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+    if let Some(&r) = rows.iter().find(|&&r| r >= prompts) {
+        return Err(PluginError::invalid(format!(
+            "prompt row {r} is outside the batch's {prompts} prompts"
+        )));
+    }
+    // (grid name, patch tensor, per-item tensors, per-prompt counts) of images then videos.
+    let kinds = [
+        ("image_grid_thw", "pixel_values", None, IMAGES_PER_PROMPT, images_per_prompt),
+        (
+            "video_grid_thw",
+            "pixel_values_videos",
+            Some("second_per_grid_ts"),
+            VIDEOS_PER_PROMPT,
+            videos_per_prompt,
+        ),
+    ];
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    let mut vision_names: Vec<&str> = Vec::new();
+    for (grid_name, pixels_name, per_item, key, counts) in kinds {
+        vision_names.extend([grid_name, pixels_name]);
+        vision_names.extend(per_item);
+        let Some(grid) = get(grid_name) else {
+            continue;
+        };
+        let counts = counts.ok_or_else(|| {
+            PluginError::invalid(format!(
+                "the batch has `{grid_name}` but its metadata no `{key}`: which prompt holds which of them is unknown"
+            ))
+        })?;
+        if counts.len() != prompts {
+            return Err(PluginError::invalid(format!(
+                "batch metadata `{key}` has {} entries for {prompts} prompts",
+                counts.len()
+            )));
+        }
+        let grid_cpu = grid.f_to_device(tch::Device::Cpu)?.f_to_kind(tch::Kind::Int64)?;
+        if grid_cpu.dim() != 2 || grid_cpu.size()[1] != 3 {
+            return Err(PluginError::invalid(format!(
+                "batch `{grid_name}` must be [items, 3], got {:?}",
+                grid_cpu.size()
+            )));
+        }
+        let flat = Vec::<i64>::try_from(&grid_cpu.f_reshape([-1])?)?;
+        let patches: Vec<i64> = flat.chunks(3).map(|g| g[0] * g[1] * g[2]).collect();
+        if counts.iter().sum::<usize>() != patches.len() {
+            return Err(PluginError::invalid(format!(
+                "batch metadata `{key}` counts {} items but `{grid_name}` has {}",
+                counts.iter().sum::<usize>(),
+                patches.len()
+            )));
+        }
+        let pixels = get(pixels_name).ok_or_else(|| {
+            PluginError::invalid(format!("the batch has `{grid_name}` but no `{pixels_name}`"))
+        })?;
+        let total: i64 = patches.iter().sum();
+        if pixels.dim() != 2 || pixels.size()[0] != total {
+            return Err(PluginError::invalid(format!(
+                "batch `{pixels_name}` {:?} does not hold the {total} patches `{grid_name}` describes",
+                pixels.size()
+            )));
+        }
+        let first_item: Vec<usize> = counts
+            .iter()
+            .scan(0, |at, &n| {
+                let start = *at;
+                *at += n;
+                Some(start)
+            })
+            .collect();
+        let first_patch: Vec<i64> = patches
+            .iter()
+            .scan(0, |at, &n| {
+                let start = *at;
+                *at += n;
+                Some(start)
+            })
+            .collect();
+        let (mut items, mut patch_rows) = (Vec::new(), Vec::new());
+        for &r in rows {
+            for i in first_item[r]..first_item[r] + counts[r] {
+                items.push(i as i64);
+                patch_rows.extend(first_patch[i]..first_patch[i] + patches[i]);
+            }
+        }
+        if items.is_empty() {
+            continue;
+        }
+        let pick = |t: &Tensor, idx: &[i64]| -> PluginResult<Tensor> {
+            Ok(t.f_index_select(0, &Tensor::from_slice(idx).f_to_device(t.device())?)?)
+        };
+        out.push((pixels_name.to_string(), pick(pixels, &patch_rows)?));
+        out.push((grid_name.to_string(), pick(grid, &items)?));
+        if let Some(name) = per_item {
+            if let Some(t) = get(name) {
+                if t.dim() != 1 || t.size()[0] != patches.len() as i64 {
+                    return Err(PluginError::invalid(format!(
+                        "batch `{name}` {:?} must hold one value per item of `{grid_name}` ({})",
+                        t.size(),
+                        patches.len()
+                    )));
+                }
+                out.push((name.to_string(), pick(t, &items)?));
+            }
+        }
+    }
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    for (name, t) in inputs {
+        if vision_names.contains(&name.as_str()) {
+            if get(match name.as_str() {
+                "pixel_values" => "image_grid_thw",
+                "pixel_values_videos" | "second_per_grid_ts" => "video_grid_thw",
+                other => other,
+            })
+            .is_none()
+            {
+                return Err(PluginError::invalid(format!(
+                    "batch `{name}` comes without its grid (`image_grid_thw` / `video_grid_thw`)"
+                )));
+            }
+            continue;
+        }
+        if t.dim() < 1 || t.size()[0] != prompts as i64 {
+            return Err(PluginError::unsupported(format!(
+                "batch tensor `{name}` ({:?}) is not one row per prompt ({prompts}) nor a vision input",
+                t.size()
+            )));
+        }
+        out.push((
+            name.clone(),
+            t.f_index_select(0, &Tensor::from_slice(&idx).f_to_device(t.device())?)?,
+        ));
+    }
+    Ok(out)
+}
+
 /// The scores of one reward plugin for a list of completions.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RewardScores {
@@ -444,5 +629,67 @@ impl Objective for ObjectiveHandle {
             num_items: out.num_items,
             metrics: out.metrics.into_iter().map(|t| (t.0.into_string(), t.1)).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows_of(t: &Tensor) -> Vec<i64> {
+        Vec::<i64>::try_from(&t.f_select(1, 0).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn prompt_rows_take_each_rows_block_of_images() {
+        // Prompt 0: one image of 4 patches; prompt 1: images of 4 and 8 patches; patch k's
+        // features are [k, k].
+        let grid = Tensor::from_slice(&[1i64, 2, 2, 1, 2, 2, 1, 2, 4]).view([3, 3]);
+        let pixels =
+            Tensor::arange(16, (tch::Kind::Int64, tch::Device::Cpu)).view([16, 1]).repeat([1, 2]);
+        let ids = Tensor::from_slice(&[10i64, 11, 20, 21]).view([2, 2]);
+        let inputs = vec![
+            ("prompt_ids".to_string(), ids),
+            ("pixel_values".to_string(), pixels),
+            ("image_grid_thw".to_string(), grid),
+        ];
+        let out = select_prompt_rows(&inputs, 2, Some(&[1, 2]), None, &[1, 0, 0]).unwrap();
+        let get = |n: &str| &out.iter().find(|(k, _)| k == n).unwrap().1;
+        let expected: Vec<i64> = (4..16).chain(0..4).chain(0..4).collect();
+        assert_eq!(rows_of(get("pixel_values")), expected);
+        assert_eq!(rows_of(get("image_grid_thw")), vec![1, 1, 1, 1]);
+        assert_eq!(
+            Vec::<i64>::try_from(&get("image_grid_thw").f_select(1, 2).unwrap()).unwrap(),
+            vec![2, 4, 2, 2]
+        );
+        assert_eq!(rows_of(get("prompt_ids")), vec![20, 10, 10]);
+        // Rows without images: no vision tensors at all.
+        let out = select_prompt_rows(&inputs, 2, Some(&[0, 3]), None, &[0, 0]).unwrap();
+        assert!(out.iter().all(|(n, _)| n == "prompt_ids"), "{out:?}");
+        // Counts that disagree with the grids, or none, are refused by name.
+        let e = select_prompt_rows(&inputs, 2, Some(&[1, 1]), None, &[0]).unwrap_err();
+        assert!(e.to_string().contains("images_per_prompt"), "{e}");
+        let e = select_prompt_rows(&inputs, 2, None, None, &[0]).unwrap_err();
+        assert!(e.to_string().contains("images_per_prompt"), "{e}");
+        let e = select_prompt_rows(&inputs, 2, Some(&[1, 2]), None, &[2]).unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
+    }
+
+    #[test]
+    fn prompt_rows_take_each_rows_videos_with_their_timing() {
+        let grid = Tensor::from_slice(&[2i64, 1, 2, 1, 1, 2]).view([2, 3]);
+        let pixels = Tensor::arange(6, (tch::Kind::Int64, tch::Device::Cpu)).view([6, 1]);
+        let seconds = Tensor::from_slice(&[0.5f64, 1.0]);
+        let mask = Tensor::from_slice(&[1i64, 1]).view([2, 1]);
+        let inputs = vec![
+            ("prompt_mask".to_string(), mask),
+            ("pixel_values_videos".to_string(), pixels),
+            ("video_grid_thw".to_string(), grid),
+            ("second_per_grid_ts".to_string(), seconds),
+        ];
+        let out = select_prompt_rows(&inputs, 2, None, Some(&[1, 1]), &[1, 1, 0]).unwrap();
+        let get = |n: &str| &out.iter().find(|(k, _)| k == n).unwrap().1;
+        assert_eq!(rows_of(get("pixel_values_videos")), vec![4, 5, 4, 5, 0, 1, 2, 3]);
+        assert_eq!(Vec::<f64>::try_from(get("second_per_grid_ts")).unwrap(), vec![1.0, 1.0, 0.5]);
     }
 }
