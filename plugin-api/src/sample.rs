@@ -1,4 +1,4 @@
-//! The canonical sample a dataset plugin yields: chat messages with image references.
+//! The canonical sample a dataset plugin yields: chat messages with image and video references.
 //!
 //! It crosses the boundary as JSON text plus a list of binary blobs (images stored inside
 //! the data set, such as StoryReasoning's parquet). Every field but `messages` is optional
@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 /// The placeholder a message's text holds for each image, in order (LLaVA's and
 /// LLaMA-Factory's `<image>`); the host expands it into the model's vision tokens.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
+/// The placeholder a message's text holds for each video, in order (LLaMA-Factory's and
+/// Qwen2-VL-Finetune's `<video>`); the host expands it into the model's video tokens.
+pub const VIDEO_PLACEHOLDER: &str = "<video>";
 
 /// One conversation turn. `content` holds text with one `<image>` placeholder per image,
 /// in order (the images themselves are in [`Sample::images`]).
@@ -28,7 +32,7 @@ impl Message {
     }
 }
 
-/// Where an image comes from.
+/// Where an image (or a video: [`VideoSource`]) comes from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageSource {
@@ -38,6 +42,10 @@ pub enum ImageSource {
     Blob(usize),
 }
 
+/// Where a video comes from: a file (mp4, avi, webm, mkv) or a folder of frames in name
+/// order, or encoded video bytes at an index of [`Sample::blobs`].
+pub type VideoSource = ImageSource;
+
 /// A canonical training sample.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
@@ -46,6 +54,9 @@ pub struct Sample {
     pub messages: Vec<Message>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<ImageSource>,
+    /// The videos its `<video>` placeholders stand for, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub videos: Vec<VideoSource>,
     /// Preference data: the preferred and the dispreferred final assistant turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chosen: Option<Message>,
@@ -57,7 +68,7 @@ pub struct Sample {
     /// Anything else a data set carries (a reference answer for rewards, metadata).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
-    /// Encoded images referenced by [`ImageSource::Blob`]; travels beside the JSON.
+    /// Encoded images (and videos) referenced by [`ImageSource::Blob`]; travels beside the JSON.
     #[serde(skip)]
     pub blobs: Vec<Vec<u8>>,
 }
@@ -70,8 +81,11 @@ mod tests {
     fn json_round_trip_and_defaults() {
         let s: Sample = serde_json::from_str(r#"{"messages":[{"role":"user","content":"<image>hi"}],"images":[{"path":"a.png"},{"blob":0}]}"#).unwrap();
         assert_eq!(s.images, vec![ImageSource::Path("a.png".into()), ImageSource::Blob(0)]);
-        assert!(s.chosen.is_none() && s.extra.is_empty());
+        assert!(s.chosen.is_none() && s.extra.is_empty() && s.videos.is_empty());
         let back: Sample = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+        let v: Sample = serde_json::from_str(r#"{"messages":[{"role":"user","content":"<video>what?"}],"videos":[{"path":"clip.mp4"}]}"#).unwrap();
+        assert_eq!(v.videos, vec![VideoSource::Path("clip.mp4".into())]);
+        assert!(!serde_json::to_string(&s).unwrap().contains("videos"));
     }
 }

@@ -90,18 +90,23 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
             Ok(e) => {
                 let truncated =
                     e.truncated_from.map(|n| format!(", truncated from {n}")).unwrap_or_default();
-                let images = if e.images.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} image(s)", e.images.len())
+                let videos = e.images.iter().filter(|im| im.video.is_some()).count();
+                let images = match (e.images.len() - videos, videos) {
+                    (0, 0) => String::new(),
+                    (n, 0) => format!(", {n} image(s)"),
+                    (0, v) => format!(", {v} video(s)"),
+                    (n, v) => format!(", {n} image(s), {v} video(s)"),
                 };
                 println!(
                     "=== {i}: {id} ({} tokens, {} labelled{truncated}{images})",
                     e.input_ids.len(),
                     e.num_label_tokens()
                 );
-                for (k, im) in e.images.iter().enumerate() {
+                for (k, im) in e.images.iter().filter(|im| im.video.is_none()).enumerate() {
                     println!("  image {k}: {}", im.describe());
+                }
+                for (k, im) in e.images.iter().filter(|im| im.video.is_some()).enumerate() {
+                    println!("  video {k}: {}", im.describe());
                 }
                 println!("{}", compress_image_pads(&preview(&tok, &e)));
             }
@@ -111,20 +116,24 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs of `<|image_pad|>` shown as `<|image_pad|>×N`.
+/// Runs of `<|image_pad|>` (and `<|video_pad|>`) shown as `<|image_pad|>×N`.
 fn compress_image_pads(text: &str) -> String {
-    const PAD: &str = "<|image_pad|>";
+    compress_pads(&compress_pads(text, "<|image_pad|>"), "<|video_pad|>")
+}
+
+/// Runs of `pad` shown as `pad×N`.
+fn compress_pads(text: &str, pad: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(at) = rest.find(PAD) {
+    while let Some(at) = rest.find(pad) {
         out.push_str(&rest[..at]);
         let mut n = 0;
         rest = &rest[at..];
-        while let Some(r) = rest.strip_prefix(PAD) {
+        while let Some(r) = rest.strip_prefix(pad) {
             n += 1;
             rest = r;
         }
-        out.push_str(&format!("{PAD}×{n}"));
+        out.push_str(&format!("{pad}×{n}"));
     }
     out.push_str(rest);
     out
@@ -146,7 +155,7 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
             println!("row {}: {}: {}", n.row, n.level, n.message);
         }
         println!(
-            "{}: {} rows, {} usable, {} with errors, {} skipped, {} warnings; {} images ({} image tokens), {} label tokens, longest {} tokens (cutoff_len {})",
+            "{}: {} rows, {} usable, {} with errors, {} skipped, {} warnings; {} images ({} image tokens){}, {} label tokens, longest {} tokens (cutoff_len {})",
             report.path.display(),
             report.rows,
             report.usable,
@@ -155,6 +164,17 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
             report.warnings,
             report.images,
             report.image_tokens,
+            if report.videos == 0 {
+                String::new()
+            } else {
+                format!(
+                    ", {} videos ({} of {} frames kept, {} video tokens)",
+                    report.videos,
+                    report.video_frames,
+                    report.video_frames_total,
+                    report.video_tokens
+                )
+            },
             report.label_tokens,
             report.max_tokens,
             cfg.data.cutoff_len

@@ -30,6 +30,11 @@ pub struct CheckReport {
     pub warnings: usize,
     pub images: usize,
     pub image_tokens: usize,
+    pub videos: usize,
+    pub video_tokens: usize,
+    /// Frames kept of all videos, and the frames they had.
+    pub video_frames: usize,
+    pub video_frames_total: usize,
     pub label_tokens: usize,
     pub max_tokens: usize,
     /// With `data.packing`: the usable samples packed into rows of `cutoff_len` tokens
@@ -60,8 +65,20 @@ pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckRepor
     for (row, e) in &sequences {
         let row = *row;
         let warn = |message: String| RowNote { row, level: "warning", message };
-        r.images += e.images.len();
-        r.image_tokens += e.images.iter().map(|im| im.tokens).sum::<usize>();
+        for im in &e.images {
+            match &im.video {
+                None => {
+                    r.images += 1;
+                    r.image_tokens += im.tokens;
+                }
+                Some(v) => {
+                    r.videos += 1;
+                    r.video_tokens += im.tokens;
+                    r.video_frames += v.indices.len();
+                    r.video_frames_total += v.total_frames;
+                }
+            }
+        }
         r.label_tokens += e.num_label_tokens();
         r.max_tokens = r.max_tokens.max(e.input_ids.len());
         if let Some(from) = e.truncated_from {
@@ -77,11 +94,20 @@ pub fn review(prepared: &Prepared, tok: &Tokenizer, path: PathBuf) -> CheckRepor
                 )));
             }
         }
-        for (k, im) in e.images.iter().enumerate() {
+        for (k, im) in e.images.iter().filter(|im| im.video.is_none()).enumerate() {
             let (w, h) = im.original_size;
             if u64::from(w) * u64::from(h) > im.max_pixels {
                 notes.push(warn(format!(
                     "image {k}: {w}×{h} is above max_pixels {}; resized to {}×{}",
+                    im.max_pixels, im.resized_size.0, im.resized_size.1
+                )));
+            }
+        }
+        for (k, im) in e.images.iter().filter(|im| im.video.is_some()).enumerate() {
+            let (w, h) = im.original_size;
+            if u64::from(w) * u64::from(h) > im.max_pixels {
+                notes.push(warn(format!(
+                    "video {k}: frames {w}×{h} are above the per-frame max_pixels {}; resized to {}×{}",
                     im.max_pixels, im.resized_size.0, im.resized_size.1
                 )));
             }

@@ -5,7 +5,8 @@ use serde_json::{json, Map, Value};
 use tch::Tensor;
 
 use super::encode::{Encoded, IGNORE_INDEX};
-use super::images::{ImagePrep, SampleImage};
+use super::images::{grid_tensor, ImagePrep, SampleImage};
+use ferrotune_plugin_api::kinds::objective::{IMAGES_PER_PROMPT, VIDEOS_PER_PROMPT};
 use super::layout::{Item, Layout};
 use super::pack::Packed;
 use crate::model::qwen2vl::rope_index;
@@ -70,21 +71,57 @@ fn kto_tensors(items: &[&Item], encs: &[&Encoded], pad_id: i64) -> NamedTensors 
 }
 
 /// Left-padded `prompt_ids` / `prompt_mask`, with the rendered prompts, the samples and the
-/// pad id in the metadata.
+/// pad id in the metadata; prompts with images add the batch's `pixel_values` /
+/// `image_grid_thw` and `images_per_prompt` (each row's count, in row order) to the metadata,
+/// prompts with videos `pixel_values_videos` / `video_grid_thw` / `second_per_grid_ts` and
+/// `videos_per_prompt`.
 fn prompt_tensors(
     items: &[&Item],
     pad_id: i64,
+    prep: Option<&ImagePrep>,
     meta: &mut Map<String, Value>,
 ) -> Result<NamedTensors> {
     let mut prompts = Vec::new();
-    let (mut texts, mut samples) = (Vec::new(), Vec::new());
+    let (mut texts, mut samples, mut images) = (Vec::new(), Vec::new(), Vec::new());
     for item in items {
-        let Item::Prompt { ids, text, sample } = item else {
+        let Item::Prompt { ids, text, sample, images: own } = item else {
             bail!("internal: a row of another layout in a prompts batch")
         };
         prompts.push(ids);
         texts.push(Value::String(text.clone()));
         samples.push(sample.clone());
+        images.push(own);
+    }
+    let mut vision = Vec::new();
+    if images.iter().any(|i| !i.is_empty()) {
+        let Some(prep) = prep else {
+            bail!("internal: prompts with images in a run without an image processor")
+        };
+        // A prompt's items are its images, then its videos.
+        let count = |video: bool| -> Vec<usize> {
+            images.iter().map(|i| i.iter().filter(|im| im.video.is_some() == video).count()).collect()
+        };
+        let (image_counts, video_counts) = (count(false), count(true));
+        if image_counts.iter().any(|&n| n > 0) {
+            meta.insert(IMAGES_PER_PROMPT.into(), json!(image_counts));
+        }
+        if video_counts.iter().any(|&n| n > 0) {
+            meta.insert(VIDEOS_PER_PROMPT.into(), json!(video_counts));
+        }
+        if let Some(v) = prep.vision_inputs(images.iter().flat_map(|i| i.iter()))? {
+            if !v.image_grid_thw.is_empty() {
+                vision.push(("pixel_values".into(), v.pixel_values));
+                vision.push(("image_grid_thw".into(), grid_tensor(&v.image_grid_thw)));
+            }
+            if let Some(videos) = v.videos {
+                vision.push(("pixel_values_videos".into(), videos.pixel_values));
+                vision.push(("video_grid_thw".into(), grid_tensor(&videos.grid_thw)));
+                vision.push((
+                    "second_per_grid_ts".into(),
+                    Tensor::from_slice(&videos.second_per_grid_ts),
+                ));
+            }
+        }
     }
     let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
     let n = prompts.len();
@@ -98,10 +135,12 @@ fn prompt_tensors(
     meta.insert("prompts".into(), Value::Array(texts));
     meta.insert("samples".into(), Value::Array(samples));
     meta.insert("pad_token_id".into(), json!(pad_id));
-    Ok(vec![
+    let mut tensors: NamedTensors = vec![
         ("prompt_ids".into(), Tensor::from_slice(&ids).view(shape)),
         ("prompt_mask".into(), Tensor::from_slice(&mask).view(shape)),
-    ])
+    ];
+    tensors.extend(vision);
+    Ok(tensors)
 }
 
 /// Where a sequence's completion (its first labelled token) starts.
@@ -172,7 +211,7 @@ pub fn collate(
             tensors = kto_tensors(items, &encs, pad_id);
             tensors.extend(images(&encs)?);
         }
-        Layout::Prompts => tensors = prompt_tensors(items, pad_id, &mut meta)?,
+        Layout::Prompts => tensors = prompt_tensors(items, pad_id, prep, &mut meta)?,
     }
     Ok((tensors, meta))
 }
@@ -193,9 +232,11 @@ fn packed_tensors(items: &[&Item], pad_id: i64, prep: Option<&ImagePrep>) -> Res
     let encs: Vec<&Encoded> = rows.iter().map(|(e, _)| *e).collect();
     let mut tensors = pad_sequences(&encs, pad_id);
     tensors.retain(|(n, _)| n != "attention_mask");
-    let mrope = prep
-        .filter(|_| encs.iter().any(|e| !e.images.is_empty()))
-        .map(|p| (p.image_pad_id(), p.processor.merge_size as i64));
+    let mrope = prep.filter(|_| encs.iter().any(|e| !e.images.is_empty())).map(|p| Mrope {
+        image_id: p.image_pad_id(),
+        video_id: p.video_pad_id(),
+        merge: p.processor.merge_size as i64,
+    });
     tensors.push(("position_ids".into(), packed_positions(&rows, mrope)?));
     if let Some(p) = prep {
         tensors.extend(p.batch_tensors(&encs)?);
@@ -203,11 +244,19 @@ fn packed_tensors(items: &[&Item], pad_id: i64, prep: Option<&ImagePrep>) -> Res
     Ok(tensors)
 }
 
+/// What M-RoPE positions need: Qwen2-VL's image and video pad ids and merge size.
+#[derive(Clone, Copy, Debug)]
+struct Mrope {
+    image_id: i64,
+    video_id: Option<i64>,
+    merge: i64,
+}
+
 /// `position_ids` of packed rows (each a sequence and its samples' lengths), right-padded to
 /// the longest: each sample counts from 0, and so does the padding after the last one. With
-/// `mrope` (Qwen2-VL's image token id and merge size) `[3, rows, T]`, each sample's own
-/// M-RoPE positions (transformers' `get_rope_index` of that sample alone), else `[rows, T]`.
-fn packed_positions(rows: &[(&Encoded, Vec<usize>)], mrope: Option<(i64, i64)>) -> Result<Tensor> {
+/// `mrope` `[3, rows, T]`, each sample's own M-RoPE positions (transformers'
+/// `get_rope_index` of that sample alone), else `[rows, T]`.
+fn packed_positions(rows: &[(&Encoded, Vec<usize>)], mrope: Option<Mrope>) -> Result<Tensor> {
     let width = rows.iter().map(|(e, _)| e.input_ids.len()).max().unwrap_or(0);
     let (axes, plane) = (if mrope.is_some() { 3 } else { 1 }, rows.len() * width);
     let mut out = vec![0i64; axes * plane];
@@ -246,25 +295,53 @@ fn packed_positions(rows: &[(&Encoded, Vec<usize>)], mrope: Option<(i64, i64)>) 
 }
 
 /// One sample's positions, axis-major (`0..len`, or its three M-RoPE axes), taking the images
-/// its image tokens hold from `images`.
+/// and then the videos its pad tokens hold from `images` (a sample's items are its images,
+/// then its videos). Qwen2-VL places a video's patches as an image's with `t` frames, so a
+/// video block is given to `rope_index` as an image block of its grid.
 fn segment_positions<'a>(
     ids: &[i64],
     images: &mut impl Iterator<Item = &'a SampleImage>,
-    mrope: Option<(i64, i64)>,
+    mrope: Option<Mrope>,
 ) -> Result<Vec<i64>> {
-    let Some((image_id, merge)) = mrope else {
+    let Some(Mrope { image_id, video_id, merge }) = mrope else {
         return Ok((0..ids.len() as i64).collect());
     };
-    let mut missing = ids.iter().filter(|&&t| t == image_id).count();
-    let mut grids = Vec::new();
-    while missing > 0 {
-        let Some(im) = images.next().filter(|im| im.tokens <= missing) else {
-            bail!("its image tokens do not match its images' token counts");
+    let count = |id: Option<i64>| ids.iter().filter(|&&t| Some(t) == id).count();
+    let (mut missing_images, mut missing_videos) = (count(Some(image_id)), count(video_id));
+    let (mut image_grids, mut video_grids) = (Vec::new(), Vec::new());
+    while missing_images + missing_videos > 0 {
+        let Some(im) = images.next() else {
+            bail!("its image and video tokens do not match its images' and videos' token counts");
         };
-        missing -= im.tokens;
+        let (missing, grids) = if im.video.is_some() {
+            (&mut missing_videos, &mut video_grids)
+        } else {
+            (&mut missing_images, &mut image_grids)
+        };
+        if im.tokens > *missing {
+            bail!("its image and video tokens do not match its images' and videos' token counts");
+        }
+        *missing -= im.tokens;
         grids.push(im.grid_thw);
     }
-    Ok(rope_index(ids, 1, ids.len(), None, &grids, image_id, merge)?.positions)
+    if video_grids.is_empty() {
+        return Ok(rope_index(ids, 1, ids.len(), None, &image_grids, image_id, merge)?.positions);
+    }
+    // The grids in the order their blocks appear, every video pad read as an image pad.
+    let (mut next_image, mut next_video) = (image_grids.into_iter(), video_grids.into_iter());
+    let mut grids = Vec::new();
+    let mut as_images = Vec::with_capacity(ids.len());
+    let mut previous = None;
+    for &t in ids {
+        let is_video = Some(t) == video_id;
+        if (t == image_id || is_video) && previous != Some(t) {
+            let next = if is_video { next_video.next() } else { next_image.next() };
+            grids.push(next.ok_or_else(|| anyhow::anyhow!("more vision blocks than items"))?);
+        }
+        previous = Some(t);
+        as_images.push(if is_video { image_id } else { t });
+    }
+    Ok(rope_index(&as_images, 1, ids.len(), None, &grids, image_id, merge)?.positions)
 }
 
 /// `input_ids`, `attention_mask` and `labels`, each int64 `[B, T]` with `T` the longest
@@ -372,6 +449,7 @@ mod tests {
             ids: ids.to_vec(),
             text: t.into(),
             sample: json!({"id": t}),
+            images: Vec::new(),
         };
         let (a, b) = (p(&[4, 5, 6], "a"), p(&[7], "b"));
         let (t, meta) = collate(Layout::Prompts, &[&a, &b], 9, None).unwrap();
@@ -420,6 +498,7 @@ mod tests {
             resized_size: (0, 0),
             grid_thw,
             tokens: (grid_thw.iter().product::<i64>() / 4) as usize,
+            video: None,
         }
     }
 
@@ -447,7 +526,8 @@ mod tests {
             Item::Packed(q) => (&q.seq, q.segments.clone()),
             _ => panic!("a packed row"),
         };
-        let pos = packed_positions(&[(e, segs.clone()), other], Some((I, 2))).unwrap();
+        let mrope = Mrope { image_id: I, video_id: None, merge: 2 };
+        let pos = packed_positions(&[(e, segs.clone()), other], Some(mrope)).unwrap();
         let width = e.input_ids.len() as i64;
         assert_eq!(pos.size(), [3, 2, width]);
         let mut start = 0;
@@ -469,7 +549,11 @@ mod tests {
         }
         let mut bad = e.clone();
         bad.images.pop();
-        let err = packed_positions(&[(&bad, segs)], Some((I, 2))).unwrap_err();
+        let err = packed_positions(
+            &[(&bad, segs)],
+            Some(Mrope { image_id: I, video_id: None, merge: 2 }),
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("packed row 0"), "{err:#}");
     }
 

@@ -70,7 +70,9 @@ pub struct Encoded {
     pub labels: Vec<i64>,
     /// The length before truncation to `cutoff_len`, when it was truncated.
     pub truncated_from: Option<usize>,
-    /// The images whose `<|image_pad|>` blocks the ids hold, in order (vision models).
+    /// The images whose `<|image_pad|>` blocks the ids hold, in order, then the videos whose
+    /// `<|video_pad|>` blocks they hold, in order (vision models; a video's
+    /// [`SampleImage::video`] is set).
     pub images: Vec<SampleImage>,
 }
 
@@ -89,8 +91,8 @@ pub enum EncodeError {
     /// A row that cannot be used: a bad image, placeholders that do not match the images.
     #[error("sample {id}: {reason}")]
     BadSample { id: String, reason: String },
-    /// Truncation to `cutoff_len` would cut an image block (or drop an image).
-    #[error("sample {id}: truncation to cutoff_len {cutoff_len} keeps {kept} of its {total} image tokens, cutting an image block; raise cutoff_len or lower data.image_max_pixels")]
+    /// Truncation to `cutoff_len` would cut an image or video block (or drop one).
+    #[error("sample {id}: truncation to cutoff_len {cutoff_len} keeps {kept} of its {total} image (or video) tokens, cutting a block; raise cutoff_len or lower data.image_max_pixels / data.video_max_pixels / data.video_fps")]
     ImageBlockCut { id: String, kept: usize, total: usize, cutoff_len: usize },
 }
 
@@ -259,7 +261,8 @@ impl fmt::Debug for ImageData {
     }
 }
 
-/// One image of an encoded sample: its bytes, and how it will be resized and patched.
+/// One image (or video) of an encoded sample: its bytes, and how it will be resized and
+/// patched.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleImage {
     pub data: ImageData,
@@ -269,13 +272,19 @@ pub struct SampleImage {
     pub original_size: (u32, u32),
     pub resized_size: (u32, u32),
     pub grid_thw: [i64; 3],
-    /// Its `<|image_pad|>` count in the text.
+    /// Its `<|image_pad|>` (or `<|video_pad|>`) count in the text.
     pub tokens: usize,
+    /// For a video: its frames, their rate and size (`grid_thw` and `tokens` above are the
+    /// video's). `None`: an image.
+    pub video: Option<crate::vision::VideoPlan>,
 }
 
 impl SampleImage {
-    /// `W×H → W'×H', grid t×h×w, N tokens`.
+    /// `W×H → W'×H', grid t×h×w, N tokens` (a video: its frames kept of total and fps too).
     pub fn describe(&self) -> String {
+        if let Some(v) = &self.video {
+            return format!("video: {}, {} tokens", v.describe(), self.tokens);
+        }
         let ((w, h), (rw, rh)) = (self.original_size, self.resized_size);
         let [t, gh, gw] = self.grid_thw;
         format!("{w}×{h} → {rw}×{rh}, grid {t}×{gh}×{gw}, {} tokens", self.tokens)

@@ -318,6 +318,33 @@ pub struct SchedulerConfig {
     pub warmup_ratio: f64,
 }
 
+impl DataConfig {
+    /// `base` (the model's video settings) with the run's `data.video_*` keys applied,
+    /// checked; an error names the key.
+    pub fn video_options(
+        &self,
+        base: crate::vision::VideoOptions,
+    ) -> Result<crate::vision::VideoOptions> {
+        let mut o = base;
+        if let Some(v) = self.video_fps {
+            if !(v > 0.0 && v.is_finite()) {
+                bail!("config key `data.video_fps`: must be a positive number of frames a second, got {v}");
+            }
+            o.fps = v;
+        }
+        if self.video_nframes.is_some() {
+            o.nframes = self.video_nframes;
+        }
+        o.min_frames = self.video_min_frames.unwrap_or(o.min_frames);
+        o.max_frames = self.video_max_frames.unwrap_or(o.max_frames);
+        o.min_pixels = self.video_min_pixels.unwrap_or(o.min_pixels);
+        o.max_pixels = self.video_max_pixels.unwrap_or(o.max_pixels);
+        o.total_pixels = self.video_total_pixels.unwrap_or(o.total_pixels);
+        o.validate().map_err(|e| anyhow::anyhow!("config keys `data.video_*`: {e}"))?;
+        Ok(o)
+    }
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self { kind: default_schedule(), warmup_steps: 0, warmup_ratio: 0.0 }
@@ -363,6 +390,28 @@ pub struct DataConfig {
     /// anything is decoded) are refused as bad samples (default: 4 × the model's max_pixels).
     #[serde(default)]
     pub max_image_pixels: Option<u64>,
+    /// Videos (`<video>` placeholders; Qwen2-VL / Qwen2.5-VL): frames a second sampled from a
+    /// video file (default: the model's video_preprocessor_config.json, else qwen-vl-utils'
+    /// 2.0). A frame folder's frames count as sampled at this rate.
+    #[serde(default)]
+    pub video_fps: Option<f64>,
+    /// A fixed number of frames per video instead of `video_fps` (rounded to a multiple of 2).
+    #[serde(default)]
+    pub video_nframes: Option<u32>,
+    /// Bounds on the frames sampled with `video_fps` (defaults 4 and 768).
+    #[serde(default)]
+    pub video_min_frames: Option<u32>,
+    #[serde(default)]
+    pub video_max_frames: Option<u32>,
+    /// Each frame is resized to at least / at most this many pixels (defaults 128·28² =
+    /// 100352 and 768·28² = 602112, qwen-vl-utils').
+    #[serde(default)]
+    pub video_min_pixels: Option<u64>,
+    #[serde(default)]
+    pub video_max_pixels: Option<u64>,
+    /// The pixel budget of a whole video, shared by its frames (default 0.9·128000·28²).
+    #[serde(default)]
+    pub video_total_pixels: Option<u64>,
     /// stop (default) or skip samples that cannot be used; samples that only lose all their
     /// labels to truncation are always skipped and counted.
     #[serde(default = "default_on_bad")]
@@ -716,6 +765,7 @@ impl TrainConfig {
                 bail!("config key `data.image_min_pixels`: {lo} is larger than data.image_max_pixels {hi}");
             }
         }
+        self.data.video_options(crate::vision::VideoOptions::default())?;
         if self.data.cutoff_len < 2 {
             bail!("config key `data.cutoff_len`: must be at least 2");
         }

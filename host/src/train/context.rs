@@ -1,10 +1,15 @@
 //! The policy model as objective plugins see it ([`PolicyContext`]: forward, generate,
-//! decode, rewards), and the run's reward plugins.
+//! decode, rewards; [`BatchContext`] during a micro-batch, whose prompts generate with their
+//! images), and the run's reward plugins.
 use anyhow::{Context, Result};
-use ferrotune_plugin_api::kinds::objective::{ObjectiveContext, RewardScores};
+use ferrotune_plugin_api::kinds::objective::{
+    select_prompt_rows, vision_counts, ObjectiveContext, RewardScores, IMAGES_PER_PROMPT,
+    PROMPT_ROWS, VIDEOS_PER_PROMPT,
+};
 use ferrotune_plugin_api::kinds::reward::RewardHandle;
 use ferrotune_plugin_api::{
-    ForwardFlags, PluginError, PluginResult, Reward, RewardInput, TARGET_IDS, TARGET_TEMPERATURE,
+    Batch, ForwardFlags, PluginError, PluginResult, Reward, RewardInput, TARGET_IDS,
+    TARGET_TEMPERATURE,
 };
 use tch::Tensor;
 
@@ -51,6 +56,146 @@ pub struct PolicyContext<'a> {
     /// freeze`): a pass with `DISABLE_ADAPTER` runs it. `None`: the policy with its adapter
     /// disabled is the reference (an adapter run).
     pub reference: Option<&'a PeftModel>,
+}
+
+fn generation_options(options_json: &str) -> PluginResult<serde_json::Value> {
+    serde_json::from_str(if options_json.trim().is_empty() { "{}" } else { options_json })
+        .map_err(|e| PluginError::invalid(format!("generation options: {e}")))
+}
+
+impl PolicyContext<'_> {
+    /// Generates completions for `prompts` (token ids) under the sampling options `opts`
+    /// (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`), with `images` the
+    /// prompts' vision inputs in prompt order (each prompt's images fill its image-pad blocks).
+    pub fn generate_with(
+        &self,
+        prompts: &[Vec<i64>],
+        images: Option<&VisionInputs>,
+        opts: &serde_json::Value,
+    ) -> PluginResult<Vec<Vec<i64>>> {
+        let mut p = crate::generate::SamplingParams::greedy(
+            opts["max_new_tokens"].as_u64().unwrap_or(64) as usize,
+        );
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let room = self.max_len.saturating_sub(longest);
+        if room == 0 {
+            return Err(PluginError::invalid(format!(
+                "a prompt of {longest} tokens leaves no room for generation within cutoff_len {}",
+                self.max_len
+            )));
+        }
+        p.max_new_tokens = p.max_new_tokens.min(room);
+        p.temperature = opts["temperature"].as_f64().unwrap_or(0.0);
+        p.top_k = opts["top_k"].as_u64().unwrap_or(0) as usize;
+        p.top_p = opts["top_p"].as_f64().unwrap_or(1.0);
+        p.seed = opts["seed"].as_u64().unwrap_or(0);
+        p.eos_token_ids = self.tokenizer.eos_token_id().into_iter().collect();
+        p.pad_token_id =
+            self.tokenizer.pad_token_id().or(self.tokenizer.eos_token_id()).unwrap_or(0);
+        crate::generate::generate_mm(self.model, prompts, images, &p)
+            .map_err(|e| PluginError::runtime(format!("{e:#}")))
+    }
+}
+
+/// The policy during one micro-batch: [`PolicyContext`] plus the batch, so that prompts of a
+/// batch with images generate with their images. The plugin API's `generate` takes token ids
+/// and a JSON of options, and pixels cannot travel as JSON; rather than a new method (a new
+/// plugin-API series), an objective names, in the options' `prompt_rows`
+/// ([`PROMPT_ROWS`]), the batch row each prompt comes from, and the host, which holds the
+/// batch, selects those rows' images and videos ([`select_prompt_rows`], the same selection
+/// GRPO applies to its forward inputs). Plugins built before it keep working: without
+/// `prompt_rows`, a batch with no vision inputs generates as before, and one with images is
+/// refused by name.
+pub struct BatchContext<'c, 'a> {
+    pub policy: &'c PolicyContext<'a>,
+    pub batch: &'c Batch,
+}
+
+impl<'c, 'a> BatchContext<'c, 'a> {
+    pub fn new(policy: &'c PolicyContext<'a>, batch: &'c Batch) -> Self {
+        Self { policy, batch }
+    }
+
+    /// The prompts' vision inputs for `rows` of the batch, `None` when they hold none.
+    fn vision_for_rows(&self, rows: &[usize]) -> PluginResult<Option<VisionInputs>> {
+        let meta: serde_json::Value = if self.batch.meta_json.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&self.batch.meta_json)
+                .map_err(|e| PluginError::invalid(format!("batch metadata: {e}")))?
+        };
+        let prompts = self.batch.get("prompt_ids")?.size()[0] as usize;
+        let vision: Vec<(String, Tensor)> = self
+            .batch
+            .tensors
+            .iter()
+            .filter(|(n, _)| VISION_INPUTS.contains(&n.as_str()))
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        let images = vision_counts(&meta, IMAGES_PER_PROMPT)?;
+        let videos = vision_counts(&meta, VIDEOS_PER_PROMPT)?;
+        let chosen =
+            select_prompt_rows(&vision, prompts, images.as_deref(), videos.as_deref(), rows)?;
+        let get = |name: &str| chosen.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        vision_inputs(&get).map_err(|e| PluginError::invalid(format!("{e:#}")))
+    }
+}
+
+/// The batch tensors that carry images and videos.
+pub const VISION_INPUTS: [&str; 5] = [
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+];
+
+impl ObjectiveContext for BatchContext<'_, '_> {
+    fn forward(
+        &self,
+        inputs: &[(String, Tensor)],
+        flags: ForwardFlags,
+    ) -> PluginResult<Vec<(String, Tensor)>> {
+        self.policy.forward(inputs, flags)
+    }
+    fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>> {
+        let opts = generation_options(options_json)?;
+        let has_vision =
+            self.batch.tensors.iter().any(|(n, _)| VISION_INPUTS.contains(&n.as_str()));
+        let images = match opts.get(PROMPT_ROWS) {
+            None if has_vision => {
+                return Err(PluginError::unsupported(format!(
+                    "the batch's prompts hold images or videos, and the objective's generate call does not say which prompt comes from which row (generation option `{PROMPT_ROWS}`); rebuild the objective plugin against this host"
+                )))
+            }
+            None => None,
+            Some(v) => {
+                let rows: Vec<usize> = v
+                    .as_array()
+                    .and_then(|a| a.iter().map(|r| r.as_u64().map(|r| r as usize)).collect())
+                    .ok_or_else(|| {
+                        PluginError::invalid(format!(
+                            "generation option `{PROMPT_ROWS}` must be a list of row indices, got {v}"
+                        ))
+                    })?;
+                if rows.len() != prompts.len() {
+                    return Err(PluginError::invalid(format!(
+                        "generation option `{PROMPT_ROWS}` has {} rows for {} prompts",
+                        rows.len(),
+                        prompts.len()
+                    )));
+                }
+                self.vision_for_rows(&rows)?
+            }
+        };
+        self.policy.generate_with(prompts, images.as_ref(), &opts)
+    }
+    fn decode(&self, ids: &[i64]) -> PluginResult<String> {
+        self.policy.decode(ids)
+    }
+    fn rewards(&self, inputs: &[RewardInput]) -> PluginResult<Vec<RewardScores>> {
+        self.policy.rewards(inputs)
+    }
 }
 
 impl ObjectiveContext for PolicyContext<'_> {
@@ -107,30 +252,13 @@ impl ObjectiveContext for PolicyContext<'_> {
         out.map_err(|e| PluginError::runtime(format!("{e:#}")))
     }
     fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>> {
-        let opts: serde_json::Value =
-            serde_json::from_str(if options_json.trim().is_empty() { "{}" } else { options_json })
-                .map_err(|e| PluginError::invalid(format!("generation options: {e}")))?;
-        let mut p = crate::generate::SamplingParams::greedy(
-            opts["max_new_tokens"].as_u64().unwrap_or(64) as usize,
-        );
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let room = self.max_len.saturating_sub(longest);
-        if room == 0 {
+        let opts = generation_options(options_json)?;
+        if opts.get(PROMPT_ROWS).is_some() {
             return Err(PluginError::invalid(format!(
-                "a prompt of {longest} tokens leaves no room for generation within cutoff_len {}",
-                self.max_len
+                "generation option `{PROMPT_ROWS}` names rows of a batch, and this context has none"
             )));
         }
-        p.max_new_tokens = p.max_new_tokens.min(room);
-        p.temperature = opts["temperature"].as_f64().unwrap_or(0.0);
-        p.top_k = opts["top_k"].as_u64().unwrap_or(0) as usize;
-        p.top_p = opts["top_p"].as_f64().unwrap_or(1.0);
-        p.seed = opts["seed"].as_u64().unwrap_or(0);
-        p.eos_token_ids = self.tokenizer.eos_token_id().into_iter().collect();
-        p.pad_token_id =
-            self.tokenizer.pad_token_id().or(self.tokenizer.eos_token_id()).unwrap_or(0);
-        crate::generate::generate(self.model, prompts, &p)
-            .map_err(|e| PluginError::runtime(format!("{e:#}")))
+        self.generate_with(prompts, None, &opts)
     }
     fn decode(&self, ids: &[i64]) -> PluginResult<String> {
         self.tokenizer.decode(ids, true).map_err(|e| PluginError::runtime(format!("{e:#}")))

@@ -86,6 +86,7 @@ pub fn image_prep(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Option<ImagePrep
         p.min_pixels = cfg.data.image_min_pixels;
         p.max_pixels = cfg.data.image_max_pixels;
         p.max_image_pixels = cfg.data.max_image_pixels;
+        p.video = cfg.data.video_options(p.video.clone())?;
     }
     Ok(prep)
 }

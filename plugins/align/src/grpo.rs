@@ -2,6 +2,9 @@
 //! sampled in groups per prompt, scored by the run's reward plugins, turned into
 //! group-relative advantages, and trained with a clipped policy-gradient loss (plus a k3 KL
 //! to the reference when `beta ≠ 0`).
+use ferrotune_plugin_api::kinds::objective::{
+    select_prompt_rows, vision_counts, IMAGES_PER_PROMPT, PROMPT_ROWS, VIDEOS_PER_PROMPT,
+};
 use ferrotune_plugin_api::prelude::*;
 use ferrotune_plugin_api::target_logps;
 use serde::Deserialize;
@@ -342,13 +345,22 @@ impl Grpo {
         }
         let call = self.generation_calls.get();
         self.generation_calls.set(call + 1);
-        let options = serde_json::json!({
+        let mut options = serde_json::json!({
             "max_new_tokens": self.cfg.max_completion_length,
             "temperature": self.cfg.temperature,
             "top_p": self.cfg.top_p,
             "top_k": self.cfg.top_k,
             "seed": self.cfg.seed.wrapping_add(call),
         });
+        // Prompts with images or videos: the host generates each with its row's vision
+        // inputs, named by row (pixels cannot travel in the options JSON).
+        let rows: Vec<usize> =
+            (0..b as usize).flat_map(|r| std::iter::repeat(r).take(g as usize)).collect();
+        let images_per_prompt = vision_counts(&meta.value, IMAGES_PER_PROMPT)?;
+        let videos_per_prompt = vision_counts(&meta.value, VIDEOS_PER_PROMPT)?;
+        if images_per_prompt.is_some() || videos_per_prompt.is_some() {
+            options[PROMPT_ROWS] = serde_json::json!(rows);
+        }
         let completions = ctx.generate(&prompts, &options.to_string())?;
         if completions.len() != prompts.len() {
             return Err(PluginError::invalid(format!(
@@ -417,20 +429,15 @@ impl Grpo {
         ));
         metrics
             .push(("completions/max_length".into(), lengths.iter().cloned().fold(0.0, f64::max)));
-        // Other model inputs (pixel_values, …) belong to the prompts; each prompt's rows repeat.
-        let extra_inputs = model_inputs(batch, &GRPO_NON_MODEL_KEYS)
-            .into_iter()
-            .map(|(name, t)| {
-                if t.dim() >= 1 && t.size()[0] == b {
-                    Ok((name, t.f_repeat_interleave_self_int(g, 0, None::<i64>)?))
-                } else {
-                    Err(PluginError::unsupported(format!(
-                        "batch tensor `{name}` ({:?}) is not one row per prompt; GRPO's generation repeats each prompt's inputs",
-                        t.size()
-                    )))
-                }
-            })
-            .collect::<PluginResult<Vec<_>>>()?;
+        // Other model inputs belong to the prompts; each prompt's rows repeat, and with them its
+        // block of images (`pixel_values` rows are patches of every image of the batch).
+        let extra_inputs = select_prompt_rows(
+            &model_inputs(batch, &GRPO_NON_MODEL_KEYS),
+            b as usize,
+            images_per_prompt.as_deref(),
+            videos_per_prompt.as_deref(),
+            &rows,
+        )?;
         Ok(Scored {
             prompt_ids: prompt_ids.f_repeat_interleave_self_int(g, 0, None::<i64>)?,
             prompt_mask: prompt_mask.f_repeat_interleave_self_int(g, 0, None::<i64>)?,

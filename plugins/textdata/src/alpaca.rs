@@ -50,6 +50,8 @@ pub struct AlpacaColumns {
     pub kto_tag: Option<String>,
     /// Image paths, one `<image>` placeholder each. Default `images`.
     pub images: Option<String>,
+    /// Video files or frame folders, one `<video>` placeholder each. Default `videos`.
+    pub videos: Option<String>,
 }
 
 impl Default for AlpacaColumns {
@@ -65,6 +67,7 @@ impl Default for AlpacaColumns {
             rejected: s("rejected"),
             kto_tag: s("kto_tag"),
             images: s("images"),
+            videos: s("videos"),
         }
     }
 }
@@ -152,7 +155,7 @@ impl AlpacaConfig {
             c.kto_tag.as_deref(),
             response,
         )?;
-        with_messages(row, c.images.as_deref(), sample, messages)
+        with_messages(row, [c.images.as_deref(), c.videos.as_deref()], sample, messages)
     }
 }
 

@@ -1,10 +1,10 @@
 //! The columns alpaca and sharegpt rows have in common, checked and read the same way by
 //! both: the `chosen` / `rejected` preference pair of `ranking`, the boolean `kto_tag` and
-//! the `images` column.
+//! the `images` and `videos` columns.
 use ferrotune_plugin_api::{Message, PluginError, PluginResult, Sample};
 use serde_json::{Map, Value};
 
-use crate::source::{bool_column, images_column};
+use crate::source::{bool_column, images_column, videos_column};
 
 /// With `ranking: true`: `columns.chosen` and `columns.rejected` must name a column each.
 pub fn check_pair_columns(chosen: &Option<String>, rejected: &Option<String>) -> PluginResult<()> {
@@ -35,16 +35,18 @@ pub fn pair_and_label(
     Ok(sample)
 }
 
-/// `sample` with its conversation `messages` and the paths of the `images` column, one per
-/// `<image>` placeholder in those turns (a preference pair shares the prompt's images).
+/// `sample` with its conversation `messages`, the paths of the `images` column, one per
+/// `<image>` placeholder in those turns, and of the `videos` column, one per `<video>` (a
+/// preference pair shares the prompt's images and videos).
 pub fn with_messages(
     row: &Map<String, Value>,
-    images: Option<&str>,
+    [images, videos]: [Option<&str>; 2],
     mut sample: Sample,
     messages: Vec<Message>,
 ) -> Result<Sample, String> {
     let texts: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
     sample.images = images_column(row, images, &texts)?;
+    sample.videos = videos_column(row, videos, &texts)?;
     sample.messages = messages;
     Ok(sample)
 }

@@ -12,7 +12,8 @@
 //! * sharegpt (`sharegpt.rs`): alternating turns, observation → `tool`, function call →
 //!   `assistant`; `chosen`/`rejected` turn objects with `ranking`.
 //!
-//! Both (`columns.rs`): a boolean `kto_tag` → `Sample::label`; `images` → `Sample::images`
+//! Both (`columns.rs`): a boolean `kto_tag` → `Sample::label`; `images` → `Sample::images` and
+//! `videos` (video files or frame folders, LLaMA-Factory's `mllm_video_demo`) → `Sample::videos`
 //! paths, relative ones joined to the data file's folder; `ranking` needs the `chosen` and `rejected` columns.
 //! Bad rows fail with file and line, or with `skip_bad_rows` are counted (`len()` counts the
 //! good rows; one summary line goes to stderr): see `source.rs`.

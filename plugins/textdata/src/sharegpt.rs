@@ -47,6 +47,8 @@ pub struct SharegptColumns {
     pub tools: Option<String>,
     /// Image paths, one `<image>` placeholder each. Default `images`.
     pub images: Option<String>,
+    /// Video files or frame folders, one `<video>` placeholder each. Default `videos`.
+    pub videos: Option<String>,
     /// Preferred final turn (with `ranking`), a turn object. Default `chosen`.
     pub chosen: Option<String>,
     /// Dispreferred final turn (with `ranking`). Default `rejected`.
@@ -63,6 +65,7 @@ impl Default for SharegptColumns {
             system: s("system"),
             tools: s("tools"),
             images: s("images"),
+            videos: s("videos"),
             chosen: s("chosen"),
             rejected: s("rejected"),
             kto_tag: s("kto_tag"),
@@ -270,7 +273,7 @@ impl SharegptConfig {
                 sample.extra.insert("tools".into(), v);
             }
         }
-        with_messages(row, c.images.as_deref(), sample, messages)
+        with_messages(row, [c.images.as_deref(), c.videos.as_deref()], sample, messages)
     }
 }
 

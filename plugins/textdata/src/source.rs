@@ -17,6 +17,7 @@ pub use ferrotune_plugin_api::records::kind_of;
 use ferrotune_plugin_api::records::{json_files_of, read_records};
 use ferrotune_plugin_api::{
     DataSource, ImageSource, PluginError, PluginResult, Sample, IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
 };
 use serde_json::{Map, Value};
 
@@ -140,7 +141,7 @@ pub fn bool_column(row: &Map<String, Value>, col: Option<&str>) -> Result<Option
 /// comes from (LLaMA-Factory's `media_dir` default, the data set folder); absolute paths and
 /// URLs as written.
 pub fn resolve_images(sample: &mut Sample, base: &Path) {
-    for image in &mut sample.images {
+    for image in sample.images.iter_mut().chain(sample.videos.iter_mut()) {
         if let ImageSource::Path(p) = image {
             let lower = p.get(..8).unwrap_or(p).to_ascii_lowercase();
             if !(lower.starts_with("http://") || lower.starts_with("https://")) {
@@ -157,6 +158,26 @@ pub fn images_column(
     row: &Map<String, Value>,
     col: Option<&str>,
     texts: &[&str],
+) -> Result<Vec<ImageSource>, String> {
+    media_column(row, col, texts, IMAGE_PLACEHOLDER, "image")
+}
+
+/// A videos column (LLaMA-Factory's `videos`: video files or frame folders), checked against
+/// the `<video>` placeholders as [`images_column`] checks images.
+pub fn videos_column(
+    row: &Map<String, Value>,
+    col: Option<&str>,
+    texts: &[&str],
+) -> Result<Vec<ImageSource>, String> {
+    media_column(row, col, texts, VIDEO_PLACEHOLDER, "video")
+}
+
+fn media_column(
+    row: &Map<String, Value>,
+    col: Option<&str>,
+    texts: &[&str],
+    placeholder: &str,
+    what: &str,
 ) -> Result<Vec<ImageSource>, String> {
     let name = col.unwrap_or_default();
     let paths: Vec<String> = match column(row, col) {
@@ -178,10 +199,10 @@ pub fn images_column(
             ))
         }
     };
-    let placeholders: usize = texts.iter().map(|t| t.matches(IMAGE_PLACEHOLDER).count()).sum();
+    let placeholders: usize = texts.iter().map(|t| t.matches(placeholder).count()).sum();
     if placeholders != paths.len() {
         return Err(format!(
-            "column `{name}` has {} image(s) but the turns hold {placeholders} `<image>` placeholder(s); write one per image, in order",
+            "column `{name}` has {} {what}(s) but the turns hold {placeholders} `{placeholder}` placeholder(s); write one per {what}, in order",
             paths.len()
         ));
     }
@@ -299,5 +320,11 @@ mod tests {
         assert!(e.contains("2 image(s) but the turns hold 1"), "{e}");
         let one: Map<String, Value> = serde_json::from_str(r#"{"images": "a.png"}"#).unwrap();
         assert_eq!(images_column(&one, Some("images"), &["<image>"]).unwrap().len(), 1);
+        let row: Map<String, Value> =
+            serde_json::from_str(r#"{"videos": ["mllm_demo_data/1.mp4"]}"#).unwrap();
+        let v = videos_column(&row, Some("videos"), &["<video>Why is this funny?"]).unwrap();
+        assert_eq!(v, vec![ImageSource::Path("mllm_demo_data/1.mp4".into())]);
+        let e = videos_column(&row, Some("videos"), &["no placeholder"]).unwrap_err();
+        assert!(e.contains("1 video(s)") && e.contains("0 `<video>`"), "{e}");
     }
 }

@@ -15,6 +15,10 @@
 //! off with `strip_image_newlines: false`). Qwen2-VL-Finetune's DPO rows
 //! (`prompt`, `chosen`, `rejected` strings) become [`Sample::chosen`] / [`Sample::rejected`].
 //!
+//! `video` is one video or a list (a file such as an mp4, or a folder of frames), with one
+//! `<video>` placeholder each, joined to `video_folder` (default: `image_folder`, as
+//! Qwen2-VL-Finetune joins videos to its `--image_folder`).
+//!
 //! A path is a `.json` (array) or `.jsonl` file, or a folder holding `{split}.json` or
 //! `{split}.jsonl`. The file is parsed when the split is opened; a row is converted when it
 //! is asked for, and a bad row's error names the file, the row index and its `id`.
@@ -23,7 +27,7 @@ use std::path::{Path, PathBuf};
 use ferrotune_plugin_api::records::{kind_of, read_records, Record};
 use ferrotune_plugin_api::{
     DataSource, ImageSource, Message, PluginError, PluginResult, Sample, SampleReader,
-    IMAGE_PLACEHOLDER,
+    IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -38,6 +42,10 @@ pub struct LlavaConfig {
     /// Default: the folder of the JSON file.
     #[serde(default)]
     pub image_folder: Option<String>,
+    /// Folder that relative video paths are joined to (relative to the data file's folder
+    /// unless absolute). Default: `image_folder`'s.
+    #[serde(default)]
+    pub video_folder: Option<String>,
     /// Which row keys hold what.
     #[serde(default)]
     pub columns: LlavaColumns,
@@ -65,6 +73,8 @@ pub struct LlavaColumns {
     pub id: String,
     /// One image path or a list of them. Default `image`.
     pub image: String,
+    /// One video (a file or a frame folder) or a list of them. Default `video`.
+    pub video: String,
     /// The turns. Default `conversations`.
     pub conversations: String,
     /// DPO rows: the user turn. Default `prompt`.
@@ -80,6 +90,7 @@ impl Default for LlavaColumns {
         Self {
             id: "id".into(),
             image: "image".into(),
+            video: "video".into(),
             conversations: "conversations".into(),
             prompt: "prompt".into(),
             chosen: "chosen".into(),
@@ -104,10 +115,17 @@ impl LlavaConfig {
     /// One row as a sample; `image_base` is the folder relative image paths are joined to.
     /// The error says what is wrong with the row (the caller adds where the row is).
     pub fn convert(&self, row: &Map<String, Value>, image_base: &Path) -> Result<Sample, String> {
+        self.convert_with(row, image_base, image_base)
+    }
+
+    /// [`Self::convert`] with relative video paths joined to `video_base`.
+    pub fn convert_with(
+        &self,
+        row: &Map<String, Value>,
+        image_base: &Path,
+        video_base: &Path,
+    ) -> Result<Sample, String> {
         let c = &self.columns;
-        if row.contains_key("video") {
-            return Err("`video` rows are not supported (only images)".into());
-        }
         let mut sample = Sample::default();
         let dpo = present(row, &c.chosen).is_some() || present(row, &c.rejected).is_some();
         if dpo {
@@ -136,38 +154,26 @@ impl LlavaConfig {
             sample.messages = self.turns(turns, false)?;
         }
 
-        let paths: Vec<&str> = match present(row, &c.image) {
-            None => Vec::new(),
-            Some(Value::String(s)) => vec![s.as_str()],
-            Some(Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_str().ok_or_else(|| {
-                        format!("`{}[{i}]`: expected a path, found {}", c.image, kind_of(v))
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            Some(other) => {
+        let paths = path_list(row, &c.image)?;
+        let videos = path_list(row, &c.video)?;
+        for (what, key, list, mark) in [
+            ("image", &c.image, &paths, IMAGE_PLACEHOLDER),
+            ("video", &c.video, &videos, VIDEO_PLACEHOLDER),
+        ] {
+            let placeholders: usize =
+                sample.messages.iter().map(|m| m.content.matches(mark).count()).sum();
+            if placeholders != list.len() {
                 return Err(format!(
-                    "`{}`: expected a path or a list of paths, found {}",
-                    c.image,
-                    kind_of(other)
-                ))
+                    "{} {what}(s) in `{key}` but {placeholders} `{mark}` placeholder(s) in the turns; \
+                     write one `{mark}` per {what}, in order",
+                    list.len(),
+                ));
             }
-        };
-        let placeholders: usize =
-            sample.messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum();
-        if placeholders != paths.len() {
-            return Err(format!(
-                "{} image(s) in `{}` but {placeholders} `{IMAGE_PLACEHOLDER}` placeholder(s) in the turns; \
-                 write one `{IMAGE_PLACEHOLDER}` per image, in order",
-                paths.len(),
-                c.image
-            ));
         }
         sample.images =
             paths.into_iter().map(|p| ImageSource::Path(join_image(image_base, p))).collect();
+        sample.videos =
+            videos.into_iter().map(|p| ImageSource::Path(join_image(video_base, p))).collect();
         for (key, value) in [
             ("image_min_pixels", self.image_min_pixels),
             ("image_max_pixels", self.image_max_pixels),
@@ -281,20 +287,43 @@ fn parse_turn(turn: &Value) -> Result<(&'static str, &str), String> {
     Ok((role, value))
 }
 
-/// Drops one `\n` right before and one right after each `<image>`, like Qwen2-VL-Finetune's
-/// `re.sub(r'\n?<image>\n?', …)`.
+/// Drops one `\n` right before and one right after each `<image>` and `<video>`, like
+/// Qwen2-VL-Finetune's `re.sub(r'\n?<image>\n?', …)` (and its `<video>` twin).
 pub fn strip_image_newlines(text: &str) -> String {
+    strip_newlines_around(&strip_newlines_around(text, IMAGE_PLACEHOLDER), VIDEO_PLACEHOLDER)
+}
+
+fn strip_newlines_around(text: &str, mark: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(pos) = rest.find(IMAGE_PLACEHOLDER) {
+    while let Some(pos) = rest.find(mark) {
         let before = &rest[..pos];
         out.push_str(before.strip_suffix('\n').unwrap_or(before));
-        out.push_str(IMAGE_PLACEHOLDER);
-        rest = &rest[pos + IMAGE_PLACEHOLDER.len()..];
+        out.push_str(mark);
+        rest = &rest[pos + mark.len()..];
         rest = rest.strip_prefix('\n').unwrap_or(rest);
     }
     out.push_str(rest);
     out
+}
+
+/// The paths under `key`: absent, one string, or a list of strings.
+fn path_list<'a>(row: &'a Map<String, Value>, key: &str) -> Result<Vec<&'a str>, String> {
+    match present(row, key) {
+        None => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.as_str()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str()
+                    .ok_or_else(|| format!("`{key}[{i}]`: expected a path, found {}", kind_of(v)))
+            })
+            .collect(),
+        Some(other) => {
+            Err(format!("`{key}`: expected a path or a list of paths, found {}", kind_of(other)))
+        }
+    }
 }
 
 /// A relative path joined to `base`; absolute paths and URLs as written.
@@ -333,6 +362,7 @@ pub struct LlavaReader {
     cfg: LlavaConfig,
     file: PathBuf,
     image_base: PathBuf,
+    video_base: PathBuf,
     records: Vec<Record>,
 }
 
@@ -348,7 +378,7 @@ impl LlavaReader {
         // paths are: the run works the same from any working directory.
         let image_base = match &cfg.image_folder {
             Some(folder) => file_dir.join(folder),
-            None => file_dir,
+            None => file_dir.clone(),
         };
         if cfg.image_folder.is_some() && !image_base.is_dir() {
             return Err(PluginError::invalid(format!(
@@ -357,7 +387,18 @@ impl LlavaReader {
                 image_base.display(),
             )));
         }
-        Ok(Self { cfg: cfg.clone(), file, image_base, records })
+        let video_base = match &cfg.video_folder {
+            Some(folder) => file_dir.join(folder),
+            None => image_base.clone(),
+        };
+        if cfg.video_folder.is_some() && !video_base.is_dir() {
+            return Err(PluginError::invalid(format!(
+                "{}: video_folder {} is not a folder (a relative `video_folder` is joined to the data file's folder)",
+                file.display(),
+                video_base.display(),
+            )));
+        }
+        Ok(Self { cfg: cfg.clone(), file, image_base, video_base, records })
     }
 }
 
@@ -390,10 +431,11 @@ impl SampleReader for LlavaReader {
             Some(v @ Value::Number(_)) => Some(v.to_string()),
             _ => None,
         };
-        let mut sample = self.cfg.convert(row, &self.image_base).map_err(|why| {
-            let id = id.as_deref().map(|id| format!(" (id `{id}`)")).unwrap_or_default();
-            PluginError::invalid(format!("{}{id}: {why} (plugin `llava`)", record.origin))
-        })?;
+        let mut sample =
+            self.cfg.convert_with(row, &self.image_base, &self.video_base).map_err(|why| {
+                let id = id.as_deref().map(|id| format!(" (id `{id}`)")).unwrap_or_default();
+                PluginError::invalid(format!("{}{id}: {why} (plugin `llava`)", record.origin))
+            })?;
         sample.id = Some(id.unwrap_or_else(|| record.origin.clone()));
         Ok(sample)
     }
@@ -451,6 +493,35 @@ mod tests {
         assert!(!s.extra.contains_key("image_min_pixels"));
     }
 
+    /// Qwen2-VL-Finetune's video rows: `video` joined to the video folder, one `<video>` each,
+    /// the newlines around it dropped as around `<image>`.
+    #[test]
+    fn video_rows() {
+        let cfg: LlavaConfig = parse_config("{}").unwrap();
+        let s = cfg
+            .convert_with(
+                &row(r#"{"id": "v", "video": "clip.mp4", "image": "a.png", "conversations": [
+                    {"from": "human", "value": "<image>\n<video>\nWhat happens?"}, {"from": "gpt", "value": "A cat runs."}]}"#),
+                Path::new("/img"),
+                Path::new("/vid"),
+            )
+            .unwrap();
+        assert_eq!(s.messages[0].content, "<image><video>What happens?");
+        assert_eq!(s.videos, vec![ImageSource::Path("/vid/clip.mp4".into())]);
+        assert_eq!(s.images, vec![ImageSource::Path("/img/a.png".into())]);
+        let two = cfg
+            .convert(
+                &row(r#"{"video": ["f1", "/abs/f2"], "conversations": [
+                    {"from": "human", "value": "<video><video>Same?"}, {"from": "gpt", "value": "No."}]}"#),
+                Path::new("/d"),
+            )
+            .unwrap();
+        assert_eq!(
+            two.videos,
+            vec![ImageSource::Path("/d/f1".into()), ImageSource::Path("/abs/f2".into())]
+        );
+    }
+
     #[test]
     fn dpo_rows() {
         let cfg: LlavaConfig = parse_config("{}").unwrap();
@@ -497,8 +568,12 @@ mod tests {
         assert!(e.contains("ends with a `user` turn"), "{e}");
         let e = err(r#"{"conversations": [{"from": "bot", "value": "x"}]}"#);
         assert!(e.contains("unknown role `bot`"), "{e}");
-        assert!(err(r#"{"video": "v.mp4", "conversations": []}"#)
-            .contains("`video` rows are not supported"));
+        assert!(err(r#"{"video": "v.mp4", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}"#)
+            .contains("1 video(s) in `video` but 0 `<video>` placeholder(s)"));
+        let e = err(
+            r#"{"video": 3, "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "yo"}]}"#,
+        );
+        assert!(e.contains("`video`: expected a path"), "{e}");
         let e = parse_config::<LlavaConfig>(r#"{"image_dir": "x"}"#).unwrap_err();
         assert!(e.message().contains("unknown field `image_dir`"), "{e}");
     }
