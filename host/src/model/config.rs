@@ -1,20 +1,26 @@
-//! `config.json` of a Llama-family checkpoint (Llama, Qwen2, Mistral), read with the Hugging
-//! Face key names, checked, and resolved into what the decoder needs (head sizes, biases, the
-//! RoPE variant, sliding-window layers).
+//! `config.json` of a Llama-family checkpoint (Llama, Qwen2, Qwen3, Mistral), read with the
+//! Hugging Face key names, checked, and resolved into what the decoder needs (head sizes,
+//! biases, per-head q/k norms, the RoPE variant, sliding-window layers).
 //!
 //! Both the transformers 5 layout (`rope_parameters` holding `rope_theta` and the scaling) and
 //! the 4.x one (top-level `rope_theta`, `rope_scaling` keyed by `type` or `rope_type`) are read.
 //! A Qwen2-VL `config.json` is read too: its text part (the nested `text_config`, or the older
 //! flat keys) becomes this config; the vision part is [`super::qwen2vl::Qwen2VLConfig`]'s.
+//!
+//! Qwen3 (`Qwen3ForCausalLM`) features this decoder does not implement are refused by key:
+//! `use_sliding_window: true`, `sliding_attention` in `layer_types`, a non-zero
+//! `attention_dropout`, and (as for every member) RoPE types other than default, linear and
+//! llama3 (Qwen3's long-context `yarn` included).
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The architectures this decoder implements, by their `architectures` name.
-pub const SUPPORTED_ARCHITECTURES: [&str; 4] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 5] = [
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
     "MistralForCausalLM",
     "Qwen2VLForConditionalGeneration",
 ];
@@ -26,6 +32,9 @@ pub enum Architecture {
     Llama,
     /// q/k/v biases always, no o_proj bias; sliding window only with `use_sliding_window`.
     Qwen2,
+    /// Qwen3: q/k/v/o biases when `attention_bias`; an RMSNorm over each head of q and of k
+    /// (`self_attn.q_norm`, `self_attn.k_norm`) before RoPE; an explicit `head_dim`.
+    Qwen3,
     /// No biases; every layer uses `sliding_window` when it is set.
     Mistral,
     /// Qwen2-VL: a Qwen2 decoder (under `model.language_model`) with M-RoPE and a vision tower.
@@ -37,6 +46,7 @@ impl Architecture {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2VL => "Qwen2VLForConditionalGeneration",
         }
@@ -45,6 +55,7 @@ impl Architecture {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2VL => "qwen2_vl",
         }
@@ -53,6 +64,7 @@ impl Architecture {
         match name {
             "LlamaForCausalLM" => Some(Architecture::Llama),
             "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
             "MistralForCausalLM" => Some(Architecture::Mistral),
             "Qwen2VLForConditionalGeneration" => Some(Architecture::Qwen2VL),
             _ => None,
@@ -62,6 +74,7 @@ impl Architecture {
         match name {
             "llama" => Some(Architecture::Llama),
             "qwen2" => Some(Architecture::Qwen2),
+            "qwen3" => Some(Architecture::Qwen3),
             "mistral" => Some(Architecture::Mistral),
             "qwen2_vl" => Some(Architecture::Qwen2VL),
             _ => None,
@@ -145,7 +158,7 @@ pub struct LlamaConfig {
     /// e.g. `["Qwen2ForCausalLM"]`; decides the architecture when present.
     #[serde(default)]
     pub architectures: Option<Vec<String>>,
-    /// `llama`, `qwen2` or `mistral`; used when `architectures` is absent.
+    /// `llama`, `qwen2`, `qwen3` or `mistral`; used when `architectures` is absent.
     #[serde(default)]
     pub model_type: Option<String>,
     /// Width of the residual stream (64 in the `tiny` preset, 4096 for Llama 2 7B).
@@ -157,7 +170,7 @@ pub struct LlamaConfig {
     /// Grouped-query attention: heads of keys/values. Default: `num_attention_heads`.
     #[serde(default)]
     pub num_key_value_heads: Option<i64>,
-    /// Default: `hidden_size / num_attention_heads`.
+    /// Default: `hidden_size / num_attention_heads` (Qwen3: 128, which may differ from it).
     #[serde(default)]
     pub head_dim: Option<i64>,
     /// Default 1e-6.
@@ -177,9 +190,13 @@ pub struct LlamaConfig {
     /// lm_head shares the embedding matrix. Default false.
     #[serde(default)]
     pub tie_word_embeddings: bool,
-    /// Llama: biases on q/k/v/o. Default false.
+    /// Llama, Qwen3: biases on q/k/v/o. Default false.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Dropout on the attention weights in training: not implemented, so Qwen3 refuses any
+    /// value but 0 by name (the other members ignore the key, as before). Default 0.
+    #[serde(default)]
+    pub attention_dropout: Option<f64>,
     /// Llama: biases on the MLP. Default false.
     #[serde(default)]
     pub mlp_bias: bool,
@@ -190,13 +207,14 @@ pub struct LlamaConfig {
     /// `use_sliding_window`. A token sees the `sliding_window` latest positions, itself included.
     #[serde(default)]
     pub sliding_window: Option<i64>,
-    /// Qwen2 only. Default false.
+    /// Qwen2 only (Qwen3 refuses `true`). Default false.
     #[serde(default)]
     pub use_sliding_window: bool,
     /// Qwen2: layers from this index on slide (when `layer_types` is absent). Default 28.
     #[serde(default)]
     pub max_window_layers: Option<i64>,
-    /// Qwen2 (transformers 5): `full_attention` / `sliding_attention` per layer.
+    /// Qwen2 (transformers 5): `full_attention` / `sliding_attention` per layer (Qwen3: only
+    /// `full_attention`).
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
     /// Default 0.02; used by `init-model`.
@@ -280,8 +298,14 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// `head_dim`, else transformers' default: 128 for Qwen3 (its config class's default),
+    /// `hidden_size / num_attention_heads` for the others.
     pub fn head_dim(&self) -> i64 {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        match (self.head_dim, self.architecture()) {
+            (Some(d), _) => d,
+            (None, Architecture::Qwen3) => 128,
+            (None, _) => self.hidden_size / self.num_attention_heads.max(1),
+        }
     }
 
     /// Biases on q_proj, k_proj, v_proj.
@@ -289,13 +313,20 @@ impl LlamaConfig {
         match self.architecture() {
             Architecture::Llama => self.attention_bias,
             Architecture::Qwen2 | Architecture::Qwen2VL => true,
+            Architecture::Qwen3 => self.attention_bias,
             Architecture::Mistral => false,
         }
     }
 
     /// Bias on o_proj.
     pub fn o_bias(&self) -> bool {
-        self.architecture() == Architecture::Llama && self.attention_bias
+        matches!(self.architecture(), Architecture::Llama | Architecture::Qwen3)
+            && self.attention_bias
+    }
+
+    /// Qwen3: an RMSNorm of `head_dim` over each head of q and of k after their projections.
+    pub fn qk_norm(&self) -> bool {
+        self.architecture() == Architecture::Qwen3
     }
 
     /// Biases on gate/up/down_proj.
@@ -306,7 +337,8 @@ impl LlamaConfig {
     /// The sliding window of layer `layer`, `None` for full attention (as transformers decides).
     pub fn sliding_window_of_layer(&self, layer: i64) -> Option<i64> {
         match self.architecture() {
-            Architecture::Llama => None,
+            // Qwen3's sliding window is refused at load (`refuse_unimplemented_qwen3`).
+            Architecture::Llama | Architecture::Qwen3 => None,
             Architecture::Mistral => self.sliding_window,
             Architecture::Qwen2 | Architecture::Qwen2VL => {
                 let window = if self.use_sliding_window { self.sliding_window } else { None };
@@ -418,7 +450,10 @@ impl LlamaConfig {
                 self.num_attention_heads
             );
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none()
+            && self.architecture() != Architecture::Qwen3
+            && self.hidden_size % self.num_attention_heads != 0
+        {
             bail!(
                 "{file}: key `hidden_size` ({}) is not a multiple of `num_attention_heads` ({}) and no `head_dim` is given",
                 self.hidden_size,
@@ -466,6 +501,9 @@ impl LlamaConfig {
             }
         }
         self.rope_checked(path)?;
+        if self.architecture() == Architecture::Qwen3 {
+            self.refuse_unimplemented_qwen3(path)?;
+        }
         if self.architecture() == Architecture::Qwen2VL {
             let (key, _) = self.rope_dict();
             let section = self.mrope_section();
@@ -478,6 +516,21 @@ impl LlamaConfig {
                     self.head_dim() / 2
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Qwen3 features this decoder does not implement, each refused by its key.
+    fn refuse_unimplemented_qwen3(&self, path: &Path) -> Result<()> {
+        let file = path.display();
+        if self.use_sliding_window {
+            bail!("{file}: key `use_sliding_window` = true is not supported for Qwen3ForCausalLM (sliding-window attention is not implemented for this architecture; set it to false)");
+        }
+        if let Some(i) = self.layer_types.iter().flatten().position(|t| t == "sliding_attention") {
+            bail!("{file}: key `layer_types` marks layer {i} `sliding_attention`, which is not supported for Qwen3ForCausalLM (only `full_attention`)");
+        }
+        if let Some(p) = self.attention_dropout.filter(|&p| p != 0.0) {
+            bail!("{file}: key `attention_dropout` = {p} is not supported (attention dropout is not implemented; only 0.0)");
         }
         Ok(())
     }
@@ -600,6 +653,47 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("unsupported architecture `GPT2LMHeadModel` in d/config.json; supported: LlamaForCausalLM"), "{e}");
+    }
+
+    fn qwen3(extra: &str) -> Result<LlamaConfig> {
+        let text = format!(
+            r#"{{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128,
+                "vocab_size": 100, "sliding_window": null, "use_sliding_window": false{extra}}}"#
+        );
+        LlamaConfig::from_json(&text, Path::new("q3/config.json"))
+    }
+
+    #[test]
+    fn qwen3_head_dim_biases_and_norms() {
+        let c = qwen3(r#", "head_dim": 24, "layer_types": ["full_attention", "full_attention"]"#)
+            .unwrap();
+        assert_eq!(c.architecture(), Architecture::Qwen3);
+        assert_eq!(c.head_dim(), 24);
+        assert!(c.qk_norm() && !c.qkv_bias() && !c.o_bias() && !c.mlp_bias());
+        assert_eq!(c.sliding_window_of_layer(1), None);
+        // transformers' Qwen3Config default head_dim is 128, whatever hidden / heads is.
+        assert_eq!(qwen3("").unwrap().head_dim(), 128);
+        let b = qwen3(r#", "attention_bias": true, "attention_dropout": 0.0"#).unwrap();
+        assert!(b.qkv_bias() && b.o_bias());
+        let q2 = parse(r#", "head_dim": 24"#).unwrap();
+        assert!(!q2.qk_norm());
+    }
+
+    #[test]
+    fn qwen3_unimplemented_features_are_refused_by_key() {
+        for (extra, key) in [
+            (r#", "use_sliding_window": true"#, "`use_sliding_window`"),
+            (r#", "layer_types": ["full_attention", "sliding_attention"]"#, "`layer_types`"),
+            (r#", "attention_dropout": 0.1"#, "`attention_dropout`"),
+            (
+                r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#,
+                "`rope_scaling.rope_type`",
+            ),
+        ] {
+            let e = qwen3(extra).unwrap_err().to_string();
+            assert!(e.contains("q3/config.json") && e.contains(key), "{extra}: {e}");
+        }
     }
 
     #[test]

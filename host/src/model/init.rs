@@ -341,6 +341,8 @@ fn config_json(opts: &InitOptions, vocab: i64, special: &SpecialTokens) -> Resul
             "layer_types": vec!["full_attention"; opts.num_hidden_layers.max(0) as usize],
         }),
         Architecture::Mistral => json!({"sliding_window": null}),
+        // `--arch` offers no Qwen3 (its per-head q/k norms are not generated here).
+        Architecture::Qwen3 => bail!("init-model does not make Qwen3 checkpoints"),
         Architecture::Qwen2VL => return qwen2vl_config_json(opts, c),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());

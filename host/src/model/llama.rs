@@ -152,10 +152,18 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn new(w: &mut Weights, key: &str, cfg: &LlamaConfig) -> Result<Self> {
-        Ok(Self {
-            weight: w.take(&format!("{key}.weight"), &[cfg.hidden_size], "hidden_size")?,
-            eps: cfg.rms_norm_eps,
-        })
+        Self::of_size(w, key, cfg, cfg.hidden_size, "hidden_size")
+    }
+
+    /// A norm over the last `size` features (Qwen3's per-head q/k norms: `head_dim`).
+    fn of_size(
+        w: &mut Weights,
+        key: &str,
+        cfg: &LlamaConfig,
+        size: i64,
+        why: &str,
+    ) -> Result<Self> {
+        Ok(Self { weight: w.take(&format!("{key}.weight"), &[size], why)?, eps: cfg.rms_norm_eps })
     }
 
     /// libtorch's fused `rms_norm` (no weight) in fp32: bit-identical to transformers'
@@ -277,6 +285,10 @@ struct Attention {
     k_proj: FrozenLinear,
     v_proj: FrozenLinear,
     o_proj: FrozenLinear,
+    /// Qwen3: RMSNorm over each head of q and of k (`self_attn.q_norm` / `k_norm`, `[head_dim]`),
+    /// applied after the projection and before RoPE.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -302,7 +314,15 @@ impl Attention {
         let (h, kv, d, hidden) =
             (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.hidden_size);
         let qkv_bias = cfg.qkv_bias();
+        let mut qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            cfg.qk_norm()
+                .then(|| RmsNorm::of_size(w, &format!("{path}.{name}"), cfg, d, "head_dim"))
+                .transpose()
+        };
+        let (q_norm, k_norm) = (qk_norm("q_norm")?, qk_norm("k_norm")?);
         Ok(Self {
+            q_norm,
+            k_norm,
             q_proj: linear(
                 w,
                 &format!("{path}.q_proj"),
@@ -342,6 +362,14 @@ impl Attention {
         })
     }
 
+    /// Qwen3's per-head norms with their module names (`q_norm`, `k_norm`; none for the
+    /// other members), in transformers' parameter order (after `o_proj`).
+    fn qk_norms(&self) -> impl Iterator<Item = (&'static str, &RmsNorm)> {
+        [("q_norm", self.q_norm.as_ref()), ("k_norm", self.k_norm.as_ref())]
+            .into_iter()
+            .filter_map(|(name, n)| n.map(|n| (name, n)))
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -352,12 +380,19 @@ impl Attention {
         mode: LinearMode<'_>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
-        let heads = |proj: &FrozenLinear, n: i64| -> Result<Tensor> {
-            Ok(proj.forward(x, mode)?.f_view([b, t, n, self.head_dim])?.f_transpose(1, 2)?)
+        let heads = |proj: &FrozenLinear, n: i64, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let h = proj.forward(x, mode)?.f_view([b, t, n, self.head_dim])?;
+            let h = match norm {
+                Some(norm) => norm.forward(&h)?,
+                None => h,
+            };
+            Ok(h.f_transpose(1, 2)?)
         };
-        let q = apply_rotary(&heads(&self.q_proj, self.num_heads)?, cos, sin)?;
-        let k = apply_rotary(&heads(&self.k_proj, self.num_kv_heads)?, cos, sin)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let q =
+            apply_rotary(&heads(&self.q_proj, self.num_heads, self.q_norm.as_ref())?, cos, sin)?;
+        let k =
+            apply_rotary(&heads(&self.k_proj, self.num_kv_heads, self.k_norm.as_ref())?, cos, sin)?;
+        let v = heads(&self.v_proj, self.num_kv_heads, None)?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.update(layer, k, v)?,
             None => (k, v),
@@ -876,6 +911,10 @@ impl CausalLM {
             for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
                 linear(&mut out, lin);
             }
+            for (name, norm) in a.qk_norms() {
+                let key = format!("{p}.layers.{i}.self_attn.{name}.weight");
+                out.push((key, norm.weight.shallow_clone(), None));
+            }
             out.push((
                 format!("{p}.layers.{i}.post_attention_layernorm.weight"),
                 l.post_attention_layernorm.weight.shallow_clone(),
@@ -1073,6 +1112,7 @@ impl CausalLM {
                 [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
                     .map(|lin| (lin.name.clone(), "a linear layer")),
             );
+            out.extend(a.qk_norms().map(|(n, _)| (format!("{p}.self_attn.{n}"), "an RMSNorm")));
             out.push((format!("{p}.mlp"), "an MLP block"));
             let m = &l.mlp;
             out.extend(
