@@ -17,12 +17,13 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The architectures this decoder implements, by their `architectures` name.
-pub const SUPPORTED_ARCHITECTURES: [&str; 5] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 6] = [
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "MistralForCausalLM",
     "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
 ];
 
 /// Which member of the family a checkpoint is; decides the biases and the sliding window.
@@ -39,9 +40,17 @@ pub enum Architecture {
     Mistral,
     /// Qwen2-VL: a Qwen2 decoder (under `model.language_model`) with M-RoPE and a vision tower.
     Qwen2VL,
+    /// Qwen2.5-VL: Qwen2-VL's decoder and M-RoPE (time scaled by `second_per_grid_ts`) with a
+    /// windowed RMSNorm / SwiGLU vision tower.
+    Qwen25VL,
 }
 
 impl Architecture {
+    /// Qwen2-VL or Qwen2.5-VL: a vision tower and M-RoPE over a Qwen2 decoder.
+    pub fn is_qwen_vl(self) -> bool {
+        matches!(self, Architecture::Qwen2VL | Architecture::Qwen25VL)
+    }
+
     pub fn hf_name(self) -> &'static str {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
@@ -49,6 +58,7 @@ impl Architecture {
             Architecture::Qwen3 => "Qwen3ForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2VL => "Qwen2VLForConditionalGeneration",
+            Architecture::Qwen25VL => "Qwen2_5_VLForConditionalGeneration",
         }
     }
     pub fn model_type(self) -> &'static str {
@@ -58,6 +68,7 @@ impl Architecture {
             Architecture::Qwen3 => "qwen3",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2VL => "qwen2_vl",
+            Architecture::Qwen25VL => "qwen2_5_vl",
         }
     }
     fn from_hf_name(name: &str) -> Option<Self> {
@@ -67,6 +78,7 @@ impl Architecture {
             "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
             "MistralForCausalLM" => Some(Architecture::Mistral),
             "Qwen2VLForConditionalGeneration" => Some(Architecture::Qwen2VL),
+            "Qwen2_5_VLForConditionalGeneration" => Some(Architecture::Qwen25VL),
             _ => None,
         }
     }
@@ -77,6 +89,7 @@ impl Architecture {
             "qwen3" => Some(Architecture::Qwen3),
             "mistral" => Some(Architecture::Mistral),
             "qwen2_vl" => Some(Architecture::Qwen2VL),
+            "qwen2_5_vl" => Some(Architecture::Qwen25VL),
             _ => None,
         }
     }
@@ -267,7 +280,9 @@ impl LlamaConfig {
         // The architecture first, so that an unsupported model is refused by name rather than
         // by whichever of its keys happens not to parse.
         let value = match architecture_of(&value, path)? {
-            Architecture::Qwen2VL => super::qwen2vl::config::text_config_value(&value, path)?,
+            a @ (Architecture::Qwen2VL | Architecture::Qwen25VL) => {
+                super::qwen2vl::config::text_config_value(&value, path, a)?
+            }
             _ => value,
         };
         let config: LlamaConfig = serde_path_to_error::deserialize(value).map_err(|e| {
@@ -312,7 +327,7 @@ impl LlamaConfig {
     pub fn qkv_bias(&self) -> bool {
         match self.architecture() {
             Architecture::Llama => self.attention_bias,
-            Architecture::Qwen2 | Architecture::Qwen2VL => true,
+            Architecture::Qwen2 | Architecture::Qwen2VL | Architecture::Qwen25VL => true,
             Architecture::Qwen3 => self.attention_bias,
             Architecture::Mistral => false,
         }
@@ -340,7 +355,7 @@ impl LlamaConfig {
             // Qwen3's sliding window is refused at load (`refuse_unimplemented_qwen3`).
             Architecture::Llama | Architecture::Qwen3 => None,
             Architecture::Mistral => self.sliding_window,
-            Architecture::Qwen2 | Architecture::Qwen2VL => {
+            Architecture::Qwen2 | Architecture::Qwen2VL | Architecture::Qwen25VL => {
                 let window = if self.use_sliding_window { self.sliding_window } else { None };
                 let window = window?;
                 let sliding = match &self.layer_types {
@@ -480,8 +495,10 @@ impl LlamaConfig {
                 bail!("{file}: key `sliding_window` must be positive or null, got {w}");
             }
         }
-        if matches!(self.architecture(), Architecture::Qwen2 | Architecture::Qwen2VL)
-            && self.use_sliding_window
+        if matches!(
+            self.architecture(),
+            Architecture::Qwen2 | Architecture::Qwen2VL | Architecture::Qwen25VL
+        ) && self.use_sliding_window
             && self.sliding_window.is_none()
         {
             bail!("{file}: key `use_sliding_window` is true but `sliding_window` is null");
@@ -504,7 +521,7 @@ impl LlamaConfig {
         if self.architecture() == Architecture::Qwen3 {
             self.refuse_unimplemented_qwen3(path)?;
         }
-        if self.architecture() == Architecture::Qwen2VL {
+        if self.architecture().is_qwen_vl() {
             let (key, _) = self.rope_dict();
             let section = self.mrope_section();
             if section.len() != 3

@@ -3,7 +3,9 @@
 //! [`CausalLM::load`](super::CausalLM::load) both load. A Qwen2-VL model
 //! (`Qwen2VLForConditionalGeneration`) gets transformers 5's nested config.json, its vision
 //! weights (under the keys transformers 5.24's `save_pretrained` writes: `visual.*`,
-//! `model.layers.*`), and Qwen2-VL's standard `preprocessor_config.json`.
+//! `model.layers.*`), and Qwen2-VL's standard `preprocessor_config.json`; a Qwen2.5-VL model
+//! (`Qwen2_5_VLForConditionalGeneration`, preset `tiny-vl25`) likewise, with its windowed
+//! RMSNorm / SwiGLU tower and a `video_preprocessor_config.json` too.
 //!
 //! Weights follow transformers' `_init_weights`: linear and convolution weights and embeddings
 //! ~ N(0, 0.02) (`initializer_range`), biases 0, RMSNorm and LayerNorm weights 1 (LayerNorm
@@ -67,12 +69,30 @@ pub struct VisionInitOptions {
     /// Frequencies per temporal / height / width axis; sums to `head_dim / 2`. `None`: a
     /// quarter for time, the rest split between height and width (Qwen2-VL's 16/24/24 of 64).
     pub mrope_section: Option<Vec<i64>>,
+    /// Qwen2.5-VL: the attention window's side in pixels (112; a multiple of 28 = merge ×
+    /// patch). Qwen2-VL ignores it, and the next two.
+    pub window_size: i64,
+    /// Qwen2.5-VL: the blocks attending over whole frames (the others use windows).
+    pub fullatt_block_indexes: Vec<i64>,
+    /// Qwen2.5-VL: temporal positions per second of video (2 in Qwen2.5-VL's checkpoints).
+    pub tokens_per_second: i64,
 }
 
 impl VisionInitOptions {
-    /// Depth 2, embed_dim 32, 2 heads, mlp_ratio 2 (the `tiny-vl` preset).
+    /// Depth 2, embed_dim 32, 2 heads, mlp_ratio 2 (the `tiny-vl` preset); for Qwen2.5-VL
+    /// (`tiny-vl25`) windows of 56 pixels (2 × 2 merged tokens), block 0 windowed and block 1
+    /// full attention, 2 tokens per second.
     pub fn tiny() -> Self {
-        Self { depth: 2, embed_dim: 32, num_heads: 2, mlp_ratio: 2, mrope_section: None }
+        Self {
+            depth: 2,
+            embed_dim: 32,
+            num_heads: 2,
+            mlp_ratio: 2,
+            mrope_section: None,
+            window_size: 56,
+            fullatt_block_indexes: vec![1],
+            tokens_per_second: 2,
+        }
     }
 }
 
@@ -86,13 +106,15 @@ pub fn default_mrope_section(head_dim: i64) -> Vec<i64> {
 }
 
 /// Names of the presets of [`InitOptions::preset`].
-pub const PRESETS: [&str; 4] = ["tiny", "small", "tiny-vl", "qwen2-0.5b"];
+pub const PRESETS: [&str; 5] = ["tiny", "small", "tiny-vl", "tiny-vl25", "qwen2-0.5b"];
 
 impl InitOptions {
     /// `tiny`: hidden 64, 2 layers, 4 heads, 2 kv heads, intermediate 176 (tests, seconds).
     /// `small`: hidden 512, 8 layers, 8 heads, 2 kv heads, intermediate 1408 (benchmarks).
     /// `tiny-vl`: Qwen2-VL with the `tiny` decoder (M-RoPE split [2, 3, 3]) and a vision tower
     /// of depth 2, embed_dim 32, 2 heads, mlp_ratio 2.
+    /// `tiny-vl25`: Qwen2.5-VL with the same sizes (SwiGLU width 64), 56-pixel windows, block 1
+    /// full attention, tokens_per_second 2.
     /// `qwen2-0.5b`: Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 kv heads,
     /// intermediate 4864; ~494M parameters with Qwen's 151k vocabulary), for memory benchmarks.
     /// All: tied embeddings, rope_theta 1e6, 2048 positions, bf16, seed 0; Qwen2 unless VL.
@@ -102,7 +124,7 @@ impl InitOptions {
         out_dir: impl Into<PathBuf>,
     ) -> Result<Self> {
         let (hidden, layers, heads, kv, inter) = match name {
-            "tiny" | "tiny-vl" => (64, 2, 4, 2, 176),
+            "tiny" | "tiny-vl" | "tiny-vl25" => (64, 2, 4, 2, 176),
             "small" => (512, 8, 8, 2, 1408),
             "qwen2-0.5b" => (896, 24, 14, 2, 4864),
             other => bail!("unknown model preset `{other}` (presets: {})", PRESETS.join(", ")),
@@ -110,7 +132,11 @@ impl InitOptions {
         Ok(Self {
             out_dir: out_dir.into(),
             tokenizer: tokenizer.into(),
-            arch: if name == "tiny-vl" { Architecture::Qwen2VL } else { Architecture::Qwen2 },
+            arch: match name {
+                "tiny-vl" => Architecture::Qwen2VL,
+                "tiny-vl25" => Architecture::Qwen25VL,
+                _ => Architecture::Qwen2,
+            },
             hidden_size: hidden,
             num_hidden_layers: layers,
             num_attention_heads: heads,
@@ -123,7 +149,7 @@ impl InitOptions {
             seed: 0,
             dtype: Kind::BFloat16,
             overwrite: false,
-            vision: (name == "tiny-vl").then(|| VisionInitOptions {
+            vision: name.starts_with("tiny-vl").then(|| VisionInitOptions {
                 mrope_section: Some(vec![2, 3, 3]),
                 ..VisionInitOptions::tiny()
             }),
@@ -131,7 +157,7 @@ impl InitOptions {
     }
 }
 
-/// `qwen2`, `llama`, `mistral` or `qwen2_vl` (also the Hugging Face class names).
+/// `qwen2`, `llama`, `mistral`, `qwen2_vl` or `qwen2_5_vl` (also the Hugging Face class names).
 pub fn parse_arch(name: &str) -> Result<Architecture> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "qwen2" | "qwen2forcausallm" => Architecture::Qwen2,
@@ -140,7 +166,10 @@ pub fn parse_arch(name: &str) -> Result<Architecture> {
         "qwen2_vl" | "qwen2-vl" | "qwen2vl" | "qwen2vlforconditionalgeneration" => {
             Architecture::Qwen2VL
         }
-        _ => bail!("unknown architecture `{name}` (qwen2, llama, mistral, qwen2_vl)"),
+        "qwen2_5_vl" | "qwen2.5-vl" | "qwen25vl" | "qwen2_5_vlforconditionalgeneration" => {
+            Architecture::Qwen25VL
+        }
+        _ => bail!("unknown architecture `{name}` (qwen2, llama, mistral, qwen2_vl, qwen2_5_vl)"),
     })
 }
 
@@ -184,6 +213,38 @@ pub fn qwen2vl_preprocessor_config() -> Value {
         "rescale_factor": 0.00392156862745098,
         "size": {"longest_edge": 12845056, "shortest_edge": 3136},
         "temporal_patch_size": 2
+    })
+}
+
+/// Qwen2.5-VL's `preprocessor_config.json`: Qwen2-VL's, for `Qwen2_5_VLProcessor`.
+pub fn qwen25vl_preprocessor_config() -> Value {
+    let mut c = qwen2vl_preprocessor_config();
+    c["processor_class"] = json!("Qwen2_5_VLProcessor");
+    c
+}
+
+/// The `video_preprocessor_config.json` of a Qwen2-VL / Qwen2.5-VL model: transformers 5.24's
+/// `Qwen2VLVideoProcessor` class defaults (frames of 100352 to 602112 pixels, 4 to 768 frames,
+/// no frame sampling).
+pub fn qwen2vl_video_preprocessor_config(processor_class: &str) -> Value {
+    json!({
+        "do_convert_rgb": true,
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "do_sample_frames": false,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "max_frames": 768,
+        "merge_size": 2,
+        "min_frames": 4,
+        "patch_size": 14,
+        "processor_class": processor_class,
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"longest_edge": 602112, "shortest_edge": 100352},
+        "temporal_patch_size": 2,
+        "video_processor_type": "Qwen2VLVideoProcessor"
     })
 }
 
@@ -343,7 +404,7 @@ fn config_json(opts: &InitOptions, vocab: i64, special: &SpecialTokens) -> Resul
         Architecture::Mistral => json!({"sliding_window": null}),
         // `--arch` offers no Qwen3 (its per-head q/k norms are not generated here).
         Architecture::Qwen3 => bail!("init-model does not make Qwen3 checkpoints"),
-        Architecture::Qwen2VL => return qwen2vl_config_json(opts, c),
+        Architecture::Qwen2VL | Architecture::Qwen25VL => return qwen2vl_config_json(opts, c),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     Ok(c)
@@ -358,7 +419,8 @@ fn vision_options(opts: &InitOptions) -> VisionInitOptions {
     v
 }
 
-/// transformers 5's nested Qwen2-VL config.json around the text keys `text` (a Qwen2 config).
+/// transformers 5's nested Qwen2-VL (or Qwen2.5-VL) config.json around the text keys `text` (a
+/// Qwen2 config).
 fn qwen2vl_config_json(opts: &InitOptions, text: Value) -> Result<Value> {
     let v = vision_options(opts);
     let [image, video, start, end] = vision_token_ids(&opts.tokenizer)?;
@@ -367,7 +429,9 @@ fn qwen2vl_config_json(opts: &InitOptions, text: Value) -> Result<Value> {
     for key in ["architectures", "rope_theta", "torch_dtype", "tie_word_embeddings", "head_dim"] {
         t.remove(key);
     }
-    t.insert("model_type".into(), json!("qwen2_vl_text"));
+    let qwen25 = opts.arch == Architecture::Qwen25VL;
+    let model_type = opts.arch.model_type();
+    t.insert("model_type".into(), json!(format!("{model_type}_text")));
     t.insert("rope_parameters".into(), json!({"rope_type": "default", "rope_theta": opts.rope_theta, "mrope_section": v.mrope_section}));
     t.extend(
         json!({
@@ -378,17 +442,27 @@ fn qwen2vl_config_json(opts: &InitOptions, text: Value) -> Result<Value> {
         .unwrap()
         .clone(),
     );
-    Ok(json!({
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
-        "dtype": dtype_name(opts.dtype)?,
-        "image_token_id": image,
-        "video_token_id": video,
-        "vision_start_token_id": start,
-        "vision_end_token_id": end,
-        "tie_word_embeddings": opts.tie_word_embeddings,
-        "text_config": text,
-        "vision_config": {
+    let vision = if qwen25 {
+        json!({
+            "model_type": "qwen2_5_vl_vision",
+            "depth": v.depth,
+            "hidden_size": v.embed_dim,
+            "out_hidden_size": opts.hidden_size,
+            "intermediate_size": v.embed_dim * v.mlp_ratio,
+            "hidden_act": "silu",
+            "num_heads": v.num_heads,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "tokens_per_second": v.tokens_per_second,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": v.fullatt_block_indexes,
+            "initializer_range": 0.02,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"}
+        })
+    } else {
+        json!({
             "model_type": "qwen2_vl_vision",
             "depth": v.depth,
             "embed_dim": v.embed_dim,
@@ -402,7 +476,19 @@ fn qwen2vl_config_json(opts: &InitOptions, text: Value) -> Result<Value> {
             "temporal_patch_size": 2,
             "initializer_range": 0.02,
             "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"}
-        }
+        })
+    };
+    Ok(json!({
+        "architectures": [opts.arch.hf_name()],
+        "model_type": model_type,
+        "dtype": dtype_name(opts.dtype)?,
+        "image_token_id": image,
+        "video_token_id": video,
+        "vision_start_token_id": start,
+        "vision_end_token_id": end,
+        "tie_word_embeddings": opts.tie_word_embeddings,
+        "text_config": text,
+        "vision_config": vision
     }))
 }
 
@@ -469,9 +555,13 @@ fn parameter_list(cfg: &LlamaConfig, vl: Option<&Qwen2VLConfig>) -> Vec<(String,
                 p.push((format!("{path}.bias"), vec![out], Init::Zeros));
             }
         };
+    // LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL's, weight only).
+    let rms = vl.is_some_and(|vl| vl.vision_config.qwen25);
     let norm = |p: &mut Vec<(String, Vec<i64>, Init)>, path: String, dim: i64| {
         p.push((format!("{path}.weight"), vec![dim], Init::Ones));
-        p.push((format!("{path}.bias"), vec![dim], Init::Zeros));
+        if !rms {
+            p.push((format!("{path}.bias"), vec![dim], Init::Zeros));
+        }
     };
     let mut p = Vec::new();
     if let Some(vl) = vl {
@@ -489,8 +579,14 @@ fn parameter_list(cfg: &LlamaConfig, vl: Option<&Qwen2VLConfig>) -> Vec<(String,
             norm(&mut p, format!("{bp}.norm2"), e);
             linear(&mut p, format!("{bp}.attn.qkv"), 3 * e, e, true);
             linear(&mut p, format!("{bp}.attn.proj"), e, e, true);
-            linear(&mut p, format!("{bp}.mlp.fc1"), mlp, e, true);
-            linear(&mut p, format!("{bp}.mlp.fc2"), e, mlp, true);
+            if rms {
+                linear(&mut p, format!("{bp}.mlp.gate_proj"), mlp, e, true);
+                linear(&mut p, format!("{bp}.mlp.up_proj"), mlp, e, true);
+                linear(&mut p, format!("{bp}.mlp.down_proj"), e, mlp, true);
+            } else {
+                linear(&mut p, format!("{bp}.mlp.fc1"), mlp, e, true);
+                linear(&mut p, format!("{bp}.mlp.fc2"), e, mlp, true);
+            }
         }
         norm(&mut p, "model.visual.merger.ln_q".to_string(), e);
         linear(&mut p, "model.visual.merger.mlp.0".to_string(), merged, merged, true);
@@ -581,7 +677,7 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
     if dir.join("config.json").exists() && !opts.overwrite {
         bail!("init-model: {} already holds a model (config.json); choose another folder or overwrite", dir.display());
     }
-    if opts.arch == Architecture::Qwen2VL {
+    if opts.arch.is_qwen_vl() {
         vision_token_ids(&tokenizer_file)?; // refuse a tokenizer without them before writing anything
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -590,7 +686,7 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
     let config_text = serde_json::to_string_pretty(&config_value)?;
     let config = LlamaConfig::from_json(&config_text, &dir.join("config.json"))?;
     let vl = match opts.arch {
-        Architecture::Qwen2VL => Some(Qwen2VLConfig::from_value(
+        Architecture::Qwen2VL | Architecture::Qwen25VL => Some(Qwen2VLConfig::from_value(
             &config_value,
             &dir.join("config.json"),
             config.hidden_size,
@@ -625,11 +721,23 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
         "generation_config.json".to_string(),
     ];
     if vl.is_some() {
+        let (images, processor) = if opts.arch == Architecture::Qwen25VL {
+            (qwen25vl_preprocessor_config(), "Qwen2_5_VLProcessor")
+        } else {
+            (qwen2vl_preprocessor_config(), "Qwen2VLProcessor")
+        };
         std::fs::write(
             dir.join("preprocessor_config.json"),
-            serde_json::to_string_pretty(&qwen2vl_preprocessor_config())? + "\n",
+            serde_json::to_string_pretty(&images)? + "\n",
         )?;
         files.push("preprocessor_config.json".to_string());
+        if opts.arch == Architecture::Qwen25VL {
+            std::fs::write(
+                dir.join("video_preprocessor_config.json"),
+                serde_json::to_string_pretty(&qwen2vl_video_preprocessor_config(processor))? + "\n",
+            )?;
+            files.push("video_preprocessor_config.json".to_string());
+        }
     }
     let folder = tokenizer_file.parent().unwrap_or(Path::new("."));
     std::fs::copy(&tokenizer_file, dir.join("tokenizer.json")).with_context(|| {

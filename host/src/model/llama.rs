@@ -17,10 +17,11 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::attention::{attend, build_mask, packed_segments, right_padded, Mask, Pattern};
-use super::config::{Architecture, LlamaConfig, Rope};
+use super::config::{LlamaConfig, Rope};
 use super::partition::{stand_in, Group, WeightShard};
 use super::qwen2vl::{
-    self, rope_index, Qwen2VLConfig, VisionConfig, VisionInputs, VisionTower, LANGUAGE_MODEL,
+    self, rope_index_vision, Qwen2VLConfig, RopeInputs, VisionConfig, VisionInputs, VisionTower,
+    LANGUAGE_MODEL,
 };
 use super::weights::Weights;
 use crate::model::linear::{FrozenLinear, LinearMode};
@@ -236,8 +237,7 @@ struct RotaryEmbedding {
 
 impl RotaryEmbedding {
     fn new(cfg: &LlamaConfig, device: Device) -> Result<Self> {
-        let mrope_section =
-            (cfg.architecture() == Architecture::Qwen2VL).then(|| cfg.mrope_section());
+        let mrope_section = cfg.architecture().is_qwen_vl().then(|| cfg.mrope_section());
         Ok(Self {
             inv_freq: rope_inv_freq(cfg.rope()?, cfg.head_dim())?.f_to_device(device)?,
             mrope_section,
@@ -773,7 +773,7 @@ impl CausalLM {
         dtype: Kind,
         on_linear: &mut dyn FnMut(&mut FrozenLinear) -> Result<()>,
     ) -> Result<Self> {
-        let is_vl = config.architecture() == Architecture::Qwen2VL;
+        let is_vl = config.architecture().is_qwen_vl();
         let vision = match (is_vl, vl) {
             (true, Some(vl)) => {
                 w.rename_keys(qwen2vl::rename_legacy_key)?;
@@ -809,6 +809,11 @@ impl CausalLM {
     /// Qwen2-VL: the vision tower's config (`None` for text-only models).
     pub fn vision_config(&self) -> Option<&VisionConfig> {
         self.vision.as_ref().map(|(_, c)| &c.vision_config)
+    }
+
+    /// Qwen2-VL / Qwen2.5-VL: the vision tower (`None` for text-only models).
+    pub fn vision_tower(&self) -> Option<&VisionTower> {
+        self.vision.as_ref().map(|(t, _)| t)
     }
 
     /// Qwen2-VL: the vision config and the image / video / vision-start / vision-end token ids.
@@ -1209,21 +1214,33 @@ impl CausalLM {
                 bail!("attention_mask must be [batch, past + seq] = [{b}, {}] (past {past}, seq {t}), got {:?}", past + t, m.size());
             }
         }
-        let images = images.filter(|i| !i.image_grid_thw.is_empty());
-        let image_mask = match (images, &self.vision, &input_ids) {
-            (None, _, _) => None,
+        let images = images.filter(|i| !i.is_empty());
+        // The masks of the <|image_pad|> and <|video_pad|> tokens the features replace.
+        let (image_mask, video_mask) = match (images, &self.vision, &input_ids) {
+            (None, _, _) => (None, None),
             (Some(_), None, _) => bail!(
-                "images were given to a {} model, which has no vision tower (use a Qwen2-VL model)",
+                "images or videos were given to a {} model, which has no vision tower (use a Qwen2-VL or Qwen2.5-VL model)",
                 self.decoder.config.architecture().hf_name()
             ),
             (Some(_), Some(_), _) if past > 0 => {
-                bail!("images can only be given with the first call on a KV cache (the prefill); this cache holds {past} positions")
+                bail!("images and videos can only be given with the first call on a KV cache (the prefill); this cache holds {past} positions")
             }
-            (Some(_), Some(_), None) => {
-                bail!("images need input_ids (their <|image_pad|> tokens), not inputs_embeds")
-            }
+            (Some(_), Some(_), None) => bail!(
+                "images and videos need input_ids (their <|image_pad|> / <|video_pad|> tokens), not inputs_embeds"
+            ),
             (Some(img), Some((tower, vl)), Some(ids)) => {
-                Some(self.image_token_mask(ids, img, tower, vl.image_token_id)?)
+                let image = (!img.image_grid_thw.is_empty())
+                    .then(|| {
+                        self.vision_token_mask(ids, &img.image_grid_thw, tower, vl.image_token_id, "image")
+                    })
+                    .transpose()?;
+                let video = match img.videos.as_ref().filter(|v| !v.grid_thw.is_empty()) {
+                    Some(v) => {
+                        Some(self.vision_token_mask(ids, &v.grid_thw, tower, vl.video_token_id, "video")?)
+                    }
+                    None => None,
+                };
+                (image, video)
             }
         };
         // An all-ones mask is no mask (transformers' `_ignore_causal_mask_sdpa`): SDPA then runs
@@ -1276,7 +1293,15 @@ impl CausalLM {
         if let (Some(img), Some(mask), Some((tower, _))) = (images, &image_mask, &self.vision) {
             let features = tower
                 .forward(&img.pixel_values, &img.image_grid_thw, mode)
-                .context("model.visual")?
+                .context("model.visual (images)")?
+                .f_to_kind(x.kind())?;
+            x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
+        }
+        let videos = images.and_then(|i| i.videos.as_ref());
+        if let (Some(vid), Some(mask), Some((tower, _))) = (videos, &video_mask, &self.vision) {
+            let features = tower
+                .forward_videos(&vid.pixel_values, &vid.grid_thw, mode)
+                .context("model.visual (videos)")?
                 .f_to_kind(x.kind())?;
             x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
         }
@@ -1382,16 +1407,23 @@ impl CausalLM {
                     )?),
                     None => None,
                 };
-                let grids = images.map(|i| i.image_grid_thw.as_slice()).unwrap_or(&[]);
-                let index = rope_index(
-                    &ids,
-                    b as usize,
-                    t as usize,
-                    mask.as_deref(),
-                    grids,
-                    vl.image_token_id,
-                    tower.config().spatial_merge_size,
-                )?;
+                let videos = images.and_then(|i| i.videos.as_ref());
+                let inputs = RopeInputs {
+                    image_grid_thw: images.map(|i| i.image_grid_thw.as_slice()).unwrap_or(&[]),
+                    video_grid_thw: videos.map(|v| v.grid_thw.as_slice()).unwrap_or(&[]),
+                    second_per_grid_ts: videos
+                        .map(|v| v.second_per_grid_ts.as_slice())
+                        .unwrap_or(&[]),
+                    tokens_per_second: tower
+                        .config()
+                        .qwen25
+                        .then(|| tower.config().tokens_per_second.unwrap_or(4.0)),
+                    image_token_id: vl.image_token_id,
+                    video_token_id: vl.video_token_id,
+                    spatial_merge_size: tower.config().spatial_merge_size,
+                };
+                let index =
+                    rope_index_vision(&ids, b as usize, t as usize, mask.as_deref(), &inputs)?;
                 if let Some(c) = cache {
                     c.rope_deltas = Some(index.deltas);
                 }
@@ -1413,32 +1445,32 @@ impl CausalLM {
         })
     }
 
-    /// Checks that the `<|image_pad|>` tokens of `input_ids` are as many as the images' merged
-    /// patches, and returns the mask of those tokens.
-    fn image_token_mask(
+    /// Checks that the `<|image_pad|>` (or `<|video_pad|>`) tokens of `input_ids` are as many as
+    /// the merged patches of the images (videos) of `grids`, and returns the mask of those tokens.
+    /// `what` is `image` or `video`.
+    fn vision_token_mask(
         &self,
         input_ids: &Tensor,
-        images: &VisionInputs,
+        grids: &[[i64; 3]],
         tower: &VisionTower,
-        image_token_id: i64,
+        token_id: i64,
+        what: &str,
     ) -> Result<Tensor> {
-        let mask = input_ids.f_eq(image_token_id)?;
+        let mask = input_ids.f_eq(token_id)?;
         let per_row: Vec<i64> = Vec::try_from(
             &mask.f_sum_dim_intlist(1, false, Kind::Int64)?.f_to_device(Device::Cpu)?,
         )?;
         let tokens: i64 = per_row.iter().sum();
-        let per_image: Vec<i64> =
-            images.image_grid_thw.iter().map(|g| tower.merged_tokens(g)).collect();
-        let patches: i64 = per_image.iter().sum();
+        let per_item: Vec<i64> = grids.iter().map(|g| tower.merged_tokens(g)).collect();
+        let patches: i64 = per_item.iter().sum();
         if tokens != patches {
+            let token = if what == "video" { "<|video_pad|>" } else { "<|image_pad|>" };
+            let m2 = tower.config().spatial_merge_size.pow(2);
             bail!(
-                "input_ids hold {tokens} image tokens (<|image_pad|>, id {image_token_id}; per row {per_row:?}) but the {} image(s) \
-                 give {patches} merged patches (per image {per_image:?}, image_grid_thw {:?} / spatial_merge_size² {}): \
-                 each image needs t·h·w / {} image tokens",
-                images.image_grid_thw.len(),
-                images.image_grid_thw,
-                tower.config().spatial_merge_size.pow(2),
-                tower.config().spatial_merge_size.pow(2)
+                "input_ids hold {tokens} {what} tokens ({token}, id {token_id}; per row {per_row:?}) but the {} {what}(s) \
+                 give {patches} merged patches (per {what} {per_item:?}, {what}_grid_thw {grids:?} / spatial_merge_size² {m2}): \
+                 each {what} needs t·h·w / {m2} {what} tokens",
+                grids.len(),
             );
         }
         Ok(mask)

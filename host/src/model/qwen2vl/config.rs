@@ -69,6 +69,27 @@ pub struct VisionConfig {
     pub initializer_range: f64,
     #[serde(default)]
     pub rope_parameters: Option<VisionRopeParameters>,
+    /// Qwen2.5-VL only: the width of the SwiGLU block MLPs (3420). Qwen2.5-VL's own
+    /// `vision_config.hidden_size` is read as [`VisionConfig::embed_dim`] and its
+    /// `out_hidden_size` as [`VisionConfig::hidden_size`] (see [`Qwen2VLConfig::from_value`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<i64>,
+    /// Qwen2.5-VL only: the side of an attention window in pixels (112, i.e. 4 × 4 merged
+    /// tokens of 2 × 2 patches of 14 pixels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_size: Option<i64>,
+    /// Qwen2.5-VL only: the blocks that attend over whole frames (`[7, 15, 23, 31]`); the
+    /// others attend within windows.
+    #[serde(default)]
+    pub fullatt_block_indexes: Vec<i64>,
+    /// Qwen2.5-VL only: temporal M-RoPE positions per second of video (4); a video's time
+    /// positions step by `tokens_per_second × second_per_grid_ts` per temporal patch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    /// Whether this is Qwen2.5-VL's tower (RMSNorm, SwiGLU MLP with biases, window attention,
+    /// RMSNorm `ln_q`), set from the model's architecture.
+    #[serde(skip)]
+    pub qwen25: bool,
 }
 
 fn default_vision_theta() -> f64 {
@@ -130,7 +151,33 @@ impl VisionConfig {
 
     /// Width of the block MLPs (`int(embed_dim * mlp_ratio)`, as transformers computes it).
     pub fn mlp_hidden_dim(&self) -> i64 {
-        (self.embed_dim as f64 * self.mlp_ratio) as i64
+        match self.intermediate_size {
+            Some(i) if self.qwen25 => i,
+            _ => (self.embed_dim as f64 * self.mlp_ratio) as i64,
+        }
+    }
+
+    /// The checkpoint key names of the block width and the output width: `embed_dim` and
+    /// `hidden_size` for Qwen2-VL, `hidden_size` and `out_hidden_size` for Qwen2.5-VL.
+    pub fn width_keys(&self) -> (&'static str, &'static str) {
+        if self.qwen25 {
+            ("hidden_size", "out_hidden_size")
+        } else {
+            ("embed_dim", "hidden_size")
+        }
+    }
+
+    /// Qwen2.5-VL: merged tokens per window side (`window_size / spatial_merge_size /
+    /// patch_size`, 4); `None` for Qwen2-VL (full attention everywhere).
+    pub fn merger_window(&self) -> Option<i64> {
+        self.window_size
+            .filter(|_| self.qwen25)
+            .map(|w| w / self.spatial_merge_size.max(1) / self.patch_size.max(1))
+    }
+
+    /// Whether block `i` attends over whole frames (every block of Qwen2-VL).
+    pub fn full_attention_block(&self, i: i64) -> bool {
+        !self.qwen25 || self.fullatt_block_indexes.contains(&i)
     }
 
     /// Values per flattened patch: `in_channels × temporal_patch_size × patch_size²` (1176).
@@ -144,16 +191,22 @@ impl VisionConfig {
 
     fn validate(&self, path: &Path, text_hidden: i64) -> Result<()> {
         let file = path.display();
+        let (embed_key, out_key) = self.width_keys();
+        let mlp_key = if self.qwen25 {
+            "intermediate_size"
+        } else {
+            "mlp_hidden_dim (embed_dim × mlp_ratio)"
+        };
         for (key, v) in [
             ("depth", self.depth),
-            ("embed_dim", self.embed_dim),
-            ("hidden_size", self.hidden_size),
+            (embed_key, self.embed_dim),
+            (out_key, self.hidden_size),
             ("num_heads", self.num_heads),
             ("in_channels", self.in_channels),
             ("patch_size", self.patch_size),
             ("spatial_merge_size", self.spatial_merge_size),
             ("temporal_patch_size", self.temporal_patch_size),
-            ("mlp_hidden_dim (embed_dim × mlp_ratio)", self.mlp_hidden_dim()),
+            (mlp_key, self.mlp_hidden_dim()),
         ] {
             if v <= 0 {
                 bail!("{file}: key `vision_config.{key}` must be positive, got {v}");
@@ -161,14 +214,14 @@ impl VisionConfig {
         }
         if self.embed_dim % self.num_heads != 0 || self.head_dim() % 4 != 0 {
             bail!(
-                "{file}: key `vision_config.embed_dim` ({}) / `num_heads` ({}) must be a whole multiple of 4 (2-D rotary embeddings)",
+                "{file}: key `vision_config.{embed_key}` ({}) / `num_heads` ({}) must be a whole multiple of 4 (2-D rotary embeddings)",
                 self.embed_dim,
                 self.num_heads
             );
         }
         if self.hidden_size != text_hidden {
             bail!(
-                "{file}: key `vision_config.hidden_size` ({}) must equal the text hidden_size ({text_hidden}): the merger feeds the decoder",
+                "{file}: key `vision_config.{out_key}` ({}) must equal the text hidden_size ({text_hidden}): the merger feeds the decoder",
                 self.hidden_size
             );
         }
@@ -178,6 +231,18 @@ impl VisionConfig {
                 self.hidden_act,
                 VISION_ACTIVATIONS.join(", ")
             );
+        }
+        if self.qwen25 {
+            let window = self.window_size.unwrap_or(0);
+            if self.merger_window().unwrap_or(0) <= 0 {
+                bail!(
+                    "{file}: key `vision_config.window_size` ({window}) must be at least spatial_merge_size × patch_size = {} pixels",
+                    self.spatial_merge_size * self.patch_size
+                );
+            }
+            if let Some(t) = self.tokens_per_second.filter(|t| !t.is_finite() || *t < 0.0) {
+                bail!("{file}: key `vision_config.tokens_per_second` must be a non-negative number, got {t}");
+            }
         }
         if let Some(t) = self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
             if t != "axial" && t != "default" {
@@ -217,10 +282,17 @@ impl Qwen2VLConfig {
         if !obj.get("vision_config").is_some_and(Value::is_object) {
             bail!("{}: key `vision_config` (an object) is required for Qwen2-VL", path.display());
         }
-        let config: Qwen2VLConfig = serde_path_to_error::deserialize(v).map_err(|e| {
+        let qwen25 = is_qwen25vl(value);
+        if qwen25 {
+            let vc =
+                obj.get_mut("vision_config").and_then(Value::as_object_mut).expect("checked above");
+            qwen25_vision_keys(vc);
+        }
+        let mut config: Qwen2VLConfig = serde_path_to_error::deserialize(v).map_err(|e| {
             let key = e.path().to_string();
             anyhow::anyhow!("{}: key `{key}`: {}", path.display(), e.inner())
         })?;
+        config.vision_config.qwen25 = qwen25;
         config.vision_config.validate(path, text_hidden)?;
         Ok(config)
     }
@@ -239,16 +311,60 @@ impl Qwen2VLConfig {
     }
 }
 
-/// Whether a parsed `config.json` is a Qwen2-VL one (by `architectures`, else `model_type`).
+/// Whether a parsed `config.json` is a Qwen2-VL or Qwen2.5-VL one (by `architectures`, else
+/// `model_type`).
 pub fn is_qwen2vl(value: &Value) -> bool {
+    vl_model_type(value).is_some()
+}
+
+/// Whether a parsed `config.json` is a Qwen2.5-VL one.
+pub fn is_qwen25vl(value: &Value) -> bool {
+    vl_model_type(value) == Some("qwen2_5_vl")
+}
+
+/// `qwen2_vl` or `qwen2_5_vl` from `architectures` (else `model_type`), `None` for others.
+fn vl_model_type(value: &Value) -> Option<&'static str> {
     match value
         .get("architectures")
         .and_then(|a| a.as_array())
         .and_then(|a| a.first())
         .and_then(|a| a.as_str())
     {
-        Some(a) => a == "Qwen2VLForConditionalGeneration",
-        None => value.get("model_type").and_then(|m| m.as_str()) == Some("qwen2_vl"),
+        Some("Qwen2VLForConditionalGeneration") => Some("qwen2_vl"),
+        Some("Qwen2_5_VLForConditionalGeneration") => Some("qwen2_5_vl"),
+        Some(_) => None,
+        None => match value.get("model_type").and_then(|m| m.as_str()) {
+            Some("qwen2_vl") => Some("qwen2_vl"),
+            Some("qwen2_5_vl") => Some("qwen2_5_vl"),
+            _ => None,
+        },
+    }
+}
+
+/// Rewrites a Qwen2.5-VL `vision_config` into [`VisionConfig`]'s keys, with transformers 5.24's
+/// `Qwen2_5_VLVisionConfig` defaults: its `hidden_size` (block width, 3584) becomes
+/// `embed_dim`, `out_hidden_size` (3584) becomes `hidden_size`; `hidden_act` silu,
+/// `intermediate_size` 3420, `window_size` 112, `fullatt_block_indexes` [7, 15, 23, 31],
+/// `tokens_per_second` 4.
+fn qwen25_vision_keys(vc: &mut serde_json::Map<String, Value>) {
+    let take =
+        |vc: &mut serde_json::Map<String, Value>, k: &str| vc.remove(k).filter(|v| !v.is_null());
+    let width = take(vc, "hidden_size").unwrap_or(json!(3584));
+    let out = take(vc, "out_hidden_size").unwrap_or(json!(3584));
+    vc.remove("embed_dim");
+    vc.remove("mlp_ratio");
+    vc.insert("embed_dim".into(), width);
+    vc.insert("hidden_size".into(), out);
+    for (k, v) in [
+        ("hidden_act", json!("silu")),
+        ("intermediate_size", json!(3420)),
+        ("window_size", json!(112)),
+        ("fullatt_block_indexes", json!([7, 15, 23, 31])),
+        ("tokens_per_second", json!(4)),
+    ] {
+        if vc.get(k).is_none_or(Value::is_null) {
+            vc.insert(k.into(), v);
+        }
     }
 }
 
@@ -256,7 +372,11 @@ pub fn is_qwen2vl(value: &Value) -> bool {
 /// `text_config` when present (else the top-level keys), with transformers' Qwen2-VL text
 /// defaults (`rms_norm_eps` 1e-5, `rope_theta` 1e6), the top-level `tie_word_embeddings` and
 /// dtype, and `architectures` / `model_type` naming Qwen2-VL.
-pub fn text_config_value(value: &Value, path: &Path) -> Result<Value> {
+pub fn text_config_value(
+    value: &Value,
+    path: &Path,
+    arch: crate::model::Architecture,
+) -> Result<Value> {
     let top =
         value.as_object().with_context(|| format!("{}: expected a JSON object", path.display()))?;
     let mut text = match top.get("text_config") {
@@ -296,8 +416,8 @@ pub fn text_config_value(value: &Value, path: &Path) -> Result<Value> {
             text.insert(key.into(), v.clone());
         }
     }
-    text.insert("architectures".into(), json!(["Qwen2VLForConditionalGeneration"]));
-    text.insert("model_type".into(), json!("qwen2_vl"));
+    text.insert("architectures".into(), json!([arch.hf_name()]));
+    text.insert("model_type".into(), json!(arch.model_type()));
     Ok(Value::Object(text))
 }
 
@@ -342,6 +462,41 @@ mod tests {
         assert_eq!((va.image_token_id, va.vision_start_token_id), (295, 292));
         assert_eq!(va.vision_config.rope_theta(), vb.vision_config.rope_theta());
         assert_eq!((vb.vision_config.depth, vb.vision_config.patch_values()), (2, 1176));
+    }
+
+    #[test]
+    fn qwen25_vision_keys_map_to_the_tower_and_out_widths() {
+        let p = Path::new("vl25/config.json");
+        let text = NESTED
+            .replace("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+            .replace(r#""model_type": "qwen2_vl""#, r#""model_type": "qwen2_5_vl""#)
+            .replace(
+                r#""depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,"#,
+                r#""depth": 3, "hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 48, "num_heads": 2,
+                   "window_size": 56, "fullatt_block_indexes": [1],"#,
+            );
+        let c = LlamaConfig::from_json(&text, p).unwrap();
+        assert_eq!(c.architecture(), crate::model::Architecture::Qwen25VL);
+        assert_eq!(c.mrope_section(), vec![2, 3, 3]);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let vc = Qwen2VLConfig::from_value(&v, p, 64).unwrap().vision_config;
+        assert!(vc.qwen25);
+        assert_eq!((vc.embed_dim, vc.hidden_size, vc.mlp_hidden_dim()), (32, 64, 48));
+        assert_eq!((vc.merger_window(), vc.hidden_act.as_str()), (Some(2), "silu"));
+        assert_eq!(vc.tokens_per_second, Some(4.0), "transformers' default");
+        assert!(vc.full_attention_block(1) && !vc.full_attention_block(0));
+        // Out width and window size are checked under their own names.
+        let bad: Value = serde_json::from_str(
+            &text.replace(r#""out_hidden_size": 64"#, r#""out_hidden_size": 32"#),
+        )
+        .unwrap();
+        let e = Qwen2VLConfig::from_value(&bad, p, 64).unwrap_err().to_string();
+        assert!(e.contains("vision_config.out_hidden_size"), "{e}");
+        let bad: Value =
+            serde_json::from_str(&text.replace(r#""window_size": 56"#, r#""window_size": 20"#))
+                .unwrap();
+        let e = Qwen2VLConfig::from_value(&bad, p, 64).unwrap_err().to_string();
+        assert!(e.contains("vision_config.window_size") && e.contains("28"), "{e}");
     }
 
     #[test]

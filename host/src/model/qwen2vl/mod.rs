@@ -18,7 +18,7 @@ pub mod vision;
 use tch::Tensor;
 
 pub use config::{Qwen2VLConfig, VisionConfig};
-pub use rope_index::{rope_index, RopeIndex};
+pub use rope_index::{rope_index, rope_index_vision, RopeIndex, RopeInputs};
 pub use vision::VisionTower;
 
 /// The decoder's module path in transformers 5 Qwen2-VL checkpoints.

@@ -1,6 +1,6 @@
-//! Qwen2-VL's vision tower (`model.visual`): a ViT over 14×14×2 patches with 2-D rotary
-//! embeddings, attention within each image frame, and a patch merger that joins 2×2 patches
-//! into one token of the text decoder's width.
+//! Qwen2-VL's and Qwen2.5-VL's vision tower (`model.visual`): a ViT over 14×14×2 patches with
+//! 2-D rotary embeddings, attention within each image frame, and a patch merger that joins 2×2
+//! patches into one token of the text decoder's width.
 //!
 //! Patch embedding: a `Conv3d` whose kernel equals its stride (run as libtorch's conv3d, so it
 //! is bit-for-bit transformers' `PatchEmbed`). Blocks: pre-LayerNorm (eps 1e-6) attention with
@@ -9,7 +9,16 @@
 //! concatenated, `mlp.0 → GELU → mlp.2`. Every linear is a [`FrozenLinear`] named by its
 //! transformers 5 module path (`model.visual.blocks.0.attn.qkv`, `model.visual.merger.mlp.0`).
 //!
-//! Reference: transformers `models/qwen2_vl/modeling_qwen2_vl.py` and `vision_utils.py`.
+//! Qwen2.5-VL's tower differs in: RMSNorm (eps 1e-6, weight only) for `norm1`, `norm2` and the
+//! merger's `ln_q`; a SwiGLU MLP with biases (`mlp.gate_proj`, `mlp.up_proj`, `mlp.down_proj`,
+//! `hidden_act` silu); and window attention: the merged tokens of each frame are reordered
+//! window by window (windows of `window_size / merge / patch` merged tokens a side, the
+//! `window_index` permutation of `get_vision_window_index`), the blocks not in
+//! `fullatt_block_indexes` attend within a window, the others within a frame, and the merger's
+//! output is put back in image order (the inverse permutation).
+//!
+//! Reference: transformers `models/qwen2_vl/modeling_qwen2_vl.py`,
+//! `models/qwen2_5_vl/modeling_qwen2_5_vl.py` and `vision_utils.py`.
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -21,30 +30,48 @@ use crate::model::weights::Weights;
 /// The vision tower's module path in transformers 5 checkpoints.
 pub const VISUAL: &str = "model.visual";
 
-/// `torch.nn.LayerNorm` with weight and bias.
+/// `torch.nn.LayerNorm` with weight and bias (Qwen2-VL), or Qwen2.5-VL's RMSNorm (weight only);
+/// eps 1e-6 both.
 pub(crate) struct LayerNorm {
     pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
+    /// `None`: an RMSNorm.
+    pub(crate) bias: Option<Tensor>,
     pub(crate) name: String,
 }
 
 impl LayerNorm {
-    fn new(w: &mut Weights, path: &str, dim: i64, why: &str) -> Result<Self> {
-        Ok(Self {
-            weight: w.take(&format!("{path}.weight"), &[dim], why)?,
-            bias: w.take(&format!("{path}.bias"), &[dim], why)?,
-            name: path.into(),
-        })
+    fn new(w: &mut Weights, path: &str, dim: i64, rms: bool, why: &str) -> Result<Self> {
+        let weight = w.take(&format!("{path}.weight"), &[dim], why)?;
+        let bias = if rms { None } else { Some(w.take(&format!("{path}.bias"), &[dim], why)?) };
+        Ok(Self { weight, bias, name: path.into() })
+    }
+
+    /// The kind of norm, for `module_names`.
+    fn what(&self) -> &'static str {
+        if self.bias.is_some() {
+            "a LayerNorm"
+        } else {
+            "an RMSNorm"
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_layer_norm(
-            [self.weight.size()[0]],
-            Some(&self.weight),
-            Some(&self.bias),
-            1e-6,
-            false,
-        )?)
+        match &self.bias {
+            Some(bias) => Ok(x.f_layer_norm(
+                [self.weight.size()[0]],
+                Some(&self.weight),
+                Some(bias),
+                1e-6,
+                false,
+            )?),
+            // `Qwen2_5_VLRMSNorm`: in f32, back to the input dtype, times the weight.
+            None => {
+                let f = x.f_to_kind(Kind::Float)?;
+                let var = f.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
+                let normed = f.f_mul(&var.f_add_scalar(1e-6)?.f_rsqrt()?)?.f_to_kind(x.kind())?;
+                Ok(self.weight.f_mul(&normed)?)
+            }
+        }
     }
 }
 
@@ -84,8 +111,19 @@ pub(crate) struct VisionBlock {
     pub(crate) norm2: LayerNorm,
     pub(crate) qkv: FrozenLinear,
     pub(crate) proj: FrozenLinear,
-    pub(crate) fc1: FrozenLinear,
-    pub(crate) fc2: FrozenLinear,
+    /// Qwen2-VL: `mlp.fc1`, `mlp.fc2`; Qwen2.5-VL: `mlp.gate_proj`, `mlp.up_proj`,
+    /// `mlp.down_proj`.
+    pub(crate) mlp: Vec<FrozenLinear>,
+}
+
+impl VisionBlock {
+    fn linears(&self) -> impl Iterator<Item = &FrozenLinear> {
+        [&self.qkv, &self.proj].into_iter().chain(self.mlp.iter())
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut FrozenLinear> {
+        [&mut self.qkv, &mut self.proj].into_iter().chain(self.mlp.iter_mut())
+    }
 }
 
 /// The vision tower: patch embedding, blocks, merger.
@@ -110,62 +148,53 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 impl VisionTower {
     /// Takes the `model.visual.*` tensors of `cfg` from `w`.
     pub fn new(cfg: &VisionConfig, w: &mut Weights, device: Device, dtype: Kind) -> Result<Self> {
-        let (e, mlp) = (cfg.embed_dim, cfg.mlp_hidden_dim());
+        let (e, mlp, rms) = (cfg.embed_dim, cfg.mlp_hidden_dim(), cfg.qwen25);
+        let (ek, ok) = cfg.width_keys();
+        let ew = format!("vision_config.{ek}");
         let patch_embed = w.take(
             &format!("{VISUAL}.patch_embed.proj.weight"),
             &[e, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size],
-            "vision_config: embed_dim, in_channels, temporal_patch_size, patch_size, patch_size",
+            &format!(
+                "vision_config: {ek}, in_channels, temporal_patch_size, patch_size, patch_size"
+            ),
         )?;
         let mut blocks = Vec::with_capacity(cfg.depth as usize);
         for b in 0..cfg.depth {
             let p = format!("{VISUAL}.blocks.{b}");
+            let lin = |w: &mut Weights, name: &str, out: i64, inp: i64, why: &str| {
+                linear(w, &format!("{p}.{name}"), out, inp, true, why)
+            };
+            let mlp_layers = if cfg.qwen25 {
+                let why_in = format!("vision_config.intermediate_size, {ek}");
+                vec![
+                    lin(w, "mlp.gate_proj", mlp, e, &why_in)?,
+                    lin(w, "mlp.up_proj", mlp, e, &why_in)?,
+                    lin(w, "mlp.down_proj", e, mlp, &format!("{ek}, intermediate_size"))?,
+                ]
+            } else {
+                vec![
+                    lin(w, "mlp.fc1", mlp, e, "embed_dim × mlp_ratio, embed_dim")?,
+                    lin(w, "mlp.fc2", e, mlp, "embed_dim, embed_dim × mlp_ratio")?,
+                ]
+            };
             blocks.push(VisionBlock {
-                norm1: LayerNorm::new(w, &format!("{p}.norm1"), e, "vision_config.embed_dim")?,
-                norm2: LayerNorm::new(w, &format!("{p}.norm2"), e, "vision_config.embed_dim")?,
-                qkv: linear(
-                    w,
-                    &format!("{p}.attn.qkv"),
-                    3 * e,
-                    e,
-                    true,
-                    "3 × vision_config.embed_dim, embed_dim",
-                )?,
-                proj: linear(
-                    w,
-                    &format!("{p}.attn.proj"),
-                    e,
-                    e,
-                    true,
-                    "vision_config.embed_dim, embed_dim",
-                )?,
-                fc1: linear(
-                    w,
-                    &format!("{p}.mlp.fc1"),
-                    mlp,
-                    e,
-                    true,
-                    "embed_dim × mlp_ratio, embed_dim",
-                )?,
-                fc2: linear(
-                    w,
-                    &format!("{p}.mlp.fc2"),
-                    e,
-                    mlp,
-                    true,
-                    "embed_dim, embed_dim × mlp_ratio",
-                )?,
+                norm1: LayerNorm::new(w, &format!("{p}.norm1"), e, rms, &ew)?,
+                norm2: LayerNorm::new(w, &format!("{p}.norm2"), e, rms, &ew)?,
+                qkv: lin(w, "attn.qkv", 3 * e, e, &format!("3 × {ew}, {ek}"))?,
+                proj: lin(w, "attn.proj", e, e, &format!("{ew}, {ek}"))?,
+                mlp: mlp_layers,
             });
         }
         let merged = e * cfg.spatial_merge_size * cfg.spatial_merge_size;
         let m = format!("{VISUAL}.merger");
-        let ln_q = LayerNorm::new(w, &format!("{m}.ln_q"), e, "vision_config.embed_dim")?;
+        let ln_q = LayerNorm::new(w, &format!("{m}.ln_q"), e, rms, &ew)?;
         let merger_fc1 = linear(
             w,
             &format!("{m}.mlp.0"),
             merged,
             merged,
             true,
-            "embed_dim × spatial_merge_size², same",
+            &format!("{ek} × spatial_merge_size², same"),
         )?;
         let merger_fc2 = linear(
             w,
@@ -173,7 +202,7 @@ impl VisionTower {
             cfg.hidden_size,
             merged,
             true,
-            "hidden_size, embed_dim × spatial_merge_size²",
+            &format!("vision_config.{ok}, {ek} × spatial_merge_size²"),
         )?;
         // transformers' `compute_axial_rope_parameters`: head_dim / 4 frequencies of base theta
         // over head_dim / 2, shared by the height and width axes.
@@ -213,7 +242,9 @@ impl VisionTower {
             vec![(format!("{VISUAL}.patch_embed.proj.weight"), self.patch_embed.shallow_clone())];
         let norm = |out: &mut Vec<(String, Tensor)>, n: &LayerNorm| {
             out.push((format!("{}.weight", n.name), n.weight.shallow_clone()));
-            out.push((format!("{}.bias", n.name), n.bias.shallow_clone()));
+            if let Some(b) = &n.bias {
+                out.push((format!("{}.bias", n.name), b.shallow_clone()));
+            }
         };
         let lin = |out: &mut Vec<(String, Tensor)>, l: &FrozenLinear| {
             out.push((format!("{}.weight", l.name), l.weight.shallow_clone()));
@@ -224,7 +255,7 @@ impl VisionTower {
         for b in &self.blocks {
             norm(&mut out, &b.norm1);
             norm(&mut out, &b.norm2);
-            for l in [&b.qkv, &b.proj, &b.fc1, &b.fc2] {
+            for l in b.linears() {
                 lin(&mut out, l);
             }
         }
@@ -234,10 +265,10 @@ impl VisionTower {
         out
     }
 
-    /// The linear layers in model order (blocks' qkv, proj, fc1, fc2, then the merger's).
+    /// The linear layers in model order (each block's qkv, proj and MLP linears: fc1, fc2 for
+    /// Qwen2-VL, gate_proj, up_proj, down_proj for Qwen2.5-VL; then the merger's).
     pub fn linears(&self) -> Vec<&FrozenLinear> {
-        let mut out: Vec<&FrozenLinear> =
-            self.blocks.iter().flat_map(|b| [&b.qkv, &b.proj, &b.fc1, &b.fc2]).collect();
+        let mut out: Vec<&FrozenLinear> = self.blocks.iter().flat_map(|b| b.linears()).collect();
         out.extend([&self.merger_fc1, &self.merger_fc2]);
         out
     }
@@ -245,7 +276,7 @@ impl VisionTower {
     pub fn linears_mut(&mut self) -> Vec<&mut FrozenLinear> {
         let mut out: Vec<&mut FrozenLinear> = Vec::new();
         for b in &mut self.blocks {
-            out.extend([&mut b.qkv, &mut b.proj, &mut b.fc1, &mut b.fc2]);
+            out.extend(b.linears_mut());
         }
         out.extend([&mut self.merger_fc1, &mut self.merger_fc2]);
         out
@@ -264,18 +295,23 @@ impl VisionTower {
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("{v}.blocks.{i}");
             out.push((p.clone(), "a vision block"));
-            out.push((format!("{p}.norm1"), "a LayerNorm"));
-            out.push((format!("{p}.norm2"), "a LayerNorm"));
+            out.push((b.norm1.name.clone(), b.norm1.what()));
+            out.push((b.norm2.name.clone(), b.norm2.what()));
             out.push((format!("{p}.attn"), "a vision attention block"));
             out.push((b.qkv.name.clone(), "a linear layer"));
             out.push((b.proj.name.clone(), "a linear layer"));
             out.push((format!("{p}.mlp"), "a vision MLP"));
-            out.push((b.fc1.name.clone(), "a linear layer"));
-            out.push((format!("{p}.mlp.act"), "an activation"));
-            out.push((b.fc2.name.clone(), "a linear layer"));
+            if self.cfg.qwen25 {
+                out.extend(b.mlp.iter().map(|l| (l.name.clone(), "a linear layer")));
+                out.push((format!("{p}.mlp.act_fn"), "an activation"));
+            } else {
+                out.push((b.mlp[0].name.clone(), "a linear layer"));
+                out.push((format!("{p}.mlp.act"), "an activation"));
+                out.push((b.mlp[1].name.clone(), "a linear layer"));
+            }
         }
         out.push((format!("{v}.merger"), "the patch merger"));
-        out.push((self.ln_q.name.clone(), "a LayerNorm"));
+        out.push((self.ln_q.name.clone(), self.ln_q.what()));
         out.push((format!("{v}.merger.mlp"), "the merger MLP"));
         out.push((self.merger_fc1.name.clone(), "a linear layer"));
         out.push((format!("{v}.merger.mlp.1"), "an activation"));
@@ -285,31 +321,95 @@ impl VisionTower {
 
     /// Checks `pixel_values` `[sum t·h·w, C·T·P·P]` against `grids` (`[t, h, w]` in patches).
     pub fn check_inputs(&self, pixel_values: &Tensor, grids: &[[i64; 3]]) -> Result<()> {
+        self.check_inputs_of(pixel_values, grids, "image")
+    }
+
+    /// [`VisionTower::check_inputs`] for `what` (`image`, `video`), named so in messages.
+    fn check_inputs_of(&self, pixel_values: &Tensor, grids: &[[i64; 3]], what: &str) -> Result<()> {
         let m = self.cfg.spatial_merge_size;
+        let (grid_key, pixels_key) = match what {
+            "video" => ("video_grid_thw", "pixel_values_videos"),
+            _ => ("image_grid_thw", "pixel_values"),
+        };
         for (i, &[t, h, w]) in grids.iter().enumerate() {
             if t <= 0 || h <= 0 || w <= 0 || h % m != 0 || w % m != 0 {
-                bail!("image {i}: image_grid_thw [{t}, {h}, {w}] must be positive, with h and w multiples of spatial_merge_size {m}");
+                bail!("{what} {i}: {grid_key} [{t}, {h}, {w}] must be positive, with h and w multiples of spatial_merge_size {m}");
             }
         }
         let patches: i64 = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
         let want = [patches, self.cfg.patch_values()];
         if pixel_values.size() != want {
             bail!(
-                "pixel_values must be [sum of t·h·w over the images, in_channels·temporal_patch_size·patch_size²] = {want:?} for image_grid_thw {grids:?}, got {:?}",
+                "{pixels_key} must be [sum of t·h·w over the {what}s, in_channels·temporal_patch_size·patch_size²] = {want:?} for {grid_key} {grids:?}, got {:?}",
                 pixel_values.size()
             );
         }
         Ok(())
     }
 
-    /// Image embeddings `[sum t·h·w / m², hidden_size]` (model dtype), the images in order.
+    /// Qwen2.5-VL's `get_vision_window_index`: the order of the merged tokens window by window
+    /// (`window_index`, over all `grids` in turn) and the length in patches of each non-empty
+    /// window (`cu_window_seqlens` differences). `None` for Qwen2-VL.
+    pub fn window_index(&self, grids: &[[i64; 3]]) -> Option<(Vec<i64>, Vec<i64>)> {
+        let win = self.cfg.merger_window()?;
+        let m = self.cfg.spatial_merge_size;
+        let unit = m * m;
+        let (mut order, mut lens, mut base) = (Vec::new(), Vec::new(), 0i64);
+        for &[t, h, w] in grids {
+            let (lh, lw) = (h / m, w / m);
+            // transformers pads each side up by a whole window more than needed: the extra
+            // windows are empty and dropped (unique_consecutive of cu_window_seqlens).
+            let (nh, nw) = (lh / win + 1, lw / win + 1);
+            for ti in 0..t {
+                for wh in 0..nh {
+                    for ww in 0..nw {
+                        let before = order.len();
+                        for r in wh * win..((wh + 1) * win).min(lh) {
+                            for c in ww * win..((ww + 1) * win).min(lw) {
+                                order.push(base + ti * lh * lw + r * lw + c);
+                            }
+                        }
+                        let n = (order.len() - before) as i64;
+                        if n > 0 {
+                            lens.push(n * unit);
+                        }
+                    }
+                }
+            }
+            base += t * lh * lw;
+        }
+        Some((order, lens))
+    }
+
+    /// Embeddings `[sum t·h·w / m², hidden_size]` (model dtype) of images, in order.
     pub fn forward(
         &self,
         pixel_values: &Tensor,
         grids: &[[i64; 3]],
         mode: LinearMode<'_>,
     ) -> Result<Tensor> {
-        self.check_inputs(pixel_values, grids)?;
+        self.forward_of(pixel_values, grids, mode, "image")
+    }
+
+    /// Embeddings of videos (`pixel_values_videos`, `video_grid_thw`), in order: the same
+    /// tower, every temporal patch a frame.
+    pub fn forward_videos(
+        &self,
+        pixel_values: &Tensor,
+        grids: &[[i64; 3]],
+        mode: LinearMode<'_>,
+    ) -> Result<Tensor> {
+        self.forward_of(pixel_values, grids, mode, "video")
+    }
+
+    fn forward_of(
+        &self,
+        pixel_values: &Tensor,
+        grids: &[[i64; 3]],
+        mode: LinearMode<'_>,
+        what: &str,
+    ) -> Result<Tensor> {
+        self.check_inputs_of(pixel_values, grids, what)?;
         let c = &self.cfg;
         let device = self.patch_embed.device();
         let (e, heads, hd) = (c.embed_dim, c.num_heads, c.head_dim());
@@ -327,8 +427,9 @@ impl VisionTower {
         let n = x.size()[0];
 
         // (h, w) of every patch, block-major over m × m merge blocks (`get_vision_position_ids`),
-        // and the frame lengths attention is restricted to (`get_vision_cu_seqlens`).
+        // and the frame lengths full attention is restricted to (`get_vision_cu_seqlens`).
         let m = c.spatial_merge_size;
+        let unit = m * m;
         let mut pos: Vec<i64> = Vec::with_capacity(2 * n as usize);
         let mut frames: Vec<i64> = Vec::new();
         for &[t, h, w] in grids {
@@ -347,6 +448,24 @@ impl VisionTower {
                 frames.push(h * w);
             }
         }
+        // Qwen2.5-VL: patches (and their positions) reordered window by window, merge unit by
+        // merge unit (`permute_input_for_window_attn`); frames stay contiguous.
+        let window = self.window_index(grids);
+        let mut inverse = None;
+        let windows = match &window {
+            Some((order, lens)) => {
+                let index = Tensor::f_from_slice(order)?.f_to_device(device)?;
+                x = x.f_view([n / unit, unit, e])?.f_index_select(0, &index)?.f_view([n, e])?;
+                let per_unit = (2 * unit) as usize;
+                pos = order
+                    .iter()
+                    .flat_map(|&k| pos[k as usize * per_unit..(k as usize + 1) * per_unit].to_vec())
+                    .collect();
+                inverse = Some(index.f_argsort(0, false)?);
+                lens.clone()
+            }
+            None => frames.clone(),
+        };
         let pos = Tensor::f_from_slice(&pos)?.f_view([n, 2])?.f_to_device(device)?;
         let freqs = pos.f_unsqueeze(-1)?.f_to_kind(Kind::Float)?.f_mul(&self.inv_freq)?; // [N, 2, hd/4]
         let hw = Tensor::f_cat(&[freqs.f_select(1, 0)?, freqs.f_select(1, 1)?], -1)?;
@@ -359,6 +478,7 @@ impl VisionTower {
         let scale = (hd as f64).powf(-0.5);
 
         for (i, b) in self.blocks.iter().enumerate() {
+            let segments = if c.full_attention_block(i as i64) { &frames } else { &windows };
             let block = || -> Result<Tensor> {
                 let h = b.norm1.forward(&x)?;
                 let qkv = b
@@ -369,9 +489,9 @@ impl VisionTower {
                 let q = rope(&qkv.f_select(0, 0)?)?.f_transpose(0, 1)?.f_unsqueeze(0)?; // [1, heads, N, hd]
                 let k = rope(&qkv.f_select(0, 1)?)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
                 let v = qkv.f_select(0, 2)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
-                let mut outs = Vec::with_capacity(frames.len());
+                let mut outs = Vec::with_capacity(segments.len());
                 let mut start = 0;
-                for &len in &frames {
+                for &len in segments {
                     let part = |t: &Tensor| t.f_narrow(2, start, len);
                     let y = Tensor::f_scaled_dot_product_attention(
                         &part(&q)?,
@@ -388,13 +508,28 @@ impl VisionTower {
                 }
                 let y = Tensor::f_cat(&outs, 1)?.f_reshape([n, e])?;
                 let x1 = x.f_add(&b.proj.forward(&y, mode)?)?;
-                let h = self.act.forward(&b.fc1.forward(&b.norm2.forward(&x1)?, mode)?)?;
-                Ok(x1.f_add(&b.fc2.forward(&h, mode)?)?)
+                let h = b.norm2.forward(&x1)?;
+                let out = match b.mlp.as_slice() {
+                    [gate, up, down] => {
+                        let g = self.act.forward(&gate.forward(&h, mode)?)?;
+                        down.forward(&g.f_mul(&up.forward(&h, mode)?)?, mode)?
+                    }
+                    [fc1, fc2] => fc2.forward(&self.act.forward(&fc1.forward(&h, mode)?)?, mode)?,
+                    other => bail!("a vision MLP has {} linear layers", other.len()),
+                };
+                Ok(x1.f_add(&out)?)
             };
             x = block().with_context(|| format!("{VISUAL}.blocks.{i}"))?;
         }
-        let merged = self.ln_q.forward(&x)?.f_view([-1, e * m * m])?;
-        let h = self.merger_fc1.forward(&merged, mode)?.f_gelu("none")?;
-        self.merger_fc2.forward(&h, mode).with_context(|| format!("{VISUAL}.merger"))
+        let merger = || -> Result<Tensor> {
+            let merged = self.ln_q.forward(&x)?.f_view([-1, e * m * m])?;
+            let h = self.merger_fc1.forward(&merged, mode)?.f_gelu("none")?;
+            let out = self.merger_fc2.forward(&h, mode)?;
+            Ok(match &inverse {
+                Some(inv) => out.f_index_select(0, inv)?,
+                None => out,
+            })
+        };
+        merger().with_context(|| format!("{VISUAL}.merger"))
     }
 }

@@ -1,0 +1,412 @@
+//! Qwen2.5-VL against transformers 5.24's `Qwen2_5_VLForConditionalGeneration`, and videos for
+//! both Qwen2-VL and Qwen2.5-VL: tiny random fp32 checkpoints built by
+//! `tests/python/qwen25vl_reference.py` (a 3-block windowed vision tower, blocks 0 and 2 on
+//! 56-pixel windows that split every grid, block 1 full attention; a 2-layer M-RoPE decoder).
+//! Compared: logits with two images of different sizes, with a 3-temporal-patch video at 2/3 s
+//! per patch, with both in a left-padded batch of two rows, with a video without
+//! `second_per_grid_ts`, in both key layouts; 32 greedy tokens decoded on the KV cache after
+//! the multimodal prefill; a peft LoRA adapter with random weights on language and vision
+//! linears (loaded from peft's files, then merged); Qwen2-VL with videos; the errors for video
+//! tokens that disagree with the grids; and `init-model --preset tiny-vl25` with the real Qwen
+//! tokenizer loaded by transformers, saved and reloaded.
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ferrotune::model::linear::LinearMode;
+use ferrotune::model::{CausalLM, ForwardArgs, InitOptions, VideoInputs, VisionInputs};
+use ferrotune::peft::PeftModel;
+use ferrotune_plugin_api::ForwardFlags;
+use ferrotune_tests::{
+    build_dir, cached_reference, one_torch_thread, qwen2_tokenizer, registry, run_python, temp_dir,
+};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+/// Max absolute logit difference allowed against transformers (fp32, same libtorch kernels).
+const TOLERANCE: f64 = 1e-5;
+
+/// The reference outputs, built once into `target/qwen25vl-reference/<hash>/`.
+fn reference() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    one_torch_thread();
+    DIR.get_or_init(|| cached_reference("qwen25vl_reference.py", "qwen25vl-reference"))
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+fn rows(v: &Value) -> Vec<Vec<i64>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn tensor2(rows: &[Vec<i64>]) -> Tensor {
+    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+    Tensor::from_slice(&flat).view([rows.len() as i64, -1])
+}
+
+fn read(path: &Path, name: &str) -> Tensor {
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
+        .1
+}
+
+fn load(dir: &Path) -> PeftModel {
+    CausalLM::load(dir, Device::Cpu, Kind::Float)
+        .map(PeftModel::new)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+}
+
+/// Logits at the positions where `mask` is 1, flattened.
+fn unpadded(logits: &Tensor, mask: &Tensor) -> Tensor {
+    logits.masked_select(&mask.ne(0).unsqueeze(-1).expand_as(logits))
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// One case of `inputs.json`: a left-padded batch with its images and videos.
+struct Case {
+    ids: Tensor,
+    mask: Tensor,
+    prompts: Vec<Vec<i64>>,
+    vision: VisionInputs,
+}
+
+fn case(name: &str) -> Case {
+    let dir = reference();
+    let c = &json(&dir.join("inputs.json"))["cases"][name];
+    let pixels = dir.join("pixels.safetensors");
+    let grids = |v: &Value| -> Vec<[i64; 3]> { serde_json::from_value(v.clone()).unwrap() };
+    let videos = grids(&c["videos"]);
+    let seconds: Vec<f64> = serde_json::from_value(c["seconds"].clone()).unwrap_or_default();
+    Case {
+        ids: tensor2(&rows(&c["ids"])),
+        mask: tensor2(&rows(&c["mask"])),
+        prompts: rows(&c["prompts"]),
+        vision: VisionInputs {
+            pixel_values: read(&pixels, &format!("{name}.pixel_values")),
+            image_grid_thw: grids(&c["images"]),
+            videos: (!videos.is_empty()).then(|| VideoInputs {
+                pixel_values: read(&pixels, &format!("{name}.pixel_values_videos")),
+                grid_thw: videos,
+                second_per_grid_ts: seconds,
+            }),
+        },
+    }
+}
+
+fn forward(model: &PeftModel, c: &Case, mode: LinearMode<'_>) -> Tensor {
+    tch::no_grad(|| {
+        model.forward(
+            ForwardArgs::ids(&c.ids).mask(Some(&c.mask)).images(Some(&c.vision)).mode(mode),
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Max abs difference of `model`'s logits on case `name` from `want` (padding left out).
+fn diff(model: &PeftModel, name: &str, want: &str, mode: LinearMode<'_>) -> f64 {
+    let c = case(name);
+    let got = forward(model, &c, mode);
+    let want = read(&reference().join("logits.safetensors"), want);
+    assert_eq!(got.size(), want.size(), "{name}");
+    max_abs(&unpadded(&got, &c.mask), &unpadded(&want, &c.mask))
+}
+
+#[test]
+fn logits_match_transformers_for_images_video_and_both_in_both_layouts() {
+    let dir = reference();
+    for layout in ["vl25", "vl25-hf"] {
+        let model = load(&dir.join(layout));
+        let cfg = model.vision_config().unwrap();
+        assert!(cfg.qwen25 && cfg.window_size == Some(56) && cfg.fullatt_block_indexes == [1]);
+        assert_eq!(model.config().architecture().hf_name(), "Qwen2_5_VLForConditionalGeneration");
+        for name in ["images", "video", "both", "video_default"] {
+            let d = diff(&model, name, &format!("vl25.{name}"), LinearMode::BASE);
+            eprintln!("Qwen2.5-VL {layout} {name}: max abs logit diff {d:.2e}");
+            assert!(d <= TOLERANCE, "{layout} {name}: {d:e} > {TOLERANCE:e}");
+        }
+    }
+}
+
+#[test]
+fn windows_split_the_grids_and_video_times_scale() {
+    let model = load(&reference().join("vl25"));
+    let tower = model.vision_tower().unwrap();
+    // Grid 1×6×10: merged 3 × 5, windows of 2 × 2 merged tokens: 2×2, 2×2, 2×1, 1×2, 1×2, 1×1.
+    let (order, lens) = tower.window_index(&[[1, 6, 10]]).unwrap();
+    assert_eq!(lens, vec![16, 16, 8, 8, 8, 4]);
+    assert_eq!(&order[..8], &[0, 1, 5, 6, 2, 3, 7, 8]);
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..15).collect::<Vec<i64>>(), "a permutation");
+}
+
+#[test]
+fn greedy_decoding_on_the_kv_cache_after_a_video_prefill_matches_transformers() {
+    let dir = reference();
+    let want = json(&dir.join("generations.json"));
+    let model = load(&dir.join("vl25"));
+    let new_tokens = json(&dir.join("inputs.json"))["new_tokens"].as_i64().unwrap();
+    for name in ["both", "video"] {
+        let c = case(name);
+        let b = c.ids.size()[0];
+        let mut cache = model.new_cache(b);
+        let mut mask = c.mask.copy();
+        let mut logits = tch::no_grad(|| {
+            model.forward(
+                ForwardArgs::ids(&c.ids)
+                    .mask(Some(&mask))
+                    .images(Some(&c.vision))
+                    .cache(Some(&mut cache))
+                    .mode(LinearMode::BASE)
+                    .last(),
+            )
+        })
+        .unwrap();
+        assert!(cache.rope_deltas().is_some_and(|d| d.iter().all(|&x| x != 0)));
+        let mut out: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
+        for step in 0..new_tokens {
+            let next = logits.argmax(-1, false);
+            for (r, row) in out.iter_mut().enumerate() {
+                row.push(next.int64_value(&[r as i64]));
+            }
+            if step + 1 == new_tokens {
+                break;
+            }
+            mask = Tensor::cat(&[&mask, &Tensor::ones([b, 1], (Kind::Int64, Device::Cpu))], 1);
+            logits = tch::no_grad(|| {
+                model.forward(
+                    ForwardArgs::ids(&next.view([b, 1]))
+                        .mask(Some(&mask))
+                        .cache(Some(&mut cache))
+                        .mode(LinearMode::BASE)
+                        .last(),
+                )
+            })
+            .unwrap();
+        }
+        assert_eq!(out, rows(&want[name]), "{name}: {} prompts", c.prompts.len());
+    }
+    eprintln!(
+        "{} greedy tokens identical to transformers (min top-1/top-2 gap {:.1e})",
+        new_tokens * 3,
+        want["min_greedy_gap"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn peft_lora_on_language_and_vision_linears_gives_peft_logits_and_merges() {
+    let lib = build_dir().join("libferrotune_lora.so");
+    assert!(lib.exists(), "{} is missing: `cargo build --workspace` first", lib.display());
+    let dir = reference();
+    let mut model = load(&dir.join("vl25"));
+    let report = model.load_peft_adapter(&dir.join("lora"), &registry()).unwrap();
+    let mut ours: Vec<String> = report.modules.iter().map(|(m, _)| m.clone()).collect();
+    ours.sort();
+    let peft: Vec<String> =
+        serde_json::from_value::<Vec<String>>(json(&dir.join("lora_modules.json")))
+            .unwrap()
+            .into_iter()
+            .map(|m| m.trim_start_matches("base_model.model.").to_string())
+            .collect();
+    assert_eq!(ours, peft, "the modules peft adapted");
+    assert!(ours.iter().any(|m| m.ends_with("visual.blocks.2.mlp.gate_proj")));
+    let mode = model.mode(ForwardFlags::NONE, false);
+    let d = diff(&model, "both", "lora.both", mode);
+    eprintln!(
+        "peft LoRA (language + vision linears), images and videos: max abs logit diff {d:.2e}"
+    );
+    assert!(d <= TOLERANCE, "{d:e}");
+    let base = diff(&model, "both", "vl25.both", mode);
+    assert!(base > 1e-2, "the adapter changes the logits ({base:e})");
+    let merged = model.merge_adapter().unwrap();
+    assert_eq!(merged.len(), ours.len());
+    let d = diff(&model, "both", "lora.both", LinearMode::BASE);
+    eprintln!("merged into the weights: max abs logit diff {d:.2e}");
+    assert!(d <= 1e-4, "{d:e}");
+}
+
+#[test]
+fn qwen2vl_videos_match_transformers() {
+    let model = load(&reference().join("vl2"));
+    assert!(!model.vision_config().unwrap().qwen25);
+    for name in ["video", "both"] {
+        let d = diff(&model, name, &format!("vl2.{name}"), LinearMode::BASE);
+        eprintln!("Qwen2-VL {name}: max abs logit diff {d:.2e}");
+        assert!(d <= TOLERANCE, "{name}: {d:e}");
+    }
+}
+
+#[test]
+fn video_tokens_that_disagree_with_the_grids_are_clear_errors() {
+    let model = load(&reference().join("vl25"));
+    let c = case("both");
+    let err = |vision: &VisionInputs, ids: &Tensor| {
+        format!(
+            "{:#}",
+            tch::no_grad(|| model.forward(
+                ForwardArgs::ids(ids)
+                    .mask(Some(&c.mask))
+                    .images(Some(vision))
+                    .mode(LinearMode::BASE)
+            ))
+            .unwrap_err()
+        )
+    };
+    // One more video token than the grids give.
+    let ids = c.ids.copy();
+    let t = ids.size()[1];
+    let _ = ids.get(1).narrow(0, t - 1, 1).fill_(296);
+    let e = err(&c.vision, &ids);
+    assert!(
+        e.contains("video tokens") && e.contains("<|video_pad|>") && e.contains("video_grid_thw"),
+        "{e}"
+    );
+    // One video fewer.
+    let v = c.vision.videos.as_ref().unwrap();
+    let fewer = VisionInputs {
+        pixel_values: c.vision.pixel_values.shallow_clone(),
+        image_grid_thw: c.vision.image_grid_thw.clone(),
+        videos: Some(VideoInputs {
+            pixel_values: v.pixel_values.narrow(0, 0, 72),
+            grid_thw: v.grid_thw[..1].to_vec(),
+            second_per_grid_ts: v.second_per_grid_ts[..1].to_vec(),
+        }),
+    };
+    let e = err(&fewer, &c.ids);
+    assert!(e.contains("26 video tokens") && e.contains("18 merged patches"), "{e}");
+    // pixel_values_videos that disagree with the grids.
+    let bad = VisionInputs {
+        pixel_values: c.vision.pixel_values.shallow_clone(),
+        image_grid_thw: c.vision.image_grid_thw.clone(),
+        videos: Some(VideoInputs {
+            pixel_values: v.pixel_values.narrow(0, 0, 80),
+            grid_thw: v.grid_thw.clone(),
+            second_per_grid_ts: vec![],
+        }),
+    };
+    let e = err(&bad, &c.ids);
+    assert!(e.contains("pixel_values_videos") && e.contains("[104, 1176]"), "{e}");
+    // Videos but no second_per_grid_ts for each.
+    let wrong_seconds = VisionInputs {
+        pixel_values: c.vision.pixel_values.shallow_clone(),
+        image_grid_thw: c.vision.image_grid_thw.clone(),
+        videos: Some(VideoInputs {
+            pixel_values: v.pixel_values.shallow_clone(),
+            grid_thw: v.grid_thw.clone(),
+            second_per_grid_ts: vec![0.5],
+        }),
+    };
+    let e = err(&wrong_seconds, &c.ids);
+    assert!(e.contains("second_per_grid_ts has 1"), "{e}");
+}
+
+#[test]
+fn init_model_tiny_vl25_loads_in_transformers_and_saves_what_it_saves() {
+    let root = temp_dir("vl25-init");
+    let tok = qwen2_tokenizer();
+    let mut opts = InitOptions::preset("tiny-vl25", &tok, root.join("m")).unwrap();
+    opts.dtype = Kind::Float;
+    opts.seed = 5;
+    let report = ferrotune::model::write_random_model(&opts).unwrap();
+    for f in ["preprocessor_config.json", "video_preprocessor_config.json", "tokenizer.json"] {
+        assert!(report.files.iter().any(|x| x == f), "{f} in {:?}", report.files);
+    }
+    let cfg = json(&root.join("m/config.json"));
+    assert_eq!(cfg["architectures"][0], "Qwen2_5_VLForConditionalGeneration");
+    assert_eq!(cfg["vision_config"]["window_size"], 56);
+    let video = json(&root.join("m/video_preprocessor_config.json"));
+    assert_eq!(video["video_processor_type"], "Qwen2VLVideoProcessor");
+
+    let model = load(&root.join("m"));
+    let vl = model.qwen2vl_config().unwrap();
+    let (image, video_id, start, end) =
+        (vl.image_token_id, vl.video_token_id, vl.vision_start_token_id, vl.vision_end_token_id);
+    // Text, an image [1, 4, 8] (8 tokens: two windows), text, a video [2, 4, 4] (8 tokens), text.
+    let mut ids = vec![40i64, 41, start];
+    ids.extend([image; 8]);
+    ids.extend([end, 42, start]);
+    ids.extend([video_id; 8]);
+    ids.extend([end, 43, 44]);
+    let n = ids.len() as i64;
+    let ids = Tensor::from_slice(&ids).view([1, n]);
+    tch::manual_seed(0);
+    let vision = VisionInputs {
+        pixel_values: Tensor::randn([32, 1176], (Kind::Float, Device::Cpu)),
+        image_grid_thw: vec![[1, 4, 8]],
+        videos: Some(VideoInputs {
+            pixel_values: Tensor::randn([32, 1176], (Kind::Float, Device::Cpu)),
+            grid_thw: vec![[2, 4, 4]],
+            second_per_grid_ts: vec![1.5],
+        }),
+    };
+    let run = |m: &PeftModel| {
+        tch::no_grad(|| {
+            m.forward(ForwardArgs::ids(&ids).images(Some(&vision)).mode(LinearMode::BASE))
+        })
+        .unwrap()
+    };
+    let ours = run(&model);
+    let io = root.join("io.safetensors");
+    let v = vision.videos.as_ref().unwrap();
+    Tensor::write_safetensors(
+        &[
+            ("ids", &ids),
+            ("pixel_values", &vision.pixel_values),
+            ("grid", &Tensor::from_slice(&[1i64, 4, 8]).view([1, 3])),
+            ("pixel_values_videos", &v.pixel_values),
+            ("video_grid", &Tensor::from_slice(&[2i64, 4, 4]).view([1, 3])),
+        ],
+        &io,
+    )
+    .unwrap();
+    let script = r#"
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+m, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.float32, attn_implementation="sdpa", output_loading_info=True)
+assert not any(info.values()), info
+m.eval()
+t = load_file(sys.argv[2])
+ids = t["ids"]
+types = (ids == m.config.image_token_id).int() + 2 * (ids == m.config.video_token_id).int()
+with torch.no_grad():
+    out = m(input_ids=ids, pixel_values=t["pixel_values"], image_grid_thw=t["grid"],
+            pixel_values_videos=t["pixel_values_videos"], video_grid_thw=t["video_grid"],
+            second_per_grid_ts=torch.tensor([1.5]), mm_token_type_ids=types).logits
+save_file({"logits": out.contiguous()}, sys.argv[3])
+"#;
+    let py = root.join("check.py");
+    std::fs::write(&py, script).unwrap();
+    let out = root.join("ref.safetensors");
+    run_python(&[py.as_os_str(), root.join("m").as_os_str(), io.as_os_str(), out.as_os_str()]);
+    let d = max_abs(&ours, &read(&out, "logits"));
+    eprintln!("init-model tiny-vl25 (image + video) in transformers: max abs logit diff {d:.2e}");
+    assert!(d <= TOLERANCE, "{d:e}");
+
+    // Saved in the layout transformers 5.24 writes, with the processor configs; reloads equal.
+    model.save_pretrained(&root.join("saved"), &root.join("m"), None).unwrap();
+    assert!(root.join("saved/video_preprocessor_config.json").is_file());
+    let keys = |d: &str| {
+        let mut k: Vec<String> = ferrotune::model::save::read_model_tensors(&root.join(d))
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys("saved"), keys("m"));
+    assert!(keys("saved").iter().any(|k| k == "visual.blocks.0.mlp.gate_proj.bias"));
+    assert_eq!(max_abs(&run(&load(&root.join("saved"))), &ours), 0.0);
+    std::fs::remove_dir_all(root).ok();
+}
