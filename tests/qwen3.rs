@@ -10,17 +10,23 @@
 //! * `ferrotune train` with LoRA lowers the loss and leaves the q/k norms frozen (they are not
 //!   linear layers); `finetuning: full` trains them and saves them in the model directory;
 //! * the original Qwen3 chat template (`<think>` handling, `enable_thinking`, reasoning_content,
-//!   tool calls) renders and tokenizes exactly as transformers' `apply_chat_template`;
+//!   tool calls) renders and tokenizes exactly as transformers' `apply_chat_template`; TRL's
+//!   training variant renders too, its `{% generation %}` spans equal transformers'
+//!   `generation_indices`, and the labels of a multi-turn conversation sit on its assistant
+//!   tokens (transformers' `assistant_masks` without the newline after each `<|im_end|>`),
+//!   where the original template, which drops earlier turns' reasoning, is refused for them;
 //! * Qwen3 config features this decoder does not implement are refused, naming the key.
 //!
 //! Needs `cargo build --workspace` and the reference stack (`.venv`: torch, transformers, peft).
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use ferrotune::data::{encode_sample, EncodeOptions, IGNORE_INDEX};
 use ferrotune::generate::{generate, SamplingParams};
 use ferrotune::model::{CausalLM, ForwardArgs};
 use ferrotune::peft::PeftModel;
-use ferrotune::text::Tokenizer;
+use ferrotune::text::{ChatTemplate, Tokenizer};
+use ferrotune_plugin_api::{Message, Sample};
 use ferrotune_tests::*;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -368,4 +374,71 @@ fn unimplemented_qwen3_features_are_refused_by_name() {
         assert!(e.contains(key) && e.contains("config.json"), "{name}: {e}");
     }
     std::fs::remove_dir_all(&work).ok();
+}
+
+#[test]
+fn training_template_marks_and_labels_assistant_turns_as_transformers() {
+    let dir = reference();
+    let chat = json(&dir.join("chat.json"));
+    let source = chat["training_template"].as_str().unwrap();
+    let template = ChatTemplate::single(source, "trl/chat_templates/qwen3_training.jinja").unwrap();
+    let mut tok = Tokenizer::from_dir(&dir.join("untied")).unwrap();
+    let original = Tokenizer::from_dir(&dir.join("untied")).unwrap();
+    tok.set_chat_template(Some(
+        ChatTemplate::single(source, "trl/chat_templates/qwen3_training.jinja").unwrap(),
+    ));
+    let (im_end, newline) =
+        (tok.token_to_id("<|im_end|>").unwrap(), tok.token_to_id("\n").unwrap());
+    let mut labelled_cases = 0;
+    for case in chat["training"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let (text, spans) = template
+            .render_json_with_generation_spans(&case["messages"], false, &case["extra"])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(text, case["text"].as_str().unwrap(), "{name}");
+        // ASCII text: transformers' character offsets are our byte offsets.
+        assert!(text.is_ascii());
+        let spans: Vec<[usize; 2]> = spans.iter().map(|r| [r.start, r.end]).collect();
+        assert_eq!(serde_json::json!(spans), case["spans"], "{name}");
+
+        let messages = case["messages"].as_array().unwrap();
+        if messages
+            .iter()
+            .any(|m| m.as_object().unwrap().keys().any(|k| k != "role" && k != "content"))
+        {
+            continue; // reasoning_content / tool_calls: not in a data sample's messages
+        }
+        let sample = Sample {
+            id: Some(name.to_string()),
+            messages: messages
+                .iter()
+                .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .collect(),
+            ..Default::default()
+        };
+        let encoded = encode_sample(&tok, &sample, &EncodeOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let ids = rows(&serde_json::json!([case["ids"]])).remove(0);
+        assert_eq!(encoded.input_ids, ids, "{name}");
+        let masks = rows(&serde_json::json!([case["assistant_masks"]])).remove(0);
+        let want: Vec<i64> = (0..ids.len())
+            .map(|j| {
+                let glue = j > 0 && ids[j] == newline && ids[j - 1] == im_end;
+                if masks[j] == 1 && !glue {
+                    ids[j]
+                } else {
+                    IGNORE_INDEX
+                }
+            })
+            .collect();
+        assert_eq!(encoded.labels, want, "{name}");
+        println!("{name}: {} label tokens on the assistant turns", encoded.num_label_tokens());
+        labelled_cases += 1;
+
+        if messages.iter().filter(|m| m["role"] == "assistant").count() > 1 {
+            let e = encode_sample(&original, &sample, &EncodeOptions::default()).unwrap_err();
+            println!("{name} with the original template: {e:#}");
+        }
+    }
+    assert_eq!(labelled_cases, 2);
 }

@@ -18,7 +18,11 @@ OUT_DIR/generations.json     greedy generations (32 new tokens, KV cache) of bot
 OUT_DIR/peft-adapter/        peft's LoRA (r 4 on all seven linear layers) with random non-zero
                              A and B, saved by `save_pretrained`
 OUT_DIR/chat.json            the chat template, conversations, and transformers'
-                             `apply_chat_template` texts and ids for each case
+                             `apply_chat_template` texts and ids for each case; `training`:
+                             TRL's prefix-preserving `qwen3_training.jinja` (with
+                             `{% generation %}` blocks), its texts, the blocks' character spans
+                             (`generation_indices`) and `assistant_masks` for the conversations
+                             that end with an assistant turn
 OUT_DIR/DONE                 written last
 
 `peft-load` mode: peft loads a LoRA directory ferrotune wrote onto BASE_DIR and writes the
@@ -47,11 +51,11 @@ PLAIN = ["\n", " ", "system", "user", "assistant"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def qwen3_template():
-    """The original Qwen3 chat template (as Qwen/Qwen3-* ship it), from trl's copy."""
+def trl_template(name):
+    """A chat template of trl's collection: `qwen3.jinja` is the original Qwen3 template (as
+    Qwen/Qwen3-* ship it), `qwen3_training.jinja` its training variant."""
     import trl
-    path = pathlib.Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja"
-    return path.read_text()
+    return (pathlib.Path(trl.__file__).parent / "chat_templates" / name).read_text()
 
 
 def write_tokenizer(d: pathlib.Path, template: str):
@@ -147,7 +151,7 @@ def build(out: pathlib.Path):
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    template = qwen3_template()
+    template = trl_template("qwen3.jinja")
     models = {}
     for name, cfg, seed in [("untied", config(24, 2, False, False), 1), ("tied", config(8, 1, True, True), 2)]:
         model = Qwen3ForCausalLM(cfg).eval()
@@ -190,7 +194,23 @@ def build(out: pathlib.Path):
         assert name == "tool_calls" or tok.unk_token_id not in ids_, (name, text)
         cases.append({"name": name, "messages": messages, "add_generation_prompt": gen, "extra": extra,
                       "text": text, "ids": ids_})
-    (out / "chat.json").write_text(json.dumps({"template": template, "cases": cases}, indent=1))
+    from transformers.utils.chat_template_utils import render_jinja_template
+    training_template = trl_template("qwen3_training.jinja")
+    training = []
+    for name, messages, gen, extra in conversations():
+        if gen:
+            continue
+        texts, spans = render_jinja_template(conversations=[messages], chat_template=training_template,
+                                             add_generation_prompt=False, return_assistant_tokens_mask=True, **extra)
+        enc = tok.apply_chat_template(messages, chat_template=training_template, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True, **extra)
+        assert any(enc["assistant_masks"]), name
+        training.append({"name": name, "messages": messages, "extra": extra, "text": texts[0],
+                         "spans": [list(s) for s in spans[0]], "ids": list(enc["input_ids"]),
+                         "assistant_masks": list(enc["assistant_masks"])})
+    (out / "chat.json").write_text(json.dumps({"template": template, "cases": cases,
+                                               "training_template": training_template,
+                                               "training": training}, indent=1))
 
     (out / "inputs.json").write_text(json.dumps({
         "ids": ids.tolist(), "mask": mask.tolist(), "prompts": prompts, "pad_token_id": PAD,

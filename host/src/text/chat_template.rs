@@ -10,11 +10,18 @@
 //! printed values use Python's spelling (`True`, `None`). Reference:
 //! <https://huggingface.co/docs/transformers/main/en/chat_templating_writing>.
 //!
+//! transformers' `{% generation %}` … `{% endgeneration %}` tags (its `AssistantTracker`
+//! extension, which TRL's training templates such as `qwen3_training.jinja` use to mark what the
+//! assistant writes) compile here as a filter block that renders its body unchanged; the text
+//! ranges they cover come back from [`ChatTemplate::render_with_generation_spans`], as
+//! transformers' `generation_indices` (there counted in characters, here in bytes).
+//!
 //! Known difference: objects keep minijinja's key order (sorted, since neither minijinja's
 //! nor serde_json's `preserve_order` feature is on), where Python keeps insertion order; it
 //! shows only where a template prints a whole object with `tojson`.
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Result};
@@ -63,7 +70,8 @@ impl ChatTemplate {
             if names.contains(&name) {
                 bail!("{origin}: chat template `{name}` is given twice");
             }
-            env.add_template_owned(name.clone(), source.clone()).map_err(|e| {
+            let compiled = translate_generation_tags(&source);
+            env.add_template_owned(name.clone(), compiled).map_err(|e| {
                 anyhow!("{origin}: chat template `{name}` does not compile: {}", describe(&e))
             })?;
             names.push(name);
@@ -121,6 +129,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         variables: BTreeMap<String, Value>,
     ) -> Result<String> {
+        Ok(self.render_with_generation_spans(messages, add_generation_prompt, variables)?.0)
+    }
+
+    /// [`ChatTemplate::render`] with the byte ranges of the text that `{% generation %}` blocks
+    /// wrote (what the assistant says, in templates that mark it), in the order the blocks
+    /// closed, as transformers' `generation_indices`; empty for templates without such blocks.
+    pub fn render_with_generation_spans(
+        &self,
+        messages: Value,
+        add_generation_prompt: bool,
+        variables: BTreeMap<String, Value>,
+    ) -> Result<(String, Vec<Range<usize>>)> {
         if messages.len() == Some(0) {
             bail!(
                 "cannot apply a chat template to an empty conversation; give at least one message"
@@ -137,10 +157,113 @@ impl ChatTemplate {
             .env
             .get_template(name)
             .map_err(|e| anyhow!("{}: {}", self.origin, describe(&e)))?;
-        template.render(Value::from(ctx)).map_err(|e| {
+        let text = template.render(Value::from(ctx)).map_err(|e| {
             anyhow!("{}: chat template `{name}` failed: {}", self.origin, describe(&e))
-        })
+        })?;
+        take_generation_spans(&text)
+            .map_err(|e| anyhow!("{}: chat template `{name}`: {e}", self.origin))
     }
+
+    /// [`ChatTemplate::render_with_generation_spans`] for messages and extra variables given as
+    /// JSON (see [`messages_from_json`] and [`variables_from_json`]).
+    pub fn render_json_with_generation_spans(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        extra: &serde_json::Value,
+    ) -> Result<(String, Vec<Range<usize>>)> {
+        self.render_with_generation_spans(
+            messages_from_json(messages)?,
+            add_generation_prompt,
+            variables_from_json(extra, "extra template variables")?,
+        )
+    }
+}
+
+/// Marks the start and the end of a `{% generation %}` block's output while rendering (Unicode
+/// noncharacters, reserved for a program's internal use).
+const GENERATION_START: char = '\u{FDD0}';
+const GENERATION_END: char = '\u{FDD1}';
+/// The filter a `{% generation %}` block becomes.
+const GENERATION_FILTER: &str = "__generation_block";
+
+/// Rewrites transformers' `{% generation %}` / `{% endgeneration %}` tags (whitespace control
+/// `-` / `+` kept) as `{% filter __generation_block %}` / `{% endfilter %}`: a block tag like
+/// them, so `trim_blocks` and `lstrip_blocks` treat it the same, whose filter wraps the body's
+/// output in [`GENERATION_START`] / [`GENERATION_END`].
+fn translate_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(i) = rest.find("{%") {
+        out.push_str(&rest[..i]);
+        let tag = &rest[i..];
+        match parse_generation_tag(tag) {
+            Some((len, end, open_mod, close_mod)) => {
+                let inner = if end {
+                    "endfilter".to_string()
+                } else {
+                    format!("filter {GENERATION_FILTER}")
+                };
+                out.push_str(&format!("{{%{open_mod} {inner} {close_mod}%}}"));
+                rest = &tag[len..];
+            }
+            None => {
+                out.push_str("{%");
+                rest = &tag[2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// At the start of `tag` (which begins with `{%`): a `generation` or `endgeneration` tag as
+/// (its length, whether it ends the block, the whitespace-control marks after `{%` and before
+/// `%}`), or `None` for any other tag.
+fn parse_generation_tag(tag: &str) -> Option<(usize, bool, &str, &str)> {
+    let mut pos = 2;
+    let modifier = |at: usize| tag[at..].chars().next().filter(|c| *c == '-' || *c == '+');
+    let open_mod = modifier(pos).map_or("", |c| if c == '-' { "-" } else { "+" });
+    pos += open_mod.len();
+    pos += tag[pos..].len() - tag[pos..].trim_start().len();
+    let word_len = tag[pos..].find(|c: char| !c.is_ascii_alphanumeric() && c != '_')?;
+    let end = match &tag[pos..pos + word_len] {
+        "generation" => false,
+        "endgeneration" => true,
+        _ => return None,
+    };
+    pos += word_len;
+    pos += tag[pos..].len() - tag[pos..].trim_start().len();
+    let close_mod = modifier(pos).map_or("", |c| if c == '-' { "-" } else { "+" });
+    pos += close_mod.len();
+    tag[pos..].starts_with("%}").then_some((pos + 2, end, open_mod, close_mod))
+}
+
+/// The rendered text without the generation marks, and the byte range each marked block
+/// covers, in the order the blocks closed.
+fn take_generation_spans(marked: &str) -> Result<(String, Vec<Range<usize>>)> {
+    if !marked.contains([GENERATION_START, GENERATION_END]) {
+        return Ok((marked.to_string(), Vec::new()));
+    }
+    let mut text = String::with_capacity(marked.len());
+    let mut open = Vec::new();
+    let mut spans = Vec::new();
+    for c in marked.chars() {
+        match c {
+            GENERATION_START => open.push(text.len()),
+            GENERATION_END => {
+                let start = open.pop().ok_or_else(|| {
+                    anyhow!("the output holds U+FDD1, which marks generation blocks")
+                })?;
+                spans.push(start..text.len());
+            }
+            c => text.push(c),
+        }
+    }
+    if !open.is_empty() {
+        bail!("the output holds U+FDD0, which marks generation blocks");
+    }
+    Ok((text, spans))
 }
 
 /// The minijinja environment matching transformers' Jinja2 set-up.
@@ -157,6 +280,7 @@ fn jinja_environment() -> Environment<'static> {
     });
     env.add_filter("tojson", tojson);
     env.add_filter("capitalize", |s: &str| pyformat::python_capitalize(s));
+    env.add_filter(GENERATION_FILTER, |s: String| format!("{GENERATION_START}{s}{GENERATION_END}"));
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env
@@ -398,6 +522,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("extra must be a JSON object"));
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body_and_give_its_span() {
+        let src = "{% for m in messages %}\n{{- m.role + ': ' }}\n{%- if m.role == 'assistant' %}\n    {%- generation %}\n{{- m.content + '!' }}\n    {%- endgeneration %}\n{%- else %}{{ m.content }}{% endif %}\n|{% endfor %}";
+        let t = ChatTemplate::single(src, "test").unwrap();
+        let msgs = serde_json::json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]);
+        let (text, spans) =
+            t.render_json_with_generation_spans(&msgs, false, &serde_json::Value::Null).unwrap();
+        assert_eq!(text, "user: hi|assistant: yo!|");
+        assert_eq!(spans, vec![20..23]);
+        assert_eq!(&text[spans[0].clone()], "yo!");
+        // The same text through `render`, and a template without blocks gives no spans.
+        let plain = render(src, msgs.clone(), false, serde_json::Value::Null).unwrap();
+        assert_eq!(plain, text);
+        let none = ChatTemplate::single("{{ messages[0].content }}", "t").unwrap();
+        assert!(none
+            .render_json_with_generation_spans(&msgs, false, &serde_json::Value::Null)
+            .unwrap()
+            .1
+            .is_empty());
+        // Other tags that merely start alike are left alone.
+        assert_eq!(
+            translate_generation_tags("{%- generations %}{%+ generation -%}{% endgeneration%}"),
+            "{%- generations %}{%+ filter __generation_block -%}{% endfilter %}"
+        );
     }
 
     #[test]
