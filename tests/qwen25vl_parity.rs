@@ -318,7 +318,12 @@ fn init_model_tiny_vl25_loads_in_transformers_and_saves_what_it_saves() {
     opts.dtype = Kind::Float;
     opts.seed = 5;
     let report = ferrotune::model::write_random_model(&opts).unwrap();
-    for f in ["preprocessor_config.json", "video_preprocessor_config.json", "tokenizer.json"] {
+    for f in [
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ] {
         assert!(report.files.iter().any(|x| x == f), "{f} in {:?}", report.files);
     }
     let cfg = json(&root.join("m/config.json"));
@@ -384,11 +389,48 @@ with torch.no_grad():
             pixel_values_videos=t["pixel_values_videos"], video_grid_thw=t["video_grid"],
             second_per_grid_ts=torch.tensor([1.5]), mm_token_type_ids=types).logits
 save_file({"logits": out.contiguous()}, sys.argv[3])
+from transformers import AutoTokenizer
+import json
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+msgs = json.loads(open(sys.argv[4]).read())
+texts = [tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+         tok.apply_chat_template(msgs, tokenize=False, add_vision_id=True)]
+open(sys.argv[5], "w").write(json.dumps(texts))
 "#;
     let py = root.join("check.py");
     std::fs::write(&py, script).unwrap();
     let out = root.join("ref.safetensors");
-    run_python(&[py.as_os_str(), root.join("m").as_os_str(), io.as_os_str(), out.as_os_str()]);
+    // A conversation with an image and a video in content lists, and plain strings.
+    let messages = serde_json::json!([
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is here?"},
+                                     {"type": "video"}, {"type": "text", "text": "And here?"}]},
+        {"role": "assistant", "content": "A cat, then a dog."},
+        {"role": "user", "content": [{"type": "video", "video": "v.mp4"}, {"type": "text", "text": "More?"}]},
+    ]);
+    let (msgs, texts) = (root.join("messages.json"), root.join("texts.json"));
+    std::fs::write(&msgs, messages.to_string()).unwrap();
+    run_python(&[
+        py.as_os_str(),
+        root.join("m").as_os_str(),
+        io.as_os_str(),
+        out.as_os_str(),
+        msgs.as_os_str(),
+        texts.as_os_str(),
+    ]);
+    let tok = ferrotune::text::Tokenizer::from_dir(&root.join("m")).unwrap();
+    let want: Vec<String> = serde_json::from_value(json(&texts)).unwrap();
+    let rendered = [
+        tok.apply_chat_template_json(&messages, true, &Value::Null).unwrap(),
+        tok.apply_chat_template_json(&messages, false, &serde_json::json!({"add_vision_id": true}))
+            .unwrap(),
+    ];
+    assert_eq!(rendered.as_slice(), want.as_slice(), "the chat template renders as transformers'");
+    assert!(
+        rendered[0].contains("<|vision_start|><|video_pad|><|vision_end|>And here?"),
+        "{}",
+        rendered[0]
+    );
+    assert!(rendered[1].contains("Video 2: <|vision_start|><|video_pad|>"), "{}", rendered[1]);
     let d = max_abs(&ours, &read(&out, "logits"));
     eprintln!("init-model tiny-vl25 (image + video) in transformers: max abs logit diff {d:.2e}");
     assert!(d <= TOLERANCE, "{d:e}");

@@ -216,6 +216,27 @@ pub fn qwen2vl_preprocessor_config() -> Value {
     })
 }
 
+/// The chat template Qwen2-VL and Qwen2.5-VL ship (byte-identical in both; trl's
+/// `chat_templates/qwen2_5_vl.jinja`): string contents as ChatML, and content lists whose image
+/// and video entries become `<|vision_start|><|image_pad|><|vision_end|>` and
+/// `<|vision_start|><|video_pad|><|vision_end|>` (`Picture N: ` / `Video N: ` before them with
+/// `add_vision_id`).
+pub const QWEN_VL_CHAT_TEMPLATE: &str = concat!(
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}",
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}",
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}",
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}",
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}",
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}",
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>",
+    "{% elif content['type'] == 'video' or 'video' in content %}",
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}",
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>",
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n",
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+);
+
 /// Qwen2.5-VL's `preprocessor_config.json`: Qwen2-VL's, for `Qwen2_5_VLProcessor`.
 pub fn qwen25vl_preprocessor_config() -> Value {
     let mut c = qwen2vl_preprocessor_config();
@@ -740,6 +761,12 @@ pub fn write_random_model(opts: &InitOptions) -> Result<InitReport> {
         }
     }
     let folder = tokenizer_file.parent().unwrap_or(Path::new("."));
+    // Qwen2.5-VL gets its own chat template (images and videos in content lists) unless the
+    // tokenizer folder brings one as a file (copied below; a file wins over tokenizer_config's).
+    if opts.arch == Architecture::Qwen25VL && !folder.join("chat_template.jinja").is_file() {
+        std::fs::write(dir.join("chat_template.jinja"), QWEN_VL_CHAT_TEMPLATE)?;
+        files.push("chat_template.jinja".to_string());
+    }
     std::fs::copy(&tokenizer_file, dir.join("tokenizer.json")).with_context(|| {
         format!("cannot copy {} into {}", tokenizer_file.display(), dir.display())
     })?;
