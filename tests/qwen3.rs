@@ -8,7 +8,9 @@
 //!   logits, and `ferrotune merge` of it, saved as a model directory, gives them too;
 //! * peft loads an adapter directory we wrote and gives our logits;
 //! * `ferrotune train` with LoRA lowers the loss and leaves the q/k norms frozen (they are not
-//!   linear layers); `finetuning: full` trains them and saves them in the model directory;
+//!   linear layers); `finetuning: full` trains them and saves them in the model directory, and
+//!   on two ranks under ZeRO stage 3 (the norms stay whole, the linears are partitioned) it
+//!   gives one process's losses and saved weights;
 //! * the original Qwen3 chat template (`<think>` handling, `enable_thinking`, reasoning_content,
 //!   tool calls) renders and tokenizes exactly as transformers' `apply_chat_template`; TRL's
 //!   training variant renders too, its `{% generation %}` spans equal transformers'
@@ -204,6 +206,7 @@ fn peft_loads_our_adapter_directory() {
     let inputs = json(&dir.join("inputs.json"));
     let base = dir.join("untied");
     let mut model = load(&base);
+    tch::manual_seed(30); // A's initial draw
     let method = registry()
         .adapter("lora", r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}"#)
         .unwrap();
@@ -242,6 +245,19 @@ fn peft_loads_our_adapter_directory() {
 /// Runs `ferrotune train` on the untied model with `section` (adapter or finetuning keys);
 /// returns the output directory and the logged losses.
 fn train(work: &Path, name: &str, section: &str, steps: usize) -> (PathBuf, Vec<f64>) {
+    train_on(work, name, section, steps, 4, &[])
+}
+
+/// [`train`] with `micro` samples per micro-batch, launched as `launcher` (e.g. `launch
+/// --nproc 2`) when given.
+fn train_on(
+    work: &Path,
+    name: &str,
+    section: &str,
+    steps: usize,
+    micro: usize,
+    launcher: &[&str],
+) -> (PathBuf, Vec<f64>) {
     let data = work.join("data.jsonl");
     if !data.exists() {
         write_alpaca_rows(&data, 16, 100, 7);
@@ -252,14 +268,16 @@ fn train(work: &Path, name: &str, section: &str, steps: usize) -> (PathBuf, Vec<
          optimizer: {{lr: 5.0e-3, weight_decay: 0.0, max_grad_norm: 1.0}}\n\
          scheduler: {{type: constant}}\n\
          data: {{plugin: alpaca, path: {data}, cutoff_len: 128, eval_ratio: 0.0, shuffle: false}}\n\
-         training: {{max_steps: {steps}, micro_batch_size: 4, logging_steps: 1, progress_bar: false}}\n",
+         training: {{max_steps: {steps}, micro_batch_size: {micro}, logging_steps: 1, progress_bar: false}}\n",
         model = reference().join("untied").display(),
         out = out.display(),
         data = data.display(),
     );
     let path = work.join(format!("{name}.yaml"));
     std::fs::write(&path, config).unwrap();
-    let o = ferrotune(&["train", path.to_str().unwrap()]);
+    let mut args = launcher.to_vec();
+    args.extend(["train", path.to_str().unwrap()]);
+    let o = ferrotune(&args);
     assert!(o.status.success(), "{name}: train failed:\n{}\n{}", stdout(&o), stderr(&o));
     let losses = read_jsonl(&out.join("metrics.jsonl"))
         .iter()
@@ -441,4 +459,59 @@ fn training_template_marks_and_labels_assistant_turns_as_transformers() {
         }
     }
     assert_eq!(labelled_cases, 2);
+}
+
+#[test]
+fn zero3_full_fine_tuning_on_two_ranks_equals_one_process() {
+    if !ferrotune::dist::collectives::HAS_C10D {
+        panic!("this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild");
+    }
+    let work = temp_dir("qwen3-zero3");
+    let (one, one_losses) =
+        train_on(&work, "one", "finetuning: full\nmemory: {plugin: single}\n", 3, 4, &[]);
+    let launcher = ["launch", "--nproc", "2", "--timeout", "60"];
+    let (two, two_losses) = train_on(
+        &work,
+        "zero3",
+        "finetuning: full\nmemory: {plugin: zero, stage: 3}\n",
+        3,
+        2,
+        &launcher,
+    );
+    assert_eq!(one_losses.len(), 3);
+    let worst = one_losses.iter().zip(&two_losses).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let read = |d: &Path| {
+        let mut t = Tensor::read_safetensors(d.join("model.safetensors")).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let (a, b) = (read(&one), read(&two));
+    assert_eq!(
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        a.iter()
+            .filter(|(k, _)| k.ends_with("q_norm.weight") || k.ends_with("k_norm.weight"))
+            .count(),
+        4
+    );
+    let (mut weights, mut worst_key, mut norms) = (0f64, String::new(), 0f64);
+    for ((k, ta), (_, tb)) in a.iter().zip(&b) {
+        let d = (ta - tb).abs().max().double_value(&[]);
+        if k.contains("self_attn.") && k.ends_with("_norm.weight") {
+            norms = norms.max(d);
+        }
+        if d > weights {
+            (weights, worst_key) = (d, k.clone());
+        }
+    }
+    println!("ZeRO-3 on 2 ranks vs one process: max |loss diff| = {worst:.2e}, max |weight diff| = {weights:.2e} ({worst_key}), q/k norms {norms:.2e}");
+    std::fs::remove_dir_all(&work).ok();
+    assert!(worst <= 1e-5, "{one_losses:?} vs {two_losses:?}");
+    // The runs differ only in the order of the gradient sums; AdamW turns a rounding-level
+    // gradient difference on an element whose gradient is near zero into an update difference
+    // of up to lr (5e-3) on its first steps, so the bound is lr / 500.
+    assert!(weights <= 1e-5, "{worst_key}: {weights}");
+    assert!(norms <= 1e-6, "q/k norms: {norms}");
 }
