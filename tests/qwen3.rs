@@ -17,7 +17,8 @@
 //!   `generation_indices`, and the labels of a multi-turn conversation sit on its assistant
 //!   tokens (transformers' `assistant_masks` without the newline after each `<|im_end|>`),
 //!   where the original template, which drops earlier turns' reasoning, is refused for them;
-//! * Qwen3 config features this decoder does not implement are refused, naming the key.
+//! * Qwen3 config features this decoder does not implement are refused, naming the key, and a
+//!   missing or misshapen q/k norm weight is named with the config value behind its shape.
 //!
 //! Needs `cargo build --workspace` and the reference stack (`.venv`: torch, transformers, peft).
 use std::path::{Path, PathBuf};
@@ -514,4 +515,37 @@ fn zero3_full_fine_tuning_on_two_ranks_equals_one_process() {
     // of up to lr (5e-3) on its first steps, so the bound is lr / 500.
     assert!(weights <= 1e-5, "{worst_key}: {weights}");
     assert!(norms <= 1e-6, "q/k norms: {norms}");
+}
+
+#[test]
+fn missing_or_misshapen_qk_norms_are_named() {
+    let dir = reference().join("untied");
+    let work = temp_dir("qwen3-bad-norms");
+    let tensors = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    let key = "model.layers.1.self_attn.k_norm.weight";
+    let cases: [(&str, Option<Tensor>, &str); 2] = [
+        ("missing", None, "is missing"),
+        ("misshapen", Some(Tensor::ones([64], (Kind::Float, Device::Cpu))), "has shape [64]"),
+    ];
+    for (name, replacement, what) in cases {
+        let d = work.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(dir.join("config.json"), d.join("config.json")).unwrap();
+        let mut changed: Vec<(String, Tensor)> = tensors
+            .iter()
+            .filter(|(k, _)| k != key)
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
+        if let Some(t) = replacement {
+            changed.push((key.to_string(), t));
+        }
+        Tensor::write_safetensors(&changed, d.join("model.safetensors")).unwrap();
+        let e = match CausalLM::load(&d, Device::Cpu, Kind::Float) {
+            Ok(_) => panic!("{name}: loaded"),
+            Err(e) => format!("{e:#}"),
+        };
+        println!("{name}: {e}");
+        assert!(e.contains(key) && e.contains(what) && e.contains("head_dim"), "{name}: {e}");
+    }
+    std::fs::remove_dir_all(&work).ok();
 }
