@@ -549,3 +549,13 @@ fn missing_or_misshapen_qk_norms_are_named() {
     }
     std::fs::remove_dir_all(&work).ok();
 }
+
+#[test]
+fn lora_on_a_qk_norm_is_refused_by_name() {
+    // q_norm / k_norm are RMSNorms, not linear layers: peft refuses them as targets, so do we.
+    let mut model = load(&reference().join("untied"));
+    let method = registry().adapter("lora", r#"{"r": 4, "target_modules": ["q_norm"]}"#).unwrap();
+    let e = format!("{:#}", model.attach_adapter("default", Box::new(method)).unwrap_err());
+    println!("{e}");
+    assert!(e.contains("q_norm"), "{e}");
+}
