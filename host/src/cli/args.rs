@@ -100,6 +100,10 @@ pub enum Command {
     /// Generate text from a model directory (KV cache; greedy or seeded sampling), optionally
     /// through a PEFT adapter directory.
     Generate(Box<GenerateArgs>),
+    /// A run's held-out numbers for the base model and a trained adapter: the eval loss on a
+    /// split (default `test`) through the trainer's eval step, and with --generate the mean
+    /// reward-plugin scores of completions generated for its prompts.
+    Eval(Box<super::eval::EvalArgs>),
     /// Merge a PEFT adapter directory into a model and write the merged Hugging Face model
     /// directory (config, weights, tokenizer files) that transformers loads.
     Merge(Box<MergeArgs>),
@@ -230,6 +234,12 @@ pub struct GenerateArgs {
     /// Print {"text": …, "token_ids": […]} instead of the text.
     #[arg(long)]
     pub json: bool,
+    /// With --json: add "logprobs", one entry per new token {token_id, token, logprob,
+    /// top_logprobs: [{token_id, token, logprob}] (the K most likely, most likely first)}.
+    /// Log-probabilities of the model's raw distribution (log_softmax of the logits, before
+    /// temperature / top-k / top-p), as vLLM's default and transformers' output_logits.
+    #[arg(long, value_name = "K", requires = "json")]
+    pub logprobs: Option<usize>,
     #[command(flatten)]
     pub dev: DeviceArgs,
 }

@@ -158,9 +158,27 @@ fn generate(a: &GenerateArgs, search: &SearchPath) -> Result<()> {
         seed: a.seed,
     };
     let params = generator.sampling_params(&choice);
-    let out = generator.complete_mm(&[prompt.ids], prompt.images.as_ref(), &params)?.remove(0);
+    let prompts = [prompt.ids];
+    let out = match a.logprobs {
+        Some(k) => generator.complete_with_logprobs(&prompts, prompt.images.as_ref(), &params, k)?,
+        None => generator.complete_mm(&prompts, prompt.images.as_ref(), &params)?,
+    }
+    .remove(0);
     if a.json {
-        println!("{}", serde_json::json!({"text": out.text, "token_ids": out.token_ids}));
+        let mut json = serde_json::json!({"text": out.text, "token_ids": out.token_ids});
+        if a.logprobs.is_some() {
+            let entry = |id: i64, lp: f32| serde_json::json!({"token_id": id, "token": generator.token_text(id), "logprob": lp});
+            json["logprobs"] = out
+                .logprobs
+                .iter()
+                .map(|t| {
+                    let mut e = entry(t.token_id, t.logprob);
+                    e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                    e
+                })
+                .collect();
+        }
+        println!("{json}");
     } else {
         println!("{}", out.text);
     }

@@ -3,6 +3,11 @@
 //! (temperature → top-k → top-p), per-row stopping at any end-of-sequence id, and timings.
 //! Qwen2-VL prompts may carry images ([`generate_mm`]): the prefill embeds them, and decode
 //! steps continue the M-RoPE positions with the deltas the prefill stored in the KV cache.
+//!
+//! Log-probabilities ([`generate_with_logprobs`], [`token_logprobs`]) are those of the model's
+//! raw distribution: `log_softmax` of the logits before temperature, top-k and top-p (vLLM's
+//! default `raw_logprobs`; transformers' `generate(output_logits=True)` logits through
+//! `log_softmax`), whatever the sampling settings. They cost nothing when not asked for.
 pub mod pipeline;
 use std::time::Instant;
 
@@ -89,10 +94,24 @@ impl GenerationStats {
     }
 }
 
+/// One generated token's log-probability under the model's raw distribution (`log_softmax`
+/// of the logits, before temperature, top-k and top-p), with the most likely tokens of that
+/// step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token_id: i64,
+    pub logprob: f32,
+    /// The `k` most likely tokens of the step, most likely first: `(id, logprob)`.
+    pub top: Vec<(i64, f32)>,
+}
+
 /// New tokens per prompt, and timings.
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub tokens: Vec<Vec<i64>>,
+    /// Per prompt, one entry per new token when log-probabilities were asked for
+    /// ([`generate_with_logprobs`]); empty otherwise.
+    pub logprobs: Vec<Vec<TokenLogprob>>,
     pub stats: GenerationStats,
 }
 
@@ -146,6 +165,53 @@ pub fn warp_logits(logits: &Tensor, temperature: f64, top_k: usize, top_p: f64) 
     Ok(scores)
 }
 
+/// The log-probability of `chosen[i]` and the `top[i]` most likely tokens of each row `i` of
+/// `[B, V]` logits whose `top[i]` is `Some` (`log_softmax` in f32 of the raw logits); `None`
+/// for the other rows, which cost nothing. One transfer to the CPU for the whole batch.
+pub fn token_logprobs(
+    logits: &Tensor,
+    chosen: &[i64],
+    top: &[Option<usize>],
+) -> Result<Vec<Option<TokenLogprob>>> {
+    let mut out = vec![None; top.len()];
+    let rows: Vec<i64> = (0..top.len()).filter(|&i| top[i].is_some()).map(|i| i as i64).collect();
+    if rows.is_empty() {
+        return Ok(out);
+    }
+    let (b, vocab) = logits.size2()?;
+    if b != top.len() as i64 || chosen.len() != top.len() {
+        bail!(
+            "token_logprobs: {b} rows of logits, {} chosen tokens, {} rows asked",
+            chosen.len(),
+            top.len()
+        );
+    }
+    let device = logits.device();
+    let idx = Tensor::f_from_slice(&rows)?.f_to_device(device)?;
+    let logp = logits.f_index_select(0, &idx)?.f_log_softmax(-1, Kind::Float)?;
+    let picked: Vec<i64> = rows.iter().map(|&r| chosen[r as usize]).collect();
+    let picked_t = Tensor::f_from_slice(&picked)?.f_to_device(device)?.f_view([-1, 1])?;
+    let chosen_lp: Vec<f32> = Vec::try_from(
+        &logp.f_gather(1, &picked_t, false)?.f_view([-1])?.f_to_device(Device::Cpu)?,
+    )?;
+    let k = rows.iter().filter_map(|&r| top[r as usize]).max().unwrap_or(0).min(vocab as usize);
+    let (values, ids): (Vec<f32>, Vec<i64>) = if k > 0 {
+        let (v, i) = logp.f_topk(k as i64, -1, true, true)?;
+        (
+            Vec::try_from(&v.f_reshape([-1])?.f_to_device(Device::Cpu)?)?,
+            Vec::try_from(&i.f_reshape([-1])?.f_to_device(Device::Cpu)?)?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    for (n, &r) in rows.iter().enumerate() {
+        let want = top[r as usize].unwrap_or(0).min(k);
+        let top = (0..want).map(|j| (ids[n * k + j], values[n * k + j])).collect();
+        out[r as usize] = Some(TokenLogprob { token_id: picked[n], logprob: chosen_lp[n], top });
+    }
+    Ok(out)
+}
+
 fn next_tokens(logits: &Tensor, params: &SamplingParams) -> Result<Tensor> {
     if params.is_greedy() {
         return Ok(logits.f_argmax(-1, false)?);
@@ -177,6 +243,32 @@ pub fn generate_mm_with_stats(
     images: Option<&VisionInputs>,
     params: &SamplingParams,
 ) -> Result<Generation> {
+    run(model, prompts, images, params, None)
+}
+
+/// Like [`generate_mm_with_stats`], with each new token's log-probability and the `top` most
+/// likely tokens of its step ([`TokenLogprob`]: the raw distribution, before any warper).
+pub fn generate_with_logprobs(
+    model: &PeftModel,
+    prompts: &[Vec<i64>],
+    images: Option<&VisionInputs>,
+    params: &SamplingParams,
+    top: usize,
+) -> Result<Generation> {
+    let vocab = model.config().vocab_size as usize;
+    if top > vocab {
+        bail!("logprobs: {top} top tokens asked but the vocabulary has {vocab}");
+    }
+    run(model, prompts, images, params, Some(top))
+}
+
+fn run(
+    model: &PeftModel,
+    prompts: &[Vec<i64>],
+    images: Option<&VisionInputs>,
+    params: &SamplingParams,
+    top: Option<usize>,
+) -> Result<Generation> {
     params.validate()?;
     let cfg = model.config();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -205,7 +297,11 @@ pub fn generate_mm_with_stats(
     let batch = prompts.len();
     let mut stats = GenerationStats::default();
     if batch == 0 || params.max_new_tokens == 0 {
-        return Ok(Generation { tokens: vec![Vec::new(); batch], stats });
+        return Ok(Generation {
+            tokens: vec![Vec::new(); batch],
+            logprobs: vec![Vec::new(); batch],
+            stats,
+        });
     }
     let device = model.device();
     let b = batch as i64;
@@ -227,6 +323,8 @@ pub fn generate_mm_with_stats(
         let mut attention = Tensor::f_from_slice(&mask)?.f_view([b, width])?.f_to_device(device)?;
         let mut cache = model.new_cache(b);
         let mut out: Vec<Vec<i64>> = vec![Vec::new(); batch];
+        let mut out_logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); batch];
+        let asked = vec![top; batch];
         let mut finished = vec![false; batch];
 
         let start = Instant::now();
@@ -242,6 +340,10 @@ pub fn generate_mm_with_stats(
         let mut next = next_tokens(&logits, params)?;
         synchronize(device);
         let mut step_tokens: Vec<i64> = Vec::try_from(&next.f_to_device(Device::Cpu)?)?;
+        let mut step_logprobs = match top {
+            Some(_) => token_logprobs(&logits, &step_tokens, &asked)?,
+            None => Vec::new(),
+        };
         stats.prefill_seconds = start.elapsed().as_secs_f64();
 
         let decode_start = Instant::now();
@@ -257,6 +359,9 @@ pub fn generate_mm_with_stats(
                     finished[row] = true;
                 } else {
                     out[row].push(tok);
+                    if let Some(lp) = step_logprobs.get_mut(row).and_then(Option::take) {
+                        out_logprobs[row].push(lp);
+                    }
                 }
             }
             if step + 1 == params.max_new_tokens || finished.iter().all(|&f| f) {
@@ -280,10 +385,13 @@ pub fn generate_mm_with_stats(
             )?;
             stats.decode_steps += 1;
             step_tokens = Vec::try_from(&next_tokens(&logits, params)?.f_to_device(Device::Cpu)?)?;
+            if top.is_some() {
+                step_logprobs = token_logprobs(&logits, &step_tokens, &asked)?;
+            }
         }
         synchronize(device);
         stats.decode_seconds = decode_start.elapsed().as_secs_f64();
-        Ok(Generation { tokens: out, stats })
+        Ok(Generation { tokens: out, logprobs: out_logprobs, stats })
     })
 }
 
@@ -321,6 +429,26 @@ mod tests {
         let w = warp_logits(&row(&[1.0, -2.0]), 0.5, 0, 1.0).unwrap();
         let v: Vec<f32> = Vec::try_from(&w.reshape([-1])).unwrap();
         assert_eq!(v, vec![2.0, -4.0]);
+    }
+
+    #[test]
+    fn logprobs_are_the_raw_log_softmax_for_the_rows_that_ask() {
+        // probabilities 0.5, 0.25, 0.125, 0.125 in row 0, uniform in row 1
+        let l = Tensor::from_slice(&[2.0f32, 1.0, 0.0, 0.0, 3.0, 3.0, 3.0, 3.0]).view([2, 4]);
+        let l = l.log_softmax(-1, Kind::Float) + 7.0; // a shift changes nothing
+        let got = token_logprobs(&l, &[1, 3], &[Some(2), None]).unwrap();
+        assert!(got[1].is_none());
+        let r0 = got[0].as_ref().unwrap();
+        let z = (2f32.exp() + 1f32.exp() + 2.0).ln();
+        assert_eq!(r0.token_id, 1);
+        assert!((r0.logprob - (1.0 - z)).abs() < 1e-6, "{r0:?}");
+        assert_eq!(r0.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert!((r0.top[0].1 - (2.0 - z)).abs() < 1e-6);
+        let got = token_logprobs(&l, &[0, 2], &[Some(0), Some(9)]).unwrap();
+        assert!(got[0].as_ref().unwrap().top.is_empty());
+        let r1 = got[1].as_ref().unwrap();
+        assert_eq!(r1.top.len(), 4, "k is capped by the vocabulary");
+        assert!((r1.logprob - 0.25f32.ln()).abs() < 1e-6);
     }
 
     #[test]

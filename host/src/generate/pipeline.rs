@@ -7,7 +7,9 @@ use ferrotune_plugin_api::Message;
 use tch::{Device, Kind};
 
 use crate::data::ImagePrep;
-use crate::generate::{generate_mm, SamplingParams};
+use crate::generate::{
+    generate_mm_with_stats, generate_with_logprobs, SamplingParams, TokenLogprob,
+};
 use crate::model::{CausalLM, VisionInputs};
 use crate::peft::adapters::AttachReport;
 use crate::peft::PeftModel;
@@ -31,6 +33,8 @@ pub struct SamplingChoice {
 pub struct Completion {
     pub text: String,
     pub token_ids: Vec<i64>,
+    /// One per token of `token_ids` when log-probabilities were asked for, else empty.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// A loaded model directory ready to generate text.
@@ -172,9 +176,38 @@ impl TextGenerator {
         images: Option<&VisionInputs>,
         params: &SamplingParams,
     ) -> Result<Vec<Completion>> {
-        generate_mm(&self.model, prompts, images, params)?
+        self.finish(generate_mm_with_stats(&self.model, prompts, images, params)?)
+    }
+
+    /// [`TextGenerator::complete_mm`] with each new token's log-probability and the `top` most
+    /// likely tokens of its step (the model's raw distribution, before any sampling warper).
+    pub fn complete_with_logprobs(
+        &self,
+        prompts: &[Vec<i64>],
+        images: Option<&VisionInputs>,
+        params: &SamplingParams,
+        top: usize,
+    ) -> Result<Vec<Completion>> {
+        self.finish(generate_with_logprobs(&self.model, prompts, images, params, top)?)
+    }
+
+    fn finish(&self, gen: crate::generate::Generation) -> Result<Vec<Completion>> {
+        let mut logprobs = gen.logprobs.into_iter();
+        gen.tokens
             .into_iter()
-            .map(|ids| Ok(Completion { text: self.tokenizer.decode(&ids, true)?, token_ids: ids }))
+            .map(|ids| {
+                Ok(Completion {
+                    text: self.tokenizer.decode(&ids, true)?,
+                    token_ids: ids,
+                    logprobs: logprobs.next().unwrap_or_default(),
+                })
+            })
             .collect()
+    }
+
+    /// The text of one token as OpenAI's and vLLM's logprobs show it: the token decoded alone,
+    /// special tokens kept (a token that is part of a multi-byte character shows `\u{FFFD}`).
+    pub fn token_text(&self, id: i64) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
     }
 }

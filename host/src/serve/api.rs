@@ -13,6 +13,15 @@
 //! workers (`--image-workers`) within a time budget (`--image-timeout-secs`), so that the engine
 //! thread, which every running request shares, only tokenizes and runs the model. Refusals name
 //! the request field at fault (`messages[0].content[1].image_url`).
+//!
+//! Log-probabilities: the chat endpoint's `logprobs: true` with `top_logprobs` 0..=20 answers
+//! `choices[0].logprobs.content[j] = {token, logprob, bytes, top_logprobs: [{token, logprob,
+//! bytes}]}`; the completions endpoint's integer `logprobs` (0..=20) answers OpenAI's legacy
+//! `{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}` (the top tokens plus
+//! the chosen one). Both streamed too, each chunk carrying the tokens that arrived since the
+//! last. They are the model's raw distribution: `log_softmax` of the logits before
+//! temperature, top-k and top-p (vLLM's default `raw_logprobs`); a token's text is the token
+//! decoded alone, `bytes` its UTF-8 bytes, and `-inf` is shown as -9999.0 as OpenAI does.
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -30,7 +39,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::engine::{Command, Event, GenRequest, PromptInput, MAX_STOP_SEQUENCES};
+use super::engine::{
+    Command, Event, GenRequest, PromptInput, StepLogprobs, TokenInfo, MAX_STOP_SEQUENCES,
+};
 use super::error::ApiError;
 use crate::data::images::{ImagePrep, IMAGE_PLACEHOLDER};
 use crate::data::EncodeError;
@@ -277,7 +288,16 @@ struct Sampling {
     /// vLLM's extension: the generated token ids in each choice.
     #[serde(default)]
     return_token_ids: bool,
+    /// Chat: `true` for each token's log-probability; completions: how many top tokens
+    /// (0..=[`MAX_TOP_LOGPROBS`]) with each token's log-probability.
+    logprobs: Option<Value>,
+    /// Chat: how many most likely tokens with each token (0..=[`MAX_TOP_LOGPROBS`]).
+    top_logprobs: Option<Value>,
 }
+
+/// `top_logprobs` (chat) and `logprobs` (completions) at most, as vLLM's default
+/// `max_logprobs` and OpenAI's chat limit.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
 
 #[derive(Deserialize)]
 struct CompletionRequest {
@@ -331,6 +351,53 @@ impl Sampling {
             return Err(bad("`stop` sequences must not be empty".into()));
         }
         Ok(list)
+    }
+
+    /// How many top tokens to return with each token's log-probability (`None`: no
+    /// log-probabilities): chat `logprobs: true` + `top_logprobs`, completions `logprobs: N`.
+    fn logprobs(&self, chat: bool) -> Result<Option<usize>, ApiError> {
+        let count = |v: &Value, field: &'static str| {
+            v.as_u64().filter(|&k| k <= MAX_TOP_LOGPROBS).map(|k| k as usize).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "`{field}` must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {v}"
+                ))
+                .code("invalid_logprobs")
+                .param(field)
+            })
+        };
+        let top = self.top_logprobs.as_ref().filter(|v| !v.is_null());
+        if !chat {
+            if top.is_some() {
+                return Err(ApiError::bad_request(
+                    "`top_logprobs` is a chat field; /v1/completions takes `logprobs: N` (0..=20)",
+                )
+                .code("invalid_logprobs")
+                .param("top_logprobs"));
+            }
+            return match &self.logprobs {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => count(v, "logprobs").map(Some),
+            };
+        }
+        let on = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(v) => {
+                return Err(ApiError::bad_request(format!(
+                    "`logprobs` must be true or false on /v1/chat/completions, got {v} (the number of top tokens is `top_logprobs`)"
+                ))
+                .code("invalid_logprobs")
+                .param("logprobs"))
+            }
+        };
+        match (on, top) {
+            (false, None) => Ok(None),
+            (false, Some(_)) => Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`")
+                .code("invalid_logprobs")
+                .param("top_logprobs")),
+            (true, None) => Ok(Some(0)),
+            (true, Some(v)) => count(v, "top_logprobs").map(Some),
+        }
     }
 
     fn choice(&self, limit: usize) -> Result<SamplingChoice, ApiError> {
@@ -658,9 +725,9 @@ async fn run(
     sampling: Sampling,
     chat: bool,
 ) -> Response {
-    let (choice, stop) = match sampling
+    let (choice, stop, logprobs) = match sampling
         .choice(st.max_tokens_limit)
-        .and_then(|c| Ok((c, sampling.stop_sequences()?)))
+        .and_then(|c| Ok((c, sampling.stop_sequences()?, sampling.logprobs(chat)?)))
     {
         Ok(c) => c,
         Err(e) => return e.into_response(),
@@ -672,6 +739,7 @@ async fn run(
         choice,
         seed: sampling.seed,
         stop,
+        logprobs,
         vision,
         events: tx,
     };
@@ -688,16 +756,25 @@ async fn run(
     };
     let id = st.next_id(if chat { "chatcmpl" } else { "cmpl" });
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let shape = Shape { id, created, model, chat, return_token_ids: sampling.return_token_ids };
+    let shape = Shape {
+        id,
+        created,
+        model,
+        chat,
+        return_token_ids: sampling.return_token_ids,
+        logprobs: logprobs.is_some(),
+    };
     if sampling.stream {
         let include_usage = sampling.stream_options.unwrap_or_default().include_usage;
         return stream(shape, prompt_tokens, include_usage, rx);
     }
+    let mut steps = Vec::new();
     loop {
         match rx.recv().await {
-            Some(Event::Token { .. }) | Some(Event::Start { .. }) => {}
+            Some(Event::Token { logprobs, .. }) => steps.extend(logprobs),
+            Some(Event::Start { .. }) => {}
             Some(Event::Done { finish_reason, text, token_ids, prompt_tokens }) => {
-                return Json(shape.full(&text, &token_ids, finish_reason, prompt_tokens))
+                return Json(shape.full(&text, &token_ids, &steps, finish_reason, prompt_tokens))
                     .into_response();
             }
             Some(Event::Error(e)) => return e.into_response(),
@@ -716,6 +793,8 @@ struct Shape {
     model: String,
     chat: bool,
     return_token_ids: bool,
+    /// The request asked for log-probabilities.
+    logprobs: bool,
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -731,11 +810,61 @@ impl Shape {
         }
     }
 
-    fn full(&self, text: &str, ids: &[i64], finish: &str, prompt_tokens: usize) -> Value {
+    /// The `logprobs` of a choice (or chunk) holding `steps`, `text_start` characters into the
+    /// completion's text (the legacy shape's `text_offset`); null when not asked for.
+    fn logprobs(&self, steps: &[StepLogprobs], text_start: usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        if self.chat {
+            let entry = |t: &TokenInfo| json!({"token": t.text, "logprob": shown(t.logprob), "bytes": t.text.as_bytes()});
+            let content: Vec<Value> = steps
+                .iter()
+                .map(|s| {
+                    let mut e = entry(&s.chosen);
+                    e["top_logprobs"] = s.top.iter().map(entry).collect();
+                    e
+                })
+                .collect();
+            return json!({"content": content, "refusal": null});
+        }
+        let mut offset = text_start;
+        let mut text_offset = Vec::with_capacity(steps.len());
+        for s in steps {
+            text_offset.push(offset);
+            offset += s.chosen.text.chars().count();
+        }
+        let top: Vec<Value> = steps
+            .iter()
+            .map(|s| {
+                let mut m = serde_json::Map::new();
+                for t in s.top.iter().chain(std::iter::once(&s.chosen)) {
+                    m.insert(t.text.clone(), json!(shown(t.logprob)));
+                }
+                Value::Object(m)
+            })
+            .collect();
+        json!({
+            "tokens": steps.iter().map(|s| s.chosen.text.as_str()).collect::<Vec<_>>(),
+            "token_logprobs": steps.iter().map(|s| shown(s.chosen.logprob)).collect::<Vec<_>>(),
+            "top_logprobs": top,
+            "text_offset": text_offset,
+        })
+    }
+
+    fn full(
+        &self,
+        text: &str,
+        ids: &[i64],
+        steps: &[StepLogprobs],
+        finish: &str,
+        prompt_tokens: usize,
+    ) -> Value {
+        let logprobs = self.logprobs(steps, 0);
         let mut choice = if self.chat {
-            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null})
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": logprobs})
         } else {
-            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null})
+            json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs})
         };
         if self.return_token_ids {
             choice["token_ids"] = json!(ids);
@@ -744,7 +873,14 @@ impl Shape {
                "choices": [choice], "usage": usage(prompt_tokens, ids.len())})
     }
 
-    fn chunk(&self, delta: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+    /// A streamed chunk; `logprobs`: the chunk's `logprobs` value.
+    fn chunk(
+        &self,
+        delta: Option<&str>,
+        finish: Option<&str>,
+        first: bool,
+        logprobs: Value,
+    ) -> Value {
         let choice = if self.chat {
             let mut d = json!({});
             if first {
@@ -753,20 +889,26 @@ impl Shape {
             if let Some(t) = delta {
                 d["content"] = json!(t);
             }
-            json!({"index": 0, "delta": d, "finish_reason": finish, "logprobs": null})
+            json!({"index": 0, "delta": d, "finish_reason": finish, "logprobs": logprobs})
         } else {
-            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+            json!({"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": logprobs})
         };
         json!({"id": self.id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]})
     }
+}
+
+/// A log-probability as OpenAI shows it: `-inf` (a token the model rules out) as -9999.0.
+fn shown(logprob: f32) -> f32 {
+    logprob.max(-9999.0)
 }
 
 fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
-/// Server-sent events: a chunk per piece of text, a last chunk with `finish_reason`, the
-/// usage chunk when asked (`stream_options.include_usage`), then `data: [DONE]`.
+/// Server-sent events: a chunk per piece of text (with the log-probabilities of the tokens
+/// that arrived since the last chunk, when asked), a last chunk with `finish_reason` (and
+/// the log-probabilities not sent yet), the usage chunk when asked (`stream_options.include_usage`), then `data: [DONE]`.
 fn stream(
     shape: Shape,
     prompt_tokens: usize,
@@ -778,26 +920,43 @@ fn stream(
         shape: Shape,
         first: bool,
         done: bool,
+        /// Log-probabilities of tokens not sent yet (their text may be held back).
+        pending: Vec<StepLogprobs>,
+        /// Characters of the completion's text sent so far (legacy `text_offset`).
+        sent_chars: usize,
     }
-    let state = St { rx, shape, first: true, done: false };
+    impl St {
+        /// The `logprobs` of the next chunk: those pending, sent now.
+        fn take_logprobs(&mut self) -> Value {
+            let steps = std::mem::take(&mut self.pending);
+            let v = self.shape.logprobs(&steps, self.sent_chars);
+            self.sent_chars += steps.iter().map(|s| s.chosen.text.chars().count()).sum::<usize>();
+            v
+        }
+    }
+    let state = St { rx, shape, first: true, done: false, pending: Vec::new(), sent_chars: 0 };
     let body = futures_util::stream::unfold(state, move |mut s| async move {
         if s.done {
             return None;
         }
         loop {
             let out = match s.rx.recv().await {
-                Some(Event::Token { text, .. }) => {
+                Some(Event::Token { text, logprobs, .. }) => {
+                    s.pending.extend(logprobs);
                     if text.is_empty() && !(s.first && s.shape.chat) {
                         continue;
                     }
-                    let b = sse(&s.shape.chunk(Some(&text), None, s.first));
+                    let lp = s.take_logprobs();
+                    let b = sse(&s.shape.chunk(Some(&text), None, s.first, lp));
                     s.first = false;
                     b
                 }
                 Some(Event::Done { finish_reason, token_ids, .. }) => {
-                    let mut b = sse(&s.shape.chunk(None, Some(finish_reason), s.first)).to_vec();
+                    let lp = if s.pending.is_empty() { Value::Null } else { s.take_logprobs() };
+                    let mut b =
+                        sse(&s.shape.chunk(None, Some(finish_reason), s.first, lp)).to_vec();
                     if include_usage {
-                        let mut u = s.shape.chunk(None, None, false);
+                        let mut u = s.shape.chunk(None, None, false, Value::Null);
                         u["choices"] = json!([]);
                         u["usage"] = usage(prompt_tokens, token_ids.len());
                         b.extend_from_slice(&sse(&u));

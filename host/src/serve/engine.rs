@@ -14,6 +14,11 @@
 //! a seeded request does not depend on its neighbours, and checks its stop sequences as its
 //! text grows, streaming only text that cannot be the start of one.
 //!
+//! A request may ask for log-probabilities (`logprobs`): each of its tokens then carries its
+//! log-probability and the step's most likely tokens under the model's raw distribution
+//! (`log_softmax` of the logits before temperature, top-k and top-p, vLLM's default), computed
+//! for the rows that ask only.
+//!
 //! A row keeps the adapter it started with: adapters are attached under an internal name
 //! (`name@N`), so an unload (or a reload under the same name) only takes the public name
 //! away; the attached layers stay until the last row using them finishes.
@@ -32,7 +37,7 @@ use tch::{Device, Kind, Tensor};
 use super::error::ApiError;
 use crate::data::images::ImagePrep;
 use crate::generate::pipeline::{SamplingChoice, TextGenerator};
-use crate::generate::{warp_logits, SamplingParams};
+use crate::generate::{token_logprobs, warp_logits, SamplingParams, TokenLogprob};
 use crate::model::linear::LinearMode;
 use crate::model::{ForwardArgs, KvCache, VisionInputs};
 use crate::peft::adapters::CAP_INIT_REWRITES_BASE;
@@ -113,6 +118,9 @@ pub struct GenRequest {
     pub seed: Option<u64>,
     /// Stop sequences: generation ends before the first of them, which is not returned.
     pub stop: Vec<String>,
+    /// Log-probabilities with each token and this many most likely tokens of each step
+    /// (`Some(0)`: the token's own only); `None`: none.
+    pub logprobs: Option<usize>,
     /// The pixel values and grids of a chat prompt's images, prepared off the engine thread;
     /// its messages already hold each image's block of vision tokens (a vision-language
     /// model only).
@@ -128,10 +136,13 @@ pub enum Event {
     Start {
         prompt_tokens: usize,
     },
-    /// One new token and the text it adds (may be empty while a character is incomplete).
+    /// One new token and the text it adds (may be empty while a character is incomplete);
+    /// its log-probabilities when the request asked for them (`id` -1: the rest of the text
+    /// at the end, no token).
     Token {
         id: i64,
         text: String,
+        logprobs: Option<StepLogprobs>,
     },
     /// Finished: `stop` (an end-of-sequence token or a stop sequence) or `length`
     /// (`max_tokens`); the full text (without the stop sequence).
@@ -142,6 +153,22 @@ pub enum Event {
         prompt_tokens: usize,
     },
     Error(ApiError),
+}
+
+/// A token as logprobs show it: its id, its text decoded alone, and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub id: i64,
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// One generated token's log-probability and the most likely tokens of its step (most likely
+/// first), under the model's raw distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLogprobs {
+    pub chosen: TokenInfo,
+    pub top: Vec<TokenInfo>,
 }
 
 /// Work for the engine.
@@ -184,6 +211,7 @@ struct Admitted {
     params: SamplingParams,
     rng: RowRng,
     vision: Option<VisionInputs>,
+    logprobs: Option<usize>,
 }
 
 /// One running request.
@@ -194,6 +222,8 @@ struct Row {
     /// The row's own sampling generator (unused by greedy rows).
     rng: RowRng,
     stop: Vec<String>,
+    /// Log-probabilities with each token, and this many top tokens.
+    logprobs: Option<usize>,
     prompt_tokens: usize,
     generated: Vec<i64>,
     /// The text streamed so far.
@@ -800,18 +830,18 @@ impl Engine {
         }
         let _ = req.events.send(Event::Start { prompt_tokens: ids.len() });
         let rng = req.seed.map_or_else(RowRng::unseeded, RowRng::new);
-        Ok(Admitted { ids, internal, params, rng, vision })
+        Ok(Admitted { ids, internal, params, rng, vision, logprobs: req.logprobs })
     }
 
     /// Runs one request's prompt alone, reports its first token and joins it to a batch.
     fn prefill(&mut self, req: GenRequest, admitted: Admitted) -> Result<()> {
-        let Admitted { ids, internal, params, mut rng, vision } = admitted;
+        let Admitted { ids, internal, params, mut rng, vision, logprobs } = admitted;
         let mixes = internal
             .as_deref()
             .is_none_or(|i| self.adapters.iter().any(|s| s.internal == i && s.mixes));
         let model = &self.gen.model;
         let device = model.device();
-        let result = tch::no_grad(|| -> Result<(KvCache, Tensor, i64)> {
+        let result = tch::no_grad(|| -> Result<(KvCache, Tensor, i64, Option<TokenLogprob>)> {
             let l = ids.len() as i64;
             let input = Tensor::f_from_slice(&ids)?.f_view([1, l])?.f_to_device(device)?;
             let mask = Tensor::f_ones([1, l], (Kind::Int64, device))?;
@@ -826,9 +856,10 @@ impl Engine {
                     .last(),
             )?;
             let tok = pick_tokens(&logits, &mut [(&params, &mut rng)])?[0];
-            Ok((cache, mask, tok))
+            let lp = token_logprobs(&logits, &[tok], &[logprobs])?.pop().flatten();
+            Ok((cache, mask, tok, lp))
         });
-        let (cache, mask, tok) = match result {
+        let (cache, mask, tok, lp) = match result {
             Ok(x) => x,
             Err(e) => {
                 let _ = req.events.send(Event::Error(ApiError::new(
@@ -845,12 +876,13 @@ impl Engine {
             params,
             rng,
             stop: req.stop,
+            logprobs,
             prompt_tokens: ids.len(),
             generated: Vec::new(),
             sent: String::new(),
             last: tok,
         };
-        if self.accept(&mut row, tok) {
+        if self.accept(&mut row, tok, lp) {
             self.release(row.internal.as_deref());
             return Ok(());
         }
@@ -881,7 +913,7 @@ impl Engine {
     /// Takes token `tok` for `row`: streams the text that is final (not an incomplete
     /// character, not what may be the start of a stop sequence); true when the row is finished
     /// (end-of-sequence, a stop sequence, `max_tokens`, or the client went away).
-    fn accept(&self, row: &mut Row, tok: i64) -> bool {
+    fn accept(&self, row: &mut Row, tok: i64, lp: Option<TokenLogprob>) -> bool {
         let finish = if row.params.eos_token_ids.contains(&tok) {
             Some("stop")
         } else {
@@ -904,7 +936,8 @@ impl Engine {
                     row.sent = text[..ready].to_string();
                 }
             }
-            if row.events.send(Event::Token { id: tok, text: delta }).is_err() {
+            let logprobs = lp.map(|lp| self.step_logprobs(&lp));
+            if row.events.send(Event::Token { id: tok, text: delta, logprobs }).is_err() {
                 return true; // the client is gone
             }
             finish
@@ -916,9 +949,11 @@ impl Engine {
                     text.truncate(cut);
                 }
                 if text.len() > row.sent.len() && text.starts_with(row.sent.as_str()) {
-                    let _ = row
-                        .events
-                        .send(Event::Token { id: -1, text: text[row.sent.len()..].to_string() });
+                    let _ = row.events.send(Event::Token {
+                        id: -1,
+                        text: text[row.sent.len()..].to_string(),
+                        logprobs: None,
+                    });
                 }
                 self.stats.finished.fetch_add(1, Ordering::Relaxed);
                 let _ = row.events.send(Event::Done {
@@ -930,6 +965,19 @@ impl Engine {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Log-probabilities with the tokens' texts, for the API.
+    fn step_logprobs(&self, lp: &TokenLogprob) -> StepLogprobs {
+        let info = |id: i64, logprob: f32| TokenInfo {
+            id,
+            text: self.gen.tokenizer.decode(&[id], false).unwrap_or_default(),
+            logprob,
+        };
+        StepLogprobs {
+            chosen: info(lp.token_id, lp.logprob),
+            top: lp.top.iter().map(|&(id, l)| info(id, l)).collect(),
         }
     }
 
@@ -963,7 +1011,7 @@ impl Engine {
             &mut self.batches[bi],
             Batch { key: None, rows: Vec::new(), cache: KvCache::new(0, 0), mask: None },
         );
-        let result = tch::no_grad(|| -> Result<Vec<i64>> {
+        let result = tch::no_grad(|| -> Result<(Vec<i64>, Vec<Option<TokenLogprob>>)> {
             let tokens: Vec<i64> = batch.rows.iter().map(|r| r.last).collect();
             let names: Vec<Option<&str>> =
                 batch.rows.iter().map(|r| r.internal.as_deref()).collect();
@@ -976,9 +1024,12 @@ impl Engine {
             let logits = decode_step(&self.gen.model, &mut batch.cache, mask, &tokens, &names)?;
             let mut rows: Vec<(&SamplingParams, &mut RowRng)> =
                 batch.rows.iter_mut().map(|r| (&r.params, &mut r.rng)).collect();
-            pick_tokens(&logits, &mut rows)
+            let picks = pick_tokens(&logits, &mut rows)?;
+            let asked: Vec<Option<usize>> = batch.rows.iter().map(|r| r.logprobs).collect();
+            let lps = token_logprobs(&logits, &picks, &asked)?;
+            Ok((picks, lps))
         });
-        let picks = match result {
+        let (picks, lps) = match result {
             Ok(p) => p,
             Err(e) => {
                 self.batches[bi] = batch;
@@ -987,8 +1038,8 @@ impl Engine {
         };
         let mut keep = Vec::new();
         let mut done = Vec::new();
-        for (i, (row, tok)) in batch.rows.iter_mut().zip(picks).enumerate() {
-            if self.accept(row, tok) {
+        for (i, ((row, tok), lp)) in batch.rows.iter_mut().zip(picks).zip(lps).enumerate() {
+            if self.accept(row, tok, lp) {
                 done.push(i);
             } else {
                 keep.push(i as i64);

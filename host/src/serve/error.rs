@@ -1,5 +1,5 @@
 //! The server's refusals, as OpenAI shapes them: an HTTP status and
-//! `{"error": {"message", "type", "code"}}` (plus `models`, the loaded names, on a 404 for an
+//! `{"error": {"message", "type", "code", "param"}}` (`param`: the request field at fault, when one is) (plus `models`, the loaded names, on a 404 for an
 //! unknown model), with a `Retry-After` header when waiting helps.
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -15,6 +15,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub message: String,
     pub code: Option<&'static str>,
+    /// The request field at fault (OpenAI's `param`), when one is.
+    pub param: Option<&'static str>,
     /// The names a request may use, when it named an unknown one.
     pub names: Option<Vec<String>>,
     /// Seconds after which a retry may succeed (the `Retry-After` header).
@@ -23,7 +25,15 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, message: message.into(), code: None, names: None, retry_after: None }
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            code: None,
+            param: None,
+            names: None,
+            retry_after: None,
+        }
     }
 
     /// 400 `invalid_request_error`.
@@ -33,6 +43,11 @@ impl ApiError {
 
     pub fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
+        self
+    }
+
+    pub fn param(mut self, field: &'static str) -> Self {
+        self.param = Some(field);
         self
     }
 
@@ -49,6 +64,9 @@ impl ApiError {
     /// The JSON body.
     pub fn body(&self) -> serde_json::Value {
         let mut error = json!({"message": self.message, "type": self.kind, "code": self.code});
+        if let Some(param) = self.param {
+            error["param"] = json!(param);
+        }
         if let Some(names) = &self.names {
             error["models"] = json!(names);
         }
