@@ -6,10 +6,10 @@ use tch::Tensor;
 
 use super::encode::{Encoded, IGNORE_INDEX};
 use super::images::{grid_tensor, ImagePrep, SampleImage};
-use ferrotune_plugin_api::kinds::objective::{IMAGES_PER_PROMPT, VIDEOS_PER_PROMPT};
 use super::layout::{Item, Layout};
 use super::pack::Packed;
-use crate::model::qwen2vl::rope_index;
+use crate::model::qwen2vl::{rope_index, rope_index_vision, RopeInputs};
+use ferrotune_plugin_api::kinds::objective::{IMAGES_PER_PROMPT, VIDEOS_PER_PROMPT};
 
 /// Rows right-padded to one width: ids, attention mask and completion mask (the labelled
 /// tokens), each int64 `[rows, T]`.
@@ -99,7 +99,10 @@ fn prompt_tensors(
         };
         // A prompt's items are its images, then its videos.
         let count = |video: bool| -> Vec<usize> {
-            images.iter().map(|i| i.iter().filter(|im| im.video.is_some() == video).count()).collect()
+            images
+                .iter()
+                .map(|i| i.iter().filter(|im| im.video.is_some() == video).count())
+                .collect()
         };
         let (image_counts, video_counts) = (count(false), count(true));
         if image_counts.iter().any(|&n| n > 0) {
@@ -236,6 +239,8 @@ fn packed_tensors(items: &[&Item], pad_id: i64, prep: Option<&ImagePrep>) -> Res
         image_id: p.image_pad_id(),
         video_id: p.video_pad_id(),
         merge: p.processor.merge_size as i64,
+        temporal_patch_size: p.processor.temporal_patch_size,
+        tokens_per_second: p.tokens_per_second(),
     });
     tensors.push(("position_ids".into(), packed_positions(&rows, mrope)?));
     if let Some(p) = prep {
@@ -244,12 +249,15 @@ fn packed_tensors(items: &[&Item], pad_id: i64, prep: Option<&ImagePrep>) -> Res
     Ok(tensors)
 }
 
-/// What M-RoPE positions need: Qwen2-VL's image and video pad ids and merge size.
+/// What M-RoPE positions need: the image and video pad ids, the merge size, and for videos
+/// the temporal patch size and Qwen2.5-VL's `tokens_per_second` (`None`: Qwen2-VL).
 #[derive(Clone, Copy, Debug)]
 struct Mrope {
     image_id: i64,
     video_id: Option<i64>,
     merge: i64,
+    temporal_patch_size: u32,
+    tokens_per_second: Option<f64>,
 }
 
 /// `position_ids` of packed rows (each a sequence and its samples' lengths), right-padded to
@@ -296,52 +304,50 @@ fn packed_positions(rows: &[(&Encoded, Vec<usize>)], mrope: Option<Mrope>) -> Re
 
 /// One sample's positions, axis-major (`0..len`, or its three M-RoPE axes), taking the images
 /// and then the videos its pad tokens hold from `images` (a sample's items are its images,
-/// then its videos). Qwen2-VL places a video's patches as an image's with `t` frames, so a
-/// video block is given to `rope_index` as an image block of its grid.
+/// then its videos), as the model computes them for the sample alone.
 fn segment_positions<'a>(
     ids: &[i64],
     images: &mut impl Iterator<Item = &'a SampleImage>,
     mrope: Option<Mrope>,
 ) -> Result<Vec<i64>> {
-    let Some(Mrope { image_id, video_id, merge }) = mrope else {
+    let Some(m) = mrope else {
         return Ok((0..ids.len() as i64).collect());
     };
     let count = |id: Option<i64>| ids.iter().filter(|&&t| Some(t) == id).count();
-    let (mut missing_images, mut missing_videos) = (count(Some(image_id)), count(video_id));
-    let (mut image_grids, mut video_grids) = (Vec::new(), Vec::new());
+    let (mut missing_images, mut missing_videos) = (count(Some(m.image_id)), count(m.video_id));
+    let (mut image_grids, mut video_grids, mut seconds) = (Vec::new(), Vec::new(), Vec::new());
     while missing_images + missing_videos > 0 {
         let Some(im) = images.next() else {
             bail!("its image and video tokens do not match its images' and videos' token counts");
         };
-        let (missing, grids) = if im.video.is_some() {
-            (&mut missing_videos, &mut video_grids)
-        } else {
-            (&mut missing_images, &mut image_grids)
-        };
+        let missing = if im.video.is_some() { &mut missing_videos } else { &mut missing_images };
         if im.tokens > *missing {
             bail!("its image and video tokens do not match its images' and videos' token counts");
         }
         *missing -= im.tokens;
-        grids.push(im.grid_thw);
+        match &im.video {
+            Some(v) => {
+                video_grids.push(im.grid_thw);
+                seconds.push(v.second_per_grid_t(m.temporal_patch_size));
+            }
+            None => image_grids.push(im.grid_thw),
+        }
     }
     if video_grids.is_empty() {
-        return Ok(rope_index(ids, 1, ids.len(), None, &image_grids, image_id, merge)?.positions);
+        return Ok(
+            rope_index(ids, 1, ids.len(), None, &image_grids, m.image_id, m.merge)?.positions
+        );
     }
-    // The grids in the order their blocks appear, every video pad read as an image pad.
-    let (mut next_image, mut next_video) = (image_grids.into_iter(), video_grids.into_iter());
-    let mut grids = Vec::new();
-    let mut as_images = Vec::with_capacity(ids.len());
-    let mut previous = None;
-    for &t in ids {
-        let is_video = Some(t) == video_id;
-        if (t == image_id || is_video) && previous != Some(t) {
-            let next = if is_video { next_video.next() } else { next_image.next() };
-            grids.push(next.ok_or_else(|| anyhow::anyhow!("more vision blocks than items"))?);
-        }
-        previous = Some(t);
-        as_images.push(if is_video { image_id } else { t });
-    }
-    Ok(rope_index(&as_images, 1, ids.len(), None, &grids, image_id, merge)?.positions)
+    let inputs = RopeInputs {
+        image_grid_thw: &image_grids,
+        video_grid_thw: &video_grids,
+        second_per_grid_ts: &seconds,
+        tokens_per_second: m.tokens_per_second,
+        image_token_id: m.image_id,
+        video_token_id: m.video_id.unwrap_or(-1),
+        spatial_merge_size: m.merge,
+    };
+    Ok(rope_index_vision(ids, 1, ids.len(), None, &inputs)?.positions)
 }
 
 /// `input_ids`, `attention_mask` and `labels`, each int64 `[B, T]` with `T` the longest
@@ -526,7 +532,13 @@ mod tests {
             Item::Packed(q) => (&q.seq, q.segments.clone()),
             _ => panic!("a packed row"),
         };
-        let mrope = Mrope { image_id: I, video_id: None, merge: 2 };
+        let mrope = Mrope {
+            image_id: I,
+            video_id: None,
+            merge: 2,
+            temporal_patch_size: 2,
+            tokens_per_second: None,
+        };
         let pos = packed_positions(&[(e, segs.clone()), other], Some(mrope)).unwrap();
         let width = e.input_ids.len() as i64;
         assert_eq!(pos.size(), [3, 2, width]);
@@ -551,7 +563,13 @@ mod tests {
         bad.images.pop();
         let err = packed_positions(
             &[(&bad, segs)],
-            Some(Mrope { image_id: I, video_id: None, merge: 2 }),
+            Some(Mrope {
+                image_id: I,
+                video_id: None,
+                merge: 2,
+                temporal_patch_size: 2,
+                tokens_per_second: None,
+            }),
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("packed row 0"), "{err:#}");

@@ -64,6 +64,8 @@ pub struct ImagePrep {
     image_pad_id: i64,
     /// `<|video_pad|>`'s id (the config's `video_token_id`), `None` for a model without one.
     video_pad_id: Option<i64>,
+    /// Qwen2.5-VL's `vision_config.tokens_per_second` (default 4), `None` for Qwen2-VL.
+    tokens_per_second: Option<f64>,
 }
 
 impl ImagePrep {
@@ -110,6 +112,12 @@ impl ImagePrep {
                 Some(id)
             }
         };
+        let qwen25 = config["model_type"].as_str() == Some("qwen2_5_vl")
+            || config["architectures"].as_array().is_some_and(|a| {
+                a.iter().any(|v| v.as_str().is_some_and(|s| s.starts_with("Qwen2_5_VL")))
+            });
+        let tokens_per_second =
+            qwen25.then(|| config["vision_config"]["tokens_per_second"].as_f64().unwrap_or(4.0));
         let processor = ImageProcessorConfig::from_dir(model_dir)?;
         let merge_size = processor.merge_size;
         Ok(Some(Self {
@@ -121,7 +129,14 @@ impl ImagePrep {
             merge_size,
             image_pad_id: image_token_id,
             video_pad_id,
+            tokens_per_second,
         }))
+    }
+
+    /// Qwen2.5-VL's `tokens_per_second` (temporal M-RoPE positions per second of video),
+    /// `None` for Qwen2-VL.
+    pub fn tokens_per_second(&self) -> Option<f64> {
+        self.tokens_per_second
     }
 
     pub fn image_pad_id(&self) -> i64 {
