@@ -310,6 +310,31 @@ fn video_tokens_that_disagree_with_the_grids_are_clear_errors() {
     assert!(e.contains("second_per_grid_ts has 1"), "{e}");
 }
 
+/// Text, an image [1, 4, 8] (8 tokens: two windows), text, a video [2, 4, 4] at 1.5 s per
+/// temporal patch (8 tokens), text; seeded random pixels. Token ids from `model`'s config.
+fn image_video_prompt(model: &PeftModel) -> (Tensor, VisionInputs) {
+    let vl = model.qwen2vl_config().unwrap();
+    let (image, video_id, start, end) =
+        (vl.image_token_id, vl.video_token_id, vl.vision_start_token_id, vl.vision_end_token_id);
+    let mut ids = vec![40i64, 41, start];
+    ids.extend([image; 8]);
+    ids.extend([end, 42, start]);
+    ids.extend([video_id; 8]);
+    ids.extend([end, 43, 44]);
+    let n = ids.len() as i64;
+    tch::manual_seed(0);
+    let vision = VisionInputs {
+        pixel_values: Tensor::randn([32, 1176], (Kind::Float, Device::Cpu)),
+        image_grid_thw: vec![[1, 4, 8]],
+        videos: Some(VideoInputs {
+            pixel_values: Tensor::randn([32, 1176], (Kind::Float, Device::Cpu)),
+            grid_thw: vec![[2, 4, 4]],
+            second_per_grid_ts: vec![1.5],
+        }),
+    };
+    (Tensor::from_slice(&ids).view([1, n]), vision)
+}
+
 #[test]
 fn init_model_tiny_vl25_loads_in_transformers_and_saves_what_it_saves() {
     let root = temp_dir("vl25-init");
@@ -333,27 +358,7 @@ fn init_model_tiny_vl25_loads_in_transformers_and_saves_what_it_saves() {
     assert_eq!(video["video_processor_type"], "Qwen2VLVideoProcessor");
 
     let model = load(&root.join("m"));
-    let vl = model.qwen2vl_config().unwrap();
-    let (image, video_id, start, end) =
-        (vl.image_token_id, vl.video_token_id, vl.vision_start_token_id, vl.vision_end_token_id);
-    // Text, an image [1, 4, 8] (8 tokens: two windows), text, a video [2, 4, 4] (8 tokens), text.
-    let mut ids = vec![40i64, 41, start];
-    ids.extend([image; 8]);
-    ids.extend([end, 42, start]);
-    ids.extend([video_id; 8]);
-    ids.extend([end, 43, 44]);
-    let n = ids.len() as i64;
-    let ids = Tensor::from_slice(&ids).view([1, n]);
-    tch::manual_seed(0);
-    let vision = VisionInputs {
-        pixel_values: Tensor::randn([32, 1176], (Kind::Float, Device::Cpu)),
-        image_grid_thw: vec![[1, 4, 8]],
-        videos: Some(VideoInputs {
-            pixel_values: Tensor::randn([32, 1176], (Kind::Float, Device::Cpu)),
-            grid_thw: vec![[2, 4, 4]],
-            second_per_grid_ts: vec![1.5],
-        }),
-    };
+    let (ids, vision) = image_video_prompt(&model);
     let run = |m: &PeftModel| {
         tch::no_grad(|| {
             m.forward(ForwardArgs::ids(&ids).images(Some(&vision)).mode(LinearMode::BASE))
@@ -450,5 +455,138 @@ open(sys.argv[5], "w").write(json.dumps(texts))
     assert_eq!(keys("saved"), keys("m"));
     assert!(keys("saved").iter().any(|k| k == "visual.blocks.0.mlp.gate_proj.bias"));
     assert_eq!(max_abs(&run(&load(&root.join("saved"))), &ours), 0.0);
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// `ferrotune train` on the video fixture (frame folders) with the tiny Qwen2.5-VL: a LoRA on
+/// language and vision linears, the same as nf4 QLoRA, and full fine-tuning of the decoder,
+/// tower and merger. transformers and peft then load what was written: peft's logits with the
+/// LoRA adapter, `ferrotune merge`'s merged model and the fully trained model all equal ours.
+#[test]
+fn video_training_lora_qlora_full_and_merge_load_in_transformers_and_peft() {
+    let root = temp_dir("vl25-train");
+    let mut opts = InitOptions::preset("tiny-vl25", qwen2_tokenizer(), root.join("m")).unwrap();
+    opts.dtype = Kind::Float;
+    opts.seed = 5;
+    ferrotune::model::write_random_model(&opts).unwrap();
+    let data = ferrotune_tests::repo_root().join("tests/fixtures/video/frames_demo.json");
+    let train = |name: &str, method: &str| -> Value {
+        let config = root.join(format!("{name}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "model: {model}\noutput_dir: {out}\nseed: 1\ndtype: f32\n{method}\n\
+                 optimizer: {{lr: 1.0e-2}}\nscheduler: {{type: constant}}\n\
+                 data: {{plugin: sharegpt, path: {data}, cutoff_len: 512, video_min_pixels: 3136, \
+                 video_max_pixels: 12544, config: {{columns: {{messages: messages, videos: videos}}, \
+                 tags: {{role_tag: role, content_tag: content, user_tag: user, assistant_tag: assistant}}}}}}\n\
+                 training: {{max_steps: 6, micro_batch_size: 2, progress_bar: false}}\n",
+                model = root.join("m").display(),
+                out = root.join(name).display(),
+                data = data.display(),
+            ),
+        )
+        .unwrap();
+        let o = ferrotune_tests::ferrotune(&["train", config.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", ferrotune_tests::stderr(&o));
+        let summary = json(&root.join(name).join("train_summary.json"));
+        let (first, last) =
+            (summary["first_loss"].as_f64().unwrap(), summary["last_loss"].as_f64().unwrap());
+        eprintln!("{name} on videos: loss {first:.4} -> {last:.4} in 6 steps");
+        assert!(last < first, "{name}: {first} -> {last}");
+        summary
+    };
+    let lora = "adapter: {plugin: lora, r: 8, lora_alpha: 16, lora_dropout: 0.0, \
+                target_modules: [q_proj, v_proj, gate_proj, down_proj, qkv, proj]}";
+    train("lora", lora);
+    train("qlora", &format!("{lora}\nquantization: {{plugin: nf4, compute_dtype: float32}}"));
+    train("full", "finetuning: full\nvision: {freeze_vision_tower: false, tune_merger: true}");
+    let quantized: Vec<String> =
+        serde_json::from_value(json(&root.join("qlora/quantization.json"))["modules"].clone())
+            .unwrap();
+    assert!(
+        !quantized.is_empty() && quantized.iter().all(|m| !m.contains("visual")),
+        "{quantized:?}"
+    );
+    let adapter: Vec<String> =
+        Tensor::read_safetensors(root.join("lora/adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+    for key in [
+        "base_model.model.model.visual.blocks.0.mlp.gate_proj.lora_A.weight",
+        "base_model.model.model.visual.blocks.1.attn.proj.lora_B.weight",
+        "base_model.model.model.language_model.layers.1.mlp.down_proj.lora_A.weight",
+    ] {
+        assert!(adapter.iter().any(|k| k == key), "{key} not in {adapter:?}");
+    }
+    let o = ferrotune_tests::ferrotune(&[
+        "merge",
+        "--model",
+        root.join("m").to_str().unwrap(),
+        "--adapter",
+        root.join("lora").to_str().unwrap(),
+        "--out",
+        root.join("merged").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "merge: {}", ferrotune_tests::stderr(&o));
+
+    let mut model = load(&root.join("m"));
+    let (ids, vision) = image_video_prompt(&model);
+    let run = |m: &PeftModel, mode: LinearMode<'_>| {
+        tch::no_grad(|| m.forward(ForwardArgs::ids(&ids).images(Some(&vision)).mode(mode))).unwrap()
+    };
+    let base = run(&model, LinearMode::BASE);
+    model.load_peft_adapter(&root.join("lora"), &registry()).unwrap();
+    let adapted = run(&model, model.mode(ForwardFlags::NONE, false));
+    let merged = run(&load(&root.join("merged")), LinearMode::BASE);
+    let full = run(&load(&root.join("full")), LinearMode::BASE);
+    assert!(max_abs(&adapted, &base) > 1e-3 && max_abs(&full, &base) > 1e-3, "training moved");
+
+    let io = root.join("io.safetensors");
+    let v = vision.videos.as_ref().unwrap();
+    Tensor::write_safetensors(
+        &[
+            ("ids", &ids),
+            ("pixel_values", &vision.pixel_values),
+            ("pixel_values_videos", &v.pixel_values),
+        ],
+        &io,
+    )
+    .unwrap();
+    let script = r#"
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+from peft import PeftModel
+root = sys.argv[1]
+t = load_file(sys.argv[2])
+def load(d):
+    m, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{root}/{d}", dtype=torch.float32, attn_implementation="sdpa", output_loading_info=True)
+    assert not any(info.values()), (d, info)
+    return m.eval()
+def logits(m):
+    ids = t["ids"]
+    types = (ids == 151655).int() + 2 * (ids == 151656).int()
+    with torch.no_grad():
+        return m(input_ids=ids, pixel_values=t["pixel_values"], image_grid_thw=torch.tensor([[1, 4, 8]]),
+                 pixel_values_videos=t["pixel_values_videos"], video_grid_thw=torch.tensor([[2, 4, 4]]),
+                 second_per_grid_ts=torch.tensor([1.5]), mm_token_type_ids=types).logits.contiguous()
+out = {"peft": logits(PeftModel.from_pretrained(load("m"), f"{root}/lora").eval()),
+       "merged": logits(load("merged")), "full": logits(load("full"))}
+save_file(out, sys.argv[3])
+"#;
+    let py = root.join("check.py");
+    std::fs::write(&py, script).unwrap();
+    let out = root.join("ref.safetensors");
+    run_python(&[py.as_os_str(), root.as_os_str(), io.as_os_str(), out.as_os_str()]);
+    for (name, ours, tol) in
+        [("peft", &adapted, TOLERANCE), ("merged", &merged, 1e-4), ("full", &full, TOLERANCE)]
+    {
+        let d = max_abs(ours, &read(&out, name));
+        eprintln!("trained on videos, {name} in transformers: max abs logit diff {d:.2e}");
+        assert!(d <= tol, "{name}: {d:e}");
+    }
     std::fs::remove_dir_all(root).ok();
 }
