@@ -1178,8 +1178,9 @@ impl CausalLM {
     /// transformers' `generate` computes them, and for Qwen2-VL to the 3-D M-RoPE positions of
     /// `get_rope_index` (the prefill stores each row's delta in the cache). Without a mask every
     /// position is a token. With a `cache`, the input continues the cached positions and is
-    /// appended to it. Images (Qwen2-VL) replace the `<|image_pad|>` tokens in order (row 0's
-    /// first) and can only come with the first call on a cache (the prefill).
+    /// appended to it. Images (Qwen2-VL, Qwen2.5-VL) replace the `<|image_pad|>` tokens in order
+    /// (row 0's first), videos the `<|video_pad|>` tokens; both can only come with the first call
+    /// on a cache (the prefill).
     pub fn forward(&self, args: ForwardArgs<'_>) -> Result<Tensor> {
         let ForwardArgs {
             input,
@@ -1504,7 +1505,8 @@ pub struct ForwardArgs<'a> {
     pub attention_mask: Option<&'a Tensor>,
     /// `[B, T]`, or `[3, B, T]` for Qwen2-VL's M-RoPE (`None`: computed from the mask).
     pub position_ids: Option<&'a Tensor>,
-    /// Qwen2-VL: the images whose embeddings replace the `<|image_pad|>` tokens.
+    /// Qwen2-VL / Qwen2.5-VL: the images and videos whose embeddings replace the
+    /// `<|image_pad|>` and `<|video_pad|>` tokens.
     pub images: Option<&'a VisionInputs>,
     pub cache: Option<&'a mut KvCache>,
     /// The adapter and training mode of the linear layers (`None`: evaluation, through the

@@ -1,6 +1,9 @@
-//! Qwen2-VL (`Qwen2VLForConditionalGeneration`): a Qwen2 decoder under `model.language_model`
-//! with 3-D multimodal rotary positions (M-RoPE), and a vision tower under `model.visual` whose
-//! image embeddings replace the `<|image_pad|>` tokens.
+//! Qwen2-VL (`Qwen2VLForConditionalGeneration`) and Qwen2.5-VL
+//! (`Qwen2_5_VLForConditionalGeneration`): a Qwen2 decoder under `model.language_model` with 3-D
+//! multimodal rotary positions (M-RoPE), and a vision tower under `model.visual` whose image and
+//! video embeddings replace the `<|image_pad|>` and `<|video_pad|>` tokens. Qwen2.5-VL's tower
+//! (RMSNorm, SwiGLU MLPs, window attention) is [`VisionTower`] with `vision_config.qwen25`; its
+//! videos' temporal positions step by `tokens_per_second × second_per_grid_ts`.
 //!
 //! The model itself is a [`CausalLM`](crate::model::CausalLM) with a vision tower, so adapters,
 //! training, merging, saving and generation work on it unchanged; the multimodal entry points
@@ -10,7 +13,8 @@
 //! `model.embed_tokens`, `model.norm`), renamed at load by [`rename_legacy_key`]. Saving writes
 //! the original layout ([`saved_key`]), as transformers 5.24's `save_pretrained` does.
 //!
-//! Reference: transformers `models/qwen2_vl/modeling_qwen2_vl.py`.
+//! Reference: transformers `models/qwen2_vl/modeling_qwen2_vl.py` and
+//! `models/qwen2_5_vl/modeling_qwen2_5_vl.py`.
 pub mod config;
 pub mod rope_index;
 pub mod vision;
