@@ -575,6 +575,72 @@ mod tests {
         assert!(format!("{err:#}").contains("packed row 0"), "{err:#}");
     }
 
+    /// A packed sample with an image and a video gets the positions `get_rope_index` gives it
+    /// alone: its image grid, its video grid and seconds per temporal patch (Qwen2.5-VL's time
+    /// scaling), taken from the sample's own items even when the row's first sample has none.
+    #[test]
+    fn packed_mrope_positions_take_each_samples_videos() {
+        const I: i64 = 9;
+        const V: i64 = 10;
+        let video = |grid_thw: [i64; 3], fps: f64| SampleImage {
+            video: Some(crate::vision::VideoPlan {
+                kind: crate::vision::VideoKind::Frames,
+                total_frames: 4,
+                native_fps: None,
+                indices: vec![0, 1, 2, 3],
+                fps,
+                original_size: (56, 56),
+                resized_size: (56, 56),
+                min_pixels: 0,
+                max_pixels: 0,
+                grid_thw,
+            }),
+            ..image(grid_thw)
+        };
+        let plain = enc(&[8, 8, 8, 8], 0);
+        let mut mixed = enc(&[1, I, 2, V, V, V, V, 3, 4], 0);
+        mixed.images = vec![image([1, 2, 2]), video([2, 2, 4], 0.5)];
+        let row = packed(&[plain.clone(), mixed.clone()]);
+        let Item::Packed(p) = &row else { panic!("a packed row") };
+        let tps = Some(2.0);
+        let m = Mrope {
+            image_id: I,
+            video_id: Some(V),
+            merge: 2,
+            temporal_patch_size: 2,
+            tokens_per_second: tps,
+        };
+        let pos = packed_positions(&[(&p.seq, p.segments.clone())], Some(m)).unwrap();
+        let mut start = 0;
+        for (&len, &r) in p.segments.iter().zip(&p.rows) {
+            let alone = [&plain, &mixed][r];
+            let images: Vec<[i64; 3]> =
+                alone.images.iter().filter(|im| im.video.is_none()).map(|im| im.grid_thw).collect();
+            let videos: Vec<[i64; 3]> =
+                alone.images.iter().filter(|im| im.video.is_some()).map(|im| im.grid_thw).collect();
+            let seconds = vec![4.0; videos.len()]; // 2 frames a patch at 0.5 fps
+            let inputs = RopeInputs {
+                image_grid_thw: &images,
+                video_grid_thw: &videos,
+                second_per_grid_ts: &seconds,
+                tokens_per_second: tps,
+                image_token_id: I,
+                video_token_id: V,
+                spatial_merge_size: 2,
+            };
+            let ids = &alone.input_ids;
+            let want = rope_index_vision(ids, 1, ids.len(), None, &inputs).unwrap().positions;
+            let got = pos.select(1, 0).narrow(1, start, len as i64).reshape([-1]);
+            assert_eq!(Vec::<i64>::try_from(&got).unwrap(), want, "sample {r}");
+            start += len as i64;
+        }
+        // The video's second temporal patch sits 2 · 4 = 8 positions after its first.
+        let t = Vec::<i64>::try_from(pos.select(0, 0).select(0, 0)).unwrap();
+        let at: usize =
+            p.rows.iter().zip(&p.segments).take_while(|(&r, _)| r != 1).map(|(_, &l)| l).sum();
+        assert_eq!(t[at + 5] - t[at + 3], 8, "{t:?}");
+    }
+
     #[test]
     fn sequences_are_right_padded_through_the_layout() {
         let (a, b) = (Item::Seq(enc(&[5, 6, 7], 1)), Item::Seq(enc(&[8], 0)));

@@ -35,7 +35,7 @@ pub use collate::collate;
 pub use encode::{
     encode_pair, encode_sample, preview, EncodeError, EncodeOptions, Encoded, IGNORE_INDEX,
 };
-pub use images::{encode_multimodal, ImagePrep, SampleImage};
+pub use images::{encode_multimodal, ImageData, ImagePrep, SampleImage};
 pub use layout::{Item, Layout, Prepared};
 
 /// Every sample of `path` read by dataset plugin `plugin` configured with `config_json`.

@@ -26,7 +26,7 @@ mod config;
 mod decode;
 mod processor;
 mod resize;
-mod video;
+pub mod video;
 
 pub use config::{
     ImageProcessorConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_CONFIG_FILE,
