@@ -500,6 +500,33 @@ mod tests {
     }
 
     #[test]
+    fn flat_qwen25_config_as_the_hub_ships_it() {
+        // Qwen2.5-VL-3B-Instruct's layout (sizes shrunk): text keys at the top level, mrope in
+        // rope_scaling, the vision widths as hidden_size / out_hidden_size.
+        let flat = r#"{"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+            "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 512, "vocab_size": 300, "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "tie_word_embeddings": true, "torch_dtype": "bfloat16", "image_token_id": 295, "video_token_id": 296,
+            "vision_start_token_id": 292, "vision_end_token_id": 293,
+            "vision_config": {"depth": 4, "hidden_act": "silu", "hidden_size": 32, "intermediate_size": 48,
+                "num_heads": 2, "in_chans": 3, "out_hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2,
+                "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [1, 3],
+                "tokens_per_second": 2, "temporal_patch_size": 2}}"#;
+        let p = Path::new("vl25-old/config.json");
+        let c = LlamaConfig::from_json(flat, p).unwrap();
+        assert_eq!(c.architecture(), crate::model::Architecture::Qwen25VL);
+        assert_eq!((c.mrope_section(), c.tie_word_embeddings), (vec![2, 3, 3], true));
+        let v: Value = serde_json::from_str(flat).unwrap();
+        let vc = Qwen2VLConfig::from_value(&v, p, 64).unwrap().vision_config;
+        assert_eq!((vc.embed_dim, vc.hidden_size, vc.merger_window()), (32, 64, Some(4)));
+        assert_eq!(
+            (vc.tokens_per_second, vc.fullatt_block_indexes.clone()),
+            (Some(2.0), vec![1, 3])
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let p = Path::new("vl/config.json");
         let e = LlamaConfig::from_json(&NESTED.replace("[2, 3, 3]", "[2, 3, 4]"), p)

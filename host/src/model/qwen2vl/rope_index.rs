@@ -89,6 +89,9 @@ pub fn rope_index_vision(
             inputs.video_grid_thw.len()
         );
     }
+    if let Some((i, s)) = spgt.iter().enumerate().find(|(_, s)| !s.is_finite() || **s < 0.0) {
+        bail!("second_per_grid_ts[{i}] = {s} must be a non-negative number of seconds");
+    }
     let mut positions = vec![0i64; 3 * batch * seq];
     let mut deltas = Vec::with_capacity(batch);
     let mut images = inputs.image_grid_thw.iter().enumerate();
@@ -294,5 +297,15 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("second_per_grid_ts has 2"), "{e}");
+        let e = rope_index_vision(
+            &[1, V],
+            1,
+            2,
+            None,
+            &inputs(&[], &[[1, 2, 2]], &[f64::NAN], Some(2.0)),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("second_per_grid_ts[0]"), "{e}");
     }
 }
