@@ -1045,3 +1045,177 @@ fn bad_image_parts_are_refused_with_json_errors() {
     let (code, v) = post(&t, "/v1/chat/completions", &body);
     assert_eq!((code, v["error"]["code"].as_str()), (400, Some("images_not_supported")), "{v}");
 }
+
+/// A folder removed when the test ends, passed or not.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies the frame files of `from` into a new folder `to`.
+fn copy_frames(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+/// `ferrotune generate --chat [--image ...] --video ... --greedy --json` on the VL fixture.
+fn generate_video(prompt: &str, images: &[PathBuf], videos: &[PathBuf], n: u64) -> Value {
+    let f = vl_fixture();
+    let n = n.to_string();
+    let mut args = vec!["generate", "--model", f.model.to_str().unwrap(), "--chat"];
+    args.extend(["--prompt", prompt, "--greedy", "--max-new-tokens", &n, "--json"]);
+    for im in images {
+        args.extend(["--image", im.to_str().unwrap()]);
+    }
+    for v in videos {
+        args.extend(["--video", v.to_str().unwrap()]);
+    }
+    let o = ferrotune(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).unwrap()
+}
+
+/// A greedy chat request: image parts (data URLs), video parts (`video_url.url` as given),
+/// then the text.
+fn video_chat(images: &[PathBuf], videos: &[&str], prompt: &str, n: u64) -> Value {
+    let mut parts: Vec<Value> = images.iter().map(|p| json!({"type": "image_url", "image_url": {"url": data_url("image/png", &std::fs::read(p).unwrap())}})).collect();
+    parts.extend(videos.iter().map(|v| json!({"type": "video_url", "video_url": {"url": v}})));
+    parts.push(json!({"type": "text", "text": prompt}));
+    json!({"model": "tiny-vl", "messages": [{"role": "user", "content": parts}], "max_tokens": n, "temperature": 0, "return_token_ids": true})
+}
+
+#[test]
+fn video_parts_equal_generate_with_videos_and_bad_video_parts_are_refused() {
+    let f = vl_fixture();
+    let root = Cleanup(temp_dir("serve-video"));
+    let videos = root.0.join("videos");
+    let fixture_clips = repo_root().join("tests/fixtures/video");
+    copy_frames(&fixture_clips.join("clip_down"), &videos.join("clip_down"));
+    copy_frames(&fixture_clips.join("clip_right"), &videos.join("clip_right"));
+    let outside = root.0.join("outside");
+    copy_frames(&fixture_clips.join("clip_down"), &outside.join("clip"));
+    std::os::unix::fs::symlink(outside.join("clip"), videos.join("link")).unwrap();
+    let mixed = videos.join("mixed");
+    copy_frames(&fixture_clips.join("clip_right"), &mixed);
+    let first = std::fs::read_dir(&mixed).unwrap().next().unwrap().unwrap().path();
+    std::fs::remove_file(&first).unwrap();
+    std::os::unix::fs::symlink(outside.join("clip").join(first.file_name().unwrap()), &first)
+        .unwrap();
+    let prompt = "Where does the square go?";
+    let (down, right) = (videos.join("clip_down"), videos.join("clip_right"));
+
+    let s = start_on(&f.model, &f.adapters, &["--video-dir", videos.to_str().unwrap()]);
+    let ids = |v: &Value| -> Vec<i64> {
+        let t =
+            if v["choices"].is_array() { &v["choices"][0]["token_ids"] } else { &v["token_ids"] };
+        t.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect()
+    };
+    // one video, by absolute path, relative path and file:// URL
+    let want = generate_video(prompt, &[], std::slice::from_ref(&down), 8);
+    assert_eq!(ids(&want).len(), 8, "{want}");
+    let abs = down.to_str().unwrap().to_string();
+    for url in [abs.clone(), "clip_down".to_string(), format!("file://{abs}")] {
+        let got = post_ok(&s, "/v1/chat/completions", &video_chat(&[], &[&url], prompt, 8));
+        assert_eq!(ids(&got), ids(&want), "video_url {url}: {got}");
+        assert_eq!(choice_text(&got), want["text"].as_str().unwrap());
+    }
+    // the video matters: another clip, or none, gives other logits
+    let other = generate_video(prompt, &[], std::slice::from_ref(&right), 8);
+    let text_only = post_ok(&s, "/v1/chat/completions", &video_chat(&[], &[], prompt, 8));
+    let with_video = post_ok(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "tiny-vl", "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": abs}}, {"type": "text", "text": prompt}]}], "max_tokens": 1, "logprobs": true}),
+    );
+    let no_video = post_ok(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "tiny-vl", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "logprobs": true}),
+    );
+    let lp = |v: &Value| v["choices"][0]["logprobs"]["content"][0]["logprob"].as_f64().unwrap();
+    assert_ne!(lp(&with_video), lp(&no_video), "the video changes the model's output");
+    assert!(
+        text_only["usage"]["prompt_tokens"].as_u64().unwrap() + 2
+            < with_video["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "the video's block of tokens is in the prompt"
+    );
+    // an image and two videos in one turn, alone and beside text rows
+    let (image, both) = (&f.images[..1], [down.clone(), right.clone()]);
+    let want2 = generate_video(prompt, image, &both, 8);
+    let body = video_chat(image, &["clip_down", "clip_right"], prompt, 8);
+    assert_eq!(ids(&post_ok(&s, "/v1/chat/completions", &body)), ids(&want2));
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let a = sc.spawn(|| post_ok(&s, "/v1/chat/completions", &body));
+        let b = sc.spawn(|| post_ok(&s, "/v1/chat/completions", &video_chat(&[], &[], prompt, 8)));
+        let c = sc.spawn(|| {
+            post_ok(&s, "/v1/chat/completions", &video_chat(&[], &["clip_right"], prompt, 8))
+        });
+        vec![a.join().unwrap(), b.join().unwrap(), c.join().unwrap()]
+    });
+    assert_eq!(ids(&together[0]), ids(&want2), "image + videos beside other rows");
+    assert_eq!(ids(&together[1]), ids(&text_only), "a text row beside video rows");
+    assert_eq!(ids(&together[2]), ids(&other), "a video row beside other rows");
+
+    // refusals
+    let refused = |s: &Server, body: Value, status: u16, code: &str| {
+        let (got, v) = post(s, "/v1/chat/completions", &body);
+        assert_eq!((got, v["error"]["code"].as_str()), (status, Some(code)), "{body}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("video_url")), "{v}");
+    };
+    let one = |url: &str| video_chat(&[], &[url], prompt, 2);
+    let outside_clip = outside.join("clip");
+    refused(&s, one(outside_clip.to_str().unwrap()), 403, "path_outside_video_dir");
+    refused(&s, one("../outside/clip"), 403, "path_outside_video_dir");
+    refused(&s, one("/no/such/folder"), 403, "path_outside_video_dir");
+    refused(&s, one("link"), 403, "path_outside_video_dir");
+    refused(&s, one("mixed"), 403, "path_outside_video_dir");
+    refused(&s, one("no_such_clip"), 404, "video_path_not_found");
+    refused(&s, one("https://example.com/clip.mp4"), 400, "remote_video_url");
+    refused(&s, one("data:video/mp4;base64,@@not base64@@"), 400, "invalid_video");
+    refused(&s, one(&data_url("image/png", &png_bytes(8, 8))), 400, "unsupported_video_type");
+    let garbage = data_url("video/mp4", b"these bytes are no video at all");
+    let code = if ferrotune::vision::VIDEO_FILE_DECODING {
+        "invalid_video"
+    } else {
+        "video_decoding_unavailable"
+    };
+    refused(&s, one(&garbage), 400, code);
+    refused(
+        &s,
+        json!({"model": "tiny-vl", "messages": [{"role": "user", "content": [{"type": "video_url"}]}]}),
+        400,
+        "invalid_video",
+    );
+    let three = video_chat(&[], &["clip_down", "clip_down", "clip_down"], prompt, 2);
+    refused(&s, three, 400, "too_many_videos");
+    // still serving
+    assert_eq!(ids(&post_ok(&s, "/v1/chat/completions", &one("clip_down"))), ids(&want)[..2]);
+
+    // without --video-dir paths are refused; a text-only model refuses video parts
+    let plain = start_on(&f.model, &f.adapters, &[]);
+    refused(&plain, one(&abs), 403, "video_dir_not_set");
+    let t = start(&["--video-dir", videos.to_str().unwrap()]);
+    let mut body = one(&abs);
+    body["model"] = json!("tiny");
+    refused(&t, body, 400, "videos_not_supported");
+    let o = ferrotune(&[
+        "generate",
+        "--model",
+        fixture().model.to_str().unwrap(),
+        "--video",
+        &abs,
+        "--prompt",
+        prompt,
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--video needs a vision-language model"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -202,6 +202,14 @@ pub struct GenerateArgs {
     /// prompt (or go before it).
     #[arg(long = "image", value_name = "FILE")]
     pub images: Vec<PathBuf>,
+    /// A video for a vision-language model: a video file (mp4, webm, mkv, avi, mov; needs a
+    /// build with the `ffmpeg` feature) or a folder of frames (PNG, JPEG, WebP, BMP, in
+    /// file-name order); repeat for several, in order. Frames are sampled and sized as
+    /// qwen-vl-utils does (the model's video_preprocessor_config.json, else 2 fps). With
+    /// --chat they follow the images in the user turn; without, they fill `<video>`
+    /// placeholders of the prompt (or go before it).
+    #[arg(long = "video", value_name = "PATH")]
+    pub videos: Vec<PathBuf>,
     /// Refuse --image files whose header announces more pixels (width × height), before
     /// decoding (default: 4 × the model's max_pixels, at least 1048576).
     #[arg(long, value_name = "N")]
@@ -313,6 +321,13 @@ pub struct ServeArgs {
     /// min_pixels..max_pixels). Images count against --max-body-bytes.
     #[arg(long, default_value_t = 8)]
     pub max_images: usize,
+    /// Video content parts (`video_url`) a chat request may hold at most.
+    #[arg(long, default_value_t = 2)]
+    pub max_videos: usize,
+    /// The only folder a `video_url` part may name by path (a video file or a folder of
+    /// frames inside it, no link out); without it, videos come as base64 data URLs only.
+    #[arg(long, value_name = "DIR")]
+    pub video_dir: Option<PathBuf>,
     /// Resize every image to at most this many pixels (default: the model's
     /// preprocessor_config.json max_pixels, 12845056 for Qwen2-VL: up to 16384 tokens an image).
     #[arg(long)]

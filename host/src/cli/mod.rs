@@ -148,7 +148,13 @@ fn generate(a: &GenerateArgs, search: &SearchPath) -> Result<()> {
             ),
         }
     }
-    let prompt = generator.prompt_with_images(&a.prompt, &a.images, a.chat, a.system.as_deref())?;
+    let prompt = generator.prompt_with_media(
+        &a.prompt,
+        &a.images,
+        &a.videos,
+        a.chat,
+        a.system.as_deref(),
+    )?;
     let choice = crate::generate::pipeline::SamplingChoice {
         greedy: a.greedy,
         temperature: a.temperature,
@@ -249,6 +255,8 @@ fn serve(a: ServeArgs, search: SearchPath) -> Result<()> {
         max_tokens_limit: a.max_tokens_limit,
         max_body_bytes: a.max_body_bytes,
         max_images: a.max_images,
+        max_videos: a.max_videos,
+        video_dir: a.video_dir,
         image_max_pixels: a.image_max_pixels,
         max_image_pixels: a.max_image_pixels,
         image_workers: a

@@ -46,7 +46,7 @@ pub struct TextGenerator {
     pub images: Option<ImagePrep>,
 }
 
-/// A prompt ready to generate from: token ids and the pixel values of its images.
+/// A prompt ready to generate from: token ids and the pixel values of its images and videos.
 pub struct Prompt {
     pub ids: Vec<i64>,
     pub images: Option<VisionInputs>,
@@ -90,26 +90,51 @@ impl TextGenerator {
         chat: bool,
         system: Option<&str>,
     ) -> Result<Prompt> {
-        if image_files.is_empty() {
+        self.prompt_with_media(prompt, image_files, &[], chat, system)
+    }
+
+    /// [`Self::prompt_with_images`] with videos too (video files or folders of frames, in
+    /// order): the user turn holds the images, then the videos, then the text; without `chat`
+    /// each `<video>` in the text is replaced by the next video's block, and videos left over
+    /// go before the text (after the images left over).
+    pub fn prompt_with_media(
+        &self,
+        prompt: &str,
+        image_files: &[std::path::PathBuf],
+        videos: &[std::path::PathBuf],
+        chat: bool,
+        system: Option<&str>,
+    ) -> Result<Prompt> {
+        if image_files.is_empty() && videos.is_empty() {
             return Ok(Prompt { ids: self.prompt_ids(prompt, chat, system)?, images: None });
         }
         let Some(prep) = &self.images else {
+            let flag = if image_files.is_empty() { "--video" } else { "--image" };
             bail!(
-                "--image needs a vision-language model (Qwen2-VL); this model has no vision tower"
+                "{flag} needs a vision-language model (Qwen2-VL); this model has no vision tower"
             );
         };
-        let placeholder = crate::data::images::IMAGE_PLACEHOLDER;
-        let given = if chat { 0 } else { prompt.matches(placeholder).count() };
-        if given > image_files.len() {
-            bail!("the prompt has {given} `{placeholder}` placeholders but only {} --image file(s) were given", image_files.len());
+        if !videos.is_empty() && prep.video_pad_id().is_none() {
+            bail!("--video needs a model that takes videos; this model's config.json has no video_token_id");
         }
-        let text = format!("{}{prompt}", placeholder.repeat(image_files.len() - given));
+        let mut text = prompt.to_string();
+        for (placeholder, count, flag) in [
+            (crate::data::images::VIDEO_PLACEHOLDER, videos.len(), "--video"),
+            (crate::data::images::IMAGE_PLACEHOLDER, image_files.len(), "--image"),
+        ] {
+            let given = if chat { 0 } else { prompt.matches(placeholder).count() };
+            if given > count {
+                bail!("the prompt has {given} `{placeholder}` placeholders but only {count} {flag} value(s) were given");
+            }
+            text = format!("{}{text}", placeholder.repeat(count - given));
+        }
+        let source = |f: &std::path::PathBuf| {
+            ferrotune_plugin_api::ImageSource::Path(f.display().to_string())
+        };
         let mut sample = ferrotune_plugin_api::Sample {
             messages: vec![Message::new("user", text)],
-            images: image_files
-                .iter()
-                .map(|f| ferrotune_plugin_api::ImageSource::Path(f.display().to_string()))
-                .collect(),
+            images: image_files.iter().map(source).collect(),
+            videos: videos.iter().map(source).collect(),
             ..Default::default()
         };
         let (_, images) = prep.expand_with_pixels(&mut sample)?;

@@ -14,6 +14,13 @@
 //! thread, which every running request shares, only tokenizes and runs the model. Refusals name
 //! the request field at fault (`messages[0].content[1].image_url`).
 //!
+//! `video_url` parts (vLLM's) carry a video as a base64 `data:video/...` URL (decoded with
+//! FFmpeg: a build with the `ffmpeg` feature), or name a video file or a folder of frames by
+//! path (`file://` or plain) inside `--video-dir`: anything outside it, through a link
+//! included, is refused (403) as an adapter path outside `--adapter-dir` is. Frames are sampled
+//! and patched by [`ImagePrep::video_prompt`] in the same worker pool and time budget as images;
+//! each video's block of `<|video_pad|>` tokens goes where its part stands.
+//!
 //! Log-probabilities: the chat endpoint's `logprobs: true` with `top_logprobs` 0..=20 answers
 //! `choices[0].logprobs.content[j] = {token, logprob, bytes, top_logprobs: [{token, logprob,
 //! bytes}]}`; the completions endpoint's integer `logprobs` (0..=20) answers OpenAI's legacy
@@ -43,10 +50,10 @@ use super::engine::{
     Command, Event, GenRequest, PromptInput, StepLogprobs, TokenInfo, MAX_STOP_SEQUENCES,
 };
 use super::error::ApiError;
-use crate::data::images::{ImagePrep, IMAGE_PLACEHOLDER};
+use crate::data::images::{ImagePrep, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER};
 use crate::data::EncodeError;
 use crate::generate::pipeline::SamplingChoice;
-use crate::model::VisionInputs;
+use crate::model::{VideoInputs, VisionInputs};
 use crate::vision::{image_dimensions, ImageTooLarge, DEFAULT_MAX_IMAGE_PIXELS};
 
 /// What every handler shares.
@@ -60,6 +67,10 @@ pub struct AppState {
     pub max_tokens_limit: usize,
     /// Image content parts a chat request may hold at most.
     pub max_images: usize,
+    /// Video content parts a chat request may hold at most.
+    pub max_videos: usize,
+    /// The only folder `video_url` parts may name by path (canonical); `None`: data URLs only.
+    pub video_dir: Option<std::path::PathBuf>,
     /// A vision-language model's image settings (`None`: image parts are refused).
     pub images: Option<Arc<ImagePrep>>,
     /// One permit per image being decoded and resized (`--image-workers`).
@@ -469,6 +480,7 @@ async fn chat_completions(
     };
     let mut messages = Vec::new();
     let mut images = Vec::new();
+    let mut videos = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         let text = match &m.content {
             Value::String(s) => s.clone(),
@@ -492,9 +504,23 @@ async fn chat_completions(
                             }
                             text.push_str(IMAGE_PLACEHOLDER);
                         }
+                        Some("video_url") => {
+                            let field = format!("messages[{i}].content[{j}].video_url");
+                            if videos.len() == st.max_videos {
+                                return ApiError::bad_request(format!("{field}: the request has more than {} videos (--max-videos)", st.max_videos))
+                                    .code("too_many_videos")
+                                    .into_response();
+                            }
+                            let url = p.get("video_url").and_then(|u| u.get("url").and_then(Value::as_str).or_else(|| u.as_str()));
+                            match video_from_url(url, st.video_dir.as_deref()) {
+                                Ok(video) => videos.push(RequestVideo { field, video }),
+                                Err(e) => return ApiError { message: format!("{field}: {}", e.message), ..e }.into_response(),
+                            }
+                            text.push_str(VIDEO_PLACEHOLDER);
+                        }
                         Some(other) => {
                             return ApiError::bad_request(format!(
-                                "messages[{i}].content[{j}]: content parts of type `{other}` are not supported by this server (text and image_url parts only)"
+                                "messages[{i}].content[{j}]: content parts of type `{other}` are not supported by this server (text, image_url and video_url parts only)"
                             ))
                             .code("unsupported_content")
                             .into_response()
@@ -516,7 +542,7 @@ async fn chat_completions(
     if messages.is_empty() {
         return ApiError::bad_request("`messages` is empty").into_response();
     }
-    let vision = if images.is_empty() {
+    let mut vision = if images.is_empty() {
         None
     } else {
         match prepare_images(&st, &mut messages, images).await {
@@ -524,6 +550,12 @@ async fn chat_completions(
             Err(e) => return e.into_response(),
         }
     };
+    if !videos.is_empty() {
+        match prepare_videos(&st, &mut messages, videos).await {
+            Ok(v) => vision = Some(with_videos(vision, v)),
+            Err(e) => return e.into_response(),
+        }
+    }
     run(st, req.model, PromptInput::Chat(messages), vision, req.sampling, true).await
 }
 
@@ -532,6 +564,258 @@ struct RequestImage {
     /// `messages[i].content[j].image_url`.
     field: String,
     bytes: Vec<u8>,
+}
+
+/// A video content part of a chat request: the field it came from and the video.
+struct RequestVideo {
+    /// `messages[i].content[j].video_url`.
+    field: String,
+    video: PartVideo,
+}
+
+/// The video of a part: a checked path inside `--video-dir`, or a data URL's bytes.
+enum PartVideo {
+    Path(std::path::PathBuf),
+    Bytes(Vec<u8>),
+}
+
+/// Samples and patches one video (on a blocking worker) through the data pipeline's
+/// [`ImagePrep::expand_with_pixels`], as `generate --video` does: its block of vision tokens
+/// and its patches; the error is the reason, for people.
+fn prepare_video(prep: &ImagePrep, video: PartVideo) -> Result<(String, VideoInputs), String> {
+    let (source, blobs) = match video {
+        PartVideo::Path(p) => (ImageSource::Path(p.display().to_string()), Vec::new()),
+        PartVideo::Bytes(b) => (ImageSource::Blob(0), vec![b]),
+    };
+    let mut sample = Sample {
+        id: Some("request".into()),
+        messages: vec![Message::new("user".to_string(), VIDEO_PLACEHOLDER.to_string())],
+        videos: vec![source],
+        blobs,
+        ..Default::default()
+    };
+    let (_, vision) = prep.expand_with_pixels(&mut sample).map_err(|e| match e {
+        EncodeError::BadSample { reason, .. } => reason,
+        other => other.to_string(),
+    })?;
+    let videos =
+        vision.and_then(|v| v.videos).ok_or_else(|| "the video gave no patches".to_string())?;
+    Ok((std::mem::take(&mut sample.messages[0].content), videos))
+}
+
+/// `vision` (a request's images, if any) with the request's videos.
+fn with_videos(vision: Option<VisionInputs>, videos: VideoInputs) -> VisionInputs {
+    match vision {
+        Some(v) => VisionInputs { videos: Some(videos), ..v },
+        None => {
+            let width = videos.pixel_values.size().get(1).copied().unwrap_or(0);
+            VisionInputs {
+                pixel_values: tch::Tensor::zeros([0, width], (tch::Kind::Float, tch::Device::Cpu)),
+                image_grid_thw: Vec::new(),
+                videos: Some(videos),
+            }
+        }
+    }
+}
+
+/// Samples and patches every video in the worker pool (each within the time budget), and
+/// writes each one's block of `<|video_pad|>` tokens in place of its `<video>` placeholder.
+async fn prepare_videos(
+    st: &AppState,
+    messages: &mut [Message],
+    videos: Vec<RequestVideo>,
+) -> Result<VideoInputs, ApiError> {
+    let Some(prep) = st.images.clone() else {
+        return Err(ApiError::bad_request(format!(
+            "{}: model `{}` has no vision tower: video content parts need a vision-language model (Qwen2-VL)",
+            videos[0].field, st.base_name
+        ))
+        .code("videos_not_supported"));
+    };
+    if prep.video_pad_id().is_none() {
+        return Err(ApiError::bad_request(format!(
+            "{}: model `{}` takes no videos (its config.json has no video_token_id)",
+            videos[0].field, st.base_name
+        ))
+        .code("videos_not_supported"));
+    }
+    let placeholders: usize =
+        messages.iter().map(|m| m.content.matches(VIDEO_PLACEHOLDER).count()).sum();
+    if placeholders != videos.len() {
+        return Err(ApiError::bad_request(format!(
+            "messages: the text holds `{VIDEO_PLACEHOLDER}` {} time(s) besides the {} video part(s); `{VIDEO_PLACEHOLDER}` is reserved for video parts",
+            placeholders - videos.len(),
+            videos.len()
+        ))
+        .code("invalid_video"));
+    }
+    let (budget, workers) = (st.image_timeout, st.image_workers);
+    let jobs = videos.into_iter().map(|v| {
+        let (prep, pool) = (prep.clone(), st.image_pool.clone());
+        async move {
+            let started = Instant::now();
+            let field = v.field;
+            let permit = match tokio::time::timeout(budget, pool.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    return Err(ApiError::new(
+                        503,
+                        "server_error",
+                        format!(
+                            "{field}: every image worker (--image-workers {workers}) stayed busy for {} s; retry later",
+                            budget.as_secs_f64()
+                        ),
+                    )
+                    .code("image_workers_busy")
+                    .retry_after(1))
+                }
+            };
+            let video = v.video;
+            let task = tokio::task::spawn_blocking(move || {
+                let _permit = permit; // held until the work is done, even past the budget
+                prepare_video(&prep, video)
+            });
+            match tokio::time::timeout(budget.saturating_sub(started.elapsed()), task).await {
+                Ok(Ok(Ok(p))) => Ok(p),
+                Ok(Ok(Err(reason))) => {
+                    Err(ApiError::bad_request(format!("{field}: {reason}")).code("invalid_video"))
+                }
+                Ok(Err(e)) => Err(ApiError::new(
+                    500,
+                    "server_error",
+                    format!("{field}: preparing the video failed: {e}"),
+                )),
+                Err(_) => Err(ApiError::bad_request(format!(
+                    "{field}: sampling and resizing the video's frames took longer than {} s (--image-timeout-secs); send a shorter or smaller video",
+                    budget.as_secs_f64()
+                ))
+                .code("video_timeout")),
+            }
+        }
+    });
+    let prepared =
+        futures_util::future::join_all(jobs).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut blocks = prepared.iter().map(|(block, _)| block.as_str());
+    for m in messages.iter_mut() {
+        if m.content.contains(VIDEO_PLACEHOLDER) {
+            let mut out = String::new();
+            for (k, part) in m.content.split(VIDEO_PLACEHOLDER).enumerate() {
+                if k > 0 {
+                    out.push_str(blocks.next().unwrap_or_default());
+                }
+                out.push_str(part);
+            }
+            m.content = out;
+        }
+    }
+    let tensors: Vec<&tch::Tensor> = prepared.iter().map(|(_, v)| &v.pixel_values).collect();
+    let pixel_values = tch::Tensor::f_cat(&tensors, 0).map_err(|e| {
+        ApiError::new(500, "server_error", format!("stacking the videos' patches: {e}"))
+    })?;
+    Ok(VideoInputs {
+        pixel_values,
+        grid_thw: prepared.iter().flat_map(|(_, v)| v.grid_thw.iter().copied()).collect(),
+        second_per_grid_ts: prepared
+            .iter()
+            .flat_map(|(_, v)| v.second_per_grid_ts.iter().copied())
+            .collect(),
+    })
+}
+
+/// The video of a `video_url` part: a base64 `data:video/...` URL (a video file's bytes), or
+/// a path (`file://` or plain; relative to `video_dir`) of a video file or a folder of frames
+/// inside `video_dir`, no link out. Remote URLs are refused: the server fetches nothing.
+fn video_from_url(
+    url: Option<&str>,
+    video_dir: Option<&std::path::Path>,
+) -> Result<PartVideo, ApiError> {
+    let invalid = |m: String| ApiError::bad_request(m).code("invalid_video");
+    let Some(url) = url else {
+        return Err(invalid("a video_url part needs `video_url.url` (a data:video/...;base64,... URL or a path under --video-dir)".into()));
+    };
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Err(ApiError::bad_request("remote video URLs are not fetched by this server; send the video inline as a data URL (data:video/mp4;base64,...) or name it by path under --video-dir")
+            .code("remote_video_url"));
+    }
+    if let Some(rest) = url.strip_prefix("data:") {
+        let Some((meta, data)) = rest.split_once(',') else {
+            return Err(invalid("the video data URL has no `,` before its data".into()));
+        };
+        let mut fields = meta.split(';');
+        let mime = fields.next().unwrap_or_default().trim().to_ascii_lowercase();
+        if !mime.starts_with("video/") {
+            return Err(ApiError::bad_request(format!("type `{mime}` is not a video; send data:video/mp4;base64,... (or webm, x-matroska, quicktime, avi)")).code("unsupported_video_type"));
+        }
+        if !fields.any(|f| f.trim().eq_ignore_ascii_case("base64")) {
+            return Err(invalid(
+                "the video data URL must be base64 (data:video/mp4;base64,...)".into(),
+            ));
+        }
+        use base64::Engine as _;
+        let compact: Vec<u8> = data.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&compact)
+            .map_err(|e| invalid(format!("the video data is not valid base64: {e}")))?;
+        if !crate::vision::VIDEO_FILE_DECODING {
+            return Err(ApiError::bad_request("this server was built without video file decoding (cargo feature `ffmpeg`): name a folder of frames by path under --video-dir instead")
+                .code("video_decoding_unavailable"));
+        }
+        return Ok(PartVideo::Bytes(bytes));
+    }
+    let Some(root) = video_dir else {
+        return Err(ApiError::new(
+            403,
+            "permission_error",
+            "reading videos by path is off: send a data URL, or start the server with --video-dir DIR",
+        )
+        .code("video_dir_not_set"));
+    };
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if path.is_empty() {
+        return Err(invalid("the video path is empty".into()));
+    }
+    let given = std::path::Path::new(path);
+    let joined = if given.is_relative() { root.join(given) } else { given.to_path_buf() };
+    let outside = || {
+        ApiError::new(
+            403,
+            "permission_error",
+            format!("video path `{path}` is outside the video directory (--video-dir)"),
+        )
+        .code("path_outside_video_dir")
+    };
+    let lexically_inside =
+        !joined.components().any(|c| matches!(c, std::path::Component::ParentDir))
+            && joined.starts_with(root);
+    let real = match joined.canonicalize() {
+        Ok(p) => p,
+        // Do not tell whether a path outside the video directory exists.
+        Err(_) if !lexically_inside => return Err(outside()),
+        Err(e) => {
+            return Err(ApiError::new(
+                404,
+                "not_found_error",
+                format!("video path `{path}` does not exist ({e})"),
+            )
+            .code("video_path_not_found"))
+        }
+    };
+    if !real.starts_with(root) {
+        return Err(outside());
+    }
+    if real.is_dir() {
+        let frames = crate::vision::frame_files(&real).map_err(|e| invalid(format!("{e:#}")))?;
+        if frames.iter().any(|f| !f.canonicalize().is_ok_and(|c| c.starts_with(root))) {
+            return Err(ApiError::new(
+                403,
+                "permission_error",
+                format!("a frame of `{path}` links outside the video directory (--video-dir)"),
+            )
+            .code("path_outside_video_dir"));
+        }
+    }
+    Ok(PartVideo::Path(real))
 }
 
 /// One image ready for the model: its block of vision tokens (the text that replaces its

@@ -43,6 +43,10 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// Image content parts a chat request may hold at most.
     pub max_images: usize,
+    /// Video content parts a chat request may hold at most.
+    pub max_videos: usize,
+    /// The only folder `video_url` parts may name by path.
+    pub video_dir: Option<PathBuf>,
     /// Pixels an image is resized to at most (default: the model's preprocessor_config.json).
     pub image_max_pixels: Option<u64>,
     /// Images whose header announces more pixels are refused before decoding (default: 4 ×
@@ -115,6 +119,18 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         image_max_pixels: opts.image_max_pixels,
         max_image_pixels: opts.max_image_pixels,
     };
+    let video_dir = match &opts.video_dir {
+        Some(d) => {
+            let c = d
+                .canonicalize()
+                .with_context(|| format!("--video-dir {} does not exist", d.display()))?;
+            if !c.is_dir() {
+                bail!("--video-dir {} is not a directory", d.display());
+            }
+            Some(c)
+        }
+        None => None,
+    };
     if opts.image_workers == 0 || opts.image_timeout.is_zero() {
         bail!("--image-workers and --image-timeout-secs must be at least 1");
     }
@@ -157,6 +173,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         api_key: opts.api_key.clone(),
         max_tokens_limit: opts.max_tokens_limit,
         max_images: opts.max_images,
+        max_videos: opts.max_videos,
+        video_dir,
         images,
         image_pool: Arc::new(tokio::sync::Semaphore::new(opts.image_workers)),
         image_workers: opts.image_workers,
