@@ -2,6 +2,7 @@
 //! the library function that does its work and prints what it returns.
 pub mod args;
 pub mod data;
+pub mod eval;
 pub mod info;
 
 use std::path::PathBuf;
@@ -68,6 +69,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             train(&config, resume, overwrite_output_dir, &search)?
         }
         Command::Generate(a) => generate(&a, &search)?,
+        Command::Eval(a) => eval::run(&a, &Registry::discover(&search))?,
         Command::Merge(a) => merge(&a, &search)?,
         Command::Serve(a) => serve(*a, search)?,
         Command::Bench { what } => bench(what, &search, plugin_args())?,

@@ -10,7 +10,8 @@
 //!   plus the KL batch, each prompt with the previous row's completion;
 //! * **prompts** (`generation`: GRPO): left-padded `prompt_ids` / `prompt_mask`, with the
 //!   rendered prompts, the canonical samples (for reward plugins) and the pad id in the
-//!   batch metadata.
+//!   batch metadata; a prompt's images expanded into vision tokens as in SFT rows, their
+//!   `pixel_values` / `image_grid_thw` in the batch and `images_per_prompt` in the metadata.
 //!
 //! The conventions are the alignment plugins' (see `plugins/align/src/lib.rs`). Rows that
 //! cannot serve the objective (a pair without `rejected`, a KTO row without a label, a prompt
@@ -21,7 +22,7 @@ use anyhow::{bail, Result};
 use ferrotune_plugin_api::Sample;
 use serde_json::Value;
 
-use crate::data::images::IMAGE_PLACEHOLDER;
+use crate::data::images::{SampleImage, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER};
 use crate::data::pack::Packed;
 use crate::data::{
     self, encode_multimodal, EncodeError, EncodeOptions, Encoded, ImagePrep, IGNORE_INDEX,
@@ -85,6 +86,8 @@ pub enum Item {
         ids: Vec<i64>,
         text: String,
         sample: Value,
+        /// The prompt's images then videos, whose vision-token blocks `ids` hold.
+        images: Vec<SampleImage>,
     },
 }
 
@@ -148,7 +151,7 @@ impl Prepared {
                 Item::Pair { chosen, rejected } => {
                     out.extend([(*row, chosen.clone()), (*row, rejected.clone())])
                 }
-                Item::Prompt { ids, .. } => {
+                Item::Prompt { ids, images, .. } => {
                     let labels = vec![IGNORE_INDEX; ids.len()];
                     out.push((
                         *row,
@@ -156,7 +159,7 @@ impl Prepared {
                             input_ids: ids.clone(),
                             labels,
                             truncated_from: None,
-                            images: Vec::new(),
+                            images: images.clone(),
                         },
                     ))
                 }
@@ -244,20 +247,30 @@ fn encode_row(
             }))
         }
         Layout::Prompts => {
-            if !sample.images.is_empty()
-                || sample.messages.iter().any(|m| m.content.contains(IMAGE_PLACEHOLDER))
-            {
-                return Err(bad(&sample, "generation objectives (GRPO) take text prompts only in this version; this row has images"));
-            }
-            let mut messages = sample.messages.clone();
+            let has_images = !sample.images.is_empty()
+                || !sample.videos.is_empty()
+                || sample.messages.iter().any(|m| {
+                    m.content.contains(IMAGE_PLACEHOLDER) || m.content.contains(VIDEO_PLACEHOLDER)
+                });
+            // Each `<image>` / `<video>` becomes its vision-token block as in an SFT row; the
+            // images and videos go with the prompt into the batch (`pixel_values`,
+            // `images_per_prompt`, `pixel_values_videos`, `videos_per_prompt`).
+            let mut expanded = sample.clone();
+            let images = match prep {
+                Some(prep) if has_images => prep.expand(&mut expanded)?,
+                None if has_images => {
+                    return Err(bad(&sample, format!("its prompt has {} image(s) and {} video(s) but the model has no vision tower (use a vision-language model such as Qwen2-VL)", sample.images.len(), sample.videos.len())));
+                }
+                _ => Vec::new(),
+            };
+            let mut messages = expanded.messages;
             if messages.last().is_some_and(|m| m.role == "assistant") {
                 messages.pop(); // the reference answer, not part of the prompt
             }
             if messages.is_empty() {
                 return Err(bad(&sample, "no prompt: the row has no turn before its answer"));
             }
-            let text = tok.apply_chat_template(&messages, true)?;
-            let ids = tok.encode(&text, false)?;
+            let ids = tok.encode(&tok.apply_chat_template(&messages, true)?, false)?;
             if ids.len() >= opts.cutoff_len {
                 return Ok(Outcome::Skip(format!(
                     "sample {}: its prompt has {} tokens, which leaves no room for a completion within cutoff_len {}",
@@ -266,11 +279,23 @@ fn encode_row(
                     opts.cutoff_len
                 )));
             }
+            // The rendered prompt reward plugins see keeps the `<image>` placeholders, not
+            // hundreds of image-pad tokens.
+            let text = if images.is_empty() {
+                tok.apply_chat_template(&messages, true)?
+            } else {
+                let mut shown = sample.messages.clone();
+                if shown.last().is_some_and(|m| m.role == "assistant") {
+                    shown.pop();
+                }
+                tok.apply_chat_template(&shown, true)?
+            };
             let mut record = serde_json::to_value(&sample)?;
             if let Value::Object(m) = &mut record {
                 m.remove("images");
+                m.remove("blobs");
             }
-            Ok(Outcome::Use(Item::Prompt { ids, text, sample: record }))
+            Ok(Outcome::Use(Item::Prompt { ids, text, sample: record, images }))
         }
     }
 }

@@ -92,7 +92,8 @@ impl PolicyContext<'_> {
         p.eos_token_ids = self.tokenizer.eos_token_id().into_iter().collect();
         p.pad_token_id =
             self.tokenizer.pad_token_id().or(self.tokenizer.eos_token_id()).unwrap_or(0);
-        crate::generate::generate_mm(self.model, prompts, images, &p)
+        // Sampling records no graph (an objective calls this inside its loss, with gradients on).
+        tch::no_grad(|| crate::generate::generate_mm(self.model, prompts, images, &p))
             .map_err(|e| PluginError::runtime(format!("{e:#}")))
     }
 }

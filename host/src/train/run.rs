@@ -20,7 +20,7 @@ use tch::{Device, Tensor};
 
 use super::checkpoint::{self, Provenance, STATE_FILE};
 use super::config::{Finetuning, TrainConfig};
-use super::context::{load_rewards, LoadedReward, PolicyContext};
+use super::context::{load_rewards, BatchContext, LoadedReward, PolicyContext};
 use super::data::{
     data_fingerprint, image_prep, megabatch_size, prepare_data, rank_share, DataOrder, RunData,
 };
@@ -480,6 +480,72 @@ impl<'c> Run<'c> {
         .map(Some)
     }
 
+    /// The eval loss and the objective's metrics over every row of the run's data set, its
+    /// training rows included, through the same eval step as [`Self::evaluate`] (`ferrotune
+    /// eval`: a held-out split read as the run's data).
+    pub fn evaluate_all(&mut self) -> Result<(f64, Metrics)> {
+        let rows: Vec<(usize, Item)> =
+            self.data.train.iter().chain(self.data.eval.iter()).cloned().collect();
+        if rows.is_empty() {
+            bail!("no usable rows in {} to evaluate on", self.cfg.data.path.display());
+        }
+        let ctx = PolicyContext {
+            model: &self.model,
+            tokenizer: &self.tokenizer,
+            train: false,
+            rewards: &self.rewards,
+            max_len: self.cfg.data.cutoff_len,
+            reference: self.reference.as_ref(),
+        };
+        let prep = self.prep.as_ref();
+        evaluate(
+            &ctx,
+            &mut self.objective,
+            self.layout,
+            &rows,
+            self.cfg.training.micro_batch_size,
+            self.pad_id,
+            prep,
+            self.device,
+        )
+    }
+
+    /// The model as objectives see it outside a training step (dropout off), with `rewards` as
+    /// the reward plugins (`ferrotune eval --generate`).
+    pub fn policy<'s>(&'s self, rewards: &'s [LoadedReward]) -> PolicyContext<'s> {
+        PolicyContext {
+            model: &self.model,
+            tokenizer: &self.tokenizer,
+            train: false,
+            rewards,
+            max_len: self.cfg.data.cutoff_len,
+            reference: self.reference.as_ref(),
+        }
+    }
+
+    /// The run's image settings (a vision-language model) and pad id, to build batches as the
+    /// trainer does.
+    pub fn image_prep(&self) -> Option<&ImagePrep> {
+        self.prep.as_ref()
+    }
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+    pub fn device(&self) -> tch::Device {
+        self.device
+    }
+    /// Usable rows of the run's data set (training and eval shares).
+    pub fn data_rows(&self) -> usize {
+        self.data.train.len() + self.data.eval.len()
+    }
+
+    /// Loads the weights an adapter directory keeps beside the adapter (a PatchMerger trained
+    /// in full, `non_lora_state_dict.safetensors`), as `generate --adapter` does; returns their
+    /// names. `adapter_init` loads the adapter's own weights only.
+    pub fn load_non_lora(&self, dir: &Path) -> Result<Vec<String>> {
+        crate::peft::non_lora::load_into(&self.model, dir)
+    }
+
     /// Writes `checkpoint-{step}` (every rank takes part); refused if a trained value is not
     /// finite.
     pub fn save_checkpoint(&self) -> Result<()> {
@@ -798,7 +864,7 @@ fn evaluate(
             tensors: on_device(tensors, device)?,
             meta_json: micro_meta(layout, at, ids, extra),
         };
-        let out = tch::no_grad(|| objective.loss(&batch, ctx))?;
+        let out = tch::no_grad(|| objective.loss(&batch, &BatchContext::new(ctx, &batch)))?;
         let value = out.loss.f_double_value(&[])?;
         let weight = chunk.len() as f64;
         sum += if layout == Layout::Sequences {

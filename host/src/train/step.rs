@@ -8,7 +8,7 @@ use ferrotune_plugin_api::{Batch, Collectives, MemoryStrategy, Objective, StepRe
 use tch::Tensor;
 
 use super::config::OnNonFinite;
-use super::context::PolicyContext;
+use super::context::{BatchContext, PolicyContext};
 use crate::data::layout::Layout;
 use crate::dist::collectives::SingleProcess;
 use crate::peft::PeftModel;
@@ -127,7 +127,7 @@ pub(crate) fn optimizer_step_with(
     };
     for batch in batches {
         let batch = batch?;
-        let out = objective.loss(&batch, ctx)?;
+        let out = objective.loss(&batch, &BatchContext::new(ctx, &batch))?;
         timing.forward_s += lap(&mut clock);
         if loss_scale == 1.0 {
             out.loss.f_backward()?
