@@ -5,7 +5,7 @@
 //! Compared: logits with two images of different sizes, with a 3-temporal-patch video at 2/3 s
 //! per patch, with both in a left-padded batch of two rows, with a video without
 //! `second_per_grid_ts`, in both key layouts; 32 greedy tokens decoded on the KV cache after
-//! the multimodal prefill; a peft LoRA adapter with random weights on language and vision
+//! the multimodal prefill (Qwen2.5-VL and Qwen2-VL); a peft LoRA adapter with random weights on language and vision
 //! linears (loaded from peft's files, then merged); Qwen2-VL with videos; the errors for video
 //! tokens that disagree with the grids; and `init-model --preset tiny-vl25` with the real Qwen
 //! tokenizer loaded by transformers, saved and reloaded.
@@ -154,9 +154,11 @@ fn windows_split_the_grids_and_video_times_scale() {
 fn greedy_decoding_on_the_kv_cache_after_a_video_prefill_matches_transformers() {
     let dir = reference();
     let want = json(&dir.join("generations.json"));
-    let model = load(&dir.join("vl25"));
     let new_tokens = json(&dir.join("inputs.json"))["new_tokens"].as_i64().unwrap();
-    for name in ["both", "video"] {
+    for (checkpoint, name, key) in
+        [("vl25", "both", "both"), ("vl25", "video", "video"), ("vl2", "both", "vl2.both")]
+    {
+        let model = load(&dir.join(checkpoint));
         let c = case(name);
         let b = c.ids.size()[0];
         let mut cache = model.new_cache(b);
@@ -194,11 +196,11 @@ fn greedy_decoding_on_the_kv_cache_after_a_video_prefill_matches_transformers() 
             })
             .unwrap();
         }
-        assert_eq!(out, rows(&want[name]), "{name}: {} prompts", c.prompts.len());
+        assert_eq!(out, rows(&want[key]), "{checkpoint} {name}: {} prompts", c.prompts.len());
     }
     eprintln!(
         "{} greedy tokens identical to transformers (min top-1/top-2 gap {:.1e})",
-        new_tokens * 3,
+        new_tokens * 5,
         want["min_greedy_gap"].as_f64().unwrap()
     );
 }

@@ -19,7 +19,8 @@ OUT_DIR/pixels.safetensors  each case's pixel_values / pixel_values_videos
 OUT_DIR/logits.safetensors  fp32 logits of each case (Qwen2.5-VL: images, video, both; with the
                             LoRA adapter: both; Qwen2-VL: video, both)
 OUT_DIR/generations.json    greedy generations (32 new tokens) of the `both` batch and the video
-                            prompt, and the smallest top-1/top-2 gap while decoding
+                            prompt (Qwen2.5-VL), of the `both` batch (Qwen2-VL, `vl2.both`), and
+                            the smallest top-1/top-2 gap while decoding
 OUT_DIR/DONE                written last
 """
 import copy
@@ -120,28 +121,30 @@ def case(g, rows, seconds):
                 pixels_videos=torch.randn((n_vid, PATCH_VALUES), generator=g))
 
 
-def mm_kwargs(c, ids=None):
-    ids = c["ids"] if ids is None else ids
+def mm_kwargs(c, seconds=True):
+    """The forward's vision inputs; `seconds`: pass second_per_grid_ts (Qwen2.5-VL only)."""
+    ids = c["ids"]
     kw = dict(mm_token_type_ids=(ids == IMAGE).int() + 2 * (ids == VIDEO).int())
     if c["images"]:
         kw.update(pixel_values=c["pixels"], image_grid_thw=torch.tensor(c["images"], dtype=torch.long))
     if c["videos"]:
         kw.update(pixel_values_videos=c["pixels_videos"], video_grid_thw=torch.tensor(c["videos"], dtype=torch.long))
-        if c["seconds"] is not None:
+        if c["seconds"] is not None and seconds:
             # As Qwen2_5_VLProcessor returns it: a float32 tensor.
             kw["second_per_grid_ts"] = torch.tensor(c["seconds"], dtype=torch.float32)
     return kw
 
 
-def logits(model, c):
+def logits(model, c, seconds=True):
     with torch.no_grad():
-        return model(input_ids=c["ids"], attention_mask=c["mask"], **mm_kwargs(c)).logits.float().contiguous()
+        return model(input_ids=c["ids"], attention_mask=c["mask"],
+                     **mm_kwargs(c, seconds)).logits.float().contiguous()
 
 
-def generate(model, c, recorder):
+def generate(model, c, recorder, seconds=True):
     out = model.generate(input_ids=c["ids"], attention_mask=c["mask"], max_new_tokens=NEW_TOKENS, do_sample=False,
                          pad_token_id=PAD, eos_token_id=None, bos_token_id=None, logits_processor=[recorder],
-                         **mm_kwargs(c))
+                         **mm_kwargs(c, seconds))
     rows = [row[c["ids"].shape[1]:].tolist() for row in out]
     assert all(len(r) == NEW_TOKENS for r in rows), rows
     return rows
@@ -222,8 +225,13 @@ def main():
     model2.save_pretrained(out / "vl2", save_original_format=False)
     model2 = Qwen2VLForConditionalGeneration.from_pretrained(out / "vl2", dtype=torch.float32,
                                                              attn_implementation="sdpa").eval()
-    results["vl2.video"] = logits(model2, cases["video"])
-    results["vl2.both"] = logits(model2, cases["both"])
+    # Qwen2-VL takes no second_per_grid_ts (its video time steps by one).
+    results["vl2.video"] = logits(model2, cases["video"], seconds=False)
+    results["vl2.both"] = logits(model2, cases["both"], seconds=False)
+    recorder2 = MarginRecorder()
+    generations["vl2.both"] = generate(model2, cases["both"], recorder2, seconds=False)
+    generations["min_greedy_gap"] = min(generations["min_greedy_gap"], recorder2.min_gap)
+    (out / "generations.json").write_text(json.dumps(generations))
     save_file(results, str(out / "logits.safetensors"))
     (out / "DONE").write_text("ok\n")
 
