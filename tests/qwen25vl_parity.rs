@@ -592,3 +592,89 @@ save_file(out, sys.argv[3])
     }
     std::fs::remove_dir_all(root).ok();
 }
+
+/// ZeRO stage 3 over two ranks (one video row each) trains tiny-vl25 as one process does with
+/// both rows: a LoRA on language and vision linears plus the merger trained in full (the tower
+/// and merger are never partitioned; the decoder's adapted layers are).
+#[test]
+fn zero3_on_videos_matches_one_process() {
+    assert!(
+        ferrotune::dist::collectives::HAS_C10D,
+        "this build has no c10d Gloo layer: apt-get install libgloo-dev (make setup) and rebuild"
+    );
+    let root = temp_dir("vl25-zero3");
+    let mut opts = InitOptions::preset("tiny-vl25", qwen2_tokenizer(), root.join("m")).unwrap();
+    opts.dtype = Kind::Float;
+    ferrotune::model::write_random_model(&opts).unwrap();
+    let data = ferrotune_tests::repo_root().join("tests/fixtures/video/frames_demo.json");
+    let config = |name: &str, memory: &str, micro: usize| {
+        let path = root.join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "model: {model}\noutput_dir: {out}\nseed: 1\ndtype: f32\n\
+                 adapter: {{plugin: lora, r: 8, lora_alpha: 16, lora_dropout: 0.0, \
+                 target_modules: [q_proj, v_proj, gate_proj, down_proj, qkv]}}\n\
+                 vision: {{tune_merger: true, merger_lr: 1.0e-3}}\n\
+                 optimizer: {{lr: 1.0e-3}}\nscheduler: {{type: constant}}\nmemory: {memory}\n\
+                 data: {{plugin: sharegpt, path: {data}, shuffle: false, cutoff_len: 512, \
+                 video_min_pixels: 3136, video_max_pixels: 12544, config: {{columns: {{messages: messages, \
+                 videos: videos}}, tags: {{role_tag: role, content_tag: content, user_tag: user, \
+                 assistant_tag: assistant}}}}}}\n\
+                 training: {{max_steps: 3, micro_batch_size: {micro}, progress_bar: false}}\n",
+                model = root.join("m").display(),
+                out = root.join(name).display(),
+                data = data.display(),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let one = config("one", "{plugin: single}", 2);
+    let o = ferrotune_tests::ferrotune(&["train", one.to_str().unwrap()]);
+    assert!(o.status.success(), "one process: {}", ferrotune_tests::stderr(&o));
+    let zero = config("zero3", "{plugin: zero, stage: 3}", 1);
+    let o = ferrotune_tests::ferrotune(&[
+        "launch",
+        "--nproc",
+        "2",
+        "--timeout",
+        "60",
+        "train",
+        zero.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "zero3: {}", ferrotune_tests::stderr(&o));
+    let losses = |name: &str| -> Vec<f64> {
+        std::fs::read_to_string(root.join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["loss"].as_f64())
+            .collect()
+    };
+    let (a, b) = (losses("one"), losses("zero3"));
+    assert_eq!((a.len(), b.len()), (3, 3));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let tensors = |name: &str, file: &str| {
+        let mut t = Tensor::read_safetensors(root.join(name).join(file)).unwrap();
+        t.sort_by(|x, y| x.0.cmp(&y.0));
+        t
+    };
+    let mut weights = 0.0f64;
+    for file in ["adapter_model.safetensors", "non_lora_state_dict.safetensors"] {
+        let (x, y) = (tensors("one", file), tensors("zero3", file));
+        assert_eq!(x.len(), y.len(), "{file}");
+        assert!(!x.is_empty(), "{file}");
+        for ((k, s), (_, t)) in x.iter().zip(&y) {
+            assert!(
+                file != "non_lora_state_dict.safetensors" || k.contains("visual.merger"),
+                "{k}"
+            );
+            weights = weights.max(max_abs(s, t));
+        }
+    }
+    eprintln!(
+        "zero-3 on 2 ranks vs one process, LoRA + merger on videos: loss diff {worst:.1e}, weights diff {weights:.1e}"
+    );
+    assert!(worst <= 1e-5 && weights <= 1e-5, "loss {worst:e}, weights {weights:e}");
+    std::fs::remove_dir_all(root).ok();
+}
