@@ -339,6 +339,10 @@ impl DataConfig {
         o.max_frames = self.video_max_frames.unwrap_or(o.max_frames);
         o.min_pixels = self.video_min_pixels.unwrap_or(o.min_pixels);
         o.max_pixels = self.video_max_pixels.unwrap_or(o.max_pixels);
+        if self.video_min_pixels.is_none() {
+            // Only a lower max set: the default floor follows it down.
+            o.min_pixels = o.min_pixels.min(o.max_pixels);
+        }
         o.total_pixels = self.video_total_pixels.unwrap_or(o.total_pixels);
         o.validate().map_err(|e| anyhow::anyhow!("config keys `data.video_*`: {e}"))?;
         Ok(o)
@@ -850,6 +854,20 @@ impl TrainConfig {
         });
         let mut flat = std::collections::BTreeMap::new();
         flatten("", &record, &mut flat);
+        // The video keys only when set: checkpoints written before they existed still resume.
+        for (key, value) in [
+            ("video_fps", d.video_fps.map(|v| json!(v))),
+            ("video_nframes", d.video_nframes.map(|v| json!(v))),
+            ("video_min_frames", d.video_min_frames.map(|v| json!(v))),
+            ("video_max_frames", d.video_max_frames.map(|v| json!(v))),
+            ("video_min_pixels", d.video_min_pixels.map(|v| json!(v))),
+            ("video_max_pixels", d.video_max_pixels.map(|v| json!(v))),
+            ("video_total_pixels", d.video_total_pixels.map(|v| json!(v))),
+        ] {
+            if let Some(v) = value {
+                flat.insert(format!("data.{key}"), v);
+            }
+        }
         flat
     }
 
@@ -1046,6 +1064,35 @@ mod tests {
         let e =
             TrainConfig::parse(&format!("{MINIMAL}seed: x\n"), "cfg.yaml").unwrap_err().to_string();
         assert!(e.contains("in cfg.yaml: config key `seed`: invalid type"), "{e}");
+    }
+
+    /// `data.video_*`: applied over the model's video settings, checked by name, and in the
+    /// training record only when set.
+    #[test]
+    fn video_keys_apply_check_and_record() {
+        let cfg = |data: &str| {
+            MINIMAL.replace(
+                "data: {plugin: alpaca, path: d.json}",
+                &format!("data: {{plugin: alpaca, path: d.json{data}}}"),
+            )
+        };
+        let c = TrainConfig::from_yaml(&cfg(
+            ", video_fps: 1.0, video_max_frames: 16, video_max_pixels: 50176",
+        ))
+        .unwrap();
+        let o = c.data.video_options(crate::vision::VideoOptions::default()).unwrap();
+        assert_eq!((o.fps, o.max_frames, o.max_pixels, o.min_frames), (1.0, 16, 50176, 4));
+        let r = c.training_record();
+        assert_eq!(r["data.video_fps"], 1.0);
+        assert!(!TrainConfig::from_yaml(MINIMAL)
+            .unwrap()
+            .training_record()
+            .contains_key("data.video_fps"));
+        let e = TrainConfig::from_yaml(&cfg(", video_fps: -2")).unwrap_err();
+        assert!(format!("{e:#}").contains("data.video_fps"), "{e:#}");
+        let e =
+            TrainConfig::from_yaml(&cfg(", video_min_frames: 9, video_max_frames: 4")).unwrap_err();
+        assert!(format!("{e:#}").contains("min_frames"), "{e:#}");
     }
 
     #[test]
