@@ -138,6 +138,17 @@ fn logits_match_transformers_for_images_video_and_both_in_both_layouts() {
 }
 
 #[test]
+fn module_names_are_transformers_named_modules() {
+    let dir = reference();
+    let model = load(&dir.join("vl25"));
+    let mut ours: Vec<String> = model.module_names().into_iter().map(|(n, _)| n).collect();
+    let mut want: Vec<String> = serde_json::from_value(json(&dir.join("modules.json"))).unwrap();
+    ours.sort();
+    want.sort();
+    assert_eq!(ours, want);
+}
+
+#[test]
 fn windows_split_the_grids_and_video_times_scale() {
     let model = load(&reference().join("vl25"));
     let tower = model.vision_tower().unwrap();

@@ -21,6 +21,7 @@ OUT_DIR/logits.safetensors  fp32 logits of each case (Qwen2.5-VL: images, video,
 OUT_DIR/generations.json    greedy generations (32 new tokens) of the `both` batch and the video
                             prompt (Qwen2.5-VL), of the `both` batch (Qwen2-VL, `vl2.both`), and
                             the smallest top-1/top-2 gap while decoding
+OUT_DIR/modules.json        vl25's `named_modules()` paths
 OUT_DIR/DONE                written last
 """
 import copy
@@ -191,6 +192,7 @@ def main():
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "vl25", dtype=torch.float32,
                                                                attn_implementation="sdpa").eval()
     results = {f"vl25.{k}": logits(model, c) for k, c in cases.items()}
+    (out / "modules.json").write_text(json.dumps([n for n, _ in model.named_modules() if n]))
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "vl25-hf", dtype=torch.float32,
                                                             attn_implementation="sdpa").eval()
     assert torch.equal(logits(hf, cases["both"]), results["vl25.both"]), "both layouts load alike"
