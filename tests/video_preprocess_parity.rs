@@ -12,8 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use ferrotune::vision::{
-    plan_video, process_frames, read_frames, ImageProcessorConfig, VideoKind, VideoOptions,
-    VIDEO_FILE_DECODING,
+    plan_video, process_frames, read_and_process, read_frames, ImageProcessorConfig, VideoKind,
+    VideoOptions, VIDEO_FILE_DECODING,
 };
 use ferrotune_tests::{one_torch_thread, repo_root, run_python, temp_dir};
 use serde_json::Value;
@@ -100,6 +100,9 @@ fn frame_folders_match_transformers_and_mp4_sampling_matches_qwen_vl_utils() {
             got.pixel_values.size()
         );
         assert_eq!(max_diff, 0.0, "{name}: pixel_values_videos differ");
+        // Frames resized one at a time as they are read: the same tensor.
+        let streamed = read_and_process(&folder, &plan, opts.frame_pixel_cap(), &cfg).unwrap();
+        assert!(streamed.pixel_values.equal(&got.pixel_values), "{name}: streamed path differs");
         assert_eq!(got.grid_thw.to_vec(), grid, "{name}: video_grid_thw");
         assert_eq!(tokens as u64, case["tokens"].as_u64().unwrap(), "{name}: token count");
         let (rh, rw) = (case["resized"][0].as_u64().unwrap(), case["resized"][1].as_u64().unwrap());
@@ -158,6 +161,8 @@ fn frame_folders_match_transformers_and_mp4_sampling_matches_qwen_vl_utils() {
             assert!((grey - want).abs() <= 6.0, "frame {k}: grey {grey}, expected {want}");
         }
         let p = process_frames(&frames, &plan, &cfg).unwrap();
+        let streamed = read_and_process(&mp4, &plan, opts.frame_pixel_cap(), &cfg).unwrap();
+        assert!(streamed.pixel_values.equal(&p.pixel_values), "{o}: streamed path differs");
         assert_eq!(p.grid_thw[0] as usize, plan.indices.len().div_ceil(2));
         assert!((p.second_per_grid_t - 2.0 / want_fps).abs() < 1e-12);
     }

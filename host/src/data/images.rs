@@ -25,9 +25,9 @@ pub use super::encode::{ImageData, SampleImage};
 use crate::model::{VideoInputs, VisionInputs};
 use crate::text::Tokenizer;
 use crate::vision::{
-    decode_image, load_image, pixel_cap_for, plan_video, process_frames, process_image,
-    read_frames, smart_resize, stack_images, ImageProcessorConfig, ProcessedImage, ProcessedVideo,
-    VideoOptions, VideoPlan,
+    decode_image, load_image, pixel_cap_for, plan_video, process_image, read_and_process,
+    smart_resize, stack_images, ImageProcessorConfig, ProcessedImage, ProcessedVideo, VideoOptions,
+    VideoPlan,
 };
 
 /// The placeholder dataset plugins write, one per image.
@@ -246,8 +246,7 @@ impl ImagePrep {
             bail!("internal: an image where a video was expected");
         };
         with_video_path(&im.data, |path| {
-            let frames = read_frames(path, plan, self.video.frame_pixel_cap())?;
-            process_frames(&frames, plan, &self.processor)
+            read_and_process(path, plan, self.video.frame_pixel_cap(), &self.processor)
         })
     }
 

@@ -394,7 +394,36 @@ pub fn plan_video(
 
 /// The frames `plan` keeps, decoded to 8-bit RGB.
 pub fn read_frames(path: &Path, plan: &VideoPlan, max_frame_pixels: u64) -> Result<Vec<RgbImage>> {
-    let frames = match plan.kind {
+    let mut frames = Vec::with_capacity(plan.indices.len());
+    each_frame(path, plan, max_frame_pixels, |_, f| {
+        frames.push(f);
+        Ok(())
+    })?;
+    Ok(frames)
+}
+
+/// Hands each frame `plan` keeps to `f` in order (its position among the kept frames, its
+/// pixels), checking that it has the video's size: one frame in memory at a time.
+fn each_frame(
+    path: &Path,
+    plan: &VideoPlan,
+    max_frame_pixels: u64,
+    mut f: impl FnMut(usize, RgbImage) -> Result<()>,
+) -> Result<()> {
+    let (w, h) = plan.original_size;
+    let mut checked = |k: usize, frame: RgbImage| -> Result<()> {
+        if (frame.width(), frame.height()) != (w, h) {
+            bail!(
+                "frame {} of {} is {}x{}, the first is {w}x{h}: a video's frames must share one size",
+                plan.indices[k],
+                path.display(),
+                frame.width(),
+                frame.height()
+            );
+        }
+        f(k, frame)
+    };
+    match plan.kind {
         VideoKind::Frames => {
             let files = frame_files(path)?;
             if files.len() != plan.total_frames {
@@ -405,31 +434,65 @@ pub fn read_frames(path: &Path, plan: &VideoPlan, max_frame_pixels: u64) -> Resu
                     plan.total_frames
                 );
             }
-            plan.indices
-                .iter()
-                .map(|&i| {
-                    let f = &files[i];
-                    load_image(f, max_frame_pixels)
-                        .and_then(|img| to_rgb8(&img))
-                        .with_context(|| format!("frame {}", f.display()))
-                })
-                .collect::<Result<Vec<_>>>()?
+            for (k, &i) in plan.indices.iter().enumerate() {
+                let file = &files[i];
+                let frame = load_image(file, max_frame_pixels)
+                    .and_then(|img| to_rgb8(&img))
+                    .with_context(|| format!("frame {}", file.display()))?;
+                checked(k, frame)?;
+            }
+            Ok(())
         }
-        VideoKind::File => decode_file_frames(path, &plan.indices, max_frame_pixels)?,
-    };
-    let (w, h) = plan.original_size;
-    for (k, f) in frames.iter().enumerate() {
-        if (f.width(), f.height()) != (w, h) {
-            bail!(
-                "frame {} of {} is {}x{}, the first is {w}x{h}: a video's frames must share one size",
-                plan.indices[k],
-                path.display(),
-                f.width(),
-                f.height()
-            );
-        }
+        VideoKind::File => decode_file_frames(path, &plan.indices, max_frame_pixels, &mut checked),
     }
-    Ok(frames)
+}
+
+/// Reads the frames `plan` keeps and resizes each as soon as it is decoded (torchvision's
+/// resize is per frame, so this equals resizing them together), then processes them: only
+/// resized frames are held, whatever the source size.
+pub fn read_and_process(
+    path: &Path,
+    plan: &VideoPlan,
+    max_frame_pixels: u64,
+    cfg: &ImageProcessorConfig,
+) -> Result<ProcessedVideo> {
+    let mut resized = Vec::with_capacity(plan.indices.len());
+    each_frame(path, plan, max_frame_pixels, |_, frame| {
+        resized.push(resize_uint8(&frame_tensor(&[frame])?, plan, cfg)?);
+        Ok(())
+    })?;
+    process_tensor(Tensor::f_cat(&resized, 0)?, plan, cfg)
+}
+
+/// `[n, 3, H, W]` uint8 of same-size frames.
+fn frame_tensor(frames: &[RgbImage]) -> Result<Tensor> {
+    let Some(first) = frames.first() else {
+        bail!("a video needs at least one frame");
+    };
+    let (w, h) = (first.width() as i64, first.height() as i64);
+    let mut raw = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
+    for f in frames {
+        ensure!(
+            f.width() as i64 == w && f.height() as i64 == h,
+            "a video's frames must share one size"
+        );
+        raw.extend_from_slice(f.as_raw());
+    }
+    let n = frames.len() as i64;
+    Ok(Tensor::from_slice(&raw).f_view([n, h, w, 3])?.f_permute([0, 3, 1, 2])?.f_contiguous()?)
+}
+
+/// torchvision's `resize` of uint8 frames to `plan.resized_size`: nothing at the same size,
+/// else libtorch's uint8 antialiased bicubic kernel (`_do_native_uint8_resize_on_cpu`).
+fn resize_uint8(video: &Tensor, plan: &VideoPlan, cfg: &ImageProcessorConfig) -> Result<Tensor> {
+    let size = video.size();
+    let (h, w) = (size[2], size[3]);
+    let (rw, rh) = (plan.resized_size.0 as i64, plan.resized_size.1 as i64);
+    Ok(if cfg.do_resize && (rh, rw) != (h, w) {
+        video.f_internal_upsample_bicubic2d_aa([rh, rw], false, None, None)?
+    } else {
+        video.shallow_clone()
+    })
 }
 
 /// A video's patches for the model.
@@ -451,31 +514,19 @@ pub fn process_frames(
     cfg: &ImageProcessorConfig,
 ) -> Result<ProcessedVideo> {
     cfg.validate()?;
-    let Some(first) = frames.first() else {
-        bail!("a video needs at least one frame");
-    };
-    let (w, h) = (first.width() as i64, first.height() as i64);
-    let mut raw = Vec::with_capacity(frames.len() * (w * h * 3) as usize);
-    for f in frames {
-        ensure!(
-            f.width() as i64 == w && f.height() as i64 == h,
-            "a video's frames must share one size"
-        );
-        raw.extend_from_slice(f.as_raw());
-    }
-    let n = frames.len() as i64;
-    let video =
-        Tensor::from_slice(&raw).f_view([n, h, w, 3])?.f_permute([0, 3, 1, 2])?.f_contiguous()?;
-    let (rw, rh) = (plan.resized_size.0 as i64, plan.resized_size.1 as i64);
-    // torchvision's `resize`: nothing at the same size, else libtorch's uint8 antialiased
-    // bicubic kernel (`_do_native_uint8_resize_on_cpu`).
-    let video = if cfg.do_resize && (rh, rw) != (h, w) {
-        video.f_internal_upsample_bicubic2d_aa([rh, rw], false, None, None)?
-    } else {
-        video
-    };
+    let video = resize_uint8(&frame_tensor(frames)?, plan, cfg)?;
+    process_tensor(video, plan, cfg)
+}
+
+/// The rest of `_preprocess` for resized uint8 frames `[n, 3, H, W]`: rescale and normalise,
+/// pad to a multiple of `temporal_patch_size` with the last frame, and patchify.
+fn process_tensor(
+    video: Tensor,
+    plan: &VideoPlan,
+    cfg: &ImageProcessorConfig,
+) -> Result<ProcessedVideo> {
     let size = video.size();
-    let (rh, rw) = (size[2], size[3]);
+    let (n, rh, rw) = (size[0], size[2], size[3]);
     let (p, m, t) = (cfg.patch_size as i64, cfg.merge_size as i64, cfg.temporal_patch_size as i64);
     ensure!(
         rh % (p * m) == 0 && rw % (p * m) == 0,
@@ -538,8 +589,7 @@ pub fn load_video(
     cfg: &ImageProcessorConfig,
 ) -> Result<(VideoPlan, ProcessedVideo)> {
     let plan = plan_video(path, opts, cfg)?;
-    let frames = read_frames(path, &plan, opts.frame_pixel_cap())?;
-    let processed = process_frames(&frames, &plan, cfg)?;
+    let processed = read_and_process(path, &plan, opts.frame_pixel_cap(), cfg)?;
     Ok((plan, processed))
 }
 
@@ -563,8 +613,13 @@ fn probe_file(path: &Path, _cap: u64) -> Result<FileInfo> {
 }
 
 #[cfg(not(feature = "ffmpeg"))]
-fn decode_file_frames(path: &Path, _keep: &[usize], _cap: u64) -> Result<Vec<RgbImage>> {
-    probe_file(path, 0).map(|_| Vec::new())
+fn decode_file_frames(
+    path: &Path,
+    _keep: &[usize],
+    _cap: u64,
+    _each: &mut dyn FnMut(usize, RgbImage) -> Result<()>,
+) -> Result<()> {
+    probe_file(path, 0).map(|_| ())
 }
 
 #[cfg(feature = "ffmpeg")]
@@ -573,8 +628,13 @@ fn probe_file(path: &Path, cap: u64) -> Result<FileInfo> {
 }
 
 #[cfg(feature = "ffmpeg")]
-fn decode_file_frames(path: &Path, keep: &[usize], cap: u64) -> Result<Vec<RgbImage>> {
-    ffmpeg::decode(path, keep, cap).with_context(|| format!("video file {}", path.display()))
+fn decode_file_frames(
+    path: &Path,
+    keep: &[usize],
+    cap: u64,
+    each: &mut dyn FnMut(usize, RgbImage) -> Result<()>,
+) -> Result<()> {
+    ffmpeg::decode(path, keep, cap, each).with_context(|| format!("video file {}", path.display()))
 }
 
 #[cfg(feature = "ffmpeg")]
@@ -700,33 +760,33 @@ mod ffmpeg {
         walk(path, cap, |_| false, |_, _| Ok(()))
     }
 
-    pub(super) fn decode(path: &Path, keep: &[usize], cap: u64) -> Result<Vec<RgbImage>> {
-        let mut frames: Vec<Option<RgbImage>> = vec![None; keep.len()];
-        let wanted: std::collections::BTreeSet<usize> = keep.iter().copied().collect();
+    /// Decodes `path`, handing kept frame `keep[k]` to `each(k, …)` in order (`keep` is
+    /// increasing), and fails when the file has fewer frames than it names.
+    pub(super) fn decode(
+        path: &Path,
+        keep: &[usize],
+        cap: u64,
+        each: &mut dyn FnMut(usize, RgbImage) -> Result<()>,
+    ) -> Result<()> {
+        let next = std::cell::Cell::new(0usize);
         walk(
             path,
             cap,
-            |k| wanted.contains(&k),
+            |k| keep.get(next.get()) == Some(&k),
             |k, rgb| {
                 if let Some(rgb) = rgb {
-                    for (slot, &want) in frames.iter_mut().zip(keep) {
-                        if want == k {
-                            *slot = Some(rgb.clone());
-                        }
+                    if keep.get(next.get()) == Some(&k) {
+                        each(next.get(), rgb)?;
+                        next.set(next.get() + 1);
                     }
                 }
                 Ok(())
             },
         )?;
-        frames
-            .into_iter()
-            .zip(keep)
-            .map(|(f, &k)| {
-                f.with_context(|| {
-                    format!("frame {k} could not be decoded (the file has fewer frames)")
-                })
-            })
-            .collect()
+        if let Some(k) = keep.get(next.get()) {
+            bail!("frame {k} could not be decoded (the file has fewer frames than counted)");
+        }
+        Ok(())
     }
 }
 
