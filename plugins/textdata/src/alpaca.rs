@@ -207,6 +207,14 @@ mod tests {
         assert_eq!(s.chosen, Some(Message::new("assistant", "A")));
         assert_eq!(s.rejected, Some(Message::new("assistant", "B")));
         assert_eq!(s.images, vec![ImageSource::Path("x.png".into())]);
+        let v = cfg
+            .convert(&row(r#"{"instruction": "<video>Which?", "chosen": "A", "rejected": "B", "videos": "clip.mp4"}"#))
+            .unwrap();
+        assert_eq!(v.videos, vec![ImageSource::Path("clip.mp4".into())]);
+        let e = cfg
+            .convert(&row(r#"{"instruction": "Which?", "chosen": "A", "rejected": "B", "videos": ["clip.mp4"]}"#))
+            .unwrap_err();
+        assert!(e.contains("column `videos` has 1 video(s)"), "{e}");
         let cfg: AlpacaConfig = parse_config(
             r#"{"columns": {"prompt": "q", "query": null, "response": "a", "kto_tag": "good"}}"#,
         )
