@@ -355,7 +355,7 @@ impl Grpo {
         // Prompts with images or videos: the host generates each with its row's vision
         // inputs, named by row (pixels cannot travel in the options JSON).
         let rows: Vec<usize> =
-            (0..b as usize).flat_map(|r| std::iter::repeat(r).take(g as usize)).collect();
+            (0..b as usize).flat_map(|r| std::iter::repeat_n(r, g as usize)).collect();
         let images_per_prompt = vision_counts(&meta.value, IMAGES_PER_PROMPT)?;
         let videos_per_prompt = vision_counts(&meta.value, VIDEOS_PER_PROMPT)?;
         if images_per_prompt.is_some() || videos_per_prompt.is_some() {
