@@ -407,7 +407,9 @@ pub trait ObjectiveContext {
         flags: ForwardFlags,
     ) -> PluginResult<Vec<(String, Tensor)>>;
     /// Generates completions (token ids, prompt excluded) for prompts given as token ids;
-    /// `options_json` holds sampling options (`max_new_tokens`, `temperature`, …).
+    /// `options_json` holds sampling options (`max_new_tokens`, `temperature`, …) and, for
+    /// prompts of the current batch that hold images or videos, [`PROMPT_ROWS`]: each
+    /// prompt's batch row, whose vision inputs the host generates it with.
     fn generate(&self, prompts: &[Vec<i64>], options_json: &str) -> PluginResult<Vec<Vec<i64>>>;
     /// Token ids to text.
     fn decode(&self, ids: &[i64]) -> PluginResult<String>;
