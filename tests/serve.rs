@@ -1069,7 +1069,16 @@ fn generate_video(prompt: &str, images: &[PathBuf], videos: &[PathBuf], n: u64) 
     let f = vl_fixture();
     let n = n.to_string();
     let mut args = vec!["generate", "--model", f.model.to_str().unwrap(), "--chat"];
-    args.extend(["--prompt", prompt, "--greedy", "--max-new-tokens", &n, "--json"]);
+    args.extend([
+        "--prompt",
+        prompt,
+        "--greedy",
+        "--max-new-tokens",
+        &n,
+        "--json",
+        "--logprobs",
+        "0",
+    ]);
     for im in images {
         args.extend(["--image", im.to_str().unwrap()]);
     }
@@ -1087,7 +1096,16 @@ fn video_chat(images: &[PathBuf], videos: &[&str], prompt: &str, n: u64) -> Valu
     let mut parts: Vec<Value> = images.iter().map(|p| json!({"type": "image_url", "image_url": {"url": data_url("image/png", &std::fs::read(p).unwrap())}})).collect();
     parts.extend(videos.iter().map(|v| json!({"type": "video_url", "video_url": {"url": v}})));
     parts.push(json!({"type": "text", "text": prompt}));
-    json!({"model": "tiny-vl", "messages": [{"role": "user", "content": parts}], "max_tokens": n, "temperature": 0, "return_token_ids": true})
+    json!({"model": "tiny-vl", "messages": [{"role": "user", "content": parts}], "max_tokens": n, "temperature": 0, "return_token_ids": true, "logprobs": true})
+}
+
+/// The greedy tokens' log-probabilities of `generate --json --logprobs` or of a chat response.
+fn token_logprobs(v: &Value) -> Vec<f64> {
+    let entries = v["logprobs"]
+        .as_array()
+        .or_else(|| v["choices"][0]["logprobs"]["content"].as_array())
+        .unwrap_or_else(|| panic!("no logprobs in {v}"));
+    entries.iter().map(|e| e["logprob"].as_f64().unwrap()).collect()
 }
 
 #[test]
@@ -1116,13 +1134,21 @@ fn video_parts_equal_generate_with_videos_and_bad_video_parts_are_refused() {
             if v["choices"].is_array() { &v["choices"][0]["token_ids"] } else { &v["token_ids"] };
         t.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect()
     };
+    // the same tokens, and the same log-probabilities (so the same pixels reached the model)
+    let same = |got: &Value, want: &Value, what: &str| {
+        assert_eq!(ids(got), ids(want), "{what}: {got}");
+        let (g, w) = (token_logprobs(got), token_logprobs(want));
+        let d = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(d <= 1e-5, "{what}: logprobs differ by {d}: {g:?} vs {w:?}");
+        d
+    };
     // one video, by absolute path, relative path and file:// URL
     let want = generate_video(prompt, &[], std::slice::from_ref(&down), 8);
     assert_eq!(ids(&want).len(), 8, "{want}");
     let abs = down.to_str().unwrap().to_string();
     for url in [abs.clone(), "clip_down".to_string(), format!("file://{abs}")] {
         let got = post_ok(&s, "/v1/chat/completions", &video_chat(&[], &[&url], prompt, 8));
-        assert_eq!(ids(&got), ids(&want), "video_url {url}: {got}");
+        same(&got, &want, &format!("video_url {url}"));
         assert_eq!(choice_text(&got), want["text"].as_str().unwrap());
     }
     // the video matters: another clip, or none, gives other logits
@@ -1149,7 +1175,7 @@ fn video_parts_equal_generate_with_videos_and_bad_video_parts_are_refused() {
     let (image, both) = (&f.images[..1], [down.clone(), right.clone()]);
     let want2 = generate_video(prompt, image, &both, 8);
     let body = video_chat(image, &["clip_down", "clip_right"], prompt, 8);
-    assert_eq!(ids(&post_ok(&s, "/v1/chat/completions", &body)), ids(&want2));
+    same(&post_ok(&s, "/v1/chat/completions", &body), &want2, "an image and two videos");
     let together: Vec<Value> = std::thread::scope(|sc| {
         let a = sc.spawn(|| post_ok(&s, "/v1/chat/completions", &body));
         let b = sc.spawn(|| post_ok(&s, "/v1/chat/completions", &video_chat(&[], &[], prompt, 8)));
@@ -1158,9 +1184,29 @@ fn video_parts_equal_generate_with_videos_and_bad_video_parts_are_refused() {
         });
         vec![a.join().unwrap(), b.join().unwrap(), c.join().unwrap()]
     });
-    assert_eq!(ids(&together[0]), ids(&want2), "image + videos beside other rows");
-    assert_eq!(ids(&together[1]), ids(&text_only), "a text row beside video rows");
-    assert_eq!(ids(&together[2]), ids(&other), "a video row beside other rows");
+    let mixed = [
+        same(&together[0], &want2, "image + videos beside other rows"),
+        same(&together[1], &text_only, "a text row beside video rows"),
+        same(&together[2], &other, "a video row beside other rows"),
+    ];
+    println!(
+        "videos in a mixed batch: max |logprob - alone| {:.3e}",
+        mixed.iter().fold(0.0, |a: f64, &b| a.max(b))
+    );
+
+    // a video file, as a data URL and by path (a build that decodes video files: feature
+    // ffmpeg; without it the data URL is refused below)
+    if ferrotune::vision::VIDEO_FILE_DECODING {
+        let mp4 = fixture_clips.join("counter.mp4");
+        std::fs::copy(&mp4, videos.join("counter.mp4")).unwrap();
+        let want = generate_video(prompt, &[], std::slice::from_ref(&mp4), 8);
+        let url = data_url("video/mp4", &std::fs::read(&mp4).unwrap());
+        for url in [url.as_str(), "counter.mp4"] {
+            let got = post_ok(&s, "/v1/chat/completions", &video_chat(&[], &[url], prompt, 8));
+            same(&got, &want, &format!("counter.mp4 as {}", &url[..url.len().min(24)]));
+        }
+        println!("counter.mp4: serve (data URL, path) == generate --video: {:?}", ids(&want));
+    }
 
     // refusals
     let refused = |s: &Server, body: Value, status: u16, code: &str| {
