@@ -14,6 +14,18 @@
 //! its patch layout. References:
 //! <https://github.com/QwenLM/Qwen2.5-VL/blob/main/qwen-vl-utils/src/qwen_vl_utils/vision_process.py>,
 //! <https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2_vl/video_processing_qwen2_vl.py>.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use ferrotune::vision::{load_video, ImageProcessorConfig, VideoOptions};
+//! let model = std::path::Path::new("models/qwen2-vl");
+//! let cfg = ImageProcessorConfig::from_dir(model)?;
+//! let opts = VideoOptions::from_dir(model)?; // qwen-vl-utils' defaults unless the model sets them
+//! let (plan, video) = load_video("clip.mp4".as_ref(), &opts, &cfg)?; // or a folder of frames
+//! let tokens = plan.num_video_tokens(cfg.merge_size); // <|video_pad|> tokens in the prompt
+//! println!("{}: {tokens} tokens", plan.describe());
+//! # let _ = video; Ok(()) }
+//! ```
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
