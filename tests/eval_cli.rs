@@ -42,6 +42,18 @@ fn write_config(dir: &Path, model: &Path, name: &str, training: &str) -> PathBuf
     config
 }
 
+/// The CLI on one intra-op thread: a tiny model's operations are too small to share out, and
+/// on a busy machine the thread pool's spinning costs more than it saves.
+fn ferrotune_one_thread(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(ferrotune_bin())
+        .args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("FERROTUNE_PLUGIN_PATH")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("run ferrotune")
+}
+
 fn json_lines(out: &std::process::Output) -> Vec<Value> {
     stdout(out).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
@@ -59,14 +71,14 @@ fn eval_reports_loss_and_rewards_for_base_and_adapter() {
         "one-step",
         "{max_steps: 1, micro_batch_size: 8, progress_bar: false}",
     );
-    let o = ferrotune(&["train", one.to_str().unwrap()]);
+    let o = ferrotune_one_thread(&["train", one.to_str().unwrap()]);
     assert!(o.status.success(), "train: {}", stderr(&o));
     let summary: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.0.join("one-step/train_summary.json")).unwrap(),
     )
     .unwrap();
     let first = summary["first_loss"].as_f64().unwrap();
-    let o = ferrotune(&["eval", one.to_str().unwrap(), "--split", "train", "--json"]);
+    let o = ferrotune_one_thread(&["eval", one.to_str().unwrap(), "--split", "train", "--json"]);
     assert!(o.status.success(), "eval: {}", stderr(&o));
     let base = &json_lines(&o)[0];
     let eval_loss = base["eval_loss"].as_f64().unwrap();
@@ -81,11 +93,11 @@ fn eval_reports_loss_and_rewards_for_base_and_adapter() {
         "run",
         "{max_steps: 8, micro_batch_size: 2, progress_bar: false}",
     );
-    let o = ferrotune(&["train", cfg.to_str().unwrap()]);
+    let o = ferrotune_one_thread(&["train", cfg.to_str().unwrap()]);
     assert!(o.status.success(), "train: {}", stderr(&o));
     let adapter = dir.0.join("run");
     let a = adapter.to_str().unwrap();
-    let o = ferrotune(&[
+    let o = ferrotune_one_thread(&[
         "eval",
         cfg.to_str().unwrap(),
         "--adapter",
@@ -116,7 +128,7 @@ fn eval_reports_loss_and_rewards_for_base_and_adapter() {
     );
     assert!(lt < lb - 1.0, "the adapter did not lower the held-out loss: {lb} -> {lt}");
 
-    let o = ferrotune(&["eval", cfg.to_str().unwrap(), "--adapter", a, "--with-base"]);
+    let o = ferrotune_one_thread(&["eval", cfg.to_str().unwrap(), "--adapter", a, "--with-base"]);
     assert!(o.status.success(), "eval: {}", stderr(&o));
     let table = stdout(&o);
     assert!(
@@ -125,7 +137,7 @@ fn eval_reports_loss_and_rewards_for_base_and_adapter() {
     );
     assert!(table.contains(&format!("{lb:.4}")) && table.contains(&format!("{lt:.4}")), "{table}");
 
-    let o = ferrotune(&["eval", cfg.to_str().unwrap(), "--generate"]);
+    let o = ferrotune_one_thread(&["eval", cfg.to_str().unwrap(), "--generate"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--reward"), "{}", stderr(&o));
 }
