@@ -52,6 +52,7 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let root = temp_dir("serve");
+        remove_at_exit(&root);
         let tok = root.join("tok");
         write_chat_tokenizer(&tok, 40);
         let model = root.join("tiny");
@@ -82,6 +83,27 @@ fn fixture() -> &'static Fixture {
         std::os::unix::fs::symlink(&outside, adapters.join("link")).unwrap();
         Fixture { root, model, adapters, outside }
     })
+}
+
+/// The shared fixtures' folders: statics are never dropped, so they go when the test process
+/// exits (libtest returns from `main` or calls `exit`; both run `atexit` handlers).
+static FIXTURE_ROOTS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn remove_fixture_roots() {
+    if let Ok(roots) = FIXTURE_ROOTS.lock() {
+        for r in roots.iter() {
+            let _ = std::fs::remove_dir_all(r);
+        }
+    }
+}
+
+fn remove_at_exit(root: &Path) {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain function with no arguments, as atexit expects.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(remove_fixture_roots);
+    });
+    FIXTURE_ROOTS.lock().unwrap_or_else(|p| p.into_inner()).push(root.to_path_buf());
 }
 
 /// A server over the fixture's model, API loads from its adapter folder.
@@ -839,6 +861,7 @@ fn vl_fixture() -> &'static VlFixture {
     static F: OnceLock<VlFixture> = OnceLock::new();
     F.get_or_init(|| {
         let root = temp_dir("serve-vl");
+        remove_at_exit(&root);
         let model = root.join("tiny-vl");
         init_tiny_vl_model(&model, 3);
         let adapters = root.join("adapters");
