@@ -168,7 +168,9 @@ fn generate(a: &GenerateArgs, search: &SearchPath) -> Result<()> {
     let params = generator.sampling_params(&choice);
     let prompts = [prompt.ids];
     let out = match a.logprobs {
-        Some(k) => generator.complete_with_logprobs(&prompts, prompt.images.as_ref(), &params, k)?,
+        Some(k) => {
+            generator.complete_with_logprobs(&prompts, prompt.images.as_ref(), &params, k)?
+        }
         None => generator.complete_mm(&prompts, prompt.images.as_ref(), &params)?,
     }
     .remove(0);
