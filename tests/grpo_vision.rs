@@ -6,9 +6,9 @@
 //!   context, with the vision inputs repeated per row as GRPO repeats them
 //!   (`select_prompt_rows`), equal a direct forward of each prompt + completion with its own
 //!   images (and differ without those pixels);
-//! * `ferrotune train` runs GRPO on the story sample's image prompts, logging
-//!   `story_grounding` beside a length reward whose mean rises between the first and last
-//!   ten steps;
+//! * `ferrotune train` runs GRPO with `story_grounding` as the reward on the story sample's
+//!   image prompts, from a short warm-start SFT (LoRA) whose answers score 1, 0.5 and 0, and
+//!   the mean reward rises between the first and last ten steps;
 //! * a prompt with images for a model without a vision tower is refused by name.
 //!
 //! Needs the workspace build (`ferrotune`, plugins `lora`, `align`, `rewards`,
@@ -274,52 +274,126 @@ fn image_prompts_need_a_vision_model() {
     assert!(why.contains("pic") && why.contains("no vision tower"), "{why}");
 }
 
+/// The warm start's answers for one story-llava row, built from its own first character row:
+/// a grounded story (`story_grounding` 1), the same tables with an untagged story (0.5: think
+/// and consistent ids, no well-formed tags, nothing declared) and the untagged story alone (0).
+fn warm_start_answers(row: &Value) -> [String; 3] {
+    let answer = row["conversations"]
+        .as_array()
+        .and_then(|c| c.last())
+        .and_then(|t| t["value"].as_str())
+        .expect("a story-llava row ends with its answer");
+    let (id, name) = answer
+        .lines()
+        .find_map(|l| {
+            let cells: Vec<&str> = l.trim().trim_matches('|').split('|').map(str::trim).collect();
+            (cells.len() > 1
+                && cells[0].starts_with("char")
+                && cells[0][4..].parse::<u32>().is_ok())
+            .then(|| (cells[0].to_string(), cells[1].to_string()))
+        })
+        .expect("a story answer with a character row");
+    let think = format!("<think>\n| {id} | {name} |\n</think>\n");
+    let plain = format!("{name} walks.");
+    [
+        format!("{think}<gdi image1><gdo {id}>{name}</gdo> walks.</gdi>"),
+        format!("{think}{plain}"),
+        plain,
+    ]
+}
+
 #[test]
 fn grpo_on_story_image_prompts_raises_the_mean_reward() {
     let dir = TempDir::new("grpo-vision-train");
     let model = dir.0.join("model");
     init_tiny_vl_model(&model, 3);
-    let out = dir.0.join("run");
-    let config = dir.0.join("grpo.yaml");
-    // A random 151k-token model never writes a grounding tag, so `story_grounding` (logged,
-    // weight 0) stays 0 here; the length reward (short completions) is what a few steps can
-    // learn, and shows the image prompts train end to end.
-    std::fs::write(
-        &config,
+    // The story sample's first four training stories, each with its first frame: GRPO's
+    // prompts, and a warm-start SFT set pairing each prompt with three short answers of
+    // story_grounding 1, 0.5 and 0. A random 151k-token model never writes a grounding tag
+    // (every completion scores 0: no signal), so the warm start puts the policy where its
+    // samples hold that spread of partial credit; GRPO with story_grounding as the reward then
+    // moves it towards the grounded answer.
+    let story = repo_root().join("datasets/story-llava");
+    let rows: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(story.join("train.json")).unwrap()).unwrap();
+    let (mut sft, mut prompts) = (Vec::new(), Vec::new());
+    for row in &rows[..4] {
+        let image = story.join(row["image"][0].as_str().unwrap()).display().to_string();
+        let human =
+            json!({"from": "human", "value": "Create a story based on this image.\n<image>"});
+        let answers = warm_start_answers(row);
+        for (k, a) in answers.iter().enumerate() {
+            sft.push(
+                json!({"id": format!("{}-{k}", row["id"].as_str().unwrap()), "image": [image],
+                "conversations": [human, {"from": "gpt", "value": a}]}),
+            );
+        }
+        prompts.push(json!({"id": row["id"], "image": [image],
+            "conversations": [human, {"from": "gpt", "value": answers[0]}]}));
+    }
+    let (sft_data, prompt_data) = (dir.0.join("warm.json"), dir.0.join("prompts.json"));
+    std::fs::write(&sft_data, Value::Array(sft).to_string()).unwrap();
+    std::fs::write(&prompt_data, Value::Array(prompts).to_string()).unwrap();
+    let adapter = "adapter: {plugin: lora, r: 16, lora_alpha: 32, lora_dropout: 0.0, \
+        target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]}";
+    let data = |path: &Path| {
         format!(
-            "model: {model}\noutput_dir: {out}\nseed: 1\n\
-             adapter: {{plugin: lora, r: 16, lora_alpha: 32, lora_dropout: 0.0, \
-             target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head]}}\n\
-             objective: {{plugin: grpo, num_generations: 4, max_completion_length: 12, temperature: 1.0, seed: 1}}\n\
-             rewards: [{{plugin: length, name: short, mode: target, unit: chars, target: 4, tolerance: 100}}, \
-             {{plugin: story_grounding, weight: 0.0}}]\n\
-             optimizer: {{lr: 3.0e-2}}\nscheduler: {{type: constant}}\n\
-             data: {{plugin: storyreasoning, path: {data}, cutoff_len: 2048, image_max_pixels: 50176, config: {{max_images: 1}}}}\n\
-             training: {{max_steps: 40, micro_batch_size: 2, progress_bar: false}}\n",
-            model = model.display(),
-            out = out.display(),
-            data = repo_root().join("datasets/storyreasoning-sample").display(),
+            "data: {{plugin: llava, path: {}, cutoff_len: 512, image_max_pixels: 50176}}",
+            path.display()
+        )
+    };
+    let train = |name: &str, body: String| -> Vec<Value> {
+        let (config, out) = (dir.0.join(format!("{name}.yaml")), dir.0.join(name));
+        std::fs::write(
+            &config,
+            format!(
+                "model: {}\noutput_dir: {}\nseed: 1\n{adapter}\n{body}",
+                model.display(),
+                out.display()
+            ),
+        )
+        .unwrap();
+        let o = ferrotune_one_thread(&["train", config.to_str().unwrap()]);
+        assert!(o.status.success(), "train {name}: {}\n{}", stdout(&o), stderr(&o));
+        read_jsonl(&out.join("metrics.jsonl"))
+            .into_iter()
+            .filter(|l| l.get("step").is_some())
+            .collect()
+    };
+    let warm = train(
+        "warm",
+        format!(
+            "optimizer: {{lr: 5.0e-3, max_grad_norm: 1.0}}\nscheduler: {{type: constant}}\n{}\n\
+             training: {{max_steps: 80, micro_batch_size: 12, logging_steps: 10, progress_bar: false}}\n",
+            data(&sft_data)
         ),
-    )
-    .unwrap();
-    let o = ferrotune_one_thread(&["train", config.to_str().unwrap()]);
-    assert!(o.status.success(), "train: {}\n{}", stdout(&o), stderr(&o));
-    let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l.get("step").is_some() && l.get("train/reward").is_some())
-        .collect();
-    let series = |key: &str| -> Vec<f64> { lines.iter().filter_map(|l| l[key].as_f64()).collect() };
-    let short = series("train/rewards/short/mean");
-    let grounding = series("train/rewards/story_grounding/mean");
-    assert_eq!(short.len(), 40, "a reward per step");
-    assert_eq!(grounding.len(), 40, "story_grounding scored every step");
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (first, last) = (mean(&short[..10]), mean(&short[30..]));
-    println!(
-        "GRPO on image prompts: length reward first 10 steps {first:.3}, last 10 {last:.3}; story_grounding mean {:.3}",
-        mean(&grounding)
     );
-    assert!(last > first + 0.05, "mean reward did not rise: {first:.3} -> {last:.3}: {short:?}");
+    let warm_loss = warm.last().and_then(|l| l["loss"].as_f64()).unwrap();
+    assert!(warm_loss < 0.3, "the warm start did not learn its answers: loss {warm_loss}");
+
+    let lines = train(
+        "grpo",
+        format!(
+            "adapter_init: {}\n\
+             objective: {{plugin: grpo, num_generations: 8, max_completion_length: 40, temperature: 1.0, beta: 0.0, seed: 1}}\n\
+             rewards: [{{plugin: story_grounding}}]\n\
+             optimizer: {{lr: 1.0e-3}}\nscheduler: {{type: constant, warmup_steps: 8}}\n{}\n\
+             training: {{max_steps: 20, micro_batch_size: 2, progress_bar: false}}\n",
+            dir.0.join("warm").display(),
+            data(&prompt_data)
+        ),
+    );
+    let reward: Vec<f64> =
+        lines.iter().filter_map(|l| l["train/rewards/story_grounding/mean"].as_f64()).collect();
+    assert_eq!(reward.len(), 20, "a story_grounding reward per step");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, last) = (mean(&reward[..10]), mean(&reward[10..]));
+    println!(
+        "GRPO on image prompts (warm start loss {warm_loss:.3}): story_grounding mean first 10 steps {first:.3}, last 10 {last:.3}"
+    );
+    assert!(first > 0.05 && first < 0.9, "the warm start leaves no room to learn: {reward:?}");
+    assert!(
+        last > first + 0.1,
+        "story_grounding did not rise: {first:.3} -> {last:.3}: {reward:?}"
+    );
 }
