@@ -371,6 +371,9 @@ fn grpo_on_story_image_prompts_raises_the_mean_reward() {
     let warm_loss = warm.last().and_then(|l| l["loss"].as_f64()).unwrap();
     assert!(warm_loss < 0.3, "the warm start did not learn its answers: loss {warm_loss}");
 
+    // A small learning rate, warmed up over 8 steps: at 2e-3 the reward rose and then fell
+    // apart (completions drifting to the length limit) in 4 of 5 runs tried; at 1e-3 without
+    // the warm-up it rose within 3 steps, leaving nothing between the first and last ten.
     let lines = train(
         "grpo",
         format!(
