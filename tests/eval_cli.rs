@@ -14,14 +14,6 @@ use std::path::{Path, PathBuf};
 use ferrotune_tests::*;
 use serde_json::Value;
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn write_config(dir: &Path, model: &Path, name: &str, training: &str) -> PathBuf {
     let config = dir.join(format!("{name}.yaml"));
     std::fs::write(
@@ -40,18 +32,6 @@ fn write_config(dir: &Path, model: &Path, name: &str, training: &str) -> PathBuf
     )
     .unwrap();
     config
-}
-
-/// The CLI on one intra-op thread: a tiny model's operations are too small to share out, and
-/// on a busy machine the thread pool's spinning costs more than it saves.
-fn ferrotune_one_thread(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(ferrotune_bin())
-        .args(args)
-        .env_remove("LD_LIBRARY_PATH")
-        .env_remove("FERROTUNE_PLUGIN_PATH")
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("run ferrotune")
 }
 
 fn json_lines(out: &std::process::Output) -> Vec<Value> {

@@ -13,7 +13,7 @@
 //!
 //! Needs the workspace build (`ferrotune`, plugins `lora`, `align`, `rewards`,
 //! `storyreasoning`) and `assets/qwen2-tokenizer`.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferrotune::data::layout::prepare;
 use ferrotune::data::{collate, EncodeOptions, ImagePrep, Item, Layout};
@@ -29,34 +29,6 @@ use ferrotune_plugin_api::{
 use ferrotune_tests::*;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
-
-/// A temporary folder removed when the test ends, passed or not.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        Self(temp_dir(tag))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The CLI on one intra-op thread: a tiny model's operations are too small to share out, and
-/// on a busy machine the thread pool's spinning costs more than it saves (a GRPO step here:
-/// ~2x faster).
-fn ferrotune_one_thread(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(ferrotune_bin())
-        .args(args)
-        .env_remove("LD_LIBRARY_PATH")
-        .env_remove("FERROTUNE_PLUGIN_PATH")
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("run ferrotune")
-}
 
 fn story_image(name: &str) -> ImageSource {
     ImageSource::Path(

@@ -4,7 +4,7 @@
 //! along the greedy path (tests/python/logprobs_reference.py). Values must agree within 1e-5
 //! and the top tokens must be the same; bad values are refused with errors naming the field.
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferrotune::model::CausalLM;
 use ferrotune::peft::PeftModel;
@@ -17,15 +17,6 @@ const NEW_TOKENS: u64 = 12;
 const TOP: u64 = 5;
 const CHAT_PROMPT: &str = "w3 w1 w4 w1 w5";
 const TEXT_PROMPT: &str = "w2 w7 w1 w8";
-
-/// Removes the folder when the test ends, passed or not.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `(status, JSON body)` of a POST, errors included.
 fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ferrotune::model::linear::LinearMode;
-use ferrotune::model::{CausalLM, ForwardArgs, InitOptions, VideoInputs, VisionInputs};
+use ferrotune::model::{ForwardArgs, InitOptions, VideoInputs, VisionInputs};
 use ferrotune::peft::PeftModel;
 use ferrotune_plugin_api::ForwardFlags;
+use ferrotune_tests::reference::{json, load, max_abs, read, rows, tensor2, unpadded};
 use ferrotune_tests::{
     build_dir, cached_reference, one_torch_thread, qwen2_tokenizer, registry, run_python, temp_dir,
 };
@@ -30,46 +31,6 @@ fn reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     one_torch_thread();
     DIR.get_or_init(|| cached_reference("qwen25vl_reference.py", "qwen25vl-reference"))
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap()
-}
-
-fn rows(v: &Value) -> Vec<Vec<i64>> {
-    serde_json::from_value(v.clone()).unwrap()
-}
-
-fn tensor2(rows: &[Vec<i64>]) -> Tensor {
-    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).view([rows.len() as i64, -1])
-}
-
-fn read(path: &Path, name: &str) -> Tensor {
-    Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
-        .1
-}
-
-fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float)
-        .map(PeftModel::new)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
-}
-
-/// Logits at the positions where `mask` is 1, flattened.
-fn unpadded(logits: &Tensor, mask: &Tensor) -> Tensor {
-    logits.masked_select(&mask.ne(0).unsqueeze(-1).expand_as(logits))
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 /// One case of `inputs.json`: a left-padded batch with its images and videos.

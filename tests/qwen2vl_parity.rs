@@ -6,13 +6,13 @@
 //! and both config layouts; the error for a wrong image-token count; `init-model --preset tiny-vl` loaded by
 //! transformers; a merged save; and LoRA's targets and adapter keys against peft's.
 use ferrotune::model::ForwardArgs;
-use ferrotune::peft::PeftModel;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ferrotune::generate::{generate, generate_mm, generate_mm_with_stats, SamplingParams};
 use ferrotune::model::linear::LinearMode;
-use ferrotune::model::{CausalLM, InitOptions, VisionInputs};
+use ferrotune::model::{InitOptions, VisionInputs};
+use ferrotune_tests::reference::{grids, json, load, max_abs, read, rows, tensor2, unpadded};
 use ferrotune_tests::{
     build_dir, cached_reference, one_torch_thread, registry, relative_error, run_python, temp_dir,
 };
@@ -26,50 +26,6 @@ fn reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     one_torch_thread();
     DIR.get_or_init(|| cached_reference("qwen2vl_reference.py", "qwen2vl-reference"))
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap()
-}
-
-fn rows(v: &Value) -> Vec<Vec<i64>> {
-    serde_json::from_value(v.clone()).unwrap()
-}
-
-fn grids(v: &Value) -> Vec<[i64; 3]> {
-    serde_json::from_value(v.clone()).unwrap()
-}
-
-fn tensor2(rows: &[Vec<i64>]) -> Tensor {
-    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).view([rows.len() as i64, -1])
-}
-
-fn read(path: &Path, name: &str) -> Tensor {
-    let tensors = Tensor::read_safetensors(path).unwrap();
-    tensors
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
-        .1
-}
-
-fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float)
-        .map(PeftModel::new)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
-}
-
-/// Logits at the positions where `mask` is 1, flattened.
-fn unpadded(logits: &Tensor, mask: &Tensor) -> Tensor {
-    logits.masked_select(&mask.ne(0).unsqueeze(-1).expand_as(logits))
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 struct Batch {

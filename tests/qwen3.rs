@@ -30,6 +30,7 @@ use ferrotune::model::{CausalLM, ForwardArgs};
 use ferrotune::peft::PeftModel;
 use ferrotune::text::{ChatTemplate, Tokenizer};
 use ferrotune_plugin_api::{Message, Sample};
+use ferrotune_tests::reference::{json, load, read, rows, tensor2};
 use ferrotune_tests::*;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -42,37 +43,6 @@ fn reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     one_torch_thread();
     DIR.get_or_init(|| cached_reference("qwen3_reference.py", "qwen3-reference"))
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap()
-}
-
-fn rows(v: &Value) -> Vec<Vec<i64>> {
-    serde_json::from_value(v.clone()).unwrap()
-}
-
-fn tensor2(rows: &[Vec<i64>]) -> Tensor {
-    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
-    Tensor::from_slice(&flat).view([rows.len() as i64, -1])
-}
-
-fn read(path: &Path, name: &str) -> Tensor {
-    Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
-        .1
-}
-
-fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float)
-        .map(PeftModel::new)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
 }
 
 /// The padded batch of `inputs.json`: (ids, mask).

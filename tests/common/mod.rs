@@ -566,3 +566,90 @@ pub fn launch_and_kill_rank1(
     let exit_after_kill = killed_at.elapsed();
     KilledLaunch { status, stderr: reader.join().unwrap(), exit_after_kill }
 }
+
+/// A temporary folder ([`temp_dir`]) removed when the test ends, passed or not.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        Self(temp_dir(tag))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// [`ferrotune`] on one intra-op thread: a tiny model's operations are too small to share
+/// out, and on a busy machine the thread pool's spinning costs more than it saves.
+pub fn ferrotune_one_thread(args: &[&str]) -> Output {
+    Command::new(ferrotune_bin())
+        .args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("FERROTUNE_PLUGIN_PATH")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("run ferrotune")
+}
+
+/// Reference-file helpers of the parity tests (inputs and outputs a Python script wrote).
+pub mod reference {
+    use std::path::Path;
+
+    use ferrotune::model::CausalLM;
+    use ferrotune::peft::PeftModel;
+    use serde_json::Value;
+    use tch::{Device, Kind, Tensor};
+
+    /// A JSON file.
+    pub fn json(path: &Path) -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// Token-id rows.
+    pub fn rows(v: &Value) -> Vec<Vec<i64>> {
+        serde_json::from_value(v.clone()).unwrap()
+    }
+
+    /// `[t, h, w]` grids.
+    pub fn grids(v: &Value) -> Vec<[i64; 3]> {
+        serde_json::from_value(v.clone()).unwrap()
+    }
+
+    /// Equal-length rows as a `[rows, len]` tensor.
+    pub fn tensor2(rows: &[Vec<i64>]) -> Tensor {
+        let flat: Vec<i64> = rows.iter().flatten().copied().collect();
+        Tensor::from_slice(&flat).view([rows.len() as i64, -1])
+    }
+
+    /// One tensor of a safetensors file.
+    pub fn read(path: &Path, name: &str) -> Tensor {
+        Tensor::read_safetensors(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
+            .1
+    }
+
+    /// A model directory in fp32 on the CPU, wrapped for adapters.
+    pub fn load(dir: &Path) -> PeftModel {
+        CausalLM::load(dir, Device::Cpu, Kind::Float)
+            .map(PeftModel::new)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+    }
+
+    /// Logits at the positions where `mask` is 1, flattened.
+    pub fn unpadded(logits: &Tensor, mask: &Tensor) -> Tensor {
+        logits.masked_select(&mask.ne(0).unsqueeze(-1).expand_as(logits))
+    }
+
+    pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+}

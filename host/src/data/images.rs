@@ -39,6 +39,23 @@ const VISION_END: &str = "<|vision_end|>";
 const IMAGE_PAD: &str = "<|image_pad|>";
 const VIDEO_PAD: &str = "<|video_pad|>";
 
+/// Where a sample's image or video is, and how to name it: a path, or an embedded blob
+/// (`Err((what, reason))` for a blob index past the sample's blobs).
+fn source_data(
+    source: &ImageSource,
+    blobs: &[Arc<Vec<u8>>],
+) -> std::result::Result<(ImageData, String), (String, String)> {
+    match source {
+        ImageSource::Path(p) => Ok((ImageData::File(PathBuf::from(p)), p.clone())),
+        ImageSource::Blob(i) => match blobs.get(*i) {
+            Some(b) => Ok((ImageData::Bytes(b.clone()), format!("embedded, {} bytes", b.len()))),
+            None => {
+                Err((format!("blob {i}"), format!("the sample has only {} blobs", blobs.len())))
+            }
+        },
+    }
+}
+
 /// A sample's image that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("image {index} ({what}): {reason}")]
@@ -182,20 +199,8 @@ impl ImagePrep {
     ) -> Result<Vec<SampleImage>, String> {
         let mut out = Vec::with_capacity(sample.videos.len());
         for (index, source) in sample.videos.iter().enumerate() {
-            let (data, what) = match source {
-                ImageSource::Path(p) => (ImageData::File(PathBuf::from(p)), p.clone()),
-                ImageSource::Blob(i) => match blobs.get(*i) {
-                    Some(b) => {
-                        (ImageData::Bytes(b.clone()), format!("embedded, {} bytes", b.len()))
-                    }
-                    None => {
-                        return Err(format!(
-                            "video {index} (blob {i}): the sample has only {} blobs",
-                            blobs.len()
-                        ))
-                    }
-                },
-            };
+            let (data, what) = source_data(source, blobs)
+                .map_err(|(what, reason)| format!("video {index} ({what}): {reason}"))?;
             let plan =
                 with_video_path(&data, |path| plan_video(path, &self.video, &self.processor))
                     .map_err(|e| format!("video {index} ({what}): {e:#}"))?;
@@ -262,21 +267,11 @@ impl ImagePrep {
         let factor = self.processor.patch_size * self.merge_size;
         let mut out = Vec::with_capacity(sample.images.len());
         for (index, source) in sample.images.iter().enumerate() {
-            let (data, what) = match source {
-                ImageSource::Path(p) => (ImageData::File(PathBuf::from(p)), p.clone()),
-                ImageSource::Blob(i) => match blobs.get(*i) {
-                    Some(b) => {
-                        (ImageData::Bytes(b.clone()), format!("embedded, {} bytes", b.len()))
-                    }
-                    None => {
-                        return Err(BadImage {
-                            index,
-                            what: format!("blob {i}"),
-                            reason: format!("the sample has only {} blobs", blobs.len()),
-                        })
-                    }
-                },
-            };
+            let (data, what) = source_data(source, blobs).map_err(|(what, reason)| BadImage {
+                index,
+                what,
+                reason,
+            })?;
             let bad = |reason: String| BadImage { index, what: what.clone(), reason };
             let img =
                 decode(&data, self.decode_cap(max_pixels)).map_err(|e| bad(format!("{e:#}")))?;
