@@ -68,7 +68,10 @@ $(STAMPS)/gloo-headers:
 # still work and video files are refused by name. HOST_FEATURES turns the feature on wherever
 # pkg-config finds the libraries (expanded when a recipe runs, after this stamp's install).
 FFMPEG_PKGS := libavformat-dev libavcodec-dev libavutil-dev libswscale-dev libclang-dev clang pkg-config
-FFMPEG_FOUND = pkg-config --exists libavformat libavcodec libavutil libswscale 2>/dev/null
+# The libraries and libclang (ffmpeg-sys-next's bindgen): with the libraries but no libclang the
+# feature would fail to build, so that machine installs (or goes without) like one with neither.
+FFMPEG_FOUND = pkg-config --exists libavformat libavcodec libavutil libswscale 2>/dev/null \
+  && ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* 2>/dev/null | grep -q .
 HOST_FEATURES = $(shell $(FFMPEG_FOUND) && echo --features ferrotune/ffmpeg || true)
 
 $(STAMPS)/ffmpeg-libs:
