@@ -155,9 +155,6 @@ fn evaluate(
     };
     let mut run = Run::setup(&cfg, registry, None)
         .with_context(|| format!("setting up the {model} on split `{}`", a.split))?;
-    if let Some(dir) = adapter {
-        run.load_non_lora(dir)?;
-    }
     let (eval_loss, metrics) = run.evaluate_all()?;
     let rows = run.data_rows();
     let mut report =

@@ -5,10 +5,10 @@ use serde_json::{json, Map, Value};
 use tch::Tensor;
 
 use super::encode::{Encoded, IGNORE_INDEX};
-use super::images::{grid_tensor, ImagePrep, SampleImage};
+use super::images::{ImagePrep, SampleImage};
 use super::layout::{Item, Layout};
 use super::pack::Packed;
-use crate::model::qwen2vl::{rope_index, rope_index_vision, RopeInputs};
+use crate::model::qwen2vl::{rope_index_vision, RopeInputs};
 use ferrotune_plugin_api::kinds::objective::{IMAGES_PER_PROMPT, VIDEOS_PER_PROMPT};
 
 /// Rows right-padded to one width: ids, attention mask and completion mask (the labelled
@@ -111,20 +111,7 @@ fn prompt_tensors(
         if video_counts.iter().any(|&n| n > 0) {
             meta.insert(VIDEOS_PER_PROMPT.into(), json!(video_counts));
         }
-        if let Some(v) = prep.vision_inputs(images.iter().flat_map(|i| i.iter()))? {
-            if !v.image_grid_thw.is_empty() {
-                vision.push(("pixel_values".into(), v.pixel_values));
-                vision.push(("image_grid_thw".into(), grid_tensor(&v.image_grid_thw)));
-            }
-            if let Some(videos) = v.videos {
-                vision.push(("pixel_values_videos".into(), videos.pixel_values));
-                vision.push(("video_grid_thw".into(), grid_tensor(&videos.grid_thw)));
-                vision.push((
-                    "second_per_grid_ts".into(),
-                    Tensor::from_slice(&videos.second_per_grid_ts),
-                ));
-            }
-        }
+        vision = prep.item_tensors(images.iter().flat_map(|i| i.iter()))?;
     }
     let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
     let n = prompts.len();
@@ -333,17 +320,13 @@ fn segment_positions<'a>(
             None => image_grids.push(im.grid_thw),
         }
     }
-    if video_grids.is_empty() {
-        return Ok(
-            rope_index(ids, 1, ids.len(), None, &image_grids, m.image_id, m.merge)?.positions
-        );
-    }
     let inputs = RopeInputs {
         image_grid_thw: &image_grids,
         video_grid_thw: &video_grids,
         second_per_grid_ts: &seconds,
         tokens_per_second: m.tokens_per_second,
         image_token_id: m.image_id,
+        // No token id is negative: without a video token, video pads are text.
         video_token_id: m.video_id.unwrap_or(-1),
         spatial_merge_size: m.merge,
     };
@@ -377,6 +360,7 @@ fn pad_sequences(batch: &[&Encoded], pad_id: i64) -> Vec<(String, Tensor)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::qwen2vl::rope_index;
 
     fn rows(t: &Tensor) -> Vec<Vec<i64>> {
         Vec::<Vec<i64>>::try_from(t).unwrap()

@@ -129,12 +129,7 @@ impl ImagePrep {
                 Some(id)
             }
         };
-        let qwen25 = config["model_type"].as_str() == Some("qwen2_5_vl")
-            || config["architectures"].as_array().is_some_and(|a| {
-                a.iter().any(|v| v.as_str().is_some_and(|s| s.starts_with("Qwen2_5_VL")))
-            });
-        let tokens_per_second =
-            qwen25.then(|| config["vision_config"]["tokens_per_second"].as_f64().unwrap_or(4.0));
+        let tokens_per_second = crate::model::qwen2vl::config::video_tokens_per_second(&config);
         let processor = ImageProcessorConfig::from_dir(model_dir)?;
         let merge_size = processor.merge_size;
         Ok(Some(Self {
@@ -456,8 +451,16 @@ impl ImagePrep {
     /// (int64) of a batch's images, none when it has no image; and for its videos
     /// `pixel_values_videos`, `video_grid_thw` and `second_per_grid_ts` (float64 `[n]`).
     pub fn batch_tensors(&self, batch: &[&Encoded]) -> Result<Vec<(String, Tensor)>> {
+        self.item_tensors(batch.iter().flat_map(|e| e.images.iter()))
+    }
+
+    /// [`Self::batch_tensors`] of images and videos in order (a GRPO prompts batch's).
+    pub fn item_tensors<'a>(
+        &self,
+        items: impl IntoIterator<Item = &'a SampleImage>,
+    ) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        let Some(v) = self.vision_inputs(batch.iter().flat_map(|e| e.images.iter()))? else {
+        let Some(v) = self.vision_inputs(items)? else {
             return Ok(out);
         };
         if !v.image_grid_thw.is_empty() {

@@ -270,7 +270,8 @@ fn encode_row(
             if messages.is_empty() {
                 return Err(bad(&sample, "no prompt: the row has no turn before its answer"));
             }
-            let ids = tok.encode(&tok.apply_chat_template(&messages, true)?, false)?;
+            let rendered = tok.apply_chat_template(&messages, true)?;
+            let ids = tok.encode(&rendered, false)?;
             if ids.len() >= opts.cutoff_len {
                 return Ok(Outcome::Skip(format!(
                     "sample {}: its prompt has {} tokens, which leaves no room for a completion within cutoff_len {}",
@@ -282,7 +283,7 @@ fn encode_row(
             // The rendered prompt reward plugins see keeps the `<image>` placeholders, not
             // hundreds of image-pad tokens.
             let text = if images.is_empty() {
-                tok.apply_chat_template(&messages, true)?
+                rendered
             } else {
                 let mut shown = sample.messages.clone();
                 if shown.last().is_some_and(|m| m.role == "assistant") {

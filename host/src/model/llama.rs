@@ -167,18 +167,21 @@ impl RmsNorm {
         Ok(Self { weight: w.take(&format!("{key}.weight"), &[size], why)?, eps: cfg.rms_norm_eps })
     }
 
-    /// libtorch's fused `rms_norm` (no weight) in fp32: bit-identical to transformers'
-    /// `h * rsqrt(h.pow(2).mean(-1) + eps)` in value and gradient on CPU (checked over hidden
-    /// sizes 64–3584 and input scales 0.01–30) and about twice as fast forward + backward.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = x.f_to_kind(Kind::Float)?;
-        let h = h.f_rms_norm(
-            [h.size().last().copied().unwrap_or(0)].as_slice(),
-            None::<Tensor>,
-            self.eps,
-        )?;
-        Ok(self.weight.f_mul(&h.f_to_kind(x.kind())?)?)
+        rms_norm(x, &self.weight, self.eps)
     }
+}
+
+/// transformers' RMSNorm (Llama's, Qwen2's, Qwen2.5-VL's vision `Qwen2_5_VLRMSNorm`):
+/// `weight * (h * rsqrt(h.pow(2).mean(-1) + eps))` with `h` in fp32, cast back to `x`'s dtype
+/// before the weight. libtorch's fused `rms_norm` (no weight) in fp32 is bit-identical to that
+/// formula in value and gradient on CPU (checked over hidden sizes 64–3584 and input scales
+/// 0.01–30) and about twice as fast forward + backward.
+pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = x.f_to_kind(Kind::Float)?;
+    let h =
+        h.f_rms_norm([h.size().last().copied().unwrap_or(0)].as_slice(), None::<Tensor>, eps)?;
+    Ok(weight.f_mul(&h.f_to_kind(x.kind())?)?)
 }
 
 /// Inverse frequencies of the rotary embedding (fp32, `[head_dim / 2]`), computed with the
@@ -1415,10 +1418,7 @@ impl CausalLM {
                     second_per_grid_ts: videos
                         .map(|v| v.second_per_grid_ts.as_slice())
                         .unwrap_or(&[]),
-                    tokens_per_second: tower
-                        .config()
-                        .qwen25
-                        .then(|| tower.config().tokens_per_second.unwrap_or(4.0)),
+                    tokens_per_second: tower.config().video_tokens_per_second(),
                     image_token_id: vl.image_token_id,
                     video_token_id: vl.video_token_id,
                     spatial_merge_size: tower.config().spatial_merge_size,

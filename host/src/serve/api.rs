@@ -618,6 +618,69 @@ fn with_videos(vision: Option<VisionInputs>, videos: VideoInputs) -> VisionInput
     }
 }
 
+/// Runs `work` (decoding and resizing one image or video of request field `field`) in the
+/// API's worker pool, within `--image-timeout-secs` from now: 503 `image_workers_busy` when
+/// no worker frees up in time, 400 `invalid_{what}` with the reason `work` gives, 400
+/// `{what}_timeout` past the budget.
+async fn in_worker_pool<T: Send + 'static>(
+    st: &AppState,
+    field: String,
+    what: &'static str,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, ApiError> {
+    let (budget, workers, pool) = (st.image_timeout, st.image_workers, st.image_pool.clone());
+    let (invalid, timeout, advice, doing) = match what {
+        "video" => (
+            "invalid_video",
+            "video_timeout",
+            "send a shorter or smaller video",
+            "sampling and resizing the video's frames",
+        ),
+        _ => (
+            "invalid_image",
+            "image_timeout",
+            "send a smaller image",
+            "decoding and resizing the image",
+        ),
+    };
+    let started = Instant::now();
+    let permit = match tokio::time::timeout(budget, pool.acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            return Err(ApiError::new(
+                503,
+                "server_error",
+                format!(
+                    "{field}: every image worker (--image-workers {workers}) stayed busy for {} s; retry later",
+                    budget.as_secs_f64()
+                ),
+            )
+            .code("image_workers_busy")
+            .retry_after(1))
+        }
+    };
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit; // held until the work is done, even past the budget
+        work()
+    });
+    match tokio::time::timeout(budget.saturating_sub(started.elapsed()), task).await {
+        Ok(Ok(Ok(p))) => Ok(p),
+        Ok(Ok(Err(reason))) => {
+            Err(ApiError::bad_request(format!("{field}: {reason}")).code(invalid))
+        }
+        Ok(Err(e)) => Err(ApiError::new(
+            500,
+            "server_error",
+            format!("{field}: preparing the {what} failed: {e}"),
+        )),
+        Err(_) => Err(ApiError::bad_request(format!(
+            "{field}: {doing} took longer than {} s (--image-timeout-secs); {advice}",
+            budget.as_secs_f64()
+        ))
+        .code(timeout)),
+    }
+}
+
 /// Samples and patches every video in the worker pool (each within the time budget), and
 /// writes each one's block of `<|video_pad|>` tokens in place of its `<video>` placeholder.
 async fn prepare_videos(
@@ -649,49 +712,10 @@ async fn prepare_videos(
         ))
         .code("invalid_video"));
     }
-    let (budget, workers) = (st.image_timeout, st.image_workers);
     let jobs = videos.into_iter().map(|v| {
-        let (prep, pool) = (prep.clone(), st.image_pool.clone());
-        async move {
-            let started = Instant::now();
-            let field = v.field;
-            let permit = match tokio::time::timeout(budget, pool.clone().acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    return Err(ApiError::new(
-                        503,
-                        "server_error",
-                        format!(
-                            "{field}: every image worker (--image-workers {workers}) stayed busy for {} s; retry later",
-                            budget.as_secs_f64()
-                        ),
-                    )
-                    .code("image_workers_busy")
-                    .retry_after(1))
-                }
-            };
-            let video = v.video;
-            let task = tokio::task::spawn_blocking(move || {
-                let _permit = permit; // held until the work is done, even past the budget
-                prepare_video(&prep, video)
-            });
-            match tokio::time::timeout(budget.saturating_sub(started.elapsed()), task).await {
-                Ok(Ok(Ok(p))) => Ok(p),
-                Ok(Ok(Err(reason))) => {
-                    Err(ApiError::bad_request(format!("{field}: {reason}")).code("invalid_video"))
-                }
-                Ok(Err(e)) => Err(ApiError::new(
-                    500,
-                    "server_error",
-                    format!("{field}: preparing the video failed: {e}"),
-                )),
-                Err(_) => Err(ApiError::bad_request(format!(
-                    "{field}: sampling and resizing the video's frames took longer than {} s (--image-timeout-secs); send a shorter or smaller video",
-                    budget.as_secs_f64()
-                ))
-                .code("video_timeout")),
-            }
-        }
+        let prep = prep.clone();
+        let video = v.video;
+        in_worker_pool(st, v.field, "video", move || prepare_video(&prep, video))
     });
     let prepared =
         futures_util::future::join_all(jobs).await.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -864,51 +888,10 @@ async fn prepare_images(
             );
         }
     }
-    let (budget, workers) = (st.image_timeout, st.image_workers);
     let jobs = images.into_iter().map(|im| {
-        let (prep, pool) = (prep.clone(), st.image_pool.clone());
-        async move {
-            let started = Instant::now();
-            let field = im.field;
-            let busy = || {
-                ApiError::new(
-                    503,
-                    "server_error",
-                    format!(
-                        "{field}: every image worker (--image-workers {}) stayed busy for {} s; retry later",
-                        workers,
-                        budget.as_secs_f64()
-                    ),
-                )
-                .code("image_workers_busy")
-                .retry_after(1)
-            };
-            let permit = match tokio::time::timeout(budget, pool.clone().acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => return Err(busy()),
-            };
-            let bytes = im.bytes;
-            let task = tokio::task::spawn_blocking(move || {
-                let _permit = permit; // held until the work is done, even past the budget
-                prepare_image(&prep, bytes)
-            });
-            match tokio::time::timeout(budget.saturating_sub(started.elapsed()), task).await {
-                Ok(Ok(Ok(p))) => Ok(p),
-                Ok(Ok(Err(reason))) => {
-                    Err(ApiError::bad_request(format!("{field}: {reason}")).code("invalid_image"))
-                }
-                Ok(Err(e)) => Err(ApiError::new(
-                    500,
-                    "server_error",
-                    format!("{field}: preparing the image failed: {e}"),
-                )),
-                Err(_) => Err(ApiError::bad_request(format!(
-                    "{field}: decoding and resizing the image took longer than {} s (--image-timeout-secs); send a smaller image",
-                    budget.as_secs_f64()
-                ))
-                .code("image_timeout")),
-            }
-        }
+        let prep = prep.clone();
+        let bytes = im.bytes;
+        in_worker_pool(st, im.field, "image", move || prepare_image(&prep, bytes))
     });
     let prepared =
         futures_util::future::join_all(jobs).await.into_iter().collect::<Result<Vec<_>, _>>()?;

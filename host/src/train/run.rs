@@ -457,38 +457,28 @@ impl<'c> Run<'c> {
         if self.data.eval.is_empty() {
             return Ok(None);
         }
-        let ctx = PolicyContext {
-            model: &self.model,
-            tokenizer: &self.tokenizer,
-            train: false,
-            rewards: &self.rewards,
-            max_len: self.cfg.data.cutoff_len,
-            reference: self.reference.as_ref(),
-        };
-        let micro = self.cfg.training.micro_batch_size;
-        let prep = self.prep.as_ref();
-        evaluate(
-            &ctx,
-            &mut self.objective,
-            self.layout,
-            &self.data.eval,
-            micro,
-            self.pad_id,
-            prep,
-            self.device,
-        )
-        .map(Some)
+        self.evaluate_rows(false).map(Some)
     }
 
     /// The eval loss and the objective's metrics over every row of the run's data set, its
     /// training rows included, through the same eval step as [`Self::evaluate`] (`ferrotune
     /// eval`: a held-out split read as the run's data).
     pub fn evaluate_all(&mut self) -> Result<(f64, Metrics)> {
-        let rows: Vec<(usize, Item)> =
-            self.data.train.iter().chain(self.data.eval.iter()).cloned().collect();
-        if rows.is_empty() {
+        if self.data.train.is_empty() && self.data.eval.is_empty() {
             bail!("no usable rows in {} to evaluate on", self.cfg.data.path.display());
         }
+        self.evaluate_rows(true)
+    }
+
+    /// The eval step over the eval set, or with `all` over the training rows too.
+    fn evaluate_rows(&mut self, all: bool) -> Result<(f64, Metrics)> {
+        let every: Vec<(usize, Item)>;
+        let rows: &[(usize, Item)] = if all {
+            every = self.data.train.iter().chain(self.data.eval.iter()).cloned().collect();
+            &every
+        } else {
+            &self.data.eval
+        };
         let ctx = PolicyContext {
             model: &self.model,
             tokenizer: &self.tokenizer,
@@ -497,15 +487,14 @@ impl<'c> Run<'c> {
             max_len: self.cfg.data.cutoff_len,
             reference: self.reference.as_ref(),
         };
-        let prep = self.prep.as_ref();
         evaluate(
             &ctx,
             &mut self.objective,
             self.layout,
-            &rows,
+            rows,
             self.cfg.training.micro_batch_size,
             self.pad_id,
-            prep,
+            self.prep.as_ref(),
             self.device,
         )
     }
@@ -537,13 +526,6 @@ impl<'c> Run<'c> {
     /// Usable rows of the run's data set (training and eval shares).
     pub fn data_rows(&self) -> usize {
         self.data.train.len() + self.data.eval.len()
-    }
-
-    /// Loads the weights an adapter directory keeps beside the adapter (a PatchMerger trained
-    /// in full, `non_lora_state_dict.safetensors`), as `generate --adapter` does; returns their
-    /// names. `adapter_init` loads the adapter's own weights only.
-    pub fn load_non_lora(&self, dir: &Path) -> Result<Vec<String>> {
-        crate::peft::non_lora::load_into(&self.model, dir)
     }
 
     /// Writes `checkpoint-{step}` (every rank takes part); refused if a trained value is not
@@ -769,6 +751,16 @@ fn load_model(
         model
             .load_adapter_state_dict(weights)
             .with_context(|| format!("adapter_init {}", init.display()))?;
+        // And the weights trained in full beside it (a PatchMerger), as `generate --adapter`
+        // and `merge` restore them: the adapter alone would meet an untrained merger.
+        let restored = crate::peft::non_lora::load_into(&model, init)
+            .with_context(|| format!("adapter_init {}", init.display()))?;
+        if !restored.is_empty() {
+            tracing::info!(
+                "adapter_init: restored {} full weight(s) beside the adapter",
+                restored.len()
+            );
+        }
     }
     Ok(LoadedModel { model, quantized, shard_params, offload_params, capabilities })
 }

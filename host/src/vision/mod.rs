@@ -1,5 +1,5 @@
 //! Qwen2-VL image preprocessing, equal to transformers 5.24's `Qwen2VLImageProcessor`, and
-//! video preprocessing ([`load_video`]: qwen-vl-utils' frame sampling, transformers'
+//! video preprocessing ([`plan_video`] + [`read_and_process`]: qwen-vl-utils' frame sampling, transformers'
 //! `Qwen2VLVideoProcessor`).
 //!
 //! Without torchvision (the reference stack has none), transformers' `AutoImageProcessor`
@@ -38,9 +38,9 @@ pub use decode::{
 pub use processor::{process_image, stack_images, ProcessedImage};
 pub use resize::{resize_bicubic, smart_resize, MAX_ASPECT_RATIO};
 pub use video::{
-    frame_files, load_video, plan_video, process_frames, read_and_process, read_frames,
-    sample_indices, ProcessedVideo, VideoKind, VideoOptions, VideoPlan, DEFAULT_MAX_FRAMES,
-    DEFAULT_MIN_FRAMES, DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_PIXELS, DEFAULT_VIDEO_MIN_PIXELS,
+    frame_files, plan_video, process_frames, read_and_process, read_frames, sample_indices,
+    ProcessedVideo, VideoKind, VideoOptions, VideoPlan, DEFAULT_MAX_FRAMES, DEFAULT_MIN_FRAMES,
+    DEFAULT_VIDEO_FPS, DEFAULT_VIDEO_MAX_PIXELS, DEFAULT_VIDEO_MIN_PIXELS,
     DEFAULT_VIDEO_TOTAL_PIXELS, FRAME_EXTENSIONS, FRAME_FACTOR, MAX_VIDEO_FRAMES,
     VIDEO_FILE_DECODING, VIDEO_FILE_EXTENSIONS, VIDEO_PREPROCESSOR_CONFIG_FILE,
 };

@@ -594,17 +594,6 @@ fn rescale_and_normalize(video: &Tensor, cfg: &ImageProcessorConfig) -> Result<T
     }
 }
 
-/// Plans, decodes and processes one video: what `serve` / `generate` need for a prompt.
-pub fn load_video(
-    path: &Path,
-    opts: &VideoOptions,
-    cfg: &ImageProcessorConfig,
-) -> Result<(VideoPlan, ProcessedVideo)> {
-    let plan = plan_video(path, opts, cfg)?;
-    let processed = read_and_process(path, &plan, opts.frame_pixel_cap(), cfg)?;
-    Ok((plan, processed))
-}
-
 /// A video file's stream facts.
 struct FileInfo {
     frames: usize,

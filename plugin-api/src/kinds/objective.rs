@@ -240,6 +240,18 @@ pub fn vision_counts(meta: &serde_json::Value, key: &str) -> PluginResult<Option
     }
 }
 
+/// Where each of consecutive blocks of these sizes starts (exclusive prefix sums).
+fn starts<T: Copy + Default + std::ops::Add<Output = T>>(sizes: &[T]) -> Vec<T> {
+    sizes
+        .iter()
+        .scan(T::default(), |at, &n| {
+            let start = *at;
+            *at = start + n;
+            Some(start)
+        })
+        .collect()
+}
+
 /// The model inputs of a prompts batch (one row per prompt, plus the vision tensors whose rows
 /// are images' patches) for the prompt rows `rows`, in that order (rows may repeat: GRPO's
 /// `num_generations` copies of each prompt). `pixel_values` / `image_grid_thw` follow each
@@ -316,22 +328,7 @@ pub fn select_prompt_rows(
                 pixels.size()
             )));
         }
-        let first_item: Vec<usize> = counts
-            .iter()
-            .scan(0, |at, &n| {
-                let start = *at;
-                *at += n;
-                Some(start)
-            })
-            .collect();
-        let first_patch: Vec<i64> = patches
-            .iter()
-            .scan(0, |at, &n| {
-                let start = *at;
-                *at += n;
-                Some(start)
-            })
-            .collect();
+        let (first_item, first_patch) = (starts(counts), starts(&patches));
         let (mut items, mut patch_rows) = (Vec::new(), Vec::new());
         for &r in rows {
             for i in first_item[r]..first_item[r] + counts[r] {

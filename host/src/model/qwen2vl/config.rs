@@ -167,6 +167,12 @@ impl VisionConfig {
         }
     }
 
+    /// The temporal M-RoPE rate of videos: Qwen2.5-VL's `tokens_per_second` (its config read
+    /// fills transformers' default), `None` for Qwen2-VL (time steps by one).
+    pub fn video_tokens_per_second(&self) -> Option<f64> {
+        self.tokens_per_second.filter(|_| self.qwen25)
+    }
+
     /// Qwen2.5-VL: merged tokens per window side (`window_size / spatial_merge_size /
     /// patch_size`, 4); `None` for Qwen2-VL (full attention everywhere).
     pub fn merger_window(&self) -> Option<i64> {
@@ -322,6 +328,17 @@ pub fn is_qwen25vl(value: &Value) -> bool {
     vl_model_type(value) == Some("qwen2_5_vl")
 }
 
+/// transformers' `Qwen2_5_VLVisionConfig.tokens_per_second` default.
+pub const QWEN25_TOKENS_PER_SECOND: f64 = 4.0;
+
+/// The temporal M-RoPE rate of a parsed `config.json`'s videos: Qwen2.5-VL's
+/// `vision_config.tokens_per_second` (default 4), `None` for Qwen2-VL (time steps by one).
+pub fn video_tokens_per_second(value: &Value) -> Option<f64> {
+    is_qwen25vl(value).then(|| {
+        value["vision_config"]["tokens_per_second"].as_f64().unwrap_or(QWEN25_TOKENS_PER_SECOND)
+    })
+}
+
 /// `qwen2_vl` or `qwen2_5_vl` from `architectures` (else `model_type`), `None` for others.
 fn vl_model_type(value: &Value) -> Option<&'static str> {
     match value
@@ -360,7 +377,7 @@ fn qwen25_vision_keys(vc: &mut serde_json::Map<String, Value>) {
         ("intermediate_size", json!(3420)),
         ("window_size", json!(112)),
         ("fullatt_block_indexes", json!([7, 15, 23, 31])),
-        ("tokens_per_second", json!(4)),
+        ("tokens_per_second", json!(QWEN25_TOKENS_PER_SECOND)),
     ] {
         if vc.get(k).is_none_or(Value::is_null) {
             vc.insert(k.into(), v);

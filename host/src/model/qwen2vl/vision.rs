@@ -64,13 +64,8 @@ impl LayerNorm {
                 1e-6,
                 false,
             )?),
-            // `Qwen2_5_VLRMSNorm`: in f32, back to the input dtype, times the weight.
-            None => {
-                let f = x.f_to_kind(Kind::Float)?;
-                let var = f.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
-                let normed = f.f_mul(&var.f_add_scalar(1e-6)?.f_rsqrt()?)?.f_to_kind(x.kind())?;
-                Ok(self.weight.f_mul(&normed)?)
-            }
+            // `Qwen2_5_VLRMSNorm`: the decoder's RMSNorm with eps 1e-6.
+            None => crate::model::llama::rms_norm(x, &self.weight, 1e-6),
         }
     }
 }
