@@ -17,11 +17,13 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! use ferrotune::vision::{load_video, ImageProcessorConfig, VideoOptions};
+//! use ferrotune::vision::{plan_video, read_and_process, ImageProcessorConfig, VideoOptions};
 //! let model = std::path::Path::new("models/qwen2-vl");
 //! let cfg = ImageProcessorConfig::from_dir(model)?;
 //! let opts = VideoOptions::from_dir(model)?; // qwen-vl-utils' defaults unless the model sets them
-//! let (plan, video) = load_video("clip.mp4".as_ref(), &opts, &cfg)?; // or a folder of frames
+//! let clip = std::path::Path::new("clip.mp4"); // or a folder of frames
+//! let plan = plan_video(clip, &opts, &cfg)?; // frames kept and their size; nothing resized yet
+//! let video = read_and_process(clip, &plan, opts.frame_pixel_cap(), &cfg)?;
 //! let tokens = plan.num_video_tokens(cfg.merge_size); // <|video_pad|> tokens in the prompt
 //! println!("{}: {tokens} tokens", plan.describe());
 //! # let _ = video; Ok(()) }
