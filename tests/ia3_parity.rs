@@ -7,7 +7,9 @@
 //!   computes our logits;
 //! * merging equals the unmerged forward for bias-free output-scaled layers (o_proj) and
 //!   input-scaled ones (down_proj, up_proj); merging an output-scaled layer with a bias (Qwen2's q/k/v) is refused with the layer's name and
-//!   leaves the model as it was.
+//!   leaves the model as it was;
+//! * `ferrotune train` with `adapter: {plugin: ia3, ...}` moves every vector and writes a
+//!   directory with `peft_type: IA3` that loads back.
 //!
 //! Needs `cargo build --workspace` (the `ia3` plugin) and the reference stack (`$PYTHON` or
 //! `.venv`: torch 2.11, transformers 5, peft 0.21); one Python run
@@ -99,28 +101,21 @@ fn perturb(model: &mut PeftModel, seed: i64) {
     model.load_adapter_state_dict(state).unwrap();
 }
 
+/// A tiny Qwen2 model under `w/base` (`ferrotune init-model`, seed 5, a ChatML tokenizer).
+fn tiny_model(w: &Path) -> std::path::PathBuf {
+    let tokenizer = w.join("tokenizer");
+    write_chat_tokenizer(&tokenizer, 200);
+    let base = w.join("base");
+    init_tiny_model(&tokenizer, &base, 5);
+    base
+}
+
 #[test]
 fn ia3_matches_peft_both_ways_and_merges() {
     one_torch_thread();
     let work = TempDir::new("ia3-parity");
     let w = &work.0;
-    let tokenizer = w.join("tokenizer");
-    write_tiny_tokenizer(&tokenizer, 200);
-    let base = w.join("base");
-    let o = ferrotune(&[
-        "init-model",
-        "--preset",
-        "tiny",
-        "--dtype",
-        "f32",
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-        "--out",
-        base.to_str().unwrap(),
-        "--seed",
-        "5",
-    ]);
-    assert!(o.status.success(), "init-model: {}", stderr(&o));
+    let base = tiny_model(w);
     let registry = ia3_registry();
 
     // ours, written before the reference run so that peft can load it
@@ -204,5 +199,58 @@ fn ia3_matches_peft_both_ways_and_merges() {
         "{merged:?}"
     );
     check("merged IA³ (o_proj, up_proj, down_proj) vs unmerged", &logits(&model), &unmerged);
+    drop(work);
+}
+
+#[test]
+fn ferrotune_train_trains_the_vectors() {
+    one_torch_thread();
+    let work = TempDir::new("ia3-train");
+    let w = &work.0;
+    let base = tiny_model(w);
+    let out = w.join("out");
+    let data = w.join("data.jsonl");
+    write_alpaca_rows(&data, 8, 200, 1);
+    let config = format!(
+        "model: {model}\noutput_dir: {out}\nseed: 3\n\
+         adapter:\n  plugin: ia3\n  target_modules: [k_proj, v_proj, down_proj]\n  feedforward_modules: [down_proj]\n\
+         optimizer:\n  lr: 1.0e-2\n  weight_decay: 0.0\n  max_grad_norm: null\n\
+         scheduler:\n  type: constant\n\
+         data:\n  plugin: alpaca\n  path: {data}\n  cutoff_len: 64\n\
+         training:\n  max_steps: 3\n  micro_batch_size: 2\n  progress_bar: false\n",
+        model = base.display(),
+        out = out.display(),
+        data = data.display()
+    );
+    let config_path = w.join("train.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let o = ferrotune_one_thread(&["train", config_path.to_str().unwrap()]);
+    assert!(o.status.success(), "train: {}\n{}", stdout(&o), stderr(&o));
+    let saved = saved(&out);
+    let layers = saved.len() / 3;
+    assert!(
+        layers > 0 && saved.len() == 3 * layers,
+        "{:?}",
+        saved.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    for (k, t) in &saved {
+        assert!(k.starts_with("base_model.model.model.layers.") && k.ends_with(".ia3_l"), "{k}");
+        let moved = (t - 1.0).abs().max().double_value(&[]);
+        println!("trained {k} {:?}: max |ia3_l - 1| {moved:.3e}", t.size());
+        assert!(moved > 1e-4, "{k} did not move from its initial ones");
+    }
+    for line in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(m["grad_norm"].as_f64().is_some_and(|g| g > 0.0), "{line}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "IA3");
+    assert_eq!(config["feedforward_modules"], serde_json::json!(["down_proj"]));
+    // the trained directory loads and changes the model
+    let mut model = load(&base);
+    model.load_peft_adapter(&out, &ia3_registry()).unwrap();
+    assert!(max_abs_diff(&logits(&model), &logits(&load(&base))) > 1e-4);
     drop(work);
 }
