@@ -538,6 +538,37 @@ mod tests {
         assert!(map(v).is_ok(), "null means not set");
     }
 
+    /// What peft 0.21.2's `IA3Config(target_modules=[...], feedforward_modules=["down_proj"],
+    /// init_ia3_weights=False)` writes maps onto the `ia3` plugin (saved vectors replace the
+    /// random init), an unsupported key is refused by name, and the saved vector's shape
+    /// follows `feedforward_modules`.
+    #[test]
+    fn ia3_configs_map_onto_the_ia3_plugin() {
+        let v = json!({
+            "task_type": "CAUSAL_LM", "peft_type": "IA3", "auto_mapping": null, "peft_version": "0.21.2",
+            "base_model_name_or_path": "/m", "revision": null, "inference_mode": true,
+            "target_modules": ["q_proj", "down_proj"], "exclude_modules": null,
+            "feedforward_modules": ["down_proj"], "fan_in_fan_out": false, "modules_to_save": null,
+            "init_ia3_weights": false, "layers_to_transform": null, "layers_pattern": null
+        });
+        let m = map(v.clone()).unwrap();
+        assert_eq!(m.plugin, "ia3");
+        let c: Value = serde_json::from_str(&m.config_json).unwrap();
+        assert_eq!(c["init_ia3_weights"], json!(true));
+        assert_eq!(c["feedforward_modules"], json!(["down_proj"]));
+        let mut bad = v.clone();
+        bad["layers_to_transform"] = json!([0]);
+        let e = map(bad).unwrap_err().to_string();
+        assert!(e.contains("`layers_to_transform` = [0]") && e.contains("`ia3`"), "{e}");
+        let shape = |c: Value, m: &str| ia3_layer_tensors(&c, m, 32, 176).map(|t| t[0].1.clone());
+        let down = "model.layers.0.mlp.down_proj";
+        assert_eq!(shape(c.clone(), down), Ok(vec![1, 176]));
+        assert_eq!(shape(c, "model.layers.0.self_attn.q_proj"), Ok(vec![32, 1]));
+        assert_eq!(shape(json!({"feedforward_modules": ".*mlp\\..*"}), down), Ok(vec![1, 176]));
+        let e = shape(json!({"feedforward_modules": "mlp("}), down).unwrap_err();
+        assert!(e.contains("`feedforward_modules`"), "{e}");
+    }
+
     #[test]
     fn peft_type_must_name_a_method() {
         let e = map(json!({"r": 4})).unwrap_err().to_string();
