@@ -8,6 +8,8 @@
 //! * merging equals the unmerged forward for bias-free output-scaled layers (o_proj) and
 //!   input-scaled ones (down_proj, up_proj); merging an output-scaled layer with a bias (Qwen2's q/k/v) is refused with the layer's name and
 //!   leaves the model as it was;
+//! * a directory whose `feedforward_modules` disagrees with its tensors' shapes is refused
+//!   naming the tensor and the key;
 //! * `ferrotune train` with `adapter: {plugin: ia3, ...}` moves every vector and writes a
 //!   directory with `peft_type: IA3` that loads back.
 //!
@@ -178,6 +180,31 @@ fn ia3_matches_peft_both_ways_and_merges() {
     let again = saved(&resaved);
     assert_eq!(names(&again), names(&peft_saved));
     assert!(again.iter().zip(&peft_saved).all(|(x, y)| x.1.equal(&y.1)), "values saved back");
+
+    // a directory whose config disagrees with its tensors is refused naming the file, the
+    // tensor and the key the shapes follow from, before anything is attached
+    let broken = w.join("peft-broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(
+        peft_dir.join("adapter_model.safetensors"),
+        broken.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["feedforward_modules"] = serde_json::json!([]);
+    std::fs::write(broken.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut plain = load(&base);
+    let e = format!("{:#}", plain.load_peft_adapter(&broken, &registry).unwrap_err());
+    assert!(
+        e.contains("adapter_model.safetensors")
+            && e.contains("down_proj.ia3_l")
+            && e.contains("`feedforward_modules` = []"),
+        "{e}"
+    );
+    check("a refused directory leaves the model as it was", &logits(&plain), &base_logits);
 
     // merging q/k/v (output scaling over a bias) is refused by name, the model untouched
     let e = format!("{:#}", model.merge_adapter().unwrap_err());
