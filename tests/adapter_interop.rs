@@ -627,15 +627,21 @@ fn broken_adapter_directories_are_refused_by_name() {
         .unwrap();
 
     let mut v = config.clone();
-    v["peft_type"] = "IA3".into();
+    v["peft_type"] = "LOHA".into();
     write_config(&v);
     let e = err(&dir);
     assert!(
-        e.contains("`peft_type` = \"IA3\"")
+        e.contains("`peft_type` = \"LOHA\"")
             && e.contains("adapter_config.json")
             && e.contains("LORA"),
         "{e}"
     );
+    // a LoRA configuration labelled IA3: the `ia3` plugin refuses LoRA's keys by name
+    let mut v = config.clone();
+    v["peft_type"] = "IA3".into();
+    write_config(&v);
+    let e = err(&dir);
+    assert!(e.contains("`r` = 4") && e.contains("not supported by adapter plugin `ia3`"), "{e}");
 
     let mut v = config.clone();
     v["layers_to_transform"] = serde_json::json!([0]);

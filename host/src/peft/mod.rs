@@ -66,43 +66,96 @@ pub struct PeftMethod {
 }
 
 /// The peft methods ferrotune loads, by `peft_type`.
-pub const PEFT_METHODS: &[PeftMethod] = &[PeftMethod {
-    peft_type: "LORA",
-    plugin: "lora",
-    keys: &[
-        "r",
-        "lora_alpha",
-        "lora_dropout",
-        "target_modules",
-        "use_rslora",
-        "use_dora",
-        "init_lora_weights",
-        "bias",
-        "fan_in_fan_out",
-        "modules_to_save",
-        "loftq_config",
-    ],
-    // peft 0.21.2's LoraConfig defaults that are not null. (Its null-default keys:
-    // exclude_modules, layers_to_transform, layers_pattern, megatron_config,
-    // trainable_token_indices, eva_config, corda_config, lora_ga_config, velora_config,
-    // alora_invocation_tokens, monteclora_config, layer_replication, target_parameters,
-    // use_bdlora, arrow_config, kasa_config.)
-    defaults: &[
-        ("rank_pattern", "{}"),
-        ("alpha_pattern", "{}"),
-        ("megatron_core", "\"megatron.core\""),
-        // implemented (LoftQ), and ignored at its default
-        ("loftq_config", "{}"),
-        ("use_qalora", "false"),
-        ("qalora_group_size", "16"),
-        ("lora_bias", "false"),
-        ("ensure_weight_tying", "false"),
-        ("runtime_config", "{\"ephemeral_gpu_offload\": false}"),
-    ],
-    for_loading: lora_for_loading,
-    layer_tensors: lora_layer_tensors,
-    shape_keys: &["r", "use_dora"],
-}];
+pub const PEFT_METHODS: &[PeftMethod] = &[
+    PeftMethod {
+        peft_type: "LORA",
+        plugin: "lora",
+        keys: &[
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "use_rslora",
+            "use_dora",
+            "init_lora_weights",
+            "bias",
+            "fan_in_fan_out",
+            "modules_to_save",
+            "loftq_config",
+        ],
+        // peft 0.21.2's LoraConfig defaults that are not null. (Its null-default keys:
+        // exclude_modules, layers_to_transform, layers_pattern, megatron_config,
+        // trainable_token_indices, eva_config, corda_config, lora_ga_config, velora_config,
+        // alora_invocation_tokens, monteclora_config, layer_replication, target_parameters,
+        // use_bdlora, arrow_config, kasa_config.)
+        defaults: &[
+            ("rank_pattern", "{}"),
+            ("alpha_pattern", "{}"),
+            ("megatron_core", "\"megatron.core\""),
+            // implemented (LoftQ), and ignored at its default
+            ("loftq_config", "{}"),
+            ("use_qalora", "false"),
+            ("qalora_group_size", "16"),
+            ("lora_bias", "false"),
+            ("ensure_weight_tying", "false"),
+            ("runtime_config", "{\"ephemeral_gpu_offload\": false}"),
+        ],
+        for_loading: lora_for_loading,
+        layer_tensors: lora_layer_tensors,
+        shape_keys: &["r", "use_dora"],
+    },
+    PeftMethod {
+        peft_type: "IA3",
+        plugin: "ia3",
+        keys: &[
+            "target_modules",
+            "feedforward_modules",
+            "init_ia3_weights",
+            "fan_in_fan_out",
+            "modules_to_save",
+        ],
+        // peft 0.21.2's IA3Config has no non-null default beyond the implemented keys (its
+        // null-default keys: exclude_modules, layers_to_transform, layers_pattern).
+        defaults: &[],
+        for_loading: ia3_for_loading,
+        layer_tensors: ia3_layer_tensors,
+        shape_keys: &["feedforward_modules"],
+    },
+];
+
+/// Saved vectors replace the initial ones: start from ones whatever the run used.
+fn ia3_for_loading(config: &mut Map<String, Value>) {
+    config.insert("init_ia3_weights".into(), Value::Bool(true));
+}
+
+/// An IA³ layer's saved tensor (the `ia3` plugin's name, peft's key): `ia3_l`, `[1, in]` for
+/// a layer `feedforward_modules` selects (peft's rule: a list entry ends the module path, a
+/// string is a regex matching all of it), `[out, 1]` otherwise.
+fn ia3_layer_tensors(
+    config: &Value,
+    module: &str,
+    out: i64,
+    inp: i64,
+) -> std::result::Result<Vec<(String, Vec<i64>)>, String> {
+    let feedforward = match config.get("feedforward_modules") {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(names)) => {
+            names.iter().any(|n| n.as_str().is_some_and(|n| module.ends_with(n)))
+        }
+        Some(Value::String(pattern)) => regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map_err(|e| {
+                format!("key `feedforward_modules` = \"{pattern}\" is not a valid regex: {e}")
+            })?
+            .is_match(module),
+        Some(other) => {
+            return Err(format!(
+                "key `feedforward_modules` must be a list of module names or a regex, got {other}"
+            ))
+        }
+    };
+    let shape = if feedforward { vec![1, inp] } else { vec![out, 1] };
+    Ok(vec![("ia3_l".to_string(), shape)])
+}
 
 /// A LoRA layer's saved tensors (the `lora` plugin's names, peft's keys): `lora_A.weight`
 /// `[r, in]`, `lora_B.weight` `[out, r]`, and DoRA's `lora_magnitude_vector` `[out]`. `r` must
@@ -485,12 +538,48 @@ mod tests {
         assert!(map(v).is_ok(), "null means not set");
     }
 
+    /// What peft 0.21.2's `IA3Config(target_modules=[...], feedforward_modules=["down_proj"],
+    /// init_ia3_weights=False)` writes maps onto the `ia3` plugin (saved vectors replace the
+    /// random init), an unsupported key is refused by name, and the saved vector's shape
+    /// follows `feedforward_modules`.
+    #[test]
+    fn ia3_configs_map_onto_the_ia3_plugin() {
+        let v = json!({
+            "task_type": "CAUSAL_LM", "peft_type": "IA3", "auto_mapping": null, "peft_version": "0.21.2",
+            "base_model_name_or_path": "/m", "revision": null, "inference_mode": true,
+            "target_modules": ["q_proj", "down_proj"], "exclude_modules": null,
+            "feedforward_modules": ["down_proj"], "fan_in_fan_out": false, "modules_to_save": null,
+            "init_ia3_weights": false, "layers_to_transform": null, "layers_pattern": null
+        });
+        let m = map(v.clone()).unwrap();
+        assert_eq!(m.plugin, "ia3");
+        let c: Value = serde_json::from_str(&m.config_json).unwrap();
+        assert_eq!(c["init_ia3_weights"], json!(true));
+        assert_eq!(c["feedforward_modules"], json!(["down_proj"]));
+        let mut bad = v.clone();
+        bad["layers_to_transform"] = json!([0]);
+        let e = map(bad).unwrap_err().to_string();
+        assert!(e.contains("`layers_to_transform` = [0]") && e.contains("`ia3`"), "{e}");
+        let shape = |c: Value, m: &str| ia3_layer_tensors(&c, m, 32, 176).map(|t| t[0].1.clone());
+        let down = "model.layers.0.mlp.down_proj";
+        assert_eq!(shape(c.clone(), down), Ok(vec![1, 176]));
+        assert_eq!(shape(c, "model.layers.0.self_attn.q_proj"), Ok(vec![32, 1]));
+        assert_eq!(shape(json!({"feedforward_modules": ".*mlp\\..*"}), down), Ok(vec![1, 176]));
+        let e = shape(json!({"feedforward_modules": "mlp("}), down).unwrap_err();
+        assert!(e.contains("`feedforward_modules`"), "{e}");
+    }
+
     #[test]
     fn peft_type_must_name_a_method() {
         let e = map(json!({"r": 4})).unwrap_err().to_string();
         assert!(e.contains("`peft_type` is missing") && e.contains("LORA"), "{e}");
-        let e = map(json!({"peft_type": "IA3"})).unwrap_err().to_string();
-        assert!(e.contains("`peft_type` = \"IA3\"") && e.contains("LORA (plugin `lora`)"), "{e}");
+        let e = map(json!({"peft_type": "LOHA"})).unwrap_err().to_string();
+        assert!(
+            e.contains("`peft_type` = \"LOHA\"")
+                && e.contains("LORA (plugin `lora`)")
+                && e.contains("IA3 (plugin `ia3`)"),
+            "{e}"
+        );
         assert!(map(json!([1])).unwrap_err().to_string().contains("expected a JSON object"));
     }
 

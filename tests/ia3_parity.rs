@@ -1,0 +1,283 @@
+//! The `ia3` adapter plugin against peft 0.21's IA³ on a tiny Qwen2 model made by
+//! `ferrotune init-model` (hidden 64, float32), every logits comparison to 1e-5:
+//! * we load the PEFT directory peft wrote (`IA3Config` on q/k/v/down_proj with down_proj
+//!   feed-forward, every `ia3_l` drawn as 1 + 0.3·N(0, 1)) and compute peft's logits, and
+//!   save it back under the same keys and values;
+//! * peft loads the PEFT directory we write (same targets, our vectors perturbed) and
+//!   computes our logits;
+//! * merging equals the unmerged forward for bias-free output-scaled layers (o_proj) and
+//!   input-scaled ones (down_proj, up_proj); merging an output-scaled layer with a bias (Qwen2's q/k/v) is refused with the layer's name and
+//!   leaves the model as it was;
+//! * a directory whose `feedforward_modules` disagrees with its tensors' shapes is refused
+//!   naming the tensor and the key;
+//! * `ferrotune train` with `adapter: {plugin: ia3, ...}` moves every vector and writes a
+//!   directory with `peft_type: IA3` that loads back.
+//!
+//! Needs `cargo build --workspace` (the `ia3` plugin) and the reference stack (`$PYTHON` or
+//! `.venv`: torch 2.11, transformers 5, peft 0.21); one Python run
+//! (`tests/python/ia3_reference.py`) serves the file.
+use std::path::Path;
+
+use ferrotune::model::{CausalLM, ForwardArgs};
+use ferrotune::peft::PeftModel;
+use ferrotune::plugins::Registry;
+use ferrotune_tests::*;
+use tch::{Device, Kind, Tensor};
+
+/// Largest accepted |difference| between two logits tensors (float32).
+const TOL: f64 = 1e-5;
+
+/// The adapter peft writes and we write (IA3Config / plugin `ia3` keys).
+const QKV_DOWN: &str = r#"{"target_modules": ["q_proj", "k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}"#;
+/// An adapter whose output-scaled layer has no bias (o_proj): it merges.
+const MERGEABLE: &str = r#"{"target_modules": ["o_proj", "up_proj", "down_proj"], "feedforward_modules": ["up_proj", "down_proj"]}"#;
+
+fn ids() -> Tensor {
+    Tensor::from_slice(&[3i64, 17, 42, 99, 150, 7, 64, 201, 5, 5, 120, 33, 2, 180, 11, 90])
+        .view([2, 8])
+}
+
+fn ids_json() -> serde_json::Value {
+    let v: Vec<i64> = Vec::try_from(&ids().view([-1])).unwrap();
+    serde_json::json!(v.chunks(8).map(|c| c.to_vec()).collect::<Vec<_>>())
+}
+
+fn ia3_registry() -> Registry {
+    let lib = build_dir().join("libferrotune_ia3.so");
+    assert!(lib.exists(), "{} is missing: `cargo build --workspace` first", lib.display());
+    registry()
+}
+
+fn load(dir: &Path) -> PeftModel {
+    CausalLM::load(dir, Device::Cpu, Kind::Float)
+        .map(PeftModel::new)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+}
+
+fn attach(model: &mut PeftModel, registry: &Registry, config: &str) {
+    let method = registry.adapter("ia3", config).unwrap_or_else(|e| panic!("{config}: {e}"));
+    let report = model
+        .attach_adapter("default", Box::new(method))
+        .unwrap_or_else(|e| panic!("{config}: {e:#}"));
+    println!("ia3 {config}: {}", report.summary());
+}
+
+fn logits(model: &PeftModel) -> Tensor {
+    tch::no_grad(|| model.forward(ForwardArgs::ids(&ids()))).unwrap()
+}
+
+fn read_logits(path: &Path) -> Tensor {
+    let mut v =
+        Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    v.remove(v.iter().position(|(n, _)| n == "logits").expect("a `logits` tensor")).1
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
+    let d = max_abs_diff(ours, theirs);
+    let scale = theirs.abs().max().double_value(&[]);
+    println!("{what:<58} max |diff| {d:.3e} (max |logit| {scale:.3})");
+    assert!(d <= TOL, "{what}: max |diff| {d:e} > {TOL:e}");
+}
+
+/// The tensors of a PEFT directory, sorted by name.
+fn saved(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut v = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
+    v.sort_by(|x, y| x.0.cmp(&y.0));
+    v
+}
+
+/// Draws every `ia3_l` as 1 + 0.3·N(0, 1), as the reference script does for peft's.
+fn perturb(model: &mut PeftModel, seed: i64) {
+    tch::manual_seed(seed);
+    let state = model
+        .adapter_state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.randn_like() * 0.3 + 1.0))
+        .collect();
+    model.load_adapter_state_dict(state).unwrap();
+}
+
+/// A tiny Qwen2 model under `w/base` (`ferrotune init-model`, seed 5, a ChatML tokenizer).
+fn tiny_model(w: &Path) -> std::path::PathBuf {
+    let tokenizer = w.join("tokenizer");
+    write_chat_tokenizer(&tokenizer, 200);
+    let base = w.join("base");
+    init_tiny_model(&tokenizer, &base, 5);
+    base
+}
+
+#[test]
+fn ia3_matches_peft_both_ways_and_merges() {
+    one_torch_thread();
+    let work = TempDir::new("ia3-parity");
+    let w = &work.0;
+    let base = tiny_model(w);
+    let registry = ia3_registry();
+
+    // ours, written before the reference run so that peft can load it
+    let ours_dir = w.join("ours");
+    let mut ours = load(&base);
+    attach(&mut ours, &registry, QKV_DOWN);
+    let base_logits = logits(&ours);
+    check("ia3_l = 1 at init: the base model", &base_logits, &logits(&load(&base)));
+    perturb(&mut ours, 7);
+    let ours_logits = logits(&ours);
+    assert!(max_abs_diff(&ours_logits, &base_logits) > 1e-2, "our adapter must matter");
+    ours.save_peft_adapter(&ours_dir).unwrap();
+
+    let peft_dir = w.join("peft");
+    let plan = serde_json::json!({
+        "base": base,
+        "ids": ids_json(),
+        "peft_writes": {"config": serde_json::from_str::<serde_json::Value>(QKV_DOWN).unwrap(),
+                        "seed": 11, "dir": peft_dir, "out": w.join("peft.logits.safetensors")},
+        "peft_loads": [{"dir": ours_dir, "out": w.join("peft-loads-ours.logits.safetensors")}],
+    });
+    std::fs::write(w.join("plan.json"), serde_json::to_string_pretty(&plan).unwrap()).unwrap();
+    let script = repo_root().join("tests/python/ia3_reference.py");
+    let out = run_python(&[script.as_os_str(), w.as_os_str()]);
+    println!("{}", stdout(&out).trim());
+
+    // peft loads ours
+    check(
+        "peft loads our IA³ directory: logits",
+        &read_logits(&w.join("peft-loads-ours.logits.safetensors")),
+        &ours_logits,
+    );
+
+    // we load peft's: the same keys as ours, peft's logits, saved back unchanged
+    let mut model = load(&base);
+    let report = model
+        .load_peft_adapter(&peft_dir, &registry)
+        .unwrap_or_else(|e| panic!("peft's IA³ directory: {e:#}"));
+    println!("peft's IA³: {}", report.summary());
+    let theirs = read_logits(&w.join("peft.logits.safetensors"));
+    assert!(max_abs_diff(&theirs, &base_logits) > 1e-2, "peft's adapter must matter");
+    check("we load peft's IA³ directory: logits", &logits(&model), &theirs);
+    let (peft_saved, ours_saved) = (saved(&peft_dir), saved(&ours_dir));
+    let names = |v: &[(String, Tensor)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&peft_saved), names(&ours_saved), "peft's keys are ours");
+    assert!(
+        peft_saved
+            .iter()
+            .any(|(k, t)| k == "base_model.model.model.layers.0.mlp.down_proj.ia3_l"
+                && t.size()[0] == 1)
+            && peft_saved
+                .iter()
+                .any(|(k, t)| k == "base_model.model.model.layers.0.self_attn.q_proj.ia3_l"
+                    && t.size()[1] == 1),
+        "feed-forward [1, in], others [out, 1]: {:?}",
+        peft_saved.iter().map(|(k, t)| (k, t.size())).collect::<Vec<_>>()
+    );
+    let resaved = w.join("peft-resaved");
+    model.save_peft_adapter(&resaved).unwrap();
+    let again = saved(&resaved);
+    assert_eq!(names(&again), names(&peft_saved));
+    assert!(again.iter().zip(&peft_saved).all(|(x, y)| x.1.equal(&y.1)), "values saved back");
+
+    // a directory whose config disagrees with its tensors is refused naming the file, the
+    // tensor and the key the shapes follow from, before anything is attached
+    let broken = w.join("peft-broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(
+        peft_dir.join("adapter_model.safetensors"),
+        broken.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["feedforward_modules"] = serde_json::json!([]);
+    std::fs::write(broken.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut plain = load(&base);
+    let e = format!("{:#}", plain.load_peft_adapter(&broken, &registry).unwrap_err());
+    assert!(
+        e.contains("adapter_model.safetensors")
+            && e.contains("down_proj.ia3_l")
+            && e.contains("`feedforward_modules` = []"),
+        "{e}"
+    );
+    check("a refused directory leaves the model as it was", &logits(&plain), &base_logits);
+
+    // merging q/k/v (output scaling over a bias) is refused by name, the model untouched
+    let e = format!("{:#}", model.merge_adapter().unwrap_err());
+    assert!(e.contains("self_attn.q_proj") && e.contains("bias"), "{e}");
+    check("a refused merge leaves the model as it was", &logits(&model), &theirs);
+
+    // a bias-free output scaling and two input scalings merge exactly
+    let mut model = load(&base);
+    attach(&mut model, &registry, MERGEABLE);
+    perturb(&mut model, 13);
+    let unmerged = logits(&model);
+    assert!(max_abs_diff(&unmerged, &base_logits) > 1e-2, "the adapter must matter");
+    let merged = model.merge_adapter().unwrap();
+    assert!(
+        !merged.is_empty()
+            && merged.iter().all(|m| ["o_proj", "up_proj", "down_proj"]
+                .iter()
+                .any(|t| m.ends_with(&format!(".{t}")))),
+        "{merged:?}"
+    );
+    check("merged IA³ (o_proj, up_proj, down_proj) vs unmerged", &logits(&model), &unmerged);
+    drop(work);
+}
+
+#[test]
+fn ferrotune_train_trains_the_vectors() {
+    one_torch_thread();
+    let work = TempDir::new("ia3-train");
+    let w = &work.0;
+    let base = tiny_model(w);
+    let out = w.join("out");
+    let data = w.join("data.jsonl");
+    write_alpaca_rows(&data, 8, 200, 1);
+    let config = format!(
+        "model: {model}\noutput_dir: {out}\nseed: 3\n\
+         adapter:\n  plugin: ia3\n  target_modules: [k_proj, v_proj, down_proj]\n  feedforward_modules: [down_proj]\n\
+         optimizer:\n  lr: 1.0e-2\n  weight_decay: 0.0\n  max_grad_norm: null\n\
+         scheduler:\n  type: constant\n\
+         data:\n  plugin: alpaca\n  path: {data}\n  cutoff_len: 64\n\
+         training:\n  max_steps: 3\n  micro_batch_size: 2\n  progress_bar: false\n",
+        model = base.display(),
+        out = out.display(),
+        data = data.display()
+    );
+    let config_path = w.join("train.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let o = ferrotune_one_thread(&["train", config_path.to_str().unwrap()]);
+    assert!(o.status.success(), "train: {}\n{}", stdout(&o), stderr(&o));
+    let saved = saved(&out);
+    let layers = saved.len() / 3;
+    assert!(
+        layers > 0 && saved.len() == 3 * layers,
+        "{:?}",
+        saved.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    for (k, t) in &saved {
+        assert!(k.starts_with("base_model.model.model.layers.") && k.ends_with(".ia3_l"), "{k}");
+        let moved = (t - 1.0).abs().max().double_value(&[]);
+        println!("trained {k} {:?}: max |ia3_l - 1| {moved:.3e}", t.size());
+        assert!(moved > 1e-4, "{k} did not move from its initial ones");
+    }
+    for line in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(m["grad_norm"].as_f64().is_some_and(|g| g > 0.0), "{line}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "IA3");
+    assert_eq!(config["feedforward_modules"], serde_json::json!(["down_proj"]));
+    // the trained directory loads and changes the model
+    let mut model = load(&base);
+    model.load_peft_adapter(&out, &ia3_registry()).unwrap();
+    assert!(max_abs_diff(&logits(&model), &logits(&load(&base))) > 1e-4);
+    drop(work);
+}
