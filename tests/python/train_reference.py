@@ -8,11 +8,13 @@ WORK_DIR/plan.json, written by the Rust test:
                on the model folder would build a Qwen2Tokenizer from config.json's model_type,
                ignoring tokenizer_class, and drop every word of a WordLevel vocabulary);
   "data":      an alpaca JSON Lines file;
-  "cutoff_len", "micro_batch_size", "gradient_accumulation_steps", "max_steps",
+  "cutoff_len", "micro_batch_size", "gradient_accumulation_steps",
   "lr", "betas", "eps", "weight_decay", "max_grad_norm", "scheduler", "warmup_steps";
-  "variants":  [{"name", "seed", "config": LoraConfig keys, "init_dir": path or null, "out": path}]
+  "variants":  [{"name", "peft_type", "seed", "steps", "config": that config class's keys,
+                 "init_dir": path or null, "out": path}]
 
-For every variant: torch.manual_seed(seed); peft builds `LoraConfig(**config)` on the model
+For every variant: torch.manual_seed(seed); peft builds its config class for `peft_type`
+(LORA: `LoraConfig`, IA3: `IA3Config`, ...) from `config` on the model
 (get_peft_model); when `init_dir` is given the fresh adapter is saved there (save_pretrained:
 the run's starting point, which ferrotune loads with `adapter_init`). Then the same run as the
 trainer's recipe, written out independently of the Rust code:
@@ -26,7 +28,9 @@ trainer's recipe, written out independently of the Rust code:
     num_items_in_batch = label tokens (after the shift) of all the step's samples), each
     backpropagated; the logged loss is the sum of the micro-batch values;
   * clip_grad_norm_(max_grad_norm), torch.optim.AdamW(foreach=False) on every trainable
-    tensor (one group), transformers' get_scheduler(warmup, total = max_steps).
+    tensor (one group), transformers' get_scheduler(warmup, total = steps).
+  Prompt-based methods (prompt tuning, P-tuning) put their virtual tokens' logits first;
+  the loss reads the last len(input_ids) positions, the text's own.
 Writes to `out`: metrics.json ({"loss", "lr", "grad_norm"}: one value per step) and
 adapter_model.safetensors (get_peft_model_state_dict after the last step). Also writes
 WORK_DIR/encoded.json: [{"input_ids", "labels"}] of every sample.
@@ -41,7 +45,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import data_reference  # noqa: E402  (sets HF_HUB_OFFLINE)
 import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
+from peft import PeftType, get_peft_model, get_peft_model_state_dict  # noqa: E402
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler  # noqa: E402
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
@@ -83,7 +88,8 @@ def label_tokens(sample):
 def run(plan, variant, encoded, pad_id):
     torch.manual_seed(variant["seed"])
     base = AutoModelForCausalLM.from_pretrained(plan["model"], dtype=torch.float32)
-    config = LoraConfig(task_type="CAUSAL_LM", **variant["config"])
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(variant.get("peft_type", "LORA"))]
+    config = config_class(task_type="CAUSAL_LM", **variant["config"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PiSSA's note on converting the adapter
         model = get_peft_model(base, config)
@@ -94,17 +100,17 @@ def run(plan, variant, encoded, pad_id):
     opt = torch.optim.AdamW(
         params, lr=plan["lr"], betas=tuple(plan["betas"]), eps=plan["eps"], weight_decay=plan["weight_decay"], foreach=False
     )
-    sched = get_scheduler(plan["scheduler"], opt, num_warmup_steps=plan["warmup_steps"], num_training_steps=plan["max_steps"])
+    sched = get_scheduler(plan["scheduler"], opt, num_warmup_steps=plan["warmup_steps"], num_training_steps=variant["steps"])
     vocab = model.config.vocab_size
     n, b, g = len(encoded), plan["micro_batch_size"], plan["gradient_accumulation_steps"]
     metrics = {"loss": [], "lr": [], "grad_norm": []}
-    for step in range(plan["max_steps"]):
+    for step in range(variant["steps"]):
         micro = [micro_batch(step * g + j, n, b) for j in range(g)]
         num_items = sum(label_tokens(encoded[i]) for idx in micro for i in idx)
         total = 0.0
         for idx in micro:
             ids, mask, labels = collate([encoded[i] for i in idx], pad_id)
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
             loss = ForCausalLMLoss(logits, labels, vocab, num_items_in_batch=num_items)
             loss.backward()
             total += loss.item()

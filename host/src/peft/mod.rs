@@ -12,10 +12,12 @@
 //! its config and safetensors header before anything is allocated).
 pub mod adapters;
 pub mod merge;
+mod methods;
 mod model;
 pub mod non_lora;
 pub mod quant;
 
+pub use methods::PEFT_METHODS;
 pub use model::PeftModel;
 use std::path::{Path, PathBuf};
 
@@ -63,137 +65,6 @@ pub struct PeftMethod {
     pub layer_tensors: LayerTensors,
     /// The configuration keys the shapes follow from (named when they disagree).
     pub shape_keys: &'static [&'static str],
-}
-
-/// The peft methods ferrotune loads, by `peft_type`.
-pub const PEFT_METHODS: &[PeftMethod] = &[
-    PeftMethod {
-        peft_type: "LORA",
-        plugin: "lora",
-        keys: &[
-            "r",
-            "lora_alpha",
-            "lora_dropout",
-            "target_modules",
-            "use_rslora",
-            "use_dora",
-            "init_lora_weights",
-            "bias",
-            "fan_in_fan_out",
-            "modules_to_save",
-            "loftq_config",
-        ],
-        // peft 0.21.2's LoraConfig defaults that are not null. (Its null-default keys:
-        // exclude_modules, layers_to_transform, layers_pattern, megatron_config,
-        // trainable_token_indices, eva_config, corda_config, lora_ga_config, velora_config,
-        // alora_invocation_tokens, monteclora_config, layer_replication, target_parameters,
-        // use_bdlora, arrow_config, kasa_config.)
-        defaults: &[
-            ("rank_pattern", "{}"),
-            ("alpha_pattern", "{}"),
-            ("megatron_core", "\"megatron.core\""),
-            // implemented (LoftQ), and ignored at its default
-            ("loftq_config", "{}"),
-            ("use_qalora", "false"),
-            ("qalora_group_size", "16"),
-            ("lora_bias", "false"),
-            ("ensure_weight_tying", "false"),
-            ("runtime_config", "{\"ephemeral_gpu_offload\": false}"),
-        ],
-        for_loading: lora_for_loading,
-        layer_tensors: lora_layer_tensors,
-        shape_keys: &["r", "use_dora"],
-    },
-    PeftMethod {
-        peft_type: "IA3",
-        plugin: "ia3",
-        keys: &[
-            "target_modules",
-            "feedforward_modules",
-            "init_ia3_weights",
-            "fan_in_fan_out",
-            "modules_to_save",
-        ],
-        // peft 0.21.2's IA3Config has no non-null default beyond the implemented keys (its
-        // null-default keys: exclude_modules, layers_to_transform, layers_pattern).
-        defaults: &[],
-        for_loading: ia3_for_loading,
-        layer_tensors: ia3_layer_tensors,
-        shape_keys: &["feedforward_modules"],
-    },
-];
-
-/// Saved vectors replace the initial ones: start from ones whatever the run used.
-fn ia3_for_loading(config: &mut Map<String, Value>) {
-    config.insert("init_ia3_weights".into(), Value::Bool(true));
-}
-
-/// An IA³ layer's saved tensor (the `ia3` plugin's name, peft's key): `ia3_l`, `[1, in]` for
-/// a layer `feedforward_modules` selects (peft's rule: a list entry ends the module path, a
-/// string is a regex matching all of it), `[out, 1]` otherwise.
-fn ia3_layer_tensors(
-    config: &Value,
-    module: &str,
-    out: i64,
-    inp: i64,
-) -> std::result::Result<Vec<(String, Vec<i64>)>, String> {
-    let feedforward = match config.get("feedforward_modules") {
-        None | Some(Value::Null) => false,
-        Some(Value::Array(names)) => {
-            names.iter().any(|n| n.as_str().is_some_and(|n| module.ends_with(n)))
-        }
-        Some(Value::String(pattern)) => regex::Regex::new(&format!("^(?:{pattern})$"))
-            .map_err(|e| {
-                format!("key `feedforward_modules` = \"{pattern}\" is not a valid regex: {e}")
-            })?
-            .is_match(module),
-        Some(other) => {
-            return Err(format!(
-                "key `feedforward_modules` must be a list of module names or a regex, got {other}"
-            ))
-        }
-    };
-    let shape = if feedforward { vec![1, inp] } else { vec![out, 1] };
-    Ok(vec![("ia3_l".to_string(), shape)])
-}
-
-/// A LoRA layer's saved tensors (the `lora` plugin's names, peft's keys): `lora_A.weight`
-/// `[r, in]`, `lora_B.weight` `[out, r]`, and DoRA's `lora_magnitude_vector` `[out]`. `r` must
-/// be between 1 and min(out, in): a larger rank adds nothing a rank of min(out, in) cannot
-/// express, and an absurd one would be allocated before the weights could disagree.
-fn lora_layer_tensors(
-    config: &Value,
-    module: &str,
-    out: i64,
-    inp: i64,
-) -> std::result::Result<Vec<(String, Vec<i64>)>, String> {
-    let r = config
-        .get("r")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| format!("key `r` must be an integer, got {:?}", config.get("r")))?;
-    if r < 1 || r > out.min(inp) {
-        return Err(format!(
-            "key `r` = {r} does not fit `{module}` ([{out}, {inp}]): the rank must be between 1 and min(out, in) = {}",
-            out.min(inp)
-        ));
-    }
-    let mut tensors =
-        vec![("lora_A.weight".to_string(), vec![r, inp]), ("lora_B.weight".into(), vec![out, r])];
-    if config.get("use_dora") == Some(&Value::Bool(true)) {
-        tensors.push(("lora_magnitude_vector".into(), vec![out]));
-    }
-    Ok(tensors)
-}
-
-/// Saved LoRA weights replace the initial ones, so a random initialisation is replaced by the
-/// default (B = 0). PiSSA, OLoRA and LoftQ are kept: they are deterministic functions of W and decide
-/// the residual base weight the saved A and B were trained against (peft re-runs them on load
-/// too).
-fn lora_for_loading(config: &mut Map<String, Value>) {
-    let keep = matches!(config.get("init_lora_weights"), Some(Value::String(s)) if ["pissa", "olora", "loftq"].contains(&s.to_ascii_lowercase().as_str()));
-    if !keep {
-        config.insert("init_lora_weights".into(), Value::Bool(true));
-    }
 }
 
 /// A peft configuration mapped onto an adapter plugin.
@@ -560,7 +431,9 @@ mod tests {
         bad["layers_to_transform"] = json!([0]);
         let e = map(bad).unwrap_err().to_string();
         assert!(e.contains("`layers_to_transform` = [0]") && e.contains("`ia3`"), "{e}");
-        let shape = |c: Value, m: &str| ia3_layer_tensors(&c, m, 32, 176).map(|t| t[0].1.clone());
+        let shape = |c: Value, m: &str| {
+            methods::ia3::ia3_layer_tensors(&c, m, 32, 176).map(|t| t[0].1.clone())
+        };
         let down = "model.layers.0.mlp.down_proj";
         assert_eq!(shape(c.clone(), down), Ok(vec![1, 176]));
         assert_eq!(shape(c, "model.layers.0.self_attn.q_proj"), Ok(vec![32, 1]));

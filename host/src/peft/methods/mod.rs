@@ -1,0 +1,10 @@
+//! One file per peft method: its row of [`PEFT_METHODS`] (which plugin, which keys, peft's
+//! defaults, the tensors a saved layer holds). Adding a method is a file here, its row below,
+//! and its plugin.
+use super::PeftMethod;
+
+pub(crate) mod ia3;
+pub(crate) mod lora;
+
+/// The peft methods ferrotune loads, by `peft_type`.
+pub const PEFT_METHODS: &[PeftMethod] = &[lora::METHOD, ia3::METHOD];
