@@ -96,8 +96,8 @@ fn external() -> &'static External {
         let other_api = build("other-api", &|api| {
             let m = api.join("Cargo.toml");
             let text = std::fs::read_to_string(&m).unwrap().replacen(
-                "version = \"0.1.0\"",
                 "version = \"0.2.0\"",
+                "version = \"0.3.0\"",
                 1,
             );
             std::fs::write(m, text).unwrap();
@@ -152,13 +152,13 @@ fn plugin_built_against_another_plugin_api_is_refused_naming_both_versions() {
     let e = load_library(&external().other_api).unwrap_err();
     match &e {
         LoadError::Incompatible { why: Incompatibility::PluginApi { plugin, host }, .. } => {
-            assert_eq!(plugin, "0.2.0");
+            assert_eq!(plugin, "0.3.0");
             assert_eq!(host, ferrotune_plugin_api::PLUGIN_API_VERSION);
         }
         other => panic!("expected a plugin-API refusal, got: {other}"),
     }
     let msg = e.to_string();
-    assert!(msg.contains("0.2.0") && msg.contains("0.1.0") && msg.contains("rebuild"), "{msg}");
+    assert!(msg.contains("0.3.0") && msg.contains("0.2.0") && msg.contains("rebuild"), "{msg}");
     // The host goes on and still loads good plugins.
     assert!(load_library(&testkit_library()).is_ok());
 }

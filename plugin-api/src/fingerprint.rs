@@ -213,11 +213,11 @@ mod tests {
     fn compatibility_rule() {
         let host = BuildFingerprint::current();
         let mut p = host.clone();
-        p.api_version = "0.1.7".into();
+        p.api_version = "0.2.7".into();
         assert!(p.check_compatible_with(&host).is_ok());
-        p.api_version = "0.2.0".into();
+        p.api_version = "0.1.0".into();
         let e = p.check_compatible_with(&host).unwrap_err().to_string();
-        assert!(e.contains("0.2.0") && e.contains(&host.api_version), "{e}");
+        assert!(e.contains("0.1.0") && e.contains(&host.api_version), "{e}");
         let mut p = host.clone();
         p.libtorch_version = "2.11.0+cpu".into();
         assert!(p.check_compatible_with(&host).is_ok(), "CPU and CUDA builds of one version mix");

@@ -77,7 +77,9 @@ pub mod macros;
 pub use config::parse_config;
 pub use error::{guard, ErrorCode, PluginError, PluginResult};
 pub use fingerprint::{BuildFingerprint, Manifest};
-pub use kinds::adapter::{module_name_matches, AdapterLayer, AdapterMethod, BaseLinear};
+pub use kinds::adapter::{
+    module_name_matches, AdapterLayer, AdapterMethod, BaseLinear, ModelInfo, PromptKind, PromptSpec,
+};
 pub use kinds::dataset::{DataSource, DatasetFormat, SampleList, SampleReader};
 pub use kinds::memory::{Collectives, MemoryStrategy, ReduceOp, StepReport};
 pub use kinds::objective::{
@@ -112,6 +114,7 @@ pub mod prelude {
     pub use crate::{
         export_plugin, parse_config, AdapterLayer, AdapterMethod, BaseLinear, Batch, Collectives,
         DataSource, DatasetFormat, ForwardFlags, ImageSource, LossOutput, MemoryStrategy, Message,
+        ModelInfo, PromptKind, PromptSpec,
         Objective, ObjectiveContext, Plugin, PluginError, PluginResult, QuantizedWeight, Quantizer,
         ReduceOp, Reward, RewardInput, Sample, SampleList, SampleReader, StepReport, TrainParam,
     };

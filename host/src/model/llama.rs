@@ -1190,10 +1190,11 @@ impl CausalLM {
             attention_mask,
             position_ids,
             images,
-            mut cache,
+            cache,
             mode,
             embed_tokens,
             output,
+            prompt,
         } = args;
         let mode = mode.unwrap_or(LinearMode::BASE);
         let (b, t, input_ids) = match input {
@@ -1213,9 +1214,46 @@ impl CausalLM {
             }
         };
         let past = self.cached_positions(cache.as_deref(), b)?;
+        // A prompt-learning adapter's positions go in at the prefill (or a pass without a cache);
+        // later steps find them in the cache.
+        let prompt = prompt.filter(|_| past == 0);
+        let (virtual_tokens, kv_prefix) = match prompt {
+            Some(PromptInput::VirtualTokens(v)) => (Some(self.check_prompt(v, b, "virtual tokens")?), None),
+            Some(PromptInput::KvPrefix(p)) => (None, Some(self.check_prompt(p, b, "key/value prefix")?)),
+            None => (None, None),
+        };
+        let added = virtual_tokens.as_ref().or(kv_prefix.as_ref()).map_or(0, |p| p.size()[0]);
+        if prompt.is_some() && position_ids.is_some() {
+            bail!("a prompt-learning adapter adds {added} positions before the input, so it cannot run with explicit position ids (packed rows): turn packing off");
+        }
+        // The caller's mask covers the input only (widened here) or the prompt's positions too.
+        let widened;
+        let attention_mask = match attention_mask {
+            Some(m) if added > 0 && m.size() == [b, t] => {
+                let ones = Tensor::f_ones([b, added], (m.kind(), m.device()))?;
+                widened = Tensor::f_cat(&[&ones, m], 1)?;
+                Some(&widened)
+            }
+            other => other,
+        };
+        // Prefix tuning without a cache: one for this pass, holding the prefix.
+        let mut local_cache = None;
+        let mut cache = match cache {
+            None if kv_prefix.is_some() => Some(local_cache.insert(self.new_cache(b))),
+            other => other,
+        };
+        if let Some(prefix) = &kv_prefix {
+            if images.is_some_and(|i| !i.is_empty()) {
+                bail!("prefix tuning with images or videos is not supported (the prefix would shift Qwen2-VL's M-RoPE positions); use prompt tuning or LoRA");
+            }
+            let c = cache.as_deref_mut().context("a cache holds the prefix")?;
+            self.seed_prefix(c, prefix)?;
+        }
+        let past = past + kv_prefix.as_ref().map_or(0, |p| p.size()[0]);
+        let n_virtual = virtual_tokens.as_ref().map_or(0, |v| v.size()[0]);
         if let Some(m) = attention_mask {
-            if m.size() != [b, past + t] {
-                bail!("attention_mask must be [batch, past + seq] = [{b}, {}] (past {past}, seq {t}), got {:?}", past + t, m.size());
+            if m.size() != [b, past + n_virtual + t] {
+                bail!("attention_mask must be [batch, past + seq] = [{b}, {}] (past {past}, seq {t}), got {:?}", past + n_virtual + t, m.size());
             }
         }
         let images = images.filter(|i| !i.is_empty());
@@ -1274,6 +1312,17 @@ impl CausalLM {
                     p
                 }
             }
+            // Virtual tokens: plain positions over prompt and input (as transformers gives
+            // peft's inputs_embeds: Qwen2-VL's M-RoPE cannot be built without input ids).
+            None if n_virtual > 0 => self.default_positions(
+                None,
+                attention_mask,
+                key_valid.as_ref(),
+                images,
+                past,
+                (b, n_virtual + t),
+                cache.as_deref_mut(),
+            )?,
             None => self.default_positions(
                 input_ids.as_ref(),
                 attention_mask,
@@ -1309,6 +1358,11 @@ impl CausalLM {
                 .f_to_kind(x.kind())?;
             x = x.f_masked_scatter(&mask.f_unsqueeze(-1)?.f_expand_as(&x)?, &features)?;
         }
+        if let Some(v) = &virtual_tokens {
+            let h = self.decoder.config.hidden_size;
+            let v = v.f_to_kind(x.kind())?.f_unsqueeze(0)?.f_expand([b, n_virtual, h], false)?;
+            x = Tensor::f_cat(&[&v, &x], 1)?;
+        }
         // Masks: none for a right-padded batch without a cache, per sample for packed rows
         // (see `model::attention`).
         let fresh = past == 0 && cache.is_none();
@@ -1321,7 +1375,11 @@ impl CausalLM {
             _ => None,
         };
         let pattern = Pattern { key_valid: mask_valid.as_ref(), segments: segments.as_ref(), past };
-        let hidden = self.decoder.decode(x, &position_ids, pattern, cache, mode)?;
+        let mut hidden = self.decoder.decode(x, &position_ids, pattern, cache, mode)?;
+        if n_virtual > 0 {
+            // The virtual tokens' own outputs are not the caller's.
+            hidden = hidden.f_narrow(1, n_virtual, t)?;
+        }
         match output {
             Output::Hidden => Ok(hidden),
             Output::Logits => self.decoder.head(&hidden, mode),
@@ -1370,6 +1428,43 @@ impl CausalLM {
             );
         }
         Ok(c.seq_len())
+    }
+
+    /// Checks a prompt-learning adapter's `[n, width]` tensor (on the model's device).
+    fn check_prompt(&self, p: &Tensor, b: i64, what: &str) -> Result<Tensor> {
+        let cfg = &self.decoder.config;
+        let width = if what == "virtual tokens" {
+            cfg.hidden_size
+        } else {
+            cfg.num_hidden_layers * 2 * cfg.num_kv_heads() * cfg.head_dim()
+        };
+        let size = p.size();
+        match size.as_slice() {
+            &[n, w] if n >= 1 && w == width && b >= 1 => Ok(p.f_to_device(self.decoder.device)?),
+            _ => bail!("the adapter's {what} must be [num_virtual_tokens ≥ 1, {width}], got {size:?}"),
+        }
+    }
+
+    /// Puts prefix tuning's keys and values (`[n, layers · 2 · kv_heads · head_dim]`) into an
+    /// empty cache, the same for every row.
+    fn seed_prefix(&self, cache: &mut KvCache, prefix: &Tensor) -> Result<()> {
+        let cfg = &self.decoder.config;
+        let (layers, kv, hd) = (cfg.num_hidden_layers, cfg.num_kv_heads(), cfg.head_dim());
+        let n = prefix.size()[0];
+        let b = cache.batch();
+        // [n, 2L, kv, hd] -> [2L, kv, n, hd] -> [2L, b, kv, n, hd]
+        let p = prefix
+            .f_to_kind(self.decoder.dtype)?
+            .f_view([n, layers * 2, kv, hd])?
+            .f_permute([1, 2, 0, 3])?
+            .f_unsqueeze(1)?
+            .f_expand([layers * 2, b, kv, n, hd], false)?;
+        for l in 0..layers {
+            let k = p.f_select(0, 2 * l)?.f_contiguous()?;
+            let v = p.f_select(0, 2 * l + 1)?.f_contiguous()?;
+            let _ = cache.update(l as usize, k, v)?;
+        }
+        Ok(())
     }
 
     /// Position ids when the caller gives none: `cumsum(mask) - 1` (or `past..past + t`); for
@@ -1516,6 +1611,20 @@ pub struct ForwardArgs<'a> {
     /// copy, set by [`crate::peft::PeftModel::forward`]).
     pub embed_tokens: Option<&'a Tensor>,
     pub output: Output,
+    /// A prompt-learning adapter's contribution (set by [`crate::peft::PeftModel::forward`]);
+    /// used at the prefill or a pass without a cache, ignored once the cache holds positions.
+    pub prompt: Option<PromptInput<'a>>,
+}
+
+/// What a prompt-learning adapter puts before the input.
+#[derive(Clone, Copy)]
+pub enum PromptInput<'a> {
+    /// `[n, hidden]` embeddings before the input embeddings (prompt tuning, P-tuning): the
+    /// outputs keep the input's positions only.
+    VirtualTokens(&'a Tensor),
+    /// `[n, num_layers · 2 · kv_heads · head_dim]` keys and values before every layer's own
+    /// (prefix tuning, peft's layout: layer `l`'s keys at `2l`, values at `2l + 1`).
+    KvPrefix(&'a Tensor),
 }
 
 impl<'a> ForwardArgs<'a> {
@@ -1529,6 +1638,7 @@ impl<'a> ForwardArgs<'a> {
             mode: None,
             embed_tokens: None,
             output: Output::Logits,
+            prompt: None,
         }
     }
 

@@ -15,5 +15,5 @@ pub mod weights;
 
 pub use config::{Architecture, LlamaConfig, Rope, SUPPORTED_ARCHITECTURES};
 pub use init::{write_random_model, InitOptions, InitReport};
-pub use llama::{CausalLM, ForwardArgs, Input, KvCache, Output};
+pub use llama::{CausalLM, ForwardArgs, Input, KvCache, Output, PromptInput};
 pub use qwen2vl::{Qwen2VLConfig, VideoInputs, VisionConfig, VisionInputs};

@@ -10,6 +10,10 @@
 //!
 //! Names are peft's: a trainable tensor or a saved tensor of module `m` is called
 //! `base_model.model.<m>.<name the plugin gives>` (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+//! A name a layer gives that starts with [`SHARED_STATE_PREFIX`] is a tensor of the adapter as
+//! a whole, shared by its layers (peft's `uses_shared_state`: VeRA's frozen projections
+//! `base_model.vera_A` / `base_model.vera_B`): it keeps that name, is saved and trained once
+//! however many layers report it, and every layer that reports it gets it on load.
 //!
 //! `modules_to_save` (read from the method's `peft_config()`) is the host's, as peft's
 //! `ModulesToSaveWrapper` is peft's: each named module (a linear layer, `lm_head` included, or
@@ -24,7 +28,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
-use ferrotune_plugin_api::{module_name_matches, AdapterLayer, AdapterMethod, TrainParam};
+use ferrotune_plugin_api::{
+    module_name_matches, AdapterLayer, AdapterMethod, ModelInfo, PromptKind, PromptSpec, TrainParam,
+};
 use serde_json::Value;
 use tch::Tensor;
 
@@ -47,6 +53,21 @@ pub const CAP_MIXED_BATCH: &str = "mixed_batch";
 /// The full peft name of tensor `name` of module `module`.
 pub fn peft_key(module: &str, name: &str) -> String {
     format!("{PEFT_PREFIX}{module}.{name}")
+}
+
+/// What a layer's state-dict name starts with when the tensor is the adapter's, shared by its
+/// layers rather than the layer's own (see the module docs); peft keeps such state on its tuner
+/// (`base_model.<name>`).
+pub const SHARED_STATE_PREFIX: &str = "base_model.";
+
+/// The full name of state `name` reported by the layer at `module`: [`peft_key`], or `name`
+/// itself for shared state ([`SHARED_STATE_PREFIX`]).
+pub fn state_key(module: &str, name: &str) -> String {
+    if name.starts_with(SHARED_STATE_PREFIX) {
+        name.to_string()
+    } else {
+        peft_key(module, name)
+    }
 }
 
 /// The key of a PEFT configuration naming the modules trained in full (peft's `modules_to_save`).
@@ -345,7 +366,20 @@ impl PeftModel {
                 adapted += 1;
                 let tensors = (row.layer_tensors)(&config, module, out, inp)
                     .map_err(|e| anyhow::anyhow!("{cf}: {e}"))?;
-                expected.extend(tensors.into_iter().map(|(n, s)| (peft_key(module, &n), s)));
+                for (n, shape) in tensors {
+                    let key = state_key(module, &n);
+                    match expected.iter_mut().find(|(k, _)| *k == key) {
+                        // shared state: each layer names the part it reads, the tensor covers
+                        // them all (peft sizes VeRA's projections to the largest layer)
+                        Some((_, have)) if have.len() == shape.len() => {
+                            have.iter_mut().zip(&shape).for_each(|(h, s)| *h = (*h).max(*s))
+                        }
+                        Some((_, have)) => bail!(
+                            "adapter `{name}`: shared tensor `{key}` is {have:?} for one layer and {shape:?} for `{module}`"
+                        ),
+                        None => expected.push((key, shape)),
+                    }
+                }
             }
         }
         if adapted == 0 {
@@ -431,6 +465,8 @@ impl PeftModel {
         // Original weights of rewritten layers, to put back if a later layer fails.
         let mut originals: Vec<(String, Tensor)> = Vec::new();
         let result = (|| -> Result<()> {
+            let info = self.model_info(name, method.as_ref(), &saved)?;
+            method.begin(&info).with_context(|| format!("adapter `{name}`: begin"))?;
             if saved.iter().any(|m| m == self.embed_tokens_path()) {
                 let copy = self.embed_tokens().f_detach_copy()?.set_requires_grad(true);
                 report
@@ -683,14 +719,21 @@ impl PeftModel {
     /// (and `.bias`, without weight decay), learning rate ×1.
     pub fn trainable_parameters(&self) -> Result<Vec<TrainParam>> {
         let (entry, parts) = self.active_parts("trainable_parameters")?;
-        let mut out = Vec::new();
+        let mut out: Vec<TrainParam> = entry
+            .method
+            .root_parameters()
+            .with_context(|| format!("adapter `{}`: root_parameters", entry.name))?;
         for (module, part) in parts {
             let params = part
                 .parameters()
                 .with_context(|| format!("adapter `{}`: parameters of `{module}`", entry.name))?;
-            out.extend(
-                params.into_iter().map(|p| TrainParam { name: peft_key(module, &p.name), ..p }),
-            );
+            for p in params {
+                let name = state_key(module, &p.name);
+                // shared state is one tensor, trained once
+                if !out.iter().any(|q| q.name == name) {
+                    out.push(TrainParam { name, ..p });
+                }
+            }
         }
         Ok(out)
     }
@@ -700,12 +743,21 @@ impl PeftModel {
     /// `adapter_model.safetensors` holds.
     pub fn adapter_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
         let (entry, parts) = self.active_parts("adapter_state_dict")?;
-        let mut out = Vec::new();
+        let mut out: Vec<(String, Tensor)> = entry
+            .method
+            .root_state_dict()
+            .with_context(|| format!("adapter `{}`: root_state_dict", entry.name))?;
         for (module, part) in parts {
             let state = part
                 .state_dict()
                 .with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?;
-            out.extend(state.into_iter().map(|(n, t)| (peft_key(module, &n), t)));
+            for (n, t) in state {
+                let key = state_key(module, &n);
+                // shared state is saved once
+                if !out.iter().any(|(k, _)| *k == key) {
+                    out.push((key, t));
+                }
+            }
         }
         Ok(out)
     }
@@ -716,23 +768,39 @@ impl PeftModel {
     /// that names them.
     pub fn load_adapter_state_dict(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
         let (entry, parts) = self.active_parts("load_adapter_state_dict")?;
-        // Expected keys in model order: part index, name relative to the module, shape.
-        let mut expected: BTreeMap<String, (usize, String, Vec<i64>)> = BTreeMap::new();
+        // Expected keys in model order: the parts that read each (part index, name relative
+        // to the module; several for shared state) and its shape.
+        type Readers = Vec<(usize, String)>;
+        let mut expected: BTreeMap<String, (Readers, Vec<i64>)> = BTreeMap::new();
         let mut order = Vec::new();
+        // The method's own tensors (`root_state_dict`): reader `parts.len()`, full keys.
+        for (k, t) in entry
+            .method
+            .root_state_dict()
+            .with_context(|| format!("adapter `{}`: root_state_dict", entry.name))?
+        {
+            order.push(k.clone());
+            expected.insert(k.clone(), (vec![(parts.len(), k)], t.size()));
+        }
         for (i, (module, part)) in parts.iter().enumerate() {
             for (n, t) in part
                 .state_dict()
                 .with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?
             {
-                let key = peft_key(module, &n);
-                order.push(key.clone());
-                expected.insert(key, (i, n, t.size()));
+                let key = state_key(module, &n);
+                match expected.get_mut(&key) {
+                    Some((readers, _)) => readers.push((i, n)),
+                    None => {
+                        order.push(key.clone());
+                        expected.insert(key, (vec![(i, n)], t.size()));
+                    }
+                }
             }
         }
         let given: Vec<(String, Vec<i64>)> =
             tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
         let expected_list: Vec<(String, Vec<i64>)> =
-            order.iter().map(|k| (k.clone(), expected[k].2.clone())).collect();
+            order.iter().map(|k| (k.clone(), expected[k].1.clone())).collect();
         if let Some(problems) = state_mismatch(&expected_list, &given)? {
             bail!(
                 "adapter state does not fit adapter `{}` on this model ({} modules adapted, {} saved in full): {problems}",
@@ -741,10 +809,17 @@ impl PeftModel {
                 entry.saved.len(),
             );
         }
-        let mut groups: Vec<Vec<(String, Tensor)>> = (0..parts.len()).map(|_| Vec::new()).collect();
+        let mut groups: Vec<Vec<(String, Tensor)>> =
+            (0..=parts.len()).map(|_| Vec::new()).collect();
         for (key, t) in tensors {
-            let (i, rel, _) = &expected[&key];
-            groups[*i].push((rel.clone(), t));
+            for (i, rel) in &expected[&key].0 {
+                groups[*i].push((rel.clone(), t.shallow_clone()));
+            }
+        }
+        let root = groups.pop().unwrap_or_default();
+        if !root.is_empty() {
+            tch::no_grad(|| entry.method.load_root_state_dict(root))
+                .with_context(|| format!("adapter `{}`: loading its own tensors", entry.name))?;
         }
         for ((module, part), group) in parts.iter().zip(groups) {
             part.load_state_dict(group).with_context(|| {
@@ -762,6 +837,19 @@ impl PeftModel {
     pub fn merge_adapter(&mut self) -> Result<Vec<String>> {
         let entry = self.active_entry("merge_adapter")?;
         let name = entry.name.clone();
+        if let Some(p) =
+            entry.method.prompt().with_context(|| format!("adapter `{name}`: prompt"))?
+        {
+            bail!(
+                "adapter `{name}` cannot be merged: it is a prompt-learning method ({} virtual tokens {}), which adds positions to \
+                 the input instead of changing weights; serve or generate with the adapter instead",
+                p.num_virtual_tokens,
+                match p.kind {
+                    PromptKind::VirtualTokens => "before the input embeddings",
+                    PromptKind::KvPrefix => "of keys and values before every layer's own",
+                }
+            );
+        }
         if !entry.capabilities.iter().any(|c| c == CAP_MERGE) {
             bail!("adapter `{name}` cannot be merged: its plugin does not declare the `{CAP_MERGE}` capability (it has: {})", none_if_empty(&entry.capabilities));
         }
@@ -775,13 +863,31 @@ impl PeftModel {
                 if w.size() != lin.weight.size() {
                     bail!("adapter `{name}`: merged weight of `{module}` has shape {:?}, the layer {:?}", w.size(), lin.weight.size());
                 }
-                merged.push((module.to_string(), w.f_to_kind(lin.weight.kind())?));
+                let old_bias = lin.base().bias.as_ref();
+                let b = tch::no_grad(|| layer.merged_bias(old_bias))
+                    .with_context(|| format!("adapter `{name}`: merging the bias of `{module}`"))?;
+                let b = match (old_bias, b) {
+                    (_, None) => None,
+                    (None, Some(_)) => bail!(
+                        "adapter `{name}`: merging would give `{module}` a bias, which the layer (and the model's config) does not have"
+                    ),
+                    (Some(old), Some(b)) => {
+                        if b.size() != old.size() {
+                            bail!("adapter `{name}`: merged bias of `{module}` has shape {:?}, the layer's {:?}", b.size(), old.size());
+                        }
+                        Some(b.f_to_kind(old.kind())?)
+                    }
+                };
+                merged.push((module.to_string(), w.f_to_kind(lin.weight.kind())?, b));
             }
         }
         for lin in self.linears_mut() {
-            if let Some(pos) = merged.iter().position(|(m, _)| *m == lin.name) {
-                let (_, w) = merged.swap_remove(pos);
+            if let Some(pos) = merged.iter().position(|(m, _, _)| *m == lin.name) {
+                let (_, w, b) = merged.swap_remove(pos);
                 lin.set_base_weight(w)?;
+                if b.is_some() {
+                    lin.base_mut().bias = b;
+                }
                 lin.remove_adapter(&name);
             }
             lin.merge_copy(&name);
@@ -812,6 +918,59 @@ impl PeftModel {
         serde_json::from_str(&text).with_context(|| {
             format!("adapter `{}`: its peft_config() is not JSON: {text}", entry.name)
         })
+    }
+}
+
+impl PeftModel {
+    /// What [`AdapterMethod::begin`] is told about this model: the decoder's sizes and
+    /// config, the linear layers `method` targets (not those in `saved`) and the frozen input
+    /// embedding.
+    fn model_info(
+        &self,
+        name: &str,
+        method: &dyn AdapterMethod,
+        saved: &[String],
+    ) -> Result<ModelInfo> {
+        let cfg = self.config();
+        let mut linears = Vec::new();
+        for (module, lin) in self.linears() {
+            let targeted = method
+                .targets(module)
+                .with_context(|| format!("adapter `{name}`: targets(`{module}`)"))?;
+            if targeted && !saved.iter().any(|m| m == module) {
+                linears.push((module.to_string(), lin.out_features(), lin.in_features()));
+            }
+        }
+        Ok(ModelInfo {
+            config_json: serde_json::to_string(cfg)?,
+            hidden_size: cfg.hidden_size,
+            num_layers: cfg.num_hidden_layers,
+            num_attention_heads: cfg.num_attention_heads,
+            num_key_value_heads: cfg.num_kv_heads(),
+            head_dim: cfg.head_dim(),
+            vocab_size: cfg.vocab_size,
+            linears,
+            word_embeddings: self.embed_tokens().detach(),
+        })
+    }
+
+    /// The prompt-learning shape of adapter `name` (`None`: no such adapter, or one that adapts
+    /// linear layers only).
+    pub fn adapter_prompt(&self, name: &str) -> Result<Option<PromptSpec>> {
+        match self.adapters.get(name) {
+            Some(a) => {
+                Ok(a.method.prompt().with_context(|| format!("adapter `{name}`: prompt"))?)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Adapter `name`'s virtual tokens or key/value prefix (see [`PromptKind`]).
+    pub(crate) fn adapter_prompt_forward(&self, name: &str, train: bool) -> Result<Tensor> {
+        let a = self.adapters.get(name).with_context(|| format!("no adapter named `{name}`"))?;
+        Ok(a.method
+            .prompt_forward(train)
+            .with_context(|| format!("adapter `{name}`: prompt_forward"))?)
     }
 }
 

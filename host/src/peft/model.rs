@@ -9,13 +9,13 @@
 //! Everything else of the model is reached through `Deref` (peft's `__getattr__`).
 use std::ops::{Deref, DerefMut};
 
-use anyhow::Result;
-use ferrotune_plugin_api::ForwardFlags;
+use anyhow::{bail, Result};
+use ferrotune_plugin_api::{ForwardFlags, PromptKind};
 use tch::Tensor;
 
 use super::adapters::AdapterSet;
 use crate::model::linear::LinearMode;
-use crate::model::{CausalLM, ForwardArgs};
+use crate::model::{CausalLM, ForwardArgs, PromptInput};
 
 /// A model and its adapters.
 pub struct PeftModel {
@@ -58,12 +58,48 @@ impl PeftModel {
     /// [`CausalLM::forward`] through the active adapter in evaluation mode unless `args.mode`
     /// says otherwise, with the token embedding of the adapter that runs (its
     /// `modules_to_save` copy, if it keeps one).
+    ///
+    /// A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning) adds its positions
+    /// before the input at a pass without a cache or at the prefill of an empty one; the
+    /// outputs are the input's positions only. A caller that keeps decoding on the cache widens
+    /// its attention mask by [`PeftModel::prompt_positions`] after the prefill.
     pub fn forward<'a>(&'a self, mut args: ForwardArgs<'a>) -> Result<Tensor> {
         let mode = *args.mode.get_or_insert_with(|| self.eval_mode());
         if args.embed_tokens.is_none() {
             args.embed_tokens = mode.adapter.and_then(|name| self.embed_tokens_copy(name));
         }
+        let prefill = args.cache.as_ref().is_none_or(|c| c.seq_len() == 0);
+        let prompt = match (mode.adapter, mode.rows) {
+            (Some(name), None) if prefill => match self.adapter_prompt(name)? {
+                Some(spec) => Some((spec.kind, self.adapter_prompt_forward(name, mode.train)?)),
+                None => None,
+            },
+            (None, Some(rows)) if prefill => {
+                if let Some(name) = rows.iter().flatten().find(|n| {
+                    self.adapter_prompt(n).is_ok_and(|p| p.is_some())
+                }) {
+                    bail!("adapter `{name}` is a prompt-learning method: its rows start alone (a prefill per adapter), not in a batch of several adapters");
+                }
+                None
+            }
+            _ => None,
+        };
+        let Some((kind, table)) = &prompt else { return self.base.forward(args) };
+        let mut args: ForwardArgs<'_> = args;
+        args.prompt = Some(match kind {
+            PromptKind::VirtualTokens => PromptInput::VirtualTokens(table),
+            PromptKind::KvPrefix => PromptInput::KvPrefix(table),
+        });
         self.base.forward(args)
+    }
+
+    /// The positions adapter `adapter` puts before the input (`num_virtual_tokens` of a
+    /// prompt-learning method; 0 for other adapters and the base model).
+    pub fn prompt_positions(&self, adapter: Option<&str>) -> Result<i64> {
+        Ok(match adapter {
+            Some(name) => self.adapter_prompt(name)?.map_or(0, |p| p.num_virtual_tokens),
+            None => 0,
+        })
     }
 }
 

@@ -7,7 +7,8 @@
 use abi_stable::sabi_trait;
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::sabi_types::RRef;
-use abi_stable::std_types::{RBox, ROption, RResult, RStr, RString, RVec};
+use abi_stable::std_types::{RBox, ROption, RResult, RStr, RString, RVec, Tuple3};
+use abi_stable::StableAbi;
 use tch::Tensor;
 
 use super::{
@@ -39,9 +40,55 @@ pub trait BaseLinear {
     fn bias(&self) -> PluginResult<Option<Tensor>>;
 }
 
+/// The model an adapter method is attached to, handed to [`AdapterMethod::begin`] before any
+/// layer is adapted. Sizes are the decoder's (the language model of a vision-language model).
+#[derive(Debug)]
+pub struct ModelInfo {
+    /// The decoder's `config.json` (a vision-language model's `text_config`), as JSON text.
+    pub config_json: String,
+    pub hidden_size: i64,
+    pub num_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub vocab_size: i64,
+    /// Every linear layer the method targets (`targets()` true, not in `modules_to_save`):
+    /// checkpoint path, `out_features`, `in_features`, in model order.
+    pub linears: Vec<(String, i64, i64)>,
+    /// The frozen input embedding `[vocab, hidden]` (a detached shallow clone): prompt tuning's
+    /// TEXT and SAMPLE_VOCAB initialisations read it.
+    pub word_embeddings: Tensor,
+}
+
+/// What a prompt-learning method adds to the model's input ([`AdapterMethod::prompt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptKind {
+    /// `num_virtual_tokens` embeddings placed before the input embeddings (prompt tuning,
+    /// P-tuning): [`AdapterMethod::prompt_forward`] gives `[n, hidden_size]`.
+    VirtualTokens,
+    /// Keys and values of `num_virtual_tokens` positions placed before every layer's own
+    /// (prefix tuning): [`AdapterMethod::prompt_forward`] gives `[n, num_layers · 2 ·
+    /// num_key_value_heads · head_dim]`, peft's layout (viewed as `[n, num_layers · 2, kv_heads,
+    /// head_dim]`, layer `l`'s keys at `2l` and values at `2l + 1`).
+    KvPrefix,
+}
+
+/// A prompt-learning method's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptSpec {
+    pub kind: PromptKind,
+    pub num_virtual_tokens: i64,
+}
+
 /// An adapter method configured for a run: decides which layers it adapts and builds the
-/// per-layer adapters.
+/// per-layer adapters; it may also hold tensors of its own (shared by its layers, or a
+/// prompt-learning method's virtual tokens).
 pub trait AdapterMethod: Send + 'static {
+    /// Called once when the method is attached, before any `adapt_linear`.
+    fn begin(&self, model: &ModelInfo) -> PluginResult<()> {
+        let _ = model;
+        Ok(())
+    }
     /// Whether the layer at this checkpoint path is adapted (`target_modules`).
     fn targets(&self, module: &str) -> PluginResult<bool>;
     /// Builds the adapter for one targeted linear layer. Trainable tensors are created on
@@ -56,6 +103,35 @@ pub trait AdapterMethod: Send + 'static {
     /// Capability tags, e.g. `mixed_batch` (rows of one batch may use different adapters).
     fn capabilities(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Trainable tensors of the method itself, not of one layer, named by their full key in
+    /// `adapter_model.safetensors` (`prompt_embeddings`, `base_model.vera_A`).
+    fn root_parameters(&self) -> PluginResult<Vec<TrainParam>> {
+        Ok(Vec::new())
+    }
+    /// The method's own saved tensors (full keys, detached copies), beside its layers'.
+    fn root_state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+    /// Loads tensors saved by `root_state_dict` (or by peft; the host has checked the keys and
+    /// shapes against `root_state_dict`), copying into the live tensors.
+    fn load_root_state_dict(&self, tensors: Vec<(String, Tensor)>) -> PluginResult<()> {
+        match tensors.first() {
+            None => Ok(()),
+            Some((k, _)) => Err(PluginError::invalid(format!(
+                "this adapter method holds no tensor of its own, got `{k}`"
+            ))),
+        }
+    }
+    /// A prompt-learning method's shape (`None`: the method adapts linear layers only).
+    fn prompt(&self) -> PluginResult<Option<PromptSpec>> {
+        Ok(None)
+    }
+    /// A prompt-learning method's virtual tokens or key/value prefix (see [`PromptKind`]),
+    /// one copy for the whole batch; `train` turns dropout on.
+    fn prompt_forward(&self, train: bool) -> PluginResult<Tensor> {
+        let _ = train;
+        Err(PluginError::runtime("this adapter method has no prompt (prompt() is None)"))
     }
 }
 
@@ -73,6 +149,11 @@ pub trait AdapterLayer: Send {
     fn merged_weight(&self, base_weight: &Tensor) -> PluginResult<Tensor>;
     /// Inverse of `merged_weight`.
     fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor>;
+    /// The bias that, with `merged_weight`, makes a plain linear layer equal this adapted
+    /// layer (IA³ scales an output's bias too). Default: the base bias unchanged.
+    fn merged_bias(&self, base_bias: Option<&Tensor>) -> PluginResult<Option<Tensor>> {
+        Ok(base_bias.map(Tensor::shallow_clone))
+    }
 }
 
 // ---------------------------------------------------------------- FFI traits
@@ -92,6 +173,83 @@ pub trait FfiBaseLinear {
 
 pub type BaseLinearRef<'a> = FfiBaseLinear_TO<'a, RRef<'a, ()>>;
 
+/// [`ModelInfo`] across the boundary.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiModelInfo {
+    pub config_json: RString,
+    pub hidden_size: i64,
+    pub num_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub vocab_size: i64,
+    pub linears: RVec<Tuple3<RString, i64, i64>>,
+    pub word_embeddings: OwnedTensor,
+}
+
+/// [`PromptKind::VirtualTokens`] across the boundary.
+pub const PROMPT_VIRTUAL_TOKENS: u32 = 0;
+/// [`PromptKind::KvPrefix`] across the boundary.
+pub const PROMPT_KV_PREFIX: u32 = 1;
+
+/// [`PromptSpec`] across the boundary.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct FfiPromptSpec {
+    pub kind: u32,
+    pub num_virtual_tokens: i64,
+}
+
+impl FfiModelInfo {
+    fn new(m: &ModelInfo) -> Self {
+        Self {
+            config_json: m.config_json.as_str().into(),
+            hidden_size: m.hidden_size,
+            num_layers: m.num_layers,
+            num_attention_heads: m.num_attention_heads,
+            num_key_value_heads: m.num_key_value_heads,
+            head_dim: m.head_dim,
+            vocab_size: m.vocab_size,
+            linears: m.linears.iter().map(|(n, o, i)| Tuple3(n.as_str().into(), *o, *i)).collect(),
+            word_embeddings: OwnedTensor::new(m.word_embeddings.shallow_clone()),
+        }
+    }
+
+    fn into_info(self) -> ModelInfo {
+        ModelInfo {
+            config_json: self.config_json.into_string(),
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            vocab_size: self.vocab_size,
+            linears: self.linears.into_iter().map(|t| (t.0.into_string(), t.1, t.2)).collect(),
+            word_embeddings: self.word_embeddings.into_tensor(),
+        }
+    }
+}
+
+impl FfiPromptSpec {
+    fn new(p: PromptSpec) -> Self {
+        let kind = match p.kind {
+            PromptKind::VirtualTokens => PROMPT_VIRTUAL_TOKENS,
+            PromptKind::KvPrefix => PROMPT_KV_PREFIX,
+        };
+        Self { kind, num_virtual_tokens: p.num_virtual_tokens }
+    }
+
+    fn into_spec(self) -> PluginResult<PromptSpec> {
+        let kind = match self.kind {
+            PROMPT_VIRTUAL_TOKENS => PromptKind::VirtualTokens,
+            PROMPT_KV_PREFIX => PromptKind::KvPrefix,
+            k => return Err(PluginError::runtime(format!("unknown prompt kind {k}"))),
+        };
+        Ok(PromptSpec { kind, num_virtual_tokens: self.num_virtual_tokens })
+    }
+}
+
 #[sabi_trait]
 pub trait FfiAdapterMethod: Send {
     fn targets(&self, module: RStr<'_>) -> RResult<bool, PluginError>;
@@ -101,8 +259,14 @@ pub trait FfiAdapterMethod: Send {
         base: BaseLinearRef<'_>,
     ) -> RResult<AdapterLayerBox, PluginError>;
     fn peft_config(&self) -> RResult<RString, PluginError>;
-    #[sabi(last_prefix_field)]
     fn capabilities(&self) -> RVec<RString>;
+    fn begin(&self, model: FfiModelInfo) -> RResult<(), PluginError>;
+    fn root_parameters(&self) -> RResult<RVec<FfiTrainParam>, PluginError>;
+    fn root_state_dict(&self) -> RResult<RVec<NamedTensor>, PluginError>;
+    fn load_root_state_dict(&self, tensors: RVec<NamedTensor>) -> RResult<(), PluginError>;
+    fn prompt(&self) -> RResult<ROption<FfiPromptSpec>, PluginError>;
+    #[sabi(last_prefix_field)]
+    fn prompt_forward(&self, flags: u32) -> RResult<OwnedTensor, PluginError>;
 }
 
 pub type AdapterMethodBox = FfiAdapterMethod_TO<'static, RBox<()>>;
@@ -119,8 +283,12 @@ pub trait FfiAdapterLayer: Send {
     fn state_dict(&self) -> RResult<RVec<NamedTensor>, PluginError>;
     fn load_state_dict(&self, tensors: RVec<NamedTensor>) -> RResult<(), PluginError>;
     fn merged_weight(&self, base_weight: TensorRef<'_>) -> RResult<OwnedTensor, PluginError>;
-    #[sabi(last_prefix_field)]
     fn unmerged_weight(&self, merged_weight: TensorRef<'_>) -> RResult<OwnedTensor, PluginError>;
+    #[sabi(last_prefix_field)]
+    fn merged_bias(
+        &self,
+        base_bias: ROption<TensorRef<'_>>,
+    ) -> RResult<ROption<OwnedTensor>, PluginError>;
 }
 
 pub type AdapterLayerBox = FfiAdapterLayer_TO<'static, RBox<()>>;
@@ -177,6 +345,24 @@ impl<T: AdapterMethod> FfiAdapterMethod for AdapterMethodBridge<T> {
     fn capabilities(&self) -> RVec<RString> {
         guard(|| Ok(strings_to_ffi(self.0.capabilities()))).unwrap_or_default()
     }
+    fn begin(&self, model: FfiModelInfo) -> RResult<(), PluginError> {
+        guard(|| self.0.begin(&model.into_info()))
+    }
+    fn root_parameters(&self) -> RResult<RVec<FfiTrainParam>, PluginError> {
+        guard(|| self.0.root_parameters().map(params_to_ffi))
+    }
+    fn root_state_dict(&self) -> RResult<RVec<NamedTensor>, PluginError> {
+        guard(|| self.0.root_state_dict().map(named_to_ffi))
+    }
+    fn load_root_state_dict(&self, tensors: RVec<NamedTensor>) -> RResult<(), PluginError> {
+        guard(|| self.0.load_root_state_dict(named_from_ffi(tensors)))
+    }
+    fn prompt(&self) -> RResult<ROption<FfiPromptSpec>, PluginError> {
+        guard(|| self.0.prompt().map(|p| p.map(FfiPromptSpec::new).into()))
+    }
+    fn prompt_forward(&self, flags: u32) -> RResult<OwnedTensor, PluginError> {
+        guard(|| self.0.prompt_forward(flags & FORWARD_TRAIN != 0).map(OwnedTensor::new))
+    }
 }
 
 struct AdapterLayerBridge(Box<dyn AdapterLayer>);
@@ -207,6 +393,15 @@ impl FfiAdapterLayer for AdapterLayerBridge {
     }
     fn unmerged_weight(&self, merged_weight: TensorRef<'_>) -> RResult<OwnedTensor, PluginError> {
         guard(|| self.0.unmerged_weight(&merged_weight.borrow()).map(OwnedTensor::new))
+    }
+    fn merged_bias(
+        &self,
+        base_bias: ROption<TensorRef<'_>>,
+    ) -> RResult<ROption<OwnedTensor>, PluginError> {
+        guard(|| {
+            let bias = base_bias.into_option().map(|b| b.borrow());
+            self.0.merged_bias(bias.as_deref()).map(|b| b.map(OwnedTensor::new).into())
+        })
     }
 }
 
@@ -266,6 +461,25 @@ impl AdapterMethod for AdapterMethodHandle {
     fn capabilities(&self) -> Vec<String> {
         strings_from_ffi(self.0.capabilities())
     }
+    fn begin(&self, model: &ModelInfo) -> PluginResult<()> {
+        self.0.begin(FfiModelInfo::new(model)).into_result()
+    }
+    fn root_parameters(&self) -> PluginResult<Vec<TrainParam>> {
+        self.0.root_parameters().into_result().map(params_from_ffi)
+    }
+    fn root_state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        self.0.root_state_dict().into_result().map(named_from_ffi)
+    }
+    fn load_root_state_dict(&self, tensors: Vec<(String, Tensor)>) -> PluginResult<()> {
+        self.0.load_root_state_dict(named_to_ffi(tensors)).into_result()
+    }
+    fn prompt(&self) -> PluginResult<Option<PromptSpec>> {
+        self.0.prompt().into_result()?.into_option().map(FfiPromptSpec::into_spec).transpose()
+    }
+    fn prompt_forward(&self, train: bool) -> PluginResult<Tensor> {
+        let flags = if train { FORWARD_TRAIN } else { 0 };
+        self.0.prompt_forward(flags).into_result().map(OwnedTensor::into_tensor)
+    }
 }
 
 /// Host side: one layer's adapter living in a plugin.
@@ -298,6 +512,13 @@ impl AdapterLayer for AdapterLayerHandle {
             .unmerged_weight(TensorRef::new(merged_weight))
             .into_result()
             .map(OwnedTensor::into_tensor)
+    }
+    fn merged_bias(&self, base_bias: Option<&Tensor>) -> PluginResult<Option<Tensor>> {
+        let bias = base_bias.map(TensorRef::new);
+        self.0
+            .merged_bias(bias.into())
+            .into_result()
+            .map(|b| b.into_option().map(OwnedTensor::into_tensor))
     }
 }
 
