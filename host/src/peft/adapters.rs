@@ -320,6 +320,12 @@ impl PeftModel {
         header: &[crate::util::safetensors::HeaderEntry],
     ) -> Result<()> {
         let (cf, wf) = (config_file.display(), weights_file.display());
+        // A prompt-learning method adapts no layer: its own tensors are checked by name and
+        // shape when they are loaded, against what it built from its configuration (its size
+        // was bounded when it was attached).
+        if method.prompt().with_context(|| format!("{cf}: adapter `{name}`: prompt"))?.is_some() {
+            return super::refuse_non_float(header, weights_file);
+        }
         let text =
             method.peft_config().with_context(|| format!("{cf}: adapter `{name}`: peft_config"))?;
         let config: Value = serde_json::from_str(&text)
@@ -450,6 +456,16 @@ impl PeftModel {
             );
         }
         let saved = self.resolve_modules_to_save(name, &modules_to_save(name, method.as_ref())?)?;
+        if let Some(p) = method.prompt().with_context(|| format!("adapter `{name}`: prompt"))? {
+            let max = self.config().max_position_embeddings;
+            if p.num_virtual_tokens < 1 || p.num_virtual_tokens >= max {
+                bail!(
+                    "adapter `{name}`: num_virtual_tokens = {} must be between 1 and the model's max_position_embeddings - 1 = {}",
+                    p.num_virtual_tokens,
+                    max - 1
+                );
+            }
+        }
         let capabilities = method.capabilities();
         let rewrites = capabilities.iter().any(|c| c == CAP_INIT_REWRITES_BASE);
         let was_tied = self.lm_head_is_tied();
