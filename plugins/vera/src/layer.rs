@@ -1,0 +1,351 @@
+//! One adapted linear layer, peft's `vera.Linear`:
+//! `y = base(x) + λ_b · (λ_d · (dropout(x) A[:, :in]ᵀ)) B[:out, :]ᵀ`, with `A` / `B` the
+//! adapter's shared frozen projections ([`Projections`]) and `λ_b` `[out]`, `λ_d` `[r]` the
+//! layer's trained vectors. State-dict names are peft's (`vera_lambda_b`, `vera_lambda_d`; the
+//! projections `base_model.vera_A` / `base_model.vera_B`, shared state the host saves once).
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferrotune_plugin_api::{AdapterLayer, BaseLinear, PluginError, PluginResult, TrainParam};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::VeraConfig;
+use crate::projection::projections;
+
+pub const LAMBDA_B: &str = "vera_lambda_b";
+pub const LAMBDA_D: &str = "vera_lambda_d";
+/// The shared projections' keys, peft's (`base_model.` + the tuner's buffer name).
+pub const VERA_A: &str = "base_model.vera_A";
+pub const VERA_B: &str = "base_model.vera_B";
+
+/// float32 vectors for a half-precision base (peft's `autocast_adapter_dtype=True`).
+fn adapter_kind(base: Kind) -> Kind {
+    match base {
+        Kind::Half | Kind::BFloat16 => Kind::Float,
+        k => k,
+    }
+}
+
+/// The adapter's frozen projections, one pair for all its layers (peft's `vera_A` / `vera_B`
+/// buffers): `A` `[r, max in]`, `B` `[max out, r]` over the layers adapted so far, each layer
+/// reading its top-left slice. peft sizes them to the largest targeted layer before
+/// generating them; here they are regenerated (a deterministic function of the key and the
+/// sizes) whenever a layer wider than every earlier one is adapted, so that once every layer
+/// is adapted they are peft's.
+pub struct Projections {
+    seed: i64,
+    r: i64,
+    inner: Mutex<Pair>,
+}
+
+struct Pair {
+    a: Tensor,
+    b: Tensor,
+}
+
+impl Projections {
+    pub fn new(cfg: &VeraConfig) -> Self {
+        let empty = || Tensor::zeros([0, 0], (Kind::Float, Device::Cpu));
+        Self {
+            seed: cfg.projection_prng_key,
+            r: cfg.r,
+            inner: Mutex::new(Pair { a: empty(), b: empty() }),
+        }
+    }
+
+    fn lock(&self) -> PluginResult<MutexGuard<'_, Pair>> {
+        self.inner
+            .lock()
+            .map_err(|_| PluginError::runtime("VeRA projections: a thread panicked holding them"))
+    }
+
+    /// Makes the projections cover a layer `[out, inp]` on `device`.
+    fn cover(&self, out: i64, inp: i64, device: Device) -> PluginResult<()> {
+        let mut p = self.lock()?;
+        let (have_in, have_out) = (p.a.size()[1], p.b.size()[0]);
+        if p.a.numel() > 0 && have_in >= inp && have_out >= out {
+            return Ok(());
+        }
+        let (a, b) = projections(self.seed, self.r, out.max(have_out), inp.max(have_in));
+        p.a = a.f_to_device(device)?;
+        p.b = b.f_to_device(device)?;
+        Ok(())
+    }
+
+    /// `(A[:, :inp], B[:out, :])` in `kind` on `device`.
+    fn slices(
+        &self,
+        out: i64,
+        inp: i64,
+        kind: Kind,
+        device: Device,
+    ) -> PluginResult<(Tensor, Tensor)> {
+        let p = self.lock()?;
+        Ok((
+            p.a.f_narrow(1, 0, inp)?.f_to(device)?.f_to_kind(kind)?,
+            p.b.f_narrow(0, 0, out)?.f_to(device)?.f_to_kind(kind)?,
+        ))
+    }
+
+    fn state(&self) -> PluginResult<[(String, Tensor); 2]> {
+        let p = self.lock()?;
+        Ok([(VERA_A.into(), p.a.f_detach_copy()?), (VERA_B.into(), p.b.f_detach_copy()?)])
+    }
+
+    fn load(&self, name: &str, t: &Tensor) -> PluginResult<()> {
+        let p = self.lock()?;
+        let dst = if name == VERA_A { &p.a } else { &p.b };
+        if t.size() != dst.size() {
+            return Err(PluginError::invalid(format!(
+                "`{name}`: shape {:?}, expected {:?} (r = {} and the largest adapted layer's widths)",
+                t.size(),
+                dst.size(),
+                self.r
+            )));
+        }
+        tch::no_grad(|| dst.shallow_clone().f_copy_(t))?;
+        Ok(())
+    }
+}
+
+pub struct VeraLayer {
+    module: String,
+    out: i64,
+    inp: i64,
+    lambda_b: Tensor,
+    lambda_d: Tensor,
+    shared: Arc<Projections>,
+    dropout: f64,
+    save_projection: bool,
+}
+
+impl VeraLayer {
+    /// The adapter of `base` (`module` names it in errors), its vectors initialised as peft's
+    /// `update_layer` does; `shared` grows to cover the layer.
+    pub fn new(
+        module: &str,
+        base: &dyn BaseLinear,
+        cfg: &VeraConfig,
+        shared: Arc<Projections>,
+    ) -> PluginResult<Self> {
+        let (out, inp) = base.shape()?;
+        let weight = base.weight()?;
+        if weight.size() != [out, inp] {
+            return Err(PluginError::invalid(format!(
+                "`{module}`: base weight has shape {:?}, the layer reports {:?}",
+                weight.size(),
+                (out, inp)
+            )));
+        }
+        shared.cover(out, inp, weight.device())?;
+        let opts = (adapter_kind(weight.kind()), weight.device());
+        let (lambda_b, lambda_d) = if cfg.init_weights {
+            (Tensor::f_zeros([out], opts)?, Tensor::f_full([cfg.r], cfg.d_initial, opts)?)
+        } else {
+            (Tensor::f_ones([out], opts)?, Tensor::f_randn([cfg.r], opts)?)
+        };
+        Ok(Self {
+            module: module.to_string(),
+            out,
+            inp,
+            lambda_b: lambda_b.set_requires_grad(true),
+            lambda_d: lambda_d.set_requires_grad(true),
+            shared,
+            dropout: cfg.vera_dropout,
+            save_projection: cfg.save_projection,
+        })
+    }
+
+    /// peft's `get_delta_weight`: `(λ_b ⊙ B) (λ_d ⊙ A)`, `[out, in]`, in float32.
+    fn delta_weight(&self) -> PluginResult<Tensor> {
+        let device = self.lambda_b.device();
+        let (a, b) = self.shared.slices(self.out, self.inp, Kind::Float, device)?;
+        tch::no_grad(|| -> PluginResult<Tensor> {
+            let lb = self.lambda_b.f_detach()?.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?;
+            let ld = self.lambda_d.f_detach()?.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?;
+            Ok(b.f_mul(&lb)?.f_matmul(&a.f_mul(&ld)?)?)
+        })
+    }
+
+    fn shift_weight(&self, w: &Tensor, sign: f64) -> PluginResult<Tensor> {
+        let delta = self.delta_weight()?.f_to_device(w.device())?;
+        let y = w.f_to_kind(Kind::Float)?.f_add(&delta.f_mul_scalar(sign)?)?;
+        Ok(y.f_to_kind(w.kind())?)
+    }
+}
+
+impl AdapterLayer for VeraLayer {
+    fn forward(&self, x: &Tensor, base: &dyn BaseLinear, train: bool) -> PluginResult<Tensor> {
+        let y = base.forward(x)?;
+        let kind = self.lambda_d.kind();
+        let (a, b) = self.shared.slices(self.out, self.inp, kind, x.device())?;
+        let x = x.f_to_kind(kind)?;
+        let x = if train && self.dropout > 0.0 { x.f_dropout(self.dropout, true)? } else { x };
+        let h = x.f_linear::<Tensor>(&a, None)?.f_mul(&self.lambda_d)?;
+        let delta = h.f_linear::<Tensor>(&b, None)?.f_mul(&self.lambda_b)?;
+        let yk = y.kind();
+        Ok(y.f_add(&delta)?.f_to_kind(yk)?)
+    }
+
+    fn parameters(&self) -> PluginResult<Vec<TrainParam>> {
+        Ok(vec![
+            TrainParam::new(LAMBDA_B, self.lambda_b.shallow_clone()),
+            TrainParam::new(LAMBDA_D, self.lambda_d.shallow_clone()),
+        ])
+    }
+
+    fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        let mut state = vec![
+            (LAMBDA_B.to_string(), self.lambda_b.f_detach_copy()?),
+            (LAMBDA_D.to_string(), self.lambda_d.f_detach_copy()?),
+        ];
+        if self.save_projection {
+            state.extend(self.shared.state()?);
+        }
+        Ok(state)
+    }
+
+    fn load_state_dict(&self, tensors: Vec<(String, Tensor)>) -> PluginResult<()> {
+        let mut expected: Vec<&str> = vec![LAMBDA_B, LAMBDA_D];
+        if self.save_projection {
+            expected.extend([VERA_A, VERA_B]);
+        }
+        for (name, _) in &tensors {
+            if !expected.contains(&name.as_str()) {
+                return Err(PluginError::invalid(format!(
+                    "unexpected tensor `{name}` in the VeRA state of `{}` (expected {}{})",
+                    self.module,
+                    expected.join(", "),
+                    if self.save_projection { "" } else { "; save_projection is false" }
+                )));
+            }
+        }
+        if let Some(missing) = expected.iter().find(|n| !tensors.iter().any(|(name, _)| name == *n))
+        {
+            return Err(PluginError::invalid(format!(
+                "the VeRA state of `{}` lacks `{missing}`",
+                self.module
+            )));
+        }
+        for (name, t) in &tensors {
+            let own = match name.as_str() {
+                LAMBDA_B => &self.lambda_b,
+                LAMBDA_D => &self.lambda_d,
+                _ => {
+                    self.shared.load(name, t)?;
+                    continue;
+                }
+            };
+            if t.size() != own.size() {
+                return Err(PluginError::invalid(format!(
+                    "`{}.{name}`: shape {:?}, expected {:?} ({})",
+                    self.module,
+                    t.size(),
+                    own.size(),
+                    if name == LAMBDA_B { "the layer's output width" } else { "r" }
+                )));
+            }
+            tch::no_grad(|| own.shallow_clone().f_copy_(t))?;
+        }
+        Ok(())
+    }
+
+    fn merged_weight(&self, base_weight: &Tensor) -> PluginResult<Tensor> {
+        self.shift_weight(base_weight, 1.0)
+    }
+
+    fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor> {
+        self.shift_weight(merged_weight, -1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Base {
+        w: Tensor,
+        b: Option<Tensor>,
+    }
+
+    impl BaseLinear for Base {
+        fn name(&self) -> PluginResult<String> {
+            Ok("layer".into())
+        }
+        fn shape(&self) -> PluginResult<(i64, i64)> {
+            Ok(self.w.size2()?)
+        }
+        fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
+            Ok(x.f_linear(&self.w, self.b.as_ref())?)
+        }
+        fn weight(&self) -> PluginResult<Tensor> {
+            Ok(self.w.shallow_clone())
+        }
+        fn bias(&self) -> PluginResult<Option<Tensor>> {
+            Ok(self.b.as_ref().map(Tensor::shallow_clone))
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn forward_is_peft_s_closed_form_merges_and_shares_projections() {
+        tch::manual_seed(3);
+        let o = (Kind::Float, Device::Cpu);
+        let cfg = VeraConfig::from_json(r#"{"r": 3, "init_weights": false}"#).unwrap();
+        let shared = Arc::new(Projections::new(&cfg));
+        let small = Base { w: Tensor::randn([4, 5], o), b: Some(Tensor::randn([4], o)) };
+        let wide = Base { w: Tensor::randn([6, 7], o), b: None };
+        let l = VeraLayer::new("small", &small, &cfg, shared.clone()).unwrap();
+        let _ = VeraLayer::new("wide", &wide, &cfg, shared.clone()).unwrap();
+        // the projections cover the widest layer and are the generator's for that size
+        let (a, b) = projections(0, 3, 6, 7);
+        let state = l.state_dict().unwrap();
+        assert!(state[2].1.equal(&a) && state[3].1.equal(&b), "{:?}", state[2].1.size());
+        let x = Tensor::randn([2, 3, 5], o);
+        let (lb, ld) = (&state[0].1, &state[1].1);
+        let want = small.forward(&x).unwrap()
+            + ((x.linear::<Tensor>(&a.narrow(1, 0, 5), None) * ld)
+                .linear::<Tensor>(&b.narrow(0, 0, 4), None)
+                * lb);
+        let y = l.forward(&x, &small, false).unwrap();
+        assert!(max_diff(&y, &want) < 1e-6);
+        let merged = l.merged_weight(&small.w).unwrap();
+        assert!(max_diff(&y, &x.linear(&merged, small.b.as_ref())) < 1e-5, "the bias stays");
+        assert!(max_diff(&l.unmerged_weight(&merged).unwrap(), &small.w) < 1e-5);
+    }
+
+    #[test]
+    fn init_is_peft_s_and_bad_state_is_refused_by_name() {
+        let o = (Kind::Float, Device::Cpu);
+        let cfg = VeraConfig::from_json(r#"{"r": 3, "d_initial": 0.2}"#).unwrap();
+        let base = Base { w: Tensor::randn([4, 5], o), b: None };
+        let l = VeraLayer::new("m.q_proj", &base, &cfg, Arc::new(Projections::new(&cfg))).unwrap();
+        let s = l.state_dict().unwrap();
+        assert_eq!(s[0].1.abs().max().double_value(&[]), 0.0, "lambda_b starts at 0");
+        assert!((s[1].1.mean(None).double_value(&[]) - 0.2).abs() < 1e-7, "lambda_d at d_initial");
+        let x = Tensor::randn([2, 5], o);
+        assert_eq!(max_diff(&l.forward(&x, &base, true).unwrap(), &base.forward(&x).unwrap()), 0.0);
+        let mut bad = s.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>();
+        bad[1].1 = Tensor::ones([4], o);
+        let e = l.load_state_dict(bad).unwrap_err();
+        assert!(
+            e.message().contains("m.q_proj.vera_lambda_d") && e.message().contains("[4]"),
+            "{e}"
+        );
+        let mut bad = s.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>();
+        bad[2].1 = Tensor::ones([3, 9], o);
+        let e = l.load_state_dict(bad).unwrap_err();
+        assert!(
+            e.message().contains("`base_model.vera_A`") && e.message().contains("[3, 9]"),
+            "{e}"
+        );
+        let e = l.load_state_dict(vec![("ia3_l".into(), Tensor::ones([4], o))]).unwrap_err();
+        assert!(e.message().contains("`ia3_l`"), "{e}");
+        let e = l
+            .load_state_dict(s[..2].iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
+            .unwrap_err();
+        assert!(e.message().contains("lacks `base_model.vera_A`"), "{e}");
+    }
+}

@@ -1,0 +1,312 @@
+//! The `vera` adapter plugin against peft 0.21's VeRA on a tiny Qwen2 model made by
+//! `ferrotune init-model` (hidden 64, float32), every logits comparison to 1e-5:
+//! * peft loads the PEFT directory we write (q/v/down_proj, r 8, our vectors perturbed), with
+//!   the projections saved (`save_projection: true`) and without (peft then regenerates them
+//!   from `projection_prng_key`: the test of our reproduction of torch's generator), and
+//!   computes our logits; a fresh adapter's projections equal peft's bit for bit;
+//! * we load the PEFT directory peft wrote (its `vera_lambda_b` / `vera_lambda_d` drawn at
+//!   random so that they matter) and compute peft's logits and its greedy tokens, and save it
+//!   back under the same keys and values;
+//! * `ferrotune merge` of our directory, loaded by transformers, gives the unmerged logits;
+//! * hostile directories: a key we do not implement, and tensors whose shapes disagree with the
+//!   model or the configuration, are refused by name with the model left as it was;
+//! * 10 optimizer steps of `ferrotune train` from peft's initial adapter equal peft + torch
+//!   AdamW's per-step losses within 1e-5 (`common/train_parity.rs`).
+//!
+//! Needs `cargo build --workspace` (the `vera` plugin) and the reference stack (`$PYTHON` or
+//! `.venv`: torch 2.11, transformers 5, peft 0.21); one Python run
+//! (`tests/python/vera_reference.py`) serves the parity test, one (`train_reference.py`) the
+//! training test.
+use std::path::{Path, PathBuf};
+
+use ferrotune::generate::{generate, SamplingParams};
+use ferrotune::model::{CausalLM, ForwardArgs};
+use ferrotune::peft::PeftModel;
+use ferrotune::plugins::Registry;
+use ferrotune_tests::train_parity::{check_variant, prepare, Variant};
+use ferrotune_tests::*;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+/// Largest accepted |difference| between two logits tensors (float32).
+const TOL: f64 = 1e-5;
+
+/// The adapter peft writes and we write (VeraConfig / plugin `vera` keys): layers of three
+/// shapes, so that the shared projections are sliced three ways.
+const QVD: &str = r#"{"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}"#;
+/// The same without saving the projections: loading regenerates them from the key.
+const QVD_UNSAVED: &str = r#"{"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "save_projection": false, "projection_prng_key": 123}"#;
+const NEW_TOKENS: usize = 8;
+
+fn ids() -> Tensor {
+    Tensor::from_slice(&[3i64, 17, 42, 99, 150, 7, 64, 201, 5, 5, 120, 33, 2, 180, 11, 90])
+        .view([2, 8])
+}
+
+fn ids_rows() -> Vec<Vec<i64>> {
+    let v: Vec<i64> = Vec::try_from(&ids().view([-1])).unwrap();
+    v.chunks(8).map(|c| c.to_vec()).collect()
+}
+
+fn vera_registry() -> Registry {
+    let lib = build_dir().join("libferrotune_vera.so");
+    assert!(lib.exists(), "{} is missing: `cargo build --workspace` first", lib.display());
+    registry()
+}
+
+fn load(dir: &Path) -> PeftModel {
+    CausalLM::load(dir, Device::Cpu, Kind::Float)
+        .map(PeftModel::new)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+}
+
+fn attach(model: &mut PeftModel, registry: &Registry, config: &str) {
+    let method = registry.adapter("vera", config).unwrap_or_else(|e| panic!("{config}: {e}"));
+    let report = model
+        .attach_adapter("default", Box::new(method))
+        .unwrap_or_else(|e| panic!("{config}: {e:#}"));
+    println!("vera {config}: {}", report.summary());
+}
+
+fn logits(model: &PeftModel) -> Tensor {
+    tch::no_grad(|| model.forward(ForwardArgs::ids(&ids()))).unwrap()
+}
+
+fn read_logits(path: &Path) -> Tensor {
+    let mut v =
+        Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    v.remove(v.iter().position(|(n, _)| n == "logits").expect("a `logits` tensor")).1
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
+    let d = max_abs_diff(ours, theirs);
+    let scale = theirs.abs().max().double_value(&[]);
+    println!("{what:<60} max |diff| {d:.3e} (max |logit| {scale:.3})");
+    assert!(d <= TOL, "{what}: max |diff| {d:e} > {TOL:e}");
+}
+
+/// The tensors of a PEFT directory, sorted by name.
+fn saved(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut v = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
+    v.sort_by(|x, y| x.0.cmp(&y.0));
+    v
+}
+
+fn names(v: &[(String, Tensor)]) -> Vec<String> {
+    v.iter().map(|x| x.0.clone()).collect()
+}
+
+/// Draws every `vera_lambda_b` as 0.5·N(0, 1) and `vera_lambda_d` as 1 + 0.5·N(0, 1), as the
+/// reference script does for peft's; the projections stay as they are.
+fn perturb(model: &mut PeftModel, seed: i64) {
+    tch::manual_seed(seed);
+    let state = model
+        .adapter_state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if k.ends_with(".vera_lambda_b") {
+                t.randn_like() * 0.5
+            } else if k.ends_with(".vera_lambda_d") {
+                t.randn_like() * 0.5 + 1.0
+            } else {
+                t
+            };
+            (k, t)
+        })
+        .collect();
+    model.load_adapter_state_dict(state).unwrap();
+}
+
+/// A tiny Qwen2 model under `w/base` (`ferrotune init-model`, seed 5, a ChatML tokenizer).
+fn tiny_model(w: &Path) -> PathBuf {
+    let tokenizer = w.join("tokenizer");
+    write_chat_tokenizer(&tokenizer, 200);
+    let base = w.join("base");
+    init_tiny_model(&tokenizer, &base, 5);
+    base
+}
+
+/// Copies the PEFT directory `from` to `to` with its config and tensors edited.
+fn edited(
+    from: &Path,
+    to: &Path,
+    config: impl FnOnce(&mut Value),
+    tensors: impl FnOnce(&mut Vec<(String, Tensor)>),
+) {
+    std::fs::create_dir_all(to).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config(&mut cfg);
+    std::fs::write(to.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut t = saved(from);
+    tensors(&mut t);
+    Tensor::write_safetensors(&t, to.join("adapter_model.safetensors")).unwrap();
+}
+
+#[test]
+fn vera_matches_peft_both_ways_merges_and_refuses_bad_directories() {
+    one_torch_thread();
+    let work = TempDir::new("vera-parity");
+    let w = &work.0;
+    let base = tiny_model(w);
+    let registry = vera_registry();
+    let base_logits = logits(&load(&base));
+
+    // ours, written before the reference run so that peft can load them
+    let mut ours_dirs = Vec::new();
+    let mut ours_logits = Vec::new();
+    for (i, config) in [QVD, QVD_UNSAVED].iter().enumerate() {
+        let dir = w.join(format!("ours-{i}"));
+        let mut ours = load(&base);
+        attach(&mut ours, &registry, config);
+        check("vera_lambda_b = 0 at init: the base model", &logits(&ours), &base_logits);
+        perturb(&mut ours, 7 + i as i64);
+        let l = logits(&ours);
+        assert!(max_abs_diff(&l, &base_logits) > 1e-2, "our adapter must matter");
+        ours.save_peft_adapter(&dir).unwrap();
+        ours_dirs.push(dir);
+        ours_logits.push(l);
+    }
+    assert!(
+        names(&saved(&ours_dirs[1])).iter().all(|k| !k.contains("vera_A")),
+        "save_projection false: no projections saved"
+    );
+    // `ferrotune merge` of ours (transformers loads the result in the reference run)
+    let merged_dir = w.join("merged");
+    let o = ferrotune_one_thread(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        ours_dirs[0].to_str().unwrap(),
+        "--out",
+        merged_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "merge: {}\n{}", stdout(&o), stderr(&o));
+
+    let peft_dir = w.join("peft");
+    let plan = json!({
+        "base": base,
+        "ids": ids_rows(),
+        "peft_writes": [{"config": serde_json::from_str::<Value>(QVD).unwrap(), "seed": 11,
+                         "dir": peft_dir, "out": w.join("peft.logits.safetensors"),
+                         "greedy_out": w.join("peft.greedy.json"), "new_tokens": NEW_TOKENS}],
+        "peft_loads": ours_dirs.iter().enumerate().map(|(i, d)| json!({
+            "dir": d, "out": w.join(format!("peft-loads-ours-{i}.logits.safetensors"))
+        })).collect::<Vec<_>>(),
+        "merged": [{"dir": merged_dir, "out": w.join("merged.logits.safetensors")}],
+    });
+    std::fs::write(w.join("plan.json"), serde_json::to_string_pretty(&plan).unwrap()).unwrap();
+    let script = repo_root().join("tests/python/vera_reference.py");
+    let out = run_python(&[script.as_os_str(), w.as_os_str()]);
+    println!("{}", stdout(&out).trim());
+
+    // peft loads ours, with the projections saved and regenerated from the key
+    check(
+        "peft loads our VeRA directory: logits",
+        &read_logits(&w.join("peft-loads-ours-0.logits.safetensors")),
+        &ours_logits[0],
+    );
+    check(
+        "peft loads ours (save_projection false): logits",
+        &read_logits(&w.join("peft-loads-ours-1.logits.safetensors")),
+        &ours_logits[1],
+    );
+    // transformers loads the merged model
+    check(
+        "ferrotune merge, loaded by transformers: logits",
+        &read_logits(&w.join("merged.logits.safetensors")),
+        &ours_logits[0],
+    );
+
+    // we load peft's: the same keys as ours, the same projections, peft's logits and tokens
+    let (peft_saved, ours_saved) = (saved(&peft_dir), saved(&ours_dirs[0]));
+    assert_eq!(names(&peft_saved), names(&ours_saved), "peft's keys are ours");
+    for key in ["base_model.vera_A", "base_model.vera_B"] {
+        let find = |v: &[(String, Tensor)]| v.iter().find(|(k, _)| k == key).unwrap().1.copy();
+        let (p, o) = (find(&peft_saved), find(&ours_saved));
+        assert!(p.equal(&o), "{key}: ours {:?} vs peft's {:?} differ", o.size(), p.size());
+        println!("{key} {:?}: bit for bit peft's (projection_prng_key 0)", p.size());
+    }
+    let mut model = load(&base);
+    let report = model
+        .load_peft_adapter(&peft_dir, &registry)
+        .unwrap_or_else(|e| panic!("peft's VeRA directory: {e:#}"));
+    println!("peft's VeRA: {}", report.summary());
+    let theirs = read_logits(&w.join("peft.logits.safetensors"));
+    assert!(max_abs_diff(&theirs, &base_logits) > 1e-2, "peft's adapter must matter");
+    check("we load peft's VeRA directory: logits", &logits(&model), &theirs);
+    let greedy: Vec<Vec<i64>> =
+        serde_json::from_str(&std::fs::read_to_string(w.join("peft.greedy.json")).unwrap())
+            .unwrap();
+    let ours_greedy = generate(&model, &ids_rows(), &SamplingParams::greedy(NEW_TOKENS)).unwrap();
+    println!("greedy tokens: ours {ours_greedy:?}, peft's {greedy:?}");
+    assert_eq!(ours_greedy, greedy, "greedy tokens");
+    let resaved = w.join("peft-resaved");
+    model.save_peft_adapter(&resaved).unwrap();
+    let again = saved(&resaved);
+    assert_eq!(names(&again), names(&peft_saved));
+    assert!(again.iter().zip(&peft_saved).all(|(x, y)| x.1.equal(&y.1)), "values saved back");
+
+    // hostile directories, each refused by name before anything is attached
+    let mut plain = load(&base);
+    let refused = |dir: &Path, plain: &mut PeftModel| -> String {
+        let e = format!("{:#}", plain.load_peft_adapter(dir, &registry).unwrap_err());
+        check("a refused directory leaves the model as it was", &logits(plain), &base_logits);
+        e
+    };
+    let d = w.join("bad-key");
+    edited(&peft_dir, &d, |c| c["layers_to_transform"] = json!([0]), |_| {});
+    let e = refused(&d, &mut plain);
+    assert!(e.contains("`layers_to_transform` = [0]") && e.contains("`vera`"), "{e}");
+    let d = w.join("bad-bias");
+    edited(&peft_dir, &d, |c| c["bias"] = json!("all"), |_| {});
+    let e = refused(&d, &mut plain);
+    assert!(e.contains("`bias`") && e.contains("all"), "{e}");
+    let d = w.join("bad-projection");
+    edited(
+        &peft_dir,
+        &d,
+        |_| {},
+        |t| {
+            let a = t.iter_mut().find(|(k, _)| k == "base_model.vera_A").unwrap();
+            a.1 = a.1.narrow(1, 0, 64).contiguous();
+        },
+    );
+    let e = refused(&d, &mut plain);
+    assert!(e.contains("`base_model.vera_A` is [8, 64]") && e.contains("`r` = 8"), "{e}");
+    let d = w.join("bad-rank");
+    edited(&peft_dir, &d, |c| c["r"] = json!(4), |_| {});
+    let e = refused(&d, &mut plain);
+    assert!(e.contains("vera_lambda_d` is [8]") && e.contains("`r` = 4"), "{e}");
+    let d = w.join("bad-projection-missing");
+    edited(&peft_dir, &d, |_| {}, |t| t.retain(|(k, _)| !k.ends_with("vera_B")));
+    let e = refused(&d, &mut plain);
+    assert!(e.contains("missing key(s): `base_model.vera_B`"), "{e}");
+    drop(work);
+}
+
+const TRAIN: &[Variant] = &[Variant {
+    name: "vera",
+    plugin: "vera",
+    peft_type: "VERA",
+    config: r#"{"r": 16, "target_modules": "all-linear", "vera_dropout": 0.0}"#,
+    from_init: true,
+    steps: 10,
+    loss_tol: 1e-5,
+}];
+
+#[test]
+fn vera_training_matches_peft() {
+    one_torch_thread();
+    let f = prepare("vera-train-parity", TRAIN);
+    check_variant(&f, TRAIN, "vera");
+    let _ = std::fs::remove_dir_all(&f.work);
+}
