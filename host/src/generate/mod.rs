@@ -337,6 +337,7 @@ fn run(
                 .mode(mode)
                 .last(),
         )?;
+        attention = model.mask_after_prefill(mode.adapter, attention)?;
         let mut next = next_tokens(&logits, params)?;
         synchronize(device);
         let mut step_tokens: Vec<i64> = Vec::try_from(&next.f_to_device(Device::Cpu)?)?;

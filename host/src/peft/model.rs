@@ -101,6 +101,17 @@ impl PeftModel {
             None => 0,
         })
     }
+
+    /// The attention mask `[B, S]` of a prefill through `adapter`, widened to what the cache
+    /// now holds: ones for the prompt's positions first (unchanged for other adapters).
+    pub fn mask_after_prefill(&self, adapter: Option<&str>, mask: Tensor) -> Result<Tensor> {
+        let n = self.prompt_positions(adapter)?;
+        if n == 0 {
+            return Ok(mask);
+        }
+        let ones = Tensor::f_ones([mask.size()[0], n], (mask.kind(), mask.device()))?;
+        Ok(Tensor::f_cat(&[&ones, &mask], 1)?)
+    }
 }
 
 impl Deref for PeftModel {

@@ -74,6 +74,7 @@ fn time_decode(
                 ForwardArgs::ids(&input).mask(Some(&m)).cache(Some(&mut c)).mode(mode).last(),
             )?;
             tokens.push(logits.f_argmax(-1, false)?.f_int64_value(&[0])?);
+            let m = model.mask_after_prefill(*name, m)?;
             join_rows(&mut cache, &mut mask, c, m)?;
         }
         let mut mask = mask.expect("at least one request");
