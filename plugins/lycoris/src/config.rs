@@ -1,0 +1,378 @@
+//! The `loha` / `lokr` configuration: the keys of peft 0.21's `LoHaConfig` and `LoKrConfig`
+//! (both `LycorisConfig`s) this crate implements, their validation (errors name the key), which
+//! layers are targeted, and the `adapter_config.json` peft loads.
+//!
+//! Example (`adapter: {plugin: lokr, ...}` in a run config):
+//! ```text
+//! {"r": 8, "alpha": 8,                    # the update is scaled by alpha / r
+//!  "target_modules": ["q_proj", "v_proj"], # or "all-linear", or a full-match regex
+//!  "decompose_both": false, "decompose_factor": -1}   # LoKr only
+//! ```
+use ferrotune_plugin_api::{module_name_matches, PluginError, PluginResult};
+use regex::Regex;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+
+/// The `target_modules` value that means every linear layer but the output head (peft's
+/// `INCLUDE_LINEAR_LAYERS_SHORTHAND`, matched case-insensitively as peft does).
+pub const ALL_LINEAR: &str = "all-linear";
+/// The output head `all-linear` leaves out.
+pub const OUTPUT_HEAD: &str = "lm_head";
+
+/// Which of the two methods a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Low-rank Hadamard product: `ΔW = (W1a·W1b) ⊙ (W2a·W2b) · alpha / r`.
+    LoHa,
+    /// Low-rank Kronecker product: `ΔW = W1 ⊗ W2 · alpha / r`, each factor full or low-rank.
+    LoKr,
+}
+
+impl Method {
+    /// peft's `peft_type`.
+    pub fn peft_type(self) -> &'static str {
+        match self {
+            Method::LoHa => "LOHA",
+            Method::LoKr => "LOKR",
+        }
+    }
+}
+
+/// How the factors start (`init_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitWeights {
+    /// `true` (default): the update starts at zero (LoHa: `hada_w2_b` = 0; LoKr: `lokr_w1` or
+    /// `lokr_w1_a` = 0), every other factor kaiming-uniform as `nn.Linear`.
+    Default,
+    /// `false`: every factor kaiming-uniform (the update is not zero at the start; for tests).
+    Random,
+    /// `"lycoris"` (LoKr only): the LyCORIS repository's way, `lokr_w2` or `lokr_w2_b` = 0.
+    Lycoris,
+}
+
+/// Configuration of the `loha` and `lokr` adapter methods. Field names are peft's
+/// `LoHaConfig` / `LoKrConfig` keys.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LycorisConfig {
+    /// Rank of each low-rank factor. Default 8; typical 4–32. Must be at least 1.
+    #[serde(default = "default_r")]
+    pub r: i64,
+    /// Scale numerator: the update is multiplied by `alpha / r`. Default 8; typical r.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// In training, each output row of the update is dropped with this probability (LoHa then
+    /// rescales the kept rows by 1 / their fraction; LoKr only with `rank_dropout_scale`).
+    /// Default 0.0; must be in [0, 1).
+    #[serde(default)]
+    pub rank_dropout: f64,
+    /// In training, the whole update of a layer is skipped with this probability (no
+    /// rescaling). Default 0.0; must be in [0, 1].
+    #[serde(default)]
+    pub module_dropout: f64,
+    /// peft's "Proposition 3" decomposition of convolution kernels; it has no effect on linear
+    /// layers (the only layers this host adapts), as in peft. Accepted at either value and
+    /// written back. Default false.
+    #[serde(default)]
+    pub use_effective_conv2d: bool,
+    /// Which linear layers are adapted: module names (a layer matches when its full name
+    /// equals one or ends with `.` + one), a regex the full name must match entirely, or
+    /// `"all-linear"` (every linear layer but `lm_head`). Default `["q_proj", "v_proj"]`
+    /// (peft's default for Llama and Qwen2).
+    #[serde(default = "default_target_modules", deserialize_with = "deserialize_modules")]
+    pub target_modules: Modules,
+    /// `true` (default), `false`, or for LoKr `"lycoris"`; see [`InitWeights`].
+    #[serde(default = "default_init", deserialize_with = "deserialize_init")]
+    pub init_weights: InitWeights,
+    /// Modules trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
+    /// LoKr: also decompose the left factor `W1` into `lokr_w1_a · lokr_w1_b` when `r` is
+    /// below half its larger side. Default false.
+    #[serde(default)]
+    pub decompose_both: Option<bool>,
+    /// LoKr: the factor the layer's widths are split by (peft's `factorization`); -1
+    /// (default) splits each width near its square root.
+    #[serde(default)]
+    pub decompose_factor: Option<i64>,
+    /// LoKr: rescale the rows kept by `rank_dropout` by 1 / their fraction. Default false.
+    #[serde(default)]
+    pub rank_dropout_scale: Option<bool>,
+    #[serde(skip, default = "default_method")]
+    pub method: Method,
+    #[serde(skip)]
+    saved_modules: Vec<Regex>,
+}
+
+fn default_r() -> i64 {
+    8
+}
+
+fn default_alpha() -> f64 {
+    8.0
+}
+
+fn default_init() -> InitWeights {
+    InitWeights::Default
+}
+
+fn default_method() -> Method {
+    Method::LoHa
+}
+
+fn default_target_modules() -> Modules {
+    Modules::Names(vec!["q_proj".into(), "v_proj".into()])
+}
+
+fn deserialize_init<'de, D: Deserializer<'de>>(d: D) -> Result<InitWeights, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::Bool(true) => Ok(InitWeights::Default),
+        Value::Bool(false) => Ok(InitWeights::Random),
+        Value::String(s) if s.eq_ignore_ascii_case("lycoris") => Ok(InitWeights::Lycoris),
+        other => Err(D::Error::custom(format!(
+            "expected true, false or \"lycoris\" (LoKr), got {other}"
+        ))),
+    }
+}
+
+/// A set of modules: names, a full-match regex, or every linear layer.
+#[derive(Debug, Clone)]
+pub enum Modules {
+    Names(Vec<String>),
+    Pattern { source: String, anchored: Regex },
+    AllLinear,
+}
+
+impl Modules {
+    fn to_json(&self) -> Value {
+        match self {
+            Modules::Names(names) => json!(names),
+            Modules::Pattern { source, .. } => json!(source),
+            Modules::AllLinear => json!(ALL_LINEAR),
+        }
+    }
+}
+
+fn deserialize_modules<'de, D: Deserializer<'de>>(d: D) -> Result<Modules, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::String(s) if s.eq_ignore_ascii_case(ALL_LINEAR) => Ok(Modules::AllLinear),
+        Value::String(s) => {
+            let anchored = Regex::new(&format!("^(?:{s})$"))
+                .map_err(|e| D::Error::custom(format!("`{s}` is not a valid regex: {e}")))?;
+            Ok(Modules::Pattern { source: s, anchored })
+        }
+        Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) if !s.is_empty() => Ok(s),
+                other => Err(D::Error::custom(format!(
+                    "item {i} must be a non-empty module name, got {other}"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Modules::Names),
+        other => Err(D::Error::custom(format!(
+            "expected a list of module names or a regex string, got {other}"
+        ))),
+    }
+}
+
+impl LycorisConfig {
+    /// Parses and validates the configuration of `method`.
+    pub fn from_json(config_json: &str, method: Method) -> PluginResult<Self> {
+        let mut cfg: Self = ferrotune_plugin_api::parse_config(config_json)?;
+        cfg.method = method;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&mut self) -> PluginResult<()> {
+        if self.r < 1 {
+            return Err(PluginError::config("r", format!("{} must be a positive integer", self.r)));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(PluginError::config("alpha", format!("{} must be positive", self.alpha)));
+        }
+        if !(0.0..1.0).contains(&self.rank_dropout) {
+            return Err(PluginError::config(
+                "rank_dropout",
+                format!(
+                    "{} must be in [0, 1) (1 would drop every row of the update)",
+                    self.rank_dropout
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.module_dropout) {
+            return Err(PluginError::config(
+                "module_dropout",
+                format!("{} must be in [0, 1]", self.module_dropout),
+            ));
+        }
+        if let Modules::Names(names) = &self.target_modules {
+            if names.is_empty() {
+                return Err(PluginError::config(
+                    "target_modules",
+                    "is empty: name at least one module, or use \"all-linear\"",
+                ));
+            }
+        }
+        if self.method == Method::LoHa {
+            for (key, set) in [
+                ("decompose_both", self.decompose_both.is_some()),
+                ("decompose_factor", self.decompose_factor.is_some()),
+                ("rank_dropout_scale", self.rank_dropout_scale.is_some()),
+            ] {
+                if set {
+                    return Err(PluginError::config(
+                        key,
+                        "is a LoKr key (plugin `lokr`); LoHa (peft's LoHaConfig) has no such key",
+                    ));
+                }
+            }
+            if self.init_weights == InitWeights::Lycoris {
+                return Err(PluginError::config(
+                    "init_weights",
+                    "\"lycoris\" is LoKr's; LoHa takes true or false",
+                ));
+            }
+        }
+        self.saved_modules = self
+            .modules_to_save
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Regex::new(&format!(r"^(?:.*\.)?(?:{m})(?:\..*)?$")).map_err(|e| {
+                    PluginError::config(
+                        &format!("modules_to_save[{i}]"),
+                        format!("`{m}` is not a valid pattern: {e}"),
+                    )
+                })
+            })
+            .collect::<PluginResult<_>>()?;
+        Ok(())
+    }
+
+    /// `alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    pub fn decompose_both(&self) -> bool {
+        self.decompose_both.unwrap_or(false)
+    }
+
+    pub fn decompose_factor(&self) -> i64 {
+        self.decompose_factor.unwrap_or(-1)
+    }
+
+    pub fn rank_dropout_scale(&self) -> bool {
+        self.rank_dropout_scale.unwrap_or(false)
+    }
+
+    /// Whether the layer at checkpoint path `module` is adapted.
+    pub fn targets(&self, module: &str) -> bool {
+        if self.saved_modules.iter().any(|p| p.is_match(module)) {
+            return false;
+        }
+        match &self.target_modules {
+            Modules::Names(names) => names.iter().any(|t| module_name_matches(module, t)),
+            Modules::Pattern { anchored, .. } => anchored.is_match(module),
+            Modules::AllLinear => !module_name_matches(module, OUTPUT_HEAD),
+        }
+    }
+
+    /// The `adapter_config.json` peft 0.21 writes for this configuration.
+    pub fn peft_config(&self) -> Value {
+        let init = match self.init_weights {
+            InitWeights::Default => json!(true),
+            InitWeights::Random => json!(false),
+            InitWeights::Lycoris => json!("lycoris"),
+        };
+        let mut v = json!({
+            "peft_type": self.method.peft_type(),
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": null,
+            "revision": null,
+            "inference_mode": true,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "r": self.r,
+            "alpha": self.alpha,
+            "rank_dropout": self.rank_dropout,
+            "module_dropout": self.module_dropout,
+            "use_effective_conv2d": self.use_effective_conv2d,
+            "target_modules": self.target_modules.to_json(),
+            "exclude_modules": null,
+            "init_weights": init,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "modules_to_save": if self.modules_to_save.is_empty() { Value::Null } else { json!(self.modules_to_save) },
+        });
+        if self.method == Method::LoKr {
+            v["decompose_both"] = json!(self.decompose_both());
+            v["decompose_factor"] = json!(self.decompose_factor());
+            v["rank_dropout_scale"] = json!(self.rank_dropout_scale());
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str, method: Method) -> String {
+        LycorisConfig::from_json(json, method).unwrap_err().message().to_string()
+    }
+
+    #[test]
+    fn defaults_are_peft_s() {
+        for method in [Method::LoHa, Method::LoKr] {
+            let c = LycorisConfig::from_json("{}", method).unwrap();
+            assert_eq!((c.r, c.alpha, c.scaling()), (8, 8.0, 1.0));
+            assert_eq!(c.init_weights, InitWeights::Default);
+            assert!(c.targets("model.layers.0.self_attn.q_proj"));
+            assert!(!c.targets("model.layers.0.self_attn.k_proj"));
+            assert_eq!(c.peft_config()["peft_type"], method.peft_type());
+        }
+        let c = LycorisConfig::from_json("{}", Method::LoKr).unwrap();
+        assert!(!c.decompose_both() && c.decompose_factor() == -1 && !c.rank_dropout_scale());
+        assert_eq!(c.peft_config()["decompose_factor"], -1);
+        assert!(LycorisConfig::from_json("{}", Method::LoHa).unwrap().peft_config()
+            ["decompose_both"]
+            .is_null());
+        let c = LycorisConfig::from_json(
+            r#"{"target_modules": "all-linear", "modules_to_save": ["lm_head"], "init_weights": "lycoris"}"#,
+            Method::LoKr,
+        )
+        .unwrap();
+        assert!(c.targets("model.layers.1.mlp.down_proj") && !c.targets("lm_head"));
+        assert_eq!(c.peft_config()["init_weights"], "lycoris");
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        for (json, method, key) in [
+            (r#"{"r": 0}"#, Method::LoHa, "`r`"),
+            (r#"{"r": 2.5}"#, Method::LoKr, "`r`"),
+            (r#"{"alpha": -1}"#, Method::LoHa, "`alpha`"),
+            (r#"{"rank_dropout": 1.0}"#, Method::LoKr, "`rank_dropout`"),
+            (r#"{"module_dropout": -0.1}"#, Method::LoHa, "`module_dropout`"),
+            (r#"{"target_modules": []}"#, Method::LoKr, "`target_modules`"),
+            (r#"{"target_modules": "q_proj("}"#, Method::LoHa, "`target_modules`"),
+            (r#"{"decompose_both": true}"#, Method::LoHa, "`decompose_both`"),
+            (r#"{"decompose_factor": 4}"#, Method::LoHa, "`decompose_factor`"),
+            (r#"{"init_weights": "lycoris"}"#, Method::LoHa, "`init_weights`"),
+            (r#"{"init_weights": "gaussian"}"#, Method::LoKr, "`init_weights`"),
+            (r#"{"modules_to_save": ["a("]}"#, Method::LoKr, "`modules_to_save[0]`"),
+            (r#"{"lora_alpha": 8}"#, Method::LoHa, "`lora_alpha`"),
+            (r#"{"rank_pattern": {"q_proj": 4}}"#, Method::LoKr, "`rank_pattern`"),
+        ] {
+            let e = err(json, method);
+            assert!(e.contains(key), "{json}: {e}");
+        }
+    }
+}
