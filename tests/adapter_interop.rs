@@ -627,11 +627,11 @@ fn broken_adapter_directories_are_refused_by_name() {
         .unwrap();
 
     let mut v = config.clone();
-    v["peft_type"] = "LOHA".into();
+    v["peft_type"] = "BOFT".into();
     write_config(&v);
     let e = err(&dir);
     assert!(
-        e.contains("`peft_type` = \"LOHA\"")
+        e.contains("`peft_type` = \"BOFT\"")
             && e.contains("adapter_config.json")
             && e.contains("LORA"),
         "{e}"

@@ -4,7 +4,9 @@
 use super::PeftMethod;
 
 pub(crate) mod ia3;
+pub(crate) mod loha;
+pub(crate) mod lokr;
 pub(crate) mod lora;
 
 /// The peft methods ferrotune loads, by `peft_type`.
-pub const PEFT_METHODS: &[PeftMethod] = &[lora::METHOD, ia3::METHOD];
+pub const PEFT_METHODS: &[PeftMethod] = &[lora::METHOD, ia3::METHOD, loha::METHOD, lokr::METHOD];
