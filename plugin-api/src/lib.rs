@@ -114,9 +114,9 @@ pub mod prelude {
     pub use crate::{
         export_plugin, parse_config, AdapterLayer, AdapterMethod, BaseLinear, Batch, Collectives,
         DataSource, DatasetFormat, ForwardFlags, ImageSource, LossOutput, MemoryStrategy, Message,
-        ModelInfo, PromptKind, PromptSpec,
-        Objective, ObjectiveContext, Plugin, PluginError, PluginResult, QuantizedWeight, Quantizer,
-        ReduceOp, Reward, RewardInput, Sample, SampleList, SampleReader, StepReport, TrainParam,
+        ModelInfo, Objective, ObjectiveContext, Plugin, PluginError, PluginResult, PromptKind,
+        PromptSpec, QuantizedWeight, Quantizer, ReduceOp, Reward, RewardInput, Sample, SampleList,
+        SampleReader, StepReport, TrainParam,
     };
     pub use tch::{Device, Kind, Tensor};
 }

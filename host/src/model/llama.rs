@@ -57,6 +57,11 @@ impl KvCache {
         self.batch
     }
 
+    /// Layer `i`'s cached keys and values `[B, kv_heads, positions, head_dim]`.
+    pub fn layer(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(i).and_then(Option::as_ref).map(|(k, v)| (k, v))
+    }
+
     /// Forgets every cached position.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
@@ -1218,8 +1223,12 @@ impl CausalLM {
         // later steps find them in the cache.
         let prompt = prompt.filter(|_| past == 0);
         let (virtual_tokens, kv_prefix) = match prompt {
-            Some(PromptInput::VirtualTokens(v)) => (Some(self.check_prompt(v, b, "virtual tokens")?), None),
-            Some(PromptInput::KvPrefix(p)) => (None, Some(self.check_prompt(p, b, "key/value prefix")?)),
+            Some(PromptInput::VirtualTokens(v)) => {
+                (Some(self.check_prompt(v, b, "virtual tokens")?), None)
+            }
+            Some(PromptInput::KvPrefix(p)) => {
+                (None, Some(self.check_prompt(p, b, "key/value prefix")?))
+            }
             None => (None, None),
         };
         let added = virtual_tokens.as_ref().or(kv_prefix.as_ref()).map_or(0, |p| p.size()[0]);
@@ -1441,7 +1450,9 @@ impl CausalLM {
         let size = p.size();
         match size.as_slice() {
             &[n, w] if n >= 1 && w == width && b >= 1 => Ok(p.f_to_device(self.decoder.device)?),
-            _ => bail!("the adapter's {what} must be [num_virtual_tokens ≥ 1, {width}], got {size:?}"),
+            _ => bail!(
+                "the adapter's {what} must be [num_virtual_tokens ≥ 1, {width}], got {size:?}"
+            ),
         }
     }
 

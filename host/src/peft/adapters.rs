@@ -456,7 +456,8 @@ impl PeftModel {
             );
         }
         let saved = self.resolve_modules_to_save(name, &modules_to_save(name, method.as_ref())?)?;
-        if let Some(p) = method.prompt().with_context(|| format!("adapter `{name}`: prompt"))? {
+        let prompt = method.prompt().with_context(|| format!("adapter `{name}`: prompt"))?;
+        if let Some(p) = prompt {
             let max = self.config().max_position_embeddings;
             if p.num_virtual_tokens < 1 || p.num_virtual_tokens >= max {
                 bail!(
@@ -541,7 +542,7 @@ impl PeftModel {
             self.strip_adapter_layers(name, originals);
             return Err(e);
         }
-        if report.modules.is_empty() {
+        if report.modules.is_empty() && prompt.is_none() {
             self.strip_adapter_layers(name, originals);
             let all: Vec<String> = self.linears().iter().map(|(n, _)| format!("`{n}`")).collect();
             bail!(
@@ -552,6 +553,18 @@ impl PeftModel {
             );
         }
         report.trainable_parameters += report.saved_modules.iter().map(|(_, n)| n).sum::<i64>();
+        match method.root_parameters() {
+            Ok(own) => {
+                report.trainable_parameters +=
+                    own.iter().map(|p| p.tensor.numel() as i64).sum::<i64>()
+            }
+            Err(e) => {
+                self.strip_adapter_layers(name, originals);
+                return Err(
+                    anyhow::Error::from(e).context(format!("adapter `{name}`: root_parameters"))
+                );
+            }
+        }
         report.untied_lm_head = was_tied && !self.lm_head_is_tied();
         if report.untied_lm_head {
             tracing::info!("adapter `{name}` rewrote the base weight of the tied lm_head: lm_head now has a weight of its own");

@@ -75,9 +75,11 @@ impl PeftModel {
                 None => None,
             },
             (None, Some(rows)) if prefill => {
-                if let Some(name) = rows.iter().flatten().find(|n| {
-                    self.adapter_prompt(n).is_ok_and(|p| p.is_some())
-                }) {
+                if let Some(name) = rows
+                    .iter()
+                    .flatten()
+                    .find(|n| self.adapter_prompt(n).is_ok_and(|p| p.is_some()))
+                {
                     bail!("adapter `{name}` is a prompt-learning method: its rows start alone (a prefill per adapter), not in a batch of several adapters");
                 }
                 None
@@ -124,5 +126,124 @@ impl Deref for PeftModel {
 impl DerefMut for PeftModel {
     fn deref_mut(&mut self) -> &mut CausalLM {
         &mut self.base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use ferrotune_plugin_api::{
+        AdapterLayer, AdapterMethod, BaseLinear, PluginError, PluginResult, PromptSpec,
+    };
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+    use crate::peft::adapters::tests::tiny_model;
+
+    /// A prompt method whose virtual tokens or prefix are a fixed table.
+    struct Fixed {
+        kind: PromptKind,
+        table: Mutex<Tensor>,
+    }
+
+    impl AdapterMethod for Fixed {
+        fn targets(&self, _: &str) -> PluginResult<bool> {
+            Ok(false)
+        }
+        fn adapt_linear(&self, m: &str, _: &dyn BaseLinear) -> PluginResult<Box<dyn AdapterLayer>> {
+            Err(PluginError::runtime(format!("no layer: {m}")))
+        }
+        fn peft_config(&self) -> PluginResult<String> {
+            Ok("{}".into())
+        }
+        fn prompt(&self) -> PluginResult<Option<PromptSpec>> {
+            let n = self.table.lock().unwrap().size()[0];
+            Ok(Some(PromptSpec { kind: self.kind, num_virtual_tokens: n }))
+        }
+        fn prompt_forward(&self, _: bool) -> PluginResult<Tensor> {
+            Ok(self.table.lock().unwrap().shallow_clone())
+        }
+    }
+
+    fn attach(m: &mut PeftModel, kind: PromptKind, table: Tensor) {
+        m.attach_adapter("p", Box::new(Fixed { kind, table: Mutex::new(table) })).unwrap();
+        m.set_active_adapter(Some("p")).unwrap();
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// Virtual tokens equal to real tokens' embeddings, and a prefix equal to real tokens'
+    /// keys and values, give the logits of those tokens followed by the input; uncached and
+    /// through a prefill + decode step on a cache.
+    #[test]
+    fn prompts_equal_the_tokens_they_stand_for() {
+        let p = Tensor::from_slice(&[3i64, 9, 4]).view([1, 3]);
+        let x = Tensor::from_slice(&[1i64, 5, 2, 7]).view([1, 4]);
+        let both = Tensor::cat(&[&p, &x], 1);
+        let base = tiny_model(false);
+        let want = base.forward(ForwardArgs::ids(&both)).unwrap().narrow(1, 3, 4);
+        // The prefix: the keys and values the model caches for p.
+        let mut c = base.new_cache(1);
+        let _ = base.forward(ForwardArgs::ids(&p).cache(Some(&mut c))).unwrap();
+        let (layers, kv, hd) = (1, 1, 4);
+        let mut parts = Vec::new();
+        for l in 0..layers {
+            let (k, v) = c.layer(l).unwrap();
+            parts.push(k.get(0).permute([1, 0, 2]));
+            parts.push(v.get(0).permute([1, 0, 2]));
+        }
+        let prefix = Tensor::stack(&parts, 1).reshape([3, (layers as i64) * 2 * kv * hd]);
+        let embeds = Tensor::embedding(base.embed_tokens(), &p.get(0), -1, false, false);
+        for (kind, table) in [(PromptKind::VirtualTokens, embeds), (PromptKind::KvPrefix, prefix)] {
+            let mut m = tiny_model(false);
+            attach(&mut m, kind, table);
+            let mask = Tensor::ones([1, 4], (Kind::Int64, Device::Cpu));
+            let got = m.forward(ForwardArgs::ids(&x).mask(Some(&mask))).unwrap();
+            assert_eq!(got.size(), [1, 4, 16], "{kind:?}: the input's positions only");
+            assert!(max_diff(&got, &want) < 1e-5, "{kind:?}: {}", max_diff(&got, &want));
+            // Prefill the first three tokens, then one decode step with the widened mask.
+            let mut cache = m.new_cache(1);
+            let head = x.narrow(1, 0, 3);
+            let first = m
+                .forward(
+                    ForwardArgs::ids(&head)
+                        .mask(Some(&mask.narrow(1, 0, 3)))
+                        .cache(Some(&mut cache))
+                        .last(),
+                )
+                .unwrap();
+            assert!(max_diff(&first, &want.select(1, 2)) < 1e-5, "{kind:?}: prefill");
+            assert_eq!(cache.seq_len(), 6, "{kind:?}: the cache holds the prompt's positions");
+            let mask = m.mask_after_prefill(Some("p"), mask.narrow(1, 0, 3)).unwrap();
+            let mask = Tensor::cat(&[&mask, &Tensor::ones([1, 1], (Kind::Int64, Device::Cpu))], 1);
+            let next = m
+                .forward(
+                    ForwardArgs::ids(&x.narrow(1, 3, 1))
+                        .mask(Some(&mask))
+                        .cache(Some(&mut cache))
+                        .last(),
+                )
+                .unwrap();
+            assert!(max_diff(&next, &want.select(1, 3)) < 1e-5, "{kind:?}: decode step");
+            // Explicit positions (packed rows) are refused, and merging names the method.
+            let pos = Tensor::arange(4, (Kind::Int64, Device::Cpu)).view([1, 4]);
+            let e = m.forward(ForwardArgs::ids(&x).positions(Some(&pos))).unwrap_err().to_string();
+            assert!(e.contains("packing"), "{e}");
+            let e = m.merge_adapter().unwrap_err().to_string();
+            assert!(e.contains("prompt-learning") && e.contains("3 virtual tokens"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_prompt_longer_than_the_model_s_positions_is_refused_before_it_is_attached() {
+        let mut m = tiny_model(false);
+        let table = Tensor::zeros([64, 8], (Kind::Float, Device::Cpu));
+        let method = Fixed { kind: PromptKind::VirtualTokens, table: Mutex::new(table) };
+        let e = m.attach_adapter("p", Box::new(method)).unwrap_err().to_string();
+        assert!(e.contains("num_virtual_tokens = 64") && e.contains("63"), "{e}");
+        assert!(m.adapter_names().is_empty());
     }
 }
