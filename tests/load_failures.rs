@@ -130,8 +130,12 @@ fn copy_dir(from: &Path, to: &Path) {
 fn third_party_plugin_built_outside_the_workspace_loads_and_runs() {
     let ext = external();
     let lib = load_library(&ext.compatible).unwrap();
-    assert_eq!(lib.plugins.len(), 1);
-    assert_eq!(lib.plugins[0].name.as_str(), "external-contains");
+    let names: Vec<(PluginKind, &str)> =
+        lib.plugins.iter().map(|p| (p.kind, p.name.as_str())).collect();
+    assert_eq!(
+        names,
+        [(PluginKind::REWARD, "external-contains"), (PluginKind::ADAPTER, "external-scale")]
+    );
     assert_eq!(lib.fingerprint, BuildFingerprint::current());
     let mut reg = Registry::discover(&SearchPath::new(&[build_dir()], None, false));
     reg.add(&ext.compatible).unwrap();

@@ -10,6 +10,15 @@
 //! silently dropped. Adding a method is one row here plus its plugin (the row also says which
 //! tensors a saved adapter holds per layer, so a directory is checked against the model from
 //! its config and safetensors header before anything is allocated).
+//!
+//! A method peft does not have (a third-party plugin, built without touching the host) needs
+//! no row: the `adapter_config.json` its plugin writes names the plugin under
+//! [`PLUGIN_KEY`] and gives a `peft_type` outside [`PEFT_METHODS`]. Its configuration goes to
+//! that plugin as written (the informational keys and [`PLUGIN_KEY`] taken out; the plugin
+//! validates its own keys), and the saved tensors are checked by name and shape against the
+//! layers the plugin builds from that configuration (`load_adapter_state_dict`) before any is
+//! copied in. The name only selects among the adapter plugins already on the plugin path:
+//! nothing in a configuration makes the host open a library.
 pub mod adapters;
 pub mod merge;
 mod methods;
@@ -45,6 +54,11 @@ pub const INFORMATIONAL_KEYS: [&str; 7] = [
     "peft_version",
 ];
 
+/// The `adapter_config.json` key naming the adapter plugin of a method outside
+/// [`PEFT_METHODS`] (see the module docs). peft ignores keys it does not know, but cannot load
+/// such a method anyway (its `peft_type` is not peft's).
+pub const PLUGIN_KEY: &str = "ferrotune_plugin";
+
 /// How one peft method maps onto an adapter plugin.
 pub struct PeftMethod {
     /// peft's `peft_type` (`LORA`).
@@ -70,7 +84,10 @@ pub struct PeftMethod {
 /// A peft configuration mapped onto an adapter plugin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginConfig {
-    pub plugin: &'static str,
+    pub plugin: String,
+    /// The row of [`PEFT_METHODS`] it was mapped through (its `peft_type`), or `None` for a
+    /// method named by [`PLUGIN_KEY`].
+    pub peft_type: Option<&'static str>,
     pub config_json: String,
     /// Keys ignored (informational, null or at peft's default).
     pub ignored: Vec<String>,
@@ -112,9 +129,41 @@ pub fn plugin_config(config: &Value, path: &Path) -> Result<PluginConfig> {
             supported()
         ),
     };
-    let method = PEFT_METHODS.iter().find(|m| m.peft_type == peft_type).with_context(|| {
-        format!("{}: key `peft_type` = \"{peft_type}\": no adapter plugin implements it (supported: {})", path.display(), supported())
-    })?;
+    let named = match obj.get(PLUGIN_KEY) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.as_str()),
+        Some(other) => bail!(
+            "{}: key `{PLUGIN_KEY}` must be the name of an adapter plugin, got {other}",
+            path.display()
+        ),
+    };
+    let row = PEFT_METHODS.iter().find(|m| m.peft_type == peft_type);
+    let method = match (row, named) {
+        (Some(m), Some(p)) if p != m.plugin => bail!(
+            "{}: key `{PLUGIN_KEY}` = \"{p}\" disagrees with `peft_type` = \"{peft_type}\", which plugin `{}` implements; \
+             a peft method is loaded by its `peft_type` (drop `{PLUGIN_KEY}`), another method by its plugin with a `peft_type` \
+             peft does not have",
+            path.display(),
+            m.plugin
+        ),
+        (Some(m), _) => m,
+        (None, Some(plugin)) => {
+            if let Some(m) = PEFT_METHODS.iter().find(|m| m.plugin == plugin) {
+                bail!(
+                    "{}: key `{PLUGIN_KEY}` = \"{plugin}\" names the plugin of peft_type {}, but `peft_type` = \"{peft_type}\"",
+                    path.display(),
+                    m.peft_type
+                );
+            }
+            return Ok(plugin_named_config(obj, plugin));
+        }
+        (None, None) => bail!(
+            "{}: key `peft_type` = \"{peft_type}\": no adapter plugin implements it (supported: {}; a method outside peft's \
+             names its adapter plugin in key `{PLUGIN_KEY}`)",
+            path.display(),
+            supported()
+        ),
+    };
     let mut pass = Map::new();
     let mut ignored = Vec::new();
     let mut refused = Vec::new();
@@ -126,12 +175,15 @@ pub fn plugin_config(config: &Value, path: &Path) -> Result<PluginConfig> {
         };
         if INFORMATIONAL_KEYS.contains(&key.as_str()) || value.is_null() || at_default() {
             ignored.push(key.clone());
+        } else if key == PLUGIN_KEY {
+            // agrees with the row (checked above)
         } else if method.keys.contains(&key.as_str()) {
             pass.insert(key.clone(), value.clone());
         } else {
             refused.push(format!("`{key}` = {value}"));
         }
     }
+    ignored.extend(named.map(|_| PLUGIN_KEY.to_string()));
     if !refused.is_empty() {
         bail!(
             "{}: {} not supported by adapter plugin `{}` (peft_type {peft_type}); loading without {} would give a different \
@@ -145,10 +197,43 @@ pub fn plugin_config(config: &Value, path: &Path) -> Result<PluginConfig> {
     }
     (method.for_loading)(&mut pass);
     Ok(PluginConfig {
-        plugin: method.plugin,
+        plugin: method.plugin.to_string(),
+        peft_type: Some(method.peft_type),
         config_json: Value::Object(pass).to_string(),
         ignored,
     })
+}
+
+/// The configuration of a method outside [`PEFT_METHODS`], for the plugin `plugin` its
+/// [`PLUGIN_KEY`] names: every key as written but the informational ones and [`PLUGIN_KEY`].
+fn plugin_named_config(obj: &Map<String, Value>, plugin: &str) -> PluginConfig {
+    let (ignored, pass): (Vec<_>, Vec<_>) =
+        obj.iter().partition(|(k, _)| INFORMATIONAL_KEYS.contains(&k.as_str()) || *k == PLUGIN_KEY);
+    PluginConfig {
+        plugin: plugin.to_string(),
+        peft_type: None,
+        config_json: Value::Object(pass.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .to_string(),
+        ignored: ignored.into_iter().map(|(k, _)| k.clone()).collect(),
+    }
+}
+
+/// Refuses a tensor of the header of `weights` that is not floating point, by name (adapter
+/// tensors are F32, BF16, F16 or F64).
+pub(crate) fn refuse_non_float(
+    header: &[crate::util::safetensors::HeaderEntry],
+    weights: &Path,
+) -> Result<()> {
+    if let Some(e) = header.iter().find(|e| !e.kind.is_some_and(crate::util::safetensors::is_float))
+    {
+        bail!(
+            "{}: tensor `{}` has dtype `{}`; adapter tensors are floating point (F32, BF16, F16 or F64)",
+            weights.display(),
+            e.key,
+            e.dtype_name
+        );
+    }
+    Ok(())
 }
 
 /// The two files of the PEFT directory `dir`, checked to exist; errors say what is there.
@@ -298,16 +383,21 @@ impl PeftModel {
             mapped.ignored.join(", ")
         );
         let method = registry
-            .adapter(mapped.plugin, &mapped.config_json)
+            .adapter(&mapped.plugin, &mapped.config_json)
             .with_context(|| format!("{}", config_path.display()))?;
-        let row = PEFT_METHODS
-            .iter()
-            .find(|m| m.plugin == mapped.plugin)
-            .expect("plugin_config maps onto a row of PEFT_METHODS");
-        // Everything is checked against the model before a byte of the weights is read or an
-        // adapter tensor is created: the configuration, then the header's names, dtypes, shapes.
         let header = crate::util::safetensors::read_header(&weights_path)?;
-        self.check_saved_adapter(name, &method, row, &config_path, &weights_path, &header)?;
+        match mapped.peft_type.and_then(|t| PEFT_METHODS.iter().find(|m| m.peft_type == t)) {
+            // A peft method: everything is checked against the model before a byte of the
+            // weights is read or an adapter tensor is created: the configuration, then the
+            // header's names, dtypes, shapes.
+            Some(row) => {
+                self.check_saved_adapter(name, &method, row, &config_path, &weights_path, &header)?
+            }
+            // A method named by its plugin: the host knows its tensors only from the layers the
+            // plugin builds (sized by its configuration, not by the file), so names and shapes
+            // are checked by `load_adapter_state_dict` below, before any tensor is copied in.
+            None => refuse_non_float(&header, &weights_path)?,
+        }
         let tensors = header
             .iter()
             .map(|e| {
@@ -446,14 +536,77 @@ mod tests {
     fn peft_type_must_name_a_method() {
         let e = map(json!({"r": 4})).unwrap_err().to_string();
         assert!(e.contains("`peft_type` is missing") && e.contains("LORA"), "{e}");
-        let e = map(json!({"peft_type": "BOFT"})).unwrap_err().to_string();
+        let e = map(json!({"peft_type": "LOHA"})).unwrap_err().to_string();
         assert!(
-            e.contains("`peft_type` = \"BOFT\"")
+            e.contains("`peft_type` = \"LOHA\"")
                 && e.contains("LORA (plugin `lora`)")
                 && e.contains("IA3 (plugin `ia3`)"),
             "{e}"
         );
         assert!(map(json!([1])).unwrap_err().to_string().contains("expected a JSON object"));
+    }
+
+    /// A method outside PEFT_METHODS is routed to the plugin its config names, with its keys as
+    /// written (the plugin validates them); a name that disagrees with a peft_type is refused.
+    #[test]
+    fn a_config_naming_its_plugin_goes_to_that_plugin_as_written() {
+        let v = json!({
+            "peft_type": "EXTERNAL_SCALE", "ferrotune_plugin": "external-scale", "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": "/m", "inference_mode": true, "target_modules": ["o_proj"],
+            "shift": true, "anything": null
+        });
+        let m = map(v).unwrap();
+        assert_eq!((m.plugin.as_str(), m.peft_type), ("external-scale", None));
+        let c: Value = serde_json::from_str(&m.config_json).unwrap();
+        assert_eq!(c, json!({"target_modules": ["o_proj"], "shift": true, "anything": null}));
+        assert!(
+            m.ignored.contains(&PLUGIN_KEY.to_string()) && m.ignored.contains(&"peft_type".into())
+        );
+        // a peft method may carry its own plugin's name, not another's
+        let mut lora = peft_written();
+        lora[PLUGIN_KEY] = json!("lora");
+        assert_eq!(map(lora.clone()).unwrap().peft_type, Some("LORA"));
+        lora[PLUGIN_KEY] = json!("external-scale");
+        let e = map(lora).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "`ferrotune_plugin` = \"external-scale\" disagrees with `peft_type` = \"LORA\""
+            ),
+            "{e}"
+        );
+        let e = map(json!({"peft_type": "X", "ferrotune_plugin": "ia3"})).unwrap_err().to_string();
+        assert!(e.contains("names the plugin of peft_type IA3"), "{e}");
+        for bad in [json!(""), json!(3), json!(["a"])] {
+            let e =
+                map(json!({"peft_type": "X", "ferrotune_plugin": bad})).unwrap_err().to_string();
+            assert!(
+                e.contains("key `ferrotune_plugin` must be the name of an adapter plugin"),
+                "{e}"
+            );
+        }
+        let e = map(json!({"peft_type": "X"})).unwrap_err().to_string();
+        assert!(e.contains("names its adapter plugin in key `ferrotune_plugin`"), "{e}");
+    }
+
+    /// A plugin name that looks like a path is only ever looked up among loaded plugins.
+    #[test]
+    fn a_plugin_name_never_opens_a_library() {
+        let dir = std::env::temp_dir().join(format!("ferrotune-peft-path-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lib = dir.join("libevil.so");
+        std::fs::write(&lib, "not a library").unwrap();
+        let m =
+            map(json!({"peft_type": "X", "ferrotune_plugin": lib.display().to_string()})).unwrap();
+        let registry = Registry::discover(&crate::plugins::SearchPath::new(&[], None, false));
+        let e = registry.adapter(&m.plugin, &m.config_json).err().unwrap().to_string();
+        assert!(
+            e.contains(&lib.display().to_string())
+                && registry.libraries.is_empty()
+                && registry.refused.is_empty(),
+            "{e}"
+        );
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]

@@ -686,7 +686,7 @@ impl Engine {
         .map_err(invalid)?;
         let method = self
             .registry
-            .adapter(mapped.plugin, &mapped.config_json)
+            .adapter(&mapped.plugin, &mapped.config_json)
             .map_err(|e| invalid(anyhow::anyhow!("{}: {e}", config_path.display())))?;
         use ferrotune_plugin_api::AdapterMethod;
         if method.capabilities().iter().any(|c| c == CAP_INIT_REWRITES_BASE) {
