@@ -536,9 +536,9 @@ mod tests {
     fn peft_type_must_name_a_method() {
         let e = map(json!({"r": 4})).unwrap_err().to_string();
         assert!(e.contains("`peft_type` is missing") && e.contains("LORA"), "{e}");
-        let e = map(json!({"peft_type": "LOHA"})).unwrap_err().to_string();
+        let e = map(json!({"peft_type": "BOFT"})).unwrap_err().to_string();
         assert!(
-            e.contains("`peft_type` = \"LOHA\"")
+            e.contains("`peft_type` = \"BOFT\"")
                 && e.contains("LORA (plugin `lora`)")
                 && e.contains("IA3 (plugin `ia3`)"),
             "{e}"
