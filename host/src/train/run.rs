@@ -743,6 +743,13 @@ fn load_model(
         registry,
     )?;
     tracing::info!("adapter `{}` on {} modules", adapter.plugin, attach.modules.len());
+    if cfg.data.packing && model.adapter_prompt("default")?.is_some() {
+        bail!(
+            "config key `data.packing`: adapter `{}` is a prompt-learning method, whose virtual tokens go before each sequence, \
+             not before each packed row; remove data.packing",
+            adapter.plugin
+        );
+    }
     if let Some(init) = &cfg.adapter_init {
         check_adapter_init_config(init, &model.adapter_peft_config()?)?;
         let file = init.join("adapter_model.safetensors");
