@@ -2,7 +2,7 @@
 //! `y = base(x) + λ_b · (λ_d · (dropout(x) A[:, :in]ᵀ)) B[:out, :]ᵀ`, with `A` / `B` the
 //! adapter's shared frozen projections ([`Projections`]) and `λ_b` `[out]`, `λ_d` `[r]` the
 //! layer's trained vectors. State-dict names are peft's (`vera_lambda_b`, `vera_lambda_d`; the
-//! projections `base_model.vera_A` / `base_model.vera_B`, shared state the host saves once).
+//! projections, the method's own tensors, `base_model.vera_A` / `base_model.vera_B`).
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferrotune_plugin_api::{AdapterLayer, BaseLinear, PluginError, PluginResult, TrainParam};
@@ -26,15 +26,13 @@ fn adapter_kind(base: Kind) -> Kind {
 }
 
 /// The adapter's frozen projections, one pair for all its layers (peft's `vera_A` / `vera_B`
-/// buffers): `A` `[r, max in]`, `B` `[max out, r]` over the layers adapted so far, each layer
-/// reading its top-left slice. peft sizes them to the largest targeted layer before
-/// generating them; here they are regenerated (a deterministic function of the key and the
-/// sizes) whenever a layer wider than every earlier one is adapted, so that once every layer
-/// is adapted they are peft's.
+/// buffers): `A` `[r, largest in]`, `B` `[largest out, r]` over the targeted layers (made in
+/// [`Projections::begin`], before any layer is adapted), each layer reading its top-left slice.
+/// The method's own tensors: saved once (`root_state_dict`), not per layer.
 pub struct Projections {
     seed: i64,
     r: i64,
-    inner: Mutex<Pair>,
+    pair: Mutex<Option<Pair>>,
 }
 
 struct Pair {
@@ -44,30 +42,47 @@ struct Pair {
 
 impl Projections {
     pub fn new(cfg: &VeraConfig) -> Self {
-        let empty = || Tensor::zeros([0, 0], (Kind::Float, Device::Cpu));
-        Self {
-            seed: cfg.projection_prng_key,
-            r: cfg.r,
-            inner: Mutex::new(Pair { a: empty(), b: empty() }),
-        }
+        Self { seed: cfg.projection_prng_key, r: cfg.r, pair: Mutex::new(None) }
     }
 
-    fn lock(&self) -> PluginResult<MutexGuard<'_, Pair>> {
-        self.inner
+    fn lock(&self) -> PluginResult<MutexGuard<'_, Option<Pair>>> {
+        self.pair
             .lock()
             .map_err(|_| PluginError::runtime("VeRA projections: a thread panicked holding them"))
     }
 
-    /// Makes the projections cover a layer `[out, inp]` on `device`.
-    fn cover(&self, out: i64, inp: i64, device: Device) -> PluginResult<()> {
-        let mut p = self.lock()?;
-        let (have_in, have_out) = (p.a.size()[1], p.b.size()[0]);
-        if p.a.numel() > 0 && have_in >= inp && have_out >= out {
-            return Ok(());
+    /// Generates the pair for the targeted layers `[(out, in)]` (peft's `_find_dim` then
+    /// `_init_vera_A_vera_B`).
+    pub fn begin(&self, layers: &[(i64, i64)]) -> PluginResult<()> {
+        let out = layers.iter().map(|l| l.0).max();
+        let inp = layers.iter().map(|l| l.1).max();
+        let (Some(out), Some(inp)) = (out, inp) else {
+            return Err(PluginError::config(
+                "target_modules",
+                "matches no linear layer of this model: VeRA sizes its projections to the targeted layers",
+            ));
+        };
+        let (a, b) = projections(self.seed, self.r, out, inp);
+        *self.lock()? = Some(Pair { a, b });
+        Ok(())
+    }
+
+    /// Checks that the pair covers a layer `[out, inp]` and lives on `device`.
+    fn cover(&self, module: &str, out: i64, inp: i64, device: Device) -> PluginResult<()> {
+        let mut guard = self.lock()?;
+        let p = guard.as_mut().ok_or_else(|| {
+            PluginError::runtime("VeRA: a layer was adapted before the method's begin()")
+        })?;
+        let (have_out, have_in) = (p.b.size()[0], p.a.size()[1]);
+        if out > have_out || inp > have_in {
+            return Err(PluginError::invalid(format!(
+                "`{module}` ([{out}, {inp}]) is wider than the layers the projections were made for ([{have_out}, {have_in}])"
+            )));
         }
-        let (a, b) = projections(self.seed, self.r, out.max(have_out), inp.max(have_in));
-        p.a = a.f_to_device(device)?;
-        p.b = b.f_to_device(device)?;
+        if p.a.device() != device {
+            p.a = p.a.f_to_device(device)?;
+            p.b = p.b.f_to_device(device)?;
+        }
         Ok(())
     }
 
@@ -79,30 +94,50 @@ impl Projections {
         kind: Kind,
         device: Device,
     ) -> PluginResult<(Tensor, Tensor)> {
-        let p = self.lock()?;
+        let guard = self.lock()?;
+        let p = guard.as_ref().ok_or_else(|| PluginError::runtime("VeRA: no projections"))?;
         Ok((
             p.a.f_narrow(1, 0, inp)?.f_to(device)?.f_to_kind(kind)?,
             p.b.f_narrow(0, 0, out)?.f_to(device)?.f_to_kind(kind)?,
         ))
     }
 
-    fn state(&self) -> PluginResult<[(String, Tensor); 2]> {
-        let p = self.lock()?;
-        Ok([(VERA_A.into(), p.a.f_detach_copy()?), (VERA_B.into(), p.b.f_detach_copy()?)])
+    /// `base_model.vera_A`, `base_model.vera_B` (detached copies).
+    pub fn state(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        let guard = self.lock()?;
+        let p = guard.as_ref().ok_or_else(|| PluginError::runtime("VeRA: no projections"))?;
+        Ok(vec![(VERA_A.into(), p.a.f_detach_copy()?), (VERA_B.into(), p.b.f_detach_copy()?)])
     }
 
-    fn load(&self, name: &str, t: &Tensor) -> PluginResult<()> {
-        let p = self.lock()?;
-        let dst = if name == VERA_A { &p.a } else { &p.b };
-        if t.size() != dst.size() {
-            return Err(PluginError::invalid(format!(
-                "`{name}`: shape {:?}, expected {:?} (r = {} and the largest adapted layer's widths)",
-                t.size(),
-                dst.size(),
-                self.r
-            )));
+    /// Loads `base_model.vera_A` / `base_model.vera_B` (both, with their shapes).
+    pub fn load(&self, tensors: Vec<(String, Tensor)>) -> PluginResult<()> {
+        let guard = self.lock()?;
+        let p = guard.as_ref().ok_or_else(|| PluginError::runtime("VeRA: no projections"))?;
+        for want in [VERA_A, VERA_B] {
+            if !tensors.iter().any(|(n, _)| n == want) {
+                return Err(PluginError::invalid(format!("the VeRA projections lack `{want}`")));
+            }
         }
-        tch::no_grad(|| dst.shallow_clone().f_copy_(t))?;
+        for (name, t) in &tensors {
+            let dst = match name.as_str() {
+                VERA_A => &p.a,
+                VERA_B => &p.b,
+                other => {
+                    return Err(PluginError::invalid(format!(
+                        "unexpected tensor `{other}` among the VeRA projections (expected `{VERA_A}`, `{VERA_B}`)"
+                    )))
+                }
+            };
+            if t.size() != dst.size() {
+                return Err(PluginError::invalid(format!(
+                    "`{name}`: shape {:?}, expected {:?} (r = {} and the largest adapted layer's widths)",
+                    t.size(),
+                    dst.size(),
+                    self.r
+                )));
+            }
+            tch::no_grad(|| dst.shallow_clone().f_copy_(t))?;
+        }
         Ok(())
     }
 }
@@ -115,7 +150,6 @@ pub struct VeraLayer {
     lambda_d: Tensor,
     shared: Arc<Projections>,
     dropout: f64,
-    save_projection: bool,
 }
 
 impl VeraLayer {
@@ -136,7 +170,7 @@ impl VeraLayer {
                 (out, inp)
             )));
         }
-        shared.cover(out, inp, weight.device())?;
+        shared.cover(module, out, inp, weight.device())?;
         let opts = (adapter_kind(weight.kind()), weight.device());
         let (lambda_b, lambda_d) = if cfg.init_weights {
             (Tensor::f_zeros([out], opts)?, Tensor::f_full([cfg.r], cfg.d_initial, opts)?)
@@ -151,7 +185,6 @@ impl VeraLayer {
             lambda_d: lambda_d.set_requires_grad(true),
             shared,
             dropout: cfg.vera_dropout,
-            save_projection: cfg.save_projection,
         })
     }
 
@@ -194,54 +227,38 @@ impl AdapterLayer for VeraLayer {
     }
 
     fn state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
-        let mut state = vec![
+        Ok(vec![
             (LAMBDA_B.to_string(), self.lambda_b.f_detach_copy()?),
             (LAMBDA_D.to_string(), self.lambda_d.f_detach_copy()?),
-        ];
-        if self.save_projection {
-            state.extend(self.shared.state()?);
-        }
-        Ok(state)
+        ])
     }
 
     fn load_state_dict(&self, tensors: Vec<(String, Tensor)>) -> PluginResult<()> {
-        let mut expected: Vec<&str> = vec![LAMBDA_B, LAMBDA_D];
-        if self.save_projection {
-            expected.extend([VERA_A, VERA_B]);
-        }
-        for (name, _) in &tensors {
-            if !expected.contains(&name.as_str()) {
+        for want in [LAMBDA_B, LAMBDA_D] {
+            if !tensors.iter().any(|(n, _)| n == want) {
                 return Err(PluginError::invalid(format!(
-                    "unexpected tensor `{name}` in the VeRA state of `{}` (expected {}{})",
-                    self.module,
-                    expected.join(", "),
-                    if self.save_projection { "" } else { "; save_projection is false" }
+                    "the VeRA state of `{}` lacks `{want}`",
+                    self.module
                 )));
             }
         }
-        if let Some(missing) = expected.iter().find(|n| !tensors.iter().any(|(name, _)| name == *n))
-        {
-            return Err(PluginError::invalid(format!(
-                "the VeRA state of `{}` lacks `{missing}`",
-                self.module
-            )));
-        }
         for (name, t) in &tensors {
-            let own = match name.as_str() {
-                LAMBDA_B => &self.lambda_b,
-                LAMBDA_D => &self.lambda_d,
-                _ => {
-                    self.shared.load(name, t)?;
-                    continue;
+            let (own, what) = match name.as_str() {
+                LAMBDA_B => (&self.lambda_b, "the layer's output width"),
+                LAMBDA_D => (&self.lambda_d, "r"),
+                other => {
+                    return Err(PluginError::invalid(format!(
+                        "unexpected tensor `{other}` in the VeRA state of `{}` (expected `{LAMBDA_B}`, `{LAMBDA_D}`)",
+                        self.module
+                    )))
                 }
             };
             if t.size() != own.size() {
                 return Err(PluginError::invalid(format!(
-                    "`{}.{name}`: shape {:?}, expected {:?} ({})",
+                    "`{}.{name}`: shape {:?}, expected {:?} ({what})",
                     self.module,
                     t.size(),
                     own.size(),
-                    if name == LAMBDA_B { "the layer's output width" } else { "r" }
                 )));
             }
             tch::no_grad(|| own.shallow_clone().f_copy_(t))?;
@@ -297,12 +314,15 @@ mod tests {
         let shared = Arc::new(Projections::new(&cfg));
         let small = Base { w: Tensor::randn([4, 5], o), b: Some(Tensor::randn([4], o)) };
         let wide = Base { w: Tensor::randn([6, 7], o), b: None };
+        shared.begin(&[(4, 5), (6, 7)]).unwrap();
         let l = VeraLayer::new("small", &small, &cfg, shared.clone()).unwrap();
         let _ = VeraLayer::new("wide", &wide, &cfg, shared.clone()).unwrap();
         // the projections cover the widest layer and are the generator's for that size
         let (a, b) = projections(0, 3, 6, 7);
+        let p = shared.state().unwrap();
+        assert!(p[0].1.equal(&a) && p[1].1.equal(&b), "{:?}", p[0].1.size());
         let state = l.state_dict().unwrap();
-        assert!(state[2].1.equal(&a) && state[3].1.equal(&b), "{:?}", state[2].1.size());
+        assert_eq!(state.len(), 2, "the projections are the method's, not the layer's");
         let x = Tensor::randn([2, 3, 5], o);
         let (lb, ld) = (&state[0].1, &state[1].1);
         let want = small.forward(&x).unwrap()
@@ -321,7 +341,14 @@ mod tests {
         let o = (Kind::Float, Device::Cpu);
         let cfg = VeraConfig::from_json(r#"{"r": 3, "d_initial": 0.2}"#).unwrap();
         let base = Base { w: Tensor::randn([4, 5], o), b: None };
-        let l = VeraLayer::new("m.q_proj", &base, &cfg, Arc::new(Projections::new(&cfg))).unwrap();
+        let shared = Arc::new(Projections::new(&cfg));
+        let e = VeraLayer::new("m.q_proj", &base, &cfg, shared.clone()).err().unwrap();
+        assert!(e.message().contains("begin()"), "{e}");
+        shared.begin(&[(4, 5)]).unwrap();
+        let l = VeraLayer::new("m.q_proj", &base, &cfg, shared.clone()).unwrap();
+        let wide = Base { w: Tensor::randn([4, 6], o), b: None };
+        let e = VeraLayer::new("m.wide", &wide, &cfg, shared.clone()).err().unwrap();
+        assert!(e.message().contains("`m.wide` ([4, 6])"), "{e}");
         let s = l.state_dict().unwrap();
         assert_eq!(s[0].1.abs().max().double_value(&[]), 0.0, "lambda_b starts at 0");
         assert!((s[1].1.mean(None).double_value(&[]) - 0.2).abs() < 1e-7, "lambda_d at d_initial");
@@ -334,18 +361,22 @@ mod tests {
             e.message().contains("m.q_proj.vera_lambda_d") && e.message().contains("[4]"),
             "{e}"
         );
-        let mut bad = s.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>();
-        bad[2].1 = Tensor::ones([3, 9], o);
-        let e = l.load_state_dict(bad).unwrap_err();
+        let mut bad = shared.state().unwrap();
+        bad[0].1 = Tensor::ones([3, 9], o);
+        let e = shared.load(bad).unwrap_err();
         assert!(
             e.message().contains("`base_model.vera_A`") && e.message().contains("[3, 9]"),
             "{e}"
         );
-        let e = l.load_state_dict(vec![("ia3_l".into(), Tensor::ones([4], o))]).unwrap_err();
+        let mut extra = s.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>();
+        extra.push(("ia3_l".into(), Tensor::ones([4], o)));
+        let e = l.load_state_dict(extra).unwrap_err();
         assert!(e.message().contains("`ia3_l`"), "{e}");
-        let e = l
-            .load_state_dict(s[..2].iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect())
-            .unwrap_err();
-        assert!(e.message().contains("lacks `base_model.vera_A`"), "{e}");
+        let mut first_missing = shared.state().unwrap();
+        first_missing.remove(0);
+        let e = shared.load(first_missing).unwrap_err();
+        assert!(e.message().contains("lack `base_model.vera_A`"), "{e}");
+        let e = l.load_state_dict(vec![(LAMBDA_B.into(), s[0].1.copy())]).unwrap_err();
+        assert!(e.message().contains("lacks `vera_lambda_d`"), "{e}");
     }
 }

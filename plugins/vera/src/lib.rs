@@ -7,8 +7,8 @@
 //! State-dict names per layer: `vera_lambda_b` (`[out]`) and `vera_lambda_d` (`[r]`), saved by
 //! peft as `base_model.model.<module path>.vera_lambda_b`; with `save_projection` (the
 //! default) the projections too, once, as `base_model.vera_A` (`[r, largest in]`) and
-//! `base_model.vera_B` (`[largest out, r]`): the host's shared-state names
-//! (`SHARED_STATE_PREFIX`).
+//! `base_model.vera_B` (`[largest out, r]`): the method's own tensors (`root_state_dict`),
+//! generated in `begin` from the targeted layers' sizes, as peft's `_find_dim` sizes them.
 //!
 //! Merge: `W + (λ_b ⊙ B) (λ_d ⊙ A)`, the bias untouched (peft's `get_delta_weight`). The
 //! forward is the base output plus a part computed from the input alone, so rows of one batch
@@ -47,6 +47,10 @@ impl Plugin for Vera {
 }
 
 impl AdapterMethod for Vera {
+    fn begin(&self, model: &ModelInfo) -> PluginResult<()> {
+        let layers: Vec<(i64, i64)> = model.linears.iter().map(|(_, o, i)| (*o, *i)).collect();
+        self.shared.begin(&layers)
+    }
     fn targets(&self, module: &str) -> PluginResult<bool> {
         Ok(self.cfg.targets(module))
     }
@@ -65,6 +69,26 @@ impl AdapterMethod for Vera {
     }
     fn capabilities(&self) -> Vec<String> {
         vec![MERGE.to_string(), MIXED_BATCH.to_string()]
+    }
+    /// The projections, saved with `save_projection` (peft's default); otherwise loading
+    /// regenerates them from `projection_prng_key`, as peft does.
+    fn root_state_dict(&self) -> PluginResult<Vec<(String, Tensor)>> {
+        if self.cfg.save_projection {
+            self.shared.state()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+    fn load_root_state_dict(&self, tensors: Vec<(String, Tensor)>) -> PluginResult<()> {
+        if !self.cfg.save_projection {
+            if let Some((k, _)) = tensors.first() {
+                return Err(PluginError::invalid(format!(
+                    "`{k}`: save_projection is false, the projections come from projection_prng_key"
+                )));
+            }
+            return Ok(());
+        }
+        self.shared.load(tensors)
     }
 }
 
