@@ -248,8 +248,9 @@ fn an_adapter_method_built_outside_the_workspace_trains_serves_and_merges() {
     assert_eq!(request(&s, "POST", "/v1/completions", Some(body)).0, 404);
     drop(s);
 
-    // merge: a shift is refused (the plugin declares `merge` only without one); a scale alone
-    // on bias-free layers merges, and the merged model gives the adapter's tokens and log-probs
+    // merge: a shift on a layer without a bias (down_proj) is refused naming the layer, and
+    // nothing is written; scale and shift on q/k/v (which have biases) merge into weight and
+    // bias, and the merged model gives the adapter's tokens and log-probabilities
     let o = ferrotune_one_thread(&[
         "merge",
         "--plugin-dir",
@@ -261,16 +262,15 @@ fn an_adapter_method_built_outside_the_workspace_trains_serves_and_merges() {
         "--out",
         w.join("no-merge").to_str().unwrap(),
     ]);
+    let e = stderr(&o);
     assert!(
-        !o.status.success()
-            && stderr(&o).contains("cannot be merged")
-            && stderr(&o).contains("`merge`"),
-        "{}",
-        stderr(&o)
+        !o.status.success() && e.contains("mlp.down_proj` has no bias") && e.contains("shift"),
+        "{e}"
     );
-    let scaled = adapters.join("scaled");
+    assert!(!w.join("no-merge").join("config.json").exists());
+    let attn = adapters.join("attn");
     let losses =
-        train(w, &plugins, "target_modules: [o_proj, down_proj], shift: false", &scaled, 4);
+        train(w, &plugins, "target_modules: [q_proj, k_proj, v_proj], shift: true", &attn, 4);
     assert!(losses[3] < losses[0], "{losses:?}");
     let merged = w.join("merged");
     run_ok(&[
@@ -280,11 +280,11 @@ fn an_adapter_method_built_outside_the_workspace_trains_serves_and_merges() {
         "--model",
         model.to_str().unwrap(),
         "--adapter",
-        scaled.to_str().unwrap(),
+        attn.to_str().unwrap(),
         "--out",
         merged.to_str().unwrap(),
     ]);
-    let with_adapter = generate(&model, &plugins, Some(&scaled));
+    let with_adapter = generate(&model, &plugins, Some(&attn));
     let from_merged = generate(&merged, &plugins, None);
     assert_eq!(from_merged.0, with_adapter.0);
     let diff =
@@ -295,17 +295,17 @@ fn an_adapter_method_built_outside_the_workspace_trains_serves_and_merges() {
     );
     assert!(diff < 1e-4, "{diff}");
     let moved = with_adapter.1.iter().zip(&base.1).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    println!("scale-only adapter vs base: max |logprob diff| {moved:.2e}");
+    println!("q/k/v adapter vs base: max |logprob diff| {moved:.2e}");
     assert!(
         with_adapter.0 != base.0 || moved > 1e-3,
-        "the scale-only adapter must change the output for the merge check to mean anything"
+        "the q/k/v adapter must change the output for the merge check to mean anything"
     );
 
     // the plugin validates its own keys; the host checks the tensors against the layers the
     // plugin builds, by name, and refuses a plugin that is not on the plugin path
     let bad = |name: &str, edit: &dyn Fn(&mut Value)| -> String {
         let dir = w.join(name);
-        copy_dir(&scaled, &dir);
+        copy_dir(&attn, &dir);
         let mut c: Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
         )
@@ -328,9 +328,10 @@ fn an_adapter_method_built_outside_the_workspace_trains_serves_and_merges() {
     };
     let e = bad("unknown-key", &|c| c["rank"] = json!(4));
     assert!(e.contains("rank") && e.contains(PLUGIN), "{e}");
-    let e =
-        bad("more-targets", &|c| c["target_modules"] = json!(["o_proj", "down_proj", "q_proj"]));
-    assert!(e.contains("missing key") && e.contains("self_attn.q_proj.scale`"), "{e}");
+    let e = bad("more-targets", &|c| {
+        c["target_modules"] = json!(["q_proj", "k_proj", "v_proj", "o_proj"])
+    });
+    assert!(e.contains("missing key") && e.contains("self_attn.o_proj.scale`"), "{e}");
     let e = bad("no-plugin", &|c| c["ferrotune_plugin"] = json!("external-scale-v2"));
     assert!(e.contains("no adapter plugin named `external-scale-v2`"), "{e}");
 }
