@@ -7,8 +7,17 @@ pub(crate) mod ia3;
 pub(crate) mod loha;
 pub(crate) mod lokr;
 pub(crate) mod lora;
+pub(crate) mod prompt;
 pub(crate) mod vera;
 
 /// The peft methods ferrotune loads, by `peft_type`.
-pub const PEFT_METHODS: &[PeftMethod] =
-    &[lora::METHOD, ia3::METHOD, loha::METHOD, lokr::METHOD, vera::METHOD];
+pub const PEFT_METHODS: &[PeftMethod] = &[
+    lora::METHOD,
+    ia3::METHOD,
+    loha::METHOD,
+    lokr::METHOD,
+    vera::METHOD,
+    prompt::PROMPT_TUNING,
+    prompt::P_TUNING,
+    prompt::PREFIX_TUNING,
+];

@@ -1,0 +1,3 @@
+fn main() {
+    ferrotune_build::plugin();
+}
