@@ -11,8 +11,6 @@ pub struct Ia3Layer {
     module: String,
     l: Tensor,
     feedforward: bool,
-    /// Whether the base layer has a bias (an output-scaling merge would have to scale it).
-    has_bias: bool,
 }
 
 /// float32 vectors for a half-precision base (peft's `autocast_adapter_dtype=True`).
@@ -45,24 +43,12 @@ impl Ia3Layer {
         let opts = (adapter_kind(weight.kind()), weight.device());
         let l =
             if init_ones { Tensor::f_ones(shape, opts)? } else { Tensor::f_randn(shape, opts)? };
-        Ok(Self {
-            module: module.to_string(),
-            l: l.set_requires_grad(true),
-            feedforward,
-            has_bias: base.bias()?.is_some(),
-        })
+        Ok(Self { module: module.to_string(), l: l.set_requires_grad(true), feedforward })
     }
 
     /// The weight scaled along its input (feed-forward) or output axis, peft's merge
     /// (`invert`: peft's unmerge, a division by `l + 1e-8`).
     fn scale_weight(&self, w: &Tensor, invert: bool) -> PluginResult<Tensor> {
-        if !self.feedforward && self.has_bias {
-            return Err(PluginError::invalid(format!(
-                "IA³ on `{}` scales the output of a layer with a bias: merging must scale the bias \
-                 too (as peft does), and merged_weight can only rewrite the weight",
-                self.module
-            )));
-        }
         tch::no_grad(|| -> PluginResult<Tensor> {
             let l = self.l.f_detach()?.f_to_kind(Kind::Float)?;
             let w32 = w.f_to_kind(Kind::Float)?;
@@ -134,6 +120,18 @@ impl AdapterLayer for Ia3Layer {
     fn unmerged_weight(&self, merged_weight: &Tensor) -> PluginResult<Tensor> {
         self.scale_weight(merged_weight, true)
     }
+
+    /// peft's merge of an output scaling scales the bias too (`bias · l`); an input scaling
+    /// leaves it alone.
+    fn merged_bias(&self, base_bias: Option<&Tensor>) -> PluginResult<Option<Tensor>> {
+        match base_bias {
+            Some(b) if !self.feedforward => tch::no_grad(|| -> PluginResult<Option<Tensor>> {
+                let l = self.l.f_detach()?.f_to_kind(Kind::Float)?.f_reshape(b.size())?;
+                Ok(Some(b.f_to_kind(Kind::Float)?.f_mul(&l)?.f_to_kind(b.kind())?))
+            }),
+            other => Ok(other.map(Tensor::shallow_clone)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -200,14 +198,21 @@ mod tests {
     }
 
     #[test]
-    fn bias_and_bad_state_are_refused_by_name() {
+    fn a_bias_merges_as_peft_s_and_bad_state_is_refused_by_name() {
         let o = (Kind::Float, Device::Cpu);
         let base = Base { w: Tensor::randn([6, 5], o), b: Some(Tensor::randn([6], o)) };
+        let x = Tensor::randn([3, 5], o);
+        for feedforward in [false, true] {
+            let l = Ia3Layer::new("m.q_proj", &base, feedforward, false).unwrap();
+            let (w, b) = (
+                l.merged_weight(&base.w).unwrap(),
+                l.merged_bias(base.b.as_ref()).unwrap().unwrap(),
+            );
+            let merged = x.linear(&w, Some(&b));
+            assert!(max_diff(&merged, &l.forward(&x, &base, false).unwrap()) < 1e-5);
+            assert_eq!(max_diff(&b, base.b.as_ref().unwrap()) == 0.0, feedforward, "{feedforward}");
+        }
         let l = Ia3Layer::new("m.q_proj", &base, false, true).unwrap();
-        let e = l.merged_weight(&base.w).unwrap_err();
-        assert!(e.message().contains("`m.q_proj`") && e.message().contains("bias"), "{e}");
-        let ff = Ia3Layer::new("m.down_proj", &base, true, true).unwrap();
-        assert!(ff.merged_weight(&base.w).is_ok(), "an input scaling leaves the bias alone");
         let e = l.load_state_dict(vec![(IA3_L.into(), Tensor::ones([1, 5], o))]).unwrap_err();
         assert!(e.message().contains("[1, 5]") && e.message().contains("m.q_proj"), "{e}");
         let e =

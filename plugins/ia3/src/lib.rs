@@ -6,10 +6,9 @@
 //! State-dict name per layer: `ia3_l` (`[out, 1]`, or `[1, in]` for a feed-forward layer); in
 //! `adapter_model.safetensors` peft prefixes it with `base_model.model.<module path>.`.
 //!
-//! Merge: peft scales the weight along the right axis and, for an output scaling, the bias
-//! too. `merged_weight` can only rewrite the weight, so merging an output-scaled layer that
-//! has a bias is refused with the layer's name (feed-forward layers and bias-free layers
-//! merge exactly).
+//! Merge: as peft, the weight is scaled along the right axis (`merged_weight`) and, for an
+//! output scaling, the bias too (`merged_bias`: `bias · l`); an input scaling leaves the bias
+//! alone.
 use ferrotune_plugin_api::prelude::*;
 
 pub mod config;
