@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 const PROMPT: &str = "w1 w2 w3 w4";
 const PLUGIN: &str = "external-scale";
+const SHIFTED: &str = "target_modules: [q_proj, v_proj, down_proj], shift: true";
 
 /// Builds tests/fixtures/external-plugin in a scratch workspace under target/ (against this
 /// tree's plugin-api, the same torch), as load_failures does, and returns the library. The
@@ -80,8 +81,15 @@ fn run_ok(args: &[&str]) -> Output {
 }
 
 /// Trains `external-scale` with `adapter` (YAML flow mapping body) for `steps` steps on one
-/// fixed batch; returns the per-step losses.
-fn train(work: &Path, plugins: &Path, adapter: &str, out: &Path, steps: usize) -> Vec<f64> {
+/// fixed batch, `extra` appended to the config; returns the per-step losses.
+fn train(
+    work: &Path,
+    plugins: &Path,
+    adapter: &str,
+    extra: &str,
+    out: &Path,
+    steps: usize,
+) -> Vec<f64> {
     let config = work.join(format!("{}.yaml", out.file_name().unwrap().to_str().unwrap()));
     std::fs::write(
         &config,
@@ -91,7 +99,7 @@ fn train(work: &Path, plugins: &Path, adapter: &str, out: &Path, steps: usize) -
              optimizer: {{lr: 5.0e-2, weight_decay: 0.0, max_grad_norm: null}}\n\
              scheduler: {{type: constant}}\n\
              data: {{plugin: alpaca, path: {data}, cutoff_len: 64}}\n\
-             training: {{max_steps: {steps}, micro_batch_size: 2, progress_bar: false}}\n",
+             training: {{max_steps: {steps}, micro_batch_size: 2, progress_bar: false}}\n{extra}",
             model = work.join("tiny").display(),
             out = out.display(),
             data = work.join("data.jsonl").display()
@@ -177,8 +185,7 @@ fn an_adapter_method_built_outside_the_workspace_trains_serves_and_merges() {
     // train: one batch seen 8 times, the loss falls, every saved tensor moved from zero
     let adapters = w.join("adapters");
     let shifted = adapters.join("shifted");
-    let losses =
-        train(w, &plugins, "target_modules: [q_proj, v_proj, down_proj], shift: true", &shifted, 8);
+    let losses = train(w, &plugins, SHIFTED, "", &shifted, 8);
     println!("external-scale losses: {losses:?}");
     assert_eq!(losses.len(), 8);
     assert!(losses[7] < losses[0] - 1e-3, "the loss did not fall: {losses:?}");
@@ -214,6 +221,16 @@ fn an_adapter_method_built_outside_the_workspace_trains_serves_and_merges() {
         adapted.0, base.0,
         "the trained adapter must change the greedy output for the serve check to mean anything"
     );
+
+    // adapter_init: a run starting from the saved adapter starts where the first one ended (its
+    // first loss is below the first run's last, taken before that run's last update)
+    let init = format!("adapter_init: {}\n", shifted.display());
+    let resumed = train(w, &plugins, SHIFTED, &init, &w.join("resumed"), 1);
+    println!(
+        "adapter_init: first loss {:.4} (first run: {:.4} -> {:.4})",
+        resumed[0], losses[0], losses[7]
+    );
+    assert!(resumed[0] < losses[7], "{resumed:?} vs {losses:?}");
 
     // serve: load the adapter at runtime, alone and in one batch with the base, then unload it
     let s = Server::start(
@@ -270,7 +287,7 @@ fn an_adapter_method_built_outside_the_workspace_trains_serves_and_merges() {
     assert!(!w.join("no-merge").join("config.json").exists());
     let attn = adapters.join("attn");
     let losses =
-        train(w, &plugins, "target_modules: [q_proj, k_proj, v_proj], shift: true", &attn, 4);
+        train(w, &plugins, "target_modules: [q_proj, k_proj, v_proj], shift: true", "", &attn, 4);
     assert!(losses[3] < losses[0], "{losses:?}");
     let merged = w.join("merged");
     run_ok(&[
