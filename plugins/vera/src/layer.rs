@@ -373,7 +373,7 @@ mod tests {
         let e = l.load_state_dict(extra).unwrap_err();
         assert!(e.message().contains("`ia3_l`"), "{e}");
         let mut first_missing = shared.state().unwrap();
-        first_missing.remove(0);
+        let _ = first_missing.remove(0);
         let e = shared.load(first_missing).unwrap_err();
         assert!(e.message().contains("lack `base_model.vera_A`"), "{e}");
         let e = l.load_state_dict(vec![(LAMBDA_B.into(), s[0].1.copy())]).unwrap_err();
