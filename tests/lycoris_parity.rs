@@ -43,9 +43,12 @@ const VARIANTS: [(&str, &str, &str, &str); 3] = [
     ),
 ];
 
+/// (tensor under `model.layers.0.`, shape) pairs one variant must hold.
+type Expected = &'static [(&'static str, [i64; 2])];
+
 /// The tensors each variant must hold in layer 0 (q_proj [64, 64], k_proj [32, 64],
 /// gate_proj [176, 64]), as peft 0.21.2 lays them out.
-const LAYER0: [(&str, &[(&str, [i64; 2])]); 3] = [
+const LAYER0: [(&str, Expected); 3] = [
     ("loha", &[("self_attn.q_proj.hada_w1_a", [64, 4]), ("self_attn.q_proj.hada_w2_b", [4, 64])]),
     (
         "lokr",
