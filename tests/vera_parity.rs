@@ -6,7 +6,8 @@
 //!   computes our logits; a fresh adapter's projections equal peft's bit for bit;
 //! * we load the PEFT directory peft wrote (its `vera_lambda_b` / `vera_lambda_d` drawn at
 //!   random so that they matter) and compute peft's logits and its greedy tokens, and save it
-//!   back under the same keys and values;
+//!   back under the same keys and values; peft's adapter and ours share a batch
+//!   (`mixed_batch`), each row its adapter's logits;
 //! * `ferrotune merge` of our directory, loaded by transformers, gives the unmerged logits;
 //! * hostile directories: a key we do not implement, and tensors whose shapes disagree with the
 //!   model or the configuration, are refused by name with the model left as it was;
@@ -20,6 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use ferrotune::generate::{generate, SamplingParams};
+use ferrotune::model::linear::LinearMode;
 use ferrotune::model::{CausalLM, ForwardArgs};
 use ferrotune::peft::PeftModel;
 use ferrotune::plugins::Registry;
@@ -249,6 +251,22 @@ fn vera_matches_peft_both_ways_merges_and_refuses_bad_directories() {
     let ours_greedy = generate(&model, &ids_rows(), &SamplingParams::greedy(NEW_TOKENS)).unwrap();
     println!("greedy tokens: ours {ours_greedy:?}, peft's {greedy:?}");
     assert_eq!(ours_greedy, greedy, "greedy tokens");
+    // mixed_batch: peft's adapter and ours (and the base) in one batch, each row its own output
+    model.load_peft_adapter_as(&ours_dirs[0], &registry, "ours").unwrap();
+    assert!(model.adapter_mixes("default") && model.adapter_mixes("ours"));
+    let rows = [Some("ours"), Some("default"), None];
+    let batch = Tensor::cat(&[ids(), ids().narrow(0, 0, 1)], 0);
+    let mixed = tch::no_grad(|| {
+        model.forward(
+            ForwardArgs::ids(&batch).mode(LinearMode { rows: Some(&rows), ..LinearMode::BASE }),
+        )
+    })
+    .unwrap();
+    check("mixed batch, row 0: our adapter", &mixed.get(0), &ours_logits[0].get(0));
+    check("mixed batch, row 1: peft's adapter", &mixed.get(1), &theirs.get(1));
+    check("mixed batch, row 2: the base model", &mixed.get(2), &base_logits.get(0));
+    model.set_active_adapter(Some("default")).unwrap();
+    model.remove_adapter("ours").unwrap();
     let resaved = w.join("peft-resaved");
     model.save_peft_adapter(&resaved).unwrap();
     let again = saved(&resaved);
