@@ -1,6 +1,7 @@
 //! The `loha` and `lokr` adapter plugins (plugins/lycoris) against peft 0.21's LoHa and LoKr
 //! on a tiny Qwen2 model made by `ferrotune init-model` (hidden 64, float32), every logits
-//! comparison to 1e-5. Three variants, all linear layers adapted: LoHa (r 4), LoKr (r 2: the
+//! comparison to 1e-5. Three variants, all linear layers adapted: LoHa (r 4; v_proj r 2 and
+//! o_proj alpha 4 through `rank_pattern` / `alpha_pattern`), LoKr (r 2, down_proj r 4: the
 //! right factor `W2` as `lokr_w2_a · lokr_w2_b`) and LoKr with `decompose_both` and
 //! `decompose_factor` 16 (the left factor decomposed, the right one whole where `r` is not
 //! below half its side). For each:
@@ -33,8 +34,18 @@ const TOL: f64 = 1e-5;
 
 /// (name, plugin, peft_type, config shared by the plugin and peft's config class).
 const VARIANTS: [(&str, &str, &str, &str); 3] = [
-    ("loha", "loha", "LOHA", r#"{"r": 4, "alpha": 8, "target_modules": "all-linear"}"#),
-    ("lokr", "lokr", "LOKR", r#"{"r": 2, "alpha": 4, "target_modules": "all-linear"}"#),
+    (
+        "loha",
+        "loha",
+        "LOHA",
+        r#"{"r": 4, "alpha": 8, "target_modules": "all-linear", "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"o_proj": 4}}"#,
+    ),
+    (
+        "lokr",
+        "lokr",
+        "LOKR",
+        r#"{"r": 2, "alpha": 4, "target_modules": "all-linear", "rank_pattern": {"down_proj": 4}}"#,
+    ),
     (
         "lokr_both",
         "lokr",
@@ -49,7 +60,14 @@ type Expected = &'static [(&'static str, [i64; 2])];
 /// The tensors each variant must hold in layer 0 (q_proj [64, 64], k_proj [32, 64],
 /// gate_proj [176, 64]), as peft 0.21.2 lays them out.
 const LAYER0: [(&str, Expected); 3] = [
-    ("loha", &[("self_attn.q_proj.hada_w1_a", [64, 4]), ("self_attn.q_proj.hada_w2_b", [4, 64])]),
+    (
+        "loha",
+        &[
+            ("self_attn.q_proj.hada_w1_a", [64, 4]),
+            ("self_attn.q_proj.hada_w2_b", [4, 64]),
+            ("self_attn.v_proj.hada_w1_a", [32, 2]),
+        ],
+    ),
     (
         "lokr",
         &[
@@ -57,6 +75,7 @@ const LAYER0: [(&str, Expected); 3] = [
             ("self_attn.q_proj.lokr_w2_a", [8, 2]),
             ("self_attn.k_proj.lokr_w1", [4, 8]),
             ("mlp.gate_proj.lokr_w2_b", [2, 8]),
+            ("mlp.down_proj.lokr_w2_a", [8, 4]),
         ],
     ),
     (
@@ -296,9 +315,9 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
         // hostile directories: refused by name, the model untouched
         let mut plain = load(&base);
         let bad = w.join(format!("bad-key-{name}"));
-        edited_copy(&peft_dir, &bad, |c| c["rank_pattern"] = json!({"q_proj": 2}), None);
+        edited_copy(&peft_dir, &bad, |c| c["exclude_modules"] = json!(["k_proj"]), None);
         let e = format!("{:#}", plain.load_peft_adapter(&bad, &registry).unwrap_err());
-        assert!(e.contains("`rank_pattern`") && e.contains("not supported"), "{name}: {e}");
+        assert!(e.contains("`exclude_modules`") && e.contains("not supported"), "{name}: {e}");
         let mut tensors =
             peft_saved.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
         let (key, t) = &mut tensors[0];
@@ -338,7 +357,7 @@ const TRAIN_VARIANTS: &[Variant] = &[
         "loha",
         "loha",
         "LOHA",
-        r#"{"r": 4, "alpha": 8, "rank_dropout": 0.0, "module_dropout": 0.0, "target_modules": "all-linear"}"#,
+        r#"{"r": 4, "alpha": 8, "rank_dropout": 0.0, "module_dropout": 0.0, "target_modules": "all-linear", "rank_pattern": {"v_proj": 2}, "alpha_pattern": {"o_proj": 4}}"#,
     ),
     lycoris("lokr", "lokr", "LOKR", r#"{"r": 2, "alpha": 4, "target_modules": "all-linear"}"#),
     lycoris(

@@ -87,6 +87,15 @@ pub struct LycorisConfig {
     /// Modules trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
+    /// Per-layer ranks overriding `r`: `{pattern: rank}`, a layer takes the rank of the
+    /// pattern that matches the end of its name after a dot (peft's `get_pattern_key`,
+    /// `(.*\.)?(pattern)$`), e.g. `{"down_proj": 16}`. Default `{}`. Two patterns giving one
+    /// layer different values are refused (peft takes the first in file order).
+    #[serde(default, deserialize_with = "deserialize_ranks")]
+    pub rank_pattern: Patterns<i64>,
+    /// Per-layer alphas overriding `alpha`, matched as `rank_pattern`. Default `{}`.
+    #[serde(default, deserialize_with = "deserialize_alphas")]
+    pub alpha_pattern: Patterns<f64>,
     /// LoKr: also decompose the left factor `W1` into `lokr_w1_a · lokr_w1_b` when `r` is
     /// below half its larger side. Default false.
     #[serde(default)]
@@ -134,6 +143,72 @@ fn deserialize_init<'de, D: Deserializer<'de>>(d: D) -> Result<InitWeights, D::E
             "expected true, false or \"lycoris\" (LoKr), got {other}"
         ))),
     }
+}
+
+/// `{pattern: value}` overrides of a per-layer setting (`rank_pattern`, `alpha_pattern`).
+#[derive(Debug, Clone)]
+pub struct Patterns<T>(Vec<(String, Regex, T)>);
+
+impl<T> Default for Patterns<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Copy + PartialEq + std::fmt::Display + serde::Serialize> Patterns<T> {
+    /// The value for layer `module`, `default` when no pattern matches; `key` names the
+    /// configuration key in errors.
+    pub fn value_for(&self, module: &str, default: T, key: &str) -> PluginResult<T> {
+        let hits: Vec<&(String, Regex, T)> =
+            self.0.iter().filter(|(_, re, _)| re.is_match(module)).collect();
+        match hits.as_slice() {
+            [] => Ok(default),
+            [(_, _, v), rest @ ..] if rest.iter().all(|h| h.2 == *v) => Ok(*v),
+            _ => Err(PluginError::config(
+                key,
+                format!(
+                    "patterns {} all match `{module}` with different values; peft would take the first in file order, \
+                     which a JSON object does not keep: leave one",
+                    hits.iter().map(|h| format!("`{}` ({})", h.0, h.2)).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        Value::Object(self.0.iter().map(|(k, _, v)| (k.clone(), json!(v))).collect())
+    }
+}
+
+fn deserialize_patterns<'de, D: Deserializer<'de>, T>(
+    d: D,
+    value: impl Fn(&Value) -> Option<T>,
+    what: &str,
+) -> Result<Patterns<T>, D::Error> {
+    use serde::de::Error;
+    let map = serde_json::Map::<String, Value>::deserialize(d)?;
+    map.into_iter()
+        .map(|(k, v)| {
+            let re = Regex::new(&format!(r"^(?:.*\.)?(?:{k})$"))
+                .map_err(|e| D::Error::custom(format!("`{k}` is not a valid pattern: {e}")))?;
+            let val =
+                value(&v).ok_or_else(|| D::Error::custom(format!("`{k}`: {v} is not {what}")))?;
+            Ok((k, re, val))
+        })
+        .collect::<Result<_, _>>()
+        .map(Patterns)
+}
+
+fn deserialize_ranks<'de, D: Deserializer<'de>>(d: D) -> Result<Patterns<i64>, D::Error> {
+    deserialize_patterns(d, |v| v.as_i64().filter(|r| *r >= 1), "a positive integer rank")
+}
+
+fn deserialize_alphas<'de, D: Deserializer<'de>>(d: D) -> Result<Patterns<f64>, D::Error> {
+    deserialize_patterns(
+        d,
+        |v| v.as_f64().filter(|a| a.is_finite() && *a > 0.0),
+        "a positive alpha",
+    )
 }
 
 /// A set of modules: names, a full-match regex, or every linear layer.
@@ -255,9 +330,16 @@ impl LycorisConfig {
         Ok(())
     }
 
-    /// `alpha / r`.
-    pub fn scaling(&self) -> f64 {
-        self.alpha / self.r as f64
+    /// The rank of layer `module` (`rank_pattern`, else `r`).
+    pub fn rank_for(&self, module: &str) -> PluginResult<i64> {
+        self.rank_pattern.value_for(module, self.r, "rank_pattern")
+    }
+
+    /// `alpha / r` of layer `module` (`alpha_pattern` and `rank_pattern`, else `alpha` and
+    /// `r`), peft's `scaling`.
+    pub fn scaling_for(&self, module: &str) -> PluginResult<f64> {
+        let alpha = self.alpha_pattern.value_for(module, self.alpha, "alpha_pattern")?;
+        Ok(alpha / self.rank_for(module)? as f64)
     }
 
     pub fn decompose_both(&self) -> bool {
@@ -297,8 +379,8 @@ impl LycorisConfig {
             "base_model_name_or_path": null,
             "revision": null,
             "inference_mode": true,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "rank_pattern": self.rank_pattern.to_json(),
+            "alpha_pattern": self.alpha_pattern.to_json(),
             "r": self.r,
             "alpha": self.alpha,
             "rank_dropout": self.rank_dropout,
@@ -332,7 +414,8 @@ mod tests {
     fn defaults_are_peft_s() {
         for method in [Method::LoHa, Method::LoKr] {
             let c = LycorisConfig::from_json("{}", method).unwrap();
-            assert_eq!((c.r, c.alpha, c.scaling()), (8, 8.0, 1.0));
+            let q = "model.layers.0.self_attn.q_proj";
+            assert_eq!((c.rank_for(q).unwrap(), c.scaling_for(q).unwrap()), (8, 1.0));
             assert_eq!(c.init_weights, InitWeights::Default);
             assert!(c.targets("model.layers.0.self_attn.q_proj"));
             assert!(!c.targets("model.layers.0.self_attn.k_proj"));
@@ -354,6 +437,49 @@ mod tests {
     }
 
     #[test]
+    fn patterns_match_as_peft_s_get_pattern_key() {
+        let c = LycorisConfig::from_json(
+            r#"{"r": 4, "alpha": 8, "rank_pattern": {"down_proj": 2, "layers\\.1\\.self_attn\\.q_proj": 6},
+                "alpha_pattern": {"v_proj": 3}}"#,
+            Method::LoKr,
+        )
+        .unwrap();
+        let m = |s: &str| format!("model.layers.{s}");
+        assert_eq!(c.rank_for(&m("0.mlp.down_proj")).unwrap(), 2);
+        assert_eq!(c.rank_for(&m("0.self_attn.q_proj")).unwrap(), 4);
+        assert_eq!(c.rank_for(&m("1.self_attn.q_proj")).unwrap(), 6);
+        assert_eq!(c.rank_for("down_proj").unwrap(), 2, "a whole name matches");
+        assert_eq!(c.rank_for(&m("0.mlp.xdown_proj")).unwrap(), 4, "a pattern starts after a dot");
+        assert_eq!(c.scaling_for(&m("0.self_attn.v_proj")).unwrap(), 0.75);
+        assert_eq!(c.scaling_for(&m("0.mlp.down_proj")).unwrap(), 4.0);
+        let v = c.peft_config();
+        assert_eq!(v["rank_pattern"]["down_proj"], 2);
+        assert_eq!(v["alpha_pattern"]["v_proj"], 3.0);
+        let c = LycorisConfig::from_json(
+            r#"{"rank_pattern": {"proj": 2, "q_proj": 3, "k_proj": 2}}"#,
+            Method::LoHa,
+        )
+        .unwrap();
+        assert_eq!(
+            c.rank_for(&m("0.self_attn.v_proj")).unwrap(),
+            8,
+            "`proj` alone is no name's end after a dot"
+        );
+        assert_eq!(c.rank_for(&m("0.self_attn.q_proj")).unwrap(), 3);
+        let c = LycorisConfig::from_json(
+            r#"{"rank_pattern": {".*_proj": 2, "q_proj": 3}}"#,
+            Method::LoHa,
+        )
+        .unwrap();
+        let e = c.rank_for(&m("0.self_attn.q_proj")).unwrap_err();
+        assert!(
+            e.message().contains("`rank_pattern`") && e.message().contains("`q_proj` (3)"),
+            "{e}"
+        );
+        assert_eq!(c.rank_for(&m("0.self_attn.k_proj")).unwrap(), 2);
+    }
+
+    #[test]
     fn config_errors_name_the_key() {
         for (json, method, key) in [
             (r#"{"r": 0}"#, Method::LoHa, "`r`"),
@@ -369,7 +495,9 @@ mod tests {
             (r#"{"init_weights": "gaussian"}"#, Method::LoKr, "`init_weights`"),
             (r#"{"modules_to_save": ["a("]}"#, Method::LoKr, "`modules_to_save[0]`"),
             (r#"{"lora_alpha": 8}"#, Method::LoHa, "`lora_alpha`"),
-            (r#"{"rank_pattern": {"q_proj": 4}}"#, Method::LoKr, "`rank_pattern`"),
+            (r#"{"rank_pattern": {"q_proj": 0}}"#, Method::LoKr, "`rank_pattern`"),
+            (r#"{"rank_pattern": {"q_proj(": 2}}"#, Method::LoHa, "`rank_pattern`"),
+            (r#"{"alpha_pattern": {"q_proj": "x"}}"#, Method::LoHa, "`alpha_pattern`"),
         ] {
             let e = err(json, method);
             assert!(e.contains(key), "{json}: {e}");

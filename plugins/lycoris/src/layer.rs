@@ -62,7 +62,8 @@ impl LycorisLayer {
             )));
         }
         let opts = (adapter_kind(weight.kind()), weight.device());
-        let tensors = layer_tensors(cfg, out, inp)
+        let r = cfg.rank_for(module)?;
+        let tensors = layer_tensors(cfg, r, out, inp)
             .into_iter()
             .map(|(name, shape)| {
                 let t = if starts_at_zero(name, cfg.init_weights) {
@@ -78,7 +79,7 @@ impl LycorisLayer {
             method: cfg.method,
             tensors,
             shape: [out, inp],
-            scaling: cfg.scaling(),
+            scaling: cfg.scaling_for(module)?,
             rank_dropout: cfg.rank_dropout,
             rank_dropout_scale: cfg.method == Method::LoHa || cfg.rank_dropout_scale(),
             module_dropout: cfg.module_dropout,

@@ -69,9 +69,14 @@ pub fn lokr_factors(
     (w1, w2)
 }
 
-/// The state-dict names and shapes of the adapter of an `[out, in]` layer, in peft's order.
-pub fn layer_tensors(cfg: &LycorisConfig, out: i64, inp: i64) -> Vec<(&'static str, [i64; 2])> {
-    let r = cfg.r;
+/// The state-dict names and shapes of the adapter of an `[out, in]` layer of rank `r`, in
+/// peft's order.
+pub fn layer_tensors(
+    cfg: &LycorisConfig,
+    r: i64,
+    out: i64,
+    inp: i64,
+) -> Vec<(&'static str, [i64; 2])> {
     match cfg.method {
         Method::LoHa => vec![
             ("hada_w1_a", [out, r]),

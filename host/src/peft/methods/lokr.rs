@@ -21,13 +21,15 @@ pub const METHOD: PeftMethod = PeftMethod {
         "target_modules",
         "init_weights",
         "modules_to_save",
+        "rank_pattern",
+        "alpha_pattern",
     ],
-    // peft 0.21.2's LoKrConfig defaults that are not null. (Its null-default keys:
-    // exclude_modules, layers_to_transform, layers_pattern.)
-    defaults: &[("rank_pattern", "{}"), ("alpha_pattern", "{}")],
+    // peft 0.21.2's LoKrConfig has no non-null default beyond the implemented keys (its
+    // null-default keys: exclude_modules, layers_to_transform, layers_pattern).
+    defaults: &[],
     for_loading: lycoris_for_loading,
     layer_tensors: lokr_layer_tensors,
-    shape_keys: &["r", "decompose_both", "decompose_factor"],
+    shape_keys: &["r", "rank_pattern", "decompose_both", "decompose_factor"],
 };
 
 /// peft's `lokr.layer.factorization(dimension, factor)`: `(m, n)` with `m · n = dimension`.
@@ -60,11 +62,11 @@ fn factorization(dimension: i64, factor: i64) -> (i64, i64) {
 /// `lokr_w2`, or `lokr_w2_a` / `lokr_w2_b` when `r < max(c, d) / 2`.
 pub(crate) fn lokr_layer_tensors(
     config: &Value,
-    _module: &str,
+    module: &str,
     out: i64,
     inp: i64,
 ) -> std::result::Result<Vec<(String, Vec<i64>)>, String> {
-    let r = rank(config)?;
+    let r = rank(config, module)?;
     let decompose_both = match config.get("decompose_both") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -122,5 +124,20 @@ mod tests {
             ]
         );
         assert!(lokr_layer_tensors(&json!({"r": 0}), "m", 4, 4).unwrap_err().contains("`r`"));
+        // rank_pattern, matched as peft's get_pattern_key
+        let c = json!({"r": 8, "rank_pattern": {"down_proj": 2, "q_proj": 0}});
+        let t = |m: &str| lokr_layer_tensors(&c, m, 32, 176);
+        assert_eq!(
+            t("model.layers.0.mlp.down_proj").unwrap()[1],
+            ("lokr_w2_a".to_string(), vec![8, 2])
+        );
+        assert_eq!(
+            t("model.layers.0.mlp.xdown_proj").unwrap()[1],
+            ("lokr_w2".to_string(), vec![8, 16])
+        );
+        assert!(t("model.layers.0.self_attn.q_proj").unwrap_err().contains("`rank_pattern`"));
+        let c = json!({"r": 8, "rank_pattern": {".*_proj": 2, "down_proj": 4}});
+        let e = lokr_layer_tensors(&c, "model.layers.0.mlp.down_proj", 32, 176).unwrap_err();
+        assert!(e.contains("`.*_proj` (2)") && e.contains("`down_proj` (4)"), "{e}");
     }
 }
