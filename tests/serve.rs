@@ -39,12 +39,24 @@ fn lora_registry() -> ferrotune::plugins::Registry {
 /// Attaches a LoRA with `config`, moves every tensor by N(0, 0.3²) (B = 0 would leave the base
 /// unchanged) and saves it as a PEFT directory.
 fn make_adapter(model_dir: &Path, out: &Path, config: &str, seed: i64) {
+    make_method_adapter(model_dir, out, "lora", config, seed, 0.3);
+}
+
+/// [`make_adapter`] for any adapter plugin, tensors moved by N(0, `scale`²).
+fn make_method_adapter(
+    model_dir: &Path,
+    out: &Path,
+    plugin: &str,
+    config: &str,
+    seed: i64,
+    scale: f64,
+) {
     let registry = lora_registry();
     let mut model =
         CausalLM::load(model_dir, Device::Cpu, Kind::Float).map(PeftModel::new).unwrap();
     tch::manual_seed(seed);
-    model.attach_adapter("default", Box::new(registry.adapter("lora", config).unwrap())).unwrap();
-    perturb_adapter(&mut model, seed, 0.3);
+    model.attach_adapter("default", Box::new(registry.adapter(plugin, config).unwrap())).unwrap();
+    perturb_adapter(&mut model, seed, scale);
     model.save_peft_adapter(out).unwrap();
 }
 
@@ -63,6 +75,14 @@ fn fixture() -> &'static Fixture {
             make_adapter(&model, &adapters.join(name), r#"{"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}"#, 10 + i as i64);
         }
         make_adapter(&model, &adapters.join("dora"), r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": true}"#, 20);
+        // Other methods: IA³ (scales activations: its own batch) and prompt tuning (virtual
+        // tokens at the prefill, the base model's decode steps: mixes).
+        let methods = root.join("methods");
+        make_method_adapter(&model, &methods.join("ia3"), "ia3", r#"{"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}"#, 21, 0.5);
+        for (i, name) in ["pt1", "pt2"].iter().enumerate() {
+            let n = 3 + 2 * i;
+            make_method_adapter(&model, &methods.join(name), "prompt_tuning", &format!(r#"{{"num_virtual_tokens": {n}}}"#), 22 + i as i64, 0.5);
+        }
         // corrupt: the weights file is not safetensors
         let corrupt = adapters.join("corrupt");
         std::fs::create_dir_all(&corrupt).unwrap();
@@ -1287,4 +1307,67 @@ fn video_parts_equal_generate_with_videos_and_bad_video_parts_are_refused() {
         "{}",
         stderr(&o)
     );
+}
+
+/// One batch of requests for the base model, LoRA adapters, two prompt-tuning adapters (each row
+/// its own virtual tokens, sharing the mixed batch) and an IA³ adapter (its own batch): each
+/// gives what it gives alone, and what `ferrotune generate --adapter` gives.
+#[test]
+fn base_lora_prompt_tuning_and_ia3_requests_share_a_batch_and_each_gets_its_own_output() {
+    let f = fixture();
+    let mut args = Vec::new();
+    let dir = |n: &str| {
+        if n.starts_with('a') {
+            f.adapters.join(n)
+        } else {
+            f.root.join("methods").join(n)
+        }
+    };
+    for n in ["a1", "a2", "ia3", "pt1", "pt2"] {
+        args.push("--adapter".to_string());
+        args.push(format!("{n}={}", dir(n).display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = start(&[&args[..], &["--max-batch", "16"]].concat());
+    let jobs: Vec<(&str, String)> = ["pt1", "tiny", "a1", "ia3", "pt2", "a2", "pt1", "ia3"]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (*m, format!("w{} w{} w{}", i + 3, 2 * i + 5, 3 * i + 1)))
+        .collect();
+    let alone: Vec<_> = jobs.iter().map(|(m, p)| complete(&s, m, p, 20)).collect();
+    for (i, (m, p)) in jobs.iter().enumerate() {
+        let adapter = (*m != "tiny").then(|| dir(m));
+        assert_eq!(
+            alone[i],
+            generate(p, adapter.as_deref(), false, 20),
+            "request {i} ({m}) vs generate"
+        );
+    }
+    // The tiny random model repeats one token whatever the adapter; its log-probability shows
+    // that each adapter changes the model.
+    let first_logprob = |m: &str| {
+        let v = post_ok(
+            &s,
+            "/v1/chat/completions",
+            &json!({"model": m, "messages": [{"role": "user", "content": "w3 w5 w1"}], "max_tokens": 1, "temperature": 0, "logprobs": true}),
+        );
+        token_logprobs(&v)[0]
+    };
+    let base = first_logprob("tiny");
+    for m in ["a1", "ia3", "pt1", "pt2"] {
+        let lp = first_logprob(m);
+        assert!((lp - base).abs() > 1e-4, "{m} leaves the first log-probability at {base} ({lp})");
+    }
+    let before = get(&s, "/health")["engine"]["mixed_steps"].as_u64().unwrap();
+    let together: Vec<_> = std::thread::scope(|sc| {
+        let handles: Vec<_> =
+            jobs.iter().map(|(m, p)| sc.spawn(|| complete(&s, m, p, 20))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "request {i} ({}) differs in a batch", jobs[i].0);
+    }
+    let health = get(&s, "/health");
+    println!("engine after the concurrent round: {health}");
+    assert!(health["engine"]["mixed_steps"].as_u64().unwrap() > before, "{health}");
 }

@@ -857,6 +857,7 @@ impl Engine {
             )?;
             let tok = pick_tokens(&logits, &mut [(&params, &mut rng)])?[0];
             let lp = token_logprobs(&logits, &[tok], &[logprobs])?.pop().flatten();
+            let mask = model.mask_after_prefill(internal.as_deref(), mask)?;
             Ok((cache, mask, tok, lp))
         });
         let (cache, mask, tok, lp) = match result {
