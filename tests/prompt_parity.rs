@@ -225,17 +225,43 @@ fn prompt_methods_match_peft_both_ways() {
         ours_logits.push(l);
     }
 
-    let plan = json!({
-        "base": base,
-        "ids": ids_json(),
-        "peft_writes": METHODS.iter().enumerate().map(|(i, m)| json!({
+    // TEXT and SAMPLE_VOCAB initialisations: rows of the frozen embedding
+    let text_config = json!({
+        "num_virtual_tokens": 7, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "w5 w6\nw7",
+        "tokenizer_name_or_path": w.join("tokenizer"),
+    });
+    let initial_table = |config: &Value| {
+        let mut model = load(&base);
+        attach(&mut model, &registry, "prompt_tuning", &config.to_string());
+        model.adapter_state_dict().unwrap().remove(0).1
+    };
+    let text_table = initial_table(&text_config);
+    let sampled =
+        initial_table(&json!({"num_virtual_tokens": 6, "prompt_tuning_init": "SAMPLE_VOCAB"}));
+    let embed = load(&base).embed_tokens().shallow_clone();
+    for r in 0..6 {
+        let row = sampled.get(r);
+        let hits = (embed.shallow_clone() - &row)
+            .abs()
+            .amax([1].as_slice(), false)
+            .eq(0.0)
+            .sum(Kind::Int64);
+        assert!(hits.int64_value(&[]) >= 1, "SAMPLE_VOCAB row {r} is a row of the embedding");
+    }
+    let mut writes: Vec<Value> = METHODS.iter().enumerate().map(|(i, m)| json!({
             "peft_type": m.peft_type,
             "config": serde_json::from_str::<Value>(m.config).unwrap(),
             "seed": 20 + i,
             "dir": w.join(format!("peft-{}", m.name)),
             "out": w.join(format!("peft-{}.logits.safetensors", m.name)),
             "greedy": {"ids": prompt_ids, "new_tokens": NEW_TOKENS, "out": w.join(format!("peft-{}.greedy.json", m.name))},
-        })).collect::<Vec<_>>(),
+        })).collect();
+    writes.push(json!({"peft_type": "PROMPT_TUNING", "config": text_config, "seed": 1, "dir": w.join("peft-text"),
+                       "out": w.join("peft-text.logits.safetensors")}));
+    let plan = json!({
+        "base": base,
+        "ids": ids_json(),
+        "peft_writes": writes,
         "peft_loads": METHODS.iter().map(|m| json!({
             "dir": w.join(format!("ours-{}", m.name)),
             "peft_type": m.peft_type,
@@ -246,6 +272,14 @@ fn prompt_methods_match_peft_both_ways() {
     let script = repo_root().join("tests/python/prompt_reference.py");
     let out = run_python(&[script.as_os_str(), w.as_os_str()]);
     println!("{}", stdout(&out).trim());
+
+    let peft_text =
+        Tensor::read_safetensors(w.join("peft-text/adapter_model.safetensors")).unwrap();
+    assert_eq!(max_abs_diff(&text_table, &peft_text[0].1), 0.0, "TEXT: peft's initial table");
+    println!(
+        "TEXT init: our table equals peft's ({:?}); SAMPLE_VOCAB: every row an embedding row",
+        text_table.size()
+    );
 
     for (m, ours) in METHODS.iter().zip(&ours_logits) {
         // peft loads ours

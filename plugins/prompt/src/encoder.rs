@@ -200,9 +200,8 @@ impl Encoder {
         if !matches!(self.head, Head::Table) {
             return Err(PluginError::invalid(format!(
                 "`{PROMPT_EMBEDDINGS}` of a {method} adapter is its encoder's output, and peft saves no encoder: a run \
-                 with an encoder cannot start from or resume a saved directory (adapter_init, --resume). Load the directory \
-                 for inference (generate, serve, eval through its adapter_config.json, which runs it as a table), or train \
-                 a fresh encoder"
+                 with an encoder cannot start from or resume a saved directory (adapter_init, --resume). A directory loaded \
+                 as a PEFT directory (generate --adapter, serve) runs as that table; train a fresh encoder otherwise"
             )));
         }
         if t.size() != self.table.size() {
