@@ -10,10 +10,11 @@
 //!
 //! Names are peft's: a trainable tensor or a saved tensor of module `m` is called
 //! `base_model.model.<m>.<name the plugin gives>` (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
-//! A name a layer gives that starts with [`SHARED_STATE_PREFIX`] is a tensor of the adapter as
-//! a whole, shared by its layers (peft's `uses_shared_state`: VeRA's frozen projections
-//! `base_model.vera_A` / `base_model.vera_B`): it keeps that name, is saved and trained once
-//! however many layers report it, and every layer that reports it gets it on load.
+//! The method's own tensors (`AdapterMethod::root_state_dict`: a prompt method's
+//! `prompt_embeddings`, VeRA's shared projections `base_model.vera_A` / `base_model.vera_B`)
+//! keep the full key the method gives. In a [`super::PeftMethod`] row's `layer_tensors`, a
+//! name starting with [`SHARED_STATE_PREFIX`] is such a tensor, read by several layers: the
+//! header check expects it once, at the largest size any layer reads.
 //!
 //! `modules_to_save` (read from the method's `peft_config()`) is the host's, as peft's
 //! `ModulesToSaveWrapper` is peft's: each named module (a linear layer, `lm_head` included, or
@@ -55,13 +56,13 @@ pub fn peft_key(module: &str, name: &str) -> String {
     format!("{PEFT_PREFIX}{module}.{name}")
 }
 
-/// What a layer's state-dict name starts with when the tensor is the adapter's, shared by its
-/// layers rather than the layer's own (see the module docs); peft keeps such state on its tuner
-/// (`base_model.<name>`).
+/// What a name in a [`super::PeftMethod`] row's `layer_tensors` starts with when the tensor is
+/// the method's own, shared by its layers (see the module docs); peft keeps such state on its
+/// tuner (`base_model.<name>`).
 pub const SHARED_STATE_PREFIX: &str = "base_model.";
 
-/// The full name of state `name` reported by the layer at `module`: [`peft_key`], or `name`
-/// itself for shared state ([`SHARED_STATE_PREFIX`]).
+/// The full name of tensor `name` a row lists for the layer at `module`: [`peft_key`], or
+/// `name` itself for shared state ([`SHARED_STATE_PREFIX`]).
 pub fn state_key(module: &str, name: &str) -> String {
     if name.starts_with(SHARED_STATE_PREFIX) {
         name.to_string()
@@ -756,13 +757,9 @@ impl PeftModel {
             let params = part
                 .parameters()
                 .with_context(|| format!("adapter `{}`: parameters of `{module}`", entry.name))?;
-            for p in params {
-                let name = state_key(module, &p.name);
-                // shared state is one tensor, trained once
-                if !out.iter().any(|q| q.name == name) {
-                    out.push(TrainParam { name, ..p });
-                }
-            }
+            out.extend(
+                params.into_iter().map(|p| TrainParam { name: peft_key(module, &p.name), ..p }),
+            );
         }
         Ok(out)
     }
@@ -780,13 +777,7 @@ impl PeftModel {
             let state = part
                 .state_dict()
                 .with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?;
-            for (n, t) in state {
-                let key = state_key(module, &n);
-                // shared state is saved once
-                if !out.iter().any(|(k, _)| *k == key) {
-                    out.push((key, t));
-                }
-            }
+            out.extend(state.into_iter().map(|(n, t)| (peft_key(module, &n), t)));
         }
         Ok(out)
     }
@@ -797,10 +788,8 @@ impl PeftModel {
     /// that names them.
     pub fn load_adapter_state_dict(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
         let (entry, parts) = self.active_parts("load_adapter_state_dict")?;
-        // Expected keys in model order: the parts that read each (part index, name relative
-        // to the module; several for shared state) and its shape.
-        type Readers = Vec<(usize, String)>;
-        let mut expected: BTreeMap<String, (Readers, Vec<i64>)> = BTreeMap::new();
+        // Expected keys in model order: part index, name relative to the module, shape.
+        let mut expected: BTreeMap<String, (usize, String, Vec<i64>)> = BTreeMap::new();
         let mut order = Vec::new();
         // The method's own tensors (`root_state_dict`): reader `parts.len()`, full keys.
         for (k, t) in entry
@@ -809,27 +798,22 @@ impl PeftModel {
             .with_context(|| format!("adapter `{}`: root_state_dict", entry.name))?
         {
             order.push(k.clone());
-            expected.insert(k.clone(), (vec![(parts.len(), k)], t.size()));
+            expected.insert(k.clone(), (parts.len(), k, t.size()));
         }
         for (i, (module, part)) in parts.iter().enumerate() {
             for (n, t) in part
                 .state_dict()
                 .with_context(|| format!("adapter `{}`: state of `{module}`", entry.name))?
             {
-                let key = state_key(module, &n);
-                match expected.get_mut(&key) {
-                    Some((readers, _)) => readers.push((i, n)),
-                    None => {
-                        order.push(key.clone());
-                        expected.insert(key, (vec![(i, n)], t.size()));
-                    }
-                }
+                let key = peft_key(module, &n);
+                order.push(key.clone());
+                expected.insert(key, (i, n, t.size()));
             }
         }
         let given: Vec<(String, Vec<i64>)> =
             tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
         let expected_list: Vec<(String, Vec<i64>)> =
-            order.iter().map(|k| (k.clone(), expected[k].1.clone())).collect();
+            order.iter().map(|k| (k.clone(), expected[k].2.clone())).collect();
         if let Some(problems) = state_mismatch(&expected_list, &given)? {
             bail!(
                 "adapter state does not fit adapter `{}` on this model ({} modules adapted, {} saved in full): {problems}",
@@ -841,9 +825,8 @@ impl PeftModel {
         let mut groups: Vec<Vec<(String, Tensor)>> =
             (0..=parts.len()).map(|_| Vec::new()).collect();
         for (key, t) in tensors {
-            for (i, rel) in &expected[&key].0 {
-                groups[*i].push((rel.clone(), t.shallow_clone()));
-            }
+            let (i, rel, _) = &expected[&key];
+            groups[*i].push((rel.clone(), t));
         }
         let root = groups.pop().unwrap_or_default();
         if !root.is_empty() {
