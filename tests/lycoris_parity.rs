@@ -10,6 +10,8 @@
 //!   logits, save it back under the same keys, and `ferrotune generate --adapter` gives peft's
 //!   greedy tokens;
 //! * transformers loads the directory `ferrotune merge` writes and computes the unmerged logits;
+//! * peft's three adapters and the base model share one batch (`mixed_batch`), each row
+//!   equal to its adapter alone, and unloading one leaves the others as they were;
 //! * a key the plugin does not implement is refused by name, and so is a tensor of the wrong
 //!   shape (and, for LoKr, a `decompose_factor` that disagrees with the tensors);
 //! * 10 steps of `ferrotune train` from peft's initial adapter give peft + torch AdamW's
@@ -21,6 +23,7 @@
 //! the training test.
 use std::path::{Path, PathBuf};
 
+use ferrotune::model::linear::LinearMode;
 use ferrotune::model::{CausalLM, ForwardArgs};
 use ferrotune::peft::PeftModel;
 use ferrotune::plugins::Registry;
@@ -340,6 +343,35 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
             &base_logits,
         );
     }
+
+    // mixed_batch: peft's three adapters and the base in one batch, each row its own output;
+    // then one adapter unloaded, the others unchanged
+    let mut model = load(&base);
+    for (name, _, _, _) in VARIANTS {
+        model.load_peft_adapter_as(&w.join(format!("peft-{name}")), &registry, name).unwrap();
+        assert!(model.adapter_mixes(name), "{name} declares mixed_batch");
+    }
+    let theirs =
+        |name: &str| read_logits(&w.join(format!("peft-writes-{name}.logits.safetensors")));
+    let rows = [Some("loha"), Some("lokr"), Some("lokr_both"), None];
+    let batch = Tensor::cat(&[ids(), ids()], 0);
+    let mixed = tch::no_grad(|| {
+        model.forward(
+            ForwardArgs::ids(&batch).mode(LinearMode { rows: Some(&rows), ..LinearMode::BASE }),
+        )
+    })
+    .unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        let want = row.map_or_else(|| base_logits.get(1), |n| theirs(n).get(i as i64 % 2));
+        check(
+            &format!("mixed batch, row {i}: {}", row.unwrap_or("the base model")),
+            &mixed.get(i as i64),
+            &want,
+        );
+    }
+    model.remove_adapter("lokr").unwrap();
+    model.set_active_adapter(Some("lokr_both")).unwrap();
+    check("lokr unloaded: lokr_both alone", &logits(&model), &theirs("lokr_both"));
     drop(work);
 }
 
