@@ -286,6 +286,16 @@ mod tests {
         assert!(names.contains(&"prompt_encoder.default.mlp_head.2.bias"));
     }
 
+    /// Dropout between the LSTM's layers acts while training only.
+    #[test]
+    fn lstm_dropout_trains_only() {
+        tch::manual_seed(2);
+        let e = Encoder::lstm(4, 6, 5, 2, 0.5, Device::Cpu).unwrap();
+        let eval = e.forward(false).unwrap();
+        assert_eq!(max_diff(&eval, &e.forward(false).unwrap()), 0.0);
+        assert!(max_diff(&eval, &e.forward(true).unwrap()) > 1e-4);
+    }
+
     #[test]
     fn an_encoder_refuses_its_saved_output_and_a_table_checks_the_shape() {
         let e = Encoder::mlp(3, 4, &[5, 5, 4], false, Device::Cpu).unwrap();
