@@ -688,6 +688,31 @@ fn resume_continues_prompt_tuning_and_refuses_p_tuning() {
             assert!(!o.status.success(), "{plugin}: resume must be refused");
             assert!(e.contains("prompt_embeddings") && e.contains("encoder"), "{plugin}: {e}");
             println!("{plugin}: resume refused: {}", e.lines().last().unwrap_or(""));
+            // the saved table trains on as a table (`inference_mode: true`) from adapter_init
+            let table = w.join("p_tuning-table.yaml");
+            let text = std::fs::read_to_string(&path).unwrap().replace(
+                &format!("output_dir: {}", out.display()),
+                &format!(
+                    "output_dir: {}\nadapter_init: {}",
+                    w.join("out-table").display(),
+                    out.display()
+                ),
+            );
+            std::fs::write(
+                &table,
+                text.replace("  encoder_hidden_size: 16\n", "  inference_mode: true\n"),
+            )
+            .unwrap();
+            let o = ferrotune_one_thread(&["train", table.to_str().unwrap()]);
+            assert!(o.status.success(), "table from adapter_init: {}\n{}", stdout(&o), stderr(&o));
+            let start = Tensor::read_safetensors(out.join("adapter_model.safetensors")).unwrap();
+            let end =
+                Tensor::read_safetensors(w.join("out-table/adapter_model.safetensors")).unwrap();
+            let moved = max_abs_diff(&start[0].1, &end[0].1);
+            println!(
+                "{plugin}: its saved table trained on from adapter_init, max |change| {moved:.3e}"
+            );
+            assert!(moved > 1e-4 && moved < 1.0, "{moved}");
         }
     }
     drop(work);

@@ -201,7 +201,7 @@ impl Encoder {
             return Err(PluginError::invalid(format!(
                 "`{PROMPT_EMBEDDINGS}` of a {method} adapter is its encoder's output, and peft saves no encoder: a run \
                  with an encoder cannot start from or resume a saved directory (adapter_init, --resume). A directory loaded \
-                 as a PEFT directory (generate --adapter, serve) runs as that table; train a fresh encoder otherwise"
+                 as a PEFT directory (generate --adapter, serve) runs as that table; to train that table on, set `inference_mode: true` in the adapter section"
             )));
         }
         if t.size() != self.table.size() {
