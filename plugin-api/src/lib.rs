@@ -69,6 +69,7 @@ pub mod module;
 pub mod optim;
 pub mod records;
 pub mod sample;
+pub mod targets;
 pub mod tensor;
 
 #[doc(hidden)]

@@ -7,15 +7,10 @@
 //! {"target_modules": ["k_proj", "v_proj", "down_proj"],
 //!  "feedforward_modules": ["down_proj"]}   # must be a subset of target_modules
 //! ```
-use ferrotune_plugin_api::{module_name_matches, PluginError, PluginResult};
-use regex::Regex;
-use serde::{Deserialize, Deserializer};
+use ferrotune_plugin_api::targets::{ModuleSet, Targets};
+use ferrotune_plugin_api::{PluginError, PluginResult};
+use serde::Deserialize;
 use serde_json::{json, Value};
-
-/// The `target_modules` value that means every linear layer but the output head.
-pub const ALL_LINEAR: &str = "all-linear";
-/// The output head `all-linear` leaves out.
-pub const OUTPUT_HEAD: &str = "lm_head";
 
 /// Configuration of the `ia3` adapter method. Field names are peft's `IA3Config` keys.
 #[derive(Deserialize, Debug, Clone)]
@@ -25,82 +20,38 @@ pub struct Ia3Config {
     /// equals one or ends with `.` + one), a regex the full name must match entirely, or
     /// `"all-linear"`. Default `["k_proj", "v_proj", "down_proj"]` (peft's default for Llama
     /// and Qwen2).
-    #[serde(default = "default_target_modules", deserialize_with = "deserialize_modules")]
-    pub target_modules: Modules,
+    #[serde(default = "default_target_modules")]
+    pub target_modules: ModuleSet,
     /// Which targeted layers scale their input (`base(x · l)`, `l` `[1, in]`) instead of their
     /// output (`base(x) · l`, `l` `[out, 1]`): module names (a layer's full name ends with one,
     /// peft's plain `endswith`) or a full-match regex. Names must be a subset of
     /// `target_modules` names. Default `["down_proj"]` (peft's default for Llama and Qwen2).
-    #[serde(default = "default_feedforward_modules", deserialize_with = "deserialize_modules")]
-    pub feedforward_modules: Modules,
+    #[serde(default = "default_feedforward_modules")]
+    pub feedforward_modules: ModuleSet,
     /// `true` (default): the vectors start at ones (the adapted model is the base model);
     /// `false`: standard normal (for tests).
     #[serde(default = "default_true")]
     pub init_ia3_weights: bool,
-    /// Modules trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
+    /// ModuleSet trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
     /// Whether the base weight is stored `[in, out]`. Only `false` (the default) is supported.
     #[serde(default)]
     pub fan_in_fan_out: bool,
     #[serde(skip)]
-    saved_modules: Vec<Regex>,
+    targeting: Option<Targets>,
 }
 
 fn default_true() -> bool {
     true
 }
 
-fn default_target_modules() -> Modules {
-    Modules::Names(vec!["k_proj".into(), "v_proj".into(), "down_proj".into()])
+fn default_target_modules() -> ModuleSet {
+    ModuleSet::Names(vec!["k_proj".into(), "v_proj".into(), "down_proj".into()])
 }
 
-fn default_feedforward_modules() -> Modules {
-    Modules::Names(vec!["down_proj".into()])
-}
-
-/// A set of modules: names, a full-match regex, or every linear layer.
-#[derive(Debug, Clone)]
-pub enum Modules {
-    Names(Vec<String>),
-    Pattern { source: String, anchored: Regex },
-    AllLinear,
-}
-
-impl Modules {
-    fn to_json(&self) -> Value {
-        match self {
-            Modules::Names(names) => json!(names),
-            Modules::Pattern { source, .. } => json!(source),
-            Modules::AllLinear => json!(ALL_LINEAR),
-        }
-    }
-}
-
-fn deserialize_modules<'de, D: Deserializer<'de>>(d: D) -> Result<Modules, D::Error> {
-    use serde::de::Error;
-    match Value::deserialize(d)? {
-        Value::String(s) if s.eq_ignore_ascii_case(ALL_LINEAR) => Ok(Modules::AllLinear),
-        Value::String(s) => {
-            let anchored = Regex::new(&format!("^(?:{s})$"))
-                .map_err(|e| D::Error::custom(format!("`{s}` is not a valid regex: {e}")))?;
-            Ok(Modules::Pattern { source: s, anchored })
-        }
-        Value::Array(items) => items
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) if !s.is_empty() => Ok(s),
-                other => Err(D::Error::custom(format!(
-                    "item {i} must be a non-empty module name, got {other}"
-                ))),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Modules::Names),
-        other => Err(D::Error::custom(format!(
-            "expected a list of module names or a regex string, got {other}"
-        ))),
-    }
+fn default_feedforward_modules() -> ModuleSet {
+    ModuleSet::Names(vec!["down_proj".into()])
 }
 
 impl Ia3Config {
@@ -117,22 +68,14 @@ impl Ia3Config {
                 "only false is supported: the host's linear layers store their weight as [out, in]",
             ));
         }
-        if let Modules::Names(names) = &self.target_modules {
-            if names.is_empty() {
-                return Err(PluginError::config(
-                    "target_modules",
-                    "is empty: name at least one module, or use \"all-linear\"",
-                ));
-            }
-        }
-        if matches!(self.feedforward_modules, Modules::AllLinear) {
+        if matches!(self.feedforward_modules, ModuleSet::AllLinear) {
             return Err(PluginError::config(
                 "feedforward_modules",
                 "\"all-linear\" is not a feed-forward module set; name the modules or give a regex",
             ));
         }
         // peft checks the subset only when both are lists.
-        if let (Modules::Names(ff), Modules::Names(targets)) =
+        if let (ModuleSet::Names(ff), ModuleSet::Names(targets)) =
             (&self.feedforward_modules, &self.target_modules)
         {
             if let Some(m) = ff.iter().find(|m| !targets.contains(m)) {
@@ -142,31 +85,12 @@ impl Ia3Config {
                 ));
             }
         }
-        self.saved_modules = self
-            .modules_to_save
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                Regex::new(&format!(r"^(?:.*\.)?(?:{m})(?:\..*)?$")).map_err(|e| {
-                    PluginError::config(
-                        &format!("modules_to_save[{i}]"),
-                        format!("`{m}` is not a valid pattern: {e}"),
-                    )
-                })
-            })
-            .collect::<PluginResult<_>>()?;
+        self.targeting = Some(Targets::new(&self.target_modules, &self.modules_to_save)?);
         Ok(())
     }
 
     pub fn targets(&self, module: &str) -> bool {
-        if self.saved_modules.iter().any(|p| p.is_match(module)) {
-            return false;
-        }
-        match &self.target_modules {
-            Modules::Names(names) => names.iter().any(|t| module_name_matches(module, t)),
-            Modules::Pattern { anchored, .. } => anchored.is_match(module),
-            Modules::AllLinear => !module_name_matches(module, OUTPUT_HEAD),
-        }
+        self.targeting.as_ref().is_some_and(|t| t.targets(module))
     }
 
     /// Whether the targeted layer `module` is feed-forward (scales its input), peft's
@@ -174,9 +98,9 @@ impl Ia3Config {
     /// it (plain `endswith`, as peft).
     pub fn is_feedforward(&self, module: &str) -> bool {
         match &self.feedforward_modules {
-            Modules::Names(names) => names.iter().any(|n| module.ends_with(n.as_str())),
-            Modules::Pattern { anchored, .. } => anchored.is_match(module),
-            Modules::AllLinear => false,
+            ModuleSet::Names(names) => names.iter().any(|n| module.ends_with(n.as_str())),
+            ModuleSet::Pattern { anchored, .. } => anchored.is_match(module),
+            ModuleSet::AllLinear => false,
         }
     }
 

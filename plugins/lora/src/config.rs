@@ -8,16 +8,10 @@
 //!  "target_modules": "all-linear",       # or ["q_proj", "v_proj"], or a full-match regex
 //!  "use_dora": false, "init_lora_weights": true}
 //! ```
-use ferrotune_plugin_api::{module_name_matches, PluginError, PluginResult};
-use regex::Regex;
+use ferrotune_plugin_api::targets::{ModuleSet, Targets};
+use ferrotune_plugin_api::{PluginError, PluginResult};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
-
-/// The `target_modules` value that means every linear layer but the output head (peft's
-/// `INCLUDE_LINEAR_LAYERS_SHORTHAND`, matched case-insensitively as peft does).
-pub const ALL_LINEAR: &str = "all-linear";
-/// The output head `all-linear` leaves out (peft leaves out the model's output embedding).
-pub const OUTPUT_HEAD: &str = "lm_head";
 
 /// Configuration of the `lora` adapter method. Field names are peft's `LoraConfig` keys.
 #[derive(Deserialize, Debug, Clone)]
@@ -40,8 +34,8 @@ pub struct LoraConfig {
     /// regex that must match the full name (`".*layers\.[0-3]\..*proj"`); or `"all-linear"`,
     /// every linear layer but `lm_head`. Default `["q_proj", "v_proj"]` (peft's default for
     /// Llama and Qwen2).
-    #[serde(default = "default_target_modules", deserialize_with = "deserialize_target_modules")]
-    pub target_modules: TargetModules,
+    #[serde(default = "default_target_modules")]
+    pub target_modules: ModuleSet,
     /// rsLoRA: scale by `lora_alpha / √r` instead of `lora_alpha / r`, which keeps the update's
     /// size stable as r grows. Default false; worth it for r ≥ 32.
     #[serde(default)]
@@ -82,7 +76,7 @@ pub struct LoraConfig {
     pub fan_in_fan_out: bool,
     /// `modules_to_save` compiled (filled by `from_json`).
     #[serde(skip)]
-    saved_modules: Vec<Regex>,
+    targeting: Option<Targets>,
 }
 
 /// peft's `LoftQConfig`.
@@ -119,49 +113,12 @@ fn default_lora_alpha() -> f64 {
     8.0
 }
 
-fn default_target_modules() -> TargetModules {
-    TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
+fn default_target_modules() -> ModuleSet {
+    ModuleSet::Names(vec!["q_proj".into(), "v_proj".into()])
 }
 
 fn default_bias() -> String {
     "none".into()
-}
-
-/// Which layers `target_modules` selects.
-#[derive(Debug, Clone)]
-pub enum TargetModules {
-    /// Module names: a layer matches when its full name equals one or ends with `.` + one.
-    Names(Vec<String>),
-    /// A regex the full name must match entirely (peft's `re.fullmatch`).
-    Pattern { source: String, anchored: Regex },
-    /// Every linear layer but the output head.
-    AllLinear,
-}
-
-fn deserialize_target_modules<'de, D: Deserializer<'de>>(d: D) -> Result<TargetModules, D::Error> {
-    use serde::de::Error;
-    match Value::deserialize(d)? {
-        Value::String(s) if s.eq_ignore_ascii_case(ALL_LINEAR) => Ok(TargetModules::AllLinear),
-        Value::String(s) => {
-            let anchored = Regex::new(&format!("^(?:{s})$"))
-                .map_err(|e| D::Error::custom(format!("`{s}` is not a valid regex: {e}")))?;
-            Ok(TargetModules::Pattern { source: s, anchored })
-        }
-        Value::Array(items) => items
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) if !s.is_empty() => Ok(s),
-                other => Err(D::Error::custom(format!(
-                    "item {i} must be a non-empty module name, got {other}"
-                ))),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(TargetModules::Names),
-        other => Err(D::Error::custom(format!(
-            "expected a list of module names, a regex string or \"all-linear\", got {other}"
-        ))),
-    }
 }
 
 /// How A and B are initialised (`init_lora_weights`).
@@ -234,7 +191,7 @@ impl LoraConfig {
     pub fn from_json(config_json: &str) -> PluginResult<Self> {
         let mut cfg: Self = ferrotune_plugin_api::parse_config(config_json)?;
         cfg.validate()?;
-        cfg.saved_modules = cfg.saved_module_patterns()?;
+        cfg.targeting = Some(Targets::new(&cfg.target_modules, &cfg.modules_to_save)?);
         Ok(cfg)
     }
 
@@ -294,15 +251,6 @@ impl LoraConfig {
                 ));
             }
         }
-        if let TargetModules::Names(names) = &self.target_modules {
-            if names.is_empty() {
-                return Err(PluginError::config(
-                    "target_modules",
-                    "is empty: name at least one module, or use \"all-linear\"",
-                ));
-            }
-        }
-        self.saved_module_patterns()?;
         Ok(())
     }
 
@@ -320,43 +268,16 @@ impl LoraConfig {
         self.loraplus_lr_ratio.unwrap_or(1.0)
     }
 
-    /// peft's pattern for `modules_to_save` entries: `(^|.*\.){m}($|\..*)`.
-    fn saved_module_patterns(&self) -> PluginResult<Vec<Regex>> {
-        self.modules_to_save
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                Regex::new(&format!(r"^(?:.*\.)?(?:{m})(?:\..*)?$")).map_err(|e| {
-                    PluginError::config(
-                        &format!("modules_to_save[{i}]"),
-                        format!("`{m}` is not a valid pattern: {e}"),
-                    )
-                })
-            })
-            .collect()
-    }
-
     /// Whether the layer at this checkpoint path is adapted. As in peft, a module listed in
     /// `modules_to_save` (or inside one) never is.
     pub fn targets(&self, module: &str) -> bool {
-        if self.saved_modules.iter().any(|p| p.is_match(module)) {
-            return false;
-        }
-        match &self.target_modules {
-            TargetModules::Names(names) => names.iter().any(|t| module_name_matches(module, t)),
-            TargetModules::Pattern { anchored, .. } => anchored.is_match(module),
-            TargetModules::AllLinear => !module_name_matches(module, OUTPUT_HEAD),
-        }
+        self.targeting.as_ref().is_some_and(|t| t.targets(module))
     }
 
     /// The `adapter_config.json` of a PEFT directory holding this adapter (peft 0.21 loads it
     /// with `PeftConfig.from_pretrained` and `LoraConfig(**json)`).
     pub fn peft_config(&self) -> Value {
-        let target_modules = match &self.target_modules {
-            TargetModules::Names(names) => json!(names),
-            TargetModules::Pattern { source, .. } => json!(source),
-            TargetModules::AllLinear => json!(ALL_LINEAR),
-        };
+        let target_modules = self.target_modules.to_json();
         // peft types lora_alpha as int; keep whole numbers whole in the file.
         let lora_alpha = if self.lora_alpha.fract() == 0.0 && self.lora_alpha.abs() < 1e15 {
             json!(self.lora_alpha as i64)
@@ -471,7 +392,7 @@ mod tests {
     #[test]
     fn all_linear_leaves_out_the_head() {
         let c = LoraConfig::from_json(r#"{"target_modules": "ALL-LINEAR"}"#).unwrap();
-        assert!(matches!(c.target_modules, TargetModules::AllLinear));
+        assert!(matches!(c.target_modules, ModuleSet::AllLinear));
         assert!(c.targets("model.layers.0.self_attn.q_proj"));
         assert!(c.targets("model.layers.0.mlp.down_proj"));
         assert!(!c.targets("lm_head"));

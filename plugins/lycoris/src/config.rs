@@ -8,16 +8,11 @@
 //!  "target_modules": ["q_proj", "v_proj"], # or "all-linear", or a full-match regex
 //!  "decompose_both": false, "decompose_factor": -1}   # LoKr only
 //! ```
-use ferrotune_plugin_api::{module_name_matches, PluginError, PluginResult};
+use ferrotune_plugin_api::targets::{ModuleSet, Targets};
+use ferrotune_plugin_api::{PluginError, PluginResult};
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
-
-/// The `target_modules` value that means every linear layer but the output head (peft's
-/// `INCLUDE_LINEAR_LAYERS_SHORTHAND`, matched case-insensitively as peft does).
-pub const ALL_LINEAR: &str = "all-linear";
-/// The output head `all-linear` leaves out.
-pub const OUTPUT_HEAD: &str = "lm_head";
 
 /// Which of the two methods a configuration is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,12 +74,12 @@ pub struct LycorisConfig {
     /// equals one or ends with `.` + one), a regex the full name must match entirely, or
     /// `"all-linear"` (every linear layer but `lm_head`). Default `["q_proj", "v_proj"]`
     /// (peft's default for Llama and Qwen2).
-    #[serde(default = "default_target_modules", deserialize_with = "deserialize_modules")]
-    pub target_modules: Modules,
+    #[serde(default = "default_target_modules")]
+    pub target_modules: ModuleSet,
     /// `true` (default), `false`, or for LoKr `"lycoris"`; see [`InitWeights`].
     #[serde(default = "default_init", deserialize_with = "deserialize_init")]
     pub init_weights: InitWeights,
-    /// Modules trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
+    /// ModuleSet trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
     /// Per-layer ranks overriding `r`: `{pattern: rank}`, a layer takes the rank of the
@@ -110,7 +105,7 @@ pub struct LycorisConfig {
     #[serde(skip, default = "default_method")]
     pub method: Method,
     #[serde(skip)]
-    saved_modules: Vec<Regex>,
+    targeting: Option<Targets>,
 }
 
 fn default_r() -> i64 {
@@ -129,8 +124,8 @@ fn default_method() -> Method {
     Method::LoHa
 }
 
-fn default_target_modules() -> Modules {
-    Modules::Names(vec!["q_proj".into(), "v_proj".into()])
+fn default_target_modules() -> ModuleSet {
+    ModuleSet::Names(vec!["q_proj".into(), "v_proj".into()])
 }
 
 fn deserialize_init<'de, D: Deserializer<'de>>(d: D) -> Result<InitWeights, D::Error> {
@@ -211,50 +206,6 @@ fn deserialize_alphas<'de, D: Deserializer<'de>>(d: D) -> Result<Patterns<f64>, 
     )
 }
 
-/// A set of modules: names, a full-match regex, or every linear layer.
-#[derive(Debug, Clone)]
-pub enum Modules {
-    Names(Vec<String>),
-    Pattern { source: String, anchored: Regex },
-    AllLinear,
-}
-
-impl Modules {
-    fn to_json(&self) -> Value {
-        match self {
-            Modules::Names(names) => json!(names),
-            Modules::Pattern { source, .. } => json!(source),
-            Modules::AllLinear => json!(ALL_LINEAR),
-        }
-    }
-}
-
-fn deserialize_modules<'de, D: Deserializer<'de>>(d: D) -> Result<Modules, D::Error> {
-    use serde::de::Error;
-    match Value::deserialize(d)? {
-        Value::String(s) if s.eq_ignore_ascii_case(ALL_LINEAR) => Ok(Modules::AllLinear),
-        Value::String(s) => {
-            let anchored = Regex::new(&format!("^(?:{s})$"))
-                .map_err(|e| D::Error::custom(format!("`{s}` is not a valid regex: {e}")))?;
-            Ok(Modules::Pattern { source: s, anchored })
-        }
-        Value::Array(items) => items
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) if !s.is_empty() => Ok(s),
-                other => Err(D::Error::custom(format!(
-                    "item {i} must be a non-empty module name, got {other}"
-                ))),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Modules::Names),
-        other => Err(D::Error::custom(format!(
-            "expected a list of module names or a regex string, got {other}"
-        ))),
-    }
-}
-
 impl LycorisConfig {
     /// Parses and validates the configuration of `method`.
     pub fn from_json(config_json: &str, method: Method) -> PluginResult<Self> {
@@ -286,14 +237,6 @@ impl LycorisConfig {
                 format!("{} must be in [0, 1]", self.module_dropout),
             ));
         }
-        if let Modules::Names(names) = &self.target_modules {
-            if names.is_empty() {
-                return Err(PluginError::config(
-                    "target_modules",
-                    "is empty: name at least one module, or use \"all-linear\"",
-                ));
-            }
-        }
         if self.method == Method::LoHa {
             for (key, set) in [
                 ("decompose_both", self.decompose_both.is_some()),
@@ -314,19 +257,7 @@ impl LycorisConfig {
                 ));
             }
         }
-        self.saved_modules = self
-            .modules_to_save
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                Regex::new(&format!(r"^(?:.*\.)?(?:{m})(?:\..*)?$")).map_err(|e| {
-                    PluginError::config(
-                        &format!("modules_to_save[{i}]"),
-                        format!("`{m}` is not a valid pattern: {e}"),
-                    )
-                })
-            })
-            .collect::<PluginResult<_>>()?;
+        self.targeting = Some(Targets::new(&self.target_modules, &self.modules_to_save)?);
         Ok(())
     }
 
@@ -356,14 +287,7 @@ impl LycorisConfig {
 
     /// Whether the layer at checkpoint path `module` is adapted.
     pub fn targets(&self, module: &str) -> bool {
-        if self.saved_modules.iter().any(|p| p.is_match(module)) {
-            return false;
-        }
-        match &self.target_modules {
-            Modules::Names(names) => names.iter().any(|t| module_name_matches(module, t)),
-            Modules::Pattern { anchored, .. } => anchored.is_match(module),
-            Modules::AllLinear => !module_name_matches(module, OUTPUT_HEAD),
-        }
+        self.targeting.as_ref().is_some_and(|t| t.targets(module))
     }
 
     /// The `adapter_config.json` peft 0.21 writes for this configuration.

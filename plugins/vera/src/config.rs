@@ -7,15 +7,10 @@
 //! {"r": 256,                      # larger than a LoRA rank: only r + out values train per layer
 //!  "target_modules": ["q_proj", "v_proj"], "d_initial": 0.1, "projection_prng_key": 0}
 //! ```
-use ferrotune_plugin_api::{module_name_matches, PluginError, PluginResult};
-use regex::Regex;
-use serde::{Deserialize, Deserializer};
+use ferrotune_plugin_api::targets::{ModuleSet, Targets};
+use ferrotune_plugin_api::{PluginError, PluginResult};
+use serde::Deserialize;
 use serde_json::{json, Value};
-
-/// The `target_modules` value that means every linear layer but the output head.
-pub const ALL_LINEAR: &str = "all-linear";
-/// The output head `all-linear` leaves out.
-pub const OUTPUT_HEAD: &str = "lm_head";
 
 /// Configuration of the `vera` adapter method. Field names are peft's `VeraConfig` keys.
 #[derive(Deserialize, Debug, Clone)]
@@ -29,8 +24,8 @@ pub struct VeraConfig {
     /// Which linear layers are adapted: module names (a layer matches when its full name
     /// equals one or ends with `.` + one), a regex the full name must match entirely, or
     /// `"all-linear"`. Default `["q_proj", "v_proj"]` (peft's default for Llama and Qwen2).
-    #[serde(default = "default_target_modules", deserialize_with = "deserialize_modules")]
-    pub target_modules: Modules,
+    #[serde(default = "default_target_modules")]
+    pub target_modules: ModuleSet,
     /// Seed of the projections (torch's CPU generator, reproduced exactly). Default 0.
     #[serde(default)]
     pub projection_prng_key: i64,
@@ -51,7 +46,7 @@ pub struct VeraConfig {
     /// Which biases train. Only `"none"` (the default) is supported.
     #[serde(default = "default_bias")]
     pub bias: String,
-    /// Modules trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
+    /// ModuleSet trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
     /// `true` (default): `vera_lambda_b` = 0, `vera_lambda_d` = `d_initial` (the adapted model
@@ -59,7 +54,7 @@ pub struct VeraConfig {
     #[serde(default = "default_true")]
     pub init_weights: bool,
     #[serde(skip)]
-    saved_modules: Vec<Regex>,
+    targeting: Option<Targets>,
 }
 
 fn default_r() -> i64 {
@@ -78,42 +73,8 @@ fn default_bias() -> String {
     "none".into()
 }
 
-fn default_target_modules() -> Modules {
-    Modules::Names(vec!["q_proj".into(), "v_proj".into()])
-}
-
-/// A set of modules: names, a full-match regex, or every linear layer.
-#[derive(Debug, Clone)]
-pub enum Modules {
-    Names(Vec<String>),
-    Pattern { source: String, anchored: Regex },
-    AllLinear,
-}
-
-fn deserialize_modules<'de, D: Deserializer<'de>>(d: D) -> Result<Modules, D::Error> {
-    use serde::de::Error;
-    match Value::deserialize(d)? {
-        Value::String(s) if s.eq_ignore_ascii_case(ALL_LINEAR) => Ok(Modules::AllLinear),
-        Value::String(s) => {
-            let anchored = Regex::new(&format!("^(?:{s})$"))
-                .map_err(|e| D::Error::custom(format!("`{s}` is not a valid regex: {e}")))?;
-            Ok(Modules::Pattern { source: s, anchored })
-        }
-        Value::Array(items) => items
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) if !s.is_empty() => Ok(s),
-                other => Err(D::Error::custom(format!(
-                    "item {i} must be a non-empty module name, got {other}"
-                ))),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Modules::Names),
-        other => Err(D::Error::custom(format!(
-            "expected a list of module names, a regex string or \"all-linear\", got {other}"
-        ))),
-    }
+fn default_target_modules() -> ModuleSet {
+    ModuleSet::Names(vec!["q_proj".into(), "v_proj".into()])
 }
 
 impl VeraConfig {
@@ -157,47 +118,16 @@ impl VeraConfig {
                 ),
             ));
         }
-        if let Modules::Names(names) = &self.target_modules {
-            if names.is_empty() {
-                return Err(PluginError::config(
-                    "target_modules",
-                    "is empty: name at least one module, or use \"all-linear\"",
-                ));
-            }
-        }
-        self.saved_modules = self
-            .modules_to_save
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                Regex::new(&format!(r"^(?:.*\.)?(?:{m})(?:\..*)?$")).map_err(|e| {
-                    PluginError::config(
-                        &format!("modules_to_save[{i}]"),
-                        format!("`{m}` is not a valid pattern: {e}"),
-                    )
-                })
-            })
-            .collect::<PluginResult<_>>()?;
+        self.targeting = Some(Targets::new(&self.target_modules, &self.modules_to_save)?);
         Ok(())
     }
 
     pub fn targets(&self, module: &str) -> bool {
-        if self.saved_modules.iter().any(|p| p.is_match(module)) {
-            return false;
-        }
-        match &self.target_modules {
-            Modules::Names(names) => names.iter().any(|t| module_name_matches(module, t)),
-            Modules::Pattern { anchored, .. } => anchored.is_match(module),
-            Modules::AllLinear => !module_name_matches(module, OUTPUT_HEAD),
-        }
+        self.targeting.as_ref().is_some_and(|t| t.targets(module))
     }
 
     pub fn peft_config(&self) -> Value {
-        let target_modules = match &self.target_modules {
-            Modules::Names(names) => json!(names),
-            Modules::Pattern { source, .. } => json!(source),
-            Modules::AllLinear => json!(ALL_LINEAR),
-        };
+        let target_modules = self.target_modules.to_json();
         json!({
             "peft_type": "VERA",
             "task_type": "CAUSAL_LM",
