@@ -228,7 +228,9 @@ impl PromptTuningConfig {
                     "is only valid with prompt_tuning_init TEXT (as peft)",
                 ));
             }
-            if let Some(k) = kw.keys().find(|k| *k != "trust_remote_code") {
+            // a saved table is not initialised: the tokenizer is not read
+            let unread = common.inference_mode;
+            if let Some(k) = kw.keys().find(|k| *k != "trust_remote_code").filter(|_| !unread) {
                 return Err(PluginError::config(
                     &format!("tokenizer_kwargs.{k}"),
                     "is not supported: the text is tokenized with the folder's tokenizer.json as it is",
@@ -423,6 +425,11 @@ mod tests {
                 "`tokenizer_kwargs`",
             ),
             (
+                r#"{"num_virtual_tokens": 4, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi",
+                    "tokenizer_name_or_path": "t", "tokenizer_kwargs": {"use_fast": true}}"#,
+                "`tokenizer_kwargs.use_fast`",
+            ),
+            (
                 r#"{"num_virtual_tokens": 4, "num_transformer_submodules": 2}"#,
                 "`num_transformer_submodules`",
             ),
@@ -448,6 +455,12 @@ mod tests {
             r#"{"num_virtual_tokens": 4, "init_weights": "ones"}"#,
         ));
         assert!(e.contains("`init_weights`"), "{e}");
+        // a saved directory (inference mode) never reads its tokenizer
+        PromptTuningConfig::from_json(
+            r#"{"num_virtual_tokens": 4, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi",
+                "tokenizer_name_or_path": "t", "tokenizer_kwargs": {"use_fast": true}, "inference_mode": true}"#,
+        )
+        .unwrap();
         let (_, c, init) = PromptTuningConfig::from_json(r#"{"num_virtual_tokens": 4}"#).unwrap();
         assert_eq!((c.num_virtual_tokens, c.inference_mode, init), (4, false, Init::Random));
         let (cfg, _, kind) = PTuningConfig::from_json(r#"{"num_virtual_tokens": 4}"#).unwrap();
