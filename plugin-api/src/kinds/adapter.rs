@@ -80,6 +80,33 @@ pub struct PromptSpec {
     pub num_virtual_tokens: i64,
 }
 
+/// A plain dense linear layer `y = x Wᵀ + b` as a [`BaseLinear`] (named `layer`): what an
+/// adapter plugin's own unit tests hand its layers, since a plugin never uses the host.
+pub struct DenseLinear {
+    /// `[out, in]`.
+    pub w: Tensor,
+    /// `[out]`.
+    pub b: Option<Tensor>,
+}
+
+impl BaseLinear for DenseLinear {
+    fn name(&self) -> PluginResult<String> {
+        Ok("layer".into())
+    }
+    fn shape(&self) -> PluginResult<(i64, i64)> {
+        Ok(self.w.size2()?)
+    }
+    fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
+        Ok(x.f_linear(&self.w, self.b.as_ref())?)
+    }
+    fn weight(&self) -> PluginResult<Tensor> {
+        Ok(self.w.shallow_clone())
+    }
+    fn bias(&self) -> PluginResult<Option<Tensor>> {
+        Ok(self.b.as_ref().map(Tensor::shallow_clone))
+    }
+}
+
 /// An adapter method configured for a run: decides which layers it adapts and builds the
 /// per-layer adapters; it may also hold tensors of its own (shared by its layers, or a
 /// prompt-learning method's virtual tokens).

@@ -139,28 +139,7 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    struct Base {
-        w: Tensor,
-        b: Option<Tensor>,
-    }
-
-    impl BaseLinear for Base {
-        fn name(&self) -> PluginResult<String> {
-            Ok("layer".into())
-        }
-        fn shape(&self) -> PluginResult<(i64, i64)> {
-            Ok(self.w.size2()?)
-        }
-        fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
-            Ok(x.f_linear(&self.w, self.b.as_ref())?)
-        }
-        fn weight(&self) -> PluginResult<Tensor> {
-            Ok(self.w.shallow_clone())
-        }
-        fn bias(&self) -> PluginResult<Option<Tensor>> {
-            Ok(self.b.as_ref().map(Tensor::shallow_clone))
-        }
-    }
+    use ferrotune_plugin_api::kinds::adapter::DenseLinear as Base;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])

@@ -282,29 +282,7 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    /// `y = x Wᵀ + b`, the host's FrozenLinear in miniature (a plugin cannot use the host).
-    struct Base {
-        w: Tensor,
-        b: Option<Tensor>,
-    }
-
-    impl BaseLinear for Base {
-        fn name(&self) -> PluginResult<String> {
-            Ok("layer".into())
-        }
-        fn shape(&self) -> PluginResult<(i64, i64)> {
-            Ok(self.w.size2()?)
-        }
-        fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
-            Ok(x.f_linear(&self.w, self.b.as_ref())?)
-        }
-        fn weight(&self) -> PluginResult<Tensor> {
-            Ok(self.w.shallow_clone())
-        }
-        fn bias(&self) -> PluginResult<Option<Tensor>> {
-            Ok(self.b.as_ref().map(Tensor::shallow_clone))
-        }
-    }
+    use ferrotune_plugin_api::kinds::adapter::DenseLinear as Base;
 
     fn base(out: i64, inp: i64) -> Base {
         let o = (Kind::Float, Device::Cpu);

@@ -236,27 +236,7 @@ impl AdapterLayer for LycorisLayer {
 mod tests {
     use super::*;
 
-    struct Base {
-        w: Tensor,
-    }
-
-    impl BaseLinear for Base {
-        fn name(&self) -> PluginResult<String> {
-            Ok("layer".into())
-        }
-        fn shape(&self) -> PluginResult<(i64, i64)> {
-            Ok(self.w.size2()?)
-        }
-        fn forward(&self, x: &Tensor) -> PluginResult<Tensor> {
-            Ok(x.f_linear::<Tensor>(&self.w, None)?)
-        }
-        fn weight(&self) -> PluginResult<Tensor> {
-            Ok(self.w.shallow_clone())
-        }
-        fn bias(&self) -> PluginResult<Option<Tensor>> {
-            Ok(None)
-        }
-    }
+    use ferrotune_plugin_api::kinds::adapter::DenseLinear as Base;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
@@ -274,7 +254,7 @@ mod tests {
     fn delta_weights_are_the_closed_forms() {
         tch::manual_seed(1);
         let o = (Kind::Float, Device::Cpu);
-        let base = Base { w: Tensor::randn([12, 8], o) };
+        let base = Base { w: Tensor::randn([12, 8], o), b: None };
         let x = Tensor::randn([2, 3, 8], o);
         let loha = LycorisLayer::new(
             &cfg(r#"{"r": 2, "alpha": 3, "init_weights": false}"#, Method::LoHa),
@@ -318,7 +298,7 @@ mod tests {
     #[test]
     fn default_init_is_the_base_layer() {
         let o = (Kind::Float, Device::Cpu);
-        let base = Base { w: Tensor::randn([12, 8], o) };
+        let base = Base { w: Tensor::randn([12, 8], o), b: None };
         let x = Tensor::randn([2, 8], o);
         for (json, method, zero) in [
             ("{}", Method::LoHa, "hada_w2_b"),
@@ -350,7 +330,7 @@ mod tests {
     fn dropouts_act_in_training_only() {
         tch::manual_seed(2);
         let o = (Kind::Float, Device::Cpu);
-        let base = Base { w: Tensor::randn([16, 8], o) };
+        let base = Base { w: Tensor::randn([16, 8], o), b: None };
         let x = Tensor::randn([4, 8], o);
         let c = cfg(r#"{"r": 2, "init_weights": false, "module_dropout": 1.0}"#, Method::LoHa);
         let l = LycorisLayer::new(&c, "m", &base).unwrap();
@@ -372,7 +352,7 @@ mod tests {
     #[test]
     fn bad_state_is_refused_by_name() {
         let o = (Kind::Float, Device::Cpu);
-        let base = Base { w: Tensor::randn([12, 8], o) };
+        let base = Base { w: Tensor::randn([12, 8], o), b: None };
         let l = LycorisLayer::new(&cfg(r#"{"r": 2}"#, Method::LoHa), "m.q_proj", &base).unwrap();
         let mut s = l.state_dict().unwrap();
         s[1].1 = Tensor::zeros([3, 8], o);
