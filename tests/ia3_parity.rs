@@ -21,81 +21,19 @@
 //! Needs `cargo build --workspace` (the `ia3` plugin) and the reference stack (`$PYTHON` or
 //! `.venv`: torch 2.11, transformers 5, peft 0.21); one Python run
 //! (`tests/python/ia3_reference.py`) serves the file.
-use std::path::Path;
 
-use ferrotune::model::{CausalLM, ForwardArgs, VisionInputs};
+use ferrotune::model::{ForwardArgs, VisionInputs};
 use ferrotune::peft::PeftModel;
-use ferrotune::plugins::Registry;
+
+use ferrotune_tests::adapter_parity::*;
 use ferrotune_tests::train_parity::{check_variant, prepare, Variant};
 use ferrotune_tests::*;
 use tch::{Device, Kind, Tensor};
-
-/// Largest accepted |difference| between two logits tensors (float32).
-const TOL: f64 = 1e-5;
 
 /// The adapter peft writes and we write (IA3Config / plugin `ia3` keys).
 const QKV_DOWN: &str = r#"{"target_modules": ["q_proj", "k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}"#;
 /// An adapter whose output-scaled layer has no bias (o_proj): it merges.
 const MERGEABLE: &str = r#"{"target_modules": ["o_proj", "up_proj", "down_proj"], "feedforward_modules": ["up_proj", "down_proj"]}"#;
-
-fn ids() -> Tensor {
-    Tensor::from_slice(&[3i64, 17, 42, 99, 150, 7, 64, 201, 5, 5, 120, 33, 2, 180, 11, 90])
-        .view([2, 8])
-}
-
-fn ids_json() -> serde_json::Value {
-    let v: Vec<i64> = Vec::try_from(&ids().view([-1])).unwrap();
-    serde_json::json!(v.chunks(8).map(|c| c.to_vec()).collect::<Vec<_>>())
-}
-
-fn ia3_registry() -> Registry {
-    let lib = build_dir().join("libferrotune_ia3.so");
-    assert!(lib.exists(), "{} is missing: `cargo build --workspace` first", lib.display());
-    registry()
-}
-
-fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float)
-        .map(PeftModel::new)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
-}
-
-fn attach(model: &mut PeftModel, registry: &Registry, config: &str) {
-    let method = registry.adapter("ia3", config).unwrap_or_else(|e| panic!("{config}: {e}"));
-    let report = model
-        .attach_adapter("default", Box::new(method))
-        .unwrap_or_else(|e| panic!("{config}: {e:#}"));
-    println!("ia3 {config}: {}", report.summary());
-}
-
-fn logits(model: &PeftModel) -> Tensor {
-    tch::no_grad(|| model.forward(ForwardArgs::ids(&ids()))).unwrap()
-}
-
-fn read_logits(path: &Path) -> Tensor {
-    let mut v =
-        Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    v.remove(v.iter().position(|(n, _)| n == "logits").expect("a `logits` tensor")).1
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
-    let d = max_abs_diff(ours, theirs);
-    let scale = theirs.abs().max().double_value(&[]);
-    println!("{what:<58} max |diff| {d:.3e} (max |logit| {scale:.3})");
-    assert!(d <= TOL, "{what}: max |diff| {d:e} > {TOL:e}");
-}
-
-/// The tensors of a PEFT directory, sorted by name.
-fn saved(dir: &Path) -> Vec<(String, Tensor)> {
-    let mut v = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
-    v.sort_by(|x, y| x.0.cmp(&y.0));
-    v
-}
 
 /// Draws every `ia3_l` as 1 + 0.3·N(0, 1), as the reference script does for peft's.
 fn perturb(model: &mut PeftModel, seed: i64) {
@@ -109,31 +47,26 @@ fn perturb(model: &mut PeftModel, seed: i64) {
     model.load_adapter_state_dict(state).unwrap();
 }
 
-/// A tiny Qwen2 model under `w/base` (`ferrotune init-model`, seed 5, a ChatML tokenizer).
-fn tiny_model(w: &Path) -> std::path::PathBuf {
-    let tokenizer = w.join("tokenizer");
-    write_chat_tokenizer(&tokenizer, 200);
-    let base = w.join("base");
-    init_tiny_model(&tokenizer, &base, 5);
-    base
-}
-
 #[test]
 fn ia3_matches_peft_both_ways_and_merges() {
     one_torch_thread();
     let work = TempDir::new("ia3-parity");
     let w = &work.0;
-    let base = tiny_model(w);
-    let registry = ia3_registry();
+    let base = tiny_parity_model(w);
+    let registry = plugin_registry("libferrotune_ia3.so");
 
     // ours, written before the reference run so that peft can load it
     let ours_dir = w.join("ours");
-    let mut ours = load(&base);
-    attach(&mut ours, &registry, QKV_DOWN);
-    let base_logits = logits(&ours);
-    check("ia3_l = 1 at init: the base model", &base_logits, &logits(&load(&base)));
+    let mut ours = load_model(&base);
+    attach_plugin(&mut ours, &registry, "ia3", QKV_DOWN);
+    let base_logits = logits_of(&ours, &parity_ids());
+    check_logits(
+        "ia3_l = 1 at init: the base model",
+        &base_logits,
+        &logits_of(&load_model(&base), &parity_ids()),
+    );
     perturb(&mut ours, 7);
-    let ours_logits = logits(&ours);
+    let ours_logits = logits_of(&ours, &parity_ids());
     assert!(max_abs_diff(&ours_logits, &base_logits) > 1e-2, "our adapter must matter");
     ours.save_peft_adapter(&ours_dir).unwrap();
     // `ferrotune merge` of ours, q/k/v biases scaled (transformers loads it in the reference run)
@@ -152,7 +85,7 @@ fn ia3_matches_peft_both_ways_and_merges() {
     let peft_dir = w.join("peft");
     let plan = serde_json::json!({
         "base": base,
-        "ids": ids_json(),
+        "ids": parity_ids_rows(),
         "peft_writes": {"config": serde_json::from_str::<serde_json::Value>(QKV_DOWN).unwrap(),
                         "seed": 11, "dir": peft_dir, "out": w.join("peft.logits.safetensors")},
         "peft_loads": [{"dir": ours_dir, "out": w.join("peft-loads-ours.logits.safetensors")}],
@@ -164,29 +97,32 @@ fn ia3_matches_peft_both_ways_and_merges() {
     println!("{}", stdout(&out).trim());
 
     // peft loads ours
-    check(
+    check_logits(
         "peft loads our IA³ directory: logits",
         &read_logits(&w.join("peft-loads-ours.logits.safetensors")),
         &ours_logits,
     );
-    check(
+    check_logits(
         "ferrotune merge (q/k/v biases scaled), in transformers",
         &read_logits(&w.join("merged.logits.safetensors")),
         &ours_logits,
     );
 
     // we load peft's: the same keys as ours, peft's logits, saved back unchanged
-    let mut model = load(&base);
+    let mut model = load_model(&base);
     let report = model
         .load_peft_adapter(&peft_dir, &registry)
         .unwrap_or_else(|e| panic!("peft's IA³ directory: {e:#}"));
     println!("peft's IA³: {}", report.summary());
     let theirs = read_logits(&w.join("peft.logits.safetensors"));
     assert!(max_abs_diff(&theirs, &base_logits) > 1e-2, "peft's adapter must matter");
-    check("we load peft's IA³ directory: logits", &logits(&model), &theirs);
-    let (peft_saved, ours_saved) = (saved(&peft_dir), saved(&ours_dir));
-    let names = |v: &[(String, Tensor)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&peft_saved), names(&ours_saved), "peft's keys are ours");
+    check_logits(
+        "we load peft's IA³ directory: logits",
+        &logits_of(&model, &parity_ids()),
+        &theirs,
+    );
+    let (peft_saved, ours_saved) = (saved_tensors(&peft_dir), saved_tensors(&ours_dir));
+    assert_eq!(tensor_names(&peft_saved), tensor_names(&ours_saved), "peft's keys are ours");
     assert!(
         peft_saved
             .iter()
@@ -201,8 +137,8 @@ fn ia3_matches_peft_both_ways_and_merges() {
     );
     let resaved = w.join("peft-resaved");
     model.save_peft_adapter(&resaved).unwrap();
-    let again = saved(&resaved);
-    assert_eq!(names(&again), names(&peft_saved));
+    let again = saved_tensors(&resaved);
+    assert_eq!(tensor_names(&again), tensor_names(&peft_saved));
     assert!(again.iter().zip(&peft_saved).all(|(x, y)| x.1.equal(&y.1)), "values saved back");
 
     // a directory whose config disagrees with its tensors is refused naming the file, the
@@ -220,7 +156,7 @@ fn ia3_matches_peft_both_ways_and_merges() {
     .unwrap();
     cfg["feedforward_modules"] = serde_json::json!([]);
     std::fs::write(broken.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let mut plain = load(&base);
+    let mut plain = load_model(&base);
     let e = format!("{:#}", plain.load_peft_adapter(&broken, &registry).unwrap_err());
     assert!(
         e.contains("adapter_model.safetensors")
@@ -228,18 +164,26 @@ fn ia3_matches_peft_both_ways_and_merges() {
             && e.contains("`feedforward_modules` = []"),
         "{e}"
     );
-    check("a refused directory leaves the model as it was", &logits(&plain), &base_logits);
+    check_logits(
+        "a refused directory leaves the model as it was",
+        &logits_of(&plain, &parity_ids()),
+        &base_logits,
+    );
 
     // q/k/v scale their output over a bias: the merge scales the bias too, as peft's does
     let merged = model.merge_adapter().unwrap();
     assert!(merged.iter().any(|m| m.ends_with(".self_attn.q_proj")), "{merged:?}");
-    check("merged IA³ (q/k/v with biases, down_proj) vs peft's unmerged", &logits(&model), &theirs);
+    check_logits(
+        "merged IA³ (q/k/v with biases, down_proj) vs peft's unmerged",
+        &logits_of(&model, &parity_ids()),
+        &theirs,
+    );
 
     // a bias-free output scaling and two input scalings merge exactly
-    let mut model = load(&base);
-    attach(&mut model, &registry, MERGEABLE);
+    let mut model = load_model(&base);
+    attach_plugin(&mut model, &registry, "ia3", MERGEABLE);
     perturb(&mut model, 13);
-    let unmerged = logits(&model);
+    let unmerged = logits_of(&model, &parity_ids());
     assert!(max_abs_diff(&unmerged, &base_logits) > 1e-2, "the adapter must matter");
     let merged = model.merge_adapter().unwrap();
     assert!(
@@ -249,7 +193,11 @@ fn ia3_matches_peft_both_ways_and_merges() {
                 .any(|t| m.ends_with(&format!(".{t}")))),
         "{merged:?}"
     );
-    check("merged IA³ (o_proj, up_proj, down_proj) vs unmerged", &logits(&model), &unmerged);
+    check_logits(
+        "merged IA³ (o_proj, up_proj, down_proj) vs unmerged",
+        &logits_of(&model, &parity_ids()),
+        &unmerged,
+    );
     drop(work);
 }
 
@@ -258,7 +206,7 @@ fn ferrotune_train_trains_the_vectors() {
     one_torch_thread();
     let work = TempDir::new("ia3-train");
     let w = &work.0;
-    let base = tiny_model(w);
+    let base = tiny_parity_model(w);
     let out = w.join("out");
     let data = w.join("data.jsonl");
     write_alpaca_rows(&data, 8, 200, 1);
@@ -277,7 +225,7 @@ fn ferrotune_train_trains_the_vectors() {
     std::fs::write(&config_path, config).unwrap();
     let o = ferrotune_one_thread(&["train", config_path.to_str().unwrap()]);
     assert!(o.status.success(), "train: {}\n{}", stdout(&o), stderr(&o));
-    let saved = saved(&out);
+    let saved = saved_tensors(&out);
     let layers = saved.len() / 3;
     assert!(
         layers > 0 && saved.len() == 3 * layers,
@@ -300,9 +248,14 @@ fn ferrotune_train_trains_the_vectors() {
     assert_eq!(config["peft_type"], "IA3");
     assert_eq!(config["feedforward_modules"], serde_json::json!(["down_proj"]));
     // the trained directory loads and changes the model
-    let mut model = load(&base);
-    model.load_peft_adapter(&out, &ia3_registry()).unwrap();
-    assert!(max_abs_diff(&logits(&model), &logits(&load(&base))) > 1e-4);
+    let mut model = load_model(&base);
+    model.load_peft_adapter(&out, &plugin_registry("libferrotune_ia3.so")).unwrap();
+    assert!(
+        max_abs_diff(
+            &logits_of(&model, &parity_ids()),
+            &logits_of(&load_model(&base), &parity_ids())
+        ) > 1e-4
+    );
     drop(work);
 }
 
@@ -351,9 +304,9 @@ fn ia3_on_qwen2_vl_matches_peft() {
         Tensor::randn([16, 1176], (Kind::Float, Device::Cpu)),
         vec![[1, 4, 4]],
     );
-    let registry = ia3_registry();
-    let mut model = load(&base);
-    attach(&mut model, &registry, QKV_DOWN);
+    let registry = plugin_registry("libferrotune_ia3.so");
+    let mut model = load_model(&base);
+    attach_plugin(&mut model, &registry, "ia3", QKV_DOWN);
     let forward = |m: &PeftModel| {
         tch::no_grad(|| m.forward(ForwardArgs::ids(&ids).images(Some(&images)))).unwrap()
     };
@@ -380,7 +333,7 @@ fn ia3_on_qwen2_vl_matches_peft() {
     let script = repo_root().join("tests/python/ia3_reference.py");
     let out = run_python(&[script.as_os_str(), w.as_os_str()]);
     println!("{}", stdout(&out).trim());
-    check(
+    check_logits(
         "peft loads our IA³ directory on Qwen2-VL: logits with an image",
         &read_logits(&w.join("vl.logits.safetensors")),
         &ours,

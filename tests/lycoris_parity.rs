@@ -24,16 +24,13 @@
 use std::path::{Path, PathBuf};
 
 use ferrotune::model::linear::LinearMode;
-use ferrotune::model::{CausalLM, ForwardArgs};
-use ferrotune::peft::PeftModel;
-use ferrotune::plugins::Registry;
+use ferrotune::model::ForwardArgs;
+
+use ferrotune_tests::adapter_parity::*;
 use ferrotune_tests::train_parity::{check_variant, prepare, Variant};
 use ferrotune_tests::*;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
-
-/// Largest accepted |difference| between two logits tensors (float32).
-const TOL: f64 = 1e-5;
 
 /// (name, plugin, peft_type, config shared by the plugin and peft's config class).
 const VARIANTS: [(&str, &str, &str, &str); 3] = [
@@ -95,70 +92,6 @@ const LAYER0: [(&str, Expected); 3] = [
 const PROMPT: &str = "w1 w2 w3 w4 w5";
 const NEW_TOKENS: usize = 8;
 
-fn ids() -> Tensor {
-    Tensor::from_slice(&[3i64, 17, 42, 99, 150, 7, 64, 201, 5, 5, 120, 33, 2, 180, 11, 90])
-        .view([2, 8])
-}
-
-fn ids_json() -> Value {
-    let v: Vec<i64> = Vec::try_from(&ids().view([-1])).unwrap();
-    json!(v.chunks(8).map(|c| c.to_vec()).collect::<Vec<_>>())
-}
-
-fn lycoris_registry() -> Registry {
-    let lib = build_dir().join("libferrotune_lycoris.so");
-    assert!(lib.exists(), "{} is missing: `cargo build --workspace` first", lib.display());
-    registry()
-}
-
-fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float)
-        .map(PeftModel::new)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
-}
-
-fn logits(model: &PeftModel) -> Tensor {
-    tch::no_grad(|| model.forward(ForwardArgs::ids(&ids()))).unwrap()
-}
-
-fn read_logits(path: &Path) -> Tensor {
-    let mut v =
-        Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    v.remove(v.iter().position(|(n, _)| n == "logits").expect("a `logits` tensor")).1
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
-    let d = max_abs_diff(ours, theirs);
-    let scale = theirs.abs().max().double_value(&[]);
-    println!("{what:<58} max |diff| {d:.3e} (max |logit| {scale:.3})");
-    assert!(d <= TOL, "{what}: max |diff| {d:e} > {TOL:e}");
-}
-
-/// The tensors of a PEFT directory, sorted by name.
-fn saved(dir: &Path) -> Vec<(String, Tensor)> {
-    let mut v = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
-    v.sort_by(|x, y| x.0.cmp(&y.0));
-    v
-}
-
-fn names(v: &[(String, Tensor)]) -> Vec<String> {
-    v.iter().map(|x| x.0.clone()).collect()
-}
-
-/// A tiny Qwen2 model under `w/base` (`ferrotune init-model`, seed 5, a ChatML tokenizer).
-fn tiny_model(w: &Path) -> PathBuf {
-    let tokenizer = w.join("tokenizer");
-    write_chat_tokenizer(&tokenizer, 200);
-    let base = w.join("base");
-    init_tiny_model(&tokenizer, &base, 5);
-    base
-}
-
 /// A copy of PEFT directory `from` at `to` with `edit` applied to its config and `tensors`
 /// (when given) as its weights.
 fn edited_copy(
@@ -190,21 +123,25 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
     one_torch_thread();
     let work = TempDir::new("lycoris-parity");
     let w = &work.0;
-    let base = tiny_model(w);
-    let registry = lycoris_registry();
-    let base_logits = logits(&load(&base));
+    let base = tiny_parity_model(w);
+    let registry = plugin_registry("libferrotune_lycoris.so");
+    let base_logits = logits_of(&load_model(&base), &parity_ids());
 
     // ours: written (and merged) before the reference run so that peft and transformers can
     // load them
     let mut ours_logits = Vec::new();
     for (i, (name, plugin, _, config)) in VARIANTS.iter().enumerate() {
-        let mut model = load(&base);
+        let mut model = load_model(&base);
         let method = registry.adapter(plugin, config).unwrap_or_else(|e| panic!("{name}: {e}"));
         let report = model.attach_adapter("default", Box::new(method)).unwrap();
         println!("{name}: {}", report.summary());
-        check(&format!("{name} at init: the base model"), &logits(&model), &base_logits);
+        check_logits(
+            &format!("{name} at init: the base model"),
+            &logits_of(&model, &parity_ids()),
+            &base_logits,
+        );
         perturb_adapter(&mut model, 7 + i as i64, 0.2);
-        let l = logits(&model);
+        let l = logits_of(&model, &parity_ids());
         assert!(max_abs_diff(&l, &base_logits) > 1e-2, "{name}: our adapter must matter");
         let dir = w.join(format!("ours-{name}"));
         model.save_peft_adapter(&dir).unwrap();
@@ -226,7 +163,7 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
     let plan = json!({
         "base": base,
         "tokenizer": w.join("tokenizer"),
-        "ids": ids_json(),
+        "ids": parity_ids_rows(),
         "peft_writes": VARIANTS.iter().enumerate().map(|(i, (name, _, peft_type, config))| {
             let mut e = entry("peft-writes", name, w.join(format!("peft-{name}")));
             e["peft_type"] = json!(peft_type);
@@ -245,12 +182,12 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
 
     for (i, (name, _, _, _)) in VARIANTS.iter().enumerate() {
         // peft loads ours; transformers loads our merge
-        check(
+        check_logits(
             &format!("{name}: peft loads our directory: logits"),
             &read_logits(&w.join(format!("peft-loads-{name}.logits.safetensors"))),
             &ours_logits[i],
         );
-        check(
+        check_logits(
             &format!("{name}: transformers on our merged directory"),
             &read_logits(&w.join(format!("transformers-loads-{name}.logits.safetensors"))),
             &ours_logits[i],
@@ -258,16 +195,23 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
 
         // we load peft's: peft's logits, peft's keys and shapes, saved back unchanged
         let peft_dir = w.join(format!("peft-{name}"));
-        let mut model = load(&base);
+        let mut model = load_model(&base);
         let report = model
             .load_peft_adapter(&peft_dir, &registry)
             .unwrap_or_else(|e| panic!("{name}: peft's directory: {e:#}"));
         println!("{name}: peft's directory: {}", report.summary());
         let theirs = read_logits(&w.join(format!("peft-writes-{name}.logits.safetensors")));
         assert!(max_abs_diff(&theirs, &base_logits) > 1e-2, "{name}: peft's adapter must matter");
-        check(&format!("{name}: we load peft's directory: logits"), &logits(&model), &theirs);
-        let peft_saved = saved(&peft_dir);
-        assert_eq!(names(&peft_saved), names(&saved(&w.join(format!("ours-{name}")))));
+        check_logits(
+            &format!("{name}: we load peft's directory: logits"),
+            &logits_of(&model, &parity_ids()),
+            &theirs,
+        );
+        let peft_saved = saved_tensors(&peft_dir);
+        assert_eq!(
+            tensor_names(&peft_saved),
+            tensor_names(&saved_tensors(&w.join(format!("ours-{name}"))))
+        );
         let layer0 = LAYER0.iter().find(|l| l.0 == *name).unwrap().1;
         for (key, shape) in layer0 {
             let key = format!("base_model.model.model.layers.0.{key}");
@@ -276,8 +220,8 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
         }
         let resaved = w.join(format!("peft-resaved-{name}"));
         model.save_peft_adapter(&resaved).unwrap();
-        let again = saved(&resaved);
-        assert_eq!(names(&again), names(&peft_saved));
+        let again = saved_tensors(&resaved);
+        assert_eq!(tensor_names(&again), tensor_names(&peft_saved));
         assert!(again.iter().zip(&peft_saved).all(|(x, y)| x.1.equal(&y.1)), "values saved back");
 
         // greedy generation with peft's directory: peft's tokens
@@ -316,7 +260,7 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
         );
 
         // hostile directories: refused by name, the model untouched
-        let mut plain = load(&base);
+        let mut plain = load_model(&base);
         let bad = w.join(format!("bad-key-{name}"));
         edited_copy(&peft_dir, &bad, |c| c["exclude_modules"] = json!(["k_proj"]), None);
         let e = format!("{:#}", plain.load_peft_adapter(&bad, &registry).unwrap_err());
@@ -337,16 +281,16 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
             let e = format!("{:#}", plain.load_peft_adapter(&bad, &registry).unwrap_err());
             assert!(e.contains("`decompose_factor` = 4"), "{name}: {e}");
         }
-        check(
+        check_logits(
             &format!("{name}: refused directories leave the model"),
-            &logits(&plain),
+            &logits_of(&plain, &parity_ids()),
             &base_logits,
         );
     }
 
     // mixed_batch: peft's three adapters and the base in one batch, each row its own output;
     // then one adapter unloaded, the others unchanged
-    let mut model = load(&base);
+    let mut model = load_model(&base);
     for (name, _, _, _) in VARIANTS {
         model.load_peft_adapter_as(&w.join(format!("peft-{name}")), &registry, name).unwrap();
         assert!(model.adapter_mixes(name), "{name} declares mixed_batch");
@@ -354,7 +298,7 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
     let theirs =
         |name: &str| read_logits(&w.join(format!("peft-writes-{name}.logits.safetensors")));
     let rows = [Some("loha"), Some("lokr"), Some("lokr_both"), None];
-    let batch = Tensor::cat(&[ids(), ids()], 0);
+    let batch = Tensor::cat(&[parity_ids(), parity_ids()], 0);
     let mixed = tch::no_grad(|| {
         model.forward(
             ForwardArgs::ids(&batch).mode(LinearMode { rows: Some(&rows), ..LinearMode::BASE }),
@@ -363,7 +307,7 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
     .unwrap();
     for (i, row) in rows.iter().enumerate() {
         let want = row.map_or_else(|| base_logits.get(1), |n| theirs(n).get(i as i64 % 2));
-        check(
+        check_logits(
             &format!("mixed batch, row {i}: {}", row.unwrap_or("the base model")),
             &mixed.get(i as i64),
             &want,
@@ -371,7 +315,11 @@ fn loha_and_lokr_match_peft_both_ways_and_merge() {
     }
     model.remove_adapter("lokr").unwrap();
     model.set_active_adapter(Some("lokr_both")).unwrap();
-    check("lokr unloaded: lokr_both alone", &logits(&model), &theirs("lokr_both"));
+    check_logits(
+        "lokr unloaded: lokr_both alone",
+        &logits_of(&model, &parity_ids()),
+        &theirs("lokr_both"),
+    );
     drop(work);
 }
 

@@ -27,16 +27,14 @@
 //! or `.venv`); `tests/python/prompt_reference.py` is the Python side.
 use std::path::{Path, PathBuf};
 
-use ferrotune::model::{CausalLM, ForwardArgs, VisionInputs};
+use ferrotune::model::{ForwardArgs, VisionInputs};
 use ferrotune::peft::PeftModel;
-use ferrotune::plugins::Registry;
+use ferrotune_tests::adapter_parity::*;
 use ferrotune_tests::train_parity::{check_variant, Fixture, Variant, ROWS, WORDS};
 use ferrotune_tests::*;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-/// Largest accepted |difference| between two logits tensors (float32).
-const TOL: f64 = 1e-5;
 /// Greedy tokens generated on both sides.
 const NEW_TOKENS: usize = 10;
 
@@ -81,70 +79,10 @@ const METHODS: &[Method] = &[
     },
 ];
 
-fn ids() -> Tensor {
-    Tensor::from_slice(&[3i64, 17, 42, 99, 150, 7, 64, 201, 5, 5, 120, 33, 2, 180, 11, 90])
-        .view([2, 8])
-}
-
-fn ids_json() -> Value {
-    let v: Vec<i64> = Vec::try_from(&ids().view([-1])).unwrap();
-    json!(v.chunks(8).map(|c| c.to_vec()).collect::<Vec<_>>())
-}
-
-fn prompt_registry() -> Registry {
-    let lib = build_dir().join("libferrotune_prompt.so");
-    assert!(lib.exists(), "{} is missing: `cargo build --workspace` first", lib.display());
-    registry()
-}
-
-fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float)
-        .map(PeftModel::new)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
-}
-
-fn attach(model: &mut PeftModel, registry: &Registry, plugin: &str, config: &str) {
-    let method =
-        registry.adapter(plugin, config).unwrap_or_else(|e| panic!("{plugin} {config}: {e}"));
-    let report = model
-        .attach_adapter("default", Box::new(method))
-        .unwrap_or_else(|e| panic!("{plugin} {config}: {e:#}"));
-    println!("{plugin} {config}: {}", report.summary());
-}
-
-fn logits_of(model: &PeftModel, ids: &Tensor) -> Tensor {
-    tch::no_grad(|| model.forward(ForwardArgs::ids(ids))).unwrap()
-}
-
-fn logits(model: &PeftModel) -> Tensor {
-    logits_of(model, &ids())
-}
-
-fn read_logits(path: &Path) -> Tensor {
-    let mut v =
-        Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    v.remove(v.iter().position(|(n, _)| n == "logits").expect("a `logits` tensor")).1
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
-    let d = max_abs_diff(ours, theirs);
-    let scale = theirs.abs().max().double_value(&[]);
-    println!("{what:<66} max |diff| {d:.3e} (max |logit| {scale:.3})");
-    assert!(d <= TOL, "{what}: max |diff| {d:e} > {TOL:e}");
-}
-
 /// A tiny Qwen2 model under `w/base` (`ferrotune init-model`, seed 5, a ChatML tokenizer),
 /// [`sharpened`].
 fn tiny_model(w: &Path) -> PathBuf {
-    let tokenizer = w.join("tokenizer");
-    write_chat_tokenizer(&tokenizer, 200);
-    let base = w.join("base");
-    init_tiny_model(&tokenizer, &base, 5);
+    let base = tiny_parity_model(w);
     sharpen(&base);
     base
 }
@@ -203,8 +141,8 @@ fn prompt_methods_match_peft_both_ways() {
     let work = TempDir::new("prompt-parity");
     let w = &work.0;
     let base = tiny_model(w);
-    let registry = prompt_registry();
-    let base_logits = logits(&load(&base));
+    let registry = plugin_registry("libferrotune_prompt.so");
+    let base_logits = logits_of(&load_model(&base), &parity_ids());
     let prompt = "w3 w17 w42 w99 w150 w7";
     let prompt_ids =
         ferrotune::text::Tokenizer::from_dir(&base).unwrap().encode(prompt, true).unwrap();
@@ -212,16 +150,20 @@ fn prompt_methods_match_peft_both_ways() {
     // ours, written before the reference run so that peft can load them
     let mut ours_logits = Vec::new();
     for m in METHODS {
-        let mut model = load(&base);
-        attach(&mut model, &registry, m.plugin, m.config);
-        let l = logits(&model);
+        let mut model = load_model(&base);
+        attach_plugin(&mut model, &registry, m.plugin, m.config);
+        let l = logits_of(&model, &parity_ids());
         assert!(max_abs_diff(&l, &base_logits) > 1e-2, "{}: our adapter must matter", m.name);
         let dir = w.join(format!("ours-{}", m.name));
         model.save_peft_adapter(&dir).unwrap();
         // we load our own directory back: the saved table gives the encoder's logits
-        let mut again = load(&base);
+        let mut again = load_model(&base);
         again.load_peft_adapter(&dir, &registry).unwrap_or_else(|e| panic!("{}: {e:#}", m.name));
-        check(&format!("{}: our directory loaded back", m.name), &logits(&again), &l);
+        check_logits(
+            &format!("{}: our directory loaded back", m.name),
+            &logits_of(&again, &parity_ids()),
+            &l,
+        );
         ours_logits.push(l);
     }
 
@@ -231,14 +173,14 @@ fn prompt_methods_match_peft_both_ways() {
         "tokenizer_name_or_path": w.join("tokenizer"),
     });
     let initial_table = |config: &Value| {
-        let mut model = load(&base);
-        attach(&mut model, &registry, "prompt_tuning", &config.to_string());
+        let mut model = load_model(&base);
+        attach_plugin(&mut model, &registry, "prompt_tuning", &config.to_string());
         model.adapter_state_dict().unwrap().remove(0).1
     };
     let text_table = initial_table(&text_config);
     let sampled =
         initial_table(&json!({"num_virtual_tokens": 6, "prompt_tuning_init": "SAMPLE_VOCAB"}));
-    let embed = load(&base).embed_tokens().shallow_clone();
+    let embed = load_model(&base).embed_tokens().shallow_clone();
     for r in 0..6 {
         let row = sampled.get(r);
         let hits = (embed.shallow_clone() - &row)
@@ -260,7 +202,7 @@ fn prompt_methods_match_peft_both_ways() {
                        "out": w.join("peft-text.logits.safetensors")}));
     let plan = json!({
         "base": base,
-        "ids": ids_json(),
+        "ids": parity_ids_rows(),
         "peft_writes": writes,
         "peft_loads": METHODS.iter().map(|m| json!({
             "dir": w.join(format!("ours-{}", m.name)),
@@ -283,14 +225,14 @@ fn prompt_methods_match_peft_both_ways() {
 
     for (m, ours) in METHODS.iter().zip(&ours_logits) {
         // peft loads ours
-        check(
+        check_logits(
             &format!("{}: peft loads our directory", m.name),
             &read_logits(&w.join(format!("peft-loads-{}.logits.safetensors", m.name))),
             ours,
         );
         // we load peft's
         let dir = w.join(format!("peft-{}", m.name));
-        let mut model = load(&base);
+        let mut model = load_model(&base);
         let report = model
             .load_peft_adapter(&dir, &registry)
             .unwrap_or_else(|e| panic!("peft's {} directory: {e:#}", m.name));
@@ -301,7 +243,11 @@ fn prompt_methods_match_peft_both_ways() {
             "{}: peft's adapter must matter",
             m.name
         );
-        check(&format!("{}: we load peft's directory", m.name), &logits(&model), &theirs);
+        check_logits(
+            &format!("{}: we load peft's directory", m.name),
+            &logits_of(&model, &parity_ids()),
+            &theirs,
+        );
         let saved = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
         assert_eq!(saved.len(), 1, "{}: peft saves one tensor", m.name);
         assert_eq!(saved[0].0, "prompt_embeddings");
@@ -436,7 +382,7 @@ fn check_encoder_variant(f: &Fixture, v: &Variant) {
     let path = f.work.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).unwrap();
     let cfg = ferrotune::train::config::TrainConfig::from_file(&path).unwrap();
-    let registry = prompt_registry();
+    let registry = plugin_registry("libferrotune_prompt.so");
     let mut run = ferrotune::train::Run::setup(&cfg, &registry, None).unwrap();
     let init =
         Tensor::read_safetensors(f.work.join(format!("full-init-{name}.safetensors"))).unwrap();
@@ -530,13 +476,13 @@ fn prompt_tuning_on_qwen2_vl_matches_peft() {
         Tensor::randn([16, 1176], (Kind::Float, Device::Cpu)),
         vec![[1, 4, 4]],
     );
-    let registry = prompt_registry();
+    let registry = plugin_registry("libferrotune_prompt.so");
     let forward = |m: &PeftModel| {
         tch::no_grad(|| m.forward(ForwardArgs::ids(&ids).images(Some(&images)))).unwrap()
     };
-    let base_logits = forward(&load(&base));
-    let mut model = load(&base);
-    attach(&mut model, &registry, "prompt_tuning", r#"{"num_virtual_tokens": 4}"#);
+    let base_logits = forward(&load_model(&base));
+    let mut model = load_model(&base);
+    attach_plugin(&mut model, &registry, "prompt_tuning", r#"{"num_virtual_tokens": 4}"#);
     let ours = forward(&model);
     assert!(max_abs_diff(&ours, &base_logits) > 1e-2, "the adapter must matter");
     let dir = w.join("ours");
@@ -557,7 +503,7 @@ fn prompt_tuning_on_qwen2_vl_matches_peft() {
     let script = repo_root().join("tests/python/prompt_reference.py");
     let out = run_python(&[script.as_os_str(), w.as_os_str()]);
     println!("{}", stdout(&out).trim());
-    check(
+    check_logits(
         "prompt tuning: peft loads our directory on Qwen2-VL (image input)",
         &read_logits(&w.join("vl.logits.safetensors")),
         &ours,
@@ -583,10 +529,10 @@ fn prompt_directories_refuse_what_does_not_fit_by_name() {
     let work = TempDir::new("prompt-hostile");
     let w = &work.0;
     let base = tiny_model(w);
-    let registry = prompt_registry();
-    let base_logits = logits(&load(&base));
-    let mut model = load(&base);
-    attach(&mut model, &registry, "prompt_tuning", r#"{"num_virtual_tokens": 5}"#);
+    let registry = plugin_registry("libferrotune_prompt.so");
+    let base_logits = logits_of(&load_model(&base), &parity_ids());
+    let mut model = load_model(&base);
+    attach_plugin(&mut model, &registry, "prompt_tuning", r#"{"num_virtual_tokens": 5}"#);
     let good = w.join("good");
     model.save_peft_adapter(&good).unwrap();
 
@@ -614,7 +560,7 @@ fn prompt_directories_refuse_what_does_not_fit_by_name() {
     assert!(e.contains("`r`"), "{e}");
     let unknown = w.join("unknown");
     edited_copy(&good, &unknown, |c| c["lora_alpha"] = json!(16));
-    let mut m = load(&base);
+    let mut m = load_model(&base);
     let e = format!("{:#}", m.load_peft_adapter(&unknown, &registry).unwrap_err());
     assert!(e.contains("`lora_alpha` = 16"), "{e}");
 
@@ -638,7 +584,11 @@ fn prompt_directories_refuse_what_does_not_fit_by_name() {
     edited_copy(&good, &dim, |c| c["token_dim"] = json!(4096));
     let e = format!("{:#}", m.load_peft_adapter(&dim, &registry).unwrap_err());
     assert!(e.contains("`token_dim`") && e.contains("4096"), "{e}");
-    check("refused directories leave the model as it was", &logits(&m), &base_logits);
+    check_logits(
+        "refused directories leave the model as it was",
+        &logits_of(&m, &parity_ids()),
+        &base_logits,
+    );
     drop(work);
 }
 

@@ -18,20 +18,17 @@
 //! `.venv`: torch 2.11, transformers 5, peft 0.21); one Python run
 //! (`tests/python/vera_reference.py`) serves the parity test, one (`train_reference.py`) the
 //! training test.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferrotune::generate::{generate, SamplingParams};
 use ferrotune::model::linear::LinearMode;
-use ferrotune::model::{CausalLM, ForwardArgs};
+use ferrotune::model::ForwardArgs;
 use ferrotune::peft::PeftModel;
-use ferrotune::plugins::Registry;
+use ferrotune_tests::adapter_parity::*;
 use ferrotune_tests::train_parity::{check_variant, prepare, Variant};
 use ferrotune_tests::*;
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
-
-/// Largest accepted |difference| between two logits tensors (float32).
-const TOL: f64 = 1e-5;
+use tch::Tensor;
 
 /// The adapter peft writes and we write (VeraConfig / plugin `vera` keys): layers of three
 /// shapes, so that the shared projections are sliced three ways.
@@ -39,69 +36,6 @@ const QVD: &str = r#"{"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"
 /// The same without saving the projections: loading regenerates them from the key.
 const QVD_UNSAVED: &str = r#"{"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "save_projection": false, "projection_prng_key": 123}"#;
 const NEW_TOKENS: usize = 8;
-
-fn ids() -> Tensor {
-    Tensor::from_slice(&[3i64, 17, 42, 99, 150, 7, 64, 201, 5, 5, 120, 33, 2, 180, 11, 90])
-        .view([2, 8])
-}
-
-fn ids_rows() -> Vec<Vec<i64>> {
-    let v: Vec<i64> = Vec::try_from(&ids().view([-1])).unwrap();
-    v.chunks(8).map(|c| c.to_vec()).collect()
-}
-
-fn vera_registry() -> Registry {
-    let lib = build_dir().join("libferrotune_vera.so");
-    assert!(lib.exists(), "{} is missing: `cargo build --workspace` first", lib.display());
-    registry()
-}
-
-fn load(dir: &Path) -> PeftModel {
-    CausalLM::load(dir, Device::Cpu, Kind::Float)
-        .map(PeftModel::new)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
-}
-
-fn attach(model: &mut PeftModel, registry: &Registry, config: &str) {
-    let method = registry.adapter("vera", config).unwrap_or_else(|e| panic!("{config}: {e}"));
-    let report = model
-        .attach_adapter("default", Box::new(method))
-        .unwrap_or_else(|e| panic!("{config}: {e:#}"));
-    println!("vera {config}: {}", report.summary());
-}
-
-fn logits(model: &PeftModel) -> Tensor {
-    tch::no_grad(|| model.forward(ForwardArgs::ids(&ids()))).unwrap()
-}
-
-fn read_logits(path: &Path) -> Tensor {
-    let mut v =
-        Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    v.remove(v.iter().position(|(n, _)| n == "logits").expect("a `logits` tensor")).1
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
-
-fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
-    let d = max_abs_diff(ours, theirs);
-    let scale = theirs.abs().max().double_value(&[]);
-    println!("{what:<60} max |diff| {d:.3e} (max |logit| {scale:.3})");
-    assert!(d <= TOL, "{what}: max |diff| {d:e} > {TOL:e}");
-}
-
-/// The tensors of a PEFT directory, sorted by name.
-fn saved(dir: &Path) -> Vec<(String, Tensor)> {
-    let mut v = Tensor::read_safetensors(dir.join("adapter_model.safetensors")).unwrap();
-    v.sort_by(|x, y| x.0.cmp(&y.0));
-    v
-}
-
-fn names(v: &[(String, Tensor)]) -> Vec<String> {
-    v.iter().map(|x| x.0.clone()).collect()
-}
 
 /// Draws every `vera_lambda_b` as 0.5·N(0, 1) and `vera_lambda_d` as 1 + 0.5·N(0, 1), as the
 /// reference script does for peft's; the projections stay as they are.
@@ -125,15 +59,6 @@ fn perturb(model: &mut PeftModel, seed: i64) {
     model.load_adapter_state_dict(state).unwrap();
 }
 
-/// A tiny Qwen2 model under `w/base` (`ferrotune init-model`, seed 5, a ChatML tokenizer).
-fn tiny_model(w: &Path) -> PathBuf {
-    let tokenizer = w.join("tokenizer");
-    write_chat_tokenizer(&tokenizer, 200);
-    let base = w.join("base");
-    init_tiny_model(&tokenizer, &base, 5);
-    base
-}
-
 /// Copies the PEFT directory `from` to `to` with its config and tensors edited.
 fn edited(
     from: &Path,
@@ -147,7 +72,7 @@ fn edited(
             .unwrap();
     config(&mut cfg);
     std::fs::write(to.join("adapter_config.json"), cfg.to_string()).unwrap();
-    let mut t = saved(from);
+    let mut t = saved_tensors(from);
     tensors(&mut t);
     Tensor::write_safetensors(&t, to.join("adapter_model.safetensors")).unwrap();
 }
@@ -157,27 +82,31 @@ fn vera_matches_peft_both_ways_merges_and_refuses_bad_directories() {
     one_torch_thread();
     let work = TempDir::new("vera-parity");
     let w = &work.0;
-    let base = tiny_model(w);
-    let registry = vera_registry();
-    let base_logits = logits(&load(&base));
+    let base = tiny_parity_model(w);
+    let registry = plugin_registry("libferrotune_vera.so");
+    let base_logits = logits_of(&load_model(&base), &parity_ids());
 
     // ours, written before the reference run so that peft can load them
     let mut ours_dirs = Vec::new();
     let mut ours_logits = Vec::new();
     for (i, config) in [QVD, QVD_UNSAVED].iter().enumerate() {
         let dir = w.join(format!("ours-{i}"));
-        let mut ours = load(&base);
-        attach(&mut ours, &registry, config);
-        check("vera_lambda_b = 0 at init: the base model", &logits(&ours), &base_logits);
+        let mut ours = load_model(&base);
+        attach_plugin(&mut ours, &registry, "vera", config);
+        check_logits(
+            "vera_lambda_b = 0 at init: the base model",
+            &logits_of(&ours, &parity_ids()),
+            &base_logits,
+        );
         perturb(&mut ours, 7 + i as i64);
-        let l = logits(&ours);
+        let l = logits_of(&ours, &parity_ids());
         assert!(max_abs_diff(&l, &base_logits) > 1e-2, "our adapter must matter");
         ours.save_peft_adapter(&dir).unwrap();
         ours_dirs.push(dir);
         ours_logits.push(l);
     }
     assert!(
-        names(&saved(&ours_dirs[1])).iter().all(|k| !k.contains("vera_A")),
+        tensor_names(&saved_tensors(&ours_dirs[1])).iter().all(|k| !k.contains("vera_A")),
         "save_projection false: no projections saved"
     );
     // `ferrotune merge` of ours (transformers loads the result in the reference run)
@@ -196,7 +125,7 @@ fn vera_matches_peft_both_ways_merges_and_refuses_bad_directories() {
     let peft_dir = w.join("peft");
     let plan = json!({
         "base": base,
-        "ids": ids_rows(),
+        "ids": parity_ids_rows(),
         "peft_writes": [{"config": serde_json::from_str::<Value>(QVD).unwrap(), "seed": 11,
                          "dir": peft_dir, "out": w.join("peft.logits.safetensors"),
                          "greedy_out": w.join("peft.greedy.json"), "new_tokens": NEW_TOKENS}],
@@ -211,73 +140,82 @@ fn vera_matches_peft_both_ways_merges_and_refuses_bad_directories() {
     println!("{}", stdout(&out).trim());
 
     // peft loads ours, with the projections saved and regenerated from the key
-    check(
+    check_logits(
         "peft loads our VeRA directory: logits",
         &read_logits(&w.join("peft-loads-ours-0.logits.safetensors")),
         &ours_logits[0],
     );
-    check(
+    check_logits(
         "peft loads ours (save_projection false): logits",
         &read_logits(&w.join("peft-loads-ours-1.logits.safetensors")),
         &ours_logits[1],
     );
     // transformers loads the merged model
-    check(
+    check_logits(
         "ferrotune merge, loaded by transformers: logits",
         &read_logits(&w.join("merged.logits.safetensors")),
         &ours_logits[0],
     );
 
     // we load peft's: the same keys as ours, the same projections, peft's logits and tokens
-    let (peft_saved, ours_saved) = (saved(&peft_dir), saved(&ours_dirs[0]));
-    assert_eq!(names(&peft_saved), names(&ours_saved), "peft's keys are ours");
+    let (peft_saved, ours_saved) = (saved_tensors(&peft_dir), saved_tensors(&ours_dirs[0]));
+    assert_eq!(tensor_names(&peft_saved), tensor_names(&ours_saved), "peft's keys are ours");
     for key in ["base_model.vera_A", "base_model.vera_B"] {
         let find = |v: &[(String, Tensor)]| v.iter().find(|(k, _)| k == key).unwrap().1.copy();
         let (p, o) = (find(&peft_saved), find(&ours_saved));
         assert!(p.equal(&o), "{key}: ours {:?} vs peft's {:?} differ", o.size(), p.size());
         println!("{key} {:?}: bit for bit peft's (projection_prng_key 0)", p.size());
     }
-    let mut model = load(&base);
+    let mut model = load_model(&base);
     let report = model
         .load_peft_adapter(&peft_dir, &registry)
         .unwrap_or_else(|e| panic!("peft's VeRA directory: {e:#}"));
     println!("peft's VeRA: {}", report.summary());
     let theirs = read_logits(&w.join("peft.logits.safetensors"));
     assert!(max_abs_diff(&theirs, &base_logits) > 1e-2, "peft's adapter must matter");
-    check("we load peft's VeRA directory: logits", &logits(&model), &theirs);
+    check_logits(
+        "we load peft's VeRA directory: logits",
+        &logits_of(&model, &parity_ids()),
+        &theirs,
+    );
     let greedy: Vec<Vec<i64>> =
         serde_json::from_str(&std::fs::read_to_string(w.join("peft.greedy.json")).unwrap())
             .unwrap();
-    let ours_greedy = generate(&model, &ids_rows(), &SamplingParams::greedy(NEW_TOKENS)).unwrap();
+    let ours_greedy =
+        generate(&model, &parity_ids_rows(), &SamplingParams::greedy(NEW_TOKENS)).unwrap();
     println!("greedy tokens: ours {ours_greedy:?}, peft's {greedy:?}");
     assert_eq!(ours_greedy, greedy, "greedy tokens");
     // mixed_batch: peft's adapter and ours (and the base) in one batch, each row its own output
     model.load_peft_adapter_as(&ours_dirs[0], &registry, "ours").unwrap();
     assert!(model.adapter_mixes("default") && model.adapter_mixes("ours"));
     let rows = [Some("ours"), Some("default"), None];
-    let batch = Tensor::cat(&[ids(), ids().narrow(0, 0, 1)], 0);
+    let batch = Tensor::cat(&[parity_ids(), parity_ids().narrow(0, 0, 1)], 0);
     let mixed = tch::no_grad(|| {
         model.forward(
             ForwardArgs::ids(&batch).mode(LinearMode { rows: Some(&rows), ..LinearMode::BASE }),
         )
     })
     .unwrap();
-    check("mixed batch, row 0: our adapter", &mixed.get(0), &ours_logits[0].get(0));
-    check("mixed batch, row 1: peft's adapter", &mixed.get(1), &theirs.get(1));
-    check("mixed batch, row 2: the base model", &mixed.get(2), &base_logits.get(0));
+    check_logits("mixed batch, row 0: our adapter", &mixed.get(0), &ours_logits[0].get(0));
+    check_logits("mixed batch, row 1: peft's adapter", &mixed.get(1), &theirs.get(1));
+    check_logits("mixed batch, row 2: the base model", &mixed.get(2), &base_logits.get(0));
     model.set_active_adapter(Some("default")).unwrap();
     model.remove_adapter("ours").unwrap();
     let resaved = w.join("peft-resaved");
     model.save_peft_adapter(&resaved).unwrap();
-    let again = saved(&resaved);
-    assert_eq!(names(&again), names(&peft_saved));
+    let again = saved_tensors(&resaved);
+    assert_eq!(tensor_names(&again), tensor_names(&peft_saved));
     assert!(again.iter().zip(&peft_saved).all(|(x, y)| x.1.equal(&y.1)), "values saved back");
 
     // hostile directories, each refused by name before anything is attached
-    let mut plain = load(&base);
+    let mut plain = load_model(&base);
     let refused = |dir: &Path, plain: &mut PeftModel| -> String {
         let e = format!("{:#}", plain.load_peft_adapter(dir, &registry).unwrap_err());
-        check("a refused directory leaves the model as it was", &logits(plain), &base_logits);
+        check_logits(
+            "a refused directory leaves the model as it was",
+            &logits_of(plain, &parity_ids()),
+            &base_logits,
+        );
         e
     };
     let d = w.join("bad-key");

@@ -5,6 +5,7 @@ use std::process::{Command, Output};
 
 use ferrotune::plugins::{Registry, SearchPath};
 
+pub mod adapter_parity;
 pub mod server;
 pub mod train_parity;
 pub use server::Server;

@@ -110,7 +110,7 @@ def run(plan, variant, encoded, pad_id):
         total = 0.0
         for idx in micro:
             ids, mask, labels = collate([encoded[i] for i in idx], pad_id)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :]
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1] :].contiguous()
             loss = ForCausalLMLoss(logits, labels, vocab, num_items_in_batch=num_items)
             loss.backward()
             total += loss.item()
