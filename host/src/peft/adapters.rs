@@ -980,9 +980,7 @@ impl PeftModel {
     /// Adapter `name`'s virtual tokens or key/value prefix (see [`PromptKind`]).
     pub(crate) fn adapter_prompt_forward(&self, name: &str, train: bool) -> Result<Tensor> {
         let a = self.adapters.get(name).with_context(|| format!("no adapter named `{name}`"))?;
-        Ok(a.method
-            .prompt_forward(train)
-            .with_context(|| format!("adapter `{name}`: prompt_forward"))?)
+        a.method.prompt_forward(train).with_context(|| format!("adapter `{name}`: prompt_forward"))
     }
 }
 
