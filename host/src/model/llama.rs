@@ -1222,12 +1222,14 @@ impl CausalLM {
         // A prompt-learning adapter's positions go in at the prefill (or a pass without a cache);
         // later steps find them in the cache.
         let prompt = prompt.filter(|_| past == 0);
+        let cfg = &self.decoder.config;
         let (virtual_tokens, kv_prefix) = match prompt {
             Some(PromptInput::VirtualTokens(v)) => {
-                (Some(self.check_prompt(v, b, "virtual tokens")?), None)
+                (Some(self.check_prompt(v, cfg.hidden_size, "virtual tokens")?), None)
             }
             Some(PromptInput::KvPrefix(p)) => {
-                (None, Some(self.check_prompt(p, b, "key/value prefix")?))
+                let width = cfg.num_hidden_layers * 2 * cfg.num_kv_heads() * cfg.head_dim();
+                (None, Some(self.check_prompt(p, width, "key/value prefix")?))
             }
             None => (None, None),
         };
@@ -1440,16 +1442,10 @@ impl CausalLM {
     }
 
     /// Checks a prompt-learning adapter's `[n, width]` tensor (on the model's device).
-    fn check_prompt(&self, p: &Tensor, b: i64, what: &str) -> Result<Tensor> {
-        let cfg = &self.decoder.config;
-        let width = if what == "virtual tokens" {
-            cfg.hidden_size
-        } else {
-            cfg.num_hidden_layers * 2 * cfg.num_kv_heads() * cfg.head_dim()
-        };
+    fn check_prompt(&self, p: &Tensor, width: i64, what: &str) -> Result<Tensor> {
         let size = p.size();
         match size.as_slice() {
-            &[n, w] if n >= 1 && w == width && b >= 1 => Ok(p.f_to_device(self.decoder.device)?),
+            &[n, w] if n >= 1 && w == width => Ok(p.f_to_device(self.decoder.device)?),
             _ => bail!(
                 "the adapter's {what} must be [num_virtual_tokens ≥ 1, {width}], got {size:?}"
             ),

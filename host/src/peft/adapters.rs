@@ -84,6 +84,8 @@ pub(crate) struct AttachedAdapter {
     /// model order.
     saved: Vec<String>,
     capabilities: Vec<String>,
+    /// A prompt-learning method's shape, asked once at attach (forwards read it).
+    prompt: Option<PromptSpec>,
 }
 
 /// The adapters of a model and the active one.
@@ -578,6 +580,7 @@ impl PeftModel {
             modules,
             saved,
             capabilities,
+            prompt,
         });
         if self.adapters.active.is_none() {
             self.adapters.active = Some(name.to_string());
@@ -849,9 +852,7 @@ impl PeftModel {
     pub fn merge_adapter(&mut self) -> Result<Vec<String>> {
         let entry = self.active_entry("merge_adapter")?;
         let name = entry.name.clone();
-        if let Some(p) =
-            entry.method.prompt().with_context(|| format!("adapter `{name}`: prompt"))?
-        {
+        if let Some(p) = entry.prompt {
             bail!(
                 "adapter `{name}` cannot be merged: it is a prompt-learning method ({} virtual tokens {}), which adds positions to \
                  the input instead of changing weights; serve or generate with the adapter instead",
@@ -968,13 +969,8 @@ impl PeftModel {
 
     /// The prompt-learning shape of adapter `name` (`None`: no such adapter, or one that adapts
     /// linear layers only).
-    pub fn adapter_prompt(&self, name: &str) -> Result<Option<PromptSpec>> {
-        match self.adapters.get(name) {
-            Some(a) => {
-                Ok(a.method.prompt().with_context(|| format!("adapter `{name}`: prompt"))?)
-            }
-            None => Ok(None),
-        }
+    pub fn adapter_prompt(&self, name: &str) -> Option<PromptSpec> {
+        self.adapters.get(name).and_then(|a| a.prompt)
     }
 
     /// Adapter `name`'s virtual tokens or key/value prefix (see [`PromptKind`]).

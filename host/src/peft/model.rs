@@ -70,15 +70,12 @@ impl PeftModel {
         }
         let prefill = args.cache.as_ref().is_none_or(|c| c.seq_len() == 0);
         let prompt = match (mode.adapter, mode.rows) {
-            (Some(name), None) if prefill => match self.adapter_prompt(name)? {
+            (Some(name), None) if prefill => match self.adapter_prompt(name) {
                 Some(spec) => Some((spec.kind, self.adapter_prompt_forward(name, mode.train)?)),
                 None => None,
             },
             (None, Some(rows)) if prefill => {
-                if let Some(name) = rows
-                    .iter()
-                    .flatten()
-                    .find(|n| self.adapter_prompt(n).is_ok_and(|p| p.is_some()))
+                if let Some(name) = rows.iter().flatten().find(|n| self.adapter_prompt(n).is_some())
                 {
                     bail!("adapter `{name}` is a prompt-learning method: its rows start alone (a prefill per adapter), not in a batch of several adapters");
                 }
@@ -99,7 +96,7 @@ impl PeftModel {
     /// prompt-learning method; 0 for other adapters and the base model).
     pub fn prompt_positions(&self, adapter: Option<&str>) -> Result<i64> {
         Ok(match adapter {
-            Some(name) => self.adapter_prompt(name)?.map_or(0, |p| p.num_virtual_tokens),
+            Some(name) => self.adapter_prompt(name).map_or(0, |p| p.num_virtual_tokens),
             None => 0,
         })
     }

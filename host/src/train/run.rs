@@ -743,7 +743,7 @@ fn load_model(
         registry,
     )?;
     tracing::info!("adapter `{}` on {} modules", adapter.plugin, attach.modules.len());
-    if cfg.data.packing && model.adapter_prompt("default")?.is_some() {
+    if cfg.data.packing && model.adapter_prompt("default").is_some() {
         bail!(
             "config key `data.packing`: adapter `{}` is a prompt-learning method, whose virtual tokens go before each sequence, \
              not before each packed row; remove data.packing",
