@@ -87,6 +87,7 @@ pub mod kto;
 pub mod losses;
 pub mod orpo;
 pub mod pair;
+pub mod rlhf;
 pub mod simpo;
 
 pub use dpo::Dpo;
