@@ -84,8 +84,10 @@ pub use kinds::adapter::{
 pub use kinds::dataset::{DataSource, DatasetFormat, SampleList, SampleReader};
 pub use kinds::memory::{Collectives, MemoryStrategy, ReduceOp, StepReport};
 pub use kinds::objective::{
-    logps_from_logits, next_token_targets, target_logps, Batch, ForwardFlags, LossOutput,
-    Objective, ObjectiveContext, RewardScores, TargetLogps, TARGET_IDS, TARGET_TEMPERATURE,
+    last_token_values, logps_from_logits, next_token_targets, take_output, target_logps, Batch,
+    ForwardFlags, LossOutput, Objective, ObjectiveContext, RewardScores, TargetLogps,
+    NEED_NUM_ITERATIONS, NEED_SCORE_HEAD, NEED_VALUE_HEAD, SCORES, TARGET_IDS,
+    TARGET_TEMPERATURE, VALUES,
 };
 pub use kinds::quantizer::{QuantizedWeight, Quantizer};
 pub use kinds::reward::{Reward, RewardInput};

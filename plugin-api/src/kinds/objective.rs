@@ -64,6 +64,18 @@ impl ForwardFlags {
     /// With `TARGET_LOGPS`: also return `target_entropy`, the entropy of each target
     /// position's distribution (no graph).
     pub const TARGET_ENTROPY: Self = Self(8);
+    /// Also return [`SCORES`]: the run's score head (`score`, hidden → 1, as transformers'
+    /// `…ForSequenceClassification`) at every position, `[B, T]` fp32, through the active
+    /// adapter's trainable copy of the head (the base's head with `DISABLE_ADAPTER`). The
+    /// objective must list `score_head` in its `needs()`. Without `TARGET_LOGPS` no `logits`
+    /// are computed. A host that predates the flag returns no `scores`:
+    /// [`take_output`] names it.
+    pub const SCORES: Self = Self(16);
+    /// Also return [`VALUES`]: the run's value head (`v_head`, hidden → 1, trained in full)
+    /// on the policy's last hidden state at every position, `[B, T]` fp32 (PPO's critic).
+    /// The objective must list `value_head` in its `needs()`. Without `TARGET_LOGPS` no
+    /// `logits` are computed.
+    pub const VALUES: Self = Self(32);
     pub fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
     }
@@ -74,6 +86,66 @@ impl std::ops::BitOr for ForwardFlags {
     fn bitor(self, rhs: Self) -> Self {
         Self(self.0 | rhs.0)
     }
+}
+
+/// Output name of [`ForwardFlags::SCORES`]: `[B, T]` fp32.
+pub const SCORES: &str = "scores";
+/// Output name of [`ForwardFlags::VALUES`]: `[B, T]` fp32.
+pub const VALUES: &str = "values";
+
+/// What an objective lists in `needs()` for a score head (`score`, hidden → 1) on the model:
+/// the host adds one (read from a sequence-classification checkpoint's `score.weight`, else
+/// initialised as transformers does, normal(0, `initializer_range`)), trains it in full
+/// beside the adapter (peft's `modules_to_save`) and saves it as peft's `SEQ_CLS` task does.
+pub const NEED_SCORE_HEAD: &str = "score_head";
+/// What an objective lists in `needs()` for a value head (`v_head`, hidden → 1) on the
+/// policy's hidden states, trained in full beside the adapter and kept in the run's
+/// checkpoints (not in the adapter: the policy's adapter stays a causal-LM adapter).
+pub const NEED_VALUE_HEAD: &str = "value_head";
+/// Prefix of a `needs()` entry asking the host to send each generation batch for this many
+/// consecutive optimizer steps (`num_iterations=8`; PPO's `num_ppo_epochs ×
+/// num_mini_batches`): the default of `training.num_iterations`. A config that sets another
+/// value is refused by name.
+pub const NEED_NUM_ITERATIONS: &str = "num_iterations=";
+
+/// Removes output `name` from a forward's outputs, or an error saying the host did not
+/// compute it (a host that predates the flag that asks for it).
+pub fn take_output(out: &mut Vec<(String, Tensor)>, name: &str) -> PluginResult<Tensor> {
+    match out.iter().position(|(n, _)| n == name) {
+        Some(i) => Ok(out.swap_remove(i).1),
+        None => Err(PluginError::unsupported(format!(
+            "the host's forward returned no `{name}` (it has: {}); this objective needs a host that computes it",
+            out.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// Each row's value at its last position with `attention_mask` 1 (`[B, T]` → `[B]`), where a
+/// sequence-classification model reads its score (right padding: the last real token). A row
+/// without any such position is an error naming it.
+pub fn last_token_values(per_position: &Tensor, attention_mask: &Tensor) -> PluginResult<Tensor> {
+    let (b, t) = per_position.size2().map_err(|_| {
+        PluginError::invalid(format!(
+            "per-position scores must be [batch, seq], got {:?}",
+            per_position.size()
+        ))
+    })?;
+    if attention_mask.size() != [b, t] {
+        return Err(PluginError::invalid(format!(
+            "`attention_mask` {:?} does not match the scores [{b}, {t}]",
+            attention_mask.size()
+        )));
+    }
+    let mask = attention_mask.f_to_device(per_position.device())?.f_ne(0)?;
+    let pos = Tensor::f_arange(t, (tch::Kind::Int64, per_position.device()))?
+        .f_unsqueeze(0)?
+        .f_expand([b, t], false)?;
+    let last = pos.f_where_scalarother(&mask, -1)?.f_amax([1i64].as_slice(), false)?;
+    let empty = Vec::<i64>::try_from(&last.f_lt(0)?.f_nonzero()?.f_reshape([-1])?)?;
+    if let Some(r) = empty.first() {
+        return Err(PluginError::invalid(format!("row {r} has no token (its attention_mask is all 0)")));
+    }
+    Ok(per_position.f_gather(1, &last.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?)
 }
 
 /// Input name of the target tokens for [`ForwardFlags::TARGET_LOGPS`]: `[B, T]` integers,
@@ -417,7 +489,8 @@ pub trait ObjectiveContext {
 /// A training objective configured for a run.
 pub trait Objective: Send + 'static {
     /// What the objective needs from the host: `reference`, `generation`, `rewards`,
-    /// `preference_pairs`, `kto_labels`.
+    /// `preference_pairs`, `kto_labels`, [`NEED_SCORE_HEAD`], [`NEED_VALUE_HEAD`],
+    /// [`NEED_NUM_ITERATIONS`]`N`. A host ignores needs it does not know.
     fn needs(&self) -> Vec<String> {
         Vec::new()
     }
@@ -637,6 +710,20 @@ mod tests {
 
     fn rows_of(t: &Tensor) -> Vec<i64> {
         Vec::<i64>::try_from(&t.f_select(1, 0).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn last_token_values_read_each_rows_last_real_position() {
+        let v = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([2, 3]);
+        let m = Tensor::from_slice(&[1i64, 1, 0, 1, 1, 1]).view([2, 3]);
+        let got = last_token_values(&v, &m).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&got).unwrap(), vec![2.0, 6.0]);
+        let m = Tensor::from_slice(&[1i64, 1, 0, 0, 0, 0]).view([2, 3]);
+        let e = last_token_values(&v, &m).unwrap_err().to_string();
+        assert!(e.contains("row 1"), "{e}");
+        let mut out = vec![("logits".to_string(), v)];
+        let e = take_output(&mut out, SCORES).unwrap_err().to_string();
+        assert!(e.contains("`scores`") && e.contains("logits"), "{e}");
     }
 
     #[test]
