@@ -2,9 +2,7 @@
 //! sampled in groups per prompt, scored by the run's reward plugins, turned into
 //! group-relative advantages, and trained with a clipped policy-gradient loss (plus a k3 KL
 //! to the reference when `beta ≠ 0`).
-use ferrotune_plugin_api::kinds::objective::{
-    select_prompt_rows, vision_counts, IMAGES_PER_PROMPT, PROMPT_ROWS, VIDEOS_PER_PROMPT,
-};
+use ferrotune_plugin_api::kinds::objective::select_prompt_rows;
 use ferrotune_plugin_api::prelude::*;
 use ferrotune_plugin_api::target_logps;
 use serde::Deserialize;
@@ -12,6 +10,7 @@ use std::cell::Cell;
 
 use crate::common::{bool_mask, check_loss, ensure_finite, get_2d, model_inputs, Meta};
 use crate::losses::{group_advantages, grpo_loss, GrpoLossType, GrpoParams, ScaleRewards};
+use crate::rollout::{length_metrics, pad_completions, pad_token_id, Prompts, RewardTable};
 
 /// Tensor names of the GRPO batch that are not model inputs.
 pub const GRPO_NON_MODEL_KEYS: [&str; 7] = [
@@ -327,122 +326,43 @@ impl Grpo {
         meta: &Meta,
         ctx: &dyn ObjectiveContext,
     ) -> PluginResult<Scored> {
-        let prompt_ids = get_2d(batch, "prompt_ids", None, None)?;
-        let (b, p) = (prompt_ids.size()[0], prompt_ids.size()[1]);
-        let prompt_mask = get_2d(batch, "prompt_mask", Some(b), Some(p))?;
-        let g = self.cfg.num_generations as i64;
-        let ids_cpu = prompt_ids.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
-        let mask_cpu = prompt_mask.f_to_device(Device::Cpu)?.f_ne(0)?;
-        let mut prompts: Vec<Vec<i64>> = Vec::with_capacity((b * g) as usize);
-        for row in 0..b {
-            let ids = Vec::<i64>::try_from(&ids_cpu.get(row))?;
-            let m = Vec::<bool>::try_from(&mask_cpu.get(row))?;
-            let kept: Vec<i64> =
-                ids.into_iter().zip(m).filter(|(_, k)| *k).map(|(i, _)| i).collect();
-            for _ in 0..g {
-                prompts.push(kept.clone());
-            }
-        }
+        let prompts = Prompts::from_batch(batch, meta)?;
+        let (b, g) = (prompts.len(), self.cfg.num_generations);
         let call = self.generation_calls.get();
         self.generation_calls.set(call + 1);
-        let mut options = serde_json::json!({
+        let options = serde_json::json!({
             "max_new_tokens": self.cfg.max_completion_length,
             "temperature": self.cfg.temperature,
             "top_p": self.cfg.top_p,
             "top_k": self.cfg.top_k,
             "seed": self.cfg.seed.wrapping_add(call),
         });
-        // Prompts with images or videos: the host generates each with its row's vision
-        // inputs, named by row (pixels cannot travel in the options JSON).
-        let rows: Vec<usize> =
-            (0..b as usize).flat_map(|r| std::iter::repeat_n(r, g as usize)).collect();
-        let images_per_prompt = vision_counts(&meta.value, IMAGES_PER_PROMPT)?;
-        let videos_per_prompt = vision_counts(&meta.value, VIDEOS_PER_PROMPT)?;
-        if images_per_prompt.is_some() || videos_per_prompt.is_some() {
-            options[PROMPT_ROWS] = serde_json::json!(rows);
-        }
-        let completions = ctx.generate(&prompts, &options.to_string())?;
-        if completions.len() != prompts.len() {
-            return Err(PluginError::invalid(format!(
-                "generate returned {} completions for {} prompts",
-                completions.len(),
-                prompts.len()
-            )));
-        }
-        // Reward inputs: the rendered prompt and the canonical sample of each row, from the
-        // metadata when the host put them there.
-        let texts = |key: &str| -> Option<Vec<serde_json::Value>> {
-            meta.value.get(key).and_then(|v| v.as_array()).cloned()
-        };
-        let prompt_texts = texts("prompts");
-        let samples = texts("samples");
-        for (key, v) in [("prompts", &prompt_texts), ("samples", &samples)] {
-            if let Some(v) = v {
-                if v.len() as i64 != b {
-                    return Err(PluginError::invalid(format!(
-                        "batch metadata `{key}` has {} entries for {b} prompts",
-                        v.len()
-                    )));
-                }
-            }
-        }
-        let mut inputs = Vec::with_capacity(completions.len());
-        for (i, comp) in completions.iter().enumerate() {
-            let row = i / g as usize;
-            let prompt = match &prompt_texts {
-                Some(v) => {
-                    v[row].as_str().map(str::to_string).unwrap_or_else(|| v[row].to_string())
-                }
-                None => ctx.decode(&prompts[i])?,
-            };
-            let sample_json =
-                samples.as_ref().map_or_else(|| "{}".to_string(), |v| v[row].to_string());
-            inputs.push(RewardInput { prompt, completion: ctx.decode(comp)?, sample_json });
-        }
-        let scores = ctx.rewards(&inputs)?;
-        let names: Vec<String> = scores.iter().map(|s| s.name.clone()).collect();
-        let weights: Vec<f64> = scores.iter().map(|s| s.weight).collect();
-        let per_func: Vec<Vec<f64>> = scores.into_iter().map(|s| s.scores).collect();
-        let adv =
-            group_advantages(&per_func, &names, &weights, self.cfg.num_generations, self.scale)?;
-        let c = completions.iter().map(Vec::len).max().unwrap_or(0).max(1) as i64;
-        let n = completions.len() as i64;
-        let pad = meta.value.get("pad_token_id").and_then(|v| v.as_i64()).unwrap_or(0);
-        let mut ids = vec![pad; (n * c) as usize];
-        let mut mask = vec![0i64; (n * c) as usize];
-        for (i, comp) in completions.iter().enumerate() {
-            for (j, &t) in comp.iter().enumerate() {
-                ids[i * c as usize + j] = t;
-                mask[i * c as usize + j] = 1;
-            }
-        }
-        let device = prompt_ids.device();
-        let lengths: Vec<f64> = completions.iter().map(|c| c.len() as f64).collect();
+        // Each prompt's rows repeat g times, grouped per prompt.
+        let rows: Vec<usize> = (0..b).flat_map(|r| std::iter::repeat_n(r, g)).collect();
+        let completions = prompts.generate(ctx, &rows, options)?;
+        let inputs = prompts.reward_inputs(ctx, meta, &rows, &completions)?;
+        let table = RewardTable::score(ctx, &inputs)?;
+        let adv = group_advantages(&table.per_func, &table.names, &table.weights, g, self.scale)?;
+        let device = prompts.ids.device();
+        let (completion_ids, completion_mask) =
+            pad_completions(&completions, pad_token_id(meta), device)?;
         let mut metrics = adv.metrics;
-        metrics.push((
-            "completions/mean_length".into(),
-            lengths.iter().sum::<f64>() / lengths.len().max(1) as f64,
-        ));
-        metrics.push((
-            "completions/min_length".into(),
-            lengths.iter().cloned().fold(f64::INFINITY, f64::min),
-        ));
-        metrics
-            .push(("completions/max_length".into(), lengths.iter().cloned().fold(0.0, f64::max)));
+        metrics.extend(length_metrics(&completions));
         // Other model inputs belong to the prompts; each prompt's rows repeat, and with them its
         // block of images (`pixel_values` rows are patches of every image of the batch).
         let extra_inputs = select_prompt_rows(
             &model_inputs(batch, &GRPO_NON_MODEL_KEYS),
-            b as usize,
-            images_per_prompt.as_deref(),
-            videos_per_prompt.as_deref(),
+            b,
+            prompts.images_per_prompt.as_deref(),
+            prompts.videos_per_prompt.as_deref(),
             &rows,
         )?;
+        let g = g as i64;
         Ok(Scored {
-            prompt_ids: prompt_ids.f_repeat_interleave_self_int(g, 0, None::<i64>)?,
-            prompt_mask: prompt_mask.f_repeat_interleave_self_int(g, 0, None::<i64>)?,
-            completion_ids: Tensor::from_slice(&ids).f_view([n, c])?.f_to_device(device)?,
-            completion_mask: Tensor::from_slice(&mask).f_view([n, c])?.f_to_device(device)?,
+            prompt_ids: prompts.ids.f_repeat_interleave_self_int(g, 0, None::<i64>)?,
+            prompt_mask: prompts.mask.f_repeat_interleave_self_int(g, 0, None::<i64>)?,
+            completion_ids,
+            completion_mask,
             advantages: Tensor::from_slice(&adv.advantages).f_to_device(device)?,
             old: None,
             reference: None,

@@ -87,13 +87,28 @@ pub mod kto;
 pub mod losses;
 pub mod orpo;
 pub mod pair;
+pub mod ppo;
+pub mod reward_model;
 pub mod rlhf;
+pub mod rollout;
 pub mod simpo;
+#[cfg(test)]
+mod testing;
 
 pub use dpo::Dpo;
 pub use grpo::Grpo;
 pub use kto::Kto;
 pub use orpo::Orpo;
+pub use ppo::Ppo;
+pub use reward_model::RewardModel;
 pub use simpo::Simpo;
 
-export_plugin!(objective: Dpo, objective: Orpo, objective: Simpo, objective: Kto, objective: Grpo);
+export_plugin!(
+    objective: Dpo,
+    objective: Orpo,
+    objective: Simpo,
+    objective: Kto,
+    objective: Grpo,
+    objective: RewardModel,
+    objective: Ppo
+);
