@@ -12,6 +12,9 @@ use crate::kinds::adapter::module_name_matches;
 pub const ALL_LINEAR: &str = "all-linear";
 /// The output head `all-linear` leaves out (peft leaves out the model's output embedding).
 pub const OUTPUT_HEAD: &str = "lm_head";
+/// A sequence classifier's head, which `all-linear` leaves out too (peft's `SEQ_CLS` task
+/// trains it in full through `modules_to_save`).
+pub const SCORE_HEAD: &str = "score";
 
 /// A set of modules as a peft configuration gives it.
 #[derive(Debug, Clone)]
@@ -20,7 +23,7 @@ pub enum ModuleSet {
     Names(Vec<String>),
     /// A regex the full name must match entirely (peft's `re.fullmatch`).
     Pattern { source: String, anchored: Regex },
-    /// Every linear layer but the output head.
+    /// Every linear layer but the output head (and a sequence classifier's `score`).
     AllLinear,
 }
 
@@ -44,7 +47,9 @@ impl ModuleSet {
         match self {
             ModuleSet::Names(names) => names.iter().any(|t| module_name_matches(module, t)),
             ModuleSet::Pattern { anchored, .. } => anchored.is_match(module),
-            ModuleSet::AllLinear => !module_name_matches(module, OUTPUT_HEAD),
+            ModuleSet::AllLinear => {
+                !module_name_matches(module, OUTPUT_HEAD) && module != SCORE_HEAD
+            }
         }
     }
 }

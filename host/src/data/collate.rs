@@ -195,6 +195,16 @@ pub fn collate(
                 ("completion_mask".into(), comp),
             ]);
             tensors.extend(images(&all)?);
+            let margins: Vec<Option<f64>> = items
+                .iter()
+                .map(|i| if let Item::Pair { margin, .. } = i { *margin } else { None })
+                .collect();
+            if margins.iter().any(Option::is_some) {
+                let Some(m) = margins.iter().copied().collect::<Option<Vec<f64>>>() else {
+                    bail!("a batch of preference pairs mixes rows with a `margin` and rows without one; give every row of the data set a margin, or none");
+                };
+                tensors.push(("margin".into(), Tensor::from_slice(&m).to_kind(tch::Kind::Float)));
+            }
         }
         Layout::Kto => {
             let encs = seqs(&|i| if let Item::Kto { seq, .. } = i { Some(seq) } else { None })?;
@@ -405,8 +415,8 @@ mod tests {
 
     #[test]
     fn pairs_put_chosen_rows_first_and_mask_completions() {
-        let a = Item::Pair { chosen: enc(&[5, 6, 7], 2), rejected: enc(&[5, 6, 8, 9], 2) };
-        let b = Item::Pair { chosen: enc(&[3, 4], 1), rejected: enc(&[3, 9], 1) };
+        let a = Item::Pair { chosen: enc(&[5, 6, 7], 2), rejected: enc(&[5, 6, 8, 9], 2), margin: None };
+        let b = Item::Pair { chosen: enc(&[3, 4], 1), rejected: enc(&[3, 9], 1), margin: None };
         let (t, _) = collate(Layout::Pairs, &[&a, &b], 0, None).unwrap();
         assert_eq!(
             rows(get(&t, "input_ids")),

@@ -77,6 +77,9 @@ pub enum Item {
     Pair {
         chosen: Encoded,
         rejected: Encoded,
+        /// TRL's `margin` column (the sample's `extra.margin`): how far the chosen reward should
+        /// exceed the rejected one (reward modelling).
+        margin: Option<f64>,
     },
     Kto {
         seq: Encoded,
@@ -98,7 +101,7 @@ impl Item {
             Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => {
                 e.input_ids.len()
             }
-            Item::Pair { chosen, rejected } => chosen.input_ids.len() + rejected.input_ids.len(),
+            Item::Pair { chosen, rejected, .. } => chosen.input_ids.len() + rejected.input_ids.len(),
             Item::Prompt { ids, .. } => ids.len(),
         }
     }
@@ -109,7 +112,7 @@ impl Item {
             |e: &Encoded| e.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count() as i64;
         match self {
             Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => n(e),
-            Item::Pair { chosen, rejected } => n(chosen) + n(rejected),
+            Item::Pair { chosen, rejected, .. } => n(chosen) + n(rejected),
             Item::Prompt { .. } => 1,
         }
     }
@@ -119,7 +122,7 @@ impl Item {
             Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => {
                 e.truncated_from.is_some()
             }
-            Item::Pair { chosen, rejected } => {
+            Item::Pair { chosen, rejected, .. } => {
                 chosen.truncated_from.is_some() || rejected.truncated_from.is_some()
             }
             Item::Prompt { .. } => false,
@@ -148,7 +151,7 @@ impl Prepared {
                 Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => {
                     out.push((*row, e.clone()))
                 }
-                Item::Pair { chosen, rejected } => {
+                Item::Pair { chosen, rejected, .. } => {
                     out.extend([(*row, chosen.clone()), (*row, rejected.clone())])
                 }
                 Item::Prompt { ids, images, .. } => {
@@ -229,7 +232,14 @@ fn encode_row(
                 s.messages.push(last);
                 encode_multimodal(tok, prep, s, &opts)
             };
-            Ok(Outcome::Use(Item::Pair { chosen: with(chosen)?, rejected: with(rejected)? }))
+            let margin = match sample.extra.get("margin") {
+                None | Some(Value::Null) => None,
+                Some(v) => match v.as_f64().filter(|m| m.is_finite()) {
+                    Some(m) => Some(m),
+                    None => return Err(bad(&sample, &format!("`margin` must be a finite number, got {v}"))),
+                },
+            };
+            Ok(Outcome::Use(Item::Pair { chosen: with(chosen)?, rejected: with(rejected)?, margin }))
         }
         Layout::Kto => {
             let Some(desirable) = sample.label else {

@@ -61,6 +61,17 @@ impl Architecture {
             Architecture::Qwen25VL => "Qwen2_5_VLForConditionalGeneration",
         }
     }
+    /// transformers' sequence-classification class of this architecture (a reward model's),
+    /// if it has one.
+    pub fn seq_cls_name(self) -> Option<&'static str> {
+        match self {
+            Architecture::Llama => Some("LlamaForSequenceClassification"),
+            Architecture::Qwen2 => Some("Qwen2ForSequenceClassification"),
+            Architecture::Qwen3 => Some("Qwen3ForSequenceClassification"),
+            Architecture::Mistral => Some("MistralForSequenceClassification"),
+            Architecture::Qwen2VL | Architecture::Qwen25VL => None,
+        }
+    }
     pub fn model_type(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
@@ -79,6 +90,10 @@ impl Architecture {
             "MistralForCausalLM" => Some(Architecture::Mistral),
             "Qwen2VLForConditionalGeneration" => Some(Architecture::Qwen2VL),
             "Qwen2_5_VLForConditionalGeneration" => Some(Architecture::Qwen25VL),
+            "LlamaForSequenceClassification" => Some(Architecture::Llama),
+            "Qwen2ForSequenceClassification" => Some(Architecture::Qwen2),
+            "Qwen3ForSequenceClassification" => Some(Architecture::Qwen3),
+            "MistralForSequenceClassification" => Some(Architecture::Mistral),
             _ => None,
         }
     }

@@ -557,6 +557,12 @@ pub const EMBED_TOKENS: &str = "model.embed_tokens";
 /// The decoder's module path: `model` for Llama / Qwen2 / Mistral.
 pub const DECODER: &str = "model";
 
+/// Module path of a sequence-classification head (transformers' `…ForSequenceClassification`
+/// keeps it beside the decoder: `score.weight`).
+pub const SCORE_HEAD: &str = "score";
+/// Module path of the value head PPO trains on the policy's hidden states (`v_head.weight`).
+pub const VALUE_HEAD: &str = "v_head";
+
 /// The text decoder: token embedding, decoder layers, final norm, `lm_head` and the rotary
 /// embedding. It turns input embeddings into hidden states ([`Decoder::decode`]) and those
 /// into logits ([`Decoder::head`]); it knows nothing of images or adapters.
@@ -574,6 +580,13 @@ pub struct Decoder {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: FrozenLinear,
+    /// A sequence-classification head ([`SCORE_HEAD`], hidden → num_labels, no bias), read
+    /// from a `…ForSequenceClassification` checkpoint or added by [`CausalLM::add_score_head`].
+    score: Option<FrozenLinear>,
+    /// PPO's value head ([`VALUE_HEAD`], `[1, hidden]`), added by
+    /// [`CausalLM::add_value_head`]; a model weight that trains in full, never saved in a
+    /// model directory.
+    value_head: Option<Tensor>,
     rotary: RotaryEmbedding,
     device: Device,
     dtype: Kind,
@@ -619,7 +632,19 @@ impl Decoder {
             layers.push(layer);
         }
         let norm = RmsNorm::new(w, &format!("{prefix}.norm"), &config)?;
-        let lm_head = if config.tie_word_embeddings {
+        // A `…ForSequenceClassification` checkpoint: a score head and no lm_head.
+        let score = w
+            .take_if_present(
+                &format!("{SCORE_HEAD}.weight"),
+                &[1, hidden],
+                "1 (a reward model's single label), hidden_size",
+            )?
+            .map(|t| FrozenLinear::new(SCORE_HEAD, t, None));
+        let lm_head = if config.tie_word_embeddings
+            || (score.is_some() && !w.contains("lm_head.weight"))
+        {
+            // A sequence classifier has no lm_head: the embedding stands in (its logits mean
+            // nothing; its scores are what such a model is for).
             // transformers ties the head to the embeddings even when the file also has one.
             w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
             FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
@@ -645,6 +670,8 @@ impl Decoder {
             layers,
             norm,
             lm_head,
+            score,
+            value_head: None,
             rotary,
             device,
             dtype,
@@ -942,7 +969,80 @@ impl CausalLM {
         if !self.lm_head_is_tied() {
             linear(&mut out, &self.decoder.lm_head);
         }
+        if let Some(score) = &self.decoder.score {
+            linear(&mut out, score);
+        }
+        if let Some(v) = &self.decoder.value_head {
+            out.push((format!("{VALUE_HEAD}.weight"), v.shallow_clone(), None));
+        }
         out
+    }
+
+    /// A fresh `[out, hidden]` head weight as transformers initialises a linear layer:
+    /// normal(0, `initializer_range`), in the model's dtype and on its device (from libtorch's
+    /// generator: every rank seeded alike draws the same).
+    fn fresh_head(&self, out: i64) -> Result<Tensor> {
+        let c = &self.decoder.config;
+        let w = Tensor::f_randn([out, c.hidden_size], (Kind::Float, Device::Cpu))?
+            .f_mul_scalar(c.initializer_range)?;
+        Ok(w.f_to_kind(self.dtype())?.f_to_device(self.device())?)
+    }
+
+    /// Adds a sequence-classification head `score` (hidden → 1, no bias, as a reward model's
+    /// `…ForSequenceClassification`), initialised as transformers does, unless the model
+    /// already has one (a sequence-classification checkpoint). Returns whether one was added.
+    /// Frozen, like every base weight: an adapter trains a copy of it (`modules_to_save`),
+    /// full fine-tuning the weight itself.
+    pub fn add_score_head(&mut self) -> Result<bool> {
+        if self.decoder.score.is_some() {
+            return Ok(false);
+        }
+        let w = self.fresh_head(1)?;
+        self.decoder.score = Some(FrozenLinear::new(SCORE_HEAD, w, None));
+        Ok(true)
+    }
+
+    /// Takes the score head off again (an adapter that brought it failed to load).
+    pub(crate) fn remove_score_head(&mut self) {
+        self.decoder.score = None;
+    }
+
+    /// The sequence-classification head, if the model has one.
+    pub fn score_head(&self) -> Option<&FrozenLinear> {
+        self.decoder.score.as_ref()
+    }
+
+    /// Adds PPO's value head `v_head` (`[1, hidden]`, transformers' initialisation) if the
+    /// model has none, and returns it (the model's own tensor: switching its `requires_grad`
+    /// on trains what the forward uses).
+    pub fn add_value_head(&mut self) -> Result<Tensor> {
+        if self.decoder.value_head.is_none() {
+            self.decoder.value_head = Some(self.fresh_head(1)?);
+        }
+        Ok(self.decoder.value_head.as_ref().expect("set above").shallow_clone())
+    }
+
+    /// The value head, if the model has one.
+    pub fn value_head(&self) -> Option<&Tensor> {
+        self.decoder.value_head.as_ref()
+    }
+
+    /// The score head at every position of final hidden states `[B, T, H]`: `[B, T]` fp32,
+    /// through `mode` (an adapter's trainable copy of the head while it runs).
+    pub fn scores(&self, hidden: &Tensor, mode: LinearMode<'_>) -> Result<Tensor> {
+        let head = self.decoder.score.as_ref().context(
+            "the model has no score head (`score`): it is added for objectives that need one (reward_model), or read from a \
+             …ForSequenceClassification checkpoint",
+        )?;
+        Ok(head.forward(hidden, mode)?.f_to_kind(Kind::Float)?.f_select(-1, 0)?)
+    }
+
+    /// The value head at every position of final hidden states `[B, T, H]`: `[B, T]` fp32.
+    pub fn values(&self, hidden: &Tensor) -> Result<Tensor> {
+        let v = self.decoder.value_head.as_ref().context(
+            "the model has no value head (`v_head`): it is added for objectives that need one (ppo)",
+        )?;
+        Ok(hidden.f_matmul(&v.f_to_kind(hidden.kind())?.f_tr()?)?.f_to_kind(Kind::Float)?.f_select(-1, 0)?)
     }
 
     /// ZeRO stage 3 for full fine-tuning: partitions over the ranks of `group` every large
@@ -1139,6 +1239,9 @@ impl CausalLM {
         out.push((format!("{d}.norm"), "an RMSNorm"));
         out.push((format!("{d}.rotary_emb"), "the rotary embedding"));
         out.push((self.decoder.lm_head.name.clone(), "a linear layer"));
+        if let Some(score) = &self.decoder.score {
+            out.push((score.name.clone(), "a linear layer (the score head)"));
+        }
         out
     }
 
@@ -1161,6 +1264,9 @@ impl CausalLM {
             }
         }
         out.push((self.decoder.lm_head.name.as_str(), &self.decoder.lm_head));
+        if let Some(score) = &self.decoder.score {
+            out.push((score.name.as_str(), score));
+        }
         out
     }
 
@@ -1175,6 +1281,9 @@ impl CausalLM {
             out.extend(l.linears_mut());
         }
         out.push(&mut self.decoder.lm_head);
+        if let Some(score) = &mut self.decoder.score {
+            out.push(score);
+        }
         out
     }
 

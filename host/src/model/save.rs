@@ -404,10 +404,21 @@ impl CausalLM {
             .copied()
             .unwrap_or(Kind::Float);
 
-        let (keys, own): (Vec<String>, Vec<Tensor>) = self.named_weights().into_iter().unzip();
+        // A value head (PPO's critic) is training state, never part of a model directory; a
+        // sequence classifier (a score head) is saved as transformers' `…ForSequenceClassification`,
+        // which has no lm_head.
+        let classifier = self.score_head().is_some();
+        let kept = |k: &str| {
+            !k.starts_with(&format!("{}.", super::llama::VALUE_HEAD))
+                && !(classifier && k == "lm_head.weight")
+        };
+        let (keys, own): (Vec<String>, Vec<Tensor>) =
+            self.named_weights().into_iter().filter(|(k, _)| kept(k)).unzip();
         let tensors = match weights {
             None => own,
-            Some(given) => match_weights(&keys, given)?,
+            Some(given) => {
+                match_weights(&keys, given.into_iter().filter(|(k, _)| kept(k)).collect())?
+            }
         };
         // Each weight's dtype (lm_head.weight of a head untied by a merge takes the
         // embeddings') and saved key, in the order transformers saves them.
@@ -460,6 +471,17 @@ impl CausalLM {
             if let Some(text) = obj.get_mut("text_config").and_then(Value::as_object_mut) {
                 text.insert("tie_word_embeddings".into(), Value::Bool(false));
             }
+        }
+        if classifier {
+            let arch = self.config().architecture().seq_cls_name().with_context(|| {
+                format!(
+                    "save_pretrained: the model has a score head, and transformers has no sequence-classification class for {}",
+                    self.config().architecture().hf_name()
+                )
+            })?;
+            obj.insert("architectures".into(), serde_json::json!([arch]));
+            obj.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+            obj.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
         }
         if let Some(kind) = opts.dtype {
             for key in ["dtype", "torch_dtype"] {

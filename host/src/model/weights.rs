@@ -212,6 +212,11 @@ impl Weights {
         Ok(t)
     }
 
+    /// Whether the checkpoint holds `key` (not taken yet).
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
     /// Takes `key` when present (optional tensors such as an untied lm_head kept by a tied model).
     pub fn take_if_present(
         &mut self,

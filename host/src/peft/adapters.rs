@@ -37,6 +37,7 @@ use tch::Tensor;
 
 use super::PeftModel;
 use crate::model::linear::LinearBase;
+use crate::model::llama::SCORE_HEAD;
 
 /// What peft puts before a module path in parameter and state-dict names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -70,6 +71,11 @@ pub fn state_key(module: &str, name: &str) -> String {
         peft_key(module, name)
     }
 }
+
+/// peft's `task_type` of a sequence classifier's adapter (a reward model).
+pub const SEQ_CLS_TASK: &str = "SEQ_CLS";
+/// The head name peft adds to a `SEQ_CLS` adapter's `modules_to_save` beside `score`.
+const SEQ_CLS_CLASSIFIER: &str = "classifier";
 
 /// The key of a PEFT configuration naming the modules trained in full (peft's `modules_to_save`).
 pub const MODULES_TO_SAVE: &str = "modules_to_save";
@@ -334,7 +340,7 @@ impl PeftModel {
         let config: Value = serde_json::from_str(&text)
             .with_context(|| format!("{cf}: the plugin's peft_config() is not JSON: {text}"))?;
         let saved = self
-            .resolve_modules_to_save(name, &modules_to_save(name, method)?)
+            .resolve_modules_to_save(name, &self.modules_to_save_of(name, method)?)
             .with_context(|| format!("{cf}: key `{MODULES_TO_SAVE}`"))?;
         let linears = self.linears();
         if let Some(Value::Array(names)) = config.get("target_modules") {
@@ -458,7 +464,8 @@ impl PeftModel {
                 self.adapter_names().join(", ")
             );
         }
-        let saved = self.resolve_modules_to_save(name, &modules_to_save(name, method.as_ref())?)?;
+        let saved =
+            self.resolve_modules_to_save(name, &self.modules_to_save_of(name, method.as_ref())?)?;
         let prompt = method.prompt().with_context(|| format!("adapter `{name}`: prompt"))?;
         if let Some(p) = prompt {
             let max = self.config().max_position_embeddings;
@@ -586,6 +593,25 @@ impl PeftModel {
             self.adapters.active = Some(name.to_string());
         }
         Ok((report, originals))
+    }
+
+    /// The `modules_to_save` entries of `method` on this model. A model with a score head is a
+    /// sequence classifier, and as peft's `SEQ_CLS` task does, its adapters always train a copy
+    /// of the head: `score` is added when no entry names it, and peft's `classifier` (which it
+    /// adds for other architectures' heads) is dropped when no module of this model has that
+    /// name.
+    fn modules_to_save_of(&self, name: &str, method: &dyn AdapterMethod) -> Result<Vec<String>> {
+        let mut entries = modules_to_save(name, method)?;
+        if self.score_head().is_some() {
+            let modules = self.module_names();
+            entries.retain(|e| {
+                e != SEQ_CLS_CLASSIFIER || modules.iter().any(|(m, _)| module_name_matches(m, e))
+            });
+            if !entries.iter().any(|e| module_name_matches(SCORE_HEAD, e)) {
+                entries.push(SCORE_HEAD.to_string());
+            }
+        }
+        Ok(entries)
     }
 
     /// The modules `modules_to_save` names (each entry matches a module path as a target name
@@ -928,9 +954,24 @@ impl PeftModel {
             .method
             .peft_config()
             .with_context(|| format!("adapter `{}`: peft_config", entry.name))?;
-        serde_json::from_str(&text).with_context(|| {
+        let mut config: Value = serde_json::from_str(&text).with_context(|| {
             format!("adapter `{}`: its peft_config() is not JSON: {text}", entry.name)
-        })
+        })?;
+        // A sequence classifier's adapter is peft's SEQ_CLS task, its head among the copies.
+        if self.score_head().is_some() {
+            if let Some(obj) = config.as_object_mut() {
+                obj.insert("task_type".into(), Value::String(SEQ_CLS_TASK.into()));
+                let mut saved: Vec<Value> = match obj.get(MODULES_TO_SAVE) {
+                    Some(Value::Array(a)) => a.clone(),
+                    _ => Vec::new(),
+                };
+                if !saved.iter().any(|v| v.as_str().is_some_and(|e| module_name_matches(SCORE_HEAD, e))) {
+                    saved.push(Value::String(SCORE_HEAD.into()));
+                }
+                obj.insert(MODULES_TO_SAVE.into(), Value::Array(saved));
+            }
+        }
+        Ok(config)
     }
 }
 

@@ -374,7 +374,37 @@ impl PeftModel {
         name: &str,
     ) -> Result<AttachReport> {
         let (config_path, weights_path) = adapter_files(dir)?;
-        let mapped = plugin_config(&read_adapter_config(&config_path)?, &config_path)?;
+        let raw = read_adapter_config(&config_path)?;
+        // A reward model's adapter (peft's SEQ_CLS task) trains a copy of the score head: the
+        // model gets one first (its values are the adapter's), and loses it again on error.
+        let seq_cls = raw.get("task_type").and_then(Value::as_str) == Some(adapters::SEQ_CLS_TASK);
+        if seq_cls && self.score_head().is_none() && !self.adapter_names().is_empty() {
+            bail!(
+                "{}: a sequence-classification adapter (task_type SEQ_CLS: a reward model) cannot join the adapters already \
+                 attached ({}) to a causal language model",
+                config_path.display(),
+                self.adapter_names().join(", ")
+            );
+        }
+        let added_head = seq_cls && self.base.add_score_head()?;
+        let loaded = self.load_mapped_adapter(&raw, &config_path, &weights_path, dir, registry, name);
+        if loaded.is_err() && added_head {
+            self.base.remove_score_head();
+        }
+        loaded
+    }
+
+    fn load_mapped_adapter(
+        &mut self,
+        raw: &Value,
+        config_path: &Path,
+        weights_path: &Path,
+        dir: &Path,
+        registry: &Registry,
+        name: &str,
+    ) -> Result<AttachReport> {
+        let (config_path, weights_path) = (config_path.to_path_buf(), weights_path.to_path_buf());
+        let mapped = plugin_config(raw, &config_path)?;
         tracing::debug!(
             "{}: plugin `{}` with {} (ignored keys: {})",
             config_path.display(),

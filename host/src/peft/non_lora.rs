@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use ferrotune_plugin_api::TrainParam;
 use tch::Tensor;
 
+use crate::model::llama::VALUE_HEAD;
 use crate::model::CausalLM;
 
 /// The file name beside `adapter_model.safetensors`.
@@ -43,6 +44,10 @@ pub fn load_into(model: &CausalLM, dir: &Path) -> Result<Vec<String>> {
     let mut checked = Vec::with_capacity(tensors.len());
     for (name, value) in tensors {
         let key = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_string();
+        if key.starts_with(&format!("{VALUE_HEAD}.")) && model.value_head().is_none() {
+            // PPO's critic: training state, of no use to a model that generates or merges.
+            continue;
+        }
         let Some((_, dst)) = weights.iter().find(|(k, _)| *k == key) else {
             bail!(
                 "{}: `{name}` is not a weight of this model (was it trained on another base?)",

@@ -8,8 +8,8 @@ use ferrotune_plugin_api::kinds::objective::{
 };
 use ferrotune_plugin_api::kinds::reward::RewardHandle;
 use ferrotune_plugin_api::{
-    Batch, ForwardFlags, PluginError, PluginResult, Reward, RewardInput, TARGET_IDS,
-    TARGET_TEMPERATURE,
+    Batch, ForwardFlags, PluginError, PluginResult, Reward, RewardInput, SCORES, TARGET_IDS,
+    TARGET_TEMPERATURE, VALUES,
 };
 use tch::Tensor;
 
@@ -237,16 +237,26 @@ impl ObjectiveContext for PolicyContext<'_> {
                 .positions(get("position_ids"))
                 .images(images.as_ref())
                 .mode(mode);
-            let Some((target_ids, opts)) = &targets else {
+            let (scores, values) =
+                (flags.contains(ForwardFlags::SCORES), flags.contains(ForwardFlags::VALUES));
+            if targets.is_none() && !scores && !values {
                 return Ok(vec![("logits".to_string(), model.forward(args)?)]);
-            };
+            }
+            // One pass to the last hidden state; the heads asked for read it.
             let hidden = model.forward(args.hidden())?;
-            let out = target_logps(model.lm_head(), mode, &hidden, target_ids, *opts)?;
-            let mut named = vec![
-                ("target_logps".to_string(), out.logps),
-                ("target_correct".to_string(), out.correct),
-            ];
-            named.extend(out.entropy.map(|e| ("target_entropy".to_string(), e)));
+            let mut named = Vec::new();
+            if let Some((target_ids, opts)) = &targets {
+                let out = target_logps(model.lm_head(), mode, &hidden, target_ids, *opts)?;
+                named.push(("target_logps".to_string(), out.logps));
+                named.push(("target_correct".to_string(), out.correct));
+                named.extend(out.entropy.map(|e| ("target_entropy".to_string(), e)));
+            }
+            if scores {
+                named.push((SCORES.to_string(), model.scores(&hidden, mode)?));
+            }
+            if values {
+                named.push((VALUES.to_string(), model.values(&hidden)?));
+            }
             Ok(named)
         };
         let out = if flags.contains(ForwardFlags::NO_GRAD) { tch::no_grad(run) } else { run() };

@@ -15,7 +15,10 @@ use ferrotune_plugin_api::kinds::memory::{
 };
 
 use ferrotune_plugin_api::kinds::objective::ObjectiveHandle;
-use ferrotune_plugin_api::{Batch, Collectives, MemoryStrategy, Objective, StepReport, TrainParam};
+use ferrotune_plugin_api::{
+    Batch, Collectives, MemoryStrategy, Objective, StepReport, TrainParam, NEED_NUM_ITERATIONS,
+    NEED_SCORE_HEAD, NEED_VALUE_HEAD,
+};
 use tch::{Device, Tensor};
 
 use super::checkpoint::{self, Provenance, STATE_FILE};
@@ -85,6 +88,9 @@ pub struct Run<'c> {
     /// What the run is (training config keys, data fingerprint), recorded in its checkpoints;
     /// none for `bench train`'s rows.
     provenance: Option<Provenance>,
+    /// Optimizer steps taken on each generation batch (`training.num_iterations`, or what the
+    /// objective asks for).
+    num_iterations: usize,
     started: Instant,
 }
 
@@ -188,10 +194,20 @@ impl<'c> Run<'c> {
         let resume_dir = resume_dir(cfg, resume)?;
         let from_config = items.is_none();
         tch::manual_seed(cfg.seed as i64);
+        let (objective, layout, rewards, num_iterations) =
+            objective_and_rewards(cfg, registry, device)?;
+        let heads = Heads::of(&objective.needs());
         let LoadedModel { mut model, quantized, shard_params, offload_params, capabilities } =
-            load_model(cfg, registry, device, &group)?;
+            load_model(cfg, registry, device, &group, heads)?;
         let tokenizer = Tokenizer::from_dir(&cfg.model)?;
         let (mut params, mut full_weights) = parameters(&model, cfg)?;
+        if let (Some(v), Finetuning::Adapter) = (model.value_head(), cfg.finetuning()) {
+            // PPO's value head trains in full beside the adapter and is kept with the weights
+            // trained in full (saved beside the adapter, restored on resume).
+            let p = super::trainable::train_param(VALUE_HEAD_KEY, v, None, cfg.optimizer.lr);
+            full_weights.push(copy_param(&p));
+            params.push(p);
+        }
         // ZeRO stage 3 with the model's own weights training: each rank keeps its shard of
         // every large trained weight, which the memory plugin then steps (see
         // `partition_full_weights`).
@@ -216,7 +232,6 @@ impl<'c> Run<'c> {
         // Data: canonical samples → token ids and labels (and images, for a vision model).
         let prep = image_prep(cfg, &tokenizer)?;
 
-        let (objective, layout, rewards) = objective_and_rewards(cfg, registry)?;
         // An objective that compares with a reference (DPO, KTO, GRPO's KL) gets the base with
         // its adapter disabled; when the base itself trains, a frozen copy of it, as
         // LLaMA-Factory's `ref_model` (stage 3 shards its decoder weights too).
@@ -272,7 +287,7 @@ impl<'c> Run<'c> {
                 (lengths, megabatch_size(data.train.len(), batch))
             }),
         };
-        let (accum, mu) = (t.gradient_accumulation_steps, t.num_iterations);
+        let (accum, mu) = (t.gradient_accumulation_steps, num_iterations);
         // Generation objectives take `num_iterations` optimizer steps on each generation batch.
         let total_steps = t
             .max_steps
@@ -328,6 +343,7 @@ impl<'c> Run<'c> {
             trainable_bytes,
             step: 0,
             provenance,
+            num_iterations,
             started,
         };
         if let Some(dir) = resume_dir {
@@ -375,7 +391,7 @@ impl<'c> Run<'c> {
         let t = &self.cfg.training;
         tch::manual_seed(step_seed(self.cfg.seed, self.step));
         let started = Instant::now();
-        let (accum, mu) = (t.gradient_accumulation_steps, t.num_iterations);
+        let (accum, mu) = (t.gradient_accumulation_steps, self.num_iterations);
         let (data_step, iteration) = (self.step / mu, self.step % mu);
         // (epoch, sample indices) per micro-batch; the epoch is only informative here.
         let micro: Vec<(usize, Vec<usize>)> = (0..accum)
@@ -694,6 +710,7 @@ fn load_model(
     registry: &Registry,
     device: Device,
     group: &Arc<Group>,
+    heads: Heads,
 ) -> Result<LoadedModel> {
     let dtype = crate::model::init::parse_dtype(&cfg.dtype)?;
     let capabilities =
@@ -705,7 +722,9 @@ fn load_model(
     if cfg.finetuning() != Finetuning::Adapter {
         // The model's own weights train: which ones is known once it is built, so it loads
         // whole and stage 3 partitions it afterwards (`Run::build`).
-        let base = crate::model::CausalLM::load_with(&cfg.model, device, dtype, &mut |_| Ok(()))?;
+        let mut base =
+            crate::model::CausalLM::load_with(&cfg.model, device, dtype, &mut |_| Ok(()))?;
+        heads.add_to(&mut base)?;
         let mut model = PeftModel::new(base);
         model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
         return Ok(LoadedModel {
@@ -733,6 +752,8 @@ fn load_model(
             Ok(())
         },
     )?;
+    let mut base = base;
+    heads.add_to(&mut base)?;
     let mut model = PeftModel::new(base);
     model.set_gradient_checkpointing(cfg.training.gradient_checkpointing);
     let (attach, quantized) = quant::attach_quantized(
@@ -776,12 +797,7 @@ fn load_model(
 /// config trains in full (also returned alone: they are saved beside the adapter); with
 /// `finetuning: full | freeze`, the model's weights the config selects (both lists).
 fn parameters(model: &PeftModel, cfg: &TrainConfig) -> Result<(Vec<TrainParam>, Vec<TrainParam>)> {
-    let copy = |p: &TrainParam| TrainParam {
-        name: p.name.clone(),
-        tensor: p.tensor.shallow_clone(),
-        lr_scale: p.lr_scale,
-        weight_decay_scale: p.weight_decay_scale,
-    };
+    let copy = copy_param;
     if cfg.finetuning() != Finetuning::Adapter {
         let full = full_weight_parameters(model, cfg)?;
         return Ok((full.iter().map(copy).collect(), full));
@@ -792,14 +808,77 @@ fn parameters(model: &PeftModel, cfg: &TrainConfig) -> Result<(Vec<TrainParam>, 
     Ok((params, vision))
 }
 
-/// The objective, the batch layout it asks for, and the reward plugins (which only objectives
-/// that score completions take, and which they need).
+/// A second handle on the same trainable tensor.
+fn copy_param(p: &TrainParam) -> TrainParam {
+    TrainParam {
+        name: p.name.clone(),
+        tensor: p.tensor.shallow_clone(),
+        lr_scale: p.lr_scale,
+        weight_decay_scale: p.weight_decay_scale,
+    }
+}
+
+/// Checkpoint key of PPO's value head.
+const VALUE_HEAD_KEY: &str = "v_head.weight";
+
+/// The heads an objective asks the host to put on the model ([`NEED_SCORE_HEAD`],
+/// [`NEED_VALUE_HEAD`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Heads {
+    score: bool,
+    value: bool,
+}
+
+impl Heads {
+    fn of(needs: &[String]) -> Self {
+        let has = |n: &str| needs.iter().any(|x| x == n);
+        Self { score: has(NEED_SCORE_HEAD), value: has(NEED_VALUE_HEAD) }
+    }
+
+    /// Adds them to the base before any adapter is attached (an adapter then trains a copy of
+    /// the score head, as peft's SEQ_CLS task; the value head trains in full).
+    fn add_to(self, base: &mut crate::model::CausalLM) -> Result<()> {
+        if self.score && base.add_score_head()? {
+            tracing::info!("added a score head (`score`, hidden → 1) for the objective");
+        }
+        if self.value {
+            let _ = base.add_value_head()?;
+            tracing::info!("added a value head (`v_head`, hidden → 1) for the objective");
+        }
+        Ok(())
+    }
+}
+
+/// Optimizer steps on each generation batch: `training.num_iterations`, or what the objective
+/// asks for ([`NEED_NUM_ITERATIONS`]); a config that sets another value is refused by name.
+fn num_iterations(cfg: &TrainConfig, needs: &[String]) -> Result<usize> {
+    let asked = needs.iter().find_map(|n| n.strip_prefix(NEED_NUM_ITERATIONS));
+    let Some(asked) = asked else { return Ok(cfg.training.num_iterations) };
+    let asked: usize = asked.parse().ok().filter(|&n| n >= 1).with_context(|| {
+        format!("objective `{}` asks for `{NEED_NUM_ITERATIONS}{asked}`, which is not a positive count", cfg.objective.plugin)
+    })?;
+    let set = cfg.training.num_iterations;
+    if set != 1 && set != asked {
+        bail!(
+            "config key `training.num_iterations` = {set}: objective `{}` takes {asked} optimizer steps on each generation batch \
+             (its configuration decides, e.g. PPO's num_ppo_epochs × num_mini_batches); remove training.num_iterations",
+            cfg.objective.plugin
+        );
+    }
+    Ok(asked)
+}
+
+/// The objective, the batch layout it asks for, the reward plugins (which only objectives
+/// that score completions take, and which they need), and the optimizer steps on each
+/// generation batch.
 fn objective_and_rewards(
     cfg: &TrainConfig,
     registry: &Registry,
-) -> Result<(ObjectiveHandle, Layout, Vec<LoadedReward>)> {
+    device: Device,
+) -> Result<(ObjectiveHandle, Layout, Vec<LoadedReward>, usize)> {
     let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
     let needs = objective.needs();
+    let mu = num_iterations(cfg, &needs)?;
     let layout = Layout::from_needs(&cfg.objective.plugin, &needs)?;
     let wants_rewards = needs.iter().any(|n| n == "rewards");
     if wants_rewards && cfg.rewards.is_empty() {
@@ -813,10 +892,11 @@ fn objective_and_rewards(
         bail!("config key `rewards`: objective `{}` does not use reward plugins; remove the `rewards` list", cfg.objective.plugin);
     }
     check_packing(cfg.data.packing, &cfg.objective.plugin, layout)?;
-    if cfg.training.num_iterations > 1 && layout != Layout::Prompts {
-        bail!("config key `training.num_iterations`: only objectives that generate (GRPO) reuse a generation batch; `{}` does not", cfg.objective.plugin);
+    if mu > 1 && layout != Layout::Prompts {
+        bail!("config key `training.num_iterations`: only objectives that generate (GRPO, PPO) reuse a generation batch; `{}` does not", cfg.objective.plugin);
     }
-    Ok((objective, layout, load_rewards(cfg, registry)?))
+    let _ = device;
+    Ok((objective, layout, load_rewards(cfg, registry)?, mu))
 }
 
 /// `data.packing` packs sequences (SFT) only: other layouts are refused, naming the objective.

@@ -16,9 +16,12 @@ pub fn check_pair_columns(chosen: &Option<String>, rejected: &Option<String>) ->
     Ok(())
 }
 
+/// A preference row's optional margin (TRL's `RewardTrainer` column), kept in `extra`.
+pub const MARGIN_COLUMN: &str = "margin";
+
 /// A row's sample before its conversation: with `ranking`, the candidate responses that
 /// `candidate` reads from the `chosen` column, then the `rejected` one; the KTO tag of the
-/// `kto_tag` column as [`Sample::label`].
+/// `kto_tag` column as [`Sample::label`]; a pair's numeric `margin` column to `extra`.
 pub fn pair_and_label(
     row: &Map<String, Value>,
     ranking: bool,
@@ -30,6 +33,14 @@ pub fn pair_and_label(
     if ranking {
         sample.chosen = Some(candidate(chosen)?);
         sample.rejected = Some(candidate(rejected)?);
+        // TRL's reward-modelling `margin` column: how far chosen should out-score rejected.
+        match row.get(MARGIN_COLUMN) {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_f64().is_some_and(f64::is_finite) => {
+                sample.extra.insert(MARGIN_COLUMN.into(), v.clone());
+            }
+            Some(v) => return Err(format!("column `{MARGIN_COLUMN}`: expected a finite number, found {v}")),
+        }
     }
     sample.label = bool_column(row, kto_tag)?;
     Ok(sample)
