@@ -666,3 +666,272 @@ impl Objective for Ppo {
         Ok(LossOutput { loss, num_items: rows.len() as i64, metrics: out })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rlhf::logprobs_and_entropy;
+    use crate::testing::TinyModel;
+
+    const PAD: i64 = 0;
+    const EOS: i64 = 1;
+
+    /// Four prompts, left-padded with 0.
+    fn prompts() -> (Tensor, Tensor) {
+        let ids = Tensor::from_slice(&[0i64, 5, 6, 7, 8, 9, 0, 0, 4, 3, 2, 5]).view([4, 3]);
+        (ids.shallow_clone(), ids.ne(0).to_kind(Kind::Int64))
+    }
+
+    fn batch(micro: u64, iteration: u64, iterations: u64) -> Batch {
+        let (ids, mask) = prompts();
+        let meta = serde_json::json!({
+            "gradient_accumulation_steps": 2, "micro_index": micro, "iteration": iteration,
+            "num_iterations": iterations, "pad_token_id": PAD, "eos_token_id": EOS,
+            "sample_ids": [micro, iteration],
+        });
+        Batch {
+            tensors: vec![("prompt_ids".into(), ids), ("prompt_mask".into(), mask)],
+            meta_json: meta.to_string(),
+        }
+    }
+
+    fn metric(m: &[(String, f64)], name: &str) -> f64 {
+        m.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no metric {name} in {m:?}")).1
+    }
+
+    /// The rollout computed here from the model's full logits with TRL's own path
+    /// (`logprobs_and_entropy`), the completions the fake generates and the rewards by hand.
+    fn expected_rollout(model: &TinyModel, ppo: &Ppo, seed: u64) -> (Rollout, Tensor, i64) {
+        let (ids, mask) = prompts();
+        let completions: Vec<Vec<i64>> = (0..4)
+            .map(|r| {
+                let row = Vec::<i64>::try_from(&ids.get(r)).unwrap();
+                let m = Vec::<i64>::try_from(&mask.get(r)).unwrap();
+                let p: Vec<i64> =
+                    row.into_iter().zip(m).filter(|(_, k)| *k != 0).map(|(i, _)| i).collect();
+                model.completion(&p, seed, ppo.cfg.response_length as usize)
+            })
+            .collect();
+        let (responses, _) = pad_completions(&completions, PAD, Device::Cpu).unwrap();
+        let c = responses.size()[1];
+        let full = Tensor::cat(&[ids, responses.shallow_clone()], 1);
+        let t = ppo.cfg.temperature;
+        let (lp, rlp, values) = tch::no_grad(|| {
+            let lp =
+                logprobs_and_entropy(&model.logits(&full, false).narrow(1, 2, c), &responses, t)
+                    .unwrap()
+                    .0;
+            let rlp =
+                logprobs_and_entropy(&model.logits(&full, true).narrow(1, 2, c), &responses, t)
+                    .unwrap()
+                    .0;
+            (lp, rlp, model.values(&full).narrow(1, 2, c))
+        });
+        let scores: Vec<f32> = completions
+            .iter()
+            .map(|c| 0.5 * c.len() as f32 + c.iter().filter(|&&x| x == 3).count() as f32)
+            .collect();
+        let rollout = ppo_rollout(
+            &ppo.math,
+            &RolloutInputs {
+                responses: &responses,
+                logprobs: &lp,
+                ref_logprobs: &rlp,
+                values: &values,
+                scores: &Tensor::from_slice(&scores),
+                pad_token_id: PAD,
+                stop_token_id: None,
+                eos_token_id: EOS,
+            },
+        )
+        .unwrap();
+        (rollout, full, c)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+    }
+
+    /// Two micro-batches, 2 epochs × 2 mini-batches: each rollout is generated and scored once,
+    /// equals the rollout computed here with TRL's path, every epoch's mini-batches cover the
+    /// rows once, and each step's loss and the update's stats equal `ppo_step_loss` on the
+    /// model's outputs (the head moves between steps, as an optimizer would move it).
+    #[test]
+    fn rollout_is_kept_and_steps_are_trls() {
+        let model = TinyModel::new(11, 6, EOS);
+        let cfg = r#"{"num_ppo_epochs": 2, "num_mini_batches": 2, "response_length": 4, "seed": 5, "kl_coef": 0.2}"#;
+        let mut ppo = Ppo::from_config(cfg).unwrap();
+        assert!(ppo.needs().contains(&"num_iterations=4".to_string()), "{:?}", ppo.needs());
+        let mut expected: Vec<(Rollout, Tensor, i64, PpoStats)> = Vec::new();
+        let mut worst = 0f64;
+        for iteration in 0..4u64 {
+            let mut seen = [Vec::new(), Vec::new()];
+            for micro in 0..2u64 {
+                let out = ppo.loss(&batch(micro, iteration, 4), &model).unwrap();
+                if iteration == 0 {
+                    // The fake's seed: `seed` + the generation call's index.
+                    let (rollout, full, c) = expected_rollout(&model, &ppo_like(cfg), 5 + micro);
+                    let kept = ppo.kept(micro).unwrap();
+                    for (name, got, want) in [
+                        ("advantages", &kept.rollout.advantages, &rollout.advantages),
+                        ("returns", &kept.rollout.returns, &rollout.returns),
+                        ("rewards", &kept.rollout.rewards, &rollout.rewards),
+                        ("logprobs", &kept.rollout.logprobs, &rollout.logprobs),
+                        ("ref_logprobs", &kept.rollout.ref_logprobs, &rollout.ref_logprobs),
+                    ] {
+                        let d = max_diff(got, want);
+                        assert!(d < 1e-5, "micro {micro} {name}: |Δ| = {d}");
+                        worst = worst.max(d);
+                    }
+                    for (name, want) in rollout.metrics().unwrap() {
+                        assert!((metric(&out.metrics, &name) - want).abs() < 1e-4, "{name}");
+                    }
+                    assert!(metric(&out.metrics, "rewards/threes/mean").is_finite());
+                    assert!(metric(&out.metrics, "completions/mean_length") > 0.0);
+                    expected.push((rollout, full, c, PpoStats::default()));
+                } else {
+                    assert!(out.metrics.iter().all(|(n, _)| !n.starts_with("objective/")));
+                }
+                // The step as computed here from the model's current weights.
+                let (epoch, m) = (iteration / 2, iteration % 2);
+                let rows = mini_batch_rows(&ppo.cfg, micro, epoch, m, 4);
+                seen[micro as usize].push((epoch, rows.clone()));
+                let (rollout, full, c, stats) = &mut expected[micro as usize];
+                let idx = row_index(&rows, Device::Cpu).unwrap();
+                let (ids, responses) =
+                    (full.index_select(0, &idx), full.index_select(0, &idx).narrow(1, 3, *c));
+                let step = tch::no_grad(|| {
+                    let logits = model.logits(&ids, false).narrow(1, 2, *c);
+                    let (lp, ent) =
+                        logprobs_and_entropy(&logits, &responses, ppo.cfg.temperature).unwrap();
+                    let v = model.values(&ids).narrow(1, 2, *c);
+                    ppo_step_loss(&ppo.math, rollout, &idx, &lp, &v, Some(&ent)).unwrap()
+                });
+                let d = (out.loss.double_value(&[]) * 2.0 - step.loss.double_value(&[])).abs();
+                assert!(d < 1e-5, "iteration {iteration} micro {micro}: loss |Δ| = {d}");
+                worst = worst.max(d);
+                assert_eq!(out.num_items, 2);
+                stats.push(&step).unwrap();
+                for (name, want) in stats.metrics() {
+                    if want.is_finite() {
+                        let d = (metric(&out.metrics, &name) - want).abs();
+                        assert!(d < 1e-5, "iteration {iteration} micro {micro} {name}: |Δ| = {d}");
+                    }
+                }
+                // The loss has a graph to the policy's head, the value head and the embeddings.
+                out.loss.backward();
+                for (name, p) in [("lm_head", &model.lm_head), ("v_head", &model.v_head)] {
+                    assert!(p.grad().abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}");
+                }
+            }
+            // Move the policy as an optimizer step would.
+            tch::no_grad(|| {
+                let _ = model.lm_head.shallow_clone().f_add_(&(model.lm_head.sin() * 0.1)).unwrap();
+                let _ = model.v_head.shallow_clone().f_add_scalar_(0.05).unwrap();
+            });
+            for s in seen.iter().filter(|s| s.len() == 2) {
+                let mut all: Vec<usize> = s.iter().flat_map(|(_, r)| r.clone()).collect();
+                all.sort();
+                assert_eq!(all, vec![0, 1, 2, 3], "an epoch's mini-batches cover each row once");
+            }
+        }
+        // Generation and rewards ran once per rollout, with the seed counter.
+        let generated = model.generated.borrow();
+        assert_eq!(generated.len(), 2);
+        assert_eq!(generated[1].1["seed"], 6);
+        assert_eq!(generated[0].1["max_new_tokens"], 4);
+        assert!(generated[0].1.get("prompt_rows").is_none());
+        assert_eq!(*model.reward_calls.borrow(), 2);
+        // The last iteration dropped the rollouts.
+        assert!(ppo.kept(0).is_none() && ppo.kept(1).is_none());
+        let e = ppo.loss(&batch(0, 1, 4), &model).unwrap_err().to_string();
+        assert!(e.contains("no rollout kept"), "{e}");
+        println!("ppo plugin vs TRL's path: max |Δ| = {worst:e}");
+        // The permutations differ between epochs (for this seed) and cover the rows.
+        let p0 = mini_batch_rows(&ppo.cfg, 0, 0, 0, 4);
+        let p1 = mini_batch_rows(&ppo.cfg, 0, 1, 0, 4);
+        assert_ne!(p0, p1);
+    }
+
+    /// A fresh plugin with the same config (for its `math` and `cfg`).
+    fn ppo_like(cfg: &str) -> Ppo {
+        Ppo::from_config(cfg).unwrap()
+    }
+
+    #[test]
+    fn config_is_validated_by_key() {
+        for (cfg, key) in [
+            (r#"{"kl_coef": -1}"#, "kl_coef"),
+            (r#"{"kl_estimator": "k2"}"#, "kl_estimator"),
+            (r#"{"target": 0}"#, "target"),
+            (r#"{"horizon": -5}"#, "horizon"),
+            (r#"{"gamma": 1.5}"#, "gamma"),
+            (r#"{"lam": -0.1}"#, "lam"),
+            (r#"{"cliprange": -0.2}"#, "cliprange"),
+            (r#"{"cliprange_value": "x"}"#, "cliprange_value"),
+            (r#"{"vf_coef": -1}"#, "vf_coef"),
+            (r#"{"num_ppo_epochs": 0}"#, "num_ppo_epochs"),
+            (r#"{"num_mini_batches": 0}"#, "num_mini_batches"),
+            (r#"{"response_length": 0}"#, "response_length"),
+            (r#"{"temperature": 0}"#, "temperature"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"stop_token": "eot"}"#, "stop_token"),
+            (r#"{"stop_token_id": -3}"#, "stop_token_id"),
+            (r#"{"beta": 0.1}"#, "beta"),
+        ] {
+            let e =
+                Ppo::from_config(cfg).err().unwrap_or_else(|| panic!("{cfg} accepted")).to_string();
+            assert!(e.contains(key), "{cfg}: {e}");
+        }
+        let ppo = Ppo::from_config("{}").unwrap();
+        assert_eq!(
+            ppo.needs(),
+            vec!["generation", "rewards", "reference", "value_head", "num_iterations=4"]
+        );
+        assert_eq!(
+            (ppo.math.kl_coef, ppo.cfg.response_length, ppo.cfg.temperature),
+            (0.05, 53, 0.7)
+        );
+        // A batch that does not split into the mini-batches is refused by name.
+        let model = TinyModel::new(11, 6, EOS);
+        let mut ppo = Ppo::from_config(r#"{"num_mini_batches": 3, "num_ppo_epochs": 1}"#).unwrap();
+        let e = ppo.loss(&batch(0, 0, 3), &model).unwrap_err().to_string();
+        assert!(e.contains("num_mini_batches") && e.contains("4 prompts"), "{e}");
+        // A host that sends the batch for another number of steps is refused.
+        let e = ppo.loss(&batch(0, 0, 2), &model).unwrap_err().to_string();
+        assert!(e.contains("num_iterations"), "{e}");
+        // A host without a value head is named.
+        let old = TinyModel { no_scores: true, ..TinyModel::new(11, 6, EOS) };
+        let mut ppo = Ppo::from_config(r#"{"num_ppo_epochs": 1}"#).unwrap();
+        let e = ppo.loss(&batch(0, 0, 1), &old).unwrap_err().to_string();
+        assert!(e.contains("`values`"), "{e}");
+    }
+
+    /// The adaptive controller raises `kl_coef` when the KL exceeds the target and lowers it
+    /// below, by TRL's proportional rule; an evaluation batch leaves it alone.
+    #[test]
+    fn adaptive_kl_moves_towards_the_target() {
+        for (target, up) in [(1e-6, true), (1e6, false)] {
+            let model = TinyModel::new(11, 6, EOS);
+            let cfg = format!(
+                r#"{{"adaptive_kl": true, "kl_estimator": "k3", "target": {target}, "horizon": 10, "num_ppo_epochs": 1, "kl_coef": 0.1}}"#
+            );
+            let mut ppo = Ppo::from_config(&cfg).unwrap();
+            let out = ppo.loss(&batch(0, 0, 1), &model).unwrap();
+            let kl = metric(&out.metrics, "objective/kl");
+            assert!(kl > 0.0, "k3 is positive: {kl}");
+            assert_eq!(metric(&out.metrics, "kl_coef"), 0.1);
+            // 4 rows over a horizon of 10, the error clipped to ±0.2.
+            let want = if up { 0.1 * (1.0 + 0.2 * 0.4) } else { 0.1 * (1.0 - 0.2 * 0.4) };
+            assert!((ppo.math.kl_coef - want).abs() < 1e-12, "{} vs {want}", ppo.math.kl_coef);
+            // Evaluation (num_iterations 1 while 4 were asked) keeps nothing and leaves it.
+            let mut ppo =
+                Ppo::from_config(&cfg.replace(r#""num_ppo_epochs": 1"#, r#""num_ppo_epochs": 4"#))
+                    .unwrap();
+            let out = ppo.loss(&batch(0, 0, 1), &model).unwrap();
+            assert_eq!(out.num_items, 4);
+            assert_eq!(ppo.math.kl_coef, 0.1);
+            assert!(ppo.kept(0).is_none() && ppo.rollouts.is_empty());
+        }
+    }
+}

@@ -174,7 +174,7 @@ mod tests {
         assert!(e.contains("`scores`"), "{e}");
         let nan_host = TinyModel { nan_scores: true, ..TinyModel::new(11, 4, 1) };
         let e = rm.loss(&pair_batch(false), &nan_host).unwrap_err().to_string();
-        assert!(e.contains("non-finite") && e.contains("[7, 8]"), "{e}");
+        assert!(e.contains("non-finite") && e.contains("[7,8]"), "{e}");
         let e = RewardModel::from_config(r#"{"center_rewards_coefficient": -1}"#)
             .err()
             .unwrap()
