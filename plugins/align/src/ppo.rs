@@ -934,4 +934,55 @@ mod tests {
             assert!(ppo.kept(0).is_none() && ppo.rollouts.is_empty());
         }
     }
+
+    /// Prompts with images: generation names each prompt's row, and every forward carries
+    /// exactly its rows' image patches (prompt 0: one image of 4 patches, prompt 1 none,
+    /// prompt 2: two images of 4 and 8, prompt 3: one of 4).
+    #[test]
+    fn image_prompts_carry_their_rows_pixels() {
+        let model = TinyModel::new(11, 6, EOS);
+        let mut ppo =
+            Ppo::from_config(r#"{"num_ppo_epochs": 1, "num_mini_batches": 2, "seed": 3}"#).unwrap();
+        let grid = Tensor::from_slice(&[1i64, 2, 2, 1, 2, 2, 1, 2, 4, 1, 2, 2]).view([4, 3]);
+        let pixels = Tensor::arange(20, (Kind::Float, Device::Cpu)).view([20, 1]);
+        let mut b = batch(0, 0, 2);
+        let mut meta: serde_json::Value = serde_json::from_str(&b.meta_json).unwrap();
+        meta["images_per_prompt"] = serde_json::json!([1, 0, 2, 1]);
+        b.meta_json = meta.to_string();
+        b.tensors.push(("pixel_values".into(), pixels));
+        b.tensors.push(("image_grid_thw".into(), grid));
+        // Each row's patches: row 0 → 0..4, row 1 → none, row 2 → 4..16, row 3 → 16..20.
+        let patches = |rows: &[usize]| -> Vec<f32> {
+            let blocks = [0..4, 0..0, 4..16, 16..20];
+            rows.iter().flat_map(|&r| blocks[r].clone().map(|p| p as f32)).collect()
+        };
+        for iteration in 0..2u64 {
+            let mut bi = Batch {
+                tensors: b.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+                meta_json: b.meta_json.clone(),
+            };
+            let mut meta: serde_json::Value = serde_json::from_str(&bi.meta_json).unwrap();
+            meta["iteration"] = serde_json::json!(iteration);
+            bi.meta_json = meta.to_string();
+            model.forward_pixels.borrow_mut().clear();
+            ppo.loss(&bi, &model).unwrap();
+            let seen = model.forward_pixels.borrow();
+            let rows = mini_batch_rows(&ppo.cfg, 0, 0, iteration, 4);
+            // Iteration 0: the policy and reference rollout passes over all rows, then the step.
+            let mut want: Vec<Vec<usize>> = Vec::new();
+            if iteration == 0 {
+                want.push((0..4).collect());
+                want.push((0..4).collect());
+            }
+            want.push(rows);
+            assert_eq!(seen.len(), want.len());
+            for (got, rows) in seen.iter().zip(&want) {
+                let got = got
+                    .as_ref()
+                    .map_or(Vec::new(), |t| Vec::<f32>::try_from(&t.reshape([-1])).unwrap());
+                assert_eq!(got, patches(rows), "rows {rows:?}");
+            }
+        }
+        assert_eq!(model.generated.borrow()[0].1["prompt_rows"], serde_json::json!([0, 1, 2, 3]));
+    }
 }

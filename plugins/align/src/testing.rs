@@ -22,6 +22,8 @@ pub struct TinyModel {
     pub calls: RefCell<Vec<ForwardFlags>>,
     /// `input_ids` of every forward.
     pub forward_ids: RefCell<Vec<Tensor>>,
+    /// `pixel_values` of every forward (None: the forward had none).
+    pub forward_pixels: RefCell<Vec<Option<Tensor>>>,
     /// (prompts, options JSON) of every `generate`.
     pub generated: RefCell<Vec<(Vec<Vec<i64>>, serde_json::Value)>>,
     pub reward_calls: RefCell<usize>,
@@ -52,6 +54,7 @@ impl TinyModel {
             nan_scores: false,
             calls: RefCell::new(Vec::new()),
             forward_ids: RefCell::new(Vec::new()),
+            forward_pixels: RefCell::new(Vec::new()),
             generated: RefCell::new(Vec::new()),
             reward_calls: RefCell::new(0),
         }
@@ -86,6 +89,7 @@ impl TinyModel {
         let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         let ids = get("input_ids").expect("input_ids");
         self.forward_ids.borrow_mut().push(ids.shallow_clone());
+        self.forward_pixels.borrow_mut().push(get("pixel_values").map(Tensor::shallow_clone));
         let mut out = Vec::new();
         if flags.contains(ForwardFlags::SCORES) && !self.no_scores {
             let s = self.scores(ids);
