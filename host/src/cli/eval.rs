@@ -117,6 +117,8 @@ fn reward_sections(a: &EvalArgs, cfg: &TrainConfig) -> Result<Vec<RewardSection>
             .iter()
             .map(|plugin| RewardSection {
                 plugin: plugin.clone(),
+                model: None,
+                adapter: None,
                 weight: 1.0,
                 name: None,
                 config: Default::default(),

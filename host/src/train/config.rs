@@ -171,10 +171,19 @@ impl ModuleList {
     }
 }
 
-/// One reward plugin of a run (`rewards:` list).
+/// One reward of a run (`rewards:` list): a reward plugin (`plugin:` and its keys), or a
+/// trained reward model (`model:` a directory, optional `adapter:` its SEQ_CLS adapter).
 #[derive(Debug, Clone, Deserialize)]
 pub struct RewardSection {
+    #[serde(default)]
     pub plugin: String,
+    /// A reward model's directory (relative to the config file): a `…ForSequenceClassification`
+    /// checkpoint, or the base of `adapter`.
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// The reward model's sequence-classification adapter (what `objective: reward_model` saves).
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
     /// Weight of this reward in the sum GRPO's advantages are computed from (default 1.0).
     #[serde(default = "default_weight")]
     pub weight: f64,
@@ -190,9 +199,16 @@ impl RewardSection {
         serde_json::Value::Object(self.config.clone()).to_string()
     }
     pub fn display_name(&self) -> &str {
-        self.name.as_deref().unwrap_or(&self.plugin)
+        match (&self.name, &self.model) {
+            (Some(n), _) => n,
+            (None, Some(_)) => REWARD_MODEL_NAME,
+            (None, None) => &self.plugin,
+        }
     }
 }
+
+/// The name a reward model's scores are logged under unless it has a `name:`.
+pub const REWARD_MODEL_NAME: &str = "reward_model";
 
 fn default_weight() -> f64 {
     1.0
@@ -596,6 +612,7 @@ impl TrainConfig {
         for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path]
             .into_iter()
             .chain(cfg.adapter_init.as_mut())
+            .chain(cfg.rewards.iter_mut().flat_map(|r| r.model.as_mut().into_iter().chain(r.adapter.as_mut())))
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -787,6 +804,16 @@ impl TrainConfig {
                     r.weight
                 );
             }
+            match (r.plugin.is_empty(), &r.model) {
+                (true, None) => bail!("config key `rewards[{i}]`: name a reward plugin (`plugin:`) or a reward model (`model:` a directory)"),
+                (false, Some(_)) => bail!("config key `rewards[{i}]`: `plugin` and `model` both given; a reward is one or the other"),
+                (true, Some(_)) if !r.config.is_empty() => {
+                    let keys: Vec<&str> = r.config.keys().map(String::as_str).collect();
+                    bail!("config key `rewards[{i}]`: unknown key(s) {} for a reward model (it takes model, adapter, weight, name)", keys.join(", "))
+                }
+                (false, None) if r.adapter.is_some() => bail!("config key `rewards[{i}].adapter`: only a reward model (`model:`) takes an adapter"),
+                _ => {}
+            }
             if !names.insert(r.display_name()) {
                 bail!(
                     "config key `rewards[{i}]`: a second reward named `{}`; give one a `name:`",
@@ -849,8 +876,15 @@ impl TrainConfig {
             "vision": {"freeze_vision_tower": v.tower_frozen(self.finetuning()),
                        "tune_merger": v.merger_trained(self.finetuning()), "freeze_llm": v.freeze_llm,
                        "vision_lr": v.vision_lr, "merger_lr": v.merger_lr},
-            "rewards": self.rewards.iter().map(|r| json!({"plugin": r.plugin, "weight": r.weight,
-                        "name": r.name, "config": r.config})).collect::<Vec<_>>(),
+            "rewards": self.rewards.iter().map(|r| {
+                let mut v = json!({"plugin": r.plugin, "weight": r.weight, "name": r.name, "config": r.config});
+                // Reward models only when used: checkpoints written before them still resume.
+                if let Some(m) = &r.model {
+                    v["model"] = json!(m);
+                    v["adapter"] = json!(r.adapter);
+                }
+                v
+            }).collect::<Vec<_>>(),
         });
         let mut flat = std::collections::BTreeMap::new();
         flatten("", &record, &mut flat);

@@ -14,6 +14,7 @@ use ferrotune_plugin_api::{
 use tch::Tensor;
 
 use super::config::TrainConfig;
+use super::reward_model::RewardModel;
 use crate::data;
 use crate::model::target::{target_logps, TargetOptions};
 use crate::model::{ForwardArgs, VideoInputs, VisionInputs};
@@ -21,23 +22,50 @@ use crate::peft::PeftModel;
 use crate::plugins::Registry;
 use crate::text::Tokenizer;
 
-/// A reward plugin of the run, with its name and weight.
+/// A reward of the run, with its name and weight.
 pub struct LoadedReward {
     pub name: String,
     pub weight: f64,
-    pub handle: RewardHandle,
+    pub source: RewardSource,
 }
 
-/// Loads the run's reward plugins (`rewards:`).
+/// What scores a reward's completions.
+pub enum RewardSource {
+    Plugin(RewardHandle),
+    Model(Box<RewardModel>),
+}
+
+impl LoadedReward {
+    /// One score per input.
+    pub fn score(&self, inputs: &[RewardInput]) -> PluginResult<Vec<f64>> {
+        match &self.source {
+            RewardSource::Plugin(h) => h.score(inputs),
+            RewardSource::Model(m) => m.score(inputs).map_err(|e| PluginError::runtime(format!("{e:#}"))),
+        }
+    }
+}
+
+/// Loads the run's rewards (`rewards:`): reward plugins, and reward models on `device` in the
+/// run's dtype.
 pub fn load_rewards(cfg: &TrainConfig, registry: &Registry) -> Result<Vec<LoadedReward>> {
+    let device = crate::dist::resolve_for_rank(&cfg.device)?;
+    let dtype = crate::model::init::parse_dtype(&cfg.dtype)?;
     cfg.rewards
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let handle = registry
-                .reward(&r.plugin, &r.config_json())
-                .with_context(|| format!("config key `rewards[{i}]`"))?;
-            Ok(LoadedReward { name: r.display_name().to_string(), weight: r.weight, handle })
+            let source = match &r.model {
+                Some(dir) => RewardSource::Model(Box::new(
+                    RewardModel::load(dir, r.adapter.as_deref(), device, dtype, registry, cfg.data.cutoff_len)
+                        .with_context(|| format!("config key `rewards[{i}]`"))?,
+                )),
+                None => RewardSource::Plugin(
+                    registry
+                        .reward(&r.plugin, &r.config_json())
+                        .with_context(|| format!("config key `rewards[{i}]`"))?,
+                ),
+            };
+            Ok(LoadedReward { name: r.display_name().to_string(), weight: r.weight, source })
         })
         .collect()
 }
@@ -284,7 +312,6 @@ impl ObjectiveContext for PolicyContext<'_> {
             .iter()
             .map(|r| {
                 let scores = r
-                    .handle
                     .score(inputs)
                     .map_err(|e| e.context(format!("reward `{}`", r.name)))?;
                 Ok(RewardScores { name: r.name.clone(), weight: r.weight, scores })

@@ -25,6 +25,7 @@ pub mod config;
 pub mod context;
 pub mod data;
 pub mod plot;
+pub mod reward_model;
 pub mod run;
 pub mod schedule;
 pub mod step;
