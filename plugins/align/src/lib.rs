@@ -1,4 +1,6 @@
-//! Alignment objectives: `dpo`, `orpo`, `simpo`, `kto` and `grpo`, with TRL 1.16's losses.
+//! Alignment objectives: `dpo`, `orpo`, `simpo`, `kto` and `grpo`, with TRL 1.16's losses, and
+//! the RLHF pair `reward_model` (TRL 1.16's `RewardTrainer`) and `ppo` (the last TRL
+//! `PPOTrainer`), whose tensor math is [`rlhf`].
 //!
 //! The loss math lives in [`losses`] as plain functions over per-sequence (GRPO: per-token)
 //! log-probabilities; each follows one TRL 1.16 code path line by line, and
@@ -55,6 +57,22 @@
 //!   answer), `pad_token_id` (completion padding, default 0). Completions are taken as
 //!   `generate` returns them (EOS included, nothing after it).
 //!
+//! **Reward model** (`reward_model`): the preference-pairs layout above (`input_ids`,
+//! `attention_mask` `[2B, T]`, chosen rows first; `completion_mask` is not read), optional
+//! `margin` `[B]` (TRL's margin column; the host adds it when every sample of the batch has one).
+//! One forward with [`ForwardFlags::SCORES`] (no logits): the score head at each row's last
+//! `attention_mask` position, split into chosen and rejected, [`rlhf::reward_model_loss`]. Needs
+//! `preference_pairs` and `score_head`.
+//!
+//! **PPO** (`ppo`): a prompts batch as GRPO's (`prompt_ids`, `prompt_mask`, vision inputs with
+//! `images_per_prompt` / `videos_per_prompt`; metadata `prompts`, `samples`, `pad_token_id`,
+//! and `eos_token_id`, an id or a list, else taken from the responses that stopped early).
+//! Needs `generation`, `rewards`, `reference`, `value_head` and
+//! `num_iterations=<num_ppo_epochs · num_mini_batches>`: iteration 0 generates one response per
+//! prompt, scores it (Σ weight · reward), runs the policy (log-probs and values, one forward
+//! with `TARGET_LOGPS | VALUES`) and the reference without a graph and keeps the rollout by
+//! `micro_index`; each iteration trains one mini-batch of a per-epoch permutation (see [`ppo`]).
+//!
 //! **Metadata** (JSON object, all optional): `gradient_accumulation_steps` (every loss but
 //! `dapo` is divided by it, as TRL's trainers do), `num_items_in_batch` (`dapo` only: the
 //! completion tokens of the whole optimizer step; default this micro-batch's), `sample_ids`
@@ -77,7 +95,14 @@
 //! `logps/*`. GRPO: `loss`, `kl` (beta ≠ 0), `clip_ratio/low_mean`, `clip_ratio/high_mean`,
 //! `clip_ratio/region_mean`, `entropy`; after a rollout also `rewards/<name>/mean`,
 //! `rewards/<name>/std`, `reward`, `reward_std`, `frac_reward_zero_std`,
-//! `completions/mean_length`, `/min_length`, `/max_length`.
+//! `completions/mean_length`, `/min_length`, `/max_length`. Reward model (TRL's names):
+//! `loss`, `accuracy`, `margin`, `min_reward`, `mean_reward`, `max_reward`, at eval too. PPO
+//! (TRL's names): after a rollout `objective/kl`, `objective/entropy`,
+//! `objective/non_score_reward`, `objective/rlhf_reward`, `objective/scores`,
+//! `val/num_eos_tokens`, GRPO's `rewards/<name>/mean`, `/std`, `reward`, `reward_std` and
+//! completion lengths, and `kl_coef` with `adaptive_kl`; every step `loss` and the rollout's
+//! running `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `loss/value_avg`,
+//! `val/clipfrac_avg`, `policy/entropy_avg`, `val/ratio`, `val/ratio_var`.
 use ferrotune_plugin_api::prelude::*;
 
 pub mod common;

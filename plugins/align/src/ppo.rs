@@ -195,11 +195,8 @@ impl RolloutRows {
 
     /// The model inputs of rows `rows` (prompt + response, their attention mask and the rows'
     /// vision inputs) and the `target_ids` scoring every response position (padding too, as
-    /// TRL's log-probabilities: the rollout masks them): `(inputs, targets, P, C)`.
-    fn forward_inputs(
-        &self,
-        rows: &[usize],
-    ) -> PluginResult<(Vec<(String, Tensor)>, Tensor, i64, i64)> {
+    /// TRL's log-probabilities: the rollout masks them).
+    fn forward_inputs(&self, rows: &[usize]) -> PluginResult<ForwardInputs> {
         let device = self.prompt_ids.device();
         let pick = |t: &Tensor| -> PluginResult<Tensor> {
             Ok(t.f_index_select(0, &row_index(rows, t.device())?)?.f_to_device(device)?)
@@ -223,7 +220,7 @@ impl RolloutRows {
         let targets = Tensor::f_cat(&[none(p - 1)?, responses.shallow_clone(), none(1)?], 1)?;
         inputs.push(("input_ids".into(), Tensor::f_cat(&[prompt_ids, responses], 1)?));
         inputs.push(("attention_mask".into(), Tensor::f_cat(&[prompt_mask, response_mask], 1)?));
-        Ok((inputs, targets, p, c))
+        Ok(ForwardInputs { inputs, targets, p, c })
     }
 
     /// 1 on the response tokens of rows `rows`, as bool on `device`.
@@ -231,6 +228,15 @@ impl RolloutRows {
         let m = self.response_mask.f_to_device(device)?;
         Ok(m.f_index_select(0, &row_index(rows, device)?)?.f_ne(0)?)
     }
+}
+
+/// A forward over rollout rows: the inputs, `target_ids` `[n, P + C]`, and the prompt and
+/// response widths.
+struct ForwardInputs {
+    inputs: Vec<(String, Tensor)>,
+    targets: Tensor,
+    p: i64,
+    c: i64,
 }
 
 fn row_index(rows: &[usize], device: Device) -> PluginResult<Tensor> {
@@ -424,7 +430,7 @@ impl Ppo {
         rows: &[usize],
         flags: ForwardFlags,
     ) -> PluginResult<PolicyOutputs> {
-        let (mut inputs, targets, p, c) = r.forward_inputs(rows)?;
+        let ForwardInputs { mut inputs, targets, p, c } = r.forward_inputs(rows)?;
         inputs.push((TARGET_IDS.to_string(), targets));
         inputs.push((TARGET_TEMPERATURE.to_string(), Tensor::from(self.cfg.temperature + 1e-7)));
         let flags = flags | ForwardFlags::TARGET_LOGPS | ForwardFlags::VALUES;
@@ -449,7 +455,7 @@ impl Ppo {
         r: &RolloutRows,
         rows: &[usize],
     ) -> PluginResult<Tensor> {
-        let (inputs, targets, p, c) = r.forward_inputs(rows)?;
+        let ForwardInputs { inputs, targets, p, c } = r.forward_inputs(rows)?;
         let flags = ForwardFlags::DISABLE_ADAPTER | ForwardFlags::NO_GRAD;
         let out = target_logps(ctx, &inputs, &targets, self.cfg.temperature + 1e-7, flags)?;
         response_positions("target_logps", &out.logps, rows.len() as i64, p, c)

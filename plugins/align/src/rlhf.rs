@@ -1,6 +1,6 @@
 //! The tensor math of RLHF (issue 21): TRL 1.16's reward-model loss and the PPO trainer's
 //! rollout post-processing, advantages and clipped losses, as plain functions over tensors.
-//! No plugin uses them yet: the host still lacks the score / value heads and rollouts.
+//! The `reward_model` and `ppo` plugins ([`crate::reward_model`], [`crate::ppo`]) call them.
 //!
 //! * [`reward_model_loss`]: `RewardTrainer.compute_loss` (trl/trainer/reward_trainer.py of
 //!   TRL 1.16), with its `margin` column, `center_rewards_coefficient` and logged metrics.

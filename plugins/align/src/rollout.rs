@@ -122,6 +122,9 @@ impl<'a> Prompts<'a> {
     }
 }
 
+/// Named metrics, as [`LossOutput::metrics`].
+pub type Metrics = Vec<(String, f64)>;
+
 /// The run's reward plugins' scores of some completions.
 pub struct RewardTable {
     pub names: Vec<String>,
@@ -143,7 +146,7 @@ impl RewardTable {
     /// Each completion's weighted sum Σ weight · score (checked: one finite score per
     /// completion from every reward), with the metrics `rewards/<name>/mean`,
     /// `rewards/<name>/std`, `reward` and `reward_std`.
-    pub fn weighted(&self) -> PluginResult<(Vec<f64>, Vec<(String, f64)>)> {
+    pub fn weighted(&self) -> PluginResult<(Vec<f64>, Metrics)> {
         // Groups of one: the sums and metrics of GRPO's advantages, without the grouping.
         let adv =
             group_advantages(&self.per_func, &self.names, &self.weights, 1, ScaleRewards::None)?;
