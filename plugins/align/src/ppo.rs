@@ -64,7 +64,9 @@ use crate::grpo::GRPO_NON_MODEL_KEYS;
 use crate::rlhf::{
     ppo_rollout, ppo_step_loss, KlEstimator, PpoConfig as PpoMath, PpoStats, Rollout, RolloutInputs,
 };
-use crate::rollout::{length_metrics, pad_completions, pad_token_id, Prompts, RewardTable};
+use crate::rollout::{
+    length_metrics, pad_completions, pad_token_id, Metrics, Prompts, RewardTable,
+};
 
 /// Configuration (`objective: {plugin: ppo, ...}`), the last TRL `PPOConfig`'s names.
 #[derive(Deserialize, Debug, Clone, PartialEq)]
@@ -356,6 +358,10 @@ impl Plugin for Ppo {
     }
 }
 
+/// Where an evaluation batch's rollout is kept during its call (no host sends this
+/// `micro_index`).
+const EVAL_KEY: u64 = u64::MAX;
+
 /// Optimizer steps per rollout.
 fn iterations(cfg: &PpoObjectiveConfig) -> u64 {
     cfg.num_ppo_epochs * cfg.num_mini_batches
@@ -461,16 +467,18 @@ impl Ppo {
         response_positions("target_logps", &out.logps, rows.len() as i64, p, c)
     }
 
-    /// Iteration 0: generate, score, and post-process one rollout (TRL's no-grad part).
+    /// Iteration 0: generate, score, and post-process one rollout (TRL's no-grad part). An
+    /// evaluation rollout is one batch, whatever its size.
     fn rollout(
         &mut self,
         batch: &Batch,
         meta: &Meta,
         ctx: &dyn ObjectiveContext,
-    ) -> PluginResult<(KeptRollout, Vec<(String, f64)>)> {
+        eval: bool,
+    ) -> PluginResult<(KeptRollout, Metrics)> {
         let prompts = Prompts::from_batch(batch, meta)?;
         let b = prompts.len();
-        let m = self.cfg.num_mini_batches as usize;
+        let m = if eval { 1 } else { self.cfg.num_mini_batches as usize };
         if b == 0 || !b.is_multiple_of(m) {
             return Err(PluginError::invalid(format!(
                 "PPO splits each rollout into `num_mini_batches` = {m} mini-batches: the micro-batch's {b} prompts are not a multiple of it (set the batch size to a multiple of num_mini_batches)"
@@ -614,7 +622,7 @@ impl Objective for Ppo {
         let mut metrics = Vec::new();
         if iteration == 0 {
             let kl_coef = self.math.kl_coef;
-            let (kept, rollout_metrics) = self.rollout(batch, &meta, ctx)?;
+            let (kept, rollout_metrics) = self.rollout(batch, &meta, ctx, eval)?;
             metrics = rollout_metrics;
             if self.cfg.adaptive_kl {
                 metrics.push(("kl_coef".into(), kl_coef));
@@ -623,10 +631,12 @@ impl Objective for Ppo {
                     self.update_kl_coef(kl, kept.rows.len());
                 }
             }
-            self.rollouts.retain(|(m, _)| *m != micro);
-            self.rollouts.push((if eval { u64::MAX } else { micro }, kept));
+            // An evaluation rollout is kept (for this call only) apart from the training ones.
+            let micro_key = if eval { EVAL_KEY } else { micro };
+            self.rollouts.retain(|(m, _)| *m != micro_key);
+            self.rollouts.push((micro_key, kept));
         }
-        let micro_key = if eval { u64::MAX } else { micro };
+        let micro_key = if eval { EVAL_KEY } else { micro };
         let at = self.rollouts.iter().position(|(m, _)| *m == micro_key).ok_or_else(|| {
             PluginError::invalid(format!(
                 "iteration {iteration} of micro-batch {micro}: no rollout kept from iteration 0"
@@ -938,6 +948,17 @@ mod tests {
             assert_eq!(out.num_items, 4);
             assert_eq!(ppo.math.kl_coef, 0.1);
             assert!(ppo.kept(0).is_none() && ppo.rollouts.is_empty());
+            // ... nor disturbs a training rollout of the same micro-batch index, and takes a
+            // batch of any size.
+            ppo.loss(&batch(0, 0, 4), &model).unwrap();
+            let kept = ppo.kept(0).unwrap().rollout.advantages.copy();
+            let mut odd = batch(0, 0, 1);
+            for (_, t) in odd.tensors.iter_mut() {
+                *t = t.narrow(0, 0, 3);
+            }
+            assert_eq!(ppo.loss(&odd, &model).unwrap().num_items, 3);
+            assert!(ppo.kept(0).unwrap().rollout.advantages.equal(&kept));
+            ppo.loss(&batch(0, 1, 4), &model).unwrap();
         }
     }
 

@@ -147,6 +147,11 @@ impl RewardTable {
     /// completion from every reward), with the metrics `rewards/<name>/mean`,
     /// `rewards/<name>/std`, `reward` and `reward_std`.
     pub fn weighted(&self) -> PluginResult<(Vec<f64>, Metrics)> {
+        if self.per_func.is_empty() {
+            return Err(PluginError::invalid(
+                "the host returned no reward scores: the run needs at least one reward (a reward plugin or a reward model)",
+            ));
+        }
         // Groups of one: the sums and metrics of GRPO's advantages, without the grouping.
         let adv =
             group_advantages(&self.per_func, &self.names, &self.weights, 1, ScaleRewards::None)?;
