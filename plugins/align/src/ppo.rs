@@ -495,11 +495,23 @@ impl Ppo {
             "seed": self.cfg.seed.wrapping_add(call),
         });
         let completions = prompts.generate(ctx, &rows, options)?;
-        let table =
-            RewardTable::score(ctx, &prompts.reward_inputs(ctx, meta, &rows, &completions)?)?;
-        let (sums, reward_metrics) = table.weighted()?;
         let pad = pad_token_id(meta);
         let eos = eos_token(meta, &completions, self.cfg.response_length as usize)?;
+        let stop = match self.cfg.stop_token.as_deref() {
+            Some("eos") => Some(eos),
+            _ => self.cfg.stop_token_id,
+        };
+        // The rewards score the responses truncated after the stop token (TRL's
+        // `postprocessed_response`).
+        let truncated: Vec<Vec<i64>> = completions
+            .iter()
+            .map(|c| match stop.and_then(|s| c.iter().position(|&t| t == s)) {
+                Some(at) => c[..=at].to_vec(),
+                None => c.clone(),
+            })
+            .collect();
+        let table = RewardTable::score(ctx, &prompts.reward_inputs(ctx, meta, &rows, &truncated)?)?;
+        let (sums, reward_metrics) = table.weighted()?;
         let device = prompts.ids.device();
         let (responses, response_mask) = pad_completions(&completions, pad, device)?;
         let r = RolloutRows {
@@ -531,10 +543,6 @@ impl Ppo {
         }
         let kind = logprobs.kind();
         let scores = Tensor::from_slice(&sums).f_to_kind(kind)?.f_to_device(logprobs.device())?;
-        let stop = match self.cfg.stop_token.as_deref() {
-            Some("eos") => Some(eos),
-            _ => self.cfg.stop_token_id,
-        };
         let responses = r.responses.f_to_device(logprobs.device())?;
         let rollout = ppo_rollout(
             &self.math,
@@ -1011,5 +1019,41 @@ mod tests {
             }
         }
         assert_eq!(model.generated.borrow()[0].1["prompt_rows"], serde_json::json!([0, 1, 2, 3]));
+    }
+
+    /// `stop_token_id`: the rewards score each response up to its first stop token, and the
+    /// rollout pads what follows (TRL's `truncate_response`).
+    #[test]
+    fn stop_token_truncates_what_is_scored() {
+        let model = TinyModel::new(11, 6, EOS);
+        let (ids, mask) = prompts();
+        let rows: Vec<Vec<i64>> = (0..4)
+            .map(|r| {
+                let row = Vec::<i64>::try_from(&ids.get(r)).unwrap();
+                let m = Vec::<i64>::try_from(&mask.get(r)).unwrap();
+                row.into_iter().zip(m).filter(|(_, k)| *k != 0).map(|(i, _)| i).collect()
+            })
+            .collect();
+        let completions: Vec<Vec<i64>> = rows.iter().map(|p| model.completion(p, 0, 53)).collect();
+        let (row, stop) = completions
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.len() >= 3 && c[0] != c[1])
+            .map(|(r, c)| (r, c[1]))
+            .expect("a completion of 3+ tokens");
+        // Two epochs, so that the rollout stays kept after the first step.
+        let cfg = format!(r#"{{"num_ppo_epochs": 2, "stop_token_id": {stop}}}"#);
+        let mut ppo = Ppo::from_config(&cfg).unwrap();
+        ppo.loss(&batch(0, 0, 2), &model).unwrap();
+        let scored = model.rewarded.borrow();
+        for (r, c) in completions.iter().enumerate() {
+            let end = c.iter().position(|&t| t == stop).map_or(c.len(), |at| at + 1);
+            let want: Vec<String> = c[..end].iter().map(|t| t.to_string()).collect();
+            assert_eq!(scored[r], want.join(" "), "row {r}");
+        }
+        let post = &ppo.kept(0).unwrap().rollout.postprocessed_responses;
+        let got = Vec::<i64>::try_from(&post.get(row as i64)).unwrap();
+        assert_eq!(&got[..2], &completions[row][..2]);
+        assert!(got[2..].iter().all(|&t| t == PAD), "{got:?}");
     }
 }

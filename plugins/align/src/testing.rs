@@ -27,6 +27,8 @@ pub struct TinyModel {
     /// (prompts, options JSON) of every `generate`.
     pub generated: RefCell<Vec<(Vec<Vec<i64>>, serde_json::Value)>>,
     pub reward_calls: RefCell<usize>,
+    /// The completion texts the rewards scored.
+    pub rewarded: RefCell<Vec<String>>,
 }
 
 impl TinyModel {
@@ -57,6 +59,7 @@ impl TinyModel {
             forward_pixels: RefCell::new(Vec::new()),
             generated: RefCell::new(Vec::new()),
             reward_calls: RefCell::new(0),
+            rewarded: RefCell::new(Vec::new()),
         }
     }
 
@@ -155,6 +158,7 @@ impl ObjectiveContext for TinyModel {
     /// `tokens` (weight 0.5): the completion's tokens; `threes` (weight 1): its `3`s.
     fn rewards(&self, inputs: &[RewardInput]) -> PluginResult<Vec<RewardScores>> {
         *self.reward_calls.borrow_mut() += 1;
+        self.rewarded.borrow_mut().extend(inputs.iter().map(|i| i.completion.clone()));
         let words = |s: &str| s.split(' ').filter(|w| !w.is_empty()).count() as f64;
         let threes = |s: &str| s.split(' ').filter(|w| *w == "3").count() as f64;
         Ok(vec![
