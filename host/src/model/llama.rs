@@ -1037,12 +1037,17 @@ impl CausalLM {
         Ok(head.forward(hidden, mode)?.f_to_kind(Kind::Float)?.f_select(-1, 0)?)
     }
 
-    /// The value head at every position of final hidden states `[B, T, H]`: `[B, T]` fp32.
+    /// The value head at every position of final hidden states `[B, T, H]`: `[B, T]` fp32, on
+    /// the hidden states detached (the value loss trains the head, not the model).
     pub fn values(&self, hidden: &Tensor) -> Result<Tensor> {
         let v = self.decoder.value_head.as_ref().context(
             "the model has no value head (`v_head`): it is added for objectives that need one (ppo)",
         )?;
-        Ok(hidden.f_matmul(&v.f_to_kind(hidden.kind())?.f_tr()?)?.f_to_kind(Kind::Float)?.f_select(-1, 0)?)
+        // The critic reads the policy's features without moving them: its loss trains the head
+        // alone (TRL's value model is a network of its own; sharing the adapter with it lets
+        // the value loss, which dominates early, pull the policy around).
+        let h = hidden.f_detach()?;
+        Ok(h.f_matmul(&v.f_to_kind(h.kind())?.f_tr()?)?.f_to_kind(Kind::Float)?.f_select(-1, 0)?)
     }
 
     /// ZeRO stage 3 for full fine-tuning: partitions over the ranks of `group` every large

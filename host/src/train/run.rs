@@ -412,6 +412,7 @@ impl<'c> Run<'c> {
         let mut tokens = 0usize;
         let (layout, pad_id, prep, device) =
             (self.layout, self.pad_id, self.prep.as_ref(), self.device);
+        let eos_id = self.tokenizer.eos_token_id();
         let batches = micro.iter().enumerate().map(|(j, idx)| {
             let items: Vec<&Item> = idx.iter().map(|&i| &train[i].1).collect();
             tokens += items.iter().map(|e| e.tokens()).sum::<usize>();
@@ -421,6 +422,7 @@ impl<'c> Run<'c> {
                 micro_index: j,
                 iteration,
                 num_iterations: mu,
+                eos_token_id: eos_id,
             };
             let ids = idx.iter().map(|&i| item_id(train[i].0, &train[i].1)).collect();
             let (tensors, extra) = crate::data::collate(layout, &items, pad_id, prep)?;
@@ -937,6 +939,7 @@ fn evaluate(
             micro_index: j,
             iteration: 0,
             num_iterations: 1,
+            eos_token_id: ctx.tokenizer.eos_token_id(),
         };
         let ids = chunk.iter().map(|(row, _)| serde_json::json!(format!("row {row}"))).collect();
         let batch = Batch {

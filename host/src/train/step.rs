@@ -54,6 +54,8 @@ pub(crate) struct MicroPosition {
     /// Generation objectives: which reuse of the generation batch this step is.
     pub iteration: usize,
     pub num_iterations: usize,
+    /// The tokenizer's end-of-sequence id (prompts batches: where a completion stops).
+    pub eos_token_id: Option<i64>,
 }
 
 /// The metadata of a micro-batch in `layout`: SFT's `num_items_in_batch` (sequences only:
@@ -77,6 +79,9 @@ pub(crate) fn micro_meta(
     meta.insert("micro_index".into(), serde_json::json!(at.micro_index));
     meta.insert("iteration".into(), serde_json::json!(at.iteration));
     meta.insert("num_iterations".into(), serde_json::json!(at.num_iterations));
+    if let (Layout::Prompts, Some(eos)) = (layout, at.eos_token_id) {
+        meta.insert("eos_token_id".into(), serde_json::json!(eos));
+    }
     meta.insert("sample_ids".into(), serde_json::Value::Array(sample_ids));
     serde_json::Value::Object(meta).to_string()
 }
