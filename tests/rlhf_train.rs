@@ -33,7 +33,8 @@ fn fixture() -> &'static Fixture {
         // Without a decoder, decoding joins the tokens with spaces: a completion decoded and
         // encoded again (what a reward model reads; the reward API carries text) keeps its
         // words even where the policy put no space between them.
-        let mut t: Value = serde_json::from_str(&std::fs::read_to_string(&tokenizer).unwrap()).unwrap();
+        let mut t: Value =
+            serde_json::from_str(&std::fs::read_to_string(&tokenizer).unwrap()).unwrap();
         t["decoder"] = Value::Null;
         std::fs::write(&tokenizer, t.to_string()).unwrap();
         let model = work.join("model");
@@ -195,11 +196,22 @@ fn reward_model_learns_held_out_preferences_and_transformers_loads_it() {
         .collect();
     let losses: Vec<f64> = m.iter().filter_map(|l| l["loss"].as_f64()).collect();
     println!("reward model held-out (step, accuracy, margin): {evals:?}");
-    println!("train loss first {:.4} last {:.4} ({} steps)", losses[0], losses[losses.len() - 1], losses.len());
+    println!(
+        "train loss first {:.4} last {:.4} ({} steps)",
+        losses[0],
+        losses[losses.len() - 1],
+        losses.len()
+    );
     let (_, acc, margin) = *evals.last().expect("eval metrics logged");
     assert!(acc >= 0.9, "held-out accuracy {acc} (want ≥ 0.9)");
     assert!(margin > 0.0, "held-out margin {margin}");
-    for key in ["train/accuracy", "train/margin", "train/mean_reward", "train/min_reward", "train/max_reward"] {
+    for key in [
+        "train/accuracy",
+        "train/margin",
+        "train/mean_reward",
+        "train/min_reward",
+        "train/max_reward",
+    ] {
         assert!(m.iter().any(|l| l.get(key).is_some()), "{key} never logged");
     }
     let config: Value =
@@ -246,7 +258,9 @@ fn reward_model_learns_held_out_preferences_and_transformers_loads_it() {
         let t: Vec<f64> =
             theirs[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let worst = ours.iter().zip(&t).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        println!("scores, ours {ours:?}, transformers + peft ({key}) {t:?}: max |diff| {worst:.2e}");
+        println!(
+            "scores, ours {ours:?}, transformers + peft ({key}) {t:?}: max |diff| {worst:.2e}"
+        );
         assert!(worst <= 1e-5, "{key}: our scores differ from transformers' by {worst}");
     }
     // A chosen-style answer out-scores a rejected-style one for the same prompt.
@@ -255,8 +269,8 @@ fn reward_model_learns_held_out_preferences_and_transformers_loads_it() {
     // As a reward of a run: each completion is encoded as the training rows were (the
     // sample's prompt, the completion as the final assistant turn, the chat template's end),
     // and scored at its last token: the scores of the same rows encoded by hand.
-    let scorer = RewardModel::load(&f.model, Some(rm), Device::Cpu, Kind::Float, &registry(), 256)
-        .unwrap();
+    let scorer =
+        RewardModel::load(&f.model, Some(rm), Device::Cpu, Kind::Float, &registry(), 256).unwrap();
     let sample = json!({"messages": [{"role": "user", "content": "w11 w3"}, {"role": "assistant", "content": "w5"}]});
     let inputs: Vec<RewardInput> = ["w0 w1 w2", "w16 w17 w21"]
         .iter()
@@ -274,7 +288,10 @@ fn reward_model_learns_held_out_preferences_and_transformers_loads_it() {
     let by_hand = our_scores(f, rm, &[row(&[9, 5, 10, 5, 11]), row(&[25, 5, 26, 5, 30])]);
     println!("as a reward: {as_reward:?}, the rows encoded by hand: {by_hand:?}");
     for (a, b) in as_reward.iter().zip(&by_hand) {
-        assert!((a - b).abs() <= 1e-5, "reward-model scores {as_reward:?} vs the rows' {by_hand:?}");
+        assert!(
+            (a - b).abs() <= 1e-5,
+            "reward-model scores {as_reward:?} vs the rows' {by_hand:?}"
+        );
     }
     assert!(as_reward[0] > as_reward[1], "{as_reward:?}");
 }
@@ -284,7 +301,8 @@ fn reward_model_learns_held_out_preferences_and_transformers_loads_it() {
 #[test]
 fn reward_model_on_two_ranks_equals_one_process() {
     let f = fixture();
-    let training = |micro: usize| format!("{{max_steps: 4, micro_batch_size: {micro}, progress_bar: false}}");
+    let training =
+        |micro: usize| format!("{{max_steps: 4, micro_batch_size: {micro}, progress_bar: false}}");
     let (out, err) = train(&reward_model_config(f, "rm-one", "{plugin: single}", &training(4)));
     assert!(out.status.success(), "{err}");
     let (out, err) = launch2(&reward_model_config(f, "rm-ddp", "{plugin: ddp}", &training(2)));
@@ -293,7 +311,9 @@ fn reward_model_on_two_ranks_equals_one_process() {
         let (a, b) = (series(f, "rm-one", key), series(f, "rm-ddp", key));
         assert_eq!((a.len(), b.len()), (4, 4), "{key}: {a:?} vs {b:?}");
         let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-        println!("reward model {key}: one process {a:?}, 2 ranks {b:?}, max difference {worst:.2e}");
+        println!(
+            "reward model {key}: one process {a:?}, 2 ranks {b:?}, max difference {worst:.2e}"
+        );
         assert!(worst <= 1e-5, "{key} on 2 ranks differs from one process by {worst}");
     }
 }
@@ -345,11 +365,17 @@ fn ppo_raises_a_rule_based_reward() {
         "train/val/clipfrac_avg",
         "train/val/ratio",
     ] {
-        assert!(m.iter().any(|l| l.get(key).is_some()), "{key} never logged: {}", m.last().unwrap());
+        assert!(
+            m.iter().any(|l| l.get(key).is_some()),
+            "{key} never logged: {}",
+            m.last().unwrap()
+        );
     }
     // Every rollout samples all 32 prompts (TRL's default temperature 0.7).
     let (first, last) = (mean(&scores[..3]), mean(&scores[scores.len() - 10..]));
-    println!("PPO mean reward: first 3 rollouts {first:.3}, last 10 {last:.3}; per rollout {scores:?}");
+    println!(
+        "PPO mean reward: first 3 rollouts {first:.3}, last 10 {last:.3}; per rollout {scores:?}"
+    );
     assert!(last > first + 0.15, "mean reward did not rise: {first:.3} → {last:.3}");
     let config: Value = serde_json::from_str(
         &std::fs::read_to_string(f.work.join("ppo/adapter_config.json")).unwrap(),
@@ -367,7 +393,13 @@ fn ppo_raises_the_reward_models_score() {
     let f = fixture();
     let rm = reward_model();
     let rewards = format!("[{{model: {}, adapter: {}}}]", f.model.display(), rm.display());
-    let cfg = ppo_config(f, "ppo-rm", &rewards, "", "{max_steps: 30, micro_batch_size: 16, progress_bar: false}");
+    let cfg = ppo_config(
+        f,
+        "ppo-rm",
+        &rewards,
+        "",
+        "{max_steps: 30, micro_batch_size: 16, progress_bar: false}",
+    );
     let (out, err) = train(&cfg);
     assert!(out.status.success(), "{err}");
     let scores = series(f, "ppo-rm", "train/objective/scores");
@@ -523,9 +555,16 @@ fn reward_model_with_full_finetuning_writes_a_sequence_classifier() {
         .map(|(n, _)| n)
         .collect();
     assert!(names.contains(&"score.weight".to_string()), "{names:?}");
-    assert!(!names.iter().any(|n| n.starts_with("lm_head") || n.starts_with("v_head")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("lm_head") || n.starts_with("v_head")),
+        "{names:?}"
+    );
     let scorer = RewardModel::load(&out, None, Device::Cpu, Kind::Float, &registry(), 256).unwrap();
-    let input = RewardInput { prompt: "w1 w2".into(), completion: " w3".into(), sample_json: String::new() };
+    let input = RewardInput {
+        prompt: "w1 w2".into(),
+        completion: " w3".into(),
+        sample_json: String::new(),
+    };
     let s = scorer.score(&[input]).unwrap();
     assert!(s[0].is_finite(), "{s:?}");
 }

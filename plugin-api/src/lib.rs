@@ -86,8 +86,8 @@ pub use kinds::memory::{Collectives, MemoryStrategy, ReduceOp, StepReport};
 pub use kinds::objective::{
     last_token_values, logps_from_logits, next_token_targets, take_output, target_logps, Batch,
     ForwardFlags, LossOutput, Objective, ObjectiveContext, RewardScores, TargetLogps,
-    NEED_NUM_ITERATIONS, NEED_SCORE_HEAD, NEED_VALUE_HEAD, SCORES, TARGET_IDS,
-    TARGET_TEMPERATURE, VALUES,
+    NEED_NUM_ITERATIONS, NEED_SCORE_HEAD, NEED_VALUE_HEAD, SCORES, TARGET_IDS, TARGET_TEMPERATURE,
+    VALUES,
 };
 pub use kinds::quantizer::{QuantizedWeight, Quantizer};
 pub use kinds::reward::{Reward, RewardInput};

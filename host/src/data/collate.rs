@@ -415,7 +415,11 @@ mod tests {
 
     #[test]
     fn pairs_put_chosen_rows_first_and_mask_completions() {
-        let a = Item::Pair { chosen: enc(&[5, 6, 7], 2), rejected: enc(&[5, 6, 8, 9], 2), margin: None };
+        let a = Item::Pair {
+            chosen: enc(&[5, 6, 7], 2),
+            rejected: enc(&[5, 6, 8, 9], 2),
+            margin: None,
+        };
         let b = Item::Pair { chosen: enc(&[3, 4], 1), rejected: enc(&[3, 9], 1), margin: None };
         let (t, _) = collate(Layout::Pairs, &[&a, &b], 0, None).unwrap();
         assert_eq!(

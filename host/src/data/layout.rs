@@ -101,7 +101,9 @@ impl Item {
             Item::Seq(e) | Item::Kto { seq: e, .. } | Item::Packed(Packed { seq: e, .. }) => {
                 e.input_ids.len()
             }
-            Item::Pair { chosen, rejected, .. } => chosen.input_ids.len() + rejected.input_ids.len(),
+            Item::Pair { chosen, rejected, .. } => {
+                chosen.input_ids.len() + rejected.input_ids.len()
+            }
             Item::Prompt { ids, .. } => ids.len(),
         }
     }
@@ -236,10 +238,19 @@ fn encode_row(
                 None | Some(Value::Null) => None,
                 Some(v) => match v.as_f64().filter(|m| m.is_finite()) {
                     Some(m) => Some(m),
-                    None => return Err(bad(&sample, &format!("`margin` must be a finite number, got {v}"))),
+                    None => {
+                        return Err(bad(
+                            &sample,
+                            format!("`margin` must be a finite number, got {v}"),
+                        ))
+                    }
                 },
             };
-            Ok(Outcome::Use(Item::Pair { chosen: with(chosen)?, rejected: with(rejected)?, margin }))
+            Ok(Outcome::Use(Item::Pair {
+                chosen: with(chosen)?,
+                rejected: with(rejected)?,
+                margin,
+            }))
         }
         Layout::Kto => {
             let Some(desirable) = sample.label else {

@@ -640,26 +640,25 @@ impl Decoder {
                 "1 (a reward model's single label), hidden_size",
             )?
             .map(|t| FrozenLinear::new(SCORE_HEAD, t, None));
-        let lm_head = if config.tie_word_embeddings
-            || (score.is_some() && !w.contains("lm_head.weight"))
-        {
-            // A sequence classifier has no lm_head: the embedding stands in (its logits mean
-            // nothing; its scores are what such a model is for).
-            // transformers ties the head to the embeddings even when the file also has one.
-            w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
-            FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
-        } else {
-            let mut head = linear(
-                w,
-                "lm_head",
-                vocab,
-                hidden,
-                false,
-                "vocab_size, hidden_size (tie_word_embeddings is false)",
-            )?;
-            on_linear(&mut head)?;
-            head
-        };
+        let lm_head =
+            if config.tie_word_embeddings || (score.is_some() && !w.contains("lm_head.weight")) {
+                // A sequence classifier has no lm_head: the embedding stands in (its logits mean
+                // nothing; its scores are what such a model is for).
+                // transformers ties the head to the embeddings even when the file also has one.
+                w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
+                FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
+            } else {
+                let mut head = linear(
+                    w,
+                    "lm_head",
+                    vocab,
+                    hidden,
+                    false,
+                    "vocab_size, hidden_size (tie_word_embeddings is false)",
+                )?;
+                on_linear(&mut head)?;
+                head
+            };
         let rotary = RotaryEmbedding::new(&config, device)?;
         Ok(Self {
             config,

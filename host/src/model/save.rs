@@ -409,8 +409,9 @@ impl CausalLM {
         // which has no lm_head.
         let classifier = self.score_head().is_some();
         let kept = |k: &str| {
-            !k.starts_with(&format!("{}.", super::llama::VALUE_HEAD))
-                && !(classifier && k == "lm_head.weight")
+            let value_head = k.starts_with(&format!("{}.", super::llama::VALUE_HEAD));
+            let head = classifier && k == "lm_head.weight";
+            !(value_head || head)
         };
         let (keys, own): (Vec<String>, Vec<Tensor>) =
             self.named_weights().into_iter().filter(|(k, _)| kept(k)).unzip();

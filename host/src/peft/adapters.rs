@@ -965,7 +965,10 @@ impl PeftModel {
                     Some(Value::Array(a)) => a.clone(),
                     _ => Vec::new(),
                 };
-                if !saved.iter().any(|v| v.as_str().is_some_and(|e| module_name_matches(SCORE_HEAD, e))) {
+                if !saved
+                    .iter()
+                    .any(|v| v.as_str().is_some_and(|e| module_name_matches(SCORE_HEAD, e)))
+                {
                     saved.push(Value::String(SCORE_HEAD.into()));
                 }
                 obj.insert(MODULES_TO_SAVE.into(), Value::Array(saved));

@@ -387,7 +387,8 @@ impl PeftModel {
             );
         }
         let added_head = seq_cls && self.base.add_score_head()?;
-        let loaded = self.load_mapped_adapter(&raw, &config_path, &weights_path, dir, registry, name);
+        let loaded =
+            self.load_mapped_adapter(&raw, &config_path, &weights_path, dir, registry, name);
         if loaded.is_err() && added_head {
             self.base.remove_score_head();
         }

@@ -612,7 +612,11 @@ impl TrainConfig {
         for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path]
             .into_iter()
             .chain(cfg.adapter_init.as_mut())
-            .chain(cfg.rewards.iter_mut().flat_map(|r| r.model.as_mut().into_iter().chain(r.adapter.as_mut())))
+            .chain(
+                cfg.rewards
+                    .iter_mut()
+                    .flat_map(|r| r.model.as_mut().into_iter().chain(r.adapter.as_mut())),
+            )
         {
             if p.is_relative() {
                 *p = base.join(&*p);

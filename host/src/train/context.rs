@@ -40,7 +40,9 @@ impl LoadedReward {
     pub fn score(&self, inputs: &[RewardInput]) -> PluginResult<Vec<f64>> {
         match &self.source {
             RewardSource::Plugin(h) => h.score(inputs),
-            RewardSource::Model(m) => m.score(inputs).map_err(|e| PluginError::runtime(format!("{e:#}"))),
+            RewardSource::Model(m) => {
+                m.score(inputs).map_err(|e| PluginError::runtime(format!("{e:#}")))
+            }
         }
     }
 }
@@ -56,8 +58,15 @@ pub fn load_rewards(cfg: &TrainConfig, registry: &Registry) -> Result<Vec<Loaded
         .map(|(i, r)| {
             let source = match &r.model {
                 Some(dir) => RewardSource::Model(Box::new(
-                    RewardModel::load(dir, r.adapter.as_deref(), device, dtype, registry, cfg.data.cutoff_len)
-                        .with_context(|| format!("config key `rewards[{i}]`"))?,
+                    RewardModel::load(
+                        dir,
+                        r.adapter.as_deref(),
+                        device,
+                        dtype,
+                        registry,
+                        cfg.data.cutoff_len,
+                    )
+                    .with_context(|| format!("config key `rewards[{i}]`"))?,
                 )),
                 None => RewardSource::Plugin(
                     registry
@@ -311,9 +320,8 @@ impl ObjectiveContext for PolicyContext<'_> {
         self.rewards
             .iter()
             .map(|r| {
-                let scores = r
-                    .score(inputs)
-                    .map_err(|e| e.context(format!("reward `{}`", r.name)))?;
+                let scores =
+                    r.score(inputs).map_err(|e| e.context(format!("reward `{}`", r.name)))?;
                 Ok(RewardScores { name: r.name.clone(), weight: r.weight, scores })
             })
             .collect()

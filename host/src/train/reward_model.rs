@@ -86,8 +86,14 @@ impl RewardModel {
         sample.chosen = None;
         sample.rejected = None;
         sample.label = None;
-        sample.messages.push(ferrotune_plugin_api::Message::new("assistant", input.completion.as_str()));
-        let opts = EncodeOptions { cutoff_len: self.cutoff_len, train_on_prompt: false, mask_history: true };
+        sample
+            .messages
+            .push(ferrotune_plugin_api::Message::new("assistant", input.completion.as_str()));
+        let opts = EncodeOptions {
+            cutoff_len: self.cutoff_len,
+            train_on_prompt: false,
+            mask_history: true,
+        };
         Ok(data::encode_multimodal(&self.tokenizer, None, sample, &opts)?.input_ids)
     }
 
@@ -101,7 +107,10 @@ impl RewardModel {
                     format!("reward model {}: completion {i}", self.dir.display())
                 })?;
                 if ids.is_empty() {
-                    bail!("reward model {}: completion {i} encodes to no token", self.dir.display());
+                    bail!(
+                        "reward model {}: completion {i} encodes to no token",
+                        self.dir.display()
+                    );
                 }
                 Ok(ids)
             })
@@ -125,14 +134,21 @@ impl RewardModel {
             // Right padding, positions from 0: each row's score at its last token.
             let scores = tch::no_grad(|| -> Result<Tensor> {
                 let mode = self.model.eval_mode();
-                let hidden = self.model.forward(ForwardArgs::ids(&ids).mask(Some(&mask)).mode(mode).hidden())?;
+                let hidden = self
+                    .model
+                    .forward(ForwardArgs::ids(&ids).mask(Some(&mask)).mode(mode).hidden())?;
                 let per_position = self.model.scores(&hidden, mode)?;
                 let idx = Tensor::from_slice(&last).to_device(device).unsqueeze(1);
                 Ok(per_position.f_gather(1, &idx, false)?.f_squeeze_dim(1)?)
             })?;
             let v = Vec::<f64>::try_from(&scores.to_kind(Kind::Double).to_device(Device::Cpu))?;
             if let Some(i) = v.iter().position(|s| !s.is_finite()) {
-                bail!("reward model {}: a non-finite score ({}) for completion {}", self.dir.display(), v[i], out.len() + i);
+                bail!(
+                    "reward model {}: a non-finite score ({}) for completion {}",
+                    self.dir.display(),
+                    v[i],
+                    out.len() + i
+                );
             }
             out.extend(v);
         }

@@ -857,7 +857,10 @@ fn num_iterations(cfg: &TrainConfig, needs: &[String]) -> Result<usize> {
     let asked = needs.iter().find_map(|n| n.strip_prefix(NEED_NUM_ITERATIONS));
     let Some(asked) = asked else { return Ok(cfg.training.num_iterations) };
     let asked: usize = asked.parse().ok().filter(|&n| n >= 1).with_context(|| {
-        format!("objective `{}` asks for `{NEED_NUM_ITERATIONS}{asked}`, which is not a positive count", cfg.objective.plugin)
+        format!(
+            "objective `{}` asks for `{NEED_NUM_ITERATIONS}{asked}`, which is not a positive count",
+            cfg.objective.plugin
+        )
     })?;
     let set = cfg.training.num_iterations;
     if set != 1 && set != asked {

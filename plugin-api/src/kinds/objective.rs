@@ -143,7 +143,9 @@ pub fn last_token_values(per_position: &Tensor, attention_mask: &Tensor) -> Plug
     let last = pos.f_where_scalarother(&mask, -1)?.f_amax([1i64].as_slice(), false)?;
     let empty = Vec::<i64>::try_from(&last.f_lt(0)?.f_nonzero()?.f_reshape([-1])?)?;
     if let Some(r) = empty.first() {
-        return Err(PluginError::invalid(format!("row {r} has no token (its attention_mask is all 0)")));
+        return Err(PluginError::invalid(format!(
+            "row {r} has no token (its attention_mask is all 0)"
+        )));
     }
     Ok(per_position.f_gather(1, &last.f_unsqueeze(1)?, false)?.f_squeeze_dim(1)?)
 }

@@ -39,7 +39,11 @@ pub fn pair_and_label(
             Some(v) if v.as_f64().is_some_and(f64::is_finite) => {
                 sample.extra.insert(MARGIN_COLUMN.into(), v.clone());
             }
-            Some(v) => return Err(format!("column `{MARGIN_COLUMN}`: expected a finite number, found {v}")),
+            Some(v) => {
+                return Err(format!(
+                    "column `{MARGIN_COLUMN}`: expected a finite number, found {v}"
+                ))
+            }
         }
     }
     sample.label = bool_column(row, kto_tag)?;
