@@ -154,7 +154,7 @@ fn reward_model() -> &'static PathBuf {
 fn our_scores(f: &Fixture, dir: &Path, rows: &[Vec<i64>]) -> Vec<f64> {
     let base = CausalLM::load(&f.model, Device::Cpu, Kind::Float).unwrap();
     let mut m = PeftModel::new(base);
-    m.load_peft_adapter(dir, &registry()).unwrap();
+    m.load_reward_adapter(dir, &registry()).unwrap();
     let width = rows.iter().map(Vec::len).max().unwrap();
     let pad = |r: &Vec<i64>, v: i64, fill: i64| -> Vec<i64> {
         r.iter().map(|_| v).chain(std::iter::repeat_n(fill, width - r.len())).collect()
@@ -233,6 +233,18 @@ fn reward_model_learns_held_out_preferences_and_transformers_loads_it() {
         merged.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "merge: {}", stderr(&o));
+    // A reward model's adapter scores; `generate` refuses it by name.
+    let o = ferrotune(&[
+        "generate",
+        "--model",
+        f.model.to_str().unwrap(),
+        "--adapter",
+        rm.to_str().unwrap(),
+        "--prompt",
+        "w1",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("does not generate"), "{}", stderr(&o));
     let rows: Vec<Vec<i64>> = vec![
         vec![1, 7, 4, 20, 12, 2, 4, 1, 8, 4, 9, 10, 11, 2, 4],
         vec![1, 7, 4, 20, 12, 2, 4, 1, 8, 4, 25, 26, 30, 2, 4],

@@ -52,7 +52,7 @@ pub fn merge(opts: &MergeOptions, registry: &Registry) -> Result<MergeReport> {
         );
     }
     let mut model = PeftModel::new(CausalLM::load(&opts.model, opts.device, Kind::Float)?);
-    let attach = model.load_peft_adapter(&opts.adapter, registry)?;
+    let attach = model.load_reward_adapter(&opts.adapter, registry)?;
     let restored = non_lora::load_into(&model, &opts.adapter)?;
     let (merged, quantized) = match quant::read_record(&opts.adapter)? {
         None => {

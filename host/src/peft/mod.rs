@@ -367,17 +367,45 @@ impl PeftModel {
     }
 
     /// [`PeftModel::load_peft_adapter`] under the adapter name `name` (`serve` holds many).
+    /// A sequence-classification adapter (a reward model's, peft's `SEQ_CLS` task) is refused
+    /// on a model without a score head: it scores, it does not generate
+    /// ([`PeftModel::load_reward_adapter`] loads one).
     pub fn load_peft_adapter_as(
         &mut self,
         dir: &Path,
         registry: &Registry,
         name: &str,
     ) -> Result<AttachReport> {
+        self.load_adapter_dir(dir, registry, name, false)
+    }
+
+    /// Loads a reward model's adapter (peft's `SEQ_CLS` task, what `objective: reward_model`
+    /// saves; any other adapter too) as adapter `default`: the model gets the score head the
+    /// adapter trains a copy of (`merge` writes a sequence classifier from it).
+    pub fn load_reward_adapter(&mut self, dir: &Path, registry: &Registry) -> Result<AttachReport> {
+        self.load_adapter_dir(dir, registry, DEFAULT_ADAPTER, true)
+    }
+
+    fn load_adapter_dir(
+        &mut self,
+        dir: &Path,
+        registry: &Registry,
+        name: &str,
+        scores: bool,
+    ) -> Result<AttachReport> {
         let (config_path, weights_path) = adapter_files(dir)?;
         let raw = read_adapter_config(&config_path)?;
         // A reward model's adapter (peft's SEQ_CLS task) trains a copy of the score head: the
         // model gets one first (its values are the adapter's), and loses it again on error.
         let seq_cls = raw.get("task_type").and_then(Value::as_str) == Some(adapters::SEQ_CLS_TASK);
+        if seq_cls && self.score_head().is_none() && !scores {
+            bail!(
+                "{}: a sequence-classification adapter (task_type SEQ_CLS: a reward model) scores sequences and does not \
+                 generate; use it as a reward (`rewards: [{{model: BASE, adapter: DIR}}]`) or merge it into a \
+                 sequence-classification model (`ferrotune merge`)",
+                config_path.display()
+            );
+        }
         if seq_cls && self.score_head().is_none() && !self.adapter_names().is_empty() {
             bail!(
                 "{}: a sequence-classification adapter (task_type SEQ_CLS: a reward model) cannot join the adapters already \

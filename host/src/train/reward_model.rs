@@ -49,7 +49,7 @@ impl RewardModel {
         let mut model = PeftModel::new(base);
         if let Some(a) = adapter {
             model
-                .load_peft_adapter(a, registry)
+                .load_reward_adapter(a, registry)
                 .with_context(|| format!("loading the reward model's adapter {}", a.display()))?;
         }
         if model.score_head().is_none() {
