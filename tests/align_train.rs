@@ -9,88 +9,33 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use ferrotune_tests::align::{
+    launch2, mean, preference_rows, train, write_rows, AlignFixture, Lcg,
+};
 use ferrotune_tests::*;
 use serde_json::{json, Value};
 
 const WORDS: usize = 24;
 
-struct Fixture {
-    work: PathBuf,
-    model: PathBuf,
-}
+type Fixture = AlignFixture;
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let work = temp_dir("align-train");
-        write_chat_tokenizer(&work.join("tokenizer"), WORDS);
-        let model = work.join("model");
-        init_tiny_model(&work.join("tokenizer"), &model, 3);
-        Fixture { work, model }
-    })
-}
-
-/// A small seeded generator (the tests' data must not depend on anything else).
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 =
-            self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % n
-    }
-    fn words(&mut self, n: usize, from: u64, to: u64) -> String {
-        (0..n).map(|_| format!("w{}", from + self.next(to - from))).collect::<Vec<_>>().join(" ")
-    }
-}
-
-/// Preference rows (alpaca ranking): the chosen answer uses the words w0–w11, the rejected one
-/// w12–w23: a style the policy can learn and that carries over to unseen prompts.
-fn preference_rows(n: usize, seed: u64) -> Vec<Value> {
-    let mut g = Lcg(seed);
-    (0..n)
-        .map(|_| {
-            let instruction = g.words(3, 0, WORDS as u64);
-            json!({"instruction": instruction, "chosen": g.words(3, 0, 12), "rejected": g.words(3, 12, 24)})
-        })
-        .collect()
-}
-
-fn write_rows(path: &Path, rows: &[Value]) -> PathBuf {
-    std::fs::write(path, rows.iter().map(Value::to_string).collect::<Vec<_>>().join("\n") + "\n")
-        .unwrap();
-    path.to_path_buf()
+    F.get_or_init(|| AlignFixture::new("align-train", WORDS, |_| {}))
 }
 
 fn config(f: &Fixture, name: &str, body: &str) -> PathBuf {
-    let yaml = format!(
-        "model: {model}\noutput_dir: {out}\n\
-         adapter: {{plugin: lora, r: 8, lora_alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}\n{body}",
-        model = f.model.display(),
-        out = f.work.join(name).display(),
-    );
-    let path = f.work.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
-fn train(config: &Path) -> (std::process::Output, String) {
-    let out = ferrotune(&["train", config.to_str().unwrap()]);
-    let err = stderr(&out);
-    (out, err)
+    f.config(name, body)
 }
 
 fn metrics(f: &Fixture, name: &str) -> Vec<Value> {
-    read_jsonl(&f.work.join(name).join("metrics.jsonl"))
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+    f.metrics(name)
 }
 
 #[test]
 fn dpo_raises_held_out_reward_accuracy() {
     let f = fixture();
-    let data = write_rows(&f.work.join("prefs.jsonl"), &preference_rows(64, 7));
+    let data = write_rows(&f.work.join("prefs.jsonl"), &preference_rows(64, 7, WORDS as u64, None));
     let cfg = config(
         f,
         "dpo",
@@ -140,7 +85,8 @@ fn dpo_raises_held_out_reward_accuracy() {
 #[test]
 fn orpo_simpo_and_kto_train_on_the_hosts_batches() {
     let f = fixture();
-    let data = write_rows(&f.work.join("prefs-small.jsonl"), &preference_rows(16, 11));
+    let data =
+        write_rows(&f.work.join("prefs-small.jsonl"), &preference_rows(16, 11, WORDS as u64, None));
     let mut g = Lcg(5);
     let kto_rows: Vec<Value> = (0..16)
         .map(|i| {
@@ -241,7 +187,7 @@ fn grpo_raises_the_mean_reward() {
 fn bad_alignment_inputs_are_clear_errors_or_counted_skips() {
     let f = fixture();
     // An identical pair is skipped and counted; the other pairs train.
-    let mut rows = preference_rows(4, 13);
+    let mut rows = preference_rows(4, 13, WORDS as u64, None);
     rows[1]["rejected"] = rows[1]["chosen"].clone();
     let data = write_rows(&f.work.join("identical.jsonl"), &rows);
     let body = |data: &Path, objective: &str| {
@@ -269,7 +215,7 @@ fn bad_alignment_inputs_are_clear_errors_or_counted_skips() {
     );
 
     // A pair without `rejected`: the data plugin names the column and the row.
-    let mut rows = preference_rows(3, 17);
+    let mut rows = preference_rows(3, 17, WORDS as u64, None);
     rows[2].as_object_mut().unwrap().remove("rejected");
     let data = write_rows(&f.work.join("no-rejected.jsonl"), &rows);
     let (out, err) = train(&config(f, "no-rejected", &body(&data, "{plugin: dpo}")));
@@ -349,27 +295,14 @@ fn bad_alignment_inputs_are_clear_errors_or_counted_skips() {
     let (out, err) = train(&cfg);
     assert!(!out.status.success());
     assert!(err.contains("objective `grpo` scores its completions with reward plugins, and the config names none"), "{err}");
-    let mut text =
-        body(&write_rows(&f.work.join("prefs-r.jsonl"), &preference_rows(2, 1)), "{plugin: dpo}");
+    let mut text = body(
+        &write_rows(&f.work.join("prefs-r.jsonl"), &preference_rows(2, 1, WORDS as u64, None)),
+        "{plugin: dpo}",
+    );
     text.push_str("rewards: [{plugin: format, pattern: w3}]\n");
     let (out, err) = train(&config(f, "dpo-with-rewards", &text));
     assert!(!out.status.success());
     assert!(err.contains("objective `dpo` does not use reward plugins"), "{err}");
-}
-
-/// `ferrotune launch --nproc 2 train CONFIG`.
-fn launch2(config: &Path) -> (std::process::Output, String) {
-    let out = ferrotune(&[
-        "launch",
-        "--nproc",
-        "2",
-        "--timeout",
-        "120",
-        "train",
-        config.to_str().unwrap(),
-    ]);
-    let err = stderr(&out);
-    (out, err)
 }
 
 /// Preference and generation objectives over 2 ranks (Gloo on loopback): DPO under `ddp`
@@ -379,7 +312,8 @@ fn launch2(config: &Path) -> (std::process::Output, String) {
 #[test]
 fn dpo_and_grpo_on_two_ranks() {
     let f = fixture();
-    let data = write_rows(&f.work.join("prefs-ranks.jsonl"), &preference_rows(32, 11));
+    let data =
+        write_rows(&f.work.join("prefs-ranks.jsonl"), &preference_rows(32, 11, WORDS as u64, None));
     let dpo = |name: &str, micro: usize, memory: &str| {
         config(
             f,

@@ -14,112 +14,49 @@ use ferrotune::peft::PeftModel;
 use ferrotune::train::reward_model::RewardModel;
 use ferrotune_plugin_api::RewardInput;
 use ferrotune_tests::adapter_parity::saved_tensors;
+use ferrotune_tests::align::{
+    launch2, mean, preference_rows, train, write_rows, AlignFixture, Lcg,
+};
 use ferrotune_tests::*;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 const WORDS: usize = 24;
 
-struct Fixture {
-    work: PathBuf,
-    model: PathBuf,
-}
+type Fixture = AlignFixture;
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let work = temp_dir("rlhf-train");
-        let tokenizer = write_chat_tokenizer(&work.join("tokenizer"), WORDS);
         // Without a decoder, decoding joins the tokens with spaces: a completion decoded and
         // encoded again (what a reward model reads; the reward API carries text) keeps its
         // words even where the policy put no space between them.
-        let mut t: Value =
-            serde_json::from_str(&std::fs::read_to_string(&tokenizer).unwrap()).unwrap();
-        t["decoder"] = Value::Null;
-        std::fs::write(&tokenizer, t.to_string()).unwrap();
-        let model = work.join("model");
-        init_tiny_model(&work.join("tokenizer"), &model, 3);
-        Fixture { work, model }
+        AlignFixture::new("rlhf-train", WORDS, |tokenizer| {
+            let mut t: Value =
+                serde_json::from_str(&std::fs::read_to_string(tokenizer).unwrap()).unwrap();
+            t["decoder"] = Value::Null;
+            std::fs::write(tokenizer, t.to_string()).unwrap();
+        })
     })
 }
 
-/// A small seeded generator (the tests' data must not depend on anything else).
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 =
-            self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % n
-    }
-    fn words(&mut self, n: usize, from: u64, to: u64) -> String {
-        (0..n).map(|_| format!("w{}", from + self.next(to - from))).collect::<Vec<_>>().join(" ")
-    }
-}
-
-/// Preference rows (alpaca ranking): the chosen answer uses the words w0–w11, the rejected one
-/// w12–w23, with TRL's `margin` column on every row.
-fn preference_rows(n: usize, seed: u64) -> Vec<Value> {
-    let mut g = Lcg(seed);
-    (0..n)
-        .map(|_| {
-            let instruction = g.words(3, 0, WORDS as u64);
-            json!({"instruction": instruction, "chosen": g.words(3, 0, 12), "rejected": g.words(3, 12, 24), "margin": 0.5})
-        })
-        .collect()
-}
-
-fn write_rows(path: &Path, rows: &[Value]) -> PathBuf {
-    std::fs::write(path, rows.iter().map(Value::to_string).collect::<Vec<_>>().join("\n") + "\n")
-        .unwrap();
-    path.to_path_buf()
-}
-
 fn config(f: &Fixture, name: &str, body: &str) -> PathBuf {
-    let yaml = format!(
-        "model: {model}\noutput_dir: {out}\n\
-         adapter: {{plugin: lora, r: 8, lora_alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}\n{body}",
-        model = f.model.display(),
-        out = f.work.join(name).display(),
-    );
-    let path = f.work.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
-fn train(config: &Path) -> (std::process::Output, String) {
-    let out = ferrotune(&["train", config.to_str().unwrap()]);
-    let err = stderr(&out);
-    (out, err)
-}
-
-fn launch2(config: &Path) -> (std::process::Output, String) {
-    let out = ferrotune(&[
-        "launch",
-        "--nproc",
-        "2",
-        "--timeout",
-        "120",
-        "train",
-        config.to_str().unwrap(),
-    ]);
-    let err = stderr(&out);
-    (out, err)
-}
-
-fn metrics(f: &Fixture, name: &str) -> Vec<Value> {
-    read_jsonl(&f.work.join(name).join("metrics.jsonl"))
+    f.config(name, body)
 }
 
 fn series(f: &Fixture, name: &str, key: &str) -> Vec<f64> {
-    metrics(f, name).iter().filter_map(|l| l[key].as_f64()).collect()
+    f.series(name, key)
 }
 
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+fn metrics(f: &Fixture, name: &str) -> Vec<Value> {
+    f.metrics(name)
 }
 
 fn reward_model_config(f: &Fixture, name: &str, memory: &str, training: &str) -> PathBuf {
-    let data = write_rows(&f.work.join(format!("{name}-prefs.jsonl")), &preference_rows(64, 7));
+    let data = write_rows(
+        &f.work.join(format!("{name}-prefs.jsonl")),
+        &preference_rows(64, 7, WORDS as u64, Some(0.5)),
+    );
     config(
         f,
         name,
@@ -540,7 +477,10 @@ fn ppo_on_image_prompts_of_a_vision_model() {
 #[test]
 fn reward_model_with_full_finetuning_writes_a_sequence_classifier() {
     let f = fixture();
-    let data = write_rows(&f.work.join("rm-full-prefs.jsonl"), &preference_rows(8, 5));
+    let data = write_rows(
+        &f.work.join("rm-full-prefs.jsonl"),
+        &preference_rows(8, 5, WORDS as u64, Some(0.5)),
+    );
     let out = f.work.join("rm-full");
     let cfg = f.work.join("rm-full.yaml");
     std::fs::write(

@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use ferrotune::plugins::{Registry, SearchPath};
 
 pub mod adapter_parity;
+pub mod align;
 pub mod server;
 pub mod train_parity;
 pub use server::Server;
