@@ -15,15 +15,9 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
             let cfg = crate::train::config::TrainConfig::from_file(config)?;
             let tok = crate::text::Tokenizer::from_dir(&cfg.model)?;
             let prep = crate::train::image_prep(&cfg, &tok)?;
-            let config_json = serde_json::Value::Object(cfg.data.config.clone()).to_string();
-            let rows = read_rows(
-                registry,
-                &cfg.data.plugin,
-                &config_json,
-                &cfg.data.path,
-                &cfg.data.split,
-            )?;
-            (tok, prep, rows, crate::train::encode_options(&cfg), cfg.data.path.clone())
+            let rows = crate::train::config_rows(&cfg, registry)?;
+            let what = crate::data::registry::describe(&cfg.data);
+            (tok, prep, rows, crate::train::encode_options(&cfg), what.into())
         }
         None => {
             let (Some(model), Some(dataset), Some(data)) = (&a.model, &a.dataset, &a.data) else {
@@ -143,8 +137,13 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
     let cfg = crate::train::config::TrainConfig::from_file(config)?;
     let tok = crate::text::Tokenizer::from_dir(&cfg.model)?;
     let prep = crate::train::image_prep(&cfg, &tok)?;
-    let prepared = crate::train::read_data(&cfg, registry, &tok, prep.as_ref())?;
-    let mut report = crate::data::check::review(&prepared, &tok, cfg.data.path.clone());
+    let (prepared, origins) = crate::train::read_data_sets(&cfg, registry, &tok, prep.as_ref())?;
+    let what = crate::data::registry::describe(&cfg.data);
+    let mut report = crate::data::check::review(&prepared, &tok, what.into());
+    crate::data::registry::check_by_dataset(&mut report, &prepared, &origins);
+    if cfg.data.datasets.is_none() {
+        report.datasets.clear();
+    }
     if cfg.data.packing {
         report.packing = Some(crate::data::check::packing(&prepared, cfg.data.cutoff_len)?);
     }
@@ -179,6 +178,12 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
             report.max_tokens,
             cfg.data.cutoff_len
         );
+        for d in &report.datasets {
+            println!(
+                "data set {}: {} rows, {} usable, {} with errors, {} skipped, {} warnings",
+                d.name, d.rows, d.usable, d.errors, d.skipped, d.warnings
+            );
+        }
         if let Some(p) = &report.packing {
             println!("packing (data.packing): {}", p.describe());
         }

@@ -41,6 +41,9 @@ pub struct CheckReport {
     /// (before the eval split takes its share).
     pub packing: Option<PackStats>,
     pub notes: Vec<RowNote>,
+    /// With `data.datasets`: the counts of each data set (see `super::registry`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<super::registry::DatasetCheck>,
 }
 
 /// Reviews prepared rows: errors for rows that cannot be used (refused by the plugin, bad or

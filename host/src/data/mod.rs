@@ -23,6 +23,7 @@ mod encode;
 pub mod images;
 pub mod layout;
 pub mod pack;
+pub mod registry;
 
 use std::path::Path;
 

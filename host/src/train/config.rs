@@ -374,10 +374,37 @@ impl Default for SchedulerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// The dataset plugin (alpaca, sharegpt, …).
+    /// The dataset plugin (alpaca, sharegpt, …); with `path`. Not used with `datasets`.
+    #[serde(default)]
     pub plugin: String,
-    /// The data file or folder (relative to the config file).
+    /// The data file or folder (relative to the config file); or `dataset_dir` + `datasets`.
+    #[serde(default)]
     pub path: PathBuf,
+    /// LLaMA-Factory's data registry: the folder holding `dataset_info.json` (relative to the
+    /// config file); see `crate::data::registry`.
+    #[serde(default)]
+    pub dataset_dir: Option<PathBuf>,
+    /// Data sets of `dataset_dir`'s `dataset_info.json` by name: a list, or `a,b` as
+    /// LLaMA-Factory writes `dataset:`.
+    #[serde(default)]
+    pub datasets: Option<crate::data::registry::Names>,
+    /// Where relative image and video paths of registry data sets are found (default
+    /// `dataset_dir`; relative to the config file).
+    #[serde(default)]
+    pub media_dir: Option<PathBuf>,
+    /// How several data sets mix: concat (default), interleave_under, interleave_over.
+    #[serde(default)]
+    pub mix_strategy: crate::data::registry::MixStrategy,
+    /// With interleave_*: the probability of drawing from each data set (a list or `0.5,0.5`).
+    #[serde(default)]
+    pub interleave_probs: Option<crate::data::registry::Probs>,
+    /// Read at most this many rows of each data set (default all).
+    #[serde(default)]
+    pub max_samples: Option<usize>,
+    /// `{{key}}` placeholders of the samples' text replaced by these values (LLaMA-Factory's
+    /// `identity.json` holds `{{name}}` and `{{author}}`).
+    #[serde(default)]
+    pub replacements: std::collections::BTreeMap<String, String>,
     /// The plugin's own configuration (column mapping, …).
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
@@ -622,6 +649,9 @@ impl TrainConfig {
                 *p = base.join(&*p);
             }
         }
+            .filter(|p| !p.as_os_str().is_empty())
+            .chain(cfg.data.dataset_dir.as_mut())
+            .chain(cfg.data.media_dir.as_mut())
         Ok(cfg)
     }
 
@@ -736,6 +766,7 @@ impl TrainConfig {
             ("training.save_total_limit", t.save_total_limit),
             ("training.max_steps", t.max_steps),
             ("training.max_nonfinite_steps", Some(t.max_nonfinite_steps)),
+        crate::data::registry::validate(&self.data)?;
         ] {
             if n == Some(0) {
                 bail!(
@@ -918,6 +949,8 @@ impl TrainConfig {
             "weight_decay": o.weight_decay,
             "max_grad_norm": o.max_grad_norm,
             "amsgrad": o.amsgrad,
+        // The registry keys only when set: checkpoints written before them still resume.
+        flat.extend(crate::data::registry::record(d));
         })
         .to_string()
     }

@@ -100,10 +100,23 @@ pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
     }
 }
 
-/// Every row of the run's data set, read by its dataset plugin (see [`data::read_rows`]).
-fn config_rows(cfg: &TrainConfig, registry: &Registry) -> Result<Vec<Result<Sample, String>>> {
-    let config = serde_json::Value::Object(cfg.data.config.clone()).to_string();
-    data::read_rows(registry, &cfg.data.plugin, &config, &cfg.data.path, &cfg.data.split)
+/// Every row of the run's data: `data.path` read by its dataset plugin, or the data sets of
+/// LLaMA-Factory's registry mixed (see [`data::registry::read`]).
+pub fn config_rows(cfg: &TrainConfig, registry: &Registry) -> Result<Vec<Result<Sample, String>>> {
+    Ok(data::registry::read(&cfg.data, cfg.seed, registry)?.rows)
+}
+
+/// [`read_data`], and which data set each row came from (for `data check`).
+pub fn read_data_sets(
+    cfg: &TrainConfig,
+    registry: &Registry,
+    tok: &Tokenizer,
+    prep: Option<&ImagePrep>,
+) -> Result<(Prepared, data::registry::Origins)> {
+    let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
+    let layout = Layout::from_needs(&cfg.objective.plugin, &objective.needs())?;
+    let rows = data::registry::read(&cfg.data, cfg.seed, registry)?;
+    Ok((layout::prepare(layout, rows.rows, tok, prep, &encode_options(cfg))?, rows.origins))
 }
 
 /// Reads and encodes the run's data as the trainer does, in the batch layout of the run's
@@ -138,7 +151,7 @@ pub(crate) fn prepare_data(
                  `ferrotune data check` reports every row):\n{}",
                 prepared.bad.len(),
                 prepared.rows,
-                cfg.data.path.display(),
+                data::registry::describe(&cfg.data),
                 layout.name(),
                 prepared.bad_report(20)
             );
@@ -146,7 +159,7 @@ pub(crate) fn prepare_data(
         eprintln!(
             "note: skipping {} unusable rows of {}:\n{}",
             prepared.bad.len(),
-            cfg.data.path.display(),
+            data::registry::describe(&cfg.data),
             prepared.bad_report(20)
         );
     }
@@ -255,7 +268,7 @@ impl RunData {
                     "no training samples left in {}: none of its {} samples {} (each skip is logged above): \
                      check that the samples have non-empty assistant turns, or raise `data.cutoff_len` ({}) if they \
                      were truncated",
-                    cfg.data.path.display(),
+                    data::registry::describe(&cfg.data),
                     rows,
                     if layout == Layout::Sequences { "has a label token".to_string() } else { format!("can be used as {}", layout.name()) },
                     cfg.data.cutoff_len
@@ -263,7 +276,7 @@ impl RunData {
             }
             bail!(
                 "no training samples left in {}: `data.eval_ratio` {} puts all {} usable samples in the eval split; lower it",
-                cfg.data.path.display(),
+                data::registry::describe(&cfg.data),
                 cfg.data.eval_ratio,
                 eval.len()
             );
@@ -279,14 +292,19 @@ impl RunData {
 /// `data.eval_samples`). Another file or an edited row changes it, and so does a tokenizer or
 /// chat template that changes a sample's token count.
 pub fn data_fingerprint(
-    path: &std::path::Path,
+    paths: &[std::path::PathBuf],
     data: &RunData,
 ) -> Result<Vec<(String, serde_json::Value)>> {
     let mut h = Fnv64::default();
+    // Each path's files in turn (one path hashes as it did before registries existed).
     let mut files = Vec::new();
-    list_files(path, &mut files)?;
-    files.sort();
-    for f in &files {
+    for path in paths {
+        let mut of_path = Vec::new();
+        list_files(path, &mut of_path)?;
+        of_path.sort();
+        files.extend(of_path.into_iter().map(|f| (path, f)));
+    }
+    for (path, f) in &files {
         h.bytes(f.strip_prefix(path).unwrap_or(f).to_string_lossy().as_bytes());
         let mut file = std::fs::File::open(f)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
@@ -422,7 +440,8 @@ mod tests {
         std::fs::write(&a, "{\"x\": 1}\n").unwrap();
         std::fs::write(&b, "{\"x\": 2}\n").unwrap();
         let data = RunData::given(Vec::new());
-        let print = |p: &std::path::Path| data_fingerprint(p, &data).unwrap()[0].1.clone();
+        let print =
+            |p: &std::path::Path| data_fingerprint(&[p.to_path_buf()], &data).unwrap()[0].1.clone();
         let (file, folder) = (print(&a), print(&dir));
         assert_ne!(file, folder);
         assert_eq!(print(&dir), folder, "the same bytes: the same fingerprint");

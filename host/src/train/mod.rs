@@ -40,7 +40,9 @@ pub use checkpoint::latest_checkpoint;
 use checkpoint::{write_metrics_line, METRICS_FILE};
 use config::TrainConfig;
 pub use context::{load_rewards, LoadedReward, PolicyContext};
-pub use data::{encode_options, image_prep, permutation, rank_share, read_data};
+pub use data::{
+    config_rows, encode_options, image_prep, permutation, rank_share, read_data, read_data_sets,
+};
 pub use run::{Losses, Run, StepResult};
 use step::NonFiniteSteps;
 pub use step::{batch_meta, optimizer_step, StepOutcome, StepTiming};

@@ -258,7 +258,10 @@ impl<'c> Run<'c> {
         };
         let provenance = if from_config {
             let mut record = cfg.training_record();
-            record.extend(data_fingerprint(&cfg.data.path, &data)?);
+            record.extend(data_fingerprint(
+                &crate::data::registry::fingerprint_paths(&cfg.data)?,
+                &data,
+            )?);
             Some(Provenance(record))
         } else {
             None
@@ -483,7 +486,10 @@ impl<'c> Run<'c> {
     /// eval`: a held-out split read as the run's data).
     pub fn evaluate_all(&mut self) -> Result<(f64, Metrics)> {
         if self.data.train.is_empty() && self.data.eval.is_empty() {
-            bail!("no usable rows in {} to evaluate on", self.cfg.data.path.display());
+            bail!(
+                "no usable rows in {} to evaluate on",
+                crate::data::registry::describe(&self.cfg.data)
+            );
         }
         self.evaluate_rows(true)
     }

@@ -14,9 +14,13 @@
 //!
 //! Both (`columns.rs`): a boolean `kto_tag` → `Sample::label`; `images` → `Sample::images` and
 //! `videos` (video files or frame folders, LLaMA-Factory's `mllm_video_demo`) → `Sample::videos`
-//! paths, relative ones joined to the data file's folder; `ranking` needs the `chosen` and `rejected` columns.
+//! paths, relative ones joined to the data file's folder, or with the `media_dir` key (both
+//! plugins; LLaMA-Factory's `media_dir`) to that folder where the file is found there;
+//! `ranking` needs the `chosen` and `rejected` columns.
 //! Bad rows fail with file and line, or with `skip_bad_rows` are counted (`len()` counts the
 //! good rows; one summary line goes to stderr): see `source.rs`.
+use std::path::PathBuf;
+
 use ferrotune_plugin_api::prelude::*;
 
 pub mod alpaca;
@@ -27,28 +31,31 @@ pub mod source;
 use alpaca::AlpacaConfig;
 use sharegpt::SharegptConfig;
 
-pub struct Alpaca(AlpacaConfig);
+pub struct Alpaca(AlpacaConfig, Option<PathBuf>);
 
 impl Plugin for Alpaca {
     const NAME: &'static str = "alpaca";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "LLaMA-Factory's alpaca format (instruction/input/output, history, ranking, KTO), JSON or JSONL";
     fn from_config(config_json: &str) -> PluginResult<Self> {
-        let cfg: AlpacaConfig = parse_config(config_json)?;
+        let (config_json, media_dir) = source::media_dir(config_json)?;
+        let cfg: AlpacaConfig = parse_config(&config_json)?;
         cfg.validate()?;
-        Ok(Self(cfg))
+        Ok(Self(cfg, media_dir))
     }
 }
 
 impl DatasetFormat for Alpaca {
     fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
         let (samples, _) =
-            source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
+            source::load(Self::NAME, source, self.0.skip_bad_rows, self.1.as_deref(), |row| {
+                self.0.convert(row)
+            })?;
         Ok(Box::new(ferrotune_plugin_api::SampleList(samples)))
     }
 }
 
-pub struct Sharegpt(SharegptConfig);
+pub struct Sharegpt(SharegptConfig, Option<PathBuf>);
 
 impl Plugin for Sharegpt {
     const NAME: &'static str = "sharegpt";
@@ -56,16 +63,19 @@ impl Plugin for Sharegpt {
     const DESCRIPTION: &'static str =
         "LLaMA-Factory's sharegpt format (multi-turn, tools, ranking, KTO), JSON or JSONL";
     fn from_config(config_json: &str) -> PluginResult<Self> {
-        let cfg: SharegptConfig = parse_config(config_json)?;
+        let (config_json, media_dir) = source::media_dir(config_json)?;
+        let cfg: SharegptConfig = parse_config(&config_json)?;
         cfg.validate()?;
-        Ok(Self(cfg))
+        Ok(Self(cfg, media_dir))
     }
 }
 
 impl DatasetFormat for Sharegpt {
     fn open(&self, source: &DataSource) -> PluginResult<Box<dyn SampleReader>> {
         let (samples, _) =
-            source::load(Self::NAME, source, self.0.skip_bad_rows, |row| self.0.convert(row))?;
+            source::load(Self::NAME, source, self.0.skip_bad_rows, self.1.as_deref(), |row| {
+                self.0.convert(row)
+            })?;
         Ok(Box::new(ferrotune_plugin_api::SampleList(samples)))
     }
 }

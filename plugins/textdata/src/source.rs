@@ -48,10 +48,13 @@ impl SkipReport {
 
 /// Reads every record under `source.path` and converts each with `convert`. The split name
 /// selects nothing: each path is one split (give an evaluation file as its own path).
+/// Relative image and video paths are joined to `media_dir` when given (see
+/// [`resolve_media`]), else to the data file's folder.
 pub fn load(
     format: &str,
     source: &DataSource,
     skip_bad_rows: bool,
+    media_dir: Option<&Path>,
     convert: impl Fn(&Map<String, Value>) -> Result<Sample, String>,
 ) -> PluginResult<(Vec<Sample>, SkipReport)> {
     let mut samples = Vec::new();
@@ -66,7 +69,10 @@ pub fn load(
             match converted {
                 Ok(mut sample) => {
                     sample.id = Some(record.origin);
-                    resolve_images(&mut sample, file.parent().unwrap_or(Path::new("")));
+                    match media_dir {
+                        Some(dir) => resolve_media(&mut sample, dir),
+                        None => resolve_images(&mut sample, file.parent().unwrap_or(Path::new(""))),
+                    }
                     samples.push(sample);
                 }
                 Err(reason) if skip_bad_rows => {
@@ -149,6 +155,42 @@ pub fn resolve_images(sample: &mut Sample, base: &Path) {
             }
         }
     }
+}
+
+/// LLaMA-Factory's `media_dir` (`converter.py` `_find_medias`): a relative image or video
+/// path is `media_dir/path` where that exists, else the path as written where that exists
+/// (relative to the working folder), else `media_dir/path` (so that the error names it).
+pub fn resolve_media(sample: &mut Sample, media_dir: &Path) {
+    for image in sample.images.iter_mut().chain(sample.videos.iter_mut()) {
+        if let ImageSource::Path(p) = image {
+            let lower = p.get(..8).unwrap_or(p).to_ascii_lowercase();
+            if lower.starts_with("http://") || lower.starts_with("https://") {
+                continue;
+            }
+            let joined = media_dir.join(&*p);
+            if joined.exists() || !Path::new(&*p).exists() {
+                *p = joined.to_string_lossy().into_owned();
+            }
+        }
+    }
+}
+
+/// The plugins' shared `media_dir` key (a string), taken out of `config_json` before the
+/// format's own keys are parsed.
+pub fn media_dir(config_json: &str) -> PluginResult<(String, Option<std::path::PathBuf>)> {
+    let mut v: Value = serde_json::from_str(config_json)
+        .map_err(|e| PluginError::config("(config)", format!("not JSON: {e}")))?;
+    let dir = match v.as_object_mut().and_then(|m| m.remove("media_dir")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(std::path::PathBuf::from(s)),
+        Some(other) => {
+            return Err(PluginError::config(
+                "media_dir",
+                format!("expected a folder path, found {}", kind_of(&other)),
+            ))
+        }
+    };
+    Ok((v.to_string(), dir))
 }
 
 /// An images column: one path or a list of paths, as written (`load` joins relative paths to
@@ -238,7 +280,7 @@ mod tests {
         std::fs::write(d.join("a.jsonl"), "{\"t\": \"1\"}\n\n{\"t\": \"2\"}\n").unwrap();
         std::fs::write(d.join("notes.txt"), "ignored").unwrap();
         let src = DataSource { path: d.display().to_string(), split: "train".into() };
-        let (samples, report) = load("t", &src, false, id_sample).unwrap();
+        let (samples, report) = load("t", &src, false, None, id_sample).unwrap();
         let ids: Vec<String> = samples.iter().map(|s| s.id.clone().unwrap()).collect();
         let a = d.join("a.jsonl").display().to_string();
         let b = d.join("b.json").display().to_string();
@@ -260,7 +302,7 @@ mod tests {
         let f = d.join("x.jsonl");
         std::fs::write(&f, "{\"t\": \"1\"}\n{\"t\": 2}\n{oops\n[1]\n{\"t\": \"5\"}\n").unwrap();
         let src = DataSource { path: f.display().to_string(), split: "train".into() };
-        let e = load("t", &src, false, id_sample).unwrap_err();
+        let e = load("t", &src, false, None, id_sample).unwrap_err();
         assert!(
             e.message().contains(&format!(
                 "{}:2: column `t`: expected a string, found a number",
@@ -268,7 +310,7 @@ mod tests {
             )),
             "{e}"
         );
-        let (samples, report) = load("t", &src, true, id_sample).unwrap();
+        let (samples, report) = load("t", &src, true, None, id_sample).unwrap();
         assert_eq!(samples.len(), 2);
         assert_eq!((report.rows, report.skipped), (5, 3));
         assert!(
@@ -290,18 +332,18 @@ mod tests {
         let f = d.join("x.json");
         std::fs::write(&f, "[{\"t\": \"1\"},\n {\"t\": }]").unwrap();
         let src = DataSource { path: f.display().to_string(), split: "train".into() };
-        let e = load("t", &src, true, id_sample).unwrap_err();
+        let e = load("t", &src, true, None, id_sample).unwrap_err();
         assert!(
             e.message().contains(&format!("{}:2:", f.display()))
                 && e.message().contains("not a valid JSON array"),
             "{e}"
         );
         std::fs::write(&f, "  \n").unwrap();
-        let e = load("t", &src, true, id_sample).unwrap_err();
+        let e = load("t", &src, true, None, id_sample).unwrap_err();
         assert!(e.message().contains("no usable sample (it holds no rows"), "{e}");
         let missing =
             DataSource { path: d.join("nope.json").display().to_string(), split: "train".into() };
-        assert!(load("t", &missing, false, id_sample)
+        assert!(load("t", &missing, false, None, id_sample)
             .unwrap_err()
             .message()
             .contains("no such file or folder"));
