@@ -120,6 +120,38 @@ pub enum Command {
         #[command(subcommand)]
         what: DataCommand,
     },
+    /// Run configs from other trainers: `config import llamafactory LF.yaml` or
+    /// `config import qwen-vl-finetune finetune.sh` writes the equivalent ferrotune config.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Translate an LLaMA-Factory YAML config or a Qwen2-VL-Finetune `finetune*.sh` script into
+    /// a ferrotune run config: the YAML goes to stdout (or --out, written atomically), every key
+    /// that could not be translated is listed with its reason on stderr.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// What the file is: `llamafactory` (a YAML config of `llamafactory-cli train`) or
+    /// `qwen-vl-finetune` (a `finetune*.sh` launching `src/train/train_*.py`).
+    #[arg(value_enum)]
+    pub format: crate::cli::import::ImportFormat,
+    /// The LLaMA-Factory YAML or the Qwen2-VL-Finetune shell script.
+    pub file: PathBuf,
+    /// Write the config to this file (atomically) instead of stdout. Relative paths of the
+    /// source (read from the current directory, as those trainers read them) are rewritten to
+    /// stay right from this file's folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The `device:` of the config (default: cuda when this machine has CUDA, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Args)]

@@ -3,6 +3,7 @@
 pub mod args;
 pub mod data;
 pub mod eval;
+pub mod import;
 pub mod info;
 
 use std::path::PathBuf;
@@ -79,6 +80,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Data { what: DataCommand::Check { config, json } } => {
             return data::check(&Registry::discover(&search), &config, json);
         }
+        Command::Config { what: args::ConfigCommand::Import(a) } => import::run(&a)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -107,7 +109,11 @@ fn train(
     overwrite_output_dir: bool,
     search: &SearchPath,
 ) -> Result<()> {
-    let mut cfg = crate::train::config::TrainConfig::from_file(config)?;
+    // An LLaMA-Factory YAML (model_name_or_path, stage, …; no `model:`) is translated first.
+    let (mut cfg, resume) = match import::translate_if_llamafactory(config)? {
+        Some((cfg, lf_resume)) => (cfg, resume.or(lf_resume)),
+        None => (crate::train::config::TrainConfig::from_file(config)?, resume),
+    };
     cfg.training.overwrite_output_dir |= overwrite_output_dir;
     let registry = Registry::discover(search);
     let resume = resume.map(|r| {
