@@ -536,6 +536,15 @@ pub struct TrainingConfig {
     /// (50GB).
     #[serde(default)]
     pub max_shard_size: Option<String>,
+    /// Where metrics go besides `metrics.jsonl`: `tensorboard` (event files for TensorBoard),
+    /// `all` (the same) or `none` (default); a name or a list, as transformers' `report_to`.
+    #[serde(default)]
+    pub report_to: super::tensorboard::ReportTo,
+    /// The folder of the TensorBoard event files (relative to the config file); default
+    /// `<output_dir>/runs/<Mon DD_HH-MM-SS>_<host>` (UTC), as transformers, and on
+    /// `--resume` the newest folder there.
+    #[serde(default)]
+    pub logging_dir: Option<PathBuf>,
 }
 
 impl TrainingConfig {
@@ -567,6 +576,8 @@ impl Default for TrainingConfig {
             num_iterations: 1,
             gradient_checkpointing: false,
             max_shard_size: None,
+            report_to: Default::default(),
+            logging_dir: None,
         }
     }
 }
@@ -639,6 +650,7 @@ impl TrainConfig {
         for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path]
             .into_iter()
             .chain(cfg.adapter_init.as_mut())
+            .chain(cfg.training.logging_dir.as_mut())
             .chain(
                 cfg.rewards
                     .iter_mut()

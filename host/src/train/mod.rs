@@ -29,6 +29,7 @@ pub mod reward_model;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 pub mod trainable;
 pub mod vision;
 
@@ -164,6 +165,12 @@ fn run_training(
     } else {
         None
     };
+    let mut tracker = if run.rank() == 0 {
+        let dir = t.logging_dir.as_deref();
+        tensorboard::Tracker::start(&t.report_to, &cfg.output_dir, dir, resumed, run.step)
+    } else {
+        tensorboard::Tracker::default()
+    };
     let bar = if run.rank() == 0 {
         progress_bar(t.progress_bar, run.total_steps, run.step)
     } else {
@@ -190,6 +197,7 @@ fn run_training(
             metrics.as_mut().filter(|_| s.step % t.logging_steps == 0 || s.step == run.total_steps)
         {
             write_metrics_line(metrics, &line)?;
+            tracker.log(&line);
             println!("{line}");
         }
         if let Some(b) = &bar {
@@ -215,12 +223,14 @@ fn run_training(
             add_eval(&mut line, l, eval_metrics);
             if let Some(metrics) = metrics.as_mut() {
                 write_metrics_line(metrics, &line)?;
+                tracker.log(&line);
                 println!("{line}");
             }
             losses.eval = Some(l);
         }
     }
     drop(metrics);
+    drop(tracker);
     losses.nonfinite_steps = nonfinite.total;
     if nonfinite.total > 0 && run.rank() == 0 {
         eprintln!(
