@@ -68,7 +68,8 @@ impl Translation {
             source.display()
         );
         for u in &self.untranslated {
-            head.push_str(&format!("# untranslated: {}: {}\n", u.key, one_line(&u.reason)));
+            let kind = if u.no_effect { "not needed" } else { "UNTRANSLATED" };
+            head.push_str(&format!("# {kind}: {} = {}: {}\n", u.key, u.value, one_line(&u.reason)));
         }
         Ok(head + &body)
     }
@@ -783,6 +784,15 @@ impl<'a> Translator<'a> {
                 self.set("training.report_to", Value::Sequence(kept));
             }
         }
+        if let Some(v) = keys.take("logging_dir") {
+            match as_str(&v) {
+                Some(p) => {
+                    let p = self.path(&p);
+                    self.set("training.logging_dir", p);
+                }
+                None => self.unsupported("logging_dir", &v, "expected a folder"),
+            }
+        }
         if let Some(v) = keys.take("resume_from_checkpoint") {
             match as_str(&v) {
                 Some(p) if p != "false" && p != "False" => {
@@ -989,7 +999,6 @@ const HF_NO_EFFECT: &[(&str, &str)] = &[
     ("use_unsloth", "ferrotune has its own kernels"),
     ("include_num_input_tokens_seen", "metrics.jsonl carries tokens/s"),
     ("per_device_eval_batch_size", "evaluation uses training.micro_batch_size"),
-    ("logging_dir", "metrics and TensorBoard files go under output_dir"),
     ("run_name", "ferrotune names runs by output_dir"),
     ("remove_unused_columns", "a transformers Trainer detail"),
     ("lazy_preprocess", "ferrotune encodes every row before training (and reports bad ones)"),
@@ -1522,8 +1531,15 @@ fn lf_data(t: &mut Translator, keys: &mut Keys, family: Family) -> Result<()> {
         );
     }
     if let Some(v) = keys.take("media_dir") {
-        t.unsupported("media_dir", &v, "give the media folder per data set (dataset_info.json's media_dir); ferrotune's default is dataset_dir, as LLaMA-Factory's");
+        match as_str(&v) {
+            Some(p) => {
+                let p = t.path(&p);
+                t.set("data.media_dir", p);
+            }
+            None => t.unsupported("media_dir", &v, "expected a folder"),
+        }
     }
+
     let media = [
         ("image_max_pixels", "data.image_max_pixels"),
         ("image_min_pixels", "data.image_min_pixels"),
