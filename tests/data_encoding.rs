@@ -73,7 +73,8 @@ fn ids_and_labels_equal_transformers() {
     let work = temp_dir("data-encoding-parity");
     let datasets = repo_root().join("datasets");
 
-    // The alpaca demo again as JSON Lines; the sharegpt demo plus tool-calling rows as a JSON array.
+    // The alpaca demo again as JSON Lines; the sharegpt demo plus an observation row as a JSON
+    // array. (Function calls need a template with tool support: tests/tool_calls.rs.)
     let alpaca_rows: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(datasets.join("alpaca_demo.json")).unwrap())
             .unwrap();
@@ -87,7 +88,7 @@ fn ids_and_labels_equal_transformers() {
             .collect();
     sharegpt_rows.push(json!({"conversations": [
         turn("human", "What is the weather in Oslo?"),
-        turn("function_call", r#"{"name": "weather", "arguments": {"city": "Oslo"}}"#),
+        turn("gpt", "Let me look it up."),
         turn("observation", r#"{"sky": "clear", "celsius": 4}"#),
         turn("gpt", "It is clear and 4 °C in Oslo."),
     ], "system": "You can call tools."}));

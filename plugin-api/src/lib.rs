@@ -93,7 +93,10 @@ pub use kinds::quantizer::{QuantizedWeight, Quantizer};
 pub use kinds::reward::{Reward, RewardInput};
 pub use kinds::TrainParam;
 pub use module::{PluginInfo, PluginKind, PluginModule, PluginModule_Ref};
-pub use sample::{ImageSource, Message, Sample, VideoSource, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER};
+pub use sample::{
+    ImageSource, Message, Sample, VideoSource, FUNCTION_CALL_ROLE, IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+};
 pub use tensor::{DType, DeviceCode, NamedTensor, OwnedTensor, TensorRef};
 
 /// The version of this crate: the plugin-API version a plugin is built against.

@@ -13,11 +13,18 @@ pub const IMAGE_PLACEHOLDER: &str = "<image>";
 /// Qwen2-VL-Finetune's `<video>`); the host expands it into the model's video tokens.
 pub const VIDEO_PLACEHOLDER: &str = "<video>";
 
+/// The role of an assistant turn that calls tools (LLaMA-Factory's `function_call`): its
+/// `content` is the JSON text of one call `{"name": …, "arguments": …}` or of a list of
+/// calls. The host renders it as transformers' assistant message with `tool_calls` and
+/// trains it like an assistant turn; the tools' results follow as `tool` turns. Kept as
+/// text so the arguments keep their key order across the plugin boundary.
+pub const FUNCTION_CALL_ROLE: &str = "function_call";
+
 /// One conversation turn. `content` holds text with one `<image>` placeholder per image,
 /// in order (the images themselves are in [`Sample::images`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
-    /// `system`, `user`, `assistant` (or `tool`).
+    /// `system`, `user`, `assistant`, `tool` (a tool's result) or [`FUNCTION_CALL_ROLE`].
     pub role: String,
     pub content: String,
     /// Whether this turn's tokens carry labels. `None`: the trainer's default (assistant
@@ -29,6 +36,12 @@ pub struct Message {
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self { role: role.into(), content: content.into(), train: None }
+    }
+
+    /// Whether the assistant writes this turn (`assistant` or [`FUNCTION_CALL_ROLE`]): the
+    /// turns trained by default.
+    pub fn is_assistant_turn(&self) -> bool {
+        self.role == "assistant" || self.role == FUNCTION_CALL_ROLE
     }
 }
 
@@ -66,6 +79,8 @@ pub struct Sample {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<bool>,
     /// Anything else a data set carries (a reference answer for rewards, metadata).
+    /// `tools`: the tools the conversation may call, for the chat template's `tools`
+    /// (a list of function schemas, or its JSON text, which keeps the key order).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// Encoded images (and videos) referenced by [`ImageSource::Blob`]; travels beside the JSON.

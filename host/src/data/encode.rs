@@ -10,7 +10,10 @@
 //! that renders earlier turns differently once later turns follow (one that strips the
 //! reasoning of earlier assistant turns, say) fails that check and is an error naming it.
 //!
-//! Which turns are trained: assistant turns, unless [`Message::train`] says otherwise
+//! Which turns are trained: assistant turns (function calls included: a
+//! [`FUNCTION_CALL_ROLE`](ferrotune_plugin_api::FUNCTION_CALL_ROLE) turn renders as the
+//! assistant message with `tool_calls`, and the sample's `extra["tools"]` as the template's
+//! `tools`; see [`crate::text::tool_calls`]), unless [`Message::train`] says otherwise
 //! (`Some(false)` excludes a turn, `Some(true)` includes any turn, its header included);
 //! `mask_history` keeps only the last assistant turn by default; `train_on_prompt` labels every
 //! token except turns marked `Some(false)`. Truncation to `cutoff_len` keeps the start and
@@ -22,7 +25,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use ferrotune_plugin_api::{Message, Sample};
 use serde_json::Value as Json;
 
@@ -127,6 +130,14 @@ pub fn encode_pair(
     Ok((with(chosen)?, with(rejected)?))
 }
 
+/// The chat-template variables a sample brings: its `tools` (see [`crate::text::tool_calls`]).
+pub(crate) fn template_variables(sample: &Sample) -> Json {
+    match sample.extra.get("tools") {
+        Some(tools) => serde_json::json!({ "tools": tools }),
+        None => Json::Null,
+    }
+}
+
 fn encode_messages(
     tok: &Tokenizer,
     messages: &[Message],
@@ -142,10 +153,7 @@ fn encode_messages(
     }
     let template =
         tok.chat_template().map(|t| t.origin().to_string()).unwrap_or_else(|| "(none)".into());
-    let extra = match sample.extra.get("tools") {
-        Some(tools) => serde_json::json!({ "tools": tools }),
-        None => Json::Null,
-    };
+    let extra = template_variables(sample);
     let mut renders: HashMap<(usize, bool), Vec<i64>> = HashMap::new();
     let mut render = |n: usize, generation_prompt: bool| -> Result<Vec<i64>> {
         if let Some(ids) = renders.get(&(n, generation_prompt)) {
@@ -154,10 +162,10 @@ fn encode_messages(
         let ids = if n == 0 && !generation_prompt {
             Vec::new()
         } else {
-            tok.encode(
-                &tok.apply_chat_template_with(&messages[..n], generation_prompt, &extra)?,
-                false,
-            )?
+            let text = tok
+                .apply_chat_template_with(&messages[..n], generation_prompt, &extra)
+                .map_err(|e| anyhow!("sample {id}: {e:#}"))?;
+            tok.encode(&text, false)?
         };
         renders.insert((n, generation_prompt), ids.clone());
         Ok(ids)
@@ -177,9 +185,9 @@ fn encode_messages(
     let end_of_turn = end_of_turn_ids(tok);
 
     let mut trained = vec![opts.train_on_prompt; full.len()];
-    let last_assistant = messages.iter().rposition(|m| m.role == "assistant");
+    let last_assistant = messages.iter().rposition(Message::is_assistant_turn);
     for (i, m) in messages.iter().enumerate() {
-        let assistant = m.role == "assistant";
+        let assistant = m.is_assistant_turn();
         let default = if assistant {
             !opts.mask_history || Some(i) == last_assistant
         } else {

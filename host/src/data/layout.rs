@@ -256,7 +256,7 @@ fn encode_row(
             let Some(desirable) = sample.label else {
                 return Err(bad(&sample, "KTO needs each row's desirability (`kto_tag`: true or false); this row has none"));
             };
-            if sample.messages.last().map(|m| m.role.as_str()) != Some("assistant") {
+            if !sample.messages.last().is_some_and(|m| m.is_assistant_turn()) {
                 return Err(bad(
                     &sample,
                     "a KTO row ends with the assistant turn it labels; this one does not",
@@ -285,13 +285,17 @@ fn encode_row(
                 _ => Vec::new(),
             };
             let mut messages = expanded.messages;
-            if messages.last().is_some_and(|m| m.role == "assistant") {
+            if messages.last().is_some_and(|m| m.is_assistant_turn()) {
                 messages.pop(); // the reference answer, not part of the prompt
             }
             if messages.is_empty() {
                 return Err(bad(&sample, "no prompt: the row has no turn before its answer"));
             }
-            let rendered = tok.apply_chat_template(&messages, true)?;
+            // The prompt keeps the row's tools (function-calling rows), as in training.
+            let variables = crate::data::encode::template_variables(&sample);
+            let rendered = tok
+                .apply_chat_template_with(&messages, true, &variables)
+                .map_err(|e| anyhow::anyhow!("sample {}: {e:#}", sample_id(&sample)))?;
             let ids = tok.encode(&rendered, false)?;
             if ids.len() >= opts.cutoff_len {
                 return Ok(Outcome::Skip(format!(
@@ -307,10 +311,10 @@ fn encode_row(
                 rendered
             } else {
                 let mut shown = sample.messages.clone();
-                if shown.last().is_some_and(|m| m.role == "assistant") {
+                if shown.last().is_some_and(|m| m.is_assistant_turn()) {
                     shown.pop();
                 }
-                tok.apply_chat_template(&shown, true)?
+                tok.apply_chat_template_with(&shown, true, &variables)?
             };
             let mut record = serde_json::to_value(&sample)?;
             if let Value::Object(m) = &mut record {

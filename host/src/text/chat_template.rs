@@ -100,6 +100,18 @@ impl ChatTemplate {
         self.names.iter().position(|n| n == name).map(|i| self.sources[i].as_str())
     }
 
+    /// Whether the named template reads the `tools` variable, and whether it mentions
+    /// `tool_calls` (the attribute assistant messages carry calls in); (false, false) for an
+    /// unknown name.
+    pub fn tool_support(&self, name: &str) -> (bool, bool) {
+        let reads_tools = self
+            .env
+            .get_template(name)
+            .is_ok_and(|t| t.undeclared_variables(false).contains("tools"));
+        let mentions_calls = self.source(name).is_some_and(|s| s.contains("tool_calls"));
+        (reads_tools, mentions_calls)
+    }
+
     /// The template transformers would use: `tool_use` when tools are given and it exists,
     /// else `default`, else the only one; with several and no `default`, an error.
     pub fn select(&self, with_tools: bool) -> Result<&str> {

@@ -18,6 +18,7 @@ mod chat_template;
 mod generation_config;
 pub mod pyformat;
 mod tokenizer;
+pub mod tool_calls;
 
 pub use chat_template::{ChatTemplate, DEFAULT_TEMPLATE, TOOL_USE_TEMPLATE};
 pub use generation_config::{GenerationConfig, GENERATION_CONFIG_FILE, MODEL_CONFIG_FILE};

@@ -23,6 +23,7 @@ use tokenizers::models::ModelWrapper;
 use tokenizers::AddedToken;
 
 use super::chat_template::{messages_from_json, variables_from_json, ChatTemplate};
+use super::tool_calls;
 
 /// File names inside a model folder.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
@@ -515,19 +516,32 @@ impl Tokenizer {
     /// [`apply_chat_template`](Self::apply_chat_template) with extra template variables
     /// (a JSON object such as `{"tools": […], "enable_thinking": false}`, or null). They
     /// override the special-token variables, as transformers' keyword arguments do.
+    ///
+    /// Function calling as transformers' `apply_chat_template(messages, tools=…)`: a
+    /// [`FUNCTION_CALL_ROLE`](ferrotune_plugin_api::FUNCTION_CALL_ROLE) turn becomes an
+    /// assistant message with `tool_calls`, and `tools` may also be the JSON text of the
+    /// list (see [`tool_calls`](super::tool_calls)). Tools or calls given to a template that
+    /// never reads them are an error naming the template.
     pub fn apply_chat_template_with(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
         extra: &Json,
     ) -> Result<String> {
-        let messages = Json::Array(
-            messages
-                .iter()
-                .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-                .collect(),
-        );
-        self.apply_chat_template_json(&messages, add_generation_prompt, extra)
+        let template = self.template()?;
+        let (messages, calls) = tool_calls::template_messages(messages)?;
+        let mut extra = extra.clone();
+        let tools = match extra.as_object_mut().and_then(|m| m.remove("tools")) {
+            Some(tools) => tool_calls::tools_value(&tools)?,
+            None => None,
+        };
+        let name = template.select(tools.is_some())?;
+        tool_calls::check_support(template, name, tools.is_some(), calls)?;
+        let mut vars = self.template_variables(&extra)?;
+        if let Some(tools) = tools {
+            vars.insert("tools".into(), tools);
+        }
+        template.render(messages, add_generation_prompt, vars)
     }
 
     /// The same for messages given as JSON (tool calls, content blocks with images): a list
@@ -538,12 +552,23 @@ impl Tokenizer {
         add_generation_prompt: bool,
         extra: &Json,
     ) -> Result<String> {
-        let template = self.chat_template.as_ref().ok_or_else(|| {
+        let template = self.template()?;
+        let vars = self.template_variables(extra)?;
+        template.render(messages_from_json(messages)?, add_generation_prompt, vars)
+    }
+
+    /// The chat template, or an error saying the tokenizer has none.
+    fn template(&self) -> Result<&ChatTemplate> {
+        self.chat_template.as_ref().ok_or_else(|| {
             anyhow!(
                 "{}: this tokenizer has no chat template (no `chat_template` in {TOKENIZER_CONFIG_FILE} and no {CHAT_TEMPLATE_FILE}); give one or use a model with one",
                 self.origin.parent().unwrap_or(Path::new(".")).display()
             )
-        })?;
+        })
+    }
+
+    /// The named special tokens, then `extra` (a JSON object or null) over them.
+    fn template_variables(&self, extra: &Json) -> Result<BTreeMap<String, TemplateValue>> {
         let mut vars: BTreeMap<String, TemplateValue> = BTreeMap::new();
         for (key, token) in self.special.iter() {
             vars.insert(key.to_string(), TemplateValue::from(token));
@@ -552,7 +577,7 @@ impl Tokenizer {
             vars.insert(key.clone(), TemplateValue::from(token.as_str()));
         }
         vars.extend(variables_from_json(extra, "extra template variables")?);
-        template.render(messages_from_json(messages)?, add_generation_prompt, vars)
+        Ok(vars)
     }
 
     /// Token ids of a conversation: the rendered prompt encoded without adding special

@@ -7,9 +7,11 @@
 //! at odd ones; a conversation ends with an assistant turn, or, with `ranking`, with the
 //! prompt's last user turn, the candidates being `chosen` / `rejected` turn objects. Roles
 //! map to canonical ones: user → `user`, assistant → `assistant`, observation → `tool`,
-//! function call → `assistant` (its text, usually the call's JSON, kept as the content).
-//! The `tools` column (a JSON string or a JSON value) goes to `extra["tools"]`.
-use ferrotune_plugin_api::{Message, PluginError, PluginResult, Sample};
+//! function call → `function_call` (its text, the call's JSON, kept as the content; the host
+//! renders it as the assistant's `tool_calls`). The `tools` column goes to `extra["tools"]`:
+//! JSON text is checked and kept as text (so the schemas keep their key order), a JSON
+//! value as it is.
+use ferrotune_plugin_api::{Message, PluginError, PluginResult, Sample, FUNCTION_CALL_ROLE};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -88,7 +90,7 @@ pub struct SharegptTags {
     pub assistant_tag: String,
     /// A tool's result, at a user position; mapped to `tool`. Default `observation`.
     pub observation_tag: Option<String>,
-    /// A tool call, at an assistant position; mapped to `assistant`. Default `function_call`.
+    /// A tool call, at an assistant position; mapped to `function_call`. Default `function_call`.
     pub function_tag: Option<String>,
     /// A leading system turn. Default `system`.
     pub system_tag: Option<String>,
@@ -142,7 +144,7 @@ impl SharegptConfig {
             false if tag == t.user_tag => Some("user"),
             false if is(&t.observation_tag) => Some("tool"),
             true if tag == t.assistant_tag => Some("assistant"),
-            true if is(&t.function_tag) => Some("assistant"),
+            true if is(&t.function_tag) => Some(FUNCTION_CALL_ROLE),
             _ => None,
         }
     }
@@ -263,10 +265,11 @@ impl SharegptConfig {
             let name = c.tools.as_deref().unwrap_or_default();
             let value = match tools {
                 Value::String(s) if s.trim().is_empty() => None,
-                Value::String(s) => Some(
-                    serde_json::from_str(s)
-                        .map_err(|e| format!("column `{name}`: not JSON text ({e})"))?,
-                ),
+                Value::String(s) => {
+                    serde_json::from_str::<Value>(s)
+                        .map_err(|e| format!("column `{name}`: not JSON text ({e})"))?;
+                    Some(tools.clone())
+                }
                 other => Some(other.clone()),
             };
             if let Some(v) = value {
@@ -303,12 +306,12 @@ mod tests {
             vec![
                 ("system", "S"),
                 ("user", "weather?"),
-                ("assistant", "{\"name\": \"w\"}"),
+                ("function_call", "{\"name\": \"w\"}"),
                 ("tool", "sunny"),
                 ("assistant", "It is sunny.")
             ]
         );
-        assert_eq!(s.extra["tools"], serde_json::json!([{"name": "w"}]));
+        assert_eq!(s.extra["tools"], serde_json::json!("[{\"name\": \"w\"}]"));
         // The system column is used when there is no leading system turn.
         let s = cfg
             .convert(&row(r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "system": "S2"}"#))
