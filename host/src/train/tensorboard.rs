@@ -470,6 +470,25 @@ mod tests {
     }
 
     #[test]
+    fn the_config_key_is_named_and_left_out_of_the_training_record() {
+        use crate::train::config::TrainConfig;
+        const MINIMAL: &str = "model: m\noutput_dir: out\nadapter: {plugin: lora, r: 8}\n\
+                               data: {plugin: alpaca, path: d.json}\n";
+        let e = TrainConfig::from_yaml(&format!("{MINIMAL}training: {{report_to: [mlflow]}}\n"))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("`training.report_to`"), "{e:#}");
+        let plain = TrainConfig::from_yaml(MINIMAL).unwrap();
+        assert!(!plain.training.report_to.tensorboard && plain.training.logging_dir.is_none());
+        let tracked = TrainConfig::from_yaml(&format!(
+            "{MINIMAL}training: {{report_to: tensorboard, logging_dir: tb}}\n"
+        ))
+        .unwrap();
+        assert!(tracked.training.report_to.tensorboard);
+        // Switching TensorBoard on changes nothing a checkpoint compares on --resume.
+        assert_eq!(tracked.training_record(), plain.training_record());
+    }
+
+    #[test]
     fn the_writer_appends_whole_records_and_a_failure_only_warns() {
         let dir = std::env::temp_dir().join(format!("ferrotune-tb-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
