@@ -18,7 +18,8 @@
 //!
 //! Known difference: objects keep minijinja's key order (sorted, since neither minijinja's
 //! nor serde_json's `preserve_order` feature is on), where Python keeps insertion order; it
-//! shows only where a template prints a whole object with `tojson`.
+//! shows only where a template prints a whole object with `tojson`. Tool schemas and call
+//! arguments given as JSON text keep their order (`super::tool_calls` parses them so).
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
