@@ -210,6 +210,7 @@ fn translated_configs_train_on_a_tiny_model() {
             ("bf16", "false".into()),
             ("max_steps", "2".into()),
             ("template", "qwen".into()),
+            ("disable_gradient_checkpointing", "true".into()),
         ]
     };
 
@@ -356,6 +357,7 @@ fn qwen_vl_finetune_scripts_translate_and_train() {
         .replace("--bf16 True", "--bf16 False")
         .replace("--lora_rank 64", "--lora_rank 8")
         .replace("--lora_alpha 64", "--lora_alpha 16")
+        .replace("--gradient_checkpointing True", "--gradient_checkpointing False")
         + " \\\n    --max_steps 2\n";
     std::fs::write(work.join("finetune.sh"), script).unwrap();
     let (yaml, _) =

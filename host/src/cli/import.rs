@@ -1493,7 +1493,7 @@ fn lf_data(t: &mut Translator, keys: &mut Keys, family: Family) -> Result<()> {
     if let Some(v) = keys.take("val_size") {
         match as_f64(&v) {
             Some(r) if r > 0.0 && r < 1.0 => t.set("data.eval_ratio", r),
-            Some(r) if r == 0.0 => {}
+            Some(0.0) => {}
             _ => t.unsupported(
                 "val_size",
                 &v,
@@ -2329,7 +2329,7 @@ mod tests {
         std::fs::write(dir.join("z3.json"), r#"{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}, "bf16": {"enabled": "auto"}}"#).unwrap();
         std::fs::write(dir.join("z0.json"), r#"{"zero_optimization": {"stage": 0}}"#).unwrap();
         let Value::Mapping(m) = serde_yaml::from_str("model_name_or_path: m/llama\ndataset: d\noutput_dir: o\ndeepspeed: z3.json\nfinetuning_type: full\n").unwrap() else { panic!() };
-        let t = translate_llamafactory(&m, &opts(), &[dir.clone()]).unwrap();
+        let t = translate_llamafactory(&m, &opts(), std::slice::from_ref(&dir)).unwrap();
         assert_eq!(
             get(&t, "memory").unwrap(),
             &serde_yaml::from_str::<Value>(
@@ -2343,7 +2343,7 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        let t = translate_llamafactory(&m, &opts(), &[dir.clone()]).unwrap();
+        let t = translate_llamafactory(&m, &opts(), std::slice::from_ref(&dir)).unwrap();
         assert_eq!(get(&t, "memory.plugin").unwrap(), "ddp");
         let Value::Mapping(m) = serde_yaml::from_str(
             "model_name_or_path: m/llama\ndataset: d\noutput_dir: o\ndeepspeed: missing.json\n",
@@ -2351,7 +2351,7 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        let t = translate_llamafactory(&m, &opts(), &[dir.clone()]).unwrap();
+        let t = translate_llamafactory(&m, &opts(), std::slice::from_ref(&dir)).unwrap();
         assert_eq!(t.significant()[0].key, "deepspeed");
         std::fs::remove_dir_all(&dir).unwrap();
     }
