@@ -476,6 +476,45 @@ mod tests {
     }
 
     #[test]
+    fn function_calls_are_trained_like_assistant_turns() {
+        let mut tok = tokenizer("calls");
+        // Writes each call's name where the content would be.
+        let src = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{% if m.tool_calls %}\
+                   {% for c in m.tool_calls %}{{ c.function.name }}{% endfor %}{% else %}{{ m.content }}{% endif %}\
+                   {{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+        tok.set_chat_template(Some(ChatTemplate::single(src, "calls.jinja").unwrap()));
+        let m = Message::new;
+        let s = Sample {
+            id: Some("t:2".into()),
+            messages: vec![
+                m("user", "hi"),
+                m(
+                    ferrotune_plugin_api::FUNCTION_CALL_ROLE,
+                    r#"{"name": "thanks", "arguments": {}}"#,
+                ),
+                m("tool", "fine"),
+                m("assistant", "bye"),
+            ],
+            ..Default::default()
+        };
+        let e = encode_sample(&tok, &s, &EncodeOptions::default()).unwrap();
+        assert_eq!(runs(&tok, &e), vec!["thanks<|im_end|>", "bye<|im_end|>"]);
+        let last = EncodeOptions { mask_history: true, ..Default::default() };
+        let mut call_last = s.clone();
+        call_last.messages.truncate(2);
+        let e = encode_sample(&tok, &call_last, &last).unwrap();
+        assert_eq!(runs(&tok, &e), vec!["thanks<|im_end|>"]);
+        // The CHATML template has no tool support: the sample and the template are named.
+        let err =
+            encode_sample(&tokenizer("calls-chatml"), &s, &EncodeOptions::default()).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.starts_with("sample t:2: ") && err.contains("never reads `tool_calls`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn pairs_share_the_prompt() {
         let tok = tokenizer("pair");
         let mut s = conversation();
