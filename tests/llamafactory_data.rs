@@ -242,6 +242,9 @@ fn a_mix_of_three_follows_interleave_probs() {
     }
 }
 
+/// A run over the demo data: its name, objective, and data sets with their rows in the files.
+type PeerRun = (&'static str, &'static str, &'static [(&'static str, u64)]);
+
 /// LLaMA-Factory's own demo data (`../shared/peers/llamafactory/data`), where present.
 fn peers() -> Option<PathBuf> {
     [
@@ -281,7 +284,7 @@ fn llamafactorys_demo_data_loads_by_name() {
     // Every row through `data check` (cutoff_len 1024), then two steps on a few rows: the SFT
     // files interleaved round robin (unshuffled: the 4 rows of the 2 steps are one of each).
     // (run, objective, data sets and their rows in the files)
-    let runs: [(&str, &str, &[(&str, u64)]); 3] = [
+    let runs: [PeerRun; 3] = [
         (
             "sft",
             "{plugin: sft}",
