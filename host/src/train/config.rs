@@ -649,6 +649,9 @@ impl TrainConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.model, &mut cfg.output_dir, &mut cfg.data.path]
             .into_iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .chain(cfg.data.dataset_dir.as_mut())
+            .chain(cfg.data.media_dir.as_mut())
             .chain(cfg.adapter_init.as_mut())
             .chain(cfg.training.logging_dir.as_mut())
             .chain(
@@ -661,9 +664,6 @@ impl TrainConfig {
                 *p = base.join(&*p);
             }
         }
-            .filter(|p| !p.as_os_str().is_empty())
-            .chain(cfg.data.dataset_dir.as_mut())
-            .chain(cfg.data.media_dir.as_mut())
         Ok(cfg)
     }
 
@@ -766,6 +766,7 @@ impl TrainConfig {
 
     fn validate(&self) -> Result<()> {
         self.validate_finetuning()?;
+        crate::data::registry::validate(&self.data)?;
         self.training.max_shard_bytes()?;
         let t = &self.training;
         // Every step count the trainer divides by (or takes a remainder of) is at least 1.
@@ -778,7 +779,6 @@ impl TrainConfig {
             ("training.save_total_limit", t.save_total_limit),
             ("training.max_steps", t.max_steps),
             ("training.max_nonfinite_steps", Some(t.max_nonfinite_steps)),
-        crate::data::registry::validate(&self.data)?;
         ] {
             if n == Some(0) {
                 bail!(
@@ -949,6 +949,8 @@ impl TrainConfig {
                 flat.insert(format!("data.{key}"), v);
             }
         }
+        // The registry keys only when set: checkpoints written before them still resume.
+        flat.extend(crate::data::registry::record(d));
         flat
     }
 
@@ -961,8 +963,6 @@ impl TrainConfig {
             "weight_decay": o.weight_decay,
             "max_grad_norm": o.max_grad_norm,
             "amsgrad": o.amsgrad,
-        // The registry keys only when set: checkpoints written before them still resume.
-        flat.extend(crate::data::registry::record(d));
         })
         .to_string()
     }
