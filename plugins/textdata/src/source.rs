@@ -349,6 +349,45 @@ mod tests {
             .contains("no such file or folder"));
     }
 
+    /// `media_dir`: joined where the file is there, else as written where that exists, else
+    /// joined (so that the error names the media_dir path); URLs and absolute paths kept.
+    #[test]
+    fn media_dir_resolves_as_llamafactory() {
+        let d = temp("media");
+        std::fs::create_dir_all(d.join("media/sub")).unwrap();
+        std::fs::write(d.join("media/sub/a.png"), b"x").unwrap();
+        let abs = d.join("elsewhere.png");
+        std::fs::write(&abs, b"x").unwrap();
+        let mut s = Sample {
+            images: ["sub/a.png", "missing.png", "https://x.org/c.png", abs.to_str().unwrap()]
+                .map(|p| ImageSource::Path(p.into()))
+                .to_vec(),
+            ..Default::default()
+        };
+        resolve_media(&mut s, &d.join("media"));
+        let paths: Vec<String> = s
+            .images
+            .iter()
+            .map(|i| match i {
+                ImageSource::Path(p) => p.clone(),
+                ImageSource::Blob(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                d.join("media/sub/a.png").display().to_string(),
+                d.join("media/missing.png").display().to_string(),
+                "https://x.org/c.png".to_string(),
+                abs.display().to_string(),
+            ]
+        );
+        let (rest, dir) = media_dir(r#"{"ranking": true, "media_dir": "/m"}"#).unwrap();
+        assert_eq!((rest.as_str(), dir), (r#"{"ranking":true}"#, Some("/m".into())));
+        assert!(media_dir(r#"{"media_dir": 3}"#).unwrap_err().message().contains("media_dir"));
+        std::fs::remove_dir_all(d).ok();
+    }
+
     #[test]
     fn images_match_placeholders() {
         let row: Map<String, Value> =
