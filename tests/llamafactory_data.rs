@@ -97,7 +97,7 @@ fn fixtures_load_by_name_pass_check_and_train_two_steps() {
             &format!(
                 "objective: {objective}\n\
                  data: {{dataset_dir: {}, datasets: {sets}, cutoff_len: 64{extra}}}\n\
-                 training: {{max_steps: 2, micro_batch_size: 2, progress_bar: false}}\n",
+                 training: {{max_steps: 2, micro_batch_size: 2, save_steps: 1, progress_bar: false}}\n",
                 dir.display()
             ),
         );
@@ -126,6 +126,27 @@ fn fixtures_load_by_name_pass_check_and_train_two_steps() {
     assert_eq!(datasets(&r), vec![("dpo_demo".into(), 8, 8, 0)]);
     let (r, _) = run("kto", "{plugin: kto, beta: 0.1}", "[kto_demo]", ", max_samples: 6");
     assert_eq!(datasets(&r), vec![("kto_demo".into(), 6, 6, 0)], "max_samples caps the data set");
+    // The checkpoint records the registry keys: another max_samples is another run.
+    let yaml = f.work.0.join("kto.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    std::fs::write(&yaml, text.replace("max_samples: 6", "max_samples: 5")).unwrap();
+    let first = f.work.0.join("kto/checkpoint-1");
+    let o = ferrotune_one_thread(&[
+        "train",
+        yaml.to_str().unwrap(),
+        "--resume",
+        first.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("data.max_samples: 6 vs 5"), "{}", stderr(&o));
+    std::fs::write(&yaml, text).unwrap();
+    let o = ferrotune_one_thread(&[
+        "train",
+        yaml.to_str().unwrap(),
+        "--resume",
+        first.to_str().unwrap(),
+    ]);
+    assert!(o.status.success() && stderr(&o).contains("resumed from"), "{}", stderr(&o));
     // identity: placeholders replaced by data.replacements, none left.
     let (r, _) = run(
         "identity",
