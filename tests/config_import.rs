@@ -253,6 +253,8 @@ fn translated_configs_train_on_a_tiny_model() {
     assert!(o.status.success(), "train dpo: {}", stderr(&o));
     let s = summary(&work.join("dpo"));
     assert_eq!(s["steps"], 2, "{s}");
+    let metrics = std::fs::read_to_string(work.join("dpo/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("rewards/accuracies"), "the DPO objective ran: {metrics}");
     println!("dpo: loss {} -> {}", s["first_loss"], s["last_loss"]);
 
     // Full fine-tuning under LLaMA-Factory's ZeRO-3 file (one process), imported from the
