@@ -314,33 +314,47 @@ fn llamafactorys_demo_data_loads_by_name() {
         ("dpo", "{plugin: dpo, beta: 0.1}", &[("dpo_en_demo", 300)]),
         ("kto", "{plugin: kto, beta: 0.1}", &[("kto_en_demo", 300)]),
     ];
-    let media = ", video_max_frames: 4, video_max_pixels: 12544, replacements: {name: Ferro, author: ferrotune}";
-    for (name, objective, expect) in runs {
-        let sets = format!("[{}]", expect.iter().map(|e| e.0).collect::<Vec<_>>().join(", "));
-        let check_cfg =
-            cfg(&format!("{name}-check"), objective, &sets, &format!(", cutoff_len: 1024{media}"));
-        let report = check(&check_cfg);
-        let per = datasets(&report);
-        println!(
-            "{name}: data check {per:?} (name, rows, usable, errors); {} skipped, {} warnings, {} images, {} videos ({:.1?})",
-            report["skipped"], report["warnings"], report["images"], report["videos"], t0.elapsed()
-        );
-        let got: Vec<(&str, u64, u64)> = per.iter().map(|d| (d.0.as_str(), d.1, d.3)).collect();
-        let want: Vec<(&str, u64, u64)> = expect.iter().map(|&(n, r)| (n, r, 0)).collect();
-        assert_eq!(got, want, "{name}: every row loads, none with errors");
-        assert!(
-            !report["notes"].to_string().contains("left unreplaced"),
-            "identity's placeholders are replaced"
-        );
-        let train_cfg = cfg(
-            name,
-            objective,
-            &sets,
-            &format!(", cutoff_len: 256, max_samples: 2, mix_strategy: interleave_under, shuffle: false{media}"),
-        );
-        let losses = train2(&work.0, name, &train_cfg);
-        println!("{name}: 2 steps, losses {losses:?} ({:.1?})", t0.elapsed());
-    }
+    let media = ", video_max_frames: 4, video_max_pixels: 12544, \
+                 replacements: {name: Ferro, author: ferrotune}";
+    let few = ", cutoff_len: 256, max_samples: 2, mix_strategy: interleave_under, shuffle: false";
+    // The three runs at once (each its own processes), then the tool-call file.
+    let (cfg, work_dir) = (&cfg, &work.0);
+    std::thread::scope(|scope| {
+        for (name, objective, expect) in runs {
+            scope.spawn(move || {
+                let sets =
+                    format!("[{}]", expect.iter().map(|e| e.0).collect::<Vec<_>>().join(", "));
+                let check_cfg = cfg(
+                    &format!("{name}-check"),
+                    objective,
+                    &sets,
+                    &format!(", cutoff_len: 1024{media}"),
+                );
+                let report = check(&check_cfg);
+                let per = datasets(&report);
+                println!(
+                    "{name}: data check {per:?} (name, rows, usable, errors); {} skipped, \
+                     {} warnings, {} images, {} videos ({:.1?})",
+                    report["skipped"],
+                    report["warnings"],
+                    report["images"],
+                    report["videos"],
+                    t0.elapsed()
+                );
+                let got: Vec<(&str, u64, u64)> =
+                    per.iter().map(|d| (d.0.as_str(), d.1, d.3)).collect();
+                let want: Vec<(&str, u64, u64)> = expect.iter().map(|&(n, r)| (n, r, 0)).collect();
+                assert_eq!(got, want, "{name}: every row loads, none with errors");
+                assert!(
+                    !report["notes"].to_string().contains("left unreplaced"),
+                    "identity's placeholders are replaced"
+                );
+                let train_cfg = cfg(name, objective, &sets, &format!("{few}{media}"));
+                let losses = train2(work_dir, name, &train_cfg);
+                println!("{name}: 2 steps, losses {losses:?} ({:.1?})", t0.elapsed());
+            });
+        }
+    });
     // The tool-call file loads by name; its rows with tools need a chat template that reads
     // them (the tiny model's has none): each such row is an error that says so, the others pass.
     let glaive =
