@@ -405,10 +405,12 @@ pub struct DataConfig {
     /// `identity.json` holds `{{name}}` and `{{author}}`).
     #[serde(default)]
     pub replacements: std::collections::BTreeMap<String, String>,
-    /// The plugin's own configuration (column mapping, …).
+    /// The plugin's own configuration (column mapping, …); with `datasets`, keys laid over
+    /// every data set's configuration (`skip_bad_rows: true`).
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
-    /// Split name passed to the plugin (default train).
+    /// Split name passed to the plugin (default train); with `datasets`, each entry's own
+    /// `split` of dataset_info.json is used instead.
     #[serde(default = "default_split")]
     pub split: String,
     /// Longer samples are truncated to this many tokens, and counted (default 1024).
