@@ -9,7 +9,6 @@
 //! Needs `cargo build --workspace --features ferrotune/ffmpeg` (the CLI and the lora, align,
 //! sft, textdata plugins).
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use ferrotune::data::registry::{mix, MixStrategy};
 use ferrotune_tests::*;
@@ -22,15 +21,13 @@ struct Fixture {
     model: PathBuf,
 }
 
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let work = TempDir::new("llamafactory-data");
-        write_chat_tokenizer(&work.0.join("tokenizer"), WORDS);
-        let model = work.0.join("model");
-        init_tiny_model(&work.0.join("tokenizer"), &model, 3);
-        Fixture { work, model }
-    })
+/// A work folder (removed when the test ends) with a chat tokenizer and a tiny model on it.
+fn fixture(tag: &str) -> Fixture {
+    let work = TempDir::new(tag);
+    write_chat_tokenizer(&work.0.join("tokenizer"), WORDS);
+    let model = work.0.join("model");
+    init_tiny_model(&work.0.join("tokenizer"), &model, 3);
+    Fixture { work, model }
 }
 
 fn fixtures() -> PathBuf {
@@ -87,7 +84,7 @@ fn datasets(report: &Value) -> Vec<(String, u64, u64, u64)> {
 
 #[test]
 fn fixtures_load_by_name_pass_check_and_train_two_steps() {
-    let f = fixture();
+    let f = &fixture("llamafactory-fixtures");
     let dir = fixtures();
     let run = |name: &str, objective: &str, sets: &str, extra: &str| -> (Value, Vec<f64>) {
         let cfg = config(
@@ -159,7 +156,7 @@ fn fixtures_load_by_name_pass_check_and_train_two_steps() {
 
 #[test]
 fn placeholders_left_are_warned_and_hubs_refused() {
-    let f = fixture();
+    let f = &fixture("llamafactory-warnings");
     let dir = fixtures();
     let cfg = config(
         &f.work.0,
@@ -211,7 +208,7 @@ fn placeholders_left_are_warned_and_hubs_refused() {
 /// library's own `mix`), near 300 / 180 / 120, and another seed draws another mix.
 #[test]
 fn a_mix_of_three_follows_interleave_probs() {
-    let f = fixture();
+    let f = &fixture("llamafactory-mix");
     let dir = f.work.0.join("mix");
     std::fs::create_dir_all(&dir).unwrap();
     let mut g = ferrotune_tests::align::Lcg(9);
