@@ -1440,9 +1440,11 @@ fn lf_data(t: &mut Translator, keys: &mut Keys, family: Family) -> Result<()> {
     let dir = t.path(&dir);
     t.set("data.dataset_dir", dir);
     t.set("data.datasets", Value::Sequence(datasets.into_iter().map(Value::from).collect()));
+    let mut interleaved = false;
     if let Some(v) = keys.take("mix_strategy") {
         match as_str(&v).as_deref() {
             Some(s @ ("concat" | "interleave_under" | "interleave_over")) => {
+                interleaved = s != "concat";
                 t.set("data.mix_strategy", s.to_string())
             }
             _ => t.unsupported(
@@ -1456,6 +1458,12 @@ fn lf_data(t: &mut Translator, keys: &mut Keys, family: Family) -> Result<()> {
         let probs: Option<Vec<f64>> =
             as_list(&v).and_then(|l| l.iter().map(|p| p.parse().ok()).collect());
         match probs {
+            // LLaMA-Factory reads the probabilities only when it interleaves.
+            _ if !interleaved => t.no_effect(
+                "interleave_probs",
+                &v,
+                "LLaMA-Factory ignores it unless mix_strategy interleaves",
+            ),
             Some(p) => t.set(
                 "data.interleave_probs",
                 Value::Sequence(p.into_iter().map(Value::from).collect()),
