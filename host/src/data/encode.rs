@@ -25,7 +25,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use ferrotune_plugin_api::{Message, Sample};
 use serde_json::Value as Json;
 
@@ -162,9 +162,16 @@ fn encode_messages(
         let ids = if n == 0 && !generation_prompt {
             Vec::new()
         } else {
+            // A conversation the template cannot render (tools it would drop, roles it
+            // refuses) is this row's fault: a bad sample, listed with the others.
             let text = tok
                 .apply_chat_template_with(&messages[..n], generation_prompt, &extra)
-                .map_err(|e| anyhow!("sample {id}: {e:#}"))?;
+                .map_err(|e| {
+                    anyhow::Error::new(EncodeError::BadSample {
+                        id: id.to_string(),
+                        reason: format!("{e:#}"),
+                    })
+                })?;
             tok.encode(&text, false)?
         };
         renders.insert((n, generation_prompt), ids.clone());
