@@ -58,8 +58,9 @@ fn summary(out_dir: &Path) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn import(cwd: &Path, format: &str, file: &Path, out: &Path) -> (String, String) {
-    let o = ferrotune_in(
+/// `ferrotune config import FORMAT FILE --out OUT --device cpu` run in `cwd`.
+fn import_output(cwd: &Path, format: &str, file: &Path, out: &Path) -> std::process::Output {
+    ferrotune_in(
         cwd,
         &[
             "config",
@@ -71,7 +72,12 @@ fn import(cwd: &Path, format: &str, file: &Path, out: &Path) -> (String, String)
             "--device",
             "cpu",
         ],
-    );
+    )
+}
+
+/// [`import_output`], which must succeed: the config written and the report on stderr.
+fn import(cwd: &Path, format: &str, file: &Path, out: &Path) -> (String, String) {
+    let o = import_output(cwd, format, file, out);
     let err = stderr(&o);
     assert!(o.status.success(), "import {}: {err}", file.display());
     (std::fs::read_to_string(out).unwrap(), err)
@@ -403,19 +409,7 @@ fn every_shared_example_translates_or_names_its_model_family() {
         let name = file.strip_prefix(&lf).unwrap().display().to_string();
         let text = std::fs::read_to_string(file).unwrap();
         let out = tmp.0.join("out.yaml");
-        let o = ferrotune_in(
-            &lf,
-            &[
-                "config",
-                "import",
-                "llamafactory",
-                file.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--device",
-                "cpu",
-            ],
-        );
+        let o = import_output(&lf, "llamafactory", file, &out);
         let err = stderr(&o);
         if text.contains("Qwen3-VL") {
             assert!(
@@ -449,19 +443,7 @@ fn every_shared_example_translates_or_names_its_model_family() {
     for script in &scripts {
         let name = script.file_name().unwrap().to_string_lossy().to_string();
         let out = tmp.0.join("qvf.yaml");
-        let o = ferrotune_in(
-            &qvf,
-            &[
-                "config",
-                "import",
-                "qwen-vl-finetune",
-                script.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--device",
-                "cpu",
-            ],
-        );
+        let o = import_output(&qvf, "qwen-vl-finetune", script, &out);
         let err = stderr(&o);
         assert!(o.status.success(), "{name}: {err}");
         let left = untranslated(&err);

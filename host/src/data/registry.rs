@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use ferrotune_plugin_api::records::kind_of as kind;
 use ferrotune_plugin_api::Sample;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Map, Value};
@@ -308,17 +309,6 @@ pub fn read_info(dir: &Path) -> Result<Map<String, Value>> {
             bail!("{}: expected an object of data sets, found {}", file.display(), kind(&other))
         }
         Err(e) => bail!("{}: not valid JSON: {e}", file.display()),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
     }
 }
 

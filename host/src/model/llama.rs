@@ -642,9 +642,9 @@ impl Decoder {
             .map(|t| FrozenLinear::new(SCORE_HEAD, t, None));
         let lm_head =
             if config.tie_word_embeddings || (score.is_some() && !w.contains("lm_head.weight")) {
+                // transformers ties the head to the embeddings even when the file also has one.
                 // A sequence classifier has no lm_head: the embedding stands in (its logits mean
                 // nothing; its scores are what such a model is for).
-                // transformers ties the head to the embeddings even when the file also has one.
                 w.take_if_present("lm_head.weight", &[vocab, hidden], "vocab_size, hidden_size")?;
                 FrozenLinear::new("lm_head", embed_tokens.shallow_clone(), None)
             } else {
@@ -977,12 +977,12 @@ impl CausalLM {
         out
     }
 
-    /// A fresh `[out, hidden]` head weight as transformers initialises a linear layer:
+    /// A fresh `[1, hidden]` head weight as transformers initialises a linear layer:
     /// normal(0, `initializer_range`), in the model's dtype and on its device (from libtorch's
     /// generator: every rank seeded alike draws the same).
-    fn fresh_head(&self, out: i64) -> Result<Tensor> {
+    fn fresh_head(&self) -> Result<Tensor> {
         let c = &self.decoder.config;
-        let w = Tensor::f_randn([out, c.hidden_size], (Kind::Float, Device::Cpu))?
+        let w = Tensor::f_randn([1, c.hidden_size], (Kind::Float, Device::Cpu))?
             .f_mul_scalar(c.initializer_range)?;
         Ok(w.f_to_kind(self.dtype())?.f_to_device(self.device())?)
     }
@@ -996,7 +996,7 @@ impl CausalLM {
         if self.decoder.score.is_some() {
             return Ok(false);
         }
-        let w = self.fresh_head(1)?;
+        let w = self.fresh_head()?;
         self.decoder.score = Some(FrozenLinear::new(SCORE_HEAD, w, None));
         Ok(true)
     }
@@ -1016,7 +1016,7 @@ impl CausalLM {
     /// on trains what the forward uses).
     pub fn add_value_head(&mut self) -> Result<Tensor> {
         if self.decoder.value_head.is_none() {
-            self.decoder.value_head = Some(self.fresh_head(1)?);
+            self.decoder.value_head = Some(self.fresh_head()?);
         }
         Ok(self.decoder.value_head.as_ref().expect("set above").shallow_clone())
     }
@@ -1043,8 +1043,7 @@ impl CausalLM {
             "the model has no value head (`v_head`): it is added for objectives that need one (ppo)",
         )?;
         // The critic reads the policy's features without moving them: its loss trains the head
-        // alone (TRL's value model is a network of its own; sharing the adapter with it lets
-        // the value loss, which dominates early, pull the policy around).
+        // alone, as TRL's value model (a network of its own) leaves the policy alone.
         let h = hidden.f_detach()?;
         Ok(h.f_matmul(&v.f_to_kind(h.kind())?.f_tr()?)?.f_to_kind(Kind::Float)?.f_select(-1, 0)?)
     }

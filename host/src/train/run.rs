@@ -194,8 +194,7 @@ impl<'c> Run<'c> {
         let resume_dir = resume_dir(cfg, resume)?;
         let from_config = items.is_none();
         tch::manual_seed(cfg.seed as i64);
-        let (objective, layout, rewards, num_iterations) =
-            objective_and_rewards(cfg, registry, device)?;
+        let (objective, layout, rewards, num_iterations) = objective_and_rewards(cfg, registry)?;
         let heads = Heads::of(&objective.needs());
         let LoadedModel { mut model, quantized, shard_params, offload_params, capabilities } =
             load_model(cfg, registry, device, &group, heads)?;
@@ -885,7 +884,6 @@ fn num_iterations(cfg: &TrainConfig, needs: &[String]) -> Result<usize> {
 fn objective_and_rewards(
     cfg: &TrainConfig,
     registry: &Registry,
-    device: Device,
 ) -> Result<(ObjectiveHandle, Layout, Vec<LoadedReward>, usize)> {
     let objective = registry.objective(&cfg.objective.plugin, &cfg.objective.config_json())?;
     let needs = objective.needs();
@@ -906,7 +904,6 @@ fn objective_and_rewards(
     if mu > 1 && layout != Layout::Prompts {
         bail!("config key `training.num_iterations`: only objectives that generate (GRPO, PPO) reuse a generation batch; `{}` does not", cfg.objective.plugin);
     }
-    let _ = device;
     Ok((objective, layout, load_rewards(cfg, registry)?, mu))
 }
 
