@@ -8,10 +8,16 @@
 //! use ferrotune_plugin_api::prelude::*;
 //! use serde::Deserialize;
 //!
-//! #[derive(Deserialize)]
+//! #[derive(Deserialize, JsonSchema)]
 //! #[serde(deny_unknown_fields)]
 //! pub struct Length {
+//!     /// Reward per character of the completion.
+//!     #[serde(default = "one")]
 //!     per_char: f64,
+//! }
+//!
+//! fn one() -> f64 {
+//!     1.0
 //! }
 //!
 //! impl Plugin for Length {
@@ -20,6 +26,9 @@
 //!     const DESCRIPTION: &'static str = "reward proportional to completion length";
 //!     fn from_config(config_json: &str) -> PluginResult<Self> {
 //!         parse_config(config_json)
+//!     }
+//!     fn config_schema() -> Option<serde_json::Value> {
+//!         Some(schema_of::<Self>())
 //!     }
 //! }
 //!
@@ -56,6 +65,9 @@
 //!   one, so an older host can load a plugin whose trait gained a trailing method. A host
 //!   whose trait gained a method cannot load older plugins (abi_stable refuses), so adding
 //!   a method to an existing trait bumps the series (0.1 → 0.2) and plugins are rebuilt.
+//! * [`Plugin`] itself never crosses the boundary: a provided fn added to it (such as
+//!   [`Plugin::config_schema`]) reaches the host through a new optional root-module field
+//!   (`PluginModule::config_schema`), so a library built before it loads and reports none.
 
 // sabi_trait expands impls inside a const block (abi_stable 0.11).
 #![allow(non_local_definitions)]
@@ -69,6 +81,7 @@ pub mod module;
 pub mod optim;
 pub mod records;
 pub mod sample;
+pub mod schema;
 pub mod targets;
 pub mod tensor;
 
@@ -97,6 +110,7 @@ pub use sample::{
     ImageSource, Message, Sample, VideoSource, FUNCTION_CALL_ROLE, IMAGE_PLACEHOLDER,
     VIDEO_PLACEHOLDER,
 };
+pub use schema::{schema_of, JsonSchema};
 pub use tensor::{DType, DeviceCode, NamedTensor, OwnedTensor, TensorRef};
 
 /// The version of this crate: the plugin-API version a plugin is built against.
@@ -113,10 +127,19 @@ pub trait Plugin: Sized + Send + 'static {
     /// Builds the plugin from its configuration, JSON text. Errors name the offending key
     /// (see [`parse_config`]).
     fn from_config(config_json: &str) -> PluginResult<Self>;
+    /// The JSON Schema of the keys `from_config` accepts (`ferrotune plugins --json`, the
+    /// board's forms): an object schema whose `properties` list every key, with `default`s,
+    /// bounds and doc comments as `description`s. Usually `Some(schema_of::<MyConfig>())` with
+    /// `#[derive(Deserialize, JsonSchema)]` on the config struct (see [`schema`]); test it with
+    /// [`schema::assert_schema_matches`]. `None` (the default) declares no schema.
+    fn config_schema() -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// What a plugin's `lib.rs` usually needs.
 pub mod prelude {
+    pub use crate::schema::{schema_of, JsonSchema};
     pub use crate::{
         export_plugin, parse_config, AdapterLayer, AdapterMethod, BaseLinear, Batch, Collectives,
         DataSource, DatasetFormat, ForwardFlags, ImageSource, LossOutput, MemoryStrategy, Message,
@@ -132,4 +155,5 @@ pub mod __private {
     pub use abi_stable;
     pub use abi_stable::prefix_type::PrefixTypeTrait;
     pub use abi_stable::std_types::{RResult, RStr, RString, RVec};
+    pub use schemars;
 }

@@ -26,6 +26,8 @@ macro_rules! export_plugin {
         }
 
         #[doc(hidden)]
+        // A library without a plugin of some kind never reads that constructor's config.
+        #[allow(unused_variables)]
         pub mod __ferrotune_exports {
             #[allow(unused_imports)]
             use super::*;
@@ -66,6 +68,13 @@ macro_rules! export_plugin {
                 $crate::macros::not_found($crate::PluginKind::MEMORY, name)
             }
 
+            pub extern "C" fn config_schema(kind: $crate::PluginKind, name: RStr<'_>) -> RResult<$crate::__private::RString, PluginError> {
+                $( if kind == $crate::export_plugin!(@kind $kind) && name.as_str() == <$ty as $crate::Plugin>::NAME {
+                    return $crate::macros::config_schema::<$ty>();
+                } )+
+                $crate::macros::not_found(kind, name)
+            }
+
             pub fn root_module() -> $crate::PluginModule_Ref {
                 $crate::__private::PrefixTypeTrait::leak_into_prefix($crate::PluginModule {
                     plugins,
@@ -76,6 +85,7 @@ macro_rules! export_plugin {
                     create_dataset,
                     create_memory,
                     memory_capabilities,
+                    config_schema,
                 })
             }
 
@@ -132,9 +142,9 @@ macro_rules! export_plugin {
     (@caps $kind:ident, $ty:ty, $name:ident, $cfg:ident) => {};
 }
 
-use abi_stable::std_types::{RResult, RStr};
+use abi_stable::std_types::{RResult, RStr, RString};
 
-use crate::{ErrorCode, Plugin, PluginError, PluginInfo, PluginKind};
+use crate::{guard, ErrorCode, Plugin, PluginError, PluginInfo, PluginKind};
 
 #[doc(hidden)]
 pub fn info<T: Plugin>(kind: PluginKind) -> PluginInfo {
@@ -144,6 +154,13 @@ pub fn info<T: Plugin>(kind: PluginKind) -> PluginInfo {
         version: T::VERSION.into(),
         description: T::DESCRIPTION.into(),
     }
+}
+
+/// Plugin side of the root module's `config_schema`: plugin `T`'s schema as JSON text, empty
+/// when it declares none.
+#[doc(hidden)]
+pub fn config_schema<T: Plugin>() -> RResult<RString, PluginError> {
+    guard(|| Ok(T::config_schema().map(|s| s.to_string()).unwrap_or_default().into()))
 }
 
 #[doc(hidden)]
@@ -156,8 +173,92 @@ pub fn not_found<T>(kind: PluginKind, name: RStr<'_>) -> RResult<T, PluginError>
 
 #[cfg(test)]
 mod tests {
+    use crate::prelude::*;
+    use crate::{ErrorCode, PluginKind};
+    use serde::Deserialize;
+
     #[test]
     fn loader_symbol_matches_abi_stable() {
         assert_eq!(super::ROOT_MODULE_LOADER_SYMBOL, abi_stable::library::ROOT_MODULE_LOADER_NAME);
+    }
+
+    /// A reward with a schema.
+    #[derive(Deserialize, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct Scaled {
+        /// Multiplies the score.
+        #[serde(default)]
+        scale: f64,
+    }
+    impl Plugin for Scaled {
+        const NAME: &'static str = "scaled";
+        const VERSION: &'static str = "0";
+        const DESCRIPTION: &'static str = "declares its schema";
+        fn from_config(config_json: &str) -> PluginResult<Self> {
+            parse_config(config_json)
+        }
+        fn config_schema() -> Option<serde_json::Value> {
+            Some(schema_of::<Self>())
+        }
+    }
+    impl Reward for Scaled {
+        fn score(&self, inputs: &[RewardInput]) -> PluginResult<Vec<f64>> {
+            Ok(vec![self.scale; inputs.len()])
+        }
+    }
+
+    /// A reward as plugins were before schemas: none declared.
+    pub struct Plain;
+    impl Plugin for Plain {
+        const NAME: &'static str = "plain";
+        const VERSION: &'static str = "0";
+        const DESCRIPTION: &'static str = "declares no schema";
+        fn from_config(_: &str) -> PluginResult<Self> {
+            Ok(Plain)
+        }
+    }
+    impl Reward for Plain {
+        fn score(&self, inputs: &[RewardInput]) -> PluginResult<Vec<f64>> {
+            Ok(vec![0.0; inputs.len()])
+        }
+    }
+
+    /// A schema that panics is an error value, not an unwinding across `extern "C"`.
+    pub struct Panicky;
+    impl Plugin for Panicky {
+        const NAME: &'static str = "panicky";
+        const VERSION: &'static str = "0";
+        const DESCRIPTION: &'static str = "panics for its schema";
+        fn from_config(_: &str) -> PluginResult<Self> {
+            Ok(Panicky)
+        }
+        fn config_schema() -> Option<serde_json::Value> {
+            panic!("no schema today")
+        }
+    }
+    impl Reward for Panicky {
+        fn score(&self, _: &[RewardInput]) -> PluginResult<Vec<f64>> {
+            Ok(Vec::new())
+        }
+    }
+
+    crate::export_plugin!(reward: Scaled, reward: Plain, reward: Panicky);
+
+    #[test]
+    fn exported_config_schema_answers_per_plugin() {
+        let module = __ferrotune_exports::root_module();
+        let f = module.config_schema().expect("this build's module has the field");
+        let text = f(PluginKind::REWARD, "scaled".into()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        assert_eq!(v, schema_of::<Scaled>());
+        assert_eq!(v["properties"]["scale"]["default"], 0.0);
+        assert_eq!(v["properties"]["scale"]["description"], "Multiplies the score.");
+        assert_eq!(f(PluginKind::REWARD, "plain".into()).unwrap().as_str(), "");
+        let e = f(PluginKind::REWARD, "panicky".into()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PANIC);
+        assert!(e.message().contains("no schema today"), "{e}");
+        let e = f(PluginKind::ADAPTER, "scaled".into()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NOT_FOUND);
+        assert!(e.message().contains("no adapter plugin named `scaled`"), "{e}");
     }
 }

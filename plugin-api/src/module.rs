@@ -101,6 +101,11 @@ pub struct PluginModule {
     #[sabi(missing_field(option))]
     pub memory_capabilities:
         extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<RVec<RString>, PluginError>,
+    /// The JSON Schema of the config keys of plugin `name` of `kind`, as JSON text; empty when
+    /// the plugin declares none (appended: `None` for libraries built before it, whose
+    /// plugins then report none).
+    #[sabi(missing_field(option))]
+    pub config_schema: extern "C" fn(PluginKind, RStr<'_>) -> RResult<RString, PluginError>,
 }
 
 impl RootModule for PluginModule_Ref {
