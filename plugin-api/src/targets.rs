@@ -1,8 +1,11 @@
 //! Which linear layers an adapter method adapts, by peft's rules, for adapter plugins to share:
 //! `target_modules` as a [`ModuleSet`] (module names, a full-match regex, or `"all-linear"`)
 //! and `modules_to_save`, whose modules are never adapted ([`Targets`]).
+use std::borrow::Cow;
+
 use regex::Regex;
-use serde::{Deserialize, Deserializer};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Value};
 
 use crate::error::{PluginError, PluginResult};
@@ -79,6 +82,32 @@ impl<'de> Deserialize<'de> for ModuleSet {
                 "expected a list of module names, a regex string or \"all-linear\", got {other}"
             ))),
         }
+    }
+}
+
+/// Written as peft writes it (a schema's `default`).
+impl Serialize for ModuleSet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl JsonSchema for ModuleSet {
+    fn schema_name() -> Cow<'static, str> {
+        "ModuleSet".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "anyOf": [
+                {"type": "array", "items": {"type": "string", "minLength": 1},
+                 "description": "module names: a layer matches when its full name equals one or ends with `.` + one"},
+                {"type": "string",
+                 "description": "\"all-linear\" (every linear layer but the output head), or a regex the full module name must match"}
+            ]
+        })
     }
 }
 

@@ -9,11 +9,12 @@
 //! ```
 use ferrotune_plugin_api::targets::{ModuleSet, Targets};
 use ferrotune_plugin_api::{PluginError, PluginResult};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// Configuration of the `ia3` adapter method. Field names are peft's `IA3Config` keys.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Ia3Config {
     /// Which linear layers are adapted: module names (a layer matches when its full name
@@ -37,6 +38,7 @@ pub struct Ia3Config {
     pub modules_to_save: Vec<String>,
     /// Whether the base weight is stored `[in, out]`. Only `false` (the default) is supported.
     #[serde(default)]
+    #[schemars(extend("const" = false))]
     pub fan_in_fan_out: bool,
     #[serde(skip)]
     targeting: Option<Targets>,

@@ -32,6 +32,9 @@ impl Plugin for Ia3 {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         Ok(Self { cfg: Ia3Config::from_json(config_json)? })
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<Ia3Config>())
+    }
 }
 
 impl AdapterMethod for Ia3 {
@@ -58,3 +61,21 @@ impl AdapterMethod for Ia3 {
 }
 
 export_plugin!(adapter: Ia3);
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = assert_schema_matches::<Ia3>(json!({}));
+        let p = &s["properties"];
+        assert_eq!(p["target_modules"]["default"], json!(["k_proj", "v_proj", "down_proj"]));
+        assert_eq!(p["feedforward_modules"]["default"], json!(["down_proj"]));
+        assert_eq!(p["init_ia3_weights"]["default"], json!(true));
+        let e = Ia3::from_config(r#"{"fan_in_fan_out": true}"#).err().unwrap().to_string();
+        assert!(e.contains("fan_in_fan_out"), "{e}");
+    }
+}

@@ -10,24 +10,29 @@
 //! ```
 use ferrotune_plugin_api::targets::{ModuleSet, Targets};
 use ferrotune_plugin_api::{PluginError, PluginResult};
-use serde::{Deserialize, Deserializer};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Value};
+use std::borrow::Cow;
 
 /// Configuration of the `lora` adapter method. Field names are peft's `LoraConfig` keys.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
     /// Rank of the update `B·A`. Default 8; typical 4–64 (larger for harder tasks, more
     /// memory).
     #[serde(default = "default_r")]
+    #[schemars(range(min = 1))]
     pub r: i64,
     /// Scale numerator: the update is `lora_alpha / r · B·A` (`/ √r` with `use_rslora`).
     /// Default 8; typical r to 2·r. Must be positive.
     #[serde(default = "default_lora_alpha")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub lora_alpha: f64,
     /// Dropout probability on the LoRA branch's input, in training only. Default 0.0;
     /// typical 0.0–0.1; must be in [0, 1).
     #[serde(default)]
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     pub lora_dropout: f64,
     /// Which linear layers are adapted: a list of module names, each matching a layer whose
     /// full name equals it or ends with `.` + it (`["q_proj", "v_proj"]`); or a string, a
@@ -55,6 +60,7 @@ pub struct LoraConfig {
     /// LoRA+: B (and DoRA's magnitude vector, as peft's LoRA+ optimizer groups it) learns
     /// this many times faster than A. Default none (1×); typical 4–16.
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub loraplus_lr_ratio: Option<f64>,
     /// LoftQ's settings (peft's `LoftQConfig`), used with `init_lora_weights: loftq`:
     /// `loftq_bits` (4: NF4, the only one supported) and `loftq_iter` (alternating
@@ -69,10 +75,12 @@ pub struct LoraConfig {
     pub modules_to_save: Vec<String>,
     /// Which biases are trained. Only `"none"` (the default) is supported.
     #[serde(default = "default_bias")]
+    #[schemars(extend("enum" = ["none"]))]
     pub bias: String,
     /// Whether the base weight is stored `[in, out]` (GPT-2's Conv1D). Only `false` (the
     /// default) is supported: the host's linear layers are `[out, in]`.
     #[serde(default)]
+    #[schemars(extend("const" = false))]
     pub fan_in_fan_out: bool,
     /// `modules_to_save` compiled (filled by `from_json`).
     #[serde(skip)]
@@ -80,7 +88,7 @@ pub struct LoraConfig {
 }
 
 /// peft's `LoftQConfig`.
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Deserialize, Serialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LoftqConfig {
     /// Bits of the quantized base: 4 (NF4). Default 4.
@@ -158,6 +166,30 @@ impl InitLoraWeights {
             Self::Olora => json!("olora"),
             Self::Loftq => json!("loftq"),
         }
+    }
+}
+
+/// Written as peft writes it (a schema's `default`).
+impl Serialize for InitLoraWeights {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.peft_value().serialize(s)
+    }
+}
+
+impl JsonSchema for InitLoraWeights {
+    fn schema_name() -> Cow<'static, str> {
+        "InitLoraWeights".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "anyOf": [
+                {"type": "boolean"},
+                {"type": "string", "enum": ["default", "gaussian", "pissa", "olora", "loftq"]}
+            ]
+        })
     }
 }
 

@@ -51,6 +51,9 @@ impl Plugin for Lora {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         Ok(Self { cfg: LoraConfig::from_json(config_json)? })
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<LoraConfig>())
+    }
 }
 
 impl AdapterMethod for Lora {
@@ -85,6 +88,20 @@ export_plugin!(adapter: Lora);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = ferrotune_plugin_api::schema::assert_schema_matches::<Lora>(json!({}));
+        let p = &s["properties"];
+        assert_eq!((&p["r"]["default"], &p["r"]["minimum"]), (&json!(8), &json!(1)));
+        assert_eq!(p["target_modules"]["default"], json!(["q_proj", "v_proj"]));
+        assert_eq!(p["init_lora_weights"]["default"], json!(true));
+        assert_eq!(p["loftq_config"]["default"], json!({"loftq_bits": 4, "loftq_iter": 1}));
+        assert!(p["r"]["description"].as_str().unwrap().starts_with("Rank of the update"));
+        let e = Lora::from_config(r#"{"r": 0}"#).err().unwrap().to_string();
+        assert!(e.contains("`r`") && e.contains("at least 1"), "{e}");
+    }
 
     #[test]
     fn capabilities_follow_the_variant() {

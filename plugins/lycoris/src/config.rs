@@ -11,7 +11,8 @@
 use ferrotune_plugin_api::targets::{ModuleSet, Targets};
 use ferrotune_plugin_api::{PluginError, PluginResult};
 use regex::Regex;
-use serde::{Deserialize, Deserializer};
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Value};
 
 /// Which of the two methods a configuration is for.
@@ -47,23 +48,27 @@ pub enum InitWeights {
 
 /// Configuration of the `loha` and `lokr` adapter methods. Field names are peft's
 /// `LoHaConfig` / `LoKrConfig` keys.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct LycorisConfig {
     /// Rank of each low-rank factor. Default 8; typical 4–32. Must be at least 1.
     #[serde(default = "default_r")]
+    #[schemars(range(min = 1))]
     pub r: i64,
     /// Scale numerator: the update is multiplied by `alpha / r`. Default 8; typical r.
     #[serde(default = "default_alpha")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub alpha: f64,
     /// In training, each output row of the update is dropped with this probability (LoHa then
     /// rescales the kept rows by 1 / their fraction; LoKr only with `rank_dropout_scale`).
     /// Default 0.0; must be in [0, 1).
     #[serde(default)]
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     pub rank_dropout: f64,
     /// In training, the whole update of a layer is skipped with this probability (no
     /// rescaling). Default 0.0; must be in [0, 1].
     #[serde(default)]
+    #[schemars(range(min = 0, max = 1))]
     pub module_dropout: f64,
     /// peft's "Proposition 3" decomposition of convolution kernels; it has no effect on linear
     /// layers (the only layers this host adapts), as in peft. Accepted at either value and
@@ -78,6 +83,7 @@ pub struct LycorisConfig {
     pub target_modules: ModuleSet,
     /// `true` (default), `false`, or for LoKr `"lycoris"`; see [`InitWeights`].
     #[serde(default = "default_init", deserialize_with = "deserialize_init")]
+    #[schemars(schema_with = "init_schema")]
     pub init_weights: InitWeights,
     /// ModuleSet trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
     #[serde(default)]
@@ -87,9 +93,11 @@ pub struct LycorisConfig {
     /// `(.*\.)?(pattern)$`), e.g. `{"down_proj": 16}`. Default `{}`. Two patterns giving one
     /// layer different values are refused (peft takes the first in file order).
     #[serde(default, deserialize_with = "deserialize_ranks")]
+    #[schemars(schema_with = "ranks_schema")]
     pub rank_pattern: Patterns<i64>,
     /// Per-layer alphas overriding `alpha`, matched as `rank_pattern`. Default `{}`.
     #[serde(default, deserialize_with = "deserialize_alphas")]
+    #[schemars(schema_with = "alphas_schema")]
     pub alpha_pattern: Patterns<f64>,
     /// LoKr: also decompose the left factor `W1` into `lokr_w1_a · lokr_w1_b` when `r` is
     /// below half its larger side. Default false.
@@ -126,6 +134,29 @@ fn default_method() -> Method {
 
 fn default_target_modules() -> ModuleSet {
     ModuleSet::Names(vec!["q_proj".into(), "v_proj".into()])
+}
+
+/// Written as peft writes it (a schema's `default`).
+impl Serialize for InitWeights {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            InitWeights::Default => s.serialize_bool(true),
+            InitWeights::Random => s.serialize_bool(false),
+            InitWeights::Lycoris => s.serialize_str("lycoris"),
+        }
+    }
+}
+
+fn init_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"anyOf": [{"type": "boolean"}, {"type": "string", "enum": ["lycoris"]}]})
+}
+
+fn ranks_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}})
+}
+
+fn alphas_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}})
 }
 
 fn deserialize_init<'de, D: Deserializer<'de>>(d: D) -> Result<InitWeights, D::Error> {
@@ -172,6 +203,13 @@ impl<T: Copy + PartialEq + std::fmt::Display + serde::Serialize> Patterns<T> {
 
     fn to_json(&self) -> Value {
         Value::Object(self.0.iter().map(|(k, _, v)| (k.clone(), json!(v))).collect())
+    }
+}
+
+/// Written as peft writes it (a schema's `default`).
+impl<T: Copy + PartialEq + std::fmt::Display + Serialize> Serialize for Patterns<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
     }
 }
 

@@ -46,6 +46,9 @@ fn capabilities() -> Vec<String> {
     vec![MERGE.to_string(), MIXED_BATCH.to_string()]
 }
 
+/// The keys only `lokr` takes.
+const LOKR_ONLY: [&str; 3] = ["decompose_both", "decompose_factor", "rank_dropout_scale"];
+
 /// The `loha` adapter method (peft's `LOHA`).
 pub struct LoHa {
     cfg: LycorisConfig,
@@ -57,6 +60,17 @@ impl Plugin for LoHa {
     const DESCRIPTION: &'static str = "LoHa: low-rank Hadamard product updates (peft-compatible)";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         Ok(Self { cfg: LycorisConfig::from_json(config_json, Method::LoHa)? })
+    }
+    /// LoKr's keys and `init_weights: "lycoris"` are LoKr's only.
+    fn config_schema() -> Option<serde_json::Value> {
+        let mut s = schema_of::<LycorisConfig>();
+        if let Some(props) = s["properties"].as_object_mut() {
+            for key in LOKR_ONLY {
+                props.remove(key);
+            }
+            props["init_weights"]["anyOf"] = serde_json::json!([{"type": "boolean"}]);
+        }
+        Some(s)
     }
 }
 
@@ -91,6 +105,9 @@ impl Plugin for LoKr {
     fn from_config(config_json: &str) -> PluginResult<Self> {
         Ok(Self { cfg: LycorisConfig::from_json(config_json, Method::LoKr)? })
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<LycorisConfig>())
+    }
 }
 
 impl AdapterMethod for LoKr {
@@ -113,3 +130,32 @@ impl AdapterMethod for LoKr {
 }
 
 export_plugin!(adapter: LoHa, adapter: LoKr);
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schemas_match_the_parsers() {
+        let loha = assert_schema_matches::<LoHa>(json!({}));
+        let lokr = assert_schema_matches::<LoKr>(json!({}));
+        for key in LOKR_ONLY {
+            assert!(loha["properties"].get(key).is_none() && lokr["properties"].get(key).is_some());
+            let e = LoHa::from_config(&json!({key: 2}).to_string()).err().unwrap().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        assert!(LoHa::from_config(r#"{"init_weights": "lycoris"}"#).is_err());
+        assert!(LoKr::from_config(r#"{"init_weights": "lycoris"}"#).is_ok());
+        let p = &lokr["properties"];
+        assert_eq!((&p["r"]["default"], &p["r"]["minimum"]), (&json!(8), &json!(1)));
+        assert_eq!(
+            (&p["init_weights"]["default"], &p["rank_pattern"]["default"]),
+            (&json!(true), &json!({}))
+        );
+        let e =
+            LoKr::from_config(r#"{"rank_pattern": {"down_proj": 0}}"#).err().unwrap().to_string();
+        assert!(e.contains("rank_pattern"), "{e}");
+    }
+}

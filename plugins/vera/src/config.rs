@@ -9,17 +9,19 @@
 //! ```
 use ferrotune_plugin_api::targets::{ModuleSet, Targets};
 use ferrotune_plugin_api::{PluginError, PluginResult};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// Configuration of the `vera` adapter method. Field names are peft's `VeraConfig` keys.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct VeraConfig {
     /// Rank of the shared random projections (`vera_A` `[r, in]`, `vera_B` `[out, r]`). Default
     /// 256 (peft's); typical 64–1024: far higher than a LoRA rank, since only `vera_lambda_d`
     /// (`r` values) and `vera_lambda_b` (`out` values) train per layer.
     #[serde(default = "default_r")]
+    #[schemars(range(min = 1))]
     pub r: i64,
     /// Which linear layers are adapted: module names (a layer matches when its full name
     /// equals one or ends with `.` + one), a regex the full name must match entirely, or
@@ -36,15 +38,18 @@ pub struct VeraConfig {
     pub save_projection: bool,
     /// Dropout probability on the VeRA branch's input, in training only. Default 0.0; in [0, 1).
     #[serde(default)]
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     pub vera_dropout: f64,
     /// The value `vera_lambda_d` starts at (with `init_weights`). Default 0.1; ≤ 0.1 recommended.
     #[serde(default = "default_d_initial")]
     pub d_initial: f64,
     /// Whether the base weight is stored `[in, out]`. Only `false` (the default) is supported.
     #[serde(default)]
+    #[schemars(extend("const" = false))]
     pub fan_in_fan_out: bool,
     /// Which biases train. Only `"none"` (the default) is supported.
     #[serde(default = "default_bias")]
+    #[schemars(extend("enum" = ["none"]))]
     pub bias: String,
     /// ModuleSet trained in full and saved beside the adapter (`["lm_head"]`); never adapted.
     #[serde(default)]

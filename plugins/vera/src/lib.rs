@@ -44,6 +44,9 @@ impl Plugin for Vera {
         let shared = Arc::new(Projections::new(&cfg));
         Ok(Self { cfg, shared })
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<VeraConfig>())
+    }
 }
 
 impl AdapterMethod for Vera {
@@ -93,3 +96,20 @@ impl AdapterMethod for Vera {
 }
 
 export_plugin!(adapter: Vera);
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = assert_schema_matches::<Vera>(json!({}));
+        let p = &s["properties"];
+        assert_eq!((&p["r"]["default"], &p["r"]["minimum"]), (&json!(256), &json!(1)));
+        assert_eq!(p["d_initial"]["default"], json!(0.1));
+        let e = Vera::from_config(r#"{"r": 0}"#).err().unwrap().to_string();
+        assert!(e.contains("`r`"), "{e}");
+    }
+}
