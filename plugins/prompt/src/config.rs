@@ -10,6 +10,7 @@
 //! {"num_virtual_tokens": 8, "encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 32}
 //! ```
 use ferrotune_plugin_api::{ModelInfo, PluginError, PluginResult};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -42,24 +43,29 @@ pub struct Dims {
 macro_rules! prompt_config {
     ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty,)* }) => {
         $(#[$m])*
-        #[derive(Deserialize, Debug, Clone)]
+        #[derive(Deserialize, JsonSchema, Debug, Clone)]
         #[serde(deny_unknown_fields)]
         pub struct $name {
             /// Positions the adapter puts before the input (required, ≥ 1; the host bounds it
             /// by the model's `max_position_embeddings`).
+            #[schemars(required, range(min = 1))]
             pub num_virtual_tokens: Option<i64>,
             /// The model's width peft recorded (`hidden_size`; prefix tuning:
             /// `num_key_value_heads · head_dim`): accepted when it agrees with the model.
             #[serde(default)]
+            #[schemars(range(min = 1))]
             pub token_dim: Option<i64>,
             /// 1 for a decoder-only model (accepted only at 1).
             #[serde(default)]
+            #[schemars(range(min = 1, max = 1))]
             pub num_transformer_submodules: Option<i64>,
             /// The model's attention heads peft recorded (prefix tuning: key/value heads).
             #[serde(default)]
+            #[schemars(range(min = 1))]
             pub num_attention_heads: Option<i64>,
             /// The model's decoder layers peft recorded.
             #[serde(default)]
+            #[schemars(range(min = 1))]
             pub num_layers: Option<i64>,
             /// Not supported for prompt-learning methods (null or empty only).
             #[serde(default)]
@@ -121,6 +127,7 @@ prompt_config! {
         /// `TEXT` (the embeddings of `prompt_tuning_init_text`'s tokens, repeated or cut to
         /// `num_virtual_tokens`) or `SAMPLE_VOCAB` (the embeddings of uniformly drawn token ids).
         #[serde(default = "default_init")]
+        #[schemars(extend("enum" = ["RANDOM", "TEXT", "SAMPLE_VOCAB"]))]
         prompt_tuning_init: String,
         /// The text of `TEXT` (required with it).
         #[serde(default)]
@@ -143,15 +150,19 @@ prompt_config! {
         /// `MLP` (default; three linear layers with ReLU) or `LSTM` (a bidirectional LSTM of
         /// `encoder_num_layers` layers, then two linear layers with ReLU).
         #[serde(default = "default_encoder_type")]
+        #[schemars(extend("enum" = ["MLP", "LSTM"]))]
         encoder_reparameterization_type: String,
         /// The encoder's width (default: the model's hidden size).
         #[serde(default)]
+        #[schemars(range(min = 1, max = 65536))]
         encoder_hidden_size: Option<i64>,
         /// The LSTM's layers (default 2; peft ignores it for `MLP`, which has 3 linear layers).
         #[serde(default = "default_encoder_layers")]
+        #[schemars(range(min = 1, max = 64))]
         encoder_num_layers: i64,
         /// Dropout between the LSTM's layers while training (default 0.0; unused by `MLP`).
         #[serde(default)]
+        #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
         encoder_dropout: f64,
     }
 }
@@ -166,10 +177,12 @@ prompt_config! {
         prefix_projection: bool,
         /// The projection's width (default: `token_dim`).
         #[serde(default)]
+        #[schemars(range(min = 1, max = 65536))]
         encoder_hidden_size: Option<i64>,
         /// `"zero"`: the prefix starts at zeros (the table, or the projection's last layer);
         /// default null: random.
         #[serde(default)]
+        #[schemars(extend("enum" = ["zero", null]))]
         init_weights: Option<String>,
     }
 }

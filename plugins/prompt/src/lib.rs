@@ -144,6 +144,9 @@ impl Plugin for PromptTuning {
         let (cfg, common, init) = PromptTuningConfig::from_json(config_json)?;
         Ok(Self { cfg, init, core: Core::new(common, PromptKind::VirtualTokens, "prompt tuning") })
     }
+    fn config_schema() -> Option<Value> {
+        Some(schema_of::<PromptTuningConfig>())
+    }
 }
 
 /// The token ids of `text` (the folder's `tokenizer.json`, special tokens added as
@@ -232,6 +235,9 @@ impl Plugin for PTuning {
             core: Core::new(common, PromptKind::VirtualTokens, "P-tuning"),
         })
     }
+    fn config_schema() -> Option<Value> {
+        Some(schema_of::<PTuningConfig>())
+    }
 }
 
 impl AdapterMethod for PTuning {
@@ -279,6 +285,9 @@ impl Plugin for PrefixTuning {
         let (cfg, common) = PrefixTuningConfig::from_json(config_json)?;
         Ok(Self { cfg, core: Core::new(common, PromptKind::KvPrefix, "prefix tuning") })
     }
+    fn config_schema() -> Option<Value> {
+        Some(schema_of::<PrefixTuningConfig>())
+    }
 }
 
 impl AdapterMethod for PrefixTuning {
@@ -311,3 +320,25 @@ impl AdapterMethod for PrefixTuning {
 }
 
 export_plugin!(adapter: PromptTuning, adapter: PTuning, adapter: PrefixTuning);
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schemas_match_the_parsers() {
+        let required = json!({"num_virtual_tokens": 4});
+        let s = assert_schema_matches::<PromptTuning>(required.clone());
+        assert_eq!(s["required"], json!(["num_virtual_tokens"]));
+        assert_eq!(s["properties"]["prompt_tuning_init"]["default"], "RANDOM");
+        let s = assert_schema_matches::<PTuning>(required.clone());
+        assert_eq!(s["properties"]["encoder_num_layers"]["default"], 2);
+        assert_eq!(s["properties"]["encoder_num_layers"]["maximum"], 64);
+        assert_eq!(s["required"], json!(["num_virtual_tokens"]));
+        assert_schema_matches::<PrefixTuning>(required);
+        let e = PTuning::from_config("{}").err().unwrap().to_string();
+        assert!(e.contains("num_virtual_tokens"), "{e}");
+    }
+}
