@@ -28,7 +28,7 @@ mod dequant_linear;
 use dequant_linear::Dequantize;
 
 /// `compute_dtype`: the dtype the weight is dequantized to and the matmul runs in.
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
     #[serde(alias = "f32", alias = "fp32")]
@@ -80,7 +80,7 @@ fn bytes(t: &Tensor) -> u64 {
 // ---------------------------------------------------------------- nf4
 
 /// Configuration of `nf4`.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, JsonSchema, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct Nf4 {
     /// Quantize the absmax constants too (QLoRA's double quantization). Default true.
@@ -88,6 +88,7 @@ pub struct Nf4 {
     double_quant: bool,
     /// Values per absmax constant. Default 64 (QLoRA); a power of two in 32…4096.
     #[serde(default = "default_blocksize")]
+    #[schemars(range(min = 32, max = 4096), extend("enum" = [32, 64, 128, 256, 512, 1024, 2048, 4096]))]
     blocksize: i64,
     /// Dtype of the dequantized weight and the matmul; default: the input's.
     #[serde(default)]
@@ -116,6 +117,9 @@ impl Plugin for Nf4 {
             ));
         }
         Ok(cfg)
+    }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<Self>())
     }
 }
 
@@ -186,7 +190,7 @@ impl QuantizedWeight for Nf4Weight {
 // ---------------------------------------------------------------- int8
 
 /// Configuration of `int8`.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, JsonSchema, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct Int8 {
     /// Dtype of the dequantized weight and the matmul; default: the input's.
@@ -201,6 +205,9 @@ impl Plugin for Int8 {
         "int8 weights with one absmax per row (bitsandbytes' vector-wise quantization)";
     fn from_config(config_json: &str) -> PluginResult<Self> {
         parse_config(config_json)
+    }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<Self>())
     }
 }
 
@@ -334,5 +341,23 @@ mod tests {
         let excess = (err - step * 0.5 - 1e-6).max().double_value(&[]);
         assert!(excess <= 0.0, "{excess}");
         assert_eq!(q.storage_bytes().unwrap(), 32 * 100 + 32 * 4);
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schemas_match_the_parsers() {
+        let s = assert_schema_matches::<Nf4>(json!({}));
+        assert_eq!(s["properties"]["blocksize"]["default"], 64);
+        assert_eq!(s["properties"]["double_quant"]["default"], true);
+        let e = Nf4::from_config(r#"{"blocksize": 48}"#).err().unwrap().to_string();
+        assert!(e.contains("blocksize"), "{e}");
+        assert_schema_matches::<Int8>(json!({}));
+        assert!(Int8::from_config(r#"{"compute_dtype": "bf16"}"#).is_ok());
     }
 }
