@@ -6,10 +6,11 @@
 //! `normalize: false`). When both parse as numbers they are compared as numbers.
 use ferrotune_plugin_api::prelude::*;
 use regex::Regex;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// Configuration (`rewards: [{plugin: exact_match, ...}]`).
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ExactMatchConfig {
     /// Key of the reference answer in the sample's `extra` (the data set's answer column).
@@ -19,6 +20,7 @@ pub struct ExactMatchConfig {
     /// `answer_tag` (default: the last `<answer>…</answer>`), `boxed` (the last `\boxed{…}`),
     /// `regex` (group 1 of the last match of `extract_pattern`) or `whole`.
     #[serde(default = "default_extract")]
+    #[schemars(extend("enum" = ["answer_tag", "boxed", "regex", "whole"]))]
     pub extract: String,
     /// For `extract: regex`.
     #[serde(default)]
@@ -56,6 +58,9 @@ impl Plugin for ExactMatch {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "reward 1 when the completion's answer equals the sample's reference answer";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<ExactMatchConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: ExactMatchConfig = parse_config(config_json)?;
         let extract = match cfg.extract.as_str() {
@@ -252,5 +257,20 @@ mod tests {
             .unwrap()
             .message()
             .contains("`extract`"));
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = assert_schema_matches::<ExactMatch>(json!({}));
+        assert_eq!(s["properties"]["answer_key"]["default"], "answer");
+        assert_eq!(s["properties"]["extract"]["default"], "answer_tag");
+        assert!(ExactMatch::from_config(r#"{"extract": "first"}"#).is_err());
     }
 }

@@ -4,10 +4,11 @@
 //! checks passed.
 use ferrotune_plugin_api::prelude::*;
 use regex::Regex;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// Configuration (`rewards: [{plugin: format, ...}]`).
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct FormatConfig {
     /// Regular expression (Rust `regex` syntax) the completion must match. `.` also matches
@@ -42,6 +43,9 @@ impl Plugin for Format {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "reward 1 when the completion matches a regex and holds the required tag pairs";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<FormatConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: FormatConfig = parse_config(config_json)?;
         if cfg.pattern.is_none() && cfg.required_tags.is_empty() {
@@ -142,5 +146,23 @@ mod tests {
             .unwrap()
             .message()
             .contains("unknown field"));
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = assert_schema_matches::<Format>(json!({"required_tags": ["answer"]}));
+        assert_eq!(
+            (&s["properties"]["full_match"]["default"], &s["required"]),
+            (&json!(true), &json!([]))
+        );
+        // Neither check given: the defaults alone are refused, naming `pattern`.
+        assert!(Format::from_config("{}").err().unwrap().to_string().contains("pattern"));
     }
 }

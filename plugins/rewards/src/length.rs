@@ -5,28 +5,36 @@
 //!   0 up to `max_length − soft_cache`, then falling linearly to −1 at `max_length`, and −1
 //!   beyond; in [−1, 0].
 use ferrotune_plugin_api::prelude::*;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// Configuration (`rewards: [{plugin: length, ...}]`).
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, JsonSchema, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LengthConfig {
     /// `target` or `penalty`.
+    #[schemars(extend("enum" = ["target", "penalty"]))]
     pub mode: String,
     /// `words` (default) or `chars` (Unicode scalar values).
     #[serde(default = "default_unit")]
+    #[schemars(extend("enum" = ["words", "chars"]))]
     pub unit: String,
-    /// `target` mode: the preferred length.
+    /// `target` mode: the preferred length (required there).
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub target: Option<f64>,
     /// `target` mode: how far from the target the score reaches 0. Default = `target`.
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub tolerance: Option<f64>,
-    /// `penalty` mode: the length from which the score is −1.
+    /// `penalty` mode: the length from which the score is −1 (required there).
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub max_length: Option<f64>,
-    /// `penalty` mode: the width of the linear ramp before `max_length`. Default 0 (a step).
+    /// `penalty` mode: the width of the linear ramp before `max_length`, at most
+    /// `max_length`. Default 0 (a step).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub soft_cache: f64,
 }
 
@@ -50,6 +58,9 @@ impl Plugin for Length {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "reward for closeness to a target length, or DAPO's soft overlong penalty";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<LengthConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: LengthConfig = parse_config(config_json)?;
         let words = match cfg.unit.as_str() {
@@ -68,6 +79,24 @@ impl Plugin for Length {
                 None => Err(PluginError::config(key, format!("required in `{}` mode", cfg.mode))),
             }
         };
+        // A length given for the other mode is checked all the same: a typo there is a
+        // mistake the run would otherwise hide.
+        for (key, v) in
+            [("target", cfg.target), ("tolerance", cfg.tolerance), ("max_length", cfg.max_length)]
+        {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(PluginError::config(
+                    key,
+                    format!("must be a positive number, got {v}"),
+                ));
+            }
+        }
+        if !(cfg.soft_cache.is_finite() && cfg.soft_cache >= 0.0) {
+            return Err(PluginError::config(
+                "soft_cache",
+                format!("must be a non-negative number, got {}", cfg.soft_cache),
+            ));
+        }
         let mode = match cfg.mode.as_str() {
             "target" => {
                 let target = positive("target", cfg.target)?;
@@ -176,5 +205,21 @@ mod tests {
             .unwrap()
             .message()
             .contains("`unit`"));
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = assert_schema_matches::<Length>(json!({"mode": "target", "target": 20}));
+        assert_eq!(s["required"], json!(["mode"]));
+        assert_schema_matches::<Length>(json!({"mode": "penalty", "max_length": 100}));
+        let e = Length::from_config(r#"{"mode": "target", "target": 5, "max_length": -1}"#);
+        assert!(e.err().unwrap().to_string().contains("max_length"));
     }
 }

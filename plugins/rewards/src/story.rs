@@ -20,11 +20,12 @@
 //!   one id across frames, with no id shared by two names (0 when there are no character rows).
 use ferrotune_plugin_api::prelude::*;
 use regex::Regex;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Configuration (`rewards: [{plugin: story_grounding, ...}]`).
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Deserialize, JsonSchema, Debug, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct StoryGroundingConfig {
     /// 1 only when every check passes fully, else 0. Default false (the mean of the checks).
@@ -43,6 +44,9 @@ impl Plugin for StoryGrounding {
     const NAME: &'static str = "story_grounding";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "reward for StoryReasoning grounding: well-formed gdi/gdo/gda/gdl tags, ids declared and consistent";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<StoryGroundingConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: StoryGroundingConfig = parse_config(config_json)?;
         let re = |p: &str| {
@@ -272,5 +276,18 @@ mod tests {
             .collect();
         assert_eq!(s.score(&inputs).unwrap(), vec![1.0, 0.0]);
         assert!(StoryGrounding::from_config(r#"{"strict": 1}"#).is_err());
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = assert_schema_matches::<StoryGrounding>(json!({}));
+        assert_eq!(s["properties"]["strict"]["default"], false);
     }
 }
