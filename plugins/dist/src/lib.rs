@@ -58,10 +58,11 @@ use ferrotune_plugin_api::optim::{
     AdamWState, StateSlot,
 };
 use ferrotune_plugin_api::prelude::*;
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// Where the optimizer state lives.
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Deserialize, Serialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Offload {
     /// On the parameters' device (default).
@@ -72,11 +73,12 @@ pub enum Offload {
 }
 
 /// `memory: {plugin: ddp, ...}`.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 struct DdpConfig {
     /// Largest gradient bucket of one all-reduce, in MiB. Default 25 (torch DDP's); > 0.
     #[serde(default = "default_bucket_mb")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     bucket_mb: f64,
     /// `cpu`: keep the optimizer state in CPU memory. Default none.
     #[serde(default)]
@@ -84,16 +86,18 @@ struct DdpConfig {
 }
 
 /// `memory: {plugin: zero, stage: 2, ...}`.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, JsonSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 struct ZeroConfig {
     /// 1: shard optimizer state; 2: also gradients; 3: also the frozen base weights and,
     /// when the host partitions them, trainable ones (the host shards them, see the crate
     /// docs). Default 1.
     #[serde(default = "default_stage")]
+    #[schemars(range(min = 1, max = 3))]
     stage: u8,
     /// Largest gradient bucket of one all-reduce (stage 1), in MiB. Default 25; > 0.
     #[serde(default = "default_bucket_mb")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     bucket_mb: f64,
     /// `cpu`: keep the optimizer state in CPU memory. Default none.
     #[serde(default)]
@@ -698,6 +702,9 @@ impl Plugin for Ddp {
         };
         Ok(Self(Sharded::new(Self::NAME, Mode::Ddp, c.bucket_mb, c.offload_optimizer)?, caps))
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<DdpConfig>())
+    }
 }
 
 impl Plugin for Zero {
@@ -733,6 +740,9 @@ impl Plugin for Zero {
             Sharded::new(Self::NAME, Mode::Zero(c.stage), c.bucket_mb, c.offload_optimizer)?,
             caps,
         ))
+    }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<ZeroConfig>())
     }
 }
 
@@ -1256,5 +1266,22 @@ mod tests {
         let d = Ddp::from_config(r#"{"offload_optimizer": "cpu"}"#).unwrap();
         assert_eq!(d.capabilities(), ["offload_optimizer_cpu"]);
         assert!(Ddp::from_config("{}").unwrap().capabilities().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schemas_match_the_parsers() {
+        let s = assert_schema_matches::<Ddp>(json!({}));
+        assert_eq!(s["properties"]["bucket_mb"]["default"], 25.0);
+        let s = assert_schema_matches::<Zero>(json!({}));
+        assert_eq!(s["properties"]["stage"]["default"], 1);
+        assert_eq!(s["properties"]["offload_param"]["default"], "none");
+        assert_schema_matches::<Zero>(json!({"stage": 3, "offload_param": "cpu"}));
     }
 }

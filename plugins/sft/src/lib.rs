@@ -17,15 +17,17 @@
 //! label tokens whose argmax prediction is right).
 use ferrotune_plugin_api::prelude::*;
 use ferrotune_plugin_api::{next_token_targets, target_logps};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// Configuration (`objective: {plugin: sft, ...}`).
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, JsonSchema, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
     /// Label smoothing ε as in `torch.nn.functional.cross_entropy`: the target distribution
     /// is `(1 − ε)·onehot + ε/V`. Default 0.0; typical 0.0–0.1; must lie in [0, 1].
     #[serde(default)]
+    #[schemars(range(min = 0, max = 1))]
     pub label_smoothing: f64,
     /// Label value that marks a position without a target (prompt, padding). Default −100,
     /// the value transformers' collators write.
@@ -65,6 +67,9 @@ impl Plugin for Sft {
             ));
         }
         Ok(Self { cfg })
+    }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<SftConfig>())
     }
 }
 
@@ -379,5 +384,22 @@ mod tests {
         assert_eq!(out.loss.double_value(&[]), 0.0);
         out.loss.backward();
         assert_eq!(logits.grad().abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = assert_schema_matches::<Sft>(json!({}));
+        let p = &s["properties"];
+        assert_eq!(
+            (&p["ignore_index"]["default"], &p["label_smoothing"]["maximum"]),
+            (&json!(-100), &json!(1))
+        );
     }
 }

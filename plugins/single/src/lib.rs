@@ -28,6 +28,7 @@
 //! State dict: `step` (int64 scalar), `<param>.exp_avg`, `<param>.exp_avg_sq`, with
 //! amsgrad `<param>.max_exp_avg_sq`, and for a bf16/f16 parameter `<param>.master`.
 use ferrotune_plugin_api::prelude::*;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 pub use ferrotune_plugin_api::optim::AdamWConfig;
@@ -40,6 +41,11 @@ struct Slot {
     param: TrainParam,
     state: AdamWState,
 }
+
+/// `single` takes no keys (the optimizer is configured by the run's `optimizer:` section).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct NoOptions {}
 
 pub struct Single {
     cfg: AdamWConfig,
@@ -55,11 +61,11 @@ impl Plugin for Single {
     const DESCRIPTION: &'static str =
         "one device: torch-exact AdamW (amsgrad, LoRA+ lr scales) with global-norm clipping";
     fn from_config(config_json: &str) -> PluginResult<Self> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct NoOptions {}
         let _: NoOptions = parse_config(config_json)?;
         Ok(Self { cfg: AdamWConfig::parse("{}")?, slots: Vec::new(), step: 0, ready: false })
+    }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<NoOptions>())
     }
 }
 
@@ -486,5 +492,18 @@ mod tests {
             e.message().contains("`a.max_exp_avg_sq`") && e.message().contains("`amsgrad` is off"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schema_matches_the_parser() {
+        let s = assert_schema_matches::<Single>(json!({}));
+        assert_eq!((&s["properties"], &s["additionalProperties"]), (&json!({}), &json!(false)));
     }
 }
