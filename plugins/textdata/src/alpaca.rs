@@ -7,14 +7,15 @@
 //! `rejected` are the two candidate responses (strings) instead of `output`. A boolean
 //! `kto_tag` becomes [`Sample::label`].
 use ferrotune_plugin_api::{Message, PluginError, PluginResult, Sample};
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::columns::{check_pair_columns, pair_and_label, with_messages};
 use crate::source::{column, kind_of, str_column};
 
 /// `{"columns": {…}, "ranking": false, "skip_bad_rows": false}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AlpacaConfig {
     /// Which row keys hold what (LLaMA-Factory's `dataset_info.json` `columns`).
@@ -29,7 +30,7 @@ pub struct AlpacaConfig {
 }
 
 /// Column names; `null` turns an optional column off.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlpacaColumns {
     /// The instruction. Default `instruction`.

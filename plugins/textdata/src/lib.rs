@@ -43,6 +43,9 @@ impl Plugin for Alpaca {
         cfg.validate()?;
         Ok(Self(cfg, media_dir))
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(source::schema_with_media_dir::<AlpacaConfig>())
+    }
 }
 
 impl DatasetFormat for Alpaca {
@@ -68,6 +71,9 @@ impl Plugin for Sharegpt {
         cfg.validate()?;
         Ok(Self(cfg, media_dir))
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(source::schema_with_media_dir::<SharegptConfig>())
+    }
 }
 
 impl DatasetFormat for Sharegpt {
@@ -81,3 +87,25 @@ impl DatasetFormat for Sharegpt {
 }
 
 export_plugin!(dataset: Alpaca, dataset: Sharegpt);
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schemas_match_the_parsers() {
+        let s = assert_schema_matches::<Alpaca>(json!({}));
+        assert_eq!(s["properties"]["columns"]["default"]["prompt"], "instruction");
+        assert!(s["properties"]["media_dir"].is_object());
+        let s = assert_schema_matches::<Sharegpt>(json!({}));
+        assert_eq!(s["properties"]["tags"]["default"]["role_tag"], "from");
+        assert_eq!(s["properties"]["columns"]["default"]["messages"], "conversations");
+        // The nested defaults are what the parser takes, key for key.
+        assert!(Sharegpt::from_config(
+            &json!({"tags": s["properties"]["tags"]["default"]}).to_string()
+        )
+        .is_ok());
+    }
+}

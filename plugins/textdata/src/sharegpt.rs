@@ -12,14 +12,15 @@
 //! JSON text is checked and kept as text (so the schemas keep their key order), a JSON
 //! value as it is.
 use ferrotune_plugin_api::{Message, PluginError, PluginResult, Sample, FUNCTION_CALL_ROLE};
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::columns::{check_pair_columns, pair_and_label, with_messages};
 use crate::source::{column, kind_of, str_column};
 
 /// `{"columns": {…}, "tags": {…}, "ranking": false, "skip_bad_rows": false}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SharegptConfig {
     /// Which row keys hold what (LLaMA-Factory's `dataset_info.json` `columns`).
@@ -38,7 +39,7 @@ pub struct SharegptConfig {
 }
 
 /// Column names; `null` turns an optional column off.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SharegptColumns {
     /// The list of turns. Default `conversations`.
@@ -77,7 +78,7 @@ impl Default for SharegptColumns {
 
 /// Keys and role names of a turn. For OpenAI-style rows use `role`, `content`, `user`,
 /// `assistant`, `tool`, `function_call`… as LLaMA-Factory does.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SharegptTags {
     /// Default `from`.

@@ -193,6 +193,17 @@ pub fn media_dir(config_json: &str) -> PluginResult<(String, Option<std::path::P
     Ok((v.to_string(), dir))
 }
 
+/// `T`'s schema with the shared `media_dir` key that [`media_dir`] takes out.
+pub fn schema_with_media_dir<T: ferrotune_plugin_api::JsonSchema>() -> Value {
+    let mut schema = ferrotune_plugin_api::schema_of::<T>();
+    schema["properties"]["media_dir"] = serde_json::json!({
+        "type": ["string", "null"],
+        "default": null,
+        "description": "Folder that relative image and video paths are joined to (default: the data file's folder)."
+    });
+    schema
+}
+
 /// An images column: one path or a list of paths, as written (`load` joins relative paths to
 /// the data file's folder). Checked against the `<image>` placeholders of the
 /// turns: one placeholder per image, as LLaMA-Factory requires.
