@@ -32,6 +32,9 @@ impl Plugin for Llava {
         cfg.validate()?;
         Ok(Self(cfg))
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<LlavaConfig>())
+    }
 }
 
 impl DatasetFormat for Llava {
@@ -52,6 +55,9 @@ impl Plugin for StoryReasoning {
         cfg.validate()?;
         Ok(Self(cfg))
     }
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<StoryReasoningConfig>())
+    }
 }
 
 impl DatasetFormat for StoryReasoning {
@@ -61,3 +67,19 @@ impl DatasetFormat for StoryReasoning {
 }
 
 export_plugin!(dataset: Llava, dataset: StoryReasoning);
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schemas_match_the_parsers() {
+        let s = assert_schema_matches::<Llava>(json!({}));
+        assert_eq!(s["properties"]["columns"]["default"]["conversations"], "conversations");
+        assert_eq!(s["properties"]["strip_image_newlines"]["default"], true);
+        let s = assert_schema_matches::<StoryReasoning>(json!({}));
+        assert_eq!(s["properties"]["max_images"]["minimum"], 1);
+    }
+}

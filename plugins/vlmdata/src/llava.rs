@@ -29,12 +29,13 @@ use ferrotune_plugin_api::{
     DataSource, ImageSource, Message, PluginError, PluginResult, Sample, SampleReader,
     IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER,
 };
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// `{"image_folder": …, "columns": {…}, "strip_image_newlines": true, "image_min_pixels": …,
 /// "image_max_pixels": …}`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlavaConfig {
     /// Folder that relative image paths are joined to (Qwen2-VL-Finetune's `--image_folder`);
@@ -66,7 +67,7 @@ fn default_true() -> bool {
 }
 
 /// Row key names (Qwen2-VL-Finetune's, by default).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LlavaColumns {
     /// Default `id`.

@@ -32,6 +32,7 @@ use ferrotune_plugin_api::{
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, Row};
 use parquet::schema::types::Type;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// The columns of the Hugging Face layout, in the order they are projected.
@@ -47,12 +48,13 @@ Use <think></think> tags to show your reasoning process before writing the final
 pub const DEFAULT_USER_PROMPT: &str = "Create a story based on these images.";
 
 /// `{"max_images": 8, "min_pixels": …, "max_pixels": …, "system_prompt": …, "user_prompt": …}`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StoryReasoningConfig {
     /// Keep the first N frames of a story, and only their sections of the chain of thought and
     /// the story (the authors' `max_images`). Default: every frame.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_images: Option<usize>,
     /// Smallest image area in pixels for the host's image processor (`extra.image_min_pixels`).
     /// Default: the processor's own (Qwen2-VL: 3136).
