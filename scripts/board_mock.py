@@ -228,8 +228,10 @@ HOST_SCHEMA = {
         "on_bad_sample": {"enum": ["stop", "skip"], "default": "stop"},
         "image_max_pixels": {"type": ["integer", "null"], "minimum": 1}}},
     "top": {"type": "object", "properties": {
-        "seed": {"type": "integer", "default": 42, "minimum": 0},
-        "template": {"type": ["string", "null"], "description": "chat template name (default: the tokenizer's)"}}},
+        "device": {"type": "string", "default": "cpu", "description": "cpu, cuda or cuda:N", "examples": ["cpu", "cuda"]},
+        "dtype": {"type": "string", "default": "f32", "enum": ["f32", "bf16"], "description": "compute dtype of the frozen base"},
+        "seed": {"type": "integer", "default": 42, "minimum": 0, "description": "seed of init, shuffling and dropout"},
+        "finetuning": {"type": "string", "default": "adapter", "enum": ["adapter", "full", "freeze"], "description": "what trains"}}},
 }
 
 DATASETS = {
@@ -284,13 +286,11 @@ def draft_yaml(body):
     sec = body.get("sections") or {}
     out = [f"# drafted by ferrotune board (mock) for run {name}", f"model: {body.get('model')}", f"output_dir: {RUNS_DIR}/{name}",
            f"device: {body.get('device', 'cpu')}", f"dtype: {body.get('dtype', 'f32')}"]
-    for k, v in (sec.get("top") or {}).items():
-        out.append(f"{k}: {yaml_scalar(v)}")
-    if body.get("finetuning") and body.get("finetuning") != "lora":
+    if body.get("finetuning") and body.get("finetuning") != "adapter":
         out.append(f"finetuning: {body['finetuning']}")
     for s in ["adapter", "objective", "memory", "data", "optimizer", "scheduler", "training"]:
         v = sec.get(s)
-        if not v:
+        if not v or (s == "adapter" and body.get("finetuning") in ("full", "freeze")):
             continue
         out.append("")
         out.append(f"{s}:")
@@ -309,17 +309,27 @@ def draft_yaml(body):
 def fake_preview(n):
     samples = []
     for i in range(n):
-        images = [{"url": f"/api/file?path={DATA_DIR}/storyreasoning-sample/images/{i}_{j}.png", "width": 224 - 32 * j, "height": 160, "tokens": 48 - 8 * j} for j in range(2)] if i % 2 == 0 else []
-        videos = [{"frames": [{"url": f"/api/file?path={DATA_DIR}/clips/{i}_f{k}.png", "width": 112, "height": 84} for k in range(6)], "tokens": 96}] if i == 1 else []
+        # The real board sends thumbnails as data URLs; /api/file URLs are allowed too: both here.
+        images = [{"url": f"/api/file?path={DATA_DIR}/storyreasoning-sample/images/{i}_{j}.png" if j == 0 else data_url(png(224 - 32 * j, 160, i + j)),
+                   "error": None, "width": 224 - 32 * j, "height": 160, "resized": [224 - 32 * j, 160] if j == 0 else [168, 112], "tokens": 48 - 8 * j,
+                   "source": f"{DATA_DIR}/storyreasoning-sample/images/{i}_{j}.png"} for j in range(2)] if i % 2 == 0 else []
+        videos = [{"frames": [{"url": data_url(png(112, 84, i + k)), "width": 112, "height": 84} for k in range(6)], "error": None,
+                   "width": 640, "height": 480, "frames_kept": 6, "frames_total": 150, "fps": 2.0, "tokens": 96,
+                   "describe": "6 of 150 frames at 2 fps"}] if i == 1 else []
         prompt = f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         if images:
             prompt += "<|vision_start|><|image_pad|>×48<|vision_end|><|vision_start|><|image_pad|>×40<|vision_end|>"
         prompt += f"Tell story number {i} about these pictures.\n   (indented line kept)<|im_end|>\n<|im_start|>assistant\n"
         answer = f"Once upon a time, in picture {i}, a fox met a heron.\nThey shared a meal.<|im_end|>"
-        samples.append({"index": i * 7, "tokens": 120 + 88 * bool(images) + i, "labelled_tokens": 24 + i,
+        samples.append({"index": i * 7, "tokens": 120 + 88 * bool(images) + i, "labelled_tokens": 24 + i, "truncated_from": 300 if i == 2 else None,
                         "segments": [{"text": prompt, "labelled": False}, {"text": answer, "labelled": True}, {"text": "\n", "labelled": False}],
                         "images": images, "videos": videos})
-    return {"total": 43, "samples": samples, "layout": "qwen2_vl: <|vision_start|><|image_pad|>×N<|vision_end|> per image"}
+    return {"total": 43, "samples": samples, "layout": "sft", "refused": [{"index": 5, "error": "row 5: no assistant turn: nothing to learn"}]}
+
+
+def data_url(data):
+    import base64
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -429,8 +439,8 @@ class Handler(BaseHTTPRequestHandler):
                         return self.error(409, f"run {name} is already running")
                     if run.state() == "failed":
                         return self.error(409, f"run {name} failed before its first checkpoint: nothing to resume from {RUNS_DIR}/{name}")
-                    run.done = run.steps_written()
-                    run.total = max(run.total, run.done + 20)
+                    run.done = (run.steps_written() // 20) * 20  # back to the last checkpoint, as the trainer does
+                    run.total = max(run.total, run.steps_written() + 20)
                     run.stopped_at = None
                     run.final_state = "running"
                     run.started = time.time()
@@ -465,6 +475,14 @@ class Handler(BaseHTTPRequestHandler):
 
         body = self.body()
         if p == "draft":
+            unknown = set(body) - {"name", "model", "device", "dtype", "finetuning", "sections"}
+            if unknown:
+                return self.error(400, f"unknown field `{sorted(unknown)[0]}`")
+            bad = set(body.get("sections") or {}) - {"adapter", "quantization", "objective", "memory", "optimizer", "scheduler", "data", "training", "vision", "rewards"}
+            if bad:
+                return self.error(400, f"sections.{sorted(bad)[0]}: not a section of a run config")
+            if body.get("finetuning") not in (None, "", "adapter", "full", "freeze"):
+                return self.error(400, f"finetuning: unknown variant `{body['finetuning']}`, expected one of `adapter`, `full`, `freeze`")
             if not body.get("name"):
                 return self.error(400, "name: missing")
             if not body.get("model"):
@@ -519,7 +537,7 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(0.6)
             CHAT["base"] = m["name"]
             ADAPTERS.clear()
-            return self.send(200, {"base": m["name"], "vision": m["vision"]})
+            return self.send(200, {"base": m["name"], "vision": m["vision"], "adapters": []})
         if p == "serve/v1/adapters":
             name, path = body.get("name"), body.get("path") or ""
             if not path.startswith(RUNS_DIR + "/"):
@@ -561,6 +579,9 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 state = run.state()
                 items = run.lines() if kind == "metrics" else run.log_chunks()
+            if len(items) < sent:  # the file shrank (a resumed run): start over
+                self.sse("reset", {})
+                sent = 0
             if last_state is None:
                 self.sse("state", {"state": state})  # the state on connect, before the lines
             for item in items[sent:]:
@@ -572,6 +593,8 @@ class Handler(BaseHTTPRequestHandler):
             if last_state is not None and state != last_state:
                 self.sse("state", {"state": state})  # a change, after the lines that led to it
             last_state = state
+            if self.server.close_streams and state != "running":
+                return  # --close-streams: end like a server that closes finished streams
             time.sleep(TICK / 3)
             idle += 1
             if idle % 45 == 0:
@@ -584,10 +607,13 @@ def main():
     ap.add_argument("--port", type=int, default=7861)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--token", default="t")
+    ap.add_argument("--close-streams", action="store_true",
+                    help="end each SSE stream once its run is not running (the page must reconnect without duplicates)")
     a = ap.parse_args()
     srv = ThreadingHTTPServer((a.host, a.port), Handler)
     srv.daemon_threads = True
     srv.token = a.token
+    srv.close_streams = a.close_streams
     print(f"board mock: open http://{a.host}:{a.port}/?token={a.token}", flush=True)
     try:
         srv.serve_forever()

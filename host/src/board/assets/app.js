@@ -408,27 +408,48 @@ function nextColor() {
 function addSeries(name, main = false) {
   const view = runView;
   const es = new EventSource(withToken('/api/runs/' + encodeURIComponent(name) + '/metrics'));
-  const src = { es, color: nextColor(), lines: [], main };
+  // raw: the lines as received (to recognise a replay); replay: the index being compared
+  // while a reconnection replays the file, or -1.
+  const src = { es, color: nextColor(), lines: [], raw: [], replay: -1, main };
   view.sources.set(name, src);
-  // The stream replays metrics.jsonl from its start on every (re)connection.
+  // Every (re)connection replays metrics.jsonl from its start: lines equal to those already
+  // drawn are skipped, the first different one cuts the rest (a resumed run rewrote the file),
+  // so a reconnection neither duplicates nor blinks.
   es.addEventListener('open', () => {
+    src.replay = src.raw.length ? 0 : -1;
+  });
+  es.addEventListener('reset', () => {
     src.lines = [];
+    src.raw = [];
+    src.replay = -1;
     scheduleRedraw();
   });
   es.addEventListener('metric', (ev) => {
+    if (src.replay >= 0) {
+      if (src.replay < src.raw.length && src.raw[src.replay] === ev.data) {
+        src.replay += 1;
+        if (src.replay === src.raw.length) src.replay = -1;
+        return;
+      }
+      src.raw.length = src.replay;
+      src.lines.length = src.replay;
+      src.replay = -1;
+    }
+    let line;
     try {
-      src.lines.push(JSON.parse(ev.data));
+      line = JSON.parse(ev.data);
     } catch (e) {
       showError($('#run-error'), `metrics of ${name}: a line that is not JSON: ${ev.data.slice(0, 120)}`);
       return;
     }
+    src.raw.push(ev.data);
+    src.lines.push(line);
     scheduleRedraw();
   });
   if (main) {
     es.addEventListener('state', (ev) => {
       try {
-        const st = JSON.parse(ev.data).state;
-        onRunState(st);
+        onRunState(JSON.parse(ev.data).state);
       } catch (_) {
         /* a malformed state event changes nothing */
       }
@@ -458,8 +479,22 @@ function openLog(name) {
   const pre = $('#run-log');
   const es = new EventSource(withToken('/api/runs/' + encodeURIComponent(name) + '/log'));
   runView.logEs = es;
-  es.addEventListener('open', () => {
+  // Like the metrics, the log replays train.log from its start on every (re)connection:
+  // what matches the text already shown is skipped; a difference starts the log over.
+  let shown = ''; // everything received (up to LOG_KEEP characters)
+  let replay = -1; // position in `shown` while a reconnection replays it, or -1
+  const LOG_KEEP = 4_000_000;
+  const clear = () => {
     pre.textContent = '';
+    shown = '';
+  };
+  es.addEventListener('open', () => {
+    if (shown.length >= LOG_KEEP) clear();
+    replay = shown.length ? 0 : -1;
+  });
+  es.addEventListener('reset', () => {
+    clear();
+    replay = -1;
   });
   es.addEventListener('log', (ev) => {
     let text;
@@ -469,6 +504,20 @@ function openLog(name) {
       text = ev.data;
     }
     if (typeof text !== 'string' || !text) return;
+    if (replay >= 0) {
+      const same = shown.slice(replay, replay + text.length);
+      if (text.startsWith(same) && same.length > 0) {
+        replay += same.length;
+        text = text.slice(same.length);
+        if (replay >= shown.length) replay = -1;
+        if (!text) return;
+      } else {
+        clear();
+        replay = -1;
+      }
+    }
+    shown += text;
+    if (shown.length > LOG_KEEP) shown = shown.slice(-LOG_KEEP);
     const atBottom = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 40;
     pre.append(document.createTextNode(text));
     if (pre.childNodes.length > 500) pre.normalize();
@@ -801,6 +850,8 @@ async function loadNewForm() {
     $('#run-name').value = `run-${d.getFullYear()}${p(d.getMonth() + 1)}${p(d.getDate())}-${p(d.getHours())}${p(d.getMinutes())}`;
   }
   fillModelSelect($('#model'), NEW.models);
+  fillChoice($('#device'), (NEW.hostSchema.top && NEW.hostSchema.top.properties || {}).device);
+  fillChoice($('#dtype'), (NEW.hostSchema.top && NEW.hostSchema.top.properties || {}).dtype);
   fillDataSources();
   fillPluginSelect('adapter', 'adapter', 'lora');
   fillPluginSelect('objective', 'objective', 'sft');
@@ -810,6 +861,20 @@ async function loadNewForm() {
     renderSchema($(`.host-fields[data-section="${section}"]`), section, NEW.hostSchema[section] || null, HOST_SKIP[section]);
   }
   onDataSource();
+}
+
+/** Options of a fixed select (device, dtype) from the host schema's enum/examples/default. */
+function fillChoice(select, prop) {
+  if (!prop) return;
+  const keep = select.value;
+  const values = [...(prop.enum || []), ...(prop.examples || [])];
+  if (typeof prop.default === 'string' && !values.includes(prop.default)) values.unshift(prop.default);
+  if (!values.length) return;
+  select.textContent = '';
+  for (const v of new Set(values)) select.append(el('option', { value: v, text: v }));
+  if (prop.description) select.title = prop.description;
+  select.value = values.includes(keep) && select.dataset.filled ? keep : prop.default ?? values[0];
+  select.dataset.filled = 'true';
 }
 
 function fillModelSelect(select, models) {
@@ -876,6 +941,7 @@ function onPluginChange(section) {
   const box = $(`.plugin-fields[data-section="${section}"]`);
   const desc = $(`.plugin-desc[data-section="${section}"]`);
   desc.textContent = plugin ? plugin.description || '' : select.value === '' && section === 'adapter' ? 'every weight trains' : select.value === '@freeze' ? 'only the layers training.freeze_* selects train' : '';
+  box.dataset.plugin = select.value;
   if (!plugin) {
     box.textContent = '';
     return;
@@ -887,6 +953,7 @@ function onDataSource() {
   const opt = $('#data-source').selectedOptions[0];
   const regBox = $('#registry-datasets');
   const pluginSelect = $('select[data-section="data"]');
+  NEW.appliedSource = $('#data-source').value;
   regBox.textContent = '';
   if (!opt || !opt.dataset.kind) {
     regBox.hidden = true;
@@ -894,7 +961,10 @@ function onDataSource() {
   }
   if (opt.dataset.kind === 'file') {
     regBox.hidden = true;
-    pluginSelect.disabled = false;
+    if (pluginSelect.disabled) {
+      pluginSelect.disabled = false;
+      onPluginChange('data');
+    }
     if (opt.dataset.plugin && $$('option', pluginSelect).some((o) => o.value === opt.dataset.plugin)) {
       pluginSelect.value = opt.dataset.plugin;
       onPluginChange('data');
@@ -904,6 +974,7 @@ function onDataSource() {
   // A registry data set: the plugin comes from dataset_info.json; more sets may be mixed in.
   pluginSelect.disabled = true;
   $('.plugin-fields[data-section="data"]').textContent = '';
+  $('.plugin-fields[data-section="data"]').dataset.plugin = '';
   $('.plugin-desc[data-section="data"]').textContent = 'set by dataset_info.json (formatting)';
   regBox.hidden = false;
   const reg = (NEW.datasets.registries || []).find((r) => r.dataset_dir === opt.dataset.dir);
@@ -917,6 +988,12 @@ function onDataSource() {
 
 /** The body of POST /api/draft from the form. Throws naming a bad input. */
 function draftBody() {
+  // Inputs set by a script (without a change event) still count.
+  if ($('#data-source').value !== NEW.appliedSource) onDataSource();
+  for (const section of ['adapter', 'objective', 'memory', 'data']) {
+    const sel = $(`select[data-section="${section}"]`);
+    if (!sel.disabled && $(`.plugin-fields[data-section="${section}"]`).dataset.plugin !== sel.value) onPluginChange(section);
+  }
   const name = $('#run-name').value.trim();
   if (!name) throw new Error('run name: give the run a name (it becomes the folder under --runs)');
   if (!/^[A-Za-z0-9_.-]+$/.test(name)) throw new Error(`run name "${name}": use letters, digits, "_", "." and "-" only`);
@@ -949,21 +1026,28 @@ function draftBody() {
   }
   Object.assign(data, collectFields($('.host-fields[data-section="data"]'), 'data'));
   sections.data = data;
-  for (const s of ['optimizer', 'scheduler', 'training', 'top']) sections[s] = collectFields($(`.host-fields[data-section="${s}"]`, form), s);
+  for (const s of ['optimizer', 'scheduler', 'training']) sections[s] = collectFields($(`.host-fields[data-section="${s}"]`, form), s);
   return {
     name,
     model,
     device: $('#device').value,
     dtype: $('#dtype').value,
     sections,
-    finetuning: adapter === '' ? 'full' : adapter === '@freeze' ? 'freeze' : 'lora',
+    finetuning: adapter === '' ? 'full' : adapter === '@freeze' ? 'freeze' : 'adapter',
   };
 }
 
 async function makeDraft() {
-  const r = await api('/api/draft', { method: 'POST', body: draftBody() });
-  $('#yaml').value = (r && r.yaml) || '';
-  return $('#yaml').value;
+  const body = draftBody();
+  // Top-level keys (seed, …) are not a section of the draft request: they are scalars, added
+  // to the drafted YAML as top-level lines (JSON scalars are YAML).
+  const top = collectFields($('.host-fields[data-section="top"]'), 'top');
+  const r = await api('/api/draft', { method: 'POST', body });
+  let yaml = (r && r.yaml) || '';
+  const extra = Object.entries(top).filter(([k]) => !new RegExp(`^${k.replace(/[^A-Za-z0-9_]/g, '')}:`, 'm').test(yaml));
+  if (extra.length) yaml = yaml.replace(/\n*$/, '\n') + extra.map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join('\n') + '\n';
+  $('#yaml').value = yaml;
+  return yaml;
 }
 
 /** The YAML to check or start: the textarea's, drafted from the form when empty. */
@@ -1048,40 +1132,50 @@ function renderPreview(r) {
   const out = $('#preview-samples');
   out.textContent = '';
   const samples = r.samples || [];
-  $('#preview-summary').textContent = `${samples.length} of ${r.total ?? '?'} samples`;
+  const refused = (r.refused || []).length;
+  $('#preview-summary').textContent = `${samples.length} of ${r.total ?? '?'} samples` + (refused ? ` · ${refused} refused` : '') + (r.layout && typeof r.layout === 'string' ? ` · layout ${r.layout}` : '');
   const layout = $('#preview-layout');
   layout.textContent = '';
-  if (r.layout !== undefined && r.layout !== null) {
+  if (r.layout !== undefined && r.layout !== null && typeof r.layout !== 'string') {
     layout.append(el('summary', { text: 'layout' }), el('pre', { text: typeof r.layout === 'string' ? r.layout : JSON.stringify(r.layout, null, 2) }));
     layout.hidden = false;
   } else layout.hidden = true;
   for (const s of samples) {
     const card = el('div', { class: 'sample card', dataset: { index: s.index } });
+    const counts = `${s.tokens} tokens · ${s.labelled_tokens} labelled` + (s.truncated_from ? ` · truncated from ${s.truncated_from}` : '');
     card.append(
       el(
         'div',
         { class: 'sample-head' },
         el('b', { text: `sample ${s.index}` }),
-        el('span', { class: 'sample-tokens', dataset: { tokens: s.tokens, labelled: s.labelled_tokens }, text: `${s.tokens} tokens · ${s.labelled_tokens} labelled` }),
+        el('span', { class: 'sample-tokens', dataset: { tokens: s.tokens, labelled: s.labelled_tokens }, text: counts }),
       ),
     );
     const media = el('div', { class: 'sample-media' });
     for (const img of s.images || []) {
-      media.append(
-        el(
-          'figure',
-          { class: 'sample-figure' },
-          el('img', { class: 'sample-image', src: withToken(img.url), alt: `image ${img.width}×${img.height}`, loading: 'lazy', dataset: { width: img.width, height: img.height, tokens: img.tokens } }),
-          el('figcaption', { text: `${img.width}×${img.height} · ${img.tokens} tokens` }),
-        ),
-      );
+      const fig = el('figure', { class: 'sample-figure' });
+      if (img.url) {
+        fig.append(el('img', { class: 'sample-image', src: mediaUrl(img.url), alt: `image ${img.width}×${img.height}`, title: img.source || '', dataset: { width: img.width, height: img.height, tokens: img.tokens } }));
+      } else {
+        fig.append(el('div', { class: 'error', text: img.error || 'image not shown' }));
+      }
+      const resized = Array.isArray(img.resized) && (img.resized[0] !== img.width || img.resized[1] !== img.height) ? ` → ${img.resized[0]}×${img.resized[1]}` : '';
+      fig.append(el('figcaption', { text: `${img.width}×${img.height}${resized} · ${img.tokens} tokens` }));
+      media.append(fig);
     }
     for (const v of s.videos || []) {
       const frames = v.frames || [];
       const strip = el('div', { class: 'video-strip' });
-      for (const f of frames) strip.append(el('img', { class: 'video-frame', src: withToken(f.url), alt: `frame ${f.width}×${f.height}`, loading: 'lazy', dataset: { width: f.width, height: f.height } }));
-      const size = frames.length ? ` · ${frames[0].width}×${frames[0].height}` : '';
-      media.append(el('figure', { class: 'sample-video', dataset: { tokens: v.tokens, frames: frames.length } }, strip, el('figcaption', { text: `video · ${frames.length} frames${size} · ${v.tokens} tokens` })));
+      for (const f of frames) {
+        if (f.url) strip.append(el('img', { class: 'video-frame', src: mediaUrl(f.url), alt: `frame ${f.width}×${f.height}`, dataset: { width: f.width, height: f.height } }));
+      }
+      const fig = el('figure', { class: 'sample-video', dataset: { tokens: v.tokens, frames: frames.length } }, strip);
+      if (v.error) fig.append(el('div', { class: 'error', text: v.error }));
+      const w = v.width ?? (frames[0] && frames[0].width);
+      const h = v.height ?? (frames[0] && frames[0].height);
+      const kept = v.frames_kept !== undefined ? `${v.frames_kept}${v.frames_total ? ' of ' + v.frames_total : ''} frames` : `${frames.length} frames`;
+      fig.append(el('figcaption', { text: `video ${w ?? '?'}×${h ?? '?'} · ${kept} · ${v.tokens} tokens` + (v.describe ? ` · ${v.describe}` : '') }));
+      media.append(fig);
     }
     if (media.children.length) card.append(media);
     const text = el('div', { class: 'sample-text' });
@@ -1089,6 +1183,14 @@ function renderPreview(r) {
     card.append(text);
     out.append(card);
   }
+  for (const bad of r.refused || []) {
+    out.append(el('div', { class: 'card refused', dataset: { index: bad.index } }, el('b', { text: `row ${bad.index}: refused` }), el('div', { class: 'error', text: bad.error })));
+  }
+}
+
+/** An image address from the board: data URLs as they are, board paths with the token. */
+function mediaUrl(url) {
+  return String(url).startsWith('/') ? withToken(url) : url;
 }
 
 // ---------------------------------------------------------------------------------------------
