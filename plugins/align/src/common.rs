@@ -3,7 +3,8 @@
 //! checks that keep a NaN from reaching the optimizer.
 use ferrotune_plugin_api::prelude::*;
 use ferrotune_plugin_api::{next_token_targets, target_logps};
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 /// Batch-metadata key: how many micro-batches make up the optimizer step. Per-micro-batch
 /// means (every objective but GRPO's `dapo`) are divided by it, as transformers' Trainer
@@ -215,7 +216,7 @@ pub fn mean_f64(t: &Tensor) -> PluginResult<f64> {
 }
 
 /// A config value that may be one string or a list of strings (TRL's `loss_type: str | list[str]`).
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, Serialize, JsonSchema, Debug, Clone, PartialEq)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),

@@ -1,5 +1,6 @@
 //! `dpo`: Direct Preference Optimization and its loss variants, as TRL 1.16's `DPOTrainer`.
 use ferrotune_plugin_api::prelude::*;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::common::{
@@ -9,12 +10,13 @@ use crate::losses::{dpo_loss, DpoLossType, DpoParams};
 use crate::pair::{halves, pair_forward, reward_metrics};
 
 /// Configuration (`objective: {plugin: dpo, ...}`), TRL's `DPOConfig` names.
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DpoConfig {
     /// β: how far the policy may move from the reference. Default 0.1; typical 0.01–0.5.
     /// For `ipo` it is the regularisation τ.
     #[serde(default = "default_beta")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub beta: f64,
     /// `sigmoid` (default), `hinge`, `ipo`, `robust`, `exo_pair`, `nca_pair`, `bco_pair`,
     /// `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`,
@@ -27,6 +29,7 @@ pub struct DpoConfig {
     /// Probability that a pair's labels are flipped, for `robust` (in [0, 0.5)), `exo_pair`
     /// (in (0, 1)), `aot`/`aot_unpaired`. Default 0.
     #[serde(default)]
+    #[schemars(range(min = 0, max = 1))]
     pub label_smoothing: f64,
     /// Ignore the reference model: its log-probabilities are taken as 0 (TRL ≤ 0.x's
     /// `reference_free`). Default false.
@@ -34,6 +37,7 @@ pub struct DpoConfig {
     pub reference_free: bool,
     /// τ of `discopop`'s mixing. Default 0.05.
     #[serde(default = "default_discopop_tau")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub discopop_tau: f64,
 }
 
@@ -56,6 +60,9 @@ impl Plugin for Dpo {
     const NAME: &'static str = "dpo";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "Direct Preference Optimization (sigmoid, ipo, hinge, robust, … loss types), as TRL's DPOTrainer";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<DpoConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: DpoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta <= 0.0 {

@@ -5,6 +5,7 @@
 use ferrotune_plugin_api::kinds::objective::select_prompt_rows;
 use ferrotune_plugin_api::prelude::*;
 use ferrotune_plugin_api::target_logps;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::cell::Cell;
 
@@ -24,37 +25,46 @@ pub const GRPO_NON_MODEL_KEYS: [&str; 7] = [
 ];
 
 /// Configuration (`objective: {plugin: grpo, ...}`), TRL's `GRPOConfig` names.
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrpoConfig {
     /// KL coefficient. Default 0.0 (no reference pass); DeepSeek-R1 used 0.001.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub beta: f64,
     /// Lower clipping ε of the importance ratio. Default 0.2.
     #[serde(default = "default_epsilon")]
+    #[schemars(range(min = 0))]
     pub epsilon: f64,
     /// Upper clipping ε; default = `epsilon` (DAPO recommends 0.28).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub epsilon_high: Option<f64>,
     /// Two-sided clipping: upper bound of the unclipped ratio (INTELLECT-2). Default off;
     /// should exceed 1 + ε.
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 1))]
     pub delta: Option<f64>,
     /// `dapo` (default, TRL's), `grpo`, `dr_grpo` or `bnpo`: how token losses are averaged.
     #[serde(default = "default_loss_type")]
+    #[schemars(extend("enum" = ["dapo", "grpo", "dr_grpo", "bnpo"]))]
     pub loss_type: String,
     /// Completions sampled per prompt (group size). Default 8; at least 2.
     #[serde(default = "default_num_generations")]
+    #[schemars(range(min = 2))]
     pub num_generations: usize,
     /// Longest completion generated, and `dr_grpo`'s normaliser. Default 512.
     #[serde(default = "default_max_completion_length")]
+    #[schemars(range(min = 1))]
     pub max_completion_length: i64,
     /// Sampling temperature; the log-probabilities are of `logits / temperature` as in TRL.
     /// Default 1.0.
     #[serde(default = "one")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub temperature: f64,
     /// Nucleus sampling. Default 1.0 (off).
     #[serde(default = "one")]
+    #[schemars(extend("exclusiveMinimum" = 0), range(max = 1))]
     pub top_p: f64,
     /// Top-k sampling. Default 0 (off).
     #[serde(default)]
@@ -62,10 +72,17 @@ pub struct GrpoConfig {
     /// `group` / `true` (default): divide by each group's reward std; `batch`: by the batch's;
     /// `none` / `false`: no scaling (Dr. GRPO).
     #[serde(default = "default_scale_rewards")]
+    #[schemars(schema_with = "scale_rewards_schema")]
     pub scale_rewards: serde_json::Value,
     /// Base seed of the sampling; each generation call adds its index.
     #[serde(default)]
     pub seed: u64,
+}
+
+fn scale_rewards_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "anyOf": [{"type": "boolean"}, {"type": "string", "enum": ["group", "batch", "none"]}]
+    })
 }
 
 fn default_epsilon() -> f64 {
@@ -101,6 +118,9 @@ impl Plugin for Grpo {
     const NAME: &'static str = "grpo";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "GRPO: group-relative advantages from reward plugins, clipped policy gradient (TRL's GRPOTrainer)";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<GrpoConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: GrpoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta < 0.0 {

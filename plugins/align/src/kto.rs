@@ -2,6 +2,7 @@
 //! TRL 1.16's `KTOTrainer`, with the KL reference point estimated from mismatched
 //! (prompt, completion) pairs.
 use ferrotune_plugin_api::prelude::*;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::common::{
@@ -23,21 +24,25 @@ pub const KTO_NON_MODEL_KEYS: [&str; 8] = [
 ];
 
 /// Configuration (`objective: {plugin: kto, ...}`), TRL's `KTOConfig` names.
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KtoConfig {
     /// β: how far the policy may move from the reference. Default 0.1.
     #[serde(default = "default_beta")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub beta: f64,
     /// `kto` (default) or `apo_zero_unpaired` (no KL batch needed).
     #[serde(default = "default_loss_type")]
+    #[schemars(extend("enum" = ["kto", "apo_zero_unpaired"]))]
     pub loss_type: String,
     /// Weight of the desirable rows' losses. Default 1.0; with unbalanced data TRL suggests
     /// `desirable_weight · n_desirable / (undesirable_weight · n_undesirable)` in [1, 4/3].
     #[serde(default = "one")]
+    #[schemars(range(min = 0))]
     pub desirable_weight: f64,
     /// Weight of the undesirable rows' losses. Default 1.0.
     #[serde(default = "one")]
+    #[schemars(range(min = 0))]
     pub undesirable_weight: f64,
 }
 
@@ -60,6 +65,9 @@ impl Plugin for Kto {
     const NAME: &'static str = "kto";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "KTO: unpaired desirable/undesirable completions with a KL reference point (TRL's KTOTrainer)";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<KtoConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: KtoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta <= 0.0 {

@@ -137,3 +137,33 @@ export_plugin!(
     objective: RewardModel,
     objective: Ppo
 );
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotune_plugin_api::schema::assert_schema_matches;
+    use serde_json::json;
+
+    #[test]
+    fn schemas_match_the_parsers() {
+        let s = assert_schema_matches::<Dpo>(json!({}));
+        assert_eq!(
+            (&s["properties"]["beta"]["default"], &s["properties"]["loss_type"]["default"]),
+            (&json!(0.1), &json!("sigmoid"))
+        );
+        assert_eq!(s["properties"]["beta"]["exclusiveMinimum"], 0);
+        assert_schema_matches::<Dpo>(
+            json!({"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0, 0.5]}),
+        );
+        assert_schema_matches::<Orpo>(json!({}));
+        assert_schema_matches::<Simpo>(json!({}));
+        assert_schema_matches::<Kto>(json!({}));
+        let s = assert_schema_matches::<Grpo>(json!({}));
+        assert_eq!(s["properties"]["num_generations"]["default"], 8);
+        assert_eq!(s["properties"]["scale_rewards"]["default"], "group");
+        assert_schema_matches::<Grpo>(json!({"scale_rewards": false, "delta": 1.5}));
+        assert_schema_matches::<RewardModel>(json!({}));
+        let s = assert_schema_matches::<Ppo>(json!({}));
+        assert_eq!(s["properties"]["response_length"]["default"], 53);
+    }
+}

@@ -1,6 +1,7 @@
 //! `orpo`: Odds Ratio Preference Optimization, as TRL 1.16's `ORPOTrainer`: the chosen
 //! rows' NLL (over prompt and completion) minus β · mean log σ(log odds ratio). No reference.
 use ferrotune_plugin_api::prelude::*;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::common::{check_loss, ensure_finite, mean_f64, Meta};
@@ -8,11 +9,12 @@ use crate::losses::{odds_ratio_loss, PairLoss};
 use crate::pair::{halves, pair_forward, reward_metrics};
 
 /// Configuration (`objective: {plugin: orpo, ...}`), TRL's `ORPOConfig` names.
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrpoConfig {
     /// λ of the paper: the weight of the odds-ratio term. Default 0.1; typical 0.05–0.5.
     #[serde(default = "default_beta")]
+    #[schemars(range(min = 0))]
     pub beta: f64,
 }
 
@@ -29,6 +31,9 @@ impl Plugin for Orpo {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "ORPO: SFT loss plus an odds-ratio preference term, no reference model (TRL's ORPOTrainer)";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<OrpoConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: OrpoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta < 0.0 {

@@ -57,6 +57,7 @@ use ferrotune_plugin_api::{
     take_output, target_logps, NEED_NUM_ITERATIONS, NEED_VALUE_HEAD, TARGET_IDS,
     TARGET_TEMPERATURE, VALUES,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::common::{check_loss, ensure_finite, model_inputs, Meta};
@@ -69,14 +70,16 @@ use crate::rollout::{
 };
 
 /// Configuration (`objective: {plugin: ppo, ...}`), the last TRL `PPOConfig`'s names.
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PpoObjectiveConfig {
     /// KL penalty coefficient (the initial one with `adaptive_kl`). Default 0.05.
     #[serde(default = "default_kl_coef")]
+    #[schemars(range(min = 0))]
     pub kl_coef: f64,
     /// `k1` (default, −log r, unbiased but noisy) or `k3` ((r − 1) − log r).
     #[serde(default = "default_kl_estimator")]
+    #[schemars(extend("enum" = ["k1", "k3"]))]
     pub kl_estimator: String,
     /// TRL's former `AdaptiveKLController` (Ziegler et al. 2019): after each rollout
     /// `kl_coef *= 1 + clip(kl / target − 1, −0.2, 0.2) · rows / horizon`. Default false.
@@ -84,24 +87,31 @@ pub struct PpoObjectiveConfig {
     pub adaptive_kl: bool,
     /// Adaptive KL: the KL (Σ over a response, mean over responses) aimed at. Default 6.0.
     #[serde(default = "default_target")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub target: f64,
     /// Adaptive KL: responses over which the coefficient adapts. Default 10000.
     #[serde(default = "default_horizon")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub horizon: f64,
     /// Discount factor. Default 1.0.
     #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1))]
     pub gamma: f64,
     /// GAE λ. Default 0.95.
     #[serde(default = "default_lam")]
+    #[schemars(range(min = 0, max = 1))]
     pub lam: f64,
     /// Policy ratio clip range. Default 0.2.
     #[serde(default = "default_clip")]
+    #[schemars(range(min = 0))]
     pub cliprange: f64,
     /// Value clip range. Default 0.2.
     #[serde(default = "default_clip")]
+    #[schemars(range(min = 0))]
     pub cliprange_value: f64,
     /// Weight of the value loss. Default 0.1.
     #[serde(default = "default_vf_coef")]
+    #[schemars(range(min = 0))]
     pub vf_coef: f64,
     /// Whiten the rewards before GAE. Default false (TRL wants mini-batches of ≥ 8 with it).
     #[serde(default)]
@@ -111,22 +121,27 @@ pub struct PpoObjectiveConfig {
     pub missing_eos_penalty: Option<f64>,
     /// Passes over each rollout. Default 4.
     #[serde(default = "default_epochs")]
+    #[schemars(range(min = 1))]
     pub num_ppo_epochs: u64,
     /// Mini-batches per pass (each one optimizer step). Default 1.
     #[serde(default = "default_one_u64")]
+    #[schemars(range(min = 1))]
     pub num_mini_batches: u64,
     /// Longest response generated (max new tokens). Default 53.
     #[serde(default = "default_response_length")]
+    #[schemars(range(min = 1))]
     pub response_length: i64,
     /// Sampling temperature; log-probabilities are of logits / (temperature + 1e-7) as TRL's.
     /// Default 0.7.
     #[serde(default = "default_temperature")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub temperature: f64,
     /// Top-k sampling. Default 0 (off).
     #[serde(default)]
     pub top_k: u64,
     /// Nucleus sampling. Default 1.0 (off).
     #[serde(default = "one")]
+    #[schemars(extend("exclusiveMinimum" = 0), range(max = 1))]
     pub top_p: f64,
     /// Base seed of the sampling (each generation call adds its index) and of the
     /// mini-batch permutations. Default 0.
@@ -134,9 +149,11 @@ pub struct PpoObjectiveConfig {
     pub seed: u64,
     /// `eos`: responses end after their first EOS (TRL's `stop_token`). Default null.
     #[serde(default)]
+    #[schemars(extend("enum" = ["eos", null]))]
     pub stop_token: Option<String>,
     /// Responses end after the first of this token (`stop_token: eos` overrides it, as TRL).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub stop_token_id: Option<i64>,
 }
 
@@ -273,6 +290,9 @@ impl Plugin for Ppo {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "PPO from reward plugins / reward models with a value head, KL to the reference and GAE (TRL's PPOTrainer)";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<PpoObjectiveConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: PpoObjectiveConfig = parse_config(config_json)?;
         let finite = |key: &str, v: f64, lo: f64, lo_open: bool| -> PluginResult<()> {

@@ -4,6 +4,7 @@
 //! `center_rewards_coefficient` ([`crate::rlhf::reward_model_loss`]).
 use ferrotune_plugin_api::prelude::*;
 use ferrotune_plugin_api::{last_token_values, take_output, NEED_SCORE_HEAD, SCORES};
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::common::{check_loss, ensure_finite, get_1d_opt, get_2d, model_inputs, Meta};
@@ -14,12 +15,13 @@ use crate::rlhf::reward_model_loss;
 pub const REWARD_NON_MODEL_KEYS: [&str; 2] = ["margin", "completion_mask"];
 
 /// Configuration (`objective: {plugin: reward_model, ...}`), TRL's `RewardConfig` names.
-#[derive(Deserialize, Debug, Clone, PartialEq, Default)]
+#[derive(Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RewardModelConfig {
     /// Adds `coef · mean((r_chosen + r_rejected)²)` to the loss, pulling the scores towards 0
     /// (Eisenstein et al. 2023 use 0.01). Default null (off).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub center_rewards_coefficient: Option<f64>,
 }
 
@@ -32,6 +34,9 @@ impl Plugin for RewardModel {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str =
         "Reward modelling on preference pairs with a score head (TRL's RewardTrainer)";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<RewardModelConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: RewardModelConfig = parse_config(config_json)?;
         if let Some(c) = cfg.center_rewards_coefficient {

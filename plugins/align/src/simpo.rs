@@ -2,6 +2,7 @@
 //! `CPOTrainer` with `loss_type: simpo`; the other CPO loss types and CPO's NLL term
 //! (`cpo_alpha`) are available too.
 use ferrotune_plugin_api::prelude::*;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::common::{check_loss, check_range, ensure_finite, mean_f64, Meta};
@@ -9,12 +10,13 @@ use crate::losses::{cpo_losses, CpoLossType};
 use crate::pair::{halves, pair_forward, reward_metrics};
 
 /// Configuration (`objective: {plugin: simpo, ...}`), TRL's `CPOConfig` names.
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SimpoConfig {
     /// β: scale of the length-normalised reward. Default 2.0 (the SimPO paper's 2.0–2.5;
     /// TRL's CPOConfig default is 0.1).
     #[serde(default = "default_beta")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub beta: f64,
     /// γ: target reward margin (TRL `simpo_gamma`; `gamma` is accepted as an alias). Default 0.5;
     /// typical 0.3–1.6.
@@ -22,13 +24,16 @@ pub struct SimpoConfig {
     pub simpo_gamma: f64,
     /// Label-flip probability of the conservative loss. Default 0; in [0, 0.5].
     #[serde(default)]
+    #[schemars(range(min = 0, max = 0.5))]
     pub label_smoothing: f64,
     /// Weight of the NLL of the chosen completions (CPO's BC regulariser). Default 0 (pure
     /// SimPO, as TRL sets it for SimPO); CPO uses 1.0.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub cpo_alpha: f64,
     /// `simpo` (default), or CPO's `sigmoid`, `hinge`, `ipo`.
     #[serde(default = "default_loss_type")]
+    #[schemars(extend("enum" = ["simpo", "sigmoid", "hinge", "ipo"]))]
     pub loss_type: String,
 }
 
@@ -51,6 +56,9 @@ impl Plugin for Simpo {
     const NAME: &'static str = "simpo";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const DESCRIPTION: &'static str = "SimPO / CPO: reference-free, length-normalised preference loss with margin gamma (TRL's CPOTrainer)";
+    fn config_schema() -> Option<serde_json::Value> {
+        Some(schema_of::<SimpoConfig>())
+    }
     fn from_config(config_json: &str) -> PluginResult<Self> {
         let cfg: SimpoConfig = parse_config(config_json)?;
         if !cfg.beta.is_finite() || cfg.beta <= 0.0 {
