@@ -9,6 +9,7 @@
 //! `vision`, `text` → `util`, with `plugins`, `device` and `selfcheck` beside them.
 
 pub mod bench;
+pub mod board;
 pub mod cli;
 pub mod data;
 pub mod device;

@@ -111,7 +111,7 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
 }
 
 /// Runs of `<|image_pad|>` (and `<|video_pad|>`) shown as `<|image_pad|>×N`.
-fn compress_image_pads(text: &str) -> String {
+pub(crate) fn compress_image_pads(text: &str) -> String {
     compress_pads(&compress_pads(text, "<|image_pad|>"), "<|video_pad|>")
 }
 
@@ -133,7 +133,11 @@ fn compress_pads(text: &str, pad: &str) -> String {
     out
 }
 
-pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode> {
+/// The `data check` report of run config `config` (also `board`'s inline check).
+pub fn review(
+    registry: &Registry,
+    config: &Path,
+) -> Result<(crate::train::config::TrainConfig, crate::data::check::CheckReport)> {
     let cfg = crate::train::config::TrainConfig::from_file(config)?;
     let tok = crate::text::Tokenizer::from_dir(&cfg.model)?;
     let prep = crate::train::image_prep(&cfg, &tok)?;
@@ -147,6 +151,19 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
     if cfg.data.packing {
         report.packing = Some(crate::data::check::packing(&prepared, cfg.data.cutoff_len)?);
     }
+    Ok((cfg, report))
+}
+
+/// Whether training would stop on `report`'s bad rows (`data.on_bad_sample: stop`).
+pub fn would_stop(
+    cfg: &crate::train::config::TrainConfig,
+    report: &crate::data::check::CheckReport,
+) -> bool {
+    report.errors > 0 && cfg.data.on_bad_sample == crate::train::config::OnBadSample::Stop
+}
+
+pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode> {
+    let (cfg, report) = review(registry, config)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -199,9 +216,5 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
             );
         }
     }
-    Ok(if report.errors > 0 && cfg.data.on_bad_sample == crate::train::config::OnBadSample::Stop {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if would_stop(&cfg, &report) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

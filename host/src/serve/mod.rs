@@ -66,7 +66,7 @@ pub struct ServeOptions {
 }
 
 /// Waits for ctrl-c or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -82,21 +82,53 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    eprintln!("ferrotune serve: shutting down after the requests in flight");
+    eprintln!("ferrotune: shutting down after the requests in flight");
 }
 
-/// Runs the server until ctrl-c or SIGTERM, then lets the requests in flight finish.
-/// Prints `ferrotune serve: listening on http://ADDR` on stdout once the model is loaded.
-pub fn serve(opts: ServeOptions) -> Result<()> {
-    let base_name = match &opts.served_model_name {
-        Some(n) => n.clone(),
+/// A loaded engine and the HTTP state that talks to it (what `serve` runs, and what `board`'s
+/// chat starts in-process).
+pub struct RunningEngine {
+    pub state: Arc<api::AppState>,
+    tx: std::sync::mpsc::Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningEngine {
+    /// Stops the engine after the requests in flight and waits for its thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningEngine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The name requests use for the base model: `--served-model-name`, else the folder's name.
+fn base_name(opts: &ServeOptions) -> Result<String> {
+    match &opts.served_model_name {
+        Some(n) => Ok(n.clone()),
         None => opts
             .model
             .canonicalize()
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .with_context(|| format!("model directory {} does not exist", opts.model.display()))?,
-    };
+            .with_context(|| format!("model directory {} does not exist", opts.model.display())),
+    }
+}
+
+/// Checks `opts`, loads the model on a new engine thread and returns once it is ready.
+pub fn start_engine(opts: &ServeOptions) -> Result<RunningEngine> {
+    let base_name = base_name(opts)?;
     let adapter_dir = match &opts.adapter_dir {
         Some(d) => {
             let c = d
@@ -186,6 +218,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         counter: Default::default(),
         stats,
     });
+    Ok(RunningEngine { state, tx, thread: Some(engine_thread) })
+}
+
+/// Runs the server until ctrl-c or SIGTERM, then lets the requests in flight finish.
+/// Prints `ferrotune serve: listening on http://ADDR` on stdout once the model is loaded.
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    let engine = start_engine(&opts)?;
+    let state = engine.state.clone();
+    let base_name = state.base_name.clone();
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = runtime.block_on(async {
@@ -202,8 +243,6 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             .await?;
         anyhow::Ok(())
     });
-    let _ = tx.send(Command::Shutdown);
-    drop(tx);
-    let _ = engine_thread.join();
+    engine.shutdown();
     served
 }
