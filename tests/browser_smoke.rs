@@ -42,7 +42,15 @@ document.getElementById("bar").addEventListener("click", (e) => {
 </body></html>
 "#;
 
-/// Serves [`PAGE`] at `/` (404 elsewhere) on a free loopback port, from a thread that lives
+/// A page whose scripts fail while it loads: a syntax error and an uncaught exception.
+const BROKEN: &str = r#"<!doctype html><html><head><title>broken</title></head><body>
+<p>still renders</p>
+<script>let x = ;</script>
+<script>window.undefinedFunction();</script>
+</body></html>
+"#;
+
+/// Serves [`PAGE`] at `/` and [`BROKEN`] at `/broken` (404 elsewhere) on a free loopback port, from a thread that lives
 /// as long as the test process; returns `http://127.0.0.1:PORT`.
 fn serve_page() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -61,7 +69,11 @@ fn serve_page() -> String {
                 line.clear();
             }
             let path = request_line.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if path == "/" { ("200 OK", PAGE) } else { ("404 Not Found", "") };
+            let (status, body) = match path {
+                "/" => ("200 OK", PAGE),
+                "/broken" => ("200 OK", BROKEN),
+                _ => ("404 Not Found", ""),
+            };
             let _ = write!(
                 stream,
                 "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n\
@@ -225,6 +237,15 @@ fn wait_for_a_false_condition_times_out_with_the_page_text() {
         err.to_string().contains("last exception") && err.to_string().contains("TypeError"),
         "{err}"
     );
+
+    // Errors of the page's own scripts while it loads are collected, each once, in order;
+    // the first page's (none) do not carry over.
+    assert!(page.js_errors().is_empty(), "{:?}", page.js_errors());
+    page.goto(&format!("{url}/broken")).unwrap();
+    let errors = page.js_errors();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].contains("SyntaxError") && errors[0].contains("/broken"), "{errors:?}");
+    assert!(errors[1].contains("undefinedFunction is not a function"), "{errors:?}");
 }
 
 #[test]

@@ -562,7 +562,7 @@ impl Browser {
         }
     }
 
-    /// Chromium's `product` string, e.g. `HeadlessChrome/148.0.7778.167`.
+    /// Chromium's `product` string, e.g. `Chrome/148.0.7778.167`.
     pub fn version(&self) -> Result<String> {
         let v = self.conn.call("Browser.getVersion", json!({}), None, COMMAND_TIMEOUT)?;
         Ok(v.get("product").and_then(Value::as_str).unwrap_or("?").to_string())
