@@ -170,13 +170,16 @@ fn drives_a_page_and_shuts_down_cleanly() {
         "{err}"
     );
     assert!(page.js_errors().is_empty(), "no page errors yet: {:?}", page.js_errors());
-    page.eval("console.error('logged problem', 7); setTimeout(() => { throw new Error('boom from the page'); }, 0); 1")
+    page.eval("console.error('logged problem', 7); setTimeout(() => { throw new Error('boom from the page'); }, 0); \
+               setTimeout(() => Promise.reject(new Error('rejected, unhandled')), 0); 1")
         .unwrap();
     page.wait_for("new Promise(r => setTimeout(() => r(true), 50))", secs(2)).unwrap();
     let errors = page.js_errors();
     assert!(errors.iter().any(|e| e.contains("console.error: logged problem 7")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("boom from the page")), "{errors:?}");
-    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("rejected, unhandled")), "{errors:?}");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[2].contains("(in promise)"), "{errors:?}");
 
     // Element problems are errors that name the selector.
     let err = page.click("#nowhere").unwrap_err().to_string();

@@ -323,14 +323,18 @@ impl Connection {
 /// The text of a `Runtime.ExceptionDetails`: the exception's description (message and stack)
 /// where there is one, with where it was thrown.
 fn exception_text(details: &Value) -> String {
-    let text = details
-        .pointer("/exception/description")
-        .and_then(Value::as_str)
-        .or_else(|| details.get("text").and_then(Value::as_str))
-        .unwrap_or("unknown exception");
+    // `text` says how it escaped ("Uncaught", "Uncaught (in promise)"), the description what
+    // it was, with its stack.
+    let how = details.get("text").and_then(Value::as_str).unwrap_or("");
+    let text = match details.pointer("/exception/description").and_then(Value::as_str) {
+        Some(what) if how.is_empty() => what.to_string(),
+        Some(what) => format!("{how} {what}"),
+        None if how.is_empty() => "unknown exception".to_string(),
+        None => how.to_string(),
+    };
     let url = details.get("url").and_then(Value::as_str).unwrap_or("");
     if url.is_empty() {
-        text.to_string()
+        text
     } else {
         let line = details.get("lineNumber").and_then(Value::as_u64).unwrap_or(0) + 1;
         let col = details.get("columnNumber").and_then(Value::as_u64).unwrap_or(0) + 1;
