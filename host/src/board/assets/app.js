@@ -471,7 +471,8 @@ function onRunState(state) {
   runView.state = state;
   setState($('#run-state'), state);
   $('#stop-run').disabled = state !== 'running';
-  $('#resume-run').disabled = state === 'running';
+  // The board resumes stopped or failed runs (from their newest checkpoint).
+  $('#resume-run').disabled = state === 'running' || state === 'finished';
   if (changed) loadRunDetails();
 }
 
@@ -1047,6 +1048,7 @@ async function makeDraft() {
   const extra = Object.entries(top).filter(([k]) => !new RegExp(`^${k.replace(/[^A-Za-z0-9_]/g, '')}:`, 'm').test(yaml));
   if (extra.length) yaml = yaml.replace(/\n*$/, '\n') + extra.map(([k, v]) => `${k}: ${JSON.stringify(v)}`).join('\n') + '\n';
   $('#yaml').value = yaml;
+  showError($('#draft-error'), null);
   return yaml;
 }
 
@@ -1211,9 +1213,10 @@ async function enterChat() {
     sel.append(el('option', { value: '', text: '— none (base only) —' }));
     for (const r of runs.value) {
       const ckpts = r.checkpoints || [];
-      if (!r.has_adapter && ckpts.length === 0) continue;
+      // Runs that trained an adapter; their checkpoints hold the adapter of that step.
+      if (!r.has_adapter) continue;
       const g = el('optgroup', { label: `${r.name} (${r.state})` });
-      if (r.has_adapter) g.append(el('option', { value: r.path, text: `${r.name} · final`, dataset: { run: r.name, adapter: adapterName(r.name) } }));
+      g.append(el('option', { value: r.path, text: `${r.name} · final`, dataset: { run: r.name, adapter: adapterName(r.name) } }));
       for (const c of ckpts) {
         g.append(el('option', { value: `${r.path}/${c}`, text: `${r.name} · ${c}`, dataset: { run: r.name, adapter: adapterName(`${r.name}-${c}`) } }));
       }
