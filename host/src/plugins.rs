@@ -32,6 +32,7 @@ use ferrotune_plugin_api::kinds::memory::MemoryStrategyHandle;
 use ferrotune_plugin_api::kinds::objective::ObjectiveHandle;
 use ferrotune_plugin_api::kinds::quantizer::QuantizerHandle;
 use ferrotune_plugin_api::kinds::reward::RewardHandle;
+use ferrotune_plugin_api::module::{ConfigSchemaFn, CONFIG_SCHEMA_SYMBOL};
 use ferrotune_plugin_api::{PluginError, PluginInfo, PluginKind, PluginModule_Ref};
 
 /// The environment variable holding extra plugin directories (`:`-separated).
@@ -152,6 +153,8 @@ pub struct PluginLibrary {
     pub fingerprint: BuildFingerprint,
     pub plugins: Vec<PluginInfo>,
     module: PluginModule_Ref,
+    /// `ferrotune_plugin_config_schema`, where the library exports it.
+    config_schema_fn: Option<ConfigSchemaFn>,
 }
 
 impl std::fmt::Debug for PluginLibrary {
@@ -186,7 +189,8 @@ pub fn load_library(path: &Path) -> Result<PluginLibrary, LoadError> {
     })?;
     // abi_stable reads its header static before checking anything: check where it lies first.
     check_header_static(&lib, &path, &exports, image.as_ref())?;
-    // Keep the library loaded for the life of the process.
+    let config_schema_fn = config_schema_symbol(&lib, &exports, image.as_ref());
+    // Keep the library loaded for the life of the process (so the function above stays valid).
     std::mem::forget(lib);
     let abi_err = |e: LibraryError| match e {
         LibraryError::OpenError { err, .. } => {
@@ -210,7 +214,30 @@ pub fn load_library(path: &Path) -> Result<PluginLibrary, LoadError> {
     let header = lib_header_from_path(&path).map_err(abi_err)?;
     let module = header.init_root_module::<PluginModule_Ref>().map_err(abi_err)?;
     let plugins = (module.plugins())().into_vec();
-    Ok(PluginLibrary { path, fingerprint, plugins, module })
+    Ok(PluginLibrary { path, fingerprint, plugins, module, config_schema_fn })
+}
+
+/// The library's optional `ferrotune_plugin_config_schema` (see
+/// [`CONFIG_SCHEMA_SYMBOL`]): `None` when it lacks it (built before it), or when the symbol the
+/// dynamic linker resolves is not this file's function in code. It is only called after
+/// abi_stable's layout check has passed, which covers every type in its signature.
+fn config_schema_symbol(
+    lib: &libloading::Library,
+    exports: &Exports,
+    image: Option<&mapped::Image>,
+) -> Option<ConfigSchemaFn> {
+    // ELF files say where it is; only then is it resolved, and it must resolve there.
+    let file_addr = match (exports.manifest_fn, exports.config_schema_fn) {
+        (Some(_), None) => return None,
+        (_, at) => at,
+    };
+    // SAFETY: the file's symbol table says this is a function in executable code (ELF); its
+    // signature is `ConfigSchemaFn` (export_plugin!), frozen for the plugin-API series.
+    let f: ConfigSchemaFn = *unsafe { lib.get::<ConfigSchemaFn>(CONFIG_SCHEMA_SYMBOL) }.ok()?;
+    match (file_addr, image) {
+        (Some(at), Some(image)) if (f as usize).wrapping_sub(image.bias) as u64 != at => None,
+        _ => Some(f),
+    }
 }
 
 /// Where the file says its two exports are (ELF only; other formats are checked by name).
@@ -220,6 +247,9 @@ struct Exports {
     manifest_fn: Option<u64>,
     /// Address (relative to the load base) of abi_stable's header static.
     header: Option<u64>,
+    /// Address (relative to the load base) of the optional config-schema function, when the
+    /// file exports it as a function in executable code.
+    config_schema_fn: Option<u64>,
 }
 
 /// Checks, without loading it, that `path` is a shared object exporting the manifest symbol
@@ -383,7 +413,13 @@ where
             ),
         ));
     }
-    Ok(Exports { manifest_fn: Some(manifest_at), header: Some(header_at) })
+    // Optional (libraries built before it lack it): taken only as a function in code.
+    let schema_name = &CONFIG_SCHEMA_SYMBOL[..CONFIG_SCHEMA_SYMBOL.len() - 1];
+    let config_schema_fn = find(schema_name)
+        .filter(|s| s.st_type() == elf::STT_FUNC && s.st_shndx(endian) < elf::SHN_LORESERVE)
+        .map(|s| s.st_value(endian).into())
+        .filter(|at: &u64| in_segment(*at, 1, true));
+    Ok(Exports { manifest_fn: Some(manifest_at), header: Some(header_at), config_schema_fn })
 }
 
 /// Non-ELF formats (Mach-O): the manifest symbol must be exported; nothing more is checked.
@@ -899,6 +935,72 @@ impl Registry {
                 error,
             })
     }
+
+    /// The JSON Schema of plugin `name`'s config keys (the first library exporting it): `None`
+    /// when the plugin declares none or its library was built before plugins exported
+    /// `ferrotune_plugin_config_schema`. Text that is not a JSON object is the plugin's
+    /// error, named.
+    pub fn config_schema(
+        &self,
+        kind: PluginKind,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, CreateError> {
+        let (lib, _) = self.find(kind, name)?;
+        library_config_schema(lib, kind, name)
+    }
+}
+
+/// Plugin `name` of `kind` in `lib`: its config schema (see [`Registry::config_schema`]).
+fn library_config_schema(
+    lib: &PluginLibrary,
+    kind: PluginKind,
+    name: &str,
+) -> Result<Option<serde_json::Value>, CreateError> {
+    let fail =
+        |error| CreateError::Plugin { kind, name: name.into(), path: lib.path.clone(), error };
+    let Some(f) = lib.config_schema_fn else { return Ok(None) };
+    let text = f(kind, name.into()).into_result().map_err(fail)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    match serde_json::from_str::<serde_json::Value>(text.as_str()) {
+        Ok(v) if v.is_object() => Ok(Some(v)),
+        Ok(v) => Err(fail(PluginError::invalid(format!(
+            "config schema is not a JSON object: {}",
+            v.to_string().chars().take(80).collect::<String>()
+        )))),
+        Err(e) => Err(fail(PluginError::invalid(format!("config schema is not JSON: {e}")))),
+    }
+}
+
+/// Every plugin in search order as `ferrotune plugins --json` prints it (and the board's
+/// `GET /api/plugins` serves it): `{"plugins": [{name, kind, version, description, library,
+/// schema}]}`, `schema` null when the plugin declares none. A schema the plugin cannot give
+/// is null too, with the reason in `schema_error`. Shadowed plugins (a name exported again
+/// by a later library) are listed with `"shadowed": true`.
+pub fn plugins_json(registry: &Registry) -> serde_json::Value {
+    let mut seen = BTreeSet::new();
+    let plugins: Vec<serde_json::Value> = registry
+        .plugins()
+        .map(|(lib, p)| {
+            let shadowed = !seen.insert((p.kind, p.name.as_str()));
+            let mut entry = serde_json::json!({
+                "name": p.name.as_str(),
+                "kind": p.kind.to_string(),
+                "version": p.version.as_str(),
+                "description": p.description.as_str(),
+                "library": lib.path.display().to_string(),
+                "schema": null,
+                "shadowed": shadowed,
+            });
+            match library_config_schema(lib, p.kind, p.name.as_str()) {
+                Ok(schema) => entry["schema"] = schema.into(),
+                Err(e) => entry["schema_error"] = e.to_string().into(),
+            }
+            entry
+        })
+        .collect();
+    serde_json::json!({ "plugins": plugins })
 }
 
 #[cfg(test)]

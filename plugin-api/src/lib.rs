@@ -59,15 +59,19 @@
 //!
 //! Within a plugin-API series changes are additive only:
 //! * new capabilities of a kind are advertised through `capabilities()` strings;
-//! * new kinds or new interface versions are new *fields of the root module* after the
-//!   `last_prefix_field`; a host reads them as `Option`s, so older plugins keep loading;
+//! * a field appended to the root module (after the `last_prefix_field`, read as an `Option`)
+//!   lets an *older* host load newer plugins, but abi_stable refuses a library whose root
+//!   module has fewer fields than the host's: new root-module fields (new kinds) are for a
+//!   new series. An optional capability that older plugins must keep loading without is a
+//!   new plain C symbol the host looks up after the layout check (see
+//!   [`module::CONFIG_SCHEMA_SYMBOL`]);
 //! * every `#[sabi_trait]` carries `#[sabi(last_prefix_field)]` on its last method from day
 //!   one, so an older host can load a plugin whose trait gained a trailing method. A host
 //!   whose trait gained a method cannot load older plugins (abi_stable refuses), so adding
 //!   a method to an existing trait bumps the series (0.1 → 0.2) and plugins are rebuilt.
 //! * [`Plugin`] itself never crosses the boundary: a provided fn added to it (such as
-//!   [`Plugin::config_schema`]) reaches the host through a new optional root-module field
-//!   (`PluginModule::config_schema`), so a library built before it loads and reports none.
+//!   [`Plugin::config_schema`]) reaches the host through such a symbol
+//!   (`ferrotune_plugin_config_schema`), so a library built before it loads and reports none.
 
 // sabi_trait expands impls inside a const block (abi_stable 0.11).
 #![allow(non_local_definitions)]

@@ -68,7 +68,10 @@ macro_rules! export_plugin {
                 $crate::macros::not_found($crate::PluginKind::MEMORY, name)
             }
 
-            pub extern "C" fn config_schema(kind: $crate::PluginKind, name: RStr<'_>) -> RResult<$crate::__private::RString, PluginError> {
+            /// [`CONFIG_SCHEMA_SYMBOL`]($crate::module::CONFIG_SCHEMA_SYMBOL): the config schema of
+            /// each plugin this library exports.
+            #[no_mangle]
+            pub extern "C" fn ferrotune_plugin_config_schema(kind: $crate::PluginKind, name: RStr<'_>) -> RResult<$crate::__private::RString, PluginError> {
                 $( if kind == $crate::export_plugin!(@kind $kind) && name.as_str() == <$ty as $crate::Plugin>::NAME {
                     return $crate::macros::config_schema::<$ty>();
                 } )+
@@ -85,7 +88,6 @@ macro_rules! export_plugin {
                     create_dataset,
                     create_memory,
                     memory_capabilities,
-                    config_schema,
                 })
             }
 
@@ -156,8 +158,8 @@ pub fn info<T: Plugin>(kind: PluginKind) -> PluginInfo {
     }
 }
 
-/// Plugin side of the root module's `config_schema`: plugin `T`'s schema as JSON text, empty
-/// when it declares none.
+/// Plugin side of the `ferrotune_plugin_config_schema` symbol: plugin `T`'s schema as JSON
+/// text, empty when it declares none.
 #[doc(hidden)]
 pub fn config_schema<T: Plugin>() -> RResult<RString, PluginError> {
     guard(|| Ok(T::config_schema().map(|s| s.to_string()).unwrap_or_default().into()))
@@ -246,8 +248,7 @@ mod tests {
 
     #[test]
     fn exported_config_schema_answers_per_plugin() {
-        let module = __ferrotune_exports::root_module();
-        let f = module.config_schema().expect("this build's module has the field");
+        let f: crate::module::ConfigSchemaFn = __ferrotune_exports::ferrotune_plugin_config_schema;
         let text = f(PluginKind::REWARD, "scaled".into()).unwrap();
         let v: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
         assert_eq!(v, schema_of::<Scaled>());

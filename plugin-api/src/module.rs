@@ -79,8 +79,11 @@ pub struct PluginInfo {
 }
 
 /// The root module of a plugin library (an abi_stable prefix type: fields may be appended
-/// after `create_memory`; a host reads such later fields as `Option`s: a plugin built before
-/// a field was added simply lacks it).
+/// after `create_memory`, read by the host as `Option`s). abi_stable lets an older host load
+/// a library with more fields, but refuses a library with fewer fields than the host's: a
+/// field appended here makes libraries built before it unloadable, so it needs a new
+/// plugin-API series. An optional capability that older libraries must keep loading without
+/// is a separate C symbol instead (see [`CONFIG_SCHEMA_SYMBOL`]).
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(StableAbi)]
@@ -101,12 +104,24 @@ pub struct PluginModule {
     #[sabi(missing_field(option))]
     pub memory_capabilities:
         extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<RVec<RString>, PluginError>,
-    /// The JSON Schema of the config keys of plugin `name` of `kind`, as JSON text; empty when
-    /// the plugin declares none (appended: `None` for libraries built before it, whose
-    /// plugins then report none).
-    #[sabi(missing_field(option))]
-    pub config_schema: extern "C" fn(PluginKind, RStr<'_>) -> RResult<RString, PluginError>,
 }
+
+/// The plain C symbol through which a library gives its plugins' config schemas
+/// ([`ConfigSchemaFn`]). Optional: a library built before it lacks it and its plugins report
+/// no schema.
+///
+/// Not a field of [`PluginModule`]: abi_stable refuses a library whose root module has fewer
+/// fields than the host's (`check_fields`: the interface may not have more fields than the
+/// implementation), so a new field would lock out every library built before it. A new
+/// symbol does not; the host looks it up only after the manifest and abi_stable's layout
+/// check have passed, so every type in its signature has been checked already (`PluginKind`
+/// and `RString` through `PluginInfo`, `RStr` and `RResult<_, PluginError>` through the
+/// constructors). Its signature is frozen for the plugin-API series.
+pub const CONFIG_SCHEMA_SYMBOL: &[u8] = b"ferrotune_plugin_config_schema\0";
+
+/// The signature of [`CONFIG_SCHEMA_SYMBOL`]: the JSON Schema of the config keys of plugin
+/// `name` of `kind`, as JSON text; empty when the plugin declares none.
+pub type ConfigSchemaFn = extern "C" fn(PluginKind, RStr<'_>) -> RResult<RString, PluginError>;
 
 impl RootModule for PluginModule_Ref {
     abi_stable::declare_root_module_statics! {PluginModule_Ref}

@@ -57,7 +57,7 @@ pub struct Global {
 pub enum Command {
     /// List plugin libraries on the search path: name, kind, version, file, compatibility.
     Plugins {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table, with each plugin's config schema.
         #[arg(long)]
         json: bool,
     },
@@ -110,6 +110,9 @@ pub enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API, with PEFT adapters loaded, unloaded
     /// and chosen per request (`model` field), batched together (README: serving).
     Serve(Box<ServeArgs>),
+    /// A local web app: runs with live curves, a new-run form from the plugins' schemas, data
+    /// preview, and chat with the runs' adapters (README: board).
+    Board(Box<BoardArgs>),
     /// Benchmarks that print numbers (see `make bench-generate` for the side-by-side run).
     Bench {
         #[command(subcommand)]
@@ -309,6 +312,30 @@ pub struct MergeArgs {
     /// model against the adapter-applied quantized model on a probe batch is printed.
     #[arg(long, value_enum)]
     pub merge_base: Option<crate::peft::quant::MergeBase>,
+}
+
+#[derive(Args)]
+pub struct BoardArgs {
+    /// Run output directories: listed, and where new runs go (created when missing).
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
+    /// Model folders offered in the pickers and for chat.
+    #[arg(long)]
+    pub models: Option<PathBuf>,
+    /// Data files, folders and LLaMA-Factory dataset_info.json registries offered in the pickers.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 = any free port (the URL printed says which).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// The access token (default: a random one, printed in the URL).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Where chat runs the model.
+    #[command(flatten)]
+    pub dev: DeviceArgs,
 }
 
 #[derive(Args)]

@@ -4,7 +4,7 @@ use ferrotune_plugin_api::fingerprint::BuildFingerprint;
 
 use super::args::InitModelArgs;
 use crate::device;
-use crate::plugins::{DirSource, Registry, SearchPath};
+use crate::plugins::{self, DirSource, Registry, SearchPath};
 
 pub fn init_model(a: InitModelArgs) -> Result<()> {
     use crate::model::init;
@@ -89,19 +89,22 @@ pub fn print_plugins(search: &SearchPath, registry: &Registry) {
     }
 }
 
+/// `plugins --json`: the host, the search path, every plugin as [`plugins::plugins_json`] gives
+/// it (with its config schema) plus where it came from, and the refused libraries.
 pub fn plugins_json(search: &SearchPath, registry: &Registry) -> serde_json::Value {
+    let mut listed = plugins::plugins_json(registry);
+    let libraries = registry.plugins().map(|(lib, _)| lib);
+    if let Some(entries) = listed["plugins"].as_array_mut() {
+        for (entry, lib) in entries.iter_mut().zip(libraries) {
+            entry["file"] = lib.path.display().to_string().into();
+            entry["built_with"] = lib.fingerprint.to_string().into();
+            entry["compatible"] = true.into();
+        }
+    }
     serde_json::json!({
         "host": BuildFingerprint::current().to_string(),
         "search_path": search.dirs.iter().map(|(d, _)| d.display().to_string()).collect::<Vec<_>>(),
-        "plugins": registry.plugins().map(|(lib, p)| serde_json::json!({
-            "name": p.name.as_str(),
-            "kind": p.kind.to_string(),
-            "version": p.version.as_str(),
-            "description": p.description.as_str(),
-            "file": lib.path.display().to_string(),
-            "built_with": lib.fingerprint.to_string(),
-            "compatible": true,
-        })).collect::<Vec<_>>(),
+        "plugins": listed["plugins"].take(),
         "refused": registry.refused.iter().map(|e| serde_json::json!({
             "file": e.path().display().to_string(),
             "compatible": false,
