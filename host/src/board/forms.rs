@@ -69,8 +69,10 @@ fn object(props: Vec<(&str, Value)>) -> Value {
 /// The host's keys worth a form field, with the defaults a config that leaves them out gets
 /// (read from a parsed minimal config, so they cannot drift from the trainer's).
 pub fn host_schema_value() -> Value {
-    let cfg = TrainConfig::from_yaml("model: m\noutput_dir: o\ndata: {plugin: alpaca, path: d}\n")
-        .expect("the minimal config parses");
+    let cfg = TrainConfig::from_yaml(
+        "model: m\noutput_dir: o\nadapter: {plugin: lora}\ndata: {plugin: alpaca, path: d}\n",
+    )
+    .expect("the minimal config parses");
     let (o, s, d, t) = (&cfg.optimizer, &cfg.scheduler, &cfg.data, &cfg.training);
     let mut lr = prop("number", json!(o.lr), "peak learning rate");
     lr["exclusiveMinimum"] = json!(0);
@@ -420,8 +422,8 @@ pub async fn check(
     let Json(req) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     blocking(move || {
         let tmp = TempConfig::write(&b.roots.runs, &req.yaml)?;
-        let checked = load_checked(&b, &tmp.0);
-        if let Err(e) = checked {
+        if let Err(mut e) = load_checked(&b, &tmp.0) {
+            e.message = tmp.explain(&e.message);
             if e.status == 400 {
                 return Ok(Json(json!({"ok": false, "report": null, "error": e.message})));
             }
@@ -434,7 +436,7 @@ pub async fn check(
                 "report": report,
                 "error": null,
             }),
-            Err(e) => json!({"ok": false, "report": null, "error": format!("{e:#}")}),
+            Err(e) => json!({"ok": false, "report": null, "error": tmp.explain(&format!("{e:#}"))}),
         }))
     })
     .await
@@ -445,6 +447,11 @@ pub async fn check(
 pub struct TempConfig(pub PathBuf);
 
 impl TempConfig {
+    /// `message` with this file's path said as what it is.
+    pub fn explain(&self, message: &str) -> String {
+        message.replace(&self.0.display().to_string(), "the YAML")
+    }
+
     pub fn write(runs: &FsPath, yaml: &str) -> Result<Self, ApiError> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
@@ -500,4 +507,42 @@ pub async fn file(
             _ => "application/octet-stream",
         };
     Ok(([(header::CONTENT_TYPE, mime)], bytes).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_schema_defaults_are_the_trainers() {
+        let s = host_schema_value();
+        let p = |section: &str, key: &str| s["sections"][section]["properties"][key].clone();
+        assert_eq!(p("optimizer", "lr")["default"], json!(2e-4));
+        assert_eq!(p("training", "epochs")["default"], json!(1));
+        assert_eq!(p("training", "micro_batch_size")["default"], json!(2));
+        assert_eq!(p("data", "cutoff_len")["default"], json!(1024));
+        assert_eq!(p("scheduler", "type")["default"], json!("cosine"));
+        assert!(p("training", "max_steps").get("default").is_none());
+        assert_eq!(p("top", "dtype")["enum"], json!(["f32", "bf16"]));
+    }
+
+    #[test]
+    fn pinned_output_dir_replaces_the_users() {
+        let y = pin_output_dir(
+            "model: m\noutput_dir: /elsewhere\ndata: {plugin: alpaca}\n",
+            FsPath::new("/runs/a"),
+        )
+        .unwrap();
+        let v: serde_yaml::Value = serde_yaml::from_str(&y).unwrap();
+        assert_eq!(v["output_dir"].as_str(), Some("/runs/a"));
+        assert_eq!(v["model"].as_str(), Some("m"));
+        assert_eq!(pin_output_dir("- a\n- b\n", FsPath::new("/r")).unwrap_err().status, 400);
+        assert_eq!(pin_output_dir("a: [", FsPath::new("/r")).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn prune_drops_what_the_form_left_empty() {
+        let v = prune(json!({"a": null, "b": " ", "c": {"d": ""}, "e": 0, "f": false})).unwrap();
+        assert_eq!(v, json!({"c": {}, "e": 0, "f": false}));
+    }
 }

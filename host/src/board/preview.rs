@@ -72,7 +72,13 @@ pub async fn preview(
             }
             _ => return Err(ApiError::bad_request("give one of `yaml` and `run`")),
         };
-        let cfg = load_checked(&b, &path)?;
+        let explain = |mut e: ApiError| {
+            if let Some(t) = &_tmp {
+                e.message = t.explain(&e.message);
+            }
+            e
+        };
+        let cfg = load_checked(&b, &path).map_err(explain)?;
         let registry = Registry::discover(&b.search);
         let tok = Tokenizer::from_dir(&cfg.model).map_err(|e| bad(format!("{e:#}")))?;
         let prep = crate::train::image_prep(&cfg, &tok).map_err(|e| bad(format!("{e:#}")))?;

@@ -73,6 +73,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(a) => eval::run(&a, &Registry::discover(&search))?,
         Command::Merge(a) => merge(&a, &search)?,
         Command::Serve(a) => serve(*a, search)?,
+        Command::Board(a) => crate::board::board(crate::board::BoardOptions {
+            runs: a.runs,
+            models: a.models,
+            data: a.data,
+            host: a.host,
+            port: a.port,
+            token: a.token,
+            device: a.dev.device()?,
+            dtype: a.dev.dtype()?,
+            plugin_args: plugin_args(),
+            search,
+        })?,
         Command::Bench { what } => bench(what, &search, plugin_args())?,
         Command::Data { what: DataCommand::Preview(a) } => {
             data::preview(&Registry::discover(&search), &a)?
