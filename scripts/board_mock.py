@@ -6,11 +6,15 @@ contract (host/src/board/assets/README.md) with plausible data. Python standard 
     python3 scripts/board_mock.py [--port 7861] [--token t]
     then open http://127.0.0.1:7861/?token=t#runs
 
+With --upstream URL --upstream-token T it fakes nothing: the page comes from disk (so edits show
+without a rebuild) and every /api request is passed to a running `ferrotune board` (SSE too).
+
 Runs it fakes: a finished LoRA run (60 steps with eval lines), a failed one, a stopped one and a
 running one whose metrics grow by one line every 300 ms and then turn finished; a run started
 from the form does the same. Chat replies are made up (the base echoes, the adapter rhymes).
 """
 import argparse
+import http.client
 import json
 import math
 import os
@@ -407,8 +411,11 @@ class Handler(BaseHTTPRequestHandler):
                     return self.send(200, f.read(), "text/javascript; charset=utf-8" if name.endswith(".js") else "text/css; charset=utf-8")
             if not p.startswith("/api/"):
                 return self.error(404, f"no page {p}")
+            if self.server.upstream:
+                return self.forward(method)
             return self.api(method, p[5:], q)
         except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
             return None
         except ValueError as e:
             return self.error(400, str(e))
@@ -569,6 +576,34 @@ class Handler(BaseHTTPRequestHandler):
                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]})
         return self.error(404, f"no route POST /api/{p}")
 
+    def forward(self, method):
+        """Passes the request to the real board (--upstream), streaming the answer through."""
+        import urllib.error
+        import urllib.request
+        u = urlparse(self.path)
+        query = "&".join(x for x in u.query.split("&") if x and not x.startswith("token="))
+        url = self.server.upstream + u.path + ("?" + query if query else "")
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+        req = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.server.upstream_token}",
+            "Content-Type": self.headers.get("Content-Type", "application/json")})
+        try:
+            resp = urllib.request.urlopen(req, timeout=3600)
+        except urllib.error.HTTPError as e:
+            resp = e
+        except (OSError, http.client.HTTPException) as e:
+            return self.error(502, f"the upstream board did not answer {method} {u.path}: {e}")
+        ctype = resp.headers.get("Content-Type", "application/octet-stream")
+        if ctype.startswith("text/event-stream"):
+            self.sse_start()
+            while True:
+                chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(1)
+                if not chunk:
+                    return None
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        return self.send(resp.status if hasattr(resp, "status") else resp.code, resp.read(), ctype)
+
     def stream(self, run, kind):
         """SSE: every line so far, then new lines every TICK while running; state events on change."""
         self.sse_start()
@@ -607,6 +642,8 @@ def main():
     ap.add_argument("--port", type=int, default=7861)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--token", default="t")
+    ap.add_argument("--upstream", help="a running `ferrotune board` (http://127.0.0.1:PORT) to pass /api requests to")
+    ap.add_argument("--upstream-token", default="", help="its token")
     ap.add_argument("--close-streams", action="store_true",
                     help="end each SSE stream once its run is not running (the page must reconnect without duplicates)")
     a = ap.parse_args()
@@ -614,6 +651,8 @@ def main():
     srv.daemon_threads = True
     srv.token = a.token
     srv.close_streams = a.close_streams
+    srv.upstream = (a.upstream or "").rstrip("/")
+    srv.upstream_token = a.upstream_token
     print(f"board mock: open http://{a.host}:{a.port}/?token={a.token}", flush=True)
     try:
         srv.serve_forever()

@@ -553,7 +553,9 @@ async function loadRunDetails() {
   for (const c of d.checkpoints || []) {
     ul.append(el('li', { dataset: { step: c.step ?? '' } }, el('span', { class: 'ckpt-name', text: c.name }), el('span', { class: 'muted', text: c.step !== undefined && c.step !== null ? ` step ${c.step}` : '' })));
   }
-  if (d.has_adapter) ul.append(el('li', { class: 'final' }, el('span', { class: 'ckpt-name', text: 'final adapter' }), el('span', { class: 'muted', text: ' (run folder)' })));
+  // Only checkpoint-N folders are list items (what resume starts from); the adapter saved in
+  // the run folder itself is a note below.
+  $('#run-final').hidden = !d.has_adapter;
   $('#run-checkpoints-empty').hidden = ul.children.length > 0;
   const info = $('#run-info');
   info.textContent = '';
@@ -839,7 +841,19 @@ async function loadNewForm() {
   const [plugins, hostSchema, models, datasets] = await Promise.allSettled([api('/api/plugins'), api('/api/host_schema'), api('/api/models'), api('/api/datasets')]);
   const failures = [plugins, hostSchema, models, datasets].filter((p) => p.status === 'rejected').map((p) => messageOf(p.reason));
   if (failures.length) showError(box, failures.join('\n'));
-  if (plugins.status === 'fulfilled') NEW.plugins = plugins.value.plugins || [];
+  if (plugins.status === 'fulfilled') {
+    NEW.plugins = plugins.value.plugins || [];
+    // Libraries the host could not load: say so when a picker comes out empty.
+    const refused = plugins.value.refused || [];
+    const missing = ['adapter', 'objective', 'memory', 'dataset'].filter((k) => !NEW.plugins.some((p) => p.kind === k));
+    if (missing.length) {
+      failures.push(
+        `no ${missing.join(', ')} plugins found` +
+          (refused.length ? `; refused libraries:\n` + refused.slice(0, 8).map((r) => `${r.file || r.name || '?'}: ${r.reason || r.error || ''}`).join('\n') : ''),
+      );
+      showError(box, failures.join('\n'));
+    }
+  }
   if (hostSchema.status === 'fulfilled') NEW.hostSchema = hostSchema.value.sections || {};
   if (models.status === 'fulfilled') NEW.models = models.value.models || [];
   if (datasets.status === 'fulfilled') NEW.datasets = datasets.value || { files: [], registries: [] };
@@ -927,6 +941,7 @@ function fillPluginSelect(section, kind, preferred) {
   select.textContent = '';
   const list = NEW.plugins.filter((p) => p.kind === kind);
   for (const p of list) select.append(el('option', { value: p.name, text: p.name + (p.version ? ` ${p.version}` : '') }));
+  if (list.length === 0 && section !== 'adapter') select.append(el('option', { value: '', text: `(no ${kind} plugins found)` }));
   if (section === 'adapter') {
     select.append(el('option', { value: '', text: 'none · full fine-tuning' }));
     select.append(el('option', { value: '@freeze', text: 'none · freeze (train the last layers)' }));
