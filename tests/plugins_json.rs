@@ -1,8 +1,13 @@
 //! `ferrotune plugins --json` lists every plugin with the JSON Schema of its config keys
 //! (`schema`, null for plugins that declare none), the same listing the board serves
 //! (`ferrotune::plugins::plugins_json`); each schema's defaults build the plugin through the
-//! host, across the plugin boundary.
-use ferrotune::plugins::plugins_json;
+//! host, across the plugin boundary; a library built before plugins exported schemas still
+//! loads, its plugins listed with none.
+use std::ffi::CString;
+use std::path::Path;
+
+use ferrotune::plugins::{plugins_json, Registry, SearchPath};
+use ferrotune_plugin_api::module::CONFIG_SCHEMA_SYMBOL;
 use ferrotune_plugin_api::PluginKind;
 use ferrotune_tests::*;
 use serde_json::{json, Map, Value};
@@ -112,4 +117,88 @@ fn schema_defaults_build_each_plugin_through_the_host() {
     let e = registry.adapter("lora", r#"{"r": 0}"#).err().expect("r = 0 is refused").to_string();
     assert!(e.contains("`r`"), "{e}");
     assert!(registry.config_schema(PluginKind::ADAPTER, "no-such-plugin").is_err());
+}
+
+/// Whether the loaded library at `path` exports the config-schema symbol (`dlsym` on the
+/// library's own handle: it searches the library and its dependencies, never another plugin).
+fn exports_schema_symbol(path: &Path) -> bool {
+    let name = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: RTLD_NOLOAD only returns a handle to a library this process already loaded.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+    assert!(!handle.is_null(), "{} is not loaded", path.display());
+    // SAFETY: only the symbol's address is looked up.
+    let f = unsafe { libc::dlsym(handle, CONFIG_SCHEMA_SYMBOL.as_ptr().cast()) };
+    // SAFETY: drops the reference RTLD_NOLOAD took; the registry keeps its own.
+    unsafe { libc::dlclose(handle) };
+    !f.is_null()
+}
+
+/// A library as built before `ferrotune_plugin_config_schema` existed (the plugin-api copy's
+/// macro exports no such symbol; its root module is the same) loads in this host, its
+/// plugins work, and they report no schema, in the registry and in `plugins --json`.
+#[test]
+fn a_library_built_before_schemas_loads_and_reports_none() {
+    let old = ferrotune_tests::external::build_external_plugin("before-schemas", &|api| {
+        let macros = api.join("src/macros.rs");
+        let text = std::fs::read_to_string(&macros).unwrap();
+        let exported =
+            "#[no_mangle]\n            pub extern \"C\" fn ferrotune_plugin_config_schema";
+        assert!(text.contains(exported), "export_plugin! no longer exports the symbol this way");
+        let text = text.replacen(exported, "pub extern \"C\" fn ferrotune_plugin_config_schema", 1);
+        std::fs::write(&macros, text).unwrap();
+        // The stand-in shares this build's root module, so it stands for older libraries only
+        // while that module keeps the fields they were built with (abi_stable refuses a library
+        // with fewer fields than the host's).
+        let module = std::fs::read_to_string(api.join("src/module.rs")).unwrap();
+        let body = module.split("pub struct PluginModule {").nth(1).unwrap();
+        let body = &body[..body.find("\n}").unwrap()];
+        let fields: Vec<&str> =
+            body.lines().filter_map(|l| l.trim().strip_prefix("pub ")?.split(':').next()).collect();
+        assert_eq!(
+            fields,
+            [
+                "plugins",
+                "create_adapter",
+                "create_quantizer",
+                "create_objective",
+                "create_reward",
+                "create_dataset",
+                "create_memory",
+                "memory_capabilities"
+            ],
+            "a field appended to PluginModule locks out every 0.2 library built before it"
+        );
+    });
+    let dir = temp_dir("plugins-json-old");
+    let lib = dir.join("libexternal_before_schemas.so");
+    std::fs::copy(&old, &lib).unwrap();
+    let mut registry = Registry::discover(&SearchPath::new(&[build_dir()], None, false));
+    assert!(
+        registry.add(&lib).is_some(),
+        "refused: {:?}",
+        registry.refused.last().map(|e| e.to_string())
+    );
+    assert!(!exports_schema_symbol(&lib), "the stand-in for an older library exports the symbol");
+    assert!(exports_schema_symbol(&build_dir().join("libferrotune_lora.so")));
+    assert_eq!(registry.config_schema(PluginKind::REWARD, "external-contains").unwrap(), None);
+    assert!(registry.config_schema(PluginKind::ADAPTER, "lora").unwrap().is_some());
+    assert!(registry.reward("external-contains", r#"{"needle": "cat"}"#).is_ok());
+
+    let out = ferrotune(&["plugins", "--json", "--plugin-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["refused"], json!([]), "{}", v["refused"]);
+    let old_plugins: Vec<&Value> = v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["library"].as_str().is_some_and(|l| l.ends_with("libexternal_before_schemas.so"))
+        })
+        .collect();
+    assert_eq!(old_plugins.len(), 2, "{v}");
+    for p in old_plugins {
+        assert!(p["schema"].is_null() && p["schema_error"].is_null(), "{p}");
+    }
+    std::fs::remove_dir_all(dir).ok();
 }

@@ -8,6 +8,7 @@ use ferrotune::plugins::{Registry, SearchPath};
 pub mod adapter_parity;
 pub mod align;
 pub mod browser;
+pub mod external;
 pub mod server;
 pub mod train_parity;
 pub use server::Server;
