@@ -1191,7 +1191,7 @@ function renderPreview(r) {
       const w = v.width ?? (frames[0] && frames[0].width);
       const h = v.height ?? (frames[0] && frames[0].height);
       const kept = v.frames_kept !== undefined ? `${v.frames_kept}${v.frames_total ? ' of ' + v.frames_total : ''} frames` : `${frames.length} frames`;
-      fig.append(el('figcaption', { text: `video ${w ?? '?'}×${h ?? '?'} · ${kept} · ${v.tokens} tokens` + (v.describe ? ` · ${v.describe}` : '') }));
+      fig.append(el('figcaption', { text: `video ${w ?? '?'}×${h ?? '?'} · ${v.describe || kept} · ${v.tokens} tokens` }));
       media.append(fig);
     }
     if (media.children.length) card.append(media);
