@@ -5,7 +5,8 @@
 //! A strategy that needs the host to do more than the trait's calls (ZeRO stage 3: shard the
 //! frozen weights, which plugins never see) says so in [`MemoryStrategy::capabilities`]. The
 //! host reads them through the root module's `memory_capabilities` field, appended after the
-//! prefix, so libraries built before it keep loading and report none.
+//! prefix. (An older host loads a library that has it; abi_stable refuses a library built
+//! without it in a host that has it: see [`PluginModule`](crate::PluginModule).)
 use abi_stable::sabi_trait;
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::sabi_types::RRef;
@@ -76,7 +77,7 @@ pub trait MemoryStrategy: Send + 'static {
     fn load_state_dict(&mut self, state: Vec<(String, Tensor)>) -> PluginResult<()>;
     /// What this configured strategy asks of the host beyond the trait (see
     /// [`SHARD_FROZEN_PARAMS`], [`OFFLOAD_PARAMS_CPU`]). Read by the host through the root
-    /// module's `memory_capabilities` field, so plugins built before it report none.
+    /// module's `memory_capabilities` field.
     fn capabilities(&self) -> Vec<String> {
         Vec::new()
     }
