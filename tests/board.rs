@@ -159,6 +159,19 @@ fn fixture(tag: &str) -> Fixture {
     Fixture { _dir: dir, runs, models, data, model, alpaca, vl_model, story }
 }
 
+/// Polls `GET /api/runs/NAME` until `done(state)`; returns the state.
+fn wait_state(b: &Board, name: &str, done: impl Fn(&str) -> bool, secs: u64) -> String {
+    let t = Instant::now();
+    loop {
+        let state = b.get(&format!("/api/runs/{name}"))["state"].as_str().unwrap().to_string();
+        if done(&state) {
+            return state;
+        }
+        assert!(t.elapsed() < Duration::from_secs(secs), "run {name} still {state}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Lines of `metrics.jsonl` that carry `key`.
 fn points(run: &Path, key: &str) -> usize {
     read_jsonl(&run.join("metrics.jsonl")).iter().filter(|l| l.get(key).is_some()).count()
@@ -270,6 +283,56 @@ fn board_serves_only_with_the_token_and_only_its_folders() {
     assert_eq!(done["state"], "finished", "{done}");
     assert_eq!(done["steps"], 8);
     assert!(done["has_adapter"].as_bool().unwrap());
+    let (code, v) = b.post("/api/runs/done/resume", json!({}));
+    assert_eq!(code, 409, "a finished run does not resume: {v}");
+    let (code, v) = b.post("/api/runs/done/stop", json!({}));
+    assert_eq!(code, 409, "{v}");
+
+    // Two ranks through `launch --nproc 2`, to the end.
+    let (code, v) = b.post(
+        "/api/runs",
+        json!({"name": "ddp", "nproc": 2, "yaml": run_config(&f.model, &f.alpaca, Path::new("x"), 4, None) + "memory:\n  plugin: ddp\n"}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = b.post("/api/runs", json!({"name": "ddp", "yaml": "model: m"}));
+    assert_eq!(code, 409, "the name is taken: {v}");
+    let state = wait_state(&b, "ddp", |s| s != "running", 180);
+    let log = std::fs::read_to_string(f.runs.join("ddp/train.log")).unwrap_or_default();
+    assert_eq!(state, "finished", "{log}");
+    let detail = b.get("/api/runs/ddp");
+    assert_eq!(
+        detail["command"].as_array().unwrap()[1..4],
+        [json!("launch"), json!("--nproc"), json!("2")],
+        "{detail}"
+    );
+    assert_eq!(points(&f.runs.join("ddp"), "loss"), 4);
+
+    // A run killed with SIGKILL is failed, and a board started later says so too.
+    let (code, v) = b.post(
+        "/api/runs",
+        json!({"name": "killed", "yaml": run_config(&f.model, &f.alpaca, Path::new("x"), 100000, None)}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let t = Instant::now();
+    while !f.runs.join("killed/metrics.jsonl").is_file()
+        || points(&f.runs.join("killed"), "loss") == 0
+    {
+        assert!(t.elapsed() < Duration::from_secs(120), "no step logged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(f.runs.join("killed/board.json")).unwrap()).unwrap();
+    unsafe {
+        libc::kill(record["pid"].as_i64().unwrap() as libc::pid_t, libc::SIGKILL);
+    }
+    assert_eq!(wait_state(&b, "killed", |s| s != "running", 30), "failed");
+    let detail = b.get("/api/runs/killed");
+    assert!(detail["exit_code"].is_null(), "killed by a signal: {detail}");
+    drop(b);
+    let b = Board::start(&f.runs, &f.models, &f.data);
+    assert_eq!(b.get("/api/runs/killed")["state"], "failed");
+    assert_eq!(b.get("/api/runs/ddp")["state"], "finished");
+
     // Plugins with their schemas, as `plugins --json`.
     let plugins = b.get("/api/plugins");
     let lora = plugins["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "lora").unwrap();
@@ -393,6 +456,25 @@ fn board_in_a_browser() {
         "document.querySelector('#run-log').textContent.includes('\"step\":40')",
         20,
     );
+    // Overlay: the finished run's curves join this run's charts.
+    wait(
+        &page,
+        "the overlay choice",
+        "document.querySelector('input.overlay[data-run=\"done\"]') !== null",
+        10,
+    );
+    page.click("input.overlay[data-run=\"done\"]").unwrap();
+    wait(
+        &page,
+        "the overlaid curve",
+        &format!(
+            "{} === 8 && {} === 40",
+            series_expr("loss", "done"),
+            series_expr("loss", "fromform")
+        ),
+        20,
+    );
+    screenshot(&page, "overlay");
 
     // Stop and resume: a long run with checkpoints, stopped from the page, resumed from it.
     let (code, v) = b.post(
@@ -401,7 +483,12 @@ fn board_in_a_browser() {
     );
     assert_eq!(code, 200, "{v}");
     page.goto(&format!("{}/#run/long", b.url)).unwrap();
-    wait(&page, "a checkpoint", "document.querySelectorAll('#run-checkpoints li').length > 0", 120);
+    wait(
+        &page,
+        "a checkpoint",
+        "[...document.querySelectorAll('#run-checkpoints li')].some(li => li.textContent.includes('checkpoint-'))",
+        120,
+    );
     page.click("#stop-run").unwrap();
     wait(&page, "stopped", "document.querySelector('#run-state').dataset.state === 'stopped'", 30);
     let stopped_at = points(&f.runs.join("long"), "loss");
@@ -518,6 +605,30 @@ fn board_in_a_browser() {
     assert_eq!(base.as_str().unwrap(), generate(None));
     assert_ne!(want_tuned, generate(None), "the adapter should change the answer");
     screenshot(&page, "chat");
+
+    // An image from the page's file input, to the vision-language model.
+    let images = ferrotune_tests::repo_root().join("datasets/story-llava/images");
+    let png = images.join("toy-test-008_1.png");
+    choose(&page, "#chat-model", f.vl_model.to_str().unwrap());
+    page.set_value("#chat-adapter", "").unwrap();
+    page.click("#chat-start").unwrap();
+    wait(
+        &page,
+        "the VL model loaded",
+        "document.querySelector('#chat-status').dataset.ready === 'true' && !document.querySelector('#chat-image').disabled",
+        120,
+    );
+    page.set_file_input("#chat-image", &png).unwrap();
+    page.set_value("#chat-input", "Describe the picture.").unwrap();
+    page.click("#chat-send").unwrap();
+    wait(
+        &page,
+        "the answer about the image",
+        "document.querySelector('#chat-base .reply[data-done=\"true\"]') !== null",
+        120,
+    );
+    let reply = js(&page, "(() => { const r = document.querySelector('#chat-base .reply'); return [r.className, r.textContent]; })()");
+    assert!(!reply[0].as_str().unwrap().contains("error"), "{reply}");
 
     let errors = page.js_errors();
     assert!(errors.is_empty(), "the page logged errors: {errors:?}");

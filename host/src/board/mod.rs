@@ -265,3 +265,39 @@ pub fn board(opts: BoardOptions) -> Result<()> {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     served
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_comes_from_header_query_or_cookie() {
+        let mut h = HeaderMap::new();
+        assert_eq!(given_token(&h, None), None);
+        assert_eq!(given_token(&h, Some("a=1&token=abc")).as_deref(), Some("abc"));
+        h.insert(header::COOKIE, "x=1; ferrotune_board=fromcookie".parse().unwrap());
+        assert_eq!(given_token(&h, None).as_deref(), Some("fromcookie"));
+        h.insert(header::AUTHORIZATION, "Bearer fromheader".parse().unwrap());
+        assert_eq!(given_token(&h, Some("token=q")).as_deref(), Some("fromheader"));
+        assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
+    }
+
+    #[test]
+    fn paths_outside_the_folders_are_refused() {
+        let root =
+            std::env::temp_dir().join(format!("ferrotune-board-roots-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("runs/a")).unwrap();
+        std::fs::create_dir_all(root.join("other")).unwrap();
+        std::os::unix::fs::symlink(root.join("other"), root.join("runs/link")).unwrap();
+        let roots =
+            Roots { runs: root.join("runs").canonicalize().unwrap(), models: None, data: None };
+        let s = |p: PathBuf| p.display().to_string();
+        assert!(roots.inside("path", &s(root.join("runs/a"))).is_ok());
+        assert_eq!(roots.inside("path", &s(root.join("other"))).unwrap_err().status, 403);
+        assert_eq!(roots.inside("path", &s(root.join("runs/link"))).unwrap_err().status, 403);
+        assert_eq!(roots.inside("path", &s(root.join("runs/../other"))).unwrap_err().status, 403);
+        assert_eq!(roots.inside("path", &s(root.join("runs/missing"))).unwrap_err().status, 404);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

@@ -679,3 +679,77 @@ pub async fn log_stream(
     let dir = b.runs.dir_of(&name)?;
     Ok(Sse::new(follow(b.clone(), name, dir, Follow::Log)).keep_alive(KeepAlive::default()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_names_stay_in_the_folder() {
+        for ok in ["a", "run-1", "qwen2.5_lora", "A.b-c_d"] {
+            assert!(valid_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "../x", "a b", "a\\b", &"x".repeat(101)] {
+            assert_eq!(valid_name(bad).unwrap_err().status, 400, "{bad}");
+        }
+    }
+
+    fn temp(tag: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("ferrotune-board-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn state_of_runs_it_did_not_start() {
+        let root = temp("state");
+        let sup = Supervisor::new(&root, Vec::new());
+        let run = root.join("r");
+        std::fs::create_dir_all(run.join("checkpoint-2")).unwrap();
+        std::fs::write(run.join(METRICS), "{\"step\":1,\"loss\":1.0}\n").unwrap();
+        // Written just now: running.
+        assert_eq!(sup.state("r", &run).0, RunState::Running);
+        // A board run whose process is gone and that never ended: failed.
+        let rec = Record {
+            command: vec![],
+            nproc: 1,
+            pid: u32::MAX - 1,
+            state: RunState::Running,
+            exit_code: None,
+            started: 0,
+            ended: None,
+        };
+        write_record(&run, &rec).unwrap();
+        assert_eq!(sup.state("r", &run).0, RunState::Failed);
+        // Its recorded end wins.
+        write_record(&run, &Record { state: RunState::Stopped, ..rec }).unwrap();
+        assert_eq!(sup.state("r", &run).0, RunState::Stopped);
+        std::fs::remove_file(run.join(RECORD)).unwrap();
+        std::fs::write(run.join(SUMMARY), "{}").unwrap();
+        assert_eq!(sup.state("r", &run).0, RunState::Finished);
+        assert_eq!(sup.names(), vec!["r".to_string()]);
+        // Folders without a run's files are not runs.
+        std::fs::create_dir_all(root.join("notes")).unwrap();
+        assert_eq!(sup.names(), vec!["r".to_string()]);
+        assert_eq!(sup.dir_of("notes").unwrap_err().status, 404);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn error_lines_of_a_failed_log() {
+        let root = temp("log");
+        let log = root.join(LOG);
+        std::fs::write(
+            &log,
+            "step 1\nError: config key `adapter.r`: must be at least 1\n\nCaused by:\n  x\n",
+        )
+        .unwrap();
+        let e = last_error(&log).unwrap();
+        assert!(e.starts_with("Error: config key `adapter.r`") && e.ends_with("  x"), "{e}");
+        std::fs::write(&log, "all good\n").unwrap();
+        assert!(last_error(&log).is_none());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
