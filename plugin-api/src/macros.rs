@@ -68,7 +68,7 @@ macro_rules! export_plugin {
                 $crate::macros::not_found($crate::PluginKind::MEMORY, name)
             }
 
-            /// [`CONFIG_SCHEMA_SYMBOL`]($crate::module::CONFIG_SCHEMA_SYMBOL): the config schema of
+            /// `ferrotune_plugin_config_schema` (plugin-api's `CONFIG_SCHEMA_SYMBOL`): the config schema of
             /// each plugin this library exports.
             #[no_mangle]
             pub extern "C" fn ferrotune_plugin_config_schema(kind: $crate::PluginKind, name: RStr<'_>) -> RResult<$crate::__private::RString, PluginError> {

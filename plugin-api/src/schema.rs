@@ -2,7 +2,7 @@
 //! `ferrotune plugins --json` prints and the board builds its forms from.
 //!
 //! A plugin derives [`JsonSchema`] next to `Deserialize` on its config struct and returns
-//! [`schema_of`] from [`Plugin::config_schema`](crate::Plugin::config_schema); schemars reads
+//! [`schema_of`] from [`Plugin::config_schema`]; schemars reads
 //! the serde attributes (`default`, `rename`, `deny_unknown_fields`, untagged enums), so the
 //! schema follows what [`parse_config`](crate::parse_config) accepts. Doc comments become
 //! `description`s, `#[schemars(range(min = 1))]` a `minimum`. [`assert_schema_matches`] checks
