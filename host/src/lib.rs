@@ -5,7 +5,7 @@
 //! `ferrotune-plugin-api`).
 //!
 //! Layers, each importing only from those below it (the README's "How the host is laid out"):
-//! `cli` → `bench`, `serve` → `train` → `generate` → `peft` → `data` → `dist` → `model` →
+//! `cli` → `board` → `bench`, `serve` → `train` → `generate` → `peft` → `data` → `dist` → `model` →
 //! `vision`, `text` → `util`, with `plugins`, `device` and `selfcheck` beside them.
 
 pub mod bench;

@@ -44,7 +44,7 @@ pub async fn info(State(b): State<Arc<Board>>) -> Json<Value> {
 pub async fn plugins(State(b): State<Arc<Board>>) -> Result<Json<Value>, ApiError> {
     blocking(move || {
         let registry = Registry::discover(&b.search);
-        Ok(Json(crate::cli::info::plugins_json(&b.search, &registry)))
+        Ok(Json(crate::plugins::plugins_json(&registry)))
     })
     .await
 }
@@ -294,7 +294,7 @@ fn prune(v: Value) -> Option<Value> {
 /// The YAML a form's values make: sections in the order the README's reference uses, with
 /// output_dir set to the run's folder.
 pub fn draft_yaml(b: &Board, req: DraftRequest) -> Result<String, ApiError> {
-    super::runs::valid_name(&req.name)?;
+    super::valid_name(&req.name)?;
     let mut top = serde_yaml::Mapping::new();
     top.insert("model".into(), req.model.clone().into());
     top.insert("output_dir".into(), b.roots.runs.join(&req.name).display().to_string().into());
@@ -430,9 +430,9 @@ pub async fn check(
             return Err(e);
         }
         let registry = Registry::discover(&b.search);
-        Ok(Json(match crate::cli::data::review(&registry, &tmp.0) {
+        Ok(Json(match crate::train::review_data(&registry, &tmp.0) {
             Ok((cfg, report)) => json!({
-                "ok": !crate::cli::data::would_stop(&cfg, &report),
+                "ok": !crate::train::would_stop(&cfg, &report),
                 "report": report,
                 "error": null,
             }),

@@ -121,6 +121,21 @@ fn outside(what: &str, path: &str) -> ApiError {
     )
 }
 
+/// A run name: a folder name of `[A-Za-z0-9_.-]`, not hidden.
+pub fn valid_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "run name `{name}`: use 1 to 100 of A-Z a-z 0-9 _ - . (not starting with a dot)"
+        )))
+    }
+}
+
 /// What every handler shares.
 pub struct Board {
     pub roots: Roots,

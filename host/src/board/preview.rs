@@ -123,8 +123,7 @@ fn sample_json(tok: &Tokenizer, index: usize, e: &Encoded) -> Value {
         let text = tok
             .decode(&e.input_ids[start..end], false)
             .unwrap_or_else(|err| format!("<cannot decode: {err}>"));
-        segments
-            .push(json!({"text": crate::cli::data::compress_image_pads(&text), "labelled": on}));
+        segments.push(json!({"text": crate::data::compress_image_pads(&text), "labelled": on}));
         start = end;
     }
     let images: Vec<Value> =

@@ -22,7 +22,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::Board;
+use super::{valid_name, Board};
 use crate::serve::error::ApiError;
 
 /// The board's record of a run it started.
@@ -103,21 +103,6 @@ fn alive(pid: u32) -> bool {
         .ok()
         .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
         .is_some_and(|zombie| !zombie)
-}
-
-/// A run name: a folder name of `[A-Za-z0-9_.-]`, not hidden.
-pub fn valid_name(name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 100
-        && !name.starts_with('.')
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "run name `{name}`: use 1 to 100 of A-Z a-z 0-9 _ - . (not starting with a dot)"
-        )))
-    }
 }
 
 /// Whether folder `dir` holds a run's files.

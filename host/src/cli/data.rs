@@ -63,7 +63,7 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
                     e.input_ids.len(),
                     e.num_label_tokens()
                 );
-                println!("{}", compress_image_pads(&preview(&tok, e)));
+                println!("{}", crate::data::compress_image_pads(&preview(&tok, e)));
             }
             for (i, why) in prepared.bad.iter().chain(&prepared.skipped) {
                 println!("=== {i}: not trainable: {why}");
@@ -102,7 +102,7 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
                 for (k, im) in e.images.iter().filter(|im| im.video.is_some()).enumerate() {
                     println!("  video {k}: {}", im.describe());
                 }
-                println!("{}", compress_image_pads(&preview(&tok, &e)));
+                println!("{}", crate::data::compress_image_pads(&preview(&tok, &e)));
             }
             Err(err) => println!("=== {i}: {id}: not trainable: {err:#}"),
         }
@@ -110,60 +110,8 @@ pub fn preview(registry: &Registry, a: &DataPreviewArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs of `<|image_pad|>` (and `<|video_pad|>`) shown as `<|image_pad|>×N`.
-pub(crate) fn compress_image_pads(text: &str) -> String {
-    compress_pads(&compress_pads(text, "<|image_pad|>"), "<|video_pad|>")
-}
-
-/// Runs of `pad` shown as `pad×N`.
-fn compress_pads(text: &str, pad: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find(pad) {
-        out.push_str(&rest[..at]);
-        let mut n = 0;
-        rest = &rest[at..];
-        while let Some(r) = rest.strip_prefix(pad) {
-            n += 1;
-            rest = r;
-        }
-        out.push_str(&format!("{pad}×{n}"));
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The `data check` report of run config `config` (also `board`'s inline check).
-pub fn review(
-    registry: &Registry,
-    config: &Path,
-) -> Result<(crate::train::config::TrainConfig, crate::data::check::CheckReport)> {
-    let cfg = crate::train::config::TrainConfig::from_file(config)?;
-    let tok = crate::text::Tokenizer::from_dir(&cfg.model)?;
-    let prep = crate::train::image_prep(&cfg, &tok)?;
-    let (prepared, origins) = crate::train::read_data_sets(&cfg, registry, &tok, prep.as_ref())?;
-    let what = crate::data::registry::describe(&cfg.data);
-    let mut report = crate::data::check::review(&prepared, &tok, what.into());
-    crate::data::registry::check_by_dataset(&mut report, &prepared, &origins);
-    if cfg.data.datasets.is_none() {
-        report.datasets.clear();
-    }
-    if cfg.data.packing {
-        report.packing = Some(crate::data::check::packing(&prepared, cfg.data.cutoff_len)?);
-    }
-    Ok((cfg, report))
-}
-
-/// Whether training would stop on `report`'s bad rows (`data.on_bad_sample: stop`).
-pub fn would_stop(
-    cfg: &crate::train::config::TrainConfig,
-    report: &crate::data::check::CheckReport,
-) -> bool {
-    report.errors > 0 && cfg.data.on_bad_sample == crate::train::config::OnBadSample::Stop
-}
-
 pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode> {
-    let (cfg, report) = review(registry, config)?;
+    let (cfg, report) = crate::train::review_data(registry, config)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -216,5 +164,5 @@ pub fn check(registry: &Registry, config: &Path, json: bool) -> Result<ExitCode>
             );
         }
     }
-    Ok(if would_stop(&cfg, &report) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if crate::train::would_stop(&cfg, &report) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -306,6 +306,29 @@ impl SampleImage {
     }
 }
 
+/// Runs of `<|image_pad|>` (and `<|video_pad|>`) shown as `<|image_pad|>×N`.
+pub fn compress_image_pads(text: &str) -> String {
+    compress_pads(&compress_pads(text, "<|image_pad|>"), "<|video_pad|>")
+}
+
+/// Runs of `pad` shown as `pad×N`.
+fn compress_pads(text: &str, pad: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(pad) {
+        out.push_str(&rest[..at]);
+        let mut n = 0;
+        rest = &rest[at..];
+        while let Some(r) = rest.strip_prefix(pad) {
+            n += 1;
+            rest = r;
+        }
+        out.push_str(&format!("{pad}×{n}"));
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

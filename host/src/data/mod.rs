@@ -34,7 +34,8 @@ use crate::plugins::Registry;
 
 pub use collate::collate;
 pub use encode::{
-    encode_pair, encode_sample, preview, EncodeError, EncodeOptions, Encoded, IGNORE_INDEX,
+    compress_image_pads, encode_pair, encode_sample, preview, EncodeError, EncodeOptions, Encoded,
+    IGNORE_INDEX,
 };
 pub use images::{encode_multimodal, ImageData, ImagePrep, SampleImage};
 pub use layout::{Item, Layout, Prepared};

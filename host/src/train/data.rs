@@ -360,6 +360,32 @@ impl Fnv64 {
     }
 }
 
+/// The `data check` report of run config `config` (`data check`, and `board`'s inline check).
+pub fn review_data(
+    registry: &Registry,
+    config: &std::path::Path,
+) -> Result<(TrainConfig, crate::data::check::CheckReport)> {
+    let cfg = TrainConfig::from_file(config)?;
+    let tok = crate::text::Tokenizer::from_dir(&cfg.model)?;
+    let prep = image_prep(&cfg, &tok)?;
+    let (prepared, origins) = read_data_sets(&cfg, registry, &tok, prep.as_ref())?;
+    let what = crate::data::registry::describe(&cfg.data);
+    let mut report = crate::data::check::review(&prepared, &tok, what.into());
+    crate::data::registry::check_by_dataset(&mut report, &prepared, &origins);
+    if cfg.data.datasets.is_none() {
+        report.datasets.clear();
+    }
+    if cfg.data.packing {
+        report.packing = Some(crate::data::check::packing(&prepared, cfg.data.cutoff_len)?);
+    }
+    Ok((cfg, report))
+}
+
+/// Whether training would stop on `report`'s bad rows (`data.on_bad_sample: stop`).
+pub fn would_stop(cfg: &TrainConfig, report: &crate::data::check::CheckReport) -> bool {
+    report.errors > 0 && cfg.data.on_bad_sample == config::OnBadSample::Stop
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

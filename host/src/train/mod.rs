@@ -43,6 +43,7 @@ use config::TrainConfig;
 pub use context::{load_rewards, LoadedReward, PolicyContext};
 pub use data::{
     config_rows, encode_options, image_prep, permutation, rank_share, read_data, read_data_sets,
+    review_data, would_stop,
 };
 pub use run::{Losses, Run, StepResult};
 use step::NonFiniteSteps;
