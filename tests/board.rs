@@ -332,10 +332,40 @@ fn board_serves_only_with_the_token_and_only_its_folders() {
     assert_eq!(wait_state(&b, "killed", |s| s != "running", 30), "failed");
     let detail = b.get("/api/runs/killed");
     assert!(detail["exit_code"].is_null(), "killed by a signal: {detail}");
+    // A board killed with SIGKILL leaves its run going; the next board shows it running and
+    // stops it.
+    let (code, v) = b.post(
+        "/api/runs",
+        json!({"name": "orphan", "yaml": run_config(&f.model, &f.alpaca, Path::new("x"), 100000, None)}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let t = Instant::now();
+    while !f.runs.join("orphan/metrics.jsonl").is_file()
+        || points(&f.runs.join("orphan"), "loss") == 0
+    {
+        assert!(t.elapsed() < Duration::from_secs(120), "no step logged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut b = b;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
     drop(b);
     let b = Board::start(&f.runs, &f.models, &f.data);
     assert_eq!(b.get("/api/runs/killed")["state"], "failed");
     assert_eq!(b.get("/api/runs/ddp")["state"], "finished");
+    assert_eq!(b.get("/api/runs/orphan")["state"], "running");
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(f.runs.join("orphan/board.json")).unwrap()).unwrap();
+    let pid = record["pid"].as_i64().unwrap();
+    let (code, v) = b.post("/api/runs/orphan/stop", json!({}));
+    assert_eq!((code, &v["state"]), (200, &json!("stopped")), "{v}");
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "the orphaned run {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Plugins with their schemas, as `plugins --json`.
     let plugins = b.get("/api/plugins");

@@ -306,11 +306,8 @@ impl Supervisor {
     pub fn stop(&self, name: &str) -> Result<(), ApiError> {
         let mut children = self.lock();
         let Some(r) = children.get_mut(name) else {
-            return Err(ApiError::new(
-                409,
-                "invalid_request_error",
-                format!("run `{name}` is not a run this board is running"),
-            ));
+            drop(children);
+            return self.stop_orphan(name);
         };
         if matches!(r.child.try_wait(), Ok(Some(_))) {
             return Err(ApiError::new(
@@ -321,6 +318,39 @@ impl Supervisor {
         }
         r.stopping = true;
         terminate(r.child.id());
+        Ok(())
+    }
+
+    /// Stops a run an earlier board started and left running (that board was killed): its
+    /// recorded process, if it is still that run's `ferrotune`.
+    fn stop_orphan(&self, name: &str) -> Result<(), ApiError> {
+        let dir = self.root.join(name);
+        let not_running = || {
+            ApiError::new(
+                409,
+                "invalid_request_error",
+                format!("run `{name}` is not running under a board (runs started elsewhere are stopped where they run)"),
+            )
+        };
+        let Some(mut rec) = read_record(&dir).filter(|r| r.state == RunState::Running) else {
+            return Err(not_running());
+        };
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", rec.pid)).unwrap_or_default();
+        let ours =
+            String::from_utf8_lossy(&cmdline).contains(&dir.join(CONFIG).display().to_string());
+        if !alive(rec.pid) || !ours {
+            return Err(not_running());
+        }
+        terminate(rec.pid);
+        rec.state = RunState::Stopped;
+        rec.ended = Some(now());
+        write_record(&dir, &rec).map_err(|e| {
+            ApiError::new(
+                500,
+                "server_error",
+                format!("cannot update {}: {e:#}", dir.join(RECORD).display()),
+            )
+        })?;
         Ok(())
     }
 
