@@ -50,48 +50,7 @@ struct External {
 fn external() -> &'static External {
     static BUILT: OnceLock<External> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let root = repo_root();
-        let work = root.join("target/ext-plugins-work");
-        let target = root.join("target/ext-plugins");
-        let build = |variant: &str, alter: &dyn Fn(&Path)| -> PathBuf {
-            let ws = work.join(variant);
-            let _ = std::fs::remove_dir_all(&ws);
-            copy_dir(&root.join("plugin-api"), &ws.join("plugin-api"));
-            alter(&ws.join("plugin-api"));
-            copy_dir(&root.join("tests/fixtures/external-plugin"), &ws.join("plugin"));
-            let manifest = ws.join("plugin/Cargo.toml");
-            let text = std::fs::read_to_string(&manifest)
-                .unwrap()
-                .replace("@PLUGIN_API@", "../plugin-api")
-                .replace("@BUILD_SUPPORT@", &root.join("build-support").display().to_string());
-            std::fs::write(&manifest, text).unwrap();
-            // The scratch workspace inherits the real workspace's settings and pins.
-            let ws_manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
-            let members_start = ws_manifest.find("members = [").unwrap();
-            let members_end = members_start + ws_manifest[members_start..].find(']').unwrap() + 1;
-            let ws_manifest = format!(
-                "{}members = [\"plugin-api\", \"plugin\"]{}",
-                &ws_manifest[..members_start],
-                &ws_manifest[members_end..]
-            );
-            std::fs::write(ws.join("Cargo.toml"), ws_manifest).unwrap();
-            std::fs::copy(root.join("Cargo.lock"), ws.join("Cargo.lock")).unwrap();
-            let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["build", "--offline", "-p", "external-reward", "--manifest-path"])
-                .arg(ws.join("Cargo.toml"))
-                .env("CARGO_TARGET_DIR", &target)
-                .output()
-                .expect("run cargo");
-            assert!(
-                out.status.success(),
-                "building the {variant} plugin failed:\n{}",
-                stderr(&out)
-            );
-            let built = target.join("debug/libexternal_reward.so");
-            let kept = work.join(format!("libexternal_reward_{variant}.so"));
-            std::fs::copy(&built, &kept).unwrap();
-            kept
-        };
+        let build = ferrotune_tests::external::build_external_plugin;
         let compatible = build("compatible", &|_| {});
         let other_api = build("other-api", &|api| {
             let m = api.join("Cargo.toml");
@@ -111,19 +70,6 @@ fn external() -> &'static External {
         });
         External { compatible, other_api, other_libtorch }
     })
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dst = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dst);
-        } else {
-            std::fs::copy(entry.path(), dst).unwrap();
-        }
-    }
 }
 
 #[test]
