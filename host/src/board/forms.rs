@@ -308,18 +308,8 @@ pub fn draft_yaml(b: &Board, req: DraftRequest) -> Result<String, ApiError> {
         top.insert("finetuning".into(), f.into());
     }
     let mut sections = req.sections;
-    for key in [
-        "adapter",
-        "quantization",
-        "objective",
-        "memory",
-        "optimizer",
-        "scheduler",
-        "data",
-        "training",
-        "vision",
-        "rewards",
-    ] {
+    // The sections, in the order of the config reference (the top-level keys are set above).
+    for key in crate::train::config::KEY_ORDER.into_iter().skip_while(|k| *k != "freeze") {
         let Some(v) = sections.remove(key).and_then(prune) else { continue };
         if key == "adapter" && full.is_some() {
             continue;

@@ -943,28 +943,8 @@ impl<'a> Translator<'a> {
             }
         }
         self.set("device", self.opts.device.clone());
-        let order = [
-            "model",
-            "output_dir",
-            "device",
-            "dtype",
-            "seed",
-            "finetuning",
-            "freeze",
-            "adapter",
-            "adapter_init",
-            "quantization",
-            "objective",
-            "memory",
-            "optimizer",
-            "scheduler",
-            "data",
-            "vision",
-            "training",
-            "rewards",
-        ];
         let mut config = Mapping::new();
-        for k in order {
+        for k in crate::train::config::KEY_ORDER {
             if let Some(v) = self.out.remove(k) {
                 config.insert(Value::from(k), v);
             }

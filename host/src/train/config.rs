@@ -24,6 +24,29 @@ impl PluginSection {
     }
 }
 
+/// The top-level keys of a run config in the order written configs (`config import`, the
+/// board's drafts) put them: the README's reference order.
+pub const KEY_ORDER: [&str; 18] = [
+    "model",
+    "output_dir",
+    "device",
+    "dtype",
+    "seed",
+    "finetuning",
+    "freeze",
+    "adapter",
+    "adapter_init",
+    "quantization",
+    "objective",
+    "memory",
+    "optimizer",
+    "scheduler",
+    "data",
+    "vision",
+    "training",
+    "rewards",
+];
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
