@@ -394,6 +394,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.route("POST")
 
+    def do_DELETE(self):
+        self.route("DELETE")
+
     def route(self, method):
         u = urlparse(self.path)
         q = parse_qs(u.query)
@@ -453,6 +456,15 @@ class Handler(BaseHTTPRequestHandler):
                     run.started = time.time()
                 return self.send(200, {"state": run.state()})
             return self.error(405, f"{method} /api/{p} is not a route")
+
+        if method == "DELETE":
+            m = re.fullmatch(r"serve/v1/adapters/([^/]+)", p)
+            if m is None:
+                return self.error(404, f"no route DELETE /api/{p}")
+            name = unquote(m.group(1))
+            if ADAPTERS.pop(name, None) is None:
+                return self.error(404, f"no adapter named `{name}` is loaded")
+            return self.send(200, {"name": name, "unloaded": True})
 
         if method == "GET":
             if p == "info":
@@ -541,18 +553,26 @@ class Handler(BaseHTTPRequestHandler):
             m = next((x for x in MODELS if x["path"] == model), None)
             if m is None:
                 return self.error(400, f"model {model}: not a model folder under {MODELS_DIR}")
-            time.sleep(0.6)
-            CHAT["base"] = m["name"]
-            ADAPTERS.clear()
-            return self.send(200, {"base": m["name"], "vision": m["vision"], "adapters": []})
+            if CHAT["base"] != m["name"]:  # a switch loads the new base without adapters
+                time.sleep(0.6)
+                CHAT["base"] = m["name"]
+                ADAPTERS.clear()
+            return self.send(200, {"base": m["name"], "vision": m["vision"], "adapters": sorted(ADAPTERS)})
         if p == "serve/v1/adapters":
             name, path = body.get("name"), body.get("path") or ""
             if not path.startswith(RUNS_DIR + "/"):
                 return self.error(403, f"{path}: adapters load only from under {RUNS_DIR}")
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
                 return self.error(400, f"adapter name {name!r}: letters, digits, _ . - only")
+            if name in ADAPTERS:
+                return self.error(400, f"an adapter named `{name}` is already loaded; unload it first")
             ADAPTERS[name] = path
             return self.send(200, {"name": name, "path": path})
+        if p == "serve/v1/unload_lora_adapter":
+            name = body.get("lora_name")
+            if ADAPTERS.pop(name, None) is None:
+                return self.error(404, f"no adapter named `{name}` is loaded")
+            return self.send(200, {"name": name, "unloaded": True})
         if p == "serve/v1/chat/completions":
             model = body.get("model")
             if CHAT["base"] is None:
@@ -583,7 +603,7 @@ class Handler(BaseHTTPRequestHandler):
         u = urlparse(self.path)
         query = "&".join(x for x in u.query.split("&") if x and not x.startswith("token="))
         url = self.server.upstream + u.path + ("?" + query if query else "")
-        data = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method != "GET" else None
         req = urllib.request.Request(url, data=data, method=method, headers={
             "Authorization": f"Bearer {self.server.upstream_token}",
             "Content-Type": self.headers.get("Content-Type", "application/json")})

@@ -1262,6 +1262,11 @@ async function chatStart() {
     status.textContent = `loaded ${CHAT.base}; loading the adapter…`;
     const name = opt.dataset.adapter || adapterName(opt.dataset.run || opt.value);
     try {
+      // Loaded before (a second Load on the same model): unload it, so the files on disk now
+      // are the ones served (a run may have saved a newer adapter since).
+      if (Array.isArray(started.adapters) && started.adapters.includes(name)) {
+        await api('/api/serve/v1/unload_lora_adapter', { method: 'POST', body: { lora_name: name } });
+      }
       await api('/api/serve/v1/adapters', { method: 'POST', body: { name, path: opt.value } });
     } catch (e) {
       status.textContent = `loaded ${CHAT.base}, the adapter failed`;
