@@ -275,7 +275,7 @@ const METRICS = [
 ];
 
 /** Round tick steps (1, 2, 5 × 10^k) covering [lo, hi]. */
-function niceScale(lo, hi, count = 5) {
+function niceScale(lo, hi, count = 5, integer = false) {
   if (!Number.isFinite(lo) || !Number.isFinite(hi)) return { lo: 0, hi: 1, ticks: [0, 0.5, 1] };
   if (hi - lo < 1e-12 * Math.max(1, Math.abs(hi))) {
     const d = Math.abs(lo) > 0 ? Math.abs(lo) * 0.1 : 1;
@@ -285,7 +285,8 @@ function niceScale(lo, hi, count = 5) {
   const raw = (hi - lo) / count;
   const mag = 10 ** Math.floor(Math.log10(raw));
   const norm = raw / mag;
-  const step = (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * mag;
+  let step = (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * mag;
+  if (integer) step = Math.max(1, step);
   const nlo = Math.floor(lo / step + 1e-9) * step;
   const nhi = Math.ceil(hi / step - 1e-9) * step;
   const ticks = [];
@@ -314,7 +315,7 @@ function drawChart(svg, metric, series, { smoothLoss = false } = {}) {
   if (all.length === 0) {
     parts.push(`<text class="empty" x="${W / 2}" y="${H / 2}" text-anchor="middle">no ${escapeXml(metric)} yet</text>`);
   }
-  const xs = niceScale(Math.min(...all.map((p) => p[0]), 0), Math.max(...all.map((p) => p[0]), 1), 6);
+  const xs = niceScale(Math.min(...all.map((p) => p[0]), 0), Math.max(...all.map((p) => p[0]), 1), 6, true);
   const ys = niceScale(Math.min(...all.map((p) => p[1])), Math.max(...all.map((p) => p[1])), 4);
   const px = (x) => m.l + ((x - xs.lo) / (xs.hi - xs.lo)) * (W - m.l - m.r);
   const py = (y) => H - m.b - ((y - ys.lo) / (ys.hi - ys.lo)) * (H - m.t - m.b);
