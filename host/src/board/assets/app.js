@@ -370,6 +370,10 @@ function enterRun(name, gen) {
   $('#run-checkpoints').textContent = '';
   $('#run-info').textContent = '';
   $('#run-overlays').textContent = '';
+  // Nothing of the run shown before stays drawn.
+  for (const node of $$('#page-run svg.chart, #page-run .legend')) node.textContent = '';
+  $('#run-final').hidden = true;
+  $('#run-checkpoints-empty').hidden = false;
   showError($('#run-error'), null);
   showError($('#run-action-error'), null);
   runView = {
@@ -381,12 +385,21 @@ function enterRun(name, gen) {
     detailsTimer: null,
     state: null,
   };
-  addSeries(name, true);
-  openLog(name);
-  loadRunDetails();
+  // The streams open once the run is known to exist (a wrong name gets the server's message,
+  // not a stream that fails); a failed look-up is retried every 5 s.
+  const view = runView;
+  const openStreams = (ok) => {
+    if (!ok || runView !== view || view.streamsOpen) return;
+    view.streamsOpen = true;
+    addSeries(name, true);
+    openLog(name);
+  };
+  loadRunDetails().then(openStreams);
   loadOverlayChoices();
   runView.detailsTimer = setInterval(() => {
-    if (runView && runView.state === 'running') loadRunDetails();
+    if (!runView) return;
+    if (!runView.streamsOpen) loadRunDetails().then(openStreams);
+    else if (runView.state === 'running') loadRunDetails();
   }, 5000);
   scheduleRedraw();
 }
@@ -535,17 +548,18 @@ function openLog(name) {
   });
 }
 
+/** Shows the run's details; false when they could not be had. */
 async function loadRunDetails() {
   const view = runView;
-  if (!view) return;
+  if (!view) return false;
   let d;
   try {
     d = await api('/api/runs/' + encodeURIComponent(view.name));
   } catch (e) {
     if (runView === view) showError($('#run-error'), e);
-    return;
+    return false;
   }
-  if (runView !== view) return;
+  if (runView !== view) return false;
   showError($('#run-error'), null);
   onRunState(d.state);
   $('#run-config').textContent = d.config_yaml || '(no config.yaml in this run)';
@@ -565,6 +579,7 @@ async function loadRunDetails() {
   if (d.exit_code !== null && d.exit_code !== undefined) row('exit code', String(d.exit_code));
   if (d.command) row('command', d.command.join(' '));
   if (d.error) info.append(el('dt', { text: 'error' }), el('dd', { class: 'error-text', text: d.error }));
+  return true;
 }
 
 async function loadOverlayChoices() {
