@@ -367,6 +367,27 @@ fn board_serves_only_with_the_token_and_only_its_folders() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Chat over HTTP: serve's routes through the board, an adapter loaded from --runs only,
+    // unloaded with serve's DELETE route.
+    let (code, v) =
+        b.post("/api/serve/v1/chat/completions", json!({"model": "tiny", "messages": []}));
+    assert_eq!(code, 409, "no model loaded yet: {v}");
+    let (code, v) = b.post("/api/chat/start", json!({"model": f.model}));
+    assert_eq!((code, &v["base"]), (200, &json!("tiny")), "{v}");
+    let (code, v) =
+        b.post("/api/serve/v1/adapters", json!({"name": "done", "path": f.runs.join("done")}));
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = b.post(
+        "/api/serve/v1/adapters",
+        json!({"name": "x", "path": f.runs.parent().unwrap().join("done.yaml")}),
+    );
+    assert_eq!(code, 403, "{v}");
+    let (code, v) = b.call("DELETE", "/api/serve/v1/adapters/done", Some(TOKEN), None);
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = b.call("GET", "/api/serve/v1/models", Some(TOKEN), None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["data"].as_array().unwrap().len(), 1, "{v}");
+
     // Plugins with their schemas, as `plugins --json`.
     let plugins = b.get("/api/plugins");
     let lora = plugins["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "lora").unwrap();
@@ -389,7 +410,6 @@ fn board_in_a_browser() {
         "document.querySelector('tr[data-run=\"done\"][data-state=\"finished\"]') !== null",
         30,
     );
-    screenshot(&page, "runs");
     let want = points(&f.runs.join("done"), "loss") as i64;
     assert_eq!(want, DONE_STEPS as i64);
     page.goto(&format!("{}/#run/done", b.url)).unwrap();
@@ -663,6 +683,15 @@ fn board_in_a_browser() {
     );
     let reply = js(&page, "(() => { const r = document.querySelector('#chat-base .reply'); return [r.className, r.textContent]; })()");
     assert!(!reply[0].as_str().unwrap().contains("error"), "{reply}");
+
+    // The list at the end: finished, stopped and the form's run.
+    page.goto(&format!("{}/#runs", b.url)).unwrap();
+    wait(&page, "the runs listed", "document.querySelectorAll('tr[data-run]').length === 3", 20);
+    assert_eq!(
+        js(&page, "document.querySelector('tr[data-run=\"long\"]').dataset.state"),
+        "stopped"
+    );
+    screenshot(&page, "runs");
 
     let errors = page.js_errors();
     assert!(errors.is_empty(), "the page logged errors: {errors:?}");

@@ -131,6 +131,9 @@ pub async fn forward(State(b): State<Arc<Board>>, req: Request) -> Response {
     };
     // The board checked its token; the engine has no API key of its own.
     parts.headers.remove(axum::http::header::AUTHORIZATION);
+    // The board's own route match (its `{*rest}` parameter) would add to serve's path
+    // parameters (`DELETE /v1/adapters/{name}` would see two).
+    parts.extensions = Default::default();
     let router = crate::serve::api::router(engine.state.clone(), MAX_BODY_BYTES);
     match router.oneshot(Request::from_parts(parts, body)).await {
         Ok(r) => r,

@@ -1346,6 +1346,12 @@ async function chatOne(col, model, content, text, imageUrl, maxTokens, temperatu
     answer = answer == null ? '' : String(answer);
     history.push({ role: 'assistant', content: answer });
     reply.textContent = answer;
+    // An answer of whitespace alone (a tiny random model's) is said as such, not shown as a
+    // tall empty bubble; the text stays the answer.
+    if (!answer.trim()) {
+      reply.classList.add('blank');
+      reply.title = `${answer.length} whitespace characters`;
+    }
   } catch (e) {
     history.pop();
     reply.textContent = messageOf(e);
