@@ -263,13 +263,16 @@ pub fn board(opts: BoardOptions) -> Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
-        let addr = listener.local_addr()?;
-        println!("ferrotune board: open http://{addr}/?token={token}");
-        use std::io::Write;
-        std::io::stdout().flush().ok();
+        // serve's listener: a cap on open connections (the page holds two streams per run it
+        // shows) and a time limit on request headers.
+        let limits = crate::serve::listener::ConnLimits {
+            max_connections: 256,
+            header_timeout: std::time::Duration::from_secs(10),
+        };
+        let listener = crate::serve::listen(&opts.host, opts.port, limits, |addr| {
+            format!("ferrotune board: open http://{addr}/?token={token}")
+        })
+        .await?;
         axum::serve(listener, router(board.clone()))
             .with_graceful_shutdown(crate::serve::shutdown_signal())
             .await?;

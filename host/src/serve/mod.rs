@@ -221,6 +221,23 @@ pub fn start_engine(opts: &ServeOptions) -> Result<RunningEngine> {
     Ok(RunningEngine { state, tx, thread: Some(engine_thread) })
 }
 
+/// Binds `host:port`, prints `announce(address)` on stdout (what scripts wait for), and
+/// returns the listener with its connection cap and header timeout (`serve` and `board`).
+pub(crate) async fn listen(
+    host: &str,
+    port: u16,
+    limits: listener::ConnLimits,
+    announce: impl FnOnce(std::net::SocketAddr) -> String,
+) -> Result<listener::GuardedListener> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    println!("{}", announce(listener.local_addr()?));
+    use std::io::Write;
+    std::io::stdout().flush().ok();
+    Ok(listener::GuardedListener::new(listener, limits))
+}
+
 /// Runs the server until ctrl-c or SIGTERM, then lets the requests in flight finish.
 /// Prints `ferrotune serve: listening on http://ADDR` on stdout once the model is loaded.
 pub fn serve(opts: ServeOptions) -> Result<()> {
@@ -230,14 +247,10 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
-        let addr = listener.local_addr()?;
-        println!("ferrotune serve: listening on http://{addr} (base model `{base_name}`)");
-        use std::io::Write;
-        std::io::stdout().flush().ok();
-        let listener = listener::GuardedListener::new(listener, opts.connections);
+        let listener = listen(&opts.host, opts.port, opts.connections, |addr| {
+            format!("ferrotune serve: listening on http://{addr} (base model `{base_name}`)")
+        })
+        .await?;
         axum::serve(listener, api::router(state, opts.max_body_bytes))
             .with_graceful_shutdown(shutdown_signal())
             .await?;
