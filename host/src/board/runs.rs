@@ -105,6 +105,14 @@ fn alive(pid: u32) -> bool {
         .is_some_and(|zombie| !zombie)
 }
 
+/// Whether `pid` is alive and still the `ferrotune` that trains run folder `dir` (its command
+/// line names the run's config: a pid the system gave to another process since is not it).
+fn is_run_process(pid: u32, dir: &FsPath) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    alive(pid)
+        && String::from_utf8_lossy(&cmdline).contains(&dir.join(CONFIG).display().to_string())
+}
+
 /// Whether folder `dir` holds a run's files.
 fn is_run(dir: &FsPath) -> bool {
     [METRICS, RECORD, SUMMARY, "adapter_config.json", LOG].iter().any(|f| dir.join(f).is_file())
@@ -208,11 +216,12 @@ impl Supervisor {
             }
         }
         drop(children);
-        if let Some(rec) = read_record(dir) {
+        let record = read_record(dir);
+        if let Some(rec) = &record {
             if rec.state != RunState::Running {
                 return (rec.state, rec.exit_code);
             }
-            if alive(rec.pid) {
+            if is_run_process(rec.pid, dir) {
                 // Started by an earlier board that is gone; still going.
                 return (RunState::Running, None);
             }
@@ -220,17 +229,14 @@ impl Supervisor {
         if dir.join(SUMMARY).is_file() {
             return (RunState::Finished, None);
         }
+        if record.is_some() {
+            // A board run whose process is gone without an end recorded.
+            return (RunState::Failed, None);
+        }
         let recent = modified(&dir.join(METRICS))
             .and_then(|m| SystemTime::now().duration_since(m).ok())
             .is_some_and(|age| age.as_secs() < ACTIVE_SECS);
-        if recent && read_record(dir).is_none() {
-            (RunState::Running, None)
-        } else if read_record(dir).is_some() {
-            // A board run whose board went away before it ended.
-            (RunState::Failed, None)
-        } else {
-            (RunState::Stopped, None)
-        }
+        (if recent { RunState::Running } else { RunState::Stopped }, None)
     }
 
     /// Starts `train CONFIG` (`launch --nproc N train CONFIG` for N > 1; `--resume` to go on
@@ -335,10 +341,7 @@ impl Supervisor {
         let Some(mut rec) = read_record(&dir).filter(|r| r.state == RunState::Running) else {
             return Err(not_running());
         };
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", rec.pid)).unwrap_or_default();
-        let ours =
-            String::from_utf8_lossy(&cmdline).contains(&dir.join(CONFIG).display().to_string());
-        if !alive(rec.pid) || !ours {
+        if !is_run_process(rec.pid, &dir) {
             return Err(not_running());
         }
         terminate(rec.pid);
